@@ -1,0 +1,51 @@
+"""clipcap_hf: ClipCap (CLIP prefix image captioning) as a native Hugging Face transformers model.
+
+Importing the package registers the "clipcap" model type with the transformers Auto classes, so that
+`AutoConfig`, `AutoModel`, `AutoModelForImageTextToText`, `AutoImageProcessor`, `AutoProcessor` and `pipeline()`
+load ClipCap folders without `trust_remote_code`.
+"""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+)
+
+from .configuration_clipcap import ClipCapConfig
+from .image_processing_clipcap import ClipCapImageProcessor
+from .modeling_clipcap import (
+    ClipCapCausalLMOutputWithPast,
+    ClipCapForConditionalGeneration,
+    ClipCapMLPMapper,
+    ClipCapPreTrainedModel,
+    ClipCapTransformerMapper,
+)
+from .processing_clipcap import ClipCapProcessor
+
+__version__ = "0.1.0"
+
+AutoConfig.register(ClipCapConfig.model_type, ClipCapConfig, exist_ok=True)
+AutoModel.register(ClipCapConfig, ClipCapForConditionalGeneration, exist_ok=True)
+AutoModelForImageTextToText.register(ClipCapConfig, ClipCapForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(ClipCapConfig, slow_image_processor_class=ClipCapImageProcessor, exist_ok=True)
+AutoProcessor.register(ClipCapConfig, ClipCapProcessor, exist_ok=True)
+
+# Saved folders also carry the code and an `auto_map`, so they load with `trust_remote_code=True` where this
+# package is not installed.
+ClipCapConfig.register_for_auto_class()
+ClipCapForConditionalGeneration.register_for_auto_class("AutoModel")
+ClipCapImageProcessor.register_for_auto_class("AutoImageProcessor")
+ClipCapProcessor.register_for_auto_class("AutoProcessor")
+
+__all__ = [
+    "ClipCapCausalLMOutputWithPast",
+    "ClipCapConfig",
+    "ClipCapForConditionalGeneration",
+    "ClipCapImageProcessor",
+    "ClipCapMLPMapper",
+    "ClipCapPreTrainedModel",
+    "ClipCapProcessor",
+    "ClipCapTransformerMapper",
+]

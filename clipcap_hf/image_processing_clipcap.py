@@ -1,0 +1,163 @@
+"""Image processor for ClipCap: CLIP's reference preprocessing, on every kind of image a user has."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import PIL.ImageOps
+import torch
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_utils import BaseImageProcessor
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+_RESAMPLE = {
+    "nearest": PIL.Image.Resampling.NEAREST,
+    "bilinear": PIL.Image.Resampling.BILINEAR,
+    "bicubic": PIL.Image.Resampling.BICUBIC,
+    "lanczos": PIL.Image.Resampling.LANCZOS,
+}
+
+ImageLike = PIL.Image.Image | np.ndarray | torch.Tensor
+
+
+def to_rgb_image(image: ImageLike) -> PIL.Image.Image:
+    """
+    Turn one image into an upright 8-bit RGB PIL image.
+
+    PIL images get their EXIF orientation applied; transparent images (RGBA, LA, palette with transparency) are
+    composited on white; CMYK, grayscale and 16-bit images are converted. Arrays and tensors may be HWC or CHW, with
+    1, 3 or 4 channels, either uint8 in [0, 255] or floats in [0, 1].
+    """
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    if isinstance(image, np.ndarray):
+        image = _array_to_pil(image)
+    if not isinstance(image, PIL.Image.Image):
+        raise TypeError(
+            f"Expected a PIL image, a numpy array or a torch tensor, got {type(image).__name__}. "
+            "Open files with PIL.Image.open first."
+        )
+    if image.width == 0 or image.height == 0:
+        raise ValueError(f"Got an image of size {image.width}x{image.height}; images must not be empty.")
+    image = PIL.ImageOps.exif_transpose(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA"):
+        # Transparent areas carry arbitrary colours; white is what a viewer shows behind them.
+        background = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = PIL.Image.alpha_composite(background, image.convert("RGBA"))
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # PIL's "I" -> "RGB" conversion clips at 255; scale 16-bit range down first.
+        image = PIL.Image.fromarray((np.asarray(image, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
+    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
+        array = array.transpose(1, 2, 0)  # CHW -> HWC
+    if array.ndim == 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+        raise ValueError(
+            f"Cannot read an image array of shape {array.shape}: expected (H, W), (H, W, C) or (C, H, W) with C in "
+            "1, 3 or 4."
+        )
+    if array.size == 0:
+        raise ValueError(f"Got an empty image array of shape {array.shape}.")
+    if np.issubdtype(array.dtype, np.floating):
+        if array.min() < 0 or array.max() > 1:
+            raise ValueError("Float image arrays must hold values in [0, 1]; pass uint8 arrays for [0, 255].")
+        array = (array * 255).round()
+    return PIL.Image.fromarray(array.astype(np.uint8))
+
+
+class ClipCapImageProcessor(BaseImageProcessor):
+    r"""
+    CLIP's reference preprocessing, as OpenAI CLIP and open_clip apply it: bicubic resize of the short side,
+    center crop, RGB, scale to [0, 1], normalize with CLIP's mean and std.
+
+    Written by hand rather than reusing `CLIPImageProcessor` so that one code path gives the same pixels on every
+    supported transformers version (transformers 5 resizes tensors with torchvision by default, 4.x resizes with
+    PIL), and so that EXIF orientation and transparency are handled before the resize.
+
+    Args:
+        size (`int`, *optional*, defaults to 224):
+            Length the shorter side is resized to.
+        crop_size (`int`, *optional*, defaults to 224):
+            Side of the square center crop (224 for ViT-B/32, 288 for RN50x4).
+        resample (`str`, *optional*, defaults to `"bicubic"`):
+            One of "nearest", "bilinear", "bicubic", "lanczos".
+        image_mean, image_std (`Sequence[float]`, *optional*):
+            Per-channel normalisation; CLIP's by default.
+    """
+
+    model_input_names = ["pixel_values"]
+
+    def __init__(
+        self,
+        size: int = 224,
+        crop_size: int = 224,
+        resample: str = "bicubic",
+        image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+        image_std: Sequence[float] = OPENAI_CLIP_STD,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if resample not in _RESAMPLE:
+            raise ValueError(f"`resample` must be one of {sorted(_RESAMPLE)}, got {resample!r}.")
+        if crop_size > size:
+            raise ValueError(f"`crop_size` ({crop_size}) must not exceed `size` ({size}).")
+        self.size = int(size)
+        self.crop_size = int(crop_size)
+        self.resample = resample
+        self.image_mean = [float(value) for value in image_mean]
+        self.image_std = [float(value) for value in image_std]
+
+    def preprocess_one(self, image: ImageLike) -> np.ndarray:
+        """Preprocess one image into a float32 array of shape (3, crop_size, crop_size)."""
+        image = to_rgb_image(image)
+        width, height = image.size
+        # Same arithmetic as torchvision's Resize(int) on a PIL image, so the pixels match CLIP's own transform.
+        if width <= height:
+            new_width, new_height = self.size, int(self.size * height / width)
+        else:
+            new_width, new_height = int(self.size * width / height), self.size
+        image = image.resize((new_width, new_height), _RESAMPLE[self.resample])
+        top = int(round((new_height - self.crop_size) / 2.0))
+        left = int(round((new_width - self.crop_size) / 2.0))
+        image = image.crop((left, top, left + self.crop_size, top + self.crop_size))
+        pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
+        pixels = (pixels - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)
+        return pixels.transpose(2, 0, 1)
+
+    def preprocess(self, images: ImageLike | Sequence[ImageLike], return_tensors: str | None = "pt", **kwargs: Any):
+        """
+        Preprocess an image or a batch of images.
+
+        Returns:
+            [`BatchFeature`] with `pixel_values` of shape `(batch_size, 3, crop_size, crop_size)`.
+        """
+        if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)) and not _is_batched_array(images):
+            images = [images]
+        elif isinstance(images, (np.ndarray, torch.Tensor)):
+            images = list(images)
+        images = list(images)
+        if not images:
+            raise ValueError("Got an empty list of images; pass at least one image.")
+        pixel_values = np.stack([self.preprocess_one(image) for image in images])
+        return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+
+    def __call__(self, images, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:
+        return self.preprocess(images, return_tensors=return_tensors, **kwargs)
+
+
+def _is_batched_array(images: Any) -> bool:
+    return isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
+
+
+__all__ = ["ClipCapImageProcessor"]

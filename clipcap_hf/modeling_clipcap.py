@@ -1,0 +1,438 @@
+"""PyTorch ClipCap: CLIP image embedding -> mapping network -> prefix for a causal language model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, CLIPVisionModelWithProjection, GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_clipcap import ClipCapConfig
+
+
+@dataclass
+class ClipCapCausalLMOutputWithPast(ModelOutput):
+    r"""
+    Output of [`ClipCapForConditionalGeneration`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `labels` is provided):
+            Next-token cross-entropy over the caption tokens (prefix and padding excluded).
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+            Language model scores. When an image is given, `sequence_length` counts the prefix positions first.
+        past_key_values (`Cache`, *optional*):
+            The language model's key/value cache, for fast decoding.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+            The language model's hidden states, when `output_hidden_states=True`.
+        attentions (`tuple(torch.FloatTensor)`, *optional*):
+            The language model's attention weights, when `output_attentions=True`.
+        prefix_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_length, hidden_size)`, *optional*):
+            The prefix vectors the mapping network produced from the image.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: object | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    prefix_embeds: torch.FloatTensor | None = None
+
+
+class ClipCapMLPMapper(nn.Module):
+    """The paper's MLP mapper: Linear(d, k*h/2) - Tanh - Linear(k*h/2, k*h), viewed as k vectors of width h."""
+
+    def __init__(self, config: ClipCapConfig):
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        self.prefix_length = config.prefix_length
+        total = config.prefix_length * hidden_size
+        # `model.0` / `model.2` match the released checkpoints' `clip_project.model.{0,2}` one to one.
+        self.model = nn.Sequential(nn.Linear(config.prefix_dim, total // 2), nn.Tanh(), nn.Linear(total // 2, total))
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.model(image_embeds).view(image_embeds.shape[0], self.prefix_length, -1)
+
+
+class ClipCapAttention(nn.Module):
+    """Multi-head self-attention laid out as in the paper's code: one query projection, one fused key/value one."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_queries = nn.Linear(hidden_size, hidden_size, bias=False)
+        # Output rows [0, h) are the keys and [h, 2h) the values, once reshaped to (..., 2, heads, head_dim).
+        self.to_keys_values = nn.Linear(hidden_size, 2 * hidden_size, bias=False)
+        self.project = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, length, width = hidden_states.shape
+        head_dim = width // self.num_heads
+        queries = self.to_queries(hidden_states).view(batch, length, self.num_heads, head_dim).transpose(1, 2)
+        keys_values = self.to_keys_values(hidden_states).view(batch, length, 2, self.num_heads, head_dim)
+        keys, values = keys_values.permute(2, 0, 3, 1, 4).unbind(0)
+        # No mask: every position attends to every other, as in the original mapper.
+        attended = F.scaled_dot_product_attention(queries, keys, values)
+        return self.project(attended.transpose(1, 2).reshape(batch, length, width))
+
+
+class ClipCapMLP(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.fc1 = nn.Linear(hidden_size, intermediate_size)
+        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.relu(self.fc1(hidden_states)))
+
+
+class ClipCapTransformerLayer(nn.Module):
+    """Pre-norm transformer layer (LayerNorm -> attention, LayerNorm -> ReLU MLP with ratio 2), as in the paper."""
+
+    def __init__(self, hidden_size: int, num_heads: int):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size)
+        self.attn = ClipCapAttention(hidden_size, num_heads)
+        self.norm2 = nn.LayerNorm(hidden_size)
+        self.mlp = ClipCapMLP(hidden_size, 2 * hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.norm1(hidden_states))
+        return hidden_states + self.mlp(self.norm2(hidden_states))
+
+
+class ClipCapTransformer(nn.Module):
+    def __init__(self, hidden_size: int, num_heads: int, num_layers: int):
+        super().__init__()
+        self.layers = nn.ModuleList(ClipCapTransformerLayer(hidden_size, num_heads) for _ in range(num_layers))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            hidden_states = layer(hidden_states)
+        return hidden_states
+
+
+class ClipCapTransformerMapper(nn.Module):
+    """
+    The paper's transformer mapper: the image embedding is projected to `clip_length` vectors, `prefix_length`
+    learned constants are appended, a transformer mixes them, and the outputs at the constants' positions are the
+    prefix.
+    """
+
+    def __init__(self, config: ClipCapConfig):
+        super().__init__()
+        hidden_size = config.text_config.hidden_size
+        self.clip_length = config.clip_length
+        self.linear = nn.Linear(config.prefix_dim, config.clip_length * hidden_size)
+        self.prefix_const = nn.Parameter(torch.randn(config.prefix_length, hidden_size))
+        self.transformer = ClipCapTransformer(hidden_size, config.mapping_num_heads, config.mapping_num_layers)
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        batch = image_embeds.shape[0]
+        projected = self.linear(image_embeds).view(batch, self.clip_length, -1)
+        constants = self.prefix_const.unsqueeze(0).expand(batch, -1, -1)
+        mixed = self.transformer(torch.cat((projected, constants), dim=1))
+        return mixed[:, self.clip_length :]
+
+
+class ClipCapPreTrainedModel(PreTrainedModel):
+    config_class = ClipCapConfig
+    config: ClipCapConfig
+    base_model_prefix = "clipcap"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The mapper keeps PyTorch's default initialisation, as the paper's code does; the vision tower and the
+        # language model are initialised by their own classes.
+        if isinstance(module, ClipCapTransformerMapper):
+            nn.init.normal_(module.prefix_const)
+        elif isinstance(module, (nn.Linear, nn.LayerNorm)):
+            module.reset_parameters()
+
+
+class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
+    r"""
+    ClipCap: a frozen CLIP image encoder, a mapping network that turns its image embedding into `prefix_length`
+    prefix vectors, and a causal language model that continues the prefix with a caption.
+
+    The vision tower is frozen on construction (`freeze_vision_model`); the language model trains unless
+    [`~ClipCapForConditionalGeneration.freeze_language_model`] is called. Frozen parts stay in eval mode when the
+    model is put in training mode, so a frozen language model runs without dropout.
+    """
+
+    def __init__(
+        self,
+        config: ClipCapConfig,
+        vision_model: PreTrainedModel | None = None,
+        language_model: PreTrainedModel | None = None,
+    ):
+        super().__init__(config)
+        self.vision_model = (
+            vision_model if vision_model is not None else CLIPVisionModelWithProjection(config.vision_config)
+        )
+        mapper_class = ClipCapMLPMapper if config.mapping_type == "mlp" else ClipCapTransformerMapper
+        self.mapping_network = mapper_class(config)
+        self.language_model = (
+            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
+        )
+        self.post_init()
+        self.freeze_vision_model()
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> ClipCapForConditionalGeneration:
+        loaded = super().from_pretrained(*args, **kwargs)
+        # Loading replaces the parameters (with requires_grad=True); the vision tower stays frozen by default.
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # a tuple with output_loading_info=True
+        model.freeze_vision_model()
+        return loaded
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Freezing
+
+    def freeze_vision_model(self, freeze: bool = True) -> None:
+        """Stop (or restart, with `freeze=False`) gradients for the CLIP vision tower."""
+        self.vision_model.requires_grad_(not freeze)
+        self.train(self.training)
+
+    def freeze_language_model(self, freeze: bool = True) -> None:
+        """Stop (or restart, with `freeze=False`) gradients for the language model (the paper's transformer variant)."""
+        self.language_model.requires_grad_(not freeze)
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> ClipCapForConditionalGeneration:
+        super().train(mode)
+        # A frozen part must behave as at inference: no dropout, no batch-norm statistics updates.
+        for part in (self.vision_model, self.language_model):
+            if not any(parameter.requires_grad for parameter in part.parameters()):
+                part.eval()
+        return self
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Embedding accessors used by transformers (resize_token_embeddings, tying, peft)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.language_model.set_output_embeddings(new_embeddings)
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Image -> prefix
+
+    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """CLIP's projected image embedding (what OpenAI CLIP's `encode_image` returns), shape `(batch, prefix_dim)`."""
+        return self.vision_model(pixel_values=pixel_values).image_embeds
+
+    def get_prefix_embeds(
+        self, pixel_values: torch.FloatTensor | None = None, image_embeds: torch.FloatTensor | None = None
+    ) -> torch.FloatTensor:
+        """
+        The prefix vectors for a batch of images, shape `(batch, prefix_length, hidden_size)`.
+
+        Give exactly one of `pixel_values` (runs the vision tower) or `image_embeds` (precomputed CLIP embeddings of
+        width `config.prefix_dim`, e.g. from an embedding cache).
+        """
+        if (pixel_values is None) == (image_embeds is None):
+            raise ValueError(
+                "Pass exactly one of `pixel_values` (images through the processor) or `image_embeds` "
+                f"(precomputed CLIP embeddings); got {'both' if pixel_values is not None else 'neither'}."
+            )
+        if pixel_values is not None:
+            image_embeds = self.get_image_features(pixel_values.to(self.vision_model.dtype))
+        elif image_embeds.ndim != 2 or image_embeds.shape[-1] != self.config.prefix_dim:
+            raise ValueError(
+                f"`image_embeds` must have shape (batch_size, {self.config.prefix_dim}) for this model "
+                f"(config.prefix_dim={self.config.prefix_dim}), got {tuple(image_embeds.shape)}. Compute them with "
+                "the vision tower this model was trained with."
+            )
+        if self.config.normalize_prefix:
+            image_embeds = image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
+        mapper_dtype = next(self.mapping_network.parameters()).dtype
+        return self.mapping_network(image_embeds.to(mapper_dtype))
+
+    def _prepend_prefix(
+        self,
+        prefix_embeds: torch.FloatTensor,
+        input_ids: torch.LongTensor | None,
+        attention_mask: torch.Tensor | None,
+        labels: torch.LongTensor | None = None,
+    ) -> tuple[torch.FloatTensor, torch.Tensor, torch.LongTensor | None]:
+        """Build `[prefix; text]` embeddings, with the attention mask and labels (-100 on the prefix) to match."""
+        batch, prefix_length = prefix_embeds.shape[:2]
+        embeds_dtype = self.get_input_embeddings().weight.dtype
+        inputs_embeds = prefix_embeds.to(embeds_dtype)
+        prefix_mask = torch.ones(batch, prefix_length, dtype=torch.long, device=prefix_embeds.device)
+        if input_ids is not None:
+            if input_ids.shape[0] != batch:
+                raise ValueError(
+                    f"Got {batch} images but {input_ids.shape[0]} text sequences; give one text sequence per image."
+                )
+            inputs_embeds = torch.cat((inputs_embeds, self.get_input_embeddings()(input_ids)), dim=1)
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            attention_mask = torch.cat((prefix_mask, attention_mask.to(prefix_mask.dtype)), dim=1)
+        else:
+            attention_mask = prefix_mask
+        if labels is not None:
+            ignored = torch.full((batch, prefix_length), -100, dtype=labels.dtype, device=labels.device)
+            labels = torch.cat((ignored, labels), dim=1)
+        return inputs_embeds, attention_mask, labels
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Forward and generation
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        image_embeds: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> ClipCapCausalLMOutputWithPast:
+        r"""
+        Args:
+            input_ids (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*):
+                Caption (or prompt) tokens that follow the prefix.
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*):
+                Images from [`ClipCapImageProcessor`]. Give this or `image_embeds`, or neither when continuing from a
+                cache during generation.
+            image_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_dim)`, *optional*):
+                Precomputed CLIP image embeddings; skips the vision tower (the fast training path).
+            attention_mask (`torch.Tensor` of shape `(batch_size, text_length)`, *optional*):
+                Mask over `input_ids`; the prefix positions are always attended.
+            labels (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*):
+                Targets aligned with `input_ids` (usually a copy of them), -100 where no loss is wanted (padding).
+                The loss is next-token cross-entropy over the caption tokens only.
+
+        Example:
+
+        ```python
+        >>> outputs = model(pixel_values=pixel_values, input_ids=input_ids, labels=input_ids)
+        >>> outputs.loss.backward()
+        ```
+        """
+        prefix_embeds = None
+        if pixel_values is not None or image_embeds is not None:
+            if inputs_embeds is not None:
+                raise ValueError("Pass `inputs_embeds` or an image (`pixel_values`/`image_embeds`), not both.")
+            prefix_embeds = self.get_prefix_embeds(pixel_values=pixel_values, image_embeds=image_embeds)
+            inputs_embeds, attention_mask, labels = self._prepend_prefix(
+                prefix_embeds, input_ids, attention_mask, labels
+            )
+            input_ids = None
+
+        # Trainer adds `num_items_in_batch` for the loss; the language model must not see it.
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
+        kwargs["return_dict"] = True
+        outputs = self.language_model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+        logits = outputs.logits
+
+        loss = None
+        if labels is not None:
+            # Logits may cover only the last `logits_to_keep` positions; align the labels with them.
+            labels = labels[:, labels.shape[1] - logits.shape[1] :]
+            loss = self.loss_function(
+                logits,
+                labels,
+                vocab_size=logits.shape[-1],
+                num_items_in_batch=num_items_in_batch,
+            )
+
+        return ClipCapCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            prefix_embeds=prefix_embeds,
+        )
+
+    @torch.no_grad()
+    def generate(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        image_embeds: torch.FloatTensor | None = None,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        **generate_kwargs,
+    ) -> torch.LongTensor:
+        r"""
+        Caption a batch of images. Every option of [`~generation.GenerationMixin.generate`] works: greedy, beam
+        search, sampling, `num_return_sequences`, `max_new_tokens`, a `GenerationConfig`, ...
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*):
+                Images from the processor.
+            image_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_dim)`, *optional*):
+                Precomputed CLIP image embeddings, instead of `pixel_values`.
+            input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`, *optional*):
+                A text prompt the caption must continue; batched prompts must be left-padded (the processor does
+                this).
+            attention_mask (`torch.Tensor` of shape `(batch_size, prompt_length)`, *optional*):
+                Mask over the prompt.
+
+        Returns:
+            `torch.LongTensor` of shape `(batch_size * num_return_sequences, length)`: the prompt tokens (if any)
+            followed by the generated caption tokens; the prefix is not part of it. Decode with
+            `processor.batch_decode(..., skip_special_tokens=True)`.
+        """
+        if (pixel_values is None) == (image_embeds is None):
+            # Plain text generation through the language model, as any causal LM allows.
+            if pixel_values is None and input_ids is not None:
+                return super().generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+            raise ValueError(
+                "Pass exactly one of `pixel_values` or `image_embeds` to caption images; got "
+                f"{'both' if pixel_values is not None else 'neither'}."
+            )
+        max_new_tokens = generate_kwargs.get("max_new_tokens")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}.")
+        if input_ids is not None and input_ids.shape[1] == 0:
+            input_ids = attention_mask = None  # an empty prompt (the pipeline sends one) means no prompt
+
+        prefix_embeds = self.get_prefix_embeds(pixel_values=pixel_values, image_embeds=image_embeds)
+        inputs_embeds, attention_mask, _ = self._prepend_prefix(prefix_embeds, input_ids, attention_mask)
+        if input_ids is None:
+            # generate() then returns only the new tokens, since the prompt has no token ids.
+            return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
+        return super().generate(
+            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
+        )
+
+
+__all__ = [
+    "ClipCapCausalLMOutputWithPast",
+    "ClipCapForConditionalGeneration",
+    "ClipCapMLPMapper",
+    "ClipCapPreTrainedModel",
+    "ClipCapTransformerMapper",
+]

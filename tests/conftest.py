@@ -1,0 +1,123 @@
+"""Shared fixtures: tiny ClipCap models built from configs and a tokenizer trained here, never from the Hub."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from tokenizers import ByteLevelBPETokenizer
+from transformers import CLIPVisionConfig, GPT2Config, GPT2TokenizerFast
+
+from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration, ClipCapImageProcessor, ClipCapProcessor
+
+CORPUS = [
+    "A dog runs on the beach.",
+    "A red circle above a blue square.",
+    "Two cats sleep on a sofa!",
+    "A man rides a bicycle down the street.",
+    "A small green triangle in the corner.",
+    "People walk in the park near the lake.",
+] * 20
+
+IMAGE_SIZE = 32
+
+
+def build_tokenizer() -> GPT2TokenizerFast:
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    return GPT2TokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
+    )
+
+
+def tiny_config(tokenizer, mapping_type="mlp", text_config=None, **kwargs) -> ClipCapConfig:
+    vision_config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        image_size=IMAGE_SIZE,
+        patch_size=8,
+        projection_dim=24,
+    )
+    if text_config is None:
+        text_config = GPT2Config(
+            n_layer=2,
+            n_embd=32,
+            n_head=4,
+            n_positions=128,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    defaults = {"prefix_length": 4, "mapping_num_layers": 2, "mapping_num_heads": 4}
+    defaults.update(kwargs)
+    return ClipCapConfig(vision_config=vision_config, text_config=text_config, mapping_type=mapping_type, **defaults)
+
+
+def tiny_model(tokenizer, mapping_type="mlp", seed=0, **kwargs) -> ClipCapForConditionalGeneration:
+    torch.manual_seed(seed)
+    model = ClipCapForConditionalGeneration(tiny_config(tokenizer, mapping_type, **kwargs)).eval()
+    # Sharpen the output distribution so that greedy decoding has clear, stable winners.
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(8)
+    return model
+
+
+def random_images(count: int, seed: int = 0, size=(48, 40)) -> list:
+    rng = np.random.default_rng(seed)
+    return [PIL.Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)) for _ in range(count)]
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def processor(tokenizer):
+    return ClipCapProcessor(ClipCapImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE), tokenizer)
+
+
+@pytest.fixture(params=["mlp", "transformer"])
+def model(request, tokenizer):
+    return tiny_model(tokenizer, request.param)
+
+
+@pytest.fixture
+def mlp_model(tokenizer):
+    return tiny_model(tokenizer, "mlp")
+
+
+@pytest.fixture
+def images():
+    return random_images(3)
+
+
+@pytest.fixture
+def saved_model_dir(tmp_path, tokenizer, processor):
+    """A complete saved folder (model + processor), as a user would get from the Hub."""
+    model = tiny_model(tokenizer, "mlp")
+    model.save_pretrained(tmp_path / "clipcap")
+    processor.save_pretrained(tmp_path / "clipcap")
+    return tmp_path / "clipcap"
+
+
+@torch.no_grad()
+def greedy_loop(model, image_embeds, max_new_tokens, prompt_ids=None, eos_token_id=None):
+    """What the paper's decoder does: recompute the whole sequence at every step, no cache, take the argmax."""
+    tokens = [] if prompt_ids is None else list(prompt_ids)
+    new_tokens = []
+    for _ in range(max_new_tokens):
+        input_ids = torch.tensor([tokens], dtype=torch.long) if tokens else None
+        logits = model(image_embeds=image_embeds, input_ids=input_ids, use_cache=False).logits
+        next_token = int(logits[0, -1].argmax())
+        tokens.append(next_token)
+        new_tokens.append(next_token)
+        if next_token == eos_token_id:
+            break
+    return tokens if prompt_ids is not None else new_tokens

@@ -1,0 +1,122 @@
+import pytest
+import torch
+from conftest import greedy_loop, tiny_model
+
+
+def embeds(model, count, seed=0):
+    return torch.randn(count, model.config.prefix_dim, generator=torch.Generator().manual_seed(seed))
+
+
+def strip_after_eos(tokens, eos_token_id):
+    tokens = list(tokens)
+    return tokens[: tokens.index(eos_token_id) + 1] if eos_token_id in tokens else tokens
+
+
+def test_greedy_equals_a_step_by_step_argmax_loop_without_cache(model):
+    x = embeds(model, 3)
+    eos = model.generation_config.eos_token_id
+    generated = model.generate(image_embeds=x, max_new_tokens=12, do_sample=False)
+    for row in range(3):
+        expected = greedy_loop(model, x[row : row + 1], 12, eos_token_id=eos)
+        assert strip_after_eos(generated[row].tolist(), eos) == expected
+        assert len(expected) > 3
+
+
+def test_greedy_from_pixel_values_equals_greedy_from_image_embeds(model, processor, images):
+    pixel_values = processor(images=images)["pixel_values"]
+    from_pixels = model.generate(pixel_values=pixel_values, max_new_tokens=8)
+    from_embeds = model.generate(image_embeds=model.get_image_features(pixel_values), max_new_tokens=8)
+    assert torch.equal(from_pixels, from_embeds)
+
+
+def test_cache_does_not_change_the_result(model):
+    x = embeds(model, 2)
+    assert torch.equal(
+        model.generate(image_embeds=x, max_new_tokens=10, use_cache=True),
+        model.generate(image_embeds=x, max_new_tokens=10, use_cache=False),
+    )
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batch_equals_items_generated_one_by_one(model, num_beams):
+    x = embeds(model, 4, seed=1)
+    eos = model.generation_config.eos_token_id
+    batched = model.generate(image_embeds=x, max_new_tokens=10, num_beams=num_beams)
+    for row in range(4):
+        alone = model.generate(image_embeds=x[row : row + 1], max_new_tokens=10, num_beams=num_beams)
+        assert strip_after_eos(batched[row].tolist(), eos) == strip_after_eos(alone[0].tolist(), eos)
+
+
+def test_num_beams_1_equals_greedy(model):
+    x = embeds(model, 2)
+    assert torch.equal(
+        model.generate(image_embeds=x, max_new_tokens=10, num_beams=1, do_sample=False),
+        model.generate(image_embeds=x, max_new_tokens=10, do_sample=False),
+    )
+
+
+def test_beam_search_returns_ranked_sequences(mlp_model):
+    x = embeds(mlp_model, 2)
+    out = mlp_model.generate(
+        image_embeds=x, max_new_tokens=6, num_beams=4, num_return_sequences=3, output_scores=True,
+        return_dict_in_generate=True,
+    )
+    assert out.sequences.shape[0] == 6
+    scores = out.sequences_scores.view(2, 3)
+    assert torch.all(scores[:, :-1] >= scores[:, 1:])
+    # The best beam scores at least as well as the greedy caption (length-normalised log-probability).
+    greedy = mlp_model.generate(image_embeds=x, max_new_tokens=6, output_scores=True, return_dict_in_generate=True)
+    greedy_logprob = torch.stack(
+        [torch.log_softmax(step, -1).gather(1, greedy.sequences[:, i : i + 1]).squeeze(1)
+         for i, step in enumerate(greedy.scores)], dim=1
+    ).sum(1) / greedy.sequences.shape[1]
+    assert torch.all(scores[:, 0] >= greedy_logprob - 1e-4)
+
+
+def test_sampling_is_reproducible_with_a_seed_and_varies_without(mlp_model):
+    x = embeds(mlp_model, 1).expand(8, -1)
+    torch.manual_seed(0)
+    first = mlp_model.generate(image_embeds=x, max_new_tokens=8, do_sample=True, temperature=3.0)
+    torch.manual_seed(0)
+    second = mlp_model.generate(image_embeds=x, max_new_tokens=8, do_sample=True, temperature=3.0)
+    assert torch.equal(first, second)
+    assert len({tuple(row.tolist()) for row in first}) > 1
+
+
+def test_prompt_is_continued(model, tokenizer):
+    x = embeds(model, 1)
+    prompt = tokenizer("A dog", add_special_tokens=False)["input_ids"]
+    generated = model.generate(image_embeds=x, input_ids=torch.tensor([prompt]), max_new_tokens=6, min_new_tokens=6)
+    assert generated[0].tolist() == greedy_loop(model, x, 6, prompt_ids=prompt)
+    assert generated[0, : len(prompt)].tolist() == prompt
+
+
+def test_left_padded_prompts_equal_prompts_alone(model, processor):
+    prompts = ["A dog", "A red circle above a blue"]
+    x = embeds(model, 2)
+    batch = processor(text=prompts)
+    assert batch["attention_mask"][0, 0] == 0  # left padding
+    generated = model.generate(image_embeds=x, **batch, max_new_tokens=6, min_new_tokens=6)
+    for row, prompt in enumerate(prompts):
+        alone = model.generate(image_embeds=x[row : row + 1], **processor(text=[prompt]), max_new_tokens=6,
+                               min_new_tokens=6)
+        width = alone.shape[1]
+        assert generated[row, -width:].tolist() == alone[0].tolist()
+
+
+def test_generate_rejects_bad_arguments(mlp_model):
+    x = embeds(mlp_model, 2)
+    with pytest.raises(ValueError, match="`max_new_tokens` must be at least 1, got 0"):
+        mlp_model.generate(image_embeds=x, max_new_tokens=0)
+    with pytest.raises(ValueError, match="exactly one of `pixel_values` or `image_embeds`.*neither"):
+        mlp_model.generate(max_new_tokens=3)
+    with pytest.raises(ValueError, match="Got 2 images but 1 text sequences"):
+        mlp_model.generate(image_embeds=x, input_ids=torch.tensor([[5, 6]]), max_new_tokens=3)
+
+
+def test_generation_after_save_and_load(tmp_path, tokenizer):
+    model = tiny_model(tokenizer, "transformer")
+    x = embeds(model, 2)
+    model.save_pretrained(tmp_path)
+    loaded = type(model).from_pretrained(tmp_path).eval()
+    assert torch.equal(model.generate(image_embeds=x, max_new_tokens=8), loaded.generate(image_embeds=x, max_new_tokens=8))

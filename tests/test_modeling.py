@@ -1,0 +1,266 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import greedy_loop, tiny_config, tiny_model
+from transformers import LlamaConfig, OPTConfig
+
+from clipcap_hf import ClipCapCausalLMOutputWithPast, ClipCapConfig, ClipCapForConditionalGeneration
+
+
+def image_embeds_for(model, count, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(count, model.config.prefix_dim, generator=generator)
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("mapping_type", ["mlp", "transformer"])
+def test_config_round_trip(tmp_path, tokenizer, mapping_type):
+    config = tiny_config(tokenizer, mapping_type, prefix_length=7, normalize_prefix=True)
+    config.save_pretrained(tmp_path)
+    loaded = ClipCapConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert type(loaded.text_config) is type(config.text_config)
+    assert loaded.vision_config.projection_dim == 24
+    assert (loaded.prefix_length, loaded.normalize_prefix, loaded.prefix_dim) == (7, True, 24)
+    assert loaded.clip_length == (7 if mapping_type == "transformer" else None)
+
+
+def test_config_defaults_are_the_paper_mlp_variant():
+    config = ClipCapConfig()
+    assert (config.mapping_type, config.prefix_length, config.prefix_dim) == ("mlp", 10, 512)
+    assert config.text_config.model_type == "gpt2" and config.text_config.n_embd == 768
+    assert config.vision_config.patch_size == 32
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"mapping_type": "lstm"}, "`mapping_type` must be one of ('mlp', 'transformer'), got 'lstm'"),
+        ({"prefix_length": 0}, "`prefix_length` must be a positive integer, got 0"),
+        ({"mapping_type": "mlp", "clip_length": 10}, "`clip_length` is only used by mapping_type='transformer'"),
+        ({"mapping_type": "transformer", "clip_length": -1}, "`clip_length` must be a positive integer, got -1"),
+        ({"mapping_type": "transformer", "mapping_num_heads": 5}, "`mapping_num_heads` (5) must divide"),
+        ({"mapping_num_layers": 2.5}, "`mapping_num_layers` must be a positive integer, got 2.5"),
+        ({"prefix_dim": 0}, "`prefix_dim` must be a positive integer, got 0"),
+        ({"normalize_prefix": "yes"}, "`normalize_prefix` must be True or False"),
+        ({"text_config": {"n_embd": 8}}, "needs a `model_type` key"),
+    ],
+)
+def test_config_rejects_invalid_values(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        ClipCapConfig(**kwargs)
+    assert message in str(error.value)
+
+
+# ---------------------------------------------------------------- mapping networks
+
+
+def test_mlp_mapper_has_the_released_checkpoint_layout(tokenizer):
+    model = tiny_model(tokenizer, "mlp")
+    shapes = {name: tuple(p.shape) for name, p in model.mapping_network.state_dict().items()}
+    k, h, d = 4, 32, 24
+    assert shapes == {
+        "model.0.weight": (k * h // 2, d),
+        "model.0.bias": (k * h // 2,),
+        "model.2.weight": (k * h, k * h // 2),
+        "model.2.bias": (k * h,),
+    }
+    assert isinstance(model.mapping_network.model[1], torch.nn.Tanh)
+
+
+def test_transformer_mapper_has_the_released_checkpoint_layout(tokenizer):
+    model = tiny_model(tokenizer, "transformer", prefix_length=3, clip_length=5)
+    shapes = {name: tuple(p.shape) for name, p in model.mapping_network.state_dict().items()}
+    h, d = 32, 24
+    expected = {"linear.weight": (5 * h, d), "linear.bias": (5 * h,), "prefix_const": (3, h)}
+    for i in range(2):
+        layer = f"transformer.layers.{i}."
+        expected.update(
+            {
+                layer + "norm1.weight": (h,),
+                layer + "norm1.bias": (h,),
+                layer + "attn.to_queries.weight": (h, h),
+                layer + "attn.to_keys_values.weight": (2 * h, h),
+                layer + "attn.project.weight": (h, h),
+                layer + "attn.project.bias": (h,),
+                layer + "norm2.weight": (h,),
+                layer + "norm2.bias": (h,),
+                layer + "mlp.fc1.weight": (2 * h, h),
+                layer + "mlp.fc1.bias": (2 * h,),
+                layer + "mlp.fc2.weight": (h, 2 * h),
+                layer + "mlp.fc2.bias": (h,),
+            }
+        )
+    assert shapes == expected
+
+
+def reference_transformer_mapper(state, x, clip_length, num_heads, num_layers):
+    """The paper's TransformerMapper written out from its state dict with einsum, as the original code computes it."""
+    b = x.shape[0]
+    h = state["prefix_const"].shape[1]
+    seq = torch.cat((F.linear(x, state["linear.weight"], state["linear.bias"]).view(b, clip_length, h),
+                     state["prefix_const"].unsqueeze(0).expand(b, -1, -1)), dim=1)
+    for i in range(num_layers):
+        p = f"transformer.layers.{i}."
+        y = F.layer_norm(seq, (h,), state[p + "norm1.weight"], state[p + "norm1.bias"])
+        n = y.shape[1]
+        q = F.linear(y, state[p + "attn.to_queries.weight"]).reshape(b, n, num_heads, h // num_heads)
+        kv = F.linear(y, state[p + "attn.to_keys_values.weight"]).reshape(b, n, 2, num_heads, h // num_heads)
+        keys, values = kv[:, :, 0], kv[:, :, 1]
+        attention = torch.einsum("bnhd,bmhd->bnmh", q, keys) * (h // num_heads) ** -0.5
+        attention = attention.softmax(dim=2)
+        out = torch.einsum("bnmh,bmhd->bnhd", attention, values).reshape(b, n, h)
+        seq = seq + F.linear(out, state[p + "attn.project.weight"], state[p + "attn.project.bias"])
+        y = F.layer_norm(seq, (h,), state[p + "norm2.weight"], state[p + "norm2.bias"])
+        y = F.linear(F.relu(F.linear(y, state[p + "mlp.fc1.weight"], state[p + "mlp.fc1.bias"])),
+                     state[p + "mlp.fc2.weight"], state[p + "mlp.fc2.bias"])
+        seq = seq + y
+    return seq[:, clip_length:]
+
+
+def test_transformer_mapper_matches_the_paper_computation(tokenizer):
+    model = tiny_model(tokenizer, "transformer", prefix_length=3, clip_length=5)
+    x = image_embeds_for(model, 2)
+    ours = model.mapping_network(x)
+    reference = reference_transformer_mapper(model.mapping_network.state_dict(), x, 5, 4, 2)
+    assert ours.shape == (2, 3, 32)
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_mapper_matches_the_paper_computation(tokenizer):
+    model = tiny_model(tokenizer, "mlp")
+    state = model.mapping_network.state_dict()
+    x = image_embeds_for(model, 2)
+    hidden = torch.tanh(F.linear(x, state["model.0.weight"], state["model.0.bias"]))
+    reference = F.linear(hidden, state["model.2.weight"], state["model.2.bias"]).view(2, 4, 32)
+    torch.testing.assert_close(model.mapping_network(x), reference)
+
+
+# ---------------------------------------------------------------- forward
+
+
+def test_pixel_values_and_image_embeds_give_the_same_output(model, processor, images):
+    pixel_values = processor(images=images)["pixel_values"]
+    input_ids = torch.tensor([[5, 6, 7]] * 3)
+    from_pixels = model(pixel_values=pixel_values, input_ids=input_ids)
+    embeds = model.get_image_features(pixel_values)
+    from_embeds = model(image_embeds=embeds, input_ids=input_ids)
+    assert isinstance(from_pixels, ClipCapCausalLMOutputWithPast)
+    assert from_pixels.logits.shape == (3, model.config.prefix_length + 3, model.config.text_config.vocab_size)
+    assert from_pixels.prefix_embeds.shape == (3, model.config.prefix_length, 32)
+    torch.testing.assert_close(from_pixels.logits, from_embeds.logits)
+
+
+def test_normalize_prefix_divides_by_the_l2_norm(tokenizer):
+    model = tiny_model(tokenizer, "mlp", normalize_prefix=True)
+    x = image_embeds_for(model, 2)
+    expected = model.mapping_network(x / x.norm(dim=-1, keepdim=True))
+    torch.testing.assert_close(model.get_prefix_embeds(image_embeds=x * 3.0), expected)
+
+
+def test_forward_needs_exactly_one_image_input(mlp_model):
+    x = image_embeds_for(mlp_model, 1)
+    with pytest.raises(ValueError, match="exactly one of `pixel_values`.*got both"):
+        mlp_model(pixel_values=torch.zeros(1, 3, 32, 32), image_embeds=x)
+
+
+def test_wrong_embedding_width_names_both_sizes(mlp_model):
+    with pytest.raises(ValueError) as error:
+        mlp_model(image_embeds=torch.zeros(2, 512), input_ids=torch.ones(2, 3, dtype=torch.long))
+    assert "(batch_size, 24)" in str(error.value) and "(2, 512)" in str(error.value)
+
+
+def test_mismatched_image_and_text_batch_sizes(mlp_model):
+    with pytest.raises(ValueError, match="Got 2 images but 3 text sequences"):
+        mlp_model(image_embeds=image_embeds_for(mlp_model, 2), input_ids=torch.ones(3, 4, dtype=torch.long))
+
+
+def test_loss_counts_caption_tokens_only(model, processor):
+    batch = processor(captions=["A dog runs on the beach.", "Two cats sleep!"])
+    x = image_embeds_for(model, 2)
+    outputs = model(image_embeds=x, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    labels=batch["labels"])
+    k = model.config.prefix_length
+    # Position k-1+j (the last prefix vector, then each caption token) predicts caption token j.
+    losses = []
+    for row in range(2):
+        length = int(batch["attention_mask"][row].sum())
+        logits = outputs.logits[row, k - 1 : k - 1 + length]
+        losses.append(F.cross_entropy(logits, batch["input_ids"][row, :length], reduction="none"))
+    expected = torch.cat(losses).mean()
+    torch.testing.assert_close(outputs.loss, expected)
+
+    # Whatever token sits in the padding, the loss does not change.
+    altered = batch["input_ids"].clone()
+    altered[batch["attention_mask"] == 0] = 7
+    again = model(image_embeds=x, input_ids=altered, attention_mask=batch["attention_mask"], labels=batch["labels"])
+    torch.testing.assert_close(again.loss, outputs.loss)
+
+
+def test_logits_to_keep_trims_logits_and_loss_stays_equal(mlp_model, processor):
+    batch = processor(captions=["A dog runs on the beach.", "Two cats sleep!"])
+    x = image_embeds_for(mlp_model, 2)
+    full = mlp_model(image_embeds=x, **batch)
+    text_length = batch["input_ids"].shape[1]
+    trimmed = mlp_model(image_embeds=x, **batch, logits_to_keep=text_length + 1)
+    assert trimmed.logits.shape[1] == text_length + 1
+    torch.testing.assert_close(trimmed.loss, full.loss)
+
+
+def test_vision_tower_is_frozen_and_language_model_freezing_is_explicit(mlp_model, processor):
+    assert not any(p.requires_grad for p in mlp_model.vision_model.parameters())
+    assert all(p.requires_grad for p in mlp_model.language_model.parameters())
+    mlp_model.freeze_language_model()
+    mlp_model.train()
+    assert mlp_model.training and mlp_model.mapping_network.training
+    assert not mlp_model.language_model.training and not mlp_model.vision_model.training
+
+    batch = processor(captions=["A dog runs."])
+    outputs = mlp_model(pixel_values=torch.randn(1, 3, 32, 32), **batch)
+    outputs.loss.backward()
+    assert all(p.grad is None for p in mlp_model.vision_model.parameters())
+    assert all(p.grad is None for p in mlp_model.language_model.parameters())
+    assert all(p.grad is not None for p in mlp_model.mapping_network.parameters())
+
+    mlp_model.freeze_language_model(False)
+    assert mlp_model.language_model.training
+
+
+@pytest.mark.parametrize("mapping_type", ["mlp", "transformer"])
+def test_save_and_load_round_trip(tmp_path, tokenizer, mapping_type):
+    model = tiny_model(tokenizer, mapping_type)
+    model.save_pretrained(tmp_path)
+    loaded = ClipCapForConditionalGeneration.from_pretrained(tmp_path).eval()
+    for (name, tensor), (other_name, other) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert name == other_name
+        assert torch.equal(tensor, other), name
+    assert not any(p.requires_grad for p in loaded.vision_model.parameters())
+    # GPT-2's output layer stays tied to its input embeddings after loading.
+    assert loaded.language_model.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+
+
+# ---------------------------------------------------------------- other language model families
+
+
+def other_lm_config(kind, tokenizer):
+    common = dict(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    if kind == "llama":
+        return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=128, **common)
+    return OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                     max_position_embeddings=128, word_embed_proj_dim=32, **common)
+
+
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_other_language_model_families(kind, tokenizer, processor):
+    model = tiny_model(tokenizer, "transformer", text_config=other_lm_config(kind, tokenizer))
+    assert model.language_model.config.model_type == kind
+    batch = processor(captions=["A dog runs on the beach.", "Two cats sleep!"])
+    x = image_embeds_for(model, 2)
+    outputs = model(image_embeds=x, **batch)
+    assert torch.isfinite(outputs.loss)
+    generated = model.generate(image_embeds=x, max_new_tokens=5, min_new_tokens=5)
+    for row in range(2):
+        assert generated[row].tolist() == greedy_loop(model, x[row : row + 1], 5)
