@@ -5,6 +5,7 @@ Importing the package registers the "clipcap" model type with the transformers A
 load ClipCap folders without `trust_remote_code`.
 """
 
+import transformers
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -31,6 +32,8 @@ AutoModel.register(ClipCapConfig, ClipCapForConditionalGeneration, exist_ok=True
 AutoModelForImageTextToText.register(ClipCapConfig, ClipCapForConditionalGeneration, exist_ok=True)
 AutoImageProcessor.register(ClipCapConfig, slow_image_processor_class=ClipCapImageProcessor, exist_ok=True)
 AutoProcessor.register(ClipCapConfig, ClipCapProcessor, exist_ok=True)
+if hasattr(transformers, "AutoModelForVision2Seq"):  # transformers 4.x: the image-to-text pipeline's class
+    transformers.AutoModelForVision2Seq.register(ClipCapConfig, ClipCapForConditionalGeneration, exist_ok=True)
 
 # Saved folders also carry the code and an `auto_map`, so they load with `trust_remote_code=True` where this
 # package is not installed.

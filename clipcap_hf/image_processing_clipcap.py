@@ -9,6 +9,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
+from transformers import CLIPVisionConfig
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 
@@ -117,6 +118,30 @@ class ClipCapImageProcessor(BaseImageProcessor):
         self.resample = resample
         self.image_mean = [float(value) for value in image_mean]
         self.image_std = [float(value) for value in image_std]
+
+    @classmethod
+    def from_clip_pretrained(cls, pretrained_model_name_or_path: str, **kwargs) -> ClipCapImageProcessor:
+        """
+        Take the preprocessing of a Hugging Face CLIP checkpoint (its `preprocessor_config.json`); a checkpoint
+        without one gets CLIP's standard preprocessing at the vision tower's image size.
+        """
+        try:
+            clip_config = cls.get_image_processor_dict(pretrained_model_name_or_path, **kwargs)[0]
+        except OSError:
+            clip_config = {}
+        if not clip_config:
+            image_size = CLIPVisionConfig.from_pretrained(pretrained_model_name_or_path, **kwargs).image_size
+            return cls(size=image_size, crop_size=image_size)
+        size = clip_config.get("size", 224)
+        crop_size = clip_config.get("crop_size", size)
+        resample = {value: key for key, value in _RESAMPLE.items()}.get(clip_config.get("resample", 3), "bicubic")
+        return cls(
+            size=size["shortest_edge"] if isinstance(size, dict) else size,
+            crop_size=crop_size["height"] if isinstance(crop_size, dict) else crop_size,
+            resample=resample,
+            image_mean=clip_config.get("image_mean", OPENAI_CLIP_MEAN),
+            image_std=clip_config.get("image_std", OPENAI_CLIP_STD),
+        )
 
     def preprocess_one(self, image: ImageLike) -> np.ndarray:
         """Preprocess one image into a float32 array of shape (3, crop_size, crop_size)."""

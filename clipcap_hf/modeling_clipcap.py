@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -168,6 +169,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     model is put in training mode, so a frozen language model runs without dropout.
     """
 
+    # The image is the main input, as for BLIP and VisionEncoderDecoder; pipelines read this name.
+    main_input_name = "pixel_values"
+
     def __init__(
         self,
         config: ClipCapConfig,
@@ -185,6 +189,48 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         )
         self.post_init()
         self.freeze_vision_model()
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_model_name_or_path: str,
+        text_model_name_or_path: str,
+        mapping_type: str = "mlp",
+        prefix_length: int = 10,
+        **config_kwargs,
+    ) -> ClipCapForConditionalGeneration:
+        r"""
+        Build a new ClipCap, ready to train, from a pretrained CLIP and a pretrained causal language model; only the
+        mapping network starts from random weights.
+
+        Args:
+            vision_model_name_or_path (`str`):
+                A CLIP checkpoint on the Hub or on disk, e.g. `"openai/clip-vit-base-patch32"` (a full CLIP or a
+                `CLIPVisionModelWithProjection` checkpoint).
+            text_model_name_or_path (`str`):
+                A causal LM checkpoint, e.g. `"gpt2"`.
+            mapping_type, prefix_length, **config_kwargs:
+                The remaining [`ClipCapConfig`] fields (`clip_length`, `mapping_num_layers`, `normalize_prefix`...).
+
+        Example:
+
+        ```python
+        >>> model = ClipCapForConditionalGeneration.from_vision_text_pretrained(
+        ...     "openai/clip-vit-base-patch32", "gpt2", mapping_type="transformer", prefix_length=40
+        ... )
+        >>> processor = ClipCapProcessor.from_vision_text_pretrained("openai/clip-vit-base-patch32", "gpt2")
+        ```
+        """
+        vision_model = CLIPVisionModelWithProjection.from_pretrained(vision_model_name_or_path)
+        language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path)
+        config = ClipCapConfig(
+            vision_config=vision_model.config,
+            text_config=language_model.config,
+            mapping_type=mapping_type,
+            prefix_length=prefix_length,
+            **config_kwargs,
+        )
+        return cls(config, vision_model=vision_model, language_model=language_model)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> ClipCapForConditionalGeneration:
@@ -405,26 +451,33 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             followed by the generated caption tokens; the prefix is not part of it. Decode with
             `processor.batch_decode(..., skip_special_tokens=True)`.
         """
+        # Decoding runs in the language model's own `generate`, as BLIP delegates to its text decoder: the prefix
+        # goes in as `inputs_embeds`, and every decoding strategy and cache of the language model applies. Our
+        # generation config (decoding defaults saved with the model) comes along unless the caller gives one.
+        max_new_tokens = generate_kwargs.get("max_new_tokens")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}.")
+        if generate_kwargs.get("generation_config") is None:
+            generation_config = copy.deepcopy(self.generation_config)
+            generate_kwargs = generation_config.update(**generate_kwargs)  # returns the non-generation kwargs
+            generate_kwargs["generation_config"] = generation_config
         if (pixel_values is None) == (image_embeds is None):
-            # Plain text generation through the language model, as any causal LM allows.
             if pixel_values is None and input_ids is not None:
-                return super().generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+                # Plain text generation through the language model, as any causal LM allows.
+                return self.language_model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
+                )
             raise ValueError(
                 "Pass exactly one of `pixel_values` or `image_embeds` to caption images; got "
                 f"{'both' if pixel_values is not None else 'neither'}."
             )
-        max_new_tokens = generate_kwargs.get("max_new_tokens")
-        if max_new_tokens is not None and max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}.")
         if input_ids is not None and input_ids.shape[1] == 0:
             input_ids = attention_mask = None  # an empty prompt (the pipeline sends one) means no prompt
 
         prefix_embeds = self.get_prefix_embeds(pixel_values=pixel_values, image_embeds=image_embeds)
         inputs_embeds, attention_mask, _ = self._prepend_prefix(prefix_embeds, input_ids, attention_mask)
-        if input_ids is None:
-            # generate() then returns only the new tokens, since the prompt has no token ids.
-            return super().generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs)
-        return super().generate(
+        # With a prompt, the output starts with the prompt's tokens; without, it holds only the new tokens.
+        return self.language_model.generate(
             input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
         )
 

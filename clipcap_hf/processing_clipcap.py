@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import BatchEncoding, BatchFeature
+import transformers
+from transformers import AutoTokenizer, BatchEncoding, BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
 from .image_processing_clipcap import ClipCapImageProcessor
@@ -26,8 +27,9 @@ class ClipCapProcessor(ProcessorMixin):
     """
 
     attributes = ["image_processor", "tokenizer"]
-    image_processor_class = "AutoImageProcessor"
-    tokenizer_class = "AutoTokenizer"
+    if int(transformers.__version__.split(".")[0]) < 5:  # transformers 5 finds these through the Auto classes
+        image_processor_class = "AutoImageProcessor"
+        tokenizer_class = "AutoTokenizer"
 
     def __init__(self, image_processor: ClipCapImageProcessor | None = None, tokenizer=None, **kwargs):
         if image_processor is None:
@@ -37,6 +39,18 @@ class ClipCapProcessor(ProcessorMixin):
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         super().__init__(image_processor, tokenizer, **kwargs)
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls, vision_model_name_or_path: str, text_model_name_or_path: str, **kwargs
+    ) -> ClipCapProcessor:
+        """
+        A processor for a new ClipCap built with [`ClipCapForConditionalGeneration.from_vision_text_pretrained`]:
+        the CLIP checkpoint's preprocessing (sizes, mean, std) and the language model's tokenizer.
+        """
+        image_processor = ClipCapImageProcessor.from_clip_pretrained(vision_model_name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path, **kwargs)
+        return cls(image_processor=image_processor, tokenizer=tokenizer)
 
     @property
     def model_input_names(self) -> list[str]:
