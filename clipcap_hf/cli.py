@@ -1,0 +1,121 @@
+"""The `clipcap` command line: `clipcap caption IMAGE... --model DIR` and the other subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+
+
+def expand_image_paths(patterns: Sequence[str]) -> list[Path]:
+    """Files, folders (their images, sorted) and glob patterns, in the order given, without duplicates."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        elif path.exists():
+            found = [path]
+        else:
+            found = sorted(Path(match) for match in glob.glob(pattern, recursive=True))
+            if not found:
+                raise FileNotFoundError(f"No image matches {pattern!r}.")
+        paths.extend(found)
+    unique = list(dict.fromkeys(paths))
+    if not unique:
+        raise FileNotFoundError(f"No images found in {', '.join(patterns)}.")
+    return unique
+
+
+def load_image(path: Path):
+    """Open an image file, naming the file when it cannot be decoded."""
+    import PIL.Image
+
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return image.copy() if image.mode != "P" else image.convert("RGBA")
+    except (OSError, PIL.UnidentifiedImageError, ValueError) as error:
+        raise ValueError(f"Cannot read image {path}: {error}") from error
+
+
+def caption_command(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+    from transformers import AutoProcessor
+
+    from . import ClipCapForConditionalGeneration
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    paths = expand_image_paths(args.images)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = ClipCapForConditionalGeneration.from_pretrained(args.model).to(device).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+
+    results = []
+    batches = [paths[start : start + args.batch_size] for start in range(0, len(paths), args.batch_size)]
+    progress = tqdm(total=len(paths), unit="image", desc="Captioning", disable=len(paths) <= args.batch_size)
+    for batch_paths in batches:
+        images = [load_image(path) for path in batch_paths]
+        inputs = processor(images=images).to(device)
+        generated = model.generate(
+            **inputs, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, do_sample=False
+        )
+        captions = processor.batch_decode(generated, skip_special_tokens=True)
+        batch_results = [{"image": str(path), "caption": caption.strip()} for path, caption in zip(batch_paths, captions)]
+        if not args.json:  # print as we go, so an unreadable file later on loses none of the captions before it
+            for result in batch_results:
+                print(f"{result['image']}\t{result['caption']}", flush=True)
+        results.extend(batch_results)
+        progress.update(len(batch_paths))
+    progress.close()
+
+    if args.json:
+        json.dump(results, sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+    return 0
+
+
+def add_caption_parser(subparsers) -> None:
+    parser = subparsers.add_parser("caption", help="Caption image files, folders or glob patterns.")
+    parser.add_argument("images", nargs="+", help="Image files, folders of images, or glob patterns.")
+    parser.add_argument("--model", required=True, help="A ClipCap folder or Hub name.")
+    parser.add_argument("--num-beams", type=int, default=1, help="1 for greedy decoding (default).")
+    parser.add_argument("--max-new-tokens", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    parser.add_argument("--json", action="store_true", help="Print a JSON list of {image, caption}.")
+    parser.set_defaults(handler=caption_command)
+
+
+# Each subcommand module contributes one `add_*_parser(subparsers)`; listed here so `clipcap --help` shows all.
+PARSER_BUILDERS: list[Callable] = [add_caption_parser]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipcap", description="ClipCap image captioning with Hugging Face.")
+    subparsers = parser.add_subparsers(dest="command", required=True)
+    for add_parser in PARSER_BUILDERS:
+        add_parser(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"clipcap {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
