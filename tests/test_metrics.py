@@ -9,21 +9,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
 
 import pytest
 
-from clipcap_hf import metrics
-from clipcap_hf.metrics import (
+pytest.importorskip("pycocoevalcap", reason="the COCO caption metrics need pycocoevalcap (the `eval` extra)")
+
+from clipcap_hf import metrics  # noqa: E402
+from clipcap_hf.metrics import (  # noqa: E402
     CocoCaptionMetric,
     compute_caption_metrics,
     load_coco_predictions,
     load_coco_references,
     ptb_tokenize,
 )
-
 
 REFERENCE_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
 COCO_DIR = REFERENCE_DIR / "coco_val2014_loo"
@@ -76,8 +78,10 @@ def nlgeval_data() -> tuple[list[str], list[list[str]]]:
     if not NLGEVAL_DIR.is_dir():
         pytest.skip(f"reference data {NLGEVAL_DIR} is absent")
     hypotheses = (NLGEVAL_DIR / "hyp.txt").read_text(encoding="utf-8").splitlines()
-    first, second = ((NLGEVAL_DIR / name).read_text(encoding="utf-8").splitlines() for name in ("ref1.txt", "ref2.txt"))
-    return hypotheses, [list(refs) for refs in zip(first, second)]
+    first, second = (
+        (NLGEVAL_DIR / name).read_text(encoding="utf-8").splitlines() for name in ("ref1.txt", "ref2.txt")
+    )
+    return hypotheses, [list(refs) for refs in zip(first, second, strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +90,10 @@ def nlgeval_scores(nlgeval_data) -> dict[str, float]:
         pytest.skip("METEOR needs Java")
     hypotheses, references = nlgeval_data
     return compute_caption_metrics(
-        dict(enumerate(hypotheses)), dict(enumerate(references)), metrics=metrics.METRIC_NAMES[:4], tokenize=False
+        dict(enumerate(hypotheses)),
+        dict(enumerate(references)),
+        metrics=["bleu", "meteor", "rouge", "cider"],
+        tokenize=False,
     )
 
 
@@ -178,7 +185,9 @@ def test_evaluate_metric_equals_function(nlgeval_data, nlgeval_scores, tmp_path)
     hypotheses, references = nlgeval_data
     metric = CocoCaptionMetric(cache_dir=str(tmp_path))
     # METEOR is left out to save its 8 s start-up; the metric forwards `metrics` like any other option.
-    scores = metric.compute(predictions=hypotheses, references=references, metrics=["bleu", "rouge", "cider"], tokenize=False)
+    scores = metric.compute(
+        predictions=hypotheses, references=references, metrics=["bleu", "rouge", "cider"], tokenize=False
+    )
     assert scores == {key: value for key, value in nlgeval_scores.items() if key != "METEOR"}
 
 
@@ -242,6 +251,7 @@ def test_missing_spice_models_warn_and_other_metrics_run(monkeypatch):
     from pycocoevalcap.spice import get_stanford_models
 
     monkeypatch.setattr(get_stanford_models, "SPICELIB", "no-such-folder")
+    monkeypatch.setattr(metrics, "_java_available", lambda: True)  # so that the models are what is missing
     predictions = {"a": "a dog runs"}
     references = {"a": ["a dog running", "dog runs"]}
     with pytest.warns(UserWarning, match=r"SPICE is skipped.*stanford-corenlp-3\.6\.0.*get_stanford_models"):
@@ -249,6 +259,40 @@ def test_missing_spice_models_warn_and_other_metrics_run(monkeypatch):
             predictions, references, metrics=["rouge", "spice"], tokenize=False, return_per_image=True
         )
     assert set(scores) == {"ROUGE_L"} and set(per_image["a"]) == {"ROUGE_L"}
+
+
+def test_spice_scores_are_mapped_to_their_images(monkeypatch):
+    from pycocoevalcap.spice import spice
+
+    class FakeSpice:
+        """Answers like spice-1.0.jar would: images in sorted id order; here F-score = number of words."""
+
+        def compute_score(self, references, predictions):
+            return 0.5, [{"All": {"f": len(predictions[i][0].split())}} for i in sorted(references)]
+
+    monkeypatch.setattr(metrics, "_spice_problem", lambda: None)  # SPICE's models are not available offline.
+    monkeypatch.setattr(spice, "Spice", FakeSpice)
+    predictions = {3: "one two three", 1: "one", 2: "one two"}
+    references = {1: ["one"], 2: ["one"], 3: ["one"]}
+    scores, per_image = compute_caption_metrics(
+        predictions, references, metrics=["spice"], tokenize=False, return_per_image=True
+    )
+    assert scores == {"SPICE": 0.5}
+    assert per_image == {3: {"SPICE": 3.0}, 1: {"SPICE": 1.0}, 2: {"SPICE": 2.0}}
+
+
+def test_failing_spice_warns_and_other_metrics_run(monkeypatch):
+    from pycocoevalcap.spice import spice
+
+    class FailingSpice:
+        def compute_score(self, references, predictions):
+            raise subprocess.CalledProcessError(1, ["java", "-jar", "-Xmx8G", "spice-1.0.jar"])
+
+    monkeypatch.setattr(metrics, "_spice_problem", lambda: None)
+    monkeypatch.setattr(spice, "Spice", FailingSpice)
+    with pytest.warns(UserWarning, match=r"spice-1\.0\.jar failed with exit status 1.*Java 8 or 11"):
+        scores = compute_caption_metrics({1: "a dog"}, {1: ["a dog"]}, metrics=["cider", "spice"], tokenize=False)
+    assert set(scores) == {"CIDEr"}
 
 
 def test_missing_pycocoevalcap_names_the_install(monkeypatch):

@@ -1,0 +1,500 @@
+"""COCO caption metrics (BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE), as the COCO caption evaluation scores them.
+
+The scores come from the scorers of `pycocoevalcap` (the Python 3 packaging of the official
+[coco-caption](https://github.com/tylin/coco-caption) code), called directly, so they equal the published COCO
+numbers: captions are PTB-tokenized (lower-cased, punctuation removed), BLEU is corpus-level with the "closest"
+reference length, and CIDEr-D takes its document frequencies from the references of the scored images.
+
+What each piece needs besides `pycocoevalcap` (`pip install "clipcap_hf[eval]"`):
+
+- PTB tokenization: Java (it runs the Stanford CoreNLP 3.4.1 `PTBTokenizer` jar shipped with pycocoevalcap).
+- METEOR: Java (it runs `meteor-1.5.jar`, the COCO METEOR; the METEOR of NLTK and `evaluate` gives other numbers).
+- SPICE: Java 8 or 11 (SPICE 1.0 fails on Java 16+), the Stanford CoreNLP 3.6.0 jars, fetched once with
+  `python -m pycocoevalcap.spice.get_stanford_models` (network needed; this module never downloads), and a
+  writable pycocoevalcap folder (SPICE writes temporary files and a cache there).
+- BLEU, ROUGE-L, CIDEr-D: Python only.
+
+When a piece is missing, a warning names it and says how to fix it, and the other metrics are still computed.
+Without Java, METEOR and SPICE are skipped and tokenization falls back to a Python approximation of the PTB
+tokenizer, so BLEU, ROUGE_L and CIDEr are then close to, but not exactly, the official scores.
+
+Example:
+
+```python
+>>> from clipcap_hf.metrics import compute_caption_metrics, load_coco_predictions, load_coco_references
+>>> references = load_coco_references("captions_val2014.json")
+>>> predictions = load_coco_predictions("results.json")
+>>> scores, per_image = compute_caption_metrics(predictions, references, return_per_image=True)
+>>> scores["CIDEr"], per_image[391895]["CIDEr"]
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal, overload
+
+import datasets
+import evaluate
+
+ImageId = int | str
+
+METRIC_NAMES: tuple[str, ...] = ("bleu", "meteor", "rouge", "cider", "spice")
+"""Metrics that `compute_caption_metrics` knows, in the order COCO reports them."""
+
+# Result keys, named as COCOEvalCap names them.
+_SCORE_KEYS: dict[str, tuple[str, ...]] = {
+    "bleu": ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"),
+    "meteor": ("METEOR",),
+    "rouge": ("ROUGE_L",),
+    "cider": ("CIDEr",),
+    "spice": ("SPICE",),
+}
+
+_INSTALL_JAVA = "Install a Java runtime (for example `apt-get install default-jre`) and make sure `java` is on PATH."
+
+# Java's PTBTokenizer also ends a line at these; upstream only replaces "\n", so any other one would shift every
+# later caption onto the wrong image.
+_LINE_BREAKS = re.compile(r"[\n\r\v\f\u2028\u2029]")
+
+# Python stand-in for the PTB tokenizer when Java is missing. It splits off what the PTB tokenizer splits off in
+# captions (contractions, punctuation marks) and keeps hyphenated words, decimals, times, "o'clock", "!!!" and
+# initialisms ("t.v.") whole; brackets become PTB's -lrb- style tokens, which the COCO code keeps.
+_APPROX_TOKEN = re.compile(
+    r"\w+(?=n't\b)|n't\b|'(?:s|re|ve|ll|m|d)\b|(?:\b\w\.){2,}"
+    r"|\w+(?:[-./:]\w+|'(?!(?:s|re|ve|ll|m|d)\b)\w+)*|\.{2,}|-{2,}|[!?]{2,}|[^\w\s]"
+)
+_APPROX_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+_APPROX_PUNCTUATION = frozenset(["'", '"', "`", ".", "..", "...", "?", "!", ",", ":", ";", "-", "--"])
+
+
+def _import_pycocoevalcap() -> None:
+    try:
+        import pycocoevalcap  # noqa: F401
+    except ImportError as error:
+        raise ImportError(
+            "COCO caption metrics need pycocoevalcap, the COCO caption evaluation code: "
+            '`pip install "clipcap_hf[eval]"` (or `pip install pycocoevalcap==1.2`).'
+        ) from error
+
+
+def _java_available() -> bool:
+    # pycocoevalcap starts every jar as plain `java`, so PATH is what counts (not JAVA_HOME).
+    return shutil.which("java") is not None
+
+
+def _format_ids(ids: Sequence[ImageId], limit: int = 10) -> str:
+    shown = ", ".join(repr(image_id) for image_id in ids[:limit])
+    return shown if len(ids) <= limit else f"{shown}, ... ({len(ids)} in total)"
+
+
+def _read_json(path: str | os.PathLike[str]) -> Any:
+    raw = Path(path).read_bytes()
+    try:
+        # utf-8-sig also accepts files saved with a byte-order mark.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{path} is not valid UTF-8 (byte 0x{raw[error.start]:02x} at offset {error.start}); "
+            "caption files must be UTF-8 encoded JSON."
+        ) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
+def _read_entry(entry: Any, index: int, path: str | os.PathLike[str]) -> tuple[ImageId, str]:
+    if isinstance(entry, dict):
+        image_id, caption = entry.get("image_id"), entry.get("caption")
+        if isinstance(image_id, (int, str)) and not isinstance(image_id, bool) and isinstance(caption, str):
+            return image_id, caption
+    raise ValueError(
+        f"{path}: entry {index} must be an object with an integer or string 'image_id' and a string 'caption', "
+        f"got {str(entry)[:200]}"
+    )
+
+
+def load_coco_references(path: str | os.PathLike[str]) -> dict[ImageId, list[str]]:
+    """Load reference captions from a file in the COCO annotation format.
+
+    Args:
+        path: A UTF-8 JSON file such as `captions_val2014.json`: an object whose `"annotations"` list holds
+            `{"image_id": ..., "caption": ...}` entries (other keys, such as `"images"`, are ignored).
+
+    Returns:
+        The captions of each image, in file order.
+
+    Raises:
+        ValueError: If the file is not UTF-8, not JSON, or not in the COCO annotation format; the message names
+            the file (and the offending entry).
+    """
+    data = _read_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise ValueError(
+            f"{path} is not in the COCO annotation format: expected an object with an 'annotations' list of "
+            "{'image_id', 'caption'} entries."
+        )
+    references: dict[ImageId, list[str]] = {}
+    for index, entry in enumerate(data["annotations"]):
+        image_id, caption = _read_entry(entry, index, path)
+        references.setdefault(image_id, []).append(caption)
+    return references
+
+
+def load_coco_predictions(path: str | os.PathLike[str]) -> dict[ImageId, str]:
+    """Load generated captions from a file in the COCO results format.
+
+    Args:
+        path: A UTF-8 JSON file holding a list of `{"image_id": ..., "caption": ...}` entries, one per image
+            (other keys are ignored).
+
+    Returns:
+        The caption of each image, in file order.
+
+    Raises:
+        ValueError: If the file is not UTF-8, not JSON, not in the COCO results format, or has more than one
+            caption for an image; the message names the file and the duplicated image ids.
+    """
+    data = _read_json(path)
+    if not isinstance(data, list):
+        raise ValueError(
+            f"{path} is not in the COCO results format: expected a list of {{'image_id', 'caption'}} entries."
+        )
+    predictions: dict[ImageId, str] = {}
+    duplicates: dict[ImageId, None] = {}
+    for index, entry in enumerate(data):
+        image_id, caption = _read_entry(entry, index, path)
+        if image_id in predictions:
+            duplicates[image_id] = None
+        predictions[image_id] = caption
+    if duplicates:
+        raise ValueError(
+            f"{path} has more than one caption for {len(duplicates)} image id(s): {_format_ids(list(duplicates))}. "
+            "The COCO caption evaluation scores one caption per image."
+        )
+    return predictions
+
+
+def ptb_tokenize(captions: Sequence[str]) -> list[str]:
+    """Tokenize captions exactly as the COCO caption evaluation does. Needs Java.
+
+    Runs the Stanford CoreNLP 3.4.1 `PTBTokenizer` shipped with pycocoevalcap (lower-casing, one caption per
+    line) and drops the punctuation tokens that pycocoevalcap's `PTBTokenizer` drops (brackets survive as
+    `-lrb-`, `-rrb-`, as they do there), in one Java call for all captions. Unlike pycocoevalcap's wrapper, it
+    writes no temporary file into the installed package (so it works with a read-only site-packages), and it
+    keeps captions with `\\r` or other line breaks on their own image.
+
+    Args:
+        captions: Raw captions.
+
+    Returns:
+        The tokenized captions, tokens separated by single spaces, in input order.
+
+    Raises:
+        RuntimeError: If Java is missing or the tokenizer fails.
+    """
+    _import_pycocoevalcap()
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    if not _java_available():
+        raise RuntimeError(f"PTB tokenization runs the Stanford PTBTokenizer and needs Java. {_INSTALL_JAVA}")
+    if not captions:
+        return []
+    jar = Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
+    command = ["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer", "-preserveLines", "-lowerCase"]
+    text = "\n".join(_LINE_BREAKS.sub(" ", caption) for caption in captions)
+    process = subprocess.run(command, input=text.encode("utf-8"), capture_output=True)
+    lines = process.stdout.decode("utf-8").split("\n")
+    if process.returncode != 0 or len(lines) != len(captions):
+        raise RuntimeError(
+            f"The PTB tokenizer (`{' '.join(command)}`) failed with exit status {process.returncode} and returned "
+            f"{len(lines)} lines for {len(captions)} captions: {process.stderr.decode(errors='replace')[-2000:]}"
+        )
+    punctuation = set(ptbtokenizer.PUNCTUATIONS)
+    return [" ".join(token for token in line.rstrip().split(" ") if token not in punctuation) for line in lines]
+
+
+def _approximate_ptb_tokenize(captions: Sequence[str]) -> list[str]:
+    tokenized = []
+    for caption in captions:
+        tokens = (_APPROX_BRACKETS.get(token, token) for token in _APPROX_TOKEN.findall(caption.lower()))
+        tokenized.append(" ".join(token for token in tokens if token not in _APPROX_PUNCTUATION))
+    return tokenized
+
+
+def _tokenize(captions: list[str], tokenize: bool) -> list[str]:
+    if not tokenize:
+        # Whitespace split; re-joining with single spaces also keeps line breaks out of METEOR's line protocol.
+        return [" ".join(caption.split()) for caption in captions]
+    if _java_available():
+        return ptb_tokenize(captions)
+    warnings.warn(
+        "Java was not found on PATH, so captions are tokenized with a Python approximation of the PTB tokenizer "
+        "that the COCO evaluation runs: BLEU, ROUGE_L and CIDEr are close to, but not exactly, the official COCO "
+        f"scores. {_INSTALL_JAVA}",
+        stacklevel=3,
+    )
+    return _approximate_ptb_tokenize(captions)
+
+
+def _spice_problem() -> str | None:
+    """Return why SPICE cannot run here, or `None` if it can."""
+    from pycocoevalcap.spice import get_stanford_models, spice
+
+    if not _java_available():
+        return f"SPICE is skipped: it runs spice-1.0.jar and needs Java, which was not found on PATH. {_INSTALL_JAVA}"
+    spice_dir = Path(spice.__file__).parent
+    library = spice_dir / get_stanford_models.SPICELIB
+    jars = [f"{get_stanford_models.JAR}.jar", f"{get_stanford_models.JAR}-models.jar"]
+    missing = [jar for jar in jars if not (library / jar).is_file()]
+    if missing:
+        # Checked here because pycocoevalcap's Spice() would otherwise start a download.
+        return (
+            f"SPICE is skipped: it needs the Stanford CoreNLP 3.6.0 jars {', '.join(missing)} in {library}. "
+            "Fetch them once, with network access, by running `python -m pycocoevalcap.spice.get_stanford_models`."
+        )
+    if not os.access(spice_dir, os.W_OK):
+        return (
+            f"SPICE is skipped: pycocoevalcap's SPICE wrapper writes temporary files and a parse cache into "
+            f"{spice_dir}, which is not writable."
+        )
+    return None
+
+
+def _score(
+    metric: str, references: dict[ImageId, list[str]], predictions: dict[ImageId, list[str]]
+) -> tuple[list[float], list[list[float]]] | None:
+    """Run one pycocoevalcap scorer; return corpus scores and per-image scores (one list per key), or `None`."""
+    if metric == "bleu":
+        from pycocoevalcap.bleu.bleu import Bleu
+
+        corpus, per_image = Bleu(4).compute_score(references, predictions, verbose=0)
+        return corpus, per_image
+    if metric == "meteor":
+        if not _java_available():
+            warnings.warn(
+                "METEOR is skipped: the COCO METEOR runs meteor-1.5.jar and needs Java, which was not found on PATH. "
+                f"{_INSTALL_JAVA}",
+                stacklevel=3,
+            )
+            return None
+        from pycocoevalcap.meteor.meteor import Meteor
+
+        corpus, per_image = Meteor().compute_score(references, predictions)
+        return [corpus], [per_image]
+    if metric == "rouge":
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        corpus, per_image = Rouge().compute_score(references, predictions)
+        return [corpus], [list(per_image)]
+    if metric == "cider":
+        from pycocoevalcap.cider.cider import Cider
+
+        corpus, per_image = Cider().compute_score(references, predictions)
+        return [corpus], [list(per_image)]
+    return _score_spice(references, predictions)
+
+
+def _score_spice(
+    references: dict[ImageId, list[str]], predictions: dict[ImageId, list[str]]
+) -> tuple[list[float], list[list[float]]] | None:
+    """`_score` for SPICE, which warns and returns `None` when SPICE cannot run or fails."""
+    problem = _spice_problem()
+    if problem is None:
+        from pycocoevalcap.spice.spice import Spice
+
+        try:
+            corpus, details = Spice().compute_score(references, predictions)
+        except subprocess.CalledProcessError as error:
+            problem = (
+                f"SPICE is skipped: spice-1.0.jar failed with exit status {error.returncode}. SPICE 1.0 is known "
+                "to fail on Java 16 and newer; run it with Java 8 or 11."
+            )
+        else:
+            # Spice scores the images in sorted id order, the other scorers in input order.
+            f_scores = dict(zip(sorted(references), (detail["All"]["f"] for detail in details), strict=True))
+            return [corpus], [[f_scores[image_id] for image_id in references]]
+    warnings.warn(problem, stacklevel=4)
+    return None
+
+
+def _check_inputs(predictions: Mapping[ImageId, str], references: Mapping[ImageId, Sequence[str]]) -> None:
+    if not predictions:
+        raise ValueError("There are no predictions to score.")
+    unreferenced = [image_id for image_id in predictions if not references.get(image_id)]
+    if unreferenced:
+        raise ValueError(
+            f"{len(unreferenced)} of {len(predictions)} predicted images have no reference captions "
+            f"(image ids: {_format_ids(unreferenced)}). Predict only images that the references cover."
+        )
+    for image_id, caption in predictions.items():
+        if not isinstance(caption, str):
+            raise TypeError(
+                f"The prediction for image id {image_id!r} must be a string, got {type(caption).__name__}."
+            )
+        if not caption.strip():
+            raise ValueError(f"The prediction for image id {image_id!r} is empty.")
+        refs = references[image_id]
+        if isinstance(refs, str) or not all(isinstance(ref, str) for ref in refs):
+            raise TypeError(f"The references for image id {image_id!r} must be a list of strings, got {refs!r:.200}.")
+
+
+def _check_metric_names(metrics: str | Iterable[str]) -> list[str]:
+    names = [metrics] if isinstance(metrics, str) else list(metrics)
+    unknown = [name for name in names if name not in METRIC_NAMES]
+    if unknown:
+        raise ValueError(f"Unknown caption metric(s) {unknown}; choose from {list(METRIC_NAMES)}.")
+    return [name for name in METRIC_NAMES if name in names]
+
+
+@overload
+def compute_caption_metrics(
+    predictions: Mapping[ImageId, str],
+    references: Mapping[ImageId, Sequence[str]],
+    metrics: str | Iterable[str] = ...,
+    tokenize: bool = ...,
+    return_per_image: Literal[False] = ...,
+) -> dict[str, float]: ...
+
+
+@overload
+def compute_caption_metrics(
+    predictions: Mapping[ImageId, str],
+    references: Mapping[ImageId, Sequence[str]],
+    metrics: str | Iterable[str] = ...,
+    tokenize: bool = ...,
+    *,
+    return_per_image: Literal[True],
+) -> tuple[dict[str, float], dict[ImageId, dict[str, float]]]: ...
+
+
+def compute_caption_metrics(
+    predictions: Mapping[ImageId, str],
+    references: Mapping[ImageId, Sequence[str]],
+    metrics: str | Iterable[str] = METRIC_NAMES,
+    tokenize: bool = True,
+    return_per_image: bool = False,
+) -> dict[str, float] | tuple[dict[str, float], dict[ImageId, dict[str, float]]]:
+    """Score generated captions against references with the COCO caption evaluation code.
+
+    The images scored are those in `predictions`; references of other images are ignored (they do not enter
+    CIDEr's document frequencies either), as when COCOEvalCap is limited to the result file's images.
+
+    Args:
+        predictions: One generated caption per image id.
+        references: The reference captions of each image id; every predicted image needs at least one.
+        metrics: Any of `"bleu"`, `"meteor"`, `"rouge"`, `"cider"` and `"spice"`. METEOR and SPICE need Java
+            (and SPICE the Stanford CoreNLP 3.6.0 jars); when they cannot run they are skipped with a warning.
+        tokenize: `True` PTB-tokenizes all captions as COCO does (needs Java; without it a Python approximation is
+            used, with a warning). `False` uses the captions as given, split on whitespace, as nlg-eval does for
+            pre-tokenized text. METEOR additionally lower-cases and normalizes punctuation itself (`-norm`).
+        return_per_image: Also return the scores of each image (the COCOEvalCap `imgToEval` values).
+
+    Returns:
+        The corpus scores, keyed as COCO names them (`Bleu_1` ... `Bleu_4`, `METEOR`, `ROUGE_L`, `CIDEr`,
+        `SPICE`), for the metrics that ran. With `return_per_image=True`, a tuple of these and a dict mapping each
+        image id to its own scores under the same keys. BLEU is corpus-level (so not the mean of the per-image
+        BLEU); the other corpus scores are means over images.
+
+    Raises:
+        ImportError: If pycocoevalcap is not installed.
+        ValueError: For unknown metric names, no predictions, empty predictions, or predicted images without
+            references (the message names the image ids).
+        TypeError: If a caption is not a string or an image's references are not a list of strings.
+    """
+    names = _check_metric_names(metrics)
+    _check_inputs(predictions, references)
+    _import_pycocoevalcap()
+
+    image_ids = list(predictions)
+    # One tokenizer call for predictions and references: each Java start costs about half a second.
+    captions = [predictions[image_id] for image_id in image_ids]
+    captions += [ref for image_id in image_ids for ref in references[image_id]]
+    tokenized = iter(_tokenize(captions, tokenize))
+    tokenized_predictions = {image_id: [next(tokenized)] for image_id in image_ids}
+    tokenized_references = {image_id: [next(tokenized) for _ in references[image_id]] for image_id in image_ids}
+
+    scores: dict[str, float] = {}
+    per_image: dict[ImageId, dict[str, float]] = {image_id: {} for image_id in image_ids}
+    for name in names:
+        result = _score(name, tokenized_references, tokenized_predictions)
+        if result is None:
+            continue
+        for key, corpus, image_scores in zip(_SCORE_KEYS[name], *result, strict=True):
+            scores[key] = float(corpus)
+            for image_id, score in zip(image_ids, image_scores, strict=True):
+                per_image[image_id][key] = float(score)
+    return (scores, per_image) if return_per_image else scores
+
+
+_CITATION = """\
+@article{chen2015microsoft,
+  title={Microsoft {COCO} Captions: Data Collection and Evaluation Server},
+  author={Chen, Xinlei and Fang, Hao and Lin, Tsung-Yi and Vedantam, Ramakrishna and Gupta, Saurabh and
+          Doll{\\'a}r, Piotr and Zitnick, C. Lawrence},
+  journal={arXiv preprint arXiv:1504.00325},
+  year={2015}
+}
+"""
+
+_INPUTS_DESCRIPTION = """
+Args:
+    predictions (`list[str]`): One generated caption per image.
+    references (`list[list[str]]` or `list[str]`): The reference captions of each image.
+    metrics (`list[str]`, *optional*): Subset of "bleu", "meteor", "rouge", "cider", "spice" (default: all).
+    tokenize (`bool`, *optional*, defaults to `True`): PTB-tokenize as COCO does (needs Java); `False` splits the
+        captions on whitespace.
+
+Returns:
+    `dict[str, float]`: `Bleu_1`..`Bleu_4`, `METEOR`, `ROUGE_L`, `CIDEr`, `SPICE` (those that ran).
+
+Example:
+    >>> from clipcap_hf.metrics import CocoCaptionMetric
+    >>> metric = CocoCaptionMetric()
+    >>> metric.compute(predictions=["a dog runs on the grass"], references=[["a dog running on grass"]])
+"""
+
+
+class CocoCaptionMetric(evaluate.Metric):
+    """The COCO caption metrics as an `evaluate` metric that needs no download: instantiate it directly.
+
+    `compute(predictions=[...], references=[[...], ...])` returns the same dict as `compute_caption_metrics` for
+    the same captions, the images being identified by their position. It also supports `add_batch` accumulation,
+    e.g. over a `Trainer` evaluation loop. PTB tokenization and METEOR need Java, SPICE also the Stanford CoreNLP
+    3.6.0 jars (see `clipcap_hf.metrics`). CIDEr's document frequencies come from the scored references, so score
+    a whole evaluation set at once rather than small batches.
+    """
+
+    def _info(self) -> evaluate.MetricInfo:
+        string = datasets.Value("string")
+        return evaluate.MetricInfo(
+            description="BLEU-1..4, METEOR, ROUGE-L, CIDEr-D and SPICE computed by the COCO caption evaluation code.",
+            citation=_CITATION,
+            inputs_description=_INPUTS_DESCRIPTION,
+            features=[
+                datasets.Features({"predictions": string, "references": datasets.Sequence(string)}),
+                datasets.Features({"predictions": string, "references": string}),
+            ],
+            codebase_urls=["https://github.com/tylin/coco-caption", "https://github.com/salaniz/pycocoevalcap"],
+            reference_urls=["https://arxiv.org/abs/1504.00325"],
+        )
+
+    def _compute(
+        self,
+        predictions: list[str],
+        references: list[list[str]] | list[str],
+        metrics: str | Iterable[str] = METRIC_NAMES,
+        tokenize: bool = True,
+    ) -> dict[str, float]:
+        references = [[refs] if isinstance(refs, str) else refs for refs in references]
+        return compute_caption_metrics(
+            dict(enumerate(predictions)), dict(enumerate(references)), metrics=metrics, tokenize=tokenize
+        )
