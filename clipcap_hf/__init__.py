@@ -23,6 +23,7 @@ from .modeling_clipcap import (
     ClipCapPreTrainedModel,
     ClipCapTransformerMapper,
 )
+from .pipeline_clipcap import ImageCaptioningPipeline
 from .processing_clipcap import ClipCapProcessor
 
 __version__ = "0.1.0"
@@ -51,4 +52,5 @@ __all__ = [
     "ClipCapPreTrainedModel",
     "ClipCapProcessor",
     "ClipCapTransformerMapper",
+    "ImageCaptioningPipeline",
 ]

@@ -189,6 +189,10 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         )
         self.post_init()
         self.freeze_vision_model()
+        if self.generation_config.pad_token_id is None:
+            # Batched captions end at different lengths; pad them with EOS, as GPT-2-style models have no pad token.
+            eos_token_id = self.generation_config.eos_token_id
+            self.generation_config.pad_token_id = eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
 
     @classmethod
     def from_vision_text_pretrained(

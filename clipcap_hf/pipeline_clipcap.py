@@ -1,0 +1,41 @@
+"""An "image-captioning" pipeline task: image-text-to-text where the text is optional."""
+
+from __future__ import annotations
+
+from transformers import AutoModelForImageTextToText
+from transformers.pipelines import PIPELINE_REGISTRY, ImageTextToTextPipeline
+
+
+class ImageCaptioningPipeline(ImageTextToTextPipeline):
+    """
+    Captions images with any image-text-to-text model; an image alone gets a caption.
+
+    transformers 5 routes the "image-to-text" task to "image-text-to-text", which asks for a text argument. This
+    task fills in an empty prompt, so `pipeline("image-captioning", model=...)(image)` needs nothing else; a
+    `text=` prompt is still passed through for the caption to continue.
+
+    Example:
+
+    ```python
+    >>> import clipcap_hf
+    >>> from transformers import pipeline
+    >>> captioner = pipeline("image-captioning", model="path/to/clipcap")
+    >>> captioner("photo.jpg", max_new_tokens=20)
+    [{'input_text': '', 'generated_text': 'A dog runs on the beach.'}]
+    ```
+    """
+
+    def __call__(self, images=None, text=None, **kwargs):
+        if images is not None and text is None:
+            text = [""] * len(images) if isinstance(images, (list, tuple)) else ""
+        return super().__call__(images=images, text=text, **kwargs)
+
+
+PIPELINE_REGISTRY.register_pipeline(
+    "image-captioning",
+    pipeline_class=ImageCaptioningPipeline,
+    pt_model=AutoModelForImageTextToText,
+    type="multimodal",
+)
+
+__all__ = ["ImageCaptioningPipeline"]
