@@ -1,0 +1,77 @@
+import json
+
+import pytest
+from conftest import random_images
+
+from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
+from clipcap_hf.cli import main
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, image in enumerate(random_images(5, seed=9)):
+        image.save(folder / f"img{index}.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def expected_captions(model_dir, paths, **generate_kwargs):
+    import PIL.Image
+
+    model = ClipCapForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = ClipCapProcessor.from_pretrained(model_dir)
+    images = [PIL.Image.open(path) for path in paths]
+    generated = model.generate(**processor(images=images), **generate_kwargs)
+    return [caption.strip() for caption in processor.batch_decode(generated, skip_special_tokens=True)]
+
+
+def test_caption_folder_prints_one_line_per_image(saved_model_dir, image_folder, capsys):
+    assert main(["caption", str(image_folder), "--model", str(saved_model_dir), "--max-new-tokens", "6",
+                 "--batch-size", "2"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    paths = sorted(image_folder.glob("*.png"))
+    assert [line.split("\t")[0] for line in lines] == [str(path) for path in paths]
+    assert [line.split("\t")[1] for line in lines] == expected_captions(saved_model_dir, paths, max_new_tokens=6)
+
+
+def test_caption_glob_and_files_as_json_with_beams(saved_model_dir, image_folder, capsys):
+    first = image_folder / "img0.png"
+    argv = ["caption", str(first), str(image_folder / "img[12].png"), str(first), "--model", str(saved_model_dir),
+            "--json", "--num-beams", "3", "--max-new-tokens", "5"]
+    assert main(argv) == 0
+    results = json.loads(capsys.readouterr().out)
+    paths = [first, image_folder / "img1.png", image_folder / "img2.png"]  # duplicates dropped, order kept
+    assert [r["image"] for r in results] == [str(p) for p in paths]
+    assert [r["caption"] for r in results] == expected_captions(saved_model_dir, paths, max_new_tokens=5, num_beams=3)
+
+
+def test_unreadable_image_is_named_and_earlier_captions_are_kept(saved_model_dir, image_folder, capsys):
+    (image_folder / "img9.png").write_bytes(b"definitely not a png")
+    status = main(["caption", str(image_folder), "--model", str(saved_model_dir), "--batch-size", "5",
+                   "--max-new-tokens", "3"])
+    captured = capsys.readouterr()
+    assert status == 2
+    assert f"Cannot read image {image_folder / 'img9.png'}" in captured.err
+    assert len(captured.out.strip().splitlines()) == 5
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    ],
+)
+def test_bad_options_are_rejected(saved_model_dir, image_folder, capsys, extra, message):
+    assert main(["caption", str(image_folder), "--model", str(saved_model_dir), *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_images_are_reported(saved_model_dir, tmp_path, capsys):
+    assert main(["caption", str(tmp_path / "nothing*.jpg"), "--model", str(saved_model_dir)]) == 2
+    assert "No image matches" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["caption", str(tmp_path / "empty"), "--model", str(saved_model_dir)]) == 2
+    assert "No images found" in capsys.readouterr().err
