@@ -6,7 +6,10 @@ from typing import Any
 
 from transformers import AutoConfig, CLIPVisionConfig, GPT2Config, PretrainedConfig
 
+from .open_clip_vision import resolve_open_clip_model, vision_part_of_model_cfg
+
 MAPPING_TYPES = ("mlp", "transformer")
+VISION_BACKENDS = ("clip", "open_clip")
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -24,9 +27,14 @@ class ClipCapConfig(PretrainedConfig):
     The defaults describe the paper's MLP variant: CLIP ViT-B/32 (512-d embedding), an MLP mapper, a prefix of 10
     vectors and GPT-2 small.
 
+    The CLIP image encoder is transformers' CLIP (`vision_backend="clip"`, described by `vision_config`) or an open_clip
+    image tower (`vision_backend="open_clip"`, described by the `open_clip_*` fields), e.g. the RN50x4 of the paper's
+    transformer release, which transformers does not have. Either way its weights are part of the ClipCap checkpoint.
+
     Args:
         vision_config (`dict` or `CLIPVisionConfig`, *optional*):
-            The CLIP vision tower. Defaults to ViT-B/32 (`CLIPVisionConfig()`).
+            The CLIP vision tower of the `"clip"` backend. Defaults to ViT-B/32 (`CLIPVisionConfig()`); must be `None`
+            with the `"open_clip"` backend.
         text_config (`dict` or `PretrainedConfig`, *optional*):
             Any causal language model config; a dict needs a `model_type` key. Defaults to GPT-2 small.
         mapping_type (`str`, *optional*, defaults to `"mlp"`):
@@ -42,9 +50,23 @@ class ClipCapConfig(PretrainedConfig):
         mapping_num_heads (`int`, *optional*, defaults to 8):
             Transformer mapper only: attention heads; must divide the language model's hidden size.
         prefix_dim (`int`, *optional*):
-            Width of the CLIP image embedding the mapper reads. Defaults to `vision_config.projection_dim`.
+            Width of the CLIP image embedding the mapper reads. Defaults to the vision tower's:
+            `vision_config.projection_dim`, or `open_clip_model_cfg["embed_dim"]`.
         normalize_prefix (`bool`, *optional*, defaults to `False`):
             Divide the image embedding by its L2 norm before the mapper (the paper's transformer release does).
+        vision_backend (`str`, *optional*, defaults to `"clip"`):
+            `"clip"` (transformers' `CLIPVisionModelWithProjection`) or `"open_clip"` (needs `open_clip_torch`).
+        open_clip_model_name (`str`, *optional*):
+            open_clip backend: the model, e.g. `"RN50x4"`, `"ViT-B-32"`, `"local-dir:PATH"` or `"hf-hub:ORG/REPO"`.
+            Used to resolve `open_clip_model_cfg` when that is not given, and kept as a record.
+        open_clip_pretrained (`str`, *optional*):
+            open_clip backend: the pretrained tag the tower's weights came from (e.g. `"openai"`). With a built-in
+            model name it picks the tag's activation (QuickGELU for OpenAI's weights). Nothing is downloaded because
+            of it: the weights are in the ClipCap checkpoint.
+        open_clip_model_cfg (`dict`, *optional*):
+            open_clip backend: the tower's architecture, `{"embed_dim", "vision_cfg", "quick_gelu"}` as in open_clip's
+            model configs. Resolved from `open_clip_model_name` and `open_clip_pretrained` when not given; give it
+            for a custom tower.
 
     Example:
 
@@ -54,11 +76,18 @@ class ClipCapConfig(PretrainedConfig):
 
     >>> config = ClipCapConfig(mapping_type="transformer", prefix_length=40, clip_length=40)
     >>> model = ClipCapForConditionalGeneration(config)
+
+    >>> # The paper's transformer release: open_clip's RN50x4 (640-d embeddings), normalized
+    >>> config = ClipCapConfig(
+    ...     vision_backend="open_clip", open_clip_model_name="RN50x4", open_clip_pretrained="openai",
+    ...     mapping_type="transformer", prefix_length=40, clip_length=40, normalize_prefix=True,
+    ... )
+    >>> config.prefix_dim
+    640
     ```
     """
 
     model_type = "clipcap"
-    sub_configs = {"vision_config": CLIPVisionConfig, "text_config": AutoConfig}
 
     def __init__(
         self,
@@ -71,16 +100,50 @@ class ClipCapConfig(PretrainedConfig):
         mapping_num_heads: int = 8,
         prefix_dim: int | None = None,
         normalize_prefix: bool = False,
+        vision_backend: str = "clip",
+        open_clip_model_name: str | None = None,
+        open_clip_pretrained: str | None = None,
+        open_clip_model_cfg: dict[str, Any] | None = None,
         **kwargs,
     ):
-        if vision_config is None:
-            vision_config = CLIPVisionConfig()
-        elif isinstance(vision_config, dict):
-            vision_config = CLIPVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
-        elif not isinstance(vision_config, CLIPVisionConfig):
-            raise ValueError(
-                f"`vision_config` must be a CLIPVisionConfig or a dict, got {type(vision_config).__name__}."
-            )
+        if vision_backend not in VISION_BACKENDS:
+            raise ValueError(f"`vision_backend` must be one of {VISION_BACKENDS}, got {vision_backend!r}.")
+        if vision_backend == "open_clip":
+            if vision_config is not None:
+                raise ValueError(
+                    "`vision_config` describes the 'clip' backend's tower; leave it None with "
+                    "vision_backend='open_clip' and name the tower with `open_clip_model_name`."
+                )
+            if open_clip_model_cfg is not None:
+                open_clip_model_cfg = vision_part_of_model_cfg(open_clip_model_cfg, source="`open_clip_model_cfg`")
+            elif open_clip_model_name is not None:
+                open_clip_model_cfg = resolve_open_clip_model(open_clip_model_name, open_clip_pretrained)[0]
+            else:
+                raise ValueError(
+                    "vision_backend='open_clip' needs `open_clip_model_name` (e.g. 'RN50x4') or `open_clip_model_cfg`."
+                )
+            embedding_dim = open_clip_model_cfg["embed_dim"]
+        else:
+            open_clip_fields = {
+                "open_clip_model_name": open_clip_model_name,
+                "open_clip_pretrained": open_clip_pretrained,
+                "open_clip_model_cfg": open_clip_model_cfg,
+            }
+            given = [name for name, value in open_clip_fields.items() if value is not None]
+            if given:
+                raise ValueError(
+                    f"vision_backend='clip' does not use {', '.join(f'`{name}`' for name in given)}; set "
+                    f"vision_backend='open_clip' or leave {'it' if len(given) == 1 else 'them'} None."
+                )
+            if vision_config is None:
+                vision_config = CLIPVisionConfig()
+            elif isinstance(vision_config, dict):
+                vision_config = CLIPVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
+            elif not isinstance(vision_config, CLIPVisionConfig):
+                raise ValueError(
+                    f"`vision_config` must be a CLIPVisionConfig or a dict, got {type(vision_config).__name__}."
+                )
+            embedding_dim = vision_config.projection_dim
 
         if text_config is None:
             text_config = GPT2Config()
@@ -105,7 +168,7 @@ class ClipCapConfig(PretrainedConfig):
                 )
         elif clip_length is not None:
             raise ValueError("`clip_length` is only used by mapping_type='transformer'; leave it None for 'mlp'.")
-        prefix_dim = _positive_int("prefix_dim", vision_config.projection_dim if prefix_dim is None else prefix_dim)
+        prefix_dim = _positive_int("prefix_dim", embedding_dim if prefix_dim is None else prefix_dim)
         if not isinstance(normalize_prefix, bool):
             raise ValueError(f"`normalize_prefix` must be True or False, got {normalize_prefix!r}.")
 
@@ -118,7 +181,18 @@ class ClipCapConfig(PretrainedConfig):
         self.mapping_num_heads = mapping_num_heads
         self.prefix_dim = prefix_dim
         self.normalize_prefix = normalize_prefix
+        self.vision_backend = vision_backend
+        self.open_clip_model_name = open_clip_model_name
+        self.open_clip_pretrained = open_clip_pretrained
+        self.open_clip_model_cfg = open_clip_model_cfg
         super().__init__(**kwargs)
+
+    @property
+    def sub_configs(self) -> dict[str, type]:
+        # The open_clip backend has no `vision_config`; transformers would try to serialise a listed None sub-config.
+        if getattr(self, "vision_config", None) is None:
+            return {"text_config": AutoConfig}
+        return {"vision_config": CLIPVisionConfig, "text_config": AutoConfig}
 
 
 __all__ = ["ClipCapConfig"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,16 @@ _RESAMPLE = {
 }
 
 ImageLike = PIL.Image.Image | np.ndarray | torch.Tensor
+
+
+def load_image(path: str | os.PathLike) -> PIL.Image.Image:
+    """Open and fully decode an image file (a truncated file fails here, not later), naming the file on failure."""
+    try:
+        with PIL.Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except (OSError, ValueError) as error:  # PIL.UnidentifiedImageError is an OSError
+        raise ValueError(f"Cannot read image {path}: {error}") from error
 
 
 def to_rgb_image(image: ImageLike) -> PIL.Image.Image:
@@ -141,6 +152,37 @@ class ClipCapImageProcessor(BaseImageProcessor):
             resample=resample,
             image_mean=clip_config.get("image_mean", OPENAI_CLIP_MEAN),
             image_std=clip_config.get("image_std", OPENAI_CLIP_STD),
+        )
+
+    @classmethod
+    def from_open_clip(cls, model_name: str, pretrained: str | None = None) -> ClipCapImageProcessor:
+        """
+        Take the inference preprocessing open_clip uses for a model and pretrained tag (image size, interpolation,
+        mean and std), e.g. `from_open_clip("RN50x4", "openai")` (288 pixels). Needs `open_clip_torch`; downloads
+        nothing but the small config of an `"hf-hub:"` name.
+        """
+        from .open_clip_vision import resolve_open_clip_model
+
+        preprocess_cfg = resolve_open_clip_model(model_name, pretrained)[1]
+        if preprocess_cfg["resize_mode"] != "shortest":
+            raise ValueError(
+                f"open_clip model {model_name!r} preprocesses with resize_mode={preprocess_cfg['resize_mode']!r}; "
+                "ClipCapImageProcessor implements 'shortest' (resize the short side, center crop) only."
+            )
+        size = preprocess_cfg["size"]
+        if isinstance(size, (list, tuple)):
+            if size[0] != size[1]:
+                raise ValueError(f"open_clip model {model_name!r} takes {size[0]}x{size[1]} images; only square ones "
+                                 "are supported.")
+            size = size[0]
+        # open_clip also accepts "random" interpolation, for training; its inference transform then uses bicubic.
+        resample = "bilinear" if preprocess_cfg["interpolation"] == "bilinear" else "bicubic"
+        return cls(
+            size=size,
+            crop_size=size,
+            resample=resample,
+            image_mean=preprocess_cfg["mean"],
+            image_std=preprocess_cfg["std"],
         )
 
     def preprocess_one(self, image: ImageLike) -> np.ndarray:

@@ -42,13 +42,22 @@ class ClipCapProcessor(ProcessorMixin):
 
     @classmethod
     def from_vision_text_pretrained(
-        cls, vision_model_name_or_path: str, text_model_name_or_path: str, **kwargs
+        cls,
+        vision_model_name_or_path: str,
+        text_model_name_or_path: str,
+        vision_backend: str = "clip",
+        open_clip_pretrained: str | None = None,
+        **kwargs,
     ) -> ClipCapProcessor:
         """
         A processor for a new ClipCap built with [`ClipCapForConditionalGeneration.from_vision_text_pretrained`]:
-        the CLIP checkpoint's preprocessing (sizes, mean, std) and the language model's tokenizer.
+        the CLIP checkpoint's preprocessing (sizes, mean, std) and the language model's tokenizer. With
+        `vision_backend="open_clip"`, the preprocessing open_clip uses for that model and `open_clip_pretrained` tag.
         """
-        image_processor = ClipCapImageProcessor.from_clip_pretrained(vision_model_name_or_path)
+        if vision_backend == "open_clip":
+            image_processor = ClipCapImageProcessor.from_open_clip(vision_model_name_or_path, open_clip_pretrained)
+        else:
+            image_processor = ClipCapImageProcessor.from_clip_pretrained(vision_model_name_or_path)
         tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path, **kwargs)
         return cls(image_processor=image_processor, tokenizer=tokenizer)
 

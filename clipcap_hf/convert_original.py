@@ -1,0 +1,688 @@
+"""
+Convert the paper's released checkpoints (https://github.com/rmokady/CLIP_prefix_caption) into ClipCap folders.
+
+The releases are `torch.save(ClipCaptionModel.state_dict())` pickles: `clip_project.*` (the mapping network) and
+`gpt.*` (a GPT-2 `GPT2LMHeadModel`). They record neither the CLIP they were trained with nor decoding settings; a
+preset supplies those. The converter checks every key and shape, checks that the converted model computes what the
+original code computes from the same tensors, and only then writes a complete folder (config, safetensors weights,
+processor, generation config, model card stub) that `from_pretrained` and `push_to_hub` take as is.
+
+    clipcap convert-original coco_weights.pt --output clipcap-coco-mlp --preset coco-mlp
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import pickle
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config
+
+from .configuration_clipcap import ClipCapConfig
+from .modeling_clipcap import ClipCapForConditionalGeneration, load_pretrained_vision_model
+from .processing_clipcap import ClipCapProcessor
+
+# Attention-mask buffers that GPT-2 saved in its state dict in old transformers versions; current ones have none.
+OBSOLETE_GPT2_KEY = re.compile(r"gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)")
+# Every GPT-2 size (small to xl) uses 64-wide attention heads; a checkpoint does not record the head count.
+GPT2_HEAD_DIM = 64
+# The official decoders stop at "." and generate at most 67 tokens.
+ORIGINAL_STOP_TOKEN = "."
+ORIGINAL_MAX_NEW_TOKENS = 67
+DEFAULT_TOLERANCE = 1e-4
+# Our prefixes -> the original module names.
+ORIGINAL_PREFIXES = {"mapping_network.": "clip_project.", "language_model.": "gpt."}
+OFFICIAL_CODE_URL = "https://github.com/rmokady/CLIP_prefix_caption"
+
+
+@dataclass(frozen=True)
+class OriginalRelease:
+    """What a released checkpoint does not say about itself: its CLIP tower, prefix normalisation and data."""
+
+    mapping_type: str
+    normalize_prefix: bool
+    # vision backend -> (model name, open_clip pretrained tag); the first entry is the default.
+    vision_models: Mapping[str, tuple[str, str | None]]
+    dataset: str
+    mapping_num_heads: int = 8  # hard-coded in the official TransformerMapper
+
+    def vision_tower(self, preset: str, vision_backend: str | None = None) -> tuple[str, str, str | None]:
+        """`(backend, model name, open_clip tag)` of the CLIP this release was trained with, in the given backend."""
+        default_backend, (default_name, _) = next(iter(self.vision_models.items()))
+        backend = vision_backend or default_backend
+        if backend not in self.vision_models:
+            raise ValueError(
+                f"Preset {preset!r} was trained with {default_name}, which vision_backend={backend!r} does not offer; "
+                f"use vision_backend={default_backend!r} or name the tower (`vision_model`, --vision-model)."
+            )
+        return (backend, *self.vision_models[backend])
+
+
+_VIT_B_32 = {"clip": ("openai/clip-vit-base-patch32", None), "open_clip": ("ViT-B-32", "openai")}
+PRESETS: dict[str, OriginalRelease] = {
+    "coco-mlp": OriginalRelease("mlp", False, _VIT_B_32, "yerevann/coco-karpathy"),
+    "conceptual-mlp": OriginalRelease("mlp", False, _VIT_B_32, "google-research-datasets/conceptual_captions"),
+    "coco-transformer": OriginalRelease(
+        "transformer", True, {"open_clip": ("RN50x4", "openai")}, "yerevann/coco-karpathy"
+    ),
+}
+DEFAULT_PRESETS = {"mlp": "coco-mlp", "transformer": "coco-transformer"}
+
+
+@dataclass
+class ConversionReport:
+    """What [`convert_original_checkpoint`] wrote and measured."""
+
+    output_dir: Path
+    preset: str
+    config: ClipCapConfig
+    dropped_keys: list[str]
+    max_logits_delta: float
+
+
+@dataclass
+class OriginalLayout:
+    """The architecture a released state dict encodes, read from its key names and shapes."""
+
+    mapping_type: str
+    prefix_length: int
+    clip_length: int | None
+    mapping_num_layers: int
+    prefix_dim: int
+    gpt2_config: GPT2Config
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading the checkpoint
+
+
+def load_original_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
+    """
+    Load a released checkpoint with `torch.load(weights_only=True)`: tensors only, so a file crafted to run code when
+    unpickled is refused instead of executed.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        # The weights-only unpickler names the first Python object it would have had to import, e.g. posix.system.
+        python_object = re.search(r"GLOBAL ([\w.]+)", str(error))
+        if python_object is None:
+            reason = _weights_only_reason(error)
+            raise ValueError(f"{path} is not a PyTorch checkpoint (torch.load: {reason}).") from error
+        raise ValueError(
+            f"Refused to load {path}: it holds Python objects ({python_object.group(1)}), not only tensors, and "
+            "unpickling those could run code. The released ClipCap checkpoints are plain state dicts; download them "
+            f"from the official links ({OFFICIAL_CODE_URL})."
+        ) from error
+    except Exception as error:  # torch reports corrupt or foreign files with several exception types
+        raise ValueError(f"{path} is not a PyTorch checkpoint (torch.load: {_weights_only_reason(error)}).") from error
+    if not isinstance(state, Mapping) or not state:
+        raise ValueError(
+            f"{path} holds a {type(state).__name__}, not a state dict (a dict of tensor names to tensors, as "
+            "`torch.save(model.state_dict())` writes)."
+        )
+    for key, value in state.items():
+        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"{path} is not a state dict: entry {key!r} is a {type(value).__name__}, not a tensor."
+            )
+    return dict(state)
+
+
+def _weights_only_reason(error: Exception) -> str:
+    """The informative line of a torch.load error (the weights-only unpickler wraps it in general advice)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reasons = [line for line in lines if line.startswith(("Unsupported", "Trying to load"))]
+    return (reasons or lines or [type(error).__name__])[0]
+
+
+def _require(state: Mapping[str, torch.Tensor], key: str, meaning: str) -> torch.Tensor:
+    if key not in state:
+        raise ValueError(f"The checkpoint lacks {key!r} ({meaning}); it is not a released ClipCap checkpoint.")
+    return state[key]
+
+
+def _layer_count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """Number of layers `prefix{i}.*`, i.e. the highest index + 1 (gaps show up later as missing keys)."""
+    pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
+    indices = {int(match.group(1)) for key in state if (match := pattern.match(key))}
+    return max(indices) + 1 if indices else 0
+
+
+def infer_original_layout(state: Mapping[str, torch.Tensor], lm_num_heads: int | None = None) -> OriginalLayout:
+    """
+    Read the mapper type, prefix length, CLIP embedding width and GPT-2 size from a released state dict.
+
+    Args:
+        state: the checkpoint's tensors.
+        lm_num_heads: GPT-2's attention heads, which no tensor shape records; defaults to `n_embd // 64` (true of
+            every GPT-2 size).
+    """
+    wte = _require(state, "gpt.transformer.wte.weight", "GPT-2's token embeddings")
+    wpe = _require(state, "gpt.transformer.wpe.weight", "GPT-2's position embeddings")
+    vocab_size, n_embd = wte.shape
+    n_layer = _layer_count(state, "gpt.transformer.h.")
+    if n_layer == 0:
+        raise ValueError(
+            "The checkpoint has no GPT-2 layers ('gpt.transformer.h.0.*'); it is not a ClipCap checkpoint."
+        )
+    if lm_num_heads is None:
+        if n_embd % GPT2_HEAD_DIM:
+            raise ValueError(
+                f"GPT-2 width {n_embd} is not a multiple of {GPT2_HEAD_DIM}, so the number of attention heads cannot "
+                "be inferred; pass it (`lm_num_heads`, --lm-num-heads)."
+            )
+        lm_num_heads = n_embd // GPT2_HEAD_DIM
+    lm_head = _require(state, "gpt.lm_head.weight", "GPT-2's output layer")
+    gpt2_config = GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=wpe.shape[0],
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=lm_num_heads,
+        n_inner=_require(state, "gpt.transformer.h.0.mlp.c_fc.weight", "GPT-2's first MLP").shape[1],
+        # Set from the tokenizer by the caller.
+        bos_token_id=None,
+        eos_token_id=None,
+        # The releases tie GPT-2's output layer to its embeddings; keep them apart only if the file does.
+        tie_word_embeddings=lm_head.shape == wte.shape and torch.equal(lm_head, wte),
+    )
+
+    if "clip_project.model.0.weight" in state:
+        first = state["clip_project.model.0.weight"]
+        last = _require(state, "clip_project.model.2.weight", "the MLP mapper's output layer")
+        prefix_length, remainder = divmod(last.shape[0], n_embd)
+        if remainder or prefix_length == 0:
+            raise ValueError(
+                f"'clip_project.model.2.weight' has {last.shape[0]} rows, not a multiple of GPT-2's width {n_embd}: "
+                "the MLP mapper must output prefix_length x n_embd values."
+            )
+        return OriginalLayout("mlp", prefix_length, None, 0, first.shape[1], gpt2_config)
+    if "clip_project.linear.weight" in state:
+        linear = state["clip_project.linear.weight"]
+        prefix_const = _require(state, "clip_project.prefix_const", "the transformer mapper's learned prefix")
+        clip_length, remainder = divmod(linear.shape[0], n_embd)
+        if remainder or clip_length == 0:
+            raise ValueError(
+                f"'clip_project.linear.weight' has {linear.shape[0]} rows, not a multiple of GPT-2's width {n_embd}: "
+                "the transformer mapper projects to clip_length x n_embd values."
+            )
+        num_layers = _layer_count(state, "clip_project.transformer.layers.")
+        if num_layers == 0:
+            raise ValueError(
+                "The checkpoint's transformer mapper has no layers ('clip_project.transformer.layers.0.*')."
+            )
+        prefix_length = prefix_const.shape[0]
+        return OriginalLayout("transformer", prefix_length, clip_length, num_layers, linear.shape[1], gpt2_config)
+    raise ValueError(
+        "The checkpoint has no mapping network: expected 'clip_project.model.0.weight' (MLP mapper) or "
+        "'clip_project.linear.weight' (transformer mapper)."
+    )
+
+
+def _check_keys_and_shapes(original: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]) -> None:
+    """Every expected tensor is in the checkpoint with its shape, and nothing else is."""
+    problems = []
+    missing = [key for key in expected if key not in original]
+    if missing:
+        problems.append(f"missing {_listing(missing)}")
+    unexpected = [key for key in original if key not in expected]
+    if unexpected:
+        problems.append(f"unexpected {_listing(unexpected)}")
+    wrong = [
+        f"{key!r} has shape {tuple(original[key].shape)}, expected {tuple(shape)}"
+        for key, shape in expected.items()
+        if key in original and original[key].shape != shape
+    ]
+    if wrong:
+        problems.append("; ".join(wrong[:5]) + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
+    if problems:
+        raise ValueError(
+            "The checkpoint does not match the architecture its shapes describe: " + ". ".join(problems) + ". "
+            "Is the file complete, and a released ClipCap checkpoint?"
+        )
+
+
+def _listing(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(repr(key) for key in keys[:limit])
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return f"key{'s' if len(keys) > 1 else ''} {shown}{more}"
+
+
+def _to_original_name(name: str) -> str:
+    for ours, original in ORIGINAL_PREFIXES.items():
+        if name.startswith(ours):
+            return original + name[len(ours) :]
+    raise ValueError(f"No original name for {name!r}.")
+
+
+def _to_our_name(name: str) -> str:
+    for ours, original in ORIGINAL_PREFIXES.items():
+        if name.startswith(original):
+            return ours + name[len(original) :]
+    raise ValueError(f"No ClipCap name for {name!r}.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The original computation, straight from the checkpoint's tensors
+
+
+def original_prefix(
+    state: Mapping[str, torch.Tensor], layout: OriginalLayout, image_embeds: torch.Tensor, num_heads: int
+) -> torch.Tensor:
+    """
+    `ClipCaptionModel.clip_project(image_embeds)` of the official code, written with plain torch ops on the
+    `clip_project.*` tensors: shape `(batch, prefix_length, n_embd)`.
+    """
+    batch = image_embeds.shape[0]
+
+    def weight(name: str) -> torch.Tensor:
+        return state["clip_project." + name].to(image_embeds.dtype)
+
+    if layout.mapping_type == "mlp":
+        hidden = torch.tanh(F.linear(image_embeds, weight("model.0.weight"), weight("model.0.bias")))
+        return F.linear(hidden, weight("model.2.weight"), weight("model.2.bias")).view(batch, layout.prefix_length, -1)
+
+    width = weight("prefix_const").shape[1]
+    head_dim = width // num_heads
+    projected = F.linear(image_embeds, weight("linear.weight"), weight("linear.bias")).view(batch, -1, width)
+    hidden = torch.cat((projected, weight("prefix_const").expand(batch, -1, -1)), dim=1)
+    length = hidden.shape[1]
+    for index in range(layout.mapping_num_layers):
+        layer = f"transformer.layers.{index}."
+        normed = F.layer_norm(hidden, (width,), weight(layer + "norm1.weight"), weight(layer + "norm1.bias"))
+        queries = F.linear(normed, weight(layer + "attn.to_queries.weight")).view(batch, length, num_heads, head_dim)
+        keys_values = F.linear(normed, weight(layer + "attn.to_keys_values.weight"))
+        keys, values = keys_values.view(batch, length, 2, num_heads, head_dim).unbind(dim=2)
+        attention = (torch.einsum("bnhd,bmhd->bnmh", queries, keys) * head_dim**-0.5).softmax(dim=2)
+        attended = torch.einsum("bnmh,bmhd->bnhd", attention, values).reshape(batch, length, width)
+        hidden = hidden + F.linear(attended, weight(layer + "attn.project.weight"), weight(layer + "attn.project.bias"))
+        normed = F.layer_norm(hidden, (width,), weight(layer + "norm2.weight"), weight(layer + "norm2.bias"))
+        inner = F.relu(F.linear(normed, weight(layer + "mlp.fc1.weight"), weight(layer + "mlp.fc1.bias")))
+        hidden = hidden + F.linear(inner, weight(layer + "mlp.fc2.weight"), weight(layer + "mlp.fc2.bias"))
+    return hidden[:, layout.clip_length :]
+
+
+@torch.no_grad()
+def original_logits(
+    state: Mapping[str, torch.Tensor],
+    layout: OriginalLayout,
+    image_embeds: torch.Tensor,
+    input_ids: torch.LongTensor,
+    normalize_prefix: bool,
+    num_heads: int,
+) -> torch.Tensor:
+    """
+    The official `ClipCaptionModel` forward in float64: the prefix from [`original_prefix`], then a `GPT2LMHeadModel`
+    holding the checkpoint's `gpt.*` tensors, fed `[prefix; wte(input_ids)]` as `inputs_embeds`.
+    """
+    image_embeds = image_embeds.double()
+    if normalize_prefix:  # the transformer release divides CLIP features by their norm when extracting them
+        image_embeds = image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
+    prefix = original_prefix(state, layout, image_embeds, num_heads)
+    gpt = AutoModelForCausalLM.from_config(layout.gpt2_config, attn_implementation="eager")
+    gpt.load_state_dict({key[len("gpt.") :]: value for key, value in state.items() if key.startswith("gpt.")})
+    gpt = gpt.double().eval()
+    embeds = torch.cat((prefix, gpt.transformer.wte(input_ids)), dim=1)
+    return gpt(inputs_embeds=embeds).logits
+
+
+@torch.no_grad()
+def _max_logits_delta(
+    model: ClipCapForConditionalGeneration,
+    state: Mapping[str, torch.Tensor],
+    layout: OriginalLayout,
+    num_heads: int,
+) -> float:
+    """Largest |logit difference| between our model and the original computation, on random inputs, in float64."""
+    generator = torch.Generator().manual_seed(0)
+    image_embeds = torch.randn(2, layout.prefix_dim, generator=generator, dtype=torch.float64)
+    input_ids = torch.randint(0, layout.gpt2_config.vocab_size, (2, 6), generator=generator)
+    expected = original_logits(state, layout, image_embeds, input_ids, model.config.normalize_prefix, num_heads)
+    # float64 on both sides, so that any difference beyond rounding means a different computation. The round trip
+    # float32 -> float64 -> float32 is exact.
+    parts = (model.mapping_network, model.language_model)
+    for part in parts:
+        part.double()
+    try:
+        ours = model(image_embeds=image_embeds, input_ids=input_ids).logits
+    finally:
+        for part in parts:
+            part.float()
+    return (ours - expected).abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conversion
+
+
+def convert_original_checkpoint(
+    checkpoint: str | Path,
+    output_dir: str | Path,
+    preset: str | None = None,
+    *,
+    vision_backend: str | None = None,
+    vision_model: str | None = None,
+    open_clip_pretrained: str | None = None,
+    tokenizer: str = "gpt2",
+    normalize_prefix: bool | None = None,
+    mapping_num_heads: int | None = None,
+    lm_num_heads: int | None = None,
+    overwrite: bool = False,
+    tolerance: float = DEFAULT_TOLERANCE,
+) -> ConversionReport:
+    r"""
+    Convert a released ClipCap checkpoint into a ClipCap folder, after checking that the converted model computes what
+    the original code computes.
+
+    The mapper type, prefix length, `clip_length`, mapper depth, CLIP embedding width and GPT-2 size are read from the
+    checkpoint's shapes. The preset supplies what the file does not record: the CLIP tower, `normalize_prefix` and
+    the mapper's head count. Nothing is written unless every check passes; the folder appears at once, complete.
+
+    Args:
+        checkpoint (`str` or `Path`):
+            The released `.pt` file, e.g. `coco_weights.pt`.
+        output_dir (`str` or `Path`):
+            Folder to create.
+        preset (`str`, *optional*):
+            `"coco-mlp"`, `"conceptual-mlp"` or `"coco-transformer"`. Defaults to `"coco-mlp"` or
+            `"coco-transformer"`, after the checkpoint's mapper type.
+        vision_backend (`str`, *optional*):
+            `"clip"` (transformers' CLIP) or `"open_clip"`. Defaults to the preset's: HF CLIP ViT-B/32 for the MLP
+            releases, open_clip RN50x4 for the transformer release.
+        vision_model (`str`, *optional*):
+            The vision tower, instead of the preset's: a CLIP checkpoint name or folder (`"clip"`), or an open_clip
+            model name, `"local-dir:PATH"` or `"hf-hub:ORG/REPO"` (`"open_clip"`).
+        open_clip_pretrained (`str`, *optional*):
+            The open_clip pretrained tag for a built-in open_clip model name (the preset's: `"openai"`).
+        tokenizer (`str`, *optional*, defaults to `"gpt2"`):
+            The tokenizer name or folder.
+        normalize_prefix (`bool`, *optional*):
+            Override the preset's prefix normalisation.
+        mapping_num_heads (`int`, *optional*):
+            Override the transformer mapper's head count (8 in the official code).
+        lm_num_heads (`int`, *optional*):
+            GPT-2's head count, for a non-standard LM width (defaults to `n_embd // 64`).
+        overwrite (`bool`, *optional*, defaults to `False`):
+            Replace an existing `output_dir`.
+        tolerance (`float`, *optional*, defaults to 1e-4):
+            Largest |logit difference| allowed between the converted model and the original computation.
+
+    Returns:
+        [`ConversionReport`]: the folder, the config, the dropped obsolete keys and the measured logit difference.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise ValueError(f"{output_dir} already exists; remove it or pass overwrite=True (--overwrite).")
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+
+    original = load_original_state_dict(checkpoint)
+    dropped_keys = sorted(key for key in original if OBSOLETE_GPT2_KEY.fullmatch(key))
+    for key in dropped_keys:
+        del original[key]
+    layout = infer_original_layout(original, lm_num_heads)
+
+    preset = preset or DEFAULT_PRESETS[layout.mapping_type]
+    release = PRESETS[preset]
+    if release.mapping_type != layout.mapping_type:
+        matching = sorted(name for name, other in PRESETS.items() if other.mapping_type == layout.mapping_type)
+        raise ValueError(
+            f"Preset {preset!r} is a {release.mapping_type} release but the checkpoint has a {layout.mapping_type} "
+            f"mapper; use one of {matching}."
+        )
+    if vision_model is None:
+        backend, vision_name, vision_tag = release.vision_tower(preset, vision_backend)
+        vision_tag = open_clip_pretrained or vision_tag
+    else:
+        backend = vision_backend or release.vision_tower(preset)[0]
+        vision_name, vision_tag = vision_model, open_clip_pretrained
+    num_heads = mapping_num_heads or release.mapping_num_heads
+
+    processor = ClipCapProcessor.from_vision_text_pretrained(
+        vision_name, tokenizer, vision_backend=backend, open_clip_pretrained=vision_tag
+    )
+    stop_token_ids = _original_stop_token_ids(processor.tokenizer, tokenizer, layout.gpt2_config)
+    vision_tower, config_fields = load_pretrained_vision_model(vision_name, backend, vision_tag)
+    if layout.mapping_type == "transformer":
+        config_fields.update(
+            clip_length=layout.clip_length, mapping_num_layers=layout.mapping_num_layers, mapping_num_heads=num_heads
+        )
+    config = ClipCapConfig(
+        **config_fields,
+        text_config=layout.gpt2_config,
+        mapping_type=layout.mapping_type,
+        prefix_length=layout.prefix_length,
+        normalize_prefix=release.normalize_prefix if normalize_prefix is None else normalize_prefix,
+    )
+    if config.prefix_dim != layout.prefix_dim:
+        raise ValueError(
+            f"The checkpoint's mapper reads {layout.prefix_dim}-d CLIP embeddings but the vision tower {vision_name!r} "
+            f"produces {config.prefix_dim}-d ones; use the tower the checkpoint was trained with (preset "
+            f"{preset!r}: {release.vision_tower(preset)[1]})."
+        )
+
+    model = ClipCapForConditionalGeneration(config, vision_model=vision_tower).eval()
+    expected = {
+        _to_original_name(name): tensor.shape
+        for name, tensor in model.state_dict().items()
+        if not name.startswith("vision_model.")
+    }
+    _check_keys_and_shapes(original, expected)
+    model.load_state_dict({_to_our_name(key): value for key, value in original.items()}, strict=False)
+
+    delta = _max_logits_delta(model, original, layout, num_heads)
+    if not delta <= tolerance:  # also catches NaN
+        raise ValueError(
+            f"Verification failed: the converted model's logits differ from the original computation by up to "
+            f"{delta:.3g} (> {tolerance:g}); nothing was written."
+        )
+
+    eos_token_id = processor.tokenizer.eos_token_id
+    model.generation_config = GenerationConfig(
+        bos_token_id=eos_token_id,
+        eos_token_id=stop_token_ids,
+        pad_token_id=eos_token_id,
+        max_new_tokens=ORIGINAL_MAX_NEW_TOKENS,
+    )
+    card = _model_card(Path(checkpoint), preset, release, config, vision_name, vision_tag, delta, stop_token_ids[0])
+    _write_atomically(output_dir, model, processor, card, overwrite, tolerance)
+    return ConversionReport(output_dir, preset, config, dropped_keys, delta)
+
+
+def _original_stop_token_ids(tokenizer, tokenizer_name: str, gpt2_config: GPT2Config) -> list[int]:
+    """
+    The '.' token the original decoders stop at, then the end-of-text token, which we also stop at. Sets the GPT-2
+    config's BOS/EOS to the tokenizer's, and checks that the tokenizer fits the checkpoint's vocabulary.
+    """
+    if len(tokenizer) > gpt2_config.vocab_size:
+        raise ValueError(
+            f"The tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but the checkpoint's GPT-2 embeds only "
+            f"{gpt2_config.vocab_size}; use the tokenizer the checkpoint was trained with (GPT-2's)."
+        )
+    stop_ids = tokenizer(ORIGINAL_STOP_TOKEN, add_special_tokens=False)["input_ids"]
+    if len(stop_ids) != 1:
+        raise ValueError(
+            f"The tokenizer {tokenizer_name!r} splits {ORIGINAL_STOP_TOKEN!r} into {stop_ids}; the original decoders "
+            "stop at a single '.' token (GPT-2's id 13). Use GPT-2's tokenizer."
+        )
+    gpt2_config.bos_token_id = gpt2_config.eos_token_id = tokenizer.eos_token_id
+    return stop_ids if tokenizer.eos_token_id is None else [stop_ids[0], tokenizer.eos_token_id]
+
+
+def _write_atomically(
+    output_dir: Path,
+    model: ClipCapForConditionalGeneration,
+    processor: ClipCapProcessor,
+    card: str,
+    overwrite: bool,
+    tolerance: float,
+) -> None:
+    """Write into a temporary folder next to `output_dir`, check it loads back, then rename it into place."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        _check_reload(staging, model, tolerance)
+        if output_dir.exists() and overwrite:
+            shutil.rmtree(output_dir)
+        staging.rename(output_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+@torch.no_grad()
+def _check_reload(folder: Path, model: ClipCapForConditionalGeneration, tolerance: float) -> None:
+    """The written folder loads back into the same model (e.g. no weight lost to tying or sharding)."""
+    reloaded = ClipCapForConditionalGeneration.from_pretrained(folder).eval()
+    image_embeds = torch.randn(1, model.config.prefix_dim, generator=torch.Generator().manual_seed(1))
+    input_ids = torch.tensor([[0, 1, 2]])
+    delta = (reloaded(image_embeds=image_embeds, input_ids=input_ids).logits
+             - model(image_embeds=image_embeds, input_ids=input_ids).logits).abs().max().item()
+    if not delta <= tolerance:
+        raise ValueError(
+            f"The written folder {folder} does not load back into the converted model (|delta| {delta:.3g})."
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _model_card(
+    checkpoint: Path,
+    preset: str,
+    release: OriginalRelease,
+    config: ClipCapConfig,
+    vision_name: str,
+    vision_tag: str | None,
+    delta: float,
+    stop_id: int,
+) -> str:
+    """A model card stub for the converted folder; model_card.md in the clipcap_hf repository is the full card."""
+    tower = f"{vision_name} ({config.vision_backend}{', ' + vision_tag if vision_tag else ''})"
+    mapper = f"{config.mapping_type}, prefix length {config.prefix_length}"
+    if config.mapping_type == "transformer":
+        mapper += f", clip_length {config.clip_length}, {config.mapping_num_layers} layers"
+    return f"""---
+library_name: transformers
+pipeline_tag: image-to-text
+license: mit
+tags:
+- clipcap
+- image-captioning
+- clip
+- gpt2
+datasets:
+- {release.dataset}
+---
+
+# ClipCap ({preset}), converted from the original release
+
+The `{preset}` checkpoint of [ClipCap: CLIP Prefix for Image Captioning](https://arxiv.org/abs/2111.09734)
+({OFFICIAL_CODE_URL}), converted with `clipcap convert-original` from the `clipcap_hf` package.
+
+- Source file: `{checkpoint.name}`, sha256 `{_sha256(checkpoint)}`
+- CLIP image encoder: {tower}; prefix normalisation: {config.normalize_prefix}
+- Mapping network: {mapper}
+- Language model: GPT-2, {config.text_config.n_layer} layers, width {config.text_config.n_embd}
+- Verified before writing: the converted model's logits equal the original computation from the same tensors
+  within {delta:.2g} (float64, random inputs).
+
+## Usage
+
+```python
+import clipcap_hf  # registers ClipCap with the transformers Auto classes
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+model = AutoModel.from_pretrained("REPO_ID").eval()
+processor = AutoProcessor.from_pretrained("REPO_ID")
+inputs = processor(images=[Image.open("photo.jpg")])
+print(processor.batch_decode(model.generate(**inputs), skip_special_tokens=True))
+```
+
+Without the package installed, pass `trust_remote_code=True`: the folder carries the model code.
+
+## Decoding
+
+The generation config follows the original greedy decoder: at most {ORIGINAL_MAX_NEW_TOKENS} new tokens, stopping
+at "." (token {stop_id}) or at the end-of-text token. The original beam search is closest to
+`model.generate(**inputs, num_beams=5, length_penalty=1.0, eos_token_id={stop_id})`; the two rank unfinished beams
+differently, so captions can differ.
+"""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def convert_command(args: argparse.Namespace) -> int:
+    try:
+        report = convert_original_checkpoint(
+            args.checkpoint,
+            args.output,
+            preset=args.preset,
+            vision_backend=args.vision_backend,
+            vision_model=args.vision_model,
+            open_clip_pretrained=args.open_clip_pretrained,
+            tokenizer=args.tokenizer,
+            normalize_prefix=args.normalize_prefix,
+            mapping_num_heads=args.mapping_num_heads,
+            lm_num_heads=args.lm_num_heads,
+            overwrite=args.overwrite,
+        )
+    except OSError as error:  # a tokenizer or vision tower that cannot be found or downloaded: a message, no traceback
+        raise ValueError(str(error)) from error
+    config = report.config
+    print(
+        f"Wrote {report.output_dir} ({report.preset}: {config.mapping_type} mapper, prefix length "
+        f"{config.prefix_length}, {config.vision_backend} vision tower); max |logit delta| against the original "
+        f"computation {report.max_logits_delta:.2g}; dropped {len(report.dropped_keys)} obsolete GPT-2 buffers."
+    )
+    return 0
+
+
+def add_convert_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "convert-original",
+        help="Convert a checkpoint released with the paper (rmokady/CLIP_prefix_caption) into a ClipCap folder.",
+    )
+    parser.add_argument("checkpoint", help="The released .pt file, e.g. coco_weights.pt.")
+    parser.add_argument("--output", required=True, help="Folder to create.")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="Which release (default: coco-mlp or coco-transformer, after the checkpoint's mapper).")
+    parser.add_argument("--vision-backend", choices=["clip", "open_clip"], default=None,
+                        help="Default: the preset's (clip for the MLP releases, open_clip for the transformer one).")
+    parser.add_argument("--vision-model", default=None,
+                        help="CLIP checkpoint name or folder; or open_clip model name or local-dir:PATH "
+                             "(default: the preset's).")
+    parser.add_argument("--open-clip-pretrained", default=None, help="open_clip pretrained tag (default: preset's).")
+    parser.add_argument("--tokenizer", default="gpt2", help="Tokenizer name or folder (default: gpt2).")
+    parser.add_argument("--normalize-prefix", action=argparse.BooleanOptionalAction, default=None,
+                        help="Override the preset's CLIP embedding normalisation.")
+    parser.add_argument("--mapping-num-heads", type=int, default=None, help="Transformer mapper heads (default 8).")
+    parser.add_argument("--lm-num-heads", type=int, default=None, help="GPT-2 heads (default: width / 64).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
+    parser.set_defaults(handler=convert_command)
+
+
+__all__ = ["PRESETS", "ConversionReport", "convert_original_checkpoint", "load_original_state_dict"]

@@ -1,0 +1,199 @@
+"""open_clip image towers for ClipCap (e.g. the RN50x4 CLIP of the paper's transformer release, which HF CLIP lacks).
+
+open_clip is imported inside the functions that need it, so that this module (which `save_pretrained` copies next to
+the model code for `trust_remote_code` users) imports without it and the HF CLIP backend never needs it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")
+# What ClipCap keeps of an open_clip model config: the image tower and its output width, nothing of the text tower.
+OPEN_CLIP_MODEL_CFG_KEYS = ("embed_dim", "vision_cfg", "quick_gelu")
+# open_clip's inference preprocessing defaults (`open_clip.transform.PreprocessCfg`), overridden per model/tag.
+_PREPROCESS_DEFAULTS = {
+    "mean": (0.48145466, 0.4578275, 0.40821073),
+    "std": (0.26862954, 0.26130258, 0.27577711),
+    "interpolation": "bicubic",
+    "resize_mode": "shortest",
+}
+
+
+def import_open_clip():
+    """Import open_clip, or say how to install it."""
+    try:
+        import open_clip
+    except ImportError as error:
+        raise ImportError(
+            "vision_backend='open_clip' needs the open_clip package: `pip install open_clip_torch`."
+        ) from error
+    return open_clip
+
+
+def vision_part_of_model_cfg(model_cfg: dict[str, Any], source: str) -> dict[str, Any]:
+    """
+    Keep the image-tower part of an open_clip model config (`embed_dim`, `vision_cfg`, `quick_gelu`), checked.
+
+    `source` names where the config came from, for error messages.
+    """
+    if not isinstance(model_cfg, dict):
+        raise ValueError(f"`open_clip_model_cfg` must be a dict, got {type(model_cfg).__name__} (from {source}).")
+    for key in ("embed_dim", "vision_cfg"):
+        if key not in model_cfg:
+            raise ValueError(
+                f"`open_clip_model_cfg` (from {source}) lacks the key {key!r}; an open_clip model config has "
+                "`embed_dim` and `vision_cfg`, e.g. open_clip.get_model_config('RN50x4')."
+            )
+    embed_dim = model_cfg["embed_dim"]
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
+        raise ValueError(f"`open_clip_model_cfg['embed_dim']` must be a positive integer, got {embed_dim!r}.")
+    if not isinstance(model_cfg["vision_cfg"], dict):
+        raise ValueError(
+            f"`open_clip_model_cfg['vision_cfg']` must be a dict, got {type(model_cfg['vision_cfg']).__name__}."
+        )
+    vision_cfg = copy.deepcopy(model_cfg["vision_cfg"])
+    if "timm_model_name" in vision_cfg:
+        # The tower's weights come from our checkpoint (or the CLIP checkpoint); never fetch timm's ImageNet weights.
+        vision_cfg["timm_model_pretrained"] = False
+    return {"embed_dim": embed_dim, "vision_cfg": vision_cfg, "quick_gelu": bool(model_cfg.get("quick_gelu", False))}
+
+
+def resolve_open_clip_model(model_name: str, pretrained: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """
+    The image-tower config and the inference preprocessing of an open_clip model, as `open_clip.create_model` resolves
+    them, without building the model or downloading weights.
+
+    Args:
+        model_name (`str`):
+            A built-in open_clip name (`"RN50x4"`, `"ViT-B-32"`, see `open_clip.list_models()`), `"local-dir:PATH"`
+            or `"hf-hub:ORG/REPO"` (a folder or Hub repository with an `open_clip_config.json`; a Hub name downloads
+            that small file).
+        pretrained (`str`, *optional*):
+            A pretrained tag of a built-in model (`"openai"`, `"laion2b_s32b_b79k"`, see
+            `open_clip.list_pretrained_tags_by_model(model_name)`) or a local weights file. Its preprocessing (mean,
+            std, interpolation) and activation (`quick_gelu`) apply.
+
+    Returns:
+        `(model_cfg, preprocess_cfg)`: `model_cfg` has `embed_dim`, `vision_cfg` and `quick_gelu`; `preprocess_cfg`
+        has `size`, `mean`, `std`, `interpolation` and `resize_mode`.
+    """
+    if not isinstance(model_name, str) or not model_name:
+        raise ValueError(f"`open_clip_model_name` must be a non-empty string, got {model_name!r}.")
+    if model_name.startswith(OPEN_CLIP_SCHEMAS):
+        if pretrained is not None:
+            raise ValueError(
+                f"`open_clip_pretrained` must be None for {model_name!r}: the weights of a 'local-dir:' or 'hf-hub:' "
+                f"open_clip model come with it (got {pretrained!r})."
+            )
+        model_cfg, tag_cfg = _read_open_clip_json_config(model_name)
+    else:
+        open_clip = import_open_clip()
+        name = model_name.replace("/", "-")  # open_clip accepts "ViT-B/32" for "ViT-B-32"
+        model_cfg = open_clip.get_model_config(name)
+        if model_cfg is None:
+            raise ValueError(
+                f"Unknown open_clip model {model_name!r}: `open_clip_model_name` must be one of "
+                "open_clip.list_models() (e.g. 'RN50x4', 'ViT-B-32', 'ViT-H-14'), a 'local-dir:' or 'hf-hub:' name; "
+                "or give `open_clip_model_cfg`."
+            )
+        tag_cfg = {}
+        if pretrained is not None:
+            tag_cfg = open_clip.get_pretrained_cfg(name, pretrained)
+            if not tag_cfg and not Path(pretrained).is_file():
+                raise ValueError(
+                    f"Unknown open_clip pretrained tag {pretrained!r} for {model_name!r}: `open_clip_pretrained` "
+                    f"must be one of {open_clip.list_pretrained_tags_by_model(name)} or a weights file."
+                )
+        # open_clip.create_model keeps the architecture's activation and only warns when the tag was trained with
+        # QuickGELU (OpenAI's weights); we follow the weights, as OpenAI CLIP does.
+        model_cfg["quick_gelu"] = bool(model_cfg.get("quick_gelu", False) or tag_cfg.get("quick_gelu", False))
+    model_cfg = vision_part_of_model_cfg(model_cfg, source=repr(model_name))
+    preprocess_cfg = {key: tag_cfg.get(key) or default for key, default in _PREPROCESS_DEFAULTS.items()}
+    preprocess_cfg["size"] = model_cfg["vision_cfg"].get("image_size", 224)
+    return model_cfg, preprocess_cfg
+
+
+def _read_open_clip_json_config(model_name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`model_cfg` and `preprocess_cfg` of a 'local-dir:' or 'hf-hub:' open_clip model (its open_clip_config.json)."""
+    schema, identifier = model_name.split(":", 1)
+    if schema == "local-dir":
+        path = Path(identifier) / "open_clip_config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{model_name!r} names no open_clip model folder: {path} does not exist.")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(identifier, "open_clip_config.json")
+    with open(path, encoding="utf-8") as file:
+        config = json.load(file)
+    if "model_cfg" not in config:
+        raise ValueError(f"{path} has no 'model_cfg' entry; it is not an open_clip model config.")
+    return config["model_cfg"], config.get("preprocess_cfg", {})
+
+
+class ClipCapOpenClipVisionModel(nn.Module):
+    r"""
+    An open_clip image tower (`CLIP.visual`: a ViT, a ModifiedResNet or a timm model) that returns the projected
+    image embedding, as open_clip's `CLIP.encode_image` does (unnormalised).
+
+    Built from a model config alone, the tower has open_clip's random initialisation and its weights come from a
+    ClipCap checkpoint; [`~ClipCapOpenClipVisionModel.from_open_clip_pretrained`] loads open_clip's pretrained weights.
+
+    Args:
+        model_cfg (`dict`):
+            `embed_dim`, `vision_cfg` and `quick_gelu`, as in `ClipCapConfig.open_clip_model_cfg`.
+        visual (`nn.Module`, *optional*):
+            An already built tower for this config (e.g. `open_clip.create_model(...).visual`).
+    """
+
+    def __init__(self, model_cfg: dict[str, Any], visual: nn.Module | None = None):
+        super().__init__()
+        if visual is None:
+            import_open_clip()
+            # open_clip builds towers with this function in `CLIP.__init__`; calling it directly skips the text tower.
+            from open_clip.model import _build_vision_tower
+
+            visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], model_cfg["quick_gelu"])
+        self.visual = visual
+
+    @classmethod
+    def from_open_clip_pretrained(
+        cls, model_name: str, pretrained: str | None = None, model_cfg: dict[str, Any] | None = None
+    ) -> ClipCapOpenClipVisionModel:
+        """
+        The image tower of `open_clip.create_model(model_name, pretrained)`, with its pretrained weights (downloaded by
+        open_clip for a tag or a Hub name). `model_cfg` is the resolved config, when the caller already has it.
+        """
+        open_clip = import_open_clip()
+        if pretrained is None and not model_name.startswith(OPEN_CLIP_SCHEMAS):
+            raise ValueError(
+                f"Loading pretrained open_clip {model_name!r} needs a pretrained tag, e.g. "
+                f"{open_clip.list_pretrained_tags_by_model(model_name.replace('/', '-'))}."
+            )
+        if model_cfg is None:
+            model_cfg = resolve_open_clip_model(model_name, pretrained)[0]
+        clip_model = open_clip.create_model(
+            model_name,
+            pretrained=pretrained,
+            force_quick_gelu=model_cfg["quick_gelu"],
+            require_pretrained=True,
+        )
+        return cls(model_cfg, visual=clip_model.visual)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def forward(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+        """The projected image embedding, shape `(batch_size, embed_dim)`."""
+        return self.visual(pixel_values)
+
+
+__all__ = ["ClipCapOpenClipVisionModel", "resolve_open_clip_model"]

@@ -1,0 +1,528 @@
+"""Converting the paper's released checkpoints, on synthetic checkpoints with the official key names and shapes."""
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import save_open_clip_local_dir
+from huggingface_hub import ModelCard
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
+
+import clipcap_hf.convert_original as convert_original
+from clipcap_hf import ClipCapMLPMapper, convert_original_checkpoint
+from clipcap_hf.cli import main
+
+N_EMBD = 64  # one 64-wide head, so GPT-2's head count is inferred as for the real releases
+N_LAYER = 2
+PREFIX_DIM = 24  # the tiny CLIP towers' embedding width
+PREFIX_LENGTH = {"mlp": 5, "transformer": 4}
+CLIP_LENGTH = 3
+MAPPER_LAYERS = 2
+MAPPER_HEADS = 8  # hard-coded in the official transformer mapper
+
+
+# ---------------------------------------------------------------- the official model's layout, re-created
+
+
+class OriginalAttention(nn.Module):
+    def __init__(self, width, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_queries = nn.Linear(width, width, bias=False)
+        self.to_keys_values = nn.Linear(width, 2 * width, bias=False)
+        self.project = nn.Linear(width, width)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        queries = self.to_queries(x).reshape(b, n, self.num_heads, c // self.num_heads)
+        keys_values = self.to_keys_values(x).reshape(b, n, 2, self.num_heads, c // self.num_heads)
+        keys, values = keys_values[:, :, 0], keys_values[:, :, 1]
+        attention = (torch.einsum("bnhd,bmhd->bnmh", queries, keys) * (c // self.num_heads) ** -0.5).softmax(dim=2)
+        return self.project(torch.einsum("bnmh,bmhd->bnhd", attention, values).reshape(b, n, c))
+
+
+class OriginalMlp(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.fc1 = nn.Linear(width, 2 * width)
+        self.fc2 = nn.Linear(2 * width, width)
+
+    def forward(self, x):
+        return self.fc2(F.relu(self.fc1(x)))
+
+
+class OriginalTransformerLayer(nn.Module):
+    def __init__(self, width, num_heads):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width)
+        self.attn = OriginalAttention(width, num_heads)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = OriginalMlp(width)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class OriginalTransformer(nn.Module):
+    def __init__(self, width, num_heads, num_layers):
+        super().__init__()
+        self.layers = nn.ModuleList(OriginalTransformerLayer(width, num_heads) for _ in range(num_layers))
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class OriginalTransformerMapper(nn.Module):
+    def __init__(self, dim_clip, width, prefix_length, clip_length, num_layers):
+        super().__init__()
+        self.clip_length = clip_length
+        self.transformer = OriginalTransformer(width, MAPPER_HEADS, num_layers)
+        self.linear = nn.Linear(dim_clip, clip_length * width)
+        self.prefix_const = nn.Parameter(torch.randn(prefix_length, width))
+
+    def forward(self, x):
+        x = self.linear(x).view(x.shape[0], self.clip_length, -1)
+        prefix = self.prefix_const.unsqueeze(0).expand(x.shape[0], *self.prefix_const.shape)
+        return self.transformer(torch.cat((x, prefix), dim=1))[:, self.clip_length :]
+
+
+class OriginalClipCaptionModel(nn.Module):
+    """The official `ClipCaptionModel`: module names, shapes and forward, at tiny widths and with random weights."""
+
+    def __init__(self, mapping_type, vocab_size, n_embd=N_EMBD, n_head=None):
+        super().__init__()
+        self.prefix_length = PREFIX_LENGTH[mapping_type]
+        config = GPT2Config(vocab_size=vocab_size, n_positions=128, n_embd=n_embd, n_layer=N_LAYER,
+                            n_head=n_head or n_embd // 64, bos_token_id=0, eos_token_id=0)
+        self.gpt = GPT2LMHeadModel(config).eval()
+        if mapping_type == "mlp":
+            hidden = n_embd * self.prefix_length
+            self.clip_project = nn.Sequential()
+            self.clip_project.model = nn.Sequential(
+                nn.Linear(PREFIX_DIM, hidden // 2), nn.Tanh(), nn.Linear(hidden // 2, hidden)
+            )
+            self.clip_project.forward = self.clip_project.model.forward
+        else:
+            self.clip_project = OriginalTransformerMapper(PREFIX_DIM, n_embd, self.prefix_length, CLIP_LENGTH,
+                                                          MAPPER_LAYERS)
+
+    def prefix(self, image_embeds):
+        return self.clip_project(image_embeds).view(-1, self.prefix_length, self.gpt.config.n_embd)
+
+    @torch.no_grad()
+    def forward(self, tokens, image_embeds):
+        embeds = torch.cat((self.prefix(image_embeds), self.gpt.transformer.wte(tokens)), dim=1)
+        return self.gpt(inputs_embeds=embeds).logits
+
+    @torch.no_grad()
+    def greedy(self, image_embeds, stop_token_id, entry_length=67):
+        """The official greedy decoder: no cache, the whole sequence recomputed each step, argmax, stop at '.'."""
+        generated = self.prefix(image_embeds)
+        tokens = []
+        for _ in range(entry_length):
+            next_token = int(self.gpt(inputs_embeds=generated).logits[0, -1].argmax())
+            tokens.append(next_token)
+            generated = torch.cat((generated, self.gpt.transformer.wte(torch.tensor([[next_token]]))), dim=1)
+            if next_token == stop_token_id:
+                break
+        return tokens
+
+
+def make_original(mapping_type, tokenizer, seed=0, **kwargs):
+    torch.manual_seed(seed)
+    original = OriginalClipCaptionModel(mapping_type, len(tokenizer), **kwargs).eval()
+    # A random GPT-2 repeats one token forever. Smaller token embeddings give varied tokens, and a pull towards '.'
+    # that grows with the position ends captions after about ten tokens, as trained models do.
+    with torch.no_grad():
+        embeddings = original.gpt.transformer.wte.weight
+        embeddings.mul_(0.35)
+        towards_period = embeddings[period_id(tokenizer)] / embeddings[period_id(tokenizer)].norm()
+        positions = original.gpt.transformer.wpe.weight
+        steps = (torch.arange(positions.shape[0]) - original.prefix_length - 3).clamp(min=0)
+        positions.add_(0.015 * steps[:, None] * towards_period)
+    return original
+
+
+def save_release(original, path):
+    """`torch.save(model.state_dict())` as the official training script did, with old GPT-2's attention buffers."""
+    state = original.state_dict()
+    positions = original.gpt.config.n_positions
+    for index in range(original.gpt.config.n_layer):
+        state[f"gpt.transformer.h.{index}.attn.bias"] = torch.tril(torch.ones(positions, positions, dtype=torch.uint8))
+        state[f"gpt.transformer.h.{index}.attn.masked_bias"] = torch.tensor(-1e4)
+    torch.save(state, path)
+    return path
+
+
+def release_state(mapping_type, tokenizer):
+    return make_original(mapping_type, tokenizer).state_dict()
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def clip_vision_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("clip_vision")
+    config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                              image_size=32, patch_size=8, projection_dim=PREFIX_DIM)
+    CLIPVisionModelWithProjection(config).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def open_clip_name(tmp_path_factory):
+    return save_open_clip_local_dir(tmp_path_factory.mktemp("open_clip") / "rn", "resnet")[0]
+
+
+@pytest.fixture(scope="module")
+def local_parts(clip_vision_dir, open_clip_name, tokenizer_dir):
+    """Conversion options that take the vision tower and tokenizer from local folders, per mapper type."""
+    return {
+        "mlp": {"vision_model": str(clip_vision_dir), "tokenizer": str(tokenizer_dir)},
+        "transformer": {"vision_model": open_clip_name, "tokenizer": str(tokenizer_dir)},
+    }
+
+
+@pytest.fixture(scope="module", params=["mlp", "transformer"])
+def converted(request, tmp_path_factory, tokenizer, local_parts):
+    mapping_type = request.param
+    folder = tmp_path_factory.mktemp(f"converted_{mapping_type}")
+    original = make_original(mapping_type, tokenizer)
+    checkpoint = save_release(original, folder / "release.pt")
+    report = convert_original_checkpoint(checkpoint, folder / "clipcap", **local_parts[mapping_type])
+    model = AutoModel.from_pretrained(folder / "clipcap").eval()
+    return {"mapping_type": mapping_type, "original": original, "report": report, "model": model,
+            "folder": folder / "clipcap"}
+
+
+def period_id(tokenizer):
+    return tokenizer(".", add_special_tokens=False)["input_ids"][0]
+
+
+def image_embeds(count, seed=0):
+    return torch.randn(count, PREFIX_DIM, generator=torch.Generator().manual_seed(seed)) * 4
+
+
+def normalized_if(model, embeds):
+    return embeds / embeds.norm(dim=-1, keepdim=True) if model.config.normalize_prefix else embeds
+
+
+def assert_nothing_written(output):
+    assert not output.exists()
+    assert not [path.name for path in output.parent.iterdir() if path.name.endswith(".partial")]
+
+
+# ---------------------------------------------------------------- parity with the original model
+
+
+def test_converted_logits_equal_the_original_model(converted, tokenizer):
+    model, original = converted["model"], converted["original"]
+    assert converted["report"].max_logits_delta < 1e-9  # measured in float64 by the converter
+    x = image_embeds(3)
+    tokens = torch.randint(0, len(tokenizer), (3, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(image_embeds=x, input_ids=tokens).logits
+    expected = original(tokens, normalized_if(model, x))
+    length = PREFIX_LENGTH[converted["mapping_type"]] + tokens.shape[1]
+    assert ours.shape == expected.shape == (3, length, len(tokenizer))
+    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+
+
+def test_greedy_captions_equal_the_original_decoder(converted, tokenizer):
+    model, original = converted["model"], converted["original"]
+    stop = period_id(tokenizer)
+    x = image_embeds(4, seed=1)
+    stopped_early = 0
+    for row in range(4):
+        expected = original.greedy(normalized_if(model, x[row : row + 1]), stop)
+        # The original options: stop at '.' only, at most 67 tokens, no cache.
+        ours = model.generate(image_embeds=x[row : row + 1], eos_token_id=stop, max_new_tokens=67)[0].tolist()
+        assert ours == expected
+        stopped_early += len(expected) < 67
+        # The saved defaults stop at '.' or EOS: the same caption, up to the first EOS.
+        default = model.generate(image_embeds=x[row : row + 1])[0].tolist()
+        eos = tokenizer.eos_token_id
+        assert default == (expected[: expected.index(eos) + 1] if eos in expected else expected)
+    assert stopped_early  # the '.' stop was exercised
+
+
+def test_captions_from_pixels_use_the_converted_vision_tower(converted):
+    processor = AutoProcessor.from_pretrained(converted["folder"])
+    model = converted["model"]
+    from conftest import random_images
+
+    pixel_values = processor(images=random_images(2, size=(70, 50)))["pixel_values"]
+    with torch.no_grad():
+        embeds = model.get_image_features(pixel_values)
+    assert embeds.shape == (2, PREFIX_DIM)
+    assert torch.equal(model.generate(pixel_values=pixel_values, max_new_tokens=6),
+                       model.generate(image_embeds=embeds, max_new_tokens=6))
+
+
+def test_beam_search_with_the_original_options_runs(converted, tokenizer):
+    model = converted["model"]
+    stop = period_id(tokenizer)
+    out = model.generate(image_embeds=image_embeds(2, seed=2), num_beams=5, length_penalty=1.0, eos_token_id=stop,
+                         max_new_tokens=20, num_return_sequences=2, output_scores=True, return_dict_in_generate=True)
+    assert out.sequences.shape[0] == 4
+    assert torch.all(out.sequences_scores.view(2, 2)[:, 0] >= out.sequences_scores.view(2, 2)[:, 1])
+    assert all(isinstance(text, str) for text in tokenizer.batch_decode(out.sequences, skip_special_tokens=True))
+
+
+def test_written_folder_is_complete(converted, tokenizer):
+    folder, report = converted["folder"], converted["report"]
+    names = {path.name for path in folder.iterdir()}
+    assert {"config.json", "model.safetensors", "generation_config.json", "README.md", "modeling_clipcap.py",
+            "open_clip_vision.py"} <= names
+    assert not [name for name in names if name.endswith((".bin", ".pt", ".partial"))]
+    generation = json.loads((folder / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [period_id(tokenizer), tokenizer.eos_token_id]
+    assert generation["max_new_tokens"] == 67
+    config = converted["model"].config
+    mapping_type = converted["mapping_type"]
+    assert (config.mapping_type, config.prefix_length, config.prefix_dim) == (
+        mapping_type, PREFIX_LENGTH[mapping_type], PREFIX_DIM)
+    if mapping_type == "transformer":
+        assert (config.clip_length, config.mapping_num_layers, config.mapping_num_heads) == (3, 2, 8)
+        assert (config.vision_backend, config.normalize_prefix) == ("open_clip", True)
+        assert report.preset == "coco-transformer"
+    else:
+        assert (config.vision_backend, config.normalize_prefix, report.preset) == ("clip", False, "coco-mlp")
+    assert config.text_config.n_head == 1 and config.text_config.n_layer == N_LAYER
+    assert len(report.dropped_keys) == 2 * N_LAYER
+    card = ModelCard.load(folder / "README.md")
+    assert (card.data.library_name, card.data.pipeline_tag) == ("transformers", "image-to-text")
+    assert "sha256" in card.text
+
+
+def test_an_untied_output_layer_is_kept(tmp_path, tokenizer, local_parts):
+    original = make_original("mlp", tokenizer, seed=5)
+    with torch.no_grad():
+        original.gpt.lm_head.weight = nn.Parameter(original.gpt.lm_head.weight + 0.01 * torch.randn_like(
+            original.gpt.lm_head.weight))
+    checkpoint = save_release(original, tmp_path / "release.pt")
+    convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
+    model = AutoModel.from_pretrained(tmp_path / "out").eval()
+    assert not model.config.text_config.tie_word_embeddings
+    x, tokens = image_embeds(2), torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(image_embeds=x, input_ids=tokens).logits, original(tokens, x), atol=1e-4,
+                                   rtol=0)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cli_converts_with_options(tmp_path, tokenizer, local_parts, capsys):
+    original = make_original("mlp", tokenizer, seed=4, n_embd=32, n_head=4)  # not GPT-2's 64-wide heads
+    checkpoint = save_release(original, tmp_path / "release.pt")
+    parts = local_parts["mlp"]
+    arguments = ["convert-original", str(checkpoint), "--output", str(tmp_path / "out"), "--preset", "conceptual-mlp",
+                 "--vision-model", parts["vision_model"], "--tokenizer", parts["tokenizer"], "--normalize-prefix"]
+    assert main(arguments) == 2
+    assert "the number of attention heads cannot be inferred; pass it" in capsys.readouterr().err
+    assert main(arguments + ["--lm-num-heads", "4"]) == 0
+    assert "Wrote" in capsys.readouterr().out
+    model = AutoModel.from_pretrained(tmp_path / "out").eval()
+    assert model.config.normalize_prefix and model.config.text_config.n_head == 4
+    x = image_embeds(2)
+    tokens = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(image_embeds=x, input_ids=tokens).logits,
+                                   original(tokens, normalized_if(model, x)), atol=1e-4, rtol=0)
+    assert "google-research-datasets/conceptual_captions" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
+    assert main(["convert-original", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "out")]) == 2
+    assert "missing.pt does not exist" in capsys.readouterr().err
+    assert_nothing_written(tmp_path / "out")
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+class RunsCode:
+    """Unpickling this runs a shell command: what weights_only=True must refuse."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def missing_key(state):
+    del state["gpt.transformer.h.1.mlp.c_proj.bias"]
+    return state
+
+
+def wrong_shape(state):
+    state["clip_project.model.2.bias"] = state["clip_project.model.2.bias"][:-1]
+    return state
+
+
+def unexpected_key(state):
+    state["clip_project.model.4.weight"] = torch.zeros(2, 2)
+    return state
+
+
+def no_mapper(state):
+    return {key: value for key, value in state.items() if not key.startswith("clip_project.")}
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (missing_key, "missing key 'gpt.transformer.h.1.mlp.c_proj.bias'"),
+        (wrong_shape, "'clip_project.model.2.bias' has shape (319,), expected (320,)"),
+        (unexpected_key, "unexpected key 'clip_project.model.4.weight'"),
+        (no_mapper, "has no mapping network: expected 'clip_project.model.0.weight' (MLP mapper)"),
+        (lambda state: {k: v for k, v in state.items() if k != "gpt.transformer.wte.weight"},
+         "lacks 'gpt.transformer.wte.weight' (GPT-2's token embeddings)"),
+    ],
+)
+def test_inconsistent_checkpoints_are_refused(tmp_path, tokenizer, local_parts, edit, message):
+    checkpoint = tmp_path / "release.pt"
+    torch.save(edit(release_state("mlp", tokenizer)), checkpoint)
+    with pytest.raises(ValueError) as error:
+        convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
+    assert message in str(error.value)
+    assert_nothing_written(tmp_path / "out")
+
+
+def write_text(path):
+    path.write_text("not a checkpoint")
+
+
+def write_empty(path):
+    path.write_bytes(b"")
+
+
+def write_list(path):
+    torch.save([torch.zeros(2)], path)
+
+
+def write_non_tensor_entry(path):
+    torch.save({"gpt.transformer.wte.weight": torch.zeros(2), "epoch": 3}, path)
+
+
+def write_raw_pickle(path):
+    path.write_bytes(pickle.dumps({"a": 1}))
+
+
+@pytest.mark.parametrize(
+    "write, message",
+    [
+        (write_text, "is not a PyTorch checkpoint"),
+        (write_empty, "is not a PyTorch checkpoint"),
+        (write_list, "holds a list, not a state dict"),
+        (write_non_tensor_entry, "entry 'epoch' is a int, not a tensor"),
+        (write_raw_pickle, "is not a PyTorch checkpoint"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_files_that_are_not_checkpoints_are_refused(tmp_path, write, message):
+    checkpoint = tmp_path / "release.pt"
+    write(checkpoint)
+    with pytest.raises(ValueError, match=message):
+        convert_original_checkpoint(checkpoint, tmp_path / "out")
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "protocol, message",
+    [
+        ("torch", r"Refused to load .*release\.pt: it holds Python objects \(\w+\.system\), not only tensors"),
+        (2, r"Refused to load .*release\.pt: it holds Python objects \(\w+\.system\), not only tensors"),
+        (pickle.DEFAULT_PROTOCOL, r"release\.pt is not a PyTorch checkpoint"),  # refused before reaching the call
+    ],
+)
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+def test_a_pickle_that_would_run_code_is_refused_unexecuted(tmp_path, protocol, message):
+    marker = tmp_path / "code_ran"
+    checkpoint = tmp_path / "release.pt"
+    payload = {"clip_project.linear.weight": RunsCode(marker)}
+    if protocol == "torch":
+        torch.save(payload, checkpoint)
+    else:
+        checkpoint.write_bytes(pickle.dumps(payload, protocol=protocol))
+    with pytest.raises(ValueError, match=message):
+        convert_original_checkpoint(checkpoint, tmp_path / "out")
+    assert not marker.exists()
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_preset_must_match_the_mapper(tmp_path, tokenizer, local_parts):
+    checkpoint = save_release(make_original("transformer", tokenizer), tmp_path / "release.pt")
+    with pytest.raises(ValueError, match=r"Preset 'coco-mlp' is a mlp release but the checkpoint has a transformer "
+                                         r"mapper; use one of \['coco-transformer'\]"):
+        convert_original_checkpoint(checkpoint, tmp_path / "out", preset="coco-mlp", **local_parts["transformer"])
+    with pytest.raises(ValueError, match="trained with RN50x4, which vision_backend='clip' does not offer; use "
+                                         "vision_backend='open_clip'"):
+        convert_original_checkpoint(checkpoint, tmp_path / "out", vision_backend="clip")
+    with pytest.raises(ValueError, match=r"Unknown preset 'coco'; choose one of \['coco-mlp'"):
+        convert_original_checkpoint(checkpoint, tmp_path / "out", preset="coco")
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_vision_tower_width_must_match_the_mapper(tmp_path, tokenizer, local_parts):
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    # The open_clip ModifiedResNet has the right width; a 16-d HF CLIP does not.
+    narrow = tmp_path / "narrow_clip"
+    CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                                   num_attention_heads=4, image_size=32, patch_size=8,
+                                                   projection_dim=16)).save_pretrained(narrow)
+    with pytest.raises(ValueError, match="mapper reads 24-d CLIP embeddings but the vision tower .* produces 16-d"):
+        convert_original_checkpoint(checkpoint, tmp_path / "out", vision_model=str(narrow),
+                                    tokenizer=local_parts["mlp"]["tokenizer"])
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_existing_output_needs_overwrite(tmp_path, tokenizer, local_parts):
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "old.txt").write_text("old")
+    with pytest.raises(ValueError, match="already exists; remove it or pass overwrite=True"):
+        convert_original_checkpoint(checkpoint, output, **local_parts["mlp"])
+    assert (output / "old.txt").exists()
+    convert_original_checkpoint(checkpoint, output, overwrite=True, **local_parts["mlp"])
+    assert not (output / "old.txt").exists() and (output / "model.safetensors").exists()
+
+
+def test_failed_verification_writes_nothing(tmp_path, tokenizer, local_parts, monkeypatch):
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    forward = ClipCapMLPMapper.forward
+    monkeypatch.setattr(ClipCapMLPMapper, "forward", lambda self, x: forward(self, x) * 1.01)
+    with pytest.raises(ValueError, match=r"Verification failed: .* differ from the original computation by up to"):
+        convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_failure_while_writing_removes_the_partial_folder(tmp_path, tokenizer, local_parts, monkeypatch):
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+
+    def broken_reload(folder, model, tolerance):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(convert_original, "_check_reload", broken_reload)
+    with pytest.raises(OSError, match="disk full"):
+        convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
+    assert_nothing_written(tmp_path / "out")

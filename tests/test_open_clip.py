@@ -1,0 +1,246 @@
+"""The open_clip vision backend: config, preprocessing and image embeddings equal to open_clip's own, saving."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import open_clip
+import PIL.Image
+import pytest
+import torch
+from conftest import TINY_OPEN_CLIP_CFGS, save_open_clip_local_dir, tiny_open_clip
+from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from clipcap_hf import (
+    ClipCapConfig,
+    ClipCapForConditionalGeneration,
+    ClipCapImageProcessor,
+    ClipCapOpenClipVisionModel,
+    ClipCapProcessor,
+)
+
+BUILTIN_MODELS = [
+    # name, tag, embedding width, image size, QuickGELU
+    ("RN50x4", "openai", 640, 288, True),
+    ("ViT-B-32", "openai", 512, 224, True),
+    ("ViT-H-14", "laion2b_s32b_b79k", 1024, 224, False),
+]
+
+
+def odd_sized_images(seed=0):
+    rng = np.random.default_rng(seed)
+    sizes = [(300, 200), (97, 130), (64, 64), (501, 333)]
+    return [PIL.Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
+
+
+def tiny_gpt2_config(**kwargs):
+    return GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=64, vocab_size=300, bos_token_id=0,
+                      eos_token_id=0, **kwargs)
+
+
+def open_clip_config(kind, **kwargs):
+    defaults = {"prefix_length": 3, "mapping_type": "mlp"}
+    defaults.update(kwargs)
+    return ClipCapConfig(vision_backend="open_clip", open_clip_model_cfg=TINY_OPEN_CLIP_CFGS[kind],
+                         text_config=tiny_gpt2_config(), **defaults)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("gpt2")
+    GPT2LMHeadModel(tiny_gpt2_config()).save_pretrained(folder)
+    return folder
+
+
+# ---------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize("name, tag, width, image_size, quick_gelu", BUILTIN_MODELS)
+def test_config_resolves_builtin_open_clip_models_without_downloading(tmp_path, name, tag, width, image_size,
+                                                                      quick_gelu):
+    config = ClipCapConfig(vision_backend="open_clip", open_clip_model_name=name, open_clip_pretrained=tag)
+    assert config.prefix_dim == width
+    assert config.vision_config is None
+    assert config.open_clip_model_cfg["vision_cfg"]["image_size"] == image_size
+    # OpenAI's weights were trained with QuickGELU: the tower must use it, whatever the architecture default.
+    assert config.open_clip_model_cfg["quick_gelu"] is quick_gelu
+    config.save_pretrained(tmp_path)
+    loaded = ClipCapConfig.from_pretrained(tmp_path)
+    assert loaded.to_dict() == config.to_dict()
+    assert "text_cfg" not in loaded.open_clip_model_cfg  # only the image tower is kept
+
+
+def test_open_clip_config_round_trips_through_dicts():
+    config = open_clip_config("resnet", mapping_type="transformer", prefix_length=4, clip_length=2,
+                              mapping_num_layers=1, normalize_prefix=True)
+    again = ClipCapConfig.from_dict(config.to_dict())
+    assert again.to_dict() == config.to_dict()
+    assert (again.prefix_dim, again.vision_backend, again.open_clip_model_name) == (24, "open_clip", None)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"vision_backend": "timm"}, "`vision_backend` must be one of ('clip', 'open_clip'), got 'timm'"),
+        ({"vision_backend": "open_clip"}, "needs `open_clip_model_name` (e.g. 'RN50x4') or `open_clip_model_cfg`"),
+        ({"vision_backend": "open_clip", "open_clip_model_name": "RN51"}, "Unknown open_clip model 'RN51'"),
+        ({"vision_backend": "open_clip", "open_clip_model_name": "RN50x4", "open_clip_pretrained": "laion"},
+         "Unknown open_clip pretrained tag 'laion' for 'RN50x4': `open_clip_pretrained` must be one of ['openai']"),
+        ({"vision_backend": "open_clip", "open_clip_model_name": "RN50x4", "vision_config": {"projection_dim": 8}},
+         "leave it None with vision_backend='open_clip'"),
+        ({"open_clip_model_name": "RN50x4"}, "vision_backend='clip' does not use `open_clip_model_name`; set "
+                                             "vision_backend='open_clip' or leave it None"),
+        ({"vision_backend": "open_clip", "open_clip_model_cfg": {"vision_cfg": {}}},
+         "lacks the key 'embed_dim'"),
+        ({"vision_backend": "open_clip", "open_clip_model_cfg": {"embed_dim": 0, "vision_cfg": {}}},
+         "`open_clip_model_cfg['embed_dim']` must be a positive integer, got 0"),
+        ({"vision_backend": "open_clip", "open_clip_model_name": "local-dir:/x", "open_clip_pretrained": "openai"},
+         "`open_clip_pretrained` must be None for 'local-dir:/x'"),
+    ],
+)
+def test_config_rejects_invalid_open_clip_settings(kwargs, message):
+    with pytest.raises(ValueError) as error:
+        ClipCapConfig(**kwargs)
+    assert message in str(error.value)
+
+
+def test_loading_pretrained_weights_needs_a_tag():
+    with pytest.raises(ValueError, match=r"needs a pretrained tag, e.g. \['openai'\]"):
+        ClipCapOpenClipVisionModel.from_open_clip_pretrained("RN50x4")
+
+
+# ---------------------------------------------------------------- preprocessing
+
+
+def open_clip_inference_transform(name, tag):
+    """open_clip's inference transform for a built-in model and tag, resolved as create_model_and_transforms does."""
+    cfg = merge_preprocess_dict(PreprocessCfg(), open_clip.get_pretrained_cfg(name, tag))
+    cfg["size"] = open_clip.get_model_config(name)["vision_cfg"]["image_size"]
+    return image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+
+
+@pytest.mark.parametrize("name, tag, width, image_size, quick_gelu", BUILTIN_MODELS)
+def test_pixel_values_equal_open_clip_transform(name, tag, width, image_size, quick_gelu):
+    processor = ClipCapImageProcessor.from_open_clip(name, tag)
+    assert (processor.size, processor.crop_size, processor.resample) == (image_size, image_size, "bicubic")
+    images = odd_sized_images()
+    expected = torch.stack([open_clip_inference_transform(name, tag)(image) for image in images])
+    torch.testing.assert_close(processor(images)["pixel_values"], expected, atol=1e-5, rtol=0)
+
+
+def test_pixel_values_equal_create_model_and_transforms_for_a_local_model(tmp_path):
+    preprocess_cfg = {"mean": [0.5, 0.4, 0.3], "std": [0.2, 0.25, 0.3], "interpolation": "bilinear"}
+    name, _ = save_open_clip_local_dir(tmp_path / "tiny", "resnet", preprocess_cfg=preprocess_cfg)
+    _, _, open_clip_preprocess = open_clip.create_model_and_transforms(name)
+    processor = ClipCapImageProcessor.from_open_clip(name)
+    assert (processor.size, processor.resample, processor.image_mean) == (64, "bilinear", [0.5, 0.4, 0.3])
+    images = odd_sized_images(seed=1)
+    expected = torch.stack([open_clip_preprocess(image) for image in images])
+    torch.testing.assert_close(processor(images)["pixel_values"], expected, atol=1e-5, rtol=0)
+
+
+def test_other_resize_modes_are_refused(tmp_path):
+    name, _ = save_open_clip_local_dir(tmp_path / "squash", "vit", preprocess_cfg={"resize_mode": "squash"})
+    with pytest.raises(ValueError, match="resize_mode='squash'; ClipCapImageProcessor implements 'shortest'"):
+        ClipCapImageProcessor.from_open_clip(name)
+
+
+# ---------------------------------------------------------------- image embeddings
+
+
+@pytest.mark.parametrize("kind", ["vit", "resnet"])
+def test_image_features_equal_open_clip_encode_image(tmp_path, kind, gpt2_dir, tokenizer_dir):
+    name, clip = save_open_clip_local_dir(tmp_path / kind, kind, seed=3)
+    model = ClipCapForConditionalGeneration.from_vision_text_pretrained(
+        name, str(gpt2_dir), vision_backend="open_clip", prefix_length=3
+    ).eval()
+    processor = ClipCapProcessor.from_vision_text_pretrained(name, str(tokenizer_dir), vision_backend="open_clip")
+    assert model.config.prefix_dim == TINY_OPEN_CLIP_CFGS[kind]["embed_dim"]
+    assert model.config.open_clip_model_cfg["quick_gelu"] is (kind == "vit")
+
+    pixel_values = processor(images=odd_sized_images())["pixel_values"]
+    with torch.no_grad():
+        expected = clip.encode_image(pixel_values)
+        torch.testing.assert_close(model.get_image_features(pixel_values), expected, atol=1e-5, rtol=0)
+    # Captions from pixels go through the same embedding.
+    torch.testing.assert_close(
+        model.generate(pixel_values=pixel_values, max_new_tokens=4),
+        model.generate(image_embeds=expected, max_new_tokens=4),
+    )
+
+
+def test_saved_folder_rebuilds_the_tower_without_open_clip_weights(tmp_path, monkeypatch):
+    clip = tiny_open_clip("resnet", seed=5)
+    config = open_clip_config("resnet", mapping_type="transformer", prefix_length=3, clip_length=2,
+                              mapping_num_layers=1, mapping_num_heads=4, normalize_prefix=True)
+    model = ClipCapForConditionalGeneration(
+        config, vision_model=ClipCapOpenClipVisionModel(config.open_clip_model_cfg, visual=clip.visual)
+    ).eval()
+    model.save_pretrained(tmp_path)
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a saved folder must not fetch open_clip weights")
+
+    monkeypatch.setattr(open_clip, "create_model", no_download)
+    loaded = ClipCapForConditionalGeneration.from_pretrained(tmp_path).eval()
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.get_image_features(pixel_values), clip.encode_image(pixel_values))
+        torch.testing.assert_close(loaded(pixel_values=pixel_values).logits, model(pixel_values=pixel_values).logits)
+    assert not any(parameter.requires_grad for parameter in loaded.vision_model.parameters())
+
+
+def test_frozen_open_clip_tower_keeps_its_batch_norm_statistics_in_training():
+    clip = tiny_open_clip("resnet")
+    config = open_clip_config("resnet")
+    model = ClipCapForConditionalGeneration(
+        config, vision_model=ClipCapOpenClipVisionModel(config.open_clip_model_cfg, visual=clip.visual)
+    )
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = clip.encode_image(pixel_values)
+    model.train()
+    assert model.mapping_network.training and not model.vision_model.training
+    captions = torch.tensor([[5, 6], [7, 8]])
+    model(pixel_values=pixel_values, input_ids=captions, labels=captions).loss.backward()
+    with torch.no_grad():
+        torch.testing.assert_close(model.get_image_features(pixel_values), expected)
+
+
+def test_trust_remote_code_loads_an_open_clip_model_without_the_package(tmp_path, processor):
+    clip = tiny_open_clip("vit", seed=2)
+    config = open_clip_config("vit")
+    model = ClipCapForConditionalGeneration(
+        config, vision_model=ClipCapOpenClipVisionModel(config.open_clip_model_cfg, visual=clip.visual)
+    ).eval()
+    folder = tmp_path / "clipcap"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    assert (folder / "open_clip_vision.py").exists()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    torch.save(pixel_values, tmp_path / "pixels.pt")
+    expected = model.generate(pixel_values=pixel_values, max_new_tokens=5).tolist()
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        class BlockClipCap:
+            def find_spec(self, name, path=None, target=None):
+                if name == "clipcap_hf" or name.startswith("clipcap_hf."):
+                    raise ImportError("clipcap_hf is hidden for this test")
+        sys.meta_path.insert(0, BlockClipCap())
+        import torch
+        from transformers import AutoModel
+        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        pixel_values = torch.load({str(tmp_path / "pixels.pt")!r}, weights_only=True)
+        print(json.dumps(model.generate(pixel_values=pixel_values, max_new_tokens=5).tolist()))
+        """
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == expected
