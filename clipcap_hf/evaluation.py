@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,29 +43,34 @@ class EvaluationResult:
 
 
 @torch.no_grad()
-def generate_captions(
-    model, processor, image_paths: Sequence[str], batch_size: int = 32, **generate_kwargs
-) -> list[str]:
-    """Caption image files in batches, with a progress bar; an unreadable file is named in the error."""
-    from .data import open_image
+def iter_captions(
+    model, processor, image_paths: Sequence[str | os.PathLike], batch_size: int = 32, **generate_kwargs
+) -> Iterator[tuple[list[str | os.PathLike], list[str]]]:
+    """
+    Caption image files in batches, with a progress bar, yielding each batch's paths and captions as soon as they
+    are ready. An unreadable file stops the run with an error that names it.
+    """
+    from .image_processing_clipcap import load_image
 
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
-    captions: list[str] = []
     device = next(model.parameters()).device
-    with tqdm(total=len(image_paths), unit="image", desc="Captioning") as progress:
+    with tqdm(total=len(image_paths), unit="image", desc="Captioning", disable=len(image_paths) <= batch_size) as bar:
         for start in range(0, len(image_paths), batch_size):
-            images = []
-            for path in image_paths[start : start + batch_size]:
-                try:
-                    images.append(open_image(path))
-                except (OSError, ValueError) as error:
-                    raise ValueError(f"Cannot read image {path}: {error}") from error
-            inputs = processor(images=images).to(device)
-            generated = model.generate(**inputs, **generate_kwargs)
-            captions.extend(text.strip() for text in processor.batch_decode(generated, skip_special_tokens=True))
-            progress.update(len(images))
-    return captions
+            paths = list(image_paths[start : start + batch_size])
+            images = [load_image(path) for path in paths]
+            generated = model.generate(**processor(images=images).to(device), **generate_kwargs)
+            captions = [text.strip() for text in processor.batch_decode(generated, skip_special_tokens=True)]
+            bar.update(len(paths))
+            yield paths, captions
+
+
+def generate_captions(
+    model, processor, image_paths: Sequence[str | os.PathLike], batch_size: int = 32, **generate_kwargs
+) -> list[str]:
+    """Caption image files in batches (see [`iter_captions`]); returns one caption per file, in order."""
+    batches = iter_captions(model, processor, image_paths, batch_size, **generate_kwargs)
+    return [caption for _, captions in batches for caption in captions]
 
 
 def score_predictions(
@@ -224,6 +229,8 @@ def _load_split(args: argparse.Namespace):
 def evaluate_command(args: argparse.Namespace) -> int:
     from .data import group_by_image
 
+    if args.gallery and not Path(args.gallery).parent.is_dir():  # say so before the captioning, not after it
+        raise FileNotFoundError(f"--gallery: folder {Path(args.gallery).parent} does not exist.")
     dataset = _load_split(args)
     if args.predictions:
         # Re-score a predictions file (COCO results format) without running the model.
@@ -231,6 +238,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
         references = dict(zip(images["image_id"], images["references"]))
         domains = dict(zip(images["image_id"], images["domain"])) if "domain" in images.column_names else None
         result = score_predictions(load_coco_predictions(args.predictions), references, domains, args.metrics)
+        result.image_paths = dict(zip(images["image_id"], images["image_path"]))
     else:
         if not args.model:
             raise ValueError("Give --model (to caption the images) or --predictions (to score a results file).")
@@ -252,6 +260,20 @@ def evaluate_command(args: argparse.Namespace) -> int:
             do_sample=False,
         )
     paths = write_evaluation(result, args.output_dir)
+    if args.gallery:
+        from .gallery import GalleryRecord, write_gallery
+
+        records = [
+            GalleryRecord(
+                image=result.image_paths[image_id],
+                caption=caption,
+                references=result.references[image_id],
+                scores=result.per_image.get(image_id),
+                name=str(image_id),
+            )
+            for image_id, caption in result.predictions.items()
+        ]
+        print(f"Gallery: {write_gallery(records, args.gallery, title=f'Evaluation on {args.data}')}")
     print(markdown_table(result), end="")
     print(f"Predictions: {paths['predictions']}\nMetrics: {paths['metrics']}")
     if args.model_card:
@@ -282,6 +304,7 @@ def add_evaluate_parser(subparsers) -> None:
     parser.add_argument("--device", help="Default: cuda when available, else cpu.")
     parser.add_argument("--model-card", help="A model card (model_card.md) to fill with the results.")
     parser.add_argument("--dataset-name", help="Dataset name for the model card (default: from --data).")
+    parser.add_argument("--gallery", help="Also write an HTML page of the images, captions, references and scores.")
     parser.set_defaults(handler=evaluate_command)
 
 
@@ -290,6 +313,7 @@ __all__ = [
     "evaluate_dataset",
     "fill_model_card",
     "generate_captions",
+    "iter_captions",
     "markdown_table",
     "score_predictions",
     "write_evaluation",

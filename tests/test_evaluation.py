@@ -1,3 +1,4 @@
+import html
 import json
 import shutil
 
@@ -131,3 +132,20 @@ def test_predictions_for_unknown_images_are_reported(coco_files, tmp_path, capsy
             "--image-root", str(image_root), "--output-dir", str(tmp_path / "eval"), *FAST_METRICS]
     assert main(argv) == 2
     assert "99" in capsys.readouterr().err
+
+
+def test_evaluate_gallery_shows_scores_and_references(coco_files, tmp_path):
+    annotations, image_root = coco_files
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps([{"image_id": i, "caption": c[0]} for i, c in CAPTIONS.items()]))
+    gallery = tmp_path / "gallery.html"
+    argv = ["evaluate", "--predictions", str(predictions), "--data", str(annotations), "--data-format", "coco",
+            "--image-root", str(image_root), "--output-dir", str(tmp_path / "eval"), "--gallery", str(gallery),
+            *FAST_METRICS]
+    assert main(argv) == 0
+    page = gallery.read_text()
+    assert page.count("data:image/") >= 4  # every thumbnail embedded
+    for captions in CAPTIONS.values():
+        for caption in captions:
+            assert html.escape(caption) in page
+    assert "CIDEr" in page

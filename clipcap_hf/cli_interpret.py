@@ -1,0 +1,56 @@
+"""`clipcap interpret IMAGE... --model DIR`: print each prefix vector's nearest language model tokens.
+
+Kept apart from `interpretability.py`, which ships with saved models for `trust_remote_code` and so must not import
+the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+
+def interpret_command(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoProcessor
+
+    from . import ClipCapForConditionalGeneration
+    from .cli import expand_image_paths
+    from .image_processing_clipcap import load_image
+
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}.")
+    paths = expand_image_paths(args.images)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = ClipCapForConditionalGeneration.from_pretrained(args.model).to(device).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+
+    results = []
+    for path in paths:
+        inputs = processor(images=[load_image(path)]).to(device)
+        interpretation = model.interpret_prefix(**inputs, tokenizer=processor, top_k=args.top_k)[0]
+        if args.json:
+            results.append({"image": str(path), "prefix": dataclasses.asdict(interpretation)["matches"]})
+        else:
+            print(f"{path}\n{interpretation.format()}", flush=True)
+    if args.json:
+        json.dump(results, sys.stdout, indent=2, ensure_ascii=False)
+        sys.stdout.write("\n")
+    return 0
+
+
+def add_interpret_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "interpret",
+        help="Show each prefix vector's nearest language model tokens (the paper's prefix interpretability).",
+    )
+    parser.add_argument("images", nargs="+", help="Image files, folders of images, or glob patterns.")
+    parser.add_argument("--model", required=True, help="A ClipCap folder or Hub name.")
+    parser.add_argument("--top-k", type=int, default=5, help="Tokens shown per prefix vector, most similar first.")
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    parser.add_argument(
+        "--json", action="store_true", help="Print a JSON list of {image, prefix: [[{token_id, token, similarity}]]}."
+    )
+    parser.set_defaults(handler=interpret_command)

@@ -1,0 +1,125 @@
+"""Prefix interpretability: read ClipCap's prefix vectors back as language model tokens.
+
+The ClipCap paper interprets a prefix by mapping each of its vectors to the vocabulary token whose input embedding
+is closest by cosine similarity. This module does that for any batch of prefixes and any token embedding matrix.
+
+It needs torch only, on purpose: `modeling_clipcap.py` imports it, so it is saved next to the model code for
+`trust_remote_code` loading, and must not pull in anything that model folder cannot provide.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class TokenMatch:
+    """One vocabulary token near a prefix vector."""
+
+    token_id: int
+    """The token's id in the language model's vocabulary."""
+    token: str | None
+    """The token decoded on its own (leading spaces kept), or `None` when no tokenizer was given."""
+    similarity: float
+    """Cosine similarity between the prefix vector and the token's input embedding, in [-1, 1]."""
+
+    @property
+    def label(self) -> str:
+        """The token quoted (so that leading spaces and control characters show), or its id when not decoded."""
+        return repr(self.token) if self.token is not None else f"#{self.token_id}"
+
+
+@dataclass(frozen=True)
+class PrefixInterpretation:
+    """The nearest tokens of every prefix vector of one image."""
+
+    matches: list[list[TokenMatch]]
+    """`matches[position]` lists the `top_k` nearest tokens of that prefix vector, most similar first."""
+
+    @property
+    def tokens(self) -> list[str | None]:
+        """The nearest token of each prefix vector: the paper's reading of the prefix as words."""
+        return [position[0].token for position in self.matches]
+
+    def format(self) -> str:
+        """One line per prefix position: its nearest tokens, most similar first, each with its similarity."""
+        return "\n".join(
+            f"{position:>3}: " + "  ".join(f"{match.label} {match.similarity:.3f}" for match in candidates)
+            for position, candidates in enumerate(self.matches)
+        )
+
+
+def nearest_tokens(
+    prefix_embeds: torch.Tensor, token_embeddings: torch.Tensor, top_k: int = 5
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """
+    The `top_k` tokens whose embeddings are most cosine-similar to each prefix vector.
+
+    Args:
+        prefix_embeds (`torch.Tensor` of shape `(batch_size, prefix_length, hidden_size)`):
+            Prefix vectors, e.g. from [`ClipCapForConditionalGeneration.get_prefix_embeds`].
+        token_embeddings (`torch.Tensor` of shape `(vocab_size, hidden_size)`):
+            The language model's input embedding matrix.
+        top_k (`int`, *optional*, defaults to 5):
+            How many tokens to keep per prefix vector.
+
+    Returns:
+        `tuple(torch.Tensor, torch.Tensor)`: the similarities and the token ids, both of shape
+        `(batch_size, prefix_length, top_k)`, most similar first.
+    """
+    if top_k < 1 or top_k > token_embeddings.shape[0]:
+        raise ValueError(
+            f"`top_k` must be between 1 and the vocabulary size ({token_embeddings.shape[0]}), got {top_k}."
+        )
+    if prefix_embeds.shape[-1] != token_embeddings.shape[-1]:
+        raise ValueError(
+            f"Prefix vectors have width {prefix_embeds.shape[-1]} but token embeddings have width "
+            f"{token_embeddings.shape[-1]}; they must come from the same model."
+        )
+    # float32: half-precision cosine similarities lose the ordering between close tokens.
+    prefix = F.normalize(prefix_embeds.detach().float(), dim=-1)
+    vocabulary = F.normalize(token_embeddings.detach().to(prefix.device, torch.float32), dim=-1)
+    similarities = prefix @ vocabulary.T
+    return similarities.topk(top_k, dim=-1)
+
+
+def interpret_prefix_embeds(
+    prefix_embeds: torch.Tensor, token_embeddings: torch.Tensor, tokenizer=None, top_k: int = 5
+) -> list[PrefixInterpretation]:
+    """
+    Read a batch of prefixes back as tokens: each prefix vector's `top_k` nearest tokens by cosine similarity.
+
+    Args:
+        prefix_embeds (`torch.Tensor` of shape `(batch_size, prefix_length, hidden_size)`):
+            Prefix vectors.
+        token_embeddings (`torch.Tensor` of shape `(vocab_size, hidden_size)`):
+            The language model's input embedding matrix.
+        tokenizer (*optional*):
+            The language model's tokenizer, or a processor holding it. It decodes the tokens, and limits the
+            candidates to its vocabulary: embedding matrices padded beyond it hold rows that are never a token.
+        top_k (`int`, *optional*, defaults to 5):
+            How many tokens to keep per prefix vector.
+
+    Returns:
+        `list[PrefixInterpretation]`: one per image.
+    """
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor decodes with its tokenizer
+    if tokenizer is not None:
+        token_embeddings = token_embeddings[: len(tokenizer)]
+    similarities, token_ids = nearest_tokens(prefix_embeds, token_embeddings, top_k)
+    similarities, token_ids = similarities.tolist(), token_ids.tolist()
+    interpretations = []
+    for image_similarities, image_token_ids in zip(similarities, token_ids):
+        matches = []
+        for position_similarities, position_ids in zip(image_similarities, image_token_ids):
+            # Decoded one by one: each token's own text, not a merged string.
+            texts = [tokenizer.decode([token_id]) if tokenizer is not None else None for token_id in position_ids]
+            matches.append([TokenMatch(*match) for match in zip(position_ids, texts, position_similarities)])
+        interpretations.append(PrefixInterpretation(matches))
+    return interpretations
+
+
+__all__ = ["PrefixInterpretation", "TokenMatch", "interpret_prefix_embeds", "nearest_tokens"]

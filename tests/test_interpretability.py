@@ -1,0 +1,193 @@
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from conftest import random_images, tiny_model
+
+from clipcap_hf.cli import main
+
+# Words that the test tokenizer encodes as one token each, so that their embeddings are known rows.
+WORDS = [" do", "at", "!", "A"]
+
+
+def token_id(tokenizer, word):
+    ids = tokenizer.encode(word)
+    assert len(ids) == 1, f"{word!r} is not a single token: {ids}"
+    return ids[0]
+
+
+def set_constant_prefix(model, vectors):
+    """Make the MLP mapper output `vectors` (prefix_length, hidden) for every image: zero weight, bias = vectors."""
+    last = model.mapping_network.model[2]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(vectors.reshape(-1))
+
+
+@pytest.fixture
+def prefix_of_words(tokenizer):
+    """A tiny model whose prefix vectors are exactly the input embeddings of WORDS, whatever the image."""
+    model = tiny_model(tokenizer, "mlp")
+    ids = [token_id(tokenizer, word) for word in WORDS]
+    set_constant_prefix(model, model.get_input_embeddings().weight[ids].clone())
+    return model, ids
+
+
+def test_prefix_made_of_token_embeddings_reads_back_as_those_tokens(prefix_of_words, processor, tokenizer):
+    model, ids = prefix_of_words
+    pixel_values = processor(images=random_images(2))["pixel_values"]
+    interpretations = model.interpret_prefix(pixel_values=pixel_values, tokenizer=tokenizer, top_k=3)
+    assert len(interpretations) == 2
+    for interpretation in interpretations:
+        assert interpretation.tokens == WORDS
+        assert [position[0].token_id for position in interpretation.matches] == ids
+        for position in interpretation.matches:
+            assert position[0].similarity == pytest.approx(1.0, abs=1e-5)
+            assert len(position) == 3
+            assert position[0].similarity > position[1].similarity >= position[2].similarity
+
+
+def test_image_embeds_and_processor_as_tokenizer(prefix_of_words, processor):
+    model, ids = prefix_of_words
+    image_embeds = torch.randn(1, model.config.prefix_dim)
+    (interpretation,) = model.interpret_prefix(image_embeds=image_embeds, tokenizer=processor, top_k=1)
+    assert interpretation.tokens == WORDS
+    assert interpretation.format().splitlines() == ["  0: ' do' 1.000", "  1: 'at' 1.000", "  2: '!' 1.000",
+                                                    "  3: 'A' 1.000"]
+
+
+def test_ranking_is_by_cosine_similarity_not_by_dot_product(tokenizer):
+    model = tiny_model(tokenizer, "mlp")
+    a, b, d, c = (token_id(tokenizer, word) for word in WORDS)
+    embeddings = model.get_input_embeddings().weight
+    e0, e1 = torch.eye(embeddings.shape[1])[:2]
+    with torch.no_grad():
+        embeddings[:, :2] = 0  # every other token is orthogonal to the prefix: similarity exactly 0
+        embeddings[a] = 5 * e0  # same direction, longer: similarity 1
+        embeddings[b] = 0.6 * e0 + 0.8 * e1  # similarity 0.6
+        embeddings[d] = 10 * (0.5 * e0 + 0.75**0.5 * e1)  # similarity 0.5, but the largest dot product after `a`
+        embeddings[c] = -e0  # opposite: similarity -1, ranked last
+    set_constant_prefix(model, 2 * e0.expand(model.config.prefix_length, -1))
+    (interpretation,) = model.interpret_prefix(image_embeds=torch.randn(1, model.config.prefix_dim),
+                                               tokenizer=tokenizer, top_k=4)
+    for position in interpretation.matches:
+        assert [match.token_id for match in position[:3]] == [a, b, d]
+        assert [match.token for match in position[:3]] == [" do", "at", "!"]
+        assert [match.similarity for match in position] == pytest.approx([1.0, 0.6, 0.5, 0.0], abs=1e-5)
+    (interpretation,) = model.interpret_prefix(image_embeds=torch.randn(1, model.config.prefix_dim),
+                                               top_k=len(tokenizer))
+    assert interpretation.matches[0][-1].token_id == c
+    assert interpretation.matches[0][-1].similarity == pytest.approx(-1.0, abs=1e-5)
+
+
+def test_without_tokenizer_only_ids_are_given(prefix_of_words):
+    model, ids = prefix_of_words
+    (interpretation,) = model.interpret_prefix(image_embeds=torch.randn(1, model.config.prefix_dim), top_k=1)
+    assert [position[0].token_id for position in interpretation.matches] == ids
+    assert interpretation.tokens == [None] * len(ids)
+    assert interpretation.format().splitlines()[0] == f"  0: #{ids[0]} 1.000"
+
+
+def test_tokenizer_excludes_embedding_rows_beyond_its_vocabulary(tokenizer):
+    model = tiny_model(tokenizer, "mlp")
+    model.resize_token_embeddings(len(tokenizer) + 8)  # padded rows, as models padded to a multiple of 8 have
+    prefix = torch.randn(model.config.prefix_length, model.config.text_config.hidden_size)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[len(tokenizer)] = prefix[0]  # a padding row equal to a prefix vector
+    set_constant_prefix(model, prefix)
+    image_embeds = torch.randn(1, model.config.prefix_dim)
+    nearest = model.interpret_prefix(image_embeds=image_embeds, top_k=1)[0].matches[0][0]
+    assert nearest.token_id == len(tokenizer)
+    nearest = model.interpret_prefix(image_embeds=image_embeds, tokenizer=tokenizer, top_k=1)[0].matches[0][0]
+    assert nearest.token_id < len(tokenizer)
+    assert nearest.token is not None
+
+
+@pytest.mark.parametrize("mapping_type", ["mlp", "transformer"])
+def test_nearest_tokens_match_a_brute_force_search(tokenizer, mapping_type):
+    model = tiny_model(tokenizer, mapping_type)
+    image_embeds = torch.randn(2, model.config.prefix_dim)
+    interpretations = model.interpret_prefix(image_embeds=image_embeds, tokenizer=tokenizer, top_k=2)
+    with torch.no_grad():
+        prefix = model.get_prefix_embeds(image_embeds=image_embeds)
+    embeddings = model.get_input_embeddings().weight.detach()
+    for image, interpretation in enumerate(interpretations):
+        assert len(interpretation.matches) == model.config.prefix_length
+        for position, matches in enumerate(interpretation.matches):
+            scores = torch.cosine_similarity(prefix[image, position][None], embeddings, dim=-1).tolist()
+            best = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)[:2]
+            assert [match.token_id for match in matches] == best
+            assert [match.similarity for match in matches] == pytest.approx([scores[i] for i in best], abs=1e-5)
+
+
+@pytest.mark.parametrize("top_k", [0, 10_000])
+def test_top_k_out_of_range_is_rejected(mlp_model, top_k):
+    with pytest.raises(ValueError, match="`top_k` must be between 1 and the vocabulary size"):
+        mlp_model.interpret_prefix(image_embeds=torch.randn(1, mlp_model.config.prefix_dim), top_k=top_k)
+
+
+@pytest.fixture
+def saved_words_model(prefix_of_words, processor, tmp_path):
+    model, ids = prefix_of_words
+    folder = tmp_path / "words"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    image_path = tmp_path / "image.png"
+    random_images(1, seed=3)[0].save(image_path)
+    return folder, image_path, ids
+
+
+def test_interpret_command_prints_the_nearest_tokens(saved_words_model, capsys):
+    folder, image_path, ids = saved_words_model
+    assert main(["interpret", str(image_path), "--model", str(folder), "--top-k", "1"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        str(image_path), "  0: ' do' 1.000", "  1: 'at' 1.000", "  2: '!' 1.000", "  3: 'A' 1.000"
+    ]
+
+    assert main(["interpret", str(image_path), "--model", str(folder), "--top-k", "2", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["image"] == str(image_path)
+    assert [position[0]["token"] for position in result["prefix"]] == WORDS
+    assert [position[0]["token_id"] for position in result["prefix"]] == ids
+    assert all(position[0]["similarity"] == pytest.approx(1.0, abs=1e-5) for position in result["prefix"])
+    assert all(len(position) == 2 for position in result["prefix"])
+
+
+def test_interpret_command_rejects_bad_input(saved_words_model, tmp_path, capsys):
+    folder, image_path, _ = saved_words_model
+    assert main(["interpret", str(image_path), "--model", str(folder), "--top-k", "0"]) == 2
+    assert "--top-k must be at least 1, got 0" in capsys.readouterr().err
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    assert main(["interpret", str(broken), "--model", str(folder)]) == 2
+    assert f"Cannot read image {broken}" in capsys.readouterr().err
+
+
+def test_interpret_prefix_works_on_a_folder_loaded_with_remote_code(saved_words_model, tmp_path):
+    # interpretability.py travels with the saved model code, so trust_remote_code users have the method too.
+    folder, _, _ = saved_words_model
+    script = textwrap.dedent(
+        f"""
+        import json, sys
+        class BlockClipCap:
+            def find_spec(self, name, path=None, target=None):
+                if name == "clipcap_hf" or name.startswith("clipcap_hf."):
+                    raise ImportError("clipcap_hf is hidden for this test")
+        sys.meta_path.insert(0, BlockClipCap())
+        import torch
+        from transformers import AutoModel, AutoProcessor
+        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        processor = AutoProcessor.from_pretrained({str(folder)!r}, trust_remote_code=True)
+        (interpretation,) = model.interpret_prefix(image_embeds=torch.randn(1, model.config.prefix_dim),
+                                                   tokenizer=processor)
+        print(json.dumps(interpretation.tokens))
+        """
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == WORDS
