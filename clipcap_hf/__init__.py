@@ -15,6 +15,7 @@ from transformers import (
 )
 
 from .configuration_clipcap import ClipCapConfig
+from .convert_original import convert_original_checkpoint
 from .image_processing_clipcap import ClipCapImageProcessor
 from .modeling_clipcap import (
     ClipCapCausalLMOutputWithPast,
@@ -23,6 +24,7 @@ from .modeling_clipcap import (
     ClipCapPreTrainedModel,
     ClipCapTransformerMapper,
 )
+from .open_clip_vision import ClipCapOpenClipVisionModel
 from .pipeline_clipcap import ImageCaptioningPipeline
 from .processing_clipcap import ClipCapProcessor
 
@@ -49,8 +51,10 @@ __all__ = [
     "ClipCapForConditionalGeneration",
     "ClipCapImageProcessor",
     "ClipCapMLPMapper",
+    "ClipCapOpenClipVisionModel",
     "ClipCapPreTrainedModel",
     "ClipCapProcessor",
     "ClipCapTransformerMapper",
     "ImageCaptioningPipeline",
+    "convert_original_checkpoint",
 ]

@@ -9,6 +9,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from .convert_original import add_convert_parser
+from .evaluation import add_evaluate_parser
+from .cli_interpret import add_interpret_parser
+from .demo import add_demo_parser
+from .quickstart import add_quickstart_parser
+from .training import add_train_parser
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -32,55 +39,44 @@ def expand_image_paths(patterns: Sequence[str]) -> list[Path]:
     return unique
 
 
-def load_image(path: Path):
-    """Open an image file, naming the file when it cannot be decoded."""
-    import PIL.Image
-
-    try:
-        with PIL.Image.open(path) as image:
-            image.load()
-            return image.copy() if image.mode != "P" else image.convert("RGBA")
-    except (OSError, PIL.UnidentifiedImageError, ValueError) as error:
-        raise ValueError(f"Cannot read image {path}: {error}") from error
-
-
 def caption_command(args: argparse.Namespace) -> int:
     import torch
-    from tqdm.auto import tqdm
     from transformers import AutoProcessor
 
     from . import ClipCapForConditionalGeneration
+    from .evaluation import iter_captions
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    if args.gallery and not Path(args.gallery).parent.is_dir():  # say so before the captioning, not after it
+        raise FileNotFoundError(f"--gallery: folder {Path(args.gallery).parent} does not exist.")
     paths = expand_image_paths(args.images)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = ClipCapForConditionalGeneration.from_pretrained(args.model).to(device).eval()
     processor = AutoProcessor.from_pretrained(args.model)
 
     results = []
-    batches = [paths[start : start + args.batch_size] for start in range(0, len(paths), args.batch_size)]
-    progress = tqdm(total=len(paths), unit="image", desc="Captioning", disable=len(paths) <= args.batch_size)
-    for batch_paths in batches:
-        images = [load_image(path) for path in batch_paths]
-        inputs = processor(images=images).to(device)
-        generated = model.generate(
-            **inputs, num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, do_sample=False
-        )
-        captions = processor.batch_decode(generated, skip_special_tokens=True)
-        batch_results = [{"image": str(path), "caption": caption.strip()} for path, caption in zip(batch_paths, captions)]
+    batches = iter_captions(
+        model, processor, paths, args.batch_size,
+        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, do_sample=False,
+    )
+    for batch_paths, captions in batches:
+        batch_results = [{"image": str(path), "caption": caption} for path, caption in zip(batch_paths, captions)]
         if not args.json:  # print as we go, so an unreadable file later on loses none of the captions before it
             for result in batch_results:
                 print(f"{result['image']}\t{result['caption']}", flush=True)
         results.extend(batch_results)
-        progress.update(len(batch_paths))
-    progress.close()
 
     if args.json:
         json.dump(results, sys.stdout, indent=2, ensure_ascii=False)
         sys.stdout.write("\n")
+    if args.gallery:
+        from .gallery import GalleryRecord, write_gallery
+
+        records = [GalleryRecord(result["image"], result["caption"]) for result in results]
+        print(f"Gallery: {write_gallery(records, args.gallery, title=f'Captions by {args.model}')}", file=sys.stderr)
     return 0
 
 
@@ -93,11 +89,20 @@ def add_caption_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--json", action="store_true", help="Print a JSON list of {image, caption}.")
+    parser.add_argument("--gallery", default=None, help="Also write an HTML page of the images and their captions.")
     parser.set_defaults(handler=caption_command)
 
 
 # Each subcommand module contributes one `add_*_parser(subparsers)`; listed here so `clipcap --help` shows all.
-PARSER_BUILDERS: list[Callable] = [add_caption_parser]
+PARSER_BUILDERS: list[Callable] = [
+    add_caption_parser,
+    add_convert_parser,
+    add_evaluate_parser,
+    add_interpret_parser,
+    add_demo_parser,
+    add_quickstart_parser,
+    add_train_parser,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,7 +117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, ImportError) as error:
+        # An ImportError here is a missing optional extra (gradio, pycocoevalcap); its message says what to install.
         print(f"clipcap {args.command}: error: {error}", file=sys.stderr)
         return 2
 

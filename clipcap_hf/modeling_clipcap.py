@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionModelWithProjection, GenerationMixin, PreTrainedModel
+from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.utils import ModelOutput
 
-from .configuration_clipcap import ClipCapConfig
+from .configuration_clipcap import VISION_BACKENDS, ClipCapConfig
+from .open_clip_vision import ClipCapOpenClipVisionModel, resolve_open_clip_model
 
 
 @dataclass
@@ -22,8 +25,11 @@ class ClipCapCausalLMOutputWithPast(ModelOutput):
     Args:
         loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `labels` is provided):
             Next-token cross-entropy over the caption tokens (prefix and padding excluded).
-        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`):
+        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`, *optional*):
             Language model scores. When an image is given, `sequence_length` counts the prefix positions first.
+            `None` when the model is in training mode and `labels` are given: the loss is then computed from the
+            scores at the caption positions only, and the full tensor is never materialized. Put the model in eval
+            mode (`model.eval()`) to get both the loss and the logits.
         past_key_values (`Cache`, *optional*):
             The language model's key/value cache, for fast decoding.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*):
@@ -151,12 +157,50 @@ class ClipCapPreTrainedModel(PreTrainedModel):
     _skip_keys_device_placement = ["past_key_values"]
 
     def _init_weights(self, module: nn.Module) -> None:
-        # The mapper keeps PyTorch's default initialisation, as the paper's code does; the vision tower and the
-        # language model are initialised by their own classes.
+        # Only the mapper is ours to initialise, with PyTorch's defaults as the paper's code does. The vision tower and
+        # the language model are initialised by their own classes (open_clip's tower in its constructor), and may
+        # hold pretrained weights already.
         if isinstance(module, ClipCapTransformerMapper):
             nn.init.normal_(module.prefix_const)
-        elif isinstance(module, (nn.Linear, nn.LayerNorm)):
-            module.reset_parameters()
+        if isinstance(module, (ClipCapMLPMapper, ClipCapTransformerMapper)):
+            for layer in module.modules():
+                if isinstance(layer, (nn.Linear, nn.LayerNorm)):
+                    layer.reset_parameters()
+
+
+def load_pretrained_vision_model(
+    vision_model_name_or_path: str, vision_backend: str = "clip", open_clip_pretrained: str | None = None
+) -> tuple[nn.Module, dict[str, Any]]:
+    r"""
+    A pretrained CLIP image tower, and the [`ClipCapConfig`] fields that describe it.
+
+    Args:
+        vision_model_name_or_path (`str`):
+            `"clip"` backend: a transformers CLIP checkpoint on the Hub or on disk (`"openai/clip-vit-base-patch32"`).
+            `"open_clip"` backend: an open_clip model name (`"RN50x4"`, `"local-dir:PATH"`, `"hf-hub:ORG/REPO"`).
+        vision_backend (`str`, *optional*, defaults to `"clip"`):
+            `"clip"` or `"open_clip"`.
+        open_clip_pretrained (`str`, *optional*):
+            `"open_clip"` backend with a built-in model name: the pretrained tag (`"openai"`) or a weights file.
+    """
+    if vision_backend not in VISION_BACKENDS:
+        raise ValueError(f"`vision_backend` must be one of {VISION_BACKENDS}, got {vision_backend!r}.")
+    if vision_backend == "clip":
+        if open_clip_pretrained is not None:
+            raise ValueError("`open_clip_pretrained` only applies to vision_backend='open_clip'.")
+        vision_model = CLIPVisionModelWithProjection.from_pretrained(vision_model_name_or_path)
+        return vision_model, {"vision_config": vision_model.config}
+    model_cfg = resolve_open_clip_model(vision_model_name_or_path, open_clip_pretrained)[0]
+    vision_model = ClipCapOpenClipVisionModel.from_open_clip_pretrained(
+        vision_model_name_or_path, open_clip_pretrained, model_cfg
+    )
+    vision_fields = {
+        "vision_backend": "open_clip",
+        "open_clip_model_name": vision_model_name_or_path,
+        "open_clip_pretrained": open_clip_pretrained,
+        "open_clip_model_cfg": model_cfg,
+    }
+    return vision_model, vision_fields
 
 
 class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
@@ -175,13 +219,18 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     def __init__(
         self,
         config: ClipCapConfig,
-        vision_model: PreTrainedModel | None = None,
+        vision_model: PreTrainedModel | ClipCapOpenClipVisionModel | None = None,
         language_model: PreTrainedModel | None = None,
     ):
         super().__init__(config)
-        self.vision_model = (
-            vision_model if vision_model is not None else CLIPVisionModelWithProjection(config.vision_config)
-        )
+        if vision_model is None:
+            # An open_clip tower is built from its config with random weights; the checkpoint fills them, so loading a
+            # saved model never downloads open_clip weights.
+            if config.vision_backend == "open_clip":
+                vision_model = ClipCapOpenClipVisionModel(config.open_clip_model_cfg)
+            else:
+                vision_model = CLIPVisionModelWithProjection(config.vision_config)
+        self.vision_model = vision_model
         mapper_class = ClipCapMLPMapper if config.mapping_type == "mlp" else ClipCapTransformerMapper
         self.mapping_network = mapper_class(config)
         self.language_model = (
@@ -189,6 +238,10 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         )
         self.post_init()
         self.freeze_vision_model()
+        # Every non -100 label is a prediction target (the first caption token is predicted by the last prefix
+        # vector). The "ForConditionalGeneration" loss type would make Trainer count only `labels[:, 1:]` for
+        # `num_items_in_batch`, one token short per caption; the loss is computed by `_caption_loss` instead.
+        self.loss_type = None
         if self.generation_config.pad_token_id is None:
             # Batched captions end at different lengths; pad them with EOS, as GPT-2-style models have no pad token.
             eos_token_id = self.generation_config.eos_token_id
@@ -201,6 +254,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         text_model_name_or_path: str,
         mapping_type: str = "mlp",
         prefix_length: int = 10,
+        vision_backend: str = "clip",
+        open_clip_pretrained: str | None = None,
         **config_kwargs,
     ) -> ClipCapForConditionalGeneration:
         r"""
@@ -210,9 +265,14 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         Args:
             vision_model_name_or_path (`str`):
                 A CLIP checkpoint on the Hub or on disk, e.g. `"openai/clip-vit-base-patch32"` (a full CLIP or a
-                `CLIPVisionModelWithProjection` checkpoint).
+                `CLIPVisionModelWithProjection` checkpoint); with `vision_backend="open_clip"`, an open_clip model
+                name such as `"RN50x4"`.
             text_model_name_or_path (`str`):
                 A causal LM checkpoint, e.g. `"gpt2"`.
+            vision_backend (`str`, *optional*, defaults to `"clip"`):
+                `"clip"` (transformers' CLIP) or `"open_clip"`.
+            open_clip_pretrained (`str`, *optional*):
+                open_clip backend: the pretrained tag, e.g. `"openai"`.
             mapping_type, prefix_length, **config_kwargs:
                 The remaining [`ClipCapConfig`] fields (`clip_length`, `mapping_num_layers`, `normalize_prefix`...).
 
@@ -223,15 +283,29 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         ...     "openai/clip-vit-base-patch32", "gpt2", mapping_type="transformer", prefix_length=40
         ... )
         >>> processor = ClipCapProcessor.from_vision_text_pretrained("openai/clip-vit-base-patch32", "gpt2")
+
+        >>> # open_clip's RN50x4, as in the paper's transformer release
+        >>> model = ClipCapForConditionalGeneration.from_vision_text_pretrained(
+        ...     "RN50x4", "gpt2", vision_backend="open_clip", open_clip_pretrained="openai", mapping_type="transformer",
+        ...     prefix_length=40, normalize_prefix=True,
+        ... )
         ```
         """
-        vision_model = CLIPVisionModelWithProjection.from_pretrained(vision_model_name_or_path)
+        vision_model, vision_fields = load_pretrained_vision_model(
+            vision_model_name_or_path, vision_backend, open_clip_pretrained
+        )
         language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path)
+        # Building a composite config resets its sub-configs' attention implementation (transformers 4.x); the parts
+        # are built already and keep theirs.
+        attn_implementation = {"text_config": language_model.config._attn_implementation}
+        if "vision_config" in vision_fields:
+            attn_implementation["vision_config"] = vision_model.config._attn_implementation
         config = ClipCapConfig(
-            vision_config=vision_model.config,
+            **vision_fields,
             text_config=language_model.config,
             mapping_type=mapping_type,
             prefix_length=prefix_length,
+            attn_implementation=attn_implementation,
             **config_kwargs,
         )
         return cls(config, vision_model=vision_model, language_model=language_model)
@@ -285,6 +359,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """CLIP's projected image embedding (what OpenAI CLIP's `encode_image` returns), shape `(batch, prefix_dim)`."""
+        if self.config.vision_backend == "open_clip":
+            return self.vision_model(pixel_values)
         return self.vision_model(pixel_values=pixel_values).image_embeds
 
     def get_prefix_embeds(
@@ -313,6 +389,41 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             image_embeds = image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
         mapper_dtype = next(self.mapping_network.parameters()).dtype
         return self.mapping_network(image_embeds.to(mapper_dtype))
+
+    @torch.no_grad()
+    def interpret_prefix(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        image_embeds: torch.FloatTensor | None = None,
+        tokenizer=None,
+        top_k: int = 5,
+    ) -> list:
+        r"""
+        Read each image's prefix back as words, as in the paper: every prefix vector's `top_k` nearest tokens by
+        cosine similarity to the language model's input embeddings.
+
+        Args:
+            pixel_values / image_embeds: the images, as for [`~ClipCapForConditionalGeneration.get_prefix_embeds`].
+            tokenizer (*optional*):
+                The tokenizer (or processor) that decodes the tokens; without it only the token ids are given.
+            top_k (`int`, *optional*, defaults to 5):
+                How many tokens to keep per prefix vector.
+
+        Returns:
+            `list[PrefixInterpretation]` (from `clipcap_hf.interpretability`): one per image; its `tokens` are the
+            nearest token of each prefix vector and its `matches` hold the ids, tokens and similarities.
+
+        Example:
+
+        ```python
+        >>> interpretation = model.interpret_prefix(**processor(images=image), tokenizer=processor)[0]
+        >>> print(interpretation.format())
+        ```
+        """
+        from .interpretability import interpret_prefix_embeds
+
+        prefix_embeds = self.get_prefix_embeds(pixel_values=pixel_values, image_embeds=image_embeds)
+        return interpret_prefix_embeds(prefix_embeds, self.get_input_embeddings().weight, tokenizer, top_k)
 
     def _prepend_prefix(
         self,
@@ -372,7 +483,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 Mask over `input_ids`; the prefix positions are always attended.
             labels (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*):
                 Targets aligned with `input_ids` (usually a copy of them), -100 where no loss is wanted (padding).
-                The loss is next-token cross-entropy over the caption tokens only.
+                The loss is next-token cross-entropy over the caption tokens only. In training mode the LM head is
+                applied only at the positions that predict a label, and `logits` is returned as `None`.
 
         Example:
 
@@ -394,6 +506,29 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         # Trainer adds `num_items_in_batch` for the loss; the language model must not see it.
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         kwargs["return_dict"] = True
+        if labels is not None and self.training and self._lm_head_is_plain_projection():
+            # Training needs LM-head scores only where a caption token is predicted: skip the prefix and padding
+            # positions, which would otherwise cost a vocabulary-wide matmul and softmax each.
+            outputs = self.language_model.base_model(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                past_key_values=past_key_values,
+                use_cache=use_cache,
+                **kwargs,
+            )
+            return ClipCapCausalLMOutputWithPast(
+                loss=self._caption_loss(
+                    outputs.last_hidden_state, labels, num_items_in_batch, self.get_output_embeddings()
+                ),
+                logits=None,
+                past_key_values=outputs.past_key_values,
+                hidden_states=outputs.hidden_states,
+                attentions=outputs.attentions,
+                prefix_embeds=prefix_embeds,
+            )
+
         outputs = self.language_model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
@@ -410,12 +545,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         if labels is not None:
             # Logits may cover only the last `logits_to_keep` positions; align the labels with them.
             labels = labels[:, labels.shape[1] - logits.shape[1] :]
-            loss = self.loss_function(
-                logits,
-                labels,
-                vocab_size=logits.shape[-1],
-                num_items_in_batch=num_items_in_batch,
-            )
+            loss = self._caption_loss(logits, labels, num_items_in_batch)
 
         return ClipCapCausalLMOutputWithPast(
             loss=loss,
@@ -425,6 +555,33 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             prefix_embeds=prefix_embeds,
         )
+
+    def _lm_head_is_plain_projection(self) -> bool:
+        """Whether the language model's logits are exactly `output_embeddings(last_hidden_state)`."""
+        # A few families rescale or soft-cap their logits after the LM head; those keep the full forward.
+        text_config = self.config.text_config
+        return self.get_output_embeddings() is not None and not any(
+            getattr(text_config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+        )
+
+    def _caption_loss(
+        self,
+        states: torch.FloatTensor,
+        labels: torch.LongTensor,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        output_embeddings: nn.Module | None = None,
+    ) -> torch.FloatTensor:
+        """
+        Next-token cross-entropy over the positions whose next label is not -100. `states` are logits, or hidden
+        states when `output_embeddings` is given: it is then applied at those positions only.
+        """
+        labels = labels.to(states.device)
+        targets = labels[:, 1:]  # position t predicts token t + 1
+        predicting = targets != -100
+        scores = states[:, :-1][predicting]
+        if output_embeddings is not None:
+            scores = output_embeddings(scores)
+        return fixed_cross_entropy(scores.float(), targets[predicting], num_items_in_batch=num_items_in_batch)
 
     @torch.no_grad()
     def generate(
@@ -492,4 +649,5 @@ __all__ = [
     "ClipCapMLPMapper",
     "ClipCapPreTrainedModel",
     "ClipCapTransformerMapper",
+    "load_pretrained_vision_model",
 ]

@@ -121,3 +121,74 @@ def greedy_loop(model, image_embeds, max_new_tokens, prompt_ids=None, eos_token_
         if next_token == eos_token_id:
             break
     return tokens if prompt_ids is not None else new_tokens
+
+
+# ---------------------------------------------------------------- tiny open_clip models (pretrained=None, no download)
+
+_OPEN_CLIP_TEXT_CFG = {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}
+TINY_OPEN_CLIP_CFGS = {
+    # A ViT with QuickGELU, as OpenAI's weights use, and a ModifiedResNet (the RN50x4 family).
+    "vit": {"embed_dim": 24, "quick_gelu": True, "text_cfg": _OPEN_CLIP_TEXT_CFG,
+            "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 8, "patch_size": 8}},
+    "resnet": {"embed_dim": 24, "text_cfg": _OPEN_CLIP_TEXT_CFG,
+               "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16}},
+}
+
+
+def tiny_open_clip(kind: str, seed: int = 0):
+    """A tiny open_clip CLIP with random weights, built from a config dict."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    clip = open_clip.CLIP(**TINY_OPEN_CLIP_CFGS[kind]).eval()
+    with torch.no_grad():  # give batch norms non-trivial statistics, so that eval/train mode differences show
+        for module in clip.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    return clip
+
+
+def save_open_clip_local_dir(folder, kind: str, seed: int = 0, preprocess_cfg=None):
+    """Save a tiny open_clip model in open_clip's own folder format; returns its 'local-dir:' name and the model."""
+    import json
+
+    from safetensors.torch import save_file
+
+    clip = tiny_open_clip(kind, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": TINY_OPEN_CLIP_CFGS[kind], "preprocess_cfg": preprocess_cfg or {}}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    save_file({name: tensor.contiguous() for name, tensor in clip.state_dict().items()},
+              str(folder / "open_clip_model.safetensors"))
+    return f"local-dir:{folder}", clip
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory, tokenizer):
+    """The tiny tokenizer saved in a folder, for code that loads tokenizers by name or path."""
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+CAPTIONED_IMAGES = {
+    "a.png": ["A dog runs on the beach.", "Two cats sleep!"],
+    "b.png": ["A red circle above a blue square.", "People walk."],
+    "c.png": "A man rides a bicycle down the street.",
+    "sub/d.png": ["A small green triangle.", "A dog runs."],
+}
+
+
+@pytest.fixture
+def caption_folder(tmp_path):
+    """An image folder (metadata.jsonl): four images, seven captions (one image has a single caption)."""
+    import json
+
+    folder = tmp_path / "images"
+    for (name, texts), image in zip(CAPTIONED_IMAGES.items(), random_images(len(CAPTIONED_IMAGES))):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        image.save(folder / name)
+    lines = [json.dumps({"file_name": name, "text": texts}) for name, texts in CAPTIONED_IMAGES.items()]
+    (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return folder

@@ -1,0 +1,268 @@
+"""Training throughput at GPT-2-small size: our Trainer recipes against a loop doing what the paper's code does.
+
+For each recipe, (a) MLP mapper + fine-tuned GPT-2 (prefix 10, 512-d CLIP embedding) and (b) transformer mapper +
+frozen GPT-2 (prefix 40, clip length 40, 8 layers, 640-d), two runs from cached CLIP embeddings, batch 40, caption
+lengths drawn from N(11.5, 2.5) tokens:
+
+- reference: the paper's `train()`: every batch padded to the dataset's longest caption, GPT-2's full forward (LM-head
+  logits and a 50,257-way softmax on every position, prefix and padding included, `ignore_index=0`), and in (b) the
+  frozen GPT-2's weights still require gradients (only the mapper is in the optimizer), as in `ClipCaptionPrefix`;
+- ours: `ClipCapTrainer` with `ClipCapDataCollator` (per-batch padding, EOS appended) and the model's training loss
+  (LM head applied at caption positions only; a frozen LM gets no weight gradients).
+
+Both use the same model classes, attention kernel and optimizer (`torch.optim.AdamW`, Trainer's `adamw_torch`). Each
+run is a subprocess, so `peak_rss_gb` (the process's peak resident memory) is its own. `matmul_fraction` is the
+run's counted FLOPs per second (torch's FlopCounterMode over forward and backward) divided by the machine's fp32
+matmul rate (a 2048x2048 `torch.mm`). Prints one JSON line.
+
+    python benchmarks/bench_train.py [--steps 3] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+BATCH_SIZE = 40
+CAPTION_MEAN, CAPTION_SD = 11.5, 2.5
+DATASET_CAPTIONS = 10_000  # the global padding length is the longest of these, as the paper's loader computes it
+RECIPES = {
+    "a": {"mapping_type": "mlp", "prefix_length": 10, "prefix_dim": 512, "freeze_language_model": False},
+    "b": {"mapping_type": "transformer", "prefix_length": 40, "clip_length": 40, "mapping_num_layers": 8,
+          "prefix_dim": 640, "freeze_language_model": True},
+}  # fmt: skip
+
+
+def caption_lengths(count: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(np.rint(rng.normal(CAPTION_MEAN, CAPTION_SD, count)), 1, None).astype(int)
+
+
+def build_model(recipe: dict):
+    from transformers import CLIPVisionConfig, GPT2Config
+
+    from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration
+
+    settings = {key: value for key, value in recipe.items() if key != "freeze_language_model"}
+    # The vision tower is never run (training from cached embeddings); keep it tiny.
+    vision_config = CLIPVisionConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1,
+                                     image_size=32, patch_size=32, projection_dim=settings["prefix_dim"])  # fmt: skip
+    torch.manual_seed(0)
+    model = ClipCapForConditionalGeneration(
+        ClipCapConfig(vision_config=vision_config, text_config=GPT2Config(), **settings)
+    )
+    if recipe["freeze_language_model"]:
+        model.freeze_language_model()
+    return model
+
+
+def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _timed(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def count_flops(model, batches) -> float:
+    """Mean forward + backward FLOPs per batch (matmuls and attention), as torch counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    total = 0
+    for batch in batches:
+        with FlopCounterMode(display=False) as counter:
+            model(**batch).loss.backward()
+        model.zero_grad(set_to_none=True)
+        total += counter.get_total_flops()
+    return total / len(batches)
+
+
+# ---------------------------------------------------------------- reference: the paper's training loop
+
+
+def run_reference(recipe: dict, steps: int) -> dict:
+    model = build_model(recipe)
+    if recipe["freeze_language_model"]:
+        model.language_model.requires_grad_(True)  # ClipCaptionPrefix optimizes the mapper, yet GPT-2 keeps gradients
+    model.train()
+    language_model, prefix_length = model.language_model, recipe["prefix_length"]
+    if recipe["freeze_language_model"]:
+        language_model.eval()  # ClipCaptionPrefix.train() keeps GPT-2 in eval mode
+    trained = model.mapping_network if recipe["freeze_language_model"] else model
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=2e-5)
+    max_length = int(caption_lengths(DATASET_CAPTIONS).max())
+    generator = torch.Generator().manual_seed(1)
+    lengths = caption_lengths(BATCH_SIZE * (steps + 1), seed=2)
+
+    def batch(index: int) -> dict:
+        tokens = torch.zeros(BATCH_SIZE, max_length, dtype=torch.long)  # the paper pads with 0
+        for row, length in enumerate(lengths[index * BATCH_SIZE : (index + 1) * BATCH_SIZE]):
+            tokens[row, :length] = torch.randint(1, 50257, (length,), generator=generator)
+        mask = torch.cat((torch.ones(BATCH_SIZE, prefix_length), (tokens > 0).float()), dim=1)
+        return {"tokens": tokens, "mask": mask, "prefix": torch.randn(BATCH_SIZE, recipe["prefix_dim"], generator=generator)}
+
+    def loss_of(data: dict) -> torch.Tensor:
+        prefix = model.mapping_network(data["prefix"])
+        embeds = torch.cat((prefix, language_model.transformer.wte(data["tokens"])), dim=1)
+        logits = language_model(inputs_embeds=embeds, attention_mask=data["mask"]).logits
+        logits = logits[:, prefix_length - 1 : -1]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), data["tokens"].flatten(), ignore_index=0)
+
+    times = []
+    batches = [batch(index) for index in range(steps + 1)]
+    for data in batches:
+        start = time.perf_counter()
+        model.zero_grad()
+        loss_of(data).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        times.append(time.perf_counter() - start)
+
+    class Wrapped(torch.nn.Module):  # FlopCounterMode needs `model(**batch).loss`
+        def forward(self, **data):
+            return type("Output", (), {"loss": loss_of(data)})
+
+    flops = count_flops(Wrapped(), batches[1:])
+    return {"step_seconds": times[1:], "flops_per_step": flops, "padded_length": max_length}
+
+
+# ---------------------------------------------------------------- ours: Trainer + collator + the model's loss
+
+
+def word_tokenizer():
+    """A GPT-2-sized vocabulary of one-token words (no tokenizer files can be downloaded here)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{index}": index for index in range(50257)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="w50256", unk_token="w0")
+
+
+def run_ours(recipe: dict, steps: int) -> dict:
+    import datasets
+    from transformers import TrainerCallback, TrainingArguments
+
+    from clipcap_hf import ClipCapImageProcessor, ClipCapProcessor
+    from clipcap_hf.data import ClipCapDataCollator
+    from clipcap_hf.training import ClipCapTrainer
+
+    model = build_model(recipe)
+    processor = ClipCapProcessor(ClipCapImageProcessor(size=32, crop_size=32), word_tokenizer())
+    generator = torch.Generator().manual_seed(1)
+    # Lengths count the EOS the collator appends, so captions have the same token counts as the reference's.
+    lengths = caption_lengths(BATCH_SIZE * (steps + 1), seed=2) - 1
+    captions = [" ".join(f"w{i}" for i in torch.randint(1, 50256, (max(n, 1),), generator=generator).tolist()) for n in lengths]
+    dataset = datasets.Dataset.from_dict({"caption": captions, "image_index": list(range(len(captions)))})
+    table = torch.randn(len(captions), recipe["prefix_dim"], generator=generator)
+    batches = []
+
+    class Recording(ClipCapDataCollator):
+        def __call__(self, features):
+            batch = super().__call__(features)
+            batches.append(batch)
+            return batch
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = StepTimer()
+    args = TrainingArguments(
+        output_dir="/tmp/bench_train", per_device_train_batch_size=BATCH_SIZE, max_steps=steps + 1, learning_rate=2e-5,
+        optim="adamw_torch", save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True,
+        disable_tqdm=True, logging_strategy="no",
+    )  # fmt: skip
+    trainer = ClipCapTrainer(
+        model=model, args=args, train_dataset=dataset, callbacks=[timer],
+        data_collator=Recording(processor, image_embeds=table),
+    )  # fmt: skip
+    trainer.train()
+    # The collator runs before on_step_begin, so step times leave it out: add it back from a separate timing.
+    collate_seconds = min(_timed(lambda: trainer.data_collator([dataset[i] for i in range(BATCH_SIZE)])) for _ in range(3))
+    model.train()
+    flops = count_flops(model, batches[1 : steps + 1])
+    return {
+        "step_seconds": [t + collate_seconds for t in timer.times[1:]],
+        "flops_per_step": flops,
+        "padded_length": float(np.mean([b["input_ids"].shape[1] for b in batches[1 : steps + 1]])),
+    }
+
+
+def child(variant: str, implementation: str, steps: int) -> None:
+    recipe = RECIPES[variant]
+    result = (run_ours if implementation == "ours" else run_reference)(recipe, steps)
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result["matmul_flops_per_second"] = matmul_rate()
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=3, help="Timed steps per run (after one warm-up step).")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    parser.add_argument("--child", nargs=2, metavar=("VARIANT", "IMPLEMENTATION"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.child:
+        child(*args.child, args.steps)
+        return
+
+    report = {"batch_size": BATCH_SIZE, "caption_tokens": f"N({CAPTION_MEAN}, {CAPTION_SD})", "steps": args.steps,
+              "threads": args.threads or torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+              "torch": torch.__version__}  # fmt: skip
+    targets = {"a": 1.4, "b": 1.5}
+    for variant in RECIPES:
+        runs = {}
+        for implementation in ("reference", "ours"):
+            command = [sys.executable, __file__, "--steps", str(args.steps), "--child", variant, implementation]
+            if args.threads:
+                command += ["--threads", str(args.threads)]
+            output = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
+            if not lines:
+                raise RuntimeError(f"{variant}/{implementation} failed:\n{output.stderr[-3000:]}")
+            runs[implementation] = json.loads(lines[-1][len("RESULT ") :])
+        for implementation, run in runs.items():
+            seconds = float(np.mean(run["step_seconds"]))
+            report[f"{variant}_{implementation}"] = {
+                "samples_per_second": round(BATCH_SIZE / seconds, 2),
+                "peak_rss_gb": round(run["peak_rss_gb"], 2),
+                "padded_length": round(run["padded_length"], 1),
+                "gflops_per_step": round(run["flops_per_step"] / 1e9, 1),
+                "matmul_fraction": round(run["flops_per_step"] / seconds / run["matmul_flops_per_second"], 3),
+            }
+        ours, reference = report[f"{variant}_ours"], report[f"{variant}_reference"]
+        report[f"{variant}_speedup"] = round(ours["samples_per_second"] / reference["samples_per_second"], 2)
+        report[f"{variant}_flop_ratio"] = round(reference["gflops_per_step"] / ours["gflops_per_step"], 2)
+        report[f"{variant}_target"] = targets[variant]
+        report[f"{variant}_memory_ratio"] = round(ours["peak_rss_gb"] / reference["peak_rss_gb"], 2)
+    report["machine_matmul_gflops"] = round(runs["ours"]["matmul_flops_per_second"] / 1e9, 1)
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main()

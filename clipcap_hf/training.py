@@ -1,0 +1,576 @@
+"""Training ClipCap with the Hugging Face `Trainer`: recipes, argument dataclasses, caption evaluation and LoRA.
+
+Three recipes (see [`RECIPES`]) set the defaults of a run; any argument given explicitly overrides them:
+
+- `mlp_finetune`: the paper's MLP mapper (prefix 10) with GPT-2 fine-tuned: lr 2e-5, 5000 warmup steps, batch 40,
+  10 epochs;
+- `transformer_frozen`: the paper's transformer mapper (prefix 40, clip length 40, 8 layers) with a frozen GPT-2,
+  which stays in eval mode (no dropout) and gets no gradients;
+- `lora`: the MLP mapper, fully trained, with LoRA adapters (peft) on the language model's linear layers.
+
+Run it with `clipcap train ...` or `python examples/run_clipcap.py ...` (the same arguments), e.g.
+
+```bash
+clipcap train --recipe transformer_frozen --dataset_format coco-karpathy --train_file dataset_coco.json \\
+    --image_root coco/ --output_dir clipcap-coco --do_train --do_eval --eval_strategy epoch
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+import transformers
+from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from .data import (
+    DATASET_FORMATS,
+    ClipCapDataCollator,
+    check_images,
+    count_truncated_captions,
+    embed_images,
+    group_by_image,
+    load_caption_dataset,
+    open_image,
+)
+from .modeling_clipcap import ClipCapForConditionalGeneration
+from .processing_clipcap import ClipCapProcessor
+
+logger = logging.getLogger(__name__)
+
+# Arguments each recipe puts before the user's own, so that anything given on the command line wins.
+RECIPES: dict[str, list[str]] = {
+    "mlp_finetune": [
+        "--mapping_type", "mlp", "--prefix_length", "10",
+        "--learning_rate", "2e-5", "--warmup_steps", "5000", "--per_device_train_batch_size", "40",
+        "--num_train_epochs", "10",
+    ],
+    "transformer_frozen": [
+        "--mapping_type", "transformer", "--prefix_length", "40", "--clip_length", "40", "--mapping_num_layers", "8",
+        "--normalize_prefix", "true", "--freeze_language_model", "true",
+        "--learning_rate", "2e-5", "--warmup_steps", "5000", "--per_device_train_batch_size", "40",
+        "--num_train_epochs", "10",
+    ],
+    "lora": [
+        "--mapping_type", "mlp", "--prefix_length", "10", "--use_lora", "true", "--save_merged_model", "true",
+        "--learning_rate", "2e-4", "--warmup_steps", "1000", "--per_device_train_batch_size", "40",
+        "--num_train_epochs", "10",
+    ],
+}  # fmt: skip
+# Every recipe: the collator needs the caption column, which Trainer would otherwise drop.
+COMMON_DEFAULTS = ["--remove_unused_columns", "false"]
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train, and which of its parts."""
+
+    recipe: str | None = field(
+        default=None,
+        metadata={"help": "Defaults of a published setup; explicit arguments override them.", "choices": sorted(RECIPES)},
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A ClipCap checkpoint (folder or Hub name) to continue from. Else a new model is built from "
+                  "--vision_model_name_or_path and --text_model_name_or_path."},
+    )  # fmt: skip
+    vision_model_name_or_path: str = field(
+        default="openai/clip-vit-base-patch32", metadata={"help": "The CLIP checkpoint of a new model."}
+    )
+    text_model_name_or_path: str = field(default="gpt2", metadata={"help": "The causal LM of a new model."})
+    mapping_type: str = field(default="mlp", metadata={"help": "New model: 'mlp' or 'transformer'."})
+    prefix_length: int = field(default=10, metadata={"help": "New model: number of prefix vectors."})
+    clip_length: int | None = field(default=None, metadata={"help": "New transformer mapper: CLIP projection length."})
+    mapping_num_layers: int = field(default=8, metadata={"help": "New transformer mapper: layers."})
+    normalize_prefix: bool = field(default=False, metadata={"help": "New model: L2-normalize the CLIP embedding."})
+    freeze_language_model: bool = field(default=False, metadata={"help": "Train the mapper only (frozen LM)."})
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LM (peft) and the mapper."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated module names to adapt; default: every linear layer of the LM except its "
+                  "output layer."},
+    )  # fmt: skip
+    save_merged_model: bool = field(
+        default=False,
+        metadata={"help": "LoRA: also save the adapters merged into a plain checkpoint, in output_dir/merged."},
+    )
+
+
+@dataclass
+class DataArguments:
+    """Which data to train and evaluate on, and how."""
+
+    dataset_format: str = field(
+        default="imagefolder", metadata={"help": f"One of {', '.join(sorted(DATASET_FORMATS))}."}
+    )
+    train_file: str | None = field(
+        default=None,
+        metadata={"help": "Training captions: the Karpathy JSON (which also holds validation/test), a COCO or nocaps "
+                  "JSON, a Conceptual Captions TSV, or the image folder."},
+    )  # fmt: skip
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Evaluation captions (not needed for coco-karpathy)."}
+    )
+    validation_format: str | None = field(
+        default=None, metadata={"help": "Format of validation_file, when it differs (e.g. nocaps)."}
+    )
+    image_root: str | None = field(default=None, metadata={"help": "Folder the image paths are relative to."})
+    validation_image_root: str | None = field(default=None, metadata={"help": "Default: image_root."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training captions."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N evaluation captions."})
+    max_caption_length: int = field(default=40, metadata={"help": "Caption tokens kept (EOS included)."})
+    use_embedding_cache: bool = field(
+        default=True,
+        metadata={"help": "Train from CLIP embeddings computed once per image (frozen vision tower only)."},
+    )
+    embedding_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where embeddings are cached; default: the datasets cache."}
+    )
+    embedding_batch_size: int = field(default=64, metadata={"help": "Images per vision forward when caching."})
+    preprocessing_num_workers: int = field(default=0, metadata={"help": "Workers decoding images."})
+    on_bad_image: str = field(
+        default="error",
+        metadata={"help": "A missing or unreadable image: 'error' stops before training, 'skip' drops its captions."},
+    )
+    generation_num_beams: int = field(default=1, metadata={"help": "Beams when captioning the evaluation images."})
+    generation_max_new_tokens: int = field(default=30, metadata={"help": "Longest generated caption."})
+    eval_caption_metrics: str | None = field(
+        default=None,
+        metadata={"help": "Comma-separated COCO metrics for the evaluation captions (bleu, meteor, rouge, cider, "
+                  "spice); needs pycocoevalcap."},
+    )  # fmt: skip
+
+    def __post_init__(self):
+        for name in ("dataset_format", "validation_format"):
+            value = getattr(self, name)
+            if value is not None and value not in DATASET_FORMATS:
+                raise ValueError(f"--{name} must be one of {sorted(DATASET_FORMATS)}, got {value!r}.")
+        if self.on_bad_image not in ("error", "skip"):
+            raise ValueError(f"--on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def build_model(model_args: ModelArguments) -> tuple[ClipCapForConditionalGeneration, ClipCapProcessor]:
+    """Load a ClipCap checkpoint, or assemble a new one from a pretrained CLIP and language model."""
+    if model_args.model_name_or_path is not None:
+        model = ClipCapForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
+        processor = ClipCapProcessor.from_pretrained(model_args.model_name_or_path)
+        return model, processor
+    config_kwargs = {"mapping_num_layers": model_args.mapping_num_layers, "normalize_prefix": model_args.normalize_prefix}
+    if model_args.mapping_type == "transformer":
+        config_kwargs["clip_length"] = model_args.clip_length
+    model = ClipCapForConditionalGeneration.from_vision_text_pretrained(
+        model_args.vision_model_name_or_path,
+        model_args.text_model_name_or_path,
+        mapping_type=model_args.mapping_type,
+        prefix_length=model_args.prefix_length,
+        **config_kwargs,
+    )
+    processor = ClipCapProcessor.from_vision_text_pretrained(
+        model_args.vision_model_name_or_path, model_args.text_model_name_or_path
+    )
+    return model, processor
+
+
+def lora_target_modules(model: ClipCapForConditionalGeneration) -> str:
+    """A peft regex matching every linear layer of the language model except its output layer."""
+    output_layer = model.get_output_embeddings()
+    names = {
+        name.rsplit(".", 1)[-1]
+        for name, module in model.language_model.named_modules()
+        if isinstance(module, (torch.nn.Linear, transformers.pytorch_utils.Conv1D)) and module is not output_layer
+    }
+    return rf"language_model\..*\.({'|'.join(sorted(map(re.escape, names)))})"
+
+
+def add_lora(model: ClipCapForConditionalGeneration, model_args: ModelArguments):
+    """
+    Wrap the model in a peft `PeftModel`: LoRA adapters on the language model, the mapping network fully trained
+    (and saved with the adapters, as a `modules_to_save`), everything else frozen.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if model_args.lora_target_modules:
+        names = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
+        target_modules = rf"language_model\..*\.({'|'.join(map(re.escape, names))})"
+    else:
+        target_modules = lora_target_modules(model)
+    # GPT-2's Conv1D layers store their weight transposed; peft must know to adapt them correctly.
+    conv1d = transformers.pytorch_utils.Conv1D
+    lora_config = LoraConfig(
+        fan_in_fan_out=any(isinstance(module, conv1d) for module in model.language_model.modules()),
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=target_modules,
+        modules_to_save=["mapping_network"],
+    )
+    return get_peft_model(model, lora_config)
+
+
+def load_lora_model(adapter_dir: str | os.PathLike, base_model_name_or_path: str | None = None):
+    """
+    Reload a LoRA run: the base ClipCap (by default the one recorded in `adapter_config.json`) with the adapters
+    and the trained mapping network from `adapter_dir`. Returns a `PeftModel`; `.merge_and_unload()` gives a plain
+    [`ClipCapForConditionalGeneration`].
+    """
+    from peft import PeftConfig, PeftModel
+
+    base_path = base_model_name_or_path or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    base = ClipCapForConditionalGeneration.from_pretrained(base_path)
+    return PeftModel.from_pretrained(base, adapter_dir)
+
+
+def merge_lora(
+    adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, base_model_name_or_path: str | None = None
+) -> ClipCapForConditionalGeneration:
+    """Merge a LoRA run's adapters into its base model and save a plain checkpoint (with the processor)."""
+    model = load_lora_model(adapter_dir, base_model_name_or_path).merge_and_unload()
+    model.save_pretrained(output_dir)
+    ClipCapProcessor.from_pretrained(adapter_dir).save_pretrained(output_dir)
+    return model
+
+
+def log_trainable_parameters(model: torch.nn.Module) -> None:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%).")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Evaluation by captioning
+
+
+@torch.no_grad()
+def generate_captions(
+    model,
+    processor: ClipCapProcessor,
+    images: datasets.Dataset,
+    image_embeds: torch.Tensor | None = None,
+    batch_size: int = 32,
+    **generate_kwargs,
+) -> list[str]:
+    """
+    Caption each row of `images`: rows with `image_index` into `image_embeds` (the embedding cache), or rows with an
+    `image` or `image_path`. Returns the decoded, stripped captions in row order.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    captions: list[str] = []
+    for start in range(0, len(images), batch_size):
+        rows = images[start : start + batch_size]
+        if image_embeds is not None:
+            inputs = {"image_embeds": image_embeds[torch.tensor(rows["image_index"])].to(device)}
+        else:
+            pictures = rows["image"] if "image" in rows else [open_image(path) for path in rows["image_path"]]
+            inputs = {"pixel_values": processor.image_processor(pictures, return_tensors="pt")["pixel_values"].to(device)}
+        generated = model.generate(**inputs, **generate_kwargs)
+        captions.extend(caption.strip() for caption in processor.batch_decode(generated, skip_special_tokens=True))
+    model.train(was_training)
+    return captions
+
+
+class ClipCapTrainer(Trainer):
+    r"""
+    A `Trainer` whose evaluation also captions every evaluation image and reports it.
+
+    Loss alone does not reveal the classic captioning failure, a model giving every image the same caption; so each
+    evaluation generates one caption per unique image and logs `{prefix}_distinct_captions` (how many different
+    captions) and `{prefix}_distinct_caption_ratio`, optional COCO metrics against the references, and writes the
+    captions to `output_dir/predictions/{prefix}_step{N}.json`. The work is split between processes.
+
+    Args:
+        caption_eval_dataset: one row per image (see [`group_by_image`]) with `references`.
+        caption_eval_embeds: the embedding table its `image_index` points into; `None` to caption from pixels.
+        processor: decodes the captions (and preprocesses pixels).
+        generation_kwargs: passed to `generate`, e.g. `{"num_beams": 5, "max_new_tokens": 30}`.
+        caption_metrics: names for [`compute_caption_metrics`], e.g. `["bleu", "cider"]`.
+    """
+
+    def __init__(
+        self,
+        *args,
+        caption_eval_dataset: datasets.Dataset | None = None,
+        caption_eval_embeds: torch.Tensor | None = None,
+        processor: ClipCapProcessor | None = None,
+        generation_kwargs: dict[str, Any] | None = None,
+        caption_metrics: Sequence[str] = (),
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if caption_eval_dataset is not None and processor is None:
+            raise ValueError("ClipCapTrainer needs the `processor` to decode evaluation captions.")
+        self.caption_eval_dataset = caption_eval_dataset
+        self.caption_eval_embeds = caption_eval_embeds
+        self.processor = processor
+        self.generation_kwargs = generation_kwargs or {}
+        self.caption_metrics = list(caption_metrics)
+
+    def evaluation_loop(self, *args, **kwargs):
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        if self.caption_eval_dataset is not None:
+            output.metrics.update(self.evaluate_captions(prefix))
+        return output
+
+    def evaluate_captions(self, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Caption the evaluation images (split across processes), write them out and return the metrics."""
+        from accelerate.utils import gather_object
+
+        images = self.caption_eval_dataset
+        model = self.accelerator.unwrap_model(self.model)
+        with self.accelerator.split_between_processes(list(range(len(images))), apply_padding=True) as rows:
+            captions = generate_captions(
+                model,
+                self.processor,
+                images.select(rows),
+                self.caption_eval_embeds,
+                batch_size=self.args.per_device_eval_batch_size,
+                **self.generation_kwargs,
+            )
+        captions = gather_object(captions)[: len(images)]  # padding repeated the last rows
+
+        distinct = len(set(captions))
+        metrics = {
+            f"{metric_key_prefix}_distinct_captions": distinct,
+            f"{metric_key_prefix}_distinct_caption_ratio": round(distinct / len(captions), 4),
+        }
+        if self.caption_metrics:
+            from .metrics import compute_caption_metrics
+
+            scores = compute_caption_metrics(
+                dict(enumerate(captions)), dict(enumerate(images["references"])), metrics=self.caption_metrics
+            )
+            metrics.update({f"{metric_key_prefix}_{name}": round(value, 4) for name, value in scores.items()})
+        if self.is_world_process_zero():
+            if distinct == 1 and len(captions) > 1:
+                logger.warning(f"The model gives all {len(captions)} evaluation images the same caption: {captions[0]!r}")
+            self._write_predictions(images, captions, metric_key_prefix)
+        return metrics
+
+    def _write_predictions(self, images: datasets.Dataset, captions: list[str], prefix: str) -> None:
+        folder = Path(self.args.output_dir) / "predictions"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{prefix}_step{self.state.global_step}.json"
+        records = [
+            {"image_id": image_id, "caption": caption, "references": references, "image_path": image_path}
+            for image_id, caption, references, image_path in zip(
+                images["image_id"], captions, images["references"], images["image_path"]
+            )
+        ]
+        path.write_text(json.dumps(records, indent=1, ensure_ascii=False))
+        logger.info(f"Wrote {len(records)} evaluation captions to {path}.")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_splits(data_args: DataArguments) -> tuple[datasets.Dataset | None, datasets.Dataset | None]:
+    """The training and evaluation caption datasets named by the arguments (either may be `None`)."""
+    train = validation = None
+    if data_args.train_file is not None:
+        loaded = load_caption_dataset(data_args.dataset_format, data_args.train_file, data_args.image_root)
+        if isinstance(loaded, datasets.DatasetDict):  # the Karpathy file holds every split
+            train, validation = loaded.get("train"), loaded.get("validation")
+        else:
+            train = loaded
+    if data_args.validation_file is not None:
+        validation = load_caption_dataset(
+            data_args.validation_format or data_args.dataset_format,
+            data_args.validation_file,
+            data_args.validation_image_root or data_args.image_root,
+        )
+    if train is not None and data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if validation is not None and data_args.max_eval_samples is not None:
+        validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
+    return train, validation
+
+
+def prepare_images(
+    dataset: datasets.DatasetDict, model, processor: ClipCapProcessor, data_args: DataArguments, device: torch.device
+) -> tuple[datasets.DatasetDict, torch.Tensor | None]:
+    """Add cached CLIP embeddings (or, training from pixels, check that every image opens)."""
+    if not data_args.use_embedding_cache:
+        return check_images(dataset, data_args.on_bad_image, data_args.preprocessing_num_workers), None
+    cache_dir = data_args.embedding_cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "clipcap_embeddings")
+    return embed_images(
+        dataset,
+        model,
+        processor.image_processor,
+        cache_dir,
+        batch_size=data_args.embedding_batch_size,
+        device=device,
+        num_workers=data_args.preprocessing_num_workers,
+        on_bad_image=data_args.on_bad_image,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def parse_args(
+    args: Sequence[str] | None = None, prog: str | None = None
+) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """
+    Parse command-line arguments (or one JSON file). The defaults of the `--recipe` named come first, so arguments
+    given explicitly override them.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog=prog)
+    if len(args) == 1 and args[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(args[0]))
+    recipe_parser = argparse.ArgumentParser(add_help=False)
+    recipe_parser.add_argument("--recipe", choices=sorted(RECIPES), default=None)
+    recipe = recipe_parser.parse_known_args(args)[0].recipe
+    return parser.parse_args_into_dataclasses(args=COMMON_DEFAULTS + RECIPES.get(recipe, []) + args)
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    """Log from the main process only (at `--log_level`), replicas at `--log_level_replica`, as the examples do."""
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict[str, float]:
+    """Run training and/or evaluation as the arguments say; returns the final metrics."""
+    setup_logging(training_args)
+    logger.warning(
+        f"Process rank: {training_args.process_index}, device: {training_args.device}, "
+        f"world size: {training_args.world_size}, bf16: {training_args.bf16}, fp16: {training_args.fp16}"
+    )
+    last_checkpoint = None
+    if training_args.do_train and os.path.isdir(training_args.output_dir):
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+            logger.info(f"Resuming from {last_checkpoint}; use another --output_dir to start afresh.")
+    set_seed(training_args.seed)
+
+    model, processor = build_model(model_args)
+    train_dataset, eval_dataset = load_splits(data_args)
+    if training_args.do_train and train_dataset is None:
+        raise ValueError("--do_train needs --train_file.")
+    if training_args.do_eval and eval_dataset is None:
+        raise ValueError("--do_eval needs --validation_file (or a coco-karpathy --train_file).")
+    if data_args.use_embedding_cache and any(p.requires_grad for p in model.vision_model.parameters()):
+        raise ValueError("The embedding cache needs a frozen vision tower; pass --use_embedding_cache false.")
+
+    # The main process computes the embeddings; the others then find them in the cache. Both splits share one
+    # embedding table, so one collator serves training and evaluation batches.
+    splits = datasets.DatasetDict(
+        {name: split for name, split in (("train", train_dataset), ("eval", eval_dataset)) if split is not None}
+    )
+    with training_args.main_process_first(desc="image embeddings"):
+        splits, image_embeds = prepare_images(splits, model, processor, data_args, training_args.device)
+    train_dataset, eval_dataset = splits.get("train"), splits.get("eval")
+
+    if model_args.freeze_language_model:
+        model.freeze_language_model()
+    if model_args.use_lora:
+        if model.name_or_path in ("", None) or not os.path.isdir(model.name_or_path):
+            # The adapters need a base model to load into later: save the freshly assembled one once.
+            base_dir = os.path.join(training_args.output_dir, "base_model")
+            if training_args.should_save:
+                model.save_pretrained(base_dir)
+                processor.save_pretrained(base_dir)
+            model.name_or_path = os.path.abspath(base_dir)
+        model = add_lora(model, model_args)
+    log_trainable_parameters(model)
+
+    collator = ClipCapDataCollator(processor, image_embeds=image_embeds, max_caption_length=data_args.max_caption_length)
+    trainer = ClipCapTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset if training_args.do_train else None,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        caption_eval_dataset=group_by_image(eval_dataset) if eval_dataset is not None else None,
+        caption_eval_embeds=image_embeds,
+        processor=processor,
+        generation_kwargs={
+            "num_beams": data_args.generation_num_beams,
+            "max_new_tokens": data_args.generation_max_new_tokens,
+        },
+        caption_metrics=[m.strip() for m in (data_args.eval_caption_metrics or "").split(",") if m.strip()],
+    )
+
+    metrics: dict[str, float] = {}
+    if training_args.do_train:
+        metrics["train_truncated_captions"] = count_truncated_captions(
+            train_dataset, processor, data_args.max_caption_length
+        )
+        if metrics["train_truncated_captions"]:
+            logger.info(
+                f"{metrics['train_truncated_captions']} of {len(train_dataset)} training captions are longer than "
+                f"--max_caption_length ({data_args.max_caption_length} tokens, EOS included) and will be cut."
+            )
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        trainer.save_model()
+        if trainer.is_world_process_zero():
+            processor.save_pretrained(training_args.output_dir)
+            if model_args.use_lora and model_args.save_merged_model:
+                merge_lora(training_args.output_dir, os.path.join(training_args.output_dir, "merged"))
+        metrics.update(result.metrics)
+        metrics["train_samples"] = len(train_dataset)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        eval_metrics["eval_samples"] = len(eval_dataset)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    return metrics
+
+
+def main(args: Sequence[str] | None = None, prog: str | None = None) -> dict[str, float]:
+    """Entry point of `clipcap train` and `examples/run_clipcap.py`."""
+    return train(*parse_args(args, prog=prog))
+
+
+def add_train_parser(subparsers) -> None:
+    """`clipcap train ARGS...`: the arguments of `examples/run_clipcap.py`, forwarded as they are."""
+    # No option of its own (prefix '+'), so every `--flag` reaches HfArgumentParser, `--help` included.
+    parser = subparsers.add_parser(
+        "train", add_help=False, prefix_chars="+", help="Train a ClipCap model (see `clipcap train --help`)."
+    )
+    parser.add_argument("arguments", nargs=argparse.REMAINDER)
+    parser.set_defaults(handler=_train_command)
+
+
+def _train_command(parsed: argparse.Namespace) -> int:
+    main(parsed.arguments, prog="clipcap train")
+    return 0

@@ -1,0 +1,356 @@
+"""Caption dataset loaders, the CLIP embedding cache and the data collator."""
+
+import json
+from unittest import mock
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import IMAGE_SIZE, build_tokenizer, random_images, tiny_model
+
+from clipcap_hf import ClipCapImageProcessor, ClipCapProcessor
+from clipcap_hf.data import (
+    ClipCapDataCollator,
+    ImageEmbeddingCache,
+    check_images,
+    embed_images,
+    group_by_image,
+    load_caption_dataset,
+    load_coco_captions,
+    load_coco_karpathy,
+    load_conceptual_captions,
+    load_image_folder,
+    load_nocaps,
+)
+
+
+def write_images(folder, names, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, image in zip(names, random_images(len(names), seed=seed)):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        image.save(folder / name)
+
+
+@pytest.fixture
+def image_folder(caption_folder):
+    return caption_folder
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def test_karpathy_split_one_row_per_caption_restval_is_training(tmp_path):
+    data = {
+        "images": [
+            {"filepath": "train2014", "filename": "t1.jpg", "split": "train", "cocoid": 1,
+             "sentences": [{"raw": "A cat."}, {"raw": " A dog. "}]},
+            {"filepath": "val2014", "filename": "r1.jpg", "split": "restval", "cocoid": 2, "sentences": [{"raw": "A car."}]},
+            {"filepath": "val2014", "filename": "v1.jpg", "split": "val", "cocoid": 3, "sentences": [{"raw": "A bus."}]},
+            {"filepath": "val2014", "filename": "e1.jpg", "split": "test", "cocoid": 4,
+             "sentences": [{"raw": "A boat."}, {"raw": "A ship."}]},
+        ]
+    }  # fmt: skip
+    (tmp_path / "dataset_coco.json").write_text(json.dumps(data))
+    splits = load_coco_karpathy(tmp_path / "dataset_coco.json", tmp_path / "coco")
+    assert sorted(splits) == ["test", "train", "validation"]
+    assert splits["train"]["caption"] == ["A cat.", "A dog.", "A car."]
+    assert splits["train"]["image_id"] == [1, 1, 2]
+    assert splits["train"]["image_path"] == [
+        str(tmp_path / "coco/train2014/t1.jpg"), str(tmp_path / "coco/train2014/t1.jpg"), str(tmp_path / "coco/val2014/r1.jpg")
+    ]  # fmt: skip
+    assert splits["validation"]["caption"] == ["A bus."]
+    assert splits["test"]["image_id"] == [4, 4]
+
+
+def test_coco_captions_and_nocaps(tmp_path):
+    data = {
+        "images": [{"id": 7, "file_name": "x.jpg", "domain": "out-domain"}, {"id": 9, "file_name": "y.jpg", "domain": "in-domain"}],
+        "annotations": [{"image_id": 9, "caption": "A tree."}, {"image_id": 7, "caption": "A lamp."},
+                        {"image_id": 9, "caption": "A big tree."}],
+    }  # fmt: skip
+    (tmp_path / "captions.json").write_text(json.dumps(data))
+    coco = load_coco_captions(tmp_path / "captions.json", tmp_path)
+    assert coco["image_id"] == [9, 7, 9]
+    assert coco["image_path"] == [str(tmp_path / "y.jpg"), str(tmp_path / "x.jpg"), str(tmp_path / "y.jpg")]
+    assert "domain" not in coco.column_names
+    nocaps = load_nocaps(tmp_path / "captions.json", tmp_path)
+    assert nocaps["domain"] == ["in-domain", "out-domain", "in-domain"]
+
+    data["annotations"].append({"image_id": 5, "caption": "A ghost."})
+    (tmp_path / "captions.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"annotations\[3\] refers to image_id 5, which is not listed"):
+        load_coco_captions(tmp_path / "captions.json", tmp_path)
+
+
+def test_conceptual_captions_tsv(tmp_path):
+    (tmp_path / "train.tsv").write_text("caption\timage\na \"quoted\" sky\t0001.jpg\na road\tdir/0002.jpg\n")
+    dataset = load_conceptual_captions(tmp_path / "train.tsv", tmp_path / "cc")
+    assert dataset["caption"] == ['a "quoted" sky', "a road"]
+    assert dataset["image_path"] == [str(tmp_path / "cc/0001.jpg"), str(tmp_path / "cc/dir/0002.jpg")]
+    assert dataset["image_id"] == ["0001.jpg", "dir/0002.jpg"]
+
+    (tmp_path / "urls.tsv").write_text("a sky\thttps://example.com/1.jpg\n")
+    with pytest.raises(ValueError, match=r"urls.tsv: line 1 gives an image URL \(https://example.com/1.jpg\)"):
+        load_conceptual_captions(tmp_path / "urls.tsv", tmp_path)
+
+
+def test_image_folder_jsonl_lists_and_csv(image_folder):
+    dataset = load_image_folder(image_folder)
+    assert len(dataset) == 7
+    assert dataset["image_id"][:3] == ["a.png", "a.png", "b.png"]
+    assert dataset["caption"][4] == "A man rides a bicycle down the street."
+    assert dataset["image_path"][-1] == str(image_folder / "sub/d.png")
+
+    (image_folder / "metadata.jsonl").unlink()
+    (image_folder / "metadata.csv").write_text('file_name,text\na.png,"A dog, running."\nb.png,A cat.\n')
+    dataset = load_caption_dataset("imagefolder", image_folder)
+    assert dataset["caption"] == ["A dog, running.", "A cat."]
+
+
+@pytest.mark.parametrize(
+    "file_name, content, loader, record",
+    [
+        ("k.json", {"images": [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": "ok"}, {"raw": "  "}]}]},
+         lambda path: load_coco_karpathy(path, "."), r"k.json: images\[0\] \(a.jpg\) sentences\[1\] has an empty caption"),
+        ("c.json", {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1, "caption": ""}]},
+         lambda path: load_coco_captions(path, "."), r"c.json: annotations\[0\] \(image a.jpg\) has an empty caption"),
+        ("t.tsv", "fine\ta.jpg\n \t\tb.jpg\n", lambda path: load_conceptual_captions(path, "."),
+         r"t.tsv: line 2 \(\) has an empty caption|t.tsv: line 2 .* has an empty caption"),
+        ("metadata.jsonl", '{"file_name": "a.png", "text": ["fine", "\\t"]}\n', lambda path: load_image_folder(path.parent),
+         r"metadata.jsonl: line 1 \(a.png\) text\[1\] has an empty caption"),
+    ],
+)  # fmt: skip
+def test_empty_captions_are_rejected_naming_the_record(tmp_path, file_name, content, loader, record):
+    path = tmp_path / file_name
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ValueError, match=record):
+        loader(path)
+
+
+def test_unknown_format_and_missing_metadata(tmp_path):
+    with pytest.raises(ValueError, match="Unknown dataset format 'flickr'"):
+        load_caption_dataset("flickr", tmp_path)
+    with pytest.raises(FileNotFoundError, match="has no metadata.jsonl or metadata.csv"):
+        load_image_folder(tmp_path)
+
+
+def test_group_by_image_collects_references(image_folder):
+    grouped = group_by_image(load_image_folder(image_folder))
+    assert grouped["image_id"] == ["a.png", "b.png", "c.png", "sub/d.png"]
+    assert grouped["references"][0] == ["A dog runs on the beach.", "Two cats sleep!"]
+    assert grouped["references"][2] == ["A man rides a bicycle down the street."]
+
+
+# ---------------------------------------------------------------- embedding cache
+
+
+@pytest.fixture
+def tokenizer_and_processor():
+    tokenizer = build_tokenizer()
+    return tokenizer, ClipCapProcessor(ClipCapImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE), tokenizer)
+
+
+def count_vision_images(model):
+    """Patch the vision tower's forward to count the images it sees (and still compute)."""
+    seen = []
+    original = model.vision_model.forward
+
+    def counting_forward(pixel_values=None, **kwargs):
+        seen.append(pixel_values.shape[0])
+        return original(pixel_values=pixel_values, **kwargs)
+
+    return seen, mock.patch.object(model.vision_model, "forward", counting_forward)
+
+
+def test_embedding_cache_embeds_each_image_once_in_batches_and_is_reused(tmp_path, image_folder, tokenizer_and_processor):
+    tokenizer, processor = tokenizer_and_processor
+    model = tiny_model(tokenizer)
+    dataset = load_image_folder(image_folder)
+    seen, patch = count_vision_images(model)
+    with patch:
+        embedded, table = embed_images(dataset, model, processor.image_processor, tmp_path / "cache", batch_size=3)
+    assert seen == [3, 1]  # 4 unique images of 7 captions, in batches of 3
+    assert embedded["image_index"] == [0, 0, 1, 1, 2, 3, 3]
+    assert table.shape == (4, 24) and table.dtype == torch.float32
+    names = ["a.png", "b.png", "c.png", "sub/d.png"]
+    pixels = processor.image_processor([PIL.Image.open(image_folder / name) for name in names])["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(table, model.get_image_features(pixels), atol=1e-5, rtol=1e-5)
+
+    # A second run, or another split of the same images, reads the cache: no vision forward.
+    seen.clear()
+    with patch:
+        again, table_again = embed_images(dataset.select([4, 6]), model, processor.image_processor, tmp_path / "cache")
+    assert seen == []
+    assert again["image_index"] == [0, 1]
+    assert torch.equal(table_again, table[[2, 3]])
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_changed_preprocessing_or_weights_recompute_and_a_foreign_cache_is_refused(
+    tmp_path, image_folder, tokenizer_and_processor
+):
+    tokenizer, processor = tokenizer_and_processor
+    model = tiny_model(tokenizer)
+    dataset = load_image_folder(image_folder)
+    _, table = embed_images(dataset, model, processor.image_processor, tmp_path / "cache")
+
+    other_processor = ClipCapImageProcessor(size=IMAGE_SIZE + 8, crop_size=IMAGE_SIZE)
+    seen, patch = count_vision_images(model)
+    with patch:
+        _, resized = embed_images(dataset, model, other_processor, tmp_path / "cache")
+    assert sum(seen) == 4
+    assert not torch.allclose(resized, table)
+
+    with torch.no_grad():
+        model.vision_model.visual_projection.weight.mul_(2)
+    seen.clear()
+    with patch:
+        _, doubled = embed_images(dataset, model, processor.image_processor, tmp_path / "cache")
+    assert sum(seen) == 4
+    torch.testing.assert_close(doubled, 2 * table, atol=1e-5, rtol=1e-5)
+    assert len(list((tmp_path / "cache").iterdir())) == 3
+
+    # Pointing at one cache folder made by another tower is an error, not a silent reuse.
+    first_cache = ImageEmbeddingCache(tmp_path / "cache", tiny_model(tokenizer), processor.image_processor).directory
+    with pytest.raises(ValueError, match="was computed with another vision tower or image preprocessing"):
+        embed_images(dataset, model, processor.image_processor, first_cache)
+
+
+def test_dataset_dict_splits_share_one_table(tmp_path, image_folder, tokenizer_and_processor):
+    import datasets
+
+    tokenizer, processor = tokenizer_and_processor
+    dataset = load_image_folder(image_folder)
+    splits = datasets.DatasetDict({"train": dataset.select(range(4)), "eval": dataset.select([2, 4, 5])})
+    embedded, table = embed_images(splits, tiny_model(tokenizer), processor.image_processor, tmp_path / "cache")
+    assert embedded["train"]["image_index"] == [0, 0, 1, 1]
+    assert embedded["eval"]["image_index"] == [1, 2, 3]
+    assert table.shape[0] == 4
+
+
+def corrupt_images(image_folder):
+    (image_folder / "b.png").write_bytes(b"not a png at all")
+    (image_folder / "c.png").unlink()
+
+
+def test_bad_images_stop_the_run_naming_file_and_record_but_keep_the_good_embeddings(
+    tmp_path, image_folder, tokenizer_and_processor
+):
+    tokenizer, processor = tokenizer_and_processor
+    model = tiny_model(tokenizer)
+    corrupt_images(image_folder)
+    dataset = load_image_folder(image_folder)
+    with pytest.raises(ValueError) as error:
+        embed_images(dataset, model, processor.image_processor, tmp_path / "cache")
+    message = str(error.value)
+    assert message.startswith("2 image(s) cannot be read; nothing was trained.")
+    assert f"{image_folder / 'b.png'}: UnidentifiedImageError" in message
+    assert "(record: row 2, image_id 'b.png')" in message
+    assert f"{image_folder / 'c.png'}: file not found (record: row 4, image_id 'c.png')" in message
+
+    # The two readable images were cached: after fixing the files, only the fixed ones are computed.
+    write_images(image_folder, ["b.png", "c.png"], seed=5)
+    seen, patch = count_vision_images(model)
+    with patch:
+        embed_images(dataset, model, processor.image_processor, tmp_path / "cache")
+    assert sum(seen) == 2
+
+
+def test_bad_images_can_be_skipped_with_a_count(tmp_path, image_folder, tokenizer_and_processor, caplog):
+    tokenizer, processor = tokenizer_and_processor
+    corrupt_images(image_folder)
+    dataset = load_image_folder(image_folder)
+    with caplog.at_level("WARNING"):
+        embedded, table = embed_images(
+            dataset, tiny_model(tokenizer), processor.image_processor, tmp_path / "cache", on_bad_image="skip"
+        )
+    assert embedded["image_id"] == ["a.png", "a.png", "sub/d.png", "sub/d.png"]
+    assert embedded["image_index"] == [0, 0, 1, 1]
+    assert table.shape[0] == 2
+    assert "Skipped 2 unreadable image(s) and their 3 caption(s)" in caplog.text
+
+    checked = check_images(dataset, on_bad_image="skip")
+    assert checked["image_id"] == embedded["image_id"]
+    with pytest.raises(ValueError, match="2 image.s. cannot be read"):
+        check_images(dataset)
+    with pytest.raises(ValueError, match="`on_bad_image` must be 'error' or 'skip', got 'ignore'"):
+        check_images(dataset, on_bad_image="ignore")
+
+
+# ---------------------------------------------------------------- collator
+
+
+def test_collator_pads_dynamically_appends_eos_and_masks_padding(tokenizer_and_processor):
+    tokenizer, processor = tokenizer_and_processor
+    eos = tokenizer.eos_token_id
+    table = torch.arange(12, dtype=torch.float32).view(3, 4)
+    collator = ClipCapDataCollator(processor, image_embeds=table)
+    captions = ["A dog runs.", "Two cats sleep on a sofa!"]
+    tokens = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in captions]
+    batch = collator([{"caption": captions[0], "image_index": 2}, {"caption": captions[1], "image_index": 0}])
+    longest = len(tokens[1]) + 1
+    assert batch["input_ids"].shape == (2, longest)  # the longest caption of this batch, not a global length
+    assert batch["input_ids"][0, : len(tokens[0]) + 1].tolist() == tokens[0] + [eos]
+    assert batch["input_ids"][1].tolist() == tokens[1] + [eos]
+    assert batch["labels"][0].tolist() == tokens[0] + [eos] + [-100] * (longest - len(tokens[0]) - 1)
+    assert batch["attention_mask"][0].tolist() == [1] * (len(tokens[0]) + 1) + [0] * (longest - len(tokens[0]) - 1)
+    assert torch.equal(batch["image_embeds"], table[[2, 0]])
+    assert "pixel_values" not in batch and collator.num_truncated == 0
+
+
+def test_collator_truncates_and_counts(tokenizer_and_processor):
+    tokenizer, processor = tokenizer_and_processor
+    long_caption, short_caption = "A man rides a bicycle down the street.", "A dog."
+    limit = len(tokenizer(short_caption, add_special_tokens=False)["input_ids"]) + 1  # the short one just fits
+    collator = ClipCapDataCollator(processor, image_embeds=torch.zeros(1, 4), max_caption_length=limit)
+    features = [{"caption": long_caption, "image_index": 0}, {"caption": short_caption, "image_index": 0}]
+    batch = collator(features)
+    assert batch["input_ids"].shape[1] == limit
+    assert batch["input_ids"][0].tolist() == tokenizer(long_caption, add_special_tokens=False)["input_ids"][:limit]
+    assert batch["input_ids"][1, -1] == tokenizer.eos_token_id
+    assert collator.num_truncated == 1
+    collator(features)
+    assert collator.num_truncated == 2
+
+
+def test_collator_with_a_tokenizer_without_pad_token():
+    tokenizer = build_tokenizer()
+    assert tokenizer.pad_token is None
+    processor = ClipCapProcessor(ClipCapImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE), tokenizer)
+    batch = ClipCapDataCollator(processor, image_embeds=torch.zeros(1, 4))(
+        [{"caption": "A dog.", "image_index": 0}, {"caption": "Two cats sleep on a sofa!", "image_index": 0}]
+    )
+    eos = tokenizer.eos_token_id
+    length = int(batch["attention_mask"][0].sum())
+    # Padding uses EOS, yet the caption's own EOS keeps its label and the padding's are -100.
+    assert batch["input_ids"][0, length - 1] == eos and batch["labels"][0, length - 1] == eos
+    assert (batch["input_ids"][0, length:] == eos).all() and (batch["labels"][0, length:] == -100).all()
+
+
+def test_collator_reads_images_from_pil_or_files(image_folder, tokenizer_and_processor):
+    _, processor = tokenizer_and_processor
+    collator = ClipCapDataCollator(processor)
+    image = PIL.Image.open(image_folder / "a.png")
+    from_pil = collator([{"caption": "A dog.", "image": image}])
+    from_file = collator([{"caption": "A dog.", "image_path": str(image_folder / "a.png")}])
+    expected = processor.image_processor([image])["pixel_values"]
+    assert torch.equal(from_pil["pixel_values"], expected) and torch.equal(from_file["pixel_values"], expected)
+    with pytest.raises(ValueError, match="A row has no image"):
+        collator([{"caption": "A dog."}])
+
+
+def test_image_files_are_fully_decoded(tmp_path):
+    """A truncated file fails when opened for embedding, not later."""
+    path = tmp_path / "truncated.jpg"
+    PIL.Image.fromarray(np.zeros((64, 64, 3), dtype=np.uint8) + 128).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+    dataset = load_caption_dataset("imagefolder", _folder_with(tmp_path, "truncated.jpg"))
+    with pytest.raises(ValueError, match=r"truncated.jpg: OSError"):
+        check_images(dataset)
+
+
+def _folder_with(folder, name):
+    (folder / "metadata.jsonl").write_text(json.dumps({"file_name": name, "text": "A grey square."}) + "\n")
+    return folder

@@ -1,0 +1,443 @@
+"""Training: the caption-only loss, Trainer recipes, LoRA, evaluation by captioning, resume and torchrun."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from conftest import CAPTIONED_IMAGES, tiny_model
+from transformers import GPT2Config, LlamaConfig, TrainerCallback, TrainingArguments
+
+from clipcap_hf import ClipCapForConditionalGeneration
+from clipcap_hf.data import ClipCapDataCollator, embed_images, group_by_image, load_image_folder
+from clipcap_hf.training import (
+    ClipCapTrainer,
+    ModelArguments,
+    add_lora,
+    load_lora_model,
+    main,
+    merge_lora,
+    parse_args,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def quiet_model(tokenizer, mapping_type="mlp", language="gpt2", seed=0, dropout=0.0):
+    """A tiny model with the given dropout in its language model (0: train and eval mode compute the same thing)."""
+    common = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    if language == "llama":
+        text_config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=128, **common)  # fmt: skip
+    else:
+        text_config = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128, resid_pdrop=dropout,
+                                 embd_pdrop=dropout, attn_pdrop=dropout, **common)  # fmt: skip
+    return tiny_model(tokenizer, mapping_type, seed=seed, text_config=text_config)
+
+
+def training_args(output_dir, **kwargs):
+    defaults = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=2,
+        save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True, disable_tqdm=True,
+        logging_steps=1, seed=0,
+    )  # fmt: skip
+    defaults.update(kwargs)
+    return TrainingArguments(**defaults)
+
+
+@pytest.fixture
+def embedded(tmp_path, caption_folder, tokenizer, processor):
+    """The caption folder with cached embeddings from one tiny model's vision tower (shared by the tiny models)."""
+    model = tiny_model(tokenizer)
+    return embed_images(load_image_folder(caption_folder), model, processor.image_processor, tmp_path / "cache")
+
+
+def batch_for(processor, captions, dim=24, seed=0):
+    batch = processor(captions=captions)
+    batch["image_embeds"] = torch.randn(len(captions), dim, generator=torch.Generator().manual_seed(seed))
+    return batch
+
+
+# ---------------------------------------------------------------- the caption-only loss
+
+
+@pytest.mark.parametrize("mapping_type, language", [("mlp", "gpt2"), ("transformer", "gpt2"), ("mlp", "llama")])
+def test_training_loss_computes_lm_head_scores_only_where_a_caption_token_is_predicted(
+    tokenizer, processor, mapping_type, language
+):
+    model = quiet_model(tokenizer, mapping_type, language)
+    batch = batch_for(processor, ["A dog runs on the beach.", "Two cats sleep!", "A dog."])
+    num_caption_tokens = int(batch["attention_mask"].sum())  # EOS included
+
+    model.eval()
+    full = model(**batch)
+    full.loss.backward()
+    full_grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+
+    model.train()
+    rows_scored = []
+    head = model.get_output_embeddings()
+    with mock.patch.object(head, "forward", lambda x, f=head.forward: rows_scored.append(x.shape) or f(x)):
+        fast = model(**batch)
+    assert fast.logits is None
+    assert rows_scored == [torch.Size([num_caption_tokens, 32])]  # no prefix, no padding position
+    torch.testing.assert_close(fast.loss, full.loss)
+    fast.loss.backward()
+    assert set(full_grads) == {name for name, p in model.named_parameters() if p.grad is not None}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, full_grads[name], atol=1e-6, rtol=1e-4, msg=name)
+
+    # With Trainer's token count the loss is the sum over tokens divided by that count.
+    summed = model(**batch, num_items_in_batch=torch.tensor(7))
+    torch.testing.assert_close(summed.loss, full.loss * num_caption_tokens / 7)
+
+
+def test_trainer_counts_every_caption_token_as_an_item(tmp_path, tokenizer, processor, embedded):
+    """The first caption token is predicted (by the prefix), so it counts in `num_items_in_batch` too."""
+    dataset, table = embedded
+    model = quiet_model(tokenizer)
+    seen = []
+    original_forward = model.forward
+
+    def recording_forward(**kwargs):
+        seen.append(int(kwargs["num_items_in_batch"]))
+        return original_forward(**kwargs)
+
+    model.forward = recording_forward
+    trainer = ClipCapTrainer(
+        model=model,
+        args=training_args(tmp_path / "out", per_device_train_batch_size=7, max_steps=1),
+        train_dataset=dataset,
+        data_collator=ClipCapDataCollator(processor, image_embeds=table),
+    )
+    trainer.train()
+    captions = [c for texts in CAPTIONED_IMAGES.values() for c in ([texts] if isinstance(texts, str) else texts)]
+    expected = sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) + 1 for c in captions)
+    assert seen == [expected]
+
+
+# ---------------------------------------------------------------- recipes
+
+
+def test_recipes_set_the_paper_defaults_and_explicit_arguments_win(tmp_path):
+    model_args, data_args, args = parse_args(["--recipe", "mlp_finetune", "--output_dir", str(tmp_path)])
+    assert (args.learning_rate, args.warmup_steps, args.per_device_train_batch_size, args.num_train_epochs) == (
+        2e-5, 5000, 40, 10
+    )  # fmt: skip
+    assert (model_args.mapping_type, model_args.prefix_length, model_args.freeze_language_model) == ("mlp", 10, False)
+    assert args.remove_unused_columns is False
+
+    model_args, _, args = parse_args(["--recipe", "transformer_frozen", "--output_dir", str(tmp_path)])
+    assert (model_args.mapping_type, model_args.prefix_length, model_args.clip_length) == ("transformer", 40, 40)
+    assert (model_args.mapping_num_layers, model_args.normalize_prefix, model_args.freeze_language_model) == (8, True, True)
+    assert (args.learning_rate, args.warmup_steps) == (2e-5, 5000)
+
+    model_args, _, args = parse_args(
+        ["--recipe", "lora", "--output_dir", str(tmp_path), "--learning_rate", "1e-3", "--lora_r", "4"]
+    )
+    assert model_args.use_lora and model_args.save_merged_model and model_args.lora_r == 4
+    assert args.learning_rate == 1e-3
+
+    with pytest.raises(SystemExit):
+        parse_args(["--recipe", "nonsense", "--output_dir", str(tmp_path)])
+
+
+def test_frozen_language_model_gets_no_gradients_stays_in_eval_mode_and_is_not_optimized(
+    tmp_path, tokenizer, processor, embedded
+):
+    dataset, table = embedded
+    model = quiet_model(tokenizer, "transformer", dropout=0.5)
+    model.freeze_language_model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    lm_modes = []
+    model.language_model.transformer.h[0].register_forward_pre_hook(lambda module, args: lm_modes.append(module.training))
+
+    def vision_forward(*args, **kwargs):
+        raise AssertionError("training from cached embeddings ran the vision tower")
+
+    trainer = ClipCapTrainer(
+        model=model,
+        args=training_args(tmp_path / "out"),
+        train_dataset=dataset,
+        data_collator=ClipCapDataCollator(processor, image_embeds=table),
+    )
+    with mock.patch.object(model.vision_model, "forward", vision_forward):
+        trainer.train()
+
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.mapping_network.parameters()}
+    assert lm_modes == [False, False]  # two steps, language model in eval mode (no dropout) in both
+    for name, p in model.named_parameters():
+        if name.startswith("mapping_network."):
+            continue
+        assert p.grad is None, name
+        assert torch.equal(p, before[name]), name
+    assert any(not torch.equal(p, before[f"mapping_network.{n}"]) for n, p in model.mapping_network.named_parameters())
+
+
+def test_fine_tuned_language_model_is_optimized(tmp_path, tokenizer, processor, embedded):
+    dataset, table = embedded
+    model = quiet_model(tokenizer)
+    trainer = ClipCapTrainer(
+        model=model, args=training_args(tmp_path / "out", max_steps=1), train_dataset=dataset,
+        data_collator=ClipCapDataCollator(processor, image_embeds=table),
+    )  # fmt: skip
+    trainer.train()
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    trainable = {id(p) for name, p in model.named_parameters() if not name.startswith("vision_model.")}
+    assert optimized == trainable
+
+
+def final_weights(tmp_path, tokenizer, processor, embedded, name, **kwargs):
+    dataset, table = embedded
+    model = quiet_model(tokenizer)
+    trainer = ClipCapTrainer(
+        model=model, args=training_args(tmp_path / name, **kwargs), train_dataset=dataset,
+        data_collator=ClipCapDataCollator(processor, image_embeds=table),
+    )  # fmt: skip
+    result = trainer.train()
+    return model, trainer, result
+
+
+def test_gradient_checkpointing_and_bf16_pass_through_training_arguments(
+    tmp_path, tokenizer, processor, embedded, monkeypatch
+):
+    # transformers 4.x records bf16 in this variable, and later Trainers of the process would inherit it.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    plain, _, _ = final_weights(tmp_path, tokenizer, processor, embedded, "plain")
+    checkpointed, _, _ = final_weights(tmp_path, tokenizer, processor, embedded, "ckpt", gradient_checkpointing=True)
+    assert checkpointed.language_model.transformer.gradient_checkpointing
+    assert not plain.language_model.transformer.gradient_checkpointing
+    for (name, a), b in zip(plain.state_dict().items(), checkpointed.state_dict().values()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+    _, trainer, result = final_weights(tmp_path, tokenizer, processor, embedded, "bf16", bf16=True)
+    assert trainer.accelerator.mixed_precision == "bf16"
+    assert torch.isfinite(torch.tensor(result.training_loss))
+
+
+# ---------------------------------------------------------------- LoRA
+
+
+def test_lora_trains_adapters_and_mapper_saves_reloads_and_merges(tmp_path, tokenizer, processor, embedded):
+    dataset, table = embedded
+    base_dir = tmp_path / "base"
+    base = quiet_model(tokenizer)
+    base.save_pretrained(base_dir)
+    processor.save_pretrained(base_dir)
+    model = ClipCapForConditionalGeneration.from_pretrained(base_dir)
+    peft_model = add_lora(model, ModelArguments(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0))
+
+    trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
+    assert trainable and all(("lora_" in name and ".language_model." in name) or ".mapping_network." in name
+                             for name in trainable)  # fmt: skip
+    assert any(".attn.c_attn.lora_A" in name for name in trainable)
+    assert any("modules_to_save" in name and "mapping_network" in name for name in trainable)
+    assert not any("lm_head" in name or "vision_model" in name for name in trainable)
+
+    out = tmp_path / "lora"
+    trainer = ClipCapTrainer(
+        model=peft_model, args=training_args(out, max_steps=3), train_dataset=dataset,
+        data_collator=ClipCapDataCollator(processor, image_embeds=table),
+    )  # fmt: skip
+    trainer.train()
+    trainer.save_model()
+    processor.save_pretrained(out)
+    assert (out / "adapter_model.safetensors").exists() and not (out / "model.safetensors").exists()
+
+    batch = batch_for(processor, ["A dog runs on the beach.", "Two cats sleep!"])
+    peft_model.eval()
+    with torch.no_grad():
+        trained_logits = peft_model(**batch).logits
+        base_logits = ClipCapForConditionalGeneration.from_pretrained(base_dir).eval()(**batch).logits
+        reloaded_logits = load_lora_model(out).eval()(**batch).logits
+    assert not torch.allclose(trained_logits, base_logits, atol=1e-3)
+    torch.testing.assert_close(reloaded_logits, trained_logits)
+
+    merged_dir = tmp_path / "merged"
+    merge_lora(out, merged_dir)
+    merged = ClipCapForConditionalGeneration.from_pretrained(merged_dir).eval()
+    assert not any("lora" in key or "modules_to_save" in key for key in merged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, trained_logits, atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- evaluation by captioning
+
+
+def test_evaluation_captions_each_image_once_logs_distinct_captions_and_writes_predictions(
+    tmp_path, tokenizer, processor, embedded
+):
+    dataset, table = embedded
+    model = quiet_model(tokenizer)
+    images = group_by_image(dataset)
+    trainer = ClipCapTrainer(
+        model=model,
+        args=training_args(tmp_path / "out"),
+        eval_dataset=dataset,
+        data_collator=ClipCapDataCollator(processor, image_embeds=table),
+        caption_eval_dataset=images,
+        caption_eval_embeds=table,
+        processor=processor,
+        generation_kwargs={"max_new_tokens": 5, "num_beams": 2},
+    )
+    metrics = trainer.evaluate()
+
+    generated = model.generate(image_embeds=table[torch.tensor(images["image_index"])], max_new_tokens=5, num_beams=2)
+    expected = [caption.strip() for caption in processor.batch_decode(generated, skip_special_tokens=True)]
+    assert metrics["eval_distinct_captions"] == len(set(expected))
+    assert metrics["eval_distinct_caption_ratio"] == round(len(set(expected)) / 4, 4)
+    assert "eval_loss" in metrics
+    records = json.loads((tmp_path / "out/predictions/eval_step0.json").read_text())
+    assert [r["image_id"] for r in records] == list(CAPTIONED_IMAGES)
+    assert [r["caption"] for r in records] == expected
+    assert records[0]["references"] == CAPTIONED_IMAGES["a.png"]
+
+
+def test_a_model_captioning_everything_alike_is_reported(tmp_path, tokenizer, processor, embedded, caplog):
+    dataset, table = embedded
+    model = quiet_model(tokenizer)
+    trainer = ClipCapTrainer(
+        model=model, args=training_args(tmp_path / "out"), data_collator=ClipCapDataCollator(processor, image_embeds=table),
+        caption_eval_dataset=group_by_image(dataset), caption_eval_embeds=torch.zeros_like(table), processor=processor,
+        generation_kwargs={"max_new_tokens": 4},
+    )  # fmt: skip
+    with caplog.at_level("WARNING"):
+        metrics = trainer.evaluate(eval_dataset=dataset)
+    assert metrics["eval_distinct_captions"] == 1
+    assert "gives all 4 evaluation images the same caption" in caplog.text
+
+
+# ---------------------------------------------------------------- resume
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def test_resuming_from_a_checkpoint_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, tokenizer, processor, embedded):
+    dataset, table = embedded
+
+    def run(name, callbacks=(), resume=None):
+        model = quiet_model(tokenizer, dropout=0.1)  # dropout: the RNG state must be restored too
+        trainer = ClipCapTrainer(
+            model=model,
+            args=training_args(tmp_path / name, max_steps=6, per_device_train_batch_size=2, save_strategy="steps",
+                               save_steps=3, learning_rate=5e-3),
+            train_dataset=dataset,
+            data_collator=ClipCapDataCollator(processor, image_embeds=table),
+            callbacks=list(callbacks),
+        )  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume)
+        return model
+
+    uninterrupted = run("full")
+    interrupted = run("parts", callbacks=[StopAt(3)])
+    assert os.listdir(tmp_path / "parts") == ["checkpoint-3"]
+    resumed = run("parts", resume=str(tmp_path / "parts/checkpoint-3"))
+    assert not all(torch.equal(a, b) for a, b in zip(interrupted.state_dict().values(), uninterrupted.state_dict().values()))
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+# ---------------------------------------------------------------- the run: clipcap train, run_clipcap.py, torchrun
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer, processor):
+    folder = tmp_path / "tiny"
+    quiet_model(tokenizer).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def run_arguments(model_dir, caption_folder, output_dir, cache_dir, *extra):
+    return [
+        "--model_name_or_path", str(model_dir), "--dataset_format", "imagefolder", "--train_file", str(caption_folder),
+        "--validation_file", str(caption_folder), "--output_dir", str(output_dir), "--embedding_cache_dir", str(cache_dir),
+        "--do_train", "--do_eval", "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
+        "--save_strategy", "no", "--use_cpu", "--report_to", "none", "--generation_max_new_tokens", "4",
+        "--disable_tqdm", "true", *extra,
+    ]  # fmt: skip
+
+
+def test_clipcap_train_trains_evaluates_saves_and_counts_truncated_captions(tmp_path, tokenizer, model_dir, caption_folder):
+    from clipcap_hf.cli import main as cli_main
+
+    out = tmp_path / "out"
+    args = run_arguments(model_dir, caption_folder, out, tmp_path / "cache", "--max_caption_length", "12")
+    assert cli_main(["train", *args]) == 0
+    results = json.loads((out / "all_results.json").read_text())
+    captions = load_image_folder(caption_folder)["caption"]
+    too_long = sum(len(tokenizer(c, add_special_tokens=False)["input_ids"]) + 1 > 12 for c in captions)
+    assert too_long == 4 and results["train_truncated_captions"] == too_long
+    assert results["eval_distinct_captions"] >= 1 and "eval_loss" in results
+    assert (out / "predictions/eval_step2.json").exists()
+    loaded = ClipCapForConditionalGeneration.from_pretrained(out)
+    assert loaded.config.prefix_length == 4
+
+
+def test_an_unreadable_image_stops_the_run_before_training(tmp_path, model_dir, caption_folder):
+    (caption_folder / "b.png").write_bytes(b"broken")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=r"b.png: UnidentifiedImageError.*\(record: train row 2, image_id 'b.png'\)"):
+        main(run_arguments(model_dir, caption_folder, out, tmp_path / "cache"))
+    assert not (out / "model.safetensors").exists()
+
+    metrics = main(run_arguments(model_dir, caption_folder, out, tmp_path / "cache", "--on_bad_image", "skip"))
+    assert metrics["train_samples"] == 5 and metrics["eval_samples"] == 5
+
+
+def test_torchrun_two_processes_train_and_log_once(tmp_path, model_dir, caption_folder):
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+        str(REPO / "examples/run_clipcap.py"),
+        *run_arguments(model_dir, caption_folder, out, tmp_path / "cache", "--ddp_backend", "gloo", "--logging_steps", "1"),
+    ]  # fmt: skip
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "world size: 2" in output
+    assert output.count("***** Running training *****") == 1
+    assert output.count("***** train metrics *****") == 1
+    assert output.count("'train_runtime'") == 1
+    assert output.count("Wrote 4 evaluation captions") == 1
+    assert (out / "model.safetensors").exists()
+
+
+def test_lora_recipe_from_pretrained_parts_saves_base_adapters_and_merged_model(tmp_path, tokenizer, caption_folder):
+    from peft import PeftConfig
+
+    parts = quiet_model(tokenizer)
+    parts.vision_model.save_pretrained(tmp_path / "clip")
+    parts.language_model.save_pretrained(tmp_path / "gpt")
+    tokenizer.save_pretrained(tmp_path / "gpt")
+    out = tmp_path / "out"
+    args = run_arguments("unused", caption_folder, out, tmp_path / "cache", "--recipe", "lora", "--prefix_length", "4",
+                         "--learning_rate", "1e-2", "--warmup_steps", "0", "--lora_r", "4")[2:]  # fmt: skip
+    main(["--vision_model_name_or_path", str(tmp_path / "clip"), "--text_model_name_or_path", str(tmp_path / "gpt"), *args])
+
+    assert PeftConfig.from_pretrained(out).base_model_name_or_path == str((out / "base_model").resolve())
+    base = ClipCapForConditionalGeneration.from_pretrained(out / "base_model").eval()
+    assert torch.equal(base.language_model.lm_head.weight, parts.language_model.lm_head.weight)
+    adapted = load_lora_model(out).eval()
+    merged = ClipCapForConditionalGeneration.from_pretrained(out / "merged").eval()
+    x = torch.randn(2, 24, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    with torch.no_grad():
+        expected = adapted(image_embeds=x, input_ids=ids).logits
+        assert not torch.allclose(base(image_embeds=x, input_ids=ids).logits, expected, atol=1e-3)
+        torch.testing.assert_close(merged(image_embeds=x, input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
