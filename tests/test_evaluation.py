@@ -1,6 +1,7 @@
 import html
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import yaml
@@ -149,3 +150,20 @@ def test_evaluate_gallery_shows_scores_and_references(coco_files, tmp_path):
         for caption in captions:
             assert html.escape(caption) in page
     assert "CIDEr" in page
+
+
+def test_the_shipped_model_card_is_fillable(coco_files, tmp_path):
+    annotations, image_root = coco_files
+    card = tmp_path / "model_card.md"
+    shutil.copy(Path(__file__).resolve().parents[1] / "model_card.md", card)
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps([{"image_id": i, "caption": c[0]} for i, c in CAPTIONS.items()]))
+    argv = ["evaluate", "--predictions", str(predictions), "--data", str(annotations), "--data-format", "coco",
+            "--image-root", str(image_root), "--output-dir", str(tmp_path / "eval"), "--model-card", str(card),
+            "--dataset-name", "toy", *FAST_METRICS]
+    assert main(argv) == 0
+    metadata = yaml.safe_load(card.read_text().split("---")[1])
+    results = metadata["model-index"][0]["results"]
+    assert [r["dataset"]["name"] for r in results] == ["COCO Captions (Karpathy test split)", "toy"]
+    assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-to-text"
+    assert "Not measured yet" not in card.read_text()
