@@ -192,3 +192,28 @@ def caption_folder(tmp_path):
     lines = [json.dumps({"file_name": name, "text": texts}) for name, texts in CAPTIONED_IMAGES.items()]
     (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
     return folder
+
+
+HIDE_CLIPCAP_HF = """
+import sys
+class BlockClipCap:
+    def find_spec(self, name, path=None, target=None):
+        if name == "clipcap_hf" or name.startswith("clipcap_hf."):
+            raise ImportError("clipcap_hf is hidden for this test")
+sys.meta_path.insert(0, BlockClipCap())
+"""
+
+
+def run_without_package(script: str, tmp_path):
+    """Run a Python script in a fresh interpreter where `clipcap_hf` cannot be imported; return its last output
+    line parsed as JSON. The Hugging Face cache (where remote code is copied) is private to the test."""
+    import json
+    import subprocess
+    import sys
+    import textwrap
+
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    code = HIDE_CLIPCAP_HF + textwrap.dedent(script)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])

@@ -1,12 +1,8 @@
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
-from conftest import random_images, tiny_model
+from conftest import random_images, run_without_package, tiny_model
 
 from clipcap_hf.cli import main
 
@@ -170,14 +166,9 @@ def test_interpret_command_rejects_bad_input(saved_words_model, tmp_path, capsys
 def test_interpret_prefix_works_on_a_folder_loaded_with_remote_code(saved_words_model, tmp_path):
     # interpretability.py travels with the saved model code, so trust_remote_code users have the method too.
     folder, _, _ = saved_words_model
-    script = textwrap.dedent(
+    output = run_without_package(
         f"""
         import json, sys
-        class BlockClipCap:
-            def find_spec(self, name, path=None, target=None):
-                if name == "clipcap_hf" or name.startswith("clipcap_hf."):
-                    raise ImportError("clipcap_hf is hidden for this test")
-        sys.meta_path.insert(0, BlockClipCap())
         import torch
         from transformers import AutoModel, AutoProcessor
         model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
@@ -185,9 +176,7 @@ def test_interpret_prefix_works_on_a_folder_loaded_with_remote_code(saved_words_
         (interpretation,) = model.interpret_prefix(image_embeds=torch.randn(1, model.config.prefix_dim),
                                                    tokenizer=processor)
         print(json.dumps(interpretation.tokens))
-        """
+        """,
+        tmp_path,
     )
-    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == WORDS
+    assert output == WORDS
