@@ -5,15 +5,17 @@ frozen GPT-2 (prefix 40, clip length 40, 8 layers, 640-d), two runs from cached 
 lengths drawn from N(11.5, 2.5) tokens:
 
 - reference: the paper's `train()`: every batch padded to the dataset's longest caption, GPT-2's full forward (LM-head
-  logits and a 50,257-way softmax on every position, prefix and padding included, `ignore_index=0`), and in (b) the
-  frozen GPT-2's weights still require gradients (only the mapper is in the optimizer), as in `ClipCaptionPrefix`;
-- ours: `ClipCapTrainer` with `ClipCapDataCollator` (per-batch padding, EOS appended) and the model's training loss
-  (LM head applied at caption positions only; a frozen LM gets no weight gradients).
+  logits and a 50,257-way softmax on every position, prefix and padding included, `ignore_index=0`), in (b) the
+  frozen GPT-2's weights still require gradients (only the mapper is in the optimizer), as in `ClipCaptionPrefix`,
+  and AdamW updating one parameter at a time (`transformers.AdamW`; here `torch.optim.AdamW(foreach=False)`);
+- ours: `ClipCapTrainer` as the recipes configure it: `ClipCapDataCollator` (per-batch padding, EOS appended), the
+  model's training loss (LM head applied at caption positions only; a frozen LM gets no weight gradients), the
+  Trainer's default optimizer (fused AdamW) and, as in the paper, no gradient clipping.
 
-Both use the same model classes, attention kernel and optimizer (`torch.optim.AdamW`, Trainer's `adamw_torch`). Each
-run is a subprocess, so `peak_rss_gb` (the process's peak resident memory) is its own. `matmul_fraction` is the
-run's counted FLOPs per second (torch's FlopCounterMode over forward and backward) divided by the machine's fp32
-matmul rate (a 2048x2048 `torch.mm`). Prints one JSON line.
+Both use the same model classes and attention kernel, and the same caption token counts. Each run is a subprocess
+that loads the same modules, so `peak_rss_gb` (the process's peak resident memory) is its own. `matmul_fraction` is
+the run's counted FLOPs per second (torch's FlopCounterMode over forward and backward; the optimizer is not counted)
+divided by the machine's fp32 matmul rate (a 2048x2048 `torch.mm`). Prints one JSON line.
 
     python benchmarks/bench_train.py [--steps 3] [--threads N]
 """
@@ -38,9 +40,15 @@ CAPTION_MEAN, CAPTION_SD = 11.5, 2.5
 DATASET_CAPTIONS = 10_000  # the global padding length is the longest of these, as the paper's loader computes it
 RECIPES = {
     "a": {"mapping_type": "mlp", "prefix_length": 10, "prefix_dim": 512, "freeze_language_model": False},
-    "b": {"mapping_type": "transformer", "prefix_length": 40, "clip_length": 40, "mapping_num_layers": 8,
-          "prefix_dim": 640, "freeze_language_model": True},
-}  # fmt: skip
+    "b": {
+        "mapping_type": "transformer",
+        "prefix_length": 40,
+        "clip_length": 40,
+        "mapping_num_layers": 8,
+        "prefix_dim": 640,
+        "freeze_language_model": True,
+    },
+}
 
 
 def caption_lengths(count: int, seed: int = 0) -> np.ndarray:
@@ -55,8 +63,15 @@ def build_model(recipe: dict):
 
     settings = {key: value for key, value in recipe.items() if key != "freeze_language_model"}
     # The vision tower is never run (training from cached embeddings); keep it tiny.
-    vision_config = CLIPVisionConfig(hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=1,
-                                     image_size=32, patch_size=32, projection_dim=settings["prefix_dim"])  # fmt: skip
+    vision_config = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        image_size=32,
+        patch_size=32,
+        projection_dim=settings["prefix_dim"],
+    )
     torch.manual_seed(0)
     model = ClipCapForConditionalGeneration(
         ClipCapConfig(vision_config=vision_config, text_config=GPT2Config(), **settings)
@@ -104,7 +119,8 @@ def run_reference(recipe: dict, steps: int) -> dict:
     if recipe["freeze_language_model"]:
         language_model.eval()  # ClipCaptionPrefix.train() keeps GPT-2 in eval mode
     trained = model.mapping_network if recipe["freeze_language_model"] else model
-    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=2e-5)
+    # transformers.AdamW, which the paper uses, updates one parameter at a time, as torch's foreach=False does.
+    optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=2e-5, foreach=False)
     max_length = int(caption_lengths(DATASET_CAPTIONS).max())
     generator = torch.Generator().manual_seed(1)
     lengths = caption_lengths(BATCH_SIZE * (steps + 1), seed=2)
@@ -114,7 +130,11 @@ def run_reference(recipe: dict, steps: int) -> dict:
         for row, length in enumerate(lengths[index * BATCH_SIZE : (index + 1) * BATCH_SIZE]):
             tokens[row, :length] = torch.randint(1, 50257, (length,), generator=generator)
         mask = torch.cat((torch.ones(BATCH_SIZE, prefix_length), (tokens > 0).float()), dim=1)
-        return {"tokens": tokens, "mask": mask, "prefix": torch.randn(BATCH_SIZE, recipe["prefix_dim"], generator=generator)}
+        return {
+            "tokens": tokens,
+            "mask": mask,
+            "prefix": torch.randn(BATCH_SIZE, recipe["prefix_dim"], generator=generator),
+        }
 
     def loss_of(data: dict) -> torch.Tensor:
         prefix = model.mapping_network(data["prefix"])
@@ -168,7 +188,9 @@ def run_ours(recipe: dict, steps: int) -> dict:
     generator = torch.Generator().manual_seed(1)
     # Lengths count the EOS the collator appends, so captions have the same token counts as the reference's.
     lengths = caption_lengths(BATCH_SIZE * (steps + 1), seed=2) - 1
-    captions = [" ".join(f"w{i}" for i in torch.randint(1, 50256, (max(n, 1),), generator=generator).tolist()) for n in lengths]
+    captions = [
+        " ".join(f"w{i}" for i in torch.randint(1, 50256, (max(n, 1),), generator=generator).tolist()) for n in lengths
+    ]
     dataset = datasets.Dataset.from_dict({"caption": captions, "image_index": list(range(len(captions)))})
     table = torch.randn(len(captions), recipe["prefix_dim"], generator=generator)
     batches = []
@@ -191,17 +213,30 @@ def run_ours(recipe: dict, steps: int) -> dict:
 
     timer = StepTimer()
     args = TrainingArguments(
-        output_dir="/tmp/bench_train", per_device_train_batch_size=BATCH_SIZE, max_steps=steps + 1, learning_rate=2e-5,
-        optim="adamw_torch", save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True,
-        disable_tqdm=True, logging_strategy="no",
-    )  # fmt: skip
+        output_dir="/tmp/bench_train",
+        per_device_train_batch_size=BATCH_SIZE,
+        max_steps=steps + 1,
+        learning_rate=2e-5,
+        max_grad_norm=0.0,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+    )
     trainer = ClipCapTrainer(
-        model=model, args=args, train_dataset=dataset, callbacks=[timer],
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        callbacks=[timer],
         data_collator=Recording(processor, image_embeds=table),
-    )  # fmt: skip
+    )
     trainer.train()
     # The collator runs before on_step_begin, so step times leave it out: add it back from a separate timing.
-    collate_seconds = min(_timed(lambda: trainer.data_collator([dataset[i] for i in range(BATCH_SIZE)])) for _ in range(3))
+    collate_seconds = min(
+        _timed(lambda: trainer.data_collator([dataset[i] for i in range(BATCH_SIZE)])) for _ in range(3)
+    )
     model.train()
     flops = count_flops(model, batches[1 : steps + 1])
     return {
@@ -212,6 +247,8 @@ def run_ours(recipe: dict, steps: int) -> dict:
 
 
 def child(variant: str, implementation: str, steps: int) -> None:
+    import clipcap_hf.training  # noqa: F401  (both runs load the same modules, so their memory baselines match)
+
     recipe = RECIPES[variant]
     result = (run_ours if implementation == "ours" else run_reference)(recipe, steps)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -231,9 +268,14 @@ def main() -> None:
         child(*args.child, args.steps)
         return
 
-    report = {"batch_size": BATCH_SIZE, "caption_tokens": f"N({CAPTION_MEAN}, {CAPTION_SD})", "steps": args.steps,
-              "threads": args.threads or torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-              "torch": torch.__version__}  # fmt: skip
+    report = {
+        "batch_size": BATCH_SIZE,
+        "caption_tokens": f"N({CAPTION_MEAN}, {CAPTION_SD})",
+        "steps": args.steps,
+        "threads": args.threads or torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+    }
     targets = {"a": 1.4, "b": 1.5}
     for variant in RECIPES:
         runs = {}

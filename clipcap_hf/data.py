@@ -27,7 +27,7 @@ import csv
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -38,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from .image_processing_clipcap import load_image
 from .processing_clipcap import ClipCapProcessor
 
 logger = logging.get_logger(__name__)
@@ -97,7 +98,8 @@ def load_coco_karpathy(path: PathLike, image_root: PathLike) -> datasets.Dataset
     The Karpathy split of COCO (`dataset_coco.json`; Flickr8k/30k files of the same layout work too).
 
     Args:
-        path: the Karpathy JSON file (`{"images": [{"filepath", "filename", "split", "cocoid", "sentences": [{"raw"}]}]}`).
+        path: the Karpathy JSON file: `{"images": [{"filepath", "filename", "split", "cocoid", "sentences":
+            [{"raw"}]}]}`.
         image_root: the folder holding `train2014/` and `val2014/` (each image is `image_root/filepath/filename`).
 
     Returns:
@@ -116,7 +118,11 @@ def load_coco_karpathy(path: PathLike, image_root: PathLike) -> datasets.Dataset
             record = f"{where} ({file_name}) sentences[{number}]"
             rows[KARPATHY_SPLITS[split]].add(image_id, file_name, _field(sentence, "raw", record), record)
     return datasets.DatasetDict(
-        {name: split_rows.to_dataset(f"{path} ({name})") for name, split_rows in rows.items() if split_rows.columns["caption"]}
+        {
+            name: split_rows.to_dataset(f"{path} ({name})")
+            for name, split_rows in rows.items()
+            if split_rows.columns["caption"]
+        }
     )
 
 
@@ -167,7 +173,10 @@ def load_conceptual_captions(path: PathLike, image_root: PathLike) -> datasets.D
     with open(path, encoding="utf-8", newline="") as file:
         for number, row in enumerate(csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
             where = f"{path}: line {number}"
-            if number == 1 and [value.strip().lower() for value in row[:2]] in (["caption", "image"], ["caption", "file_name"]):
+            if number == 1 and [value.strip().lower() for value in row[:2]] in (
+                ["caption", "image"],
+                ["caption", "file_name"],
+            ):
                 continue
             if len(row) < 2:
                 raise ValueError(f"{where} has {len(row)} column(s); expected `caption<TAB>image file`.")
@@ -255,13 +264,6 @@ def group_by_image(dataset: datasets.Dataset) -> datasets.Dataset:
 # Reading images
 
 
-def open_image(path: PathLike) -> PIL.Image.Image:
-    """Open and fully decode an image file (so a truncated file fails here, not later)."""
-    with PIL.Image.open(path) as image:
-        image.load()
-        return image.copy()
-
-
 class _ImageFiles(torch.utils.data.Dataset):
     """Unique image files, preprocessed in DataLoader workers; a file that cannot be read yields its error."""
 
@@ -274,11 +276,14 @@ class _ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[int, Any, str | None]:
         try:
-            image = open_image(self.paths[index])
-            pixels = self.image_processor(image, return_tensors="pt")["pixel_values"][0] if self.image_processor else None
+            image = load_image(self.paths[index])
+            pixels = (
+                self.image_processor(image, return_tensors="pt")["pixel_values"][0] if self.image_processor else None
+            )
             return index, pixels, None
         except Exception as error:  # any decoding or preprocessing failure is reported with the file named
-            problem = "file not found" if isinstance(error, FileNotFoundError) else f"{type(error).__name__}: {error}"
+            cause = error.__cause__ or error  # load_image wraps PIL's error
+            problem = "file not found" if isinstance(cause, FileNotFoundError) else f"{type(cause).__name__}: {cause}"
             return index, None, problem
 
 
@@ -526,7 +531,9 @@ def embed_images(
     keys = _image_keys(splits)
     cache = ImageEmbeddingCache(cache_dir, model, image_processor)
     cached, _ = cache.load()
-    missing = [key for key in dict.fromkeys(k for split_keys in keys.values() for k in split_keys) if key not in cached]
+    missing = [
+        key for key in dict.fromkeys(k for split_keys in keys.values() for k in split_keys) if key not in cached
+    ]
     if missing:
         logger.info(f"Embedding {len(missing)} image(s) not yet in the cache {cache.directory}.")
     problems = cache.compute(missing, batch_size=batch_size, device=device, num_workers=num_workers)
@@ -579,15 +586,33 @@ class ClipCapDataCollator:
             [feature["caption"] for feature in features], max_length=self.max_caption_length
         )
         self.num_truncated += batch.pop("num_truncated")
-        if self.image_embeds is not None:
-            batch["image_embeds"] = self.image_embeds[torch.tensor([int(f["image_index"]) for f in features])]
-        elif features[0].get("pixel_values") is not None:
-            batch["pixel_values"] = torch.stack([torch.as_tensor(f["pixel_values"]) for f in features])
-        else:
-            batch["pixel_values"] = self.processor.image_processor(list(_images(features)), return_tensors="pt")[
-                "pixel_values"
-            ]
+        batch.update(image_inputs(features, self.processor.image_processor, self.image_embeds))
         return batch
+
+
+def image_inputs(
+    features: Sequence[dict[str, Any]], image_processor, image_embeds: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
+    """
+    The model's image input for a list of rows: `image_embeds` looked up by `image_index` when an embedding table
+    is given, else `pixel_values` from a preprocessed `pixel_values` column, an `image` column or `image_path` files.
+    """
+    if image_embeds is not None:
+        return {"image_embeds": image_embeds[torch.tensor([int(feature["image_index"]) for feature in features])]}
+    if features[0].get("pixel_values") is not None:
+        return {"pixel_values": torch.stack([torch.as_tensor(feature["pixel_values"]) for feature in features])}
+    images = []
+    for feature in features:
+        if feature.get("image") is not None:
+            images.append(feature["image"])
+        elif feature.get("image_path") is not None:
+            images.append(load_image(feature["image_path"]))
+        else:
+            raise ValueError(
+                "A row has no image: give `image_embeds` (rows with `image_index`), or rows with `pixel_values`, an "
+                f"`image` or an `image_path`. Got columns {sorted(feature)}."
+            )
+    return {"pixel_values": image_processor(images, return_tensors="pt")["pixel_values"]}
 
 
 def count_truncated_captions(
@@ -602,19 +627,6 @@ def count_truncated_captions(
     )
 
 
-def _images(features: Iterable[dict[str, Any]]) -> Iterable[PIL.Image.Image]:
-    for feature in features:
-        if feature.get("image") is not None:
-            yield feature["image"]
-        elif feature.get("image_path") is not None:
-            yield open_image(feature["image_path"])
-        else:
-            raise ValueError(
-                "A row has no image: give the collator `image_embeds` (rows with `image_index`), or rows with an "
-                f"`image` or `image_path`. Got columns {sorted(feature)}."
-            )
-
-
 __all__ = [
     "ClipCapDataCollator",
     "DATASET_FORMATS",
@@ -623,6 +635,7 @@ __all__ = [
     "count_truncated_captions",
     "embed_images",
     "group_by_image",
+    "image_inputs",
     "load_caption_dataset",
     "load_coco_captions",
     "load_coco_karpathy",

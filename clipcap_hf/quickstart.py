@@ -2,8 +2,9 @@
 
 The task: images of one shape (circle, square, triangle, diamond) in one of six colours at one of five positions,
 with jittered size, place, hue and background, captioned "a red circle in the top left". A fifth of the
-colour-shape-position combinations never appear in training: the test split holds only those, so its scores measure
-whether the model composes attributes it learnt separately, not whether it remembers images.
+colour-shape-position combinations never appear in training: the `test` split holds only those, so its scores
+measure whether the model composes attributes it learnt separately; `test_seen` holds new images of the training
+combinations, for comparison.
 
 No pretrained weights are reachable offline, so everything is trained here: the CLIP vision tower (unfrozen, unlike
 real ClipCap training), the MLP mapper and a small GPT-2, with a byte-level BPE tokenizer built from the training
@@ -18,6 +19,7 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -32,7 +34,7 @@ from .data import ClipCapDataCollator
 from .image_processing_clipcap import ClipCapImageProcessor
 from .modeling_clipcap import ClipCapForConditionalGeneration
 from .processing_clipcap import ClipCapProcessor
-from .training import ClipCapTrainer, generate_captions
+from .training import ClipCapTrainer, caption_dataset
 
 COLOURS = {
     "red": (215, 40, 40),
@@ -65,9 +67,10 @@ class QuickstartConfig:
     hidden_size: int = 64
     num_layers: int = 2
     prefix_length: int = 4
-    max_steps: int = 1500
+    max_steps: int = 3000
     batch_size: int = 32
     learning_rate: float = 1e-3
+    weight_decay: float = 0.01
     seed: int = 0
 
 
@@ -80,7 +83,8 @@ def is_held_out(colour: str, shape: str, position: str) -> bool:
 
 
 def caption_for(colour: str, shape: str, position: str) -> str:
-    return f"a {colour} {shape} in the {position}"
+    article = "an" if colour[0] in "aeiou" else "a"
+    return f"{article} {colour} {shape} in the {position}"
 
 
 def render_shape(colour: str, shape: str, position: str, rng: np.random.Generator, size: int = 32) -> PIL.Image.Image:
@@ -107,19 +111,25 @@ def render_shape(colour: str, shape: str, position: str, rng: np.random.Generato
 def make_shapes_dataset(
     train_images_per_combination: int = 16, test_images_per_combination: int = 4, image_size: int = 32, seed: int = 0
 ) -> datasets.DatasetDict:
-    """The synthetic dataset: `train` (seen combinations) and `test` (held-out combinations), one caption per image."""
+    """
+    The synthetic dataset, one caption per image: `train` (the seen combinations), `test` (the held-out combinations)
+    and `test_seen` (one new image of each seen combination, to compare with).
+    """
     rng = np.random.default_rng(seed)
-    columns = {split: {"image_id": [], "image": [], "caption": []} for split in ("train", "test")}
+    columns = {split: {"image_id": [], "image": [], "caption": []} for split in ("train", "test", "test_seen")}
     for colour in COLOURS:
         for shape in SHAPES:
             for position in POSITIONS:
-                split = "test" if is_held_out(colour, shape, position) else "train"
-                count = test_images_per_combination if split == "test" else train_images_per_combination
-                for _ in range(count):
+                if is_held_out(colour, shape, position):
+                    counts = {"test": test_images_per_combination}
+                else:
+                    counts = {"train": train_images_per_combination, "test_seen": 1}
+                for split, count in counts.items():
                     rows = columns[split]
-                    rows["image_id"].append(f"{split}-{len(rows['image_id']):05d}")
-                    rows["image"].append(render_shape(colour, shape, position, rng, image_size))
-                    rows["caption"].append(caption_for(colour, shape, position))
+                    for _ in range(count):
+                        rows["image_id"].append(f"{split}-{len(rows['image_id']):05d}")
+                        rows["image"].append(render_shape(colour, shape, position, rng, image_size))
+                        rows["caption"].append(caption_for(colour, shape, position))
     features = datasets.Features(
         {"image_id": datasets.Value("string"), "image": datasets.Image(), "caption": datasets.Value("string")}
     )
@@ -131,8 +141,11 @@ def make_shapes_dataset(
 def build_tokenizer(captions: list[str]) -> GPT2TokenizerFast:
     """A byte-level BPE tokenizer (GPT-2's scheme) learnt from the captions; EOS ends every caption."""
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(captions, vocab_size=300, min_frequency=1, special_tokens=[EOS_TOKEN])
-    return GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN)
+    # 256 byte tokens plus enough merges to make every caption word one token.
+    bpe.train_from_iterator(captions, vocab_size=512, min_frequency=1, special_tokens=[EOS_TOKEN])
+    return GPT2TokenizerFast(
+        tokenizer_object=bpe._tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN
+    )
 
 
 def build_model(tokenizer: GPT2TokenizerFast, config: QuickstartConfig) -> ClipCapForConditionalGeneration:
@@ -165,7 +178,7 @@ def build_model(tokenizer: GPT2TokenizerFast, config: QuickstartConfig) -> ClipC
         ClipCapConfig(vision_config=vision_config, text_config=text_config, prefix_length=config.prefix_length)
     )
     model.freeze_vision_model(False)
-    model.generation_config.max_new_tokens = 12
+    model.generation_config.max_new_tokens = 16
     return model
 
 
@@ -194,13 +207,15 @@ def score_captions(predictions: list[str], references: list[str]) -> dict[str, f
     return scores
 
 
-def run_quickstart(output_dir: str | os.PathLike, config: QuickstartConfig | None = None, verbose: bool = True) -> dict:
+def run_quickstart(
+    output_dir: str | os.PathLike, config: QuickstartConfig | None = None, verbose: bool = True
+) -> dict:
     """
     Build the dataset, train, caption the held-out test split, save the model and processor to `output_dir`.
 
     Returns:
-        The held-out scores (see [`score_captions`]) plus `num_test_images`, `train_seconds` and `samples`, a few
-        (prediction, reference) pairs.
+        `unseen_combinations` and `seen_combinations`: the scores (see [`score_captions`]) and `num_images` of the
+        two test splits; `train_seconds`; `samples`, a few (prediction, reference) pairs of unseen combinations.
     """
     config = config or QuickstartConfig()
     output_dir = Path(output_dir)
@@ -217,7 +232,7 @@ def run_quickstart(output_dir: str | os.PathLike, config: QuickstartConfig | Non
         per_device_train_batch_size=config.batch_size,
         learning_rate=config.learning_rate,
         warmup_steps=max(1, config.max_steps // 30),
-        weight_decay=0.01,
+        weight_decay=config.weight_decay,
         logging_steps=max(1, config.max_steps // 10),
         save_strategy="no",
         report_to=[],
@@ -230,21 +245,27 @@ def run_quickstart(output_dir: str | os.PathLike, config: QuickstartConfig | Non
     pixel_features = splits["train"].features.copy()
     del pixel_features["image"]
     pixel_features["pixel_values"] = datasets.Array3D((3, config.image_size, config.image_size), "float32")
-    train = splits["train"].map(
-        lambda rows: processor.image_processor(rows["image"], return_tensors="np"),
-        batched=True,
-        remove_columns=["image"],
-        features=pixel_features,
-    ).with_format("numpy", columns=["pixel_values"], output_all_columns=True)
+    train = (
+        splits["train"]
+        .map(
+            lambda rows: processor.image_processor(rows["image"], return_tensors="np"),
+            batched=True,
+            remove_columns=["image"],
+            features=pixel_features,
+        )
+        .with_format("numpy", columns=["pixel_values"], output_all_columns=True)
+    )
     trainer = ClipCapTrainer(model=model, args=args, train_dataset=train, data_collator=ClipCapDataCollator(processor))
     result = trainer.train()
 
-    test = splits["test"]
-    predictions = generate_captions(model, processor, test, batch_size=64, max_new_tokens=12)
-    scores = score_captions(predictions, test["caption"])
-    scores["num_test_images"] = len(test)
-    scores["train_seconds"] = round(result.metrics["train_runtime"], 1)
-    scores["samples"] = list(zip(predictions, test["caption"]))[:: max(1, len(test) // 8)][:8]
+    scores: dict[str, Any] = {"train_seconds": round(result.metrics["train_runtime"], 1)}
+    for split, name in (("test", "unseen_combinations"), ("test_seen", "seen_combinations")):
+        predictions = caption_dataset(model, processor, splits[split], batch_size=64)
+        references = splits[split]["caption"]
+        scores[name] = score_captions(predictions, references)
+        scores[name]["num_images"] = len(references)
+        if split == "test":
+            scores["samples"] = list(zip(predictions, references))[:: max(1, len(references) // 8)][:8]
 
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
@@ -256,12 +277,14 @@ def run_quickstart(output_dir: str | os.PathLike, config: QuickstartConfig | Non
 
 
 def print_report(scores: dict, output_dir: Path) -> None:
-    print(f"\nHeld-out test split ({scores['num_test_images']} images of colour-shape-position combinations never seen "
-          f"in training), after {scores['train_seconds']} s of training:")  # fmt: skip
+    unseen, seen = scores["unseen_combinations"], scores["seen_combinations"]
+    print(f"\nAfter {scores['train_seconds']} s of training, on new images of")
+    print(f"  {'':18s} {'unseen combinations':>20s} {'seen combinations':>20s}")
+    print(f"  {'(images)':18s} {unseen['num_images']:>20d} {seen['num_images']:>20d}")
     for name in ("exact_match", "colour_accuracy", "shape_accuracy", "position_accuracy", "bleu_4"):
-        if name in scores:
-            print(f"  {name:18s} {scores[name]:.3f}")
-    print("\nSample captions (generated | reference):")
+        if name in unseen:
+            print(f"  {name:18s} {unseen[name]:>20.3f} {seen[name]:>20.3f}")
+    print("\nSample captions of unseen combinations (generated | reference):")
     for prediction, reference in scores["samples"]:
         print(f"  {'OK ' if prediction == reference else '   '} {prediction!r:40s} | {reference!r}")
     print(f"\nSaved to {output_dir}. Caption an image with:\n  clipcap caption IMAGE --model {output_dir}")

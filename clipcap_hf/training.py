@@ -42,35 +42,46 @@ from .data import (
     count_truncated_captions,
     embed_images,
     group_by_image,
+    image_inputs,
     load_caption_dataset,
-    open_image,
 )
 from .modeling_clipcap import ClipCapForConditionalGeneration
 from .processing_clipcap import ClipCapProcessor
 
 logger = logging.getLogger(__name__)
 
-# Arguments each recipe puts before the user's own, so that anything given on the command line wins.
-RECIPES: dict[str, list[str]] = {
-    "mlp_finetune": [
-        "--mapping_type", "mlp", "--prefix_length", "10",
-        "--learning_rate", "2e-5", "--warmup_steps", "5000", "--per_device_train_batch_size", "40",
-        "--num_train_epochs", "10",
-    ],
-    "transformer_frozen": [
-        "--mapping_type", "transformer", "--prefix_length", "40", "--clip_length", "40", "--mapping_num_layers", "8",
-        "--normalize_prefix", "true", "--freeze_language_model", "true",
-        "--learning_rate", "2e-5", "--warmup_steps", "5000", "--per_device_train_batch_size", "40",
-        "--num_train_epochs", "10",
-    ],
-    "lora": [
-        "--mapping_type", "mlp", "--prefix_length", "10", "--use_lora", "true", "--save_merged_model", "true",
-        "--learning_rate", "2e-4", "--warmup_steps", "1000", "--per_device_train_batch_size", "40",
-        "--num_train_epochs", "10",
-    ],
-}  # fmt: skip
-# Every recipe: the collator needs the caption column, which Trainer would otherwise drop.
-COMMON_DEFAULTS = ["--remove_unused_columns", "false"]
+# The paper's optimisation: AdamW at 2e-5 with 5000 linear warm-up steps, batch 40, 10 epochs, no gradient clipping.
+PAPER_SCHEDULE = {
+    "learning_rate": 2e-5,
+    "warmup_steps": 5000,
+    "per_device_train_batch_size": 40,
+    "num_train_epochs": 10,
+    "max_grad_norm": 0.0,
+}
+# The defaults each recipe puts before the user's own arguments, so that anything given explicitly wins.
+RECIPES: dict[str, dict[str, Any]] = {
+    "mlp_finetune": {"mapping_type": "mlp", "prefix_length": 10, **PAPER_SCHEDULE},
+    "transformer_frozen": {
+        "mapping_type": "transformer",
+        "prefix_length": 40,
+        "clip_length": 40,
+        "mapping_num_layers": 8,
+        "normalize_prefix": True,
+        "freeze_language_model": True,
+        **PAPER_SCHEDULE,
+    },
+    "lora": {
+        "mapping_type": "mlp",
+        "prefix_length": 10,
+        "use_lora": True,
+        "save_merged_model": True,
+        **PAPER_SCHEDULE,
+        "learning_rate": 2e-4,
+        "warmup_steps": 1000,
+    },
+}
+# Every run: the collator needs the caption column, which Trainer would otherwise drop.
+COMMON_DEFAULTS = {"remove_unused_columns": False}
 
 
 @dataclass
@@ -79,13 +90,18 @@ class ModelArguments:
 
     recipe: str | None = field(
         default=None,
-        metadata={"help": "Defaults of a published setup; explicit arguments override them.", "choices": sorted(RECIPES)},
+        metadata={
+            "help": "Defaults of a published setup; explicit arguments override them.",
+            "choices": sorted(RECIPES),
+        },
     )
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "A ClipCap checkpoint (folder or Hub name) to continue from. Else a new model is built from "
-                  "--vision_model_name_or_path and --text_model_name_or_path."},
-    )  # fmt: skip
+        metadata={
+            "help": "A ClipCap checkpoint (folder or Hub name) to continue from. Else a new model is built from "
+            "--vision_model_name_or_path and --text_model_name_or_path."
+        },
+    )
     vision_model_name_or_path: str = field(
         default="openai/clip-vit-base-patch32", metadata={"help": "The CLIP checkpoint of a new model."}
     )
@@ -102,9 +118,11 @@ class ModelArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
     lora_target_modules: str | None = field(
         default=None,
-        metadata={"help": "Comma-separated module names to adapt; default: every linear layer of the LM except its "
-                  "output layer."},
-    )  # fmt: skip
+        metadata={
+            "help": "Comma-separated module names to adapt; default: every linear layer of the LM except its "
+            "output layer."
+        },
+    )
     save_merged_model: bool = field(
         default=False,
         metadata={"help": "LoRA: also save the adapters merged into a plain checkpoint, in output_dir/merged."},
@@ -120,9 +138,11 @@ class DataArguments:
     )
     train_file: str | None = field(
         default=None,
-        metadata={"help": "Training captions: the Karpathy JSON (which also holds validation/test), a COCO or nocaps "
-                  "JSON, a Conceptual Captions TSV, or the image folder."},
-    )  # fmt: skip
+        metadata={
+            "help": "Training captions: the Karpathy JSON (which also holds validation/test), a COCO or nocaps "
+            "JSON, a Conceptual Captions TSV, or the image folder."
+        },
+    )
     validation_file: str | None = field(
         default=None, metadata={"help": "Evaluation captions (not needed for coco-karpathy)."}
     )
@@ -151,9 +171,11 @@ class DataArguments:
     generation_max_new_tokens: int = field(default=30, metadata={"help": "Longest generated caption."})
     eval_caption_metrics: str | None = field(
         default=None,
-        metadata={"help": "Comma-separated COCO metrics for the evaluation captions (bleu, meteor, rouge, cider, "
-                  "spice); needs pycocoevalcap."},
-    )  # fmt: skip
+        metadata={
+            "help": "Comma-separated COCO metrics for the evaluation captions (bleu, meteor, rouge, cider, "
+            "spice); needs pycocoevalcap."
+        },
+    )
 
     def __post_init__(self):
         for name in ("dataset_format", "validation_format"):
@@ -174,7 +196,10 @@ def build_model(model_args: ModelArguments) -> tuple[ClipCapForConditionalGenera
         model = ClipCapForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
         processor = ClipCapProcessor.from_pretrained(model_args.model_name_or_path)
         return model, processor
-    config_kwargs = {"mapping_num_layers": model_args.mapping_num_layers, "normalize_prefix": model_args.normalize_prefix}
+    config_kwargs = {
+        "mapping_num_layers": model_args.mapping_num_layers,
+        "normalize_prefix": model_args.normalize_prefix,
+    }
     if model_args.mapping_type == "transformer":
         config_kwargs["clip_length"] = model_args.clip_length
     model = ClipCapForConditionalGeneration.from_vision_text_pretrained(
@@ -190,14 +215,18 @@ def build_model(model_args: ModelArguments) -> tuple[ClipCapForConditionalGenera
     return model, processor
 
 
-def lora_target_modules(model: ClipCapForConditionalGeneration) -> str:
-    """A peft regex matching every linear layer of the language model except its output layer."""
-    output_layer = model.get_output_embeddings()
-    names = {
-        name.rsplit(".", 1)[-1]
-        for name, module in model.language_model.named_modules()
-        if isinstance(module, (torch.nn.Linear, transformers.pytorch_utils.Conv1D)) and module is not output_layer
-    }
+def lora_target_modules(model: ClipCapForConditionalGeneration, names: Sequence[str] | None = None) -> str:
+    """
+    A peft regex matching the language model's layers called `names` (e.g. `["c_attn"]`); by default every linear
+    layer of the language model except its output layer.
+    """
+    if not names:
+        output_layer = model.get_output_embeddings()
+        names = {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.language_model.named_modules()
+            if isinstance(module, (torch.nn.Linear, transformers.pytorch_utils.Conv1D)) and module is not output_layer
+        }
     return rf"language_model\..*\.({'|'.join(sorted(map(re.escape, names)))})"
 
 
@@ -208,11 +237,7 @@ def add_lora(model: ClipCapForConditionalGeneration, model_args: ModelArguments)
     """
     from peft import LoraConfig, get_peft_model
 
-    if model_args.lora_target_modules:
-        names = [name.strip() for name in model_args.lora_target_modules.split(",") if name.strip()]
-        target_modules = rf"language_model\..*\.({'|'.join(map(re.escape, names))})"
-    else:
-        target_modules = lora_target_modules(model)
+    names = [name.strip() for name in (model_args.lora_target_modules or "").split(",") if name.strip()]
     # GPT-2's Conv1D layers store their weight transposed; peft must know to adapt them correctly.
     conv1d = transformers.pytorch_utils.Conv1D
     lora_config = LoraConfig(
@@ -220,7 +245,7 @@ def add_lora(model: ClipCapForConditionalGeneration, model_args: ModelArguments)
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,
         lora_dropout=model_args.lora_dropout,
-        target_modules=target_modules,
+        target_modules=lora_target_modules(model, names),
         modules_to_save=["mapping_network"],
     )
     return get_peft_model(model, lora_config)
@@ -249,18 +274,12 @@ def merge_lora(
     return model
 
 
-def log_trainable_parameters(model: torch.nn.Module) -> None:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    logger.info(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%).")
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Evaluation by captioning
 
 
 @torch.no_grad()
-def generate_captions(
+def caption_dataset(
     model,
     processor: ClipCapProcessor,
     images: datasets.Dataset,
@@ -277,13 +296,9 @@ def generate_captions(
     model.eval()
     captions: list[str] = []
     for start in range(0, len(images), batch_size):
-        rows = images[start : start + batch_size]
-        if image_embeds is not None:
-            inputs = {"image_embeds": image_embeds[torch.tensor(rows["image_index"])].to(device)}
-        else:
-            pictures = rows["image"] if "image" in rows else [open_image(path) for path in rows["image_path"]]
-            inputs = {"pixel_values": processor.image_processor(pictures, return_tensors="pt")["pixel_values"].to(device)}
-        generated = model.generate(**inputs, **generate_kwargs)
+        rows = [images[index] for index in range(start, min(start + batch_size, len(images)))]
+        inputs = image_inputs(rows, processor.image_processor, image_embeds)
+        generated = model.generate(**{name: value.to(device) for name, value in inputs.items()}, **generate_kwargs)
         captions.extend(caption.strip() for caption in processor.batch_decode(generated, skip_special_tokens=True))
     model.train(was_training)
     return captions
@@ -325,11 +340,18 @@ class ClipCapTrainer(Trainer):
         self.generation_kwargs = generation_kwargs or {}
         self.caption_metrics = list(caption_metrics)
 
-    def evaluation_loop(self, *args, **kwargs):
-        output = super().evaluation_loop(*args, **kwargs)
-        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-        if self.caption_eval_dataset is not None:
-            output.metrics.update(self.evaluate_captions(prefix))
+    def evaluation_loop(
+        self,
+        dataloader: torch.utils.data.DataLoader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        # `evaluate` describes its loop as "Evaluation"; `predict` runs on other data and gets no caption metrics.
+        if self.caption_eval_dataset is not None and description == "Evaluation":
+            output.metrics.update(self.evaluate_captions(metric_key_prefix))
         return output
 
     def evaluate_captions(self, metric_key_prefix: str = "eval") -> dict[str, float]:
@@ -339,7 +361,7 @@ class ClipCapTrainer(Trainer):
         images = self.caption_eval_dataset
         model = self.accelerator.unwrap_model(self.model)
         with self.accelerator.split_between_processes(list(range(len(images))), apply_padding=True) as rows:
-            captions = generate_captions(
+            captions = caption_dataset(
                 model,
                 self.processor,
                 images.select(rows),
@@ -363,7 +385,9 @@ class ClipCapTrainer(Trainer):
             metrics.update({f"{metric_key_prefix}_{name}": round(value, 4) for name, value in scores.items()})
         if self.is_world_process_zero():
             if distinct == 1 and len(captions) > 1:
-                logger.warning(f"The model gives all {len(captions)} evaluation images the same caption: {captions[0]!r}")
+                logger.warning(
+                    f"The model gives all {len(captions)} evaluation images the same caption: {captions[0]!r}"
+                )
             self._write_predictions(images, captions, metric_key_prefix)
         return metrics
 
@@ -444,7 +468,9 @@ def parse_args(
     recipe_parser = argparse.ArgumentParser(add_help=False)
     recipe_parser.add_argument("--recipe", choices=sorted(RECIPES), default=None)
     recipe = recipe_parser.parse_known_args(args)[0].recipe
-    return parser.parse_args_into_dataclasses(args=COMMON_DEFAULTS + RECIPES.get(recipe, []) + args)
+    defaults = {**COMMON_DEFAULTS, **RECIPES.get(recipe, {})}
+    default_args = [item for name, value in defaults.items() for item in (f"--{name}", str(value))]
+    return parser.parse_args_into_dataclasses(args=default_args + args)
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -507,9 +533,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                 processor.save_pretrained(base_dir)
             model.name_or_path = os.path.abspath(base_dir)
         model = add_lora(model, model_args)
-    log_trainable_parameters(model)
 
-    collator = ClipCapDataCollator(processor, image_embeds=image_embeds, max_caption_length=data_args.max_caption_length)
+    collator = ClipCapDataCollator(
+        processor, image_embeds=image_embeds, max_caption_length=data_args.max_caption_length
+    )
     trainer = ClipCapTrainer(
         model=model,
         args=training_args,

@@ -43,32 +43,62 @@ def image_folder(caption_folder):
 def test_karpathy_split_one_row_per_caption_restval_is_training(tmp_path):
     data = {
         "images": [
-            {"filepath": "train2014", "filename": "t1.jpg", "split": "train", "cocoid": 1,
-             "sentences": [{"raw": "A cat."}, {"raw": " A dog. "}]},
-            {"filepath": "val2014", "filename": "r1.jpg", "split": "restval", "cocoid": 2, "sentences": [{"raw": "A car."}]},
-            {"filepath": "val2014", "filename": "v1.jpg", "split": "val", "cocoid": 3, "sentences": [{"raw": "A bus."}]},
-            {"filepath": "val2014", "filename": "e1.jpg", "split": "test", "cocoid": 4,
-             "sentences": [{"raw": "A boat."}, {"raw": "A ship."}]},
+            {
+                "filepath": "train2014",
+                "filename": "t1.jpg",
+                "split": "train",
+                "cocoid": 1,
+                "sentences": [{"raw": "A cat."}, {"raw": " A dog. "}],
+            },
+            {
+                "filepath": "val2014",
+                "filename": "r1.jpg",
+                "split": "restval",
+                "cocoid": 2,
+                "sentences": [{"raw": "A car."}],
+            },
+            {
+                "filepath": "val2014",
+                "filename": "v1.jpg",
+                "split": "val",
+                "cocoid": 3,
+                "sentences": [{"raw": "A bus."}],
+            },
+            {
+                "filepath": "val2014",
+                "filename": "e1.jpg",
+                "split": "test",
+                "cocoid": 4,
+                "sentences": [{"raw": "A boat."}, {"raw": "A ship."}],
+            },
         ]
-    }  # fmt: skip
+    }
     (tmp_path / "dataset_coco.json").write_text(json.dumps(data))
     splits = load_coco_karpathy(tmp_path / "dataset_coco.json", tmp_path / "coco")
     assert sorted(splits) == ["test", "train", "validation"]
     assert splits["train"]["caption"] == ["A cat.", "A dog.", "A car."]
     assert splits["train"]["image_id"] == [1, 1, 2]
     assert splits["train"]["image_path"] == [
-        str(tmp_path / "coco/train2014/t1.jpg"), str(tmp_path / "coco/train2014/t1.jpg"), str(tmp_path / "coco/val2014/r1.jpg")
-    ]  # fmt: skip
+        str(tmp_path / "coco/train2014/t1.jpg"),
+        str(tmp_path / "coco/train2014/t1.jpg"),
+        str(tmp_path / "coco/val2014/r1.jpg"),
+    ]
     assert splits["validation"]["caption"] == ["A bus."]
     assert splits["test"]["image_id"] == [4, 4]
 
 
 def test_coco_captions_and_nocaps(tmp_path):
     data = {
-        "images": [{"id": 7, "file_name": "x.jpg", "domain": "out-domain"}, {"id": 9, "file_name": "y.jpg", "domain": "in-domain"}],
-        "annotations": [{"image_id": 9, "caption": "A tree."}, {"image_id": 7, "caption": "A lamp."},
-                        {"image_id": 9, "caption": "A big tree."}],
-    }  # fmt: skip
+        "images": [
+            {"id": 7, "file_name": "x.jpg", "domain": "out-domain"},
+            {"id": 9, "file_name": "y.jpg", "domain": "in-domain"},
+        ],
+        "annotations": [
+            {"image_id": 9, "caption": "A tree."},
+            {"image_id": 7, "caption": "A lamp."},
+            {"image_id": 9, "caption": "A big tree."},
+        ],
+    }
     (tmp_path / "captions.json").write_text(json.dumps(data))
     coco = load_coco_captions(tmp_path / "captions.json", tmp_path)
     assert coco["image_id"] == [9, 7, 9]
@@ -84,7 +114,7 @@ def test_coco_captions_and_nocaps(tmp_path):
 
 
 def test_conceptual_captions_tsv(tmp_path):
-    (tmp_path / "train.tsv").write_text("caption\timage\na \"quoted\" sky\t0001.jpg\na road\tdir/0002.jpg\n")
+    (tmp_path / "train.tsv").write_text('caption\timage\na "quoted" sky\t0001.jpg\na road\tdir/0002.jpg\n')
     dataset = load_conceptual_captions(tmp_path / "train.tsv", tmp_path / "cc")
     assert dataset["caption"] == ['a "quoted" sky', "a road"]
     assert dataset["image_path"] == [str(tmp_path / "cc/0001.jpg"), str(tmp_path / "cc/dir/0002.jpg")]
@@ -111,16 +141,32 @@ def test_image_folder_jsonl_lists_and_csv(image_folder):
 @pytest.mark.parametrize(
     "file_name, content, loader, record",
     [
-        ("k.json", {"images": [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": "ok"}, {"raw": "  "}]}]},
-         lambda path: load_coco_karpathy(path, "."), r"k.json: images\[0\] \(a.jpg\) sentences\[1\] has an empty caption"),
-        ("c.json", {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1, "caption": ""}]},
-         lambda path: load_coco_captions(path, "."), r"c.json: annotations\[0\] \(image a.jpg\) has an empty caption"),
-        ("t.tsv", "fine\ta.jpg\n \t\tb.jpg\n", lambda path: load_conceptual_captions(path, "."),
-         r"t.tsv: line 2 \(\) has an empty caption|t.tsv: line 2 .* has an empty caption"),
-        ("metadata.jsonl", '{"file_name": "a.png", "text": ["fine", "\\t"]}\n', lambda path: load_image_folder(path.parent),
-         r"metadata.jsonl: line 1 \(a.png\) text\[1\] has an empty caption"),
+        (
+            "k.json",
+            {"images": [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": "ok"}, {"raw": "  "}]}]},
+            lambda path: load_coco_karpathy(path, "."),
+            r"k.json: images\[0\] \(a.jpg\) sentences\[1\] has an empty caption",
+        ),
+        (
+            "c.json",
+            {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1, "caption": ""}]},
+            lambda path: load_coco_captions(path, "."),
+            r"c.json: annotations\[0\] \(image a.jpg\) has an empty caption",
+        ),
+        (
+            "t.tsv",
+            "fine\ta.jpg\n \t\tb.jpg\n",
+            lambda path: load_conceptual_captions(path, "."),
+            r"t.tsv: line 2 \(\) has an empty caption|t.tsv: line 2 .* has an empty caption",
+        ),
+        (
+            "metadata.jsonl",
+            '{"file_name": "a.png", "text": ["fine", "\\t"]}\n',
+            lambda path: load_image_folder(path.parent),
+            r"metadata.jsonl: line 1 \(a.png\) text\[1\] has an empty caption",
+        ),
     ],
-)  # fmt: skip
+)
 def test_empty_captions_are_rejected_naming_the_record(tmp_path, file_name, content, loader, record):
     path = tmp_path / file_name
     path.write_text(content if isinstance(content, str) else json.dumps(content))
@@ -163,7 +209,9 @@ def count_vision_images(model):
     return seen, mock.patch.object(model.vision_model, "forward", counting_forward)
 
 
-def test_embedding_cache_embeds_each_image_once_in_batches_and_is_reused(tmp_path, image_folder, tokenizer_and_processor):
+def test_embedding_cache_embeds_each_image_once_in_batches_and_is_reused(
+    tmp_path, image_folder, tokenizer_and_processor
+):
     tokenizer, processor = tokenizer_and_processor
     model = tiny_model(tokenizer)
     dataset = load_image_folder(image_folder)

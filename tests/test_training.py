@@ -29,22 +29,49 @@ REPO = Path(__file__).resolve().parents[1]
 
 def quiet_model(tokenizer, mapping_type="mlp", language="gpt2", seed=0, dropout=0.0):
     """A tiny model with the given dropout in its language model (0: train and eval mode compute the same thing)."""
-    common = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    common = {
+        "vocab_size": len(tokenizer),
+        "bos_token_id": tokenizer.eos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     if language == "llama":
-        text_config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                  num_key_value_heads=2, max_position_embeddings=128, **common)  # fmt: skip
+        text_config = LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            **common,
+        )
     else:
-        text_config = GPT2Config(n_layer=2, n_embd=32, n_head=4, n_positions=128, resid_pdrop=dropout,
-                                 embd_pdrop=dropout, attn_pdrop=dropout, **common)  # fmt: skip
+        text_config = GPT2Config(
+            n_layer=2,
+            n_embd=32,
+            n_head=4,
+            n_positions=128,
+            resid_pdrop=dropout,
+            embd_pdrop=dropout,
+            attn_pdrop=dropout,
+            **common,
+        )
     return tiny_model(tokenizer, mapping_type, seed=seed, text_config=text_config)
 
 
 def training_args(output_dir, **kwargs):
     defaults = dict(
-        output_dir=str(output_dir), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=2,
-        save_strategy="no", report_to=[], remove_unused_columns=False, use_cpu=True, disable_tqdm=True,
-        logging_steps=1, seed=0,
-    )  # fmt: skip
+        output_dir=str(output_dir),
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        max_steps=2,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_steps=1,
+        seed=0,
+    )
     defaults.update(kwargs)
     return TrainingArguments(**defaults)
 
@@ -128,14 +155,21 @@ def test_trainer_counts_every_caption_token_as_an_item(tmp_path, tokenizer, proc
 def test_recipes_set_the_paper_defaults_and_explicit_arguments_win(tmp_path):
     model_args, data_args, args = parse_args(["--recipe", "mlp_finetune", "--output_dir", str(tmp_path)])
     assert (args.learning_rate, args.warmup_steps, args.per_device_train_batch_size, args.num_train_epochs) == (
-        2e-5, 5000, 40, 10
-    )  # fmt: skip
+        2e-5,
+        5000,
+        40,
+        10,
+    )
     assert (model_args.mapping_type, model_args.prefix_length, model_args.freeze_language_model) == ("mlp", 10, False)
     assert args.remove_unused_columns is False
 
     model_args, _, args = parse_args(["--recipe", "transformer_frozen", "--output_dir", str(tmp_path)])
     assert (model_args.mapping_type, model_args.prefix_length, model_args.clip_length) == ("transformer", 40, 40)
-    assert (model_args.mapping_num_layers, model_args.normalize_prefix, model_args.freeze_language_model) == (8, True, True)
+    assert (model_args.mapping_num_layers, model_args.normalize_prefix, model_args.freeze_language_model) == (
+        8,
+        True,
+        True,
+    )
     assert (args.learning_rate, args.warmup_steps) == (2e-5, 5000)
 
     model_args, _, args = parse_args(
@@ -156,7 +190,9 @@ def test_frozen_language_model_gets_no_gradients_stays_in_eval_mode_and_is_not_o
     model.freeze_language_model()
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     lm_modes = []
-    model.language_model.transformer.h[0].register_forward_pre_hook(lambda module, args: lm_modes.append(module.training))
+    model.language_model.transformer.h[0].register_forward_pre_hook(
+        lambda module, args: lm_modes.append(module.training)
+    )
 
     def vision_forward(*args, **kwargs):
         raise AssertionError("training from cached embeddings ran the vision tower")
@@ -185,9 +221,11 @@ def test_fine_tuned_language_model_is_optimized(tmp_path, tokenizer, processor, 
     dataset, table = embedded
     model = quiet_model(tokenizer)
     trainer = ClipCapTrainer(
-        model=model, args=training_args(tmp_path / "out", max_steps=1), train_dataset=dataset,
+        model=model,
+        args=training_args(tmp_path / "out", max_steps=1),
+        train_dataset=dataset,
         data_collator=ClipCapDataCollator(processor, image_embeds=table),
-    )  # fmt: skip
+    )
     trainer.train()
     optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
     trainable = {id(p) for name, p in model.named_parameters() if not name.startswith("vision_model.")}
@@ -198,9 +236,11 @@ def final_weights(tmp_path, tokenizer, processor, embedded, name, **kwargs):
     dataset, table = embedded
     model = quiet_model(tokenizer)
     trainer = ClipCapTrainer(
-        model=model, args=training_args(tmp_path / name, **kwargs), train_dataset=dataset,
+        model=model,
+        args=training_args(tmp_path / name, **kwargs),
+        train_dataset=dataset,
         data_collator=ClipCapDataCollator(processor, image_embeds=table),
-    )  # fmt: skip
+    )
     result = trainer.train()
     return model, trainer, result
 
@@ -235,17 +275,20 @@ def test_lora_trains_adapters_and_mapper_saves_reloads_and_merges(tmp_path, toke
     peft_model = add_lora(model, ModelArguments(use_lora=True, lora_r=4, lora_alpha=8, lora_dropout=0.0))
 
     trainable = {name for name, p in peft_model.named_parameters() if p.requires_grad}
-    assert trainable and all(("lora_" in name and ".language_model." in name) or ".mapping_network." in name
-                             for name in trainable)  # fmt: skip
+    assert trainable and all(
+        ("lora_" in name and ".language_model." in name) or ".mapping_network." in name for name in trainable
+    )
     assert any(".attn.c_attn.lora_A" in name for name in trainable)
     assert any("modules_to_save" in name and "mapping_network" in name for name in trainable)
     assert not any("lm_head" in name or "vision_model" in name for name in trainable)
 
     out = tmp_path / "lora"
     trainer = ClipCapTrainer(
-        model=peft_model, args=training_args(out, max_steps=3), train_dataset=dataset,
+        model=peft_model,
+        args=training_args(out, max_steps=3),
+        train_dataset=dataset,
         data_collator=ClipCapDataCollator(processor, image_embeds=table),
-    )  # fmt: skip
+    )
     trainer.train()
     trainer.save_model()
     processor.save_pretrained(out)
@@ -304,10 +347,14 @@ def test_a_model_captioning_everything_alike_is_reported(tmp_path, tokenizer, pr
     dataset, table = embedded
     model = quiet_model(tokenizer)
     trainer = ClipCapTrainer(
-        model=model, args=training_args(tmp_path / "out"), data_collator=ClipCapDataCollator(processor, image_embeds=table),
-        caption_eval_dataset=group_by_image(dataset), caption_eval_embeds=torch.zeros_like(table), processor=processor,
+        model=model,
+        args=training_args(tmp_path / "out"),
+        data_collator=ClipCapDataCollator(processor, image_embeds=table),
+        caption_eval_dataset=group_by_image(dataset),
+        caption_eval_embeds=torch.zeros_like(table),
+        processor=processor,
         generation_kwargs={"max_new_tokens": 4},
-    )  # fmt: skip
+    )
     with caplog.at_level("WARNING"):
         metrics = trainer.evaluate(eval_dataset=dataset)
     assert metrics["eval_distinct_captions"] == 1
@@ -326,19 +373,27 @@ class StopAt(TrainerCallback):
             control.should_training_stop = True
 
 
-def test_resuming_from_a_checkpoint_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, tokenizer, processor, embedded):
+def test_resuming_from_a_checkpoint_ends_with_the_weights_of_an_uninterrupted_run(
+    tmp_path, tokenizer, processor, embedded
+):
     dataset, table = embedded
 
     def run(name, callbacks=(), resume=None):
         model = quiet_model(tokenizer, dropout=0.1)  # dropout: the RNG state must be restored too
         trainer = ClipCapTrainer(
             model=model,
-            args=training_args(tmp_path / name, max_steps=6, per_device_train_batch_size=2, save_strategy="steps",
-                               save_steps=3, learning_rate=5e-3),
+            args=training_args(
+                tmp_path / name,
+                max_steps=6,
+                per_device_train_batch_size=2,
+                save_strategy="steps",
+                save_steps=3,
+                learning_rate=5e-3,
+            ),
             train_dataset=dataset,
             data_collator=ClipCapDataCollator(processor, image_embeds=table),
             callbacks=list(callbacks),
-        )  # fmt: skip
+        )
         trainer.train(resume_from_checkpoint=resume)
         return model
 
@@ -346,7 +401,9 @@ def test_resuming_from_a_checkpoint_ends_with_the_weights_of_an_uninterrupted_ru
     interrupted = run("parts", callbacks=[StopAt(3)])
     assert os.listdir(tmp_path / "parts") == ["checkpoint-3"]
     resumed = run("parts", resume=str(tmp_path / "parts/checkpoint-3"))
-    assert not all(torch.equal(a, b) for a, b in zip(interrupted.state_dict().values(), uninterrupted.state_dict().values()))
+    assert not all(
+        torch.equal(a, b) for a, b in zip(interrupted.state_dict().values(), uninterrupted.state_dict().values())
+    )
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -364,15 +421,42 @@ def model_dir(tmp_path, tokenizer, processor):
 
 def run_arguments(model_dir, caption_folder, output_dir, cache_dir, *extra):
     return [
-        "--model_name_or_path", str(model_dir), "--dataset_format", "imagefolder", "--train_file", str(caption_folder),
-        "--validation_file", str(caption_folder), "--output_dir", str(output_dir), "--embedding_cache_dir", str(cache_dir),
-        "--do_train", "--do_eval", "--max_steps", "2", "--per_device_train_batch_size", "2", "--learning_rate", "1e-3",
-        "--save_strategy", "no", "--use_cpu", "--report_to", "none", "--generation_max_new_tokens", "4",
-        "--disable_tqdm", "true", *extra,
-    ]  # fmt: skip
+        "--model_name_or_path",
+        str(model_dir),
+        "--dataset_format",
+        "imagefolder",
+        "--train_file",
+        str(caption_folder),
+        "--validation_file",
+        str(caption_folder),
+        "--output_dir",
+        str(output_dir),
+        "--embedding_cache_dir",
+        str(cache_dir),
+        "--do_train",
+        "--do_eval",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--learning_rate",
+        "1e-3",
+        "--save_strategy",
+        "no",
+        "--use_cpu",
+        "--report_to",
+        "none",
+        "--generation_max_new_tokens",
+        "4",
+        "--disable_tqdm",
+        "true",
+        *extra,
+    ]
 
 
-def test_clipcap_train_trains_evaluates_saves_and_counts_truncated_captions(tmp_path, tokenizer, model_dir, caption_folder):
+def test_clipcap_train_trains_evaluates_saves_and_counts_truncated_captions(
+    tmp_path, tokenizer, model_dir, caption_folder
+):
     from clipcap_hf.cli import main as cli_main
 
     out = tmp_path / "out"
@@ -402,10 +486,18 @@ def test_an_unreadable_image_stops_the_run_before_training(tmp_path, model_dir, 
 def test_torchrun_two_processes_train_and_log_once(tmp_path, model_dir, caption_folder):
     out = tmp_path / "out"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
         str(REPO / "examples/run_clipcap.py"),
-        *run_arguments(model_dir, caption_folder, out, tmp_path / "cache", "--ddp_backend", "gloo", "--logging_steps", "1"),
-    ]  # fmt: skip
+        *run_arguments(
+            model_dir, caption_folder, out, tmp_path / "cache", "--ddp_backend", "gloo", "--logging_steps", "1"
+        ),
+    ]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     output = result.stdout + result.stderr
@@ -426,9 +518,31 @@ def test_lora_recipe_from_pretrained_parts_saves_base_adapters_and_merged_model(
     parts.language_model.save_pretrained(tmp_path / "gpt")
     tokenizer.save_pretrained(tmp_path / "gpt")
     out = tmp_path / "out"
-    args = run_arguments("unused", caption_folder, out, tmp_path / "cache", "--recipe", "lora", "--prefix_length", "4",
-                         "--learning_rate", "1e-2", "--warmup_steps", "0", "--lora_r", "4")[2:]  # fmt: skip
-    main(["--vision_model_name_or_path", str(tmp_path / "clip"), "--text_model_name_or_path", str(tmp_path / "gpt"), *args])
+    args = run_arguments(
+        "unused",
+        caption_folder,
+        out,
+        tmp_path / "cache",
+        "--recipe",
+        "lora",
+        "--prefix_length",
+        "4",
+        "--learning_rate",
+        "1e-2",
+        "--warmup_steps",
+        "0",
+        "--lora_r",
+        "4",
+    )[2:]
+    main(
+        [
+            "--vision_model_name_or_path",
+            str(tmp_path / "clip"),
+            "--text_model_name_or_path",
+            str(tmp_path / "gpt"),
+            *args,
+        ]
+    )
 
     assert PeftConfig.from_pretrained(out).base_model_name_or_path == str((out / "base_model").resolve())
     base = ClipCapForConditionalGeneration.from_pretrained(out / "base_model").eval()
