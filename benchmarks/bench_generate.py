@@ -1,9 +1,11 @@
 """Batched, cached `generate()` against the paper's decoding loop.
 
 The reference does what the original code does: one image at a time, and at every step the whole sequence (prefix
-and tokens so far) goes through GPT-2 again, with no key/value cache; beam search keeps 5 sequences per image and
-ranks them by summed log-probability divided by length. Both sides use the same model (GPT-2 small sized, random
-weights, no EOS so every caption runs the full length) and the same 512-d image embeddings.
+and tokens so far) goes through GPT-2 again, with no key/value cache. Its greedy step is the original `generate2`'s:
+the top-p (0.8) filter over the sorted vocabulary, then argmax (the filter never removes the argmax, so it is
+greedy). Beam search keeps 5 sequences per image and ranks them by summed log-probability divided by length.
+Both sides use the same model (GPT-2 small sized, random weights, no EOS so every caption runs the full length) and
+the same 512-d image embeddings.
 
 Prints one JSON line.
 """
@@ -22,7 +24,7 @@ from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration
 
 
 @torch.no_grad()
-def paper_greedy(model, image_embeds: torch.Tensor, steps: int) -> list[list[int]]:
+def paper_greedy(model, image_embeds: torch.Tensor, steps: int, top_p: float = 0.8) -> list[list[int]]:
     wte = model.get_input_embeddings()
     captions = []
     for embedding in image_embeds:
@@ -30,6 +32,11 @@ def paper_greedy(model, image_embeds: torch.Tensor, steps: int) -> list[list[int
         tokens = []
         for _ in range(steps):
             logits = model.language_model(inputs_embeds=sequence, use_cache=False).logits[:, -1]
+            sorted_logits, sorted_indices = logits.sort(descending=True)
+            remove = sorted_logits.softmax(-1).cumsum(-1) > top_p
+            remove[..., 1:] = remove[..., :-1].clone()
+            remove[..., 0] = False
+            logits[:, sorted_indices[remove]] = -float("inf")
             token = int(logits.argmax(-1))
             tokens.append(token)
             sequence = torch.cat((sequence, wte(torch.tensor([[token]]))), dim=1)

@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import datasets
-import PIL.Image
 import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
@@ -615,24 +614,31 @@ def image_inputs(
     return {"pixel_values": image_processor(images, return_tensors="pt")["pixel_values"]}
 
 
-def count_truncated_captions(
-    dataset: datasets.Dataset, processor: ClipCapProcessor, max_length: int | None, batch_size: int = 1000
-) -> int:
-    """How many captions of `dataset` the collator will cut to `max_length` tokens (EOS included)."""
-    if max_length is None:
-        return 0
-    return sum(
-        processor.tokenize_captions(rows["caption"], max_length=max_length, return_tensors=None)["num_truncated"]
-        for rows in dataset.select_columns("caption").iter(batch_size=batch_size)
-    )
+def add_caption_lengths(
+    dataset: datasets.Dataset, processor: ClipCapProcessor, max_length: int | None = None, batch_size: int = 1000
+) -> tuple[datasets.Dataset, int]:
+    """
+    Add a `length` column, each caption's token count as the collator gives it (EOS included, at most `max_length`),
+    which `TrainingArguments(group_by_length=True)` uses to batch captions of similar length. Also returns how many
+    captions the collator will cut to `max_length`.
+    """
+    lengths: list[int] = []
+    num_truncated = 0
+    for rows in dataset.select_columns("caption").iter(batch_size=batch_size):
+        encoded = processor.tokenize_captions(rows["caption"], max_length=max_length, return_tensors=None)
+        lengths.extend(sum(mask) for mask in encoded["attention_mask"])
+        num_truncated += encoded["num_truncated"]
+    if "length" in dataset.column_names:
+        dataset = dataset.remove_columns("length")
+    return dataset.add_column("length", lengths), num_truncated
 
 
 __all__ = [
     "ClipCapDataCollator",
     "DATASET_FORMATS",
     "ImageEmbeddingCache",
+    "add_caption_lengths",
     "check_images",
-    "count_truncated_captions",
     "embed_images",
     "group_by_image",
     "image_inputs",

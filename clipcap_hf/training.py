@@ -38,8 +38,8 @@ from transformers.trainer_utils import get_last_checkpoint
 from .data import (
     DATASET_FORMATS,
     ClipCapDataCollator,
+    add_caption_lengths,
     check_images,
-    count_truncated_captions,
     embed_images,
     group_by_image,
     image_inputs,
@@ -521,6 +521,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     with training_args.main_process_first(desc="image embeddings"):
         splits, image_embeds = prepare_images(splits, model, processor, data_args, training_args.device)
     train_dataset, eval_dataset = splits.get("train"), splits.get("eval")
+    metrics: dict[str, float] = {}
+    if training_args.do_train:
+        train_dataset, num_truncated = add_caption_lengths(train_dataset, processor, data_args.max_caption_length)
+        metrics["train_truncated_captions"] = num_truncated
+        if num_truncated:
+            logger.info(
+                f"{num_truncated} of {len(train_dataset)} training captions are longer than --max_caption_length "
+                f"({data_args.max_caption_length} tokens, EOS included) and will be cut."
+            )
 
     if model_args.freeze_language_model:
         model.freeze_language_model()
@@ -553,16 +562,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         caption_metrics=[m.strip() for m in (data_args.eval_caption_metrics or "").split(",") if m.strip()],
     )
 
-    metrics: dict[str, float] = {}
     if training_args.do_train:
-        metrics["train_truncated_captions"] = count_truncated_captions(
-            train_dataset, processor, data_args.max_caption_length
-        )
-        if metrics["train_truncated_captions"]:
-            logger.info(
-                f"{metrics['train_truncated_captions']} of {len(train_dataset)} training captions are longer than "
-                f"--max_caption_length ({data_args.max_caption_length} tokens, EOS included) and will be cut."
-            )
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
         trainer.save_model()
         if trainer.is_world_process_zero():

@@ -13,6 +13,7 @@ from clipcap_hf import ClipCapImageProcessor, ClipCapProcessor
 from clipcap_hf.data import (
     ClipCapDataCollator,
     ImageEmbeddingCache,
+    add_caption_lengths,
     check_images,
     embed_images,
     group_by_image,
@@ -361,6 +362,16 @@ def test_collator_truncates_and_counts(tokenizer_and_processor):
     assert collator.num_truncated == 1
     collator(features)
     assert collator.num_truncated == 2
+
+
+def test_caption_lengths_for_group_by_length_and_the_truncation_count(image_folder, tokenizer_and_processor):
+    tokenizer, processor = tokenizer_and_processor
+    dataset = load_image_folder(image_folder)
+    counts = [len(tokenizer(caption, add_special_tokens=False)["input_ids"]) + 1 for caption in dataset["caption"]]
+    with_lengths, num_truncated = add_caption_lengths(dataset, processor, max_length=12, batch_size=3)
+    assert with_lengths["length"] == [min(count, 12) for count in counts]
+    assert num_truncated == sum(count > 12 for count in counts) == 4
+    assert add_caption_lengths(with_lengths, processor)[0]["length"] == counts
 
 
 def test_collator_with_a_tokenizer_without_pad_token():
