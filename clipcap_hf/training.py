@@ -522,6 +522,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         splits, image_embeds = prepare_images(splits, model, processor, data_args, training_args.device)
     train_dataset, eval_dataset = splits.get("train"), splits.get("eval")
     metrics: dict[str, float] = {}
+    # A `length` column lets `group_by_length` batch captions of similar length; the Trainer groups eval batches too.
+    if eval_dataset is not None:
+        eval_dataset = add_caption_lengths(eval_dataset, processor, data_args.max_caption_length)[0]
     if training_args.do_train:
         train_dataset, num_truncated = add_caption_lengths(train_dataset, processor, data_args.max_caption_length)
         metrics["train_truncated_captions"] = num_truncated

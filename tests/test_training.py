@@ -460,7 +460,13 @@ def test_clipcap_train_trains_evaluates_saves_and_counts_truncated_captions(
     from clipcap_hf.cli import main as cli_main
 
     out = tmp_path / "out"
-    args = run_arguments(model_dir, caption_folder, out, tmp_path / "cache", "--max_caption_length", "12")
+    # Batches grouped by the `length` column (without it the sampler would look for `input_ids` and fail); transformers
+    # 5 renamed the option.
+    if "train_sampling_strategy" in TrainingArguments.__dataclass_fields__:
+        grouping = ["--train_sampling_strategy", "group_by_length"]
+    else:
+        grouping = ["--group_by_length"]
+    args = run_arguments(model_dir, caption_folder, out, tmp_path / "cache", "--max_caption_length", "12", *grouping)
     assert cli_main(["train", *args]) == 0
     results = json.loads((out / "all_results.json").read_text())
     captions = load_image_folder(caption_folder)["caption"]
