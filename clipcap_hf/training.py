@@ -488,6 +488,9 @@ def setup_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(log_level)
     transformers.utils.logging.enable_default_handler()
     transformers.utils.logging.enable_explicit_format()
+    # transformers' records already have its handler; with CI=true it also passes them on to the root logger, whose
+    # handler (above) would print every one of them a second time.
+    transformers.utils.logging.disable_propagation()
 
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict[str, float]:

@@ -504,7 +504,8 @@ def test_torchrun_two_processes_train_and_log_once(tmp_path, model_dir, caption_
             model_dir, caption_folder, out, tmp_path / "cache", "--ddp_backend", "gloo", "--logging_steps", "1"
         ),
     ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # CI=true makes transformers pass its records on to the root logger too, which once printed each of them twice.
+    env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
