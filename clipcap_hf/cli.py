@@ -39,11 +39,19 @@ def expand_image_paths(patterns: Sequence[str]) -> list[Path]:
     return unique
 
 
-def caption_command(args: argparse.Namespace) -> int:
+def load_model_and_processor(model_name_or_path: str, device: str | None = None):
+    """A ClipCap model in eval mode on `device` (default: cuda when available, else cpu), and its processor."""
     import torch
     from transformers import AutoProcessor
 
-    from . import ClipCapForConditionalGeneration
+    from .modeling_clipcap import ClipCapForConditionalGeneration
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = ClipCapForConditionalGeneration.from_pretrained(model_name_or_path).to(device).eval()
+    return model, AutoProcessor.from_pretrained(model_name_or_path)
+
+
+def caption_command(args: argparse.Namespace) -> int:
     from .evaluation import iter_captions
 
     if args.max_new_tokens < 1:
@@ -53,9 +61,7 @@ def caption_command(args: argparse.Namespace) -> int:
     if args.gallery and not Path(args.gallery).parent.is_dir():  # say so before the captioning, not after it
         raise FileNotFoundError(f"--gallery: folder {Path(args.gallery).parent} does not exist.")
     paths = expand_image_paths(args.images)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = ClipCapForConditionalGeneration.from_pretrained(args.model).to(device).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    model, processor = load_model_and_processor(args.model, args.device)
 
     results = []
     batches = iter_captions(

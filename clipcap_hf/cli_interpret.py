@@ -13,23 +13,17 @@ import sys
 
 
 def interpret_command(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoProcessor
-
-    from . import ClipCapForConditionalGeneration
-    from .cli import expand_image_paths
+    from .cli import expand_image_paths, load_model_and_processor
     from .image_processing_clipcap import load_image
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}.")
     paths = expand_image_paths(args.images)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = ClipCapForConditionalGeneration.from_pretrained(args.model).to(device).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    model, processor = load_model_and_processor(args.model, args.device)
 
     results = []
     for path in paths:
-        inputs = processor(images=[load_image(path)]).to(device)
+        inputs = processor(images=[load_image(path)]).to(model.device)
         interpretation = model.interpret_prefix(**inputs, tokenizer=processor, top_k=args.top_k)[0]
         if args.json:
             results.append({"image": str(path), "prefix": dataclasses.asdict(interpretation)["matches"]})

@@ -187,19 +187,13 @@ def build_demo(
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    import torch
-    from transformers import AutoProcessor
-
-    from . import ClipCapForConditionalGeneration
-    from .cli import expand_image_paths
+    from .cli import expand_image_paths, load_model_and_processor
 
     import_gradio()  # fail before loading the model when Gradio is missing
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}.")
     examples = expand_image_paths(args.examples) if args.examples else []
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = ClipCapForConditionalGeneration.from_pretrained(args.model).to(device).eval()
-    processor = AutoProcessor.from_pretrained(args.model)
+    model, processor = load_model_and_processor(args.model, args.device)
     demo = build_demo(model, processor, examples=examples, top_k=args.top_k, title=f"ClipCap: {args.model}")
     demo.launch(server_name=args.host, server_port=args.port, share=False)
     return 0

@@ -242,13 +242,9 @@ def evaluate_command(args: argparse.Namespace) -> int:
     else:
         if not args.model:
             raise ValueError("Give --model (to caption the images) or --predictions (to score a results file).")
-        from transformers import AutoProcessor
+        from .cli import load_model_and_processor
 
-        from .modeling_clipcap import ClipCapForConditionalGeneration
-
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        model = ClipCapForConditionalGeneration.from_pretrained(args.model).to(device).eval()
-        processor = AutoProcessor.from_pretrained(args.model)
+        model, processor = load_model_and_processor(args.model, args.device)
         result = evaluate_dataset(
             model,
             processor,
