@@ -160,6 +160,15 @@ def _layer_count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
     return max(indices) + 1 if indices else 0
 
 
+def _vectors_of_width(weight: torch.Tensor, key: str, width: int, meaning: str) -> int:
+    """How many `width`-wide vectors the output rows of `weight` (`state[key]`) hold: a positive whole number."""
+    rows = weight.shape[0]
+    count, remainder = divmod(rows, width)
+    if remainder or count == 0:
+        raise ValueError(f"{key!r} has {rows} rows, not a multiple of GPT-2's width {width}: {meaning}.")
+    return count
+
+
 def infer_original_layout(state: Mapping[str, torch.Tensor], lm_num_heads: int | None = None) -> OriginalLayout:
     """
     Read the mapper type, prefix length, CLIP embedding width and GPT-2 size from a released state dict.
@@ -202,22 +211,19 @@ def infer_original_layout(state: Mapping[str, torch.Tensor], lm_num_heads: int |
     if "clip_project.model.0.weight" in state:
         first = state["clip_project.model.0.weight"]
         last = _require(state, "clip_project.model.2.weight", "the MLP mapper's output layer")
-        prefix_length, remainder = divmod(last.shape[0], n_embd)
-        if remainder or prefix_length == 0:
-            raise ValueError(
-                f"'clip_project.model.2.weight' has {last.shape[0]} rows, not a multiple of GPT-2's width {n_embd}: "
-                "the MLP mapper must output prefix_length x n_embd values."
-            )
+        prefix_length = _vectors_of_width(
+            last, "clip_project.model.2.weight", n_embd, "the MLP mapper must output prefix_length x n_embd values"
+        )
         return OriginalLayout("mlp", prefix_length, None, 0, first.shape[1], gpt2_config)
     if "clip_project.linear.weight" in state:
         linear = state["clip_project.linear.weight"]
         prefix_const = _require(state, "clip_project.prefix_const", "the transformer mapper's learned prefix")
-        clip_length, remainder = divmod(linear.shape[0], n_embd)
-        if remainder or clip_length == 0:
-            raise ValueError(
-                f"'clip_project.linear.weight' has {linear.shape[0]} rows, not a multiple of GPT-2's width {n_embd}: "
-                "the transformer mapper projects to clip_length x n_embd values."
-            )
+        clip_length = _vectors_of_width(
+            linear,
+            "clip_project.linear.weight",
+            n_embd,
+            "the transformer mapper projects to clip_length x n_embd values",
+        )
         num_layers = _layer_count(state, "clip_project.transformer.layers.")
         if num_layers == 0:
             raise ValueError(

@@ -505,19 +505,20 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
 
         # Trainer adds `num_items_in_batch` for the loss; the language model must not see it.
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        kwargs["return_dict"] = True
+        lm_inputs = {
+            "input_ids": input_ids,
+            "inputs_embeds": inputs_embeds,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "past_key_values": past_key_values,
+            "use_cache": use_cache,
+            **kwargs,
+            "return_dict": True,
+        }
         if labels is not None and self.training and self._lm_head_is_plain_projection():
             # Training needs LM-head scores only where a caption token is predicted: skip the prefix and padding
             # positions, which would otherwise cost a vocabulary-wide matmul and softmax each.
-            outputs = self.language_model.base_model(
-                input_ids=input_ids,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                **kwargs,
-            )
+            outputs = self.language_model.base_model(**lm_inputs)
             return ClipCapCausalLMOutputWithPast(
                 loss=self._caption_loss(
                     outputs.last_hidden_state, labels, num_items_in_batch, self.get_output_embeddings()
@@ -529,16 +530,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 prefix_embeds=prefix_embeds,
             )
 
-        outputs = self.language_model(
-            input_ids=input_ids,
-            inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=use_cache,
-            logits_to_keep=logits_to_keep,
-            **kwargs,
-        )
+        outputs = self.language_model(**lm_inputs, logits_to_keep=logits_to_keep)
         logits = outputs.logits
 
         loss = None

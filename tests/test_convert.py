@@ -378,6 +378,11 @@ def wrong_shape(state):
     return state
 
 
+def ragged_prefix(state):
+    state["clip_project.model.2.weight"] = state["clip_project.model.2.weight"][:-1]
+    return state
+
+
 def unexpected_key(state):
     state["clip_project.model.4.weight"] = torch.zeros(2, 2)
     return state
@@ -392,6 +397,8 @@ def no_mapper(state):
     [
         (missing_key, "missing key 'gpt.transformer.h.1.mlp.c_proj.bias'"),
         (wrong_shape, "'clip_project.model.2.bias' has shape (319,), expected (320,)"),
+        (ragged_prefix, "'clip_project.model.2.weight' has 319 rows, not a multiple of GPT-2's width 64: the MLP "
+         "mapper must output prefix_length x n_embd values."),
         (unexpected_key, "unexpected key 'clip_project.model.4.weight'"),
         (no_mapper, "has no mapping network: expected 'clip_project.model.0.weight' (MLP mapper)"),
         (lambda state: {k: v for k, v in state.items() if k != "gpt.transformer.wte.weight"},
