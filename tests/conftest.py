@@ -34,7 +34,7 @@ def build_tokenizer() -> GPT2TokenizerFast:
     )
 
 
-def tiny_config(tokenizer, mapping_type="mlp", text_config=None, **kwargs) -> ClipCapConfig:
+def tiny_config(tokenizer, mapping_type="mlp", text_config=None, text_dropout=0.1, **kwargs) -> ClipCapConfig:
     vision_config = CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
@@ -53,6 +53,9 @@ def tiny_config(tokenizer, mapping_type="mlp", text_config=None, **kwargs) -> Cl
             vocab_size=len(tokenizer),
             bos_token_id=tokenizer.eos_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            resid_pdrop=text_dropout,
+            embd_pdrop=text_dropout,
+            attn_pdrop=text_dropout,
         )
     defaults = {"prefix_length": 4, "mapping_num_layers": 2, "mapping_num_heads": 4}
     defaults.update(kwargs)

@@ -10,7 +10,7 @@ from unittest import mock
 import pytest
 import torch
 from conftest import CAPTIONED_IMAGES, tiny_model
-from transformers import GPT2Config, LlamaConfig, TrainerCallback, TrainingArguments
+from transformers import LlamaConfig, TrainerCallback, TrainingArguments
 
 from clipcap_hf import ClipCapForConditionalGeneration
 from clipcap_hf.data import ClipCapDataCollator, embed_images, group_by_image, load_image_folder
@@ -29,12 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def quiet_model(tokenizer, mapping_type="mlp", language="gpt2", seed=0, dropout=0.0):
     """A tiny model with the given dropout in its language model (0: train and eval mode compute the same thing)."""
-    common = {
-        "vocab_size": len(tokenizer),
-        "bos_token_id": tokenizer.eos_token_id,
-        "eos_token_id": tokenizer.eos_token_id,
-    }
-    if language == "llama":
+    if language == "llama":  # Llama has no dropout here
         text_config = LlamaConfig(
             hidden_size=32,
             intermediate_size=64,
@@ -42,20 +37,12 @@ def quiet_model(tokenizer, mapping_type="mlp", language="gpt2", seed=0, dropout=
             num_attention_heads=4,
             num_key_value_heads=2,
             max_position_embeddings=128,
-            **common,
+            vocab_size=len(tokenizer),
+            bos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
-    else:
-        text_config = GPT2Config(
-            n_layer=2,
-            n_embd=32,
-            n_head=4,
-            n_positions=128,
-            resid_pdrop=dropout,
-            embd_pdrop=dropout,
-            attn_pdrop=dropout,
-            **common,
-        )
-    return tiny_model(tokenizer, mapping_type, seed=seed, text_config=text_config)
+        return tiny_model(tokenizer, mapping_type, seed=seed, text_config=text_config)
+    return tiny_model(tokenizer, mapping_type, seed=seed, text_dropout=dropout)
 
 
 def training_args(output_dir, **kwargs):
