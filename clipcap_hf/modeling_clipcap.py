@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +16,9 @@ from transformers.utils import ModelOutput
 
 from .configuration_clipcap import VISION_BACKENDS, ClipCapConfig
 from .open_clip_vision import ClipCapOpenClipVisionModel, resolve_open_clip_model
+
+# The caption length `generate()` and the pipelines use when the generation config sets none (as the CLI's default).
+DEFAULT_MAX_NEW_TOKENS = 30
 
 
 @dataclass
@@ -188,7 +192,19 @@ def load_pretrained_vision_model(
     if vision_backend == "clip":
         if open_clip_pretrained is not None:
             raise ValueError("`open_clip_pretrained` only applies to vision_backend='open_clip'.")
-        vision_model = CLIPVisionModelWithProjection.from_pretrained(vision_model_name_or_path)
+        _check_local_path(vision_model_name_or_path, "vision model")
+        vision_model, loading_info = CLIPVisionModelWithProjection.from_pretrained(
+            vision_model_name_or_path, output_loading_info=True
+        )
+        # transformers builds a default CLIP tower from any checkpoint and only reports the weights it lacked; a
+        # tower without its pretrained weights would then be frozen at random.
+        if loading_info["missing_keys"]:
+            missing = sorted(loading_info["missing_keys"])
+            raise ValueError(
+                f"{vision_model_name_or_path!r} is not a CLIP vision checkpoint: {len(missing)} of the tower's weights "
+                f"are missing from it (e.g. {missing[0]!r}). Give a CLIP model such as "
+                "'openai/clip-vit-base-patch32'."
+            )
         return vision_model, {"vision_config": vision_model.config}
     model_cfg = resolve_open_clip_model(vision_model_name_or_path, open_clip_pretrained)[0]
     vision_model = ClipCapOpenClipVisionModel.from_open_clip_pretrained(
@@ -201,6 +217,14 @@ def load_pretrained_vision_model(
         "open_clip_model_cfg": model_cfg,
     }
     return vision_model, vision_fields
+
+
+def _check_local_path(name_or_path: str, what: str) -> None:
+    """A path-like name that does not exist: say so, rather than transformers' "Repo id must be in the form"."""
+    if (os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))) and not os.path.exists(
+        os.path.expanduser(name_or_path)
+    ):
+        raise FileNotFoundError(f"The {what} {name_or_path!r} does not exist.")
 
 
 class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
@@ -242,10 +266,20 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         # vector). The "ForConditionalGeneration" loss type would make Trainer count only `labels[:, 1:]` for
         # `num_items_in_batch`, one token short per caption; the loss is computed by `_caption_loss` instead.
         self.loss_type = None
-        if self.generation_config.pad_token_id is None:
+        self._set_generation_defaults()
+
+    def _set_generation_defaults(self) -> None:
+        """Caption decoding defaults, where the generation config leaves them unset."""
+        generation_config = self.generation_config
+        if generation_config.pad_token_id is None:
             # Batched captions end at different lengths; pad them with EOS, as GPT-2-style models have no pad token.
-            eos_token_id = self.generation_config.eos_token_id
-            self.generation_config.pad_token_id = eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
+            eos_token_id = generation_config.eos_token_id
+            generation_config.pad_token_id = eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
+        if generation_config.max_new_tokens is None:
+            # Without it, transformers 4.x counts the prefix into its default `max_length=20` (a 40-vector prefix
+            # leaves no room at all) and pipelines fall back to their own longer default, so a plain
+            # `generate()` and a plain pipeline call would caption differently.
+            generation_config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
 
     @classmethod
     def from_vision_text_pretrained(
@@ -294,6 +328,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         vision_model, vision_fields = load_pretrained_vision_model(
             vision_model_name_or_path, vision_backend, open_clip_pretrained
         )
+        _check_local_path(text_model_name_or_path, "language model")
         language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path)
         # Building a composite config resets its sub-configs' attention implementation (transformers 4.x); the parts
         # are built already and keep theirs.
@@ -316,7 +351,18 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         # Loading replaces the parameters (with requires_grad=True); the vision tower stays frozen by default.
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # a tuple with output_loading_info=True
         model.freeze_vision_model()
+        model._set_generation_defaults()  # a saved generation config replaced the one __init__ completed
         return loaded
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        # `register_for_auto_class` records one Auto class in the saved `auto_map`; the image-text-to-text (and, on
+        # transformers 4.x, image-to-text) pipelines load through their own Auto classes, so name those too.
+        class_reference = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+        auto_map = dict(getattr(self.config, "auto_map", None) or {})
+        for auto_class in ("AutoModel", "AutoModelForImageTextToText", "AutoModelForVision2Seq"):
+            auto_map.setdefault(auto_class, class_reference)
+        self.config.auto_map = auto_map
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     # ----------------------------------------------------------------------------------------------------------
     # Freezing
@@ -378,12 +424,23 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 f"(precomputed CLIP embeddings); got {'both' if pixel_values is not None else 'neither'}."
             )
         if pixel_values is not None:
+            if pixel_values.ndim != 4 or pixel_values.shape[0] == 0 or pixel_values.shape[1] != 3:
+                raise ValueError(
+                    "`pixel_values` must have shape (batch_size, 3, height, width) with at least one image, got "
+                    f"{tuple(pixel_values.shape)}. Prepare images with the model's processor."
+                )
             image_embeds = self.get_image_features(pixel_values.to(self.vision_model.dtype))
-        elif image_embeds.ndim != 2 or image_embeds.shape[-1] != self.config.prefix_dim:
+            if image_embeds.shape[-1] != self.config.prefix_dim:
+                raise ValueError(
+                    f"The vision tower gives {image_embeds.shape[-1]}-d image embeddings but the mapping network "
+                    f"takes {self.config.prefix_dim}-d ones (config.prefix_dim); set prefix_dim to the tower's "
+                    "embedding size, or caption from `image_embeds` of the size the mapping network was trained on."
+                )
+        elif image_embeds.ndim != 2 or image_embeds.shape[0] == 0 or image_embeds.shape[-1] != self.config.prefix_dim:
             raise ValueError(
-                f"`image_embeds` must have shape (batch_size, {self.config.prefix_dim}) for this model "
-                f"(config.prefix_dim={self.config.prefix_dim}), got {tuple(image_embeds.shape)}. Compute them with "
-                "the vision tower this model was trained with."
+                f"`image_embeds` must have shape (batch_size, {self.config.prefix_dim}) with at least one image for "
+                f"this model (config.prefix_dim={self.config.prefix_dim}), got {tuple(image_embeds.shape)}. Compute "
+                "them with the vision tower this model was trained with."
             )
         if self.config.normalize_prefix:
             image_embeds = image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
@@ -502,6 +559,12 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 prefix_embeds, input_ids, attention_mask, labels
             )
             input_ids = None
+        elif inputs_embeds is None and past_key_values is None:
+            raise ValueError(
+                "Pass exactly one of `pixel_values` (images through the processor) or `image_embeds` (precomputed "
+                "CLIP embeddings); got neither. Text without an image only continues from `past_key_values`; for "
+                "plain language modelling call `model.language_model`."
+            )
 
         # Trainer adds `num_items_in_batch` for the loss; the language model must not see it.
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -612,6 +675,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}.")
         if generate_kwargs.get("generation_config") is None:
             generation_config = copy.deepcopy(self.generation_config)
+            if "max_length" in generate_kwargs and "max_new_tokens" not in generate_kwargs:
+                generation_config.max_new_tokens = None  # transformers lets max_new_tokens win; the caller's wins
             generate_kwargs = generation_config.update(**generate_kwargs)  # returns the non-generation kwargs
             generate_kwargs["generation_config"] = generation_config
         if (pixel_values is None) == (image_embeds is None):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from transformers import AutoModelForImageTextToText
+from transformers import AutoModelForImageTextToText, GenerationConfig
 from transformers.pipelines import PIPELINE_REGISTRY, ImageTextToTextPipeline
 
 
@@ -24,6 +24,10 @@ class ImageCaptioningPipeline(ImageTextToTextPipeline):
     [{'input_text': '', 'generated_text': 'A dog runs on the beach.'}]
     ```
     """
+
+    # No pipeline defaults: the model's generation config decides the caption length. (image-text-to-text's own
+    # 256-token default would override it on transformers 4.x.)
+    _default_generation_config = GenerationConfig()
 
     def __call__(self, images=None, text=None, **kwargs):
         if images is not None and text is None:

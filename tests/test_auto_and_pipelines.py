@@ -52,20 +52,26 @@ def test_trust_remote_code_loads_without_the_package(saved_model_dir, tmp_path):
         f"""
         import json, sys
         import PIL.Image
-        from transformers import AutoModel, AutoProcessor
+        from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
         folder = {str(saved_model_dir)!r}
         model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
         processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
         images = [PIL.Image.open({str(tmp_path)!r} + f"/{{i}}.png") for i in range(2)]
         generated = model.generate(**processor(images=images), max_new_tokens=8)
         captions = [c.strip() for c in processor.batch_decode(generated, skip_special_tokens=True)]
+        image_text_to_text = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
+        captioner = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+        piped = [captioner(images=image, text="", max_new_tokens=8)[0]["generated_text"].strip() for image in images]
         assert not any(name.startswith("clipcap_hf") for name in sys.modules)
-        print(json.dumps({{"captions": captions, "model": type(model).__module__}}))
+        print(json.dumps({{"captions": captions, "model": type(model).__module__,
+                          "image_text_to_text": type(image_text_to_text).__name__, "piped": piped}}))
         """,
         tmp_path,
     )
     assert output["captions"] == expected
     assert output["model"].startswith("transformers_modules")
+    assert output["image_text_to_text"] == "ClipCapForConditionalGeneration"
+    assert output["piped"] == expected
 
 
 @pytest.fixture
@@ -93,6 +99,24 @@ def test_pipelines_equal_generate(saved_model_dir, task, quiet_transformers):
         assert output[0]["generated_text"].strip() == caption
 
 
+@pytest.mark.parametrize(
+    "task",
+    [
+        pytest.param(
+            "image-text-to-text",
+            marks=pytest.mark.skipif(not TRANSFORMERS_5, reason="4.x pipelines put their own length first"),
+        ),
+        "image-captioning",
+    ],
+)
+def test_pipeline_defaults_equal_generate_defaults(saved_model_dir, task, quiet_transformers):
+    images = random_images(2, seed=6)
+    expected = captions_from_generate(saved_model_dir, images)  # the model's own caption length
+    captioner = pipeline(task, model=str(saved_model_dir))
+    kwargs = {"text": ""} if task == "image-text-to-text" else {}
+    assert [captioner(images=image, **kwargs)[0]["generated_text"].strip() for image in images] == expected
+
+
 def test_image_captioning_pipeline_takes_an_image_alone_and_batches(saved_model_dir):
     images = random_images(3, seed=5)
     expected = captions_from_generate(saved_model_dir, images, max_new_tokens=6)
@@ -105,6 +129,15 @@ def test_image_text_to_text_without_text_says_so(saved_model_dir):
     captioner = pipeline("image-text-to-text", model=str(saved_model_dir))
     with pytest.raises(ValueError, match="You must provide text"):
         captioner(images=random_images(1)[0])
+
+
+def test_from_vision_text_pretrained_rejects_wrong_or_missing_parts(tmp_path, tokenizer):
+    config = tiny_config(tokenizer)
+    GPT2LMHeadModel(config.text_config).save_pretrained(tmp_path / "text")
+    with pytest.raises(ValueError, match="is not a CLIP vision checkpoint: .* weights are missing"):
+        ClipCapForConditionalGeneration.from_vision_text_pretrained(str(tmp_path / "text"), str(tmp_path / "text"))
+    with pytest.raises(FileNotFoundError, match="The vision model .*nowhere.* does not exist"):
+        ClipCapForConditionalGeneration.from_vision_text_pretrained(str(tmp_path / "nowhere"), str(tmp_path / "text"))
 
 
 def test_from_vision_text_pretrained_with_local_parts(tmp_path, tokenizer):

@@ -1,6 +1,10 @@
+import json
+
 import pytest
 import torch
 from conftest import greedy_loop, tiny_model
+
+from clipcap_hf.modeling_clipcap import DEFAULT_MAX_NEW_TOKENS
 
 
 def embeds(model, count, seed=0):
@@ -120,3 +124,21 @@ def test_generation_after_save_and_load(tmp_path, tokenizer):
     model.save_pretrained(tmp_path)
     loaded = type(model).from_pretrained(tmp_path).eval()
     assert torch.equal(model.generate(image_embeds=x, max_new_tokens=8), loaded.generate(image_embeds=x, max_new_tokens=8))
+
+
+def test_default_caption_length_and_explicit_lengths(tokenizer, tmp_path):
+    # A prefix longer than transformers' default max_length (20), which the language model counts the prefix into.
+    model = tiny_model(tokenizer, "transformer", prefix_length=24)
+    model.generation_config.eos_token_id = None  # every caption runs to its full length
+    x = embeds(model, 2)
+    assert model.generate(image_embeds=x).shape == (2, DEFAULT_MAX_NEW_TOKENS)
+    assert model.generate(image_embeds=x, max_new_tokens=5).shape == (2, 5)
+    assert model.generate(image_embeds=x, max_length=30).shape == (2, 30 - 24)  # max_length counts the prefix
+
+    # A folder saved without a caption length (as by older versions) gets the default when loaded.
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert saved["max_new_tokens"] == DEFAULT_MAX_NEW_TOKENS
+    del saved["max_new_tokens"]
+    (tmp_path / "generation_config.json").write_text(json.dumps(saved))
+    assert type(model).from_pretrained(tmp_path).generation_config.max_new_tokens == DEFAULT_MAX_NEW_TOKENS

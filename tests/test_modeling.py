@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -164,6 +166,31 @@ def test_forward_needs_exactly_one_image_input(mlp_model):
     x = image_embeds_for(mlp_model, 1)
     with pytest.raises(ValueError, match="exactly one of `pixel_values`.*got both"):
         mlp_model(pixel_values=torch.zeros(1, 3, 32, 32), image_embeds=x)
+    tokens = torch.ones(1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="exactly one of `pixel_values`.*got neither"):
+        mlp_model(input_ids=tokens, labels=tokens)
+    # Text alone is fine when it continues an image's cached prefix.
+    cached = mlp_model(image_embeds=x, use_cache=True).past_key_values
+    assert mlp_model(input_ids=tokens[:, :1], past_key_values=cached).logits.shape[:2] == (1, 1)
+
+
+@pytest.mark.parametrize(
+    "shape", [(3, 32, 32), (2, 1, 32, 32), (0, 3, 32, 32)], ids=["unbatched", "one-channel", "empty"]
+)
+def test_malformed_pixel_values_are_rejected(mlp_model, shape):
+    with pytest.raises(ValueError, match=r"\(batch_size, 3, height, width\).*" + re.escape(str(shape))):
+        mlp_model.generate(pixel_values=torch.zeros(shape))
+
+
+def test_empty_image_embeds_are_rejected(mlp_model):
+    with pytest.raises(ValueError, match=r"at least one image.*\(0, 24\)"):
+        mlp_model.generate(image_embeds=torch.zeros(0, 24))
+
+
+def test_vision_tower_wider_than_prefix_dim_names_both_sizes(tokenizer, images, processor):
+    model = tiny_model(tokenizer, prefix_dim=16)  # the tiny tower gives 24-d embeddings
+    with pytest.raises(ValueError, match="gives 24-d image embeddings but the mapping network takes 16-d"):
+        model(**processor(images=images[:1]))
 
 
 def test_wrong_embedding_width_names_both_sizes(mlp_model):
