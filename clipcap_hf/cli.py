@@ -29,7 +29,9 @@ def expand_image_paths(patterns: Sequence[str]) -> list[Path]:
         elif path.exists():
             found = [path]
         else:
-            found = sorted(Path(match) for match in glob.glob(pattern, recursive=True))
+            # Like a folder, a pattern such as 'dir/*' gives only its images, not notes or sub-folders
+            matches = (Path(match) for match in glob.glob(pattern, recursive=True))
+            found = sorted(p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
                 raise FileNotFoundError(f"No image matches {pattern!r}.")
         paths.extend(found)
@@ -56,6 +58,8 @@ def caption_command(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    if args.num_beams < 1:
+        raise ValueError(f"--num-beams must be at least 1, got {args.num_beams}.")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
     if args.gallery and not Path(args.gallery).parent.is_dir():  # say so before the captioning, not after it
@@ -68,16 +72,17 @@ def caption_command(args: argparse.Namespace) -> int:
         model, processor, paths, args.batch_size,
         num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, do_sample=False,
     )
-    for batch_paths, captions in batches:
-        batch_results = [{"image": str(path), "caption": caption} for path, caption in zip(batch_paths, captions)]
-        if not args.json:  # print as we go, so an unreadable file later on loses none of the captions before it
-            for result in batch_results:
-                print(f"{result['image']}\t{result['caption']}", flush=True)
-        results.extend(batch_results)
-
-    if args.json:
-        json.dump(results, sys.stdout, indent=2, ensure_ascii=False)
-        sys.stdout.write("\n")
+    try:
+        for batch_paths, captions in batches:
+            batch_results = [{"image": str(p), "caption": caption} for p, caption in zip(batch_paths, captions)]
+            if not args.json:  # print as we go, so an unreadable file later on loses none of the captions before it
+                for result in batch_results:
+                    print(f"{result['image']}\t{result['caption']}", flush=True)
+            results.extend(batch_results)
+    finally:
+        if args.json:  # also when an image fails: the captions made before it are kept, as valid JSON
+            json.dump(results, sys.stdout, indent=2, ensure_ascii=False)
+            sys.stdout.write("\n")
     if args.gallery:
         from .gallery import GalleryRecord, write_gallery
 
@@ -123,8 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
+    except (ValueError, OSError, ImportError) as error:
         # An ImportError here is a missing optional extra (gradio, pycocoevalcap); its message says what to install.
+        # An OSError covers missing files and a --model folder that does not exist or holds no weights.
         print(f"clipcap {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -62,6 +62,8 @@ def test_unreadable_image_is_named_and_earlier_captions_are_kept(saved_model_dir
     [
         (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
         (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+        (["--num-beams", "0"], "--num-beams must be at least 1, got 0"),
+        (["--num-beams", "-2"], "--num-beams must be at least 1, got -2"),
     ],
 )
 def test_bad_options_are_rejected(saved_model_dir, image_folder, capsys, extra, message):
@@ -75,3 +77,45 @@ def test_missing_images_are_reported(saved_model_dir, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert main(["caption", str(tmp_path / "empty"), "--model", str(saved_model_dir)]) == 2
     assert "No images found" in capsys.readouterr().err
+
+
+def test_json_keeps_earlier_captions_when_an_image_fails(saved_model_dir, image_folder, capsys):
+    (image_folder / "img9.png").write_bytes(b"definitely not a png")  # sorts last
+    status = main(["caption", str(image_folder), "--model", str(saved_model_dir), "--json", "--batch-size", "1",
+                   "--max-new-tokens", "3"])
+    captured = capsys.readouterr()
+    assert status == 2
+    assert f"Cannot read image {image_folder / 'img9.png'}" in captured.err
+    paths = sorted(image_folder.glob("img[0-4].png"))
+    results = json.loads(captured.out)
+    assert [r["image"] for r in results] == [str(path) for path in paths]
+    assert [r["caption"] for r in results] == expected_captions(saved_model_dir, paths, max_new_tokens=3)
+
+
+@pytest.mark.parametrize("model_dir", ["missing", "empty"])
+def test_model_folder_without_weights_is_reported(image_folder, tmp_path, capsys, model_dir):
+    (tmp_path / "empty").mkdir()
+    path = tmp_path / model_dir
+    assert main(["caption", str(image_folder), "--model", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clipcap caption: error: ") and str(path) in err
+    assert "Traceback" not in err
+
+
+def test_glob_keeps_only_images(saved_model_dir, image_folder, capsys):
+    (image_folder / "sub").mkdir()
+    argv = ["caption", str(image_folder / "*"), "--model", str(saved_model_dir), "--json", "--max-new-tokens", "3"]
+    assert main(argv) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in results] == [str(path) for path in sorted(image_folder.glob("*.png"))]
+    # A pattern whose only matches are not images is still reported as matching none.
+    assert main(["caption", str(image_folder / "*.txt"), "--model", str(saved_model_dir)]) == 2
+    assert "No image matches" in capsys.readouterr().err
+
+
+def test_progress_bar_when_more_images_than_batch_size(saved_model_dir, image_folder, capsys):
+    paths = [str(image_folder / f"img{index}.png") for index in range(3)]
+    assert main(["caption", *paths, "--model", str(saved_model_dir), "--batch-size", "1",
+                 "--max-new-tokens", "3"]) == 0
+    err = capsys.readouterr().err
+    assert "Captioning" in err and "3/3" in err
