@@ -82,7 +82,10 @@ def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
     if array.size == 0:
         raise ValueError(f"Got an empty image array of shape {array.shape}.")
     if np.issubdtype(array.dtype, np.floating):
-        if array.min() < 0 or array.max() > 1:
+        low, high = array.min(), array.max()  # a NaN anywhere makes both NaN, which passes any range comparison
+        if not (np.isfinite(low) and np.isfinite(high)):
+            raise ValueError("Float image arrays must hold finite values; this one holds NaN or infinity.")
+        if low < 0 or high > 1:
             raise ValueError("Float image arrays must hold values in [0, 1]; pass uint8 arrays for [0, 255].")
         array = (array * 255).round()
     return PIL.Image.fromarray(array.astype(np.uint8))
@@ -216,7 +219,15 @@ class ClipCapImageProcessor(BaseImageProcessor):
         images = list(images)
         if not images:
             raise ValueError("Got an empty list of images; pass at least one image.")
-        pixel_values = np.stack([self.preprocess_one(image) for image in images])
+        arrays = []
+        for index, image in enumerate(images):  # errors name the bad image of a batch
+            try:
+                arrays.append(self.preprocess_one(image))
+            except TypeError as error:
+                raise TypeError(f"Image {index}: {error}") from error
+            except ValueError as error:
+                raise ValueError(f"Image {index}: {error}") from error
+        pixel_values = np.stack(arrays)
         return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
 
     def __call__(self, images, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:

@@ -80,7 +80,7 @@ class ClipCapProcessor(ProcessorMixin):
             text: generation prompts, one per image (or one for all); left-padded.
             captions: training captions, one per image; tokenized by [`~ClipCapProcessor.tokenize_captions`].
             return_tensors: "pt" (default), "np" or None.
-            max_caption_length: captions longer than this many tokens (EOS included) are cut.
+            max_caption_length: captions longer than this many tokens (EOS included) are cut; at least 1.
         """
         if images is None and text is None and captions is None:
             raise ValueError("Pass `images`, `text` (prompts) or `captions`.")
@@ -124,6 +124,9 @@ class ClipCapProcessor(ProcessorMixin):
         Returns `input_ids`, `attention_mask`, `labels` (a copy of `input_ids` with -100 on padding) and
         `num_truncated`, the number of captions cut to `max_length` tokens (EOS included).
         """
+        # 0 would give empty captions (a NaN loss) and a negative length would silently drop the EOS.
+        if max_length is not None and max_length < 1:
+            raise ValueError(f"max_caption_length (max_length) must be at least 1 (EOS included), got {max_length}.")
         token_lists = []
         num_truncated = 0
         for index, caption in enumerate(captions):

@@ -184,6 +184,9 @@ class DataArguments:
                 raise ValueError(f"--{name} must be one of {sorted(DATASET_FORMATS)}, got {value!r}.")
         if self.on_bad_image not in ("error", "skip"):
             raise ValueError(f"--on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}.")
+        for name in ("max_caption_length", "generation_max_new_tokens"):  # checked before any embedding is computed
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -45,6 +45,14 @@ def test_pixel_values_equal_clip_reference_preprocessing(size):
     assert (ours - reference).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA"])
+def test_modes_that_convert_to_the_same_pixels_equal_clip_reference(mode):
+    # Opaque alpha, so compositing on white (ours) and dropping alpha (CLIP's convert("RGB")) agree.
+    image = photo_like(300, 225).convert(mode)
+    reference = clip_reference_transform()(image)
+    assert (ClipCapImageProcessor()(image)["pixel_values"][0] - reference).abs().max() < 1e-5
+
+
 @pytest.mark.skipif(not SAMPLES.exists(), reason="shared/reference/official_samples is not present")
 def test_pixel_values_equal_clip_reference_on_real_photographs():
     processor = ClipCapImageProcessor(size=288, crop_size=288)
@@ -114,8 +122,19 @@ def test_bad_images_are_rejected_with_a_message(images, message):
 
 
 def test_non_image_input_is_rejected():
-    with pytest.raises(TypeError, match="Expected a PIL image, a numpy array or a torch tensor, got str"):
+    with pytest.raises(TypeError, match="Image 0: Expected a PIL image, a numpy array or a torch tensor, got str"):
         ClipCapImageProcessor()(["photo.jpg"])
+
+
+@pytest.mark.parametrize("bad_value", [np.nan, np.inf, -np.inf])
+def test_non_finite_float_images_are_rejected_with_their_index(bad_value):
+    good = np.full((4, 4, 3), 0.5, dtype=np.float32)
+    bad = good.copy()
+    bad[1, 2, 0] = bad_value
+    with pytest.raises(ValueError, match=r"Image 1: Float image arrays must hold finite values"):
+        ClipCapImageProcessor(size=4, crop_size=4)([good, bad])
+    with pytest.raises(ValueError, match=r"Image 0: .*finite"):
+        ClipCapImageProcessor(size=4, crop_size=4)(torch.from_numpy(bad).permute(2, 0, 1))
 
 
 def test_captions_become_training_labels(processor, tokenizer):
@@ -137,6 +156,16 @@ def test_caption_truncation_is_counted(processor, tokenizer):
     assert encoded["input_ids"].shape[1] == short_length
     assert encoded["num_truncated"] == 1
     assert encoded["input_ids"][1, -1] == tokenizer.eos_token_id
+
+
+@pytest.mark.parametrize("max_length", [0, -1])
+def test_caption_length_below_one_is_rejected(processor, max_length):
+    message = rf"max_caption_length \(max_length\) must be at least 1 \(EOS included\), got {max_length}\."
+    with pytest.raises(ValueError, match=message):
+        processor(captions=["A dog."], max_caption_length=max_length)
+    with pytest.raises(ValueError, match=message):
+        processor.tokenize_captions(["A dog."], max_length=max_length)
+    assert processor.tokenize_captions(["A dog."], max_length=1)["input_ids"].shape == (1, 1)
 
 
 def test_empty_caption_is_rejected_with_its_index(processor):

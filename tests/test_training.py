@@ -16,6 +16,7 @@ from clipcap_hf import ClipCapForConditionalGeneration
 from clipcap_hf.data import ClipCapDataCollator, embed_images, group_by_image, load_image_folder
 from clipcap_hf.training import (
     ClipCapTrainer,
+    DataArguments,
     ModelArguments,
     add_lora,
     load_lora_model,
@@ -549,3 +550,11 @@ def test_lora_recipe_from_pretrained_parts_saves_base_adapters_and_merged_model(
         expected = adapted(image_embeds=x, input_ids=ids).logits
         assert not torch.allclose(base(image_embeds=x, input_ids=ids).logits, expected, atol=1e-3)
         torch.testing.assert_close(merged(image_embeds=x, input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("max_caption_length", 0), ("max_caption_length", -1), ("generation_max_new_tokens", 0)]
+)
+def test_data_arguments_reject_lengths_below_one(field, value):
+    with pytest.raises(ValueError, match=f"--{field} must be at least 1, got {value}"):
+        DataArguments(**{field: value})
