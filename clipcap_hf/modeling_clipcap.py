@@ -10,7 +10,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, CLIPVisionModelWithProjection, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoModelForCausalLM,
+    CLIPVisionModelWithProjection,
+    GenerationConfig,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.utils import ModelOutput
 
@@ -275,9 +281,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             # Batched captions end at different lengths; pad them with EOS, as GPT-2-style models have no pad token.
             eos_token_id = generation_config.eos_token_id
             generation_config.pad_token_id = eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
-        if generation_config.max_new_tokens is None:
-            # Without it, transformers 4.x counts the prefix into its default `max_length=20` (a 40-vector prefix
-            # leaves no room at all) and pipelines fall back to their own longer default, so a plain
+        if generation_config.max_new_tokens is None and generation_config.max_length == GenerationConfig().max_length:
+            # No length chosen: transformers would count the prefix into its default `max_length=20` (a 40-vector
+            # prefix leaves no room at all) and pipelines would fall back to their own longer default, so a plain
             # `generate()` and a plain pipeline call would caption differently.
             generation_config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
 

@@ -142,3 +142,8 @@ def test_default_caption_length_and_explicit_lengths(tokenizer, tmp_path):
     del saved["max_new_tokens"]
     (tmp_path / "generation_config.json").write_text(json.dumps(saved))
     assert type(model).from_pretrained(tmp_path).generation_config.max_new_tokens == DEFAULT_MAX_NEW_TOKENS
+    # ... unless it chose a max_length, which then stays in charge.
+    (tmp_path / "generation_config.json").write_text(json.dumps({**saved, "max_length": 27}))
+    loaded = type(model).from_pretrained(tmp_path)
+    assert loaded.generation_config.max_new_tokens is None
+    assert loaded.generate(image_embeds=x).shape == (2, 27 - 24)
