@@ -128,6 +128,11 @@ class ModelArguments:
         metadata={"help": "LoRA: also save the adapters merged into a plain checkpoint, in output_dir/merged."},
     )
 
+    def __post_init__(self):
+        # The command line checks `choices`; a JSON file (`HfArgumentParser.parse_dict`) does not.
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ValueError(f"--recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}.")
+
 
 @dataclass
 class DataArguments:
@@ -184,9 +189,27 @@ class DataArguments:
                 raise ValueError(f"--{name} must be one of {sorted(DATASET_FORMATS)}, got {value!r}.")
         if self.on_bad_image not in ("error", "skip"):
             raise ValueError(f"--on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}.")
-        for name in ("max_caption_length", "generation_max_new_tokens"):  # checked before any embedding is computed
+        # Checked before any embedding is computed (or training step taken), not at the first evaluation.
+        for name in ("max_caption_length", "generation_max_new_tokens", "generation_num_beams"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        if self.caption_metrics:
+            from .metrics import METRIC_NAMES, _import_pycocoevalcap
+
+            unknown = [name for name in self.caption_metrics if name not in METRIC_NAMES]
+            if unknown:
+                raise ValueError(
+                    f"--eval_caption_metrics: unknown metric(s) {unknown}; choose from {list(METRIC_NAMES)}."
+                )
+            try:
+                _import_pycocoevalcap()
+            except ImportError as error:
+                raise ImportError(f"--eval_caption_metrics: {error}") from error
+
+    @property
+    def caption_metrics(self) -> list[str]:
+        """The metric names of `--eval_caption_metrics`."""
+        return [name.strip() for name in (self.eval_caption_metrics or "").split(",") if name.strip()]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -462,12 +485,14 @@ def parse_args(
 ) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """
     Parse command-line arguments (or one JSON file). The defaults of the `--recipe` named come first, so arguments
-    given explicitly override them.
+    given explicitly (or values in the JSON file) override them.
     """
     args = list(sys.argv[1:] if args is None else args)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog=prog)
     if len(args) == 1 and args[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(args[0]))
+        values = json.loads(Path(args[0]).read_text())
+        defaults = {**COMMON_DEFAULTS, **RECIPES.get(values.get("recipe"), {})}
+        return parser.parse_dict({**defaults, **values})
     recipe_parser = argparse.ArgumentParser(add_help=False)
     recipe_parser.add_argument("--recipe", choices=sorted(RECIPES), default=None)
     recipe = recipe_parser.parse_known_args(args)[0].recipe
@@ -504,7 +529,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         f"world size: {training_args.world_size}, bf16: {training_args.bf16}, fp16: {training_args.fp16}"
     )
     last_checkpoint = None
-    if training_args.do_train and os.path.isdir(training_args.output_dir):
+    # transformers 4 has --overwrite_output_dir, which means: start afresh rather than resume.
+    overwrite = getattr(training_args, "overwrite_output_dir", False)
+    if training_args.do_train and os.path.isdir(training_args.output_dir) and not overwrite:
         last_checkpoint = get_last_checkpoint(training_args.output_dir)
         if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
             logger.info(f"Resuming from {last_checkpoint}; use another --output_dir to start afresh.")
@@ -524,7 +551,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     splits = datasets.DatasetDict(
         {name: split for name, split in (("train", train_dataset), ("eval", eval_dataset)) if split is not None}
     )
-    with training_args.main_process_first(desc="image embeddings"):
+    # local=False: the global main process goes first, so nodes sharing an --embedding_cache_dir do not all embed.
+    with training_args.main_process_first(local=False, desc="image embeddings"):
         splits, image_embeds = prepare_images(splits, model, processor, data_args, training_args.device)
     train_dataset, eval_dataset = splits.get("train"), splits.get("eval")
     metrics: dict[str, float] = {}
@@ -549,7 +577,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             if training_args.should_save:
                 model.save_pretrained(base_dir)
                 processor.save_pretrained(base_dir)
-            model.name_or_path = os.path.abspath(base_dir)
+            model.name_or_path = base_dir
+        # adapter_config.json records this path; a relative one would not resolve from another working directory.
+        model.name_or_path = os.path.abspath(model.name_or_path)
         model = add_lora(model, model_args)
 
     collator = ClipCapDataCollator(
@@ -561,6 +591,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         train_dataset=train_dataset if training_args.do_train else None,
         eval_dataset=eval_dataset,
         data_collator=collator,
+        processing_class=processor,  # saved with every checkpoint, so a checkpoint folder captions on its own
         caption_eval_dataset=group_by_image(eval_dataset) if eval_dataset is not None else None,
         caption_eval_embeds=image_embeds,
         processor=processor,
@@ -568,7 +599,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             "num_beams": data_args.generation_num_beams,
             "max_new_tokens": data_args.generation_max_new_tokens,
         },
-        caption_metrics=[m.strip() for m in (data_args.eval_caption_metrics or "").split(",") if m.strip()],
+        caption_metrics=data_args.caption_metrics,
     )
 
     if training_args.do_train:

@@ -25,7 +25,8 @@ python examples/run_clipcap.py --recipe transformer_frozen --dataset_format coco
 python examples/run_clipcap.py --recipe lora --dataset_format conceptual-captions \\
     --train_file train.tsv --validation_file val.tsv --image_root cc_images/ --output_dir clipcap-lora --do_train
 
-# Several GPUs or machines: launch the same command with torchrun or accelerate (see docs/training.md)
+# Several GPUs or machines: launch the same command with torchrun or accelerate (see the README's Training section,
+# "Several GPUs and machines")
 torchrun --nproc_per_node 8 examples/run_clipcap.py --recipe mlp_finetune ...
 ```
 

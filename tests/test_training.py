@@ -10,9 +10,9 @@ from unittest import mock
 import pytest
 import torch
 from conftest import CAPTIONED_IMAGES, tiny_model
-from transformers import LlamaConfig, TrainerCallback, TrainingArguments
+from transformers import AutoProcessor, LlamaConfig, TrainerCallback, TrainingArguments
 
-from clipcap_hf import ClipCapForConditionalGeneration
+from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
 from clipcap_hf.data import ClipCapDataCollator, embed_images, group_by_image, load_image_folder
 from clipcap_hf.training import (
     ClipCapTrainer,
@@ -168,6 +168,22 @@ def test_recipes_set_the_paper_defaults_and_explicit_arguments_win(tmp_path):
 
     with pytest.raises(SystemExit):
         parse_args(["--recipe", "nonsense", "--output_dir", str(tmp_path)])
+
+
+def test_a_json_file_gets_the_recipe_and_common_defaults_and_its_own_values_win(tmp_path):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"recipe": "lora", "output_dir": str(tmp_path), "learning_rate": 1e-3, "lora_r": 4}))
+    model_args, _, args = parse_args([str(path)])
+    assert model_args.use_lora and model_args.save_merged_model and model_args.lora_r == 4
+    assert (args.learning_rate, args.warmup_steps, args.remove_unused_columns) == (1e-3, 1000, False)
+
+    path.write_text(json.dumps({"output_dir": str(tmp_path), "remove_unused_columns": True}))
+    model_args, _, args = parse_args([str(path)])
+    assert not model_args.use_lora and args.remove_unused_columns is True
+
+    path.write_text(json.dumps({"recipe": "nonsense", "output_dir": str(tmp_path)}))
+    with pytest.raises(ValueError, match=r"--recipe must be one of \['lora', 'mlp_finetune', 'transformer_frozen'\]"):
+        parse_args([str(path)])
 
 
 def test_frozen_language_model_gets_no_gradients_stays_in_eval_mode_and_is_not_optimized(
@@ -553,8 +569,69 @@ def test_lora_recipe_from_pretrained_parts_saves_base_adapters_and_merged_model(
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("max_caption_length", 0), ("max_caption_length", -1), ("generation_max_new_tokens", 0)]
+    ("field", "value"),
+    [
+        ("max_caption_length", 0),
+        ("max_caption_length", -1),
+        ("generation_max_new_tokens", 0),
+        ("generation_num_beams", 0),
+    ],
 )
-def test_data_arguments_reject_lengths_below_one(field, value):
+def test_data_arguments_reject_lengths_and_beams_below_one(field, value):
     with pytest.raises(ValueError, match=f"--{field} must be at least 1, got {value}"):
         DataArguments(**{field: value})
+
+
+def test_data_arguments_check_caption_metrics_before_training():
+    with pytest.raises(ValueError, match=r"--eval_caption_metrics: unknown metric\(s\) \['cidr'\]; choose from \['bl"):
+        DataArguments(eval_caption_metrics="bleu,cidr")
+    with mock.patch.dict(sys.modules, {"pycocoevalcap": None}):  # as if not installed
+        with pytest.raises(ImportError, match=r"--eval_caption_metrics: .*pip install"):
+            DataArguments(eval_caption_metrics="bleu")
+    assert DataArguments(eval_caption_metrics="bleu, cider").caption_metrics == ["bleu", "cider"]
+
+
+def test_checkpoints_hold_the_processor(tmp_path, model_dir, caption_folder):
+    out = tmp_path / "out"
+    saving = ("--save_strategy", "steps", "--save_steps", "2")
+    main(run_arguments(model_dir, caption_folder, out, tmp_path / "cache", *saving))
+    checkpoint = out / "checkpoint-2"
+    expected = ClipCapProcessor.from_pretrained(model_dir)
+    for processor in (ClipCapProcessor.from_pretrained(checkpoint), AutoProcessor.from_pretrained(checkpoint)):
+        assert type(processor) is ClipCapProcessor
+        assert processor.tokenizer.get_vocab() == expected.tokenizer.get_vocab()
+        assert processor.image_processor.to_dict() == expected.image_processor.to_dict()
+
+
+def test_lora_from_a_relative_model_folder_records_its_absolute_path(
+    tmp_path, model_dir, caption_folder, monkeypatch
+):
+    from peft import PeftConfig
+
+    monkeypatch.chdir(tmp_path)
+    extra = ("--recipe", "lora", "--save_merged_model", "false", "--lora_r", "2")
+    main(run_arguments(model_dir.name, caption_folder, "out", "cache", *extra))
+    assert PeftConfig.from_pretrained(tmp_path / "out").base_model_name_or_path == str(model_dir)
+
+
+@pytest.mark.skipif(
+    "overwrite_output_dir" not in TrainingArguments.__dataclass_fields__,
+    reason="transformers 5 has no --overwrite_output_dir",
+)
+def test_overwrite_output_dir_starts_afresh_instead_of_resuming(tmp_path, model_dir, caption_folder):
+    out = tmp_path / "out"
+    (out / "checkpoint-3").mkdir(parents=True)
+    resumed_from = []
+
+    class Stop(Exception):
+        pass
+
+    def record_and_stop(self, resume_from_checkpoint=None, **kwargs):
+        resumed_from.append(resume_from_checkpoint)
+        raise Stop
+
+    with mock.patch.object(ClipCapTrainer, "train", record_and_stop):
+        for extra in ((), ("--overwrite_output_dir",)):
+            with pytest.raises(Stop):
+                main(run_arguments(model_dir, caption_folder, out, tmp_path / "cache", *extra))
+    assert resumed_from == [str(out / "checkpoint-3"), None]
