@@ -23,14 +23,18 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+import reprlib
+import shutil
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TextIO
 
 import datasets
 import torch
@@ -49,6 +53,8 @@ BadImagePolicy = Literal["error", "skip"]
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "validation", "test": "test"}
 
 EMBEDDING_CACHE_VERSION = 1
+# Images per cache shard written during an embedding pass: an interrupted pass keeps all but the last few thousand.
+EMBEDDING_SHARD_SIZE = 4096
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -77,19 +83,40 @@ class _CaptionRows:
         return datasets.Dataset.from_dict(self.columns)
 
 
+@contextlib.contextmanager
+def _text_file(path: PathLike, newline: str | None = None) -> Iterator[TextIO]:
+    """Open a UTF-8 text file, skipping a BOM (Excel writes one); another encoding is an error naming the file."""
+    try:
+        with open(path, encoding="utf-8-sig", newline=newline) as file:
+            yield file
+    except UnicodeDecodeError as error:  # raised while reading, inside the caller's `with`
+        raise ValueError(f"{path} cannot be read as UTF-8 ({error.reason}); the file must be UTF-8 encoded.") from error
+
+
 def _read_json(path: PathLike) -> Any:
     try:
-        with open(path, encoding="utf-8") as file:
+        with _text_file(path) as file:
             return json.load(file)
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from error
 
 
-def _field(record: dict, key: str, where: str) -> Any:
-    try:
-        return record[key]
-    except (KeyError, TypeError):
-        raise ValueError(f"{where} has no {key!r} field.") from None
+_REQUIRED = object()
+
+
+def _field(
+    record: Any, key: str, where: str, kind: type | tuple[type, ...] = object, default: Any = _REQUIRED
+) -> Any:
+    """`record[key]` (or `default`) if it is a `kind`; else a ValueError naming the record (`where`) and the field."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{where} is not an object (got {reprlib.repr(record)}).")
+    if key not in record and default is _REQUIRED:
+        raise ValueError(f"{where} has no {key!r} field.")
+    value = record.get(key, default)
+    if not isinstance(value, kind):
+        names = " or ".join(kind_.__name__ for kind_ in (kind if isinstance(kind, tuple) else (kind,)))
+        raise ValueError(f"{where} has {key!r} = {reprlib.repr(value)}; expected {names}.")
+    return value
 
 
 def load_coco_karpathy(path: PathLike, image_root: PathLike) -> datasets.DatasetDict:
@@ -104,16 +131,17 @@ def load_coco_karpathy(path: PathLike, image_root: PathLike) -> datasets.Dataset
     Returns:
         A `DatasetDict` with `train` (Karpathy's train + restval, as the paper trains), `validation` and `test`.
     """
-    images = _field(_read_json(path), "images", str(path))
+    images = _field(_read_json(path), "images", str(path), list)
     rows = {name: _CaptionRows(image_root) for name in ("train", "validation", "test")}
     for index, image in enumerate(images):
         where = f"{path}: images[{index}]"
-        file_name = os.path.join(image.get("filepath", ""), _field(image, "filename", where))
-        split = _field(image, "split", where)
+        folder = _field(image, "filepath", where, str, default="")
+        file_name = os.path.join(folder, _field(image, "filename", where, str))
+        split = _field(image, "split", where, str)
         if split not in KARPATHY_SPLITS:
             raise ValueError(f"{where} ({file_name}) has split {split!r}; expected one of {sorted(KARPATHY_SPLITS)}.")
         image_id = image.get("cocoid", image.get("imgid", index))
-        for number, sentence in enumerate(_field(image, "sentences", where)):
+        for number, sentence in enumerate(_field(image, "sentences", where, list)):
             record = f"{where} ({file_name}) sentences[{number}]"
             rows[KARPATHY_SPLITS[split]].add(image_id, file_name, _field(sentence, "raw", record), record)
     return datasets.DatasetDict(
@@ -138,16 +166,16 @@ def load_coco_captions(
     """
     data = _read_json(path)
     images = {}
-    for index, image in enumerate(_field(data, "images", str(path))):
-        images[_field(image, "id", f"{path}: images[{index}]")] = image
+    for index, image in enumerate(_field(data, "images", str(path), list)):
+        images[_field(image, "id", f"{path}: images[{index}]", (int, str))] = image
     rows = _CaptionRows(image_root)
-    for index, annotation in enumerate(_field(data, "annotations", str(path))):
+    for index, annotation in enumerate(_field(data, "annotations", str(path), list)):
         where = f"{path}: annotations[{index}]"
-        image_id = _field(annotation, "image_id", where)
+        image_id = _field(annotation, "image_id", where, (int, str))
         if image_id not in images:
             raise ValueError(f"{where} refers to image_id {image_id!r}, which is not listed in `images`.")
         image = images[image_id]
-        file_name = _field(image, "file_name", f"{path}: image {image_id!r}")
+        file_name = _field(image, "file_name", f"{path}: image {image_id!r}", str)
         extra = {name: image.get(name) for name in extra_image_fields}
         rows.add(image_id, file_name, annotation.get("caption"), f"{where} (image {file_name})", **extra)
     return rows.to_dataset(path)
@@ -169,7 +197,7 @@ def load_conceptual_captions(path: PathLike, image_root: PathLike) -> datasets.D
     file names in the second column. A first row reading `caption<TAB>image` (or `file_name`) is a header.
     """
     rows = _CaptionRows(image_root)
-    with open(path, encoding="utf-8", newline="") as file:
+    with _text_file(path, newline="") as file:
         for number, row in enumerate(csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
             where = f"{path}: line {number}"
             if number == 1 and [value.strip().lower() for value in row[:2]] in (
@@ -197,7 +225,7 @@ def load_image_folder(folder: PathLike) -> datasets.Dataset:
     folder = Path(folder)
     jsonl, csv_path = folder / "metadata.jsonl", folder / "metadata.csv"
     if jsonl.exists():
-        with open(jsonl, encoding="utf-8") as file:
+        with _text_file(jsonl) as file:
             records = [(f"{jsonl}: line {n}", line) for n, line in enumerate(file, start=1) if line.strip()]
         entries = []
         for where, line in records:
@@ -206,13 +234,13 @@ def load_image_folder(folder: PathLike) -> datasets.Dataset:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where} is not valid JSON: {error}") from error
     elif csv_path.exists():
-        with open(csv_path, encoding="utf-8", newline="") as file:
+        with _text_file(csv_path, newline="") as file:
             entries = [(f"{csv_path}: line {n}", row) for n, row in enumerate(csv.DictReader(file), start=2)]
     else:
         raise FileNotFoundError(f"{folder} has no metadata.jsonl or metadata.csv (rows of file_name and text).")
     rows = _CaptionRows(folder)
     for where, entry in entries:
-        file_name = _field(entry, "file_name", where)
+        file_name = _field(entry, "file_name", where, str)
         texts = _field(entry, "text", where)
         for number, text in enumerate(texts if isinstance(texts, list) else [texts]):
             record = f"{where} ({file_name})" + (f" text[{number}]" if isinstance(texts, list) else "")
@@ -302,7 +330,7 @@ def _rebuild(original: datasets.Dataset | datasets.DatasetDict, splits: dict[str
 
 
 def _image_keys(splits: dict[str, datasets.Dataset]) -> dict[str, list[str]]:
-    """Each row's image as an absolute path: the key of the image checks and the embedding cache."""
+    """Each row's image as an absolute path: the key of the image checks (the cache adds size and time to it)."""
     return {name: [os.path.abspath(path) for path in split["image_path"]] for name, split in splits.items()}
 
 
@@ -386,9 +414,10 @@ class ImageEmbeddingCache:
     CLIP image embeddings on disk, one per image file, for one vision tower and preprocessing.
 
     Layout: `cache_dir/<fingerprint[:16]>/` holds `cache_info.json` (the full fingerprint and what it describes) and
-    Arrow shards (`shard-00000/`, ... written with `Dataset.save_to_disk`) of `image_key` (the absolute path) and
+    Arrow shards (`shard-<uuid>/`, written with `Dataset.save_to_disk`) of `image_key` (see [`image_cache_key`]) and
     `image_embeds`. Another vision tower or preprocessing gets another folder, so its embeddings are computed afresh;
-    a folder whose `cache_info.json` names another fingerprint is refused, never reused.
+    a folder whose `cache_info.json` names another fingerprint is refused, never reused. Shards are written under a
+    temporary name and renamed when complete, so an interrupted write or a concurrent process leaves no broken shard.
 
     Args:
         cache_dir: the root folder of the caches, or one cache folder (it then must match this model).
@@ -423,10 +452,11 @@ class ImageEmbeddingCache:
 
     def load(self) -> tuple[dict[str, int], torch.Tensor | None]:
         """The cached images (key -> row) and their embeddings, `(num_images, dim)` float32."""
+        # Shards still being written (or left by a killed run) have a temporary name and are not matched here.
         shards = sorted(self.directory.glob("shard-*"))
         if not shards:
             return {}, None
-        table = datasets.concatenate_datasets([datasets.load_from_disk(str(shard)) for shard in shards])
+        table = datasets.concatenate_datasets([_load_shard(shard) for shard in shards])
         columns = table.with_format("numpy")[:]
         embeddings = torch.from_numpy(columns["image_embeds"])
         return {key: row for row, key in enumerate(columns["image_key"].tolist())}, embeddings
@@ -440,14 +470,15 @@ class ImageEmbeddingCache:
             "image_processor": self.image_processor.to_dict(),
             "embedding_dim": dim,
         }
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self.info_path.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+        # Written whole under a temporary name, so that a concurrent run never reads half of it.
+        temporary = self.directory / f".tmp-{uuid.uuid4().hex}.json"
+        temporary.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
+        os.replace(temporary, self.info_path)
 
     def add(self, keys: list[str], embeddings: torch.Tensor) -> None:
         """Store the embeddings of new images as one more shard."""
         if not keys:
             return
-        self._write_info(embeddings.shape[1])
         features = datasets.Features(
             {
                 "image_key": datasets.Value("string"),
@@ -457,15 +488,31 @@ class ImageEmbeddingCache:
         shard = datasets.Dataset.from_dict(
             {"image_key": keys, "image_embeds": embeddings.float().numpy()}, features=features
         )
-        shard.save_to_disk(str(self.directory / f"shard-{len(list(self.directory.glob('shard-*'))):05d}"))
+        # A unique name, so that concurrent runs never write the same shard; complete once renamed into place.
+        name = uuid.uuid4().hex
+        temporary = self.directory / f".tmp-{name}"
+        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            shard.save_to_disk(str(temporary))
+            os.replace(temporary, self.directory / f"shard-{name}")
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+        self._write_info(embeddings.shape[1])
 
     @torch.no_grad()
     def compute(
-        self, paths: list[str], batch_size: int = 64, device: str | torch.device | None = None, num_workers: int = 0
+        self,
+        paths: list[str],
+        keys: list[str],
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        num_workers: int = 0,
     ) -> dict[str, str]:
         """
-        Embed image files in batches (on `device`: the model's vision tower is moved there) and store them; returns
-        the files that could not be read, with the reason. The readable ones are stored even when some fail.
+        Embed image files in batches (on `device`: the model's vision tower is moved there) and store them under
+        `keys`; returns the files that could not be read, with the reason. The readable ones are stored even when some
+        fail, every [`EMBEDDING_SHARD_SIZE`] images and when an error interrupts the pass, so a rerun embeds only
+        the rest.
         """
         if not paths:
             return {}
@@ -477,19 +524,53 @@ class ImageEmbeddingCache:
             num_workers=num_workers,
             collate_fn=_collate_image_files,
         )
-        keys, chunks, problems = [], [], {}
+        done_keys: list[str] = []
+        chunks: list[torch.Tensor] = []
+        problems: dict[str, str] = {}
+
+        def store() -> None:
+            if chunks:
+                self.add(done_keys, torch.cat(chunks))
+                done_keys.clear()
+                chunks.clear()
+
         progress = tqdm(total=len(paths), desc="Embedding images", unit="image")
-        for indices, pixel_values, batch_problems in loader:
-            problems.update({paths[index]: problem for index, problem in batch_problems.items()})
-            if indices:
-                pixel_values = pixel_values.to(device, self.model.vision_model.dtype)
-                chunks.append(self.model.get_image_features(pixel_values).float().cpu())
-                keys.extend(paths[index] for index in indices)
-            progress.update(len(indices) + len(batch_problems))
-        progress.close()
-        if chunks:
-            self.add(keys, torch.cat(chunks))
+        try:
+            for indices, pixel_values, batch_problems in loader:
+                problems.update({paths[index]: problem for index, problem in batch_problems.items()})
+                if indices:
+                    pixel_values = pixel_values.to(device, self.model.vision_model.dtype)
+                    chunks.append(self.model.get_image_features(pixel_values).float().cpu())
+                    done_keys.extend(keys[index] for index in indices)
+                progress.update(len(indices) + len(batch_problems))
+                if len(done_keys) >= EMBEDDING_SHARD_SIZE:
+                    store()
+        finally:  # also on an error or Ctrl-C: what was embedded is kept
+            progress.close()
+            store()
         return problems
+
+
+def image_cache_key(path: str) -> str:
+    """
+    The embedding cache's key of an image file: its absolute path, size and modification time (in nanoseconds), so
+    that a file replaced at the same path is embedded again, without hashing the content of every file.
+    """
+    try:
+        stat = os.stat(path)
+    except OSError:  # a missing file fails to load and is reported; its key only needs to be stable
+        return path
+    return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def _load_shard(shard: Path) -> datasets.Dataset:
+    try:
+        return datasets.load_from_disk(str(shard))
+    except (OSError, ValueError) as error:  # a shard written in place (older versions) by a run that was stopped
+        raise ValueError(
+            f"The embedding cache shard {shard} is incomplete or damaged ({type(error).__name__}: {error}). Delete "
+            "that folder; its images are embedded again on the next run."
+        ) from error
 
 
 def embed_images(
@@ -529,13 +610,14 @@ def embed_images(
     splits = _splits(dataset)
     keys = _image_keys(splits)
     cache = ImageEmbeddingCache(cache_dir, model, image_processor)
+    cache_keys = {path: image_cache_key(path) for split_keys in keys.values() for path in split_keys}
     cached, _ = cache.load()
-    missing = [
-        key for key in dict.fromkeys(k for split_keys in keys.values() for k in split_keys) if key not in cached
-    ]
+    missing = [path for path, key in cache_keys.items() if key not in cached]
     if missing:
         logger.info(f"Embedding {len(missing)} image(s) not yet in the cache {cache.directory}.")
-    problems = cache.compute(missing, batch_size=batch_size, device=device, num_workers=num_workers)
+    problems = cache.compute(
+        missing, [cache_keys[path] for path in missing], batch_size=batch_size, device=device, num_workers=num_workers
+    )
     _handle_bad_images(splits, keys, problems, on_bad_image)
 
     unique = list(dict.fromkeys(k for split_keys in keys.values() for k in split_keys))
@@ -543,7 +625,7 @@ def embed_images(
         raise ValueError("None of the images could be read; there is nothing to train on.")
     cached, embeddings = cache.load()
     position = {key: index for index, key in enumerate(unique)}
-    table = embeddings[torch.tensor([cached[key] for key in unique], dtype=torch.long)]
+    table = embeddings[torch.tensor([cached[cache_keys[path]] for path in unique], dtype=torch.long)]
     for name, split in splits.items():
         if "image_index" in split.column_names:
             split = split.remove_columns("image_index")
@@ -641,6 +723,7 @@ __all__ = [
     "check_images",
     "embed_images",
     "group_by_image",
+    "image_cache_key",
     "image_inputs",
     "load_caption_dataset",
     "load_coco_captions",

@@ -1,7 +1,11 @@
 """Caption dataset loaders, the CLIP embedding cache and the data collator."""
 
 import json
+import os
+import shutil
 from unittest import mock
+
+import datasets
 
 import numpy as np
 import PIL.Image
@@ -175,6 +179,74 @@ def test_empty_captions_are_rejected_naming_the_record(tmp_path, file_name, cont
         loader(path)
 
 
+def karpathy(path):
+    return load_coco_karpathy(path, ".")
+
+
+def coco(path):
+    return load_coco_captions(path, ".")
+
+
+def image_folder_of(path):
+    return load_image_folder(path.parent)
+
+
+@pytest.mark.parametrize(
+    "file_name, content, loader, error",
+    [
+        ("k.json", {"images": ["a.jpg"]}, karpathy, r"k.json: images\[0\] is not an object \(got 'a.jpg'\)"),
+        ("k.json", {"images": {"a": 1}}, karpathy, r"k.json has 'images' = \{'a': 1\}; expected list"),
+        (
+            "k.json",
+            {"images": [{"filename": None, "split": "train", "sentences": []}]},
+            karpathy,
+            r"k.json: images\[0\] has 'filename' = None; expected str",
+        ),
+        (
+            "k.json",
+            {"images": [{"filename": "a.jpg", "split": "train", "sentences": None}]},
+            karpathy,
+            r"k.json: images\[0\] has 'sentences' = None; expected list",
+        ),
+        ("c.json", [1, 2], coco, r"c.json is not an object"),
+        ("c.json", {"images": None, "annotations": []}, coco, r"c.json has 'images' = None; expected list"),
+        (
+            "c.json",
+            {"images": [{"id": [1], "file_name": "a.jpg"}], "annotations": []},
+            coco,
+            r"c.json: images\[0\] has 'id' = \[1\]; expected int or str",
+        ),
+        (
+            "c.json",
+            {"images": [{"id": 1, "file_name": 7}], "annotations": [{"image_id": 1, "caption": "A dog."}]},
+            coco,
+            r"c.json: image 1 has 'file_name' = 7; expected str",
+        ),
+        ("metadata.jsonl", '{"file_name": 3, "text": "A dog."}\n', image_folder_of, r"line 1 has 'file_name' = 3"),
+        ("metadata.jsonl", '{"file_name": null, "text": "A dog."}\n', image_folder_of, r"'file_name' = None"),
+    ],
+)
+def test_malformed_records_name_the_file_record_and_field(tmp_path, file_name, content, loader, error):
+    path = tmp_path / file_name
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(ValueError, match=error):
+        loader(path)
+
+
+def test_text_files_may_start_with_a_bom_and_must_be_utf8(tmp_path):
+    (tmp_path / "metadata.csv").write_text("\ufefffile_name,text\na.png,A dog.\n", encoding="utf-8")
+    assert load_image_folder(tmp_path)["image_id"] == ["a.png"]
+    (tmp_path / "train.tsv").write_text("\ufeffcaption\timage\nA cat.\tb.png\n", encoding="utf-8")
+    assert load_conceptual_captions(tmp_path / "train.tsv", tmp_path)["caption"] == ["A cat."]
+
+    (tmp_path / "latin1.tsv").write_bytes("Un caf\xe9.\ta.png\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.tsv cannot be read as UTF-8 .*must be UTF-8 encoded"):
+        load_conceptual_captions(tmp_path / "latin1.tsv", tmp_path)
+    (tmp_path / "latin1.json").write_bytes('{"images": ["caf\xe9"]}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1.json cannot be read as UTF-8"):
+        load_coco_karpathy(tmp_path / "latin1.json", tmp_path)
+
+
 def test_unknown_format_and_missing_metadata(tmp_path):
     with pytest.raises(ValueError, match="Unknown dataset format 'flickr'"):
         load_caption_dataset("flickr", tmp_path)
@@ -235,6 +307,79 @@ def test_embedding_cache_embeds_each_image_once_in_batches_and_is_reused(
     assert again["image_index"] == [0, 1]
     assert torch.equal(table_again, table[[2, 3]])
     assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_an_image_replaced_at_the_same_path_is_embedded_again(tmp_path, image_folder, tokenizer_and_processor):
+    tokenizer, processor = tokenizer_and_processor
+    model = tiny_model(tokenizer)
+    dataset = load_image_folder(image_folder)
+    _, table = embed_images(dataset, model, processor.image_processor, tmp_path / "cache")
+
+    new_image = random_images(1, seed=9)[0]
+    new_image.save(image_folder / "b.png")
+    later = os.stat(image_folder / "b.png").st_mtime_ns + 10**9  # a later write, even on a coarse clock
+    os.utime(image_folder / "b.png", ns=(later, later))
+    seen, patch = count_vision_images(model)
+    with patch:
+        _, again = embed_images(dataset, model, processor.image_processor, tmp_path / "cache")
+    assert seen == [1]
+    with torch.no_grad():
+        expected = model.get_image_features(processor.image_processor(new_image, return_tensors="pt")["pixel_values"])
+    torch.testing.assert_close(again[1:2], expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(again[[0, 2, 3]], table[[0, 2, 3]])
+
+
+def test_an_interrupted_embedding_pass_keeps_what_it_embedded(
+    tmp_path, image_folder, tokenizer_and_processor, monkeypatch
+):
+    tokenizer, processor = tokenizer_and_processor
+    model = tiny_model(tokenizer)
+    dataset = load_image_folder(image_folder)
+    monkeypatch.setattr("clipcap_hf.data.EMBEDDING_SHARD_SIZE", 2)
+    original, batches = model.get_image_features, []
+
+    def interrupted_on_the_fourth_batch(pixel_values):
+        batches.append(pixel_values)
+        if len(batches) == 4:
+            raise KeyboardInterrupt
+        return original(pixel_values)
+
+    with mock.patch.object(model, "get_image_features", interrupted_on_the_fourth_batch):
+        with pytest.raises(KeyboardInterrupt):
+            embed_images(dataset, model, processor.image_processor, tmp_path / "cache", batch_size=1)
+    cache = ImageEmbeddingCache(tmp_path / "cache", model, processor.image_processor)
+    assert len(cache.load()[0]) == 3
+    assert len(list(cache.directory.glob("shard-*"))) == 2  # a full shard of 2, then what was done when interrupted
+
+    seen, patch = count_vision_images(model)
+    with patch:
+        _, table = embed_images(dataset, model, processor.image_processor, tmp_path / "cache")
+    assert seen == [1]
+    assert table.shape == (4, 24)
+
+
+def test_cache_shards_are_written_whole_under_unique_names(tmp_path, tokenizer_and_processor):
+    tokenizer, processor = tokenizer_and_processor
+    cache = ImageEmbeddingCache(tmp_path / "cache", tiny_model(tokenizer), processor.image_processor)
+    cache.add(["a"], torch.zeros(1, 24))
+    cache.add(["b"], torch.ones(1, 24))
+
+    def dies_halfway(self, path, **kwargs):
+        os.makedirs(path)
+        (tmp_path / "cache").joinpath(path, "data-00000-of-00001.arrow").write_bytes(b"half")
+        raise OSError("disk full")
+
+    with mock.patch.object(datasets.Dataset, "save_to_disk", dies_halfway), pytest.raises(OSError, match="disk full"):
+        cache.add(["c"], torch.ones(1, 24))
+    (cache.directory / ".tmp-of-a-killed-run").mkdir()  # left by a run killed mid-write: ignored
+    # Deleting a shard must not make the next one take the name of another (nor may two concurrent runs).
+    shutil.rmtree(next(cache.directory.glob("shard-*")))
+    cache.add(["c"], torch.ones(1, 24))
+    assert len(cache.load()[0]) == 2 and "c" in cache.load()[0]
+
+    (cache.directory / "shard-written-in-place").mkdir()
+    with pytest.raises(ValueError, match=r"shard-written-in-place is incomplete or damaged .* Delete that folder"):
+        cache.load()
 
 
 def test_changed_preprocessing_or_weights_recompute_and_a_foreign_cache_is_refused(
