@@ -11,6 +11,11 @@ from transformers.processing_utils import ProcessorMixin
 
 from .image_processing_clipcap import ClipCapImageProcessor
 
+# transformers 4.x copies only the direct relative imports of a remote-code module into its cache, but hashes the
+# whole import tree; the image processor imports open_clip_vision lazily, so without this line a saved folder's
+# processor fails to load with trust_remote_code unless the model was loaded first.
+from .open_clip_vision import resolve_open_clip_model  # noqa: F401
+
 
 class ClipCapProcessor(ProcessorMixin):
     r"""

@@ -54,8 +54,8 @@ def test_trust_remote_code_loads_without_the_package(saved_model_dir, tmp_path):
         import PIL.Image
         from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
         folder = {str(saved_model_dir)!r}
+        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)  # first: it brings its own code
         model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-        processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
         images = [PIL.Image.open({str(tmp_path)!r} + f"/{{i}}.png") for i in range(2)]
         generated = model.generate(**processor(images=images), max_new_tokens=8)
         captions = [c.strip() for c in processor.batch_decode(generated, skip_special_tokens=True)]
