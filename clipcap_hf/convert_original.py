@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import pickle
 import re
 import shutil
@@ -28,6 +29,7 @@ from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config
 
 from .configuration_clipcap import ClipCapConfig
 from .modeling_clipcap import ClipCapForConditionalGeneration, load_pretrained_vision_model
+from .open_clip_vision import OPEN_CLIP_SCHEMAS
 from .processing_clipcap import ClipCapProcessor
 
 # Attention-mask buffers that GPT-2 saved in its state dict in old transformers versions; current ones have none.
@@ -147,9 +149,15 @@ def _weights_only_reason(error: Exception) -> str:
     return (reasons or lines or [type(error).__name__])[0]
 
 
-def _require(state: Mapping[str, torch.Tensor], key: str, meaning: str) -> torch.Tensor:
+def _require_matrix(state: Mapping[str, torch.Tensor], key: str, meaning: str) -> torch.Tensor:
     if key not in state:
         raise ValueError(f"The checkpoint lacks {key!r} ({meaning}); it is not a released ClipCap checkpoint.")
+    # The layout is read from these tensors' rows and columns.
+    if state[key].ndim != 2:
+        raise ValueError(
+            f"The checkpoint's {key!r} ({meaning}) has shape {tuple(state[key].shape)}, not a matrix; it is not a "
+            "released ClipCap checkpoint."
+        )
     return state[key]
 
 
@@ -178,8 +186,10 @@ def infer_original_layout(state: Mapping[str, torch.Tensor], lm_num_heads: int |
         lm_num_heads: GPT-2's attention heads, which no tensor shape records; defaults to `n_embd // 64` (true of
             every GPT-2 size).
     """
-    wte = _require(state, "gpt.transformer.wte.weight", "GPT-2's token embeddings")
-    wpe = _require(state, "gpt.transformer.wpe.weight", "GPT-2's position embeddings")
+    if lm_num_heads is not None and lm_num_heads < 1:
+        raise ValueError(f"`lm_num_heads` (--lm-num-heads) must be at least 1, got {lm_num_heads}.")
+    wte = _require_matrix(state, "gpt.transformer.wte.weight", "GPT-2's token embeddings")
+    wpe = _require_matrix(state, "gpt.transformer.wpe.weight", "GPT-2's position embeddings")
     vocab_size, n_embd = wte.shape
     n_layer = _layer_count(state, "gpt.transformer.h.")
     if n_layer == 0:
@@ -193,14 +203,14 @@ def infer_original_layout(state: Mapping[str, torch.Tensor], lm_num_heads: int |
                 "be inferred; pass it (`lm_num_heads`, --lm-num-heads)."
             )
         lm_num_heads = n_embd // GPT2_HEAD_DIM
-    lm_head = _require(state, "gpt.lm_head.weight", "GPT-2's output layer")
+    lm_head = _require_matrix(state, "gpt.lm_head.weight", "GPT-2's output layer")
     gpt2_config = GPT2Config(
         vocab_size=vocab_size,
         n_positions=wpe.shape[0],
         n_embd=n_embd,
         n_layer=n_layer,
         n_head=lm_num_heads,
-        n_inner=_require(state, "gpt.transformer.h.0.mlp.c_fc.weight", "GPT-2's first MLP").shape[1],
+        n_inner=_require_matrix(state, "gpt.transformer.h.0.mlp.c_fc.weight", "GPT-2's first MLP").shape[1],
         # Set from the tokenizer by the caller.
         bos_token_id=None,
         eos_token_id=None,
@@ -209,15 +219,15 @@ def infer_original_layout(state: Mapping[str, torch.Tensor], lm_num_heads: int |
     )
 
     if "clip_project.model.0.weight" in state:
-        first = state["clip_project.model.0.weight"]
-        last = _require(state, "clip_project.model.2.weight", "the MLP mapper's output layer")
+        first = _require_matrix(state, "clip_project.model.0.weight", "the MLP mapper's input layer")
+        last = _require_matrix(state, "clip_project.model.2.weight", "the MLP mapper's output layer")
         prefix_length = _vectors_of_width(
             last, "clip_project.model.2.weight", n_embd, "the MLP mapper must output prefix_length x n_embd values"
         )
         return OriginalLayout("mlp", prefix_length, None, 0, first.shape[1], gpt2_config)
     if "clip_project.linear.weight" in state:
-        linear = state["clip_project.linear.weight"]
-        prefix_const = _require(state, "clip_project.prefix_const", "the transformer mapper's learned prefix")
+        linear = _require_matrix(state, "clip_project.linear.weight", "the transformer mapper's input projection")
+        prefix_const = _require_matrix(state, "clip_project.prefix_const", "the transformer mapper's learned prefix")
         clip_length = _vectors_of_width(
             linear,
             "clip_project.linear.weight",
@@ -421,7 +431,8 @@ def convert_original_checkpoint(
         lm_num_heads (`int`, *optional*):
             GPT-2's head count, for a non-standard LM width (defaults to `n_embd // 64`).
         overwrite (`bool`, *optional*, defaults to `False`):
-            Replace an existing `output_dir`.
+            Replace an existing `output_dir` that is an earlier conversion (its `config.json` says model_type
+            `"clipcap"`); never the current folder, one of its parents or a folder holding `checkpoint`.
         tolerance (`float`, *optional*, defaults to 1e-4):
             Largest |logit difference| allowed between the converted model and the original computation.
 
@@ -429,8 +440,7 @@ def convert_original_checkpoint(
         [`ConversionReport`]: the folder, the config, the dropped obsolete keys and the measured logit difference.
     """
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise ValueError(f"{output_dir} already exists; remove it or pass overwrite=True (--overwrite).")
+    _check_output_dir(output_dir, Path(checkpoint), overwrite)
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
 
@@ -438,7 +448,10 @@ def convert_original_checkpoint(
     dropped_keys = sorted(key for key in original if OBSOLETE_GPT2_KEY.fullmatch(key))
     for key in dropped_keys:
         del original[key]
-    layout = infer_original_layout(original, lm_num_heads)
+    try:
+        layout = infer_original_layout(original, lm_num_heads)
+    except ValueError as error:
+        raise ValueError(f"{checkpoint}: {error}") from None
 
     preset = preset or DEFAULT_PRESETS[layout.mapping_type]
     release = PRESETS[preset]
@@ -452,7 +465,9 @@ def convert_original_checkpoint(
         backend, vision_name, vision_tag = release.vision_tower(preset, vision_backend)
         vision_tag = open_clip_pretrained or vision_tag
     else:
-        backend = vision_backend or release.vision_tower(preset)[0]
+        # 'local-dir:' and 'hf-hub:' name open_clip models whatever the preset's backend.
+        backend = vision_backend or ("open_clip" if vision_model.startswith(OPEN_CLIP_SCHEMAS) else
+                                     release.vision_tower(preset)[0])
         vision_name, vision_tag = vision_model, open_clip_pretrained
     num_heads = mapping_num_heads or release.mapping_num_heads
 
@@ -527,6 +542,30 @@ def _original_stop_token_ids(tokenizer, tokenizer_name: str, gpt2_config: GPT2Co
     return stop_ids if tokenizer.eos_token_id is None else [stop_ids[0], tokenizer.eos_token_id]
 
 
+def _check_output_dir(output_dir: Path, checkpoint: Path, overwrite: bool) -> None:
+    """An existing `output_dir` is replaced only with `overwrite`, and only if it is an earlier conversion."""
+    if not output_dir.exists():
+        return
+    if not overwrite:
+        raise ValueError(f"{output_dir} already exists; remove it or pass overwrite=True (--overwrite).")
+    resolved, cwd = output_dir.resolve(), Path.cwd()
+    if resolved == cwd or resolved in cwd.parents:
+        raise ValueError(f"Refusing to replace {output_dir}: it is the current folder or one of its parents.")
+    if resolved in checkpoint.resolve().parents:
+        raise ValueError(f"Refusing to replace {output_dir}: it holds the checkpoint {checkpoint}.")
+    config_file = output_dir / "config.json"
+    try:
+        is_conversion = json.loads(config_file.read_text(encoding="utf-8")).get("model_type") == "clipcap"
+    except (OSError, ValueError, AttributeError):  # no config, not JSON, not a JSON object
+        is_conversion = False
+    if not is_conversion:
+        raise ValueError(
+            f"Refusing to replace {output_dir}: overwrite=True (--overwrite) only replaces an earlier ClipCap "
+            f"conversion, and {config_file} does not say model_type 'clipcap'. Remove it yourself or choose another "
+            "folder."
+        )
+
+
 def _write_atomically(
     output_dir: Path,
     model: ClipCapForConditionalGeneration,
@@ -535,20 +574,27 @@ def _write_atomically(
     overwrite: bool,
     tolerance: float,
 ) -> None:
-    """Write into a temporary folder next to `output_dir`, check it loads back, then rename it into place."""
+    """
+    Write into a temporary folder next to `output_dir`, check it loads back, then rename it into place. An earlier
+    conversion is renamed aside first and deleted last, so that a failure leaves it in place.
+    """
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+    aside = staging.with_suffix(".old")
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         (staging / "README.md").write_text(card, encoding="utf-8")
         _check_reload(staging, model, tolerance)
-        if output_dir.exists() and overwrite:
-            shutil.rmtree(output_dir)
+        if overwrite and output_dir.exists():
+            output_dir.rename(aside)
         staging.rename(output_dir)
     except BaseException:
+        if aside.exists() and not output_dir.exists():
+            aside.rename(output_dir)
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 @torch.no_grad()
@@ -687,7 +733,8 @@ def add_convert_parser(subparsers) -> None:
                         help="Override the preset's CLIP embedding normalisation.")
     parser.add_argument("--mapping-num-heads", type=int, default=None, help="Transformer mapper heads (default 8).")
     parser.add_argument("--lm-num-heads", type=int, default=None, help="GPT-2 heads (default: width / 64).")
-    parser.add_argument("--overwrite", action="store_true", help="Replace an existing output folder.")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Replace an output folder that an earlier conversion wrote.")
     parser.set_defaults(handler=convert_command)
 
 

@@ -97,6 +97,24 @@ def score_predictions(
     )
 
 
+def caption_images(model, processor, images, batch_size: int = 32, **generate_kwargs) -> dict[Any, str]:
+    """Caption each image of `group_by_image(dataset)` (one row per image) once; returns image id -> caption."""
+    image_ids = images["image_id"]
+    if len(set(image_ids)) != len(image_ids):
+        raise ValueError("The dataset gives one image_id to several image files; image ids must be unique.")
+    captions = generate_captions(model, processor, images["image_path"], batch_size=batch_size, **generate_kwargs)
+    return dict(zip(image_ids, captions))
+
+
+def _score_images(predictions: Mapping[Any, str], images, metrics: Sequence[str]) -> EvaluationResult:
+    """[`score_predictions`] against the references (and nocaps domains) of `group_by_image(dataset)`."""
+    image_ids = images["image_id"]
+    domains = dict(zip(image_ids, images["domain"])) if "domain" in images.column_names else None
+    result = score_predictions(predictions, dict(zip(image_ids, images["references"])), domains, metrics)
+    result.image_paths = dict(zip(image_ids, images["image_path"]))
+    return result
+
+
 def evaluate_dataset(
     model,
     processor,
@@ -112,16 +130,7 @@ def evaluate_dataset(
     from .data import group_by_image
 
     images = group_by_image(dataset)
-    image_ids = images["image_id"]
-    if len(set(image_ids)) != len(image_ids):
-        raise ValueError("The dataset gives one image_id to several image files; image ids must be unique.")
-    captions = generate_captions(model, processor, images["image_path"], batch_size=batch_size, **generate_kwargs)
-    domains = dict(zip(image_ids, images["domain"])) if "domain" in images.column_names else None
-    result = score_predictions(
-        dict(zip(image_ids, captions)), dict(zip(image_ids, images["references"])), domains, metrics
-    )
-    result.image_paths = dict(zip(image_ids, images["image_path"]))
-    return result
+    return _score_images(caption_images(model, processor, images, batch_size, **generate_kwargs), images, metrics)
 
 
 def markdown_table(result: EvaluationResult) -> str:
@@ -134,6 +143,16 @@ def markdown_table(result: EvaluationResult) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_predictions(predictions: Mapping[Any, str], output_dir: str | os.PathLike) -> Path:
+    """Write `predictions.json` (COCO results format) into `output_dir`; returns its path."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path = output_dir / "predictions.json"
+    entries = [{"image_id": image_id, "caption": caption} for image_id, caption in predictions.items()]
+    path.write_text(json.dumps(entries, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return path
+
+
 def write_evaluation(result: EvaluationResult, output_dir: str | os.PathLike) -> dict[str, Path]:
     """
     Write `predictions.json` (COCO results format), `metrics.json` and `metrics.md` into `output_dir`.
@@ -141,14 +160,11 @@ def write_evaluation(result: EvaluationResult, output_dir: str | os.PathLike) ->
     Returns the paths written, by kind.
     """
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     paths = {
-        "predictions": output_dir / "predictions.json",
+        "predictions": write_predictions(result.predictions, output_dir),
         "metrics": output_dir / "metrics.json",
         "table": output_dir / "metrics.md",
     }
-    predictions = [{"image_id": image_id, "caption": caption} for image_id, caption in result.predictions.items()]
-    paths["predictions"].write_text(json.dumps(predictions, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     metrics = {"scores": result.scores, "domains": result.domain_scores, "num_images": len(result.predictions)}
     paths["metrics"].write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     paths["table"].write_text(markdown_table(result), encoding="utf-8")
@@ -160,13 +176,13 @@ def fill_model_card(
     result: EvaluationResult,
     dataset_name: str,
     dataset_type: str,
-    dataset_split: str,
+    dataset_split: str | None,
     model_name: str | None = None,
 ) -> None:
     """
     Put an evaluation run into a model card: its markdown table between the `<!-- clipcap-results-start -->` and
     `<!-- clipcap-results-end -->` markers, and its metrics into the YAML `model-index` (replacing earlier results
-    for the same dataset and split, keeping the others).
+    for the same dataset and split, keeping the others). `dataset_split` is `None` for a dataset without splits.
     """
     from huggingface_hub import EvalResult, ModelCard
 
@@ -178,7 +194,8 @@ def fill_model_card(
         )
     before, rest = card.text.split(RESULTS_START, 1)
     after = rest.split(RESULTS_END, 1)[1]
-    table = f"Measured with `clipcap evaluate` on {dataset_name} ({dataset_split}, {len(result.predictions)} images):\n\n"
+    split = f"{dataset_split}, " if dataset_split else ""
+    table = f"Measured with `clipcap evaluate` on {dataset_name} ({split}{len(result.predictions)} images):\n\n"
     card.text = f"{before}{RESULTS_START}\n{table}{markdown_table(result)}{RESULTS_END}{after}"
 
     new_results = [
@@ -211,50 +228,70 @@ DATASET_TYPES = {"coco-karpathy": "coco", "coco": "coco", "nocaps": "nocaps", "c
 
 
 def _load_split(args: argparse.Namespace):
+    """The images to evaluate, and the split they come from (`None` for a format without splits)."""
     from .data import load_caption_dataset
 
     data = load_caption_dataset(args.data_format, args.data, args.image_root)
+    split = None
     if hasattr(data, "keys"):  # a DatasetDict (the Karpathy file holds all splits)
-        if args.split not in data:
-            raise ValueError(f"{args.data} has no split {args.split!r}; it has {sorted(data.keys())}.")
-        data = data[args.split]
+        split = args.split or "test"
+        if split not in data:
+            raise ValueError(f"{args.data} has no split {split!r}; it has {sorted(data.keys())}.")
+        data = data[split]
+    elif args.split is not None:
+        raise ValueError(f"--split: the {args.data_format} format has no splits; {args.data} is evaluated whole.")
     if args.limit is not None:
         from .data import group_by_image
 
         keep = set(group_by_image(data)["image_id"][: args.limit])
         data = data.filter(lambda image_id: image_id in keep, input_columns="image_id")
-    return data
+    return data, split
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """What would otherwise fail after the captioning, or in the middle of it."""
+    if args.num_beams < 1:
+        raise ValueError(f"--num-beams must be at least 1, got {args.num_beams}.")
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}.")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise NotADirectoryError(f"--output-dir: {args.output_dir} is a file, not a folder.")
+    if args.model_card and not Path(args.model_card).is_file():
+        raise FileNotFoundError(f"--model-card: {args.model_card} does not exist.")
+    if args.gallery and not Path(args.gallery).parent.is_dir():
+        raise FileNotFoundError(f"--gallery: folder {Path(args.gallery).parent} does not exist.")
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
     from .data import group_by_image
 
-    if args.gallery and not Path(args.gallery).parent.is_dir():  # say so before the captioning, not after it
-        raise FileNotFoundError(f"--gallery: folder {Path(args.gallery).parent} does not exist.")
-    dataset = _load_split(args)
+    _check_arguments(args)
+    dataset, split = _load_split(args)
+    images = group_by_image(dataset)
     if args.predictions:
         # Re-score a predictions file (COCO results format) without running the model.
-        images = group_by_image(dataset)
-        references = dict(zip(images["image_id"], images["references"]))
-        domains = dict(zip(images["image_id"], images["domain"])) if "domain" in images.column_names else None
-        result = score_predictions(load_coco_predictions(args.predictions), references, domains, args.metrics)
-        result.image_paths = dict(zip(images["image_id"], images["image_path"]))
+        predictions = load_coco_predictions(args.predictions)
+        if args.limit is not None:  # only the images that --limit kept
+            kept = set(images["image_id"])
+            predictions = {image_id: caption for image_id, caption in predictions.items() if image_id in kept}
     else:
         if not args.model:
             raise ValueError("Give --model (to caption the images) or --predictions (to score a results file).")
         from .cli import load_model_and_processor
 
         model, processor = load_model_and_processor(args.model, args.device)
-        result = evaluate_dataset(
+        predictions = caption_images(
             model,
             processor,
-            dataset,
+            images,
             batch_size=args.batch_size,
-            metrics=args.metrics,
             num_beams=args.num_beams,
             max_new_tokens=args.max_new_tokens,
             do_sample=False,
         )
+        # Written before scoring, so that a scoring failure (no Java, a bad reference) keeps the captions.
+        write_predictions(predictions, args.output_dir)
+    result = _score_images(predictions, images, args.metrics)
     paths = write_evaluation(result, args.output_dir)
     if args.gallery:
         from .gallery import GalleryRecord, write_gallery
@@ -274,7 +311,8 @@ def evaluate_command(args: argparse.Namespace) -> int:
     print(f"Predictions: {paths['predictions']}\nMetrics: {paths['metrics']}")
     if args.model_card:
         dataset_name = args.dataset_name or f"{args.data_format} {Path(args.data).name}"
-        fill_model_card(args.model_card, result, dataset_name, DATASET_TYPES.get(args.data_format, args.data_format), args.split)
+        dataset_type = DATASET_TYPES.get(args.data_format, args.data_format)
+        fill_model_card(args.model_card, result, dataset_name, dataset_type, split)
         print(f"Model card updated: {args.model_card}")
     return 0
 
@@ -289,7 +327,8 @@ def add_evaluate_parser(subparsers) -> None:
         choices=["coco-karpathy", "coco", "nocaps", "conceptual-captions", "imagefolder"],
     )
     parser.add_argument("--image-root", help="The folder the annotation file's image paths are relative to.")
-    parser.add_argument("--split", default="test", help="Karpathy split to evaluate (default: test).")
+    parser.add_argument("--split", help="Split to evaluate, for coco-karpathy, the one format with splits "
+                                        "(default: test).")
     parser.add_argument("--output-dir", required=True, help="Where predictions.json, metrics.json, metrics.md go.")
     parser.add_argument("--predictions", help="Score this COCO results file instead of captioning.")
     parser.add_argument("--metrics", nargs="+", default=list(METRIC_NAMES), choices=list(METRIC_NAMES))
@@ -306,6 +345,7 @@ def add_evaluate_parser(subparsers) -> None:
 
 __all__ = [
     "EvaluationResult",
+    "caption_images",
     "evaluate_dataset",
     "fill_model_card",
     "generate_captions",
@@ -313,4 +353,5 @@ __all__ = [
     "markdown_table",
     "score_predictions",
     "write_evaluation",
+    "write_predictions",
 ]

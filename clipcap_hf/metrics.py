@@ -340,8 +340,6 @@ def _check_inputs(predictions: Mapping[ImageId, str], references: Mapping[ImageI
             raise TypeError(
                 f"The prediction for image id {image_id!r} must be a string, got {type(caption).__name__}."
             )
-        if not caption.strip():
-            raise ValueError(f"The prediction for image id {image_id!r} is empty.")
         refs = references[image_id]
         if isinstance(refs, str) or not all(isinstance(ref, str) for ref in refs):
             raise TypeError(f"The references for image id {image_id!r} must be a list of strings, got {refs!r:.200}.")
@@ -406,8 +404,8 @@ def compute_caption_metrics(
 
     Raises:
         ImportError: If pycocoevalcap is not installed.
-        ValueError: For unknown metric names, no predictions, empty predictions, or predicted images without
-            references (the message names the image ids).
+        ValueError: For unknown metric names, no predictions, or predicted images without references (the message
+            names the image ids). An empty prediction is scored, as COCOEvalCap scores it.
         TypeError: If a caption is not a string or an image's references are not a list of strings.
     """
     names = _check_metric_names(metrics)

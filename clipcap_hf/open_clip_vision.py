@@ -125,6 +125,8 @@ def _read_open_clip_json_config(model_name: str) -> tuple[dict[str, Any], dict[s
     schema, identifier = model_name.split(":", 1)
     if schema == "local-dir":
         path = Path(identifier) / "open_clip_config.json"
+        if not Path(identifier).is_dir():
+            raise FileNotFoundError(f"{model_name!r}: the folder {identifier} does not exist.")
         if not path.is_file():
             raise FileNotFoundError(f"{model_name!r} names no open_clip model folder: {path} does not exist.")
     else:
@@ -132,8 +134,11 @@ def _read_open_clip_json_config(model_name: str) -> tuple[dict[str, Any], dict[s
 
         path = hf_hub_download(identifier, "open_clip_config.json")
     with open(path, encoding="utf-8") as file:
-        config = json.load(file)
-    if "model_cfg" not in config:
+        try:
+            config = json.load(file)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(config, dict) or "model_cfg" not in config:
         raise ValueError(f"{path} has no 'model_cfg' entry; it is not an open_clip model config.")
     return config["model_cfg"], config.get("preprocess_cfg", {})
 
@@ -179,12 +184,20 @@ class ClipCapOpenClipVisionModel(nn.Module):
             )
         if model_cfg is None:
             model_cfg = resolve_open_clip_model(model_name, pretrained)[0]
-        clip_model = open_clip.create_model(
-            model_name,
-            pretrained=pretrained,
-            force_quick_gelu=model_cfg["quick_gelu"],
-            require_pretrained=True,
-        )
+        try:
+            clip_model = open_clip.create_model(
+                model_name,
+                pretrained=pretrained,
+                force_quick_gelu=model_cfg["quick_gelu"],
+                require_pretrained=True,
+            )
+        except RuntimeError as error:  # open_clip reports a failed download or missing weights file this way
+            tag = f" (pretrained tag {pretrained!r})" if pretrained else ""
+            raise OSError(
+                f"Could not load the pretrained weights of open_clip {model_name!r}{tag}: {str(error).strip()} "
+                "Without network access, give a folder holding open_clip_config.json and the weights "
+                "(open_clip_model.safetensors) as local-dir:PATH."
+            ) from error
         return cls(model_cfg, visual=clip_model.visual)
 
     @property

@@ -3,6 +3,9 @@
 import json
 import os
 import pickle
+import re
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +24,7 @@ from transformers import (
 
 import clipcap_hf.convert_original as convert_original
 from clipcap_hf import ClipCapMLPMapper, convert_original_checkpoint
-from clipcap_hf.cli import main
+from clipcap_hf.cli import build_parser, main
 
 N_EMBD = 64  # one 64-wide head, so GPT-2's head count is inferred as for the real releases
 N_LAYER = 2
@@ -337,6 +340,8 @@ def test_cli_converts_with_options(tmp_path, tokenizer, local_parts, capsys):
                  "--vision-model", parts["vision_model"], "--tokenizer", parts["tokenizer"], "--normalize-prefix"]
     assert main(arguments) == 2
     assert "the number of attention heads cannot be inferred; pass it" in capsys.readouterr().err
+    assert main(arguments + ["--lm-num-heads", "0"]) == 2
+    assert "`lm_num_heads` (--lm-num-heads) must be at least 1, got 0" in capsys.readouterr().err
     assert main(arguments + ["--lm-num-heads", "4"]) == 0
     assert "Wrote" in capsys.readouterr().out
     model = AutoModel.from_pretrained(tmp_path / "out").eval()
@@ -353,6 +358,17 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     assert main(["convert-original", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "out")]) == 2
     assert "missing.pt does not exist" in capsys.readouterr().err
     assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("document", ["README.md", "model_card.md"])
+def test_documented_commands_parse(document):
+    text = (Path(__file__).resolve().parents[1] / document).read_text()
+    commands = re.findall(r"clipcap convert-original [^`\n]*", text)
+    assert commands
+    for command in commands:
+        build_parser().parse_args(shlex.split(command)[1:])  # exits on a missing required argument
+    # huggingface_hub 1.x ships only the `hf` command.
+    assert "huggingface-cli" not in text
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -411,6 +427,26 @@ def test_inconsistent_checkpoints_are_refused(tmp_path, tokenizer, local_parts, 
     with pytest.raises(ValueError) as error:
         convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
     assert message in str(error.value)
+    assert_nothing_written(tmp_path / "out")
+
+
+def flatten(key):
+    def edit(state):
+        state[key] = state[key].flatten()
+        return state
+
+    return edit
+
+
+@pytest.mark.parametrize("key", ["gpt.transformer.h.0.mlp.c_fc.weight", "gpt.transformer.wte.weight",
+                                 "clip_project.model.0.weight"])
+def test_tensors_read_as_matrices_must_be_matrices(tmp_path, tokenizer, local_parts, key):
+    checkpoint = tmp_path / "release.pt"
+    torch.save(flatten(key)(release_state("mlp", tokenizer)), checkpoint)
+    with pytest.raises(ValueError) as error:
+        convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
+    assert str(error.value).startswith(f"{checkpoint}: The checkpoint's {key!r} (")
+    assert "not a matrix" in str(error.value)
     assert_nothing_written(tmp_path / "out")
 
 
@@ -489,6 +525,19 @@ def test_preset_must_match_the_mapper(tmp_path, tokenizer, local_parts):
     assert_nothing_written(tmp_path / "out")
 
 
+def test_open_clip_names_choose_the_open_clip_backend(tmp_path, tokenizer, local_parts):
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    tokenizer_dir = local_parts["mlp"]["tokenizer"]
+    # The tiny open_clip ResNet has the MLP release's embedding width.
+    report = convert_original_checkpoint(checkpoint, tmp_path / "out", tokenizer=tokenizer_dir,
+                                         vision_model=local_parts["transformer"]["vision_model"])
+    assert report.config.vision_backend == "open_clip"
+    with pytest.raises(FileNotFoundError, match=r"the folder .*missing does not exist"):
+        convert_original_checkpoint(checkpoint, tmp_path / "out2", vision_model=f"local-dir:{tmp_path / 'missing'}",
+                                    tokenizer=tokenizer_dir)
+    assert_nothing_written(tmp_path / "out2")
+
+
 def test_vision_tower_width_must_match_the_mapper(tmp_path, tokenizer, local_parts):
     checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
     # The open_clip ModifiedResNet has the right width; a 16-d HF CLIP does not.
@@ -505,13 +554,54 @@ def test_vision_tower_width_must_match_the_mapper(tmp_path, tokenizer, local_par
 def test_existing_output_needs_overwrite(tmp_path, tokenizer, local_parts):
     checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
     output = tmp_path / "out"
-    output.mkdir()
+    convert_original_checkpoint(checkpoint, output, **local_parts["mlp"])
     (output / "old.txt").write_text("old")
     with pytest.raises(ValueError, match="already exists; remove it or pass overwrite=True"):
         convert_original_checkpoint(checkpoint, output, **local_parts["mlp"])
     assert (output / "old.txt").exists()
     convert_original_checkpoint(checkpoint, output, overwrite=True, **local_parts["mlp"])
     assert not (output / "old.txt").exists() and (output / "model.safetensors").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "release.pt"]
+
+
+def test_overwrite_replaces_only_an_earlier_conversion(tmp_path, tokenizer, local_parts, monkeypatch, capsys):
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "keep.jpg").write_text("keep")
+    with pytest.raises(ValueError, match=r"only replaces an earlier ClipCap conversion, and .*photos/config\.json"):
+        convert_original_checkpoint(checkpoint, other, overwrite=True, **local_parts["mlp"])
+    converted = tmp_path / "converted"
+    convert_original_checkpoint(checkpoint, converted, **local_parts["mlp"])
+    (converted / "release.pt").write_bytes(checkpoint.read_bytes())
+    with pytest.raises(ValueError, match=r"Refusing to replace .*converted: it holds the checkpoint"):
+        convert_original_checkpoint(converted / "release.pt", converted, overwrite=True, **local_parts["mlp"])
+    monkeypatch.chdir(converted)
+    for output in [".", "..", str(tmp_path)]:
+        arguments = ["convert-original", str(checkpoint), "--output", output, "--overwrite", "--vision-model",
+                     local_parts["mlp"]["vision_model"], "--tokenizer", local_parts["mlp"]["tokenizer"]]
+        assert main(arguments) == 2
+        assert "it is the current folder or one of its parents" in capsys.readouterr().err
+    assert (other / "keep.jpg").exists() and (converted / "release.pt").exists() and checkpoint.exists()
+
+
+def test_a_failed_swap_keeps_the_earlier_conversion(tmp_path, tokenizer, local_parts, monkeypatch):
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    output = tmp_path / "out"
+    convert_original_checkpoint(checkpoint, output, **local_parts["mlp"])
+    weights = (output / "model.safetensors").read_bytes()
+    rename = type(output).rename
+
+    def failing_rename(self, target):
+        if self.name.endswith(".partial"):  # moving the new folder into place
+            raise OSError("disk full")
+        return rename(self, target)
+
+    monkeypatch.setattr(type(output), "rename", failing_rename)
+    with pytest.raises(OSError, match="disk full"):
+        convert_original_checkpoint(checkpoint, output, overwrite=True, **local_parts["mlp"])
+    assert (output / "model.safetensors").read_bytes() == weights
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "release.pt"]
 
 
 def test_failed_verification_writes_nothing(tmp_path, tokenizer, local_parts, monkeypatch):

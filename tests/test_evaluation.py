@@ -1,5 +1,6 @@
 import html
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def test_model_card_is_filled_and_refilled(coco_files, tmp_path):
     predictions.write_text(json.dumps([{"image_id": i, "caption": c[0]} for i, c in CAPTIONS.items()]))
     argv = ["evaluate", "--predictions", str(predictions), "--data", str(annotations), "--data-format", "coco",
             "--image-root", str(image_root), "--output-dir", str(tmp_path / "eval"), "--model-card", str(card),
-            "--dataset-name", "toy", "--split", "test", *FAST_METRICS]
+            "--dataset-name", "toy", *FAST_METRICS]
     assert main(argv) == 0
     assert main(argv) == 0  # a second run replaces the results rather than adding to them
     text = card.read_text()
@@ -107,9 +108,29 @@ def test_model_card_is_filled_and_refilled(coco_files, tmp_path):
     values = {m["name"]: m["value"] for m in results[0]["metrics"]}
     scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())["scores"]
     assert values["CIDEr"] == round(100 * scores["CIDEr"], 2)
-    assert results[0]["dataset"]["name"] == "toy" and results[0]["dataset"]["split"] == "test"
+    assert results[0]["dataset"]["name"] == "toy" and "split" not in results[0]["dataset"]  # a COCO file has none
     assert "(none yet)" not in text and "| overall |" in text and text.rstrip().endswith("## Limitations")
     assert text.count("clipcap-results-start") == 1
+
+
+def test_model_card_records_the_karpathy_split(coco_files, tmp_path):
+    annotations, image_root = coco_files
+    karpathy = tmp_path / "dataset_coco.json"
+    karpathy.write_text(json.dumps({"images": [
+        {"filename": f"{i}.png", "split": "test" if i < 4 else "val", "cocoid": i,
+         "sentences": [{"raw": caption} for caption in captions]}
+        for i, captions in CAPTIONS.items()
+    ]}))
+    card = tmp_path / "model_card.md"
+    card.write_text("---\nlicense: mit\n---\n# ClipCap\n<!-- clipcap-results-start -->\n<!-- clipcap-results-end -->\n")
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps([{"image_id": i, "caption": c[0]} for i, c in CAPTIONS.items() if i < 4]))
+    assert main(["evaluate", "--predictions", str(predictions), "--data", str(karpathy), "--image-root",
+                 str(image_root), "--output-dir", str(tmp_path / "eval"), "--model-card", str(card),
+                 "--dataset-name", "toy", *FAST_METRICS]) == 0
+    results = yaml.safe_load(card.read_text().split("---")[1])["model-index"][0]["results"]
+    assert results[0]["dataset"]["split"] == "test"
+    assert "on toy (test, 3 images)" in card.read_text()
 
 
 def test_model_card_without_markers_is_refused(coco_files, tmp_path, capsys):
@@ -133,6 +154,66 @@ def test_predictions_for_unknown_images_are_reported(coco_files, tmp_path, capsy
             "--image-root", str(image_root), "--output-dir", str(tmp_path / "eval"), *FAST_METRICS]
     assert main(argv) == 2
     assert "99" in capsys.readouterr().err
+
+
+def test_predictions_are_written_before_scoring(saved_model_dir, coco_files, tmp_path, monkeypatch):
+    import clipcap_hf.evaluation
+
+    def failing_scorer(*args, **kwargs):
+        raise RuntimeError("the PTB tokenizer failed")
+
+    monkeypatch.setattr(clipcap_hf.evaluation, "compute_caption_metrics", failing_scorer)
+    annotations, image_root = coco_files
+    out = tmp_path / "eval"
+    with pytest.raises(RuntimeError, match="the PTB tokenizer failed"):
+        main(["evaluate", "--model", str(saved_model_dir), "--data", str(annotations), "--data-format", "coco",
+              "--image-root", str(image_root), "--output-dir", str(out), "--max-new-tokens", "3", *FAST_METRICS])
+    assert [p["image_id"] for p in json.loads((out / "predictions.json").read_text())] == [1, 2, 3, 4]
+
+
+def test_empty_predictions_are_scored(coco_files, tmp_path):
+    """A model that emits end-of-text first gives empty captions, which COCOEvalCap scores (near zero)."""
+    annotations, image_root = coco_files
+    predictions = tmp_path / "predictions.json"
+    captions = [{"image_id": i, "caption": "" if i == 1 else c[0]} for i, c in CAPTIONS.items()]
+    predictions.write_text(json.dumps(captions))
+    assert main(["evaluate", "--predictions", str(predictions), "--data", str(annotations), "--data-format", "coco",
+                 "--image-root", str(image_root), "--output-dir", str(tmp_path / "eval"), *FAST_METRICS]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_images"] == 4
+
+
+@pytest.mark.parametrize(
+    "arguments, message",
+    [
+        (["--num-beams", "0"], "--num-beams must be at least 1, got 0"),
+        (["--limit", "0"], "--limit must be at least 1, got 0"),
+        (["--output-dir", "{tmp}/captions.json"], "--output-dir: .*captions.json is a file, not a folder"),
+        (["--model-card", "{tmp}/missing.md"], "--model-card: .*missing.md does not exist"),
+        (["--split", "val"], "--split: the coco format has no splits"),
+    ],
+)
+def test_arguments_are_checked_before_captioning(coco_files, tmp_path, monkeypatch, capsys, arguments, message):
+    import clipcap_hf.cli
+
+    def no_captioning(*args, **kwargs):
+        raise AssertionError("the arguments must be checked before the model is loaded")
+
+    monkeypatch.setattr(clipcap_hf.cli, "load_model_and_processor", no_captioning)
+    annotations, image_root = coco_files
+    argv = ["evaluate", "--model", "unused", "--data", str(annotations), "--data-format", "coco", "--image-root",
+            str(image_root), "--output-dir", str(tmp_path / "eval"), *FAST_METRICS]
+    assert main(argv + [argument.format(tmp=tmp_path) for argument in arguments]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_limit_applies_to_a_predictions_file(coco_files, tmp_path):
+    annotations, image_root = coco_files
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text(json.dumps([{"image_id": i, "caption": c[0]} for i, c in CAPTIONS.items()]))
+    assert main(["evaluate", "--predictions", str(predictions), "--data", str(annotations), "--data-format", "coco",
+                 "--image-root", str(image_root), "--output-dir", str(tmp_path / "eval"), "--limit", "2",
+                 *FAST_METRICS]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_images"] == 2
 
 
 def test_evaluate_gallery_shows_scores_and_references(coco_files, tmp_path):

@@ -310,10 +310,26 @@ def test_predictions_without_references_are_named():
         compute_caption_metrics(predictions, {1: ["a dog"], 9: []}, metrics=["bleu"])
 
 
-@pytest.mark.parametrize("caption", ["", "   \n"])
-def test_empty_prediction_is_named(caption):
-    with pytest.raises(ValueError, match="prediction for image id 42 is empty"):
-        compute_caption_metrics({1: "a dog", 42: caption}, {1: ["a dog"], 42: ["a cat"]}, metrics=["bleu"])
+@needs_java
+def test_empty_predictions_are_scored_as_pycocoevalcap_scores_them():
+    """A model that emits end-of-text first captions an image with ""; COCOEvalCap scores it (near zero)."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.meteor.meteor import Meteor
+    from pycocoevalcap.rouge.rouge import Rouge
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    predictions = {1: "", 2: "Two cats on a sofa!", 3: "   ", 4: "a red car"}
+    references = {1: ["A dog runs on the beach.", "a dog on sand"], 2: ["two cats sleep on a sofa", "cats sleeping"],
+                  3: ["a bird"], 4: ["a red car parked", "a car"]}
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": ref} for ref in refs] for i, refs in references.items()})
+    res = tokenizer.tokenize({i: [{"caption": caption}] for i, caption in predictions.items()})
+    expected = dict(zip(("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"), Bleu(4).compute_score(gts, res, verbose=0)[0]))
+    for key, scorer in [("METEOR", Meteor), ("ROUGE_L", Rouge), ("CIDEr", Cider)]:
+        expected[key] = scorer().compute_score(gts, res)[0]
+    scores = compute_caption_metrics(predictions, references, metrics=["bleu", "meteor", "rouge", "cider"])
+    assert scores == pytest.approx(expected, abs=1e-12)
 
 
 def test_non_string_captions_are_rejected():

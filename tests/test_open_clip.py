@@ -109,6 +109,28 @@ def test_loading_pretrained_weights_needs_a_tag():
         ClipCapOpenClipVisionModel.from_open_clip_pretrained("RN50x4")
 
 
+def test_weights_that_cannot_be_loaded_raise_an_os_error_naming_the_model(tmp_path, monkeypatch):
+    save_open_clip_local_dir(tmp_path / "rn", "resnet")
+    (tmp_path / "rn" / "open_clip_model.safetensors").unlink()
+    with pytest.raises(OSError, match=r"open_clip 'local-dir:.*rn': Required pretrained weights .* as local-dir:PATH"):
+        ClipCapOpenClipVisionModel.from_open_clip_pretrained(f"local-dir:{tmp_path / 'rn'}")
+
+    def offline(*args, **kwargs):
+        raise RuntimeError("Failed to download weights for tag 'openai'")
+
+    monkeypatch.setattr(open_clip, "create_model", offline)
+    with pytest.raises(OSError, match=r"open_clip 'RN50x4' \(pretrained tag 'openai'\): Failed to download"):
+        ClipCapOpenClipVisionModel.from_open_clip_pretrained("RN50x4", "openai")
+
+
+def test_local_dir_problems_name_the_folder_or_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"the folder .*missing does not exist"):
+        ClipCapConfig(vision_backend="open_clip", open_clip_model_name=f"local-dir:{tmp_path / 'missing'}")
+    (tmp_path / "open_clip_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"open_clip_config\.json is not valid JSON: Expecting property name"):
+        ClipCapConfig(vision_backend="open_clip", open_clip_model_name=f"local-dir:{tmp_path}")
+
+
 # ---------------------------------------------------------------- preprocessing
 
 
