@@ -67,7 +67,7 @@ def main() -> None:
         dataset = load_image_folder(folder)
 
         # Warm up both paths (thread pools, allocator) on a few images.
-        one_forward_per_caption(model, image_processor, dataset.select(range(2)))
+        one_forward_per_caption(model, image_processor, dataset.select(range(min(2, len(dataset)))))
         start = time.perf_counter()
         one_forward_per_caption(model, image_processor, dataset)
         per_caption_seconds = time.perf_counter() - start

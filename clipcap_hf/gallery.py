@@ -20,6 +20,7 @@ from __future__ import annotations
 import base64
 import io
 import math
+import numbers
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,19 @@ class GalleryRecord:
     name: str | None = None
     """What to call the image; defaults to its file path."""
 
+    def __post_init__(self):
+        # Caught here, or a string of references would show one per character and a None caption would fail deep
+        # inside the HTML rendering.
+        if not isinstance(self.caption, str):
+            raise ValueError(f"`caption` must be a string, got {self.caption!r}.")
+        if self.references is not None and (
+            isinstance(self.references, str) or not all(isinstance(reference, str) for reference in self.references)
+        ):
+            raise ValueError(f"`references` must be a list of strings, got {self.references!r}.")
+        for score_name, value in (self.scores or {}).items():
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise ValueError(f"Score {score_name!r} must be a number, got {value!r}.")
+
     def display_name(self, index: int) -> str:
         """The name shown for the image: `name`, else its file path, else its position in the gallery."""
         if self.name is not None:
@@ -55,8 +69,11 @@ class GalleryRecord:
         return str(self.image)
 
 
-def _as_record(record: GalleryRecord | Mapping) -> GalleryRecord:
-    return record if isinstance(record, GalleryRecord) else GalleryRecord(**record)
+def _as_record(record: GalleryRecord | Mapping, index: int) -> GalleryRecord:
+    try:
+        return record if isinstance(record, GalleryRecord) else GalleryRecord(**record)
+    except (TypeError, ValueError) as error:  # a missing or unknown field, or a bad value
+        raise ValueError(f"Gallery record {index}: {error}") from error
 
 
 def _thumbnail(image: str | os.PathLike | PIL.Image.Image, name: str, size: int) -> str:
@@ -131,7 +148,9 @@ def render_gallery(
     """
     The gallery page as an HTML string; see [`write_gallery`].
     """
-    records = [_as_record(record) for record in records]
+    if thumbnail_size < 1:
+        raise ValueError(f"`thumbnail_size` must be at least 1 pixel, got {thumbnail_size}.")
+    records = [_as_record(record, index) for index, record in enumerate(records)]
     # Score columns in the order the records first name them.
     score_names = list(dict.fromkeys(name for record in records for name in (record.scores or {})))
     has_references = any(record.references is not None for record in records)

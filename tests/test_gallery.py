@@ -1,12 +1,14 @@
 """The HTML gallery, read back from headless Chromium the way a person would see it."""
 
+import re
+
 import pytest
 from browser import browser, serve_folder  # noqa: F401 (`browser` is a fixture)
 from conftest import random_images
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
 from clipcap_hf.cli import main
-from clipcap_hf.gallery import GalleryRecord, write_gallery
+from clipcap_hf.gallery import GalleryRecord, render_gallery, write_gallery
 
 # What a person sees in each row: the cells' rendered text, and the thumbnail's decoded size when there is one.
 READ_ROWS = """
@@ -133,9 +135,25 @@ def test_unreadable_images_and_markup_in_text_are_shown_as_text(tmp_path, browse
     assert browser.execute_script("return document.querySelector('#gallery th:last-child').innerText") == "<CIDEr>"
 
 
-def test_records_reject_unknown_fields(tmp_path):
-    with pytest.raises(TypeError, match="image_id"):
-        write_gallery([{"image": "a.png", "caption": "x", "image_id": 3}], tmp_path / "x.html")
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("image_id", 3, "image_id"),
+        ("caption", None, "`caption` must be a string, got None"),
+        ("references", "one ref", "`references` must be a list of strings, got 'one ref'"),
+        ("scores", {"CIDEr": "0.5"}, "Score 'CIDEr' must be a number, got '0.5'"),
+    ],
+)
+def test_bad_records_are_named_with_their_index(tmp_path, field, value, message):
+    good = {"image": "a.png", "caption": "x"}
+    with pytest.raises(ValueError, match=rf"Gallery record 1: .*{re.escape(message)}"):
+        write_gallery([good, {**good, field: value}], tmp_path / "x.html")
+    assert not (tmp_path / "x.html").exists()
+
+
+def test_thumbnail_size_must_be_positive():
+    with pytest.raises(ValueError, match="`thumbnail_size` must be at least 1 pixel, got 0"):
+        render_gallery([{"image": "a.png", "caption": "x"}], thumbnail_size=0)
 
 
 def test_gallery_folder_must_exist_before_captioning(saved_model_dir, tmp_path, capsys):
