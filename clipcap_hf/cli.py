@@ -53,6 +53,14 @@ def load_model_and_processor(model_name_or_path: str, device: str | None = None)
     return model, AutoProcessor.from_pretrained(model_name_or_path)
 
 
+def check_top_k_fits_vocabulary(top_k: int, model, processor) -> None:
+    """Say that `--top-k` is too large before any image is read, naming the option rather than `top_k`."""
+    # `interpret_prefix` chooses among the tokenizer's tokens that have an embedding row.
+    vocab_size = min(len(processor.tokenizer), model.get_input_embeddings().num_embeddings)
+    if top_k > vocab_size:
+        raise ValueError(f"--top-k must be at most the vocabulary size ({vocab_size}), got {top_k}.")
+
+
 def caption_command(args: argparse.Namespace) -> int:
     from .evaluation import iter_captions
 
@@ -62,8 +70,11 @@ def caption_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-beams must be at least 1, got {args.num_beams}.")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
-    if args.gallery and not Path(args.gallery).parent.is_dir():  # say so before the captioning, not after it
-        raise FileNotFoundError(f"--gallery: folder {Path(args.gallery).parent} does not exist.")
+    if args.gallery:  # say so before the captioning, not after it
+        if Path(args.gallery).is_dir():
+            raise IsADirectoryError(f"--gallery: {args.gallery} is a folder; name the HTML file to write.")
+        if not Path(args.gallery).parent.is_dir():
+            raise FileNotFoundError(f"--gallery: folder {Path(args.gallery).parent} does not exist.")
     paths = expand_image_paths(args.images)
     model, processor = load_model_and_processor(args.model, args.device)
 
@@ -83,11 +94,12 @@ def caption_command(args: argparse.Namespace) -> int:
         if args.json:  # also when an image fails: the captions made before it are kept, as valid JSON
             json.dump(results, sys.stdout, indent=2, ensure_ascii=False)
             sys.stdout.write("\n")
-    if args.gallery:
-        from .gallery import GalleryRecord, write_gallery
+        if args.gallery and results:  # likewise the gallery, of the captions made so far
+            from .gallery import GalleryRecord, write_gallery
 
-        records = [GalleryRecord(result["image"], result["caption"]) for result in results]
-        print(f"Gallery: {write_gallery(records, args.gallery, title=f'Captions by {args.model}')}", file=sys.stderr)
+            records = [GalleryRecord(result["image"], result["caption"]) for result in results]
+            gallery = write_gallery(records, args.gallery, title=f"Captions by {args.model}")
+            print(f"Gallery: {gallery}", file=sys.stderr)
     return 0
 
 

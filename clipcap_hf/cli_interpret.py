@@ -13,25 +13,28 @@ import sys
 
 
 def interpret_command(args: argparse.Namespace) -> int:
-    from .cli import expand_image_paths, load_model_and_processor
+    from .cli import check_top_k_fits_vocabulary, expand_image_paths, load_model_and_processor
     from .image_processing_clipcap import load_image
 
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}.")
     paths = expand_image_paths(args.images)
     model, processor = load_model_and_processor(args.model, args.device)
+    check_top_k_fits_vocabulary(args.top_k, model, processor)
 
     results = []
-    for path in paths:
-        inputs = processor(images=[load_image(path)]).to(model.device)
-        interpretation = model.interpret_prefix(**inputs, tokenizer=processor, top_k=args.top_k)[0]
-        if args.json:
-            results.append({"image": str(path), "prefix": dataclasses.asdict(interpretation)["matches"]})
-        else:
-            print(f"{path}\n{interpretation.format()}", flush=True)
-    if args.json:
-        json.dump(results, sys.stdout, indent=2, ensure_ascii=False)
-        sys.stdout.write("\n")
+    try:
+        for path in paths:
+            inputs = processor(images=[load_image(path)]).to(model.device)
+            interpretation = model.interpret_prefix(**inputs, tokenizer=processor, top_k=args.top_k)[0]
+            if args.json:
+                results.append({"image": str(path), "prefix": dataclasses.asdict(interpretation)["matches"]})
+            else:
+                print(f"{path}\n{interpretation.format()}", flush=True)
+    finally:
+        if args.json:  # also when an image fails: the results before it are kept, as valid JSON
+            json.dump(results, sys.stdout, indent=2, ensure_ascii=False)
+            sys.stdout.write("\n")
     return 0
 
 

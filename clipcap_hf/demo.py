@@ -85,6 +85,8 @@ def caption_and_interpret(
     if decoding not in DECODING_STRATEGIES:
         raise ValueError(f"Decoding must be one of {', '.join(DECODING_STRATEGIES)}, got {decoding!r}.")
     num_beams, num_captions, max_new_tokens = int(num_beams), int(num_captions), int(max_new_tokens)
+    if num_captions < 1:
+        raise ValueError(f"The number of captions must be at least 1, got {num_captions}.")
     if decoding == "greedy":
         if num_captions != 1:
             raise ValueError("Greedy decoding gives exactly one caption; choose beam search for more.")
@@ -187,13 +189,14 @@ def build_demo(
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from .cli import expand_image_paths, load_model_and_processor
+    from .cli import check_top_k_fits_vocabulary, expand_image_paths, load_model_and_processor
 
     import_gradio()  # fail before loading the model when Gradio is missing
     if args.top_k < 1:
         raise ValueError(f"--top-k must be at least 1, got {args.top_k}.")
     examples = expand_image_paths(args.examples) if args.examples else []
     model, processor = load_model_and_processor(args.model, args.device)
+    check_top_k_fits_vocabulary(args.top_k, model, processor)  # or every click after the launch would fail
     demo = build_demo(model, processor, examples=examples, top_k=args.top_k, title=f"ClipCap: {args.model}")
     demo.launch(server_name=args.host, server_port=args.port, share=False)
     return 0

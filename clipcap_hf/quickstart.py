@@ -299,6 +299,8 @@ def print_report(scores: dict, output_dir: Path) -> None:
 
 
 def quickstart_command(args: argparse.Namespace) -> int:
+    if args.max_steps < 1:  # the Trainer takes these: 0 trains (next to) nothing, a negative value its default epochs
+        raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}.")
     config = QuickstartConfig(max_steps=args.max_steps, seed=args.seed)
     run_quickstart(args.output_dir, config)
     return 0

@@ -92,6 +92,26 @@ def test_json_keeps_earlier_captions_when_an_image_fails(saved_model_dir, image_
     assert [r["caption"] for r in results] == expected_captions(saved_model_dir, paths, max_new_tokens=3)
 
 
+def test_gallery_keeps_earlier_captions_when_an_image_fails(saved_model_dir, image_folder, tmp_path, capsys):
+    (image_folder / "img9.png").write_bytes(b"definitely not a png")  # sorts last
+    gallery = tmp_path / "gallery.html"
+    status = main(["caption", str(image_folder), "--model", str(saved_model_dir), "--gallery", str(gallery),
+                   "--batch-size", "5", "--max-new-tokens", "3"])
+    captured = capsys.readouterr()
+    assert status == 2
+    assert f"Cannot read image {image_folder / 'img9.png'}" in captured.err
+    page = gallery.read_text()
+    assert all(str(image_folder / f"img{index}.png") in page for index in range(5))
+    assert "img9.png" not in page
+
+
+def test_gallery_naming_a_folder_is_rejected_before_captioning(saved_model_dir, image_folder, tmp_path, capsys):
+    assert main(["caption", str(image_folder), "--model", str(saved_model_dir), "--gallery", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert f"--gallery: {tmp_path} is a folder; name the HTML file to write" in captured.err
+    assert captured.out == ""
+
+
 @pytest.mark.parametrize("model_dir", ["missing", "empty"])
 def test_model_folder_without_weights_is_reported(image_folder, tmp_path, capsys, model_dir):
     (tmp_path / "empty").mkdir()

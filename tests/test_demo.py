@@ -137,6 +137,7 @@ def test_a_file_that_is_not_an_image_shows_a_readable_message(demo_app, browser,
         ({"decoding": "greedy", "num_captions": 2}, "Greedy decoding gives exactly one caption"),
         ({"decoding": "beam search", "num_beams": 2, "num_captions": 3}, "with 2 beams gives at most 2 captions"),
         ({"decoding": "sampling"}, "Decoding must be one of greedy, beam search"),
+        ({"decoding": "beam search", "num_captions": 0}, "The number of captions must be at least 1, got 0"),
     ],
 )
 def test_settings_that_do_not_go_together_are_explained(mlp_model, processor, tmp_path, settings, message):
@@ -181,6 +182,15 @@ def test_demo_command_serves_examples_to_pick(saved_model_dir, tmp_path, browser
         demo.close()
     model = ClipCapForConditionalGeneration.from_pretrained(saved_model_dir).eval()
     assert captions == expected_captions(model, processor, example, max_new_tokens=30)
+
+
+def test_demo_command_checks_top_k_before_launching(saved_model_dir, processor, monkeypatch, capsys):
+    gradio = pytest.importorskip("gradio", reason=GRADIO_MISSING)
+    monkeypatch.setattr(gradio.Blocks, "launch", lambda demo, **kwargs: pytest.fail("the demo was launched"))
+    vocab_size = len(processor.tokenizer)
+    assert main(["demo", "--model", str(saved_model_dir), "--top-k", str(vocab_size + 1)]) == 2
+    message = f"--top-k must be at most the vocabulary size ({vocab_size}), got {vocab_size + 1}"
+    assert message in capsys.readouterr().err
 
 
 def test_demo_command_without_gradio_says_what_to_install(saved_model_dir, monkeypatch, capsys):

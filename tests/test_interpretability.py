@@ -163,6 +163,26 @@ def test_interpret_command_rejects_bad_input(saved_words_model, tmp_path, capsys
     assert f"Cannot read image {broken}" in capsys.readouterr().err
 
 
+def test_interpret_command_names_the_option_when_top_k_exceeds_the_vocabulary(saved_words_model, processor, capsys):
+    folder, image_path, _ = saved_words_model
+    vocab_size = len(processor.tokenizer)
+    assert main(["interpret", str(image_path), "--model", str(folder), "--top-k", str(vocab_size + 1)]) == 2
+    message = f"--top-k must be at most the vocabulary size ({vocab_size}), got {vocab_size + 1}"
+    assert message in capsys.readouterr().err
+
+
+def test_interpret_json_keeps_earlier_results_when_an_image_fails(saved_words_model, tmp_path, capsys):
+    folder, image_path, _ = saved_words_model
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    assert main(["interpret", str(image_path), str(broken), "--model", str(folder), "--top-k", "1", "--json"]) == 2
+    captured = capsys.readouterr()
+    assert f"Cannot read image {broken}" in captured.err
+    (result,) = json.loads(captured.out)
+    assert result["image"] == str(image_path)
+    assert [position[0]["token"] for position in result["prefix"]] == WORDS
+
+
 def test_interpret_prefix_works_on_a_folder_loaded_with_remote_code(saved_words_model, tmp_path):
     # interpretability.py travels with the saved model code, so trust_remote_code users have the method too.
     folder, _, _ = saved_words_model

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 from transformers import pipeline
 
@@ -58,6 +59,13 @@ def test_score_captions():
     assert scores["exact_match"] == 0.5
     assert (scores["colour_accuracy"], scores["shape_accuracy"], scores["position_accuracy"]) == (1.0, 1.0, 0.5)
     assert score_captions(["a red", "a"], references)["shape_accuracy"] == 0.0
+
+
+@pytest.mark.parametrize("max_steps", ["0", "-5"])
+def test_max_steps_below_one_is_rejected_before_training(tmp_path, capsys, monkeypatch, max_steps):
+    monkeypatch.setattr("clipcap_hf.quickstart.run_quickstart", lambda *args: pytest.fail("quickstart ran"))
+    assert cli_main(["quickstart", "--output-dir", str(tmp_path), "--max-steps", max_steps]) == 2
+    assert f"--max-steps must be at least 1, got {max_steps}" in capsys.readouterr().err
 
 
 def test_quickstart_learns_held_out_combinations_and_saves_a_loadable_model(tmp_path, capsys):
