@@ -143,48 +143,16 @@ def test_image_folder_jsonl_lists_and_csv(image_folder):
     assert dataset["caption"] == ["A dog, running.", "A cat."]
 
 
-@pytest.mark.parametrize(
-    "file_name, content, loader, record",
-    [
-        (
-            "k.json",
-            {"images": [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": "ok"}, {"raw": "  "}]}]},
-            lambda path: load_coco_karpathy(path, "."),
-            r"k.json: images\[0\] \(a.jpg\) sentences\[1\] has an empty caption",
-        ),
-        (
-            "c.json",
-            {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1, "caption": ""}]},
-            lambda path: load_coco_captions(path, "."),
-            r"c.json: annotations\[0\] \(image a.jpg\) has an empty caption",
-        ),
-        (
-            "t.tsv",
-            "fine\ta.jpg\n \t\tb.jpg\n",
-            lambda path: load_conceptual_captions(path, "."),
-            r"t.tsv: line 2 \(\) has an empty caption|t.tsv: line 2 .* has an empty caption",
-        ),
-        (
-            "metadata.jsonl",
-            '{"file_name": "a.png", "text": ["fine", "\\t"]}\n',
-            lambda path: load_image_folder(path.parent),
-            r"metadata.jsonl: line 1 \(a.png\) text\[1\] has an empty caption",
-        ),
-    ],
-)
-def test_empty_captions_are_rejected_naming_the_record(tmp_path, file_name, content, loader, record):
-    path = tmp_path / file_name
-    path.write_text(content if isinstance(content, str) else json.dumps(content))
-    with pytest.raises(ValueError, match=record):
-        loader(path)
-
-
 def karpathy(path):
     return load_coco_karpathy(path, ".")
 
 
 def coco(path):
     return load_coco_captions(path, ".")
+
+
+def conceptual(path):
+    return load_conceptual_captions(path, ".")
 
 
 def image_folder_of(path):
@@ -194,6 +162,32 @@ def image_folder_of(path):
 @pytest.mark.parametrize(
     "file_name, content, loader, error",
     [
+        # Empty captions
+        (
+            "k.json",
+            {"images": [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": "ok"}, {"raw": "  "}]}]},
+            karpathy,
+            r"k.json: images\[0\] \(a.jpg\) sentences\[1\] has an empty caption",
+        ),
+        (
+            "c.json",
+            {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1, "caption": ""}]},
+            coco,
+            r"c.json: annotations\[0\] \(image a.jpg\) has an empty caption",
+        ),
+        (
+            "t.tsv",
+            "fine\ta.jpg\n \t\tb.jpg\n",
+            conceptual,
+            r"t.tsv: line 2 \(\) has an empty caption|t.tsv: line 2 .* has an empty caption",
+        ),
+        (
+            "metadata.jsonl",
+            '{"file_name": "a.png", "text": ["fine", "\\t"]}\n',
+            image_folder_of,
+            r"metadata.jsonl: line 1 \(a.png\) text\[1\] has an empty caption",
+        ),
+        # Records or fields of the wrong type
         ("k.json", {"images": ["a.jpg"]}, karpathy, r"k.json: images\[0\] is not an object \(got 'a.jpg'\)"),
         ("k.json", {"images": {"a": 1}}, karpathy, r"k.json has 'images' = \{'a': 1\}; expected list"),
         (
@@ -226,7 +220,7 @@ def image_folder_of(path):
         ("metadata.jsonl", '{"file_name": null, "text": "A dog."}\n', image_folder_of, r"'file_name' = None"),
     ],
 )
-def test_malformed_records_name_the_file_record_and_field(tmp_path, file_name, content, loader, error):
+def test_bad_records_are_rejected_naming_the_file_record_and_field(tmp_path, file_name, content, loader, error):
     path = tmp_path / file_name
     path.write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(ValueError, match=error):
