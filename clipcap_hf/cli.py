@@ -61,6 +61,14 @@ def check_top_k_fits_vocabulary(top_k: int, model, processor) -> None:
         raise ValueError(f"--top-k must be at most the vocabulary size ({vocab_size}), got {top_k}.")
 
 
+def check_gallery_path(gallery: str) -> None:
+    """Say before the captioning, not after it, that `--gallery` cannot be written."""
+    if Path(gallery).is_dir():
+        raise IsADirectoryError(f"--gallery: {gallery} is a folder; name the HTML file to write.")
+    if not Path(gallery).parent.is_dir():
+        raise FileNotFoundError(f"--gallery: folder {Path(gallery).parent} does not exist.")
+
+
 def caption_command(args: argparse.Namespace) -> int:
     from .evaluation import iter_captions
 
@@ -70,11 +78,8 @@ def caption_command(args: argparse.Namespace) -> int:
         raise ValueError(f"--num-beams must be at least 1, got {args.num_beams}.")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
-    if args.gallery:  # say so before the captioning, not after it
-        if Path(args.gallery).is_dir():
-            raise IsADirectoryError(f"--gallery: {args.gallery} is a folder; name the HTML file to write.")
-        if not Path(args.gallery).parent.is_dir():
-            raise FileNotFoundError(f"--gallery: folder {Path(args.gallery).parent} does not exist.")
+    if args.gallery:
+        check_gallery_path(args.gallery)
     paths = expand_image_paths(args.images)
     model, processor = load_model_and_processor(args.model, args.device)
 

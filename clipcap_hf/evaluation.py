@@ -258,8 +258,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise NotADirectoryError(f"--output-dir: {args.output_dir} is a file, not a folder.")
     if args.model_card and not Path(args.model_card).is_file():
         raise FileNotFoundError(f"--model-card: {args.model_card} does not exist.")
-    if args.gallery and not Path(args.gallery).parent.is_dir():
-        raise FileNotFoundError(f"--gallery: folder {Path(args.gallery).parent} does not exist.")
+    if args.gallery:
+        from .cli import check_gallery_path
+
+        check_gallery_path(args.gallery)
 
 
 def evaluate_command(args: argparse.Namespace) -> int:

@@ -190,6 +190,7 @@ def test_empty_predictions_are_scored(coco_files, tmp_path):
         (["--output-dir", "{tmp}/captions.json"], "--output-dir: .*captions.json is a file, not a folder"),
         (["--model-card", "{tmp}/missing.md"], "--model-card: .*missing.md does not exist"),
         (["--split", "val"], "--split: the coco format has no splits"),
+        (["--gallery", "{tmp}"], "--gallery: .* is a folder; name the HTML file to write"),
     ],
 )
 def test_arguments_are_checked_before_captioning(coco_files, tmp_path, monkeypatch, capsys, arguments, message):
