@@ -361,11 +361,11 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         return loaded
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
-        # `register_for_auto_class` records one Auto class in the saved `auto_map`; the image-text-to-text (and, on
-        # transformers 4.x, image-to-text) pipelines load through their own Auto classes, so name those too.
+        # `register_for_auto_class` records one Auto class (AutoModel) in the saved `auto_map`; the image-text-to-text
+        # (and, on transformers 4.x, image-to-text) pipelines load through their own Auto classes, so name those too.
         class_reference = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        for auto_class in ("AutoModel", "AutoModelForImageTextToText", "AutoModelForVision2Seq"):
+        for auto_class in ("AutoModelForImageTextToText", "AutoModelForVision2Seq"):
             auto_map.setdefault(auto_class, class_reference)
         self.config.auto_map = auto_map
         super().save_pretrained(save_directory, *args, **kwargs)
