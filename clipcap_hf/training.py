@@ -194,17 +194,13 @@ class DataArguments:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         if self.caption_metrics:
-            from .metrics import METRIC_NAMES, _import_pycocoevalcap
+            from .metrics import _check_metric_names, _import_pycocoevalcap
 
-            unknown = [name for name in self.caption_metrics if name not in METRIC_NAMES]
-            if unknown:
-                raise ValueError(
-                    f"--eval_caption_metrics: unknown metric(s) {unknown}; choose from {list(METRIC_NAMES)}."
-                )
             try:
+                _check_metric_names(self.caption_metrics)
                 _import_pycocoevalcap()
-            except ImportError as error:
-                raise ImportError(f"--eval_caption_metrics: {error}") from error
+            except (ValueError, ImportError) as error:
+                raise type(error)(f"--eval_caption_metrics: {error}") from error
 
     @property
     def caption_metrics(self) -> list[str]:

@@ -583,7 +583,8 @@ def test_data_arguments_reject_lengths_and_beams_below_one(field, value):
 
 
 def test_data_arguments_check_caption_metrics_before_training():
-    with pytest.raises(ValueError, match=r"--eval_caption_metrics: unknown metric\(s\) \['cidr'\]; choose from \['bl"):
+    message = r"--eval_caption_metrics: Unknown caption metric\(s\) \['cidr'\]; choose from \['bl"
+    with pytest.raises(ValueError, match=message):
         DataArguments(eval_caption_metrics="bleu,cidr")
     with mock.patch.dict(sys.modules, {"pycocoevalcap": None}):  # as if not installed
         with pytest.raises(ImportError, match=r"--eval_caption_metrics: .*pip install"):
