@@ -212,6 +212,13 @@ class ClipCapImageProcessor(BaseImageProcessor):
         Returns:
             [`BatchFeature`] with `pixel_values` of shape `(batch_size, 3, crop_size, crop_size)`.
         """
+        if kwargs:
+            # Rejected rather than honoured: the vision tower expects the one preprocessing it was trained with.
+            raise TypeError(
+                f"ClipCapImageProcessor takes no per-call options, got {sorted(kwargs)}. Its preprocessing is set when "
+                "it is created: ClipCapImageProcessor(size=..., crop_size=..., resample=..., image_mean=..., "
+                "image_std=...)."
+            )
         if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)) and not _is_batched_array(images):
             images = [images]
         elif isinstance(images, (np.ndarray, torch.Tensor)):

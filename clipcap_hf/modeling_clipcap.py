@@ -18,13 +18,23 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.loss.loss_utils import fixed_cross_entropy
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, can_return_tuple
 
 from .configuration_clipcap import VISION_BACKENDS, ClipCapConfig
 from .open_clip_vision import ClipCapOpenClipVisionModel, resolve_open_clip_model
 
 # The caption length `generate()` and the pipelines use when the generation config sets none (as the CLI's default).
 DEFAULT_MAX_NEW_TOKENS = 30
+
+# Language model families whose logits are exactly `lm_head(last_hidden_state)`, with no scaling, soft-capping or
+# auxiliary loss after it: only these take the training fast path, which applies the LM head itself at the
+# predicting positions. Any other family keeps its own full forward, so its loss is always its own.
+PLAIN_LM_HEAD_MODEL_TYPES = frozenset(
+    {
+        "bloom", "falcon", "gemma", "gpt2", "gpt_bigcode", "gpt_neo", "gpt_neox", "gptj", "llama", "mistral", "olmo",
+        "olmo2", "opt", "phi", "phi3", "qwen2", "qwen3", "smollm3", "stablelm", "starcoder2",
+    }
+)
 
 
 @dataclass
@@ -519,6 +529,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     # ----------------------------------------------------------------------------------------------------------
     # Forward and generation
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -560,6 +571,13 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         if pixel_values is not None or image_embeds is not None:
             if inputs_embeds is not None:
                 raise ValueError("Pass `inputs_embeds` or an image (`pixel_values`/`image_embeds`), not both.")
+            if labels is not None and (input_ids is None or labels.shape != input_ids.shape):
+                got = "no `input_ids`" if input_ids is None else f"`input_ids` of shape {tuple(input_ids.shape)}"
+                raise ValueError(
+                    f"`labels` of shape {tuple(labels.shape)} need `input_ids` of the same shape, got {got}: the "
+                    "caption tokens go in as `input_ids` and, with -100 on padding, as `labels` (the processor's "
+                    "`captions=` gives both)."
+                )
             prefix_embeds = self.get_prefix_embeds(pixel_values=pixel_values, image_embeds=image_embeds)
             inputs_embeds, attention_mask, labels = self._prepend_prefix(
                 prefix_embeds, input_ids, attention_mask, labels
@@ -599,7 +617,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 prefix_embeds=prefix_embeds,
             )
 
-        outputs = self.language_model(**lm_inputs, logits_to_keep=logits_to_keep)
+        if not isinstance(logits_to_keep, int) or logits_to_keep != 0:
+            lm_inputs["logits_to_keep"] = logits_to_keep  # 0 (every position) is the default; not every 4.x LM takes it
+        outputs = self.language_model(**lm_inputs)
         logits = outputs.logits
 
         loss = None
@@ -619,10 +639,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
 
     def _lm_head_is_plain_projection(self) -> bool:
         """Whether the language model's logits are exactly `output_embeddings(last_hidden_state)`."""
-        # A few families rescale or soft-cap their logits after the LM head; those keep the full forward.
-        text_config = self.config.text_config
-        return self.get_output_embeddings() is not None and not any(
-            getattr(text_config, name, None) for name in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+        return (
+            self.language_model.config.model_type in PLAIN_LM_HEAD_MODEL_TYPES
+            and self.get_output_embeddings() is not None
         )
 
     def _caption_loss(
@@ -674,27 +693,27 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             `processor.batch_decode(..., skip_special_tokens=True)`.
         """
         # Decoding runs in the language model's own `generate`, as BLIP delegates to its text decoder: the prefix
-        # goes in as `inputs_embeds`, and every decoding strategy and cache of the language model applies. Our
-        # generation config (decoding defaults saved with the model) comes along unless the caller gives one.
-        max_new_tokens = generate_kwargs.get("max_new_tokens")
+        # goes in as `inputs_embeds`, and every decoding strategy and cache of the language model applies. That
+        # `generate` would fill what the caller leaves unset from the language model's generation config, so the
+        # merge happens here, with ours (the decoding defaults saved with the model) underneath the caller's.
+        caller_config = generate_kwargs.pop("generation_config", None)
+        requested = caller_config.to_diff_dict() if caller_config is not None else {}  # what the caller set
+        requested.pop("transformers_version", None)
+        requested.update(generate_kwargs)
+        max_new_tokens = requested.get("max_new_tokens")
         if max_new_tokens is not None and max_new_tokens < 1:
             raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}.")
-        if generate_kwargs.get("generation_config") is None:
-            generation_config = copy.deepcopy(self.generation_config)
-            if "max_length" in generate_kwargs and "max_new_tokens" not in generate_kwargs:
-                generation_config.max_new_tokens = None  # transformers lets max_new_tokens win; the caller's wins
-            generate_kwargs = generation_config.update(**generate_kwargs)  # returns the non-generation kwargs
-            generate_kwargs["generation_config"] = generation_config
+        generation_config = copy.deepcopy(self.generation_config)
+        if "max_length" in requested and "max_new_tokens" not in requested:
+            generation_config.max_new_tokens = None  # transformers lets max_new_tokens win; the caller's wins
+        generate_kwargs = generation_config.update(**requested)  # returns the non-generation kwargs
+        generate_kwargs["generation_config"] = generation_config
         if (pixel_values is None) == (image_embeds is None):
+            got = "both" if pixel_values is not None else "neither"
             if pixel_values is None and input_ids is not None:
-                # Plain text generation through the language model, as any causal LM allows.
-                return self.language_model.generate(
-                    input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs
-                )
-            raise ValueError(
-                "Pass exactly one of `pixel_values` or `image_embeds` to caption images; got "
-                f"{'both' if pixel_values is not None else 'neither'}."
-            )
+                # Also what a pipeline sends when it reads a lone image path as a text prompt.
+                got = "only text (`input_ids`); for text generation without an image call `model.language_model`"
+            raise ValueError(f"Pass exactly one of `pixel_values` or `image_embeds` to caption images; got {got}.")
         if input_ids is not None and input_ids.shape[1] == 0:
             input_ids = attention_mask = None  # an empty prompt (the pipeline sends one) means no prompt
 

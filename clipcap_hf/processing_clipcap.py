@@ -86,11 +86,18 @@ class ClipCapProcessor(ProcessorMixin):
             captions: training captions, one per image; tokenized by [`~ClipCapProcessor.tokenize_captions`].
             return_tensors: "pt" (default), "np" or None.
             max_caption_length: captions longer than this many tokens (EOS included) are cut; at least 1.
+            kwargs: tokenizer options for the `text` prompts (`truncation`, `max_length`, `padding`, ...).
         """
         if images is None and text is None and captions is None:
             raise ValueError("Pass `images`, `text` (prompts) or `captions`.")
         if text is not None and captions is not None:
             raise ValueError("Pass `text` (generation prompts) or `captions` (training targets), not both.")
+        if kwargs and text is None:
+            raise ValueError(
+                f"Got options {sorted(kwargs)}, which are tokenizer options for `text` prompts, but no `text`. "
+                "Captions take `max_caption_length`; image preprocessing is set on the image processor when it is "
+                "created."
+            )
         data = {}
         num_images = None
         if images is not None:
@@ -104,7 +111,7 @@ class ClipCapProcessor(ProcessorMixin):
                 raise ValueError(
                     f"Got {num_images} images but {len(prompts)} prompts; give one prompt per image, or one for all."
                 )
-            data.update(self.tokenize_prompts(prompts, return_tensors=return_tensors))
+            data.update(self.tokenize_prompts(prompts, return_tensors=return_tensors, **kwargs))
         if captions is not None:
             captions = [captions] if isinstance(captions, str) else list(captions)
             if num_images is not None and len(captions) != num_images:
@@ -114,11 +121,15 @@ class ClipCapProcessor(ProcessorMixin):
             data.update(encoded)
         return BatchFeature(data=data, tensor_type=return_tensors)
 
-    def tokenize_prompts(self, prompts: Sequence[str], return_tensors: str | None = "pt") -> BatchEncoding:
-        """Left-padded prompt tokens without special tokens, ready for `generate`."""
-        return self.tokenizer(
-            list(prompts), padding=True, padding_side="left", add_special_tokens=False, return_tensors=return_tensors
-        )
+    def tokenize_prompts(
+        self, prompts: Sequence[str], return_tensors: str | None = "pt", **tokenizer_kwargs
+    ) -> BatchEncoding:
+        """
+        Left-padded prompt tokens without special tokens, ready for `generate`; `tokenizer_kwargs` (e.g.
+        `truncation=True, max_length=...`) go to the tokenizer and override those defaults.
+        """
+        options = {"padding": True, "padding_side": "left", "add_special_tokens": False, **tokenizer_kwargs}
+        return self.tokenizer(list(prompts), return_tensors=return_tensors, **options)
 
     def tokenize_captions(
         self, captions: Sequence[str], max_length: int | None = None, return_tensors: str | None = "pt"

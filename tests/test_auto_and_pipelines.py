@@ -131,6 +131,14 @@ def test_image_text_to_text_without_text_says_so(saved_model_dir):
         captioner(images=random_images(1)[0])
 
 
+def test_image_text_to_text_given_a_lone_path_fails_instead_of_continuing_it_as_text(saved_model_dir, tmp_path):
+    path = tmp_path / "dog.png"
+    random_images(1)[0].save(path)
+    captioner = pipeline("image-text-to-text", model=str(saved_model_dir))
+    with pytest.raises(ValueError, match="got only text"):  # the pipeline reads the path as a prompt
+        captioner(str(path), max_new_tokens=3)
+
+
 def test_from_vision_text_pretrained_rejects_wrong_or_missing_parts(tmp_path, tokenizer):
     config = tiny_config(tokenizer)
     GPT2LMHeadModel(config.text_config).save_pretrained(tmp_path / "text")

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from transformers import GenerationConfig
 from conftest import greedy_loop, tiny_model
 
 from clipcap_hf.modeling_clipcap import DEFAULT_MAX_NEW_TOKENS
@@ -114,8 +115,31 @@ def test_generate_rejects_bad_arguments(mlp_model):
         mlp_model.generate(image_embeds=x, max_new_tokens=0)
     with pytest.raises(ValueError, match="exactly one of `pixel_values` or `image_embeds`.*neither"):
         mlp_model.generate(max_new_tokens=3)
+    with pytest.raises(ValueError, match="exactly one of `pixel_values` or `image_embeds`.*got only text"):
+        mlp_model.generate(input_ids=torch.tensor([[5, 6]]), max_new_tokens=3)
     with pytest.raises(ValueError, match="Got 2 images but 1 text sequences"):
         mlp_model.generate(image_embeds=x, input_ids=torch.tensor([[5, 6]]), max_new_tokens=3)
+
+
+def test_a_given_generation_config_keeps_the_model_defaults_it_leaves_unset(mlp_model):
+    x = embeds(mlp_model, 2)
+    mlp_model.generation_config.eos_token_id = None
+    free_running = mlp_model.generate(image_embeds=x, max_new_tokens=8).tolist()
+    assert free_running[0][0] not in free_running[1]
+    # The first caption's first token becomes the stop token (as '.' ends the paper's captions); the second runs on.
+    mlp_model.generation_config.eos_token_id = free_running[0][0]
+    mlp_model.generation_config.max_new_tokens = 8
+    pad = mlp_model.generation_config.pad_token_id
+    expected = [free_running[0][:1] + [pad] * 7, free_running[1]]
+    assert mlp_model.generate(image_embeds=x).tolist() == expected
+    assert mlp_model.generate(image_embeds=x, generation_config=GenerationConfig(do_sample=False)).tolist() == expected
+
+    # What the caller's config sets wins.
+    assert mlp_model.generate(image_embeds=x, generation_config=GenerationConfig(max_new_tokens=2)).shape == (2, 2)
+    prefix_length = mlp_model.config.prefix_length
+    assert mlp_model.generate(
+        image_embeds=x, generation_config=GenerationConfig(max_length=prefix_length + 3)
+    ).shape == (2, 3)
 
 
 def test_generation_after_save_and_load(tmp_path, tokenizer):

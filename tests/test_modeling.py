@@ -204,6 +204,27 @@ def test_mismatched_image_and_text_batch_sizes(mlp_model):
         mlp_model(image_embeds=image_embeds_for(mlp_model, 2), input_ids=torch.ones(3, 4, dtype=torch.long))
 
 
+def test_labels_need_input_ids_of_the_same_shape(mlp_model, processor):
+    batch = processor(captions=["A dog runs on the beach.", "Two cats sleep!"])
+    x = image_embeds_for(mlp_model, 2)
+    with pytest.raises(ValueError, match=r"`labels` of shape \(2, \d+\) need `input_ids`.*got no `input_ids`"):
+        mlp_model(image_embeds=x, labels=batch["labels"])
+    with pytest.raises(ValueError, match=r"got `input_ids` of shape \(2, 3\)"):
+        mlp_model(image_embeds=x, input_ids=batch["input_ids"][:, :3], labels=batch["labels"])
+
+
+def test_return_dict_false_gives_a_tuple(tokenizer, processor):
+    model = tiny_model(tokenizer)
+    batch = processor(captions=["A dog runs on the beach.", "Two cats sleep!"])
+    x = image_embeds_for(model, 2)
+    expected = model(image_embeds=x, **batch)
+    outputs = model(image_embeds=x, **batch, return_dict=False)
+    assert isinstance(outputs, tuple)
+    torch.testing.assert_close(outputs[:2], (expected.loss, expected.logits))
+    model.config.return_dict = False  # the config's setting applies when the call gives none
+    torch.testing.assert_close(model(image_embeds=x, **batch)[:2], (expected.loss, expected.logits))
+
+
 def test_loss_counts_caption_tokens_only(model, processor):
     batch = processor(captions=["A dog runs on the beach.", "Two cats sleep!"])
     x = image_embeds_for(model, 2)

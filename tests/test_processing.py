@@ -182,6 +182,25 @@ def test_prompts_are_left_padded_and_counted_against_images(processor, images):
         processor(images=images, captions=["A dog."])
 
 
+def test_prompt_tokenizer_options_are_applied(processor, tokenizer, images):
+    prompts = ["A dog runs on the beach", "Two cats", "A"]
+    full = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+    truncated = processor(images=images, text=prompts, truncation=True, max_length=2)["input_ids"]
+    assert truncated.tolist() == [ids[:2] if len(ids) >= 2 else [tokenizer.pad_token_id] + ids for ids in full]
+    padded = processor(images=images, text=prompts, padding="max_length", max_length=12)
+    assert padded["input_ids"].shape == (3, 12)
+    assert padded["input_ids"][2].tolist() == [tokenizer.pad_token_id] * (12 - len(full[2])) + full[2]  # left
+
+
+def test_options_that_would_be_ignored_are_rejected(processor, images):
+    with pytest.raises(ValueError, match=r"Got options \['max_length', 'truncation'\].*no `text`"):
+        processor(images=images, truncation=True, max_length=2)
+    with pytest.raises(ValueError, match=r"Got options \['crop_size'\]"):
+        processor(images=images, captions=["a", "b", "c"], crop_size=16)
+    with pytest.raises(TypeError, match=r"no per-call options, got \['crop_size', 'size'\].*\(size=\.\.\., crop_size="):
+        processor.image_processor(images, size=16, crop_size=16)
+
+
 def test_batch_decode_matches_the_tokenizer(processor, tokenizer):
     ids = tokenizer(["A dog runs.", "Two cats!"], padding=True)["input_ids"]
     assert processor.batch_decode(ids, skip_special_tokens=True) == ["A dog runs.", "Two cats!"]

@@ -10,10 +10,11 @@ from unittest import mock
 import pytest
 import torch
 from conftest import CAPTIONED_IMAGES, tiny_model
-from transformers import AutoProcessor, LlamaConfig, TrainerCallback, TrainingArguments
+from transformers import AutoConfig, AutoProcessor, LlamaConfig, TrainerCallback, TrainingArguments
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
 from clipcap_hf.data import ClipCapDataCollator, embed_images, group_by_image, load_image_folder
+from clipcap_hf.modeling_clipcap import PLAIN_LM_HEAD_MODEL_TYPES
 from clipcap_hf.training import (
     ClipCapTrainer,
     DataArguments,
@@ -111,6 +112,33 @@ def test_training_loss_computes_lm_head_scores_only_where_a_caption_token_is_pre
     # With Trainer's token count the loss is the sum over tokens divided by that count.
     summed = model(**batch, num_items_in_batch=torch.tensor(7))
     torch.testing.assert_close(summed.loss, full.loss * num_caption_tokens / 7)
+
+
+def tiny_language_model_config(model_type, vocab_size):
+    """A two-layer, 32-wide, dropout-free config of any causal LM family (each takes the size fields it knows)."""
+    sizes = dict(
+        hidden_size=32, num_hidden_layers=2, num_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=64, ffn_dim=64, word_embed_proj_dim=32, rotary_dim=4, max_position_embeddings=64,
+        vocab_size=vocab_size,
+        bos_token_id=0, eos_token_id=0, pad_token_id=0, attention_types=[[["global", "local"], 1]],
+        dropout=0.0, attention_dropout=0.0, hidden_dropout=0.0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )
+    defaults = AutoConfig.for_model(model_type)
+    known = set(defaults.to_dict()) | set(defaults.attribute_map)
+    return AutoConfig.for_model(model_type, **{name: value for name, value in sizes.items() if name in known})
+
+
+@pytest.mark.parametrize("model_type", sorted(PLAIN_LM_HEAD_MODEL_TYPES) + ["cohere", "granite"])
+def test_training_fast_path_only_for_families_whose_logits_are_the_lm_head_output(tokenizer, processor, model_type):
+    text_config = tiny_language_model_config(model_type, len(tokenizer))
+    # Cohere and Granite scale their logits after the LM head: they must keep their own forward.
+    text_config.logit_scale = text_config.logits_scaling = 4.0
+    model = tiny_model(tokenizer, text_config=text_config)
+    batch = batch_for(processor, ["A dog runs on the beach.", "Two cats sleep!"])
+    full = model.eval()(**batch)
+    trained = model.train()(**batch)
+    assert (trained.logits is None) == (model_type in PLAIN_LM_HEAD_MODEL_TYPES)
+    torch.testing.assert_close(trained.loss, full.loss)
 
 
 def test_trainer_counts_every_caption_token_as_an_item(tmp_path, tokenizer, processor, embedded):
