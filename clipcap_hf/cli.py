@@ -61,33 +61,52 @@ def check_top_k_fits_vocabulary(top_k: int, model, processor) -> None:
         raise ValueError(f"--top-k must be at most the vocabulary size ({vocab_size}), got {top_k}.")
 
 
-def check_gallery_path(gallery: str) -> None:
-    """Say before the captioning, not after it, that `--gallery` cannot be written."""
+def check_gallery_path(gallery: str, output_dir: str | None = None) -> None:
+    """
+    Say before the captioning, not after it, that `--gallery` cannot be written. Its folder must exist, or be
+    `output_dir`, which the command creates.
+    """
     if Path(gallery).is_dir():
         raise IsADirectoryError(f"--gallery: {gallery} is a folder; name the HTML file to write.")
-    if not Path(gallery).parent.is_dir():
-        raise FileNotFoundError(f"--gallery: folder {Path(gallery).parent} does not exist.")
+    folder = Path(gallery).parent
+    if not folder.is_dir() and not (output_dir is not None and folder.resolve() == Path(output_dir).resolve()):
+        raise FileNotFoundError(f"--gallery: folder {folder} does not exist.")
 
 
-def caption_command(args: argparse.Namespace) -> int:
-    from .evaluation import iter_captions
-
-    if args.max_new_tokens < 1:
+def check_caption_options(args: argparse.Namespace) -> dict:
+    """Check the decoding options shared by caption and evaluate; return them as `generate` arguments."""
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
     if args.num_beams < 1:
         raise ValueError(f"--num-beams must be at least 1, got {args.num_beams}.")
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    generate_kwargs = {"num_beams": args.num_beams, "do_sample": False}
+    if args.max_new_tokens is not None:  # otherwise the model's generation config decides
+        generate_kwargs["max_new_tokens"] = args.max_new_tokens
+    return generate_kwargs
+
+
+def add_caption_options(parser: argparse.ArgumentParser, num_beams: int, batch_size: int) -> None:
+    parser.add_argument("--num-beams", type=int, default=num_beams,
+                        help=f"Beams for beam search; 1 is greedy decoding (default: {num_beams}).")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="Longest caption in tokens (default: the model's generation config: 30 for models "
+                             "built here, 67 for converted paper checkpoints).")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"Images per batch (default: {batch_size}).")
+
+
+def caption_command(args: argparse.Namespace) -> int:
+    from .evaluation import iter_captions
+
+    generate_kwargs = check_caption_options(args)
     if args.gallery:
         check_gallery_path(args.gallery)
     paths = expand_image_paths(args.images)
     model, processor = load_model_and_processor(args.model, args.device)
 
     results = []
-    batches = iter_captions(
-        model, processor, paths, args.batch_size,
-        num_beams=args.num_beams, max_new_tokens=args.max_new_tokens, do_sample=False,
-    )
+    batches = iter_captions(model, processor, paths, args.batch_size, **generate_kwargs)
     try:
         for batch_paths, captions in batches:
             batch_results = [{"image": str(p), "caption": caption} for p, caption in zip(batch_paths, captions)]
@@ -112,9 +131,7 @@ def add_caption_parser(subparsers) -> None:
     parser = subparsers.add_parser("caption", help="Caption image files, folders or glob patterns.")
     parser.add_argument("images", nargs="+", help="Image files, folders of images, or glob patterns.")
     parser.add_argument("--model", required=True, help="A ClipCap folder or Hub name.")
-    parser.add_argument("--num-beams", type=int, default=1, help="1 for greedy decoding (default).")
-    parser.add_argument("--max-new-tokens", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=16)
+    add_caption_options(parser, num_beams=1, batch_size=16)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--json", action="store_true", help="Print a JSON list of {image, caption}.")
     parser.add_argument("--gallery", default=None, help="Also write an HTML page of the images and their captions.")

@@ -248,10 +248,13 @@ def _load_split(args: argparse.Namespace):
     return data, split
 
 
-def _check_arguments(args: argparse.Namespace) -> None:
-    """What would otherwise fail after the captioning, or in the middle of it."""
-    if args.num_beams < 1:
-        raise ValueError(f"--num-beams must be at least 1, got {args.num_beams}.")
+def _check_arguments(args: argparse.Namespace) -> dict:
+    """What would otherwise fail after the captioning, or in the middle of it; returns the `generate` arguments."""
+    from .cli import check_caption_options, check_gallery_path
+
+    if not args.model and not args.predictions:
+        raise ValueError("Give --model (to caption the images) or --predictions (to score a results file).")
+    generate_kwargs = check_caption_options(args)
     if args.limit is not None and args.limit < 1:
         raise ValueError(f"--limit must be at least 1, got {args.limit}.")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
@@ -259,15 +262,14 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if args.model_card and not Path(args.model_card).is_file():
         raise FileNotFoundError(f"--model-card: {args.model_card} does not exist.")
     if args.gallery:
-        from .cli import check_gallery_path
-
-        check_gallery_path(args.gallery)
+        check_gallery_path(args.gallery, output_dir=args.output_dir)
+    return generate_kwargs
 
 
 def evaluate_command(args: argparse.Namespace) -> int:
     from .data import group_by_image
 
-    _check_arguments(args)
+    generate_kwargs = _check_arguments(args)
     dataset, split = _load_split(args)
     images = group_by_image(dataset)
     if args.predictions:
@@ -277,20 +279,10 @@ def evaluate_command(args: argparse.Namespace) -> int:
             kept = set(images["image_id"])
             predictions = {image_id: caption for image_id, caption in predictions.items() if image_id in kept}
     else:
-        if not args.model:
-            raise ValueError("Give --model (to caption the images) or --predictions (to score a results file).")
         from .cli import load_model_and_processor
 
         model, processor = load_model_and_processor(args.model, args.device)
-        predictions = caption_images(
-            model,
-            processor,
-            images,
-            batch_size=args.batch_size,
-            num_beams=args.num_beams,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=False,
-        )
+        predictions = caption_images(model, processor, images, batch_size=args.batch_size, **generate_kwargs)
         # Written before scoring, so that a scoring failure (no Java, a bad reference) keeps the captions.
         write_predictions(predictions, args.output_dir)
     result = _score_images(predictions, images, args.metrics)
@@ -320,23 +312,25 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 
 def add_evaluate_parser(subparsers) -> None:
+    from .cli import add_caption_options
+
     parser = subparsers.add_parser("evaluate", help="Caption a dataset and score it with the COCO caption metrics.")
-    parser.add_argument("--model", help="A ClipCap folder or Hub name.")
+    parser.add_argument("--model", help="A ClipCap folder or Hub name (required unless --predictions is given).")
     parser.add_argument("--data", required=True, help="The annotation file (or image folder for imagefolder).")
     parser.add_argument(
         "--data-format",
         default="coco-karpathy",
         choices=["coco-karpathy", "coco", "nocaps", "conceptual-captions", "imagefolder"],
+        help="Annotation format (default: coco-karpathy).",
     )
     parser.add_argument("--image-root", help="The folder the annotation file's image paths are relative to.")
     parser.add_argument("--split", help="Split to evaluate, for coco-karpathy, the one format with splits "
                                         "(default: test).")
     parser.add_argument("--output-dir", required=True, help="Where predictions.json, metrics.json, metrics.md go.")
     parser.add_argument("--predictions", help="Score this COCO results file instead of captioning.")
-    parser.add_argument("--metrics", nargs="+", default=list(METRIC_NAMES), choices=list(METRIC_NAMES))
-    parser.add_argument("--num-beams", type=int, default=5)
-    parser.add_argument("--max-new-tokens", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--metrics", nargs="+", default=list(METRIC_NAMES), choices=list(METRIC_NAMES),
+                        help="Metrics to compute (default: all of them).")
+    add_caption_options(parser, num_beams=5, batch_size=32)
     parser.add_argument("--limit", type=int, help="Evaluate only the first N images.")
     parser.add_argument("--device", help="Default: cuda when available, else cpu.")
     parser.add_argument("--model-card", help="A model card (model_card.md) to fill with the results.")

@@ -311,9 +311,12 @@ def add_quickstart_parser(subparsers) -> None:
         "quickstart",
         help="Train a small captioner from scratch on built-in synthetic shapes (offline, a few minutes on a CPU).",
     )
-    parser.add_argument("--output-dir", default="clipcap-quickstart", help="Where the trained model is saved.")
-    parser.add_argument("--max-steps", type=int, default=QuickstartConfig.max_steps, help="Training steps.")
-    parser.add_argument("--seed", type=int, default=QuickstartConfig.seed)
+    parser.add_argument("--output-dir", default="clipcap-quickstart",
+                        help="Where the trained model is saved (default: clipcap-quickstart).")
+    parser.add_argument("--max-steps", type=int, default=QuickstartConfig.max_steps,
+                        help=f"Training steps (default: {QuickstartConfig.max_steps}).")
+    parser.add_argument("--seed", type=int, default=QuickstartConfig.seed,
+                        help=f"Seed of the data, the model and the training (default: {QuickstartConfig.seed}).")
     parser.set_defaults(handler=quickstart_command)
 
 

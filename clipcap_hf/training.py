@@ -108,7 +108,7 @@ class ModelArguments:
     text_model_name_or_path: str = field(default="gpt2", metadata={"help": "The causal LM of a new model."})
     mapping_type: str = field(default="mlp", metadata={"help": "New model: 'mlp' or 'transformer'."})
     prefix_length: int = field(default=10, metadata={"help": "New model: number of prefix vectors."})
-    clip_length: int | None = field(default=None, metadata={"help": "New transformer mapper: CLIP projection length."})
+    clip_length: int | None = field(default=None, metadata={"help": "New transformer mapper: CLIP projection length; None means prefix_length."})
     mapping_num_layers: int = field(default=8, metadata={"help": "New transformer mapper: layers."})
     normalize_prefix: bool = field(default=False, metadata={"help": "New model: L2-normalize the CLIP embedding."})
     freeze_language_model: bool = field(default=False, metadata={"help": "Train the mapper only (frozen LM)."})
@@ -161,7 +161,10 @@ class DataArguments:
     max_caption_length: int = field(default=40, metadata={"help": "Caption tokens kept (EOS included)."})
     use_embedding_cache: bool = field(
         default=True,
-        metadata={"help": "Train from CLIP embeddings computed once per image (frozen vision tower only)."},
+        metadata={
+            "help": "Train from CLIP embeddings computed once per image and cached. --no_use_embedding_cache runs the "
+            "vision tower on the pixels at every step instead: slower, same result."
+        },
     )
     embedding_cache_dir: str | None = field(
         default=None, metadata={"help": "Where embeddings are cached; default: the datasets cache."}
@@ -539,8 +542,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         raise ValueError("--do_train needs --train_file.")
     if training_args.do_eval and eval_dataset is None:
         raise ValueError("--do_eval needs --validation_file (or a coco-karpathy --train_file).")
-    if data_args.use_embedding_cache and any(p.requires_grad for p in model.vision_model.parameters()):
-        raise ValueError("The embedding cache needs a frozen vision tower; pass --use_embedding_cache false.")
 
     # The main process computes the embeddings; the others then find them in the cache. Both splits share one
     # embedding table, so one collator serves training and evaluation batches.

@@ -47,6 +47,16 @@ def test_caption_glob_and_files_as_json_with_beams(saved_model_dir, image_folder
     assert [r["caption"] for r in results] == expected_captions(saved_model_dir, paths, max_new_tokens=5, num_beams=3)
 
 
+def test_caption_length_defaults_to_the_model_generation_config(saved_model_dir, image_folder, capsys):
+    config_path = saved_model_dir / "generation_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "max_new_tokens": 3}))
+    assert main(["caption", str(image_folder), "--model", str(saved_model_dir), "--json"]) == 0
+    captions = [result["caption"] for result in json.loads(capsys.readouterr().out)]
+    paths = sorted(image_folder.glob("*.png"))
+    assert captions == expected_captions(saved_model_dir, paths)  # generate's own default: 3 tokens
+    assert captions != expected_captions(saved_model_dir, paths, max_new_tokens=30)
+
+
 def test_unreadable_image_is_named_and_earlier_captions_are_kept(saved_model_dir, image_folder, capsys):
     (image_folder / "img9.png").write_bytes(b"definitely not a png")
     status = main(["caption", str(image_folder), "--model", str(saved_model_dir), "--batch-size", "5",

@@ -186,6 +186,8 @@ def test_empty_predictions_are_scored(coco_files, tmp_path):
     "arguments, message",
     [
         (["--num-beams", "0"], "--num-beams must be at least 1, got 0"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
         (["--limit", "0"], "--limit must be at least 1, got 0"),
         (["--output-dir", "{tmp}/captions.json"], "--output-dir: .*captions.json is a file, not a folder"),
         (["--model-card", "{tmp}/missing.md"], "--model-card: .*missing.md does not exist"),
@@ -221,7 +223,7 @@ def test_evaluate_gallery_shows_scores_and_references(coco_files, tmp_path):
     annotations, image_root = coco_files
     predictions = tmp_path / "predictions.json"
     predictions.write_text(json.dumps([{"image_id": i, "caption": c[0]} for i, c in CAPTIONS.items()]))
-    gallery = tmp_path / "gallery.html"
+    gallery = tmp_path / "eval" / "gallery.html"  # in the --output-dir, which the command creates
     argv = ["evaluate", "--predictions", str(predictions), "--data", str(annotations), "--data-format", "coco",
             "--image-root", str(image_root), "--output-dir", str(tmp_path / "eval"), "--gallery", str(gallery),
             *FAST_METRICS]
