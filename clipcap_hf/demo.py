@@ -64,7 +64,7 @@ def caption_and_interpret(
     decoding: str = "greedy",
     num_beams: int = 5,
     num_captions: int = 1,
-    max_new_tokens: int = 30,
+    max_new_tokens: int | None = None,
     top_k: int = 5,
 ) -> tuple[list[str], PrefixInterpretation]:
     """
@@ -75,7 +75,7 @@ def caption_and_interpret(
         decoding: `"greedy"` (one caption) or `"beam search"`.
         num_beams: beams for beam search.
         num_captions: how many of the best beams to return (beam search only).
-        max_new_tokens: the longest caption, in tokens.
+        max_new_tokens: the longest caption, in tokens; by default the model's generation config decides.
         top_k: nearest tokens shown per prefix vector.
 
     Raises:
@@ -84,7 +84,8 @@ def caption_and_interpret(
     """
     if decoding not in DECODING_STRATEGIES:
         raise ValueError(f"Decoding must be one of {', '.join(DECODING_STRATEGIES)}, got {decoding!r}.")
-    num_beams, num_captions, max_new_tokens = int(num_beams), int(num_captions), int(max_new_tokens)
+    num_beams, num_captions = int(num_beams), int(num_captions)
+    length = {} if max_new_tokens is None else {"max_new_tokens": int(max_new_tokens)}
     if num_captions < 1:
         raise ValueError(f"The number of captions must be at least 1, got {num_captions}.")
     if decoding == "greedy":
@@ -101,7 +102,7 @@ def caption_and_interpret(
         do_sample=False,
         num_beams=num_beams,
         num_return_sequences=num_captions,
-        max_new_tokens=max_new_tokens,
+        **length,
     )
     captions = [caption.strip() for caption in processor.batch_decode(generated, skip_special_tokens=True)]
     interpretation = model.interpret_prefix(**inputs, tokenizer=processor, top_k=top_k)[0]
@@ -121,6 +122,8 @@ def build_demo(
 
     Launch it with `.launch()`; `clipcap demo` serves it on 127.0.0.1 unless told otherwise.
     """
+    from .modeling_clipcap import DEFAULT_MAX_NEW_TOKENS
+
     gr = import_gradio()
 
     def run_or_report(function, *args):
@@ -167,7 +170,11 @@ def build_demo(
                 num_beams = gr.Slider(1, 10, value=5, step=1, label="Beams (beam search)", elem_id="num-beams")
                 captions_label = "Number of captions (beam search: the best beams)"
                 num_captions = gr.Slider(1, 10, value=1, step=1, label=captions_label, elem_id="num-captions")
-                max_new_tokens = gr.Slider(1, 100, value=30, step=1, label="Max length (tokens)", elem_id="max-length")
+                # Starts at the model's own caption length (67 for converted paper checkpoints).
+                length = model.generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+                max_new_tokens = gr.Slider(
+                    1, max(100, length), value=length, step=1, label="Max length (tokens)", elem_id="max-length"
+                )
                 button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 if examples:
                     gr.Examples([[str(path)] for path in examples], inputs=[image], label="Examples")

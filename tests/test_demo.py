@@ -8,7 +8,7 @@ from browser import browser  # noqa: F401 (a fixture)
 from conftest import random_images, tiny_model
 
 from clipcap_hf.cli import main
-from clipcap_hf.demo import caption_and_interpret
+from clipcap_hf.demo import build_demo, caption_and_interpret
 
 WAIT_S = 30
 GRADIO_MISSING = 'Gradio is not installed (pip install -e ".[dev]")'
@@ -28,8 +28,6 @@ return rows;
 def demo_app(tokenizer, processor):
     """The demo of a tiny model, served on 127.0.0.1; yields (url, model)."""
     pytest.importorskip("gradio", reason=GRADIO_MISSING)
-    from clipcap_hf.demo import build_demo
-
     model = tiny_model(tokenizer, "mlp")
     demo = build_demo(model, processor, top_k=3)
     _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True, share=False)
@@ -210,3 +208,18 @@ def test_caption_and_interpret_matches_generate_for_beam_search(mlp_model, proce
     with PIL.Image.open(path) as image:
         inputs = processor(images=[image])
     assert interpretation == mlp_model.interpret_prefix(**inputs, tokenizer=processor, top_k=2)[0]
+
+
+def test_caption_length_starts_at_the_model_generation_config(tokenizer, processor, tmp_path):
+    pytest.importorskip("gradio", reason=GRADIO_MISSING)
+    model = tiny_model(tokenizer, "mlp")
+    model.generation_config.max_new_tokens = 67  # as converted paper checkpoints save it
+    model.generation_config.eos_token_id = None  # every caption runs to its full length
+    sliders = [block for block in build_demo(model, processor).blocks.values() if block.elem_id == "max-length"]
+    assert [(slider.value, slider.maximum) for slider in sliders] == [(67, 100)]
+
+    path = tmp_path / "photo.png"
+    random_images(1, seed=4)[0].save(path)
+    captions, _ = caption_and_interpret(model, processor, path)
+    assert captions == expected_captions(model, processor, path, max_new_tokens=67)
+    assert captions != expected_captions(model, processor, path, max_new_tokens=30)
