@@ -380,7 +380,11 @@ def check_images(
     keys = _image_keys(splits)
     unique = list(dict.fromkeys(key for split_keys in keys.values() for key in split_keys))
     loader = torch.utils.data.DataLoader(
-        _ImageFiles(unique), batch_size=32, num_workers=num_workers, collate_fn=_collate_image_files
+        _ImageFiles(unique),
+        batch_size=32,
+        num_workers=num_workers,
+        collate_fn=_collate_image_files,
+        generator=torch.Generator(),  # see `EmbeddingCache.compute`
     )
     problems: dict[str, str] = {}
     for _, _, batch_problems in tqdm(loader, desc="Checking images", unit="batch"):
@@ -523,6 +527,10 @@ class ImageEmbeddingCache:
             batch_size=batch_size,
             num_workers=num_workers,
             collate_fn=_collate_image_files,
+            # A loader draws a seed for its workers from its generator; a private one leaves the global random
+            # state alone, so what a run draws after this pass (LoRA's initial weights) does not depend on whether
+            # the cache already held the embeddings.
+            generator=torch.Generator(),
         )
         done_keys: list[str] = []
         chunks: list[torch.Tensor] = []

@@ -18,12 +18,14 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.loss.loss_utils import fixed_cross_entropy
-from transformers.utils import ModelOutput, can_return_tuple
+from transformers.utils import ModelOutput, can_return_tuple, logging
 
 from .configuration_clipcap import VISION_BACKENDS, ClipCapConfig
 from .open_clip_vision import ClipCapOpenClipVisionModel, resolve_open_clip_model
 
-# The caption length `generate()` and the pipelines use when the generation config sets none (as the CLI's default).
+logger = logging.get_logger(__name__)
+
+# The caption length `generate()` and the pipelines use when the generation config sets none.
 DEFAULT_MAX_NEW_TOKENS = 30
 
 # Language model families whose logits are exactly `lm_head(last_hidden_state)`, with no scaling, soft-capping or
@@ -399,6 +401,13 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         for part in (self.vision_model, self.language_model):
             if not any(parameter.requires_grad for parameter in part.parameters()):
                 part.eval()
+        if mode and not self.language_model.training:
+            if any(getattr(module, "gradient_checkpointing", False) for module in self.language_model.modules()):
+                logger.warning_once(
+                    "Gradient checkpointing does not apply to the frozen language model: transformers checkpoints "
+                    "only layers in training mode, and a frozen language model runs in eval mode (no dropout). Its "
+                    "activations are kept for the backward pass to the prefix."
+                )
         return self
 
     # ----------------------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .data import (
     DATASET_FORMATS,
     ClipCapDataCollator,
+    _read_json,
     add_caption_lengths,
     check_images,
     embed_images,
@@ -489,7 +490,11 @@ def parse_args(
     args = list(sys.argv[1:] if args is None else args)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog=prog)
     if len(args) == 1 and args[0].endswith(".json"):
-        values = json.loads(Path(args[0]).read_text())
+        values = _read_json(args[0])
+        if not isinstance(values, dict) or not isinstance(values.get("recipe", ""), (str, type(None))):
+            raise ValueError(
+                f"{args[0]} must hold one JSON object of argument names and values (\"recipe\", if given, a string)."
+            )
         defaults = {**COMMON_DEFAULTS, **RECIPES.get(values.get("recipe"), {})}
         return parser.parse_dict({**defaults, **values})
     recipe_parser = argparse.ArgumentParser(add_help=False)
@@ -522,6 +527,8 @@ def setup_logging(training_args: TrainingArguments) -> None:
 
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict[str, float]:
     """Run training and/or evaluation as the arguments say; returns the final metrics."""
+    if training_args.do_predict:
+        raise ValueError("--do_predict is not supported; caption and score a test set with `clipcap evaluate`.")
     setup_logging(training_args)
     logger.warning(
         f"Process rank: {training_args.process_index}, device: {training_args.device}, "
@@ -542,6 +549,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         raise ValueError("--do_train needs --train_file.")
     if training_args.do_eval and eval_dataset is None:
         raise ValueError("--do_eval needs --validation_file (or a coco-karpathy --train_file).")
+    if not training_args.do_train:
+        train_dataset = None  # an evaluation-only run embeds and checks the evaluation images only
 
     # The main process computes the embeddings; the others then find them in the cache. Both splits share one
     # embedding table, so one collator serves training and evaluation batches.

@@ -303,6 +303,24 @@ def test_embedding_cache_embeds_each_image_once_in_batches_and_is_reused(
     assert len(list((tmp_path / "cache").iterdir())) == 1
 
 
+def test_embedding_and_checking_images_leave_the_global_random_state_alone(
+    tmp_path, image_folder, tokenizer_and_processor
+):
+    """What a run draws afterwards (LoRA's initial weights) must not depend on whether the cache was warm."""
+    tokenizer, processor = tokenizer_and_processor
+    model = tiny_model(tokenizer)
+    dataset = load_image_folder(image_folder)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    for step in (
+        lambda: embed_images(dataset, model, processor.image_processor, tmp_path / "cache"),  # cold cache: embeds
+        lambda: check_images(dataset),
+    ):
+        torch.manual_seed(0)
+        step()
+        assert torch.equal(torch.rand(3), expected)
+
+
 def test_an_image_replaced_at_the_same_path_is_embedded_again(tmp_path, image_folder, tokenizer_and_processor):
     tokenizer, processor = tokenizer_and_processor
     model = tiny_model(tokenizer)

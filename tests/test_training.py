@@ -1,7 +1,9 @@
 """Training: the caption-only loss, Trainer recipes, LoRA, evaluation by captioning, resume and torchrun."""
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +143,19 @@ def test_training_fast_path_only_for_families_whose_logits_are_the_lm_head_outpu
     torch.testing.assert_close(trained.loss, full.loss)
 
 
+def test_gradient_checkpointing_on_a_frozen_language_model_warns_that_it_does_not_apply(tokenizer, caplog):
+    logging.Logger.warning_once.cache_clear()  # transformers' once-only warnings: an earlier test may have warned
+    model = quiet_model(tokenizer, "transformer")
+    model.gradient_checkpointing_enable()
+    with caplog.at_level("WARNING"):
+        model.train()
+    assert "Gradient checkpointing" not in caplog.text  # a trained language model is checkpointed
+    model.freeze_language_model()
+    with caplog.at_level("WARNING"):
+        model.train()
+    assert "Gradient checkpointing does not apply to the frozen language model" in caplog.text
+
+
 def test_trainer_counts_every_caption_token_as_an_item(tmp_path, tokenizer, processor, embedded):
     """The first caption token is predicted (by the prefix), so it counts in `num_items_in_batch` too."""
     dataset, table = embedded
@@ -212,6 +227,26 @@ def test_a_json_file_gets_the_recipe_and_common_defaults_and_its_own_values_win(
     path.write_text(json.dumps({"recipe": "nonsense", "output_dir": str(tmp_path)}))
     with pytest.raises(ValueError, match=r"--recipe must be one of \['lora', 'mlp_finetune', 'transformer_frozen'\]"):
         parse_args([str(path)])
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"output_dir": "out",}', "args.json is not valid JSON"),
+        ('["--output_dir", "out"]', "args.json must hold one JSON object"),
+        ('{"recipe": ["lora"], "output_dir": "out"}', r"args.json must hold .*\"recipe\", if given, a string"),
+    ],
+)
+def test_a_malformed_json_arguments_file_is_named(tmp_path, content, message):
+    path = tmp_path / "args.json"
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message):
+        parse_args([str(path)])
+
+
+def test_do_predict_is_refused_with_the_command_that_does_it(tmp_path):
+    with pytest.raises(ValueError, match="--do_predict is not supported; .* `clipcap evaluate`"):
+        main(["--output_dir", str(tmp_path), "--do_predict"])
 
 
 def test_frozen_language_model_gets_no_gradients_stays_in_eval_mode_and_is_not_optimized(
@@ -508,6 +543,17 @@ def test_clipcap_train_trains_evaluates_saves_and_counts_truncated_captions(
     assert (out / "predictions/eval_step2.json").exists()
     loaded = ClipCapForConditionalGeneration.from_pretrained(out)
     assert loaded.config.prefix_length == 4
+
+
+def test_an_evaluation_only_run_neither_embeds_nor_checks_the_training_images(tmp_path, model_dir, caption_folder):
+    train_folder = tmp_path / "train"
+    shutil.copytree(caption_folder, train_folder)
+    (train_folder / "b.png").write_bytes(b"broken")  # would stop any pass that opens the training images
+    args = run_arguments(model_dir, train_folder, tmp_path / "out", tmp_path / "cache")
+    args[args.index("--validation_file") + 1] = str(caption_folder)
+    args.remove("--do_train")
+    metrics = main(args)
+    assert "eval_loss" in metrics and "train_loss" not in metrics
 
 
 def test_an_unreadable_image_stops_the_run_before_training(tmp_path, model_dir, caption_folder):
