@@ -45,7 +45,9 @@ def add_interpret_parser(subparsers) -> None:
     )
     parser.add_argument("images", nargs="+", help="Image files, folders of images, or glob patterns.")
     parser.add_argument("--model", required=True, help="A ClipCap folder or Hub name.")
-    parser.add_argument("--top-k", type=int, default=5, help="Tokens shown per prefix vector, most similar first (default: 5).")
+    parser.add_argument(
+        "--top-k", type=int, default=5, help="Tokens shown per prefix vector, most similar first (default: 5)."
+    )
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument(
         "--json", action="store_true", help="Print a JSON list of {image, prefix: [[{token_id, token, similarity}]]}."

@@ -109,7 +109,9 @@ class ModelArguments:
     text_model_name_or_path: str = field(default="gpt2", metadata={"help": "The causal LM of a new model."})
     mapping_type: str = field(default="mlp", metadata={"help": "New model: 'mlp' or 'transformer'."})
     prefix_length: int = field(default=10, metadata={"help": "New model: number of prefix vectors."})
-    clip_length: int | None = field(default=None, metadata={"help": "New transformer mapper: CLIP projection length; None means prefix_length."})
+    clip_length: int | None = field(
+        default=None, metadata={"help": "New transformer mapper: CLIP projection length; None means prefix_length."}
+    )
     mapping_num_layers: int = field(default=8, metadata={"help": "New transformer mapper: layers."})
     normalize_prefix: bool = field(default=False, metadata={"help": "New model: L2-normalize the CLIP embedding."})
     freeze_language_model: bool = field(default=False, metadata={"help": "Train the mapper only (frozen LM)."})
