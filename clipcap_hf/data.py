@@ -321,6 +321,20 @@ def _collate_image_files(items: list[tuple[int, Any, str | None]]) -> tuple[list
     return [index for index, _ in good], pixels, problems
 
 
+def _image_file_loader(files: _ImageFiles, batch_size: int, num_workers: int) -> torch.utils.data.DataLoader:
+    """Batches of `(indices, pixel_values, problems)` over `files`, read in `num_workers` workers."""
+    return torch.utils.data.DataLoader(
+        files,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_collate_image_files,
+        # A loader draws a seed for its workers from its generator; a private one leaves the global random state
+        # alone, so what a run draws after reading the images (LoRA's initial weights) does not depend on whether
+        # the embedding cache already held them.
+        generator=torch.Generator(),
+    )
+
+
 def _splits(dataset: datasets.Dataset | datasets.DatasetDict) -> dict[str, datasets.Dataset]:
     return dict(dataset) if isinstance(dataset, datasets.DatasetDict) else {"": dataset}
 
@@ -379,13 +393,7 @@ def check_images(
     splits = _splits(dataset)
     keys = _image_keys(splits)
     unique = list(dict.fromkeys(key for split_keys in keys.values() for key in split_keys))
-    loader = torch.utils.data.DataLoader(
-        _ImageFiles(unique),
-        batch_size=32,
-        num_workers=num_workers,
-        collate_fn=_collate_image_files,
-        generator=torch.Generator(),  # see `EmbeddingCache.compute`
-    )
+    loader = _image_file_loader(_ImageFiles(unique), batch_size=32, num_workers=num_workers)
     problems: dict[str, str] = {}
     for _, _, batch_problems in tqdm(loader, desc="Checking images", unit="batch"):
         problems.update({unique[index]: problem for index, problem in batch_problems.items()})
@@ -522,16 +530,7 @@ class ImageEmbeddingCache:
             return {}
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model.vision_model.to(device).eval()
-        loader = torch.utils.data.DataLoader(
-            _ImageFiles(paths, self.image_processor),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=_collate_image_files,
-            # A loader draws a seed for its workers from its generator; a private one leaves the global random
-            # state alone, so what a run draws after this pass (LoRA's initial weights) does not depend on whether
-            # the cache already held the embeddings.
-            generator=torch.Generator(),
-        )
+        loader = _image_file_loader(_ImageFiles(paths, self.image_processor), batch_size, num_workers)
         done_keys: list[str] = []
         chunks: list[torch.Tensor] = []
         problems: dict[str, str] = {}

@@ -596,7 +596,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     trainer = ClipCapTrainer(
         model=model,
         args=training_args,
-        train_dataset=train_dataset if training_args.do_train else None,
+        train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=processor,  # saved with every checkpoint, so a checkpoint folder captions on its own
