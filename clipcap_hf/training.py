@@ -38,7 +38,6 @@ from transformers.trainer_utils import get_last_checkpoint
 from .data import (
     DATASET_FORMATS,
     ClipCapDataCollator,
-    _read_json,
     add_caption_lengths,
     check_images,
     embed_images,
@@ -46,6 +45,7 @@ from .data import (
     image_inputs,
     load_caption_dataset,
 )
+from .file_utils import read_json
 from .modeling_clipcap import ClipCapForConditionalGeneration
 from .processing_clipcap import ClipCapProcessor
 
@@ -492,7 +492,7 @@ def parse_args(
     args = list(sys.argv[1:] if args is None else args)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog=prog)
     if len(args) == 1 and args[0].endswith(".json"):
-        values = _read_json(args[0])
+        values = read_json(args[0])
         if not isinstance(values, dict) or not isinstance(values.get("recipe", ""), (str, type(None))):
             raise ValueError(
                 f"{args[0]} must hold one JSON object of argument names and values (\"recipe\", if given, a string)."
@@ -531,6 +531,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     """Run training and/or evaluation as the arguments say; returns the final metrics."""
     if training_args.do_predict:
         raise ValueError("--do_predict is not supported; caption and score a test set with `clipcap evaluate`.")
+    if training_args.include_for_metrics:
+        # Trainer would gather them for a `compute_metrics` this command does not have (and look for pixel_values
+        # in batches of cached embeddings); the caption metrics come from `--eval_caption_metrics`.
+        raise ValueError(
+            "--include_for_metrics is not supported: this command has no compute_metrics to pass them to. "
+            "Choose caption metrics with --eval_caption_metrics."
+        )
     setup_logging(training_args)
     logger.warning(
         f"Process rank: {training_args.process_index}, device: {training_args.device}, "

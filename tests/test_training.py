@@ -249,6 +249,11 @@ def test_do_predict_is_refused_with_the_command_that_does_it(tmp_path):
         main(["--output_dir", str(tmp_path), "--do_predict"])
 
 
+def test_include_for_metrics_is_refused_with_the_option_that_chooses_metrics(tmp_path):
+    with pytest.raises(ValueError, match="--include_for_metrics is not supported: .* --eval_caption_metrics"):
+        main(["--output_dir", str(tmp_path), "--include_for_metrics", "inputs"])
+
+
 def test_frozen_language_model_gets_no_gradients_stays_in_eval_mode_and_is_not_optimized(
     tmp_path, tokenizer, processor, embedded
 ):
