@@ -23,7 +23,6 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import json
@@ -31,16 +30,17 @@ import os
 import reprlib
 import shutil
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TextIO
+from typing import Any, Literal
 
 import datasets
 import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from .file_utils import open_text, read_json
 from .image_processing_clipcap import load_image
 from .processing_clipcap import ClipCapProcessor
 
@@ -83,24 +83,6 @@ class _CaptionRows:
         return datasets.Dataset.from_dict(self.columns)
 
 
-@contextlib.contextmanager
-def _text_file(path: PathLike, newline: str | None = None) -> Iterator[TextIO]:
-    """Open a UTF-8 text file, skipping a BOM (Excel writes one); another encoding is an error naming the file."""
-    try:
-        with open(path, encoding="utf-8-sig", newline=newline) as file:
-            yield file
-    except UnicodeDecodeError as error:  # raised while reading, inside the caller's `with`
-        raise ValueError(f"{path} cannot be read as UTF-8 ({error.reason}); the file must be UTF-8 encoded.") from error
-
-
-def _read_json(path: PathLike) -> Any:
-    try:
-        with _text_file(path) as file:
-            return json.load(file)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from error
-
-
 _REQUIRED = object()
 
 
@@ -131,7 +113,7 @@ def load_coco_karpathy(path: PathLike, image_root: PathLike) -> datasets.Dataset
     Returns:
         A `DatasetDict` with `train` (Karpathy's train + restval, as the paper trains), `validation` and `test`.
     """
-    images = _field(_read_json(path), "images", str(path), list)
+    images = _field(read_json(path), "images", str(path), list)
     rows = {name: _CaptionRows(image_root) for name in ("train", "validation", "test")}
     for index, image in enumerate(images):
         where = f"{path}: images[{index}]"
@@ -164,7 +146,7 @@ def load_coco_captions(
         image_root: the folder holding the images (`file_name` is relative to it).
         extra_image_fields: fields of the `images` entries to keep as columns (e.g. nocaps' `"domain"`).
     """
-    data = _read_json(path)
+    data = read_json(path)
     images = {}
     for index, image in enumerate(_field(data, "images", str(path), list)):
         images[_field(image, "id", f"{path}: images[{index}]", (int, str))] = image
@@ -197,7 +179,7 @@ def load_conceptual_captions(path: PathLike, image_root: PathLike) -> datasets.D
     file names in the second column. A first row reading `caption<TAB>image` (or `file_name`) is a header.
     """
     rows = _CaptionRows(image_root)
-    with _text_file(path, newline="") as file:
+    with open_text(path, newline="") as file:
         for number, row in enumerate(csv.reader(file, delimiter="\t", quoting=csv.QUOTE_NONE), start=1):
             where = f"{path}: line {number}"
             if number == 1 and [value.strip().lower() for value in row[:2]] in (
@@ -225,7 +207,7 @@ def load_image_folder(folder: PathLike) -> datasets.Dataset:
     folder = Path(folder)
     jsonl, csv_path = folder / "metadata.jsonl", folder / "metadata.csv"
     if jsonl.exists():
-        with _text_file(jsonl) as file:
+        with open_text(jsonl) as file:
             records = [(f"{jsonl}: line {n}", line) for n, line in enumerate(file, start=1) if line.strip()]
         entries = []
         for where, line in records:
@@ -234,7 +216,7 @@ def load_image_folder(folder: PathLike) -> datasets.Dataset:
             except json.JSONDecodeError as error:
                 raise ValueError(f"{where} is not valid JSON: {error}") from error
     elif csv_path.exists():
-        with _text_file(csv_path, newline="") as file:
+        with open_text(csv_path, newline="") as file:
             entries = [(f"{csv_path}: line {n}", row) for n, row in enumerate(csv.DictReader(file), start=2)]
     else:
         raise FileNotFoundError(f"{folder} has no metadata.jsonl or metadata.csv (rows of file_name and text).")
@@ -453,7 +435,7 @@ class ImageEmbeddingCache:
     def _check_info(self) -> None:
         if not self.info_path.exists():
             return
-        info = _read_json(self.info_path)
+        info = read_json(self.info_path)
         if info.get("fingerprint") != self.fingerprint or info.get("version") != EMBEDDING_CACHE_VERSION:
             raise ValueError(
                 f"The embedding cache in {self.directory} was computed with another vision tower or image "

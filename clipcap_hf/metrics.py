@@ -31,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -43,6 +42,8 @@ from typing import Any, Literal, overload
 
 import datasets
 import evaluate
+
+from .file_utils import read_json
 
 ImageId = int | str
 
@@ -95,22 +96,6 @@ def _format_ids(ids: Sequence[ImageId], limit: int = 10) -> str:
     return shown if len(ids) <= limit else f"{shown}, ... ({len(ids)} in total)"
 
 
-def _read_json(path: str | os.PathLike[str]) -> Any:
-    raw = Path(path).read_bytes()
-    try:
-        # utf-8-sig also accepts files saved with a byte-order mark.
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as error:
-        raise ValueError(
-            f"{path} is not valid UTF-8 (byte 0x{raw[error.start]:02x} at offset {error.start}); "
-            "caption files must be UTF-8 encoded JSON."
-        ) from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path} is not valid JSON: {error}") from None
-
-
 def _read_entry(entry: Any, index: int, path: str | os.PathLike[str]) -> tuple[ImageId, str]:
     if isinstance(entry, dict):
         image_id, caption = entry.get("image_id"), entry.get("caption")
@@ -136,7 +121,7 @@ def load_coco_references(path: str | os.PathLike[str]) -> dict[ImageId, list[str
         ValueError: If the file is not UTF-8, not JSON, or not in the COCO annotation format; the message names
             the file (and the offending entry).
     """
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
         raise ValueError(
             f"{path} is not in the COCO annotation format: expected an object with an 'annotations' list of "
@@ -163,7 +148,7 @@ def load_coco_predictions(path: str | os.PathLike[str]) -> dict[ImageId, str]:
         ValueError: If the file is not UTF-8, not JSON, not in the COCO results format, or has more than one
             caption for an image; the message names the file and the duplicated image ids.
     """
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, list):
         raise ValueError(
             f"{path} is not in the COCO results format: expected a list of {{'image_id', 'caption'}} entries."

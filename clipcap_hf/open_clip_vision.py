@@ -133,6 +133,8 @@ def _read_open_clip_json_config(model_name: str) -> tuple[dict[str, Any], dict[s
         from huggingface_hub import hf_hub_download
 
         path = hf_hub_download(identifier, "open_clip_config.json")
+    # Not `file_utils.read_json`: this module is saved with the model's code, and for a local folder transformers
+    # 4.57 copies only the modules that the loaded one imports directly, so it must not import another one.
     with open(path, encoding="utf-8") as file:
         try:
             config = json.load(file)

@@ -234,10 +234,10 @@ def test_text_files_may_start_with_a_bom_and_must_be_utf8(tmp_path):
     assert load_conceptual_captions(tmp_path / "train.tsv", tmp_path)["caption"] == ["A cat."]
 
     (tmp_path / "latin1.tsv").write_bytes("Un caf\xe9.\ta.png\n".encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin1.tsv cannot be read as UTF-8 .*must be UTF-8 encoded"):
+    with pytest.raises(ValueError, match=r"latin1.tsv is not valid UTF-8 .*must be UTF-8 encoded"):
         load_conceptual_captions(tmp_path / "latin1.tsv", tmp_path)
     (tmp_path / "latin1.json").write_bytes('{"images": ["caf\xe9"]}'.encode("latin-1"))
-    with pytest.raises(ValueError, match=r"latin1.json cannot be read as UTF-8"):
+    with pytest.raises(ValueError, match=r"latin1.json is not valid UTF-8"):
         load_coco_karpathy(tmp_path / "latin1.json", tmp_path)
 
 

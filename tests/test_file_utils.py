@@ -1,0 +1,28 @@
+import pytest
+
+from clipcap_hf.file_utils import open_text, read_json
+
+
+def test_read_json_skips_a_byte_order_mark(tmp_path):
+    path = tmp_path / "excel.json"
+    path.write_bytes("\ufeff{\"caption\": \"un café\"}".encode("utf-8"))
+    assert read_json(path) == {"caption": "un café"}
+
+
+def test_other_encodings_and_bad_json_name_the_file(tmp_path):
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('{"caption": "un café"}'.encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.json is not valid UTF-8 \(invalid continuation byte\); the file"):
+        read_json(latin1)
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"caption": "a dog",}', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"broken\.json is not valid JSON: Expecting property name .* column 21"):
+        read_json(broken)
+
+
+def test_open_text_names_the_file_when_reading_fails_midway(tmp_path):
+    path = tmp_path / "captions.tsv"
+    path.write_bytes(b"a dog\n" * 10_000 + "un caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"captions\.tsv is not valid UTF-8"), open_text(path) as file:
+        for _ in file:
+            pass
