@@ -18,6 +18,15 @@ def _positive_int(name: str, value: Any) -> int:
     return value
 
 
+def _text_embedding_size(text_config: PretrainedConfig) -> int:
+    # Usually `hidden_size`; OPT (e.g. opt-350m: `word_embed_proj_dim`) and ELECTRA-style configs (`embedding_size`)
+    # embed tokens narrower than the hidden states and project them up inside the model.
+    for name in ("word_embed_proj_dim", "embedding_size"):
+        if isinstance(getattr(text_config, name, None), int):
+            return getattr(text_config, name)
+    return text_config.hidden_size
+
+
 class ClipCapConfig(PretrainedConfig):
     r"""
     Configuration of a [`ClipCapForConditionalGeneration`]: a CLIP image encoder, a mapping network that turns the
@@ -48,7 +57,7 @@ class ClipCapConfig(PretrainedConfig):
         mapping_num_layers (`int`, *optional*, defaults to 8):
             Transformer mapper only: number of transformer layers.
         mapping_num_heads (`int`, *optional*, defaults to 8):
-            Transformer mapper only: attention heads; must divide the language model's hidden size.
+            Transformer mapper only: attention heads; must divide the language model's token-embedding width.
         prefix_dim (`int`, *optional*):
             Width of the CLIP image embedding the mapper reads. Defaults to the vision tower's:
             `vision_config.projection_dim`, or `open_clip_model_cfg["embed_dim"]`.
@@ -161,10 +170,10 @@ class ClipCapConfig(PretrainedConfig):
         _positive_int("mapping_num_heads", mapping_num_heads)
         if mapping_type == "transformer":
             clip_length = _positive_int("clip_length", prefix_length if clip_length is None else clip_length)
-            if text_config.hidden_size % mapping_num_heads:
+            if _text_embedding_size(text_config) % mapping_num_heads:
                 raise ValueError(
-                    f"`mapping_num_heads` ({mapping_num_heads}) must divide the language model's hidden size "
-                    f"({text_config.hidden_size})."
+                    f"`mapping_num_heads` ({mapping_num_heads}) must divide the language model's token-embedding "
+                    f"width ({_text_embedding_size(text_config)})."
                 )
         elif clip_length is not None:
             raise ValueError("`clip_length` is only used by mapping_type='transformer'; leave it None for 'mlp'.")
@@ -186,6 +195,11 @@ class ClipCapConfig(PretrainedConfig):
         self.open_clip_pretrained = open_clip_pretrained
         self.open_clip_model_cfg = open_clip_model_cfg
         super().__init__(**kwargs)
+
+    @property
+    def text_embedding_size(self) -> int:
+        """Width of the language model's token embeddings, which each prefix vector has."""
+        return _text_embedding_size(self.text_config)
 
     @property
     def sub_configs(self) -> dict[str, type]:

@@ -58,7 +58,7 @@ class ClipCapCausalLMOutputWithPast(ModelOutput):
             The language model's hidden states, when `output_hidden_states=True`.
         attentions (`tuple(torch.FloatTensor)`, *optional*):
             The language model's attention weights, when `output_attentions=True`.
-        prefix_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_length, hidden_size)`, *optional*):
+        prefix_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_length, text_embedding_size)`, *optional*):
             The prefix vectors the mapping network produced from the image.
     """
 
@@ -75,7 +75,7 @@ class ClipCapMLPMapper(nn.Module):
 
     def __init__(self, config: ClipCapConfig):
         super().__init__()
-        hidden_size = config.text_config.hidden_size
+        hidden_size = config.text_embedding_size
         self.prefix_length = config.prefix_length
         total = config.prefix_length * hidden_size
         # `model.0` / `model.2` match the released checkpoints' `clip_project.model.{0,2}` one to one.
@@ -152,7 +152,7 @@ class ClipCapTransformerMapper(nn.Module):
 
     def __init__(self, config: ClipCapConfig):
         super().__init__()
-        hidden_size = config.text_config.hidden_size
+        hidden_size = config.text_embedding_size
         self.clip_length = config.clip_length
         self.linear = nn.Linear(config.prefix_dim, config.clip_length * hidden_size)
         self.prefix_const = nn.Parameter(torch.randn(config.prefix_length, hidden_size))
@@ -278,6 +278,13 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         self.language_model = (
             language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
         )
+        embedding_size = self.language_model.get_input_embeddings().embedding_dim
+        if embedding_size != config.text_embedding_size:
+            raise ValueError(
+                f"The language model's token embeddings are {embedding_size}-d, but the mapping network makes "
+                f"{config.text_embedding_size}-d prefix vectors (`config.text_embedding_size`, read from "
+                "`config.text_config`). Pass the language model's own config as `text_config`."
+            )
         self.post_init()
         self.freeze_vision_model()
         # Every non -100 label is a prediction target (the first caption token is predicted by the last prefix
@@ -438,7 +445,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         self, pixel_values: torch.FloatTensor | None = None, image_embeds: torch.FloatTensor | None = None
     ) -> torch.FloatTensor:
         """
-        The prefix vectors for a batch of images, shape `(batch, prefix_length, hidden_size)`.
+        The prefix vectors for a batch of images, shape `(batch, prefix_length, config.text_embedding_size)`.
 
         Give exactly one of `pixel_values` (runs the vision tower) or `image_embeds` (precomputed CLIP embeddings of
         width `config.prefix_dim`, e.g. from an embedding cache).

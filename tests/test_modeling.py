@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import greedy_loop, tiny_config, tiny_model
-from transformers import LlamaConfig, OPTConfig
+from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
 
 from clipcap_hf import ClipCapCausalLMOutputWithPast, ClipCapConfig, ClipCapForConditionalGeneration
 
@@ -297,14 +297,17 @@ def other_lm_config(kind, tokenizer):
     if kind == "llama":
         return LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                            num_key_value_heads=2, max_position_embeddings=128, **common)
+    # "opt_narrow" embeds tokens 16-d and projects them to its 32-d hidden states, as facebook/opt-350m does.
     return OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
-                     max_position_embeddings=128, word_embed_proj_dim=32, **common)
+                     max_position_embeddings=128, word_embed_proj_dim=16 if kind == "opt_narrow" else 32, **common)
 
 
-@pytest.mark.parametrize("kind", ["llama", "opt"])
+@pytest.mark.parametrize("kind", ["llama", "opt", "opt_narrow"])
 def test_other_language_model_families(kind, tokenizer, processor):
     model = tiny_model(tokenizer, "transformer", text_config=other_lm_config(kind, tokenizer))
-    assert model.language_model.config.model_type == kind
+    assert model.language_model.config.model_type == kind.removesuffix("_narrow")
+    width = 16 if kind == "opt_narrow" else 32
+    assert model.get_prefix_embeds(image_embeds=image_embeds_for(model, 1)).shape == (1, 4, width)
     batch = processor(captions=["A dog runs on the beach.", "Two cats sleep!"])
     x = image_embeds_for(model, 2)
     outputs = model(image_embeds=x, **batch)
@@ -312,3 +315,14 @@ def test_other_language_model_families(kind, tokenizer, processor):
     generated = model.generate(image_embeds=x, max_new_tokens=5, min_new_tokens=5)
     for row in range(2):
         assert generated[row].tolist() == greedy_loop(model, x[row : row + 1], 5)
+
+
+def test_language_model_whose_embedding_width_differs_from_the_config_is_refused(tokenizer):
+    config = tiny_config(tokenizer)
+    narrow_lm = AutoModelForCausalLM.from_config(other_lm_config("opt_narrow", tokenizer))
+    message = (
+        r"The language model's token embeddings are 16-d, but the mapping network makes 32-d prefix vectors "
+        r"\(`config.text_embedding_size`, read from `config.text_config`\). Pass the language model's own config"
+    )
+    with pytest.raises(ValueError, match=message):
+        ClipCapForConditionalGeneration(config, language_model=narrow_lm)
