@@ -13,21 +13,24 @@ processor, generation config, model card stub) that `from_pretrained` and `push_
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import pickle
 import re
+import secrets
 import shutil
-import tempfile
-from collections.abc import Mapping
+import stat
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, GenerationConfig, GPT2Config
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config
 
 from .configuration_clipcap import ClipCapConfig
+from .image_processing_clipcap import ClipCapImageProcessor
 from .modeling_clipcap import ClipCapForConditionalGeneration, load_pretrained_vision_model
 from .open_clip_vision import OPEN_CLIP_SCHEMAS
 from .processing_clipcap import ClipCapProcessor
@@ -112,6 +115,10 @@ def load_original_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     unpickled is refused instead of executed.
     """
     path = Path(checkpoint)
+    if path.is_dir():
+        held = sorted(child for child in path.iterdir() if child.suffix in (".pt", ".pth"))
+        example = held[0] if held else "coco_weights.pt"
+        raise IsADirectoryError(f"Checkpoint {path} is a folder; give the released .pt file, e.g. {example}.")
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
     try:
@@ -247,7 +254,9 @@ def infer_original_layout(state: Mapping[str, torch.Tensor], lm_num_heads: int |
     )
 
 
-def _check_keys_and_shapes(original: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]) -> None:
+def _check_keys_and_shapes(
+    checkpoint: str | Path, original: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]
+) -> None:
     """Every expected tensor is in the checkpoint with its shape, and nothing else is."""
     problems = []
     missing = [key for key in expected if key not in original]
@@ -265,8 +274,8 @@ def _check_keys_and_shapes(original: Mapping[str, torch.Tensor], expected: Mappi
         problems.append("; ".join(wrong[:5]) + (f"; and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
     if problems:
         raise ValueError(
-            "The checkpoint does not match the architecture its shapes describe: " + ". ".join(problems) + ". "
-            "Is the file complete, and a released ClipCap checkpoint?"
+            f"{checkpoint}: The checkpoint does not match the architecture its shapes describe: "
+            f"{'. '.join(problems)}. Is the file complete, and a released ClipCap checkpoint?"
         )
 
 
@@ -415,13 +424,15 @@ def convert_original_checkpoint(
             `"coco-mlp"`, `"conceptual-mlp"` or `"coco-transformer"`. Defaults to `"coco-mlp"` or
             `"coco-transformer"`, after the checkpoint's mapper type.
         vision_backend (`str`, *optional*):
-            `"clip"` (transformers' CLIP) or `"open_clip"`. Defaults to the preset's: HF CLIP ViT-B/32 for the MLP
-            releases, open_clip RN50x4 for the transformer release.
+            `"clip"` (transformers' CLIP) or `"open_clip"`. Defaults to `"open_clip"` when `open_clip_pretrained` or a
+            `"local-dir:"`/`"hf-hub:"` `vision_model` is given (neither means anything to HF CLIP), else to the
+            preset's: HF CLIP ViT-B/32 for the MLP releases, open_clip RN50x4 for the transformer release.
         vision_model (`str`, *optional*):
             The vision tower, instead of the preset's: a CLIP checkpoint name or folder (`"clip"`), or an open_clip
             model name, `"local-dir:PATH"` or `"hf-hub:ORG/REPO"` (`"open_clip"`).
         open_clip_pretrained (`str`, *optional*):
-            The open_clip pretrained tag for a built-in open_clip model name (the preset's: `"openai"`).
+            The open_clip pretrained tag for a built-in open_clip model name (the preset's: `"openai"`); selects the
+            open_clip backend.
         tokenizer (`str`, *optional*, defaults to `"gpt2"`):
             The tokenizer name or folder.
         normalize_prefix (`bool`, *optional*):
@@ -458,24 +469,37 @@ def convert_original_checkpoint(
     if release.mapping_type != layout.mapping_type:
         matching = sorted(name for name, other in PRESETS.items() if other.mapping_type == layout.mapping_type)
         raise ValueError(
-            f"Preset {preset!r} is a {release.mapping_type} release but the checkpoint has a {layout.mapping_type} "
-            f"mapper; use one of {matching}."
+            f"{checkpoint}: Preset {preset!r} is a {release.mapping_type} release but the checkpoint has a "
+            f"{layout.mapping_type} mapper; use one of {matching}."
         )
+    # An open_clip pretrained tag, or a 'local-dir:' or 'hf-hub:' name, only makes sense for the open_clip backend,
+    # whatever the preset's backend is.
+    implies_open_clip = open_clip_pretrained is not None or (vision_model or "").startswith(OPEN_CLIP_SCHEMAS)
+    backend = vision_backend or ("open_clip" if implies_open_clip else None)
     if vision_model is None:
-        backend, vision_name, vision_tag = release.vision_tower(preset, vision_backend)
+        backend, vision_name, vision_tag = release.vision_tower(preset, backend)
         vision_tag = open_clip_pretrained or vision_tag
     else:
-        # 'local-dir:' and 'hf-hub:' name open_clip models whatever the preset's backend.
-        backend = vision_backend or ("open_clip" if vision_model.startswith(OPEN_CLIP_SCHEMAS) else
-                                     release.vision_tower(preset)[0])
+        backend = backend or release.vision_tower(preset)[0]
         vision_name, vision_tag = vision_model, open_clip_pretrained
     num_heads = mapping_num_heads or release.mapping_num_heads
 
-    processor = ClipCapProcessor.from_vision_text_pretrained(
-        vision_name, tokenizer, vision_backend=backend, open_clip_pretrained=vision_tag
-    )
-    stop_token_ids = _original_stop_token_ids(processor.tokenizer, tokenizer, layout.gpt2_config)
-    vision_tower, config_fields = load_pretrained_vision_model(vision_name, backend, vision_tag)
+    # The tokenizer first: it is small, and checked against the checkpoint before the vision tower is downloaded.
+    with _naming_failed_part("tokenizer", tokenizer, "`tokenizer` (--tokenizer)"):
+        text_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+    stop_token_ids = _original_stop_token_ids(text_tokenizer, tokenizer, layout.gpt2_config)
+    with _naming_failed_part("vision model", vision_name, "`vision_model` (--vision-model)"):
+        vision_tower, config_fields = load_pretrained_vision_model(vision_name, backend, vision_tag)
+        image_processor = (
+            ClipCapImageProcessor.from_open_clip(vision_name, vision_tag)
+            if backend == "open_clip"
+            else ClipCapImageProcessor.from_clip_pretrained(vision_name)
+        )
+    processor = ClipCapProcessor(image_processor=image_processor, tokenizer=text_tokenizer)
+    # What the source tower makes of some pixels; the written folder must reproduce it (`_check_reload`).
+    side = image_processor.crop_size
+    pixel_values = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(2))
+    source_image_embeds = _tower_image_embeds(vision_tower.eval(), pixel_values)
     if layout.mapping_type == "transformer":
         config_fields.update(
             clip_length=layout.clip_length, mapping_num_layers=layout.mapping_num_layers, mapping_num_heads=num_heads
@@ -500,7 +524,7 @@ def convert_original_checkpoint(
         for name, tensor in model.state_dict().items()
         if not name.startswith("vision_model.")
     }
-    _check_keys_and_shapes(original, expected)
+    _check_keys_and_shapes(checkpoint, original, expected)
     model.load_state_dict({_to_our_name(key): value for key, value in original.items()}, strict=False)
 
     delta = _max_logits_delta(model, original, layout, num_heads)
@@ -518,8 +542,38 @@ def convert_original_checkpoint(
         max_new_tokens=ORIGINAL_MAX_NEW_TOKENS,
     )
     card = _model_card(Path(checkpoint), preset, release, config, vision_name, vision_tag, delta, stop_token_ids[0])
-    _write_atomically(output_dir, model, processor, card, overwrite, tolerance)
+    _write_atomically(
+        output_dir,
+        model,
+        processor,
+        card,
+        overwrite,
+        verify=lambda folder: _check_reload(folder, model, tolerance, pixel_values, source_image_embeds),
+    )
     return ConversionReport(output_dir, preset, config, dropped_keys, delta)
+
+
+@contextlib.contextmanager
+def _naming_failed_part(part: str, name: str, option: str) -> Iterator[None]:
+    """
+    Re-raise a failure to load a part (transformers' offline error, for one, names neither the part nor the option
+    that chooses it) with the part, its name and the option; the original message stays in the text.
+    """
+    try:
+        yield
+    except OSError as error:
+        error_type = FileNotFoundError if isinstance(error, FileNotFoundError) else OSError  # for callers that catch it
+        raise error_type(
+            f"Could not load the {part} {name!r}: {str(error).strip()} Choose the {part} with {option}; without "
+            "network access, give a local folder."
+        ) from error
+
+
+@torch.no_grad()
+def _tower_image_embeds(tower: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The projected image embedding from a tower [`load_pretrained_vision_model`] returned, of either backend."""
+    output = tower(pixel_values=pixel_values)
+    return output if isinstance(output, torch.Tensor) else output.image_embeds
 
 
 def _original_stop_token_ids(tokenizer, tokenizer_name: str, gpt2_config: GPT2Config) -> list[int]:
@@ -572,20 +626,24 @@ def _write_atomically(
     processor: ClipCapProcessor,
     card: str,
     overwrite: bool,
-    tolerance: float,
+    verify: Callable[[Path], None],
 ) -> None:
     """
-    Write into a temporary folder next to `output_dir`, check it loads back, then rename it into place. An earlier
-    conversion is renamed aside first and deleted last, so that a failure leaves it in place.
+    Write into a temporary folder next to `output_dir`, `verify` it, then rename it into place. An earlier conversion
+    is renamed aside first and deleted last, so that a failure leaves it in place; parent folders created here are
+    removed again on failure.
     """
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", suffix=".partial", dir=output_dir.parent))
+    created_parents = [parent for parent in output_dir.parents if not parent.exists()]  # deepest first
+    # A plain mkdir, so that the folder gets the umask's permissions (tempfile.mkdtemp would make it private).
+    staging = output_dir.parent / f".{output_dir.name}.{secrets.token_hex(8)}.partial"
     aside = staging.with_suffix(".old")
     try:
+        staging.mkdir(parents=True)
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         (staging / "README.md").write_text(card, encoding="utf-8")
-        _check_reload(staging, model, tolerance)
+        _give_files_the_umask_mode(staging)
+        verify(staging)
         if overwrite and output_dir.exists():
             output_dir.rename(aside)
         staging.rename(output_dir)
@@ -593,13 +651,38 @@ def _write_atomically(
         if aside.exists() and not output_dir.exists():
             aside.rename(output_dir)
         shutil.rmtree(staging, ignore_errors=True)
+        for parent in created_parents:
+            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+                parent.rmdir()
         raise
     shutil.rmtree(aside, ignore_errors=True)
 
 
+def _give_files_the_umask_mode(folder: Path) -> None:
+    """
+    Give every file in `folder` the mode `open()` gives under the umask (that of `folder`, made by mkdir, less the
+    execute bits): safetensors 0.8 writes weights 0600, which other users and containers could not read
+    (safetensors/safetensors#782).
+    """
+    file_mode = stat.S_IMODE(folder.stat().st_mode) & 0o666
+    for path in folder.rglob("*"):
+        if path.is_file():
+            path.chmod(file_mode)
+
+
 @torch.no_grad()
-def _check_reload(folder: Path, model: ClipCapForConditionalGeneration, tolerance: float) -> None:
-    """The written folder loads back into the same model (e.g. no weight lost to tying or sharding)."""
+def _check_reload(
+    folder: Path,
+    model: ClipCapForConditionalGeneration,
+    tolerance: float,
+    pixel_values: torch.Tensor,
+    source_image_embeds: torch.Tensor,
+) -> None:
+    """
+    The written folder loads back into the same model (e.g. no weight lost to tying or sharding), and its vision tower
+    still embeds `pixel_values` as the source tower did (`source_image_embeds`), which the logits check, fed image
+    embeddings, cannot see.
+    """
     reloaded = ClipCapForConditionalGeneration.from_pretrained(folder).eval()
     image_embeds = torch.randn(1, model.config.prefix_dim, generator=torch.Generator().manual_seed(1))
     input_ids = torch.tensor([[0, 1, 2]])
@@ -608,6 +691,12 @@ def _check_reload(folder: Path, model: ClipCapForConditionalGeneration, toleranc
     if not delta <= tolerance:
         raise ValueError(
             f"The written folder {folder} does not load back into the converted model (|delta| {delta:.3g})."
+        )
+    vision_delta = (reloaded.get_image_features(pixel_values) - source_image_embeds).abs().max().item()
+    if not vision_delta <= tolerance:
+        raise ValueError(
+            f"The written folder {folder} does not reproduce the source vision tower: its image embeddings differ by "
+            f"up to {vision_delta:.3g} (> {tolerance:g}); nothing was written."
         )
 
 
@@ -688,22 +777,20 @@ differently, so captions can differ.
 
 
 def convert_command(args: argparse.Namespace) -> int:
-    try:
-        report = convert_original_checkpoint(
-            args.checkpoint,
-            args.output,
-            preset=args.preset,
-            vision_backend=args.vision_backend,
-            vision_model=args.vision_model,
-            open_clip_pretrained=args.open_clip_pretrained,
-            tokenizer=args.tokenizer,
-            normalize_prefix=args.normalize_prefix,
-            mapping_num_heads=args.mapping_num_heads,
-            lm_num_heads=args.lm_num_heads,
-            overwrite=args.overwrite,
-        )
-    except OSError as error:  # a tokenizer or vision tower that cannot be found or downloaded: a message, no traceback
-        raise ValueError(str(error)) from error
+    # `clipcap`'s main() prints a ValueError or OSError (e.g. a part that cannot be downloaded) as a message.
+    report = convert_original_checkpoint(
+        args.checkpoint,
+        args.output,
+        preset=args.preset,
+        vision_backend=args.vision_backend,
+        vision_model=args.vision_model,
+        open_clip_pretrained=args.open_clip_pretrained,
+        tokenizer=args.tokenizer,
+        normalize_prefix=args.normalize_prefix,
+        mapping_num_heads=args.mapping_num_heads,
+        lm_num_heads=args.lm_num_heads,
+        overwrite=args.overwrite,
+    )
     config = report.config
     print(
         f"Wrote {report.output_dir} ({report.preset}: {config.mapping_type} mapper, prefix length "
@@ -723,11 +810,14 @@ def add_convert_parser(subparsers) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="Which release (default: coco-mlp or coco-transformer, after the checkpoint's mapper).")
     parser.add_argument("--vision-backend", choices=["clip", "open_clip"], default=None,
-                        help="Default: the preset's (clip for the MLP releases, open_clip for the transformer one).")
+                        help="Default: open_clip if --open-clip-pretrained or a local-dir:/hf-hub: --vision-model is "
+                             "given, else the preset's (clip for the MLP releases, open_clip for the transformer one).")
     parser.add_argument("--vision-model", default=None,
-                        help="CLIP checkpoint name or folder; or open_clip model name or local-dir:PATH "
-                             "(default: the preset's).")
-    parser.add_argument("--open-clip-pretrained", default=None, help="open_clip pretrained tag (default: preset's).")
+                        help="CLIP checkpoint name or folder; or open_clip model name (with --open-clip-pretrained), "
+                             "local-dir:PATH or hf-hub:REPO (default: the preset's).")
+    parser.add_argument("--open-clip-pretrained", default=None,
+                        help="open_clip pretrained tag, e.g. openai (default: the preset's); selects the open_clip "
+                             "backend.")
     parser.add_argument("--tokenizer", default="gpt2", help="Tokenizer name or folder (default: gpt2).")
     parser.add_argument("--normalize-prefix", action=argparse.BooleanOptionalAction, default=None,
                         help="Override the preset's CLIP embedding normalisation.")

@@ -5,12 +5,13 @@ import os
 import pickle
 import re
 import shlex
+import stat
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import save_open_clip_local_dir
+from conftest import random_images, save_open_clip_local_dir
 from huggingface_hub import ModelCard
 from torch import nn
 from transformers import (
@@ -23,7 +24,7 @@ from transformers import (
 )
 
 import clipcap_hf.convert_original as convert_original
-from clipcap_hf import ClipCapMLPMapper, convert_original_checkpoint
+from clipcap_hf import ClipCapForConditionalGeneration, ClipCapMLPMapper, convert_original_checkpoint
 from clipcap_hf.cli import build_parser, main
 
 N_EMBD = 64  # one 64-wide head, so GPT-2's head count is inferred as for the real releases
@@ -268,14 +269,28 @@ def test_greedy_captions_equal_the_original_decoder(converted, tokenizer):
 def test_captions_from_pixels_use_the_converted_vision_tower(converted):
     processor = AutoProcessor.from_pretrained(converted["folder"])
     model = converted["model"]
-    from conftest import random_images
-
     pixel_values = processor(images=random_images(2, size=(70, 50)))["pixel_values"]
     with torch.no_grad():
         embeds = model.get_image_features(pixel_values)
     assert embeds.shape == (2, PREFIX_DIM)
     assert torch.equal(model.generate(pixel_values=pixel_values, max_new_tokens=6),
                        model.generate(image_embeds=embeds, max_new_tokens=6))
+
+
+def test_converted_vision_tower_equals_the_source_tower(converted, clip_vision_dir, open_clip_name):
+    """The saved and reloaded tower computes what the tower that was asked for computes, loaded by its own library."""
+    pixel_values = AutoProcessor.from_pretrained(converted["folder"])(images=random_images(2, seed=3))["pixel_values"]
+    with torch.no_grad():
+        if converted["mapping_type"] == "mlp":
+            source = CLIPVisionModelWithProjection.from_pretrained(clip_vision_dir).eval()
+            expected = source(pixel_values=pixel_values).image_embeds
+        else:
+            import open_clip
+
+            expected = open_clip.create_model(open_clip_name).eval().encode_image(pixel_values)
+        ours = converted["model"].get_image_features(pixel_values)
+    assert ours.shape == (2, PREFIX_DIM)
+    torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
 
 def test_beam_search_with_the_original_options_runs(converted, tokenizer):
@@ -355,8 +370,14 @@ def test_cli_converts_with_options(tmp_path, tokenizer, local_parts, capsys):
 
 
 def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
-    assert main(["convert-original", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "out")]) == 2
-    assert "missing.pt does not exist" in capsys.readouterr().err
+    missing = tmp_path / "missing.pt"
+    arguments = ["convert-original", str(missing), "--output", str(tmp_path / "out")]
+    assert main(arguments) == 2
+    assert capsys.readouterr().err == f"clipcap convert-original: error: Checkpoint {missing} does not exist.\n"
+    # main() turns the error into that message; the command itself keeps its type.
+    args = build_parser().parse_args(arguments)
+    with pytest.raises(FileNotFoundError):
+        args.handler(args)
     assert_nothing_written(tmp_path / "out")
 
 
@@ -426,6 +447,7 @@ def test_inconsistent_checkpoints_are_refused(tmp_path, tokenizer, local_parts, 
     torch.save(edit(release_state("mlp", tokenizer)), checkpoint)
     with pytest.raises(ValueError) as error:
         convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
+    assert str(error.value).startswith(f"{checkpoint}: ")  # which file, when converting several
     assert message in str(error.value)
     assert_nothing_written(tmp_path / "out")
 
@@ -489,6 +511,22 @@ def test_files_that_are_not_checkpoints_are_refused(tmp_path, write, message):
     assert_nothing_written(tmp_path / "out")
 
 
+def test_a_folder_given_as_the_checkpoint_is_named(tmp_path):
+    folder = tmp_path / "downloads"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError) as error:
+        convert_original_checkpoint(folder, tmp_path / "out")
+    assert str(error.value) == f"Checkpoint {folder} is a folder; give the released .pt file, e.g. coco_weights.pt."
+    (folder / "coco_weights.pt").write_bytes(b"")
+    (folder / "README.md").write_text("")
+    with pytest.raises(IsADirectoryError) as error:
+        convert_original_checkpoint(folder, tmp_path / "out")
+    assert str(error.value) == (
+        f"Checkpoint {folder} is a folder; give the released .pt file, e.g. {folder / 'coco_weights.pt'}."
+    )
+    assert_nothing_written(tmp_path / "out")
+
+
 @pytest.mark.parametrize(
     "protocol, message",
     [
@@ -514,9 +552,10 @@ def test_a_pickle_that_would_run_code_is_refused_unexecuted(tmp_path, protocol, 
 
 def test_preset_must_match_the_mapper(tmp_path, tokenizer, local_parts):
     checkpoint = save_release(make_original("transformer", tokenizer), tmp_path / "release.pt")
-    with pytest.raises(ValueError, match=r"Preset 'coco-mlp' is a mlp release but the checkpoint has a transformer "
-                                         r"mapper; use one of \['coco-transformer'\]"):
+    with pytest.raises(ValueError) as error:
         convert_original_checkpoint(checkpoint, tmp_path / "out", preset="coco-mlp", **local_parts["transformer"])
+    assert str(error.value) == (f"{checkpoint}: Preset 'coco-mlp' is a mlp release but the checkpoint has a "
+                                "transformer mapper; use one of ['coco-transformer'].")
     with pytest.raises(ValueError, match="trained with RN50x4, which vision_backend='clip' does not offer; use "
                                          "vision_backend='open_clip'"):
         convert_original_checkpoint(checkpoint, tmp_path / "out", vision_backend="clip")
@@ -536,6 +575,45 @@ def test_open_clip_names_choose_the_open_clip_backend(tmp_path, tokenizer, local
         convert_original_checkpoint(checkpoint, tmp_path / "out2", vision_model=f"local-dir:{tmp_path / 'missing'}",
                                     tokenizer=tokenizer_dir)
     assert_nothing_written(tmp_path / "out2")
+
+
+def test_an_open_clip_tag_selects_the_open_clip_backend(tmp_path, tokenizer, local_parts, monkeypatch, capsys):
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    requested = []
+
+    def offline_loader(name, backend, tag):  # records what the real loader would be asked to download
+        requested.append((name, backend, tag))
+        raise OSError("no network")
+
+    monkeypatch.setattr(convert_original, "load_pretrained_vision_model", offline_loader)
+    tokenizer_dir = local_parts["mlp"]["tokenizer"]
+    # The MLP presets default to HF CLIP, but a pretrained tag means open_clip, named or the preset's ViT-B-32.
+    assert main(["convert-original", str(checkpoint), "--output", str(tmp_path / "out"), "--vision-model", "ViT-B-32",
+                 "--open-clip-pretrained", "openai", "--tokenizer", tokenizer_dir]) == 2
+    assert capsys.readouterr().err == (
+        "clipcap convert-original: error: Could not load the vision model 'ViT-B-32': no network Choose the vision "
+        "model with `vision_model` (--vision-model); without network access, give a local folder.\n"
+    )
+    with pytest.raises(OSError, match="Could not load the vision model 'ViT-B-32'"):
+        convert_original_checkpoint(checkpoint, tmp_path / "out", open_clip_pretrained="laion2b_s34b_b79k",
+                                    tokenizer=tokenizer_dir)
+    assert requested == [("ViT-B-32", "open_clip", "openai"), ("ViT-B-32", "open_clip", "laion2b_s34b_b79k")]
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("part, option", [("tokenizer", "tokenizer"), ("vision model", "vision_model")])
+def test_a_part_that_cannot_be_loaded_is_named_with_its_option(tmp_path, tokenizer, local_parts, part, option):
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    name = "clipcap-test/not-in-the-cache"  # offline, transformers can only say it could not connect
+    with pytest.raises(OSError) as error:
+        convert_original_checkpoint(checkpoint, tmp_path / "out", **{**local_parts["mlp"], option: name})
+    original = error.value.__cause__
+    assert type(original) is OSError
+    assert str(error.value) == (
+        f"Could not load the {part} {name!r}: {str(original).strip()} Choose the {part} with `{option}` "
+        f"(--{option.replace('_', '-')}); without network access, give a local folder."
+    )
+    assert_nothing_written(tmp_path / "out")
 
 
 def test_vision_tower_width_must_match_the_mapper(tmp_path, tokenizer, local_parts):
@@ -613,13 +691,52 @@ def test_failed_verification_writes_nothing(tmp_path, tokenizer, local_parts, mo
     assert_nothing_written(tmp_path / "out")
 
 
-def test_failure_while_writing_removes_the_partial_folder(tmp_path, tokenizer, local_parts, monkeypatch):
+def test_a_vision_tower_changed_during_conversion_writes_nothing(tmp_path, tokenizer, local_parts, monkeypatch):
     checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    init = ClipCapForConditionalGeneration.__init__
 
-    def broken_reload(folder, model, tolerance):
+    def reinitialising_init(self, *args, **kwargs):  # a model that replaces the tower it is given
+        init(self, *args, **kwargs)
+        with torch.no_grad():
+            for parameter in self.vision_model.parameters():
+                parameter.normal_()
+
+    monkeypatch.setattr(ClipCapForConditionalGeneration, "__init__", reinitialising_init)
+    # The logits check feeds image embeddings, so only the comparison with the source tower sees this.
+    with pytest.raises(ValueError, match=r"does not reproduce the source vision tower: its image embeddings differ "
+                                         r"by up to [\d.e+-]+ \(> 0.0001\); nothing was written\."):
+        convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_written_folder_permissions_follow_the_umask(tmp_path, tokenizer, local_parts):
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    output = tmp_path / "new" / "out"
+    previous = os.umask(0o027)
+    try:
+        convert_original_checkpoint(checkpoint, output, **local_parts["mlp"])
+    finally:
+        os.umask(previous)
+    # As `mkdir` and `open` would make them (not private), so that other users and containers can read the model.
+    assert stat.S_IMODE(output.parent.stat().st_mode) == 0o750
+    assert stat.S_IMODE(output.stat().st_mode) == 0o750
+    assert {path.name: stat.S_IMODE(path.stat().st_mode) for path in output.iterdir()} == {
+        path.name: 0o640 for path in output.iterdir()
+    }
+    assert {"model.safetensors", "config.json", "README.md"} <= {path.name for path in output.iterdir()}
+
+
+def test_failure_while_writing_removes_what_it_created(tmp_path, tokenizer, local_parts, monkeypatch):
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    (tmp_path / "existing").mkdir()
+
+    def broken_reload(*args):
         raise OSError("disk full")
 
     monkeypatch.setattr(convert_original, "_check_reload", broken_reload)
+    output = tmp_path / "existing" / "new" / "deeper" / "out"
     with pytest.raises(OSError, match="disk full"):
-        convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
-    assert_nothing_written(tmp_path / "out")
+        convert_original_checkpoint(checkpoint, output, **local_parts["mlp"])
+    # The partial folder and the parents made for it are gone; the parent that was there stays.
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["existing", "release.pt"]
+    assert not list((tmp_path / "existing").iterdir())
