@@ -1,8 +1,9 @@
 """Time the COCO caption metrics on the 4,800-image reference set (../shared/reference/coco_val2014_loo).
 
-Prints one JSON line: the seconds of a full `compute_caption_metrics` call, and of its parts (PTB tokenization,
-then each metric on the tokenized captions). Metrics that cannot run here (SPICE without its models, METEOR
-without Java) are listed under "skipped".
+Prints one JSON line: the seconds of a full `compute_caption_metrics` call, and of its parts (tokenization, then
+each metric on the tokenized captions). Metrics that cannot run here (SPICE without its models, METEOR without
+Java) are listed under "skipped"; "tokenization" says whether the captions were PTB-tokenized ("ptb", with Java) or
+by the Python approximation ("python-approximation", without Java, when "java" is null).
 
     python benchmarks/bench_metrics.py [--data-dir PATH]
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import time
 import warnings
@@ -19,16 +21,19 @@ from pathlib import Path
 
 from clipcap_hf.metrics import (
     METRIC_NAMES,
+    caption_tokenization,
     compute_caption_metrics,
     load_coco_predictions,
     load_coco_references,
-    ptb_tokenize,
+    tokenize_captions,
 )
 
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "coco_val2014_loo"
 
 
-def _java_version() -> str:
+def _java_version() -> str | None:
+    if shutil.which("java") is None:
+        return None
     # `java -version` prints to stderr, e.g. 'openjdk version "17.0.15" 2025-04-15'.
     first_line = subprocess.run(["java", "-version"], capture_output=True, text=True).stderr.splitlines()[0]
     return first_line.split('"')[1]
@@ -55,7 +60,7 @@ def main() -> None:
         captions = [predictions[image_id] for image_id in image_ids]
         captions += [ref for image_id in image_ids for ref in references[image_id]]
         start = time.perf_counter()
-        tokenized = iter(ptb_tokenize(captions))
+        tokenized = iter(tokenize_captions(captions))
         seconds = {"tokenize": time.perf_counter() - start}
         tokenized_predictions = {image_id: next(tokenized) for image_id in image_ids}
         tokenized_references = {image_id: [next(tokenized) for _ in references[image_id]] for image_id in image_ids}
@@ -78,6 +83,7 @@ def main() -> None:
         "total_s": round(total, 3),
         "seconds": {name: round(value, 3) for name, value in seconds.items()},
         "skipped": skipped,
+        "tokenization": caption_tokenization(),
         "scores": {name: round(value, 6) for name, value in scores.items()},
         "java": _java_version(),
         "python": platform.python_version(),

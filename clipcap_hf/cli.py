@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 from .convert_original import add_convert_parser
@@ -61,14 +62,24 @@ def check_top_k_fits_vocabulary(top_k: int, model, processor) -> None:
         raise ValueError(f"--top-k must be at most the vocabulary size ({vocab_size}), got {top_k}.")
 
 
-def check_gallery_path(gallery: str, output_dir: str | None = None) -> None:
+def check_gallery_path(gallery: str, output_dir: str | None = None, taken: Iterable[str | os.PathLike] = ()) -> None:
     """
-    Say before the captioning, not after it, that `--gallery` cannot be written. Its folder must exist, or be
-    `output_dir`, which the command creates.
+    Say before any work, not after it, that `--gallery` cannot or must not be written. It must name an .html or .htm
+    file, other than the files the command reads or writes (`taken`), so that it never replaces an image or a
+    result. Its folder must exist, or be `output_dir`, which the command creates.
     """
-    if Path(gallery).is_dir():
+    path = Path(gallery)
+    if path.is_dir():
         raise IsADirectoryError(f"--gallery: {gallery} is a folder; name the HTML file to write.")
-    folder = Path(gallery).parent
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"--gallery: {gallery} is not an .html file name; name the HTML page to write, "
+                         "e.g. gallery.html.")
+    target = path.resolve()
+    for other in taken:
+        if Path(other).resolve() == target:
+            raise ValueError(f"--gallery: {gallery} is also a file this command reads or writes ({other}); "
+                             "name another HTML file.")
+    folder = path.parent
     if not folder.is_dir() and not (output_dir is not None and folder.resolve() == Path(output_dir).resolve()):
         raise FileNotFoundError(f"--gallery: folder {folder} does not exist.")
 
@@ -97,33 +108,41 @@ def add_caption_options(parser: argparse.ArgumentParser, num_beams: int, batch_s
 
 
 def caption_command(args: argparse.Namespace) -> int:
-    from .evaluation import iter_captions
+    from .evaluation import UnreadableImagesError, iter_captions
 
     generate_kwargs = check_caption_options(args)
-    if args.gallery:
-        check_gallery_path(args.gallery)
     paths = expand_image_paths(args.images)
+    if args.gallery:
+        check_gallery_path(args.gallery, taken=paths)
     model, processor = load_model_and_processor(args.model, args.device)
 
     results = []
-    batches = iter_captions(model, processor, paths, args.batch_size, **generate_kwargs)
     try:
-        for batch_paths, captions in batches:
-            batch_results = [{"image": str(p), "caption": caption} for p, caption in zip(batch_paths, captions)]
-            if not args.json:  # print as we go, so an unreadable file later on loses none of the captions before it
-                for result in batch_results:
-                    print(f"{result['image']}\t{result['caption']}", flush=True)
-            results.extend(batch_results)
+        for batch in iter_captions(model, processor, paths, args.batch_size, **generate_kwargs):
+            if not args.json:  # print as we go, so that a failure later on loses none of the captions before it
+                for result in batch:
+                    if result.error is None:
+                        print(f"{result.path}\t{result.caption}", flush=True)
+            results.extend(batch)
     finally:
-        if args.json:  # also when an image fails: the captions made before it are kept, as valid JSON
-            json.dump(results, sys.stdout, indent=2, ensure_ascii=False)
+        if args.json:  # also when the run fails: the captions made before are kept, as valid JSON
+            entries = [
+                {"image": str(result.path), "caption": result.caption}
+                if result.error is None
+                else {"image": str(result.path), "caption": None, "error": result.error}
+                for result in results
+            ]
+            json.dump(entries, sys.stdout, indent=2, ensure_ascii=False)
             sys.stdout.write("\n")
-        if args.gallery and results:  # likewise the gallery, of the captions made so far
+        if args.gallery and results:  # likewise the gallery; an unreadable image shows its name and the error
             from .gallery import GalleryRecord, write_gallery
 
-            records = [GalleryRecord(result["image"], result["caption"]) for result in results]
+            records = [GalleryRecord(result.path, result.caption or "") for result in results]
             gallery = write_gallery(records, args.gallery, title=f"Captions by {args.model}")
             print(f"Gallery: {gallery}", file=sys.stderr)
+    errors = [result.error for result in results if result.error is not None]
+    if errors:  # after the other images' captions, JSON and gallery
+        raise UnreadableImagesError(errors, len(results))
     return 0
 
 
@@ -133,7 +152,9 @@ def add_caption_parser(subparsers) -> None:
     parser.add_argument("--model", required=True, help="A ClipCap folder or Hub name.")
     add_caption_options(parser, num_beams=1, batch_size=16)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
-    parser.add_argument("--json", action="store_true", help="Print a JSON list of {image, caption}.")
+    parser.add_argument("--json", action="store_true",
+                        help="Print a JSON list of {image, caption}, one per image in order; an image that cannot "
+                             "be read has caption null and an error.")
     parser.add_argument("--gallery", default=None, help="Also write an HTML page of the images and their captions.")
     parser.set_defaults(handler=caption_command)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import json
 import pickle
 import re
 import secrets
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config
 
 from .configuration_clipcap import ClipCapConfig
+from .file_utils import holds_clipcap_model
 from .image_processing_clipcap import ClipCapImageProcessor
 from .modeling_clipcap import ClipCapForConditionalGeneration, load_pretrained_vision_model
 from .open_clip_vision import OPEN_CLIP_SCHEMAS
@@ -607,16 +607,11 @@ def _check_output_dir(output_dir: Path, checkpoint: Path, overwrite: bool) -> No
         raise ValueError(f"Refusing to replace {output_dir}: it is the current folder or one of its parents.")
     if resolved in checkpoint.resolve().parents:
         raise ValueError(f"Refusing to replace {output_dir}: it holds the checkpoint {checkpoint}.")
-    config_file = output_dir / "config.json"
-    try:
-        is_conversion = json.loads(config_file.read_text(encoding="utf-8")).get("model_type") == "clipcap"
-    except (OSError, ValueError, AttributeError):  # no config, not JSON, not a JSON object
-        is_conversion = False
-    if not is_conversion:
+    if not holds_clipcap_model(output_dir):
         raise ValueError(
             f"Refusing to replace {output_dir}: overwrite=True (--overwrite) only replaces an earlier ClipCap "
-            f"conversion, and {config_file} does not say model_type 'clipcap'. Remove it yourself or choose another "
-            "folder."
+            f"conversion, and {output_dir / 'config.json'} does not say model_type 'clipcap'. Remove it yourself or "
+            "choose another folder."
         )
 
 

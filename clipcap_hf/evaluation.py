@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
 from tqdm.auto import tqdm
 
-from .metrics import METRIC_NAMES, compute_caption_metrics, load_coco_predictions
+from .file_utils import write_text_atomically
+from .metrics import METRIC_NAMES, SCORE_KEYS, caption_tokenization, compute_caption_metrics, load_coco_predictions
 
 # Display order and names of the metrics in tables and model cards.
 METRIC_LABELS = {
@@ -26,8 +31,17 @@ METRIC_LABELS = {
     "CIDEr": "CIDEr",
     "SPICE": "SPICE",
 }
+# The model card's `model-index` names metrics by their Hub metric id (the variant, e.g. BLEU-4, goes in `name`),
+# and the task as the paper's rows in model_card.md do.
+METRIC_TYPES = {key: metric for metric, keys in SCORE_KEYS.items() for key in keys}
+TASK_NAME = "Image captioning"
 RESULTS_START = "<!-- clipcap-results-start -->"
 RESULTS_END = "<!-- clipcap-results-end -->"
+
+PREDICTIONS_FILE = "predictions.json"
+METRICS_FILES = ("metrics.json", "metrics.md")
+# Unreadable files named in an error message; the rest are counted.
+_MAX_LISTED = 20
 
 
 @dataclass
@@ -40,15 +54,42 @@ class EvaluationResult:
     per_image: dict[Any, dict[str, float]] = field(default_factory=dict)
     image_paths: dict[Any, str] = field(default_factory=dict)
     domain_scores: dict[str, dict[str, float]] = field(default_factory=dict)
+    tokenization: str = "ptb"
+    """How the captions were tokenized (see `clipcap_hf.metrics.caption_tokenization`)."""
+    skipped_metrics: list[str] = field(default_factory=list)
+    """Requested metrics that could not run here (the warnings at scoring time say why)."""
+
+
+@dataclass
+class CaptionedImage:
+    """One image file's caption, or why the file could not be read."""
+
+    path: str | os.PathLike
+    caption: str | None
+    """The generated caption; `None` when the file could not be read."""
+    error: str | None = None
+    """Why the file could not be read (the message names it); `None` when it was captioned."""
+
+
+class UnreadableImagesError(ValueError):
+    """Some image files could not be read; `errors` holds one message per file, naming it and the reason."""
+
+    def __init__(self, errors: Sequence[str], total: int, consequence: str = ""):
+        self.errors = list(errors)
+        listed = "".join(f"\n  {error}" for error in self.errors[:_MAX_LISTED])
+        if len(self.errors) > _MAX_LISTED:
+            listed += f"\n  ... and {len(self.errors) - _MAX_LISTED} more"
+        message = f"{len(self.errors)} of {total} images could not be read:{listed}"
+        super().__init__(f"{message}\n{consequence}" if consequence else message)
 
 
 @torch.no_grad()
 def iter_captions(
     model, processor, image_paths: Sequence[str | os.PathLike], batch_size: int = 32, **generate_kwargs
-) -> Iterator[tuple[list[str | os.PathLike], list[str]]]:
+) -> Iterator[list[CaptionedImage]]:
     """
-    Caption image files in batches, with a progress bar, yielding each batch's paths and captions as soon as they
-    are ready. An unreadable file stops the run with an error that names it.
+    Caption image files in batches, with a progress bar, yielding each batch's results, in order, as soon as they
+    are ready. A file that cannot be read does not stop the run: its result holds the error instead of a caption.
     """
     from .image_processing_clipcap import load_image
 
@@ -58,19 +99,34 @@ def iter_captions(
     with tqdm(total=len(image_paths), unit="image", desc="Captioning", disable=len(image_paths) <= batch_size) as bar:
         for start in range(0, len(image_paths), batch_size):
             paths = list(image_paths[start : start + batch_size])
-            images = [load_image(path) for path in paths]
-            generated = model.generate(**processor(images=images).to(device), **generate_kwargs)
-            captions = [text.strip() for text in processor.batch_decode(generated, skip_special_tokens=True)]
+            images, errors = {}, {}
+            for index, path in enumerate(paths):
+                try:
+                    images[index] = load_image(path)
+                except ValueError as error:  # its message names the file and the reason
+                    errors[index] = str(error)
+            captions = {}
+            if images:
+                generated = model.generate(**processor(images=list(images.values())).to(device), **generate_kwargs)
+                decoded = processor.batch_decode(generated, skip_special_tokens=True)
+                captions = dict(zip(images, (text.strip() for text in decoded)))
             bar.update(len(paths))
-            yield paths, captions
+            yield [CaptionedImage(path, captions.get(index), errors.get(index)) for index, path in enumerate(paths)]
 
 
 def generate_captions(
     model, processor, image_paths: Sequence[str | os.PathLike], batch_size: int = 32, **generate_kwargs
 ) -> list[str]:
-    """Caption image files in batches (see [`iter_captions`]); returns one caption per file, in order."""
+    """
+    Caption image files in batches (see [`iter_captions`]); returns one caption per file, in order. Raises
+    [`UnreadableImagesError`], naming every file that could not be read, once the others are captioned.
+    """
     batches = iter_captions(model, processor, image_paths, batch_size, **generate_kwargs)
-    return [caption for _, captions in batches for caption in captions]
+    results = list(itertools.chain.from_iterable(batches))
+    errors = [result.error for result in results if result.error is not None]
+    if errors:
+        raise UnreadableImagesError(errors, len(results))
+    return [result.caption for result in results]
 
 
 def score_predictions(
@@ -87,23 +143,35 @@ def score_predictions(
     domain_scores = {}
     for domain in sorted(set((domains or {}).values())):
         subset = {image_id: caption for image_id, caption in predictions.items() if domains[image_id] == domain}
-        domain_scores[domain] = compute_caption_metrics(subset, references, metrics=metrics)
+        with warnings.catch_warnings():  # the overall scoring has warned of everything (empty captions, no Java...)
+            warnings.simplefilter("ignore")
+            domain_scores[domain] = compute_caption_metrics(subset, references, metrics=metrics)
     return EvaluationResult(
         scores=scores,
         predictions=dict(predictions),
         references={image_id: list(references[image_id]) for image_id in predictions},
         per_image=per_image,
         domain_scores=domain_scores,
+        tokenization=caption_tokenization(),
+        skipped_metrics=[name for name in METRIC_NAMES if name in metrics and SCORE_KEYS[name][0] not in scores],
     )
 
 
-def caption_images(model, processor, images, batch_size: int = 32, **generate_kwargs) -> dict[Any, str]:
-    """Caption each image of `group_by_image(dataset)` (one row per image) once; returns image id -> caption."""
+def caption_images(
+    model, processor, images, batch_size: int = 32, **generate_kwargs
+) -> tuple[dict[Any, str], dict[Any, str]]:
+    """
+    Caption each image of `group_by_image(dataset)` (one row per image) once. Returns the captions by image id, and
+    the error (naming the file) of each image id whose file could not be read.
+    """
     image_ids = images["image_id"]
     if len(set(image_ids)) != len(image_ids):
         raise ValueError("The dataset gives one image_id to several image files; image ids must be unique.")
-    captions = generate_captions(model, processor, images["image_path"], batch_size=batch_size, **generate_kwargs)
-    return dict(zip(image_ids, captions))
+    batches = iter_captions(model, processor, images["image_path"], batch_size, **generate_kwargs)
+    results = dict(zip(image_ids, itertools.chain.from_iterable(batches)))
+    captions = {image_id: result.caption for image_id, result in results.items() if result.error is None}
+    unreadable = {image_id: result.error for image_id, result in results.items() if result.error is not None}
+    return captions, unreadable
 
 
 def _score_images(predictions: Mapping[Any, str], images, metrics: Sequence[str]) -> EvaluationResult:
@@ -125,12 +193,16 @@ def evaluate_dataset(
 ) -> EvaluationResult:
     """
     Caption every image of a caption dataset (one row per caption, as the loaders of `clipcap_hf.data` return)
-    once, and score the captions against all of each image's captions.
+    once, and score the captions against all of each image's captions. Raises [`UnreadableImagesError`] if an
+    image cannot be read, since scores over part of a dataset are not comparable with scores over all of it.
     """
     from .data import group_by_image
 
     images = group_by_image(dataset)
-    return _score_images(caption_images(model, processor, images, batch_size, **generate_kwargs), images, metrics)
+    captions, unreadable = caption_images(model, processor, images, batch_size, **generate_kwargs)
+    if unreadable:
+        raise UnreadableImagesError(list(unreadable.values()), len(images))
+    return _score_images(captions, images, metrics)
 
 
 def markdown_table(result: EvaluationResult) -> str:
@@ -144,30 +216,49 @@ def markdown_table(result: EvaluationResult) -> str:
 
 
 def write_predictions(predictions: Mapping[Any, str], output_dir: str | os.PathLike) -> Path:
-    """Write `predictions.json` (COCO results format) into `output_dir`; returns its path."""
+    """
+    Write `predictions.json` (COCO results format) into `output_dir`; returns its path. The `metrics.json` and
+    `metrics.md` of earlier predictions there are removed, so that the folder never pairs captions with the scores
+    of other captions.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / "predictions.json"
+    for name in METRICS_FILES:
+        (output_dir / name).unlink(missing_ok=True)
+    path = output_dir / PREDICTIONS_FILE
     entries = [{"image_id": image_id, "caption": caption} for image_id, caption in predictions.items()]
-    path.write_text(json.dumps(entries, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_text_atomically(path, json.dumps(entries, indent=1, ensure_ascii=False) + "\n")
     return path
 
 
-def write_evaluation(result: EvaluationResult, output_dir: str | os.PathLike) -> dict[str, Path]:
+def write_evaluation(
+    result: EvaluationResult, output_dir: str | os.PathLike, with_predictions: bool = True
+) -> dict[str, Path]:
     """
-    Write `predictions.json` (COCO results format), `metrics.json` and `metrics.md` into `output_dir`.
+    Write `predictions.json` (COCO results format, unless `with_predictions=False`: when it is already there),
+    `metrics.json` and `metrics.md` into `output_dir`, each replaced atomically. `metrics.json` holds the scores,
+    the per-domain scores, the number of images, the tokenization (`"ptb"`: the COCO tokenizer, run with Java;
+    `"python-approximation"`: without Java) and the requested metrics that could not run.
 
     Returns the paths written, by kind.
     """
     output_dir = Path(output_dir)
+    if with_predictions:
+        write_predictions(result.predictions, output_dir)
     paths = {
-        "predictions": write_predictions(result.predictions, output_dir),
-        "metrics": output_dir / "metrics.json",
-        "table": output_dir / "metrics.md",
+        "predictions": output_dir / PREDICTIONS_FILE,
+        "metrics": output_dir / METRICS_FILES[0],
+        "table": output_dir / METRICS_FILES[1],
     }
-    metrics = {"scores": result.scores, "domains": result.domain_scores, "num_images": len(result.predictions)}
-    paths["metrics"].write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
-    paths["table"].write_text(markdown_table(result), encoding="utf-8")
+    metrics = {
+        "scores": result.scores,
+        "domains": result.domain_scores,
+        "num_images": len(result.predictions),
+        "tokenization": result.tokenization,
+        "skipped_metrics": result.skipped_metrics,
+    }
+    write_text_atomically(paths["metrics"], json.dumps(metrics, indent=2) + "\n")
+    write_text_atomically(paths["table"], markdown_table(result))
     return paths
 
 
@@ -201,10 +292,11 @@ def fill_model_card(
     new_results = [
         EvalResult(
             task_type="image-to-text",
+            task_name=TASK_NAME,
             dataset_type=dataset_type,
             dataset_name=dataset_name,
             dataset_split=dataset_split,
-            metric_type=key.lower(),
+            metric_type=METRIC_TYPES[key],
             metric_name=METRIC_LABELS[key],
             metric_value=round(100 * value, 2),
         )
@@ -227,9 +319,24 @@ def fill_model_card(
 DATASET_TYPES = {"coco-karpathy": "coco", "coco": "coco", "nocaps": "nocaps", "conceptual-captions": "conceptual_captions"}
 
 
+@contextlib.contextmanager
+def _without_datasets_progress_bars() -> Iterator[None]:
+    """Hide the bars `datasets` shows for quick table operations ("Flattening the indices"), which say nothing here."""
+    enabled = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
 def _load_split(args: argparse.Namespace):
-    """The images to evaluate, and the split they come from (`None` for a format without splits)."""
-    from .data import load_caption_dataset
+    """
+    The images to evaluate, one row per image (`group_by_image`), and the split they come from (`None` for a format
+    without splits).
+    """
+    from .data import group_by_image, load_caption_dataset
 
     data = load_caption_dataset(args.data_format, args.data, args.image_root)
     split = None
@@ -240,12 +347,11 @@ def _load_split(args: argparse.Namespace):
         data = data[split]
     elif args.split is not None:
         raise ValueError(f"--split: the {args.data_format} format has no splits; {args.data} is evaluated whole.")
-    if args.limit is not None:
-        from .data import group_by_image
-
-        keep = set(group_by_image(data)["image_id"][: args.limit])
-        data = data.filter(lambda image_id: image_id in keep, input_columns="image_id")
-    return data, split
+    with _without_datasets_progress_bars():
+        images = group_by_image(data)
+        if args.limit is not None:
+            images = images.select(range(min(args.limit, len(images))))
+    return images, split
 
 
 def _check_arguments(args: argparse.Namespace) -> dict:
@@ -262,45 +368,87 @@ def _check_arguments(args: argparse.Namespace) -> dict:
     if args.model_card and not Path(args.model_card).is_file():
         raise FileNotFoundError(f"--model-card: {args.model_card} does not exist.")
     if args.gallery:
-        check_gallery_path(args.gallery, output_dir=args.output_dir)
+        outputs = [Path(args.output_dir) / name for name in (PREDICTIONS_FILE, *METRICS_FILES)]
+        inputs = [path for path in (args.data, args.predictions, args.model_card) if path]
+        check_gallery_path(args.gallery, output_dir=args.output_dir, taken=outputs + inputs)
     return generate_kwargs
 
 
-def evaluate_command(args: argparse.Namespace) -> int:
-    from .data import group_by_image
+def _load_predictions(args: argparse.Namespace, images) -> dict[Any, str]:
+    """The --predictions file's captions of the images to evaluate, with a warning when it covers only some."""
+    predictions = load_coco_predictions(args.predictions)
+    image_ids = set(images["image_id"])
+    if args.limit is not None:  # only the images that --limit kept
+        predictions = {image_id: caption for image_id, caption in predictions.items() if image_id in image_ids}
+    covered = len(image_ids & predictions.keys())
+    if covered < len(image_ids):
+        warnings.warn(
+            f"{args.predictions} has captions for {covered} of the {len(image_ids)} images evaluated: the scores "
+            "cover only those, so do not report them as scores of the whole split.",
+            stacklevel=2,
+        )
+    return predictions
 
+
+def _write_gallery(
+    args: argparse.Namespace, images, predictions: Mapping, per_image: Mapping, unreadable: Collection = ()
+) -> None:
+    """The --gallery page: each image with a caption (and its scores, if any), and the error of each image id in
+    `unreadable`."""
+    from .gallery import GalleryRecord, write_gallery
+
+    records = [
+        GalleryRecord(
+            image=path,
+            caption=predictions.get(image_id, ""),
+            references=references,
+            scores=per_image.get(image_id),
+            name=str(image_id),
+        )
+        for image_id, path, references in zip(images["image_id"], images["image_path"], images["references"])
+        if image_id in predictions or image_id in unreadable
+    ]
+    print(f"Gallery: {write_gallery(records, args.gallery, title=f'Evaluation on {args.data}')}")
+
+
+def evaluate_command(args: argparse.Namespace) -> int:
     generate_kwargs = _check_arguments(args)
-    dataset, split = _load_split(args)
-    images = group_by_image(dataset)
+    images, split = _load_split(args)
+    output_dir = Path(args.output_dir)
+    unreadable = {}
     if args.predictions:
         # Re-score a predictions file (COCO results format) without running the model.
-        predictions = load_coco_predictions(args.predictions)
-        if args.limit is not None:  # only the images that --limit kept
-            kept = set(images["image_id"])
-            predictions = {image_id: caption for image_id, caption in predictions.items() if image_id in kept}
+        predictions = _load_predictions(args, images)
     else:
         from .cli import load_model_and_processor
 
         model, processor = load_model_and_processor(args.model, args.device)
-        predictions = caption_images(model, processor, images, batch_size=args.batch_size, **generate_kwargs)
-        # Written before scoring, so that a scoring failure (no Java, a bad reference) keeps the captions.
-        write_predictions(predictions, args.output_dir)
+        predictions, unreadable = caption_images(model, processor, images, args.batch_size, **generate_kwargs)
+        # Written before scoring, so that a scoring failure (no Java, a bad reference) keeps the captions; this also
+        # removes the metrics of earlier captions.
+        write_predictions(predictions, output_dir)
+    if unreadable:
+        if args.gallery:
+            _write_gallery(args, images, predictions, {}, unreadable)
+        raise UnreadableImagesError(
+            list(unreadable.values()),
+            len(images),
+            "Nothing was scored, since scores over part of a split are not comparable with published ones. The "
+            f"captions of the other images are in {output_dir / PREDICTIONS_FILE}.",
+        )
     result = _score_images(predictions, images, args.metrics)
-    paths = write_evaluation(result, args.output_dir)
+    if not result.scores:
+        card = f"; {args.model_card} is left as it was" if args.model_card else ""
+        raise ValueError(
+            f"No metric could be computed: {', '.join(result.skipped_metrics)} cannot run here (see the warnings "
+            f"above). No metrics were written{card}."
+        )
+    # A --predictions file that is the output's predictions.json is left as it is (the scores may cover part of it).
+    output = output_dir / PREDICTIONS_FILE
+    rewrite = bool(args.predictions) and not (output.exists() and os.path.samefile(args.predictions, output))
+    paths = write_evaluation(result, output_dir, with_predictions=rewrite)
     if args.gallery:
-        from .gallery import GalleryRecord, write_gallery
-
-        records = [
-            GalleryRecord(
-                image=result.image_paths[image_id],
-                caption=caption,
-                references=result.references[image_id],
-                scores=result.per_image.get(image_id),
-                name=str(image_id),
-            )
-            for image_id, caption in result.predictions.items()
-        ]
-        print(f"Gallery: {write_gallery(records, args.gallery, title=f'Evaluation on {args.data}')}")
+        _write_gallery(args, images, result.predictions, result.per_image)
     print(markdown_table(result), end="")
     print(f"Predictions: {paths['predictions']}\nMetrics: {paths['metrics']}")
     if args.model_card:
@@ -340,7 +488,9 @@ def add_evaluate_parser(subparsers) -> None:
 
 
 __all__ = [
+    "CaptionedImage",
     "EvaluationResult",
+    "UnreadableImagesError",
     "caption_images",
     "evaluate_dataset",
     "fill_model_card",

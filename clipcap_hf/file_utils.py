@@ -1,7 +1,9 @@
-"""Reading the text files users hand the package (caption lists, predictions, arguments, configs).
+"""Text files in and out: the files users hand the package (caption lists, predictions, arguments, configs), and
+the results it writes.
 
-Each failure names the file: a caption file in another encoding or a JSON typo otherwise surfaces as a bare
-`UnicodeDecodeError` or `JSONDecodeError` that does not say which of several input files is at fault.
+Each read failure names the file: a caption file in another encoding or a JSON typo otherwise surfaces as a bare
+`UnicodeDecodeError` or `JSONDecodeError` that does not say which of several input files is at fault. Results are
+written whole or not at all, so that a failed run never destroys the output of an earlier one.
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, TextIO
 
 
@@ -30,3 +34,25 @@ def read_json(path: str | os.PathLike[str]) -> Any:
             return json.load(file)
         except json.JSONDecodeError as error:
             raise ValueError(f"{path} is not valid JSON: {error}") from None
+
+
+def holds_clipcap_model(folder: str | os.PathLike[str]) -> bool:
+    """Whether `folder` holds a saved ClipCap model: a `config.json` with `model_type` "clipcap"."""
+    try:
+        return read_json(os.path.join(folder, "config.json")).get("model_type") == "clipcap"
+    except (OSError, ValueError, AttributeError):  # no config, not UTF-8 JSON, not a JSON object
+        return False
+
+
+def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
+    """
+    Write `text` (UTF-8) to `path` through a temporary file in the same folder and `os.replace`, so that a failure
+    leaves the earlier file or the new one, never part of one or an emptied one.
+    """
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

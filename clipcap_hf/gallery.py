@@ -22,6 +22,7 @@ import io
 import math
 import numbers
 import os
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from html import escape
@@ -29,7 +30,11 @@ from pathlib import Path
 
 import PIL.Image
 
+from .file_utils import write_text_atomically
+
 THUMBNAIL_SIZE = 192
+# File names that are not valid UTF-8 reach Python as lone surrogates (PEP 383), which no UTF-8 encoder writes.
+_SURROGATES = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -43,7 +48,8 @@ class GalleryRecord:
     references: Sequence[str] | None = None
     """Reference captions, when known."""
     scores: Mapping[str, float] | None = None
-    """This image's scores (e.g. `{"CIDEr": 0.93, "Bleu_4": 0.41}`), when known."""
+    """This image's scores as the COCO scorers give them (e.g. `{"CIDEr": 0.93, "Bleu_4": 0.41}`), when known. The page
+    shows them ×100, as captioning papers and `clipcap evaluate`'s metrics table do."""
     name: str | None = None
     """What to call the image; defaults to its file path."""
 
@@ -78,11 +84,12 @@ def _as_record(record: GalleryRecord | Mapping, index: int) -> GalleryRecord:
 
 def _thumbnail(image: str | os.PathLike | PIL.Image.Image, name: str, size: int) -> str:
     """The image shrunk to fit `size` pixels above its name, or its name and the error when it cannot be read."""
-    from .image_processing_clipcap import load_image
+    from .image_processing_clipcap import load_image, to_rgb_image
 
     try:
         picture = image if isinstance(image, PIL.Image.Image) else load_image(Path(image))
-        picture = picture.convert("RGB")  # a new image: the caller's is left as it was
+        # What the model sees (upright, transparency on white, 16-bit scaled), as a new image: the caller's is kept.
+        picture = to_rgb_image(picture)
         picture.thumbnail((size, size))
         buffer = io.BytesIO()
         picture.save(buffer, format="JPEG", quality=85)
@@ -96,7 +103,7 @@ def _score_cell(value: float | None) -> str:
     # Missing and non-finite scores sort after every real score, whichever the direction.
     if value is None or not math.isfinite(value):
         return '<td class="score" data-value="">&ndash;</td>'
-    return f'<td class="score" data-value="{float(value)!r}">{value:.3f}</td>'
+    return f'<td class="score" data-value="{float(value)!r}">{100 * value:.2f}</td>'
 
 
 _STYLE = """
@@ -174,8 +181,13 @@ def render_gallery(
         cells += [_score_cell((record.scores or {}).get(score_name)) for score_name in score_names]
         rows.append(f"<tr>{''.join(cells)}</tr>")
 
-    hint = " Click a score to sort by it, worst first; click again for best first." if score_names else ""
-    return f"""<!DOCTYPE html>
+    hint = ""
+    if score_names:
+        hint = (
+            " Scores are &times;100, as in the metrics table and captioning papers. Click a score to sort by it, worst "
+            "first; click again for best first."
+        )
+    page = f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -197,6 +209,7 @@ def render_gallery(
 </body>
 </html>
 """
+    return _SURROGATES.sub("\ufffd", page)  # U+FFFD, the replacement character
 
 
 def write_gallery(
@@ -212,7 +225,7 @@ def write_gallery(
         records: [`GalleryRecord`]s, or mappings with the same keys: `image` (a file path or a PIL image), `caption`,
             and optionally `references` (a list of strings), `scores` (a dict of score name to value) and `name`.
             An image that cannot be read shows its name and the error in place of the thumbnail.
-        path: the HTML file to write.
+        path: the HTML file to write; an existing one is replaced only once the new page is complete.
         title: the page's title and heading.
         thumbnail_size: the longest side of the embedded thumbnails, in pixels.
 
@@ -220,7 +233,8 @@ def write_gallery(
         `Path`: where the page was written.
     """
     path = Path(path)
-    path.write_text(render_gallery(records, title, thumbnail_size), encoding="utf-8")
+    # Rendered whole, then written atomically: a failure never leaves a half-written or emptied page.
+    write_text_atomically(path, render_gallery(records, title, thumbnail_size))
     return path
 
 

@@ -50,14 +50,14 @@ ImageId = int | str
 METRIC_NAMES: tuple[str, ...] = ("bleu", "meteor", "rouge", "cider", "spice")
 """Metrics that `compute_caption_metrics` knows, in the order COCO reports them."""
 
-# Result keys, named as COCOEvalCap names them.
-_SCORE_KEYS: dict[str, tuple[str, ...]] = {
+SCORE_KEYS: dict[str, tuple[str, ...]] = {
     "bleu": ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"),
     "meteor": ("METEOR",),
     "rouge": ("ROUGE_L",),
     "cider": ("CIDEr",),
     "spice": ("SPICE",),
 }
+"""The result keys of each metric, named as COCOEvalCap names them."""
 
 _INSTALL_JAVA = "Install a Java runtime (for example `apt-get install default-jre`) and make sure `java` is on PATH."
 
@@ -96,10 +96,23 @@ def _format_ids(ids: Sequence[ImageId], limit: int = 10) -> str:
     return shown if len(ids) <= limit else f"{shown}, ... ({len(ids)} in total)"
 
 
+def _check_unicode(text: str, where: str) -> None:
+    """Refuse lone surrogates ("\\udc9f" is valid JSON and a valid Python string, but not Unicode text): the UTF-8
+    encoding for the Java tools would fail later with a message naming neither the file nor the image."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"{where} holds the lone surrogate {text[error.start]!r} at position {error.start} (half of a surrogate "
+            f"pair, such as an emoji cut in two): {text!r:.200}. Captions must be valid Unicode text."
+        ) from None
+
+
 def _read_entry(entry: Any, index: int, path: str | os.PathLike[str]) -> tuple[ImageId, str]:
     if isinstance(entry, dict):
         image_id, caption = entry.get("image_id"), entry.get("caption")
         if isinstance(image_id, (int, str)) and not isinstance(image_id, bool) and isinstance(caption, str):
+            _check_unicode(caption, f"{path}: the caption of entry {index} (image id {image_id!r})")
             return image_id, caption
     raise ValueError(
         f"{path}: entry {index} must be an object with an integer or string 'image_id' and a string 'caption', "
@@ -118,8 +131,8 @@ def load_coco_references(path: str | os.PathLike[str]) -> dict[ImageId, list[str
         The captions of each image, in file order.
 
     Raises:
-        ValueError: If the file is not UTF-8, not JSON, or not in the COCO annotation format; the message names
-            the file (and the offending entry).
+        ValueError: If the file is not UTF-8, not JSON, not in the COCO annotation format, or a caption holds a
+            lone surrogate (such as "\\udc9f"); the message names the file (and the offending entry).
     """
     data = read_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
@@ -145,8 +158,9 @@ def load_coco_predictions(path: str | os.PathLike[str]) -> dict[ImageId, str]:
         The caption of each image, in file order.
 
     Raises:
-        ValueError: If the file is not UTF-8, not JSON, not in the COCO results format, or has more than one
-            caption for an image; the message names the file and the duplicated image ids.
+        ValueError: If the file is not UTF-8, not JSON, not in the COCO results format, has more than one
+            caption for an image, or a caption holds a lone surrogate (such as "\\udc9f"); the message names the
+            file and the image ids.
     """
     data = read_json(path)
     if not isinstance(data, list):
@@ -184,13 +198,14 @@ def ptb_tokenize(captions: Sequence[str]) -> list[str]:
         The tokenized captions, tokens separated by single spaces, in input order.
 
     Raises:
-        RuntimeError: If Java is missing or the tokenizer fails.
+        OSError: If Java is missing (`FileNotFoundError`) or the tokenizer fails; the message is one line, naming the
+            command and Java's error messages.
     """
     _import_pycocoevalcap()
     from pycocoevalcap.tokenizer import ptbtokenizer
 
     if not _java_available():
-        raise RuntimeError(f"PTB tokenization runs the Stanford PTBTokenizer and needs Java. {_INSTALL_JAVA}")
+        raise FileNotFoundError(f"PTB tokenization runs the Stanford PTBTokenizer and needs Java. {_INSTALL_JAVA}")
     if not captions:
         return []
     jar = Path(ptbtokenizer.__file__).with_name(ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR)
@@ -199,9 +214,12 @@ def ptb_tokenize(captions: Sequence[str]) -> list[str]:
     process = subprocess.run(command, input=text.encode("utf-8"), capture_output=True)
     lines = process.stdout.decode("utf-8").split("\n")
     if process.returncode != 0 or len(lines) != len(captions):
-        raise RuntimeError(
+        # An OSError, like any failing external tool, so that `clipcap` reports it in one line; Java's stack frames
+        # (indented lines) are left out of the message.
+        messages = [line for line in process.stderr.decode(errors="replace").splitlines() if line[:1].strip()]
+        raise OSError(
             f"The PTB tokenizer (`{' '.join(command)}`) failed with exit status {process.returncode} and returned "
-            f"{len(lines)} lines for {len(captions)} captions: {process.stderr.decode(errors='replace')[-2000:]}"
+            f"{len(lines)} lines for {len(captions)} captions: {' '.join(messages)[-500:] or 'no error output'}"
         )
     punctuation = set(ptbtokenizer.PUNCTUATIONS)
     return [" ".join(token for token in line.rstrip().split(" ") if token not in punctuation) for line in lines]
@@ -215,11 +233,24 @@ def _approximate_ptb_tokenize(captions: Sequence[str]) -> list[str]:
     return tokenized
 
 
-def _tokenize(captions: list[str], tokenize: bool) -> list[str]:
+def caption_tokenization(tokenize: bool = True) -> Literal["ptb", "python-approximation", "whitespace"]:
+    """How [`tokenize_captions`] (and so `compute_caption_metrics`) tokenizes here: `"ptb"` (the COCO tokenizer,
+    run with Java), `"python-approximation"` (`tokenize=True` without Java) or `"whitespace"` (`tokenize=False`)."""
     if not tokenize:
-        # Whitespace split; re-joining with single spaces also keeps line breaks out of METEOR's line protocol.
+        return "whitespace"
+    return "ptb" if _java_available() else "python-approximation"
+
+
+def tokenize_captions(captions: Sequence[str], tokenize: bool = True) -> list[str]:
+    """Tokenize captions as `compute_caption_metrics` does before scoring them; see [`caption_tokenization`].
+
+    Without Java, `tokenize=True` warns and uses a Python approximation of the PTB tokenizer.
+    """
+    method = caption_tokenization(tokenize)
+    if method == "whitespace":
+        # Re-joining with single spaces also keeps line breaks out of METEOR's line protocol.
         return [" ".join(caption.split()) for caption in captions]
-    if _java_available():
+    if method == "ptb":
         return ptb_tokenize(captions)
     warnings.warn(
         "Java was not found on PATH, so captions are tokenized with a Python approximation of the PTB tokenizer "
@@ -328,6 +359,16 @@ def _check_inputs(predictions: Mapping[ImageId, str], references: Mapping[ImageI
         refs = references[image_id]
         if isinstance(refs, str) or not all(isinstance(ref, str) for ref in refs):
             raise TypeError(f"The references for image id {image_id!r} must be a list of strings, got {refs!r:.200}.")
+        _check_unicode(caption, f"The prediction for image id {image_id!r}")
+        for ref in refs:
+            _check_unicode(ref, f"A reference caption of image id {image_id!r}")
+    empty = [image_id for image_id, caption in predictions.items() if not caption.strip()]
+    if empty:
+        warnings.warn(
+            f"{len(empty)} of {len(predictions)} predictions are empty (image ids: {_format_ids(empty)}); they are "
+            "scored as COCOEvalCap scores them, near zero. A model that emits end-of-text first gives empty captions.",
+            stacklevel=3,
+        )
 
 
 def _check_metric_names(metrics: str | Iterable[str]) -> list[str]:
@@ -389,8 +430,9 @@ def compute_caption_metrics(
 
     Raises:
         ImportError: If pycocoevalcap is not installed.
-        ValueError: For unknown metric names, no predictions, or predicted images without references (the message
-            names the image ids). An empty prediction is scored, as COCOEvalCap scores it.
+        ValueError: For unknown metric names, no predictions, predicted images without references, or captions
+            holding lone surrogates (the message names the image ids). An empty prediction is scored, as
+            COCOEvalCap scores it, with a warning naming the image ids.
         TypeError: If a caption is not a string or an image's references are not a list of strings.
     """
     names = _check_metric_names(metrics)
@@ -401,7 +443,7 @@ def compute_caption_metrics(
     # One tokenizer call for predictions and references: each Java start costs about half a second.
     captions = [predictions[image_id] for image_id in image_ids]
     captions += [ref for image_id in image_ids for ref in references[image_id]]
-    tokenized = iter(_tokenize(captions, tokenize))
+    tokenized = iter(tokenize_captions(captions, tokenize))
     tokenized_predictions = {image_id: [next(tokenized)] for image_id in image_ids}
     tokenized_references = {image_id: [next(tokenized) for _ in references[image_id]] for image_id in image_ids}
 
@@ -411,7 +453,7 @@ def compute_caption_metrics(
         result = _score(name, tokenized_references, tokenized_predictions)
         if result is None:
             continue
-        for key, corpus, image_scores in zip(_SCORE_KEYS[name], *result, strict=True):
+        for key, corpus, image_scores in zip(SCORE_KEYS[name], *result, strict=True):
             scores[key] = float(corpus)
             for image_id, score in zip(image_ids, image_scores, strict=True):
                 per_image[image_id][key] = float(score)
@@ -469,6 +511,13 @@ class CocoCaptionMetric(evaluate.Metric):
             codebase_urls=["https://github.com/tylin/coco-caption", "https://github.com/salaniz/pycocoevalcap"],
             reference_urls=["https://arxiv.org/abs/1504.00325"],
         )
+
+    def add_batch(self, *, predictions=None, references=None, **kwargs) -> None:
+        """Add a batch of predictions and their references; an empty batch is refused with a clear message."""
+        # `evaluate` reads the input format off the first prediction, and fails with a bare IndexError without one.
+        if predictions is not None and len(predictions) == 0:
+            raise ValueError("There are no predictions to score: `predictions` is an empty list.")
+        super().add_batch(predictions=predictions, references=references, **kwargs)
 
     def _compute(
         self,

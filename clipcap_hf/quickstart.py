@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from transformers import CLIPVisionConfig, GPT2Config, GPT2TokenizerFast, Traini
 
 from .configuration_clipcap import ClipCapConfig
 from .data import ClipCapDataCollator
+from .file_utils import holds_clipcap_model
 from .image_processing_clipcap import ClipCapImageProcessor
 from .modeling_clipcap import ClipCapForConditionalGeneration
 from .processing_clipcap import ClipCapProcessor
@@ -215,11 +217,34 @@ def score_captions(predictions: list[str], references: list[str]) -> dict[str, f
     return scores
 
 
+def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """
+    A folder with files in it is written into only with `overwrite`, and only if it holds an earlier ClipCap model (as
+    `clipcap convert-original --overwrite` does), so that no one's other files are written over by accident.
+    """
+    if not output_dir.exists() or not any(output_dir.iterdir()):  # a file here raises NotADirectoryError
+        return
+    if not overwrite:
+        raise ValueError(
+            f"{output_dir} is not empty; choose another folder, remove it, or pass overwrite=True (--overwrite) to "
+            "replace the model in it."
+        )
+    if not holds_clipcap_model(output_dir):
+        raise ValueError(
+            f"Refusing to write into {output_dir}: overwrite=True (--overwrite) only replaces an earlier ClipCap "
+            f"model, and {output_dir / 'config.json'} does not say model_type 'clipcap'. Remove it yourself or "
+            "choose another folder."
+        )
+
+
 def run_quickstart(
-    output_dir: str | os.PathLike, config: QuickstartConfig | None = None, verbose: bool = True
+    output_dir: str | os.PathLike, config: QuickstartConfig | None = None, verbose: bool = True, overwrite: bool = False
 ) -> dict:
     """
     Build the dataset, train, caption the held-out test split, save the model and processor to `output_dir`.
+
+    `output_dir` must be new or empty, or, with `overwrite`, hold an earlier ClipCap model, whose files are replaced;
+    this is checked before training.
 
     Returns:
         `unseen_combinations` and `seen_combinations`: the scores (see [`score_captions`]) and `num_images` of the
@@ -227,6 +252,7 @@ def run_quickstart(
     """
     config = config or QuickstartConfig()
     output_dir = Path(output_dir)
+    _check_output_dir(output_dir, overwrite)
     splits = make_shapes_dataset(
         config.train_images_per_combination, config.test_images_per_combination, config.image_size, config.seed
     )
@@ -234,21 +260,6 @@ def run_quickstart(
     processor = ClipCapProcessor(ClipCapImageProcessor(size=config.image_size, crop_size=config.image_size), tokenizer)
     model = build_model(tokenizer, config)
 
-    args = TrainingArguments(
-        output_dir=str(output_dir / "checkpoints"),
-        max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        warmup_steps=max(1, config.max_steps // 30),
-        weight_decay=config.weight_decay,
-        logging_steps=max(1, config.max_steps // 10),
-        save_strategy="no",
-        report_to=[],
-        remove_unused_columns=False,
-        seed=config.seed,
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=not verbose,
-    )
     # The images are tiny and reused every epoch: preprocess them once rather than in every batch.
     pixel_features = splits["train"].features.copy()
     del pixel_features["image"]
@@ -263,8 +274,26 @@ def run_quickstart(
         )
         .with_format("numpy", columns=["pixel_values"], output_all_columns=True)
     )
-    trainer = ClipCapTrainer(model=model, args=args, train_dataset=train, data_collator=ClipCapDataCollator(processor))
-    result = trainer.train()
+    # The Trainer writes only scratch files here (no checkpoints are saved); none belong in `output_dir`.
+    with tempfile.TemporaryDirectory(prefix="clipcap-quickstart-") as scratch:
+        args = TrainingArguments(
+            output_dir=scratch,
+            max_steps=config.max_steps,
+            per_device_train_batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            warmup_steps=max(1, config.max_steps // 30),
+            weight_decay=config.weight_decay,
+            logging_steps=max(1, config.max_steps // 10),
+            save_strategy="no",
+            report_to=[],
+            remove_unused_columns=False,
+            seed=config.seed,
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=not verbose,
+        )
+        collator = ClipCapDataCollator(processor)
+        trainer = ClipCapTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
+        result = trainer.train()
 
     scores: dict[str, Any] = {"train_seconds": round(result.metrics["train_runtime"], 1)}
     for split, name in (("test", "unseen_combinations"), ("test_seen", "seen_combinations")):
@@ -302,7 +331,7 @@ def quickstart_command(args: argparse.Namespace) -> int:
     if args.max_steps < 1:  # the Trainer takes these: 0 trains (next to) nothing, a negative value its default epochs
         raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}.")
     config = QuickstartConfig(max_steps=args.max_steps, seed=args.seed)
-    run_quickstart(args.output_dir, config)
+    run_quickstart(args.output_dir, config, overwrite=args.overwrite)
     return 0
 
 
@@ -317,6 +346,9 @@ def add_quickstart_parser(subparsers) -> None:
                         help=f"Training steps (default: {QuickstartConfig.max_steps}).")
     parser.add_argument("--seed", type=int, default=QuickstartConfig.seed,
                         help=f"Seed of the data, the model and the training (default: {QuickstartConfig.seed}).")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="Write over the model in an --output-dir that holds one (an earlier run's); a folder "
+                             "with files but no ClipCap config.json is refused either way.")
     parser.set_defaults(handler=quickstart_command)
 
 

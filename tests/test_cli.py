@@ -1,3 +1,4 @@
+import html
 import json
 
 import pytest
@@ -57,14 +58,23 @@ def test_caption_length_defaults_to_the_model_generation_config(saved_model_dir,
     assert captions != expected_captions(saved_model_dir, paths, max_new_tokens=30)
 
 
-def test_unreadable_image_is_named_and_earlier_captions_are_kept(saved_model_dir, image_folder, capsys):
-    (image_folder / "img9.png").write_bytes(b"definitely not a png")
-    status = main(["caption", str(image_folder), "--model", str(saved_model_dir), "--batch-size", "5",
+def unreadable_error(path) -> str:
+    return f"Cannot read image {path}: cannot identify image file '{path}'"
+
+
+def test_unreadable_image_is_named_and_the_others_are_captioned(saved_model_dir, image_folder, capsys):
+    unreadable = image_folder / "img1x.png"  # sorts between img1 and img2
+    unreadable.write_bytes(b"definitely not a png")
+    status = main(["caption", str(image_folder), "--model", str(saved_model_dir), "--batch-size", "2",
                    "--max-new-tokens", "3"])
     captured = capsys.readouterr()
     assert status == 2
-    assert f"Cannot read image {image_folder / 'img9.png'}" in captured.err
-    assert len(captured.out.strip().splitlines()) == 5
+    assert captured.err.endswith(f"clipcap caption: error: 1 of 6 images could not be read:\n  "
+                                 f"{unreadable_error(unreadable)}\n")
+    paths = sorted(image_folder.glob("img[0-9].png"))
+    lines = captured.out.strip().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [str(path) for path in paths]
+    assert [line.split("\t")[1] for line in lines] == expected_captions(saved_model_dir, paths, max_new_tokens=3)
 
 
 @pytest.mark.parametrize(
@@ -89,30 +99,56 @@ def test_missing_images_are_reported(saved_model_dir, tmp_path, capsys):
     assert "No images found" in capsys.readouterr().err
 
 
-def test_json_keeps_earlier_captions_when_an_image_fails(saved_model_dir, image_folder, capsys):
-    (image_folder / "img9.png").write_bytes(b"definitely not a png")  # sorts last
-    status = main(["caption", str(image_folder), "--model", str(saved_model_dir), "--json", "--batch-size", "1",
+def test_json_lists_an_unreadable_image_with_its_error(saved_model_dir, image_folder, capsys):
+    unreadable = image_folder / "img1x.png"
+    unreadable.write_bytes(b"definitely not a png")
+    status = main(["caption", str(image_folder), "--model", str(saved_model_dir), "--json", "--batch-size", "2",
                    "--max-new-tokens", "3"])
     captured = capsys.readouterr()
     assert status == 2
-    assert f"Cannot read image {image_folder / 'img9.png'}" in captured.err
-    paths = sorted(image_folder.glob("img[0-4].png"))
-    results = json.loads(captured.out)
-    assert [r["image"] for r in results] == [str(path) for path in paths]
-    assert [r["caption"] for r in results] == expected_captions(saved_model_dir, paths, max_new_tokens=3)
+    assert captured.err.endswith(f"could not be read:\n  {unreadable_error(unreadable)}\n")
+    paths = sorted(image_folder.glob("img[0-9].png"))
+    captions = expected_captions(saved_model_dir, paths, max_new_tokens=3)
+    expected = [{"image": str(path), "caption": caption} for path, caption in zip(paths, captions)]
+    expected.insert(2, {"image": str(unreadable), "caption": None, "error": unreadable_error(unreadable)})
+    assert json.loads(captured.out) == expected
 
 
-def test_gallery_keeps_earlier_captions_when_an_image_fails(saved_model_dir, image_folder, tmp_path, capsys):
-    (image_folder / "img9.png").write_bytes(b"definitely not a png")  # sorts last
+def test_gallery_shows_an_unreadable_image_with_its_error(saved_model_dir, image_folder, tmp_path, capsys):
+    unreadable = image_folder / "img1x.png"
+    unreadable.write_bytes(b"definitely not a png")
     gallery = tmp_path / "gallery.html"
     status = main(["caption", str(image_folder), "--model", str(saved_model_dir), "--gallery", str(gallery),
                    "--batch-size", "5", "--max-new-tokens", "3"])
     captured = capsys.readouterr()
     assert status == 2
-    assert f"Cannot read image {image_folder / 'img9.png'}" in captured.err
+    assert unreadable_error(unreadable) in captured.err
     page = gallery.read_text()
     assert all(str(image_folder / f"img{index}.png") in page for index in range(5))
-    assert "img9.png" not in page
+    assert page.count('class="unreadable"') == 1
+    assert f'<div class="unreadable"><strong>{html.escape(str(unreadable))}</strong>' in page
+    assert html.escape(unreadable_error(unreadable)) in page
+
+
+@pytest.mark.parametrize(
+    "gallery, message",
+    [
+        ("img0.png", "--gallery: {target} is not an .html file name; name the HTML page to write, e.g. gallery.html."),
+        ("page.html", "--gallery: {target} is also a file this command reads or writes ({target}); name another HTML "
+                      "file."),
+    ],
+)
+def test_gallery_must_be_a_new_html_file(saved_model_dir, image_folder, capsys, gallery, message):
+    page = image_folder / "page.html"  # given as an input, as the images are
+    page.write_text("<p>mine</p>")
+    inputs = {path: path.read_bytes() for path in [page, *image_folder.glob("*.png")]}
+    target = image_folder / gallery
+    assert main(["caption", str(image_folder), str(page), "--model", str(saved_model_dir),
+                 "--gallery", str(target)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err == f"clipcap caption: error: {message.format(target=target)}\n"
+    assert captured.out == ""
+    assert {path: path.read_bytes() for path in inputs} == inputs
 
 
 def test_gallery_naming_a_folder_is_rejected_before_captioning(saved_model_dir, image_folder, tmp_path, capsys):

@@ -1,5 +1,6 @@
 import html
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -8,8 +9,15 @@ import pytest
 import yaml
 from conftest import random_images
 
-from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
+from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor, metrics
 from clipcap_hf.cli import main
+from clipcap_hf.evaluation import (
+    EvaluationResult,
+    UnreadableImagesError,
+    generate_captions,
+    score_predictions,
+    write_evaluation,
+)
 from clipcap_hf.metrics import compute_caption_metrics
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="the COCO tokenizer needs Java")
@@ -36,6 +44,19 @@ def coco_files(tmp_path):
     path = tmp_path / "captions.json"
     path.write_text(json.dumps({"images": images, "annotations": annotations}))
     return path, tmp_path / "images"
+
+
+def write_first_references(path: Path, image_ids=tuple(CAPTIONS)) -> Path:
+    """A predictions file (COCO results format) captioning each image with its first reference."""
+    path.write_text(json.dumps([{"image_id": i, "caption": CAPTIONS[i][0]} for i in image_ids]))
+    return path
+
+
+def rescore_argv(coco_files, predictions: Path, output_dir: Path, *extra: str) -> list[str]:
+    """`clipcap evaluate` arguments that score a predictions file against `coco_files`."""
+    annotations, image_root = coco_files
+    return ["evaluate", "--predictions", str(predictions), "--data", str(annotations), "--data-format", "coco",
+            "--image-root", str(image_root), "--output-dir", str(output_dir), *extra]
 
 
 def test_evaluate_writes_predictions_metrics_and_table(saved_model_dir, coco_files, tmp_path, capsys):
@@ -100,11 +121,19 @@ def test_model_card_is_filled_and_refilled(coco_files, tmp_path):
             "--image-root", str(image_root), "--output-dir", str(tmp_path / "eval"), "--model-card", str(card),
             "--dataset-name", "toy", *FAST_METRICS]
     assert main(argv) == 0
+    first = card.read_bytes()
     assert main(argv) == 0  # a second run replaces the results rather than adding to them
+    assert card.read_bytes() == first
     text = card.read_text()
     metadata = yaml.safe_load(text.split("---")[1])
     results = metadata["model-index"][0]["results"]
     assert len(results) == 1
+    # Hub metric ids as types, the variants as names, as the paper's rows in model_card.md have them.
+    assert [(m["type"], m["name"]) for m in results[0]["metrics"]] == [
+        ("bleu", "BLEU-1"), ("bleu", "BLEU-2"), ("bleu", "BLEU-3"), ("bleu", "BLEU-4"), ("rouge", "ROUGE-L"),
+        ("cider", "CIDEr"),
+    ]
+    assert results[0]["task"] == {"type": "image-to-text", "name": "Image captioning"}
     values = {m["name"]: m["value"] for m in results[0]["metrics"]}
     scores = json.loads((tmp_path / "eval" / "metrics.json").read_text())["scores"]
     assert values["CIDEr"] == round(100 * scores["CIDEr"], 2)
@@ -156,19 +185,152 @@ def test_predictions_for_unknown_images_are_reported(coco_files, tmp_path, capsy
     assert "99" in capsys.readouterr().err
 
 
-def test_predictions_are_written_before_scoring(saved_model_dir, coco_files, tmp_path, monkeypatch):
-    import clipcap_hf.evaluation
-
-    def failing_scorer(*args, **kwargs):
-        raise RuntimeError("the PTB tokenizer failed")
-
-    monkeypatch.setattr(clipcap_hf.evaluation, "compute_caption_metrics", failing_scorer)
-    annotations, image_root = coco_files
+def test_a_scoring_failure_keeps_the_new_captions_and_no_stale_metrics(
+    saved_model_dir, coco_files, tmp_path, monkeypatch, capsys
+):
     out = tmp_path / "eval"
-    with pytest.raises(RuntimeError, match="the PTB tokenizer failed"):
-        main(["evaluate", "--model", str(saved_model_dir), "--data", str(annotations), "--data-format", "coco",
-              "--image-root", str(image_root), "--output-dir", str(out), "--max-new-tokens", "3", *FAST_METRICS])
+    out.mkdir()
+    for name, text in [("predictions.json", "[]"), ("metrics.json", "{}"), ("metrics.md", "old")]:  # an earlier run
+        (out / name).write_text(text)
+    fake = tmp_path / "bin"  # a `java` that fails, as a broken Java installation does
+    fake.mkdir()
+    (fake / "java").write_text('#!/bin/sh\necho "Error: broken JVM" >&2\nexit 1\n')
+    (fake / "java").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}{os.pathsep}{os.environ['PATH']}")
+    annotations, image_root = coco_files
+    assert main(["evaluate", "--model", str(saved_model_dir), "--data", str(annotations), "--data-format", "coco",
+                 "--image-root", str(image_root), "--output-dir", str(out), "--max-new-tokens", "3",
+                 *FAST_METRICS]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last_line = err.splitlines()[-1]
+    assert last_line.startswith("clipcap evaluate: error: The PTB tokenizer (`java -cp ")
+    assert last_line.endswith("failed with exit status 1 and returned 1 lines for 11 captions: Error: broken JVM")
     assert [p["image_id"] for p in json.loads((out / "predictions.json").read_text())] == [1, 2, 3, 4]
+    assert sorted(os.listdir(out)) == ["predictions.json"]
+
+
+def test_unreadable_images_are_listed_and_nothing_is_scored(saved_model_dir, coco_files, tmp_path, capsys):
+    annotations, image_root = coco_files
+    (image_root / "3.png").write_bytes(b"not a png")
+    out = tmp_path / "eval"
+    out.mkdir()
+    (out / "metrics.json").write_text("{}")  # an earlier run's
+    gallery = out / "gallery.html"
+    assert main(["evaluate", "--model", str(saved_model_dir), "--data", str(annotations), "--data-format", "coco",
+                 "--image-root", str(image_root), "--output-dir", str(out), "--max-new-tokens", "3",
+                 "--batch-size", "2", "--gallery", str(gallery), *FAST_METRICS]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith(
+        f"clipcap evaluate: error: 1 of 4 images could not be read:\n  Cannot read image {image_root / '3.png'}: "
+        f"cannot identify image file '{image_root / '3.png'}'\nNothing was scored, since scores over part of a "
+        "split are not comparable with published ones. The captions of the other images are in "
+        f"{out / 'predictions.json'}.\n"
+    )
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert [p["image_id"] for p in predictions] == [1, 2, 4]  # the images after the unreadable one too
+    assert sorted(os.listdir(out)) == ["gallery.html", "predictions.json"]
+    page = gallery.read_text()
+    assert page.count('class="unreadable"') == 1 and html.escape(f"Cannot read image {image_root / '3.png'}") in page
+    assert all(html.escape(p["caption"]) in page for p in predictions)
+
+
+def test_generate_captions_names_every_unreadable_file(mlp_model, processor, tmp_path):
+    paths = []
+    for index, image in enumerate(random_images(3)):
+        image.save(tmp_path / f"{index}.png")
+        paths.append(tmp_path / f"{index}.png")
+    paths[0].write_bytes(b"")
+    paths.append(tmp_path / "missing.png")
+    with pytest.raises(UnreadableImagesError) as error:
+        generate_captions(mlp_model, processor, paths, batch_size=2, max_new_tokens=2)
+    assert error.value.errors == [
+        f"Cannot read image {paths[0]}: cannot identify image file '{paths[0]}'",
+        f"Cannot read image {paths[3]}: [Errno 2] No such file or directory: '{paths[3]}'",
+    ]
+    assert str(error.value).startswith("2 of 4 images could not be read:\n  Cannot read image ")
+
+
+def test_rescoring_into_its_own_folder_leaves_the_predictions_file_as_it_is(coco_files, tmp_path):
+    out = tmp_path / "eval"
+    out.mkdir()
+    predictions = out / "predictions.json"
+    predictions.write_text(json.dumps([{"image_id": i, "caption": c[0], "score": 0.5} for i, c in CAPTIONS.items()]))
+    before = predictions.read_bytes()
+    assert main(rescore_argv(coco_files, predictions, out, "--limit", "2", *FAST_METRICS)) == 0
+    assert predictions.read_bytes() == before  # neither cut to the 2 images scored nor stripped of "score"
+    assert json.loads((out / "metrics.json").read_text())["num_images"] == 2
+    assert sorted(os.listdir(out)) == ["metrics.json", "metrics.md", "predictions.json"]
+
+
+def test_outputs_are_replaced_atomically(tmp_path, monkeypatch):
+    result = EvaluationResult(scores={"CIDEr": 0.5}, predictions={1: "a dog"}, references={1: ["a dog"]})
+    paths = write_evaluation(result, tmp_path)
+    before = {path: path.read_bytes() for path in paths.values()}
+
+    def fail_midway(path, text, encoding=None):  # as a full disk does
+        with open(path, "w", encoding=encoding) as file:
+            file.write(text[:3])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", fail_midway)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_evaluation(result, tmp_path, with_predictions=False)
+    assert {path: path.read_bytes() for path in paths.values()} == before  # whole, and no temporary file left
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json", "metrics.md", "predictions.json"]
+    # New predictions first remove the metrics of the old ones: if they cannot be written, the old ones stay alone.
+    with pytest.raises(OSError, match="No space left on device"):
+        write_evaluation(result, tmp_path)
+    assert os.listdir(tmp_path) == ["predictions.json"]
+    assert (tmp_path / "predictions.json").read_bytes() == before[paths["predictions"]]
+
+
+def test_a_run_where_no_metric_can_run_fails_and_changes_nothing(coco_files, tmp_path, monkeypatch, capsys):
+    card = tmp_path / "model_card.md"
+    card.write_text("---\nlicense: mit\n---\n# ClipCap\n<!-- clipcap-results-start -->\n<!-- clipcap-results-end -->\n")
+    out = tmp_path / "eval"
+    predictions = write_first_references(tmp_path / "predictions.json")
+    assert main(rescore_argv(coco_files, predictions, out, "--model-card", str(card), *FAST_METRICS)) == 0
+    before = {path: path.read_bytes() for path in [card, out / "metrics.json", out / "metrics.md"]}
+    capsys.readouterr()
+
+    monkeypatch.setattr(metrics, "_spice_problem", lambda: "SPICE is skipped: its models are missing.")
+    with pytest.warns(UserWarning, match="SPICE is skipped: its models are missing."):
+        status = main(rescore_argv(coco_files, predictions, out, "--model-card", str(card), "--metrics", "spice"))
+    assert status == 2
+    assert capsys.readouterr().err == (
+        "clipcap evaluate: error: No metric could be computed: spice cannot run here (see the warnings above). "
+        f"No metrics were written; {card} is left as it was.\n"
+    )
+    assert all(path.read_bytes() == content for path, content in before.items())
+
+
+def test_metrics_json_records_the_tokenization_and_skipped_metrics(coco_files, tmp_path, monkeypatch):
+    predictions = write_first_references(tmp_path / "predictions.json")
+    monkeypatch.setattr(metrics, "_spice_problem", lambda: "SPICE is skipped: its models are missing.")
+    with pytest.warns(UserWarning, match="SPICE is skipped"):
+        assert main(rescore_argv(coco_files, predictions, tmp_path / "a", "--metrics", "bleu", "spice")) == 0
+    recorded = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert (recorded["tokenization"], recorded["skipped_metrics"]) == ("ptb", ["spice"])
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no Java
+    with pytest.warns(UserWarning, match="METEOR is skipped"), pytest.warns(UserWarning, match="approximation"):
+        assert main(rescore_argv(coco_files, predictions, tmp_path / "b", "--metrics", "bleu", "meteor")) == 0
+    recorded = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert (recorded["tokenization"], recorded["skipped_metrics"]) == ("python-approximation", ["meteor"])
+
+
+def test_a_predictions_file_for_part_of_the_split_is_scored_with_a_warning(coco_files, tmp_path, recwarn):
+    predictions = write_first_references(tmp_path / "predictions.json", image_ids=[1, 3, 4])
+    with pytest.warns(UserWarning, match=r"predictions\.json has captions for 3 of the 4 images evaluated: the "
+                                         r"scores cover only those, so do not report them as scores of the whole"):
+        assert main(rescore_argv(coco_files, predictions, tmp_path / "eval", *FAST_METRICS)) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_images"] == 3
+
+    recwarn.clear()
+    write_first_references(predictions)
+    assert main(rescore_argv(coco_files, predictions, tmp_path / "eval", *FAST_METRICS)) == 0
+    assert not [w for w in recwarn if "has captions for" in str(w.message)]
 
 
 def test_empty_predictions_are_scored(coco_files, tmp_path):
@@ -177,9 +339,22 @@ def test_empty_predictions_are_scored(coco_files, tmp_path):
     predictions = tmp_path / "predictions.json"
     captions = [{"image_id": i, "caption": "" if i == 1 else c[0]} for i, c in CAPTIONS.items()]
     predictions.write_text(json.dumps(captions))
-    assert main(["evaluate", "--predictions", str(predictions), "--data", str(annotations), "--data-format", "coco",
-                 "--image-root", str(image_root), "--output-dir", str(tmp_path / "eval"), *FAST_METRICS]) == 0
+    with pytest.warns(UserWarning, match=r"^1 of 4 predictions are empty \(image ids: 1\); they are scored"):
+        assert main(["evaluate", "--predictions", str(predictions), "--data", str(annotations), "--data-format",
+                     "coco", "--image-root", str(image_root), "--output-dir", str(tmp_path / "eval"),
+                     *FAST_METRICS]) == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_images"] == 4
+
+
+def test_empty_predictions_are_named_once_with_domains():
+    predictions = {1: "", 2: "Two cats.", 3: "A man.", 4: "A park."}
+    with pytest.warns(UserWarning) as record:
+        result = score_predictions(predictions, CAPTIONS, DOMAINS, metrics=["bleu", "cider"])
+    assert [str(warning.message) for warning in record] == [
+        "1 of 4 predictions are empty (image ids: 1); they are scored as COCOEvalCap scores them, near zero. A model "
+        "that emits end-of-text first gives empty captions."
+    ]
+    assert sorted(result.domain_scores) == ["in-domain", "near-domain", "out-domain"]
 
 
 @pytest.mark.parametrize(
@@ -193,6 +368,9 @@ def test_empty_predictions_are_scored(coco_files, tmp_path):
         (["--model-card", "{tmp}/missing.md"], "--model-card: .*missing.md does not exist"),
         (["--split", "val"], "--split: the coco format has no splits"),
         (["--gallery", "{tmp}"], "--gallery: .* is a folder; name the HTML file to write"),
+        (["--gallery", "{tmp}/eval/metrics.json"], r"--gallery: .*/eval/metrics.json is not an \.html file name"),
+        (["--model-card", "{tmp}/card.htm", "--gallery", "{tmp}/card.htm"],
+         r"--gallery: (.*)/card.htm is also a file this command reads or writes \(\1/card.htm\)"),
     ],
 )
 def test_arguments_are_checked_before_captioning(coco_files, tmp_path, monkeypatch, capsys, arguments, message):
@@ -202,6 +380,7 @@ def test_arguments_are_checked_before_captioning(coco_files, tmp_path, monkeypat
         raise AssertionError("the arguments must be checked before the model is loaded")
 
     monkeypatch.setattr(clipcap_hf.cli, "load_model_and_processor", no_captioning)
+    (tmp_path / "card.htm").write_text("<!-- clipcap-results-start -->\n<!-- clipcap-results-end -->\n")
     annotations, image_root = coco_files
     argv = ["evaluate", "--model", "unused", "--data", str(annotations), "--data-format", "coco", "--image-root",
             str(image_root), "--output-dir", str(tmp_path / "eval"), *FAST_METRICS]
@@ -209,7 +388,7 @@ def test_arguments_are_checked_before_captioning(coco_files, tmp_path, monkeypat
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_limit_applies_to_a_predictions_file(coco_files, tmp_path):
+def test_limit_applies_to_a_predictions_file(coco_files, tmp_path, capsys):
     annotations, image_root = coco_files
     predictions = tmp_path / "predictions.json"
     predictions.write_text(json.dumps([{"image_id": i, "caption": c[0]} for i, c in CAPTIONS.items()]))
@@ -217,6 +396,7 @@ def test_limit_applies_to_a_predictions_file(coco_files, tmp_path):
                  "--image-root", str(image_root), "--output-dir", str(tmp_path / "eval"), "--limit", "2",
                  *FAST_METRICS]) == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["num_images"] == 2
+    assert "Flattening the indices" not in capsys.readouterr().err  # datasets' bars for its own bookkeeping
 
 
 def test_evaluate_gallery_shows_scores_and_references(coco_files, tmp_path):
@@ -249,5 +429,8 @@ def test_the_shipped_model_card_is_fillable(coco_files, tmp_path):
     metadata = yaml.safe_load(card.read_text().split("---")[1])
     results = metadata["model-index"][0]["results"]
     assert [r["dataset"]["name"] for r in results] == ["COCO Captions (Karpathy test split)", "toy"]
+    assert results[0]["task"] == results[1]["task"]
+    paper_types = {m["type"] for m in results[0]["metrics"]}
+    assert paper_types <= {m["type"] for m in results[1]["metrics"]} | {"meteor", "spice"}  # not run here
     assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-to-text"
     assert "Not measured yet" not in card.read_text()

@@ -170,6 +170,20 @@ def test_ptb_tokenize_keeps_each_caption_on_its_line(monkeypatch):
     assert ptb_tokenize(["A dog."]) == ["a dog"]
 
 
+def test_failing_ptb_tokenizer_is_a_one_line_os_error(monkeypatch, tmp_path):
+    # A `java` that fails as a broken JVM does, with a stack frame that the message leaves out.
+    java = tmp_path / "java"
+    java.write_text('#!/bin/sh\necho "Exception in thread main: broken JVM" >&2\necho "\tat Main.run" >&2\nexit 1\n')
+    java.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(OSError) as error:
+        ptb_tokenize(["A dog.", "A cat."])
+    assert str(error.value).endswith(
+        "failed with exit status 1 and returned 1 lines for 2 captions: Exception in thread main: broken JVM"
+    )
+    assert "\n" not in str(error.value)
+
+
 @needs_nlgeval
 def test_nlgeval_published_scores_without_tokenization(nlgeval_scores):
     assert set(nlgeval_scores) == set(NLGEVAL_PUBLISHED)
@@ -212,6 +226,11 @@ def test_evaluate_metric_batches_and_tokenization(coco_subset, tmp_path):
     assert scores == compute_caption_metrics(predictions, single, metrics=java_free)
 
 
+def test_evaluate_metric_without_predictions_says_so():
+    with pytest.raises(ValueError, match=r"^There are no predictions to score: `predictions` is an empty list\.$"):
+        CocoCaptionMetric(keep_in_memory=True).compute(predictions=[], references=[])
+
+
 # --- Missing pieces ----------------------------------------------------------------------------------------
 
 
@@ -232,7 +251,7 @@ def test_without_java_meteor_is_skipped_and_tokenization_approximated(coco_subse
     for key in JAVA_FREE_KEYS:
         assert scores[key] == pytest.approx(with_java[key], abs=2e-3), key
 
-    with pytest.raises(RuntimeError, match="needs Java"):
+    with pytest.raises(FileNotFoundError, match="needs Java"):
         ptb_tokenize(["A dog."])
 
 
@@ -301,6 +320,22 @@ def test_missing_pycocoevalcap_names_the_install(monkeypatch):
         compute_caption_metrics({1: "a dog"}, {1: ["a dog"]}, metrics=["bleu"], tokenize=False)
 
 
+def test_metrics_benchmark_runs_without_java(tmp_path):
+    references = [(1, "A dog runs."), (1, "A dog."), (2, "Two cats sleep.")]
+    _write(tmp_path / "references.json", {"annotations": [{"image_id": i, "caption": c} for i, c in references]})
+    _write(tmp_path / "predictions.json", [{"image_id": i, "caption": c} for i, c in [(1, "A dog."), (2, "Cats.")]])
+    bench = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_metrics.py"
+    env = {**os.environ, "PATH": str(tmp_path)}  # no java on it
+    process = subprocess.run([sys.executable, str(bench), "--data-dir", str(tmp_path)], capture_output=True,
+                             text=True, env=env, timeout=120)
+    assert process.returncode == 0, process.stderr
+    result = json.loads(process.stdout)
+    assert result["java"] is None and result["tokenization"] == "python-approximation"
+    assert result["skipped"] == ["meteor", "spice"]
+    assert set(result["seconds"]) == {"tokenize", "bleu", "rouge", "cider"}
+    assert set(result["scores"]) == JAVA_FREE_KEYS
+
+
 # --- Bad input ---------------------------------------------------------------------------------------------
 
 
@@ -328,8 +363,21 @@ def test_empty_predictions_are_scored_as_pycocoevalcap_scores_them():
     expected = dict(zip(("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4"), Bleu(4).compute_score(gts, res, verbose=0)[0]))
     for key, scorer in [("METEOR", Meteor), ("ROUGE_L", Rouge), ("CIDEr", Cider)]:
         expected[key] = scorer().compute_score(gts, res)[0]
-    scores = compute_caption_metrics(predictions, references, metrics=["bleu", "meteor", "rouge", "cider"])
+    with pytest.warns(UserWarning, match=r"^2 of 4 predictions are empty \(image ids: 1, 3\); they are scored"):
+        scores = compute_caption_metrics(predictions, references, metrics=["bleu", "meteor", "rouge", "cider"])
     assert scores == pytest.approx(expected, abs=1e-12)
+
+
+def test_lone_surrogates_are_named(tmp_path):
+    # "\udc9f" is valid JSON and a valid Python string, but cannot be encoded for the Java tools.
+    path = _write(tmp_path / "preds.json", [{"image_id": 1, "caption": "a"}, {"image_id": 7, "caption": "a \udc9f"}])
+    with pytest.raises(ValueError, match=r"^.*preds\.json: the caption of entry 1 \(image id 7\) holds the lone "
+                                         r"surrogate '\\udc9f' at position 2 "):
+        load_coco_predictions(path)
+    with pytest.raises(ValueError, match=r"^The prediction for image id 7 holds the lone surrogate '\\udc9f'"):
+        compute_caption_metrics({7: "a \udc9f"}, {7: ["a dog"]}, metrics=["bleu"], tokenize=False)
+    with pytest.raises(ValueError, match=r"^A reference caption of image id 7 holds the lone surrogate '\\ud83d'"):
+        compute_caption_metrics({7: "a dog"}, {7: ["a dog", "\ud83d"]}, metrics=["bleu"], tokenize=False)
 
 
 def test_non_string_captions_are_rejected():
