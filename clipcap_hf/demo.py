@@ -45,13 +45,16 @@ def import_gradio():
 
 
 def load_user_image(image_path: str | os.PathLike | None) -> PIL.Image.Image:
-    """Open an uploaded image file; a file that is not an image raises a `ValueError` naming it."""
-    from .image_processing_clipcap import load_image
+    """
+    Open an uploaded image file as the model sees it (upright 8-bit RGB, transparency on white), so that the preview
+    shows what is captioned; a file that is not an image raises a `ValueError` naming it.
+    """
+    from .image_processing_clipcap import load_image, to_rgb_image
 
     if image_path is None:
         raise ValueError("Upload an image or pick an example first.")
     try:
-        return load_image(Path(image_path))
+        return to_rgb_image(load_image(Path(image_path)))
     except ValueError as error:
         # Uploads are stored under a temporary folder; the user knows the file by its name only.
         raise ValueError(str(error).replace(str(image_path), Path(image_path).name)) from None

@@ -35,6 +35,10 @@ def load_image(path: str | os.PathLike) -> PIL.Image.Image:
             return image.copy()
     except (OSError, ValueError) as error:  # PIL.UnidentifiedImageError is an OSError
         raise ValueError(f"Cannot read image {path}: {error}") from error
+    except PIL.Image.DecompressionBombError as error:  # a plain Exception, which callers' handlers would miss
+        raise ValueError(
+            f"Cannot read image {path}: {error} If you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS."
+        ) from error
 
 
 def to_rgb_image(image: ImageLike) -> PIL.Image.Image:

@@ -70,6 +70,18 @@ def nearest_tokens(
         `tuple(torch.Tensor, torch.Tensor)`: the similarities and the token ids, both of shape
         `(batch_size, prefix_length, top_k)`, most similar first.
     """
+    # Checked first: a single prefix of shape (prefix_length, hidden_size) would otherwise be read as a batch of
+    # vectors and fail later with an unrelated error.
+    if prefix_embeds.ndim != 3:
+        raise ValueError(
+            "`prefix_embeds` must have shape (batch_size, prefix_length, hidden_size), got "
+            f"{tuple(prefix_embeds.shape)}; for one image's prefix, pass `prefix_embeds[None]`."
+        )
+    if token_embeddings.ndim != 2:
+        raise ValueError(
+            "`token_embeddings` must have shape (vocab_size, hidden_size), got "
+            f"{tuple(token_embeddings.shape)}; pass the language model's input embedding matrix."
+        )
     if top_k < 1 or top_k > token_embeddings.shape[0]:
         raise ValueError(
             f"`top_k` must be between 1 and the vocabulary size ({token_embeddings.shape[0]}), got {top_k}."

@@ -1,5 +1,6 @@
 """The Gradio demo, driven end to end in headless Chromium: upload, click, read what the page shows."""
 
+import re
 import sys
 
 import PIL.Image
@@ -143,6 +144,33 @@ def test_settings_that_do_not_go_together_are_explained(mlp_model, processor, tm
     random_images(1)[0].save(path)
     with pytest.raises(ValueError, match=message):
         caption_and_interpret(mlp_model, processor, path, **settings)
+
+
+def test_preview_shows_the_image_as_the_model_sees_it(mlp_model, processor, tmp_path):
+    pytest.importorskip("gradio", reason=GRADIO_MISSING)
+    from clipcap_hf.image_processing_clipcap import to_rgb_image
+
+    (preview,) = [f.fn for f in build_demo(mlp_model, processor).fns.values() if f.outputs[0].elem_id == "preview"]
+    # Stored 60x20 with EXIF "rotate 90 degrees clockwise to display": previewed upright, as the processor takes it.
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    random_images(1, size=(60, 20))[0].save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    shown = preview(str(tmp_path / "rotated.jpg"))
+    assert shown.size == (20, 60)
+    assert shown.tobytes() == to_rgb_image(PIL.Image.open(tmp_path / "rotated.jpg")).tobytes()
+    # Transparent areas on white, not on the black they hide.
+    PIL.Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "transparent.png")
+    shown = preview(str(tmp_path / "transparent.png"))
+    assert (shown.mode, shown.getpixel((4, 4))) == ("RGB", (255, 255, 255))
+
+
+def test_decompression_bomb_is_explained_by_file_name(mlp_model, processor, tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    PIL.Image.new("RGB", (30, 20)).save(path)
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 250)  # 600 pixels is over twice the limit: refused
+    message = "Cannot read image huge.png: Image size (600 pixels) exceeds limit of 500 pixels"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        caption_and_interpret(mlp_model, processor, path)
 
 
 def test_no_image_is_explained(mlp_model, processor):

@@ -1,7 +1,12 @@
 """The HTML gallery, read back from headless Chromium the way a person would see it."""
 
+import base64
+import io
+import json
+import os
 import re
 
+import PIL.Image
 import pytest
 from browser import browser, serve_folder  # noqa: F401 (`browser` is a fixture)
 from conftest import random_images
@@ -9,6 +14,7 @@ from conftest import random_images
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
 from clipcap_hf.cli import main
 from clipcap_hf.gallery import GalleryRecord, render_gallery, write_gallery
+from clipcap_hf.image_processing_clipcap import to_rgb_image
 
 # What a person sees in each row: the cells' rendered text, and the thumbnail's decoded size when there is one.
 READ_ROWS = """
@@ -32,8 +38,6 @@ def open_page(browser, path):
 
 
 def open_images(paths):
-    import PIL.Image
-
     return [PIL.Image.open(path) for path in paths]
 
 
@@ -85,8 +89,13 @@ def test_gallery_sorts_by_score_worst_first(tmp_path, browser):
     page = write_gallery(records, tmp_path / "scores.html", title="Scored")
     rows = open_page(browser, page)
     # Columns: #, image, caption, references, then the scores in the order the records name them.
-    assert rows[0]["cells"][2:] == ["caption a", "ref a 1\nref a 2", "0.500", "0.250"]
-    assert [row["cells"][5] for row in rows] == ["0.250", "0.750", "0.500", "\u2013"]
+    # Shown x100, on the scale of `clipcap evaluate`'s metrics table, and the page says so.
+    assert rows[0]["cells"][2:] == ["caption a", "ref a 1\nref a 2", "50.00", "25.00"]
+    assert [row["cells"][5] for row in rows] == ["25.00", "75.00", "50.00", "\u2013"]
+    assert browser.find_element("css selector", ".summary").text == (
+        "4 images. Scores are \u00d7100, as in the metrics table and captioning papers. Click a score to sort by it, "
+        "worst first; click again for best first."
+    )
 
     def captions():
         return [row["cells"][2] for row in browser.execute_script(READ_ROWS)]
@@ -124,7 +133,7 @@ def test_unreadable_images_and_markup_in_text_are_shown_as_text(tmp_path, browse
     name, error = first["cells"][1].split("\n", 1)  # the file name, then the error, in place of the thumbnail
     assert name == str(broken)
     assert error.strip().startswith(f"Cannot read image {broken}: cannot identify image file")
-    assert first["cells"][2:] == [caption, "<b>bold</b>", "0.500"]
+    assert first["cells"][2:] == [caption, "<b>bold</b>", "50.00"]
     assert second["image"] is None
     name, error = second["cells"][1].split("\n", 1)
     assert name == str(tmp_path / "missing.jpg")
@@ -166,25 +175,104 @@ def test_gallery_folder_must_exist_before_captioning(saved_model_dir, tmp_path, 
     assert captured.out == ""
 
 
-def test_per_image_metrics_plug_into_the_gallery(tmp_path, browser):
+def test_evaluate_gallery_scores_match_the_metrics_table_and_unreadable_images_are_named(tmp_path, browser, capsys):
     pytest.importorskip("pycocoevalcap", reason='pycocoevalcap is not installed (pip install -e ".[dev]")')
-    from clipcap_hf.metrics import compute_caption_metrics
-
-    predictions = {7: "a dog runs on the beach", 8: "a cat on a sofa", 9: "a red circle"}
     references = {7: ["a dog runs on the beach", "a dog on the sand"], 8: ["two cats sleep on a sofa"],
                   9: ["a man rides a bicycle down the street"]}
-    _, per_image = compute_caption_metrics(
-        predictions, references, metrics=["bleu", "cider"], tokenize=False, return_per_image=True
-    )
-    records = [
-        {"image": image, "caption": predictions[image_id], "references": references[image_id],
-         "scores": per_image[image_id], "name": f"COCO {image_id}"}
-        for image, image_id in zip(random_images(3), predictions)
-    ]
-    page = write_gallery(records, tmp_path / "evaluation.html")
+    predictions = {7: "a dog runs on the beach", 8: "a cat on a sofa", 9: "a red circle"}
+    images = tmp_path / "images"
+    images.mkdir()
+    for image_id, image in zip((7, 8), random_images(2)):
+        image.save(images / f"{image_id}.png")
+    (images / "9.png").write_bytes(b"not a png")  # scored from its caption, but shown as unreadable
+    annotations = tmp_path / "captions.json"
+    annotations.write_text(json.dumps({
+        "images": [{"id": image_id, "file_name": f"{image_id}.png"} for image_id in references],
+        "annotations": [{"image_id": i, "caption": c} for i, captions in references.items() for c in captions],
+    }))
+    predictions_file = tmp_path / "predictions.json"
+    predictions_file.write_text(json.dumps([{"image_id": i, "caption": c} for i, c in predictions.items()]))
+    page = tmp_path / "gallery.html"
+    assert main(["evaluate", "--predictions", str(predictions_file), "--data", str(annotations), "--data-format",
+                 "coco", "--image-root", str(images), "--output-dir", str(tmp_path / "eval"), "--gallery", str(page),
+                 "--metrics", "bleu", "cider"]) == 0
+    header, _, overall = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line[:1] == "|"]
+    table_cider = float(overall[[cell.strip() for cell in header].index("CIDEr")])
+
     open_page(browser, page)
     click_header(browser, "CIDEr")
     rows = browser.execute_script(READ_ROWS)
-    worst_first = sorted(predictions, key=lambda image_id: per_image[image_id]["CIDEr"])
-    assert [row["cells"][1] for row in rows] == [f"COCO {image_id}" for image_id in worst_first]
-    assert [row["cells"][-1] for row in rows] == [f"{per_image[image_id]['CIDEr']:.3f}" for image_id in worst_first]
+    assert [row["cells"][1].split("\n")[0] for row in rows] == ["9", "8", "7"]  # worst caption first
+    assert [row["cells"][2] for row in rows] == [predictions[9], predictions[8], predictions[7]]
+    assert [row["cells"][3] for row in rows] == ["\n".join(references[image_id]) for image_id in (9, 8, 7)]
+    assert rows[0]["image"] is None
+    assert rows[0]["cells"][1].split("\n", 1)[1].strip().startswith(
+        f"Cannot read image {images / '9.png'}: cannot identify image file"
+    )
+    assert all(row["image"]["inline"] for row in rows[1:])
+    # The page shows per-image CIDEr on the table's scale: the overall CIDEr is their mean.
+    shown = [float(row["cells"][-1]) for row in rows]
+    assert shown[0] == 0.0 and shown[2] > shown[1] > 0
+    assert sum(shown) / len(shown) == pytest.approx(table_cider, abs=0.01)
+
+
+def thumbnails(page: str) -> list:
+    """The JPEG thumbnails embedded in a page, decoded."""
+    return [PIL.Image.open(io.BytesIO(base64.b64decode(data))) for data in re.findall(r'base64,([^"]+)"', page)]
+
+
+def test_thumbnails_show_the_image_as_the_model_sees_it(tmp_path):
+    # Stored 60x20, left half red and right half blue, with EXIF "rotate 90 degrees clockwise to display".
+    stored = PIL.Image.new("RGB", (60, 20), (0, 0, 255))
+    stored.paste((255, 0, 0), (0, 0, 30, 20))
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "rotated.jpg", exif=exif.tobytes())
+    # Transparent everywhere but a red top half; the hidden colour is black.
+    transparent = PIL.Image.new("RGBA", (40, 40), (0, 0, 0, 0))
+    transparent.paste((255, 0, 0, 255), (0, 0, 40, 20))
+    transparent.save(tmp_path / "transparent.png")
+
+    page = render_gallery([{"image": tmp_path / "rotated.jpg", "caption": "a"}, {"image": transparent, "caption": "b"}])
+    rotated_thumbnail, transparent_thumbnail = thumbnails(page)
+    assert rotated_thumbnail.size == to_rgb_image(PIL.Image.open(tmp_path / "rotated.jpg")).size == (20, 60)
+    top, bottom = rotated_thumbnail.getpixel((10, 5)), rotated_thumbnail.getpixel((10, 55))
+    assert max(abs(a - b) for a, b in zip(top, (255, 0, 0))) <= 8  # JPEG shifts colours a little
+    assert max(abs(a - b) for a, b in zip(bottom, (0, 0, 255))) <= 8
+    assert transparent_thumbnail.getpixel((20, 35)) == (255, 255, 255)  # white, not the hidden black
+    assert transparent.mode == "RGBA"  # the caller's image is left as it was
+
+
+def test_decompression_bomb_is_shown_as_an_unreadable_image(tmp_path, monkeypatch):
+    PIL.Image.new("RGB", (30, 20)).save(tmp_path / "huge.png")
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 250)  # 600 pixels is over twice the limit: refused
+    small = random_images(1, size=(10, 10))[0]
+    page = render_gallery([{"image": tmp_path / "huge.png", "caption": "a"}, {"image": small, "caption": "b"}])
+    assert len(thumbnails(page)) == 1
+    message = f"Cannot read image {tmp_path / 'huge.png'}: Image size (600 pixels) exceeds limit of 500 pixels"
+    assert f'<div class="unreadable"><strong>{tmp_path / "huge.png"}</strong><p>{message}' in page
+
+
+def test_names_that_are_not_utf8_are_shown_with_replacement_characters(tmp_path):
+    # Linux file names are bytes; Python hands this one over as "bad\udcff.png", which UTF-8 cannot encode.
+    name = os.fsdecode(b"bad\xff.png")
+    random_images(1)[0].save(tmp_path / name)
+    page = write_gallery([{"image": tmp_path / name, "caption": f"caption of {name}"}], tmp_path / "gallery.html")
+    html = page.read_bytes().decode("utf-8")
+    assert len(thumbnails(html)) == 1
+    assert f'alt="{tmp_path}/bad\ufffd.png"' in html
+    assert '<td class="caption">caption of bad\ufffd.png</td>' in html
+
+
+def test_a_failed_write_leaves_the_earlier_page_in_place(tmp_path, monkeypatch):
+    page = tmp_path / "gallery.html"
+    page.write_text("earlier page")
+
+    def fail(source, destination):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", fail)
+    with pytest.raises(OSError, match="No space left on device"):
+        write_gallery([{"image": random_images(1)[0], "caption": "new"}], page)
+    assert page.read_text() == "earlier page"
+    assert os.listdir(tmp_path) == ["gallery.html"]  # and no temporary file left behind

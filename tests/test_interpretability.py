@@ -5,6 +5,7 @@ import torch
 from conftest import random_images, run_without_package, tiny_model
 
 from clipcap_hf.cli import main
+from clipcap_hf.interpretability import interpret_prefix_embeds
 
 # Words that the test tokenizer encodes as one token each, so that their embeddings are known rows.
 WORDS = [" do", "at", "!", "A"]
@@ -126,6 +127,23 @@ def test_top_k_out_of_range_is_rejected(mlp_model, top_k):
         mlp_model.interpret_prefix(image_embeds=torch.randn(1, mlp_model.config.prefix_dim), top_k=top_k)
 
 
+@pytest.mark.parametrize(
+    "prefix_shape, embeddings_shape, message",
+    [
+        ((4, 8), (50, 8), "`prefix_embeds` must have shape (batch_size, prefix_length, hidden_size), got (4, 8); "
+                          "for one image's prefix, pass `prefix_embeds[None]`."),
+        ((1, 4, 8), (50,), "`token_embeddings` must have shape (vocab_size, hidden_size), got (50,); pass the "
+                           "language model's input embedding matrix."),
+        ((1, 4, 8), (50, 16), "Prefix vectors have width 8 but token embeddings have width 16; they must come from "
+                              "the same model."),
+    ],
+)
+def test_shapes_are_checked_and_named(prefix_shape, embeddings_shape, message):
+    with pytest.raises(ValueError) as caught:
+        interpret_prefix_embeds(torch.randn(*prefix_shape), torch.randn(*embeddings_shape), top_k=2)
+    assert str(caught.value) == message
+
+
 @pytest.fixture
 def saved_words_model(prefix_of_words, processor, tmp_path):
     model, ids = prefix_of_words
@@ -161,6 +179,16 @@ def test_interpret_command_rejects_bad_input(saved_words_model, tmp_path, capsys
     broken.write_bytes(b"not a png")
     assert main(["interpret", str(broken), "--model", str(folder)]) == 2
     assert f"Cannot read image {broken}" in capsys.readouterr().err
+
+
+def test_interpret_command_names_a_decompression_bomb(saved_words_model, monkeypatch, capsys):
+    folder, image_path, _ = saved_words_model  # 48x40 pixels
+    monkeypatch.setattr("PIL.Image.MAX_IMAGE_PIXELS", 500)  # over twice the limit: refused as a decompression bomb
+    assert main(["interpret", str(image_path), "--model", str(folder)]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"clipcap interpret: error: Cannot read image {image_path}: Image size (1920 pixels) exceeds limit of 1000 "
+        "pixels, could be decompression bomb DOS attack. If you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS."
+    )
 
 
 def test_interpret_command_names_the_option_when_top_k_exceeds_the_vocabulary(saved_words_model, processor, capsys):

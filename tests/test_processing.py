@@ -10,7 +10,7 @@ from torchvision import transforms
 from conftest import build_tokenizer
 
 from clipcap_hf import ClipCapImageProcessor, ClipCapProcessor
-from clipcap_hf.image_processing_clipcap import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from clipcap_hf.image_processing_clipcap import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_image
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_samples"
 
@@ -104,6 +104,19 @@ def test_exif_orientation_is_applied():
     assert upright.size == (20, 40)
     np.testing.assert_allclose(processor(stored)["pixel_values"], processor(upright)["pixel_values"])
     assert not np.allclose(processor(stored)["pixel_values"], processor(image)["pixel_values"])
+
+
+def test_decompression_bomb_is_an_unreadable_image_named_by_its_file(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    PIL.Image.new("RGB", (30, 20)).save(path)
+    # Pillow refuses images over twice this many pixels with DecompressionBombError, which is not an OSError.
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 250)
+    with pytest.raises(ValueError) as caught:
+        load_image(path)
+    assert str(caught.value) == (
+        f"Cannot read image {path}: Image size (600 pixels) exceeds limit of 500 pixels, could be decompression "
+        "bomb DOS attack. If you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS."
+    )
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,8 @@
 """`clipcap quickstart`: the synthetic shapes dataset, and a short training run that must learn."""
 
+import dataclasses
 import json
+import os
 
 import numpy as np
 import pytest
@@ -13,11 +15,16 @@ from clipcap_hf.quickstart import (
     COLOURS,
     POSITIONS,
     SHAPES,
+    QuickstartConfig,
     is_held_out,
     make_shapes_dataset,
     render_shape,
+    run_quickstart,
     score_captions,
 )
+
+# A run of seconds: one image per combination, two steps.
+TINY_RUN = QuickstartConfig(train_images_per_combination=1, test_images_per_combination=1, max_steps=2, batch_size=8)
 
 
 def attributes(caption):
@@ -66,6 +73,39 @@ def test_max_steps_below_one_is_rejected_before_training(tmp_path, capsys, monke
     monkeypatch.setattr("clipcap_hf.quickstart.run_quickstart", lambda *args: pytest.fail("quickstart ran"))
     assert cli_main(["quickstart", "--output-dir", str(tmp_path), "--max-steps", max_steps]) == 2
     assert f"--max-steps must be at least 1, got {max_steps}" in capsys.readouterr().err
+
+
+def test_a_folder_with_other_files_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    monkeypatch.setattr("clipcap_hf.quickstart.make_shapes_dataset", lambda *args: pytest.fail("training started"))
+    assert cli_main(["quickstart", "--output-dir", str(out)]) == 2
+    assert capsys.readouterr().err == (
+        f"clipcap quickstart: error: {out} is not empty; choose another folder, remove it, or pass overwrite=True "
+        "(--overwrite) to replace the model in it.\n"
+    )
+    assert cli_main(["quickstart", "--output-dir", str(out), "--overwrite"]) == 2
+    assert capsys.readouterr().err == (
+        f"clipcap quickstart: error: Refusing to write into {out}: overwrite=True (--overwrite) only replaces an "
+        f"earlier ClipCap model, and {out / 'config.json'} does not say model_type 'clipcap'. Remove it yourself or "
+        "choose another folder.\n"
+    )
+    assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "my notes"
+
+
+def test_overwrite_replaces_an_earlier_model_and_the_trainer_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "quickstart"
+    out.mkdir()  # an empty folder is as good as a new one
+    run_quickstart(out, dataclasses.replace(TINY_RUN, seed=1), verbose=False)
+    with pytest.raises(ValueError, match="is not empty; choose another folder"):
+        run_quickstart(out, TINY_RUN, verbose=False)
+    assert json.loads((out / "quickstart_config.json").read_text())["seed"] == 1
+    run_quickstart(out, TINY_RUN, verbose=False, overwrite=True)
+    assert json.loads((out / "quickstart_config.json").read_text())["seed"] == 0
+    assert ClipCapForConditionalGeneration.from_pretrained(out).config.model_type == "clipcap"
+    # Files only: no Trainer output (checkpoints/, runs/) in the model's folder.
+    assert [path.name for path in out.iterdir() if not path.is_file()] == []
 
 
 def test_quickstart_learns_held_out_combinations_and_saves_a_loadable_model(tmp_path, capsys):
