@@ -574,7 +574,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             labels (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*):
                 Targets aligned with `input_ids` (usually a copy of them), -100 where no loss is wanted (padding).
                 The loss is next-token cross-entropy over the caption tokens only. In training mode the LM head is
-                applied only at the positions that predict a label, and `logits` is returned as `None`.
+                applied only at the positions that predict a label, and `logits` is returned as `None`. Given
+                without `input_ids` and `attention_mask`, the caption tokens are read from `labels`, with the -100
+                positions as padding; give `input_ids` when some tokens are inputs but not targets (a prompt).
 
         Example:
 
@@ -587,6 +589,12 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         if pixel_values is not None or image_embeds is not None:
             if inputs_embeds is not None:
                 raise ValueError("Pass `inputs_embeds` or an image (`pixel_values`/`image_embeds`), not both.")
+            if labels is not None and input_ids is None and attention_mask is None:
+                # Labels alone (as Seq2SeqTrainer's evaluation batches give them, so that `generate` gets no
+                # prompt): the caption tokens are read from them, -100 positions becoming masked padding, as
+                # VisionEncoderDecoder derives its decoder inputs from `labels`.
+                attention_mask = (labels != -100).long()
+                input_ids = labels.masked_fill(labels == -100, 0)
             if labels is not None and (input_ids is None or labels.shape != input_ids.shape):
                 got = "no `input_ids`" if input_ids is None else f"`input_ids` of shape {tuple(input_ids.shape)}"
                 raise ValueError(
@@ -712,6 +720,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         # goes in as `inputs_embeds`, and every decoding strategy and cache of the language model applies. That
         # `generate` would fill what the caller leaves unset from the language model's generation config, so the
         # merge happens here, with ours (the decoding defaults saved with the model) underneath the caller's.
+        # `labels` are ignored, as encoder-decoder models ignore them here: Seq2SeqTrainer(predict_with_generate=True)
+        # passes its evaluation batches (image and labels) to `generate` as they are.
+        generate_kwargs.pop("labels", None)
         caller_config = generate_kwargs.pop("generation_config", None)
         requested = caller_config.to_diff_dict() if caller_config is not None else {}  # what the caller set
         requested.pop("transformers_version", None)

@@ -226,6 +226,52 @@ def test_evaluate_metric_batches_and_tokenization(coco_subset, tmp_path):
     assert scores == compute_caption_metrics(predictions, single, metrics=java_free)
 
 
+def test_evaluate_metric_scores_captions_generated_by_seq2seq_trainer(tmp_path, tokenizer, processor):
+    """The README's recipe: Seq2SeqTrainer(predict_with_generate=True) with the metric in `compute_metrics`."""
+    import datasets
+    import numpy as np
+    import torch
+    from conftest import tiny_model
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    model = tiny_model(tokenizer)
+    captions = ["A dog runs on the beach.", "Two cats sleep!", "A man rides a bicycle.", "People walk."]
+    image_embeds = torch.randn(len(captions), model.config.prefix_dim, generator=torch.Generator().manual_seed(0))
+    labels = processor(captions=captions)["labels"]  # -100 on padding
+    # Evaluation batches hold the image and the labels only, so that `generate` captions from the image alone.
+    rows = datasets.Dataset.from_dict({"image_embeds": image_embeds.tolist(), "labels": labels.tolist()})
+    metric = CocoCaptionMetric(keep_in_memory=True)
+
+    def decode(token_ids: np.ndarray) -> list[str]:
+        token_ids = np.where(token_ids == -100, tokenizer.eos_token_id, token_ids)  # label and batch padding
+        return [text.strip() for text in processor.batch_decode(token_ids, skip_special_tokens=True)]
+
+    def compute_metrics(prediction) -> dict:
+        references = [[reference] for reference in decode(prediction.label_ids)]
+        return metric.compute(predictions=decode(prediction.predictions), references=references,
+                              metrics=["bleu", "cider"], tokenize=False)
+
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=Seq2SeqTrainingArguments(output_dir=str(tmp_path), predict_with_generate=True, report_to=[],
+                                      per_device_eval_batch_size=2, remove_unused_columns=False, use_cpu=True),
+        eval_dataset=rows,
+        processing_class=processor.tokenizer,  # pads the generated captions of different lengths
+        data_collator=lambda batch: {key: torch.tensor([row[key] for row in batch]) for key in batch[0]},
+        compute_metrics=compute_metrics,
+    )
+    scores = trainer.evaluate(max_new_tokens=6)
+
+    generated = decode(model.generate(image_embeds=image_embeds, max_new_tokens=6).numpy())
+    expected = compute_caption_metrics(dict(enumerate(generated)), {i: [c] for i, c in enumerate(captions)},
+                                       metrics=["bleu", "cider"], tokenize=False)
+    assert {key.removeprefix("eval_"): value for key, value in scores.items() if key[5:] in expected} == expected
+    with torch.no_grad():  # the loss, from the labels alone, is the model's on the processor's inputs
+        losses = [model(image_embeds=image_embeds[i : i + 2], **processor(captions=captions[i : i + 2])).loss
+                  for i in (0, 2)]
+    assert scores["eval_loss"] == pytest.approx(float(sum(losses) / 2), rel=1e-5)
+
+
 def test_evaluate_metric_without_predictions_says_so():
     with pytest.raises(ValueError, match=r"^There are no predictions to score: `predictions` is an empty list\.$"):
         CocoCaptionMetric(keep_in_memory=True).compute(predictions=[], references=[])

@@ -204,11 +204,25 @@ def test_mismatched_image_and_text_batch_sizes(mlp_model):
         mlp_model(image_embeds=image_embeds_for(mlp_model, 2), input_ids=torch.ones(3, 4, dtype=torch.long))
 
 
+def test_labels_alone_give_the_loss_of_the_captions_they_hold(tokenizer, processor):
+    model = tiny_model(tokenizer)
+    batch = processor(captions=["A dog runs on the beach.", "Two cats sleep!"])  # the second one is padded
+    assert (batch["labels"] == -100).any()
+    x = image_embeds_for(model, 2)
+    for training in (False, True):  # the full forward, and the training path's LM head at labelled positions
+        model.train(training)
+        torch.manual_seed(0)
+        expected = model(image_embeds=x, **batch).loss
+        torch.manual_seed(0)
+        torch.testing.assert_close(model(image_embeds=x, labels=batch["labels"]).loss, expected)
+
+
 def test_labels_need_input_ids_of_the_same_shape(mlp_model, processor):
     batch = processor(captions=["A dog runs on the beach.", "Two cats sleep!"])
     x = image_embeds_for(mlp_model, 2)
+    # With an attention mask the caller is giving inputs, so the missing `input_ids` are a mistake, not implied.
     with pytest.raises(ValueError, match=r"`labels` of shape \(2, \d+\) need `input_ids`.*got no `input_ids`"):
-        mlp_model(image_embeds=x, labels=batch["labels"])
+        mlp_model(image_embeds=x, attention_mask=batch["attention_mask"], labels=batch["labels"])
     with pytest.raises(ValueError, match=r"got `input_ids` of shape \(2, 3\)"):
         mlp_model(image_embeds=x, input_ids=batch["input_ids"][:, :3], labels=batch["labels"])
 
