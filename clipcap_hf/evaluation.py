@@ -232,13 +232,17 @@ def write_predictions(predictions: Mapping[Any, str], output_dir: str | os.PathL
 
 
 def write_evaluation(
-    result: EvaluationResult, output_dir: str | os.PathLike, with_predictions: bool = True
+    result: EvaluationResult,
+    output_dir: str | os.PathLike,
+    with_predictions: bool = True,
+    run: Mapping[str, Any] | None = None,
 ) -> dict[str, Path]:
     """
     Write `predictions.json` (COCO results format, unless `with_predictions=False`: when it is already there),
     `metrics.json` and `metrics.md` into `output_dir`, each replaced atomically. `metrics.json` holds the scores,
     the per-domain scores, the number of images, the tokenization (`"ptb"`: the COCO tokenizer, run with Java;
-    `"python-approximation"`: without Java) and the requested metrics that could not run.
+    `"python-approximation"`: without Java), the requested metrics that could not run and, under `"run"`, what
+    `run` says produced the captions (model, data, decoding), so that the numbers can be reproduced.
 
     Returns the paths written, by kind.
     """
@@ -256,6 +260,7 @@ def write_evaluation(
         "num_images": len(result.predictions),
         "tokenization": result.tokenization,
         "skipped_metrics": result.skipped_metrics,
+        "run": dict(run or {}),
     }
     write_text_atomically(paths["metrics"], json.dumps(metrics, indent=2) + "\n")
     write_text_atomically(paths["table"], markdown_table(result))
@@ -416,13 +421,17 @@ def evaluate_command(args: argparse.Namespace) -> int:
     images, split = _load_split(args)
     output_dir = Path(args.output_dir)
     unreadable = {}
+    run = {"data": args.data, "data_format": args.data_format, "split": split, "limit": args.limit}
     if args.predictions:
         # Re-score a predictions file (COCO results format) without running the model.
         predictions = _load_predictions(args, images)
+        run["predictions"] = args.predictions
     else:
         from .cli import load_model_and_processor
 
         model, processor = load_model_and_processor(args.model, args.device)
+        max_new_tokens = generate_kwargs.get("max_new_tokens", model.generation_config.max_new_tokens)
+        run.update(model=args.model, num_beams=args.num_beams, max_new_tokens=max_new_tokens)
         predictions, unreadable = caption_images(model, processor, images, args.batch_size, **generate_kwargs)
         # Written before scoring, so that a scoring failure (no Java, a bad reference) keeps the captions; this also
         # removes the metrics of earlier captions.
@@ -446,7 +455,7 @@ def evaluate_command(args: argparse.Namespace) -> int:
     # A --predictions file that is the output's predictions.json is left as it is (the scores may cover part of it).
     output = output_dir / PREDICTIONS_FILE
     rewrite = bool(args.predictions) and not (output.exists() and os.path.samefile(args.predictions, output))
-    paths = write_evaluation(result, output_dir, with_predictions=rewrite)
+    paths = write_evaluation(result, output_dir, with_predictions=rewrite, run=run)
     if args.gallery:
         _write_gallery(args, images, result.predictions, result.per_image)
     print(markdown_table(result), end="")

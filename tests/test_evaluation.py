@@ -83,6 +83,8 @@ def test_evaluate_writes_predictions_metrics_and_table(saved_model_dir, coco_fil
                                           metrics=["bleu", "rouge", "cider"])
     assert metrics["scores"] == pytest.approx(independent)
     assert metrics["num_images"] == 4
+    assert metrics["run"] == {"data": str(annotations), "data_format": "coco", "split": None, "limit": None,
+                              "model": str(saved_model_dir), "num_beams": 2, "max_new_tokens": 6}
     table = (out / "metrics.md").read_text()
     assert table.splitlines()[0] == "| | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | ROUGE-L | CIDEr |"
     assert f"{100 * independent['CIDEr']:.2f}" in table.splitlines()[2]
@@ -92,12 +94,16 @@ def test_evaluate_writes_predictions_metrics_and_table(saved_model_dir, coco_fil
 def test_rescoring_written_predictions_gives_the_same_numbers_with_domains(saved_model_dir, coco_files, tmp_path):
     annotations, image_root = coco_files
     common = ["--data", str(annotations), "--data-format", "nocaps", "--image-root", str(image_root), *FAST_METRICS]
-    assert main(["evaluate", "--model", str(saved_model_dir), "--output-dir", str(tmp_path / "a"),
-                 "--max-new-tokens", "5", *common]) == 0
+    assert main(["evaluate", "--model", str(saved_model_dir), "--output-dir", str(tmp_path / "a"), *common]) == 0
     assert main(["evaluate", "--predictions", str(tmp_path / "a" / "predictions.json"),
                  "--output-dir", str(tmp_path / "b"), *common]) == 0
     first = json.loads((tmp_path / "a" / "metrics.json").read_text())
     second = json.loads((tmp_path / "b" / "metrics.json").read_text())
+    # Without --max-new-tokens the model's generation config decides, and the record says what it was.
+    saved_length = ClipCapForConditionalGeneration.from_pretrained(saved_model_dir).generation_config.max_new_tokens
+    assert (first["run"]["max_new_tokens"], first["run"]["num_beams"]) == (saved_length, 5)  # evaluate beams by default
+    assert second["run"]["predictions"] == str(tmp_path / "a" / "predictions.json")
+    del first["run"], second["run"]
     assert first == second
     assert sorted(first["domains"]) == ["in-domain", "near-domain", "out-domain"]
     predictions = {p["image_id"]: p["caption"] for p in json.loads((tmp_path / "a" / "predictions.json").read_text())}
