@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import HFValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config
 
 from .configuration_clipcap import ClipCapConfig
@@ -561,7 +562,8 @@ def _naming_failed_part(part: str, name: str, option: str) -> Iterator[None]:
     """
     try:
         yield
-    except OSError as error:
+    # transformers 4.57 lets huggingface_hub's ValueError for a name that is neither a folder nor a repo id through.
+    except (OSError, HFValidationError) as error:
         error_type = FileNotFoundError if isinstance(error, FileNotFoundError) else OSError  # for callers that catch it
         raise error_type(
             f"Could not load the {part} {name!r}: {str(error).strip()} Choose the {part} with {option}; without "

@@ -616,6 +616,16 @@ def test_a_part_that_cannot_be_loaded_is_named_with_its_option(tmp_path, tokeniz
     assert_nothing_written(tmp_path / "out")
 
 
+@pytest.mark.parametrize("option", ["tokenizer", "vision_model"])
+def test_a_missing_local_folder_is_named_with_its_option(tmp_path, tokenizer, local_parts, option):
+    # transformers 5 reports it as an OSError, 4.57 as huggingface_hub's HFValidationError (a ValueError).
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    with pytest.raises(OSError, match=rf"^Could not load the [a-z ]+ './no-such-folder': .* Choose the [a-z ]+ "
+                                      rf"with `{option}`"):
+        convert_original_checkpoint(checkpoint, tmp_path / "out", **{**local_parts["mlp"], option: "./no-such-folder"})
+    assert_nothing_written(tmp_path / "out")
+
+
 def test_vision_tower_width_must_match_the_mapper(tmp_path, tokenizer, local_parts):
     checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
     # The open_clip ModifiedResNet has the right width; a 16-d HF CLIP does not.
