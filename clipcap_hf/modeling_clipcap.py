@@ -70,6 +70,11 @@ class ClipCapCausalLMOutputWithPast(ModelOutput):
     prefix_embeds: torch.FloatTensor | None = None
 
 
+def _is_right_padding(mask: torch.Tensor) -> bool:
+    """Whether every row of a boolean `(batch, length)` mask is False, then True to its end."""
+    return bool((mask[:, 1:] | ~mask[:, :-1]).all())
+
+
 class ClipCapMLPMapper(nn.Module):
     """The paper's MLP mapper: Linear(d, k*h/2) - Tanh - Linear(k*h/2, k*h), viewed as k vectors of width h."""
 
@@ -575,8 +580,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 Targets aligned with `input_ids` (usually a copy of them), -100 where no loss is wanted (padding).
                 The loss is next-token cross-entropy over the caption tokens only. In training mode the LM head is
                 applied only at the positions that predict a label, and `logits` is returned as `None`. Given
-                without `input_ids` and `attention_mask`, the caption tokens are read from `labels`, with the -100
-                positions as padding; give `input_ids` when some tokens are inputs but not targets (a prompt).
+                without `input_ids` and `attention_mask`, and with -100 only as right padding, the caption tokens
+                are read from `labels`.
 
         Example:
 
@@ -589,12 +594,14 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         if pixel_values is not None or image_embeds is not None:
             if inputs_embeds is not None:
                 raise ValueError("Pass `inputs_embeds` or an image (`pixel_values`/`image_embeds`), not both.")
-            if labels is not None and input_ids is None and attention_mask is None:
+            ignored = labels == -100 if labels is not None else None
+            if input_ids is None and attention_mask is None and ignored is not None and _is_right_padding(ignored):
                 # Labels alone (as Seq2SeqTrainer's evaluation batches give them, so that `generate` gets no
-                # prompt): the caption tokens are read from them, -100 positions becoming masked padding, as
-                # VisionEncoderDecoder derives its decoder inputs from `labels`.
-                attention_mask = (labels != -100).long()
-                input_ids = labels.masked_fill(labels == -100, 0)
+                # prompt): the caption tokens are read from them, the trailing -100s becoming masked padding, as
+                # VisionEncoderDecoder derives its decoder inputs from `labels`. A -100 before a caption token
+                # stands for an input that is not a target (a prompt), which labels cannot give back.
+                attention_mask = (~ignored).long()
+                input_ids = labels.masked_fill(ignored, 0)
             if labels is not None and (input_ids is None or labels.shape != input_ids.shape):
                 got = "no `input_ids`" if input_ids is None else f"`input_ids` of shape {tuple(input_ids.shape)}"
                 raise ValueError(

@@ -223,6 +223,11 @@ def test_labels_need_input_ids_of_the_same_shape(mlp_model, processor):
     # With an attention mask the caller is giving inputs, so the missing `input_ids` are a mistake, not implied.
     with pytest.raises(ValueError, match=r"`labels` of shape \(2, \d+\) need `input_ids`.*got no `input_ids`"):
         mlp_model(image_embeds=x, attention_mask=batch["attention_mask"], labels=batch["labels"])
+    # A -100 before a target is an input that is not a target (a masked prompt): labels alone cannot give it back.
+    prompt_masked = batch["labels"].clone()
+    prompt_masked[:, 0] = -100
+    with pytest.raises(ValueError, match=r"need `input_ids`.*got no `input_ids`"):
+        mlp_model(image_embeds=x, labels=prompt_masked)
     with pytest.raises(ValueError, match=r"got `input_ids` of shape \(2, 3\)"):
         mlp_model(image_embeds=x, input_ids=batch["input_ids"][:, :3], labels=batch["labels"])
 
