@@ -491,11 +491,7 @@ def convert_original_checkpoint(
     stop_token_ids = _original_stop_token_ids(text_tokenizer, tokenizer, layout.gpt2_config)
     with _naming_failed_part("vision model", vision_name, "`vision_model` (--vision-model)"):
         vision_tower, config_fields = load_pretrained_vision_model(vision_name, backend, vision_tag)
-        image_processor = (
-            ClipCapImageProcessor.from_open_clip(vision_name, vision_tag)
-            if backend == "open_clip"
-            else ClipCapImageProcessor.from_clip_pretrained(vision_name)
-        )
+        image_processor = ClipCapImageProcessor.from_vision_pretrained(vision_name, backend, vision_tag)
     processor = ClipCapProcessor(image_processor=image_processor, tokenizer=text_tokenizer)
     # What the source tower makes of some pixels; the written folder must reproduce it (`_check_reload`).
     side = image_processor.crop_size
@@ -564,10 +560,13 @@ def _naming_failed_part(part: str, name: str, option: str) -> Iterator[None]:
         yield
     # transformers 4.57 lets huggingface_hub's ValueError for a name that is neither a folder nor a repo id through.
     except (OSError, HFValidationError) as error:
-        error_type = FileNotFoundError if isinstance(error, FileNotFoundError) else OSError  # for callers that catch it
+        # The nearest built-in OSError class (FileNotFoundError, PermissionError...), for callers that catch it;
+        # library subclasses may not take a plain message.
+        error_type = next((kind for kind in type(error).__mro__ if kind.__module__ == "builtins"), OSError)
+        error_type = error_type if issubclass(error_type, OSError) else OSError
         raise error_type(
-            f"Could not load the {part} {name!r}: {str(error).strip()} Choose the {part} with {option}; without "
-            "network access, give a local folder."
+            f"Could not load the {part} {name!r}: {str(error).strip().rstrip('.')}. Choose the {part} with {option}; "
+            "without network access, give a local folder."
         ) from error
 
 

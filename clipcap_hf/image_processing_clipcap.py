@@ -162,6 +162,15 @@ class ClipCapImageProcessor(BaseImageProcessor):
         )
 
     @classmethod
+    def from_vision_pretrained(
+        cls, vision_model_name_or_path: str, vision_backend: str = "clip", open_clip_pretrained: str | None = None
+    ) -> ClipCapImageProcessor:
+        """The preprocessing of a vision tower of either backend: [`from_clip_pretrained`] or [`from_open_clip`]."""
+        if vision_backend == "open_clip":
+            return cls.from_open_clip(vision_model_name_or_path, open_clip_pretrained)
+        return cls.from_clip_pretrained(vision_model_name_or_path)
+
+    @classmethod
     def from_open_clip(cls, model_name: str, pretrained: str | None = None) -> ClipCapImageProcessor:
         """
         Take the inference preprocessing open_clip uses for a model and pretrained tag (image size, interpolation,

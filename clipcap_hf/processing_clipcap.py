@@ -59,10 +59,9 @@ class ClipCapProcessor(ProcessorMixin):
         the CLIP checkpoint's preprocessing (sizes, mean, std) and the language model's tokenizer. With
         `vision_backend="open_clip"`, the preprocessing open_clip uses for that model and `open_clip_pretrained` tag.
         """
-        if vision_backend == "open_clip":
-            image_processor = ClipCapImageProcessor.from_open_clip(vision_model_name_or_path, open_clip_pretrained)
-        else:
-            image_processor = ClipCapImageProcessor.from_clip_pretrained(vision_model_name_or_path)
+        image_processor = ClipCapImageProcessor.from_vision_pretrained(
+            vision_model_name_or_path, vision_backend, open_clip_pretrained
+        )
         tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path, **kwargs)
         return cls(image_processor=image_processor, tokenizer=tokenizer)
 

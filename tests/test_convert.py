@@ -591,7 +591,7 @@ def test_an_open_clip_tag_selects_the_open_clip_backend(tmp_path, tokenizer, loc
     assert main(["convert-original", str(checkpoint), "--output", str(tmp_path / "out"), "--vision-model", "ViT-B-32",
                  "--open-clip-pretrained", "openai", "--tokenizer", tokenizer_dir]) == 2
     assert capsys.readouterr().err == (
-        "clipcap convert-original: error: Could not load the vision model 'ViT-B-32': no network Choose the vision "
+        "clipcap convert-original: error: Could not load the vision model 'ViT-B-32': no network. Choose the vision "
         "model with `vision_model` (--vision-model); without network access, give a local folder.\n"
     )
     with pytest.raises(OSError, match="Could not load the vision model 'ViT-B-32'"):
@@ -610,17 +610,28 @@ def test_a_part_that_cannot_be_loaded_is_named_with_its_option(tmp_path, tokeniz
     original = error.value.__cause__
     assert type(original) is OSError
     assert str(error.value) == (
-        f"Could not load the {part} {name!r}: {str(original).strip()} Choose the {part} with `{option}` "
+        f"Could not load the {part} {name!r}: {str(original).strip().rstrip('.')}. Choose the {part} with `{option}` "
         f"(--{option.replace('_', '-')}); without network access, give a local folder."
     )
     assert_nothing_written(tmp_path / "out")
+
+
+def test_a_failed_part_keeps_its_built_in_error_type(tmp_path, tokenizer, local_parts, monkeypatch):
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+
+    def unreadable(name, backend, tag):
+        raise PermissionError(13, "Permission denied", name)
+
+    monkeypatch.setattr(convert_original, "load_pretrained_vision_model", unreadable)
+    with pytest.raises(PermissionError, match=r"^Could not load the vision model '.*': \[Errno 13\] Permission denied"):
+        convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
 
 
 @pytest.mark.parametrize("option", ["tokenizer", "vision_model"])
 def test_a_missing_local_folder_is_named_with_its_option(tmp_path, tokenizer, local_parts, option):
     # transformers 5 reports it as an OSError, 4.57 as huggingface_hub's HFValidationError (a ValueError).
     checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
-    with pytest.raises(OSError, match=rf"^Could not load the [a-z ]+ './no-such-folder': .* Choose the [a-z ]+ "
+    with pytest.raises(OSError, match=rf"^Could not load the [a-z ]+ './no-such-folder': .*\. Choose the [a-z ]+ "
                                       rf"with `{option}`"):
         convert_original_checkpoint(checkpoint, tmp_path / "out", **{**local_parts["mlp"], option: "./no-such-folder"})
     assert_nothing_written(tmp_path / "out")
