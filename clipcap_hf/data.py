@@ -40,7 +40,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .file_utils import open_text, read_json
+from .file_utils import open_text, read_json, write_text_atomically
 from .image_processing_clipcap import load_image
 from .processing_clipcap import ClipCapProcessor
 
@@ -464,10 +464,8 @@ class ImageEmbeddingCache:
             "image_processor": self.image_processor.to_dict(),
             "embedding_dim": dim,
         }
-        # Written whole under a temporary name, so that a concurrent run never reads half of it.
-        temporary = self.directory / f".tmp-{uuid.uuid4().hex}.json"
-        temporary.write_text(json.dumps(info, indent=2, sort_keys=True, default=str))
-        os.replace(temporary, self.info_path)
+        # Written whole, so that a concurrent run never reads half of it.
+        write_text_atomically(self.info_path, json.dumps(info, indent=2, sort_keys=True, default=str))
 
     def add(self, keys: list[str], embeddings: torch.Tensor) -> None:
         """Store the embeddings of new images as one more shard."""

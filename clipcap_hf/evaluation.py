@@ -321,7 +321,12 @@ def fill_model_card(
 # ---------------------------------------------------------------------------------------------------------------------
 # `clipcap evaluate`
 
-DATASET_TYPES = {"coco-karpathy": "coco", "coco": "coco", "nocaps": "nocaps", "conceptual-captions": "conceptual_captions"}
+DATASET_TYPES = {
+    "coco-karpathy": "coco",
+    "coco": "coco",
+    "nocaps": "nocaps",
+    "conceptual-captions": "conceptual_captions",
+}
 
 
 @contextlib.contextmanager

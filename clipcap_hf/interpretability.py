@@ -59,9 +59,9 @@ def nearest_tokens(
     The `top_k` tokens whose embeddings are most cosine-similar to each prefix vector.
 
     Args:
-        prefix_embeds (`torch.Tensor` of shape `(batch_size, prefix_length, hidden_size)`):
+        prefix_embeds (`torch.Tensor` of shape `(batch_size, prefix_length, width)`):
             Prefix vectors, e.g. from [`ClipCapForConditionalGeneration.get_prefix_embeds`].
-        token_embeddings (`torch.Tensor` of shape `(vocab_size, hidden_size)`):
+        token_embeddings (`torch.Tensor` of shape `(vocab_size, width)`):
             The language model's input embedding matrix.
         top_k (`int`, *optional*, defaults to 5):
             How many tokens to keep per prefix vector.
@@ -70,16 +70,16 @@ def nearest_tokens(
         `tuple(torch.Tensor, torch.Tensor)`: the similarities and the token ids, both of shape
         `(batch_size, prefix_length, top_k)`, most similar first.
     """
-    # Checked first: a single prefix of shape (prefix_length, hidden_size) would otherwise be read as a batch of
+    # Checked first: a single prefix of shape (prefix_length, width) would otherwise be read as a batch of
     # vectors and fail later with an unrelated error.
     if prefix_embeds.ndim != 3:
         raise ValueError(
-            "`prefix_embeds` must have shape (batch_size, prefix_length, hidden_size), got "
+            "`prefix_embeds` must have shape (batch_size, prefix_length, width), got "
             f"{tuple(prefix_embeds.shape)}; for one image's prefix, pass `prefix_embeds[None]`."
         )
     if token_embeddings.ndim != 2:
         raise ValueError(
-            "`token_embeddings` must have shape (vocab_size, hidden_size), got "
+            "`token_embeddings` must have shape (vocab_size, width), got "
             f"{tuple(token_embeddings.shape)}; pass the language model's input embedding matrix."
         )
     if top_k < 1 or top_k > token_embeddings.shape[0]:
@@ -105,9 +105,9 @@ def interpret_prefix_embeds(
     Read a batch of prefixes back as tokens: each prefix vector's `top_k` nearest tokens by cosine similarity.
 
     Args:
-        prefix_embeds (`torch.Tensor` of shape `(batch_size, prefix_length, hidden_size)`):
+        prefix_embeds (`torch.Tensor` of shape `(batch_size, prefix_length, width)`):
             Prefix vectors.
-        token_embeddings (`torch.Tensor` of shape `(vocab_size, hidden_size)`):
+        token_embeddings (`torch.Tensor` of shape `(vocab_size, width)`):
             The language model's input embedding matrix.
         tokenizer (*optional*):
             The language model's tokenizer, or a processor holding it. It decodes the tokens, and limits the

@@ -32,7 +32,7 @@ from transformers import CLIPVisionConfig, GPT2Config, GPT2TokenizerFast, Traini
 
 from .configuration_clipcap import ClipCapConfig
 from .data import ClipCapDataCollator
-from .file_utils import holds_clipcap_model
+from .file_utils import holds_clipcap_model, write_text_atomically
 from .image_processing_clipcap import ClipCapImageProcessor
 from .modeling_clipcap import ClipCapForConditionalGeneration
 from .processing_clipcap import ClipCapProcessor
@@ -219,10 +219,12 @@ def score_captions(predictions: list[str], references: list[str]) -> dict[str, f
 
 def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
     """
-    A folder with files in it is written into only with `overwrite`, and only if it holds an earlier ClipCap model (as
-    `clipcap convert-original --overwrite` does), so that no one's other files are written over by accident.
+    A folder with files in it is written into only with `overwrite`, and only if it holds a ClipCap model, so that no
+    one's other files are written over by accident.
     """
-    if not output_dir.exists() or not any(output_dir.iterdir()):  # a file here raises NotADirectoryError
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"--output-dir: {output_dir} is a file; name a folder to save the model in.")
+    if not output_dir.exists() or not any(output_dir.iterdir()):
         return
     if not overwrite:
         raise ValueError(
@@ -231,7 +233,7 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
         )
     if not holds_clipcap_model(output_dir):
         raise ValueError(
-            f"Refusing to write into {output_dir}: overwrite=True (--overwrite) only replaces an earlier ClipCap "
+            f"Refusing to write into {output_dir}: overwrite=True (--overwrite) only writes over a ClipCap "
             f"model, and {output_dir / 'config.json'} does not say model_type 'clipcap'. Remove it yourself or "
             "choose another folder."
         )
@@ -243,8 +245,8 @@ def run_quickstart(
     """
     Build the dataset, train, caption the held-out test split, save the model and processor to `output_dir`.
 
-    `output_dir` must be new or empty, or, with `overwrite`, hold an earlier ClipCap model, whose files are replaced;
-    this is checked before training.
+    `output_dir` must be new or empty, or, with `overwrite`, hold a ClipCap model: the new model's files are written
+    over its files, and files the new run does not write stay. This is checked before training.
 
     Returns:
         `unseen_combinations` and `seen_combinations`: the scores (see [`score_captions`]) and `num_images` of the
@@ -306,8 +308,8 @@ def run_quickstart(
 
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
-    (output_dir / "quickstart_config.json").write_text(json.dumps(asdict(config), indent=2))
-    (output_dir / "held_out_scores.json").write_text(json.dumps(scores, indent=2))
+    write_text_atomically(output_dir / "quickstart_config.json", json.dumps(asdict(config), indent=2))
+    write_text_atomically(output_dir / "held_out_scores.json", json.dumps(scores, indent=2))
     if verbose:
         print_report(scores, output_dir)
     return scores
@@ -347,8 +349,8 @@ def add_quickstart_parser(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=QuickstartConfig.seed,
                         help=f"Seed of the data, the model and the training (default: {QuickstartConfig.seed}).")
     parser.add_argument("--overwrite", action="store_true",
-                        help="Write over the model in an --output-dir that holds one (an earlier run's); a folder "
-                             "with files but no ClipCap config.json is refused either way.")
+                        help="Write the new model's files over those of the ClipCap model in --output-dir (other files "
+                             "there stay); a folder with files but no ClipCap config.json is refused either way.")
     parser.set_defaults(handler=quickstart_command)
 
 

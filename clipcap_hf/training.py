@@ -45,7 +45,7 @@ from .data import (
     image_inputs,
     load_caption_dataset,
 )
-from .file_utils import read_json
+from .file_utils import read_json, write_text_atomically
 from .modeling_clipcap import ClipCapForConditionalGeneration
 from .processing_clipcap import ClipCapProcessor
 
@@ -429,7 +429,7 @@ class ClipCapTrainer(Trainer):
                 images["image_id"], captions, images["references"], images["image_path"]
             )
         ]
-        path.write_text(json.dumps(records, indent=1, ensure_ascii=False))
+        write_text_atomically(path, json.dumps(records, indent=1, ensure_ascii=False))
         logger.info(f"Wrote {len(records)} evaluation captions to {path}.")
 
 

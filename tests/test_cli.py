@@ -138,7 +138,7 @@ def test_gallery_shows_an_unreadable_image_with_its_error(saved_model_dir, image
                       "file."),
     ],
 )
-def test_gallery_must_be_a_new_html_file(saved_model_dir, image_folder, capsys, gallery, message):
+def test_gallery_must_be_an_html_file_the_command_does_not_use(saved_model_dir, image_folder, capsys, gallery, message):
     page = image_folder / "page.html"  # given as an input, as the images are
     page.write_text("<p>mine</p>")
     inputs = {path: path.read_bytes() for path in [page, *image_folder.glob("*.png")]}

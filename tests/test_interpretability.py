@@ -130,9 +130,9 @@ def test_top_k_out_of_range_is_rejected(mlp_model, top_k):
 @pytest.mark.parametrize(
     "prefix_shape, embeddings_shape, message",
     [
-        ((4, 8), (50, 8), "`prefix_embeds` must have shape (batch_size, prefix_length, hidden_size), got (4, 8); "
+        ((4, 8), (50, 8), "`prefix_embeds` must have shape (batch_size, prefix_length, width), got (4, 8); "
                           "for one image's prefix, pass `prefix_embeds[None]`."),
-        ((1, 4, 8), (50,), "`token_embeddings` must have shape (vocab_size, hidden_size), got (50,); pass the "
+        ((1, 4, 8), (50,), "`token_embeddings` must have shape (vocab_size, width), got (50,); pass the "
                            "language model's input embedding matrix."),
         ((1, 4, 8), (50, 16), "Prefix vectors have width 8 but token embeddings have width 16; they must come from "
                               "the same model."),

@@ -87,11 +87,15 @@ def test_a_folder_with_other_files_is_refused_before_training(tmp_path, capsys, 
     )
     assert cli_main(["quickstart", "--output-dir", str(out), "--overwrite"]) == 2
     assert capsys.readouterr().err == (
-        f"clipcap quickstart: error: Refusing to write into {out}: overwrite=True (--overwrite) only replaces an "
-        f"earlier ClipCap model, and {out / 'config.json'} does not say model_type 'clipcap'. Remove it yourself or "
+        f"clipcap quickstart: error: Refusing to write into {out}: overwrite=True (--overwrite) only writes over a "
+        f"ClipCap model, and {out / 'config.json'} does not say model_type 'clipcap'. Remove it yourself or "
         "choose another folder.\n"
     )
     assert os.listdir(out) == ["notes.txt"] and (out / "notes.txt").read_text() == "my notes"
+    assert cli_main(["quickstart", "--output-dir", str(out / "notes.txt")]) == 2
+    assert capsys.readouterr().err == (
+        f"clipcap quickstart: error: --output-dir: {out / 'notes.txt'} is a file; name a folder to save the model in.\n"
+    )
 
 
 def test_overwrite_replaces_an_earlier_model_and_the_trainer_leaves_nothing_behind(tmp_path):
