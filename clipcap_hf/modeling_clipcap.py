@@ -594,14 +594,14 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         if pixel_values is not None or image_embeds is not None:
             if inputs_embeds is not None:
                 raise ValueError("Pass `inputs_embeds` or an image (`pixel_values`/`image_embeds`), not both.")
-            ignored = labels == -100 if labels is not None else None
-            if input_ids is None and attention_mask is None and ignored is not None and _is_right_padding(ignored):
+            labels_alone = labels is not None and input_ids is None and attention_mask is None
+            if labels_alone and _is_right_padding(labels == -100):
                 # Labels alone (as Seq2SeqTrainer's evaluation batches give them, so that `generate` gets no
                 # prompt): the caption tokens are read from them, the trailing -100s becoming masked padding, as
                 # VisionEncoderDecoder derives its decoder inputs from `labels`. A -100 before a caption token
                 # stands for an input that is not a target (a prompt), which labels cannot give back.
-                attention_mask = (~ignored).long()
-                input_ids = labels.masked_fill(ignored, 0)
+                attention_mask = (labels != -100).long()
+                input_ids = labels.masked_fill(labels == -100, 0)
             if labels is not None and (input_ids is None or labels.shape != input_ids.shape):
                 got = "no `input_ids`" if input_ids is None else f"`input_ids` of shape {tuple(input_ids.shape)}"
                 raise ValueError(
