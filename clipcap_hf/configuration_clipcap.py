@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import AutoConfig, CLIPVisionConfig, GPT2Config, PretrainedConfig
+from transformers import AutoConfig, CLIPConfig, CLIPVisionConfig, GPT2Config, PretrainedConfig
 
 from .open_clip_vision import resolve_open_clip_model, vision_part_of_model_cfg
 
@@ -27,6 +27,14 @@ def _text_embedding_size(text_config: PretrainedConfig) -> int:
     return text_config.hidden_size
 
 
+def check_mapping_num_heads(mapping_num_heads: int, text_embedding_size: int) -> None:
+    if text_embedding_size % mapping_num_heads:
+        raise ValueError(
+            f"`mapping_num_heads` ({mapping_num_heads}) must divide the language model's token-embedding width "
+            f"({text_embedding_size})."
+        )
+
+
 class ClipCapConfig(PretrainedConfig):
     r"""
     Configuration of a [`ClipCapForConditionalGeneration`]: a CLIP image encoder, a mapping network that turns the
@@ -41,9 +49,9 @@ class ClipCapConfig(PretrainedConfig):
     transformer release, which transformers does not have. Either way its weights are part of the ClipCap checkpoint.
 
     Args:
-        vision_config (`dict` or `CLIPVisionConfig`, *optional*):
-            The CLIP vision tower of the `"clip"` backend. Defaults to ViT-B/32 (`CLIPVisionConfig()`); must be `None`
-            with the `"open_clip"` backend.
+        vision_config (`dict`, `CLIPVisionConfig` or `CLIPConfig`, *optional*):
+            The CLIP vision tower of the `"clip"` backend (of a whole CLIP config, its vision part). Defaults to
+            ViT-B/32 (`CLIPVisionConfig()`); must be `None` with the `"open_clip"` backend.
         text_config (`dict` or `PretrainedConfig`, *optional*):
             Any causal language model config; a dict needs a `model_type` key. Defaults to GPT-2 small.
         mapping_type (`str`, *optional*, defaults to `"mlp"`):
@@ -146,11 +154,22 @@ class ClipCapConfig(PretrainedConfig):
                 )
             if vision_config is None:
                 vision_config = CLIPVisionConfig()
+            elif isinstance(vision_config, CLIPConfig):
+                vision_config = vision_config.vision_config
             elif isinstance(vision_config, dict):
+                model_type = vision_config.get("model_type", CLIPVisionConfig.model_type)
+                if model_type == CLIPConfig.model_type:  # a whole CLIP's config, e.g. a CLIP checkpoint's config.json
+                    vision_config = vision_config.get("vision_config") or {}
+                elif model_type != CLIPVisionConfig.model_type:
+                    raise ValueError(
+                        f"`vision_config` describes a {model_type!r} model; it must describe a CLIP vision tower "
+                        f"(model_type {CLIPVisionConfig.model_type!r}, or a whole {CLIPConfig.model_type!r} config)."
+                    )
                 vision_config = CLIPVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
             elif not isinstance(vision_config, CLIPVisionConfig):
                 raise ValueError(
-                    f"`vision_config` must be a CLIPVisionConfig or a dict, got {type(vision_config).__name__}."
+                    f"`vision_config` must be a CLIPVisionConfig, a CLIPConfig or a dict, got "
+                    f"{type(vision_config).__name__}."
                 )
             embedding_dim = vision_config.projection_dim
 
@@ -170,11 +189,7 @@ class ClipCapConfig(PretrainedConfig):
         _positive_int("mapping_num_heads", mapping_num_heads)
         if mapping_type == "transformer":
             clip_length = _positive_int("clip_length", prefix_length if clip_length is None else clip_length)
-            if _text_embedding_size(text_config) % mapping_num_heads:
-                raise ValueError(
-                    f"`mapping_num_heads` ({mapping_num_heads}) must divide the language model's token-embedding "
-                    f"width ({_text_embedding_size(text_config)})."
-                )
+            check_mapping_num_heads(mapping_num_heads, _text_embedding_size(text_config))
         elif clip_length is not None:
             raise ValueError("`clip_length` is only used by mapping_type='transformer'; leave it None for 'mlp'.")
         prefix_dim = _positive_int("prefix_dim", embedding_dim if prefix_dim is None else prefix_dim)

@@ -18,9 +18,10 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.loss.loss_utils import fixed_cross_entropy
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.utils import ModelOutput, can_return_tuple, logging
 
-from .configuration_clipcap import VISION_BACKENDS, ClipCapConfig
+from .configuration_clipcap import VISION_BACKENDS, ClipCapConfig, check_mapping_num_heads
 from .open_clip_vision import ClipCapOpenClipVisionModel, resolve_open_clip_model
 
 logger = logging.get_logger(__name__)
@@ -122,8 +123,11 @@ class ClipCapMLP(nn.Module):
         return self.fc2(F.relu(self.fc1(hidden_states)))
 
 
-class ClipCapTransformerLayer(nn.Module):
-    """Pre-norm transformer layer (LayerNorm -> attention, LayerNorm -> ReLU MLP with ratio 2), as in the paper."""
+class ClipCapTransformerLayer(GradientCheckpointingLayer):
+    """
+    Pre-norm transformer layer (LayerNorm -> attention, LayerNorm -> ReLU MLP with ratio 2), as in the paper. It is
+    checkpointed with `gradient_checkpointing_enable()`, like the language model's layers.
+    """
 
     def __init__(self, hidden_size: int, num_heads: int):
         super().__init__()
@@ -158,6 +162,8 @@ class ClipCapTransformerMapper(nn.Module):
     def __init__(self, config: ClipCapConfig):
         super().__init__()
         hidden_size = config.text_embedding_size
+        # Checked again here: a language model given to the model's constructor may have changed the width.
+        check_mapping_num_heads(config.mapping_num_heads, hidden_size)
         self.clip_length = config.clip_length
         self.linear = nn.Linear(config.prefix_dim, config.clip_length * hidden_size)
         self.prefix_const = nn.Parameter(torch.randn(config.prefix_length, hidden_size))
@@ -177,6 +183,9 @@ class ClipCapPreTrainedModel(PreTrainedModel):
     base_model_prefix = "clipcap"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
+    # A mapper layer adds its input to its sub-layers' outputs, so `device_map="auto"` must keep it on one device
+    # (the towers' own layers are listed by their classes).
+    _no_split_modules = ["ClipCapTransformerLayer"]
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_flex_attn = True
@@ -270,6 +279,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         language_model: PreTrainedModel | None = None,
     ):
         super().__init__(config)
+        # Parts given ready-made bring their own configs, which replace the config's: it must describe the parts it is
+        # saved with, or loading the folder would build other ones.
         if vision_model is None:
             # An open_clip tower is built from its config with random weights; the checkpoint fills them, so loading a
             # saved model never downloads open_clip weights.
@@ -277,19 +288,23 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 vision_model = ClipCapOpenClipVisionModel(config.open_clip_model_cfg)
             else:
                 vision_model = CLIPVisionModelWithProjection(config.vision_config)
+        elif config.vision_backend == "clip":
+            config.vision_config = vision_model.config
+        if language_model is None:
+            language_model = AutoModelForCausalLM.from_config(config.text_config)
+        else:
+            config.text_config = language_model.config
+        embedding_size = language_model.get_input_embeddings().embedding_dim
+        if embedding_size != config.text_embedding_size:
+            raise ValueError(
+                f"The language model's token embeddings are {embedding_size}-d, but its config gives "
+                f"{config.text_embedding_size}-d (`config.text_embedding_size`, read from `config.text_config`); the "
+                "prefix vectors must have the width of the token embeddings."
+            )
         self.vision_model = vision_model
         mapper_class = ClipCapMLPMapper if config.mapping_type == "mlp" else ClipCapTransformerMapper
         self.mapping_network = mapper_class(config)
-        self.language_model = (
-            language_model if language_model is not None else AutoModelForCausalLM.from_config(config.text_config)
-        )
-        embedding_size = self.language_model.get_input_embeddings().embedding_dim
-        if embedding_size != config.text_embedding_size:
-            raise ValueError(
-                f"The language model's token embeddings are {embedding_size}-d, but the mapping network makes "
-                f"{config.text_embedding_size}-d prefix vectors (`config.text_embedding_size`, read from "
-                "`config.text_config`). Pass the language model's own config as `text_config`."
-            )
+        self.language_model = language_model
         self.post_init()
         self.freeze_vision_model()
         # Every non -100 label is a prediction target (the first caption token is predicted by the last prefix
@@ -575,7 +590,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             image_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_dim)`, *optional*):
                 Precomputed CLIP image embeddings; skips the vision tower (the fast training path).
             attention_mask (`torch.Tensor` of shape `(batch_size, text_length)`, *optional*):
-                Mask over `input_ids`; the prefix positions are always attended.
+                Mask over `input_ids`; the prefix positions are always attended. When continuing from
+                `past_key_values` without an image, the mask covers the cached positions (the prefix included) and
+                `input_ids`, as the language model expects.
             labels (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*):
                 Targets aligned with `input_ids` (usually a copy of them), -100 where no loss is wanted (padding).
                 The loss is next-token cross-entropy over the caption tokens only. In training mode the LM head is
@@ -620,6 +637,14 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 "CLIP embeddings); got neither. Text without an image only continues from `past_key_values`; for "
                 "plain language modelling call `model.language_model`."
             )
+        elif attention_mask is not None and past_key_values is not None:
+            cached = past_key_values.get_seq_length()
+            new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+            if attention_mask.shape[1] != cached + new:
+                raise ValueError(
+                    f"`attention_mask` covers {attention_mask.shape[1]} positions, but the cache holds {cached} (the "
+                    f"prefix included) and {new} are new: continuing from `past_key_values`, the mask covers them all."
+                )
 
         # Trainer adds `num_items_in_batch` for the loss; the language model must not see it.
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
@@ -655,9 +680,17 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
 
         loss = None
         if labels is not None:
-            # Logits may cover only the last `logits_to_keep` positions; align the labels with them.
-            labels = labels[:, labels.shape[1] - logits.shape[1] :]
-            loss = self._caption_loss(logits, labels, num_items_in_batch)
+            # Logits may cover only the last `logits_to_keep` positions; they must include every position that
+            # predicts a label (the one before it).
+            if isinstance(logits_to_keep, torch.Tensor):
+                raise ValueError("With `labels`, `logits_to_keep` must be a number of last positions, not indices.")
+            dropped = labels.shape[1] - logits.shape[1]
+            if (labels[:, 1 : dropped + 1] != -100).any():
+                raise ValueError(
+                    f"`logits_to_keep={logits_to_keep}` drops logits the loss needs: with `labels`, keep at least the "
+                    "caption tokens plus one (the last prefix position predicts the first token), or leave it at 0."
+                )
+            loss = self._caption_loss(logits, labels[:, dropped:], num_items_in_batch)
 
         return ClipCapCausalLMOutputWithPast(
             loss=loss,
@@ -724,15 +757,16 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             `processor.batch_decode(..., skip_special_tokens=True)`.
         """
         # Decoding runs in the language model's own `generate`, as BLIP delegates to its text decoder: the prefix
-        # goes in as `inputs_embeds`, and every decoding strategy and cache of the language model applies. That
-        # `generate` would fill what the caller leaves unset from the language model's generation config, so the
-        # merge happens here, with ours (the decoding defaults saved with the model) underneath the caller's.
+        # goes in as `inputs_embeds`, and every decoding strategy and cache of the language model applies. The
+        # caller's settings are merged here over ours (the decoding defaults saved with the model).
         # `labels` are ignored, as encoder-decoder models ignore them here: Seq2SeqTrainer(predict_with_generate=True)
         # passes its evaluation batches (image and labels) to `generate` as they are.
         generate_kwargs.pop("labels", None)
         caller_config = generate_kwargs.pop("generation_config", None)
         requested = caller_config.to_diff_dict() if caller_config is not None else {}  # what the caller set
         requested.pop("transformers_version", None)
+        if "max_length" in generate_kwargs and "max_new_tokens" not in generate_kwargs:
+            requested.pop("max_new_tokens", None)  # a length passed as an argument beats the config's (4.57 pipelines)
         requested.update(generate_kwargs)
         max_new_tokens = requested.get("max_new_tokens")
         if max_new_tokens is not None and max_new_tokens < 1:
@@ -741,7 +775,6 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         if "max_length" in requested and "max_new_tokens" not in requested:
             generation_config.max_new_tokens = None  # transformers lets max_new_tokens win; the caller's wins
         generate_kwargs = generation_config.update(**requested)  # returns the non-generation kwargs
-        generate_kwargs["generation_config"] = generation_config
         if (pixel_values is None) == (image_embeds is None):
             got = "both" if pixel_values is not None else "neither"
             if pixel_values is None and input_ids is not None:
@@ -750,13 +783,46 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             raise ValueError(f"Pass exactly one of `pixel_values` or `image_embeds` to caption images; got {got}.")
         if input_ids is not None and input_ids.shape[1] == 0:
             input_ids = attention_mask = None  # an empty prompt (the pipeline sends one) means no prompt
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            raise ValueError(
+                "The prompts are right-padded (their `attention_mask` ends in 0), so the caption would follow padding. "
+                "Batched prompts must be left-padded: `processor(images=..., text=...)` pads them so, or set "
+                "`tokenizer.padding_side = 'left'`."
+            )
+        prompt_length = 0 if input_ids is None else input_ids.shape[1]
+        if generation_config.max_new_tokens is None and generation_config.max_length is not None:
+            # A `max_length` counts the prefix, the prompt and the caption. transformers, given the prefix and the
+            # prompt as `inputs_embeds` and the prompt again as `input_ids`, would count the prompt twice, so the
+            # length goes in as new tokens.
+            used = self.config.prefix_length + prompt_length
+            if generation_config.max_length <= used:
+                raise ValueError(
+                    f"`max_length` ({generation_config.max_length}) counts the {self.config.prefix_length} prefix "
+                    f"positions and the {prompt_length} prompt tokens, which leaves no room for a caption; set "
+                    "`max_new_tokens` instead."
+                )
+            generation_config.max_new_tokens = generation_config.max_length - used
+            generation_config.max_length = GenerationConfig().max_length  # unset, so that transformers does not warn
 
         prefix_embeds = self.get_prefix_embeds(pixel_values=pixel_values, image_embeds=image_embeds)
         inputs_embeds, attention_mask, _ = self._prepend_prefix(prefix_embeds, input_ids, attention_mask)
-        # With a prompt, the output starts with the prompt's tokens; without, it holds only the new tokens.
-        return self.language_model.generate(
-            input_ids=input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask, **generate_kwargs
-        )
+        # The language model's `generate` fills every setting left unset (None) from its own generation config, which
+        # is the language model checkpoint's (it may sample, or stop at another token), not ours: it reads ours for
+        # the call.
+        language_model = self.language_model
+        own_generation_config = language_model.generation_config
+        language_model.generation_config = generation_config
+        try:
+            # With a prompt, the output starts with the prompt's tokens; without, it holds only the new tokens.
+            return language_model.generate(
+                input_ids=input_ids,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                generation_config=generation_config,
+                **generate_kwargs,
+            )
+        finally:
+            language_model.generation_config = own_generation_config
 
 
 __all__ = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from transformers import AutoModelForImageTextToText, GenerationConfig
+from transformers.image_utils import is_valid_image
 from transformers.pipelines import PIPELINE_REGISTRY, ImageTextToTextPipeline
 
 
@@ -30,8 +31,13 @@ class ImageCaptioningPipeline(ImageTextToTextPipeline):
     _default_generation_config = GenerationConfig()
 
     def __call__(self, images=None, text=None, **kwargs):
-        if images is not None and text is None:
-            text = [""] * len(images) if isinstance(images, (list, tuple)) else ""
+        if images is not None and text is None and not isinstance(images, dict):  # a dict holds its own text
+            if isinstance(images, str) or is_valid_image(images):
+                text = ""
+            elif isinstance(images, (list, tuple)):
+                text = [""] * len(images)
+            else:  # a generator or a dataset of images, streamed as image-text-to-text reads them
+                images = ({"images": image, "text": ""} for image in images)
         return super().__call__(images=images, text=text, **kwargs)
 
 

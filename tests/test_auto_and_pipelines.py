@@ -1,5 +1,6 @@
 import json
 
+import datasets
 import pytest
 import torch
 import transformers
@@ -14,6 +15,7 @@ from transformers import (
     GPT2LMHeadModel,
     pipeline,
 )
+from transformers.pipelines.pt_utils import KeyDataset
 
 from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration, ClipCapProcessor
 
@@ -122,6 +124,16 @@ def test_image_captioning_pipeline_takes_an_image_alone_and_batches(saved_model_
     expected = captions_from_generate(saved_model_dir, images, max_new_tokens=6)
     captioner = pipeline("image-captioning", model=str(saved_model_dir))
     assert [out["generated_text"] for out in captioner(images, max_new_tokens=6)] == expected
+
+
+def test_image_captioning_pipeline_streams_generators_and_datasets(saved_model_dir):
+    images = random_images(3, seed=5)
+    expected = captions_from_generate(saved_model_dir, images, max_new_tokens=6)
+    captioner = pipeline("image-captioning", model=str(saved_model_dir))
+    dataset = datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
+    for source in ((image for image in images), KeyDataset(dataset, "image")):
+        outputs = captioner(source, max_new_tokens=6, batch_size=2)
+        assert [output[0]["generated_text"] for output in outputs] == expected
 
 
 @pytest.mark.skipif(not TRANSFORMERS_5, reason="transformers 4.x has a real image-to-text pipeline")

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -119,6 +120,11 @@ def test_generate_rejects_bad_arguments(mlp_model):
         mlp_model.generate(input_ids=torch.tensor([[5, 6]]), max_new_tokens=3)
     with pytest.raises(ValueError, match="Got 2 images but 1 text sequences"):
         mlp_model.generate(image_embeds=x, input_ids=torch.tensor([[5, 6]]), max_new_tokens=3)
+    right_padded = {"input_ids": torch.tensor([[5, 6], [7, 0]]), "attention_mask": torch.tensor([[1, 1], [1, 0]])}
+    with pytest.raises(ValueError, match=r"right-padded \(their `attention_mask` ends in 0\).*must be left-padded"):
+        mlp_model.generate(image_embeds=x, **right_padded, max_new_tokens=3)
+    with pytest.raises(ValueError, match=r"`max_length` \(5\) counts the 4 prefix positions and the 2 prompt tokens"):
+        mlp_model.generate(image_embeds=x[:1], input_ids=torch.tensor([[5, 6]]), max_length=5)
 
 
 def test_a_given_generation_config_keeps_the_model_defaults_it_leaves_unset(mlp_model):
@@ -140,6 +146,25 @@ def test_a_given_generation_config_keeps_the_model_defaults_it_leaves_unset(mlp_
     assert mlp_model.generate(
         image_embeds=x, generation_config=GenerationConfig(max_length=prefix_length + 3)
     ).shape == (2, 3)
+    # A length passed as an argument beats the config's, as a 4.57 pipeline passes both (a copy of ours and yours).
+    assert mlp_model.generate(
+        image_embeds=x, generation_config=copy.deepcopy(mlp_model.generation_config), max_length=prefix_length + 3
+    ).shape == (2, 3)
+
+
+def test_decoding_settings_come_from_the_clipcap_generation_config_not_the_language_models(mlp_model):
+    # A language model checkpoint's own generation config (an instruction-tuned LM's samples, and stops at its EOS)
+    # must not decide how captions are decoded; ClipCap's does.
+    x = embeds(mlp_model, 2)
+    mlp_model.generation_config.eos_token_id = None  # no stop token, as in the paper's decoding
+    greedy = [greedy_loop(mlp_model, x[row : row + 1], 6) for row in range(2)]
+    language_models_config = GenerationConfig(
+        do_sample=True, temperature=5.0, top_k=0, eos_token_id=greedy[0][0], max_new_tokens=2
+    )
+    mlp_model.language_model.generation_config = language_models_config
+    for _ in range(3):
+        assert mlp_model.generate(image_embeds=x, max_new_tokens=6).tolist() == greedy
+    assert mlp_model.language_model.generation_config is language_models_config  # given back after the call
 
 
 def test_generation_after_save_and_load(tmp_path, tokenizer):
@@ -158,6 +183,11 @@ def test_default_caption_length_and_explicit_lengths(tokenizer, tmp_path):
     assert model.generate(image_embeds=x).shape == (2, DEFAULT_MAX_NEW_TOKENS)
     assert model.generate(image_embeds=x, max_new_tokens=5).shape == (2, 5)
     assert model.generate(image_embeds=x, max_length=30).shape == (2, 30 - 24)  # max_length counts the prefix
+    # ... and the prompt, which the output starts with: 30 = 24 prefix + 2 prompt + 4 new tokens.
+    prompt = torch.tensor([[5, 6], [7, 8]])
+    with_prompt = model.generate(image_embeds=x, input_ids=prompt, max_length=30)
+    assert with_prompt.shape == (2, 2 + 4)
+    assert with_prompt.tolist() == model.generate(image_embeds=x, input_ids=prompt, max_new_tokens=4).tolist()
 
     # A folder saved without a caption length (as by older versions) gets the default when loaded.
     model.save_pretrained(tmp_path)

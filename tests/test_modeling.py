@@ -3,8 +3,16 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import greedy_loop, tiny_config, tiny_model
-from transformers import AutoModelForCausalLM, LlamaConfig, OPTConfig
+from conftest import greedy_loop, random_images, tiny_config, tiny_model
+from transformers import (
+    AutoModelForCausalLM,
+    CLIPConfig,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    GPT2Config,
+    LlamaConfig,
+    OPTConfig,
+)
 
 from clipcap_hf import ClipCapCausalLMOutputWithPast, ClipCapConfig, ClipCapForConditionalGeneration
 
@@ -274,6 +282,28 @@ def test_logits_to_keep_trims_logits_and_loss_stays_equal(mlp_model, processor):
     trimmed = mlp_model(image_embeds=x, **batch, logits_to_keep=text_length + 1)
     assert trimmed.logits.shape[1] == text_length + 1
     torch.testing.assert_close(trimmed.loss, full.loss)
+    # One fewer drops the position that predicts the first caption token: no partial loss.
+    with pytest.raises(ValueError, match=r"`logits_to_keep=\d+` drops logits the loss needs"):
+        mlp_model(image_embeds=x, **batch, logits_to_keep=text_length)
+
+
+def test_continuing_from_the_cache_needs_a_mask_over_every_position(mlp_model, processor):
+    x = image_embeds_for(mlp_model, 2)
+    prompts = processor(text=["A dog", "A red circle above a blue"])
+    first = mlp_model(image_embeds=x, **prompts, use_cache=True)
+    next_tokens = first.logits[:, -1].argmax(-1, keepdim=True)
+    text_mask = torch.cat((prompts["attention_mask"], torch.ones(2, 1, dtype=torch.long)), dim=1)
+    recomputed = mlp_model(
+        image_embeds=x, input_ids=torch.cat((prompts["input_ids"], next_tokens), dim=1), attention_mask=text_mask
+    ).logits[:, -1]
+    # A mask over the text alone (as with an image) would silently shift every cached position.
+    cached = mlp_model.config.prefix_length + prompts["input_ids"].shape[1]
+    message = rf"covers {text_mask.shape[1]} positions, but the cache holds {cached} \(the prefix"
+    with pytest.raises(ValueError, match=message):
+        mlp_model(input_ids=next_tokens, past_key_values=first.past_key_values, attention_mask=text_mask)
+    full_mask = torch.cat((torch.ones(2, mlp_model.config.prefix_length, dtype=torch.long), text_mask), dim=1)
+    continued = mlp_model(input_ids=next_tokens, past_key_values=first.past_key_values, attention_mask=full_mask)
+    torch.testing.assert_close(continued.logits[:, -1], recomputed)
 
 
 def test_vision_tower_is_frozen_and_language_model_freezing_is_explicit(mlp_model, processor):
@@ -336,12 +366,89 @@ def test_other_language_model_families(kind, tokenizer, processor):
         assert generated[row].tolist() == greedy_loop(model, x[row : row + 1], 5)
 
 
-def test_language_model_whose_embedding_width_differs_from_the_config_is_refused(tokenizer):
-    config = tiny_config(tokenizer)
-    narrow_lm = AutoModelForCausalLM.from_config(other_lm_config("opt_narrow", tokenizer))
-    message = (
-        r"The language model's token embeddings are 16-d, but the mapping network makes 32-d prefix vectors "
-        r"\(`config.text_embedding_size`, read from `config.text_config`\). Pass the language model's own config"
+def test_parts_given_to_the_constructor_bring_their_configs(tmp_path, tokenizer, processor):
+    # A config describing other parts than the ones given (2 LM layers vs 3, a 32-d tower vs 48-d) would save a
+    # folder that loads into other parts.
+    config = tiny_config(tokenizer, "transformer")
+    language_model = AutoModelForCausalLM.from_config(
+        GPT2Config(n_layer=3, n_embd=16, n_head=2, n_positions=64, vocab_size=len(tokenizer))
     )
+    vision_model = CLIPVisionModelWithProjection(
+        CLIPVisionConfig(hidden_size=48, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                         image_size=32, patch_size=8, projection_dim=24)
+    )
+    model = ClipCapForConditionalGeneration(config, vision_model=vision_model, language_model=language_model).eval()
+    assert model.config.text_config.n_layer == 3 and model.config.vision_config.hidden_size == 48
+    assert model.get_prefix_embeds(image_embeds=image_embeds_for(model, 1)).shape == (1, 4, 16)
+    model.save_pretrained(tmp_path)
+    loaded = ClipCapForConditionalGeneration.from_pretrained(tmp_path).eval()
+    pixel_values = processor(images=random_images(2))["pixel_values"]
+    torch.testing.assert_close(loaded.get_image_features(pixel_values), model.get_image_features(pixel_values))
+    assert loaded.generate(pixel_values=pixel_values, max_new_tokens=5).tolist() == model.generate(
+        pixel_values=pixel_values, max_new_tokens=5
+    ).tolist()
+
+    # The transformer mapper's heads must still divide the given language model's width.
+    with pytest.raises(ValueError, match=r"`mapping_num_heads` \(4\) must divide .* width \(18\)"):
+        ClipCapForConditionalGeneration(
+            config, language_model=AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=18, n_head=2))
+        )
+
+
+def test_language_model_whose_embeddings_differ_from_its_config_is_refused(tokenizer):
+    language_model = AutoModelForCausalLM.from_config(tiny_config(tokenizer).text_config)
+    language_model.set_input_embeddings(torch.nn.Embedding(len(tokenizer), 16))
+    message = r"The language model's token embeddings are 16-d, but its config gives 32-d"
     with pytest.raises(ValueError, match=message):
-        ClipCapForConditionalGeneration(config, language_model=narrow_lm)
+        ClipCapForConditionalGeneration(tiny_config(tokenizer), language_model=language_model)
+
+
+def test_a_whole_clip_config_gives_its_vision_part(tokenizer):
+    vision = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "image_size": 32, "patch_size": 8, "projection_dim": 24}
+    whole = CLIPConfig(vision_config=vision, projection_dim=24)
+    for given in (whole, whole.to_dict()):
+        config = ClipCapConfig(vision_config=given, text_config=tiny_config(tokenizer).text_config)
+        assert {key: getattr(config.vision_config, key) for key in vision} == vision
+    with pytest.raises(ValueError, match=r"`vision_config` describes a 'siglip_vision_model' model; it must describe"):
+        ClipCapConfig(vision_config={"model_type": "siglip_vision_model", "hidden_size": 64})
+
+
+def test_gradient_checkpointing_reaches_the_transformer_mapper(tokenizer, processor):
+    # In the frozen-LM recipe the mapper is all that trains, so checkpointing must reach its layers; gradients are
+    # the same either way.
+    gradients = []
+    for checkpointing in (False, True):
+        model = tiny_model(tokenizer, "transformer", text_dropout=0.0)
+        model.freeze_language_model()
+        if checkpointing:  # transformers 5 renamed the method
+            getattr(model, "activation_checkpointing_enable", model.gradient_checkpointing_enable)()
+        model.train()
+        layers = model.mapping_network.transformer.layers
+        assert all(layer.gradient_checkpointing == checkpointing for layer in layers)
+        batch = processor(captions=["A dog.", "Two red cats."])
+        model(image_embeds=image_embeds_for(model, 2), **batch).loss.backward()
+        gradients.append([p.grad for p in model.mapping_network.parameters()])
+    for plain, checkpointed in zip(*gradients):
+        torch.testing.assert_close(checkpointed, plain)
+
+
+def test_device_map_planning_keeps_each_mapper_layer_on_one_device(tokenizer):
+    # A mapper layer adds its input to its sub-layers' outputs: split across devices, they would not add.
+    from accelerate import infer_auto_device_map
+    from accelerate.utils import compute_module_sizes
+
+    model = tiny_model(tokenizer, "transformer")
+    # What `from_pretrained(device_map="auto")` plans with: the classes of every part (transformers 4.57 gathers them
+    # on demand).
+    if hasattr(model, "_get_no_split_modules"):
+        no_split = model._get_no_split_modules("auto")
+    else:
+        no_split = model._no_split_modules
+    assert {"ClipCapTransformerLayer", "GPT2Block"} <= set(no_split)
+    total = compute_module_sizes(model)[""]
+    for share in range(1, 100):
+        device_map = infer_auto_device_map(
+            model, max_memory={0: total * share // 100, 1: 2 * total}, no_split_module_classes=no_split
+        )
+        assert not [name for name in device_map if name.startswith("mapping_network.transformer.layers.0.")]
