@@ -31,7 +31,7 @@ import reprlib
 import shutil
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -218,6 +218,13 @@ def load_image_folder(folder: PathLike) -> datasets.Dataset:
     elif csv_path.exists():
         with open_text(csv_path, newline="") as file:
             entries = [(f"{csv_path}: line {n}", row) for n, row in enumerate(csv.DictReader(file), start=2)]
+        for where, row in entries:
+            # DictReader puts the fields beyond the header under the key None: an unquoted comma in a caption.
+            if None in row:
+                raise ValueError(
+                    f"{where} has {len(row) - 1 + len(row[None])} fields but the header names {len(row) - 1}; "
+                    "put a caption that contains a comma in double quotes (\"A dog, running.\")."
+                )
     else:
         raise FileNotFoundError(f"{folder} has no metadata.jsonl or metadata.csv (rows of file_name and text).")
     rows = _CaptionRows(folder)
@@ -361,7 +368,7 @@ def _handle_bad_images(
 
 def _check_policy(on_bad_image: str) -> None:
     if on_bad_image not in ("error", "skip"):
-        raise ValueError(f"`on_bad_image` must be 'error' or 'skip', got {on_bad_image!r}.")
+        raise ValueError(f"on_bad_image (`--on_bad_image`) must be 'error' or 'skip', got {on_bad_image!r}.")
 
 
 def check_images(
@@ -397,7 +404,13 @@ def vision_fingerprint(vision_model: torch.nn.Module, image_processor) -> str:
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
-    settings = {key: value for key, value in image_processor.to_dict().items() if "processor_class" not in key}
+    # Only preprocessing settings: save_pretrained adds `auto_map` (and transformers 4 `_processor_class`), which
+    # would otherwise give a saved and reloaded processor another fingerprint and recompute the whole cache.
+    settings = {
+        key: value
+        for key, value in image_processor.to_dict().items()
+        if "processor_class" not in key and key != "auto_map"
+    }
     digest.update(type(image_processor).__name__.encode())
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()
@@ -427,6 +440,8 @@ class ImageEmbeddingCache:
         # A folder that is itself a cache (it has cache_info.json) is used as is, after checking its fingerprint.
         self.directory = cache_dir if (cache_dir / "cache_info.json").exists() else cache_dir / self.fingerprint[:16]
         self._check_info()
+        # Embeddings that could not be written (a read-only folder): kept for this run rather than thrown away.
+        self._unsaved: list[tuple[list[str], torch.Tensor]] = []
 
     @property
     def info_path(self) -> Path:
@@ -448,12 +463,18 @@ class ImageEmbeddingCache:
         """The cached images (key -> row) and their embeddings, `(num_images, dim)` float32."""
         # Shards still being written (or left by a killed run) have a temporary name and are not matched here.
         shards = sorted(self.directory.glob("shard-*"))
-        if not shards:
+        keys: list[str] = []
+        tables: list[torch.Tensor] = []
+        if shards:
+            columns = datasets.concatenate_datasets([_load_shard(shard) for shard in shards]).with_format("numpy")[:]
+            keys.extend(columns["image_key"].tolist())
+            tables.append(torch.from_numpy(columns["image_embeds"]))
+        for unsaved_keys, embeddings in self._unsaved:
+            keys.extend(unsaved_keys)
+            tables.append(embeddings)
+        if not tables:
             return {}, None
-        table = datasets.concatenate_datasets([_load_shard(shard) for shard in shards])
-        columns = table.with_format("numpy")[:]
-        embeddings = torch.from_numpy(columns["image_embeds"])
-        return {key: row for row, key in enumerate(columns["image_key"].tolist())}, embeddings
+        return {key: row for row, key in enumerate(keys)}, torch.cat(tables)
 
     def _write_info(self, dim: int) -> None:
         info = {
@@ -483,13 +504,22 @@ class ImageEmbeddingCache:
         # A unique name, so that concurrent runs never write the same shard; complete once renamed into place.
         name = uuid.uuid4().hex
         temporary = self.directory / f".tmp-{name}"
-        self.directory.mkdir(parents=True, exist_ok=True)
         try:
-            shard.save_to_disk(str(temporary))
-            os.replace(temporary, self.directory / f"shard-{name}")
-        finally:
-            shutil.rmtree(temporary, ignore_errors=True)
-        self._write_info(embeddings.shape[1])
+            self.directory.mkdir(parents=True, exist_ok=True)
+            try:
+                shard.save_to_disk(str(temporary))
+                os.replace(temporary, self.directory / f"shard-{name}")
+            finally:
+                shutil.rmtree(temporary, ignore_errors=True)
+            self._write_info(embeddings.shape[1])
+        except OSError as error:
+            if not self._unsaved:
+                logger.warning(
+                    f"Cannot write to the embedding cache {self.directory} ({type(error).__name__}: {error}); this "
+                    "run keeps the embeddings in memory and the next one computes them again. Give a writable "
+                    "cache folder (--embedding_cache_dir) to keep them."
+                )
+            self._unsaved.append((list(keys), embeddings.float().cpu()))
 
     @torch.no_grad()
     def compute(
@@ -631,8 +661,9 @@ class ClipCapDataCollator:
 
     Captions are tokenized by [`ClipCapProcessor.tokenize_captions`]: the tokenizer's EOS is appended (so a trained
     model stops by itself), the batch is right-padded to its longest caption only, `labels` are -100 on padding
-    (the model adds -100 for the prefix), and captions longer than `max_caption_length` tokens are cut and counted
-    in `num_truncated`. A tokenizer without a padding token pads with EOS; padded positions are masked either way.
+    (the model adds -100 for the prefix), and captions longer than `max_caption_length` tokens are cut (see
+    [`add_caption_lengths`] to count them). A tokenizer without a padding token pads with EOS; padded positions are
+    masked either way.
 
     The image comes from, in this order: `image_index` into `image_embeds` (the embedding cache: no vision
     forward), a preprocessed `pixel_values` column, an `image` column (PIL images, e.g. a `datasets.Image` feature),
@@ -647,13 +678,12 @@ class ClipCapDataCollator:
     processor: ClipCapProcessor
     image_embeds: torch.Tensor | None = None
     max_caption_length: int | None = None
-    num_truncated: int = field(default=0, init=False)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         batch = self.processor.tokenize_captions(
             [feature["caption"] for feature in features], max_length=self.max_caption_length
         )
-        self.num_truncated += batch.pop("num_truncated")
+        batch.pop("num_truncated")  # a count, not a model input; add_caption_lengths counts the whole dataset
         batch.update(image_inputs(features, self.processor.image_processor, self.image_embeds))
         return batch
 

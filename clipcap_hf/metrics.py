@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
@@ -76,14 +77,13 @@ _APPROX_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{":
 _APPROX_PUNCTUATION = frozenset(["'", '"', "`", ".", "..", "...", "?", "!", ",", ":", ";", "-", "--"])
 
 
-def _import_pycocoevalcap() -> None:
-    try:
-        import pycocoevalcap  # noqa: F401
-    except ImportError as error:
+def require_pycocoevalcap() -> None:
+    """Raise an ImportError that says how to install pycocoevalcap when it is missing."""
+    if importlib.util.find_spec("pycocoevalcap") is None:
         raise ImportError(
             "COCO caption metrics need pycocoevalcap, the COCO caption evaluation code: "
             '`pip install "clipcap_hf[eval]"` (or `pip install pycocoevalcap==1.2`).'
-        ) from error
+        )
 
 
 def _java_available() -> bool:
@@ -201,7 +201,7 @@ def ptb_tokenize(captions: Sequence[str]) -> list[str]:
         OSError: If Java is missing (`FileNotFoundError`) or the tokenizer fails; the message is one line, naming the
             command and Java's error messages.
     """
-    _import_pycocoevalcap()
+    require_pycocoevalcap()
     from pycocoevalcap.tokenizer import ptbtokenizer
 
     if not _java_available():
@@ -371,7 +371,8 @@ def _check_inputs(predictions: Mapping[ImageId, str], references: Mapping[ImageI
         )
 
 
-def _check_metric_names(metrics: str | Iterable[str]) -> list[str]:
+def check_metric_names(metrics: str | Iterable[str]) -> list[str]:
+    """The requested metric names in `METRIC_NAMES` order; an unknown name is a ValueError listing the choices."""
     names = [metrics] if isinstance(metrics, str) else list(metrics)
     unknown = [name for name in names if name not in METRIC_NAMES]
     if unknown:
@@ -435,9 +436,9 @@ def compute_caption_metrics(
             COCOEvalCap scores it, with a warning naming the image ids.
         TypeError: If a caption is not a string or an image's references are not a list of strings.
     """
-    names = _check_metric_names(metrics)
+    names = check_metric_names(metrics)
     _check_inputs(predictions, references)
-    _import_pycocoevalcap()
+    require_pycocoevalcap()
 
     image_ids = list(predictions)
     # One tokenizer call for predictions and references: each Java start costs about half a second.
@@ -530,3 +531,18 @@ class CocoCaptionMetric(evaluate.Metric):
         return compute_caption_metrics(
             dict(enumerate(predictions)), dict(enumerate(references)), metrics=metrics, tokenize=tokenize
         )
+
+
+__all__ = [
+    "METRIC_NAMES",
+    "SCORE_KEYS",
+    "CocoCaptionMetric",
+    "caption_tokenization",
+    "check_metric_names",
+    "compute_caption_metrics",
+    "load_coco_predictions",
+    "load_coco_references",
+    "ptb_tokenize",
+    "require_pycocoevalcap",
+    "tokenize_captions",
+]

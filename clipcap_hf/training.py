@@ -34,10 +34,12 @@ import torch
 import transformers
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import find_adapter_config_file
 
 from .data import (
     DATASET_FORMATS,
     ClipCapDataCollator,
+    _check_policy,
     add_caption_lengths,
     check_images,
     embed_images,
@@ -46,7 +48,7 @@ from .data import (
     load_caption_dataset,
 )
 from .file_utils import read_json, write_text_atomically
-from .modeling_clipcap import ClipCapForConditionalGeneration
+from .modeling_clipcap import DEFAULT_MAX_NEW_TOKENS, ClipCapForConditionalGeneration
 from .processing_clipcap import ClipCapProcessor
 
 logger = logging.getLogger(__name__)
@@ -83,6 +85,27 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 # Every run: the collator needs the caption column, which Trainer would otherwise drop.
 COMMON_DEFAULTS = {"remove_unused_columns": False}
+# The options that shape a new model. A checkpoint (--model_name_or_path) has its own: these are then checked against
+# it rather than ignored, and a recipe's values for them apply to new models only.
+ARCHITECTURE_DEFAULTS: dict[str, Any] = {
+    "vision_model_name_or_path": "openai/clip-vit-base-patch32",
+    "text_model_name_or_path": "gpt2",
+    "mapping_type": "mlp",
+    "prefix_length": 10,
+    "clip_length": None,
+    "mapping_num_layers": 8,
+    "normalize_prefix": False,
+}
+
+
+def _recipe_architecture(recipe: str | None) -> dict[str, Any]:
+    return {name: value for name, value in RECIPES.get(recipe, {}).items() if name in ARCHITECTURE_DEFAULTS}
+
+
+def _recipe_run_defaults(recipe: str | None) -> dict[str, Any]:
+    """What `parse_args` puts before the user's arguments: the recipe's values, less those for a new model only."""
+    recipe = RECIPES.get(recipe, {})
+    return {**COMMON_DEFAULTS, **{name: value for name, value in recipe.items() if name not in ARCHITECTURE_DEFAULTS}}
 
 
 @dataclass
@@ -103,17 +126,23 @@ class ModelArguments:
             "--vision_model_name_or_path and --text_model_name_or_path."
         },
     )
-    vision_model_name_or_path: str = field(
-        default="openai/clip-vit-base-patch32", metadata={"help": "The CLIP checkpoint of a new model."}
+    # The architecture options default to None: "not given". A new model then gets the recipe's value or
+    # ARCHITECTURE_DEFAULTS (filled in by __post_init__); a checkpoint keeps its own, and a given value must match it.
+    vision_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The CLIP checkpoint of a new model (default: openai/clip-vit-base-patch32)."}
     )
-    text_model_name_or_path: str = field(default="gpt2", metadata={"help": "The causal LM of a new model."})
-    mapping_type: str = field(default="mlp", metadata={"help": "New model: 'mlp' or 'transformer'."})
-    prefix_length: int = field(default=10, metadata={"help": "New model: number of prefix vectors."})
+    text_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The causal LM of a new model (default: gpt2)."}
+    )
+    mapping_type: str | None = field(default=None, metadata={"help": "New model: 'mlp' (default) or 'transformer'."})
+    prefix_length: int | None = field(default=None, metadata={"help": "New model: number of prefix vectors (10)."})
     clip_length: int | None = field(
         default=None, metadata={"help": "New transformer mapper: CLIP projection length; None means prefix_length."}
     )
-    mapping_num_layers: int = field(default=8, metadata={"help": "New transformer mapper: layers."})
-    normalize_prefix: bool = field(default=False, metadata={"help": "New model: L2-normalize the CLIP embedding."})
+    mapping_num_layers: int | None = field(default=None, metadata={"help": "New transformer mapper: layers (8)."})
+    normalize_prefix: bool | None = field(
+        default=None, metadata={"help": "New model: L2-normalize the CLIP embedding (default: false)."}
+    )
     freeze_language_model: bool = field(default=False, metadata={"help": "Train the mapper only (frozen LM)."})
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LM (peft) and the mapper."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
@@ -135,6 +164,10 @@ class ModelArguments:
         # The command line checks `choices`; a JSON file (`HfArgumentParser.parse_dict`) does not.
         if self.recipe is not None and self.recipe not in RECIPES:
             raise ValueError(f"--recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}.")
+        if self.model_name_or_path is None:
+            for name, default in {**ARCHITECTURE_DEFAULTS, **_recipe_architecture(self.recipe)}.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, default)
 
 
 @dataclass
@@ -179,7 +212,9 @@ class DataArguments:
         metadata={"help": "A missing or unreadable image: 'error' stops before training, 'skip' drops its captions."},
     )
     generation_num_beams: int = field(default=1, metadata={"help": "Beams when captioning the evaluation images."})
-    generation_max_new_tokens: int = field(default=30, metadata={"help": "Longest generated caption."})
+    generation_max_new_tokens: int = field(
+        default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "Longest generated caption."}
+    )
     eval_caption_metrics: str | None = field(
         default=None,
         metadata={
@@ -193,18 +228,20 @@ class DataArguments:
             value = getattr(self, name)
             if value is not None and value not in DATASET_FORMATS:
                 raise ValueError(f"--{name} must be one of {sorted(DATASET_FORMATS)}, got {value!r}.")
-        if self.on_bad_image not in ("error", "skip"):
-            raise ValueError(f"--on_bad_image must be 'error' or 'skip', got {self.on_bad_image!r}.")
+        _check_policy(self.on_bad_image)
         # Checked before any embedding is computed (or training step taken), not at the first evaluation.
         for name in ("max_caption_length", "generation_max_new_tokens", "generation_num_beams"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}; leave it out to keep all.")
         if self.caption_metrics:
-            from .metrics import _check_metric_names, _import_pycocoevalcap
+            from .metrics import check_metric_names, require_pycocoevalcap
 
             try:
-                _check_metric_names(self.caption_metrics)
-                _import_pycocoevalcap()
+                check_metric_names(self.caption_metrics)
+                require_pycocoevalcap()
             except (ValueError, ImportError) as error:
                 raise type(error)(f"--eval_caption_metrics: {error}") from error
 
@@ -219,11 +256,25 @@ class DataArguments:
 
 
 def build_model(model_args: ModelArguments) -> tuple[ClipCapForConditionalGeneration, ClipCapProcessor]:
-    """Load a ClipCap checkpoint, or assemble a new one from a pretrained CLIP and language model."""
-    if model_args.model_name_or_path is not None:
-        model = ClipCapForConditionalGeneration.from_pretrained(model_args.model_name_or_path)
-        processor = ClipCapProcessor.from_pretrained(model_args.model_name_or_path)
-        return model, processor
+    """
+    Load a ClipCap checkpoint, or assemble a new one from a pretrained CLIP and language model. A LoRA run's output
+    (a folder with `adapter_config.json`) loads as a trainable `PeftModel` when `use_lora` is set.
+    """
+    path = model_args.model_name_or_path
+    if path is not None:
+        if _is_lora_output(path):
+            if not model_args.use_lora:
+                raise ValueError(
+                    f"--model_name_or_path {path} holds LoRA adapters (adapter_config.json). Add --use_lora (or "
+                    "--recipe lora) to train those adapters further, or continue from a plain checkpoint: the merged "
+                    "model (output_dir/merged, written by --save_merged_model, or clipcap_hf.training.merge_lora)."
+                )
+            # transformers' from_pretrained would load the adapters frozen (and add_lora would then wrap them twice).
+            model = load_lora_model(path, is_trainable=True)
+        else:
+            model = ClipCapForConditionalGeneration.from_pretrained(path)
+        _check_checkpoint_architecture(model_args, model.config)
+        return model, ClipCapProcessor.from_pretrained(path)
     config_kwargs = {
         "mapping_num_layers": model_args.mapping_num_layers,
         "normalize_prefix": model_args.normalize_prefix,
@@ -243,11 +294,42 @@ def build_model(model_args: ModelArguments) -> tuple[ClipCapForConditionalGenera
     return model, processor
 
 
+def _is_lora_output(name_or_path: str) -> bool:
+    return find_adapter_config_file(name_or_path) is not None
+
+
+def _check_checkpoint_architecture(model_args: ModelArguments, config) -> None:
+    """Refuse architecture options given with --model_name_or_path that the checkpoint does not have."""
+    problems = [
+        f"--{name} {getattr(model_args, name)} builds a new model"
+        for name in ("vision_model_name_or_path", "text_model_name_or_path")
+        if getattr(model_args, name) is not None
+    ]
+    for name in ("mapping_type", "prefix_length", "clip_length", "mapping_num_layers", "normalize_prefix"):
+        value = getattr(model_args, name)
+        if value is not None and value != getattr(config, name):
+            problems.append(f"--{name} {value} (the checkpoint's: {getattr(config, name)})")
+    recipe_type = _recipe_architecture(model_args.recipe).get("mapping_type")
+    if recipe_type is not None and recipe_type != config.mapping_type and model_args.mapping_type is None:
+        problems.append(
+            f"--recipe {model_args.recipe} trains a {recipe_type} mapper (the checkpoint's: {config.mapping_type}; "
+            "set --freeze_language_model or --use_lora without a recipe instead)"
+        )
+    if problems:
+        raise ValueError(
+            f"--model_name_or_path {model_args.model_name_or_path} continues a checkpoint, whose architecture is "
+            f"fixed, but {'; '.join(problems)}. Leave these options out to keep the checkpoint's architecture, or "
+            "leave out --model_name_or_path to build a new model."
+        )
+
+
 def lora_target_modules(model: ClipCapForConditionalGeneration, names: Sequence[str] | None = None) -> str:
     """
     A peft regex matching the language model's layers called `names` (e.g. `["c_attn"]`); by default every linear
     layer of the language model except its output layer.
     """
+    # Built here rather than with peft's "all-linear", which would also adapt the frozen CLIP tower and the mapper
+    # (which is trained in full, as a `modules_to_save`).
     if not names:
         output_layer = model.get_output_embeddings()
         names = {
@@ -266,7 +348,8 @@ def add_lora(model: ClipCapForConditionalGeneration, model_args: ModelArguments)
     from peft import LoraConfig, get_peft_model
 
     names = [name.strip() for name in (model_args.lora_target_modules or "").split(",") if name.strip()]
-    # GPT-2's Conv1D layers store their weight transposed; peft must know to adapt them correctly.
+    # GPT-2's Conv1D layers store their weight transposed (fan_in_fan_out); peft would set the flag itself, with a
+    # warning for each layer, so it is set here.
     conv1d = transformers.pytorch_utils.Conv1D
     lora_config = LoraConfig(
         fan_in_fan_out=any(isinstance(module, conv1d) for module in model.language_model.modules()),
@@ -279,17 +362,20 @@ def add_lora(model: ClipCapForConditionalGeneration, model_args: ModelArguments)
     return get_peft_model(model, lora_config)
 
 
-def load_lora_model(adapter_dir: str | os.PathLike, base_model_name_or_path: str | None = None):
+def load_lora_model(
+    adapter_dir: str | os.PathLike, base_model_name_or_path: str | None = None, is_trainable: bool = False
+):
     """
     Reload a LoRA run: the base ClipCap (by default the one recorded in `adapter_config.json`) with the adapters
-    and the trained mapping network from `adapter_dir`. Returns a `PeftModel`; `.merge_and_unload()` gives a plain
+    and the trained mapping network from `adapter_dir`. Returns a `PeftModel`, frozen unless `is_trainable` (then the
+    adapters and the mapping network train further); `.merge_and_unload()` gives a plain
     [`ClipCapForConditionalGeneration`].
     """
     from peft import PeftConfig, PeftModel
 
     base_path = base_model_name_or_path or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
     base = ClipCapForConditionalGeneration.from_pretrained(base_path)
-    return PeftModel.from_pretrained(base, adapter_dir)
+    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
 
 
 def merge_lora(
@@ -327,7 +413,7 @@ def caption_dataset(
         rows = [images[index] for index in range(start, min(start + batch_size, len(images)))]
         inputs = image_inputs(rows, processor.image_processor, image_embeds)
         generated = model.generate(**{name: value.to(device) for name, value in inputs.items()}, **generate_kwargs)
-        captions.extend(caption.strip() for caption in processor.batch_decode(generated, skip_special_tokens=True))
+        captions.extend(processor.post_process_image_text_to_text(generated))
     model.train(was_training)
     return captions
 
@@ -339,12 +425,12 @@ class ClipCapTrainer(Trainer):
     Loss alone does not reveal the classic captioning failure, a model giving every image the same caption; so each
     evaluation generates one caption per unique image and logs `{prefix}_distinct_captions` (how many different
     captions) and `{prefix}_distinct_caption_ratio`, optional COCO metrics against the references, and writes the
-    captions to `output_dir/predictions/{prefix}_step{N}.json`. The work is split between processes.
+    captions to `output_dir/predictions/{prefix}_step{N}.json`. The work is split between processes. The
+    `processing_class` (a [`ClipCapProcessor`]) decodes the captions (and preprocesses pixels).
 
     Args:
         caption_eval_dataset: one row per image (see [`group_by_image`]) with `references`.
         caption_eval_embeds: the embedding table its `image_index` points into; `None` to caption from pixels.
-        processor: decodes the captions (and preprocesses pixels).
         generation_kwargs: passed to `generate`, e.g. `{"num_beams": 5, "max_new_tokens": 30}`.
         caption_metrics: names for [`compute_caption_metrics`], e.g. `["bleu", "cider"]`.
     """
@@ -354,17 +440,21 @@ class ClipCapTrainer(Trainer):
         *args,
         caption_eval_dataset: datasets.Dataset | None = None,
         caption_eval_embeds: torch.Tensor | None = None,
-        processor: ClipCapProcessor | None = None,
         generation_kwargs: dict[str, Any] | None = None,
         caption_metrics: Sequence[str] = (),
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
-        if caption_eval_dataset is not None and processor is None:
-            raise ValueError("ClipCapTrainer needs the `processor` to decode evaluation captions.")
+        if caption_eval_dataset is not None:
+            if not isinstance(self.processing_class, ClipCapProcessor):
+                raise ValueError(
+                    "ClipCapTrainer needs processing_class=<the model's ClipCapProcessor> to decode the captions of "
+                    f"caption_eval_dataset; got {type(self.processing_class).__name__}."
+                )
+            if len(caption_eval_dataset) == 0:
+                raise ValueError("caption_eval_dataset has no rows; give at least one image, or None.")
         self.caption_eval_dataset = caption_eval_dataset
         self.caption_eval_embeds = caption_eval_embeds
-        self.processor = processor
         self.generation_kwargs = generation_kwargs or {}
         self.caption_metrics = list(caption_metrics)
 
@@ -391,7 +481,7 @@ class ClipCapTrainer(Trainer):
         with self.accelerator.split_between_processes(list(range(len(images))), apply_padding=True) as rows:
             captions = caption_dataset(
                 model,
-                self.processor,
+                self.processing_class,
                 images.select(rows),
                 self.caption_eval_embeds,
                 batch_size=self.args.per_device_eval_batch_size,
@@ -447,11 +537,17 @@ def load_splits(data_args: DataArguments) -> tuple[datasets.Dataset | None, data
         else:
             train = loaded
     if data_args.validation_file is not None:
+        validation_format = data_args.validation_format or data_args.dataset_format
         validation = load_caption_dataset(
-            data_args.validation_format or data_args.dataset_format,
-            data_args.validation_file,
-            data_args.validation_image_root or data_args.image_root,
+            validation_format, data_args.validation_file, data_args.validation_image_root or data_args.image_root
         )
+        if isinstance(validation, datasets.DatasetDict):  # a Karpathy file: its "val" images
+            if "validation" not in validation:
+                raise ValueError(
+                    f"--validation_file {data_args.validation_file} ({validation_format}) has no images of split "
+                    "'val' to evaluate on; give a file that has some, or another --validation_format."
+                )
+            validation = validation["validation"]
     if train is not None and data_args.max_train_samples is not None:
         train = train.select(range(min(data_args.max_train_samples, len(train))))
     if validation is not None and data_args.max_eval_samples is not None:
@@ -487,7 +583,8 @@ def parse_args(
 ) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     """
     Parse command-line arguments (or one JSON file). The defaults of the `--recipe` named come first, so arguments
-    given explicitly (or values in the JSON file) override them.
+    given explicitly (or values in the JSON file) override them; its architecture (mapper, prefix length, ...) is
+    filled in by `ModelArguments` for a new model only.
     """
     args = list(sys.argv[1:] if args is None else args)
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog=prog)
@@ -497,12 +594,11 @@ def parse_args(
             raise ValueError(
                 f"{args[0]} must hold one JSON object of argument names and values (\"recipe\", if given, a string)."
             )
-        defaults = {**COMMON_DEFAULTS, **RECIPES.get(values.get("recipe"), {})}
-        return parser.parse_dict({**defaults, **values})
+        return parser.parse_dict({**_recipe_run_defaults(values.get("recipe")), **values})
     recipe_parser = argparse.ArgumentParser(add_help=False)
     recipe_parser.add_argument("--recipe", choices=sorted(RECIPES), default=None)
     recipe = recipe_parser.parse_known_args(args)[0].recipe
-    defaults = {**COMMON_DEFAULTS, **RECIPES.get(recipe, {})}
+    defaults = _recipe_run_defaults(recipe)
     default_args = [item for name, value in defaults.items() for item in (f"--{name}", str(value))]
     return parser.parse_args_into_dataclasses(args=default_args + args)
 
@@ -527,6 +623,43 @@ def setup_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.disable_propagation()
 
 
+def _is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)
+
+
+def _check_context_length(
+    config, data_args: DataArguments, splits: Sequence[datasets.Dataset] = (), generation: bool = False
+) -> None:
+    """
+    Refuse, before training, captions (of `splits`, with a `length` column) or generated captions (`generation`)
+    that with the prefix would not fit the language model's positions: a learned position table such as GPT-2's
+    fails with an IndexError in the middle of the run.
+    """
+    context = getattr(config.text_config, "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return
+    prefix = config.prefix_length
+    room = f"{context - prefix} or less" if context > prefix else "below 1: the prefix alone fills the context"
+    lengths = [max(split["length"]) for split in splits if len(split)]
+    if lengths and prefix + max(lengths) > context:
+        raise ValueError(
+            f"The longest caption has {max(lengths)} tokens (EOS included, after --max_caption_length "
+            f"{data_args.max_caption_length}); with the {prefix} prefix vectors that is {prefix + max(lengths)} "
+            f"positions, but the language model has {context} (max_position_embeddings). Set --max_caption_length "
+            f"to {room}."
+        )
+    if generation and prefix + data_args.generation_max_new_tokens > context:
+        raise ValueError(
+            f"--generation_max_new_tokens {data_args.generation_max_new_tokens} with the {prefix} prefix vectors "
+            f"needs {prefix + data_args.generation_max_new_tokens} positions, but the language model has {context} "
+            f"(max_position_embeddings). Set --generation_max_new_tokens to {room}."
+        )
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict[str, float]:
     """Run training and/or evaluation as the arguments say; returns the final metrics."""
     if training_args.do_predict:
@@ -537,6 +670,19 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         raise ValueError(
             "--include_for_metrics is not supported: this command has no compute_metrics to pass them to. "
             "Choose caption metrics with --eval_caption_metrics."
+        )
+    if training_args.label_smoothing_factor:
+        # Trainer's smoothing takes the labels from the model and smooths its logits, which cover the prefix
+        # positions as well as the caption: the shapes disagree, and the prefix has no targets.
+        raise ValueError(
+            f"--label_smoothing_factor {training_args.label_smoothing_factor} is not supported: ClipCap's loss covers "
+            "the caption tokens only, which Trainer's label smoothing does not know. Leave the option out."
+        )
+    if training_args.include_num_input_tokens_seen not in ("no", False):
+        # Trainer counts the model's main input, the image (absent from batches of cached embeddings), not tokens.
+        raise ValueError(
+            "--include_num_input_tokens_seen is not supported: Trainer would count the images' pixels (or nothing, "
+            "with cached embeddings), not caption tokens. Leave the option out."
         )
     setup_logging(training_args)
     logger.warning(
@@ -554,6 +700,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
 
     model, processor = build_model(model_args)
     train_dataset, eval_dataset = load_splits(data_args)
+    # Evaluation (at the end, or during training) captions the evaluation images.
+    evaluating = eval_dataset is not None and (training_args.do_eval or training_args.eval_strategy != "no")
+    _check_context_length(model.config, data_args, generation=evaluating)
     if training_args.do_train and train_dataset is None:
         raise ValueError("--do_train needs --train_file.")
     if training_args.do_eval and eval_dataset is None:
@@ -570,6 +719,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     with training_args.main_process_first(local=False, desc="image embeddings"):
         splits, image_embeds = prepare_images(splits, model, processor, data_args, training_args.device)
     train_dataset, eval_dataset = splits.get("train"), splits.get("eval")
+    for name, split in (("training", train_dataset), ("evaluation", eval_dataset)):
+        if split is not None and len(split) == 0:
+            raise ValueError(
+                f"No {name} captions are left: every {name} image was unreadable and skipped (--on_bad_image skip). "
+                "Fix the images named in the warning above."
+            )
     metrics: dict[str, float] = {}
     # A `length` column lets `group_by_length` batch captions of similar length; the Trainer groups eval batches too.
     if eval_dataset is not None:
@@ -582,10 +737,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                 f"{num_truncated} of {len(train_dataset)} training captions are longer than --max_caption_length "
                 f"({data_args.max_caption_length} tokens, EOS included) and will be cut."
             )
+    captions = [split for split in (train_dataset, eval_dataset) if split is not None]
+    _check_context_length(model.config, data_args, captions)
 
     if model_args.freeze_language_model:
         model.freeze_language_model()
-    if model_args.use_lora:
+    if model_args.use_lora and _is_peft_model(model):
+        logger.info(
+            f"Training the adapters of {model_args.model_name_or_path} further (their own rank and target modules; "
+            "the --lora_* options apply to new adapters)."
+        )
+    elif model_args.use_lora:
         if model.name_or_path in ("", None) or not os.path.isdir(model.name_or_path):
             # The adapters need a base model to load into later: save the freshly assembled one once.
             base_dir = os.path.join(training_args.output_dir, "base_model")
@@ -606,10 +768,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collator,
-        processing_class=processor,  # saved with every checkpoint, so a checkpoint folder captions on its own
+        # Saved with every checkpoint, so a checkpoint folder captions on its own; also decodes evaluation captions.
+        processing_class=processor,
         caption_eval_dataset=group_by_image(eval_dataset) if eval_dataset is not None else None,
         caption_eval_embeds=image_embeds,
-        processor=processor,
         generation_kwargs={
             "num_beams": data_args.generation_num_beams,
             "max_new_tokens": data_args.generation_max_new_tokens,
@@ -656,3 +818,22 @@ def add_train_parser(subparsers) -> None:
 def _train_command(parsed: argparse.Namespace) -> int:
     main(parsed.arguments, prog="clipcap train")
     return 0
+
+
+__all__ = [
+    "RECIPES",
+    "ClipCapTrainer",
+    "DataArguments",
+    "ModelArguments",
+    "add_lora",
+    "build_model",
+    "caption_dataset",
+    "load_lora_model",
+    "load_splits",
+    "lora_target_modules",
+    "main",
+    "merge_lora",
+    "parse_args",
+    "prepare_images",
+    "train",
+]

@@ -213,6 +213,20 @@ def test_recipes_set_the_paper_defaults_and_explicit_arguments_win(tmp_path):
         parse_args(["--recipe", "nonsense", "--output_dir", str(tmp_path)])
 
 
+def test_a_new_model_gets_the_default_architecture_and_a_checkpoint_keeps_its_own(tmp_path):
+    model_args = parse_args(["--output_dir", str(tmp_path)])[0]
+    assert (model_args.vision_model_name_or_path, model_args.text_model_name_or_path) == (
+        "openai/clip-vit-base-patch32",
+        "gpt2",
+    )
+    assert (model_args.mapping_type, model_args.prefix_length, model_args.normalize_prefix) == ("mlp", 10, False)
+    # With a checkpoint, the recipe's architecture is no default: only what is given is checked against it.
+    model_args = parse_args(["--recipe", "lora", "--model_name_or_path", "ckpt", "--output_dir", str(tmp_path)])[0]
+    assert (model_args.mapping_type, model_args.prefix_length, model_args.use_lora) == (None, None, True)
+    model_args = parse_args(["--model_name_or_path", "ckpt", "--prefix_length", "4", "--output_dir", str(tmp_path)])[0]
+    assert (model_args.prefix_length, model_args.normalize_prefix) == (4, None)
+
+
 def test_a_json_file_gets_the_recipe_and_common_defaults_and_its_own_values_win(tmp_path):
     path = tmp_path / "args.json"
     path.write_text(json.dumps({"recipe": "lora", "output_dir": str(tmp_path), "learning_rate": 1e-3, "lora_r": 4}))
@@ -244,14 +258,20 @@ def test_a_malformed_json_arguments_file_is_named(tmp_path, content, message):
         parse_args([str(path)])
 
 
-def test_do_predict_is_refused_with_the_command_that_does_it(tmp_path):
-    with pytest.raises(ValueError, match="--do_predict is not supported; .* `clipcap evaluate`"):
-        main(["--output_dir", str(tmp_path), "--do_predict"])
-
-
-def test_include_for_metrics_is_refused_with_the_option_that_chooses_metrics(tmp_path):
-    with pytest.raises(ValueError, match="--include_for_metrics is not supported: .* --eval_caption_metrics"):
-        main(["--output_dir", str(tmp_path), "--include_for_metrics", "inputs"])
+@pytest.mark.parametrize(
+    "option, message",
+    [
+        (["--label_smoothing_factor", "0.1"],
+         r"--label_smoothing_factor 0.1 is not supported: ClipCap's loss covers the caption tokens only.*Leave"),
+        (["--include_for_metrics", "inputs"], r"--include_for_metrics is not supported: .* --eval_caption_metrics"),
+        (["--include_num_input_tokens_seen", "true"],
+         r"--include_num_input_tokens_seen is not supported: Trainer would count the images' pixels"),
+        (["--do_predict"], r"--do_predict is not supported; caption and score a test set with `clipcap evaluate`"),
+    ],
+)
+def test_trainer_options_that_do_not_fit_clipcap_are_refused_naming_the_option(tmp_path, option, message):
+    with pytest.raises(ValueError, match=message):
+        main(["--output_dir", str(tmp_path), *option])
 
 
 def test_frozen_language_model_gets_no_gradients_stays_in_eval_mode_and_is_not_optimized(
@@ -399,7 +419,7 @@ def test_evaluation_captions_each_image_once_logs_distinct_captions_and_writes_p
         data_collator=ClipCapDataCollator(processor, image_embeds=table),
         caption_eval_dataset=images,
         caption_eval_embeds=table,
-        processor=processor,
+        processing_class=processor,
         generation_kwargs={"max_new_tokens": 5, "num_beams": 2},
     )
     metrics = trainer.evaluate()
@@ -415,6 +435,18 @@ def test_evaluation_captions_each_image_once_logs_distinct_captions_and_writes_p
     assert records[0]["references"] == CAPTIONED_IMAGES["a.png"]
 
 
+def test_caption_evaluation_needs_a_processor_and_some_images(tmp_path, tokenizer, processor, embedded):
+    dataset, table = embedded
+    model = quiet_model(tokenizer)
+    args = training_args(tmp_path / "out")
+    with pytest.raises(ValueError, match=r"needs processing_class=<the model's ClipCapProcessor> .* got NoneType"):
+        ClipCapTrainer(model=model, args=args, caption_eval_dataset=group_by_image(dataset))
+    with pytest.raises(ValueError, match="caption_eval_dataset has no rows; give at least one image, or None"):
+        ClipCapTrainer(
+            model=model, args=args, processing_class=processor, caption_eval_dataset=group_by_image(dataset).select([])
+        )
+
+
 def test_a_model_captioning_everything_alike_is_reported(tmp_path, tokenizer, processor, embedded, caplog):
     dataset, table = embedded
     model = quiet_model(tokenizer)
@@ -424,7 +456,7 @@ def test_a_model_captioning_everything_alike_is_reported(tmp_path, tokenizer, pr
         data_collator=ClipCapDataCollator(processor, image_embeds=table),
         caption_eval_dataset=group_by_image(dataset),
         caption_eval_embeds=torch.zeros_like(table),
-        processor=processor,
+        processing_class=processor,
         generation_kwargs={"max_new_tokens": 4},
     )
     with caplog.at_level("WARNING"):
@@ -654,9 +686,12 @@ def test_lora_recipe_from_pretrained_parts_saves_base_adapters_and_merged_model(
         ("max_caption_length", -1),
         ("generation_max_new_tokens", 0),
         ("generation_num_beams", 0),
+        ("max_train_samples", 0),
+        ("max_train_samples", -1),
+        ("max_eval_samples", 0),
     ],
 )
-def test_data_arguments_reject_lengths_and_beams_below_one(field, value):
+def test_data_arguments_reject_lengths_beams_and_sample_counts_below_one(field, value):
     with pytest.raises(ValueError, match=f"--{field} must be at least 1, got {value}"):
         DataArguments(**{field: value})
 
@@ -715,3 +750,140 @@ def test_overwrite_output_dir_starts_afresh_instead_of_resuming(tmp_path, model_
             with pytest.raises(Stop):
                 main(run_arguments(model_dir, caption_folder, out, tmp_path / "cache", *extra))
     assert resumed_from == [str(out / "checkpoint-3"), None]
+
+
+def test_the_public_training_api_is_exported():
+    import clipcap_hf.training as training
+
+    assert {"ClipCapTrainer", "DataArguments", "ModelArguments", "load_lora_model", "main", "merge_lora"} <= set(
+        training.__all__
+    )
+    assert all(hasattr(training, name) for name in training.__all__)
+
+
+# ---------------------------------------------------------------- what the run refuses, and what it continues
+
+
+def write_karpathy(path, images):
+    records = [
+        {"filename": name, "split": split, "cocoid": number, "sentences": [{"raw": caption}]}
+        for number, (name, split, caption) in enumerate(images)
+    ]
+    path.write_text(json.dumps({"images": records}))
+
+
+def test_a_karpathy_validation_file_evaluates_its_val_images(tmp_path, model_dir, caption_folder):
+    path = tmp_path / "karpathy.json"
+    write_karpathy(
+        path, [("a.png", "val", "A dog runs."), ("b.png", "val", "People walk."), ("c.png", "test", "A man.")]
+    )
+    extra = ("--validation_format", "coco-karpathy", "--validation_image_root", str(caption_folder))
+    args = run_arguments(model_dir, caption_folder, tmp_path / "out", tmp_path / "cache", *extra)
+    args += ["--max_eval_samples", "1"]
+    args[args.index("--validation_file") + 1] = str(path)
+    assert main(args)["eval_samples"] == 1
+    records = json.loads((tmp_path / "out/predictions/eval_step2.json").read_text())
+    assert [(record["image_id"], record["references"]) for record in records] == [(0, ["A dog runs."])]
+
+    write_karpathy(path, [("a.png", "train", "A dog runs."), ("c.png", "test", "A man.")])
+    message = r"--validation_file .*karpathy.json \(coco-karpathy\) has no images of split 'val' to evaluate on"
+    with pytest.raises(ValueError, match=message):
+        main(args)
+
+
+@pytest.mark.parametrize(
+    "extra, problems",
+    [
+        (
+            ("--mapping_type", "transformer", "--prefix_length", "20", "--normalize_prefix", "true"),
+            r"--mapping_type transformer \(the checkpoint's: mlp\); --prefix_length 20 \(the checkpoint's: 4\); "
+            r"--normalize_prefix True \(the checkpoint's: False\)",
+        ),
+        (("--text_model_name_or_path", "gpt2-large"), "--text_model_name_or_path gpt2-large builds a new model"),
+        (
+            ("--recipe", "transformer_frozen"),
+            r"--recipe transformer_frozen trains a transformer mapper \(the checkpoint's: mlp; set "
+            r"--freeze_language_model or --use_lora without a recipe instead\)",
+        ),
+    ],
+)
+def test_architecture_options_the_checkpoint_does_not_have_are_refused(
+    tmp_path, model_dir, caption_folder, extra, problems
+):
+    message = rf"--model_name_or_path .*tiny continues a checkpoint, whose architecture is fixed, but {problems}\. "
+    with pytest.raises(ValueError, match=message + "Leave these options out"):
+        main(run_arguments(model_dir, caption_folder, tmp_path / "out", tmp_path / "cache", *extra))
+
+
+def test_architecture_options_that_match_the_checkpoint_are_accepted(tmp_path, model_dir, caption_folder):
+    extra = ("--mapping_type", "mlp", "--prefix_length", "4", "--normalize_prefix", "false")
+    metrics = main(run_arguments(model_dir, caption_folder, tmp_path / "out", tmp_path / "cache", *extra))
+    assert metrics["train_samples"] == 7
+
+
+def test_an_evaluation_set_left_empty_by_skipped_images_is_refused_before_training(
+    tmp_path, model_dir, caption_folder
+):
+    eval_folder = tmp_path / "eval"
+    eval_folder.mkdir()
+    (eval_folder / "x.png").write_bytes(b"broken")
+    (eval_folder / "metadata.jsonl").write_text(json.dumps({"file_name": "x.png", "text": "A dog."}) + "\n")
+    out = tmp_path / "out"
+    args = run_arguments(model_dir, caption_folder, out, tmp_path / "cache", "--on_bad_image", "skip")
+    args[args.index("--validation_file") + 1] = str(eval_folder)
+    message = r"No evaluation captions are left: every evaluation image was unreadable and skipped \(--on_bad_image"
+    with pytest.raises(ValueError, match=message):
+        main(args)
+    assert not out.exists()
+
+
+def test_captions_or_generation_beyond_the_language_model_context_are_refused_before_training(
+    tmp_path, tokenizer, model_dir, caption_folder
+):
+    # The tiny language model has 128 positions and the checkpoint 4 prefix vectors: 124 caption tokens fit.
+    long_caption = " ".join(["A dog runs on the beach."] * 40)
+    assert len(tokenizer(long_caption)["input_ids"]) + 1 > 125
+    with (caption_folder / "metadata.jsonl").open("a") as file:
+        file.write(json.dumps({"file_name": "c.png", "text": long_caption}) + "\n")
+    out, cache = tmp_path / "out", tmp_path / "cache"
+
+    message = (
+        r"--generation_max_new_tokens 125 with the 4 prefix vectors needs 129 positions, but the language model has "
+        r"128 \(max_position_embeddings\). Set --generation_max_new_tokens to 124 or less."
+    )
+    with pytest.raises(ValueError, match=message):
+        main(run_arguments(model_dir, caption_folder, out, cache, "--generation_max_new_tokens", "125"))
+    assert not cache.exists()  # refused before any image was embedded
+
+    message = (
+        r"The longest caption has 125 tokens \(EOS included, after --max_caption_length 125\); with the 4 prefix "
+        r"vectors that is 129 positions, but the language model has 128 \(max_position_embeddings\). Set "
+        r"--max_caption_length to 124 or less."
+    )
+    with pytest.raises(ValueError, match=message):
+        main(run_arguments(model_dir, caption_folder, out, cache, "--max_caption_length", "125"))
+    assert not out.exists()
+    # At the limit the long caption trains, and is evaluated (the evaluation loss covers every caption).
+    metrics = main(run_arguments(model_dir, caption_folder, out, cache, "--max_caption_length", "124"))
+    assert metrics["train_truncated_captions"] == 1 and torch.isfinite(torch.tensor(metrics["eval_loss"]))
+
+
+def test_a_lora_run_continues_training_its_adapters(tmp_path, model_dir, caption_folder):
+    from peft import PeftConfig
+    from safetensors.torch import load_file
+
+    first, second, cache = tmp_path / "first", tmp_path / "second", tmp_path / "cache"
+    lora = ("--recipe", "lora", "--save_merged_model", "false", "--lora_r", "2", "--learning_rate", "1e-2")
+    main(run_arguments(model_dir, caption_folder, first, cache, *lora, "--warmup_steps", "0"))
+    message = (
+        r"--model_name_or_path .*first holds LoRA adapters \(adapter_config.json\). Add --use_lora \(or --recipe "
+        r"lora\) to train those adapters further, or continue from a plain checkpoint: the merged model"
+    )
+    with pytest.raises(ValueError, match=message):
+        main(run_arguments(first, caption_folder, second, cache))
+
+    main(run_arguments(first, caption_folder, second, cache, *lora, "--warmup_steps", "0"))
+    assert PeftConfig.from_pretrained(second).base_model_name_or_path == str(model_dir)
+    before, after = (load_file(folder / "adapter_model.safetensors") for folder in (first, second))
+    assert before.keys() == after.keys()  # the same adapters, not a second set wrapped around them
+    assert all(not torch.equal(before[name], after[name]) for name in before)
