@@ -43,6 +43,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     args = parser.parse_args()
+    if not (args.data_dir / "references.json").is_file() or not (args.data_dir / "predictions.json").is_file():
+        parser.error(
+            f"--data-dir: {args.data_dir} does not hold references.json and predictions.json (COCO format); the "
+            "default is the reference set next to the repository, ../shared/reference/coco_val2014_loo."
+        )
 
     references = load_coco_references(args.data_dir / "references.json")
     predictions = load_coco_predictions(args.data_dir / "predictions.json")

@@ -33,7 +33,13 @@ __version__ = "0.1.0"
 AutoConfig.register(ClipCapConfig.model_type, ClipCapConfig, exist_ok=True)
 AutoModel.register(ClipCapConfig, ClipCapForConditionalGeneration, exist_ok=True)
 AutoModelForImageTextToText.register(ClipCapConfig, ClipCapForConditionalGeneration, exist_ok=True)
-AutoImageProcessor.register(ClipCapConfig, slow_image_processor_class=ClipCapImageProcessor, exist_ok=True)
+if int(transformers.__version__.split(".")[0]) >= 5:
+    # transformers 5 picks an image processor by backend, torchvision when installed (open_clip installs it), and
+    # warns on every load when there is none for it. Ours has one implementation, for either backend.
+    backends = {"pil": ClipCapImageProcessor, "torchvision": ClipCapImageProcessor}
+    AutoImageProcessor.register(ClipCapConfig, image_processor_classes=backends, exist_ok=True)
+else:
+    AutoImageProcessor.register(ClipCapConfig, slow_image_processor_class=ClipCapImageProcessor, exist_ok=True)
 AutoProcessor.register(ClipCapConfig, ClipCapProcessor, exist_ok=True)
 if hasattr(transformers, "AutoModelForVision2Seq"):  # transformers 4.x: the image-to-text pipeline's class
     transformers.AutoModelForVision2Seq.register(ClipCapConfig, ClipCapForConditionalGeneration, exist_ok=True)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from huggingface_hub.errors import HFValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config
 
-from .configuration_clipcap import ClipCapConfig
+from .configuration_clipcap import VISION_BACKENDS, ClipCapConfig
 from .file_utils import holds_clipcap_model
 from .image_processing_clipcap import ClipCapImageProcessor
 from .modeling_clipcap import ClipCapForConditionalGeneration, load_pretrained_vision_model
@@ -805,7 +805,7 @@ def add_convert_parser(subparsers) -> None:
     parser.add_argument("--output", required=True, help="Folder to create.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="Which release (default: coco-mlp or coco-transformer, after the checkpoint's mapper).")
-    parser.add_argument("--vision-backend", choices=["clip", "open_clip"], default=None,
+    parser.add_argument("--vision-backend", choices=VISION_BACKENDS, default=None,
                         help="Default: open_clip if --open-clip-pretrained or a local-dir:/hf-hub: --vision-model is "
                              "given, else the preset's (clip for the MLP releases, open_clip for the transformer one).")
     parser.add_argument("--vision-model", default=None,

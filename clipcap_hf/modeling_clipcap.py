@@ -17,9 +17,11 @@ from transformers import (
     GenerationMixin,
     PreTrainedModel,
 )
+from transformers.cache_utils import Cache
 from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.utils import ModelOutput, can_return_tuple, logging
+from transformers.processing_utils import Unpack
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
 
 from .configuration_clipcap import VISION_BACKENDS, ClipCapConfig, check_mapping_num_heads
 from .open_clip_vision import ClipCapOpenClipVisionModel, resolve_open_clip_model
@@ -65,7 +67,7 @@ class ClipCapCausalLMOutputWithPast(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: object | None = None
+    past_key_values: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     prefix_embeds: torch.FloatTensor | None = None
@@ -573,12 +575,12 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         image_embeds: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values=None,
+        past_key_values: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> ClipCapCausalLMOutputWithPast:
         r"""
         Args:
@@ -599,6 +601,14 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 applied only at the positions that predict a label, and `logits` is returned as `None`. Given
                 without `input_ids` and `attention_mask`, and with -100 only as right padding, the caption tokens
                 are read from `labels`.
+            position_ids, past_key_values, use_cache, **kwargs:
+                Passed to the language model, as for any causal LM; `past_key_values` (a [`~cache_utils.Cache`])
+                holds the prefix positions too.
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, length, text_embedding_size)`, *optional*):
+                Ready-made language model inputs, instead of an image and `input_ids` (e.g. to continue a cache).
+            logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
+                Compute logits for the last `logits_to_keep` positions only (0: all), as for causal LMs. With
+                `labels`, it must keep every position that predicts a caption token.
 
         Example:
 

@@ -7,6 +7,7 @@ import transformers
 from conftest import IMAGE_SIZE, random_images, run_without_package, tiny_config
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForImageTextToText,
     AutoProcessor,
@@ -16,8 +17,9 @@ from transformers import (
     pipeline,
 )
 from transformers.pipelines.pt_utils import KeyDataset
+from transformers.testing_utils import CaptureLogger
 
-from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration, ClipCapProcessor
+from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration, ClipCapImageProcessor, ClipCapProcessor
 
 TRANSFORMERS_5 = int(transformers.__version__.split(".")[0]) >= 5
 
@@ -34,6 +36,14 @@ def test_auto_classes_load_a_saved_folder(saved_model_dir):
     assert type(AutoModel.from_pretrained(saved_model_dir)) is ClipCapForConditionalGeneration
     assert type(AutoModelForImageTextToText.from_pretrained(saved_model_dir)) is ClipCapForConditionalGeneration
     assert type(AutoProcessor.from_pretrained(saved_model_dir)) is ClipCapProcessor
+
+
+def test_auto_image_processor_loads_ours_without_asking_for_torchvision(saved_model_dir):
+    # transformers 5 asks for the torchvision backend when torchvision is installed (open_clip installs it); with
+    # ours registered for "pil" only, it warned on every load that the backend "is not available".
+    with CaptureLogger(transformers.utils.logging.get_logger("transformers")) as captured:
+        assert type(AutoImageProcessor.from_pretrained(saved_model_dir)) is ClipCapImageProcessor
+    assert "torchvision" not in captured.out
 
 
 def test_saved_folder_carries_code_and_auto_map(saved_model_dir):
