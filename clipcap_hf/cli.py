@@ -3,113 +3,29 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
-from .convert_original import add_convert_parser
-from .evaluation import add_evaluate_parser
 from .cli_interpret import add_interpret_parser
+from .cli_utils import (
+    add_caption_options,
+    check_caption_options,
+    check_gallery_path,
+    expand_image_paths,
+    load_model_and_processor,
+    stdout_is_utf8,
+)
+from .convert_original import add_convert_parser
 from .demo import add_demo_parser
+from .evaluation import UnreadableImagesError, add_evaluate_parser, iter_captions
+from .gallery import GalleryRecord, write_gallery
 from .quickstart import add_quickstart_parser
 from .training import add_train_parser
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-
-
-def expand_image_paths(patterns: Sequence[str]) -> list[Path]:
-    """Files, folders (their images, sorted) and glob patterns, in the order given, without duplicates."""
-    paths: list[Path] = []
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        elif path.exists():
-            found = [path]
-        else:
-            # Like a folder, a pattern such as 'dir/*' gives only its images, not notes or sub-folders
-            matches = (Path(match) for match in glob.glob(pattern, recursive=True))
-            found = sorted(p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"No image matches {pattern!r}.")
-        paths.extend(found)
-    unique = list(dict.fromkeys(paths))
-    if not unique:
-        raise FileNotFoundError(f"No images found in {', '.join(patterns)}.")
-    return unique
-
-
-def load_model_and_processor(model_name_or_path: str, device: str | None = None):
-    """A ClipCap model in eval mode on `device` (default: cuda when available, else cpu), and its processor."""
-    import torch
-    from transformers import AutoProcessor
-
-    from .modeling_clipcap import ClipCapForConditionalGeneration
-
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = ClipCapForConditionalGeneration.from_pretrained(model_name_or_path).to(device).eval()
-    return model, AutoProcessor.from_pretrained(model_name_or_path)
-
-
-def check_top_k_fits_vocabulary(top_k: int, model, processor) -> None:
-    """Say that `--top-k` is too large before any image is read, naming the option rather than `top_k`."""
-    # `interpret_prefix` chooses among the tokenizer's tokens that have an embedding row.
-    vocab_size = min(len(processor.tokenizer), model.get_input_embeddings().num_embeddings)
-    if top_k > vocab_size:
-        raise ValueError(f"--top-k must be at most the vocabulary size ({vocab_size}), got {top_k}.")
-
-
-def check_gallery_path(gallery: str, output_dir: str | None = None, taken: Iterable[str | os.PathLike] = ()) -> None:
-    """
-    Say before any work, not after it, that `--gallery` cannot or must not be written. It must name an .html or .htm
-    file, other than the files the command reads or writes (`taken`), so that it never replaces an image or a
-    result. Its folder must exist, or be `output_dir`, which the command creates.
-    """
-    path = Path(gallery)
-    if path.is_dir():
-        raise IsADirectoryError(f"--gallery: {gallery} is a folder; name the HTML file to write.")
-    if path.suffix.lower() not in (".html", ".htm"):
-        raise ValueError(f"--gallery: {gallery} is not an .html file name; name the HTML page to write, "
-                         "e.g. gallery.html.")
-    target = path.resolve()
-    for other in taken:
-        if Path(other).resolve() == target:
-            raise ValueError(f"--gallery: {gallery} is also a file this command reads or writes ({other}); "
-                             "name another HTML file.")
-    folder = path.parent
-    if not folder.is_dir() and not (output_dir is not None and folder.resolve() == Path(output_dir).resolve()):
-        raise FileNotFoundError(f"--gallery: folder {folder} does not exist.")
-
-
-def check_caption_options(args: argparse.Namespace) -> dict:
-    """Check the decoding options shared by caption and evaluate; return them as `generate` arguments."""
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
-    if args.num_beams < 1:
-        raise ValueError(f"--num-beams must be at least 1, got {args.num_beams}.")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
-    generate_kwargs = {"num_beams": args.num_beams, "do_sample": False}
-    if args.max_new_tokens is not None:  # otherwise the model's generation config decides
-        generate_kwargs["max_new_tokens"] = args.max_new_tokens
-    return generate_kwargs
-
-
-def add_caption_options(parser: argparse.ArgumentParser, num_beams: int, batch_size: int) -> None:
-    parser.add_argument("--num-beams", type=int, default=num_beams,
-                        help=f"Beams for beam search; 1 is greedy decoding (default: {num_beams}).")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
-                        help="Longest caption in tokens (default: the model's generation config: 30 for models "
-                             "built here, 67 for converted paper checkpoints).")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"Images per batch (default: {batch_size}).")
-
 
 def caption_command(args: argparse.Namespace) -> int:
-    from .evaluation import UnreadableImagesError, iter_captions
-
     generate_kwargs = check_caption_options(args)
     paths = expand_image_paths(args.images)
     if args.gallery:
@@ -122,7 +38,8 @@ def caption_command(args: argparse.Namespace) -> int:
             if not args.json:  # print as we go, so that a failure later on loses none of the captions before it
                 for result in batch:
                     if result.error is None:
-                        print(f"{result.path}\t{result.caption}", flush=True)
+                        # One line per image: a newline or tab in a caption would break the PATH<TAB>CAPTION lines.
+                        print(f"{result.path}\t{' '.join(result.caption.split())}", flush=True)
             results.extend(batch)
     finally:
         if args.json:  # also when the run fails: the captions made before are kept, as valid JSON
@@ -132,11 +49,9 @@ def caption_command(args: argparse.Namespace) -> int:
                 else {"image": str(result.path), "caption": None, "error": result.error}
                 for result in results
             ]
-            json.dump(entries, sys.stdout, indent=2, ensure_ascii=False)
+            json.dump(entries, sys.stdout, indent=2, ensure_ascii=not stdout_is_utf8())
             sys.stdout.write("\n")
         if args.gallery and results:  # likewise the gallery; an unreadable image shows its name and the error
-            from .gallery import GalleryRecord, write_gallery
-
             records = [GalleryRecord(result.path, result.caption or "") for result in results]
             gallery = write_gallery(records, args.gallery, title=f"Captions by {args.model}")
             print(f"Gallery: {gallery}", file=sys.stderr)
@@ -181,8 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        # A file name or caption that stdout's encoding cannot show (cp1252 on Windows) is escaped, not fatal.
+        sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return args.handler(args)
+    except BrokenPipeError:
+        # The reader went away (`clipcap caption ... | head -1`): stop quietly, with the exit status of a program
+        # ended by SIGPIPE (128 + 13), as `cat` would give. Python would report the pipe again when it flushes
+        # stdout at exit, so stdout now points at devnull (see the `signal` module's documentation).
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):  # stdout is no real file (replaced by a caller)
+            pass
+        return 141
     except (ValueError, OSError, ImportError) as error:
         # An ImportError here is a missing optional extra (gradio, pycocoevalcap); its message says what to install.
         # An OSError covers missing files and a --model folder that does not exist or holds no weights.

@@ -11,30 +11,43 @@ import dataclasses
 import json
 import sys
 
+from .cli_utils import (
+    check_top_k,
+    check_top_k_fits_vocabulary,
+    expand_image_paths,
+    load_model_and_processor,
+    stdout_is_utf8,
+)
+from .evaluation import UnreadableImagesError
+from .image_processing_clipcap import load_image
+
 
 def interpret_command(args: argparse.Namespace) -> int:
-    from .cli import check_top_k_fits_vocabulary, expand_image_paths, load_model_and_processor
-    from .image_processing_clipcap import load_image
-
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {args.top_k}.")
+    check_top_k(args.top_k)
     paths = expand_image_paths(args.images)
     model, processor = load_model_and_processor(args.model, args.device)
     check_top_k_fits_vocabulary(args.top_k, model, processor)
 
-    results = []
+    results, errors = [], []
     try:
         for path in paths:
-            inputs = processor(images=[load_image(path)]).to(model.device)
+            try:
+                image = load_image(path)
+            except ValueError as error:  # like `clipcap caption`: named at the end, the other images still run
+                errors.append(str(error))
+                results.append({"image": str(path), "prefix": None, "error": str(error)})
+                continue
+            inputs = processor(images=[image]).to(model.device)
             interpretation = model.interpret_prefix(**inputs, tokenizer=processor, top_k=args.top_k)[0]
-            if args.json:
-                results.append({"image": str(path), "prefix": dataclasses.asdict(interpretation)["matches"]})
-            else:
+            results.append({"image": str(path), "prefix": dataclasses.asdict(interpretation)["matches"]})
+            if not args.json:
                 print(f"{path}\n{interpretation.format()}", flush=True)
     finally:
-        if args.json:  # also when an image fails: the results before it are kept, as valid JSON
-            json.dump(results, sys.stdout, indent=2, ensure_ascii=False)
+        if args.json:  # also when the run fails: the results before it are kept, as valid JSON
+            json.dump(results, sys.stdout, indent=2, ensure_ascii=not stdout_is_utf8())
             sys.stdout.write("\n")
+    if errors:
+        raise UnreadableImagesError(errors, len(paths))
     return 0
 
 

@@ -21,6 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .cli_utils import check_top_k, check_top_k_fits_vocabulary, expand_image_paths, load_model_and_processor
+from .image_processing_clipcap import load_image, to_rgb_image
+from .modeling_clipcap import DEFAULT_MAX_NEW_TOKENS
+
 if TYPE_CHECKING:
     import gradio
     import PIL.Image
@@ -49,8 +53,6 @@ def load_user_image(image_path: str | os.PathLike | None) -> PIL.Image.Image:
     Open an uploaded image file as the model sees it (upright 8-bit RGB, transparency on white), so that the preview
     shows what is captioned; a file that is not an image raises a `ValueError` naming it.
     """
-    from .image_processing_clipcap import load_image, to_rgb_image
-
     if image_path is None:
         raise ValueError("Upload an image or pick an example first.")
     try:
@@ -107,7 +109,7 @@ def caption_and_interpret(
         num_return_sequences=num_captions,
         **length,
     )
-    captions = [caption.strip() for caption in processor.batch_decode(generated, skip_special_tokens=True)]
+    captions = processor.post_process_image_text_to_text(generated)
     interpretation = model.interpret_prefix(**inputs, tokenizer=processor, top_k=top_k)[0]
     return captions, interpretation
 
@@ -125,8 +127,6 @@ def build_demo(
 
     Launch it with `.launch()`; `clipcap demo` serves it on 127.0.0.1 unless told otherwise.
     """
-    from .modeling_clipcap import DEFAULT_MAX_NEW_TOKENS
-
     gr = import_gradio()
 
     def run_or_report(function, *args):
@@ -199,11 +199,10 @@ def build_demo(
 
 
 def demo_command(args: argparse.Namespace) -> int:
-    from .cli import check_top_k_fits_vocabulary, expand_image_paths, load_model_and_processor
-
+    check_top_k(args.top_k)
+    if args.port is not None and not 1 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 1 and 65535, got {args.port}.")
     import_gradio()  # fail before loading the model when Gradio is missing
-    if args.top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {args.top_k}.")
     examples = expand_image_paths(args.examples) if args.examples else []
     model, processor = load_model_and_processor(args.model, args.device)
     check_top_k_fits_vocabulary(args.top_k, model, processor)  # or every click after the launch would fail

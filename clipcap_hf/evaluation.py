@@ -15,9 +15,14 @@ from typing import Any
 
 import datasets
 import torch
+from huggingface_hub import EvalResult, ModelCard
 from tqdm.auto import tqdm
 
+from .cli_utils import add_caption_options, check_caption_options, check_gallery_path, load_model_and_processor
+from .data import DATASET_FORMATS, group_by_image, load_caption_dataset
 from .file_utils import write_text_atomically
+from .gallery import GalleryRecord, write_gallery
+from .image_processing_clipcap import load_image
 from .metrics import METRIC_NAMES, SCORE_KEYS, caption_tokenization, compute_caption_metrics, load_coco_predictions
 
 # Display order and names of the metrics in tables and model cards.
@@ -91,8 +96,6 @@ def iter_captions(
     Caption image files in batches, with a progress bar, yielding each batch's results, in order, as soon as they
     are ready. A file that cannot be read does not stop the run: its result holds the error instead of a caption.
     """
-    from .image_processing_clipcap import load_image
-
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
     device = next(model.parameters()).device
@@ -108,8 +111,7 @@ def iter_captions(
             captions = {}
             if images:
                 generated = model.generate(**processor(images=list(images.values())).to(device), **generate_kwargs)
-                decoded = processor.batch_decode(generated, skip_special_tokens=True)
-                captions = dict(zip(images, (text.strip() for text in decoded)))
+                captions = dict(zip(images, processor.post_process_image_text_to_text(generated)))
             bar.update(len(paths))
             yield [CaptionedImage(path, captions.get(index), errors.get(index)) for index, path in enumerate(paths)]
 
@@ -181,28 +183,6 @@ def _score_images(predictions: Mapping[Any, str], images, metrics: Sequence[str]
     result = score_predictions(predictions, dict(zip(image_ids, images["references"])), domains, metrics)
     result.image_paths = dict(zip(image_ids, images["image_path"]))
     return result
-
-
-def evaluate_dataset(
-    model,
-    processor,
-    dataset,
-    batch_size: int = 32,
-    metrics: Sequence[str] = METRIC_NAMES,
-    **generate_kwargs,
-) -> EvaluationResult:
-    """
-    Caption every image of a caption dataset (one row per caption, as the loaders of `clipcap_hf.data` return)
-    once, and score the captions against all of each image's captions. Raises [`UnreadableImagesError`] if an
-    image cannot be read, since scores over part of a dataset are not comparable with scores over all of it.
-    """
-    from .data import group_by_image
-
-    images = group_by_image(dataset)
-    captions, unreadable = caption_images(model, processor, images, batch_size, **generate_kwargs)
-    if unreadable:
-        raise UnreadableImagesError(list(unreadable.values()), len(images))
-    return _score_images(captions, images, metrics)
 
 
 def markdown_table(result: EvaluationResult) -> str:
@@ -280,8 +260,6 @@ def fill_model_card(
     `<!-- clipcap-results-end -->` markers, and its metrics into the YAML `model-index` (replacing earlier results
     for the same dataset and split, keeping the others). `dataset_split` is `None` for a dataset without splits.
     """
-    from huggingface_hub import EvalResult, ModelCard
-
     card = ModelCard.load(card_path)
     if RESULTS_START not in card.text or RESULTS_END not in card.text:
         raise ValueError(
@@ -346,8 +324,6 @@ def _load_split(args: argparse.Namespace):
     The images to evaluate, one row per image (`group_by_image`), and the split they come from (`None` for a format
     without splits).
     """
-    from .data import group_by_image, load_caption_dataset
-
     data = load_caption_dataset(args.data_format, args.data, args.image_root)
     split = None
     if hasattr(data, "keys"):  # a DatasetDict (the Karpathy file holds all splits)
@@ -366,8 +342,6 @@ def _load_split(args: argparse.Namespace):
 
 def _check_arguments(args: argparse.Namespace) -> dict:
     """What would otherwise fail after the captioning, or in the middle of it; returns the `generate` arguments."""
-    from .cli import check_caption_options, check_gallery_path
-
     if not args.model and not args.predictions:
         raise ValueError("Give --model (to caption the images) or --predictions (to score a results file).")
     generate_kwargs = check_caption_options(args)
@@ -405,8 +379,6 @@ def _write_gallery(
 ) -> None:
     """The --gallery page: each image with a caption (and its scores, if any), and the error of each image id in
     `unreadable`."""
-    from .gallery import GalleryRecord, write_gallery
-
     records = [
         GalleryRecord(
             image=path,
@@ -432,8 +404,6 @@ def evaluate_command(args: argparse.Namespace) -> int:
         predictions = _load_predictions(args, images)
         run["predictions"] = args.predictions
     else:
-        from .cli import load_model_and_processor
-
         model, processor = load_model_and_processor(args.model, args.device)
         max_new_tokens = generate_kwargs.get("max_new_tokens", model.generation_config.max_new_tokens)
         run.update(model=args.model, num_beams=args.num_beams, max_new_tokens=max_new_tokens)
@@ -474,15 +444,13 @@ def evaluate_command(args: argparse.Namespace) -> int:
 
 
 def add_evaluate_parser(subparsers) -> None:
-    from .cli import add_caption_options
-
     parser = subparsers.add_parser("evaluate", help="Caption a dataset and score it with the COCO caption metrics.")
     parser.add_argument("--model", help="A ClipCap folder or Hub name (required unless --predictions is given).")
     parser.add_argument("--data", required=True, help="The annotation file (or image folder for imagefolder).")
     parser.add_argument(
         "--data-format",
         default="coco-karpathy",
-        choices=["coco-karpathy", "coco", "nocaps", "conceptual-captions", "imagefolder"],
+        choices=list(DATASET_FORMATS),
         help="Annotation format (default: coco-karpathy).",
     )
     parser.add_argument("--image-root", help="The folder the annotation file's image paths are relative to.")
@@ -506,7 +474,6 @@ __all__ = [
     "EvaluationResult",
     "UnreadableImagesError",
     "caption_images",
-    "evaluate_dataset",
     "fill_model_card",
     "generate_captions",
     "iter_captions",

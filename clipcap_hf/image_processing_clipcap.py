@@ -13,9 +13,12 @@ import torch
 from transformers import CLIPVisionConfig
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# What transformers itself passes to the constructor when loading a saved processor; every other keyword is refused.
+_BOOKKEEPING_KWARGS = {
+    "image_processor_type", "auto_map", "processor_class", "_processor_class", "feature_extractor_type"
+}
 
 _RESAMPLE = {
     "nearest": PIL.Image.Resampling.NEAREST,
@@ -45,12 +48,15 @@ def to_rgb_image(image: ImageLike) -> PIL.Image.Image:
     """
     Turn one image into an upright 8-bit RGB PIL image.
 
-    PIL images get their EXIF orientation applied; transparent images (RGBA, LA, palette with transparency) are
-    composited on white; CMYK, grayscale and 16-bit images are converted. Arrays and tensors may be HWC or CHW, with
-    1, 3 or 4 channels, either uint8 in [0, 255] or floats in [0, 1].
+    PIL images get their EXIF orientation applied; transparent images (RGBA, LA, palette or colour-key transparency)
+    are composited on white; CMYK, grayscale and 16-bit images are converted. Arrays and tensors may be HWC or CHW,
+    with 1, 3 or 4 channels: uint8, uint16 (16-bit images, scaled to 8 bits), bool (black and white), other integers
+    in [0, 255], or floats in [0, 1]. PIL "I" and "F" images follow the int32 and float rules.
     """
     if isinstance(image, torch.Tensor):
-        image = image.detach().cpu().numpy()
+        image = image.detach().cpu()
+        # numpy has no bfloat16; float16/bfloat16 in [0, 1] are read like any float image.
+        image = (image.float() if image.is_floating_point() else image).numpy()
     if isinstance(image, np.ndarray):
         image = _array_to_pil(image)
     if not isinstance(image, PIL.Image.Image):
@@ -61,15 +67,16 @@ def to_rgb_image(image: ImageLike) -> PIL.Image.Image:
     if image.width == 0 or image.height == 0:
         raise ValueError(f"Got an image of size {image.width}x{image.height}; images must not be empty.")
     image = PIL.ImageOps.exif_transpose(image)
-    if image.mode == "P":
-        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        # 32-bit and 16-bit single-channel images: the same rules as arrays of their dtype (PIL's own conversion to
+        # RGB clips "I" at 255 and truncates "F").
+        return _array_to_pil(np.asarray(image)).convert("RGB")
+    if "transparency" in image.info and image.mode in ("P", "RGB", "L"):
+        image = image.convert("RGBA")  # palette or PNG colour-key (tRNS) transparency
     if image.mode in ("RGBA", "LA", "PA"):
         # Transparent areas carry arbitrary colours; white is what a viewer shows behind them.
         background = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
         image = PIL.Image.alpha_composite(background, image.convert("RGBA"))
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        # PIL's "I" -> "RGB" conversion clips at 255; scale 16-bit range down first.
-        image = PIL.Image.fromarray((np.asarray(image, dtype=np.float64) / 257.0).round().clip(0, 255).astype(np.uint8))
     return image.convert("RGB") if image.mode != "RGB" else image
 
 
@@ -85,14 +92,41 @@ def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
         )
     if array.size == 0:
         raise ValueError(f"Got an empty image array of shape {array.shape}.")
+    return PIL.Image.fromarray(_to_uint8(array))
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    """An image array's values as uint8, by its dtype's meaning; values that fit no 8-bit reading are refused."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == np.bool_:
+        return array.astype(np.uint8) * np.uint8(255)  # a mask: False black, True white
     if np.issubdtype(array.dtype, np.floating):
         low, high = array.min(), array.max()  # a NaN anywhere makes both NaN, which passes any range comparison
         if not (np.isfinite(low) and np.isfinite(high)):
             raise ValueError("Float image arrays must hold finite values; this one holds NaN or infinity.")
         if low < 0 or high > 1:
-            raise ValueError("Float image arrays must hold values in [0, 1]; pass uint8 arrays for [0, 255].")
-        array = (array * 255).round()
-    return PIL.Image.fromarray(array.astype(np.uint8))
+            raise ValueError(
+                f"Float image arrays must hold values in [0, 1], this one holds [{low:g}, {high:g}]; divide "
+                "[0, 255] data by 255 or pass it as uint8."
+            )
+        return (array.astype(np.float64) * 255).round().astype(np.uint8)
+    if array.dtype == np.uint16:
+        # 16-bit images (imageio, OpenCV, tifffile): the same scaling as PIL's "I;16" images get.
+        return (array.astype(np.float64) / 257.0).round().astype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        low, high = int(array.min()), int(array.max())
+        if low < 0 or high > 255:
+            raise ValueError(
+                f"Integer image arrays of dtype {array.dtype} must hold values in [0, 255], this one holds "
+                f"[{low}, {high}]; pass 16-bit images as uint16 (array.astype(np.uint16)), or scale the values "
+                "to [0, 255]."
+            )
+        return array.astype(np.uint8)
+    raise ValueError(
+        f"Cannot read an image array of dtype {array.dtype}; pass uint8, uint16, bool, integers in [0, 255] or "
+        "floats in [0, 1]."
+    )
 
 
 class ClipCapImageProcessor(BaseImageProcessor):
@@ -126,6 +160,14 @@ class ClipCapImageProcessor(BaseImageProcessor):
         image_std: Sequence[float] = OPENAI_CLIP_STD,
         **kwargs,
     ):
+        unknown = sorted(set(kwargs) - _BOOKKEEPING_KWARGS)
+        if unknown:
+            # Refused rather than stored and ignored (CLIPImageProcessor's do_normalize=False, do_resize=False...).
+            raise TypeError(
+                f"ClipCapImageProcessor got unknown options {unknown}. Its preprocessing is always CLIP's (resize, "
+                "center crop, RGB, normalize) and takes only size=..., crop_size=..., resample=..., image_mean=..., "
+                "image_std=...."
+            )
         super().__init__(**kwargs)
         if resample not in _RESAMPLE:
             raise ValueError(f"`resample` must be one of {sorted(_RESAMPLE)}, got {resample!r}.")
@@ -234,9 +276,7 @@ class ClipCapImageProcessor(BaseImageProcessor):
             )
         if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)) and not _is_batched_array(images):
             images = [images]
-        elif isinstance(images, (np.ndarray, torch.Tensor)):
-            images = list(images)
-        images = list(images)
+        images = list(images)  # a batched array or tensor becomes a list of its images
         if not images:
             raise ValueError("Got an empty list of images; pass at least one image.")
         arrays = []
@@ -249,9 +289,6 @@ class ClipCapImageProcessor(BaseImageProcessor):
                 raise ValueError(f"Image {index}: {error}") from error
         pixel_values = np.stack(arrays)
         return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
-
-    def __call__(self, images, return_tensors: str | None = "pt", **kwargs: Any) -> BatchFeature:
-        return self.preprocess(images, return_tensors=return_tensors, **kwargs)
 
 
 def _is_batched_array(images: Any) -> bool:

@@ -13,14 +13,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")
 # What ClipCap keeps of an open_clip model config: the image tower and its output width, nothing of the text tower.
 OPEN_CLIP_MODEL_CFG_KEYS = ("embed_dim", "vision_cfg", "quick_gelu")
 # open_clip's inference preprocessing defaults (`open_clip.transform.PreprocessCfg`), overridden per model/tag.
 _PREPROCESS_DEFAULTS = {
-    "mean": (0.48145466, 0.4578275, 0.40821073),
-    "std": (0.26862954, 0.26130258, 0.27577711),
+    "mean": OPENAI_CLIP_MEAN,
+    "std": OPENAI_CLIP_STD,
     "interpolation": "bicubic",
     "resize_mode": "shortest",
 }
@@ -62,7 +63,7 @@ def vision_part_of_model_cfg(model_cfg: dict[str, Any], source: str) -> dict[str
     if "timm_model_name" in vision_cfg:
         # The tower's weights come from our checkpoint (or the CLIP checkpoint); never fetch timm's ImageNet weights.
         vision_cfg["timm_model_pretrained"] = False
-    return {"embed_dim": embed_dim, "vision_cfg": vision_cfg, "quick_gelu": bool(model_cfg.get("quick_gelu", False))}
+    return dict(zip(OPEN_CLIP_MODEL_CFG_KEYS, (embed_dim, vision_cfg, bool(model_cfg.get("quick_gelu", False)))))
 
 
 def resolve_open_clip_model(model_name: str, pretrained: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:

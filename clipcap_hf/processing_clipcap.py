@@ -65,10 +65,6 @@ class ClipCapProcessor(ProcessorMixin):
         tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path, **kwargs)
         return cls(image_processor=image_processor, tokenizer=tokenizer)
 
-    @property
-    def model_input_names(self) -> list[str]:
-        return ["pixel_values", "input_ids", "attention_mask"]
-
     def __call__(
         self,
         images=None,
@@ -145,7 +141,12 @@ class ClipCapProcessor(ProcessorMixin):
         token_lists = []
         num_truncated = 0
         for index, caption in enumerate(captions):
-            if not isinstance(caption, str) or not caption.strip():
+            if not isinstance(caption, str):
+                raise ValueError(
+                    f"Caption {index} must be a string, got {type(caption).__name__} ({caption!r}); for several "
+                    "captions per image, repeat the image once per caption."
+                )
+            if not caption.strip():
                 raise ValueError(f"Caption {index} is empty ({caption!r}); every caption needs some text.")
             tokens = self.tokenizer(caption, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
             if max_length is not None and len(tokens) > max_length:
@@ -162,14 +163,6 @@ class ClipCapProcessor(ProcessorMixin):
             encoded = {key: torch.tensor(value, dtype=torch.long) for key, value in encoded.items()}
         encoded["num_truncated"] = num_truncated
         return encoded
-
-    def batch_decode(self, *args, **kwargs) -> list[str]:
-        """Decode generated token ids into captions (see the tokenizer's `batch_decode`)."""
-        return self.tokenizer.batch_decode(*args, **kwargs)
-
-    def decode(self, *args, **kwargs) -> str:
-        """Decode one sequence of token ids (see the tokenizer's `decode`)."""
-        return self.tokenizer.decode(*args, **kwargs)
 
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
         """Used by the image-text-to-text pipeline: decoded captions, stripped of surrounding spaces."""

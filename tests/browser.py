@@ -1,8 +1,8 @@
 """Headless Chromium for the browser tests, driven by selenium and kept off every network but 127.0.0.1.
 
-Import `browser` (the fixture) and `serve_folder` into a test module. Tests that use the fixture are skipped, with
-the reason, when Chromium, chromedriver or selenium is not installed; CI installs them:
-`apt-get install -y chromium chromium-driver` and `pip install -e ".[dev]"`.
+conftest.py makes the `browser` fixture available to every test module; import `serve_folder` where needed. Tests
+that use the fixture are skipped, with the reason, when Chromium, chromedriver or selenium is not installed; CI
+installs them: `apt-get install -y chromium chromium-driver` and `pip install -e ".[dev]"`.
 """
 
 import contextlib

@@ -14,6 +14,9 @@ from transformers import CLIPVisionConfig, GPT2Config, GPT2TokenizerFast
 
 from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration, ClipCapImageProcessor, ClipCapProcessor
 
+# The headless Chromium fixture (`browser`) of the demo and gallery tests.
+pytest_plugins = ["browser"]
+
 CORPUS = [
     "A dog runs on the beach.",
     "A red circle above a blue square.",

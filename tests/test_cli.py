@@ -1,11 +1,15 @@
 import html
+import io
 import json
+import sys
 
 import pytest
+import torch
 from conftest import random_images
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
 from clipcap_hf.cli import main
+from clipcap_hf.cli_utils import expand_image_paths
 
 
 @pytest.fixture
@@ -185,3 +189,107 @@ def test_progress_bar_when_more_images_than_batch_size(saved_model_dir, image_fo
                  "--max-new-tokens", "3"]) == 0
     err = capsys.readouterr().err
     assert "Captioning" in err and "3/3" in err
+
+
+def test_folders_give_every_image_pil_opens_and_skip_hidden_files_and_sub_folders(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    image = random_images(1)[0]
+    for name, image_format in [("a.jpg", "JPEG"), ("b.jfif", "JPEG"), ("c.ppm", "PPM"), ("d.TIFF", "TIFF")]:
+        image.save(folder / name, format=image_format)
+    (folder / "._a.jpg").write_bytes(b"\x00\x05\x16\x07 AppleDouble sidecar")  # what macOS leaves beside a.jpg
+    (folder / "e.jpg").mkdir()  # a folder named like an image
+    (folder / "notes.txt").write_text("not an image")
+    expected = [folder / name for name in ("a.jpg", "b.jfif", "c.ppm", "d.TIFF")]
+    assert expand_image_paths([str(folder)]) == expected
+    assert expand_image_paths([str(folder / "*")]) == expected
+
+
+def test_interpret_reports_an_unreadable_image_and_interprets_the_others(saved_model_dir, image_folder, capsys):
+    broken = image_folder / "img1x.png"  # sorts between img1 and img2
+    broken.write_bytes(b"definitely not a png")
+    argv = ["interpret", str(image_folder / "img0.png"), str(broken), str(image_folder / "img2.png"),
+            "--model", str(saved_model_dir), "--top-k", "1"]
+    assert main([*argv, "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.endswith(f"clipcap interpret: error: 1 of 3 images could not be read:\n  "
+                                 f"{unreadable_error(broken)}\n")
+    results = json.loads(captured.out)
+    assert [result["image"] for result in results] == argv[1:4]
+    assert results[1] == {"image": str(broken), "prefix": None, "error": unreadable_error(broken)}
+    assert all(len(result["prefix"]) == 4 for result in (results[0], results[2]))  # prefix_length 4, top-1 each
+    assert main(argv) == 2
+    printed = capsys.readouterr().out.splitlines()
+    assert [line for line in printed if not line.startswith(" ")] == [argv[1], argv[3]]
+
+
+@pytest.mark.parametrize("model", ["./clipcap-quikstart", "{tmp}/clipcap-quikstart", "../models/clipcap"])
+def test_a_model_folder_that_does_not_exist_is_named(image_folder, tmp_path, monkeypatch, capsys, model):
+    monkeypatch.chdir(tmp_path)
+    model = model.format(tmp=tmp_path)
+    assert main(["caption", str(image_folder / "img0.png"), "--model", model]) == 2
+    assert capsys.readouterr().err == f"clipcap caption: error: --model: folder {model} does not exist.\n"
+
+
+def test_captions_with_newlines_or_tabs_stay_on_one_line(saved_model_dir, image_folder, tokenizer, capsys):
+    # Bias the tiny model towards "A\nA\n...", as GPT-2, which has newline tokens, can write.
+    newline, letter = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("\n", "A"))
+    config_path = saved_model_dir / "generation_config.json"
+    config = json.loads(config_path.read_text())
+    config.update(sequence_bias=[[letter, 50.0], [letter + newline, 100.0]], max_new_tokens=6)
+    config_path.write_text(json.dumps(config))
+    paths = [image_folder / "img0.png", image_folder / "img1.png"]
+    assert main(["caption", *map(str, paths), "--model", str(saved_model_dir), "--json"]) == 0
+    captions = [result["caption"] for result in json.loads(capsys.readouterr().out)]
+    assert all("\n" in caption for caption in captions)  # JSON keeps the caption as generated
+    assert main(["caption", *map(str, paths), "--model", str(saved_model_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"{path}\t{' '.join(caption.split())}" for path, caption in zip(paths, captions)]
+
+
+def test_output_survives_a_stdout_encoding_that_cannot_show_the_file_names(saved_model_dir, image_folder,
+                                                                          monkeypatch):
+    # Windows gives a redirected stdout the ANSI code page, e.g. cp1252, which has no CJK characters.
+    named = image_folder / "ünï 画像.png"
+    (image_folder / "img0.png").rename(named)
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["caption", str(named), str(image_folder / "img1.png"), "--model", str(saved_model_dir),
+                 "--json", "--max-new-tokens", "3"]) == 0
+    stdout.flush()
+    results = json.loads(stdout.buffer.getvalue().decode("cp1252"))
+    assert [result["image"] for result in results] == [str(named), str(image_folder / "img1.png")]
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="cp1252")
+    monkeypatch.setattr(sys, "stdout", stdout)
+    assert main(["caption", str(named), "--model", str(saved_model_dir), "--max-new-tokens", "3"]) == 0
+    stdout.flush()
+    escaped = str(named).replace("画像", "\\u753b\\u50cf")
+    assert stdout.buffer.getvalue().decode("cp1252").startswith(f"{escaped}\t")
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("gpu", "--device: 'gpu' is not a device; use cpu, cuda, cuda:N or mps."),
+     pytest.param("cuda", "--device cuda: no CUDA GPU is available here; use --device cpu.",
+                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU"))],
+)
+def test_a_bad_device_is_reported_before_the_model_is_loaded(image_folder, tmp_path, capsys, device, message):
+    # The --model folder does not exist: the device is checked first.
+    for command in (["caption", str(image_folder)], ["interpret", str(image_folder)]):
+        assert main([*command, "--model", str(tmp_path / "missing"), "--device", device]) == 2
+        assert capsys.readouterr().err == f"clipcap {command[0]}: error: {message}\n"
+
+
+class BrokenPipe(io.StringIO):
+    """stdout whose reader has gone, as with `clipcap caption ... | head -1`."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_pipe_ends_the_run_quietly_with_the_sigpipe_status(saved_model_dir, image_folder, monkeypatch,
+                                                                   capsys):
+    monkeypatch.setattr(sys, "stdout", BrokenPipe())
+    assert main(["caption", str(image_folder), "--model", str(saved_model_dir), "--max-new-tokens", "3"]) == 141
+    err = capsys.readouterr().err  # only transformers' weight-loading progress bar
+    assert "error" not in err and "Broken pipe" not in err

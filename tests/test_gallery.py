@@ -8,7 +8,7 @@ import re
 
 import PIL.Image
 import pytest
-from browser import browser, serve_folder  # noqa: F401 (`browser` is a fixture)
+from browser import serve_folder
 from conftest import random_images
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor

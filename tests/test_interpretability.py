@@ -185,10 +185,11 @@ def test_interpret_command_names_a_decompression_bomb(saved_words_model, monkeyp
     folder, image_path, _ = saved_words_model  # 48x40 pixels
     monkeypatch.setattr("PIL.Image.MAX_IMAGE_PIXELS", 500)  # over twice the limit: refused as a decompression bomb
     assert main(["interpret", str(image_path), "--model", str(folder)]) == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        f"clipcap interpret: error: Cannot read image {image_path}: Image size (1920 pixels) exceeds limit of 1000 "
-        "pixels, could be decompression bomb DOS attack. If you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS."
-    )
+    assert capsys.readouterr().err.splitlines()[-2:] == [
+        "clipcap interpret: error: 1 of 1 images could not be read:",
+        f"  Cannot read image {image_path}: Image size (1920 pixels) exceeds limit of 1000 pixels, could be "
+        "decompression bomb DOS attack. If you trust the file, raise PIL.Image.MAX_IMAGE_PIXELS.",
+    ]
 
 
 def test_interpret_command_names_the_option_when_top_k_exceeds_the_vocabulary(saved_words_model, processor, capsys):
@@ -206,9 +207,11 @@ def test_interpret_json_keeps_earlier_results_when_an_image_fails(saved_words_mo
     assert main(["interpret", str(image_path), str(broken), "--model", str(folder), "--top-k", "1", "--json"]) == 2
     captured = capsys.readouterr()
     assert f"Cannot read image {broken}" in captured.err
-    (result,) = json.loads(captured.out)
+    result, unreadable = json.loads(captured.out)
     assert result["image"] == str(image_path)
     assert [position[0]["token"] for position in result["prefix"]] == WORDS
+    error = f"Cannot read image {broken}: cannot identify image file '{broken}'"
+    assert unreadable == {"image": str(broken), "prefix": None, "error": error}
 
 
 def test_interpret_prefix_works_on_a_folder_loaded_with_remote_code(saved_words_model, tmp_path):

@@ -1,4 +1,5 @@
 import io
+import json
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,9 @@ from torchvision import transforms
 from conftest import build_tokenizer
 
 from clipcap_hf import ClipCapImageProcessor, ClipCapProcessor
-from clipcap_hf.image_processing_clipcap import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, load_image
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from clipcap_hf.image_processing_clipcap import load_image
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_samples"
 
@@ -234,3 +237,117 @@ def test_processor_round_trip(tmp_path, processor):
     image = photo_like(40, 30)
     assert torch.equal(loaded(images=image)["pixel_values"], processor(images=image)["pixel_values"])
     assert loaded.tokenizer("A dog")["input_ids"] == processor.tokenizer("A dog")["input_ids"]
+
+
+def ramp16(width=300):
+    """A dark-to-bright 16-bit ramp, as imageio, OpenCV or tifffile return a 16-bit PNG or TIFF."""
+    return np.tile(np.linspace(0, 65535, width).astype(np.uint16), (8, 1))
+
+
+def test_16_bit_arrays_are_scaled_to_8_bits():
+    processor = ClipCapImageProcessor(size=8, crop_size=8)
+    array = ramp16()
+    # Reference: each 16-bit value v is the 8-bit value round(v / 257), as PIL's "I;16" images are read.
+    expected = processor(PIL.Image.fromarray((array / 257.0).round().astype(np.uint8)).convert("RGB"))
+    for variant in (array, torch.from_numpy(array.astype(np.int32)).to(torch.uint16), PIL.Image.fromarray(array)):
+        assert torch.equal(processor(variant)["pixel_values"], expected["pixel_values"])
+
+
+def test_8_bit_values_in_wider_integer_types_are_read_as_8_bits():
+    processor = ClipCapImageProcessor(size=8, crop_size=8)
+    gray = np.tile(np.arange(256, dtype=np.uint8), (8, 1))
+    expected = processor(PIL.Image.fromarray(gray, mode="L"))["pixel_values"]
+    for variant in (gray.astype(np.int32), gray.astype(np.int64), torch.from_numpy(gray.astype(np.int16)),
+                    PIL.Image.fromarray(gray).convert("I")):  # PIL's L -> I conversion keeps 0..255
+        assert torch.equal(processor(variant)["pixel_values"], expected)
+
+
+@pytest.mark.parametrize(
+    "bad, held",
+    [(ramp16().astype(np.int32), "int32 must hold values in [0, 255], this one holds [0, 65535]"),
+     (np.full((8, 8), -3, dtype=np.int16), "int16 must hold values in [0, 255], this one holds [-3, -3]")],
+)
+def test_integer_arrays_outside_the_8_bit_range_are_rejected_with_their_index(bad, held):
+    good = np.zeros((8, 8), dtype=np.uint8)
+    with pytest.raises(ValueError) as error:
+        ClipCapImageProcessor(size=8, crop_size=8)([good, bad])
+    assert str(error.value) == (
+        f"Image 1: Integer image arrays of dtype {held}; pass 16-bit images as uint16 (array.astype(np.uint16)), "
+        "or scale the values to [0, 255]."
+    )
+
+
+def test_boolean_masks_are_black_and_white():
+    processor = ClipCapImageProcessor(size=8, crop_size=8)
+    mask = np.tile(np.arange(16) >= 8, (16, 1))
+    expected = processor(PIL.Image.fromarray(np.where(mask, 255, 0).astype(np.uint8)))["pixel_values"]
+    assert torch.equal(processor(mask)["pixel_values"], expected)
+    assert torch.equal(processor(torch.from_numpy(mask))["pixel_values"], expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_tensors_are_read_like_float32(dtype):
+    processor = ClipCapImageProcessor(size=8, crop_size=8)
+    tensor = torch.rand(3, 12, 10, generator=torch.Generator().manual_seed(0)).to(dtype)
+    expected = processor(tensor.float().numpy())["pixel_values"]  # the same values, as float32
+    assert torch.equal(processor(tensor)["pixel_values"], expected)
+
+
+def test_pil_float_images_follow_the_float_array_rules():
+    processor = ClipCapImageProcessor(size=8, crop_size=8)
+    values = np.linspace(0, 1, 12 * 10, dtype=np.float32).reshape(12, 10)
+    assert torch.equal(processor(PIL.Image.fromarray(values, mode="F"))["pixel_values"],
+                       processor(values)["pixel_values"])
+    with pytest.raises(ValueError, match=r"Image 0: Float image arrays must hold values in \[0, 1\], this one holds "
+                                         r"\[0, 255\]; divide \[0, 255\] data by 255"):
+        processor(PIL.Image.fromarray(values * 255, mode="F"))
+
+
+@pytest.mark.parametrize("mode, key", [("RGB", (0, 0, 0)), ("L", 0)])
+def test_colour_key_transparency_is_composited_on_white(mode, key):
+    # Left half in the colour key (transparent), right half grey; PNG stores the key in a tRNS chunk.
+    pixels = np.zeros((8, 8, 3), dtype=np.uint8)
+    pixels[:, 4:] = 120
+    image = PIL.Image.fromarray(pixels).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", transparency=key)
+    stored = load_image(io.BytesIO(buffer.getvalue()))
+    assert stored.mode == mode and stored.info["transparency"] == key
+    expected = pixels.copy()
+    expected[:, :4] = 255
+    processor = ClipCapImageProcessor(size=8, crop_size=8)
+    assert torch.equal(processor(stored)["pixel_values"], processor(PIL.Image.fromarray(expected))["pixel_values"])
+
+
+def test_constructor_options_it_would_ignore_are_rejected():
+    with pytest.raises(TypeError) as error:
+        ClipCapImageProcessor(size=32, crop_size=32, do_normalize=False, do_resize=False)
+    assert str(error.value) == (
+        "ClipCapImageProcessor got unknown options ['do_normalize', 'do_resize']. Its preprocessing is always CLIP's "
+        "(resize, center crop, RGB, normalize) and takes only size=..., crop_size=..., resample=..., "
+        "image_mean=..., image_std=...."
+    )
+
+
+def test_saved_configs_with_transformers_bookkeeping_keys_still_load(tmp_path):
+    # preprocessor_config.json as transformers 4.57 saves it with a ClipCapProcessor (transformers 5 drops
+    # processor_class); the same keys are in folders saved by earlier versions of this package.
+    saved = {
+        "auto_map": {"AutoImageProcessor": "image_processing_clipcap.ClipCapImageProcessor",
+                     "AutoProcessor": "processing_clipcap.ClipCapProcessor"},
+        "crop_size": 16, "image_mean": [0.5, 0.5, 0.5], "image_processor_type": "ClipCapImageProcessor",
+        "image_std": [0.25, 0.25, 0.25], "processor_class": "ClipCapProcessor", "resample": "bilinear", "size": 20,
+    }
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(saved))
+    loaded = ClipCapImageProcessor.from_pretrained(tmp_path)
+    assert (loaded.size, loaded.crop_size, loaded.resample, loaded.image_mean) == (20, 16, "bilinear", [0.5] * 3)
+
+
+@pytest.mark.parametrize("caption, shown", [(["A dog runs.", "A dog."], "list (['A dog runs.', 'A dog.'])"),
+                                            (None, "NoneType (None)")])
+def test_a_caption_that_is_not_a_string_is_named_as_such(processor, images, caption, shown):
+    with pytest.raises(ValueError) as error:
+        processor(images=images[:2], captions=["A cat.", caption])
+    assert str(error.value) == (
+        f"Caption 1 must be a string, got {shown}; for several captions per image, repeat the image once per caption."
+    )

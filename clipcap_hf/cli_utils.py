@@ -1,0 +1,157 @@
+"""What the `clipcap` subcommands share: image paths, model loading and option checks.
+
+A leaf module: `cli.py` imports every subcommand module, and they import this one, never `cli.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import PIL.Image
+import torch
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import AutoProcessor
+
+from .modeling_clipcap import ClipCapForConditionalGeneration
+
+PIL.Image.init()  # registers every format plugin, so that the extensions below are complete
+# Every extension PIL can open (.avif, .jfif, .ppm, ...), not a fixed list that misses some of them.
+IMAGE_SUFFIXES = frozenset(ext for ext, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.OPEN)
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def expand_image_paths(patterns: Sequence[str]) -> list[Path]:
+    """Files, folders (their images, sorted) and glob patterns, in the order given, without duplicates."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        path = Path(pattern)
+        if path.is_dir():
+            # Hidden files are skipped, as glob skips them: macOS writes a `._photo.jpg` beside each photo it copies
+            # to a foreign disk, which is no image.
+            found = sorted(p for p in path.iterdir() if not p.name.startswith(".") and _is_image_file(p))
+        elif path.exists():
+            found = [path]
+        else:
+            # Like a folder, a pattern such as 'dir/*' gives only its images, not notes or sub-folders
+            found = sorted(p for p in map(Path, glob.glob(pattern, recursive=True)) if _is_image_file(p))
+            if not found:
+                raise FileNotFoundError(f"No image matches {pattern!r}.")
+        paths.extend(found)
+    unique = list(dict.fromkeys(paths))
+    if not unique:
+        raise FileNotFoundError(f"No images found in {', '.join(patterns)}.")
+    return unique
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """The `--device` to run on (default: cuda when available, else cpu), checked before any model is loaded."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device: {device!r} is not a device; use cpu, cuda, cuda:N or mps.") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is available here; use --device cpu.")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA GPUs "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu.")
+    return resolved
+
+
+def check_model_path(model_name_or_path: str) -> None:
+    """Report a `--model` folder that does not exist as such, not as a malformed Hub name."""
+    if Path(model_name_or_path).expanduser().exists():
+        return
+    try:
+        validate_repo_id(model_name_or_path)
+        looks_local = model_name_or_path.startswith((".", "/", "~"))  # e.g. './clipcap-quikstart' passes as an id
+    except HFValidationError:
+        looks_local = True
+    if looks_local:
+        raise FileNotFoundError(f"--model: folder {model_name_or_path} does not exist.")
+
+
+def load_model_and_processor(model_name_or_path: str, device: str | None = None):
+    """A ClipCap model in eval mode on `device` (default: cuda when available, else cpu), and its processor."""
+    resolved = resolve_device(device)
+    check_model_path(model_name_or_path)
+    model = ClipCapForConditionalGeneration.from_pretrained(model_name_or_path).to(resolved).eval()
+    return model, AutoProcessor.from_pretrained(model_name_or_path)
+
+
+def check_top_k(top_k: int) -> None:
+    """`--top-k` must be at least 1; checked before the model is loaded (see also `check_top_k_fits_vocabulary`)."""
+    if top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {top_k}.")
+
+
+def check_top_k_fits_vocabulary(top_k: int, model, processor) -> None:
+    """Say that `--top-k` is too large before any image is read, naming the option rather than `top_k`."""
+    check_top_k(top_k)
+    # `interpret_prefix` chooses among the tokenizer's tokens that have an embedding row.
+    vocab_size = min(len(processor.tokenizer), model.get_input_embeddings().num_embeddings)
+    if top_k > vocab_size:
+        raise ValueError(f"--top-k must be at most the vocabulary size ({vocab_size}), got {top_k}.")
+
+
+def check_gallery_path(gallery: str, output_dir: str | None = None, taken: Iterable[str | os.PathLike] = ()) -> None:
+    """
+    Say before any work, not after it, that `--gallery` cannot or must not be written. It must name an .html or .htm
+    file, other than the files the command reads or writes (`taken`), so that it never replaces an image or a
+    result. Its folder must exist, or be `output_dir`, which the command creates.
+    """
+    path = Path(gallery)
+    if path.is_dir():
+        raise IsADirectoryError(f"--gallery: {gallery} is a folder; name the HTML file to write.")
+    if path.suffix.lower() not in (".html", ".htm"):
+        raise ValueError(f"--gallery: {gallery} is not an .html file name; name the HTML page to write, "
+                         "e.g. gallery.html.")
+    target = path.resolve()
+    for other in taken:
+        if Path(other).resolve() == target:
+            raise ValueError(f"--gallery: {gallery} is also a file this command reads or writes ({other}); "
+                             "name another HTML file.")
+    folder = path.parent
+    if not folder.is_dir() and not (output_dir is not None and folder.resolve() == Path(output_dir).resolve()):
+        raise FileNotFoundError(f"--gallery: folder {folder} does not exist.")
+
+
+def check_caption_options(args: argparse.Namespace) -> dict:
+    """Check the decoding options shared by caption and evaluate; return them as `generate` arguments."""
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
+    if args.num_beams < 1:
+        raise ValueError(f"--num-beams must be at least 1, got {args.num_beams}.")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
+    generate_kwargs = {"num_beams": args.num_beams, "do_sample": False}
+    if args.max_new_tokens is not None:  # otherwise the model's generation config decides
+        generate_kwargs["max_new_tokens"] = args.max_new_tokens
+    return generate_kwargs
+
+
+def add_caption_options(parser: argparse.ArgumentParser, num_beams: int, batch_size: int) -> None:
+    parser.add_argument("--num-beams", type=int, default=num_beams,
+                        help=f"Beams for beam search; 1 is greedy decoding (default: {num_beams}).")
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="Longest caption in tokens (default: the model's generation config: 30 for models "
+                             "built here, 67 for converted paper checkpoints).")
+    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"Images per batch (default: {batch_size}).")
+
+
+def stdout_is_utf8() -> bool:
+    """Whether stdout can show any text; else JSON output escapes what is not ASCII (`ensure_ascii`)."""
+    encoding = getattr(sys.stdout, "encoding", None) or "ascii"
+    return encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig")
