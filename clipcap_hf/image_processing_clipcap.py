@@ -51,7 +51,8 @@ def to_rgb_image(image: ImageLike) -> PIL.Image.Image:
     PIL images get their EXIF orientation applied; transparent images (RGBA, LA, palette or colour-key transparency)
     are composited on white; CMYK, grayscale and 16-bit images are converted. Arrays and tensors may be HWC or CHW,
     with 1, 3 or 4 channels: uint8, uint16 (16-bit images, scaled to 8 bits), bool (black and white), other integers
-    in [0, 255], or floats in [0, 1]. PIL "I" and "F" images follow the int32 and float rules.
+    in [0, 255], or floats in [0, 1]. A PIL "I" image holding values above 255 is a 16-bit one (Pillow before 10.3
+    opens 16-bit PNGs so), otherwise an 8-bit one.
     """
     if isinstance(image, torch.Tensor):
         image = image.detach().cpu()
@@ -67,10 +68,12 @@ def to_rgb_image(image: ImageLike) -> PIL.Image.Image:
     if image.width == 0 or image.height == 0:
         raise ValueError(f"Got an image of size {image.width}x{image.height}; images must not be empty.")
     image = PIL.ImageOps.exif_transpose(image)
-    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
-        # 32-bit and 16-bit single-channel images: the same rules as arrays of their dtype (PIL's own conversion to
-        # RGB clips "I" at 255 and truncates "F").
-        return _array_to_pil(np.asarray(image)).convert("RGB")
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        # 32-bit and 16-bit integer images, by the rules of arrays (PIL's own conversion to RGB clips at 255).
+        values = np.asarray(image)
+        if image.mode == "I" and 255 < values.max() <= 65535 and values.min() >= 0:
+            values = values.astype(np.uint16)
+        return _array_to_pil(values).convert("RGB")
     if "transparency" in image.info and image.mode in ("P", "RGB", "L"):
         image = image.convert("RGBA")  # palette or PNG colour-key (tRNS) transparency
     if image.mode in ("RGBA", "LA", "PA"):
@@ -97,6 +100,8 @@ def _array_to_pil(array: np.ndarray) -> PIL.Image.Image:
 
 def _to_uint8(array: np.ndarray) -> np.ndarray:
     """An image array's values as uint8, by its dtype's meaning; values that fit no 8-bit reading are refused."""
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))  # big-endian data (PIL's "I;16B", some TIFFs)
     if array.dtype == np.uint8:
         return array
     if array.dtype == np.bool_:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,10 @@ logger = logging.get_logger(__name__)
 
 # The caption length `generate()` and the pipelines use when the generation config sets none.
 DEFAULT_MAX_NEW_TOKENS = 30
+
+# Held while `generate()` lends the language model its generation config (one lock for all models: a lock attribute
+# would make models impossible to deep-copy or pickle).
+_LANGUAGE_MODEL_GENERATION_LOCK = threading.RLock()
 
 # Language model families whose logits are exactly `lm_head(last_hidden_state)`, with no scaling, soft-capping or
 # auxiliary loss after it: only these take the training fast path, which applies the LM head itself at the
@@ -756,8 +761,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             image_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_dim)`, *optional*):
                 Precomputed CLIP image embeddings, instead of `pixel_values`.
             input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`, *optional*):
-                A text prompt the caption must continue; batched prompts must be left-padded (the processor does
-                this).
+                A text prompt the caption must continue; batched prompts are padded (the processor pads them on the
+                left), and an empty prompt in the batch means none for that image.
             attention_mask (`torch.Tensor` of shape `(batch_size, prompt_length)`, *optional*):
                 Mask over the prompt.
 
@@ -793,12 +798,6 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             raise ValueError(f"Pass exactly one of `pixel_values` or `image_embeds` to caption images; got {got}.")
         if input_ids is not None and input_ids.shape[1] == 0:
             input_ids = attention_mask = None  # an empty prompt (the pipeline sends one) means no prompt
-        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
-            raise ValueError(
-                "The prompts are right-padded (their `attention_mask` ends in 0), so the caption would follow padding. "
-                "Batched prompts must be left-padded: `processor(images=..., text=...)` pads them so, or set "
-                "`tokenizer.padding_side = 'left'`."
-            )
         prompt_length = 0 if input_ids is None else input_ids.shape[1]
         if generation_config.max_new_tokens is None and generation_config.max_length is not None:
             # A `max_length` counts the prefix, the prompt and the caption. transformers, given the prefix and the
@@ -816,23 +815,31 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
 
         prefix_embeds = self.get_prefix_embeds(pixel_values=pixel_values, image_embeds=image_embeds)
         inputs_embeds, attention_mask, _ = self._prepend_prefix(prefix_embeds, input_ids, attention_mask)
+        if not bool(attention_mask.all()):
+            # The prompts' padding moves in front of the prefix, so that every row ends in its last real position,
+            # which predicts the first caption token: an empty prompt in a batch (all padding) or a right-padded
+            # prompt would otherwise leave padding there.
+            order = torch.argsort(attention_mask, dim=1, stable=True)  # 0s first, each part in its order
+            inputs_embeds = inputs_embeds.gather(1, order[..., None].expand_as(inputs_embeds))
+            attention_mask = attention_mask.gather(1, order)
         # The language model's `generate` fills every setting left unset (None) from its own generation config, which
         # is the language model checkpoint's (it may sample, or stop at another token), not ours: it reads ours for
-        # the call.
+        # the call. The lock keeps concurrent calls in threads from restoring each other's.
         language_model = self.language_model
-        own_generation_config = language_model.generation_config
-        language_model.generation_config = generation_config
-        try:
-            # With a prompt, the output starts with the prompt's tokens; without, it holds only the new tokens.
-            return language_model.generate(
-                input_ids=input_ids,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                generation_config=generation_config,
-                **generate_kwargs,
-            )
-        finally:
-            language_model.generation_config = own_generation_config
+        with _LANGUAGE_MODEL_GENERATION_LOCK:
+            own_generation_config = language_model.generation_config
+            language_model.generation_config = generation_config
+            try:
+                # With a prompt, the output starts with the prompt's tokens; without, it holds only the new tokens.
+                return language_model.generate(
+                    input_ids=input_ids,
+                    inputs_embeds=inputs_embeds,
+                    attention_mask=attention_mask,
+                    generation_config=generation_config,
+                    **generate_kwargs,
+                )
+            finally:
+                language_model.generation_config = own_generation_config
 
 
 __all__ = [

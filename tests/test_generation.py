@@ -1,5 +1,7 @@
 import copy
 import json
+import threading
+import time
 
 import pytest
 import torch
@@ -110,6 +112,25 @@ def test_left_padded_prompts_equal_prompts_alone(model, processor):
         assert generated[row, -width:].tolist() == alone[0].tolist()
 
 
+def test_empty_and_right_padded_prompts_in_a_batch_caption_as_alone(model, processor):
+    # Both leave padding after the prefix or the prompt; the first caption token must still come from the last real
+    # position.
+    x = embeds(model, 3)
+    prompts = ["", "A dog", "A red circle above a blue"]
+    left = processor(text=prompts)
+    assert left["attention_mask"][0].tolist() == [0] * left["input_ids"].shape[1]  # an empty prompt: all padding
+    right = processor(text=prompts, padding_side="right")
+    assert right["attention_mask"][1, -1] == 0
+    expected = [model.generate(image_embeds=x[:1], max_new_tokens=6, min_new_tokens=6)[0].tolist()]
+    for row, prompt in ((1, "A dog"), (2, "A red circle above a blue")):
+        alone = model.generate(image_embeds=x[row : row + 1], **processor(text=[prompt]), max_new_tokens=6,
+                               min_new_tokens=6)
+        expected.append(alone[0, -6:].tolist())
+    for batch in (left, right):
+        generated = model.generate(image_embeds=x, **batch, max_new_tokens=6, min_new_tokens=6)
+        assert generated[:, -6:].tolist() == expected
+
+
 def test_generate_rejects_bad_arguments(mlp_model):
     x = embeds(mlp_model, 2)
     with pytest.raises(ValueError, match="`max_new_tokens` must be at least 1, got 0"):
@@ -120,9 +141,6 @@ def test_generate_rejects_bad_arguments(mlp_model):
         mlp_model.generate(input_ids=torch.tensor([[5, 6]]), max_new_tokens=3)
     with pytest.raises(ValueError, match="Got 2 images but 1 text sequences"):
         mlp_model.generate(image_embeds=x, input_ids=torch.tensor([[5, 6]]), max_new_tokens=3)
-    right_padded = {"input_ids": torch.tensor([[5, 6], [7, 0]]), "attention_mask": torch.tensor([[1, 1], [1, 0]])}
-    with pytest.raises(ValueError, match=r"right-padded \(their `attention_mask` ends in 0\).*must be left-padded"):
-        mlp_model.generate(image_embeds=x, **right_padded, max_new_tokens=3)
     with pytest.raises(ValueError, match=r"`max_length` \(5\) counts the 4 prefix positions and the 2 prompt tokens"):
         mlp_model.generate(image_embeds=x[:1], input_ids=torch.tensor([[5, 6]]), max_length=5)
 
@@ -165,6 +183,30 @@ def test_decoding_settings_come_from_the_clipcap_generation_config_not_the_langu
     for _ in range(3):
         assert mlp_model.generate(image_embeds=x, max_new_tokens=6).tolist() == greedy
     assert mlp_model.language_model.generation_config is language_models_config  # given back after the call
+
+
+def test_concurrent_generate_calls_keep_their_settings_and_restore_the_language_models(mlp_model):
+    # The language model reads ClipCap's settings during a call; a second thread must neither see the first call's
+    # nor leave them behind.
+    x = embeds(mlp_model, 1)
+    expected = {length: mlp_model.generate(image_embeds=x, max_new_tokens=length) for length in (2, 6)}
+    own = mlp_model.language_model.generation_config
+    mlp_model.language_model.register_forward_pre_hook(lambda *args: time.sleep(0.02))
+    results = {}
+
+    def caption(length, delay):
+        time.sleep(delay)
+        results[length] = mlp_model.generate(image_embeds=x, max_new_tokens=length)
+
+    threads = [threading.Thread(target=caption, args=(2, 0)), threading.Thread(target=caption, args=(6, 0.01))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert mlp_model.language_model.generation_config is own
+    assert {length: tokens.tolist() for length, tokens in results.items()} == {
+        length: tokens.tolist() for length, tokens in expected.items()
+    }
 
 
 def test_generation_after_save_and_load(tmp_path, tokenizer):
