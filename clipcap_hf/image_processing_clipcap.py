@@ -171,7 +171,8 @@ class ClipCapImageProcessor(BaseImageProcessor):
             raise TypeError(
                 f"ClipCapImageProcessor got unknown options {unknown}. Its preprocessing is always CLIP's (resize, "
                 "center crop, RGB, normalize) and takes only size=..., crop_size=..., resample=..., image_mean=..., "
-                "image_std=...."
+                "image_std=...; for a CLIP checkpoint's preprocessing, use "
+                "ClipCapImageProcessor.from_clip_pretrained(...)."
             )
         super().__init__(**kwargs)
         if resample not in _RESAMPLE:

@@ -6,13 +6,12 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from torchvision import transforms
-
 from conftest import build_tokenizer
-
-from clipcap_hf import ClipCapImageProcessor, ClipCapProcessor
+from torchvision import transforms
+from transformers import CLIPImageProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
+from clipcap_hf import ClipCapImageProcessor, ClipCapProcessor
 from clipcap_hf.image_processing_clipcap import load_image
 
 SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "reference" / "official_samples"
@@ -323,8 +322,16 @@ def test_constructor_options_it_would_ignore_are_rejected():
     assert str(error.value) == (
         "ClipCapImageProcessor got unknown options ['do_normalize', 'do_resize']. Its preprocessing is always CLIP's "
         "(resize, center crop, RGB, normalize) and takes only size=..., crop_size=..., resample=..., "
-        "image_mean=..., image_std=...."
+        "image_mean=..., image_std=...; for a CLIP checkpoint's preprocessing, use "
+        "ClipCapImageProcessor.from_clip_pretrained(...)."
     )
+
+
+def test_loading_a_clip_preprocessor_config_points_to_from_clip_pretrained(tmp_path):
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    with pytest.raises(TypeError, match=r"unknown options \[.*'do_center_crop'.*use ClipCapImageProcessor\.from_clip"):
+        ClipCapImageProcessor.from_pretrained(tmp_path)
+    assert ClipCapImageProcessor.from_clip_pretrained(tmp_path).crop_size == 32
 
 
 def test_saved_configs_with_transformers_bookkeeping_keys_still_load(tmp_path):
