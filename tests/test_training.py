@@ -621,6 +621,9 @@ def test_torchrun_two_processes_train_and_log_once(tmp_path, model_dir, caption_
     ]
     # CI=true makes transformers pass its records on to the root logger too, which once printed each of them twice.
     env = {**os.environ, "CI": "true", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # A rank that aborts in native code (seen rarely: "terminate called without an active exception") then shows
+    # where its Python code was.
+    env["PYTHONFAULTHANDLER"] = "1"
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
