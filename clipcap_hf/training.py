@@ -96,6 +96,9 @@ ARCHITECTURE_DEFAULTS: dict[str, Any] = {
     "mapping_num_layers": 8,
     "normalize_prefix": False,
 }
+# The two pretrained parts a new model is assembled from; the other architecture options are ClipCapConfig fields.
+PART_OPTIONS = ("vision_model_name_or_path", "text_model_name_or_path")
+CONFIG_OPTIONS = tuple(name for name in ARCHITECTURE_DEFAULTS if name not in PART_OPTIONS)
 
 
 def _recipe_architecture(recipe: str | None) -> dict[str, Any]:
@@ -302,10 +305,10 @@ def _check_checkpoint_architecture(model_args: ModelArguments, config) -> None:
     """Refuse architecture options given with --model_name_or_path that the checkpoint does not have."""
     problems = [
         f"--{name} {getattr(model_args, name)} builds a new model"
-        for name in ("vision_model_name_or_path", "text_model_name_or_path")
+        for name in PART_OPTIONS
         if getattr(model_args, name) is not None
     ]
-    for name in ("mapping_type", "prefix_length", "clip_length", "mapping_num_layers", "normalize_prefix"):
+    for name in CONFIG_OPTIONS:
         value = getattr(model_args, name)
         if value is not None and value != getattr(config, name):
             problems.append(f"--{name} {value} (the checkpoint's: {getattr(config, name)})")
