@@ -626,7 +626,10 @@ def test_torchrun_two_processes_train_and_log_once(tmp_path, model_dir, caption_
     env["PYTHONFAULTHANDLER"] = "1"
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
+    # faulthandler's report (the stack of every thread) starts at "Fatal Python error" and is followed by a long
+    # list of extension modules: show it rather than the end of the output.
+    fatal = output.find("Fatal Python error")
+    assert result.returncode == 0, output[fatal : fatal + 6000] if fatal >= 0 else output[-3000:]
     assert "world size: 2" in output
     assert output.count("***** Running training *****") == 1
     assert output.count("***** train metrics *****") == 1
