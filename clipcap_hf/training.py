@@ -32,6 +32,7 @@ from typing import Any
 import datasets
 import torch
 import transformers
+from accelerate import PartialState
 from transformers import HfArgumentParser, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import find_adapter_config_file
@@ -804,8 +805,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
 
 
 def main(args: Sequence[str] | None = None, prog: str | None = None) -> dict[str, float]:
-    """Entry point of `clipcap train` and `examples/run_clipcap.py`."""
-    return train(*parse_args(args, prog=prog))
+    """
+    Entry point of `clipcap train` and `examples/run_clipcap.py`: [`train`], then, in a distributed run, the end of the
+    process group (call `train` to keep it).
+    """
+    metrics = train(*parse_args(args, prog=prog))
+    # Under torchrun, a rank that exits with its process group still alive while another rank is still working can
+    # abort in native code ("terminate called without an active exception"); tearing the group down first cannot.
+    PartialState().destroy_process_group()
+    return metrics
 
 
 def add_train_parser(subparsers) -> None:
