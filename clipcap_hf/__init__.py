@@ -24,6 +24,7 @@ from .modeling_clipcap import (
     ClipCapPreTrainedModel,
     ClipCapTransformerMapper,
 )
+from .onednn import onednn_linear
 from .open_clip_vision import ClipCapOpenClipVisionModel
 from .pipeline_clipcap import ImageCaptioningPipeline
 from .processing_clipcap import ClipCapProcessor
@@ -63,4 +64,5 @@ __all__ = [
     "ClipCapTransformerMapper",
     "ImageCaptioningPipeline",
     "convert_original_checkpoint",
+    "onednn_linear",
 ]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import threading
@@ -25,6 +26,7 @@ from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
 
 from .configuration_clipcap import VISION_BACKENDS, ClipCapConfig, check_mapping_num_heads
+from .onednn import onednn_linear
 from .open_clip_vision import ClipCapOpenClipVisionModel, resolve_open_clip_model
 
 logger = logging.get_logger(__name__)
@@ -813,33 +815,36 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             generation_config.max_new_tokens = generation_config.max_length - used
             generation_config.max_length = GenerationConfig().max_length  # unset, so that transformers does not warn
 
-        prefix_embeds = self.get_prefix_embeds(pixel_values=pixel_values, image_embeds=image_embeds)
-        inputs_embeds, attention_mask, _ = self._prepend_prefix(prefix_embeds, input_ids, attention_mask)
-        if not bool(attention_mask.all()):
-            # The prompts' padding moves in front of the prefix, so that every row ends in its last real position,
-            # which predicts the first caption token: an empty prompt in a batch (all padding) or a right-padded
-            # prompt would otherwise leave padding there.
-            order = torch.argsort(attention_mask, dim=1, stable=True)  # 0s first, each part in its order
-            inputs_embeds = inputs_embeds.gather(1, order[..., None].expand_as(inputs_embeds))
-            attention_mask = attention_mask.gather(1, order)
-        # The language model's `generate` fills every setting left unset (None) from its own generation config, which
-        # is the language model checkpoint's (it may sample, or stop at another token), not ours: it reads ours for
-        # the call. The lock keeps concurrent calls in threads from restoring each other's.
-        language_model = self.language_model
-        with _LANGUAGE_MODEL_GENERATION_LOCK:
-            own_generation_config = language_model.generation_config
-            language_model.generation_config = generation_config
-            try:
-                # With a prompt, the output starts with the prompt's tokens; without, it holds only the new tokens.
-                return language_model.generate(
-                    input_ids=input_ids,
-                    inputs_embeds=inputs_embeds,
-                    attention_mask=attention_mask,
-                    generation_config=generation_config,
-                    **generate_kwargs,
-                )
-            finally:
-                language_model.generation_config = own_generation_config
+        # On the CPU, fp32 linear layers run through oneDNN, faster there than PyTorch's default, MKL (onednn.py).
+        on_cpu_in_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
+        with onednn_linear() if on_cpu_in_fp32 else contextlib.nullcontext():
+            prefix_embeds = self.get_prefix_embeds(pixel_values=pixel_values, image_embeds=image_embeds)
+            inputs_embeds, attention_mask, _ = self._prepend_prefix(prefix_embeds, input_ids, attention_mask)
+            if not bool(attention_mask.all()):
+                # The prompts' padding moves in front of the prefix, so that every row ends in its last real
+                # position, which predicts the first caption token: an empty prompt in a batch (all padding) or a
+                # right-padded prompt would otherwise leave padding there.
+                order = torch.argsort(attention_mask, dim=1, stable=True)  # 0s first, each part in its order
+                inputs_embeds = inputs_embeds.gather(1, order[..., None].expand_as(inputs_embeds))
+                attention_mask = attention_mask.gather(1, order)
+            # The language model's `generate` fills every setting left unset (None) from its own generation config,
+            # which is the language model checkpoint's (it may sample, or stop at another token), not ours: it reads
+            # ours for the call. The lock keeps concurrent calls in threads from restoring each other's.
+            language_model = self.language_model
+            with _LANGUAGE_MODEL_GENERATION_LOCK:
+                own_generation_config = language_model.generation_config
+                language_model.generation_config = generation_config
+                try:
+                    # With a prompt, the output starts with the prompt's tokens; without, only the new tokens.
+                    return language_model.generate(
+                        input_ids=input_ids,
+                        inputs_embeds=inputs_embeds,
+                        attention_mask=attention_mask,
+                        generation_config=generation_config,
+                        **generate_kwargs,
+                    )
+                finally:
+                    language_model.generation_config = own_generation_config
 
 
 __all__ = [

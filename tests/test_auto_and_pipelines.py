@@ -51,7 +51,7 @@ def test_saved_folder_carries_code_and_auto_map(saved_model_dir):
     assert config["auto_map"]["AutoModel"] == "modeling_clipcap.ClipCapForConditionalGeneration"
     assert config["auto_map"]["AutoConfig"] == "configuration_clipcap.ClipCapConfig"
     for module in ("modeling_clipcap.py", "configuration_clipcap.py", "processing_clipcap.py",
-                   "image_processing_clipcap.py", "open_clip_vision.py"):
+                   "image_processing_clipcap.py", "open_clip_vision.py", "onednn.py"):
         assert (saved_model_dir / module).exists(), module
 
 
