@@ -26,7 +26,7 @@ import torch
 from transformers import GPT2Config
 
 from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration
-from clipcap_hf.onednn import onednn_linear_available
+from clipcap_hf.onednn import cpu_linear_choice, onednn_linear_available
 
 
 @torch.no_grad()
@@ -138,6 +138,7 @@ def main() -> None:
                 "greedy_tokens_identical": ours_greedy.tolist() == no_onednn_greedy.tolist() == reference_greedy,
                 "beam_best_identical": ours_beam.tolist() == no_onednn_beam.tolist() == reference_beam,
                 "onednn": onednn_linear_available(),
+                "cpu_linear_choice": cpu_linear_choice(model),  # the kernels generate() picks here
                 "torch_threads": torch.get_num_threads(),
                 "machine": platform.machine(),
             }

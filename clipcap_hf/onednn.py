@@ -1,17 +1,26 @@
-"""fp32 linear layers through oneDNN for inference on the CPU.
+"""fp32 linear layers through oneDNN for inference on the CPU, where measured faster on the running machine.
 
 Written by hand because the ecosystem lacks it: in eager mode PyTorch computes fp32 linear layers with MKL's GEMM,
-and `torch.compile` (tried with `freezing`) was no faster. On the AMD EPYC this package is benchmarked on, MKL is
-slow at the few rows a decoding step has, and oneDNN, which PyTorch also ships, computes the same products on the
-same weights up to 2.8x faster (GPT-2 small's layers: 2.8x on 16 rows, 1.6x on 80; its LM head: 2.3x on 16 rows).
-The results are fp32 products summed in another order, so they equal MKL's within float rounding.
+and `torch.compile` (tried with `freezing`) was no faster. Which of MKL and oneDNN (which PyTorch also ships) is
+faster at the few rows a decoding step has depends on the processor: on an AMD EPYC oneDNN computed GPT-2 small's
+layers up to 2.8x faster (2.8x on 16 rows, 1.6x on 80; its LM head 2.3x on 16 rows), while on an Intel Sapphire
+Rapids it made greedy generation about 20% slower. So `cpu_linear_kernels(model)`, which `generate()` runs in, picks
+the kernels by timing both on this machine at the model's widths (`onednn_is_faster`, once per process and shape),
+and routes through oneDNN only where it is clearly faster. The results are fp32 products summed in another order, so
+they equal MKL's within float rounding.
 
-Saved models carry this file with the modeling code (for `trust_remote_code`), so it needs nothing beyond torch.
+Saved models carry this file with the modeling code (for `trust_remote_code`), so it needs nothing beyond torch and
+the standard library.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import math
+import os
 import platform
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -101,7 +110,7 @@ def onednn_linear() -> Iterator[None]:
     Within the block, `F.linear` and `torch.addmm(bias, inputs, weight)` calls on fp32 CPU tensors run through
     oneDNN's kernel when gradients are off and autocast is not on; every other call runs as usual, and so do calls
     made inside other functions (`nn.MultiheadAttention`'s projections, say). For inference only: not for forward-mode
-    AD or `vmap`. `ClipCapForConditionalGeneration.generate()` runs within it for fp32 models on the CPU.
+    AD or `vmap`. Unconditional: `cpu_linear_kernels(model)` enters it only where oneDNN measured faster.
 
     Does nothing where `onednn_linear_available()` is False when the block starts; `torch.backends.mkldnn.enabled =
     False` turns it off:
@@ -118,4 +127,135 @@ def onednn_linear() -> Iterator[None]:
         yield
 
 
-__all__ = ["onednn_linear", "onednn_linear_available"]
+CPU_LINEAR_ENV = "CLIPCAP_CPU_LINEAR"
+CPU_LINEAR_CHOICES = ("auto", "onednn", "default")
+# oneDNN is chosen only when MKL takes at least this many times as long: a clear margin over timing noise, since a
+# wrong choice of oneDNN makes generation slower than plain PyTorch, and a wrong choice of MKL is plain PyTorch.
+ONEDNN_MARGIN = 1.1
+# Timed repetitions of each kernel (after one untimed call of each): as many as fit in about this many seconds,
+# within the bounds below. The minimum over them is what counts: a busy shared core only ever adds time.
+_MEASURE_BUDGET_S = 0.04
+_MIN_REPEATS, _MAX_REPEATS = 3, 25
+
+
+def _random_weight(out_features: int, in_features: int) -> torch.Tensor:
+    # A random block tiled over the weight: filling all of it with random numbers would take longer than timing it
+    # (about 0.25 s for GPT-2's LM head), and the kernels' speed does not depend on the values.
+    numel = out_features * in_features
+    block = torch.rand(min(numel, 1 << 16), generator=torch.Generator().manual_seed(0)) - 0.5
+    return block.repeat(math.ceil(numel / block.numel()))[:numel].view(out_features, in_features)
+
+
+@torch.no_grad()
+def _time_linear_kernels(in_features: int, out_features: int, rows: int) -> tuple[float, float]:
+    """
+    The fastest of a few timed runs of `F.linear` (PyTorch's default kernel, MKL) and of oneDNN's kernel, in seconds,
+    on a `(rows, in_features)` input and a random `(out_features, in_features)` weight and bias. The two alternate,
+    each first in turn, so that a busy spell or a warm cache favours neither.
+    """
+    weight = _random_weight(out_features, in_features)
+    bias = torch.rand(out_features) - 0.5
+    inputs = torch.rand(rows, in_features) - 0.5
+    kernels = (lambda: F.linear(inputs, weight, bias), lambda: _onednn_linear(inputs, weight, bias))
+    start = time.perf_counter()
+    for kernel in kernels:  # untimed: oneDNN builds its primitive on a first call, and the weight comes into cache
+        kernel()
+    one_each_s = time.perf_counter() - start
+    repeats = min(max(int(_MEASURE_BUDGET_S / max(one_each_s, 1e-9)), _MIN_REPEATS), _MAX_REPEATS)
+    best = [math.inf, math.inf]
+    for repeat in range(repeats):
+        for index in (0, 1) if repeat % 2 == 0 else (1, 0):
+            start = time.perf_counter()
+            kernels[index]()
+            best[index] = min(best[index], time.perf_counter() - start)
+    return best[0], best[1]
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_linear_kernel_times(in_features: int, out_features: int, rows: int, threads: int) -> tuple[float, float]:
+    del threads  # part of the cache key only: the times depend on it
+    return _time_linear_kernels(in_features, out_features, rows)
+
+
+def linear_kernel_times(in_features: int, out_features: int, rows: int = 16) -> tuple[float, float] | None:
+    """
+    `(mkl_s, onednn_s)`: the fastest of a few runs of PyTorch's default fp32 linear kernel (MKL) and of oneDNN's, in
+    seconds, for a linear layer of this shape applied to `rows` rows, measured on this machine at PyTorch's current
+    thread count once per process (cached; under 0.3 s for GPT-2's LM head). None where `onednn_linear_available()`
+    is False, without measuring.
+    """
+    if not onednn_linear_available():
+        return None
+    return _cached_linear_kernel_times(in_features, out_features, rows, torch.get_num_threads())
+
+
+def onednn_is_faster(in_features: int, out_features: int, rows: int = 16) -> bool:
+    """
+    Whether oneDNN's kernel computes an fp32 linear layer of this shape on `rows` rows clearly faster (by
+    `ONEDNN_MARGIN`) than PyTorch's default on this machine, by `linear_kernel_times` (measured once, cached). False
+    where oneDNN's kernel is unavailable (not x86-64, a PyTorch without it, `torch.backends.mkldnn.enabled = False`).
+    """
+    times = linear_kernel_times(in_features, out_features, rows)
+    return times is not None and times[0] >= ONEDNN_MARGIN * times[1]
+
+
+def _requested_cpu_linear() -> str:
+    requested = os.environ.get(CPU_LINEAR_ENV, "auto").strip().lower() or "auto"
+    if requested not in CPU_LINEAR_CHOICES:
+        raise ValueError(f"{CPU_LINEAR_ENV}={requested!r}: expected one of {', '.join(CPU_LINEAR_CHOICES)}.")
+    return requested
+
+
+def cpu_linear_choice(model: nn.Module, rows: int = 16) -> str:
+    """
+    The kernels `cpu_linear_kernels(model)` runs the model's fp32 linear layers with: `"onednn"` or `"default"`
+    (PyTorch's own, MKL). `"default"` unless the model is in fp32 on the CPU and oneDNN's kernel is available; then
+    the environment variable `CLIPCAP_CPU_LINEAR` decides:
+
+    - `auto` (or unset): measured on this machine (`linear_kernel_times`, once per process) at the widths of the
+      model's language model, read from its input embeddings (`vocab_size`, `hidden`): its MLP's widening layer
+      (`hidden` -> `4 * hidden`) and its LM head (`hidden` -> `vocab_size`) on `rows` rows, a decoding step of 16
+      sequences. `"onednn"` when the two take clearly less time (`ONEDNN_MARGIN`) summed through oneDNN than through
+      MKL.
+    - `onednn`: oneDNN, without measuring.
+    - `default`: PyTorch's default, without measuring.
+
+    Anything else raises a ValueError.
+    """
+    requested = _requested_cpu_linear()
+    if model.device.type != "cpu" or model.dtype != torch.float32 or not onednn_linear_available():
+        return "default"
+    if requested != "auto":
+        return requested
+    embeddings = model.get_input_embeddings()
+    weight = getattr(embeddings, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        return "default"
+    vocab_size, hidden = weight.shape
+    times = [linear_kernel_times(hidden, out_features, rows) for out_features in (4 * hidden, vocab_size)]
+    if any(pair is None for pair in times):
+        return "default"
+    mkl_s, onednn_s = (sum(pair[index] for pair in times) for index in (0, 1))
+    return "onednn" if mkl_s >= ONEDNN_MARGIN * onednn_s else "default"
+
+
+def cpu_linear_kernels(model: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """
+    A context manager for inference with `model`: `onednn_linear()` where `cpu_linear_choice(model)` is
+    `"onednn"` (an fp32 model on the CPU, on a machine where oneDNN measured clearly faster at the model's widths, or
+    `CLIPCAP_CPU_LINEAR=onednn`), else a context that changes nothing. `ClipCapForConditionalGeneration.generate()`
+    runs within it. The choice is made when it is called; the first call in a process at a model's widths times the
+    kernels (well under a second).
+    """
+    return onednn_linear() if cpu_linear_choice(model) == "onednn" else contextlib.nullcontext()
+
+
+__all__ = [
+    "CPU_LINEAR_ENV",
+    "cpu_linear_choice",
+    "cpu_linear_kernels",
+    "linear_kernel_times",
+    "onednn_is_faster",
+    "onednn_linear",
+    "onednn_linear_available",
+]

@@ -1,19 +1,73 @@
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 from torch import nn
+from torch.overrides import TorchFunctionMode
 from torch.profiler import profile
 from transformers.pytorch_utils import Conv1D
 
 from clipcap_hf import modeling_clipcap, onednn, onednn_linear
-from clipcap_hf.onednn import onednn_linear_available
+from clipcap_hf.onednn import (
+    CPU_LINEAR_ENV,
+    cpu_linear_choice,
+    cpu_linear_kernels,
+    linear_kernel_times,
+    onednn_is_faster,
+    onednn_linear_available,
+)
 
 pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="needs PyTorch with oneDNN on x86-64")
 
 ONEDNN_OP = "mkldnn::_linear_pointwise"
+
+
+@pytest.fixture(autouse=True)
+def fresh_measurements(monkeypatch):
+    """Every test starts with no cached kernel times and no override; fake times never outlive their test."""
+    monkeypatch.delenv(CPU_LINEAR_ENV, raising=False)
+    onednn._cached_linear_kernel_times.cache_clear()
+    yield
+    onednn._cached_linear_kernel_times.cache_clear()
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """
+    The shapes timed, in order, with the timing replaced by the times in `measured.times` (`(in, out)` -> `(mkl_s,
+    onednn_s)`; real timing for shapes not there).
+    """
+
+    class Spy(list):
+        times = {}
+
+    spy = Spy()
+    time_linear_kernels = onednn._time_linear_kernels
+
+    def spying(in_features, out_features, rows):
+        spy.append((in_features, out_features, rows))
+        if (in_features, out_features) in spy.times:
+            return spy.times[in_features, out_features]
+        return time_linear_kernels(in_features, out_features, rows)
+
+    monkeypatch.setattr(onednn, "_time_linear_kernels", spying)
+    return spy
+
+
+@pytest.fixture
+def mode_entries(monkeypatch):
+    """How many times oneDNN's mode was entered, however it was reached."""
+    entries = []
+
+    def recording_enter(self):
+        entries.append(True)
+        return TorchFunctionMode.__enter__(self)
+
+    monkeypatch.setattr(onednn._OneDNNLinearMode, "__enter__", recording_enter)
+    return entries
 
 
 @contextmanager
@@ -121,7 +175,8 @@ def test_mkldnn_flag_turns_it_off():
     assert ONEDNN_OP not in ops
 
 
-def test_generate_decodes_through_onednn_with_the_same_captions(tokenizer):
+def test_generate_decodes_through_onednn_with_the_same_captions(tokenizer, monkeypatch):
+    monkeypatch.setenv(CPU_LINEAR_ENV, "onednn")  # whatever this machine measures
     model = tiny_model(tokenizer)
     image_embeds = torch.randn(3, model.config.prefix_dim, generator=torch.Generator().manual_seed(0))
     for num_beams in (1, 3):
@@ -132,28 +187,38 @@ def test_generate_decodes_through_onednn_with_the_same_captions(tokenizer):
         assert torch.equal(result, expected)
 
 
-def test_generate_uses_it_for_fp32_models_on_the_cpu_only(tokenizer, monkeypatch):
+def test_generate_uses_it_for_fp32_models_on_the_cpu_only(tokenizer, monkeypatch, mode_entries):
     # Elsewhere the mode would only add Python work to every operator.
-    entered = []
-
-    def recording_onednn_linear():
-        entered.append(True)
-        return onednn_linear()
-
-    monkeypatch.setattr(modeling_clipcap, "onednn_linear", recording_onednn_linear)
+    monkeypatch.setenv(CPU_LINEAR_ENV, "onednn")
     model = tiny_model(tokenizer)
     image_embeds = torch.randn(2, model.config.prefix_dim, generator=torch.Generator().manual_seed(0))
     model.generate(image_embeds=image_embeds, max_new_tokens=2)
-    assert entered == [True]
+    assert mode_entries == [True]
     model.to(torch.bfloat16).generate(image_embeds=image_embeds.bfloat16(), max_new_tokens=2)
-    assert entered == [True]
+    assert mode_entries == [True]
     model.float()
     monkeypatch.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
     model.generate(image_embeds=image_embeds, max_new_tokens=2)
-    assert entered == [True]
+    assert mode_entries == [True]
 
 
-def test_a_failed_generate_leaves_no_mode_behind(tokenizer):
+def test_generate_follows_the_measured_choice(tokenizer, measured, mode_entries):
+    if not hasattr(modeling_clipcap, "cpu_linear_kernels"):
+        pytest.skip("generate() does not choose its kernels with cpu_linear_kernels yet")
+    model = tiny_model(tokenizer)
+    vocab_size, hidden = model.get_input_embeddings().weight.shape
+    image_embeds = torch.randn(2, model.config.prefix_dim, generator=torch.Generator().manual_seed(0))
+    measured.times.update({(hidden, 4 * hidden): (1.0, 1.0), (hidden, vocab_size): (1.0, 1.0)})  # no faster
+    expected = model.generate(image_embeds=image_embeds, max_new_tokens=3)
+    assert mode_entries == []
+    onednn._cached_linear_kernel_times.cache_clear()
+    measured.times.update({(hidden, 4 * hidden): (2.0, 1.0), (hidden, vocab_size): (2.0, 1.0)})  # twice as fast
+    assert torch.equal(model.generate(image_embeds=image_embeds, max_new_tokens=3), expected)
+    assert mode_entries == [True]
+
+
+def test_a_failed_generate_leaves_no_mode_behind(tokenizer, monkeypatch):
+    monkeypatch.setenv(CPU_LINEAR_ENV, "onednn")
     model = tiny_model(tokenizer)
     image_embeds = torch.randn(2, model.config.prefix_dim)
     with pytest.raises(ValueError):  # more sequences than beams: refused inside the language model's generate
@@ -170,3 +235,121 @@ def test_only_x86_processors_use_it(monkeypatch):
     with torch.no_grad(), onednn_linear():
         _, ops = ops_run(lambda: nn.Linear(16, 8)(torch.randn(2, 16)))
     assert ONEDNN_OP not in ops
+
+
+def test_each_shape_is_measured_once_per_process(measured):
+    first = onednn_is_faster(16, 24, rows=4)
+    assert isinstance(first, bool)
+    assert onednn_is_faster(16, 24, rows=4) is first
+    mkl_s, onednn_s = linear_kernel_times(16, 24, rows=4)
+    assert isinstance(mkl_s, float) and isinstance(onednn_s, float)
+    assert measured == [(16, 24, 4)]
+    onednn_is_faster(16, 24, rows=8)
+    onednn_is_faster(24, 16, rows=4)
+    onednn_is_faster(16, 24, rows=4)
+    assert measured == [(16, 24, 4), (16, 24, 8), (24, 16, 4)]
+
+
+def test_onednn_only_when_clearly_faster(measured):
+    cases = {(2.0, 1.0): True, (1.2, 1.0): True, (1.05, 1.0): False, (1.0, 1.0): False, (1.0, 2.0): False}
+    for (mkl_s, onednn_s), faster in cases.items():
+        onednn._cached_linear_kernel_times.cache_clear()
+        measured.times[16, 24] = (mkl_s, onednn_s)
+        assert onednn_is_faster(16, 24) is faster, (mkl_s, onednn_s)
+
+
+def test_no_onednn_and_no_measurement_where_it_is_unavailable(tokenizer, monkeypatch, measured):
+    model = tiny_model(tokenizer)
+    monkeypatch.setenv(CPU_LINEAR_ENV, "onednn")  # not even when asked for
+
+    def check():
+        assert not onednn_is_faster(16, 24)
+        assert linear_kernel_times(16, 24) is None
+        assert cpu_linear_choice(model) == "default"
+        with torch.no_grad(), cpu_linear_kernels(model):
+            _, ops = ops_run(lambda: nn.Linear(16, 8)(torch.randn(2, 16)))
+        assert ONEDNN_OP not in ops
+
+    with mkldnn_disabled():
+        check()
+    with monkeypatch.context() as patched:
+        patched.setattr(onednn.platform, "machine", lambda: "aarch64")
+        check()
+    with monkeypatch.context() as patched:
+        patched.setattr(torch.ops, "mkldnn", SimpleNamespace())  # a PyTorch without the operator
+        check()
+    assert measured == []
+
+
+def test_cpu_linear_kernels_measures_the_language_models_widths(tokenizer, measured):
+    model = tiny_model(tokenizer)
+    vocab_size, hidden = model.get_input_embeddings().weight.shape
+    layer = nn.Linear(16, 8)
+
+    def routed():
+        with torch.no_grad(), cpu_linear_kernels(model):
+            _, ops = ops_run(lambda: layer(torch.randn(2, 16)))
+        return ONEDNN_OP in ops
+
+    cases = {
+        # (widening layer, LM head) -> choice: decided by their summed times
+        ((2.0, 1.0), (2.0, 1.0)): "onednn",
+        ((1.0, 2.0), (1.0, 2.0)): "default",
+        ((1.0, 1.0), (1.0, 1.0)): "default",  # not faster by the margin
+        ((1.0, 0.1), (10.0, 10.0)): "default",  # a faster MLP layer does not make up for an as-slow head
+        ((1.0, 2.0), (10.0, 5.0)): "onednn",
+    }
+    for (widening, head), choice in cases.items():
+        onednn._cached_linear_kernel_times.cache_clear()
+        measured.clear()
+        measured.times.update({(hidden, 4 * hidden): widening, (hidden, vocab_size): head})
+        assert cpu_linear_choice(model) == choice, (widening, head)
+        assert routed() is (choice == "onednn"), (widening, head)
+        assert measured == [(hidden, 4 * hidden, 16), (hidden, vocab_size, 16)]  # once: the second call reused them
+
+
+def test_cpu_linear_kernels_change_nothing_for_bf16_or_non_cpu_models(tokenizer, monkeypatch, measured, mode_entries):
+    model = tiny_model(tokenizer)
+    vocab_size, hidden = model.get_input_embeddings().weight.shape
+    measured.times.update({(hidden, 4 * hidden): (2.0, 1.0), (hidden, vocab_size): (2.0, 1.0)})
+    for override in ("auto", "onednn"):
+        monkeypatch.setenv(CPU_LINEAR_ENV, override)
+        model.to(torch.bfloat16)
+        assert cpu_linear_choice(model) == "default"
+        with cpu_linear_kernels(model):
+            pass
+        model.float()
+        with monkeypatch.context() as patched:
+            patched.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
+            assert cpu_linear_choice(model) == "default"
+            with cpu_linear_kernels(model):
+                pass
+    assert measured == [] and mode_entries == []
+    with cpu_linear_kernels(model):  # the fp32 model on the CPU
+        pass
+    assert mode_entries == [True]
+
+
+def test_the_environment_variable_overrides_the_measurement(tokenizer, monkeypatch, measured, mode_entries):
+    model = tiny_model(tokenizer)
+    vocab_size, hidden = model.get_input_embeddings().weight.shape
+    for times, override, choice in [
+        ((1.0, 2.0), "onednn", "onednn"),
+        ((2.0, 1.0), "default", "default"),
+        ((2.0, 1.0), " ONEDNN ", "onednn"),
+    ]:
+        measured.times.update({(hidden, 4 * hidden): times, (hidden, vocab_size): times})
+        monkeypatch.setenv(CPU_LINEAR_ENV, override)
+        assert cpu_linear_choice(model) == choice
+        mode_entries.clear()
+        with cpu_linear_kernels(model):
+            pass
+        assert mode_entries == ([True] if choice == "onednn" else [])
+    assert measured == []  # forced: nothing timed
+    for automatic in ("auto", ""):
+        monkeypatch.setenv(CPU_LINEAR_ENV, automatic)
+        assert cpu_linear_choice(model) == "onednn"  # measured: 2.0 s against 1.0 s
+    assert len(measured) == 2
+    monkeypatch.setenv(CPU_LINEAR_ENV, "mkl")
+    with pytest.raises(ValueError, match=CPU_LINEAR_ENV):
+        cpu_linear_kernels(model)
