@@ -19,7 +19,7 @@ import time
 import warnings
 from pathlib import Path
 
-from clipcap_hf.metrics import (
+from clipcap_hf.evaluation.metrics import (
     METRIC_NAMES,
     caption_tokenization,
     compute_caption_metrics,

@@ -2,7 +2,8 @@
 
 Importing the package registers the "clipcap" model type with the transformers Auto classes, so that
 `AutoConfig`, `AutoModel`, `AutoModelForImageTextToText`, `AutoImageProcessor`, `AutoProcessor` and `pipeline()`
-load ClipCap folders without `trust_remote_code`.
+load ClipCap folders without `trust_remote_code`. It imports only what that needs (torch and transformers): the data,
+training, evaluation and conversion code are subpackages, imported when used.
 """
 
 import transformers
@@ -15,7 +16,6 @@ from transformers import (
 )
 
 from .configuration_clipcap import ClipCapConfig
-from .convert_original import convert_original_checkpoint
 from .image_processing_clipcap import ClipCapImageProcessor
 from .modeling_clipcap import (
     ClipCapCausalLMOutputWithPast,
@@ -51,6 +51,16 @@ ClipCapConfig.register_for_auto_class()
 ClipCapForConditionalGeneration.register_for_auto_class("AutoModel")
 ClipCapImageProcessor.register_for_auto_class("AutoImageProcessor")
 ClipCapProcessor.register_for_auto_class("AutoProcessor")
+
+
+def __getattr__(name: str):
+    # The converter is a one-off tool: loaded when it is asked for, not by every `import clipcap_hf`.
+    if name == "convert_original_checkpoint":
+        from .conversion.convert_original import convert_original_checkpoint
+
+        return convert_original_checkpoint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "ClipCapCausalLMOutputWithPast",

@@ -6,7 +6,7 @@ Train or evaluate a ClipCap image captioner with the Hugging Face `Trainer`, in 
 evaluate by captioning, save. `clipcap train` runs the same code with the same arguments.
 
 The dataclasses and the steps live in `clipcap_hf.training` so that the `clipcap` command and this script cannot
-drift apart; read `clipcap_hf/training.py` (the `train` function) for the flow.
+drift apart; read `clipcap_hf/training/run.py` (the `train` function) for the flow.
 
 Examples:
 

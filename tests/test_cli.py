@@ -8,8 +8,8 @@ import torch
 from conftest import random_images
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
-from clipcap_hf.cli import main
-from clipcap_hf.cli_utils import expand_image_paths
+from clipcap_hf.commands import main
+from clipcap_hf.commands._utils import expand_image_paths
 
 
 @pytest.fixture

@@ -23,9 +23,9 @@ from transformers import (
     GPT2LMHeadModel,
 )
 
-import clipcap_hf.convert_original as convert_original
+import clipcap_hf.conversion.convert_original as convert_original
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapMLPMapper, convert_original_checkpoint
-from clipcap_hf.cli import build_parser, main
+from clipcap_hf.commands import build_parser, main
 
 N_EMBD = 64  # one 64-wide head, so GPT-2's head count is inferred as for the real releases
 N_LAYER = 2

@@ -358,7 +358,7 @@ def test_an_interrupted_embedding_pass_keeps_what_it_embedded(
     tokenizer, processor = tokenizer_and_processor
     model = tiny_model(tokenizer)
     dataset = load_image_folder(image_folder)
-    monkeypatch.setattr("clipcap_hf.data.EMBEDDING_SHARD_SIZE", 2)
+    monkeypatch.setattr("clipcap_hf.data.embeddings.EMBEDDING_SHARD_SIZE", 2)
     original, batches = model.get_image_features, []
 
     def interrupted_on_the_fourth_batch(pixel_values):

@@ -7,8 +7,8 @@ import PIL.Image
 import pytest
 from conftest import random_images, tiny_model
 
-from clipcap_hf.cli import main
-from clipcap_hf.demo import build_demo, caption_and_interpret
+from clipcap_hf.commands import main
+from clipcap_hf.commands.demo import build_demo, caption_and_interpret
 
 WAIT_S = 30
 GRADIO_MISSING = 'Gradio is not installed (pip install -e ".[dev]")'

@@ -9,16 +9,17 @@ import pytest
 import yaml
 from conftest import random_images
 
-from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor, metrics
-from clipcap_hf.cli import main
+from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
+from clipcap_hf.commands import main
 from clipcap_hf.evaluation import (
     EvaluationResult,
     UnreadableImagesError,
     generate_captions,
+    metrics,
     score_predictions,
     write_evaluation,
 )
-from clipcap_hf.metrics import compute_caption_metrics
+from clipcap_hf.evaluation.metrics import compute_caption_metrics
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="the COCO tokenizer needs Java")
 
@@ -380,12 +381,12 @@ def test_empty_predictions_are_named_once_with_domains():
     ],
 )
 def test_arguments_are_checked_before_captioning(coco_files, tmp_path, monkeypatch, capsys, arguments, message):
-    import clipcap_hf.cli
+    import clipcap_hf.commands.evaluate
 
     def no_captioning(*args, **kwargs):
         raise AssertionError("the arguments must be checked before the model is loaded")
 
-    monkeypatch.setattr(clipcap_hf.cli, "load_model_and_processor", no_captioning)
+    monkeypatch.setattr(clipcap_hf.commands.evaluate, "load_model_and_processor", no_captioning)
     (tmp_path / "card.htm").write_text("<!-- clipcap-results-start -->\n<!-- clipcap-results-end -->\n")
     annotations, image_root = coco_files
     argv = ["evaluate", "--model", "unused", "--data", str(annotations), "--data-format", "coco", "--image-root",

@@ -1,6 +1,6 @@
 import pytest
 
-from clipcap_hf.file_utils import open_text, read_json
+from clipcap_hf.utils.file_utils import open_text, read_json
 
 
 def test_read_json_skips_a_byte_order_mark(tmp_path):

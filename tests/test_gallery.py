@@ -12,8 +12,8 @@ from browser import serve_folder
 from conftest import random_images
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
-from clipcap_hf.cli import main
-from clipcap_hf.gallery import GalleryRecord, render_gallery, write_gallery
+from clipcap_hf.commands import main
+from clipcap_hf.evaluation.gallery import GalleryRecord, render_gallery, write_gallery
 from clipcap_hf.image_processing_clipcap import to_rgb_image
 
 # What a person sees in each row: the cells' rendered text, and the thumbnail's decoded size when there is one.

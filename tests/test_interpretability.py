@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import random_images, run_without_package, tiny_model
 
-from clipcap_hf.cli import main
+from clipcap_hf.commands import main
 from clipcap_hf.interpretability import interpret_prefix_embeds
 
 # Words that the test tokenizer encodes as one token each, so that their embeddings are known rows.

@@ -18,9 +18,9 @@ import pytest
 
 pytest.importorskip("pycocoevalcap", reason="the COCO caption metrics need pycocoevalcap (the `eval` extra)")
 
-from clipcap_hf import metrics  # noqa: E402
-from clipcap_hf.metrics import (  # noqa: E402
-    CocoCaptionMetric,
+from clipcap_hf.evaluation import metrics  # noqa: E402
+from clipcap_hf.evaluation.coco_metric import CocoCaptionMetric  # noqa: E402
+from clipcap_hf.evaluation.metrics import (  # noqa: E402
     compute_caption_metrics,
     load_coco_predictions,
     load_coco_references,

@@ -10,8 +10,8 @@ import torch
 from transformers import pipeline
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
-from clipcap_hf.cli import main as cli_main
-from clipcap_hf.quickstart import (
+from clipcap_hf.commands import main as cli_main
+from clipcap_hf.training.quickstart import (
     COLOURS,
     POSITIONS,
     SHAPES,
@@ -70,7 +70,7 @@ def test_score_captions():
 
 @pytest.mark.parametrize("max_steps", ["0", "-5"])
 def test_max_steps_below_one_is_rejected_before_training(tmp_path, capsys, monkeypatch, max_steps):
-    monkeypatch.setattr("clipcap_hf.quickstart.run_quickstart", lambda *args: pytest.fail("quickstart ran"))
+    monkeypatch.setattr("clipcap_hf.commands.quickstart.run_quickstart", lambda *args: pytest.fail("quickstart ran"))
     assert cli_main(["quickstart", "--output-dir", str(tmp_path), "--max-steps", max_steps]) == 2
     assert f"--max-steps must be at least 1, got {max_steps}" in capsys.readouterr().err
 
@@ -79,7 +79,9 @@ def test_a_folder_with_other_files_is_refused_before_training(tmp_path, capsys, 
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("my notes")
-    monkeypatch.setattr("clipcap_hf.quickstart.make_shapes_dataset", lambda *args: pytest.fail("training started"))
+    monkeypatch.setattr(
+        "clipcap_hf.training.quickstart.make_shapes_dataset", lambda *args: pytest.fail("training started")
+    )
     assert cli_main(["quickstart", "--output-dir", str(out)]) == 2
     assert capsys.readouterr().err == (
         f"clipcap quickstart: error: {out} is not empty; choose another folder, remove it, or pass overwrite=True "

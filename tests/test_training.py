@@ -561,7 +561,7 @@ def run_arguments(model_dir, caption_folder, output_dir, cache_dir, *extra):
 def test_clipcap_train_trains_evaluates_saves_and_counts_truncated_captions(
     tmp_path, tokenizer, model_dir, caption_folder
 ):
-    from clipcap_hf.cli import main as cli_main
+    from clipcap_hf.commands import main as cli_main
 
     out = tmp_path / "out"
     # Batches grouped by the `length` column (without it the sampler would look for `input_ids` and fail); transformers

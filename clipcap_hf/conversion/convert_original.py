@@ -12,7 +12,6 @@ processor, generation config, model card stub) that `from_pretrained` and `push_
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import pickle
@@ -29,12 +28,12 @@ import torch.nn.functional as F
 from huggingface_hub.errors import HFValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config
 
-from .configuration_clipcap import VISION_BACKENDS, ClipCapConfig
-from .file_utils import holds_clipcap_model
-from .image_processing_clipcap import ClipCapImageProcessor
-from .modeling_clipcap import ClipCapForConditionalGeneration, load_pretrained_vision_model
-from .open_clip_vision import OPEN_CLIP_SCHEMAS
-from .processing_clipcap import ClipCapProcessor
+from ..configuration_clipcap import ClipCapConfig
+from ..image_processing_clipcap import ClipCapImageProcessor
+from ..modeling_clipcap import ClipCapForConditionalGeneration, load_pretrained_vision_model
+from ..open_clip_vision import OPEN_CLIP_SCHEMAS
+from ..processing_clipcap import ClipCapProcessor
+from ..utils.file_utils import holds_clipcap_model
 
 # Attention-mask buffers that GPT-2 saved in its state dict in old transformers versions; current ones have none.
 OBSOLETE_GPT2_KEY = re.compile(r"gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)")
@@ -766,62 +765,6 @@ at "." (token {stop_id}) or at the end-of-text token. The original beam search i
 `model.generate(**inputs, num_beams=5, length_penalty=1.0, eos_token_id={stop_id})`; the two rank unfinished beams
 differently, so captions can differ.
 """
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Command line
-
-
-def convert_command(args: argparse.Namespace) -> int:
-    # `clipcap`'s main() prints a ValueError or OSError (e.g. a part that cannot be downloaded) as a message.
-    report = convert_original_checkpoint(
-        args.checkpoint,
-        args.output,
-        preset=args.preset,
-        vision_backend=args.vision_backend,
-        vision_model=args.vision_model,
-        open_clip_pretrained=args.open_clip_pretrained,
-        tokenizer=args.tokenizer,
-        normalize_prefix=args.normalize_prefix,
-        mapping_num_heads=args.mapping_num_heads,
-        lm_num_heads=args.lm_num_heads,
-        overwrite=args.overwrite,
-    )
-    config = report.config
-    print(
-        f"Wrote {report.output_dir} ({report.preset}: {config.mapping_type} mapper, prefix length "
-        f"{config.prefix_length}, {config.vision_backend} vision tower); max |logit delta| against the original "
-        f"computation {report.max_logits_delta:.2g}; dropped {len(report.dropped_keys)} obsolete GPT-2 buffers."
-    )
-    return 0
-
-
-def add_convert_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "convert-original",
-        help="Convert a checkpoint released with the paper (rmokady/CLIP_prefix_caption) into a ClipCap folder.",
-    )
-    parser.add_argument("checkpoint", help="The released .pt file, e.g. coco_weights.pt.")
-    parser.add_argument("--output", required=True, help="Folder to create.")
-    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                        help="Which release (default: coco-mlp or coco-transformer, after the checkpoint's mapper).")
-    parser.add_argument("--vision-backend", choices=VISION_BACKENDS, default=None,
-                        help="Default: open_clip if --open-clip-pretrained or a local-dir:/hf-hub: --vision-model is "
-                             "given, else the preset's (clip for the MLP releases, open_clip for the transformer one).")
-    parser.add_argument("--vision-model", default=None,
-                        help="CLIP checkpoint name or folder; or open_clip model name (with --open-clip-pretrained), "
-                             "local-dir:PATH or hf-hub:REPO (default: the preset's).")
-    parser.add_argument("--open-clip-pretrained", default=None,
-                        help="open_clip pretrained tag, e.g. openai (default: the preset's); selects the open_clip "
-                             "backend.")
-    parser.add_argument("--tokenizer", default="gpt2", help="Tokenizer name or folder (default: gpt2).")
-    parser.add_argument("--normalize-prefix", action=argparse.BooleanOptionalAction, default=None,
-                        help="Override the preset's CLIP embedding normalisation.")
-    parser.add_argument("--mapping-num-heads", type=int, default=None, help="Transformer mapper heads (default 8).")
-    parser.add_argument("--lm-num-heads", type=int, default=None, help="GPT-2 heads (default: width / 64).")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="Replace an output folder that an earlier conversion wrote.")
-    parser.set_defaults(handler=convert_command)
 
 
 __all__ = ["PRESETS", "ConversionReport", "convert_original_checkpoint", "load_original_state_dict"]

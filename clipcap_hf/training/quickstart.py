@@ -1,4 +1,4 @@
-"""`clipcap quickstart`: train a small ClipCap from scratch on a built-in synthetic captioning task, offline.
+"""The quickstart (`clipcap quickstart`): train a small ClipCap from scratch on a built-in synthetic task, offline.
 
 The task: images of one shape (square, ring, cross, triangle) in one of six colours at one of five positions,
 with jittered size, place, hue and background, captioned "a red ring in the top left". A fifth of the
@@ -14,7 +14,6 @@ captions. The saved folder loads with `ClipCapForConditionalGeneration.from_pret
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import tempfile
@@ -30,13 +29,14 @@ import torch
 from tokenizers import ByteLevelBPETokenizer
 from transformers import CLIPVisionConfig, GPT2Config, GPT2TokenizerFast, TrainingArguments
 
-from .configuration_clipcap import ClipCapConfig
-from .data import ClipCapDataCollator
-from .file_utils import holds_clipcap_model, write_text_atomically
-from .image_processing_clipcap import ClipCapImageProcessor
-from .modeling_clipcap import ClipCapForConditionalGeneration
-from .processing_clipcap import ClipCapProcessor
-from .training import ClipCapTrainer, caption_dataset
+from ..configuration_clipcap import ClipCapConfig
+from ..data import ClipCapDataCollator
+from ..evaluation.metrics import compute_caption_metrics
+from ..image_processing_clipcap import ClipCapImageProcessor
+from ..modeling_clipcap import ClipCapForConditionalGeneration
+from ..processing_clipcap import ClipCapProcessor
+from ..utils.file_utils import holds_clipcap_model, write_text_atomically
+from .trainer import ClipCapTrainer, caption_dataset
 
 COLOURS = {
     "red": (215, 40, 40),
@@ -206,8 +206,6 @@ def score_captions(predictions: list[str], references: list[str]) -> dict[str, f
             correct.append(found == [word for word in vocabulary if f" {word}" in f" {reference}"])
         scores[f"{name}_accuracy"] = float(np.mean(correct))
     try:
-        from .metrics import compute_caption_metrics
-
         bleu = compute_caption_metrics(
             dict(enumerate(predictions)), {i: [r] for i, r in enumerate(references)}, metrics=["bleu"], tokenize=False
         )
@@ -327,31 +325,6 @@ def print_report(scores: dict, output_dir: Path) -> None:
     for prediction, reference in scores["samples"]:
         print(f"  {'OK ' if prediction == reference else '   '} {prediction!r:40s} | {reference!r}")
     print(f"\nSaved to {output_dir}. Caption an image with:\n  clipcap caption IMAGE --model {output_dir}")
-
-
-def quickstart_command(args: argparse.Namespace) -> int:
-    if args.max_steps < 1:  # the Trainer takes these: 0 trains (next to) nothing, a negative value its default epochs
-        raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}.")
-    config = QuickstartConfig(max_steps=args.max_steps, seed=args.seed)
-    run_quickstart(args.output_dir, config, overwrite=args.overwrite)
-    return 0
-
-
-def add_quickstart_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "quickstart",
-        help="Train a small captioner from scratch on built-in synthetic shapes (offline, a few minutes on a CPU).",
-    )
-    parser.add_argument("--output-dir", default="clipcap-quickstart",
-                        help="Where the trained model is saved (default: clipcap-quickstart).")
-    parser.add_argument("--max-steps", type=int, default=QuickstartConfig.max_steps,
-                        help=f"Training steps (default: {QuickstartConfig.max_steps}).")
-    parser.add_argument("--seed", type=int, default=QuickstartConfig.seed,
-                        help=f"Seed of the data, the model and the training (default: {QuickstartConfig.seed}).")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="Write the new model's files over those of the ClipCap model in --output-dir (other files "
-                             "there stay); a folder with files but no ClipCap config.json is refused either way.")
-    parser.set_defaults(handler=quickstart_command)
 
 
 __all__ = ["QuickstartConfig", "make_shapes_dataset", "run_quickstart", "score_captions"]

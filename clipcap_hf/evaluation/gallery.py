@@ -7,7 +7,7 @@ first), which puts the captions most worth a look at the top.
 Example:
 
 ```python
->>> from clipcap_hf.gallery import write_gallery
+>>> from clipcap_hf.evaluation.gallery import write_gallery
 >>> write_gallery(
 ...     [{"image": "dog.jpg", "caption": "A dog on a beach.", "references": ["A dog runs."], "scores": {"CIDEr": 0.8}}],
 ...     "gallery.html",
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import PIL.Image
 
-from .file_utils import write_text_atomically
+from ..utils.file_utils import write_text_atomically
 
 THUMBNAIL_SIZE = 192
 # File names that are not valid UTF-8 reach Python as lone surrogates (PEP 383), which no UTF-8 encoder writes.
@@ -84,7 +84,7 @@ def _as_record(record: GalleryRecord | Mapping, index: int) -> GalleryRecord:
 
 def _thumbnail(image: str | os.PathLike | PIL.Image.Image, name: str, size: int) -> str:
     """The image shrunk to fit `size` pixels above its name, or its name and the error when it cannot be read."""
-    from .image_processing_clipcap import load_image, to_rgb_image
+    from ..image_processing_clipcap import load_image, to_rgb_image
 
     try:
         picture = image if isinstance(image, PIL.Image.Image) else load_image(Path(image))

@@ -1,7 +1,6 @@
 """`clipcap interpret IMAGE... --model DIR`: print each prefix vector's nearest language model tokens.
 
-Kept apart from `interpretability.py`, which ships with saved models for `trust_remote_code` and so must not import
-the command line.
+The method itself is `interpretability.py`, which ships with saved models for `trust_remote_code`.
 """
 
 from __future__ import annotations
@@ -11,18 +10,30 @@ import dataclasses
 import json
 import sys
 
-from .cli_utils import (
+from ..evaluation import UnreadableImagesError
+from ..image_processing_clipcap import load_image
+from ._utils import (
     check_top_k,
     check_top_k_fits_vocabulary,
     expand_image_paths,
     load_model_and_processor,
     stdout_is_utf8,
 )
-from .evaluation import UnreadableImagesError
-from .image_processing_clipcap import load_image
 
 
-def interpret_command(args: argparse.Namespace) -> int:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("images", nargs="+", help="Image files, folders of images, or glob patterns.")
+    parser.add_argument("--model", required=True, help="A ClipCap folder or Hub name.")
+    parser.add_argument(
+        "--top-k", type=int, default=5, help="Tokens shown per prefix vector, most similar first (default: 5)."
+    )
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    parser.add_argument(
+        "--json", action="store_true", help="Print a JSON list of {image, prefix: [[{token_id, token, similarity}]]}."
+    )
+
+
+def run(args: argparse.Namespace) -> int:
     check_top_k(args.top_k)
     paths = expand_image_paths(args.images)
     model, processor = load_model_and_processor(args.model, args.device)
@@ -49,20 +60,3 @@ def interpret_command(args: argparse.Namespace) -> int:
     if errors:
         raise UnreadableImagesError(errors, len(paths))
     return 0
-
-
-def add_interpret_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "interpret",
-        help="Show each prefix vector's nearest language model tokens (the paper's prefix interpretability).",
-    )
-    parser.add_argument("images", nargs="+", help="Image files, folders of images, or glob patterns.")
-    parser.add_argument("--model", required=True, help="A ClipCap folder or Hub name.")
-    parser.add_argument(
-        "--top-k", type=int, default=5, help="Tokens shown per prefix vector, most similar first (default: 5)."
-    )
-    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
-    parser.add_argument(
-        "--json", action="store_true", help="Print a JSON list of {image, prefix: [[{token_id, token, similarity}]]}."
-    )
-    parser.set_defaults(handler=interpret_command)

@@ -1,7 +1,4 @@
-"""What the `clipcap` subcommands share: image paths, model loading and option checks.
-
-A leaf module: `cli.py` imports every subcommand module, and they import this one, never `cli.py`.
-"""
+"""What the `clipcap` subcommands share: image paths, model loading and option checks."""
 
 from __future__ import annotations
 
@@ -17,7 +14,7 @@ import torch
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import AutoProcessor
 
-from .modeling_clipcap import ClipCapForConditionalGeneration
+from ..modeling_clipcap import ClipCapForConditionalGeneration
 
 PIL.Image.init()  # registers every format plugin, so that the extensions below are complete
 # Every extension PIL can open (.avif, .jfif, .ppm, ...), not a fixed list that misses some of them.

@@ -5,7 +5,7 @@ Hugging Face Space's `app.py`:
 
 ```python
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
-from clipcap_hf.demo import build_demo
+from clipcap_hf.commands.demo import build_demo
 
 model = ClipCapForConditionalGeneration.from_pretrained("org/clipcap-coco").eval()
 processor = ClipCapProcessor.from_pretrained("org/clipcap-coco")
@@ -21,17 +21,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cli_utils import check_top_k, check_top_k_fits_vocabulary, expand_image_paths, load_model_and_processor
-from .image_processing_clipcap import load_image, to_rgb_image
-from .modeling_clipcap import DEFAULT_MAX_NEW_TOKENS
+from ..image_processing_clipcap import load_image, to_rgb_image
+from ..modeling_clipcap import DEFAULT_MAX_NEW_TOKENS
+from ._utils import check_top_k, check_top_k_fits_vocabulary, expand_image_paths, load_model_and_processor
 
 if TYPE_CHECKING:
     import gradio
     import PIL.Image
 
-    from .interpretability import PrefixInterpretation
-    from .modeling_clipcap import ClipCapForConditionalGeneration
-    from .processing_clipcap import ClipCapProcessor
+    from ..interpretability import PrefixInterpretation
+    from ..modeling_clipcap import ClipCapForConditionalGeneration
+    from ..processing_clipcap import ClipCapProcessor
 
 DECODING_STRATEGIES = ("greedy", "beam search")
 
@@ -198,7 +198,16 @@ def build_demo(
     return demo
 
 
-def demo_command(args: argparse.Namespace) -> int:
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="A ClipCap folder or Hub name.")
+    parser.add_argument("--examples", nargs="*", default=[], help="Example images: files, folders or glob patterns.")
+    parser.add_argument("--top-k", type=int, default=5, help="Nearest tokens shown per prefix vector (default: 5).")
+    parser.add_argument("--host", default="127.0.0.1", help="Address to serve on; 0.0.0.0 exposes the demo.")
+    parser.add_argument("--port", type=int, default=None, help="Default: the first free port from 7860.")
+    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+
+
+def run(args: argparse.Namespace) -> int:
     check_top_k(args.top_k)
     if args.port is not None and not 1 <= args.port <= 65535:
         raise ValueError(f"--port must be between 1 and 65535, got {args.port}.")
@@ -209,14 +218,3 @@ def demo_command(args: argparse.Namespace) -> int:
     demo = build_demo(model, processor, examples=examples, top_k=args.top_k, title=f"ClipCap: {args.model}")
     demo.launch(server_name=args.host, server_port=args.port, share=False)
     return 0
-
-
-def add_demo_parser(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help='Serve a web demo (Gradio; `pip install "clipcap_hf[demo]"`).')
-    parser.add_argument("--model", required=True, help="A ClipCap folder or Hub name.")
-    parser.add_argument("--examples", nargs="*", default=[], help="Example images: files, folders or glob patterns.")
-    parser.add_argument("--top-k", type=int, default=5, help="Nearest tokens shown per prefix vector (default: 5).")
-    parser.add_argument("--host", default="127.0.0.1", help="Address to serve on; 0.0.0.0 exposes the demo.")
-    parser.add_argument("--port", type=int, default=None, help="Default: the first free port from 7860.")
-    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
-    parser.set_defaults(handler=demo_command)

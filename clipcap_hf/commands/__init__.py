@@ -1,0 +1,91 @@
+"""The `clipcap` command line: `clipcap caption IMAGE... --model DIR` and the other subcommands.
+
+Each subcommand is a module here with `add_arguments(parser)` and `run(args)`, imported only when that subcommand
+runs: `clipcap caption` then needs neither the datasets library (`clipcap evaluate`), nor the converter, nor the
+training code. The library never imports this package.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+
+
+class _SubcommandParser(argparse.ArgumentParser):
+    """A subcommand's parser, which takes its arguments from its module when it parses (or shows its help)."""
+
+    def __init__(self, *args, module: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._module = module
+
+    def parse_known_args(self, args=None, namespace=None):
+        if self._module is not None:
+            module = importlib.import_module(f"{__name__}.{self._module}")
+            module.add_arguments(self)
+            self.set_defaults(handler=module.run)
+            self._module = None
+        return super().parse_known_args(args, namespace)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipcap", description="ClipCap image captioning with Hugging Face.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
+    commands.add_parser("caption", module="caption", help="Caption image files, folders or glob patterns.")
+    commands.add_parser(
+        "convert-original",
+        module="convert",
+        help="Convert a checkpoint released with the paper (rmokady/CLIP_prefix_caption) into a ClipCap folder.",
+    )
+    commands.add_parser(
+        "evaluate", module="evaluate", help="Caption a dataset and score it with the COCO caption metrics."
+    )
+    commands.add_parser(
+        "interpret",
+        module="interpret",
+        help="Show each prefix vector's nearest language model tokens (the paper's prefix interpretability).",
+    )
+    commands.add_parser("demo", module="demo", help='Serve a web demo (Gradio; `pip install "clipcap_hf[demo]"`).')
+    commands.add_parser(
+        "quickstart",
+        module="quickstart",
+        help="Train a small captioner from scratch on built-in synthetic shapes (offline, a few minutes on a CPU).",
+    )
+    # No option of its own (prefix '+'), so that every `--flag`, `--help` included, reaches the training arguments.
+    commands.add_parser(
+        "train",
+        module="train",
+        add_help=False,
+        prefix_chars="+",
+        help="Train a ClipCap model (see `clipcap train --help`).",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if hasattr(sys.stdout, "reconfigure"):
+        # A file name or caption that stdout's encoding cannot show (cp1252 on Windows) is escaped, not fatal.
+        sys.stdout.reconfigure(errors="backslashreplace")
+    try:
+        return args.handler(args)
+    except BrokenPipeError:
+        # The reader went away (`clipcap caption ... | head -1`): stop quietly, with the exit status of a program
+        # ended by SIGPIPE (128 + 13), as `cat` would give. Python would report the pipe again when it flushes
+        # stdout at exit, so stdout now points at devnull (see the `signal` module's documentation).
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (AttributeError, OSError, ValueError):  # stdout is no real file (replaced by a caller)
+            pass
+        return 141
+    except (ValueError, OSError, ImportError) as error:
+        # An ImportError here is a missing optional extra (gradio, pycocoevalcap); its message says what to install.
+        # An OSError covers missing files and a --model folder that does not exist or holds no weights.
+        print(f"clipcap {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""`clipcap evaluate`: caption a dataset and score it with the COCO caption metrics."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import warnings
+from collections.abc import Collection, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from ..data import DATASET_FORMATS, group_by_image, load_caption_dataset
+from ..evaluation.evaluate import (
+    METRICS_FILES,
+    PREDICTIONS_FILE,
+    EvaluationResult,
+    UnreadableImagesError,
+    caption_images,
+    fill_model_card,
+    markdown_table,
+    score_predictions,
+    write_evaluation,
+    write_predictions,
+)
+from ..evaluation.gallery import GalleryRecord, write_gallery
+from ..evaluation.metrics import METRIC_NAMES, load_coco_predictions
+from ._utils import add_caption_options, check_caption_options, check_gallery_path, load_model_and_processor
+
+DATASET_TYPES = {
+    "coco-karpathy": "coco",
+    "coco": "coco",
+    "nocaps": "nocaps",
+    "conceptual-captions": "conceptual_captions",
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="A ClipCap folder or Hub name (required unless --predictions is given).")
+    parser.add_argument("--data", required=True, help="The annotation file (or image folder for imagefolder).")
+    parser.add_argument(
+        "--data-format",
+        default="coco-karpathy",
+        choices=list(DATASET_FORMATS),
+        help="Annotation format (default: coco-karpathy).",
+    )
+    parser.add_argument("--image-root", help="The folder the annotation file's image paths are relative to.")
+    parser.add_argument("--split", help="Split to evaluate, for coco-karpathy, the one format with splits "
+                                        "(default: test).")
+    parser.add_argument("--output-dir", required=True, help="Where predictions.json, metrics.json, metrics.md go.")
+    parser.add_argument("--predictions", help="Score this COCO results file instead of captioning.")
+    parser.add_argument("--metrics", nargs="+", default=list(METRIC_NAMES), choices=list(METRIC_NAMES),
+                        help="Metrics to compute (default: all of them).")
+    add_caption_options(parser, num_beams=5, batch_size=32)
+    parser.add_argument("--limit", type=int, help="Evaluate only the first N images.")
+    parser.add_argument("--device", help="Default: cuda when available, else cpu.")
+    parser.add_argument("--model-card", help="A model card (model_card.md) to fill with the results.")
+    parser.add_argument("--dataset-name", help="Dataset name for the model card (default: from --data).")
+    parser.add_argument("--gallery", help="Also write an HTML page of the images, captions, references and scores.")
+
+
+@contextlib.contextmanager
+def _without_datasets_progress_bars() -> Iterator[None]:
+    """Hide the bars `datasets` shows for quick table operations ("Flattening the indices"), which say nothing here."""
+    enabled = not datasets.are_progress_bars_disabled()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if enabled:
+            datasets.enable_progress_bars()
+
+
+def _load_split(args: argparse.Namespace):
+    """
+    The images to evaluate, one row per image (`group_by_image`), and the split they come from (`None` for a format
+    without splits).
+    """
+    data = load_caption_dataset(args.data_format, args.data, args.image_root)
+    split = None
+    if hasattr(data, "keys"):  # a DatasetDict (the Karpathy file holds all splits)
+        split = args.split or "test"
+        if split not in data:
+            raise ValueError(f"{args.data} has no split {split!r}; it has {sorted(data.keys())}.")
+        data = data[split]
+    elif args.split is not None:
+        raise ValueError(f"--split: the {args.data_format} format has no splits; {args.data} is evaluated whole.")
+    with _without_datasets_progress_bars():
+        images = group_by_image(data)
+        if args.limit is not None:
+            images = images.select(range(min(args.limit, len(images))))
+    return images, split
+
+
+def _check_arguments(args: argparse.Namespace) -> dict:
+    """What would otherwise fail after the captioning, or in the middle of it; returns the `generate` arguments."""
+    if not args.model and not args.predictions:
+        raise ValueError("Give --model (to caption the images) or --predictions (to score a results file).")
+    generate_kwargs = check_caption_options(args)
+    if args.limit is not None and args.limit < 1:
+        raise ValueError(f"--limit must be at least 1, got {args.limit}.")
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise NotADirectoryError(f"--output-dir: {args.output_dir} is a file, not a folder.")
+    if args.model_card and not Path(args.model_card).is_file():
+        raise FileNotFoundError(f"--model-card: {args.model_card} does not exist.")
+    if args.gallery:
+        outputs = [Path(args.output_dir) / name for name in (PREDICTIONS_FILE, *METRICS_FILES)]
+        inputs = [path for path in (args.data, args.predictions, args.model_card) if path]
+        check_gallery_path(args.gallery, output_dir=args.output_dir, taken=outputs + inputs)
+    return generate_kwargs
+
+
+def _load_predictions(args: argparse.Namespace, images) -> dict[Any, str]:
+    """The --predictions file's captions of the images to evaluate, with a warning when it covers only some."""
+    predictions = load_coco_predictions(args.predictions)
+    image_ids = set(images["image_id"])
+    if args.limit is not None:  # only the images that --limit kept
+        predictions = {image_id: caption for image_id, caption in predictions.items() if image_id in image_ids}
+    covered = len(image_ids & predictions.keys())
+    if covered < len(image_ids):
+        warnings.warn(
+            f"{args.predictions} has captions for {covered} of the {len(image_ids)} images evaluated: the scores "
+            "cover only those, so do not report them as scores of the whole split.",
+            stacklevel=2,
+        )
+    return predictions
+
+
+def _write_gallery(
+    args: argparse.Namespace, images, predictions: Mapping, per_image: Mapping, unreadable: Collection = ()
+) -> None:
+    """The --gallery page: each image with a caption (and its scores, if any), and the error of each image id in
+    `unreadable`."""
+    records = [
+        GalleryRecord(
+            image=path,
+            caption=predictions.get(image_id, ""),
+            references=references,
+            scores=per_image.get(image_id),
+            name=str(image_id),
+        )
+        for image_id, path, references in zip(images["image_id"], images["image_path"], images["references"])
+        if image_id in predictions or image_id in unreadable
+    ]
+    print(f"Gallery: {write_gallery(records, args.gallery, title=f'Evaluation on {args.data}')}")
+
+
+def _score_images(predictions: Mapping[Any, str], images, metrics: Sequence[str]) -> EvaluationResult:
+    """[`score_predictions`] against the references (and nocaps domains) of `group_by_image(dataset)`."""
+    image_ids = images["image_id"]
+    domains = dict(zip(image_ids, images["domain"])) if "domain" in images.column_names else None
+    result = score_predictions(predictions, dict(zip(image_ids, images["references"])), domains, metrics)
+    result.image_paths = dict(zip(image_ids, images["image_path"]))
+    return result
+
+
+def run(args: argparse.Namespace) -> int:
+    generate_kwargs = _check_arguments(args)
+    images, split = _load_split(args)
+    output_dir = Path(args.output_dir)
+    unreadable = {}
+    run_info = {"data": args.data, "data_format": args.data_format, "split": split, "limit": args.limit}
+    if args.predictions:
+        # Re-score a predictions file (COCO results format) without running the model.
+        predictions = _load_predictions(args, images)
+        run_info["predictions"] = args.predictions
+    else:
+        model, processor = load_model_and_processor(args.model, args.device)
+        max_new_tokens = generate_kwargs.get("max_new_tokens", model.generation_config.max_new_tokens)
+        run_info.update(model=args.model, num_beams=args.num_beams, max_new_tokens=max_new_tokens)
+        predictions, unreadable = caption_images(model, processor, images, args.batch_size, **generate_kwargs)
+        # Written before scoring, so that a scoring failure (no Java, a bad reference) keeps the captions; this also
+        # removes the metrics of earlier captions.
+        write_predictions(predictions, output_dir)
+    if unreadable:
+        if args.gallery:
+            _write_gallery(args, images, predictions, {}, unreadable)
+        raise UnreadableImagesError(
+            list(unreadable.values()),
+            len(images),
+            "Nothing was scored, since scores over part of a split are not comparable with published ones. The "
+            f"captions of the other images are in {output_dir / PREDICTIONS_FILE}.",
+        )
+    result = _score_images(predictions, images, args.metrics)
+    if not result.scores:
+        card = f"; {args.model_card} is left as it was" if args.model_card else ""
+        raise ValueError(
+            f"No metric could be computed: {', '.join(result.skipped_metrics)} cannot run here (see the warnings "
+            f"above). No metrics were written{card}."
+        )
+    # A --predictions file that is the output's predictions.json is left as it is (the scores may cover part of it).
+    output = output_dir / PREDICTIONS_FILE
+    rewrite = bool(args.predictions) and not (output.exists() and os.path.samefile(args.predictions, output))
+    paths = write_evaluation(result, output_dir, with_predictions=rewrite, run=run_info)
+    if args.gallery:
+        _write_gallery(args, images, result.predictions, result.per_image)
+    print(markdown_table(result), end="")
+    print(f"Predictions: {paths['predictions']}\nMetrics: {paths['metrics']}")
+    if args.model_card:
+        dataset_name = args.dataset_name or f"{args.data_format} {Path(args.data).name}"
+        dataset_type = DATASET_TYPES.get(args.data_format, args.data_format)
+        fill_model_card(args.model_card, result, dataset_name, dataset_type, split)
+        print(f"Model card updated: {args.model_card}")
+    return 0

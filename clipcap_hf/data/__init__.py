@@ -1,0 +1,47 @@
+"""Image-caption data for ClipCap training: dataset loaders, the CLIP embedding cache and the data collator.
+
+A loader gives one row per caption (`image_id`, `image_path`, `caption`); [`embed_images`] adds each image's cached
+CLIP embedding; [`ClipCapDataCollator`] turns rows into training batches.
+
+Example:
+
+```python
+>>> from clipcap_hf.data import ClipCapDataCollator, embed_images, load_coco_karpathy
+>>> splits = load_coco_karpathy("dataset_coco.json", image_root="coco/")
+>>> train, train_embeds = embed_images(splits["train"], model, processor.image_processor, cache_dir="cache/")
+>>> collator = ClipCapDataCollator(processor, image_embeds=train_embeds, max_caption_length=40)
+```
+"""
+
+from .collator import ClipCapDataCollator, add_caption_lengths, image_inputs
+from .embeddings import ImageEmbeddingCache, embed_images, image_cache_key, vision_fingerprint
+from .loaders import (
+    DATASET_FORMATS,
+    check_images,
+    group_by_image,
+    load_caption_dataset,
+    load_coco_captions,
+    load_coco_karpathy,
+    load_conceptual_captions,
+    load_image_folder,
+    load_nocaps,
+)
+
+__all__ = [
+    "ClipCapDataCollator",
+    "DATASET_FORMATS",
+    "ImageEmbeddingCache",
+    "add_caption_lengths",
+    "check_images",
+    "embed_images",
+    "group_by_image",
+    "image_cache_key",
+    "image_inputs",
+    "load_caption_dataset",
+    "load_coco_captions",
+    "load_coco_karpathy",
+    "load_conceptual_captions",
+    "load_image_folder",
+    "load_nocaps",
+    "vision_fingerprint",
+]

@@ -1,0 +1,208 @@
+"""The arguments of a training run (`ModelArguments`, `DataArguments`) and the recipes that set their defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..data.loaders import DATASET_FORMATS, _check_policy
+from ..evaluation.metrics import check_metric_names, require_pycocoevalcap
+from ..modeling_clipcap import DEFAULT_MAX_NEW_TOKENS
+
+# The paper's optimisation: AdamW at 2e-5 with 5000 linear warm-up steps, batch 40, 10 epochs, no gradient clipping.
+PAPER_SCHEDULE = {
+    "learning_rate": 2e-5,
+    "warmup_steps": 5000,
+    "per_device_train_batch_size": 40,
+    "num_train_epochs": 10,
+    "max_grad_norm": 0.0,
+}
+# The defaults each recipe puts before the user's own arguments, so that anything given explicitly wins.
+RECIPES: dict[str, dict[str, Any]] = {
+    "mlp_finetune": {"mapping_type": "mlp", "prefix_length": 10, **PAPER_SCHEDULE},
+    "transformer_frozen": {
+        "mapping_type": "transformer",
+        "prefix_length": 40,
+        "clip_length": 40,
+        "mapping_num_layers": 8,
+        "normalize_prefix": True,
+        "freeze_language_model": True,
+        **PAPER_SCHEDULE,
+    },
+    "lora": {
+        "mapping_type": "mlp",
+        "prefix_length": 10,
+        "use_lora": True,
+        "save_merged_model": True,
+        **PAPER_SCHEDULE,
+        "learning_rate": 2e-4,
+        "warmup_steps": 1000,
+    },
+}
+# Every run: the collator needs the caption column, which Trainer would otherwise drop.
+COMMON_DEFAULTS = {"remove_unused_columns": False}
+# The options that shape a new model. A checkpoint (--model_name_or_path) has its own: these are then checked against
+# it rather than ignored, and a recipe's values for them apply to new models only.
+ARCHITECTURE_DEFAULTS: dict[str, Any] = {
+    "vision_model_name_or_path": "openai/clip-vit-base-patch32",
+    "text_model_name_or_path": "gpt2",
+    "mapping_type": "mlp",
+    "prefix_length": 10,
+    "clip_length": None,
+    "mapping_num_layers": 8,
+    "normalize_prefix": False,
+}
+# The two pretrained parts a new model is assembled from; the other architecture options are ClipCapConfig fields.
+PART_OPTIONS = ("vision_model_name_or_path", "text_model_name_or_path")
+CONFIG_OPTIONS = tuple(name for name in ARCHITECTURE_DEFAULTS if name not in PART_OPTIONS)
+
+
+def _recipe_architecture(recipe: str | None) -> dict[str, Any]:
+    return {name: value for name, value in RECIPES.get(recipe, {}).items() if name in ARCHITECTURE_DEFAULTS}
+
+
+def _recipe_run_defaults(recipe: str | None) -> dict[str, Any]:
+    """What `parse_args` puts before the user's arguments: the recipe's values, less those for a new model only."""
+    recipe = RECIPES.get(recipe, {})
+    return {**COMMON_DEFAULTS, **{name: value for name, value in recipe.items() if name not in ARCHITECTURE_DEFAULTS}}
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train, and which of its parts."""
+
+    recipe: str | None = field(
+        default=None,
+        metadata={
+            "help": "Defaults of a published setup; explicit arguments override them.",
+            "choices": sorted(RECIPES),
+        },
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A ClipCap checkpoint (folder or Hub name) to continue from. Else a new model is built from "
+            "--vision_model_name_or_path and --text_model_name_or_path."
+        },
+    )
+    # The architecture options default to None: "not given". A new model then gets the recipe's value or
+    # ARCHITECTURE_DEFAULTS (filled in by __post_init__); a checkpoint keeps its own, and a given value must match it.
+    vision_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The CLIP checkpoint of a new model (default: openai/clip-vit-base-patch32)."}
+    )
+    text_model_name_or_path: str | None = field(
+        default=None, metadata={"help": "The causal LM of a new model (default: gpt2)."}
+    )
+    mapping_type: str | None = field(default=None, metadata={"help": "New model: 'mlp' (default) or 'transformer'."})
+    prefix_length: int | None = field(default=None, metadata={"help": "New model: number of prefix vectors (10)."})
+    clip_length: int | None = field(
+        default=None, metadata={"help": "New transformer mapper: CLIP projection length; None means prefix_length."}
+    )
+    mapping_num_layers: int | None = field(default=None, metadata={"help": "New transformer mapper: layers (8)."})
+    normalize_prefix: bool | None = field(
+        default=None, metadata={"help": "New model: L2-normalize the CLIP embedding (default: false)."}
+    )
+    freeze_language_model: bool = field(default=False, metadata={"help": "Train the mapper only (frozen LM)."})
+    use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LM (peft) and the mapper."})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    lora_target_modules: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated module names to adapt; default: every linear layer of the LM except its "
+            "output layer."
+        },
+    )
+    save_merged_model: bool = field(
+        default=False,
+        metadata={"help": "LoRA: also save the adapters merged into a plain checkpoint, in output_dir/merged."},
+    )
+
+    def __post_init__(self):
+        # The command line checks `choices`; a JSON file (`HfArgumentParser.parse_dict`) does not.
+        if self.recipe is not None and self.recipe not in RECIPES:
+            raise ValueError(f"--recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}.")
+        if self.model_name_or_path is None:
+            for name, default in {**ARCHITECTURE_DEFAULTS, **_recipe_architecture(self.recipe)}.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, default)
+
+
+@dataclass
+class DataArguments:
+    """Which data to train and evaluate on, and how."""
+
+    dataset_format: str = field(
+        default="imagefolder", metadata={"help": f"One of {', '.join(sorted(DATASET_FORMATS))}."}
+    )
+    train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training captions: the Karpathy JSON (which also holds validation/test), a COCO or nocaps "
+            "JSON, a Conceptual Captions TSV, or the image folder."
+        },
+    )
+    validation_file: str | None = field(
+        default=None, metadata={"help": "Evaluation captions (not needed for coco-karpathy)."}
+    )
+    validation_format: str | None = field(
+        default=None, metadata={"help": "Format of validation_file, when it differs (e.g. nocaps)."}
+    )
+    image_root: str | None = field(default=None, metadata={"help": "Folder the image paths are relative to."})
+    validation_image_root: str | None = field(default=None, metadata={"help": "Default: image_root."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training captions."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N evaluation captions."})
+    max_caption_length: int = field(default=40, metadata={"help": "Caption tokens kept (EOS included)."})
+    use_embedding_cache: bool = field(
+        default=True,
+        metadata={
+            "help": "Train from CLIP embeddings computed once per image and cached. --no_use_embedding_cache runs the "
+            "vision tower on the pixels at every step instead: slower, same result."
+        },
+    )
+    embedding_cache_dir: str | None = field(
+        default=None, metadata={"help": "Where embeddings are cached; default: the datasets cache."}
+    )
+    embedding_batch_size: int = field(default=64, metadata={"help": "Images per vision forward when caching."})
+    preprocessing_num_workers: int = field(default=0, metadata={"help": "Workers decoding images."})
+    on_bad_image: str = field(
+        default="error",
+        metadata={"help": "A missing or unreadable image: 'error' stops before training, 'skip' drops its captions."},
+    )
+    generation_num_beams: int = field(default=1, metadata={"help": "Beams when captioning the evaluation images."})
+    generation_max_new_tokens: int = field(
+        default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "Longest generated caption."}
+    )
+    eval_caption_metrics: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated COCO metrics for the evaluation captions (bleu, meteor, rouge, cider, "
+            "spice); needs pycocoevalcap."
+        },
+    )
+
+    def __post_init__(self):
+        for name in ("dataset_format", "validation_format"):
+            value = getattr(self, name)
+            if value is not None and value not in DATASET_FORMATS:
+                raise ValueError(f"--{name} must be one of {sorted(DATASET_FORMATS)}, got {value!r}.")
+        _check_policy(self.on_bad_image)
+        # Checked before any embedding is computed (or training step taken), not at the first evaluation.
+        for name in ("max_caption_length", "generation_max_new_tokens", "generation_num_beams"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}; leave it out to keep all.")
+        if self.caption_metrics:
+            try:
+                check_metric_names(self.caption_metrics)
+                require_pycocoevalcap()
+            except (ValueError, ImportError) as error:
+                raise type(error)(f"--eval_caption_metrics: {error}") from error
+
+    @property
+    def caption_metrics(self) -> list[str]:
+        """The metric names of `--eval_caption_metrics`."""
+        return [name.strip() for name in (self.eval_caption_metrics or "").split(",") if name.strip()]

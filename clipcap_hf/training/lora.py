@@ -1,0 +1,87 @@
+"""LoRA adapters (peft) on the language model: adding them, reloading a run's adapters, merging them."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+
+import torch
+import transformers
+
+from ..modeling_clipcap import ClipCapForConditionalGeneration
+from ..processing_clipcap import ClipCapProcessor
+from .arguments import ModelArguments
+
+
+def lora_target_modules(model: ClipCapForConditionalGeneration, names: Sequence[str] | None = None) -> str:
+    """
+    A peft regex matching the language model's layers called `names` (e.g. `["c_attn"]`); by default every linear
+    layer of the language model except its output layer.
+    """
+    # Built here rather than with peft's "all-linear", which would also adapt the frozen CLIP tower and the mapper
+    # (which is trained in full, as a `modules_to_save`).
+    if not names:
+        output_layer = model.get_output_embeddings()
+        names = {
+            name.rsplit(".", 1)[-1]
+            for name, module in model.language_model.named_modules()
+            if isinstance(module, (torch.nn.Linear, transformers.pytorch_utils.Conv1D)) and module is not output_layer
+        }
+    return rf"language_model\..*\.({'|'.join(sorted(map(re.escape, names)))})"
+
+
+def add_lora(model: ClipCapForConditionalGeneration, model_args: ModelArguments):
+    """
+    Wrap the model in a peft `PeftModel`: LoRA adapters on the language model, the mapping network fully trained
+    (and saved with the adapters, as a `modules_to_save`), everything else frozen.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    names = [name.strip() for name in (model_args.lora_target_modules or "").split(",") if name.strip()]
+    # GPT-2's Conv1D layers store their weight transposed (fan_in_fan_out); peft would set the flag itself, with a
+    # warning for each layer, so it is set here.
+    conv1d = transformers.pytorch_utils.Conv1D
+    lora_config = LoraConfig(
+        fan_in_fan_out=any(isinstance(module, conv1d) for module in model.language_model.modules()),
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=lora_target_modules(model, names),
+        modules_to_save=["mapping_network"],
+    )
+    return get_peft_model(model, lora_config)
+
+
+def load_lora_model(
+    adapter_dir: str | os.PathLike, base_model_name_or_path: str | None = None, is_trainable: bool = False
+):
+    """
+    Reload a LoRA run: the base ClipCap (by default the one recorded in `adapter_config.json`) with the adapters
+    and the trained mapping network from `adapter_dir`. Returns a `PeftModel`, frozen unless `is_trainable` (then the
+    adapters and the mapping network train further); `.merge_and_unload()` gives a plain
+    [`ClipCapForConditionalGeneration`].
+    """
+    from peft import PeftConfig, PeftModel
+
+    base_path = base_model_name_or_path or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    base = ClipCapForConditionalGeneration.from_pretrained(base_path)
+    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
+
+
+def merge_lora(
+    adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, base_model_name_or_path: str | None = None
+) -> ClipCapForConditionalGeneration:
+    """Merge a LoRA run's adapters into its base model and save a plain checkpoint (with the processor)."""
+    model = load_lora_model(adapter_dir, base_model_name_or_path).merge_and_unload()
+    model.save_pretrained(output_dir)
+    ClipCapProcessor.from_pretrained(adapter_dir).save_pretrained(output_dir)
+    return model
+
+
+def is_peft_model(model) -> bool:
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return False
+    return isinstance(model, PeftModel)

@@ -1,0 +1,396 @@
+"""A training run from arguments: the model, the data and the `Trainer` ([`train`]), and [`main`], the entry point of
+`clipcap train` and `examples/run_clipcap.py`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+import datasets
+import torch
+import transformers
+from accelerate import PartialState
+from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+from transformers.utils import find_adapter_config_file
+
+from ..data import (
+    ClipCapDataCollator,
+    add_caption_lengths,
+    check_images,
+    embed_images,
+    group_by_image,
+    load_caption_dataset,
+)
+from ..modeling_clipcap import ClipCapForConditionalGeneration
+from ..processing_clipcap import ClipCapProcessor
+from ..utils.file_utils import read_json
+from .arguments import (
+    CONFIG_OPTIONS,
+    PART_OPTIONS,
+    RECIPES,
+    DataArguments,
+    ModelArguments,
+    _recipe_architecture,
+    _recipe_run_defaults,
+)
+from .lora import add_lora, is_peft_model, load_lora_model, merge_lora
+from .trainer import ClipCapTrainer
+
+logger = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+
+
+def build_model(model_args: ModelArguments) -> tuple[ClipCapForConditionalGeneration, ClipCapProcessor]:
+    """
+    Load a ClipCap checkpoint, or assemble a new one from a pretrained CLIP and language model. A LoRA run's output
+    (a folder with `adapter_config.json`) loads as a trainable `PeftModel` when `use_lora` is set.
+    """
+    path = model_args.model_name_or_path
+    if path is not None:
+        if _is_lora_output(path):
+            if not model_args.use_lora:
+                raise ValueError(
+                    f"--model_name_or_path {path} holds LoRA adapters (adapter_config.json). Add --use_lora (or "
+                    "--recipe lora) to train those adapters further, or continue from a plain checkpoint: the merged "
+                    "model (output_dir/merged, written by --save_merged_model, or clipcap_hf.training.merge_lora)."
+                )
+            # transformers' from_pretrained would load the adapters frozen (and add_lora would then wrap them twice).
+            model = load_lora_model(path, is_trainable=True)
+        else:
+            model = ClipCapForConditionalGeneration.from_pretrained(path)
+        _check_checkpoint_architecture(model_args, model.config)
+        return model, ClipCapProcessor.from_pretrained(path)
+    config_kwargs = {
+        "mapping_num_layers": model_args.mapping_num_layers,
+        "normalize_prefix": model_args.normalize_prefix,
+    }
+    if model_args.mapping_type == "transformer":
+        config_kwargs["clip_length"] = model_args.clip_length
+    model = ClipCapForConditionalGeneration.from_vision_text_pretrained(
+        model_args.vision_model_name_or_path,
+        model_args.text_model_name_or_path,
+        mapping_type=model_args.mapping_type,
+        prefix_length=model_args.prefix_length,
+        **config_kwargs,
+    )
+    processor = ClipCapProcessor.from_vision_text_pretrained(
+        model_args.vision_model_name_or_path, model_args.text_model_name_or_path
+    )
+    return model, processor
+
+
+def _is_lora_output(name_or_path: str) -> bool:
+    return find_adapter_config_file(name_or_path) is not None
+
+
+def _check_checkpoint_architecture(model_args: ModelArguments, config) -> None:
+    """Refuse architecture options given with --model_name_or_path that the checkpoint does not have."""
+    problems = [
+        f"--{name} {getattr(model_args, name)} builds a new model"
+        for name in PART_OPTIONS
+        if getattr(model_args, name) is not None
+    ]
+    for name in CONFIG_OPTIONS:
+        value = getattr(model_args, name)
+        if value is not None and value != getattr(config, name):
+            problems.append(f"--{name} {value} (the checkpoint's: {getattr(config, name)})")
+    recipe_type = _recipe_architecture(model_args.recipe).get("mapping_type")
+    if recipe_type is not None and recipe_type != config.mapping_type and model_args.mapping_type is None:
+        problems.append(
+            f"--recipe {model_args.recipe} trains a {recipe_type} mapper (the checkpoint's: {config.mapping_type}; "
+            "set --freeze_language_model or --use_lora without a recipe instead)"
+        )
+    if problems:
+        raise ValueError(
+            f"--model_name_or_path {model_args.model_name_or_path} continues a checkpoint, whose architecture is "
+            f"fixed, but {'; '.join(problems)}. Leave these options out to keep the checkpoint's architecture, or "
+            "leave out --model_name_or_path to build a new model."
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def load_splits(data_args: DataArguments) -> tuple[datasets.Dataset | None, datasets.Dataset | None]:
+    """The training and evaluation caption datasets named by the arguments (either may be `None`)."""
+    train = validation = None
+    if data_args.train_file is not None:
+        loaded = load_caption_dataset(data_args.dataset_format, data_args.train_file, data_args.image_root)
+        if isinstance(loaded, datasets.DatasetDict):  # the Karpathy file holds every split
+            train, validation = loaded.get("train"), loaded.get("validation")
+        else:
+            train = loaded
+    if data_args.validation_file is not None:
+        validation_format = data_args.validation_format or data_args.dataset_format
+        validation = load_caption_dataset(
+            validation_format, data_args.validation_file, data_args.validation_image_root or data_args.image_root
+        )
+        if isinstance(validation, datasets.DatasetDict):  # a Karpathy file: its "val" images
+            if "validation" not in validation:
+                raise ValueError(
+                    f"--validation_file {data_args.validation_file} ({validation_format}) has no images of split "
+                    "'val' to evaluate on; give a file that has some, or another --validation_format."
+                )
+            validation = validation["validation"]
+    if train is not None and data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if validation is not None and data_args.max_eval_samples is not None:
+        validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
+    return train, validation
+
+
+def prepare_images(
+    dataset: datasets.DatasetDict, model, processor: ClipCapProcessor, data_args: DataArguments, device: torch.device
+) -> tuple[datasets.DatasetDict, torch.Tensor | None]:
+    """Add cached CLIP embeddings (or, training from pixels, check that every image opens)."""
+    if not data_args.use_embedding_cache:
+        return check_images(dataset, data_args.on_bad_image, data_args.preprocessing_num_workers), None
+    cache_dir = data_args.embedding_cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "clipcap_embeddings")
+    return embed_images(
+        dataset,
+        model,
+        processor.image_processor,
+        cache_dir,
+        batch_size=data_args.embedding_batch_size,
+        device=device,
+        num_workers=data_args.preprocessing_num_workers,
+        on_bad_image=data_args.on_bad_image,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+
+
+def parse_args(
+    args: Sequence[str] | None = None, prog: str | None = None
+) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    """
+    Parse command-line arguments (or one JSON file). The defaults of the `--recipe` named come first, so arguments
+    given explicitly (or values in the JSON file) override them; its architecture (mapper, prefix length, ...) is
+    filled in by `ModelArguments` for a new model only.
+    """
+    args = list(sys.argv[1:] if args is None else args)
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog=prog)
+    if len(args) == 1 and args[0].endswith(".json"):
+        values = read_json(args[0])
+        if not isinstance(values, dict) or not isinstance(values.get("recipe", ""), (str, type(None))):
+            raise ValueError(
+                f"{args[0]} must hold one JSON object of argument names and values (\"recipe\", if given, a string)."
+            )
+        return parser.parse_dict({**_recipe_run_defaults(values.get("recipe")), **values})
+    recipe_parser = argparse.ArgumentParser(add_help=False)
+    recipe_parser.add_argument("--recipe", choices=sorted(RECIPES), default=None)
+    recipe = recipe_parser.parse_known_args(args)[0].recipe
+    defaults = _recipe_run_defaults(recipe)
+    default_args = [item for name, value in defaults.items() for item in (f"--{name}", str(value))]
+    return parser.parse_args_into_dataclasses(args=default_args + args)
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    """Log from the main process only (at `--log_level`), replicas at `--log_level_replica`, as the examples do."""
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    if training_args.should_log:
+        transformers.utils.logging.set_verbosity_info()
+    log_level = training_args.get_process_log_level()
+    logging.getLogger(__package__).setLevel(log_level)  # the loggers of every module here (run, trainer, ...)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+    # transformers' records already have its handler; with CI=true it also passes them on to the root logger, whose
+    # handler (above) would print every one of them a second time.
+    transformers.utils.logging.disable_propagation()
+
+
+def _check_context_length(
+    config, data_args: DataArguments, splits: Sequence[datasets.Dataset] = (), generation: bool = False
+) -> None:
+    """
+    Refuse, before training, captions (of `splits`, with a `length` column) or generated captions (`generation`)
+    that with the prefix would not fit the language model's positions: a learned position table such as GPT-2's
+    fails with an IndexError in the middle of the run.
+    """
+    context = getattr(config.text_config, "max_position_embeddings", None)
+    if not isinstance(context, int):
+        return
+    prefix = config.prefix_length
+    room = f"{context - prefix} or less" if context > prefix else "below 1: the prefix alone fills the context"
+    lengths = [max(split["length"]) for split in splits if len(split)]
+    if lengths and prefix + max(lengths) > context:
+        raise ValueError(
+            f"The longest caption has {max(lengths)} tokens (EOS included, after --max_caption_length "
+            f"{data_args.max_caption_length}); with the {prefix} prefix vectors that is {prefix + max(lengths)} "
+            f"positions, but the language model has {context} (max_position_embeddings). Set --max_caption_length "
+            f"to {room}."
+        )
+    if generation and prefix + data_args.generation_max_new_tokens > context:
+        raise ValueError(
+            f"--generation_max_new_tokens {data_args.generation_max_new_tokens} with the {prefix} prefix vectors "
+            f"needs {prefix + data_args.generation_max_new_tokens} positions, but the language model has {context} "
+            f"(max_position_embeddings). Set --generation_max_new_tokens to {room}."
+        )
+
+
+def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict[str, float]:
+    """Run training and/or evaluation as the arguments say; returns the final metrics."""
+    if training_args.do_predict:
+        raise ValueError("--do_predict is not supported; caption and score a test set with `clipcap evaluate`.")
+    if training_args.include_for_metrics:
+        # Trainer would gather them for a `compute_metrics` this command does not have (and look for pixel_values
+        # in batches of cached embeddings); the caption metrics come from `--eval_caption_metrics`.
+        raise ValueError(
+            "--include_for_metrics is not supported: this command has no compute_metrics to pass them to. "
+            "Choose caption metrics with --eval_caption_metrics."
+        )
+    if training_args.label_smoothing_factor:
+        # Trainer's smoothing takes the labels from the model and smooths its logits, which cover the prefix
+        # positions as well as the caption: the shapes disagree, and the prefix has no targets.
+        raise ValueError(
+            f"--label_smoothing_factor {training_args.label_smoothing_factor} is not supported: ClipCap's loss covers "
+            "the caption tokens only, which Trainer's label smoothing does not know. Leave the option out."
+        )
+    if training_args.include_num_input_tokens_seen not in ("no", False):
+        # Trainer counts the model's main input, the image (absent from batches of cached embeddings), not tokens.
+        raise ValueError(
+            "--include_num_input_tokens_seen is not supported: Trainer would count the images' pixels (or nothing, "
+            "with cached embeddings), not caption tokens. Leave the option out."
+        )
+    setup_logging(training_args)
+    logger.warning(
+        f"Process rank: {training_args.process_index}, device: {training_args.device}, "
+        f"world size: {training_args.world_size}, bf16: {training_args.bf16}, fp16: {training_args.fp16}"
+    )
+    last_checkpoint = None
+    # transformers 4 has --overwrite_output_dir, which means: start afresh rather than resume.
+    overwrite = getattr(training_args, "overwrite_output_dir", False)
+    if training_args.do_train and os.path.isdir(training_args.output_dir) and not overwrite:
+        last_checkpoint = get_last_checkpoint(training_args.output_dir)
+        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+            logger.info(f"Resuming from {last_checkpoint}; use another --output_dir to start afresh.")
+    set_seed(training_args.seed)
+
+    model, processor = build_model(model_args)
+    train_dataset, eval_dataset = load_splits(data_args)
+    # Evaluation (at the end, or during training) captions the evaluation images.
+    evaluating = eval_dataset is not None and (training_args.do_eval or training_args.eval_strategy != "no")
+    _check_context_length(model.config, data_args, generation=evaluating)
+    if training_args.do_train and train_dataset is None:
+        raise ValueError("--do_train needs --train_file.")
+    if training_args.do_eval and eval_dataset is None:
+        raise ValueError("--do_eval needs --validation_file (or a coco-karpathy --train_file).")
+    if not training_args.do_train:
+        train_dataset = None  # an evaluation-only run embeds and checks the evaluation images only
+
+    # The main process computes the embeddings; the others then find them in the cache. Both splits share one
+    # embedding table, so one collator serves training and evaluation batches.
+    splits = datasets.DatasetDict(
+        {name: split for name, split in (("train", train_dataset), ("eval", eval_dataset)) if split is not None}
+    )
+    # local=False: the global main process goes first, so nodes sharing an --embedding_cache_dir do not all embed.
+    with training_args.main_process_first(local=False, desc="image embeddings"):
+        splits, image_embeds = prepare_images(splits, model, processor, data_args, training_args.device)
+    train_dataset, eval_dataset = splits.get("train"), splits.get("eval")
+    for name, split in (("training", train_dataset), ("evaluation", eval_dataset)):
+        if split is not None and len(split) == 0:
+            raise ValueError(
+                f"No {name} captions are left: every {name} image was unreadable and skipped (--on_bad_image skip). "
+                "Fix the images named in the warning above."
+            )
+    metrics: dict[str, float] = {}
+    # A `length` column lets `group_by_length` batch captions of similar length; the Trainer groups eval batches too.
+    if eval_dataset is not None:
+        eval_dataset = add_caption_lengths(eval_dataset, processor, data_args.max_caption_length)[0]
+    if training_args.do_train:
+        train_dataset, num_truncated = add_caption_lengths(train_dataset, processor, data_args.max_caption_length)
+        metrics["train_truncated_captions"] = num_truncated
+        if num_truncated:
+            logger.info(
+                f"{num_truncated} of {len(train_dataset)} training captions are longer than --max_caption_length "
+                f"({data_args.max_caption_length} tokens, EOS included) and will be cut."
+            )
+    captions = [split for split in (train_dataset, eval_dataset) if split is not None]
+    _check_context_length(model.config, data_args, captions)
+
+    if model_args.freeze_language_model:
+        model.freeze_language_model()
+    if model_args.use_lora and is_peft_model(model):
+        logger.info(
+            f"Training the adapters of {model_args.model_name_or_path} further (their own rank and target modules; "
+            "the --lora_* options apply to new adapters)."
+        )
+    elif model_args.use_lora:
+        if model.name_or_path in ("", None) or not os.path.isdir(model.name_or_path):
+            # The adapters need a base model to load into later: save the freshly assembled one once.
+            base_dir = os.path.join(training_args.output_dir, "base_model")
+            if training_args.should_save:
+                model.save_pretrained(base_dir)
+                processor.save_pretrained(base_dir)
+            model.name_or_path = base_dir
+        # adapter_config.json records this path; a relative one would not resolve from another working directory.
+        model.name_or_path = os.path.abspath(model.name_or_path)
+        model = add_lora(model, model_args)
+
+    collator = ClipCapDataCollator(
+        processor, image_embeds=image_embeds, max_caption_length=data_args.max_caption_length
+    )
+    trainer = ClipCapTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        # Saved with every checkpoint, so a checkpoint folder captions on its own; also decodes evaluation captions.
+        processing_class=processor,
+        caption_eval_dataset=group_by_image(eval_dataset) if eval_dataset is not None else None,
+        caption_eval_embeds=image_embeds,
+        generation_kwargs={
+            "num_beams": data_args.generation_num_beams,
+            "max_new_tokens": data_args.generation_max_new_tokens,
+        },
+        caption_metrics=data_args.caption_metrics,
+    )
+
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        trainer.save_model()
+        if trainer.is_world_process_zero():
+            processor.save_pretrained(training_args.output_dir)
+            if model_args.use_lora and model_args.save_merged_model:
+                merge_lora(training_args.output_dir, os.path.join(training_args.output_dir, "merged"))
+        metrics.update(result.metrics)
+        metrics["train_samples"] = len(train_dataset)
+        trainer.log_metrics("train", metrics)
+        trainer.save_metrics("train", metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        eval_metrics["eval_samples"] = len(eval_dataset)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        metrics.update(eval_metrics)
+    return metrics
+
+
+def main(args: Sequence[str] | None = None, prog: str | None = None) -> dict[str, float]:
+    """
+    Entry point of `clipcap train` and `examples/run_clipcap.py`: [`train`], then, in a distributed run, the end of the
+    process group (call `train` to keep it).
+    """
+    metrics = train(*parse_args(args, prog=prog))
+    # Under torchrun, a rank that exits with its process group still alive while another rank is still working can
+    # abort in native code ("terminate called without an active exception"); tearing the group down first cannot.
+    PartialState().destroy_process_group()
+    return metrics

@@ -1,0 +1,149 @@
+"""`ClipCapTrainer`: a `Trainer` whose evaluation also captions the evaluation images."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from transformers import Trainer
+
+from ..data import image_inputs
+from ..evaluation.metrics import compute_caption_metrics
+from ..processing_clipcap import ClipCapProcessor
+from ..utils.file_utils import write_text_atomically
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def caption_dataset(
+    model,
+    processor: ClipCapProcessor,
+    images: datasets.Dataset,
+    image_embeds: torch.Tensor | None = None,
+    batch_size: int = 32,
+    **generate_kwargs,
+) -> list[str]:
+    """
+    Caption each row of `images`: rows with `image_index` into `image_embeds` (the embedding cache), or rows with an
+    `image` or `image_path`. Returns the decoded, stripped captions in row order.
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    captions: list[str] = []
+    for start in range(0, len(images), batch_size):
+        rows = [images[index] for index in range(start, min(start + batch_size, len(images)))]
+        inputs = image_inputs(rows, processor.image_processor, image_embeds)
+        generated = model.generate(**{name: value.to(device) for name, value in inputs.items()}, **generate_kwargs)
+        captions.extend(processor.post_process_image_text_to_text(generated))
+    model.train(was_training)
+    return captions
+
+
+class ClipCapTrainer(Trainer):
+    r"""
+    A `Trainer` whose evaluation also captions every evaluation image and reports it.
+
+    Loss alone does not reveal the classic captioning failure, a model giving every image the same caption; so each
+    evaluation generates one caption per unique image and logs `{prefix}_distinct_captions` (how many different
+    captions) and `{prefix}_distinct_caption_ratio`, optional COCO metrics against the references, and writes the
+    captions to `output_dir/predictions/{prefix}_step{N}.json`. The work is split between processes. The
+    `processing_class` (a [`ClipCapProcessor`]) decodes the captions (and preprocesses pixels).
+
+    Args:
+        caption_eval_dataset: one row per image (see [`group_by_image`]) with `references`.
+        caption_eval_embeds: the embedding table its `image_index` points into; `None` to caption from pixels.
+        generation_kwargs: passed to `generate`, e.g. `{"num_beams": 5, "max_new_tokens": 30}`.
+        caption_metrics: names for [`compute_caption_metrics`], e.g. `["bleu", "cider"]`.
+    """
+
+    def __init__(
+        self,
+        *args,
+        caption_eval_dataset: datasets.Dataset | None = None,
+        caption_eval_embeds: torch.Tensor | None = None,
+        generation_kwargs: dict[str, Any] | None = None,
+        caption_metrics: Sequence[str] = (),
+        **kwargs,
+    ):
+        super().__init__(*args, **kwargs)
+        if caption_eval_dataset is not None:
+            if not isinstance(self.processing_class, ClipCapProcessor):
+                raise ValueError(
+                    "ClipCapTrainer needs processing_class=<the model's ClipCapProcessor> to decode the captions of "
+                    f"caption_eval_dataset; got {type(self.processing_class).__name__}."
+                )
+            if len(caption_eval_dataset) == 0:
+                raise ValueError("caption_eval_dataset has no rows; give at least one image, or None.")
+        self.caption_eval_dataset = caption_eval_dataset
+        self.caption_eval_embeds = caption_eval_embeds
+        self.generation_kwargs = generation_kwargs or {}
+        self.caption_metrics = list(caption_metrics)
+
+    def evaluation_loop(
+        self,
+        dataloader: torch.utils.data.DataLoader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ):
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        # `evaluate` describes its loop as "Evaluation"; `predict` runs on other data and gets no caption metrics.
+        if self.caption_eval_dataset is not None and description == "Evaluation":
+            output.metrics.update(self.evaluate_captions(metric_key_prefix))
+        return output
+
+    def evaluate_captions(self, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """Caption the evaluation images (split across processes), write them out and return the metrics."""
+        from accelerate.utils import gather_object
+
+        images = self.caption_eval_dataset
+        model = self.accelerator.unwrap_model(self.model)
+        with self.accelerator.split_between_processes(list(range(len(images))), apply_padding=True) as rows:
+            captions = caption_dataset(
+                model,
+                self.processing_class,
+                images.select(rows),
+                self.caption_eval_embeds,
+                batch_size=self.args.per_device_eval_batch_size,
+                **self.generation_kwargs,
+            )
+        captions = gather_object(captions)[: len(images)]  # padding repeated the last rows
+
+        distinct = len(set(captions))
+        metrics = {
+            f"{metric_key_prefix}_distinct_captions": distinct,
+            f"{metric_key_prefix}_distinct_caption_ratio": round(distinct / len(captions), 4),
+        }
+        if self.caption_metrics:
+            scores = compute_caption_metrics(
+                dict(enumerate(captions)), dict(enumerate(images["references"])), metrics=self.caption_metrics
+            )
+            metrics.update({f"{metric_key_prefix}_{name}": round(value, 4) for name, value in scores.items()})
+        if self.is_world_process_zero():
+            if distinct == 1 and len(captions) > 1:
+                logger.warning(
+                    f"The model gives all {len(captions)} evaluation images the same caption: {captions[0]!r}"
+                )
+            self._write_predictions(images, captions, metric_key_prefix)
+        return metrics
+
+    def _write_predictions(self, images: datasets.Dataset, captions: list[str], prefix: str) -> None:
+        folder = Path(self.args.output_dir) / "predictions"
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{prefix}_step{self.state.global_step}.json"
+        records = [
+            {"image_id": image_id, "caption": caption, "references": references, "image_path": image_path}
+            for image_id, caption, references, image_path in zip(
+                images["image_id"], captions, images["references"], images["image_path"]
+            )
+        ]
+        write_text_atomically(path, json.dumps(records, indent=1, ensure_ascii=False))
+        logger.info(f"Wrote {len(records)} evaluation captions to {path}.")

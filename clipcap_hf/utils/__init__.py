@@ -1,0 +1,1 @@
+"""Helpers the library shares: reading and writing users' text files (`file_utils`)."""
