@@ -44,7 +44,7 @@ def one_forward_per_caption(model, image_processor, dataset) -> None:
     """What the paper's preprocessing does: for each caption, open its image and encode it alone."""
     for path in dataset["image_path"]:
         pixel_values = image_processor(load_image(path), return_tensors="pt")["pixel_values"]
-        model.get_image_features(pixel_values)
+        model.get_image_embeds(pixel_values)
 
 
 def main() -> None:

@@ -94,11 +94,13 @@ def main() -> None:
     image_embeds = torch.randn(args.images, 512)
     common = {"max_new_tokens": args.new_tokens, "do_sample": False}
 
-    def ours_greedy_run():
-        return model.generate(image_embeds=image_embeds, **common)
+    prefix_length = model.config.prefix_length
+
+    def ours_greedy_run():  # the captions, after the image tokens the sequences start with
+        return model.generate(image_embeds=image_embeds, **common)[:, prefix_length:]
 
     def ours_beam_run():
-        return model.generate(image_embeds=image_embeds, num_beams=args.beams, **common)
+        return model.generate(image_embeds=image_embeds, num_beams=args.beams, **common)[:, prefix_length:]
 
     # Ours warms up on the same batch; the reference, whose images all have the same shapes, on its first image.
     ours_greedy_s, ours_greedy = timed(ours_greedy_run, warm_up=ours_greedy_run)

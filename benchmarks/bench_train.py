@@ -184,7 +184,9 @@ def run_ours(recipe: dict, steps: int) -> dict:
     from clipcap_hf.training import ClipCapTrainer
 
     model = build_model(recipe)
-    processor = ClipCapProcessor(ClipCapImageProcessor(size=32, crop_size=32), word_tokenizer())
+    processor = ClipCapProcessor(
+        ClipCapImageProcessor(size=32, crop_size=32), word_tokenizer(), num_image_tokens=model.config.prefix_length
+    )
     generator = torch.Generator().manual_seed(1)
     # Lengths count the EOS the collator appends, so captions have the same token counts as the reference's.
     lengths = caption_lengths(BATCH_SIZE * (steps + 1), seed=2) - 1

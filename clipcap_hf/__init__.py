@@ -20,6 +20,8 @@ from .image_processing_clipcap import ClipCapImageProcessor
 from .modeling_clipcap import (
     ClipCapCausalLMOutputWithPast,
     ClipCapForConditionalGeneration,
+    ClipCapForImageToText,
+    ClipCapImageOutput,
     ClipCapMLPMapper,
     ClipCapPreTrainedModel,
     ClipCapTransformerMapper,
@@ -43,7 +45,7 @@ else:
     AutoImageProcessor.register(ClipCapConfig, slow_image_processor_class=ClipCapImageProcessor, exist_ok=True)
 AutoProcessor.register(ClipCapConfig, ClipCapProcessor, exist_ok=True)
 if hasattr(transformers, "AutoModelForVision2Seq"):  # transformers 4.x: the image-to-text pipeline's class
-    transformers.AutoModelForVision2Seq.register(ClipCapConfig, ClipCapForConditionalGeneration, exist_ok=True)
+    transformers.AutoModelForVision2Seq.register(ClipCapConfig, ClipCapForImageToText, exist_ok=True)
 
 # Saved folders also carry the code and an `auto_map`, so they load with `trust_remote_code=True` where this
 # package is not installed.
@@ -66,6 +68,8 @@ __all__ = [
     "ClipCapCausalLMOutputWithPast",
     "ClipCapConfig",
     "ClipCapForConditionalGeneration",
+    "ClipCapForImageToText",
+    "ClipCapImageOutput",
     "ClipCapImageProcessor",
     "ClipCapMLPMapper",
     "ClipCapOpenClipVisionModel",

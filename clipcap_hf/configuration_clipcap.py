@@ -84,6 +84,12 @@ class ClipCapConfig(PretrainedConfig):
             open_clip backend: the tower's architecture, `{"embed_dim", "vision_cfg", "quick_gelu"}` as in open_clip's
             model configs. Resolved from `open_clip_model_name` and `open_clip_pretrained` when not given; give it
             for a custom tower.
+        image_token_id (`int`, *optional*):
+            The token that stands for a prefix position in `input_ids`: the processor writes `prefix_length` of them
+            in front of the text, and the model replaces their embeddings with the prefix vectors. Defaults to the
+            first id after the language model's vocabulary (`text_config.vocab_size`), the id a tokenizer gives a
+            newly added token; the model grows the language model's embeddings to hold it. A folder saved before
+            image tokens existed has none, and `from_pretrained` adds it.
 
     Example:
 
@@ -121,6 +127,7 @@ class ClipCapConfig(PretrainedConfig):
         open_clip_model_name: str | None = None,
         open_clip_pretrained: str | None = None,
         open_clip_model_cfg: dict[str, Any] | None = None,
+        image_token_id: int | None = None,
         **kwargs,
     ):
         if vision_backend not in VISION_BACKENDS:
@@ -195,6 +202,11 @@ class ClipCapConfig(PretrainedConfig):
         prefix_dim = _positive_int("prefix_dim", embedding_dim if prefix_dim is None else prefix_dim)
         if not isinstance(normalize_prefix, bool):
             raise ValueError(f"`normalize_prefix` must be True or False, got {normalize_prefix!r}.")
+        if image_token_id is None and "transformers_version" not in kwargs:
+            # A new config; one read from a folder saved before image tokens existed keeps None (see the docstring).
+            image_token_id = text_config.vocab_size
+        elif image_token_id is not None and (isinstance(image_token_id, bool) or image_token_id < 0):
+            raise ValueError(f"`image_token_id` must be a token id (an integer >= 0), got {image_token_id!r}.")
 
         self.vision_config = vision_config
         self.text_config = text_config
@@ -209,6 +221,7 @@ class ClipCapConfig(PretrainedConfig):
         self.open_clip_model_name = open_clip_model_name
         self.open_clip_pretrained = open_clip_pretrained
         self.open_clip_model_cfg = open_clip_model_cfg
+        self.image_token_id = image_token_id
         super().__init__(**kwargs)
 
     @property

@@ -29,6 +29,10 @@ _RESAMPLE = {
 
 ImageLike = PIL.Image.Image | np.ndarray | torch.Tensor
 
+# The preprocessing options, which a call can override (the processor passes them on by these names).
+IMAGE_OPTIONS_ORDER = ("size", "crop_size", "resample", "image_mean", "image_std")
+IMAGE_OPTIONS = frozenset(IMAGE_OPTIONS_ORDER)
+
 
 def load_image(path: str | os.PathLike) -> PIL.Image.Image:
     """Open and fully decode an image file (a truncated file fails here, not later), naming the file on failure."""
@@ -249,36 +253,60 @@ class ClipCapImageProcessor(BaseImageProcessor):
             image_std=preprocess_cfg["std"],
         )
 
-    def preprocess_one(self, image: ImageLike) -> np.ndarray:
-        """Preprocess one image into a float32 array of shape (3, crop_size, crop_size)."""
+    def preprocess_one(self, image: ImageLike, **options: Any) -> np.ndarray:
+        """
+        Preprocess one image into a float32 array of shape (3, crop_size, crop_size); `options` override this
+        processor's `size`, `crop_size`, `resample`, `image_mean` and `image_std` for this call.
+        """
+        size, crop_size, resample, mean, std = (
+            options.get(name) if options.get(name) is not None else getattr(self, name) for name in IMAGE_OPTIONS_ORDER
+        )
         image = to_rgb_image(image)
         width, height = image.size
         # Same arithmetic as torchvision's Resize(int) on a PIL image, so the pixels match CLIP's own transform.
         if width <= height:
-            new_width, new_height = self.size, int(self.size * height / width)
+            new_width, new_height = size, int(size * height / width)
         else:
-            new_width, new_height = int(self.size * width / height), self.size
-        image = image.resize((new_width, new_height), _RESAMPLE[self.resample])
-        top = int(round((new_height - self.crop_size) / 2.0))
-        left = int(round((new_width - self.crop_size) / 2.0))
-        image = image.crop((left, top, left + self.crop_size, top + self.crop_size))
+            new_width, new_height = int(size * width / height), size
+        image = image.resize((new_width, new_height), _RESAMPLE[resample])
+        top = int(round((new_height - crop_size) / 2.0))
+        left = int(round((new_width - crop_size) / 2.0))
+        image = image.crop((left, top, left + crop_size, top + crop_size))
         pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
-        pixels = (pixels - np.asarray(self.image_mean, dtype=np.float32)) / np.asarray(self.image_std, dtype=np.float32)
+        pixels = (pixels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
         return pixels.transpose(2, 0, 1)
 
-    def preprocess(self, images: ImageLike | Sequence[ImageLike], return_tensors: str | None = "pt", **kwargs: Any):
+    def preprocess(
+        self,
+        images: ImageLike | Sequence[ImageLike],
+        return_tensors: str | None = "pt",
+        size: int | None = None,
+        crop_size: int | None = None,
+        resample: str | None = None,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        **kwargs: Any,
+    ):
         """
-        Preprocess an image or a batch of images.
+        Preprocess an image or a batch of images. `size`, `crop_size`, `resample`, `image_mean` and `image_std`
+        override the processor's own for this call.
 
         Returns:
             [`BatchFeature`] with `pixel_values` of shape `(batch_size, 3, crop_size, crop_size)`.
         """
         if kwargs:
-            # Rejected rather than honoured: the vision tower expects the one preprocessing it was trained with.
+            # Refused rather than ignored: CLIPImageProcessor's do_rescale, do_normalize... have no meaning here.
             raise TypeError(
-                f"ClipCapImageProcessor takes no per-call options, got {sorted(kwargs)}. Its preprocessing is set when "
-                "it is created: ClipCapImageProcessor(size=..., crop_size=..., resample=..., image_mean=..., "
-                "image_std=...)."
+                f"ClipCapImageProcessor takes no option {sorted(kwargs)}; its preprocessing is always CLIP's (resize, "
+                f"center crop, RGB, normalize), with the options {sorted(IMAGE_OPTIONS)}."
+            )
+        options = {"size": size, "crop_size": crop_size, "resample": resample, "image_mean": image_mean,
+                   "image_std": image_std}
+        if resample is not None and resample not in _RESAMPLE:
+            raise ValueError(f"`resample` must be one of {sorted(_RESAMPLE)}, got {resample!r}.")
+        if (crop_size or self.crop_size) > (size or self.size):
+            raise ValueError(
+                f"`crop_size` ({crop_size or self.crop_size}) must not exceed `size` ({size or self.size})."
             )
         if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)) and not _is_batched_array(images):
             images = [images]
@@ -288,7 +316,7 @@ class ClipCapImageProcessor(BaseImageProcessor):
         arrays = []
         for index, image in enumerate(images):  # errors name the bad image of a batch
             try:
-                arrays.append(self.preprocess_one(image))
+                arrays.append(self.preprocess_one(image, **options))
             except TypeError as error:
                 raise TypeError(f"Image {index}: {error}") from error
             except ValueError as error:

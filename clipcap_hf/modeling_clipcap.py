@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
+import inspect
 import os
-import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
+    AutoTokenizer,
     CLIPVisionModelWithProjection,
     GenerationConfig,
     GenerationMixin,
@@ -22,11 +22,13 @@ from transformers import (
 from transformers.cache_utils import Cache
 from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 
 from .configuration_clipcap import VISION_BACKENDS, ClipCapConfig, check_mapping_num_heads
-from .onednn import onednn_linear
+from .onednn import cpu_linear_kernels
 from .open_clip_vision import ClipCapOpenClipVisionModel, resolve_open_clip_model
 
 logger = logging.get_logger(__name__)
@@ -34,9 +36,13 @@ logger = logging.get_logger(__name__)
 # The caption length `generate()` and the pipelines use when the generation config sets none.
 DEFAULT_MAX_NEW_TOKENS = 30
 
-# Held while `generate()` lends the language model its generation config (one lock for all models: a lock attribute
-# would make models impossible to deep-copy or pickle).
-_LANGUAGE_MODEL_GENERATION_LOCK = threading.RLock()
+# transformers 5.2x renamed the key/value cache argument and output field `past_key_values` to `cache` (the old name
+# goes in 5.40); 4.57 knows only `past_key_values`. Every model of one transformers version uses the same name.
+CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# transformers 5 tells `prepare_inputs_for_generation` which step is the first; 4.57 gives `cache_position` instead.
+_GENERATION_MARKS_FIRST_ITERATION = "is_first_iteration" in inspect.signature(
+    GenerationMixin.prepare_inputs_for_generation
+).parameters
 
 # Language model families whose logits are exactly `lm_head(last_hidden_state)`, with no scaling, soft-capping or
 # auxiliary loss after it: only these take the training fast path, which applies the LM head itself at the
@@ -50,39 +56,44 @@ PLAIN_LM_HEAD_MODEL_TYPES = frozenset(
 
 
 @dataclass
-class ClipCapCausalLMOutputWithPast(ModelOutput):
+class ClipCapImageOutput(BaseModelOutputWithPooling):
     r"""
-    Output of [`ClipCapForConditionalGeneration`].
+    Output of [`ClipCapForConditionalGeneration.get_image_features`].
 
     Args:
-        loss (`torch.FloatTensor` of shape `(1,)`, *optional*, returned when `labels` is provided):
-            Next-token cross-entropy over the caption tokens (prefix and padding excluded).
-        logits (`torch.FloatTensor` of shape `(batch_size, sequence_length, vocab_size)`, *optional*):
-            Language model scores. When an image is given, `sequence_length` counts the prefix positions first.
-            `None` when the model is in training mode and `labels` are given: the loss is then computed from the
-            scores at the caption positions only, and the full tensor is never materialized. Put the model in eval
-            mode (`model.eval()`) to get both the loss and the logits.
-        past_key_values (`Cache`, *optional*):
-            The language model's key/value cache, for fast decoding.
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*):
-            The language model's hidden states, when `output_hidden_states=True`.
-        attentions (`tuple(torch.FloatTensor)`, *optional*):
-            The language model's attention weights, when `output_attentions=True`.
-        prefix_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_length, text_embedding_size)`, *optional*):
-            The prefix vectors the mapping network produced from the image.
+        last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_patches, hidden_size)`, *optional*):
+            The vision tower's last hidden states (`None` for open_clip towers and for `image_embeds` inputs).
+        pooler_output (`torch.FloatTensor` of shape `(batch_size, prefix_length, text_embedding_size)`):
+            The image features the language model reads: the prefix vectors the mapping network made.
+        hidden_states, attentions (`tuple(torch.FloatTensor)`, *optional*):
+            The vision tower's, when `output_hidden_states` / `output_attentions` are set.
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_dim)`):
+            The CLIP image embedding the mapping network read.
     """
 
-    loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.FloatTensor, ...] | None = None
-    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image_embeds: torch.FloatTensor | None = None
+
+
+@dataclass
+class ClipCapCausalLMOutputWithPast(CausalLMOutputWithPast):
+    r"""
+    Output of [`ClipCapForConditionalGeneration`]: a causal LM's output (`loss`, `logits`, the key/value cache,
+    `hidden_states`, `attentions`, all over the positions of `input_ids`, image tokens included) and the image
+    features written at the image tokens.
+
+    `logits` is `None` when the model is in training mode and `labels` are given: the loss is then computed from the
+    scores at the caption positions only, and the full tensor is never materialized. Put the model in eval mode
+    (`model.eval()`) to get both the loss and the logits.
+
+    Args:
+        image_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_dim)`, *optional*):
+            The CLIP image embeddings, when an image was given.
+        prefix_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_length, text_embedding_size)`, *optional*):
+            The prefix vectors the mapping network made from them, written at the image tokens.
+    """
+
+    image_embeds: torch.FloatTensor | None = None
     prefix_embeds: torch.FloatTensor | None = None
-
-
-def _is_right_padding(mask: torch.Tensor) -> bool:
-    """Whether every row of a boolean `(batch, length)` mask is False, then True to its end."""
-    return bool((mask[:, 1:] | ~mask[:, :-1]).all())
 
 
 class ClipCapMLPMapper(nn.Module):
@@ -100,12 +111,45 @@ class ClipCapMLPMapper(nn.Module):
         return self.model(image_embeds).view(image_embeds.shape[0], self.prefix_length, -1)
 
 
-class ClipCapAttention(nn.Module):
-    """Multi-head self-attention laid out as in the paper's code: one query projection, one fused key/value one."""
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention over `(batch, heads, length, head_dim)` inputs, laid out as transformers' kernels."""
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
-    def __init__(self, hidden_size: int, num_heads: int):
+
+def _attention_function(implementation: str):
+    # transformers 5 looks implementations up with `get_interface` (and lets a model switch its implementation only
+    # when its source calls it); 4.57 by key.
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+    return eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+class ClipCapAttention(nn.Module):
+    """
+    Multi-head self-attention laid out as in the paper's code (one query projection, one fused key/value one),
+    computed by the attention implementation the model is set to (`attn_implementation`), as the towers' are.
+    """
+
+    def __init__(self, config: ClipCapConfig, hidden_size: int):
         super().__init__()
-        self.num_heads = num_heads
+        self.config = config
+        self.num_heads = config.mapping_num_heads
+        self.head_dim = hidden_size // self.num_heads
+        self.is_causal = False  # every position attends to every other, as in the original mapper
         self.to_queries = nn.Linear(hidden_size, hidden_size, bias=False)
         # Output rows [0, h) are the keys and [h, 2h) the values, once reshaped to (..., 2, heads, head_dim).
         self.to_keys_values = nn.Linear(hidden_size, 2 * hidden_size, bias=False)
@@ -113,13 +157,12 @@ class ClipCapAttention(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         batch, length, width = hidden_states.shape
-        head_dim = width // self.num_heads
-        queries = self.to_queries(hidden_states).view(batch, length, self.num_heads, head_dim).transpose(1, 2)
-        keys_values = self.to_keys_values(hidden_states).view(batch, length, 2, self.num_heads, head_dim)
+        queries = self.to_queries(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        keys_values = self.to_keys_values(hidden_states).view(batch, length, 2, self.num_heads, self.head_dim)
         keys, values = keys_values.permute(2, 0, 3, 1, 4).unbind(0)
-        # No mask: every position attends to every other, as in the original mapper.
-        attended = F.scaled_dot_product_attention(queries, keys, values)
-        return self.project(attended.transpose(1, 2).reshape(batch, length, width))
+        attention = _attention_function(self.config._attn_implementation)
+        attended, _ = attention(self, queries, keys, values, None, scaling=self.head_dim**-0.5, dropout=0.0)
+        return self.project(attended.reshape(batch, length, width))
 
 
 class ClipCapMLP(nn.Module):
@@ -138,10 +181,10 @@ class ClipCapTransformerLayer(GradientCheckpointingLayer):
     checkpointed with `gradient_checkpointing_enable()`, like the language model's layers.
     """
 
-    def __init__(self, hidden_size: int, num_heads: int):
+    def __init__(self, config: ClipCapConfig, hidden_size: int):
         super().__init__()
         self.norm1 = nn.LayerNorm(hidden_size)
-        self.attn = ClipCapAttention(hidden_size, num_heads)
+        self.attn = ClipCapAttention(config, hidden_size)
         self.norm2 = nn.LayerNorm(hidden_size)
         self.mlp = ClipCapMLP(hidden_size, 2 * hidden_size)
 
@@ -151,9 +194,11 @@ class ClipCapTransformerLayer(GradientCheckpointingLayer):
 
 
 class ClipCapTransformer(nn.Module):
-    def __init__(self, hidden_size: int, num_heads: int, num_layers: int):
+    def __init__(self, config: ClipCapConfig, hidden_size: int):
         super().__init__()
-        self.layers = nn.ModuleList(ClipCapTransformerLayer(hidden_size, num_heads) for _ in range(num_layers))
+        self.layers = nn.ModuleList(
+            ClipCapTransformerLayer(config, hidden_size) for _ in range(config.mapping_num_layers)
+        )
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
@@ -176,7 +221,7 @@ class ClipCapTransformerMapper(nn.Module):
         self.clip_length = config.clip_length
         self.linear = nn.Linear(config.prefix_dim, config.clip_length * hidden_size)
         self.prefix_const = nn.Parameter(torch.randn(config.prefix_length, hidden_size))
-        self.transformer = ClipCapTransformer(hidden_size, config.mapping_num_heads, config.mapping_num_layers)
+        self.transformer = ClipCapTransformer(config, hidden_size)
 
     def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
         batch = image_embeds.shape[0]
@@ -278,8 +323,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     model is put in training mode, so a frozen language model runs without dropout.
     """
 
-    # The image is the main input, as for BLIP and VisionEncoderDecoder; pipelines read this name.
-    main_input_name = "pixel_values"
+    # The image goes in at its image tokens in `input_ids`, as for LLaVA and BLIP-2.
+    main_input_name = "input_ids"
 
     def __init__(
         self,
@@ -316,11 +361,26 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         self.language_model = language_model
         self.post_init()
         self.freeze_vision_model()
-        # Every non -100 label is a prediction target (the first caption token is predicted by the last prefix
-        # vector). The "ForConditionalGeneration" loss type would make Trainer count only `labels[:, 1:]` for
-        # `num_items_in_batch`, one token short per caption; the loss is computed by `_caption_loss` instead.
+        if config.image_token_id is not None:  # None only while loading a folder saved before image tokens existed
+            self._make_room_for_image_token()
+        # The loss is `_caption_loss`, which skips the LM head where no caption token is predicted.
         self.loss_type = None
         self._set_generation_defaults()
+
+    def _make_room_for_image_token(self) -> None:
+        """Grow the language model's vocabulary to hold `config.image_token_id`, with zero embeddings for new rows."""
+        old_size = self.get_input_embeddings().num_embeddings
+        if self.config.image_token_id < old_size:
+            return
+        # Zeros rather than transformers' random mean-resizing, so that the result is deterministic (the image token's
+        # input embedding is always replaced by a prefix vector, and it is never generated: `suppress_tokens`).
+        self.language_model.resize_token_embeddings(self.config.image_token_id + 1, mean_resizing=False)
+        with torch.no_grad():
+            self.get_input_embeddings().weight[old_size:] = 0
+            output_embeddings = self.get_output_embeddings()
+            if output_embeddings is not None:
+                output_embeddings.weight[old_size:] = 0
+        self.config.text_config = self.language_model.config
 
     def _set_generation_defaults(self) -> None:
         """Caption decoding defaults, where the generation config leaves them unset."""
@@ -329,10 +389,12 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             # Batched captions end at different lengths; pad them with EOS, as GPT-2-style models have no pad token.
             eos_token_id = generation_config.eos_token_id
             generation_config.pad_token_id = eos_token_id[0] if isinstance(eos_token_id, list) else eos_token_id
+        image_token_id = self.config.image_token_id
+        if image_token_id is not None and image_token_id not in (generation_config.suppress_tokens or []):
+            generation_config.suppress_tokens = [*(generation_config.suppress_tokens or []), image_token_id]
         if generation_config.max_new_tokens is None and generation_config.max_length == GenerationConfig().max_length:
-            # No length chosen: transformers would count the prefix into its default `max_length=20` (a 40-vector
-            # prefix leaves no room at all) and pipelines would fall back to their own longer default, so a plain
-            # `generate()` and a plain pipeline call would caption differently.
+            # No length chosen: transformers' default `max_length=20` counts the image tokens (40 of them leave no
+            # room at all), and pipelines would fall back to their own longer default.
             generation_config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
 
     @classmethod
@@ -344,6 +406,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         prefix_length: int = 10,
         vision_backend: str = "clip",
         open_clip_pretrained: str | None = None,
+        image_token: str = "<image>",
         **config_kwargs,
     ) -> ClipCapForConditionalGeneration:
         r"""
@@ -361,6 +424,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 `"clip"` (transformers' CLIP) or `"open_clip"`.
             open_clip_pretrained (`str`, *optional*):
                 open_clip backend: the pretrained tag, e.g. `"openai"`.
+            image_token (`str`, *optional*, defaults to `"<image>"`):
+                The image token's text: `config.image_token_id` is the id the language model's tokenizer gives it
+                (the processor adds it to the tokenizer where it is missing).
             mapping_type, prefix_length, **config_kwargs:
                 The remaining [`ClipCapConfig`] fields (`clip_length`, `mapping_num_layers`, `normalize_prefix`...).
 
@@ -370,7 +436,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         >>> model = ClipCapForConditionalGeneration.from_vision_text_pretrained(
         ...     "openai/clip-vit-base-patch32", "gpt2", mapping_type="transformer", prefix_length=40
         ... )
-        >>> processor = ClipCapProcessor.from_vision_text_pretrained("openai/clip-vit-base-patch32", "gpt2")
+        >>> processor = ClipCapProcessor.from_vision_text_pretrained(
+        ...     "openai/clip-vit-base-patch32", "gpt2", num_image_tokens=model.config.prefix_length
+        ... )
 
         >>> # open_clip's RN50x4, as in the paper's transformer release
         >>> model = ClipCapForConditionalGeneration.from_vision_text_pretrained(
@@ -383,7 +451,12 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             vision_model_name_or_path, vision_backend, open_clip_pretrained
         )
         _check_local_path(text_model_name_or_path, "language model")
-        language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path)
+        language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, trust_remote_code=False)
+        if "image_token_id" not in config_kwargs:
+            # The id the processor's tokenizer gives the image token (`ClipCapProcessor.from_vision_text_pretrained`).
+            tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path, trust_remote_code=False)
+            vocabulary = tokenizer.get_vocab()
+            config_kwargs["image_token_id"] = vocabulary.get(image_token, len(tokenizer))
         # Building a composite config resets its sub-configs' attention implementation (transformers 4.x); the parts
         # are built already and keep theirs.
         attn_implementation = {"text_config": language_model.config._attn_implementation}
@@ -404,6 +477,13 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         loaded = super().from_pretrained(*args, **kwargs)
         # Loading replaces the parameters (with requires_grad=True); the vision tower stays frozen by default.
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # a tuple with output_loading_info=True
+        if model.config.image_token_id is None:
+            # Saved before image tokens existed: the token takes the first free id, the one the processor's tokenizer
+            # gives it when it adds the token (their vocabularies are the same size).
+            model.config.image_token_id = model.get_input_embeddings().num_embeddings
+            model._make_room_for_image_token()
+            logger.info("This folder predates image tokens; added one (id %d). Save the model to upgrade the folder.",
+                        model.config.image_token_id)
         model.freeze_vision_model()
         model._set_generation_defaults()  # a saved generation config replaced the one __init__ completed
         return loaded
@@ -411,10 +491,10 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         # `register_for_auto_class` records one Auto class (AutoModel) in the saved `auto_map`; the image-text-to-text
         # (and, on transformers 4.x, image-to-text) pipelines load through their own Auto classes, so name those too.
-        class_reference = f"{type(self).__module__.rsplit('.', 1)[-1]}.{type(self).__name__}"
+        module = type(self).__module__.rsplit(".", 1)[-1]
         auto_map = dict(getattr(self.config, "auto_map", None) or {})
-        for auto_class in ("AutoModelForImageTextToText", "AutoModelForVision2Seq"):
-            auto_map.setdefault(auto_class, class_reference)
+        auto_map.setdefault("AutoModelForImageTextToText", f"{module}.ClipCapForConditionalGeneration")
+        auto_map.setdefault("AutoModelForVision2Seq", f"{module}.ClipCapForImageToText")
         self.config.auto_map = auto_map
         super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -464,8 +544,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     # ----------------------------------------------------------------------------------------------------------
     # Image -> prefix
 
-    def get_image_features(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
+    def get_image_embeds(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """CLIP's projected image embedding (what OpenAI CLIP's `encode_image` returns), shape `(batch, prefix_dim)`."""
+        pixel_values = pixel_values.to(self.vision_model.dtype)
         if self.config.vision_backend == "open_clip":
             return self.vision_model(pixel_values)
         return self.vision_model(pixel_values=pixel_values).image_embeds
@@ -473,40 +554,63 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     def get_prefix_embeds(
         self, pixel_values: torch.FloatTensor | None = None, image_embeds: torch.FloatTensor | None = None
     ) -> torch.FloatTensor:
-        """
-        The prefix vectors for a batch of images, shape `(batch, prefix_length, config.text_embedding_size)`.
+        """The prefix vectors for a batch of images, shape `(batch, prefix_length, config.text_embedding_size)`."""
+        features = self.get_image_features(pixel_values=pixel_values, image_embeds=image_embeds, return_dict=True)
+        return features.pooler_output
 
-        Give exactly one of `pixel_values` (runs the vision tower) or `image_embeds` (precomputed CLIP embeddings of
-        width `config.prefix_dim`, e.g. from an embedding cache).
+    @can_return_tuple
+    def get_image_features(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        image_embeds: torch.FloatTensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ClipCapImageOutput:
+        r"""
+        The image features the language model reads, as transformers' vision-language models return them: the
+        prefix vectors in `pooler_output`, the vision tower's states beside them.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*):
+                Images from the processor; runs the vision tower.
+            image_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_dim)`, *optional*):
+                Precomputed CLIP image embeddings (e.g. from an embedding cache), instead of `pixel_values`.
+            output_hidden_states, output_attentions (`bool`, *optional*):
+                Return the vision tower's hidden states or attentions (transformers' CLIP towers).
         """
         if (pixel_values is None) == (image_embeds is None):
             raise ValueError(
                 "Pass exactly one of `pixel_values` (images through the processor) or `image_embeds` "
                 f"(precomputed CLIP embeddings); got {'both' if pixel_values is not None else 'neither'}."
             )
-        if pixel_values is not None:
-            if pixel_values.ndim != 4 or pixel_values.shape[0] == 0 or pixel_values.shape[1] != 3:
-                raise ValueError(
-                    "`pixel_values` must have shape (batch_size, 3, height, width) with at least one image, got "
-                    f"{tuple(pixel_values.shape)}. Prepare images with the model's processor."
-                )
-            image_embeds = self.get_image_features(pixel_values.to(self.vision_model.dtype))
-            if image_embeds.shape[-1] != self.config.prefix_dim:
-                raise ValueError(
-                    f"The vision tower gives {image_embeds.shape[-1]}-d image embeddings but the mapping network "
-                    f"takes {self.config.prefix_dim}-d ones (config.prefix_dim); set prefix_dim to the tower's "
-                    "embedding size, or caption from `image_embeds` of the size the mapping network was trained on."
-                )
-        elif image_embeds.ndim != 2 or image_embeds.shape[0] == 0 or image_embeds.shape[-1] != self.config.prefix_dim:
-            raise ValueError(
-                f"`image_embeds` must have shape (batch_size, {self.config.prefix_dim}) with at least one image for "
-                f"this model (config.prefix_dim={self.config.prefix_dim}), got {tuple(image_embeds.shape)}. Compute "
-                "them with the vision tower this model was trained with."
+        vision_outputs = None
+        if pixel_values is not None and self.config.vision_backend == "clip":
+            vision_outputs = self.vision_model(
+                pixel_values=pixel_values.to(self.vision_model.dtype),
+                output_hidden_states=output_hidden_states,
+                output_attentions=output_attentions,
             )
+            image_embeds = vision_outputs.image_embeds
+        elif pixel_values is not None:
+            image_embeds = self.get_image_embeds(pixel_values)
+        elif image_embeds.ndim != 2 or image_embeds.shape[-1] != self.config.prefix_dim:
+            raise ValueError(
+                f"`image_embeds` must have shape (batch_size, {self.config.prefix_dim}) for this model "
+                f"(config.prefix_dim), got {tuple(image_embeds.shape)}. Compute them with the vision tower this model "
+                "was trained with."
+            )
+        mapper_input = image_embeds
         if self.config.normalize_prefix:
-            image_embeds = image_embeds / image_embeds.norm(p=2, dim=-1, keepdim=True)
+            mapper_input = mapper_input / mapper_input.norm(p=2, dim=-1, keepdim=True)
         mapper_dtype = next(self.mapping_network.parameters()).dtype
-        return self.mapping_network(image_embeds.to(mapper_dtype))
+        return ClipCapImageOutput(
+            last_hidden_state=None if vision_outputs is None else vision_outputs.last_hidden_state,
+            pooler_output=self.mapping_network(mapper_input.to(mapper_dtype)),
+            hidden_states=None if vision_outputs is None else vision_outputs.hidden_states,
+            attentions=None if vision_outputs is None else vision_outputs.attentions,
+            image_embeds=image_embeds,
+        )
 
     @torch.no_grad()
     def interpret_prefix(
@@ -521,7 +625,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         cosine similarity to the language model's input embeddings.
 
         Args:
-            pixel_values / image_embeds: the images, as for [`~ClipCapForConditionalGeneration.get_prefix_embeds`].
+            pixel_values / image_embeds: the images, as for [`~ClipCapForConditionalGeneration.get_image_features`].
             tokenizer (*optional*):
                 The tokenizer (or processor) that decodes the tokens; without it only the token ids are given.
             top_k (`int`, *optional*, defaults to 5):
@@ -534,7 +638,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         Example:
 
         ```python
-        >>> interpretation = model.interpret_prefix(**processor(images=image), tokenizer=processor)[0]
+        >>> interpretation = model.interpret_prefix(pixel_values=pixel_values, tokenizer=processor)[0]
         >>> print(interpretation.format())
         ```
         """
@@ -543,33 +647,64 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         prefix_embeds = self.get_prefix_embeds(pixel_values=pixel_values, image_embeds=image_embeds)
         return interpret_prefix_embeds(prefix_embeds, self.get_input_embeddings().weight, tokenizer, top_k)
 
-    def _prepend_prefix(
-        self,
-        prefix_embeds: torch.FloatTensor,
-        input_ids: torch.LongTensor | None,
-        attention_mask: torch.Tensor | None,
-        labels: torch.LongTensor | None = None,
-    ) -> tuple[torch.FloatTensor, torch.Tensor, torch.LongTensor | None]:
-        """Build `[prefix; text]` embeddings, with the attention mask and labels (-100 on the prefix) to match."""
-        batch, prefix_length = prefix_embeds.shape[:2]
-        embeds_dtype = self.get_input_embeddings().weight.dtype
-        inputs_embeds = prefix_embeds.to(embeds_dtype)
-        prefix_mask = torch.ones(batch, prefix_length, dtype=torch.long, device=prefix_embeds.device)
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor
+    ) -> torch.BoolTensor:
+        """Where the image tokens are, `(batch, length)`: read from `input_ids`, or found in `inputs_embeds`."""
         if input_ids is not None:
-            if input_ids.shape[0] != batch:
+            return input_ids == self.config.image_token_id
+        image_token = torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+        return (inputs_embeds == self.get_input_embeddings()(image_token)).all(-1)
+
+    def _write_prefix(
+        self, inputs_embeds: torch.FloatTensor, image_mask: torch.BoolTensor, prefix_embeds: torch.FloatTensor
+    ) -> torch.FloatTensor:
+        """Put each image's prefix vectors at its row's image tokens, in order."""
+        if not torch.compiler.is_compiling():
+            counts = image_mask.sum(dim=1)
+            if prefix_embeds.shape[0] != image_mask.shape[0] or bool((counts != prefix_embeds.shape[1]).any()):
                 raise ValueError(
-                    f"Got {batch} images but {input_ids.shape[0]} text sequences; give one text sequence per image."
+                    f"Got {prefix_embeds.shape[0]} images for {image_mask.shape[0]} text rows holding "
+                    f"{counts.tolist()} image tokens (id {self.config.image_token_id}); each row needs exactly "
+                    f"{prefix_embeds.shape[1]} (config.prefix_length). Prepare inputs with the model's processor, "
+                    "which writes them in front of the text."
                 )
-            inputs_embeds = torch.cat((inputs_embeds, self.get_input_embeddings()(input_ids)), dim=1)
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            attention_mask = torch.cat((prefix_mask, attention_mask.to(prefix_mask.dtype)), dim=1)
-        else:
-            attention_mask = prefix_mask
-        if labels is not None:
-            ignored = torch.full((batch, prefix_length), -100, dtype=labels.dtype, device=labels.device)
-            labels = torch.cat((ignored, labels), dim=1)
-        return inputs_embeds, attention_mask, labels
+        prefix_embeds = prefix_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
+        return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), prefix_embeds)
+
+    def _check_no_image_tokens(self, input_ids: torch.LongTensor | None) -> None:
+        """Image tokens without an image would reach the language model as a zero embedding: refused."""
+        # Not checked on single-token decoding steps (they never hold one) nor in a compiled graph: a device sync.
+        if input_ids is None or input_ids.shape[1] == 1 or torch.compiler.is_compiling():
+            return
+        if bool((input_ids == self.config.image_token_id).any()):
+            raise ValueError(
+                "`input_ids` hold image tokens but no image was given: pass `pixel_values` (images through the "
+                "processor) or `image_embeds` (precomputed CLIP embeddings)."
+            )
+
+    def _inputs_from_labels(self, labels: torch.LongTensor) -> tuple[torch.LongTensor, torch.Tensor]:
+        """
+        `input_ids` and `attention_mask` given back from `labels` alone (as Seq2SeqTrainer's evaluation batches give
+        them, so that `generate` gets no caption): the processor's labels hold -100 at the image tokens, then the
+        caption, then -100 as right padding, as VisionEncoderDecoder derives its decoder inputs from `labels`.
+        """
+        prefix_length = self.config.prefix_length
+        ignored = labels == -100
+        caption_ignored = ignored[:, prefix_length:]
+        if not bool(ignored[:, :prefix_length].all()) or not bool(
+            (caption_ignored[:, 1:] | ~caption_ignored[:, :-1]).all()
+        ):
+            raise ValueError(
+                "`labels` without `input_ids` must be the processor's: -100 at the image tokens, the caption, then "
+                "-100 as right padding. Otherwise pass `input_ids` too (`processor(images=..., captions=...)` gives "
+                "both)."
+            )
+        input_ids = labels.masked_fill(ignored, self.generation_config.pad_token_id or 0)
+        input_ids[:, :prefix_length] = self.config.image_token_id
+        attention_mask = ~ignored
+        attention_mask[:, :prefix_length] = True
+        return input_ids, attention_mask.long()
 
     # ----------------------------------------------------------------------------------------------------------
     # Forward and generation
@@ -582,7 +717,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         image_embeds: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -591,132 +726,105 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     ) -> ClipCapCausalLMOutputWithPast:
         r"""
         Args:
-            input_ids (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*):
-                Caption (or prompt) tokens that follow the prefix.
+            input_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Tokens, with `config.prefix_length` image tokens (`config.image_token_id`) per image, where the prefix
+                vectors go: the processor writes them in front of the prompt or caption.
             pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*):
                 Images from [`ClipCapImageProcessor`]. Give this or `image_embeds`, or neither when continuing from a
-                cache during generation.
+                cache.
             image_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_dim)`, *optional*):
                 Precomputed CLIP image embeddings; skips the vision tower (the fast training path).
-            attention_mask (`torch.Tensor` of shape `(batch_size, text_length)`, *optional*):
-                Mask over `input_ids`; the prefix positions are always attended. When continuing from
-                `past_key_values` without an image, the mask covers the cached positions (the prefix included) and
-                `input_ids`, as the language model expects.
-            labels (`torch.LongTensor` of shape `(batch_size, text_length)`, *optional*):
-                Targets aligned with `input_ids` (usually a copy of them), -100 where no loss is wanted (padding).
-                The loss is next-token cross-entropy over the caption tokens only. In training mode the LM head is
-                applied only at the positions that predict a label, and `logits` is returned as `None`. Given
-                without `input_ids` and `attention_mask`, and with -100 only as right padding, the caption tokens
-                are read from `labels`.
-            position_ids, past_key_values, use_cache, **kwargs:
-                Passed to the language model, as for any causal LM; `past_key_values` (a [`~cache_utils.Cache`])
-                holds the prefix positions too.
-            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, length, text_embedding_size)`, *optional*):
-                Ready-made language model inputs, instead of an image and `input_ids` (e.g. to continue a cache).
+            cache ([`~cache_utils.Cache`], *optional*):
+                The key/value cache (`past_key_values` on transformers 4.x, also accepted on 5.x).
+            inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden)`, *optional*):
+                Instead of `input_ids`; with an image, the image tokens' embeddings mark where the prefix goes.
+            labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+                Targets aligned with `input_ids`, -100 where no loss is wanted; image tokens are never targets. The
+                loss is next-token cross-entropy. In training mode the LM head is applied only at the positions that
+                predict a label, and `logits` is `None`. Given alone (no `input_ids`, no `attention_mask`), the
+                inputs are read back from the processor's labels.
+            attention_mask, position_ids, use_cache, **kwargs:
+                As for any causal LM, over the same positions as `input_ids`.
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
-                Compute logits for the last `logits_to_keep` positions only (0: all), as for causal LMs. With
-                `labels`, it must keep every position that predicts a caption token.
+                Compute logits for the last `logits_to_keep` positions only (0: all). With `labels`, it must keep
+                every position that predicts a label.
 
         Example:
 
         ```python
-        >>> outputs = model(pixel_values=pixel_values, input_ids=input_ids, labels=input_ids)
+        >>> inputs = processor(images=images, captions=captions, return_tensors="pt")
+        >>> outputs = model(**inputs)  # input_ids with image tokens, attention_mask, labels, pixel_values
         >>> outputs.loss.backward()
         ```
         """
-        prefix_embeds = None
+        cache = kwargs.pop("past_key_values", cache)  # transformers 4.57's name
+        if input_ids is None and inputs_embeds is None and labels is not None and attention_mask is None:
+            input_ids, attention_mask = self._inputs_from_labels(labels)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_outputs = None
         if pixel_values is not None or image_embeds is not None:
-            if inputs_embeds is not None:
-                raise ValueError("Pass `inputs_embeds` or an image (`pixel_values`/`image_embeds`), not both.")
-            labels_alone = labels is not None and input_ids is None and attention_mask is None
-            if labels_alone and _is_right_padding(labels == -100):
-                # Labels alone (as Seq2SeqTrainer's evaluation batches give them, so that `generate` gets no
-                # prompt): the caption tokens are read from them, the trailing -100s becoming masked padding, as
-                # VisionEncoderDecoder derives its decoder inputs from `labels`. A -100 before a caption token
-                # stands for an input that is not a target (a prompt), which labels cannot give back.
-                attention_mask = (labels != -100).long()
-                input_ids = labels.masked_fill(labels == -100, 0)
-            if labels is not None and (input_ids is None or labels.shape != input_ids.shape):
-                got = "no `input_ids`" if input_ids is None else f"`input_ids` of shape {tuple(input_ids.shape)}"
-                raise ValueError(
-                    f"`labels` of shape {tuple(labels.shape)} need `input_ids` of the same shape, got {got}: the "
-                    "caption tokens go in as `input_ids` and, with -100 on padding, as `labels` (the processor's "
-                    "`captions=` gives both)."
-                )
-            prefix_embeds = self.get_prefix_embeds(pixel_values=pixel_values, image_embeds=image_embeds)
-            inputs_embeds, attention_mask, labels = self._prepend_prefix(
-                prefix_embeds, input_ids, attention_mask, labels
+            image_outputs = self.get_image_features(
+                pixel_values=pixel_values, image_embeds=image_embeds, return_dict=True
             )
-            input_ids = None
-        elif inputs_embeds is None and past_key_values is None:
-            raise ValueError(
-                "Pass exactly one of `pixel_values` (images through the processor) or `image_embeds` (precomputed "
-                "CLIP embeddings); got neither. Text without an image only continues from `past_key_values`; for "
-                "plain language modelling call `model.language_model`."
-            )
-        elif attention_mask is not None and past_key_values is not None:
-            cached = past_key_values.get_seq_length()
-            new = (input_ids if input_ids is not None else inputs_embeds).shape[1]
-            if attention_mask.shape[1] != cached + new:
-                raise ValueError(
-                    f"`attention_mask` covers {attention_mask.shape[1]} positions, but the cache holds {cached} (the "
-                    f"prefix included) and {new} are new: continuing from `past_key_values`, the mask covers them all."
-                )
+            image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
+            inputs_embeds = self._write_prefix(inputs_embeds, image_mask, image_outputs.pooler_output)
+            if labels is not None:  # image tokens are never targets
+                labels = labels.masked_fill(image_mask.to(labels.device), -100)
+        else:
+            self._check_no_image_tokens(input_ids)
 
         # Trainer adds `num_items_in_batch` for the loss; the language model must not see it.
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
-        lm_inputs = {
-            "input_ids": input_ids,
-            "inputs_embeds": inputs_embeds,
-            "attention_mask": attention_mask,
-            "position_ids": position_ids,
-            "past_key_values": past_key_values,
-            "use_cache": use_cache,
-            **kwargs,
-            "return_dict": True,
-        }
+        lm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **kwargs, "return_dict": True}
+        for name, value in (("position_ids", position_ids), (CACHE_NAME, cache), ("use_cache", use_cache)):
+            if value is not None:  # unset stays unset: the language model's own defaults apply
+                lm_inputs[name] = value
+
         if labels is not None and self.training and self._lm_head_is_plain_projection():
-            # Training needs LM-head scores only where a caption token is predicted: skip the prefix and padding
+            # Training needs LM-head scores only where a caption token is predicted: skip the image and padding
             # positions, which would otherwise cost a vocabulary-wide matmul and softmax each.
             outputs = self.language_model.base_model(**lm_inputs)
-            return ClipCapCausalLMOutputWithPast(
-                loss=self._caption_loss(
-                    outputs.last_hidden_state, labels, num_items_in_batch, self.get_output_embeddings()
-                ),
-                logits=None,
-                past_key_values=outputs.past_key_values,
-                hidden_states=outputs.hidden_states,
-                attentions=outputs.attentions,
-                prefix_embeds=prefix_embeds,
+            loss = self._caption_loss(
+                outputs.last_hidden_state, labels, num_items_in_batch, self.get_output_embeddings()
             )
+            return self._output(loss, None, outputs, image_outputs)
 
         if not isinstance(logits_to_keep, int) or logits_to_keep != 0:
             lm_inputs["logits_to_keep"] = logits_to_keep  # 0 (every position) is the default; not every 4.x LM takes it
         outputs = self.language_model(**lm_inputs)
-        logits = outputs.logits
-
         loss = None
         if labels is not None:
-            # Logits may cover only the last `logits_to_keep` positions; they must include every position that
-            # predicts a label (the one before it).
-            if isinstance(logits_to_keep, torch.Tensor):
-                raise ValueError("With `labels`, `logits_to_keep` must be a number of last positions, not indices.")
-            dropped = labels.shape[1] - logits.shape[1]
-            if (labels[:, 1 : dropped + 1] != -100).any():
-                raise ValueError(
-                    f"`logits_to_keep={logits_to_keep}` drops logits the loss needs: with `labels`, keep at least the "
-                    "caption tokens plus one (the last prefix position predicts the first token), or leave it at 0."
-                )
-            loss = self._caption_loss(logits, labels[:, dropped:], num_items_in_batch)
+            labels = self._labels_for_kept_logits(labels, outputs.logits, logits_to_keep)
+            loss = self._caption_loss(outputs.logits, labels, num_items_in_batch)
+        return self._output(loss, outputs.logits, outputs, image_outputs)
 
+    def _output(self, loss, logits, outputs, image_outputs) -> ClipCapCausalLMOutputWithPast:
         return ClipCapCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            prefix_embeds=prefix_embeds,
+            image_embeds=None if image_outputs is None else image_outputs.image_embeds,
+            prefix_embeds=None if image_outputs is None else image_outputs.pooler_output,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
+
+    @staticmethod
+    def _labels_for_kept_logits(labels: torch.LongTensor, logits: torch.FloatTensor, logits_to_keep) -> torch.Tensor:
+        """The labels of the positions `logits_to_keep` kept, which must include every one that predicts a label."""
+        if isinstance(logits_to_keep, torch.Tensor):
+            raise ValueError("With `labels`, `logits_to_keep` must be a number of last positions, not indices.")
+        dropped = labels.shape[1] - logits.shape[1]
+        if (labels[:, 1 : dropped + 1] != -100).any():
+            raise ValueError(
+                f"`logits_to_keep={logits_to_keep}` drops logits the loss needs: with `labels`, keep at least the "
+                "caption tokens plus one (the last image token predicts the first caption token), or leave it at 0."
+            )
+        return labels[:, dropped:]
 
     def _lm_head_is_plain_projection(self) -> bool:
         """Whether the language model's logits are exactly `output_embeddings(last_hidden_state)`."""
@@ -744,112 +852,92 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             scores = output_embeddings(scores)
         return fixed_cross_entropy(scores.float(), targets[predicting], num_items_in_batch=num_items_in_batch)
 
-    @torch.no_grad()
     def generate(
         self,
+        input_ids: torch.LongTensor | None = None,
         pixel_values: torch.FloatTensor | None = None,
         image_embeds: torch.FloatTensor | None = None,
-        input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        **generate_kwargs,
-    ) -> torch.LongTensor:
+        **kwargs,
+    ):
         r"""
-        Caption a batch of images. Every option of [`~generation.GenerationMixin.generate`] works: greedy, beam
-        search, sampling, `num_return_sequences`, `max_new_tokens`, a `GenerationConfig`, ...
+        [`~generation.GenerationMixin.generate`] over this model's forward: every decoding strategy, cache and
+        output option applies, and `sequences` count the same positions as the scores, attentions and cache.
 
-        Args:
-            pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*):
-                Images from the processor.
-            image_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_dim)`, *optional*):
-                Precomputed CLIP image embeddings, instead of `pixel_values`.
-            input_ids (`torch.LongTensor` of shape `(batch_size, prompt_length)`, *optional*):
-                A text prompt the caption must continue; batched prompts are padded (the processor pads them on the
-                left), and an empty prompt in the batch means none for that image.
-            attention_mask (`torch.Tensor` of shape `(batch_size, prompt_length)`, *optional*):
-                Mask over the prompt.
-
-        Returns:
-            `torch.LongTensor` of shape `(batch_size * num_return_sequences, length)`: the prompt tokens (if any)
-            followed by the generated caption tokens; the prefix is not part of it. Decode with
-            `processor.batch_decode(..., skip_special_tokens=True)`.
+        Images alone need no `input_ids`: the image tokens are written here, as BLIP-2 does. The returned sequences
+        start with the input tokens (image tokens and prompt); `processor.batch_decode(..., skip_special_tokens=True)`
+        gives the prompt and caption. `labels` are ignored, as encoder-decoder models ignore them here
+        (Seq2SeqTrainer(predict_with_generate=True) passes its evaluation batches as they are).
         """
-        # Decoding runs in the language model's own `generate`, as BLIP delegates to its text decoder: the prefix
-        # goes in as `inputs_embeds`, and every decoding strategy and cache of the language model applies. The
-        # caller's settings are merged here over ours (the decoding defaults saved with the model).
-        # `labels` are ignored, as encoder-decoder models ignore them here: Seq2SeqTrainer(predict_with_generate=True)
-        # passes its evaluation batches (image and labels) to `generate` as they are.
-        generate_kwargs.pop("labels", None)
-        caller_config = generate_kwargs.pop("generation_config", None)
-        requested = caller_config.to_diff_dict() if caller_config is not None else {}  # what the caller set
-        requested.pop("transformers_version", None)
-        if "max_length" in generate_kwargs and "max_new_tokens" not in generate_kwargs:
-            requested.pop("max_new_tokens", None)  # a length passed as an argument beats the config's (4.57 pipelines)
-        requested.update(generate_kwargs)
-        max_new_tokens = requested.get("max_new_tokens")
-        if max_new_tokens is not None and max_new_tokens < 1:
-            raise ValueError(f"`max_new_tokens` must be at least 1, got {max_new_tokens}.")
-        generation_config = copy.deepcopy(self.generation_config)
-        if "max_length" in requested and "max_new_tokens" not in requested:
-            generation_config.max_new_tokens = None  # transformers lets max_new_tokens win; the caller's wins
-        generate_kwargs = generation_config.update(**requested)  # returns the non-generation kwargs
-        if (pixel_values is None) == (image_embeds is None):
-            got = "both" if pixel_values is not None else "neither"
-            if pixel_values is None and input_ids is not None:
-                # Also what a pipeline sends when it reads a lone image path as a text prompt.
-                got = "only text (`input_ids`); for text generation without an image call `model.language_model`"
-            raise ValueError(f"Pass exactly one of `pixel_values` or `image_embeds` to caption images; got {got}.")
-        if input_ids is not None and input_ids.shape[1] == 0:
-            input_ids = attention_mask = None  # an empty prompt (the pipeline sends one) means no prompt
-        prompt_length = 0 if input_ids is None else input_ids.shape[1]
-        if generation_config.max_new_tokens is None and generation_config.max_length is not None:
-            # A `max_length` counts the prefix, the prompt and the caption. transformers, given the prefix and the
-            # prompt as `inputs_embeds` and the prompt again as `input_ids`, would count the prompt twice, so the
-            # length goes in as new tokens.
-            used = self.config.prefix_length + prompt_length
-            if generation_config.max_length <= used:
-                raise ValueError(
-                    f"`max_length` ({generation_config.max_length}) counts the {self.config.prefix_length} prefix "
-                    f"positions and the {prompt_length} prompt tokens, which leaves no room for a caption; set "
-                    "`max_new_tokens` instead."
-                )
-            generation_config.max_new_tokens = generation_config.max_length - used
-            generation_config.max_length = GenerationConfig().max_length  # unset, so that transformers does not warn
+        kwargs.pop("labels", None)
+        images = pixel_values if pixel_values is not None else image_embeds
+        if input_ids is None and kwargs.get("inputs_embeds") is None and images is not None:
+            input_ids = torch.full((images.shape[0], self.config.prefix_length), self.config.image_token_id,
+                                   device=images.device)
+            attention_mask = torch.ones_like(input_ids)
+        inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if inputs is not None:
+            self._length_as_new_tokens(inputs.shape[1], kwargs)
+        # On the CPU, fp32 linear layers run through oneDNN where it measured faster than PyTorch's default (onednn.py).
+        with cpu_linear_kernels(self):
+            return super().generate(
+                input_ids=input_ids,
+                pixel_values=pixel_values,
+                image_embeds=image_embeds,
+                attention_mask=attention_mask,
+                **kwargs,
+            )
 
-        # On the CPU, fp32 linear layers run through oneDNN, faster there than PyTorch's default, MKL (onednn.py).
-        on_cpu_in_fp32 = self.device.type == "cpu" and self.dtype == torch.float32
-        with onednn_linear() if on_cpu_in_fp32 else contextlib.nullcontext():
-            prefix_embeds = self.get_prefix_embeds(pixel_values=pixel_values, image_embeds=image_embeds)
-            inputs_embeds, attention_mask, _ = self._prepend_prefix(prefix_embeds, input_ids, attention_mask)
-            if not bool(attention_mask.all()):
-                # The prompts' padding moves in front of the prefix, so that every row ends in its last real
-                # position, which predicts the first caption token: an empty prompt in a batch (all padding) or a
-                # right-padded prompt would otherwise leave padding there.
-                order = torch.argsort(attention_mask, dim=1, stable=True)  # 0s first, each part in its order
-                inputs_embeds = inputs_embeds.gather(1, order[..., None].expand_as(inputs_embeds))
-                attention_mask = attention_mask.gather(1, order)
-            # The language model's `generate` fills every setting left unset (None) from its own generation config,
-            # which is the language model checkpoint's (it may sample, or stop at another token), not ours: it reads
-            # ours for the call. The lock keeps concurrent calls in threads from restoring each other's.
-            language_model = self.language_model
-            with _LANGUAGE_MODEL_GENERATION_LOCK:
-                own_generation_config = language_model.generation_config
-                language_model.generation_config = generation_config
-                try:
-                    # With a prompt, the output starts with the prompt's tokens; without, only the new tokens.
-                    return language_model.generate(
-                        input_ids=input_ids,
-                        inputs_embeds=inputs_embeds,
-                        attention_mask=attention_mask,
-                        generation_config=generation_config,
-                        **generate_kwargs,
-                    )
-                finally:
-                    language_model.generation_config = own_generation_config
+    def _length_as_new_tokens(self, input_length: int, kwargs: dict) -> None:
+        """
+        A caller's `max_length` as a number of new tokens: transformers would let the saved caption length
+        (`max_new_tokens`, which a `max_length` cannot express for every prompt length) win over it.
+        """
+        if "max_length" in kwargs and "max_new_tokens" not in kwargs:
+            kwargs["max_new_tokens"] = kwargs.pop("max_length") - input_length
+        given = kwargs.get("generation_config")
+        if given is not None and given.max_new_tokens is None and "max_length" in given.to_diff_dict():
+            given = copy.deepcopy(given)
+            given.max_new_tokens = given.max_length - input_length
+            kwargs["generation_config"] = given
+
+    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_embeds=None, **kwargs):
+        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+        # The image goes in with the step that holds its image tokens: the first one, or every one without a cache.
+        if _GENERATION_MARKS_FIRST_ITERATION:  # transformers 5
+            first_step = kwargs.get("is_first_iteration", False) or not kwargs.get("use_cache", True)
+        else:  # transformers 4.57 counts positions from 0 on every step without a cache
+            cache_position = kwargs.get("cache_position")
+            first_step = cache_position is None or int(cache_position[0]) == 0
+        if first_step:
+            model_inputs.update(pixel_values=pixel_values, image_embeds=image_embeds)
+        return model_inputs
+
+
+class ClipCapForImageToText(ClipCapForConditionalGeneration):
+    """
+    ClipCap for transformers 4.x's "image-to-text" pipeline (`AutoModelForVision2Seq`), which hands the model the
+    image processor's output as its main input (`generate(pixel_values, ...)`), as for BLIP. Decoding is the same:
+    the image goes to the forward, and generation starts from the image tokens. (transformers 5 routes that task to
+    "image-text-to-text", which uses the processor.)
+    """
+
+    main_input_name = "pixel_values"
+
+    def generate(self, pixel_values=None, input_ids=None, **kwargs):
+        return super().generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
+
+    def _prepare_model_inputs(self, inputs=None, bos_token_id=None, model_kwargs=None):
+        pixel_values, _, model_kwargs = super()._prepare_model_inputs(inputs, bos_token_id, model_kwargs)
+        model_kwargs["pixel_values"] = pixel_values
+        return model_kwargs.pop("input_ids"), "input_ids", model_kwargs
 
 
 __all__ = [
     "ClipCapCausalLMOutputWithPast",
     "ClipCapForConditionalGeneration",
+    "ClipCapForImageToText",
+    "ClipCapImageOutput",
     "ClipCapMLPMapper",
     "ClipCapPreTrainedModel",
     "ClipCapTransformerMapper",

@@ -6,29 +6,52 @@ from collections.abc import Sequence
 
 import torch
 import transformers
+from tokenizers import AddedToken
 from transformers import AutoTokenizer, BatchEncoding, BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ProcessorMixin, TextKwargs
 
-from .image_processing_clipcap import ClipCapImageProcessor
+from .configuration_clipcap import ClipCapConfig
+from .image_processing_clipcap import IMAGE_OPTIONS, ClipCapImageProcessor
 
 # transformers 4.x copies only the direct relative imports of a remote-code module into its cache, but hashes the
 # whole import tree; the image processor imports open_clip_vision lazily, so without this line a saved folder's
 # processor fails to load with trust_remote_code unless the model was loaded first.
 from .open_clip_vision import resolve_open_clip_model  # noqa: F401
 
+# The tokenizer's options for prompts, as transformers' processors name them.
+TEXT_OPTIONS = frozenset(TextKwargs.__annotations__) - {"return_tensors"}
+# What `from_pretrained` passes on to read the model's config beside a folder saved before image tokens existed.
+_HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
 
 class ClipCapProcessor(ProcessorMixin):
     r"""
-    Wraps a [`ClipCapImageProcessor`] and the language model's tokenizer.
+    Wraps a [`ClipCapImageProcessor`] and the language model's tokenizer, and writes the image tokens.
 
-    - `processor(images=...)` gives `pixel_values` for [`ClipCapForConditionalGeneration.generate`];
-    - `processor(images=..., text=prompts)` adds left-padded prompt tokens that the caption continues;
-    - `processor(images=..., captions=...)` gives training inputs: right-padded caption tokens ending in the
-      tokenizer's EOS (so a trained model learns to stop), and `labels` with -100 on padding;
-    - `processor.batch_decode(generated_ids, skip_special_tokens=True)` turns generated tokens into captions.
+    Every row of `input_ids` starts with `num_image_tokens` image tokens (`image_token`, the model's
+    `config.prefix_length` and `config.image_token_id`), where the model writes the prefix vectors:
+
+    - `processor(images=...)`: `pixel_values` and the image tokens, for `generate`;
+    - `processor(images=..., text=prompts)`: the image tokens and prompt tokens the caption continues, left-padded;
+    - `processor(images=..., captions=...)`: training inputs: the image tokens and caption tokens ending in the
+      tokenizer's EOS (so a trained model learns to stop), right-padded, and `labels` with -100 on the image tokens
+      and padding;
+    - `processor.batch_decode(generated_ids, skip_special_tokens=True)`: the prompts and captions (image tokens
+      are special tokens, so they are skipped).
+
+    Options are passed as transformers' processors take them: image preprocessing options (`size`, `crop_size`,
+    `resample`, `image_mean`, `image_std`) go to the image processor and tokenizer options (`padding`,
+    `truncation`, `max_length`, ...) to the tokenizer, as keywords or in `images_kwargs={...}` / `text_kwargs={...}`;
+    any other option is an error. `return_tensors` defaults to `"pt"`.
 
     A tokenizer without a padding token (GPT-2's) gets its EOS token as padding; padded positions are always
-    masked out, so this never teaches the model anything about EOS.
+    masked out, so this never teaches the model anything about EOS. A tokenizer without the image token gets it.
+
+    Args:
+        image_processor ([`ClipCapImageProcessor`], *optional*): defaults to CLIP's preprocessing at 224 pixels.
+        tokenizer: the language model's tokenizer.
+        num_image_tokens (`int`): image tokens per row: the model's `config.prefix_length`.
+        image_token (`str`, *optional*, defaults to `"<image>"`): the image token's text.
     """
 
     attributes = ["image_processor", "tokenizer"]
@@ -36,41 +59,73 @@ class ClipCapProcessor(ProcessorMixin):
         image_processor_class = "AutoImageProcessor"
         tokenizer_class = "AutoTokenizer"
 
-    def __init__(self, image_processor: ClipCapImageProcessor | None = None, tokenizer=None, **kwargs):
+    # Defaults of the options a call leaves unset. Prompts are left-padded so that every row ends in its last real
+    # token, which predicts the first caption token.
+    default_return_tensors = "pt"
+    default_text_kwargs = {"padding": True, "padding_side": "left", "add_special_tokens": False}
+
+    def __init__(
+        self,
+        image_processor: ClipCapImageProcessor | None = None,
+        tokenizer=None,
+        num_image_tokens: int | None = None,
+        image_token: str = "<image>",
+        **kwargs,
+    ):
         if image_processor is None:
             image_processor = ClipCapImageProcessor()
         if tokenizer is None:
             raise ValueError("ClipCapProcessor needs the language model's tokenizer.")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        if image_token not in tokenizer.get_vocab():
+            tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
+        # None only while loading a folder saved before image tokens existed (see `from_pretrained`).
+        self.num_image_tokens = num_image_tokens
+        self.image_token = image_token
         super().__init__(image_processor, tokenizer, **kwargs)
+
+    @property
+    def image_token_id(self) -> int:
+        return self.tokenizer.convert_tokens_to_ids(self.image_token)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> ClipCapProcessor:
+        processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        if processor.num_image_tokens is None:
+            # Saved before image tokens existed; the model's config beside it has the prefix length.
+            hub_options = {key: kwargs[key] for key in _HUB_OPTIONS if key in kwargs}
+            config = ClipCapConfig.from_pretrained(pretrained_model_name_or_path, **hub_options)
+            processor.num_image_tokens = config.prefix_length
+        return processor
 
     @classmethod
     def from_vision_text_pretrained(
         cls,
         vision_model_name_or_path: str,
         text_model_name_or_path: str,
+        num_image_tokens: int = 10,
         vision_backend: str = "clip",
         open_clip_pretrained: str | None = None,
         **kwargs,
     ) -> ClipCapProcessor:
         """
         A processor for a new ClipCap built with [`ClipCapForConditionalGeneration.from_vision_text_pretrained`]:
-        the CLIP checkpoint's preprocessing (sizes, mean, std) and the language model's tokenizer. With
-        `vision_backend="open_clip"`, the preprocessing open_clip uses for that model and `open_clip_pretrained` tag.
+        the CLIP checkpoint's preprocessing (sizes, mean, std), the language model's tokenizer, and the model's
+        `prefix_length` as `num_image_tokens`. With `vision_backend="open_clip"`, the preprocessing open_clip uses for
+        that model and `open_clip_pretrained` tag.
         """
         image_processor = ClipCapImageProcessor.from_vision_pretrained(
             vision_model_name_or_path, vision_backend, open_clip_pretrained
         )
         tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path, **kwargs)
-        return cls(image_processor=image_processor, tokenizer=tokenizer)
+        return cls(image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=num_image_tokens)
 
     def __call__(
         self,
         images=None,
         text: str | Sequence[str] | None = None,
         captions: str | Sequence[str] | None = None,
-        return_tensors: str | None = "pt",
         max_caption_length: int | None = None,
         **kwargs,
     ) -> BatchFeature:
@@ -79,61 +134,103 @@ class ClipCapProcessor(ProcessorMixin):
             images: one image or a list (PIL, numpy or torch).
             text: generation prompts, one per image (or one for all); left-padded.
             captions: training captions, one per image; tokenized by [`~ClipCapProcessor.tokenize_captions`].
-            return_tensors: "pt" (default), "np" or None.
             max_caption_length: captions longer than this many tokens (EOS included) are cut; at least 1.
-            kwargs: tokenizer options for the `text` prompts (`truncation`, `max_length`, `padding`, ...).
+            kwargs: `return_tensors` ("pt", "np" or None for lists), image processor options, tokenizer options for
+                the prompts, or `images_kwargs` / `text_kwargs` dicts of them.
         """
         if images is None and text is None and captions is None:
             raise ValueError("Pass `images`, `text` (prompts) or `captions`.")
         if text is not None and captions is not None:
             raise ValueError("Pass `text` (generation prompts) or `captions` (training targets), not both.")
-        if kwargs and text is None:
-            raise ValueError(
-                f"Got options {sorted(kwargs)}, which are tokenizer options for `text` prompts, but no `text`. "
-                "Captions take `max_caption_length`; image preprocessing is set on the image processor when it is "
-                "created."
-            )
+        return_tensors, images_kwargs, text_kwargs = self._split_options(kwargs)
         data = {}
         num_images = None
         if images is not None:
-            data.update(self.image_processor(images, return_tensors=return_tensors))
+            data.update(self.image_processor(images, return_tensors=return_tensors, **images_kwargs))
             num_images = len(data["pixel_values"])
-        if text is not None:
-            prompts = [text] if isinstance(text, str) else list(text)
-            if num_images is not None and len(prompts) == 1 and num_images > 1:
-                prompts = prompts * num_images
-            if num_images is not None and len(prompts) != num_images:
-                raise ValueError(
-                    f"Got {num_images} images but {len(prompts)} prompts; give one prompt per image, or one for all."
-                )
-            data.update(self.tokenize_prompts(prompts, return_tensors=return_tensors, **kwargs))
+        elif images_kwargs:
+            raise ValueError(f"Got image options {sorted(images_kwargs)} but no `images`.")
         if captions is not None:
+            if text_kwargs:
+                raise ValueError(
+                    f"Got tokenizer options {sorted(text_kwargs)}, which apply to `text` prompts; captions take "
+                    "`max_caption_length`."
+                )
             captions = [captions] if isinstance(captions, str) else list(captions)
             if num_images is not None and len(captions) != num_images:
                 raise ValueError(f"Got {num_images} images but {len(captions)} captions; give one caption per image.")
             encoded = self.tokenize_captions(captions, max_length=max_caption_length, return_tensors=return_tensors)
             encoded.pop("num_truncated")  # a count, not a model input
             data.update(encoded)
+        else:
+            prompts = [""] * (num_images or 1) if text is None else [text] if isinstance(text, str) else list(text)
+            if num_images is not None and len(prompts) == 1 and num_images > 1:
+                prompts = prompts * num_images
+            if num_images is not None and len(prompts) != num_images:
+                raise ValueError(
+                    f"Got {num_images} images but {len(prompts)} prompts; give one prompt per image, or one for all."
+                )
+            data.update(self.tokenize_prompts(prompts, return_tensors=return_tensors, **text_kwargs))
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    def _split_options(self, kwargs: dict) -> tuple[str | None, dict, dict]:
+        """`return_tensors`, the image processor's options and the tokenizer's, from a call's keywords."""
+        images_kwargs = dict(kwargs.pop("images_kwargs", None) or {})
+        text_kwargs = dict(kwargs.pop("text_kwargs", None) or {})
+        common_kwargs = dict(kwargs.pop("common_kwargs", None) or {})
+        return_tensors = text_kwargs.pop("return_tensors", self.default_return_tensors)
+        return_tensors = kwargs.pop("return_tensors", common_kwargs.pop("return_tensors", return_tensors))
+        images_kwargs.pop("return_tensors", None)
+        for name, value in {**common_kwargs, **kwargs}.items():
+            if name in IMAGE_OPTIONS:
+                images_kwargs[name] = value
+            elif name in TEXT_OPTIONS:
+                text_kwargs[name] = value
+            else:
+                raise TypeError(
+                    f"ClipCapProcessor got an unknown option {name!r}. Image options: {sorted(IMAGE_OPTIONS)}; "
+                    f"tokenizer options for prompts: {sorted(TEXT_OPTIONS)}; captions take `max_caption_length`."
+                )
+        unknown = sorted(set(images_kwargs) - IMAGE_OPTIONS)
+        if unknown:
+            raise TypeError(f"ClipCapImageProcessor takes no option {unknown}; it takes {sorted(IMAGE_OPTIONS)}.")
+        return return_tensors, images_kwargs, text_kwargs
 
     def tokenize_prompts(
         self, prompts: Sequence[str], return_tensors: str | None = "pt", **tokenizer_kwargs
     ) -> BatchEncoding:
         """
-        Left-padded prompt tokens without special tokens, ready for `generate`; `tokenizer_kwargs` (e.g.
-        `truncation=True, max_length=...`) go to the tokenizer and override those defaults.
+        The image tokens and the prompt tokens (without special tokens), left-padded, ready for `generate`;
+        `tokenizer_kwargs` (e.g. `truncation=True, max_length=...`, which count the image tokens) go to the tokenizer
+        and override those defaults.
         """
-        options = {"padding": True, "padding_side": "left", "add_special_tokens": False, **tokenizer_kwargs}
-        return self.tokenizer(list(prompts), return_tensors=return_tensors, **options)
+        image_tokens = self.image_token * self._num_image_tokens()
+        for index, prompt in enumerate(prompts):
+            if self.image_token in prompt:
+                raise ValueError(
+                    f"Prompt {index} holds the image token {self.image_token!r}; the processor writes the image "
+                    "tokens in front of every prompt, so prompts must not contain it."
+                )
+        options = {**self.default_text_kwargs, **tokenizer_kwargs}
+        return self.tokenizer([image_tokens + prompt for prompt in prompts], return_tensors=return_tensors, **options)
+
+    def _num_image_tokens(self) -> int:
+        if self.num_image_tokens is None:
+            raise ValueError(
+                "This processor does not know how many image tokens to write: create it with "
+                "`num_image_tokens=model.config.prefix_length`."
+            )
+        return self.num_image_tokens
 
     def tokenize_captions(
         self, captions: Sequence[str], max_length: int | None = None, return_tensors: str | None = "pt"
     ) -> dict:
         """
-        Training inputs for captions: tokens + EOS, right-padded to the longest caption of the batch.
+        Training inputs for captions: the image tokens, the caption's tokens and EOS, right-padded to the longest
+        caption of the batch.
 
-        Returns `input_ids`, `attention_mask`, `labels` (a copy of `input_ids` with -100 on padding) and
-        `num_truncated`, the number of captions cut to `max_length` tokens (EOS included).
+        Returns `input_ids`, `attention_mask`, `labels` (a copy of `input_ids` with -100 on the image tokens and
+        padding) and `num_truncated`, the number of captions cut to `max_length` tokens (EOS included).
         """
         # 0 would give empty captions (a NaN loss) and a negative length would silently drop the EOS.
         if max_length is not None and max_length < 1:
@@ -155,9 +252,14 @@ class ClipCapProcessor(ProcessorMixin):
             token_lists.append(tokens)
         longest = max(len(tokens) for tokens in token_lists)
         pad_id = self.tokenizer.pad_token_id
-        input_ids = [tokens + [pad_id] * (longest - len(tokens)) for tokens in token_lists]
-        attention_mask = [[1] * len(tokens) + [0] * (longest - len(tokens)) for tokens in token_lists]
-        labels = [tokens + [-100] * (longest - len(tokens)) for tokens in token_lists]
+        image_tokens = [self.image_token_id] * self._num_image_tokens()
+        input_ids = [image_tokens + tokens + [pad_id] * (longest - len(tokens)) for tokens in token_lists]
+        attention_mask = [
+            [1] * (len(image_tokens) + len(tokens)) + [0] * (longest - len(tokens)) for tokens in token_lists
+        ]
+        labels = [
+            [-100] * len(image_tokens) + tokens + [-100] * (longest - len(tokens)) for tokens in token_lists
+        ]
         encoded = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
         if return_tensors == "pt":
             encoded = {key: torch.tensor(value, dtype=torch.long) for key, value in encoded.items()}

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny ClipCap models built from configs and a tokenizer trained here, never from the Hub."""
 
+import logging
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,6 +18,32 @@ from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration, ClipCapIm
 # The headless Chromium fixture (`browser`) of the demo and gallery tests.
 pytest_plugins = ["browser"]
 
+
+class _DeprecationLog(logging.Handler):
+    """transformers announces most deprecations through its logger, not as warnings; this collects them."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        message = record.getMessage()
+        if "deprecated" in message.lower() or "will be removed" in message.lower():
+            self.messages.append(message)
+
+
+@pytest.fixture(autouse=True)
+def no_transformers_deprecations():
+    """A test fails when transformers reports a deprecated use (FutureWarnings are errors too: pyproject.toml)."""
+    handler = _DeprecationLog()
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert not handler.messages, f"transformers reported a deprecated use: {handler.messages[0]}"
+
 CORPUS = [
     "A dog runs on the beach.",
     "A red circle above a blue square.",
@@ -27,14 +54,19 @@ CORPUS = [
 ] * 20
 
 IMAGE_SIZE = 32
+PREFIX_LENGTH = 4  # tiny_config's
+IMAGE_TOKEN = "<image>"
 
 
-def build_tokenizer() -> GPT2TokenizerFast:
+def build_tokenizer(image_token: bool = True) -> GPT2TokenizerFast:
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(CORPUS, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
-    return GPT2TokenizerFast(
+    tokenizer = GPT2TokenizerFast(
         tokenizer_object=bpe._tokenizer, bos_token="<|endoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>"
     )
+    if image_token:
+        tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)  # a special token: skipped when decoding
+    return tokenizer
 
 
 def tiny_config(tokenizer, mapping_type="mlp", text_config=None, text_dropout=0.1, **kwargs) -> ClipCapConfig:
@@ -60,7 +92,12 @@ def tiny_config(tokenizer, mapping_type="mlp", text_config=None, text_dropout=0.
             embd_pdrop=text_dropout,
             attn_pdrop=text_dropout,
         )
-    defaults = {"prefix_length": 4, "mapping_num_layers": 2, "mapping_num_heads": 4}
+    defaults = {
+        "prefix_length": PREFIX_LENGTH,
+        "mapping_num_layers": 2,
+        "mapping_num_heads": 4,
+        "image_token_id": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+    }
     defaults.update(kwargs)
     return ClipCapConfig(vision_config=vision_config, text_config=text_config, mapping_type=mapping_type, **defaults)
 
@@ -86,7 +123,12 @@ def tokenizer():
 
 @pytest.fixture(scope="session")
 def processor(tokenizer):
-    return ClipCapProcessor(ClipCapImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE), tokenizer)
+    return tiny_processor(tokenizer)
+
+
+def tiny_processor(tokenizer, num_image_tokens=PREFIX_LENGTH) -> ClipCapProcessor:
+    image_processor = ClipCapImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE)
+    return ClipCapProcessor(image_processor, tokenizer, num_image_tokens=num_image_tokens)
 
 
 @pytest.fixture(params=["mlp", "transformer"])
@@ -116,10 +158,11 @@ def saved_model_dir(tmp_path, tokenizer, processor):
 @torch.no_grad()
 def greedy_loop(model, image_embeds, max_new_tokens, prompt_ids=None, eos_token_id=None):
     """What the paper's decoder does: recompute the whole sequence at every step, no cache, take the argmax."""
+    image_tokens = [model.config.image_token_id] * model.config.prefix_length
     tokens = [] if prompt_ids is None else list(prompt_ids)
     new_tokens = []
     for _ in range(max_new_tokens):
-        input_ids = torch.tensor([tokens], dtype=torch.long) if tokens else None
+        input_ids = torch.tensor([image_tokens + tokens], dtype=torch.long)
         logits = model(image_embeds=image_embeds, input_ids=input_ids, use_cache=False).logits
         next_token = int(logits[0, -1].argmax())
         tokens.append(next_token)

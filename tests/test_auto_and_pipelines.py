@@ -157,7 +157,7 @@ def test_image_text_to_text_given_a_lone_path_fails_instead_of_continuing_it_as_
     path = tmp_path / "dog.png"
     random_images(1)[0].save(path)
     captioner = pipeline("image-text-to-text", model=str(saved_model_dir))
-    with pytest.raises(ValueError, match="got only text"):  # the pipeline reads the path as a prompt
+    with pytest.raises(ValueError, match="image tokens but no image was given"):  # it reads the path as a prompt
         captioner(str(path), max_new_tokens=3)
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import random_images, save_open_clip_local_dir
+from conftest import build_tokenizer, random_images, save_open_clip_local_dir
 from huggingface_hub import ModelCard
 from torch import nn
 from transformers import (
@@ -180,6 +180,29 @@ def release_state(mapping_type, tokenizer):
 
 
 @pytest.fixture(scope="module")
+def tokenizer():
+    """A released model's tokenizer: GPT-2's scheme, without the image token (the converter adds it)."""
+    return build_tokenizer(image_token=False)
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("release_tokenizer")
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def with_image_tokens(model, tokens):
+    """`tokens` after the image tokens, as the processor writes them."""
+    image_tokens = torch.full((tokens.shape[0], model.config.prefix_length), model.config.image_token_id)
+    return torch.cat((image_tokens, tokens), dim=1)
+
+
+def captions(model, sequences):
+    return sequences[:, model.config.prefix_length :]
+
+
+@pytest.fixture(scope="module")
 def clip_vision_dir(tmp_path_factory):
     torch.manual_seed(0)
     folder = tmp_path_factory.mktemp("clip_vision")
@@ -241,11 +264,13 @@ def test_converted_logits_equal_the_original_model(converted, tokenizer):
     x = image_embeds(3)
     tokens = torch.randint(0, len(tokenizer), (3, 7), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = model(image_embeds=x, input_ids=tokens).logits
+        ours = model(image_embeds=x, input_ids=with_image_tokens(model, tokens)).logits
     expected = original(tokens, normalized_if(model, x))
     length = PREFIX_LENGTH[converted["mapping_type"]] + tokens.shape[1]
-    assert ours.shape == expected.shape == (3, length, len(tokenizer))
-    torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
+    # The image token follows the original vocabulary; the original's logits are compared on that vocabulary.
+    assert model.config.image_token_id == len(tokenizer)
+    assert ours.shape == (3, length, len(tokenizer) + 1) and expected.shape == (3, length, len(tokenizer))
+    torch.testing.assert_close(ours[..., : len(tokenizer)], expected, atol=1e-4, rtol=0)
 
 
 def test_greedy_captions_equal_the_original_decoder(converted, tokenizer):
@@ -256,11 +281,12 @@ def test_greedy_captions_equal_the_original_decoder(converted, tokenizer):
     for row in range(4):
         expected = original.greedy(normalized_if(model, x[row : row + 1]), stop)
         # The original options: stop at '.' only, at most 67 tokens, no cache.
-        ours = model.generate(image_embeds=x[row : row + 1], eos_token_id=stop, max_new_tokens=67)[0].tolist()
+        ours = captions(model, model.generate(image_embeds=x[row : row + 1], eos_token_id=stop, max_new_tokens=67))
+        ours = ours[0].tolist()
         assert ours == expected
         stopped_early += len(expected) < 67
         # The saved defaults stop at '.' or EOS: the same caption, up to the first EOS.
-        default = model.generate(image_embeds=x[row : row + 1])[0].tolist()
+        default = captions(model, model.generate(image_embeds=x[row : row + 1]))[0].tolist()
         eos = tokenizer.eos_token_id
         assert default == (expected[: expected.index(eos) + 1] if eos in expected else expected)
     assert stopped_early  # the '.' stop was exercised
@@ -271,7 +297,7 @@ def test_captions_from_pixels_use_the_converted_vision_tower(converted):
     model = converted["model"]
     pixel_values = processor(images=random_images(2, size=(70, 50)))["pixel_values"]
     with torch.no_grad():
-        embeds = model.get_image_features(pixel_values)
+        embeds = model.get_image_embeds(pixel_values)
     assert embeds.shape == (2, PREFIX_DIM)
     assert torch.equal(model.generate(pixel_values=pixel_values, max_new_tokens=6),
                        model.generate(image_embeds=embeds, max_new_tokens=6))
@@ -288,7 +314,7 @@ def test_converted_vision_tower_equals_the_source_tower(converted, clip_vision_d
             import open_clip
 
             expected = open_clip.create_model(open_clip_name).eval().encode_image(pixel_values)
-        ours = converted["model"].get_image_features(pixel_values)
+        ours = converted["model"].get_image_embeds(pixel_values)
     assert ours.shape == (2, PREFIX_DIM)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
@@ -340,8 +366,8 @@ def test_an_untied_output_layer_is_kept(tmp_path, tokenizer, local_parts):
     assert not model.config.text_config.tie_word_embeddings
     x, tokens = image_embeds(2), torch.tensor([[5, 6, 7], [8, 9, 10]])
     with torch.no_grad():
-        torch.testing.assert_close(model(image_embeds=x, input_ids=tokens).logits, original(tokens, x), atol=1e-4,
-                                   rtol=0)
+        torch.testing.assert_close(model(image_embeds=x, input_ids=with_image_tokens(model, tokens)).logits[..., :-1],
+                                   original(tokens, x), atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------- command line
@@ -364,7 +390,7 @@ def test_cli_converts_with_options(tmp_path, tokenizer, local_parts, capsys):
     x = image_embeds(2)
     tokens = torch.tensor([[5, 6, 7], [8, 9, 10]])
     with torch.no_grad():
-        torch.testing.assert_close(model(image_embeds=x, input_ids=tokens).logits,
+        torch.testing.assert_close(model(image_embeds=x, input_ids=with_image_tokens(model, tokens)).logits[..., :-1],
                                    original(tokens, normalized_if(model, x)), atol=1e-4, rtol=0)
     assert "google-research-datasets/conceptual_captions" in (tmp_path / "out" / "README.md").read_text()
 

@@ -1,5 +1,3 @@
-import re
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,6 +13,7 @@ from transformers import (
 )
 
 from clipcap_hf import ClipCapCausalLMOutputWithPast, ClipCapConfig, ClipCapForConditionalGeneration
+from clipcap_hf.modeling_clipcap import CACHE_NAME
 
 
 def image_embeds_for(model, count, seed=0):
@@ -152,15 +151,62 @@ def test_mlp_mapper_matches_the_paper_computation(tokenizer):
 
 
 def test_pixel_values_and_image_embeds_give_the_same_output(model, processor, images):
-    pixel_values = processor(images=images)["pixel_values"]
-    input_ids = torch.tensor([[5, 6, 7]] * 3)
-    from_pixels = model(pixel_values=pixel_values, input_ids=input_ids)
-    embeds = model.get_image_features(pixel_values)
-    from_embeds = model(image_embeds=embeds, input_ids=input_ids)
+    inputs = processor(images=images, text="A dog")
+    from_pixels = model(**inputs)
+    embeds = model.get_image_embeds(inputs["pixel_values"])
+    from_embeds = model(image_embeds=embeds, input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
     assert isinstance(from_pixels, ClipCapCausalLMOutputWithPast)
-    assert from_pixels.logits.shape == (3, model.config.prefix_length + 3, model.config.text_config.vocab_size)
+    # Every output counts the positions of `input_ids`, image tokens included.
+    assert from_pixels.logits.shape == (*inputs["input_ids"].shape, model.config.text_config.vocab_size)
     assert from_pixels.prefix_embeds.shape == (3, model.config.prefix_length, 32)
+    torch.testing.assert_close(from_pixels.image_embeds, embeds)
     torch.testing.assert_close(from_pixels.logits, from_embeds.logits)
+
+
+def test_prefix_goes_in_at_the_image_tokens(model, processor):
+    # The language model run by hand on embeddings built here: the prefix vectors at the image tokens' places.
+    inputs = processor(text=["A dog", "Two red cats"])
+    x = image_embeds_for(model, 2)
+    embeddings = model.get_input_embeddings()(inputs["input_ids"])
+    image_positions = inputs["input_ids"] == model.config.image_token_id
+    assert image_positions.sum(1).tolist() == [model.config.prefix_length] * 2
+    embeddings[image_positions] = model.get_prefix_embeds(image_embeds=x).reshape(-1, 32)
+    expected = model.language_model(inputs_embeds=embeddings, attention_mask=inputs["attention_mask"]).logits
+    torch.testing.assert_close(model(image_embeds=x, **inputs).logits, expected)
+    # `inputs_embeds` holding the image tokens' embeddings take the prefix the same way.
+    from_embeddings = model(image_embeds=x, inputs_embeds=model.get_input_embeddings()(inputs["input_ids"]),
+                            attention_mask=inputs["attention_mask"])
+    torch.testing.assert_close(from_embeddings.logits, expected)
+
+
+def test_image_features_as_transformers_vision_language_models_return_them(model, processor, images):
+    pixel_values = processor(images=images)["pixel_values"]
+    features = model.get_image_features(pixel_values=pixel_values, output_hidden_states=True)
+    torch.testing.assert_close(features.image_embeds, model.get_image_embeds(pixel_values))
+    torch.testing.assert_close(features.pooler_output, model.mapping_network(features.image_embeds))
+    tower = model.vision_model(pixel_values=pixel_values, output_hidden_states=True)
+    torch.testing.assert_close(features.last_hidden_state, tower.last_hidden_state)
+    assert len(features.hidden_states) == len(tower.hidden_states)
+    as_tuple = model.get_image_features(pixel_values=pixel_values, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], features.last_hidden_state)
+
+
+def test_position_ids_given_with_an_image(model, processor):
+    # Once crashed: position ids over the text alone met inputs that had the prefix in front.
+    inputs = processor(text=["A dog", "A cat"])
+    assert bool(inputs["attention_mask"].all())
+    x = image_embeds_for(model, 2)
+    position_ids = torch.arange(inputs["input_ids"].shape[1]).expand(2, -1)
+    torch.testing.assert_close(model(image_embeds=x, **inputs, position_ids=position_ids).logits,
+                               model(image_embeds=x, **inputs).logits)
+    shifted = model(image_embeds=x, **inputs, position_ids=position_ids + 3).logits
+    assert not torch.allclose(shifted, model(image_embeds=x, **inputs).logits)
+    # In generate, left-padded rows count positions from their first real token, as generate does by itself.
+    inputs = processor(text=["A dog", "Two red cats"])
+    position_ids = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    generated = model.generate(image_embeds=x, **inputs, position_ids=position_ids, max_new_tokens=4)
+    assert generated.tolist() == model.generate(image_embeds=x, **inputs, max_new_tokens=4).tolist()
 
 
 def test_normalize_prefix_divides_by_the_l2_norm(tokenizer):
@@ -170,52 +216,39 @@ def test_normalize_prefix_divides_by_the_l2_norm(tokenizer):
     torch.testing.assert_close(model.get_prefix_embeds(image_embeds=x * 3.0), expected)
 
 
-def test_forward_needs_exactly_one_image_input(mlp_model):
+def test_an_image_needs_exactly_one_image_input_and_text_alone_is_the_language_model(mlp_model, processor):
     x = image_embeds_for(mlp_model, 1)
+    image_tokens = processor(text="")["input_ids"]
     with pytest.raises(ValueError, match="exactly one of `pixel_values`.*got both"):
-        mlp_model(pixel_values=torch.zeros(1, 3, 32, 32), image_embeds=x)
-    tokens = torch.ones(1, 3, dtype=torch.long)
-    with pytest.raises(ValueError, match="exactly one of `pixel_values`.*got neither"):
-        mlp_model(input_ids=tokens, labels=tokens)
-    # Text alone is fine when it continues an image's cached prefix.
-    cached = mlp_model(image_embeds=x, use_cache=True).past_key_values
-    assert mlp_model(input_ids=tokens[:, :1], past_key_values=cached).logits.shape[:2] == (1, 1)
+        mlp_model(pixel_values=torch.zeros(1, 3, 32, 32), image_embeds=x, input_ids=image_tokens)
+    # Without an image the tokens go to the language model as they are, as for transformers' vision-language models.
+    tokens = torch.tensor([[5, 6, 7]])
+    torch.testing.assert_close(mlp_model(input_ids=tokens).logits, mlp_model.language_model(input_ids=tokens).logits)
+    # ... which is how decoding continues from the cache of an image's step.
+    cached = mlp_model(image_embeds=x, input_ids=image_tokens, use_cache=True)
+    continued = mlp_model(input_ids=tokens[:, :1], **{CACHE_NAME: getattr(cached, CACHE_NAME)}).logits[:, -1]
+    recomputed = mlp_model(image_embeds=x, input_ids=torch.cat((image_tokens, tokens[:, :1]), 1)).logits[:, -1]
+    torch.testing.assert_close(continued, recomputed, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(
-    "shape", [(3, 32, 32), (2, 1, 32, 32), (0, 3, 32, 32)], ids=["unbatched", "one-channel", "empty"]
-)
-def test_malformed_pixel_values_are_rejected(mlp_model, shape):
-    with pytest.raises(ValueError, match=r"\(batch_size, 3, height, width\).*" + re.escape(str(shape))):
-        mlp_model.generate(pixel_values=torch.zeros(shape))
-
-
-def test_empty_image_embeds_are_rejected(mlp_model):
-    with pytest.raises(ValueError, match=r"at least one image.*\(0, 24\)"):
-        mlp_model.generate(image_embeds=torch.zeros(0, 24))
-
-
-def test_vision_tower_wider_than_prefix_dim_names_both_sizes(tokenizer, images, processor):
-    model = tiny_model(tokenizer, prefix_dim=16)  # the tiny tower gives 24-d embeddings
-    with pytest.raises(ValueError, match="gives 24-d image embeddings but the mapping network takes 16-d"):
-        model(**processor(images=images[:1]))
-
-
-def test_wrong_embedding_width_names_both_sizes(mlp_model):
+def test_wrong_embedding_width_names_both_sizes(mlp_model, processor):
     with pytest.raises(ValueError) as error:
-        mlp_model(image_embeds=torch.zeros(2, 512), input_ids=torch.ones(2, 3, dtype=torch.long))
+        mlp_model(image_embeds=torch.zeros(2, 512), **processor(text=["", ""]))
     assert "(batch_size, 24)" in str(error.value) and "(2, 512)" in str(error.value)
 
 
-def test_mismatched_image_and_text_batch_sizes(mlp_model):
-    with pytest.raises(ValueError, match="Got 2 images but 3 text sequences"):
-        mlp_model(image_embeds=image_embeds_for(mlp_model, 2), input_ids=torch.ones(3, 4, dtype=torch.long))
+def test_image_tokens_must_match_the_images(mlp_model, processor):
+    x = image_embeds_for(mlp_model, 2)
+    with pytest.raises(ValueError, match=r"Got 2 images for 3 text rows"):
+        mlp_model(image_embeds=x, **processor(text=["", "", ""]))
+    with pytest.raises(ValueError, match=r"holding \[4, 0\] image tokens"):
+        mlp_model(image_embeds=x, input_ids=torch.cat((processor(text="")["input_ids"], torch.ones(1, 4).long())))
 
 
 def test_labels_alone_give_the_loss_of_the_captions_they_hold(tokenizer, processor):
     model = tiny_model(tokenizer)
     batch = processor(captions=["A dog runs on the beach.", "Two cats sleep!"])  # the second one is padded
-    assert (batch["labels"] == -100).any()
+    assert (batch["labels"][:, model.config.prefix_length :] == -100).any()
     x = image_embeds_for(model, 2)
     for training in (False, True):  # the full forward, and the training path's LM head at labelled positions
         model.train(training)
@@ -225,19 +258,26 @@ def test_labels_alone_give_the_loss_of_the_captions_they_hold(tokenizer, process
         torch.testing.assert_close(model(image_embeds=x, labels=batch["labels"]).loss, expected)
 
 
-def test_labels_need_input_ids_of_the_same_shape(mlp_model, processor):
+def test_labels_alone_must_be_the_processors(mlp_model, processor):
     batch = processor(captions=["A dog runs on the beach.", "Two cats sleep!"])
     x = image_embeds_for(mlp_model, 2)
-    # With an attention mask the caller is giving inputs, so the missing `input_ids` are a mistake, not implied.
-    with pytest.raises(ValueError, match=r"`labels` of shape \(2, \d+\) need `input_ids`.*got no `input_ids`"):
-        mlp_model(image_embeds=x, attention_mask=batch["attention_mask"], labels=batch["labels"])
     # A -100 before a target is an input that is not a target (a masked prompt): labels alone cannot give it back.
     prompt_masked = batch["labels"].clone()
-    prompt_masked[:, 0] = -100
-    with pytest.raises(ValueError, match=r"need `input_ids`.*got no `input_ids`"):
+    prompt_masked[:, mlp_model.config.prefix_length] = -100
+    with pytest.raises(ValueError, match=r"`labels` without `input_ids` must be the processor's"):
         mlp_model(image_embeds=x, labels=prompt_masked)
-    with pytest.raises(ValueError, match=r"got `input_ids` of shape \(2, 3\)"):
-        mlp_model(image_embeds=x, input_ids=batch["input_ids"][:, :3], labels=batch["labels"])
+
+
+def test_image_tokens_are_never_targets(mlp_model, processor):
+    # `labels=input_ids`, the usual causal LM idiom, trains on the caption tokens only.
+    batch = processor(captions=["A dog runs on the beach.", "Two cats sleep!"])
+    x = image_embeds_for(mlp_model, 2)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    torch.testing.assert_close(
+        mlp_model(image_embeds=x, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                  labels=labels).loss,
+        mlp_model(image_embeds=x, **batch).loss,
+    )
 
 
 def test_return_dict_false_gives_a_tuple(tokenizer, processor):
@@ -255,15 +295,14 @@ def test_return_dict_false_gives_a_tuple(tokenizer, processor):
 def test_loss_counts_caption_tokens_only(model, processor):
     batch = processor(captions=["A dog runs on the beach.", "Two cats sleep!"])
     x = image_embeds_for(model, 2)
-    outputs = model(image_embeds=x, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    labels=batch["labels"])
+    outputs = model(image_embeds=x, **batch)
     k = model.config.prefix_length
-    # Position k-1+j (the last prefix vector, then each caption token) predicts caption token j.
+    # Position k-1+j (the last image token, then each caption token) predicts caption token j.
     losses = []
     for row in range(2):
-        length = int(batch["attention_mask"][row].sum())
+        length = int(batch["attention_mask"][row].sum()) - k
         logits = outputs.logits[row, k - 1 : k - 1 + length]
-        losses.append(F.cross_entropy(logits, batch["input_ids"][row, :length], reduction="none"))
+        losses.append(F.cross_entropy(logits, batch["input_ids"][row, k : k + length], reduction="none"))
     expected = torch.cat(losses).mean()
     torch.testing.assert_close(outputs.loss, expected)
 
@@ -278,32 +317,13 @@ def test_logits_to_keep_trims_logits_and_loss_stays_equal(mlp_model, processor):
     batch = processor(captions=["A dog runs on the beach.", "Two cats sleep!"])
     x = image_embeds_for(mlp_model, 2)
     full = mlp_model(image_embeds=x, **batch)
-    text_length = batch["input_ids"].shape[1]
-    trimmed = mlp_model(image_embeds=x, **batch, logits_to_keep=text_length + 1)
-    assert trimmed.logits.shape[1] == text_length + 1
+    caption_length = batch["input_ids"].shape[1] - mlp_model.config.prefix_length
+    trimmed = mlp_model(image_embeds=x, **batch, logits_to_keep=caption_length + 1)
+    torch.testing.assert_close(trimmed.logits, full.logits[:, -(caption_length + 1) :])
     torch.testing.assert_close(trimmed.loss, full.loss)
     # One fewer drops the position that predicts the first caption token: no partial loss.
     with pytest.raises(ValueError, match=r"`logits_to_keep=\d+` drops logits the loss needs"):
-        mlp_model(image_embeds=x, **batch, logits_to_keep=text_length)
-
-
-def test_continuing_from_the_cache_needs_a_mask_over_every_position(mlp_model, processor):
-    x = image_embeds_for(mlp_model, 2)
-    prompts = processor(text=["A dog", "A red circle above a blue"])
-    first = mlp_model(image_embeds=x, **prompts, use_cache=True)
-    next_tokens = first.logits[:, -1].argmax(-1, keepdim=True)
-    text_mask = torch.cat((prompts["attention_mask"], torch.ones(2, 1, dtype=torch.long)), dim=1)
-    recomputed = mlp_model(
-        image_embeds=x, input_ids=torch.cat((prompts["input_ids"], next_tokens), dim=1), attention_mask=text_mask
-    ).logits[:, -1]
-    # A mask over the text alone (as with an image) would silently shift every cached position.
-    cached = mlp_model.config.prefix_length + prompts["input_ids"].shape[1]
-    message = rf"covers {text_mask.shape[1]} positions, but the cache holds {cached} \(the prefix"
-    with pytest.raises(ValueError, match=message):
-        mlp_model(input_ids=next_tokens, past_key_values=first.past_key_values, attention_mask=text_mask)
-    full_mask = torch.cat((torch.ones(2, mlp_model.config.prefix_length, dtype=torch.long), text_mask), dim=1)
-    continued = mlp_model(input_ids=next_tokens, past_key_values=first.past_key_values, attention_mask=full_mask)
-    torch.testing.assert_close(continued.logits[:, -1], recomputed)
+        mlp_model(image_embeds=x, **batch, logits_to_keep=caption_length)
 
 
 def test_vision_tower_is_frozen_and_language_model_freezing_is_explicit(mlp_model, processor):
@@ -363,7 +383,7 @@ def test_other_language_model_families(kind, tokenizer, processor):
     assert torch.isfinite(outputs.loss)
     generated = model.generate(image_embeds=x, max_new_tokens=5, min_new_tokens=5)
     for row in range(2):
-        assert generated[row].tolist() == greedy_loop(model, x[row : row + 1], 5)
+        assert generated[row, 4:].tolist() == greedy_loop(model, x[row : row + 1], 5)
 
 
 def test_parts_given_to_the_constructor_bring_their_configs(tmp_path, tokenizer, processor):
@@ -383,7 +403,7 @@ def test_parts_given_to_the_constructor_bring_their_configs(tmp_path, tokenizer,
     model.save_pretrained(tmp_path)
     loaded = ClipCapForConditionalGeneration.from_pretrained(tmp_path).eval()
     pixel_values = processor(images=random_images(2))["pixel_values"]
-    torch.testing.assert_close(loaded.get_image_features(pixel_values), model.get_image_features(pixel_values))
+    torch.testing.assert_close(loaded.get_image_embeds(pixel_values), model.get_image_embeds(pixel_values))
     assert loaded.generate(pixel_values=pixel_values, max_new_tokens=5).tolist() == model.generate(
         pixel_values=pixel_values, max_new_tokens=5
     ).tolist()

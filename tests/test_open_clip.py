@@ -176,14 +176,16 @@ def test_image_features_equal_open_clip_encode_image(tmp_path, kind, gpt2_dir, t
     model = ClipCapForConditionalGeneration.from_vision_text_pretrained(
         name, str(gpt2_dir), vision_backend="open_clip", prefix_length=3
     ).eval()
-    processor = ClipCapProcessor.from_vision_text_pretrained(name, str(tokenizer_dir), vision_backend="open_clip")
+    processor = ClipCapProcessor.from_vision_text_pretrained(
+        name, str(tokenizer_dir), num_image_tokens=3, vision_backend="open_clip"
+    )
     assert model.config.prefix_dim == TINY_OPEN_CLIP_CFGS[kind]["embed_dim"]
     assert model.config.open_clip_model_cfg["quick_gelu"] is (kind == "vit")
 
     pixel_values = processor(images=odd_sized_images())["pixel_values"]
     with torch.no_grad():
         expected = clip.encode_image(pixel_values)
-        torch.testing.assert_close(model.get_image_features(pixel_values), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model.get_image_embeds(pixel_values), expected, atol=1e-5, rtol=0)
     # Captions from pixels go through the same embedding.
     torch.testing.assert_close(
         model.generate(pixel_values=pixel_values, max_new_tokens=4),
@@ -207,8 +209,10 @@ def test_saved_folder_rebuilds_the_tower_without_open_clip_weights(tmp_path, mon
     loaded = ClipCapForConditionalGeneration.from_pretrained(tmp_path).eval()
     pixel_values = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.get_image_features(pixel_values), clip.encode_image(pixel_values))
-        torch.testing.assert_close(loaded(pixel_values=pixel_values).logits, model(pixel_values=pixel_values).logits)
+        torch.testing.assert_close(loaded.get_image_embeds(pixel_values), clip.encode_image(pixel_values))
+        image_tokens = torch.full((2, 3), model.config.image_token_id)
+        torch.testing.assert_close(loaded(pixel_values=pixel_values, input_ids=image_tokens).logits,
+                                   model(pixel_values=pixel_values, input_ids=image_tokens).logits)
     assert not any(parameter.requires_grad for parameter in loaded.vision_model.parameters())
 
 
@@ -223,10 +227,10 @@ def test_frozen_open_clip_tower_keeps_its_batch_norm_statistics_in_training():
         expected = clip.encode_image(pixel_values)
     model.train()
     assert model.mapping_network.training and not model.vision_model.training
-    captions = torch.tensor([[5, 6], [7, 8]])
+    captions = torch.tensor([[model.config.image_token_id] * 3 + [5, 6], [model.config.image_token_id] * 3 + [7, 8]])
     model(pixel_values=pixel_values, input_ids=captions, labels=captions).loss.backward()
     with torch.no_grad():
-        torch.testing.assert_close(model.get_image_features(pixel_values), expected)
+        torch.testing.assert_close(model.get_image_embeds(pixel_values), expected)
 
 
 def test_trust_remote_code_loads_an_open_clip_model_without_the_package(tmp_path, processor):

@@ -69,7 +69,8 @@ def test_numpy_and_torch_inputs_equal_pil():
     processor = ClipCapImageProcessor(size=32, crop_size=32)
     expected = processor(image)["pixel_values"]
     array = np.asarray(image)
-    for variant in (array, array.transpose(2, 0, 1), array.astype(np.float32) / 255, torch.from_numpy(array.transpose(2, 0, 1).copy())):
+    channels_first = array.transpose(2, 0, 1)
+    for variant in (array, channels_first, array.astype(np.float32) / 255, torch.from_numpy(channels_first.copy())):
         assert torch.allclose(processor(variant)["pixel_values"], expected, atol=1e-6)
     batch = processor(np.stack([array, array]))["pixel_values"]
     assert batch.shape == (2, 3, 32, 32) and torch.equal(batch[1], expected[0])
@@ -155,20 +156,35 @@ def test_non_finite_float_images_are_rejected_with_their_index(bad_value):
 def test_captions_become_training_labels(processor, tokenizer):
     batch = processor(captions=["A dog runs.", "Two cats sleep on a sofa!"])
     eos = tokenizer.eos_token_id
+    image = [processor.image_token_id] * 4
     first = tokenizer("A dog runs.", add_special_tokens=False)["input_ids"] + [eos]
     second = tokenizer("Two cats sleep on a sofa!", add_special_tokens=False)["input_ids"] + [eos]
-    assert batch["input_ids"][1].tolist() == second
-    assert batch["labels"][1].tolist() == second
+    assert batch["input_ids"][1].tolist() == image + second
+    assert batch["labels"][1].tolist() == [-100] * 4 + second  # image tokens are never targets
     padding = len(second) - len(first)
-    assert batch["labels"][0].tolist() == first + [-100] * padding
-    assert batch["attention_mask"][0].tolist() == [1] * len(first) + [0] * padding
+    assert batch["labels"][0].tolist() == [-100] * 4 + first + [-100] * padding
+    assert batch["attention_mask"][0].tolist() == [1] * (4 + len(first)) + [0] * padding
     assert "num_truncated" not in batch
+
+
+def test_images_alone_and_prompts_get_the_image_tokens_in_front(processor, tokenizer, images):
+    image = [processor.image_token_id] * 4
+    assert processor.image_token_id == tokenizer.convert_tokens_to_ids("<image>")
+    assert processor(images=images)["input_ids"].tolist() == [image] * 3
+    prompts = processor(images=images[:2], text=["A dog", "Two red cats"])
+    ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("A dog", "Two red cats")]
+    padding = len(ids[1]) - len(ids[0])
+    assert prompts["input_ids"].tolist() == [[tokenizer.pad_token_id] * padding + image + ids[0], image + ids[1]]
+    assert prompts["attention_mask"][0].tolist() == [0] * padding + [1] * (4 + len(ids[0]))
+    assert processor.batch_decode(prompts["input_ids"], skip_special_tokens=True) == ["A dog", "Two red cats"]
+    with pytest.raises(ValueError, match="Prompt 0 holds the image token '<image>'"):
+        processor(images=images[:1], text="<image> A dog")
 
 
 def test_caption_truncation_is_counted(processor, tokenizer):
     short_length = len(tokenizer("A dog.", add_special_tokens=False)["input_ids"]) + 1  # with EOS
     encoded = processor.tokenize_captions(["A dog runs on the beach.", "A dog."], max_length=short_length)
-    assert encoded["input_ids"].shape[1] == short_length
+    assert encoded["input_ids"].shape[1] == 4 + short_length  # the image tokens are not counted
     assert encoded["num_truncated"] == 1
     assert encoded["input_ids"][1, -1] == tokenizer.eos_token_id
 
@@ -180,7 +196,8 @@ def test_caption_length_below_one_is_rejected(processor, max_length):
         processor(captions=["A dog."], max_caption_length=max_length)
     with pytest.raises(ValueError, match=message):
         processor.tokenize_captions(["A dog."], max_length=max_length)
-    assert processor.tokenize_captions(["A dog."], max_length=1)["input_ids"].shape == (1, 1)
+    assert processor.tokenize_captions(["A dog."], max_length=1)["input_ids"].shape == (1, 4 + 1)
+
 
 
 def test_empty_caption_is_rejected_with_its_index(processor):
@@ -199,21 +216,62 @@ def test_prompts_are_left_padded_and_counted_against_images(processor, images):
 
 def test_prompt_tokenizer_options_are_applied(processor, tokenizer, images):
     prompts = ["A dog runs on the beach", "Two cats", "A"]
-    full = [tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
-    truncated = processor(images=images, text=prompts, truncation=True, max_length=2)["input_ids"]
-    assert truncated.tolist() == [ids[:2] if len(ids) >= 2 else [tokenizer.pad_token_id] + ids for ids in full]
-    padded = processor(images=images, text=prompts, padding="max_length", max_length=12)
-    assert padded["input_ids"].shape == (3, 12)
-    assert padded["input_ids"][2].tolist() == [tokenizer.pad_token_id] * (12 - len(full[2])) + full[2]  # left
+    image = [processor.image_token_id] * 4
+    full = [image + tokenizer(prompt, add_special_tokens=False)["input_ids"] for prompt in prompts]
+    truncated = processor(images=images, text=prompts, truncation=True, max_length=6)["input_ids"]  # counts the image
+    assert truncated.tolist() == [ids[:6] if len(ids) >= 6 else [tokenizer.pad_token_id] + ids for ids in full]
+    padded = processor(images=images, text=prompts, text_kwargs={"padding": "max_length", "max_length": 20})
+    assert padded["input_ids"].shape == (3, 20)
+    assert padded["input_ids"][2].tolist() == [tokenizer.pad_token_id] * (20 - len(full[2])) + full[2]  # left
 
 
-def test_options_that_would_be_ignored_are_rejected(processor, images):
-    with pytest.raises(ValueError, match=r"Got options \['max_length', 'truncation'\].*no `text`"):
-        processor(images=images, truncation=True, max_length=2)
-    with pytest.raises(ValueError, match=r"Got options \['crop_size'\]"):
-        processor(images=images, captions=["a", "b", "c"], crop_size=16)
-    with pytest.raises(TypeError, match=r"no per-call options, got \['crop_size', 'size'\].*\(size=\.\.\., crop_size="):
-        processor.image_processor(images, size=16, crop_size=16)
+def test_image_options_reach_the_image_processor_with_or_without_text(processor, images):
+    expected = processor.image_processor(images, crop_size=16, image_mean=[0, 0, 0])["pixel_values"]
+    assert expected.shape == (3, 3, 16, 16)
+    for call in (
+        lambda: processor(images=images, crop_size=16, image_mean=[0, 0, 0]),
+        lambda: processor(images=images, text="A dog", crop_size=16, image_mean=[0, 0, 0]),
+        lambda: processor(images=images, captions=["a", "b", "c"],
+                          images_kwargs={"crop_size": 16, "image_mean": [0, 0, 0]}),
+    ):
+        torch.testing.assert_close(call()["pixel_values"], expected)
+    assert not torch.equal(processor(images=images)["pixel_values"][:, :, :16, :16], expected)
+
+
+def test_options_no_part_takes_are_errors_that_name_them(processor, images):
+    for options in ({"do_rescale": False}, {"rescale_factor": 2.0, "text": "A dog"}, {"temperature": 1.0}):
+        with pytest.raises(TypeError, match=repr(next(name for name in options if name != "text"))):
+            processor(images=images[:1], **options)
+    with pytest.raises(ValueError, match=r"tokenizer options \['truncation'\].*captions take `max_caption_length`"):
+        processor(images=images, captions=["a", "b", "c"], truncation=True)
+    with pytest.raises(TypeError, match="do_rescale"):
+        processor.image_processor(images, do_rescale=False)
+
+
+def test_return_tensors_is_an_option(processor, images):
+    assert isinstance(processor(images=images[:1], text="A dog")["input_ids"], torch.Tensor)
+    as_lists = processor(text=["A dog", "A"], return_tensors=None)
+    assert isinstance(as_lists["input_ids"], list) and isinstance(as_lists["input_ids"][0], list)
+    assert isinstance(processor(images=images[:1], return_tensors="np")["pixel_values"], np.ndarray)
+
+
+def test_saved_settings_are_restored_and_a_folder_without_image_tokens_reads_its_config(
+    tmp_path, processor, tokenizer
+):
+    saved = ClipCapProcessor(processor.image_processor, tokenizer, num_image_tokens=7, image_token="<image>")
+    saved.save_pretrained(tmp_path)
+    loaded = ClipCapProcessor.from_pretrained(tmp_path, trust_remote_code=False)
+    assert (loaded.num_image_tokens, loaded.image_token, loaded.image_token_id) == (7, "<image>", 300)
+    assert loaded(text="A")["input_ids"][0, :7].tolist() == [300] * 7
+    # A folder saved before image tokens existed has no `num_image_tokens`: the model's config gives it.
+    settings_file = next(path for path in tmp_path.iterdir() if path.name in ("processor_config.json",))
+    settings = json.loads(settings_file.read_text())
+    del settings["num_image_tokens"]
+    settings_file.write_text(json.dumps(settings))
+    from conftest import tiny_config
+
+    tiny_config(tokenizer, prefix_length=5).save_pretrained(tmp_path)
+    assert ClipCapProcessor.from_pretrained(tmp_path).num_image_tokens == 5
 
 
 def test_batch_decode_matches_the_tokenizer(processor, tokenizer):
