@@ -130,14 +130,6 @@ def eager_attention_forward(
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
-def _attention_function(implementation: str):
-    # transformers 5 looks implementations up with `get_interface` (and lets a model switch its implementation only
-    # when its source calls it); 4.57 by key.
-    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
-        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
-    return eager_attention_forward if implementation == "eager" else ALL_ATTENTION_FUNCTIONS[implementation]
-
-
 class ClipCapAttention(nn.Module):
     """
     Multi-head self-attention laid out as in the paper's code (one query projection, one fused key/value one),
@@ -160,7 +152,13 @@ class ClipCapAttention(nn.Module):
         queries = self.to_queries(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         keys_values = self.to_keys_values(hidden_states).view(batch, length, 2, self.num_heads, self.head_dim)
         keys, values = keys_values.permute(2, 0, 3, 1, 4).unbind(0)
-        attention = _attention_function(self.config._attn_implementation)
+        # Looked up as each transformers line expects to find it in a model's source before letting
+        # `set_attn_implementation` switch it: `get_interface` (5.x), indexing (4.57).
+        attention = eager_attention_forward
+        if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+            attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+        elif self.config._attn_implementation != "eager":
+            attention = ALL_ATTENTION_FUNCTIONS[self.config._attn_implementation]
         attended, _ = attention(self, queries, keys, values, None, scaling=self.head_dim**-0.5, dropout=0.0)
         return self.project(attended.reshape(batch, length, width))
 
@@ -178,7 +176,7 @@ class ClipCapMLP(nn.Module):
 class ClipCapTransformerLayer(GradientCheckpointingLayer):
     """
     Pre-norm transformer layer (LayerNorm -> attention, LayerNorm -> ReLU MLP with ratio 2), as in the paper. It is
-    checkpointed with `gradient_checkpointing_enable()`, like the language model's layers.
+    checkpointed with the model's gradient (activation) checkpointing, like the language model's layers.
     """
 
     def __init__(self, config: ClipCapConfig, hidden_size: int):
@@ -722,6 +720,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        past_key_values: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ClipCapCausalLMOutputWithPast:
         r"""
@@ -735,7 +734,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             image_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_dim)`, *optional*):
                 Precomputed CLIP image embeddings; skips the vision tower (the fast training path).
             cache ([`~cache_utils.Cache`], *optional*):
-                The key/value cache (`past_key_values` on transformers 4.x, also accepted on 5.x).
+                The key/value cache; `past_key_values` is its name on transformers 4.57 (taken on 5.x too).
             inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden)`, *optional*):
                 Instead of `input_ids`; with an image, the image tokens' embeddings mark where the prefix goes.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -757,7 +756,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         >>> outputs.loss.backward()
         ```
         """
-        cache = kwargs.pop("past_key_values", cache)  # transformers 4.57's name
+        cache = cache if cache is not None else past_key_values
         if input_ids is None and inputs_embeds is None and labels is not None and attention_mask is None:
             input_ids, attention_mask = self._inputs_from_labels(labels)
         if (input_ids is None) == (inputs_embeds is None):
@@ -796,6 +795,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         if not isinstance(logits_to_keep, int) or logits_to_keep != 0:
             lm_inputs["logits_to_keep"] = logits_to_keep  # 0 (every position) is the default; not every 4.x LM takes it
         outputs = self.language_model(**lm_inputs)
+        if isinstance(logits_to_keep, int) and 0 < logits_to_keep < outputs.logits.shape[1]:
+            outputs.logits = outputs.logits[:, -logits_to_keep:]  # a 4.57 language model that ignores it (OPT)
         loss = None
         if labels is not None:
             labels = self._labels_for_kept_logits(labels, outputs.logits, logits_to_keep)
@@ -901,11 +902,20 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             given.max_new_tokens = given.max_length - input_length
             kwargs["generation_config"] = given
 
-    def prepare_inputs_for_generation(self, input_ids, pixel_values=None, image_embeds=None, **kwargs):
-        model_inputs = super().prepare_inputs_for_generation(input_ids, **kwargs)
+    def prepare_inputs_for_generation(
+        self, input_ids, pixel_values=None, image_embeds=None, inputs_embeds=None, **kwargs
+    ):
+        # `inputs_embeds` is named: GenerationMixin reads this signature to accept `generate(inputs_embeds=...)`.
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
         # The image goes in with the step that holds its image tokens: the first one, or every one without a cache.
         if _GENERATION_MARKS_FIRST_ITERATION:  # transformers 5
-            first_step = kwargs.get("is_first_iteration", False) or not kwargs.get("use_cache", True)
+            # An assistant's first pass is not marked first, but starts from an empty cache.
+            cache = kwargs.get(CACHE_NAME)
+            first_step = (
+                kwargs.get("is_first_iteration", False)
+                or not kwargs.get("use_cache", True)
+                or (cache is not None and cache.get_seq_length() == 0)
+            )
         else:  # transformers 4.57 counts positions from 0 on every step without a cache
             cache_position = kwargs.get("cache_position")
             first_step = cache_position is None or int(cache_position[0]) == 0
