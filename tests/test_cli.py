@@ -293,3 +293,76 @@ def test_a_closed_pipe_ends_the_run_quietly_with_the_sigpipe_status(saved_model_
     assert main(["caption", str(image_folder), "--model", str(saved_model_dir), "--max-new-tokens", "3"]) == 141
     err = capsys.readouterr().err  # only transformers' weight-loading progress bar
     assert "error" not in err and "Broken pipe" not in err
+
+
+def test_a_folder_of_another_model_type_is_refused_without_a_prompt_or_its_code(
+    saved_model_dir, image_folder, tmp_path, monkeypatch, capsys
+):
+    # A saved folder carries code and an auto_map: with another model_type, transformers would ask whether to run it.
+    marker = tmp_path / "code-ran"
+    (saved_model_dir / "configuration_clipcap.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    config = json.loads((saved_model_dir / "config.json").read_text())
+    config["model_type"] = "evilcap"
+    (saved_model_dir / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("y\n"))  # a prompt, if any, would read a yes
+    assert main(["caption", str(image_folder / "img0.png"), "--model", str(saved_model_dir), "--json"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        f"clipcap caption: error: --model: {saved_model_dir} holds a model of type 'evilcap' (config.json's "
+        "model_type), not a ClipCap model; give a ClipCap folder or Hub name.\n"
+    )
+    assert not marker.exists()
+
+
+def test_a_hub_name_that_is_not_cached_fails_at_once_offline_naming_the_option(image_folder, capsys):
+    assert main(["caption", str(image_folder / "img0.png"), "--model", "someone/clipcap-not-cached"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clipcap caption: error: --model someone/clipcap-not-cached: ")
+    assert "HF_HUB_OFFLINE is set" in err and "Give --model a local folder" in err
+
+
+def test_a_hub_name_that_is_not_cached_fails_at_once_when_the_hub_cannot_be_reached(image_folder, monkeypatch, capsys):
+    import time
+
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
+    start = time.monotonic()
+    assert main(["caption", str(image_folder / "img0.png"), "--model", "someone/clipcap-not-cached"]) == 2
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err
+    assert "--model someone/clipcap-not-cached: " in err and "http://127.0.0.1:9 cannot be reached" in err
+
+
+def test_file_names_with_newlines_or_tabs_are_escaped_in_plain_output(saved_model_dir, tmp_path, capsys):
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    paths = [folder / "two\nlines.png", folder / "a\ttab.png"]
+    for path, image in zip(paths, random_images(2)):
+        image.save(path, format="PNG")
+    assert main(["caption", *map(str, paths), "--model", str(saved_model_dir)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in lines] == [f"{folder}/two\\nlines.png", f"{folder}/a\\ttab.png"]
+    assert all(line.count("\t") == 1 for line in lines)
+    assert main(["interpret", str(paths[0]), "--model", str(saved_model_dir), "--top-k", "2"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == f"{folder}/two\\nlines.png"
+
+
+def test_caption_and_evaluate_decode_alike_by_default_and_say_so(capsys):
+    from clipcap_hf.commands import build_parser
+
+    parser = build_parser()
+    caption = parser.parse_args(["caption", "x.png", "--model", "m"])
+    evaluate = parser.parse_args(["evaluate", "--model", "m", "--data", "d", "--output-dir", "o"])
+    assert caption.num_beams == evaluate.num_beams == 1
+    helps = []
+    for command in ("caption", "evaluate"):
+        with pytest.raises(SystemExit):
+            parser.parse_args([command, "--help"])
+        helps.append(" ".join(capsys.readouterr().out.split()))
+    for text in helps:
+        assert "(default: 1, greedy decoding, for both `clipcap caption` and `clipcap evaluate`)" in text

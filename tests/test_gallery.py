@@ -1,6 +1,7 @@
 """The HTML gallery, read back from headless Chromium the way a person would see it."""
 
 import base64
+import html.parser
 import io
 import json
 import os
@@ -276,3 +277,61 @@ def test_a_failed_write_leaves_the_earlier_page_in_place(tmp_path, monkeypatch):
         write_gallery([{"image": random_images(1)[0], "caption": "new"}], page)
     assert page.read_text() == "earlier page"
     assert os.listdir(tmp_path) == ["gallery.html"]  # and no temporary file left behind
+
+
+class _PageText(html.parser.HTMLParser):
+    """The page as a parser reads it, without a browser: its elements, and the text of the title and of each cell."""
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.tags, self.title, self.rows = [], "", []
+        self._in_title = self._cell = None
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag == "title":
+            self._in_title = True
+        elif tag == "tr":
+            self.rows.append([])
+        elif tag in ("td", "th") and self.rows:
+            self.rows[-1].append("")
+            self._cell = True
+
+    def handle_endtag(self, tag):
+        if tag == "title":
+            self._in_title = False
+        elif tag in ("td", "th"):
+            self._cell = False
+
+    def handle_data(self, data):
+        if self._in_title:
+            self.title += data
+        elif self._cell:
+            self.rows[-1][-1] += data
+
+
+def test_markup_in_captions_names_references_scores_and_title_is_escaped_in_the_page_text(tmp_path):
+    markup = {
+        "caption": '<img src=x onerror="alert(1)"> & "quoted" </td>',
+        "reference": "<b>bold</b><script>alert(2)</script>",
+        "score": "<CIDEr>",
+        "name": "a<script>alert(3)</script>.png",
+        "title": "</title><script>alert(4)</script>",
+    }
+    records = [GalleryRecord(random_images(1)[0], markup["caption"], references=[markup["reference"]],
+                             scores={markup["score"]: 0.5}, name=markup["name"])]
+    page = _PageText()
+    page.feed(render_gallery(records, title=markup["title"]))
+    # The page's own elements only, once each where it has one (the title, the sorting script, the thumbnail): none
+    # comes from the text.
+    tags = [tag for tag, _ in page.tags]
+    assert set(tags) == {"html", "head", "meta", "link", "title", "style", "body", "h1", "p", "table", "thead", "tr",
+                         "th", "button", "tbody", "td", "img", "div", "ul", "li", "script"}
+    assert (tags.count("title"), tags.count("script"), tags.count("img"), tags.count("td")) == (1, 1, 1, 5)
+    assert [attrs["alt"] for tag, attrs in page.tags if tag == "img"] == [markup["name"]]
+    assert page.title == markup["title"]
+    header, row = page.rows
+    assert header[-1] == markup["score"]
+    _, image, caption, references, score = row
+    assert (caption, references.strip(), score) == (markup["caption"], markup["reference"], "50.00")
+    assert image.strip() == markup["name"]

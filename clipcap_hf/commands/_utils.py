@@ -6,15 +6,14 @@ import argparse
 import glob
 import os
 import sys
+import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import PIL.Image
 import torch
-from huggingface_hub.utils import HFValidationError, validate_repo_id
-from transformers import AutoProcessor
 
-from ..modeling_clipcap import ClipCapForConditionalGeneration
+from ..utils.loading import load_clipcap
 
 PIL.Image.init()  # registers every format plugin, so that the extensions below are complete
 # Every extension PIL can open (.avif, .jfif, .ppm, ...), not a fixed list that misses some of them.
@@ -67,25 +66,11 @@ def resolve_device(device: str | None) -> torch.device:
     return resolved
 
 
-def check_model_path(model_name_or_path: str) -> None:
-    """Report a `--model` folder that does not exist as such, not as a malformed Hub name."""
-    if Path(model_name_or_path).expanduser().exists():
-        return
-    try:
-        validate_repo_id(model_name_or_path)
-        looks_local = model_name_or_path.startswith((".", "/", "~"))  # e.g. './clipcap-quikstart' passes as an id
-    except HFValidationError:
-        looks_local = True
-    if looks_local:
-        raise FileNotFoundError(f"--model: folder {model_name_or_path} does not exist.")
-
-
 def load_model_and_processor(model_name_or_path: str, device: str | None = None):
     """A ClipCap model in eval mode on `device` (default: cuda when available, else cpu), and its processor."""
     resolved = resolve_device(device)
-    check_model_path(model_name_or_path)
-    model = ClipCapForConditionalGeneration.from_pretrained(model_name_or_path).to(resolved).eval()
-    return model, AutoProcessor.from_pretrained(model_name_or_path)
+    model, processor = load_clipcap(model_name_or_path, "--model")
+    return model.to(resolved).eval(), processor
 
 
 def check_top_k(top_k: int) -> None:
@@ -139,9 +124,14 @@ def check_caption_options(args: argparse.Namespace) -> dict:
     return generate_kwargs
 
 
-def add_caption_options(parser: argparse.ArgumentParser, num_beams: int, batch_size: int) -> None:
-    parser.add_argument("--num-beams", type=int, default=num_beams,
-                        help=f"Beams for beam search; 1 is greedy decoding (default: {num_beams}).")
+# `clipcap caption` and `clipcap evaluate` decode alike unless told otherwise: greedy, as training's evaluation does.
+DEFAULT_NUM_BEAMS = 1
+
+
+def add_caption_options(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    parser.add_argument("--num-beams", type=int, default=DEFAULT_NUM_BEAMS,
+                        help=f"Beams for beam search, e.g. 5 (default: {DEFAULT_NUM_BEAMS}, greedy decoding, for both "
+                             "`clipcap caption` and `clipcap evaluate`).")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="Longest caption in tokens (default: the model's generation config: 30 for models "
                              "built here, 67 for converted paper checkpoints).")
@@ -152,3 +142,13 @@ def stdout_is_utf8() -> bool:
     """Whether stdout can show any text; else JSON output escapes what is not ASCII (`ensure_ascii`)."""
     encoding = getattr(sys.stdout, "encoding", None) or "ascii"
     return encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig")
+
+
+def escape_controls(text: str) -> str:
+    """
+    `text` with its control characters written as escapes (a newline as `\\n`, a tab as `\\t`), so that a file name
+    holding them keeps to its field of one line of plain output.
+    """
+    return "".join(
+        char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) == "Cc" else char for char in text
+    )

@@ -12,6 +12,7 @@ from ._utils import (
     add_caption_options,
     check_caption_options,
     check_gallery_path,
+    escape_controls,
     expand_image_paths,
     load_model_and_processor,
     stdout_is_utf8,
@@ -21,7 +22,7 @@ from ._utils import (
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="Image files, folders of images, or glob patterns.")
     parser.add_argument("--model", required=True, help="A ClipCap folder or Hub name.")
-    add_caption_options(parser, num_beams=1, batch_size=16)
+    add_caption_options(parser, batch_size=16)
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument("--json", action="store_true",
                         help="Print a JSON list of {image, caption}, one per image in order; an image that cannot "
@@ -42,8 +43,10 @@ def run(args: argparse.Namespace) -> int:
             if not args.json:  # print as we go, so that a failure later on loses none of the captions before it
                 for result in batch:
                     if result.error is None:
-                        # One line per image: a newline or tab in a caption would break the PATH<TAB>CAPTION lines.
-                        print(f"{result.path}\t{' '.join(result.caption.split())}", flush=True)
+                        # One line per image: a newline or tab in a caption or file name would break the
+                        # PATH<TAB>CAPTION lines; the caption's whitespace is collapsed, the name's escaped.
+                        caption = " ".join(result.caption.split())
+                        print(f"{escape_controls(str(result.path))}\t{caption}", flush=True)
             results.extend(batch)
     finally:
         if args.json:  # also when the run fails: the captions made before are kept, as valid JSON

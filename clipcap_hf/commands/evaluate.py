@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import sys
 import warnings
 from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -53,7 +54,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--predictions", help="Score this COCO results file instead of captioning.")
     parser.add_argument("--metrics", nargs="+", default=list(METRIC_NAMES), choices=list(METRIC_NAMES),
                         help="Metrics to compute (default: all of them).")
-    add_caption_options(parser, num_beams=5, batch_size=32)
+    add_caption_options(parser, batch_size=32)
     parser.add_argument("--limit", type=int, help="Evaluate only the first N images.")
     parser.add_argument("--device", help="Default: cuda when available, else cpu.")
     parser.add_argument("--model-card", help="A model card (model_card.md) to fill with the results.")
@@ -144,7 +145,7 @@ def _write_gallery(
         for image_id, path, references in zip(images["image_id"], images["image_path"], images["references"])
         if image_id in predictions or image_id in unreadable
     ]
-    print(f"Gallery: {write_gallery(records, args.gallery, title=f'Evaluation on {args.data}')}")
+    print(f"Gallery: {write_gallery(records, args.gallery, title=f'Evaluation on {args.data}')}", file=sys.stderr)
 
 
 def _score_images(predictions: Mapping[Any, str], images, metrics: Sequence[str]) -> EvaluationResult:

@@ -15,6 +15,7 @@ from ..image_processing_clipcap import load_image
 from ._utils import (
     check_top_k,
     check_top_k_fits_vocabulary,
+    escape_controls,
     expand_image_paths,
     load_model_and_processor,
     stdout_is_utf8,
@@ -52,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
             interpretation = model.interpret_prefix(**inputs, tokenizer=processor, top_k=args.top_k)[0]
             results.append({"image": str(path), "prefix": dataclasses.asdict(interpretation)["matches"]})
             if not args.json:
-                print(f"{path}\n{interpretation.format()}", flush=True)
+                print(f"{escape_controls(str(path))}\n{interpretation.format()}", flush=True)
     finally:
         if args.json:  # also when the run fails: the results before it are kept, as valid JSON
             json.dump(results, sys.stdout, indent=2, ensure_ascii=not stdout_is_utf8())

@@ -18,7 +18,6 @@ import pickle
 import re
 import secrets
 import shutil
-import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from ..image_processing_clipcap import ClipCapImageProcessor
 from ..modeling_clipcap import ClipCapForConditionalGeneration, load_pretrained_vision_model
 from ..open_clip_vision import OPEN_CLIP_SCHEMAS
 from ..processing_clipcap import ClipCapProcessor
-from ..utils.file_utils import holds_clipcap_model
+from ..utils.file_utils import holds_clipcap_model, save_pretrained
 
 # Attention-mask buffers that GPT-2 saved in its state dict in old transformers versions; current ones have none.
 OBSOLETE_GPT2_KEY = re.compile(r"gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)")
@@ -486,7 +485,7 @@ def convert_original_checkpoint(
 
     # The tokenizer first: it is small, and checked against the checkpoint before the vision tower is downloaded.
     with _naming_failed_part("tokenizer", tokenizer, "`tokenizer` (--tokenizer)"):
-        text_tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        text_tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
     stop_token_ids = _original_stop_token_ids(text_tokenizer, tokenizer, layout.gpt2_config)
     with _naming_failed_part("vision model", vision_name, "`vision_model` (--vision-model)"):
         vision_tower, config_fields = load_pretrained_vision_model(vision_name, backend, vision_tag)
@@ -634,10 +633,8 @@ def _write_atomically(
     aside = staging.with_suffix(".old")
     try:
         staging.mkdir(parents=True)
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
+        save_pretrained(staging, model, processor)
         (staging / "README.md").write_text(card, encoding="utf-8")
-        _give_files_the_umask_mode(staging)
         verify(staging)
         if overwrite and output_dir.exists():
             output_dir.rename(aside)
@@ -653,18 +650,6 @@ def _write_atomically(
     shutil.rmtree(aside, ignore_errors=True)
 
 
-def _give_files_the_umask_mode(folder: Path) -> None:
-    """
-    Give every file in `folder` the mode `open()` gives under the umask (that of `folder`, made by mkdir, less the
-    execute bits): safetensors 0.8 writes weights 0600, which other users and containers could not read
-    (safetensors/safetensors#782).
-    """
-    file_mode = stat.S_IMODE(folder.stat().st_mode) & 0o666
-    for path in folder.rglob("*"):
-        if path.is_file():
-            path.chmod(file_mode)
-
-
 @torch.no_grad()
 def _check_reload(
     folder: Path,
@@ -678,7 +663,7 @@ def _check_reload(
     still embeds `pixel_values` as the source tower did (`source_image_embeds`), which the logits check, fed image
     embeddings, cannot see.
     """
-    reloaded = ClipCapForConditionalGeneration.from_pretrained(folder).eval()
+    reloaded = ClipCapForConditionalGeneration.from_pretrained(folder, trust_remote_code=False).eval()
     image_embeds = torch.randn(1, model.config.prefix_dim, generator=torch.Generator().manual_seed(1))
     input_ids = torch.tensor([[0, 1, 2]])
     delta = (reloaded(image_embeds=image_embeds, input_ids=input_ids).logits

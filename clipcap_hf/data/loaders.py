@@ -46,8 +46,21 @@ class _CaptionRows:
         self.columns: dict[str, list] = {"image_id": [], "image_path": [], "caption": []}
 
     def add(self, image_id: Any, file_name: str, caption: Any, record: str, **extra: Any) -> None:
-        if not isinstance(caption, str) or not caption.strip():
+        if not isinstance(caption, str):
+            raise ValueError(
+                f"{record} has the caption {reprlib.repr(caption)} ({type(caption).__name__}); a caption must be text "
+                "(a string)."
+            )
+        if not caption.strip():
             raise ValueError(f"{record} has an empty caption ({caption!r}); every caption needs some text.")
+        try:
+            file_name.encode("utf-8")
+        except UnicodeEncodeError:  # a JSON "\udcff" escape: the bytes of a file name that is not UTF-8
+            record = record.encode("utf-8", "backslashreplace").decode("utf-8")
+            raise ValueError(
+                f"{record} names the file {file_name!r}, which is not valid Unicode (a lone surrogate, as a file name "
+                "that is not UTF-8 gives); rename the image to a UTF-8 name and list that name."
+            ) from None
         self.columns["image_id"].append(image_id)
         self.columns["image_path"].append(str(self.image_root / file_name))
         self.columns["caption"].append(caption.strip())
@@ -208,6 +221,11 @@ def load_image_folder(folder: PathLike) -> datasets.Dataset:
     for where, entry in entries:
         file_name = _field(entry, "file_name", where, str)
         texts = _field(entry, "text", where)
+        if texts == []:
+            raise ValueError(
+                f"{where} ({file_name}) has 'text' = [], no caption; give the image at least one caption, or leave it "
+                "out of the metadata."
+            )
         for number, text in enumerate(texts if isinstance(texts, list) else [texts]):
             record = f"{where} ({file_name})" + (f" text[{number}]" if isinstance(texts, list) else "")
             rows.add(file_name, file_name, text, record)

@@ -11,6 +11,8 @@ import transformers
 
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
+from ..utils.file_utils import save_pretrained
+from ..utils.loading import check_clipcap_model
 from .arguments import ModelArguments
 
 
@@ -64,8 +66,13 @@ def load_lora_model(
     """
     from peft import PeftConfig, PeftModel
 
-    base_path = base_model_name_or_path or PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
-    base = ClipCapForConditionalGeneration.from_pretrained(base_path)
+    if base_model_name_or_path is None:
+        base_model_name_or_path = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+        option = f"the base model of {adapter_dir} (adapter_config.json's base_model_name_or_path)"
+    else:
+        option = "base_model_name_or_path"
+    check_clipcap_model(base_model_name_or_path, option)
+    base = ClipCapForConditionalGeneration.from_pretrained(base_model_name_or_path, trust_remote_code=False)
     return PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
 
 
@@ -74,8 +81,7 @@ def merge_lora(
 ) -> ClipCapForConditionalGeneration:
     """Merge a LoRA run's adapters into its base model and save a plain checkpoint (with the processor)."""
     model = load_lora_model(adapter_dir, base_model_name_or_path).merge_and_unload()
-    model.save_pretrained(output_dir)
-    ClipCapProcessor.from_pretrained(adapter_dir).save_pretrained(output_dir)
+    save_pretrained(output_dir, model, ClipCapProcessor.from_pretrained(adapter_dir, trust_remote_code=False))
     return model
 
 

@@ -35,7 +35,7 @@ from ..evaluation.metrics import compute_caption_metrics
 from ..image_processing_clipcap import ClipCapImageProcessor
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
-from ..utils.file_utils import holds_clipcap_model, write_text_atomically
+from ..utils.file_utils import holds_clipcap_model, save_pretrained, write_text_atomically
 from .trainer import ClipCapTrainer, caption_dataset
 
 COLOURS = {
@@ -304,8 +304,7 @@ def run_quickstart(
         if split == "test":
             scores["samples"] = list(zip(predictions, references))[:: max(1, len(references) // 8)][:8]
 
-    model.save_pretrained(output_dir)
-    processor.save_pretrained(output_dir)
+    save_pretrained(output_dir, model, processor)
     write_text_atomically(output_dir / "quickstart_config.json", json.dumps(asdict(config), indent=2))
     write_text_atomically(output_dir / "held_out_scores.json", json.dumps(scores, indent=2))
     if verbose:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
+import shutil
 import sys
 from collections.abc import Sequence
 
@@ -14,8 +16,9 @@ import torch
 import transformers
 from accelerate import PartialState
 from transformers import HfArgumentParser, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
-from transformers.utils import find_adapter_config_file
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+from transformers.utils import ADAPTER_CONFIG_NAME, find_adapter_config_file
 
 from ..data import (
     ClipCapDataCollator,
@@ -27,7 +30,8 @@ from ..data import (
 )
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
-from ..utils.file_utils import read_json
+from ..utils.file_utils import read_json, save_pretrained
+from ..utils.loading import check_pretrained_source, load_clipcap
 from .arguments import (
     CONFIG_OPTIONS,
     PART_OPTIONS,
@@ -54,19 +58,24 @@ def build_model(model_args: ModelArguments) -> tuple[ClipCapForConditionalGenera
     """
     path = model_args.model_name_or_path
     if path is not None:
+        option = "--model_name_or_path"
+        check_pretrained_source(path, option, filenames=("config.json", ADAPTER_CONFIG_NAME))
         if _is_lora_output(path):
             if not model_args.use_lora:
                 raise ValueError(
-                    f"--model_name_or_path {path} holds LoRA adapters (adapter_config.json). Add --use_lora (or "
+                    f"{option} {path} holds LoRA adapters ({ADAPTER_CONFIG_NAME}). Add --use_lora (or "
                     "--recipe lora) to train those adapters further, or continue from a plain checkpoint: the merged "
                     "model (output_dir/merged, written by --save_merged_model, or clipcap_hf.training.merge_lora)."
                 )
             # transformers' from_pretrained would load the adapters frozen (and add_lora would then wrap them twice).
             model = load_lora_model(path, is_trainable=True)
+            processor = ClipCapProcessor.from_pretrained(path, trust_remote_code=False)
         else:
-            model = ClipCapForConditionalGeneration.from_pretrained(path)
+            model, processor = load_clipcap(path, option)
         _check_checkpoint_architecture(model_args, model.config)
-        return model, ClipCapProcessor.from_pretrained(path)
+        return model, processor
+    for name in PART_OPTIONS:
+        check_pretrained_source(getattr(model_args, name), f"--{name}")
     config_kwargs = {
         "mapping_num_layers": model_args.mapping_num_layers,
         "normalize_prefix": model_args.normalize_prefix,
@@ -81,7 +90,9 @@ def build_model(model_args: ModelArguments) -> tuple[ClipCapForConditionalGenera
         **config_kwargs,
     )
     processor = ClipCapProcessor.from_vision_text_pretrained(
-        model_args.vision_model_name_or_path, model_args.text_model_name_or_path
+        model_args.vision_model_name_or_path,
+        model_args.text_model_name_or_path,
+        trust_remote_code=False,
     )
     return model, processor
 
@@ -200,7 +211,7 @@ def setup_logging(training_args: TrainingArguments) -> None:
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
         datefmt="%m/%d/%Y %H:%M:%S",
-        handlers=[logging.StreamHandler(sys.stdout)],
+        handlers=[logging.StreamHandler(sys.stderr)],  # stdout is for results; warnings and progress go here
     )
     if training_args.should_log:
         transformers.utils.logging.set_verbosity_info()
@@ -244,6 +255,29 @@ def _check_context_length(
         )
 
 
+def last_complete_checkpoint(output_dir: str, remove_incomplete: bool = False) -> str | None:
+    """
+    The newest `checkpoint-N` folder of `output_dir` that a run finished writing: its trainer_state.json, which Trainer
+    writes last, reads whole. Newer folders are what a run stopped while writing them left; with `remove_incomplete`
+    (the main process) they are removed, so that Trainer's checkpoint rotation does not take them for checkpoints.
+    """
+    steps = {}
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            steps[int(match.group(1))] = os.path.join(output_dir, name)
+    for step in sorted(steps, reverse=True):
+        checkpoint = steps[step]
+        try:
+            read_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+            return checkpoint
+        except (OSError, ValueError):
+            if remove_incomplete:
+                logger.warning(f"Removing {checkpoint}, which a run stopped while writing it.")
+                shutil.rmtree(checkpoint)
+    return None
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict[str, float]:
     """Run training and/or evaluation as the arguments say; returns the final metrics."""
     if training_args.do_predict:
@@ -276,9 +310,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     last_checkpoint = None
     # transformers 4 has --overwrite_output_dir, which means: start afresh rather than resume.
     overwrite = getattr(training_args, "overwrite_output_dir", False)
-    if training_args.do_train and os.path.isdir(training_args.output_dir) and not overwrite:
-        last_checkpoint = get_last_checkpoint(training_args.output_dir)
-        if last_checkpoint is not None and training_args.resume_from_checkpoint is None:
+    resuming = training_args.do_train and training_args.resume_from_checkpoint is None and not overwrite
+    if resuming and os.path.isdir(training_args.output_dir):
+        last_checkpoint = last_complete_checkpoint(training_args.output_dir, remove_incomplete=training_args.should_save)
+        if last_checkpoint is not None:
             logger.info(f"Resuming from {last_checkpoint}; use another --output_dir to start afresh.")
     set_seed(training_args.seed)
 
@@ -336,8 +371,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             # The adapters need a base model to load into later: save the freshly assembled one once.
             base_dir = os.path.join(training_args.output_dir, "base_model")
             if training_args.should_save:
-                model.save_pretrained(base_dir)
-                processor.save_pretrained(base_dir)
+                save_pretrained(base_dir, model, processor)
             model.name_or_path = base_dir
         # adapter_config.json records this path; a relative one would not resolve from another working directory.
         model.name_or_path = os.path.abspath(model.name_or_path)

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
 import torch
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
 
 from ..data import image_inputs
 from ..evaluation.metrics import compute_caption_metrics
 from ..processing_clipcap import ClipCapProcessor
-from ..utils.file_utils import write_text_atomically
+from ..utils.file_utils import give_files_the_umask_mode, read_json, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,20 @@ def caption_dataset(
         captions.extend(processor.post_process_image_text_to_text(generated))
     model.train(was_training)
     return captions
+
+
+@contextlib.contextmanager
+def _naming_a_damaged_checkpoint(checkpoint: str | None, files: str) -> Iterator[None]:
+    """Turn a failure to read part of a checkpoint (truncated, corrupt, not a torch file) into an error naming it."""
+    try:
+        yield
+    except Exception as error:  # torch.load's failures are many: UnpicklingError, RuntimeError, EOFError, ...
+        folder = Path(checkpoint)
+        raise ValueError(
+            f"Cannot resume from {folder}: its {files} cannot be read ({type(error).__name__}: {error}); the "
+            f"checkpoint is damaged, e.g. by a run stopped while writing it. Delete {folder} to resume from the "
+            f"checkpoint before it, or give an earlier one with --resume_from_checkpoint {folder.parent}/checkpoint-N."
+        ) from error
 
 
 class ClipCapTrainer(Trainer):
@@ -85,6 +101,25 @@ class ClipCapTrainer(Trainer):
         self.caption_eval_embeds = caption_eval_embeds
         self.generation_kwargs = generation_kwargs or {}
         self.caption_metrics = list(caption_metrics)
+
+    # Resuming: a damaged part of the checkpoint is named, with what to do, rather than a bare torch.load traceback.
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        with _naming_a_damaged_checkpoint(resume_from_checkpoint, "model weights or trainer_state.json"):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            read_json(Path(resume_from_checkpoint) / TRAINER_STATE_NAME)  # which Trainer.train reads next, unchecked
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        with _naming_a_damaged_checkpoint(checkpoint, "optimizer or scheduler state (optimizer.pt, scheduler.pt)"):
+            super()._load_optimizer_and_scheduler(checkpoint)
+
+    def _load_rng_state(self, checkpoint):
+        with _naming_a_damaged_checkpoint(checkpoint, "random number generator state (rng_state*.pth)"):
+            super()._load_rng_state(checkpoint)
+
+    def _save(self, output_dir=None, state_dict=None):
+        super()._save(output_dir, state_dict)
+        # safetensors writes the weights readable by their owner only; every other file gets the umask's mode.
+        give_files_the_umask_mode(output_dir or self.args.output_dir, "*.safetensors")
 
     def evaluation_loop(
         self,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import stat
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,16 @@ def open_text(path: str | os.PathLike[str], newline: str | None = None) -> Itera
         with open(path, encoding="utf-8-sig", newline=newline) as file:
             yield file
     except UnicodeDecodeError as error:  # raised while reading, inside the caller's `with`
-        raise ValueError(f"{path} is not valid UTF-8 ({error.reason}); the file must be UTF-8 encoded.") from None
+        # The error's position counts from the chunk being decoded; the line comes from the whole file.
+        data = Path(path).read_bytes()
+        try:
+            data.decode("utf-8")
+            line = ""
+        except UnicodeDecodeError as whole:
+            line = f" (the first bad byte is on line {data[: whole.start].count(10) + 1})"
+        raise ValueError(
+            f"{path} is not valid UTF-8 ({error.reason}); the file must be UTF-8 encoded{line}."
+        ) from None
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
@@ -56,3 +66,36 @@ def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    """The process's umask: read from /proc where Linux shows it, since setting it, even for a moment, is process-wide."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_files_the_umask_mode(folder: str | os.PathLike[str], pattern: str = "*") -> None:
+    """
+    Give the files in `folder` (and below) matching `pattern` the mode `open()` gives under the umask: safetensors
+    writes weights 0600 (safetensors/safetensors#782), which other users and containers could not read, unlike every
+    other file a saved model holds.
+    """
+    file_mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob(pattern):
+        if path.is_file() and stat.S_IMODE(path.stat().st_mode) != file_mode:
+            path.chmod(file_mode)
+
+
+def save_pretrained(folder: str | os.PathLike[str], *parts: Any) -> None:
+    """`part.save_pretrained(folder)` for each part (a model, a processor), with the weights given the umask's mode."""
+    for part in parts:
+        part.save_pretrained(folder)
+    give_files_the_umask_mode(folder, "*.safetensors")

@@ -1,0 +1,105 @@
+"""Loading what users name (a `--model`, a pretrained part): ClipCap folders only, never code from a folder, and Hub
+names that fail at once, naming the option to set, when the Hub cannot be reached.
+
+Saved ClipCap folders carry the model code and an `auto_map` for `trust_remote_code` users; a folder whose
+`config.json` names another model type would make transformers ask on the terminal whether to run that folder's
+code. Every load here passes `trust_remote_code=False` and checks the model type first, so that never happens.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+from huggingface_hub import constants, try_to_load_from_cache
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import PretrainedConfig
+
+from ..modeling_clipcap import ClipCapForConditionalGeneration
+from ..processing_clipcap import ClipCapProcessor
+from .file_utils import read_json
+
+# Seconds to wait for the Hub before saying it cannot be reached (huggingface_hub would retry for about a minute).
+HUB_CONNECT_TIMEOUT = 5.0
+_TRUE = {"1", "ON", "YES", "TRUE"}
+
+
+def _offline_variable() -> str | None:
+    """The environment variable that puts transformers offline, if one does."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if os.environ.get(name, "").upper() in _TRUE:
+            return name
+    return "HF_HUB_OFFLINE" if constants.HF_HUB_OFFLINE else None
+
+
+def _hub_unreachable() -> str | None:
+    """Why the Hub (`HF_ENDPOINT`) cannot be reached, or None when a connection opens."""
+    endpoint = urlparse(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_CONNECT_TIMEOUT).close()
+    except OSError as error:
+        return f"{constants.ENDPOINT} cannot be reached: {error}"
+    return None
+
+
+def check_pretrained_source(name_or_path: str, option: str, filenames: tuple[str, ...] = ("config.json",)) -> None:
+    """
+    Check, before anything is loaded, that `name_or_path` (given as `option`) can be: an existing folder, or a Hub
+    name with one of `filenames` in the local cache, or that can be downloaded. A path that does not exist, or a Hub name that
+    is not cached while offline (`HF_HUB_OFFLINE`) or while the Hub cannot be reached, raises an `OSError` naming
+    the option, at once rather than after a minute of network retries.
+    """
+    if Path(name_or_path).expanduser().exists():
+        return
+    try:
+        validate_repo_id(name_or_path)
+        looks_local = name_or_path.startswith((".", "/", "~"))  # e.g. './clipcap-quikstart' passes as an id
+    except HFValidationError:
+        looks_local = True
+    if looks_local:
+        raise FileNotFoundError(f"{option}: folder {name_or_path} does not exist.")
+    if any(isinstance(try_to_load_from_cache(name_or_path, filename), str) for filename in filenames):
+        return
+    offline = _offline_variable()
+    reason = f"{offline} is set" if offline else _hub_unreachable()
+    if reason is not None:
+        raise OSError(
+            f"{option} {name_or_path}: no such folder, and this Hub model is not in the local cache ({reason}). "
+            f"Give {option} a local folder, or download the model once while online."
+        )
+
+
+def check_clipcap_model(name_or_path: str, option: str) -> None:
+    """
+    Refuse, before loading, a folder or Hub name whose `config.json` is not a ClipCap model's, naming it and its type.
+    The config is read as data: no code of the folder runs.
+    """
+    check_pretrained_source(name_or_path, option)
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{option}: {name_or_path} has no config.json; it is not a saved model folder.")
+        config = read_json(folder / "config.json")
+    elif folder.exists():
+        raise NotADirectoryError(f"{option}: {name_or_path} is a file; give the folder of a saved ClipCap model.")
+    else:
+        config, _ = PretrainedConfig.get_config_dict(name_or_path)
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if model_type != "clipcap":
+        raise ValueError(
+            f"{option}: {name_or_path} holds a model of type {model_type!r} (config.json's model_type), not a "
+            "ClipCap model; give a ClipCap folder or Hub name."
+        )
+
+
+def load_clipcap(name_or_path: str, option: str = "--model"):
+    """
+    A saved ClipCap model and its processor, after [`check_clipcap_model`]; loaded with `trust_remote_code=False`, so
+    no code from the folder runs and transformers never asks whether to run it.
+    """
+    check_clipcap_model(name_or_path, option)
+    model = ClipCapForConditionalGeneration.from_pretrained(name_or_path, trust_remote_code=False)
+    return model, ClipCapProcessor.from_pretrained(name_or_path, trust_remote_code=False)

@@ -1,0 +1,46 @@
+"""Bad inputs of the data loaders and of training runs: each is refused naming the file, the record and the fix."""
+
+import json
+
+import pytest
+
+from clipcap_hf.data import load_coco_karpathy, load_image_folder
+from clipcap_hf.utils.file_utils import read_json
+
+
+@pytest.mark.parametrize(
+    "metadata, error",
+    [
+        ('{"file_name": "a.png", "text": "fine"}\n{"file_name": "b.png", "text": []}\n',
+         r"metadata.jsonl: line 2 \(b.png\) has 'text' = \[\], no caption; give the image at least one caption"),
+        ('{"file_name": "a.png", "text": 123}\n',
+         r"metadata.jsonl: line 1 \(a.png\) has the caption 123 \(int\); a caption must be text"),
+        ('{"file_name": "a.png", "text": ["fine", null]}\n',
+         r"metadata.jsonl: line 1 \(a.png\) text\[1\] has the caption None \(NoneType\); a caption must be text"),
+        ('{"file_name": "a.png", "text": "fine"}\n{"file_name": "caf\\udce9.png", "text": "A cup."}\n',
+         r"metadata.jsonl: line 2 \(caf\\udce9.png\) names the file 'caf\\udce9.png', which is not valid Unicode .* "
+         r"rename the image to a UTF-8 name"),
+    ],
+)
+def test_metadata_records_without_text_captions_or_with_undecodable_names_are_named(tmp_path, metadata, error):
+    (tmp_path / "metadata.jsonl").write_text(metadata, encoding="utf-8")
+    with pytest.raises(ValueError, match=error):
+        load_image_folder(tmp_path)
+
+
+def test_a_caption_that_is_not_text_is_not_called_empty(tmp_path):
+    path = tmp_path / "k.json"
+    path.write_text(json.dumps({"images": [{"filename": "a.jpg", "split": "train", "sentences": [{"raw": 7}]}]}))
+    with pytest.raises(ValueError, match=r"k.json: images\[0\] \(a.jpg\) sentences\[0\] has the caption 7 \(int\)"):
+        load_coco_karpathy(path, tmp_path)
+
+
+def test_a_file_that_is_not_utf8_is_named_with_the_line_of_its_first_bad_byte(tmp_path):
+    path = tmp_path / "metadata.csv"
+    path.write_bytes("file_name,text\na.png,A dog.\ncaf\xe9.png,A cup.\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"metadata.csv is not valid UTF-8 \(.*\); the file must be UTF-8 encoded "
+                                         r"\(the first bad byte is on line 3\)\."):
+        load_image_folder(tmp_path)
+    path.write_bytes(b'{"a": 1,\n"b": "\xff"}')
+    with pytest.raises(ValueError, match=r"the first bad byte is on line 2"):
+        read_json(path)

@@ -1,0 +1,155 @@
+"""`clipcap train` end to end: which weights each recipe trains, resuming from damaged checkpoints, file modes and
+offline runs."""
+
+import json
+import os
+import shutil
+import stat
+
+import pytest
+import torch
+from conftest import tiny_model
+from safetensors.torch import load_file
+
+from clipcap_hf.commands import main
+
+# `clipcap` in a fresh interpreter, as the console script runs it.
+CLIPCAP = "import sys; from clipcap_hf.commands import main; sys.exit(main())"
+
+
+def train_arguments(caption_folder, output_dir, cache_dir, *extra):
+    return [
+        "--dataset_format", "imagefolder",
+        "--train_file", str(caption_folder),
+        "--output_dir", str(output_dir),
+        "--embedding_cache_dir", str(cache_dir),
+        "--do_train",
+        "--max_steps", "2",
+        "--per_device_train_batch_size", "2",
+        "--learning_rate", "1e-2",
+        "--warmup_steps", "0",
+        "--save_strategy", "no",
+        "--use_cpu",
+        "--report_to", "none",
+        "--disable_tqdm", "true",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def parts(tmp_path, tokenizer):
+    """A tiny CLIP vision tower and GPT-2 (with its tokenizer) saved as the pretrained parts of a new model."""
+    model = tiny_model(tokenizer)
+    model.vision_model.save_pretrained(tmp_path / "clip")
+    model.language_model.save_pretrained(tmp_path / "gpt")
+    tokenizer.save_pretrained(tmp_path / "gpt")
+    return ["--vision_model_name_or_path", str(tmp_path / "clip"), "--text_model_name_or_path", str(tmp_path / "gpt")]
+
+
+def changed_parts(before: dict, after: dict) -> set:
+    """The top-level parts (vision_model, mapping_network, language_model) with a weight that changed."""
+    assert before.keys() == after.keys()
+    return {name.split(".")[0] for name in before if not torch.equal(before[name], after[name])}
+
+
+@pytest.mark.parametrize(
+    "recipe_arguments, trained",
+    [
+        (["--recipe", "transformer_frozen", "--prefix_length", "4", "--clip_length", "4", "--mapping_num_layers",
+          "1"], {"mapping_network"}),
+        (["--freeze_language_model"], {"mapping_network"}),
+        (["--recipe", "mlp_finetune", "--prefix_length", "4"], {"mapping_network", "language_model"}),
+    ],
+)
+def test_each_recipe_trains_exactly_its_parts(tmp_path, parts, caption_folder, recipe_arguments, trained):
+    out = tmp_path / "out"
+    # A first run of no step saves the model as built; the second trains it, from the same seed.
+    arguments = train_arguments(caption_folder, out, tmp_path / "cache", *parts, *recipe_arguments)
+    assert main(["train", *arguments, "--max_steps", "1", "--learning_rate", "0", "--output_dir", str(tmp_path / "0")]) == 0
+    assert main(["train", *arguments]) == 0
+    before, after = load_file(tmp_path / "0/model.safetensors"), load_file(out / "model.safetensors")
+    assert changed_parts(before, after) == trained
+
+
+@pytest.fixture
+def checkpointed_run(tmp_path, saved_model_dir, caption_folder):
+    """A run of two steps that saved a checkpoint after each; returns the arguments that continue it to step 3."""
+    out = tmp_path / "out"
+    arguments = ["--model_name_or_path", str(saved_model_dir),
+                 *train_arguments(caption_folder, out, tmp_path / "cache", "--save_strategy", "steps", "--save_steps", "1")]
+    assert main(["train", *arguments]) == 0
+    return out, [*arguments, "--max_steps", "3"]
+
+
+@pytest.mark.parametrize(
+    "damaged, part",
+    [
+        ("optimizer.pt", "optimizer or scheduler state"),
+        ("scheduler.pt", "optimizer or scheduler state"),
+        ("rng_state.pth", "random number generator state"),
+        ("model.safetensors", "model weights or trainer_state.json"),
+        ("trainer_state.json", "model weights or trainer_state.json"),  # named with --resume_from_checkpoint
+    ],
+)
+def test_a_damaged_checkpoint_is_named_with_the_fix_when_resuming(checkpointed_run, capsys, damaged, part):
+    out, resume = checkpointed_run
+    path = out / "checkpoint-2" / damaged
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    capsys.readouterr()
+    # Without a whole trainer_state.json (written last) a checkpoint is incomplete, and skipped unless named.
+    explicit = ["--resume_from_checkpoint", str(out / "checkpoint-2")] if damaged == "trainer_state.json" else []
+    assert main(["train", *resume, *explicit]) == 2
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("clipcap train: error: ")]
+    assert len(message) == 1 and "Traceback" not in err
+    assert f"Cannot resume from {out}/checkpoint-2: its {part}" in message[0]
+    assert f"Delete {out}/checkpoint-2 to resume from the checkpoint before it" in message[0]
+    # The fix works: without the damaged checkpoint the run resumes from the one before.
+    shutil.rmtree(out / "checkpoint-2")
+    assert main(["train", *resume]) == 0
+    assert (out / "checkpoint-3").is_dir()
+
+
+def test_an_incomplete_checkpoint_is_removed_and_the_run_resumes_from_the_one_before(checkpointed_run, caplog):
+    out, resume = checkpointed_run
+    state = out / "checkpoint-2/trainer_state.json"
+    state.write_text(state.read_text()[:40])  # as a run killed while writing it (Trainer writes it last) leaves it
+    assert main(["train", *resume]) == 0
+    assert f"Removing {out}/checkpoint-2, which a run stopped while writing it." in caplog.text
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert json.loads(state.read_text())["global_step"] == 2
+
+
+def test_saved_weights_get_the_umask_mode(tmp_path, saved_model_dir, caption_folder):
+    out = tmp_path / "out"
+    arguments = train_arguments(caption_folder, out, tmp_path / "cache", "--save_strategy", "steps", "--save_steps", "1")
+    previous = os.umask(0o022)  # safetensors alone would write 0600
+    try:
+        assert main(["train", "--model_name_or_path", str(saved_model_dir), *arguments]) == 0
+    finally:
+        os.umask(previous)
+    weights = [out / "model.safetensors", out / "checkpoint-1/model.safetensors", out / "checkpoint-2/model.safetensors"]
+    assert [stat.S_IMODE(path.stat().st_mode) for path in weights] == [0o644] * 3
+
+
+def test_offline_a_new_model_names_the_option_of_the_pretrained_part_that_is_missing(tmp_path, caption_folder, capsys):
+    assert main(["train", *train_arguments(caption_folder, tmp_path / "out", tmp_path / "cache")]) == 2
+    err = capsys.readouterr().err
+    assert "clipcap train: error: --vision_model_name_or_path openai/clip-vit-base-patch32: no such folder" in err
+    assert "(HF_HUB_OFFLINE is set). Give --vision_model_name_or_path a local folder" in err
+
+
+def test_the_runs_warnings_go_to_stderr_and_leave_stdout_to_results(tmp_path, saved_model_dir, caption_folder):
+    import subprocess
+    import sys
+
+    (caption_folder / "b.png").write_bytes(b"broken")
+    arguments = train_arguments(caption_folder, tmp_path / "out", tmp_path / "cache", "--on_bad_image", "skip")
+    result = subprocess.run(
+        [sys.executable, "-c", CLIPCAP, "train", "--model_name_or_path", str(saved_model_dir), *arguments],
+        check=False, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Skipped 1 unreadable image(s) and their 2 caption(s)" in result.stderr
+    assert "Process rank: 0" in result.stderr
+    assert "unreadable" not in result.stdout and "Process rank" not in result.stdout
