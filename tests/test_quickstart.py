@@ -140,3 +140,14 @@ def test_quickstart_learns_held_out_combinations_and_saves_a_loadable_model(tmp_
     image.save(tmp_path / "shape.png")
     assert cli_main(["caption", str(tmp_path / "shape.png"), "--model", str(out)]) == 0
     assert capsys.readouterr().out.strip().endswith(expected.strip())
+
+
+def test_every_saved_file_gets_the_umask_mode(tmp_path):
+    previous = os.umask(0o022)  # safetensors alone would write the weights 0600
+    try:
+        run_quickstart(tmp_path / "quickstart", TINY_RUN, verbose=False)
+    finally:
+        os.umask(previous)
+    modes = {path.name: oct(path.stat().st_mode & 0o777) for path in (tmp_path / "quickstart").iterdir()}
+    assert modes["model.safetensors"] == "0o644"
+    assert set(modes.values()) == {"0o644"}
