@@ -134,12 +134,20 @@ def test_train_killed_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(
     expected, resumed = load_file(tmp_path / "whole/model.safetensors"), load_file(tmp_path / "out/model.safetensors")
     for name, tensor in expected.items():
         assert tensor.equal(resumed[name]), name
-    # The embedding cache holds each image once.
-    shards = sorted((tmp_path / "cache").rglob("shard-*"))
+    # The embedding cache holds each image once, with the embedding of an uninterrupted pass.
+    expected, cached = cached_embeddings(tmp_path / "whole-cache"), cached_embeddings(tmp_path / "cache")
+    assert len(cached) == len(expected) == 4
+    assert cached == expected
+
+
+def cached_embeddings(cache_dir):
+    """The embedding cache's {image key: embedding}, after checking that no key is stored twice."""
     from datasets import concatenate_datasets, load_from_disk
 
-    keys = concatenate_datasets([load_from_disk(str(shard)) for shard in shards])["image_key"]
-    assert len(keys) == len(set(keys)) == 4
+    shards = [load_from_disk(str(shard)) for shard in sorted(cache_dir.rglob("shard-*"))]
+    columns = concatenate_datasets(shards)[:]
+    assert len(set(columns["image_key"])) == len(columns["image_key"])
+    return dict(zip(columns["image_key"], columns["image_embeds"]))
 
 
 def test_evaluate_killed_while_writing_keeps_the_earlier_output_and_a_rerun_writes_the_same(

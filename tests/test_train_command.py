@@ -153,3 +153,15 @@ def test_the_runs_warnings_go_to_stderr_and_leave_stdout_to_results(tmp_path, sa
     assert "Skipped 1 unreadable image(s) and their 2 caption(s)" in result.stderr
     assert "Process rank: 0" in result.stderr
     assert "unreadable" not in result.stdout and "Process rank" not in result.stdout
+
+
+def test_a_checkpoint_of_another_model_type_is_refused_naming_it(tmp_path, saved_model_dir, caption_folder, capsys):
+    config = json.loads((saved_model_dir / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (saved_model_dir / "config.json").write_text(json.dumps(config))
+    arguments = train_arguments(caption_folder, tmp_path / "out", tmp_path / "cache")
+    assert main(["train", "--model_name_or_path", str(saved_model_dir), *arguments]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"clipcap train: error: --model_name_or_path: {saved_model_dir} holds a model of type 'gpt2' (config.json's "
+        "model_type), not a ClipCap model; give a ClipCap folder or Hub name.\n"
+    )
