@@ -366,3 +366,15 @@ def test_caption_and_evaluate_decode_alike_by_default_and_say_so(capsys):
         helps.append(" ".join(capsys.readouterr().out.split()))
     for text in helps:
         assert "(default: 1, greedy decoding, for both `clipcap caption` and `clipcap evaluate`)" in text
+
+
+def test_the_hub_is_probed_through_the_proxy_when_one_is_set(image_folder, monkeypatch, capsys):
+    from huggingface_hub import constants
+
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    assert main(["caption", str(image_folder / "img0.png"), "--model", "someone/clipcap-not-cached"]) == 2
+    assert "https://hub.invalid cannot be reached (through the proxy http://127.0.0.1:9): " in capsys.readouterr().err

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import socket
+import urllib.request
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -35,13 +36,16 @@ def _offline_variable() -> str | None:
 
 
 def _hub_unreachable() -> str | None:
-    """Why the Hub (`HF_ENDPOINT`) cannot be reached, or None when a connection opens."""
+    """Why the Hub (`HF_ENDPOINT`) cannot be reached, or None when a connection to it (or to its proxy) opens."""
     endpoint = urlparse(constants.ENDPOINT)
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(endpoint.scheme)
+    target = urlparse(proxy) if proxy and not urllib.request.proxy_bypass(endpoint.hostname) else endpoint
+    port = target.port or (443 if target.scheme == "https" else 80)
     try:
-        socket.create_connection((endpoint.hostname, port), timeout=HUB_CONNECT_TIMEOUT).close()
+        socket.create_connection((target.hostname, port), timeout=HUB_CONNECT_TIMEOUT).close()
     except OSError as error:
-        return f"{constants.ENDPOINT} cannot be reached: {error}"
+        via = f" (through the proxy {proxy})" if target is not endpoint else ""
+        return f"{constants.ENDPOINT} cannot be reached{via}: {error}"
     return None
 
 
