@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import IMAGE_SIZE, build_tokenizer, random_images, tiny_model
+from conftest import IMAGE_SIZE, build_tokenizer, random_images, tiny_model, tiny_processor
 
 from clipcap_hf import ClipCapImageProcessor, ClipCapProcessor
 from clipcap_hf.data import (
@@ -272,7 +272,7 @@ def test_group_by_image_collects_references(image_folder):
 @pytest.fixture
 def tokenizer_and_processor():
     tokenizer = build_tokenizer()
-    return tokenizer, ClipCapProcessor(ClipCapImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE), tokenizer)
+    return tokenizer, tiny_processor(tokenizer)
 
 
 def count_vision_images(model):
@@ -302,7 +302,7 @@ def test_embedding_cache_embeds_each_image_once_in_batches_and_is_reused(
     names = ["a.png", "b.png", "c.png", "sub/d.png"]
     pixels = processor.image_processor([PIL.Image.open(image_folder / name) for name in names])["pixel_values"]
     with torch.no_grad():
-        torch.testing.assert_close(table, model.get_image_features(pixels), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(table, model.get_image_embeds(pixels), atol=1e-5, rtol=1e-5)
 
     # A second run, or another split of the same images, reads the cache: no vision forward.
     seen.clear()
@@ -347,7 +347,7 @@ def test_an_image_replaced_at_the_same_path_is_embedded_again(tmp_path, image_fo
         _, again = embed_images(dataset, model, processor.image_processor, tmp_path / "cache")
     assert seen == [1]
     with torch.no_grad():
-        expected = model.get_image_features(processor.image_processor(new_image, return_tensors="pt")["pixel_values"])
+        expected = model.get_image_embeds(processor.image_processor(new_image, return_tensors="pt")["pixel_values"])
     torch.testing.assert_close(again[1:2], expected, atol=1e-5, rtol=1e-5)
     assert torch.equal(again[[0, 2, 3]], table[[0, 2, 3]])
 
@@ -359,7 +359,7 @@ def test_an_interrupted_embedding_pass_keeps_what_it_embedded(
     model = tiny_model(tokenizer)
     dataset = load_image_folder(image_folder)
     monkeypatch.setattr("clipcap_hf.data.embeddings.EMBEDDING_SHARD_SIZE", 2)
-    original, batches = model.get_image_features, []
+    original, batches = model.get_image_embeds, []
 
     def interrupted_on_the_fourth_batch(pixel_values):
         batches.append(pixel_values)
@@ -367,7 +367,7 @@ def test_an_interrupted_embedding_pass_keeps_what_it_embedded(
             raise KeyboardInterrupt
         return original(pixel_values)
 
-    with mock.patch.object(model, "get_image_features", interrupted_on_the_fourth_batch):
+    with mock.patch.object(model, "get_image_embeds", interrupted_on_the_fourth_batch):
         with pytest.raises(KeyboardInterrupt):
             embed_images(dataset, model, processor.image_processor, tmp_path / "cache", batch_size=1)
     cache = ImageEmbeddingCache(tmp_path / "cache", model, processor.image_processor)
@@ -550,12 +550,14 @@ def test_collator_pads_dynamically_appends_eos_and_masks_padding(tokenizer_and_p
     captions = ["A dog runs.", "Two cats sleep on a sofa!"]
     tokens = [tokenizer(c, add_special_tokens=False)["input_ids"] for c in captions]
     batch = collator([{"caption": captions[0], "image_index": 2}, {"caption": captions[1], "image_index": 0}])
+    image = [processor.image_token_id] * 4
     longest = len(tokens[1]) + 1
-    assert batch["input_ids"].shape == (2, longest)  # the longest caption of this batch, not a global length
-    assert batch["input_ids"][0, : len(tokens[0]) + 1].tolist() == tokens[0] + [eos]
-    assert batch["input_ids"][1].tolist() == tokens[1] + [eos]
-    assert batch["labels"][0].tolist() == tokens[0] + [eos] + [-100] * (longest - len(tokens[0]) - 1)
-    assert batch["attention_mask"][0].tolist() == [1] * (len(tokens[0]) + 1) + [0] * (longest - len(tokens[0]) - 1)
+    assert batch["input_ids"].shape == (2, 4 + longest)  # the longest caption of this batch, not a global length
+    assert batch["input_ids"][0, : 4 + len(tokens[0]) + 1].tolist() == image + tokens[0] + [eos]
+    assert batch["input_ids"][1].tolist() == image + tokens[1] + [eos]
+    padding = longest - len(tokens[0]) - 1
+    assert batch["labels"][0].tolist() == [-100] * 4 + tokens[0] + [eos] + [-100] * padding
+    assert batch["attention_mask"][0].tolist() == [1] * (4 + len(tokens[0]) + 1) + [0] * padding
     assert torch.equal(batch["image_embeds"], table[[2, 0]])
     assert set(batch) == {"input_ids", "attention_mask", "labels", "image_embeds"}
 
@@ -567,8 +569,9 @@ def test_collator_truncates(tokenizer_and_processor):
     collator = ClipCapDataCollator(processor, image_embeds=torch.zeros(1, 4), max_caption_length=limit)
     features = [{"caption": long_caption, "image_index": 0}, {"caption": short_caption, "image_index": 0}]
     batch = collator(features)
-    assert batch["input_ids"].shape[1] == limit
-    assert batch["input_ids"][0].tolist() == tokenizer(long_caption, add_special_tokens=False)["input_ids"][:limit]
+    assert batch["input_ids"].shape[1] == 4 + limit  # the image tokens, then the captions
+    caption = tokenizer(long_caption, add_special_tokens=False)["input_ids"][:limit]
+    assert batch["input_ids"][0].tolist() == [processor.image_token_id] * 4 + caption
     assert batch["input_ids"][1, -1] == tokenizer.eos_token_id
     assert "num_truncated" not in batch
 
@@ -586,7 +589,7 @@ def test_caption_lengths_for_group_by_length_and_the_truncation_count(image_fold
 def test_collator_with_a_tokenizer_without_pad_token():
     tokenizer = build_tokenizer()
     assert tokenizer.pad_token is None
-    processor = ClipCapProcessor(ClipCapImageProcessor(size=IMAGE_SIZE, crop_size=IMAGE_SIZE), tokenizer)
+    processor = tiny_processor(tokenizer)
     batch = ClipCapDataCollator(processor, image_embeds=torch.zeros(1, 4))(
         [{"caption": "A dog.", "image_index": 0}, {"caption": "Two cats sleep on a sofa!", "image_index": 0}]
     )

@@ -94,7 +94,8 @@ def test_uploaded_image_is_captioned_as_generate_does(demo_app, browser, process
     # The prefix interpretation lists every prefix vector's 3 nearest tokens, as model.interpret_prefix does.
     rows = browser.execute_script(READ_TABLE, "interpretation")
     with PIL.Image.open(path) as image:
-        (interpretation,) = model.interpret_prefix(**processor(images=[image]), tokenizer=processor, top_k=3)
+        pixel_values = processor(images=[image])["pixel_values"]
+        (interpretation,) = model.interpret_prefix(pixel_values, tokenizer=processor, top_k=3)
     assert [row[0] for row in rows] == [str(position) for position in range(model.config.prefix_length)]
     shown = [[cell.rsplit(" ", 1) for cell in row[1:]] for row in rows]  # each cell: "'token' similarity"
     assert [[token for token, _ in row] for row in shown] == [
@@ -234,7 +235,7 @@ def test_caption_and_interpret_matches_generate_for_beam_search(mlp_model, proce
                                          max_new_tokens=5)
     with PIL.Image.open(path) as image:
         inputs = processor(images=[image])
-    assert interpretation == mlp_model.interpret_prefix(**inputs, tokenizer=processor, top_k=2)[0]
+    assert interpretation == mlp_model.interpret_prefix(inputs["pixel_values"], tokenizer=processor, top_k=2)[0]
 
 
 def test_caption_length_starts_at_the_model_generation_config(tokenizer, processor, tmp_path):

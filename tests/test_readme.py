@@ -93,7 +93,8 @@ def workspace(tmp_path_factory, tokenizer, processor):
         image.save(folder / name)
     # A Karpathy-format COCO split file with two images per split.
     records = []
-    for index, (split, image) in enumerate(zip(["train", "train", "restval", "val", "val", "test", "test"], images[1:])):
+    splits = ["train", "train", "restval", "val", "val", "test", "test"]
+    for index, (split, image) in enumerate(zip(splits, images[1:])):
         subfolder = "val2014" if split in ("val", "test") else "train2014"
         (folder / "coco" / subfolder).mkdir(parents=True, exist_ok=True)
         image.save(folder / "coco" / subfolder / f"{index}.jpg")

@@ -89,7 +89,7 @@ def test_training_loss_computes_lm_head_scores_only_where_a_caption_token_is_pre
 ):
     model = quiet_model(tokenizer, mapping_type, language)
     batch = batch_for(processor, ["A dog runs on the beach.", "Two cats sleep!", "A dog."])
-    num_caption_tokens = int(batch["attention_mask"].sum())  # EOS included
+    num_caption_tokens = int((batch["labels"] != -100).sum())  # EOS included
 
     model.eval()
     full = model(**batch)
@@ -698,7 +698,7 @@ def test_lora_recipe_from_pretrained_parts_saves_base_adapters_and_merged_model(
     adapted = load_lora_model(out).eval()
     merged = ClipCapForConditionalGeneration.from_pretrained(out / "merged").eval()
     x = torch.randn(2, 24, generator=torch.Generator().manual_seed(0))
-    ids = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    ids = torch.tensor([[base.config.image_token_id] * 4 + [5, 6, 7], [base.config.image_token_id] * 4 + [8, 9, 10]])
     with torch.no_grad():
         expected = adapted(image_embeds=x, input_ids=ids).logits
         assert not torch.allclose(base(image_embeds=x, input_ids=ids).logits, expected, atol=1e-3)

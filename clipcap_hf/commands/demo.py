@@ -110,7 +110,7 @@ def caption_and_interpret(
         **length,
     )
     captions = processor.post_process_image_text_to_text(generated)
-    interpretation = model.interpret_prefix(**inputs, tokenizer=processor, top_k=top_k)[0]
+    interpretation = model.interpret_prefix(inputs["pixel_values"], tokenizer=processor, top_k=top_k)[0]
     return captions, interpretation
 
 

@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
                 results.append({"image": str(path), "prefix": None, "error": str(error)})
                 continue
             inputs = processor(images=[image]).to(model.device)
-            interpretation = model.interpret_prefix(**inputs, tokenizer=processor, top_k=args.top_k)[0]
+            interpretation = model.interpret_prefix(inputs["pixel_values"], tokenizer=processor, top_k=args.top_k)[0]
             results.append({"image": str(path), "prefix": dataclasses.asdict(interpretation)["matches"]})
             if not args.json:
                 print(f"{escape_controls(str(path))}\n{interpretation.format()}", flush=True)

@@ -13,6 +13,7 @@ processor, generation config, model card stub) that `from_pretrained` and `push_
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import pickle
 import re
@@ -44,6 +45,8 @@ ORIGINAL_MAX_NEW_TOKENS = 67
 DEFAULT_TOLERANCE = 1e-4
 # Our prefixes -> the original module names.
 ORIGINAL_PREFIXES = {"mapping_network.": "clip_project.", "language_model.": "gpt."}
+# GPT-2's tensors with a row per token, which the image token lengthens by one row.
+VOCABULARY_KEYS = frozenset({"gpt.transformer.wte.weight", "gpt.lm_head.weight"})
 OFFICIAL_CODE_URL = "https://github.com/rmokady/CLIP_prefix_caption"
 
 
@@ -379,12 +382,14 @@ def _max_logits_delta(
     parts = (model.mapping_network, model.language_model)
     for part in parts:
         part.double()
+    image_tokens = torch.full((2, layout.prefix_length), model.config.image_token_id)
     try:
-        ours = model(image_embeds=image_embeds, input_ids=input_ids).logits
+        ours = model(image_embeds=image_embeds, input_ids=torch.cat((image_tokens, input_ids), dim=1)).logits
     finally:
         for part in parts:
             part.float()
-    return (ours - expected).abs().max().item()
+    # On the original vocabulary: the image token's column is ours alone (and never generated).
+    return (ours[..., : layout.gpt2_config.vocab_size] - expected).abs().max().item()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -490,7 +495,7 @@ def convert_original_checkpoint(
     with _naming_failed_part("vision model", vision_name, "`vision_model` (--vision-model)"):
         vision_tower, config_fields = load_pretrained_vision_model(vision_name, backend, vision_tag)
         image_processor = ClipCapImageProcessor.from_vision_pretrained(vision_name, backend, vision_tag)
-    processor = ClipCapProcessor(image_processor=image_processor, tokenizer=text_tokenizer)
+    processor = ClipCapProcessor(image_processor, text_tokenizer, num_image_tokens=layout.prefix_length)
     # What the source tower makes of some pixels; the written folder must reproduce it (`_check_reload`).
     side = image_processor.crop_size
     pixel_values = torch.randn(1, 3, side, side, generator=torch.Generator().manual_seed(2))
@@ -501,10 +506,11 @@ def convert_original_checkpoint(
         )
     config = ClipCapConfig(
         **config_fields,
-        text_config=layout.gpt2_config,
+        text_config=copy.deepcopy(layout.gpt2_config),  # the model lengthens its vocabulary by the image token
         mapping_type=layout.mapping_type,
         prefix_length=layout.prefix_length,
         normalize_prefix=release.normalize_prefix if normalize_prefix is None else normalize_prefix,
+        image_token_id=processor.image_token_id,
     )
     if config.prefix_dim != layout.prefix_dim:
         raise ValueError(
@@ -514,13 +520,18 @@ def convert_original_checkpoint(
         )
 
     model = ClipCapForConditionalGeneration(config, vision_model=vision_tower).eval()
-    expected = {
-        _to_original_name(name): tensor.shape
-        for name, tensor in model.state_dict().items()
-        if not name.startswith("vision_model.")
-    }
+    # The model's vocabulary holds the image token after GPT-2's (zero embeddings); the file's has GPT-2's alone.
+    vocab_size = layout.gpt2_config.vocab_size
+    ours = {_to_original_name(name): tensor for name, tensor in model.state_dict().items()
+            if not name.startswith("vision_model.")}
+    expected = {name: tensor[:vocab_size].shape if name in VOCABULARY_KEYS else tensor.shape
+                for name, tensor in ours.items()}
     _check_keys_and_shapes(checkpoint, original, expected)
-    model.load_state_dict({_to_our_name(key): value for key, value in original.items()}, strict=False)
+    with torch.no_grad():
+        for name, tensor in ours.items():
+            source = original.get(name)
+            if source is not None:  # GPT-2's tied `lm_head.weight` is the same tensor as `wte`
+                tensor[: source.shape[0]].copy_(source)
 
     delta = _max_logits_delta(model, original, layout, num_heads)
     if not delta <= tolerance:  # also catches NaN
@@ -665,14 +676,14 @@ def _check_reload(
     """
     reloaded = ClipCapForConditionalGeneration.from_pretrained(folder, trust_remote_code=False).eval()
     image_embeds = torch.randn(1, model.config.prefix_dim, generator=torch.Generator().manual_seed(1))
-    input_ids = torch.tensor([[0, 1, 2]])
+    input_ids = torch.tensor([[model.config.image_token_id] * model.config.prefix_length + [0, 1, 2]])
     delta = (reloaded(image_embeds=image_embeds, input_ids=input_ids).logits
              - model(image_embeds=image_embeds, input_ids=input_ids).logits).abs().max().item()
     if not delta <= tolerance:
         raise ValueError(
             f"The written folder {folder} does not load back into the converted model (|delta| {delta:.3g})."
         )
-    vision_delta = (reloaded.get_image_features(pixel_values) - source_image_embeds).abs().max().item()
+    vision_delta = (reloaded.get_image_embeds(pixel_values) - source_image_embeds).abs().max().item()
     if not vision_delta <= tolerance:
         raise ValueError(
             f"The written folder {folder} does not reproduce the source vision tower: its image embeddings differ by "

@@ -84,7 +84,7 @@ def add_caption_lengths(
     num_truncated = 0
     for rows in dataset.select_columns("caption").iter(batch_size=batch_size):
         encoded = processor.tokenize_captions(rows["caption"], max_length=max_length, return_tensors=None)
-        lengths.extend(sum(mask) for mask in encoded["attention_mask"])
+        lengths.extend(sum(mask) - processor.num_image_tokens for mask in encoded["attention_mask"])
         num_truncated += encoded["num_truncated"]
     if "length" in dataset.column_names:
         dataset = dataset.remove_columns("length")

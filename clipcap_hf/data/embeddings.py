@@ -74,7 +74,7 @@ class ImageEmbeddingCache:
 
     Args:
         cache_dir: the root folder of the caches, or one cache folder (it then must match this model).
-        model: a [`ClipCapForConditionalGeneration`] (its `vision_model` and `get_image_features` are used).
+        model: a [`ClipCapForConditionalGeneration`] (its `vision_model` and `get_image_embeds` are used).
         image_processor: the preprocessing the embeddings are computed with.
     """
 
@@ -203,7 +203,7 @@ class ImageEmbeddingCache:
                 problems.update({paths[index]: problem for index, problem in batch_problems.items()})
                 if indices:
                     pixel_values = pixel_values.to(device, self.model.vision_model.dtype)
-                    chunks.append(self.model.get_image_features(pixel_values).float().cpu())
+                    chunks.append(self.model.get_image_embeds(pixel_values).float().cpu())
                     done_keys.extend(keys[index] for index in indices)
                 progress.update(len(indices) + len(batch_problems))
                 if len(done_keys) >= EMBEDDING_SHARD_SIZE:

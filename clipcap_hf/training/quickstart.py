@@ -56,6 +56,7 @@ POSITIONS = {
     "center": (0.5, 0.5),
 }
 EOS_TOKEN = "<|endoftext|>"
+IMAGE_TOKEN = "<image>"
 
 
 @dataclass
@@ -149,9 +150,11 @@ def build_tokenizer(captions: list[str]) -> GPT2TokenizerFast:
     bpe = ByteLevelBPETokenizer()
     # 256 byte tokens plus enough merges to make every caption word one token.
     bpe.train_from_iterator(captions, vocab_size=512, min_frequency=1, special_tokens=[EOS_TOKEN])
-    return GPT2TokenizerFast(
+    tokenizer = GPT2TokenizerFast(
         tokenizer_object=bpe._tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN
     )
+    tokenizer.add_tokens([IMAGE_TOKEN], special_tokens=True)  # where the processor puts the prefix
+    return tokenizer
 
 
 def build_model(tokenizer: GPT2TokenizerFast, config: QuickstartConfig) -> ClipCapForConditionalGeneration:
@@ -181,7 +184,12 @@ def build_model(tokenizer: GPT2TokenizerFast, config: QuickstartConfig) -> ClipC
     )
     torch.manual_seed(config.seed)
     model = ClipCapForConditionalGeneration(
-        ClipCapConfig(vision_config=vision_config, text_config=text_config, prefix_length=config.prefix_length)
+        ClipCapConfig(
+            vision_config=vision_config,
+            text_config=text_config,
+            prefix_length=config.prefix_length,
+            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        )
     )
     model.freeze_vision_model(False)
     embeddings = model.vision_model.vision_model.embeddings
@@ -257,7 +265,10 @@ def run_quickstart(
         config.train_images_per_combination, config.test_images_per_combination, config.image_size, config.seed
     )
     tokenizer = build_tokenizer(splits["train"]["caption"])
-    processor = ClipCapProcessor(ClipCapImageProcessor(size=config.image_size, crop_size=config.image_size), tokenizer)
+    image_processor = ClipCapImageProcessor(size=config.image_size, crop_size=config.image_size)
+    processor = ClipCapProcessor(
+        image_processor, tokenizer, num_image_tokens=config.prefix_length, image_token=IMAGE_TOKEN
+    )
     model = build_model(tokenizer, config)
 
     # The images are tiny and reused every epoch: preprocess them once rather than in every batch.

@@ -92,6 +92,7 @@ def build_model(model_args: ModelArguments) -> tuple[ClipCapForConditionalGenera
     processor = ClipCapProcessor.from_vision_text_pretrained(
         model_args.vision_model_name_or_path,
         model_args.text_model_name_or_path,
+        num_image_tokens=model.config.prefix_length,
         trust_remote_code=False,
     )
     return model, processor
