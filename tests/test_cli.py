@@ -378,3 +378,14 @@ def test_the_hub_is_probed_through_the_proxy_when_one_is_set(image_folder, monke
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
     assert main(["caption", str(image_folder / "img0.png"), "--model", "someone/clipcap-not-cached"]) == 2
     assert "https://hub.invalid cannot be reached (through the proxy http://127.0.0.1:9): " in capsys.readouterr().err
+
+
+def test_an_unreadable_file_with_a_newline_in_its_name_keeps_to_one_line_of_the_error(saved_model_dir, tmp_path, capsys):
+    path = tmp_path / "bad\nname.png"
+    path.write_bytes(b"not an image")
+    assert main(["caption", str(path), "--model", str(saved_model_dir)]) == 2
+    err = capsys.readouterr().err
+    lines = err[err.index("clipcap caption: error: "):].splitlines()
+    assert lines[0] == "clipcap caption: error: 1 of 1 images could not be read:"
+    assert lines[1].startswith(f"  Cannot read image {tmp_path}/bad\\nname.png: ")
+    assert len(lines) == 2

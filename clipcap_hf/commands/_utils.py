@@ -6,7 +6,6 @@ import argparse
 import glob
 import os
 import sys
-import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -143,12 +142,3 @@ def stdout_is_utf8() -> bool:
     encoding = getattr(sys.stdout, "encoding", None) or "ascii"
     return encoding.lower().replace("-", "").replace("_", "") in ("utf8", "utf8sig")
 
-
-def escape_controls(text: str) -> str:
-    """
-    `text` with its control characters written as escapes (a newline as `\\n`, a tab as `\\t`), so that a file name
-    holding them keeps to its field of one line of plain output.
-    """
-    return "".join(
-        char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) == "Cc" else char for char in text
-    )

@@ -8,11 +8,11 @@ import sys
 
 from ..evaluation import UnreadableImagesError, iter_captions
 from ..evaluation.gallery import GalleryRecord, write_gallery
+from ..utils.file_utils import escape_controls
 from ._utils import (
     add_caption_options,
     check_caption_options,
     check_gallery_path,
-    escape_controls,
     expand_image_paths,
     load_model_and_processor,
     stdout_is_utf8,

@@ -12,10 +12,10 @@ import sys
 
 from ..evaluation import UnreadableImagesError
 from ..image_processing_clipcap import load_image
+from ..utils.file_utils import escape_controls
 from ._utils import (
     check_top_k,
     check_top_k_fits_vocabulary,
-    escape_controls,
     expand_image_paths,
     load_model_and_processor,
     stdout_is_utf8,

@@ -16,7 +16,7 @@ from huggingface_hub import EvalResult, ModelCard
 from tqdm.auto import tqdm
 
 from ..image_processing_clipcap import load_image
-from ..utils.file_utils import write_text_atomically
+from ..utils.file_utils import escape_controls, write_text_atomically
 from .metrics import METRIC_NAMES, SCORE_KEYS, caption_tokenization, compute_caption_metrics
 
 # Display order and names of the metrics in tables and model cards.
@@ -75,7 +75,8 @@ class UnreadableImagesError(ValueError):
 
     def __init__(self, errors: Sequence[str], total: int, consequence: str = ""):
         self.errors = list(errors)
-        listed = "".join(f"\n  {error}" for error in self.errors[:_MAX_LISTED])
+        # One line per file, even for a file name holding a newline.
+        listed = "".join(f"\n  {escape_controls(error)}" for error in self.errors[:_MAX_LISTED])
         if len(self.errors) > _MAX_LISTED:
             listed += f"\n  ... and {len(self.errors) - _MAX_LISTED} more"
         message = f"{len(self.errors)} of {total} images could not be read:{listed}"

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import stat
+import unicodedata
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -52,6 +53,16 @@ def holds_clipcap_model(folder: str | os.PathLike[str]) -> bool:
         return read_json(os.path.join(folder, "config.json")).get("model_type") == "clipcap"
     except (OSError, ValueError, AttributeError):  # no config, not UTF-8 JSON, not a JSON object
         return False
+
+
+def escape_controls(text: str) -> str:
+    """
+    `text` with its control characters written as escapes (a newline as `\\n`, a tab as `\\t`), so that a file name
+    holding them keeps to its field of one line of plain output or of an error message.
+    """
+    return "".join(
+        char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) == "Cc" else char for char in text
+    )
 
 
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
