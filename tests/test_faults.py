@@ -78,14 +78,13 @@ elif point == "embedding":  # the second shard of the embedding cache, one image
         if len(calls) == 2:
             die()
     datasets.Dataset.save_to_disk = save_to_disk
-elif point == "output":  # the command's output file (predictions.json, the gallery), fully written but not in place
-    import clipcap_hf.utils.file_utils as file_utils
+elif point == "output":  # the command's output (predictions.json, the gallery): written whole, not yet in place
     real_replace = os.replace
     def replace(source, target):
-        if str(target).endswith((".json", ".html")):
+        if os.path.basename(target) in ("predictions.json", "gallery.html"):
             die()
         real_replace(source, target)
-    file_utils.os.replace = replace
+    os.replace = replace
 from clipcap_hf.commands import main
 sys.exit(main(sys.argv[1:]))
 """
@@ -130,6 +129,12 @@ def test_train_killed_then_rerun_ends_with_the_weights_of_an_uninterrupted_run(
     assert main(train_arguments(saved_model_dir, caption_folder, tmp_path / "whole", tmp_path / "whole-cache")) == 0
     arguments = train_arguments(saved_model_dir, caption_folder, tmp_path / "out", tmp_path / "cache")
     run_killed(point, arguments)
+    # Killed where meant: the checkpoints the killed run left (the embedding pass: one image's shard, before any).
+    left = sorted(path.name for path in (tmp_path / "out").glob("checkpoint-*"))
+    expected_left = {"embedding": [], "between checkpoints": ["checkpoint-1"]}
+    assert left == expected_left.get(point, ["checkpoint-1", "checkpoint-2"])
+    if point == "embedding":
+        assert len(cached_embeddings(tmp_path / "cache")) == 1
     assert main(arguments) == 0
     expected, resumed = load_file(tmp_path / "whole/model.safetensors"), load_file(tmp_path / "out/model.safetensors")
     for name, tensor in expected.items():
@@ -160,6 +165,7 @@ def test_evaluate_killed_while_writing_keeps_the_earlier_output_and_a_rerun_writ
     out.mkdir()
     (out / "predictions.json").write_text("[]")  # an earlier run's
     run_killed("output", [*arguments, "--output-dir", str(out)])
+    assert len(list(out.glob(".predictions.json.*.tmp"))) == 1  # killed with the new predictions written aside
     assert json.loads((out / "predictions.json").read_text()) == []  # never half-written
     assert main([*arguments, "--output-dir", str(out)]) == 0
     for name in ("predictions.json", "metrics.md"):
@@ -175,6 +181,7 @@ def test_caption_killed_while_writing_the_gallery_keeps_the_earlier_page(tmp_pat
     page.write_text("earlier page")
     arguments = ["caption", str(folder), "--model", str(saved_model_dir), "--max-new-tokens", "4", "--gallery", str(page)]
     run_killed("output", arguments)
+    assert len(list(tmp_path.glob(".gallery.html.*.tmp"))) == 1  # killed with the new page written aside
     assert page.read_text() == "earlier page"
     assert main(arguments) == 0
     assert main([*arguments[:-1], str(tmp_path / "whole.html")]) == 0
