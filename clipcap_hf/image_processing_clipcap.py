@@ -29,9 +29,14 @@ _RESAMPLE = {
 
 ImageLike = PIL.Image.Image | np.ndarray | torch.Tensor
 
-# The preprocessing options, which a call can override (the processor passes them on by these names).
-IMAGE_OPTIONS_ORDER = ("size", "crop_size", "resample", "image_mean", "image_std")
-IMAGE_OPTIONS = frozenset(IMAGE_OPTIONS_ORDER)
+# The options a call can give (the processor passes them on by these names): the processor's own settings, and
+# transformers' standard switches for each preprocessing step.
+IMAGE_OPTIONS = frozenset(
+    {
+        "size", "crop_size", "resample", "image_mean", "image_std",
+        "do_resize", "do_center_crop", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb",
+    }
+)
 
 
 def load_image(path: str | os.PathLike) -> PIL.Image.Image:
@@ -253,61 +258,69 @@ class ClipCapImageProcessor(BaseImageProcessor):
             image_std=preprocess_cfg["std"],
         )
 
-    def preprocess_one(self, image: ImageLike, **options: Any) -> np.ndarray:
-        """
-        Preprocess one image into a float32 array of shape (3, crop_size, crop_size); `options` override this
-        processor's `size`, `crop_size`, `resample`, `image_mean` and `image_std` for this call.
-        """
-        size, crop_size, resample, mean, std = (
-            options.get(name) if options.get(name) is not None else getattr(self, name) for name in IMAGE_OPTIONS_ORDER
-        )
-        image = to_rgb_image(image)
-        width, height = image.size
-        # Same arithmetic as torchvision's Resize(int) on a PIL image, so the pixels match CLIP's own transform.
-        if width <= height:
-            new_width, new_height = size, int(size * height / width)
-        else:
-            new_width, new_height = int(size * width / height), size
-        image = image.resize((new_width, new_height), _RESAMPLE[resample])
-        top = int(round((new_height - crop_size) / 2.0))
-        left = int(round((new_width - crop_size) / 2.0))
-        image = image.crop((left, top, left + crop_size, top + crop_size))
-        pixels = np.asarray(image, dtype=np.float32) / np.float32(255.0)
-        pixels = (pixels - np.asarray(mean, dtype=np.float32)) / np.asarray(std, dtype=np.float32)
-        return pixels.transpose(2, 0, 1)
-
-    def preprocess(
+    def preprocess_one(
         self,
-        images: ImageLike | Sequence[ImageLike],
-        return_tensors: str | None = "pt",
+        image: ImageLike,
         size: int | None = None,
         crop_size: int | None = None,
         resample: str | None = None,
         image_mean: Sequence[float] | None = None,
         image_std: Sequence[float] | None = None,
-        **kwargs: Any,
-    ):
+        do_resize: bool = True,
+        do_center_crop: bool = True,
+        do_rescale: bool = True,
+        rescale_factor: float = 1 / 255,
+        do_normalize: bool = True,
+        do_convert_rgb: bool = True,
+    ) -> np.ndarray:
         """
-        Preprocess an image or a batch of images. `size`, `crop_size`, `resample`, `image_mean` and `image_std`
-        override the processor's own for this call.
+        Preprocess one image into a float32 array of shape (3, crop_size, crop_size). The options override, for this
+        call, this processor's settings and transformers' standard switches for each step (all on by default).
+        """
+        size = size or self.size
+        crop_size = crop_size or self.crop_size
+        image = to_rgb_image(image)
+        width, height = image.size
+        if do_resize:
+            # Same arithmetic as torchvision's Resize(int) on a PIL image, so the pixels match CLIP's own transform.
+            if width <= height:
+                width, height = size, int(size * height / width)
+            else:
+                width, height = int(size * width / height), size
+            image = image.resize((width, height), _RESAMPLE[resample or self.resample])
+        if do_center_crop:
+            top = int(round((height - crop_size) / 2.0))
+            left = int(round((width - crop_size) / 2.0))
+            image = image.crop((left, top, left + crop_size, top + crop_size))
+        pixels = np.asarray(image, dtype=np.float32)
+        if do_rescale:
+            pixels = pixels * np.float32(rescale_factor)
+        if do_normalize:
+            mean = np.asarray(self.image_mean if image_mean is None else image_mean, dtype=np.float32)
+            std = np.asarray(self.image_std if image_std is None else image_std, dtype=np.float32)
+            pixels = (pixels - mean) / std
+        return pixels.transpose(2, 0, 1)
+
+    def preprocess(self, images: ImageLike | Sequence[ImageLike], return_tensors: str | None = "pt", **options: Any):
+        """
+        Preprocess an image or a batch of images. The options ([`preprocess_one`]'s: `size`, `crop_size`, `resample`,
+        `image_mean`, `image_std`, and the switches `do_resize`, `do_center_crop`, `do_rescale`, `rescale_factor`,
+        `do_normalize`) apply to this call only.
 
         Returns:
             [`BatchFeature`] with `pixel_values` of shape `(batch_size, 3, crop_size, crop_size)`.
         """
-        if kwargs:
-            # Refused rather than ignored: CLIPImageProcessor's do_rescale, do_normalize... have no meaning here.
-            raise TypeError(
-                f"ClipCapImageProcessor takes no option {sorted(kwargs)}; its preprocessing is always CLIP's (resize, "
-                f"center crop, RGB, normalize), with the options {sorted(IMAGE_OPTIONS)}."
-            )
-        options = {"size": size, "crop_size": crop_size, "resample": resample, "image_mean": image_mean,
-                   "image_std": image_std}
-        if resample is not None and resample not in _RESAMPLE:
-            raise ValueError(f"`resample` must be one of {sorted(_RESAMPLE)}, got {resample!r}.")
-        if (crop_size or self.crop_size) > (size or self.size):
-            raise ValueError(
-                f"`crop_size` ({crop_size or self.crop_size}) must not exceed `size` ({size or self.size})."
-            )
+        unknown = sorted(set(options) - IMAGE_OPTIONS)
+        if unknown:  # refused rather than ignored
+            raise TypeError(f"ClipCapImageProcessor takes no option {unknown}; it takes {sorted(IMAGE_OPTIONS)}.")
+        options = {name: value for name, value in options.items() if value is not None}
+        if options.get("resample", self.resample) not in _RESAMPLE:
+            raise ValueError(f"`resample` must be one of {sorted(_RESAMPLE)}, got {options['resample']!r}.")
+        if options.get("do_convert_rgb") is False:
+            raise ValueError("`do_convert_rgb=False` is not supported: CLIP towers read 3-channel RGB images.")
+        size, crop_size = options.get("size", self.size), options.get("crop_size", self.crop_size)
+        if options.get("do_resize", True) and options.get("do_center_crop", True) and crop_size > size:
+            raise ValueError(f"`crop_size` ({crop_size}) must not exceed `size` ({size}).")
         if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)) and not _is_batched_array(images):
             images = [images]
         images = list(images)  # a batched array or tensor becomes a list of its images

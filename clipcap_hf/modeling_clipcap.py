@@ -1,9 +1,9 @@
 """PyTorch ClipCap: CLIP image embedding -> mapping network -> prefix for a causal language model."""
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: transformers reads the forward's annotations (`Unpack[TransformersKwargs]`).
 import copy
 import inspect
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +20,11 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers.cache_utils import Cache
+
+try:  # transformers 5: initialisers that skip weights already loaded from a checkpoint
+    from transformers import initialization as init
+except ImportError:  # 4.57 initialises only the modules whose weights are missing
+    from torch.nn import init
 from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
@@ -78,22 +83,21 @@ class ClipCapImageOutput(BaseModelOutputWithPooling):
 class ClipCapCausalLMOutputWithPast(CausalLMOutputWithPast):
     r"""
     Output of [`ClipCapForConditionalGeneration`]: a causal LM's output (`loss`, `logits`, the key/value cache,
-    `hidden_states`, `attentions`, all over the positions of `input_ids`, image tokens included) and the image
-    features written at the image tokens.
+    `hidden_states`, `attentions`, all over the positions of `input_ids`, image tokens included) and, as transformers'
+    vision-language models give it, `image_outputs`: what [`~ClipCapForConditionalGeneration.get_image_features`]
+    returned for the images (the prefix vectors written at the image tokens in its `pooler_output`, the CLIP
+    embeddings in its `image_embeds`).
 
     `logits` is `None` when the model is in training mode and `labels` are given: the loss is then computed from the
     scores at the caption positions only, and the full tensor is never materialized. Put the model in eval mode
     (`model.eval()`) to get both the loss and the logits.
 
     Args:
-        image_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_dim)`, *optional*):
-            The CLIP image embeddings, when an image was given.
-        prefix_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_length, text_embedding_size)`, *optional*):
-            The prefix vectors the mapping network made from them, written at the image tokens.
+        image_outputs ([`ClipCapImageOutput`], *optional*):
+            The image features, when an image was given.
     """
 
-    image_embeds: torch.FloatTensor | None = None
-    prefix_embeds: torch.FloatTensor | None = None
+    image_outputs: ClipCapImageOutput | None = None
 
 
 class ClipCapMLPMapper(nn.Module):
@@ -229,6 +233,15 @@ class ClipCapTransformerMapper(nn.Module):
         return mixed[:, self.clip_length :]
 
 
+def _deprecated_cache_name(forward):
+    """On transformers 5.2x, `past_key_values` is deprecated for `cache`, as in its own models; 4.57 knows only it."""
+    if CACHE_NAME == "past_key_values":
+        return forward
+    from transformers.utils.deprecation import deprecate_kwarg
+
+    return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+
 class ClipCapPreTrainedModel(PreTrainedModel):
     config_class = ClipCapConfig
     config: ClipCapConfig
@@ -244,16 +257,31 @@ class ClipCapPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _skip_keys_device_placement = ["past_key_values"]
 
+    _can_compile_fullgraph = True
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        # Written to transformers' conventions (initialisation that leaves loaded weights alone), so transformers can
+        # treat it as its own models: a weight missing from a checkpoint gets initialised, not left as it was in memory.
+        return False
+
     def _init_weights(self, module: nn.Module) -> None:
         # Only the mapper is ours to initialise, with PyTorch's defaults as the paper's code does. The vision tower and
         # the language model are initialised by their own classes (open_clip's tower in its constructor), and may
         # hold pretrained weights already.
+        if not isinstance(module, (ClipCapMLPMapper, ClipCapTransformerMapper)):
+            return
         if isinstance(module, ClipCapTransformerMapper):
-            nn.init.normal_(module.prefix_const)
-        if isinstance(module, (ClipCapMLPMapper, ClipCapTransformerMapper)):
-            for layer in module.modules():
-                if isinstance(layer, (nn.Linear, nn.LayerNorm)):
-                    layer.reset_parameters()
+            init.normal_(module.prefix_const)
+        for layer in module.modules():
+            if isinstance(layer, nn.Linear):  # what `nn.Linear.reset_parameters` does
+                init.kaiming_uniform_(layer.weight, a=math.sqrt(5))
+                if layer.bias is not None:
+                    bound = 1 / math.sqrt(layer.in_features)
+                    init.uniform_(layer.bias, -bound, bound)
+            elif isinstance(layer, nn.LayerNorm):
+                init.ones_(layer.weight)
+                init.zeros_(layer.bias)
 
 
 def load_pretrained_vision_model(
@@ -406,7 +434,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         open_clip_pretrained: str | None = None,
         image_token: str = "<image>",
         **config_kwargs,
-    ) -> ClipCapForConditionalGeneration:
+    ) -> "ClipCapForConditionalGeneration":
         r"""
         Build a new ClipCap, ready to train, from a pretrained CLIP and a pretrained causal language model; only the
         mapping network starts from random weights.
@@ -471,7 +499,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         return cls(config, vision_model=vision_model, language_model=language_model)
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs) -> ClipCapForConditionalGeneration:
+    def from_pretrained(cls, *args, **kwargs) -> "ClipCapForConditionalGeneration":
         loaded = super().from_pretrained(*args, **kwargs)
         # Loading replaces the parameters (with requires_grad=True); the vision tower stays frozen by default.
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # a tuple with output_loading_info=True
@@ -509,7 +537,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         self.language_model.requires_grad_(not freeze)
         self.train(self.training)
 
-    def train(self, mode: bool = True) -> ClipCapForConditionalGeneration:
+    def train(self, mode: bool = True) -> "ClipCapForConditionalGeneration":
         super().train(mode)
         # A frozen part must behave as at inference: no dropout, no batch-norm statistics updates.
         for part in (self.vision_model, self.language_model):
@@ -584,10 +612,11 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             )
         vision_outputs = None
         if pixel_values is not None and self.config.vision_backend == "clip":
+            # Flags left unset stay unset: the tower's config decides (transformers 5 reads an explicit None as False).
+            flags = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
             vision_outputs = self.vision_model(
                 pixel_values=pixel_values.to(self.vision_model.dtype),
-                output_hidden_states=output_hidden_states,
-                output_attentions=output_attentions,
+                **{name: value for name, value in flags.items() if value is not None},
             )
             image_embeds = vision_outputs.image_embeds
         elif pixel_values is not None:
@@ -708,6 +737,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     # Forward and generation
 
     @can_return_tuple
+    @_deprecated_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -734,7 +764,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             image_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_dim)`, *optional*):
                 Precomputed CLIP image embeddings; skips the vision tower (the fast training path).
             cache ([`~cache_utils.Cache`], *optional*):
-                The key/value cache; `past_key_values` is its name on transformers 4.57 (taken on 5.x too).
+                The key/value cache. `past_key_values` is its name on transformers 4.57; on 5.x that name is
+                deprecated (with a warning), as for transformers' own models.
             inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden)`, *optional*):
                 Instead of `input_ids`; with an image, the image tokens' embeddings mark where the prefix goes.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -767,7 +798,11 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         image_outputs = None
         if pixel_values is not None or image_embeds is not None:
             image_outputs = self.get_image_features(
-                pixel_values=pixel_values, image_embeds=image_embeds, return_dict=True
+                pixel_values=pixel_values,
+                image_embeds=image_embeds,
+                output_hidden_states=kwargs.get("output_hidden_states"),
+                output_attentions=kwargs.get("output_attentions"),
+                return_dict=True,
             )
             image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
             inputs_embeds = self._write_prefix(inputs_embeds, image_mask, image_outputs.pooler_output)
@@ -809,8 +844,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             logits=logits,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
-            image_embeds=None if image_outputs is None else image_outputs.image_embeds,
-            prefix_embeds=None if image_outputs is None else image_outputs.pooler_output,
+            image_outputs=image_outputs,
             **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 

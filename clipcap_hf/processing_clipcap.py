@@ -89,6 +89,16 @@ class ClipCapProcessor(ProcessorMixin):
     def image_token_id(self) -> int:
         return self.tokenizer.convert_tokens_to_ids(self.image_token)
 
+    def save_pretrained(self, save_directory, **kwargs):
+        # transformers records the `auto_map` on the object while it copies the code files: a saved processor must
+        # still equal one loaded from its folder.
+        recorded = "auto_map" in self.__dict__
+        try:
+            return super().save_pretrained(save_directory, **kwargs)
+        finally:
+            if not recorded:
+                self.__dict__.pop("auto_map", None)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> ClipCapProcessor:
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
@@ -181,6 +191,11 @@ class ClipCapProcessor(ProcessorMixin):
         return_tensors = text_kwargs.pop("return_tensors", self.default_return_tensors)
         return_tensors = kwargs.pop("return_tensors", common_kwargs.pop("return_tensors", return_tensors))
         images_kwargs.pop("return_tensors", None)
+        given_twice = sorted(set(kwargs) & (set(images_kwargs) | set(text_kwargs)))
+        if given_twice:
+            raise ValueError(
+                f"Options {given_twice} were passed twice: as keywords and in `images_kwargs`/`text_kwargs`."
+            )
         for name, value in {**common_kwargs, **kwargs}.items():
             if name in IMAGE_OPTIONS:
                 images_kwargs[name] = value
@@ -200,19 +215,23 @@ class ClipCapProcessor(ProcessorMixin):
         self, prompts: Sequence[str], return_tensors: str | None = "pt", **tokenizer_kwargs
     ) -> BatchEncoding:
         """
-        The image tokens and the prompt tokens (without special tokens), left-padded, ready for `generate`;
-        `tokenizer_kwargs` (e.g. `truncation=True, max_length=...`, which count the image tokens) go to the tokenizer
-        and override those defaults.
+        The image tokens and the prompt tokens (without special tokens), left-padded, ready for `generate`. A prompt's
+        image token (`processor.image_token`, at most one) is expanded to `num_image_tokens` in its place, as LLaVA's
+        processor does; a prompt without one gets them in front. `tokenizer_kwargs` (e.g. `truncation=True,
+        max_length=...`, which count the image tokens) go to the tokenizer and override those defaults.
         """
         image_tokens = self.image_token * self._num_image_tokens()
+        expanded = []
         for index, prompt in enumerate(prompts):
-            if self.image_token in prompt:
+            placeholders = prompt.count(self.image_token)
+            if placeholders > 1:
                 raise ValueError(
-                    f"Prompt {index} holds the image token {self.image_token!r}; the processor writes the image "
-                    "tokens in front of every prompt, so prompts must not contain it."
+                    f"Prompt {index} holds {placeholders} image tokens {self.image_token!r}; ClipCap reads one image "
+                    "per prompt: write the image token once (where the prefix goes), or not at all (in front)."
                 )
+            expanded.append(prompt.replace(self.image_token, image_tokens) if placeholders else image_tokens + prompt)
         options = {**self.default_text_kwargs, **tokenizer_kwargs}
-        return self.tokenizer([image_tokens + prompt for prompt in prompts], return_tensors=return_tensors, **options)
+        return self.tokenizer(expanded, return_tensors=return_tensors, **options)
 
     def _num_image_tokens(self) -> int:
         if self.num_image_tokens is None:

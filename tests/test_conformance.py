@@ -130,8 +130,8 @@ def test_forward_equals_the_language_model_run_on_hand_built_embeddings(tokenize
     torch.testing.assert_close(outputs.logits, expected, atol=LOGITS_ATOL, rtol=1e-5)
     # The image features are in the output: the CLIP embedding and the prefix vectors written at the image tokens.
     clip_embeds = model.vision_model(pixel_values=inputs["pixel_values"]).image_embeds
-    torch.testing.assert_close(outputs.image_embeds, clip_embeds)
-    torch.testing.assert_close(outputs.prefix_embeds, model.mapping_network(clip_embeds))
+    torch.testing.assert_close(outputs.image_outputs.image_embeds, clip_embeds)
+    torch.testing.assert_close(outputs.image_outputs.pooler_output, model.mapping_network(clip_embeds))
     assert outputs.logits.shape == (*inputs["input_ids"].shape, len(tokenizer))
 
 
@@ -197,8 +197,8 @@ def test_batch_equals_rows_one_by_one(tokenizer, processor, family, mapper):
     for index in range(3):
         alone = model(**row(inputs, index), output_hidden_states=True)
         torch.testing.assert_close(batched.logits[index : index + 1], alone.logits, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(batched.prefix_embeds[index : index + 1], alone.prefix_embeds, atol=1e-5,
-                                   rtol=1e-5)
+        torch.testing.assert_close(batched.image_outputs.pooler_output[index : index + 1],
+                                   alone.image_outputs.pooler_output, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(batched.hidden_states[-1][index : index + 1], alone.hidden_states[-1],
                                    atol=1e-5, rtol=1e-5)
 
@@ -297,7 +297,8 @@ def test_sdpa_equals_eager(tmp_path, tokenizer, processor, family, mapper, monke
         monkeypatch.undo()
         mapper_layers = loaded.config.mapping_num_layers if mapper == "transformer" else 0
         assert len(calls) == (mapper_layers if implementation == "eager" else 0)
-    torch.testing.assert_close(outputs["sdpa"].prefix_embeds, outputs["eager"].prefix_embeds, atol=1e-5, rtol=1e-5)
+    sdpa, eager = (outputs[name].image_outputs.pooler_output for name in ("sdpa", "eager"))
+    torch.testing.assert_close(sdpa, eager, atol=1e-5, rtol=1e-5)
     real = inputs["attention_mask"].bool()  # padding positions attend to nothing: their logits are arbitrary
     torch.testing.assert_close(outputs["sdpa"].logits[real], outputs["eager"].logits[real], atol=1e-4, rtol=1e-4)
 

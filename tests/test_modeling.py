@@ -158,8 +158,8 @@ def test_pixel_values_and_image_embeds_give_the_same_output(model, processor, im
     assert isinstance(from_pixels, ClipCapCausalLMOutputWithPast)
     # Every output counts the positions of `input_ids`, image tokens included.
     assert from_pixels.logits.shape == (*inputs["input_ids"].shape, model.config.text_config.vocab_size)
-    assert from_pixels.prefix_embeds.shape == (3, model.config.prefix_length, 32)
-    torch.testing.assert_close(from_pixels.image_embeds, embeds)
+    assert from_pixels.image_outputs.pooler_output.shape == (3, model.config.prefix_length, 32)
+    torch.testing.assert_close(from_pixels.image_outputs.image_embeds, embeds)
     torch.testing.assert_close(from_pixels.logits, from_embeds.logits)
 
 

@@ -177,8 +177,14 @@ def test_images_alone_and_prompts_get_the_image_tokens_in_front(processor, token
     assert prompts["input_ids"].tolist() == [[tokenizer.pad_token_id] * padding + image + ids[0], image + ids[1]]
     assert prompts["attention_mask"][0].tolist() == [0] * padding + [1] * (4 + len(ids[0]))
     assert processor.batch_decode(prompts["input_ids"], skip_special_tokens=True) == ["A dog", "Two red cats"]
-    with pytest.raises(ValueError, match="Prompt 0 holds the image token '<image>'"):
-        processor(images=images[:1], text="<image> A dog")
+    # A prompt's one image token is expanded where it stands, as LLaVA's processor does.
+    placed = processor(images=images[:1], text="A photo<image> of")["input_ids"][0].tolist()
+    photo, of = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("A photo", " of"))
+    assert placed == photo + image + of
+    with pytest.raises(ValueError, match="Prompt 1 holds 2 image tokens '<image>'"):
+        processor(images=images[:2], text=["A dog", "<image><image>"])
+    with pytest.raises(ValueError, match=r"\['truncation'\] were passed twice"):
+        processor(images=images[:1], text="A dog", truncation=True, text_kwargs={"truncation": False})
 
 
 def test_caption_truncation_is_counted(processor, tokenizer):
@@ -238,14 +244,26 @@ def test_image_options_reach_the_image_processor_with_or_without_text(processor,
     assert not torch.equal(processor(images=images)["pixel_values"][:, :, :16, :16], expected)
 
 
+def test_transformers_standard_image_switches(processor, images):
+    # Each step can be switched off for a call, as transformers' image processors allow.
+    image = np.asarray(images[0].convert("RGB").resize((32, 32)), dtype=np.float32)  # already at the crop size
+    mean, std = np.asarray(OPENAI_CLIP_MEAN, np.float32), np.asarray(OPENAI_CLIP_STD, np.float32)
+    raw = processor(images=images[0].resize((32, 32)), do_rescale=False, do_normalize=False)["pixel_values"][0]
+    np.testing.assert_allclose(raw.numpy(), image.transpose(2, 0, 1))
+    scaled = processor(images=images[0].resize((32, 32)), rescale_factor=0.5, text="A dog")["pixel_values"][0]
+    np.testing.assert_allclose(scaled.numpy(), ((image * 0.5 - mean) / std).transpose(2, 0, 1), rtol=1e-5, atol=1e-5)
+    uncropped = processor(images=images[0], do_resize=False, do_center_crop=False)["pixel_values"]
+    assert uncropped.shape == (1, 3, images[0].height, images[0].width)
+
+
 def test_options_no_part_takes_are_errors_that_name_them(processor, images):
-    for options in ({"do_rescale": False}, {"rescale_factor": 2.0, "text": "A dog"}, {"temperature": 1.0}):
+    for options in ({"input_data_format": "channels_last"}, {"do_pad": True, "text": "A dog"}, {"temperature": 1.0}):
         with pytest.raises(TypeError, match=repr(next(name for name in options if name != "text"))):
             processor(images=images[:1], **options)
     with pytest.raises(ValueError, match=r"tokenizer options \['truncation'\].*captions take `max_caption_length`"):
         processor(images=images, captions=["a", "b", "c"], truncation=True)
-    with pytest.raises(TypeError, match="do_rescale"):
-        processor.image_processor(images, do_rescale=False)
+    with pytest.raises(ValueError, match="do_convert_rgb=False"):
+        processor.image_processor(images, do_convert_rgb=False)
 
 
 def test_return_tensors_is_an_option(processor, images):
