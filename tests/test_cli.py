@@ -389,3 +389,31 @@ def test_an_unreadable_file_with_a_newline_in_its_name_keeps_to_one_line_of_the_
     assert lines[0] == "clipcap caption: error: 1 of 1 images could not be read:"
     assert lines[1].startswith(f"  Cannot read image {tmp_path}/bad\\nname.png: ")
     assert len(lines) == 2
+
+
+@pytest.mark.parametrize("option", ["--tokenizer", "--vision-model"])
+def test_convert_original_fails_at_once_when_a_part_is_on_an_unreachable_hub(
+    tmp_path, tokenizer, tokenizer_dir, monkeypatch, capsys, option
+):
+    import time
+
+    from huggingface_hub import constants
+    from test_convert import make_original, save_release
+
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    parts = {"--tokenizer": str(tokenizer_dir), "--vision-model": "someone/clip-not-cached"}
+    parts[option] = "someone/part-not-cached"
+    start = time.monotonic()
+    argv = ["convert-original", str(checkpoint), "--output", str(tmp_path / "out"), "--vision-backend", "clip"]
+    assert main([*argv, *(item for pair in parts.items() for item in pair)]) == 2
+    assert time.monotonic() - start < 10
+    part = option.lstrip("-").replace("-", " ")
+    assert capsys.readouterr().err.startswith(
+        f"clipcap convert-original: error: Could not load the {part} 'someone/part-not-cached': http://127.0.0.1:9 "
+        "cannot be reached: "
+    )
+    assert not (tmp_path / "out").exists()

@@ -34,6 +34,7 @@ from ..modeling_clipcap import ClipCapForConditionalGeneration, load_pretrained_
 from ..open_clip_vision import OPEN_CLIP_SCHEMAS
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import holds_clipcap_model, save_pretrained
+from ..utils.loading import hub_unreachable
 
 # Attention-mask buffers that GPT-2 saved in its state dict in old transformers versions; current ones have none.
 OBSOLETE_GPT2_KEY = re.compile(r"gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)")
@@ -490,9 +491,12 @@ def convert_original_checkpoint(
 
     # The tokenizer first: it is small, and checked against the checkpoint before the vision tower is downloaded.
     with _naming_failed_part("tokenizer", tokenizer, "`tokenizer` (--tokenizer)"):
+        _fail_if_unreachable(tokenizer, ("tokenizer_config.json", "tokenizer.json"))
         text_tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
     stop_token_ids = _original_stop_token_ids(text_tokenizer, tokenizer, layout.gpt2_config)
     with _naming_failed_part("vision model", vision_name, "`vision_model` (--vision-model)"):
+        if backend == "clip":  # open_clip names are no Hub ids (open_clip downloads its own weights)
+            _fail_if_unreachable(vision_name, ("config.json",))
         vision_tower, config_fields = load_pretrained_vision_model(vision_name, backend, vision_tag)
         image_processor = ClipCapImageProcessor.from_vision_pretrained(vision_name, backend, vision_tag)
     processor = ClipCapProcessor(image_processor, text_tokenizer, num_image_tokens=layout.prefix_length)
@@ -557,6 +561,13 @@ def convert_original_checkpoint(
         verify=lambda folder: _check_reload(folder, model, tolerance, pixel_values, source_image_embeds),
     )
     return ConversionReport(output_dir, preset, config, dropped_keys, delta)
+
+
+def _fail_if_unreachable(name: str, filenames: tuple[str, ...]) -> None:
+    """A Hub name that is not cached fails at once when the Hub cannot be reached, not after a minute of retries."""
+    reason = hub_unreachable(name, filenames)
+    if reason is not None:
+        raise OSError(reason)
 
 
 @contextlib.contextmanager

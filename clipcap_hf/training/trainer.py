@@ -118,8 +118,8 @@ class ClipCapTrainer(Trainer):
 
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)
-        # safetensors writes the weights readable by their owner only; every other file gets the umask's mode.
-        give_files_the_umask_mode(output_dir or self.args.output_dir, "*.safetensors")
+        # safetensors writes the weights readable by their owner only; they get the umask's mode, as the other files.
+        give_files_the_umask_mode(output_dir or self.args.output_dir)
 
     def evaluation_loop(
         self,

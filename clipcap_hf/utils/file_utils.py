@@ -93,20 +93,25 @@ def _umask() -> int:
     return mask
 
 
-def give_files_the_umask_mode(folder: str | os.PathLike[str], pattern: str = "*") -> None:
+# What `save_pretrained` writes without the umask's mode: safetensors writes weights 0600 (safetensors/safetensors#782),
+# and transformers 4.x copies the model code files with the mode of the installed package's.
+_FILES_WITHOUT_UMASK_MODE = ("*.safetensors", "*.py")
+
+
+def give_files_the_umask_mode(folder: str | os.PathLike[str]) -> None:
     """
-    Give the files in `folder` (and below) matching `pattern` the mode `open()` gives under the umask: safetensors
-    writes weights 0600 (safetensors/safetensors#782), which other users and containers could not read, unlike every
-    other file a saved model holds.
+    Give the weights and code files a `save_pretrained` wrote in `folder` the mode `open()` gives under the umask, as
+    every other file of a saved model has: other users and containers can then read them where the umask allows.
     """
     file_mode = 0o666 & ~_umask()
-    for path in Path(folder).rglob(pattern):
-        if path.is_file() and stat.S_IMODE(path.stat().st_mode) != file_mode:
-            path.chmod(file_mode)
+    for pattern in _FILES_WITHOUT_UMASK_MODE:
+        for path in Path(folder).glob(pattern):
+            if path.is_file() and stat.S_IMODE(path.stat().st_mode) != file_mode:
+                path.chmod(file_mode)
 
 
 def save_pretrained(folder: str | os.PathLike[str], *parts: Any) -> None:
-    """`part.save_pretrained(folder)` for each part (a model, a processor), with the weights given the umask's mode."""
+    """`part.save_pretrained(folder)` for each part (a model, a processor), every file with the umask's mode."""
     for part in parts:
         part.save_pretrained(folder)
-    give_files_the_umask_mode(folder, "*.safetensors")
+    give_files_the_umask_mode(folder)

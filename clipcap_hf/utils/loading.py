@@ -49,23 +49,43 @@ def _hub_unreachable() -> str | None:
     return None
 
 
+def _looks_local(name_or_path: str) -> bool:
+    """Whether `name_or_path` can only be a folder: no valid Hub id, or a path (`./clipcap-quikstart` is a valid id)."""
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return True
+    return name_or_path.startswith((".", "/", "~"))
+
+
+def _uncached_hub_name(name_or_path: str, filenames: tuple[str, ...]) -> bool:
+    """Whether `name_or_path` is a Hub name none of whose `filenames` is in the local cache."""
+    if Path(name_or_path).expanduser().exists() or _looks_local(name_or_path):
+        return False
+    return not any(isinstance(try_to_load_from_cache(name_or_path, filename), str) for filename in filenames)
+
+
+def hub_unreachable(name_or_path: str, filenames: tuple[str, ...] = ("config.json",)) -> str | None:
+    """
+    Why the Hub model `name_or_path`, none of whose `filenames` is in the local cache, cannot be downloaded now: the
+    Hub cannot be reached. None for a folder, a cached model, offline mode (transformers then fails at once) or a
+    reachable Hub.
+    """
+    if _offline_variable() or not _uncached_hub_name(name_or_path, filenames):
+        return None
+    return _hub_unreachable()
+
+
 def check_pretrained_source(name_or_path: str, option: str, filenames: tuple[str, ...] = ("config.json",)) -> None:
     """
     Check, before anything is loaded, that `name_or_path` (given as `option`) can be: an existing folder, or a Hub
-    name with one of `filenames` in the local cache, or that can be downloaded. A path that does not exist, or a Hub name that
-    is not cached while offline (`HF_HUB_OFFLINE`) or while the Hub cannot be reached, raises an `OSError` naming
-    the option, at once rather than after a minute of network retries.
+    name with one of `filenames` in the local cache, or that can be downloaded. A path that does not exist, or a Hub
+    name that is not cached while offline (`HF_HUB_OFFLINE`) or while the Hub cannot be reached, raises an `OSError`
+    naming the option, at once rather than after a minute of network retries.
     """
-    if Path(name_or_path).expanduser().exists():
-        return
-    try:
-        validate_repo_id(name_or_path)
-        looks_local = name_or_path.startswith((".", "/", "~"))  # e.g. './clipcap-quikstart' passes as an id
-    except HFValidationError:
-        looks_local = True
-    if looks_local:
+    if not Path(name_or_path).expanduser().exists() and _looks_local(name_or_path):
         raise FileNotFoundError(f"{option}: folder {name_or_path} does not exist.")
-    if any(isinstance(try_to_load_from_cache(name_or_path, filename), str) for filename in filenames):
+    if not _uncached_hub_name(name_or_path, filenames):
         return
     offline = _offline_variable()
     reason = f"{offline} is set" if offline else _hub_unreachable()
