@@ -380,7 +380,9 @@ def test_the_hub_is_probed_through_the_proxy_when_one_is_set(image_folder, monke
     assert "https://hub.invalid cannot be reached (through the proxy http://127.0.0.1:9): " in capsys.readouterr().err
 
 
-def test_an_unreadable_file_with_a_newline_in_its_name_keeps_to_one_line_of_the_error(saved_model_dir, tmp_path, capsys):
+def test_an_unreadable_file_with_a_newline_in_its_name_keeps_to_one_line_of_the_error(
+    saved_model_dir, tmp_path, capsys
+):
     path = tmp_path / "bad\nname.png"
     path.write_bytes(b"not an image")
     assert main(["caption", str(path), "--model", str(saved_model_dir)]) == 2

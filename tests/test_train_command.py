@@ -65,7 +65,8 @@ def test_each_recipe_trains_exactly_its_parts(tmp_path, parts, caption_folder, r
     out = tmp_path / "out"
     # A first run of no step saves the model as built; the second trains it, from the same seed.
     arguments = train_arguments(caption_folder, out, tmp_path / "cache", *parts, *recipe_arguments)
-    assert main(["train", *arguments, "--max_steps", "1", "--learning_rate", "0", "--output_dir", str(tmp_path / "0")]) == 0
+    untrained = ["--max_steps", "1", "--learning_rate", "0", "--output_dir", str(tmp_path / "0")]
+    assert main(["train", *arguments, *untrained]) == 0
     assert main(["train", *arguments]) == 0
     before, after = load_file(tmp_path / "0/model.safetensors"), load_file(out / "model.safetensors")
     assert changed_parts(before, after) == trained
@@ -75,8 +76,9 @@ def test_each_recipe_trains_exactly_its_parts(tmp_path, parts, caption_folder, r
 def checkpointed_run(tmp_path, saved_model_dir, caption_folder):
     """A run of two steps that saved a checkpoint after each; returns the arguments that continue it to step 3."""
     out = tmp_path / "out"
-    arguments = ["--model_name_or_path", str(saved_model_dir),
-                 *train_arguments(caption_folder, out, tmp_path / "cache", "--save_strategy", "steps", "--save_steps", "1")]
+    every_step = ("--save_strategy", "steps", "--save_steps", "1")
+    arguments = train_arguments(caption_folder, out, tmp_path / "cache", *every_step)
+    arguments = ["--model_name_or_path", str(saved_model_dir), *arguments]
     assert main(["train", *arguments]) == 0
     return out, [*arguments, "--max_steps", "3"]
 
@@ -122,13 +124,14 @@ def test_an_incomplete_checkpoint_is_removed_and_the_run_resumes_from_the_one_be
 
 def test_saved_weights_get_the_umask_mode(tmp_path, saved_model_dir, caption_folder):
     out = tmp_path / "out"
-    arguments = train_arguments(caption_folder, out, tmp_path / "cache", "--save_strategy", "steps", "--save_steps", "1")
+    every_step = ("--save_strategy", "steps", "--save_steps", "1")
+    arguments = train_arguments(caption_folder, out, tmp_path / "cache", *every_step)
     previous = os.umask(0o022)  # safetensors alone would write 0600
     try:
         assert main(["train", "--model_name_or_path", str(saved_model_dir), *arguments]) == 0
     finally:
         os.umask(previous)
-    weights = [out / "model.safetensors", out / "checkpoint-1/model.safetensors", out / "checkpoint-2/model.safetensors"]
+    weights = [out / "model.safetensors", *(out / f"checkpoint-{step}/model.safetensors" for step in (1, 2))]
     assert [stat.S_IMODE(path.stat().st_mode) for path in weights] == [0o644] * 3
 
 
@@ -165,3 +168,20 @@ def test_a_checkpoint_of_another_model_type_is_refused_naming_it(tmp_path, saved
         f"clipcap train: error: --model_name_or_path: {saved_model_dir} holds a model of type 'gpt2' (config.json's "
         "model_type), not a ClipCap model; give a ClipCap folder or Hub name.\n"
     )
+
+
+def test_lora_adapters_whose_base_is_another_model_type_are_refused_naming_it(
+    tmp_path, saved_model_dir, caption_folder
+):
+    from clipcap_hf.training import load_lora_model
+
+    out = tmp_path / "out"
+    lora = ("--use_lora", "--lora_r", "2", "--max_steps", "1")
+    arguments = train_arguments(caption_folder, out, tmp_path / "cache", *lora)
+    assert main(["train", "--model_name_or_path", str(saved_model_dir), *arguments]) == 0
+    config = json.loads((saved_model_dir / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (saved_model_dir / "config.json").write_text(json.dumps(config))
+    base = rf"^the base model of {out} \(adapter_config.json's base_model_name_or_path\): {saved_model_dir} holds"
+    with pytest.raises(ValueError, match=rf"{base} a model of type 'gpt2'"):
+        load_lora_model(out)

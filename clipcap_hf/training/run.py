@@ -313,7 +313,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     overwrite = getattr(training_args, "overwrite_output_dir", False)
     resuming = training_args.do_train and training_args.resume_from_checkpoint is None and not overwrite
     if resuming and os.path.isdir(training_args.output_dir):
-        last_checkpoint = last_complete_checkpoint(training_args.output_dir, remove_incomplete=training_args.should_save)
+        remove_incomplete = training_args.should_save  # the main process
+        last_checkpoint = last_complete_checkpoint(training_args.output_dir, remove_incomplete=remove_incomplete)
         if last_checkpoint is not None:
             logger.info(f"Resuming from {last_checkpoint}; use another --output_dir to start afresh.")
     set_seed(training_args.seed)

@@ -80,7 +80,7 @@ def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
 
 
 def _umask() -> int:
-    """The process's umask: read from /proc where Linux shows it, since setting it, even for a moment, is process-wide."""
+    """The process's umask, read from /proc where Linux shows it: setting it, even for a moment, is process-wide."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
