@@ -158,7 +158,8 @@ def cached_embeddings(cache_dir):
 def test_evaluate_killed_while_writing_keeps_the_earlier_output_and_a_rerun_writes_the_same(
     tmp_path, saved_model_dir, caption_folder
 ):
-    arguments = ["evaluate", "--model", str(saved_model_dir), "--data", str(caption_folder), "--data-format", "imagefolder",
+    arguments = ["evaluate", "--model", str(saved_model_dir), "--data", str(caption_folder),
+                 "--data-format", "imagefolder",
                  "--metrics", "bleu", "--max-new-tokens", "4"]  # fmt: skip
     assert main([*arguments, "--output-dir", str(tmp_path / "whole")]) == 0
     out = tmp_path / "out"
@@ -179,7 +180,8 @@ def test_caption_killed_while_writing_the_gallery_keeps_the_earlier_page(tmp_pat
         image.save(folder / f"{index}.png")
     page = tmp_path / "gallery.html"
     page.write_text("earlier page")
-    arguments = ["caption", str(folder), "--model", str(saved_model_dir), "--max-new-tokens", "4", "--gallery", str(page)]
+    arguments = ["caption", str(folder), "--model", str(saved_model_dir), "--max-new-tokens", "4"]
+    arguments += ["--gallery", str(page)]
     run_killed("output", arguments)
     assert len(list(tmp_path.glob(".gallery.html.*.tmp"))) == 1  # killed with the new page written aside
     assert page.read_text() == "earlier page"
