@@ -229,6 +229,20 @@ class ClipCapConfig(PretrainedConfig):
         """Width of the language model's token embeddings, which each prefix vector has."""
         return _text_embedding_size(self.text_config)
 
+    @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        # A saved ClipCap config always holds its parts' configs; without them __init__ would build default-size parts,
+        # which then fail on the weights with a shape error.
+        needed = ["text_config"] + (["vision_config"] if config_dict.get("vision_backend", "clip") == "clip" else [])
+        missing = [key for key in needed if key not in config_dict]
+        if config_dict.get("model_type") == cls.model_type and missing:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: config.json has no {' and no '.join(missing)}; a saved ClipCap "
+                "config describes its parts. Restore the config.json saved with the model."
+            )
+        return config_dict, kwargs
+
     @property
     def sub_configs(self) -> dict[str, type]:
         # The open_clip backend has no `vision_config`; transformers would try to serialise a listed None sub-config.

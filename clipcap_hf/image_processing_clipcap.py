@@ -77,8 +77,9 @@ def to_rgb_image(image: ImageLike) -> PIL.Image.Image:
     if image.width == 0 or image.height == 0:
         raise ValueError(f"Got an image of size {image.width}x{image.height}; images must not be empty.")
     image = PIL.ImageOps.exif_transpose(image)
-    if image.mode == "I" or image.mode.startswith("I;16"):
-        # 32-bit and 16-bit integer images, by the rules of arrays (PIL's own conversion to RGB clips at 255).
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        # Integer and float images by the rules of arrays: PIL's own conversion to RGB clips at 255 (and makes an "F"
+        # image in [0, 1] black).
         values = np.asarray(image)
         if image.mode == "I" and 255 < values.max() <= 65535 and values.min() >= 0:
             values = values.astype(np.uint16)

@@ -98,6 +98,41 @@ def nearest_tokens(
     return similarities.topk(top_k, dim=-1)
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte each character of GPT-2's byte-level BPE alphabet stands for (the printable bytes stand for
+    themselves; the others are shifted to characters from U+0100 on)."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)}
+    alphabet, shifted = {}, 0
+    for byte in range(256):
+        if byte in printable:
+            alphabet[chr(byte)] = byte
+        else:
+            alphabet[chr(256 + shifted)] = byte
+            shifted += 1
+    return alphabet
+
+
+_BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
+
+
+def _token_text(tokenizer, token_id: int) -> str:
+    """
+    A token's own text. A byte-level token holding part of a multi-byte character, which decodes to U+FFFD alone,
+    shows its bytes instead: GPT-2's "Ã" (byte 0xC3, the first half of "é") as "<0xC3>".
+    """
+    text = tokenizer.decode([token_id])
+    if "\ufffd" not in text:
+        return text
+    token = tokenizer.convert_ids_to_tokens(token_id)
+    if not isinstance(token, str) or not token or any(char not in _BYTE_LEVEL_ALPHABET for char in token):
+        return text  # not a byte-level token (sentencepiece's byte tokens already read "<0xC3>")
+    raw = bytes(_BYTE_LEVEL_ALPHABET[char] for char in token)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return raw[: error.start].decode("utf-8") + "".join(f"<0x{byte:02X}>" for byte in raw[error.start :])
+
+
 def interpret_prefix_embeds(
     prefix_embeds: torch.Tensor, token_embeddings: torch.Tensor, tokenizer=None, top_k: int = 5
 ) -> list[PrefixInterpretation]:
@@ -128,7 +163,7 @@ def interpret_prefix_embeds(
         matches = []
         for position_similarities, position_ids in zip(image_similarities, image_token_ids):
             # Decoded one by one: each token's own text, not a merged string.
-            texts = [tokenizer.decode([token_id]) if tokenizer is not None else None for token_id in position_ids]
+            texts = [_token_text(tokenizer, token_id) if tokenizer is not None else None for token_id in position_ids]
             matches.append([TokenMatch(*match) for match in zip(position_ids, texts, position_similarities)])
         interpretations.append(PrefixInterpretation(matches))
     return interpretations

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -500,7 +501,21 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> "ClipCapForConditionalGeneration":
-        loaded = super().from_pretrained(*args, **kwargs)
+        name = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        try:
+            loaded = super().from_pretrained(*args, **kwargs)
+        except SafetensorError as error:  # a weights file cut short (an interrupted download or copy) or corrupt
+            raise OSError(
+                f"{name}: the weights (model.safetensors) cannot be read ({error}); the file is truncated or corrupt. "
+                "Download or copy the model again."
+            ) from error
+        except RuntimeError as error:  # transformers 5: "ignore_mismatched_sizes"; 4.57: "size mismatch for ..."
+            if "size mismatch" not in str(error) and "ignore_mismatched_sizes" not in str(error):
+                raise
+            raise ValueError(
+                f"{name}: the weights do not fit config.json (a layer's shape differs: was prefix_dim, the mapper "
+                "or a sub-config edited?). Restore the config.json saved with these weights."
+            ) from error
         # Loading replaces the parameters (with requires_grad=True); the vision tower stays frozen by default.
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # a tuple with output_loading_info=True
         if model.config.image_token_id is None:
@@ -913,6 +928,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if inputs is not None:
             self._length_as_new_tokens(inputs.shape[1], kwargs)
+            self._check_input_fits_positions(inputs.shape[1])
         # On the CPU, fp32 linear layers run through oneDNN where it measured faster than PyTorch's default (onednn.py).
         with cpu_linear_kernels(self):
             return super().generate(
@@ -921,6 +937,19 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 image_embeds=image_embeds,
                 attention_mask=attention_mask,
                 **kwargs,
+            )
+
+    def _check_input_fits_positions(self, input_length: int) -> None:
+        """
+        Refuse an input that leaves no position to generate in: a learned position table (GPT-2's) would fail with a
+        bare IndexError in the language model.
+        """
+        context = getattr(self.config.text_config, "max_position_embeddings", None)
+        if isinstance(context, int) and input_length >= context:
+            raise ValueError(
+                f"The input has {input_length} positions ({self.config.prefix_length} image tokens and the prompt), "
+                f"but the language model has {context} (max_position_embeddings) and needs one left to generate; "
+                f"shorten the prompt to at most {context - self.config.prefix_length - 1} tokens."
             )
 
     def _length_as_new_tokens(self, input_length: int, kwargs: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import transformers
@@ -22,6 +23,31 @@ from .open_clip_vision import resolve_open_clip_model  # noqa: F401
 TEXT_OPTIONS = frozenset(TextKwargs.__annotations__) - {"return_tensors"}
 # What `from_pretrained` passes on to read the model's config beside a folder saved before image tokens existed.
 _HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+
+
+# The files of a saved processor, each as the alternatives that serve: its settings (a folder saved before
+# processor_config.json existed has preprocessor_config.json), the tokenizer's config and its vocabulary.
+_PROCESSOR_FILES = (
+    ("processor_config.json", "preprocessor_config.json"),
+    ("tokenizer_config.json",),
+    ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model"),
+)
+
+
+def _check_saved_processor_files(name_or_path, subfolder: str = "") -> None:
+    """
+    A local folder missing a processor file is named with the file, rather than by transformers' messages about
+    converting slow tokenizers (sentencepiece, tiktoken) or Hub repositories.
+    """
+    folder = Path(name_or_path, subfolder)
+    if not folder.is_dir():
+        return  # a Hub name: transformers says what it cannot download
+    for alternatives in _PROCESSOR_FILES:
+        if not any((folder / name).is_file() for name in alternatives):
+            raise FileNotFoundError(
+                f"{folder} has no {' or '.join(alternatives)}, so it holds no complete processor; copy the model "
+                "folder again, or save its processor there (processor.save_pretrained)."
+            )
 
 
 class ClipCapProcessor(ProcessorMixin):
@@ -101,6 +127,7 @@ class ClipCapProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> ClipCapProcessor:
+        _check_saved_processor_files(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if processor.num_image_tokens is None:
             # Saved before image tokens existed; the model's config beside it has the prefix length.
@@ -128,7 +155,8 @@ class ClipCapProcessor(ProcessorMixin):
         image_processor = ClipCapImageProcessor.from_vision_pretrained(
             vision_model_name_or_path, vision_backend, open_clip_pretrained
         )
-        tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path, **kwargs)
+        # No code from the folder runs unless the caller asks (trust_remote_code=True in kwargs).
+        tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path, **{"trust_remote_code": False, **kwargs})
         return cls(image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=num_image_tokens)
 
     def __call__(

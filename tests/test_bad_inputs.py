@@ -44,3 +44,49 @@ def test_a_file_that_is_not_utf8_is_named_with_the_line_of_its_first_bad_byte(tm
     path.write_bytes(b'{"a": 1,\n"b": "\xff"}')
     with pytest.raises(ValueError, match=r"the first bad byte is on line 2"):
         read_json(path)
+
+# ---------------------------------------------------------------- damaged model folders, through `clipcap caption`
+
+
+def damaged_folder(saved_model_dir, damage):
+    if damage == "truncated weights":
+        weights = saved_model_dir / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    elif damage in ("no sub-configs", "mapper width"):
+        config = json.loads((saved_model_dir / "config.json").read_text())
+        if damage == "no sub-configs":
+            del config["text_config"], config["vision_config"]
+        else:
+            config["prefix_dim"] *= 2
+        (saved_model_dir / "config.json").write_text(json.dumps(config))
+    else:  # a file of the processor, in each of its forms (transformers 4.57 also writes vocab.json and
+        # preprocessor_config.json, which serve as well)
+        for name in damage.split(" or "):
+            (saved_model_dir / name).unlink(missing_ok=True)
+    return saved_model_dir
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        ("truncated weights", "the weights (model.safetensors) cannot be read"),
+        ("no sub-configs", "config.json has no text_config and no vision_config"),
+        ("mapper width", "the weights do not fit config.json"),
+        ("tokenizer_config.json", "has no tokenizer_config.json, so it holds no complete processor"),
+        ("tokenizer.json or vocab.json", "has no tokenizer.json or vocab.json or tokenizer.model or spiece.model"),
+        ("processor_config.json or preprocessor_config.json",
+         "has no processor_config.json or preprocessor_config.json"),
+    ],
+)
+def test_a_damaged_model_folder_is_one_line_naming_it(saved_model_dir, tmp_path, capsys, damage, message):
+    from conftest import random_images
+
+    from clipcap_hf.commands import main
+
+    random_images(1)[0].save(tmp_path / "a.png")
+    folder = damaged_folder(saved_model_dir, damage)
+    assert main(["caption", str(tmp_path / "a.png"), "--model", str(folder)]) == 2
+    captured = capsys.readouterr()
+    errors = [line for line in captured.err.splitlines() if line.startswith("clipcap caption: error: ")]
+    assert len(errors) == 1 and f"{folder}" in errors[0] and message in errors[0]
+    assert "Traceback" not in captured.err and captured.out == ""
