@@ -14,7 +14,6 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
-    AutoTokenizer,
     CLIPVisionModelWithProjection,
     GenerationConfig,
     GenerationMixin,
@@ -433,7 +432,6 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         prefix_length: int = 10,
         vision_backend: str = "clip",
         open_clip_pretrained: str | None = None,
-        image_token: str = "<image>",
         **config_kwargs,
     ) -> "ClipCapForConditionalGeneration":
         r"""
@@ -451,11 +449,11 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 `"clip"` (transformers' CLIP) or `"open_clip"`.
             open_clip_pretrained (`str`, *optional*):
                 open_clip backend: the pretrained tag, e.g. `"openai"`.
-            image_token (`str`, *optional*, defaults to `"<image>"`):
-                The image token's text: `config.image_token_id` is the id the language model's tokenizer gives it
-                (the processor adds it to the tokenizer where it is missing).
             mapping_type, prefix_length, **config_kwargs:
                 The remaining [`ClipCapConfig`] fields (`clip_length`, `mapping_num_layers`, `normalize_prefix`...).
+                `image_token_id` defaults to the first id after the language model's vocabulary, the id
+                [`ClipCapProcessor.from_vision_text_pretrained`] gives the image token when the tokenizer is as large
+                as the vocabulary (GPT-2's); otherwise pass `image_token_id=processor.image_token_id`.
 
         Example:
 
@@ -479,11 +477,6 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         )
         _check_local_path(text_model_name_or_path, "language model")
         language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, trust_remote_code=False)
-        if "image_token_id" not in config_kwargs:
-            # The id the processor's tokenizer gives the image token (`ClipCapProcessor.from_vision_text_pretrained`).
-            tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path, trust_remote_code=False)
-            vocabulary = tokenizer.get_vocab()
-            config_kwargs["image_token_id"] = vocabulary.get(image_token, len(tokenizer))
         # Building a composite config resets its sub-configs' attention implementation (transformers 4.x); the parts
         # are built already and keep theirs.
         attn_implementation = {"text_config": language_model.config._attn_implementation}

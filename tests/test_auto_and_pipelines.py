@@ -183,7 +183,8 @@ def test_from_vision_text_pretrained_with_local_parts(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path / "text")
 
     model = ClipCapForConditionalGeneration.from_vision_text_pretrained(
-        str(tmp_path / "vision"), str(tmp_path / "text"), mapping_type="transformer", prefix_length=3
+        str(tmp_path / "vision"), str(tmp_path / "text"), mapping_type="transformer", prefix_length=3,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )
     assert (model.config.mapping_type, model.config.prefix_length, model.config.prefix_dim) == ("transformer", 3, 24)
     for name, tensor in vision.state_dict().items():

@@ -82,18 +82,19 @@ def build_model(model_args: ModelArguments) -> tuple[ClipCapForConditionalGenera
     }
     if model_args.mapping_type == "transformer":
         config_kwargs["clip_length"] = model_args.clip_length
+    processor = ClipCapProcessor.from_vision_text_pretrained(
+        model_args.vision_model_name_or_path,
+        model_args.text_model_name_or_path,
+        num_image_tokens=model_args.prefix_length,
+        trust_remote_code=False,
+    )
     model = ClipCapForConditionalGeneration.from_vision_text_pretrained(
         model_args.vision_model_name_or_path,
         model_args.text_model_name_or_path,
         mapping_type=model_args.mapping_type,
         prefix_length=model_args.prefix_length,
+        image_token_id=processor.image_token_id,  # the id the tokenizer gave it
         **config_kwargs,
-    )
-    processor = ClipCapProcessor.from_vision_text_pretrained(
-        model_args.vision_model_name_or_path,
-        model_args.text_model_name_or_path,
-        num_image_tokens=model.config.prefix_length,
-        trust_remote_code=False,
     )
     return model, processor
 
