@@ -84,10 +84,11 @@ def test_unreadable_image_is_named_and_the_others_are_captioned(saved_model_dir,
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
-        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-        (["--num-beams", "0"], "--num-beams must be at least 1, got 0"),
-        (["--num-beams", "-2"], "--num-beams must be at least 1, got -2"),
+        (["--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1, got 0"),
+        (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+        (["--num-beams", "0"], "argument --num-beams: must be at least 1, got 0"),
+        (["--num-beams", "-2"], "argument --num-beams: must be at least 1, got -2"),
+        (["--batch-size", "two"], "argument --batch-size: must be a whole number, got 'two'"),
     ],
 )
 def test_bad_options_are_rejected(saved_model_dir, image_folder, capsys, extra, message):

@@ -367,10 +367,10 @@ def test_empty_predictions_are_named_once_with_domains():
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--num-beams", "0"], "--num-beams must be at least 1, got 0"),
-        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
-        (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
-        (["--limit", "0"], "--limit must be at least 1, got 0"),
+        (["--num-beams", "0"], "argument --num-beams: must be at least 1, got 0"),
+        (["--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1, got 0"),
+        (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+        (["--limit", "0"], "argument --limit: must be at least 1, got 0"),
         (["--output-dir", "{tmp}/captions.json"], "--output-dir: .*captions.json is a file, not a folder"),
         (["--model-card", "{tmp}/missing.md"], "--model-card: .*missing.md does not exist"),
         (["--split", "val"], "--split: the coco format has no splits"),

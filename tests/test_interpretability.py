@@ -174,7 +174,7 @@ def test_interpret_command_prints_the_nearest_tokens(saved_words_model, capsys):
 def test_interpret_command_rejects_bad_input(saved_words_model, tmp_path, capsys):
     folder, image_path, _ = saved_words_model
     assert main(["interpret", str(image_path), "--model", str(folder), "--top-k", "0"]) == 2
-    assert "--top-k must be at least 1, got 0" in capsys.readouterr().err
+    assert "argument --top-k: must be at least 1, got 0" in capsys.readouterr().err
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"not a png")
     assert main(["interpret", str(broken), "--model", str(folder)]) == 2

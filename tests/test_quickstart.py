@@ -72,7 +72,7 @@ def test_score_captions():
 def test_max_steps_below_one_is_rejected_before_training(tmp_path, capsys, monkeypatch, max_steps):
     monkeypatch.setattr("clipcap_hf.commands.quickstart.run_quickstart", lambda *args: pytest.fail("quickstart ran"))
     assert cli_main(["quickstart", "--output-dir", str(tmp_path), "--max-steps", max_steps]) == 2
-    assert f"--max-steps must be at least 1, got {max_steps}" in capsys.readouterr().err
+    assert f"argument --max-steps: must be at least 1, got {max_steps}" in capsys.readouterr().err
 
 
 def test_a_folder_with_other_files_is_refused_before_training(tmp_path, capsys, monkeypatch):

@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exit:  # argparse's own exit (--help, or a refused option it has printed): a status here too
+        return exit.code if isinstance(exit.code, int) else 2
     if hasattr(sys.stdout, "reconfigure"):
         # A file name or caption that stdout's encoding cannot show (cp1252 on Windows) is escaped, not fatal.
         sys.stdout.reconfigure(errors="backslashreplace")

@@ -1,4 +1,4 @@
-"""What the `clipcap` subcommands share: image paths, model loading and option checks."""
+"""What the `clipcap` subcommands share: image paths, model loading, and argparse types that check option values."""
 
 from __future__ import annotations
 
@@ -17,6 +17,25 @@ from ..utils.loading import load_clipcap
 PIL.Image.init()  # registers every format plugin, so that the extensions below are complete
 # Every extension PIL can open (.avif, .jfif, .ppm, ...), not a fixed list that misses some of them.
 IMAGE_SUFFIXES = frozenset(ext for ext, fmt in PIL.Image.registered_extensions().items() if fmt in PIL.Image.OPEN)
+
+
+def positive_int(text: str) -> int:
+    """An argparse `type`: a whole number of at least 1, so that a bad value stops the command before any work."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """An argparse `type`: a TCP port, 1 to 65535."""
+    value = positive_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"must be between 1 and 65535, got {value}")
+    return value
 
 
 def _is_image_file(path: Path) -> bool:
@@ -72,15 +91,8 @@ def load_model_and_processor(model_name_or_path: str, device: str | None = None)
     return model.to(resolved).eval(), processor
 
 
-def check_top_k(top_k: int) -> None:
-    """`--top-k` must be at least 1; checked before the model is loaded (see also `check_top_k_fits_vocabulary`)."""
-    if top_k < 1:
-        raise ValueError(f"--top-k must be at least 1, got {top_k}.")
-
-
 def check_top_k_fits_vocabulary(top_k: int, model, processor) -> None:
     """Say that `--top-k` is too large before any image is read, naming the option rather than `top_k`."""
-    check_top_k(top_k)
     # `interpret_prefix` chooses among the tokenizer's tokens that have an embedding row.
     vocab_size = min(len(processor.tokenizer), model.get_input_embeddings().num_embeddings)
     if top_k > vocab_size:
@@ -109,14 +121,8 @@ def check_gallery_path(gallery: str, output_dir: str | None = None, taken: Itera
         raise FileNotFoundError(f"--gallery: folder {folder} does not exist.")
 
 
-def check_caption_options(args: argparse.Namespace) -> dict:
-    """Check the decoding options shared by caption and evaluate; return them as `generate` arguments."""
-    if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}.")
-    if args.num_beams < 1:
-        raise ValueError(f"--num-beams must be at least 1, got {args.num_beams}.")
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}.")
+def decoding_kwargs(args: argparse.Namespace) -> dict:
+    """The decoding options shared by caption and evaluate, as `generate` arguments."""
     generate_kwargs = {"num_beams": args.num_beams, "do_sample": False}
     if args.max_new_tokens is not None:  # otherwise the model's generation config decides
         generate_kwargs["max_new_tokens"] = args.max_new_tokens
@@ -128,13 +134,13 @@ DEFAULT_NUM_BEAMS = 1
 
 
 def add_caption_options(parser: argparse.ArgumentParser, batch_size: int) -> None:
-    parser.add_argument("--num-beams", type=int, default=DEFAULT_NUM_BEAMS,
+    parser.add_argument("--num-beams", type=positive_int, default=DEFAULT_NUM_BEAMS,
                         help=f"Beams for beam search, e.g. 5 (default: {DEFAULT_NUM_BEAMS}, greedy decoding, for both "
                              "`clipcap caption` and `clipcap evaluate`).")
-    parser.add_argument("--max-new-tokens", type=int, default=None,
+    parser.add_argument("--max-new-tokens", type=positive_int, default=None,
                         help="Longest caption in tokens (default: the model's generation config: 30 for models "
                              "built here, 67 for converted paper checkpoints).")
-    parser.add_argument("--batch-size", type=int, default=batch_size, help=f"Images per batch (default: {batch_size}).")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"Images per batch (default: {batch_size}).")
 
 
 def stdout_is_utf8() -> bool:

@@ -11,8 +11,8 @@ from ..evaluation.gallery import GalleryRecord, write_gallery
 from ..utils.file_utils import escape_controls
 from ._utils import (
     add_caption_options,
-    check_caption_options,
     check_gallery_path,
+    decoding_kwargs,
     expand_image_paths,
     load_model_and_processor,
     stdout_is_utf8,
@@ -31,7 +31,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    generate_kwargs = check_caption_options(args)
+    generate_kwargs = decoding_kwargs(args)
     paths = expand_image_paths(args.images)
     if args.gallery:
         check_gallery_path(args.gallery, taken=paths)

@@ -23,7 +23,13 @@ from typing import TYPE_CHECKING
 
 from ..image_processing_clipcap import load_image, to_rgb_image
 from ..modeling_clipcap import DEFAULT_MAX_NEW_TOKENS
-from ._utils import check_top_k, check_top_k_fits_vocabulary, expand_image_paths, load_model_and_processor
+from ._utils import (
+    check_top_k_fits_vocabulary,
+    expand_image_paths,
+    load_model_and_processor,
+    port_number,
+    positive_int,
+)
 
 if TYPE_CHECKING:
     import gradio
@@ -201,16 +207,13 @@ def build_demo(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="A ClipCap folder or Hub name.")
     parser.add_argument("--examples", nargs="*", default=[], help="Example images: files, folders or glob patterns.")
-    parser.add_argument("--top-k", type=int, default=5, help="Nearest tokens shown per prefix vector (default: 5).")
+    parser.add_argument("--top-k", type=positive_int, default=5, help="Nearest tokens shown per prefix vector (default: 5).")
     parser.add_argument("--host", default="127.0.0.1", help="Address to serve on; 0.0.0.0 exposes the demo.")
-    parser.add_argument("--port", type=int, default=None, help="Default: the first free port from 7860.")
+    parser.add_argument("--port", type=port_number, default=None, help="Default: the first free port from 7860.")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
 
 
 def run(args: argparse.Namespace) -> int:
-    check_top_k(args.top_k)
-    if args.port is not None and not 1 <= args.port <= 65535:
-        raise ValueError(f"--port must be between 1 and 65535, got {args.port}.")
     import_gradio()  # fail before loading the model when Gradio is missing
     examples = expand_image_paths(args.examples) if args.examples else []
     model, processor = load_model_and_processor(args.model, args.device)

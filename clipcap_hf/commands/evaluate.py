@@ -28,7 +28,13 @@ from ..evaluation.evaluate import (
 )
 from ..evaluation.gallery import GalleryRecord, write_gallery
 from ..evaluation.metrics import METRIC_NAMES, load_coco_predictions
-from ._utils import add_caption_options, check_caption_options, check_gallery_path, load_model_and_processor
+from ._utils import (
+    add_caption_options,
+    check_gallery_path,
+    decoding_kwargs,
+    load_model_and_processor,
+    positive_int,
+)
 
 DATASET_TYPES = {
     "coco-karpathy": "coco",
@@ -55,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metrics", nargs="+", default=list(METRIC_NAMES), choices=list(METRIC_NAMES),
                         help="Metrics to compute (default: all of them).")
     add_caption_options(parser, batch_size=32)
-    parser.add_argument("--limit", type=int, help="Evaluate only the first N images.")
+    parser.add_argument("--limit", type=positive_int, help="Evaluate only the first N images.")
     parser.add_argument("--device", help="Default: cuda when available, else cpu.")
     parser.add_argument("--model-card", help="A model card (model_card.md) to fill with the results.")
     parser.add_argument("--dataset-name", help="Dataset name for the model card (default: from --data).")
@@ -99,9 +105,7 @@ def _check_arguments(args: argparse.Namespace) -> dict:
     """What would otherwise fail after the captioning, or in the middle of it; returns the `generate` arguments."""
     if not args.model and not args.predictions:
         raise ValueError("Give --model (to caption the images) or --predictions (to score a results file).")
-    generate_kwargs = check_caption_options(args)
-    if args.limit is not None and args.limit < 1:
-        raise ValueError(f"--limit must be at least 1, got {args.limit}.")
+    generate_kwargs = decoding_kwargs(args)
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise NotADirectoryError(f"--output-dir: {args.output_dir} is a file, not a folder.")
     if args.model_card and not Path(args.model_card).is_file():

@@ -14,10 +14,10 @@ from ..evaluation import UnreadableImagesError
 from ..image_processing_clipcap import load_image
 from ..utils.file_utils import escape_controls
 from ._utils import (
-    check_top_k,
     check_top_k_fits_vocabulary,
     expand_image_paths,
     load_model_and_processor,
+    positive_int,
     stdout_is_utf8,
 )
 
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="Image files, folders of images, or glob patterns.")
     parser.add_argument("--model", required=True, help="A ClipCap folder or Hub name.")
     parser.add_argument(
-        "--top-k", type=int, default=5, help="Tokens shown per prefix vector, most similar first (default: 5)."
+        "--top-k", type=positive_int, default=5, help="Tokens shown per prefix vector, most similar first (default: 5)."
     )
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument(
@@ -35,7 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    check_top_k(args.top_k)
     paths = expand_image_paths(args.images)
     model, processor = load_model_and_processor(args.model, args.device)
     check_top_k_fits_vocabulary(args.top_k, model, processor)

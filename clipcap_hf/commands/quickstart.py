@@ -5,12 +5,14 @@ from __future__ import annotations
 import argparse
 
 from ..training.quickstart import QuickstartConfig, run_quickstart
+from ._utils import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", default="clipcap-quickstart",
                         help="Where the trained model is saved (default: clipcap-quickstart).")
-    parser.add_argument("--max-steps", type=int, default=QuickstartConfig.max_steps,
+    # At least 1: the Trainer takes 0 as (next to) no training and a negative value as "use the epochs".
+    parser.add_argument("--max-steps", type=positive_int, default=QuickstartConfig.max_steps,
                         help=f"Training steps (default: {QuickstartConfig.max_steps}).")
     parser.add_argument("--seed", type=int, default=QuickstartConfig.seed,
                         help=f"Seed of the data, the model and the training (default: {QuickstartConfig.seed}).")
@@ -20,8 +22,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.max_steps < 1:  # the Trainer takes these: 0 trains (next to) nothing, a negative value its default epochs
-        raise ValueError(f"--max-steps must be at least 1, got {args.max_steps}.")
     config = QuickstartConfig(max_steps=args.max_steps, seed=args.seed)
     run_quickstart(args.output_dir, config, overwrite=args.overwrite)
     return 0
