@@ -218,8 +218,6 @@ class ClipCapTransformerMapper(nn.Module):
     def __init__(self, config: ClipCapConfig):
         super().__init__()
         hidden_size = config.text_embedding_size
-        # Checked again here: a language model given to the model's constructor may have changed the width.
-        check_mapping_num_heads(config.mapping_num_heads, hidden_size)
         self.clip_length = config.clip_length
         self.linear = nn.Linear(config.prefix_dim, config.clip_length * hidden_size)
         self.prefix_const = nn.Parameter(torch.randn(config.prefix_length, hidden_size))
@@ -381,6 +379,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 f"{config.text_embedding_size}-d (`config.text_embedding_size`, read from `config.text_config`); the "
                 "prefix vectors must have the width of the token embeddings."
             )
+        if config.mapping_type == "transformer":  # the config checked its own width; a given language model has its own
+            check_mapping_num_heads(config.mapping_num_heads, embedding_size)
         self.vision_model = vision_model
         mapper_class = ClipCapMLPMapper if config.mapping_type == "mlp" else ClipCapTransformerMapper
         self.mapping_network = mapper_class(config)
