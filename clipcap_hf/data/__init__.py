@@ -26,6 +26,7 @@ from .loaders import (
     load_image_folder,
     load_nocaps,
 )
+from .sources import decode_image, image_key, load_image_source
 
 __all__ = [
     "ClipCapDataCollator",
@@ -33,15 +34,18 @@ __all__ = [
     "ImageEmbeddingCache",
     "add_caption_lengths",
     "check_images",
+    "decode_image",
     "embed_images",
     "group_by_image",
     "image_cache_key",
     "image_inputs",
+    "image_key",
     "load_caption_dataset",
     "load_coco_captions",
     "load_coco_karpathy",
     "load_conceptual_captions",
     "load_image_folder",
+    "load_image_source",
     "load_nocaps",
     "vision_fingerprint",
 ]

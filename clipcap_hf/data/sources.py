@@ -1,0 +1,260 @@
+"""Image sources through `datasets`: any image (and caption) data, one row per image with a stable key.
+
+[`load_image_source`] reads a Hub dataset, data files that a `datasets` builder reads (webdataset `.tar` shards,
+parquet, JSON Lines/JSON/CSV naming image files, Arrow), a folder written by `Dataset.save_to_disk`, an image folder,
+or one of the caption formats of [`DATASET_FORMATS`], and gives every source the same columns: `image`, `image_key`
+and, when it has captions, `captions`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import datasets
+import PIL.Image
+
+from .loaders import DATASET_FORMATS, PathLike, load_caption_dataset
+
+# The `datasets` builder of each data file suffix.
+BUILDERS = {
+    ".tar": "webdataset",
+    ".parquet": "parquet",
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".arrow": "arrow",
+}
+# Columns that datasets' webdataset builder adds to every row: the sample's key and its shard.
+WEBDATASET_KEY, SHARD_COLUMN = "__key__", "__url__"
+
+
+def load_image_source(
+    *,
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    data_files: PathLike | Sequence[PathLike] | None = None,
+    split: str = "train",
+    image_column: str | None = None,
+    caption_column: str | None = None,
+    streaming: bool = False,
+    dataset_format: str | None = None,
+    image_root: PathLike | None = None,
+) -> datasets.Dataset | datasets.IterableDataset:
+    """
+    Load images (and their captions) from any source `datasets` reads, one row per source row, with the columns
+
+    - `image`: a `datasets.Image` feature: a PIL image on access (cast it to `Image(decode=False)` for the
+      `{"bytes", "path"}` value); with `streaming`, the undecoded `{"bytes", "path"}` value ([`decode_image`]
+      decodes it),
+    - `image_key`: a stable key of the image: for a file its absolute path, size and modification time (see
+      [`image_cache_key`]), for image bytes (parquet, webdataset, Hub datasets) `sha256:<hash of the bytes>`,
+    - `captions` (when there is a caption column): the row's captions, a list of strings,
+
+    and the source's other columns (webdataset shards keep `__key__` and `__url__`, the shard's file).
+
+    Args:
+        dataset_name: a Hub dataset (or a local dataset script/folder) for `datasets.load_dataset`.
+        dataset_config_name: its configuration.
+        data_files: data files (or one folder) instead: webdataset `.tar` shards, `.parquet`, `.jsonl`/`.json`/
+            `.csv` (whose image column holds file paths, relative to `image_root` or else to the file's folder),
+            `.arrow`, a folder written by `save_to_disk`, or an image folder (`metadata.jsonl`/`.csv` beside the images).
+        split: the split to read (`train`, `validation`, ...).
+        image_column: the column holding the image; default `image`, or the first image column of the source
+            (`jpg`, `png`, ... in webdataset shards).
+        caption_column: the column holding a caption string or a list of captions (`text`, `caption`, `txt`, ...);
+            `None` for images without captions.
+        streaming: return an `IterableDataset` read lazily, without preparing the whole source first.
+        dataset_format: one of [`DATASET_FORMATS`] (`coco-karpathy`, `coco`, `conceptual-captions`, `nocaps`,
+            `imagefolder`): `data_files` is then that format's file (or folder), read by its loader and grouped by
+            image; captions come in `captions` whatever `caption_column` says.
+        image_root: the folder that image paths are relative to (caption formats, JSON/CSV files).
+
+    Returns:
+        A `datasets.Dataset` (or `IterableDataset` with `streaming`). A missing column is a `ValueError` listing the
+        columns the source has.
+    """
+    if dataset_format is not None:
+        dataset = _from_caption_format(dataset_format, data_files, image_root, split)
+        image_column, caption_column = "image", "captions"
+    elif dataset_name is not None:
+        dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
+    elif data_files is not None:
+        dataset = _from_data_files(data_files, split, streaming)
+    else:
+        raise ValueError("Give a source: --dataset_name, or --train_file/--validation_file (data files or a folder).")
+    if streaming and isinstance(dataset, datasets.Dataset):
+        dataset = dataset.to_iterable_dataset()
+    if isinstance(dataset, datasets.IterableDataset) and dataset.features is None:
+        dataset = dataset._resolve_features()  # reads the first rows only
+    source = dataset_name or dataset_format or _describe(data_files)
+    image_column = image_column or _default_image_column(dataset, source)
+    _require_columns(dataset, [image_column] + ([caption_column] if caption_column else []), source)
+    if not isinstance(dataset.features[image_column], datasets.Image):
+        # Paths in a JSON/CSV file: relative to --image_root, else to the folder of the file.
+        root = image_root if image_root is not None else _files_folder(data_files)
+        dataset = dataset.map(
+            _absolute_paths, input_columns=image_column, fn_kwargs={"column": image_column, "root": root}, batched=True
+        )
+    # Undecoded from here on: keys hash the stored bytes (renaming a decoded column of an IterableDataset would
+    # re-encode them), and nothing is decoded before it is used.
+    dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    if image_column != "image":
+        if "image" in dataset.column_names:
+            dataset = dataset.remove_columns("image")
+        dataset = dataset.rename_column(image_column, "image")
+    return _add_keys_and_captions(dataset, caption_column, source)
+
+
+def image_key(image: dict[str, Any]) -> str:
+    """The stable key of an undecoded `datasets.Image` value (`{"bytes", "path"}`): see [`load_image_source`]."""
+    if image.get("bytes") is not None:
+        return "sha256:" + hashlib.sha256(image["bytes"]).hexdigest()
+    from .embeddings import image_cache_key
+
+    return image_cache_key(os.path.abspath(image["path"]))
+
+
+def decode_image(image: dict[str, Any]) -> PIL.Image.Image:
+    """Fully decode an undecoded `datasets.Image` value (a truncated image fails here, not in a training step)."""
+    import io
+
+    with PIL.Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]) as opened:
+        opened.load()
+        return opened.copy()
+
+
+def _from_data_files(data_files, split: str, streaming: bool):
+    files = [str(path) for path in ([data_files] if isinstance(data_files, (str, os.PathLike)) else data_files)]
+    if len(files) == 1 and os.path.isdir(files[0]):
+        folder = Path(files[0])
+        if (folder / datasets.config.DATASET_STATE_JSON_FILENAME).exists() or (
+            folder / datasets.config.DATASETDICT_JSON_FILENAME
+        ).exists():
+            loaded = datasets.load_from_disk(str(folder))
+            if isinstance(loaded, datasets.DatasetDict):
+                if split not in loaded:
+                    raise ValueError(f"{folder} (save_to_disk) has no split {split!r}; it has {sorted(loaded)}.")
+                loaded = loaded[split]
+            return loaded
+        return datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", streaming=streaming)
+    missing = [path for path in files if not os.path.exists(path)]
+    if missing:
+        raise FileNotFoundError(f"Data file {missing[0]} does not exist.")
+    suffixes = {Path(path).suffix.lower() for path in files}
+    builders = {BUILDERS.get(suffix) for suffix in suffixes}
+    if None in builders or len(builders) != 1:
+        raise ValueError(
+            f"Cannot tell how to read {_describe(files)}: give files of one kind, with one of the suffixes "
+            f"{', '.join(BUILDERS)}, a folder (image folder or save_to_disk), or a --dataset_format."
+        )
+    (builder,) = builders
+    return datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming)
+
+
+def _from_caption_format(dataset_format: str, path, image_root, split: str) -> datasets.Dataset:
+    """A caption format's rows (one per caption) grouped into one row per image with its `captions`."""
+    if dataset_format not in DATASET_FORMATS:
+        raise ValueError(f"Unknown dataset format {dataset_format!r}; expected one of {sorted(DATASET_FORMATS)}.")
+    if path is None:
+        raise ValueError(f"The {dataset_format!r} format needs its file (--train_file/--validation_file).")
+    loaded = load_caption_dataset(dataset_format, path, image_root)
+    if isinstance(loaded, datasets.DatasetDict):  # the Karpathy file holds every split
+        name = {"val": "validation", "eval": "validation"}.get(split, split)
+        if name not in loaded:
+            raise ValueError(
+                f"{path} ({dataset_format}) has no images of split {split!r}; it has {sorted(loaded)}."
+            )
+        loaded = loaded[name]
+    first_row: dict[str, int] = {}
+    captions: dict[str, list[str]] = {}
+    for row, (path, caption) in enumerate(zip(loaded["image_path"], loaded["caption"])):
+        first_row.setdefault(path, row)
+        captions.setdefault(path, []).append(caption)
+    images = loaded.select(list(first_row.values())).remove_columns("caption")
+    images = images.add_column("captions", list(captions.values()))
+    return images.add_column("image", images["image_path"]).cast_column("image", datasets.Image())
+
+
+def _add_keys_and_captions(dataset, caption_column: str | None, source: str):
+    """Add `image_key` (and `captions`) computed from the undecoded images, without decoding any."""
+    columns = ["image"] + ([caption_column] if caption_column else [])
+    keys_and_captions = dict(
+        function=_keys_and_captions,
+        input_columns=columns,
+        batched=True,
+        fn_kwargs={"caption_column": caption_column, "source": source},
+    )
+    replaced = [caption_column] if caption_column else []
+    if isinstance(dataset, datasets.IterableDataset):
+        features = datasets.Features({name: f for name, f in dataset.features.items() if name not in replaced})
+        features["image_key"] = datasets.Value("string")
+        if caption_column:
+            features["captions"] = datasets.List(datasets.Value("string"))
+        features["image"] = datasets.Image(decode=False)
+        # Left undecoded: datasets does not decode the images of a mapped IterableDataset (see decode_image).
+        return dataset.map(**keys_and_captions, remove_columns=replaced, features=features)
+    # Only the new columns are written (the images are not copied), then joined to the source's memory-mapped ones.
+    new_columns = dataset.select_columns(columns).map(**keys_and_captions, remove_columns=columns)
+    keyed = datasets.concatenate_datasets([dataset.remove_columns(replaced), new_columns], axis=1)
+    return keyed.cast_column("image", datasets.Image())
+
+
+def _keys_and_captions(images, captions=None, *, caption_column, source):
+    batch = {"image_key": [image_key(image) for image in images]}
+    if caption_column is not None:
+        batch["captions"] = [
+            _caption_list(value, caption_column, source, key) for value, key in zip(captions, batch["image_key"])
+        ]
+    return batch
+
+
+def _caption_list(value: Any, column: str, source: str, key: str) -> list[str]:
+    texts = [value] if isinstance(value, str) else value
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
+        raise ValueError(
+            f"{source}: the image {key} has {column!r} = {value!r}; give each image a caption, or a list of "
+            "non-empty captions."
+        )
+    return [text.strip() for text in texts]
+
+
+def _absolute_paths(paths, *, column: str, root):
+    return {column: [p if p is None or os.path.isabs(p) else os.path.join(root, p) for p in paths]}
+
+
+def _default_image_column(dataset, source: str) -> str:
+    features = dataset.features
+    if "image" in features:
+        return "image"
+    images = [name for name, feature in features.items() if isinstance(feature, datasets.Image)]
+    if not images:
+        raise ValueError(
+            f"{source} has no image column (columns: {', '.join(features) or 'none'}); name it with --image_column."
+        )
+    return images[0]
+
+
+def _require_columns(dataset, columns: list[str], source: str) -> None:
+    have = list(dataset.features)
+    missing = [column for column in columns if column not in have]
+    if missing:
+        raise ValueError(
+            f"{source} has no column {missing[0]!r}; its columns are: {', '.join(have)}. Name the right one with "
+            "--image_column / --caption_column."
+        )
+
+
+def _files_folder(data_files) -> str:
+    first = data_files if isinstance(data_files, (str, os.PathLike)) else next(iter(data_files or []), ".")
+    return str(Path(first).parent if not os.path.isdir(first) else Path(first))
+
+
+def _describe(data_files) -> str:
+    if data_files is None:
+        return "the source"
+    files = [str(data_files)] if isinstance(data_files, (str, os.PathLike)) else [str(path) for path in data_files]
+    return files[0] if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more files)"
