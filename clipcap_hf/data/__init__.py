@@ -14,7 +14,16 @@ Example:
 """
 
 from .collator import ClipCapDataCollator, add_caption_lengths, image_inputs
-from .embeddings import ImageEmbeddingCache, embed_images, image_cache_key, vision_fingerprint
+from .embeddings import (
+    ImageEmbeddingCache,
+    check_embeddings,
+    embed_images,
+    embed_source,
+    image_cache_key,
+    load_embeddings,
+    load_embeddings_info,
+    vision_fingerprint,
+)
 from .loaders import (
     DATASET_FORMATS,
     check_images,
@@ -33,9 +42,11 @@ __all__ = [
     "DATASET_FORMATS",
     "ImageEmbeddingCache",
     "add_caption_lengths",
+    "check_embeddings",
     "check_images",
     "decode_image",
     "embed_images",
+    "embed_source",
     "group_by_image",
     "image_cache_key",
     "image_inputs",
@@ -44,6 +55,8 @@ __all__ = [
     "load_coco_captions",
     "load_coco_karpathy",
     "load_conceptual_captions",
+    "load_embeddings",
+    "load_embeddings_info",
     "load_image_folder",
     "load_image_source",
     "load_nocaps",

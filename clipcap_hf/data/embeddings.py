@@ -11,9 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
+import zlib
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
@@ -21,6 +25,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..utils.file_utils import read_json, write_text_atomically
+from .sources import decode_image
 from .loaders import (
     BadImagePolicy,
     PathLike,
@@ -40,16 +45,22 @@ EMBEDDING_CACHE_VERSION = 1
 EMBEDDING_SHARD_SIZE = 4096
 
 
-def vision_fingerprint(vision_model: torch.nn.Module, image_processor) -> str:
+def vision_fingerprint(model, image_processor) -> str:
     """
-    A hash of everything that determines an image's embedding: the vision tower's weights (names, dtypes, values) and
-    the image processor's settings. Any change gives another fingerprint, hence another cache.
+    A hash of everything that determines an image's embedding: the vision tower's weights (names, dtypes, values),
+    which tower it is (the ClipCap config's `vision_backend`, `vision_pooling` and the vision config's model type)
+    and the image processor's settings. Any change gives another fingerprint, hence another cache.
+
+    Args:
+        model: a [`ClipCapForConditionalGeneration`] (its `vision_model` and `config` are read).
+        image_processor: the preprocessing the embeddings are computed with.
     """
     digest = hashlib.sha256()
-    for name, tensor in sorted(vision_model.state_dict().items()):
+    for name, tensor in sorted(model.vision_model.state_dict().items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+    digest.update(json.dumps(_vision_tower(model.config), sort_keys=True).encode())
     # Only preprocessing settings: save_pretrained adds `auto_map` (and transformers 4 `_processor_class`), which
     # would otherwise give a saved and reloaded processor another fingerprint and recompute the whole cache.
     settings = {
@@ -60,6 +71,15 @@ def vision_fingerprint(vision_model: torch.nn.Module, image_processor) -> str:
     digest.update(type(image_processor).__name__.encode())
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def _vision_tower(config) -> dict[str, str | None]:
+    """Which vision tower a ClipCap config describes, besides its weights."""
+    return {
+        "vision_backend": getattr(config, "vision_backend", None),
+        "vision_pooling": getattr(config, "vision_pooling", None),
+        "vision_model_type": getattr(getattr(config, "vision_config", None), "model_type", None),
+    }
 
 
 class ImageEmbeddingCache:
@@ -81,7 +101,7 @@ class ImageEmbeddingCache:
     def __init__(self, cache_dir: PathLike, model, image_processor):
         self.model = model
         self.image_processor = image_processor
-        self.fingerprint = vision_fingerprint(model.vision_model, image_processor)
+        self.fingerprint = vision_fingerprint(model, image_processor)
         cache_dir = Path(cache_dir)
         # A folder that is itself a cache (it has cache_info.json) is used as is, after checking its fingerprint.
         self.directory = cache_dir if (cache_dir / "cache_info.json").exists() else cache_dir / self.fingerprint[:16]
@@ -294,3 +314,359 @@ def embed_images(
             split = split.remove_columns("image_index")
         splits[name] = split.add_column("image_index", [position[key] for key in keys[name]])
     return _rebuild(dataset, splits), table
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The embeddings folder of `clipcap embed`: every unique image of a source embedded once, across all processes
+
+EMBEDDINGS_VERSION = 2
+EMBEDDINGS_INFO_NAME = "embeddings_info.json"
+LEGACY_CACHE_INFO_NAME = "cache_info.json"
+# Columns of the embeddings folder; a source's other columns may be kept beside them (`keep_columns`).
+KEY_COLUMN, EMBEDDING_COLUMN, CAPTIONS_COLUMN = "image_key", "embedding", "captions"
+
+
+def load_embeddings(directory: PathLike) -> datasets.Dataset:
+    """
+    The embeddings folder written by `clipcap embed` (or by `clipcap train` on a raw source) as one memory-mapped
+    `datasets.Dataset`: `image_key`, `embedding` (float32, `embedding_dim` values), `captions` when the source had
+    captions, and the source columns kept with `--keep_columns`. Nothing is read into memory until used.
+
+    Its description (vision tower fingerprint, preprocessing, counts) is [`load_embeddings_info`]. A folder of an
+    earlier version (the embedding cache before `clipcap embed`) is refused with the command that rebuilds it.
+    """
+    directory = Path(directory)
+    load_embeddings_info(directory)  # checks the folder
+    shards = _complete_shards(directory)
+    if not shards:
+        raise ValueError(f"{directory} holds no embeddings yet; run `clipcap embed` (or let it finish) first.")
+    return datasets.concatenate_datasets([_load_shard(shard) for shard in shards])
+
+
+def load_embeddings_info(directory: PathLike) -> dict[str, Any]:
+    """
+    The info file of an embeddings folder: `version`, `fingerprint` (see [`vision_fingerprint`]), `vision` (the
+    tower: backend, pooling, model type, class, config), `image_processor` (its settings), `embedding_dim`,
+    `columns`, `source`, and when the pass is complete `num_images` and `num_shards`.
+    """
+    directory = Path(directory)
+    info_path = directory / EMBEDDINGS_INFO_NAME
+    if not info_path.exists():
+        legacy = (directory / LEGACY_CACHE_INFO_NAME).exists() or any(directory.glob(f"*/{LEGACY_CACHE_INFO_NAME}"))
+        if legacy:
+            raise ValueError(
+                f"{directory} is an embedding cache of an earlier version of clipcap_hf (image keys and embeddings, "
+                "no captions, no info file), which cannot be read as an embeddings folder. Rebuild it from its source: "
+                f"`clipcap embed --model MODEL --train_file SOURCE --output NEW_FOLDER` (or train from the source "
+                "itself); the old folder can then be deleted."
+            )
+        raise FileNotFoundError(
+            f"{directory} is no embeddings folder (it has no {EMBEDDINGS_INFO_NAME}); write one with `clipcap embed`."
+        )
+    info = read_json(info_path)
+    if info.get("version") != EMBEDDINGS_VERSION:
+        raise ValueError(
+            f"{directory} was written by another version of clipcap_hf (format {info.get('version')}, this one reads "
+            f"{EMBEDDINGS_VERSION}); rebuild it with `clipcap embed`."
+        )
+    return info
+
+
+def check_embeddings(directory: PathLike, model, image_processor) -> dict[str, Any]:
+    """The folder's info, after checking that `model`'s vision tower and `image_processor` computed it."""
+    info = load_embeddings_info(directory)
+    fingerprint = vision_fingerprint(model, image_processor)
+    if info["fingerprint"] != fingerprint:
+        raise ValueError(
+            f"The embeddings in {directory} were computed with another vision tower or image preprocessing "
+            f"({_describe_tower(info)}, fingerprint {info['fingerprint'][:16]}; this model's is {fingerprint[:16]}). "
+            "Embed the source again with this model (`clipcap embed --model ... --output ANOTHER_FOLDER`)."
+        )
+    return info
+
+
+def embed_source(
+    source: datasets.Dataset | datasets.IterableDataset,
+    model,
+    image_processor,
+    output_dir: PathLike,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    on_bad_image: BadImagePolicy = "error",
+    keep_columns: Sequence[str] = (),
+    source_name: str | None = None,
+) -> dict[str, Any]:
+    """
+    Embed every unique image of a source (rows of [`load_image_source`]) once into an embeddings folder.
+
+    In a distributed run (`torchrun`, `accelerate launch`: `torch.distributed` initialised) every process embeds its
+    own share, the images whose key hashes to its rank, and writes its own shards, named
+    `shard-rank<R>-of-<N>-<n>`; without one, one process embeds everything. Shards are written whole under a
+    temporary name and then renamed, every [`EMBEDDING_SHARD_SIZE`] images, so a run that is killed keeps all but
+    its last shard: a rerun reads the keys already stored and embeds only the others, and never stores an image twice.
+    An image given by several rows (several captions, one per row) is embedded once, with all their captions.
+
+    Args:
+        source: the images: `image`, `image_key` and optionally `captions`.
+        model: the [`ClipCapForConditionalGeneration`] whose vision tower embeds them.
+        image_processor: its image processor.
+        output_dir: the embeddings folder; one written with another tower or preprocessing is refused.
+        batch_size: images per vision forward.
+        device: where the vision tower runs; CUDA when available by default.
+        num_workers: DataLoader workers that decode and preprocess images (map-style sources).
+        on_bad_image: an unreadable image raises a `ValueError` naming its shard and key after the readable ones are
+            stored (`"error"`), or is left out with a warning that counts them (`"skip"`).
+        keep_columns: source columns to store beside the embeddings (from the image's first row).
+        source_name: how the info file describes the source.
+
+    Returns:
+        The folder's info (see [`load_embeddings_info`]), with `num_images` and `num_shards`.
+    """
+    _check_policy(on_bad_image)
+    missing = [name for name in (*keep_columns, "image", KEY_COLUMN) if name not in (source.features or {})]
+    if missing:
+        raise ValueError(
+            f"The source has no column {missing[0]!r}; its columns are: {', '.join(source.features or {})}."
+        )
+    output_dir = Path(output_dir)
+    rank, world_size = _process_rank(), _world_size()
+    fingerprint = vision_fingerprint(model, image_processor)
+    if (output_dir / EMBEDDINGS_INFO_NAME).exists() or (output_dir / LEGACY_CACHE_INFO_NAME).exists():
+        check_embeddings(output_dir, model, image_processor)
+    has_captions = CAPTIONS_COLUMN in source.features
+    writer = _ShardWriter(output_dir, rank, world_size, has_captions, keep_columns)
+    info = {
+        "version": EMBEDDINGS_VERSION,
+        "fingerprint": fingerprint,
+        "vision": {
+            **_vision_tower(model.config),
+            "vision_model": type(model.vision_model).__name__,
+            "vision_config": getattr(getattr(model.vision_model, "config", None), "to_dict", dict)(),
+        },
+        "image_processor": image_processor.to_dict(),
+        "columns": writer.columns,
+        "source": source_name,
+    }
+    if rank == 0:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_text_atomically(output_dir / EMBEDDINGS_INFO_NAME, json.dumps(info, indent=2, default=str))
+    done = _stored_keys(output_dir, rank, world_size)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.vision_model.to(device).eval()
+    if isinstance(source, datasets.IterableDataset):
+        batches = _iterable_batches(source, image_processor, done, rank, world_size, batch_size, keep_columns)
+    else:
+        batches = _map_style_batches(source, image_processor, done, rank, world_size, batch_size, num_workers, keep_columns)
+    problems: list[str] = []
+    progress = tqdm(desc=f"Embedding images (process {rank})" if world_size > 1 else "Embedding images", unit="image")
+    try:
+        with torch.no_grad():
+            for pixel_values, records, batch_problems in batches:
+                problems.extend(batch_problems)
+                if records:
+                    pixel_values = pixel_values.to(device, model.vision_model.dtype)
+                    writer.add(records, model.get_image_embeds(pixel_values).float().cpu())
+                progress.update(len(records) + len(batch_problems))
+    finally:  # also on an error or Ctrl-C: what was embedded is kept
+        progress.close()
+        writer.flush()
+    problems = [line for lines in _all_gather(problems) for line in lines]
+    report = "\n".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+    if problems and on_bad_image == "error":
+        raise ValueError(
+            f"{len(problems)} image(s) cannot be read; the readable ones are stored in {output_dir}. Fix or remove "
+            f"them, or skip them (`--on_bad_image skip`):\n{report}"
+        )
+    if problems:
+        logger.warning(f"Skipped {len(problems)} unreadable image(s):\n{report}")
+    _barrier()
+    if rank == 0:
+        shards = _complete_shards(output_dir)
+        info["num_images"] = sum(_load_shard(shard).num_rows for shard in shards)
+        info["num_shards"] = len(shards)
+        info["num_skipped"] = len(problems)
+        info["embedding_dim"] = _load_shard(shards[0]).features[EMBEDDING_COLUMN].length if shards else None
+        write_text_atomically(output_dir / EMBEDDINGS_INFO_NAME, json.dumps(info, indent=2, default=str))
+    _barrier()
+    return load_embeddings_info(output_dir)
+
+
+class _ShardWriter:
+    """Collects one process's embeddings and writes them as shards of [`EMBEDDING_SHARD_SIZE`] images."""
+
+    def __init__(self, directory: Path, rank: int, world_size: int, has_captions: bool, keep_columns: Sequence[str]):
+        self.directory = directory
+        self.prefix = f"shard-rank{rank:05d}-of-{world_size:05d}-"
+        self.columns = [KEY_COLUMN, EMBEDDING_COLUMN] + ([CAPTIONS_COLUMN] if has_captions else []) + list(keep_columns)
+        self.records: list[dict[str, Any]] = []
+        self.embeddings: list[torch.Tensor] = []
+        # A rerun continues the numbering of this rank's shards.
+        numbers = [int(path.name[len(self.prefix) :]) for path in directory.glob(f"{self.prefix}*")]
+        self.next_number = max(numbers, default=-1) + 1
+
+    def add(self, records: list[dict[str, Any]], embeddings: torch.Tensor) -> None:
+        self.records.extend(records)
+        self.embeddings.extend(embeddings)
+        while len(self.records) >= EMBEDDING_SHARD_SIZE:
+            self._write(EMBEDDING_SHARD_SIZE)
+
+    def flush(self) -> None:
+        if self.records:
+            self._write(len(self.records))
+
+    def _write(self, count: int) -> None:
+        records, self.records = self.records[:count], self.records[count:]
+        embeddings, self.embeddings = torch.stack(self.embeddings[:count]), self.embeddings[count:]
+        columns = {name: [record[name] for record in records] for name in self.columns if name != EMBEDDING_COLUMN}
+        columns[EMBEDDING_COLUMN] = embeddings.numpy()
+        features = {KEY_COLUMN: datasets.Value("string"), EMBEDDING_COLUMN: datasets.Sequence(
+            datasets.Value("float32"), length=embeddings.shape[1])}
+        if CAPTIONS_COLUMN in columns:
+            features[CAPTIONS_COLUMN] = datasets.Sequence(datasets.Value("string"))
+        shard = datasets.Dataset.from_dict(columns)
+        shard = shard.cast(datasets.Features({**shard.features, **features}))
+        name = f"{self.prefix}{self.next_number:05d}"
+        self.next_number += 1
+        temporary = self.directory / f".tmp-{name}-{uuid.uuid4().hex}"
+        try:
+            shard.save_to_disk(str(temporary))
+            os.replace(temporary, self.directory / name)  # complete once renamed into place
+        finally:
+            shutil.rmtree(temporary, ignore_errors=True)
+
+
+def _complete_shards(directory: Path) -> list[Path]:
+    # Shards still being written (or left by a killed run) have a temporary name and are not matched here.
+    return sorted(path for path in Path(directory).glob("shard-*") if path.is_dir())
+
+
+def _stored_keys(directory: Path, rank: int, world_size: int) -> set[str]:
+    """The keys of this process's share that earlier runs stored (a rerun may use another number of processes)."""
+    keys: set[str] = set()
+    for shard in _complete_shards(directory):
+        for batch in _load_shard(shard).select_columns(KEY_COLUMN).iter(batch_size=10_000):
+            keys.update(key for key in batch[KEY_COLUMN] if _owner(key, world_size) == rank)
+    return keys
+
+
+def _owner(key: str, world_size: int) -> int:
+    """The process that embeds an image: a hash of its key, so that each image has exactly one."""
+    return zlib.crc32(key.encode("utf-8")) % world_size
+
+
+def _describe_tower(info: dict[str, Any]) -> str:
+    vision = info.get("vision", {})
+    return ", ".join(f"{name} {vision.get(name)}" for name in ("vision_backend", "vision_model_type", "vision_pooling"))
+
+
+def _where(row: dict[str, Any], index: int | None) -> str:
+    """A source row as an error names it: its shard (tar or parquet file) and sample, or its image file."""
+    image = row["image"]
+    if row.get("__url__"):
+        sample = f", sample {row['__key__']}" if row.get("__key__") else ""
+        return f"shard {row['__url__']}{sample}" + (f" (source row {index})" if index is not None and not sample else "")
+    if image.get("bytes") is None and image.get("path"):
+        return str(image["path"])
+    return f"row {index}" if index is not None else "a streamed row"
+
+
+def _read(row: dict[str, Any], index: int | None, image_processor) -> tuple[Any, str | None]:
+    """`(pixel_values, None)` for a readable image, `(None, "<where>: <problem> (key ...)")` otherwise."""
+    try:
+        return image_processor(decode_image(row["image"]), return_tensors="pt")["pixel_values"][0], None
+    except Exception as error:  # any decoding or preprocessing failure is reported with the image named
+        # PIL names the in-memory file of image bytes as "<_io.BytesIO object at 0x...>": the shard and key name it.
+        message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
+        problem = "file not found" if isinstance(error, FileNotFoundError) else f"{type(error).__name__}: {message}"
+        return None, f"  {_where(row, index)}: {problem} (key {row[KEY_COLUMN]})"
+
+
+class _SourceImages(torch.utils.data.Dataset):
+    """One process's unique images of a map-style source, decoded in DataLoader workers, with their rows' captions."""
+
+    def __init__(self, source: datasets.Dataset, rows: list[list[int]], image_processor, keep_columns: Sequence[str]):
+        self.source = source.cast_column("image", datasets.Image(decode=False))
+        self.captions = source.select_columns(CAPTIONS_COLUMN) if CAPTIONS_COLUMN in source.column_names else None
+        self.rows = rows
+        self.image_processor = image_processor
+        self.keep_columns = keep_columns
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, position: int):
+        first, *others = self.rows[position]
+        row = self.source[first]
+        pixels, problem = _read(row, first, self.image_processor)
+        record = {KEY_COLUMN: row[KEY_COLUMN], **{name: row[name] for name in self.keep_columns}}
+        if self.captions is not None:
+            record[CAPTIONS_COLUMN] = list(row[CAPTIONS_COLUMN])
+            for other in others:  # the same image in other rows: their captions too
+                record[CAPTIONS_COLUMN].extend(self.captions[other][CAPTIONS_COLUMN])
+        return pixels, record, problem
+
+
+def _collate(items) -> tuple[Any, list[dict[str, Any]], list[str]]:
+    good = [(pixels, record) for pixels, record, problem in items if problem is None]
+    problems = [problem for _, _, problem in items if problem is not None]
+    pixels = torch.stack([pixels for pixels, _ in good]) if good else None
+    return pixels, [record for _, record in good], problems
+
+
+def _map_style_batches(source, image_processor, done, rank, world_size, batch_size, num_workers, keep_columns):
+    """This process's images not yet stored, each once (with every row that gives it), in batches."""
+    rows: dict[str, list[int]] = {}
+    start = 0
+    for batch in source.select_columns(KEY_COLUMN).iter(batch_size=10_000):
+        for offset, key in enumerate(batch[KEY_COLUMN]):
+            if key not in done and _owner(key, world_size) == rank:
+                rows.setdefault(key, []).append(start + offset)
+        start += len(batch[KEY_COLUMN])
+    images = _SourceImages(source, list(rows.values()), image_processor, keep_columns)
+    del rows
+    # A private generator leaves the global random state alone (see loaders._image_file_loader).
+    loader = torch.utils.data.DataLoader(
+        images, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, generator=torch.Generator()
+    )
+    yield from loader
+
+
+def _iterable_batches(source, image_processor, done, rank, world_size, batch_size, keep_columns) -> Iterator:
+    """The same from an `IterableDataset`, read once; an image seen again later keeps its first row's captions."""
+    seen = set(done)
+    items = []
+    for row in source.cast_column("image", datasets.Image(decode=False)):
+        key = row[KEY_COLUMN]
+        if key in seen or _owner(key, world_size) != rank:
+            continue
+        seen.add(key)
+        pixels, problem = _read(row, None, image_processor)
+        record = {name: row[name] for name in (KEY_COLUMN, CAPTIONS_COLUMN, *keep_columns) if name in row}
+        items.append((pixels, record, problem))
+        if len(items) == batch_size:
+            yield _collate(items)
+            items = []
+    if items:
+        yield _collate(items)
+
+
+def _process_rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _barrier() -> None:
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def _all_gather(value: Any) -> list[Any]:
+    if not torch.distributed.is_initialized():
+        return [value]
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered

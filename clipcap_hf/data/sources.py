@@ -8,7 +8,9 @@ and, when it has captions, `captions`.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -106,7 +108,7 @@ def load_image_source(
         if "image" in dataset.column_names:
             dataset = dataset.remove_columns("image")
         dataset = dataset.rename_column(image_column, "image")
-    return _add_keys_and_captions(dataset, caption_column, source)
+    return _add_keys_and_captions(dataset, caption_column, source, _parquet_shards(dataset, data_files))
 
 
 def image_key(image: dict[str, Any]) -> str:
@@ -179,14 +181,18 @@ def _from_caption_format(dataset_format: str, path, image_root, split: str) -> d
     return images.add_column("image", images["image_path"]).cast_column("image", datasets.Image())
 
 
-def _add_keys_and_captions(dataset, caption_column: str | None, source: str):
-    """Add `image_key` (and `captions`) computed from the undecoded images, without decoding any."""
+def _add_keys_and_captions(dataset, caption_column: str | None, source: str, shards: list[tuple[str, int]] | None):
+    """
+    Add `image_key` (and `captions`) computed from the undecoded images, without decoding any; and, for parquet files
+    (`shards`: each file and its row count), each row's file as `__url__`, as webdataset rows have it.
+    """
     columns = ["image"] + ([caption_column] if caption_column else [])
     keys_and_captions = dict(
         function=_keys_and_captions,
         input_columns=columns,
         batched=True,
-        fn_kwargs={"caption_column": caption_column, "source": source},
+        with_indices=shards is not None,
+        fn_kwargs={"caption_column": caption_column, "source": source, "shards": shards},
     )
     replaced = [caption_column] if caption_column else []
     if isinstance(dataset, datasets.IterableDataset):
@@ -203,8 +209,13 @@ def _add_keys_and_captions(dataset, caption_column: str | None, source: str):
     return keyed.cast_column("image", datasets.Image())
 
 
-def _keys_and_captions(images, captions=None, *, caption_column, source):
+def _keys_and_captions(images, captions=None, indices=None, *, caption_column, source, shards):
+    if caption_column is None:  # the indices came second
+        captions, indices = None, captions
     batch = {"image_key": [image_key(image) for image in images]}
+    if shards is not None:
+        ends = list(itertools.accumulate(rows for _, rows in shards))
+        batch[SHARD_COLUMN] = [shards[bisect.bisect_right(ends, index)][0] for index in indices]
     if caption_column is not None:
         batch["captions"] = [
             _caption_list(value, caption_column, source, key) for value, key in zip(captions, batch["image_key"])
@@ -220,6 +231,18 @@ def _caption_list(value: Any, column: str, source: str, key: str) -> list[str]:
             "non-empty captions."
         )
     return [text.strip() for text in texts]
+
+
+def _parquet_shards(dataset, data_files) -> list[tuple[str, int]] | None:
+    """The parquet files of a map-style source and their row counts (read from their footers), in row order."""
+    if data_files is None or not isinstance(dataset, datasets.Dataset) or SHARD_COLUMN in dataset.column_names:
+        return None
+    files = [str(path) for path in ([data_files] if isinstance(data_files, (str, os.PathLike)) else data_files)]
+    if not all(path.lower().endswith(".parquet") for path in files):
+        return None
+    import pyarrow.parquet
+
+    return [(os.path.abspath(path), pyarrow.parquet.ParquetFile(path).metadata.num_rows) for path in files]
 
 
 def _absolute_paths(paths, *, column: str, root):
