@@ -266,3 +266,74 @@ def run_without_package(script: str, tmp_path):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- ONNX exports (tests/test_onnx*.py)
+
+
+def captioning_model(tokenizer, mapping_type="mlp", seed=0) -> ClipCapForConditionalGeneration:
+    """A tiny model whose greedy captions differ from image to image and from token to token: random images barely
+    move a tiny CLIP's embedding and a tiny GPT-2 repeats itself, so the mapper's input and the positions are scaled."""
+    model = tiny_model(tokenizer, mapping_type, seed=seed, text_dropout=0.0)
+    with torch.no_grad():
+        model.language_model.transformer.wpe.weight.normal_(0.0, 1.0)
+        first_layer = model.mapping_network.model[0] if mapping_type == "mlp" else model.mapping_network.linear
+        first_layer.weight.mul_(30.0)
+    return model
+
+
+@pytest.fixture(scope="session")
+def onnx_export(tmp_path_factory, tokenizer):
+    """A captioning model saved with its processor, and its export by `clipcap export-onnx` (fp32 and int8):
+    (model, saved folder, exported folder)."""
+    pytest.importorskip("onnxruntime", reason='onnxruntime is not installed (pip install -e ".[onnx]")')
+    pytest.importorskip("onnxscript", reason='onnxscript is not installed (pip install -e ".[onnx]")')
+    from clipcap_hf.commands import main
+
+    model = captioning_model(tokenizer)
+    saved = tmp_path_factory.mktemp("onnx-model")
+    model.save_pretrained(saved)
+    tiny_processor(tokenizer).save_pretrained(saved)
+    exported = tmp_path_factory.mktemp("onnx-export")
+    assert main(["export-onnx", str(saved), "--output", str(exported), "--overwrite"]) == 0
+    return model, saved, exported
+
+
+# ---------------------------------------------------------------- a tiny full CLIP (reranking, CLIPScore)
+
+
+def _clip_byte_symbols() -> list[str]:
+    """The 256 byte symbols of CLIP's byte-level BPE (printable bytes as themselves, the others shifted past 255)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [byte for byte in range(256) if byte not in printable]
+    symbols = dict(zip(printable, map(chr, printable))) | {byte: chr(256 + n) for n, byte in enumerate(others)}
+    return [symbols[byte] for byte in range(256)]
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A saved tiny transformers CLIPModel (both towers) with its CLIPProcessor: a character-level CLIP tokenizer
+    (no merges) and 32-pixel images."""
+    import json
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    symbols = _clip_byte_symbols()
+    vocab = {token: index for index, token in enumerate(
+        symbols + [symbol + "</w>" for symbol in symbols] + ["<|startoftext|>", "<|endoftext|>"])}
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"))
+    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    torch.manual_seed(0)
+    text_config = {"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                   "num_attention_heads": 2, "max_position_embeddings": 48, "bos_token_id": vocab["<|startoftext|>"],
+                   "eos_token_id": vocab["<|endoftext|>"], "pad_token_id": vocab["<|endoftext|>"]}
+    vision_config = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                     "image_size": IMAGE_SIZE, "patch_size": 8}
+    model = CLIPModel(CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=24)).eval()
+    model.save_pretrained(folder)
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder

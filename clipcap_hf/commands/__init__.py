@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
         module="interpret",
         help="Show each prefix vector's nearest language model tokens (the paper's prefix interpretability).",
     )
+    commands.add_parser(
+        "export-onnx",
+        module="export_onnx",
+        help="Export a model to ONNX graphs (fp32 and int8) for ONNX Runtime and the browser captioner.",
+    )
     commands.add_parser("demo", module="demo", help='Serve a web demo (Gradio; `pip install "clipcap_hf[demo]"`).')
     commands.add_parser(
         "quickstart",

@@ -1,0 +1,31 @@
+"""`clipcap export-onnx MODEL --output DIR`: the model as ONNX graphs, for ONNX Runtime and the browser page."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..utils.loading import load_clipcap
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="A ClipCap folder or Hub name.")
+    parser.add_argument("--output", required=True, help="The folder to write (config, processor, onnx/*.onnx).")
+    parser.add_argument("--no-int8", dest="int8", action="store_false",
+                        help="Write only the fp32 graphs, not their int8 copies (onnx/*_quantized.onnx).")
+    parser.add_argument("--overwrite", action="store_true", help="Write into --output even when it holds files.")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..onnx import export_onnx
+
+    output = Path(args.output)
+    if output.is_file():
+        raise NotADirectoryError(f"--output: {output} is a file; name a folder to write the export to.")
+    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+        raise FileExistsError(f"--output: {output} is not empty; name a new folder, or pass --overwrite.")
+    model, processor = load_clipcap(args.model, "MODEL")
+    paths = export_onnx(model, processor, output, quantize=args.int8)
+    for path in paths.values():
+        print(path)
+    return 0

@@ -1,0 +1,217 @@
+"""Export a ClipCap model to ONNX, in the layout of transformers.js and ONNX Runtime's generation examples.
+
+A folder `clipcap export-onnx` writes:
+
+    config.json, generation_config.json, processor files     (as `save_pretrained` writes them, without weights)
+    onnx/vision_encoder.onnx        pixel_values (batch, 3, H, W)          -> prefix_embeds (batch, prefix, hidden)
+    onnx/mapping_network.onnx       image_embeds (batch, prefix_dim)       -> prefix_embeds   (precomputed CLIP)
+    onnx/embed_tokens.onnx          input_ids (batch, length)              -> inputs_embeds (batch, length, hidden)
+    onnx/decoder_model_merged.onnx  inputs_embeds, attention_mask, position_ids, past_key_values.{i}.key/value
+                                    -> logits, present.{i}.key/value
+    onnx/*_quantized.onnx           the same graphs with int8 weights (ONNX Runtime's dynamic quantization)
+
+The decoder is "merged" as transformers.js's current exports are: one graph for the first step (past of length 0)
+and the cached steps, rather than optimum's older If-node merge of two graphs.
+
+Why PyTorch's exporter and not optimum's: optimum-onnx (0.1) requires transformers < 4.58, so it cannot be
+installed beside transformers 5, and its exporter has no task for a prefix-conditioned decoder; the graphs below
+are small wrappers over the model's own modules, exported with `torch.onnx.export(dynamo=True)`, the exporter
+PyTorch maintains (the TorchScript-based one is deprecated).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+
+from ..modeling_clipcap import CACHE_NAME, ClipCapForConditionalGeneration
+
+ONNX_SUBFOLDER = "onnx"
+GRAPHS = ("vision_encoder", "mapping_network", "embed_tokens", "decoder_model_merged")
+QUANTIZED_SUFFIX = "_quantized"
+# Exported with ONNX's own file limit in mind: a graph over 2 GB must keep its weights in a `.onnx.data` file beside
+# it, which neither the browser page nor a single-file download wants for smaller models.
+_SINGLE_FILE_LIMIT = 2_000_000_000
+OPSET = 18
+
+
+class VisionEncoder(nn.Module):
+    """Pixels -> the prefix vectors: the CLIP tower and the mapping network."""
+
+    def __init__(self, model: ClipCapForConditionalGeneration):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_prefix_embeds(pixel_values=pixel_values)
+
+
+class MappingNetwork(nn.Module):
+    """Precomputed CLIP image embeddings -> the prefix vectors (normalisation, when the model does it, included)."""
+
+    def __init__(self, model: ClipCapForConditionalGeneration):
+        super().__init__()
+        self.model = model
+
+    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
+        return self.model.get_prefix_embeds(image_embeds=image_embeds)
+
+
+class EmbedTokens(nn.Module):
+    def __init__(self, model: ClipCapForConditionalGeneration):
+        super().__init__()
+        self.embeddings = model.get_input_embeddings()
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embeddings(input_ids)
+
+
+class MergedDecoder(nn.Module):
+    """
+    The language model over `inputs_embeds` with its key/value cache given and returned as plain tensors, one key and
+    one value per layer, shaped (batch, kv_heads, past_length, head_dim). A past of length 0 is the first step.
+    """
+
+    def __init__(self, model: ClipCapForConditionalGeneration):
+        super().__init__()
+        self.language_model = model.language_model
+        self.num_layers = model.config.text_config.num_hidden_layers
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, *past_key_values):
+        pairs = [(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(self.num_layers)]
+        cache = DynamicCache(pairs, config=self.language_model.config)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            return_dict=True,
+            **{CACHE_NAME: cache},
+        )
+        present = getattr(outputs, CACHE_NAME)
+        return (outputs.logits, *(tensor for layer in present.layers for tensor in (layer.keys, layer.values)))
+
+
+def cache_shape(model: ClipCapForConditionalGeneration) -> tuple[int, int]:
+    """(key/value heads, head width) of the language model's cache."""
+    text_config = model.config.text_config
+    heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    return heads, head_dim
+
+
+def past_names(num_layers: int, prefix: str = "past_key_values") -> list[str]:
+    return [f"{prefix}.{layer}.{part}" for layer in range(num_layers) for part in ("key", "value")]
+
+
+def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes) -> None:
+    """One graph with `torch.onnx.export(dynamo=True)`, its weights inside it unless they pass ONNX's 2 GB limit."""
+    module.eval()
+    program = torch.onnx.export(
+        module,
+        args,
+        input_names=list(input_names),
+        output_names=list(output_names),
+        dynamic_shapes=dynamic_shapes,
+        opset_version=OPSET,
+        dynamo=True,
+        verbose=False,
+    )
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    program.save(str(path), external_data=weight_bytes > _SINGLE_FILE_LIMIT)
+
+
+@torch.no_grad()
+def export_graphs(model: ClipCapForConditionalGeneration, output_dir: str | os.PathLike) -> dict[str, Path]:
+    """Write the four fp32 graphs of `model` into `output_dir`; returns their paths by name."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model = model.float().eval()
+    config = model.config
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence_length")
+    paths = {name: output_dir / f"{name}.onnx" for name in GRAPHS}
+
+    if config.vision_backend == "clip":
+        image_size = config.vision_config.image_size
+    else:
+        image_size = config.open_clip_model_cfg["vision_cfg"].get("image_size", 224)
+    pixel_values = torch.randn(2, 3, image_size, image_size)
+    _export(VisionEncoder(model), (pixel_values,), paths["vision_encoder"], ["pixel_values"], ["prefix_embeds"],
+            ({0: batch},))
+    image_embeds = torch.randn(2, config.prefix_dim)
+    _export(MappingNetwork(model), (image_embeds,), paths["mapping_network"], ["image_embeds"], ["prefix_embeds"],
+            ({0: batch},))
+    input_ids = torch.zeros(2, 3, dtype=torch.long)
+    _export(EmbedTokens(model), (input_ids,), paths["embed_tokens"], ["input_ids"], ["inputs_embeds"],
+            ({0: batch, 1: length},))
+
+    # Example inputs with a non-empty past, so that the exporter keeps every length symbolic; the graph then runs
+    # with a past of length 0 too. Sizes 0 and 1 would be specialised to constants.
+    decoder = MergedDecoder(model)
+    num_layers = decoder.num_layers
+    heads, head_dim = cache_shape(model)
+    past_length, new_length = 3, 2
+    inputs_embeds = torch.randn(2, new_length, config.text_embedding_size)
+    attention_mask = torch.ones(2, past_length + new_length, dtype=torch.long)
+    position_ids = torch.arange(past_length, past_length + new_length).expand(2, -1)
+    past = tuple(torch.randn(2, heads, past_length, head_dim) for _ in range(2 * num_layers))
+    past_length_dim, total_length = torch.export.Dim("past_sequence_length"), torch.export.Dim("total_sequence_length")
+    dynamic_shapes = (
+        {0: batch, 1: length},
+        {0: batch, 1: total_length},
+        {0: batch, 1: length},
+        tuple({0: batch, 2: past_length_dim} for _ in past),  # the forward's *past_key_values
+    )
+    _export(
+        decoder,
+        (inputs_embeds, attention_mask, position_ids, *past),
+        paths["decoder_model_merged"],
+        ["inputs_embeds", "attention_mask", "position_ids", *past_names(num_layers)],
+        ["logits", *past_names(num_layers, "present")],
+        dynamic_shapes,
+    )
+    return paths
+
+
+def quantize_graphs(paths: dict[str, Path]) -> dict[str, Path]:
+    """int8 copies (`NAME_quantized.onnx`) of the graphs: ONNX Runtime's dynamic quantization of their weights."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as error:
+        raise ImportError('int8 export needs onnxruntime: pip install "clipcap_hf[onnx]"') from error
+    quantized = {}
+    for name, path in paths.items():
+        target = path.with_name(f"{name}{QUANTIZED_SUFFIX}.onnx")
+        # Signed int8 weights: what transformers.js's "q8"/"int8" files hold, and fast on x86 and ARM alike.
+        quantize_dynamic(path, target, weight_type=QuantType.QInt8)
+        quantized[name] = target
+    return quantized
+
+
+def export_onnx(
+    model: ClipCapForConditionalGeneration, processor, output_dir: str | os.PathLike, quantize: bool = True
+) -> dict[str, Path]:
+    """
+    Export `model` (with `processor` beside it) to `output_dir`: the config, generation config and processor files
+    at its top, the graphs under `onnx/` (fp32, and int8 when `quantize`). Returns the graphs' paths by name
+    (`vision_encoder`, ..., and `vision_encoder_quantized`, ...).
+    """
+    try:
+        import onnx  # noqa: F401  (the exporter needs it, and onnxscript)
+    except ImportError as error:
+        raise ImportError('ONNX export needs onnx and onnxscript: pip install "clipcap_hf[onnx]"') from error
+    from ..utils.file_utils import save_pretrained
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(output_dir)
+    model.generation_config.save_pretrained(output_dir)
+    save_pretrained(output_dir, processor)
+    paths = export_graphs(model, output_dir / ONNX_SUBFOLDER)
+    if quantize:
+        paths.update({f"{name}{QUANTIZED_SUFFIX}": path for name, path in quantize_graphs(paths).items()})
+    return paths

@@ -1,0 +1,246 @@
+"""Caption with an exported ClipCap folder on ONNX Runtime: no PyTorch model, the same tokens as `generate()`.
+
+Greedy decoding and beam search are written out here over numpy, following transformers' `generate()` step for
+step (its logits processors that ClipCap's generation configs use, its beam bookkeeping and stopping rule), because
+ONNX Runtime's own generation loop (onnxruntime-genai) needs its own model format and cannot start from prefix
+embeddings.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from transformers import GenerationConfig
+
+from ..configuration_clipcap import ClipCapConfig
+from ..processing_clipcap import ClipCapProcessor
+from .export import ONNX_SUBFOLDER, QUANTIZED_SUFFIX, past_names
+
+# Generation settings this loop does not implement; a folder that sets one is refused rather than decoded otherwise.
+_UNSUPPORTED_SETTINGS = {
+    "do_sample": False, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
+    "min_length": 0, "min_new_tokens": None, "num_beam_groups": 1, "temperature": 1.0,
+}
+_NEG_INF = np.float32(-np.inf)
+
+
+def _import_onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise ImportError('The ONNX captioner needs onnxruntime: pip install "clipcap_hf[onnx]"') from error
+    return onnxruntime
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+@dataclass
+class DecoderState:
+    """What the decoder has read: its key/value cache (one array per name) and the number of positions."""
+
+    past: dict[str, np.ndarray]
+    length: int
+
+    def select(self, rows: np.ndarray) -> DecoderState:
+        return DecoderState({name: value[rows] for name, value in self.past.items()}, self.length)
+
+
+class OnnxCaptioner:
+    r"""
+    Captions images with the graphs `clipcap export-onnx` wrote.
+
+    Args:
+        folder: the exported folder (config.json, generation_config.json, the processor, `onnx/*.onnx`).
+        quantized: use the int8 graphs (`onnx/*_quantized.onnx`).
+        providers: ONNX Runtime execution providers (default: the CPU's).
+
+    Example:
+
+    ```python
+    >>> captioner = OnnxCaptioner("clipcap-onnx")
+    >>> captioner.caption([PIL.Image.open("photo.jpg")], num_beams=3)
+    ```
+    """
+
+    def __init__(
+        self, folder: str | os.PathLike, quantized: bool = False, providers: Sequence[str] = ("CPUExecutionProvider",)
+    ):
+        onnxruntime = _import_onnxruntime()
+        folder = Path(folder)
+        suffix = QUANTIZED_SUFFIX if quantized else ""
+        graphs = {name: folder / ONNX_SUBFOLDER / f"{name}{suffix}.onnx"
+                  for name in ("vision_encoder", "mapping_network", "embed_tokens", "decoder_model_merged")}
+        missing = [str(path) for path in graphs.values() if not path.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{folder} is not a complete ONNX export: {', '.join(missing)} missing; export it again with "
+                f"`clipcap export-onnx MODEL --output {folder}`" + ("" if not quantized else " (without --no-int8)")
+            )
+        self.config = ClipCapConfig.from_pretrained(folder)
+        self.generation_config = GenerationConfig.from_pretrained(folder)
+        self.processor = ClipCapProcessor.from_pretrained(folder, trust_remote_code=False)
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3  # warnings about unused initializers are not the user's concern
+        self.sessions = {
+            name: onnxruntime.InferenceSession(str(path), options, providers=list(providers))
+            for name, path in graphs.items()
+        }
+        self._past_names = past_names(self.config.text_config.num_hidden_layers)
+        past_input = next(i for i in self.sessions["decoder_model_merged"].get_inputs() if i.name in self._past_names)
+        self._kv_heads, self._head_dim = past_input.shape[1], past_input.shape[3]
+
+    # ------------------------------------------------------------------------------------------------ the graphs
+
+    def prefix_embeds(self, pixel_values: np.ndarray | None = None, image_embeds: np.ndarray | None = None):
+        """The prefix vectors `(batch, prefix_length, hidden)` of images, from pixels or precomputed CLIP embeddings."""
+        if (pixel_values is None) == (image_embeds is None):
+            raise ValueError("Pass exactly one of `pixel_values` or `image_embeds`.")
+        if pixel_values is not None:
+            return self.sessions["vision_encoder"].run(None, {"pixel_values": np.asarray(pixel_values, np.float32)})[0]
+        return self.sessions["mapping_network"].run(None, {"image_embeds": np.asarray(image_embeds, np.float32)})[0]
+
+    def embed_tokens(self, input_ids: np.ndarray) -> np.ndarray:
+        return self.sessions["embed_tokens"].run(None, {"input_ids": np.asarray(input_ids, np.int64)})[0]
+
+    def empty_state(self, batch_size: int) -> DecoderState:
+        empty = np.zeros((batch_size, self._kv_heads, 0, self._head_dim), np.float32)
+        return DecoderState(dict.fromkeys(self._past_names, empty), 0)
+
+    def decode(self, inputs_embeds: np.ndarray, state: DecoderState) -> tuple[np.ndarray, DecoderState]:
+        """One decoder call over new positions: the logits at them, and the state with them read."""
+        batch, new = inputs_embeds.shape[:2]
+        total = state.length + new
+        feeds = {
+            "inputs_embeds": inputs_embeds.astype(np.float32, copy=False),
+            "attention_mask": np.ones((batch, total), np.int64),
+            "position_ids": np.broadcast_to(np.arange(state.length, total, dtype=np.int64), (batch, new)),
+            **state.past,
+        }
+        logits, *present = self.sessions["decoder_model_merged"].run(None, feeds)
+        return logits, DecoderState(dict(zip(self._past_names, present)), total)
+
+    # ------------------------------------------------------------------------------------------------ decoding
+
+    def generate(
+        self,
+        pixel_values: np.ndarray | None = None,
+        image_embeds: np.ndarray | None = None,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+    ) -> list[list[int]]:
+        """
+        The new tokens of each image's caption, as `model.generate(...)[:, prefix_length:]` gives them (greedy rows
+        padded with the pad token to the longest; beam search's best sequence per image).
+        """
+        settings = self._settings(max_new_tokens, num_beams)
+        prefix = self.prefix_embeds(pixel_values, image_embeds)
+        if settings["num_beams"] == 1:
+            return self._greedy(prefix, settings)
+        return [self._beam_search(prefix[i : i + 1], settings) for i in range(len(prefix))]
+
+    def caption(self, images, max_new_tokens: int | None = None, num_beams: int | None = None) -> list[str]:
+        """Captions of images (PIL, numpy or torch, as the processor takes them)."""
+        pixel_values = self.processor.image_processor(images, return_tensors="np")["pixel_values"]
+        tokens = self.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        return [text.strip() for text in self.processor.batch_decode(tokens, skip_special_tokens=True)]
+
+    def _settings(self, max_new_tokens: int | None, num_beams: int | None) -> dict:
+        config = self.generation_config
+        for name, default in _UNSUPPORTED_SETTINGS.items():
+            if getattr(config, name, default) not in (default, None):
+                raise ValueError(
+                    f"generation_config.json sets {name}={getattr(config, name)!r}, which the ONNX captioner does not "
+                    "implement (greedy and beam search only); remove it from the exported folder's generation config."
+                )
+        eos = config.eos_token_id
+        return {
+            "max_new_tokens": max_new_tokens or config.max_new_tokens,
+            "num_beams": num_beams or config.num_beams or 1,
+            "eos": set(eos if isinstance(eos, list) else [] if eos is None else [eos]),
+            "pad": config.pad_token_id,
+            "suppress": list(config.suppress_tokens or []),
+            # transformers 5 leaves unset fields None; these are its defaults.
+            "length_penalty": 1.0 if config.length_penalty is None else config.length_penalty,
+            "early_stopping": False if config.early_stopping is None else config.early_stopping,
+        }
+
+    def _step_log_probs(self, logits: np.ndarray, settings: dict, log_softmax: bool) -> np.ndarray:
+        """The last position's scores after the generation config's processors (suppressed tokens at -inf)."""
+        scores = logits[:, -1].astype(np.float32)
+        if log_softmax:  # beam search processes log-probabilities, greedy search raw logits, as transformers does
+            scores = _log_softmax(scores)
+        scores[:, settings["suppress"]] = _NEG_INF
+        return scores
+
+    def _greedy(self, prefix: np.ndarray, settings: dict) -> list[list[int]]:
+        batch = len(prefix)
+        logits, state = self.decode(prefix, self.empty_state(batch))
+        tokens = np.zeros((batch, 0), np.int64)
+        finished = np.zeros(batch, bool)
+        for step in range(settings["max_new_tokens"]):
+            next_tokens = self._step_log_probs(logits, settings, log_softmax=False).argmax(-1)
+            next_tokens = np.where(finished, settings["pad"], next_tokens)
+            tokens = np.concatenate((tokens, next_tokens[:, None]), axis=1)
+            finished |= np.isin(next_tokens, list(settings["eos"]))
+            if finished.all() or step + 1 == settings["max_new_tokens"]:
+                break
+            logits, state = self.decode(self.embed_tokens(next_tokens[:, None]), state)
+        return tokens.tolist()
+
+    def _beam_search(self, prefix: np.ndarray, settings: dict) -> list[int]:
+        """transformers' beam search (`_beam_search`) for one image: same candidates, scores and stopping rule."""
+        beams, eos, penalty = settings["num_beams"], settings["eos"], settings["length_penalty"]
+        max_new = settings["max_new_tokens"]
+        keep = max(2, 1 + len(eos)) * beams  # candidates kept per step, so that `beams` remain after EOS ones
+        logits, state = self.decode(np.repeat(prefix, beams, axis=0), self.empty_state(beams))
+        running = [[] for _ in range(beams)]
+        running_scores = np.full(beams, -1e9, np.float32)
+        running_scores[0] = 0.0  # all beams start alike: only the first one's continuations count
+        finished: list[tuple[float, list[int]]] = []  # (normalised score, tokens), best first, at most `beams`
+        improvable = True
+        for step in range(max_new):
+            log_probs = self._step_log_probs(logits, settings, log_softmax=True) + running_scores[:, None]
+            flat = log_probs.reshape(-1)
+            top = np.argsort(-flat, kind="stable")[:keep]
+            vocab = log_probs.shape[1]
+            last_step = step + 1 == max_new
+            candidates = [(float(flat[i]), int(i // vocab), int(i % vocab)) for i in top]
+            # A candidate ends with an EOS token or at the length limit; only the best `beams` may be kept as ended.
+            ends = [last_step or token in eos for _, _, token in candidates]
+            closed = settings["early_stopping"] is True and len(finished) == beams
+            for rank, ((score, source, token), ended) in enumerate(zip(candidates, ends)):
+                if ended and rank < beams and improvable and not closed:
+                    finished.append((score / (step + 1) ** penalty, running[source] + [token]))
+            finished = sorted(finished, key=lambda item: -item[0])[:beams]
+            if last_step or all(ends):
+                break
+            continuing = [candidate for candidate, ended in zip(candidates, ends) if not ended][:beams]
+            running_scores = np.array([score for score, _, _ in continuing], np.float32)
+            sources = np.array([source for _, source, _ in continuing])
+            running = [running[source] + [token] for _, source, token in continuing]
+            # transformers' stopping rule: once every slot holds an ended caption, stop (early_stopping=True), or
+            # stop when the best running one, at its current length, cannot beat the worst of them.
+            if len(finished) == beams:
+                if settings["early_stopping"] is True:
+                    break
+                hypothetical_length = max_new if settings["early_stopping"] == "never" and penalty > 0 else step + 1
+                best_possible = running_scores[0] / hypothetical_length**penalty
+                improvable = improvable and best_possible > finished[-1][0]
+                if not improvable:
+                    break
+            next_tokens = np.array([token for _, _, token in continuing], np.int64)
+            logits, state = self.decode(self.embed_tokens(next_tokens[:, None]), state.select(sources))
+        return finished[0][1]
+
+
+def caption_agreement(first: Sequence[str], second: Sequence[str]) -> float:
+    """The fraction of images whose two captions are the same text."""
+    return sum(a == b for a, b in zip(first, second, strict=True)) / len(first)
+

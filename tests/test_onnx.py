@@ -1,0 +1,170 @@
+"""ONNX export (`clipcap export-onnx`) and the ONNX Runtime captioner: the graphs against the PyTorch model."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import PREFIX_LENGTH, captioning_model, random_images, tiny_processor
+
+from clipcap_hf.commands import main
+
+onnxruntime = pytest.importorskip("onnxruntime", reason='onnxruntime is not installed (pip install -e ".[onnx]")')
+pytest.importorskip("onnxscript", reason='onnxscript is not installed (pip install -e ".[onnx]")')
+
+from clipcap_hf.onnx import GRAPHS, OnnxCaptioner, caption_agreement, export_onnx  # noqa: E402
+from clipcap_hf.onnx.export import past_names  # noqa: E402
+
+TOLERANCE = 1e-4
+MAX_NEW_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def captioner(onnx_export):
+    return OnnxCaptioner(onnx_export[2])
+
+
+@pytest.fixture(scope="module")
+def test_pixels(processor):
+    return processor(images=random_images(8, seed=1))["pixel_values"]
+
+
+def test_export_writes_the_transformers_js_layout(onnx_export):
+    model, _, exported = onnx_export
+    for name in GRAPHS:
+        assert (exported / "onnx" / f"{name}.onnx").is_file()
+        assert (exported / "onnx" / f"{name}_quantized.onnx").is_file()
+    for name in ("config.json", "generation_config.json", "processor_config.json", "tokenizer.json"):
+        assert (exported / name).is_file(), name
+    assert not list(exported.glob("*.safetensors"))  # the weights are in the graphs only
+    assert json.loads((exported / "config.json").read_text())["prefix_length"] == model.config.prefix_length
+
+    decoder = onnxruntime.InferenceSession(str(exported / "onnx" / "decoder_model_merged.onnx"))
+    num_layers = model.config.text_config.num_hidden_layers
+    inputs = {graph_input.name: graph_input.shape for graph_input in decoder.get_inputs()}
+    assert list(inputs) == ["inputs_embeds", "attention_mask", "position_ids", *past_names(num_layers)]
+    assert inputs["past_key_values.0.key"][2] == "past_sequence_length"  # one graph for every step
+    assert [output.name for output in decoder.get_outputs()] == ["logits", *past_names(num_layers, "present")]
+
+
+@torch.no_grad()
+def test_image_graphs_match_pytorch(onnx_export, captioner, test_pixels):
+    model = onnx_export[0]
+    expected = model.get_prefix_embeds(pixel_values=test_pixels).numpy()
+    np.testing.assert_allclose(captioner.prefix_embeds(pixel_values=test_pixels.numpy()), expected, atol=TOLERANCE)
+    image_embeds = model.get_image_embeds(test_pixels)
+    expected = model.get_prefix_embeds(image_embeds=image_embeds).numpy()
+    np.testing.assert_allclose(captioner.prefix_embeds(image_embeds=image_embeds.numpy()), expected, atol=TOLERANCE)
+    input_ids = torch.tensor([[5, 17, 2], [40, 0, 299]])
+    expected = model.get_input_embeddings()(input_ids).numpy()
+    np.testing.assert_allclose(captioner.embed_tokens(input_ids.numpy()), expected, atol=TOLERANCE)
+
+
+@torch.no_grad()
+def test_decoder_logits_match_pytorch_at_the_first_and_cached_steps(onnx_export, captioner, processor, test_pixels):
+    model = onnx_export[0]
+    tokens = torch.tensor([[7, 31, 120]] * len(test_pixels))
+    image_tokens = torch.full((len(test_pixels), PREFIX_LENGTH), model.config.image_token_id)
+    expected = model(input_ids=torch.cat((image_tokens, tokens), 1), pixel_values=test_pixels).logits.numpy()
+
+    prefix = captioner.prefix_embeds(pixel_values=test_pixels.numpy())
+    logits, state = captioner.decode(prefix, captioner.empty_state(len(prefix)))  # first step: empty past
+    np.testing.assert_allclose(logits, expected[:, :PREFIX_LENGTH], atol=TOLERANCE)
+    logits, state = captioner.decode(captioner.embed_tokens(tokens[:, :2].numpy()), state)  # two positions at once
+    np.testing.assert_allclose(logits, expected[:, PREFIX_LENGTH : PREFIX_LENGTH + 2], atol=TOLERANCE)
+    logits, state = captioner.decode(captioner.embed_tokens(tokens[:, 2:].numpy()), state)
+    np.testing.assert_allclose(logits, expected[:, -1:], atol=TOLERANCE)
+    assert state.length == PREFIX_LENGTH + 3
+
+
+def test_greedy_tokens_equal_generate(onnx_export, captioner, test_pixels):
+    model = onnx_export[0]
+    expected = model.generate(pixel_values=test_pixels, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+    tokens = captioner.generate(pixel_values=test_pixels.numpy(), max_new_tokens=MAX_NEW_TOKENS)
+    assert tokens == expected[:, PREFIX_LENGTH:].tolist()
+    assert len({tuple(row) for row in tokens}) > 1  # the images get different captions
+
+
+def test_beam_search_equals_generate_with_captions_ending_early(onnx_export, test_pixels):
+    model, _, exported = onnx_export
+    # A token that greedy decoding emits late in the caption made the EOS: captions end before the length limit, so
+    # the finished-hypotheses bookkeeping and the early stop are exercised.
+    greedy = model.generate(pixel_values=test_pixels, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+    eos = int(greedy[0, -3])
+    captioner = OnnxCaptioner(exported)
+    captioner.generation_config.eos_token_id = eos
+    for num_beams in (2, 4):
+        expected = model.generate(pixel_values=test_pixels, num_beams=num_beams, do_sample=False,
+                                  max_new_tokens=MAX_NEW_TOKENS, eos_token_id=eos)[:, PREFIX_LENGTH:].tolist()
+        tokens = captioner.generate(pixel_values=test_pixels.numpy(), num_beams=num_beams,
+                                    max_new_tokens=MAX_NEW_TOKENS)
+        pad = model.generation_config.pad_token_id
+        expected = [row[: len(row) - next((i for i, t in enumerate(reversed(row)) if t != pad), 0)] for row in expected]
+        assert tokens == expected
+        assert any(row[-1] == eos and len(row) < MAX_NEW_TOKENS for row in tokens)
+
+
+def test_caption_decodes_like_the_pipeline(onnx_export, captioner, processor):
+    model = onnx_export[0]
+    images = random_images(3, seed=2)
+    generated = model.generate(**processor(images=images), do_sample=False)
+    expected = [text.strip() for text in processor.batch_decode(generated, skip_special_tokens=True)]
+    assert captioner.caption(images) == expected
+
+
+def test_int8_graphs_are_close_to_fp32(onnx_export, captioner, test_pixels):
+    import onnx
+
+    graph = onnx.load(str(onnx_export[2] / "onnx" / "decoder_model_merged_quantized.onnx"))
+    assert "MatMulInteger" in {node.op_type for node in graph.graph.node}
+    quantized = OnnxCaptioner(onnx_export[2], quantized=True)
+    fp32 = captioner.prefix_embeds(pixel_values=test_pixels.numpy())
+    int8 = quantized.prefix_embeds(pixel_values=test_pixels.numpy())
+    assert not np.array_equal(fp32, int8)
+    assert np.abs(fp32 - int8).max() < 0.1 * np.abs(fp32).max()
+
+
+def test_caption_agreement():
+    assert caption_agreement(["a dog", "a cat", "a car"], ["a dog", "a cat", "a bus"]) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError):
+        caption_agreement(["a dog"], [])
+
+
+@torch.no_grad()
+def test_transformer_mapper_exports(tmp_path, tokenizer, processor, test_pixels):
+    model = captioning_model(tokenizer, "transformer")
+    export_onnx(model, tiny_processor(tokenizer), tmp_path, quantize=False)
+    assert not list((tmp_path / "onnx").glob("*_quantized.onnx"))
+    captioner = OnnxCaptioner(tmp_path)
+    expected = model.get_prefix_embeds(pixel_values=test_pixels).numpy()
+    np.testing.assert_allclose(captioner.prefix_embeds(pixel_values=test_pixels.numpy()), expected, atol=TOLERANCE)
+    expected = model.generate(pixel_values=test_pixels, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+    assert captioner.generate(pixel_values=test_pixels.numpy(), max_new_tokens=MAX_NEW_TOKENS) == (
+        expected[:, PREFIX_LENGTH:].tolist()
+    )
+
+
+def test_incomplete_export_and_unsupported_settings_are_named(onnx_export, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"decoder_model_merged_quantized\.onnx"):
+        OnnxCaptioner(onnx_export[1], quantized=True)  # the PyTorch folder: no onnx/ graphs
+    captioner = OnnxCaptioner(onnx_export[2])
+    captioner.generation_config.repetition_penalty = 1.3
+    with pytest.raises(ValueError, match="repetition_penalty=1.3"):
+        captioner.generate(image_embeds=np.zeros((1, 24), np.float32))
+
+
+def test_cli_refuses_a_non_empty_output_folder(onnx_export, capsys):
+    _, saved, exported = onnx_export
+    assert main(["export-onnx", str(saved), "--output", str(exported)]) == 2
+    assert "is not empty" in capsys.readouterr().err
+
+
+def test_import_clipcap_hf_loads_no_onnx_package():
+    code = (
+        "import sys, clipcap_hf; print(sorted(n for n in sys.modules if n.split('.')[0] in "
+        "('onnx', 'onnxruntime', 'onnxscript') or n.startswith('clipcap_hf.onnx')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert result.stdout.strip() == "[]"
