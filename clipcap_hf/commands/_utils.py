@@ -143,6 +143,65 @@ def add_caption_options(parser: argparse.ArgumentParser, batch_size: int) -> Non
     parser.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"Images per batch (default: {batch_size}).")
 
 
+def positive_float(text: str) -> float:
+    """An argparse `type`: a finite number above 0 (a sampling temperature)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """An argparse `type`: a probability in (0, 1] (nucleus sampling's top-p)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be above 0 and at most 1, got {text}")
+    return value
+
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(text: str) -> torch.dtype:
+    """An argparse `type`: one of `TORCH_DTYPES`' names."""
+    if text not in TORCH_DTYPES:
+        raise argparse.ArgumentTypeError(f"choose from {', '.join(TORCH_DTYPES)}, got {text!r}")
+    return TORCH_DTYPES[text]
+
+
+def add_sampling_options(parser: argparse.ArgumentParser) -> None:
+    """Sampling instead of greedy or beam search; `sampling_kwargs` turns them into `generate` arguments."""
+    parser.add_argument("--do-sample", action="store_true",
+                        help="Sample the captions instead of taking the likeliest tokens (see --top-p, --temperature).")
+    parser.add_argument("--top-p", type=probability, default=None,
+                        help="With --do-sample: sample from the smallest set of tokens whose probability reaches P "
+                             "(nucleus sampling), e.g. 0.9.")
+    parser.add_argument("--temperature", type=positive_float, default=None,
+                        help="With --do-sample: divide the logits by T before sampling (below 1: safer captions).")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """The `generate` arguments of `add_sampling_options`' options; --top-p and --temperature need --do-sample."""
+    if not args.do_sample:
+        given = [option for option, value in (("--top-p", args.top_p), ("--temperature", args.temperature))
+                 if value is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} only apply when sampling: add --do-sample.")
+        return {}
+    kwargs = {"do_sample": True}
+    if args.top_p is not None:
+        kwargs["top_p"] = args.top_p
+    if args.temperature is not None:
+        kwargs["temperature"] = args.temperature
+    return kwargs
+
+
 def stdout_is_utf8() -> bool:
     """Whether stdout can show any text; else JSON output escapes what is not ASCII (`ensure_ascii`)."""
     encoding = getattr(sys.stdout, "encoding", None) or "ascii"

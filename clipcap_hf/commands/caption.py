@@ -1,68 +1,254 @@
-"""`clipcap caption IMAGE... --model DIR`: print a caption for each image (needs neither `datasets` nor `evaluate`)."""
+"""`clipcap caption`: caption image files (printing the captions), or a dataset or embeddings folder into parquet
+shards (`--output`), resumably and split between the processes of `torchrun`/`accelerate launch`.
+
+Image files need neither `datasets` nor `evaluate`; datasets and embeddings folders need `datasets`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+import torch
 
 from ..evaluation import UnreadableImagesError, iter_captions
 from ..evaluation.gallery import GalleryRecord, write_gallery
 from ..utils.file_utils import escape_controls
 from ._utils import (
+    TORCH_DTYPES,
     add_caption_options,
+    add_sampling_options,
     check_gallery_path,
     decoding_kwargs,
     expand_image_paths,
     load_model_and_processor,
+    positive_int,
+    sampling_kwargs,
     stdout_is_utf8,
+    torch_dtype,
 )
+
+# The caption formats `load_image_source` reads (clipcap_hf.data.DATASET_FORMATS), listed here so that `clipcap
+# caption --help` does not import datasets.
+DATASET_FORMATS = ("coco-karpathy", "coco", "conceptual-captions", "nocaps", "imagefolder")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("images", nargs="+", help="Image files, folders of images, or glob patterns.")
+    parser.add_argument("images", nargs="*", help="Image files, folders of images, or glob patterns.")
     parser.add_argument("--model", required=True, help="A ClipCap folder or Hub name.")
     add_caption_options(parser, batch_size=16)
-    parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
+    add_sampling_options(parser)
+    parser.add_argument("--num-return-sequences", type=positive_int, default=1,
+                        help="Captions per image (default: 1); needs --do-sample or at least as many --num-beams.")
+    parser.add_argument("--num-candidates", type=positive_int, default=1,
+                        help="Generate N candidate captions per image (with --do-sample or --num-beams N or more) and "
+                             "keep the one --rerank-model scores highest, saving its CLIPScore.")
+    parser.add_argument("--rerank-model", default=None,
+                        help="The CLIP model (a transformers CLIPModel folder or Hub name) that chooses among "
+                             "--num-candidates captions.")
+    parser.add_argument("--device", default=None,
+                        help="Default: cuda when available (each process's own GPU under torchrun), else cpu.")
+    parser.add_argument("--dtype", type=torch_dtype, default=None, metavar="{" + ",".join(TORCH_DTYPES) + "}",
+                        help="Run the model in this precision (default: as saved).")
     parser.add_argument("--json", action="store_true",
                         help="Print a JSON list of {image, caption}, one per image in order; an image that cannot "
                              "be read has caption null and an error.")
     parser.add_argument("--gallery", default=None, help="Also write an HTML page of the images and their captions.")
 
+    sources = parser.add_argument_group(
+        "datasets (instead of image files; with --output)",
+        "The sources `clipcap train` reads, or an embeddings folder from `clipcap embed`.",
+    )
+    sources.add_argument("--dataset-name", default=None, help="A Hub dataset name (or local dataset folder).")
+    sources.add_argument("--dataset-config-name", default=None, help="Its configuration.")
+    sources.add_argument("--data-files", nargs="+", default=None,
+                         help="Data files or one folder: webdataset .tar shards, .parquet, .jsonl/.csv (image paths), "
+                              "a save_to_disk folder or an image folder.")
+    sources.add_argument("--dataset-format", choices=DATASET_FORMATS, default=None,
+                         help="Read --data-files as this caption format's annotation file (or folder).")
+    sources.add_argument("--image-root", default=None,
+                         help="The folder the image paths of --data-files are relative to.")
+    sources.add_argument("--split", default="train", help="The split to caption (default: train).")
+    sources.add_argument("--image-column", default=None,
+                         help="The column holding the images (default: image, or the source's first image column).")
+    sources.add_argument("--streaming", action="store_true",
+                         help="Read the source lazily; each data file is then one input shard.")
+    sources.add_argument("--embeddings", default=None,
+                         help="An embeddings folder written by `clipcap embed`: no vision tower runs.")
+    sources.add_argument("--output", default=None,
+                         help="Write parquet shards here (image_key, caption, and candidates, clip_score when asked): "
+                              "one per input shard, each whole; a rerun skips finished shards.")
+    sources.add_argument("--shard-size", type=positive_int, default=None,
+                         help="Rows per input shard of a dataset that is not streamed (default: 10000).")
+    sources.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
+                         help="An unreadable image stops the run, naming its shard and key (error, the default; "
+                              "finished shards stay), or is left out and counted (skip).")
+
+
+def _dataset_source(args: argparse.Namespace) -> bool:
+    """Whether the command reads a dataset or embeddings folder (else image files); checks that exactly one kind
+    of source is given, and that --output goes with it."""
+    dataset = args.dataset_name is not None or args.data_files is not None
+    given = [kind for kind, present in (("image files", bool(args.images)), ("--dataset-name/--data-files", dataset),
+                                        ("--embeddings", args.embeddings is not None)) if present]
+    if len(given) != 1:
+        raise ValueError(f"Give one source: image files, --dataset-name or --data-files, or --embeddings"
+                         f"{'; got ' + ' and '.join(given) if given else ''}.")
+    if args.images:
+        if args.output is not None:
+            raise ValueError("--output writes the captions of a dataset: give an image folder as --data-files FOLDER.")
+        return False
+    if args.output is None:
+        raise ValueError("Captioning a dataset or embeddings folder writes parquet shards: give --output DIR.")
+    if args.json or args.gallery:
+        raise ValueError("--json and --gallery print or show image files' captions; with --output the captions go "
+                         "into the parquet shards.")
+    if os.path.isfile(args.output):
+        raise NotADirectoryError(f"--output: {args.output} is a file, not a folder.")
+    if args.dataset_format is not None and args.data_files is None:
+        raise ValueError("--dataset-format reads --data-files (the annotation file or folder): give it.")
+    if args.embeddings is not None and args.rerank_model is not None:
+        raise ValueError("--rerank-model scores the images with CLIP, but an embeddings folder has no images: "
+                         "caption the dataset itself (--dataset-name or --data-files).")
+    if args.shard_size is not None and args.streaming:
+        raise ValueError("--shard-size splits a dataset read whole; with --streaming each data file is a shard.")
+    return True
+
+
+def _decoding_kwargs(args: argparse.Namespace) -> dict:
+    """The `ClipCapCaptioner` arguments of the decoding options, checked together."""
+    kwargs = decoding_kwargs(args)
+    kwargs.update(sampling_kwargs(args))
+    if args.num_candidates > 1:
+        if args.rerank_model is None:
+            raise ValueError("--num-candidates chooses among captions with CLIP: give --rerank-model.")
+        if args.num_return_sequences > 1:
+            raise ValueError("Give --num-candidates or --num-return-sequences, not both.")
+        if not args.do_sample and args.num_beams < args.num_candidates:
+            raise ValueError(f"--num-candidates {args.num_candidates} needs --do-sample, or --num-beams "
+                             f"{args.num_candidates} or more: greedy decoding gives one caption.")
+        kwargs.update(num_candidates=args.num_candidates, reranker=args.rerank_model)
+    elif args.rerank_model is not None:
+        raise ValueError("--rerank-model chooses among candidates: give --num-candidates N (N > 1) with it.")
+    if args.num_return_sequences > 1:
+        if not args.do_sample and args.num_beams < args.num_return_sequences:
+            raise ValueError(f"--num-return-sequences {args.num_return_sequences} needs --do-sample, or --num-beams "
+                             f"{args.num_return_sequences} or more.")
+        kwargs["num_return_sequences"] = args.num_return_sequences
+    return kwargs
+
+
+def _device(args: argparse.Namespace) -> str | None:
+    """--device, else under torchrun each process's own GPU (LOCAL_RANK) when there are GPUs."""
+    if args.device is None and int(os.environ.get("WORLD_SIZE", 1)) > 1 and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    return args.device
+
 
 def run(args: argparse.Namespace) -> int:
-    generate_kwargs = decoding_kwargs(args)
+    decoding = _decoding_kwargs(args)
+    if _dataset_source(args):
+        return _caption_dataset(args, decoding)
+    return _caption_files(args, decoding)
+
+
+def _caption_dataset(args: argparse.Namespace, decoding: dict) -> int:
+    from ..inference import ClipCapCaptioner, caption_dataset_to_parquet
+    from ..inference.sharded import DEFAULT_SHARD_SIZE, distributed_rank
+
+    if args.embeddings is not None:
+        from ..data.embeddings import load_embeddings
+
+        dataset = load_embeddings(args.embeddings)
+    else:
+        from ..data.sources import load_image_source
+
+        dataset = load_image_source(
+            dataset_name=args.dataset_name,
+            dataset_config_name=args.dataset_config_name,
+            data_files=args.data_files,
+            split=args.split,
+            image_column=args.image_column,
+            streaming=args.streaming,
+            dataset_format=args.dataset_format,
+            image_root=args.image_root,
+        )
+    model, processor = load_model_and_processor(args.model, _device(args))
+    captioner = ClipCapCaptioner(model, processor, dtype=args.dtype, **decoding)
+    settings = {
+        "model": args.model,
+        "source": {name: getattr(args, name) for name in ("dataset_name", "dataset_config_name", "data_files",
+                                                           "dataset_format", "image_root", "split", "image_column",
+                                                           "streaming", "embeddings")},
+        "shard_size": args.shard_size or DEFAULT_SHARD_SIZE,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "decoding": {name: value for name, value in decoding.items() if name != "reranker"},
+        "rerank_model": args.rerank_model,
+    }
+    summary = caption_dataset_to_parquet(
+        captioner,
+        dataset,
+        args.output,
+        batch_size=args.batch_size,
+        shard_size=settings["shard_size"],
+        on_bad_image=args.on_bad_image,
+        settings=settings,
+    )
+    rank, world_size = distributed_rank()
+    who = f"Rank {rank} of {world_size}" if world_size > 1 else "Done"
+    skipped = f", {summary.num_bad_rows} unreadable image(s) skipped" if summary.num_bad_rows else ""
+    print(f"{who}: wrote {len(summary.written)} shard(s) of {summary.num_shards} ({summary.num_captions} captions"
+          f"{skipped}); {len(summary.skipped)} already finished. Captions: {args.output}", file=sys.stderr)
+    return 0
+
+
+def _caption_files(args: argparse.Namespace, decoding: dict) -> int:
     paths = expand_image_paths(args.images)
     if args.gallery:
         check_gallery_path(args.gallery, taken=paths)
-    model, processor = load_model_and_processor(args.model, args.device)
+    model, processor = load_model_and_processor(args.model, _device(args))
+    if args.dtype is not None:
+        model = model.to(args.dtype)
 
     results = []
     try:
-        for batch in iter_captions(model, processor, paths, args.batch_size, **generate_kwargs):
+        for batch in iter_captions(model, processor, paths, args.batch_size, **decoding):
             if not args.json:  # print as we go, so that a failure later on loses none of the captions before it
                 for result in batch:
                     if result.error is None:
-                        # One line per image: a newline or tab in a caption or file name would break the
+                        # One line per caption: a newline or tab in a caption or file name would break the
                         # PATH<TAB>CAPTION lines; the caption's whitespace is collapsed, the name's escaped.
-                        caption = " ".join(result.caption.split())
-                        print(f"{escape_controls(str(result.path))}\t{caption}", flush=True)
+                        returned = result.candidates if args.num_return_sequences > 1 else [result.caption]
+                        for caption in returned:
+                            print(f"{escape_controls(str(result.path))}\t{' '.join(caption.split())}", flush=True)
             results.extend(batch)
     finally:
         if args.json:  # also when the run fails: the captions made before are kept, as valid JSON
-            entries = [
-                {"image": str(result.path), "caption": result.caption}
-                if result.error is None
-                else {"image": str(result.path), "caption": None, "error": result.error}
-                for result in results
-            ]
-            json.dump(entries, sys.stdout, indent=2, ensure_ascii=not stdout_is_utf8())
+            json.dump([_json_entry(result) for result in results], sys.stdout, indent=2,
+                      ensure_ascii=not stdout_is_utf8())
             sys.stdout.write("\n")
         if args.gallery and results:  # likewise the gallery; an unreadable image shows its name and the error
-            records = [GalleryRecord(result.path, result.caption or "") for result in results]
+            records = [
+                GalleryRecord(result.path, result.caption or "",
+                              scores=None if result.clip_score is None else {"CLIPScore": result.clip_score})
+                for result in results
+            ]
             gallery = write_gallery(records, args.gallery, title=f"Captions by {args.model}")
             print(f"Gallery: {gallery}", file=sys.stderr)
     errors = [result.error for result in results if result.error is not None]
     if errors:  # after the other images' captions, JSON and gallery
         raise UnreadableImagesError(errors, len(results))
     return 0
+
+
+def _json_entry(result) -> dict:
+    if result.error is not None:
+        return {"image": str(result.path), "caption": None, "error": result.error}
+    entry = {"image": str(result.path), "caption": result.caption}
+    if result.candidates is not None:
+        entry["candidates"] = result.candidates
+    if result.clip_score is not None:
+        entry["clip_score"] = result.clip_score
+    return entry

@@ -27,7 +27,7 @@ from ..evaluation.evaluate import (
     write_predictions,
 )
 from ..evaluation.gallery import GalleryRecord, write_gallery
-from ..evaluation.metrics import METRIC_NAMES, load_coco_predictions
+from ..evaluation.metrics import CLIP_METRIC_NAMES, METRIC_NAMES, load_coco_predictions
 from ._utils import (
     add_caption_options,
     check_gallery_path,
@@ -58,8 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                         "(default: test).")
     parser.add_argument("--output-dir", required=True, help="Where predictions.json, metrics.json, metrics.md go.")
     parser.add_argument("--predictions", help="Score this COCO results file instead of captioning.")
-    parser.add_argument("--metrics", nargs="+", default=list(METRIC_NAMES), choices=list(METRIC_NAMES),
-                        help="Metrics to compute (default: all of them).")
+    parser.add_argument("--metrics", nargs="+", default=list(METRIC_NAMES), choices=[*METRIC_NAMES, *CLIP_METRIC_NAMES],
+                        help="Metrics to compute (default: the COCO ones, all but clipscore and refclipscore, which "
+                             "need --clip-model).")
+    parser.add_argument("--clip-model", default=None,
+                        help="The CLIP model (a transformers CLIPModel folder or Hub name) for clipscore and "
+                             "refclipscore; published CLIPScores use openai/clip-vit-base-patch32.")
     add_caption_options(parser, batch_size=32)
     parser.add_argument("--limit", type=positive_int, help="Evaluate only the first N images.")
     parser.add_argument("--device", help="Default: cuda when available, else cpu.")
@@ -106,6 +110,11 @@ def _check_arguments(args: argparse.Namespace) -> dict:
     if not args.model and not args.predictions:
         raise ValueError("Give --model (to caption the images) or --predictions (to score a results file).")
     generate_kwargs = decoding_kwargs(args)
+    clip_metrics = [name for name in args.metrics if name in CLIP_METRIC_NAMES]
+    if clip_metrics and args.clip_model is None:
+        raise ValueError(f"--metrics {' '.join(clip_metrics)} score the captions with CLIP: give --clip-model.")
+    if args.clip_model is not None and not clip_metrics:
+        raise ValueError("--clip-model is for --metrics clipscore and refclipscore: add them, or leave it out.")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise NotADirectoryError(f"--output-dir: {args.output_dir} is a file, not a folder.")
     if args.model_card and not Path(args.model_card).is_file():
@@ -152,12 +161,17 @@ def _write_gallery(
     print(f"Gallery: {write_gallery(records, args.gallery, title=f'Evaluation on {args.data}')}", file=sys.stderr)
 
 
-def _score_images(predictions: Mapping[Any, str], images, metrics: Sequence[str]) -> EvaluationResult:
+def _score_images(
+    predictions: Mapping[Any, str], images, metrics: Sequence[str], clip_model: str | None = None
+) -> EvaluationResult:
     """[`score_predictions`] against the references (and nocaps domains) of `group_by_image(dataset)`."""
     image_ids = images["image_id"]
     domains = dict(zip(image_ids, images["domain"])) if "domain" in images.column_names else None
-    result = score_predictions(predictions, dict(zip(image_ids, images["references"])), domains, metrics)
-    result.image_paths = dict(zip(image_ids, images["image_path"]))
+    image_paths = dict(zip(image_ids, images["image_path"]))
+    result = score_predictions(
+        predictions, dict(zip(image_ids, images["references"])), domains, metrics, image_paths, clip_model
+    )
+    result.image_paths = image_paths
     return result
 
 
@@ -167,6 +181,8 @@ def run(args: argparse.Namespace) -> int:
     output_dir = Path(args.output_dir)
     unreadable = {}
     run_info = {"data": args.data, "data_format": args.data_format, "split": split, "limit": args.limit}
+    if args.clip_model is not None:
+        run_info["clip_model"] = args.clip_model
     if args.predictions:
         # Re-score a predictions file (COCO results format) without running the model.
         predictions = _load_predictions(args, images)
@@ -188,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
             "Nothing was scored, since scores over part of a split are not comparable with published ones. The "
             f"captions of the other images are in {output_dir / PREDICTIONS_FILE}.",
         )
-    result = _score_images(predictions, images, args.metrics)
+    result = _score_images(predictions, images, args.metrics, args.clip_model)
     if not result.scores:
         card = f"; {args.model_card} is left as it was" if args.model_card else ""
         raise ValueError(

@@ -11,13 +11,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from huggingface_hub import EvalResult, ModelCard
 from tqdm.auto import tqdm
 
 from ..image_processing_clipcap import load_image
 from ..utils.file_utils import escape_controls, write_text_atomically
-from .metrics import METRIC_NAMES, SCORE_KEYS, caption_tokenization, compute_caption_metrics
+from .metrics import (
+    CLIP_METRIC_NAMES,
+    CLIP_SCORE_KEYS,
+    METRIC_NAMES,
+    SCORE_KEYS,
+    caption_tokenization,
+    compute_caption_metrics,
+    compute_clip_metrics,
+)
 
 # Display order and names of the metrics in tables and model cards.
 METRIC_LABELS = {
@@ -29,10 +36,14 @@ METRIC_LABELS = {
     "ROUGE_L": "ROUGE-L",
     "CIDEr": "CIDEr",
     "SPICE": "SPICE",
+    "CLIPScore": "CLIPScore",
+    "RefCLIPScore": "RefCLIPScore",
 }
 # The model card's `model-index` names metrics by their Hub metric id (the variant, e.g. BLEU-4, goes in `name`),
 # and the task as the paper's rows in model_card.md do.
-METRIC_TYPES = {key: metric for metric, keys in SCORE_KEYS.items() for key in keys}
+METRIC_TYPES = {key: metric for metric, keys in SCORE_KEYS.items() for key in keys} | {
+    key: metric for metric, key in CLIP_SCORE_KEYS.items()
+}
 TASK_NAME = "Image captioning"
 RESULTS_START = "<!-- clipcap-results-start -->"
 RESULTS_END = "<!-- clipcap-results-end -->"
@@ -68,6 +79,10 @@ class CaptionedImage:
     """The generated caption; `None` when the file could not be read."""
     error: str | None = None
     """Why the file could not be read (the message names it); `None` when it was captioned."""
+    candidates: list[str] | None = None
+    """Every caption generated for the image, when more than one was asked for."""
+    clip_score: float | None = None
+    """The caption's CLIPScore, when CLIP chose it among candidates."""
 
 
 class UnreadableImagesError(ValueError):
@@ -83,17 +98,20 @@ class UnreadableImagesError(ValueError):
         super().__init__(f"{message}\n{consequence}" if consequence else message)
 
 
-@torch.no_grad()
 def iter_captions(
-    model, processor, image_paths: Sequence[str | os.PathLike], batch_size: int = 32, **generate_kwargs
+    model, processor, image_paths: Sequence[str | os.PathLike], batch_size: int = 32, **captioner_kwargs
 ) -> Iterator[list[CaptionedImage]]:
     """
     Caption image files in batches, with a progress bar, yielding each batch's results, in order, as soon as they
     are ready. A file that cannot be read does not stop the run: its result holds the error instead of a caption.
+    `captioner_kwargs` are [`~clipcap_hf.inference.ClipCapCaptioner`]'s: decoding options, and `num_candidates`
+    with a `reranker`.
     """
+    from ..inference import ClipCapCaptioner
+
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
-    device = next(model.parameters()).device
+    captioner = ClipCapCaptioner(model, processor, **captioner_kwargs)
     with tqdm(total=len(image_paths), unit="image", desc="Captioning", disable=len(image_paths) <= batch_size) as bar:
         for start in range(0, len(image_paths), batch_size):
             paths = list(image_paths[start : start + batch_size])
@@ -103,12 +121,20 @@ def iter_captions(
                     images[index] = load_image(path)
                 except ValueError as error:  # its message names the file and the reason
                     errors[index] = str(error)
-            captions = {}
-            if images:
-                generated = model.generate(**processor(images=list(images.values())).to(device), **generate_kwargs)
-                captions = dict(zip(images, processor.post_process_image_text_to_text(generated)))
+            result = captioner.caption(images=list(images.values()))
+            positions = {index: position for position, index in enumerate(images)}
             bar.update(len(paths))
-            yield [CaptionedImage(path, captions.get(index), errors.get(index)) for index, path in enumerate(paths)]
+            yield [
+                CaptionedImage(path, None, errors[index])
+                if index in errors
+                else CaptionedImage(
+                    path,
+                    result.captions[positions[index]],
+                    candidates=None if result.candidates is None else result.candidates[positions[index]],
+                    clip_score=None if result.scores is None else result.scores[positions[index]],
+                )
+                for index, path in enumerate(paths)
+            ]
 
 
 def generate_captions(
@@ -131,18 +157,42 @@ def score_predictions(
     references: Mapping[Any, Sequence[str]],
     domains: Mapping[Any, str] | None = None,
     metrics: Sequence[str] = METRIC_NAMES,
+    image_paths: Mapping[Any, str | os.PathLike] | None = None,
+    clip_model=None,
 ) -> EvaluationResult:
     """
     Score predictions (one caption per image id) against references; with `domains` (nocaps' in-domain,
     near-domain, out-domain per image) also score each domain on its own images, as the nocaps evaluation does.
+    `metrics` may name the COCO metrics and `"clipscore"`, `"refclipscore"`; those two need `image_paths` and
+    `clip_model` (see [`~clipcap_hf.evaluation.metrics.compute_clip_metrics`]).
     """
-    scores, per_image = compute_caption_metrics(predictions, references, metrics=metrics, return_per_image=True)
+    coco_metrics = [name for name in metrics if name not in CLIP_METRIC_NAMES]
+    clip_metrics = [name for name in metrics if name in CLIP_METRIC_NAMES]
+    scores, per_image = {}, {image_id: {} for image_id in predictions}
+    if coco_metrics:
+        scores, per_image = compute_caption_metrics(
+            predictions, references, metrics=coco_metrics, return_per_image=True
+        )
+    if clip_metrics:
+        if image_paths is None or clip_model is None:
+            raise ValueError(f"{', '.join(clip_metrics)} need the images (`image_paths`) and a CLIP model.")
+        clip_scores, clip_per_image = compute_clip_metrics(
+            predictions, image_paths, clip_model, references=references, metrics=clip_metrics
+        )
+        scores.update(clip_scores)
+        for image_id, image_scores in clip_per_image.items():
+            per_image[image_id].update(image_scores)
     domain_scores = {}
     for domain in sorted(set((domains or {}).values())):
         subset = {image_id: caption for image_id, caption in predictions.items() if domains[image_id] == domain}
-        with warnings.catch_warnings():  # the overall scoring has warned of everything (empty captions, no Java...)
-            warnings.simplefilter("ignore")
-            domain_scores[domain] = compute_caption_metrics(subset, references, metrics=metrics)
+        domain_scores[domain] = {}
+        if coco_metrics:
+            with warnings.catch_warnings():  # the overall scoring has warned of everything (empty captions, ...)
+                warnings.simplefilter("ignore")
+                domain_scores[domain] = compute_caption_metrics(subset, references, metrics=coco_metrics)
+        for name in clip_metrics:  # CLIP scores are means over images: the domain's mean
+            key = CLIP_SCORE_KEYS[name]
+            domain_scores[domain][key] = sum(per_image[image_id][key] for image_id in subset) / len(subset)
     return EvaluationResult(
         scores=scores,
         predictions=dict(predictions),

@@ -458,11 +458,74 @@ def compute_caption_metrics(
     return (scores, per_image) if return_per_image else scores
 
 
+CLIP_METRIC_NAMES: tuple[str, ...] = ("clipscore", "refclipscore")
+"""Reference-free CLIPScore and RefCLIPScore (Hessel et al., 2021), which need the images and a CLIP model."""
+
+CLIP_SCORE_KEYS: dict[str, str] = {"clipscore": "CLIPScore", "refclipscore": "RefCLIPScore"}
+
+
+def compute_clip_metrics(
+    predictions: Mapping[ImageId, str],
+    image_paths: Mapping[ImageId, str | os.PathLike],
+    clip_model: Any,
+    references: Mapping[ImageId, Sequence[str]] | None = None,
+    metrics: str | Iterable[str] = CLIP_METRIC_NAMES,
+    batch_size: int = 32,
+) -> tuple[dict[str, float], dict[ImageId, dict[str, float]]]:
+    """CLIPScore and RefCLIPScore of each predicted caption against its image file (and its references).
+
+    Args:
+        predictions: One generated caption per image id.
+        image_paths: Each predicted image id's image file.
+        clip_model: A [`~clipcap_hf.inference.CLIPScorer`], or the folder or Hub name of a transformers `CLIPModel`
+            (both towers are needed). Published CLIPScores use ViT-B/32 (`openai/clip-vit-base-patch32`).
+        references: The reference captions of each image id (needed for `"refclipscore"`).
+        metrics: `"clipscore"` and/or `"refclipscore"`.
+        batch_size: Images scored at once.
+
+    Returns:
+        The corpus scores (the mean over images) under `CLIPScore` and `RefCLIPScore`, and each image's own.
+    """
+    from ..image_processing_clipcap import load_image
+    from ..inference.clip_score import CLIPScorer
+
+    names = [metrics] if isinstance(metrics, str) else list(metrics)
+    unknown = [name for name in names if name not in CLIP_METRIC_NAMES]
+    if unknown:
+        raise ValueError(f"Unknown CLIP metric(s) {unknown}; choose from {list(CLIP_METRIC_NAMES)}.")
+    with_references = "refclipscore" in names
+    if with_references and references is None:
+        raise ValueError("RefCLIPScore needs the reference captions (`references`).")
+    scorer = clip_model if isinstance(clip_model, CLIPScorer) else CLIPScorer(clip_model)
+    image_ids = list(predictions)
+    per_image: dict[ImageId, dict[str, float]] = {}
+    for start in range(0, len(image_ids), batch_size):
+        batch_ids = image_ids[start : start + batch_size]
+        images = [load_image(image_paths[image_id]) for image_id in batch_ids]
+        captions = [predictions[image_id] for image_id in batch_ids]
+        if with_references:
+            clip_scores, ref_scores = scorer.ref_clip_score(images, captions, [references[i] for i in batch_ids])
+        else:
+            clip_scores, ref_scores = scorer.clip_score(images, captions), None
+        for row, image_id in enumerate(batch_ids):
+            per_image[image_id] = {}
+            if "clipscore" in names:
+                per_image[image_id]["CLIPScore"] = float(clip_scores[row])
+            if ref_scores is not None:
+                per_image[image_id]["RefCLIPScore"] = float(ref_scores[row])
+    keys = [CLIP_SCORE_KEYS[name] for name in CLIP_METRIC_NAMES if name in names]
+    scores = {key: sum(scores[key] for scores in per_image.values()) / max(len(per_image), 1) for key in keys}
+    return scores, per_image
+
+
 __all__ = [
+    "CLIP_METRIC_NAMES",
+    "CLIP_SCORE_KEYS",
     "METRIC_NAMES",
     "SCORE_KEYS",
     "caption_tokenization",
     "check_metric_names",
+    "compute_clip_metrics",
     "compute_caption_metrics",
     "load_coco_predictions",
     "load_coco_references",

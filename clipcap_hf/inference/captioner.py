@@ -1,0 +1,239 @@
+"""`ClipCapCaptioner`: caption a batch dict (images or CLIP embeddings) and return it with captions.
+
+One callable for every batch engine: `datasets.Dataset.map(captioner, batched=True)`, Ray Data's
+`map_batches(captioner)`, a Spark pandas UDF around it, or a plain loop. With `num_candidates` and a CLIP scorer it
+samples (or beam-searches) several captions per image and keeps the one CLIP scores highest, as LAION-COCO did.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import PIL.Image
+import torch
+from transformers.utils import logging
+
+from ..image_processing_clipcap import load_image
+from .clip_score import CLIPScorer
+
+logger = logging.get_logger(__name__)
+
+BadImagePolicy = Literal["error", "skip"]
+
+
+@dataclass
+class CaptionBatch:
+    """The captions of a batch of images, in order."""
+
+    captions: list[str]
+    """Each image's caption (the CLIP-chosen candidate when reranking, else the first returned sequence)."""
+    candidates: list[list[str]] | None = None
+    """Every caption generated for each image, when more than one was asked for."""
+    scores: list[float] | None = None
+    """Each chosen caption's CLIPScore, when reranking."""
+
+
+def decode_image(value: Any) -> PIL.Image.Image:
+    """
+    A batch's image as a PIL image: a PIL image, a file path, encoded bytes, a `{"bytes", "path"}` dict (a datasets
+    `Image(decode=False)` value, or how Ray Data reads such a column from parquet) or an HWC array.
+    Raises a ValueError saying why.
+    """
+    if isinstance(value, PIL.Image.Image):
+        return value
+    if isinstance(value, Mapping):
+        if value.get("bytes") is not None:
+            value = value["bytes"]
+        elif value.get("path"):
+            value = value["path"]
+        else:
+            raise ValueError("The image holds neither bytes nor a path.")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        try:
+            with PIL.Image.open(io.BytesIO(value)) as image:
+                image.load()
+                return image.copy()
+        except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
+            raise ValueError(f"Cannot decode image bytes: {error}") from error
+    if isinstance(value, (str, os.PathLike)):
+        return load_image(value)
+    if isinstance(value, np.ndarray) and value.ndim in (2, 3):
+        return PIL.Image.fromarray(value)
+    raise ValueError(f"Cannot read an image from a {type(value).__name__}.")
+
+
+class ClipCapCaptioner:
+    """
+    Caption batches of images with a ClipCap model: call it on a dict of columns, get the dict back with a caption
+    column added.
+
+    Args:
+        model: a ClipCap model, or the folder or Hub name of one (its processor is loaded with it).
+        processor: the model's processor (needed with an in-memory model).
+        device, dtype: where and in which precision the model runs (default: the model's own).
+        image_column: the column of images (PIL images, paths, bytes, `{"bytes", "path"}` dicts or arrays).
+        embedding_column: the column of precomputed CLIP image embeddings (from `clipcap embed`), used when the
+            batch has no `image_column`: the vision tower does not run.
+        caption_column: the column the captions go in.
+        key_column: the column that names each row in error messages (absent: the row's position in the batch).
+        num_candidates: generate this many captions per image and keep the one `reranker` scores highest; needs
+            sampling (`do_sample=True`) or beam search with at least as many beams.
+        reranker: a [`CLIPScorer`], or the name of the CLIP model to build one from.
+        on_bad_image: `"error"` raises naming the row; `"skip"` gives it a `None` caption and logs a warning.
+        **generate_kwargs: decoding options for `model.generate` (`max_new_tokens`, `num_beams`, `do_sample`,
+            `top_p`, `temperature`, `num_return_sequences`, ...).
+
+    The returned batch has `caption_column`, plus `candidates` (all captions of each image) when more than one is
+    generated per image, and `clip_score` when reranking.
+
+    Example:
+
+    ```python
+    >>> captioner = ClipCapCaptioner("path/to/clipcap", max_new_tokens=20)
+    >>> dataset = dataset.map(captioner, batched=True, batch_size=32)   # datasets
+    >>> dataset = ray_dataset.map_batches(captioner, batch_size=32)     # Ray Data
+    ```
+    """
+
+    def __init__(
+        self,
+        model,
+        processor=None,
+        *,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        image_column: str = "image",
+        embedding_column: str = "embedding",
+        caption_column: str = "caption",
+        key_column: str = "image_key",
+        num_candidates: int = 1,
+        reranker: CLIPScorer | str | None = None,
+        on_bad_image: BadImagePolicy = "error",
+        **generate_kwargs,
+    ):
+        if on_bad_image not in ("error", "skip"):
+            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
+        if num_candidates < 1:
+            raise ValueError(f"num_candidates must be at least 1, got {num_candidates}.")
+        if num_candidates > 1:
+            if reranker is None:
+                raise ValueError("num_candidates > 1 needs a CLIP model to choose among them (`reranker`).")
+            if generate_kwargs.get("num_return_sequences", 1) not in (1, num_candidates):
+                raise ValueError("Give num_candidates or num_return_sequences, not both: num_candidates sets it.")
+            if not generate_kwargs.get("do_sample") and generate_kwargs.get("num_beams", 1) < num_candidates:
+                raise ValueError(
+                    f"{num_candidates} candidates need sampling (do_sample=True) or beam search with at least "
+                    f"{num_candidates} beams; greedy decoding gives one caption."
+                )
+            generate_kwargs["num_return_sequences"] = num_candidates
+        elif reranker is not None:
+            raise ValueError("A reranker chooses among candidates: give num_candidates > 1 with it.")
+        if isinstance(model, (str, os.PathLike)):
+            from ..utils.loading import load_clipcap
+
+            model, processor = load_clipcap(str(model), "model")
+        if processor is None:
+            raise ValueError("Give the model's processor with an in-memory model (`processor=`).")
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.processor = processor
+        if isinstance(reranker, str):
+            reranker = CLIPScorer(reranker, device=self.model.device)
+        self.reranker = reranker
+        self.image_column = image_column
+        self.embedding_column = embedding_column
+        self.caption_column = caption_column
+        self.key_column = key_column
+        self.on_bad_image = on_bad_image
+        self.generate_kwargs = generate_kwargs
+        self.num_sequences = generate_kwargs.get("num_return_sequences", 1)
+
+    @torch.no_grad()
+    def caption(
+        self,
+        images: Sequence[PIL.Image.Image] | None = None,
+        image_embeds: torch.Tensor | np.ndarray | Sequence | None = None,
+    ) -> CaptionBatch:
+        """Caption PIL images, or precomputed CLIP embeddings (shape `(batch, prefix_dim)`)."""
+        if (images is None) == (image_embeds is None):
+            raise ValueError("Give images or image_embeds (exactly one).")
+        if images is not None:
+            if len(images) == 0:
+                return CaptionBatch([], [] if self.num_sequences > 1 else None, [] if self.reranker else None)
+            inputs = {"pixel_values": self.processor(images=list(images), return_tensors="pt")["pixel_values"]}
+        else:
+            embeds = image_embeds if isinstance(image_embeds, torch.Tensor) else torch.as_tensor(np.asarray(image_embeds))
+            inputs = {"image_embeds": embeds}
+        inputs = {name: tensor.to(self.model.device) for name, tensor in inputs.items()}
+        generated = self.model.generate(**inputs, **self.generate_kwargs)
+        texts = self.processor.post_process_image_text_to_text(generated)
+        if self.num_sequences == 1:
+            return CaptionBatch(texts)
+        candidates = [texts[start : start + self.num_sequences] for start in range(0, len(texts), self.num_sequences)]
+        if self.reranker is None:
+            return CaptionBatch([texts[0] for texts in candidates], candidates)
+        if images is None:
+            raise ValueError("Reranking with CLIP needs the images, not only their embeddings.")
+        best, scores = self.reranker.rerank(images, candidates)
+        return CaptionBatch([texts[index] for texts, index in zip(candidates, best)], candidates, scores)
+
+    def caption_batch(self, batch: Mapping[str, Sequence]) -> tuple[dict[str, list], dict[int, str]]:
+        """
+        The batch with captions added, and each unreadable row's error (by position); those rows get `None`. What
+        [`__call__`] does without applying `on_bad_image`, for callers that name rows their own way.
+        """
+        output = {name: list(values) if not isinstance(values, np.ndarray) else values for name, values in batch.items()}
+        if self.image_column in batch:
+            images, errors = {}, {}
+            for row, value in enumerate(batch[self.image_column]):
+                try:
+                    images[row] = decode_image(value)
+                except ValueError as error:
+                    errors[row] = str(error)
+            result = self.caption(images=list(images.values()))
+            rows, size = list(images), len(batch[self.image_column])
+        elif self.embedding_column in batch:
+            embeds = batch[self.embedding_column]
+            result = self.caption(image_embeds=np.stack([np.asarray(embed, dtype=np.float32) for embed in embeds]))
+            rows, size, errors = list(range(len(embeds))), len(embeds), {}
+        else:
+            raise ValueError(
+                f"The batch has neither an {self.image_column!r} column of images nor an {self.embedding_column!r} "
+                f"column of CLIP embeddings; it has {sorted(batch)}. Set image_column or embedding_column."
+            )
+
+        def spread(values: list) -> list:  # back to one entry per row, None for the unreadable ones
+            by_row = dict(zip(rows, values))
+            return [by_row.get(row) for row in range(size)]
+
+        output[self.caption_column] = spread(result.captions)
+        if result.candidates is not None:
+            output["candidates"] = spread(result.candidates)
+        if result.scores is not None:
+            output["clip_score"] = spread(result.scores)
+        return output, errors
+
+    def row_name(self, batch: Mapping[str, Sequence], row: int) -> str:
+        """How an error message names a row: its key, else its position in the batch."""
+        if self.key_column in batch:
+            return f"key {batch[self.key_column][row]!r}"
+        return f"row {row} of the batch"
+
+    def __call__(self, batch: Mapping[str, Sequence]) -> dict[str, list]:
+        output, errors = self.caption_batch(batch)
+        if errors:
+            report = "; ".join(f"{self.row_name(batch, row)}: {error}" for row, error in errors.items())
+            if self.on_bad_image == "error":
+                raise ValueError(
+                    f"{len(errors)} image(s) of the batch cannot be read ({report}). Fix or remove them, or skip "
+                    "them (on_bad_image='skip')."
+                )
+            logger.warning(f"Skipped {len(errors)} unreadable image(s), captioned None: {report}")
+        return output
+
+
+__all__ = ["BadImagePolicy", "CaptionBatch", "ClipCapCaptioner", "decode_image"]

@@ -1,0 +1,168 @@
+"""CLIPScore and RefCLIPScore (Hessel et al., 2021) with a full transformers `CLIPModel`, and reranking by CLIPScore.
+
+CLIPScore(c, v) = w * max(cos(E_c, E_v), 0) with w = 2.5, where E_v is CLIP's image embedding and E_c the text
+embedding of "A photo depicts" followed by the caption (the paper's prompt). RefCLIPScore is the harmonic mean of
+CLIPScore and max(max_r cos(E_c, E_r), 0) over the reference captions r (embedded with the same prompt).
+
+Written here rather than taken from torchmetrics' `CLIPScore`: that metric returns only the mean over a batch (the
+gallery and the reranker need each caption's score), clamps the mean instead of each score, has no RefCLIPScore, and
+on transformers 5 fails on `get_image_features` returning an output object instead of a tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import PIL.Image
+import torch
+
+CLIPSCORE_WEIGHT = 2.5
+"""The paper's w: it stretches CLIPScore over about [0, 1] for ViT-B/32 on captioning data."""
+CLIPSCORE_PROMPT = "A photo depicts"
+"""The paper's prompt before every caption, which it found to raise correlation with human judgements a little."""
+
+
+def _features(output) -> torch.Tensor:
+    """`get_image_features`/`get_text_features`' projected embeddings: a tensor on transformers 4.57, the output's
+    `pooler_output` on transformers 5."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+class CLIPScorer:
+    """
+    Score captions against images (and reference captions) with a CLIP model, batch by batch.
+
+    Args:
+        model: a transformers `CLIPModel` (both towers are needed), or the folder or Hub name of one.
+        processor: its processor (a `CLIPProcessor`: image processor and tokenizer); loaded from `model`'s name when
+            `model` is a name.
+        device, dtype: where and in which precision CLIP runs (default: the model's own).
+        prompt: the text put before every caption (the paper's "A photo depicts"; "" for none).
+        text_batch_size: captions embedded at once.
+
+    Example:
+
+    ```python
+    >>> scorer = CLIPScorer("openai/clip-vit-base-patch32")
+    >>> scorer.clip_score([image], ["a dog on a beach"])
+    tensor([0.7712])
+    ```
+    """
+
+    def __init__(
+        self,
+        model,
+        processor=None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        prompt: str = CLIPSCORE_PROMPT,
+        text_batch_size: int = 256,
+    ):
+        if isinstance(model, str):
+            from transformers import AutoProcessor, CLIPModel
+
+            from ..utils.loading import check_pretrained_source
+
+            check_pretrained_source(model, "the CLIP model")
+            processor = processor or AutoProcessor.from_pretrained(model, trust_remote_code=False)
+            model = CLIPModel.from_pretrained(model, trust_remote_code=False)
+        if processor is None:
+            raise ValueError("Give the CLIP model's processor with an in-memory model (`processor=`).")
+        if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
+            raise ValueError(
+                f"The CLIP model must have both towers (a transformers CLIPModel), got {type(model).__name__}."
+            )
+        self.model = model.to(device=device, dtype=dtype).eval()
+        self.processor = processor
+        self.prompt = prompt
+        self.text_batch_size = text_batch_size
+        config = getattr(model.config, "text_config", None)
+        self.max_text_length = getattr(config, "max_position_embeddings", None)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @torch.no_grad()
+    def image_embeddings(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
+        """Unit-length CLIP image embeddings, shape `(len(images), projection_dim)`, in float32."""
+        pixel_values = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        pixel_values = pixel_values.to(self.device, self.model.dtype)
+        embeddings = _features(self.model.get_image_features(pixel_values=pixel_values)).float()
+        return torch.nn.functional.normalize(embeddings, dim=-1)
+
+    @torch.no_grad()
+    def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
+        """Unit-length CLIP text embeddings of the prompt and each text, in float32 (texts longer than CLIP's
+        context are truncated)."""
+        prompted = [f"{self.prompt} {text}".strip() for text in texts]
+        chunks = []
+        for start in range(0, len(prompted), self.text_batch_size):
+            tokens = self.processor(
+                text=prompted[start : start + self.text_batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.max_text_length,
+                return_tensors="pt",
+            ).to(self.device)
+            output = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            chunks.append(_features(output).float())
+        if not chunks:
+            return torch.empty(0, self.model.config.projection_dim, device=self.device)
+        return torch.nn.functional.normalize(torch.cat(chunks), dim=-1)
+
+    def clip_score(
+        self, images: Sequence[PIL.Image.Image] | torch.Tensor, captions: Sequence[str]
+    ) -> torch.Tensor:
+        """Each caption's CLIPScore against its image (one caption per image, or image embeddings from
+        [`image_embeddings`]); a float32 tensor on the CPU."""
+        image_embeddings = images if isinstance(images, torch.Tensor) else self.image_embeddings(images)
+        if len(image_embeddings) != len(captions):
+            raise ValueError(f"Got {len(image_embeddings)} images and {len(captions)} captions; give one per image.")
+        cosine = (image_embeddings * self.text_embeddings(captions)).sum(-1)
+        return (CLIPSCORE_WEIGHT * cosine.clamp(min=0)).cpu()
+
+    def ref_clip_score(
+        self,
+        images: Sequence[PIL.Image.Image],
+        captions: Sequence[str],
+        references: Sequence[Sequence[str]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each caption's CLIPScore and RefCLIPScore (harmonic mean of CLIPScore and the caption's largest cosine
+        similarity to a reference of its image, clipped at 0)."""
+        if len(references) != len(captions):
+            raise ValueError(f"Got {len(captions)} captions and {len(references)} reference lists; give one per image.")
+        clip_scores = self.clip_score(images, captions)
+        caption_embeddings = self.text_embeddings(captions).cpu()
+        flat = [reference for image_references in references for reference in image_references]
+        reference_embeddings = self.text_embeddings(flat).cpu()
+        best = []
+        start = 0
+        for index, image_references in enumerate(references):
+            if not image_references:
+                raise ValueError(f"Caption {index} has no reference captions; RefCLIPScore needs at least one.")
+            cosines = reference_embeddings[start : start + len(image_references)] @ caption_embeddings[index]
+            best.append(cosines.max().clamp(min=0))
+            start += len(image_references)
+        text_scores = torch.stack(best)
+        total = clip_scores + text_scores
+        # The harmonic mean, 0 where both are 0 (rather than 0/0).
+        ref_scores = torch.where(total > 0, 2 * clip_scores * text_scores / total.clamp(min=1e-12), 0.0)
+        return clip_scores, ref_scores
+
+    def rerank(
+        self, images: Sequence[PIL.Image.Image], candidates: Sequence[Sequence[str]]
+    ) -> tuple[list[int], list[float]]:
+        """For each image, the index of its candidate caption with the highest CLIPScore, and that score (the first
+        candidate wins a tie)."""
+        if len(images) != len(candidates):
+            raise ValueError(f"Got {len(images)} images and {len(candidates)} candidate lists.")
+        image_embeddings = self.image_embeddings(images)
+        counts = [len(texts) for texts in candidates]
+        repeated = image_embeddings.repeat_interleave(torch.tensor(counts, device=image_embeddings.device), dim=0)
+        scores = self.clip_score(repeated, [text for texts in candidates for text in texts]).split(counts)
+        best = [int(image_scores.argmax()) for image_scores in scores]
+        return best, [float(image_scores[index]) for image_scores, index in zip(scores, best)]
+
+
+__all__ = ["CLIPSCORE_PROMPT", "CLIPSCORE_WEIGHT", "CLIPScorer"]

@@ -1,0 +1,206 @@
+"""Caption a dataset into parquet shards: one output file per input shard, each written whole, resumable, split
+between the processes of a `torchrun` or `accelerate launch` run.
+
+An input shard is a data file of a streaming dataset, or a run of `shard_size` rows of a loaded one. Output shard i is
+`captions-0000i-of-0000n.parquet`, written to a temporary name and renamed when complete, so that the folder only
+ever holds whole shards: a rerun skips those and redoes the rest (a run killed mid-way resumes without duplicates or
+gaps). Process r of w takes the shards i with i % w == r; the names do not depend on w, so a rerun may use another
+number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+from transformers.utils import logging
+
+from .captioner import BadImagePolicy, ClipCapCaptioner
+
+logger = logging.get_logger(__name__)
+
+RUN_FILE = "caption_run.json"
+DEFAULT_SHARD_SIZE = 10_000
+# Unreadable rows named in an error or warning; the rest are counted.
+_MAX_LISTED = 10
+
+
+def shard_file_name(index: int, num_shards: int) -> str:
+    return f"captions-{index:05d}-of-{num_shards:05d}.parquet"
+
+
+def distributed_rank() -> tuple[int, int]:
+    """This process's rank and the number of processes, as `torchrun` and `accelerate launch` set them."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+@dataclass
+class CaptionRunSummary:
+    """What one process did."""
+
+    num_shards: int
+    """Input shards in all (every process's)."""
+    written: list[str] = field(default_factory=list)
+    """Shards this process wrote."""
+    skipped: list[str] = field(default_factory=list)
+    """This process's shards that were already finished."""
+    num_captions: int = 0
+    """Captions this process wrote."""
+    num_bad_rows: int = 0
+    """Unreadable rows this process skipped."""
+
+
+def _input_shards(dataset, shard_size: int) -> tuple[int, Any]:
+    """The number of input shards and a function giving shard i."""
+    import datasets
+
+    if isinstance(dataset, datasets.IterableDataset):
+        count = dataset.num_shards if hasattr(dataset, "num_shards") else dataset.n_shards
+        return count, lambda index: dataset.shard(num_shards=count, index=index)
+    count = max(1, math.ceil(len(dataset) / shard_size))
+    return count, lambda index: dataset.shard(num_shards=count, index=index, contiguous=True)
+
+
+def _undecoded(dataset, column: str):
+    """The dataset with `column`'s images left as bytes, so that a bad one is named by its key instead of failing
+    inside `datasets`."""
+    import datasets
+
+    feature = (dataset.features or {}).get(column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return dataset.cast_column(column, datasets.Image(decode=False))
+    return dataset
+
+
+def _check_run_file(output_dir: Path, settings: Mapping[str, Any]) -> None:
+    """Record the run's settings; refuse to add to a folder of captions made with other settings."""
+    path = output_dir / RUN_FILE
+    recorded = json.loads(json.dumps(dict(settings)))  # as it reads back from the file
+    if path.exists():
+        earlier = json.loads(path.read_text(encoding="utf-8"))
+        if earlier != recorded:
+            changed = sorted(key for key in earlier.keys() | recorded.keys() if earlier.get(key) != recorded.get(key))
+            raise ValueError(
+                f"--output {output_dir} holds captions made with other settings ({', '.join(changed)} differ; see "
+                f"{path}). Write to another folder, or remove it to start over."
+            )
+        return
+    from ..utils.file_utils import write_text_atomically
+
+    write_text_atomically(path, json.dumps(recorded, indent=2) + "\n")
+
+
+def _write_parquet_atomically(columns: dict[str, list], path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    types = {"image_key": pa.string(), "candidates": pa.list_(pa.string()), "clip_score": pa.float32()}
+    schema = pa.schema([(name, types.get(name, pa.string())) for name in columns])  # typed even when empty
+    temporary = path.with_name(f".{path.name}.partial")  # one name per shard: a killed run's leftover is replaced
+    pq.write_table(pa.table(columns, schema=schema), temporary)
+    with open(temporary, "rb") as file:
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+def caption_dataset_to_parquet(
+    captioner: ClipCapCaptioner,
+    dataset,
+    output_dir: str | os.PathLike,
+    *,
+    batch_size: int = 32,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    on_bad_image: BadImagePolicy = "error",
+    settings: Mapping[str, Any] | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+) -> CaptionRunSummary:
+    """
+    Caption a `datasets` Dataset or IterableDataset with columns `image_key` and `image` (images) or `embedding`
+    (CLIP embeddings) into parquet shards in `output_dir`, with columns `image_key`, `caption`, and `candidates`,
+    `clip_score` when the captioner makes them.
+
+    Args:
+        captioner: the [`ClipCapCaptioner`] (its own `on_bad_image` is not used: see `on_bad_image`).
+        dataset: the rows to caption, in a stable order (the shards are found again by position on a rerun).
+        batch_size: images per `generate` call.
+        shard_size: rows per input shard of a (non-streaming) Dataset.
+        on_bad_image: `"error"` stops at the first batch holding unreadable rows, naming shard and key (the finished
+            shards stay); `"skip"` leaves them out, counted and named in a warning.
+        settings: what produced the captions (model, decoding, source), kept in `caption_run.json`: a rerun with
+            other settings is refused instead of mixing captions.
+        rank, world_size: this process's share (default: from `torchrun`'s or `accelerate launch`'s environment).
+    """
+    if rank is None or world_size is None:
+        rank, world_size = distributed_rank()
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if settings is not None:
+        _check_run_file(output_dir, settings)
+    dataset = _undecoded(dataset, captioner.image_column)
+    num_shards, get_shard = _input_shards(dataset, shard_size)
+    summary = CaptionRunSummary(num_shards)
+    pending = []
+    for index in range(rank, num_shards, world_size):
+        name = shard_file_name(index, num_shards)
+        (summary.skipped if (output_dir / name).exists() else pending).append((index, name))
+    summary.skipped = [name for _, name in summary.skipped]
+    shards = [(name, get_shard(index)) for index, name in pending]
+    total = sum(len(shard) for _, shard in shards) if all(hasattr(shard, "__len__") for _, shard in shards) else None
+    description = "Captioning" if world_size == 1 else f"Captioning (rank {rank})"
+    with tqdm(total=total, unit="image", desc=description, dynamic_ncols=True) as bar:
+        for name, shard in shards:
+            columns, bad = _caption_shard(captioner, shard, name, batch_size, on_bad_image, bar)
+            _write_parquet_atomically(columns, output_dir / name)
+            summary.written.append(name)
+            summary.num_captions += len(columns["image_key"])
+            summary.num_bad_rows += len(bad)
+            if bad:
+                listed = "\n".join(f"  {line}" for line in bad[:_MAX_LISTED])
+                more = f"\n  ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+                logger.warning(f"Skipped {len(bad)} unreadable row(s) of {name}:\n{listed}{more}")
+    return summary
+
+
+def _caption_shard(
+    captioner: ClipCapCaptioner, shard, name: str, batch_size: int, on_bad_image: BadImagePolicy, bar
+) -> tuple[dict[str, list], list[str]]:
+    """One input shard's output columns, and a line naming each unreadable row that was skipped."""
+    names = ["image_key", captioner.caption_column]
+    names += ["candidates"] * (captioner.num_sequences > 1) + ["clip_score"] * (captioner.reranker is not None)
+    columns: dict[str, list] = {column: [] for column in names}
+    bad = []
+    for batch in shard.iter(batch_size=batch_size):
+        if "image_key" not in batch:
+            raise ValueError(f"Shard {name}: the dataset has no image_key column; it has {sorted(batch)}.")
+        output, errors = captioner.caption_batch(batch)
+        lines = [f"{name}, key {batch['image_key'][row]!r}: {error}" for row, error in errors.items()]
+        if lines and on_bad_image == "error":
+            listed = "\n".join(f"  {line}" for line in lines)
+            raise ValueError(
+                f"{len(lines)} image(s) cannot be read; the shards finished before are kept. Fix or remove them, "
+                f"or skip them (--on-bad-image skip):\n{listed}"
+            )
+        bad += lines
+        kept = [row for row in range(len(batch["image_key"])) if row not in errors]
+        columns["image_key"] += [str(batch["image_key"][row]) for row in kept]
+        for column in names[1:]:
+            columns[column] += [output[column][row] for row in kept]
+        bar.update(len(batch["image_key"]))
+    return columns, bad
+
+
+__all__ = [
+    "CaptionRunSummary",
+    "DEFAULT_SHARD_SIZE",
+    "RUN_FILE",
+    "caption_dataset_to_parquet",
+    "distributed_rank",
+    "shard_file_name",
+]

@@ -1,0 +1,128 @@
+"""CLIPScore and RefCLIPScore (Hessel et al., 2021) against an independent computation, in `clipcap evaluate`'s
+metrics.json and gallery."""
+
+import html
+import json
+import re
+
+import pytest
+import torch
+from conftest import random_images
+from transformers import AutoProcessor, CLIPModel
+
+from clipcap_hf.commands import main
+from clipcap_hf.evaluation.metrics import compute_clip_metrics
+from clipcap_hf.inference import CLIPScorer
+
+CAPTIONS = ["a dog runs on the beach", "two cats sleep", "a red circle", "people walk in a park", "x"]
+REFERENCES = [["a dog on sand", "a brown dog"], ["cats sleeping"], ["a circle", "red", "a round shape"],
+              ["a park"], ["y", "z"]]
+
+
+@pytest.fixture(scope="module")
+def clip(tiny_clip_dir):
+    return CLIPModel.from_pretrained(tiny_clip_dir).eval(), AutoProcessor.from_pretrained(tiny_clip_dir)
+
+
+@torch.no_grad()
+def hessel_scores(model, processor, images, captions, references):
+    """The paper's formulas from CLIPModel's forward (logits = exp(logit_scale) * cosine) and its text tower's
+    pooled output through the text projection, written out here independently of CLIPScorer."""
+    prompted = [f"A photo depicts {caption}" for caption in captions]
+    inputs = processor(text=prompted, images=images, return_tensors="pt", padding=True)
+    cosine = model(**inputs).logits_per_image.diagonal() / model.logit_scale.exp()
+    clip_s = 2.5 * cosine.clamp(min=0)
+
+    def text_vectors(texts):
+        tokens = processor(text=[f"A photo depicts {text}" for text in texts], return_tensors="pt", padding=True)
+        pooled = model.text_model(**tokens).pooler_output
+        vectors = model.text_projection(pooled)
+        return vectors / vectors.norm(dim=-1, keepdim=True)
+
+    ref_s = []
+    for index, (caption, refs) in enumerate(zip(captions, references)):
+        best = max(0.0, float((text_vectors(refs) @ text_vectors([caption])[0]).max()))
+        c = float(clip_s[index])
+        ref_s.append(0.0 if c + best == 0 else 2 * c * best / (c + best))
+    return clip_s.tolist(), ref_s
+
+
+def test_clip_score_and_ref_clip_score_follow_the_paper(clip):
+    model, processor = clip
+    images = random_images(len(CAPTIONS), seed=5)
+    expected_clip, expected_ref = hessel_scores(model, processor, images, CAPTIONS, REFERENCES)
+    assert any(score == 0 for score in expected_clip) and any(score > 0 for score in expected_clip)  # clamp shows
+    clip_s, ref_s = CLIPScorer(model, processor).ref_clip_score(images, CAPTIONS, REFERENCES)
+    assert clip_s.tolist() == pytest.approx(expected_clip, abs=1e-5)
+    assert ref_s.tolist() == pytest.approx(expected_ref, abs=1e-5)
+
+
+def test_rerank_keeps_the_candidate_with_the_highest_score(clip):
+    model, processor = clip
+    images = random_images(2, seed=6)
+    candidates = [CAPTIONS[:3], CAPTIONS[2:]]
+    best, scores = CLIPScorer(model, processor).rerank(images, candidates)
+    for image, texts, index, score in zip(images, candidates, best, scores):
+        expected, _ = hessel_scores(model, processor, [image] * len(texts), texts, [["r"]] * len(texts))
+        assert index == max(range(len(texts)), key=lambda i: expected[i])
+        assert score == pytest.approx(max(expected), abs=1e-5)
+
+
+def test_evaluate_writes_clip_scores_to_metrics_json_and_gallery(tiny_clip_dir, clip, tmp_path):
+    (tmp_path / "images").mkdir()
+    images = random_images(len(CAPTIONS), seed=5)
+    entries, annotations = [], []
+    for image_id, (image, refs) in enumerate(zip(images, REFERENCES), start=1):
+        image.save(tmp_path / "images" / f"{image_id}.png")
+        entries.append({"id": image_id, "file_name": f"{image_id}.png"})
+        annotations += [{"image_id": image_id, "caption": ref} for ref in refs]
+    (tmp_path / "refs.json").write_text(json.dumps({"images": entries, "annotations": annotations}))
+    predictions = [{"image_id": i, "caption": c} for i, c in enumerate(CAPTIONS, start=1)]
+    (tmp_path / "predictions.json").write_text(json.dumps(predictions))
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--predictions", str(tmp_path / "predictions.json"), "--data", str(tmp_path / "refs.json"),
+            "--data-format", "coco", "--image-root", str(tmp_path / "images"), "--output-dir", str(out),
+            "--metrics", "clipscore", "refclipscore", "--clip-model", str(tiny_clip_dir),
+            "--gallery", str(tmp_path / "gallery.html")]
+    assert main(argv) == 0
+    # The images as they read back from the PNG files: the same pixels.
+    expected_clip, expected_ref = hessel_scores(*clip, images, CAPTIONS, REFERENCES)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["scores"]["CLIPScore"] == pytest.approx(sum(expected_clip) / len(CAPTIONS), abs=1e-5)
+    assert metrics["scores"]["RefCLIPScore"] == pytest.approx(sum(expected_ref) / len(CAPTIONS), abs=1e-5)
+    assert metrics["run"]["clip_model"] == str(tiny_clip_dir)
+    page = html.unescape((tmp_path / "gallery.html").read_text())
+    assert ">CLIPScore</button>" in page and ">RefCLIPScore</button>" in page
+    cells = [float(value) for value in re.findall(r'class="score" data-value="([^"]+)"', page)]
+    assert cells[0::2] == pytest.approx(expected_clip, abs=1e-5)  # each image's own scores, in its row
+    assert cells[1::2] == pytest.approx(expected_ref, abs=1e-5)
+
+
+def test_compute_clip_metrics_alone_and_its_errors(clip, tmp_path):
+    model, processor = clip
+    images = random_images(2, seed=5)
+    paths = {}
+    for index, image in enumerate(images):
+        paths[index] = tmp_path / f"{index}.png"
+        image.save(paths[index])
+    scorer = CLIPScorer(model, processor)
+    scores, per_image = compute_clip_metrics(dict(enumerate(CAPTIONS[:2])), paths, scorer, metrics="clipscore")
+    expected, _ = hessel_scores(model, processor, images, CAPTIONS[:2], REFERENCES[:2])
+    assert [per_image[i]["CLIPScore"] for i in range(2)] == pytest.approx(expected, abs=1e-5)
+    assert set(scores) == {"CLIPScore"}
+    with pytest.raises(ValueError, match="RefCLIPScore needs the reference captions"):
+        compute_clip_metrics({0: "a"}, paths, scorer, metrics=["refclipscore"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--metrics", "clipscore"], "--metrics clipscore score the captions with CLIP: give --clip-model."),
+        (["--metrics", "bleu", "--clip-model", "x"], "--clip-model is for --metrics clipscore and refclipscore"),
+    ],
+)
+def test_clip_metric_options_are_checked_before_any_work(tmp_path, capsys, extra, message):
+    argv = ["evaluate", "--predictions", str(tmp_path / "p.json"), "--data", str(tmp_path / "r.json"),
+            "--data-format", "coco", "--output-dir", str(tmp_path / "out"), *extra]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
