@@ -922,6 +922,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         if inputs is not None:
             self._length_as_new_tokens(inputs.shape[1], kwargs)
             self._check_input_fits_positions(inputs.shape[1])
+        self._compile_where_asked(kwargs)
         # On the CPU, fp32 linear layers run through oneDNN where it measured faster than PyTorch's default (onednn.py).
         with cpu_linear_kernels(self):
             return super().generate(
@@ -931,6 +932,17 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 attention_mask=attention_mask,
                 **kwargs,
             )
+
+    def _compile_where_asked(self, kwargs: dict) -> None:
+        """
+        A `compile_config` passed to `generate` compiles the decoding step on any device: transformers compiles it
+        only on accelerators unless told otherwise, and on the CPU it can be faster too (with a static cache).
+        """
+        compile_config = kwargs.get("compile_config")
+        if compile_config is not None and not compile_config._compile_all_devices:
+            compile_config = copy.copy(compile_config)
+            compile_config._compile_all_devices = True
+            kwargs["compile_config"] = compile_config
 
     def _check_input_fits_positions(self, input_length: int) -> None:
         """

@@ -98,7 +98,8 @@ def _linear_operands(func, args: tuple) -> tuple | None:
 
 class _OneDNNLinearMode(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        operands = None if kwargs else _linear_operands(func, args)
+        # Inside a graph `torch.compile` traces, its backend picks the kernels (with `freezing`, oneDNN's too).
+        operands = None if kwargs or torch.compiler.is_compiling() else _linear_operands(func, args)
         if operands is not None:
             return _onednn_linear(*operands)
         return func(*args, **(kwargs or {}))
