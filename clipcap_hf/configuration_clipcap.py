@@ -4,12 +4,69 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import AutoConfig, CLIPConfig, CLIPVisionConfig, GPT2Config, PretrainedConfig
+from transformers import AutoConfig, CLIPVisionConfig, GPT2Config, PretrainedConfig
 
 from .open_clip_vision import resolve_open_clip_model, vision_part_of_model_cfg
 
 MAPPING_TYPES = ("mlp", "transformer")
 VISION_BACKENDS = ("clip", "open_clip")
+# The transformers vision towers the "clip" backend takes (by the model_type of their vision config), and the ways
+# each gives one image embedding, its default first: "projection" (CLIP's projected embedding, what CLIP's
+# `get_image_features` returns), "pooled" (the tower's `pooler_output`: SigLIP's attention-pooling head, ViT's tanh
+# pooler), "cls" (the final CLS token) and "cls_mean_patch" (the CLS token followed by the mean patch token, as
+# DINOv2's linear probes read it).
+VISION_POOLINGS = {
+    "clip_vision_model": ("projection",),
+    "siglip_vision_model": ("pooled",),
+    "siglip2_vision_model": ("pooled",),
+    "vit": ("cls", "pooled"),
+    "dinov2": ("cls", "cls_mean_patch"),
+    "dinov2_with_registers": ("cls", "cls_mean_patch"),
+}
+# Whole image-text models, whose config holds the vision tower's as `vision_config`.
+IMAGE_TEXT_MODEL_TYPES = ("clip", "siglip", "siglip2")
+
+
+def vision_tower_config(config: dict | PretrainedConfig) -> PretrainedConfig:
+    """
+    The vision tower's config out of a vision config, or of a whole CLIP/SigLIP config (its vision part), as a
+    config or a dict (a dict without `model_type` is a CLIP vision config, as saved before other towers existed).
+    """
+    if isinstance(config, dict):
+        config = dict(config)
+        model_type = config.pop("model_type", CLIPVisionConfig.model_type)
+        if model_type in IMAGE_TEXT_MODEL_TYPES:  # e.g. a CLIP checkpoint's config.json
+            vision_part = {**(config.get("vision_config") or {}), "model_type": f"{model_type}_vision_model"}
+            if "projection_dim" in config:  # a whole CLIP's projection width is its own, not its vision part's
+                vision_part["projection_dim"] = config["projection_dim"]
+            return vision_tower_config(vision_part)
+        if model_type not in VISION_POOLINGS:
+            raise ValueError(_unsupported_tower(model_type))
+        return AutoConfig.for_model(model_type, **config)
+    if not isinstance(config, PretrainedConfig):
+        raise ValueError(f"`vision_config` must be a PretrainedConfig or a dict, got {type(config).__name__}.")
+    if config.model_type in IMAGE_TEXT_MODEL_TYPES:
+        return vision_tower_config(config.to_dict())
+    if config.model_type not in VISION_POOLINGS:
+        raise ValueError(_unsupported_tower(config.model_type))
+    return config
+
+
+def _unsupported_tower(model_type: str) -> str:
+    return (
+        f"`vision_config` describes a {model_type!r} model, which gives no single image embedding ClipCap knows; "
+        f"give a vision tower of one of {sorted(VISION_POOLINGS)} (or a whole {', '.join(IMAGE_TEXT_MODEL_TYPES)} "
+        "config), or an open_clip tower (vision_backend='open_clip')."
+    )
+
+
+def vision_embedding_size(vision_config: PretrainedConfig, vision_pooling: str) -> int:
+    """Width of the image embedding a transformers tower gives with a pooling."""
+    if vision_pooling == "projection":
+        return vision_config.projection_dim
+    if vision_pooling == "cls_mean_patch":
+        return 2 * vision_config.hidden_size
+    return vision_config.hidden_size
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -44,14 +101,17 @@ class ClipCapConfig(PretrainedConfig):
     The defaults describe the paper's MLP variant: CLIP ViT-B/32 (512-d embedding), an MLP mapper, a prefix of 10
     vectors and GPT-2 small.
 
-    The CLIP image encoder is transformers' CLIP (`vision_backend="clip"`, described by `vision_config`) or an open_clip
-    image tower (`vision_backend="open_clip"`, described by the `open_clip_*` fields), e.g. the RN50x4 of the paper's
-    transformer release, which transformers does not have. Either way its weights are part of the ClipCap checkpoint.
+    The image encoder is a transformers vision tower (`vision_backend="clip"`, described by `vision_config`: CLIP, or
+    SigLIP, SigLIP2, ViT or DINOv2, whose one image embedding `vision_pooling` names) or an open_clip image tower
+    (`vision_backend="open_clip"`, described by the `open_clip_*` fields), e.g. the RN50x4 of the paper's transformer
+    release, which transformers does not have. Either way its weights are part of the ClipCap checkpoint.
 
     Args:
-        vision_config (`dict`, `CLIPVisionConfig` or `CLIPConfig`, *optional*):
-            The CLIP vision tower of the `"clip"` backend (of a whole CLIP config, its vision part). Defaults to
-            ViT-B/32 (`CLIPVisionConfig()`); must be `None` with the `"open_clip"` backend.
+        vision_config (`dict` or `PretrainedConfig`, *optional*):
+            The vision tower of the `"clip"` backend: a CLIP, SigLIP, SigLIP2, ViT, DINOv2 (or DINOv2 with registers)
+            vision config; of a whole CLIP or SigLIP config, its vision part; a dict needs a `model_type` unless it
+            describes CLIP. Defaults to CLIP ViT-B/32 (`CLIPVisionConfig()`); must be `None` with the `"open_clip"`
+            backend.
         text_config (`dict` or `PretrainedConfig`, *optional*):
             Any causal language model config; a dict needs a `model_type` key. Defaults to GPT-2 small.
         mapping_type (`str`, *optional*, defaults to `"mlp"`):
@@ -67,12 +127,18 @@ class ClipCapConfig(PretrainedConfig):
         mapping_num_heads (`int`, *optional*, defaults to 8):
             Transformer mapper only: attention heads; must divide the language model's token-embedding width.
         prefix_dim (`int`, *optional*):
-            Width of the CLIP image embedding the mapper reads. Defaults to the vision tower's:
-            `vision_config.projection_dim`, or `open_clip_model_cfg["embed_dim"]`.
+            Width of the image embedding the mapper reads. Defaults to the vision tower's: `vision_config.projection_dim`
+            (CLIP), `hidden_size` (twice it for `"cls_mean_patch"`), or `open_clip_model_cfg["embed_dim"]`.
         normalize_prefix (`bool`, *optional*, defaults to `False`):
             Divide the image embedding by its L2 norm before the mapper (the paper's transformer release does).
         vision_backend (`str`, *optional*, defaults to `"clip"`):
-            `"clip"` (transformers' `CLIPVisionModelWithProjection`) or `"open_clip"` (needs `open_clip_torch`).
+            `"clip"` (a transformers vision tower: `CLIPVisionModelWithProjection`, or the `AutoModel` of another
+            `vision_config`) or `"open_clip"` (needs `open_clip_torch`).
+        vision_pooling (`str`, *optional*):
+            `"clip"` backend: how the tower's output becomes one image embedding: `"projection"` (CLIP, the only
+            choice there), `"pooled"` (the tower's `pooler_output`: SigLIP, SigLIP2, ViT), `"cls"` (the final CLS
+            token: ViT, DINOv2) or `"cls_mean_patch"` (the CLS token and the mean patch token, concatenated: DINOv2).
+            Defaults to the tower's first: projection, pooled, cls, cls. Must be `None` with `"open_clip"`.
         open_clip_model_name (`str`, *optional*):
             open_clip backend: the model, e.g. `"RN50x4"`, `"ViT-B-32"`, `"local-dir:PATH"` or `"hf-hub:ORG/REPO"`.
             Used to resolve `open_clip_model_cfg` when that is not given, and kept as a record.
@@ -114,7 +180,7 @@ class ClipCapConfig(PretrainedConfig):
 
     def __init__(
         self,
-        vision_config: dict | CLIPVisionConfig | None = None,
+        vision_config: dict | PretrainedConfig | None = None,
         text_config: dict | PretrainedConfig | None = None,
         mapping_type: str = "mlp",
         prefix_length: int = 10,
@@ -124,6 +190,7 @@ class ClipCapConfig(PretrainedConfig):
         prefix_dim: int | None = None,
         normalize_prefix: bool = False,
         vision_backend: str = "clip",
+        vision_pooling: str | None = None,
         open_clip_model_name: str | None = None,
         open_clip_pretrained: str | None = None,
         open_clip_model_cfg: dict[str, Any] | None = None,
@@ -146,6 +213,11 @@ class ClipCapConfig(PretrainedConfig):
                 raise ValueError(
                     "vision_backend='open_clip' needs `open_clip_model_name` (e.g. 'RN50x4') or `open_clip_model_cfg`."
                 )
+            if vision_pooling is not None:
+                raise ValueError(
+                    f"`vision_pooling` ({vision_pooling!r}) applies to transformers towers; an open_clip tower gives its "
+                    "projected embedding. Leave it None with vision_backend='open_clip'."
+                )
             embedding_dim = open_clip_model_cfg["embed_dim"]
         else:
             open_clip_fields = {
@@ -159,26 +231,15 @@ class ClipCapConfig(PretrainedConfig):
                     f"vision_backend='clip' does not use {', '.join(f'`{name}`' for name in given)}; set "
                     f"vision_backend='open_clip' or leave {'it' if len(given) == 1 else 'them'} None."
                 )
-            if vision_config is None:
-                vision_config = CLIPVisionConfig()
-            elif isinstance(vision_config, CLIPConfig):
-                vision_config = vision_config.vision_config
-            elif isinstance(vision_config, dict):
-                model_type = vision_config.get("model_type", CLIPVisionConfig.model_type)
-                if model_type == CLIPConfig.model_type:  # a whole CLIP's config, e.g. a CLIP checkpoint's config.json
-                    vision_config = vision_config.get("vision_config") or {}
-                elif model_type != CLIPVisionConfig.model_type:
-                    raise ValueError(
-                        f"`vision_config` describes a {model_type!r} model; it must describe a CLIP vision tower "
-                        f"(model_type {CLIPVisionConfig.model_type!r}, or a whole {CLIPConfig.model_type!r} config)."
-                    )
-                vision_config = CLIPVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
-            elif not isinstance(vision_config, CLIPVisionConfig):
+            vision_config = CLIPVisionConfig() if vision_config is None else vision_tower_config(vision_config)
+            poolings = VISION_POOLINGS[vision_config.model_type]
+            vision_pooling = poolings[0] if vision_pooling is None else vision_pooling
+            if vision_pooling not in poolings:
                 raise ValueError(
-                    f"`vision_config` must be a CLIPVisionConfig, a CLIPConfig or a dict, got "
-                    f"{type(vision_config).__name__}."
+                    f"`vision_pooling` must be one of {poolings} for a {vision_config.model_type!r} tower, got "
+                    f"{vision_pooling!r}."
                 )
-            embedding_dim = vision_config.projection_dim
+            embedding_dim = vision_embedding_size(vision_config, vision_pooling)
 
         if text_config is None:
             text_config = GPT2Config()
@@ -218,6 +279,7 @@ class ClipCapConfig(PretrainedConfig):
         self.prefix_dim = prefix_dim
         self.normalize_prefix = normalize_prefix
         self.vision_backend = vision_backend
+        self.vision_pooling = vision_pooling
         self.open_clip_model_name = open_clip_model_name
         self.open_clip_pretrained = open_clip_pretrained
         self.open_clip_model_cfg = open_clip_model_cfg
@@ -248,7 +310,7 @@ class ClipCapConfig(PretrainedConfig):
         # The open_clip backend has no `vision_config`; transformers would try to serialise a listed None sub-config.
         if getattr(self, "vision_config", None) is None:
             return {"text_config": AutoConfig}
-        return {"vision_config": CLIPVisionConfig, "text_config": AutoConfig}
+        return {"vision_config": AutoConfig, "text_config": AutoConfig}
 
 
 __all__ = ["ClipCapConfig"]

@@ -1,7 +1,9 @@
-"""Image processor for ClipCap: CLIP's reference preprocessing, on every kind of image a user has."""
+"""Image processor for ClipCap: a vision tower's reference preprocessing (CLIP's by default), on every kind of image a
+user has."""
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -10,10 +12,16 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
-from transformers import CLIPVisionConfig
+from transformers import AutoConfig
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
-from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+
+from .configuration_clipcap import vision_tower_config
+
+# Imported directly, not only through the configuration module: transformers 4.x copies only a remote-code module's
+# direct relative imports into its cache.
+from .open_clip_vision import resolve_open_clip_model
 
 # What transformers itself passes to the constructor when loading a saved processor; every other keyword is refused.
 _BOOKKEEPING_KWARGS = {
@@ -28,6 +36,21 @@ _RESAMPLE = {
 }
 
 ImageLike = PIL.Image.Image | np.ndarray | torch.Tensor
+
+# How an image becomes a square: resize the short side and center-crop (CLIP, DINOv2), or resize both sides to the
+# square, whatever the aspect ratio (SigLIP, ViT), as open_clip names these modes.
+RESIZE_MODES = ("shortest", "squash")
+_HALF = (0.5, 0.5, 0.5)
+# The reference preprocessing of each transformers tower, for a checkpoint without a preprocessor_config.json:
+# (resize mode, resample, mean, std), at the tower's image size.
+_TOWER_PREPROCESSING = {
+    "clip_vision_model": ("shortest", "bicubic", OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+    "siglip_vision_model": ("squash", "bicubic", _HALF, _HALF),
+    "siglip2_vision_model": ("squash", "bilinear", _HALF, _HALF),
+    "vit": ("squash", "bilinear", _HALF, _HALF),
+    "dinov2": ("shortest", "bicubic", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+    "dinov2_with_registers": ("shortest", "bicubic", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
+}
 
 # The options a call can give (the processor passes them on by these names): the processor's own settings, and
 # transformers' standard switches for each preprocessing step.
@@ -147,7 +170,9 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
 class ClipCapImageProcessor(BaseImageProcessor):
     r"""
     CLIP's reference preprocessing, as OpenAI CLIP and open_clip apply it: bicubic resize of the short side,
-    center crop, RGB, scale to [0, 1], normalize with CLIP's mean and std.
+    center crop, RGB, scale to [0, 1], normalize with CLIP's mean and std; or, with other settings, another vision
+    tower's (SigLIP's and ViT's resize to the square without a crop, `resize_mode="squash"`, and their 0.5 mean and
+    std): [`from_vision_pretrained`] reads them from the tower's checkpoint.
 
     Written by hand rather than reusing `CLIPImageProcessor` so that one code path gives the same pixels on every
     supported transformers version (transformers 5 resizes tensors with torchvision by default, 4.x resizes with
@@ -155,13 +180,17 @@ class ClipCapImageProcessor(BaseImageProcessor):
 
     Args:
         size (`int`, *optional*, defaults to 224):
-            Length the shorter side is resized to.
-        crop_size (`int`, *optional*, defaults to 224):
-            Side of the square center crop (224 for ViT-B/32, 288 for RN50x4).
+            Length the shorter side is resized to (`"shortest"`), or the side of the square (`"squash"`).
+        crop_size (`int`, *optional*):
+            Side of the square center crop (224 for ViT-B/32, 288 for RN50x4); defaults to `size`. With `"squash"`
+            there is no crop, and it must be `size`.
         resample (`str`, *optional*, defaults to `"bicubic"`):
             One of "nearest", "bilinear", "bicubic", "lanczos".
         image_mean, image_std (`Sequence[float]`, *optional*):
             Per-channel normalisation; CLIP's by default.
+        resize_mode (`str`, *optional*, defaults to `"shortest"`):
+            `"shortest"` (resize the short side to `size`, center-crop `crop_size`) or `"squash"` (resize to
+            `size` x `size`, whatever the aspect ratio).
     """
 
     model_input_names = ["pixel_values"]
@@ -169,10 +198,11 @@ class ClipCapImageProcessor(BaseImageProcessor):
     def __init__(
         self,
         size: int = 224,
-        crop_size: int = 224,
+        crop_size: int | None = None,
         resample: str = "bicubic",
         image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
         image_std: Sequence[float] = OPENAI_CLIP_STD,
+        resize_mode: str = "shortest",
         **kwargs,
     ):
         unknown = sorted(set(kwargs) - _BOOKKEEPING_KWARGS)
@@ -187,46 +217,78 @@ class ClipCapImageProcessor(BaseImageProcessor):
         super().__init__(**kwargs)
         if resample not in _RESAMPLE:
             raise ValueError(f"`resample` must be one of {sorted(_RESAMPLE)}, got {resample!r}.")
+        if resize_mode not in RESIZE_MODES:
+            raise ValueError(f"`resize_mode` must be one of {RESIZE_MODES}, got {resize_mode!r}.")
+        crop_size = size if crop_size is None else crop_size
+        if resize_mode == "squash" and crop_size != size:
+            raise ValueError(f"resize_mode='squash' does not crop: `crop_size` ({crop_size}) must be `size` ({size}).")
         if crop_size > size:
             raise ValueError(f"`crop_size` ({crop_size}) must not exceed `size` ({size}).")
         self.size = int(size)
         self.crop_size = int(crop_size)
         self.resample = resample
+        self.resize_mode = resize_mode
         self.image_mean = [float(value) for value in image_mean]
         self.image_std = [float(value) for value in image_std]
 
     @classmethod
-    def from_clip_pretrained(cls, pretrained_model_name_or_path: str, **kwargs) -> ClipCapImageProcessor:
+    def from_transformers_pretrained(cls, pretrained_model_name_or_path: str, **kwargs) -> ClipCapImageProcessor:
         """
-        Take the preprocessing of a Hugging Face CLIP checkpoint (its `preprocessor_config.json`); a checkpoint
-        without one gets CLIP's standard preprocessing at the vision tower's image size.
+        Take the preprocessing of a transformers vision checkpoint (CLIP, SigLIP, SigLIP2, ViT, DINOv2): its
+        `preprocessor_config.json`'s sizes, resize mode, resampling, mean and std. A checkpoint without one gets its
+        tower's reference preprocessing at the tower's image size. SigLIP2's NaFlex preprocessing, which keeps the
+        aspect ratio within `max_num_patches`, becomes the square of that many patches (the same pixels for square
+        images).
         """
         try:
-            clip_config = cls.get_image_processor_dict(pretrained_model_name_or_path, **kwargs)[0]
+            settings = cls.get_image_processor_dict(pretrained_model_name_or_path, **kwargs)[0]
         except OSError:
-            clip_config = {}
-        if not clip_config:
-            image_size = CLIPVisionConfig.from_pretrained(pretrained_model_name_or_path, **kwargs).image_size
-            return cls(size=image_size, crop_size=image_size)
-        size = clip_config.get("size", 224)
-        crop_size = clip_config.get("crop_size", size)
-        resample = {value: key for key, value in _RESAMPLE.items()}.get(clip_config.get("resample", 3), "bicubic")
+            settings = {}
+        if not settings:
+            tower = vision_tower_config(AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs))
+            resize_mode, resample, mean, std = _TOWER_PREPROCESSING[tower.model_type]
+            side = getattr(tower, "image_size", None) or math.isqrt(tower.num_patches) * tower.patch_size
+            return cls(size=side, resample=resample, image_mean=mean, image_std=std, resize_mode=resize_mode)
+        size, crop_size = settings.get("size", 224), settings.get("crop_size")
+        if "max_num_patches" in settings:  # SigLIP2 (NaFlex)
+            resize_mode, size = "squash", math.isqrt(settings["max_num_patches"]) * settings["patch_size"]
+        elif isinstance(size, dict) and "height" in size:
+            if size["height"] != size.get("width"):
+                raise ValueError(
+                    f"{pretrained_model_name_or_path}: its images are resized to {size['height']}x{size.get('width')}; "
+                    "ClipCapImageProcessor makes square images only."
+                )
+            resize_mode, size = "squash", size["height"]
+        else:
+            resize_mode = "shortest"
+            size = size["shortest_edge"] if isinstance(size, dict) else size
+            if settings.get("do_center_crop") is False:
+                crop_size = None  # no crop configured: the short side is the square
+        if resize_mode == "squash":
+            crop_size = None
+        elif isinstance(crop_size, dict):
+            crop_size = crop_size["height"]
+        mean, std = settings.get("image_mean", OPENAI_CLIP_MEAN), settings.get("image_std", OPENAI_CLIP_STD)
+        if settings.get("do_normalize") is False:
+            mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        resample = {value: key for key, value in _RESAMPLE.items()}.get(settings.get("resample", 3), "bicubic")
         return cls(
-            size=size["shortest_edge"] if isinstance(size, dict) else size,
-            crop_size=crop_size["height"] if isinstance(crop_size, dict) else crop_size,
-            resample=resample,
-            image_mean=clip_config.get("image_mean", OPENAI_CLIP_MEAN),
-            image_std=clip_config.get("image_std", OPENAI_CLIP_STD),
+            size=size, crop_size=crop_size, resample=resample, image_mean=mean, image_std=std, resize_mode=resize_mode
         )
+
+    # The name it had when CLIP was the only transformers tower.
+    from_clip_pretrained = from_transformers_pretrained
 
     @classmethod
     def from_vision_pretrained(
         cls, vision_model_name_or_path: str, vision_backend: str = "clip", open_clip_pretrained: str | None = None
     ) -> ClipCapImageProcessor:
-        """The preprocessing of a vision tower of either backend: [`from_clip_pretrained`] or [`from_open_clip`]."""
+        """
+        The preprocessing of a vision tower of either backend: [`from_transformers_pretrained`] or [`from_open_clip`].
+        """
         if vision_backend == "open_clip":
             return cls.from_open_clip(vision_model_name_or_path, open_clip_pretrained)
-        return cls.from_clip_pretrained(vision_model_name_or_path)
+        return cls.from_transformers_pretrained(vision_model_name_or_path)
 
     @classmethod
     def from_open_clip(cls, model_name: str, pretrained: str | None = None) -> ClipCapImageProcessor:
@@ -235,8 +297,6 @@ class ClipCapImageProcessor(BaseImageProcessor):
         mean and std), e.g. `from_open_clip("RN50x4", "openai")` (288 pixels). Needs `open_clip_torch`; downloads
         nothing but the small config of an `"hf-hub:"` name.
         """
-        from .open_clip_vision import resolve_open_clip_model
-
         preprocess_cfg = resolve_open_clip_model(model_name, pretrained)[1]
         if preprocess_cfg["resize_mode"] != "shortest":
             raise ValueError(
@@ -282,14 +342,16 @@ class ClipCapImageProcessor(BaseImageProcessor):
         crop_size = crop_size or self.crop_size
         image = to_rgb_image(image)
         width, height = image.size
-        if do_resize:
+        if do_resize and self.resize_mode == "squash":
+            image = image.resize((size, size), _RESAMPLE[resample or self.resample])
+        elif do_resize:
             # Same arithmetic as torchvision's Resize(int) on a PIL image, so the pixels match CLIP's own transform.
             if width <= height:
                 width, height = size, int(size * height / width)
             else:
                 width, height = int(size * width / height), size
             image = image.resize((width, height), _RESAMPLE[resample or self.resample])
-        if do_center_crop:
+        if do_center_crop and self.resize_mode == "shortest":
             top = int(round((height - crop_size) / 2.0))
             left = int(round((width - crop_size) / 2.0))
             image = image.crop((left, top, left + crop_size, top + crop_size))
@@ -320,7 +382,8 @@ class ClipCapImageProcessor(BaseImageProcessor):
         if options.get("do_convert_rgb") is False:
             raise ValueError("`do_convert_rgb=False` is not supported: CLIP towers read 3-channel RGB images.")
         size, crop_size = options.get("size", self.size), options.get("crop_size", self.crop_size)
-        if options.get("do_resize", True) and options.get("do_center_crop", True) and crop_size > size:
+        cropping = self.resize_mode == "shortest" and options.get("do_center_crop", True)
+        if options.get("do_resize", True) and cropping and crop_size > size:
             raise ValueError(f"`crop_size` ({crop_size}) must not exceed `size` ({size}).")
         if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)) and not _is_batched_array(images):
             images = [images]

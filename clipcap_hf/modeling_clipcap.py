@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 from transformers import (
+    AutoConfig,
+    AutoModel,
     AutoModelForCausalLM,
     CLIPVisionModelWithProjection,
     GenerationConfig,
@@ -32,7 +34,13 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 
-from .configuration_clipcap import VISION_BACKENDS, ClipCapConfig, check_mapping_num_heads
+from .configuration_clipcap import (
+    VISION_BACKENDS,
+    VISION_POOLINGS,
+    ClipCapConfig,
+    check_mapping_num_heads,
+    vision_tower_config,
+)
 from .onednn import cpu_linear_kernels
 from .open_clip_vision import ClipCapOpenClipVisionModel, resolve_open_clip_model
 
@@ -282,20 +290,45 @@ class ClipCapPreTrainedModel(PreTrainedModel):
                 init.zeros_(layer.bias)
 
 
+def _vision_tower_class(vision_config, vision_pooling: str) -> tuple[type, dict[str, Any]]:
+    """The class that builds a transformers vision tower, and the constructor options the pooling asks for."""
+    if vision_config.model_type == "clip_vision_model":
+        return CLIPVisionModelWithProjection, {}  # AutoModel would build CLIP's tower without its projection
+    if vision_config.model_type == "vit":
+        # ViT's pooler only when it is read: image-classification checkpoints have none.
+        return AutoModel, {"add_pooling_layer": vision_pooling == "pooled"}
+    return AutoModel, {}
+
+
+def build_vision_tower(vision_config, vision_pooling: str) -> PreTrainedModel:
+    """A transformers vision tower with random weights, as the config describes it (the checkpoint fills them)."""
+    model_class, options = _vision_tower_class(vision_config, vision_pooling)
+    if model_class is AutoModel:
+        return AutoModel.from_config(vision_config, **options)
+    return model_class(vision_config, **options)
+
+
 def load_pretrained_vision_model(
-    vision_model_name_or_path: str, vision_backend: str = "clip", open_clip_pretrained: str | None = None
+    vision_model_name_or_path: str,
+    vision_backend: str = "clip",
+    open_clip_pretrained: str | None = None,
+    vision_pooling: str | None = None,
 ) -> tuple[nn.Module, dict[str, Any]]:
     r"""
-    A pretrained CLIP image tower, and the [`ClipCapConfig`] fields that describe it.
+    A pretrained image tower, and the [`ClipCapConfig`] fields that describe it.
 
     Args:
         vision_model_name_or_path (`str`):
-            `"clip"` backend: a transformers CLIP checkpoint on the Hub or on disk (`"openai/clip-vit-base-patch32"`).
-            `"open_clip"` backend: an open_clip model name (`"RN50x4"`, `"local-dir:PATH"`, `"hf-hub:ORG/REPO"`).
+            `"clip"` backend: a transformers checkpoint on the Hub or on disk of a CLIP, SigLIP, SigLIP2, ViT or DINOv2
+            (`"openai/clip-vit-base-patch32"`, `"google/siglip-base-patch16-224"`, `"facebook/dinov2-small"`; a whole
+            CLIP or SigLIP gives its vision tower). `"open_clip"` backend: an open_clip model name (`"RN50x4"`,
+            `"local-dir:PATH"`, `"hf-hub:ORG/REPO"`).
         vision_backend (`str`, *optional*, defaults to `"clip"`):
             `"clip"` or `"open_clip"`.
         open_clip_pretrained (`str`, *optional*):
             `"open_clip"` backend with a built-in model name: the pretrained tag (`"openai"`) or a weights file.
+        vision_pooling (`str`, *optional*):
+            `"clip"` backend: how the tower gives one image embedding ([`ClipCapConfig`]); defaults to the tower's.
     """
     if vision_backend not in VISION_BACKENDS:
         raise ValueError(f"`vision_backend` must be one of {VISION_BACKENDS}, got {vision_backend!r}.")
@@ -303,19 +336,29 @@ def load_pretrained_vision_model(
         if open_clip_pretrained is not None:
             raise ValueError("`open_clip_pretrained` only applies to vision_backend='open_clip'.")
         _check_local_path(vision_model_name_or_path, "vision model")
-        vision_model, loading_info = CLIPVisionModelWithProjection.from_pretrained(
-            vision_model_name_or_path, output_loading_info=True
+        try:
+            vision_config = vision_tower_config(
+                AutoConfig.from_pretrained(vision_model_name_or_path, trust_remote_code=False)
+            )
+        except ValueError as error:
+            raise ValueError(f"{vision_model_name_or_path!r}: {error}") from error
+        if vision_pooling is None:
+            vision_pooling = VISION_POOLINGS[vision_config.model_type][0]
+        model_class, options = _vision_tower_class(vision_config, vision_pooling)
+        vision_model, loading_info = model_class.from_pretrained(
+            vision_model_name_or_path, config=vision_config, output_loading_info=True, **options
         )
-        # transformers builds a default CLIP tower from any checkpoint and only reports the weights it lacked; a
-        # tower without its pretrained weights would then be frozen at random.
+        # transformers builds the tower from any checkpoint and only reports the weights it lacked; a tower without its
+        # pretrained weights would then be frozen at random.
         if loading_info["missing_keys"]:
             missing = sorted(loading_info["missing_keys"])
             raise ValueError(
-                f"{vision_model_name_or_path!r} is not a CLIP vision checkpoint: {len(missing)} of the tower's weights "
-                f"are missing from it (e.g. {missing[0]!r}). Give a CLIP model such as "
-                "'openai/clip-vit-base-patch32'."
+                f"{vision_model_name_or_path!r} is not a pretrained {vision_config.model_type!r} tower for "
+                f"vision_pooling={vision_pooling!r}: {len(missing)} of the tower's weights are missing from it (e.g. "
+                f"{missing[0]!r}). Give a pretrained vision model such as 'openai/clip-vit-base-patch32'"
+                + (", or vision_pooling='cls'." if vision_config.model_type == "vit" else ".")
             )
-        return vision_model, {"vision_config": vision_model.config}
+        return vision_model, {"vision_config": vision_model.config, "vision_pooling": vision_pooling}
     model_cfg = resolve_open_clip_model(vision_model_name_or_path, open_clip_pretrained)[0]
     vision_model = ClipCapOpenClipVisionModel.from_open_clip_pretrained(
         vision_model_name_or_path, open_clip_pretrained, model_cfg
@@ -365,7 +408,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             if config.vision_backend == "open_clip":
                 vision_model = ClipCapOpenClipVisionModel(config.open_clip_model_cfg)
             else:
-                vision_model = CLIPVisionModelWithProjection(config.vision_config)
+                vision_model = build_vision_tower(config.vision_config, config.vision_pooling)
         elif config.vision_backend == "clip":
             config.vision_config = vision_model.config
         if language_model is None:
@@ -435,14 +478,16 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         **config_kwargs,
     ) -> "ClipCapForConditionalGeneration":
         r"""
-        Build a new ClipCap, ready to train, from a pretrained CLIP and a pretrained causal language model; only the
-        mapping network starts from random weights.
+        Build a new ClipCap, ready to train, from a pretrained vision tower and a pretrained causal language model;
+        only the mapping network starts from random weights.
 
         Args:
             vision_model_name_or_path (`str`):
-                A CLIP checkpoint on the Hub or on disk, e.g. `"openai/clip-vit-base-patch32"` (a full CLIP or a
-                `CLIPVisionModelWithProjection` checkpoint); with `vision_backend="open_clip"`, an open_clip model
-                name such as `"RN50x4"`.
+                A vision checkpoint on the Hub or on disk: CLIP (`"openai/clip-vit-base-patch32"`, a full CLIP or a
+                `CLIPVisionModelWithProjection`), SigLIP or SigLIP2 (`"google/siglip-base-patch16-224"`), ViT or DINOv2
+                (`"facebook/dinov2-small"`), loaded with the Auto classes; `vision_pooling=` (in `config_kwargs`)
+                chooses how a ViT or DINOv2 gives its one embedding. With `vision_backend="open_clip"`, an open_clip
+                model name such as `"RN50x4"`.
             text_model_name_or_path (`str`):
                 A causal LM checkpoint, e.g. `"gpt2"`.
             vision_backend (`str`, *optional*, defaults to `"clip"`):
@@ -473,7 +518,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         ```
         """
         vision_model, vision_fields = load_pretrained_vision_model(
-            vision_model_name_or_path, vision_backend, open_clip_pretrained
+            vision_model_name_or_path, vision_backend, open_clip_pretrained, config_kwargs.pop("vision_pooling", None)
         )
         _check_local_path(text_model_name_or_path, "language model")
         language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, trust_remote_code=False)
@@ -579,11 +624,46 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     # Image -> prefix
 
     def get_image_embeds(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
-        """CLIP's projected image embedding (what OpenAI CLIP's `encode_image` returns), shape `(batch, prefix_dim)`."""
+        """
+        The vision tower's image embedding, shape `(batch, prefix_dim)`: CLIP's projected one (what OpenAI CLIP's
+        `encode_image` returns), or the one `config.vision_pooling` names.
+        """
         pixel_values = pixel_values.to(self.vision_model.dtype)
         if self.config.vision_backend == "open_clip":
             return self.vision_model(pixel_values)
-        return self.vision_model(pixel_values=pixel_values).image_embeds
+        return self._pool(self.vision_model(**self._vision_inputs(pixel_values)))
+
+    def _vision_inputs(self, pixel_values: torch.FloatTensor) -> dict[str, torch.Tensor]:
+        """The tower's inputs for a batch of images `(batch, 3, height, width)`."""
+        pixel_values = pixel_values.to(self.vision_model.dtype)
+        if self.config.vision_config.model_type != "siglip2_vision_model":
+            return {"pixel_values": pixel_values}
+        # SigLIP2 (NaFlex) reads a sequence of flattened patches, row by row, each patch's pixels channels-last, as its
+        # image processor lays them out; every patch of the square image is real (no padding).
+        patch = self.config.vision_config.patch_size
+        batch, channels, height, width = pixel_values.shape
+        patches = pixel_values.reshape(batch, channels, height // patch, patch, width // patch, patch)
+        patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // patch) * (width // patch), -1)
+        spatial_shapes = torch.tensor([[height // patch, width // patch]], device=pixel_values.device)
+        return {
+            "pixel_values": patches,
+            "pixel_attention_mask": torch.ones(patches.shape[:2], dtype=torch.long, device=pixel_values.device),
+            "spatial_shapes": spatial_shapes.expand(batch, 2),
+        }
+
+    def _pool(self, vision_outputs) -> torch.FloatTensor:
+        """The one image embedding `config.vision_pooling` names, from a transformers tower's output."""
+        pooling = self.config.vision_pooling
+        if pooling == "projection":
+            return vision_outputs.image_embeds
+        if pooling == "pooled":
+            return vision_outputs.pooler_output
+        states = vision_outputs.last_hidden_state  # after the tower's final norm
+        if pooling == "cls":
+            return states[:, 0]
+        # cls_mean_patch: the patch tokens follow the CLS token and any register tokens (DINOv2 with registers).
+        first_patch = 1 + getattr(self.config.vision_config, "num_register_tokens", 0)
+        return torch.cat([states[:, 0], states[:, first_patch:].mean(dim=1)], dim=-1)
 
     def get_prefix_embeds(
         self, pixel_values: torch.FloatTensor | None = None, image_embeds: torch.FloatTensor | None = None
@@ -623,10 +703,10 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             # Flags left unset stay unset: the tower's config decides (transformers 5 reads an explicit None as False).
             flags = {"output_hidden_states": output_hidden_states, "output_attentions": output_attentions}
             vision_outputs = self.vision_model(
-                pixel_values=pixel_values.to(self.vision_model.dtype),
+                **self._vision_inputs(pixel_values),
                 **{name: value for name, value in flags.items() if value is not None},
             )
-            image_embeds = vision_outputs.image_embeds
+            image_embeds = self._pool(vision_outputs)
         elif pixel_values is not None:
             image_embeds = self.get_image_embeds(pixel_values)
         elif image_embeds.ndim != 2 or image_embeds.shape[-1] != self.config.prefix_dim:

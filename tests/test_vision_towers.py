@@ -1,0 +1,259 @@
+"""Vision towers other than CLIP (SigLIP, SigLIP2, ViT, DINOv2): each tiny tower is built from a config, saved with
+its own image processor, and assembled with `from_vision_text_pretrained`, as a user would from the Hub."""
+
+import pytest
+import torch
+import transformers
+from conftest import random_images, tiny_config
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    Dinov2Config,
+    Dinov2Model,
+    Dinov2WithRegistersConfig,
+    Dinov2WithRegistersModel,
+    GPT2LMHeadModel,
+    Siglip2Config,
+    Siglip2Model,
+    SiglipConfig,
+    SiglipModel,
+    ViTConfig,
+    ViTForImageClassification,
+    ViTModel,
+)
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration, ClipCapImageProcessor, ClipCapProcessor
+
+TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "vocab_size": 64, "max_position_embeddings": 16}
+VISION = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+          "patch_size": 8}
+# Images whose crop margins are even, where every crop convention agrees (see docs/image-processing.md).
+IMAGE_SIZES = [(48, 40), (40, 56)]
+
+
+def _own_processor(name: str, **settings):
+    """A tower's own image processor, the PIL-backed one: 4.57's, and on 5.x the `...Pil` class (its default class
+    resizes tensors with torchvision, whose antialiasing gives other pixels than PIL's resize)."""
+    return (getattr(transformers, f"{name}Pil", None) or getattr(transformers, name))(**settings)
+
+
+def _features(output):
+    """`get_image_features`' embedding: a tensor on transformers 4.57, an output's `pooler_output` on 5.x."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
+def _dinov2(config_class, model_class, registers=0):
+    def build():
+        extra = {"num_register_tokens": registers} if registers else {}
+        model = model_class(config_class(**VISION, image_size=32, **extra))
+        processor = _own_processor(
+            "BitImageProcessor", size={"shortest_edge": 40}, crop_size={"height": 32, "width": 32}, resample=3,
+            image_mean=IMAGENET_DEFAULT_MEAN, image_std=IMAGENET_DEFAULT_STD,
+        )
+
+        def embed(inputs, pooling):
+            states = model(**inputs).last_hidden_state
+            if pooling == "cls":
+                return states[:, 0]
+            patches = states[:, 1 + registers:]  # after the CLS token and the register tokens
+            return torch.cat([states[:, 0], patches.mean(dim=1)], dim=-1)
+
+        return model, processor, embed
+
+    return build
+
+
+def _clip():
+    model = CLIPModel(CLIPConfig(text_config=TEXT, vision_config={**VISION, "image_size": 32}, projection_dim=24))
+    processor = _own_processor("CLIPImageProcessor", size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return model, processor, lambda inputs, pooling: _features(model.get_image_features(**inputs))
+
+
+def _siglip():
+    model = SiglipModel(SiglipConfig(text_config=TEXT, vision_config={**VISION, "image_size": 32}))
+    processor = _own_processor("SiglipImageProcessor", size={"height": 32, "width": 32})
+    return model, processor, lambda inputs, pooling: _features(model.get_image_features(**inputs))
+
+
+def _siglip2():
+    model = Siglip2Model(Siglip2Config(text_config=TEXT, vision_config={**VISION, "num_patches": 16}))
+    processor = _own_processor("Siglip2ImageProcessor", patch_size=8, max_num_patches=16)
+    return model, processor, lambda inputs, pooling: _features(model.get_image_features(**inputs))
+
+
+def _vit():
+    model = ViTModel(ViTConfig(**VISION, image_size=32))
+    processor = _own_processor("ViTImageProcessor", size={"height": 32, "width": 32})
+
+    def embed(inputs, pooling):
+        output = model(**inputs)
+        return output.pooler_output if pooling == "pooled" else output.last_hidden_state[:, 0]
+
+    return model, processor, embed
+
+
+# family: (builder, poolings to check, the embedding width each gives, image sizes its own processor agrees on)
+TOWERS = {
+    "clip": (_clip, ["projection"], [24], IMAGE_SIZES),
+    "siglip": (_siglip, ["pooled"], [32], IMAGE_SIZES),
+    # SigLIP2's NaFlex preprocessing keeps the aspect ratio; square images are where it makes the same square.
+    "siglip2": (_siglip2, ["pooled"], [32], [(40, 40), (24, 24)]),
+    "vit": (_vit, ["cls", "pooled"], [32, 32], IMAGE_SIZES),
+    "dinov2": (_dinov2(Dinov2Config, Dinov2Model), ["cls", "cls_mean_patch"], [32, 64], IMAGE_SIZES),
+    "dinov2_with_registers": (
+        _dinov2(Dinov2WithRegistersConfig, Dinov2WithRegistersModel, registers=2), ["cls_mean_patch"], [64],
+        IMAGE_SIZES
+    ),
+}
+
+
+VISION_MODEL_TYPES = {
+    "clip": "clip_vision_model", "siglip": "siglip_vision_model", "siglip2": "siglip2_vision_model", "vit": "vit",
+    "dinov2": "dinov2", "dinov2_with_registers": "dinov2_with_registers",
+}
+
+
+@pytest.fixture(scope="module")
+def text_dir(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("text")
+    torch.manual_seed(0)
+    GPT2LMHeadModel(tiny_config(tokenizer).text_config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _own_pixels_and_ours(own_processor, processor, images):
+    own = own_processor(images, return_tensors="pt")
+    ours = processor(images=images)["pixel_values"]
+    return own, ours
+
+
+@pytest.mark.parametrize("family", TOWERS)
+def test_any_tower_assembles_embeds_as_its_own_model_and_round_trips(family, text_dir, tmp_path, tokenizer):
+    build, poolings, widths, sizes = TOWERS[family]
+    torch.manual_seed(0)
+    tower, own_processor, own_embed = build()
+    tower.eval()
+    tower_dir = tmp_path / family
+    tower.save_pretrained(tower_dir)
+    own_processor.save_pretrained(tower_dir)
+    images = [random_images(1, seed=index, size=size)[0] for index, size in enumerate(sizes)]
+
+    for pooling, width in zip(poolings, widths):
+        processor = ClipCapProcessor.from_vision_text_pretrained(str(tower_dir), str(text_dir), num_image_tokens=4)
+        model = ClipCapForConditionalGeneration.from_vision_text_pretrained(
+            str(tower_dir), str(text_dir), prefix_length=4, image_token_id=processor.image_token_id,
+            vision_pooling=pooling,
+        ).eval()
+        assert (model.config.vision_pooling, model.config.prefix_dim) == (pooling, width)
+
+        own_inputs, pixel_values = _own_pixels_and_ours(own_processor, processor, images)
+        if family == "siglip2":  # its pixels come as flattened patches beside a mask and the grid's shape
+            assert bool(own_inputs["pixel_attention_mask"].all())
+            torch.testing.assert_close(model._vision_inputs(pixel_values)["pixel_values"], own_inputs["pixel_values"],
+                                       atol=1e-5, rtol=0)
+        else:
+            torch.testing.assert_close(pixel_values, own_inputs["pixel_values"], atol=1e-5, rtol=0)
+        with torch.no_grad():
+            expected = own_embed(dict(own_inputs), pooling)
+            torch.testing.assert_close(model.get_image_embeds(pixel_values), expected, atol=1e-5, rtol=1e-4)
+            # The forward's path (get_image_features, which also returns the tower's states) embeds alike.
+            features = model.get_image_features(pixel_values=pixel_values)
+        torch.testing.assert_close(features.image_embeds, expected, atol=1e-5, rtol=1e-4)
+        assert features.last_hidden_state is not None
+
+        saved = tmp_path / f"clipcap-{family}-{pooling}"
+        model.save_pretrained(saved)
+        processor.save_pretrained(saved)
+        reloaded = ClipCapForConditionalGeneration.from_pretrained(saved, trust_remote_code=False).eval()
+        reprocessor = ClipCapProcessor.from_pretrained(saved, trust_remote_code=False)
+        assert reloaded.config.vision_pooling == pooling
+        assert reloaded.config.vision_config.model_type == VISION_MODEL_TYPES[family]
+        inputs = reprocessor(images=images)
+        torch.testing.assert_close(inputs["pixel_values"], pixel_values)
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded.get_image_embeds(inputs["pixel_values"]), expected,
+                                       atol=1e-5, rtol=1e-4)
+            generated = model.generate(**processor(images=images), max_new_tokens=4)
+            regenerated = reloaded.generate(**inputs, max_new_tokens=4)
+        assert regenerated.tolist() == generated.tolist()
+
+
+def test_vit_without_a_pooler_loads_for_cls_and_names_the_fix_for_pooled(text_dir, tmp_path):
+    # Image-classification checkpoints (google/vit-base-patch16-224's kind) hold the ViT under `vit.`, without pooler.
+    torch.manual_seed(0)
+    classifier = ViTForImageClassification(ViTConfig(**VISION, image_size=32)).eval()
+    classifier.save_pretrained(tmp_path / "vit")
+    model = ClipCapForConditionalGeneration.from_vision_text_pretrained(str(tmp_path / "vit"), str(text_dir),
+                                                                        prefix_length=4)
+    assert model.config.vision_pooling == "cls"
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = classifier.vit(pixel_values).last_hidden_state[:, 0]
+        torch.testing.assert_close(model.get_image_embeds(pixel_values), expected)
+    with pytest.raises(ValueError, match=r"is not a pretrained 'vit' tower for vision_pooling='pooled': 2 of the tower's "
+                                         r"weights are missing from it \(e.g. 'pooler.dense.bias'\)\. .*or "
+                                         r"vision_pooling='cls'\."):
+        ClipCapForConditionalGeneration.from_vision_text_pretrained(str(tmp_path / "vit"), str(text_dir),
+                                                                    vision_pooling="pooled")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"vision_config": {"model_type": "vit", **VISION}, "vision_pooling": "projection"},
+         "`vision_pooling` must be one of ('cls', 'pooled') for a 'vit' tower, got 'projection'."),
+        ({"vision_config": {"model_type": "siglip_vision_model", **VISION}, "vision_pooling": "cls"},
+         "`vision_pooling` must be one of ('pooled',) for a 'siglip_vision_model' tower, got 'cls'."),
+        ({"vision_pooling": "pooled"},
+         "`vision_pooling` must be one of ('projection',) for a 'clip_vision_model' tower, got 'pooled'."),
+        ({"vision_backend": "open_clip", "open_clip_model_cfg": {"embed_dim": 8, "vision_cfg": {}},
+          "vision_pooling": "cls"},
+         "`vision_pooling` ('cls') applies to transformers towers; an open_clip tower gives its projected embedding. "
+         "Leave it None with vision_backend='open_clip'."),
+    ],
+)
+def test_vision_pooling_is_checked_in_the_config(kwargs, message):
+    with pytest.raises(ValueError) as caught:
+        ClipCapConfig(**kwargs)
+    assert str(caught.value) == message
+
+
+def test_config_defaults_and_legacy_configs(tokenizer):
+    text_config = tiny_config(tokenizer).text_config
+    dinov2 = ClipCapConfig(vision_config={"model_type": "dinov2", **VISION}, text_config=text_config,
+                           vision_pooling="cls_mean_patch")
+    assert (dinov2.prefix_dim, dinov2.vision_config.model_type) == (64, "dinov2")
+    reloaded = ClipCapConfig.from_dict(dinov2.to_dict())
+    assert (reloaded.vision_pooling, reloaded.prefix_dim, type(reloaded.vision_config)) == (
+        "cls_mean_patch", 64, Dinov2Config
+    )
+    # A config saved before other towers existed: no `vision_pooling`, a vision_config without model_type.
+    legacy = tiny_config(tokenizer).to_dict()
+    del legacy["vision_pooling"]
+    del legacy["vision_config"]["model_type"]
+    config = ClipCapConfig.from_dict(legacy)
+    assert (config.vision_pooling, config.prefix_dim, config.vision_config.model_type) == (
+        "projection", 24, "clip_vision_model"
+    )
+
+
+def test_tower_without_a_preprocessor_config_gets_its_reference_preprocessing(tmp_path):
+    SiglipModel(SiglipConfig(text_config=TEXT, vision_config={**VISION, "image_size": 32})).save_pretrained(tmp_path)
+    processor = ClipCapImageProcessor.from_vision_pretrained(str(tmp_path))
+    assert (processor.resize_mode, processor.size, processor.crop_size, processor.resample) == (
+        "squash", 32, 32, "bicubic"
+    )
+    assert (processor.image_mean, processor.image_std) == ([0.5] * 3, [0.5] * 3)
+    image = random_images(1, size=(48, 40))[0]  # not square: squashed, nothing cropped
+    expected = torch.tensor(list(image.resize((32, 32), 3).getdata()), dtype=torch.float32).T.reshape(3, 32, 32)
+    torch.testing.assert_close(processor(image)["pixel_values"][0], (expected / 255 - 0.5) / 0.5)
+
+
+def test_squash_does_not_crop():
+    with pytest.raises(ValueError, match=r"resize_mode='squash' does not crop: `crop_size` \(24\) must be `size`"):
+        ClipCapImageProcessor(size=32, crop_size=24, resize_mode="squash")
+    with pytest.raises(ValueError, match=r"`resize_mode` must be one of \('shortest', 'squash'\), got 'longest'"):
+        ClipCapImageProcessor(resize_mode="longest")
