@@ -39,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
         module="convert",
         help="Convert a checkpoint released with the paper (rmokady/CLIP_prefix_caption) into a ClipCap folder.",
     )
+    # No option of its own, as train: its source options are the training arguments' (HfArgumentParser).
+    commands.add_parser(
+        "embed",
+        module="embed",
+        add_help=False,
+        prefix_chars="+",
+        help="Embed every image of a source once (all GPUs), for `clipcap train --embeddings DIR`.",
+    )
     commands.add_parser(
         "evaluate", module="evaluate", help="Caption a dataset and score it with the COCO caption metrics."
     )

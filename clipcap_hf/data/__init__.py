@@ -35,10 +35,12 @@ from .loaders import (
     load_image_folder,
     load_nocaps,
 )
+from .prepare import TrainingData, load_training_data
 from .sources import decode_image, image_key, load_image_source
 
 __all__ = [
     "ClipCapDataCollator",
+    "TrainingData",
     "DATASET_FORMATS",
     "ImageEmbeddingCache",
     "add_caption_lengths",
@@ -60,5 +62,6 @@ __all__ = [
     "load_image_folder",
     "load_image_source",
     "load_nocaps",
+    "load_training_data",
     "vision_fingerprint",
 ]

@@ -7,10 +7,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import datasets
+import pyarrow.compute as pc
 import torch
 
 from ..image_processing_clipcap import load_image
 from ..processing_clipcap import ClipCapProcessor
+from .sources import decode_image
 
 
 @dataclass
@@ -25,12 +27,14 @@ class ClipCapDataCollator:
     masked either way.
 
     The image comes from, in this order: `image_index` into `image_embeds` (the embedding cache: no vision
-    forward), a preprocessed `pixel_values` column, an `image` column (PIL images, e.g. a `datasets.Image` feature),
-    or `image_path` (files opened here).
+    forward), a preprocessed `pixel_values` column, an `image` column (PIL images, e.g. a `datasets.Image` feature,
+    or undecoded `{"bytes", "path"}` values), or `image_path` (files opened here).
 
     Args:
         processor: the model's processor.
-        image_embeds: the embedding table from [`embed_images`].
+        image_embeds: the embedding table: a tensor from [`embed_images`], or an embeddings folder
+            ([`load_embeddings`]) in torch format (`.select_columns("embedding").with_format("torch")`), read
+            row by row from its memory-mapped files.
         max_caption_length: the most caption tokens kept, EOS included.
     """
 
@@ -55,12 +59,17 @@ def image_inputs(
     is given, else `pixel_values` from a preprocessed `pixel_values` column, an `image` column or `image_path` files.
     """
     if image_embeds is not None:
-        return {"image_embeds": image_embeds[torch.tensor([int(feature["image_index"]) for feature in features])]}
+        indices = [int(feature["image_index"]) for feature in features]
+        if isinstance(image_embeds, datasets.Dataset):  # a memory-mapped embeddings folder (torch format)
+            return {"image_embeds": image_embeds[indices]["embedding"]}
+        return {"image_embeds": image_embeds[torch.tensor(indices)]}
     if features[0].get("pixel_values") is not None:
         return {"pixel_values": torch.stack([torch.as_tensor(feature["pixel_values"]) for feature in features])}
     images = []
     for feature in features:
-        if feature.get("image") is not None:
+        if isinstance(feature.get("image"), dict):  # an undecoded datasets.Image value
+            images.append(decode_image(feature["image"]))
+        elif feature.get("image") is not None:
             images.append(feature["image"])
         elif feature.get("image_path") is not None:
             images.append(load_image(feature["image_path"]))
@@ -78,14 +87,25 @@ def add_caption_lengths(
     """
     Add a `length` column, each caption's token count as the collator gives it (EOS included, at most `max_length`),
     which `TrainingArguments(group_by_length=True)` uses to batch captions of similar length. Also returns how many
-    captions the collator will cut to `max_length`.
+    captions the collator will cut to `max_length`. The lengths are written like any `map` (to the datasets cache for
+    a dataset on disk), not collected in memory.
     """
-    lengths: list[int] = []
-    num_truncated = 0
-    for rows in dataset.select_columns("caption").iter(batch_size=batch_size):
-        encoded = processor.tokenize_captions(rows["caption"], max_length=max_length, return_tensors=None)
-        lengths.extend(sum(mask) - processor.num_image_tokens for mask in encoded["attention_mask"])
-        num_truncated += encoded["num_truncated"]
     if "length" in dataset.column_names:
         dataset = dataset.remove_columns("length")
-    return dataset.add_column("length", lengths), num_truncated
+    dataset = dataset.map(
+        _caption_lengths,
+        input_columns="caption",
+        batched=True,
+        batch_size=batch_size,
+        fn_kwargs={"processor": processor, "max_length": max_length},
+        desc="Counting caption tokens",
+    )
+    num_truncated = pc.sum(dataset.select_columns("truncated").with_format("arrow")[:]["truncated"]).as_py() or 0
+    return dataset.remove_columns("truncated"), num_truncated
+
+
+def _caption_lengths(captions: list[str], processor: ClipCapProcessor, max_length: int | None) -> dict[str, list]:
+    encoded = processor.tokenize_captions(captions, max_length=None, return_tensors=None)
+    full = [sum(mask) - processor.num_image_tokens for mask in encoded["attention_mask"]]
+    cut = [min(length, max_length) if max_length is not None else length for length in full]
+    return {"length": cut, "truncated": [length > kept for length, kept in zip(full, cut)]}

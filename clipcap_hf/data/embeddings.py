@@ -571,10 +571,16 @@ def _where(row: dict[str, Any], index: int | None) -> str:
     return f"row {index}" if index is not None else "a streamed row"
 
 
-def _read(row: dict[str, Any], index: int | None, image_processor) -> tuple[Any, str | None]:
-    """`(pixel_values, None)` for a readable image, `(None, "<where>: <problem> (key ...)")` otherwise."""
+def _read(row: dict[str, Any], index: int | None, image_processor=None) -> tuple[Any, str | None]:
+    """
+    `(pixel_values, None)` for a readable image (`(None, None)` without an image processor: only checked),
+    `(None, "<where>: <problem> (key ...)")` otherwise.
+    """
     try:
-        return image_processor(decode_image(row["image"]), return_tensors="pt")["pixel_values"][0], None
+        image = decode_image(row["image"])
+        if image_processor is None:
+            return None, None
+        return image_processor(image, return_tensors="pt")["pixel_values"][0], None
     except Exception as error:  # any decoding or preprocessing failure is reported with the image named
         # PIL names the in-memory file of image bytes as "<_io.BytesIO object at 0x...>": the shard and key name it.
         message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))

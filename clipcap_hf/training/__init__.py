@@ -16,25 +16,25 @@ clipcap train --recipe transformer_frozen --dataset_format coco-karpathy --train
 ```
 """
 
-from .arguments import RECIPES, DataArguments, ModelArguments
+from .arguments import RECIPES, DataArguments, EmbedArguments, ModelArguments, SourceArguments
 from .lora import add_lora, load_lora_model, lora_target_modules, merge_lora
-from .run import build_model, load_splits, main, parse_args, prepare_images, train
+from .run import build_model, main, parse_args, train
 from .trainer import ClipCapTrainer, caption_dataset
 
 __all__ = [
     "RECIPES",
     "ClipCapTrainer",
     "DataArguments",
+    "EmbedArguments",
     "ModelArguments",
+    "SourceArguments",
     "add_lora",
     "build_model",
     "caption_dataset",
     "load_lora_model",
-    "load_splits",
     "lora_target_modules",
     "main",
     "merge_lora",
     "parse_args",
-    "prepare_images",
     "train",
 ]

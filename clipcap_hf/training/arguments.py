@@ -130,26 +130,107 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    """Which data to train and evaluate on, and how."""
+class SourceArguments:
+    """Where images and captions come from: a Hub dataset, data files, a folder or a caption format (`datasets`)."""
 
-    dataset_format: str = field(
-        default="imagefolder", metadata={"help": f"One of {', '.join(sorted(DATASET_FORMATS))}."}
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "A dataset on the Hub (or a local dataset folder) for datasets.load_dataset."}
     )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration."})
+    train_split: str = field(default="train", metadata={"help": "The split of --dataset_name to train on."})
     train_file: str | None = field(
         default=None,
         metadata={
-            "help": "Training captions: the Karpathy JSON (which also holds validation/test), a COCO or nocaps "
-            "JSON, a Conceptual Captions TSV, or the image folder."
+            "help": "Training data: webdataset .tar shards, .parquet, .jsonl/.json/.csv naming image files, .arrow "
+            "(comma-separated, glob patterns allowed), a folder written by save_to_disk, an image folder, or the "
+            "file of a --dataset_format."
         },
     )
+    dataset_format: str | None = field(
+        default=None,
+        metadata={
+            "help": f"A caption format read by its own loader: {', '.join(sorted(DATASET_FORMATS))} (imagefolder: "
+            "metadata mixing single captions and lists). Default: what datasets reads."
+        },
+    )
+    image_root: str | None = field(
+        default=None, metadata={"help": "Folder the image paths are relative to (formats, JSON/CSV files)."}
+    )
+    image_column: str | None = field(
+        default=None, metadata={"help": "The image column (default: image, or the source's first image column)."}
+    )
+    caption_column: str | None = field(
+        default=None,
+        metadata={
+            "help": "The caption column: a caption or a list of captions per row (default: txt for webdataset "
+            "shards, text for image folders, else caption)."
+        },
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "Read the training source lazily (IterableDataset) and train from pixels, without reading the "
+            "whole set first; needs --max_steps."
+        },
+    )
+    preprocessing_num_workers: int = field(default=0, metadata={"help": "Workers decoding images."})
+    on_bad_image: str = field(
+        default="error",
+        metadata={"help": "A missing or unreadable image: 'error' stops before training, 'skip' drops its captions."},
+    )
+
+    def __post_init__(self):
+        if self.dataset_format is not None and self.dataset_format not in DATASET_FORMATS:
+            raise ValueError(f"--dataset_format must be one of {sorted(DATASET_FORMATS)}, got {self.dataset_format!r}.")
+        _check_policy(self.on_bad_image)
+
+
+@dataclass
+class EmbedArguments(SourceArguments):
+    """`clipcap embed`: the source, the model whose vision tower embeds it, and the output folder."""
+
+    model: str | None = field(default=None, metadata={"help": "The ClipCap model (folder or Hub name)."})
+    output: str | None = field(default=None, metadata={"help": "The embeddings folder to write (or complete)."})
+    batch_size: int = field(default=64, metadata={"help": "Images per vision forward."})
+    keep_columns: str | None = field(
+        default=None, metadata={"help": "Comma-separated source columns to store beside the embeddings."}
+    )
+    device: str | None = field(
+        default=None, metadata={"help": "cpu, cuda, cuda:N; default: this process's GPU, else the CPU."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("model", "output"):
+            if getattr(self, name) is None:
+                raise ValueError(f"--{name} is required.")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}.")
+        if self.dataset_name is None and self.train_file is None:
+            raise ValueError("Give the images to embed: --train_file (data files or a folder) or --dataset_name.")
+
+
+@dataclass
+class DataArguments(SourceArguments):
+    """Which data to train and evaluate on, and how."""
+
+    embeddings: str | None = field(
+        default=None,
+        metadata={
+            "help": "Train from an embeddings folder written by `clipcap embed` (memory-mapped), instead of "
+            "--train_file/--dataset_name."
+        },
+    )
+    validation_split: str | None = field(
+        default=None, metadata={"help": "The split of --dataset_name to evaluate on (e.g. validation)."}
+    )
     validation_file: str | None = field(
-        default=None, metadata={"help": "Evaluation captions (not needed for coco-karpathy)."}
+        default=None,
+        metadata={"help": "Evaluation data, as --train_file (not needed for a coco-karpathy --train_file)."},
     )
     validation_format: str | None = field(
         default=None, metadata={"help": "Format of validation_file, when it differs (e.g. nocaps)."}
     )
-    image_root: str | None = field(default=None, metadata={"help": "Folder the image paths are relative to."})
     validation_image_root: str | None = field(default=None, metadata={"help": "Default: image_root."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training captions."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N evaluation captions."})
@@ -158,18 +239,13 @@ class DataArguments:
         default=True,
         metadata={
             "help": "Train from CLIP embeddings computed once per image and cached. --no_use_embedding_cache runs the "
-            "vision tower on the pixels at every step instead: slower, same result."
+            "vision tower on the pixels at every step instead: slower, same result (so does --streaming)."
         },
     )
     embedding_cache_dir: str | None = field(
         default=None, metadata={"help": "Where embeddings are cached; default: the datasets cache."}
     )
     embedding_batch_size: int = field(default=64, metadata={"help": "Images per vision forward when caching."})
-    preprocessing_num_workers: int = field(default=0, metadata={"help": "Workers decoding images."})
-    on_bad_image: str = field(
-        default="error",
-        metadata={"help": "A missing or unreadable image: 'error' stops before training, 'skip' drops its captions."},
-    )
     generation_num_beams: int = field(default=1, metadata={"help": "Beams when captioning the evaluation images."})
     generation_max_new_tokens: int = field(
         default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "Longest generated caption."}
@@ -183,11 +259,16 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        for name in ("dataset_format", "validation_format"):
-            value = getattr(self, name)
-            if value is not None and value not in DATASET_FORMATS:
-                raise ValueError(f"--{name} must be one of {sorted(DATASET_FORMATS)}, got {value!r}.")
-        _check_policy(self.on_bad_image)
+        super().__post_init__()
+        if self.validation_format is not None and self.validation_format not in DATASET_FORMATS:
+            raise ValueError(
+                f"--validation_format must be one of {sorted(DATASET_FORMATS)}, got {self.validation_format!r}."
+            )
+        if self.embeddings is not None and (self.train_file is not None or self.dataset_name is not None):
+            given = "--train_file" if self.train_file is not None else "--dataset_name"
+            raise ValueError(f"--embeddings trains from its folder; leave out {given} (or --embeddings).")
+        if self.streaming and self.embeddings is not None:
+            raise ValueError("--streaming reads a source lazily; an --embeddings folder is read memory-mapped anyway.")
         # Checked before any embedding is computed (or training step taken), not at the first evaluation.
         for name in ("max_caption_length", "generation_max_new_tokens", "generation_num_beams"):
             if getattr(self, name) < 1:

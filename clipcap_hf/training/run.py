@@ -20,14 +20,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import ADAPTER_CONFIG_NAME, find_adapter_config_file
 
-from ..data import (
-    ClipCapDataCollator,
-    add_caption_lengths,
-    check_images,
-    embed_images,
-    group_by_image,
-    load_caption_dataset,
-)
+from ..data import ClipCapDataCollator, TrainingData, load_training_data
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import read_json, save_pretrained
@@ -129,57 +122,6 @@ def _check_checkpoint_architecture(model_args: ModelArguments, config) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Data
-
-
-def load_splits(data_args: DataArguments) -> tuple[datasets.Dataset | None, datasets.Dataset | None]:
-    """The training and evaluation caption datasets named by the arguments (either may be `None`)."""
-    train = validation = None
-    if data_args.train_file is not None:
-        loaded = load_caption_dataset(data_args.dataset_format, data_args.train_file, data_args.image_root)
-        if isinstance(loaded, datasets.DatasetDict):  # the Karpathy file holds every split
-            train, validation = loaded.get("train"), loaded.get("validation")
-        else:
-            train = loaded
-    if data_args.validation_file is not None:
-        validation_format = data_args.validation_format or data_args.dataset_format
-        validation = load_caption_dataset(
-            validation_format, data_args.validation_file, data_args.validation_image_root or data_args.image_root
-        )
-        if isinstance(validation, datasets.DatasetDict):  # a Karpathy file: its "val" images
-            if "validation" not in validation:
-                raise ValueError(
-                    f"--validation_file {data_args.validation_file} ({validation_format}) has no images of split "
-                    "'val' to evaluate on; give a file that has some, or another --validation_format."
-                )
-            validation = validation["validation"]
-    if train is not None and data_args.max_train_samples is not None:
-        train = train.select(range(min(data_args.max_train_samples, len(train))))
-    if validation is not None and data_args.max_eval_samples is not None:
-        validation = validation.select(range(min(data_args.max_eval_samples, len(validation))))
-    return train, validation
-
-
-def prepare_images(
-    dataset: datasets.DatasetDict, model, processor: ClipCapProcessor, data_args: DataArguments, device: torch.device
-) -> tuple[datasets.DatasetDict, torch.Tensor | None]:
-    """Add cached CLIP embeddings (or, training from pixels, check that every image opens)."""
-    if not data_args.use_embedding_cache:
-        return check_images(dataset, data_args.on_bad_image, data_args.preprocessing_num_workers), None
-    cache_dir = data_args.embedding_cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "clipcap_embeddings")
-    return embed_images(
-        dataset,
-        model,
-        processor.image_processor,
-        cache_dir,
-        batch_size=data_args.embedding_batch_size,
-        device=device,
-        num_workers=data_args.preprocessing_num_workers,
-        on_bad_image=data_args.on_bad_image,
-    )
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # The run
 
 
@@ -229,23 +171,23 @@ def setup_logging(training_args: TrainingArguments) -> None:
 
 
 def _check_context_length(
-    config, data_args: DataArguments, splits: Sequence[datasets.Dataset] = (), generation: bool = False
+    config, data_args: DataArguments, data: TrainingData | None = None, generation: bool = False
 ) -> None:
     """
-    Refuse, before training, captions (of `splits`, with a `length` column) or generated captions (`generation`)
-    that with the prefix would not fit the language model's positions: a learned position table such as GPT-2's
-    fails with an IndexError in the middle of the run.
+    Refuse, before training, captions (of `data`) or generated captions (`generation`) that with the prefix would
+    not fit the language model's positions: a learned position table such as GPT-2's fails with an IndexError in the
+    middle of the run.
     """
     context = getattr(config.text_config, "max_position_embeddings", None)
     if not isinstance(context, int):
         return
     prefix = config.prefix_length
     room = f"{context - prefix} or less" if context > prefix else "below 1: the prefix alone fills the context"
-    lengths = [max(split["length"]) for split in splits if len(split)]
-    if lengths and prefix + max(lengths) > context:
+    longest = data.longest_caption if data is not None else 0
+    if longest and prefix + longest > context:
         raise ValueError(
-            f"The longest caption has {max(lengths)} tokens (EOS included, after --max_caption_length "
-            f"{data_args.max_caption_length}); with the {prefix} prefix vectors that is {prefix + max(lengths)} "
+            f"The longest caption has {longest} tokens (EOS included, after --max_caption_length "
+            f"{data_args.max_caption_length}); with the {prefix} prefix vectors that is {prefix + longest} "
             f"positions, but the language model has {context} (max_position_embeddings). Set --max_caption_length "
             f"to {room}."
         )
@@ -321,46 +263,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     set_seed(training_args.seed)
 
     model, processor = build_model(model_args)
-    train_dataset, eval_dataset = load_splits(data_args)
+    if training_args.do_train and data_args.streaming and training_args.max_steps <= 0:
+        raise ValueError("--streaming needs --max_steps: a streamed source has no length to count epochs by.")
+    eval_given = data_args.validation_file or data_args.validation_split or data_args.dataset_format == "coco-karpathy"
     # Evaluation (at the end, or during training) captions the evaluation images.
-    evaluating = eval_dataset is not None and (training_args.do_eval or training_args.eval_strategy != "no")
+    evaluating = training_args.do_eval or (training_args.eval_strategy != "no" and bool(eval_given))
     _check_context_length(model.config, data_args, generation=evaluating)
-    if training_args.do_train and train_dataset is None:
-        raise ValueError("--do_train needs --train_file.")
-    if training_args.do_eval and eval_dataset is None:
-        raise ValueError("--do_eval needs --validation_file (or a coco-karpathy --train_file).")
-    if not training_args.do_train:
-        train_dataset = None  # an evaluation-only run embeds and checks the evaluation images only
-
-    # The main process computes the embeddings; the others then find them in the cache. Both splits share one
-    # embedding table, so one collator serves training and evaluation batches.
-    splits = datasets.DatasetDict(
-        {name: split for name, split in (("train", train_dataset), ("eval", eval_dataset)) if split is not None}
-    )
-    # local=False: the global main process goes first, so nodes sharing an --embedding_cache_dir do not all embed.
-    with training_args.main_process_first(local=False, desc="image embeddings"):
-        splits, image_embeds = prepare_images(splits, model, processor, data_args, training_args.device)
-    train_dataset, eval_dataset = splits.get("train"), splits.get("eval")
-    for name, split in (("training", train_dataset), ("evaluation", eval_dataset)):
-        if split is not None and len(split) == 0:
-            raise ValueError(
-                f"No {name} captions are left: every {name} image was unreadable and skipped (--on_bad_image skip). "
-                "Fix the images named in the warning above."
-            )
+    # One call: the sources, their images embedded once across the processes, one row per caption, the lengths.
+    data = load_training_data(data_args, model, processor, train=training_args.do_train, evaluate=evaluating)
+    _check_context_length(model.config, data_args, data)
     metrics: dict[str, float] = {}
-    # A `length` column lets `group_by_length` batch captions of similar length; the Trainer groups eval batches too.
-    if eval_dataset is not None:
-        eval_dataset = add_caption_lengths(eval_dataset, processor, data_args.max_caption_length)[0]
     if training_args.do_train:
-        train_dataset, num_truncated = add_caption_lengths(train_dataset, processor, data_args.max_caption_length)
-        metrics["train_truncated_captions"] = num_truncated
-        if num_truncated:
-            logger.info(
-                f"{num_truncated} of {len(train_dataset)} training captions are longer than --max_caption_length "
-                f"({data_args.max_caption_length} tokens, EOS included) and will be cut."
-            )
-    captions = [split for split in (train_dataset, eval_dataset) if split is not None]
-    _check_context_length(model.config, data_args, captions)
+        metrics["train_truncated_captions"] = data.train_truncated_captions
 
     if model_args.freeze_language_model:
         model.freeze_language_model()
@@ -381,18 +295,18 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         model = add_lora(model, model_args)
 
     collator = ClipCapDataCollator(
-        processor, image_embeds=image_embeds, max_caption_length=data_args.max_caption_length
+        processor, image_embeds=data.image_embeds, max_caption_length=data_args.max_caption_length
     )
     trainer = ClipCapTrainer(
         model=model,
         args=training_args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
         data_collator=collator,
         # Saved with every checkpoint, so a checkpoint folder captions on its own; also decodes evaluation captions.
         processing_class=processor,
-        caption_eval_dataset=group_by_image(eval_dataset) if eval_dataset is not None else None,
-        caption_eval_embeds=image_embeds,
+        caption_eval_dataset=data.eval_images,
+        caption_eval_embeds=data.image_embeds,
         generation_kwargs={
             "num_beams": data_args.generation_num_beams,
             "max_new_tokens": data_args.generation_max_new_tokens,
@@ -408,13 +322,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             if model_args.use_lora and model_args.save_merged_model:
                 merge_lora(training_args.output_dir, os.path.join(training_args.output_dir, "merged"))
         metrics.update(result.metrics)
-        metrics["train_samples"] = len(train_dataset)
+        if isinstance(data.train, datasets.Dataset):
+            metrics["train_samples"] = len(data.train)
         trainer.log_metrics("train", metrics)
         trainer.save_metrics("train", metrics)
         trainer.save_state()
     if training_args.do_eval:
         eval_metrics = trainer.evaluate()
-        eval_metrics["eval_samples"] = len(eval_dataset)
+        eval_metrics["eval_samples"] = len(data.eval)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)

@@ -1,0 +1,55 @@
+"""`clipcap embed --model MODEL --train_file DATA --output DIR`: every unique image of a source embedded once.
+
+Takes the source options of `clipcap train` (`--dataset_name`, `--train_file`, `--image_column`, `--caption_column`,
+`--dataset_format`, `--streaming`, ...). Under `torchrun` or `accelerate launch` every process embeds its own share
+and writes its own shards; a rerun after a crash completes the folder. `clipcap train --embeddings DIR` trains
+from the folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # No option of its own (prefix '+'), so every `--flag`, `--help` included, reaches the HfArgumentParser.
+    parser.add_argument("arguments", nargs=argparse.REMAINDER)
+
+
+def run(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+    from transformers import HfArgumentParser
+
+    from ..data import embed_source
+    from ..data.prepare import load_source
+    from ..training.arguments import EmbedArguments
+    from ..utils.loading import load_clipcap
+    from ._utils import resolve_device
+
+    parser = HfArgumentParser(EmbedArguments, prog="clipcap embed")
+    (embed_args,) = parser.parse_args_into_dataclasses(args=args.arguments)
+    state = PartialState()  # joins the process group of torchrun / accelerate launch, if any
+    device = resolve_device(embed_args.device) if embed_args.device else state.device
+    model, processor = load_clipcap(embed_args.model, "--model")
+    source = load_source(embed_args, "train", captions_required=False)
+    keep_columns = [name.strip() for name in (embed_args.keep_columns or "").split(",") if name.strip()]
+    try:
+        info = embed_source(
+            source,
+            model,
+            processor.image_processor,
+            embed_args.output,
+            batch_size=embed_args.batch_size,
+            device=device,
+            num_workers=embed_args.preprocessing_num_workers,
+            on_bad_image=embed_args.on_bad_image,
+            keep_columns=keep_columns,
+            source_name=embed_args.dataset_name or embed_args.train_file,
+        )
+    finally:
+        state.destroy_process_group()
+    if state.is_main_process:
+        summary = {name: info.get(name) for name in ("num_images", "num_shards", "num_skipped", "embedding_dim")}
+        print(json.dumps({"output": embed_args.output, **summary}))
+    return 0

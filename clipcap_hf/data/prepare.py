@@ -1,0 +1,431 @@
+"""Training data in one call: [`load_training_data`] turns the data options into datasets a `Trainer` takes.
+
+The path of the data, top to bottom: the sources ([`load_image_source`]), their images embedded once into an
+embeddings folder shared by all processes ([`embed_source`]; or an existing folder, `--embeddings`), one row per
+caption pointing into that memory-mapped table, each caption's token count. Training from pixels (`--streaming`, or
+`--no_use_embedding_cache`) skips the embeddings and keeps the images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import glob
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import pyarrow.compute as pc
+from datasets.fingerprint import Hasher
+import torch
+from transformers.utils import logging
+
+from ..processing_clipcap import ClipCapProcessor
+from .collator import add_caption_lengths
+from .embeddings import (
+    CAPTIONS_COLUMN,
+    EMBEDDING_COLUMN,
+    KEY_COLUMN,
+    _barrier,
+    _process_rank,
+    _read,
+    check_embeddings,
+    embed_source,
+    load_embeddings,
+    vision_fingerprint,
+)
+from .sources import decode_image, load_image_source
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class TrainingData:
+    """
+    What training needs, ready: `train` and `eval` hold one row per caption (`caption`, `length`, and `image_index`
+    into `image_embeds`, or the `image`), `eval_images` one row per evaluation image (`references`, `image_id`,
+    `image_path`, and `image_index` or `image`) for caption evaluation, `image_embeds` the memory-mapped embedding
+    table (a `datasets.Dataset` in torch format, indexed like a tensor), and `train_truncated_captions` how many
+    training captions `max_caption_length` cuts.
+    """
+
+    train: datasets.Dataset | datasets.IterableDataset | None
+    eval: datasets.Dataset | None
+    eval_images: datasets.Dataset | None
+    image_embeds: datasets.Dataset | None
+    train_truncated_captions: int = 0
+
+    @property
+    def longest_caption(self) -> int:
+        """The most tokens of any caption (after `max_caption_length`); 0 when the lengths are not known."""
+        lengths = [_arrow_column(split, "length") for split in (self.train, self.eval) if _has_lengths(split)]
+        return max((pc.max(column).as_py() or 0 for column in lengths), default=0)
+
+
+def load_training_data(
+    data_args, model, processor: ClipCapProcessor, train: bool = True, evaluate: bool = True
+) -> TrainingData:
+    """
+    The training and evaluation data that `data_args` (a `clipcap_hf.training.DataArguments`) name, ready for the
+    `Trainer` and [`ClipCapDataCollator`].
+
+    With the embedding cache (the default) every unique image is embedded once into the embeddings folder under
+    `--embedding_cache_dir`, named after the vision tower's fingerprint and reused by later runs; in a distributed run
+    every process embeds its own share. `--embeddings DIR` trains from a folder written by `clipcap embed` instead.
+    """
+    train_source = load_source(data_args, "train") if train and not data_args.embeddings else None
+    eval_source = load_source(data_args, "validation") if evaluate else None
+    if train and train_source is None and not data_args.embeddings:
+        raise ValueError("--do_train needs a training source: --train_file, --dataset_name or --embeddings.")
+    if evaluate and eval_source is None:
+        raise ValueError(
+            "--do_eval needs an evaluation source: --validation_file (or a coco-karpathy --train_file), or "
+            "--dataset_name with --validation_split."
+        )
+    if train_source is not None and data_args.max_train_samples is not None:
+        train_source = _first_captions(train_source, data_args.max_train_samples)
+    if eval_source is not None and data_args.max_eval_samples is not None:
+        eval_source = _first_captions(eval_source, data_args.max_eval_samples)
+
+    if data_args.streaming or not data_args.use_embedding_cache:
+        train_rows = _pixel_rows(train_source, data_args, "training") if train_source is not None else None
+        eval_rows = _pixel_rows(eval_source, data_args, "evaluation") if eval_source is not None else None
+        table = None
+    else:
+        train_rows, eval_rows, table = _embedded_rows(train_source, eval_source, data_args, model, processor)
+    if train_rows is not None and data_args.max_train_samples is not None:
+        train_rows = _first(train_rows, data_args.max_train_samples)
+    if eval_rows is not None and data_args.max_eval_samples is not None:
+        eval_rows = _first(eval_rows, data_args.max_eval_samples)
+    for name, rows in (("training", train_rows), ("evaluation", eval_rows)):
+        if isinstance(rows, datasets.Dataset) and len(rows) == 0:
+            raise ValueError(
+                f"No {name} captions are left: every {name} image was unreadable and skipped (--on_bad_image skip). "
+                "Fix the images named in the warning above."
+            )
+
+    num_truncated = 0
+    if isinstance(train_rows, datasets.Dataset):
+        train_rows, num_truncated = add_caption_lengths(train_rows, processor, data_args.max_caption_length)
+        if num_truncated:
+            logger.info(
+                f"{num_truncated} of {len(train_rows)} training captions are longer than --max_caption_length "
+                f"({data_args.max_caption_length} tokens, EOS included) and will be cut."
+            )
+    if eval_rows is not None:
+        eval_rows = add_caption_lengths(eval_rows, processor, data_args.max_caption_length)[0]
+    eval_images = _images_of(eval_rows) if eval_rows is not None else None
+    return TrainingData(train_rows, eval_rows, eval_images, table, num_truncated)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Sources
+
+
+def load_source(
+    data_args, split: str = "train", captions_required: bool = True
+) -> datasets.Dataset | datasets.IterableDataset | None:
+    """
+    The training (`split="train"`) or evaluation (`"validation"`) source that the arguments (`DataArguments`, or
+    `EmbedArguments` for the training source) name, or None; see [`load_image_source`]. Without `--caption_column`
+    the source's usual caption column is used (`txt` in webdataset shards, `text` in image folders, else
+    `caption`); with `captions_required=False` (`clipcap embed`) only if the source has it.
+    """
+    if split == "train":
+        files, data_format, image_root = data_args.train_file, data_args.dataset_format, data_args.image_root
+        name_split = data_args.train_split
+    else:
+        files = data_args.validation_file
+        data_format = data_args.validation_format or data_args.dataset_format
+        image_root = data_args.validation_image_root or data_args.image_root
+        name_split = data_args.validation_split
+        if files is None and data_args.dataset_format == "coco-karpathy" and data_args.train_file is not None:
+            files = data_args.train_file  # the Karpathy file holds every split
+    dataset_name = data_args.dataset_name if files is None else None
+    if files is None and (dataset_name is None or name_split is None):
+        return None
+    streaming = data_args.streaming and split == "train"  # evaluation sets are small, and read whole
+    load = functools.partial(
+        load_image_source,
+        dataset_name=dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        data_files=_expand(files) if files is not None else None,
+        split=name_split if files is None or data_format is None else split,
+        image_column=data_args.image_column,
+        streaming=streaming,
+        dataset_format=data_format,
+        image_root=image_root,
+    )
+    caption_column = data_args.caption_column or _default_caption_column(data_format, files)
+    try:
+        if captions_required or data_args.caption_column or data_format:
+            return load(caption_column=caption_column)
+        source = load(caption_column=None)
+        return load(caption_column=caption_column) if caption_column in (source.features or {}) else source
+    except (ValueError, FileNotFoundError) as error:
+        option = ("--train_file" if split == "train" else "--validation_file") if files else "--dataset_name"
+        raise type(error)(f"{option}: {error}") from error
+
+
+def _expand(files: str) -> list[str] | str:
+    """Comma-separated data files and glob patterns (`shards/*.tar`), in order; one folder stays one folder."""
+    paths = []
+    for pattern in (part.strip() for part in str(files).split(",") if part.strip()):
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        if not matches:
+            raise FileNotFoundError(f"No file matches {pattern!r}.")
+        paths.extend(matches)
+    return paths[0] if len(paths) == 1 else paths
+
+
+def _default_caption_column(data_format: str | None, files: str | None) -> str:
+    """Image folders call their captions `text`, webdataset shards `txt`; other sources name theirs."""
+    if files is not None and str(files).split(",")[0].strip().lower().endswith(".tar"):
+        return "txt"
+    if files is not None and os.path.isdir(str(files)) and not _is_saved_dataset(str(files)):
+        return "text"
+    return "caption"
+
+
+def _is_saved_dataset(folder: str) -> bool:
+    return any(
+        os.path.exists(os.path.join(folder, name))
+        for name in (datasets.config.DATASET_STATE_JSON_FILENAME, datasets.config.DATASETDICT_JSON_FILENAME)
+    )
+
+
+def _first_captions(source, count: int):
+    """The first source rows that hold `count` captions (embedding the others would be wasted)."""
+    if isinstance(source, datasets.IterableDataset):
+        return source.take(count)  # each row has at least one caption
+    lengths = pc.list_value_length(_arrow_column(source, CAPTIONS_COLUMN))
+    totals = pc.cumulative_sum(lengths).to_pylist()
+    rows = next((row + 1 for row, total in enumerate(totals) if total >= count), len(totals))
+    return source.select(range(rows))
+
+
+def _first(rows, count: int):
+    if isinstance(rows, datasets.IterableDataset):
+        return rows.take(count)
+    return rows.select(range(min(count, len(rows))))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rows pointing into the embeddings
+
+
+def _embedded_rows(train_source, eval_source, data_args, model, processor):
+    """Embed the sources (all processes, each its share) and give each caption a row into the shared table."""
+    tables, cache_index = [], None
+    if data_args.embeddings:
+        check_embeddings(data_args.embeddings, model, processor.image_processor)
+        tables.append(load_embeddings(data_args.embeddings))
+        if CAPTIONS_COLUMN not in tables[0].column_names:
+            raise ValueError(
+                f"--embeddings {data_args.embeddings} holds no captions (its source had no caption column); embed a "
+                "source with captions (`clipcap embed ... --caption_column COLUMN`) to train on it."
+            )
+    sources = [source for source in (train_source, eval_source) if source is not None]
+    if sources:
+        cache_root = data_args.embedding_cache_dir or os.path.join(
+            datasets.config.HF_DATASETS_CACHE, "clipcap_embeddings"
+        )
+        cache = Path(cache_root) / vision_fingerprint(model, processor.image_processor)[:16]
+        for source in sources:
+            embed_source(
+                source,
+                model,
+                processor.image_processor,
+                cache,
+                batch_size=data_args.embedding_batch_size,
+                device=_embedding_device(),
+                num_workers=data_args.preprocessing_num_workers,
+                on_bad_image=data_args.on_bad_image,
+            )
+        cache_index = _KeyIndex(load_embeddings(cache), offset=sum(len(table) for table in tables))
+        tables.append(cache_index.table)
+    with _main_process_first():
+        if data_args.embeddings:
+            train_rows = _caption_rows(tables[0], _KeyIndex(tables[0], 0))
+        else:
+            train_rows = _caption_rows(train_source, cache_index) if train_source is not None else None
+        eval_rows = _caption_rows(eval_source, cache_index, for_evaluation=True) if eval_source is not None else None
+    table = datasets.concatenate_datasets(tables) if len(tables) > 1 else tables[0]
+    return train_rows, eval_rows, table.select_columns(EMBEDDING_COLUMN).with_format("torch")
+
+
+class _KeyIndex:
+    """Image key -> row of the embedding table (offset by the tables before it), built when first needed."""
+
+    def __init__(self, table: datasets.Dataset, offset: int):
+        self.table, self.offset, self._rows = table, offset, None
+
+    def get(self, key: str) -> int | None:
+        if self._rows is None:
+            self._rows = {}
+            for batch in self.table.select_columns(KEY_COLUMN).iter(batch_size=10_000):
+                for key_ in batch[KEY_COLUMN]:
+                    self._rows[key_] = self.offset + len(self._rows)
+        return self._rows.get(key)
+
+
+def _caption_rows(source: datasets.Dataset, index: _KeyIndex, for_evaluation: bool = False) -> datasets.Dataset:
+    """One row per caption (`caption`, `image_index`); images not in the table (skipped as unreadable) are left out."""
+    columns = [KEY_COLUMN, CAPTIONS_COLUMN]
+    if for_evaluation:  # predictions name each image
+        source = source.cast_column("image", datasets.Image(decode=False))
+        columns += ["image"] + [name for name in _ID_COLUMNS if name in source.column_names]
+    # Named by what it is made of: hashing the key index (a dict of every image) would take long.
+    fingerprint = Hasher.hash([source._fingerprint, index.table._fingerprint, index.offset, for_evaluation])
+    return source.select_columns(columns).map(
+        _explode,
+        batched=True,
+        remove_columns=columns,
+        fn_kwargs={"index": index, "for_evaluation": for_evaluation},
+        new_fingerprint=fingerprint,
+        desc="Caption rows",
+    )
+
+
+_ID_COLUMNS = ("image_id", "image_path", "__key__")
+
+
+def _explode(batch: dict[str, list], index: _KeyIndex, for_evaluation: bool) -> dict[str, list]:
+    rows: dict[str, list] = {"caption": [], "image_index": []}
+    if for_evaluation:
+        rows.update(image_id=[], image_path=[])
+    for position, (key, captions) in enumerate(zip(batch[KEY_COLUMN], batch[CAPTIONS_COLUMN])):
+        image_index = index.get(key)
+        if image_index is None:
+            continue
+        rows["caption"].extend(captions)
+        rows["image_index"].extend([image_index] * len(captions))
+        if for_evaluation:
+            image_id, image_path = _image_id_and_path(batch, position, key)
+            rows["image_id"].extend([image_id] * len(captions))
+            rows["image_path"].extend([image_path] * len(captions))
+    return rows
+
+
+def _image_id_and_path(batch: dict[str, list], position: int, key: str) -> tuple[Any, str | None]:
+    """How predictions name an image: the source's `image_id` (or webdataset `__key__`, or the key) and its file."""
+    image_id = batch.get("image_id", batch.get("__key__", [key] * (position + 1)))[position]
+    image = batch.get("image", [None] * (position + 1))[position] or {}
+    path = batch["image_path"][position] if "image_path" in batch else image.get("path")
+    return str(image_id) if not isinstance(image_id, int) else image_id, path
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Rows with images (training from pixels)
+
+
+def _pixel_rows(source, data_args, name: str):
+    """One row per caption with its `image`, unreadable images raised or left out (`--on_bad_image`)."""
+    columns = [KEY_COLUMN, CAPTIONS_COLUMN, "image"] + [c for c in _ID_COLUMNS if c in (source.features or {})]
+    source = source.select_columns(columns)
+    if isinstance(source, datasets.IterableDataset):
+        # Read lazily: each image is decoded (and checked) when its captions come up.
+        return source.map(
+            _explode_with_images, batched=True, remove_columns=columns, fn_kwargs={"policy": data_args.on_bad_image}
+        )
+    undecoded = source.cast_column("image", datasets.Image(decode=False))
+    bad = _unreadable(undecoded, data_args, name)
+    keep = [row for row, key in enumerate(undecoded[KEY_COLUMN]) if key not in bad]
+    with _main_process_first():
+        rows = undecoded.select(keep).map(_explode_paths, batched=True, remove_columns=columns, desc="Caption rows")
+    return rows.cast_column("image", datasets.Image())
+
+
+def _unreadable(source: datasets.Dataset, data_args, name: str) -> set[str]:
+    """The keys of the images that do not open, after raising for them unless `--on_bad_image skip`."""
+    problems: dict[str, str] = {}
+    for row_index, row in enumerate(source):
+        if row[KEY_COLUMN] in problems:
+            continue
+        _, problem = _read(row, row_index, image_processor=None)
+        if problem is not None:
+            problems[row[KEY_COLUMN]] = problem
+    report = "\n".join(list(problems.values())[:10])
+    if problems and data_args.on_bad_image == "error":
+        raise ValueError(
+            f"{len(problems)} {name} image(s) cannot be read; nothing was trained. Fix or remove them, or skip them "
+            f"(`--on_bad_image skip`):\n{report}"
+        )
+    if problems:
+        logger.warning(f"Skipped {len(problems)} unreadable {name} image(s) and their captions:\n{report}")
+    return set(problems)
+
+
+def _explode_paths(batch: dict[str, list]) -> dict[str, list]:
+    rows: dict[str, list] = {"caption": [], "image": [], "image_id": [], "image_path": []}
+    for position, (key, captions, image) in enumerate(zip(batch[KEY_COLUMN], batch[CAPTIONS_COLUMN], batch["image"])):
+        image_id, image_path = _image_id_and_path(batch, position, key)
+        for caption in captions:
+            rows["caption"].append(caption)
+            rows["image"].append(image)
+            rows["image_id"].append(image_id)
+            rows["image_path"].append(image_path)
+    return rows
+
+
+def _explode_with_images(batch: dict[str, list], policy: str) -> dict[str, list]:
+    rows: dict[str, list] = {"caption": [], "image": []}
+    for key, captions, image in zip(batch[KEY_COLUMN], batch[CAPTIONS_COLUMN], batch["image"]):
+        try:
+            decoded = decode_image(image)
+        except Exception as error:  # any decoding failure, named with the image's key
+            if policy == "skip":
+                logger.warning(f"Skipping the unreadable image {key} ({type(error).__name__}: {error}).")
+                continue
+            raise ValueError(
+                f"The image {key} cannot be read ({type(error).__name__}: {error}); fix or remove it, or skip such "
+                "images (`--on_bad_image skip`)."
+            ) from error
+        rows["caption"].extend(captions)
+        rows["image"].extend([decoded] * len(captions))
+    return rows
+
+
+def _images_of(rows: datasets.Dataset) -> datasets.Dataset:
+    """One row per image of caption rows, with all its captions as `references` (evaluation sets are small)."""
+    image_column = "image_index" if "image_index" in rows.column_names else "image_id"
+    first_row: dict[Any, int] = {}
+    references: dict[Any, list[str]] = {}
+    for row, (image, caption) in enumerate(zip(rows[image_column], rows["caption"])):
+        first_row.setdefault(image, row)
+        references.setdefault(image, []).append(caption)
+    images = rows.select(list(first_row.values())).remove_columns([c for c in ("caption", "length") if c in rows.column_names])
+    return images.add_column("references", list(references.values()))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Processes
+
+
+@contextlib.contextmanager
+def _main_process_first() -> Iterator[None]:
+    """The main process writes the caption rows first; the others then find them in the datasets cache."""
+    if _process_rank() != 0:
+        _barrier()
+    yield
+    if _process_rank() == 0:
+        _barrier()
+
+
+def _embedding_device() -> torch.device:
+    """Where the vision tower embeds: this process's GPU in a distributed run, else CUDA when there is one."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _arrow_column(dataset: datasets.Dataset, name: str):
+    """One column as Arrow (what `select` left of it), for Arrow's compute functions."""
+    return dataset.select_columns(name).with_format("arrow")[:][name]
+
+
+def _has_lengths(split) -> bool:
+    return isinstance(split, datasets.Dataset) and "length" in split.column_names and len(split) > 0
