@@ -176,6 +176,13 @@ def _caption_dataset(args: argparse.Namespace, decoding: dict) -> int:
             image_root=args.image_root,
         )
     model, processor = load_model_and_processor(args.model, _device(args))
+    if args.embeddings is not None:
+        from ..data.embeddings import check_embeddings
+
+        info = check_embeddings(args.embeddings, model, processor.image_processor)  # this model's vision tower's
+        if info.get("num_images") is None:  # the folder would still grow, moving rows between input shards
+            raise ValueError(f"--embeddings {args.embeddings}: its `clipcap embed` pass has not finished; finish it "
+                             "(rerun the same `clipcap embed` command) first.")
     captioner = ClipCapCaptioner(model, processor, dtype=args.dtype, **decoding)
     settings = {
         "model": args.model,

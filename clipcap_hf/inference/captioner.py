@@ -58,8 +58,10 @@ def decode_image(value: Any) -> PIL.Image.Image:
             with PIL.Image.open(io.BytesIO(value)) as image:
                 image.load()
                 return image.copy()
+        except PIL.UnidentifiedImageError as error:  # its message names a BytesIO object, which says nothing
+            raise ValueError(f"Cannot decode the image bytes ({len(value)} bytes): no image format PIL reads") from error
         except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
-            raise ValueError(f"Cannot decode image bytes: {error}") from error
+            raise ValueError(f"Cannot decode the image bytes ({len(value)} bytes): {error}") from error
     if isinstance(value, (str, os.PathLike)):
         return load_image(value)
     if isinstance(value, np.ndarray) and value.ndim in (2, 3):

@@ -1,0 +1,243 @@
+"""`clipcap caption --output`: datasets and embeddings folders into parquet shards, whole, resumable, split between
+processes, and the same captions as `model.generate`."""
+
+import hashlib
+import io
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import datasets
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import captioning_model, random_images, tiny_processor
+
+from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
+from clipcap_hf.commands import main
+
+NUM_IMAGES = 7
+MAX_NEW_TOKENS = "5"
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    """A model whose greedy captions differ from image to image."""
+    folder = tmp_path_factory.mktemp("captioner")
+    captioning_model(tokenizer).save_pretrained(folder)
+    tiny_processor(tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def parquet_source(tmp_path_factory):
+    """A parquet file of PNG images (a datasets Image column), and the images' bytes in order."""
+    encoded = [png_bytes(image) for image in random_images(NUM_IMAGES, seed=11)]
+    path = tmp_path_factory.mktemp("source") / "images.parquet"
+    features = datasets.Features({"image": datasets.Image()})
+    datasets.Dataset.from_dict({"image": [{"bytes": data, "path": None} for data in encoded]}, features=features)\
+        .to_parquet(path)
+    return path, encoded
+
+
+def expected_rows(model_dir, encoded, **generate_kwargs) -> list[tuple[str, str]]:
+    """(image_key, caption) of each image by model.generate on all images at once."""
+    import PIL.Image
+
+    model = ClipCapForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = ClipCapProcessor.from_pretrained(model_dir)
+    images = [PIL.Image.open(io.BytesIO(data)) for data in encoded]
+    generated = model.generate(**processor(images=images), max_new_tokens=int(MAX_NEW_TOKENS), **generate_kwargs)
+    keys = ["sha256:" + hashlib.sha256(data).hexdigest() for data in encoded]  # load_image_source's keys of bytes
+    return list(zip(keys, processor.post_process_image_text_to_text(generated)))
+
+
+def read_rows(output: Path) -> list[tuple[str, str]]:
+    rows = []
+    for shard in sorted(output.glob("captions-*.parquet")):
+        table = pq.read_table(shard).to_pydict()
+        rows += list(zip(table["image_key"], table["caption"]))
+    return rows
+
+
+def caption_argv(model_dir, source, output, *extra) -> list[str]:
+    return ["caption", "--model", str(model_dir), "--data-files", str(source), "--output", str(output),
+            "--shard-size", "3", "--batch-size", "2", "--max-new-tokens", MAX_NEW_TOKENS, *extra]
+
+
+def test_parquet_source_gives_whole_shards_with_generate_captions_and_a_rerun_skips_them(
+    model_dir, parquet_source, tmp_path, capsys
+):
+    source, encoded = parquet_source
+    output = tmp_path / "captions"
+    assert main(caption_argv(model_dir, source, output)) == 0
+    names = sorted(path.name for path in output.glob("*.parquet"))
+    assert names == [f"captions-0000{i}-of-00003.parquet" for i in range(3)]  # 7 rows in shards of 3, 2, 2
+    assert read_rows(output) == expected_rows(model_dir, encoded)
+    assert "wrote 3 shard(s) of 3 (7 captions)" in capsys.readouterr().err
+
+    (output / names[1]).unlink()
+    kept = (output / names[0]).stat().st_mtime_ns
+    assert main(caption_argv(model_dir, source, output)) == 0
+    assert "wrote 1 shard(s) of 3 (2 captions); 2 already finished" in capsys.readouterr().err
+    assert (output / names[0]).stat().st_mtime_ns == kept
+    assert read_rows(output) == expected_rows(model_dir, encoded)
+
+    # Other settings into the same folder would mix captions: refused, naming what differs.
+    assert main(caption_argv(model_dir, source, output, "--num-beams", "2")) == 2
+    assert "holds captions made with other settings (decoding differ" in capsys.readouterr().err
+
+
+def test_sampling_candidates_reranked_by_clip_keep_the_best_scored(model_dir, parquet_source, tiny_clip_dir, tmp_path):
+    from transformers import AutoProcessor, CLIPModel
+
+    from clipcap_hf.inference import CLIPScorer
+
+    source, encoded = parquet_source
+    output = tmp_path / "captions"
+    argv = caption_argv(model_dir, source, output, "--do-sample", "--top-p", "0.9", "--temperature", "1.5",
+                        "--num-candidates", "3", "--rerank-model", str(tiny_clip_dir))
+    assert main(argv) == 0
+    table = {name: [] for name in ("image_key", "caption", "candidates", "clip_score")}
+    for shard in sorted(output.glob("*.parquet")):
+        for name, values in pq.read_table(shard).to_pydict().items():
+            table[name] += values
+    assert len(table["caption"]) == NUM_IMAGES and all(len(c) == 3 for c in table["candidates"])
+    import PIL.Image
+
+    scorer = CLIPScorer(CLIPModel.from_pretrained(tiny_clip_dir), AutoProcessor.from_pretrained(tiny_clip_dir))
+    images = [PIL.Image.open(io.BytesIO(data)) for data in encoded]
+    for image, caption, candidates, score in zip(images, table["caption"], table["candidates"], table["clip_score"]):
+        scores = scorer.clip_score([image] * 3, candidates)
+        assert caption == candidates[int(scores.argmax())]
+        assert score == pytest.approx(float(scores.max()), abs=1e-5)
+
+
+def test_a_bad_row_stops_the_run_naming_shard_and_key_or_is_skipped_and_counted(model_dir, tmp_path, capsys):
+    encoded = [png_bytes(image) for image in random_images(4, seed=12)]
+    encoded[2] = b"not an image"
+    source = tmp_path / "images.parquet"
+    features = datasets.Features({"image": datasets.Image()})
+    datasets.Dataset.from_dict({"image": [{"bytes": data, "path": None} for data in encoded]}, features=features)\
+        .to_parquet(source)
+    bad_key = "sha256:" + hashlib.sha256(b"not an image").hexdigest()
+
+    output = tmp_path / "stop"
+    assert main(caption_argv(model_dir, source, output)) == 2
+    err = capsys.readouterr().err
+    assert (f"captions-00001-of-00002.parquet, key '{bad_key}': Cannot decode the image bytes (12 bytes): no image "
+            "format PIL reads") in err
+    assert "--on-bad-image skip" in err
+    # The bad row is in the second shard (rows 2 and 3): the first one is finished and kept.
+    assert [path.name for path in output.glob("*.parquet")] == ["captions-00000-of-00002.parquet"]
+
+    output = tmp_path / "skip"
+    assert main(caption_argv(model_dir, source, output, "--on-bad-image", "skip")) == 0
+    assert "1 unreadable image(s) skipped" in capsys.readouterr().err
+    good = [data for data in encoded if data != b"not an image"]
+    assert read_rows(output) == expected_rows(model_dir, good)
+
+
+# Runs `clipcap caption ARGS...` and SIGKILLs itself half-way through writing the second output shard.
+KILLED_WHILE_WRITING = r"""
+import os, signal, sys
+import pyarrow.parquet as pq
+real_write_table = pq.write_table
+calls = []
+def write_table(table, where, *args, **kwargs):
+    calls.append(where)
+    real_write_table(table, where, *args, **kwargs)
+    if len(calls) == 2:
+        with open(where, "rb") as file:
+            data = file.read()
+        with open(where, "wb") as file:
+            file.write(data[: len(data) // 2])
+        os.kill(os.getpid(), signal.SIGKILL)
+pq.write_table = write_table
+from clipcap_hf.commands import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_killed_mid_shard_then_rerun_gives_every_row_once(model_dir, parquet_source, tmp_path):
+    source, encoded = parquet_source
+    output = tmp_path / "captions"
+    argv = caption_argv(model_dir, source, output)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_WRITING, *argv], env=env, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert [path.name for path in output.glob("*.parquet")] == ["captions-00000-of-00003.parquet"]
+    assert list(output.glob(".*.partial"))  # the half-written second shard, under its temporary name
+
+    assert main(argv) == 0
+    assert read_rows(output) == expected_rows(model_dir, encoded)  # no duplicates, no gaps
+    assert not list(output.glob(".*.partial"))
+
+
+def test_two_processes_under_torchrun_split_the_shards(model_dir, parquet_source, tmp_path):
+    source, encoded = parquet_source
+    output = tmp_path / "captions"
+    script = tmp_path / "clipcap_main.py"
+    script.write_text("import sys\nfrom clipcap_hf.commands import main\nsys.exit(main(sys.argv[1:]))\n")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([*torchrun, str(script), *caption_argv(model_dir, source, output)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Rank 0 of 2: wrote 2 shard(s) of 3 (5 captions)" in result.stderr  # shards 0 and 2
+    assert "Rank 1 of 2: wrote 1 shard(s) of 3 (2 captions)" in result.stderr  # shard 1
+    assert read_rows(output) == expected_rows(model_dir, encoded)
+
+
+def test_embeddings_folder_is_captioned_without_the_vision_tower(model_dir, parquet_source, tmp_path, monkeypatch):
+    from clipcap_hf.data.embeddings import embed_source, load_embeddings
+    from clipcap_hf.data.sources import load_image_source
+
+    source, encoded = parquet_source
+    model = ClipCapForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = ClipCapProcessor.from_pretrained(model_dir)
+    embeddings = tmp_path / "embeddings"
+    embed_source(load_image_source(data_files=str(source)), model, processor.image_processor, embeddings)
+
+    def no_vision(*args, **kwargs):
+        raise AssertionError("the vision tower ran")
+
+    monkeypatch.setattr(type(model.vision_model), "forward", no_vision)
+    output = tmp_path / "captions"
+    argv = ["caption", "--model", str(model_dir), "--embeddings", str(embeddings), "--output", str(output),
+            "--shard-size", "4", "--max-new-tokens", MAX_NEW_TOKENS]
+    assert main(argv) == 0
+    stored = load_embeddings(embeddings)
+    by_key = dict(read_rows(output))
+    assert sorted(by_key) == sorted(stored["image_key"])
+    generated = model.generate(image_embeds=torch.tensor(stored["embedding"]), max_new_tokens=int(MAX_NEW_TOKENS))
+    assert [by_key[key] for key in stored["image_key"]] == processor.post_process_image_text_to_text(generated)
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--data-files", "x.parquet"], "give --output DIR"),
+        (["img.png", "--data-files", "x.parquet", "--output", "o"], "Give one source"),
+        (["--data-files", "x.parquet", "--output", "o", "--num-candidates", "3"], "give --rerank-model"),
+        (["--data-files", "x", "--output", "o", "--num-candidates", "3", "--rerank-model", "c"], "needs --do-sample"),
+        (["--data-files", "x", "--output", "o", "--top-p", "0.9"], "--top-p only apply when sampling"),
+        (["--embeddings", "e", "--output", "o", "--do-sample", "--num-candidates", "2", "--rerank-model", "c"],
+         "an embeddings folder has no images"),
+        (["--data-files", "x", "--output", "o", "--top-p", "1.5"], "argument --top-p: must be above 0 and at most 1"),
+        (["--data-files", "x", "--output", "o", "--temperature", "0"], "argument --temperature: must be above 0"),
+        (["--data-files", "x", "--output", "o", "--num-candidates", "0"], "argument --num-candidates: must be at least"),
+        (["--data-files", "x", "--output", "o", "--dtype", "int8"], "argument --dtype: choose from float32"),
+    ],
+)
+def test_bad_options_are_refused_before_any_work(tmp_path, capsys, extra, message):
+    assert main(["caption", "--model", str(tmp_path / "nothing-loaded"), *extra]) == 2
+    assert message in capsys.readouterr().err
