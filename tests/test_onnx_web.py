@@ -1,0 +1,78 @@
+"""The browser captioner (web/): onnxruntime-web in headless Chromium captions as the Python ONNX captioner does.
+
+onnxruntime-web comes from npm: the first run installs it into web/node_modules (git-ignored) with
+`npm install`; the test is skipped, with the reason, where npm is missing or the install fails (no registry).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from browser import serve_folder
+from conftest import IMAGE_SIZE, random_images
+
+WEB = Path(__file__).resolve().parent.parent / "web"
+WAIT_S = 60
+
+
+@pytest.fixture(scope="module")
+def onnxruntime_web():
+    """web/node_modules with onnxruntime-web, installed from npm when missing."""
+    runtime = WEB / "node_modules" / "onnxruntime-web" / "dist" / "ort.min.js"
+    if not runtime.is_file():
+        npm = shutil.which("npm")
+        if npm is None:
+            pytest.skip("npm is not installed (apt-get install -y npm), so onnxruntime-web cannot be installed")
+        result = subprocess.run([npm, "install", "--no-audit", "--no-fund"], cwd=WEB, capture_output=True,
+                                text=True, timeout=600)
+        if result.returncode != 0 or not runtime.is_file():
+            pytest.skip(f"npm install of onnxruntime-web failed in {WEB}: {result.stderr.strip()[-300:]}")
+    return runtime
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, onnx_export, onnxruntime_web):
+    """A folder serving the page (web/) and the exported model (model/) side by side."""
+    root = tmp_path_factory.mktemp("site")
+    os.symlink(WEB, root / "web")
+    os.symlink(onnx_export[2], root / "model")
+    with serve_folder(root) as url:
+        yield url
+
+
+def caption_in_browser(browser, url, image_path, quantized=False):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(f"{url}/web/index.html?model=../model/" + ("&quantized=1" if quantized else ""))
+    status = lambda: browser.find_element("id", "status").text  # noqa: E731
+    WebDriverWait(browser, WAIT_S).until(lambda _: status() != "loading", message="waiting for the model to load")
+    assert status() == "ready", status()
+    browser.find_element("id", "image").send_keys(str(image_path))
+    caption = browser.find_element("id", "caption")
+    WebDriverWait(browser, WAIT_S).until(lambda _: caption.get_attribute("data-state") in ("done", "error"),
+                                         message="waiting for the caption")
+    assert caption.get_attribute("data-state") == "done", caption.text
+    return json.loads(caption.get_attribute("data-tokens")), caption.get_attribute("textContent")
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["fp32", "int8"])
+def test_browser_caption_equals_the_python_onnx_captioner(browser, site, onnx_export, tmp_path, quantized):
+    from clipcap_hf.onnx import OnnxCaptioner
+
+    captioner = OnnxCaptioner(onnx_export[2], quantized=quantized)
+    # At the model's input size, so the page's canvas resampling (not PIL's bicubic) leaves the pixels as they are.
+    images = random_images(3, seed=5, size=(IMAGE_SIZE, IMAGE_SIZE))
+    expected = captioner.caption(images)
+    pixel_values = captioner.processor.image_processor(images, return_tensors="np")["pixel_values"]
+    expected_tokens = captioner.generate(pixel_values=pixel_values)
+    assert len(set(expected)) > 1 and all(expected)
+    for index, image in enumerate(images):
+        path = tmp_path / f"image{index}.png"
+        image.save(path)
+        tokens, caption = caption_in_browser(browser, site, path, quantized)
+        # Greedy rows end at EOS, or run to the length limit; the page stops at EOS too.
+        assert tokens == expected_tokens[index][: len(tokens)] and len(tokens) > 0
+        assert caption == expected[index]

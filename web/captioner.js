@@ -1,0 +1,135 @@
+// Caption an image in the browser with a folder written by `clipcap export-onnx`, on onnxruntime-web: CLIP's
+// preprocessing on a canvas, greedy decoding with the merged decoder's key/value cache, and the tokenizer's
+// byte-level BPE decoding read from tokenizer.json (all a caption needs, so no tokenizer library is loaded).
+
+async function fetchJson(url) {
+  const response = await fetch(url);
+  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+  return response.json();
+}
+
+// GPT-2's byte-level alphabet: byte b is written as the character bytesToUnicode[b] in the vocabulary.
+function unicodeToByte() {
+  const printable = [];
+  for (let b = 33; b <= 126; b++) printable.push(b);
+  for (let b = 161; b <= 172; b++) printable.push(b);
+  for (let b = 174; b <= 255; b++) printable.push(b);
+  const table = new Map(printable.map((b) => [String.fromCharCode(b), b]));
+  let shifted = 0;
+  for (let b = 0; b < 256; b++) {
+    if (!printable.includes(b)) table.set(String.fromCharCode(256 + shifted++), b);
+  }
+  return table;
+}
+
+// Python's round(), which rounds halves to even, as the image processor's crop offsets do.
+function roundHalfEven(x) {
+  const rounded = Math.round(x);
+  return Math.abs(x % 1) === 0.5 && rounded % 2 !== 0 ? rounded - 1 : rounded;
+}
+
+export class ClipCapCaptioner {
+  static async load(ort, folderUrl, quantized = false) {
+    const base = new URL(folderUrl, location.href);
+    const files = ["config.json", "generation_config.json", "processor_config.json", "tokenizer.json"];
+    const [config, generation, processor, tokenizer] = await Promise.all(files.map((f) => fetchJson(new URL(f, base))));
+    ort.env.wasm.numThreads = 1; // threads need a cross-origin-isolated page
+    ort.env.wasm.wasmPaths = new URL("node_modules/onnxruntime-web/dist/", import.meta.url).href;
+    const suffix = quantized ? "_quantized" : "";
+    const open = (name) => ort.InferenceSession.create(new URL(`onnx/${name}${suffix}.onnx`, base).href);
+    const [vision, embed, decoder] = await Promise.all(["vision_encoder", "embed_tokens", "decoder_model_merged"].map(open));
+    return new ClipCapCaptioner(ort, config, generation, processor.image_processor, tokenizer, { vision, embed, decoder });
+  }
+
+  constructor(ort, config, generation, imageConfig, tokenizer, sessions) {
+    Object.assign(this, { ort, config, generation, imageConfig, sessions });
+    const eos = generation.eos_token_id;
+    this.eos = new Set(Array.isArray(eos) ? eos : eos == null ? [] : [eos]);
+    this.tokens = new Map(Object.entries(tokenizer.model.vocab).map(([token, id]) => [id, token]));
+    this.special = new Set(tokenizer.added_tokens.filter((t) => t.special).map((t) => t.id));
+    // Added tokens are stored as their text, not in the byte-level alphabet.
+    this.added = new Map(tokenizer.added_tokens.map((t) => [t.id, t.content]));
+    this.byteOf = unicodeToByte();
+    this.pastNames = sessions.decoder.inputNames.filter((name) => name.startsWith("past_key_values."));
+    const text = config.text_config;
+    this.kvHeads = text.num_key_value_heads ?? text.num_attention_heads ?? text.n_head;
+    this.headDim = text.head_dim ?? (text.hidden_size ?? text.n_embd) / (text.num_attention_heads ?? text.n_head);
+  }
+
+  // The image processor's steps: the short side to `size` (both sides with resize_mode "squash"), the centre
+  // `crop_size` square, then (pixel / 255 - mean) / std, channels first. The canvas's smooth resampling is not PIL's
+  // bicubic, so a resized image's pixels differ slightly from Python's; an image already at the crop size does not.
+  pixelValues(image) {
+    const { size, image_mean: mean, image_std: std } = this.imageConfig;
+    const crop = this.imageConfig.crop_size ?? size;
+    const [width, height] = [image.naturalWidth, image.naturalHeight];
+    let [resizedWidth, resizedHeight] = [size, size];
+    if (this.imageConfig.resize_mode !== "squash") {
+      if (width <= height) resizedHeight = Math.floor((size * height) / width);
+      else resizedWidth = Math.floor((size * width) / height);
+    }
+    const left = roundHalfEven((resizedWidth - crop) / 2);
+    const top = roundHalfEven((resizedHeight - crop) / 2);
+    const canvas = new OffscreenCanvas(crop, crop);
+    const context = canvas.getContext("2d");
+    context.fillStyle = "white"; // transparent pixels are composited on white, as the processor does
+    context.fillRect(0, 0, crop, crop);
+    context.imageSmoothingQuality = "high";
+    context.drawImage(image, -left, -top, resizedWidth, resizedHeight);
+    const rgba = context.getImageData(0, 0, crop, crop).data;
+    const pixels = new Float32Array(3 * crop * crop);
+    for (let i = 0; i < crop * crop; i++) {
+      for (let c = 0; c < 3; c++) pixels[c * crop * crop + i] = (rgba[4 * i + c] / 255 - mean[c]) / std[c];
+    }
+    return new this.ort.Tensor("float32", pixels, [1, 3, crop, crop]);
+  }
+
+  async decode(inputsEmbeds, past, pastLength) {
+    const newLength = inputsEmbeds.dims[1];
+    const total = pastLength + newLength;
+    const feeds = {
+      inputs_embeds: inputsEmbeds,
+      attention_mask: new this.ort.Tensor("int64", new BigInt64Array(total).fill(1n), [1, total]),
+      position_ids: new this.ort.Tensor("int64", BigInt64Array.from({ length: newLength }, (_, i) => BigInt(pastLength + i)), [1, newLength]),
+    };
+    this.pastNames.forEach((name, i) => { feeds[name] = past[i]; });
+    const outputs = await this.sessions.decoder.run(feeds);
+    const present = this.pastNames.map((name) => outputs[name.replace("past_key_values", "present")]);
+    return { logits: outputs.logits, past: present, length: total };
+  }
+
+  // Greedy decoding, as `generate()` does it with the exported generation config: suppressed tokens never win, and
+  // the caption ends at an EOS token or after max_new_tokens.
+  async generate(image) {
+    const { prefix_embeds: prefix } = await this.sessions.vision.run({ pixel_values: this.pixelValues(image) });
+    const emptyPast = new Float32Array(0);
+    let step = await this.decode(prefix, this.pastNames.map(() => new this.ort.Tensor("float32", emptyPast, [1, this.kvHeads, 0, this.headDim])), 0);
+    const suppressed = new Set(this.generation.suppress_tokens ?? []);
+    const tokens = [];
+    for (let i = 0; i < (this.generation.max_new_tokens ?? 30); i++) {
+      const [, length, vocab] = step.logits.dims;
+      const last = step.logits.data.subarray((length - 1) * vocab, length * vocab);
+      let best = -1;
+      for (let id = 0; id < vocab; id++) {
+        if (!suppressed.has(id) && (best < 0 || last[id] > last[best])) best = id;
+      }
+      tokens.push(best);
+      if (this.eos.has(best)) break;
+      const ids = new this.ort.Tensor("int64", BigInt64Array.from([BigInt(best)]), [1, 1]);
+      const { inputs_embeds: embeds } = await this.sessions.embed.run({ input_ids: ids });
+      step = await this.decode(embeds, step.past, step.length);
+    }
+    return tokens;
+  }
+
+  // Tokens to text: special tokens skipped, byte-level symbols turned back into UTF-8 bytes.
+  detokenize(tokens) {
+    const bytes = [];
+    for (const id of tokens) {
+      if (this.special.has(id)) continue;
+      if (this.added.has(id)) bytes.push(...new TextEncoder().encode(this.added.get(id)));
+      else for (const symbol of this.tokens.get(id) ?? "") bytes.push(this.byteOf.get(symbol));
+    }
+    return new TextDecoder().decode(new Uint8Array(bytes)).trim();
+  }
+}
