@@ -1,0 +1,124 @@
+"""ClipCapCaptioner: a batch dict in, the same dict with captions out, as `datasets.map(batched=True)` and Ray Data's
+`map_batches` call it; and `clipcap caption`'s decoding options on image files."""
+
+import json
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from conftest import captioning_model, random_images, tiny_processor
+
+from clipcap_hf.commands import main
+from clipcap_hf.inference import ClipCapCaptioner
+
+MAX_NEW_TOKENS = 5
+
+
+@pytest.fixture(scope="module")
+def captioning(tokenizer):
+    return captioning_model(tokenizer), tiny_processor(tokenizer)
+
+
+def generate_captions(model, processor, images, **kwargs) -> list[str]:
+    generated = model.generate(**processor(images=images), max_new_tokens=MAX_NEW_TOKENS, **kwargs)
+    return processor.post_process_image_text_to_text(generated)
+
+
+def test_datasets_map_adds_generate_captions(captioning):
+    model, processor = captioning
+    images = random_images(5, seed=21)
+    dataset = datasets.Dataset.from_dict({"image": images, "image_key": [f"k{i}" for i in range(5)]})
+    captioner = ClipCapCaptioner(model, processor, max_new_tokens=MAX_NEW_TOKENS)
+    captioned = dataset.map(captioner, batched=True, batch_size=2)
+    assert captioned["caption"] == generate_captions(model, processor, images)
+    assert len(set(captioned["caption"])) > 1  # the images get different captions, so the order is checked
+    assert captioned["image_key"] == [f"k{i}" for i in range(5)]
+
+
+def test_embeddings_column_and_beam_candidates(captioning):
+    model, processor = captioning
+    images = random_images(3, seed=22)
+    embeds = model.get_image_embeds(processor(images=images)["pixel_values"]).detach()
+    captioner = ClipCapCaptioner(model, processor, num_beams=3, num_return_sequences=3, max_new_tokens=MAX_NEW_TOKENS)
+    output = captioner({"embedding": embeds.numpy().tolist(), "image_key": ["a", "b", "c"]})
+    expected = generate_captions(model, processor, images, num_beams=3, num_return_sequences=3)
+    assert output["candidates"] == [expected[0:3], expected[3:6], expected[6:9]]
+    assert output["caption"] == expected[0::3]
+
+
+def test_unreadable_rows_raise_naming_the_key_or_are_skipped(captioning, caplog):
+    model, processor = captioning
+    batch = {"image": [random_images(1)[0], b"junk"], "image_key": ["good", "bad"]}
+    with pytest.raises(ValueError, match=r"key 'bad': Cannot decode the image bytes \(4 bytes\)"):
+        ClipCapCaptioner(model, processor, max_new_tokens=MAX_NEW_TOKENS)(batch)
+    output = ClipCapCaptioner(model, processor, on_bad_image="skip", max_new_tokens=MAX_NEW_TOKENS)(batch)
+    assert output["caption"][0] == generate_captions(model, processor, batch["image"][:1])[0]
+    assert output["caption"][1] is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"num_candidates": 3}, "needs a CLIP model"),
+        ({"num_candidates": 3, "reranker": object()}, "need sampling"),
+        ({"reranker": object()}, "give num_candidates > 1"),
+        ({"on_bad_image": "ignore"}, "on_bad_image must be 'error' or 'skip'"),
+    ],
+)
+def test_inconsistent_options_are_refused(captioning, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        ClipCapCaptioner(*captioning, **kwargs)
+
+
+def test_ray_data_map_batches(captioning):
+    ray = pytest.importorskip("ray")
+    model, processor = captioning
+    images = random_images(4, seed=23)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        items = [{"image": np.asarray(image), "image_key": f"k{i}"} for i, image in enumerate(images)]
+        captioner = ClipCapCaptioner(model, processor, max_new_tokens=MAX_NEW_TOKENS)
+        rows = ray.data.from_items(items).map_batches(captioner, batch_size=2).take_all()
+    finally:
+        ray.shutdown()
+    by_key = {row["image_key"]: row["caption"] for row in rows}
+    expected = generate_captions(model, processor, images)
+    assert [by_key[f"k{i}"] for i in range(4)] == expected
+
+
+def test_caption_files_with_beam_candidates_as_json_and_lines(tmp_path, captioning, capsys):
+    model, processor = captioning
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    images = random_images(2, seed=24)
+    paths = []
+    for index, image in enumerate(images):
+        paths.append(tmp_path / f"{index}.png")
+        image.save(paths[-1])
+    argv = ["caption", *map(str, paths), "--model", str(folder), "--num-beams", "3", "--num-return-sequences", "2",
+            "--max-new-tokens", str(MAX_NEW_TOKENS)]
+    expected = generate_captions(model, processor, images, num_beams=3, num_return_sequences=2)
+    assert main([*argv, "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)
+    assert [r["candidates"] for r in results] == [expected[0:2], expected[2:4]]
+    assert [r["caption"] for r in results] == expected[0::2]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines == [f"{path}\t{caption}" for path, caption in zip([paths[0]] * 2 + [paths[1]] * 2, expected)]
+
+
+def test_caption_files_sampling_with_a_seed_matches_generate(tmp_path, captioning, capsys):
+    model, processor = captioning
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    image = random_images(1, seed=25)[0]
+    image.save(tmp_path / "a.png")
+    torch.manual_seed(7)
+    assert main(["caption", str(tmp_path / "a.png"), "--model", str(folder), "--do-sample", "--top-p", "0.8",
+                 "--temperature", "2.0", "--max-new-tokens", str(MAX_NEW_TOKENS), "--json"]) == 0
+    caption = json.loads(capsys.readouterr().out)[0]["caption"]
+    torch.manual_seed(7)
+    assert caption == generate_captions(model, processor, [image], do_sample=True, top_p=0.8, temperature=2.0)[0]
