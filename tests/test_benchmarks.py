@@ -1,0 +1,86 @@
+"""Smoke runs of the benchmarks that have one (tiny models, CPU), and the fast paths they time give plain tokens."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_gpu  # noqa: E402
+import bench_peers  # noqa: E402
+
+# Not on the GPU machine the GPU benchmark is written for.
+ABSENT_THERE = ("datasets", "evaluate", "open_clip", "gradio", "pycocoevalcap")
+PEERS = ("vit_gpt2", "blip_base", "git_base")
+
+
+def test_bench_peers_small_reports_every_model_and_the_speedup_over_the_fastest_peer(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_peers.py", "--small", "--images", "2", "--new-tokens", "3", "--beams", "2"])
+    bench_peers.main()
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for mode in ("greedy", "beam"):
+        times = {name: report[f"{name}_{mode}_s"] for name in bench_peers.BUILDERS}
+        assert all(seconds > 0 for seconds in times.values())
+        assert set(times) == {*bench_peers.CLIPCAP_NAMES, *PEERS}
+        fastest = min(PEERS, key=times.get)
+        assert report[f"fastest_peer_{mode}"] == fastest
+        assert report[f"clipcap_mlp_speedup_{mode}"] == round(times[fastest] / times["clipcap_mlp"], 2)
+
+
+@pytest.mark.parametrize("name", [*bench_peers.CLIPCAP_NAMES, *PEERS])
+def test_every_captioner_gives_exactly_the_asked_number_of_tokens(name):
+    captioner = bench_peers.BUILDERS[name](small=True)
+    pixel_values = captioner.pixels(2)
+    prompt_length = captioner.caption(pixel_values, 1).shape[1] - 1  # what each model puts before the caption
+    for beams in (1, 2):
+        assert captioner.caption(pixel_values, 4, beams).shape == (2, prompt_length + 4)
+
+
+def test_the_benchmarks_clipcap_tokens_equal_generates():
+    captioner = bench_peers.build_clipcap("mlp", small=True)
+    pixel_values = captioner.pixels(3)
+    expected = captioner.model.generate(pixel_values=pixel_values, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    _, timed = bench_peers.time_captioning(captioner, pixel_values, 6, beams=1)
+    assert torch.equal(timed, expected)
+    # The GPU benchmark's fast path: a static cache and a compiled decoding step (traced, not compiled, on the CPU).
+    smoke = type("Args", (), {"compile_backend": "eager", "smoke": True})
+    _, fast = bench_peers.time_captioning(
+        captioner, pixel_values, 6, 1, cache_implementation="static", compile_config=bench_gpu.compile_config(smoke)
+    )
+    assert torch.equal(fast, expected)
+
+
+def test_bench_gpu_smoke_runs_without_the_packages_the_gpu_machine_lacks(tmp_path):
+    script = f"""
+        import runpy, sys
+        for name in {ABSENT_THERE!r}:
+            sys.modules[name] = None  # as if not installed
+        sys.argv = ["bench_gpu.py", "--smoke"]
+        runpy.run_path({str(BENCHMARKS / "bench_gpu.py")!r}, run_name="__main__")
+        """
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(BENCHMARKS), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["smoke"] and report["dtype"] == "float32"
+    for recipe in ("a", "b"):
+        largest = report[f"train_{recipe}_largest_batch"]
+        assert largest == 8  # the smoke search's cap, doubled from 4
+        for batch in (4, largest):
+            entry = report[f"train_{recipe}_batch{batch}"]
+            assert entry["batch"] == batch and entry["samples_per_s"] > 0 and entry["gflops_per_sample"] > 0
+    for mode in ("greedy", "beam"):
+        for name in (*bench_peers.CLIPCAP_NAMES, *PEERS):
+            assert report[f"{name}_{mode}_captions_per_s"] > 0
+        assert report[f"clipcap_mlp_{mode}_static_compiled_captions_per_s"] > 0
+        assert report[f"clipcap_mlp_{mode}_static_compiled_tokens_match"] == 1.0
+    assert report["embed_cpu_decode_images_per_s"] > 0
