@@ -1,4 +1,5 @@
-"""LoRA adapters (peft) on the language model: adding them, reloading a run's adapters, merging them."""
+"""LoRA adapters (peft) on the language model: adding them (QLoRA on an 8- or 4-bit language model too), reloading
+a run's adapters, merging them."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import save_pretrained
 from ..utils.loading import check_clipcap_model
+from ..utils.quantization import is_quantized
 from .arguments import ModelArguments
 
 
@@ -37,8 +39,15 @@ def add_lora(model: ClipCapForConditionalGeneration, model_args: ModelArguments)
     """
     Wrap the model in a peft `PeftModel`: LoRA adapters on the language model, the mapping network fully trained
     (and saved with the adapters, as a `modules_to_save`), everything else frozen.
+
+    A model loaded with its language model in 8 or 4 bits (`utils.quantization.load_quantized`) gets QLoRA: peft's
+    preparation for k-bit training first (quantized weights frozen, layer norms and the other full-precision weights
+    in fp32, input gradients on so that the adapters get theirs), then the same adapters.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if is_quantized(model):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
     names = [name.strip() for name in (model_args.lora_target_modules or "").split(",") if name.strip()]
     # GPT-2's Conv1D layers store their weight transposed (fan_in_fan_out); peft would set the flag itself, with a
