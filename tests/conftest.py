@@ -343,3 +343,47 @@ def tiny_clip_dir(tmp_path_factory):
     model.save_pretrained(folder)
     CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
     return folder
+
+
+def write_webdataset_shards(folder, captions_per_shard, seed=0):
+    """Webdataset .tar shards (img2dataset's layout): per sample `<key>.jpg` and `<key>.txt`. Returns
+    `(shard paths, {sample key: (jpeg bytes, caption)})`."""
+    import io
+    import tarfile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, samples = [], {}
+    images = iter(random_images(sum(len(captions) for captions in captions_per_shard), seed=seed))
+    for number, captions in enumerate(captions_per_shard):
+        path = folder / f"{number:05d}.tar"
+        with tarfile.open(path, "w") as tar:
+            for index, caption in enumerate(captions):
+                key = f"{number:05d}{index:04d}"
+                buffer = io.BytesIO()
+                next(images).save(buffer, "JPEG")
+                samples[key] = (buffer.getvalue(), caption)
+                for suffix, data in (("jpg", buffer.getvalue()), ("txt", caption.encode())):
+                    member = tarfile.TarInfo(f"{key}.{suffix}")
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+        shards.append(path)
+    return shards, samples
+
+
+@pytest.fixture
+def webdataset_shards(tmp_path):
+    """Two webdataset shards of 3 and 2 small JPEGs with .txt captions."""
+    return write_webdataset_shards(
+        tmp_path / "shards", [["A dog runs.", "Two cats sleep!", "A red circle."], ["A man rides.", "People walk."]]
+    )
+
+
+def distinct_captioning_model(tokenizer) -> ClipCapForConditionalGeneration:
+    """A tiny model with the same weights on every transformers version (drawn here, not by their initialisations)
+    whose greedy captions of `random_images` differ from image to image, so that tests see the order of captions."""
+    model = tiny_model(tokenizer, text_dropout=0.0)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, parameter in sorted(model.named_parameters()):
+            parameter.copy_(torch.randn(parameter.shape, generator=generator))
+    return model

@@ -18,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
+    import torch
     from transformers import HfArgumentParser
 
     from ..data import embed_source
@@ -29,8 +29,10 @@ def run(args: argparse.Namespace) -> int:
 
     parser = HfArgumentParser(EmbedArguments, prog="clipcap embed")
     (embed_args,) = parser.parse_args_into_dataclasses(args=args.arguments)
-    state = PartialState()  # joins the process group of torchrun / accelerate launch, if any
-    device = resolve_device(embed_args.device) if embed_args.device else state.device
+    device = _join_process_group()
+    if embed_args.device is not None:
+        device = resolve_device(embed_args.device)
+    is_main_process = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     model, processor = load_clipcap(embed_args.model, "--model")
     source = load_source(embed_args, "train", captions_required=False)
     keep_columns = [name.strip() for name in (embed_args.keep_columns or "").split(",") if name.strip()]
@@ -48,8 +50,27 @@ def run(args: argparse.Namespace) -> int:
             source_name=embed_args.dataset_name or embed_args.train_file,
         )
     finally:
-        state.destroy_process_group()
-    if state.is_main_process:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    if is_main_process:
         summary = {name: info.get(name) for name in ("num_images", "num_shards", "num_skipped", "embedding_dim")}
         print(json.dumps({"output": embed_args.output, **summary}))
     return 0
+
+
+def _join_process_group():
+    """
+    Join the process group of `torchrun` / `accelerate launch` (their environment names the rank and world size), and
+    return this process's device: its own GPU (LOCAL_RANK), or the CPU (gloo).
+    """
+    import os
+
+    import torch
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
+        if cuda:
+            torch.cuda.set_device(device)
+        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
+    return device

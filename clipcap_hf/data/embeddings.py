@@ -458,7 +458,7 @@ def embed_source(
         batches = _iterable_batches(source, image_processor, done, rank, world_size, batch_size, keep_columns)
     else:
         batches = _map_style_batches(source, image_processor, done, rank, world_size, batch_size, num_workers, keep_columns)
-    problems: list[str] = []
+    problems: list[tuple[str, int]] = []
     progress = tqdm(desc=f"Embedding images (process {rank})" if world_size > 1 else "Embedding images", unit="image")
     try:
         with torch.no_grad():
@@ -471,15 +471,17 @@ def embed_source(
     finally:  # also on an error or Ctrl-C: what was embedded is kept
         progress.close()
         writer.flush()
-    problems = [line for lines in _all_gather(problems) for line in lines]
-    report = "\n".join(problems[:10]) + (f"\n  ... and {len(problems) - 10} more" if len(problems) > 10 else "")
+    problems = [problem for gathered in _all_gather(problems) for problem in gathered]
+    lines = [line for line, _ in problems]
+    report = "\n".join(lines[:10]) + (f"\n  ... and {len(lines) - 10} more" if len(lines) > 10 else "")
     if problems and on_bad_image == "error":
         raise ValueError(
             f"{len(problems)} image(s) cannot be read; the readable ones are stored in {output_dir}. Fix or remove "
             f"them, or skip them (`--on_bad_image skip`):\n{report}"
         )
     if problems:
-        logger.warning(f"Skipped {len(problems)} unreadable image(s):\n{report}")
+        captions = f" and their {sum(count for _, count in problems)} caption(s)" if has_captions else ""
+        logger.warning(f"Skipped {len(problems)} unreadable image(s){captions}:\n{report}")
     _barrier()
     if rank == 0:
         shards = _complete_shards(output_dir)
@@ -613,9 +615,10 @@ class _SourceImages(torch.utils.data.Dataset):
         return pixels, record, problem
 
 
-def _collate(items) -> tuple[Any, list[dict[str, Any]], list[str]]:
+def _collate(items) -> tuple[Any, list[dict[str, Any]], list[tuple[str, int]]]:
+    """Pixels and records of the readable images; each unreadable one's problem and how many captions it had."""
     good = [(pixels, record) for pixels, record, problem in items if problem is None]
-    problems = [problem for _, _, problem in items if problem is not None]
+    problems = [(problem, len(record.get(CAPTIONS_COLUMN, []))) for _, record, problem in items if problem is not None]
     pixels = torch.stack([pixels for pixels, _ in good]) if good else None
     return pixels, [record for _, record in good], problems
 

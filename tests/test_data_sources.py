@@ -1,0 +1,127 @@
+"""Image sources through `datasets` (load_image_source): webdataset tars, parquet bytes, saved datasets, image folders,
+JSON files of paths and the caption formats, all as rows of `image`, `image_key` and `captions`."""
+
+import hashlib
+import io
+import json
+import os
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+from conftest import CAPTIONED_IMAGES, random_images
+
+from clipcap_hf.data import decode_image, load_image_source
+
+
+def sha256_key(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def file_key(path) -> str:
+    stat = os.stat(path)
+    return f"{os.path.abspath(path)}|{stat.st_size}|{stat.st_mtime_ns}"
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_webdataset_shards_map_style_and_streaming(webdataset_shards):
+    shards, samples = webdataset_shards
+    source = load_image_source(data_files=[str(path) for path in shards], caption_column="txt")
+    assert source["__key__"] == list(samples)
+    assert source["image_key"] == [sha256_key(data) for data, _ in samples.values()]
+    assert source["captions"] == [[caption] for _, caption in samples.values()]
+    assert source["__url__"] == [str(shards[0])] * 3 + [str(shards[1])] * 2
+    first_jpeg = next(iter(samples.values()))[0]
+    assert np.array_equal(np.asarray(source[0]["image"]), np.asarray(PIL.Image.open(io.BytesIO(first_jpeg))))
+
+    # Streamed: the same keys (the stored bytes, not re-encoded ones), images left undecoded until used.
+    streamed = list(load_image_source(data_files=[str(path) for path in shards], caption_column="txt", streaming=True))
+    assert [row["image_key"] for row in streamed] == source["image_key"]
+    assert [row["captions"] for row in streamed] == source["captions"]
+    assert streamed[0]["image"]["bytes"] == first_jpeg
+    assert np.array_equal(np.asarray(decode_image(streamed[0]["image"])), np.asarray(source[0]["image"]))
+
+
+def test_parquet_with_image_bytes_names_each_rows_file(tmp_path):
+    images = random_images(3)
+    features = datasets.Features({"jpg": datasets.Image(), "caption": datasets.Value("string")})
+    parts = [[0, 1], [2]]
+    for number, part in enumerate(parts):
+        rows = {"jpg": [{"bytes": png_bytes(images[i]), "path": None} for i in part], "caption": [f"c{i}" for i in part]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / f"part{number}.parquet"))
+    files = [str(tmp_path / "part0.parquet"), str(tmp_path / "part1.parquet")]
+    source = load_image_source(data_files=files, image_column="jpg", caption_column="caption")
+    assert source.column_names[0] == "image" and "jpg" not in source.column_names
+    assert source["image_key"] == [sha256_key(png_bytes(image)) for image in images]
+    assert source["captions"] == [["c0"], ["c1"], ["c2"]]
+    assert source["__url__"] == [files[0], files[0], files[1]]
+
+
+def test_a_dataset_saved_to_disk_and_a_hub_style_dataset_folder(tmp_path):
+    images = random_images(2)
+    features = datasets.Features({"image": datasets.Image(), "text": datasets.List(datasets.Value("string"))})
+    rows = {"image": [{"bytes": png_bytes(image), "path": None} for image in images], "text": [["a", "b"], ["c"]]}
+    saved = datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=features)})
+    saved.save_to_disk(str(tmp_path / "saved"))
+    source = load_image_source(data_files=str(tmp_path / "saved"), caption_column="text")
+    assert source["captions"] == [["a", "b"], ["c"]]
+    assert source["image_key"] == [sha256_key(png_bytes(image)) for image in images]
+    with pytest.raises(ValueError, match=r"saved \(save_to_disk\) has no split 'test'; it has \['train'\]"):
+        load_image_source(data_files=str(tmp_path / "saved"), split="test")
+
+    # --dataset_name: datasets.load_dataset's own path, here on a local folder of parquet files (offline).
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    saved["train"].to_parquet(str(tmp_path / "hub" / "data" / "train-00000-of-00001.parquet"))
+    from_name = load_image_source(dataset_name=str(tmp_path / "hub"), split="train", caption_column="text")
+    assert from_name["image_key"] == source["image_key"] and from_name["captions"] == source["captions"]
+
+
+def test_an_image_folder_through_the_datasets_builder(tmp_path):
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    for name, image in zip(["a.png", "sub/b.png"], random_images(2)):
+        image.save(folder / name)
+    lines = [{"file_name": "a.png", "text": ["A dog.", "A cat."]}, {"file_name": "sub/b.png", "text": ["A car."]}]
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    source = load_image_source(data_files=str(folder), caption_column="text")
+    assert source["image_key"] == [file_key(folder / "a.png"), file_key(folder / "sub/b.png")]
+    assert source["captions"] == [["A dog.", "A cat."], ["A car."]]
+
+
+def test_json_lines_of_relative_image_paths(tmp_path):
+    (tmp_path / "img").mkdir()
+    for name, image in zip(["x.png", "y.png"], random_images(2)):
+        image.save(tmp_path / "img" / name)
+    lines = [{"path": "img/x.png", "caption": "A dog."}, {"path": "img/y.png", "caption": "A cat."}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    source = load_image_source(data_files=str(tmp_path / "data.jsonl"), image_column="path", caption_column="caption")
+    assert source["image_key"] == [file_key(tmp_path / "img/x.png"), file_key(tmp_path / "img/y.png")]
+    assert source["captions"] == [["A dog."], ["A cat."]]
+    assert np.array_equal(np.asarray(source[1]["image"]), np.asarray(PIL.Image.open(tmp_path / "img/y.png")))
+
+
+def test_caption_formats_are_converted_to_one_row_per_image(caption_folder):
+    source = load_image_source(data_files=str(caption_folder), dataset_format="imagefolder")
+    assert source["captions"] == [[texts] if isinstance(texts, str) else texts for texts in CAPTIONED_IMAGES.values()]
+    assert source["image_key"] == [file_key(caption_folder / name) for name in CAPTIONED_IMAGES]
+    assert source["image_id"] == list(CAPTIONED_IMAGES)
+
+
+def test_a_missing_column_lists_the_columns_and_a_bad_caption_is_named(tmp_path, webdataset_shards):
+    shards, _ = webdataset_shards
+    with pytest.raises(ValueError, match=r"00000.tar has no column 'caption'; its columns are: jpg, txt, __key__, __url__"):
+        load_image_source(data_files=str(shards[0]), caption_column="caption")
+    with pytest.raises(ValueError, match=r"has no column 'png'; its columns are: jpg, txt, __key__, __url__"):
+        load_image_source(data_files=str(shards[0]), image_column="png")
+    (tmp_path / "data.jsonl").write_text(json.dumps({"image": "x.png", "caption": ""}) + "\n")
+    with pytest.raises(ValueError, match=r"data.jsonl: the image .*x.png has 'caption' = ''; give each image a"):
+        load_image_source(data_files=str(tmp_path / "data.jsonl"), caption_column="caption")
+    with pytest.raises(ValueError, match=r"Cannot tell how to read .*notes.txt"):
+        (tmp_path / "notes.txt").write_text("hello")
+        load_image_source(data_files=str(tmp_path / "notes.txt"))

@@ -1,0 +1,290 @@
+"""`clipcap embed` and embeddings folders: each unique image once, resumable after SIGKILL, shared between torchrun
+ranks, refused for another vision tower, and `clipcap train --embeddings DIR` / `--streaming` training from them."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import datasets
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from conftest import random_images, tiny_model, write_webdataset_shards
+
+from clipcap_hf.commands import main
+from clipcap_hf.data import (
+    embed_source,
+    load_embeddings,
+    load_embeddings_info,
+    load_image_source,
+    load_training_data,
+    vision_fingerprint,
+)
+from clipcap_hf.training import DataArguments
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def count_vision_images(model):
+    """Patch the vision tower's forward to count the images it sees (and still compute)."""
+    seen = []
+    original = model.vision_model.forward
+
+    def counting_forward(pixel_values=None, **kwargs):
+        seen.append(pixel_values.shape[0])
+        return original(pixel_values=pixel_values, **kwargs)
+
+    return seen, mock.patch.object(model.vision_model, "forward", counting_forward)
+
+
+def is_memory_mapped(dataset) -> bool:
+    """Whether every block of a dataset's table is read from its Arrow file rather than held in memory."""
+    table = dataset.data
+    blocks = table.blocks if isinstance(table, datasets.table.ConcatenationTable) else [[table]]
+    return all(isinstance(block, datasets.table.MemoryMappedTable) for row in blocks for block in row)
+
+
+def expected_embeddings(model, processor, images):
+    with torch.no_grad():
+        return model.get_image_embeds(processor.image_processor(images, return_tensors="pt")["pixel_values"])
+
+
+def stored(directory):
+    """{image key: (embedding, captions)} of an embeddings folder, after checking that no key is stored twice."""
+    table = load_embeddings(directory)[:]
+    assert len(set(table["image_key"])) == len(table["image_key"])
+    return dict(zip(table["image_key"], zip(table["embedding"], table["captions"])))
+
+
+@pytest.fixture
+def model_dir(tmp_path, tokenizer, processor):
+    folder = tmp_path / "tiny"
+    tiny_model(tokenizer).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_each_unique_image_is_embedded_once_with_the_captions_of_all_its_rows(tmp_path, tokenizer, processor):
+    images = random_images(3)
+    encoded = [io.BytesIO() for _ in images]
+    for image, buffer in zip(images, encoded):
+        image.save(buffer, "PNG")
+    rows = [0, 1, 0, 2]  # the first image twice, with another caption
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    data = {"image": [{"bytes": encoded[i].getvalue(), "path": None} for i in rows], "caption": ["a", "b", "c", "d"]}
+    datasets.Dataset.from_dict(data, features=features).to_parquet(str(tmp_path / "data.parquet"))
+    source = load_image_source(data_files=str(tmp_path / "data.parquet"), caption_column="caption")
+    model = tiny_model(tokenizer)
+    seen, patch = count_vision_images(model)
+    with patch:
+        info = embed_source(source, model, processor.image_processor, tmp_path / "emb", batch_size=2)
+    assert seen == [2, 1]
+    assert (info["num_images"], info["num_shards"], info["embedding_dim"]) == (3, 1, 24)
+    assert info["fingerprint"] == vision_fingerprint(model, processor.image_processor)
+    table = load_embeddings(tmp_path / "emb")
+    assert table.column_names == ["image_key", "captions", "embedding"]
+    assert table["captions"] == [["a", "c"], ["b"], ["d"]]
+    decoded = [PIL.Image.open(buffer) for buffer in encoded]
+    expected = expected_embeddings(model, processor, decoded)
+    torch.testing.assert_close(torch.tensor(np.array(table["embedding"], dtype=np.float32)), expected, atol=1e-5, rtol=1e-5)
+    # Memory-mapped: every block of the table is read from its Arrow file, not held in memory.
+    assert is_memory_mapped(table)
+
+    seen.clear()
+    with patch:
+        embed_source(source, model, processor.image_processor, tmp_path / "emb")
+    assert seen == [] and len(load_embeddings(tmp_path / "emb")) == 3
+
+
+def test_an_unreadable_image_in_a_tar_shard_is_named_by_shard_and_key(tmp_path, tokenizer, processor, caplog):
+    shards, samples = write_webdataset_shards(tmp_path / "shards", [["A dog.", "A cat.", "A car."]])
+    broken = tmp_path / "broken.tar"
+    import tarfile
+
+    with tarfile.open(shards[0]) as original, tarfile.open(broken, "w") as copy:
+        for member in original.getmembers():
+            data = original.extractfile(member).read()
+            if member.name == "000000001.jpg":
+                data = data[:100]  # a truncated JPEG
+            member.size = len(data)
+            copy.addfile(member, io.BytesIO(data))
+    source = load_image_source(data_files=str(broken), caption_column="txt")
+    model = tiny_model(tokenizer)
+    message = rf"1 image\(s\) cannot be read.*\n  shard {broken}, sample 000000001: OSError.*\(key sha256:[0-9a-f]{{64}}\)"
+    with pytest.raises(ValueError, match=message):
+        embed_source(source, model, processor.image_processor, tmp_path / "emb")
+    assert len(load_embeddings(tmp_path / "emb")) == 2  # the readable ones are kept
+    with caplog.at_level("WARNING"):
+        info = embed_source(source, model, processor.image_processor, tmp_path / "emb", on_bad_image="skip")
+    assert info["num_images"] == 2
+    assert "Skipped 1 unreadable image(s) and their 1 caption(s)" in caplog.text
+
+
+def test_another_tower_pooling_or_an_old_cache_folder_is_refused(tmp_path, tokenizer, processor, webdataset_shards):
+    model = tiny_model(tokenizer)
+    source = load_image_source(data_files=[str(path) for path in webdataset_shards[0]], caption_column="txt")
+    embed_source(source, model, processor.image_processor, tmp_path / "emb")
+    message = r"computed with another vision tower or image preprocessing \(vision_backend clip, vision_model_type "
+    with pytest.raises(ValueError, match=message + r"clip_vision_model, vision_pooling \w+, fingerprint"):
+        embed_source(source, tiny_model(tokenizer, seed=1), processor.image_processor, tmp_path / "emb")
+
+    fingerprint = vision_fingerprint(model, processor.image_processor)
+    pooling = getattr(model.config, "vision_pooling", None)
+    model.config.vision_pooling = "mean"  # another pooling of the same tower: another embedding
+    assert vision_fingerprint(model, processor.image_processor) != fingerprint
+    model.config.vision_pooling = pooling
+    assert vision_fingerprint(model, processor.image_processor) == fingerprint
+    model.config.vision_backend = "open_clip"
+    assert vision_fingerprint(model, processor.image_processor) != fingerprint
+
+    # An embedding cache of the earlier layout (cache_info.json, shards of image_key/image_embeds).
+    old = tmp_path / "old-cache" / "0123456789abcdef"
+    old.mkdir(parents=True)
+    (old / "cache_info.json").write_text(json.dumps({"version": 1, "fingerprint": "0" * 64}))
+    for folder in (old, old.parent):
+        with pytest.raises(ValueError, match=r"is an embedding cache of an earlier version .* Rebuild it from its "
+                                             r"source: `clipcap embed --model MODEL --train_file SOURCE"):
+            load_embeddings(folder)
+
+
+# Runs `clipcap embed ARGS...` in a fresh interpreter, one image per shard, killed by SIGKILL right after its second
+# shard is complete.
+KILLED_EMBED = r"""
+import os, signal, sys
+import datasets
+import clipcap_hf.data.embeddings as embeddings
+embeddings.EMBEDDING_SHARD_SIZE = 1
+real_replace, renamed = os.replace, []
+def replace(source, target):
+    real_replace(source, target)
+    if os.path.basename(str(target)).startswith("shard-"):
+        renamed.append(target)
+        if len(renamed) == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+from clipcap_hf.commands import main
+sys.exit(main(["embed", *sys.argv[1:]]))
+"""
+
+
+def test_a_killed_embedding_run_resumes_and_stores_every_image_once(tmp_path, model_dir, webdataset_shards):
+    shards = ",".join(str(path) for path in webdataset_shards[0])
+    arguments = ["--model", str(model_dir), "--train_file", shards, "--batch_size", "1"]
+    assert main(["embed", *arguments, "--output", str(tmp_path / "whole")]) == 0
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_EMBED, *arguments, "--output", str(tmp_path / "emb")],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert len(list((tmp_path / "emb").glob("shard-*"))) == 2  # killed where meant
+    assert "num_images" not in load_embeddings_info(tmp_path / "emb")  # the info says it is incomplete
+
+    assert main(["embed", *arguments, "--output", str(tmp_path / "emb")]) == 0
+    resumed, whole = stored(tmp_path / "emb"), stored(tmp_path / "whole")
+    assert sorted(resumed) == sorted(whole) and len(resumed) == 5
+    for key, (embedding, captions) in whole.items():
+        assert resumed[key][1] == captions
+        np.testing.assert_allclose(resumed[key][0], embedding, atol=1e-6)
+    assert load_embeddings_info(tmp_path / "emb")["num_images"] == 5
+
+
+def test_two_torchrun_ranks_each_embed_about_half_and_the_union_holds_every_image_once(tmp_path, model_dir):
+    captions = [[f"Image {shard} {index}." for index in range(6)] for shard in range(2)]
+    shards, samples = write_webdataset_shards(tmp_path / "shards", captions)
+    script = tmp_path / "embed.py"
+    script.write_text("import sys\nfrom clipcap_hf.commands import main\nsys.exit(main(['embed', *sys.argv[1:]]))\n")
+    arguments = ["--model", str(model_dir), "--train_file", str(tmp_path / "shards" / "*.tar"), "--batch_size", "2"]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [*command, *arguments, "--output", str(tmp_path / "emb")],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert result.stdout.count('"num_images": 12') == 1  # one summary, from the main process
+    # Each rank wrote its own shards, with its share of the images (the keys' hash decides): about half each.
+    keys = {
+        rank: [key for shard in (tmp_path / "emb").glob(f"shard-rank{rank:05d}-of-00002-*")
+               for key in datasets.load_from_disk(str(shard))["image_key"]]
+        for rank in (0, 1)
+    }  # fmt: skip
+    assert all(len(keys[rank]) >= 3 for rank in (0, 1))
+    assert not set(keys[0]) & set(keys[1])
+
+    assert main(["embed", *arguments, "--output", str(tmp_path / "single")]) == 0
+    together, single = stored(tmp_path / "emb"), stored(tmp_path / "single")
+    assert sorted(together) == sorted(single) and len(together) == 12
+    for key, (embedding, image_captions) in single.items():
+        assert together[key][1] == image_captions
+        np.testing.assert_allclose(together[key][0], embedding, atol=1e-6)
+
+
+def train_arguments(output_dir, *source):
+    return [
+        *source,
+        "--output_dir", str(output_dir),
+        "--do_train",
+        "--max_steps", "2",
+        "--per_device_train_batch_size", "2",
+        "--learning_rate", "1e-2",
+        "--save_strategy", "no",
+        "--use_cpu",
+        "--report_to", "none",
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+
+
+def test_train_from_an_embeddings_folder_memory_mapped(tmp_path, tokenizer, processor, model_dir, webdataset_shards):
+    shards = ",".join(str(path) for path in webdataset_shards[0])
+    assert main(["embed", "--model", str(model_dir), "--train_file", shards, "--output", str(tmp_path / "emb")]) == 0
+    arguments = train_arguments(tmp_path / "out", "--model_name_or_path", str(model_dir))
+    assert main(["train", *arguments, "--embeddings", str(tmp_path / "emb")]) == 0
+    assert json.loads((tmp_path / "out/all_results.json").read_text())["train_samples"] == 5
+
+    # The data layer's table is the folder itself, memory-mapped, and the collator reads the stored embeddings.
+    data_args = DataArguments(embeddings=str(tmp_path / "emb"))
+    model = tiny_model(tokenizer)
+    data = load_training_data(data_args, model, processor, train=True, evaluate=False)
+    assert isinstance(data.image_embeds, datasets.Dataset)
+    assert is_memory_mapped(data.image_embeds)
+    table = load_embeddings(tmp_path / "emb")
+    captions = [caption for row in table["captions"] for caption in row]
+    assert data.train["caption"] == captions and data.train["image_index"] == list(range(5))
+    from clipcap_hf.data import ClipCapDataCollator
+
+    batch = ClipCapDataCollator(processor, image_embeds=data.image_embeds)([data.train[3], data.train[0]])
+    torch.testing.assert_close(batch["image_embeds"], torch.tensor(np.array(table["embedding"], dtype=np.float32))[[3, 0]])
+
+    # A folder of another tower is refused before training.
+    other = tmp_path / "other"
+    tiny_model(tokenizer, seed=3).save_pretrained(other)
+    processor.save_pretrained(other)
+    with pytest.raises(ValueError, match="were computed with another vision tower"):
+        from clipcap_hf.training import main as train_main
+
+        train_main(train_arguments(tmp_path / "out2", "--model_name_or_path", str(other), "--embeddings",
+                                   str(tmp_path / "emb")))  # fmt: skip
+
+
+def test_training_on_a_raw_source_embeds_it_first_and_streaming_trains_from_pixels(
+    tmp_path, model_dir, webdataset_shards
+):
+    from clipcap_hf.training import main as train_main
+
+    pattern = str(webdataset_shards[0][0].parent / "*.tar")
+    arguments = train_arguments(tmp_path / "out", "--model_name_or_path", str(model_dir), "--train_file", pattern)
+    metrics = train_main([*arguments, "--embedding_cache_dir", str(tmp_path / "cache")])
+    assert metrics["train_samples"] == 5
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert load_embeddings_info(folder)["num_images"] == 5
+
+    streamed = train_main([*arguments, "--streaming", "--output_dir", str(tmp_path / "streamed")])
+    assert "train_loss" in streamed and (tmp_path / "streamed/model.safetensors").exists()
+    with pytest.raises(ValueError, match="--streaming needs --max_steps"):
+        train_main([*arguments, "--streaming", "--max_steps", "-1"])
