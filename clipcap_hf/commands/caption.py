@@ -48,6 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rerank-model", default=None,
                         help="The CLIP model (a transformers CLIPModel folder or Hub name) that chooses among "
                              "--num-candidates captions.")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="Seed the sampling (--do-sample): the same seed gives the same captions; with --output "
+                             "each shard is seeded with SEED + its index, so a resumed run gives those of a whole one.")
     parser.add_argument("--device", default=None,
                         help="Default: cuda when available (each process's own GPU under torchrun), else cpu.")
     parser.add_argument("--dtype", type=torch_dtype, default=None, metavar="{" + ",".join(TORCH_DTYPES) + "}",
@@ -193,6 +196,7 @@ def _caption_dataset(args: argparse.Namespace, decoding: dict) -> int:
         "dtype": str(model.dtype).removeprefix("torch."),
         "decoding": {name: value for name, value in decoding.items() if name != "reranker"},
         "rerank_model": args.rerank_model,
+        "seed": args.seed,
     }
     summary = caption_dataset_to_parquet(
         captioner,
@@ -202,6 +206,7 @@ def _caption_dataset(args: argparse.Namespace, decoding: dict) -> int:
         shard_size=settings["shard_size"],
         on_bad_image=args.on_bad_image,
         settings=settings,
+        seed=args.seed,
     )
     rank, world_size = distributed_rank()
     who = f"Rank {rank} of {world_size}" if world_size > 1 else "Done"
@@ -218,6 +223,8 @@ def _caption_files(args: argparse.Namespace, decoding: dict) -> int:
     model, processor = load_model_and_processor(args.model, _device(args))
     if args.dtype is not None:
         model = model.to(args.dtype)
+    if args.seed is not None:
+        torch.manual_seed(args.seed)
 
     results = []
     try:

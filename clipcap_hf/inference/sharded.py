@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
@@ -120,6 +121,7 @@ def caption_dataset_to_parquet(
     settings: Mapping[str, Any] | None = None,
     rank: int | None = None,
     world_size: int | None = None,
+    seed: int | None = None,
 ) -> CaptionRunSummary:
     """
     Caption a `datasets` Dataset or IterableDataset with columns `image_key` and `image` (images) or `embedding`
@@ -136,6 +138,8 @@ def caption_dataset_to_parquet(
         settings: what produced the captions (model, decoding, source), kept in `caption_run.json`: a rerun with
             other settings is refused instead of mixing captions.
         rank, world_size: this process's share (default: from `torchrun`'s or `accelerate launch`'s environment).
+        seed: seeds `torch` with `seed + i` before input shard i, so that sampled captions do not depend on which
+            process captions a shard, or on whether the run was resumed.
     """
     if rank is None or world_size is None:
         rank, world_size = distributed_rank()
@@ -151,11 +155,13 @@ def caption_dataset_to_parquet(
         name = shard_file_name(index, num_shards)
         (summary.skipped if (output_dir / name).exists() else pending).append((index, name))
     summary.skipped = [name for _, name in summary.skipped]
-    shards = [(name, get_shard(index)) for index, name in pending]
-    total = sum(len(shard) for _, shard in shards) if all(hasattr(shard, "__len__") for _, shard in shards) else None
+    shards = [(index, name, get_shard(index)) for index, name in pending]
+    total = sum(len(shard) for *_, shard in shards) if all(hasattr(shard, "__len__") for *_, shard in shards) else None
     description = "Captioning" if world_size == 1 else f"Captioning (rank {rank})"
     with tqdm(total=total, unit="image", desc=description, dynamic_ncols=True) as bar:
-        for name, shard in shards:
+        for index, name, shard in shards:
+            if seed is not None:
+                torch.manual_seed(seed + index)
             columns, bad = _caption_shard(captioner, shard, name, batch_size, on_bad_image, bar)
             _write_parquet_atomically(columns, output_dir / name)
             summary.written.append(name)
