@@ -12,6 +12,13 @@ the reference with PyTorch's default (MKL), as the paper's code does. The `*_wit
 `generate()` with `torch.backends.mkldnn.enabled = False`, on the reference's kernels: what batching and the cache
 alone give.
 
+`greedy_bound_s` is the physical floor for our greedy run on this machine: every decoding step after the first reads
+all of the language model's weights once (tied embeddings counted once), at the machine's measured memory bandwidth
+(the sum of a 512 MB tensor), and the first step (prefill, mapper included) does its counted FLOPs at the machine's
+fp32 matmul rate (a 2048x2048 `torch.mm`). `*_bound_multiple` is a time over that floor. The `*_static_compiled_*`
+figures time `generate(cache_implementation="static", compile_config=CompileConfig(...))` (inductor, on the CPU too),
+after a warm-up call that compiles; `--skip-paper` leaves out the paper's loop (about 90 s) for quick runs.
+
 Prints one JSON line.
 """
 
@@ -23,7 +30,8 @@ import platform
 import time
 
 import torch
-from transformers import GPT2Config
+from bench_train import cpu_name
+from transformers import CompileConfig, GPT2Config
 
 from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration
 from clipcap_hf.onednn import cpu_linear_choice, onednn_linear_available
@@ -72,6 +80,44 @@ def paper_beam_search(model, image_embeds: torch.Tensor, steps: int, beams: int 
     return captions
 
 
+def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second a sum over a large fp32 tensor reads, best of a few runs."""
+    values = torch.ones(megabytes * 2**20 // 4)
+    values.sum()
+    best = min(timed_once(values.sum) for _ in range(repeats))
+    return values.numel() * 4 / best
+
+
+def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+    """fp32 FLOP per second of a square `torch.mm`, best of a few runs."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    return 2 * size**3 / min(timed_once(lambda: torch.mm(a, b)) for _ in range(repeats))
+
+
+def timed_once(function) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def weight_bytes_per_step(model) -> int:
+    """Bytes of the language model's weights, each tensor once (GPT-2's LM head is its input embedding)."""
+    unique = {parameter.data_ptr(): parameter for parameter in model.language_model.parameters()}
+    return sum(parameter.numel() * parameter.element_size() for parameter in unique.values())
+
+
+@torch.no_grad()
+def prefill_flops(model, image_embeds: torch.Tensor) -> int:
+    """FLOPs of generation's first step: the mapper and the language model over the image tokens, one logit row."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    input_ids = torch.full((image_embeds.shape[0], model.config.prefix_length), model.config.image_token_id)
+    with FlopCounterMode(display=False) as counter:
+        model(input_ids=input_ids, image_embeds=image_embeds, logits_to_keep=1)
+    return counter.get_total_flops()
+
+
 def timed(function, warm_up):
     """Seconds `function()` takes, and its result, after an untimed `warm_up()` with the same shapes: a first call
     also pays for memory the allocator has not mapped yet (about 0.4 s of a 1.3 s greedy run here)."""
@@ -86,6 +132,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--beams", type=int, default=5)
+    parser.add_argument("--skip-paper", action="store_true", help="Leave out the paper's loop (quick runs).")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -102,50 +149,72 @@ def main() -> None:
     def ours_beam_run():
         return model.generate(image_embeds=image_embeds, num_beams=args.beams, **common)[:, prefix_length:]
 
+    def static_compiled_greedy_run():
+        compile_config = CompileConfig(fullgraph=True, mode=None)  # generate() compiles on the CPU when given one
+        return model.generate(
+            image_embeds=image_embeds, cache_implementation="static", compile_config=compile_config, **common
+        )[:, prefix_length:]
+
+    bandwidth, matmul = memory_bandwidth(), matmul_rate()
+    bound_s = (args.new_tokens - 1) * weight_bytes_per_step(model) / bandwidth
+    bound_s += prefill_flops(model, image_embeds) / matmul
+
     # Ours warms up on the same batch; the reference, whose images all have the same shapes, on its first image.
     ours_greedy_s, ours_greedy = timed(ours_greedy_run, warm_up=ours_greedy_run)
     ours_beam_s, ours_beam = timed(ours_beam_run, warm_up=ours_beam_run)
+    compiled_greedy_s, compiled_greedy = timed(static_compiled_greedy_run, warm_up=static_compiled_greedy_run)
     torch.backends.mkldnn.enabled = False  # the reference's kernels
     try:
         no_onednn_greedy_s, no_onednn_greedy = timed(ours_greedy_run, warm_up=ours_greedy_run)
         no_onednn_beam_s, no_onednn_beam = timed(ours_beam_run, warm_up=ours_beam_run)
     finally:
         torch.backends.mkldnn.enabled = True
-    paper_greedy_s, reference_greedy = timed(
-        lambda: paper_greedy(model, image_embeds, args.new_tokens),
-        warm_up=lambda: paper_greedy(model, image_embeds[:1], args.new_tokens),
-    )
-    paper_beam_s, reference_beam = timed(
-        lambda: paper_beam_search(model, image_embeds, args.new_tokens, args.beams),
-        warm_up=lambda: paper_beam_search(model, image_embeds[:1], args.new_tokens, args.beams),
-    )
-
-    print(
-        json.dumps(
-            {
-                "benchmark": "generate",
-                "images": args.images,
-                "new_tokens": args.new_tokens,
-                "beams": args.beams,
-                "ours_greedy_s": round(ours_greedy_s, 3),
-                "paper_greedy_s": round(paper_greedy_s, 3),
-                "greedy_speedup": round(paper_greedy_s / ours_greedy_s, 2),
-                "ours_beam_s": round(ours_beam_s, 3),
-                "paper_beam_s": round(paper_beam_s, 3),
-                "beam_speedup": round(paper_beam_s / ours_beam_s, 2),
-                "ours_greedy_without_onednn_s": round(no_onednn_greedy_s, 3),
-                "greedy_speedup_without_onednn": round(paper_greedy_s / no_onednn_greedy_s, 2),
-                "ours_beam_without_onednn_s": round(no_onednn_beam_s, 3),
-                "beam_speedup_without_onednn": round(paper_beam_s / no_onednn_beam_s, 2),
-                "greedy_tokens_identical": ours_greedy.tolist() == no_onednn_greedy.tolist() == reference_greedy,
-                "beam_best_identical": ours_beam.tolist() == no_onednn_beam.tolist() == reference_beam,
-                "onednn": onednn_linear_available(),
-                "cpu_linear_choice": cpu_linear_choice(model),  # the kernels generate() picks here
-                "torch_threads": torch.get_num_threads(),
-                "machine": platform.machine(),
-            }
+    report = {
+        "benchmark": "generate",
+        "images": args.images,
+        "new_tokens": args.new_tokens,
+        "beams": args.beams,
+        "ours_greedy_s": round(ours_greedy_s, 3),
+        "ours_beam_s": round(ours_beam_s, 3),
+        "ours_greedy_without_onednn_s": round(no_onednn_greedy_s, 3),
+        "ours_beam_without_onednn_s": round(no_onednn_beam_s, 3),
+        "ours_greedy_static_compiled_s": round(compiled_greedy_s, 3),
+        "greedy_bound_s": round(bound_s, 3),
+        "greedy_bound_multiple": round(ours_greedy_s / bound_s, 2),
+        "greedy_without_onednn_bound_multiple": round(no_onednn_greedy_s / bound_s, 2),
+        "greedy_static_compiled_bound_multiple": round(compiled_greedy_s / bound_s, 2),
+        "greedy_tokens_identical": ours_greedy.tolist() == no_onednn_greedy.tolist() == compiled_greedy.tolist(),
+        "beam_best_identical": ours_beam.tolist() == no_onednn_beam.tolist(),
+        "machine_bandwidth_gbps": round(bandwidth / 1e9, 1),
+        "machine_matmul_gflops": round(matmul / 1e9, 1),
+    }
+    if not args.skip_paper:
+        paper_greedy_s, reference_greedy = timed(
+            lambda: paper_greedy(model, image_embeds, args.new_tokens),
+            warm_up=lambda: paper_greedy(model, image_embeds[:1], args.new_tokens),
         )
+        paper_beam_s, reference_beam = timed(
+            lambda: paper_beam_search(model, image_embeds, args.new_tokens, args.beams),
+            warm_up=lambda: paper_beam_search(model, image_embeds[:1], args.new_tokens, args.beams),
+        )
+        report.update(
+            paper_greedy_s=round(paper_greedy_s, 3),
+            paper_beam_s=round(paper_beam_s, 3),
+            greedy_speedup=round(paper_greedy_s / ours_greedy_s, 2),
+            beam_speedup=round(paper_beam_s / ours_beam_s, 2),
+            greedy_speedup_without_onednn=round(paper_greedy_s / no_onednn_greedy_s, 2),
+            beam_speedup_without_onednn=round(paper_beam_s / no_onednn_beam_s, 2),
+        )
+        report["greedy_tokens_identical"] &= ours_greedy.tolist() == reference_greedy
+        report["beam_best_identical"] &= ours_beam.tolist() == reference_beam
+    report.update(
+        onednn=onednn_linear_available(),
+        cpu_linear_choice=cpu_linear_choice(model),  # the kernels generate() picks here
+        torch_threads=torch.get_num_threads(),
+        machine=platform.machine(),
+        cpu=cpu_name(),
     )
+    print(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -31,10 +31,9 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import CompileConfig
-
 from bench_peers import BUILDERS, CLIPCAP_NAMES, Captioner, build_clipcap, clipcap_config, time_captioning
 from bench_train import CAPTION_MEAN, CAPTION_SD, RECIPES
+from transformers import CompileConfig
 
 H200_DENSE_BF16_TFLOPS = 989.0
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -255,19 +254,19 @@ def bench_embedding(args, device: torch.device, dtype: torch.dtype) -> dict:
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         paths = write_jpegs(Path(folder), args.jpeg_images, (args.jpeg_height, args.jpeg_width))
+
+        @torch.no_grad()
+        def embed_all(decode_device) -> None:
+            for start in range(0, len(paths), args.caption_batch):
+                data = [read_file(str(path)) for path in paths[start : start + args.caption_batch]]
+                images = decode_jpeg(data, device=decode_device)
+                model.get_image_embeds(preprocess(images, size, device, dtype))
+            synchronize(device)
+
         for name, decode_device in decoders.items():
-
-            @torch.no_grad()
-            def embed_all() -> None:
-                for start in range(0, len(paths), args.caption_batch):
-                    data = [read_file(str(path)) for path in paths[start : start + args.caption_batch]]
-                    images = decode_jpeg(data, device=decode_device)
-                    model.get_image_embeds(preprocess(images, size, device, dtype))
-                synchronize(device)
-
-            embed_all()  # warm-up: kernels, the decoder's state, files into the page cache
+            embed_all(decode_device)  # warm-up: kernels, the decoder's state, files into the page cache
             start = time.perf_counter()
-            embed_all()
+            embed_all(decode_device)
             results[f"embed_{name}_images_per_s"] = round(len(paths) / (time.perf_counter() - start), 1)
     return results
 

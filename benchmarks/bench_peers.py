@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from bench_train import cpu_name
 from torch import nn
 from transformers import (
     BlipConfig,
@@ -210,13 +211,13 @@ def main() -> None:
             seconds, _ = time_captioning(captioner, pixel_values, args.new_tokens, beams)
             times[mode][name] = report[f"{name}_{mode}_s"] = round(seconds, 4)
         del captioner
-    for mode in times:
-        fastest = speedups(times[mode])
+    for mode, mode_times in times.items():
+        fastest = speedups(mode_times)
         report[f"fastest_peer_{mode}"] = fastest["fastest_peer"]
         report[f"clipcap_mlp_speedup_{mode}"] = fastest["clipcap_mlp_speedup"]
     report.update(
         torch=torch.__version__, torch_threads=torch.get_num_threads(), machine=platform.machine(),
-        cpu=platform.processor() or platform.machine(),
+        cpu=cpu_name(),
     )
     print(json.dumps(report))
 

@@ -15,9 +15,11 @@ lengths drawn from N(11.5, 2.5) tokens:
 Both use the same model classes and attention kernel, and the same caption token counts. Each run is a subprocess
 that loads the same modules, so `peak_rss_gb` (the process's peak resident memory) is its own. `matmul_fraction` is
 the run's counted FLOPs per second (torch's FlopCounterMode over forward and backward; the optimizer is not counted)
-divided by the machine's fp32 matmul rate (a 2048x2048 `torch.mm`). Prints one JSON line.
+divided by the machine's fp32 matmul rate (a 2048x2048 `torch.mm`). `--profile` adds, for our runs, where one step's
+time goes by torch.profiler (`time_shares`: matrix products, attention kernels, the optimizer step, and the rest with
+its largest operators). Prints one JSON line.
 
-    python benchmarks/bench_train.py [--steps 3] [--threads N]
+    python benchmarks/bench_train.py [--steps 3] [--threads N] [--profile]
 """
 
 from __future__ import annotations
@@ -94,6 +96,22 @@ def _timed(function) -> float:
     return time.perf_counter() - start
 
 
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 def count_flops(model, batches) -> float:
     """Mean forward + backward FLOPs per batch (matmuls and attention), as torch counts them."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -105,6 +123,31 @@ def count_flops(model, batches) -> float:
         model.zero_grad(set_to_none=True)
         total += counter.get_total_flops()
     return total / len(batches)
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"}
+
+
+def time_shares(profiler) -> dict:
+    """
+    Shares of the profiled steps' CPU time: matmuls and attention kernels (their own time), the optimizer step (all
+    of it, its kernels included), the rest; and the operators taking the most time of their own outside matmuls and
+    attention (optimizer kernels among them, if large).
+    """
+    events = profiler.key_averages()
+    total = sum(event.self_cpu_time_total for event in events)
+    matmul = sum(event.self_cpu_time_total for event in events if event.key in MATMUL_OPS)
+    attention = sum(event.self_cpu_time_total for event in events if "scaled_dot_product" in event.key)
+    optimizer = sum(event.cpu_time_total for event in events if event.key.startswith("Optimizer.step#"))
+    others = [event for event in events if event.key not in MATMUL_OPS and "scaled_dot_product" not in event.key]
+    top = sorted(others, key=lambda event: -event.self_cpu_time_total)[:6]
+    return {
+        "matmul": round(matmul / total, 3),
+        "attention": round(attention / total, 3),
+        "optimizer_step": round(optimizer / total, 3),
+        "other": round((total - matmul - attention - optimizer) / total, 3),
+        "top_other_ops": {event.key: round(event.self_cpu_time_total / total, 3) for event in top},
+    }
 
 
 # ---------------------------------------------------------------- reference: the paper's training loop
@@ -175,7 +218,7 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="w50256", unk_token="w0")
 
 
-def run_ours(recipe: dict, steps: int) -> dict:
+def run_ours(recipe: dict, steps: int, profile: bool = False) -> dict:
     import datasets
     from transformers import TrainerCallback, TrainingArguments
 
@@ -241,19 +284,30 @@ def run_ours(recipe: dict, steps: int) -> dict:
     )
     model.train()
     flops = count_flops(model, batches[1 : steps + 1])
-    return {
+    result = {
         "step_seconds": [t + collate_seconds for t in timer.times[1:]],
         "flops_per_step": flops,
         "padded_length": float(np.mean([b["input_ids"].shape[1] for b in batches[1 : steps + 1]])),
     }
+    result["peak_rss_gb"] = peak_rss_gb()
+    if profile:  # the Trainer's own step again, on the same batches, after the timed run
+        from torch.profiler import profile as torch_profile
+
+        with torch_profile() as profiler:
+            for batch in batches[1 : steps + 1]:
+                trainer.training_step(model, batch)
+                trainer.optimizer.step()
+                trainer.optimizer.zero_grad()
+        result["time_shares"] = time_shares(profiler)
+    return result
 
 
-def child(variant: str, implementation: str, steps: int) -> None:
+def child(variant: str, implementation: str, steps: int, profile: bool) -> None:
     import clipcap_hf.training  # noqa: F401  (both runs load the same modules, so their memory baselines match)
 
     recipe = RECIPES[variant]
-    result = (run_ours if implementation == "ours" else run_reference)(recipe, steps)
-    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    result = run_ours(recipe, steps, profile) if implementation == "ours" else run_reference(recipe, steps)
+    result.setdefault("peak_rss_gb", peak_rss_gb())  # ours measures it before its profiled steps
     result["matmul_flops_per_second"] = matmul_rate()
     print("RESULT " + json.dumps(result))
 
@@ -262,12 +316,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=3, help="Timed steps per run (after one warm-up step).")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
+    parser.add_argument("--profile", action="store_true", help="Add where our steps' time goes (torch.profiler).")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "IMPLEMENTATION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        child(*args.child, args.steps)
+        child(*args.child, args.steps, args.profile)
         return
 
     report = {
@@ -275,7 +330,7 @@ def main() -> None:
         "caption_tokens": f"N({CAPTION_MEAN}, {CAPTION_SD})",
         "steps": args.steps,
         "threads": args.threads or torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_name(),
         "torch": torch.__version__,
     }
     targets = {"a": 1.4, "b": 1.5}
@@ -285,7 +340,11 @@ def main() -> None:
             command = [sys.executable, __file__, "--steps", str(args.steps), "--child", variant, implementation]
             if args.threads:
                 command += ["--threads", str(args.threads)]
-            output = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+            if args.profile:
+                command += ["--profile"]
+            output = subprocess.run(
+                command, check=False, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
+            )
             lines = [line for line in output.stdout.splitlines() if line.startswith("RESULT ")]
             if not lines:
                 raise RuntimeError(f"{variant}/{implementation} failed:\n{output.stderr[-3000:]}")
@@ -299,6 +358,8 @@ def main() -> None:
                 "gflops_per_step": round(run["flops_per_step"] / 1e9, 1),
                 "matmul_fraction": round(run["flops_per_step"] / seconds / run["matmul_flops_per_second"], 3),
             }
+            if "time_shares" in run:
+                report[f"{variant}_{implementation}"]["time_shares"] = run["time_shares"]
         ours, reference = report[f"{variant}_ours"], report[f"{variant}_reference"]
         report[f"{variant}_speedup"] = round(ours["samples_per_second"] / reference["samples_per_second"], 2)
         report[f"{variant}_flop_ratio"] = round(reference["gflops_per_step"] / ours["gflops_per_step"], 2)

@@ -13,8 +13,8 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
-import bench_gpu  # noqa: E402
-import bench_peers  # noqa: E402
+import bench_gpu
+import bench_peers
 
 # Not on the GPU machine the GPU benchmark is written for.
 ABSENT_THERE = ("datasets", "evaluate", "open_clip", "gradio", "pycocoevalcap")
@@ -22,7 +22,8 @@ PEERS = ("vit_gpt2", "blip_base", "git_base")
 
 
 def test_bench_peers_small_reports_every_model_and_the_speedup_over_the_fastest_peer(monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["bench_peers.py", "--small", "--images", "2", "--new-tokens", "3", "--beams", "2"])
+    argv = ["bench_peers.py", "--small", "--images", "2", "--new-tokens", "3", "--beams", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
     bench_peers.main()
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for mode in ("greedy", "beam"):
@@ -65,9 +66,11 @@ def test_bench_gpu_smoke_runs_without_the_packages_the_gpu_machine_lacks(tmp_pat
         sys.argv = ["bench_gpu.py", "--smoke"]
         runpy.run_path({str(BENCHMARKS / "bench_gpu.py")!r}, run_name="__main__")
         """
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(BENCHMARKS), os.environ.get("PYTHONPATH", "")])}
+    python_path = os.pathsep.join([str(BENCHMARKS), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": python_path}
     result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, env=env, timeout=600
+        [sys.executable, "-c", textwrap.dedent(script)], check=False, capture_output=True, text=True, env=env,
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
