@@ -14,12 +14,12 @@ import os
 import re
 import shutil
 import uuid
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
@@ -543,18 +543,36 @@ def _complete_shards(directory: Path) -> list[Path]:
     return sorted(path for path in Path(directory).glob("shard-*") if path.is_dir())
 
 
-def _stored_keys(directory: Path, rank: int, world_size: int) -> set[str]:
-    """The keys of this process's share that earlier runs stored (a rerun may use another number of processes)."""
-    keys: set[str] = set()
+def _stored_keys(directory: Path, rank: int, world_size: int) -> np.ndarray:
+    """
+    The digests (see [`key_digests`]) of this process's keys that earlier runs stored, sorted (a rerun may use another
+    number of processes).
+    """
+    stored = [np.empty(0, dtype=np.uint64)]
     for shard in _complete_shards(directory):
         for batch in _load_shard(shard).select_columns(KEY_COLUMN).iter(batch_size=10_000):
-            keys.update(key for key in batch[KEY_COLUMN] if _owner(key, world_size) == rank)
-    return keys
+            owners, digests = key_digests(batch[KEY_COLUMN], world_size)
+            stored.append(digests[owners == rank])
+    return np.sort(np.concatenate(stored))
 
 
-def _owner(key: str, world_size: int) -> int:
-    """The process that embeds an image: a hash of its key, so that each image has exactly one."""
-    return zlib.crc32(key.encode("utf-8")) % world_size
+def key_digests(keys: Sequence[str], world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """
+    Each key's process (a hash of the key modulo `world_size`, so that each image has exactly one) and a 64-bit digest
+    of it: 8 bytes per image instead of a Python string, so that a pass over millions of images keeps its bookkeeping
+    small (two keys share a digest with odds of about n²/2⁶⁵).
+    """
+    digests = np.fromiter(
+        (int.from_bytes(hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest(), "little") for key in keys),
+        dtype=np.uint64,
+        count=len(keys),
+    )
+    return (digests % np.uint64(world_size)).astype(np.int64), digests
+
+
+def _is_in(digests: np.ndarray, sorted_digests: np.ndarray) -> np.ndarray:
+    positions = np.searchsorted(sorted_digests, digests).clip(max=max(len(sorted_digests) - 1, 0))
+    return sorted_digests[positions] == digests if len(sorted_digests) else np.zeros(len(digests), dtype=bool)
 
 
 def _describe_tower(info: dict[str, Any]) -> str:
@@ -593,18 +611,19 @@ def _read(row: dict[str, Any], index: int | None, image_processor=None) -> tuple
 class _SourceImages(torch.utils.data.Dataset):
     """One process's unique images of a map-style source, decoded in DataLoader workers, with their rows' captions."""
 
-    def __init__(self, source: datasets.Dataset, rows: list[list[int]], image_processor, keep_columns: Sequence[str]):
+    def __init__(self, source, first_rows: np.ndarray, repeats: dict[int, list[int]], image_processor, keep_columns):
         self.source = source.cast_column("image", datasets.Image(decode=False))
         self.captions = source.select_columns(CAPTIONS_COLUMN) if CAPTIONS_COLUMN in source.column_names else None
-        self.rows = rows
+        self.first_rows, self.repeats = first_rows, repeats
         self.image_processor = image_processor
         self.keep_columns = keep_columns
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.first_rows)
 
     def __getitem__(self, position: int):
-        first, *others = self.rows[position]
+        first = int(self.first_rows[position])
+        others = self.repeats.get(first, ())
         row = self.source[first]
         pixels, problem = _read(row, first, self.image_processor)
         record = {KEY_COLUMN: row[KEY_COLUMN], **{name: row[name] for name in self.keep_columns}}
@@ -625,15 +644,21 @@ def _collate(items) -> tuple[Any, list[dict[str, Any]], list[tuple[str, int]]]:
 
 def _map_style_batches(source, image_processor, done, rank, world_size, batch_size, num_workers, keep_columns):
     """This process's images not yet stored, each once (with every row that gives it), in batches."""
-    rows: dict[str, list[int]] = {}
-    start = 0
+    owners, digests = [np.empty(0, dtype=np.int64)], [np.empty(0, dtype=np.uint64)]
     for batch in source.select_columns(KEY_COLUMN).iter(batch_size=10_000):
-        for offset, key in enumerate(batch[KEY_COLUMN]):
-            if key not in done and _owner(key, world_size) == rank:
-                rows.setdefault(key, []).append(start + offset)
-        start += len(batch[KEY_COLUMN])
-    images = _SourceImages(source, list(rows.values()), image_processor, keep_columns)
-    del rows
+        batch_owners, batch_digests = key_digests(batch[KEY_COLUMN], world_size)
+        owners.append(batch_owners)
+        digests.append(batch_digests)
+    owners, digests = np.concatenate(owners), np.concatenate(digests)
+    todo = np.flatnonzero((owners == rank) & ~_is_in(digests, done))
+    # The first row of each image, in source order; the rows that repeat an image give it their captions too.
+    _, first, inverse = np.unique(digests[todo], return_index=True, return_inverse=True)
+    first_rows = np.sort(todo[first])
+    first_row_of = todo[first[inverse.reshape(-1)]]
+    repeats: dict[int, list[int]] = {}
+    for row in np.flatnonzero(todo != first_row_of):
+        repeats.setdefault(int(first_row_of[row]), []).append(int(todo[row]))
+    images = _SourceImages(source, first_rows, repeats, image_processor, keep_columns)
     # A private generator leaves the global random state alone (see loaders._image_file_loader).
     loader = torch.utils.data.DataLoader(
         images, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, generator=torch.Generator()
@@ -643,13 +668,14 @@ def _map_style_batches(source, image_processor, done, rank, world_size, batch_si
 
 def _iterable_batches(source, image_processor, done, rank, world_size, batch_size, keep_columns) -> Iterator:
     """The same from an `IterableDataset`, read once; an image seen again later keeps its first row's captions."""
-    seen = set(done)
+    seen: set[int] = set()
     items = []
     for row in source.cast_column("image", datasets.Image(decode=False)):
-        key = row[KEY_COLUMN]
-        if key in seen or _owner(key, world_size) != rank:
+        owners, digests = key_digests([row[KEY_COLUMN]], world_size)
+        digest = int(digests[0])
+        if owners[0] != rank or digest in seen or _is_in(digests, done)[0]:
             continue
-        seen.add(key)
+        seen.add(digest)
         pixels, problem = _read(row, None, image_processor)
         record = {name: row[name] for name in (KEY_COLUMN, CAPTIONS_COLUMN, *keep_columns) if name in row}
         items.append((pixels, record, problem))

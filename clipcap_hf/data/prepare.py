@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 import torch
@@ -34,6 +35,7 @@ from .embeddings import (
     _read,
     check_embeddings,
     embed_source,
+    key_digests,
     load_embeddings,
     vision_fingerprint,
 )
@@ -249,7 +251,7 @@ def _embedded_rows(train_source, eval_source, data_args, model, processor):
         tables.append(cache_index.table)
     with _main_process_first():
         if data_args.embeddings:
-            train_rows = _caption_rows(tables[0], _KeyIndex(tables[0], 0))
+            train_rows = _caption_rows(tables[0], index=None)
         else:
             train_rows = _caption_rows(train_source, cache_index) if train_source is not None else None
         eval_rows = _caption_rows(eval_source, cache_index, for_evaluation=True) if eval_source is not None else None
@@ -258,31 +260,47 @@ def _embedded_rows(train_source, eval_source, data_args, model, processor):
 
 
 class _KeyIndex:
-    """Image key -> row of the embedding table (offset by the tables before it), built when first needed."""
+    """
+    Image keys -> rows of an embedding table (offset by the tables before it), through the keys' sorted 64-bit
+    digests: 16 bytes per image rather than a dictionary of strings. Built when first needed.
+    """
 
     def __init__(self, table: datasets.Dataset, offset: int):
-        self.table, self.offset, self._rows = table, offset, None
+        self.table, self.offset = table, offset
+        self._digests: np.ndarray | None = None
+        self._rows: np.ndarray | None = None
 
-    def get(self, key: str) -> int | None:
-        if self._rows is None:
-            self._rows = {}
-            for batch in self.table.select_columns(KEY_COLUMN).iter(batch_size=10_000):
-                for key_ in batch[KEY_COLUMN]:
-                    self._rows[key_] = self.offset + len(self._rows)
-        return self._rows.get(key)
+    def rows(self, keys: list[str]) -> np.ndarray:
+        """Each key's row, -1 for a key the table does not hold."""
+        if self._digests is None:
+            batches = self.table.select_columns(KEY_COLUMN).iter(batch_size=10_000)
+            digests = np.concatenate([key_digests(batch[KEY_COLUMN])[1] for batch in batches])
+            order = np.argsort(digests, kind="stable")
+            self._digests, self._rows = digests[order], order + self.offset
+        digests = key_digests(keys)[1]
+        positions = np.searchsorted(self._digests, digests).clip(max=max(len(self._digests) - 1, 0))
+        found = self._digests[positions] == digests if len(self._digests) else np.zeros(len(keys), dtype=bool)
+        return np.where(found, self._rows[positions] if len(self._rows) else -1, -1)
 
 
-def _caption_rows(source: datasets.Dataset, index: _KeyIndex, for_evaluation: bool = False) -> datasets.Dataset:
-    """One row per caption (`caption`, `image_index`); images not in the table (skipped as unreadable) are left out."""
+def _caption_rows(
+    source: datasets.Dataset, index: _KeyIndex | None, for_evaluation: bool = False
+) -> datasets.Dataset:
+    """
+    One row per caption (`caption`, `image_index`); images not in the table (skipped as unreadable) are left out.
+    Without an `index` the source is the embeddings folder itself, and its rows are the table's.
+    """
     columns = [KEY_COLUMN, CAPTIONS_COLUMN]
     if for_evaluation:  # predictions name each image
         source = source.cast_column("image", datasets.Image(decode=False))
         columns += ["image"] + [name for name in _ID_COLUMNS if name in source.column_names]
-    # Named by what it is made of: hashing the key index (a dict of every image) would take long.
-    fingerprint = Hasher.hash([source._fingerprint, index.table._fingerprint, index.offset, for_evaluation])
+    # Named by what it is made of: hashing the key index would read every key.
+    table_fingerprint = index.table._fingerprint if index is not None else None
+    fingerprint = Hasher.hash([source._fingerprint, table_fingerprint, index and index.offset, for_evaluation])
     return source.select_columns(columns).map(
         _explode,
         batched=True,
+        with_indices=index is None,
         remove_columns=columns,
         fn_kwargs={"index": index, "for_evaluation": for_evaluation},
         new_fingerprint=fingerprint,
@@ -293,13 +311,16 @@ def _caption_rows(source: datasets.Dataset, index: _KeyIndex, for_evaluation: bo
 _ID_COLUMNS = ("image_id", "image_path", "__key__")
 
 
-def _explode(batch: dict[str, list], index: _KeyIndex, for_evaluation: bool) -> dict[str, list]:
+def _explode(
+    batch: dict[str, list], indices: list[int] | None = None, *, index: _KeyIndex | None, for_evaluation: bool
+) -> dict[str, list]:
     rows: dict[str, list] = {"caption": [], "image_index": []}
     if for_evaluation:
         rows.update(image_id=[], image_path=[])
+    image_rows = index.rows(batch[KEY_COLUMN]) if index is not None else indices
     for position, (key, captions) in enumerate(zip(batch[KEY_COLUMN], batch[CAPTIONS_COLUMN])):
-        image_index = index.get(key)
-        if image_index is None:
+        image_index = int(image_rows[position])
+        if image_index < 0:
             continue
         rows["caption"].extend(captions)
         rows["image_index"].extend([image_index] * len(captions))
