@@ -249,6 +249,8 @@ class ClipCapImageProcessor(BaseImageProcessor):
             resize_mode, resample, mean, std = _TOWER_PREPROCESSING[tower.model_type]
             side = getattr(tower, "image_size", None) or math.isqrt(tower.num_patches) * tower.patch_size
             return cls(size=side, resample=resample, image_mean=mean, image_std=std, resize_mode=resize_mode)
+        if settings.get("image_processor_type") == cls.__name__:  # saved by ClipCapImageProcessor itself
+            return cls.from_dict(settings)
         size, crop_size = settings.get("size", 224), settings.get("crop_size")
         if "max_num_patches" in settings:  # SigLIP2 (NaFlex)
             resize_mode, size = "squash", math.isqrt(settings["max_num_patches"]) * settings["patch_size"]

@@ -44,12 +44,13 @@ class PrefixInterpretation:
         """The nearest token of each prefix vector: the paper's reading of the prefix as words."""
         return [position[0].token for position in self.matches]
 
+    def format_matches(self) -> list[str]:
+        """Each prefix position's nearest tokens on one line, most similar first, each with its similarity."""
+        return ["  ".join(f"{match.label} {match.similarity:.3f}" for match in candidates) for candidates in self.matches]
+
     def format(self) -> str:
-        """One line per prefix position: its nearest tokens, most similar first, each with its similarity."""
-        return "\n".join(
-            f"{position:>3}: " + "  ".join(f"{match.label} {match.similarity:.3f}" for match in candidates)
-            for position, candidates in enumerate(self.matches)
-        )
+        """One line per prefix position: its position, then its nearest tokens (see `format_matches`)."""
+        return "\n".join(f"{position:>3}: {line}" for position, line in enumerate(self.format_matches()))
 
 
 def nearest_tokens(

@@ -1,4 +1,6 @@
+import html
 import json
+import re
 
 import pytest
 import torch
@@ -231,3 +233,75 @@ def test_interpret_prefix_works_on_a_folder_loaded_with_remote_code(saved_words_
         tmp_path,
     )
     assert output == WORDS
+
+
+@pytest.fixture
+def two_word_models(saved_words_model, tokenizer, processor, tmp_path):
+    """The words model and a second one whose prefix reads as the same words in reverse order."""
+    folder, image_path, ids = saved_words_model
+    other = tiny_model(tokenizer, "mlp", seed=1)
+    set_constant_prefix(other, other.get_input_embeddings().weight[ids[::-1]].clone())
+    other_folder = tmp_path / "reversed"
+    other.save_pretrained(other_folder)
+    processor.save_pretrained(other_folder)
+    return folder, other_folder, image_path
+
+
+def _greedy_caption(folder, image_path):
+    from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
+    from clipcap_hf.image_processing_clipcap import load_image
+
+    model = ClipCapForConditionalGeneration.from_pretrained(folder).eval()
+    processor = ClipCapProcessor.from_pretrained(folder)
+    generated = model.generate(**processor(images=[load_image(image_path)]), do_sample=False, num_beams=1)
+    return processor.post_process_image_text_to_text(generated)[0]
+
+
+def test_interpret_compares_two_models_side_by_side(two_word_models, capsys):
+    folder, other_folder, image_path = two_word_models
+    assert main(["interpret", str(image_path), "--model", str(folder), "--compare", str(other_folder),
+                 "--top-k", "1"]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        str(image_path),
+        f"  caption ({folder}): {_greedy_caption(folder, image_path)}",
+        f"  caption ({other_folder}): {_greedy_caption(other_folder, image_path)}",
+        "  0: ' do' 1.000  |  'A' 1.000",
+        "  1: 'at' 1.000   |  '!' 1.000",
+        "  2: '!' 1.000    |  'at' 1.000",
+        "  3: 'A' 1.000    |  ' do' 1.000",
+    ]
+
+    assert main(["interpret", str(image_path), "--model", str(folder), "--compare", str(other_folder),
+                 "--top-k", "2", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["image"] == str(image_path)
+    assert [model["model"] for model in result["models"]] == [str(folder), str(other_folder)]
+    assert [[position[0]["token"] for position in model["prefix"]] for model in result["models"]] == [
+        WORDS, WORDS[::-1]
+    ]
+    assert [model["caption"] for model in result["models"]] == [
+        _greedy_caption(folder, image_path), _greedy_caption(other_folder, image_path)
+    ]
+
+
+def test_interpret_gallery_shows_each_models_caption_and_prefix_words(two_word_models, tmp_path, capsys):
+    folder, other_folder, image_path = two_word_models
+    gallery = tmp_path / "prefixes.html"
+    assert main(["interpret", str(image_path), "--model", str(folder), "--compare", str(other_folder),
+                 "--gallery", str(gallery)]) == 0
+    page = gallery.read_text()
+    headers = re.findall(r"<th>(.*?)</th>", page)
+    assert headers == ["Image", f"caption ({folder})", f"prefix ({folder})", f"caption ({other_folder})",
+                       f"prefix ({other_folder})"]
+    cells = re.findall(r'<td class="(?:caption|column)">(.*?)</td>', page)
+    assert cells == [
+        html.escape(_greedy_caption(folder, image_path)), html.escape("' do' 'at' '!' 'A'"),
+        html.escape(_greedy_caption(other_folder, image_path)), html.escape("'A' '!' 'at' ' do'"),
+    ]
+    assert f"Gallery: {gallery}" in capsys.readouterr().err
+
+
+def test_interpret_compare_refuses_the_same_model(saved_words_model, capsys):
+    folder, image_path, _ = saved_words_model
+    assert main(["interpret", str(image_path), "--model", str(folder), "--compare", str(folder)]) == 2
+    assert "--compare names the same model as --model" in capsys.readouterr().err

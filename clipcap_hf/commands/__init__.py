@@ -33,6 +33,12 @@ class _SubcommandParser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="clipcap", description="ClipCap image captioning with Hugging Face.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
+    commands.add_parser(
+        "ablate",
+        module="ablate",
+        help="Train a grid of variants (prefix length, mapper, frozen or fine-tuned LM, vision tower) and plot their "
+        "scores.",
+    )
     commands.add_parser("caption", module="caption", help="Caption image files, folders or glob patterns.")
     commands.add_parser(
         "convert-original",

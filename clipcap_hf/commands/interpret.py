@@ -1,4 +1,6 @@
-"""`clipcap interpret IMAGE... --model DIR`: print each prefix vector's nearest language model tokens.
+"""`clipcap interpret IMAGE... --model DIR [--compare OTHER]`: print each prefix vector's nearest language model
+tokens; with `--compare`, two models side by side (the paper's comparison of a frozen and a fine-tuned language model),
+in text, JSON or an HTML gallery.
 
 The method itself is `interpretability.py`, which ships with saved models for `trust_remote_code`.
 """
@@ -12,12 +14,15 @@ import sys
 
 from ..evaluation import UnreadableImagesError
 from ..image_processing_clipcap import load_image
+from ..interpretability import PrefixInterpretation
 from ..utils.file_utils import escape_controls
+from ..utils.loading import load_clipcap
 from ._utils import (
+    check_gallery_path,
     check_top_k_fits_vocabulary,
     expand_image_paths,
-    load_model_and_processor,
     positive_int,
+    resolve_device,
     stdout_is_utf8,
 )
 
@@ -26,37 +31,122 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("images", nargs="+", help="Image files, folders of images, or glob patterns.")
     parser.add_argument("--model", required=True, help="A ClipCap folder or Hub name.")
     parser.add_argument(
+        "--compare", default=None, metavar="OTHER_MODEL",
+        help="A second ClipCap model, shown beside --model with its caption (e.g. a frozen and a fine-tuned language "
+             "model, as the paper compares them).",
+    )
+    parser.add_argument(
         "--top-k", type=positive_int, default=5, help="Tokens shown per prefix vector, most similar first (default: 5)."
     )
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
     parser.add_argument(
-        "--json", action="store_true", help="Print a JSON list of {image, prefix: [[{token_id, token, similarity}]]}."
+        "--json", action="store_true",
+        help="Print a JSON list of {image, prefix: [[{token_id, token, similarity}]]}; with --compare, of "
+             "{image, models: [{model, caption, prefix}]}.",
     )
+    parser.add_argument("--gallery", default=None,
+                        help="Also write an HTML page of the images beside each model's caption and prefix words.")
+
+
+@dataclasses.dataclass
+class _Reading:
+    """One model's reading of one image."""
+
+    model: str
+    interpretation: PrefixInterpretation
+    caption: str | None = None
 
 
 def run(args: argparse.Namespace) -> int:
     paths = expand_image_paths(args.images)
-    model, processor = load_model_and_processor(args.model, args.device)
-    check_top_k_fits_vocabulary(args.top_k, model, processor)
+    if args.compare is not None and args.compare == args.model:
+        raise ValueError(f"--compare names the same model as --model ({args.model}); name another one.")
+    if args.gallery:
+        check_gallery_path(args.gallery, taken=paths)
+    device = resolve_device(args.device)
+    names = [args.model] + ([args.compare] if args.compare is not None else [])
+    models = []
+    for name, option in zip(names, ("--model", "--compare")):
+        model, processor = load_clipcap(name, option)  # errors name the option
+        check_top_k_fits_vocabulary(args.top_k, model, processor)
+        models.append((name, model.to(device).eval(), processor))
+    comparing = len(models) > 1
 
-    results, errors = [], []
+    results, errors, readings = [], [], []
     try:
         for path in paths:
             try:
                 image = load_image(path)
             except ValueError as error:  # like `clipcap caption`: named at the end, the other images still run
                 errors.append(str(error))
-                results.append({"image": str(path), "prefix": None, "error": str(error)})
+                results.append({"image": str(path), ("models" if comparing else "prefix"): None, "error": str(error)})
                 continue
-            inputs = processor(images=[image]).to(model.device)
-            interpretation = model.interpret_prefix(inputs["pixel_values"], tokenizer=processor, top_k=args.top_k)[0]
-            results.append({"image": str(path), "prefix": dataclasses.asdict(interpretation)["matches"]})
+            image_readings = [_read(name, model, processor, image, args.top_k, caption=comparing or args.gallery)
+                              for name, model, processor in models]
+            readings.append((path, image, image_readings))
+            results.append(_json_result(path, image_readings, comparing))
             if not args.json:
-                print(f"{escape_controls(str(path))}\n{interpretation.format()}", flush=True)
+                text = _side_by_side(image_readings) if comparing else image_readings[0].interpretation.format()
+                print(f"{escape_controls(str(path))}\n{text}", flush=True)
     finally:
         if args.json:  # also when the run fails: the results before it are kept, as valid JSON
             json.dump(results, sys.stdout, indent=2, ensure_ascii=not stdout_is_utf8())
             sys.stdout.write("\n")
+        if args.gallery and readings:
+            _write_gallery(args.gallery, readings, names)
     if errors:
         raise UnreadableImagesError(errors, len(paths))
     return 0
+
+
+def _read(name, model, processor, image, top_k: int, caption: bool) -> _Reading:
+    inputs = processor(images=[image]).to(model.device)
+    interpretation = model.interpret_prefix(inputs["pixel_values"], tokenizer=processor, top_k=top_k)[0]
+    text = None
+    if caption:  # greedy, as `clipcap caption` by default
+        generated = model.generate(**inputs, num_beams=1, do_sample=False)
+        text = processor.post_process_image_text_to_text(generated)[0]
+    return _Reading(name, interpretation, text)
+
+
+def _json_result(path, readings: list[_Reading], comparing: bool) -> dict:
+    if not comparing:
+        return {"image": str(path), "prefix": dataclasses.asdict(readings[0].interpretation)["matches"]}
+    models = [
+        {"model": reading.model, "caption": reading.caption,
+         "prefix": dataclasses.asdict(reading.interpretation)["matches"]}
+        for reading in readings
+    ]
+    return {"image": str(path), "models": models}
+
+
+def _side_by_side(readings: list[_Reading]) -> str:
+    """Each model's caption, then one line per prefix position with each model's nearest tokens in its own column."""
+    lines = [f"  caption ({escape_controls(reading.model)}): {escape_controls(reading.caption)}" for reading in readings]
+    columns = [reading.interpretation.format_matches() for reading in readings]
+    width = max(len(cell) for cell in columns[0]) if columns[0] else 0
+    for position in range(max(len(column) for column in columns)):
+        cells = [column[position] if position < len(column) else "" for column in columns]
+        lines.append(f"{position:>3}: {cells[0]:<{width}}  |  {cells[1]}".rstrip())
+    return "\n".join(lines)
+
+
+def _write_gallery(path: str, readings, names: list[str]) -> None:
+    from ..evaluation.gallery import write_gallery
+
+    records = []
+    for image_path, image, image_readings in readings:
+        first, *others = image_readings
+        columns = {f"prefix ({first.model})": _prefix_words(first.interpretation)}
+        for reading in others:
+            columns[f"caption ({reading.model})"] = reading.caption
+            columns[f"prefix ({reading.model})"] = _prefix_words(reading.interpretation)
+        records.append({"image": image, "name": str(image_path), "caption": first.caption, "columns": columns})
+    title = "Prefix interpretability: " + " vs ".join(names)
+    written = write_gallery(records, path, title=title, caption_title=f"caption ({names[0]})")
+    print(f"Gallery: {written}", file=sys.stderr)
+
+
+def _prefix_words(interpretation: PrefixInterpretation) -> str:
+    """The nearest token of each prefix vector, quoted, as the paper reads a prefix."""
+    return " ".join(position[0].label for position in interpretation.matches)

@@ -52,6 +52,9 @@ class GalleryRecord:
     shows them ×100, as captioning papers and `clipcap evaluate`'s metrics table do."""
     name: str | None = None
     """What to call the image; defaults to its file path."""
+    columns: Mapping[str, str] | None = None
+    """More text columns after the caption (column title -> text), e.g. a second model's caption and the prefix read
+    as words, as `clipcap interpret --gallery` shows them."""
 
     def __post_init__(self):
         # Caught here, or a string of references would show one per character and a None caption would fail deep
@@ -62,6 +65,8 @@ class GalleryRecord:
             isinstance(self.references, str) or not all(isinstance(reference, str) for reference in self.references)
         ):
             raise ValueError(f"`references` must be a list of strings, got {self.references!r}.")
+        if any(not isinstance(text, str) for text in (self.columns or {}).values()):
+            raise ValueError(f"`columns` must map column titles to strings, got {self.columns!r}.")
         for score_name, value in (self.scores or {}).items():
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"Score {score_name!r} must be a number, got {value!r}.")
@@ -116,6 +121,7 @@ th[aria-sort="ascending"] button::after { content: " \\25B2"; }
 th[aria-sort="descending"] button::after { content: " \\25BC"; }
 td.score { font-variant-numeric: tabular-nums; text-align: right; }
 td.caption { max-width: 24rem; font-size: 1.05rem; }
+td.column { max-width: 20rem; white-space: pre-wrap; font-size: 0.9rem; }
 td.references ul { margin: 0; padding-left: 1.2rem; max-width: 28rem; }
 td.image .name { max-width: 12rem; font-size: 0.8rem; color: #59636e; overflow-wrap: anywhere; }
 .unreadable { max-width: 12rem; color: #a40e26; background: #ffebe9; padding: 0.5rem; overflow-wrap: anywhere; }
@@ -151,6 +157,7 @@ def render_gallery(
     records: Iterable[GalleryRecord | Mapping],
     title: str = "ClipCap captions",
     thumbnail_size: int = THUMBNAIL_SIZE,
+    caption_title: str = "Caption",
 ) -> str:
     """
     The gallery page as an HTML string; see [`write_gallery`].
@@ -161,8 +168,11 @@ def render_gallery(
     # Score columns in the order the records first name them.
     score_names = list(dict.fromkeys(name for record in records for name in (record.scores or {})))
     has_references = any(record.references is not None for record in records)
+    column_titles = list(dict.fromkeys(title for record in records for title in (record.columns or {})))
 
-    headers = ['<th aria-sort="ascending"><button type="button">#</button></th>', "<th>Image</th>", "<th>Caption</th>"]
+    headers = ['<th aria-sort="ascending"><button type="button">#</button></th>', "<th>Image</th>",
+               f"<th>{escape(caption_title)}</th>"]
+    headers += [f"<th>{escape(column_title)}</th>" for column_title in column_titles]
     if has_references:
         headers.append("<th>References</th>")
     headers += [f'<th aria-sort="none"><button type="button">{escape(name)}</button></th>' for name in score_names]
@@ -175,6 +185,7 @@ def render_gallery(
             f'<td class="image">{_thumbnail(record.image, name, thumbnail_size)}</td>',
             f'<td class="caption">{escape(record.caption)}</td>',
         ]
+        cells += [f'<td class="column">{escape((record.columns or {}).get(title, ""))}</td>' for title in column_titles]
         if has_references:
             items = "".join(f"<li>{escape(reference)}</li>" for reference in record.references or ())
             cells.append(f'<td class="references"><ul>{items}</ul></td>')
@@ -217,24 +228,27 @@ def write_gallery(
     path: str | os.PathLike,
     title: str = "ClipCap captions",
     thumbnail_size: int = THUMBNAIL_SIZE,
+    caption_title: str = "Caption",
 ) -> Path:
     """
     Write one self-contained HTML page showing each image beside its caption, references and scores.
 
     Args:
         records: [`GalleryRecord`]s, or mappings with the same keys: `image` (a file path or a PIL image), `caption`,
-            and optionally `references` (a list of strings), `scores` (a dict of score name to value) and `name`.
+            and optionally `references` (a list of strings), `scores` (a dict of score name to value), `name` and
+            `columns` (more text columns: a dict of column title to text).
             An image that cannot be read shows its name and the error in place of the thumbnail.
         path: the HTML file to write; an existing one is replaced only once the new page is complete.
         title: the page's title and heading.
         thumbnail_size: the longest side of the embedded thumbnails, in pixels.
+        caption_title: the caption column's title.
 
     Returns:
         `Path`: where the page was written.
     """
     path = Path(path)
     # Rendered whole, then written atomically: a failure never leaves a half-written or emptied page.
-    write_text_atomically(path, render_gallery(records, title, thumbnail_size))
+    write_text_atomically(path, render_gallery(records, title, thumbnail_size, caption_title))
     return path
 
 

@@ -1,0 +1,418 @@
+"""Ablations (`clipcap ablate`): train a grid of ClipCap variants on one dataset with the same budget each, score each
+with the caption metrics, and write the scores as a table (CSV and Markdown) and as figures, the score against the
+prefix length per mapper, as in the paper's prefix-length figure.
+
+The grid's axes are the paper's: prefix length, mapper (MLP or transformer), language model (fine-tuned or frozen)
+and, beyond the paper, the vision tower (any tower `from_vision_text_pretrained` takes). Every run starts from the same
+pretrained vision tower and language model and trains for the same number of steps on the same batches; the vision
+tower is frozen, so each tower embeds the images once, for all of its runs.
+
+Without a dataset the grid runs on the quickstart's synthetic shapes ([`clipcap_hf.training.quickstart`]). Nothing
+pretrained is reachable offline, so a short quickstart run first trains the "pretrained" parts (its vision tower and
+language model); the grid then starts from those, as the paper's runs start from CLIP and GPT-2.
+
+Each run is saved in `output_dir/runs/NAME/` (model, processor, `scores.json`); a run whose `scores.json` exists is
+not trained again when the grid is rerun, so an interrupted grid continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from tqdm.auto import tqdm
+from transformers import TrainingArguments
+
+from ..data import ClipCapDataCollator, group_by_image, load_caption_dataset
+from ..data.collator import image_inputs
+from ..evaluation.metrics import compute_caption_metrics, require_pycocoevalcap
+from ..modeling_clipcap import ClipCapForConditionalGeneration
+from ..processing_clipcap import ClipCapProcessor
+from ..utils.file_utils import read_json, save_pretrained, write_text_atomically
+from .quickstart import QuickstartConfig, make_shapes_dataset, run_quickstart, score_captions
+from .trainer import ClipCapTrainer, caption_dataset
+
+logger = logging.getLogger(__name__)
+
+MAPPING_TYPES = ("mlp", "transformer")
+LANGUAGE_MODES = ("finetuned", "frozen")
+# The COCO caption metrics every run is scored with (no Java needed: captions are compared as given, lower-cased).
+CAPTION_METRICS = ("bleu", "rouge", "cider")
+SCORES_FILE = "scores.json"
+# The scores a figure can show: the caption metrics', and the synthetic task's own.
+PLOTTABLE_SCORES = (
+    "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr",
+    "exact_match", "colour_accuracy", "shape_accuracy", "position_accuracy",
+)
+
+
+@dataclass
+class AblationConfig:
+    """The grid and the budget of each of its runs (the defaults take a few minutes on 2 CPU cores)."""
+
+    prefix_lengths: Sequence[int] = (1, 2, 4, 8, 16)
+    mapping_types: Sequence[str] = MAPPING_TYPES
+    language_models: Sequence[str] = LANGUAGE_MODES
+    """`"finetuned"` trains the language model with the mapper; `"frozen"` trains the mapper only."""
+    vision_models: Sequence[str] = ()
+    """Pretrained vision towers (Hub names or folders); empty: the synthetic task's own tower."""
+    text_model: str | None = None
+    """The pretrained causal language model; `None`: the synthetic task's own."""
+    max_steps: int = 200
+    batch_size: int = 64
+    learning_rate: float = 1e-3
+    mapping_num_layers: int = 2
+    """Layers of the transformer mapper (the paper's has 8)."""
+    max_caption_length: int = 40
+    plot_metrics: Sequence[str] = ("CIDEr", "Bleu_4")
+    seed: int = 0
+    shapes: QuickstartConfig = field(default_factory=lambda: QuickstartConfig(max_steps=1500))
+    """Synthetic task only: its dataset's sizes, and the quickstart run that trains its pretrained parts."""
+
+    def __post_init__(self):
+        for name, values, choices in (
+            ("mapping_types", self.mapping_types, MAPPING_TYPES),
+            ("language_models", self.language_models, LANGUAGE_MODES),
+        ):
+            unknown = [value for value in values if value not in choices]
+            if unknown or not values:
+                raise ValueError(f"`{name}` must be some of {choices}, got {list(values)}.")
+        unknown = [name for name in self.plot_metrics if name not in PLOTTABLE_SCORES]
+        if unknown:
+            raise ValueError(f"`plot_metrics` must be some of {PLOTTABLE_SCORES}, got {unknown}.")
+        if not self.prefix_lengths or any(length < 1 for length in self.prefix_lengths):
+            raise ValueError(f"`prefix_lengths` must be positive integers, got {list(self.prefix_lengths)}.")
+        if bool(self.vision_models) != (self.text_model is not None):
+            raise ValueError(
+                "Give both the pretrained vision towers and the language model (a dataset of your own), or neither "
+                "(the synthetic task, which trains its own)."
+            )
+
+
+@dataclass(frozen=True)
+class AblationRun:
+    """One point of the grid."""
+
+    vision_model: str
+    mapping_type: str
+    language_model: str
+    prefix_length: int
+
+    @property
+    def name(self) -> str:
+        tower = Path(self.vision_model.rstrip("/")).name or "vision"
+        return f"{tower}-{self.mapping_type}-{self.language_model}-prefix{self.prefix_length:03d}"
+
+
+@dataclass
+class AblationData:
+    """The dataset and pretrained parts a grid runs on."""
+
+    train: datasets.Dataset
+    """Training rows: `caption` and the image (`image` or `image_path`)."""
+    evaluation: datasets.Dataset
+    """Evaluation rows, one per image: `references` (a list of captions) and the image."""
+    vision_models: list[str]
+    text_model: str
+    extra_scores: Any = field(default=None, repr=False)
+    """`f(predictions, references) -> dict` of task-specific scores (the synthetic task's attribute accuracies)."""
+
+
+def grid_runs(config: AblationConfig, vision_models: Sequence[str]) -> list[AblationRun]:
+    return [
+        AblationRun(vision, mapping_type, language_model, prefix_length)
+        for vision in vision_models
+        for language_model in config.language_models
+        for mapping_type in config.mapping_types
+        for prefix_length in sorted(config.prefix_lengths)
+    ]
+
+
+def shapes_task(output_dir: str | os.PathLike, config: AblationConfig, verbose: bool = True) -> AblationData:
+    """
+    The synthetic shapes task, and its pretrained parts: a quickstart run (`output_dir/base`, done once) trains the
+    vision tower and the language model, which are then saved as a vision folder and a language model folder.
+    """
+    base = Path(output_dir) / "base"
+    if not (base / "held_out_scores.json").is_file():  # written last by the quickstart
+        run_quickstart(base, config.shapes, verbose=verbose, overwrite=True)
+    vision_dir, text_dir = base / "clip-shapes", base / "gpt2-shapes"
+    if not (vision_dir / "preprocessor_config.json").is_file() or not (text_dir / "tokenizer_config.json").is_file():
+        model = ClipCapForConditionalGeneration.from_pretrained(base, trust_remote_code=False)
+        processor = ClipCapProcessor.from_pretrained(base, trust_remote_code=False)
+        save_pretrained(vision_dir, model.vision_model, processor.image_processor)
+        save_pretrained(text_dir, model.language_model, processor.tokenizer)
+    shapes = config.shapes
+    splits = make_shapes_dataset(
+        shapes.train_images_per_combination, shapes.test_images_per_combination, shapes.image_size, shapes.seed
+    )
+    evaluation = splits["test_seen"]
+    evaluation = evaluation.add_column("references", [[caption] for caption in evaluation["caption"]])
+    return AblationData(
+        train=splits["train"],
+        evaluation=evaluation.remove_columns("caption"),
+        vision_models=[str(vision_dir)],
+        text_model=str(text_dir),
+        extra_scores=_shapes_scores,
+    )
+
+
+def _shapes_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+    """The synthetic task's exact match and attribute accuracies (its BLEU is among the caption metrics already)."""
+    scores = score_captions(predictions, [captions[0] for captions in references])
+    scores.pop("bleu_4", None)
+    return scores
+
+
+def caption_task(
+    dataset_format: str,
+    train_file: str,
+    vision_models: Sequence[str],
+    text_model: str,
+    validation_file: str | None = None,
+    image_root: str | None = None,
+) -> AblationData:
+    """
+    A dataset of your own ([`load_caption_dataset`]'s formats) with pretrained parts: training captions from
+    `train_file`, evaluation images from `validation_file` (or the Karpathy file's validation split).
+    """
+    loaded = load_caption_dataset(dataset_format, train_file, image_root)
+    train, evaluation = (loaded.get("train"), loaded.get("validation")) if isinstance(loaded, dict) else (loaded, None)
+    if validation_file is not None:
+        evaluation = load_caption_dataset(dataset_format, validation_file, image_root)
+        if isinstance(evaluation, dict):
+            evaluation = evaluation.get("validation")
+    if train is None or evaluation is None:
+        raise ValueError(
+            f"{train_file}: an ablation needs training captions and evaluation images; give a validation file "
+            "(--validation-file) or a coco-karpathy file, which holds both."
+        )
+    return AblationData(train=train, evaluation=group_by_image(evaluation), vision_models=list(vision_models),
+                        text_model=text_model)
+
+
+@torch.no_grad()
+def embed_rows(model, image_processor, rows: datasets.Dataset, batch_size: int = 64) -> torch.Tensor:
+    """The frozen vision tower's image embedding of every row, in row order."""
+    device = next(model.parameters()).device
+    chunks = []
+    for start in tqdm(range(0, len(rows), batch_size), desc="Embedding images", leave=False):
+        batch = [rows[index] for index in range(start, min(start + batch_size, len(rows)))]
+        pixel_values = image_inputs(batch, image_processor)["pixel_values"].to(device)
+        chunks.append(model.get_image_embeds(pixel_values).float().cpu())
+    return torch.cat(chunks)
+
+
+def train_and_score(
+    run: AblationRun,
+    data: AblationData,
+    config: AblationConfig,
+    run_dir: Path,
+    embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    verbose: bool = True,
+) -> dict[str, Any]:
+    """Train one run from the pretrained parts, caption the evaluation images, score them and save the run."""
+    processor = ClipCapProcessor.from_vision_text_pretrained(
+        run.vision_model, data.text_model, num_image_tokens=run.prefix_length
+    )
+    torch.manual_seed(config.seed)
+    mapper_options = {"mapping_num_layers": config.mapping_num_layers} if run.mapping_type == "transformer" else {}
+    model = ClipCapForConditionalGeneration.from_vision_text_pretrained(
+        run.vision_model, data.text_model, mapping_type=run.mapping_type, prefix_length=run.prefix_length,
+        image_token_id=processor.image_token_id, **mapper_options,
+    )
+    if run.language_model == "frozen":
+        model.freeze_language_model()
+    if run.vision_model not in embeddings:  # the tower is frozen: its embeddings serve every run with it
+        embeddings[run.vision_model] = (
+            embed_rows(model, processor.image_processor, data.train),
+            embed_rows(model, processor.image_processor, data.evaluation),
+        )
+    train_embeds, eval_embeds = embeddings[run.vision_model]
+    train = data.train.add_column("image_index", list(range(len(data.train))))
+    # The Trainer writes only scratch files (no checkpoints are saved); the run's folder gets the final model.
+    with tempfile.TemporaryDirectory(prefix="clipcap-ablate-") as scratch:
+        args = TrainingArguments(
+            output_dir=scratch,
+            max_steps=config.max_steps,
+            per_device_train_batch_size=config.batch_size,
+            learning_rate=config.learning_rate,
+            warmup_steps=max(1, config.max_steps // 30),
+            logging_steps=max(1, config.max_steps // 5),
+            save_strategy="no",
+            report_to=[],
+            remove_unused_columns=False,
+            seed=config.seed,
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=not verbose,
+        )
+        collator = ClipCapDataCollator(processor, image_embeds=train_embeds, max_caption_length=config.max_caption_length)
+        trainer = ClipCapTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
+        result = trainer.train()
+
+    evaluation = data.evaluation.add_column("image_index", list(range(len(data.evaluation))))
+    predictions = caption_dataset(model, processor, evaluation, image_embeds=eval_embeds, batch_size=64)
+    references = data.evaluation["references"]
+    scores = compute_caption_metrics(
+        dict(enumerate(predictions)), dict(enumerate(references)), metrics=CAPTION_METRICS, tokenize=False
+    )
+    if data.extra_scores is not None:
+        scores.update(data.extra_scores(predictions, references))
+    record = {
+        "run": asdict(run),
+        "budget": budget(config),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "train_seconds": round(result.metrics["train_runtime"], 1),
+        "train_loss": round(result.metrics["train_loss"], 4),
+        "scores": scores,
+        "samples": [[prediction, refs[0]] for prediction, refs in list(zip(predictions, references))[:5]],
+    }
+    save_pretrained(run_dir, model, processor)
+    write_text_atomically(run_dir / SCORES_FILE, json.dumps(record, indent=2))  # last: marks the run finished
+    return record
+
+
+def budget(config: AblationConfig) -> dict[str, Any]:
+    """What every run of a grid shares; a finished run is reused only when it was trained the same way."""
+    names = ("max_steps", "batch_size", "learning_rate", "mapping_num_layers", "max_caption_length", "seed")
+    return {name: getattr(config, name) for name in names}
+
+
+def run_ablation(
+    output_dir: str | os.PathLike, config: AblationConfig | None = None, data: AblationData | None = None,
+    verbose: bool = True,
+) -> list[dict[str, Any]]:
+    """
+    Train and score every run of the grid (skipping finished ones), then write `results.csv`, `results.md` and the
+    figures `prefix_length_METRIC.png` into `output_dir`. `data` defaults to the synthetic shapes task.
+
+    Returns:
+        `list[dict]`: each run's record (its settings, budget, trainable parameters, training time and loss, scores).
+    """
+    config = config or AblationConfig()
+    require_pycocoevalcap()  # before any training, not after it
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if data is None:
+        if config.vision_models:
+            raise ValueError("A grid over your own vision towers needs your dataset too (`data`, --train-file).")
+        data = shapes_task(output_dir, config, verbose)
+    runs = grid_runs(config, data.vision_models)
+    records, embeddings = [], {}
+    for run in tqdm(runs, desc="Ablation runs", disable=not verbose):
+        run_dir = output_dir / "runs" / run.name
+        scores_path = run_dir / SCORES_FILE
+        if scores_path.is_file():
+            record = read_json(scores_path)
+            if record.get("budget") != budget(config):
+                raise ValueError(
+                    f"{run_dir} was trained with another budget ({record.get('budget')}, this grid's: "
+                    f"{budget(config)}); use another output folder, or remove that run to train it again."
+                )
+            logger.info(f"{run.name}: finished before, skipped.")
+        else:
+            record = train_and_score(run, data, config, run_dir, embeddings, verbose)
+        records.append({"name": run.name, **record})
+    write_results(output_dir, records, config.plot_metrics)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The table and the figures
+
+_COLUMNS = ("name", "vision_model", "mapping_type", "language_model", "prefix_length", "trainable_parameters",
+            "train_seconds", "train_loss")
+
+
+def _rows(records: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    metric_names = list(dict.fromkeys(name for record in records for name in record["scores"]))
+    rows = []
+    for record in records:
+        row = {**record["run"], **{name: record[name] for name in _COLUMNS if name in record}}
+        row["vision_model"] = Path(row["vision_model"].rstrip("/")).name
+        row.update(record["scores"])
+        rows.append(row)
+    return [*_COLUMNS, *metric_names], rows
+
+
+def results_csv(records: list[dict[str, Any]]) -> str:
+    columns, rows = _rows(records)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def results_markdown(records: list[dict[str, Any]]) -> str:
+    """The scores ×100 (as captioning papers give them), one row per run."""
+    columns, rows = _rows(records)
+    metrics = columns[len(_COLUMNS):]
+    header = ["vision", "mapper", "LM", "prefix", "trainable params", "train s", *metrics]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["vision_model"], row["mapping_type"], row["language_model"], str(row["prefix_length"]),
+                 f"{row['trainable_parameters']:,}", f"{row['train_seconds']:.1f}"]
+        cells += [f"{100 * row[name]:.1f}" if name in row else "" for name in metrics]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_prefix_lengths(records: list[dict[str, Any]], metric: str, path: str | os.PathLike) -> Path:
+    """Score against prefix length, one line per vision tower, mapper and language model mode (PNG)."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError("The ablation figures need matplotlib: `pip install matplotlib`.") from error
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    _, rows = _rows(records)
+    lines: dict[str, list[tuple[int, float]]] = {}
+    for row in rows:
+        if metric in row:
+            label = f"{row['mapping_type']}, {row['language_model']} LM"
+            if len({r['vision_model'] for r in rows}) > 1:
+                label = f"{row['vision_model']}: {label}"
+            lines.setdefault(label, []).append((row["prefix_length"], 100 * row[metric]))
+    figure, axes = plt.subplots(figsize=(5.5, 3.8), dpi=120)
+    for label, points in sorted(lines.items()):
+        points.sort()
+        axes.plot([x for x, _ in points], [y for _, y in points], marker="o", label=label)
+    prefix_lengths = sorted({row["prefix_length"] for row in rows})
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(prefix_lengths, [str(length) for length in prefix_lengths])
+    axes.set_xlabel("prefix length")
+    axes.set_ylabel(f"{metric} (×100)")
+    axes.grid(alpha=0.3)
+    axes.legend()
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path, format="png")
+    plt.close(figure)
+    return path
+
+
+def write_results(output_dir: Path, records: list[dict[str, Any]], plot_metrics: Sequence[str]) -> list[Path]:
+    """`results.csv`, `results.md` and one `prefix_length_METRIC.png` per metric; returns the written paths."""
+    written = [output_dir / "results.csv", output_dir / "results.md"]
+    write_text_atomically(written[0], results_csv(records))
+    write_text_atomically(written[1], results_markdown(records))
+    for metric in plot_metrics:
+        written.append(plot_prefix_lengths(records, metric, output_dir / f"prefix_length_{metric}.png"))
+    return written
+
+
+__all__ = [
+    "AblationConfig", "AblationData", "AblationRun", "caption_task", "run_ablation", "shapes_task", "write_results"
+]

@@ -1,0 +1,118 @@
+"""`clipcap ablate`: a 2-run grid on the synthetic task at tiny size: the table, the figure, and run folders that load
+and caption; finished runs are not trained again."""
+
+import csv
+import subprocess
+import sys
+
+import PIL.Image
+import pytest
+import torch
+
+from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
+from clipcap_hf.commands import main
+from clipcap_hf.evaluation.metrics import compute_caption_metrics
+from clipcap_hf.training import ablation
+from clipcap_hf.training.ablation import AblationConfig, run_ablation
+from clipcap_hf.training.quickstart import QuickstartConfig, make_shapes_dataset
+
+pytest.importorskip("pycocoevalcap")
+pytest.importorskip("matplotlib")
+
+TINY_SHAPES = QuickstartConfig(train_images_per_combination=1, test_images_per_combination=1, hidden_size=32,
+                               max_steps=3, batch_size=16)
+
+
+def tiny_grid(**overrides) -> AblationConfig:
+    settings = {"prefix_lengths": (1, 3), "mapping_types": ("mlp",), "language_models": ("finetuned",),
+                "max_steps": 3, "batch_size": 16, "plot_metrics": ("CIDEr",), "shapes": TINY_SHAPES, **overrides}
+    return AblationConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("ablation")
+    records = run_ablation(output_dir, tiny_grid(), verbose=False)
+    return output_dir, records
+
+
+def test_a_two_run_grid_writes_its_table_and_figure_and_every_run_captions(grid):
+    output_dir, records = grid
+    with open(output_dir / "results.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["name"], row["mapping_type"], row["language_model"], row["prefix_length"]) for row in rows] == [
+        ("clip-shapes-mlp-finetuned-prefix001", "mlp", "finetuned", "1"),
+        ("clip-shapes-mlp-finetuned-prefix003", "mlp", "finetuned", "3"),
+    ]
+    markdown = (output_dir / "results.md").read_text().splitlines()
+    assert markdown[0].startswith("| vision | mapper | LM | prefix | trainable params | train s | Bleu_1 |")
+    assert [line.split(" | ")[:4] for line in markdown[2:]] == [
+        ["| clip-shapes", "mlp", "finetuned", "1"], ["| clip-shapes", "mlp", "finetuned", "3"]
+    ]
+    with PIL.Image.open(output_dir / "prefix_length_CIDEr.png") as figure:
+        assert (figure.format, figure.size) == ("PNG", (660, 456))
+
+    # Every run folder loads and captions; the table's scores are those of the captions the saved model gives.
+    evaluation = make_shapes_dataset(1, 1, seed=TINY_SHAPES.seed)["test_seen"]
+    for row in rows:
+        folder = output_dir / "runs" / row["name"]
+        model = ClipCapForConditionalGeneration.from_pretrained(folder, trust_remote_code=False).eval()
+        processor = ClipCapProcessor.from_pretrained(folder, trust_remote_code=False)
+        assert model.config.prefix_length == int(row["prefix_length"])
+        assert not any(parameter.requires_grad for parameter in model.vision_model.parameters())
+        with torch.no_grad():
+            generated = model.generate(**processor(images=evaluation["image"]))
+        captions = processor.post_process_image_text_to_text(generated)
+        assert all(captions)
+        scores = compute_caption_metrics(dict(enumerate(captions)), {i: [c] for i, c in enumerate(evaluation["caption"])},
+                                         metrics=["cider"], tokenize=False)
+        assert float(row["CIDEr"]) == pytest.approx(scores["CIDEr"], abs=1e-6)
+        assert 0 <= float(row["exact_match"]) <= 1
+    assert [record["scores"]["CIDEr"] for record in records] == [float(row["CIDEr"]) for row in rows]
+
+
+def test_a_rerun_skips_finished_runs_and_refuses_another_budget(grid, monkeypatch):
+    output_dir, records = grid
+    (output_dir / "results.csv").unlink()
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(ablation, "train_and_score", must_not_train)
+    monkeypatch.setattr(ablation, "run_quickstart", must_not_train)
+    assert run_ablation(output_dir, tiny_grid(), verbose=False) == records
+    assert (output_dir / "results.csv").is_file()  # the table is written again from the finished runs
+
+    with pytest.raises(ValueError, match=r"clip-shapes-mlp-finetuned-prefix001 was trained with another budget "
+                                         r"\(.*'max_steps': 3.*, this grid's: .*'max_steps': 4.*\); use another"):
+        run_ablation(output_dir, tiny_grid(max_steps=4), verbose=False)
+
+
+def test_the_command_reuses_the_grid_and_checks_its_options(grid, capsys, monkeypatch):
+    output_dir, _ = grid
+    monkeypatch.setattr(ablation, "train_and_score", None)  # nothing may be trained: every run is finished
+    options = ["--prefix-lengths", "1", "3", "--mapping-types", "mlp", "--language-models", "finetuned",
+               "--max-steps", "3", "--batch-size", "16", "--plot-metrics", "CIDEr", "--quiet"]
+    # The command's synthetic task has the quickstart's default sizes; these runs' budget is what must agree.
+    assert main(["ablate", "--output-dir", str(output_dir), *options]) == 0
+    assert "results.md" in capsys.readouterr().out
+
+    assert main(["ablate", "--output-dir", str(output_dir), "--prefix-lengths", "0"]) == 2
+    assert "--prefix-lengths: must be at least 1, got 0" in capsys.readouterr().err
+    assert main(["ablate", "--output-dir", str(output_dir), "--train-file", "captions.json"]) == 2
+    assert "--train-file, --vision-models and --text-model go together" in capsys.readouterr().err
+
+
+def test_grid_options_are_checked():
+    with pytest.raises(ValueError, match=r"`mapping_types` must be some of \('mlp', 'transformer'\), got \['lstm'\]"):
+        AblationConfig(mapping_types=("lstm",))
+    with pytest.raises(ValueError, match=r"`plot_metrics` must be some of .*, got \['BLEU'\]"):
+        AblationConfig(plot_metrics=("BLEU",))
+    with pytest.raises(ValueError, match="Give both the pretrained vision towers and the language model"):
+        AblationConfig(vision_models=("openai/clip-vit-base-patch32",))
+
+
+def test_importing_the_ablation_code_does_not_import_matplotlib():
+    code = "import sys, clipcap_hf.training.ablation, clipcap_hf.commands.ablate; print('matplotlib' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False"
