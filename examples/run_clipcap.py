@@ -2,8 +2,9 @@
 """
 Train or evaluate a ClipCap image captioner with the Hugging Face `Trainer`, in the style of transformers'
 `examples/pytorch/*/run_*.py`: three argument dataclasses (`ModelArguments`, `DataArguments` and
-`TrainingArguments`, parsed by `HfArgumentParser`), then load data, cache CLIP embeddings, build the model, train,
-evaluate by captioning, save. `clipcap train` runs the same code with the same arguments.
+`TrainingArguments`, parsed by `HfArgumentParser`), then build the model, get the data ready in one call (the
+source read through `datasets`, each image's CLIP embedding computed once across all processes, one row per caption),
+train, evaluate by captioning, save. `clipcap train` runs the same code with the same arguments.
 
 The dataclasses and the steps live in `clipcap_hf.training` so that the `clipcap` command and this script cannot
 drift apart; read `clipcap_hf/training/run.py` (the `train` function) for the flow.
@@ -24,6 +25,11 @@ python examples/run_clipcap.py --recipe transformer_frozen --dataset_format coco
 # (c) LoRA on GPT-2, mapper trained; also writes the merged plain checkpoint to clipcap-lora/merged
 python examples/run_clipcap.py --recipe lora --dataset_format conceptual-captions \\
     --train_file train.tsv --validation_file val.tsv --image_root cc_images/ --output_dir clipcap-lora --do_train
+
+# (d) any source datasets reads: webdataset shards (img2dataset), parquet, a Hub dataset, or embeddings computed
+# beforehand with `clipcap embed` (see docs/data.md)
+python examples/run_clipcap.py --recipe mlp_finetune --train_file "cc3m/*.tar" --output_dir clipcap-cc3m --do_train
+python examples/run_clipcap.py --recipe mlp_finetune --embeddings cc3m-embeddings --output_dir clipcap-cc3m --do_train
 
 # Several GPUs or machines: launch the same command with torchrun or accelerate (see the README's Training section,
 # "Several GPUs and machines")
