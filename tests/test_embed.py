@@ -151,6 +151,10 @@ def test_another_tower_pooling_or_an_old_cache_folder_is_refused(tmp_path, token
         with pytest.raises(ValueError, match=r"is an embedding cache of an earlier version .* Rebuild it from its "
                                              r"source: `clipcap embed --model MODEL --train_file SOURCE"):
             load_embeddings(folder)
+    data_args = DataArguments(train_file=str(webdataset_shards[0][0]), embedding_cache_dir=str(old))
+    with pytest.raises(ValueError, match=r"--embedding_cache_dir .*0123456789abcdef is one embedding cache folder of "
+                                         r"an earlier version .* Give the folder of the caches \(its parent"):
+        load_training_data(data_args, model, processor, train=True, evaluate=False)
 
 
 # Runs `clipcap embed ARGS...` in a fresh interpreter, one image per shard, killed by SIGKILL right after its second

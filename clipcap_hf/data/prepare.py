@@ -30,6 +30,7 @@ from .embeddings import (
     CAPTIONS_COLUMN,
     EMBEDDING_COLUMN,
     KEY_COLUMN,
+    LEGACY_CACHE_INFO_NAME,
     _barrier,
     _process_rank,
     _read,
@@ -235,6 +236,12 @@ def _embedded_rows(train_source, eval_source, data_args, model, processor):
         cache_root = data_args.embedding_cache_dir or os.path.join(
             datasets.config.HF_DATASETS_CACHE, "clipcap_embeddings"
         )
+        if (Path(cache_root) / LEGACY_CACHE_INFO_NAME).exists():
+            raise ValueError(
+                f"--embedding_cache_dir {cache_root} is one embedding cache folder of an earlier version of "
+                "clipcap_hf, which is not read any more. Give the folder of the caches (its parent, or a new folder): "
+                "the embeddings are computed again there, and the old folder can then be deleted."
+            )
         cache = Path(cache_root) / vision_fingerprint(model, processor.image_processor)[:16]
         for source in sources:
             embed_source(
