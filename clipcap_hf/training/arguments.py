@@ -51,6 +51,7 @@ ARCHITECTURE_DEFAULTS: dict[str, Any] = {
     "clip_length": None,
     "mapping_num_layers": 8,
     "normalize_prefix": False,
+    "vision_pooling": None,  # the tower's own default
 }
 # The two pretrained parts a new model is assembled from; the other architecture options are ClipCapConfig fields.
 PART_OPTIONS = ("vision_model_name_or_path", "text_model_name_or_path")
@@ -88,7 +89,11 @@ class ModelArguments:
     # The architecture options default to None: "not given". A new model then gets the recipe's value or
     # ARCHITECTURE_DEFAULTS (filled in by __post_init__); a checkpoint keeps its own, and a given value must match it.
     vision_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "The CLIP checkpoint of a new model (default: openai/clip-vit-base-patch32)."}
+        default=None,
+        metadata={
+            "help": "The vision tower of a new model: a CLIP, SigLIP, SigLIP2, ViT or DINOv2 checkpoint (default: "
+            "openai/clip-vit-base-patch32)."
+        },
     )
     text_model_name_or_path: str | None = field(
         default=None, metadata={"help": "The causal LM of a new model (default: gpt2)."}
@@ -101,6 +106,13 @@ class ModelArguments:
     mapping_num_layers: int | None = field(default=None, metadata={"help": "New transformer mapper: layers (8)."})
     normalize_prefix: bool | None = field(
         default=None, metadata={"help": "New model: L2-normalize the CLIP embedding (default: false)."}
+    )
+    vision_pooling: str | None = field(
+        default=None,
+        metadata={
+            "help": "New model: the vision tower's one image embedding: projection (CLIP), pooled (SigLIP, ViT), cls "
+            "(ViT, DINOv2) or cls_mean_patch (DINOv2); default: the tower's first."
+        },
     )
     freeze_language_model: bool = field(default=False, metadata={"help": "Train the mapper only (frozen LM)."})
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LM (peft) and the mapper."})

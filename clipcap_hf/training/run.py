@@ -72,6 +72,7 @@ def build_model(model_args: ModelArguments) -> tuple[ClipCapForConditionalGenera
     config_kwargs = {
         "mapping_num_layers": model_args.mapping_num_layers,
         "normalize_prefix": model_args.normalize_prefix,
+        "vision_pooling": model_args.vision_pooling,
     }
     if model_args.mapping_type == "transformer":
         config_kwargs["clip_length"] = model_args.clip_length
