@@ -257,3 +257,16 @@ def test_squash_does_not_crop():
         ClipCapImageProcessor(size=32, crop_size=24, resize_mode="squash")
     with pytest.raises(ValueError, match=r"`resize_mode` must be one of \('shortest', 'squash'\), got 'longest'"):
         ClipCapImageProcessor(resize_mode="longest")
+
+
+def test_clipcap_train_builds_a_new_model_on_another_tower_with_its_pooling(text_dir, tmp_path):
+    from clipcap_hf.training.arguments import ModelArguments
+    from clipcap_hf.training.run import build_model
+
+    torch.manual_seed(0)
+    ViTModel(ViTConfig(**VISION, image_size=32)).save_pretrained(tmp_path / "vit")
+    model_args = ModelArguments(vision_model_name_or_path=str(tmp_path / "vit"), text_model_name_or_path=str(text_dir),
+                                prefix_length=4, vision_pooling="pooled")
+    model, processor = build_model(model_args)
+    assert (model.config.vision_config.model_type, model.config.vision_pooling) == ("vit", "pooled")
+    assert (processor.image_processor.resize_mode, processor.image_processor.size) == ("squash", 32)
