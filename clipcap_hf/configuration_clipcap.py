@@ -127,8 +127,9 @@ class ClipCapConfig(PretrainedConfig):
         mapping_num_heads (`int`, *optional*, defaults to 8):
             Transformer mapper only: attention heads; must divide the language model's token-embedding width.
         prefix_dim (`int`, *optional*):
-            Width of the image embedding the mapper reads. Defaults to the vision tower's: `vision_config.projection_dim`
-            (CLIP), `hidden_size` (twice it for `"cls_mean_patch"`), or `open_clip_model_cfg["embed_dim"]`.
+            Width of the image embedding the mapper reads. Defaults to the vision tower's:
+            `vision_config.projection_dim` (CLIP), `hidden_size` (twice it for `"cls_mean_patch"`), or
+            `open_clip_model_cfg["embed_dim"]`.
         normalize_prefix (`bool`, *optional*, defaults to `False`):
             Divide the image embedding by its L2 norm before the mapper (the paper's transformer release does).
         vision_backend (`str`, *optional*, defaults to `"clip"`):
@@ -215,8 +216,8 @@ class ClipCapConfig(PretrainedConfig):
                 )
             if vision_pooling is not None:
                 raise ValueError(
-                    f"`vision_pooling` ({vision_pooling!r}) applies to transformers towers; an open_clip tower gives its "
-                    "projected embedding. Leave it None with vision_backend='open_clip'."
+                    f"`vision_pooling` ({vision_pooling!r}) applies to transformers towers; an open_clip tower gives "
+                    "its projected embedding. Leave it None with vision_backend='open_clip'."
                 )
             embedding_dim = open_clip_model_cfg["embed_dim"]
         else:

@@ -46,7 +46,9 @@ class PrefixInterpretation:
 
     def format_matches(self) -> list[str]:
         """Each prefix position's nearest tokens on one line, most similar first, each with its similarity."""
-        return ["  ".join(f"{match.label} {match.similarity:.3f}" for match in candidates) for candidates in self.matches]
+        return [
+            "  ".join(f"{match.label} {match.similarity:.3f}" for match in candidates) for candidates in self.matches
+        ]
 
     def format(self) -> str:
         """One line per prefix position: its position, then its nearest tokens (see `format_matches`)."""

@@ -64,8 +64,8 @@ def test_a_two_run_grid_writes_its_table_and_figure_and_every_run_captions(grid)
             generated = model.generate(**processor(images=evaluation["image"]))
         captions = processor.post_process_image_text_to_text(generated)
         assert all(captions)
-        scores = compute_caption_metrics(dict(enumerate(captions)), {i: [c] for i, c in enumerate(evaluation["caption"])},
-                                         metrics=["cider"], tokenize=False)
+        references = {index: [caption] for index, caption in enumerate(evaluation["caption"])}
+        scores = compute_caption_metrics(dict(enumerate(captions)), references, metrics=["cider"], tokenize=False)
         assert float(row["CIDEr"]) == pytest.approx(scores["CIDEr"], abs=1e-6)
         assert 0 <= float(row["exact_match"]) <= 1
     assert [record["scores"]["CIDEr"] for record in records] == [float(row["CIDEr"]) for row in rows]

@@ -193,9 +193,9 @@ def test_vit_without_a_pooler_loads_for_cls_and_names_the_fix_for_pooled(text_di
     with torch.no_grad():
         expected = classifier.vit(pixel_values).last_hidden_state[:, 0]
         torch.testing.assert_close(model.get_image_embeds(pixel_values), expected)
-    with pytest.raises(ValueError, match=r"is not a pretrained 'vit' tower for vision_pooling='pooled': 2 of the tower's "
-                                         r"weights are missing from it \(e.g. 'pooler.dense.bias'\)\. .*or "
-                                         r"vision_pooling='cls'\."):
+    message = (r"is not a pretrained 'vit' tower for vision_pooling='pooled': 2 of the tower's weights are missing "
+               r"from it \(e.g. 'pooler.dense.bias'\)\. .*or vision_pooling='cls'\.")
+    with pytest.raises(ValueError, match=message):
         ClipCapForConditionalGeneration.from_vision_text_pretrained(str(tmp_path / "vit"), str(text_dir),
                                                                     vision_pooling="pooled")
 

@@ -33,7 +33,8 @@ def positive_float(text: str) -> float:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", required=True,
-                        help="Where the runs, results.csv, results.md and the figures go; rerunning skips finished runs.")
+                        help="Where the runs, results.csv, results.md and the figures go; a rerun skips finished "
+                             "runs.")
     grid = parser.add_argument_group("the grid")
     grid.add_argument("--prefix-lengths", type=positive_int, nargs="+", default=list(DEFAULTS.prefix_lengths),
                       help=f"Prefix lengths (default: {' '.join(map(str, DEFAULTS.prefix_lengths))}).")

@@ -122,7 +122,8 @@ def _json_result(path, readings: list[_Reading], comparing: bool) -> dict:
 
 def _side_by_side(readings: list[_Reading]) -> str:
     """Each model's caption, then one line per prefix position with each model's nearest tokens in its own column."""
-    lines = [f"  caption ({escape_controls(reading.model)}): {escape_controls(reading.caption)}" for reading in readings]
+    lines = [f"  caption ({escape_controls(reading.model)}): {escape_controls(reading.caption)}"
+             for reading in readings]
     columns = [reading.interpretation.format_matches() for reading in readings]
     width = max(len(cell) for cell in columns[0]) if columns[0] else 0
     for position in range(max(len(column) for column in columns)):

@@ -256,7 +256,9 @@ def train_and_score(
             use_cpu=not torch.cuda.is_available(),
             disable_tqdm=not verbose,
         )
-        collator = ClipCapDataCollator(processor, image_embeds=train_embeds, max_caption_length=config.max_caption_length)
+        collator = ClipCapDataCollator(
+            processor, image_embeds=train_embeds, max_caption_length=config.max_caption_length
+        )
         trainer = ClipCapTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
         result = trainer.train()
 
