@@ -48,8 +48,11 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def write_source(folder: Path, images: int, shard_size: int = 50_000) -> list[str]:
-    """Parquet shards of `images` distinct 16x16 PNGs with one caption each."""
+def write_source(folder: Path, images: int, shard_size: int = 10_000) -> list[str]:
+    """
+    Parquet shards of `images` distinct 16x16 PNGs with one caption each, in row groups of 1000 rows as img2dataset
+    writes them (a reader holds one row group at a time: one group per file would make memory grow with the file).
+    """
     import datasets
 
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
@@ -63,7 +66,7 @@ def write_source(folder: Path, images: int, shard_size: int = 50_000) -> list[st
             rows["image"].append({"bytes": buffer.getvalue(), "path": None})
             rows["caption"].append(f"A small picture number {index}.")
         path = folder / f"part-{start // shard_size:05d}.parquet"
-        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path))
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(path), batch_size=1000)
         files.append(str(path))
     return files
 
