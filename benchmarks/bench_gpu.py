@@ -65,18 +65,17 @@ def caption_batch(model, batch_size: int, generator: torch.Generator, device: to
     config = model.config
     prefix, eos = config.prefix_length, config.text_config.eos_token_id
     lengths = (torch.randn(batch_size, generator=generator) * CAPTION_SD + CAPTION_MEAN).round().clamp(min=1).long()
-    width = prefix + int(lengths.max()) + 1
-    input_ids = torch.full((batch_size, width), eos, dtype=torch.long)
-    input_ids[:, :prefix] = config.image_token_id
-    labels = torch.full_like(input_ids, -100)
-    attention_mask = torch.zeros_like(input_ids)
-    for row, length in enumerate(lengths.tolist()):
-        caption = torch.randint(0, eos, (length,), generator=generator).tolist() + [eos]
-        input_ids[row, prefix : prefix + len(caption)] = torch.tensor(caption)
-        labels[row, prefix : prefix + len(caption)] = torch.tensor(caption)
-        attention_mask[row, : prefix + len(caption)] = 1
-    image_embeds = torch.randn(batch_size, config.prefix_dim, generator=generator)
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "image_embeds": image_embeds}
+    positions = torch.arange(int(lengths.max()) + 1)
+    tokens = torch.randint(0, eos, (batch_size, len(positions)), generator=generator)
+    tokens[positions == lengths[:, None]] = eos  # each caption ends with EOS
+    caption = positions <= lengths[:, None]
+    image_tokens = torch.full((batch_size, prefix), config.image_token_id)
+    batch = {
+        "input_ids": torch.cat((image_tokens, tokens.masked_fill(~caption, eos)), dim=1),
+        "attention_mask": torch.cat((torch.ones_like(image_tokens), caption.long()), dim=1),
+        "labels": torch.cat((torch.full_like(image_tokens, -100), tokens.masked_fill(~caption, -100)), dim=1),
+        "image_embeds": torch.randn(batch_size, config.prefix_dim, generator=generator),
+    }
     return {name: value.to(device) for name, value in batch.items()}
 
 
@@ -116,7 +115,8 @@ class TrainingRun:
             self.step(batch)
         synchronize(self.device)
         seconds = time.perf_counter() - start
-        flops_per_sample = sum(self.flops(batch) for batch in batches[1:]) / (steps * batch_size)
+        counted = batches[1:4]  # a few batches: counting FLOPs takes as long as the steps
+        flops_per_sample = sum(self.flops(batch) for batch in counted) / (len(counted) * batch_size)
         return steps * batch_size / seconds, flops_per_sample
 
     def fits(self, batch_size: int) -> bool:
