@@ -119,13 +119,16 @@ class TrainingRun:
         flops_per_sample = sum(self.flops(batch) for batch in counted) / (len(counted) * batch_size)
         return steps * batch_size / seconds, flops_per_sample
 
-    def fits(self, batch_size: int) -> bool:
+    def fits(self, batch_size: int, headroom: float = 0.9) -> bool:
+        """Whether a step at this batch runs within `headroom` of the GPU's memory (batches vary in length)."""
         if self.device.type != "cuda":
             return True
         try:
+            torch.cuda.reset_peak_memory_stats(self.device)
             self.step(caption_batch(self.model, batch_size, torch.Generator().manual_seed(0), self.device))
             synchronize(self.device)
-            return True
+            total = torch.cuda.get_device_properties(self.device).total_memory
+            return torch.cuda.max_memory_allocated(self.device) < headroom * total
         except torch.cuda.OutOfMemoryError:
             self.optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
