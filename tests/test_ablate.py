@@ -122,3 +122,40 @@ def test_matplotlib_is_imported_only_when_a_figure_is_drawn():
         names = [alias.name for node in top_level for alias in node.names]
         names += [node.module or "" for node in top_level if isinstance(node, ast.ImportFrom)]
         assert not [name for name in names if name.startswith("matplotlib")], module.__name__
+
+
+def test_a_grid_over_two_vision_towers_on_a_dataset_of_your_own(caption_folder, tokenizer, tmp_path):
+    from conftest import tiny_config
+    from transformers import CLIPVisionModelWithProjection, GPT2LMHeadModel, SiglipVisionConfig, SiglipVisionModel
+
+    from clipcap_hf import ClipCapImageProcessor
+    from clipcap_hf.training.ablation import caption_task
+
+    torch.manual_seed(0)
+    config = tiny_config(tokenizer)
+    CLIPVisionModelWithProjection(config.vision_config).save_pretrained(tmp_path / "clip")
+    ClipCapImageProcessor(size=32).save_pretrained(tmp_path / "clip")
+    SiglipVisionModel(SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=4, image_size=32, patch_size=8)).save_pretrained(
+        tmp_path / "siglip"
+    )
+    GPT2LMHeadModel(config.text_config).save_pretrained(tmp_path / "text")
+    tokenizer.save_pretrained(tmp_path / "text")
+    towers = [str(tmp_path / "clip"), str(tmp_path / "siglip")]
+    data = caption_task("imagefolder", str(caption_folder), towers, str(tmp_path / "text"),
+                        validation_file=str(caption_folder))
+    assert len(data.train) == 7 and [len(references) for references in data.evaluation["references"]] == [2, 2, 1, 2]
+
+    grid = AblationConfig(prefix_lengths=(2,), mapping_types=("mlp",), language_models=("frozen",),
+                          vision_models=towers, text_model=str(tmp_path / "text"), max_steps=2, batch_size=4,
+                          plot_metrics=("Bleu_4",))
+    records = run_ablation(tmp_path / "grid", grid, data, verbose=False)
+    assert [record["name"] for record in records] == ["clip-mlp-frozen-prefix002", "siglip-mlp-frozen-prefix002"]
+    # Frozen language model: the mapper is all that trains.
+    mapper_size = (24 * 32 + 32) + (32 * 64 + 64)  # CLIP: 24-d embedding -> 32 -> 2 x 32
+    assert records[0]["trainable_parameters"] == mapper_size
+    loaded = ClipCapForConditionalGeneration.from_pretrained(tmp_path / "grid" / "runs" / records[1]["name"])
+    assert (loaded.config.vision_config.model_type, loaded.config.vision_pooling) == ("siglip_vision_model", "pooled")
+    with open(tmp_path / "grid" / "results.csv", newline="") as file:
+        assert [row["vision_model"] for row in csv.DictReader(file)] == ["clip", "siglip"]
+    assert (tmp_path / "grid" / "prefix_length_Bleu_4.png").is_file()
