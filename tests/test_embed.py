@@ -126,6 +126,24 @@ def test_an_unreadable_image_in_a_tar_shard_is_named_by_shard_and_key(tmp_path, 
     assert "Skipped 1 unreadable image(s) and their 1 caption(s)" in caplog.text
 
 
+def test_an_unreadable_parquet_row_is_named_by_file_row_and_key(tmp_path, tokenizer, processor):
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    good = io.BytesIO()
+    random_images(1)[0].save(good, "PNG")
+    for number, data in enumerate([[good.getvalue()], [b"not an image", good.getvalue()[:60]]]):
+        rows = {"image": [{"bytes": item, "path": None} for item in data], "caption": ["A dog."] * len(data)}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / f"part{number}.parquet"))
+    files = [str(tmp_path / "part0.parquet"), str(tmp_path / "part1.parquet")]
+    source = load_image_source(data_files=files, caption_column="caption")
+    with pytest.raises(ValueError) as error:
+        embed_source(source, tiny_model(tokenizer), processor.image_processor, tmp_path / "emb")
+    lines = str(error.value).splitlines()
+    assert lines[0].startswith("2 image(s) cannot be read")
+    key = "sha256:" + __import__("hashlib").sha256(b"not an image").hexdigest()
+    assert lines[1] == f"  shard {files[1]} (source row 1): UnidentifiedImageError: cannot identify image file (key {key})"
+    assert lines[2].startswith(f"  shard {files[1]} (source row 2): ")
+
+
 def test_another_tower_pooling_or_an_old_cache_folder_is_refused(tmp_path, tokenizer, processor, webdataset_shards):
     model = tiny_model(tokenizer)
     source = load_image_source(data_files=[str(path) for path in webdataset_shards[0]], caption_column="txt")
