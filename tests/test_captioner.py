@@ -123,3 +123,19 @@ def test_caption_files_sampling_with_a_seed_matches_generate(tmp_path, captionin
     caption = json.loads(capsys.readouterr().out)[0]["caption"]
     torch.manual_seed(7)
     assert caption == generate_captions(model, processor, [image], do_sample=True, top_p=0.8, temperature=2.0)[0]
+
+
+def test_caption_files_in_bfloat16_match_generate_in_bfloat16(tmp_path, captioning, capsys):
+    model, processor = captioning
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    images = random_images(2, seed=26)
+    paths = [tmp_path / "a.png", tmp_path / "b.png"]
+    for image, path in zip(images, paths):
+        image.save(path)
+    assert main(["caption", *map(str, paths), "--model", str(folder), "--dtype", "bfloat16",
+                 "--max-new-tokens", str(MAX_NEW_TOKENS), "--json"]) == 0
+    captions = [result["caption"] for result in json.loads(capsys.readouterr().out)]
+    half = type(model).from_pretrained(folder).to(torch.bfloat16).eval()
+    assert captions == generate_captions(half, processor, images)
