@@ -159,3 +159,10 @@ def test_a_grid_over_two_vision_towers_on_a_dataset_of_your_own(caption_folder, 
     with open(tmp_path / "grid" / "results.csv", newline="") as file:
         assert [row["vision_model"] for row in csv.DictReader(file)] == ["clip", "siglip"]
     assert (tmp_path / "grid" / "prefix_length_Bleu_4.png").is_file()
+
+
+def test_towers_whose_runs_would_share_a_folder_are_refused():
+    from clipcap_hf.training.ablation import grid_runs
+
+    with pytest.raises(ValueError, match=r"The vision towers \['a/clip', 'b/clip/'\] end in the same name"):
+        grid_runs(AblationConfig(), ["a/clip", "b/clip/"])

@@ -129,6 +129,13 @@ class AblationData:
 
 
 def grid_runs(config: AblationConfig, vision_models: Sequence[str]) -> list[AblationRun]:
+    """Every run of the grid, in table order. Runs are named by the towers' last path parts, which must differ."""
+    names = [AblationRun(vision, "mlp", "frozen", 1).name for vision in vision_models]
+    if len(set(names)) < len(names):
+        raise ValueError(
+            f"The vision towers {list(vision_models)} end in the same name, which names their runs' folders; give "
+            "towers whose last path parts differ (copy or link one under another name)."
+        )
     return [
         AblationRun(vision, mapping_type, language_model, prefix_length)
         for vision in vision_models
@@ -233,6 +240,7 @@ def train_and_score(
     )
     if run.language_model == "frozen":
         model.freeze_language_model()
+    model.to("cuda" if torch.cuda.is_available() else "cpu")  # where the Trainer trains: embed and caption there too
     if run.vision_model not in embeddings:  # the tower is frozen: its embeddings serve every run with it
         embeddings[run.vision_model] = (
             embed_rows(model, processor.image_processor, data.train),
