@@ -305,3 +305,12 @@ def test_interpret_compare_refuses_the_same_model(saved_words_model, capsys):
     folder, image_path, _ = saved_words_model
     assert main(["interpret", str(image_path), "--model", str(folder), "--compare", str(folder)]) == 2
     assert "--compare names the same model as --model" in capsys.readouterr().err
+
+
+def test_interpret_gallery_of_one_model(saved_words_model, tmp_path):
+    folder, image_path, _ = saved_words_model
+    gallery = tmp_path / "prefixes.html"
+    assert main(["interpret", str(image_path), "--model", str(folder), "--gallery", str(gallery)]) == 0
+    page = gallery.read_text()
+    assert re.findall(r"<th>(.*?)</th>", page) == ["Image", f"caption ({folder})", f"prefix ({folder})"]
+    assert re.findall(r'<td class="column">(.*?)</td>', page) == [html.escape("' do' 'at' '!' 'A'")]
