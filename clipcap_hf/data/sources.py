@@ -173,9 +173,9 @@ def _from_caption_format(dataset_format: str, path, image_root, split: str) -> d
         loaded = loaded[name]
     first_row: dict[str, int] = {}
     captions: dict[str, list[str]] = {}
-    for row, (path, caption) in enumerate(zip(loaded["image_path"], loaded["caption"])):
-        first_row.setdefault(path, row)
-        captions.setdefault(path, []).append(caption)
+    for row, (image_path, caption) in enumerate(zip(loaded["image_path"], loaded["caption"])):
+        first_row.setdefault(image_path, row)
+        captions.setdefault(image_path, []).append(caption)
     images = loaded.select(list(first_row.values())).remove_columns("caption")
     images = images.add_column("captions", list(captions.values()))
     return images.add_column("image", images["image_path"]).cast_column("image", datasets.Image())
@@ -199,7 +199,7 @@ def _add_keys_and_captions(dataset, caption_column: str | None, source: str, sha
         features = datasets.Features({name: f for name, f in dataset.features.items() if name not in replaced})
         features["image_key"] = datasets.Value("string")
         if caption_column:
-            features["captions"] = datasets.List(datasets.Value("string"))
+            features["captions"] = datasets.Sequence(datasets.Value("string"))
         features["image"] = datasets.Image(decode=False)
         # Left undecoded: datasets does not decode the images of a mapped IterableDataset (see decode_image).
         return dataset.map(**keys_and_captions, remove_columns=replaced, features=features)
