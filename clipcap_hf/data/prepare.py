@@ -98,7 +98,7 @@ def load_training_data(
         eval_rows = _pixel_rows(eval_source, data_args, "evaluation") if eval_source is not None else None
         table = None
     else:
-        train_rows, eval_rows, table = _embedded_rows(train_source, eval_source, data_args, model, processor)
+        train_rows, eval_rows, table = _embedded_rows(train_source, eval_source, data_args, model, processor, train)
     if train_rows is not None and data_args.max_train_samples is not None:
         train_rows = _first(train_rows, data_args.max_train_samples)
     if eval_rows is not None and data_args.max_eval_samples is not None:
@@ -220,7 +220,7 @@ def _first(rows, count: int):
 # Rows pointing into the embeddings
 
 
-def _embedded_rows(train_source, eval_source, data_args, model, processor):
+def _embedded_rows(train_source, eval_source, data_args, model, processor, train: bool):
     """Embed the sources (all processes, each its share) and give each caption a row into the shared table."""
     tables, cache_index = [], None
     if data_args.embeddings:
@@ -258,7 +258,7 @@ def _embedded_rows(train_source, eval_source, data_args, model, processor):
         tables.append(cache_index.table)
     with _main_process_first():
         if data_args.embeddings:
-            train_rows = _caption_rows(tables[0], index=None)
+            train_rows = _caption_rows(tables[0], index=None) if train else None
         else:
             train_rows = _caption_rows(train_source, cache_index) if train_source is not None else None
         eval_rows = _caption_rows(eval_source, cache_index, for_evaluation=True) if eval_source is not None else None
