@@ -257,3 +257,21 @@ def test_embeddings_folder_is_captioned_without_the_vision_tower(model_dir, parq
 def test_bad_options_are_refused_before_any_work(tmp_path, capsys, extra, message):
     assert main(["caption", "--model", str(tmp_path / "nothing-loaded"), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_streaming_gives_one_output_shard_per_data_file(model_dir, parquet_source, tmp_path, capsys):
+    source, encoded = parquet_source
+    files = []
+    features = datasets.Features({"image": datasets.Image()})
+    for index, part in enumerate((encoded[:4], encoded[4:])):
+        files.append(tmp_path / f"part-{index}.parquet")
+        datasets.Dataset.from_dict({"image": [{"bytes": data, "path": None} for data in part]}, features=features)\
+            .to_parquet(files[-1])
+    output = tmp_path / "captions"
+    argv = ["caption", "--model", str(model_dir), "--data-files", *map(str, files), "--streaming", "--output",
+            str(output), "--batch-size", "3", "--max-new-tokens", MAX_NEW_TOKENS]
+    assert main(argv) == 0
+    assert sorted(path.name for path in output.glob("*.parquet")) == [
+        "captions-00000-of-00002.parquet", "captions-00001-of-00002.parquet"]
+    assert pq.read_table(output / "captions-00000-of-00002.parquet").num_rows == 4
+    assert read_rows(output) == expected_rows(model_dir, encoded)
