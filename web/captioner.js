@@ -31,14 +31,17 @@ function roundHalfEven(x) {
 export class ClipCapCaptioner {
   static async load(ort, folderUrl, quantized = false) {
     const base = new URL(folderUrl, location.href);
-    const files = ["config.json", "generation_config.json", "processor_config.json", "tokenizer.json"];
-    const [config, generation, processor, tokenizer] = await Promise.all(files.map((f) => fetchJson(new URL(f, base))));
+    const files = ["config.json", "generation_config.json", "tokenizer.json"];
+    const [config, generation, tokenizer] = await Promise.all(files.map((f) => fetchJson(new URL(f, base))));
+    // transformers 5 nests the image processor's settings in processor_config.json; 4.x writes them apart.
+    const processor = await fetchJson(new URL("processor_config.json", base)).catch(() => ({}));
+    const imageConfig = processor.image_processor ?? (await fetchJson(new URL("preprocessor_config.json", base)));
     ort.env.wasm.numThreads = 1; // threads need a cross-origin-isolated page
     ort.env.wasm.wasmPaths = new URL("node_modules/onnxruntime-web/dist/", import.meta.url).href;
     const suffix = quantized ? "_quantized" : "";
     const open = (name) => ort.InferenceSession.create(new URL(`onnx/${name}${suffix}.onnx`, base).href);
     const [vision, embed, decoder] = await Promise.all(["vision_encoder", "embed_tokens", "decoder_model_merged"].map(open));
-    return new ClipCapCaptioner(ort, config, generation, processor.image_processor, tokenizer, { vision, embed, decoder });
+    return new ClipCapCaptioner(ort, config, generation, imageConfig, tokenizer, { vision, embed, decoder });
   }
 
   constructor(ort, config, generation, imageConfig, tokenizer, sessions) {

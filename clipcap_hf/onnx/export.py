@@ -126,8 +126,13 @@ def _export(module: nn.Module, args: tuple, path: Path, input_names, output_name
 
 
 @torch.no_grad()
-def export_graphs(model: ClipCapForConditionalGeneration, output_dir: str | os.PathLike) -> dict[str, Path]:
-    """Write the four fp32 graphs of `model` into `output_dir`; returns their paths by name."""
+def export_graphs(
+    model: ClipCapForConditionalGeneration, output_dir: str | os.PathLike, image_size: int
+) -> dict[str, Path]:
+    """
+    Write the four fp32 graphs of `model` (put in fp32 and eval mode, in place) into `output_dir`, for images of
+    `image_size` pixels square (the processor's crop size); returns their paths by name.
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
@@ -135,10 +140,6 @@ def export_graphs(model: ClipCapForConditionalGeneration, output_dir: str | os.P
     batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence_length")
     paths = {name: output_dir / f"{name}.onnx" for name in GRAPHS}
 
-    if config.vision_backend == "clip":
-        image_size = config.vision_config.image_size
-    else:
-        image_size = config.open_clip_model_cfg["vision_cfg"].get("image_size", 224)
     pixel_values = torch.randn(2, 3, image_size, image_size)
     _export(VisionEncoder(model), (pixel_values,), paths["vision_encoder"], ["pixel_values"], ["prefix_embeds"],
             ({0: batch},))
@@ -200,7 +201,7 @@ def export_onnx(
     """
     Export `model` (with `processor` beside it) to `output_dir`: the config, generation config and processor files
     at its top, the graphs under `onnx/` (fp32, and int8 when `quantize`). Returns the graphs' paths by name
-    (`vision_encoder`, ..., and `vision_encoder_quantized`, ...).
+    (`vision_encoder`, ..., and `vision_encoder_quantized`, ...). The model is put in fp32 and eval mode, in place.
     """
     try:
         import onnx  # noqa: F401  (the exporter needs it, and onnxscript)
@@ -213,7 +214,7 @@ def export_onnx(
     model.config.save_pretrained(output_dir)
     model.generation_config.save_pretrained(output_dir)
     save_pretrained(output_dir, processor)
-    paths = export_graphs(model, output_dir / ONNX_SUBFOLDER)
+    paths = export_graphs(model, output_dir / ONNX_SUBFOLDER, processor.image_processor.crop_size)
     if quantize:
         paths.update({f"{name}{QUANTIZED_SUFFIX}": path for name, path in quantize_graphs(paths).items()})
     return paths
