@@ -28,7 +28,7 @@ import PIL.Image
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_train import word_tokenizer  # noqa: E402
+from bench_train import word_tokenizer
 
 # Runs `clipcap ARGS...` and writes its peak resident memory (MiB) to $PEAK_RSS_DIR/<rank> when it exits.
 RUN_CLIPCAP = r"""
@@ -46,7 +46,12 @@ sys.exit(main(sys.argv[1:]))
 def build_model_folder(folder: Path) -> None:
     from transformers import CLIPVisionConfig, GPT2Config
 
-    from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration, ClipCapImageProcessor, ClipCapProcessor
+    from clipcap_hf import (
+        ClipCapConfig,
+        ClipCapForConditionalGeneration,
+        ClipCapImageProcessor,
+        ClipCapProcessor,
+    )
 
     tokenizer = word_tokenizer()
     tokenizer.add_tokens(["<image>"], special_tokens=True)
@@ -90,7 +95,9 @@ def run_clipcap(args: list[str], processes: int, work: Path) -> tuple[float, flo
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
                    "--master_port=0", str(script)]
     start = time.perf_counter()
-    result = subprocess.run([*command, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    result = subprocess.run(
+        [*command, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, check=False
+    )
     if result.returncode != 0:
         raise RuntimeError(f"`clipcap {' '.join(args)}` failed:\n{result.stderr[-3000:]}")
     seconds = time.perf_counter() - start

@@ -145,8 +145,8 @@ def _decoding_kwargs(args: argparse.Namespace) -> dict:
 
 def _device(args: argparse.Namespace) -> str | None:
     """--device, else under torchrun each process's own GPU (LOCAL_RANK) when there are GPUs."""
-    if args.device is None and int(os.environ.get("WORLD_SIZE", 1)) > 1 and torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    if args.device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
     return args.device
 
 

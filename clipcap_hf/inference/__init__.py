@@ -16,7 +16,12 @@ Example:
 
 from .captioner import CaptionBatch, ClipCapCaptioner, decode_image
 from .clip_score import CLIPSCORE_PROMPT, CLIPSCORE_WEIGHT, CLIPScorer
-from .sharded import CaptionRunSummary, caption_dataset_to_parquet, distributed_rank, shard_file_name
+from .sharded import (
+    CaptionRunSummary,
+    caption_dataset_to_parquet,
+    distributed_rank,
+    shard_file_name,
+)
 
 __all__ = [
     "CLIPSCORE_PROMPT",

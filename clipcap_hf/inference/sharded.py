@@ -38,7 +38,7 @@ def shard_file_name(index: int, num_shards: int) -> str:
 
 def distributed_rank() -> tuple[int, int]:
     """This process's rank and the number of processes, as `torchrun` and `accelerate launch` set them."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
 @dataclass
@@ -203,9 +203,9 @@ def _caption_shard(
 
 
 __all__ = [
-    "CaptionRunSummary",
     "DEFAULT_SHARD_SIZE",
     "RUN_FILE",
+    "CaptionRunSummary",
     "caption_dataset_to_parquet",
     "distributed_rank",
     "shard_file_name",
