@@ -5,6 +5,7 @@ import html
 import json
 import re
 
+import numpy as np
 import pytest
 import torch
 from conftest import random_images
@@ -126,3 +127,19 @@ def test_clip_metric_options_are_checked_before_any_work(tmp_path, capsys, extra
             "--data-format", "coco", "--output-dir", str(tmp_path / "out"), *extra]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_clip_score_is_torchmetrics_clip_score_over_40_where_torchmetrics_runs(clip):
+    """torchmetrics' clip_score is max(100 * cos, 0) (of a batch's mean: one image at a time here); it calls
+    `get_image_features` as a tensor, which transformers 5 no longer returns."""
+    functional = pytest.importorskip("torchmetrics.functional.multimodal")
+    model, processor = clip
+    if not isinstance(model.get_image_features(pixel_values=torch.zeros(1, 3, 32, 32)), torch.Tensor):
+        pytest.skip("torchmetrics' CLIPScore needs get_image_features to return a tensor (transformers 4)")
+    images = random_images(len(CAPTIONS), seed=5)
+    ours = CLIPScorer(model, processor).clip_score(images, CAPTIONS)
+    for image, caption, score in zip(images, CAPTIONS, ours):
+        pixels = torch.from_numpy(np.array(image)).permute(2, 0, 1)
+        with torch.no_grad():
+            theirs = functional.clip_score(pixels, f"A photo depicts {caption}", model_name_or_path=lambda: clip)
+        assert float(score) == pytest.approx(float(theirs) / 40, abs=1e-4)
