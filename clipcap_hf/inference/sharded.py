@@ -150,12 +150,9 @@ def caption_dataset_to_parquet(
     dataset = _undecoded(dataset, captioner.image_column)
     num_shards, get_shard = _input_shards(dataset, shard_size)
     summary = CaptionRunSummary(num_shards)
-    pending = []
-    for index in range(rank, num_shards, world_size):
-        name = shard_file_name(index, num_shards)
-        (summary.skipped if (output_dir / name).exists() else pending).append((index, name))
-    summary.skipped = [name for _, name in summary.skipped]
-    shards = [(index, name, get_shard(index)) for index, name in pending]
+    mine = [(index, shard_file_name(index, num_shards)) for index in range(rank, num_shards, world_size)]
+    summary.skipped = [name for _, name in mine if (output_dir / name).exists()]
+    shards = [(index, name, get_shard(index)) for index, name in mine if name not in summary.skipped]
     total = sum(len(shard) for *_, shard in shards) if all(hasattr(shard, "__len__") for *_, shard in shards) else None
     description = "Captioning" if world_size == 1 else f"Captioning (rank {rank})"
     with tqdm(total=total, unit="image", desc=description, dynamic_ncols=True) as bar:
