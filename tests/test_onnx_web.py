@@ -1,7 +1,8 @@
 """The browser captioner (web/): onnxruntime-web in headless Chromium captions as the Python ONNX captioner does.
 
-onnxruntime-web comes from npm: the first run installs it into web/node_modules (git-ignored) with
-`npm install`; the test is skipped, with the reason, where npm is missing or the install fails (no registry).
+onnxruntime-web comes from npm: the first run installs it into web/node_modules (git-ignored) with `npm ci` (the
+versions of web/package-lock.json); the test is skipped, with the reason, where npm is missing or the install fails
+(no registry).
 """
 
 import json
@@ -26,10 +27,10 @@ def onnxruntime_web():
         npm = shutil.which("npm")
         if npm is None:
             pytest.skip("npm is not installed (apt-get install -y npm), so onnxruntime-web cannot be installed")
-        result = subprocess.run([npm, "install", "--no-audit", "--no-fund"], cwd=WEB, capture_output=True,
+        result = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=WEB, capture_output=True,
                                 text=True, timeout=600)
         if result.returncode != 0 or not runtime.is_file():
-            pytest.skip(f"npm install of onnxruntime-web failed in {WEB}: {result.stderr.strip()[-300:]}")
+            pytest.skip(f"npm ci (onnxruntime-web) failed in {WEB}: {result.stderr.strip()[-300:]}")
     return runtime
 
 
