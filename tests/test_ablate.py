@@ -166,3 +166,15 @@ def test_towers_whose_runs_would_share_a_folder_are_refused():
 
     with pytest.raises(ValueError, match=r"The vision towers \['a/clip', 'b/clip/'\] end in the same name"):
         grid_runs(AblationConfig(), ["a/clip", "b/clip/"])
+
+
+def test_captions_of_one_image_file_share_its_embedding():
+    import datasets
+
+    from clipcap_hf.training.ablation import with_image_index
+
+    rows = datasets.Dataset.from_dict({"image_path": ["a.png", "b.png", "a.png", "c.png", "b.png"],
+                                       "caption": ["1", "2", "3", "4", "5"]})
+    indexed, images = with_image_index(rows)
+    assert indexed["image_index"] == [0, 1, 0, 2, 1]
+    assert images["image_path"] == ["a.png", "b.png", "c.png"]

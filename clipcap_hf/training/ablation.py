@@ -208,9 +208,26 @@ def caption_task(
                         text_model=text_model)
 
 
+def with_image_index(rows: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset]:
+    """
+    `rows` with an `image_index` column, and the rows of its distinct images in index order: the captions of one image
+    file share its embedding, so each file is embedded once.
+    """
+    if "image_path" not in rows.column_names:  # images in the rows themselves (the synthetic task): one each
+        return rows.add_column("image_index", list(range(len(rows)))), rows
+    positions: dict[str, int] = {}
+    first_rows, index = [], []
+    for row, path in enumerate(rows["image_path"]):
+        if path not in positions:
+            positions[path] = len(first_rows)
+            first_rows.append(row)
+        index.append(positions[path])
+    return rows.add_column("image_index", index), rows.select(first_rows)
+
+
 @torch.no_grad()
 def embed_rows(model, image_processor, rows: datasets.Dataset, batch_size: int = 64) -> torch.Tensor:
-    """The frozen vision tower's image embedding of every row, in row order."""
+    """The frozen vision tower's image embedding of each row's image, in row order."""
     device = next(model.parameters()).device
     chunks = []
     for start in tqdm(range(0, len(rows), batch_size), desc="Embedding images", leave=False):
@@ -241,13 +258,13 @@ def train_and_score(
     if run.language_model == "frozen":
         model.freeze_language_model()
     model.to("cuda" if torch.cuda.is_available() else "cpu")  # where the Trainer trains: embed and caption there too
+    (train, train_images), (evaluation, eval_images) = with_image_index(data.train), with_image_index(data.evaluation)
     if run.vision_model not in embeddings:  # the tower is frozen: its embeddings serve every run with it
         embeddings[run.vision_model] = (
-            embed_rows(model, processor.image_processor, data.train),
-            embed_rows(model, processor.image_processor, data.evaluation),
+            embed_rows(model, processor.image_processor, train_images),
+            embed_rows(model, processor.image_processor, eval_images),
         )
     train_embeds, eval_embeds = embeddings[run.vision_model]
-    train = data.train.add_column("image_index", list(range(len(data.train))))
     # The Trainer writes only scratch files (no checkpoints are saved); the run's folder gets the final model.
     with tempfile.TemporaryDirectory(prefix="clipcap-ablate-") as scratch:
         args = TrainingArguments(
@@ -270,7 +287,6 @@ def train_and_score(
         trainer = ClipCapTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
         result = trainer.train()
 
-    evaluation = data.evaluation.add_column("image_index", list(range(len(data.evaluation))))
     predictions = caption_dataset(model, processor, evaluation, image_embeds=eval_embeds, batch_size=64)
     references = data.evaluation["references"]
     scores = compute_caption_metrics(
