@@ -2,6 +2,7 @@
 and caption; finished runs are not trained again."""
 
 import csv
+import dataclasses
 from pathlib import Path
 
 import PIL.Image
@@ -83,6 +84,9 @@ def test_a_rerun_skips_finished_runs_and_refuses_another_budget(grid, monkeypatc
     assert run_ablation(output_dir, tiny_grid(), verbose=False) == records
     assert (output_dir / "results.csv").is_file()  # the table is written again from the finished runs
 
+    with pytest.raises(ValueError, match=r"base was trained with other settings \(.*'max_steps': 3.*, this grid's: "
+                                         r".*'max_steps': 5.*\); use another output folder"):
+        run_ablation(output_dir, tiny_grid(shapes=dataclasses.replace(TINY_SHAPES, max_steps=5)), verbose=False)
     with pytest.raises(ValueError, match=r"clip-shapes-mlp-finetuned-prefix001 was trained with another budget "
                                          r"\(.*'max_steps': 3.*, this grid's: .*'max_steps': 4.*\); use another"):
         run_ablation(output_dir, tiny_grid(max_steps=4), verbose=False)
@@ -91,9 +95,11 @@ def test_a_rerun_skips_finished_runs_and_refuses_another_budget(grid, monkeypatc
 def test_the_command_reuses_the_grid_and_checks_its_options(grid, capsys, monkeypatch):
     output_dir, _ = grid
     monkeypatch.setattr(ablation, "train_and_score", None)  # nothing may be trained: every run is finished
+    # The command's synthetic task has the quickstart's dataset sizes; the grid's are tiny.
+    monkeypatch.setattr(ablate_command, "QuickstartConfig",
+                        lambda max_steps, seed: dataclasses.replace(TINY_SHAPES, max_steps=max_steps, seed=seed))
     options = ["--prefix-lengths", "1", "3", "--mapping-types", "mlp", "--language-models", "finetuned",
-               "--max-steps", "3", "--batch-size", "16", "--plot-metrics", "CIDEr", "--quiet"]
-    # The command's synthetic task has the quickstart's default sizes; these runs' budget is what must agree.
+               "--max-steps", "3", "--batch-size", "16", "--base-steps", "3", "--plot-metrics", "CIDEr", "--quiet"]
     assert main(["ablate", "--output-dir", str(output_dir), *options]) == 0
     assert "results.md" in capsys.readouterr().out
 

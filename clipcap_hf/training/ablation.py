@@ -58,7 +58,8 @@ PLOTTABLE_SCORES = (
 
 @dataclass
 class AblationConfig:
-    """The grid and the budget of each of its runs (the defaults take a few minutes on 2 CPU cores)."""
+    """The grid and the budget of each of its runs (the defaults: 20 runs on the synthetic task, 12 minutes on a
+    shared 2-core machine, docs/ablations.md)."""
 
     prefix_lengths: Sequence[int] = (1, 2, 4, 8, 16)
     mapping_types: Sequence[str] = MAPPING_TYPES
@@ -153,6 +154,11 @@ def shapes_task(output_dir: str | os.PathLike, config: AblationConfig, verbose: 
     base = Path(output_dir) / "base"
     if not (base / "held_out_scores.json").is_file():  # written last by the quickstart
         run_quickstart(base, config.shapes, verbose=verbose, overwrite=True)
+    elif read_json(base / "quickstart_config.json") != asdict(config.shapes):
+        raise ValueError(
+            f"{base} was trained with other settings ({read_json(base / 'quickstart_config.json')}, this grid's: "
+            f"{asdict(config.shapes)}); use another output folder, or remove {base} and its runs to start again."
+        )
     vision_dir, text_dir = base / "clip-shapes", base / "gpt2-shapes"
     if not (vision_dir / "preprocessor_config.json").is_file() or not (text_dir / "tokenizer_config.json").is_file():
         model = ClipCapForConditionalGeneration.from_pretrained(base, trust_remote_code=False)
