@@ -67,11 +67,12 @@ def main() -> None:
         export_onnx(model, processor, folder)
         export_s = time.perf_counter() - start
         tokens = {}
+        embeds = image_embeds.numpy()
         for name, quantized in (("onnx_fp32", False), ("onnx_int8", True)):
             captioner = OnnxCaptioner(folder, quantized=quantized)
-            embeds = image_embeds.numpy()
             results[name], tokens[name] = captions_per_second(
-                lambda: captioner.generate(image_embeds=embeds, max_new_tokens=args.new_tokens), args.images
+                lambda captioner=captioner: captioner.generate(image_embeds=embeds, max_new_tokens=args.new_tokens),
+                args.images,
             )
     quantize_int8_weight_only(model)
     results["torch_int8_weight_only"], tokens["torch_int8_weight_only"] = captions_per_second(torch_run, args.images)

@@ -14,8 +14,8 @@ from clipcap_hf.commands import main
 onnxruntime = pytest.importorskip("onnxruntime", reason='onnxruntime is not installed (pip install -e ".[onnx]")')
 pytest.importorskip("onnxscript", reason='onnxscript is not installed (pip install -e ".[onnx]")')
 
-from clipcap_hf.onnx import GRAPHS, OnnxCaptioner, caption_agreement, export_onnx  # noqa: E402
-from clipcap_hf.onnx.export import past_names  # noqa: E402
+from clipcap_hf.onnx import GRAPHS, OnnxCaptioner, caption_agreement, export_onnx
+from clipcap_hf.onnx.export import past_names
 
 TOLERANCE = 1e-4
 MAX_NEW_TOKENS = 12

@@ -28,7 +28,7 @@ def onnxruntime_web():
         if npm is None:
             pytest.skip("npm is not installed (apt-get install -y npm), so onnxruntime-web cannot be installed")
         result = subprocess.run([npm, "ci", "--no-audit", "--no-fund"], cwd=WEB, capture_output=True,
-                                text=True, timeout=600)
+                                text=True, timeout=600, check=False)
         if result.returncode != 0 or not runtime.is_file():
             pytest.skip(f"npm ci (onnxruntime-web) failed in {WEB}: {result.stderr.strip()[-300:]}")
     return runtime
@@ -48,7 +48,7 @@ def caption_in_browser(browser, url, image_path, quantized=False):
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(f"{url}/web/index.html?model=../model/" + ("&quantized=1" if quantized else ""))
-    status = lambda: browser.find_element("id", "status").text  # noqa: E731
+    status = lambda: browser.find_element("id", "status").text
     WebDriverWait(browser, WAIT_S).until(lambda _: status() != "loading", message="waiting for the model to load")
     assert status() == "ready", status()
     browser.find_element("id", "image").send_keys(str(image_path))

@@ -7,7 +7,11 @@ from conftest import PREFIX_LENGTH, captioning_model, random_images
 from transformers import BitsAndBytesConfig
 from transformers.pytorch_utils import Conv1D
 
-from clipcap_hf.utils.quantization import NOT_QUANTIZED_MODULES, bitsandbytes_config, conv1d_to_linear
+from clipcap_hf.utils.quantization import (
+    NOT_QUANTIZED_MODULES,
+    bitsandbytes_config,
+    conv1d_to_linear,
+)
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="bitsandbytes 8-/4-bit needs a CUDA GPU")
 

@@ -40,7 +40,8 @@ export class ClipCapCaptioner {
     ort.env.wasm.wasmPaths = new URL("node_modules/onnxruntime-web/dist/", import.meta.url).href;
     const suffix = quantized ? "_quantized" : "";
     const open = (name) => ort.InferenceSession.create(new URL(`onnx/${name}${suffix}.onnx`, base).href);
-    const [vision, embed, decoder] = await Promise.all(["vision_encoder", "embed_tokens", "decoder_model_merged"].map(open));
+    const graphs = ["vision_encoder", "embed_tokens", "decoder_model_merged"];
+    const [vision, embed, decoder] = await Promise.all(graphs.map(open));
     return new ClipCapCaptioner(ort, config, generation, imageConfig, tokenizer, { vision, embed, decoder });
   }
 
@@ -93,7 +94,8 @@ export class ClipCapCaptioner {
     const feeds = {
       inputs_embeds: inputsEmbeds,
       attention_mask: new this.ort.Tensor("int64", new BigInt64Array(total).fill(1n), [1, total]),
-      position_ids: new this.ort.Tensor("int64", BigInt64Array.from({ length: newLength }, (_, i) => BigInt(pastLength + i)), [1, newLength]),
+      position_ids: new this.ort.Tensor(
+        "int64", BigInt64Array.from({ length: newLength }, (_, i) => BigInt(pastLength + i)), [1, newLength]),
     };
     this.pastNames.forEach((name, i) => { feeds[name] = past[i]; });
     const outputs = await this.sessions.decoder.run(feeds);
@@ -105,8 +107,9 @@ export class ClipCapCaptioner {
   // the caption ends at an EOS token or after max_new_tokens.
   async generate(image) {
     const { prefix_embeds: prefix } = await this.sessions.vision.run({ pixel_values: this.pixelValues(image) });
-    const emptyPast = new Float32Array(0);
-    let step = await this.decode(prefix, this.pastNames.map(() => new this.ort.Tensor("float32", emptyPast, [1, this.kvHeads, 0, this.headDim])), 0);
+    // The first step reads the prefix with an empty cache (past length 0), as the merged decoder expects.
+    const emptyPast = () => new this.ort.Tensor("float32", new Float32Array(0), [1, this.kvHeads, 0, this.headDim]);
+    let step = await this.decode(prefix, this.pastNames.map(emptyPast), 0);
     const suppressed = new Set(this.generation.suppress_tokens ?? []);
     const tokens = [];
     for (let i = 0; i < (this.generation.max_new_tokens ?? 30); i++) {

@@ -23,7 +23,7 @@ from .export import ONNX_SUBFOLDER, QUANTIZED_SUFFIX, past_names
 # Generation settings this loop does not implement; a folder that sets one is refused rather than decoded otherwise.
 _UNSUPPORTED_SETTINGS = {
     "do_sample": False, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
-    "min_length": 0, "min_new_tokens": None, "num_beam_groups": 1, "temperature": 1.0,
+    "min_length": 0, "min_new_tokens": None, "num_beam_groups": 1,
 }
 _NEG_INF = np.float32(-np.inf)
 
