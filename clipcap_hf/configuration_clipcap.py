@@ -84,6 +84,22 @@ def _text_embedding_size(text_config: PretrainedConfig) -> int:
     return text_config.hidden_size
 
 
+def check_vision_backend(vision_backend: str, **open_clip_fields: Any) -> None:
+    """
+    `vision_backend` is a known one, and the open_clip fields (`open_clip_pretrained`, ...) among `open_clip_fields`
+    are given only with the open_clip backend. Shared by the config and `load_pretrained_vision_model`, which both
+    take these from users.
+    """
+    if vision_backend not in VISION_BACKENDS:
+        raise ValueError(f"`vision_backend` must be one of {VISION_BACKENDS}, got {vision_backend!r}.")
+    given = [name for name, value in open_clip_fields.items() if value is not None]
+    if vision_backend == "clip" and given:
+        raise ValueError(
+            f"vision_backend='clip' does not use {', '.join(f'`{name}`' for name in given)}; set "
+            f"vision_backend='open_clip' or leave {'it' if len(given) == 1 else 'them'} None."
+        )
+
+
 def check_mapping_num_heads(mapping_num_heads: int, text_embedding_size: int) -> None:
     if text_embedding_size % mapping_num_heads:
         raise ValueError(
@@ -198,8 +214,12 @@ class ClipCapConfig(PretrainedConfig):
         image_token_id: int | None = None,
         **kwargs,
     ):
-        if vision_backend not in VISION_BACKENDS:
-            raise ValueError(f"`vision_backend` must be one of {VISION_BACKENDS}, got {vision_backend!r}.")
+        check_vision_backend(
+            vision_backend,
+            open_clip_model_name=open_clip_model_name,
+            open_clip_pretrained=open_clip_pretrained,
+            open_clip_model_cfg=open_clip_model_cfg,
+        )
         if vision_backend == "open_clip":
             if vision_config is not None:
                 raise ValueError(
@@ -221,17 +241,6 @@ class ClipCapConfig(PretrainedConfig):
                 )
             embedding_dim = open_clip_model_cfg["embed_dim"]
         else:
-            open_clip_fields = {
-                "open_clip_model_name": open_clip_model_name,
-                "open_clip_pretrained": open_clip_pretrained,
-                "open_clip_model_cfg": open_clip_model_cfg,
-            }
-            given = [name for name, value in open_clip_fields.items() if value is not None]
-            if given:
-                raise ValueError(
-                    f"vision_backend='clip' does not use {', '.join(f'`{name}`' for name in given)}; set "
-                    f"vision_backend='open_clip' or leave {'it' if len(given) == 1 else 'them'} None."
-                )
             vision_config = CLIPVisionConfig() if vision_config is None else vision_tower_config(vision_config)
             poolings = VISION_POOLINGS[vision_config.model_type]
             vision_pooling = poolings[0] if vision_pooling is None else vision_pooling

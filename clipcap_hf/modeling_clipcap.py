@@ -35,10 +35,10 @@ from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 
 from .configuration_clipcap import (
-    VISION_BACKENDS,
     VISION_POOLINGS,
     ClipCapConfig,
     check_mapping_num_heads,
+    check_vision_backend,
     vision_tower_config,
 )
 from .onednn import cpu_linear_kernels
@@ -330,11 +330,8 @@ def load_pretrained_vision_model(
         vision_pooling (`str`, *optional*):
             `"clip"` backend: how the tower gives one image embedding ([`ClipCapConfig`]); defaults to the tower's.
     """
-    if vision_backend not in VISION_BACKENDS:
-        raise ValueError(f"`vision_backend` must be one of {VISION_BACKENDS}, got {vision_backend!r}.")
+    check_vision_backend(vision_backend, open_clip_pretrained=open_clip_pretrained)
     if vision_backend == "clip":
-        if open_clip_pretrained is not None:
-            raise ValueError("`open_clip_pretrained` only applies to vision_backend='open_clip'.")
         _check_local_path(vision_model_name_or_path, "vision model")
         try:
             vision_config = vision_tower_config(

@@ -17,6 +17,7 @@ from clipcap_hf import (
     ClipCapOpenClipVisionModel,
     ClipCapProcessor,
 )
+from clipcap_hf.modeling_clipcap import load_pretrained_vision_model
 
 BUILTIN_MODELS = [
     # name, tag, embedding width, image size, QuickGELU
@@ -101,6 +102,20 @@ def test_open_clip_config_round_trips_through_dicts():
 def test_config_rejects_invalid_open_clip_settings(kwargs, message):
     with pytest.raises(ValueError) as error:
         ClipCapConfig(**kwargs)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize(
+    "backend, pretrained, message",
+    [
+        ("timm", None, "`vision_backend` must be one of ('clip', 'open_clip'), got 'timm'"),
+        ("clip", "openai", "vision_backend='clip' does not use `open_clip_pretrained`"),
+    ],
+)
+def test_loading_a_tower_checks_the_backend_as_the_config_does(backend, pretrained, message):
+    # Refused before anything is looked up: the name would otherwise be a missing folder.
+    with pytest.raises(ValueError) as error:
+        load_pretrained_vision_model("./no-such-tower", backend, pretrained)
     assert message in str(error.value)
 
 
