@@ -209,10 +209,10 @@ class ClipCapImageProcessor(BaseImageProcessor):
         if unknown:
             # Refused rather than stored and ignored (CLIPImageProcessor's do_normalize=False, do_resize=False...).
             raise TypeError(
-                f"ClipCapImageProcessor got unknown options {unknown}. Its preprocessing is always CLIP's (resize, "
-                "center crop, RGB, normalize) and takes only size=..., crop_size=..., resample=..., image_mean=..., "
-                "image_std=...; for a CLIP checkpoint's preprocessing, use "
-                "ClipCapImageProcessor.from_clip_pretrained(...)."
+                f"ClipCapImageProcessor got unknown options {unknown}. Its preprocessing is always resize (and center "
+                "crop), RGB, normalize, and it takes only size=..., crop_size=..., resample=..., image_mean=..., "
+                "image_std=..., resize_mode=...; for a vision checkpoint's preprocessing, use "
+                "ClipCapImageProcessor.from_transformers_pretrained(...)."
             )
         super().__init__(**kwargs)
         if resample not in _RESAMPLE:

@@ -396,18 +396,19 @@ def test_constructor_options_it_would_ignore_are_rejected():
     with pytest.raises(TypeError) as error:
         ClipCapImageProcessor(size=32, crop_size=32, do_normalize=False, do_resize=False)
     assert str(error.value) == (
-        "ClipCapImageProcessor got unknown options ['do_normalize', 'do_resize']. Its preprocessing is always CLIP's "
-        "(resize, center crop, RGB, normalize) and takes only size=..., crop_size=..., resample=..., "
-        "image_mean=..., image_std=...; for a CLIP checkpoint's preprocessing, use "
-        "ClipCapImageProcessor.from_clip_pretrained(...)."
+        "ClipCapImageProcessor got unknown options ['do_normalize', 'do_resize']. Its preprocessing is always resize "
+        "(and center crop), RGB, normalize, and it takes only size=..., crop_size=..., resample=..., image_mean=..., "
+        "image_std=..., resize_mode=...; for a vision checkpoint's preprocessing, use "
+        "ClipCapImageProcessor.from_transformers_pretrained(...)."
     )
 
 
-def test_loading_a_clip_preprocessor_config_points_to_from_clip_pretrained(tmp_path):
+def test_loading_a_clip_preprocessor_config_points_to_from_transformers_pretrained(tmp_path):
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
-    with pytest.raises(TypeError, match=r"unknown options \[.*'do_center_crop'.*use ClipCapImageProcessor\.from_clip"):
+    with pytest.raises(TypeError, match=r"unknown options \[.*'do_center_crop'.*use ClipCapImageProcessor\.from_transformers_pretrained"):
         ClipCapImageProcessor.from_pretrained(tmp_path)
-    assert ClipCapImageProcessor.from_clip_pretrained(tmp_path).crop_size == 32
+    assert ClipCapImageProcessor.from_transformers_pretrained(tmp_path).crop_size == 32
+    assert ClipCapImageProcessor.from_clip_pretrained(tmp_path).crop_size == 32  # its name in 0.1
 
 
 def test_saved_configs_with_transformers_bookkeeping_keys_still_load(tmp_path):
