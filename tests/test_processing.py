@@ -405,7 +405,8 @@ def test_constructor_options_it_would_ignore_are_rejected():
 
 def test_loading_a_clip_preprocessor_config_points_to_from_transformers_pretrained(tmp_path):
     CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
-    with pytest.raises(TypeError, match=r"unknown options \[.*'do_center_crop'.*use ClipCapImageProcessor\.from_transformers_pretrained"):
+    pointer = r"unknown options \[.*'do_center_crop'.*use ClipCapImageProcessor\.from_transformers_pretrained"
+    with pytest.raises(TypeError, match=pointer):
         ClipCapImageProcessor.from_pretrained(tmp_path)
     assert ClipCapImageProcessor.from_transformers_pretrained(tmp_path).crop_size == 32
     assert ClipCapImageProcessor.from_clip_pretrained(tmp_path).crop_size == 32  # its name in 0.1
