@@ -18,7 +18,7 @@ from transformers import GenerationConfig
 
 from ..configuration_clipcap import ClipCapConfig
 from ..processing_clipcap import ClipCapProcessor
-from .export import ONNX_SUBFOLDER, QUANTIZED_SUFFIX, past_names
+from .export import GRAPHS, ONNX_SUBFOLDER, QUANTIZED_SUFFIX, past_names
 
 # Generation settings this loop does not implement; a folder that sets one is refused rather than decoded otherwise.
 _UNSUPPORTED_SETTINGS = {
@@ -75,8 +75,7 @@ class OnnxCaptioner:
         onnxruntime = _import_onnxruntime()
         folder = Path(folder)
         suffix = QUANTIZED_SUFFIX if quantized else ""
-        graphs = {name: folder / ONNX_SUBFOLDER / f"{name}{suffix}.onnx"
-                  for name in ("vision_encoder", "mapping_network", "embed_tokens", "decoder_model_merged")}
+        graphs = {name: folder / ONNX_SUBFOLDER / f"{name}{suffix}.onnx" for name in GRAPHS}
         missing = [str(path) for path in graphs.values() if not path.is_file()]
         if missing:
             raise FileNotFoundError(
