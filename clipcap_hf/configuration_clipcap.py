@@ -249,6 +249,12 @@ class ClipCapConfig(PretrainedConfig):
                     f"`vision_pooling` must be one of {poolings} for a {vision_config.model_type!r} tower, got "
                     f"{vision_pooling!r}."
                 )
+            if vision_pooling == "pooled" and getattr(vision_config, "vision_use_head", True) is False:
+                raise ValueError(
+                    f"vision_pooling='pooled' reads the tower's attention-pooling head, and this "
+                    f"{vision_config.model_type!r} config has none (`vision_use_head=False`); give a tower with its "
+                    "head."
+                )
             embedding_dim = vision_embedding_size(vision_config, vision_pooling)
 
         if text_config is None:

@@ -19,6 +19,7 @@ from transformers import (
     CLIPVisionModelWithProjection,
     GenerationConfig,
     GenerationMixin,
+    PretrainedConfig,
     PreTrainedModel,
 )
 from transformers.cache_utils import Cache
@@ -32,7 +33,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, can_return_tuple, logging
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
 
 from .configuration_clipcap import (
     VISION_POOLINGS,
@@ -290,7 +291,7 @@ class ClipCapPreTrainedModel(PreTrainedModel):
                 init.zeros_(layer.bias)
 
 
-def _vision_tower_class(vision_config, vision_pooling: str) -> tuple[type, dict[str, Any]]:
+def _vision_tower_class(vision_config: PretrainedConfig, vision_pooling: str) -> tuple[type, dict[str, Any]]:
     """The class that builds a transformers vision tower, and the constructor options the pooling asks for."""
     if vision_config.model_type == "clip_vision_model":
         return CLIPVisionModelWithProjection, {}  # AutoModel would build CLIP's tower without its projection
@@ -300,7 +301,7 @@ def _vision_tower_class(vision_config, vision_pooling: str) -> tuple[type, dict[
     return AutoModel, {}
 
 
-def build_vision_tower(vision_config, vision_pooling: str) -> PreTrainedModel:
+def build_vision_tower(vision_config: PretrainedConfig, vision_pooling: str) -> PreTrainedModel:
     """A transformers vision tower with random weights, as the config describes it (the checkpoint fills them)."""
     model_class, options = _vision_tower_class(vision_config, vision_pooling)
     if model_class is AutoModel:
@@ -625,9 +626,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         The vision tower's image embedding, shape `(batch, prefix_dim)`: CLIP's projected one (what OpenAI CLIP's
         `encode_image` returns), or the one `config.vision_pooling` names.
         """
-        pixel_values = pixel_values.to(self.vision_model.dtype)
         if self.config.vision_backend == "open_clip":
-            return self.vision_model(pixel_values)
+            return self.vision_model(pixel_values.to(self.vision_model.dtype))
         return self._pool(self.vision_model(**self._vision_inputs(pixel_values)))
 
     def _vision_inputs(self, pixel_values: torch.FloatTensor) -> dict[str, torch.Tensor]:
@@ -648,7 +648,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             "spatial_shapes": spatial_shapes.expand(batch, 2),
         }
 
-    def _pool(self, vision_outputs) -> torch.FloatTensor:
+    def _pool(self, vision_outputs: ModelOutput) -> torch.FloatTensor:
         """The one image embedding `config.vision_pooling` names, from a transformers tower's output."""
         pooling = self.config.vision_pooling
         if pooling == "projection":
