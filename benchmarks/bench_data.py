@@ -78,7 +78,8 @@ def write_model(folder: Path) -> None:
     from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration, ClipCapImageProcessor, ClipCapProcessor
 
     bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(["A small picture number 0123456789."] * 10, vocab_size=300, special_tokens=["<|endoftext|>"])
+    corpus = ["A small picture number 0123456789."] * 10
+    bpe.train_from_iterator(corpus, vocab_size=300, special_tokens=["<|endoftext|>"])
     tokenizer = GPT2TokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
     tokenizer.add_tokens(["<image>"], special_tokens=True)
     vision = CLIPVisionConfig(
@@ -89,7 +90,10 @@ def write_model(folder: Path) -> None:
     text = GPT2Config(n_layer=1, n_embd=32, n_head=4, n_positions=64, vocab_size=len(tokenizer), bos_token_id=eos,
                       eos_token_id=eos)  # fmt: skip
     config = ClipCapConfig(
-        vision_config=vision, text_config=text, prefix_length=4, image_token_id=tokenizer.convert_tokens_to_ids("<image>")
+        vision_config=vision,
+        text_config=text,
+        prefix_length=4,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
     )
     ClipCapForConditionalGeneration(config).save_pretrained(folder)
     image_processor = ClipCapImageProcessor(size=32, crop_size=32)

@@ -53,7 +53,10 @@ def test_parquet_with_image_bytes_names_each_rows_file(tmp_path):
     features = datasets.Features({"jpg": datasets.Image(), "caption": datasets.Value("string")})
     parts = [[0, 1], [2]]
     for number, part in enumerate(parts):
-        rows = {"jpg": [{"bytes": png_bytes(images[i]), "path": None} for i in part], "caption": [f"c{i}" for i in part]}
+        rows = {
+            "jpg": [{"bytes": png_bytes(images[i]), "path": None} for i in part],
+            "caption": [f"c{i}" for i in part],
+        }
         datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / f"part{number}.parquet"))
     files = [str(tmp_path / "part0.parquet"), str(tmp_path / "part1.parquet")]
     source = load_image_source(data_files=files, image_column="jpg", caption_column="caption")
@@ -115,7 +118,8 @@ def test_caption_formats_are_converted_to_one_row_per_image(caption_folder):
 
 def test_a_missing_column_lists_the_columns_and_a_bad_caption_is_named(tmp_path, webdataset_shards):
     shards, _ = webdataset_shards
-    with pytest.raises(ValueError, match=r"00000.tar has no column 'caption'; its columns are: jpg, txt, __key__, __url__"):
+    columns = "its columns are: jpg, txt, __key__, __url__"
+    with pytest.raises(ValueError, match=rf"00000.tar has no column 'caption'; {columns}"):
         load_image_source(data_files=str(shards[0]), caption_column="caption")
     with pytest.raises(ValueError, match=r"has no column 'png'; its columns are: jpg, txt, __key__, __url__"):
         load_image_source(data_files=str(shards[0]), image_column="png")

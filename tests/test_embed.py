@@ -92,7 +92,8 @@ def test_each_unique_image_is_embedded_once_with_the_captions_of_all_its_rows(tm
     assert table["captions"] == [["a", "c"], ["b"], ["d"]]
     decoded = [PIL.Image.open(buffer) for buffer in encoded]
     expected = expected_embeddings(model, processor, decoded)
-    torch.testing.assert_close(torch.tensor(np.array(table["embedding"], dtype=np.float32)), expected, atol=1e-5, rtol=1e-5)
+    stored_embeddings = torch.tensor(np.array(table["embedding"], dtype=np.float32))
+    torch.testing.assert_close(stored_embeddings, expected, atol=1e-5, rtol=1e-5)
     # Memory-mapped: every block of the table is read from its Arrow file, not held in memory.
     assert is_memory_mapped(table)
 
@@ -116,7 +117,8 @@ def test_an_unreadable_image_in_a_tar_shard_is_named_by_shard_and_key(tmp_path, 
             copy.addfile(member, io.BytesIO(data))
     source = load_image_source(data_files=str(broken), caption_column="txt")
     model = tiny_model(tokenizer)
-    message = rf"1 image\(s\) cannot be read.*\n  shard {broken}, sample 000000001: OSError.*\(key sha256:[0-9a-f]{{64}}\)"
+    where = rf"shard {broken}, sample 000000001"
+    message = rf"1 image\(s\) cannot be read.*\n  {where}: OSError.*\(key sha256:[0-9a-f]{{64}}\)"
     with pytest.raises(ValueError, match=message):
         embed_source(source, model, processor.image_processor, tmp_path / "emb")
     assert len(load_embeddings(tmp_path / "emb")) == 2  # the readable ones are kept
@@ -140,7 +142,8 @@ def test_an_unreadable_parquet_row_is_named_by_file_row_and_key(tmp_path, tokeni
     lines = str(error.value).splitlines()
     assert lines[0].startswith("2 image(s) cannot be read")
     key = "sha256:" + __import__("hashlib").sha256(b"not an image").hexdigest()
-    assert lines[1] == f"  shard {files[1]} (source row 1): UnidentifiedImageError: cannot identify image file (key {key})"
+    problem = "UnidentifiedImageError: cannot identify image file"
+    assert lines[1] == f"  shard {files[1]} (source row 1): {problem} (key {key})"
     assert lines[2].startswith(f"  shard {files[1]} (source row 2): ")
 
 
@@ -281,7 +284,8 @@ def test_train_from_an_embeddings_folder_memory_mapped(tmp_path, tokenizer, proc
     from clipcap_hf.data import ClipCapDataCollator
 
     batch = ClipCapDataCollator(processor, image_embeds=data.image_embeds)([data.train[3], data.train[0]])
-    torch.testing.assert_close(batch["image_embeds"], torch.tensor(np.array(table["embedding"], dtype=np.float32))[[3, 0]])
+    stored_embeddings = torch.tensor(np.array(table["embedding"], dtype=np.float32))
+    torch.testing.assert_close(batch["image_embeds"], stored_embeddings[[3, 0]])
 
     # A folder of another tower is refused before training.
     other = tmp_path / "other"

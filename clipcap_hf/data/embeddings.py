@@ -457,7 +457,9 @@ def embed_source(
     if isinstance(source, datasets.IterableDataset):
         batches = _iterable_batches(source, image_processor, done, rank, world_size, batch_size, keep_columns)
     else:
-        batches = _map_style_batches(source, image_processor, done, rank, world_size, batch_size, num_workers, keep_columns)
+        batches = _map_style_batches(
+            source, image_processor, done, rank, world_size, batch_size, num_workers, keep_columns
+        )
     problems: list[tuple[str, int]] = []
     progress = tqdm(desc=f"Embedding images (process {rank})" if world_size > 1 else "Embedding images", unit="image")
     try:
@@ -585,7 +587,8 @@ def _where(row: dict[str, Any], index: int | None) -> str:
     image = row["image"]
     if row.get("__url__"):
         sample = f", sample {row['__key__']}" if row.get("__key__") else ""
-        return f"shard {row['__url__']}{sample}" + (f" (source row {index})" if index is not None and not sample else "")
+        row_number = f" (source row {index})" if index is not None and not sample else ""
+        return f"shard {row['__url__']}{sample}{row_number}"
     if image.get("bytes") is None and image.get("path"):
         return str(image["path"])
     return f"row {index}" if index is not None else "a streamed row"

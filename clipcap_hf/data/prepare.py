@@ -425,7 +425,8 @@ def _images_of(rows: datasets.Dataset) -> datasets.Dataset:
     for row, (image, caption) in enumerate(zip(rows[image_column], rows["caption"])):
         first_row.setdefault(image, row)
         references.setdefault(image, []).append(caption)
-    images = rows.select(list(first_row.values())).remove_columns([c for c in ("caption", "length") if c in rows.column_names])
+    per_caption = [name for name in ("caption", "length") if name in rows.column_names]
+    images = rows.select(list(first_row.values())).remove_columns(per_caption)
     return images.add_column("references", list(references.values()))
 
 

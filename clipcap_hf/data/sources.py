@@ -63,7 +63,8 @@ def load_image_source(
         dataset_config_name: its configuration.
         data_files: data files (or one folder) instead: webdataset `.tar` shards, `.parquet`, `.jsonl`/`.json`/
             `.csv` (whose image column holds file paths, relative to `image_root` or else to the file's folder),
-            `.arrow`, a folder written by `save_to_disk`, or an image folder (`metadata.jsonl`/`.csv` beside the images).
+            `.arrow`, a folder written by `save_to_disk`, or an image folder (`metadata.jsonl`/`.csv` beside the
+            images).
         split: the split to read (`train`, `validation`, ...).
         image_column: the column holding the image; default `image`, or the first image column of the source
             (`jpg`, `png`, ... in webdataset shards).

@@ -12,7 +12,6 @@ import sys
 from collections.abc import Sequence
 
 import datasets
-import torch
 import transformers
 from accelerate import PartialState
 from transformers import HfArgumentParser, TrainingArguments, set_seed
