@@ -15,20 +15,9 @@ from ..training.ablation import (
     run_ablation,
 )
 from ..training.quickstart import QuickstartConfig
-from ._utils import positive_int
+from ._utils import positive_float, positive_int
 
 DEFAULTS = AblationConfig()
-
-
-def positive_float(text: str) -> float:
-    """An argparse `type`: a number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
+from ..configuration_clipcap import MAPPING_TYPES
 from ..data import ClipCapDataCollator, group_by_image, load_caption_dataset
 from ..data.collator import image_inputs
 from ..evaluation.metrics import compute_caption_metrics, require_pycocoevalcap
@@ -44,7 +45,6 @@ from .trainer import ClipCapTrainer, caption_dataset
 
 logger = logging.getLogger(__name__)
 
-MAPPING_TYPES = ("mlp", "transformer")
 LANGUAGE_MODES = ("finetuned", "frozen")
 # The COCO caption metrics every run is scored with (no Java needed: captions are compared as given, lower-cased).
 CAPTION_METRICS = ("bleu", "rouge", "cider")
@@ -111,8 +111,14 @@ class AblationRun:
 
     @property
     def name(self) -> str:
-        tower = Path(self.vision_model.rstrip("/")).name or "vision"
+        """The run's folder name: tower, mapper, language model mode and prefix length."""
+        tower = tower_name(self.vision_model)
         return f"{tower}-{self.mapping_type}-{self.language_model}-prefix{self.prefix_length:03d}"
+
+
+def tower_name(vision_model: str) -> str:
+    """What a vision tower (a Hub name or a folder) is called in run names, the table and the figures' legends."""
+    return Path(vision_model.rstrip("/")).name or "vision"
 
 
 @dataclass
@@ -367,17 +373,19 @@ _COLUMNS = ("name", "vision_model", "mapping_type", "language_model", "prefix_le
 
 
 def _rows(records: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
+    """The table's columns (the settings, then every score any run has) and one flat row per run record."""
     metric_names = list(dict.fromkeys(name for record in records for name in record["scores"]))
     rows = []
     for record in records:
         row = {**record["run"], **{name: record[name] for name in _COLUMNS if name in record}}
-        row["vision_model"] = Path(row["vision_model"].rstrip("/")).name
+        row["vision_model"] = tower_name(row["vision_model"])
         row.update(record["scores"])
         rows.append(row)
     return [*_COLUMNS, *metric_names], rows
 
 
 def results_csv(records: list[dict[str, Any]]) -> str:
+    """The table as CSV, one row per run, scores as the metrics give them (0 to 1)."""
     columns, rows = _rows(records)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
@@ -410,11 +418,12 @@ def plot_prefix_lengths(records: list[dict[str, Any]], metric: str, path: str | 
     import matplotlib.pyplot as plt
 
     _, rows = _rows(records)
+    several_towers = len({row["vision_model"] for row in rows}) > 1
     lines: dict[str, list[tuple[int, float]]] = {}
     for row in rows:
         if metric in row:
             label = f"{row['mapping_type']}, {row['language_model']} LM"
-            if len({r['vision_model'] for r in rows}) > 1:
+            if several_towers:
                 label = f"{row['vision_model']}: {label}"
             lines.setdefault(label, []).append((row["prefix_length"], 100 * row[metric]))
     figure, axes = plt.subplots(figsize=(5.5, 3.8), dpi=120)
