@@ -11,10 +11,16 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
+from typing import Any
+
+import PIL.Image
 
 from ..evaluation import UnreadableImagesError
 from ..image_processing_clipcap import load_image
 from ..interpretability import PrefixInterpretation
+from ..modeling_clipcap import ClipCapForConditionalGeneration
+from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import escape_controls
 from ..utils.loading import load_clipcap
 from ._utils import (
@@ -81,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
                 errors.append(str(error))
                 results.append({"image": str(path), ("models" if comparing else "prefix"): None, "error": str(error)})
                 continue
-            image_readings = [_read(name, model, processor, image, args.top_k, caption=comparing or args.gallery)
+            image_readings = [_read(name, model, processor, image, args.top_k, caption=comparing or bool(args.gallery))
                               for name, model, processor in models]
             readings.append((path, image, image_readings))
             results.append(_json_result(path, image_readings, comparing))
@@ -99,7 +105,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read(name, model, processor, image, top_k: int, caption: bool) -> _Reading:
+def _read(
+    name: str,
+    model: ClipCapForConditionalGeneration,
+    processor: ClipCapProcessor,
+    image: PIL.Image.Image,
+    top_k: int,
+    caption: bool,
+) -> _Reading:
+    """One model's prefix interpretation of one image, and its caption when `caption`."""
     inputs = processor(images=[image]).to(model.device)
     interpretation = model.interpret_prefix(inputs["pixel_values"], tokenizer=processor, top_k=top_k)[0]
     text = None
@@ -109,7 +123,8 @@ def _read(name, model, processor, image, top_k: int, caption: bool) -> _Reading:
     return _Reading(name, interpretation, text)
 
 
-def _json_result(path, readings: list[_Reading], comparing: bool) -> dict:
+def _json_result(path: Path, readings: list[_Reading], comparing: bool) -> dict[str, Any]:
+    """One image's JSON record: its prefix matches, or with `--compare` each model's caption and matches."""
     if not comparing:
         return {"image": str(path), "prefix": dataclasses.asdict(readings[0].interpretation)["matches"]}
     models = [
@@ -132,7 +147,10 @@ def _side_by_side(readings: list[_Reading]) -> str:
     return "\n".join(lines)
 
 
-def _write_gallery(path: str, readings, names: list[str]) -> None:
+def _write_gallery(
+    path: str, readings: list[tuple[Path, PIL.Image.Image, list[_Reading]]], names: list[str]
+) -> None:
+    """The HTML page: each image, the first model's caption, then each model's prefix words and the others' captions."""
     from ..evaluation.gallery import write_gallery
 
     records = []
