@@ -12,7 +12,7 @@ import numpy as np
 import PIL.Image
 import PIL.ImageOps
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -167,6 +167,11 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     )
 
 
+def _tower_config(pretrained_model_name_or_path: str, **kwargs) -> PretrainedConfig:
+    """The vision tower's config of a transformers checkpoint (of a whole CLIP or SigLIP, its vision part)."""
+    return vision_tower_config(AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs))
+
+
 class ClipCapImageProcessor(BaseImageProcessor):
     r"""
     CLIP's reference preprocessing, as OpenAI CLIP and open_clip apply it: bicubic resize of the short side,
@@ -245,13 +250,19 @@ class ClipCapImageProcessor(BaseImageProcessor):
         except OSError:
             settings = {}
         if not settings:
-            tower = vision_tower_config(AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs))
+            tower = _tower_config(pretrained_model_name_or_path, **kwargs)
             resize_mode, resample, mean, std = _TOWER_PREPROCESSING[tower.model_type]
             side = getattr(tower, "image_size", None) or math.isqrt(tower.num_patches) * tower.patch_size
             return cls(size=side, resample=resample, image_mean=mean, image_std=std, resize_mode=resize_mode)
         if settings.get("image_processor_type") == cls.__name__:  # saved by ClipCapImageProcessor itself
             return cls.from_dict(settings)
         size, crop_size = settings.get("size", 224), settings.get("crop_size")
+        if isinstance(size, int) and "max_num_patches" not in settings:
+            # A bare number, as older configs save it, is the short side for CLIP's and DINOv2's processors but the
+            # square's side for ViT's and SigLIP's (google/vit-base-patch16-224's): the tower says which.
+            tower = _tower_config(pretrained_model_name_or_path, **kwargs)
+            if _TOWER_PREPROCESSING[tower.model_type][0] == "squash":
+                size = {"height": size, "width": size}
         if "max_num_patches" in settings:  # SigLIP2 (NaFlex)
             resize_mode, size = "squash", math.isqrt(settings["max_num_patches"]) * settings["patch_size"]
         elif isinstance(size, dict) and "height" in size:

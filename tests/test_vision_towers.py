@@ -274,3 +274,29 @@ def test_clipcap_train_builds_a_new_model_on_another_tower_with_its_pooling(text
     model, processor = build_model(model_args)
     assert (model.config.vision_config.model_type, model.config.vision_pooling) == ("vit", "pooled")
     assert (processor.image_processor.resize_mode, processor.image_processor.size) == ("squash", 32)
+
+
+def test_a_bare_number_size_is_read_as_the_towers_processor_reads_it(tmp_path):
+    # Older preprocessor configs (google/vit-base-patch16-224's) save `"size": 224`: ViT's processor reads it as the
+    # square's side, CLIP's as the short side, and ours must give each one's own pixels on a non-square image.
+    import json
+
+    image = random_images(1, seed=3, size=(48, 40))[0]
+    settings = {"size": 32, "resample": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
+    ViTModel(ViTConfig(**VISION, image_size=32)).save_pretrained(tmp_path / "vit")
+    (tmp_path / "vit" / "preprocessor_config.json").write_text(
+        json.dumps({**settings, "feature_extractor_type": "ViTFeatureExtractor"})
+    )
+    processor = ClipCapImageProcessor.from_transformers_pretrained(str(tmp_path / "vit"))
+    own = _own_processor("ViTImageProcessor", **settings)(image, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(processor(image)["pixel_values"], own, atol=1e-5, rtol=0)
+
+    clip = CLIPModel(CLIPConfig(text_config=TEXT, vision_config={**VISION, "image_size": 32}, projection_dim=24))
+    clip.save_pretrained(tmp_path / "clip")
+    clip_settings = {**settings, "crop_size": 32, "do_center_crop": True}
+    (tmp_path / "clip" / "preprocessor_config.json").write_text(
+        json.dumps({**clip_settings, "feature_extractor_type": "CLIPFeatureExtractor"})
+    )
+    processor = ClipCapImageProcessor.from_transformers_pretrained(str(tmp_path / "clip"))
+    own = _own_processor("CLIPImageProcessor", **clip_settings)(image, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(processor(image)["pixel_values"], own, atol=1e-5, rtol=0)
