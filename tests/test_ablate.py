@@ -107,6 +107,8 @@ def test_the_command_reuses_the_grid_and_checks_its_options(grid, capsys, monkey
     assert "--prefix-lengths: must be at least 1, got 0" in capsys.readouterr().err
     assert main(["ablate", "--output-dir", str(output_dir), "--train-file", "captions.json"]) == 2
     assert "--train-file, --vision-models and --text-model go together" in capsys.readouterr().err
+    assert main(["ablate", "--output-dir", str(output_dir), "--dataset-format", "karpathy"]) == 2
+    assert "--dataset-format: invalid choice: 'karpathy'" in capsys.readouterr().err
 
 
 def test_grid_options_are_checked():

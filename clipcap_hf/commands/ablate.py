@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..data import DATASET_FORMATS
 from ..training.ablation import (
     LANGUAGE_MODES,
     MAPPING_TYPES,
@@ -38,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("the dataset (default: the quickstart's synthetic shapes, offline)")
     data.add_argument("--train-file", default=None, help="Training captions (see `clipcap train`'s formats).")
     data.add_argument("--validation-file", default=None, help="Evaluation captions (default: the Karpathy file's).")
-    data.add_argument("--dataset-format", default="coco-karpathy",
-                      help="coco-karpathy, coco, conceptual-captions, nocaps or imagefolder (default: coco-karpathy).")
+    data.add_argument("--dataset-format", default="coco-karpathy", choices=sorted(DATASET_FORMATS),
+                      help="The training (and validation) file's format (default: coco-karpathy).")
     data.add_argument("--image-root", default=None, help="The folder the dataset's image paths start from.")
     budget = parser.add_argument_group("the budget of every run")
     budget.add_argument("--max-steps", type=positive_int, default=DEFAULTS.max_steps,
