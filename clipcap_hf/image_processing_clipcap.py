@@ -256,13 +256,24 @@ class ClipCapImageProcessor(BaseImageProcessor):
             return cls(size=side, resample=resample, image_mean=mean, image_std=std, resize_mode=resize_mode)
         if settings.get("image_processor_type") == cls.__name__:  # saved by ClipCapImageProcessor itself
             return cls.from_dict(settings)
+        reference = None  # the tower's reference preprocessing, read only for what the settings leave open
+
+        def tower_reference() -> tuple[str, str, Sequence[float], Sequence[float]]:
+            nonlocal reference
+            if reference is None:
+                try:
+                    model_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
+                except (OSError, ValueError):  # no model config (4.x: OSError, 5.x: ValueError): settings only
+                    reference = _TOWER_PREPROCESSING["clip_vision_model"]  # CLIP's conventions, as before other towers
+                else:
+                    reference = _TOWER_PREPROCESSING[vision_tower_config(model_config).model_type]
+            return reference
+
         size, crop_size = settings.get("size", 224), settings.get("crop_size")
-        if isinstance(size, int) and "max_num_patches" not in settings:
-            # A bare number, as older configs save it, is the short side for CLIP's and DINOv2's processors but the
-            # square's side for ViT's and SigLIP's (google/vit-base-patch16-224's): the tower says which.
-            tower = _tower_config(pretrained_model_name_or_path, **kwargs)
-            if _TOWER_PREPROCESSING[tower.model_type][0] == "squash":
-                size = {"height": size, "width": size}
+        # A bare number, as older configs save it, is the short side for CLIP's and DINOv2's processors but the
+        # square's side for ViT's and SigLIP's (google/vit-base-patch16-224's): the tower says which.
+        if isinstance(size, int) and "max_num_patches" not in settings and tower_reference()[0] == "squash":
+            size = {"height": size, "width": size}
         if "max_num_patches" in settings:  # SigLIP2 (NaFlex)
             resize_mode, size = "squash", math.isqrt(settings["max_num_patches"]) * settings["patch_size"]
         elif isinstance(size, dict) and "height" in size:
@@ -281,10 +292,15 @@ class ClipCapImageProcessor(BaseImageProcessor):
             crop_size = None
         elif isinstance(crop_size, dict):
             crop_size = crop_size["height"]
-        mean, std = settings.get("image_mean", OPENAI_CLIP_MEAN), settings.get("image_std", OPENAI_CLIP_STD)
         if settings.get("do_normalize") is False:
             mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
-        resample = {value: key for key, value in _RESAMPLE.items()}.get(settings.get("resample", 3), "bicubic")
+        else:  # what the tower's own processor defaults to where the settings leave them out
+            mean = settings.get("image_mean") or tower_reference()[2]
+            std = settings.get("image_std") or tower_reference()[3]
+        if "resample" in settings:
+            resample = {value: key for key, value in _RESAMPLE.items()}.get(settings["resample"], "bicubic")
+        else:
+            resample = tower_reference()[1]
         return cls(
             size=size, crop_size=crop_size, resample=resample, image_mean=mean, image_std=std, resize_mode=resize_mode
         )

@@ -276,27 +276,36 @@ def test_clipcap_train_builds_a_new_model_on_another_tower_with_its_pooling(text
     assert (processor.image_processor.resize_mode, processor.image_processor.size) == ("squash", 32)
 
 
-def test_a_bare_number_size_is_read_as_the_towers_processor_reads_it(tmp_path):
-    # Older preprocessor configs (google/vit-base-patch16-224's) save `"size": 224`: ViT's processor reads it as the
-    # square's side, CLIP's as the short side, and ours must give each one's own pixels on a non-square image.
+def test_settings_an_older_config_leaves_open_are_read_as_the_towers_processor_reads_them(tmp_path):
+    # Older preprocessor configs (google/vit-base-patch16-224's) save `"size": 224`, which ViT's processor reads as the
+    # square's side and CLIP's as the short side, and may leave out the resampling, mean and std, which each processor
+    # defaults in its own way; ours must give each one's own pixels on a non-square image.
     import json
 
     image = random_images(1, seed=3, size=(48, 40))[0]
-    settings = {"size": 32, "resample": 2, "image_mean": [0.5] * 3, "image_std": [0.5] * 3}
     ViTModel(ViTConfig(**VISION, image_size=32)).save_pretrained(tmp_path / "vit")
     (tmp_path / "vit" / "preprocessor_config.json").write_text(
-        json.dumps({**settings, "feature_extractor_type": "ViTFeatureExtractor"})
+        json.dumps({"size": 32, "feature_extractor_type": "ViTFeatureExtractor"})
     )
     processor = ClipCapImageProcessor.from_transformers_pretrained(str(tmp_path / "vit"))
-    own = _own_processor("ViTImageProcessor", **settings)(image, return_tensors="pt")["pixel_values"]
+    own = _own_processor("ViTImageProcessor", size=32)(image, return_tensors="pt")["pixel_values"]
     torch.testing.assert_close(processor(image)["pixel_values"], own, atol=1e-5, rtol=0)
 
     clip = CLIPModel(CLIPConfig(text_config=TEXT, vision_config={**VISION, "image_size": 32}, projection_dim=24))
     clip.save_pretrained(tmp_path / "clip")
-    clip_settings = {**settings, "crop_size": 32, "do_center_crop": True}
+    settings = {"size": 32, "crop_size": 32, "do_center_crop": True}
     (tmp_path / "clip" / "preprocessor_config.json").write_text(
-        json.dumps({**clip_settings, "feature_extractor_type": "CLIPFeatureExtractor"})
+        json.dumps({**settings, "feature_extractor_type": "CLIPFeatureExtractor"})
     )
-    processor = ClipCapImageProcessor.from_transformers_pretrained(str(tmp_path / "clip"))
-    own = _own_processor("CLIPImageProcessor", **clip_settings)(image, return_tensors="pt")["pixel_values"]
-    torch.testing.assert_close(processor(image)["pixel_values"], own, atol=1e-5, rtol=0)
+    own = _own_processor("CLIPImageProcessor", **settings)(image, return_tensors="pt")["pixel_values"]
+    torch.testing.assert_close(
+        ClipCapImageProcessor.from_transformers_pretrained(str(tmp_path / "clip"))(image)["pixel_values"], own,
+        atol=1e-5, rtol=0,
+    )
+    # A folder of the settings alone (no model config to ask) reads them as CLIP's processor does, as before.
+    (tmp_path / "clip" / "config.json").unlink()
+    (tmp_path / "clip" / "model.safetensors").unlink()
+    torch.testing.assert_close(
+        ClipCapImageProcessor.from_transformers_pretrained(str(tmp_path / "clip"))(image)["pixel_values"], own,
+        atol=1e-5, rtol=0,
+    )
