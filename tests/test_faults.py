@@ -152,7 +152,7 @@ def cached_embeddings(cache_dir):
     shards = [load_from_disk(str(shard)) for shard in sorted(cache_dir.rglob("shard-*"))]
     columns = concatenate_datasets(shards)[:]
     assert len(set(columns["image_key"])) == len(columns["image_key"])
-    return dict(zip(columns["image_key"], columns["image_embeds"]))
+    return dict(zip(columns["image_key"], columns["embedding"]))
 
 
 def test_evaluate_killed_while_writing_keeps_the_earlier_output_and_a_rerun_writes_the_same(
