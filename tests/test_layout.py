@@ -12,7 +12,10 @@ from conftest import random_images
 
 import clipcap_hf
 
-OPTIONAL_DEPENDENCIES = ("datasets", "evaluate", "peft", "gradio", "open_clip", "pycocoevalcap")
+OPTIONAL_DEPENDENCIES = (
+    "datasets", "evaluate", "peft", "gradio", "open_clip", "pycocoevalcap",
+    "onnx", "onnxruntime", "onnxscript", "ray", "matplotlib",
+)  # not torchao: transformers' modeling_utils imports it whenever it is installed
 SUBPACKAGES = sorted(path.parent.name for path in Path(clipcap_hf.__file__).parent.glob("*/__init__.py"))
 
 
