@@ -169,3 +169,13 @@ def test_cli_refuses_a_non_empty_output_folder(onnx_export, capsys):
     assert main(["export-onnx", str(saved), "--output", str(exported)]) == 2
     assert "is not empty" in capsys.readouterr().err
 
+
+
+def test_a_generation_config_with_only_max_length_counts_the_image_tokens_as_generate_does(onnx_export):
+    model, _, exported = onnx_export
+    image_embeds = torch.randn(2, model.config.prefix_dim, generator=torch.Generator().manual_seed(3))
+    captioner = OnnxCaptioner(exported)
+    captioner.generation_config.update(max_new_tokens=None, max_length=PREFIX_LENGTH + 5)
+    expected = model.generate(image_embeds=image_embeds, do_sample=False, max_length=PREFIX_LENGTH + 5)
+    tokens = captioner.generate(image_embeds=image_embeds.numpy())
+    assert tokens == expected[:, PREFIX_LENGTH:].tolist() and len(tokens[0]) == 5

@@ -31,8 +31,14 @@ function roundHalfEven(x) {
 export class ClipCapCaptioner {
   static async load(ort, folderUrl, quantized = false) {
     const base = new URL(folderUrl, location.href);
-    const files = ["config.json", "generation_config.json", "tokenizer.json"];
-    const [config, generation, tokenizer] = await Promise.all(files.map((f) => fetchJson(new URL(f, base))));
+    const files = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"];
+    const [config, generation, tokenizer, tokenizerConfig] = await Promise.all(
+      files.map((f) => fetchJson(new URL(f, base))));
+    if (tokenizer.decoder?.type !== "ByteLevel") {
+      throw new Error(`tokenizer.json: the page decodes byte-level BPE (GPT-2-style) tokenizers only, not a `
+        + `${tokenizer.decoder?.type ?? "missing"} decoder; caption this model in Python (OnnxCaptioner).`);
+    }
+    tokenizer.cleanUpSpaces = tokenizerConfig.clean_up_tokenization_spaces === true;
     // transformers 5 nests the image processor's settings in processor_config.json; 4.x writes them apart.
     const processor = await fetchJson(new URL("processor_config.json", base)).catch(() => ({}));
     const imageConfig = processor.image_processor ?? (await fetchJson(new URL("preprocessor_config.json", base)));
@@ -49,6 +55,9 @@ export class ClipCapCaptioner {
     Object.assign(this, { ort, config, generation, imageConfig, sessions });
     const eos = generation.eos_token_id;
     this.eos = new Set(Array.isArray(eos) ? eos : eos == null ? [] : [eos]);
+    this.cleanUpSpaces = tokenizer.cleanUpSpaces;
+    // `generate()`'s length: max_new_tokens, else max_length less the image tokens (as ClipCap's generate reads it).
+    this.maxNewTokens = generation.max_new_tokens ?? generation.max_length - config.prefix_length;
     this.tokens = new Map(Object.entries(tokenizer.model.vocab).map(([token, id]) => [id, token]));
     this.special = new Set(tokenizer.added_tokens.filter((t) => t.special).map((t) => t.id));
     // Added tokens are stored as their text, not in the byte-level alphabet.
@@ -112,7 +121,7 @@ export class ClipCapCaptioner {
     let step = await this.decode(prefix, this.pastNames.map(emptyPast), 0);
     const suppressed = new Set(this.generation.suppress_tokens ?? []);
     const tokens = [];
-    for (let i = 0; i < (this.generation.max_new_tokens ?? 30); i++) {
+    for (let i = 0; i < this.maxNewTokens; i++) {
       const [, length, vocab] = step.logits.dims;
       const last = step.logits.data.subarray((length - 1) * vocab, length * vocab);
       let best = -1;
@@ -128,7 +137,8 @@ export class ClipCapCaptioner {
     return tokens;
   }
 
-  // Tokens to text: special tokens skipped, byte-level symbols turned back into UTF-8 bytes.
+  // Tokens to text: special tokens skipped, byte-level symbols turned back into UTF-8 bytes, and, where the tokenizer
+  // config asks for it, transformers' clean-up of spaces before punctuation and English contractions.
   detokenize(tokens) {
     const bytes = [];
     for (const id of tokens) {
@@ -136,6 +146,12 @@ export class ClipCapCaptioner {
       if (this.added.has(id)) bytes.push(...new TextEncoder().encode(this.added.get(id)));
       else for (const symbol of this.tokens.get(id) ?? "") bytes.push(this.byteOf.get(symbol));
     }
-    return new TextDecoder().decode(new Uint8Array(bytes)).trim();
+    let text = new TextDecoder().decode(new Uint8Array(bytes));
+    if (this.cleanUpSpaces) {
+      for (const tail of [".", "?", "!", ",", "' ", "n't", "'m", "'s", "'ve", "'re"]) {
+        text = text.replaceAll(` ${tail}`, tail === "' " ? "'" : tail);
+      }
+    }
+    return text.trim();
   }
 }

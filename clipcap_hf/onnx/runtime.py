@@ -49,6 +49,7 @@ class DecoderState:
     length: int
 
     def select(self, rows: np.ndarray) -> DecoderState:
+        """The state of the given batch rows (beam search's surviving beams), in that order."""
         return DecoderState({name: value[rows] for name, value in self.past.items()}, self.length)
 
 
@@ -97,7 +98,9 @@ class OnnxCaptioner:
 
     # ------------------------------------------------------------------------------------------------ the graphs
 
-    def prefix_embeds(self, pixel_values: np.ndarray | None = None, image_embeds: np.ndarray | None = None):
+    def prefix_embeds(
+        self, pixel_values: np.ndarray | None = None, image_embeds: np.ndarray | None = None
+    ) -> np.ndarray:
         """The prefix vectors `(batch, prefix_length, hidden)` of images, from pixels or precomputed CLIP embeddings."""
         if (pixel_values is None) == (image_embeds is None):
             raise ValueError("Pass exactly one of `pixel_values` or `image_embeds`.")
@@ -106,9 +109,11 @@ class OnnxCaptioner:
         return self.sessions["mapping_network"].run(None, {"image_embeds": np.asarray(image_embeds, np.float32)})[0]
 
     def embed_tokens(self, input_ids: np.ndarray) -> np.ndarray:
+        """The language model's input embeddings of token ids `(batch, length)`."""
         return self.sessions["embed_tokens"].run(None, {"input_ids": np.asarray(input_ids, np.int64)})[0]
 
     def empty_state(self, batch_size: int) -> DecoderState:
+        """The state before the first step: a key/value cache of length 0 (the merged decoder's first-step input)."""
         empty = np.zeros((batch_size, self._kv_heads, 0, self._head_dim), np.float32)
         return DecoderState(dict.fromkeys(self._past_names, empty), 0)
 
@@ -159,8 +164,10 @@ class OnnxCaptioner:
                     "implement (greedy and beam search only); remove it from the exported folder's generation config."
                 )
         eos = config.eos_token_id
+        # A config that sets only max_length counts the image tokens in it, as ClipCap's `generate` reads it.
+        config_max_new_tokens = config.max_new_tokens or config.max_length - self.config.prefix_length
         return {
-            "max_new_tokens": max_new_tokens or config.max_new_tokens,
+            "max_new_tokens": max_new_tokens or config_max_new_tokens,
             "num_beams": num_beams or config.num_beams or 1,
             "eos": set(eos if isinstance(eos, list) else [] if eos is None else [eos]),
             "pad": config.pad_token_id,
