@@ -3,10 +3,10 @@ pixels and from an embeddings folder, with each run's peak memory; and a check t
 `model.generate`'s for the same settings.
 
 The model has the paper's shapes (CLIP ViT-B/32 vision tower, GPT-2 small, MLP mapper) with random weights: speed does
-not depend on them. Images are 320x240 JPEGs in a parquet file (a datasets Image column). Each run is timed end to end,
-then once more over its finished output (every shard skipped: start-up, imports, model and source loading), and
-images/s counts the difference. Two processes share the machine's cores (OMP_NUM_THREADS split between them), as two
-GPU processes would share a node. Prints one JSON line.
+not depend on them. Images are 320x240 JPEGs in a parquet file (a datasets Image column). images/s counts from the
+first process starting to caption (after start-up, imports, model and source loading) to the last one finishing;
+images_per_s_with_startup counts the whole command. Two processes share the machine's cores (OMP_NUM_THREADS split
+between them), as two GPU processes would share a node. Prints one JSON line.
 
     python benchmarks/bench_caption.py [--images 64] [--batch-size 16] [--shard-size 16] [--max-new-tokens 20]
 """
@@ -30,13 +30,24 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_train import word_tokenizer
 
-# Runs `clipcap ARGS...` and writes its peak resident memory (MiB) to $PEAK_RSS_DIR/<rank> when it exits.
+# Runs `clipcap ARGS...` and writes, to $RECORD_DIR/<rank> when it exits, its peak resident memory (MiB) and when
+# its captioning (caption_dataset_to_parquet, after start-up, imports and loading) began and ended.
 RUN_CLIPCAP = r"""
-import atexit, os, resource, sys
+import atexit, json, os, resource, sys, time
+import clipcap_hf.inference as inference
+times = {}
+real_caption = inference.caption_dataset_to_parquet
+def timed_caption(*args, **kwargs):
+    times["start"] = time.time()
+    try:
+        return real_caption(*args, **kwargs)
+    finally:
+        times["end"] = time.time()
+inference.caption_dataset_to_parquet = timed_caption
 def record():
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    with open(os.path.join(os.environ["PEAK_RSS_DIR"], os.environ.get("RANK", "0")), "w") as file:
-        file.write(str(peak))
+    with open(os.path.join(os.environ["RECORD_DIR"], os.environ.get("RANK", "0")), "w") as file:
+        json.dump({"peak_mib": peak, **times}, file)
 atexit.register(record)
 from clipcap_hf.commands import main
 sys.exit(main(sys.argv[1:]))
@@ -83,13 +94,14 @@ def write_source(path: Path, count: int) -> list[bytes]:
     return encoded
 
 
-def run_clipcap(args: list[str], processes: int, work: Path) -> tuple[float, float]:
-    """Seconds the command took, and the largest peak memory (MiB) of its processes."""
+def run_clipcap(args: list[str], processes: int, work: Path) -> dict:
+    """Seconds the command took end to end, seconds from the first process starting to caption to the last one
+    finishing, and the largest peak memory (MiB) of its processes."""
     script = work / "run_clipcap.py"
     script.write_text(RUN_CLIPCAP)
-    peaks = Path(tempfile.mkdtemp(dir=work))
+    records = Path(tempfile.mkdtemp(dir=work))
     threads = max(1, (os.cpu_count() or 1) // processes)
-    env = {**os.environ, "PEAK_RSS_DIR": str(peaks), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "RECORD_DIR": str(records), "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     command = [sys.executable, str(script)]
     if processes > 1:
         command = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}",
@@ -101,7 +113,12 @@ def run_clipcap(args: list[str], processes: int, work: Path) -> tuple[float, flo
     if result.returncode != 0:
         raise RuntimeError(f"`clipcap {' '.join(args)}` failed:\n{result.stderr[-3000:]}")
     seconds = time.perf_counter() - start
-    return seconds, max(float(path.read_text()) for path in peaks.iterdir())
+    ranks = [json.loads(path.read_text()) for path in records.iterdir()]
+    return {
+        "seconds": seconds,
+        "caption_seconds": max(rank["end"] for rank in ranks) - min(rank["start"] for rank in ranks),
+        "peak_mib": max(rank["peak_mib"] for rank in ranks),
+    }
 
 
 def read_captions(output: Path) -> dict[str, str]:
@@ -168,14 +185,12 @@ def main() -> None:
             for processes in (1, 2):
                 output = work / f"captions-{name}-{processes}"
                 command = ["caption", *source_args, *common, "--output", str(output)]
-                seconds, peak = run_clipcap(command, processes, work)
-                overhead, _ = run_clipcap(command, processes, work)  # every shard finished: start-up only
+                timing = run_clipcap(command, processes, work)
                 results[f"{name}_{processes}proc"] = {
-                    "images_per_s": round(args.images / max(seconds - overhead, 1e-9), 2),
-                    "images_per_s_with_startup": round(args.images / seconds, 2),
-                    "seconds": round(seconds, 2),
-                    "startup_seconds": round(overhead, 2),
-                    "peak_rss_mib_per_process": round(peak, 1),
+                    "images_per_s": round(args.images / timing["caption_seconds"], 2),
+                    "images_per_s_with_startup": round(args.images / timing["seconds"], 2),
+                    "seconds": round(timing["seconds"], 2),
+                    "peak_rss_mib_per_process": round(timing["peak_mib"], 1),
                 }
                 outputs[(name, processes)] = read_captions(output)
 
