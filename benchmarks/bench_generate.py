@@ -30,7 +30,7 @@ import platform
 import time
 
 import torch
-from bench_train import cpu_name
+from _common import cpu_name, matmul_rate, memory_bandwidth
 from transformers import CompileConfig, GPT2Config
 
 from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration
@@ -78,27 +78,6 @@ def paper_beam_search(model, image_embeds: torch.Tensor, steps: int, beams: int 
             sequence = torch.cat((sequence[source], wte(token[:, None])), dim=1)
         captions.append(tokens[0].tolist())
     return captions
-
-
-def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
-    """Bytes per second a sum over a large fp32 tensor reads, best of a few runs."""
-    values = torch.ones(megabytes * 2**20 // 4)
-    values.sum()
-    best = min(timed_once(values.sum) for _ in range(repeats))
-    return values.numel() * 4 / best
-
-
-def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
-    """fp32 FLOP per second of a square `torch.mm`, best of a few runs."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    return 2 * size**3 / min(timed_once(lambda: torch.mm(a, b)) for _ in range(repeats))
-
-
-def timed_once(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
 
 
 def weight_bytes_per_step(model) -> int:

@@ -31,18 +31,21 @@ import time
 from pathlib import Path
 
 import torch
-from bench_peers import BUILDERS, CLIPCAP_NAMES, Captioner, build_clipcap, clipcap_config, time_captioning
+from _common import synchronize
+from bench_peers import (
+    BUILDERS,
+    CLIPCAP_NAMES,
+    Captioner,
+    build_clipcap,
+    clipcap_config,
+    time_captioning,
+)
 from bench_train import CAPTION_MEAN, CAPTION_SD, RECIPES
 from transformers import CompileConfig
 
 H200_DENSE_BF16_TFLOPS = 989.0
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # ---------------------------------------------------------------- training

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from bench_train import cpu_name
+from _common import cpu_name, synchronize
 from torch import nn
 from transformers import (
     BlipConfig,
@@ -169,11 +169,6 @@ BUILDERS: dict[str, Callable[..., Captioner]] = {
     "blip_base": build_blip,
     "git_base": build_git,
 }
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def time_captioning(captioner: Captioner, pixel_values, new_tokens: int, beams: int, **kwargs) -> tuple[float, torch.Tensor]:

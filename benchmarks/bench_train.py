@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -36,6 +35,7 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
+from _common import call_seconds, cpu_name, matmul_rate
 
 BATCH_SIZE = 40
 CAPTION_MEAN, CAPTION_SD = 11.5, 2.5
@@ -81,31 +81,6 @@ def build_model(recipe: dict):
     if recipe["freeze_language_model"]:
         model.freeze_language_model()
     return model
-
-
-def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    best = min(_timed(lambda: torch.mm(a, b)) for _ in range(repeats))
-    return 2 * size**3 / best
-
-
-def _timed(function) -> float:
-    start = time.perf_counter()
-    function()
-    return time.perf_counter() - start
-
-
-def cpu_name() -> str:
-    """The processor's model name (Linux), else what `platform` knows."""
-    try:
-        with open("/proc/cpuinfo") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def peak_rss_gb() -> float:
@@ -280,7 +255,7 @@ def run_ours(recipe: dict, steps: int, profile: bool = False) -> dict:
     trainer.train()
     # The collator runs before on_step_begin, so step times leave it out: add it back from a separate timing.
     collate_seconds = min(
-        _timed(lambda: trainer.data_collator([dataset[i] for i in range(BATCH_SIZE)])) for _ in range(3)
+        call_seconds(lambda: trainer.data_collator([dataset[i] for i in range(BATCH_SIZE)])) for _ in range(3)
     )
     model.train()
     flops = count_flops(model, batches[1 : steps + 1])

@@ -1,0 +1,48 @@
+"""Helpers the benchmark scripts share: the machine's name and measured rates, and wall-clock timing."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def cpu_name() -> str:
+    """The processor's model name (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def call_seconds(function: Callable[[], object]) -> float:
+    """Wall-clock seconds one call of `function()` takes."""
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+    """fp32 FLOP per second of a square `torch.mm` on the CPU, best of a few runs after a warm-up."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    torch.mm(a, b)
+    return 2 * size**3 / min(call_seconds(lambda: torch.mm(a, b)) for _ in range(repeats))
+
+
+def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
+    """Bytes per second a sum over a large fp32 tensor reads, best of a few runs after a warm-up."""
+    values = torch.ones(megabytes * 2**20 // 4)
+    values.sum()
+    return values.numel() * 4 / min(call_seconds(values.sum) for _ in range(repeats))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the GPU's queued work, so that a timer around it measures it (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
