@@ -66,3 +66,17 @@ def test_the_onednn_routing_leaves_a_compiled_step_to_inductor(mlp_model, monkey
     x = embeds(mlp_model, 2)
     plain = mlp_model.generate(image_embeds=x, max_new_tokens=5, do_sample=False)
     assert torch.equal(compiled_generate(mlp_model, x, "inductor", max_new_tokens=5, do_sample=False), plain)
+
+
+def test_without_a_compile_config_the_cpu_decoding_step_stays_uncompiled(mlp_model):
+    # The all-devices switch is set only on a caller's own compile_config: a static cache alone compiles nothing.
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    mlp_model.generate(image_embeds=embeds(mlp_model, 2), max_new_tokens=4, do_sample=False,
+                       cache_implementation="static")
+    assert counters["stats"]["unique_graphs"] == 0
+    assert mlp_model.generation_config.compile_config is None or (
+        mlp_model.generation_config.compile_config._compile_all_devices is None
+    )
