@@ -29,6 +29,7 @@ from torch import nn
 from transformers import DynamicCache
 
 from ..modeling_clipcap import CACHE_NAME, ClipCapForConditionalGeneration
+from ..processing_clipcap import ClipCapProcessor
 
 ONNX_SUBFOLDER = "onnx"
 GRAPHS = ("vision_encoder", "mapping_network", "embed_tokens", "decoder_model_merged")
@@ -62,6 +63,8 @@ class MappingNetwork(nn.Module):
 
 
 class EmbedTokens(nn.Module):
+    """Token ids -> the language model's input embeddings (each generated token is fed back through this graph)."""
+
     def __init__(self, model: ClipCapForConditionalGeneration):
         super().__init__()
         self.embeddings = model.get_input_embeddings()
@@ -81,7 +84,13 @@ class MergedDecoder(nn.Module):
         self.language_model = model.language_model
         self.num_layers = model.config.text_config.num_hidden_layers
 
-    def forward(self, inputs_embeds, attention_mask, position_ids, *past_key_values):
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *past_key_values: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
         pairs = [(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(self.num_layers)]
         cache = DynamicCache(pairs, config=self.language_model.config)
         outputs = self.language_model(
@@ -105,10 +114,18 @@ def cache_shape(model: ClipCapForConditionalGeneration) -> tuple[int, int]:
 
 
 def past_names(num_layers: int, prefix: str = "past_key_values") -> list[str]:
+    """The cache's input names (`present` for the outputs), one key and one value per layer, in the graph's order."""
     return [f"{prefix}.{layer}.{part}" for layer in range(num_layers) for part in ("key", "value")]
 
 
-def _export(module: nn.Module, args: tuple, path: Path, input_names, output_names, dynamic_shapes) -> None:
+def _export(
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    dynamic_shapes: tuple,
+) -> None:
     """One graph with `torch.onnx.export(dynamo=True)`, its weights inside it unless they pass ONNX's 2 GB limit."""
     module.eval()
     program = torch.onnx.export(
@@ -196,7 +213,10 @@ def quantize_graphs(paths: dict[str, Path]) -> dict[str, Path]:
 
 
 def export_onnx(
-    model: ClipCapForConditionalGeneration, processor, output_dir: str | os.PathLike, quantize: bool = True
+    model: ClipCapForConditionalGeneration,
+    processor: ClipCapProcessor,
+    output_dir: str | os.PathLike,
+    quantize: bool = True,
 ) -> dict[str, Path]:
     """
     Export `model` (with `processor` beside it) to `output_dir`: the config, generation config and processor files
