@@ -155,8 +155,11 @@ def _time_linear_kernels(in_features: int, out_features: int, rows: int) -> tupl
     each first in turn, so that a busy spell or a warm cache favours neither.
     """
     weight = _random_weight(out_features, in_features)
-    bias = torch.rand(out_features) - 0.5
-    inputs = torch.rand(rows, in_features) - 0.5
+    # A generator of its own: drawing from torch's global one would change the user's seeded sampling after the
+    # first `generate` of a process.
+    generator = torch.Generator().manual_seed(0)
+    bias = torch.rand(out_features, generator=generator) - 0.5
+    inputs = torch.rand(rows, in_features, generator=generator) - 0.5
     kernels = (lambda: F.linear(inputs, weight, bias), lambda: _onednn_linear(inputs, weight, bias))
     start = time.perf_counter()
     for kernel in kernels:  # untimed: oneDNN builds its primitive on a first call, and the weight comes into cache
