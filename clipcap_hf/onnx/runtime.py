@@ -246,7 +246,7 @@ class OnnxCaptioner:
         return finished[0][1]
 
 
-def caption_agreement(first: Sequence[str], second: Sequence[str]) -> float:
-    """The fraction of images whose two captions are the same text."""
+def caption_agreement(first: Sequence[str | list[int]], second: Sequence[str | list[int]]) -> float:
+    """The fraction of images whose two captions are the same (as texts, or as token lists)."""
     return sum(a == b for a, b in zip(first, second, strict=True)) / len(first)
 
