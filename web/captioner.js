@@ -31,14 +31,13 @@ function roundHalfEven(x) {
 export class ClipCapCaptioner {
   static async load(ort, folderUrl, quantized = false) {
     const base = new URL(folderUrl, location.href);
-    const files = ["config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"];
-    const [config, generation, tokenizer, tokenizerConfig] = await Promise.all(
-      files.map((f) => fetchJson(new URL(f, base))));
+    const files = ["config.json", "generation_config.json", "tokenizer.json"];
+    const [config, generation, tokenizer] = await Promise.all(files.map((f) => fetchJson(new URL(f, base))));
+    const tokenizerConfig = await fetchJson(new URL("tokenizer_config.json", base)).catch(() => ({}));
     if (tokenizer.decoder?.type !== "ByteLevel") {
       throw new Error(`tokenizer.json: the page decodes byte-level BPE (GPT-2-style) tokenizers only, not a `
         + `${tokenizer.decoder?.type ?? "missing"} decoder; caption this model in Python (OnnxCaptioner).`);
     }
-    tokenizer.cleanUpSpaces = tokenizerConfig.clean_up_tokenization_spaces === true;
     // transformers 5 nests the image processor's settings in processor_config.json; 4.x writes them apart.
     const processor = await fetchJson(new URL("processor_config.json", base)).catch(() => ({}));
     const imageConfig = processor.image_processor ?? (await fetchJson(new URL("preprocessor_config.json", base)));
@@ -48,14 +47,15 @@ export class ClipCapCaptioner {
     const open = (name) => ort.InferenceSession.create(new URL(`onnx/${name}${suffix}.onnx`, base).href);
     const graphs = ["vision_encoder", "embed_tokens", "decoder_model_merged"];
     const [vision, embed, decoder] = await Promise.all(graphs.map(open));
-    return new ClipCapCaptioner(ort, config, generation, imageConfig, tokenizer, { vision, embed, decoder });
+    return new ClipCapCaptioner(
+      ort, config, generation, imageConfig, tokenizer, tokenizerConfig, { vision, embed, decoder });
   }
 
-  constructor(ort, config, generation, imageConfig, tokenizer, sessions) {
+  constructor(ort, config, generation, imageConfig, tokenizer, tokenizerConfig, sessions) {
     Object.assign(this, { ort, config, generation, imageConfig, sessions });
     const eos = generation.eos_token_id;
     this.eos = new Set(Array.isArray(eos) ? eos : eos == null ? [] : [eos]);
-    this.cleanUpSpaces = tokenizer.cleanUpSpaces;
+    this.cleanUpSpaces = tokenizerConfig.clean_up_tokenization_spaces === true;
     // `generate()`'s length: max_new_tokens, else max_length less the image tokens (as ClipCap's generate reads it).
     this.maxNewTokens = generation.max_new_tokens ?? generation.max_length - config.prefix_length;
     this.tokens = new Map(Object.entries(tokenizer.model.vocab).map(([token, id]) => [id, token]));
