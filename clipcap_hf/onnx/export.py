@@ -40,26 +40,19 @@ _SINGLE_FILE_LIMIT = 2_000_000_000
 OPSET = 18
 
 
-class VisionEncoder(nn.Module):
-    """Pixels -> the prefix vectors: the CLIP tower and the mapping network."""
+class PrefixEncoder(nn.Module):
+    """
+    Images -> the prefix vectors, from `pixel_values` (the CLIP tower, then the mapping network: the vision encoder
+    graph) or from precomputed CLIP `image_embeds` (the mapping network, its normalisation included, alone).
+    """
 
-    def __init__(self, model: ClipCapForConditionalGeneration):
+    def __init__(self, model: ClipCapForConditionalGeneration, input_name: str):
         super().__init__()
         self.model = model
+        self.input_name = input_name
 
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.get_prefix_embeds(pixel_values=pixel_values)
-
-
-class MappingNetwork(nn.Module):
-    """Precomputed CLIP image embeddings -> the prefix vectors (normalisation, when the model does it, included)."""
-
-    def __init__(self, model: ClipCapForConditionalGeneration):
-        super().__init__()
-        self.model = model
-
-    def forward(self, image_embeds: torch.Tensor) -> torch.Tensor:
-        return self.model.get_prefix_embeds(image_embeds=image_embeds)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.get_prefix_embeds(**{self.input_name: images})
 
 
 class EmbedTokens(nn.Module):
@@ -158,10 +151,10 @@ def export_graphs(
     paths = {name: output_dir / f"{name}.onnx" for name in GRAPHS}
 
     pixel_values = torch.randn(2, 3, image_size, image_size)
-    _export(VisionEncoder(model), (pixel_values,), paths["vision_encoder"], ["pixel_values"], ["prefix_embeds"],
+    _export(PrefixEncoder(model, "pixel_values"), (pixel_values,), paths["vision_encoder"], ["pixel_values"], ["prefix_embeds"],
             ({0: batch},))
     image_embeds = torch.randn(2, config.prefix_dim)
-    _export(MappingNetwork(model), (image_embeds,), paths["mapping_network"], ["image_embeds"], ["prefix_embeds"],
+    _export(PrefixEncoder(model, "image_embeds"), (image_embeds,), paths["mapping_network"], ["image_embeds"], ["prefix_embeds"],
             ({0: batch},))
     input_ids = torch.zeros(2, 3, dtype=torch.long)
     _export(EmbedTokens(model), (input_ids,), paths["embed_tokens"], ["input_ids"], ["inputs_embeds"],
