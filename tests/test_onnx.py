@@ -179,3 +179,14 @@ def test_a_generation_config_with_only_max_length_counts_the_image_tokens_as_gen
     expected = model.generate(image_embeds=image_embeds, do_sample=False, max_length=PREFIX_LENGTH + 5)
     tokens = captioner.generate(image_embeds=image_embeds.numpy())
     assert tokens == expected[:, PREFIX_LENGTH:].tolist() and len(tokens[0]) == 5
+
+
+def test_greedy_without_eos_or_pad_token_runs_to_the_length_limit_in_integers(onnx_export):
+    model, _, exported = onnx_export
+    image_embeds = torch.randn(2, model.config.prefix_dim, generator=torch.Generator().manual_seed(4))
+    captioner = OnnxCaptioner(exported)
+    captioner.generation_config.update(eos_token_id=None, pad_token_id=None)
+    tokens = captioner.generate(image_embeds=image_embeds.numpy(), max_new_tokens=6)
+    expected = model.generate(image_embeds=image_embeds, do_sample=False, max_new_tokens=6, min_new_tokens=6)
+    assert tokens == expected[:, PREFIX_LENGTH:].tolist()
+    assert all(type(token) is int for row in tokens for token in row)

@@ -170,7 +170,8 @@ class OnnxCaptioner:
             "max_new_tokens": max_new_tokens or config_max_new_tokens,
             "num_beams": num_beams or config.num_beams or 1,
             "eos": set(eos if isinstance(eos, list) else [] if eos is None else [eos]),
-            "pad": config.pad_token_id,
+            # transformers pads with the first EOS token where no pad token is set.
+            "pad": config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos),
             "suppress": list(config.suppress_tokens or []),
             # transformers 5 leaves unset fields None; these are its defaults.
             "length_penalty": 1.0 if config.length_penalty is None else config.length_penalty,
@@ -192,7 +193,8 @@ class OnnxCaptioner:
         finished = np.zeros(batch, bool)
         for step in range(settings["max_new_tokens"]):
             next_tokens = self._step_log_probs(logits, settings, log_softmax=False).argmax(-1)
-            next_tokens = np.where(finished, settings["pad"], next_tokens)
+            if finished.any():  # (with no EOS nothing finishes, and there may be no pad token either)
+                next_tokens = np.where(finished, settings["pad"], next_tokens)
             tokens = np.concatenate((tokens, next_tokens[:, None]), axis=1)
             finished |= np.isin(next_tokens, list(settings["eos"]))
             if finished.all() or step + 1 == settings["max_new_tokens"]:
