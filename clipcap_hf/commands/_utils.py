@@ -140,7 +140,8 @@ def add_caption_options(parser: argparse.ArgumentParser, batch_size: int) -> Non
     parser.add_argument("--max-new-tokens", type=positive_int, default=None,
                         help="Longest caption in tokens (default: the model's generation config: 30 for models "
                              "built here, 67 for converted paper checkpoints).")
-    parser.add_argument("--batch-size", type=positive_int, default=batch_size, help=f"Images per batch (default: {batch_size}).")
+    parser.add_argument("--batch-size", type=positive_int, default=batch_size,
+                        help=f"Images per batch (default: {batch_size}).")
 
 
 def positive_float(text: str) -> float:

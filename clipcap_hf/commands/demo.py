@@ -207,7 +207,8 @@ def build_demo(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="A ClipCap folder or Hub name.")
     parser.add_argument("--examples", nargs="*", default=[], help="Example images: files, folders or glob patterns.")
-    parser.add_argument("--top-k", type=positive_int, default=5, help="Nearest tokens shown per prefix vector (default: 5).")
+    parser.add_argument("--top-k", type=positive_int, default=5,
+                        help="Nearest tokens shown per prefix vector (default: 5).")
     parser.add_argument("--host", default="127.0.0.1", help="Address to serve on; 0.0.0.0 exposes the demo.")
     parser.add_argument("--port", type=port_number, default=None, help="Default: the first free port from 7860.")
     parser.add_argument("--device", default=None, help="Default: cuda when available, else cpu.")
