@@ -2,6 +2,7 @@
 
 import logging
 import os
+from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -387,3 +388,15 @@ def distinct_captioning_model(tokenizer) -> ClipCapForConditionalGeneration:
         for _, parameter in sorted(model.named_parameters()):
             parameter.copy_(torch.randn(parameter.shape, generator=generator))
     return model
+
+
+def count_vision_images(model):
+    """Patch the vision tower's forward to count the images it sees (and still compute)."""
+    seen = []
+    original = model.vision_model.forward
+
+    def counting_forward(pixel_values=None, **kwargs):
+        seen.append(pixel_values.shape[0])
+        return original(pixel_values=pixel_values, **kwargs)
+
+    return seen, mock.patch.object(model.vision_model, "forward", counting_forward)

@@ -11,7 +11,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import IMAGE_SIZE, build_tokenizer, random_images, tiny_model, tiny_processor
+from conftest import IMAGE_SIZE, build_tokenizer, count_vision_images, random_images, tiny_model, tiny_processor
 
 from clipcap_hf import ClipCapImageProcessor, ClipCapProcessor
 from clipcap_hf.data import (
@@ -273,18 +273,6 @@ def test_group_by_image_collects_references(image_folder):
 def tokenizer_and_processor():
     tokenizer = build_tokenizer()
     return tokenizer, tiny_processor(tokenizer)
-
-
-def count_vision_images(model):
-    """Patch the vision tower's forward to count the images it sees (and still compute)."""
-    seen = []
-    original = model.vision_model.forward
-
-    def counting_forward(pixel_values=None, **kwargs):
-        seen.append(pixel_values.shape[0])
-        return original(pixel_values=pixel_values, **kwargs)
-
-    return seen, mock.patch.object(model.vision_model, "forward", counting_forward)
 
 
 def test_embedding_cache_embeds_each_image_once_in_batches_and_is_reused(

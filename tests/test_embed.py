@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from unittest import mock
 
 import datasets
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import random_images, tiny_model, write_webdataset_shards
+from conftest import count_vision_images, random_images, tiny_model, write_webdataset_shards
 
 from clipcap_hf.commands import main
 from clipcap_hf.data import (
@@ -29,18 +28,6 @@ from clipcap_hf.data import (
 from clipcap_hf.training import DataArguments
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def count_vision_images(model):
-    """Patch the vision tower's forward to count the images it sees (and still compute)."""
-    seen = []
-    original = model.vision_model.forward
-
-    def counting_forward(pixel_values=None, **kwargs):
-        seen.append(pixel_values.shape[0])
-        return original(pixel_values=pixel_values, **kwargs)
-
-    return seen, mock.patch.object(model.vision_model, "forward", counting_forward)
 
 
 def is_memory_mapped(dataset) -> bool:
