@@ -130,7 +130,9 @@ def build_vit_gpt2(small: bool = False, seed: int = 0) -> Captioner:
     config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = end_of_text
     torch.manual_seed(seed)
     model = VisionEncoderDecoderModel(config=config).eval()
-    model.generation_config.update(decoder_start_token_id=end_of_text, pad_token_id=end_of_text, eos_token_id=end_of_text)
+    model.generation_config.update(
+        decoder_start_token_id=end_of_text, pad_token_id=end_of_text, eos_token_id=end_of_text
+    )
     return Captioner(model, sizes["image"][224])
 
 
@@ -171,7 +173,9 @@ BUILDERS: dict[str, Callable[..., Captioner]] = {
 }
 
 
-def time_captioning(captioner: Captioner, pixel_values, new_tokens: int, beams: int, **kwargs) -> tuple[float, torch.Tensor]:
+def time_captioning(
+    captioner: Captioner, pixel_values, new_tokens: int, beams: int, **kwargs
+) -> tuple[float, torch.Tensor]:
     """Seconds of one run after an untimed warm-up with the same shapes, and its tokens."""
     captioner.caption(pixel_values, new_tokens, beams, **kwargs)
     synchronize(pixel_values.device)

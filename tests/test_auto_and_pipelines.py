@@ -164,7 +164,7 @@ def test_image_text_to_text_given_a_lone_path_fails_instead_of_continuing_it_as_
 def test_from_vision_text_pretrained_rejects_wrong_or_missing_parts(tmp_path, tokenizer):
     config = tiny_config(tokenizer)
     GPT2LMHeadModel(config.text_config).save_pretrained(tmp_path / "text")
-    with pytest.raises(ValueError, match="text': `vision_config` describes a 'gpt2' model, which gives no single image"):
+    with pytest.raises(ValueError, match="text': `vision_config` describes a 'gpt2' model, which gives no single"):
         ClipCapForConditionalGeneration.from_vision_text_pretrained(str(tmp_path / "text"), str(tmp_path / "text"))
     with pytest.raises(FileNotFoundError, match="The vision model .*nowhere.* does not exist"):
         ClipCapForConditionalGeneration.from_vision_text_pretrained(str(tmp_path / "nowhere"), str(tmp_path / "text"))

@@ -251,7 +251,8 @@ def test_embeddings_folder_is_captioned_without_the_vision_tower(model_dir, parq
          "an embeddings folder has no images"),
         (["--data-files", "x", "--output", "o", "--top-p", "1.5"], "argument --top-p: must be above 0 and at most 1"),
         (["--data-files", "x", "--output", "o", "--temperature", "0"], "argument --temperature: must be above 0"),
-        (["--data-files", "x", "--output", "o", "--num-candidates", "0"], "argument --num-candidates: must be at least"),
+        (["--data-files", "x", "--output", "o", "--num-candidates", "0"],
+         "argument --num-candidates: must be at least"),
         (["--data-files", "x", "--output", "o", "--dtype", "int8"], "argument --dtype: choose from float32"),
     ],
 )

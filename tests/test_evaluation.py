@@ -102,7 +102,8 @@ def test_rescoring_written_predictions_gives_the_same_numbers_with_domains(saved
     second = json.loads((tmp_path / "b" / "metrics.json").read_text())
     # Without --max-new-tokens the model's generation config decides, and the record says what it was.
     saved_length = ClipCapForConditionalGeneration.from_pretrained(saved_model_dir).generation_config.max_new_tokens
-    assert (first["run"]["max_new_tokens"], first["run"]["num_beams"]) == (saved_length, 1)  # greedy by default, as caption
+    # Greedy by default, as `clipcap caption`.
+    assert (first["run"]["max_new_tokens"], first["run"]["num_beams"]) == (saved_length, 1)
     assert second["run"]["predictions"] == str(tmp_path / "a" / "predictions.json")
     del first["run"], second["run"]
     assert first == second

@@ -59,7 +59,9 @@ def decode_image(value: Any) -> PIL.Image.Image:
                 image.load()
                 return image.copy()
         except PIL.UnidentifiedImageError as error:  # its message names a BytesIO object, which says nothing
-            raise ValueError(f"Cannot decode the image bytes ({len(value)} bytes): no image format PIL reads") from error
+            raise ValueError(
+                f"Cannot decode the image bytes ({len(value)} bytes): no image format PIL reads"
+            ) from error
         except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
             raise ValueError(f"Cannot decode the image bytes ({len(value)} bytes): {error}") from error
     if isinstance(value, (str, os.PathLike)):
@@ -168,7 +170,9 @@ class ClipCapCaptioner:
                 return CaptionBatch([], [] if self.num_sequences > 1 else None, [] if self.reranker else None)
             inputs = {"pixel_values": self.processor(images=list(images), return_tensors="pt")["pixel_values"]}
         else:
-            embeds = image_embeds if isinstance(image_embeds, torch.Tensor) else torch.as_tensor(np.asarray(image_embeds))
+            embeds = image_embeds
+            if not isinstance(embeds, torch.Tensor):
+                embeds = torch.as_tensor(np.asarray(embeds))
             inputs = {"image_embeds": embeds}
         inputs = {name: tensor.to(self.model.device) for name, tensor in inputs.items()}
         generated = self.model.generate(**inputs, **self.generate_kwargs)
@@ -188,7 +192,9 @@ class ClipCapCaptioner:
         The batch with captions added, and each unreadable row's error (by position); those rows get `None`. What
         [`__call__`] does without applying `on_bad_image`, for callers that name rows their own way.
         """
-        output = {name: list(values) if not isinstance(values, np.ndarray) else values for name, values in batch.items()}
+        output = {
+            name: values if isinstance(values, np.ndarray) else list(values) for name, values in batch.items()
+        }
         if self.image_column in batch:
             images, errors = {}, {}
             for row, value in enumerate(batch[self.image_column]):

@@ -105,7 +105,9 @@ class CLIPScorer:
                 max_length=self.max_text_length,
                 return_tensors="pt",
             ).to(self.device)
-            output = self.model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+            output = self.model.get_text_features(
+                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+            )
             chunks.append(_features(output).float())
         if not chunks:
             return torch.empty(0, self.model.config.projection_dim, device=self.device)

@@ -151,11 +151,11 @@ def export_graphs(
     paths = {name: output_dir / f"{name}.onnx" for name in GRAPHS}
 
     pixel_values = torch.randn(2, 3, image_size, image_size)
-    _export(PrefixEncoder(model, "pixel_values"), (pixel_values,), paths["vision_encoder"], ["pixel_values"], ["prefix_embeds"],
-            ({0: batch},))
+    _export(PrefixEncoder(model, "pixel_values"), (pixel_values,), paths["vision_encoder"], ["pixel_values"],
+            ["prefix_embeds"], ({0: batch},))
     image_embeds = torch.randn(2, config.prefix_dim)
-    _export(PrefixEncoder(model, "image_embeds"), (image_embeds,), paths["mapping_network"], ["image_embeds"], ["prefix_embeds"],
-            ({0: batch},))
+    _export(PrefixEncoder(model, "image_embeds"), (image_embeds,), paths["mapping_network"], ["image_embeds"],
+            ["prefix_embeds"], ({0: batch},))
     input_ids = torch.zeros(2, 3, dtype=torch.long)
     _export(EmbedTokens(model), (input_ids,), paths["embed_tokens"], ["input_ids"], ["inputs_embeds"],
             ({0: batch, 1: length},))

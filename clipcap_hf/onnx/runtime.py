@@ -171,7 +171,9 @@ class OnnxCaptioner:
             "num_beams": num_beams or config.num_beams or 1,
             "eos": set(eos if isinstance(eos, list) else [] if eos is None else [eos]),
             # transformers pads with the first EOS token where no pad token is set.
-            "pad": config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos),
+            "pad": (
+                config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
+            ),
             "suppress": list(config.suppress_tokens or []),
             # transformers 5 leaves unset fields None; these are its defaults.
             "length_penalty": 1.0 if config.length_penalty is None else config.length_penalty,

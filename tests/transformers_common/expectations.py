@@ -30,7 +30,8 @@ SWITCHES_PER_CALL = (
     "ClipCapImageProcessor's constructor takes its own settings only (size, crop_size, resample, image_mean, "
     "image_std, resize_mode), so that a CLIP preprocessor config carrying do_* keys is refused with a pointer to "
     "from_transformers_pretrained instead of half-read; transformers' step switches (do_rescale, do_normalize, ...) "
-    "are taken per call (tests/test_processing.py::test_transformers_standard_image_switches). This test sets them at creation."
+    "are taken per call (tests/test_processing.py::test_transformers_standard_image_switches). This test sets them at "
+    "creation."
 )
 RGB_ONLY = (
     "CLIP reads RGB: ClipCapImageProcessor always converts to RGB and reads an array's channel layout itself, so it "
