@@ -63,7 +63,7 @@ def test_unreadable_rows_raise_naming_the_key_or_are_skipped(captioning, caplog)
         ({"num_candidates": 3}, "needs a CLIP model"),
         ({"num_candidates": 3, "reranker": object()}, "need sampling"),
         ({"reranker": object()}, "give num_candidates > 1"),
-        ({"on_bad_image": "ignore"}, "on_bad_image must be 'error' or 'skip'"),
+        ({"on_bad_image": "ignore"}, r"on_bad_image \(`--on_bad_image`\) must be 'error' or 'skip', got 'ignore'"),
     ],
 )
 def test_inconsistent_options_are_refused(captioning, kwargs, message):

@@ -24,12 +24,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from ..utils.file_utils import read_json, write_text_atomically
 from .sources import decode_image
 from .loaders import (
-    BadImagePolicy,
     PathLike,
-    _check_policy,
     _handle_bad_images,
     _image_file_loader,
     _image_keys,
@@ -289,7 +288,7 @@ def embed_images(
         `(dataset, image_embeds)`: the dataset with an `image_index` column (rows of skipped images removed), and
         the `(num_unique_images, dim)` float32 embeddings it indexes, for [`ClipCapDataCollator`].
     """
-    _check_policy(on_bad_image)
+    check_bad_image_policy(on_bad_image)
     splits = _splits(dataset)
     keys = _image_keys(splits)
     cache = ImageEmbeddingCache(cache_dir, model, image_processor)
@@ -423,7 +422,7 @@ def embed_source(
     Returns:
         The folder's info (see [`load_embeddings_info`]), with `num_images` and `num_shards`.
     """
-    _check_policy(on_bad_image)
+    check_bad_image_policy(on_bad_image)
     missing = [name for name in (*keep_columns, "image", KEY_COLUMN) if name not in (source.features or {})]
     if missing:
         raise ValueError(

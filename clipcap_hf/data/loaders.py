@@ -15,7 +15,7 @@ import os
 import reprlib
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import datasets
 import torch
@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..image_processing_clipcap import load_image
+from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from ..utils.file_utils import open_text, read_json
 
 logger = logging.get_logger(__name__)
 
 PathLike = str | os.PathLike
-BadImagePolicy = Literal["error", "skip"]
 
 # Karpathy's split names -> ours; "restval" (the rest of COCO val2014) is training data, as in the paper.
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "validation", "test": "test"}
@@ -361,11 +361,6 @@ def _handle_bad_images(
     logger.warning(f"Skipped {len(problems)} unreadable image(s) and their {dropped} caption(s):\n{report}")
 
 
-def _check_policy(on_bad_image: str) -> None:
-    if on_bad_image not in ("error", "skip"):
-        raise ValueError(f"on_bad_image (`--on_bad_image`) must be 'error' or 'skip', got {on_bad_image!r}.")
-
-
 def check_images(
     dataset: datasets.Dataset | datasets.DatasetDict, on_bad_image: BadImagePolicy = "error", num_workers: int = 0
 ) -> datasets.Dataset | datasets.DatasetDict:
@@ -373,7 +368,7 @@ def check_images(
     Open every unique image once, before training from pixels: an unreadable image raises (naming the file and the
     record) or, with `on_bad_image="skip"`, its rows are dropped and counted.
     """
-    _check_policy(on_bad_image)
+    check_bad_image_policy(on_bad_image)
     splits = _splits(dataset)
     keys = _image_keys(splits)
     unique = list(dict.fromkeys(key for split_keys in keys.values() for key in split_keys))

@@ -11,7 +11,7 @@ import io
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import PIL.Image
@@ -19,11 +19,10 @@ import torch
 from transformers.utils import logging
 
 from ..image_processing_clipcap import load_image
+from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from .clip_score import CLIPScorer
 
 logger = logging.get_logger(__name__)
-
-BadImagePolicy = Literal["error", "skip"]
 
 
 @dataclass
@@ -120,8 +119,7 @@ class ClipCapCaptioner:
         on_bad_image: BadImagePolicy = "error",
         **generate_kwargs,
     ):
-        if on_bad_image not in ("error", "skip"):
-            raise ValueError(f"on_bad_image must be 'error' or 'skip', got {on_bad_image!r}.")
+        check_bad_image_policy(on_bad_image)
         if num_candidates < 1:
             raise ValueError(f"num_candidates must be at least 1, got {num_candidates}.")
         if num_candidates > 1:

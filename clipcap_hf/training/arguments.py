@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..data.loaders import DATASET_FORMATS, _check_policy
+from ..data.loaders import DATASET_FORMATS
+from ..utils.bad_images import check_bad_image_policy
 from ..evaluation.metrics import check_metric_names, require_pycocoevalcap
 from ..modeling_clipcap import DEFAULT_MAX_NEW_TOKENS
 
@@ -194,7 +195,7 @@ class SourceArguments:
     def __post_init__(self):
         if self.dataset_format is not None and self.dataset_format not in DATASET_FORMATS:
             raise ValueError(f"--dataset_format must be one of {sorted(DATASET_FORMATS)}, got {self.dataset_format!r}.")
-        _check_policy(self.on_bad_image)
+        check_bad_image_policy(self.on_bad_image)
 
 
 @dataclass
