@@ -60,6 +60,27 @@ def _unsupported_tower(model_type: str) -> str:
     )
 
 
+def resolve_vision_pooling(vision_config: PretrainedConfig, vision_pooling: str | None = None) -> str:
+    """
+    The way a transformers tower (a config [`vision_tower_config`] gave) gives its one image embedding: `vision_pooling`
+    checked against the tower, or when None the tower's default (its first in `VISION_POOLINGS`). The one rule for the
+    config and `load_pretrained_vision_model`, which resolves the pooling before it loads any weights.
+    """
+    poolings = VISION_POOLINGS[vision_config.model_type]
+    vision_pooling = poolings[0] if vision_pooling is None else vision_pooling
+    if vision_pooling not in poolings:
+        raise ValueError(
+            f"`vision_pooling` must be one of {poolings} for a {vision_config.model_type!r} tower, got "
+            f"{vision_pooling!r}."
+        )
+    if vision_pooling == "pooled" and getattr(vision_config, "vision_use_head", True) is False:
+        raise ValueError(
+            f"vision_pooling='pooled' reads the tower's attention-pooling head, and this {vision_config.model_type!r} "
+            "config has none (`vision_use_head=False`); give a tower with its head."
+        )
+    return vision_pooling
+
+
 def vision_embedding_size(vision_config: PretrainedConfig, vision_pooling: str) -> int:
     """Width of the image embedding a transformers tower gives with a pooling."""
     if vision_pooling == "projection":
@@ -242,19 +263,7 @@ class ClipCapConfig(PretrainedConfig):
             embedding_dim = open_clip_model_cfg["embed_dim"]
         else:
             vision_config = CLIPVisionConfig() if vision_config is None else vision_tower_config(vision_config)
-            poolings = VISION_POOLINGS[vision_config.model_type]
-            vision_pooling = poolings[0] if vision_pooling is None else vision_pooling
-            if vision_pooling not in poolings:
-                raise ValueError(
-                    f"`vision_pooling` must be one of {poolings} for a {vision_config.model_type!r} tower, got "
-                    f"{vision_pooling!r}."
-                )
-            if vision_pooling == "pooled" and getattr(vision_config, "vision_use_head", True) is False:
-                raise ValueError(
-                    f"vision_pooling='pooled' reads the tower's attention-pooling head, and this "
-                    f"{vision_config.model_type!r} config has none (`vision_use_head=False`); give a tower with its "
-                    "head."
-                )
+            vision_pooling = resolve_vision_pooling(vision_config, vision_pooling)
             embedding_dim = vision_embedding_size(vision_config, vision_pooling)
 
         if text_config is None:

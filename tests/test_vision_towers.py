@@ -4,8 +4,9 @@ its own image processor, and assembled with `from_vision_text_pretrained`, as a 
 import pytest
 import torch
 import transformers
-from conftest import random_images, tiny_config
+from conftest import random_images, save_open_clip_local_dir, tiny_config
 from transformers import (
+    AutoConfig,
     CLIPConfig,
     CLIPModel,
     Dinov2Config,
@@ -24,6 +25,8 @@ from transformers import (
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration, ClipCapImageProcessor, ClipCapProcessor
+from clipcap_hf.configuration_clipcap import resolve_vision_pooling
+from clipcap_hf.modeling_clipcap import build_vision_tower, load_pretrained_vision_model
 
 TEXT = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
         "vocab_size": 64, "max_position_embeddings": 16}
@@ -223,6 +226,35 @@ def test_vit_without_a_pooler_loads_for_cls_and_names_the_fix_for_pooled(text_di
 def test_vision_pooling_is_checked_in_the_config(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ClipCapConfig(**kwargs)
+
+
+# Each tower kind's default pooling, as the docs give it (docs/model.md).
+DEFAULT_POOLINGS = {
+    "clip_vision_model": "projection", "siglip_vision_model": "pooled", "siglip2_vision_model": "pooled",
+    "vit": "cls", "dinov2": "cls", "dinov2_with_registers": "cls",
+}
+
+
+@pytest.mark.parametrize("model_type", DEFAULT_POOLINGS)
+def test_the_config_and_the_loader_default_each_tower_to_the_same_pooling(model_type, tmp_path):
+    settings = {"num_patches": 16} if model_type == "siglip2_vision_model" else {"image_size": 32}
+    vision_config = AutoConfig.for_model(model_type, **VISION, **settings)
+    assert resolve_vision_pooling(vision_config) == DEFAULT_POOLINGS[model_type]
+    assert ClipCapConfig(vision_config=vision_config).vision_pooling == DEFAULT_POOLINGS[model_type]
+    # The loader, given a tower checkpoint and no pooling, picks the same.
+    build_vision_tower(vision_config, DEFAULT_POOLINGS[model_type]).save_pretrained(tmp_path)
+    _, fields = load_pretrained_vision_model(str(tmp_path))
+    assert fields["vision_pooling"] == DEFAULT_POOLINGS[model_type]
+    assert fields["vision_config"].model_type == model_type
+
+
+def test_an_open_clip_tower_has_no_pooling_in_the_loader_nor_the_config(tmp_path):
+    pytest.importorskip("open_clip")
+    name, _ = save_open_clip_local_dir(tmp_path / "open_clip", "vit")
+    _, fields = load_pretrained_vision_model(name, "open_clip")
+    assert "vision_pooling" not in fields
+    config = ClipCapConfig(**fields)
+    assert (config.vision_backend, config.vision_pooling, config.prefix_dim) == ("open_clip", None, 24)
 
 
 def test_config_defaults_and_legacy_configs(tokenizer):
