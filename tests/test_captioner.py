@@ -60,15 +60,31 @@ def test_unreadable_rows_raise_naming_the_key_or_are_skipped(captioning, caplog)
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"num_candidates": 3}, "needs a CLIP model"),
-        ({"num_candidates": 3, "reranker": object()}, "need sampling"),
-        ({"reranker": object()}, "give num_candidates > 1"),
+        ({"num_candidates": 3}, "num_candidates=3 needs a CLIP model to choose among the captions: give reranker"),
+        ({"num_candidates": 3, "reranker": object()}, "num_candidates=3 needs do_sample=True, or num_beams=3 or more"),
+        ({"num_candidates": 3, "reranker": object(), "do_sample": True, "num_return_sequences": 3},
+         "Give num_candidates or num_return_sequences, not both"),
+        ({"num_candidates": 0}, "num_candidates must be at least 1, got 0"),
+        ({"reranker": object()}, r"give num_candidates=N \(N > 1\) with it"),
+        ({"num_return_sequences": 2, "num_beams": 1}, "num_return_sequences=2 needs do_sample=True, or num_beams=2"),
+        ({"top_p": 0.9, "temperature": 0.5}, "top_p and temperature only apply when sampling: add do_sample=True"),
         ({"on_bad_image": "ignore"}, r"on_bad_image \(`--on_bad_image`\) must be 'error' or 'skip', got 'ignore'"),
     ],
 )
 def test_inconsistent_options_are_refused(captioning, kwargs, message):
     with pytest.raises(ValueError, match=message):
         ClipCapCaptioner(*captioning, **kwargs)
+
+
+def test_options_not_given_are_the_generation_configs(captioning, monkeypatch):
+    model, processor = captioning
+    monkeypatch.setattr(model.generation_config, "do_sample", True)  # a saved model may sample by default
+    ClipCapCaptioner(model, processor, top_p=0.9, num_return_sequences=2)
+    monkeypatch.setattr(model.generation_config, "do_sample", False)
+    monkeypatch.setattr(model.generation_config, "num_beams", 3)
+    ClipCapCaptioner(model, processor, num_return_sequences=3)
+    with pytest.raises(ValueError, match="num_return_sequences=4 needs do_sample=True, or num_beams=4 or more"):
+        ClipCapCaptioner(model, processor, num_return_sequences=4)
 
 
 def test_ray_data_map_batches(captioning):

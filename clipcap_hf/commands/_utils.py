@@ -122,11 +122,17 @@ def check_gallery_path(gallery: str, output_dir: str | None = None, taken: Itera
 
 
 def decoding_kwargs(args: argparse.Namespace) -> dict:
-    """The decoding options shared by caption and evaluate, as `generate` arguments."""
-    generate_kwargs = {"num_beams": args.num_beams, "do_sample": False}
-    if args.max_new_tokens is not None:  # otherwise the model's generation config decides
-        generate_kwargs["max_new_tokens"] = args.max_new_tokens
-    return generate_kwargs
+    """
+    The decoding options of `add_caption_options` (and `add_sampling_options`, where the command has them) as
+    `ClipCapCaptioner` arguments. Which of them go together, the captioner decides (`check_decoding_options`).
+    """
+    kwargs = {"num_beams": args.num_beams, "do_sample": getattr(args, "do_sample", False)}
+    # Those not given are left out: the model's generation config decides the length, and the settings a
+    # `clipcap caption --output` run records stay those of earlier runs.
+    for name in ("max_new_tokens", "top_p", "temperature"):
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
+    return kwargs
 
 
 # `clipcap caption` and `clipcap evaluate` decode alike unless told otherwise: greedy, as training's evaluation does.
@@ -177,7 +183,7 @@ def torch_dtype(text: str) -> torch.dtype:
 
 
 def add_sampling_options(parser: argparse.ArgumentParser) -> None:
-    """Sampling instead of greedy or beam search; `sampling_kwargs` turns them into `generate` arguments."""
+    """Sampling instead of greedy or beam search; `decoding_kwargs` turns them into captioner arguments."""
     parser.add_argument("--do-sample", action="store_true",
                         help="Sample the captions instead of taking the likeliest tokens (see --top-p, --temperature).")
     parser.add_argument("--top-p", type=probability, default=None,
@@ -185,22 +191,6 @@ def add_sampling_options(parser: argparse.ArgumentParser) -> None:
                              "(nucleus sampling), e.g. 0.9.")
     parser.add_argument("--temperature", type=positive_float, default=None,
                         help="With --do-sample: divide the logits by T before sampling (below 1: safer captions).")
-
-
-def sampling_kwargs(args: argparse.Namespace) -> dict:
-    """The `generate` arguments of `add_sampling_options`' options; --top-p and --temperature need --do-sample."""
-    if not args.do_sample:
-        given = [option for option, value in (("--top-p", args.top_p), ("--temperature", args.temperature))
-                 if value is not None]
-        if given:
-            raise ValueError(f"{' and '.join(given)} only apply when sampling: add --do-sample.")
-        return {}
-    kwargs = {"do_sample": True}
-    if args.top_p is not None:
-        kwargs["top_p"] = args.top_p
-    if args.temperature is not None:
-        kwargs["temperature"] = args.temperature
-    return kwargs
 
 
 def stdout_is_utf8() -> bool:

@@ -15,6 +15,7 @@ import torch
 
 from ..evaluation import UnreadableImagesError, iter_captions
 from ..evaluation.gallery import GalleryRecord, write_gallery
+from ..inference.captioner import check_decoding_options
 from ..utils.file_utils import escape_controls
 from ._utils import (
     TORCH_DTYPES,
@@ -25,7 +26,6 @@ from ._utils import (
     expand_image_paths,
     load_model_and_processor,
     positive_int,
-    sampling_kwargs,
     stdout_is_utf8,
     torch_dtype,
 )
@@ -120,26 +120,30 @@ def _dataset_source(args: argparse.Namespace) -> bool:
     return True
 
 
+# The captioner arguments that this command's options name otherwise; the others are their names with dashes.
+_OPTIONS = {"reranker": "--rerank-model"}
+
+
+def _option_spelling(name: str, value=None) -> str:
+    """How `check_decoding_options`' messages name a captioner argument here: `--num-beams 3`, `--do-sample`."""
+    option = _OPTIONS.get(name, "--" + name.replace("_", "-"))
+    return option if value is None or value is True else f"{option} {value}"
+
+
 def _decoding_kwargs(args: argparse.Namespace) -> dict:
-    """The `ClipCapCaptioner` arguments of the decoding options, checked together."""
+    """
+    The `ClipCapCaptioner` arguments of the decoding options, refused here, before any work, when they do not go
+    together (by the captioner's own rules, naming the options).
+    """
     kwargs = decoding_kwargs(args)
-    kwargs.update(sampling_kwargs(args))
+    # Only those given: the settings a run with --output records stay those of earlier runs, which it resumes.
     if args.num_candidates > 1:
-        if args.rerank_model is None:
-            raise ValueError("--num-candidates chooses among captions with CLIP: give --rerank-model.")
-        if args.num_return_sequences > 1:
-            raise ValueError("Give --num-candidates or --num-return-sequences, not both.")
-        if not args.do_sample and args.num_beams < args.num_candidates:
-            raise ValueError(f"--num-candidates {args.num_candidates} needs --do-sample, or --num-beams "
-                             f"{args.num_candidates} or more: greedy decoding gives one caption.")
-        kwargs.update(num_candidates=args.num_candidates, reranker=args.rerank_model)
-    elif args.rerank_model is not None:
-        raise ValueError("--rerank-model chooses among candidates: give --num-candidates N (N > 1) with it.")
+        kwargs["num_candidates"] = args.num_candidates
+    if args.rerank_model is not None:
+        kwargs["reranker"] = args.rerank_model
     if args.num_return_sequences > 1:
-        if not args.do_sample and args.num_beams < args.num_return_sequences:
-            raise ValueError(f"--num-return-sequences {args.num_return_sequences} needs --do-sample, or --num-beams "
-                             f"{args.num_return_sequences} or more.")
         kwargs["num_return_sequences"] = args.num_return_sequences
+    check_decoding_options(**kwargs, spelling=_option_spelling)
     return kwargs
 
 

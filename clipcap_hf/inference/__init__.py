@@ -14,7 +14,12 @@ Example:
 ```
 """
 
-from .captioner import CaptionBatch, ClipCapCaptioner, decode_image
+from .captioner import (
+    CaptionBatch,
+    ClipCapCaptioner,
+    check_decoding_options,
+    decode_image,
+)
 from .clip_score import CLIPSCORE_PROMPT, CLIPSCORE_WEIGHT, CLIPScorer
 from .sharded import (
     CaptionRunSummary,
@@ -31,6 +36,7 @@ __all__ = [
     "CaptionRunSummary",
     "ClipCapCaptioner",
     "caption_dataset_to_parquet",
+    "check_decoding_options",
     "decode_image",
     "distributed_rank",
     "shard_file_name",

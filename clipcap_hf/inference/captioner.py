@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,6 +70,57 @@ def decode_image(value: Any) -> PIL.Image.Image:
     raise ValueError(f"Cannot read an image from a {type(value).__name__}.")
 
 
+def _argument_spelling(name: str, value: Any = None) -> str:
+    """How [`check_decoding_options`] names an argument by default: `num_beams`, or `num_beams=3` with a value."""
+    return name if value is None else f"{name}={value}"
+
+
+def check_decoding_options(
+    num_candidates: int = 1,
+    reranker: CLIPScorer | str | None = None,
+    *,
+    spelling: Callable[..., str] = _argument_spelling,
+    **generate_kwargs,
+) -> None:
+    """
+    Refuse [`ClipCapCaptioner`] arguments that do not go together, saying which to change: sampling options without
+    `do_sample=True`, more captions per image (`num_return_sequences`, `num_candidates`) than greedy decoding or the
+    beams give, `num_candidates` without a `reranker` or the other way round, and `num_candidates` with
+    `num_return_sequences`. `do_sample` and `num_beams` not given count as greedy decoding.
+
+    The one home of these rules: the captioner applies them, and `clipcap caption` applies them before it loads any
+    model, with `spelling(name, value=None)` naming its options (`--num-beams 3` rather than `num_beams=3`; a value of
+    `True` is a flag's).
+    """
+    sampling = bool(generate_kwargs.get("do_sample"))
+    num_beams = generate_kwargs.get("num_beams") or 1
+    num_sequences = generate_kwargs.get("num_return_sequences") or 1
+
+    def check_enough_captions(name: str, count: int) -> None:
+        if count > 1 and not sampling and num_beams < count:
+            raise ValueError(f"{spelling(name, count)} needs {spelling('do_sample', True)}, or "
+                             f"{spelling('num_beams', count)} or more: greedy decoding gives one caption.")
+
+    if not sampling:
+        given = [spelling(name) for name in ("top_p", "temperature") if generate_kwargs.get(name) is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} only apply when sampling: add {spelling('do_sample', True)}.")
+    if num_candidates < 1:
+        raise ValueError(f"{spelling('num_candidates')} must be at least 1, got {num_candidates}.")
+    if num_candidates > 1:
+        if reranker is None:
+            raise ValueError(f"{spelling('num_candidates', num_candidates)} needs a CLIP model to choose among the "
+                             f"captions: give {spelling('reranker')}.")
+        if num_sequences > 1:
+            raise ValueError(f"Give {spelling('num_candidates')} or {spelling('num_return_sequences')}, not both: "
+                             f"{spelling('num_candidates')} sets how many captions each image gets.")
+        check_enough_captions("num_candidates", num_candidates)
+    elif reranker is not None:
+        raise ValueError(f"{spelling('reranker')} chooses among candidate captions: give "
+                         f"{spelling('num_candidates', 'N')} (N > 1) with it.")
+    check_enough_captions("num_return_sequences", num_sequences)
+
+
 class ClipCapCaptioner:
     """
     Caption batches of images with a ClipCap model: call it on a dict of columns, get the dict back with a caption
@@ -90,6 +141,8 @@ class ClipCapCaptioner:
         on_bad_image: `"error"` raises naming the row; `"skip"` gives it a `None` caption and logs a warning.
         **generate_kwargs: decoding options for `model.generate` (`max_new_tokens`, `num_beams`, `do_sample`,
             `top_p`, `temperature`, `num_return_sequences`, ...).
+
+    Options that do not go together are refused here, by [`check_decoding_options`].
 
     The returned batch has `caption_column`, plus `candidates` (all captions of each image) when more than one is
     generated per image, and `clip_score` when reranking.
@@ -120,27 +173,17 @@ class ClipCapCaptioner:
         **generate_kwargs,
     ):
         check_bad_image_policy(on_bad_image)
-        if num_candidates < 1:
-            raise ValueError(f"num_candidates must be at least 1, got {num_candidates}.")
-        if num_candidates > 1:
-            if reranker is None:
-                raise ValueError("num_candidates > 1 needs a CLIP model to choose among them (`reranker`).")
-            if generate_kwargs.get("num_return_sequences", 1) not in (1, num_candidates):
-                raise ValueError("Give num_candidates or num_return_sequences, not both: num_candidates sets it.")
-            if not generate_kwargs.get("do_sample") and generate_kwargs.get("num_beams", 1) < num_candidates:
-                raise ValueError(
-                    f"{num_candidates} candidates need sampling (do_sample=True) or beam search with at least "
-                    f"{num_candidates} beams; greedy decoding gives one caption."
-                )
-            generate_kwargs["num_return_sequences"] = num_candidates
-        elif reranker is not None:
-            raise ValueError("A reranker chooses among candidates: give num_candidates > 1 with it.")
         if isinstance(model, (str, os.PathLike)):
             from ..utils.loading import load_clipcap
 
             model, processor = load_clipcap(str(model), "model")
         if processor is None:
             raise ValueError("Give the model's processor with an in-memory model (`processor=`).")
+        # What is not given, the model's generation config decides (as in `generate`).
+        defaults = {"do_sample": model.generation_config.do_sample, "num_beams": model.generation_config.num_beams}
+        check_decoding_options(num_candidates, reranker, **{**defaults, **generate_kwargs})
+        if num_candidates > 1:
+            generate_kwargs["num_return_sequences"] = num_candidates
         self.model = model.to(device=device, dtype=dtype).eval()
         self.processor = processor
         if isinstance(reranker, str):
@@ -242,4 +285,4 @@ class ClipCapCaptioner:
         return output
 
 
-__all__ = ["BadImagePolicy", "CaptionBatch", "ClipCapCaptioner", "decode_image"]
+__all__ = ["BadImagePolicy", "CaptionBatch", "ClipCapCaptioner", "check_decoding_options", "decode_image"]
