@@ -150,8 +150,7 @@ def test_a_grid_over_two_vision_towers_on_a_dataset_of_your_own(caption_folder, 
     GPT2LMHeadModel(config.text_config).save_pretrained(tmp_path / "text")
     tokenizer.save_pretrained(tmp_path / "text")
     towers = [str(tmp_path / "clip"), str(tmp_path / "siglip")]
-    data = caption_task("imagefolder", str(caption_folder), towers, str(tmp_path / "text"),
-                        validation_file=str(caption_folder))
+    data = caption_task("imagefolder", str(caption_folder), validation_file=str(caption_folder))
     assert len(data.train) == 7 and [len(references) for references in data.evaluation["references"]] == [2, 2, 1, 2]
 
     grid = AblationConfig(prefix_lengths=(2,), mapping_types=("mlp",), language_models=("frozen",),
@@ -170,10 +169,27 @@ def test_a_grid_over_two_vision_towers_on_a_dataset_of_your_own(caption_folder, 
 
 
 def test_towers_whose_runs_would_share_a_folder_are_refused():
-    from clipcap_hf.training.ablation import grid_runs
-
     with pytest.raises(ValueError, match=r"The vision towers \['a/clip', 'b/clip/'\] end in the same name"):
-        grid_runs(AblationConfig(), ["a/clip", "b/clip/"])
+        AblationConfig(vision_models=["a/clip", "b/clip/"], text_model="gpt2")
+    with pytest.raises(ValueError, match=r"`vision_models` must be a list of towers, got the string 'a/clip'"):
+        AblationConfig(vision_models="a/clip", text_model="gpt2")
+
+
+def test_the_grid_takes_its_pretrained_parts_from_its_config_alone(tmp_path):
+    # The dataset once named towers and a language model too, which the grid trained on whatever its config said.
+    import datasets
+
+    from clipcap_hf.training.ablation import AblationData
+
+    rows = datasets.Dataset.from_dict({"caption": ["a red square"], "image_path": ["a.png"]})
+    with pytest.raises(TypeError, match="vision_models"):
+        AblationData(train=rows, evaluation=rows, vision_models=["clip"], text_model="gpt2")
+    data = AblationData(train=rows, evaluation=rows)
+    with pytest.raises(ValueError, match=r"A dataset of your own needs the pretrained parts.*`vision_models` and "
+                                         r"`text_model` \(--vision-models, --text-model\)"):
+        run_ablation(tmp_path, AblationConfig(), data, verbose=False)
+    with pytest.raises(ValueError, match=r"your own vision towers needs your dataset too"):
+        run_ablation(tmp_path, AblationConfig(vision_models=["clip"], text_model="gpt2"), verbose=False)
 
 
 def test_captions_of_one_image_file_share_its_embedding():

@@ -78,8 +78,7 @@ def run(args: argparse.Namespace) -> int:
     )
     data = None
     if own_data:
-        data = caption_task(args.dataset_format, args.train_file, args.vision_models, args.text_model,
-                            args.validation_file, args.image_root)
+        data = caption_task(args.dataset_format, args.train_file, args.validation_file, args.image_root)
     run_ablation(args.output_dir, config, data, verbose=not args.quiet)
     print(f"Wrote {args.output_dir}/results.md, results.csv and prefix_length_*.png.")
     return 0

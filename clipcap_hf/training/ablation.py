@@ -24,7 +24,7 @@ import logging
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +66,10 @@ class AblationConfig:
     language_models: Sequence[str] = LANGUAGE_MODES
     """`"finetuned"` trains the language model with the mapper; `"frozen"` trains the mapper only."""
     vision_models: Sequence[str] = ()
-    """Pretrained vision towers (Hub names or folders); empty: the synthetic task's own tower."""
+    """Pretrained vision towers (Hub names or folders) for a dataset of your own; empty: the synthetic task's own
+    tower. The grid's only record of its towers: the dataset ([`AblationData`]) holds none."""
     text_model: str | None = None
-    """The pretrained causal language model; `None`: the synthetic task's own."""
+    """The pretrained causal language model for a dataset of your own; `None`: the synthetic task's own."""
     max_steps: int = 200
     batch_size: int = 64
     learning_rate: float = 1e-3
@@ -93,10 +94,21 @@ class AblationConfig:
             raise ValueError(f"`plot_metrics` must be some of {PLOTTABLE_SCORES}, got {unknown}.")
         if not self.prefix_lengths or any(length < 1 for length in self.prefix_lengths):
             raise ValueError(f"`prefix_lengths` must be positive integers, got {list(self.prefix_lengths)}.")
+        if isinstance(self.vision_models, str):
+            raise ValueError(
+                f"`vision_models` must be a list of towers, got the string {self.vision_models!r}; give "
+                f"[{self.vision_models!r}]."
+            )
         if bool(self.vision_models) != (self.text_model is not None):
             raise ValueError(
                 "Give both the pretrained vision towers and the language model (a dataset of your own), or neither "
                 "(the synthetic task, which trains its own)."
+            )
+        names = [tower_name(vision) for vision in self.vision_models]
+        if len(set(names)) < len(names):
+            raise ValueError(
+                f"The vision towers {list(self.vision_models)} end in the same name, which names their runs' folders; "
+                "give towers whose last path parts differ (copy or link one under another name)."
             )
 
 
@@ -123,39 +135,36 @@ def tower_name(vision_model: str) -> str:
 
 @dataclass
 class AblationData:
-    """The dataset and pretrained parts a grid runs on."""
+    """The dataset a grid runs on (the pretrained parts it starts from are the grid's: [`AblationConfig`])."""
 
     train: datasets.Dataset
     """Training rows: `caption` and the image (`image` or `image_path`)."""
     evaluation: datasets.Dataset
     """Evaluation rows, one per image: `references` (a list of captions) and the image."""
-    vision_models: list[str]
-    text_model: str
     extra_scores: Any = field(default=None, repr=False)
     """`f(predictions, references) -> dict` of task-specific scores (the synthetic task's attribute accuracies)."""
 
 
-def grid_runs(config: AblationConfig, vision_models: Sequence[str]) -> list[AblationRun]:
-    """Every run of the grid, in table order. Runs are named by the towers' last path parts, which must differ."""
-    names = [AblationRun(vision, "mlp", "frozen", 1).name for vision in vision_models]
-    if len(set(names)) < len(names):
-        raise ValueError(
-            f"The vision towers {list(vision_models)} end in the same name, which names their runs' folders; give "
-            "towers whose last path parts differ (copy or link one under another name)."
-        )
+def grid_runs(config: AblationConfig) -> list[AblationRun]:
+    """Every run of the grid, in table order."""
     return [
         AblationRun(vision, mapping_type, language_model, prefix_length)
-        for vision in vision_models
+        for vision in config.vision_models
         for language_model in config.language_models
         for mapping_type in config.mapping_types
         for prefix_length in sorted(config.prefix_lengths)
     ]
 
 
-def shapes_task(output_dir: str | os.PathLike, config: AblationConfig, verbose: bool = True) -> AblationData:
+def shapes_task(
+    output_dir: str | os.PathLike, config: AblationConfig, verbose: bool = True
+) -> tuple[AblationConfig, AblationData]:
     """
     The synthetic shapes task, and its pretrained parts: a quickstart run (`output_dir/base`, done once) trains the
     vision tower and the language model, which are then saved as a vision folder and a language model folder.
+
+    Returns:
+        `config` with those folders as its `vision_models` and `text_model`, and the task's dataset.
     """
     base = Path(output_dir) / "base"
     if not (base / "held_out_scores.json").is_file():  # written last by the quickstart
@@ -177,13 +186,10 @@ def shapes_task(output_dir: str | os.PathLike, config: AblationConfig, verbose: 
     )
     evaluation = splits["test_seen"]
     evaluation = evaluation.add_column("references", [[caption] for caption in evaluation["caption"]])
-    return AblationData(
-        train=splits["train"],
-        evaluation=evaluation.remove_columns("caption"),
-        vision_models=[str(vision_dir)],
-        text_model=str(text_dir),
-        extra_scores=_shapes_scores,
+    data = AblationData(
+        train=splits["train"], evaluation=evaluation.remove_columns("caption"), extra_scores=_shapes_scores
     )
+    return replace(config, vision_models=[str(vision_dir)], text_model=str(text_dir)), data
 
 
 def _shapes_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
@@ -194,16 +200,12 @@ def _shapes_scores(predictions: list[str], references: list[list[str]]) -> dict[
 
 
 def caption_task(
-    dataset_format: str,
-    train_file: str,
-    vision_models: Sequence[str],
-    text_model: str,
-    validation_file: str | None = None,
-    image_root: str | None = None,
+    dataset_format: str, train_file: str, validation_file: str | None = None, image_root: str | None = None
 ) -> AblationData:
     """
-    A dataset of your own ([`load_caption_dataset`]'s formats) with pretrained parts: training captions from
-    `train_file`, evaluation images from `validation_file` (or the Karpathy file's validation split).
+    A dataset of your own ([`load_caption_dataset`]'s formats), for a grid whose config names the pretrained parts:
+    training captions from `train_file`, evaluation images from `validation_file` (or the Karpathy file's validation
+    split).
     """
     loaded = load_caption_dataset(dataset_format, train_file, image_root)
     train, evaluation = (loaded.get("train"), loaded.get("validation")) if isinstance(loaded, dict) else (loaded, None)
@@ -216,8 +218,7 @@ def caption_task(
             f"{train_file}: an ablation needs training captions and evaluation images; give a validation file "
             "(--validation-file) or a coco-karpathy file, which holds both."
         )
-    return AblationData(train=train, evaluation=group_by_image(evaluation), vision_models=list(vision_models),
-                        text_model=text_model)
+    return AblationData(train=train, evaluation=group_by_image(evaluation))
 
 
 def with_image_index(rows: datasets.Dataset) -> tuple[datasets.Dataset, datasets.Dataset]:
@@ -259,12 +260,12 @@ def train_and_score(
 ) -> dict[str, Any]:
     """Train one run from the pretrained parts, caption the evaluation images, score them and save the run."""
     processor = ClipCapProcessor.from_vision_text_pretrained(
-        run.vision_model, data.text_model, num_image_tokens=run.prefix_length
+        run.vision_model, config.text_model, num_image_tokens=run.prefix_length
     )
     torch.manual_seed(config.seed)
     mapper_options = {"mapping_num_layers": config.mapping_num_layers} if run.mapping_type == "transformer" else {}
     model = ClipCapForConditionalGeneration.from_vision_text_pretrained(
-        run.vision_model, data.text_model, mapping_type=run.mapping_type, prefix_length=run.prefix_length,
+        run.vision_model, config.text_model, mapping_type=run.mapping_type, prefix_length=run.prefix_length,
         image_token_id=processor.image_token_id, **mapper_options,
     )
     if run.language_model == "frozen":
@@ -332,7 +333,8 @@ def run_ablation(
 ) -> list[dict[str, Any]]:
     """
     Train and score every run of the grid (skipping finished ones), then write `results.csv`, `results.md` and the
-    figures `prefix_length_METRIC.png` into `output_dir`. `data` defaults to the synthetic shapes task.
+    figures `prefix_length_METRIC.png` into `output_dir`. `data` is a dataset of your own, for a `config` that names
+    the pretrained parts; without it (and them) the grid runs on the synthetic shapes task.
 
     Returns:
         `list[dict]`: each run's record (its settings, budget, trainable parameters, training time and loss, scores).
@@ -344,8 +346,13 @@ def run_ablation(
     if data is None:
         if config.vision_models:
             raise ValueError("A grid over your own vision towers needs your dataset too (`data`, --train-file).")
-        data = shapes_task(output_dir, config, verbose)
-    runs = grid_runs(config, data.vision_models)
+        config, data = shapes_task(output_dir, config, verbose)
+    elif not config.vision_models:
+        raise ValueError(
+            "A dataset of your own needs the pretrained parts the grid starts from: give the config's `vision_models` "
+            "and `text_model` (--vision-models, --text-model)."
+        )
+    runs = grid_runs(config)
     records, embeddings = [], {}
     for run in tqdm(runs, desc="Ablation runs", disable=not verbose):
         run_dir = output_dir / "runs" / run.name
