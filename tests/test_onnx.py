@@ -102,6 +102,7 @@ def test_beam_search_equals_generate_with_captions_ending_early(onnx_export, ear
     captioner.generation_config.update(
         eos_token_id=eos, early_stopping=early_stopping, length_penalty=length_penalty
     )
+    shrank = []  # per number of beams: whether an image left the decoder's batch before the others
     for num_beams in (2, 4):
         expected = model.generate(
             image_embeds=image_embeds, num_beams=num_beams, do_sample=False, max_new_tokens=MAX_NEW_TOKENS,
@@ -109,10 +110,31 @@ def test_beam_search_equals_generate_with_captions_ending_early(onnx_export, ear
         )[:, PREFIX_LENGTH:].tolist()
         # A caption ends at its EOS; what follows is padding (transformers 5 pads beam search's with EOS).
         expected = [row[: row.index(eos) + 1] if eos in row else row for row in expected]
+        decoder_batches = record_decoder_batches(captioner)
         tokens = captioner.generate(image_embeds=image_embeds.numpy(), num_beams=num_beams,
                                     max_new_tokens=MAX_NEW_TOKENS)
         assert tokens == expected
         assert any(row[-1] == eos and len(row) < MAX_NEW_TOKENS for row in tokens)
+        assert len({len(row) for row in tokens}) > 1  # the images' searches stop at different steps
+        # All images' beams go through the decoder together, one call per step; an image whose search is over
+        # leaves the batch.
+        assert decoder_batches[0] == len(image_embeds) * num_beams and len(decoder_batches) <= MAX_NEW_TOKENS
+        assert decoder_batches == sorted(decoder_batches, reverse=True) and decoder_batches[-1] % num_beams == 0
+        shrank.append(decoder_batches[-1] < decoder_batches[0])
+    assert any(shrank)
+
+
+def record_decoder_batches(captioner: OnnxCaptioner) -> list[int]:
+    """Makes `captioner` record the batch size of each of its decoder calls, in the list returned."""
+    batches, session = [], captioner.sessions["decoder_model_merged"]
+
+    class Recorder:
+        def run(self, output_names, feeds):
+            batches.append(len(feeds["inputs_embeds"]))
+            return session.run(output_names, feeds)
+
+    captioner.sessions["decoder_model_merged"] = Recorder()
+    return batches
 
 
 def test_caption_decodes_like_the_pipeline(onnx_export, captioner, processor):

@@ -147,7 +147,7 @@ class OnnxCaptioner:
         prefix = self.prefix_embeds(pixel_values, image_embeds)
         if settings["num_beams"] == 1:
             return self._greedy(prefix, settings)
-        return [self._beam_search(prefix[i : i + 1], settings) for i in range(len(prefix))]
+        return self._beam_search(prefix, settings)
 
     def caption(self, images, max_new_tokens: int | None = None, num_beams: int | None = None) -> list[str]:
         """Captions of images (PIL, numpy or torch, as the processor takes them)."""
@@ -204,50 +204,76 @@ class OnnxCaptioner:
             logits, state = self.decode(self.embed_tokens(next_tokens[:, None]), state)
         return tokens.tolist()
 
-    def _beam_search(self, prefix: np.ndarray, settings: dict) -> list[int]:
-        """transformers' beam search (`_beam_search`) for one image: same candidates, scores and stopping rule."""
+    def _beam_search(self, prefix: np.ndarray, settings: dict) -> list[list[int]]:
+        """
+        transformers' beam search (`_beam_search`) for a batch of images: per image the same candidates, scores and
+        stopping rule, with the beams of every image still searching in one decoder call per step. An image whose
+        search has stopped leaves the batch (transformers keeps computing it until every image has stopped, which
+        changes nothing in its result).
+        """
         beams, eos, penalty = settings["num_beams"], settings["eos"], settings["length_penalty"]
         max_new = settings["max_new_tokens"]
-        keep = max(2, 1 + len(eos)) * beams  # candidates kept per step, so that `beams` remain after EOS ones
-        logits, state = self.decode(np.repeat(prefix, beams, axis=0), self.empty_state(beams))
-        running = [[] for _ in range(beams)]
-        running_scores = np.full(beams, -1e9, np.float32)
-        running_scores[0] = 0.0  # all beams start alike: only the first one's continuations count
-        finished: list[tuple[float, list[int]]] = []  # (normalised score, tokens), best first, at most `beams`
-        improvable = True
+        keep = max(2, 1 + len(eos)) * beams  # candidates kept per image and step, so that `beams` remain after EOS
+        logits, state = self.decode(np.repeat(prefix, beams, axis=0), self.empty_state(len(prefix) * beams))
+        images = np.arange(len(prefix))  # the images still searching, in the decoder's row order (`beams` rows each)
+        running = np.zeros((len(prefix), beams, 0), np.int64)  # each running beam's tokens
+        running_scores = np.full((len(prefix), beams), -1e9, np.float32)
+        running_scores[:, 0] = 0.0  # all beams start alike: only the first one's continuations count
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in prefix]  # per image: (normalised score, tokens)
         for step in range(max_new):
-            log_probs = self._step_log_probs(logits, settings, log_softmax=True) + running_scores[:, None]
-            flat = log_probs.reshape(-1)
-            top = np.argsort(-flat, kind="stable")[:keep]
-            vocab = log_probs.shape[1]
-            last_step = step + 1 == max_new
-            candidates = [(float(flat[i]), int(i // vocab), int(i % vocab)) for i in top]
+            log_probs = self._step_log_probs(logits, settings, log_softmax=True).reshape(len(images), beams, -1)
+            log_probs = (log_probs + running_scores[..., None]).reshape(len(images), -1)
+            top = _top_k(log_probs, keep)
+            scores = np.take_along_axis(log_probs, top, axis=1)
+            sources, tokens = np.divmod(top, log_probs.shape[1] // beams)
+            candidates = np.concatenate((np.take_along_axis(running, sources[..., None], axis=1), tokens[..., None]), 2)
             # A candidate ends with an EOS token or at the length limit; only the best `beams` may be kept as ended.
-            ends = [last_step or token in eos for _, _, token in candidates]
-            closed = settings["early_stopping"] is True and len(finished) == beams
-            for rank, ((score, source, token), ended) in enumerate(zip(candidates, ends)):
-                if ended and rank < beams and improvable and not closed:
-                    finished.append((score / (step + 1) ** penalty, running[source] + [token]))
-            finished = sorted(finished, key=lambda item: -item[0])[:beams]
-            if last_step or all(ends):
+            # (An image whose captions can no longer change has left the batch: see `_search_is_over`.)
+            last_step = step + 1 == max_new
+            ends = np.isin(tokens, list(eos)) | last_step
+            for row, image in enumerate(images):
+                ended = [(float(scores[row, rank]) / (step + 1) ** penalty, candidates[row, rank].tolist())
+                         for rank in range(beams) if ends[row, rank]]
+                finished[image] = sorted(finished[image] + ended, key=lambda item: -item[0])[:beams]
+            if last_step:
                 break
-            continuing = [candidate for candidate, ended in zip(candidates, ends) if not ended][:beams]
-            running_scores = np.array([score for score, _, _ in continuing], np.float32)
-            sources = np.array([source for _, source, _ in continuing])
-            running = [running[source] + [token] for _, source, token in continuing]
-            # transformers' stopping rule: once every slot holds an ended caption, stop (early_stopping=True), or
-            # stop when the best running one, at its current length, cannot beat the worst of them.
-            if len(finished) == beams:
-                if settings["early_stopping"] is True:
-                    break
-                hypothetical_length = max_new if settings["early_stopping"] == "never" and penalty > 0 else step + 1
-                best_possible = running_scores[0] / hypothetical_length**penalty
-                improvable = improvable and best_possible > finished[-1][0]
-                if not improvable:
-                    break
-            next_tokens = np.array([token for _, _, token in continuing], np.int64)
-            logits, state = self.decode(self.embed_tokens(next_tokens[:, None]), state.select(sources))
-        return finished[0][1]
+            # The best `beams` candidates that do not end run on (argsort is stable: they stay in score order).
+            continuing = np.argsort(ends, axis=1, kind="stable")[:, :beams]
+            running = np.take_along_axis(candidates, continuing[..., None], axis=1)
+            running_scores = np.take_along_axis(scores, continuing, axis=1)
+            rows = np.arange(len(images))[:, None] * beams + np.take_along_axis(sources, continuing, axis=1)
+            searching = ~ends.all(axis=1) & [
+                not self._search_is_over(finished[image], best, step, settings)
+                for image, best in zip(images, running_scores[:, 0])
+            ]
+            if not searching.any():
+                break
+            images, running, running_scores = images[searching], running[searching], running_scores[searching]
+            next_tokens = running[:, :, -1].reshape(-1, 1)
+            logits, state = self.decode(self.embed_tokens(next_tokens), state.select(rows[searching].reshape(-1)))
+        return [captions[0][1] for captions in finished]
+
+    @staticmethod
+    def _search_is_over(finished: list[tuple[float, list[int]]], best_running: float, step: int, settings: dict) -> bool:
+        """
+        transformers' stopping rule for one image: once it holds `beams` ended captions, stop (early_stopping=True),
+        or stop when its best running beam, at its current length, cannot beat the worst of them.
+        """
+        if len(finished) < settings["num_beams"]:
+            return False
+        if settings["early_stopping"] is True:
+            return True
+        penalty = settings["length_penalty"]
+        never = settings["early_stopping"] == "never" and penalty > 0
+        hypothetical_length = settings["max_new_tokens"] if never else step + 1
+        return best_running / hypothetical_length**penalty <= finished[-1][0]
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """The indices of each row's `k` largest scores, largest first (equal scores: the lower index first)."""
+    top = np.sort(np.argpartition(-scores, k - 1, axis=-1)[..., :k], axis=-1)
+    order = np.argsort(-np.take_along_axis(scores, top, axis=-1), axis=-1, kind="stable")
+    return np.take_along_axis(top, order, axis=-1)
 
 
 def caption_agreement(first: Sequence[str | list[int]], second: Sequence[str | list[int]]) -> float:
