@@ -1,4 +1,4 @@
-"""Caption dataset loaders, the CLIP embedding cache and the data collator."""
+"""Caption dataset loaders, embedding caption datasets into embeddings folders, and the data collator."""
 
 import json
 import os
@@ -20,11 +20,15 @@ from clipcap_hf.data import (
     add_caption_lengths,
     check_images,
     embed_images,
+    embedding_cache_folder,
     group_by_image,
+    image_cache_key,
     load_caption_dataset,
     load_coco_captions,
     load_coco_karpathy,
     load_conceptual_captions,
+    load_embeddings,
+    load_embeddings_info,
     load_image_folder,
     load_nocaps,
 )
@@ -266,7 +270,7 @@ def test_group_by_image_collects_references(image_folder):
     assert grouped["references"][2] == ["A man rides a bicycle down the street."]
 
 
-# ---------------------------------------------------------------- embedding cache
+# ---------------------------------------------------------------- embedding caption datasets (embeddings folders)
 
 
 @pytest.fixture
@@ -299,7 +303,15 @@ def test_embedding_cache_embeds_each_image_once_in_batches_and_is_reused(
     assert seen == []
     assert again["image_index"] == [0, 1]
     assert torch.equal(table_again, table[[2, 3]])
-    assert len(list((tmp_path / "cache").iterdir())) == 1
+    # One embeddings folder, the one `clipcap train --embedding_cache_dir` uses, with each image's captions.
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert folder == embedding_cache_folder(tmp_path / "cache", model, processor.image_processor)
+    assert load_embeddings(folder)["captions"] == [
+        ["A dog runs on the beach.", "Two cats sleep!"],
+        ["A red circle above a blue square.", "People walk."],
+        ["A man rides a bicycle down the street."],
+        ["A small green triangle.", "A dog runs."],
+    ]
 
 
 def test_embedding_and_checking_images_leave_the_global_random_state_alone(
@@ -358,9 +370,10 @@ def test_an_interrupted_embedding_pass_keeps_what_it_embedded(
     with mock.patch.object(model, "get_image_embeds", interrupted_on_the_fourth_batch):
         with pytest.raises(KeyboardInterrupt):
             embed_images(dataset, model, processor.image_processor, tmp_path / "cache", batch_size=1)
-    cache = ImageEmbeddingCache(tmp_path / "cache", model, processor.image_processor)
-    assert len(cache.load()[0]) == 3
-    assert len(list(cache.directory.glob("shard-*"))) == 2  # a full shard of 2, then what was done when interrupted
+    folder = embedding_cache_folder(tmp_path / "cache", model, processor.image_processor)
+    assert len(load_embeddings(folder)) == 3
+    assert len(list(folder.glob("shard-*"))) == 2  # a full shard of 2, then what was done when interrupted
+    assert "num_images" not in load_embeddings_info(folder)  # the info says the pass is incomplete
 
     seen, patch = count_vision_images(model)
     with patch:
@@ -369,36 +382,34 @@ def test_an_interrupted_embedding_pass_keeps_what_it_embedded(
     assert table.shape == (4, 24)
 
 
-def test_cache_shards_are_written_whole_under_unique_names(tmp_path, tokenizer_and_processor):
+def test_shards_are_written_whole_and_a_folder_that_cannot_be_written_is_named(
+    tmp_path, image_folder, tokenizer_and_processor
+):
     tokenizer, processor = tokenizer_and_processor
     model = tiny_model(tokenizer)
-    cache = ImageEmbeddingCache(tmp_path / "cache", model, processor.image_processor)
-    cache.add(["a"], torch.zeros(1, 24))
-    cache.add(["b"], torch.ones(1, 24))
+    dataset = load_image_folder(image_folder)
+    folder = embedding_cache_folder(tmp_path / "cache", model, processor.image_processor)
+    embed_images(dataset.select([0, 2]), model, processor.image_processor, tmp_path / "cache")
 
     def dies_halfway(self, path, **kwargs):
         os.makedirs(path)
         (tmp_path / "cache").joinpath(path, "data-00000-of-00001.arrow").write_bytes(b"half")
-        raise OSError("disk full")
+        raise PermissionError(13, "Permission denied")
 
+    # A folder that cannot be written (as root, chmod would not stop the writes: a mock does) stops the run, named.
     with mock.patch.object(datasets.Dataset, "save_to_disk", dies_halfway):
-        cache.add(["c"], torch.ones(1, 24))  # kept in memory for this run (with a warning), no half shard left
-    assert "c" in cache.load()[0] and sorted(path.name[:6] for path in cache.directory.iterdir()) == [
-        "cache_",
-        "shard-",
-        "shard-",
-    ]
-    cache = ImageEmbeddingCache(tmp_path / "cache", model, processor.image_processor)  # the next run
-    assert "c" not in cache.load()[0]
-    (cache.directory / ".tmp-of-a-killed-run").mkdir()  # left by a run killed mid-write: ignored
-    # Deleting a shard must not make the next one take the name of another (nor may two concurrent runs).
-    shutil.rmtree(next(cache.directory.glob("shard-*")))
-    cache.add(["c"], torch.ones(1, 24))
-    assert len(cache.load()[0]) == 2 and "c" in cache.load()[0]
+        with pytest.raises(OSError, match=rf"Cannot write to the embeddings folder {folder} \(PermissionError: .*"
+                                          r"Permission denied\); give a writable folder"):  # fmt: skip
+            embed_images(dataset, model, processor.image_processor, tmp_path / "cache")
+    assert sorted(path.name for path in folder.iterdir()) == ["embeddings_info.json", "shard-rank00000-of-00001-00000"]
 
-    (cache.directory / "shard-written-in-place").mkdir()
+    (folder / ".tmp-shard-of-a-killed-run").mkdir()  # left by a run killed mid-write: ignored
+    _, table = embed_images(dataset, model, processor.image_processor, tmp_path / "cache")
+    assert table.shape == (4, 24) and len(list(folder.glob("shard-*"))) == 2
+
+    (folder / "shard-written-in-place").mkdir()
     with pytest.raises(ValueError, match=r"shard-written-in-place is incomplete or damaged .* Delete that folder"):
-        cache.load()
+        embed_images(dataset, model, processor.image_processor, tmp_path / "cache")
 
 
 def test_changed_preprocessing_or_weights_recompute_and_a_foreign_cache_is_refused(
@@ -425,9 +436,9 @@ def test_changed_preprocessing_or_weights_recompute_and_a_foreign_cache_is_refus
     torch.testing.assert_close(doubled, 2 * table, atol=1e-5, rtol=1e-5)
     assert len(list((tmp_path / "cache").iterdir())) == 3
 
-    # Pointing at one cache folder made by another tower is an error, not a silent reuse.
-    first_cache = ImageEmbeddingCache(tmp_path / "cache", tiny_model(tokenizer), processor.image_processor).directory
-    with pytest.raises(ValueError, match="was computed with another vision tower or image preprocessing"):
+    # Pointing at one embeddings folder made by another tower is an error, not a silent reuse.
+    first_cache = embedding_cache_folder(tmp_path / "cache", tiny_model(tokenizer), processor.image_processor)
+    with pytest.raises(ValueError, match="were computed with another vision tower or image preprocessing"):
         embed_images(dataset, model, processor.image_processor, first_cache)
 
 
@@ -445,25 +456,6 @@ def test_a_saved_and_reloaded_image_processor_reuses_the_cache(tmp_path, image_f
         _, again = embed_images(dataset, model, reloaded, tmp_path / "cache")
     assert seen == [] and torch.equal(again, table)
     assert len(list((tmp_path / "cache").iterdir())) == 1
-
-
-def test_a_cache_folder_that_cannot_be_written_keeps_the_embeddings_in_memory(
-    tmp_path, image_folder, tokenizer_and_processor, caplog
-):
-    tokenizer, processor = tokenizer_and_processor
-    model = tiny_model(tokenizer)
-    dataset = load_image_folder(image_folder)
-    _, expected = embed_images(dataset, model, processor.image_processor, tmp_path / "writable")
-    # A cache holding two of the images, then read-only (as root, chmod would not stop the writes: a mock does).
-    embed_images(dataset.select([0, 2]), model, processor.image_processor, tmp_path / "cache")
-    denied = PermissionError(13, "Permission denied")
-    with mock.patch.object(datasets.Dataset, "save_to_disk", side_effect=denied), caplog.at_level("WARNING"):
-        embedded, table = embed_images(dataset, model, processor.image_processor, tmp_path / "cache", batch_size=1)
-    torch.testing.assert_close(table, expected)
-    assert embedded["image_index"] == [0, 0, 1, 1, 2, 3, 3]
-    assert caplog.text.count("Cannot write to the embedding cache") == 1
-    assert str(tmp_path / "cache") in caplog.text
-    assert "Give a writable cache folder (--embedding_cache_dir) to keep them" in caplog.text
 
 
 def test_dataset_dict_splits_share_one_table(tmp_path, image_folder, tokenizer_and_processor):
@@ -492,11 +484,15 @@ def test_bad_images_stop_the_run_naming_file_and_record_but_keep_the_good_embedd
     dataset = load_image_folder(image_folder)
     with pytest.raises(ValueError) as error:
         embed_images(dataset, model, processor.image_processor, tmp_path / "cache")
-    message = str(error.value)
-    assert message.startswith("2 image(s) cannot be read; nothing was trained.")
-    assert f"{image_folder / 'b.png'}: UnidentifiedImageError" in message
-    assert "(record: row 2, image_id 'b.png')" in message
-    assert f"{image_folder / 'c.png'}: file not found (record: row 4, image_id 'c.png')" in message
+    lines = str(error.value).splitlines()
+    folder = embedding_cache_folder(tmp_path / "cache", model, processor.image_processor)
+    assert lines[0] == (
+        f"2 image(s) cannot be read; the readable ones are stored in {folder}. Fix or remove them, or skip them "
+        '(`--on_bad_image skip`, `on_bad_image="skip"`):'
+    )
+    b_key = f"{image_folder / 'b.png'}|{os.path.getsize(image_folder / 'b.png')}|"
+    assert lines[1].startswith(f"  {image_folder / 'b.png'}: UnidentifiedImageError") and f"(key {b_key}" in lines[1]
+    assert lines[2] == f"  {image_folder / 'c.png'}: file not found (key {image_folder / 'c.png'})"
 
     # The two readable images were cached: after fixing the files, only the fixed ones are computed.
     write_images(image_folder, ["b.png", "c.png"], seed=5)
@@ -525,6 +521,37 @@ def test_bad_images_can_be_skipped_with_a_count(tmp_path, image_folder, tokenize
         check_images(dataset)
     with pytest.raises(ValueError, match=r"on_bad_image \(`--on_bad_image`\) must be 'error' or 'skip', got 'ignore'"):
         check_images(dataset, on_bad_image="ignore")
+
+
+def test_the_deprecated_image_embedding_cache_reads_and_writes_the_embeddings_folder(
+    tmp_path, image_folder, tokenizer_and_processor
+):
+    tokenizer, processor = tokenizer_and_processor
+    model = tiny_model(tokenizer)
+    deprecated = r"`ImageEmbeddingCache` is deprecated .* removed in clipcap_hf 0.2: .*`embed_source`.*`load_embeddings`"
+    with pytest.warns(FutureWarning, match=deprecated):
+        cache = ImageEmbeddingCache(tmp_path / "cache", model, processor.image_processor)
+    assert cache.directory == embedding_cache_folder(tmp_path / "cache", model, processor.image_processor)
+    assert cache.load() == ({}, None)
+    paths = [str(image_folder / name) for name in ("a.png", "b.png", "missing.png")]
+    keys = [image_cache_key(path) for path in paths]
+    assert cache.compute(paths, keys) == {paths[2]: "cannot be read (see the warning)"}
+    cache.add(["extra"], torch.ones(1, 24))
+    rows, embeddings = cache.load()
+    assert rows == {keys[0]: 0, keys[1]: 1, "extra": 2}
+    stored = load_embeddings(cache.directory).with_format("torch")[:]  # the same store
+    assert stored["image_key"] == [keys[0], keys[1], "extra"] and torch.equal(stored["embedding"], embeddings)
+    assert torch.equal(embeddings[2], torch.ones(24))
+    pixels = processor.image_processor([PIL.Image.open(path) for path in paths[:2]])["pixel_values"]
+    with torch.no_grad():
+        torch.testing.assert_close(embeddings[:2], model.get_image_embeds(pixels), atol=1e-5, rtol=1e-5)
+
+    with pytest.warns(FutureWarning), pytest.raises(ValueError, match="were computed with another vision tower"):
+        ImageEmbeddingCache(cache.directory, tiny_model(tokenizer, seed=1), processor.image_processor)
+    # A folder without captions cannot take a source with captions (it would mix shards of two kinds).
+    with pytest.raises(ValueError, match=r"holds the columns image_key, embedding; this source would add image_key, "
+                                         r"embedding, captions. Embed it into another folder"):  # fmt: skip
+        embed_images(load_image_folder(image_folder), model, processor.image_processor, tmp_path / "cache")
 
 
 # ---------------------------------------------------------------- collator

@@ -1,7 +1,9 @@
-"""Image-caption data for ClipCap training: dataset loaders, the CLIP embedding cache and the data collator.
+"""Image-caption data for ClipCap training: image sources and loaders, embeddings folders and the data collator.
 
-A loader gives one row per caption (`image_id`, `image_path`, `caption`); [`embed_images`] adds each image's cached
-CLIP embedding; [`ClipCapDataCollator`] turns rows into training batches.
+[`load_image_source`] reads any image source; [`embed_source`] stores each unique image's CLIP embedding once in an
+embeddings folder that [`load_embeddings`] reads memory-mapped. For a caption dataset held in memory (a loader gives
+one row per caption: `image_id`, `image_path`, `caption`), [`embed_images`] adds each row's `image_index` into its
+embedding table. [`ClipCapDataCollator`] turns rows into training batches.
 
 Example:
 
@@ -19,6 +21,7 @@ from .embeddings import (
     check_embeddings,
     embed_images,
     embed_source,
+    embedding_cache_folder,
     image_cache_key,
     load_embeddings,
     load_embeddings_info,
@@ -49,6 +52,7 @@ __all__ = [
     "decode_image",
     "embed_images",
     "embed_source",
+    "embedding_cache_folder",
     "group_by_image",
     "image_cache_key",
     "image_inputs",

@@ -1,9 +1,10 @@
-"""The CLIP embedding cache: each unique image's embedding computed once and stored on disk.
+"""Embeddings folders: each unique image's CLIP embedding computed once and stored on disk, memory-mapped when read.
 
-[`embed_images`] computes the CLIP embedding of each unique image of a caption dataset once, stores it in an Arrow
-cache keyed by a fingerprint of the vision tower and the preprocessing, and adds an `image_index` column pointing into
-the embedding table that [`ClipCapDataCollator`] hands to the model as `image_embeds`: training from the cache never
-runs the vision tower.
+[`embed_source`] writes the folder (`clipcap embed`, and `clipcap train` on a raw source), shared by all processes of a
+distributed run; [`load_embeddings`] reads it as one memory-mapped `datasets.Dataset`, and [`check_embeddings`]
+checks that it was computed with a given vision tower and preprocessing. [`embed_images`] does the same for a caption
+dataset held in memory (the rows of a loader) and returns its embedding table as a tensor: training from embeddings
+never runs the vision tower.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import re
 import shutil
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,21 +28,12 @@ from transformers.utils import logging
 
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from ..utils.file_utils import read_json, write_text_atomically
+from .loaders import PathLike, _image_keys, _rebuild, _splits
 from .sources import decode_image
-from .loaders import (
-    PathLike,
-    _handle_bad_images,
-    _image_file_loader,
-    _image_keys,
-    _ImageFiles,
-    _rebuild,
-    _splits,
-)
 
 logger = logging.get_logger(__name__)
 
-EMBEDDING_CACHE_VERSION = 1
-# Images per cache shard written during an embedding pass: an interrupted pass keeps all but the last few thousand.
+# Images per shard written during an embedding pass: an interrupted pass keeps all but the last few thousand.
 EMBEDDING_SHARD_SIZE = 4096
 
 
@@ -81,157 +74,6 @@ def _vision_tower(config) -> dict[str, str | None]:
     }
 
 
-class ImageEmbeddingCache:
-    r"""
-    CLIP image embeddings on disk, one per image file, for one vision tower and preprocessing.
-
-    Layout: `cache_dir/<fingerprint[:16]>/` holds `cache_info.json` (the full fingerprint and what it describes) and
-    Arrow shards (`shard-<uuid>/`, written with `Dataset.save_to_disk`) of `image_key` (see [`image_cache_key`]) and
-    `image_embeds`. Another vision tower or preprocessing gets another folder, so its embeddings are computed afresh;
-    a folder whose `cache_info.json` names another fingerprint is refused, never reused. Shards are written under a
-    temporary name and renamed when complete, so an interrupted write or a concurrent process leaves no broken shard.
-
-    Args:
-        cache_dir: the root folder of the caches, or one cache folder (it then must match this model).
-        model: a [`ClipCapForConditionalGeneration`] (its `vision_model` and `get_image_embeds` are used).
-        image_processor: the preprocessing the embeddings are computed with.
-    """
-
-    def __init__(self, cache_dir: PathLike, model, image_processor):
-        self.model = model
-        self.image_processor = image_processor
-        self.fingerprint = vision_fingerprint(model, image_processor)
-        cache_dir = Path(cache_dir)
-        # A folder that is itself a cache (it has cache_info.json) is used as is, after checking its fingerprint.
-        self.directory = cache_dir if (cache_dir / "cache_info.json").exists() else cache_dir / self.fingerprint[:16]
-        self._check_info()
-        # Embeddings that could not be written (a read-only folder): kept for this run rather than thrown away.
-        self._unsaved: list[tuple[list[str], torch.Tensor]] = []
-
-    @property
-    def info_path(self) -> Path:
-        return self.directory / "cache_info.json"
-
-    def _check_info(self) -> None:
-        if not self.info_path.exists():
-            return
-        info = read_json(self.info_path)
-        if info.get("fingerprint") != self.fingerprint or info.get("version") != EMBEDDING_CACHE_VERSION:
-            raise ValueError(
-                f"The embedding cache in {self.directory} was computed with another vision tower or image "
-                f"preprocessing (fingerprint {str(info.get('fingerprint'))[:16]}, this model's is "
-                f"{self.fingerprint[:16]}). Point the cache at its parent folder to get one for this model, or "
-                "delete the folder."
-            )
-
-    def load(self) -> tuple[dict[str, int], torch.Tensor | None]:
-        """The cached images (key -> row) and their embeddings, `(num_images, dim)` float32."""
-        # Shards still being written (or left by a killed run) have a temporary name and are not matched here.
-        shards = sorted(self.directory.glob("shard-*"))
-        keys: list[str] = []
-        tables: list[torch.Tensor] = []
-        if shards:
-            columns = datasets.concatenate_datasets([_load_shard(shard) for shard in shards]).with_format("numpy")[:]
-            keys.extend(columns["image_key"].tolist())
-            tables.append(torch.from_numpy(columns["image_embeds"]))
-        for unsaved_keys, embeddings in self._unsaved:
-            keys.extend(unsaved_keys)
-            tables.append(embeddings)
-        if not tables:
-            return {}, None
-        return {key: row for row, key in enumerate(keys)}, torch.cat(tables)
-
-    def _write_info(self, dim: int) -> None:
-        info = {
-            "version": EMBEDDING_CACHE_VERSION,
-            "fingerprint": self.fingerprint,
-            "vision_model": type(self.model.vision_model).__name__,
-            "vision_config": getattr(getattr(self.model.vision_model, "config", None), "to_dict", dict)(),
-            "image_processor": self.image_processor.to_dict(),
-            "embedding_dim": dim,
-        }
-        # Written whole, so that a concurrent run never reads half of it.
-        write_text_atomically(self.info_path, json.dumps(info, indent=2, sort_keys=True, default=str))
-
-    def add(self, keys: list[str], embeddings: torch.Tensor) -> None:
-        """Store the embeddings of new images as one more shard."""
-        if not keys:
-            return
-        features = datasets.Features(
-            {
-                "image_key": datasets.Value("string"),
-                "image_embeds": datasets.Sequence(datasets.Value("float32"), length=embeddings.shape[1]),
-            }
-        )
-        shard = datasets.Dataset.from_dict(
-            {"image_key": keys, "image_embeds": embeddings.float().numpy()}, features=features
-        )
-        # A unique name, so that concurrent runs never write the same shard; complete once renamed into place.
-        name = uuid.uuid4().hex
-        temporary = self.directory / f".tmp-{name}"
-        try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            try:
-                shard.save_to_disk(str(temporary))
-                os.replace(temporary, self.directory / f"shard-{name}")
-            finally:
-                shutil.rmtree(temporary, ignore_errors=True)
-            self._write_info(embeddings.shape[1])
-        except OSError as error:
-            if not self._unsaved:
-                logger.warning(
-                    f"Cannot write to the embedding cache {self.directory} ({type(error).__name__}: {error}); this "
-                    "run keeps the embeddings in memory and the next one computes them again. Give a writable "
-                    "cache folder (--embedding_cache_dir) to keep them."
-                )
-            self._unsaved.append((list(keys), embeddings.float().cpu()))
-
-    @torch.no_grad()
-    def compute(
-        self,
-        paths: list[str],
-        keys: list[str],
-        batch_size: int = 64,
-        device: str | torch.device | None = None,
-        num_workers: int = 0,
-    ) -> dict[str, str]:
-        """
-        Embed image files in batches (on `device`: the model's vision tower is moved there) and store them under
-        `keys`; returns the files that could not be read, with the reason. The readable ones are stored even when some
-        fail, every [`EMBEDDING_SHARD_SIZE`] images and when an error interrupts the pass, so a rerun embeds only
-        the rest.
-        """
-        if not paths:
-            return {}
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.model.vision_model.to(device).eval()
-        loader = _image_file_loader(_ImageFiles(paths, self.image_processor), batch_size, num_workers)
-        done_keys: list[str] = []
-        chunks: list[torch.Tensor] = []
-        problems: dict[str, str] = {}
-
-        def store() -> None:
-            if chunks:
-                self.add(done_keys, torch.cat(chunks))
-                done_keys.clear()
-                chunks.clear()
-
-        progress = tqdm(total=len(paths), desc="Embedding images", unit="image")
-        try:
-            for indices, pixel_values, batch_problems in loader:
-                problems.update({paths[index]: problem for index, problem in batch_problems.items()})
-                if indices:
-                    pixel_values = pixel_values.to(device, self.model.vision_model.dtype)
-                    chunks.append(self.model.get_image_embeds(pixel_values).float().cpu())
-                    done_keys.extend(keys[index] for index in indices)
-                progress.update(len(indices) + len(batch_problems))
-                if len(done_keys) >= EMBEDDING_SHARD_SIZE:
-                    store()
-        finally:  # also on an error or Ctrl-C: what was embedded is kept
-            progress.close()
-            store()
-        return problems
-
 
 def image_cache_key(path: str) -> str:
     """
@@ -244,75 +86,6 @@ def image_cache_key(path: str) -> str:
         return path
     return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
 
-
-def _load_shard(shard: Path) -> datasets.Dataset:
-    try:
-        return datasets.load_from_disk(str(shard))
-    except (OSError, ValueError) as error:  # a shard written in place (older versions) by a run that was stopped
-        raise ValueError(
-            f"The embedding cache shard {shard} is incomplete or damaged ({type(error).__name__}: {error}). Delete "
-            "that folder; its images are embedded again on the next run."
-        ) from error
-
-
-def embed_images(
-    dataset: datasets.Dataset | datasets.DatasetDict,
-    model,
-    image_processor,
-    cache_dir: PathLike,
-    batch_size: int = 64,
-    device: str | torch.device | None = None,
-    num_workers: int = 0,
-    on_bad_image: BadImagePolicy = "error",
-) -> tuple[datasets.Dataset | datasets.DatasetDict, torch.Tensor]:
-    """
-    Give every row of a caption dataset the CLIP embedding of its image, computing each unique image once.
-
-    Embeddings already in the cache (same vision tower and preprocessing, see [`ImageEmbeddingCache`]) are reused;
-    the others are computed in batches with a progress bar and added to it.
-
-    Args:
-        dataset: rows with `image_path` and `image_id` (from one of the loaders); a `DatasetDict`'s splits share
-            one embedding table.
-        model: the [`ClipCapForConditionalGeneration`] whose vision tower embeds the images.
-        image_processor: its image processor.
-        cache_dir: where the embedding caches live.
-        batch_size: images per vision forward.
-        device: where the vision tower runs; CUDA when available by default.
-        num_workers: DataLoader workers that decode and preprocess images.
-        on_bad_image: a missing or unreadable image raises a `ValueError` naming the files and records (`"error"`),
-            or drops its rows with a warning that counts them (`"skip"`). Either way the readable images' embeddings
-            are cached first, so a rerun loses no work.
-
-    Returns:
-        `(dataset, image_embeds)`: the dataset with an `image_index` column (rows of skipped images removed), and
-        the `(num_unique_images, dim)` float32 embeddings it indexes, for [`ClipCapDataCollator`].
-    """
-    check_bad_image_policy(on_bad_image)
-    splits = _splits(dataset)
-    keys = _image_keys(splits)
-    cache = ImageEmbeddingCache(cache_dir, model, image_processor)
-    cache_keys = {path: image_cache_key(path) for split_keys in keys.values() for path in split_keys}
-    cached, _ = cache.load()
-    missing = [path for path, key in cache_keys.items() if key not in cached]
-    if missing:
-        logger.info(f"Embedding {len(missing)} image(s) not yet in the cache {cache.directory}.")
-    problems = cache.compute(
-        missing, [cache_keys[path] for path in missing], batch_size=batch_size, device=device, num_workers=num_workers
-    )
-    _handle_bad_images(splits, keys, problems, on_bad_image)
-
-    unique = list(dict.fromkeys(k for split_keys in keys.values() for k in split_keys))
-    if not unique:
-        raise ValueError("None of the images could be read; there is nothing to train on.")
-    cached, embeddings = cache.load()
-    position = {key: index for index, key in enumerate(unique)}
-    table = embeddings[torch.tensor([cached[cache_keys[path]] for path in unique], dtype=torch.long)]
-    for name, split in splits.items():
-        if "image_index" in split.column_names:
-            split = split.remove_columns("image_index")
-        splits[name] = split.add_column("image_index", [position[key] for key in keys[name]])
-    return _rebuild(dataset, splits), table
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -401,7 +174,8 @@ def embed_source(
 
     In a distributed run (`torchrun`, `accelerate launch`: `torch.distributed` initialised) every process embeds its
     own share, the images whose key hashes to its rank, and writes its own shards, named
-    `shard-rank<R>-of-<N>-<n>`; without one, one process embeds everything. Shards are written whole under a
+    `shard-rank<R>-of-<N>-<n>`; without one, one process embeds everything. All processes must see the one folder (on
+    several machines: a shared filesystem); a process that does not is an error before any image is embedded. Shards are written whole under a
     temporary name and then renamed, every [`EMBEDDING_SHARD_SIZE`] images, so a run that is killed keeps all but
     its last shard: a rerun reads the keys already stored and embeds only the others, and never stores an image twice.
     An image given by several rows (several captions, one per row) is embedded once, with all their captions.
@@ -430,25 +204,18 @@ def embed_source(
         )
     output_dir = Path(output_dir)
     rank, world_size = _process_rank(), _world_size()
-    fingerprint = vision_fingerprint(model, image_processor)
-    if (output_dir / EMBEDDINGS_INFO_NAME).exists() or (output_dir / LEGACY_CACHE_INFO_NAME).exists():
-        check_embeddings(output_dir, model, image_processor)
+    _check_shared_folder(output_dir, rank, world_size)
     has_captions = CAPTIONS_COLUMN in source.features
     writer = _ShardWriter(output_dir, rank, world_size, has_captions, keep_columns)
-    info = {
-        "version": EMBEDDINGS_VERSION,
-        "fingerprint": fingerprint,
-        "vision": {
-            **_vision_tower(model.config),
-            "vision_model": type(model.vision_model).__name__,
-            "vision_config": getattr(getattr(model.vision_model, "config", None), "to_dict", dict)(),
-        },
-        "image_processor": image_processor.to_dict(),
-        "columns": writer.columns,
-        "source": source_name,
-    }
+    if (output_dir / EMBEDDINGS_INFO_NAME).exists() or (output_dir / LEGACY_CACHE_INFO_NAME).exists():
+        stored_columns = check_embeddings(output_dir, model, image_processor)["columns"]
+        if stored_columns != writer.columns and _complete_shards(output_dir):
+            raise ValueError(
+                f"The embeddings folder {output_dir} holds the columns {', '.join(stored_columns)}; this source would "
+                f"add {', '.join(writer.columns)}. Embed it into another folder (or with the same columns)."
+            )
+    info = _folder_info(model, image_processor, writer.columns, source_name)
     if rank == 0:
-        output_dir.mkdir(parents=True, exist_ok=True)
         write_text_atomically(output_dir / EMBEDDINGS_INFO_NAME, json.dumps(info, indent=2, default=str))
     done = _stored_keys(output_dir, rank, world_size)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -478,7 +245,7 @@ def embed_source(
     if problems and on_bad_image == "error":
         raise ValueError(
             f"{len(problems)} image(s) cannot be read; the readable ones are stored in {output_dir}. Fix or remove "
-            f"them, or skip them (`--on_bad_image skip`):\n{report}"
+            f"them, or skip them (`--on_bad_image skip`, `on_bad_image=\"skip\"`):\n{report}"
         )
     if problems:
         captions = f" and their {sum(count for _, count in problems)} caption(s)" if has_captions else ""
@@ -494,6 +261,60 @@ def embed_source(
     _barrier()
     return load_embeddings_info(output_dir)
 
+
+
+def _folder_info(model, image_processor, columns: list[str], source_name: str | None) -> dict[str, Any]:
+    """What an embeddings folder's info file says of how it was computed (the counts come when the pass ends)."""
+    return {
+        "version": EMBEDDINGS_VERSION,
+        "fingerprint": vision_fingerprint(model, image_processor),
+        "vision": {
+            **_vision_tower(model.config),
+            "vision_model": type(model.vision_model).__name__,
+            "vision_config": getattr(getattr(model.vision_model, "config", None), "to_dict", dict)(),
+        },
+        "image_processor": image_processor.to_dict(),
+        "columns": columns,
+        "source": source_name,
+    }
+
+
+SHARED_FOLDER_MARKER = ".shared-folder-check"
+
+
+def _check_shared_folder(directory: Path, rank: int, world_size: int) -> None:
+    """
+    Before any image is embedded: process 0 creates the folder and writes a random token into it, and in a
+    distributed run every process reads it back. Processes on machines without a shared filesystem would otherwise
+    each fill a folder of their own, each holding only its share of the images, and nothing would say so.
+    """
+    token, problem = uuid.uuid4().hex, None
+    marker = directory / SHARED_FOLDER_MARKER
+    if rank == 0:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            write_text_atomically(marker, token)
+        except OSError as error:
+            problem = (
+                f"Cannot write to the embeddings folder {directory} ({type(error).__name__}: {error}); give a "
+                "writable folder (`--output`, `--embedding_cache_dir`, `cache_dir`)."
+            )
+    token, problem = _all_gather((token, problem))[0]  # process 0's, after it wrote them: the others may look
+    if problem is not None:
+        raise OSError(problem)
+    try:
+        seen = marker.read_text() == token
+    except OSError:
+        seen = False
+    blind = [process for process, saw in enumerate(_all_gather(seen)) if not saw]  # everyone has looked
+    if rank == 0:
+        marker.unlink(missing_ok=True)
+    if blind:
+        raise RuntimeError(
+            f"Process(es) {', '.join(map(str, blind))} of {world_size} do not see the embeddings folder {directory} "
+            "that process 0 writes: every process must write into one folder, so put it on a filesystem that all "
+            "machines share (--output, --embedding_cache_dir)."
+        )
 
 class _ShardWriter:
     """Collects one process's embeddings and writes them as shards of [`EMBEDDING_SHARD_SIZE`] images."""
@@ -535,6 +356,11 @@ class _ShardWriter:
         try:
             shard.save_to_disk(str(temporary))
             os.replace(temporary, self.directory / name)  # complete once renamed into place
+        except OSError as error:
+            raise OSError(
+                f"Cannot write to the embeddings folder {self.directory} ({type(error).__name__}: {error}); give a "
+                "writable folder with room for the embeddings (`--output`, `--embedding_cache_dir`, `cache_dir`)."
+            ) from error
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
 
@@ -707,3 +533,163 @@ def _all_gather(value: Any) -> list[Any]:
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, value)
     return gathered
+
+
+def _load_shard(shard: Path) -> datasets.Dataset:
+    try:
+        return datasets.load_from_disk(str(shard))
+    except (OSError, ValueError) as error:  # a shard written in place (older versions) by a run that was stopped
+        raise ValueError(
+            f"The embedding cache shard {shard} is incomplete or damaged ({type(error).__name__}: {error}). Delete "
+            "that folder; its images are embedded again on the next run."
+        ) from error
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Caption datasets held in memory (the rows of a loader): the same folders, the table as a tensor
+
+
+def embedding_cache_folder(cache_dir: PathLike, model, image_processor) -> Path:
+    """
+    The embeddings folder of `model`'s vision tower and `image_processor` under a cache root: `<fingerprint[:16]>/`,
+    so that another tower or preprocessing gets a folder of its own. A root that is itself an embeddings folder is
+    used as is ([`embed_source`] then refuses it if another tower wrote it).
+    """
+    cache_dir = Path(cache_dir)
+    if (cache_dir / EMBEDDINGS_INFO_NAME).exists():
+        return cache_dir
+    return cache_dir / vision_fingerprint(model, image_processor)[:16]
+
+
+def embed_images(
+    dataset: datasets.Dataset | datasets.DatasetDict,
+    model,
+    image_processor,
+    cache_dir: PathLike,
+    batch_size: int = 64,
+    device: str | torch.device | None = None,
+    num_workers: int = 0,
+    on_bad_image: BadImagePolicy = "error",
+) -> tuple[datasets.Dataset | datasets.DatasetDict, torch.Tensor]:
+    """
+    Give every row of a caption dataset the CLIP embedding of its image, computing each unique image once.
+
+    The images are embedded with [`embed_source`] into the embeddings folder of this vision tower and preprocessing
+    under `cache_dir` (see [`embedding_cache_folder`]; `clipcap train --embedding_cache_dir` uses the same folders):
+    images already there are reused, the others are computed in batches with a progress bar and added.
+
+    Args:
+        dataset: rows with `image_path` and `image_id` (from one of the loaders), and usually `caption`; a
+            `DatasetDict`'s splits share one embedding table.
+        model: the [`ClipCapForConditionalGeneration`] whose vision tower embeds the images.
+        image_processor: its image processor.
+        cache_dir: where the embeddings folders live.
+        batch_size: images per vision forward.
+        device: where the vision tower runs; CUDA when available by default.
+        num_workers: DataLoader workers that decode and preprocess images.
+        on_bad_image: a missing or unreadable image raises a `ValueError` naming the files (`"error"`), or drops its
+            rows with a warning that counts them (`"skip"`). Either way the readable images' embeddings are stored
+            first, so a rerun loses no work.
+
+    Returns:
+        `(dataset, image_embeds)`: the dataset with an `image_index` column (rows of skipped images removed), and
+        the `(num_unique_images, dim)` float32 embeddings it indexes, for [`ClipCapDataCollator`].
+    """
+    check_bad_image_policy(on_bad_image)
+    splits = _splits(dataset)
+    paths = _image_keys(splits)
+    has_captions = all("caption" in split.column_names for split in splits.values())
+    captions: dict[str, list[str]] = {}  # each unique image (in order) and the captions of its rows
+    for name, split in splits.items():
+        for path, caption in zip(paths[name], split["caption"] if has_captions else [None] * len(split)):
+            captions.setdefault(path, []).extend([caption] if has_captions else [])
+    keys = [image_cache_key(path) for path in captions]
+    columns = {"image": list(captions), KEY_COLUMN: keys}
+    if has_captions:
+        columns[CAPTIONS_COLUMN] = list(captions.values())
+    source = datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image())
+    folder = embedding_cache_folder(cache_dir, model, image_processor)
+    embed_source(source, model, image_processor, folder, batch_size, device, num_workers, on_bad_image)
+
+    stored = load_embeddings(folder)
+    row_of = {key: row for row, key in enumerate(stored.with_format("arrow")[:][KEY_COLUMN].to_pylist())}
+    readable = [(path, row_of[key]) for path, key in zip(captions, keys) if key in row_of]  # not skipped
+    if not readable:
+        raise ValueError("None of the images could be read; there is nothing to train on.")
+    position = {path: index for index, (path, _) in enumerate(readable)}
+    rows = stored.select([row for _, row in readable]).with_format("numpy")[:]
+    table = torch.from_numpy(rows[EMBEDDING_COLUMN])
+    for name, split in splits.items():
+        keep = [row for row, path in enumerate(paths[name]) if path in position]
+        split = split.select(keep) if len(keep) < len(split) else split
+        if "image_index" in split.column_names:
+            split = split.remove_columns("image_index")
+        splits[name] = split.add_column("image_index", [position[paths[name][row]] for row in keep])
+    return _rebuild(dataset, splits), table
+
+
+class ImageEmbeddingCache:
+    """
+    Deprecated (removed in clipcap_hf 0.2): the embedding caches are embeddings folders now. Write them with
+    [`embed_images`] or [`embed_source`], read them with [`load_embeddings`], check them with [`check_embeddings`].
+
+    The embeddings folder of one vision tower and preprocessing under `cache_dir` (see [`embedding_cache_folder`]).
+    """
+
+    def __init__(self, cache_dir: PathLike, model, image_processor):
+        warnings.warn(
+            "`ImageEmbeddingCache` is deprecated and will be removed in clipcap_hf 0.2: write embeddings folders with "
+            "`embed_images` or `embed_source`, read them with `load_embeddings` and check them with "
+            "`check_embeddings`.",
+            FutureWarning,
+            stacklevel=2,
+        )
+        self.model, self.image_processor = model, image_processor
+        self.fingerprint = vision_fingerprint(model, image_processor)
+        self.directory = embedding_cache_folder(cache_dir, model, image_processor)
+        if self.info_path.exists():
+            check_embeddings(self.directory, model, image_processor)
+
+    @property
+    def info_path(self) -> Path:
+        return self.directory / EMBEDDINGS_INFO_NAME
+
+    def load(self) -> tuple[dict[str, int], torch.Tensor | None]:
+        """The stored images (key -> row) and their embeddings, `(num_images, dim)` float32."""
+        if not self.info_path.exists() or not _complete_shards(self.directory):
+            return {}, None
+        stored = load_embeddings(self.directory).select_columns([KEY_COLUMN, EMBEDDING_COLUMN])
+        columns = stored.with_format("numpy")[:]
+        return {str(key): row for row, key in enumerate(columns[KEY_COLUMN])}, torch.from_numpy(columns[EMBEDDING_COLUMN])
+
+    def compute(
+        self,
+        paths: list[str],
+        keys: list[str],
+        batch_size: int = 64,
+        device: str | torch.device | None = None,
+        num_workers: int = 0,
+    ) -> dict[str, str]:
+        """Embed image files and store them under `keys`; returns the files that could not be read."""
+        if not paths:
+            return {}
+        source = datasets.Dataset.from_dict({"image": list(paths), KEY_COLUMN: list(keys)})
+        source = source.cast_column("image", datasets.Image())
+        embed_source(source, self.model, self.image_processor, self.directory, batch_size, device, num_workers, "skip")
+        stored = self.load()[0]
+        return {path: "cannot be read (see the warning)" for path, key in zip(paths, keys) if key not in stored}
+
+    def add(self, keys: list[str], embeddings: torch.Tensor) -> None:
+        """Store the embeddings of new images as one more shard."""
+        if not keys:
+            return
+        columns = load_embeddings_info(self.directory)["columns"] if self.info_path.exists() else []
+        keep_columns = [name for name in columns if name not in (KEY_COLUMN, EMBEDDING_COLUMN, CAPTIONS_COLUMN)]
+        writer = _ShardWriter(self.directory, 0, 1, CAPTIONS_COLUMN in columns, keep_columns)
+        if not self.info_path.exists():
+            self.directory.mkdir(parents=True, exist_ok=True)
+            info = _folder_info(self.model, self.image_processor, writer.columns, source_name=None)
+            write_text_atomically(self.info_path, json.dumps(info, indent=2, default=str))
+        records = [{KEY_COLUMN: key, CAPTIONS_COLUMN: [], **dict.fromkeys(keep_columns)} for key in keys]
+        writer.add(records, embeddings.float().cpu())
+        writer.flush()

@@ -36,9 +36,9 @@ from .embeddings import (
     _read,
     check_embeddings,
     embed_source,
+    embedding_cache_folder,
     key_digests,
     load_embeddings,
-    vision_fingerprint,
 )
 from .sources import decode_image, load_image_source
 
@@ -223,6 +223,7 @@ def _first(rows, count: int):
 def _embedded_rows(train_source, eval_source, data_args, model, processor, train: bool):
     """Embed the sources (all processes, each its share) and give each caption a row into the shared table."""
     tables, cache_index = [], None
+    cache_root = data_args.embedding_cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "clipcap_embeddings")
     if data_args.embeddings:
         check_embeddings(data_args.embeddings, model, processor.image_processor)
         tables.append(load_embeddings(data_args.embeddings))
@@ -233,16 +234,13 @@ def _embedded_rows(train_source, eval_source, data_args, model, processor, train
             )
     sources = [source for source in (train_source, eval_source) if source is not None]
     if sources:
-        cache_root = data_args.embedding_cache_dir or os.path.join(
-            datasets.config.HF_DATASETS_CACHE, "clipcap_embeddings"
-        )
         if (Path(cache_root) / LEGACY_CACHE_INFO_NAME).exists():
             raise ValueError(
                 f"--embedding_cache_dir {cache_root} is one embedding cache folder of an earlier version of "
                 "clipcap_hf, which is not read any more. Give the folder of the caches (its parent, or a new folder): "
                 "the embeddings are computed again there, and the old folder can then be deleted."
             )
-        cache = Path(cache_root) / vision_fingerprint(model, processor.image_processor)[:16]
+        cache = embedding_cache_folder(cache_root, model, processor.image_processor)
         for source in sources:
             embed_source(
                 source,
@@ -258,7 +256,10 @@ def _embedded_rows(train_source, eval_source, data_args, model, processor, train
         tables.append(cache_index.table)
     with _main_process_first():
         if data_args.embeddings:
-            train_rows = _caption_rows(tables[0], index=None) if train else None
+            # Their cache files go to the cache root, not beside the folder's shards: the folder is only read (it may
+            # be read-only, or shared by other runs).
+            rows_cache = Path(cache_root) / "caption_rows"
+            train_rows = _caption_rows(tables[0], index=None, cache_dir=rows_cache) if train else None
         else:
             train_rows = _caption_rows(train_source, cache_index) if train_source is not None else None
         eval_rows = _caption_rows(eval_source, cache_index, for_evaluation=True) if eval_source is not None else None
@@ -291,11 +292,12 @@ class _KeyIndex:
 
 
 def _caption_rows(
-    source: datasets.Dataset, index: _KeyIndex | None, for_evaluation: bool = False
+    source: datasets.Dataset, index: _KeyIndex | None, for_evaluation: bool = False, cache_dir: Path | None = None
 ) -> datasets.Dataset:
     """
     One row per caption (`caption`, `image_index`); images not in the table (skipped as unreadable) are left out.
-    Without an `index` the source is the embeddings folder itself, and its rows are the table's.
+    Without an `index` the source is the embeddings folder itself, and its rows are the table's. The rows are cached
+    in `cache_dir` when given, else beside the source's own cache files (`datasets`' default).
     """
     columns = [KEY_COLUMN, CAPTIONS_COLUMN]
     if for_evaluation:  # predictions name each image
@@ -304,6 +306,10 @@ def _caption_rows(
     # Named by what it is made of: hashing the key index would read every key.
     table_fingerprint = index.table._fingerprint if index is not None else None
     fingerprint = Hasher.hash([source._fingerprint, table_fingerprint, index and index.offset, for_evaluation])
+    cache_file_name = None
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache_file_name = str(cache_dir / f"{fingerprint}.arrow")
     return source.select_columns(columns).map(
         _explode,
         batched=True,
@@ -311,6 +317,7 @@ def _caption_rows(
         remove_columns=columns,
         fn_kwargs={"index": index, "for_evaluation": for_evaluation},
         new_fingerprint=fingerprint,
+        cache_file_name=cache_file_name,
         desc="Caption rows",
     )
 
