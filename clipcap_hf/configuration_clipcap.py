@@ -32,32 +32,27 @@ def vision_tower_config(config: dict | PretrainedConfig) -> PretrainedConfig:
     The vision tower's config out of a vision config, or of a whole CLIP/SigLIP config (its vision part), as a
     config or a dict (a dict without `model_type` is a CLIP vision config, as saved before other towers existed).
     """
-    if isinstance(config, dict):
-        config = dict(config)
-        model_type = config.pop("model_type", CLIPVisionConfig.model_type)
-        if model_type in IMAGE_TEXT_MODEL_TYPES:  # e.g. a CLIP checkpoint's config.json
-            vision_part = {**(config.get("vision_config") or {}), "model_type": f"{model_type}_vision_model"}
-            if "projection_dim" in config:  # a whole CLIP's projection width is its own, not its vision part's
-                vision_part["projection_dim"] = config["projection_dim"]
-            return vision_tower_config(vision_part)
-        if model_type not in VISION_POOLINGS:
-            raise ValueError(_unsupported_tower(model_type))
-        return AutoConfig.for_model(model_type, **config)
-    if not isinstance(config, PretrainedConfig):
+    if isinstance(config, PretrainedConfig):
+        model_type = config.model_type
+    elif isinstance(config, dict):
+        model_type = config.get("model_type", CLIPVisionConfig.model_type)
+    else:
         raise ValueError(f"`vision_config` must be a PretrainedConfig or a dict, got {type(config).__name__}.")
-    if config.model_type in IMAGE_TEXT_MODEL_TYPES:
-        return vision_tower_config(config.to_dict())
-    if config.model_type not in VISION_POOLINGS:
-        raise ValueError(_unsupported_tower(config.model_type))
-    return config
-
-
-def _unsupported_tower(model_type: str) -> str:
-    return (
-        f"`vision_config` describes a {model_type!r} model, which gives no single image embedding ClipCap knows; "
-        f"give a vision tower of one of {sorted(VISION_POOLINGS)} (or a whole {', '.join(IMAGE_TEXT_MODEL_TYPES)} "
-        "config), or an open_clip tower (vision_backend='open_clip')."
-    )
+    if model_type in IMAGE_TEXT_MODEL_TYPES:  # e.g. a CLIP checkpoint's config.json
+        whole = config if isinstance(config, dict) else config.to_dict()
+        vision_part = {**(whole.get("vision_config") or {}), "model_type": f"{model_type}_vision_model"}
+        if "projection_dim" in whole:  # a whole CLIP's projection width is its own, not its vision part's
+            vision_part["projection_dim"] = whole["projection_dim"]
+        return vision_tower_config(vision_part)
+    if model_type not in VISION_POOLINGS:
+        raise ValueError(
+            f"`vision_config` describes a {model_type!r} model, which gives no single image embedding ClipCap knows; "
+            f"give a vision tower of one of {sorted(VISION_POOLINGS)} (or a whole {', '.join(IMAGE_TEXT_MODEL_TYPES)} "
+            "config), or an open_clip tower (vision_backend='open_clip')."
+        )
+    if isinstance(config, PretrainedConfig):
+        return config
+    return AutoConfig.for_model(model_type, **{key: value for key, value in config.items() if key != "model_type"})
 
 
 def resolve_vision_pooling(vision_config: PretrainedConfig, vision_pooling: str | None = None) -> str:

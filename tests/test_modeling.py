@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from conftest import greedy_loop, random_images, tiny_config, tiny_model
 from transformers import (
     AutoModelForCausalLM,
+    BertConfig,
     CLIPConfig,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
@@ -426,8 +427,11 @@ def test_a_whole_clip_config_gives_its_vision_part(tokenizer):
     for given in (whole, whole.to_dict()):
         config = ClipCapConfig(vision_config=given, text_config=tiny_config(tokenizer).text_config)
         assert {key: getattr(config.vision_config, key) for key in vision} == vision
-    with pytest.raises(ValueError, match=r"`vision_config` describes a 'bert' model, which gives no single image"):
-        ClipCapConfig(vision_config={"model_type": "bert", "hidden_size": 64})
+    for other in ({"model_type": "bert", "hidden_size": 64}, BertConfig(hidden_size=64)):
+        with pytest.raises(ValueError, match=r"`vision_config` describes a 'bert' model, which gives no single image"):
+            ClipCapConfig(vision_config=other)
+    with pytest.raises(ValueError, match=r"`vision_config` must be a PretrainedConfig or a dict, got str"):
+        ClipCapConfig(vision_config="openai/clip-vit-base-patch32")
 
 
 def test_gradient_checkpointing_reaches_the_transformer_mapper(tokenizer, processor):
