@@ -2,7 +2,7 @@
 
 import json
 import os
-import shutil
+import re
 from unittest import mock
 
 import datasets
@@ -397,11 +397,17 @@ def test_shards_are_written_whole_and_a_folder_that_cannot_be_written_is_named(
         raise PermissionError(13, "Permission denied")
 
     # A folder that cannot be written (as root, chmod would not stop the writes: a mock does) stops the run, named.
-    with mock.patch.object(datasets.Dataset, "save_to_disk", dies_halfway):
-        with pytest.raises(OSError, match=rf"Cannot write to the embeddings folder {folder} \(PermissionError: .*"
-                                          r"Permission denied\); give a writable folder"):  # fmt: skip
-            embed_images(dataset, model, processor.image_processor, tmp_path / "cache")
+    message = rf"Cannot write to the embeddings folder {re.escape(str(folder))} \(PermissionError: .*Permission denied"
+    with mock.patch.object(datasets.Dataset, "save_to_disk", dies_halfway), pytest.raises(OSError, match=message):
+        embed_images(dataset, model, processor.image_processor, tmp_path / "cache")
     assert sorted(path.name for path in folder.iterdir()) == ["embeddings_info.json", "shard-rank00000-of-00001-00000"]
+    # Also when not even the folder's first file can be written: before any image is embedded.
+    denied = PermissionError(13, "Permission denied")
+    message = rf"Cannot write to the embeddings folder {re.escape(str(tmp_path))}.*Permission denied\); give a writable"
+    unwritable = mock.patch("clipcap_hf.data.embeddings.write_text_atomically", side_effect=denied)
+    with unwritable, pytest.raises(OSError, match=message):
+        embed_images(dataset, model, processor.image_processor, tmp_path / "elsewhere")
+    assert not list((tmp_path / "elsewhere").rglob("shard-*"))
 
     (folder / ".tmp-shard-of-a-killed-run").mkdir()  # left by a run killed mid-write: ignored
     _, table = embed_images(dataset, model, processor.image_processor, tmp_path / "cache")
@@ -528,7 +534,7 @@ def test_the_deprecated_image_embedding_cache_reads_and_writes_the_embeddings_fo
 ):
     tokenizer, processor = tokenizer_and_processor
     model = tiny_model(tokenizer)
-    deprecated = r"`ImageEmbeddingCache` is deprecated .* removed in clipcap_hf 0.2: .*`embed_source`.*`load_embeddings`"
+    deprecated = r"`ImageEmbeddingCache` is deprecated .* in clipcap_hf 0.2: .*`embed_source`.*`load_embeddings`"
     with pytest.warns(FutureWarning, match=deprecated):
         cache = ImageEmbeddingCache(tmp_path / "cache", model, processor.image_processor)
     assert cache.directory == embedding_cache_folder(tmp_path / "cache", model, processor.image_processor)

@@ -42,6 +42,15 @@ def expected_embeddings(model, processor, images):
         return model.get_image_embeds(processor.image_processor(images, return_tensors="pt")["pixel_values"])
 
 
+def snapshot(directory):
+    """Every file and folder under `directory` with its size and modification time (a folder's changes when a file is
+    added to it or removed)."""
+    return {
+        str(path.relative_to(directory)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in [Path(directory), *Path(directory).rglob("*")]
+    }
+
+
 def stored(directory):
     """{image key: (embedding, captions)} of an embeddings folder, after checking that no key is stored twice."""
     table = load_embeddings(directory)[:]
@@ -237,6 +246,33 @@ def test_two_torchrun_ranks_each_embed_about_half_and_the_union_holds_every_imag
         np.testing.assert_allclose(together[key][0], embedding, atol=1e-6)
 
 
+def test_torchrun_ranks_that_do_not_share_the_output_folder_stop_before_embedding(tmp_path, model_dir):
+    """Two machines, each with a local folder at the path given as --output: here each rank gets its own folder."""
+    write_webdataset_shards(tmp_path / "shards", [["A dog.", "A cat."]])
+    script = tmp_path / "embed.py"
+    script.write_text(
+        "import os, sys\nfrom clipcap_hf.commands import main\n"
+        "arguments = [a.replace('MACHINE', 'machine' + os.environ['RANK']) for a in sys.argv[1:]]\n"
+        "sys.exit(main(['embed', *arguments]))\n"
+    )
+    arguments = ["--model", str(model_dir), "--train_file", str(tmp_path / "shards" / "*.tar")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(
+        [*command, *arguments, "--output", str(tmp_path / "MACHINE" / "emb")],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode != 0
+    for rank in (0, 1):  # each process names its own folder, with the fix
+        folder = tmp_path / f"machine{rank}" / "emb"
+        assert (
+            f"clipcap embed: error: Process(es) 1 of 2 do not see the embeddings folder {folder} that process 0 "
+            "writes: every process must write into one folder, so put it on a filesystem that all machines share"
+        ) in result.stderr, result.stderr[-3000:]
+    assert not list(tmp_path.glob("machine*/emb/shard-*"))  # stopped before embedding anything
+    assert not list(tmp_path.glob("machine*/emb/.shared-folder-check"))  # and left no marker behind
+
+
 def train_arguments(output_dir, *source):
     return [
         *source,
@@ -256,11 +292,17 @@ def test_train_from_an_embeddings_folder_memory_mapped(tmp_path, tokenizer, proc
     shards = ",".join(str(path) for path in webdataset_shards[0])
     assert main(["embed", "--model", str(model_dir), "--train_file", shards, "--output", str(tmp_path / "emb")]) == 0
     arguments = train_arguments(tmp_path / "out", "--model_name_or_path", str(model_dir))
-    assert main(["train", *arguments, "--embeddings", str(tmp_path / "emb")]) == 0
+    before = snapshot(tmp_path / "emb")
+    cache = ["--embedding_cache_dir", str(tmp_path / "cache")]
+    assert main(["train", *arguments, "--embeddings", str(tmp_path / "emb"), *cache]) == 0
     assert json.loads((tmp_path / "out/all_results.json").read_text())["train_samples"] == 5
+    # Training only read the folder (it may be read-only or shared): no file added, removed or touched. Its caption
+    # rows are cached under the cache folder instead.
+    assert snapshot(tmp_path / "emb") == before
+    assert list((tmp_path / "cache" / "caption_rows").glob("*.arrow"))
 
     # The data layer's table is the folder itself, memory-mapped, and the collator reads the stored embeddings.
-    data_args = DataArguments(embeddings=str(tmp_path / "emb"))
+    data_args = DataArguments(embeddings=str(tmp_path / "emb"), embedding_cache_dir=str(tmp_path / "cache"))
     model = tiny_model(tokenizer)
     data = load_training_data(data_args, model, processor, train=True, evaluate=False)
     assert isinstance(data.image_embeds, datasets.Dataset)

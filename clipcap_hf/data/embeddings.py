@@ -175,9 +175,10 @@ def embed_source(
     In a distributed run (`torchrun`, `accelerate launch`: `torch.distributed` initialised) every process embeds its
     own share, the images whose key hashes to its rank, and writes its own shards, named
     `shard-rank<R>-of-<N>-<n>`; without one, one process embeds everything. All processes must see the one folder (on
-    several machines: a shared filesystem); a process that does not is an error before any image is embedded. Shards are written whole under a
-    temporary name and then renamed, every [`EMBEDDING_SHARD_SIZE`] images, so a run that is killed keeps all but
-    its last shard: a rerun reads the keys already stored and embeds only the others, and never stores an image twice.
+    several machines: a shared filesystem); a process that does not is an error before any image is embedded. Shards
+    are written whole under a temporary name and then renamed, every [`EMBEDDING_SHARD_SIZE`] images, so a run that
+    is killed keeps all but its last shard: a rerun reads the keys already stored and embeds only the others, and
+    never stores an image twice.
     An image given by several rows (several captions, one per row) is embedded once, with all their captions.
 
     Args:
@@ -310,7 +311,7 @@ def _check_shared_folder(directory: Path, rank: int, world_size: int) -> None:
     if rank == 0:
         marker.unlink(missing_ok=True)
     if blind:
-        raise RuntimeError(
+        raise OSError(
             f"Process(es) {', '.join(map(str, blind))} of {world_size} do not see the embeddings folder {directory} "
             "that process 0 writes: every process must write into one folder, so put it on a filesystem that all "
             "machines share (--output, --embedding_cache_dir)."
@@ -660,7 +661,8 @@ class ImageEmbeddingCache:
             return {}, None
         stored = load_embeddings(self.directory).select_columns([KEY_COLUMN, EMBEDDING_COLUMN])
         columns = stored.with_format("numpy")[:]
-        return {str(key): row for row, key in enumerate(columns[KEY_COLUMN])}, torch.from_numpy(columns[EMBEDDING_COLUMN])
+        rows = {str(key): row for row, key in enumerate(columns[KEY_COLUMN])}
+        return rows, torch.from_numpy(columns[EMBEDDING_COLUMN])
 
     def compute(
         self,
