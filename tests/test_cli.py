@@ -139,8 +139,8 @@ def test_gallery_shows_an_unreadable_image_with_its_error(saved_model_dir, image
     "gallery, message",
     [
         ("img0.png", "--gallery: {target} is not an .html file name; name the HTML page to write, e.g. gallery.html."),
-        ("page.html", "--gallery: {target} is also a file this command reads or writes ({target}); name another HTML "
-                      "file."),
+        ("page.html", ("--gallery: {target} is also a file this command reads or writes ({target}); name another "
+                       "HTML file.")),
     ],
 )
 def test_gallery_must_be_an_html_file_the_command_does_not_use(saved_model_dir, image_folder, capsys, gallery, message):
@@ -420,3 +420,59 @@ def test_convert_original_fails_at_once_when_a_part_is_on_an_unreachable_hub(
         "cannot be reached: "
     )
     assert not (tmp_path / "out").exists()
+
+
+def underscored(option: str) -> str:
+    return "--" + option[2:].replace("-", "_")
+
+
+@pytest.mark.parametrize(
+    "command, option, values, dest, expected",
+    [
+        (["caption", "--model", "m"], "--data-files", ["a.parquet", "b.parquet"], "data_files",
+         ["a.parquet", "b.parquet"]),
+        (["caption", "x.png", "--model", "m", "--do-sample"], "--top-p=0.5", [], "top_p", 0.5),
+        (["evaluate", "--data", "d", "--output-dir", "o"], "--max-new-tokens", ["7"], "max_new_tokens", 7),
+        (["interpret", "x.png", "--model", "m"], "--top-k", ["3"], "top_k", 3),
+        (["demo", "--model", "m"], "--top-k", ["4"], "top_k", 4),
+        (["convert-original", "x.pt", "--output", "o"], "--no-normalize-prefix", [], "normalize_prefix", False),
+        (["ablate", "--output-dir", "o"], "--prefix-lengths", ["2", "4"], "prefix_lengths", [2, 4]),
+        (["export-onnx", "m", "--output", "o"], "--no-int8", [], "int8", False),
+        (["quickstart"], "--output-dir", ["q"], "output_dir", "q"),
+    ],
+)
+def test_argparse_subcommands_take_options_with_dashes_or_underscores(command, option, values, dest, expected):
+    from clipcap_hf.commands import build_parser
+
+    for spelling in (option, underscored(option)):
+        args = build_parser().parse_args([*command, spelling, *values])
+        assert getattr(args, dest) == expected, spelling
+
+
+def test_an_underscored_option_is_named_as_help_spells_it_and_abbreviations_still_work(capsys):
+    from clipcap_hf.commands import build_parser
+
+    assert main(["caption", "x.png", "--model", "m", "--top_p", "2"]) == 2
+    assert "argument --top-p: must be above 0 and at most 1, got 2" in capsys.readouterr().err
+    args = build_parser().parse_args(["caption", "--model", "m", "--rerank", "c", "--", "--data_files"])
+    assert args.rerank_model == "c"
+    assert (args.images, args.data_files) == (["--data_files"], None)  # after `--`, nothing is an option
+
+
+@pytest.mark.parametrize("dashed", [False, True])
+def test_train_and_embed_take_options_with_underscores_or_dashes(tmp_path, dashed):
+    from transformers import HfArgumentParser
+
+    from clipcap_hf.training.arguments import EmbedArguments
+    from clipcap_hf.training.run import parse_args
+
+    def spell(option: str) -> str:
+        return "--" + option[2:].replace("_", "-") if dashed else option
+
+    _, data_args, training_args = parse_args([spell("--output_dir"), str(tmp_path), spell("--train_file"), "a.json"])
+    assert (data_args.train_file, training_args.output_dir) == ("a.json", str(tmp_path))
+    # What `clipcap embed` parses its arguments with.
+    (embed_args,) = HfArgumentParser(EmbedArguments).parse_args_into_dataclasses(
+        ["--model", "m", "--output", "o", spell("--train_file"), "a.json", spell("--image_column"), "jpg"]
+    )
+    assert (embed_args.train_file, embed_args.image_column) == ("a.json", "jpg")

@@ -15,7 +15,12 @@ from collections.abc import Sequence
 
 
 class _SubcommandParser(argparse.ArgumentParser):
-    """A subcommand's parser, which takes its arguments from its module when it parses (or shows its help)."""
+    """
+    A subcommand's parser, which takes its arguments from its module when it parses (or shows its help). Every
+    multi-word option is also taken with underscores (`--data_files` for `--data-files`), as `clipcap train`'s
+    HfArgumentParser takes `--train-file` for `--train_file`, so that no spelling learned on one subcommand is refused
+    by the next.
+    """
 
     def __init__(self, *args, module: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -27,11 +32,33 @@ class _SubcommandParser(argparse.ArgumentParser):
             module.add_arguments(self)
             self.set_defaults(handler=module.run)
             self._module = None
-        return super().parse_known_args(args, namespace)
+        args = sys.argv[1:] if args is None else list(args)
+        return super().parse_known_args(self._with_dashes(args), namespace)
+
+    def _with_dashes(self, args: list[str]) -> list[str]:
+        """
+        `args` with each option spelled with underscores (`--data_files`, `--top_p=0.9`, `--no_int8`) spelled as the
+        parser knows it. Rewriting the arguments, rather than adding the spelling to each option, keeps --help and
+        error messages to one spelling and leaves `--no-...` of `BooleanOptionalAction` working.
+        """
+        options = {option for action in self._actions for option in action.option_strings if option.startswith("--")}
+        underscored = {"--" + option[2:].replace("-", "_"): option for option in options}
+        dashed = {spelling: option for spelling, option in underscored.items() if spelling not in options}
+        rewritten = []
+        for position, arg in enumerate(args):
+            if arg == "--":  # what follows is positional, even where it looks like an option
+                return rewritten + args[position:]
+            name, equals, value = arg.partition("=")
+            rewritten.append(dashed[name] + equals + value if name in dashed else arg)
+        return rewritten
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="clipcap", description="ClipCap image captioning with Hugging Face.")
+    parser = argparse.ArgumentParser(
+        prog="clipcap",
+        description="ClipCap image captioning with Hugging Face. Every multi-word option may be spelled with dashes "
+        "or underscores: --num-beams or --num_beams, --train_file or --train-file.",
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_SubcommandParser)
     commands.add_parser(
         "ablate",
