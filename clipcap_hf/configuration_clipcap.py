@@ -85,7 +85,8 @@ def vision_embedding_size(vision_config: PretrainedConfig, vision_pooling: str) 
     return vision_config.hidden_size
 
 
-def _positive_int(name: str, value: Any) -> int:
+def check_positive_int(name: str, value: Any) -> int:
+    """`value` of the config field `name`, which must be a positive integer (not a bool, not a float)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
     return value
@@ -272,15 +273,15 @@ class ClipCapConfig(PretrainedConfig):
 
         if mapping_type not in MAPPING_TYPES:
             raise ValueError(f"`mapping_type` must be one of {MAPPING_TYPES}, got {mapping_type!r}.")
-        _positive_int("prefix_length", prefix_length)
-        _positive_int("mapping_num_layers", mapping_num_layers)
-        _positive_int("mapping_num_heads", mapping_num_heads)
+        check_positive_int("prefix_length", prefix_length)
+        check_positive_int("mapping_num_layers", mapping_num_layers)
+        check_positive_int("mapping_num_heads", mapping_num_heads)
         if mapping_type == "transformer":
-            clip_length = _positive_int("clip_length", prefix_length if clip_length is None else clip_length)
+            clip_length = check_positive_int("clip_length", prefix_length if clip_length is None else clip_length)
             check_mapping_num_heads(mapping_num_heads, _text_embedding_size(text_config))
         elif clip_length is not None:
             raise ValueError("`clip_length` is only used by mapping_type='transformer'; leave it None for 'mlp'.")
-        prefix_dim = _positive_int("prefix_dim", embedding_dim if prefix_dim is None else prefix_dim)
+        prefix_dim = check_positive_int("prefix_dim", embedding_dim if prefix_dim is None else prefix_dim)
         if not isinstance(normalize_prefix, bool):
             raise ValueError(f"`normalize_prefix` must be True or False, got {normalize_prefix!r}.")
         if image_token_id is None and "transformers_version" not in kwargs:

@@ -118,6 +118,16 @@ def test_grid_options_are_checked():
         AblationConfig(plot_metrics=("BLEU",))
     with pytest.raises(ValueError, match="Give both the pretrained vision towers and the language model"):
         AblationConfig(vision_models=("openai/clip-vit-base-patch32",))
+    # The budget is checked here for Python callers as the command's argparse types check it: `max_steps=0` would
+    # have the Trainer train for epochs instead.
+    with pytest.raises(ValueError, match=r"`prefix_lengths\[1\]` must be a positive integer, got 2.5"):
+        AblationConfig(prefix_lengths=(1, 2.5))
+    with pytest.raises(ValueError, match=r"`prefix_lengths` must hold at least one prefix length"):
+        AblationConfig(prefix_lengths=())
+    with pytest.raises(ValueError, match=r"`max_steps` must be a positive integer, got 0"):
+        AblationConfig(max_steps=0)
+    with pytest.raises(ValueError, match=r"`learning_rate` must be positive, got -0.001"):
+        AblationConfig(learning_rate=-1e-3)
 
 
 def test_matplotlib_is_imported_only_when_a_figure_is_drawn():

@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainingArguments
 
-from ..configuration_clipcap import MAPPING_TYPES
+from ..configuration_clipcap import MAPPING_TYPES, check_positive_int
 from ..data import ClipCapDataCollator, group_by_image, load_caption_dataset
 from ..data.collator import image_inputs
 from ..evaluation.metrics import compute_caption_metrics, require_pycocoevalcap
@@ -92,8 +92,14 @@ class AblationConfig:
         unknown = [name for name in self.plot_metrics if name not in PLOTTABLE_SCORES]
         if unknown:
             raise ValueError(f"`plot_metrics` must be some of {PLOTTABLE_SCORES}, got {unknown}.")
-        if not self.prefix_lengths or any(length < 1 for length in self.prefix_lengths):
-            raise ValueError(f"`prefix_lengths` must be positive integers, got {list(self.prefix_lengths)}.")
+        if not self.prefix_lengths:
+            raise ValueError("`prefix_lengths` must hold at least one prefix length.")
+        for index, length in enumerate(self.prefix_lengths):
+            check_positive_int(f"prefix_lengths[{index}]", length)
+        for name in ("max_steps", "batch_size", "mapping_num_layers", "max_caption_length"):
+            check_positive_int(name, getattr(self, name))
+        if not self.learning_rate > 0:
+            raise ValueError(f"`learning_rate` must be positive, got {self.learning_rate!r}.")
         if isinstance(self.vision_models, str):
             raise ValueError(
                 f"`vision_models` must be a list of towers, got the string {self.vision_models!r}; give "
@@ -169,10 +175,10 @@ def shapes_task(
     base = Path(output_dir) / "base"
     if not (base / "held_out_scores.json").is_file():  # written last by the quickstart
         run_quickstart(base, config.shapes, verbose=verbose, overwrite=True)
-    elif read_json(base / "quickstart_config.json") != asdict(config.shapes):
+    elif (trained_with := read_json(base / "quickstart_config.json")) != asdict(config.shapes):
         raise ValueError(
-            f"{base} was trained with other settings ({read_json(base / 'quickstart_config.json')}, this grid's: "
-            f"{asdict(config.shapes)}); use another output folder, or remove {base} and its runs to start again."
+            f"{base} was trained with other settings ({trained_with}, this grid's: {asdict(config.shapes)}); use "
+            f"another output folder, or remove {base} and its runs to start again."
         )
     vision_dir, text_dir = base / "clip-shapes", base / "gpt2-shapes"
     if not (vision_dir / "preprocessor_config.json").is_file() or not (text_dir / "tokenizer_config.json").is_file():
