@@ -285,3 +285,19 @@ def test_streaming_gives_one_output_shard_per_data_file(model_dir, parquet_sourc
         "captions-00000-of-00002.parquet", "captions-00001-of-00002.parquet"]
     assert pq.read_table(output / "captions-00000-of-00002.parquet").num_rows == 4
     assert read_rows(output) == expected_rows(model_dir, encoded)
+
+
+def test_the_writer_refuses_an_unknown_bad_image_policy_before_any_work(tmp_path):
+    from clipcap_hf.inference import caption_dataset_to_parquet
+
+    with pytest.raises(ValueError, match=r"on_bad_image \(`--on_bad_image`\) must be 'error' or 'skip', got 'ignore'"):
+        caption_dataset_to_parquet(object(), object(), tmp_path / "captions", on_bad_image="ignore")
+    assert not (tmp_path / "captions").exists()
+
+
+def test_caption_offers_every_dataset_format_the_loaders_read():
+    # `clipcap caption` lists them itself so that its --help does not import datasets.
+    from clipcap_hf.commands.caption import DATASET_FORMATS
+    from clipcap_hf.data import DATASET_FORMATS as LOADER_FORMATS
+
+    assert sorted(DATASET_FORMATS) == sorted(LOADER_FORMATS)

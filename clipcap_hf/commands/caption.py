@@ -225,14 +225,12 @@ def _caption_files(args: argparse.Namespace, decoding: dict) -> int:
     if args.gallery:
         check_gallery_path(args.gallery, taken=paths)
     model, processor = load_model_and_processor(args.model, _device(args))
-    if args.dtype is not None:
-        model = model.to(args.dtype)
     if args.seed is not None:
         torch.manual_seed(args.seed)
 
     results = []
     try:
-        for batch in iter_captions(model, processor, paths, args.batch_size, **decoding):
+        for batch in iter_captions(model, processor, paths, args.batch_size, dtype=args.dtype, **decoding):
             if not args.json:  # print as we go, so that a failure later on loses none of the captions before it
                 for result in batch:
                     if result.error is None:

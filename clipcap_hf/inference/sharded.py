@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from .captioner import BadImagePolicy, ClipCapCaptioner
+from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
+from .captioner import ClipCapCaptioner
 
 logger = logging.get_logger(__name__)
 
@@ -141,6 +142,7 @@ def caption_dataset_to_parquet(
         seed: seeds `torch` with `seed + i` before input shard i, so that sampled captions do not depend on which
             process captions a shard, or on whether the run was resumed.
     """
+    check_bad_image_policy(on_bad_image)
     if rank is None or world_size is None:
         rank, world_size = distributed_rank()
     output_dir = Path(output_dir)
