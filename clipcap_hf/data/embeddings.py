@@ -280,9 +280,6 @@ def _folder_info(model, image_processor, columns: list[str], source_name: str | 
     }
 
 
-SHARED_FOLDER_MARKER = ".shared-folder-check"
-
-
 def _check_shared_folder(directory: Path, rank: int, world_size: int) -> None:
     """
     Before any image is embedded: process 0 creates the folder and writes a random token into it, and in a
@@ -290,11 +287,10 @@ def _check_shared_folder(directory: Path, rank: int, world_size: int) -> None:
     each fill a folder of their own, each holding only its share of the images, and nothing would say so.
     """
     token, problem = uuid.uuid4().hex, None
-    marker = directory / SHARED_FOLDER_MARKER
     if rank == 0:
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            write_text_atomically(marker, token)
+            write_text_atomically(directory / f".shared-folder-check-{token}", token)
         except OSError as error:
             problem = (
                 f"Cannot write to the embeddings folder {directory} ({type(error).__name__}: {error}); give a "
@@ -303,6 +299,8 @@ def _check_shared_folder(directory: Path, rank: int, world_size: int) -> None:
     token, problem = _all_gather((token, problem))[0]  # process 0's, after it wrote them: the others may look
     if problem is not None:
         raise OSError(problem)
+    # A name never looked up before, so that no filesystem cache can answer for the file it names.
+    marker = directory / f".shared-folder-check-{token}"
     try:
         seen = marker.read_text() == token
     except OSError:
@@ -316,6 +314,7 @@ def _check_shared_folder(directory: Path, rank: int, world_size: int) -> None:
             "that process 0 writes: every process must write into one folder, so put it on a filesystem that all "
             "machines share (--output, --embedding_cache_dir)."
         )
+
 
 class _ShardWriter:
     """Collects one process's embeddings and writes them as shards of [`EMBEDDING_SHARD_SIZE`] images."""
