@@ -611,6 +611,8 @@ def embed_images(
     folder = embedding_cache_folder(cache_dir, model, image_processor)
     embed_source(source, model, image_processor, folder, batch_size, device, num_workers, on_bad_image)
 
+    if not _complete_shards(folder):  # every image was skipped, and the folder was new
+        raise ValueError("None of the images could be read; there is nothing to train on.")
     stored = load_embeddings(folder)
     row_of = {key: row for row, key in enumerate(stored.with_format("arrow")[:][KEY_COLUMN].to_pylist())}
     readable = [(path, row_of[key]) for path, key in zip(captions, keys) if key in row_of]  # not skipped
