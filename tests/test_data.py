@@ -512,9 +512,9 @@ def test_bad_images_can_be_skipped_with_a_count(tmp_path, image_folder, tokenize
     tokenizer, processor = tokenizer_and_processor
     corrupt_images(image_folder)
     dataset = load_image_folder(image_folder)
-    model = tiny_model(tokenizer)
+    model, image_processor = tiny_model(tokenizer), processor.image_processor
     with caplog.at_level("WARNING"):
-        embedded, table = embed_images(dataset, model, processor.image_processor, tmp_path / "cache", on_bad_image="skip")
+        embedded, table = embed_images(dataset, model, image_processor, tmp_path / "cache", on_bad_image="skip")
     assert embedded["image_id"] == ["a.png", "a.png", "sub/d.png", "sub/d.png"]
     assert embedded["image_index"] == [0, 0, 1, 1]
     assert table.shape[0] == 2
@@ -523,7 +523,7 @@ def test_bad_images_can_be_skipped_with_a_count(tmp_path, image_folder, tokenize
     only_bad = dataset.filter(lambda row: row["image_id"] in ("b.png", "c.png"))
     for cache in ("cache", "new-cache"):  # a folder holding other images, and one left without any
         with pytest.raises(ValueError, match="None of the images could be read; there is nothing to train on"):
-            embed_images(only_bad, model, processor.image_processor, tmp_path / cache, on_bad_image="skip")
+            embed_images(only_bad, model, image_processor, tmp_path / cache, on_bad_image="skip")
 
     checked = check_images(dataset, on_bad_image="skip")
     assert checked["image_id"] == embedded["image_id"]
