@@ -20,6 +20,23 @@ def captioning(tokenizer):
     return distinct_captioning_model(tokenizer), tiny_processor(tokenizer)
 
 
+@pytest.fixture(scope="module")
+def captioning_dir(captioning, tmp_path_factory):
+    """`captioning` saved, for `clipcap caption --model`."""
+    folder = tmp_path_factory.mktemp("captioning")
+    for part in captioning:
+        part.save_pretrained(folder)
+    return folder
+
+
+def image_files(folder, images) -> list:
+    """The images saved as PNG files in `folder`."""
+    paths = [folder / f"{index}.png" for index in range(len(images))]
+    for image, path in zip(images, paths):
+        image.save(path)
+    return paths
+
+
 def generate_captions(model, processor, images, **kwargs) -> list[str]:
     generated = model.generate(**processor(images=images), max_new_tokens=MAX_NEW_TOKENS, **kwargs)
     return processor.post_process_image_text_to_text(generated)
@@ -103,18 +120,12 @@ def test_ray_data_map_batches(captioning):
     assert [by_key[f"k{i}"] for i in range(4)] == expected
 
 
-def test_caption_files_with_beam_candidates_as_json_and_lines(tmp_path, captioning, capsys):
+def test_caption_files_with_beam_candidates_as_json_and_lines(tmp_path, captioning, captioning_dir, capsys):
     model, processor = captioning
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
     images = random_images(2, seed=24)
-    paths = []
-    for index, image in enumerate(images):
-        paths.append(tmp_path / f"{index}.png")
-        image.save(paths[-1])
-    argv = ["caption", *map(str, paths), "--model", str(folder), "--num-beams", "3", "--num-return-sequences", "2",
-            "--max-new-tokens", str(MAX_NEW_TOKENS)]
+    paths = image_files(tmp_path, images)
+    argv = ["caption", *map(str, paths), "--model", str(captioning_dir), "--num-beams", "3",
+            "--num-return-sequences", "2", "--max-new-tokens", str(MAX_NEW_TOKENS)]
     expected = generate_captions(model, processor, images, num_beams=3, num_return_sequences=2)
     assert main([*argv, "--json"]) == 0
     results = json.loads(capsys.readouterr().out)
@@ -125,33 +136,26 @@ def test_caption_files_with_beam_candidates_as_json_and_lines(tmp_path, captioni
     assert lines == [f"{path}\t{caption}" for path, caption in zip([paths[0]] * 2 + [paths[1]] * 2, expected)]
 
 
-def test_caption_files_sampling_with_a_seed_matches_generate(tmp_path, captioning, capsys, monkeypatch):
+def test_caption_files_sampling_with_a_seed_matches_generate(tmp_path, captioning, captioning_dir, capsys,
+                                                             monkeypatch):
     # oneDNN's first measurement in a process draws from torch's global generator (clipcap_hf/onednn.py): kept out.
     monkeypatch.setenv("CLIPCAP_CPU_LINEAR", "default")
     model, processor = captioning
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
     image = random_images(1, seed=25)[0]
-    image.save(tmp_path / "a.png")
-    assert main(["caption", str(tmp_path / "a.png"), "--model", str(folder), "--seed", "7", "--do-sample",
+    (path,) = image_files(tmp_path, [image])
+    assert main(["caption", str(path), "--model", str(captioning_dir), "--seed", "7", "--do-sample",
                  "--top-p", "0.8", "--temperature", "2.0", "--max-new-tokens", str(MAX_NEW_TOKENS), "--json"]) == 0
     caption = json.loads(capsys.readouterr().out)[0]["caption"]
     torch.manual_seed(7)
     assert caption == generate_captions(model, processor, [image], do_sample=True, top_p=0.8, temperature=2.0)[0]
 
 
-def test_caption_files_in_bfloat16_match_generate_in_bfloat16(tmp_path, captioning, capsys):
+def test_caption_files_in_bfloat16_match_generate_in_bfloat16(tmp_path, captioning, captioning_dir, capsys):
     model, processor = captioning
-    folder = tmp_path / "model"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
     images = random_images(2, seed=26)
-    paths = [tmp_path / "a.png", tmp_path / "b.png"]
-    for image, path in zip(images, paths):
-        image.save(path)
-    assert main(["caption", *map(str, paths), "--model", str(folder), "--dtype", "bfloat16",
+    paths = image_files(tmp_path, images)
+    assert main(["caption", *map(str, paths), "--model", str(captioning_dir), "--dtype", "bfloat16",
                  "--max-new-tokens", str(MAX_NEW_TOKENS), "--json"]) == 0
     captions = [result["caption"] for result in json.loads(capsys.readouterr().out)]
-    half = type(model).from_pretrained(folder).to(torch.bfloat16).eval()
+    half = type(model).from_pretrained(captioning_dir).to(torch.bfloat16).eval()
     assert captions == generate_captions(half, processor, images)
