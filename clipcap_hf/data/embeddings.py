@@ -599,10 +599,10 @@ def embed_images(
     splits = _splits(dataset)
     paths = _image_keys(splits)
     has_captions = all("caption" in split.column_names for split in splits.values())
-    captions: dict[str, list[str]] = {}  # each unique image (in order) and the captions of its rows
+    captions: dict[str, list[str | None]] = {}  # each unique image (in order) and the captions of its rows
     for name, split in splits.items():
         for path, caption in zip(paths[name], split["caption"] if has_captions else [None] * len(split)):
-            captions.setdefault(path, []).extend([caption] if has_captions else [])
+            captions.setdefault(path, []).append(caption)
     keys = [image_cache_key(path) for path in captions]
     columns = {"image": list(captions), KEY_COLUMN: keys}
     if has_captions:
@@ -611,10 +611,9 @@ def embed_images(
     folder = embedding_cache_folder(cache_dir, model, image_processor)
     embed_source(source, model, image_processor, folder, batch_size, device, num_workers, on_bad_image)
 
-    if not _complete_shards(folder):  # every image was skipped, and the folder was new
-        raise ValueError("None of the images could be read; there is nothing to train on.")
-    stored = load_embeddings(folder)
-    row_of = {key: row for row, key in enumerate(stored.with_format("arrow")[:][KEY_COLUMN].to_pylist())}
+    stored = load_embeddings(folder) if _complete_shards(folder) else None  # none: every image skipped, a new folder
+    stored_keys = stored.with_format("arrow")[:][KEY_COLUMN].to_pylist() if stored is not None else []
+    row_of = {key: row for row, key in enumerate(stored_keys)}
     readable = [(path, row_of[key]) for path, key in zip(captions, keys) if key in row_of]  # not skipped
     if not readable:
         raise ValueError("None of the images could be read; there is nothing to train on.")
