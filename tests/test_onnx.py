@@ -30,6 +30,8 @@ def test_pixels(processor):
 
 
 def test_export_writes_the_transformers_js_layout(onnx_export):
+    import onnx
+
     model, _, exported = onnx_export
     for name in GRAPHS:
         assert (exported / "onnx" / f"{name}.onnx").is_file()
@@ -45,6 +47,12 @@ def test_export_writes_the_transformers_js_layout(onnx_export):
     assert list(inputs) == ["inputs_embeds", "attention_mask", "position_ids", *past_names(num_layers)]
     assert inputs["past_key_values.0.key"][2] == "past_sequence_length"  # one graph for every step
     assert [output.name for output in decoder.get_outputs()] == ["logits", *past_names(num_layers, "present")]
+    # transformers.js's optional input, left out of the inputs a caller must feed (it has a default), in both graphs.
+    for graph in ("decoder_model_merged.onnx", "decoder_model_merged_quantized.onnx"):
+        initializers = onnx.load(str(exported / "onnx" / graph)).graph.initializer
+        default = next(initializer for initializer in initializers if initializer.name == "num_logits_to_keep")
+        assert onnx.numpy_helper.to_array(default) == 0  # every position's logits, as before the input existed
+    assert [i.name for i in decoder.get_overridable_initializers()] == ["num_logits_to_keep"]
 
 
 @torch.no_grad()
@@ -68,8 +76,13 @@ def test_decoder_logits_match_pytorch_at_the_first_and_cached_steps(onnx_export,
     expected = model(input_ids=torch.cat((image_tokens, tokens), 1), pixel_values=test_pixels).logits.numpy()
 
     prefix = captioner.prefix_embeds(pixel_values=test_pixels.numpy())
+    # Without `num_logits_to_keep` fed (as the browser page and transformers.js call it), every position's logits.
     logits, state = captioner.decode(prefix, captioner.empty_state(len(prefix)))  # first step: empty past
     np.testing.assert_allclose(logits, expected[:, :PREFIX_LENGTH], atol=TOLERANCE)
+    last_logits, last_state = captioner.decode(prefix, captioner.empty_state(len(prefix)), last_logits_only=True)
+    np.testing.assert_allclose(last_logits, expected[:, PREFIX_LENGTH - 1 : PREFIX_LENGTH], atol=TOLERANCE)
+    for name, value in state.past.items():
+        np.testing.assert_array_equal(last_state.past[name], value)
     logits, state = captioner.decode(captioner.embed_tokens(tokens[:, :2].numpy()), state)  # two positions at once
     np.testing.assert_allclose(logits, expected[:, PREFIX_LENGTH : PREFIX_LENGTH + 2], atol=TOLERANCE)
     logits, state = captioner.decode(captioner.embed_tokens(tokens[:, 2:].numpy()), state)

@@ -6,7 +6,8 @@ A folder `clipcap export-onnx` writes:
     onnx/vision_encoder.onnx        pixel_values (batch, 3, H, W)          -> prefix_embeds (batch, prefix, hidden)
     onnx/mapping_network.onnx       image_embeds (batch, prefix_dim)       -> prefix_embeds   (precomputed CLIP)
     onnx/embed_tokens.onnx          input_ids (batch, length)              -> inputs_embeds (batch, length, hidden)
-    onnx/decoder_model_merged.onnx  inputs_embeds, attention_mask, position_ids, past_key_values.{i}.key/value
+    onnx/decoder_model_merged.onnx  inputs_embeds, attention_mask, position_ids, past_key_values.{i}.key/value,
+                                    optionally num_logits_to_keep (default 0: every position)
                                     -> logits, present.{i}.key/value
     onnx/*_quantized.onnx           the same graphs with int8 weights (ONNX Runtime's dynamic quantization)
 
@@ -21,9 +22,11 @@ PyTorch maintains (the TorchScript-based one is deprecated).
 
 from __future__ import annotations
 
+import inspect
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import DynamicCache
@@ -34,6 +37,7 @@ from ..processing_clipcap import ClipCapProcessor
 ONNX_SUBFOLDER = "onnx"
 GRAPHS = ("vision_encoder", "mapping_network", "embed_tokens", "decoder_model_merged")
 QUANTIZED_SUFFIX = "_quantized"
+LOGITS_TO_KEEP = "num_logits_to_keep"  # the decoder's optional input, named as transformers.js names it
 # Exported with ONNX's own file limit in mind: a graph over 2 GB must keep its weights in a `.onnx.data` file beside
 # it, which neither the browser page nor a single-file download wants for smaller models.
 _SINGLE_FILE_LIMIT = 2_000_000_000
@@ -70,22 +74,35 @@ class MergedDecoder(nn.Module):
     """
     The language model over `inputs_embeds` with its key/value cache given and returned as plain tensors, one key and
     one value per layer, shaped (batch, kv_heads, past_length, head_dim). A past of length 0 is the first step.
+
+    `num_logits_to_keep` (a scalar) is transformers.js's name for transformers' `logits_to_keep`: the logits of the
+    last that many positions only (0: every position). A decoding step needs only the last one's, and the first
+    step, over the whole prefix, then skips the language-model head's vocabulary-wide product at the other positions.
     """
 
     def __init__(self, model: ClipCapForConditionalGeneration):
         super().__init__()
         self.language_model = model.language_model
         self.num_layers = model.config.text_config.num_hidden_layers
+        # Not every transformers 4.x language model takes it (OPT): its logits are then selected after the head.
+        self.takes_logits_to_keep = "logits_to_keep" in inspect.signature(self.language_model.forward).parameters
 
     def forward(
         self,
         inputs_embeds: torch.Tensor,
         attention_mask: torch.Tensor,
         position_ids: torch.Tensor,
+        num_logits_to_keep: torch.Tensor,
         *past_key_values: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         pairs = [(past_key_values[2 * i], past_key_values[2 * i + 1]) for i in range(self.num_layers)]
         cache = DynamicCache(pairs, config=self.language_model.config)
+        # The kept positions as an index tensor: the exporter cannot slice with the integer form of a graph input.
+        length = inputs_embeds.shape[1]
+        keep = torch.where(num_logits_to_keep > 0, num_logits_to_keep, length).item()
+        torch._check(keep >= 1)
+        torch._check(keep <= length)
+        kept_positions = torch.arange(length - keep, length)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -93,9 +110,11 @@ class MergedDecoder(nn.Module):
             use_cache=True,
             return_dict=True,
             **{CACHE_NAME: cache},
+            **({"logits_to_keep": kept_positions} if self.takes_logits_to_keep else {}),
         )
+        logits = outputs.logits if self.takes_logits_to_keep else outputs.logits[:, kept_positions]
         present = getattr(outputs, CACHE_NAME)
-        return (outputs.logits, *(tensor for layer in present.layers for tensor in (layer.keys, layer.values)))
+        return (logits, *(tensor for layer in present.layers for tensor in (layer.keys, layer.values)))
 
 
 def cache_shape(model: ClipCapForConditionalGeneration) -> tuple[int, int]:
@@ -118,8 +137,12 @@ def _export(
     input_names: list[str],
     output_names: list[str],
     dynamic_shapes: tuple,
+    input_defaults: dict[str, int] | None = None,
 ) -> None:
-    """One graph with `torch.onnx.export(dynamo=True)`, its weights inside it unless they pass ONNX's 2 GB limit."""
+    """
+    One graph with `torch.onnx.export(dynamo=True)`, its weights inside it unless they pass ONNX's 2 GB limit.
+    `input_defaults` gives integer scalar inputs a value used where a caller does not feed them.
+    """
     module.eval()
     program = torch.onnx.export(
         module,
@@ -131,6 +154,14 @@ def _export(
         dynamo=True,
         verbose=False,
     )
+    import onnx_ir  # (installed with onnxscript, which the exporter needs)
+
+    for name, default in (input_defaults or {}).items():
+        # An input that is also an initializer is optional in ONNX: ONNX Runtime (and onnxruntime-web) list only the
+        # other inputs as the session's inputs, and use the initializer where the input is not fed.
+        graph_input = next(value for value in program.model.graph.inputs if value.name == name)
+        graph_input.const_value = onnx_ir.tensor(np.array(default, np.int64), name=name)
+        program.model.graph.register_initializer(graph_input)
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     program.save(str(path), external_data=weight_bytes > _SINGLE_FILE_LIMIT)
 
@@ -169,21 +200,26 @@ def export_graphs(
     inputs_embeds = torch.randn(2, new_length, config.text_embedding_size)
     attention_mask = torch.ones(2, past_length + new_length, dtype=torch.long)
     position_ids = torch.arange(past_length, past_length + new_length).expand(2, -1)
+    num_logits_to_keep = torch.tensor(1)
     past = tuple(torch.randn(2, heads, past_length, head_dim) for _ in range(2 * num_layers))
     past_length_dim, total_length = torch.export.Dim("past_sequence_length"), torch.export.Dim("total_sequence_length")
     dynamic_shapes = (
         {0: batch, 1: length},
         {0: batch, 1: total_length},
         {0: batch, 1: length},
+        None,
         tuple({0: batch, 2: past_length_dim} for _ in past),  # the forward's *past_key_values
     )
     _export(
         decoder,
-        (inputs_embeds, attention_mask, position_ids, *past),
+        (inputs_embeds, attention_mask, position_ids, num_logits_to_keep, *past),
         paths["decoder_model_merged"],
-        ["inputs_embeds", "attention_mask", "position_ids", *past_names(num_layers)],
+        ["inputs_embeds", "attention_mask", "position_ids", LOGITS_TO_KEEP, *past_names(num_layers)],
         ["logits", *past_names(num_layers, "present")],
         dynamic_shapes,
+        # Every position's logits by default, as before the input existed: callers that do not know it (the browser
+        # page, transformers.js, which feeds it only where the session lists it as an input) get what they expect.
+        input_defaults={LOGITS_TO_KEEP: 0},
     )
     return paths
 

@@ -18,7 +18,7 @@ from transformers import GenerationConfig
 
 from ..configuration_clipcap import ClipCapConfig
 from ..processing_clipcap import ClipCapProcessor
-from .export import GRAPHS, ONNX_SUBFOLDER, QUANTIZED_SUFFIX, past_names
+from .export import GRAPHS, LOGITS_TO_KEEP, ONNX_SUBFOLDER, QUANTIZED_SUFFIX, past_names
 
 # Generation settings this loop does not implement; a folder that sets one is refused rather than decoded otherwise.
 _UNSUPPORTED_SETTINGS = {
@@ -93,8 +93,12 @@ class OnnxCaptioner:
             for name, path in graphs.items()
         }
         self._past_names = past_names(self.config.text_config.num_hidden_layers)
-        past_input = next(i for i in self.sessions["decoder_model_merged"].get_inputs() if i.name in self._past_names)
+        decoder = self.sessions["decoder_model_merged"]
+        past_input = next(i for i in decoder.get_inputs() if i.name in self._past_names)
         self._kv_heads, self._head_dim = past_input.shape[1], past_input.shape[3]
+        # Exports older than the optional `num_logits_to_keep` input return every position's logits.
+        optional_inputs = {initializer.name for initializer in decoder.get_overridable_initializers()}
+        self._can_keep_logits = LOGITS_TO_KEEP in optional_inputs
 
     # ------------------------------------------------------------------------------------------------ the graphs
 
@@ -117,8 +121,13 @@ class OnnxCaptioner:
         empty = np.zeros((batch_size, self._kv_heads, 0, self._head_dim), np.float32)
         return DecoderState(dict.fromkeys(self._past_names, empty), 0)
 
-    def decode(self, inputs_embeds: np.ndarray, state: DecoderState) -> tuple[np.ndarray, DecoderState]:
-        """One decoder call over new positions: the logits at them, and the state with them read."""
+    def decode(
+        self, inputs_embeds: np.ndarray, state: DecoderState, last_logits_only: bool = False
+    ) -> tuple[np.ndarray, DecoderState]:
+        """
+        One decoder call over new positions: the logits at them (at the last one only with `last_logits_only`, which
+        spares the language-model head's work at the others), and the state with them read.
+        """
         batch, new = inputs_embeds.shape[:2]
         total = state.length + new
         feeds = {
@@ -127,6 +136,8 @@ class OnnxCaptioner:
             "position_ids": np.broadcast_to(np.arange(state.length, total, dtype=np.int64), (batch, new)),
             **state.past,
         }
+        if last_logits_only and self._can_keep_logits:
+            feeds[LOGITS_TO_KEEP] = np.array(1, np.int64)
         logits, *present = self.sessions["decoder_model_merged"].run(None, feeds)
         return logits, DecoderState(dict(zip(self._past_names, present)), total)
 
@@ -190,7 +201,7 @@ class OnnxCaptioner:
 
     def _greedy(self, prefix: np.ndarray, settings: dict) -> list[list[int]]:
         batch = len(prefix)
-        logits, state = self.decode(prefix, self.empty_state(batch))
+        logits, state = self.decode(prefix, self.empty_state(batch), last_logits_only=True)
         tokens = np.zeros((batch, 0), np.int64)
         finished = np.zeros(batch, bool)
         for step in range(settings["max_new_tokens"]):
@@ -201,7 +212,7 @@ class OnnxCaptioner:
             finished |= np.isin(next_tokens, list(settings["eos"]))
             if finished.all() or step + 1 == settings["max_new_tokens"]:
                 break
-            logits, state = self.decode(self.embed_tokens(next_tokens[:, None]), state)
+            logits, state = self.decode(self.embed_tokens(next_tokens[:, None]), state, last_logits_only=True)
         return tokens.tolist()
 
     def _beam_search(self, prefix: np.ndarray, settings: dict) -> list[list[int]]:
@@ -214,7 +225,9 @@ class OnnxCaptioner:
         beams, eos, penalty = settings["num_beams"], settings["eos"], settings["length_penalty"]
         max_new = settings["max_new_tokens"]
         keep = max(2, 1 + len(eos)) * beams  # candidates kept per image and step, so that `beams` remain after EOS
-        logits, state = self.decode(np.repeat(prefix, beams, axis=0), self.empty_state(len(prefix) * beams))
+        logits, state = self.decode(
+            np.repeat(prefix, beams, axis=0), self.empty_state(len(prefix) * beams), last_logits_only=True
+        )
         images = np.arange(len(prefix))  # the images still searching, in the decoder's row order (`beams` rows each)
         running = np.zeros((len(prefix), beams, 0), np.int64)  # each running beam's tokens
         running_scores = np.full((len(prefix), beams), -1e9, np.float32)
@@ -250,7 +263,8 @@ class OnnxCaptioner:
                 break
             images, running, running_scores = images[searching], running[searching], running_scores[searching]
             next_tokens = running[:, :, -1].reshape(-1, 1)
-            logits, state = self.decode(self.embed_tokens(next_tokens), state.select(rows[searching].reshape(-1)))
+            state = state.select(rows[searching].reshape(-1))
+            logits, state = self.decode(self.embed_tokens(next_tokens), state, last_logits_only=True)
         return [captions[0][1] for captions in finished]
 
     @staticmethod
