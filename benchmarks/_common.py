@@ -35,6 +35,22 @@ def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
     return 2 * size**3 / min(call_seconds(lambda: torch.mm(a, b)) for _ in range(repeats))
 
 
+def onednn_matmul_rate(size: int = 2048, repeats: int = 5) -> float:
+    """
+    fp32 FLOP per second of the same product through oneDNN's kernel (0.0 where this PyTorch lacks it). On AMD
+    processors it is about twice `torch.mm`'s (MKL's), so a floor computed from `torch.mm` alone would be too low a
+    bar there.
+    """
+    from clipcap_hf.onednn import onednn_linear_available
+
+    if not onednn_linear_available():
+        return 0.0
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    product = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")  # noqa: E731
+    product()
+    return 2 * size**3 / min(call_seconds(product) for _ in range(repeats))
+
+
 def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
     """Bytes per second a sum over a large fp32 tensor reads, best of a few runs after a warm-up."""
     values = torch.ones(megabytes * 2**20 // 4)

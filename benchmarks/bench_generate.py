@@ -12,12 +12,15 @@ the reference with PyTorch's default (MKL), as the paper's code does. The `*_wit
 `generate()` with `torch.backends.mkldnn.enabled = False`, on the reference's kernels: what batching and the cache
 alone give.
 
-`greedy_bound_s` is the physical floor for our greedy run on this machine: every decoding step after the first reads
-all of the language model's weights once (tied embeddings counted once), at the machine's measured memory bandwidth
-(the sum of a 512 MB tensor), and the first step (prefill, mapper included) does its counted FLOPs at the machine's
-fp32 matmul rate (a 2048x2048 `torch.mm`). `*_bound_multiple` is a time over that floor. The `*_static_compiled_*`
-figures time `generate(cache_implementation="static", compile_config=CompileConfig(...))` (inductor, on the CPU too),
-after a warm-up call that compiles; `--skip-paper` leaves out the paper's loop (about 90 s) for quick runs.
+`greedy_bound_s` is the physical floor for our greedy run on this machine: each decoding step after the first takes
+at least the longer of reading all of the language model's weights once (tied embeddings counted once) at the
+machine's measured memory bandwidth (the sum of a 512 MB tensor) and doing its counted FLOPs at the machine's fp32
+matmul rate; the first step (prefill, mapper included) does its counted FLOPs at that rate. The matmul rate is the
+faster of a 2048x2048 product through `torch.mm` (MKL) and through oneDNN: on AMD processors MKL reaches about half
+of oneDNN's. `*_bound_multiple` is a time over that floor. The `*_static_compiled_*` figures time
+`generate(cache_implementation="static", compile_config=CompileConfig(...))` with transformers' switch that compiles
+on the CPU too (it compiles on accelerators only), after a warm-up call that compiles; `--skip-paper` leaves out the
+paper's loop (about 90 s) for quick runs.
 
 Prints one JSON line.
 """
@@ -30,7 +33,7 @@ import platform
 import time
 
 import torch
-from _common import cpu_name, matmul_rate, memory_bandwidth
+from _common import cpu_name, matmul_rate, memory_bandwidth, onednn_matmul_rate
 from transformers import CompileConfig, GPT2Config
 
 from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration
@@ -97,6 +100,19 @@ def prefill_flops(model, image_embeds: torch.Tensor) -> int:
     return counter.get_total_flops()
 
 
+@torch.no_grad()
+def decoding_step_flops(model, batch: int) -> int:
+    """
+    FLOPs of one decoding step: one new token per sequence through the language model (its attention over the
+    cache, under a thousandth of the step at these sizes, left out).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        model.language_model(input_ids=torch.zeros(batch, 1, dtype=torch.long))
+    return counter.get_total_flops()
+
+
 def timed(function, warm_up):
     """Seconds `function()` takes, and its result, after an untimed `warm_up()` with the same shapes: a first call
     also pays for memory the allocator has not mapped yet (about 0.4 s of a 1.3 s greedy run here)."""
@@ -129,14 +145,17 @@ def main() -> None:
         return model.generate(image_embeds=image_embeds, num_beams=args.beams, **common)[:, prefix_length:]
 
     def static_compiled_greedy_run():
-        compile_config = CompileConfig(fullgraph=True, mode=None)  # generate() compiles on the CPU when given one
+        compile_config = CompileConfig(fullgraph=True, mode=None)
+        compile_config._compile_all_devices = True  # transformers' own switch: compile on the CPU too
         return model.generate(
             image_embeds=image_embeds, cache_implementation="static", compile_config=compile_config, **common
         )[:, prefix_length:]
 
-    bandwidth, matmul = memory_bandwidth(), matmul_rate()
-    bound_s = (args.new_tokens - 1) * weight_bytes_per_step(model) / bandwidth
-    bound_s += prefill_flops(model, image_embeds) / matmul
+    bandwidth, mkl_matmul, onednn_matmul = memory_bandwidth(), matmul_rate(), onednn_matmul_rate()
+    matmul = max(mkl_matmul, onednn_matmul)
+    step_flops = decoding_step_flops(model, args.images)
+    step_bound_s = max(weight_bytes_per_step(model) / bandwidth, step_flops / matmul)
+    bound_s = (args.new_tokens - 1) * step_bound_s + prefill_flops(model, image_embeds) / matmul
 
     # Ours warms up on the same batch; the reference, whose images all have the same shapes, on its first image.
     ours_greedy_s, ours_greedy = timed(ours_greedy_run, warm_up=ours_greedy_run)
@@ -165,8 +184,12 @@ def main() -> None:
         "greedy_tokens_identical": ours_greedy.tolist() == no_onednn_greedy.tolist(),
         "static_compiled_tokens_identical": compiled_greedy.tolist() == ours_greedy.tolist(),
         "beam_best_identical": ours_beam.tolist() == no_onednn_beam.tolist(),
+        "greedy_step_bound_ms": round(step_bound_s * 1e3, 2),
+        "greedy_step_memory_bound": weight_bytes_per_step(model) / bandwidth >= step_flops / matmul,
         "machine_bandwidth_gbps": round(bandwidth / 1e9, 1),
         "machine_matmul_gflops": round(matmul / 1e9, 1),
+        "machine_matmul_gflops_torch_mm": round(mkl_matmul / 1e9, 1),
+        "machine_matmul_gflops_onednn": round(onednn_matmul / 1e9, 1),
     }
     if not args.skip_paper:
         paper_greedy_s, reference_greedy = timed(

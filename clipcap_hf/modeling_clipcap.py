@@ -36,10 +36,10 @@ from transformers.processing_utils import Unpack
 from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
 
 from .configuration_clipcap import (
-    VISION_POOLINGS,
     ClipCapConfig,
     check_mapping_num_heads,
     check_vision_backend,
+    resolve_vision_pooling,
     vision_tower_config,
 )
 from .onednn import cpu_linear_kernels
@@ -338,10 +338,9 @@ def load_pretrained_vision_model(
             vision_config = vision_tower_config(
                 AutoConfig.from_pretrained(vision_model_name_or_path, trust_remote_code=False)
             )
+            vision_pooling = resolve_vision_pooling(vision_config, vision_pooling)  # before any weights load
         except ValueError as error:
             raise ValueError(f"{vision_model_name_or_path!r}: {error}") from error
-        if vision_pooling is None:
-            vision_pooling = VISION_POOLINGS[vision_config.model_type][0]
         model_class, options = _vision_tower_class(vision_config, vision_pooling)
         vision_model, loading_info = model_class.from_pretrained(
             vision_model_name_or_path, config=vision_config, output_loading_info=True, **options
@@ -999,7 +998,6 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         if inputs is not None:
             self._length_as_new_tokens(inputs.shape[1], kwargs)
             self._check_input_fits_positions(inputs.shape[1])
-        self._compile_where_asked(kwargs)
         # On the CPU, fp32 linear layers run through oneDNN where it measured faster than PyTorch's default (onednn.py).
         with cpu_linear_kernels(self):
             return super().generate(
@@ -1009,17 +1007,6 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 attention_mask=attention_mask,
                 **kwargs,
             )
-
-    def _compile_where_asked(self, kwargs: dict) -> None:
-        """
-        A `compile_config` passed to `generate` compiles the decoding step on any device: transformers compiles it
-        only on accelerators unless told otherwise, and on the CPU it can be faster too (with a static cache).
-        """
-        compile_config = kwargs.get("compile_config")
-        if compile_config is not None and not compile_config._compile_all_devices:
-            compile_config = copy.copy(compile_config)
-            compile_config._compile_all_devices = True
-            kwargs["compile_config"] = compile_config
 
     def _check_input_fits_positions(self, input_length: int) -> None:
         """

@@ -1,16 +1,24 @@
-"""fp32 linear layers through oneDNN for inference on the CPU, where measured faster on the running machine.
+"""fp32 linear layers through oneDNN, on prepacked weights, for inference on the CPU where measured faster.
 
 Written by hand because the ecosystem lacks it: in eager mode PyTorch computes fp32 linear layers with MKL's GEMM,
-and `torch.compile` (tried with `freezing`) was no faster. Which of MKL and oneDNN (which PyTorch also ships) is
-faster at the few rows a decoding step has depends on the processor: on an AMD EPYC oneDNN computed GPT-2 small's
-layers up to 2.8x faster (2.8x on 16 rows, 1.6x on 80; its LM head 2.3x on 16 rows), while on an Intel Sapphire
-Rapids it made greedy generation about 20% slower. So `cpu_linear_kernels(model)`, which `generate()` runs in, picks
-the kernels by timing both on this machine at the model's widths (`onednn_is_faster`, once per process and shape),
-and routes through oneDNN only where it is clearly faster. The results are fp32 products summed in another order, so
-they equal MKL's within float rounding.
+and `torch.compile` (tried with `freezing`, which would prepack weights too) was no faster or failed. Which of MKL and
+oneDNN (which PyTorch also ships) is faster at the few rows a decoding step has depends on the processor: on an AMD
+EPYC oneDNN on prepacked weights computed GPT-2 small's layers 4x faster than MKL at 16 rows (and a 2048-square
+product at 425 GFLOP/s against MKL's 199), while on an Intel Sapphire Rapids plain oneDNN made greedy generation
+about 20% slower. So
+`cpu_linear_kernels(model)`, which `generate()` runs in, picks the kernels by timing both on this machine at the
+model's widths (`onednn_is_faster`, once per process and shape), and routes through oneDNN only where it is clearly
+faster. The results are fp32 products summed in another order, so they equal MKL's within float rounding.
 
-Saved models carry this file with the modeling code (for `trust_remote_code`), so it needs nothing beyond torch and
-the standard library.
+Prepacking: oneDNN reads a weight fastest in its own blocked layout, and reordering a plain weight into it costs
+about as much as the product at a decoding step's 16 rows (GPT-2 small's layers took 1.6x as long from plain
+weights). So the first product with each weight parameter keeps a packed copy (`_packed_weight`), reused until the
+parameter changes (in place, which bumps its version, or by swapping its storage) and freed with it. This holds one
+more copy of the weights the block runs, for as long as the model lives: `CLIPCAP_CPU_LINEAR=default` (or
+`torch.backends.mkldnn.enabled = False`) runs without it.
+
+Saved models carry this file with the modeling code (for `trust_remote_code`), so it needs nothing beyond torch,
+transformers and the standard library.
 """
 
 from __future__ import annotations
@@ -21,13 +29,14 @@ import math
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.overrides import TorchFunctionMode
+from torch.utils.weak import WeakIdKeyDictionary
+from transformers.pytorch_utils import Conv1D
 
 
 def onednn_linear_available() -> bool:
@@ -39,8 +48,9 @@ def onednn_linear_available() -> bool:
         return False
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
-    try:  # private to the inductor backend, so looked up rather than assumed
+    try:  # private to the inductor backend (its `freezing` path), so looked up rather than assumed
         torch.ops.mkldnn._linear_pointwise
+        torch.ops.mkldnn._reorder_linear_weight
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -77,55 +87,89 @@ def _onednn_computes(inputs: object, weight: object, bias: object) -> bool:
     return weight.is_contiguous() or weight.T.is_contiguous()
 
 
-def _onednn_linear(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+# Rows a packed layout is chosen for: packing for 16 rows ran products on 1 to 160 rows about as fast as packing for
+# the rows used (measured on an AMD EPYC; packing for 1 row was up to 25% slower at 16 rows and more).
+PACK_ROWS = 16
+# parameter -> ((version, data pointer) it was packed at, packed weight); a weak key, so a packed copy goes with it.
+_packed_weights = WeakIdKeyDictionary()
+
+
+def _packed_weight(parameter: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """
+    `weight` (the parameter, or its transpose for GPT-2's `Conv1D`) in oneDNN's blocked layout for `PACK_ROWS` rows:
+    packed on first use and kept until the parameter changes in place or gets another storage.
+    """
+    state = (parameter._version, parameter.data_ptr())
+    cached = _packed_weights.get(parameter)
+    if cached is None or cached[0] != state:
+        cached = (state, torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS))
+        _packed_weights[parameter] = cached
+    return cached[1]
+
+
+def _onednn_linear(
+    inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor
+) -> torch.Tensor:
     rows = inputs.reshape(-1, inputs.shape[-1])
-    outputs = torch.ops.mkldnn._linear_pointwise(rows, weight, bias, "none", [], "")
+    outputs = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
     return outputs.view(*inputs.shape[:-1], weight.shape[0])
 
 
-def _linear_operands(func, args: tuple) -> tuple | None:
-    """`(inputs, weight, bias)` of a linear product oneDNN's kernel computes as is, or None for any other call."""
-    if func is F.linear and len(args) in (2, 3):
-        inputs, weight, bias = (*args, None)[:3]
-    elif func is torch.addmm and len(args) == 3 and all(isinstance(a, torch.Tensor) and a.dim() == 2 for a in args[1:]):
-        bias, inputs, weight = args[0], args[1], args[2].T  # GPT-2's Conv1D stores (in_features, out_features)
-    else:
-        return None
-    if torch.is_grad_enabled() or _cpu_autocast_enabled() or not _onednn_computes(inputs, weight, bias):
-        return None
-    return inputs, weight, bias
+def _routed_forward(layer: nn.Linear | Conv1D, usual_forward: Callable, inputs: torch.Tensor) -> torch.Tensor:
+    """A linear layer's forward through oneDNN on its packed weight, or its usual forward where that does not apply."""
+    weight = layer.weight.T if isinstance(layer, Conv1D) else layer.weight  # Conv1D stores (in, out)
+    if (
+        torch.is_grad_enabled()
+        or _cpu_autocast_enabled()
+        # Inside a graph `torch.compile` traces, its backend picks the kernels.
+        or torch.compiler.is_compiling()
+        or not _onednn_computes(inputs, weight, layer.bias)
+    ):
+        return usual_forward(inputs)
+    return _onednn_linear(inputs, weight, layer.bias, _packed_weight(layer.weight, weight))
 
 
-class _OneDNNLinearMode(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        # Inside a graph `torch.compile` traces, its backend picks the kernels (with `freezing`, oneDNN's too).
-        operands = None if kwargs or torch.compiler.is_compiling() else _linear_operands(func, args)
-        if operands is not None:
-            return _onednn_linear(*operands)
-        return func(*args, **(kwargs or {}))
+def _routable(module: nn.Module) -> bool:
+    # Exactly these classes (subclasses and wrappers such as quantized or LoRA layers compute otherwise; a LoRA
+    # layer's base layer and adapters are plain `nn.Linear`s and are routed themselves), with their weight a
+    # parameter (packed once), and no forward replaced on the instance (accelerate's hooks, or an enclosing block).
+    return (
+        type(module) in (nn.Linear, Conv1D)
+        and type(module.weight) is nn.Parameter
+        and "forward" not in module.__dict__
+    )
 
 
 @contextmanager
-def onednn_linear() -> Iterator[None]:
+def onednn_linear(model: nn.Module) -> Iterator[None]:
     """
-    Within the block, `F.linear` and `torch.addmm(bias, inputs, weight)` calls on fp32 CPU tensors run through
-    oneDNN's kernel when gradients are off and autocast is not on; every other call runs as usual, and so do calls
-    made inside other functions (`nn.MultiheadAttention`'s projections, say). For inference only: not for forward-mode
-    AD or `vmap`. Unconditional: `cpu_linear_kernels(model)` enters it only where oneDNN measured faster.
+    Within the block, the `nn.Linear` and GPT-2 `Conv1D` layers of `model` compute through oneDNN on prepacked
+    weights (see the module's docstring) when gradients are off, autocast is not on, and their input and weight are
+    fp32 CPU tensors; otherwise, and for every other layer, they compute as usual. For inference only. Unconditional:
+    `cpu_linear_kernels(model)` enters it only where oneDNN measured faster.
 
-    Does nothing where `onednn_linear_available()` is False when the block starts; `torch.backends.mkldnn.enabled =
-    False` turns it off:
+    Each routed layer's `forward` is replaced on the instance for the block's duration (as accelerate's hooks do),
+    so nothing else pays for it: a `TorchFunctionMode` seeing every operator cost about 3 ms per decoding step of
+    GPT-2 small in Python. Does nothing where `onednn_linear_available()` is False when the block starts;
+    `torch.backends.mkldnn.enabled = False` turns it off.
 
     ```python
-    torch.backends.mkldnn.enabled = False
-    ids = model.generate(**inputs)  # MKL, PyTorch's default for fp32 linear layers
+    layer = torch.nn.Linear(768, 768)
+    with torch.no_grad(), onednn_linear(layer):
+        out = layer(torch.randn(16, 768))
     ```
     """
     if not onednn_linear_available():
         yield
         return
-    with _OneDNNLinearMode():
+    routed = [layer for layer in model.modules() if _routable(layer)]
+    for layer in routed:
+        layer.forward = functools.partial(_routed_forward, layer, layer.forward)
+    try:
         yield
+    finally:
+        for layer in routed:
+            del layer.forward
 
 
 CPU_LINEAR_ENV = "CLIPCAP_CPU_LINEAR"
@@ -150,9 +194,10 @@ def _random_weight(out_features: int, in_features: int) -> torch.Tensor:
 @torch.no_grad()
 def _time_linear_kernels(in_features: int, out_features: int, rows: int) -> tuple[float, float]:
     """
-    The fastest of a few timed runs of `F.linear` (PyTorch's default kernel, MKL) and of oneDNN's kernel, in seconds,
-    on a `(rows, in_features)` input and a random `(out_features, in_features)` weight and bias. The two alternate,
-    each first in turn, so that a busy spell or a warm cache favours neither.
+    The fastest of a few timed runs of `F.linear` (PyTorch's default kernel, MKL) and of oneDNN's kernel on the packed
+    weight (packing untimed: it is paid once per weight), in seconds, on a `(rows, in_features)` input and a random
+    `(out_features, in_features)` weight and bias. The two alternate, each first in turn, so that a busy spell or a
+    warm cache favours neither.
     """
     weight = _random_weight(out_features, in_features)
     # A generator of its own: drawing from torch's global one would change the user's seeded sampling after the
@@ -160,7 +205,8 @@ def _time_linear_kernels(in_features: int, out_features: int, rows: int) -> tupl
     generator = torch.Generator().manual_seed(0)
     bias = torch.rand(out_features, generator=generator) - 0.5
     inputs = torch.rand(rows, in_features, generator=generator) - 0.5
-    kernels = (lambda: F.linear(inputs, weight, bias), lambda: _onednn_linear(inputs, weight, bias))
+    packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+    kernels = (lambda: F.linear(inputs, weight, bias), lambda: _onednn_linear(inputs, weight, bias, packed))
     start = time.perf_counter()
     for kernel in kernels:  # untimed: oneDNN builds its primitive on a first call, and the weight comes into cache
         kernel()
@@ -245,13 +291,13 @@ def cpu_linear_choice(model: nn.Module, rows: int = 16) -> str:
 
 def cpu_linear_kernels(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """
-    A context manager for inference with `model`: `onednn_linear()` where `cpu_linear_choice(model)` is
+    A context manager for inference with `model`: `onednn_linear(model)` where `cpu_linear_choice(model)` is
     `"onednn"` (an fp32 model on the CPU, on a machine where oneDNN measured clearly faster at the model's widths, or
     `CLIPCAP_CPU_LINEAR=onednn`), else a context that changes nothing. `ClipCapForConditionalGeneration.generate()`
     runs within it. The choice is made when it is called; the first call in a process at a model's widths times the
     kernels (well under a second).
     """
-    return onednn_linear() if cpu_linear_choice(model) == "onednn" else contextlib.nullcontext()
+    return onednn_linear(model) if cpu_linear_choice(model) == "onednn" else contextlib.nullcontext()
 
 
 __all__ = [

@@ -42,12 +42,14 @@ def compiled_generate(model, image_embeds, backend, **kwargs):
     torch._dynamo.reset()
     counters.clear()
     compile_config = CompileConfig(fullgraph=True, backend=backend, mode=None)
+    # transformers compiles the step on accelerators only; its own switch (which its tests use) compiles it on the
+    # CPU too, so that the compiled path's tokens are checked here.
+    compile_config._compile_all_devices = True
     generated = model.generate(
         image_embeds=image_embeds, cache_implementation="static", compile_config=compile_config, **kwargs
     )
     assert counters["stats"]["unique_graphs"] >= 1  # the decoding step did go through torch.compile
     assert not counters["graph_break"]
-    assert compile_config._compile_all_devices is None  # the caller's config is left as it was
     return generated
 
 
@@ -66,17 +68,3 @@ def test_the_onednn_routing_leaves_a_compiled_step_to_inductor(mlp_model, monkey
     x = embeds(mlp_model, 2)
     plain = mlp_model.generate(image_embeds=x, max_new_tokens=5, do_sample=False)
     assert torch.equal(compiled_generate(mlp_model, x, "inductor", max_new_tokens=5, do_sample=False), plain)
-
-
-def test_without_a_compile_config_the_cpu_decoding_step_stays_uncompiled(mlp_model):
-    # The all-devices switch is set only on a caller's own compile_config: a static cache alone compiles nothing.
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    mlp_model.generate(image_embeds=embeds(mlp_model, 2), max_new_tokens=4, do_sample=False,
-                       cache_implementation="static")
-    assert counters["stats"]["unique_graphs"] == 0
-    assert mlp_model.generation_config.compile_config is None or (
-        mlp_model.generation_config.compile_config._compile_all_devices is None
-    )

@@ -1,3 +1,4 @@
+import gc
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -6,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 from torch import nn
-from torch.overrides import TorchFunctionMode
 from torch.profiler import profile
 from transformers.pytorch_utils import Conv1D
 
@@ -23,6 +23,7 @@ from clipcap_hf.onednn import (
 pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="needs PyTorch with oneDNN on x86-64")
 
 ONEDNN_OP = "mkldnn::_linear_pointwise"
+PACK_OP = "mkldnn::_reorder_linear_weight"
 
 
 @pytest.fixture(autouse=True)
@@ -58,16 +59,17 @@ def measured(monkeypatch):
 
 
 @pytest.fixture
-def mode_entries(monkeypatch):
-    """How many times oneDNN's mode was entered, however it was reached."""
-    entries = []
+def routings(monkeypatch):
+    """The models `onednn_linear` was entered for, however it was reached."""
+    entered = []
+    route = onednn.onednn_linear
 
-    def recording_enter(self):
-        entries.append(True)
-        return TorchFunctionMode.__enter__(self)
+    def recording(model):
+        entered.append(model)
+        return route(model)
 
-    monkeypatch.setattr(onednn._OneDNNLinearMode, "__enter__", recording_enter)
-    return entries
+    monkeypatch.setattr(onednn, "onednn_linear", recording)
+    return entered
 
 
 @contextmanager
@@ -85,7 +87,7 @@ def ops_run(function):
     """The result of `function()` and the names of the operators it ran."""
     with profile() as profiler:
         result = function()
-    return result, {event.key for event in profiler.key_averages()}
+    return result, [event.name for event in profiler.events()]
 
 
 def test_linear_and_conv1d_layers_run_through_onednn_with_the_same_results():
@@ -95,32 +97,38 @@ def test_linear_and_conv1d_layers_run_through_onednn_with_the_same_results():
     for layer in layers:
         with torch.no_grad():
             expected = layer(inputs)
-            with onednn_linear():
+            with onednn_linear(layer):
                 result, ops = ops_run(lambda: layer(inputs))
         assert ONEDNN_OP in ops, layer
         assert result.shape == expected.shape == (3, 5, 40)
         torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+        assert "forward" not in vars(layer)  # the block leaves the layer as it found it
 
 
 def test_transposed_weights_and_strided_or_one_dimensional_inputs():
     torch.manual_seed(0)
-    weight = torch.randn(24, 40)
+    layer = nn.Linear(24, 40)
+    layer.weight = nn.Parameter(torch.randn(24, 40).T)  # column-major
     strided_inputs = torch.randn(24, 14).T[::2]  # 7 rows of 24, neither row- nor column-major
-    cases = [(torch.randn(7, 24), weight.T), (torch.randn(24), weight.T, torch.randn(40)), (strided_inputs, weight.T)]
-    for args in cases:
+    for inputs in (torch.randn(7, 24), torch.randn(24), strided_inputs):
         with torch.no_grad():
-            expected = F.linear(*args)
-            with onednn_linear():
-                result, ops = ops_run(lambda: F.linear(*args))
+            expected = layer(inputs)
+            with onednn_linear(layer):
+                result, ops = ops_run(lambda: layer(inputs))
         assert ONEDNN_OP in ops
         torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
     # A weight that is neither row- nor column-major goes the usual way.
-    strided = torch.randn(40, 48)[:, ::2]
+    layer.weight = nn.Parameter(torch.randn(40, 48)[:, ::2])
     inputs = torch.randn(3, 24)
-    with torch.no_grad(), onednn_linear():
-        result, ops = ops_run(lambda: F.linear(inputs, strided))
+    with torch.no_grad(), onednn_linear(layer):
+        result, ops = ops_run(lambda: layer(inputs))
     assert ONEDNN_OP not in ops
-    assert torch.equal(result, inputs @ strided.T)
+    assert torch.equal(result, F.linear(inputs, layer.weight, layer.bias))
+
+
+class ScaledLinear(nn.Linear):
+    def forward(self, inputs):
+        return 2 * super().forward(inputs)
 
 
 def test_everything_else_runs_as_usual():
@@ -128,28 +136,43 @@ def test_everything_else_runs_as_usual():
     layer = nn.Linear(16, 8)
     inputs = torch.randn(4, 16)
     # With gradients on: the usual kernel, and gradients flow.
-    with onednn_linear():
+    with onednn_linear(layer):
         outputs, ops = ops_run(lambda: layer(inputs))
     assert ONEDNN_OP not in ops
     outputs.sum().backward()
     assert layer.weight.grad is not None
-    weight = torch.randn(8, 16)
+
+    def with_plain_weight():
+        computed = nn.Linear(16, 8)
+        weight = computed.weight.detach()
+        del computed.weight
+        computed.weight = weight  # a tensor, not a parameter: it would be packed anew at every call
+        return computed
+
+    def with_strided_bias():  # oneDNN reads a bias as a flat array
+        strided = nn.Linear(16, 8)
+        strided.bias = nn.Parameter(torch.randn(16)[::2])
+        return strided
+
+    def with_hooked_forward():  # a forward replaced on the instance (accelerate's hooks) is kept
+        hooked = nn.Linear(16, 8)
+        hooked.forward = lambda inputs: F.linear(inputs, hooked.weight, hooked.bias)
+        return hooked
+
     cases = {
-        "float64": lambda: layer.double()(inputs.double()),
-        "addmm with a 2-d bias": lambda: torch.addmm(torch.randn(4, 8), inputs, weight.T),
-        "addmm with scaling": lambda: torch.addmm(torch.randn(8), inputs, weight.T, beta=0.5),
-        # oneDNN reads a bias as a flat array: strided and expanded ones keep the usual kernel.
-        "strided bias": lambda: F.linear(inputs, weight, torch.randn(16)[::2]),
-        "expanded bias": lambda: F.linear(inputs, weight, torch.randn(1).expand(8)),
-        "addmm with a strided bias": lambda: torch.addmm(torch.randn(24)[::3], inputs, weight.T),
+        "float64": lambda: nn.Linear(16, 8).double(),
+        "a subclass": lambda: ScaledLinear(16, 8),
+        "a weight that is not a parameter": with_plain_weight,
+        "a strided bias": with_strided_bias,
+        "a hooked forward": with_hooked_forward,
     }
-    for name, function in cases.items():
-        torch.manual_seed(1)
+    for name, build in cases.items():
+        module = build()
+        module_inputs = inputs.to(module.weight.dtype)
         with torch.no_grad():
-            expected = function()
-        torch.manual_seed(1)
-        with torch.no_grad(), onednn_linear():
-            result, ops = ops_run(function)
+            expected = module(module_inputs)
+            with onednn_linear(module):
+                result, ops = ops_run(lambda: module(module_inputs))
         assert ONEDNN_OP not in ops, name
         assert torch.equal(result, expected), name
 
@@ -159,7 +182,7 @@ def test_autocast_keeps_its_lower_precision():
     inputs = torch.randn(2, 16)
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         expected = layer(inputs)
-        with onednn_linear():
+        with onednn_linear(layer):
             result, ops = ops_run(lambda: layer(inputs))
     assert ONEDNN_OP not in ops
     assert result.dtype == torch.bfloat16
@@ -170,9 +193,50 @@ def test_mkldnn_flag_turns_it_off():
     layer = nn.Linear(16, 8)
     with torch.no_grad(), mkldnn_disabled():
         assert not onednn_linear_available()
-        with onednn_linear():
+        with onednn_linear(layer):
             _, ops = ops_run(lambda: layer(torch.randn(2, 16)))
     assert ONEDNN_OP not in ops
+
+
+def test_weights_are_packed_once_and_again_after_they_change():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), Conv1D(8, 24))
+    inputs = torch.randn(5, 16)
+    with torch.no_grad(), onednn_linear(model):
+        _, first = ops_run(lambda: model(inputs))
+        _, second = ops_run(lambda: model(inputs))
+    assert first.count(PACK_OP) == 2 and ONEDNN_OP in first  # one packed copy per layer
+    assert PACK_OP not in second and second.count(ONEDNN_OP) == 2  # kept across calls and blocks
+    with torch.no_grad():
+        model[1].weight.mul_(-1)  # in place, as an optimizer step does
+        model[0].weight = nn.Parameter(torch.randn(24, 16))  # a new parameter
+        expected = model(inputs)
+        with onednn_linear(model):
+            result, ops = ops_run(lambda: model(inputs))
+    assert ops.count(PACK_OP) == 2
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_packed_copy_goes_with_its_weight():
+    layer = nn.Linear(16, 8)
+    with torch.no_grad(), onednn_linear(layer):
+        layer(torch.randn(2, 16))
+    assert layer.weight in onednn._packed_weights
+    held = len(onednn._packed_weights)
+    del layer
+    gc.collect()
+    assert len(onednn._packed_weights) == held - 1
+
+
+def test_nested_blocks_route_once_and_restore_at_the_outer_end():
+    layer = nn.Linear(16, 8)
+    with torch.no_grad(), onednn_linear(layer):
+        routed = vars(layer)["forward"]
+        with onednn_linear(layer):
+            assert vars(layer)["forward"] is routed
+        assert vars(layer)["forward"] is routed
+        _, ops = ops_run(lambda: layer(torch.randn(2, 16)))
+    assert ONEDNN_OP in ops and "forward" not in vars(layer)
 
 
 def test_generate_decodes_through_onednn_with_the_same_captions(tokenizer, monkeypatch):
@@ -185,51 +249,48 @@ def test_generate_decodes_through_onednn_with_the_same_captions(tokenizer, monke
         result, ops = ops_run(lambda: model.generate(image_embeds=image_embeds, num_beams=num_beams))
         assert ONEDNN_OP in ops and ONEDNN_OP not in usual_ops
         assert torch.equal(result, expected)
+    assert all("forward" not in vars(module) for module in model.modules())
 
 
-def test_generate_uses_it_for_fp32_models_on_the_cpu_only(tokenizer, monkeypatch, mode_entries):
-    # Elsewhere the mode would only add Python work to every operator.
+def test_generate_uses_it_for_fp32_models_on_the_cpu_only(tokenizer, monkeypatch, routings):
     monkeypatch.setenv(CPU_LINEAR_ENV, "onednn")
     model = tiny_model(tokenizer)
     image_embeds = torch.randn(2, model.config.prefix_dim, generator=torch.Generator().manual_seed(0))
     model.generate(image_embeds=image_embeds, max_new_tokens=2)
-    assert mode_entries == [True]
+    assert routings == [model]
     model.to(torch.bfloat16).generate(image_embeds=image_embeds.bfloat16(), max_new_tokens=2)
-    assert mode_entries == [True]  # other devices: test_cpu_linear_kernels_change_nothing_for_bf16_or_non_cpu_models
+    assert routings == [model]  # other devices: test_cpu_linear_kernels_change_nothing_for_bf16_or_non_cpu_models
 
 
-def test_generate_follows_the_measured_choice(tokenizer, measured, mode_entries):
-    if not hasattr(modeling_clipcap, "cpu_linear_kernels"):
-        pytest.skip("generate() does not choose its kernels with cpu_linear_kernels yet")
+def test_generate_follows_the_measured_choice(tokenizer, measured, routings):
     model = tiny_model(tokenizer)
     vocab_size, hidden = model.get_input_embeddings().weight.shape
     image_embeds = torch.randn(2, model.config.prefix_dim, generator=torch.Generator().manual_seed(0))
     measured.times.update({(hidden, 4 * hidden): (1.0, 1.0), (hidden, vocab_size): (1.0, 1.0)})  # no faster
     expected = model.generate(image_embeds=image_embeds, max_new_tokens=3)
-    assert mode_entries == []
+    assert routings == []
     onednn._cached_linear_kernel_times.cache_clear()
     measured.times.update({(hidden, 4 * hidden): (2.0, 1.0), (hidden, vocab_size): (2.0, 1.0)})  # twice as fast
     assert torch.equal(model.generate(image_embeds=image_embeds, max_new_tokens=3), expected)
-    assert mode_entries == [True]
+    assert routings == [model]
 
 
-def test_a_failed_generate_leaves_no_mode_behind(tokenizer, monkeypatch):
+def test_a_failed_generate_leaves_no_layer_routed(tokenizer, monkeypatch):
     monkeypatch.setenv(CPU_LINEAR_ENV, "onednn")
     model = tiny_model(tokenizer)
     image_embeds = torch.randn(2, model.config.prefix_dim)
     with pytest.raises(ValueError):  # more sequences than beams: refused inside the language model's generate
         model.generate(image_embeds=image_embeds, num_beams=2, num_return_sequences=3)
-    with torch.no_grad():
-        _, ops = ops_run(lambda: nn.Linear(16, 8)(torch.randn(2, 16)))
-    assert ONEDNN_OP not in ops
+    assert all("forward" not in vars(module) for module in model.modules())
 
 
 def test_only_x86_processors_use_it(monkeypatch):
     # Measured on x86-64 only; oneDNN's fp32 kernels on other processors are other code.
     monkeypatch.setattr(onednn.platform, "machine", lambda: "aarch64")
     assert not onednn_linear_available()
-    with torch.no_grad(), onednn_linear():
-        _, ops = ops_run(lambda: nn.Linear(16, 8)(torch.randn(2, 16)))
+    layer = nn.Linear(16, 8)
+    with torch.no_grad(), onednn_linear(layer):
+        _, ops = ops_run(lambda: layer(torch.randn(2, 16)))
     assert ONEDNN_OP not in ops
 
 
@@ -270,8 +331,9 @@ def test_no_onednn_and_no_measurement_where_it_is_unavailable(tokenizer, monkeyp
         assert not onednn_is_faster(16, 24)
         assert linear_kernel_times(16, 24) is None
         assert cpu_linear_choice(model) == "default"
+        layer = model.language_model.lm_head
         with torch.no_grad(), cpu_linear_kernels(model):
-            _, ops = ops_run(lambda: nn.Linear(16, 8)(torch.randn(2, 16)))
+            _, ops = ops_run(lambda: layer(torch.randn(2, layer.in_features)))
         assert ONEDNN_OP not in ops
 
     with mkldnn_disabled():
@@ -288,11 +350,11 @@ def test_no_onednn_and_no_measurement_where_it_is_unavailable(tokenizer, monkeyp
 def test_cpu_linear_kernels_measures_the_language_models_widths(tokenizer, measured):
     model = tiny_model(tokenizer)
     vocab_size, hidden = model.get_input_embeddings().weight.shape
-    layer = nn.Linear(16, 8)
+    layer = model.language_model.lm_head
 
     def routed():
         with torch.no_grad(), cpu_linear_kernels(model):
-            _, ops = ops_run(lambda: layer(torch.randn(2, 16)))
+            _, ops = ops_run(lambda: layer(torch.randn(2, hidden)))
         return ONEDNN_OP in ops
 
     cases = {
@@ -312,7 +374,7 @@ def test_cpu_linear_kernels_measures_the_language_models_widths(tokenizer, measu
         assert measured == [(hidden, 4 * hidden, 16), (hidden, vocab_size, 16)]  # once: the second call reused them
 
 
-def test_cpu_linear_kernels_change_nothing_for_bf16_or_non_cpu_models(tokenizer, monkeypatch, measured, mode_entries):
+def test_cpu_linear_kernels_change_nothing_for_bf16_or_non_cpu_models(tokenizer, monkeypatch, measured, routings):
     model = tiny_model(tokenizer)
     vocab_size, hidden = model.get_input_embeddings().weight.shape
     measured.times.update({(hidden, 4 * hidden): (2.0, 1.0), (hidden, vocab_size): (2.0, 1.0)})
@@ -328,13 +390,13 @@ def test_cpu_linear_kernels_change_nothing_for_bf16_or_non_cpu_models(tokenizer,
             assert cpu_linear_choice(model) == "default"
             with cpu_linear_kernels(model):
                 pass
-    assert measured == [] and mode_entries == []
+    assert measured == [] and routings == []
     with cpu_linear_kernels(model):  # the fp32 model on the CPU
         pass
-    assert mode_entries == [True]
+    assert routings == [model]
 
 
-def test_the_environment_variable_overrides_the_measurement(tokenizer, monkeypatch, measured, mode_entries):
+def test_the_environment_variable_overrides_the_measurement(tokenizer, monkeypatch, measured, routings):
     model = tiny_model(tokenizer)
     vocab_size, hidden = model.get_input_embeddings().weight.shape
     for times, override, choice in [
@@ -345,10 +407,10 @@ def test_the_environment_variable_overrides_the_measurement(tokenizer, monkeypat
         measured.times.update({(hidden, 4 * hidden): times, (hidden, vocab_size): times})
         monkeypatch.setenv(CPU_LINEAR_ENV, override)
         assert cpu_linear_choice(model) == choice
-        mode_entries.clear()
+        routings.clear()
         with cpu_linear_kernels(model):
             pass
-        assert mode_entries == ([True] if choice == "onednn" else [])
+        assert routings == ([model] if choice == "onednn" else [])
     assert measured == []  # forced: nothing timed
     for automatic in ("auto", ""):
         monkeypatch.setenv(CPU_LINEAR_ENV, automatic)

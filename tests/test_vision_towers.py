@@ -1,6 +1,8 @@
 """Vision towers other than CLIP (SigLIP, SigLIP2, ViT, DINOv2): each tiny tower is built from a config, saved with
 its own image processor, and assembled with `from_vision_text_pretrained`, as a user would from the Hub."""
 
+import re
+
 import pytest
 import torch
 import transformers
@@ -18,6 +20,8 @@ from transformers import (
     Siglip2Model,
     SiglipConfig,
     SiglipModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
     ViTConfig,
     ViTForImageClassification,
     ViTModel,
@@ -246,6 +250,21 @@ def test_the_config_and_the_loader_default_each_tower_to_the_same_pooling(model_
     _, fields = load_pretrained_vision_model(str(tmp_path))
     assert fields["vision_pooling"] == DEFAULT_POOLINGS[model_type]
     assert fields["vision_config"].model_type == model_type
+
+
+def test_the_loader_checks_the_pooling_before_loading_weights(tmp_path, monkeypatch):
+    SiglipVisionModel(SiglipVisionConfig(**VISION, image_size=32, vision_use_head=False)).save_pretrained(tmp_path)
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("weights were loaded for a pooling the tower cannot give")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", must_not_load)
+    # Named by the tower given, as its other config errors are.
+    named = re.escape(repr(str(tmp_path)))
+    with pytest.raises(ValueError, match=rf"{named}: vision_pooling='pooled'.*`vision_use_head=False`"):
+        load_pretrained_vision_model(str(tmp_path))
+    with pytest.raises(ValueError, match=r"`vision_pooling` must be one of \('pooled',\) .*got 'cls'"):
+        load_pretrained_vision_model(str(tmp_path), vision_pooling="cls")
 
 
 def test_an_open_clip_tower_has_no_pooling_in_the_loader_nor_the_config(tmp_path):
