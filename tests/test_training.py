@@ -180,6 +180,25 @@ def test_trainer_counts_every_caption_token_as_an_item(tmp_path, tokenizer, proc
     assert seen == [expected]
 
 
+def test_scratch_training_arguments_save_nothing_report_nowhere_and_train_on_the_cpu_without_a_gpu(
+    tmp_path, monkeypatch
+):
+    """What the quickstart and each ablation run train with."""
+    from clipcap_hf.training.trainer import scratch_training_arguments
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = scratch_training_arguments(
+        tmp_path, max_steps=95, batch_size=3, learning_rate=1e-3, logging_steps=9, seed=5, verbose=False,
+        weight_decay=0.25,
+    )
+    assert (args.output_dir, args.save_strategy, args.report_to, args.remove_unused_columns) == (
+        str(tmp_path), "no", [], False
+    )
+    assert (args.max_steps, args.per_device_train_batch_size, args.learning_rate, args.warmup_steps) == (95, 3, 1e-3, 3)
+    assert (args.logging_steps, args.seed, args.weight_decay, args.disable_tqdm) == (9, 5, 0.25, True)
+    assert args.use_cpu is True
+
+
 # ---------------------------------------------------------------- recipes
 
 

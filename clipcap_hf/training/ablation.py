@@ -31,7 +31,6 @@ from typing import Any
 import datasets
 import torch
 from tqdm.auto import tqdm
-from transformers import TrainingArguments
 
 from ..configuration_clipcap import MAPPING_TYPES, check_positive_int
 from ..data import ClipCapDataCollator, group_by_image, load_caption_dataset
@@ -41,7 +40,7 @@ from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import read_json, save_pretrained, write_text_atomically
 from .quickstart import QuickstartConfig, make_shapes_dataset, run_quickstart, score_captions
-from .trainer import ClipCapTrainer, caption_dataset
+from .trainer import ClipCapTrainer, caption_dataset, scratch_training_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -286,19 +285,14 @@ def train_and_score(
     train_embeds, eval_embeds = embeddings[run.vision_model]
     # The Trainer writes only scratch files (no checkpoints are saved); the run's folder gets the final model.
     with tempfile.TemporaryDirectory(prefix="clipcap-ablate-") as scratch:
-        args = TrainingArguments(
-            output_dir=scratch,
+        args = scratch_training_arguments(
+            scratch,
             max_steps=config.max_steps,
-            per_device_train_batch_size=config.batch_size,
+            batch_size=config.batch_size,
             learning_rate=config.learning_rate,
-            warmup_steps=max(1, config.max_steps // 30),
             logging_steps=max(1, config.max_steps // 5),
-            save_strategy="no",
-            report_to=[],
-            remove_unused_columns=False,
             seed=config.seed,
-            use_cpu=not torch.cuda.is_available(),
-            disable_tqdm=not verbose,
+            verbose=verbose,
         )
         collator = ClipCapDataCollator(
             processor, image_embeds=train_embeds, max_caption_length=config.max_caption_length

@@ -27,7 +27,7 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 from tokenizers import ByteLevelBPETokenizer
-from transformers import CLIPVisionConfig, GPT2Config, GPT2TokenizerFast, TrainingArguments
+from transformers import CLIPVisionConfig, GPT2Config, GPT2TokenizerFast
 
 from ..configuration_clipcap import ClipCapConfig
 from ..data import ClipCapDataCollator
@@ -36,7 +36,7 @@ from ..image_processing_clipcap import ClipCapImageProcessor
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import holds_clipcap_model, save_pretrained, write_text_atomically
-from .trainer import ClipCapTrainer, caption_dataset
+from .trainer import ClipCapTrainer, caption_dataset, scratch_training_arguments
 
 COLOURS = {
     "red": (215, 40, 40),
@@ -287,20 +287,15 @@ def run_quickstart(
     )
     # The Trainer writes only scratch files here (no checkpoints are saved); none belong in `output_dir`.
     with tempfile.TemporaryDirectory(prefix="clipcap-quickstart-") as scratch:
-        args = TrainingArguments(
-            output_dir=scratch,
+        args = scratch_training_arguments(
+            scratch,
             max_steps=config.max_steps,
-            per_device_train_batch_size=config.batch_size,
+            batch_size=config.batch_size,
             learning_rate=config.learning_rate,
-            warmup_steps=max(1, config.max_steps // 30),
-            weight_decay=config.weight_decay,
             logging_steps=max(1, config.max_steps // 10),
-            save_strategy="no",
-            report_to=[],
-            remove_unused_columns=False,
             seed=config.seed,
-            use_cpu=not torch.cuda.is_available(),
-            disable_tqdm=not verbose,
+            verbose=verbose,
+            weight_decay=config.weight_decay,
         )
         collator = ClipCapDataCollator(processor)
         trainer = ClipCapTrainer(model=model, args=args, train_dataset=train, data_collator=collator)

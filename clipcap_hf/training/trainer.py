@@ -11,7 +11,7 @@ from typing import Any
 
 import datasets
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 
 from ..data import image_inputs
@@ -46,6 +46,40 @@ def caption_dataset(
         captions.extend(processor.post_process_image_text_to_text(generated))
     model.train(was_training)
     return captions
+
+
+def scratch_training_arguments(
+    scratch_dir: str | Path,
+    *,
+    max_steps: int,
+    batch_size: int,
+    learning_rate: float,
+    logging_steps: int,
+    seed: int,
+    verbose: bool = True,
+    **overrides,
+) -> TrainingArguments:
+    """
+    The `TrainingArguments` of a short in-process run (the quickstart, each ablation run): the `Trainer` writes only
+    into `scratch_dir`, a temporary folder (no checkpoints are saved: the caller saves the final model), reports to no
+    integration, warms up over the first 1/30 of the steps, and trains on the CPU when there is no GPU. `overrides` are
+    further `TrainingArguments` fields.
+    """
+    return TrainingArguments(
+        output_dir=str(scratch_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        warmup_steps=max(1, max_steps // 30),
+        logging_steps=logging_steps,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=not verbose,
+        **overrides,
+    )
 
 
 @contextlib.contextmanager
