@@ -217,6 +217,17 @@ def test_weights_are_packed_once_and_again_after_they_change():
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_weights_packed_in_inference_mode_serve_outside_it():
+    layer = nn.Linear(16, 8)
+    inputs = torch.randn(3, 16)
+    with torch.inference_mode(), onednn_linear(layer):
+        layer(inputs)  # packs the weight into an inference tensor
+    with torch.no_grad(), onednn_linear(layer):
+        result, ops = ops_run(lambda: layer(inputs))
+    assert ONEDNN_OP in ops and PACK_OP not in ops
+    torch.testing.assert_close(result, F.linear(inputs, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+
+
 def test_a_packed_copy_goes_with_its_weight():
     layer = nn.Linear(16, 8)
     with torch.no_grad(), onednn_linear(layer):
