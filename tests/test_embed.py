@@ -215,6 +215,26 @@ def test_a_killed_embedding_run_resumes_and_stores_every_image_once(tmp_path, mo
     assert load_embeddings_info(tmp_path / "emb")["num_images"] == 5
 
 
+@pytest.mark.parametrize(
+    "environment, expected",
+    [({}, "cuda"), ({"WORLD_SIZE": "1", "LOCAL_RANK": "3"}, "cuda"), ({"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, "cuda:1")],
+)
+def test_each_process_of_a_distributed_launch_takes_its_own_gpu_unless_told_a_device(
+    monkeypatch, environment, expected
+):
+    """What `clipcap embed` and `clipcap caption` run on: here 2 GPUs, and LOCAL_RANK 3 of 4 processes takes cuda:1."""
+    from clipcap_hf.commands._utils import resolve_device
+
+    for name in ("WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device(None) == torch.device(expected)
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
 def test_two_torchrun_ranks_each_embed_about_half_and_the_union_holds_every_image_once(tmp_path, model_dir):
     captions = [[f"Image {shard} {index}." for index in range(6)] for shard in range(2)]
     shards, samples = write_webdataset_shards(tmp_path / "shards", captions)

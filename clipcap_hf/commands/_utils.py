@@ -66,9 +66,16 @@ def expand_image_paths(patterns: Sequence[str]) -> list[Path]:
 
 
 def resolve_device(device: str | None) -> torch.device:
-    """The `--device` to run on (default: cuda when available, else cpu), checked before any model is loaded."""
+    """
+    The `--device` to run on, checked before any model is loaded. Default: under `torchrun` or `accelerate launch`
+    (WORLD_SIZE > 1) each process's own GPU (LOCAL_RANK, modulo the GPUs here), else cuda when available, else cpu.
+    """
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        return torch.device("cuda")
     try:
         resolved = torch.device(device)
     except RuntimeError:

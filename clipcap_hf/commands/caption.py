@@ -147,13 +147,6 @@ def _decoding_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
-def _device(args: argparse.Namespace) -> str | None:
-    """--device, else under torchrun each process's own GPU (LOCAL_RANK) when there are GPUs."""
-    if args.device is None and int(os.environ.get("WORLD_SIZE", "1")) > 1 and torch.cuda.is_available():
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
-    return args.device
-
-
 def run(args: argparse.Namespace) -> int:
     decoding = _decoding_kwargs(args)
     if _dataset_source(args):
@@ -182,7 +175,7 @@ def _caption_dataset(args: argparse.Namespace, decoding: dict) -> int:
             dataset_format=args.dataset_format,
             image_root=args.image_root,
         )
-    model, processor = load_model_and_processor(args.model, _device(args))
+    model, processor = load_model_and_processor(args.model, args.device)
     if args.embeddings is not None:
         from ..data.embeddings import check_embeddings
 
@@ -224,7 +217,7 @@ def _caption_files(args: argparse.Namespace, decoding: dict) -> int:
     paths = expand_image_paths(args.images)
     if args.gallery:
         check_gallery_path(args.gallery, taken=paths)
-    model, processor = load_model_and_processor(args.model, _device(args))
+    model, processor = load_model_and_processor(args.model, args.device)
     if args.seed is not None:
         torch.manual_seed(args.seed)
 

@@ -29,9 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
     parser = HfArgumentParser(EmbedArguments, prog="clipcap embed")
     (embed_args,) = parser.parse_args_into_dataclasses(args=args.arguments)
-    device = _join_process_group()
-    if embed_args.device is not None:
-        device = resolve_device(embed_args.device)
+    device = resolve_device(embed_args.device)
+    _join_process_group(device)
     is_main_process = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     model, processor = load_clipcap(embed_args.model, "--model")
     source = load_source(embed_args, "train", captions_required=False)
@@ -58,19 +57,16 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _join_process_group():
+def _join_process_group(device) -> None:
     """
-    Join the process group of `torchrun` / `accelerate launch` (their environment names the rank and world size), and
-    return this process's device: its own GPU (LOCAL_RANK), or the CPU (gloo).
+    Join the process group of `torchrun` / `accelerate launch` (their environment names the rank and world size):
+    NCCL on this process's GPU `device`, else gloo.
     """
     import os
 
     import torch
 
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not torch.distributed.is_initialized():
-        if cuda:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda" and device.index is not None:
             torch.cuda.set_device(device)
-        torch.distributed.init_process_group(backend="nccl" if cuda else "gloo")
-    return device
+        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
