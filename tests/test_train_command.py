@@ -185,3 +185,29 @@ def test_lora_adapters_whose_base_is_another_model_type_are_refused_naming_it(
     base = rf"^the base model of {out} \(adapter_config.json's base_model_name_or_path\): {saved_model_dir} holds"
     with pytest.raises(ValueError, match=rf"{base} a model of type 'gpt2'"):
         load_lora_model(out)
+
+
+def test_train_and_embed_take_an_abbreviation_of_one_option_and_name_each_option_once_when_it_starts_several(
+    tmp_path, capsys
+):
+    """HfArgumentParser alone refuses `--learn` as ambiguous between `--learning_rate` and `--learning-rate`."""
+    from clipcap_hf.training.arguments import ClipCapArgumentParser, EmbedArguments
+    from clipcap_hf.training.run import parse_args
+
+    model_args, data_args, args = parse_args(
+        ["--output_d", str(tmp_path), "--train-f", "a.json", "--learn=0.5", "--rec", "lora"]
+    )
+    assert (args.output_dir, data_args.train_file, args.learning_rate) == (str(tmp_path), "a.json", 0.5)
+    assert (model_args.use_lora, args.warmup_steps) == (True, 1000)  # --rec: the lora recipe's defaults
+    (embed_args,) = ClipCapArgumentParser(EmbedArguments).parse_args_into_dataclasses(
+        ["--mod", "m", "--outp", "o", "--train_f", "a.json", "--image-col", "jpg"]
+    )
+    assert (embed_args.model, embed_args.output, embed_args.image_column) == ("m", "o", "jpg")
+
+    with pytest.raises(SystemExit) as exit:
+        main(["train", "--output_dir", str(tmp_path), "--dataset", "x"])
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "clipcap train: error: ambiguous option: --dataset could match --dataset_name, --dataset_config_name, "
+        "--dataset_format"
+    )

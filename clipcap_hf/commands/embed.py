@@ -19,15 +19,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
-    from transformers import HfArgumentParser
 
     from ..data import embed_source
     from ..data.prepare import load_source
-    from ..training.arguments import EmbedArguments
+    from ..training.arguments import ClipCapArgumentParser, EmbedArguments
     from ..utils.loading import load_clipcap
     from ._utils import resolve_device
 
-    parser = HfArgumentParser(EmbedArguments, prog="clipcap embed")
+    parser = ClipCapArgumentParser(EmbedArguments, prog="clipcap embed")
     (embed_args,) = parser.parse_args_into_dataclasses(args=args.arguments)
     device = resolve_device(embed_args.device)
     _join_process_group(device)

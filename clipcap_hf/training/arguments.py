@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from transformers import HfArgumentParser
+
 from ..data.loaders import DATASET_FORMATS
-from ..utils.bad_images import check_bad_image_policy
 from ..evaluation.metrics import check_metric_names, require_pycocoevalcap
 from ..modeling_clipcap import DEFAULT_MAX_NEW_TOKENS
+from ..utils.bad_images import check_bad_image_policy
 
 # The paper's optimisation: AdamW at 2e-5 with 5000 linear warm-up steps, batch 40, 10 epochs, no gradient clipping.
 PAPER_SCHEDULE = {
@@ -300,3 +304,41 @@ class DataArguments(SourceArguments):
     def caption_metrics(self) -> list[str]:
         """The metric names of `--eval_caption_metrics`."""
         return [name.strip() for name in (self.eval_caption_metrics or "").split(",") if name.strip()]
+
+
+class ClipCapArgumentParser(HfArgumentParser):
+    """
+    The `HfArgumentParser` of `clipcap train` and `clipcap embed`, which also takes an abbreviated option when it
+    starts the spellings of one option only: `--learn` for `--learning_rate`, `--train-f` for `--train-file`, as the
+    argparse subcommands (`clipcap caption --rerank`) take them. HfArgumentParser registers every multi-word option
+    twice (`--train_file`, `--train-file`), so that argparse alone refuses nearly every abbreviation as ambiguous
+    between the two spellings of one option. An abbreviation that starts several options is still refused, naming them.
+    """
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else args
+        return super().parse_known_args(self.spelled_in_full(args), namespace)
+
+    def spelled_in_full(self, args: Sequence[str]) -> list[str]:
+        """
+        `args` with each abbreviated option (`--learn 0.1`, `--learn=0.1`) spelled in full; one that starts several
+        options exits with argparse's error, naming each option once.
+        """
+        actions = {option: action for action in self._actions for option in action.option_strings if option[:2] == "--"}
+        spelled = []
+        for position, arg in enumerate(args):
+            if arg == "--":  # what follows is no option
+                return spelled + list(args[position:])
+            name, equals, value = arg.partition("=")
+            if name.startswith("--") and name not in actions:
+                # The first spelling it starts of each option: `--train_` starts only `--train_file`.
+                started = {}
+                for option, action in actions.items():
+                    if option.startswith(name):
+                        started.setdefault(action, option)
+                if len(started) > 1:
+                    self.error(f"ambiguous option: {name} could match {', '.join(started.values())}")
+                if started:
+                    arg = next(iter(started.values())) + equals + value
+            spelled.append(arg)
+        return spelled

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import datasets
 import transformers
 from accelerate import PartialState
-from transformers import HfArgumentParser, TrainingArguments, set_seed
+from transformers import TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import ADAPTER_CONFIG_NAME, find_adapter_config_file
@@ -28,6 +28,7 @@ from .arguments import (
     CONFIG_OPTIONS,
     PART_OPTIONS,
     RECIPES,
+    ClipCapArgumentParser,
     DataArguments,
     ModelArguments,
     _recipe_architecture,
@@ -134,7 +135,7 @@ def parse_args(
     filled in by `ModelArguments` for a new model only.
     """
     args = list(sys.argv[1:] if args is None else args)
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog=prog)
+    parser = ClipCapArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog=prog)
     if len(args) == 1 and args[0].endswith(".json"):
         values = read_json(args[0])
         if not isinstance(values, dict) or not isinstance(values.get("recipe", ""), (str, type(None))):
@@ -142,9 +143,10 @@ def parse_args(
                 f"{args[0]} must hold one JSON object of argument names and values (\"recipe\", if given, a string)."
             )
         return parser.parse_dict({**_recipe_run_defaults(values.get("recipe")), **values})
-    recipe_parser = argparse.ArgumentParser(add_help=False)
+    # Abbreviations are the main parser's (`--rec` is `--recipe` only when no other option starts so).
+    recipe_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     recipe_parser.add_argument("--recipe", choices=sorted(RECIPES), default=None)
-    recipe = recipe_parser.parse_known_args(args)[0].recipe
+    recipe = recipe_parser.parse_known_args(parser.spelled_in_full(args))[0].recipe
     defaults = _recipe_run_defaults(recipe)
     default_args = [item for name, value in defaults.items() for item in (f"--{name}", str(value))]
     return parser.parse_args_into_dataclasses(args=default_args + args)
