@@ -13,6 +13,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", required=True, help="The folder to write (config, processor, onnx/*.onnx).")
     parser.add_argument("--no-int8", dest="int8", action="store_false",
                         help="Write only the fp32 graphs, not their int8 copies (onnx/*_quantized.onnx).")
+    parser.add_argument("--int8-per-tensor", dest="int8_per_channel", action="store_false",
+                        help="Quantize each int8 weight matrix with one scale, not one per output channel (the "
+                        "default, which changes fewer tokens at the same speed: docs/onnx.md).")
     parser.add_argument("--overwrite", action="store_true", help="Write into --output even when it holds files.")
 
 
@@ -25,7 +28,7 @@ def run(args: argparse.Namespace) -> int:
     if output.is_dir() and any(output.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--output: {output} is not empty; name a new folder, or pass --overwrite.")
     model, processor = load_clipcap(args.model, "MODEL")
-    paths = export_onnx(model, processor, output, quantize=args.int8)
+    paths = export_onnx(model, processor, output, quantize=args.int8, per_channel=args.int8_per_channel)
     for path in paths.values():
         print(path)
     return 0

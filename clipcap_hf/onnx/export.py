@@ -9,7 +9,8 @@ A folder `clipcap export-onnx` writes:
     onnx/decoder_model_merged.onnx  inputs_embeds, attention_mask, position_ids, past_key_values.{i}.key/value,
                                     optionally num_logits_to_keep (default 0: every position)
                                     -> logits, present.{i}.key/value
-    onnx/*_quantized.onnx           the same graphs with int8 weights (ONNX Runtime's dynamic quantization)
+    onnx/*_quantized.onnx           the same graphs with int8 weights (ONNX Runtime's dynamic quantization, a scale
+                                    per output channel)
 
 The decoder is "merged" as transformers.js's current exports are: one graph for the first step (past of length 0)
 and the cached steps, rather than optimum's older If-node merge of two graphs.
@@ -224,8 +225,11 @@ def export_graphs(
     return paths
 
 
-def quantize_graphs(paths: dict[str, Path]) -> dict[str, Path]:
-    """int8 copies (`NAME_quantized.onnx`) of the graphs: ONNX Runtime's dynamic quantization of their weights."""
+def quantize_graphs(paths: dict[str, Path], per_channel: bool = True) -> dict[str, Path]:
+    """
+    int8 copies (`NAME_quantized.onnx`) of the graphs: ONNX Runtime's dynamic quantization of their weights, with a
+    scale per output channel of each weight matrix (`per_channel`) or one per matrix.
+    """
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as error:
@@ -236,7 +240,8 @@ def quantize_graphs(paths: dict[str, Path]) -> dict[str, Path]:
         # Unsigned 8-bit weights: with signed ones, ONNX Runtime's x86 kernels and onnxruntime-web's WebAssembly ones
         # gave different greedy tokens on the same graph (tests/test_onnx_web.py); with unsigned ones they agree.
         # Convolutions (CLIP's patch embedding) stay fp32: onnxruntime-web has no ConvInteger kernel.
-        quantize_dynamic(path, target, weight_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm", "Gather"])
+        quantize_dynamic(path, target, weight_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm", "Gather"],
+                         per_channel=per_channel)
         quantized[name] = target
     return quantized
 
@@ -246,11 +251,13 @@ def export_onnx(
     processor: ClipCapProcessor,
     output_dir: str | os.PathLike,
     quantize: bool = True,
+    per_channel: bool = True,
 ) -> dict[str, Path]:
     """
     Export `model` (with `processor` beside it) to `output_dir`: the config, generation config and processor files
-    at its top, the graphs under `onnx/` (fp32, and int8 when `quantize`). Returns the graphs' paths by name
-    (`vision_encoder`, ..., and `vision_encoder_quantized`, ...). The model is put in fp32 and eval mode, in place.
+    at its top, the graphs under `onnx/` (fp32, and int8 when `quantize`, with a weight scale per output channel, or
+    per matrix without `per_channel`). Returns the graphs' paths by name (`vision_encoder`, ..., and
+    `vision_encoder_quantized`, ...). The model is put in fp32 and eval mode, in place.
     """
     try:
         import onnx  # noqa: F401  (the exporter needs it, and onnxscript)
@@ -265,5 +272,6 @@ def export_onnx(
     save_pretrained(output_dir, processor)
     paths = export_graphs(model, output_dir / ONNX_SUBFOLDER, processor.image_processor.crop_size)
     if quantize:
-        paths.update({f"{name}{QUANTIZED_SUFFIX}": path for name, path in quantize_graphs(paths).items()})
+        quantized = quantize_graphs(paths, per_channel=per_channel)
+        paths.update({f"{name}{QUANTIZED_SUFFIX}": path for name, path in quantized.items()})
     return paths
