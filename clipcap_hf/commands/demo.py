@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..image_processing_clipcap import load_image, to_rgb_image
+from ..inference.captioner import check_decoding_options
 from ..modeling_clipcap import DEFAULT_MAX_NEW_TOKENS
 from ._utils import (
     check_top_k_fits_vocabulary,
@@ -100,11 +101,15 @@ def caption_and_interpret(
     if num_captions < 1:
         raise ValueError(f"The number of captions must be at least 1, got {num_captions}.")
     if decoding == "greedy":
-        if num_captions != 1:
-            raise ValueError("Greedy decoding gives exactly one caption; choose beam search for more.")
         num_beams = 1
-    elif num_captions > num_beams:
-        raise ValueError(f"Beam search with {num_beams} beams gives at most {num_beams} captions, not {num_captions}.")
+    try:
+        check_decoding_options(num_beams=num_beams, num_return_sequences=num_captions)
+    except ValueError:  # more captions than the beams give (the only rule these settings can break), in the demo's terms
+        if decoding == "greedy":
+            raise ValueError("Greedy decoding gives exactly one caption; choose beam search for more.") from None
+        raise ValueError(
+            f"Beam search with {num_beams} beams gives at most {num_beams} captions, not {num_captions}."
+        ) from None
     image = load_user_image(image_path)
 
     inputs = processor(images=[image]).to(model.device)
