@@ -260,7 +260,11 @@ class DataArguments(SourceArguments):
         },
     )
     embedding_cache_dir: str | None = field(
-        default=None, metadata={"help": "Where embeddings are cached; default: the datasets cache."}
+        default=None,
+        metadata={
+            "help": "Where embeddings are cached, and with --embeddings the caption rows made from its folder; "
+            "default: the datasets cache."
+        },
     )
     embedding_batch_size: int = field(default=64, metadata={"help": "Images per vision forward when caching."})
     generation_num_beams: int = field(default=1, metadata={"help": "Beams when captioning the evaluation images."})
