@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import distinct_captioning_model, random_images, tiny_processor
+from transformers import GenerationConfig
 
 from clipcap_hf.commands import main
 from clipcap_hf.inference import ClipCapCaptioner
@@ -102,6 +103,24 @@ def test_options_not_given_are_the_generation_configs(captioning, monkeypatch):
     ClipCapCaptioner(model, processor, num_return_sequences=3)
     with pytest.raises(ValueError, match="num_return_sequences=4 needs do_sample=True, or num_beams=4 or more"):
         ClipCapCaptioner(model, processor, num_return_sequences=4)
+    # A generation config passed to the captioner is the one `generate` uses, so the one the rules read.
+    ClipCapCaptioner(model, processor, num_return_sequences=4, generation_config=GenerationConfig(num_beams=4))
+    monkeypatch.setattr(model.generation_config, "num_beams", 1)
+    monkeypatch.setattr(model.generation_config, "num_return_sequences", 2)
+    with pytest.raises(ValueError, match="num_return_sequences=2 needs do_sample=True, or num_beams=2 or more"):
+        ClipCapCaptioner(model, processor)
+
+
+def test_a_generation_config_with_several_sequences_gives_them_image_by_image(captioning, monkeypatch):
+    model, processor = captioning
+    monkeypatch.setattr(model.generation_config, "num_beams", 2)
+    monkeypatch.setattr(model.generation_config, "num_return_sequences", 2)  # as a saved model's may say
+    images = random_images(2, seed=27)
+    expected = generate_captions(model, processor, images)  # two per image, image after image
+    assert expected[1] != expected[2]  # so that a caption taken from the wrong image shows
+    output = ClipCapCaptioner(model, processor, max_new_tokens=MAX_NEW_TOKENS)({"image": images})
+    assert output["candidates"] == [expected[:2], expected[2:]]
+    assert output["caption"] == [expected[0], expected[2]]
 
 
 def test_ray_data_map_batches(captioning):

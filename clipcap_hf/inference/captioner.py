@@ -179,8 +179,11 @@ class ClipCapCaptioner:
             model, processor = load_clipcap(str(model), "model")
         if processor is None:
             raise ValueError("Give the model's processor with an in-memory model (`processor=`).")
-        # What is not given, the model's generation config decides (as in `generate`).
-        defaults = {"do_sample": model.generation_config.do_sample, "num_beams": model.generation_config.num_beams}
+        # What is not given, the generation config decides (as in `generate`: the one passed, else the model's).
+        generation_config = generate_kwargs.get("generation_config") or model.generation_config
+        defaults = {"do_sample": generation_config.do_sample, "num_beams": generation_config.num_beams}
+        if num_candidates == 1:  # with candidates, their number is the one that counts
+            defaults["num_return_sequences"] = generation_config.num_return_sequences
         check_decoding_options(num_candidates, reranker, **{**defaults, **generate_kwargs})
         if num_candidates > 1:
             generate_kwargs["num_return_sequences"] = num_candidates
@@ -195,7 +198,8 @@ class ClipCapCaptioner:
         self.key_column = key_column
         self.on_bad_image = on_bad_image
         self.generate_kwargs = generate_kwargs
-        self.num_sequences = generate_kwargs.get("num_return_sequences", 1)
+        # Captions per image that `generate` returns, to group them by image.
+        self.num_sequences = generate_kwargs.get("num_return_sequences") or generation_config.num_return_sequences or 1
 
     @torch.no_grad()
     def caption(
