@@ -1,5 +1,6 @@
-"""Captions per second on the CPU: ONNX Runtime (fp32 and int8 graphs) against PyTorch's `generate()` (fp32 and
-int8 weight-only with torchao), on the same images, greedy.
+"""Captions per second on the CPU: ONNX Runtime (fp32 graphs, and int8 graphs with a weight scale per output channel,
+the default, or per matrix) against PyTorch's `generate()` (fp32 and int8 weight-only with torchao), on the same
+images, greedy or with `--num-beams`.
 
 The model is GPT-2 small sized with random weights and no EOS (as in bench_generate.py), so every caption runs the
 full length and every side makes the same number of decoder steps; it reads 512-d CLIP embeddings (the
@@ -14,16 +15,19 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from _common import cpu_name
 from transformers import GPT2Config
 
 from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration, ClipCapProcessor
-from clipcap_hf.onnx import OnnxCaptioner, caption_agreement, export_onnx
+from clipcap_hf.onnx import GRAPHS, OnnxCaptioner, caption_agreement, export_onnx
+from clipcap_hf.onnx.export import QUANTIZED_SUFFIX, quantize_graphs
 from clipcap_hf.utils.quantization import quantize_int8_weight_only
 
 
@@ -39,6 +43,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=20)
+    parser.add_argument("--num-beams", type=int, default=1)
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -49,7 +54,9 @@ def main() -> None:
 
     def torch_run():
         with torch.no_grad():
-            generated = model.generate(image_embeds=image_embeds, max_new_tokens=args.new_tokens, do_sample=False)
+            generated = model.generate(
+                image_embeds=image_embeds, max_new_tokens=args.new_tokens, num_beams=args.num_beams, do_sample=False
+            )
         return generated[:, prefix_length:].tolist()
 
     results = {}
@@ -65,12 +72,19 @@ def main() -> None:
         start = time.perf_counter()
         export_onnx(model, processor, folder)
         export_s = time.perf_counter() - start
+        per_tensor_folder = Path(folder) / "int8_per_tensor"  # the same export, its int8 graphs one scale per matrix
+        shutil.copytree(folder, per_tensor_folder, ignore=shutil.ignore_patterns(f"*{QUANTIZED_SUFFIX}.onnx"))
+        quantize_graphs({name: per_tensor_folder / "onnx" / f"{name}.onnx" for name in GRAPHS}, per_channel=False)
         tokens = {}
         embeds = image_embeds.numpy()
-        for name, quantized in (("onnx_fp32", False), ("onnx_int8", True)):
-            captioner = OnnxCaptioner(folder, quantized=quantized)
+        for name, captioner_folder, quantized in (
+            ("onnx_fp32", folder, False), ("onnx_int8", folder, True), ("onnx_int8_per_tensor", per_tensor_folder, True)
+        ):
+            captioner = OnnxCaptioner(captioner_folder, quantized=quantized)
             results[name], tokens[name] = captions_per_second(
-                lambda captioner=captioner: captioner.generate(image_embeds=embeds, max_new_tokens=args.new_tokens),
+                lambda captioner=captioner: captioner.generate(
+                    image_embeds=embeds, max_new_tokens=args.new_tokens, num_beams=args.num_beams
+                ),
                 args.images,
             )
     quantize_int8_weight_only(model)
@@ -82,9 +96,11 @@ def main() -> None:
                 "benchmark": "onnx",
                 "images": args.images,
                 "new_tokens": args.new_tokens,
+                "num_beams": args.num_beams,
                 **{f"{name}_captions_per_s": round(value, 2) for name, value in results.items()},
                 "onnx_fp32_speedup": round(results["onnx_fp32"] / results["torch_fp32"], 2),
                 "onnx_int8_speedup": round(results["onnx_int8"] / results["torch_fp32"], 2),
+                "onnx_int8_per_tensor_speedup": round(results["onnx_int8_per_tensor"] / results["torch_fp32"], 2),
                 "torch_int8_weight_only_speedup": round(results["torch_int8_weight_only"] / results["torch_fp32"], 2),
                 **{f"{name}_token_agreement": caption_agreement(value, reference) for name, value in tokens.items()},
                 "export_s": round(export_s, 1),
