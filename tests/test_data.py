@@ -476,6 +476,45 @@ def test_dataset_dict_splits_share_one_table(tmp_path, image_folder, tokenizer_a
     assert table.shape[0] == 4
 
 
+def test_rows_without_captions_share_the_folder_of_captioned_rows(tmp_path, image_folder, tokenizer_and_processor):
+    tokenizer, processor = tokenizer_and_processor
+    model = tiny_model(tokenizer)
+    dataset = load_image_folder(image_folder)
+    _, table = embed_images(dataset, model, processor.image_processor, tmp_path / "cache")
+    evaluation = group_by_image(dataset)  # one row per image, `references` instead of `caption`
+    assert "caption" not in evaluation.column_names
+    seen, patch = count_vision_images(model)
+    with patch:
+        embedded, evaluation_table = embed_images(evaluation, model, processor.image_processor, tmp_path / "cache")
+    assert seen == []  # the images the training rows stored
+    assert embedded["image_index"] == [0, 1, 2, 3]
+    torch.testing.assert_close(evaluation_table, table)
+    # And the other way round: a folder begun by rows without captions takes captioned ones.
+    embed_images(evaluation.select([0]), model, processor.image_processor, tmp_path / "other")
+    _, other_table = embed_images(dataset, model, processor.image_processor, tmp_path / "other")
+    torch.testing.assert_close(other_table, table)
+
+
+def test_an_embedding_cache_of_an_earlier_version_is_refused_with_the_fix(
+    tmp_path, image_folder, tokenizer_and_processor
+):
+    tokenizer, processor = tokenizer_and_processor
+    model = tiny_model(tokenizer)
+    dataset = load_image_folder(image_folder)
+    folder = embedding_cache_folder(tmp_path / "cache", model, processor.image_processor)
+    # Under the cache root, or given as the root itself (as the earlier version took one cache folder).
+    for old, cache_dir in ((folder, tmp_path / "cache"), (tmp_path / "one-cache", tmp_path / "one-cache")):
+        old.mkdir(parents=True)
+        (old / "cache_info.json").write_text("{}")
+        message = (
+            f"{re.escape(str(old))} is an embedding cache of an earlier version of clipcap_hf, which is not read any "
+            r"more: delete that folder \(its images are embedded again on the next call\) or give another `cache_dir`."
+        )
+        with pytest.raises(ValueError, match=message):
+            embed_images(dataset, model, processor.image_processor, cache_dir)
+        assert [path.name for path in old.iterdir()] == ["cache_info.json"]  # nothing written into it
+
+
 def corrupt_images(image_folder):
     (image_folder / "b.png").write_bytes(b"not a png at all")
     (image_folder / "c.png").unlink()
@@ -558,10 +597,13 @@ def test_the_deprecated_image_embedding_cache_reads_and_writes_the_embeddings_fo
 
     with pytest.warns(FutureWarning), pytest.raises(ValueError, match="were computed with another vision tower"):
         ImageEmbeddingCache(cache.directory, tiny_model(tokenizer, seed=1), processor.image_processor)
-    # A folder without captions cannot take a source with captions (it would mix shards of two kinds).
-    with pytest.raises(ValueError, match=r"holds the columns image_key, embedding; this source would add image_key, "
-                                         r"embedding, captions. Embed it into another folder"):  # fmt: skip
-        embed_images(load_image_folder(image_folder), model, processor.image_processor, tmp_path / "cache")
+    # Its folder is embed_images' own: the images it stored are not embedded again.
+    dataset = load_image_folder(image_folder).filter(lambda row: row["image_id"] in ("a.png", "b.png"))
+    seen, patch = count_vision_images(model)
+    with patch:
+        embedded, table = embed_images(dataset, model, processor.image_processor, tmp_path / "cache")
+    assert seen == []
+    assert torch.equal(table, embeddings[:2])
 
 
 # ---------------------------------------------------------------- collator

@@ -249,7 +249,8 @@ def embed_source(
             f"them, or skip them (`--on_bad_image skip`, `on_bad_image=\"skip\"`):\n{report}"
         )
     if problems:
-        captions = f" and their {sum(count for _, count in problems)} caption(s)" if has_captions else ""
+        num_captions = sum(count for _, count in problems)
+        captions = f" and their {num_captions} caption(s)" if num_captions else ""
         logger.warning(f"Skipped {len(problems)} unreadable image(s){captions}:\n{report}")
     _barrier()
     if rank == 0:
@@ -598,17 +599,31 @@ def embed_images(
     check_bad_image_policy(on_bad_image)
     splits = _splits(dataset)
     paths = _image_keys(splits)
-    has_captions = all("caption" in split.column_names for split in splits.values())
-    captions: dict[str, list[str | None]] = {}  # each unique image (in order) and the captions of its rows
+    # Each unique image (in order) and the captions of its rows. Always a captions column, empty for rows without a
+    # `caption` (evaluation rows grouped by image), so that every caption dataset can share the folder.
+    captions: dict[str, list[str]] = {}
     for name, split in splits.items():
-        for path, caption in zip(paths[name], split["caption"] if has_captions else [None] * len(split)):
-            captions.setdefault(path, []).append(caption)
+        split_captions = split["caption"] if "caption" in split.column_names else None
+        for row, path in enumerate(paths[name]):
+            captions.setdefault(path, []).extend([split_captions[row]] if split_captions is not None else [])
     keys = [image_cache_key(path) for path in captions]
-    columns = {"image": list(captions), KEY_COLUMN: keys}
-    if has_captions:
-        columns[CAPTIONS_COLUMN] = list(captions.values())
-    source = datasets.Dataset.from_dict(columns).cast_column("image", datasets.Image())
+    source = datasets.Dataset.from_dict(
+        {"image": list(captions), KEY_COLUMN: keys, CAPTIONS_COLUMN: list(captions.values())},
+        features=datasets.Features(
+            {
+                "image": datasets.Image(),
+                KEY_COLUMN: datasets.Value("string"),
+                CAPTIONS_COLUMN: datasets.Sequence(datasets.Value("string")),
+            }
+        ),
+    )
     folder = embedding_cache_folder(cache_dir, model, image_processor)
+    for directory in (Path(cache_dir), folder):
+        if (directory / LEGACY_CACHE_INFO_NAME).exists():
+            raise ValueError(
+                f"{directory} is an embedding cache of an earlier version of clipcap_hf, which is not read any more: "
+                "delete that folder (its images are embedded again on the next call) or give another `cache_dir`."
+            )
     embed_source(source, model, image_processor, folder, batch_size, device, num_workers, on_bad_image)
 
     stored = load_embeddings(folder) if _complete_shards(folder) else None  # none: every image skipped, a new folder
@@ -675,8 +690,10 @@ class ImageEmbeddingCache:
         """Embed image files and store them under `keys`; returns the files that could not be read."""
         if not paths:
             return {}
-        source = datasets.Dataset.from_dict({"image": list(paths), KEY_COLUMN: list(keys)})
-        source = source.cast_column("image", datasets.Image())
+        columns = {"image": list(paths), KEY_COLUMN: list(keys), CAPTIONS_COLUMN: [[] for _ in paths]}
+        features = {"image": datasets.Image(), KEY_COLUMN: datasets.Value("string"),
+                    CAPTIONS_COLUMN: datasets.Sequence(datasets.Value("string"))}  # as `embed_images` writes them
+        source = datasets.Dataset.from_dict(columns, features=datasets.Features(features))
         embed_source(source, self.model, self.image_processor, self.directory, batch_size, device, num_workers, "skip")
         stored = self.load()[0]
         return {path: "cannot be read (see the warning)" for path, key in zip(paths, keys) if key not in stored}
@@ -685,7 +702,8 @@ class ImageEmbeddingCache:
         """Store the embeddings of new images as one more shard."""
         if not keys:
             return
-        columns = load_embeddings_info(self.directory)["columns"] if self.info_path.exists() else []
+        # A new folder gets the columns `embed_images` writes.
+        columns = load_embeddings_info(self.directory)["columns"] if self.info_path.exists() else [CAPTIONS_COLUMN]
         keep_columns = [name for name in columns if name not in (KEY_COLUMN, EMBEDDING_COLUMN, CAPTIONS_COLUMN)]
         writer = _ShardWriter(self.directory, 0, 1, CAPTIONS_COLUMN in columns, keep_columns)
         if not self.info_path.exists():
