@@ -1,6 +1,7 @@
 """ONNX export (`clipcap export-onnx`) and the ONNX Runtime captioner: the graphs against the PyTorch model."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ onnxruntime = pytest.importorskip("onnxruntime", reason='onnxruntime is not inst
 pytest.importorskip("onnxscript", reason='onnxscript is not installed (pip install -e ".[onnx]")')
 
 from clipcap_hf.onnx import GRAPHS, OnnxCaptioner, caption_agreement, export_onnx
-from clipcap_hf.onnx.export import past_names
+from clipcap_hf.onnx.export import past_names, quantize_graphs
 
 TOLERANCE = 1e-4
 MAX_NEW_TOKENS = 12
@@ -241,6 +242,24 @@ def test_cli_refuses_a_non_empty_output_folder(onnx_export, capsys):
     _, saved, exported = onnx_export
     assert main(["export-onnx", str(saved), "--output", str(exported)]) == 2
     assert "is not empty" in capsys.readouterr().err
+
+
+def test_int8_per_tensor_on_request(onnx_export, tmp_path, monkeypatch):
+    import onnx
+
+    import clipcap_hf.onnx
+
+    _, saved, exported = onnx_export
+    calls = []
+    monkeypatch.setattr(clipcap_hf.onnx, "export_onnx", lambda *args, **kwargs: calls.append(kwargs) or {})
+    assert main(["export-onnx", str(saved), "--output", str(tmp_path / "out"), "--int8-per-tensor"]) == 0
+    assert calls == [{"quantize": True, "per_channel": False}]
+
+    fp32 = tmp_path / "decoder_model_merged.onnx"
+    shutil.copy(exported / "onnx" / fp32.name, fp32)
+    graph = onnx.load(str(quantize_graphs({"decoder_model_merged": fp32}, per_channel=False)["decoder_model_merged"]))
+    zero_points = {node.input[3] for node in graph.graph.node if node.op_type == "MatMulInteger"}
+    assert zero_points and all(list(i.dims) == [] for i in graph.graph.initializer if i.name in zero_points)
 
 
 
