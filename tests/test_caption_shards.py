@@ -252,7 +252,7 @@ def test_embeddings_folder_is_captioned_without_the_vision_tower(model_dir, parq
         (["--data-files", "x", "--output", "o", "--do-sample", "--num-candidates", "2", "--rerank-model", "c",
           "--num-return-sequences", "2"], "Give --num-candidates or --num-return-sequences, not both"),
         (["--data-files", "x", "--output", "o", "--num-return-sequences", "3", "--num-beams", "2"],
-         "--num-return-sequences 3 needs --do-sample, or --num-beams 3 or more: greedy decoding gives one caption."),
+         "--num-return-sequences 3 needs --do-sample, or --num-beams 3 or more: 2 beams give at most 2."),
         (["--data-files", "x", "--output", "o", "--rerank-model", "c"],
          "--rerank-model chooses among candidate captions: give --num-candidates N (N > 1) with it."),
         (["--embeddings", "e", "--output", "o", "--do-sample", "--num-candidates", "2", "--rerank-model", "c"],

@@ -84,7 +84,8 @@ def test_unreadable_rows_raise_naming_the_key_or_are_skipped(captioning, caplog)
          "Give num_candidates or num_return_sequences, not both"),
         ({"num_candidates": 0}, "num_candidates must be at least 1, got 0"),
         ({"reranker": object()}, r"give num_candidates=N \(N > 1\) with it"),
-        ({"num_return_sequences": 2, "num_beams": 1}, "num_return_sequences=2 needs do_sample=True, or num_beams=2"),
+        ({"num_return_sequences": 2, "num_beams": 1},
+         "num_return_sequences=2 needs do_sample=True, or num_beams=2 or more: greedy decoding gives one."),
         ({"top_p": 0.9, "temperature": 0.5}, "top_p and temperature only apply when sampling: add do_sample=True"),
         ({"on_bad_image": "ignore"}, r"on_bad_image \(`--on_bad_image`\) must be 'error' or 'skip', got 'ignore'"),
     ],
@@ -101,7 +102,8 @@ def test_options_not_given_are_the_generation_configs(captioning, monkeypatch):
     monkeypatch.setattr(model.generation_config, "do_sample", False)
     monkeypatch.setattr(model.generation_config, "num_beams", 3)
     ClipCapCaptioner(model, processor, num_return_sequences=3)
-    with pytest.raises(ValueError, match="num_return_sequences=4 needs do_sample=True, or num_beams=4 or more"):
+    message = "num_return_sequences=4 needs do_sample=True, or num_beams=4 or more: 3 beams give at most 3."
+    with pytest.raises(ValueError, match=message):
         ClipCapCaptioner(model, processor, num_return_sequences=4)
     # A generation config passed to the captioner is the one `generate` uses, so the one the rules read.
     ClipCapCaptioner(model, processor, num_return_sequences=4, generation_config=GenerationConfig(num_beams=4))

@@ -98,8 +98,9 @@ def check_decoding_options(
 
     def check_enough_captions(name: str, count: int) -> None:
         if count > 1 and not sampling and num_beams < count:
+            gives = f"{num_beams} beams give at most {num_beams}" if num_beams > 1 else "greedy decoding gives one"
             raise ValueError(f"{spelling(name, count)} needs {spelling('do_sample', True)}, or "
-                             f"{spelling('num_beams', count)} or more: greedy decoding gives one caption.")
+                             f"{spelling('num_beams', count)} or more: {gives}.")
 
     if not sampling:
         given = [spelling(name) for name in ("top_p", "temperature") if generate_kwargs.get(name) is not None]
