@@ -515,6 +515,28 @@ def test_an_embedding_cache_of_an_earlier_version_is_refused_with_the_fix(
         assert [path.name for path in old.iterdir()] == ["cache_info.json"]  # nothing written into it
 
 
+def test_training_from_an_embeddings_folder_names_an_unwritable_cache_for_its_caption_rows(
+    tmp_path, image_folder, tokenizer_and_processor
+):
+    from clipcap_hf.data.prepare import load_training_data
+    from clipcap_hf.training.arguments import DataArguments
+
+    tokenizer, processor = tokenizer_and_processor
+    model = tiny_model(tokenizer)
+    embed_images(load_image_folder(image_folder), model, processor.image_processor, tmp_path / "cache")
+    folder = embedding_cache_folder(tmp_path / "cache", model, processor.image_processor)
+    data_args = DataArguments(embeddings=str(folder), embedding_cache_dir=str(tmp_path / "read-only"))
+    denied = mock.patch("pathlib.Path.mkdir", side_effect=PermissionError(13, "Permission denied"))
+    message = (
+        rf"Cannot write the caption rows of --embeddings to {re.escape(str(tmp_path / 'read-only' / 'caption_rows'))} "
+        r"\(PermissionError: .*Permission denied\); give a writable --embedding_cache_dir."
+    )
+    with denied, pytest.raises(OSError, match=message):
+        load_training_data(data_args, model, processor, train=True, evaluate=False)
+    data = load_training_data(data_args, model, processor, train=True, evaluate=False)
+    assert len(data.train) == 7  # one row per caption
+
+
 def corrupt_images(image_folder):
     (image_folder / "b.png").write_bytes(b"not a png at all")
     (image_folder / "c.png").unlink()

@@ -308,7 +308,13 @@ def _caption_rows(
     fingerprint = Hasher.hash([source._fingerprint, table_fingerprint, index and index.offset, for_evaluation])
     cache_file_name = None
     if cache_dir is not None:
-        cache_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OSError(
+                f"Cannot write the caption rows of --embeddings to {cache_dir} ({type(error).__name__}: {error}); give "
+                "a writable --embedding_cache_dir."
+            ) from error
         cache_file_name = str(cache_dir / f"{fingerprint}.arrow")
     return source.select_columns(columns).map(
         _explode,
