@@ -234,11 +234,14 @@ class OnnxCaptioner:
         running_scores[:, 0] = 0.0  # all beams start alike: only the first one's continuations count
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in prefix]  # per image: (normalised score, tokens)
         for step in range(max_new):
-            log_probs = self._step_log_probs(logits, settings, log_softmax=True).reshape(len(images), beams, -1)
-            log_probs = (log_probs + running_scores[..., None]).reshape(len(images), -1)
+            log_probs = self._step_log_probs(logits, settings, log_softmax=True)
+            vocab = log_probs.shape[-1]
+            # Each image's candidates: every continuation of every beam, numbered beam * vocab + token.
+            log_probs = log_probs.reshape(len(images), beams, vocab) + running_scores[..., None]
+            log_probs = log_probs.reshape(len(images), beams * vocab)
             top = _top_k(log_probs, keep)
             scores = np.take_along_axis(log_probs, top, axis=1)
-            sources, tokens = np.divmod(top, log_probs.shape[1] // beams)
+            sources, tokens = np.divmod(top, vocab)
             candidates = np.concatenate((np.take_along_axis(running, sources[..., None], axis=1), tokens[..., None]), 2)
             # A candidate ends with an EOS token or at the length limit; only the best `beams` may be kept as ended.
             # (An image whose captions can no longer change has left the batch: see `_search_is_over`.)
@@ -254,7 +257,8 @@ class OnnxCaptioner:
             continuing = np.argsort(ends, axis=1, kind="stable")[:, :beams]
             running = np.take_along_axis(candidates, continuing[..., None], axis=1)
             running_scores = np.take_along_axis(scores, continuing, axis=1)
-            rows = np.arange(len(images))[:, None] * beams + np.take_along_axis(sources, continuing, axis=1)
+            # The decoder rows whose caches the running beams extend (each image's beams are `beams` rows in a row).
+            cache_rows = np.arange(len(images))[:, None] * beams + np.take_along_axis(sources, continuing, axis=1)
             searching = ~ends.all(axis=1) & [
                 not self._search_is_over(finished[image], best, step, settings)
                 for image, best in zip(images, running_scores[:, 0])
@@ -263,15 +267,18 @@ class OnnxCaptioner:
                 break
             images, running, running_scores = images[searching], running[searching], running_scores[searching]
             next_tokens = running[:, :, -1].reshape(-1, 1)
-            state = state.select(rows[searching].reshape(-1))
+            state = state.select(cache_rows[searching].reshape(-1))
             logits, state = self.decode(self.embed_tokens(next_tokens), state, last_logits_only=True)
         return [captions[0][1] for captions in finished]
 
     @staticmethod
-    def _search_is_over(finished: list[tuple[float, list[int]]], best_running: float, step: int, settings: dict) -> bool:
+    def _search_is_over(
+        finished: list[tuple[float, list[int]]], best_running: float, step: int, settings: dict
+    ) -> bool:
         """
         transformers' stopping rule for one image: once it holds `beams` ended captions, stop (early_stopping=True),
-        or stop when its best running beam, at its current length, cannot beat the worst of them.
+        or stop when its best running beam cannot beat the worst of them, scored at its current length (at the length
+        limit with early_stopping="never" and a positive length penalty, which favours longer captions).
         """
         if len(finished) < settings["num_beams"]:
             return False
