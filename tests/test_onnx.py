@@ -209,6 +209,26 @@ def test_int8_graphs_are_per_channel_and_agree_with_pytorch(onnx_export, caption
     assert (logits.argmax(-1) == generated[:, PREFIX_LENGTH:].numpy()).mean() >= 0.8
 
 
+def test_a_decoder_exported_without_num_logits_to_keep_still_captions(onnx_export, tmp_path):
+    import onnx
+
+    model, _, exported = onnx_export
+    folder = tmp_path / "older-export"
+    shutil.copytree(exported, folder, ignore=shutil.ignore_patterns("*_quantized.onnx"))
+    path = folder / "onnx" / "decoder_model_merged.onnx"
+    graph = onnx.load(str(path))
+    # As exports before the input: no such input (a constant 0 instead: every position's logits).
+    graph.graph.input.remove(next(i for i in graph.graph.input if i.name == "num_logits_to_keep"))
+    onnx.save(graph, str(path))
+    captioner = OnnxCaptioner(folder)
+    assert not captioner.sessions["decoder_model_merged"].get_overridable_initializers()
+    image_embeds = torch.randn(4, model.config.prefix_dim, generator=torch.Generator().manual_seed(2))
+    expected = model.generate(image_embeds=image_embeds, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+    assert captioner.generate(image_embeds=image_embeds.numpy(), max_new_tokens=MAX_NEW_TOKENS) == (
+        expected[:, PREFIX_LENGTH:].tolist()
+    )
+
+
 def test_caption_agreement():
     assert caption_agreement(["a dog", "a cat", "a car"], ["a dog", "a cat", "a bus"]) == pytest.approx(2 / 3)
     with pytest.raises(ValueError):
