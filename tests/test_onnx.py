@@ -14,7 +14,12 @@ onnxruntime = pytest.importorskip("onnxruntime", reason='onnxruntime is not inst
 pytest.importorskip("onnxscript", reason='onnxscript is not installed (pip install -e ".[onnx]")')
 
 from clipcap_hf.onnx import GRAPHS, OnnxCaptioner, caption_agreement, export_onnx
-from clipcap_hf.onnx.export import past_names, quantize_graphs
+from clipcap_hf.onnx.export import (
+    MergedDecoder,
+    cache_shape,
+    past_names,
+    quantize_graphs,
+)
 
 TOLERANCE = 1e-4
 MAX_NEW_TOKENS = 12
@@ -207,6 +212,23 @@ def test_int8_graphs_are_per_channel_and_agree_with_pytorch(onnx_export, caption
     assert (expected.argmax(-1) == generated[:, PREFIX_LENGTH:].numpy()).all()  # no EOS and padding in them
     assert np.linalg.norm(logits - expected) < 0.05 * np.linalg.norm(expected)
     assert (logits.argmax(-1) == generated[:, PREFIX_LENGTH:].numpy()).mean() >= 0.8
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("takes_logits_to_keep", [True, False], ids=["language model slices", "sliced after it"])
+def test_merged_decoder_keeps_the_last_logits(onnx_export, takes_logits_to_keep):
+    model = onnx_export[0]
+    decoder = MergedDecoder(model)
+    decoder.takes_logits_to_keep = takes_logits_to_keep  # False: as for a 4.x language model without the argument
+    inputs_embeds = torch.randn(2, 5, model.config.text_embedding_size, generator=torch.Generator().manual_seed(0))
+    heads, head_dim = cache_shape(model)
+    empty = [torch.zeros(2, heads, 0, head_dim)] * (2 * decoder.num_layers)
+    args = (inputs_embeds, torch.ones(2, 5, dtype=torch.long), torch.arange(5).expand(2, -1))
+    expected = model.language_model(inputs_embeds=inputs_embeds).logits
+    for keep, positions in ((0, slice(None)), (1, slice(-1, None)), (3, slice(-3, None))):
+        logits, *present = decoder(*args, torch.tensor(keep), *empty)
+        torch.testing.assert_close(logits, expected[:, positions])
+        assert present[0].shape[2] == 5
 
 
 def test_a_decoder_exported_without_num_logits_to_keep_still_captions(onnx_export, tmp_path):
