@@ -398,6 +398,30 @@ def key_digests(keys: Sequence[str], world_size: int = 1) -> tuple[np.ndarray, n
     return (digests % np.uint64(world_size)).astype(np.int64), digests
 
 
+class _KeyIndex:
+    """
+    Image keys -> rows of an embedding table (offset by the tables before it), through the keys' sorted 64-bit
+    digests: 16 bytes per image rather than a dictionary of strings. Built when first needed.
+    """
+
+    def __init__(self, table: datasets.Dataset, offset: int):
+        self.table, self.offset = table, offset
+        self._digests: np.ndarray | None = None
+        self._rows: np.ndarray | None = None
+
+    def rows(self, keys: list[str]) -> np.ndarray:
+        """Each key's row, -1 for a key the table does not hold."""
+        if self._digests is None:
+            batches = self.table.select_columns(KEY_COLUMN).iter(batch_size=10_000)
+            digests = np.concatenate([key_digests(batch[KEY_COLUMN])[1] for batch in batches])
+            order = np.argsort(digests, kind="stable")
+            self._digests, self._rows = digests[order], order + self.offset
+        digests = key_digests(keys)[1]
+        positions = np.searchsorted(self._digests, digests).clip(max=max(len(self._digests) - 1, 0))
+        found = self._digests[positions] == digests if len(self._digests) else np.zeros(len(keys), dtype=bool)
+        return np.where(found, self._rows[positions] if len(self._rows) else -1, -1)
+
+
 def _is_in(digests: np.ndarray, sorted_digests: np.ndarray) -> np.ndarray:
     positions = np.searchsorted(sorted_digests, digests).clip(max=max(len(sorted_digests) - 1, 0))
     return sorted_digests[positions] == digests if len(sorted_digests) else np.zeros(len(digests), dtype=bool)
@@ -627,9 +651,9 @@ def embed_images(
     embed_source(source, model, image_processor, folder, batch_size, device, num_workers, on_bad_image)
 
     stored = load_embeddings(folder) if _complete_shards(folder) else None  # none: every image skipped, a new folder
-    stored_keys = stored.with_format("arrow")[:][KEY_COLUMN].to_pylist() if stored is not None else []
-    row_of = {key: row for row, key in enumerate(stored_keys)}
-    readable = [(path, row_of[key]) for path, key in zip(captions, keys) if key in row_of]  # not skipped
+    # Through the keys' digests: the folder may be a large one that training shares, whose keys stay on disk.
+    stored_rows = _KeyIndex(stored, offset=0).rows(keys) if stored is not None else np.full(len(keys), -1)
+    readable = [(path, int(row)) for path, row in zip(captions, stored_rows) if row >= 0]  # not skipped
     if not readable:
         raise ValueError("None of the images could be read; there is nothing to train on.")
     position = {path: index for index, (path, _) in enumerate(readable)}

@@ -18,10 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import datasets
-import numpy as np
 import pyarrow.compute as pc
-from datasets.fingerprint import Hasher
 import torch
+from datasets.fingerprint import Hasher
 from transformers.utils import logging
 
 from ..processing_clipcap import ClipCapProcessor
@@ -32,12 +31,12 @@ from .embeddings import (
     KEY_COLUMN,
     LEGACY_CACHE_INFO_NAME,
     _barrier,
+    _KeyIndex,
     _process_rank,
     _read,
     check_embeddings,
     embed_source,
     embedding_cache_folder,
-    key_digests,
     load_embeddings,
 )
 from .sources import decode_image, load_image_source
@@ -265,30 +264,6 @@ def _embedded_rows(train_source, eval_source, data_args, model, processor, train
         eval_rows = _caption_rows(eval_source, cache_index, for_evaluation=True) if eval_source is not None else None
     table = datasets.concatenate_datasets(tables) if len(tables) > 1 else tables[0]
     return train_rows, eval_rows, table.select_columns(EMBEDDING_COLUMN).with_format("torch")
-
-
-class _KeyIndex:
-    """
-    Image keys -> rows of an embedding table (offset by the tables before it), through the keys' sorted 64-bit
-    digests: 16 bytes per image rather than a dictionary of strings. Built when first needed.
-    """
-
-    def __init__(self, table: datasets.Dataset, offset: int):
-        self.table, self.offset = table, offset
-        self._digests: np.ndarray | None = None
-        self._rows: np.ndarray | None = None
-
-    def rows(self, keys: list[str]) -> np.ndarray:
-        """Each key's row, -1 for a key the table does not hold."""
-        if self._digests is None:
-            batches = self.table.select_columns(KEY_COLUMN).iter(batch_size=10_000)
-            digests = np.concatenate([key_digests(batch[KEY_COLUMN])[1] for batch in batches])
-            order = np.argsort(digests, kind="stable")
-            self._digests, self._rows = digests[order], order + self.offset
-        digests = key_digests(keys)[1]
-        positions = np.searchsorted(self._digests, digests).clip(max=max(len(self._digests) - 1, 0))
-        found = self._digests[positions] == digests if len(self._digests) else np.zeros(len(keys), dtype=bool)
-        return np.where(found, self._rows[positions] if len(self._rows) else -1, -1)
 
 
 def _caption_rows(
