@@ -3,7 +3,8 @@
 Greedy decoding and beam search are written out here over numpy, following transformers' `generate()` step for
 step (its logits processors that ClipCap's generation configs use, its beam bookkeeping and stopping rule), because
 ONNX Runtime's own generation loop (onnxruntime-genai) needs its own model format and cannot start from prefix
-embeddings.
+embeddings, and transformers' beam search lives inside `generate()` over torch tensors and a PyTorch model (the
+standalone `BeamSearchScorer` is gone from transformers 5).
 """
 
 from __future__ import annotations
