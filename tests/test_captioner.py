@@ -157,6 +157,22 @@ def test_caption_files_with_beam_candidates_as_json_and_lines(tmp_path, captioni
     assert lines == [f"{path}\t{caption}" for path, caption in zip([paths[0]] * 2 + [paths[1]] * 2, expected)]
 
 
+def test_caption_files_give_one_caption_by_default_whatever_the_generation_config(tmp_path, captioning, capsys):
+    model, processor = captioning
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    config = json.loads((folder / "generation_config.json").read_text())
+    config.update(num_beams=2, num_return_sequences=2)  # a saved model that returns two captions per image
+    (folder / "generation_config.json").write_text(json.dumps(config))
+    images = random_images(2, seed=28)
+    paths = image_files(tmp_path, images)
+    assert main(["caption", *map(str, paths), "--model", str(folder), "--max-new-tokens", str(MAX_NEW_TOKENS),
+                 "--json"]) == 0
+    captions = [result["caption"] for result in json.loads(capsys.readouterr().out)]
+    assert captions == generate_captions(model, processor, images, num_beams=1, num_return_sequences=1)
+
+
 def test_caption_files_sampling_with_a_seed_matches_generate(tmp_path, captioning, captioning_dir, capsys,
                                                              monkeypatch):
     # oneDNN's first measurement in a process draws from torch's global generator (clipcap_hf/onednn.py): kept out.

@@ -147,6 +147,14 @@ def _decoding_kwargs(args: argparse.Namespace) -> dict:
     return kwargs
 
 
+def _captioner_kwargs(decoding: dict) -> dict:
+    """
+    `decoding` with the captions per image also when 1 (not recorded, as above): `--num-return-sequences` defaults to
+    1 whatever the model's generation config says.
+    """
+    return {**decoding, "num_return_sequences": decoding.get("num_return_sequences", 1)}
+
+
 def run(args: argparse.Namespace) -> int:
     decoding = _decoding_kwargs(args)
     if _dataset_source(args):
@@ -183,7 +191,7 @@ def _caption_dataset(args: argparse.Namespace, decoding: dict) -> int:
         if info.get("num_images") is None:  # the folder would still grow, moving rows between input shards
             raise ValueError(f"--embeddings {args.embeddings}: its `clipcap embed` pass has not finished; finish it "
                              "(rerun the same `clipcap embed` command) first.")
-    captioner = ClipCapCaptioner(model, processor, dtype=args.dtype, **decoding)
+    captioner = ClipCapCaptioner(model, processor, dtype=args.dtype, **_captioner_kwargs(decoding))
     settings = {
         "model": args.model,
         "source": {name: getattr(args, name) for name in ("dataset_name", "dataset_config_name", "data_files",
@@ -222,8 +230,9 @@ def _caption_files(args: argparse.Namespace, decoding: dict) -> int:
         torch.manual_seed(args.seed)
 
     results = []
+    captioner_kwargs = _captioner_kwargs(decoding)
     try:
-        for batch in iter_captions(model, processor, paths, args.batch_size, dtype=args.dtype, **decoding):
+        for batch in iter_captions(model, processor, paths, args.batch_size, dtype=args.dtype, **captioner_kwargs):
             if not args.json:  # print as we go, so that a failure later on loses none of the captions before it
                 for result in batch:
                     if result.error is None:
