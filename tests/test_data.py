@@ -537,6 +537,31 @@ def test_training_from_an_embeddings_folder_names_an_unwritable_cache_for_its_ca
     assert len(data.train) == 7  # one row per caption
 
 
+def test_training_names_this_towers_cache_of_an_earlier_version_with_the_fix(
+    tmp_path, image_folder, tokenizer_and_processor
+):
+    from clipcap_hf.data.prepare import load_training_data
+    from clipcap_hf.training.arguments import DataArguments
+
+    tokenizer, processor = tokenizer_and_processor
+    model = tiny_model(tokenizer)
+    old = embedding_cache_folder(tmp_path / "cache", model, processor.image_processor)
+    old.mkdir(parents=True)
+    (old / "cache_info.json").write_text("{}")
+    lines = [{"image": str(image_folder / "a.png"), "caption": "A dog."}]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    data_args = DataArguments(train_file=str(tmp_path / "data.jsonl"), image_column="image", caption_column="caption",
+                              embedding_cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    message = (
+        rf"--embedding_cache_dir {re.escape(str(tmp_path / 'cache'))}: {re.escape(str(old))} is an embedding cache of "
+        r"an earlier version of clipcap_hf, which is not read any more. Delete that folder \(its images are embedded "
+        r"again on the next run\) or give another --embedding_cache_dir."
+    )
+    with pytest.raises(ValueError, match=message):
+        load_training_data(data_args, model, processor, train=True, evaluate=False)
+    assert [path.name for path in old.iterdir()] == ["cache_info.json"]  # nothing written into it
+
+
 def corrupt_images(image_folder):
     (image_folder / "b.png").write_bytes(b"not a png at all")
     (image_folder / "c.png").unlink()

@@ -240,6 +240,12 @@ def _embedded_rows(train_source, eval_source, data_args, model, processor, train
                 "the embeddings are computed again there, and the old folder can then be deleted."
             )
         cache = embedding_cache_folder(cache_root, model, processor.image_processor)
+        if (cache / LEGACY_CACHE_INFO_NAME).exists():  # this tower's folder, written by an earlier version
+            raise ValueError(
+                f"--embedding_cache_dir {cache_root}: {cache} is an embedding cache of an earlier version of "
+                "clipcap_hf, which is not read any more. Delete that folder (its images are embedded again on the next "
+                "run) or give another --embedding_cache_dir."
+            )
         for source in sources:
             embed_source(
                 source,
