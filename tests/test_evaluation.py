@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import random_images
+from conftest import random_images, tiny_model
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
 from clipcap_hf.commands import main
@@ -257,6 +257,30 @@ def test_generate_captions_names_every_unreadable_file(mlp_model, processor, tmp
         f"Cannot read image {paths[3]}: [Errno 2] No such file or directory: '{paths[3]}'",
     ]
     assert str(error.value).startswith("2 of 4 images could not be read:\n  Cannot read image ")
+
+
+def test_generate_captions_gives_one_caption_per_image_whatever_the_generation_config(
+    tokenizer, processor, tmp_path, monkeypatch
+):
+    model = tiny_model(tokenizer)
+    paths = []
+    for index, image in enumerate(random_images(3)):
+        image.save(tmp_path / f"{index}.png")
+        paths.append(tmp_path / f"{index}.png")
+    expected = generate_captions(model, processor, paths, num_beams=2, max_new_tokens=4)
+    model.generation_config.num_beams = 2
+    model.generation_config.num_return_sequences = 2  # generate() alone gives two captions per image
+    generated_rows = []
+    generate = model.generate
+
+    def recording_generate(**kwargs):
+        sequences = generate(**kwargs)
+        generated_rows.append(sequences.shape[0])
+        return sequences
+
+    monkeypatch.setattr(model, "generate", recording_generate)
+    assert generate_captions(model, processor, paths, max_new_tokens=4) == expected
+    assert generated_rows == [3]  # no caption decoded only to be dropped
 
 
 def test_rescoring_into_its_own_folder_leaves_the_predictions_file_as_it_is(coco_files, tmp_path):

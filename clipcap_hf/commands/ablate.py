@@ -78,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
     )
     data = None
     if own_data:
-        data = caption_task(args.dataset_format, args.train_file, args.validation_file, args.image_root)
+        data = caption_task(
+            args.dataset_format, args.train_file, validation_file=args.validation_file, image_root=args.image_root
+        )
     run_ablation(args.output_dir, config, data, verbose=not args.quiet)
     print(f"Wrote {args.output_dir}/results.md, results.csv and prefix_length_*.png.")
     return 0

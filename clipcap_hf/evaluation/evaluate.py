@@ -105,13 +105,14 @@ def iter_captions(
     Caption image files in batches, with a progress bar, yielding each batch's results, in order, as soon as they
     are ready. A file that cannot be read does not stop the run: its result holds the error instead of a caption.
     `captioner_kwargs` are [`~clipcap_hf.inference.ClipCapCaptioner`]'s: decoding options, and `num_candidates`
-    with a `reranker`.
+    with a `reranker`. One caption per image (not the generation config's `num_return_sequences`, which would
+    decode captions that are dropped).
     """
     from ..inference import ClipCapCaptioner
 
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
-    captioner = ClipCapCaptioner(model, processor, **captioner_kwargs)
+    captioner = ClipCapCaptioner(model, processor, **{"num_return_sequences": 1, **captioner_kwargs})
     with tqdm(total=len(image_paths), unit="image", desc="Captioning", disable=len(image_paths) <= batch_size) as bar:
         for start in range(0, len(image_paths), batch_size):
             paths = list(image_paths[start : start + batch_size])

@@ -205,7 +205,7 @@ def _shapes_scores(predictions: list[str], references: list[list[str]]) -> dict[
 
 
 def caption_task(
-    dataset_format: str, train_file: str, validation_file: str | None = None, image_root: str | None = None
+    dataset_format: str, train_file: str, *, validation_file: str | None = None, image_root: str | None = None
 ) -> AblationData:
     """
     A dataset of your own ([`load_caption_dataset`]'s formats), for a grid whose config names the pretrained parts:
