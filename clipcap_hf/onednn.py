@@ -1,21 +1,19 @@
-"""fp32 linear layers through oneDNN, on prepacked weights, for inference on the CPU where measured faster.
+"""fp32 linear layers through oneDNN, for inference on the CPU where measured faster.
 
 Written by hand because the ecosystem lacks it: in eager mode PyTorch computes fp32 linear layers with MKL's GEMM,
 and `torch.compile` (tried with `freezing`, which would prepack weights too) was no faster or failed. Which of MKL and
 oneDNN (which PyTorch also ships) is faster at the few rows a decoding step has depends on the processor: on an AMD
-EPYC oneDNN on prepacked weights computed GPT-2 small's layers 4x faster than MKL at 16 rows (and a 2048-square
-product at 425 GFLOP/s against MKL's 199), while on an Intel Sapphire Rapids plain oneDNN made greedy generation
-about 20% slower. So
+EPYC oneDNN computed GPT-2 small's layers 2.5x faster than MKL at 16 rows (and a 2048-square product at 477 GFLOP/s
+against MKL's 218), while on an Intel Sapphire Rapids it made greedy generation about 20% slower. So
 `cpu_linear_kernels(model)`, which `generate()` runs in, picks the kernels by timing both on this machine at the
 model's widths (`onednn_is_faster`, once per process and shape), and routes through oneDNN only where it is clearly
 faster. The results are fp32 products summed in another order, so they equal MKL's within float rounding.
 
-Prepacking: oneDNN reads a weight fastest in its own blocked layout, and reordering a plain weight into it costs
-about as much as the product at a decoding step's 16 rows (GPT-2 small's layers took 1.6x as long from plain
-weights). So the first product with each weight parameter keeps a packed copy (`_packed_weight`), reused until the
-parameter changes (in place, which bumps its version, or by swapping its storage) and freed with it. This holds one
-more copy of the weights the block runs, for as long as the model lives: `CLIPCAP_CPU_LINEAR=default` (or
-`torch.backends.mkldnn.enabled = False`) runs without it.
+Prepacking (`onednn_linear(model, prepack=True)`): oneDNN reads a weight fastest in its own blocked layout, and
+reorders a plain weight into it at every product; from packed weights GPT-2 small's layers took 11.1 ms at 16 rows
+instead of 17.7. Packing them costs about 0.2 s and a copy of the weights, so it pays over many decoding steps (a
+captioning run over many batches) and the packed copies live only as long as the block: weights can change between
+blocks (training, merging adapters) without a packed copy going stale. `generate()` alone runs on plain weights.
 
 Saved models carry this file with the modeling code (for `trust_remote_code`), so it needs nothing beyond torch,
 transformers and the standard library.
@@ -35,7 +33,6 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.weak import WeakIdKeyDictionary
 from transformers.pytorch_utils import Conv1D
 
 
@@ -90,33 +87,36 @@ def _onednn_computes(inputs: object, weight: object, bias: object) -> bool:
 # Rows a packed layout is chosen for: packing for 16 rows ran products on 1 to 160 rows about as fast as packing for
 # the rows used (measured on an AMD EPYC; packing for 1 row was up to 25% slower at 16 rows and more).
 PACK_ROWS = 16
-# parameter -> ((version, data pointer) it was packed at, packed weight); a weak key, so a packed copy goes with it.
-_packed_weights = WeakIdKeyDictionary()
 
 
-def _packed_weight(parameter: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def _packed_weight(layer: nn.Linear | Conv1D, weight: torch.Tensor, packs: dict) -> torch.Tensor:
     """
-    `weight` (the parameter, or its transpose for GPT-2's `Conv1D`) in oneDNN's blocked layout for `PACK_ROWS` rows:
-    packed on first use and kept until the parameter changes in place or gets another storage.
+    `weight` (the layer's, transposed for GPT-2's `Conv1D`) in oneDNN's blocked layout for `PACK_ROWS` rows, from
+    `packs` (the block's) or packed now: again when the layer's weight is another tensor or was changed in place.
     """
-    state = (parameter._version, parameter.data_ptr())
-    cached = _packed_weights.get(parameter)
+    parameter = layer.weight
+    # Inference tensors keep no version counter; they cannot be changed outside inference mode either.
+    version = None if parameter.is_inference() else parameter._version
+    state = (id(parameter), parameter.data_ptr(), version)
+    cached = packs.get(layer)
     if cached is None or cached[0] != state:
-        cached = (state, torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS))
-        _packed_weights[parameter] = cached
+        cached = packs[layer] = (state, torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS))
     return cached[1]
 
 
 def _onednn_linear(
-    inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor
+    inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None = None
 ) -> torch.Tensor:
     rows = inputs.reshape(-1, inputs.shape[-1])
-    outputs = torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+    outputs = torch.ops.mkldnn._linear_pointwise(rows, weight if packed is None else packed, bias, "none", [], "")
     return outputs.view(*inputs.shape[:-1], weight.shape[0])
 
 
-def _routed_forward(layer: nn.Linear | Conv1D, usual_forward: Callable, inputs: torch.Tensor) -> torch.Tensor:
-    """A linear layer's forward through oneDNN on its packed weight, or its usual forward where that does not apply."""
+def _routed_forward(
+    layer: nn.Linear | Conv1D, usual_forward: Callable, packs: dict | None, inputs: torch.Tensor
+) -> torch.Tensor:
+    """A linear layer's forward through oneDNN (on its packed weight with `packs`), or its usual forward where that
+    does not apply."""
     weight = layer.weight.T if isinstance(layer, Conv1D) else layer.weight  # Conv1D stores (in, out)
     if (
         torch.is_grad_enabled()
@@ -126,13 +126,14 @@ def _routed_forward(layer: nn.Linear | Conv1D, usual_forward: Callable, inputs: 
         or not _onednn_computes(inputs, weight, layer.bias)
     ):
         return usual_forward(inputs)
-    return _onednn_linear(inputs, weight, layer.bias, _packed_weight(layer.weight, weight))
+    packed = None if packs is None else _packed_weight(layer, weight, packs)
+    return _onednn_linear(inputs, weight, layer.bias, packed)
 
 
 def _routable(module: nn.Module) -> bool:
     # Exactly these classes (subclasses and wrappers such as quantized or LoRA layers compute otherwise; a LoRA
     # layer's base layer and adapters are plain `nn.Linear`s and are routed themselves), with their weight a
-    # parameter (packed once), and no forward replaced on the instance (accelerate's hooks, or an enclosing block).
+    # parameter, and no forward replaced on the instance (accelerate's hooks, or an enclosing block).
     return (
         type(module) in (nn.Linear, Conv1D)
         and type(module.weight) is nn.Parameter
@@ -141,35 +142,44 @@ def _routable(module: nn.Module) -> bool:
 
 
 @contextmanager
-def onednn_linear(model: nn.Module) -> Iterator[None]:
+def onednn_linear(model: nn.Module, prepack: bool = False) -> Iterator[None]:
     """
-    Within the block, the `nn.Linear` and GPT-2 `Conv1D` layers of `model` compute through oneDNN on prepacked
-    weights (see the module's docstring) when gradients are off, autocast is not on, and their input and weight are
-    fp32 CPU tensors; otherwise, and for every other layer, they compute as usual. For inference only. Unconditional:
-    `cpu_linear_kernels(model)` enters it only where oneDNN measured faster.
+    Within the block, the `nn.Linear` and GPT-2 `Conv1D` layers of `model` compute through oneDNN when gradients are
+    off, autocast is not on, and their input and weight are fp32 CPU tensors; otherwise, and for every other layer,
+    they compute as usual. For inference only. Unconditional: `cpu_linear_kernels(model)` enters it only where oneDNN
+    measured faster.
+
+    With `prepack=True`, each layer's weight is packed into oneDNN's blocked layout on its first product in the block
+    and the packed copy serves the block's later products (see the module's docstring): worth it over many decoding
+    steps, such as a captioning run over many batches, and freed when the block ends. A weight replaced, or changed by
+    PyTorch's in-place operations, is packed again; one changed through `.data` (as peft's `merge_adapter` does) is
+    not seen, so merge or unmerge adapters outside the block.
 
     Each routed layer's `forward` is replaced on the instance for the block's duration (as accelerate's hooks do),
     so nothing else pays for it: a `TorchFunctionMode` seeing every operator cost about 3 ms per decoding step of
     GPT-2 small in Python. Does nothing where `onednn_linear_available()` is False when the block starts;
-    `torch.backends.mkldnn.enabled = False` turns it off.
+    `torch.backends.mkldnn.enabled = False` turns it off. Blocks nest: an inner block leaves the layers to the outer.
 
     ```python
     layer = torch.nn.Linear(768, 768)
-    with torch.no_grad(), onednn_linear(layer):
+    with torch.no_grad(), onednn_linear(layer, prepack=True):
         out = layer(torch.randn(16, 768))
     ```
     """
     if not onednn_linear_available():
         yield
         return
-    routed = [layer for layer in model.modules() if _routable(layer)]
-    for layer in routed:
-        layer.forward = functools.partial(_routed_forward, layer, layer.forward)
+    packs = {} if prepack else None
+    routed = {}
+    for layer in model.modules():
+        if _routable(layer):
+            routed[layer] = layer.forward = functools.partial(_routed_forward, layer, layer.forward, packs)
     try:
         yield
     finally:
-        for layer in routed:
-            del layer.forward
+        for layer, forward in routed.items():
+            if layer.__dict__.get("forward") is forward:  # not a forward someone else put there since
+                del layer.forward
 
 
 CPU_LINEAR_ENV = "CLIPCAP_CPU_LINEAR"
@@ -194,10 +204,9 @@ def _random_weight(out_features: int, in_features: int) -> torch.Tensor:
 @torch.no_grad()
 def _time_linear_kernels(in_features: int, out_features: int, rows: int) -> tuple[float, float]:
     """
-    The fastest of a few timed runs of `F.linear` (PyTorch's default kernel, MKL) and of oneDNN's kernel on the packed
-    weight (packing untimed: it is paid once per weight), in seconds, on a `(rows, in_features)` input and a random
-    `(out_features, in_features)` weight and bias. The two alternate, each first in turn, so that a busy spell or a
-    warm cache favours neither.
+    The fastest of a few timed runs of `F.linear` (PyTorch's default kernel, MKL) and of oneDNN's kernel, in seconds,
+    on a `(rows, in_features)` input and a random `(out_features, in_features)` weight and bias. The two alternate,
+    each first in turn, so that a busy spell or a warm cache favours neither.
     """
     weight = _random_weight(out_features, in_features)
     # A generator of its own: drawing from torch's global one would change the user's seeded sampling after the
@@ -205,8 +214,7 @@ def _time_linear_kernels(in_features: int, out_features: int, rows: int) -> tupl
     generator = torch.Generator().manual_seed(0)
     bias = torch.rand(out_features, generator=generator) - 0.5
     inputs = torch.rand(rows, in_features, generator=generator) - 0.5
-    packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
-    kernels = (lambda: F.linear(inputs, weight, bias), lambda: _onednn_linear(inputs, weight, bias, packed))
+    kernels = (lambda: F.linear(inputs, weight, bias), lambda: _onednn_linear(inputs, weight, bias))
     start = time.perf_counter()
     for kernel in kernels:  # untimed: oneDNN builds its primitive on a first call, and the weight comes into cache
         kernel()

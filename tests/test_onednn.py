@@ -1,4 +1,3 @@
-import gc
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -198,45 +197,72 @@ def test_mkldnn_flag_turns_it_off():
     assert ONEDNN_OP not in ops
 
 
-def test_weights_are_packed_once_and_again_after_they_change():
+def test_generate_runs_on_plain_weights():
+    layer = nn.Linear(16, 8)
+    with torch.no_grad(), onednn_linear(layer):
+        _, ops = ops_run(lambda: layer(torch.randn(2, 16)))
+    assert ONEDNN_OP in ops and PACK_OP not in ops
+
+
+def test_prepacked_weights_are_packed_once_per_block_and_again_after_they_change():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 24), Conv1D(8, 24))
     inputs = torch.randn(5, 16)
-    with torch.no_grad(), onednn_linear(model):
+    with torch.no_grad(), onednn_linear(model, prepack=True):
         _, first = ops_run(lambda: model(inputs))
         _, second = ops_run(lambda: model(inputs))
-    assert first.count(PACK_OP) == 2 and ONEDNN_OP in first  # one packed copy per layer
-    assert PACK_OP not in second and second.count(ONEDNN_OP) == 2  # kept across calls and blocks
-    with torch.no_grad():
+        assert first.count(PACK_OP) == 2 and ONEDNN_OP in first  # one packed copy per layer
+        assert PACK_OP not in second and second.count(ONEDNN_OP) == 2  # kept within the block
         model[1].weight.mul_(-1)  # in place, as an optimizer step does
-        model[0].weight = nn.Parameter(torch.randn(24, 16))  # a new parameter
+        model[0].weight = nn.Parameter(torch.randn(24, 16))  # another parameter
+        hidden = F.linear(inputs, model[0].weight, model[0].bias)  # the usual kernels: called directly
+        expected = torch.addmm(model[1].bias, hidden, model[1].weight)
+        result, changed = ops_run(lambda: model(inputs))
+    assert changed.count(PACK_OP) == 2
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        model[0].weight.data.mul_(2)  # through .data between blocks, as peft's merge_adapter does
         expected = model(inputs)
-        with onednn_linear(model):
+        with onednn_linear(model, prepack=True):
             result, ops = ops_run(lambda: model(inputs))
-    assert ops.count(PACK_OP) == 2
+    assert ops.count(PACK_OP) == 2  # each block packs afresh: nothing stale outlives it
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
 
 
-def test_weights_packed_in_inference_mode_serve_outside_it():
-    layer = nn.Linear(16, 8)
+def test_a_weight_shared_by_a_linear_and_a_conv1d_layer_is_packed_for_each():
+    linear = nn.Linear(16, 16, bias=False)
+    conv = Conv1D(16, 16)
+    conv.weight = linear.weight  # read transposed by Conv1D
+    model = nn.Sequential(linear, conv)
     inputs = torch.randn(3, 16)
-    with torch.inference_mode(), onednn_linear(layer):
-        layer(inputs)  # packs the weight into an inference tensor
-    with torch.no_grad(), onednn_linear(layer):
-        result, ops = ops_run(lambda: layer(inputs))
-    assert ONEDNN_OP in ops and PACK_OP not in ops
-    torch.testing.assert_close(result, F.linear(inputs, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        expected = (linear(inputs), conv(inputs))
+        with onednn_linear(model, prepack=True):
+            result = (linear(inputs), conv(inputs))
+    for got, want in zip(result, expected):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_packed_copy_goes_with_its_weight():
+def test_a_model_built_in_inference_mode():
+    with torch.inference_mode():
+        layer = nn.Linear(16, 8)  # its parameters are inference tensors, with no version counter
+        inputs = torch.randn(3, 16)
+        with onednn_linear(layer, prepack=True):
+            result, ops = ops_run(lambda: layer(inputs))
+        expected = F.linear(inputs, layer.weight, layer.bias)
+    assert ONEDNN_OP in ops
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_forward_replaced_within_the_block_is_kept_at_its_end():
     layer = nn.Linear(16, 8)
-    with torch.no_grad(), onednn_linear(layer):
-        layer(torch.randn(2, 16))
-    assert layer.weight in onednn._packed_weights
-    held = len(onednn._packed_weights)
-    del layer
-    gc.collect()
-    assert len(onednn._packed_weights) == held - 1
+
+    def hooked(inputs):  # as accelerate's add_hook_to_module would put there
+        return F.linear(inputs, layer.weight, layer.bias)
+
+    with onednn_linear(layer):
+        layer.forward = hooked
+    assert vars(layer)["forward"] is hooked
 
 
 def test_nested_blocks_route_once_and_restore_at_the_outer_end():
