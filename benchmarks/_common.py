@@ -28,11 +28,16 @@ def call_seconds(function: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def _square_product_rate(product: Callable[[torch.Tensor, torch.Tensor], object], size: int, repeats: int) -> float:
+    """fp32 FLOP per second of `product(a, b)` on two random square matrices, best of a few runs after a warm-up."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    product(a, b)
+    return 2 * size**3 / min(call_seconds(lambda: product(a, b)) for _ in range(repeats))
+
+
 def matmul_rate(size: int = 2048, repeats: int = 5) -> float:
     """fp32 FLOP per second of a square `torch.mm` on the CPU, best of a few runs after a warm-up."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    return 2 * size**3 / min(call_seconds(lambda: torch.mm(a, b)) for _ in range(repeats))
+    return _square_product_rate(torch.mm, size, repeats)
 
 
 def onednn_matmul_rate(size: int = 2048, repeats: int = 5) -> float:
@@ -45,10 +50,9 @@ def onednn_matmul_rate(size: int = 2048, repeats: int = 5) -> float:
 
     if not onednn_linear_available():
         return 0.0
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    product = lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")  # noqa: E731
-    product()
-    return 2 * size**3 / min(call_seconds(product) for _ in range(repeats))
+    return _square_product_rate(
+        lambda a, b: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""), size, repeats
+    )
 
 
 def memory_bandwidth(megabytes: int = 512, repeats: int = 5) -> float:
