@@ -15,8 +15,9 @@ import pytest
 import torch
 from conftest import distinct_captioning_model, random_images, tiny_processor
 
-from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
+from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor, onednn
 from clipcap_hf.commands import main
+from clipcap_hf.onednn import onednn_linear_available
 
 NUM_IMAGES = 7
 MAX_NEW_TOKENS = "5"
@@ -301,3 +302,53 @@ def test_caption_offers_every_dataset_format_the_loaders_read():
     from clipcap_hf.data import DATASET_FORMATS as LOADER_FORMATS
 
     assert sorted(DATASET_FORMATS) == sorted(LOADER_FORMATS)
+
+
+PACK_OP = "mkldnn::_reorder_linear_weight"  # oneDNN packing a weight into its blocked layout
+
+
+def packs_run(function):
+    """The result of `function()` and how many weights it packed for oneDNN."""
+    with torch.profiler.profile() as profiler:
+        result = function()
+    return result, sum(event.name == PACK_OP for event in profiler.events())
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="needs PyTorch with oneDNN on x86-64")
+def test_a_run_packs_each_weight_once_and_gives_the_captions_of_plain_kernels(
+    model_dir, parquet_source, tmp_path, monkeypatch
+):
+    import PIL.Image
+
+    from clipcap_hf.inference import ClipCapCaptioner, caption_dataset_to_parquet
+
+    monkeypatch.setenv(onednn.CPU_LINEAR_ENV, "onednn")
+    _, encoded = parquet_source
+    model = ClipCapForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = ClipCapProcessor.from_pretrained(model_dir)
+    images = [PIL.Image.open(io.BytesIO(data)) for data in encoded[:2]]
+    with torch.no_grad(), onednn.cpu_inference_kernels(model, prepack=True):
+        _, one_batch = packs_run(lambda: model.generate(**processor(images=images), max_new_tokens=2))
+
+    features = datasets.Features({"image_key": datasets.Value("string"), "image": datasets.Image()})
+    rows = {"image_key": [str(index) for index in range(NUM_IMAGES)],
+            "image": [{"bytes": data, "path": None} for data in encoded]}
+    dataset = datasets.Dataset.from_dict(rows, features=features)
+    captioner = ClipCapCaptioner(model, processor, max_new_tokens=int(MAX_NEW_TOKENS))
+
+    def run(output: Path) -> list[tuple[str, str]]:
+        # 7 rows in shards of 3, 2, 2, in batches of 2: 4 generate calls.
+        caption_dataset_to_parquet(captioner, dataset, output, batch_size=2, shard_size=3, rank=0, world_size=1)
+        return read_rows(output)
+
+    captions, packs = packs_run(lambda: run(tmp_path / "onednn"))
+    assert packs == one_batch > 0  # once per run, not per batch or shard
+    assert all("forward" not in vars(module) for module in model.modules())  # the block ended with the run
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # PyTorch's own kernels; set directly: `flags()` warns about TF32
+    try:
+        plain_captions = run(tmp_path / "plain")
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+    assert captions == plain_captions
+    assert len({caption for _, caption in captions}) > 1  # captions that tell a reordering apart

@@ -6,20 +6,23 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
-from conftest import random_images, tiny_model
+from conftest import distinct_captioning_model, random_images, tiny_model
 
-from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
+from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor, onednn
 from clipcap_hf.commands import main
 from clipcap_hf.evaluation import (
     EvaluationResult,
     UnreadableImagesError,
     generate_captions,
+    iter_captions,
     metrics,
     score_predictions,
     write_evaluation,
 )
 from clipcap_hf.evaluation.metrics import compute_caption_metrics
+from clipcap_hf.onednn import onednn_linear_available
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="the COCO tokenizer needs Java")
 
@@ -281,6 +284,60 @@ def test_generate_captions_gives_one_caption_per_image_whatever_the_generation_c
     monkeypatch.setattr(model, "generate", recording_generate)
     assert generate_captions(model, processor, paths, max_new_tokens=4) == expected
     assert generated_rows == [3]  # no caption decoded only to be dropped
+
+
+PACK_OP = "mkldnn::_reorder_linear_weight"  # oneDNN packing a weight into its blocked layout
+
+
+def packs_run(function):
+    """The result of `function()` and how many weights it packed for oneDNN."""
+    with torch.profiler.profile() as profiler:
+        result = function()
+    return result, sum(event.name == PACK_OP for event in profiler.events())
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="needs PyTorch with oneDNN on x86-64")
+def test_captioning_in_batches_packs_each_weight_once_and_gives_the_captions_of_plain_kernels(
+    tokenizer, processor, tmp_path, monkeypatch
+):
+    monkeypatch.setenv(onednn.CPU_LINEAR_ENV, "onednn")
+    model = distinct_captioning_model(tokenizer)
+    images = random_images(5)
+    paths = []
+    for index, image in enumerate(images):
+        image.save(tmp_path / f"{index}.png")
+        paths.append(tmp_path / f"{index}.png")
+    with torch.no_grad(), onednn.cpu_inference_kernels(model, prepack=True):
+        _, one_batch = packs_run(lambda: model.generate(**processor(images=images[:2]), max_new_tokens=2))
+
+    # 5 images in batches of 2: 3 generate calls.
+    captions, packs = packs_run(lambda: generate_captions(model, processor, paths, batch_size=2, max_new_tokens=4))
+    assert packs == one_batch > 0  # once per run, not per batch
+    assert all("forward" not in vars(module) for module in model.modules())  # the block ended with the batches
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False  # PyTorch's own kernels; set directly: `flags()` warns about TF32
+    try:
+        assert generate_captions(model, processor, paths, batch_size=2, max_new_tokens=4) == captions
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+    assert len(set(captions)) > 1  # captions that tell a reordering apart
+
+
+@pytest.mark.skipif(not onednn_linear_available(), reason="needs PyTorch with oneDNN on x86-64")
+def test_a_caption_generator_holds_its_block_between_batches_and_ends_it_when_closed(
+    mlp_model, processor, tmp_path, monkeypatch
+):
+    monkeypatch.setenv(onednn.CPU_LINEAR_ENV, "onednn")
+    paths = []
+    for index, image in enumerate(random_images(3)):
+        image.save(tmp_path / f"{index}.png")
+        paths.append(tmp_path / f"{index}.png")
+    batches = iter_captions(mlp_model, processor, paths, batch_size=1, max_new_tokens=2)
+    next(batches)
+    routed = [module for module in mlp_model.modules() if "forward" in vars(module)]
+    assert any(isinstance(module, torch.nn.Linear) for module in routed)  # held while the consumer works
+    batches.close()  # a consumer stopping early
+    assert all("forward" not in vars(module) for module in mlp_model.modules())
 
 
 def test_rescoring_into_its_own_folder_leaves_the_predictions_file_as_it_is(coco_files, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -15,6 +16,7 @@ from huggingface_hub import EvalResult, ModelCard
 from tqdm.auto import tqdm
 
 from ..image_processing_clipcap import load_image
+from ..onednn import cpu_inference_kernels
 from ..utils.file_utils import escape_controls, write_text_atomically
 from .metrics import (
     CLIP_METRIC_NAMES,
@@ -107,13 +109,23 @@ def iter_captions(
     `captioner_kwargs` are [`~clipcap_hf.inference.ClipCapCaptioner`]'s: decoding options, and `num_candidates`
     with a `reranker`. One caption per image (not the generation config's `num_return_sequences`, which would
     decode captions that are dropped).
+
+    Until the generator is exhausted or closed, it holds one `cpu_inference_kernels(model, prepack=True)` block (see
+    `clipcap_hf.onednn`): on the CPU in fp32 where oneDNN computes the linear layers, each weight is packed once for
+    all the batches, and the model's layers stay routed (and the packed copies kept) between batches; a consumer
+    that stops early should close it (`contextlib.closing`) to end the block at once.
     """
     from ..inference import ClipCapCaptioner
 
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
     captioner = ClipCapCaptioner(model, processor, **{"num_return_sequences": 1, **captioner_kwargs})
-    with tqdm(total=len(image_paths), unit="image", desc="Captioning", disable=len(image_paths) <= batch_size) as bar:
+    with (
+        tqdm(total=len(image_paths), unit="image", desc="Captioning", disable=len(image_paths) <= batch_size) as bar,
+        # Over all the batches, not per batch: each weight is packed once. Entered after the captioner has moved the
+        # model to its device and dtype, which decide the kernels.
+        cpu_inference_kernels(captioner.model, prepack=True),
+    ):
         for start in range(0, len(image_paths), batch_size):
             paths = list(image_paths[start : start + batch_size])
             images, errors = {}, {}
@@ -216,7 +228,9 @@ def caption_images(
     if len(set(image_ids)) != len(image_ids):
         raise ValueError("The dataset gives one image_id to several image files; image ids must be unique.")
     batches = iter_captions(model, processor, images["image_path"], batch_size, **generate_kwargs)
-    results = dict(zip(image_ids, itertools.chain.from_iterable(batches)))
+    # Closed when done: `zip` stops at the last image id without running the generator to its end.
+    with contextlib.closing(batches):
+        results = dict(zip(image_ids, itertools.chain.from_iterable(batches)))
     captions = {image_id: result.caption for image_id, result in results.items() if result.error is None}
     unreadable = {image_id: result.error for image_id, result in results.items() if result.error is not None}
     return captions, unreadable

@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
+from ..onednn import cpu_inference_kernels
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from .captioner import ClipCapCaptioner
 
@@ -141,6 +142,10 @@ def caption_dataset_to_parquet(
         rank, world_size: this process's share (default: from `torchrun`'s or `accelerate launch`'s environment).
         seed: seeds `torch` with `seed + i` before input shard i, so that sampled captions do not depend on which
             process captions a shard, or on whether the run was resumed.
+
+    The run holds one `cpu_inference_kernels(captioner.model, prepack=True)` block (see `clipcap_hf.onednn`): on the
+    CPU in fp32 where oneDNN computes the linear layers, each weight is packed once for the whole run, and the
+    packed copies (as large as the weights) are freed when it returns.
     """
     check_bad_image_policy(on_bad_image)
     if rank is None or world_size is None:
@@ -157,7 +162,11 @@ def caption_dataset_to_parquet(
     shards = [(index, name, get_shard(index)) for index, name in mine if name not in summary.skipped]
     total = sum(len(shard) for *_, shard in shards) if all(hasattr(shard, "__len__") for *_, shard in shards) else None
     description = "Captioning" if world_size == 1 else f"Captioning (rank {rank})"
-    with tqdm(total=total, unit="image", desc=description, dynamic_ncols=True) as bar:
+    # One block over the whole run: on the CPU, each weight is packed for oneDNN once, not once per batch.
+    with (
+        tqdm(total=total, unit="image", desc=description, dynamic_ncols=True) as bar,
+        cpu_inference_kernels(captioner.model, prepack=True),
+    ):
         for index, name, shard in shards:
             if seed is not None:
                 torch.manual_seed(seed + index)
