@@ -21,7 +21,7 @@ of oneDNN's. `*_bound_multiple` is a time over that floor. The `*_static_compile
 `generate(cache_implementation="static", compile_config=CompileConfig(...))` with transformers' switch that compiles
 on the CPU too (it compiles on accelerators only), after a warm-up call that compiles; `--skip-paper` leaves out the
 paper's loop (about 90 s) for quick runs. The `*_prepacked_*` figures time `generate()` inside one
-`cpu_inference_kernels(model, prepack=True)` block, as a captioning run over many batches holds it (`clipcap
+`cpu_linear_kernels(model, prepack=True)` block, as a captioning run over many batches holds it (`clipcap
 caption`, evaluation): the weights are packed once for oneDNN, by the warm-up call. Our runs count the fewest
 seconds of `--repeats` timed calls (3), the paper's loop one call.
 
@@ -40,7 +40,7 @@ from _common import cpu_name, matmul_rate, memory_bandwidth, onednn_matmul_rate
 from transformers import CompileConfig, GPT2Config
 
 from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration
-from clipcap_hf.onednn import cpu_inference_kernels, cpu_linear_choice, onednn_linear_available
+from clipcap_hf.onednn import cpu_linear_kernels, cpu_linear_choice, onednn_linear_available
 
 
 @torch.no_grad()
@@ -173,7 +173,7 @@ def main() -> None:
     ours_greedy_s, ours_greedy = timed(ours_greedy_run, warm_up=ours_greedy_run, repeats=args.repeats)
     ours_beam_s, ours_beam = timed(ours_beam_run, warm_up=ours_beam_run, repeats=args.repeats)
     # Weights packed once for oneDNN and kept across calls, as a captioning run over many batches can hold them.
-    with cpu_inference_kernels(model, prepack=True):
+    with cpu_linear_kernels(model, prepack=True):
         prepacked_greedy_s, prepacked_greedy = timed(ours_greedy_run, warm_up=ours_greedy_run, repeats=args.repeats)
         prepacked_beam_s, prepacked_beam = timed(ours_beam_run, warm_up=ours_beam_run, repeats=args.repeats)
     compiled_greedy_s, compiled_greedy = timed(

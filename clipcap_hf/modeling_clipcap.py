@@ -22,6 +22,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedModel,
 )
+from transformers.activations import ACT2FN, NewGELUActivation
 from transformers.cache_utils import Cache
 from transformers.generation import LogitsProcessorList, SuppressTokensLogitsProcessor
 
@@ -43,7 +44,7 @@ from .configuration_clipcap import (
     resolve_vision_pooling,
     vision_tower_config,
 )
-from .onednn import cpu_inference_kernels
+from .onednn import cpu_linear_kernels
 from .open_clip_vision import ClipCapOpenClipVisionModel, resolve_open_clip_model
 
 logger = logging.get_logger(__name__)
@@ -378,6 +379,24 @@ def _check_local_path(name_or_path: str, what: str) -> None:
         raise FileNotFoundError(f"The {what} {name_or_path!r} does not exist.")
 
 
+def _fuse_gelu_new(language_model: nn.Module) -> None:
+    """
+    Replace GPT-2's `gelu_new` activations (transformers' `NewGELUActivation`: seven elementwise operations, each kept
+    for the backward pass) by PyTorch's fused tanh-GELU (transformers' `gelu_pytorch_tanh`): the same formula in one
+    kernel, equal within float rounding. On the CPU a training step of GPT-2 small at batch 40 took about a quarter
+    less time, and a decoding step at 16 rows about 2 ms less. The language model's config is left as it is, so saved
+    folders are unchanged. Activations of other classes, subclasses included, are kept.
+    """
+    replaced = [
+        (parent, name)
+        for parent in language_model.modules()
+        for name, child in parent.named_children()
+        if type(child) is NewGELUActivation
+    ]
+    for parent, name in replaced:
+        setattr(parent, name, ACT2FN["gelu_pytorch_tanh"])
+
+
 class _SuppressTokensByIndex(SuppressTokensLogitsProcessor):
     """
     transformers' `SuppressTokensLogitsProcessor` with one `index_fill` per step, where it builds a vocabulary-wide
@@ -385,8 +404,12 @@ class _SuppressTokensByIndex(SuppressTokensLogitsProcessor):
     outside the vocabulary are left out, as there.
     """
 
+    def __init__(self, suppress_tokens, device: str | torch.device = "cpu"):
+        super().__init__(suppress_tokens, device)
+        self._kept_tokens, self._kept_for = None, None  # the ids within the vocabulary, for (vocabulary size, device)
+
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if getattr(self, "_kept_for", None) != (scores.shape[-1], scores.device):  # once per call of `generate`
+        if self._kept_for != (scores.shape[-1], scores.device):  # once per call of `generate`
             tokens = self.suppress_tokens.to(scores.device)
             self._kept_tokens = tokens[(tokens >= 0) & (tokens < scores.shape[-1])]
             self._kept_for = (scores.shape[-1], scores.device)
@@ -441,6 +464,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         mapper_class = ClipCapMLPMapper if config.mapping_type == "mlp" else ClipCapTransformerMapper
         self.mapping_network = mapper_class(config)
         self.language_model = language_model
+        _fuse_gelu_new(language_model)
         self.post_init()
         self.freeze_vision_model()
         if config.image_token_id is not None:  # None only while loading a folder saved before image tokens existed
@@ -1014,9 +1038,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         if inputs is not None:
             self._length_as_new_tokens(inputs.shape[1], kwargs)
             self._check_input_fits_positions(inputs.shape[1])
-        # On the CPU: fp32 linear layers through oneDNN where it measured faster than PyTorch's default, and GPT-2's
-        # gelu_new as one fused kernel (onednn.py).
-        with cpu_inference_kernels(self):
+        # On the CPU, fp32 linear layers run through oneDNN where it measured faster than PyTorch's default (onednn.py).
+        with cpu_linear_kernels(self):
             return super().generate(
                 input_ids=input_ids,
                 pixel_values=pixel_values,
@@ -1031,7 +1054,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         processors = super()._get_logits_processor(*args, **kwargs)
         for index, processor in enumerate(processors):
             if type(processor) is SuppressTokensLogitsProcessor:
-                processors[index] = _SuppressTokensByIndex(processor.suppress_tokens)
+                tokens = processor.suppress_tokens
+                processors[index] = _SuppressTokensByIndex(tokens.tolist(), tokens.device)
         return processors
 
     def _check_input_fits_positions(self, input_length: int) -> None:

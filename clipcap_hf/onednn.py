@@ -1,12 +1,11 @@
-"""The CPU kernels `generate()` runs with: fp32 linear layers through oneDNN where measured faster, and GPT-2's
-`gelu_new` as one fused kernel.
+"""fp32 linear layers through oneDNN, for inference on the CPU where measured faster.
 
 Written by hand because the ecosystem lacks it: in eager mode PyTorch computes fp32 linear layers with MKL's GEMM,
 and `torch.compile` (tried with `freezing`, which would prepack weights too) was no faster or failed. Which of MKL and
 oneDNN (which PyTorch also ships) is faster at the few rows a decoding step has depends on the processor: on an AMD
 EPYC oneDNN computed GPT-2 small's layers 2.5x faster than MKL at 16 rows (and a 2048-square product at 477 GFLOP/s
 against MKL's 218), while on an Intel Sapphire Rapids it made greedy generation about 20% slower. So
-`cpu_inference_kernels(model)`, which `generate()` runs in, picks the kernels by timing both on this machine at the
+`cpu_linear_kernels(model)`, which `generate()` runs in, picks the kernels by timing both on this machine at the
 model's widths (`onednn_is_faster`, once per process and shape), and routes through oneDNN only where it is clearly
 faster. The results are fp32 products summed in another order, so they equal MKL's within float rounding.
 
@@ -15,10 +14,6 @@ reorders a plain weight into it at every product; from packed weights GPT-2 smal
 instead of 17.7. Packing them costs about 0.2 s and a copy of the weights, so it pays over many decoding steps (a
 captioning run over many batches) and the packed copies live only as long as the block: weights can change between
 blocks (training, merging adapters) without a packed copy going stale. `generate()` alone runs on plain weights.
-
-GPT-2's `gelu_new` is seven elementwise operations in transformers; `fused_gelu_new(model)` computes it as PyTorch's
-fused tanh-GELU (transformers' `GELUTanh`), the same formula in one kernel: about 2 ms less per decoding step of
-GPT-2 small at 16 rows on the CPU, and equal within float rounding.
 
 Saved models carry this file with the modeling code (for `trust_remote_code`), so it needs nothing beyond torch,
 transformers and the standard library.
@@ -38,7 +33,6 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.activations import NewGELUActivation
 from transformers.pytorch_utils import Conv1D
 
 
@@ -155,7 +149,7 @@ def onednn_linear(model: nn.Module, prepack: bool = False) -> Iterator[None]:
     """
     Within the block, the `nn.Linear` and GPT-2 `Conv1D` layers of `model` compute through oneDNN when gradients are
     off, autocast is not on, and their input and weight are fp32 CPU tensors; otherwise, and for every other layer,
-    they compute as usual. For inference only. Unconditional: `cpu_inference_kernels(model)` enters it only where oneDNN
+    they compute as usual. For inference only. Unconditional: `cpu_linear_kernels(model)` enters it only where oneDNN
     measured faster.
 
     With `prepack=True`, each layer's weight is packed into oneDNN's blocked layout on its first product in the block
@@ -166,8 +160,9 @@ def onednn_linear(model: nn.Module, prepack: bool = False) -> Iterator[None]:
 
     Each routed layer's `forward` is replaced on the instance for the block's duration (as accelerate's hooks do),
     so nothing else pays for it: a `TorchFunctionMode` seeing every operator cost about 3 ms per decoding step of
-    GPT-2 small in Python. Does nothing where `onednn_linear_available()` is False when the block starts;
-    `torch.backends.mkldnn.enabled = False` turns it off. Blocks nest: an inner block leaves the layers to the outer.
+    GPT-2 small in Python. Does nothing where `onednn_linear_available()` is False when the block starts
+    (`torch.backends.mkldnn.enabled = False` turns it off for blocks entered after). Blocks nest: an inner block
+    leaves the layers to the outer.
 
     ```python
     layer = torch.nn.Linear(768, 768)
@@ -200,21 +195,6 @@ def _forwards_replaced(forwards: dict[nn.Module, Callable]) -> Iterator[None]:
         for module, forward in forwards.items():
             if module.__dict__.get("forward") is forward:
                 del module.forward
-
-
-def _gelu_tanh(inputs: torch.Tensor) -> torch.Tensor:
-    return F.gelu(inputs, approximate="tanh")
-
-
-def fused_gelu_new(model: nn.Module) -> contextlib.AbstractContextManager[None]:
-    """
-    Within the block, GPT-2's `gelu_new` activations (transformers' `NewGELUActivation`, seven elementwise operations)
-    in `model` compute as PyTorch's fused tanh-GELU: the same formula in one kernel, equal within float rounding
-    (transformers offers it as `GELUTanh`, "gelu_pytorch_tanh"). An activation whose `forward` was already replaced
-    on the instance, or a subclass, is left alone.
-    """
-    activations = (module for module in model.modules() if type(module) is NewGELUActivation)
-    return _forwards_replaced({module: _gelu_tanh for module in activations if "forward" not in module.__dict__})
 
 
 CPU_LINEAR_ENV = "CLIPCAP_CPU_LINEAR"
@@ -301,7 +281,7 @@ def _requested_cpu_linear() -> str:
 
 def cpu_linear_choice(model: nn.Module, rows: int = 16) -> str:
     """
-    The kernels `cpu_inference_kernels(model)` runs the model's fp32 linear layers with: `"onednn"` or `"default"`
+    The kernels `cpu_linear_kernels(model)` runs the model's fp32 linear layers with: `"onednn"` or `"default"`
     (PyTorch's own, MKL). `"default"` unless the model is in fp32 on the CPU and oneDNN's kernel is available; then
     the environment variable `CLIPCAP_CPU_LINEAR` decides:
 
@@ -332,31 +312,26 @@ def cpu_linear_choice(model: nn.Module, rows: int = 16) -> str:
     return "onednn" if mkl_s >= ONEDNN_MARGIN * onednn_s else "default"
 
 
-@contextmanager
-def cpu_inference_kernels(model: nn.Module, prepack: bool = False) -> Iterator[None]:
+def cpu_linear_kernels(model: nn.Module, prepack: bool = False) -> contextlib.AbstractContextManager[None]:
     """
-    A context manager for inference with `model` on the CPU, which `ClipCapForConditionalGeneration.generate()` runs
-    within: `onednn_linear(model, prepack=prepack)` where `cpu_linear_choice(model)` is `"onednn"` (an fp32 model on
-    a machine where oneDNN measured clearly faster at the model's widths, or `CLIPCAP_CPU_LINEAR=onednn`), and
-    `fused_gelu_new(model)` for a model on the CPU. Changes nothing for a model elsewhere. The linear kernels are
-    chosen when it is entered; the first time in a process at a model's widths times them (well under a second).
+    A context manager for inference with `model` (a transformers model): `onednn_linear(model, prepack=prepack)` where
+    `cpu_linear_choice(model)` is `"onednn"` (an fp32 model on the CPU, on a machine where oneDNN measured clearly
+    faster at the model's widths, or `CLIPCAP_CPU_LINEAR=onednn`), else a context that changes nothing.
+    `ClipCapForConditionalGeneration.generate()` runs within it. The choice is made when it is called; the first call
+    in a process at a model's widths times the kernels (well under a second).
 
     Hold one block with `prepack=True` over many `generate()` calls with unchanged weights (a captioning run): each
-    weight is packed for oneDNN once, on its first use.
+    weight is packed for oneDNN once, on its first use, and `generate()`'s own block leaves the layers to it.
     """
-    with contextlib.ExitStack() as stack:
-        if model.device.type == "cpu":
-            stack.enter_context(fused_gelu_new(model))
-        if cpu_linear_choice(model) == "onednn":
-            stack.enter_context(onednn_linear(model, prepack=prepack))
-        yield
+    if cpu_linear_choice(model) == "onednn":
+        return onednn_linear(model, prepack=prepack)
+    return contextlib.nullcontext()
 
 
 __all__ = [
     "CPU_LINEAR_ENV",
-    "cpu_inference_kernels",
     "cpu_linear_choice",
-    "fused_gelu_new",
+    "cpu_linear_kernels",
     "linear_kernel_times",
     "onednn_is_faster",
     "onednn_linear",

@@ -327,7 +327,7 @@ def test_a_run_packs_each_weight_once_and_gives_the_captions_of_plain_kernels(
     model = ClipCapForConditionalGeneration.from_pretrained(model_dir).eval()
     processor = ClipCapProcessor.from_pretrained(model_dir)
     images = [PIL.Image.open(io.BytesIO(data)) for data in encoded[:2]]
-    with torch.no_grad(), onednn.cpu_inference_kernels(model, prepack=True):
+    with torch.no_grad(), onednn.cpu_linear_kernels(model, prepack=True):
         _, one_batch = packs_run(lambda: model.generate(**processor(images=images), max_new_tokens=2))
 
     features = datasets.Features({"image_key": datasets.Value("string"), "image": datasets.Image()})

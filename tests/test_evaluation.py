@@ -307,7 +307,7 @@ def test_captioning_in_batches_packs_each_weight_once_and_gives_the_captions_of_
     for index, image in enumerate(images):
         image.save(tmp_path / f"{index}.png")
         paths.append(tmp_path / f"{index}.png")
-    with torch.no_grad(), onednn.cpu_inference_kernels(model, prepack=True):
+    with torch.no_grad(), onednn.cpu_linear_kernels(model, prepack=True):
         _, one_batch = packs_run(lambda: model.generate(**processor(images=images[:2]), max_new_tokens=2))
 
     # 5 images in batches of 2: 3 generate calls.

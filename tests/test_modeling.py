@@ -12,6 +12,7 @@ from transformers import (
     LlamaConfig,
     OPTConfig,
 )
+from transformers.activations import GELUTanh, NewGELUActivation
 
 from clipcap_hf import ClipCapCausalLMOutputWithPast, ClipCapConfig, ClipCapForConditionalGeneration
 from clipcap_hf.modeling_clipcap import CACHE_NAME
@@ -472,3 +473,41 @@ def test_device_map_planning_keeps_each_mapper_layer_on_one_device(tokenizer):
             model, max_memory={0: total * share // 100, 1: 2 * total}, no_split_module_classes=no_split
         )
         assert not [name for name in device_map if name.startswith("mapping_network.transformer.layers.0.")]
+
+
+# ---------------------------------------------------------------- fused gelu_new
+
+
+def test_gpt2s_gelu_new_computes_fused_with_the_language_models_results(tokenizer, tmp_path):
+    model = tiny_model(tokenizer).eval()
+    text_config = model.config.text_config
+    assert text_config.activation_function == "gelu_new"
+    kinds = (GELUTanh, NewGELUActivation)
+    activations = [module for module in model.language_model.modules() if isinstance(module, kinds)]
+    assert len(activations) == text_config.n_layer and all(type(module) is GELUTanh for module in activations)
+    # The language model as transformers builds it from the same config and weights, with the seven-operation gelu_new.
+    reference = AutoModelForCausalLM.from_config(text_config).eval()
+    reference.load_state_dict(model.language_model.state_dict())
+    assert type(reference.transformer.h[0].mlp.act) is NewGELUActivation
+    input_ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    expected, result = reference(input_ids=input_ids), model.language_model(input_ids=input_ids)
+    torch.testing.assert_close(result.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    result.logits.square().mean().backward()
+    expected.logits.square().mean().backward()
+    for name, parameter in model.language_model.named_parameters():
+        torch.testing.assert_close(parameter.grad, reference.get_parameter(name).grad, rtol=1e-4, atol=1e-6)
+    model.save_pretrained(tmp_path)  # the saved config keeps gelu_new: a folder is the same as before
+    assert ClipCapConfig.from_pretrained(tmp_path).text_config.activation_function == "gelu_new"
+
+
+def test_a_given_language_models_gelu_new_is_replaced_and_its_own_subclasses_kept(tokenizer):
+    config = tiny_config(tokenizer)
+    language_model = AutoModelForCausalLM.from_config(config.text_config)
+
+    class OwnGelu(NewGELUActivation):
+        pass
+
+    language_model.transformer.h[0].mlp.act = own = OwnGelu()
+    model = ClipCapForConditionalGeneration(config, language_model=language_model)
+    assert model.language_model.transformer.h[0].mlp.act is own  # a subclass computes as it says
+    assert all(type(block.mlp.act) is GELUTanh for block in model.language_model.transformer.h[1:])

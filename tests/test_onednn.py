@@ -1,4 +1,3 @@
-import contextlib
 from contextlib import contextmanager
 from types import SimpleNamespace
 
@@ -8,16 +7,14 @@ import torch.nn.functional as F
 from conftest import tiny_model
 from torch import nn
 from torch.profiler import profile
-from transformers.activations import NewGELUActivation
 from transformers.generation import SuppressTokensLogitsProcessor
 from transformers.pytorch_utils import Conv1D
 
 from clipcap_hf import modeling_clipcap, onednn, onednn_linear
 from clipcap_hf.onednn import (
     CPU_LINEAR_ENV,
-    cpu_inference_kernels,
     cpu_linear_choice,
-    fused_gelu_new,
+    cpu_linear_kernels,
     linear_kernel_times,
     onednn_is_faster,
     onednn_linear_available,
@@ -300,7 +297,7 @@ def test_generate_uses_it_for_fp32_models_on_the_cpu_only(tokenizer, monkeypatch
     model.generate(image_embeds=image_embeds, max_new_tokens=2)
     assert routings == [model]
     model.to(torch.bfloat16).generate(image_embeds=image_embeds.bfloat16(), max_new_tokens=2)
-    assert routings == [model]  # other devices: test_cpu_inference_kernels_change_nothing_for_bf16_or_non_cpu_models
+    assert routings == [model]  # other devices: test_cpu_linear_kernels_change_nothing_for_bf16_or_non_cpu_models
 
 
 def test_generate_follows_the_measured_choice(tokenizer, measured, routings):
@@ -373,7 +370,7 @@ def test_no_onednn_and_no_measurement_where_it_is_unavailable(tokenizer, monkeyp
         assert linear_kernel_times(16, 24) is None
         assert cpu_linear_choice(model) == "default"
         layer = model.language_model.lm_head
-        with torch.no_grad(), cpu_inference_kernels(model):
+        with torch.no_grad(), cpu_linear_kernels(model):
             _, ops = ops_run(lambda: layer(torch.randn(2, layer.in_features)))
         assert ONEDNN_OP not in ops
 
@@ -388,13 +385,13 @@ def test_no_onednn_and_no_measurement_where_it_is_unavailable(tokenizer, monkeyp
     assert measured == []
 
 
-def test_cpu_inference_kernels_measures_the_language_models_widths(tokenizer, measured):
+def test_cpu_linear_kernels_measures_the_language_models_widths(tokenizer, measured):
     model = tiny_model(tokenizer)
     vocab_size, hidden = model.get_input_embeddings().weight.shape
     layer = model.language_model.lm_head
 
     def routed():
-        with torch.no_grad(), cpu_inference_kernels(model):
+        with torch.no_grad(), cpu_linear_kernels(model):
             _, ops = ops_run(lambda: layer(torch.randn(2, hidden)))
         return ONEDNN_OP in ops
 
@@ -415,7 +412,7 @@ def test_cpu_inference_kernels_measures_the_language_models_widths(tokenizer, me
         assert measured == [(hidden, 4 * hidden, 16), (hidden, vocab_size, 16)]  # once: the second call reused them
 
 
-def test_cpu_inference_kernels_change_nothing_for_bf16_or_non_cpu_models(tokenizer, monkeypatch, measured, routings):
+def test_cpu_linear_kernels_change_nothing_for_bf16_or_non_cpu_models(tokenizer, monkeypatch, measured, routings):
     model = tiny_model(tokenizer)
     vocab_size, hidden = model.get_input_embeddings().weight.shape
     measured.times.update({(hidden, 4 * hidden): (2.0, 1.0), (hidden, vocab_size): (2.0, 1.0)})
@@ -423,16 +420,16 @@ def test_cpu_inference_kernels_change_nothing_for_bf16_or_non_cpu_models(tokeniz
         monkeypatch.setenv(CPU_LINEAR_ENV, override)
         model.to(torch.bfloat16)
         assert cpu_linear_choice(model) == "default"
-        with cpu_inference_kernels(model):
+        with cpu_linear_kernels(model):
             pass
         model.float()
         with monkeypatch.context() as patched:
             patched.setattr(type(model), "device", property(lambda self: torch.device("cuda")))
             assert cpu_linear_choice(model) == "default"
-            with cpu_inference_kernels(model):
+            with cpu_linear_kernels(model):
                 pass
     assert measured == [] and routings == []
-    with cpu_inference_kernels(model):  # the fp32 model on the CPU
+    with cpu_linear_kernels(model):  # the fp32 model on the CPU
         pass
     assert routings == [model]
 
@@ -449,7 +446,7 @@ def test_the_environment_variable_overrides_the_measurement(tokenizer, monkeypat
         monkeypatch.setenv(CPU_LINEAR_ENV, override)
         assert cpu_linear_choice(model) == choice
         routings.clear()
-        with cpu_inference_kernels(model):
+        with cpu_linear_kernels(model):
             pass
         assert routings == ([model] if choice == "onednn" else [])
     assert measured == []  # forced: nothing timed
@@ -458,7 +455,7 @@ def test_the_environment_variable_overrides_the_measurement(tokenizer, monkeypat
         assert cpu_linear_choice(model) == "onednn"  # measured: 2.0 s against 1.0 s
     assert len(measured) == 2
     monkeypatch.setenv(CPU_LINEAR_ENV, "mkl")
-    with pytest.raises(ValueError, match=CPU_LINEAR_ENV), cpu_inference_kernels(model):
+    with pytest.raises(ValueError, match=CPU_LINEAR_ENV), cpu_linear_kernels(model):
         pass
 
 
@@ -468,7 +465,7 @@ def test_a_block_held_over_generate_calls_packs_each_weight_once(tokenizer, monk
     image_embeds = torch.randn(3, model.config.prefix_dim, generator=torch.Generator().manual_seed(0))
     expected = model.generate(image_embeds=image_embeds, max_new_tokens=4)
     linear_layers = sum(type(module) in (nn.Linear, Conv1D) for module in model.modules())
-    with torch.no_grad(), cpu_inference_kernels(model, prepack=True):
+    with torch.no_grad(), cpu_linear_kernels(model, prepack=True):
         first, first_ops = ops_run(lambda: model.generate(image_embeds=image_embeds, max_new_tokens=4))
         second, second_ops = ops_run(lambda: model.generate(image_embeds=image_embeds, max_new_tokens=4))
     # Each layer the images and tokens go through (not the vision tower's: the embeddings are given) packed once.
@@ -476,40 +473,6 @@ def test_a_block_held_over_generate_calls_packs_each_weight_once(tokenizer, monk
     assert ONEDNN_OP in second_ops
     assert torch.equal(first, expected) and torch.equal(second, expected)
     assert all("forward" not in vars(module) for module in model.modules())
-
-
-def test_fused_gelu_new_computes_the_same_formula_in_one_kernel():
-    torch.manual_seed(0)
-    activation, inputs = NewGELUActivation(), torch.randn(4, 64) * 4
-    expected = activation(inputs)  # transformers' seven operations
-    model = nn.Sequential(nn.Linear(64, 64), activation)
-
-    class Subclass(NewGELUActivation):
-        pass
-
-    subclass = Subclass()
-    with fused_gelu_new(nn.Sequential(model, subclass)):
-        result, ops = ops_run(lambda: activation(inputs))
-        _, subclass_ops = ops_run(lambda: subclass(inputs))
-    assert "aten::gelu" in ops and "aten::tanh" not in ops
-    assert "aten::tanh" in subclass_ops  # a subclass computes as it says
-    torch.testing.assert_close(result, expected, rtol=1e-6, atol=1e-6)
-    assert torch.equal(result, F.gelu(inputs, approximate="tanh"))
-    assert "forward" not in vars(activation)
-
-
-def test_generate_computes_gelu_new_fused_on_the_cpu_with_the_same_captions(tokenizer, monkeypatch):
-    monkeypatch.setenv(CPU_LINEAR_ENV, "default")  # the activation alone
-    model = tiny_model(tokenizer)
-    assert any(type(module) is NewGELUActivation for module in model.modules())
-    image_embeds = torch.randn(4, model.config.prefix_dim, generator=torch.Generator().manual_seed(0))
-    for num_beams in (1, 3):
-        with monkeypatch.context() as unfused:  # generate with transformers' own activation
-            unfused.setattr(onednn, "fused_gelu_new", lambda model: contextlib.nullcontext())
-            expected, usual_ops = ops_run(lambda: model.generate(image_embeds=image_embeds, num_beams=num_beams))
-        result, ops = ops_run(lambda: model.generate(image_embeds=image_embeds, num_beams=num_beams))
-        assert "aten::gelu" in ops and "aten::gelu" not in usual_ops
-        assert torch.equal(result, expected)
 
 
 def test_the_image_token_is_suppressed_by_index_with_the_same_scores(tokenizer):

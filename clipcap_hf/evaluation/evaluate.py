@@ -16,7 +16,7 @@ from huggingface_hub import EvalResult, ModelCard
 from tqdm.auto import tqdm
 
 from ..image_processing_clipcap import load_image
-from ..onednn import cpu_inference_kernels
+from ..onednn import cpu_linear_kernels
 from ..utils.file_utils import escape_controls, write_text_atomically
 from .metrics import (
     CLIP_METRIC_NAMES,
@@ -110,7 +110,7 @@ def iter_captions(
     with a `reranker`. One caption per image (not the generation config's `num_return_sequences`, which would
     decode captions that are dropped).
 
-    Until the generator is exhausted or closed, it holds one `cpu_inference_kernels(model, prepack=True)` block (see
+    Until the generator is exhausted or closed, it holds one `cpu_linear_kernels(model, prepack=True)` block (see
     `clipcap_hf.onednn`): on the CPU in fp32 where oneDNN computes the linear layers, each weight is packed once for
     all the batches, and the model's layers stay routed (and the packed copies kept) between batches; a consumer
     that stops early should close it (`contextlib.closing`) to end the block at once.
@@ -124,7 +124,7 @@ def iter_captions(
         tqdm(total=len(image_paths), unit="image", desc="Captioning", disable=len(image_paths) <= batch_size) as bar,
         # Over all the batches, not per batch: each weight is packed once. Entered after the captioner has moved the
         # model to its device and dtype, which decide the kernels.
-        cpu_inference_kernels(captioner.model, prepack=True),
+        cpu_linear_kernels(captioner.model, prepack=True),
     ):
         for start in range(0, len(image_paths), batch_size):
             paths = list(image_paths[start : start + batch_size])

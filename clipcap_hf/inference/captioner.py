@@ -149,7 +149,7 @@ class ClipCapCaptioner:
     generated per image, and `clip_score` when reranking.
 
     Each call is one batch. A caller looping over many batches in one process can wrap the loop in
-    `clipcap_hf.onednn.cpu_inference_kernels(captioner.model, prepack=True)`, as `caption_dataset_to_parquet` does:
+    `clipcap_hf.onednn.cpu_linear_kernels(captioner.model, prepack=True)`, as `caption_dataset_to_parquet` does:
     on the CPU in fp32, each weight is then packed for oneDNN once for the whole loop instead of the plain weights
     being reordered at every product (the packed copies, as large as the weights, are freed when the block ends).
 

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..onednn import cpu_inference_kernels
+from ..onednn import cpu_linear_kernels
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from .captioner import ClipCapCaptioner
 
@@ -143,7 +143,7 @@ def caption_dataset_to_parquet(
         seed: seeds `torch` with `seed + i` before input shard i, so that sampled captions do not depend on which
             process captions a shard, or on whether the run was resumed.
 
-    The run holds one `cpu_inference_kernels(captioner.model, prepack=True)` block (see `clipcap_hf.onednn`): on the
+    The run holds one `cpu_linear_kernels(captioner.model, prepack=True)` block (see `clipcap_hf.onednn`): on the
     CPU in fp32 where oneDNN computes the linear layers, each weight is packed once for the whole run, and the
     packed copies (as large as the weights) are freed when it returns.
     """
@@ -165,7 +165,7 @@ def caption_dataset_to_parquet(
     # One block over the whole run: on the CPU, each weight is packed for oneDNN once, not once per batch.
     with (
         tqdm(total=total, unit="image", desc=description, dynamic_ncols=True) as bar,
-        cpu_inference_kernels(captioner.model, prepack=True),
+        cpu_linear_kernels(captioner.model, prepack=True),
     ):
         for index, name, shard in shards:
             if seed is not None:
