@@ -1,4 +1,5 @@
-"""Helpers the benchmark scripts share: the machine's name and measured rates, and wall-clock timing."""
+"""Helpers the benchmark scripts share: the machine's name and measured rates, wall-clock timing, and the paper's
+language model."""
 
 from __future__ import annotations
 
@@ -19,6 +20,24 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def use_seven_operation_gelu_new(language_model: torch.nn.Module) -> None:
+    """
+    Put transformers' `gelu_new` (`NewGELUActivation`, seven elementwise operations) back in `language_model`, in
+    place of the fused tanh-GELU that ClipCap models compute it with: GPT-2 as transformers builds it and the paper's
+    code ran it, for the reference loops.
+    """
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    fused = [
+        (parent, name)
+        for parent in language_model.modules()
+        for name, child in parent.named_children()
+        if type(child) is GELUTanh
+    ]
+    for parent, name in fused:
+        setattr(parent, name, NewGELUActivation())
 
 
 def call_seconds(function: Callable[[], object]) -> float:
