@@ -16,6 +16,7 @@ from transformers.trainer import TRAINER_STATE_NAME
 
 from ..data import image_inputs
 from ..evaluation.metrics import compute_caption_metrics
+from ..onednn import cpu_linear_kernels
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import give_files_the_umask_mode, read_json, write_text_atomically
 
@@ -33,17 +34,20 @@ def caption_dataset(
 ) -> list[str]:
     """
     Caption each row of `images`: rows with `image_index` into `image_embeds` (the embedding cache), or rows with an
-    `image` or `image_path`. Returns the decoded, stripped captions in row order.
+    `image` or `image_path`. Returns the decoded, stripped captions in row order. On the CPU the weights are packed
+    for oneDNN once for all the batches, where it is chosen (`cpu_linear_kernels`): they do not change until it
+    returns.
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     captions: list[str] = []
-    for start in range(0, len(images), batch_size):
-        rows = [images[index] for index in range(start, min(start + batch_size, len(images)))]
-        inputs = image_inputs(rows, processor.image_processor, image_embeds)
-        generated = model.generate(**{name: value.to(device) for name, value in inputs.items()}, **generate_kwargs)
-        captions.extend(processor.post_process_image_text_to_text(generated))
+    with cpu_linear_kernels(model, prepack=True):
+        for start in range(0, len(images), batch_size):
+            rows = [images[index] for index in range(start, min(start + batch_size, len(images)))]
+            inputs = image_inputs(rows, processor.image_processor, image_embeds)
+            generated = model.generate(**{name: value.to(device) for name, value in inputs.items()}, **generate_kwargs)
+            captions.extend(processor.post_process_image_text_to_text(generated))
     model.train(was_training)
     return captions
 
