@@ -175,7 +175,8 @@ def test_caption_files_give_one_caption_by_default_whatever_the_generation_confi
 
 def test_caption_files_sampling_with_a_seed_matches_generate(tmp_path, captioning, captioning_dir, capsys,
                                                              monkeypatch):
-    # oneDNN's first measurement in a process draws from torch's global generator (clipcap_hf/onednn.py): kept out.
+    # PyTorch's own kernels on both sides: a captioning run holds oneDNN weights packed, a lone generate() plain
+    # ones, and sampling may tell their rounding apart.
     monkeypatch.setenv("CLIPCAP_CPU_LINEAR", "default")
     model, processor = captioning
     image = random_images(1, seed=25)[0]
