@@ -45,9 +45,13 @@ def onednn_linear_available() -> bool:
         return False
     if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
         return False
-    try:  # private to the inductor backend (its `freezing` path), so looked up rather than assumed
-        torch.ops.mkldnn._linear_pointwise.default
-        torch.ops.mkldnn._reorder_linear_weight
+    return _has_mkldnn_op("_linear_pointwise")
+
+
+def _has_mkldnn_op(name: str) -> bool:
+    # Private to the inductor backend (its `freezing` path), so looked up rather than assumed.
+    try:
+        getattr(torch.ops.mkldnn, name)
     except (AttributeError, RuntimeError):
         return False
     return True
@@ -173,7 +177,8 @@ def onednn_linear(model: nn.Module, prepack: bool = False) -> Iterator[None]:
     if not onednn_linear_available():
         yield
         return
-    packs = {} if prepack else None
+    # A PyTorch with the linear kernel but not the reorder computes from plain weights.
+    packs = {} if prepack and _has_mkldnn_op("_reorder_linear_weight") else None
     routed = {
         layer: functools.partial(_routed_forward, layer, layer.forward, packs)
         for layer in model.modules()

@@ -488,3 +488,15 @@ def test_the_image_token_is_suppressed_by_index_with_the_same_scores(tokenizer):
     result = modeling_clipcap._SuppressTokensByIndex(suppressed)(None, scores)
     assert torch.equal(result, expected) and result[:, [image_token_id, 0]].isneginf().all()
     assert not scores.isinf().any()  # the scores given are left as they were
+
+
+def test_a_pytorch_without_the_reorder_computes_from_plain_weights(monkeypatch):
+    has_op = onednn._has_mkldnn_op
+    monkeypatch.setattr(onednn, "_has_mkldnn_op", lambda name: name != "_reorder_linear_weight" and has_op(name))
+    assert onednn_linear_available()
+    layer = nn.Linear(16, 8)
+    inputs = torch.randn(3, 16)
+    with torch.no_grad(), onednn_linear(layer, prepack=True):
+        result, ops = ops_run(lambda: layer(inputs))
+    assert ONEDNN_OP in ops and PACK_OP not in ops
+    torch.testing.assert_close(result, F.linear(inputs, layer.weight, layer.bias).detach(), rtol=1e-5, atol=1e-5)
