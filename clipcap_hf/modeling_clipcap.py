@@ -410,7 +410,7 @@ class _SuppressTokensByIndex(SuppressTokensLogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self._kept_for != (scores.shape[-1], scores.device):  # once per call of `generate`
-            tokens = self.suppress_tokens.to(scores.device)
+            tokens = self.suppress_tokens.to(scores.device, torch.long)  # an empty list makes a float tensor
             self._kept_tokens = tokens[(tokens >= 0) & (tokens < scores.shape[-1])]
             self._kept_for = (scores.shape[-1], scores.device)
         return scores.index_fill(-1, self._kept_tokens, -math.inf)
@@ -422,7 +422,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     prefix vectors, and a causal language model that continues the prefix with a caption.
 
     The vision tower is frozen on construction (`freeze_vision_model`); the language model trains unless
-    [`~ClipCapForConditionalGeneration.freeze_language_model`] is called. Frozen parts stay in eval mode when the
+    [`~ClipCapForConditionalGeneration.freeze_language_model`] is called. GPT-2's `gelu_new` activations are computed
+    fused (`gelu_pytorch_tanh`, equal within float rounding): a `language_model` passed in has its `NewGELUActivation`
+    modules replaced in place, and hooks registered on them no longer run. Frozen parts stay in eval mode when the
     model is put in training mode, so a frozen language model runs without dropout.
     """
 

@@ -9,11 +9,11 @@ against MKL's 218), while on an Intel Sapphire Rapids it made greedy generation 
 model's widths (`onednn_is_faster`, once per process and shape), and routes through oneDNN only where it is clearly
 faster. The results are fp32 products summed in another order, so they equal MKL's within float rounding.
 
-Prepacking (`onednn_linear(model, prepack=True)`): oneDNN reads a weight fastest in its own blocked layout, and
-reorders a plain weight into it at every product; from packed weights GPT-2 small's layers took 11.1 ms at 16 rows
-instead of 17.7. Packing them costs about 0.2 s and a copy of the weights, so it pays over many decoding steps (a
-captioning run over many batches) and the packed copies live only as long as the block: weights can change between
-blocks (training, merging adapters) without a packed copy going stale. `generate()` alone runs on plain weights.
+Prepacking (`onednn_linear(model, prepack=True)`): oneDNN reads a weight fastest in its own blocked layout, and reorders
+a plain weight into it at every product; from packed weights GPT-2 small's layers took 11.1 ms at 16 rows instead of
+17.7. Packing them costs 0.2 to 0.3 s and a copy of the weights, so it pays over many decoding steps (a captioning run
+over many batches) and the packed copies live only as long as the block: weights can change between blocks (training,
+merging adapters) without a packed copy going stale. `generate()` alone runs on plain weights.
 
 Saved models carry this file with the modeling code (for `trust_remote_code`), so it needs nothing beyond torch,
 transformers and the standard library.
@@ -49,9 +49,10 @@ def onednn_linear_available() -> bool:
 
 
 def _has_mkldnn_op(name: str) -> bool:
-    # Private to the inductor backend (its `freezing` path), so looked up rather than assumed.
+    # Private to the inductor backend (its `freezing` path), so looked up rather than assumed; the default overload is
+    # the one called.
     try:
-        getattr(torch.ops.mkldnn, name)
+        getattr(torch.ops.mkldnn, name).default
     except (AttributeError, RuntimeError):
         return False
     return True
