@@ -2,6 +2,7 @@
 
 import logging
 import os
+from contextlib import contextmanager
 from unittest import mock
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -400,3 +401,25 @@ def count_vision_images(model):
         return original(pixel_values=pixel_values, **kwargs)
 
     return seen, mock.patch.object(model.vision_model, "forward", counting_forward)
+
+
+PACK_OP = "mkldnn::_reorder_linear_weight"  # oneDNN packing a weight into its blocked layout
+
+
+def packs_run(function):
+    """The result of `function()` and how many weights it packed for oneDNN."""
+    with torch.profiler.profile() as profiler:
+        result = function()
+    return result, sum(event.name == PACK_OP for event in profiler.events())
+
+
+@contextmanager
+def mkldnn_disabled():
+    """PyTorch's own kernels (MKL) within the block. Set directly: `torch.backends.mkldnn.flags()` warns about TF32 on
+    every call."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = enabled

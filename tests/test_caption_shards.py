@@ -13,7 +13,7 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import distinct_captioning_model, random_images, tiny_processor
+from conftest import distinct_captioning_model, mkldnn_disabled, packs_run, random_images, tiny_processor
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor, onednn
 from clipcap_hf.commands import main
@@ -305,16 +305,6 @@ def test_caption_offers_every_dataset_format_the_loaders_read():
     assert sorted(DATASET_FORMATS) == sorted(LOADER_FORMATS)
 
 
-PACK_OP = "mkldnn::_reorder_linear_weight"  # oneDNN packing a weight into its blocked layout
-
-
-def packs_run(function):
-    """The result of `function()` and how many weights it packed for oneDNN."""
-    with torch.profiler.profile() as profiler:
-        result = function()
-    return result, sum(event.name == PACK_OP for event in profiler.events())
-
-
 @pytest.mark.skipif(not onednn_linear_available(), reason="needs PyTorch with oneDNN on x86-64")
 def test_a_run_packs_each_weight_once_and_gives_the_captions_of_plain_kernels(
     model_dir, parquet_source, tmp_path, monkeypatch
@@ -345,11 +335,7 @@ def test_a_run_packs_each_weight_once_and_gives_the_captions_of_plain_kernels(
     captions, packs = packs_run(lambda: run(tmp_path / "onednn"))
     assert packs == one_batch > 0  # once per run, not per batch or shard
     assert all("forward" not in vars(module) for module in model.modules())  # the block ended with the run
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False  # PyTorch's own kernels; set directly: `flags()` warns about TF32
-    try:
+    with mkldnn_disabled():
         plain_captions = run(tmp_path / "plain")
-    finally:
-        torch.backends.mkldnn.enabled = enabled
     assert captions == plain_captions
     assert len({caption for _, caption in captions}) > 1  # captions that tell a reordering apart

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import distinct_captioning_model, random_images, tiny_model
+from conftest import distinct_captioning_model, mkldnn_disabled, packs_run, random_images, tiny_model
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor, onednn
 from clipcap_hf.commands import main
@@ -286,16 +286,6 @@ def test_generate_captions_gives_one_caption_per_image_whatever_the_generation_c
     assert generated_rows == [3]  # no caption decoded only to be dropped
 
 
-PACK_OP = "mkldnn::_reorder_linear_weight"  # oneDNN packing a weight into its blocked layout
-
-
-def packs_run(function):
-    """The result of `function()` and how many weights it packed for oneDNN."""
-    with torch.profiler.profile() as profiler:
-        result = function()
-    return result, sum(event.name == PACK_OP for event in profiler.events())
-
-
 @pytest.mark.skipif(not onednn_linear_available(), reason="needs PyTorch with oneDNN on x86-64")
 def test_captioning_in_batches_packs_each_weight_once_and_gives_the_captions_of_plain_kernels(
     tokenizer, processor, tmp_path, monkeypatch
@@ -314,12 +304,8 @@ def test_captioning_in_batches_packs_each_weight_once_and_gives_the_captions_of_
     captions, packs = packs_run(lambda: generate_captions(model, processor, paths, batch_size=2, max_new_tokens=4))
     assert packs == one_batch > 0  # once per run, not per batch
     assert all("forward" not in vars(module) for module in model.modules())  # the block ended with the batches
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False  # PyTorch's own kernels; set directly: `flags()` warns about TF32
-    try:
+    with mkldnn_disabled():
         assert generate_captions(model, processor, paths, batch_size=2, max_new_tokens=4) == captions
-    finally:
-        torch.backends.mkldnn.enabled = enabled
     assert len(set(captions)) > 1  # captions that tell a reordering apart
 
 

@@ -1,10 +1,9 @@
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_model
+from conftest import PACK_OP, mkldnn_disabled, tiny_model
 from torch import nn
 from torch.profiler import profile
 from transformers.generation import SuppressTokensLogitsProcessor
@@ -23,7 +22,6 @@ from clipcap_hf.onednn import (
 pytestmark = pytest.mark.skipif(not onednn_linear_available(), reason="needs PyTorch with oneDNN on x86-64")
 
 ONEDNN_OP = "mkldnn::_linear_pointwise"
-PACK_OP = "mkldnn::_reorder_linear_weight"
 
 
 @pytest.fixture(autouse=True)
@@ -70,17 +68,6 @@ def routings(monkeypatch):
 
     monkeypatch.setattr(onednn, "onednn_linear", recording)
     return entered
-
-
-@contextmanager
-def mkldnn_disabled():
-    # Set directly: `torch.backends.mkldnn.flags()` warns about TF32 on every call.
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = enabled
 
 
 def ops_run(function):

@@ -11,7 +11,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import CAPTIONED_IMAGES, tiny_model, tiny_processor
+from conftest import CAPTIONED_IMAGES, mkldnn_disabled, packs_run, tiny_model, tiny_processor
 from transformers import AutoConfig, AutoProcessor, LlamaConfig, TrainerCallback, TrainingArguments
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
@@ -938,7 +938,6 @@ def test_a_lora_run_continues_training_its_adapters(tmp_path, model_dir, caption
 
 def test_captioning_a_dataset_packs_each_weight_once_with_the_captions_of_plain_kernels(tokenizer, monkeypatch):
     import datasets
-    from torch.profiler import profile
 
     from clipcap_hf import onednn
     from clipcap_hf.training import caption_dataset
@@ -951,20 +950,11 @@ def test_captioning_a_dataset_packs_each_weight_once_with_the_captions_of_plain_
     image_embeds = torch.randn(5, model.config.prefix_dim, generator=torch.Generator().manual_seed(0))
     rows = datasets.Dataset.from_dict({"image_index": list(range(5))})
 
-    def packs_run(function):
-        with profile() as profiler:
-            result = function()
-        return result, sum(event.name == "mkldnn::_reorder_linear_weight" for event in profiler.events())
-
     first_row = rows.select([0])
     _, one_batch = packs_run(lambda: caption_dataset(model, processor, first_row, image_embeds, max_new_tokens=3))
     captions, packs = packs_run(lambda: caption_dataset(model, processor, rows, image_embeds, 2, max_new_tokens=3))
     assert packs == one_batch > 0  # 3 batches, each weight packed once
     assert all("forward" not in vars(module) for module in model.modules())
-    enabled = torch.backends.mkldnn.enabled
-    torch.backends.mkldnn.enabled = False  # PyTorch's own kernels; set directly: `flags()` warns about TF32
-    try:
+    with mkldnn_disabled():
         assert caption_dataset(model, processor, rows, image_embeds, 2, max_new_tokens=3) == captions
-    finally:
-        torch.backends.mkldnn.enabled = enabled
     assert len(set(captions)) > 1
