@@ -30,14 +30,9 @@ def use_seven_operation_gelu_new(language_model: torch.nn.Module) -> None:
     """
     from transformers.activations import GELUTanh, NewGELUActivation
 
-    fused = [
-        (parent, name)
-        for parent in language_model.modules()
-        for name, child in parent.named_children()
-        if type(child) is GELUTanh
-    ]
-    for parent, name in fused:
-        setattr(parent, name, NewGELUActivation())
+    from clipcap_hf.modeling_clipcap import replace_modules
+
+    replace_modules(language_model, GELUTanh, NewGELUActivation)
 
 
 def call_seconds(function: Callable[[], object]) -> float:

@@ -5,6 +5,7 @@ import copy
 import inspect
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -387,14 +388,16 @@ def _fuse_gelu_new(language_model: nn.Module) -> None:
     less time, and a decoding step at 16 rows about 2 ms less. The language model's config is left as it is, so saved
     folders are unchanged. Activations of other classes, subclasses included, are kept.
     """
-    replaced = [
-        (parent, name)
-        for parent in language_model.modules()
-        for name, child in parent.named_children()
-        if type(child) is NewGELUActivation
+    replace_modules(language_model, NewGELUActivation, lambda: ACT2FN["gelu_pytorch_tanh"])
+
+
+def replace_modules(root: nn.Module, kind: type[nn.Module], make: Callable[[], nn.Module]) -> None:
+    """Replace every module of exactly class `kind` under `root` (not `root` itself) by a new `make()`."""
+    found = [
+        (parent, name) for parent in root.modules() for name, child in parent.named_children() if type(child) is kind
     ]
-    for parent, name in replaced:
-        setattr(parent, name, ACT2FN["gelu_pytorch_tanh"])
+    for parent, name in found:
+        setattr(parent, name, make())
 
 
 class _SuppressTokensByIndex(SuppressTokensLogitsProcessor):
