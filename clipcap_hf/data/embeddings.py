@@ -129,17 +129,19 @@ def load_embeddings_info(directory: PathLike) -> dict[str, Any]:
             raise ValueError(
                 f"{directory} is an embedding cache of an earlier version of clipcap_hf (image keys and embeddings, "
                 "no captions, no info file), which cannot be read as an embeddings folder. Rebuild it from its source: "
-                f"`clipcap embed --model MODEL --train_file SOURCE --output NEW_FOLDER` (or train from the source "
+                "`clipcap embed --model MODEL --train_file SOURCE --output NEW_FOLDER`, or in Python `embed_source("
+                "load_image_source(data_files=SOURCE), model, image_processor, NEW_FOLDER)` (or train from the source "
                 "itself); the old folder can then be deleted."
             )
         raise FileNotFoundError(
-            f"{directory} is no embeddings folder (it has no {EMBEDDINGS_INFO_NAME}); write one with `clipcap embed`."
+            f"{directory} is no embeddings folder (it has no {EMBEDDINGS_INFO_NAME}); write one with `clipcap embed` "
+            "or `embed_source`."
         )
     info = read_json(info_path)
     if info.get("version") != EMBEDDINGS_VERSION:
         raise ValueError(
             f"{directory} was written by another version of clipcap_hf (format {info.get('version')}, this one reads "
-            f"{EMBEDDINGS_VERSION}); rebuild it with `clipcap embed`."
+            f"{EMBEDDINGS_VERSION}); rebuild it with `clipcap embed` or `embed_source`."
         )
     return info
 
