@@ -27,6 +27,7 @@ import math
 import os
 import platform
 import time
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -120,33 +121,57 @@ def _onednn_linear(
     return outputs.view(*inputs.shape[:-1], weight.shape[0])
 
 
-def _routed_forward(
-    layer: nn.Linear | Conv1D, usual_forward: Callable, packs: dict | None, inputs: torch.Tensor
-) -> torch.Tensor:
-    """A linear layer's forward through oneDNN (on its packed weight with `packs`), or its usual forward where that
-    does not apply."""
-    weight = layer.weight.T if isinstance(layer, Conv1D) else layer.weight  # Conv1D stores (in, out)
-    if (
-        torch.is_grad_enabled()
-        or _cpu_autocast_enabled()
-        # Inside a graph `torch.compile` traces, its backend picks the kernels.
-        or torch.compiler.is_compiling()
-        or not _onednn_computes(inputs, weight, layer.bias)
-    ):
-        return usual_forward(inputs)
-    packed = None if packs is None else _packed_weight(layer, weight, packs)
-    return _onednn_linear(inputs, weight, layer.bias, packed)
+class _RoutedForward:
+    """
+    A linear layer's forward within an `onednn_linear` block: through oneDNN (on its packed weight with `packs`), or
+    its usual forward where that does not apply. A copy or pickle of the layer made within the block (`copy.deepcopy`,
+    `torch.save` of the whole model) gets the layer's own forward instead: the routing and the packed weights, which
+    cannot be copied, belong to the block.
+    """
+
+    __slots__ = ("layer", "usual_forward", "packs")
+
+    def __init__(self, layer: nn.Linear | Conv1D, packs: dict | None):
+        self.layer, self.usual_forward, self.packs = layer, layer.forward, packs
+
+    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+        layer = self.layer
+        weight = layer.weight.T if isinstance(layer, Conv1D) else layer.weight  # Conv1D stores (in, out)
+        if (
+            torch.is_grad_enabled()
+            or _cpu_autocast_enabled()
+            # Inside a graph `torch.compile` traces, its backend picks the kernels.
+            or torch.compiler.is_compiling()
+            or not _onednn_computes(inputs, weight, layer.bias)
+        ):
+            return self.usual_forward(inputs)
+        packed = None if self.packs is None else _packed_weight(layer, weight, self.packs)
+        return _onednn_linear(inputs, weight, layer.bias, packed)
+
+    def __reduce__(self):
+        # Used by `copy.deepcopy` and `pickle` alike. Called while the copied layer's attributes are being restored,
+        # before a `forward` is among them: this finds its class's forward, bound to the copy.
+        return getattr, (self.layer, "forward")
+
+
+def _forward_replaced(module: nn.Module) -> bool:
+    """Whether `module.forward` is replaced on the instance (by accelerate's hooks, or an enclosing block)."""
+    forward = module.__dict__.get("forward")
+    # A layer copied or unpickled from within a block holds its class's own forward, bound to itself
+    # (`_RoutedForward.__reduce__`): as good as none.
+    own = (
+        isinstance(forward, types.MethodType)
+        and forward.__self__ is module
+        and forward.__func__ is type(module).forward
+    )
+    return forward is not None and not own
 
 
 def _routable(module: nn.Module) -> bool:
     # Exactly these classes (subclasses and wrappers such as quantized or LoRA layers compute otherwise; a LoRA
     # layer's base layer and adapters are plain `nn.Linear`s and are routed themselves), with their weight a
-    # parameter, and no forward replaced on the instance (accelerate's hooks, or an enclosing block).
-    return (
-        type(module) in (nn.Linear, Conv1D)
-        and type(module.weight) is nn.Parameter
-        and "forward" not in module.__dict__
-    )
+    # parameter, and no forward replaced on the instance.
+    return type(module) in (nn.Linear, Conv1D) and type(module.weight) is nn.Parameter and not _forward_replaced(module)
 
 
 @contextmanager
@@ -180,11 +205,7 @@ def onednn_linear(model: nn.Module, prepack: bool = False) -> Iterator[None]:
         return
     # A PyTorch with the linear kernel but not the reorder computes from plain weights.
     packs = {} if prepack and _has_mkldnn_op("_reorder_linear_weight") else None
-    routed = {
-        layer: functools.partial(_routed_forward, layer, layer.forward, packs)
-        for layer in model.modules()
-        if _routable(layer)
-    }
+    routed = {layer: _RoutedForward(layer, packs) for layer in model.modules() if _routable(layer)}
     with _forwards_replaced(routed):
         yield
 

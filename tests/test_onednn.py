@@ -1,3 +1,5 @@
+import copy
+import pickle
 from types import SimpleNamespace
 
 import pytest
@@ -251,6 +253,27 @@ def test_a_forward_replaced_within_the_block_is_kept_at_its_end():
     with onednn_linear(layer):
         layer.forward = hooked
     assert vars(layer)["forward"] is hooked
+
+
+def test_a_copy_or_pickle_made_within_the_block_computes_as_usual_and_can_be_routed_again():
+    model = nn.Sequential(nn.Linear(16, 8), Conv1D(16, 8))
+    inputs = torch.randn(2, 16)
+    with torch.no_grad():
+        expected = model(inputs)
+        with onednn_linear(model, prepack=True):
+            model(inputs)  # packs both weights: packed copies cannot be deep-copied or pickled
+            clones = {"deepcopy": copy.deepcopy(model), "pickle": pickle.loads(pickle.dumps(model))}
+    for how, clone in clones.items():
+        for layer in clone:
+            assert vars(layer)["forward"].__self__ is layer, how  # its own forward, not the original's routing
+        with torch.no_grad():
+            result, ops = ops_run(lambda: clone(inputs))
+            assert ONEDNN_OP not in ops, how
+            torch.testing.assert_close(result, expected)
+            with onednn_linear(clone):
+                routed, ops = ops_run(lambda: clone(inputs))
+        assert ops.count(ONEDNN_OP) == 2, how
+        torch.testing.assert_close(routed, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_nested_blocks_route_once_and_restore_at_the_outer_end():
