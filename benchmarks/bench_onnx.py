@@ -5,7 +5,8 @@ images, greedy or with `--num-beams`.
 The model is GPT-2 small sized with random weights and no EOS (as in bench_generate.py), so every caption runs the
 full length and every side makes the same number of decoder steps; it reads 512-d CLIP embeddings (the
 `mapping_network.onnx` entry), so the timings are the language model's. Token agreement: the fraction of images whose
-caption tokens equal PyTorch fp32's (fp32 ONNX must give 1.0; int8 shows what quantization changes).
+caption tokens equal PyTorch fp32's (fp32 ONNX must give 1.0; int8 shows what quantization changes). ONNX Runtime
+runs with as many threads as PyTorch (`torch.get_num_threads()`).
 
 Prints one JSON line.
 """
@@ -21,6 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import onnxruntime
 import torch
 from _common import cpu_name
 from transformers import GPT2Config
@@ -77,10 +79,14 @@ def main() -> None:
         quantize_graphs({name: per_tensor_folder / "onnx" / f"{name}.onnx" for name in GRAPHS}, per_channel=False)
         tokens = {}
         embeds = image_embeds.numpy()
+        # ONNX Runtime's thread pool ignores OMP_NUM_THREADS: as many threads as PyTorch's, for a like comparison.
+        session_options = onnxruntime.SessionOptions()
+        session_options.intra_op_num_threads = torch.get_num_threads()
+        session_options.log_severity_level = 3
         for name, captioner_folder, quantized in (
             ("onnx_fp32", folder, False), ("onnx_int8", folder, True), ("onnx_int8_per_tensor", per_tensor_folder, True)
         ):
-            captioner = OnnxCaptioner(captioner_folder, quantized=quantized)
+            captioner = OnnxCaptioner(captioner_folder, quantized=quantized, session_options=session_options)
             results[name], tokens[name] = captions_per_second(
                 lambda captioner=captioner: captioner.generate(
                     image_embeds=embeds, max_new_tokens=args.new_tokens, num_beams=args.num_beams

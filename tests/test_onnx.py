@@ -324,3 +324,17 @@ def test_greedy_without_eos_or_pad_token_runs_to_the_length_limit_in_integers(on
     expected = model.generate(image_embeds=image_embeds, do_sample=False, max_new_tokens=6, min_new_tokens=6)
     assert tokens == expected[:, PREFIX_LENGTH:].tolist()
     assert all(type(token) is int for row in tokens for token in row)
+
+
+def test_session_options_reach_every_graph_and_change_no_token(onnx_export, captioner):
+    import onnxruntime
+
+    model, _, exported = onnx_export
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1
+    single_thread = OnnxCaptioner(exported, session_options=options)
+    assert set(single_thread.sessions) == set(GRAPHS)
+    assert all(session.get_session_options().intra_op_num_threads == 1 for session in single_thread.sessions.values())
+    assert all(session.get_session_options().intra_op_num_threads == 0 for session in captioner.sessions.values())
+    image_embeds = torch.randn(3, model.config.prefix_dim, generator=torch.Generator().manual_seed(5)).numpy()
+    assert single_thread.generate(image_embeds=image_embeds) == captioner.generate(image_embeds=image_embeds)

@@ -9,8 +9,8 @@ A folder `clipcap export-onnx` writes:
     onnx/decoder_model_merged.onnx  inputs_embeds, attention_mask, position_ids, past_key_values.{i}.key/value,
                                     optionally num_logits_to_keep (default 0: every position)
                                     -> logits, present.{i}.key/value
-    onnx/*_quantized.onnx           the same graphs with int8 weights (ONNX Runtime's dynamic quantization, a scale
-                                    per output channel)
+    onnx/*_quantized.onnx           the same graphs with int8 weights (ONNX Runtime's dynamic quantization: a scale
+                                    per output column of each matrix product's weight, one per embedding table)
 
 The decoder is "merged" as transformers.js's current exports are: one graph for the first step (past of length 0)
 and the cached steps, rather than optimum's older If-node merge of two graphs.

@@ -13,6 +13,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from transformers import GenerationConfig
@@ -20,6 +21,9 @@ from transformers import GenerationConfig
 from ..configuration_clipcap import ClipCapConfig
 from ..processing_clipcap import ClipCapProcessor
 from .export import GRAPHS, LOGITS_TO_KEEP, ONNX_SUBFOLDER, QUANTIZED_SUFFIX, past_names
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 # Generation settings this loop does not implement; a folder that sets one is refused rather than decoded otherwise.
 _UNSUPPORTED_SETTINGS = {
@@ -62,6 +66,9 @@ class OnnxCaptioner:
         folder: the exported folder (config.json, generation_config.json, the processor, `onnx/*.onnx`).
         quantized: use the int8 graphs (`onnx/*_quantized.onnx`).
         providers: ONNX Runtime execution providers (default: the CPU's).
+        session_options: `onnxruntime.SessionOptions` for every graph's session, e.g. with `intra_op_num_threads` set
+            (ONNX Runtime's threads ignore `OMP_NUM_THREADS` and `torch.set_num_threads`). Default: ONNX Runtime's
+            defaults, with its warnings about unused initializers silenced.
 
     Example:
 
@@ -72,7 +79,11 @@ class OnnxCaptioner:
     """
 
     def __init__(
-        self, folder: str | os.PathLike, quantized: bool = False, providers: Sequence[str] = ("CPUExecutionProvider",)
+        self,
+        folder: str | os.PathLike,
+        quantized: bool = False,
+        providers: Sequence[str] = ("CPUExecutionProvider",),
+        session_options: onnxruntime.SessionOptions | None = None,
     ):
         onnxruntime = _import_onnxruntime()
         folder = Path(folder)
@@ -87,8 +98,10 @@ class OnnxCaptioner:
         self.config = ClipCapConfig.from_pretrained(folder)
         self.generation_config = GenerationConfig.from_pretrained(folder)
         self.processor = ClipCapProcessor.from_pretrained(folder, trust_remote_code=False)
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3  # warnings about unused initializers are not the user's concern
+        options = session_options
+        if options is None:
+            options = onnxruntime.SessionOptions()
+            options.log_severity_level = 3  # warnings about unused initializers are not the user's concern
         self.sessions = {
             name: onnxruntime.InferenceSession(str(path), options, providers=list(providers))
             for name, path in graphs.items()
