@@ -1,6 +1,7 @@
 """ONNX export (`clipcap export-onnx`) and the ONNX Runtime captioner: the graphs against the PyTorch model."""
 
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -338,3 +339,17 @@ def test_session_options_reach_every_graph_and_change_no_token(onnx_export, capt
     assert all(session.get_session_options().intra_op_num_threads == 0 for session in captioner.sessions.values())
     image_embeds = torch.randn(3, model.config.prefix_dim, generator=torch.Generator().manual_seed(5)).numpy()
     assert single_thread.generate(image_embeds=image_embeds) == captioner.generate(image_embeds=image_embeds)
+
+
+def test_quantizing_logs_no_pre_processing_advice_and_leaves_logging_as_it_was(onnx_export, tmp_path, caplog):
+    graph = tmp_path / "embed_tokens.onnx"
+    shutil.copy(onnx_export[2] / "onnx" / graph.name, graph)
+    root_filters = list(logging.getLogger().filters)
+    with caplog.at_level(logging.WARNING):
+        quantize_graphs({"embed_tokens": graph})
+        assert not [record for record in caplog.records if "pre-processing" in record.getMessage()]
+        logging.warning("Please consider to run pre-processing before quantization")  # after it, logged again
+    assert logging.getLogger().filters == root_filters
+    assert [record.getMessage() for record in caplog.records if "pre-processing" in record.getMessage()] == [
+        "Please consider to run pre-processing before quantization"
+    ]

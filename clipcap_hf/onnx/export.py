@@ -24,6 +24,7 @@ PyTorch maintains (the TorchScript-based one is deprecated).
 from __future__ import annotations
 
 import inspect
+import logging
 import os
 from pathlib import Path
 
@@ -228,22 +229,40 @@ def export_graphs(
 def quantize_graphs(paths: dict[str, Path], per_channel: bool = True) -> dict[str, Path]:
     """
     int8 copies (`NAME_quantized.onnx`) of the graphs: ONNX Runtime's dynamic quantization of their weights, with a
-    scale per output channel of each weight matrix (`per_channel`) or one per matrix.
+    scale per output channel of each weight matrix (`per_channel`) or one per matrix; embedding tables get one each.
     """
     try:
         from onnxruntime.quantization import QuantType, quantize_dynamic
     except ImportError as error:
         raise ImportError('int8 export needs onnxruntime: pip install "clipcap_hf[onnx]"') from error
     quantized = {}
-    for name, path in paths.items():
-        target = path.with_name(f"{name}{QUANTIZED_SUFFIX}.onnx")
-        # Unsigned 8-bit weights: with signed ones, ONNX Runtime's x86 kernels and onnxruntime-web's WebAssembly ones
-        # gave different greedy tokens on the same graph (tests/test_onnx_web.py); with unsigned ones they agree.
-        # Convolutions (CLIP's patch embedding) stay fp32: onnxruntime-web has no ConvInteger kernel.
-        quantize_dynamic(path, target, weight_type=QuantType.QUInt8, op_types_to_quantize=["MatMul", "Gemm", "Gather"],
-                         per_channel=per_channel)
-        quantized[name] = target
+    # The graphs are quantized as exported, with the operators onnxruntime-web runs (tests/test_onnx_web.py): ONNX
+    # Runtime's advice, logged for every graph, to run its pre-processing first is not the user's to act on.
+    advice = _DropLogMessages("Please consider to run pre-processing before quantization")
+    logging.getLogger().addFilter(advice)
+    try:
+        for name, path in paths.items():
+            target = path.with_name(f"{name}{QUANTIZED_SUFFIX}.onnx")
+            # Unsigned 8-bit weights: with signed ones, ONNX Runtime's x86 kernels and onnxruntime-web's WebAssembly
+            # ones gave different greedy tokens on the same graph (tests/test_onnx_web.py); with unsigned ones they
+            # agree. Convolutions (CLIP's patch embedding) stay fp32: onnxruntime-web has no ConvInteger kernel.
+            quantize_dynamic(path, target, weight_type=QuantType.QUInt8,
+                             op_types_to_quantize=["MatMul", "Gemm", "Gather"], per_channel=per_channel)
+            quantized[name] = target
+    finally:
+        logging.getLogger().removeFilter(advice)
     return quantized
+
+
+class _DropLogMessages(logging.Filter):
+    """Drops the log records whose message starts with `prefix`."""
+
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(self.prefix)
 
 
 def export_onnx(
