@@ -26,6 +26,7 @@ from __future__ import annotations
 import inspect
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -146,16 +147,20 @@ def _export(
     `input_defaults` gives integer scalar inputs a value used where a caller does not feed them.
     """
     module.eval()
-    program = torch.onnx.export(
-        module,
-        args,
-        input_names=list(input_names),
-        output_names=list(output_names),
-        dynamic_shapes=dynamic_shapes,
-        opset_version=OPSET,
-        dynamo=True,
-        verbose=False,
-    )
+    with warnings.catch_warnings():
+        # One `Dim` object names an axis that several inputs share (the batch), as torch.export means it to; the
+        # exporter warns for each input after the first that the name is already taken, which is the intent.
+        warnings.filterwarnings("ignore", message=r"# The axis name: .* will not be used", category=UserWarning)
+        program = torch.onnx.export(
+            module,
+            args,
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_shapes=dynamic_shapes,
+            opset_version=OPSET,
+            dynamo=True,
+            verbose=False,
+        )
     import onnx_ir  # (installed with onnxscript, which the exporter needs)
 
     for name, default in (input_defaults or {}).items():
