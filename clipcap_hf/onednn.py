@@ -27,8 +27,8 @@ import math
 import os
 import platform
 import time
-import types
-from collections.abc import Callable, Iterator
+import weakref
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
@@ -124,47 +124,50 @@ def _onednn_linear(
 class _RoutedForward:
     """
     A linear layer's forward within an `onednn_linear` block: through oneDNN (on its packed weight with `packs`), or
-    its usual forward where that does not apply. A copy or pickle of the layer made within the block (`copy.deepcopy`,
-    `torch.save` of the whole model) gets the layer's own forward instead: the routing and the packed weights, which
-    cannot be copied, belong to the block.
+    its class's forward where that does not apply. Closed when the block ends, it is the class's forward for good and
+    drops the packed weights: a forward that outlives the block (kept by a shallow copy of the layer, or by a hook
+    wrapped around it) neither routes nor computes from a stale packed weight. A deep copy or pickle of the layer made
+    within the block gets a closed one, bound to the copy. The layer is held weakly: no reference cycle keeps a copy's
+    weights alive.
     """
 
-    __slots__ = ("layer", "usual_forward", "packs")
+    __slots__ = ("_layer", "packs", "is_open")
 
-    def __init__(self, layer: nn.Linear | Conv1D, packs: dict | None):
-        self.layer, self.usual_forward, self.packs = layer, layer.forward, packs
+    def __init__(self, layer: nn.Linear | Conv1D, packs: dict | None, is_open: bool = True):
+        self._layer, self.packs, self.is_open = weakref.ref(layer), packs, is_open
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
-        layer = self.layer
+        layer = self._layer()
         weight = layer.weight.T if isinstance(layer, Conv1D) else layer.weight  # Conv1D stores (in, out)
         if (
-            torch.is_grad_enabled()
+            not self.is_open
+            or torch.is_grad_enabled()
             or _cpu_autocast_enabled()
             # Inside a graph `torch.compile` traces, its backend picks the kernels.
             or torch.compiler.is_compiling()
             or not _onednn_computes(inputs, weight, layer.bias)
         ):
-            return self.usual_forward(inputs)
+            return type(layer).forward(layer, inputs)
         packed = None if self.packs is None else _packed_weight(layer, weight, self.packs)
         return _onednn_linear(inputs, weight, layer.bias, packed)
 
+    def close(self) -> None:
+        self.is_open, self.packs = False, None
+
     def __reduce__(self):
-        # Used by `copy.deepcopy` and `pickle` alike. Called while the copied layer's attributes are being restored,
-        # before a `forward` is among them: this finds its class's forward, bound to the copy.
-        return getattr, (self.layer, "forward")
+        # `copy.deepcopy` and `pickle` alike: the copy's forward is closed, bound to the copied layer.
+        return _closed_forward, (self._layer(),)
+
+
+def _closed_forward(layer: nn.Linear | Conv1D) -> _RoutedForward:
+    return _RoutedForward(layer, None, is_open=False)
 
 
 def _forward_replaced(module: nn.Module) -> bool:
     """Whether `module.forward` is replaced on the instance (by accelerate's hooks, or an enclosing block)."""
     forward = module.__dict__.get("forward")
-    # A layer copied or unpickled from within a block holds its class's own forward, bound to itself
-    # (`_RoutedForward.__reduce__`): as good as none.
-    own = (
-        isinstance(forward, types.MethodType)
-        and forward.__self__ is module
-        and forward.__func__ is type(module).forward
-    )
-    return forward is not None and not own
+    # A closed routed forward (left by an ended block, or in a copy made within one) is the class's forward.
+    return forward is not None and not (isinstance(forward, _RoutedForward) and not forward.is_open)
 
 
 def _routable(module: nn.Module) -> bool:
@@ -211,15 +214,16 @@ def onednn_linear(model: nn.Module, prepack: bool = False) -> Iterator[None]:
 
 
 @contextmanager
-def _forwards_replaced(forwards: dict[nn.Module, Callable]) -> Iterator[None]:
+def _forwards_replaced(forwards: dict[nn.Module, _RoutedForward]) -> Iterator[None]:
     """Each module's `forward` replaced on the instance for the block; put back after, unless another was put there
-    since (accelerate's hooks, or a block entered later)."""
+    since (accelerate's hooks, or a block entered later), and closed either way."""
     for module, forward in forwards.items():
         module.forward = forward
     try:
         yield
     finally:
         for module, forward in forwards.items():
+            forward.close()
             if module.__dict__.get("forward") is forward:
                 del module.forward
 
