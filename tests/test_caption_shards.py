@@ -3,6 +3,7 @@ processes, and the same captions as `model.generate`."""
 
 import hashlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -13,7 +14,13 @@ import datasets
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import distinct_captioning_model, mkldnn_disabled, packs_run, random_images, tiny_processor
+from conftest import (
+    distinct_captioning_model,
+    mkldnn_disabled,
+    packs_run,
+    random_images,
+    tiny_processor,
+)
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor, onednn
 from clipcap_hf.commands import main
@@ -339,3 +346,89 @@ def test_a_run_packs_each_weight_once_and_gives_the_captions_of_plain_kernels(
         plain_captions = run(tmp_path / "plain")
     assert captions == plain_captions
     assert len({caption for _, caption in captions}) > 1  # captions that tell a reordering apart
+
+
+def embeddings_rows(count: int, dim: int) -> datasets.Dataset:
+    generator = torch.Generator().manual_seed(5)
+    return datasets.Dataset.from_dict({"image_key": [f"k{i}" for i in range(count)],
+                                       "embedding": torch.randn(count, dim, generator=generator).tolist()})
+
+
+@pytest.fixture(scope="module")
+def embeddings_captioner(model_dir):
+    from clipcap_hf.inference import ClipCapCaptioner
+
+    model = ClipCapForConditionalGeneration.from_pretrained(model_dir).eval()
+    return ClipCapCaptioner(model, ClipCapProcessor.from_pretrained(model_dir), max_new_tokens=2)
+
+
+def test_a_resume_on_a_source_whose_shards_moved_is_refused(embeddings_captioner, tmp_path):
+    from clipcap_hf.inference import caption_dataset_to_parquet
+
+    dim = embeddings_captioner.model.config.prefix_dim
+    output = tmp_path / "captions"
+
+    def run(dataset):
+        return caption_dataset_to_parquet(embeddings_captioner, dataset, output, shard_size=3, settings={"run": 1},
+                                          rank=0, world_size=1)
+
+    run(embeddings_rows(7, dim))  # shards of rows 0-2, 3-5, 6
+    (output / "captions-00001-of-00003.parquet").unlink()
+    # 8 rows keep 3 shards of 3 rows, but rows 6 and 7 move into the last one: row 6 would be captioned twice.
+    with pytest.raises(ValueError) as refused:
+        run(embeddings_rows(8, dim))
+    assert str(refused.value) == (
+        f"--output {output} holds captions of a source of 7 rows in 3 shard(s), but this one has 8 rows in 3 "
+        "shard(s): the input shards would not line up with the finished ones, leaving rows out or captioning them "
+        "twice. Write to a new output folder, or resume on the original source.")
+    assert run(embeddings_rows(7, dim)).written == ["captions-00001-of-00003.parquet"]
+    assert [key for key, _ in read_rows(output)] == [f"k{i}" for i in range(7)]
+
+    # A streaming source: its number of shards (data files) is known, not its rows.
+    streamed = tmp_path / "streamed"
+    caption_dataset_to_parquet(embeddings_captioner, embeddings_rows(6, dim).to_iterable_dataset(num_shards=2),
+                               streamed, settings={"run": 1}, rank=0, world_size=1)
+    with pytest.raises(ValueError, match=r"of an unknown number of rows in 2 shard\(s\), but this one has an unknown "
+                                         r"number of rows in 3 shard\(s\)"):
+        caption_dataset_to_parquet(embeddings_captioner, embeddings_rows(6, dim).to_iterable_dataset(num_shards=3),
+                                   streamed, settings={"run": 1}, rank=0, world_size=1)
+
+
+def test_a_run_that_failed_before_any_shard_does_not_bind_the_folder(embeddings_captioner, tmp_path):
+    from clipcap_hf.inference import caption_dataset_to_parquet
+
+    dim = embeddings_captioner.model.config.prefix_dim
+    output = tmp_path / "captions"
+    dataset = embeddings_rows(4, dim)
+    with pytest.raises(ValueError, match="the dataset has no image_key column"):
+        caption_dataset_to_parquet(embeddings_captioner, dataset.remove_columns("image_key"), output,
+                                   settings={"run": 1}, rank=0, world_size=1)
+    assert (output / "caption_run.json").exists() and not list(output.glob("*.parquet"))
+
+    caption_dataset_to_parquet(embeddings_captioner, dataset, output, settings={"run": 2}, rank=0, world_size=1)
+    assert json.loads((output / "caption_run.json").read_text())["run"] == 2
+    with pytest.raises(ValueError, match=r"holds captions made with other settings \(run differ"):
+        caption_dataset_to_parquet(embeddings_captioner, dataset, output, settings={"run": 3}, rank=0, world_size=1)
+
+
+def test_a_seeded_sampled_resume_with_another_batch_size_is_refused(model_dir, tmp_path):
+    from clipcap_hf.inference import ClipCapCaptioner, caption_dataset_to_parquet
+
+    model = ClipCapForConditionalGeneration.from_pretrained(model_dir).eval()
+    captioner = ClipCapCaptioner(model, ClipCapProcessor.from_pretrained(model_dir), max_new_tokens=4, do_sample=True)
+    dataset = embeddings_rows(6, model.config.prefix_dim)
+    output = tmp_path / "captions"
+
+    def run(batch_size):
+        return caption_dataset_to_parquet(captioner, dataset, output, batch_size=batch_size, shard_size=3, seed=0,
+                                          settings={"run": 1}, rank=0, world_size=1)
+
+    run(3)
+    whole = read_rows(output)
+    (output / "captions-00001-of-00002.parquet").unlink()
+    # The draws are spread over a batch's rows: batches of 1 would sample other captions for the same seed.
+    with pytest.raises(ValueError, match=r"\(sampling differ; .* Seeded sampled captions depend on the batch size and "
+                                         r"the device: resume with batch size 3 on a cpu device\."):
+        run(1)
+    run(3)
+    assert read_rows(output) == whole

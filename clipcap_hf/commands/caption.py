@@ -50,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--num-candidates captions.")
     parser.add_argument("--seed", type=int, default=None,
                         help="Seed the sampling (--do-sample): the same seed gives the same captions; with --output "
-                             "each shard is seeded with SEED + its index, so a resumed run gives those of a whole one.")
+                             "each shard is seeded with SEED + its index, so a resumed run gives those of a whole one "
+                             "(with the same --batch-size and device, which the run records).")
     parser.add_argument("--device", default=None,
                         help="Default: cuda when available (each process's own GPU under torchrun), else cpu.")
     parser.add_argument("--dtype", type=torch_dtype, default=None, metavar="{" + ",".join(TORCH_DTYPES) + "}",

@@ -190,7 +190,8 @@ class ClipCapCaptioner:
         defaults = {"do_sample": generation_config.do_sample, "num_beams": generation_config.num_beams}
         if num_candidates == 1:  # with candidates, their number is the one that counts
             defaults["num_return_sequences"] = generation_config.num_return_sequences
-        check_decoding_options(num_candidates, reranker, **{**defaults, **generate_kwargs})
+        options = {**defaults, **generate_kwargs}
+        check_decoding_options(num_candidates, reranker, **options)
         if num_candidates > 1:
             generate_kwargs["num_return_sequences"] = num_candidates
         self.model = model.to(device=device, dtype=dtype).eval()
@@ -204,6 +205,7 @@ class ClipCapCaptioner:
         self.key_column = key_column
         self.on_bad_image = on_bad_image
         self.generate_kwargs = generate_kwargs
+        self.do_sample = bool(options["do_sample"])
         # Captions per image that `generate` returns, to group them by image.
         self.num_sequences = generate_kwargs.get("num_return_sequences") or generation_config.num_return_sequences or 1
 

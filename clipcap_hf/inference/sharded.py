@@ -81,22 +81,55 @@ def _undecoded(dataset, column: str):
     return dataset
 
 
-def _check_run_file(output_dir: Path, settings: Mapping[str, Any]) -> None:
-    """Record the run's settings; refuse to add to a folder of captions made with other settings."""
+def _source_layout(dataset, num_shards: int) -> dict[str, int | None]:
+    """What fixes the input shards' boundaries, recorded so that a resume on a changed source is refused: the number
+    of rows (of a loaded Dataset; a streaming one's is not known) and the number of shards."""
+    return {"num_rows": len(dataset) if hasattr(dataset, "__len__") else None, "num_shards": num_shards}
+
+
+def _check_run_file(output_dir: Path, recorded: dict[str, Any]) -> None:
+    """
+    Record the run's settings; refuse to add to a folder of captions made with other settings or from another
+    source. A run file without any finished shard (a first run that failed early) is replaced.
+    """
     path = output_dir / RUN_FILE
-    recorded = json.loads(json.dumps(dict(settings)))  # as it reads back from the file
+    recorded = json.loads(json.dumps(recorded))  # as it reads back from the file
     if path.exists():
         earlier = json.loads(path.read_text(encoding="utf-8"))
-        if earlier != recorded:
-            changed = sorted(key for key in earlier.keys() | recorded.keys() if earlier.get(key) != recorded.get(key))
-            raise ValueError(
-                f"--output {output_dir} holds captions made with other settings ({', '.join(changed)} differ; see "
-                f"{path}). Write to another folder, or remove it to start over."
-            )
-        return
+        if earlier == recorded:
+            return
+        if any(output_dir.glob("captions-*.parquet")):
+            raise ValueError(_difference(output_dir, earlier, recorded))
     from ..utils.file_utils import write_text_atomically
 
     write_text_atomically(path, json.dumps(recorded, indent=2) + "\n")
+
+
+def _difference(output_dir: Path, earlier: dict[str, Any], recorded: dict[str, Any]) -> str:
+    """Why a run cannot add to `output_dir`'s captions, and what to do instead."""
+    before, now = earlier.get("source_layout"), recorded["source_layout"]
+    if before is not None and before != now:
+
+        def rows(layout: dict) -> str:
+            count = "an unknown number of" if layout["num_rows"] is None else layout["num_rows"]
+            return f"{count} rows in {layout['num_shards']} shard(s)"
+
+        return (
+            f"--output {output_dir} holds captions of a source of {rows(before)}, but this one has {rows(now)}: "
+            "the input shards would not line up with the finished ones, leaving rows out or captioning them twice. "
+            "Write to a new output folder, or resume on the original source."
+        )
+    changed = sorted(key for key in earlier.keys() | recorded.keys() if earlier.get(key) != recorded.get(key))
+    why = ""
+    if earlier.get("sampling") is not None and earlier.get("sampling") != recorded.get("sampling"):
+        why = (
+            f" Seeded sampled captions depend on the batch size and the device: resume with batch size "
+            f"{earlier['sampling']['batch_size']} on a {earlier['sampling']['device']} device."
+        )
+    return (
+        f"--output {output_dir} holds captions made with other settings ({', '.join(changed)} differ; see "
+        f"{output_dir / RUN_FILE}).{why} Write to another folder, or remove it to start over."
+    )
 
 
 def _write_parquet_atomically(columns: dict[str, list], path: Path) -> None:
@@ -137,11 +170,12 @@ def caption_dataset_to_parquet(
         shard_size: rows per input shard of a (non-streaming) Dataset.
         on_bad_image: `"error"` stops at the first batch holding unreadable rows, naming shard and key (the finished
             shards stay); `"skip"` leaves them out, counted and named in a warning.
-        settings: what produced the captions (model, decoding, source), kept in `caption_run.json`: a rerun with
-            other settings is refused instead of mixing captions.
+        settings: what produced the captions (model, decoding, source), kept in `caption_run.json` with the
+            source's number of rows and shards (and, when sampling with a `seed`, the batch size and device): a rerun
+            with other settings, or on a source whose shards moved, is refused instead of mixing captions.
         rank, world_size: this process's share (default: from `torchrun`'s or `accelerate launch`'s environment).
         seed: seeds `torch` with `seed + i` before input shard i, so that sampled captions do not depend on which
-            process captions a shard, or on whether the run was resumed.
+            process captions a shard, or on whether the run was resumed (with the same batch size and device).
 
     The run holds one `cpu_linear_kernels(captioner.model, prepack=True)` block (see `clipcap_hf.onednn`): on the
     CPU in fp32 where oneDNN computes the linear layers, each weight is packed once for the whole run, and the
@@ -152,10 +186,13 @@ def caption_dataset_to_parquet(
         rank, world_size = distributed_rank()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if settings is not None:
-        _check_run_file(output_dir, settings)
     dataset = _undecoded(dataset, captioner.image_column)
     num_shards, get_shard = _input_shards(dataset, shard_size)
+    if settings is not None:
+        recorded = {**settings, "source_layout": _source_layout(dataset, num_shards)}
+        if captioner.do_sample and seed is not None:  # the random draws are spread over a batch's images
+            recorded["sampling"] = {"batch_size": batch_size, "device": captioner.model.device.type}
+        _check_run_file(output_dir, recorded)
     summary = CaptionRunSummary(num_shards)
     mine = [(index, shard_file_name(index, num_shards)) for index in range(rank, num_shards, world_size)]
     summary.skipped = [name for _, name in mine if (output_dir / name).exists()]
