@@ -30,8 +30,9 @@ Where a prepacked greedy step goes (`step_breakdown_s`, its parts timed in inter
 a decoding step after the first (all tokens' time less one token's, per step); `greedy_step_linear_layers_ms` the
 language model's linear layers alone on one step's rows, back to back (the work the floor bounds, at the kernels' real
 speed); `greedy_step_fixed_costs_ms` a step of the same model at width 64 with a 1,000-token vocabulary (same depth,
-operators and Python on tiny tensors): what a step costs apart from its arithmetic and memory traffic. The remainder
-is attention, the key/value cache, elementwise work and the logits.
+operators and Python on tiny tensors) less that model's own linear layers: what a step costs outside its linear layers
+apart from arithmetic and memory traffic. The remainder is attention, the key/value cache, elementwise work and the
+logits at full size.
 
 Prints one JSON line.
 """
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 
@@ -50,7 +52,7 @@ from transformers import CompileConfig, GPT2Config
 from transformers.pytorch_utils import Conv1D
 
 from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration
-from clipcap_hf.onednn import cpu_linear_choice, cpu_linear_kernels, onednn_linear, onednn_linear_available
+from clipcap_hf.onednn import CPU_LINEAR_ENV, cpu_linear_choice, cpu_linear_kernels, onednn_linear_available
 
 
 @torch.no_grad()
@@ -128,8 +130,8 @@ def decoding_step_flops(model, batch: int) -> int:
 
 def narrow_model(model):
     """
-    `model` with the same depth, heads and prefix at width 64 and a 1,000-token vocabulary: its decoding steps run the
-    same operators and Python on tiny tensors, so they time a step's fixed costs (Python, dispatch, threads).
+    `model` with the same depth and prefix at width 64 (4 heads) and a 1,000-token vocabulary: its decoding steps run
+    the same operators and Python on tiny tensors, so they time what a step costs apart from its arithmetic.
     """
     text_config = GPT2Config(
         n_embd=64, n_layer=model.config.text_config.n_layer, n_head=4, vocab_size=1000, bos_token_id=None,
@@ -138,44 +140,61 @@ def narrow_model(model):
     return ClipCapForConditionalGeneration(ClipCapConfig(text_config=text_config)).eval()
 
 
-@torch.no_grad()
-def step_breakdown_s(model, image_embeds: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, float]:
-    """
-    Where a greedy decoding step after the first goes, in seconds, with the weights packed as over a captioning run:
-    `step` (`new_tokens` tokens' time less one token's, per step); `linear_layers`, the language model's linear layers
-    (LM head included) alone on one step's rows, back to back; `fixed_costs`, a step of `narrow_model(model)` through
-    the same kernels. Timed in rounds, one call of each per round, so that the parts are measured close in time (this
-    shared machine's speed drifts by 30% within minutes); the fewest seconds of each count.
-    """
-    narrow = narrow_model(model)
+def linear_layers_run(model, rows: int):
+    """A call of the language model's linear layers (LM head included), back to back, on one decoding step's rows."""
     layers = [module for module in model.language_model.modules() if type(module) in (nn.Linear, Conv1D)]
 
     def width(layer):  # Conv1D stores its weight as (in, out)
         return layer.weight.shape[0] if isinstance(layer, Conv1D) else layer.in_features
 
-    inputs = {width(layer): torch.randn(image_embeds.shape[0], 1, width(layer)) for layer in layers}
+    inputs = {width(layer): torch.randn(rows, 1, width(layer)) for layer in layers}
 
-    def linear_layers():
+    def run():
         for layer in layers:
             layer(inputs[width(layer)])
+
+    return run
+
+
+@torch.no_grad()
+def step_breakdown_s(model, image_embeds: torch.Tensor, new_tokens: int, repeats: int) -> dict[str, float]:
+    """
+    Where a greedy decoding step after the first goes, in seconds, with the weights packed as over a captioning run:
+    `step` (`new_tokens` tokens' time less one token's, per step); `linear_layers`, the language model's linear layers
+    alone on one step's rows; `fixed_costs`, a step of `narrow_model(model)` less its own linear layers (Python,
+    dispatch and threads outside them). Both models run on the kernels `model`'s generate() picks. Timed in rounds,
+    one call of each per round, so that the parts are measured close in time (this shared machine's speed drifts by
+    30% within minutes); the fewest seconds of each count.
+    """
+    narrow = narrow_model(model)
+    rows = image_embeds.shape[0]
 
     def tokens(generator, count):
         return lambda: generator.generate(image_embeds=image_embeds, max_new_tokens=count, do_sample=False)
 
     runs = {
-        "all": tokens(model, new_tokens), "first": tokens(model, 1), "linear_layers": linear_layers,
+        "all": tokens(model, new_tokens), "first": tokens(model, 1), "linear_layers": linear_layers_run(model, rows),
         "narrow_all": tokens(narrow, new_tokens), "narrow_first": tokens(narrow, 1),
+        "narrow_linear_layers": linear_layers_run(narrow, rows),
     }
-    # The big model's kernels for both, not the ones measured fastest at width 64: the routing's Python counts.
-    narrow_kernels = onednn_linear if cpu_linear_choice(model) == "onednn" else cpu_linear_kernels
-    with cpu_linear_kernels(model, prepack=True), narrow_kernels(narrow, prepack=True):
-        fewest = {name: timed(run, warm_up=run)[0] for name, run in runs.items()}
-        for _ in range(repeats - 1):
-            fewest = {name: min(fewest[name], timed(run, warm_up=lambda: None)[0]) for name, run in runs.items()}
+    # Not the kernels measured fastest at width 64: the big model's, whose routing's Python counts in a step.
+    requested = os.environ.get(CPU_LINEAR_ENV)
+    os.environ[CPU_LINEAR_ENV] = cpu_linear_choice(model)
+    try:
+        with cpu_linear_kernels(model, prepack=True), cpu_linear_kernels(narrow, prepack=True):
+            fewest = {name: timed(run, warm_up=run)[0] for name, run in runs.items()}
+            for _ in range(repeats - 1):
+                fewest = {name: min(fewest[name], timed(run, warm_up=lambda: None)[0]) for name, run in runs.items()}
+    finally:
+        if requested is None:
+            del os.environ[CPU_LINEAR_ENV]
+        else:
+            os.environ[CPU_LINEAR_ENV] = requested
+    narrow_step_s = (fewest["narrow_all"] - fewest["narrow_first"]) / (new_tokens - 1)
     return {
         "step": (fewest["all"] - fewest["first"]) / (new_tokens - 1),
         "linear_layers": fewest["linear_layers"],
-        "fixed_costs": (fewest["narrow_all"] - fewest["narrow_first"]) / (new_tokens - 1),
+        "fixed_costs": narrow_step_s - fewest["narrow_linear_layers"],
     }
 
 
