@@ -70,6 +70,20 @@ def decode_image(value: Any) -> PIL.Image.Image:
     raise ValueError(f"Cannot read an image from a {type(value).__name__}.")
 
 
+def _embedding_vector(value: Any, size: int) -> np.ndarray:
+    """A batch's CLIP embedding as a float32 vector of `size` numbers. Raises a ValueError saying why not."""
+    if value is None:
+        raise ValueError("The embedding is missing (None)")
+    try:
+        vector = np.asarray(value, dtype=np.float32)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"The embedding is not an array of numbers: {error}") from error
+    if vector.shape != (size,):
+        raise ValueError(f"The embedding has shape {vector.shape}, expected ({size},): the model's CLIP embedding size "
+                         "(config.prefix_dim)")
+    return vector
+
+
 def _argument_spelling(name: str, value: Any = None) -> str:
     """How [`check_decoding_options`] names an argument by default: `num_beams`, or `num_beams=3` with a value."""
     return name if value is None else f"{name}={value}"
@@ -139,7 +153,8 @@ class ClipCapCaptioner:
         num_candidates: generate this many captions per image and keep the one `reranker` scores highest; needs
             sampling (`do_sample=True`) or beam search with at least as many beams.
         reranker: a [`CLIPScorer`], or the name of the CLIP model to build one from.
-        on_bad_image: `"error"` raises naming the row; `"skip"` gives it a `None` caption and logs a warning.
+        on_bad_image: what to do with a row whose image cannot be read, or whose embedding is missing or of the wrong
+            size: `"error"` raises naming the row; `"skip"` gives it a `None` caption and logs a warning.
         **generate_kwargs: decoding options for `model.generate` (`max_new_tokens`, `num_beams`, `do_sample`,
             `top_p`, `temperature`, `num_return_sequences`, ...).
 
@@ -218,9 +233,9 @@ class ClipCapCaptioner:
         """Caption PIL images, or precomputed CLIP embeddings (shape `(batch, prefix_dim)`)."""
         if (images is None) == (image_embeds is None):
             raise ValueError("Give images or image_embeds (exactly one).")
+        if len(images if images is not None else image_embeds) == 0:
+            return CaptionBatch([], [] if self.num_sequences > 1 else None, [] if self.reranker else None)
         if images is not None:
-            if len(images) == 0:
-                return CaptionBatch([], [] if self.num_sequences > 1 else None, [] if self.reranker else None)
             inputs = {"pixel_values": self.processor(images=list(images), return_tensors="pt")["pixel_values"]}
         else:
             embeds = image_embeds
@@ -249,23 +264,26 @@ class ClipCapCaptioner:
             name: values if isinstance(values, np.ndarray) else list(values) for name, values in batch.items()
         }
         if self.image_column in batch:
-            images, errors = {}, {}
-            for row, value in enumerate(batch[self.image_column]):
-                try:
-                    images[row] = decode_image(value)
-                except ValueError as error:
-                    errors[row] = str(error)
-            result = self.caption(images=list(images.values()))
-            rows, size = list(images), len(batch[self.image_column])
+            column, read = self.image_column, decode_image
         elif self.embedding_column in batch:
-            embeds = batch[self.embedding_column]
-            result = self.caption(image_embeds=np.stack([np.asarray(embed, dtype=np.float32) for embed in embeds]))
-            rows, size, errors = list(range(len(embeds))), len(embeds), {}
+            dim = self.model.config.prefix_dim
+            column, read = self.embedding_column, lambda value: _embedding_vector(value, dim)
         else:
             raise ValueError(
                 f"The batch has neither an {self.image_column!r} column of images nor an {self.embedding_column!r} "
                 f"column of CLIP embeddings; it has {sorted(batch)}. Set image_column or embedding_column."
             )
+        inputs, errors = {}, {}
+        for row, value in enumerate(batch[column]):
+            try:
+                inputs[row] = read(value)
+            except ValueError as error:
+                errors[row] = str(error)
+        if column == self.image_column:
+            result = self.caption(images=list(inputs.values()))
+        else:
+            result = self.caption(image_embeds=np.stack(list(inputs.values())) if inputs else np.empty((0, dim)))
+        rows, size = list(inputs), len(batch[column])
 
         def spread(values: list) -> list:  # back to one entry per row, None for the unreadable ones
             by_row = dict(zip(rows, values))
