@@ -12,6 +12,7 @@ from transformers import GenerationConfig
 
 from clipcap_hf.commands import main
 from clipcap_hf.inference import ClipCapCaptioner
+from clipcap_hf.inference.captioner import decode_image
 
 MAX_NEW_TOKENS = 5
 
@@ -89,6 +90,22 @@ def test_missing_or_wrong_size_embeddings_raise_naming_the_key_or_are_skipped(ca
     generated = model.generate(image_embeds=good, max_new_tokens=MAX_NEW_TOKENS)
     first, last = processor.post_process_image_text_to_text(generated)
     assert output["caption"] == [first, None, None, last]
+
+
+def test_arrays_pil_cannot_read_are_bad_rows_and_one_channel_is_grayscale(captioning):
+    model, processor = captioning
+    gray = np.arange(48, dtype=np.uint8).reshape(8, 6, 1)
+    decoded = decode_image(gray)
+    assert decoded.mode == "L" and np.array_equal(np.asarray(decoded), gray[:, :, 0])
+    with pytest.raises(ValueError, match=r"^Cannot read an image from a float64 array of shape \(8, 8, 3\): PIL reads"):
+        decode_image(np.zeros((8, 8, 3)))
+    with pytest.raises(ValueError, match=r"^Cannot read an image from an array of shape \(0, 0, 3\)"):
+        decode_image(np.zeros((0, 0, 3), np.uint8))
+
+    image = random_images(1)[0]
+    batch = {"image": [np.asarray(image), np.zeros((8, 8, 3), np.float32)], "image_key": ["good", "float"]}
+    output = ClipCapCaptioner(model, processor, on_bad_image="skip", max_new_tokens=MAX_NEW_TOKENS)(batch)
+    assert output["caption"] == [generate_captions(model, processor, [image])[0], None]
 
 
 @pytest.mark.parametrize(

@@ -40,7 +40,8 @@ class CaptionBatch:
 def decode_image(value: Any) -> PIL.Image.Image:
     """
     A batch's image as a PIL image: a PIL image, a file path, encoded bytes, a `{"bytes", "path"}` dict (a datasets
-    `Image(decode=False)` value, or how Ray Data reads such a column from parquet) or an HWC array.
+    `Image(decode=False)` value, or how Ray Data reads such a column from parquet) or an HW or HWC array (uint8, or
+    another dtype PIL reads; one channel is grayscale).
     Raises a ValueError saying why.
     """
     if isinstance(value, PIL.Image.Image):
@@ -65,9 +66,24 @@ def decode_image(value: Any) -> PIL.Image.Image:
             raise ValueError(f"Cannot decode the image bytes ({len(value)} bytes): {error}") from error
     if isinstance(value, (str, os.PathLike)):
         return load_image(value)
-    if isinstance(value, np.ndarray) and value.ndim in (2, 3):
-        return PIL.Image.fromarray(value)
+    if isinstance(value, np.ndarray):
+        return _array_image(value)
     raise ValueError(f"Cannot read an image from a {type(value).__name__}.")
+
+
+def _array_image(array: np.ndarray) -> PIL.Image.Image:
+    """An HWC (or HW) array as a PIL image; one PIL cannot read raises a ValueError naming its dtype and shape."""
+    if array.size == 0 or array.ndim not in (2, 3):
+        raise ValueError(f"Cannot read an image from an array of shape {array.shape}: give a non-empty (H, W) or "
+                         "(H, W, C) array.")
+    try:
+        # One channel is grayscale, which PIL reads without the channel axis.
+        return PIL.Image.fromarray(array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array)
+    except TypeError as error:  # PIL's message names the dtype and shape as a typestr, and no fix
+        raise ValueError(
+            f"Cannot read an image from a {array.dtype} array of shape {array.shape}: PIL reads uint8 arrays such "
+            "as (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)."
+        ) from error
 
 
 def _embedding_vector(value: Any, size: int) -> np.ndarray:
