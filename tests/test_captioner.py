@@ -2,6 +2,7 @@
 `map_batches` call it; and `clipcap caption`'s decoding options on image files."""
 
 import json
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -106,6 +107,29 @@ def test_arrays_pil_cannot_read_are_bad_rows_and_one_channel_is_grayscale(captio
     batch = {"image": [np.asarray(image), np.zeros((8, 8, 3), np.float32)], "image_key": ["good", "float"]}
     output = ClipCapCaptioner(model, processor, on_bad_image="skip", max_new_tokens=MAX_NEW_TOKENS)(batch)
     assert output["caption"] == [generate_captions(model, processor, [image])[0], None]
+
+
+def test_a_reranker_folder_given_as_a_path_reranks(captioning, tiny_clip_dir):
+    model, processor = captioning
+    captioner = ClipCapCaptioner(model, processor, reranker=Path(tiny_clip_dir), num_candidates=2, num_beams=2,
+                                 max_new_tokens=MAX_NEW_TOKENS)
+    image = random_images(1, seed=8)[0]
+    output = captioner({"image": [image], "image_key": ["a"]})
+    scores = captioner.reranker.clip_score([image] * 2, output["candidates"][0])
+    assert output["candidates"][0] == generate_captions(model, processor, [image], num_beams=2, num_return_sequences=2)
+    assert output["clip_score"][0] == pytest.approx(float(scores.max()), abs=1e-5)
+
+
+def test_reranking_embeddings_is_refused_before_generating(captioning, tiny_clip_dir, monkeypatch):
+    model, processor = captioning
+    captioner = ClipCapCaptioner(model, processor, reranker=str(tiny_clip_dir), num_candidates=2, num_beams=2)
+
+    def no_generate(*args, **kwargs):
+        raise AssertionError("generate ran")
+
+    monkeypatch.setattr(captioner.model, "generate", no_generate)
+    with pytest.raises(ValueError, match="Reranking with CLIP needs the images, not only their embeddings"):
+        captioner.caption(image_embeds=torch.zeros(1, model.config.prefix_dim))
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ metrics.json and gallery."""
 import html
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,6 +68,14 @@ def test_rerank_keeps_the_candidate_with_the_highest_score(clip):
         expected, _ = hessel_scores(model, processor, [image] * len(texts), texts, [["r"]] * len(texts))
         assert index == max(range(len(texts)), key=lambda i: expected[i])
         assert score == pytest.approx(max(expected), abs=1e-5)
+
+
+def test_a_clip_folder_given_as_a_path_is_loaded(tiny_clip_dir, clip):
+    model, processor = clip
+    images = random_images(2, seed=7)
+    expected, _ = hessel_scores(model, processor, images, CAPTIONS[:2], [["r"]] * 2)
+    scores = CLIPScorer(Path(tiny_clip_dir)).clip_score(images, CAPTIONS[:2])
+    assert scores.tolist() == pytest.approx(expected, abs=1e-5)
 
 
 def test_evaluate_writes_clip_scores_to_metrics_json_and_gallery(tiny_clip_dir, clip, tmp_path):

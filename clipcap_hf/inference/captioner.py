@@ -107,7 +107,7 @@ def _argument_spelling(name: str, value: Any = None) -> str:
 
 def check_decoding_options(
     num_candidates: int = 1,
-    reranker: CLIPScorer | str | None = None,
+    reranker: CLIPScorer | str | os.PathLike | None = None,
     *,
     spelling: Callable[..., str] = _argument_spelling,
     **generate_kwargs,
@@ -168,7 +168,7 @@ class ClipCapCaptioner:
         key_column: the column that names each row in error messages (absent: the row's position in the batch).
         num_candidates: generate this many captions per image and keep the one `reranker` scores highest; needs
             sampling (`do_sample=True`) or beam search with at least as many beams.
-        reranker: a [`CLIPScorer`], or the name of the CLIP model to build one from.
+        reranker: a [`CLIPScorer`], or the folder or Hub name of the CLIP model to build one from.
         on_bad_image: what to do with a row whose image cannot be read, or whose embedding is missing or of the wrong
             size: `"error"` raises naming the row; `"skip"` gives it a `None` caption and logs a warning.
         **generate_kwargs: decoding options for `model.generate` (`max_new_tokens`, `num_beams`, `do_sample`,
@@ -205,7 +205,7 @@ class ClipCapCaptioner:
         caption_column: str = "caption",
         key_column: str = "image_key",
         num_candidates: int = 1,
-        reranker: CLIPScorer | str | None = None,
+        reranker: CLIPScorer | str | os.PathLike | None = None,
         on_bad_image: BadImagePolicy = "error",
         **generate_kwargs,
     ):
@@ -227,8 +227,8 @@ class ClipCapCaptioner:
             generate_kwargs["num_return_sequences"] = num_candidates
         self.model = model.to(device=device, dtype=dtype).eval()
         self.processor = processor
-        if isinstance(reranker, str):
-            reranker = CLIPScorer(reranker, device=self.model.device)
+        if isinstance(reranker, (str, os.PathLike)):
+            reranker = CLIPScorer(str(reranker), device=self.model.device)
         self.reranker = reranker
         self.image_column = image_column
         self.embedding_column = embedding_column
@@ -249,6 +249,8 @@ class ClipCapCaptioner:
         """Caption PIL images, or precomputed CLIP embeddings (shape `(batch, prefix_dim)`)."""
         if (images is None) == (image_embeds is None):
             raise ValueError("Give images or image_embeds (exactly one).")
+        if images is None and self.reranker is not None:  # before generating captions that could not be chosen
+            raise ValueError("Reranking with CLIP needs the images, not only their embeddings.")
         if len(images if images is not None else image_embeds) == 0:
             return CaptionBatch([], [] if self.num_sequences > 1 else None, [] if self.reranker else None)
         if images is not None:
@@ -266,8 +268,6 @@ class ClipCapCaptioner:
         candidates = [texts[start : start + self.num_sequences] for start in range(0, len(texts), self.num_sequences)]
         if self.reranker is None:
             return CaptionBatch([texts[0] for texts in candidates], candidates)
-        if images is None:
-            raise ValueError("Reranking with CLIP needs the images, not only their embeddings.")
         best, scores = self.reranker.rerank(images, candidates)
         return CaptionBatch([texts[index] for texts, index in zip(candidates, best)], candidates, scores)
 

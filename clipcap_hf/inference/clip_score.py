@@ -11,6 +11,7 @@ on transformers 5 fails on `get_image_features` returning an output object inste
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import PIL.Image
@@ -58,11 +59,12 @@ class CLIPScorer:
         prompt: str = CLIPSCORE_PROMPT,
         text_batch_size: int = 256,
     ):
-        if isinstance(model, str):
+        if isinstance(model, (str, os.PathLike)):
             from transformers import AutoProcessor, CLIPModel
 
             from ..utils.loading import check_pretrained_source
 
+            model = str(model)  # a Path too
             check_pretrained_source(model, "the CLIP model")
             processor = processor or AutoProcessor.from_pretrained(model, trust_remote_code=False)
             model = CLIPModel.from_pretrained(model, trust_remote_code=False)
