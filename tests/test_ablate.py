@@ -3,6 +3,7 @@ and caption; finished runs are not trained again."""
 
 import csv
 import dataclasses
+import json
 from pathlib import Path
 
 import PIL.Image
@@ -144,7 +145,12 @@ def test_matplotlib_is_imported_only_when_a_figure_is_drawn():
 
 def test_a_grid_over_two_vision_towers_on_a_dataset_of_your_own(caption_folder, tokenizer, tmp_path):
     from conftest import tiny_config
-    from transformers import CLIPVisionModelWithProjection, GPT2LMHeadModel, SiglipVisionConfig, SiglipVisionModel
+    from transformers import (
+        CLIPVisionModelWithProjection,
+        GPT2LMHeadModel,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+    )
 
     from clipcap_hf import ClipCapImageProcessor
     from clipcap_hf.training.ablation import caption_task
@@ -212,3 +218,55 @@ def test_captions_of_one_image_file_share_its_embedding():
     indexed, images = with_image_index(rows)
     assert indexed["image_index"] == [0, 1, 0, 2, 1]
     assert images["image_path"] == ["a.png", "b.png", "c.png"]
+
+
+def test_a_finished_run_is_reused_only_from_the_same_pretrained_parts_and_data(tmp_path, monkeypatch):
+    import datasets
+
+    from clipcap_hf.training.ablation import (
+        AblationData,
+        AblationRun,
+        budget,
+        dataset_fingerprint,
+        trained_from,
+    )
+
+    def grid_from(tower, text_model):
+        return AblationConfig(prefix_lengths=(2,), mapping_types=("mlp",), language_models=("frozen",),
+                              vision_models=[tower], text_model=text_model, plot_metrics=())
+
+    rows = datasets.Dataset.from_dict({"caption": ["a red square"], "image_path": ["a.png"]})
+    data = AblationData(train=rows, evaluation=rows.rename_column("caption", "references").map(
+        lambda row: {"references": [row["references"]]}))
+    old = grid_from("models/old/clip", "models/gpt2-small")
+    run = AblationRun("models/old/clip", "mlp", "frozen", 2)
+    run_dir = tmp_path / "runs" / run.name
+    run_dir.mkdir(parents=True)
+    record = {"run": dataclasses.asdict(run), "budget": budget(old), "trainable_parameters": 1,
+              "train_seconds": 1.0, "train_loss": 1.0, "scores": {"CIDEr": 0.5}, "samples": []}
+
+    def write_record(**extra):
+        (run_dir / "scores.json").write_text(json.dumps({**record, **extra}))
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(ablation, "train_and_score", must_not_train)
+    # A run written before its pretrained parts and data were recorded: refused, naming what is missing.
+    write_record()
+    with pytest.raises(ValueError, match=r"scores.json has no `trained_from` record .*remove that run"):
+        run_ablation(tmp_path, old, data, verbose=False)
+
+    write_record(trained_from=trained_from(run, old, dataset_fingerprint(data)))
+    assert [row["scores"] for row in run_ablation(tmp_path, old, data, verbose=False)] == [{"CIDEr": 0.5}]
+    other_rows = datasets.Dataset.from_dict({"caption": ["a blue circle"], "image_path": ["a.png"]})
+    changes = [
+        (grid_from("models/NEW/clip", "models/gpt2-small"), data, "models/NEW/clip"),  # same last name, other tower
+        (grid_from("models/old/clip", "models/gpt2-LARGE"), data, "models/gpt2-LARGE"),
+        (old, AblationData(train=other_rows, evaluation=data.evaluation), dataset_fingerprint(
+            AblationData(train=other_rows, evaluation=data.evaluation))),
+    ]
+    for config, changed_data, named in changes:
+        with pytest.raises(ValueError, match=rf"{run.name} was trained from other pretrained parts or data "
+                                             rf"\(.*, this grid's: .*{named}.*\); use another output folder"):
+            run_ablation(tmp_path, config, changed_data, verbose=False)

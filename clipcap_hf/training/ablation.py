@@ -18,6 +18,7 @@ not trained again when the grid is rerun, so an interrupted grid continues where
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
 
@@ -310,6 +312,7 @@ def train_and_score(
     record = {
         "run": asdict(run),
         "budget": budget(config),
+        "trained_from": trained_from(run, config, dataset_fingerprint(data)),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "train_seconds": round(result.metrics["train_runtime"], 1),
         "train_loss": round(result.metrics["train_loss"], 4),
@@ -325,6 +328,51 @@ def budget(config: AblationConfig) -> dict[str, Any]:
     """What every run of a grid shares; a finished run is reused only when it was trained the same way."""
     names = ("max_steps", "batch_size", "learning_rate", "mapping_num_layers", "max_caption_length", "seed")
     return {name: getattr(config, name) for name in names}
+
+
+def trained_from(run: AblationRun, config: AblationConfig, data_fingerprint: str) -> dict[str, str]:
+    """
+    What a run starts from: its pretrained parts (local folders by their full path: the run's folder name keeps only
+    the tower's last path part) and a fingerprint of the dataset's rows; a finished run is reused only when they match.
+    """
+    return {
+        "vision_model": _full_name(run.vision_model),
+        "text_model": _full_name(config.text_model),
+        "dataset": data_fingerprint,
+    }
+
+
+def _full_name(model: str) -> str:
+    """A local folder's absolute path (however it was spelled), else the Hub name as given."""
+    return os.path.abspath(model) if os.path.exists(model) else model
+
+
+def dataset_fingerprint(data: AblationData) -> str:
+    """A hash of the training and evaluation rows' contents (captions, references, image paths or image bytes)."""
+    hasher = hashlib.sha256()
+    for rows in (data.train, data.evaluation):
+        sink = pa.BufferOutputStream()
+        table = rows.with_format("arrow")[:]  # the rows as selected, not the whole backing table
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        hasher.update(sink.getvalue().to_pybytes())
+    return hasher.hexdigest()
+
+
+def check_finished_run(record: dict[str, Any], run_dir: Path, expected: dict[str, Any], what: str) -> None:
+    """Refuse to reuse a finished run whose record of `what` (`budget`, `trained_from`) differs from this grid's."""
+    if what not in record:
+        raise ValueError(
+            f"{run_dir / SCORES_FILE} has no `{what}` record (a run written by an older clipcap_hf), so it cannot be "
+            "told apart from a run with other settings; use another output folder, or remove that run to train it "
+            "again."
+        )
+    if record[what] != expected:
+        description = "with another budget" if what == "budget" else "from other pretrained parts or data"
+        raise ValueError(
+            f"{run_dir} was trained {description} ({record[what]}, this grid's: {expected}); use another output "
+            "folder, or remove that run to train it again."
+        )
 
 
 def run_ablation(
@@ -353,17 +401,15 @@ def run_ablation(
             "and `text_model` (--vision-models, --text-model)."
         )
     runs = grid_runs(config)
+    data_fingerprint = dataset_fingerprint(data)
     records, embeddings = [], {}
     for run in tqdm(runs, desc="Ablation runs", disable=not verbose):
         run_dir = output_dir / "runs" / run.name
         scores_path = run_dir / SCORES_FILE
         if scores_path.is_file():
             record = read_json(scores_path)
-            if record.get("budget") != budget(config):
-                raise ValueError(
-                    f"{run_dir} was trained with another budget ({record.get('budget')}, this grid's: "
-                    f"{budget(config)}); use another output folder, or remove that run to train it again."
-                )
+            check_finished_run(record, run_dir, budget(config), "budget")
+            check_finished_run(record, run_dir, trained_from(run, config, data_fingerprint), "trained_from")
             logger.info(f"{run.name}: finished before, skipped.")
         else:
             record = train_and_score(run, data, config, run_dir, embeddings, verbose)
