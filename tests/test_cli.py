@@ -359,7 +359,10 @@ def test_caption_and_evaluate_decode_alike_by_default_and_say_so(capsys):
     parser = build_parser()
     caption = parser.parse_args(["caption", "x.png", "--model", "m"])
     evaluate = parser.parse_args(["evaluate", "--model", "m", "--data", "d", "--output-dir", "o"])
-    assert caption.num_beams == evaluate.num_beams == 1
+    # evaluate leaves --num-beams unset ("not given", which --predictions refuses) until its argument check.
+    from clipcap_hf.commands.evaluate import _check_arguments
+
+    assert caption.num_beams == _check_arguments(evaluate)["num_beams"] == 1
     helps = []
     for command in ("caption", "evaluate"):
         with pytest.raises(SystemExit):

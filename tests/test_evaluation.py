@@ -177,13 +177,29 @@ def test_model_card_without_markers_is_refused(coco_files, tmp_path, capsys):
     annotations, image_root = coco_files
     card = tmp_path / "card.md"
     card.write_text("---\nlicense: mit\n---\n# A card\n")
-    predictions = tmp_path / "predictions.json"
-    predictions.write_text(json.dumps([{"image_id": 1, "caption": "A dog."}]))
+    predictions = write_first_references(tmp_path / "predictions.json")
     argv = ["evaluate", "--predictions", str(predictions), "--data", str(annotations), "--data-format", "coco",
             "--image-root", str(image_root), "--output-dir", str(tmp_path / "eval"), "--model-card", str(card),
             *FAST_METRICS]
     assert main(argv) == 2
     assert "has no results section to fill" in capsys.readouterr().err
+
+
+def test_scores_of_part_of_the_split_are_not_written_into_a_model_card(coco_files, tmp_path, capsys):
+    card = tmp_path / "card.md"
+    text = "---\nlicense: mit\n---\n# m\n<!-- clipcap-results-start -->\n<!-- clipcap-results-end -->\n"
+    card.write_text(text)
+    partial = write_first_references(tmp_path / "partial.json", image_ids=(1, 2))
+    assert main(rescore_argv(coco_files, partial, tmp_path / "a", "--model-card", str(card), *FAST_METRICS)) == 2
+    assert re.search(r"partial.json has captions for 2 of the 4 images of the split, and --model-card records "
+                     r"scores of the whole split", capsys.readouterr().err)
+    full = write_first_references(tmp_path / "full.json")
+    assert main(rescore_argv(coco_files, full, tmp_path / "b", "--model-card", str(card), "--limit", "2",
+                             *FAST_METRICS)) == 2
+    assert "--model-card records scores of the whole split, and --limit scores only part of it" in (
+        capsys.readouterr().err
+    )
+    assert card.read_text() == text and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
 def test_predictions_for_unknown_images_are_reported(coco_files, tmp_path, capsys):
@@ -446,6 +462,11 @@ def test_empty_predictions_are_named_once_with_domains():
         (["--gallery", "{tmp}/eval/metrics.json"], r"--gallery: .*/eval/metrics.json is not an \.html file name"),
         (["--model-card", "{tmp}/card.htm", "--gallery", "{tmp}/card.htm"],
          r"--gallery: (.*)/card.htm is also a file this command reads or writes \(\1/card.htm\)"),
+        # --predictions scores captions already made: the captioning options would be ignored.
+        (["--predictions", "{tmp}/p.json"], r"^clipcap evaluate: error: --model set how the images are captioned, "
+                                            r"but --predictions scores captions already made"),
+        (["--predictions", "{tmp}/p.json", "--num-beams", "1", "--max-new-tokens", "5", "--device", "cpu"],
+         r"--model, --num-beams, --max-new-tokens, --device set how .* leave out --predictions to caption"),
     ],
 )
 def test_arguments_are_checked_before_captioning(coco_files, tmp_path, monkeypatch, capsys, arguments, message):

@@ -29,6 +29,7 @@ from ..evaluation.evaluate import (
 from ..evaluation.gallery import GalleryRecord, write_gallery
 from ..evaluation.metrics import CLIP_METRIC_NAMES, METRIC_NAMES, load_coco_predictions
 from ._utils import (
+    DEFAULT_NUM_BEAMS,
     add_caption_options,
     check_gallery_path,
     decoding_kwargs,
@@ -65,6 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="The CLIP model (a transformers CLIPModel folder or Hub name) for clipscore and "
                              "refclipscore; published CLIPScores use openai/clip-vit-base-patch32.")
     add_caption_options(parser, batch_size=32)
+    parser.set_defaults(num_beams=None)  # "not given", so that --predictions can refuse it; then DEFAULT_NUM_BEAMS
     parser.add_argument("--limit", type=positive_int, help="Evaluate only the first N images.")
     parser.add_argument("--device", help="Default: cuda when available, else cpu.")
     parser.add_argument("--model-card", help="A model card (model_card.md) to fill with the results.")
@@ -109,6 +111,17 @@ def _check_arguments(args: argparse.Namespace) -> dict:
     """What would otherwise fail after the captioning, or in the middle of it; returns the `generate` arguments."""
     if not args.model and not args.predictions:
         raise ValueError("Give --model (to caption the images) or --predictions (to score a results file).")
+    if args.predictions:
+        captioning = {"--model": args.model, "--num-beams": args.num_beams, "--max-new-tokens": args.max_new_tokens,
+                      "--device": args.device}
+        given = [option for option, value in captioning.items() if value is not None]
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} set how the images are captioned, but --predictions scores captions already "
+                "made: leave those out, or leave out --predictions to caption with --model."
+            )
+    if args.num_beams is None:
+        args.num_beams = DEFAULT_NUM_BEAMS
     generate_kwargs = decoding_kwargs(args)
     clip_metrics = [name for name in args.metrics if name in CLIP_METRIC_NAMES]
     if clip_metrics and args.clip_model is None:
@@ -119,6 +132,10 @@ def _check_arguments(args: argparse.Namespace) -> dict:
         raise NotADirectoryError(f"--output-dir: {args.output_dir} is a file, not a folder.")
     if args.model_card and not Path(args.model_card).is_file():
         raise FileNotFoundError(f"--model-card: {args.model_card} does not exist.")
+    if args.model_card and args.limit is not None:
+        raise ValueError(
+            "--model-card records scores of the whole split, and --limit scores only part of it: leave out one of them."
+        )
     if args.gallery:
         outputs = [Path(args.output_dir) / name for name in (PREDICTIONS_FILE, *METRICS_FILES)]
         inputs = [path for path in (args.data, args.predictions, args.model_card) if path]
@@ -133,6 +150,11 @@ def _load_predictions(args: argparse.Namespace, images) -> dict[Any, str]:
     if args.limit is not None:  # only the images that --limit kept
         predictions = {image_id: caption for image_id, caption in predictions.items() if image_id in image_ids}
     covered = len(image_ids & predictions.keys())
+    if covered < len(image_ids) and args.model_card:
+        raise ValueError(
+            f"{args.predictions} has captions for {covered} of the {len(image_ids)} images of the split, and "
+            "--model-card records scores of the whole split: caption every image, or leave out --model-card."
+        )
     if covered < len(image_ids):
         warnings.warn(
             f"{args.predictions} has captions for {covered} of the {len(image_ids)} images evaluated: the scores "
