@@ -530,3 +530,31 @@ def test_the_shipped_model_card_is_fillable(coco_files, tmp_path):
     assert paper_types <= {m["type"] for m in results[1]["metrics"]} | {"meteor", "spice"}  # not run here
     assert metadata["library_name"] == "transformers" and metadata["pipeline_tag"] == "image-to-text"
     assert "Not measured yet" not in card.read_text()
+
+
+def test_clip_metrics_alone_check_the_image_ids_as_the_coco_metrics_do(tmp_path):
+    # The checks come before any CLIP model is loaded: "unused" names none.
+    paths = {1: str(tmp_path / "1.png")}
+    with pytest.raises(ValueError, match=r"1 of 2 predicted images have no reference captions \(image ids: 99\)"):
+        score_predictions({1: "a dog", 99: "a cat"}, CAPTIONS, metrics=["clipscore"], image_paths=paths,
+                          clip_model="unused")
+    with pytest.raises(ValueError, match="There are no predictions to score"):
+        score_predictions({}, CAPTIONS, metrics=["clipscore"], image_paths=paths, clip_model="unused")
+    with pytest.raises(ValueError, match=r"1 of 2 predicted images have no image file \(image ids: 2\). Give "
+                                         r"`image_paths` for every predicted image"):
+        score_predictions({1: "a dog", 2: "a cat"}, CAPTIONS, metrics=["refclipscore"], image_paths=paths,
+                          clip_model="unused")
+
+
+def test_predictions_of_some_nocaps_domains_score_those_domains(coco_files, tmp_path):
+    in_domain = write_first_references(tmp_path / "in_domain.json", image_ids=(1, 2))
+    annotations, image_root = coco_files
+    assert main(["evaluate", "--predictions", str(in_domain), "--data", str(annotations), "--data-format", "nocaps",
+                 "--image-root", str(image_root), "--output-dir", str(tmp_path / "eval"), *FAST_METRICS]) == 0
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert list(written["domains"]) == ["in-domain"]
+    expected = compute_caption_metrics({i: CAPTIONS[i][0] for i in (1, 2)}, CAPTIONS,
+                                       metrics=["bleu", "rouge", "cider"])
+    assert written["domains"]["in-domain"] == pytest.approx(expected)
+    with pytest.raises(ValueError, match=r"`domains` has no domain for the predicted image ids \[4\]"):
+        score_predictions({1: "a dog", 4: "a park"}, CAPTIONS, {1: "in-domain"}, metrics=["bleu"])

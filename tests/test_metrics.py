@@ -488,3 +488,18 @@ def test_wrong_file_formats_are_named(tmp_path):
     broken.write_text("[{", encoding="utf-8")
     with pytest.raises(ValueError, match=r"broken\.json is not valid JSON"):
         load_coco_predictions(broken)
+
+
+def test_clip_metrics_check_their_inputs_before_loading_a_model(tmp_path):
+    from clipcap_hf.evaluation.metrics import compute_clip_metrics
+
+    paths = {1: str(tmp_path / "1.png")}
+    # "unused" names no CLIP model: the checks come first.
+    with pytest.raises(ValueError, match="There are no predictions to score"):
+        compute_clip_metrics({}, paths, "unused", metrics=["clipscore"])
+    with pytest.raises(ValueError, match=r"1 of 2 predicted images have no image file \(image ids: 7\)"):
+        compute_clip_metrics({1: "a dog", 7: "a cat"}, paths, "unused", metrics=["clipscore"])
+    with pytest.raises(TypeError, match=r"The prediction for image id 1 must be a string, got int"):
+        compute_clip_metrics({1: 5}, paths, "unused", metrics=["clipscore"])
+    with pytest.raises(ValueError, match=r"1 of 1 predicted images have no reference captions \(image ids: 1\)"):
+        compute_clip_metrics({1: "a dog"}, paths, "unused", references={2: ["a cat"]}, metrics=["refclipscore"])

@@ -189,14 +189,25 @@ def score_predictions(
     if clip_metrics:
         if image_paths is None or clip_model is None:
             raise ValueError(f"{', '.join(clip_metrics)} need the images (`image_paths`) and a CLIP model.")
-        clip_scores, clip_per_image = compute_clip_metrics(
-            predictions, image_paths, clip_model, references=references, metrics=clip_metrics
-        )
+        with warnings.catch_warnings():
+            if coco_metrics:  # the same input checks have warned already (empty captions)
+                warnings.simplefilter("ignore")
+            clip_scores, clip_per_image = compute_clip_metrics(
+                predictions, image_paths, clip_model, references=references, metrics=clip_metrics
+            )
         scores.update(clip_scores)
         for image_id, image_scores in clip_per_image.items():
             per_image[image_id].update(image_scores)
     domain_scores = {}
-    for domain in sorted(set((domains or {}).values())):
+    if domains is not None:
+        without_domain = [image_id for image_id in predictions if image_id not in domains]
+        if without_domain:
+            raise ValueError(
+                f"`domains` has no domain for the predicted image ids {without_domain[:10]}; give every predicted "
+                "image its domain, or no `domains`."
+            )
+    # The domains of the predicted images: a predictions file may cover some domains only.
+    for domain in sorted({domains[image_id] for image_id in predictions} if domains is not None else ()):
         subset = {image_id: caption for image_id, caption in predictions.items() if domains[image_id] == domain}
         domain_scores[domain] = {}
         if coco_metrics:

@@ -339,10 +339,13 @@ def _score_spice(
     return None
 
 
-def _check_inputs(predictions: Mapping[ImageId, str], references: Mapping[ImageId, Sequence[str]]) -> None:
+def _check_inputs(
+    predictions: Mapping[ImageId, str], references: Mapping[ImageId, Sequence[str]] | None
+) -> None:
+    """The checks every metric's inputs get (`references=None`: CLIPScore alone, which has none to check)."""
     if not predictions:
         raise ValueError("There are no predictions to score.")
-    unreferenced = [image_id for image_id in predictions if not references.get(image_id)]
+    unreferenced = [image_id for image_id in predictions if references is not None and not references.get(image_id)]
     if unreferenced:
         raise ValueError(
             f"{len(unreferenced)} of {len(predictions)} predicted images have no reference captions "
@@ -353,10 +356,12 @@ def _check_inputs(predictions: Mapping[ImageId, str], references: Mapping[ImageI
             raise TypeError(
                 f"The prediction for image id {image_id!r} must be a string, got {type(caption).__name__}."
             )
+        _check_unicode(caption, f"The prediction for image id {image_id!r}")
+        if references is None:
+            continue
         refs = references[image_id]
         if isinstance(refs, str) or not all(isinstance(ref, str) for ref in refs):
             raise TypeError(f"The references for image id {image_id!r} must be a list of strings, got {refs!r:.200}.")
-        _check_unicode(caption, f"The prediction for image id {image_id!r}")
         for ref in refs:
             _check_unicode(ref, f"A reference caption of image id {image_id!r}")
     empty = [image_id for image_id, caption in predictions.items() if not caption.strip()]
@@ -496,6 +501,13 @@ def compute_clip_metrics(
     with_references = "refclipscore" in names
     if with_references and references is None:
         raise ValueError("RefCLIPScore needs the reference captions (`references`).")
+    _check_inputs(predictions, references)
+    without_image = [image_id for image_id in predictions if image_id not in image_paths]
+    if without_image:
+        raise ValueError(
+            f"{len(without_image)} of {len(predictions)} predicted images have no image file (image ids: "
+            f"{_format_ids(without_image)}). Give `image_paths` for every predicted image."
+        )
     scorer = clip_model if isinstance(clip_model, CLIPScorer) else CLIPScorer(clip_model)
     image_ids = list(predictions)
     per_image: dict[ImageId, dict[str, float]] = {}
@@ -514,7 +526,7 @@ def compute_clip_metrics(
             if ref_scores is not None:
                 per_image[image_id]["RefCLIPScore"] = float(ref_scores[row])
     keys = [CLIP_SCORE_KEYS[name] for name in CLIP_METRIC_NAMES if name in names]
-    scores = {key: sum(scores[key] for scores in per_image.values()) / max(len(per_image), 1) for key in keys}
+    scores = {key: sum(scores[key] for scores in per_image.values()) / len(per_image) for key in keys}
     return scores, per_image
 
 
