@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import re
 
 import datasets
 import numpy as np
@@ -124,8 +125,83 @@ def test_a_missing_column_lists_the_columns_and_a_bad_caption_is_named(tmp_path,
     with pytest.raises(ValueError, match=r"has no column 'png'; its columns are: jpg, txt, __key__, __url__"):
         load_image_source(data_files=str(shards[0]), image_column="png")
     (tmp_path / "data.jsonl").write_text(json.dumps({"image": "x.png", "caption": ""}) + "\n")
-    with pytest.raises(ValueError, match=r"data.jsonl: the image .*x.png has 'caption' = ''; give each image a"):
+    with pytest.raises(ValueError, match=r"data.jsonl, row 0: the image .*x.png has 'caption' = ''; give each image a"):
         load_image_source(data_files=str(tmp_path / "data.jsonl"), caption_column="caption")
     with pytest.raises(ValueError, match=r"Cannot tell how to read .*notes.txt"):
         (tmp_path / "notes.txt").write_text("hello")
         load_image_source(data_files=str(tmp_path / "notes.txt"))
+
+
+def test_a_replaced_image_file_gets_a_new_key(tmp_path):
+    # The map that adds the keys is cached on the JSON file alone: the key must still follow the image file.
+    random_images(1, size=(8, 8))[0].save(tmp_path / "x.png")
+    (tmp_path / "data.jsonl").write_text(json.dumps({"image": "x.png", "caption": "A dog."}) + "\n")
+    before = load_image_source(data_files=str(tmp_path / "data.jsonl"), caption_column="caption")["image_key"]
+    assert before == [file_key(tmp_path / "x.png")]
+    random_images(1, seed=1, size=(32, 24))[0].save(tmp_path / "x.png")
+    after = load_image_source(data_files=str(tmp_path / "data.jsonl"), caption_column="caption")["image_key"]
+    assert after == [file_key(tmp_path / "x.png")] and after != before
+
+
+def _write_tar(path, members: dict[str, bytes]) -> None:
+    import tarfile
+
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            member = tarfile.TarInfo(name)
+            member.size = len(data)
+            tar.addfile(member, io.BytesIO(data))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_row_without_an_image_is_named(tmp_path, streaming):
+    image = png_bytes(random_images(1)[0])
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    rows = {"image": [{"bytes": image, "path": None}, None], "caption": ["A dog.", "A cat."]}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "data.parquet"))
+    no_image = r"has no image \(it is null or missing\); drop that row or give it an image"
+    parquet = str(tmp_path / "data.parquet")
+    with pytest.raises(ValueError, match=r"data.parquet, row 1 " + no_image):
+        list(load_image_source(data_files=parquet, caption_column="caption", streaming=streaming))
+
+    random_images(1)[0].save(tmp_path / "x.png")
+    lines = [{"image": "x.png", "caption": "A dog."}, {"image": None, "caption": "A cat."}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    with pytest.raises(ValueError, match=r"data.jsonl, row 1 " + no_image):
+        list(load_image_source(data_files=str(tmp_path / "data.jsonl"), caption_column="caption", streaming=streaming))
+
+    # A webdataset sample with a caption and no image file (after 6 whole ones: datasets infers the types from 5).
+    members = {f"s{i}.{suffix}": data for i in range(6) for suffix, data in (("png", image), ("txt", b"A dog."))}
+    _write_tar(tmp_path / "00000.tar", {**members, "s9.txt": b"A cat."})
+    with pytest.raises(ValueError, match=r"00000.tar, sample 's9' " + no_image):
+        list(load_image_source(data_files=str(tmp_path / "00000.tar"), caption_column="txt", streaming=streaming))
+
+
+def test_parquet_written_without_datasets_and_a_column_that_is_not_images(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    image = png_bytes(random_images(1)[0])
+    struct = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = {"image": pa.array([{"bytes": image, "path": None}], type=struct), "jpg": [image], "size": [7]}
+    pq.write_table(pa.table({**table, "caption": ["A dog."]}), str(tmp_path / "plain.parquet"))
+    for column in ("image", "jpg"):  # a {bytes, path} struct, raw bytes
+        source = load_image_source(data_files=str(tmp_path / "plain.parquet"), image_column=column)
+        assert source["image_key"] == [sha256_key(image)]
+        assert np.array_equal(np.asarray(source[0]["image"]), np.asarray(random_images(1)[0]))
+    with pytest.raises(ValueError, match=r"plain.parquet: the image column 'size' holds Value\('int64'\), not images;"):
+        load_image_source(data_files=str(tmp_path / "plain.parquet"), image_column="size")
+
+
+def test_relative_paths_of_json_files_in_several_folders_need_an_image_root(tmp_path):
+    for sub, image in zip(["one", "two"], random_images(2)):
+        (tmp_path / sub).mkdir()
+        image.save(tmp_path / sub / f"{sub}.png")
+        (tmp_path / sub / "data.jsonl").write_text(json.dumps({"image": f"{sub}/{sub}.png", "caption": sub}) + "\n")
+    files = [str(tmp_path / "one" / "data.jsonl"), str(tmp_path / "two" / "data.jsonl")]
+    folders = re.escape(f"several folders ({tmp_path / 'one'}, {tmp_path / 'two'}); give --image_root")
+    with pytest.raises(ValueError, match=r"the image path 'one/one.png' is relative, .* are in " + folders):
+        load_image_source(data_files=files, caption_column="caption")
+    source = load_image_source(data_files=files, caption_column="caption", image_root=str(tmp_path))
+    assert source["image_key"] == [file_key(tmp_path / "one/one.png"), file_key(tmp_path / "two/two.png")]
+

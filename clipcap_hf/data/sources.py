@@ -96,12 +96,23 @@ def load_image_source(
     source = dataset_name or dataset_format or _describe(data_files)
     image_column = image_column or _default_image_column(dataset, source)
     _require_columns(dataset, [image_column] + ([caption_column] if caption_column else []), source)
-    if not isinstance(dataset.features[image_column], datasets.Image):
-        # Paths in a JSON/CSV file: relative to --image_root, else to the folder of the file.
+    feature = dataset.features[image_column]
+    if _holds_paths(feature):
+        # Paths in a JSON/CSV file: relative to --image_root, else to the folder of the files.
         root = image_root if image_root is not None else _files_folder(data_files)
         dataset = dataset.map(
-            _absolute_paths, input_columns=image_column, fn_kwargs={"column": image_column, "root": root}, batched=True
+            _absolute_paths,
+            input_columns=image_column,
+            fn_kwargs={"column": image_column, "root": root, "source": source},
+            batched=True,
+            features=datasets.Features({**dataset.features, image_column: datasets.Image(decode=False)}),
         )
+    elif not isinstance(feature, datasets.Image) and not _holds_image_bytes(feature):
+        raise ValueError(
+            f"{source}: the image column {image_column!r} holds {feature}, not images; give a column of image files' "
+            "paths (strings), image bytes or {bytes, path} structs, and name it with --image_column."
+        )
+    # Parquet written without datasets' schema (a {bytes, path} struct or raw bytes) becomes an Image column here.
     # Undecoded from here on: keys hash the stored bytes (renaming a decoded column of an IterableDataset would
     # re-encode them), and nothing is decoded before it is used.
     dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
@@ -112,8 +123,10 @@ def load_image_source(
     return _add_keys_and_captions(dataset, caption_column, source, _parquet_shards(dataset, data_files))
 
 
-def image_key(image: dict[str, Any]) -> str:
+def image_key(image: dict[str, Any] | None) -> str:
     """The stable key of an undecoded `datasets.Image` value (`{"bytes", "path"}`): see [`load_image_source`]."""
+    if image is None or (image.get("bytes") is None and image.get("path") is None):
+        raise ValueError("No image (the image is null).")
     if image.get("bytes") is not None:
         return "sha256:" + hashlib.sha256(image["bytes"]).hexdigest()
     from .embeddings import image_cache_key
@@ -188,11 +201,11 @@ def _add_keys_and_captions(dataset, caption_column: str | None, source: str, sha
     (`shards`: each file and its row count), each row's file as `__url__`, as webdataset rows have it.
     """
     columns = ["image"] + ([caption_column] if caption_column else [])
+    columns += [name for name in (WEBDATASET_KEY, SHARD_COLUMN) if name in dataset.column_names]  # to name a bad row
     keys_and_captions = dict(
         function=_keys_and_captions,
-        input_columns=columns,
         batched=True,
-        with_indices=shards is not None,
+        with_indices=True,
         fn_kwargs={"caption_column": caption_column, "source": source, "shards": shards},
     )
     replaced = [caption_column] if caption_column else []
@@ -205,33 +218,63 @@ def _add_keys_and_captions(dataset, caption_column: str | None, source: str, sha
         # Left undecoded: datasets does not decode the images of a mapped IterableDataset (see decode_image).
         return dataset.map(**keys_and_captions, remove_columns=replaced, features=features)
     # Only the new columns are written (the images are not copied), then joined to the source's memory-mapped ones.
-    new_columns = dataset.select_columns(columns).map(**keys_and_captions, remove_columns=columns)
+    # The cache of this map knows only the source's own files: a key naming an image file (its size and mtime) is
+    # computed again each time, so a replaced image gets a new key.
+    new_columns = dataset.select_columns(columns).map(
+        **keys_and_captions, remove_columns=columns, load_from_cache_file=not _has_image_files(dataset)
+    )
     keyed = datasets.concatenate_datasets([dataset.remove_columns(replaced), new_columns], axis=1)
     return keyed.cast_column("image", datasets.Image())
 
 
-def _keys_and_captions(images, captions=None, indices=None, *, caption_column, source, shards):
-    if caption_column is None:  # the indices came second
-        captions, indices = None, captions
-    batch = {"image_key": [image_key(image) for image in images]}
+def _keys_and_captions(batch, indices, *, caption_column, source, shards):
+    new: dict[str, list] = {"image_key": []}
+    for position, image in enumerate(batch["image"]):
+        try:
+            new["image_key"].append(image_key(image))
+        except ValueError:
+            raise ValueError(
+                f"{_row_location(batch, indices, position, source, shards)} has no image (it is null or missing); "
+                "drop that row or give it an image, or name the image column with --image_column."
+            ) from None
     if shards is not None:
-        ends = list(itertools.accumulate(rows for _, rows in shards))
-        batch[SHARD_COLUMN] = [shards[bisect.bisect_right(ends, index)][0] for index in indices]
+        new[SHARD_COLUMN] = [shards[_shard_of(index, shards)][0] for index in indices]
     if caption_column is not None:
-        batch["captions"] = [
-            _caption_list(value, caption_column, source, key) for value, key in zip(captions, batch["image_key"])
+        new["captions"] = [
+            _caption_list(value, caption_column, key, lambda: _row_location(batch, indices, position, source, shards))
+            for position, (value, key) in enumerate(zip(batch[caption_column], new["image_key"]))
         ]
-    return batch
+    return new
 
 
-def _caption_list(value: Any, column: str, source: str, key: str) -> list[str]:
+def _shard_of(index: int, shards: list[tuple[str, int]]) -> int:
+    return bisect.bisect_right(list(itertools.accumulate(rows for _, rows in shards)), index)
+
+
+def _row_location(batch, indices, position: int, source: str, shards) -> str:
+    """Where a row comes from, for an error: its shard and `__key__`, its parquet file and row, or its row."""
+    if WEBDATASET_KEY in batch:
+        return f"{batch[SHARD_COLUMN][position]}, sample {batch[WEBDATASET_KEY][position]!r}"
+    index = indices[position]
+    if shards is not None:
+        shard = _shard_of(index, shards)
+        return f"{shards[shard][0]}, row {index - sum(rows for _, rows in shards[:shard])}"
+    return f"{source}, row {index}"
+
+
+def _caption_list(value: Any, column: str, key: str, location) -> list[str]:
     texts = [value] if isinstance(value, str) else value
     if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t.strip() for t in texts):
         raise ValueError(
-            f"{source}: the image {key} has {column!r} = {value!r}; give each image a caption, or a list of "
+            f"{location()}: the image {key} has {column!r} = {value!r}; give each image a caption, or a list of "
             "non-empty captions."
         )
     return [text.strip() for text in texts]
+
+
+def _has_image_files(dataset: datasets.Dataset) -> bool:
+    """Whether some image of the (undecoded) `image` column is a file path rather than stored bytes."""
+    return any(chunk.field("bytes").null_count for chunk in dataset.data.column("image").chunks)
 
 
 def _parquet_shards(dataset, data_files) -> list[tuple[str, int]] | None:
@@ -246,8 +289,29 @@ def _parquet_shards(dataset, data_files) -> list[tuple[str, int]] | None:
     return [(os.path.abspath(path), pyarrow.parquet.ParquetFile(path).metadata.num_rows) for path in files]
 
 
-def _absolute_paths(paths, *, column: str, root):
-    return {column: [p if p is None or os.path.isabs(p) else os.path.join(root, p) for p in paths]}
+def _absolute_paths(paths, *, column: str, root: str | list[str], source: str):
+    absolute = []
+    for path in paths:
+        if path is not None and not os.path.isabs(path):
+            if isinstance(root, list):
+                raise ValueError(
+                    f"{source}: the image path {path!r} is relative, and the data files are in several folders "
+                    f"({', '.join(root)}); give --image_root (the folder the paths are relative to), or absolute paths."
+                )
+            path = os.path.join(root, path)
+        absolute.append(None if path is None else {"bytes": None, "path": path})  # as datasets.Image stores a file
+    return {column: absolute}
+
+
+def _holds_paths(feature) -> bool:
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")
+
+
+def _holds_image_bytes(feature) -> bool:
+    """Raw image bytes, or the `{bytes, path}` struct of an image column that pyarrow/pandas wrote."""
+    if isinstance(feature, datasets.Value):
+        return feature.dtype in ("binary", "large_binary")
+    return isinstance(feature, dict) and "bytes" in feature and set(feature) <= {"bytes", "path"}
 
 
 def _default_image_column(dataset, source: str) -> str:
@@ -272,9 +336,11 @@ def _require_columns(dataset, columns: list[str], source: str) -> None:
         )
 
 
-def _files_folder(data_files) -> str:
-    first = data_files if isinstance(data_files, (str, os.PathLike)) else next(iter(data_files or []), ".")
-    return str(Path(first).parent if not os.path.isdir(first) else Path(first))
+def _files_folder(data_files) -> str | list[str]:
+    """The folder of the data files (or the folder given); the sorted folders when the files are in several."""
+    files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files or ["."])
+    folders = sorted({str(Path(path) if os.path.isdir(path) else Path(path).parent) for path in files})
+    return folders[0] if len(folders) == 1 else folders
 
 
 def _describe(data_files) -> str:
