@@ -205,3 +205,19 @@ def test_relative_paths_of_json_files_in_several_folders_need_an_image_root(tmp_
     source = load_image_source(data_files=files, caption_column="caption", image_root=str(tmp_path))
     assert source["image_key"] == [file_key(tmp_path / "one/one.png"), file_key(tmp_path / "two/two.png")]
 
+
+def test_a_saved_dataset_dict_as_validation_file_reads_its_validation_split(tmp_path):
+    from clipcap_hf.data.prepare import load_source
+    from clipcap_hf.training.arguments import DataArguments
+
+    images = random_images(3)
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    rows = {"image": [{"bytes": png_bytes(image), "path": None} for image in images], "caption": ["a", "b", "c"]}
+    splits = {"train": [0, 1], "validation": [2]}
+    saved = datasets.DatasetDict(
+        {name: datasets.Dataset.from_dict(rows, features=features).select(part) for name, part in splits.items()}
+    )
+    saved.save_to_disk(str(tmp_path / "saved"))
+    data_args = DataArguments(train_file=str(tmp_path / "saved"), validation_file=str(tmp_path / "saved"))
+    assert load_source(data_args, "train")["captions"] == [["a"], ["b"]]
+    assert load_source(data_args, "validation")["captions"] == [["c"]]  # no --validation_split: "validation"
