@@ -110,6 +110,14 @@ def test_the_command_reuses_the_grid_and_checks_its_options(grid, capsys, monkey
     assert "--train-file, --vision-models and --text-model go together" in capsys.readouterr().err
     assert main(["ablate", "--output-dir", str(output_dir), "--dataset-format", "karpathy"]) == 2
     assert "--dataset-format: invalid choice: 'karpathy'" in capsys.readouterr().err
+    # Dataset options the chosen dataset cannot use are refused, not dropped.
+    assert main(["ablate", "--output-dir", str(output_dir), "--validation-file", "val.json", "--image-root", "images",
+                 "--dataset-format", "nocaps"]) == 2
+    assert ("--validation-file, --dataset-format, --image-root describe a dataset of your own, which needs "
+            "--train-file") in capsys.readouterr().err
+    assert main(["ablate", "--output-dir", str(output_dir), "--train-file", "captions.json", "--vision-models", "clip",
+                 "--text-model", "gpt2", "--base-steps", "3"]) == 2
+    assert "--base-steps sets the synthetic task's base run, which a dataset of your own" in capsys.readouterr().err
 
 
 def test_grid_options_are_checked():

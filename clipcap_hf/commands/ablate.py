@@ -39,7 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_argument_group("the dataset (default: the quickstart's synthetic shapes, offline)")
     data.add_argument("--train-file", default=None, help="Training captions (see `clipcap train`'s formats).")
     data.add_argument("--validation-file", default=None, help="Evaluation captions (default: the Karpathy file's).")
-    data.add_argument("--dataset-format", default="coco-karpathy", choices=sorted(DATASET_FORMATS),
+    data.add_argument("--dataset-format", default=None, choices=sorted(DATASET_FORMATS),
                       help="The training (and validation) file's format (default: coco-karpathy).")
     data.add_argument("--image-root", default=None, help="The folder the dataset's image paths start from.")
     budget = parser.add_argument_group("the budget of every run")
@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"Peak learning rate (default: {DEFAULTS.learning_rate}).")
     budget.add_argument("--mapping-num-layers", type=positive_int, default=DEFAULTS.mapping_num_layers,
                         help=f"Transformer mapper layers (default: {DEFAULTS.mapping_num_layers}; the paper's: 8).")
-    budget.add_argument("--base-steps", type=positive_int, default=DEFAULTS.shapes.max_steps,
+    budget.add_argument("--base-steps", type=positive_int, default=None,
                         help="Synthetic task: steps of the quickstart run that trains its pretrained tower and "
                              f"language model (default: {DEFAULTS.shapes.max_steps}).")
     budget.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"Seed (default: {DEFAULTS.seed}).")
@@ -69,17 +69,32 @@ def run(args: argparse.Namespace) -> int:
             "--train-file, --vision-models and --text-model go together (a dataset of your own with pretrained parts); "
             "leave all three out for the synthetic task."
         )
+    # The dataset options default to None ("not given"), so that one the chosen dataset cannot use is refused.
+    dataset_options = {"--validation-file": args.validation_file, "--dataset-format": args.dataset_format,
+                       "--image-root": args.image_root}
+    given = [option for option, value in dataset_options.items() if value is not None]
+    if given and not own_data:
+        raise ValueError(
+            f"{', '.join(given)} describe a dataset of your own, which needs --train-file (with --vision-models and "
+            "--text-model); leave them out for the synthetic task."
+        )
+    if own_data and args.base_steps is not None:
+        raise ValueError(
+            "--base-steps sets the synthetic task's base run, which a dataset of your own (--train-file) does not "
+            "have: leave it out."
+        )
     config = AblationConfig(
         prefix_lengths=args.prefix_lengths, mapping_types=args.mapping_types, language_models=args.language_models,
         vision_models=args.vision_models, text_model=args.text_model, max_steps=args.max_steps,
         batch_size=args.batch_size, learning_rate=args.learning_rate, mapping_num_layers=args.mapping_num_layers,
         plot_metrics=args.plot_metrics, seed=args.seed,
-        shapes=QuickstartConfig(max_steps=args.base_steps, seed=args.seed),
+        shapes=QuickstartConfig(max_steps=args.base_steps or DEFAULTS.shapes.max_steps, seed=args.seed),
     )
     data = None
     if own_data:
         data = caption_task(
-            args.dataset_format, args.train_file, validation_file=args.validation_file, image_root=args.image_root
+            args.dataset_format or "coco-karpathy", args.train_file, validation_file=args.validation_file,
+            image_root=args.image_root,
         )
     run_ablation(args.output_dir, config, data, verbose=not args.quiet)
     print(f"Wrote {args.output_dir}/results.md, results.csv and prefix_length_*.png.")
