@@ -66,7 +66,7 @@ def model_dir(tmp_path, tokenizer, processor):
     return folder
 
 
-def test_each_unique_image_is_embedded_once_with_the_captions_of_all_its_rows(tmp_path, tokenizer, processor):
+def test_each_unique_image_is_embedded_once_with_the_captions_of_all_its_rows(tmp_path, tokenizer, processor, caplog):
     images = random_images(3)
     encoded = [io.BytesIO() for _ in images]
     for image, buffer in zip(images, encoded):
@@ -97,6 +97,14 @@ def test_each_unique_image_is_embedded_once_with_the_captions_of_all_its_rows(tm
     with patch:
         embed_source(source, model, processor.image_processor, tmp_path / "emb")
     assert seen == [] and len(load_embeddings(tmp_path / "emb")) == 3
+
+    # Streamed (read once): the repeated image keeps its first row's captions, and a warning counts the others.
+    streamed = load_image_source(data_files=str(tmp_path / "data.parquet"), caption_column="caption", streaming=True)
+    with caplog.at_level("WARNING"):
+        embed_source(streamed, model, processor.image_processor, tmp_path / "streamed", batch_size=2)
+    assert load_embeddings(tmp_path / "streamed")["captions"] == [["a"], ["b"], ["d"]]
+    assert "1 streamed row(s) repeat an image already embedded" in caplog.text
+    assert "so their 1 caption(s) are not stored" in caplog.text
 
 
 def test_an_unreadable_image_in_a_tar_shard_is_named_by_shard_and_key(tmp_path, tokenizer, processor, caplog):
@@ -217,7 +225,11 @@ def test_a_killed_embedding_run_resumes_and_stores_every_image_once(tmp_path, mo
 
 @pytest.mark.parametrize(
     "environment, expected",
-    [({}, "cuda"), ({"WORLD_SIZE": "1", "LOCAL_RANK": "3"}, "cuda"), ({"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, "cuda:1")],
+    [
+        ({}, "cuda"),
+        ({"WORLD_SIZE": "1", "LOCAL_RANK": "3"}, "cuda"),
+        ({"WORLD_SIZE": "4", "LOCAL_RANK": "3"}, "cuda:1"),
+    ],
 )
 def test_each_process_of_a_distributed_launch_takes_its_own_gpu_unless_told_a_device(
     monkeypatch, environment, expected

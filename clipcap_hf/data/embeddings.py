@@ -181,7 +181,8 @@ def embed_source(
     are written whole under a temporary name and then renamed, every [`EMBEDDING_SHARD_SIZE`] images, so a run that
     is killed keeps all but its last shard: a rerun reads the keys already stored and embeds only the others, and
     never stores an image twice.
-    An image given by several rows (several captions, one per row) is embedded once, with all their captions.
+    An image given by several rows (several captions, one per row) is embedded once, with all their captions; from
+    an `IterableDataset` (read once, in order) with its first row's captions, and a warning counts the others.
 
     Args:
         source: the images: `image`, `image_key` and optionally `captions`.
@@ -223,8 +224,11 @@ def embed_source(
     done = _stored_keys(output_dir, rank, world_size)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.vision_model.to(device).eval()
+    repeated_rows: list[int] = []  # streaming: the caption counts of rows that repeat an image already embedded
     if isinstance(source, datasets.IterableDataset):
-        batches = _iterable_batches(source, image_processor, done, rank, world_size, batch_size, keep_columns)
+        batches = _iterable_batches(
+            source, image_processor, done, rank, world_size, batch_size, keep_columns, repeated_rows
+        )
     else:
         batches = _map_style_batches(
             source, image_processor, done, rank, world_size, batch_size, num_workers, keep_columns
@@ -242,6 +246,12 @@ def embed_source(
     finally:  # also on an error or Ctrl-C: what was embedded is kept
         progress.close()
         writer.flush()
+    if repeated_rows:
+        logger.warning(
+            f"{len(repeated_rows)} streamed row(s) repeat an image already embedded; streaming keeps each image's "
+            f"first row's captions, so their {sum(repeated_rows)} caption(s) are not stored. Embed the source "
+            "map-style (without --streaming) to merge them."
+        )
     problems = [problem for gathered in _all_gather(problems) for problem in gathered]
     lines = [line for line, _ in problems]
     report = "\n".join(lines[:10]) + (f"\n  ... and {len(lines) - 10} more" if len(lines) > 10 else "")
@@ -457,10 +467,15 @@ def _read(row: dict[str, Any], index: int | None, image_processor=None) -> tuple
             return None, None
         return image_processor(image, return_tensors="pt")["pixel_values"][0], None
     except Exception as error:  # any decoding or preprocessing failure is reported with the image named
-        # PIL names the in-memory file of image bytes as "<_io.BytesIO object at 0x...>": the shard and key name it.
-        message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
-        problem = "file not found" if isinstance(error, FileNotFoundError) else f"{type(error).__name__}: {message}"
-        return None, f"  {_where(row, index)}: {problem} (key {row[KEY_COLUMN]})"
+        return None, f"  {_unreadable_image(row, index, error)}"
+
+
+def _unreadable_image(row: dict[str, Any], index: int | None, error: Exception) -> str:
+    """`<where>: <problem> (key ...)` for an image that cannot be read."""
+    # PIL names the in-memory file of image bytes as "<_io.BytesIO object at 0x...>": the shard and key name it.
+    message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
+    problem = "file not found" if isinstance(error, FileNotFoundError) else f"{type(error).__name__}: {message}"
+    return f"{_where(row, index)}: {problem} (key {row[KEY_COLUMN]})"
 
 
 class _SourceImages(torch.utils.data.Dataset):
@@ -521,14 +536,22 @@ def _map_style_batches(source, image_processor, done, rank, world_size, batch_si
     yield from loader
 
 
-def _iterable_batches(source, image_processor, done, rank, world_size, batch_size, keep_columns) -> Iterator:
-    """The same from an `IterableDataset`, read once; an image seen again later keeps its first row's captions."""
+def _iterable_batches(
+    source, image_processor, done, rank, world_size, batch_size, keep_columns, repeated_rows: list[int]
+) -> Iterator:
+    """
+    The same from an `IterableDataset`, read once; an image seen again later keeps its first row's captions (its
+    first batch may already be written), and each later row's caption count goes to `repeated_rows`.
+    """
     seen: set[int] = set()
     items = []
     for row in source.cast_column("image", datasets.Image(decode=False)):
         owners, digests = key_digests([row[KEY_COLUMN]], world_size)
         digest = int(digests[0])
-        if owners[0] != rank or digest in seen or _is_in(digests, done)[0]:
+        if owners[0] != rank or _is_in(digests, done)[0]:
+            continue
+        if digest in seen:
+            repeated_rows.append(len(row.get(CAPTIONS_COLUMN) or []))
             continue
         seen.add(digest)
         pixels, problem = _read(row, None, image_processor)
