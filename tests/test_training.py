@@ -232,6 +232,20 @@ def test_recipes_set_the_paper_defaults_and_explicit_arguments_win(tmp_path):
         parse_args(["--recipe", "nonsense", "--output_dir", str(tmp_path)])
 
 
+def test_lora_options_without_use_lora_are_refused_and_with_it_get_their_defaults(tmp_path):
+    # They were ignored: the run fine-tuned the whole language model and wrote no adapters.
+    for given in (["--lora_r", "4"], ["--lora_dropout", "0.1", "--lora_target_modules", "c_attn"],
+                  ["--save_merged_model"], ["--lora_alpha", "8"]):
+        names = ", ".join(option for option in given if option.startswith("--"))
+        with pytest.raises(ValueError, match=f"^{names} set up LoRA adapters: add --use_lora, or leave them out"):
+            parse_args([*given, "--output_dir", str(tmp_path)])
+    model_args = parse_args(["--use_lora", "--lora_alpha", "4", "--output_dir", str(tmp_path)])[0]
+    assert (model_args.lora_r, model_args.lora_alpha, model_args.lora_dropout) == (8, 4, 0.05)
+    assert model_args.save_merged_model is False
+    model_args = parse_args(["--recipe", "lora", "--output_dir", str(tmp_path)])[0]
+    assert (model_args.lora_r, model_args.lora_alpha, model_args.save_merged_model) == (8, 16, True)
+
+
 def test_a_new_model_gets_the_default_architecture_and_a_checkpoint_keeps_its_own(tmp_path):
     model_args = parse_args(["--output_dir", str(tmp_path)])[0]
     assert (model_args.vision_model_name_or_path, model_args.text_model_name_or_path) == (

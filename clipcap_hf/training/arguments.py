@@ -58,6 +58,8 @@ ARCHITECTURE_DEFAULTS: dict[str, Any] = {
     "normalize_prefix": False,
     "vision_pooling": None,  # the tower's own default
 }
+# The LoRA options not given (with --use_lora).
+LORA_DEFAULTS: dict[str, Any] = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05}
 # The two pretrained parts a new model is assembled from; the other architecture options are ClipCapConfig fields.
 PART_OPTIONS = ("vision_model_name_or_path", "text_model_name_or_path")
 CONFIG_OPTIONS = tuple(name for name in ARCHITECTURE_DEFAULTS if name not in PART_OPTIONS)
@@ -121,9 +123,11 @@ class ModelArguments:
     )
     freeze_language_model: bool = field(default=False, metadata={"help": "Train the mapper only (frozen LM)."})
     use_lora: bool = field(default=False, metadata={"help": "Train LoRA adapters on the LM (peft) and the mapper."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=16, metadata={"help": "LoRA scaling numerator."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA path."})
+    # The LoRA options default to None: "not given", which they must be without --use_lora; then LORA_DEFAULTS.
+    # (--save_merged_model is a flag: given means true.)
+    lora_r: int | None = field(default=None, metadata={"help": "LoRA rank (default: 8)."})
+    lora_alpha: int | None = field(default=None, metadata={"help": "LoRA scaling numerator (default: 16)."})
+    lora_dropout: float | None = field(default=None, metadata={"help": "Dropout on the LoRA path (default: 0.05)."})
     lora_target_modules: str | None = field(
         default=None,
         metadata={
@@ -144,6 +148,13 @@ class ModelArguments:
             for name, default in {**ARCHITECTURE_DEFAULTS, **_recipe_architecture(self.recipe)}.items():
                 if getattr(self, name) is None:
                     setattr(self, name, default)
+        given = [f"--{name}" for name in (*LORA_DEFAULTS, "lora_target_modules") if getattr(self, name) is not None]
+        given += ["--save_merged_model"] if self.save_merged_model else []
+        if given and not self.use_lora:
+            raise ValueError(f"{', '.join(given)} set up LoRA adapters: add --use_lora, or leave them out.")
+        for name, default in LORA_DEFAULTS.items():
+            if getattr(self, name) is None:
+                setattr(self, name, default)
 
 
 @dataclass
