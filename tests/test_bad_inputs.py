@@ -90,3 +90,41 @@ def test_a_damaged_model_folder_is_one_line_naming_it(saved_model_dir, tmp_path,
     errors = [line for line in captured.err.splitlines() if line.startswith("clipcap caption: error: ")]
     assert len(errors) == 1 and f"{folder}" in errors[0] and message in errors[0]
     assert "Traceback" not in captured.err and captured.out == ""
+
+
+def _write_shards(folder, shards: dict[str, dict[str, bytes]]) -> list[str]:
+    import io
+    import tarfile
+
+    for shard, members in shards.items():
+        with tarfile.open(folder / shard, "w") as tar:
+            for name, data in members.items():
+                member = tarfile.TarInfo(name)
+                member.size = len(data)
+                tar.addfile(member, io.BytesIO(data))
+    return [str(folder / shard) for shard in shards]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_bad_image_or_caption_in_a_webdataset_shard_is_named_by_its_shard_and_sample(tmp_path, streaming):
+    import io
+    import types
+
+    from conftest import random_images
+
+    from clipcap_hf.data import load_image_source
+    from clipcap_hf.data.prepare import _pixel_rows
+
+    png = io.BytesIO()
+    random_images(1)[0].save(png, "PNG")
+    second = {"s1.png": png.getvalue(), "s1.txt": b"A cat.", "s2.png": b"not an image", "s2.txt": b"A dog."}
+    files = _write_shards(tmp_path, {"00000.tar": {"s0.png": png.getvalue(), "s0.txt": b"A dog."}, "00001.tar": second})
+    source = load_image_source(data_files=files, caption_column="txt", streaming=streaming)
+    where = rf"shard {tmp_path / '00001.tar'}, sample s2: UnidentifiedImageError: cannot identify image file \(key sha"
+    with pytest.raises(ValueError, match=where):
+        list(_pixel_rows(source, types.SimpleNamespace(on_bad_image="error"), "training"))
+
+    blank = {**second, "s2.png": png.getvalue(), "s2.txt": b"   "}
+    files = _write_shards(tmp_path, {"00001.tar": blank})
+    with pytest.raises(ValueError, match=r"00001.tar, sample 's2': the image sha256:\w+ has 'txt' = '   '; give each"):
+        list(load_image_source(data_files=files, caption_column="txt", streaming=streaming))

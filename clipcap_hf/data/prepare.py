@@ -34,12 +34,13 @@ from .embeddings import (
     _KeyIndex,
     _process_rank,
     _read,
+    _unreadable_image,
     check_embeddings,
     embed_source,
     embedding_cache_folder,
     load_embeddings,
 )
-from .sources import decode_image, load_image_source
+from .sources import SHARD_COLUMN, decode_image, load_image_source
 
 logger = logging.get_logger(__name__)
 
@@ -347,7 +348,8 @@ def _image_id_and_path(batch: dict[str, list], position: int, key: str) -> tuple
 
 def _pixel_rows(source, data_args, name: str):
     """One row per caption with its `image`, unreadable images raised or left out (`--on_bad_image`)."""
-    columns = [KEY_COLUMN, CAPTIONS_COLUMN, "image"] + [c for c in _ID_COLUMNS if c in (source.features or {})]
+    named = (*_ID_COLUMNS, SHARD_COLUMN)  # the shard names an unreadable image
+    columns = [KEY_COLUMN, CAPTIONS_COLUMN, "image"] + [c for c in named if c in (source.features or {})]
     source = source.select_columns(columns)
     if isinstance(source, datasets.IterableDataset):
         # Read lazily: each image is decoded (and checked) when its captions come up.
@@ -396,16 +398,16 @@ def _explode_paths(batch: dict[str, list]) -> dict[str, list]:
 
 def _explode_with_images(batch: dict[str, list], policy: str) -> dict[str, list]:
     rows: dict[str, list] = {"caption": [], "image": []}
-    for key, captions, image in zip(batch[KEY_COLUMN], batch[CAPTIONS_COLUMN], batch["image"]):
+    for position, (captions, image) in enumerate(zip(batch[CAPTIONS_COLUMN], batch["image"])):
         try:
             decoded = decode_image(image)
-        except Exception as error:  # any decoding failure, named with the image's key
+        except Exception as error:  # any decoding failure, named with the image's shard, sample and key
+            problem = _unreadable_image({name: values[position] for name, values in batch.items()}, None, error)
             if policy == "skip":
-                logger.warning(f"Skipping the unreadable image {key} ({type(error).__name__}: {error}).")
+                logger.warning(f"Skipping an unreadable image: {problem}.")
                 continue
             raise ValueError(
-                f"The image {key} cannot be read ({type(error).__name__}: {error}); fix or remove it, or skip such "
-                "images (`--on_bad_image skip`)."
+                f"An image cannot be read: {problem}; fix or remove it, or skip such images (`--on_bad_image skip`)."
             ) from error
         rows["caption"].extend(captions)
         rows["image"].extend([decoded] * len(captions))
