@@ -62,12 +62,13 @@ def load_image_source(
         dataset_name: a Hub dataset (or a local dataset script/folder) for `datasets.load_dataset`.
         dataset_config_name: its configuration.
         data_files: data files (or one folder) instead: webdataset `.tar` shards, `.parquet`, `.jsonl`/`.json`/
-            `.csv` (whose image column holds file paths, relative to `image_root` or else to the file's folder),
-            `.arrow`, a folder written by `save_to_disk`, or an image folder (`metadata.jsonl`/`.csv` beside the
-            images).
+            `.csv` (whose image column holds file paths, relative to `image_root` or else to the files' folder: files
+            in several folders need `image_root`), `.arrow`, a folder written by `save_to_disk`, or an image folder
+            (`metadata.jsonl`/`.csv` beside the images).
         split: the split to read (`train`, `validation`, ...).
-        image_column: the column holding the image; default `image`, or the first image column of the source
-            (`jpg`, `png`, ... in webdataset shards).
+        image_column: the column holding the image (a `datasets.Image`, image bytes, a `{bytes, path}` struct or a
+            file path); default `image`, or the first image column of the source (`jpg`, `png`, ... in webdataset
+            shards).
         caption_column: the column holding a caption string or a list of captions (`text`, `caption`, `txt`, ...);
             `None` for images without captions.
         streaming: return an `IterableDataset` read lazily, without preparing the whole source first.
@@ -78,7 +79,8 @@ def load_image_source(
 
     Returns:
         A `datasets.Dataset` (or `IterableDataset` with `streaming`). A missing column is a `ValueError` listing the
-        columns the source has.
+        columns the source has; a row without an image or caption is one naming its file (or shard and `__key__`)
+        and row.
     """
     if dataset_format is not None:
         dataset = _from_caption_format(dataset_format, data_files, image_root, split)
