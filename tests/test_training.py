@@ -300,6 +300,12 @@ def test_a_malformed_json_arguments_file_is_named(tmp_path, content, message):
         (["--include_num_input_tokens_seen", "true"],
          r"--include_num_input_tokens_seen is not supported: Trainer would count the images' pixels"),
         (["--do_predict"], r"--do_predict is not supported; caption and score a test set with `clipcap evaluate`"),
+        # Accepted and never used before: nothing is evaluated.
+        (["--do_train", "--eval_caption_metrics", "bleu", "--generation_num_beams", "3"],
+         r"^--eval_caption_metrics, --generation_num_beams set how the evaluation images are captioned and scored, "
+         r"but this run evaluates nothing: add --do_eval \(with --validation_file or --validation_split\)"),
+        (["--do_train", "--generation_num_beams", "2"],
+         r"^--generation_num_beams set how the evaluation images .* evaluates nothing"),
     ],
 )
 def test_trainer_options_that_do_not_fit_clipcap_are_refused_naming_the_option(tmp_path, option, message):

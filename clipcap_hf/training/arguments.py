@@ -278,7 +278,10 @@ class DataArguments(SourceArguments):
         },
     )
     embedding_batch_size: int = field(default=64, metadata={"help": "Images per vision forward when caching."})
-    generation_num_beams: int = field(default=1, metadata={"help": "Beams when captioning the evaluation images."})
+    generation_num_beams: int | None = field(
+        # None: "not given" (greedy), so that a run that evaluates nothing can refuse it.
+        default=None, metadata={"help": "Beams when captioning the evaluation images (default: 1, greedy)."}
+    )
     generation_max_new_tokens: int = field(
         default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "Longest generated caption."}
     )
@@ -303,7 +306,7 @@ class DataArguments(SourceArguments):
             raise ValueError("--streaming reads a source lazily; an --embeddings folder is read memory-mapped anyway.")
         # Checked before any embedding is computed (or training step taken), not at the first evaluation.
         for name in ("max_caption_length", "generation_max_new_tokens", "generation_num_beams"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be at least 1, got {getattr(self, name)}.")
         for name in ("max_train_samples", "max_eval_samples"):
             if getattr(self, name) is not None and getattr(self, name) < 1:

@@ -248,6 +248,17 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             "--include_num_input_tokens_seen is not supported: Trainer would count the images' pixels (or nothing, "
             "with cached embeddings), not caption tokens. Leave the option out."
         )
+    eval_given = data_args.validation_file or data_args.validation_split or data_args.dataset_format == "coco-karpathy"
+    # Evaluation (at the end, or during training) captions the evaluation images.
+    evaluating = training_args.do_eval or (training_args.eval_strategy != "no" and bool(eval_given))
+    evaluation_options = {"--eval_caption_metrics": data_args.eval_caption_metrics,
+                          "--generation_num_beams": data_args.generation_num_beams}
+    unused = [option for option, value in evaluation_options.items() if value is not None]
+    if unused and not evaluating:
+        raise ValueError(
+            f"{', '.join(unused)} set how the evaluation images are captioned and scored, but this run evaluates "
+            "nothing: add --do_eval (with --validation_file or --validation_split), or leave them out."
+        )
     setup_logging(training_args)
     logger.warning(
         f"Process rank: {training_args.process_index}, device: {training_args.device}, "
@@ -267,9 +278,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     model, processor = build_model(model_args)
     if training_args.do_train and data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps: a streamed source has no length to count epochs by.")
-    eval_given = data_args.validation_file or data_args.validation_split or data_args.dataset_format == "coco-karpathy"
-    # Evaluation (at the end, or during training) captions the evaluation images.
-    evaluating = training_args.do_eval or (training_args.eval_strategy != "no" and bool(eval_given))
     _check_context_length(model.config, data_args, generation=evaluating)
     # One call: the sources, their images embedded once across the processes, one row per caption, the lengths.
     data = load_training_data(data_args, model, processor, train=training_args.do_train, evaluate=evaluating)
@@ -310,7 +318,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         caption_eval_dataset=data.eval_images,
         caption_eval_embeds=data.image_embeds,
         generation_kwargs={
-            "num_beams": data_args.generation_num_beams,
+            "num_beams": data_args.generation_num_beams or 1,  # None: not given, greedy
             "max_new_tokens": data_args.generation_max_new_tokens,
         },
         caption_metrics=data_args.caption_metrics,
