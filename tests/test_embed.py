@@ -150,6 +150,12 @@ def test_an_unreadable_parquet_row_is_named_by_file_row_and_key(tmp_path, tokeni
     assert lines[1] == f"  shard {files[1]} (source row 1): {problem} (key {key})"
     assert lines[2].startswith(f"  shard {files[1]} (source row 2): ")
 
+    # Streamed: datasets gives no file per parquet row, so the row of the source names it.
+    streamed = load_image_source(data_files=files, caption_column="caption", streaming=True)
+    with pytest.raises(ValueError) as error:
+        embed_source(streamed, tiny_model(tokenizer), processor.image_processor, tmp_path / "streamed")
+    assert str(error.value).splitlines()[1] == f"  row 1: {problem} (key {key})"
+
 
 def test_another_tower_pooling_or_an_old_cache_folder_is_refused(tmp_path, tokenizer, processor, webdataset_shards):
     model = tiny_model(tokenizer)

@@ -545,7 +545,7 @@ def _iterable_batches(
     """
     seen: set[int] = set()
     items = []
-    for row in source.cast_column("image", datasets.Image(decode=False)):
+    for index, row in enumerate(source.cast_column("image", datasets.Image(decode=False))):
         owners, digests = key_digests([row[KEY_COLUMN]], world_size)
         digest = int(digests[0])
         if owners[0] != rank or _is_in(digests, done)[0]:
@@ -554,7 +554,7 @@ def _iterable_batches(
             repeated_rows.append(len(row.get(CAPTIONS_COLUMN) or []))
             continue
         seen.add(digest)
-        pixels, problem = _read(row, None, image_processor)
+        pixels, problem = _read(row, index, image_processor)
         record = {name: row[name] for name in (KEY_COLUMN, CAPTIONS_COLUMN, *keep_columns) if name in row}
         items.append((pixels, record, problem))
         if len(items) == batch_size:
