@@ -921,6 +921,10 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             input_ids, attention_mask = self._inputs_from_labels(labels)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        if not torch.compiler.is_compiling():  # a static cache's length is a tensor there: no data-dependent branch
+            past_length = int(cache.get_seq_length()) if isinstance(cache, Cache) else 0
+            new_length = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
+            self._check_input_fits_positions(past_length + new_length)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
@@ -1042,7 +1046,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if inputs is not None:
             self._length_as_new_tokens(inputs.shape[1], kwargs)
-            self._check_input_fits_positions(inputs.shape[1])
+            self._check_input_fits_positions(inputs.shape[1], generating=True)
         # On the CPU, fp32 linear layers run through oneDNN where it measured faster than PyTorch's default (onednn.py).
         with cpu_linear_kernels(self):
             return super().generate(
@@ -1063,17 +1067,20 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 processors[index] = _SuppressTokensByIndex(tokens.tolist(), tokens.device)
         return processors
 
-    def _check_input_fits_positions(self, input_length: int) -> None:
+    def _check_input_fits_positions(self, length: int, generating: bool = False) -> None:
         """
-        Refuse an input that leaves no position to generate in: a learned position table (GPT-2's) would fail with a
-        bare IndexError in the language model.
+        Refuse `length` positions (cached and new) beyond the language model's position table, or an input to
+        `generate` that leaves no position to generate in: a learned table (GPT-2's) would fail with a bare IndexError.
         """
         context = getattr(self.config.text_config, "max_position_embeddings", None)
-        if isinstance(context, int) and input_length >= context:
+        if isinstance(context, int) and length + int(generating) > context:
+            room = context - self.config.prefix_length - generating
             raise ValueError(
-                f"The input has {input_length} positions ({self.config.prefix_length} image tokens and the prompt), "
-                f"but the language model has {context} (max_position_embeddings) and needs one left to generate; "
-                f"shorten the prompt to at most {context - self.config.prefix_length - 1} tokens."
+                f"The input has {length} positions ({self.config.prefix_length} image tokens, the prompt or caption, "
+                f"and any cached ones), but the language model has {context} (max_position_embeddings)"
+                + (" and needs one left to generate" if generating else "")
+                + f"; shorten the prompt or caption to at most {room} tokens (the processor's `max_caption_length` "
+                "cuts captions)."
             )
 
     def _length_as_new_tokens(self, input_length: int, kwargs: dict) -> None:

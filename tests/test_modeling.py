@@ -243,6 +243,20 @@ def test_image_tokens_must_match_the_images(mlp_model, processor):
         mlp_model(image_embeds=x, input_ids=torch.cat((processor(text="")["input_ids"], torch.ones(1, 4).long())))
 
 
+def test_input_beyond_the_position_table_names_the_lengths_and_the_fix(mlp_model, processor):
+    x = image_embeds_for(mlp_model, 1)
+    image_tokens = processor(text="")["input_ids"]  # 4 of GPT-2's 128 positions
+    fitting = torch.cat((image_tokens, torch.full((1, 124), 5)), 1)
+    assert mlp_model(image_embeds=x, input_ids=fitting).logits.shape[1] == 128
+    with pytest.raises(ValueError, match=r"129 positions.*128 \(max_position_embeddings\).*at most 124 tokens.*"
+                                         r"`max_caption_length`"):
+        mlp_model(image_embeds=x, input_ids=torch.cat((fitting, fitting[:, -1:]), 1))
+    # Cached positions count too: a decoding step past the table.
+    cached = mlp_model(image_embeds=x, input_ids=fitting[:, :-1], use_cache=True)
+    with pytest.raises(ValueError, match=r"129 positions"):
+        mlp_model(input_ids=fitting[:, -2:], **{CACHE_NAME: getattr(cached, CACHE_NAME)})
+
+
 def test_labels_alone_give_the_loss_of_the_captions_they_hold(tokenizer, processor):
     model = tiny_model(tokenizer)
     batch = processor(captions=["A dog runs on the beach.", "Two cats sleep!"])  # the second one is padded
