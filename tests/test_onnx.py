@@ -358,3 +358,14 @@ def test_quantizing_logs_no_pre_processing_advice_and_leaves_logging_as_it_was(o
     assert [record.getMessage() for record in caplog.records if "pre-processing" in record.getMessage()] == [
         "Please consider to run pre-processing before quantization"
     ]
+
+
+def test_exporting_over_an_export_removes_its_graphs_that_this_export_does_not_write(onnx_export, tmp_path):
+    _, saved, exported = onnx_export
+    folder = tmp_path / "previous-export"
+    shutil.copytree(exported, folder)
+    (folder / "onnx" / "old_graph.onnx.data").write_bytes(b"stale weights")
+    assert main(["export-onnx", str(saved), "--output", str(folder), "--overwrite", "--no-int8"]) == 0
+    assert sorted(path.name for path in (folder / "onnx").iterdir()) == sorted(f"{name}.onnx" for name in GRAPHS)
+    with pytest.raises(FileNotFoundError, match=r"_quantized\.onnx"):
+        OnnxCaptioner(folder, quantized=True)

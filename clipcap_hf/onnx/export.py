@@ -294,6 +294,10 @@ def export_onnx(
     model.config.save_pretrained(output_dir)
     model.generation_config.save_pretrained(output_dir)
     save_pretrained(output_dir, processor)
+    # A previous export's graphs that this one does not write (its int8 copies, say) must not outlive it: the
+    # captioner would run them with this model's config.
+    for stale in [*output_dir.glob(f"{ONNX_SUBFOLDER}/*.onnx"), *output_dir.glob(f"{ONNX_SUBFOLDER}/*.onnx.data")]:
+        stale.unlink()
     paths = export_graphs(model, output_dir / ONNX_SUBFOLDER, processor.image_processor.crop_size)
     if quantize:
         quantized = quantize_graphs(paths, per_channel=per_channel)
