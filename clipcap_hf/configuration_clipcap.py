@@ -274,6 +274,12 @@ class ClipCapConfig(PretrainedConfig):
         if mapping_type not in MAPPING_TYPES:
             raise ValueError(f"`mapping_type` must be one of {MAPPING_TYPES}, got {mapping_type!r}.")
         check_positive_int("prefix_length", prefix_length)
+        positions = getattr(text_config, "max_position_embeddings", None)
+        if isinstance(positions, int) and prefix_length >= positions:
+            raise ValueError(
+                f"`prefix_length` ({prefix_length}) leaves no position for text: the language model has {positions} "
+                "(text_config.max_position_embeddings). Use a smaller prefix_length."
+            )
         check_positive_int("mapping_num_layers", mapping_num_layers)
         check_positive_int("mapping_num_heads", mapping_num_heads)
         if mapping_type == "transformer":

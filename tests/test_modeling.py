@@ -50,6 +50,7 @@ def test_config_defaults_are_the_paper_mlp_variant():
     [
         ({"mapping_type": "lstm"}, "`mapping_type` must be one of ('mlp', 'transformer'), got 'lstm'"),
         ({"prefix_length": 0}, "`prefix_length` must be a positive integer, got 0"),
+        ({"prefix_length": 1024}, "`prefix_length` (1024) leaves no position for text: the language model has 1024"),
         ({"mapping_type": "mlp", "clip_length": 10}, "`clip_length` is only used by mapping_type='transformer'"),
         ({"mapping_type": "transformer", "clip_length": -1}, "`clip_length` must be a positive integer, got -1"),
         ({"mapping_type": "transformer", "mapping_num_heads": 5}, "`mapping_num_heads` (5) must divide"),
