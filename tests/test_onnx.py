@@ -369,3 +369,17 @@ def test_exporting_over_an_export_removes_its_graphs_that_this_export_does_not_w
     assert sorted(path.name for path in (folder / "onnx").iterdir()) == sorted(f"{name}.onnx" for name in GRAPHS)
     with pytest.raises(FileNotFoundError, match=r"_quantized\.onnx"):
         OnnxCaptioner(folder, quantized=True)
+
+
+@pytest.mark.parametrize(
+    ("argument", "value"),
+    [("max_new_tokens", 0), ("max_new_tokens", -1), ("max_new_tokens", True), ("max_new_tokens", 2.0),
+     ("num_beams", 0), ("num_beams", -2)],
+)
+def test_generate_and_caption_name_a_length_or_beam_count_that_is_not_a_positive_integer(
+    captioner, argument, value
+):
+    with pytest.raises(ValueError, match=rf"{argument}={value!r}: pass a positive integer"):
+        captioner.generate(image_embeds=np.zeros((1, 24), np.float32), **{argument: value})
+    with pytest.raises(ValueError, match=rf"{argument}={value!r}: pass a positive integer"):
+        captioner.caption(random_images(1), **{argument: value})

@@ -191,9 +191,14 @@ class OnnxCaptioner:
         eos = config.eos_token_id
         # A config that sets only max_length counts the image tokens in it, as ClipCap's `generate` reads it.
         config_max_new_tokens = config.max_new_tokens or config.max_length - self.config.prefix_length
+        for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(
+                    f"{name}={value!r}: pass a positive integer, or leave it out (None) to use the generation config's."
+                )
         return {
-            "max_new_tokens": max_new_tokens or config_max_new_tokens,
-            "num_beams": num_beams or config.num_beams or 1,
+            "max_new_tokens": config_max_new_tokens if max_new_tokens is None else max_new_tokens,
+            "num_beams": (config.num_beams or 1) if num_beams is None else num_beams,
             "eos": set(eos if isinstance(eos, list) else [] if eos is None else [eos]),
             # transformers pads with the first EOS token where no pad token is set.
             "pad": (
