@@ -295,6 +295,18 @@ class ClipCapConfig(PretrainedConfig):
             image_token_id = text_config.vocab_size
         elif image_token_id is not None and (isinstance(image_token_id, bool) or image_token_id < 0):
             raise ValueError(f"`image_token_id` must be a token id (an integer >= 0), got {image_token_id!r}.")
+        if image_token_id is not None:
+            # Shared with EOS, generation could never end (the image token is suppressed); with padding, pads would
+            # count as image tokens.
+            names = ("bos_token_id", "eos_token_id", "pad_token_id")
+            special_ids = {name: getattr(text_config, name, None) for name in names}
+            clashes = [f"{name} ({ids})" for name, ids in special_ids.items()
+                       if ids is not None and image_token_id in (ids if isinstance(ids, (list, tuple)) else [ids])]
+            if clashes:
+                raise ValueError(
+                    f"`image_token_id` ({image_token_id}) is also the language model's {' and '.join(clashes)}; the "
+                    "image token needs an id of its own (add e.g. '<image>' to the tokenizer and pass its id)."
+                )
 
         self.vision_config = vision_config
         self.text_config = text_config

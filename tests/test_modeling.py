@@ -58,6 +58,9 @@ def test_config_defaults_are_the_paper_mlp_variant():
         ({"prefix_dim": 0}, "`prefix_dim` must be a positive integer, got 0"),
         ({"normalize_prefix": "yes"}, "`normalize_prefix` must be True or False"),
         ({"text_config": {"n_embd": 8}}, "needs a `model_type` key"),
+        ({"image_token_id": 50256}, "`image_token_id` (50256) is also the language model's bos_token_id (50256) and "
+                                    "eos_token_id (50256); the image token needs an id of its own"),
+        ({"text_config": {"model_type": "gpt2", "pad_token_id": 7}, "image_token_id": 7}, "pad_token_id (7)"),
     ],
 )
 def test_config_rejects_invalid_values(kwargs, message):
