@@ -292,6 +292,11 @@ class ClipCapProcessor(ProcessorMixin):
                 )
             if not caption.strip():
                 raise ValueError(f"Caption {index} is empty ({caption!r}); every caption needs some text.")
+            if self.image_token in caption:  # it would become an extra image token, which the model refuses
+                raise ValueError(
+                    f"Caption {index} holds the image token {self.image_token!r} ({caption!r}); captions are text "
+                    "only (the processor writes the image tokens): remove it from the caption."
+                )
             tokens = self.tokenizer(caption, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
             if max_length is not None and len(tokens) > max_length:
                 tokens = tokens[:max_length]

@@ -211,6 +211,11 @@ def test_empty_caption_is_rejected_with_its_index(processor):
         processor(captions=["A dog.", " "])
 
 
+def test_caption_holding_the_image_token_is_rejected_with_its_index(processor):
+    with pytest.raises(ValueError, match=r"Caption 1 holds the image token '<image>' \('a <image> dog'\)"):
+        processor(captions=["A dog.", "a <image> dog"])
+
+
 def test_prompts_are_left_padded_and_counted_against_images(processor, images):
     batch = processor(images=images, text="A dog")
     assert batch["input_ids"].shape[0] == 3  # one prompt for all images
