@@ -828,10 +828,11 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         prefix_embeds = prefix_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), prefix_embeds)
 
-    def _check_no_image_tokens(self, input_ids: torch.LongTensor | None) -> None:
+    def _check_no_image_tokens(self, input_ids: torch.LongTensor | None, past_length: int) -> None:
         """Image tokens without an image would reach the language model as a zero embedding: refused."""
-        # Not checked on single-token decoding steps (they never hold one) nor in a compiled graph: a device sync.
-        if input_ids is None or input_ids.shape[1] == 1 or torch.compiler.is_compiling():
+        # Not checked on decoding steps that continue a cache (the image came with its first step) nor in a compiled
+        # graph: a device sync.
+        if input_ids is None or past_length > 0 or torch.compiler.is_compiling():
             return
         if bool((input_ids == self.config.image_token_id).any()):
             raise ValueError(
@@ -921,6 +922,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             input_ids, attention_mask = self._inputs_from_labels(labels)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of `input_ids` or `inputs_embeds`.")
+        past_length = 0
         if not torch.compiler.is_compiling():  # a static cache's length is a tensor there: no data-dependent branch
             past_length = int(cache.get_seq_length()) if isinstance(cache, Cache) else 0
             new_length = (input_ids if inputs_embeds is None else inputs_embeds).shape[1]
@@ -942,7 +944,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             if labels is not None:  # image tokens are never targets
                 labels = labels.masked_fill(image_mask.to(labels.device), -100)
         else:
-            self._check_no_image_tokens(input_ids)
+            self._check_no_image_tokens(input_ids, past_length)
 
         # Trainer adds `num_items_in_batch` for the loss; the language model must not see it.
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)

@@ -233,6 +233,15 @@ def test_an_image_needs_exactly_one_image_input_and_text_alone_is_the_language_m
     torch.testing.assert_close(continued, recomputed, atol=1e-5, rtol=1e-5)
 
 
+def test_a_lone_image_token_without_an_image_is_refused_unless_it_continues_a_cache(tokenizer):
+    model = tiny_model(tokenizer, prefix_length=1)
+    image_token = torch.tensor([[model.config.image_token_id]])
+    with pytest.raises(ValueError, match="`input_ids` hold image tokens but no image was given"):
+        model(input_ids=image_token)
+    cached = model(image_embeds=image_embeds_for(model, 1), input_ids=image_token, use_cache=True)
+    assert model(input_ids=torch.tensor([[5]]), **{CACHE_NAME: getattr(cached, CACHE_NAME)}).logits.shape[1] == 1
+
+
 def test_wrong_embedding_width_names_both_sizes(mlp_model, processor):
     with pytest.raises(ValueError) as error:
         mlp_model(image_embeds=torch.zeros(2, 512), **processor(text=["", ""]))
