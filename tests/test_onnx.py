@@ -383,3 +383,30 @@ def test_generate_and_caption_name_a_length_or_beam_count_that_is_not_a_positive
         captioner.generate(image_embeds=np.zeros((1, 24), np.float32), **{argument: value})
     with pytest.raises(ValueError, match=rf"{argument}={value!r}: pass a positive integer"):
         captioner.caption(random_images(1), **{argument: value})
+
+
+def test_a_failed_export_names_the_missing_extra_and_leaves_no_folder_behind(
+    onnx_export, tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    import clipcap_hf.onnx.export
+
+    _, saved, _ = onnx_export
+    output = tmp_path / "export"
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed
+    assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8"]) == 2
+    assert 'onnxscript: pip install "clipcap_hf[onnx]"' in capsys.readouterr().err
+    assert not output.exists()
+
+    # A failure after the first files are written removes the folder too, so that a retry is not refused.
+    def fail_midway(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.delitem(sys.modules, "onnxscript")
+    monkeypatch.setattr(clipcap_hf.onnx.export, "export_graphs", fail_midway)
+    assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8"]) == 2
+    assert not output.exists()
+    output.mkdir()  # a folder the user made is left in place
+    assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8"]) == 2
+    assert output.is_dir()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 from ..utils.loading import load_clipcap
@@ -28,7 +29,13 @@ def run(args: argparse.Namespace) -> int:
     if output.is_dir() and any(output.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--output: {output} is not empty; name a new folder, or pass --overwrite.")
     model, processor = load_clipcap(args.model, "MODEL")
-    paths = export_onnx(model, processor, output, quantize=args.int8, per_channel=args.int8_per_channel)
+    created = not output.exists()
+    try:
+        paths = export_onnx(model, processor, output, quantize=args.int8, per_channel=args.int8_per_channel)
+    except BaseException:
+        if created:  # a partial export would be refused as "not empty" by the retry
+            shutil.rmtree(output, ignore_errors=True)
+        raise
     for path in paths.values():
         print(path)
     return 0

@@ -284,7 +284,8 @@ def export_onnx(
     `vision_encoder_quantized`, ...). The model is put in fp32 and eval mode, in place.
     """
     try:
-        import onnx  # noqa: F401  (the exporter needs it, and onnxscript)
+        import onnx  # noqa: F401  (torch.onnx's exporter needs both)
+        import onnxscript  # noqa: F401
     except ImportError as error:
         raise ImportError('ONNX export needs onnx and onnxscript: pip install "clipcap_hf[onnx]"') from error
     from ..utils.file_utils import save_pretrained
