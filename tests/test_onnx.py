@@ -410,3 +410,24 @@ def test_a_failed_export_names_the_missing_extra_and_leaves_no_folder_behind(
     output.mkdir()  # a folder the user made is left in place
     assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8"]) == 2
     assert output.is_dir()
+
+
+def test_a_generation_config_without_a_length_captions_as_many_tokens_as_the_model_loaded_from_it(
+    onnx_export, tmp_path
+):
+    from clipcap_hf import ClipCapForConditionalGeneration
+
+    model, saved, exported = onnx_export
+    # No length and no EOS token: both run to the length the folder leaves to their defaults.
+    no_length = json.dumps({"suppress_tokens": model.generation_config.suppress_tokens})
+    torch_folder, onnx_folder = tmp_path / "model", tmp_path / "export"
+    shutil.copytree(saved, torch_folder)
+    shutil.copytree(exported, onnx_folder, ignore=shutil.ignore_patterns("*_quantized.onnx"))
+    for folder in (torch_folder, onnx_folder):
+        (folder / "generation_config.json").write_text(no_length)
+    image_embeds = torch.randn(2, model.config.prefix_dim, generator=torch.Generator().manual_seed(6))
+    loaded = ClipCapForConditionalGeneration.from_pretrained(torch_folder, trust_remote_code=False)
+    with torch.no_grad():
+        expected = loaded.generate(image_embeds=image_embeds, do_sample=False)[:, PREFIX_LENGTH:].tolist()
+    assert OnnxCaptioner(onnx_folder).generate(image_embeds=image_embeds.numpy()) == expected
+    assert len(expected[0]) == 30  # ClipCap's default caption length
