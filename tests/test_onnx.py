@@ -431,3 +431,14 @@ def test_a_generation_config_without_a_length_captions_as_many_tokens_as_the_mod
         expected = loaded.generate(image_embeds=image_embeds, do_sample=False)[:, PREFIX_LENGTH:].tolist()
     assert OnnxCaptioner(onnx_folder).generate(image_embeds=image_embeds.numpy()) == expected
     assert len(expected[0]) == 30  # ClipCap's default caption length
+
+
+def test_export_onnx_loads_a_model_folder_named_from_the_home_folder(onnx_export, monkeypatch):
+    import clipcap_hf.onnx
+
+    model, saved, _ = onnx_export
+    monkeypatch.setenv("HOME", str(saved.parent))
+    loaded = []
+    monkeypatch.setattr(clipcap_hf.onnx, "export_onnx", lambda model, *args, **kwargs: loaded.append(model) or {})
+    assert main(["export-onnx", f"~/{saved.name}", "--output", str(saved.parent / "from-home")]) == 0
+    torch.testing.assert_close(loaded[0].state_dict(), model.state_dict())

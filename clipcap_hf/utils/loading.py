@@ -125,5 +125,8 @@ def load_clipcap(name_or_path: str, option: str = "--model"):
     no code from the folder runs and transformers never asks whether to run it.
     """
     check_clipcap_model(name_or_path, option)
+    folder = Path(name_or_path).expanduser()
+    if folder.is_dir():  # a local folder named with `~`, which transformers does not expand
+        name_or_path = str(folder)
     model = ClipCapForConditionalGeneration.from_pretrained(name_or_path, trust_remote_code=False)
     return model, ClipCapProcessor.from_pretrained(name_or_path, trust_remote_code=False)
