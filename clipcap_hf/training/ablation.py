@@ -263,9 +263,13 @@ def train_and_score(
     config: AblationConfig,
     run_dir: Path,
     embeddings: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    data_fingerprint: str,
     verbose: bool = True,
 ) -> dict[str, Any]:
-    """Train one run from the pretrained parts, caption the evaluation images, score them and save the run."""
+    """
+    Train one run from the pretrained parts, caption the evaluation images, score them and save the run, recording
+    `data_fingerprint` (`dataset_fingerprint(data)`, computed once for the grid).
+    """
     processor = ClipCapProcessor.from_vision_text_pretrained(
         run.vision_model, config.text_model, num_image_tokens=run.prefix_length
     )
@@ -312,7 +316,7 @@ def train_and_score(
     record = {
         "run": asdict(run),
         "budget": budget(config),
-        "trained_from": trained_from(run, config, dataset_fingerprint(data)),
+        "trained_from": trained_from(run, config, data_fingerprint),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "train_seconds": round(result.metrics["train_runtime"], 1),
         "train_loss": round(result.metrics["train_loss"], 4),
@@ -412,7 +416,7 @@ def run_ablation(
             check_finished_run(record, run_dir, trained_from(run, config, data_fingerprint), "trained_from")
             logger.info(f"{run.name}: finished before, skipped.")
         else:
-            record = train_and_score(run, data, config, run_dir, embeddings, verbose)
+            record = train_and_score(run, data, config, run_dir, embeddings, data_fingerprint, verbose)
         records.append({"name": run.name, **record})
     write_results(output_dir, records, config.plot_metrics)
     return records
