@@ -124,6 +124,22 @@ def test_compute_clip_metrics_alone_and_its_errors(clip, tmp_path):
         compute_clip_metrics({0: "a"}, paths, scorer, metrics=["refclipscore"])
 
 
+def test_an_empty_prediction_gets_its_clip_score_with_a_warning_that_says_so(clip, tmp_path):
+    model, processor = clip
+    image = random_images(1, seed=6)[0]
+    image.save(tmp_path / "0.png")
+    with pytest.warns(UserWarning) as caught:
+        _, per_image = compute_clip_metrics(
+            {0: ""}, {0: tmp_path / "0.png"}, CLIPScorer(model, processor), metrics="clipscore"
+        )
+    assert [str(w.message) for w in caught] == [
+        "1 of 1 predictions are empty (image ids: 0); CLIP scores them as the empty text against their images, not "
+        "as zero. A model that emits end-of-text first gives empty captions."
+    ]
+    expected, _ = hessel_scores(model, processor, [image], [""], [["a"]])
+    assert per_image[0]["CLIPScore"] == pytest.approx(expected[0], abs=1e-5)
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [

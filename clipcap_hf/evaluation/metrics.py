@@ -340,9 +340,14 @@ def _score_spice(
 
 
 def _check_inputs(
-    predictions: Mapping[ImageId, str], references: Mapping[ImageId, Sequence[str]] | None
+    predictions: Mapping[ImageId, str],
+    references: Mapping[ImageId, Sequence[str]] | None,
+    empty_scored_as: str,
 ) -> None:
-    """The checks every metric's inputs get (`references=None`: CLIPScore alone, which has none to check)."""
+    """
+    The checks every metric's inputs get (`references=None`: CLIPScore alone, which has none to check).
+    `empty_scored_as` ends the warning about empty predictions: how the caller's metrics score them.
+    """
     if not predictions:
         raise ValueError("There are no predictions to score.")
     unreferenced = [image_id for image_id in predictions if references is not None and not references.get(image_id)]
@@ -367,8 +372,8 @@ def _check_inputs(
     empty = [image_id for image_id, caption in predictions.items() if not caption.strip()]
     if empty:
         warnings.warn(
-            f"{len(empty)} of {len(predictions)} predictions are empty (image ids: {_format_ids(empty)}); they are "
-            "scored as COCOEvalCap scores them, near zero. A model that emits end-of-text first gives empty captions.",
+            f"{len(empty)} of {len(predictions)} predictions are empty (image ids: {_format_ids(empty)}); "
+            f"{empty_scored_as}. A model that emits end-of-text first gives empty captions.",
             stacklevel=3,
         )
 
@@ -439,7 +444,7 @@ def compute_caption_metrics(
         TypeError: If a caption is not a string or an image's references are not a list of strings.
     """
     names = check_metric_names(metrics)
-    _check_inputs(predictions, references)
+    _check_inputs(predictions, references, "they are scored as COCOEvalCap scores them, near zero")
     require_pycocoevalcap()
 
     image_ids = list(predictions)
@@ -501,7 +506,7 @@ def compute_clip_metrics(
     with_references = "refclipscore" in names
     if with_references and references is None:
         raise ValueError("RefCLIPScore needs the reference captions (`references`).")
-    _check_inputs(predictions, references)
+    _check_inputs(predictions, references, "CLIP scores them as the empty text against their images, not as zero")
     without_image = [image_id for image_id in predictions if image_id not in image_paths]
     if without_image:
         raise ValueError(
