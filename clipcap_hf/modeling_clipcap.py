@@ -53,6 +53,18 @@ logger = logging.get_logger(__name__)
 # The caption length `generate()` and the pipelines use when the generation config sets none.
 DEFAULT_MAX_NEW_TOKENS = 30
 
+
+def caption_length_unset(generation_config: GenerationConfig) -> bool:
+    """
+    Whether a generation config leaves the caption length unchosen (ClipCap then captions `DEFAULT_MAX_NEW_TOKENS`
+    tokens): no `max_new_tokens`, and `max_length` unset or transformers' default (20 on 4.x, None on 5), which counts
+    the image tokens (40 of them leave no room at all) and would let pipelines fall back to their own default.
+    """
+    return generation_config.max_new_tokens is None and generation_config.max_length in (
+        None,
+        GenerationConfig().max_length,
+    )
+
 # transformers 5.2x renamed the key/value cache argument and output field `past_key_values` to `cache` (the old name
 # goes in 5.40); 4.57 knows only `past_key_values`. Every model of one transformers version uses the same name.
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -503,9 +515,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         image_token_id = self.config.image_token_id
         if image_token_id is not None and image_token_id not in (generation_config.suppress_tokens or []):
             generation_config.suppress_tokens = [*(generation_config.suppress_tokens or []), image_token_id]
-        if generation_config.max_new_tokens is None and generation_config.max_length == GenerationConfig().max_length:
-            # No length chosen: transformers' default `max_length=20` counts the image tokens (40 of them leave no
-            # room at all), and pipelines would fall back to their own longer default.
+        if caption_length_unset(generation_config):
             generation_config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
 
     @classmethod

@@ -19,7 +19,7 @@ import numpy as np
 from transformers import GenerationConfig
 
 from ..configuration_clipcap import ClipCapConfig
-from ..modeling_clipcap import DEFAULT_MAX_NEW_TOKENS
+from ..modeling_clipcap import DEFAULT_MAX_NEW_TOKENS, caption_length_unset
 from ..processing_clipcap import ClipCapProcessor
 from .export import GRAPHS, LOGITS_TO_KEEP, ONNX_SUBFOLDER, QUANTIZED_SUFFIX, past_names
 
@@ -190,11 +190,10 @@ class OnnxCaptioner:
                     "implement (greedy and beam search only); remove it from the exported folder's generation config."
                 )
         eos = config.eos_token_id
-        if config.max_new_tokens is not None:
-            config_max_new_tokens = config.max_new_tokens
-        elif config.max_length in (None, GenerationConfig().max_length):
-            # No length set: the PyTorch model loaded from this folder captions DEFAULT_MAX_NEW_TOKENS tokens.
+        if caption_length_unset(config):  # as the PyTorch model loaded from this folder does
             config_max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+        elif config.max_new_tokens is not None:
+            config_max_new_tokens = config.max_new_tokens
         else:  # only max_length: it counts the image tokens, as ClipCap's `generate` reads it
             config_max_new_tokens = config.max_length - self.config.prefix_length
         for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams)):
