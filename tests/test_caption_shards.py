@@ -432,3 +432,31 @@ def test_a_seeded_sampled_resume_with_another_batch_size_is_refused(model_dir, t
         run(1)
     run(3)
     assert read_rows(output) == whole
+
+
+def test_embeddings_holding_nan_or_inf_are_bad_rows_named_by_shard_and_key(embeddings_captioner, tmp_path):
+    from clipcap_hf.inference import caption_dataset_to_parquet
+
+    dim = embeddings_captioner.model.config.prefix_dim
+    rows = embeddings_rows(6, dim).to_dict()
+    rows["embedding"][4][7] = float("nan")  # the second shard's (rows 3-5)
+    rows["embedding"][5] = [float("inf")] * dim
+    dataset = datasets.Dataset.from_dict(rows)
+
+    def run(output: Path, on_bad_image: str):
+        return caption_dataset_to_parquet(embeddings_captioner, dataset, output, shard_size=3, batch_size=3,
+                                          on_bad_image=on_bad_image, rank=0, world_size=1)
+
+    with pytest.raises(ValueError) as refused:
+        run(tmp_path / "stop", "error")
+    assert str(refused.value).endswith(
+        "(--on-bad-image skip):\n"
+        "  captions-00001-of-00002.parquet, key 'k4': The embedding holds NaN or infinite values\n"
+        "  captions-00001-of-00002.parquet, key 'k5': The embedding holds NaN or infinite values")
+    assert [path.name for path in (tmp_path / "stop").glob("*.parquet")] == ["captions-00000-of-00002.parquet"]
+
+    summary = run(tmp_path / "skip", "skip")
+    assert (summary.num_captions, summary.num_bad_rows) == (4, 2)
+    generated = embeddings_captioner.model.generate(image_embeds=torch.tensor(rows["embedding"][:4]), max_new_tokens=2)
+    captions = embeddings_captioner.processor.post_process_image_text_to_text(generated)
+    assert read_rows(tmp_path / "skip") == list(zip(["k0", "k1", "k2", "k3"], captions))
