@@ -22,6 +22,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
@@ -180,7 +181,11 @@ def embed_source(
     several machines: a shared filesystem); a process that does not is an error before any image is embedded. Shards
     are written whole under a temporary name and then renamed, every [`EMBEDDING_SHARD_SIZE`] images, so a run that
     is killed keeps all but its last shard: a rerun reads the keys already stored and embeds only the others, and
-    never stores an image twice.
+    never stores an image twice; it also removes the temporary shards that the killed run left.
+    An image file replaced at its path gets another key (see [`image_cache_key`]), so it is embedded again; the row
+    of its earlier version is then removed, and the folder serves only the file's current content.
+    Embeddings that are not finite (NaN or inf: a corrupt tower) stop the pass with a `ValueError` naming the batch's
+    image keys; the batches embedded before it are kept.
     An image given by several rows (several captions, one per row) is embedded once, with all their captions; from
     an `IterableDataset` (read once, in order) with its first row's captions, and a warning counts the others.
 
@@ -234,6 +239,7 @@ def embed_source(
             source, image_processor, done, rank, world_size, batch_size, num_workers, keep_columns
         )
     problems: list[tuple[str, int]] = []
+    non_finite: str | None = None  # why this process stopped early: the tower gave NaN or inf
     progress = tqdm(desc=f"Embedding images (process {rank})" if world_size > 1 else "Embedding images", unit="image")
     try:
         with torch.no_grad():
@@ -241,7 +247,12 @@ def embed_source(
                 problems.extend(batch_problems)
                 if records:
                     pixel_values = pixel_values.to(device, model.vision_model.dtype)
-                    writer.add(records, model.get_image_embeds(pixel_values).float().cpu())
+                    embeddings = model.get_image_embeds(pixel_values).float().cpu()
+                    # On the CPU copy, which the batch waits for anyway: one check per batch costs no extra sync.
+                    if not torch.isfinite(embeddings).all():
+                        non_finite = _non_finite_error(records, embeddings, model.vision_model.dtype)
+                        break
+                    writer.add(records, embeddings)
                 progress.update(len(records) + len(batch_problems))
     finally:  # also on an error or Ctrl-C: what was embedded is kept
         progress.close()
@@ -252,7 +263,15 @@ def embed_source(
             f"first row's captions, so their {sum(repeated_rows)} caption(s) are not stored. Embed the source "
             "map-style (without --streaming) to merge them."
         )
-    problems = [problem for gathered in _all_gather(problems) for problem in gathered]
+    # Gathered from every process, each done writing: a process that stopped early stops them all, with its reason.
+    gathered = _all_gather((problems, non_finite))
+    problems = [problem for process_problems, _ in gathered for problem in process_problems]
+    non_finite = next((reason for _, reason in gathered if reason is not None), None)
+    if rank == 0:
+        _drop_replaced_files(output_dir)
+    _barrier()
+    if non_finite is not None:
+        raise ValueError(non_finite)
     lines = [line for line, _ in problems]
     report = "\n".join(lines[:10]) + (f"\n  ... and {len(lines) - 10} more" if len(lines) > 10 else "")
     if problems and on_bad_image == "error":
@@ -264,7 +283,6 @@ def embed_source(
         num_captions = sum(count for _, count in problems)
         captions = f" and their {num_captions} caption(s)" if num_captions else ""
         logger.warning(f"Skipped {len(problems)} unreadable image(s){captions}:\n{report}")
-    _barrier()
     if rank == 0:
         shards = _complete_shards(output_dir)
         info["num_images"] = sum(_load_shard(shard).num_rows for shard in shards)
@@ -338,6 +356,7 @@ class _ShardWriter:
         self.columns = [KEY_COLUMN, EMBEDDING_COLUMN] + ([CAPTIONS_COLUMN] if has_captions else []) + list(keep_columns)
         self.records: list[dict[str, Any]] = []
         self.embeddings: list[torch.Tensor] = []
+        _remove_leftovers(directory, rank, world_size)
         # A rerun continues the numbering of this rank's shards.
         numbers = [int(path.name[len(self.prefix) :]) for path in directory.glob(f"{self.prefix}*")]
         self.next_number = max(numbers, default=-1) + 1
@@ -381,6 +400,78 @@ class _ShardWriter:
 def _complete_shards(directory: Path) -> list[Path]:
     # Shards still being written (or left by a killed run) have a temporary name and are not matched here.
     return sorted(path for path in Path(directory).glob("shard-*") if path.is_dir())
+
+
+def _remove_leftovers(directory: Path, rank: int, world_size: int) -> None:
+    """
+    Remove what killed runs left in an embeddings folder: temporary shards (`.tmp-shard-rank<R>-of-<N>-...`, written
+    whole and renamed when complete) and, in process 0, temporary info files and shared-folder markers. Each process
+    removes its own temporary shards (same rank and number of processes, a name no other process of this run
+    writes); process 0 also those of runs with another number of processes. It never touches those of this run's
+    other processes, which may be writing them now. (Two separate runs writing one folder at once are not supported:
+    they would store the same images twice.)
+    """
+    for leftover in directory.glob(".tmp-shard-rank*"):
+        match = re.match(r"\.tmp-shard-rank(\d+)-of-(\d+)-", leftover.name)
+        if match is None:
+            continue
+        owner, owners = int(match[1]), int(match[2])
+        if (owner, owners) == (rank, world_size) or (rank == 0 and owners != world_size):
+            shutil.rmtree(leftover, ignore_errors=True)
+    if rank == 0:
+        # Process 0 alone writes these, and has removed its own marker of this run already.
+        for leftover in [*directory.glob(f".{EMBEDDINGS_INFO_NAME}.*.tmp"), *directory.glob(".shared-folder-check-*")]:
+            leftover.unlink(missing_ok=True)
+
+
+def _drop_replaced_files(directory: Path) -> None:
+    """
+    Keep at most one row per image file: a file replaced at its path (another size or modification time, so another
+    key) and embedded again leaves the row of its earlier version behind, which `clipcap train --embeddings` would
+    otherwise train on as one more image with the file's captions. For each path stored under several keys, only the
+    row of the file's current key is kept (none if the file changed again since).
+
+    A shard losing rows is saved again without them under a temporary name, the old one is moved aside, and the new
+    one takes its name: the folder stays memory-mapped shards, and a run killed in between loses at most that shard's
+    other rows, which the next run embeds again (never stores twice).
+    """
+    # Only file keys (`<path>|<size>|<mtime_ns>`, see `image_cache_key`) name a path; `sha256:` keys name the content.
+    # Through 64-bit digests of the paths, as the rest of the pass: 16 bytes per stored image file.
+    shards = _complete_shards(directory)
+    digests, shard_numbers, rows = [np.empty(0, dtype=np.uint64)], [np.empty(0, dtype=np.int64)], [np.empty(0, int)]
+    for number, shard in enumerate(shards):
+        keys = _load_shard(shard).data.column(KEY_COLUMN)
+        is_file = pc.and_(pc.invert(pc.starts_with(keys, "sha256:")), pc.match_substring_regex(keys, r"\|\d+\|\d+$"))
+        file_rows = pc.indices_nonzero(is_file)
+        paths = pc.replace_substring_regex(keys.take(file_rows), r"\|\d+\|\d+$", "")
+        digests.append(key_digests(paths.to_pylist())[1])
+        shard_numbers.append(np.full(len(file_rows), number))
+        rows.append(file_rows.to_numpy())
+    digests, shard_numbers, rows = np.concatenate(digests), np.concatenate(shard_numbers), np.concatenate(rows)
+    unique, inverse, counts = np.unique(digests, return_inverse=True, return_counts=True)
+    stale: dict[int, set[int]] = {}  # shard -> its rows to drop
+    for entry in np.flatnonzero(counts[inverse.reshape(-1)] > 1):  # a path stored more than once (rare)
+        number, row = int(shard_numbers[entry]), int(rows[entry])
+        key = _load_shard(shards[number])[row][KEY_COLUMN]
+        if key != image_cache_key(key.rsplit("|", 2)[0]):
+            stale.setdefault(number, set()).add(row)
+    for number, rows in stale.items():
+        shard = shards[number]
+        table = _load_shard(shard)
+        kept = table.select([row for row in range(table.num_rows) if row not in rows])
+        replacement = directory / f".tmp-{shard.name}-{uuid.uuid4().hex}"
+        aside = directory / f".tmp-{shard.name}-{uuid.uuid4().hex}"
+        try:
+            if kept.num_rows:
+                kept.save_to_disk(str(replacement))
+            os.replace(shard, aside)
+            if kept.num_rows:
+                os.replace(replacement, shard)
+        finally:
+            shutil.rmtree(replacement, ignore_errors=True)
+            shutil.rmtree(aside, ignore_errors=True)
+    if stale:
+        logger.info(f"Removed {sum(map(len, stale.values()))} row(s) of image files replaced since they were embedded.")
 
 
 def _stored_keys(directory: Path, rank: int, world_size: int) -> np.ndarray:
@@ -468,6 +559,20 @@ def _read(row: dict[str, Any], index: int | None, image_processor=None) -> tuple
         return image_processor(image, return_tensors="pt")["pixel_values"][0], None
     except Exception as error:  # any decoding or preprocessing failure is reported with the image named
         return None, f"  {_unreadable_image(row, index, error)}"
+
+
+def _non_finite_error(records: list[dict[str, Any]], embeddings: torch.Tensor, dtype: torch.dtype) -> str:
+    """The error for a batch whose embeddings hold NaN or inf, naming its images by key."""
+    bad = (~torch.isfinite(embeddings)).any(dim=1).nonzero().flatten().tolist()
+    keys = "\n".join(f"  {records[row][KEY_COLUMN]}" for row in bad[:10])
+    more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
+    overflow = f" or {dtype} overflows (run the tower in float32)" if dtype in (torch.float16, torch.bfloat16) else ""
+    return (
+        f"The vision tower gave NaN or infinite embeddings for {len(bad)} of the {len(records)} images of a batch; "
+        f"the tower's weights are likely corrupt (check the model checkpoint, load it again){overflow}. That batch "
+        "was not stored; the images embedded before it are, and a rerun with a sound model embeds only the others. "
+        f"Images (keys) with non-finite embeddings:\n{keys}{more}"
+    )
 
 
 def _unreadable_image(row: dict[str, Any], index: int | None, error: Exception) -> str:
