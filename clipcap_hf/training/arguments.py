@@ -64,6 +64,78 @@ LORA_DEFAULTS: dict[str, Any] = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 
 PART_OPTIONS = ("vision_model_name_or_path", "text_model_name_or_path")
 CONFIG_OPTIONS = tuple(name for name in ARCHITECTURE_DEFAULTS if name not in PART_OPTIONS)
 
+# A run records the arguments that decide what it trains and how (output_dir/clipcap_run_args.json); a rerun resumes
+# from its checkpoints only with the same values. Every ModelArguments and DataArguments field is recorded except
+# these, which may differ when a run resumes:
+# - recipe: what it sets is recorded field by field (the same values given one by one make the same run);
+# - save_merged_model: what is written after the last step;
+# - preprocessing_num_workers, embedding_batch_size, use_embedding_cache, embedding_cache_dir: how fast and where the
+#   images are decoded and embedded, not what the model is trained on (--no_use_embedding_cache gives the same result);
+# - on_bad_image: 'error' stops a run that meets a bad image, so the rows it trained on are the ones 'skip' keeps, and
+#   a run stopped so may go on with 'skip';
+# - validation_*, max_eval_samples, generation_*, eval_caption_metrics: evaluation only, which changes no weight.
+ARGUMENTS_A_RESUME_MAY_CHANGE = (
+    "recipe",
+    "save_merged_model",
+    "preprocessing_num_workers",
+    "embedding_batch_size",
+    "use_embedding_cache",
+    "embedding_cache_dir",
+    "on_bad_image",
+    "validation_split",
+    "validation_file",
+    "validation_format",
+    "validation_image_root",
+    "max_eval_samples",
+    "generation_num_beams",
+    "generation_max_new_tokens",
+    "eval_caption_metrics",
+)
+# The TrainingArguments fields recorded, named one by one (those of the installed transformers): the seeds, the
+# optimizer, the schedule, the length of the run and the batches. The other fields (some 150, a set that changes with
+# each transformers release) may differ on a resume: output_dir, overwrite_output_dir and resume_from_checkpoint; the
+# logging, saving and evaluation cadence (logging_*, save_*, eval_*, do_eval, load_best_model_at_end); report_to,
+# run_name and push_to_hub/hub_*; dataloader workers, pinning and prefetching; the device, precision and speed knobs
+# (use_cpu, bf16, fp16, tf32, torch_compile*, gradient_checkpointing) and the distributed setup (ddp_*, fsdp*,
+# deepspeed), which a run resumed on other hardware may need to change.
+RECORDED_TRAINING_ARGUMENTS = (
+    "seed",
+    "data_seed",
+    "learning_rate",
+    "lr_scheduler_type",
+    "lr_scheduler_kwargs",
+    "warmup_steps",
+    "warmup_ratio",
+    "optim",
+    "optim_args",
+    "optim_target_modules",
+    "weight_decay",
+    "adam_beta1",
+    "adam_beta2",
+    "adam_epsilon",
+    "max_grad_norm",
+    "neftune_noise_alpha",
+    "num_train_epochs",
+    "max_steps",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "dataloader_drop_last",
+    "group_by_length",
+    "length_column_name",
+    "train_sampling_strategy",
+)
+# The recorded arguments that name local files, folders or glob patterns (or Hub names and URLs): a local path is
+# recorded absolute, so that it names the same files whether it is given relative or not, from any working directory.
+PATH_ARGUMENTS = (
+    "model_name_or_path",
+    "vision_model_name_or_path",
+    "text_model_name_or_path",
+    "dataset_name",
+    "train_file",
+    "image_root",
+    "embeddings",
+)
+
 
 def _recipe_architecture(recipe: str | None) -> dict[str, Any]:
     return {name: value for name, value in RECIPES.get(recipe, {}).items() if name in ARCHITECTURE_DEFAULTS}

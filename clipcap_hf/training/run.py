@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import glob
+import json
 import logging
 import os
 import re
 import shutil
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import datasets
 import transformers
@@ -22,12 +26,15 @@ from transformers.utils import ADAPTER_CONFIG_NAME, find_adapter_config_file
 from ..data import ClipCapDataCollator, TrainingData, load_training_data
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
-from ..utils.file_utils import read_json, save_pretrained
+from ..utils.file_utils import read_json, save_pretrained, write_text_atomically
 from ..utils.loading import check_pretrained_source, load_clipcap
 from .arguments import (
+    ARGUMENTS_A_RESUME_MAY_CHANGE,
     CONFIG_OPTIONS,
     PART_OPTIONS,
+    PATH_ARGUMENTS,
     RECIPES,
+    RECORDED_TRAINING_ARGUMENTS,
     ClipCapArgumentParser,
     DataArguments,
     ModelArguments,
@@ -38,6 +45,9 @@ from .lora import add_lora, is_peft_model, load_lora_model, merge_lora
 from .trainer import ClipCapTrainer
 
 logger = logging.getLogger(__name__)
+
+# The arguments that define a run, recorded in its output_dir (see `ARGUMENTS_A_RESUME_MAY_CHANGE`).
+RUN_ARGUMENTS_NAME = "clipcap_run_args.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -224,6 +234,104 @@ def last_complete_checkpoint(output_dir: str, remove_incomplete: bool = False) -
     return None
 
 
+def run_arguments(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> dict[str, Any]:
+    """
+    The arguments that define a run, as JSON values, local paths absolute: every model and data argument but
+    `ARGUMENTS_A_RESUME_MAY_CHANGE`, and the `RECORDED_TRAINING_ARGUMENTS`.
+    """
+    values = {
+        field.name: getattr(args, field.name)
+        for args in (model_args, data_args)
+        for field in dataclasses.fields(args)
+        if field.name not in ARGUMENTS_A_RESUME_MAY_CHANGE
+    }
+    values.update(
+        {name: getattr(training_args, name) for name in RECORDED_TRAINING_ARGUMENTS if hasattr(training_args, name)}
+    )
+    for name in PATH_ARGUMENTS:
+        if values[name] is not None:
+            values[name] = ",".join(_absolute_local_path(part) for part in str(values[name]).split(","))
+    # Enums (optim, lr_scheduler_type) as their strings, tuples as lists: what the record reads back as.
+    return json.loads(json.dumps(values, default=str))
+
+
+def _absolute_local_path(part: str) -> str:
+    """A local file, folder or glob pattern as an absolute path; a Hub name or URL as given."""
+    path = os.path.expanduser(part.strip())
+    if "://" in path or not (os.path.exists(path) or glob.glob(path)):
+        return part
+    return os.path.abspath(path)
+
+
+def record_run_arguments(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    last_checkpoint: str | None,
+) -> None:
+    """
+    Refuse to resume from a checkpoint (--resume_from_checkpoint, else `last_checkpoint`, the last one in output_dir)
+    with arguments that differ from those recorded by the run that saved it, naming each changed one; then record this
+    run's in output_dir (main process). A checkpoint written before runs were recorded resumes unchecked, with a
+    warning.
+    """
+    arguments = run_arguments(model_args, data_args, training_args)
+    checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+    if isinstance(checkpoint, str) and os.path.isdir(checkpoint):  # a checkpoint that is not there: Trainer names it
+        record = os.path.join(os.path.dirname(os.path.normpath(checkpoint)), RUN_ARGUMENTS_NAME)
+        if os.path.exists(record):
+            _check_resumed_arguments(checkpoint, record, arguments, training_args)
+        else:
+            logger.warning(
+                f"Resuming from {checkpoint} without checking that this run's arguments are those it was trained "
+                f"with: there is no {record} (an older clipcap_hf wrote the checkpoint)."
+            )
+    if training_args.should_save:
+        os.makedirs(training_args.output_dir, exist_ok=True)
+        text = json.dumps(arguments, indent=2) + "\n"
+        write_text_atomically(os.path.join(training_args.output_dir, RUN_ARGUMENTS_NAME), text)
+
+
+def _check_resumed_arguments(
+    checkpoint: str, record: str, arguments: dict[str, Any], training_args: TrainingArguments
+) -> None:
+    recorded = read_json(record)
+    if not isinstance(recorded, dict):
+        raise ValueError(
+            f"{record} must hold one JSON object of argument names and values; delete it to resume from {checkpoint} "
+            "without checking the arguments."
+        )
+    changed = [
+        f"--{name} {_shown(recorded[name])} (now {_shown(value)})"
+        for name, value in arguments.items()
+        if name in recorded and recorded[name] != value  # a name only one side has: another version's argument
+    ]
+    if not changed:
+        return
+    if training_args.resume_from_checkpoint is not None:
+        start_again = (
+            f"from its weights with --model_name_or_path {checkpoint} in place of --resume_from_checkpoint (and a "
+            "new --output_dir)"
+        )
+    elif hasattr(training_args, "overwrite_output_dir"):  # transformers 4
+        start_again = "with --overwrite_output_dir or another --output_dir"
+    else:
+        start_again = "with another --output_dir"
+    raise ValueError(
+        f"Cannot resume from {checkpoint}: its run was trained with other arguments (recorded in {record}): "
+        f"{'; '.join(changed)}. Rerun with that run's arguments to resume it, or start a new run {start_again}."
+    )
+
+
+def _shown(value: Any) -> str:
+    """An argument's value as the command line spells it (None: unset)."""
+    if value is None:
+        return "unset"
+    return value if isinstance(value, str) else json.dumps(value)
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict[str, float]:
     """Run training and/or evaluation as the arguments say; returns the final metrics."""
     if training_args.do_predict:
@@ -273,6 +381,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         last_checkpoint = last_complete_checkpoint(training_args.output_dir, remove_incomplete=remove_incomplete)
         if last_checkpoint is not None:
             logger.info(f"Resuming from {last_checkpoint}; use another --output_dir to start afresh.")
+    if training_args.do_train:
+        record_run_arguments(model_args, data_args, training_args, last_checkpoint)
     set_seed(training_args.seed)
 
     model, processor = build_model(model_args)

@@ -1,0 +1,143 @@
+"""`clipcap train` rerun in an output_dir with checkpoints: it resumes only with the arguments of the run that saved
+them (output_dir/clipcap_run_args.json), and a folder written before runs were recorded resumes unchecked."""
+
+import json
+import shutil
+from unittest import mock
+
+import pytest
+from safetensors.torch import load_file
+
+from clipcap_hf.commands import main
+from clipcap_hf.training import ClipCapTrainer
+from clipcap_hf.training.run import RUN_ARGUMENTS_NAME
+
+
+def train_arguments(model_dir, caption_folder, output_dir, cache_dir, *extra):
+    return [
+        "train",
+        "--model_name_or_path", str(model_dir),
+        "--dataset_format", "imagefolder",
+        "--train_file", str(caption_folder),
+        "--output_dir", str(output_dir),
+        "--embedding_cache_dir", str(cache_dir),
+        "--do_train",
+        "--max_steps", "3",
+        "--per_device_train_batch_size", "2",
+        "--learning_rate", "1e-2",
+        "--save_strategy", "steps",
+        "--save_steps", "1",
+        "--use_cpu",
+        "--report_to", "none",
+        "--disable_tqdm", "true",
+        *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture
+def killed_run(tmp_path, saved_model_dir, caption_folder):
+    """
+    A run of three steps with a checkpoint after each, as if killed after its second: checkpoint-3 and the final model
+    removed. Returns its output_dir, its arguments and the weights of its uninterrupted end.
+    """
+    out = tmp_path / "out"
+    arguments = train_arguments(saved_model_dir, caption_folder, out, tmp_path / "cache")
+    assert main(arguments) == 0
+    uninterrupted = load_file(out / "checkpoint-3/model.safetensors")
+    shutil.rmtree(out / "checkpoint-3")
+    (out / "model.safetensors").unlink()
+    return out, arguments, uninterrupted
+
+
+@pytest.fixture
+def resumed_from():
+    """The checkpoint each `Trainer.train` call in the test resumed from (None: a fresh start); training runs as is."""
+    calls = []
+    train = ClipCapTrainer.train
+
+    def record(self, resume_from_checkpoint=None, **kwargs):
+        calls.append(resume_from_checkpoint)
+        return train(self, resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    with mock.patch.object(ClipCapTrainer, "train", record):
+        yield calls
+
+
+# The data, the seed, the schedule, the captions: an old rerun resumed from the checkpoint without a word.
+CHANGED_RUN = (
+    ["--learning_rate", "5e-2", "--seed", "7", "--train_file", "{other_images}", "--max_caption_length", "20"],
+    ["--learning_rate 0.01 (now 0.05)", "--seed 42 (now 7)", "--train_file {caption_folder} (now {other_images})",
+     "--max_caption_length 40 (now 20)"],
+)  # fmt: skip
+# Another set of trained parameters: an old rerun stopped blaming the checkpoint's optimizer state.
+CHANGED_MODEL = (["--freeze_language_model"], ["--freeze_language_model false (now true)"])
+
+
+@pytest.mark.parametrize(
+    "changes, explicit",
+    [(CHANGED_RUN, False), (CHANGED_RUN, True), (CHANGED_MODEL, False)],
+    ids=["run", "explicit", "model"],
+)
+def test_a_rerun_with_changed_arguments_is_refused_naming_each_with_both_values(
+    killed_run, caption_folder, tmp_path, capsys, resumed_from, changes, explicit
+):
+    out, arguments, _ = killed_run
+    paths = {"caption_folder": caption_folder, "other_images": shutil.copytree(caption_folder, tmp_path / "other")}
+    changed, expected = ([item.format(**paths) for item in items] for items in changes)
+    resume = ["--resume_from_checkpoint", str(out / "checkpoint-2")] if explicit else []
+    capsys.readouterr()
+    assert main([*arguments, *changed, *resume]) == 2
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("clipcap train: error: ")]
+    assert len(message) == 1 and "Traceback" not in err
+    assert message[0].startswith(
+        f"clipcap train: error: Cannot resume from {out}/checkpoint-2: its run was trained with other arguments "
+        f"(recorded in {out}/{RUN_ARGUMENTS_NAME}): "
+    )
+    for change in expected:
+        assert change in message[0]
+    assert message[0].count("(now ") == len(expected)
+    assert "Rerun with that run's arguments to resume it, or start a new run " in message[0]
+    if explicit:
+        assert f"--model_name_or_path {out}/checkpoint-2 in place of --resume_from_checkpoint" in message[0]
+    else:
+        assert "another --output_dir." in message[0]
+    # Refused before anything trained or was written.
+    assert resumed_from == []
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    recorded = json.loads((out / RUN_ARGUMENTS_NAME).read_text())
+    assert (recorded["learning_rate"], recorded["train_file"], recorded["freeze_language_model"]) == (
+        1e-2,
+        str(caption_folder),
+        False,
+    )
+
+
+def test_a_rerun_with_the_same_arguments_resumes_and_ends_as_the_uninterrupted_run(
+    killed_run, caption_folder, tmp_path, monkeypatch, resumed_from
+):
+    out, arguments, uninterrupted = killed_run
+    # The same run, spelled otherwise: relative paths from another working directory, another logging cadence, the
+    # embeddings computed one image at a time.
+    monkeypatch.chdir(caption_folder.parent)
+    relative = {str(caption_folder): caption_folder.name, str(out): out.name}
+    rerun = [relative.get(argument, argument) for argument in arguments]
+    assert main([*rerun, "--logging_steps", "1", "--embedding_batch_size", "1"]) == 0
+    assert resumed_from == ["out/checkpoint-2"]
+    resumed = load_file(out / "model.safetensors")
+    assert resumed.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert tensor.equal(resumed[name]), name
+
+
+def test_a_folder_without_the_record_resumes_with_a_warning_and_records_the_rerun(killed_run, caplog, resumed_from):
+    out, arguments, _ = killed_run
+    (out / RUN_ARGUMENTS_NAME).unlink()  # as an older clipcap_hf left the folder
+    assert main([*arguments, "--learning_rate", "5e-2"]) == 0
+    assert resumed_from == [str(out / "checkpoint-2")]
+    warnings = [record.getMessage() for record in caplog.records if RUN_ARGUMENTS_NAME in record.getMessage()]
+    assert warnings == [
+        f"Resuming from {out}/checkpoint-2 without checking that this run's arguments are those it was trained with: "
+        f"there is no {out}/{RUN_ARGUMENTS_NAME} (an older clipcap_hf wrote the checkpoint)."
+    ]
+    assert json.loads((out / RUN_ARGUMENTS_NAME).read_text())["learning_rate"] == 5e-2
