@@ -460,3 +460,42 @@ def test_embeddings_holding_nan_or_inf_are_bad_rows_named_by_shard_and_key(embed
     generated = embeddings_captioner.model.generate(image_embeds=torch.tensor(rows["embedding"][:4]), max_new_tokens=2)
     captions = embeddings_captioner.processor.post_process_image_text_to_text(generated)
     assert read_rows(tmp_path / "skip") == list(zip(["k0", "k1", "k2", "k3"], captions))
+
+
+def test_a_run_file_of_an_earlier_version_without_the_source_layout_is_resumed(
+    model_dir, parquet_source, tmp_path, capsys, caplog
+):
+    source, encoded = parquet_source
+    output = tmp_path / "captions"
+    argv = caption_argv(model_dir, source, output)
+    assert main(argv) == 0
+    (output / "captions-00001-of-00003.parquet").unlink()
+    older = {  # as clipcap_hf wrote it before recording the source's number of rows and shards
+        "model": str(model_dir),
+        "source": {"dataset_name": None, "dataset_config_name": None, "data_files": [str(source)],
+                   "dataset_format": None, "image_root": None, "split": "train", "image_column": None,
+                   "streaming": False, "embeddings": None},
+        "shard_size": 3,
+        "dtype": "float32",
+        "decoding": {"num_beams": 1, "do_sample": False, "max_new_tokens": int(MAX_NEW_TOKENS)},
+        "rerank_model": None,
+        "seed": None,
+    }
+    run_file = output / "caption_run.json"
+    run_file.write_text(json.dumps({**older, "seed": 4}))
+    assert main(argv) == 2  # the settings it did record are still checked
+    assert "holds captions made with other settings (seed differ" in capsys.readouterr().err
+    # So are the finished shards' names: a source now split in 3 shards cannot resume shards of 4.
+    stray = output / "captions-00000-of-00004.parquet"
+    stray.write_bytes((output / "captions-00000-of-00003.parquet").read_bytes())
+    run_file.write_text(json.dumps(older))
+    assert main(argv) == 2
+    assert (f"--output {output} holds captions-00000-of-00004.parquet, but this source makes 3 shard(s)"
+            in capsys.readouterr().err)
+    stray.unlink()
+
+    assert main(argv) == 0
+    assert "was written by an earlier version, which did not record the source's number of rows" in caplog.text
+    assert "wrote 1 shard(s) of 3 (2 captions); 2 already finished" in capsys.readouterr().err
+    assert read_rows(output) == expected_rows(model_dir, encoded)
+    assert json.loads(run_file.read_text())["source_layout"] == {"num_rows": NUM_IMAGES, "num_shards": 3}

@@ -91,7 +91,8 @@ def _source_layout(dataset, num_shards: int) -> dict[str, int | None]:
 def _check_run_file(output_dir: Path, recorded: dict[str, Any]) -> None:
     """
     Record the run's settings; refuse to add to a folder of captions made with other settings or from another
-    source. A run file without any finished shard (a first run that failed early) is replaced.
+    source. A run file without any finished shard (a first run that failed early) is replaced; one of an earlier
+    version, which did not record the source's layout, is resumed if the other settings match.
     """
     path = output_dir / RUN_FILE
     recorded = json.loads(json.dumps(recorded))  # as it reads back from the file
@@ -99,16 +100,48 @@ def _check_run_file(output_dir: Path, recorded: dict[str, Any]) -> None:
         earlier = json.loads(path.read_text(encoding="utf-8"))
         if earlier == recorded:
             return
-        if any(output_dir.glob("captions-*.parquet")):
+        finished = sorted(output_dir.glob("captions-*.parquet"))
+        if finished and "source_layout" not in earlier:
+            _check_older_run_file(output_dir, earlier, recorded, finished)
+        elif finished:
             raise ValueError(_difference(output_dir, earlier, recorded))
     from ..utils.file_utils import write_text_atomically
 
     write_text_atomically(path, json.dumps(recorded, indent=2) + "\n")
 
 
+def _check_older_run_file(
+    output_dir: Path, earlier: dict[str, Any], recorded: dict[str, Any], finished: list[Path]
+) -> None:
+    """
+    Resume from a run file of an earlier version, which recorded neither the source's layout nor a seeded sampled
+    run's batch size and device: the other settings must match, and the finished shards' names the number of input
+    shards; the number of rows cannot be checked, so a warning says so. This run's layout is recorded from then on.
+    """
+    known = {key: value for key, value in recorded.items() if key not in ("source_layout", "sampling")}
+    if earlier != known:
+        raise ValueError(_difference(output_dir, earlier, known))
+    num_shards = recorded["source_layout"]["num_shards"]
+    other = next((path.name for path in finished if not path.name.endswith(f"-of-{num_shards:05d}.parquet")), None)
+    if other is not None:
+        raise ValueError(
+            f"--output {output_dir} holds {other}, but this source makes {num_shards} shard(s): the input shards would "
+            "not line up with the finished ones, leaving rows out or captioning them twice. Write to a new output "
+            "folder, or resume on the original source."
+        )
+    unchecked = "the source's number of rows"
+    if "sampling" in recorded:
+        unchecked += " nor the batch size and device of seeded sampling"
+    logger.warning(
+        f"{output_dir / RUN_FILE} was written by an earlier version, which did not record {unchecked}: resuming as "
+        "if they have not changed (rows added to or removed from the source would move rows between shards). This "
+        "run's are recorded from now on."
+    )
+
+
 def _difference(output_dir: Path, earlier: dict[str, Any], recorded: dict[str, Any]) -> str:
     """Why a run cannot add to `output_dir`'s captions, and what to do instead."""
-    before, now = earlier.get("source_layout"), recorded["source_layout"]
+    before, now = earlier.get("source_layout"), recorded.get("source_layout")
     if before is not None and before != now:
 
         def rows(layout: dict) -> str:
