@@ -271,6 +271,16 @@ def test_embeddings_folder_is_captioned_without_the_vision_tower(model_dir, parq
         (["--data-files", "x", "--output", "o", "--num-candidates", "0"],
          "argument --num-candidates: must be at least"),
         (["--data-files", "x", "--output", "o", "--dtype", "int8"], "argument --dtype: choose from float32"),
+        (["--embeddings", "e", "--output", "o", "--split", "validation", "--streaming", "--image-column", "jpg",
+          "--dataset-format", "coco"],
+         "--dataset-format, --split, --image-column and --streaming apply to a dataset (--dataset-name or "
+         "--data-files), not to --embeddings: an embeddings folder is read whole, as `clipcap embed` wrote it. Leave "
+         "them out."),
+        (["--embeddings", "e", "--output", "o", "--split", "train"],  # given, even as the default
+         "--split applies to a dataset (--dataset-name or --data-files), not to --embeddings"),
+        (["img.png", "--dataset-config-name", "c", "--image-root", "r"],
+         "--dataset-config-name and --image-root apply to a dataset (--dataset-name or --data-files), not to image "
+         "files: they are captioned as given. Leave them out."),
     ],
 )
 def test_bad_options_are_refused_before_any_work(tmp_path, capsys, extra, message):

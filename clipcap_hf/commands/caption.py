@@ -33,6 +33,10 @@ from ._utils import (
 # The caption formats `load_image_source` reads (clipcap_hf.data.DATASET_FORMATS), listed here so that `clipcap
 # caption --help` does not import datasets.
 DATASET_FORMATS = ("coco-karpathy", "coco", "conceptual-captions", "nocaps", "imagefolder")
+DEFAULT_SPLIT = "train"
+# The options that only a dataset source (--dataset-name, --data-files) reads. They default to None, so that one given
+# with image files or --embeddings is refused instead of ignored; `_caption_dataset` then gives them their defaults.
+DATASET_OPTIONS = ("dataset_config_name", "dataset_format", "image_root", "split", "image_column", "streaming")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -74,10 +78,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="Read --data-files as this caption format's annotation file (or folder).")
     sources.add_argument("--image-root", default=None,
                          help="The folder the image paths of --data-files are relative to.")
-    sources.add_argument("--split", default="train", help="The split to caption (default: train).")
+    sources.add_argument("--split", default=None, help=f"The split to caption (default: {DEFAULT_SPLIT}).")
     sources.add_argument("--image-column", default=None,
                          help="The column holding the images (default: image, or the source's first image column).")
-    sources.add_argument("--streaming", action="store_true",
+    sources.add_argument("--streaming", action="store_true", default=None,
                          help="Read the source lazily; each data file is then one input shard.")
     sources.add_argument("--embeddings", default=None,
                          help="An embeddings folder written by `clipcap embed`: no vision tower runs.")
@@ -93,13 +97,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _dataset_source(args: argparse.Namespace) -> bool:
     """Whether the command reads a dataset or embeddings folder (else image files); checks that exactly one kind
-    of source is given, and that --output goes with it."""
+    of source is given, with only the options that apply to it, and that --output goes with it."""
     dataset = args.dataset_name is not None or args.data_files is not None
     given = [kind for kind, present in (("image files", bool(args.images)), ("--dataset-name/--data-files", dataset),
                                         ("--embeddings", args.embeddings is not None)) if present]
     if len(given) != 1:
         raise ValueError(f"Give one source: image files, --dataset-name or --data-files, or --embeddings"
                          f"{'; got ' + ' and '.join(given) if given else ''}.")
+    if not dataset:
+        _refuse_dataset_options(args)
     if args.images:
         if args.output is not None:
             raise ValueError("--output writes the captions of a dataset: give an image folder as --data-files FOLDER.")
@@ -119,6 +125,21 @@ def _dataset_source(args: argparse.Namespace) -> bool:
     if args.shard_size is not None and args.streaming:
         raise ValueError("--shard-size splits a dataset read whole; with --streaming each data file is a shard.")
     return True
+
+
+def _refuse_dataset_options(args: argparse.Namespace) -> None:
+    """Refuse the dataset source's options given with image files or --embeddings, which would ignore them."""
+    given = ["--" + name.replace("_", "-") for name in DATASET_OPTIONS if getattr(args, name) is not None]
+    if not given:
+        return
+    source, why = (
+        ("image files", "they are captioned as given") if args.images
+        else ("--embeddings", "an embeddings folder is read whole, as `clipcap embed` wrote it")
+    )
+    options, verb, them = (given[0], "applies", "it") if len(given) == 1 else (
+        ", ".join(given[:-1]) + " and " + given[-1], "apply", "them")
+    raise ValueError(f"{options} {verb} to a dataset (--dataset-name or --data-files), not to {source}: {why}. "
+                     f"Leave {them} out.")
 
 
 # The captioner arguments that this command's options name otherwise; the others are their names with dashes.
@@ -167,6 +188,9 @@ def _caption_dataset(args: argparse.Namespace, decoding: dict) -> int:
     from ..inference import ClipCapCaptioner, caption_dataset_to_parquet
     from ..inference.sharded import DEFAULT_SHARD_SIZE, distributed_rank
 
+    # The options not given: their defaults, recorded in caption_run.json as before they defaulted to None.
+    args.split = DEFAULT_SPLIT if args.split is None else args.split
+    args.streaming = bool(args.streaming)
     if args.embeddings is not None:
         from ..data.embeddings import load_embeddings
 
