@@ -188,21 +188,20 @@ def test_another_tower_pooling_or_an_old_cache_folder_is_refused(tmp_path, token
         load_training_data(data_args, model, processor, train=True, evaluate=False)
 
 
-# Runs `clipcap embed ARGS...` in a fresh interpreter, one image per shard, killed by SIGKILL right after its second
-# shard is complete.
+# Runs `clipcap embed ARGS...` in a fresh interpreter, one image per shard, killed by SIGKILL while its third shard is
+# written (saved under its temporary name, not yet renamed).
 KILLED_EMBED = r"""
 import os, signal, sys
 import datasets
 import clipcap_hf.data.embeddings as embeddings
 embeddings.EMBEDDING_SHARD_SIZE = 1
-real_replace, renamed = os.replace, []
-def replace(source, target):
-    real_replace(source, target)
-    if os.path.basename(str(target)).startswith("shard-"):
-        renamed.append(target)
-        if len(renamed) == 2:
-            os.kill(os.getpid(), signal.SIGKILL)
-os.replace = replace
+real_save_to_disk, saved = datasets.Dataset.save_to_disk, []
+def save_to_disk(self, path, *args, **kwargs):
+    real_save_to_disk(self, path, *args, **kwargs)
+    saved.append(path)
+    if len(saved) == 3:
+        os.kill(os.getpid(), signal.SIGKILL)
+datasets.Dataset.save_to_disk = save_to_disk
 from clipcap_hf.commands import main
 sys.exit(main(["embed", *sys.argv[1:]]))
 """
@@ -218,9 +217,11 @@ def test_a_killed_embedding_run_resumes_and_stores_every_image_once(tmp_path, mo
     )  # fmt: skip
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert len(list((tmp_path / "emb").glob("shard-*"))) == 2  # killed where meant
+    assert len(list((tmp_path / "emb").glob(".tmp-shard-*"))) == 1  # the third, left under its temporary name
     assert "num_images" not in load_embeddings_info(tmp_path / "emb")  # the info says it is incomplete
 
     assert main(["embed", *arguments, "--output", str(tmp_path / "emb")]) == 0
+    assert not list((tmp_path / "emb").glob(".tmp-*"))  # the rerun removed the killed run's leftover
     resumed, whole = stored(tmp_path / "emb"), stored(tmp_path / "whole")
     assert sorted(resumed) == sorted(whole) and len(resumed) == 5
     for key, (embedding, captions) in whole.items():
