@@ -259,23 +259,24 @@ def run_arguments(
 
 def _absolute_local_path(part: str) -> str:
     """A local file, folder or glob pattern as an absolute path; a Hub name or URL as given."""
-    path = os.path.expanduser(part.strip())
+    part = part.strip()
+    path = os.path.expanduser(part)
     if "://" in path or not (os.path.exists(path) or glob.glob(path)):
         return part
     return os.path.abspath(path)
 
 
-def record_run_arguments(
+def check_run_arguments(
     model_args: ModelArguments,
     data_args: DataArguments,
     training_args: TrainingArguments,
     last_checkpoint: str | None,
-) -> None:
+) -> dict[str, Any]:
     """
     Refuse to resume from a checkpoint (--resume_from_checkpoint, else `last_checkpoint`, the last one in output_dir)
-    with arguments that differ from those recorded by the run that saved it, naming each changed one; then record this
-    run's in output_dir (main process). A checkpoint written before runs were recorded resumes unchecked, with a
-    warning.
+    with arguments that differ from those recorded by the run that saved it, naming each changed one. A checkpoint
+    written before runs were recorded resumes unchecked, with a warning. Returns this run's arguments, which
+    [`record_run_arguments`] writes once the run starts training.
     """
     arguments = run_arguments(model_args, data_args, training_args)
     checkpoint = training_args.resume_from_checkpoint or last_checkpoint
@@ -288,6 +289,11 @@ def record_run_arguments(
                 f"Resuming from {checkpoint} without checking that this run's arguments are those it was trained "
                 f"with: there is no {record} (an older clipcap_hf wrote the checkpoint)."
             )
+    return arguments
+
+
+def record_run_arguments(training_args: TrainingArguments, arguments: dict[str, Any]) -> None:
+    """Write a run's arguments in its output_dir (main process), for the next rerun to check."""
     if training_args.should_save:
         os.makedirs(training_args.output_dir, exist_ok=True)
         text = json.dumps(arguments, indent=2) + "\n"
@@ -382,7 +388,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         if last_checkpoint is not None:
             logger.info(f"Resuming from {last_checkpoint}; use another --output_dir to start afresh.")
     if training_args.do_train:
-        record_run_arguments(model_args, data_args, training_args, last_checkpoint)
+        arguments = check_run_arguments(model_args, data_args, training_args, last_checkpoint)
     set_seed(training_args.seed)
 
     model, processor = build_model(model_args)
@@ -435,6 +441,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     )
 
     if training_args.do_train:
+        # Written once the run has started, so that a run refused before training leaves no output_dir behind.
+        record_run_arguments(training_args, arguments)
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
         trainer.save_model()
         if trainer.is_world_process_zero():
