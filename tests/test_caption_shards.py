@@ -202,10 +202,11 @@ def test_killed_mid_shard_then_rerun_gives_every_row_once(model_dir, parquet_sou
     assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     assert [path.name for path in output.glob("*.parquet")] == ["captions-00000-of-00003.parquet"]
     assert list(output.glob(".*.partial"))  # the half-written second shard, under its temporary name
+    assert (output / ".caption-rank-00000-of-00001.lock").exists()  # its lock file, which no process holds now
 
     assert main(argv) == 0
     assert read_rows(output) == expected_rows(model_dir, encoded)  # no duplicates, no gaps
-    assert not list(output.glob(".*.partial"))
+    assert not list(output.glob(".*.partial")) and not list(output.glob(".*.lock"))
 
 
 def test_two_processes_under_torchrun_split_the_shards(model_dir, parquet_source, tmp_path):
@@ -448,8 +449,9 @@ def test_embeddings_holding_nan_or_inf_are_bad_rows_named_by_shard_and_key(embed
     from clipcap_hf.inference import caption_dataset_to_parquet
 
     dim = embeddings_captioner.model.config.prefix_dim
-    rows = embeddings_rows(6, dim).to_dict()
-    rows["embedding"][4][7] = float("nan")  # the second shard's (rows 3-5)
+    rows = embeddings_rows(9, dim).to_dict()
+    rows["embedding"][3] = None  # the second shard's (rows 3-5); a missing one keeps its own message
+    rows["embedding"][4][7] = float("nan")
     rows["embedding"][5] = [float("inf")] * dim
     dataset = datasets.Dataset.from_dict(rows)
 
@@ -461,15 +463,17 @@ def test_embeddings_holding_nan_or_inf_are_bad_rows_named_by_shard_and_key(embed
         run(tmp_path / "stop", "error")
     assert str(refused.value).endswith(
         "(--on-bad-image skip):\n"
-        "  captions-00001-of-00002.parquet, key 'k4': The embedding holds NaN or infinite values\n"
-        "  captions-00001-of-00002.parquet, key 'k5': The embedding holds NaN or infinite values")
-    assert [path.name for path in (tmp_path / "stop").glob("*.parquet")] == ["captions-00000-of-00002.parquet"]
+        "  captions-00001-of-00003.parquet, key 'k3': The embedding is missing (None)\n"
+        "  captions-00001-of-00003.parquet, key 'k4': The embedding holds NaN or infinite values\n"
+        "  captions-00001-of-00003.parquet, key 'k5': The embedding holds NaN or infinite values")
+    assert [path.name for path in (tmp_path / "stop").glob("*.parquet")] == ["captions-00000-of-00003.parquet"]
 
     summary = run(tmp_path / "skip", "skip")
-    assert (summary.num_captions, summary.num_bad_rows) == (4, 2)
-    generated = embeddings_captioner.model.generate(image_embeds=torch.tensor(rows["embedding"][:4]), max_new_tokens=2)
+    assert (summary.num_captions, summary.num_bad_rows) == (6, 3)
+    good = rows["embedding"][:3] + rows["embedding"][6:]
+    generated = embeddings_captioner.model.generate(image_embeds=torch.tensor(good), max_new_tokens=2)
     captions = embeddings_captioner.processor.post_process_image_text_to_text(generated)
-    assert read_rows(tmp_path / "skip") == list(zip(["k0", "k1", "k2", "k3"], captions))
+    assert read_rows(tmp_path / "skip") == list(zip(["k0", "k1", "k2", "k6", "k7", "k8"], captions))
 
 
 def test_a_run_file_of_an_earlier_version_without_the_source_layout_is_resumed(
@@ -509,3 +513,66 @@ def test_a_run_file_of_an_earlier_version_without_the_source_layout_is_resumed(
     assert "wrote 1 shard(s) of 3 (2 captions); 2 already finished" in capsys.readouterr().err
     assert read_rows(output) == expected_rows(model_dir, encoded)
     assert json.loads(run_file.read_text())["source_layout"] == {"num_rows": NUM_IMAGES, "num_shards": 3}
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused_but_the_ranks_of_one_run_share_it(
+    embeddings_captioner, tmp_path, monkeypatch
+):
+    from clipcap_hf.inference import caption_dataset_to_parquet
+
+    dataset = embeddings_rows(6, embeddings_captioner.model.config.prefix_dim)
+
+    def run(output: Path, rank: int, world_size: int):
+        return caption_dataset_to_parquet(embeddings_captioner, dataset, output, shard_size=2, settings={"run": 1},
+                                          rank=rank, world_size=world_size)
+
+    # Each of `starting` starts while the run writes a shard: between writing its temporary file and renaming it.
+    starting, outcomes = [], []
+    write_table = pq.write_table
+
+    def write_table_then_start_one(table, where, *args, **kwargs):
+        write_table(table, where, *args, **kwargs)
+        if starting:
+            try:
+                outcomes.append(run(*starting.pop(0)))
+            except ValueError as error:
+                outcomes.append(str(error))
+
+    monkeypatch.setattr(pq, "write_table", write_table_then_start_one)
+    output = tmp_path / "captions"
+    starting += [(output, 0, 1), (output, 1, 2)]  # the same command again; another split of the shards
+    assert len(run(output, 0, 1).written) == 3
+    busy = (f"--output {output} is being written by another run (process 0 of 1 holds "
+            ".caption-rank-00000-of-00001.lock): two runs would write the same shards over each other. Let it "
+            "finish, or stop it and rerun this command to resume where it stopped; or write to another folder.")
+    assert outcomes == [busy, busy]
+    assert [key for key, _ in read_rows(output)] == [f"k{i}" for i in range(6)]  # three whole shards
+
+    # Process 1 of 2 starting while process 0 writes: the shards 0 and 2 are 0's, shard 1 is 1's.
+    output, outcomes[:] = tmp_path / "two", []
+    starting.append((output, 1, 2))
+    assert run(output, 0, 2).written == ["captions-00000-of-00003.parquet", "captions-00002-of-00003.parquet"]
+    assert outcomes[0].written == ["captions-00001-of-00003.parquet"]
+    assert [key for key, _ in read_rows(output)] == [f"k{i}" for i in range(6)]
+    assert not list(output.glob(".*.lock"))  # each process removed its own
+
+
+@pytest.mark.parametrize("unlocked", ["no fcntl", "no locks on the filesystem"])
+def test_a_folder_that_cannot_be_locked_is_written_with_a_warning(
+    embeddings_captioner, tmp_path, monkeypatch, caplog, unlocked
+):
+    import errno
+    import types
+
+    from clipcap_hf.inference import caption_dataset_to_parquet, sharded
+
+    def flock(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    fake = None if unlocked == "no fcntl" else types.SimpleNamespace(LOCK_EX=2, LOCK_SH=1, LOCK_NB=4, flock=flock)
+    monkeypatch.setattr(sharded, "fcntl", fake)
+    output = tmp_path / "captions"
+    dataset = embeddings_rows(2, embeddings_captioner.model.config.prefix_dim)
+    assert caption_dataset_to_parquet(embeddings_captioner, dataset, output, rank=0, world_size=1).num_captions == 2
+    reason = "this platform has no flock" if fake is None else "its filesystem has no locks: No locks available"
+    assert f"Cannot lock {output} ({reason}): make sure that no other run writes into it." in caplog.text

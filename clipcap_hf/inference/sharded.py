@@ -5,15 +5,19 @@ An input shard is a data file of a streaming dataset, or a run of `shard_size` r
 `captions-0000i-of-0000n.parquet`, written to a temporary name and renamed when complete, so that the folder only
 ever holds whole shards: a rerun skips those and redoes the rest (a run killed mid-way resumes without duplicates or
 gaps). Process r of w takes the shards i with i % w == r; the names do not depend on w, so a rerun may use another
-number of processes.
+number of processes. Each process holds a lock file in the folder for its life, so that a second run into the same
+folder is refused instead of writing the same shards over the first one's.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,11 @@ from ..onednn import cpu_linear_kernels
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from .captioner import ClipCapCaptioner
 
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
+
 logger = logging.get_logger(__name__)
 
 RUN_FILE = "caption_run.json"
@@ -37,6 +46,13 @@ _MAX_LISTED = 10
 
 def shard_file_name(index: int, num_shards: int) -> str:
     return f"captions-{index:05d}-of-{num_shards:05d}.parquet"
+
+
+def lock_file_name(rank: int, world_size: int) -> str:
+    return f".caption-rank-{rank:05d}-of-{world_size:05d}.lock"
+
+
+_LOCK_FILE = re.compile(r"\.caption-rank-(\d+)-of-(\d+)\.lock")
 
 
 def distributed_rank() -> tuple[int, int]:
@@ -166,6 +182,101 @@ def _difference(output_dir: Path, earlier: dict[str, Any], recorded: dict[str, A
     )
 
 
+@contextmanager
+def _folder_lock(output_dir: Path, rank: int, world_size: int) -> Iterator[None]:
+    """
+    Hold this process's lock file in `output_dir` while the body runs, once no other run's process holds one: two
+    runs would write the same shards (through the same temporary file: one could rename the other's half-written
+    file as finished) and replace each other's run file. The processes of one `torchrun` run write other shards
+    (their number is the same and their ranks differ), so they go together.
+
+    The locks are `flock`s, which the OS releases when the process ends, however it ends: a killed run's lock files
+    hold nothing up, and are removed by the next run. Without `flock` (Windows, or a filesystem without locks) the
+    run goes on unlocked, with a warning.
+    """
+    own = output_dir / lock_file_name(rank, world_size)
+    unlocked = "this platform has no flock" if fcntl is None else None
+    if unlocked is None:
+        try:
+            descriptor = _take_lock(own)
+        except OSError as error:
+            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            unlocked = f"its filesystem has no locks: {error.strerror}"
+    if unlocked is not None:
+        logger.warning(f"Cannot lock {output_dir} ({unlocked}): make sure that no other run writes into it.")
+        yield
+        return
+    if descriptor is None:
+        raise ValueError(_busy(output_dir, own))
+    try:
+        for path in sorted(output_dir.glob(".caption-rank-*.lock")):
+            match = _LOCK_FILE.fullmatch(path.name)
+            # The same run's other processes (as many, with other ranks) are left out: they write other shards.
+            if match and int(match[2]) != world_size and _held(path):
+                raise ValueError(_busy(output_dir, path))
+        yield
+    finally:
+        own.unlink(missing_ok=True)  # while locked: see `_take_lock`
+        os.close(descriptor)
+
+
+def _take_lock(path: Path) -> int | None:
+    """
+    A descriptor of the lock file `path` (created if need be) holding its exclusive `flock`, or None when another
+    process holds it. Lock files are removed while locked, so that a lock taken on one removed meanwhile is taken
+    again on the file now at `path`.
+    """
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            return None
+        except OSError:
+            os.close(descriptor)
+            raise
+        if _same_file(descriptor, path):
+            return descriptor
+        os.close(descriptor)
+
+
+def _held(path: Path) -> bool:
+    """Whether a live process holds the lock file `path`; one that none holds (a killed run's) is removed."""
+    while True:
+        try:
+            descriptor = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        else:
+            if _same_file(descriptor, path):  # else replaced meanwhile: look at the new one
+                path.unlink(missing_ok=True)  # while locked, as its owner would
+                return False
+        finally:
+            os.close(descriptor)
+
+
+def _same_file(descriptor: int, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(descriptor), os.stat(path))
+    except FileNotFoundError:
+        return False
+
+
+def _busy(output_dir: Path, lock: Path) -> str:
+    match = _LOCK_FILE.fullmatch(lock.name)
+    return (
+        f"--output {output_dir} is being written by another run (process {int(match[1])} of {int(match[2])} holds "
+        f"{lock.name}): two runs would write the same shards over each other. Let it finish, or stop it and rerun "
+        "this command to resume where it stopped; or write to another folder."
+    )
+
+
 def _write_parquet_atomically(columns: dict[str, list], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -220,37 +331,40 @@ def caption_dataset_to_parquet(
         rank, world_size = distributed_rank()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    dataset = _undecoded(dataset, captioner.image_column)
-    num_shards, get_shard = _input_shards(dataset, shard_size)
-    if settings is not None:
-        recorded = {**settings, "source_layout": _source_layout(dataset, num_shards)}
-        if captioner.do_sample and seed is not None:  # the random draws are spread over a batch's images
-            recorded["sampling"] = {"batch_size": batch_size, "device": captioner.model.device.type}
-        _check_run_file(output_dir, recorded)
-    summary = CaptionRunSummary(num_shards)
-    mine = [(index, shard_file_name(index, num_shards)) for index in range(rank, num_shards, world_size)]
-    summary.skipped = [name for _, name in mine if (output_dir / name).exists()]
-    shards = [(index, name, get_shard(index)) for index, name in mine if name not in summary.skipped]
-    total = sum(len(shard) for *_, shard in shards) if all(hasattr(shard, "__len__") for *_, shard in shards) else None
-    description = "Captioning" if world_size == 1 else f"Captioning (rank {rank})"
-    # One block over the whole run: on the CPU, each weight is packed for oneDNN once, not once per batch.
-    with (
-        tqdm(total=total, unit="image", desc=description, dynamic_ncols=True) as bar,
-        cpu_linear_kernels(captioner.model, prepack=True),
-    ):
-        for index, name, shard in shards:
-            if seed is not None:
-                torch.manual_seed(seed + index)
-            columns, bad = _caption_shard(captioner, shard, name, batch_size, on_bad_image, bar)
-            _write_parquet_atomically(columns, output_dir / name)
-            summary.written.append(name)
-            summary.num_captions += len(columns["image_key"])
-            summary.num_bad_rows += len(bad)
-            if bad:
-                listed = "\n".join(f"  {line}" for line in bad[:_MAX_LISTED])
-                more = f"\n  ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
-                logger.warning(f"Skipped {len(bad)} unreadable row(s) of {name}:\n{listed}{more}")
-    return summary
+    # Held from before the run file is read: a second run into the folder is refused before it touches it.
+    with _folder_lock(output_dir, rank, world_size):
+        dataset = _undecoded(dataset, captioner.image_column)
+        num_shards, get_shard = _input_shards(dataset, shard_size)
+        if settings is not None:
+            recorded = {**settings, "source_layout": _source_layout(dataset, num_shards)}
+            if captioner.do_sample and seed is not None:  # the random draws are spread over a batch's images
+                recorded["sampling"] = {"batch_size": batch_size, "device": captioner.model.device.type}
+            _check_run_file(output_dir, recorded)
+        summary = CaptionRunSummary(num_shards)
+        mine = [(index, shard_file_name(index, num_shards)) for index in range(rank, num_shards, world_size)]
+        summary.skipped = [name for _, name in mine if (output_dir / name).exists()]
+        shards = [(index, name, get_shard(index)) for index, name in mine if name not in summary.skipped]
+        sized = all(hasattr(shard, "__len__") for *_, shard in shards)
+        total = sum(len(shard) for *_, shard in shards) if sized else None
+        description = "Captioning" if world_size == 1 else f"Captioning (rank {rank})"
+        # One block over the whole run: on the CPU, each weight is packed for oneDNN once, not once per batch.
+        with (
+            tqdm(total=total, unit="image", desc=description, dynamic_ncols=True) as bar,
+            cpu_linear_kernels(captioner.model, prepack=True),
+        ):
+            for index, name, shard in shards:
+                if seed is not None:
+                    torch.manual_seed(seed + index)
+                columns, bad = _caption_shard(captioner, shard, name, batch_size, on_bad_image, bar)
+                _write_parquet_atomically(columns, output_dir / name)
+                summary.written.append(name)
+                summary.num_captions += len(columns["image_key"])
+                summary.num_bad_rows += len(bad)
+                if bad:
+                    listed = "\n".join(f"  {line}" for line in bad[:_MAX_LISTED])
+                    more = f"\n  ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
+                    logger.warning(f"Skipped {len(bad)} unreadable row(s) of {name}:\n{listed}{more}")
+        return summary
 
 
 def _caption_shard(
@@ -295,9 +409,11 @@ def _non_finite_embeddings(captioner: ClipCapCaptioner, batch: Mapping[str, list
         return {}
     found = {}
     for row, value in enumerate(batch[captioner.embedding_column]):
+        if value is None:  # missing (numpy would read NaN): the captioner says so
+            continue
         try:
             vector = np.asarray(value, dtype=np.float32)
-        except (TypeError, ValueError):  # missing, or not numbers: the captioner says which
+        except (TypeError, ValueError):  # not numbers: the captioner says why
             continue
         if not np.isfinite(vector).all():
             found[row] = "The embedding holds NaN or infinite values"
