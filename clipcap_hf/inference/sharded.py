@@ -48,7 +48,7 @@ def shard_file_name(index: int, num_shards: int) -> str:
     return f"captions-{index:05d}-of-{num_shards:05d}.parquet"
 
 
-def lock_file_name(rank: int, world_size: int) -> str:
+def _lock_file_name(rank: int, world_size: int) -> str:
     return f".caption-rank-{rank:05d}-of-{world_size:05d}.lock"
 
 
@@ -188,13 +188,13 @@ def _folder_lock(output_dir: Path, rank: int, world_size: int) -> Iterator[None]
     Hold this process's lock file in `output_dir` while the body runs, once no other run's process holds one: two
     runs would write the same shards (through the same temporary file: one could rename the other's half-written
     file as finished) and replace each other's run file. The processes of one `torchrun` run write other shards
-    (their number is the same and their ranks differ), so they go together.
+    (their number is the same and their ranks differ), so they go together (as would a run split alike).
 
     The locks are `flock`s, which the OS releases when the process ends, however it ends: a killed run's lock files
     hold nothing up, and are removed by the next run. Without `flock` (Windows, or a filesystem without locks) the
     run goes on unlocked, with a warning.
     """
-    own = output_dir / lock_file_name(rank, world_size)
+    own = output_dir / _lock_file_name(rank, world_size)
     unlocked = "this platform has no flock" if fcntl is None else None
     if unlocked is None:
         try:
@@ -228,6 +228,7 @@ def _take_lock(path: Path) -> int | None:
     again on the file now at `path`.
     """
     while True:
+        # Writable: NFS emulates flock with fcntl locks, whose exclusive kind needs a descriptor open for writing.
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -321,6 +322,9 @@ def caption_dataset_to_parquet(
         rank, world_size: this process's share (default: from `torchrun`'s or `accelerate launch`'s environment).
         seed: seeds `torch` with `seed + i` before input shard i, so that sampled captions do not depend on which
             process captions a shard, or on whether the run was resumed (with the same batch size and device).
+
+    Each process holds a lock file in `output_dir` while it runs: a run whose shards would overlap this one's (any
+    run but the other processes of this one) is refused with a ValueError naming the lock.
 
     The run holds one `cpu_linear_kernels(captioner.model, prepack=True)` block (see `clipcap_hf.onednn`): on the
     CPU in fp32 where oneDNN computes the linear layers, each weight is packed once for the whole run, and the
