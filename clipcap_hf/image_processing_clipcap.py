@@ -4,6 +4,7 @@ user has."""
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -28,9 +29,12 @@ _BOOKKEEPING_KWARGS = {
     "image_processor_type", "auto_map", "processor_class", "_processor_class", "feature_extractor_type"
 }
 
+# Every Pillow filter, by the name a saved config keeps; PIL's values (as transformers saves them) are read too.
 _RESAMPLE = {
     "nearest": PIL.Image.Resampling.NEAREST,
+    "box": PIL.Image.Resampling.BOX,
     "bilinear": PIL.Image.Resampling.BILINEAR,
+    "hamming": PIL.Image.Resampling.HAMMING,
     "bicubic": PIL.Image.Resampling.BICUBIC,
     "lanczos": PIL.Image.Resampling.LANCZOS,
 }
@@ -167,6 +171,54 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     )
 
 
+def _resample_name(resample: str | int) -> str:
+    """A resampling filter by its name in `_RESAMPLE`, given as that name or as a PIL value
+    (`PIL.Image.Resampling.BICUBIC`, or 3 as transformers' image processors save it)."""
+    if isinstance(resample, str) and resample in _RESAMPLE:
+        return resample
+    if isinstance(resample, numbers.Integral) and not isinstance(resample, bool):  # Resampling is an IntEnum
+        names = {int(value): name for name, value in _RESAMPLE.items()}
+        if int(resample) in names:
+            return names[int(resample)]
+    raise ValueError(f"`resample` must be one of {list(_RESAMPLE)} or a PIL.Image.Resampling value, got {resample!r}.")
+
+
+def _read_size(value: int | dict[str, int], name: str) -> tuple[int, str | None]:
+    """
+    A `size` or `crop_size` in any form transformers' image processors write it: a number, `{"shortest_edge": n}`
+    (the short side) or `{"height": n, "width": n}` (a square). Returns the side and the resize mode that a dict's
+    form names (`"shortest"` or `"squash"`; None for a number).
+    """
+    if isinstance(value, dict):
+        if value.keys() == {"shortest_edge"}:
+            return int(value["shortest_edge"]), "shortest"
+        if value.keys() == {"height", "width"}:
+            if value["height"] != value["width"]:
+                raise ValueError(
+                    f"`{name}` {value} is {value['height']}x{value['width']}; ClipCapImageProcessor makes square "
+                    "images only."
+                )
+            return int(value["height"]), "squash"
+    elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value), None
+    raise ValueError(
+        f"`{name}` must be an int, {{'shortest_edge': n}} or {{'height': n, 'width': n}}, got {value!r}."
+    )
+
+
+def _square_sizes(
+    size: int | dict[str, int], crop_size: int | dict[str, int] | None, resize_mode: str
+) -> tuple[int, int]:
+    """`size` and `crop_size` (None: `size`) as ints; a `size` dict must name `resize_mode`'s kind of resize."""
+    side, named_mode = _read_size(size, "size")
+    if named_mode not in (None, resize_mode):
+        raise ValueError(
+            f"size={size} asks for resize_mode={named_mode!r}, but this processor's resize_mode is {resize_mode!r}; "
+            f"pass size={side}, or build the processor with resize_mode={named_mode!r}."
+        )
+    return side, side if crop_size is None else _read_size(crop_size, "crop_size")[0]
+
+
 def _tower_config(pretrained_model_name_or_path: str, **kwargs) -> PretrainedConfig:
     """The vision tower's config of a transformers checkpoint (of a whole CLIP or SigLIP, its vision part)."""
     return vision_tower_config(AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs))
@@ -186,11 +238,14 @@ class ClipCapImageProcessor(BaseImageProcessor):
     Args:
         size (`int`, *optional*, defaults to 224):
             Length the shorter side is resized to (`"shortest"`), or the side of the square (`"squash"`).
+            transformers' `{"shortest_edge": n}` (with `"shortest"`) and `{"height": n, "width": n}` (with
+            `"squash"`) mean the same.
         crop_size (`int`, *optional*):
-            Side of the square center crop (224 for ViT-B/32, 288 for RN50x4); defaults to `size`. With `"squash"`
-            there is no crop, and it must be `size`.
+            Side of the square center crop (224 for ViT-B/32, 288 for RN50x4), or `{"height": n, "width": n}`;
+            defaults to `size`. With `"squash"` there is no crop, and it must be `size`.
         resample (`str`, *optional*, defaults to `"bicubic"`):
-            One of "nearest", "bilinear", "bicubic", "lanczos".
+            One of "nearest", "box", "bilinear", "hamming", "bicubic", "lanczos", or its `PIL.Image.Resampling`
+            value.
         image_mean, image_std (`Sequence[float]`, *optional*):
             Per-channel normalisation; CLIP's by default.
         resize_mode (`str`, *optional*, defaults to `"shortest"`):
@@ -202,9 +257,9 @@ class ClipCapImageProcessor(BaseImageProcessor):
 
     def __init__(
         self,
-        size: int = 224,
-        crop_size: int | None = None,
-        resample: str = "bicubic",
+        size: int | dict[str, int] = 224,
+        crop_size: int | dict[str, int] | None = None,
+        resample: str | int = "bicubic",
         image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
         image_std: Sequence[float] = OPENAI_CLIP_STD,
         resize_mode: str = "shortest",
@@ -220,18 +275,16 @@ class ClipCapImageProcessor(BaseImageProcessor):
                 "ClipCapImageProcessor.from_transformers_pretrained(...)."
             )
         super().__init__(**kwargs)
-        if resample not in _RESAMPLE:
-            raise ValueError(f"`resample` must be one of {sorted(_RESAMPLE)}, got {resample!r}.")
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"`resize_mode` must be one of {RESIZE_MODES}, got {resize_mode!r}.")
-        crop_size = size if crop_size is None else crop_size
+        size, crop_size = _square_sizes(size, crop_size, resize_mode)
         if resize_mode == "squash" and crop_size != size:
             raise ValueError(f"resize_mode='squash' does not crop: `crop_size` ({crop_size}) must be `size` ({size}).")
         if crop_size > size:
             raise ValueError(f"`crop_size` ({crop_size}) must not exceed `size` ({size}).")
-        self.size = int(size)
-        self.crop_size = int(crop_size)
-        self.resample = resample
+        self.size = size
+        self.crop_size = crop_size
+        self.resample = _resample_name(resample)
         self.resize_mode = resize_mode
         self.image_mean = [float(value) for value in image_mean]
         self.image_std = [float(value) for value in image_std]
@@ -269,41 +322,29 @@ class ClipCapImageProcessor(BaseImageProcessor):
                     reference = _TOWER_PREPROCESSING[vision_tower_config(model_config).model_type]
             return reference
 
-        size, crop_size = settings.get("size", 224), settings.get("crop_size")
-        # A bare number, as older configs save it, is the short side for CLIP's and DINOv2's processors but the
-        # square's side for ViT's and SigLIP's (google/vit-base-patch16-224's): the tower says which.
-        if isinstance(size, int) and "max_num_patches" not in settings and tower_reference()[0] == "squash":
-            size = {"height": size, "width": size}
-        if "max_num_patches" in settings:  # SigLIP2 (NaFlex)
-            resize_mode, size = "squash", math.isqrt(settings["max_num_patches"]) * settings["patch_size"]
-        elif isinstance(size, dict) and "height" in size:
-            if size["height"] != size.get("width"):
-                raise ValueError(
-                    f"{pretrained_model_name_or_path}: its images are resized to {size['height']}x{size.get('width')}; "
-                    "ClipCapImageProcessor makes square images only."
-                )
-            resize_mode, size = "squash", size["height"]
-        else:
-            resize_mode = "shortest"
-            size = size["shortest_edge"] if isinstance(size, dict) else size
-            if settings.get("do_center_crop") is False:
-                crop_size = None  # no crop configured: the short side is the square
-        if resize_mode == "squash":
-            crop_size = None
-        elif isinstance(crop_size, dict):
-            crop_size = crop_size["height"]
         if settings.get("do_normalize") is False:
             mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         else:  # what the tower's own processor defaults to where the settings leave them out
             mean = settings.get("image_mean") or tower_reference()[2]
             std = settings.get("image_std") or tower_reference()[3]
-        if "resample" in settings:
-            resample = {value: key for key, value in _RESAMPLE.items()}.get(settings["resample"], "bicubic")
-        else:
-            resample = tower_reference()[1]
-        return cls(
-            size=size, crop_size=crop_size, resample=resample, image_mean=mean, image_std=std, resize_mode=resize_mode
-        )
+        crop_size = settings.get("crop_size")
+        try:
+            if "max_num_patches" in settings:  # SigLIP2 (NaFlex)
+                resize_mode, size = "squash", math.isqrt(settings["max_num_patches"]) * settings["patch_size"]
+            else:
+                size, resize_mode = _read_size(settings.get("size", 224), "size")
+                # A bare number, as older configs save it, is the short side for CLIP's and DINOv2's processors but
+                # the square's side for ViT's and SigLIP's (google/vit-base-patch16-224's): the tower says which.
+                resize_mode = resize_mode or tower_reference()[0]
+            if resize_mode == "squash" or settings.get("do_center_crop") is False:
+                crop_size = None  # no crop: the resized square (or short side) is the image
+            resample = _resample_name(settings["resample"]) if "resample" in settings else tower_reference()[1]
+            return cls(
+                size=size, crop_size=crop_size, resample=resample, image_mean=mean, image_std=std,
+                resize_mode=resize_mode,
+            )
+        except ValueError as error:  # name the checkpoint whose settings these are
+            raise ValueError(f"{pretrained_model_name_or_path}: {error}") from error
 
     # The name it had when CLIP was the only transformers tower.
     from_clip_pretrained = from_transformers_pretrained
@@ -322,15 +363,17 @@ class ClipCapImageProcessor(BaseImageProcessor):
     @classmethod
     def from_open_clip(cls, model_name: str, pretrained: str | None = None) -> ClipCapImageProcessor:
         """
-        Take the inference preprocessing open_clip uses for a model and pretrained tag (image size, interpolation,
-        mean and std), e.g. `from_open_clip("RN50x4", "openai")` (288 pixels). Needs `open_clip_torch`; downloads
-        nothing but the small config of an `"hf-hub:"` name.
+        Take the inference preprocessing open_clip uses for a model and pretrained tag (image size, resize mode,
+        interpolation, mean and std), e.g. `from_open_clip("RN50x4", "openai")` (288 pixels) or
+        `from_open_clip("ViT-B-16-SigLIP", "webli")` (`"squash"`). Needs `open_clip_torch`; downloads nothing but the
+        small config of an `"hf-hub:"` name.
         """
         preprocess_cfg = resolve_open_clip_model(model_name, pretrained)[1]
-        if preprocess_cfg["resize_mode"] != "shortest":
+        resize_mode = preprocess_cfg["resize_mode"]
+        if resize_mode not in RESIZE_MODES:  # "longest": resize the long side and pad to the square
             raise ValueError(
-                f"open_clip model {model_name!r} preprocesses with resize_mode={preprocess_cfg['resize_mode']!r}; "
-                "ClipCapImageProcessor implements 'shortest' (resize the short side, center crop) only."
+                f"open_clip model {model_name!r} preprocesses with resize_mode={resize_mode!r}; ClipCapImageProcessor "
+                f"implements {' and '.join(map(repr, RESIZE_MODES))} only."
             )
         size = preprocess_cfg["size"]
         if isinstance(size, (list, tuple)):
@@ -346,6 +389,7 @@ class ClipCapImageProcessor(BaseImageProcessor):
             resample=resample,
             image_mean=preprocess_cfg["mean"],
             image_std=preprocess_cfg["std"],
+            resize_mode=resize_mode,
         )
 
     def preprocess_one(
@@ -397,7 +441,8 @@ class ClipCapImageProcessor(BaseImageProcessor):
         """
         Preprocess an image or a batch of images. The options ([`preprocess_one`]'s: `size`, `crop_size`, `resample`,
         `image_mean`, `image_std`, and the switches `do_resize`, `do_center_crop`, `do_rescale`, `rescale_factor`,
-        `do_normalize`) apply to this call only.
+        `do_normalize`) apply to this call only; `size`, `crop_size` and `resample` in the forms the constructor
+        takes.
 
         Returns:
             [`BatchFeature`] with `pixel_values` of shape `(batch_size, 3, crop_size, crop_size)`.
@@ -406,11 +451,14 @@ class ClipCapImageProcessor(BaseImageProcessor):
         if unknown:  # refused rather than ignored
             raise TypeError(f"ClipCapImageProcessor takes no option {unknown}; it takes {sorted(IMAGE_OPTIONS)}.")
         options = {name: value for name, value in options.items() if value is not None}
-        if options.get("resample", self.resample) not in _RESAMPLE:
-            raise ValueError(f"`resample` must be one of {sorted(_RESAMPLE)}, got {options['resample']!r}.")
+        if "resample" in options:
+            options["resample"] = _resample_name(options["resample"])
         if options.get("do_convert_rgb") is False:
             raise ValueError("`do_convert_rgb=False` is not supported: CLIP towers read 3-channel RGB images.")
-        size, crop_size = options.get("size", self.size), options.get("crop_size", self.crop_size)
+        size, crop_size = _square_sizes(
+            options.get("size", self.size), options.get("crop_size", self.crop_size), self.resize_mode
+        )
+        options.update(size=size, crop_size=crop_size)
         cropping = self.resize_mode == "shortest" and options.get("do_center_crop", True)
         if options.get("do_resize", True) and cropping and crop_size > size:
             raise ValueError(f"`crop_size` ({crop_size}) must not exceed `size` ({size}).")

@@ -176,9 +176,22 @@ def test_pixel_values_equal_create_model_and_transforms_for_a_local_model(tmp_pa
     torch.testing.assert_close(processor(images)["pixel_values"], expected, atol=1e-5, rtol=0)
 
 
-def test_other_resize_modes_are_refused(tmp_path):
-    name, _ = save_open_clip_local_dir(tmp_path / "squash", "vit", preprocess_cfg={"resize_mode": "squash"})
-    with pytest.raises(ValueError, match="resize_mode='squash'; ClipCapImageProcessor implements 'shortest'"):
+def test_squash_pixel_values_equal_create_model_and_transforms(tmp_path):
+    # SigLIP's open_clip tags (ViT-B-16-SigLIP/webli) resize to the square whatever the aspect ratio.
+    preprocess_cfg = {"resize_mode": "squash", "mean": [0.5] * 3, "std": [0.5] * 3}
+    name, _ = save_open_clip_local_dir(tmp_path / "squash", "vit", preprocess_cfg=preprocess_cfg)
+    _, _, open_clip_preprocess = open_clip.create_model_and_transforms(name)
+    processor = ClipCapImageProcessor.from_open_clip(name)
+    assert (processor.resize_mode, processor.size, processor.crop_size) == ("squash", 32, 32)
+    images = odd_sized_images(seed=2)
+    expected = torch.stack([open_clip_preprocess(image) for image in images])
+    torch.testing.assert_close(processor(images)["pixel_values"], expected, atol=1e-5, rtol=0)
+
+
+def test_longest_resize_mode_is_refused(tmp_path):
+    name, _ = save_open_clip_local_dir(tmp_path / "longest", "vit", preprocess_cfg={"resize_mode": "longest"})
+    with pytest.raises(ValueError, match="resize_mode='longest'; ClipCapImageProcessor implements 'shortest' and "
+                                         "'squash' only"):
         ClipCapImageProcessor.from_open_clip(name)
 
 
