@@ -120,7 +120,8 @@ def load_embeddings_info(directory: PathLike) -> dict[str, Any]:
     """
     The info file of an embeddings folder: `version`, `fingerprint` (see [`vision_fingerprint`]), `vision` (the
     tower: backend, pooling, model type, class, config), `image_processor` (its settings), `embedding_dim`,
-    `columns`, `source`, and when the pass is complete `num_images` and `num_shards`.
+    `columns`, `source`, and when the pass is complete `num_images`, `num_shards`, `num_skipped` (unreadable images
+    left out) and `num_replaced` (rows of replaced image files that the pass dropped).
     """
     directory = Path(directory)
     info_path = directory / EMBEDDINGS_INFO_NAME
@@ -216,8 +217,10 @@ def embed_source(
     _check_shared_folder(output_dir, rank, world_size)
     has_captions = CAPTIONS_COLUMN in source.features
     writer = _ShardWriter(output_dir, rank, world_size, has_captions, keep_columns)
+    previous: dict[str, Any] = {}  # the info of the run before, if any
     if (output_dir / EMBEDDINGS_INFO_NAME).exists() or (output_dir / LEGACY_CACHE_INFO_NAME).exists():
-        stored_columns = check_embeddings(output_dir, model, image_processor)["columns"]
+        previous = check_embeddings(output_dir, model, image_processor)
+        stored_columns = previous["columns"]
         if stored_columns != writer.columns and _complete_shards(output_dir):
             raise ValueError(
                 f"The embeddings folder {output_dir} holds the columns {', '.join(stored_columns)}; this source would "
@@ -264,11 +267,14 @@ def embed_source(
             "map-style (without --streaming) to merge them."
         )
     # Gathered from every process, each done writing: a process that stopped early stops them all, with its reason.
-    gathered = _all_gather((problems, non_finite))
-    problems = [problem for process_problems, _ in gathered for problem in process_problems]
-    non_finite = next((reason for _, reason in gathered if reason is not None), None)
-    if rank == 0:
-        _drop_replaced_files(output_dir)
+    gathered = _all_gather((problems, non_finite, writer.num_written))
+    problems = [problem for process_problems, _, _ in gathered for problem in process_problems]
+    non_finite = next((reason for _, reason, _ in gathered if reason is not None), None)
+    # Skipped when no row was added since a completed pass that dropped them (its info counts them): a rerun over a
+    # large folder with nothing new to embed reads no key.
+    num_replaced = 0
+    if rank == 0 and (any(written for _, _, written in gathered) or "num_replaced" not in previous):
+        num_replaced = _drop_replaced_files(output_dir)
     _barrier()
     if non_finite is not None:
         raise ValueError(non_finite)
@@ -288,6 +294,7 @@ def embed_source(
         info["num_images"] = sum(_load_shard(shard).num_rows for shard in shards)
         info["num_shards"] = len(shards)
         info["num_skipped"] = len(problems)
+        info["num_replaced"] = num_replaced
         info["embedding_dim"] = _load_shard(shards[0]).features[EMBEDDING_COLUMN].length if shards else None
         write_text_atomically(output_dir / EMBEDDINGS_INFO_NAME, json.dumps(info, indent=2, default=str))
     _barrier()
@@ -356,6 +363,7 @@ class _ShardWriter:
         self.columns = [KEY_COLUMN, EMBEDDING_COLUMN] + ([CAPTIONS_COLUMN] if has_captions else []) + list(keep_columns)
         self.records: list[dict[str, Any]] = []
         self.embeddings: list[torch.Tensor] = []
+        self.num_written = 0
         _remove_leftovers(directory, rank, world_size)
         # A rerun continues the numbering of this rank's shards.
         numbers = [int(path.name[len(self.prefix) :]) for path in directory.glob(f"{self.prefix}*")]
@@ -388,6 +396,7 @@ class _ShardWriter:
         try:
             shard.save_to_disk(str(temporary))
             os.replace(temporary, self.directory / name)  # complete once renamed into place
+            self.num_written += count
         except OSError as error:
             raise OSError(
                 f"Cannot write to the embeddings folder {self.directory} ({type(error).__name__}: {error}); give a "
@@ -424,7 +433,7 @@ def _remove_leftovers(directory: Path, rank: int, world_size: int) -> None:
             leftover.unlink(missing_ok=True)
 
 
-def _drop_replaced_files(directory: Path) -> None:
+def _drop_replaced_files(directory: Path) -> int:
     """
     Keep at most one row per image file: a file replaced at its path (another size or modification time, so another
     key) and embedded again leaves the row of its earlier version behind, which `clipcap train --embeddings` would
@@ -433,7 +442,7 @@ def _drop_replaced_files(directory: Path) -> None:
 
     A shard losing rows is saved again without them under a temporary name, the old one is moved aside, and the new
     one takes its name: the folder stays memory-mapped shards, and a run killed in between loses at most that shard's
-    other rows, which the next run embeds again (never stores twice).
+    other rows, which the next run embeds again (never stores twice). Returns how many rows were dropped.
     """
     # Only file keys (`<path>|<size>|<mtime_ns>`, see `image_cache_key`) name a path; `sha256:` keys name the content.
     # Through 64-bit digests of the paths, as the rest of the pass: 16 bytes per stored image file.
@@ -470,8 +479,10 @@ def _drop_replaced_files(directory: Path) -> None:
         finally:
             shutil.rmtree(replacement, ignore_errors=True)
             shutil.rmtree(aside, ignore_errors=True)
-    if stale:
-        logger.info(f"Removed {sum(map(len, stale.values()))} row(s) of image files replaced since they were embedded.")
+    num_dropped = sum(map(len, stale.values()))
+    if num_dropped:
+        logger.info(f"Removed {num_dropped} row(s) of image files replaced since they were embedded.")
+    return num_dropped
 
 
 def _stored_keys(directory: Path, rank: int, world_size: int) -> np.ndarray:
