@@ -11,7 +11,6 @@ folder is refused instead of writing the same shards over the first one's.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -30,11 +29,6 @@ from transformers.utils import logging
 from ..onednn import cpu_linear_kernels
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from .captioner import ClipCapCaptioner
-
-try:
-    import fcntl
-except ImportError:  # Windows: runs are not locked
-    fcntl = None
 
 logger = logging.get_logger(__name__)
 
@@ -190,83 +184,30 @@ def _folder_lock(output_dir: Path, rank: int, world_size: int) -> Iterator[None]
     file as finished) and replace each other's run file. The processes of one `torchrun` run write other shards
     (their number is the same and their ranks differ), so they go together (as would a run split alike).
 
-    The locks are `flock`s, which the OS releases when the process ends, however it ends: a killed run's lock files
-    hold nothing up, and are removed by the next run. Without `flock` (Windows, or a filesystem without locks) the
-    run goes on unlocked, with a warning.
+    The locks are `filelock`'s (the OS's `flock` on Unix, which it releases when the process ends however it ends):
+    a killed run's lock file holds nothing up. Lock files stay in the folder, as in the Hub cache, since removing one
+    could race with a process opening it.
     """
-    own = output_dir / _lock_file_name(rank, world_size)
-    unlocked = "this platform has no flock" if fcntl is None else None
-    if unlocked is None:
-        try:
-            descriptor = _take_lock(own)
-        except OSError as error:
-            if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise
-            unlocked = f"its filesystem has no locks: {error.strerror}"
-    if unlocked is not None:
-        logger.warning(f"Cannot lock {output_dir} ({unlocked}): make sure that no other run writes into it.")
-        yield
-        return
-    if descriptor is None:
-        raise ValueError(_busy(output_dir, own))
+    from filelock import FileLock, Timeout  # a dependency of huggingface_hub, so always installed
+
+    own = FileLock(output_dir / _lock_file_name(rank, world_size), timeout=0)
+    try:
+        own.acquire()
+    except Timeout:
+        raise ValueError(_busy(output_dir, Path(own.lock_file))) from None
     try:
         for path in sorted(output_dir.glob(".caption-rank-*.lock")):
             match = _LOCK_FILE.fullmatch(path.name)
             # The same run's other processes (as many, with other ranks) are left out: they write other shards.
-            if match and int(match[2]) != world_size and _held(path):
-                raise ValueError(_busy(output_dir, path))
+            if match and int(match[2]) != world_size:
+                try:
+                    with FileLock(path, timeout=0):
+                        pass  # free: a finished or killed run's
+                except Timeout:
+                    raise ValueError(_busy(output_dir, path)) from None
         yield
     finally:
-        own.unlink(missing_ok=True)  # while locked: see `_take_lock`
-        os.close(descriptor)
-
-
-def _take_lock(path: Path) -> int | None:
-    """
-    A descriptor of the lock file `path` (created if need be) holding its exclusive `flock`, or None when another
-    process holds it. Lock files are removed while locked, so that a lock taken on one removed meanwhile is taken
-    again on the file now at `path`.
-    """
-    while True:
-        # Writable: NFS emulates flock with fcntl locks, whose exclusive kind needs a descriptor open for writing.
-        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(descriptor)
-            return None
-        except OSError:
-            os.close(descriptor)
-            raise
-        if _same_file(descriptor, path):
-            return descriptor
-        os.close(descriptor)
-
-
-def _held(path: Path) -> bool:
-    """Whether a live process holds the lock file `path`; one that none holds (a killed run's) is removed."""
-    while True:
-        try:
-            descriptor = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            return False
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return True
-        else:
-            if _same_file(descriptor, path):  # else replaced meanwhile: look at the new one
-                path.unlink(missing_ok=True)  # while locked, as its owner would
-                return False
-        finally:
-            os.close(descriptor)
-
-
-def _same_file(descriptor: int, path: Path) -> bool:
-    try:
-        return os.path.samestat(os.fstat(descriptor), os.stat(path))
-    except FileNotFoundError:
-        return False
+        own.release()
 
 
 def _busy(output_dir: Path, lock: Path) -> str:
