@@ -6,10 +6,12 @@ from pathlib import Path
 
 import datasets
 import numpy as np
+import PIL.Image
 import pytest
 import torch
 from conftest import distinct_captioning_model, random_images, tiny_processor
 from transformers import GenerationConfig
+from transformers.utils.quantization_config import QuantizationMethod
 
 from clipcap_hf.commands import main
 from clipcap_hf.inference import ClipCapCaptioner
@@ -93,20 +95,72 @@ def test_missing_or_wrong_size_embeddings_raise_naming_the_key_or_are_skipped(ca
     assert output["caption"] == [first, None, None, last]
 
 
-def test_arrays_pil_cannot_read_are_bad_rows_and_one_channel_is_grayscale(captioning):
+def test_arrays_and_tensors_are_read_as_the_processor_reads_them(captioning):
+    """The dtypes and layouts of docs/image-processing.md's table, as a batch column holds them (a tensor from
+    `with_format("torch")`), become the 8-bit RGB pixels the table gives."""
     model, processor = captioning
-    gray = np.arange(48, dtype=np.uint8).reshape(8, 6, 1)
-    decoded = decode_image(gray)
-    assert decoded.mode == "L" and np.array_equal(np.asarray(decoded), gray[:, :, 0])
-    with pytest.raises(ValueError, match=r"^Cannot read an image from a float64 array of shape \(8, 8, 3\): PIL reads"):
-        decode_image(np.zeros((8, 8, 3)))
-    with pytest.raises(ValueError, match=r"^Cannot read an image from an array of shape \(0, 0, 3\)"):
+    rng = np.random.default_rng(4)
+    floats = rng.random((8, 6, 3), dtype=np.float32)
+    words = rng.integers(0, 65536, (8, 6, 3), dtype=np.uint16)
+    mask = rng.random((8, 6)) > 0.5
+    gray = rng.integers(0, 256, (8, 6, 1), dtype=np.uint8)
+    columns = {
+        "float HWC in [0, 1]": (floats, np.round(floats.astype(np.float64) * 255)),
+        "uint16 HWC": (words, np.round(words / 257.0)),
+        "bool HW": (mask, np.repeat(mask[:, :, None] * 255, 3, axis=2)),
+        "uint8 HW1 (gray)": (gray, np.repeat(gray, 3, axis=2)),
+        "uint8 CHW tensor": (torch.from_numpy(gray.repeat(3, axis=2).transpose(2, 0, 1).copy()), gray.repeat(3, 2)),
+        "float CHW tensor": (torch.from_numpy(floats.transpose(2, 0, 1).copy()),
+                             np.round(floats.astype(np.float64) * 255)),
+    }
+    for name, (value, expected) in columns.items():
+        decoded = decode_image(value)
+        assert decoded.mode == "RGB" and np.array_equal(np.asarray(decoded), expected.astype(np.uint8)), name
+    with pytest.raises(ValueError, match=r"Cannot read an image array of shape \(0, 0, 3\)|empty image array"):
         decode_image(np.zeros((0, 0, 3), np.uint8))
 
-    image = random_images(1)[0]
-    batch = {"image": [np.asarray(image), np.zeros((8, 8, 3), np.float32)], "image_key": ["good", "float"]}
+    values = [value for value, _ in columns.values()]
+    batch = {"image": values, "image_key": list(columns)}
+    output = ClipCapCaptioner(model, processor, max_new_tokens=MAX_NEW_TOKENS)(batch)
+    assert output["caption"] == generate_captions(model, processor, values)
+
+
+def test_images_the_processor_refuses_are_bad_rows_named_by_key(captioning, tmp_path):
+    """A file that opens but that the processor's conversion refuses (a float32 "F" TIFF of [0, 255] values), or a
+    float array above 1, is a bad row named by its key, under on_bad_image, not an error about the whole batch."""
+    model, processor = captioning
+    depth = tmp_path / "depth.tif"
+    PIL.Image.fromarray(np.linspace(0, 255, 40 * 48, dtype=np.float32).reshape(40, 48)).save(depth)
+    good = random_images(2, seed=9)
+    batch = {"image": [b"junk", good[0], str(depth), np.full((8, 8), 2.0, np.float32), good[1]],
+             "image_key": ["junk", "good-0", "depth", "bright", "good-1"]}
+    with pytest.raises(ValueError) as refused:
+        ClipCapCaptioner(model, processor, max_new_tokens=MAX_NEW_TOKENS)(batch)
+    message = str(refused.value)
+    assert message.startswith("3 image(s) of the batch cannot be read (key 'junk': Cannot decode the image bytes")
+    assert ("; key 'depth': Float image arrays must hold values in [0, 1], this one holds [0, 255]" in message
+            and "; key 'bright': Float image arrays must hold values in [0, 1], this one holds [2, 2]" in message)
     output = ClipCapCaptioner(model, processor, on_bad_image="skip", max_new_tokens=MAX_NEW_TOKENS)(batch)
-    assert output["caption"] == [generate_captions(model, processor, [image])[0], None]
+    first, last = generate_captions(model, processor, good)
+    assert output["caption"] == [None, first, None, None, last]
+
+
+def test_numpy_keys_are_named_as_plain_strings(captioning):
+    # Ray Data's numpy batches hold keys as numpy strings, whose repr is np.str_('cat/001.jpg').
+    batch = {"image": np.array([b"junk"], dtype=object), "image_key": np.array(["cat/001.jpg"])}
+    with pytest.raises(ValueError, match=r"\(key 'cat/001\.jpg': Cannot decode the image bytes \(4 bytes\)"):
+        ClipCapCaptioner(*captioning, max_new_tokens=MAX_NEW_TOKENS)(batch)
+
+
+def test_a_bitsandbytes_model_is_not_given_a_dtype(captioning, monkeypatch):
+    """transformers refuses any `dtype` argument to a bitsandbytes model's `to`, even None; the captioner passes only
+    the arguments given. (No GPU for bitsandbytes here: the mark `from_pretrained` sets on such a model is set by
+    hand, and transformers' own `to` refuses.)"""
+    model, processor = captioning
+    monkeypatch.setattr(model, "quantization_method", QuantizationMethod.BITS_AND_BYTES, raising=False)
+    assert ClipCapCaptioner(model, processor).model is model
+    with pytest.raises(ValueError, match="bitsandbytes"):  # transformers' refusal, which a given dtype still meets
+        ClipCapCaptioner(model, processor, dtype=torch.float32)
 
 
 def test_a_reranker_folder_given_as_a_path_reranks(captioning, tiny_clip_dir):

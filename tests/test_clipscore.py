@@ -2,15 +2,20 @@
 metrics.json and gallery."""
 
 import html
+import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
+import PIL.Image
 import pytest
 import torch
-from conftest import random_images
+from conftest import IMAGE_SIZE, random_images
+from torchvision import transforms
 from transformers import AutoProcessor, CLIPModel
+from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from clipcap_hf.commands import main
 from clipcap_hf.evaluation.metrics import compute_clip_metrics
@@ -26,13 +31,27 @@ def clip(tiny_clip_dir):
     return CLIPModel.from_pretrained(tiny_clip_dir).eval(), AutoProcessor.from_pretrained(tiny_clip_dir)
 
 
+def clip_pixels(images) -> torch.Tensor:
+    """OpenAI CLIP's own preprocessing (clip.load's `_transform`, from torchvision) at the tiny CLIP's 32 pixels:
+    transformers' CLIPImageProcessor resizes otherwise on transformers 5 (torchvision on tensors)."""
+    transform = transforms.Compose([
+        transforms.Resize(IMAGE_SIZE, interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.CenterCrop(IMAGE_SIZE),
+        lambda image: image.convert("RGB"),
+        transforms.ToTensor(),
+        transforms.Normalize(OPENAI_CLIP_MEAN, OPENAI_CLIP_STD),
+    ])
+    return torch.stack([transform(image) for image in images])
+
+
 @torch.no_grad()
 def hessel_scores(model, processor, images, captions, references):
     """The paper's formulas from CLIPModel's forward (logits = exp(logit_scale) * cosine) and its text tower's
     pooled output through the text projection, written out here independently of CLIPScorer."""
     prompted = [f"A photo depicts {caption}" for caption in captions]
-    inputs = processor(text=prompted, images=images, return_tensors="pt", padding=True)
-    cosine = model(**inputs).logits_per_image.diagonal() / model.logit_scale.exp()
+    tokens = processor(text=prompted, return_tensors="pt", padding=True)
+    output = model(**tokens, pixel_values=clip_pixels(images))
+    cosine = output.logits_per_image.diagonal() / model.logit_scale.exp()
     clip_s = 2.5 * cosine.clamp(min=0)
 
     def text_vectors(texts):
@@ -76,6 +95,53 @@ def test_a_clip_folder_given_as_a_path_is_loaded(tiny_clip_dir, clip):
     expected, _ = hessel_scores(model, processor, images, CAPTIONS[:2], [["r"]] * 2)
     scores = CLIPScorer(Path(tiny_clip_dir)).clip_score(images, CAPTIONS[:2])
     assert scores.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_images_are_scored_upright_and_on_white_as_the_captioner_sees_them(clip):
+    """An EXIF-rotated photo is scored as it is viewed, and a transparent image on white (as ClipCapCaptioner
+    captions them), on both transformers lines alike."""
+    model, processor = clip
+    scorer = CLIPScorer(model, processor)
+    stored = random_images(1, seed=11, size=(64, 40))[0]
+    exif = stored.getexif()
+    exif[0x0112] = 6  # Orientation: the stored pixels are viewed turned by 90 degrees clockwise
+    encoded = io.BytesIO()
+    stored.save(encoded, "PNG", exif=exif)
+    photo = PIL.Image.open(io.BytesIO(encoded.getvalue()))
+    upright = stored.transpose(PIL.Image.Transpose.ROTATE_270)
+    expected, _ = hessel_scores(model, processor, [upright] * len(CAPTIONS), CAPTIONS, REFERENCES)
+    sideways, _ = hessel_scores(model, processor, [stored] * len(CAPTIONS), CAPTIONS, REFERENCES)
+    assert sideways != pytest.approx(expected, abs=1e-3)  # so that scoring the stored pixels shows
+    assert scorer.clip_score([photo] * len(CAPTIONS), CAPTIONS).tolist() == pytest.approx(expected, abs=1e-5)
+
+    rgba = np.zeros((40, 48, 4), np.uint8)
+    rgba[10:30, 10:30] = (200, 30, 30, 255)  # a red square; the rest transparent black
+    on_white = PIL.Image.fromarray(np.where(rgba[:, :, 3:] == 255, rgba[:, :, :3], 255).astype(np.uint8))
+    expected, _ = hessel_scores(model, processor, [on_white] * len(CAPTIONS), CAPTIONS, REFERENCES)
+    assert max(expected) > 0
+    scores = scorer.clip_score([PIL.Image.fromarray(rgba, "RGBA")] * len(CAPTIONS), CAPTIONS)
+    assert scores.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_clip_vision_model_alone_is_refused_before_loading(tiny_clip_dir, tmp_path):
+    # CLIPModel.from_pretrained would load it with a random text tower, and score.
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    vision_config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                     image_size=32, patch_size=8, projection_dim=24)
+    CLIPVisionModelWithProjection(vision_config).save_pretrained(tmp_path)
+    AutoProcessor.from_pretrained(tiny_clip_dir).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=f"^The CLIP model: {tmp_path} holds a model of type 'clip_vision_model' "
+                                         r"\(config.json\), not a whole CLIP model"):
+        CLIPScorer(str(tmp_path))
+
+
+def test_a_clip_folder_under_the_home_folder_is_named_with_a_tilde(tiny_clip_dir, clip, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(tiny_clip_dir, tmp_path / "clip")
+    images = random_images(2, seed=7)
+    expected, _ = hessel_scores(*clip, images, CAPTIONS[:2], [["r"]] * 2)
+    assert CLIPScorer("~/clip").clip_score(images, CAPTIONS[:2]).tolist() == pytest.approx(expected, abs=1e-5)
 
 
 def test_evaluate_writes_clip_scores_to_metrics_json_and_gallery(tiny_clip_dir, clip, tmp_path):

@@ -18,8 +18,9 @@ import PIL.Image
 import torch
 from transformers.utils import logging
 
-from ..image_processing_clipcap import load_image
+from ..image_processing_clipcap import load_image, to_rgb_image
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
+from ..utils.loading import load_clipcap, to_device_and_dtype
 from .clip_score import CLIPScorer
 
 logger = logging.get_logger(__name__)
@@ -39,13 +40,12 @@ class CaptionBatch:
 
 def decode_image(value: Any) -> PIL.Image.Image:
     """
-    A batch's image as a PIL image: a PIL image, a file path, encoded bytes, a `{"bytes", "path"}` dict (a datasets
-    `Image(decode=False)` value, or how Ray Data reads such a column from parquet) or an HW or HWC array (uint8, or
-    another dtype PIL reads; one channel is grayscale).
-    Raises a ValueError saying why.
+    A batch's image as the upright 8-bit RGB PIL image the processor makes of it: a PIL image, a file path, encoded
+    bytes, a `{"bytes", "path"}` dict (a datasets `Image(decode=False)` value, or how Ray Data reads such a column
+    from parquet), or a numpy array or torch tensor of any layout and dtype the processor reads (HWC or CHW; uint8,
+    uint16, bool, integers in [0, 255], floats in [0, 1]).
+    Raises a ValueError saying why, here rather than in the batch's preprocessing, so that it names one row.
     """
-    if isinstance(value, PIL.Image.Image):
-        return value
     if isinstance(value, Mapping):
         if value.get("bytes") is not None:
             value = value["bytes"]
@@ -57,33 +57,23 @@ def decode_image(value: Any) -> PIL.Image.Image:
         try:
             with PIL.Image.open(io.BytesIO(value)) as image:
                 image.load()
-                return image.copy()
+                value = image.copy()
         except PIL.UnidentifiedImageError as error:  # its message names a BytesIO object, which says nothing
             raise ValueError(
                 f"Cannot decode the image bytes ({len(value)} bytes): no image format PIL reads"
             ) from error
         except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
             raise ValueError(f"Cannot decode the image bytes ({len(value)} bytes): {error}") from error
-    if isinstance(value, (str, os.PathLike)):
-        return load_image(value)
-    if isinstance(value, np.ndarray):
-        return _array_image(value)
-    raise ValueError(f"Cannot read an image from a {type(value).__name__}.")
-
-
-def _array_image(array: np.ndarray) -> PIL.Image.Image:
-    """An HWC (or HW) array as a PIL image; one PIL cannot read raises a ValueError naming its dtype and shape."""
-    if array.size == 0 or array.ndim not in (2, 3):
-        raise ValueError(f"Cannot read an image from an array of shape {array.shape}: give a non-empty (H, W) or "
-                         "(H, W, C) array.")
+    elif isinstance(value, (str, os.PathLike)):
+        value = load_image(value)
+    if not isinstance(value, (PIL.Image.Image, np.ndarray, torch.Tensor)):
+        raise ValueError(f"Cannot read an image from a {type(value).__name__}.")
+    # The processor's own conversion, so that an image it would refuse (a float TIFF of [0, 255] values, ...) is
+    # refused here; a PIL image not loaded yet (truncated data) fails here with an OSError.
     try:
-        # One channel is grayscale, which PIL reads without the channel axis.
-        return PIL.Image.fromarray(array[:, :, 0] if array.ndim == 3 and array.shape[2] == 1 else array)
-    except TypeError as error:  # PIL's message names the dtype and shape as a typestr, and no fix
-        raise ValueError(
-            f"Cannot read an image from a {array.dtype} array of shape {array.shape}: PIL reads uint8 arrays such "
-            "as (H, W), (H, W, 1), (H, W, 3) or (H, W, 4)."
-        ) from error
+        return to_rgb_image(value)
+    except OSError as error:
+        raise ValueError(f"Cannot read the image: {error}") from error
 
 
 def _embedding_vector(value: Any, size: int) -> np.ndarray:
@@ -161,7 +151,8 @@ class ClipCapCaptioner:
         model: a ClipCap model, or the folder or Hub name of one (its processor is loaded with it).
         processor: the model's processor (needed with an in-memory model).
         device, dtype: where and in which precision the model runs (default: the model's own).
-        image_column: the column of images (PIL images, paths, bytes, `{"bytes", "path"}` dicts or arrays).
+        image_column: the column of images (PIL images, paths, bytes, `{"bytes", "path"}` dicts, numpy arrays or
+            torch tensors: see [`decode_image`]).
         embedding_column: the column of precomputed CLIP image embeddings (from `clipcap embed`), used when the
             batch has no `image_column`: the vision tower does not run.
         caption_column: the column the captions go in.
@@ -169,8 +160,9 @@ class ClipCapCaptioner:
         num_candidates: generate this many captions per image and keep the one `reranker` scores highest; needs
             sampling (`do_sample=True`) or beam search with at least as many beams.
         reranker: a [`CLIPScorer`], or the folder or Hub name of the CLIP model to build one from.
-        on_bad_image: what to do with a row whose image cannot be read, or whose embedding is missing or of the wrong
-            size: `"error"` raises naming the row; `"skip"` gives it a `None` caption and logs a warning.
+        on_bad_image: what to do with a row whose image cannot be read or is one the processor refuses (a float
+            image outside [0, 1], ...), or whose embedding is missing or of the wrong size: `"error"` raises naming
+            the row; `"skip"` gives it a `None` caption and logs a warning.
         **generate_kwargs: decoding options for `model.generate` (`max_new_tokens`, `num_beams`, `do_sample`,
             `top_p`, `temperature`, `num_return_sequences`, ...).
 
@@ -211,8 +203,6 @@ class ClipCapCaptioner:
     ):
         check_bad_image_policy(on_bad_image)
         if isinstance(model, (str, os.PathLike)):
-            from ..utils.loading import load_clipcap
-
             model, processor = load_clipcap(str(model), "model")
         if processor is None:
             raise ValueError("Give the model's processor with an in-memory model (`processor=`).")
@@ -225,7 +215,7 @@ class ClipCapCaptioner:
         check_decoding_options(num_candidates, reranker, **options)
         if num_candidates > 1:
             generate_kwargs["num_return_sequences"] = num_candidates
-        self.model = model.to(device=device, dtype=dtype).eval()
+        self.model = to_device_and_dtype(model, device, dtype).eval()
         self.processor = processor
         if isinstance(reranker, (str, os.PathLike)):
             reranker = CLIPScorer(str(reranker), device=self.model.device)
@@ -315,7 +305,10 @@ class ClipCapCaptioner:
     def row_name(self, batch: Mapping[str, Sequence], row: int) -> str:
         """How an error message names a row: its key, else its position in the batch."""
         if self.key_column in batch:
-            return f"key {batch[self.key_column][row]!r}"
+            key = batch[self.key_column][row]
+            if isinstance(key, np.generic):  # Ray Data's numpy batches: np.str_('a.jpg') is not how users name it
+                key = key.item()
+            return f"key {key!r}"
         return f"row {row} of the batch"
 
     def __call__(self, batch: Mapping[str, Sequence]) -> dict[str, list]:

@@ -12,10 +12,14 @@ on transformers 5 fails on `get_image_features` returning an output object inste
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Sequence
 
 import PIL.Image
 import torch
+
+from ..image_processing_clipcap import ClipCapImageProcessor
+from ..utils.loading import check_clip_model, local_folder, to_device_and_dtype
 
 CLIPSCORE_WEIGHT = 2.5
 """The paper's w: it stretches CLIPScore over about [0, 1] for ViT-B/32 on captioning data."""
@@ -29,6 +33,19 @@ def _features(output) -> torch.Tensor:
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
+def _clipcap_image_processor(image_processor, model_config) -> ClipCapImageProcessor:
+    """
+    The CLIP processor's preprocessing as a [`ClipCapImageProcessor`], so that CLIP sees the pixels the captioner
+    does: EXIF orientation applied, transparency on white, the same resize on every transformers line (transformers'
+    own processors differ there). Read through a temporary folder, because `from_transformers_pretrained` (the one
+    home of the settings' translation) reads a saved processor and model config.
+    """
+    with tempfile.TemporaryDirectory() as folder:
+        image_processor.save_pretrained(folder)
+        model_config.save_pretrained(folder)
+        return ClipCapImageProcessor.from_transformers_pretrained(folder)
+
+
 class CLIPScorer:
     """
     Score captions against images (and reference captions) with a CLIP model, batch by batch.
@@ -36,7 +53,8 @@ class CLIPScorer:
     Args:
         model: a transformers `CLIPModel` (both towers are needed), or the folder or Hub name of one.
         processor: its processor (a `CLIPProcessor`: image processor and tokenizer); loaded from `model`'s name when
-            `model` is a name.
+            `model` is a name. Its image settings are applied by a [`ClipCapImageProcessor`], as the captioner's
+            are: upright, transparency on white, the same pixels on every transformers line.
         device, dtype: where and in which precision CLIP runs (default: the model's own).
         prompt: the text put before every caption (the paper's "A photo depicts"; "" for none).
         text_batch_size: captions embedded at once.
@@ -62,10 +80,9 @@ class CLIPScorer:
         if isinstance(model, (str, os.PathLike)):
             from transformers import AutoProcessor, CLIPModel
 
-            from ..utils.loading import check_pretrained_source
-
             model = str(model)  # a Path too
-            check_pretrained_source(model, "the CLIP model")
+            check_clip_model(model, "The CLIP model")
+            model = local_folder(model)
             processor = processor or AutoProcessor.from_pretrained(model, trust_remote_code=False)
             model = CLIPModel.from_pretrained(model, trust_remote_code=False)
         if processor is None:
@@ -74,8 +91,9 @@ class CLIPScorer:
             raise ValueError(
                 f"The CLIP model must have both towers (a transformers CLIPModel), got {type(model).__name__}."
             )
-        self.model = model.to(device=device, dtype=dtype).eval()
+        self.model = to_device_and_dtype(model, device, dtype).eval()
         self.processor = processor
+        self.image_processor = _clipcap_image_processor(processor.image_processor, model.config)
         self.prompt = prompt
         self.text_batch_size = text_batch_size
         config = getattr(model.config, "text_config", None)
@@ -88,7 +106,7 @@ class CLIPScorer:
     @torch.no_grad()
     def image_embeddings(self, images: Sequence[PIL.Image.Image]) -> torch.Tensor:
         """Unit-length CLIP image embeddings, shape `(len(images), projection_dim)`, in float32."""
-        pixel_values = self.processor(images=list(images), return_tensors="pt")["pixel_values"]
+        pixel_values = self.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
         pixel_values = pixel_values.to(self.device, self.model.dtype)
         embeddings = _features(self.model.get_image_features(pixel_values=pixel_values)).float()
         return torch.nn.functional.normalize(embeddings, dim=-1)

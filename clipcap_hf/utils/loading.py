@@ -96,10 +96,16 @@ def check_pretrained_source(name_or_path: str, option: str, filenames: tuple[str
         )
 
 
-def check_clipcap_model(name_or_path: str, option: str) -> None:
+def local_folder(name_or_path: str) -> str:
+    """A local folder's path with `~` expanded (transformers does not expand it), else `name_or_path` (a Hub name)."""
+    folder = Path(name_or_path).expanduser()
+    return str(folder) if folder.is_dir() else name_or_path
+
+
+def read_model_config(name_or_path: str, option: str) -> dict:
     """
-    Refuse, before loading, a folder or Hub name whose `config.json` is not a ClipCap model's, naming it and its type.
-    The config is read as data: no code of the folder runs.
+    The `config.json` of a folder or Hub name (given as `option`), read as data after [`check_pretrained_source`]:
+    no code of the folder runs. A file, or a folder without `config.json`, raises naming the option.
     """
     check_pretrained_source(name_or_path, option)
     folder = Path(name_or_path).expanduser()
@@ -108,15 +114,45 @@ def check_clipcap_model(name_or_path: str, option: str) -> None:
             raise FileNotFoundError(f"{option}: {name_or_path} has no config.json; it is not a saved model folder.")
         config = read_json(folder / "config.json")
     elif folder.exists():
-        raise NotADirectoryError(f"{option}: {name_or_path} is a file; give the folder of a saved ClipCap model.")
+        raise NotADirectoryError(f"{option}: {name_or_path} is a file; give the folder of a saved model.")
     else:
         config, _ = PretrainedConfig.get_config_dict(name_or_path)
-    model_type = config.get("model_type") if isinstance(config, dict) else None
+    return config if isinstance(config, dict) else {}
+
+
+def check_clipcap_model(name_or_path: str, option: str) -> None:
+    """
+    Refuse, before loading, a folder or Hub name whose `config.json` is not a ClipCap model's, naming it and its type.
+    The config is read as data: no code of the folder runs.
+    """
+    model_type = read_model_config(name_or_path, option).get("model_type")
     if model_type != "clipcap":
         raise ValueError(
             f"{option}: {name_or_path} holds a model of type {model_type!r} (config.json's model_type), not a "
             "ClipCap model; give a ClipCap folder or Hub name."
         )
+
+
+def check_clip_model(name_or_path: str, option: str) -> None:
+    """
+    Refuse, before loading, a folder or Hub name that is not a whole transformers CLIP model (`model_type` "clip"
+    with a text config): a CLIP vision model alone would load as a `CLIPModel` with a random text tower.
+    """
+    config = read_model_config(name_or_path, option)
+    model_type = config.get("model_type")
+    if model_type != "clip" or not config.get("text_config"):
+        kind = "a CLIP model without a text_config" if model_type == "clip" else f"a model of type {model_type!r}"
+        raise ValueError(
+            f"{option}: {name_or_path} holds {kind} (config.json), not a whole CLIP model: scoring captions needs "
+            "both towers. Give a transformers CLIPModel folder or Hub name, such as openai/clip-vit-base-patch32."
+        )
+
+
+def to_device_and_dtype(model, device=None, dtype=None):
+    """`model.to` with only the arguments given: transformers refuses any `dtype` argument, even None, for a
+    bitsandbytes model."""
+    placement = {name: value for name, value in (("device", device), ("dtype", dtype)) if value is not None}
+    return model.to(**placement) if placement else model
 
 
 def load_clipcap(name_or_path: str, option: str = "--model"):
@@ -125,8 +161,6 @@ def load_clipcap(name_or_path: str, option: str = "--model"):
     no code from the folder runs and transformers never asks whether to run it.
     """
     check_clipcap_model(name_or_path, option)
-    folder = Path(name_or_path).expanduser()
-    if folder.is_dir():  # a local folder named with `~`, which transformers does not expand
-        name_or_path = str(folder)
+    name_or_path = local_folder(name_or_path)
     model = ClipCapForConditionalGeneration.from_pretrained(name_or_path, trust_remote_code=False)
     return model, ClipCapProcessor.from_pretrained(name_or_path, trust_remote_code=False)
