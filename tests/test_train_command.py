@@ -74,13 +74,17 @@ def test_each_recipe_trains_exactly_its_parts(tmp_path, parts, caption_folder, r
 
 @pytest.fixture
 def checkpointed_run(tmp_path, saved_model_dir, caption_folder):
-    """A run of two steps that saved a checkpoint after each; returns the arguments that continue it to step 3."""
+    """
+    A run of three steps that saved a checkpoint after each, as if killed after the second (checkpoint-3 removed);
+    returns its output_dir and its arguments, which resume it (a rerun with other arguments is refused).
+    """
     out = tmp_path / "out"
-    every_step = ("--save_strategy", "steps", "--save_steps", "1")
+    every_step = ("--save_strategy", "steps", "--save_steps", "1", "--max_steps", "3")
     arguments = train_arguments(caption_folder, out, tmp_path / "cache", *every_step)
     arguments = ["--model_name_or_path", str(saved_model_dir), *arguments]
     assert main(["train", *arguments]) == 0
-    return out, [*arguments, "--max_steps", "3"]
+    shutil.rmtree(out / "checkpoint-3")
+    return out, arguments
 
 
 @pytest.mark.parametrize(
