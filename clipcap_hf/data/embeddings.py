@@ -445,7 +445,7 @@ def _drop_replaced_files(directory: Path) -> int:
     other rows, which the next run embeds again (never stores twice). Returns how many rows were dropped.
     """
     # Only file keys (`<path>|<size>|<mtime_ns>`, see `image_cache_key`) name a path; `sha256:` keys name the content.
-    # Through 64-bit digests of the paths, as the rest of the pass: 16 bytes per stored image file.
+    # Through 64-bit digests of the paths, as the rest of the pass: 24 bytes per stored image file.
     shards = _complete_shards(directory)
     digests, shard_numbers, rows = [np.empty(0, dtype=np.uint64)], [np.empty(0, dtype=np.int64)], [np.empty(0, int)]
     for number, shard in enumerate(shards):
@@ -457,17 +457,17 @@ def _drop_replaced_files(directory: Path) -> int:
         shard_numbers.append(np.full(len(file_rows), number))
         rows.append(file_rows.to_numpy())
     digests, shard_numbers, rows = np.concatenate(digests), np.concatenate(shard_numbers), np.concatenate(rows)
-    unique, inverse, counts = np.unique(digests, return_inverse=True, return_counts=True)
+    _, inverse, counts = np.unique(digests, return_inverse=True, return_counts=True)
     stale: dict[int, set[int]] = {}  # shard -> its rows to drop
     for entry in np.flatnonzero(counts[inverse.reshape(-1)] > 1):  # a path stored more than once (rare)
         number, row = int(shard_numbers[entry]), int(rows[entry])
         key = _load_shard(shards[number])[row][KEY_COLUMN]
         if key != image_cache_key(key.rsplit("|", 2)[0]):
             stale.setdefault(number, set()).add(row)
-    for number, rows in stale.items():
+    for number, dropped in stale.items():
         shard = shards[number]
         table = _load_shard(shard)
-        kept = table.select([row for row in range(table.num_rows) if row not in rows])
+        kept = table.select([row for row in range(table.num_rows) if row not in dropped])
         replacement = directory / f".tmp-{shard.name}-{uuid.uuid4().hex}"
         aside = directory / f".tmp-{shard.name}-{uuid.uuid4().hex}"
         try:
@@ -577,7 +577,7 @@ def _non_finite_error(records: list[dict[str, Any]], embeddings: torch.Tensor, d
     bad = (~torch.isfinite(embeddings)).any(dim=1).nonzero().flatten().tolist()
     keys = "\n".join(f"  {records[row][KEY_COLUMN]}" for row in bad[:10])
     more = f"\n  ... and {len(bad) - 10} more" if len(bad) > 10 else ""
-    overflow = f" or {dtype} overflows (run the tower in float32)" if dtype in (torch.float16, torch.bfloat16) else ""
+    overflow = " or float16 overflows (run the tower in float32)" if dtype == torch.float16 else ""
     return (
         f"The vision tower gave NaN or infinite embeddings for {len(bad)} of the {len(records)} images of a batch; "
         f"the tower's weights are likely corrupt (check the model checkpoint, load it again){overflow}. That batch "
