@@ -1,5 +1,6 @@
 """Converting the paper's released checkpoints, on synthetic checkpoints with the official key names and shapes."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -352,7 +353,14 @@ def test_written_folder_is_complete(converted, tokenizer):
     assert len(report.dropped_keys) == 2 * N_LAYER
     card = ModelCard.load(folder / "README.md")
     assert (card.data.library_name, card.data.pipeline_tag) == ("transformers", "image-to-text")
-    assert "sha256" in card.text
+    checkpoint = folder.parent / "release.pt"
+    sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert f"sha256 `{sha256}`" in card.text
+    # The record a later `overwrite` reads: every file the conversion wrote besides itself.
+    record = json.loads((folder / "clipcap_conversion.json").read_text())
+    assert record["files"] == sorted(names - {"clipcap_conversion.json"})
+    assert (record["checkpoint"], record["checkpoint_sha256"], record["preset"]) == (
+        "release.pt", sha256, report.preset)
 
 
 def test_an_untied_output_layer_is_kept(tmp_path, tokenizer, local_parts):
@@ -382,7 +390,7 @@ def test_cli_converts_with_options(tmp_path, tokenizer, local_parts, capsys):
     assert main(arguments) == 2
     assert "the number of attention heads cannot be inferred; pass it" in capsys.readouterr().err
     assert main(arguments + ["--lm-num-heads", "0"]) == 2
-    assert "`lm_num_heads` (--lm-num-heads) must be at least 1, got 0" in capsys.readouterr().err
+    assert "argument --lm-num-heads: must be at least 1, got 0" in capsys.readouterr().err
     assert main(arguments + ["--lm-num-heads", "4"]) == 0
     assert "Wrote" in capsys.readouterr().out
     model = AutoModel.from_pretrained(tmp_path / "out").eval()
@@ -623,7 +631,21 @@ def test_an_open_clip_tag_selects_the_open_clip_backend(tmp_path, tokenizer, loc
     with pytest.raises(OSError, match="Could not load the vision model 'ViT-B-32'"):
         convert_original_checkpoint(checkpoint, tmp_path / "out", open_clip_pretrained="laion2b_s34b_b79k",
                                     tokenizer=tokenizer_dir)
-    assert requested == [("ViT-B-32", "open_clip", "openai"), ("ViT-B-32", "open_clip", "laion2b_s34b_b79k")]
+    # The preset's open_clip model named without a tag gets the preset's tag.
+    with pytest.raises(OSError, match="Could not load the vision model 'ViT-B-32'"):
+        convert_original_checkpoint(checkpoint, tmp_path / "out", vision_backend="open_clip", vision_model="ViT-B-32",
+                                    tokenizer=tokenizer_dir)
+    assert requested == [("ViT-B-32", "open_clip", "openai"), ("ViT-B-32", "open_clip", "laion2b_s34b_b79k"),
+                         ("ViT-B-32", "open_clip", "openai")]
+    # Another one has no default tag: the option is named before anything is loaded.
+    assert main(["convert-original", str(checkpoint), "--output", str(tmp_path / "out"), "--vision-backend",
+                 "open_clip", "--vision-model", "ViT-L-14", "--tokenizer", tokenizer_dir]) == 2
+    assert capsys.readouterr().err == (
+        "clipcap convert-original: error: The open_clip model 'ViT-L-14' needs a pretrained tag, which only the "
+        "preset's own open_clip model ('coco-mlp': ViT-B-32) has by default; pass `open_clip_pretrained` "
+        "(--open-clip-pretrained), e.g. openai, or name a 'local-dir:' or 'hf-hub:' model.\n"
+    )
+    assert len(requested) == 3
     assert_nothing_written(tmp_path / "out")
 
 
@@ -680,13 +702,33 @@ def test_existing_output_needs_overwrite(tmp_path, tokenizer, local_parts):
     checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
     output = tmp_path / "out"
     convert_original_checkpoint(checkpoint, output, **local_parts["mlp"])
-    (output / "old.txt").write_text("old")
+    card = (output / "README.md").read_text()
+    (output / "README.md").write_text("edited")
+    (output / "generation_config.json").unlink()
     with pytest.raises(ValueError, match="already exists; remove it or pass overwrite=True"):
         convert_original_checkpoint(checkpoint, output, **local_parts["mlp"])
-    assert (output / "old.txt").exists()
+    assert (output / "README.md").read_text() == "edited"
+    # The earlier conversion's files, edited or removed since, are replaced.
     convert_original_checkpoint(checkpoint, output, overwrite=True, **local_parts["mlp"])
-    assert not (output / "old.txt").exists() and (output / "model.safetensors").exists()
+    assert (output / "README.md").read_text() == card and (output / "generation_config.json").exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "release.pt"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_empty_output_folder_is_written_as_a_new_one(tmp_path, tokenizer, local_parts, overwrite):
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    (tmp_path / "out").mkdir()
+    convert_original_checkpoint(checkpoint, tmp_path / "out", overwrite=overwrite, **local_parts["mlp"])
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "release.pt"]
+
+
+def test_a_file_as_the_output_is_refused(tmp_path, tokenizer, local_parts):
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    (tmp_path / "out").write_text("notes")
+    with pytest.raises(NotADirectoryError, match=r"out is a file; name a folder to write the converted model to"):
+        convert_original_checkpoint(checkpoint, tmp_path / "out", overwrite=True, **local_parts["mlp"])
+    assert (tmp_path / "out").read_text() == "notes"
 
 
 def test_overwrite_replaces_only_an_earlier_conversion(tmp_path, tokenizer, local_parts, monkeypatch, capsys):
@@ -694,7 +736,8 @@ def test_overwrite_replaces_only_an_earlier_conversion(tmp_path, tokenizer, loca
     other = tmp_path / "photos"
     other.mkdir()
     (other / "keep.jpg").write_text("keep")
-    with pytest.raises(ValueError, match=r"only replaces an earlier ClipCap conversion, and .*photos/config\.json"):
+    with pytest.raises(ValueError, match=r"photos: .* only replaces a folder that an earlier conversion wrote, and it "
+                                         r"has no clipcap_conversion\.json .*; it holds 'keep\.jpg'\. Remove it"):
         convert_original_checkpoint(checkpoint, other, overwrite=True, **local_parts["mlp"])
     converted = tmp_path / "converted"
     convert_original_checkpoint(checkpoint, converted, **local_parts["mlp"])
@@ -708,6 +751,49 @@ def test_overwrite_replaces_only_an_earlier_conversion(tmp_path, tokenizer, loca
         assert main(arguments) == 2
         assert "it is the current folder or one of its parents" in capsys.readouterr().err
     assert (other / "keep.jpg").exists() and (converted / "release.pt").exists() and checkpoint.exists()
+
+
+def test_overwrite_keeps_a_training_output_that_holds_a_clipcap_model(tmp_path, tokenizer, local_parts, capsys):
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    trained = tmp_path / "trained"
+    convert_original_checkpoint(checkpoint, trained, **local_parts["mlp"])
+    (trained / "clipcap_conversion.json").unlink()  # a ClipCap model saved by training, not by a conversion
+    (trained / "checkpoint-500").mkdir()
+    (trained / "checkpoint-500" / "model.safetensors").write_text("weights")
+    (trained / "notes.txt").write_text("notes")
+    before = sorted(path.name for path in trained.iterdir())
+    arguments = ["convert-original", str(checkpoint), "--output", str(trained), "--overwrite", "--vision-model",
+                 local_parts["mlp"]["vision_model"], "--tokenizer", local_parts["mlp"]["tokenizer"]]
+    assert main(arguments) == 2
+    assert re.search(rf"Refusing to replace {re.escape(str(trained))}: .* no clipcap_conversion\.json .*; it holds "
+                     r"'README\.md', .*'checkpoint-500', .* and \d+ more\. Remove it", capsys.readouterr().err)
+    # An earlier conversion that something else was put into since is refused too, naming what was added.
+    converted = tmp_path / "converted"
+    convert_original_checkpoint(checkpoint, converted, **local_parts["mlp"])
+    (converted / "notes.txt").write_text("notes")
+    (converted / "eval").mkdir()
+    arguments[3] = str(converted)
+    assert main(arguments) == 2
+    assert capsys.readouterr().err.endswith(
+        f"clipcap convert-original: error: Refusing to replace {converted}: it holds 'eval', 'notes.txt', which the "
+        "earlier conversion did not write and replacing the folder would delete. Move them elsewhere or choose "
+        "another folder.\n"
+    )
+    assert sorted(path.name for path in trained.iterdir()) == before
+    assert (trained / "checkpoint-500" / "model.safetensors").read_text() == "weights"
+    assert (converted / "notes.txt").exists() and (converted / "eval").is_dir()
+
+
+def test_mapping_num_heads_is_used_as_given(tmp_path, tokenizer, local_parts, capsys):
+    checkpoint = save_release(make_original("transformer", tokenizer), tmp_path / "release.pt")
+    arguments = ["convert-original", str(checkpoint), "--output", str(tmp_path / "out"), "--vision-model",
+                 local_parts["transformer"]["vision_model"], "--tokenizer", local_parts["transformer"]["tokenizer"]]
+    assert main(arguments + ["--mapping-num-heads", "0"]) == 2
+    assert capsys.readouterr().err.endswith("error: argument --mapping-num-heads: must be at least 1, got 0\n")
+    # Not replaced by the default of 8 heads.
+    with pytest.raises(ValueError, match="`mapping_num_heads` must be a positive integer, got 0"):
+        convert_original_checkpoint(checkpoint, tmp_path / "out", mapping_num_heads=0, **local_parts["transformer"])
+    assert_nothing_written(tmp_path / "out")
 
 
 def test_a_failed_swap_keeps_the_earlier_conversion(tmp_path, tokenizer, local_parts, monkeypatch):

@@ -6,6 +6,7 @@ import argparse
 
 from ..configuration_clipcap import VISION_BACKENDS
 from ..conversion.convert_original import PRESETS, convert_original_checkpoint
+from ._utils import positive_int
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,15 +21,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="CLIP checkpoint name or folder; or open_clip model name (with --open-clip-pretrained), "
                              "local-dir:PATH or hf-hub:REPO (default: the preset's).")
     parser.add_argument("--open-clip-pretrained", default=None,
-                        help="open_clip pretrained tag, e.g. openai (default: the preset's); selects the open_clip "
-                             "backend.")
+                        help="open_clip pretrained tag, e.g. openai; selects the open_clip backend. Default: the "
+                             "preset's, when --vision-model is not given or names the preset's open_clip model (e.g. "
+                             "ViT-B-32 for the MLP releases); another open_clip model name needs it.")
     parser.add_argument("--tokenizer", default="gpt2", help="Tokenizer name or folder (default: gpt2).")
     parser.add_argument("--normalize-prefix", action=argparse.BooleanOptionalAction, default=None,
                         help="Override the preset's CLIP embedding normalisation.")
-    parser.add_argument("--mapping-num-heads", type=int, default=None, help="Transformer mapper heads (default 8).")
-    parser.add_argument("--lm-num-heads", type=int, default=None, help="GPT-2 heads (default: width / 64).")
+    parser.add_argument("--mapping-num-heads", type=positive_int, default=None,
+                        help="Transformer mapper heads (default 8).")
+    parser.add_argument("--lm-num-heads", type=positive_int, default=None, help="GPT-2 heads (default: width / 64).")
     parser.add_argument("--overwrite", action="store_true",
-                        help="Replace an output folder that an earlier conversion wrote.")
+                        help="Replace an output folder that an earlier conversion wrote, if it holds nothing else "
+                             "(an empty folder is written without it).")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,7 +5,8 @@ The releases are `torch.save(ClipCaptionModel.state_dict())` pickles: `clip_proj
 `gpt.*` (a GPT-2 `GPT2LMHeadModel`). They record neither the CLIP they were trained with nor decoding settings; a
 preset supplies those. The converter checks every key and shape, checks that the converted model computes what the
 original code computes from the same tensors, and only then writes a complete folder (config, safetensors weights,
-processor, generation config, model card stub) that `from_pretrained` and `push_to_hub` take as is.
+processor, generation config, model card stub, a record of the conversion) that `from_pretrained` and
+`push_to_hub` take as is.
 
     clipcap convert-original coco_weights.pt --output clipcap-coco-mlp --preset coco-mlp
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import json
 import pickle
 import re
 import secrets
@@ -22,6 +24,7 @@ import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +36,7 @@ from ..image_processing_clipcap import ClipCapImageProcessor
 from ..modeling_clipcap import ClipCapForConditionalGeneration, load_pretrained_vision_model
 from ..open_clip_vision import OPEN_CLIP_SCHEMAS
 from ..processing_clipcap import ClipCapProcessor
-from ..utils.file_utils import holds_clipcap_model, save_pretrained
+from ..utils.file_utils import read_json, save_pretrained
 from ..utils.loading import hub_unreachable
 
 # Attention-mask buffers that GPT-2 saved in its state dict in old transformers versions; current ones have none.
@@ -49,6 +52,9 @@ ORIGINAL_PREFIXES = {"mapping_network.": "clip_project.", "language_model.": "gp
 # GPT-2's tensors with a row per token, which the image token lengthens by one row.
 VOCABULARY_KEYS = frozenset({"gpt.transformer.wte.weight", "gpt.lm_head.weight"})
 OFFICIAL_CODE_URL = "https://github.com/rmokady/CLIP_prefix_caption"
+# What a conversion writes beside the model: the source and the list of the files it wrote, which is how `overwrite`
+# knows a folder it may replace.
+CONVERSION_RECORD = "clipcap_conversion.json"
 
 
 @dataclass(frozen=True)
@@ -282,10 +288,14 @@ def _check_keys_and_shapes(
         )
 
 
-def _listing(keys: list[str], limit: int = 5) -> str:
-    shown = ", ".join(repr(key) for key in keys[:limit])
-    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
-    return f"key{'s' if len(keys) > 1 else ''} {shown}{more}"
+def _listing(keys: list[str]) -> str:
+    return f"key{'s' if len(keys) > 1 else ''} {_names(keys)}"
+
+
+def _names(names: list[str], limit: int = 5) -> str:
+    """The first `limit` of `names`, quoted, and how many more there are."""
+    shown = ", ".join(repr(name) for name in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def _to_original_name(name: str) -> str:
@@ -436,8 +446,9 @@ def convert_original_checkpoint(
             The vision tower, instead of the preset's: a CLIP checkpoint name or folder (`"clip"`), or an open_clip
             model name, `"local-dir:PATH"` or `"hf-hub:ORG/REPO"` (`"open_clip"`).
         open_clip_pretrained (`str`, *optional*):
-            The open_clip pretrained tag for a built-in open_clip model name (the preset's: `"openai"`); selects the
-            open_clip backend.
+            The open_clip pretrained tag for a built-in open_clip model name; selects the open_clip backend. Defaults
+            to the preset's (`"openai"`) when `vision_model` is not given or names the preset's open_clip model;
+            another built-in name needs it.
         tokenizer (`str`, *optional*, defaults to `"gpt2"`):
             The tokenizer name or folder.
         normalize_prefix (`bool`, *optional*):
@@ -447,8 +458,9 @@ def convert_original_checkpoint(
         lm_num_heads (`int`, *optional*):
             GPT-2's head count, for a non-standard LM width (defaults to `n_embd // 64`).
         overwrite (`bool`, *optional*, defaults to `False`):
-            Replace an existing `output_dir` that is an earlier conversion (its `config.json` says model_type
-            `"clipcap"`); never the current folder, one of its parents or a folder holding `checkpoint`.
+            Replace an existing `output_dir` that an earlier conversion wrote and that holds nothing else (its
+            `clipcap_conversion.json` lists what it wrote); never the current folder, one of its parents or a folder
+            holding `checkpoint`. An empty `output_dir` is written without it.
         tolerance (`float`, *optional*, defaults to 1e-4):
             Largest |logit difference| allowed between the converted model and the original computation.
 
@@ -487,7 +499,9 @@ def convert_original_checkpoint(
     else:
         backend = backend or release.vision_tower(preset)[0]
         vision_name, vision_tag = vision_model, open_clip_pretrained
-    num_heads = mapping_num_heads or release.mapping_num_heads
+        if backend == "open_clip" and vision_tag is None and not vision_name.startswith(OPEN_CLIP_SCHEMAS):
+            vision_tag = _preset_open_clip_tag(preset, release, vision_name)
+    num_heads = release.mapping_num_heads if mapping_num_heads is None else mapping_num_heads
 
     # The tokenizer first: it is small, and checked against the checkpoint before the vision tower is downloaded.
     with _naming_failed_part("tokenizer", tokenizer, "`tokenizer` (--tokenizer)"):
@@ -551,16 +565,32 @@ def convert_original_checkpoint(
         pad_token_id=eos_token_id,
         max_new_tokens=ORIGINAL_MAX_NEW_TOKENS,
     )
-    card = _model_card(Path(checkpoint), preset, release, config, vision_name, vision_tag, delta, stop_token_ids[0])
+    checkpoint_sha256 = _sha256(Path(checkpoint))
+    card = _model_card(Path(checkpoint), checkpoint_sha256, preset, release, config, vision_name, vision_tag, delta,
+                       stop_token_ids[0])
+    record = {"checkpoint": Path(checkpoint).name, "checkpoint_sha256": checkpoint_sha256, "preset": preset,
+              "max_logits_delta": delta}
     _write_atomically(
         output_dir,
         model,
         processor,
         card,
-        overwrite,
+        record,
         verify=lambda folder: _check_reload(folder, model, tolerance, pixel_values, source_image_embeds),
     )
     return ConversionReport(output_dir, preset, config, dropped_keys, delta)
+
+
+def _preset_open_clip_tag(preset: str, release: OriginalRelease, model_name: str) -> str:
+    """The pretrained tag of a built-in open_clip `model_name`: the preset's, if it is the preset's open_clip model."""
+    preset_name, preset_tag = release.vision_models.get("open_clip", (None, None))
+    if model_name != preset_name or preset_tag is None:
+        raise ValueError(
+            f"The open_clip model {model_name!r} needs a pretrained tag, which only the preset's own open_clip model "
+            f"({preset!r}: {preset_name or 'none'}) has by default; pass `open_clip_pretrained` "
+            "(--open-clip-pretrained), e.g. openai, or name a 'local-dir:' or 'hf-hub:' model."
+        )
+    return preset_tag
 
 
 def _fail_if_unreachable(name: str, filenames: tuple[str, ...]) -> None:
@@ -618,8 +648,17 @@ def _original_stop_token_ids(tokenizer, tokenizer_name: str, gpt2_config: GPT2Co
 
 
 def _check_output_dir(output_dir: Path, checkpoint: Path, overwrite: bool) -> None:
-    """An existing `output_dir` is replaced only with `overwrite`, and only if it is an earlier conversion."""
+    """
+    A new or empty `output_dir` is written. An existing one is replaced only with `overwrite`, and only if an earlier
+    conversion wrote it and nothing else was put there since: a folder that merely holds a ClipCap model may be a
+    training run's, with checkpoints and notes that replacing it would delete.
+    """
     if not output_dir.exists():
+        return
+    if not output_dir.is_dir():
+        raise NotADirectoryError(f"{output_dir} is a file; name a folder to write the converted model to.")
+    entries = sorted(child.name for child in output_dir.iterdir())
+    if not entries:  # e.g. made beforehand: as good as a new folder
         return
     if not overwrite:
         raise ValueError(f"{output_dir} already exists; remove it or pass overwrite=True (--overwrite).")
@@ -628,12 +667,30 @@ def _check_output_dir(output_dir: Path, checkpoint: Path, overwrite: bool) -> No
         raise ValueError(f"Refusing to replace {output_dir}: it is the current folder or one of its parents.")
     if resolved in checkpoint.resolve().parents:
         raise ValueError(f"Refusing to replace {output_dir}: it holds the checkpoint {checkpoint}.")
-    if not holds_clipcap_model(output_dir):
+    written = _files_written_by_conversion(output_dir)
+    if written is None:
         raise ValueError(
-            f"Refusing to replace {output_dir}: overwrite=True (--overwrite) only replaces an earlier ClipCap "
-            f"conversion, and {output_dir / 'config.json'} does not say model_type 'clipcap'. Remove it yourself or "
-            "choose another folder."
+            f"Refusing to replace {output_dir}: overwrite=True (--overwrite) only replaces a folder that an earlier "
+            f"conversion wrote, and it has no {CONVERSION_RECORD} (the conversion's list of its files); it holds "
+            f"{_names(entries)}. Remove it yourself or choose another folder."
         )
+    unexpected = [name for name in entries if name not in written]
+    if unexpected:
+        raise ValueError(
+            f"Refusing to replace {output_dir}: it holds {_names(unexpected)}, which the earlier conversion did not "
+            "write and replacing the folder would delete. Move them elsewhere or choose another folder."
+        )
+
+
+def _files_written_by_conversion(folder: Path) -> set[str] | None:
+    """The names that the conversion which wrote `folder` put there, from its record; None without a valid record."""
+    try:
+        files = read_json(folder / CONVERSION_RECORD)["files"]
+    except (OSError, ValueError, TypeError, KeyError):  # no record, not JSON, not the record's shape
+        return None
+    if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
+        return None
+    return {*files, CONVERSION_RECORD}
 
 
 def _write_atomically(
@@ -641,13 +698,14 @@ def _write_atomically(
     model: ClipCapForConditionalGeneration,
     processor: ClipCapProcessor,
     card: str,
-    overwrite: bool,
+    record: dict[str, Any],
     verify: Callable[[Path], None],
 ) -> None:
     """
-    Write into a temporary folder next to `output_dir`, `verify` it, then rename it into place. An earlier conversion
-    is renamed aside first and deleted last, so that a failure leaves it in place; parent folders created here are
-    removed again on failure.
+    Write into a temporary folder next to `output_dir`, with the model card and `record` (to which the list of the
+    folder's files is added, for a later `overwrite`), `verify` it, then rename it into place. An existing
+    `output_dir` (an earlier conversion, or an empty folder) is renamed aside first and deleted last, so that a
+    failure leaves it in place; parent folders created here are removed again on failure.
     """
     created_parents = [parent for parent in output_dir.parents if not parent.exists()]  # deepest first
     # A plain mkdir, so that the folder gets the umask's permissions (tempfile.mkdtemp would make it private).
@@ -657,8 +715,11 @@ def _write_atomically(
         staging.mkdir(parents=True)
         save_pretrained(staging, model, processor)
         (staging / "README.md").write_text(card, encoding="utf-8")
+        files = sorted(child.name for child in staging.iterdir())
+        (staging / CONVERSION_RECORD).write_text(json.dumps({**record, "files": files}, indent=2) + "\n",
+                                                 encoding="utf-8")
         verify(staging)
-        if overwrite and output_dir.exists():
+        if output_dir.exists():  # checked by `_check_output_dir`: empty, or replaced with `overwrite`
             output_dir.rename(aside)
         staging.rename(output_dir)
     except BaseException:
@@ -712,6 +773,7 @@ def _sha256(path: Path) -> str:
 
 def _model_card(
     checkpoint: Path,
+    checkpoint_sha256: str,
     preset: str,
     release: OriginalRelease,
     config: ClipCapConfig,
@@ -743,7 +805,7 @@ datasets:
 The `{preset}` checkpoint of [ClipCap: CLIP Prefix for Image Captioning](https://arxiv.org/abs/2111.09734)
 ({OFFICIAL_CODE_URL}), converted with `clipcap convert-original` from the `clipcap_hf` package.
 
-- Source file: `{checkpoint.name}`, sha256 `{_sha256(checkpoint)}`
+- Source file: `{checkpoint.name}`, sha256 `{checkpoint_sha256}`
 - CLIP image encoder: {tower}; prefix normalisation: {config.normalize_prefix}
 - Mapping network: {mapper}
 - Language model: GPT-2, {config.text_config.n_layer} layers, width {config.text_config.n_embd}
