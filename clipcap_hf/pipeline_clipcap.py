@@ -2,9 +2,38 @@
 
 from __future__ import annotations
 
+import itertools
+from collections.abc import Iterable, Iterator, Sized
+from typing import Any
+
 from transformers import AutoModelForImageTextToText, GenerationConfig
 from transformers.image_utils import is_valid_image
 from transformers.pipelines import PIPELINE_REGISTRY, ImageTextToTextPipeline
+
+
+def _is_one_input(value: Any) -> bool:
+    """An image (PIL, array, path or URL) or an `{"images": ..., "text": ...}` dict."""
+    return isinstance(value, str) or is_valid_image(value) or (isinstance(value, dict) and "images" in value)
+
+
+def _as_item(image: Any, prompt: str) -> dict[str, Any]:
+    """The `{"images", "text"}` item image-text-to-text preprocesses; a dict keeps its own text if it has one."""
+    return {"text": prompt, **image} if isinstance(image, dict) else {"images": image, "text": prompt}
+
+
+def _one_item_per_image(images: Iterable, text: str | list[str] | None) -> Iterator[dict[str, Any]]:
+    """An item per image: `text` is one prompt for every image (None: no prompt) or a list of one per image."""
+    if isinstance(text, (list, tuple)):
+        if not isinstance(images, Sized) or len(text) != len(images):
+            count = len(images) if isinstance(images, Sized) else "a stream of"
+            raise ValueError(
+                f"Got {len(text)} prompts for {count} images: give one prompt per image in a list of the images' "
+                "length, or one prompt (a string) for all of them."
+            )
+        prompts = text
+    else:
+        prompts = itertools.repeat("" if text is None else text)
+    return (_as_item(image, prompt) for image, prompt in zip(images, prompts))
 
 
 class ImageCaptioningPipeline(ImageTextToTextPipeline):
@@ -13,7 +42,11 @@ class ImageCaptioningPipeline(ImageTextToTextPipeline):
 
     transformers 5 routes the "image-to-text" task to "image-text-to-text", which asks for a text argument. This
     task fills in an empty prompt, so `pipeline("image-captioning", model=...)(image)` needs nothing else; a
-    `text=` prompt is still passed through for the caption to continue.
+    `text=` prompt (one for all images, or a list with one per image) is still passed through for the caption to
+    continue.
+
+    One image gives a list of captions (`num_return_sequences` of them, one by default). A list of images, a generator
+    or a dataset gives one such list per image, in `batch_size` batches: a list at once, the others as an iterator.
 
     Example:
 
@@ -23,6 +56,9 @@ class ImageCaptioningPipeline(ImageTextToTextPipeline):
     >>> captioner = pipeline("image-captioning", model="path/to/clipcap")
     >>> captioner("photo.jpg", max_new_tokens=20)
     [{'input_text': '', 'generated_text': 'A dog runs on the beach.'}]
+    >>> captioner(["photo.jpg", "cat.jpg"], max_new_tokens=20, batch_size=8)
+    [[{'input_text': '', 'generated_text': 'A dog runs on the beach.'}],
+     [{'input_text': '', 'generated_text': 'A cat sleeps on a sofa.'}]]
     ```
     """
 
@@ -30,15 +66,49 @@ class ImageCaptioningPipeline(ImageTextToTextPipeline):
     # 256-token default would override it on transformers 4.x.)
     _default_generation_config = GenerationConfig()
 
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # The collator of batch_size > 1 pads prompts on the tokenizer's side, and a caption continues a prompt's last
+        # token: left, as transformers 5 sets it itself for decoder-only models (4.57 right-pads them).
+        if self.tokenizer is not None and not getattr(self.model.config, "is_encoder_decoder", False):
+            self.tokenizer.padding_side = "left"
+
     def __call__(self, images=None, text=None, **kwargs):
-        if images is not None and text is None and not isinstance(images, dict):  # a dict holds its own text
-            if isinstance(images, str) or is_valid_image(images):
-                text = ""
-            elif isinstance(images, (list, tuple)):
-                text = [""] * len(images)
-            else:  # a generator or a dataset of images, streamed as image-text-to-text reads them
-                images = ({"images": image, "text": ""} for image in images)
-        return super().__call__(images=images, text=text, **kwargs)
+        if kwargs.get("generate_kwargs") is not None:  # transformers 4.57 writes max_new_tokens into the caller's dict
+            kwargs["generate_kwargs"] = dict(kwargs["generate_kwargs"])
+        if images is None:  # text-only generation, as image-text-to-text does it
+            return super().__call__(images=images, text=text, **kwargs)
+        if _is_one_input(images):
+            return super().__call__(_as_item(images, "" if text is None else text), **kwargs)
+        is_list = isinstance(images, (list, tuple))
+        if is_list and not all(_is_one_input(image) for image in images):  # chats, and what it refuses
+            return super().__call__(images=images, text=text, **kwargs)
+        # A list, a generator or a dataset goes through image-text-to-text's generator path, an item per image.
+        outputs = super().__call__(_one_item_per_image(images, text), **kwargs)
+        return list(outputs) if is_list else outputs  # a list at once, the others lazily
+
+    def _forward(self, model_inputs, generate_kwargs=None):
+        outputs = super()._forward(model_inputs, generate_kwargs)
+        # Sequences grouped per input, (inputs, sequences per input, length), so that a batch splits into its inputs
+        # with all their num_return_sequences sequences; transformers 5 does so only when there are several.
+        sequences, input_ids = outputs["generated_sequence"], outputs["input_ids"]
+        if sequences.ndim == 2:
+            outputs["generated_sequence"] = sequences.reshape(len(input_ids), -1, sequences.shape[-1])
+        return outputs
+
+    def postprocess(self, model_outputs, **kwargs):
+        # One prompt (and its ids) per sequence: transformers 4.57's postprocess pairs them one to one.
+        sequences = model_outputs["generated_sequence"]
+        per_input = sequences.shape[1]
+        prompts = model_outputs["prompt_text"]
+        prompts = prompts if isinstance(prompts, (list, tuple)) else [prompts]
+        model_outputs = {
+            **model_outputs,
+            "generated_sequence": sequences.flatten(0, 1),
+            "prompt_text": [prompt for prompt in prompts for _ in range(per_input)],
+            "input_ids": model_outputs["input_ids"].repeat_interleave(per_input, dim=0),
+        }
+        return super().postprocess(model_outputs, **kwargs)
 
 
 PIPELINE_REGISTRY.register_pipeline(

@@ -129,11 +129,67 @@ def test_pipeline_defaults_equal_generate_defaults(saved_model_dir, task, quiet_
     assert [captioner(images=image, **kwargs)[0]["generated_text"].strip() for image in images] == expected
 
 
-def test_image_captioning_pipeline_takes_an_image_alone_and_batches(saved_model_dir):
+def generate_batch_sizes(captioner, monkeypatch):
+    """The batch size of every generate call the pipeline makes from now on."""
+    sizes, generate = [], captioner.model.generate
+
+    def counting_generate(**inputs):
+        sizes.append(len(inputs["pixel_values"]))
+        return generate(**inputs)
+
+    monkeypatch.setattr(captioner.model, "generate", counting_generate)
+    return sizes
+
+
+def test_image_captioning_pipeline_takes_an_image_alone_and_batches_lists(saved_model_dir, monkeypatch):
     images = random_images(3, seed=5)
     expected = captions_from_generate(saved_model_dir, images, max_new_tokens=6)
     captioner = pipeline("image-captioning", model=str(saved_model_dir))
-    assert [out["generated_text"] for out in captioner(images, max_new_tokens=6)] == expected
+    assert captioner(images[0], max_new_tokens=6) == [{"input_text": "", "generated_text": expected[0]}]
+    assert captioner({"images": images[1]}, max_new_tokens=6) == [{"input_text": "", "generated_text": expected[1]}]
+    batch_sizes = generate_batch_sizes(captioner, monkeypatch)
+    # A list gives one list of captions per image, as transformers' image-to-text pipeline does, batch by batch.
+    outputs = captioner(images, max_new_tokens=6, batch_size=2)
+    assert outputs == [[{"input_text": "", "generated_text": caption}] for caption in expected]
+    assert batch_sizes == [2, 1]
+
+
+@pytest.mark.parametrize("as_generator", [False, True])
+def test_image_captioning_pipeline_gives_every_image_its_return_sequences(saved_model_dir, as_generator):
+    images = random_images(3, seed=7)
+    settings = {"num_beams": 3, "num_return_sequences": 2}
+    expected = captions_from_generate(saved_model_dir, images, max_new_tokens=5, **settings)
+    captioner = pipeline("image-captioning", model=str(saved_model_dir))
+    source = (image for image in images) if as_generator else images
+    outputs = list(captioner(source, max_new_tokens=5, generate_kwargs=settings, batch_size=2))
+    assert [[output["generated_text"] for output in per_image] for per_image in outputs] == [
+        expected[0:2], expected[2:4], expected[4:6]
+    ]
+    assert captioner(images[0], max_new_tokens=5, generate_kwargs=settings) == [
+        {"input_text": "", "generated_text": caption} for caption in expected[0:2]
+    ]
+
+
+def test_image_captioning_pipeline_prompts_every_image_of_a_list(saved_model_dir):
+    images = random_images(3, seed=8)
+    model = ClipCapForConditionalGeneration.from_pretrained(saved_model_dir).eval()
+    processor = ClipCapProcessor.from_pretrained(saved_model_dir)
+
+    def continuation(image, prompt):
+        inputs = processor(images=[image], text=prompt)
+        generated = model.generate(**inputs, max_new_tokens=4)[:, inputs["input_ids"].shape[1]:]
+        return prompt + processor.decode(generated[0], skip_special_tokens=True)
+
+    captioner = pipeline("image-captioning", model=str(saved_model_dir))
+    for prompts in ("A", ["A", "The", "A"]):
+        per_image = prompts if isinstance(prompts, list) else [prompts] * 3
+        outputs = captioner(images, text=prompts, max_new_tokens=4, batch_size=2)
+        assert outputs == [
+            [{"input_text": prompt, "generated_text": continuation(image, prompt)}]
+            for image, prompt in zip(images, per_image)
+        ]
+    with pytest.raises(ValueError, match="Got 2 prompts for 3 images: give one prompt per image"):
+        captioner(images, text=["A", "The"])
 
 
 def test_image_captioning_pipeline_streams_generators_and_datasets(saved_model_dir):
@@ -141,7 +197,8 @@ def test_image_captioning_pipeline_streams_generators_and_datasets(saved_model_d
     expected = captions_from_generate(saved_model_dir, images, max_new_tokens=6)
     captioner = pipeline("image-captioning", model=str(saved_model_dir))
     dataset = datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
-    for source in ((image for image in images), KeyDataset(dataset, "image")):
+    sources = [(image for image in images), KeyDataset(dataset, "image"), ({"images": image} for image in images)]
+    for source in sources:
         outputs = captioner(source, max_new_tokens=6, batch_size=2)
         assert [output[0]["generated_text"] for output in outputs] == expected
 
