@@ -314,3 +314,59 @@ def test_interpret_gallery_of_one_model(saved_words_model, tmp_path):
     page = gallery.read_text()
     assert re.findall(r"<th>(.*?)</th>", page) == ["Image", f"caption ({folder})", f"prefix ({folder})"]
     assert re.findall(r'<td class="column">(.*?)</td>', page) == [html.escape("' do' 'at' '!' 'A'")]
+
+
+def test_interpret_gallery_and_json_keep_an_unreadable_image_in_its_place(two_word_models, tmp_path, capsys):
+    folder, other_folder, image_path = two_word_models
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    gallery = tmp_path / "prefixes.html"
+    assert main(["interpret", str(broken), str(image_path), "--model", str(folder), "--compare", str(other_folder),
+                 "--top-k", "1", "--json", "--gallery", str(gallery)]) == 2
+    unreadable, result = json.loads(capsys.readouterr().out)
+    error = f"Cannot read image {broken}: cannot identify image file '{broken}'"
+    # With --compare, the key that holds a readable image's result ("models") is null, as docs/cli.md says.
+    assert unreadable == {"image": str(broken), "models": None, "error": error}
+    assert result["image"] == str(image_path)
+    page = gallery.read_text()
+    assert "<p class=\"summary\">2 images." in page
+    assert re.findall(r'<div class="unreadable"><strong>(.*?)</strong><p>(.*?)</p></div>', page) == [
+        (html.escape(str(broken)), html.escape(error))
+    ]
+    assert re.findall(r'<td class="column">(.*?)</td>', page) == [
+        "", "", "", html.escape("' do' 'at' '!' 'A'"), html.escape(_greedy_caption(other_folder, image_path)),
+        html.escape("'A' '!' 'at' ' do'"),
+    ]
+
+
+@pytest.mark.parametrize("with_gallery", [False, True])
+def test_interpret_holds_one_decoded_image_at_a_time(saved_words_model, tmp_path, monkeypatch, with_gallery):
+    import gc
+    import weakref
+
+    import clipcap_hf.commands.interpret as interpret_command
+    import clipcap_hf.evaluation.gallery as gallery_module
+
+    folder, image_path, _ = saved_words_model
+    paths = [tmp_path / f"{index}.png" for index in range(4)]
+    for path, image in zip(paths, random_images(4, seed=5)):
+        image.save(path)
+    loaded, alive_at_each_load = [], []
+    real_load_image = interpret_command.load_image
+
+    def tracked_load_image(path):
+        gc.collect()
+        # The image before this one is still bound to the loop's variable; none before it may be held.
+        alive_at_each_load.append(sum(reference() is not None for reference in loaded[:-1]))
+        image = real_load_image(path)
+        loaded.append(weakref.ref(image))
+        return image
+
+    monkeypatch.setattr(interpret_command, "load_image", tracked_load_image)
+    written = []
+    monkeypatch.setattr(gallery_module, "write_gallery", lambda records, path, **kwargs: written.append(records))
+    gallery = ["--gallery", str(tmp_path / "prefixes.html")] if with_gallery else []
+    assert main(["interpret", *map(str, paths), "--model", str(folder), "--top-k", "1", *gallery]) == 0
+    assert alive_at_each_load == [0, 0, 0, 0]
+    # The gallery is given the files, which it reads again for the thumbnails.
+    assert [[record["image"] for record in records] for records in written] == ([paths] if with_gallery else [])

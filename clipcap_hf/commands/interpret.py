@@ -78,7 +78,9 @@ def run(args: argparse.Namespace) -> int:
         models.append((name, model.to(device).eval(), processor))
     comparing = len(models) > 1
 
-    results, errors, readings = [], [], []
+    # The gallery's rows: paths, not images (it reads each image again for its thumbnail, as `clipcap caption`'s
+    # does), so that a long run holds one decoded image at a time.
+    results, errors, gallery_rows = [], [], []
     try:
         for path in paths:
             try:
@@ -86,10 +88,13 @@ def run(args: argparse.Namespace) -> int:
             except ValueError as error:  # like `clipcap caption`: named at the end, the other images still run
                 errors.append(str(error))
                 results.append({"image": str(path), ("models" if comparing else "prefix"): None, "error": str(error)})
+                if args.gallery:  # shown with its name and the error
+                    gallery_rows.append((path, []))
                 continue
             image_readings = [_read(name, model, processor, image, args.top_k, caption=comparing or bool(args.gallery))
                               for name, model, processor in models]
-            readings.append((path, image, image_readings))
+            if args.gallery:
+                gallery_rows.append((path, image_readings))
             results.append(_json_result(path, image_readings, comparing))
             if not args.json:
                 text = _side_by_side(image_readings) if comparing else image_readings[0].interpretation.format()
@@ -98,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
         if args.json:  # also when the run fails: the results before it are kept, as valid JSON
             json.dump(results, sys.stdout, indent=2, ensure_ascii=not stdout_is_utf8())
             sys.stdout.write("\n")
-        if args.gallery and readings:
-            _write_gallery(args.gallery, readings, names)
+        if args.gallery and gallery_rows:
+            _write_gallery(args.gallery, gallery_rows, names)
     if errors:
         raise UnreadableImagesError(errors, len(paths))
     return 0
@@ -147,20 +152,24 @@ def _side_by_side(readings: list[_Reading]) -> str:
     return "\n".join(lines)
 
 
-def _write_gallery(
-    path: str, readings: list[tuple[Path, PIL.Image.Image, list[_Reading]]], names: list[str]
-) -> None:
-    """The HTML page: each image, the first model's caption, then each model's prefix words and the others' captions."""
+def _write_gallery(path: str, rows: list[tuple[Path, list[_Reading]]], names: list[str]) -> None:
+    """
+    The HTML page: each image, the first model's caption, then each model's prefix words and the others' captions.
+    An image without readings (unreadable) shows its name and the error in place of the thumbnail.
+    """
     from ..evaluation.gallery import write_gallery
 
     records = []
-    for image_path, image, image_readings in readings:
+    for image_path, image_readings in rows:
+        if not image_readings:
+            records.append({"image": image_path, "caption": ""})
+            continue
         first, *others = image_readings
         columns = {f"prefix ({first.model})": _prefix_words(first.interpretation)}
         for reading in others:
             columns[f"caption ({reading.model})"] = reading.caption
             columns[f"prefix ({reading.model})"] = _prefix_words(reading.interpretation)
-        records.append({"image": image, "name": str(image_path), "caption": first.caption, "columns": columns})
+        records.append({"image": image_path, "caption": first.caption, "columns": columns})
     title = "Prefix interpretability: " + " vs ".join(names)
     written = write_gallery(records, path, title=title, caption_title=f"caption ({names[0]})")
     print(f"Gallery: {written}", file=sys.stderr)
