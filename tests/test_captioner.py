@@ -79,20 +79,21 @@ def test_unreadable_rows_raise_naming_the_key_or_are_skipped(captioning, caplog)
     assert output["caption"][1] is None
 
 
-def test_missing_or_wrong_size_embeddings_raise_naming_the_key_or_are_skipped(captioning):
+def test_missing_wrong_size_or_nan_embeddings_raise_naming_the_key_or_are_skipped(captioning):
     model, processor = captioning
     dim = model.config.prefix_dim
     good = torch.randn(2, dim, generator=torch.Generator().manual_seed(3))
-    batch = {"embedding": [good[0].tolist(), None, [0.5] * (dim - 1), good[1].tolist()],
-             "image_key": ["a", "missing", "short", "d"]}
+    batch = {"embedding": [good[0].tolist(), None, [0.5] * (dim - 1), [float("nan")] * dim, good[1].tolist()],
+             "image_key": ["a", "missing", "short", "nan", "e"]}
     with pytest.raises(ValueError) as refused:
         ClipCapCaptioner(model, processor, max_new_tokens=MAX_NEW_TOKENS)(batch)
     assert (f"key 'missing': The embedding is missing (None); key 'short': The embedding has shape ({dim - 1},), "
-            f"expected ({dim},): the model's CLIP embedding size (config.prefix_dim)") in str(refused.value)
+            f"expected ({dim},): the model's CLIP embedding size (config.prefix_dim); key 'nan': The embedding holds "
+            "NaN or infinite values") in str(refused.value)
     output = ClipCapCaptioner(model, processor, on_bad_image="skip", max_new_tokens=MAX_NEW_TOKENS)(batch)
     generated = model.generate(image_embeds=good, max_new_tokens=MAX_NEW_TOKENS)
     first, last = processor.post_process_image_text_to_text(generated)
-    assert output["caption"] == [first, None, None, last]
+    assert output["caption"] == [first, None, None, None, last]
 
 
 def test_arrays_and_tensors_are_read_as_the_processor_reads_them(captioning):

@@ -87,6 +87,8 @@ def _embedding_vector(value: Any, size: int) -> np.ndarray:
     if vector.shape != (size,):
         raise ValueError(f"The embedding has shape {vector.shape}, expected ({size},): the model's CLIP embedding size "
                          "(config.prefix_dim)")
+    if not np.isfinite(vector).all():  # generate would caption it as garbage, or fail to sample from it
+        raise ValueError("The embedding holds NaN or infinite values")
     return vector
 
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
@@ -323,12 +322,7 @@ def _caption_shard(
     for batch in shard.iter(batch_size=batch_size):
         if "image_key" not in batch:
             raise ValueError(f"Shard {name}: the dataset has no image_key column; it has {sorted(batch)}.")
-        non_finite = _non_finite_embeddings(captioner, batch)
-        if non_finite:  # left out of generate as a missing embedding is, and named for what it holds
-            column = captioner.embedding_column
-            batch = {**batch, column: [None if row in non_finite else value for row, value in enumerate(batch[column])]}
         output, errors = captioner.caption_batch(batch)
-        errors = dict(sorted({**errors, **non_finite}.items()))
         lines = [f"{name}, key {batch['image_key'][row]!r}: {error}" for row, error in errors.items()]
         if lines and on_bad_image == "error":
             listed = "\n".join(f"  {line}" for line in lines)
@@ -343,26 +337,6 @@ def _caption_shard(
             columns[column] += [output[column][row] for row in kept]
         bar.update(len(batch["image_key"]))
     return columns, bad
-
-
-def _non_finite_embeddings(captioner: ClipCapCaptioner, batch: Mapping[str, list]) -> dict[int, str]:
-    """
-    The rows of a batch of CLIP embeddings whose embedding holds NaN or infinity (as float32), by position, with why
-    they are bad rows: `generate` would caption them as garbage, or fail to sample from them.
-    """
-    if captioner.image_column in batch or captioner.embedding_column not in batch:
-        return {}
-    found = {}
-    for row, value in enumerate(batch[captioner.embedding_column]):
-        if value is None:  # missing (numpy would read NaN): the captioner says so
-            continue
-        try:
-            vector = np.asarray(value, dtype=np.float32)
-        except (TypeError, ValueError):  # not numbers: the captioner says why
-            continue
-        if not np.isfinite(vector).all():
-            found[row] = "The embedding holds NaN or infinite values"
-    return found
 
 
 __all__ = [
