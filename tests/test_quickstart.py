@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from clipcap_hf.training.quickstart import (
     QuickstartConfig,
     is_held_out,
     make_shapes_dataset,
+    print_report,
     render_shape,
     run_quickstart,
     score_captions,
@@ -151,3 +153,29 @@ def test_every_saved_file_gets_the_umask_mode(tmp_path):
     modes = {path.name: oct(path.stat().st_mode & 0o777) for path in (tmp_path / "quickstart").iterdir()}
     assert modes["model.safetensors"] == "0o644"
     assert set(modes.values()) == {"0o644"}
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "1.5"])
+def test_a_seed_out_of_range_is_rejected_before_training(tmp_path, capsys, monkeypatch, seed):
+    monkeypatch.setattr("clipcap_hf.commands.quickstart.run_quickstart", lambda *args, **kwargs: pytest.fail("ran"))
+    assert cli_main(["quickstart", "--output-dir", str(tmp_path), "--seed", seed]) == 2
+    message = ("must be a whole number, got '1.5'" if seed == "1.5"
+               else f"must be between 0 and 4294967295 (2**32 - 1), got {seed}")
+    assert capsys.readouterr().err.endswith(f"clipcap quickstart: error: argument --seed: {message}\n")
+
+
+def test_the_largest_seed_is_passed_on(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr("clipcap_hf.commands.quickstart.run_quickstart",
+                        lambda output_dir, config, overwrite: seen.append(config.seed))
+    assert cli_main(["quickstart", "--output-dir", str(tmp_path), "--seed", "4294967295"]) == 0
+    assert seen == [2**32 - 1]
+
+
+def test_report_says_how_to_get_bleu_without_pycocoevalcap(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pycocoevalcap", None)  # as after a plain `pip install -e .`
+    scores = score_captions(["a red ring in the top left"], ["a red ring in the top left"])
+    assert "bleu_4" not in scores
+    split = {**scores, "num_images": 1}
+    print_report({"train_seconds": 1.0, "unseen_combinations": split, "seen_combinations": split, "samples": []}, "qs")
+    assert '  bleu_4             needs pycocoevalcap: pip install "clipcap_hf[eval]"\n' in capsys.readouterr().out

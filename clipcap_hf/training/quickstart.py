@@ -326,6 +326,8 @@ def print_report(scores: dict, output_dir: Path) -> None:
     for name in ("exact_match", "colour_accuracy", "shape_accuracy", "position_accuracy", "bleu_4"):
         if name in unseen:
             print(f"  {name:18s} {unseen[name]:>20.3f} {seen[name]:>20.3f}")
+    if "bleu_4" not in unseen:  # `score_captions` leaves it out without pycocoevalcap
+        print(f"  {'bleu_4':18s} needs pycocoevalcap: pip install \"clipcap_hf[eval]\"")
     print("\nSample captions of unseen combinations (generated | reference):")
     for prediction, reference in scores["samples"]:
         print(f"  {'OK ' if prediction == reference else '   '} {prediction!r:40s} | {reference!r}")
