@@ -18,11 +18,6 @@ from clipcap_hf.commands import main
 from clipcap_hf.data import embed_source, image_cache_key, load_embeddings, load_embeddings_info, load_image_source
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs prepare.load_source to compute the keys once when it looks for the default caption column "
-    "(the change is proposed in the embed-cache helper's report)",
-)
 def test_clipcap_embed_without_caption_column_reads_each_image_once(tmp_path, model_dir, webdataset_shards):  # noqa: F811
     shards = ",".join(str(path) for path in webdataset_shards[0])
     arguments = ["--model", str(model_dir), "--train_file", shards]

@@ -165,10 +165,8 @@ def load_source(
     )
     caption_column = data_args.caption_column or _default_caption_column(data_format, files)
     try:
-        if captions_required or data_args.caption_column or data_format:
-            return load(caption_column=caption_column)
-        source = load(caption_column=None)
-        return load(caption_column=caption_column) if caption_column in (source.features or {}) else source
+        optional = not (captions_required or data_args.caption_column or data_format)
+        return load(caption_column=caption_column, captions_optional=optional)
     except (ValueError, FileNotFoundError) as error:
         option = ("--train_file" if split == "train" else "--validation_file") if files else "--dataset_name"
         raise type(error)(f"{option}: {error}") from error

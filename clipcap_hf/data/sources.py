@@ -45,6 +45,7 @@ def load_image_source(
     streaming: bool = False,
     dataset_format: str | None = None,
     image_root: PathLike | None = None,
+    captions_optional: bool = False,
 ) -> datasets.Dataset | datasets.IterableDataset:
     """
     Load images (and their captions) from any source `datasets` reads, one row per source row, with the columns
@@ -76,6 +77,7 @@ def load_image_source(
             `imagefolder`): `data_files` is then that format's file (or folder), read by its loader and grouped by
             image; captions come in `captions` whatever `caption_column` says.
         image_root: the folder that image paths are relative to (caption formats, JSON/CSV files).
+        captions_optional: a source without `caption_column` is read without captions instead of refused.
 
     Returns:
         A `datasets.Dataset` (or `IterableDataset` with `streaming`). A missing column is a `ValueError` listing the
@@ -97,6 +99,8 @@ def load_image_source(
         dataset = dataset._resolve_features()  # reads the first rows only
     source = dataset_name or dataset_format or _describe(data_files)
     image_column = image_column or _default_image_column(dataset, source)
+    if captions_optional and caption_column not in (dataset.features or {}):
+        caption_column = None  # decided before any key is computed: the keys are computed once
     _require_columns(dataset, [image_column] + ([caption_column] if caption_column else []), source)
     feature = dataset.features[image_column]
     if _holds_paths(feature):
