@@ -5,8 +5,9 @@ import sys
 
 import PIL.Image
 import pytest
-from conftest import random_images, tiny_model
+from conftest import PREFIX_LENGTH, random_images, tiny_config, tiny_model
 
+from clipcap_hf import ClipCapForConditionalGeneration
 from clipcap_hf.commands import main
 from clipcap_hf.commands.demo import build_demo, caption_and_interpret
 
@@ -251,6 +252,23 @@ def test_caption_length_starts_at_the_model_generation_config(tokenizer, process
     captions, _ = caption_and_interpret(model, processor, path)
     assert captions == expected_captions(model, processor, path, max_new_tokens=67)
     assert captions != expected_captions(model, processor, path, max_new_tokens=30)
+
+
+def test_caption_length_ends_where_the_language_models_positions_do(tokenizer, processor, tmp_path):
+    pytest.importorskip("gradio", reason=GRADIO_MISSING)
+    config = tiny_config(tokenizer)
+    # 20 positions after the 4 prefix vectors: the caption and the prefix fit the context, as training requires of
+    # its generated captions (--generation_max_new_tokens).
+    config.text_config.n_positions = 24
+    model = ClipCapForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = None  # every caption runs to its full length
+    sliders = [block for block in build_demo(model, processor).blocks.values() if block.elem_id == "max-length"]
+    assert [(slider.value, slider.maximum) for slider in sliders] == [(24 - PREFIX_LENGTH, 24 - PREFIX_LENGTH)]
+
+    path = tmp_path / "photo.png"
+    random_images(1, seed=4)[0].save(path)
+    captions, _ = caption_and_interpret(model, processor, path, max_new_tokens=sliders[0].maximum)
+    assert captions == expected_captions(model, processor, path, max_new_tokens=24 - PREFIX_LENGTH)
 
 
 @pytest.mark.parametrize(

@@ -104,7 +104,7 @@ def caption_and_interpret(
         num_beams = 1
     try:
         check_decoding_options(num_beams=num_beams, num_return_sequences=num_captions)
-    except ValueError:  # more captions than the beams give (the only rule these settings can break), in the demo's terms
+    except ValueError:  # more captions than the beams give (the only rule these settings can break), in our terms
         if decoding == "greedy":
             raise ValueError("Greedy decoding gives exactly one caption; choose beam search for more.") from None
         raise ValueError(
@@ -123,6 +123,20 @@ def caption_and_interpret(
     captions = processor.post_process_image_text_to_text(generated)
     interpretation = model.interpret_prefix(inputs["pixel_values"], tokenizer=processor, top_k=top_k)[0]
     return captions, interpretation
+
+
+def _caption_length_range(model: ClipCapForConditionalGeneration) -> tuple[int, int]:
+    """
+    Where the length slider starts, the model's own caption length (67 for converted paper checkpoints), and where it
+    ends: 100 tokens or that length if longer, but no more than the positions the language model has left after the
+    prefix (a longer setting could only fail).
+    """
+    length = model.generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    longest = max(100, length)
+    context = getattr(model.config.text_config, "max_position_embeddings", None)
+    if isinstance(context, int):
+        longest = min(longest, context - model.config.prefix_length)
+    return min(length, longest), longest
 
 
 def build_demo(
@@ -184,10 +198,9 @@ def build_demo(
                 num_beams = gr.Slider(1, 10, value=5, step=1, label="Beams (beam search)", elem_id="num-beams")
                 captions_label = "Number of captions (beam search: the best beams)"
                 num_captions = gr.Slider(1, 10, value=1, step=1, label=captions_label, elem_id="num-captions")
-                # Starts at the model's own caption length (67 for converted paper checkpoints).
-                length = model.generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+                length, longest = _caption_length_range(model)
                 max_new_tokens = gr.Slider(
-                    1, max(100, length), value=length, step=1, label="Max length (tokens)", elem_id="max-length"
+                    1, longest, value=length, step=1, label="Max length (tokens)", elem_id="max-length"
                 )
                 button = gr.Button("Caption", variant="primary", elem_id="caption-button")
                 if examples:
