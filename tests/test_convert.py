@@ -426,6 +426,17 @@ def test_documented_commands_parse(document):
     assert "huggingface-cli" not in text
 
 
+def test_model_card_points_to_sections_that_exist():
+    root = Path(__file__).resolve().parents[1]
+    # 'See "SECTION" in `docs/PAGE.md`' or 'in the `clipcap_hf` README'
+    references = re.findall(r'"([^"]+)" in (?:`(docs/[\w.]+\.md)`|the `clipcap_hf` (README))',
+                            (root / "model_card.md").read_text())
+    assert references
+    for section, page, _ in references:
+        document = page or "README.md"
+        assert f"# {section}\n" in (root / document).read_text(), f"{document} has no section {section!r}"
+
+
 # ---------------------------------------------------------------- bad inputs
 
 
