@@ -509,10 +509,44 @@ def test_a_run_file_of_an_earlier_version_without_the_source_layout_is_resumed(
     stray.unlink()
 
     assert main(argv) == 0
-    assert "was written by an earlier version, which did not record the source's number of rows" in caplog.text
+    assert "was written by an earlier version, which did not record the source's rows" in caplog.text
     assert "wrote 1 shard(s) of 3 (2 captions); 2 already finished" in capsys.readouterr().err
     assert read_rows(output) == expected_rows(model_dir, encoded)
-    assert json.loads(run_file.read_text())["source_layout"] == {"num_rows": NUM_IMAGES, "num_shards": 3}
+    keys = "\0".join(key for key, _ in read_rows(output)).encode()
+    assert json.loads(run_file.read_text())["source_layout"] == {
+        "num_rows": NUM_IMAGES, "num_shards": 3, "image_keys_sha256": hashlib.sha256(keys).hexdigest()}
+
+
+def test_a_source_of_as_many_rows_but_other_images_or_order_is_not_resumed(embeddings_captioner, tmp_path, caplog):
+    from clipcap_hf.inference import caption_dataset_to_parquet
+
+    dataset = embeddings_rows(6, embeddings_captioner.model.config.prefix_dim)
+    output = tmp_path / "captions"
+
+    def run(source):
+        return caption_dataset_to_parquet(embeddings_captioner, source, output, shard_size=2, settings={"run": 1},
+                                          rank=0, world_size=1)
+
+    run(dataset)
+    (output / "captions-00001-of-00003.parquet").unlink()  # killed before its second shard was written
+    # k2's row moved to the end (an embeddings folder re-embedding a replaced k2), or k2 replaced by another image
+    moved = dataset.select([0, 1, 3, 4, 5, 2])
+    other = dataset.map(lambda row: {"image_key": "k9" if row["image_key"] == "k2" else row["image_key"]})
+    for source in (moved, other):
+        with pytest.raises(ValueError, match=(
+            r"holds captions of a source of 6 rows in 3 shard\(s\), but this one has 6 rows in 3 shard\(s\) but "
+            r"other images \(replaced, or rows that moved\)")):
+            run(source)
+
+    # A run file of the previous version, without the digest, resumes with a warning; the digest is recorded then.
+    run_file = output / "caption_run.json"
+    recorded = json.loads(run_file.read_text())
+    del recorded["source_layout"]["image_keys_sha256"]
+    run_file.write_text(json.dumps(recorded))
+    assert run(dataset).written == ["captions-00001-of-00003.parquet"]
+    assert "which did not record the source's image keys: resuming as if they have not changed" in caplog.text
+    assert [key for key, _ in read_rows(output)] == [f"k{i}" for i in range(6)]
+    assert "image_keys_sha256" in json.loads(run_file.read_text())["source_layout"]
 
 
 def test_a_second_run_into_a_folder_being_written_is_refused_but_the_ranks_of_one_run_share_it(

@@ -11,6 +11,7 @@ folder is refused instead of writing the same shards over the first one's.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -91,17 +92,29 @@ def _undecoded(dataset, column: str):
     return dataset
 
 
-def _source_layout(dataset, num_shards: int) -> dict[str, int | None]:
-    """What fixes the input shards' boundaries, recorded so that a resume on a changed source is refused: the number
-    of rows (of a loaded Dataset; a streaming one's is not known) and the number of shards."""
-    return {"num_rows": len(dataset) if hasattr(dataset, "__len__") else None, "num_shards": num_shards}
+def _source_layout(dataset, num_shards: int) -> dict[str, Any]:
+    """
+    What fixes which rows each input shard holds, recorded so that a resume on a changed source is refused: the
+    number of rows and a digest of their image keys in order (of a loaded Dataset; a streaming one's are not known),
+    and the number of shards. The digest catches what the count misses: an image replaced by another, or rows that
+    moved (an embeddings folder appends a replaced file's new row and drops its old one).
+    """
+    import datasets
+
+    if not isinstance(dataset, datasets.Dataset):
+        return {"num_rows": None, "num_shards": num_shards, "image_keys_sha256": None}
+    digest = hashlib.sha256()
+    if "image_key" in dataset.column_names:  # else every shard's first batch names the missing column
+        keys = dataset.select_columns(["image_key"]).with_format("arrow")[:]["image_key"]  # only that column is read
+        digest.update("\0".join(keys.to_pylist()).encode())
+    return {"num_rows": len(dataset), "num_shards": num_shards, "image_keys_sha256": digest.hexdigest()}
 
 
 def _check_run_file(output_dir: Path, recorded: dict[str, Any]) -> None:
     """
     Record the run's settings; refuse to add to a folder of captions made with other settings or from another
     source. A run file without any finished shard (a first run that failed early) is replaced; one of an earlier
-    version, which did not record the source's layout, is resumed if the other settings match.
+    version, which recorded less, is resumed if what it recorded matches, with a warning naming what was not checked.
     """
     path = output_dir / RUN_FILE
     recorded = json.loads(json.dumps(recorded))  # as it reads back from the file
@@ -110,27 +123,42 @@ def _check_run_file(output_dir: Path, recorded: dict[str, Any]) -> None:
         if earlier == recorded:
             return
         finished = sorted(output_dir.glob("captions-*.parquet"))
-        if finished and "source_layout" not in earlier:
-            _check_older_run_file(output_dir, earlier, recorded, finished)
-        elif finished:
-            raise ValueError(_difference(output_dir, earlier, recorded))
+        if finished:
+            comparable, unchecked = _as_recorded_by(earlier, recorded)
+            if earlier != comparable:
+                raise ValueError(_difference(output_dir, earlier, comparable))
+            _check_shard_names(output_dir, finished, recorded["source_layout"]["num_shards"])
+            logger.warning(
+                f"{output_dir / RUN_FILE} was written by an earlier version, which did not record {unchecked}: "
+                "resuming as if they have not changed (rows added to, removed from or moved in the source would "
+                "move rows between shards). This run's are recorded from now on."
+            )
     from ..utils.file_utils import write_text_atomically
 
     write_text_atomically(path, json.dumps(recorded, indent=2) + "\n")
 
 
-def _check_older_run_file(
-    output_dir: Path, earlier: dict[str, Any], recorded: dict[str, Any], finished: list[Path]
-) -> None:
+def _as_recorded_by(earlier: dict[str, Any], recorded: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """
-    Resume from a run file of an earlier version, which recorded neither the source's layout nor a seeded sampled
-    run's batch size and device: the other settings must match, and the finished shards' names the number of input
-    shards; the number of rows cannot be checked, so a warning says so. This run's layout is recorded from then on.
+    `recorded` less what the version that wrote `earlier` did not record yet (first the source's layout and a seeded
+    sampled run's batch size and device, then the digest of the image keys), and what that leaves unchecked.
     """
-    known = {key: value for key, value in recorded.items() if key not in ("source_layout", "sampling")}
-    if earlier != known:
-        raise ValueError(_difference(output_dir, earlier, known))
-    num_shards = recorded["source_layout"]["num_shards"]
+    comparable = dict(recorded)
+    if "source_layout" not in earlier:
+        del comparable["source_layout"]
+        unchecked = "the source's rows"
+        if comparable.pop("sampling", None) is not None:
+            unchecked += " nor the batch size and device of seeded sampling"
+    else:
+        layout = comparable["source_layout"] = dict(recorded["source_layout"])
+        if "image_keys_sha256" not in earlier["source_layout"]:
+            del layout["image_keys_sha256"]
+        unchecked = "the source's image keys"
+    return comparable, unchecked
+
+
+def _check_shard_names(output_dir: Path, finished: list[Path], num_shards: int) -> None:
+    """The finished shards must be this source's: their names hold the number of input shards."""
     other = next((path.name for path in finished if not path.name.endswith(f"-of-{num_shards:05d}.parquet")), None)
     if other is not None:
         raise ValueError(
@@ -138,14 +166,6 @@ def _check_older_run_file(
             "not line up with the finished ones, leaving rows out or captioning them twice. Write to a new output "
             "folder, or resume on the original source."
         )
-    unchecked = "the source's number of rows"
-    if "sampling" in recorded:
-        unchecked += " nor the batch size and device of seeded sampling"
-    logger.warning(
-        f"{output_dir / RUN_FILE} was written by an earlier version, which did not record {unchecked}: resuming as "
-        "if they have not changed (rows added to or removed from the source would move rows between shards). This "
-        "run's are recorded from now on."
-    )
 
 
 def _difference(output_dir: Path, earlier: dict[str, Any], recorded: dict[str, Any]) -> str:
@@ -157,8 +177,11 @@ def _difference(output_dir: Path, earlier: dict[str, Any], recorded: dict[str, A
             count = "an unknown number of" if layout["num_rows"] is None else layout["num_rows"]
             return f"{count} rows in {layout['num_shards']} shard(s)"
 
+        now_rows = rows(now)
+        if rows(before) == now_rows:  # the same size: other image keys
+            now_rows += " but other images (replaced, or rows that moved)"
         return (
-            f"--output {output_dir} holds captions of a source of {rows(before)}, but this one has {rows(now)}: "
+            f"--output {output_dir} holds captions of a source of {rows(before)}, but this one has {now_rows}: "
             "the input shards would not line up with the finished ones, leaving rows out or captioning them twice. "
             "Write to a new output folder, or resume on the original source."
         )
