@@ -1,8 +1,13 @@
-"""Embeddings folders kept sound across runs: each image read once, replaced image files not served twice, killed
-runs' temporary shards removed (never another process's), non-finite embeddings refused with the earlier ones kept."""
+"""Embeddings folders kept sound across runs: each image read once, replaced image files not served twice (their
+shards' rewrites lose no row when interrupted), killed runs' leftovers removed, runs sharing a folder taking turns,
+non-finite embeddings refused with the earlier ones kept."""
 
 import json
 import os
+import signal
+import threading
+import time
+from pathlib import Path
 from unittest import mock
 
 import datasets
@@ -92,39 +97,209 @@ def test_a_replaced_image_file_is_embedded_again_and_its_old_row_dropped(tmp_pat
     assert seen == [] and (info["num_images"], info["num_replaced"]) == (3, 0)
 
 
-def test_a_killed_runs_temporary_shards_are_removed_but_not_another_process_s(
+def test_a_killed_runs_leftovers_are_removed_by_process_0_before_its_run_writes(
     tmp_path, tokenizer, processor, webdataset_shards, monkeypatch
 ):
     folder = tmp_path / "emb"
     folder.mkdir()
     leftover = datasets.Dataset.from_dict({"image_key": ["x"], "embedding": [[0.0]]})  # what save_to_disk leaves
-
-    def leave(name):
-        leftover.save_to_disk(str(folder / name))
-        return folder / name
-
-    own = leave(".tmp-shard-rank00000-of-00002-00000-0123abcd")
-    other_size = leave(".tmp-shard-rank00003-of-00004-00007-4567abcd")
-    other_process = leave(".tmp-shard-rank00001-of-00002-00000-89abcdef")  # this run's process 1 may be writing it
+    temporary = []
+    for name in ("rank00000-of-00002-00000-0123", "rank00003-of-00004-00007-4567", "rank00001-of-00002-00000-89ab"):
+        temporary.append(folder / f".tmp-shard-{name}")
+        leftover.save_to_disk(str(temporary[-1]))
     info_file = folder / ".embeddings_info.json.0123abcd.tmp"
     marker = folder / ".shared-folder-check-0123abcd"
     for path in (info_file, marker):
         path.write_text("left by a killed run")
     source = load_image_source(data_files=[str(path) for path in webdataset_shards[0]], caption_column="txt")
     model = tiny_model(tokenizer)
-    # Process 0 of 2 (without a process group: every gather is its own).
+    # Process 0 of 2 (without a process group: every gather is its own). It holds the folder's lock, so no other run
+    # writes there, and its own process 1 only starts once the leftovers are gone (it waits in the first gather).
     monkeypatch.setattr(embeddings, "_world_size", lambda: 2)
     embed_source(source, model, processor.image_processor, folder)
-    assert not own.exists() and not other_size.exists() and not info_file.exists() and not marker.exists()
-    assert other_process.exists() and list(folder.glob("shard-rank00000-of-00002-*"))
-
-    monkeypatch.undo()  # one process: process 1 of 2 is not running now
-    embed_source(source, model, processor.image_processor, folder)
-    assert not other_process.exists()
+    assert not any(path.exists() for path in (*temporary, info_file, marker))
+    assert list(folder.glob("shard-rank00000-of-00002-*"))
     assert sorted(path.name for path in folder.iterdir() if not path.name.startswith("shard-")) == [
-        "embeddings_info.json"
+        ".embeddings-writer.lock", "embeddings_info.json"
     ]
-    assert load_embeddings_info(folder)["num_images"] == 5
+
+
+def embed_files(folder, model, processor, output):
+    """Embed the image files of `folder` (captions from its metadata.jsonl) into `output`."""
+    source = load_image_source(data_files=str(folder), caption_column="text")
+    return embed_source(source, model, processor.image_processor, output)
+
+
+def image_folder(path, count):
+    path.mkdir()
+    for index, image in enumerate(random_images(count)):
+        image.save(path / f"{index}.png")
+    lines = [json.dumps({"file_name": f"{index}.png", "text": f"Image {index}."}) + "\n" for index in range(count)]
+    (path / "metadata.jsonl").write_text("".join(lines))
+    return path
+
+
+# The first run's shard, rewritten without the row of the file replaced since (the rerun's new row is the next one).
+REWRITTEN = "shard-rank00000-of-00001-00000"
+
+
+def replace_file(path, seed=9):
+    random_images(1, seed=seed)[0].save(path)
+    os.utime(path, ns=(10**18, 10**18))  # another modification time whatever the clock's resolution
+
+
+def test_a_shard_rewrite_interrupted_between_its_renames_keeps_every_row(tmp_path, tokenizer, processor, monkeypatch):
+    """Ctrl-C while a shard losing a replaced file's row is renamed: the old shard is put back at once."""
+    folder, model = image_folder(tmp_path / "images", 4), tiny_model(tokenizer)
+    embed_files(folder, model, processor, tmp_path / "emb")
+    before = stored(tmp_path / "emb")
+    replace_file(folder / "1.png")
+    real_replace = os.replace
+
+    def interrupted(source, destination):
+        if Path(source).name.startswith(".tmp-shard-") and Path(destination).name == REWRITTEN:
+            raise KeyboardInterrupt  # the rewritten shard about to take the old one's name
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(embeddings.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        embed_files(folder, model, processor, tmp_path / "emb")
+    monkeypatch.undo()
+    after = stored(tmp_path / "emb")
+    assert set(before) < set(after) and len(after) == 5  # every row kept, and the replaced file's new one
+    for key, (embedding, captions) in before.items():
+        np.testing.assert_array_equal(after[key][0], embedding)
+        assert after[key][1] == captions
+    assert not list((tmp_path / "emb").glob(".aside-*")) and not list((tmp_path / "emb").glob(".tmp-*"))
+
+    info = embed_files(folder, model, processor, tmp_path / "emb")  # the rerun drops the old row again
+    assert (info["num_images"], info["num_replaced"]) == (4, 1)
+    assert sorted(stored(tmp_path / "emb")) == sorted(image_cache_key(str(folder / f"{i}.png")) for i in range(4))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="kills a forked copy of the test process")
+def test_a_shard_rewrite_killed_between_its_renames_is_put_back_by_the_next_run(tmp_path, tokenizer, processor):
+    folder, model = image_folder(tmp_path / "images", 4), tiny_model(tokenizer)
+    embed_files(folder, model, processor, tmp_path / "emb")
+    before, old_key = stored(tmp_path / "emb"), image_cache_key(str(folder / "1.png"))
+    replace_file(folder / "1.png")
+    pid = os.fork()
+    if pid == 0:  # the child: SIGKILLed where the rewritten shard would take the old one's name
+        try:
+            real_replace = os.replace
+
+            def killed(source, destination):
+                if Path(source).name.startswith(".tmp-shard-") and Path(destination).name == REWRITTEN:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                return real_replace(source, destination)
+
+            embeddings.os.replace = killed
+            embed_files(folder, model, processor, tmp_path / "emb")
+        finally:
+            os._exit(1)  # not reached when killed where meant
+    assert os.waitpid(pid, 0)[1] == signal.SIGKILL
+    emb = tmp_path / "emb"
+    assert not (emb / REWRITTEN).exists()  # killed where meant: the old shard moved aside
+    assert (emb / f".aside-{REWRITTEN}").exists()
+
+    seen, patch = count_vision_images(model)
+    with patch:
+        info = embed_files(folder, model, processor, tmp_path / "emb")
+    assert seen == []  # nothing lost, so nothing embedded again
+    after = stored(emb)
+    assert (info["num_images"], info["num_replaced"], len(after)) == (4, 1, 4)
+    for key in set(before) - {old_key}:
+        np.testing.assert_array_equal(after[key][0], before[key][0])
+    assert sorted(path.name for path in emb.iterdir() if not path.name.startswith("shard-")) == [
+        ".embeddings-writer.lock", "embeddings_info.json"
+    ]
+
+
+def test_a_second_run_sharing_the_folder_waits_for_the_first_then_embeds_only_the_rest(
+    tmp_path, tokenizer, processor, monkeypatch
+):
+    """Two runs of a sweep sharing one cache folder (here threads of one process: the lock is a file's)."""
+    folder, model = image_folder(tmp_path / "images", 4), tiny_model(tokenizer)
+    images = load_image_source(data_files=str(folder), caption_column="text")
+    parts = [images.select(range(3)), images.select(range(1, 4))]  # the second run adds image 3
+    seen = {}
+    real_forward = model.vision_model.forward
+
+    def counting_forward(pixel_values=None, **kwargs):
+        seen.setdefault(threading.current_thread().name, []).append(pixel_values.shape[0])
+        return real_forward(pixel_values=pixel_values, **kwargs)
+
+    saved, go, waiting = threading.Event(), threading.Event(), threading.Event()
+    real_save = datasets.Dataset.save_to_disk
+
+    def paused_save(self, path, *args, **kwargs):  # the first run stops with its temporary shard half done
+        real_save(self, path, *args, **kwargs)
+        if threading.current_thread().name == "first":
+            saved.set()
+            go.wait(timeout=120)
+
+    def warning(message, *args, **kwargs):
+        if message.startswith("Waiting for another run writing into the embeddings folder"):
+            waiting.set()
+
+    monkeypatch.setattr(model.vision_model, "forward", counting_forward)
+    monkeypatch.setattr(datasets.Dataset, "save_to_disk", paused_save)
+    monkeypatch.setattr(embeddings.logger, "warning", warning)
+    errors, emb = {}, tmp_path / "emb"
+
+    def run(source):
+        try:
+            embed_source(source, model, processor.image_processor, emb)
+        except Exception as error:
+            errors[threading.current_thread().name] = error
+
+    runs = [threading.Thread(target=run, args=(part,), name=name) for name, part in zip(("first", "second"), parts)]
+    try:
+        runs[0].start()
+        assert saved.wait(timeout=120)
+        runs[1].start()
+        while not waiting.is_set() and runs[1].is_alive():
+            waiting.wait(timeout=0.05)
+        assert waiting.is_set() and runs[1].is_alive()  # the second waits, and has not touched the first's files
+        assert len(list(emb.glob(".tmp-shard-*"))) == 1 and not list(emb.glob("shard-*"))
+    finally:
+        go.set()
+        for thread in runs:
+            thread.join(timeout=120)
+    assert errors == {}
+    assert seen == {"first": [3], "second": [1]}  # the second embedded only the image the first had not
+    table = stored(emb)
+    assert sorted(table) == sorted(images["image_key"])
+    assert load_embeddings_info(emb)["num_images"] == 4
+
+
+def test_while_process_0_waits_for_the_folder_every_process_of_its_run_checks_in(
+    tmp_path, tokenizer, processor, webdataset_shards, monkeypatch
+):
+    """Processes 1.. of a run wait in a gather with process 0: each must end long before the distributed timeout."""
+    from filelock import FileLock
+
+    source = load_image_source(data_files=[str(path) for path in webdataset_shards[0]], caption_column="txt")
+    model, emb = tiny_model(tokenizer), tmp_path / "emb"
+    emb.mkdir()
+    gathered = []
+    real_gather = embeddings._all_gather
+    monkeypatch.setattr(embeddings, "_world_size", lambda: 2)  # process 0 of 2, the gathers its own
+    monkeypatch.setattr(embeddings, "_all_gather", lambda value: gathered.append(value) or real_gather(value))
+    monkeypatch.setattr(embeddings, "_LOCK_POLL_SECONDS", 0.05)
+    other_run = FileLock(emb / ".embeddings-writer.lock")
+    other_run.acquire()
+    waiting = threading.Thread(target=embed_source, args=(source, model, processor.image_processor, emb))
+    try:
+        waiting.start()
+        while len(gathered) < 3 and waiting.is_alive():
+            time.sleep(0.01)
+        assert gathered[:3] == [(False, None)] * 3  # "not yet", said again every poll while the other run writes
+        assert not list(emb.glob("shard-*"))
+    finally:
+        other_run.release()
+        waiting.join(timeout=120)
+    assert (True, None) in gathered and list(emb.glob("shard-rank00000-of-00002-*"))  # then it embedded its share
 
 
 def test_non_finite_embeddings_stop_the_pass_naming_the_images_and_keep_the_earlier_batches(

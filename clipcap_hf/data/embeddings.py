@@ -17,6 +17,7 @@ import shutil
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,8 @@ def embed_source(
     are written whole under a temporary name and then renamed, every [`EMBEDDING_SHARD_SIZE`] images, so a run that
     is killed keeps all but its last shard: a rerun reads the keys already stored and embeds only the others, and
     never stores an image twice; it also removes the temporary shards that the killed run left.
+    Runs that share the folder (a sweep of `clipcap train` runs with one `--embedding_cache_dir`) take turns: a run
+    that finds another one writing into it waits for it to finish, then embeds only the images still missing.
     An image file replaced at its path gets another key (see [`image_cache_key`]), so it is embedded again; the row
     of its earlier version is then removed, and the folder serves only the file's current content.
     Embeddings that are not finite (NaN or inf: a corrupt tower) stop the pass with a `ValueError` naming the batch's
@@ -214,91 +217,95 @@ def embed_source(
         )
     output_dir = Path(output_dir)
     rank, world_size = _process_rank(), _world_size()
-    _check_shared_folder(output_dir, rank, world_size)
-    has_captions = CAPTIONS_COLUMN in source.features
-    writer = _ShardWriter(output_dir, rank, world_size, has_captions, keep_columns)
-    previous: dict[str, Any] = {}  # the info of the run before, if any
-    if (output_dir / EMBEDDINGS_INFO_NAME).exists() or (output_dir / LEGACY_CACHE_INFO_NAME).exists():
-        previous = check_embeddings(output_dir, model, image_processor)
-        stored_columns = previous["columns"]
-        if stored_columns != writer.columns and _complete_shards(output_dir):
-            raise ValueError(
-                f"The embeddings folder {output_dir} holds the columns {', '.join(stored_columns)}; this source would "
-                f"add {', '.join(writer.columns)}. Embed it into another folder (or with the same columns)."
+    with _folder_lock(output_dir, rank, world_size):
+        if rank == 0:  # before the other processes start writing: they wait in the check's gathers
+            _remove_leftovers(output_dir)
+        _check_shared_folder(output_dir, rank, world_size)
+        has_captions = CAPTIONS_COLUMN in source.features
+        writer = _ShardWriter(output_dir, rank, world_size, has_captions, keep_columns)
+        previous: dict[str, Any] = {}  # the info of the run before, if any
+        if (output_dir / EMBEDDINGS_INFO_NAME).exists() or (output_dir / LEGACY_CACHE_INFO_NAME).exists():
+            previous = check_embeddings(output_dir, model, image_processor)
+            stored_columns = previous["columns"]
+            if stored_columns != writer.columns and _complete_shards(output_dir):
+                raise ValueError(
+                    f"The embeddings folder {output_dir} holds the columns {', '.join(stored_columns)}; this source "
+                    f"would add {', '.join(writer.columns)}. Embed it into another folder (or with the same columns)."
+                )
+        info = _folder_info(model, image_processor, writer.columns, source_name)
+        if rank == 0:
+            write_text_atomically(output_dir / EMBEDDINGS_INFO_NAME, json.dumps(info, indent=2, default=str))
+        done = _stored_keys(output_dir, rank, world_size)
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model.vision_model.to(device).eval()
+        repeated_rows: list[int] = []  # streaming: the caption counts of rows that repeat an image already embedded
+        if isinstance(source, datasets.IterableDataset):
+            batches = _iterable_batches(
+                source, image_processor, done, rank, world_size, batch_size, keep_columns, repeated_rows
             )
-    info = _folder_info(model, image_processor, writer.columns, source_name)
-    if rank == 0:
-        write_text_atomically(output_dir / EMBEDDINGS_INFO_NAME, json.dumps(info, indent=2, default=str))
-    done = _stored_keys(output_dir, rank, world_size)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.vision_model.to(device).eval()
-    repeated_rows: list[int] = []  # streaming: the caption counts of rows that repeat an image already embedded
-    if isinstance(source, datasets.IterableDataset):
-        batches = _iterable_batches(
-            source, image_processor, done, rank, world_size, batch_size, keep_columns, repeated_rows
-        )
-    else:
-        batches = _map_style_batches(
-            source, image_processor, done, rank, world_size, batch_size, num_workers, keep_columns
-        )
-    problems: list[tuple[str, int]] = []
-    non_finite: str | None = None  # why this process stopped early: the tower gave NaN or inf
-    progress = tqdm(desc=f"Embedding images (process {rank})" if world_size > 1 else "Embedding images", unit="image")
-    try:
-        with torch.no_grad():
-            for pixel_values, records, batch_problems in batches:
-                problems.extend(batch_problems)
-                if records:
-                    pixel_values = pixel_values.to(device, model.vision_model.dtype)
-                    embeddings = model.get_image_embeds(pixel_values).float().cpu()
-                    # On the CPU copy, which the batch waits for anyway: one check per batch costs no extra sync.
-                    if not torch.isfinite(embeddings).all():
-                        non_finite = _non_finite_error(records, embeddings, model.vision_model.dtype)
-                        break
-                    writer.add(records, embeddings)
-                progress.update(len(records) + len(batch_problems))
-    finally:  # also on an error or Ctrl-C: what was embedded is kept
-        progress.close()
-        writer.flush()
-    if repeated_rows:
-        logger.warning(
-            f"{len(repeated_rows)} streamed row(s) repeat an image already embedded; streaming keeps each image's "
-            f"first row's captions, so their {sum(repeated_rows)} caption(s) are not stored. Embed the source "
-            "map-style (without --streaming) to merge them."
-        )
-    # Gathered from every process, each done writing: a process that stopped early stops them all, with its reason.
-    gathered = _all_gather((problems, non_finite, writer.num_written))
-    problems = [problem for process_problems, _, _ in gathered for problem in process_problems]
-    non_finite = next((reason for _, reason, _ in gathered if reason is not None), None)
-    # Skipped when no row was added since a completed pass that dropped them (its info counts them): a rerun over a
-    # large folder with nothing new to embed reads no key.
-    num_replaced = 0
-    if rank == 0 and (any(written for _, _, written in gathered) or "num_replaced" not in previous):
-        num_replaced = _drop_replaced_files(output_dir)
-    _barrier()
-    if non_finite is not None:
-        raise ValueError(non_finite)
-    lines = [line for line, _ in problems]
-    report = "\n".join(lines[:10]) + (f"\n  ... and {len(lines) - 10} more" if len(lines) > 10 else "")
-    if problems and on_bad_image == "error":
-        raise ValueError(
-            f"{len(problems)} image(s) cannot be read; the readable ones are stored in {output_dir}. Fix or remove "
-            f"them, or skip them (`--on_bad_image skip`, `on_bad_image=\"skip\"`):\n{report}"
-        )
-    if problems:
-        num_captions = sum(count for _, count in problems)
-        captions = f" and their {num_captions} caption(s)" if num_captions else ""
-        logger.warning(f"Skipped {len(problems)} unreadable image(s){captions}:\n{report}")
-    if rank == 0:
-        shards = _complete_shards(output_dir)
-        info["num_images"] = sum(_load_shard(shard).num_rows for shard in shards)
-        info["num_shards"] = len(shards)
-        info["num_skipped"] = len(problems)
-        info["num_replaced"] = num_replaced
-        info["embedding_dim"] = _load_shard(shards[0]).features[EMBEDDING_COLUMN].length if shards else None
-        write_text_atomically(output_dir / EMBEDDINGS_INFO_NAME, json.dumps(info, indent=2, default=str))
-    _barrier()
-    return load_embeddings_info(output_dir)
+        else:
+            batches = _map_style_batches(
+                source, image_processor, done, rank, world_size, batch_size, num_workers, keep_columns
+            )
+        problems: list[tuple[str, int]] = []
+        non_finite: str | None = None  # why this process stopped early: the tower gave NaN or inf
+        description = f"Embedding images (process {rank})" if world_size > 1 else "Embedding images"
+        progress = tqdm(desc=description, unit="image")
+        try:
+            with torch.no_grad():
+                for pixel_values, records, batch_problems in batches:
+                    problems.extend(batch_problems)
+                    if records:
+                        pixel_values = pixel_values.to(device, model.vision_model.dtype)
+                        embeddings = model.get_image_embeds(pixel_values).float().cpu()
+                        # On the CPU copy, which the batch waits for anyway: one check per batch costs no extra sync.
+                        if not torch.isfinite(embeddings).all():
+                            non_finite = _non_finite_error(records, embeddings, model.vision_model.dtype)
+                            break
+                        writer.add(records, embeddings)
+                    progress.update(len(records) + len(batch_problems))
+        finally:  # also on an error or Ctrl-C: what was embedded is kept
+            progress.close()
+            writer.flush()
+        if repeated_rows:
+            logger.warning(
+                f"{len(repeated_rows)} streamed row(s) repeat an image already embedded; streaming keeps each image's "
+                f"first row's captions, so their {sum(repeated_rows)} caption(s) are not stored. Embed the source "
+                "map-style (without --streaming) to merge them."
+            )
+        # Gathered from every process, each done writing: a process that stopped early stops them all, with its reason.
+        gathered = _all_gather((problems, non_finite, writer.num_written))
+        problems = [problem for process_problems, _, _ in gathered for problem in process_problems]
+        non_finite = next((reason for _, reason, _ in gathered if reason is not None), None)
+        # Skipped when no row was added since a completed pass that dropped them (its info counts them): a rerun over a
+        # large folder with nothing new to embed reads no key.
+        num_replaced = 0
+        if rank == 0 and (any(written for _, _, written in gathered) or "num_replaced" not in previous):
+            num_replaced = _drop_replaced_files(output_dir)
+        _barrier()
+        if non_finite is not None:
+            raise ValueError(non_finite)
+        lines = [line for line, _ in problems]
+        report = "\n".join(lines[:10]) + (f"\n  ... and {len(lines) - 10} more" if len(lines) > 10 else "")
+        if problems and on_bad_image == "error":
+            raise ValueError(
+                f"{len(problems)} image(s) cannot be read; the readable ones are stored in {output_dir}. Fix or remove "
+                f"them, or skip them (`--on_bad_image skip`, `on_bad_image=\"skip\"`):\n{report}"
+            )
+        if problems:
+            num_captions = sum(count for _, count in problems)
+            captions = f" and their {num_captions} caption(s)" if num_captions else ""
+            logger.warning(f"Skipped {len(problems)} unreadable image(s){captions}:\n{report}")
+        if rank == 0:
+            shards = _complete_shards(output_dir)
+            info["num_images"] = sum(_load_shard(shard).num_rows for shard in shards)
+            info["num_shards"] = len(shards)
+            info["num_skipped"] = len(problems)
+            info["num_replaced"] = num_replaced
+            info["embedding_dim"] = _load_shard(shards[0]).features[EMBEDDING_COLUMN].length if shards else None
+            write_text_atomically(output_dir / EMBEDDINGS_INFO_NAME, json.dumps(info, indent=2, default=str))
+        _barrier()
+        return load_embeddings_info(output_dir)
 
 
 
@@ -318,22 +325,77 @@ def _folder_info(model, image_processor, columns: list[str], source_name: str | 
     }
 
 
+# How long process 0 waits for another run's lock before every process of its run checks in again (a gather): far
+# below the distributed timeout (10 minutes or more) that the other processes would otherwise hit while waiting.
+_LOCK_POLL_SECONDS = 10
+_LOCK_NAME = ".embeddings-writer.lock"
+
+
+@contextmanager
+def _folder_lock(directory: Path, rank: int, world_size: int) -> Iterator[None]:
+    """
+    Hold an embeddings folder for this run while the body runs: two runs writing one folder at once (a sweep of
+    `clipcap train` runs sharing `--embedding_cache_dir`) would remove each other's temporary shards, write the same
+    shard names and embed the same images twice. The second run waits until the first is done, then finds its
+    images stored and embeds only the others.
+
+    Process 0 alone takes the lock, a `filelock` lock file (the OS's `flock` on Unix, which it releases however the
+    process ends, so a killed run holds nothing up): the processes of one run write into the folder together, each
+    its own shards, so they must not exclude each other, and its process 0 holds it for them all until they are done
+    (`embed_source` ends with a barrier). A run of any number of processes waits the same way. While process 0 waits,
+    every process of its run checks in with it every [`_LOCK_POLL_SECONDS`] (a gather), rather than waiting in one
+    collective that could outlast the distributed timeout.
+    """
+    from filelock import FileLock, Timeout  # a dependency of huggingface_hub, so always installed
+
+    lock, announced = None, False
+    while True:
+        acquired, problem = True, None
+        if rank == 0:
+            try:
+                if lock is None:
+                    directory.mkdir(parents=True, exist_ok=True)
+                    lock = FileLock(directory / _LOCK_NAME)
+                lock.acquire(timeout=_LOCK_POLL_SECONDS if announced else 0)
+            except Timeout:
+                acquired = False
+            except OSError as error:
+                problem = _unwritable(directory, error)
+        if world_size > 1:
+            acquired, problem = _all_gather((acquired, problem))[0]
+        if problem is not None:
+            raise OSError(problem)
+        if acquired:
+            break
+        if rank == 0 and not announced:
+            logger.warning(f"Waiting for another run writing into the embeddings folder {directory} to finish.")
+        announced = True
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _unwritable(directory: Path, error: OSError) -> str:
+    return (
+        f"Cannot write to the embeddings folder {directory} ({type(error).__name__}: {error}); give a writable folder "
+        "with room for the embeddings (`--output`, `--embedding_cache_dir`, `cache_dir`)."
+    )
+
+
 def _check_shared_folder(directory: Path, rank: int, world_size: int) -> None:
     """
-    Before any image is embedded: process 0 creates the folder and writes a random token into it, and in a
-    distributed run every process reads it back. Processes on machines without a shared filesystem would otherwise
-    each fill a folder of their own, each holding only its share of the images, and nothing would say so.
+    Before any image is embedded: process 0 writes a random token into the folder (which [`_folder_lock`] created),
+    and in a distributed run every process reads it back. Processes on machines without a shared filesystem would
+    otherwise each fill a folder of their own, each holding only its share of the images, and nothing would say so.
     """
     token, problem = uuid.uuid4().hex, None
     if rank == 0:
         try:
-            directory.mkdir(parents=True, exist_ok=True)
             write_text_atomically(directory / f".shared-folder-check-{token}", token)
         except OSError as error:
-            problem = (
-                f"Cannot write to the embeddings folder {directory} ({type(error).__name__}: {error}); give a "
-                "writable folder (`--output`, `--embedding_cache_dir`, `cache_dir`)."
-            )
+            problem = _unwritable(directory, error)
     token, problem = _all_gather((token, problem))[0]  # process 0's, after it wrote them: the others may look
     if problem is not None:
         raise OSError(problem)
@@ -364,7 +426,6 @@ class _ShardWriter:
         self.records: list[dict[str, Any]] = []
         self.embeddings: list[torch.Tensor] = []
         self.num_written = 0
-        _remove_leftovers(directory, rank, world_size)
         # A rerun continues the numbering of this rank's shards.
         numbers = [int(path.name[len(self.prefix) :]) for path in directory.glob(f"{self.prefix}*")]
         self.next_number = max(numbers, default=-1) + 1
@@ -398,10 +459,7 @@ class _ShardWriter:
             os.replace(temporary, self.directory / name)  # complete once renamed into place
             self.num_written += count
         except OSError as error:
-            raise OSError(
-                f"Cannot write to the embeddings folder {self.directory} ({type(error).__name__}: {error}); give a "
-                "writable folder with room for the embeddings (`--output`, `--embedding_cache_dir`, `cache_dir`)."
-            ) from error
+            raise OSError(_unwritable(self.directory, error)) from error
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
 
@@ -411,26 +469,38 @@ def _complete_shards(directory: Path) -> list[Path]:
     return sorted(path for path in Path(directory).glob("shard-*") if path.is_dir())
 
 
-def _remove_leftovers(directory: Path, rank: int, world_size: int) -> None:
+def _remove_leftovers(directory: Path) -> None:
     """
-    Remove what killed runs left in an embeddings folder: temporary shards (`.tmp-shard-rank<R>-of-<N>-...`, written
-    whole and renamed when complete) and, in process 0, temporary info files and shared-folder markers. Each process
-    removes its own temporary shards (same rank and number of processes, a name no other process of this run
-    writes); process 0 also those of runs with another number of processes. It never touches those of this run's
-    other processes, which may be writing them now. (Two separate runs writing one folder at once are not supported:
-    they would store the same images twice.)
+    Settle what killed runs left in an embeddings folder, in process 0 holding the folder's lock before its other
+    processes write anything: temporary shards (`.tmp-shard-...`, written whole and renamed when complete), temporary
+    info files and shared-folder markers are removed; a shard moved aside by [`_drop_replaced_files`] is put back
+    when the run died before the rewritten shard took its name, and removed otherwise.
     """
-    for leftover in directory.glob(".tmp-shard-rank*"):
-        match = re.match(r"\.tmp-shard-rank(\d+)-of-(\d+)-", leftover.name)
-        if match is None:
-            continue
-        owner, owners = int(match[1]), int(match[2])
-        if (owner, owners) == (rank, world_size) or (rank == 0 and owners != world_size):
+    for aside in directory.glob(f"{_ASIDE_PREFIX}shard-*"):
+        _settle_aside(aside)
+    leftovers = [
+        *directory.glob(".tmp-shard-*"),
+        *directory.glob(f".{EMBEDDINGS_INFO_NAME}.*.tmp"),
+        *directory.glob(".shared-folder-check-*"),
+    ]
+    for leftover in leftovers:
+        if leftover.is_dir():
             shutil.rmtree(leftover, ignore_errors=True)
-    if rank == 0:
-        # Process 0 alone writes these, and has removed its own marker of this run already.
-        for leftover in [*directory.glob(f".{EMBEDDINGS_INFO_NAME}.*.tmp"), *directory.glob(".shared-folder-check-*")]:
+        else:
             leftover.unlink(missing_ok=True)
+
+
+# A shard being rewritten without some rows is moved aside under this prefix until its new version takes its name.
+_ASIDE_PREFIX = ".aside-"
+
+
+def _settle_aside(aside: Path) -> None:
+    """Put a shard moved aside back if its name is free (its rewrite never took its place), or remove it."""
+    shard = aside.with_name(aside.name[len(_ASIDE_PREFIX) :])
+    if shard.exists():
+        shutil.rmtree(aside)
+    else:
+        os.replace(aside, shard)
 
 
 def _drop_replaced_files(directory: Path) -> int:
@@ -440,9 +510,10 @@ def _drop_replaced_files(directory: Path) -> int:
     otherwise train on as one more image with the file's captions. For each path stored under several keys, only the
     row of the file's current key is kept (none if the file changed again since).
 
-    A shard losing rows is saved again without them under a temporary name, the old one is moved aside, and the new
-    one takes its name: the folder stays memory-mapped shards, and a run killed in between loses at most that shard's
-    other rows, which the next run embeds again (never stores twice). Returns how many rows were dropped.
+    A shard losing rows is saved again without them under a temporary name, the old one is moved aside (`.aside-`
+    and its name), the new one takes its name, and only then is the old one removed: the folder stays memory-mapped
+    shards, and a run interrupted in between keeps every row (the old shard is put back, at once or by the next run,
+    which drops the rows again). Run by process 0 holding the folder's lock. Returns how many rows were dropped.
     """
     # Only file keys (`<path>|<size>|<mtime_ns>`, see `image_cache_key`) name a path; `sha256:` keys name the content.
     # Through 64-bit digests of the paths, as the rest of the pass: 24 bytes per stored image file.
@@ -469,16 +540,20 @@ def _drop_replaced_files(directory: Path) -> int:
         table = _load_shard(shard)
         kept = table.select([row for row in range(table.num_rows) if row not in dropped])
         replacement = directory / f".tmp-{shard.name}-{uuid.uuid4().hex}"
-        aside = directory / f".tmp-{shard.name}-{uuid.uuid4().hex}"
+        aside = directory / f"{_ASIDE_PREFIX}{shard.name}"
         try:
             if kept.num_rows:
                 kept.save_to_disk(str(replacement))
             os.replace(shard, aside)
             if kept.num_rows:
                 os.replace(replacement, shard)
+            shutil.rmtree(aside)  # only now: until the new shard has its name, the old one is its only copy
+        except BaseException:  # Ctrl-C too; after a SIGKILL, the next run's `_remove_leftovers` does this
+            if aside.exists():
+                _settle_aside(aside)
+            raise
         finally:
             shutil.rmtree(replacement, ignore_errors=True)
-            shutil.rmtree(aside, ignore_errors=True)
     num_dropped = sum(map(len, stale.values()))
     if num_dropped:
         logger.info(f"Removed {num_dropped} row(s) of image files replaced since they were embedded.")
@@ -870,11 +945,12 @@ class ImageEmbeddingCache:
         # A new folder gets the columns `embed_images` writes.
         columns = load_embeddings_info(self.directory)["columns"] if self.info_path.exists() else [CAPTIONS_COLUMN]
         keep_columns = [name for name in columns if name not in (KEY_COLUMN, EMBEDDING_COLUMN, CAPTIONS_COLUMN)]
-        writer = _ShardWriter(self.directory, 0, 1, CAPTIONS_COLUMN in columns, keep_columns)
-        if not self.info_path.exists():
-            self.directory.mkdir(parents=True, exist_ok=True)
-            info = _folder_info(self.model, self.image_processor, writer.columns, source_name=None)
-            write_text_atomically(self.info_path, json.dumps(info, indent=2, default=str))
-        records = [{KEY_COLUMN: key, CAPTIONS_COLUMN: [], **dict.fromkeys(keep_columns)} for key in keys]
-        writer.add(records, embeddings.float().cpu())
-        writer.flush()
+        with _folder_lock(self.directory, 0, 1):
+            _remove_leftovers(self.directory)
+            writer = _ShardWriter(self.directory, 0, 1, CAPTIONS_COLUMN in columns, keep_columns)
+            if not self.info_path.exists():
+                info = _folder_info(self.model, self.image_processor, writer.columns, source_name=None)
+                write_text_atomically(self.info_path, json.dumps(info, indent=2, default=str))
+            records = [{KEY_COLUMN: key, CAPTIONS_COLUMN: [], **dict.fromkeys(keep_columns)} for key in keys]
+            writer.add(records, embeddings.float().cpu())
+            writer.flush()
