@@ -64,9 +64,9 @@ LORA_DEFAULTS: dict[str, Any] = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 
 PART_OPTIONS = ("vision_model_name_or_path", "text_model_name_or_path")
 CONFIG_OPTIONS = tuple(name for name in ARCHITECTURE_DEFAULTS if name not in PART_OPTIONS)
 
-# A run records the arguments that decide what it trains and how (output_dir/clipcap_run_args.json); a rerun resumes
-# from its checkpoints only with the same values. Every ModelArguments and DataArguments field is recorded except
-# these, which may differ when a run resumes:
+# A run records the arguments that decide what it trains and how (clipcap_run_args.json, in output_dir and in each
+# checkpoint); a rerun resumes from a checkpoint only with the values it records. Every ModelArguments and
+# DataArguments field is recorded except these, which may differ when a run resumes:
 # - recipe: what it sets is recorded field by field (the same values given one by one make the same run);
 # - save_merged_model: what is written after the last step;
 # - preprocessing_num_workers, embedding_batch_size, use_embedding_cache, embedding_cache_dir: how fast and where the

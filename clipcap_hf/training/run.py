@@ -26,7 +26,7 @@ from transformers.utils import ADAPTER_CONFIG_NAME, find_adapter_config_file
 from ..data import ClipCapDataCollator, TrainingData, load_training_data
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
-from ..utils.file_utils import read_json, save_pretrained, write_text_atomically
+from ..utils.file_utils import read_json, save_pretrained
 from ..utils.loading import check_pretrained_source, load_clipcap
 from .arguments import (
     ARGUMENTS_A_RESUME_MAY_CHANGE,
@@ -42,12 +42,9 @@ from .arguments import (
     _recipe_run_defaults,
 )
 from .lora import add_lora, is_peft_model, load_lora_model, merge_lora
-from .trainer import ClipCapTrainer
+from .trainer import RUN_ARGUMENTS_NAME, ClipCapTrainer, write_run_arguments
 
 logger = logging.getLogger(__name__)
-
-# The arguments that define a run, recorded in its output_dir (see `ARGUMENTS_A_RESUME_MAY_CHANGE`).
-RUN_ARGUMENTS_NAME = "clipcap_run_args.json"
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -211,17 +208,23 @@ def _check_context_length(
         )
 
 
+def _checkpoints(output_dir: str) -> dict[int, str]:
+    """The `checkpoint-N` folders of `output_dir`, by step."""
+    steps = {}
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            steps[int(match.group(1))] = os.path.join(output_dir, name)
+    return steps
+
+
 def last_complete_checkpoint(output_dir: str, remove_incomplete: bool = False) -> str | None:
     """
     The newest `checkpoint-N` folder of `output_dir` that a run finished writing: its trainer_state.json, which Trainer
     writes last, reads whole. Newer folders are what a run stopped while writing them left; with `remove_incomplete`
     (the main process) they are removed, so that Trainer's checkpoint rotation does not take them for checkpoints.
     """
-    steps = {}
-    for name in os.listdir(output_dir):
-        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
-        if match and os.path.isdir(os.path.join(output_dir, name)):
-            steps[int(match.group(1))] = os.path.join(output_dir, name)
+    steps = _checkpoints(output_dir)
     for step in sorted(steps, reverse=True):
         checkpoint = steps[step]
         try:
@@ -232,6 +235,19 @@ def last_complete_checkpoint(output_dir: str, remove_incomplete: bool = False) -
                 logger.warning(f"Removing {checkpoint}, which a run stopped while writing it.")
                 shutil.rmtree(checkpoint)
     return None
+
+
+def _warn_of_the_checkpoints_left(output_dir: str) -> None:
+    """--overwrite_output_dir starts a new run, but Trainer deletes nothing: say what that means for a later resume."""
+    steps = _checkpoints(output_dir)
+    if steps:
+        names = ", ".join(os.path.basename(steps[step]) for step in sorted(steps))
+        logger.warning(
+            f"--overwrite_output_dir starts a new run, but the checkpoints in {output_dir} ({names}) stay: this run's "
+            "checkpoints replace those of their steps only. A rerun without --overwrite_output_dir resumes from the "
+            "newest checkpoint, and stops if it is the other run's: delete the other run's checkpoints to be able to "
+            "resume this one."
+        )
 
 
 def run_arguments(
@@ -274,30 +290,33 @@ def check_run_arguments(
 ) -> dict[str, Any]:
     """
     Refuse to resume from a checkpoint (--resume_from_checkpoint, else `last_checkpoint`, the last one in output_dir)
-    with arguments that differ from those recorded by the run that saved it, naming each changed one. A checkpoint
-    written before runs were recorded resumes unchecked, with a warning. Returns this run's arguments, which
-    [`record_run_arguments`] writes once the run starts training.
+    with arguments that differ from those recorded by the run that saved it, naming each changed one. Each checkpoint
+    holds the record of its own run (`ClipCapTrainer(run_arguments=...)`), so a folder holding checkpoints of two runs
+    (one started with --overwrite_output_dir leaves the other's in place) is checked against the right one; a
+    checkpoint saved before checkpoints held it is checked against the record in its folder, and one written before
+    runs were recorded resumes unchecked, with a warning. Returns this run's arguments, which [`record_run_arguments`]
+    writes once the run starts training.
     """
     arguments = run_arguments(model_args, data_args, training_args)
     checkpoint = training_args.resume_from_checkpoint or last_checkpoint
     if isinstance(checkpoint, str) and os.path.isdir(checkpoint):  # a checkpoint that is not there: Trainer names it
-        record = os.path.join(os.path.dirname(os.path.normpath(checkpoint)), RUN_ARGUMENTS_NAME)
-        if os.path.exists(record):
+        folder = os.path.dirname(os.path.normpath(checkpoint))
+        records = [os.path.join(checkpoint, RUN_ARGUMENTS_NAME), os.path.join(folder, RUN_ARGUMENTS_NAME)]
+        record = next((path for path in records if os.path.exists(path)), None)
+        if record is not None:
             _check_resumed_arguments(checkpoint, record, arguments, training_args)
         else:
             logger.warning(
                 f"Resuming from {checkpoint} without checking that this run's arguments are those it was trained "
-                f"with: there is no {record} (an older clipcap_hf wrote the checkpoint)."
+                f"with: neither it nor {folder} holds {RUN_ARGUMENTS_NAME} (an older clipcap_hf wrote the checkpoint)."
             )
     return arguments
 
 
 def record_run_arguments(training_args: TrainingArguments, arguments: dict[str, Any]) -> None:
-    """Write a run's arguments in its output_dir (main process), for the next rerun to check."""
+    """Write a run's arguments in its output_dir (main process); its checkpoints get them as they are saved."""
     if training_args.should_save:
-        os.makedirs(training_args.output_dir, exist_ok=True)
-        text = json.dumps(arguments, indent=2) + "\n"
-        write_text_atomically(os.path.join(training_args.output_dir, RUN_ARGUMENTS_NAME), text)
+        write_run_arguments(training_args.output_dir, arguments)
 
 
 def _check_resumed_arguments(
@@ -321,10 +340,10 @@ def _check_resumed_arguments(
             f"from its weights with --model_name_or_path {checkpoint} in place of --resume_from_checkpoint (and a "
             "new --output_dir)"
         )
-    elif hasattr(training_args, "overwrite_output_dir"):  # transformers 4
-        start_again = "with --overwrite_output_dir or another --output_dir"
     else:
-        start_again = "with another --output_dir"
+        # Not --overwrite_output_dir (transformers 4): it leaves that run's checkpoints in place for a rerun to meet.
+        folder = os.path.dirname(os.path.normpath(checkpoint))
+        start_again = f"with another --output_dir (or in {folder} once that run's checkpoints are deleted)"
     raise ValueError(
         f"Cannot resume from {checkpoint}: its run was trained with other arguments (recorded in {record}): "
         f"{'; '.join(changed)}. Rerun with that run's arguments to resume it, or start a new run {start_again}."
@@ -381,12 +400,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     last_checkpoint = None
     # transformers 4 has --overwrite_output_dir, which means: start afresh rather than resume.
     overwrite = getattr(training_args, "overwrite_output_dir", False)
+    if overwrite and training_args.do_train and os.path.isdir(training_args.output_dir):
+        _warn_of_the_checkpoints_left(training_args.output_dir)
     resuming = training_args.do_train and training_args.resume_from_checkpoint is None and not overwrite
     if resuming and os.path.isdir(training_args.output_dir):
         remove_incomplete = training_args.should_save  # the main process
         last_checkpoint = last_complete_checkpoint(training_args.output_dir, remove_incomplete=remove_incomplete)
         if last_checkpoint is not None:
             logger.info(f"Resuming from {last_checkpoint}; use another --output_dir to start afresh.")
+    arguments = None
     if training_args.do_train:
         arguments = check_run_arguments(model_args, data_args, training_args, last_checkpoint)
     set_seed(training_args.seed)
@@ -438,6 +460,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             "max_new_tokens": data_args.generation_max_new_tokens,
         },
         caption_metrics=data_args.caption_metrics,
+        run_arguments=arguments,  # recorded in each checkpoint, for a resume from it to check
     )
 
     if training_args.do_train:

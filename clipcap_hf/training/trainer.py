@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import datasets
 import torch
 from transformers import Trainer, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data import image_inputs
 from ..evaluation.metrics import compute_caption_metrics
@@ -21,6 +23,15 @@ from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import give_files_the_umask_mode, read_json, write_text_atomically
 
 logger = logging.getLogger(__name__)
+
+# The arguments that define a run (`run_arguments` in run.py), recorded in its output_dir and in each checkpoint.
+RUN_ARGUMENTS_NAME = "clipcap_run_args.json"
+
+
+def write_run_arguments(folder: str | os.PathLike[str], arguments: dict[str, Any]) -> None:
+    """Write a run's arguments in `folder` (created if need be) as `RUN_ARGUMENTS_NAME`, atomically."""
+    os.makedirs(folder, exist_ok=True)
+    write_text_atomically(os.path.join(folder, RUN_ARGUMENTS_NAME), json.dumps(arguments, indent=2) + "\n")
 
 
 @torch.no_grad()
@@ -115,6 +126,8 @@ class ClipCapTrainer(Trainer):
         caption_eval_embeds: the embedding table its `image_index` points into; `None` to caption from pixels.
         generation_kwargs: passed to `generate`, e.g. `{"num_beams": 5, "max_new_tokens": 30}`.
         caption_metrics: names for [`compute_caption_metrics`], e.g. `["bleu", "cider"]`.
+        run_arguments: the arguments that define the run, written into each checkpoint as `RUN_ARGUMENTS_NAME`, so
+            that a resume checks its arguments against those of the run that saved that very checkpoint.
     """
 
     def __init__(
@@ -124,6 +137,7 @@ class ClipCapTrainer(Trainer):
         caption_eval_embeds: torch.Tensor | None = None,
         generation_kwargs: dict[str, Any] | None = None,
         caption_metrics: Sequence[str] = (),
+        run_arguments: dict[str, Any] | None = None,
         **kwargs,
     ):
         super().__init__(*args, **kwargs)
@@ -139,6 +153,7 @@ class ClipCapTrainer(Trainer):
         self.caption_eval_embeds = caption_eval_embeds
         self.generation_kwargs = generation_kwargs or {}
         self.caption_metrics = list(caption_metrics)
+        self.run_arguments = run_arguments
 
     # Resuming: a damaged part of the checkpoint is named, with what to do, rather than a bare torch.load traceback.
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
@@ -153,6 +168,13 @@ class ClipCapTrainer(Trainer):
     def _load_rng_state(self, checkpoint):
         with _naming_a_damaged_checkpoint(checkpoint, "random number generator state (rng_state*.pth)"):
             super()._load_rng_state(checkpoint)
+
+    def _save_checkpoint(self, model, trial):
+        # Written first: Trainer writes trainer_state.json last, so a complete checkpoint always names its run.
+        if self.run_arguments is not None and self.args.should_save:
+            checkpoint = os.path.join(self._get_output_dir(trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+            write_run_arguments(checkpoint, self.run_arguments)
+        super()._save_checkpoint(model, trial)
 
     def _save(self, output_dir=None, state_dict=None):
         super()._save(output_dir, state_dict)
