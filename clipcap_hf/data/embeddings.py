@@ -361,6 +361,11 @@ def _folder_lock(directory: Path, rank: int, world_size: int) -> Iterator[None]:
                 acquired = False
             except OSError as error:
                 problem = _unwritable(directory, error)
+            except NotImplementedError:  # filelock 3 on a filesystem without flock (filelock 4 falls back by itself)
+                problem = (
+                    f"Cannot lock the embeddings folder {directory}: its filesystem does not support file locks "
+                    "(flock). Upgrade filelock (`pip install -U filelock`) or give a folder on another filesystem."
+                )
         if world_size > 1:
             acquired, problem = _all_gather((acquired, problem))[0]
         if problem is not None:
