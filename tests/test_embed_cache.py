@@ -178,36 +178,48 @@ def test_a_shard_rewrite_interrupted_between_its_renames_keeps_every_row(tmp_pat
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="kills a forked copy of the test process")
-def test_a_shard_rewrite_killed_between_its_renames_is_put_back_by_the_next_run(tmp_path, tokenizer, processor):
-    folder, model = image_folder(tmp_path / "images", 4), tiny_model(tokenizer)
-    embed_files(folder, model, processor, tmp_path / "emb")
-    before, old_key = stored(tmp_path / "emb"), image_cache_key(str(folder / "1.png"))
+@pytest.mark.parametrize(
+    "killed_while, num_replaced",
+    [
+        ("renaming the rewritten shard into place", 1),  # the old one is put back, its row dropped again
+        ("deleting the old shard", 0),  # the rewritten one stays
+    ],
+)
+def test_a_shard_rewrite_killed_midway_is_settled_by_the_next_run(
+    tmp_path, tokenizer, processor, killed_while, num_replaced
+):
+    folder, model, emb = image_folder(tmp_path / "images", 4), tiny_model(tokenizer), tmp_path / "emb"
+    embed_files(folder, model, processor, emb)
+    before, old_key = stored(emb), image_cache_key(str(folder / "1.png"))
     replace_file(folder / "1.png")
     pid = os.fork()
-    if pid == 0:  # the child: SIGKILLed where the rewritten shard would take the old one's name
+    if pid == 0:  # the child: SIGKILLed at that rename
         try:
             real_replace = os.replace
 
             def killed(source, destination):
-                if Path(source).name.startswith(".tmp-shard-") and Path(destination).name == REWRITTEN:
+                old, new = Path(source).name, Path(destination).name
+                renaming = old.startswith(".tmp-shard-") and new == REWRITTEN
+                deleting = old == f".aside-{REWRITTEN}" and new.startswith(".tmp-")
+                if renaming if killed_while.startswith("renaming") else deleting:
                     os.kill(os.getpid(), signal.SIGKILL)
                 return real_replace(source, destination)
 
             embeddings.os.replace = killed
-            embed_files(folder, model, processor, tmp_path / "emb")
+            embed_files(folder, model, processor, emb)
         finally:
             os._exit(1)  # not reached when killed where meant
     assert os.waitpid(pid, 0)[1] == signal.SIGKILL
-    emb = tmp_path / "emb"
-    assert not (emb / REWRITTEN).exists()  # killed where meant: the old shard moved aside
-    assert (emb / f".aside-{REWRITTEN}").exists()
+    assert (emb / f".aside-{REWRITTEN}").exists()  # killed where meant: the old shard moved aside
+    assert (emb / REWRITTEN).exists() == (num_replaced == 0)
 
     seen, patch = count_vision_images(model)
     with patch:
-        info = embed_files(folder, model, processor, tmp_path / "emb")
+        info = embed_files(folder, model, processor, emb)
     assert seen == []  # nothing lost, so nothing embedded again
     after = stored(emb)
-    assert (info["num_images"], info["num_replaced"], len(after)) == (4, 1, 4)
+    assert (info["num_images"], info["num_replaced"], len(after)) == (4, num_replaced, 4)
+    assert sorted(after) == sorted(image_cache_key(str(folder / f"{index}.png")) for index in range(4))
     for key in set(before) - {old_key}:
         np.testing.assert_array_equal(after[key][0], before[key][0])
     assert sorted(path.name for path in emb.iterdir() if not path.name.startswith("shard-")) == [

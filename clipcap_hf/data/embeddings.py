@@ -496,16 +496,24 @@ def _remove_leftovers(directory: Path) -> None:
 
 
 # A shard being rewritten without some rows is moved aside under this prefix until its new version takes its name.
+# An aside is always a whole shard: it appears by a rename of one, and leaves by a rename (back, or to be deleted).
 _ASIDE_PREFIX = ".aside-"
 
 
 def _settle_aside(aside: Path) -> None:
-    """Put a shard moved aside back if its name is free (its rewrite never took its place), or remove it."""
+    """Put a shard moved aside back if its name is free (its rewrite never took its place), or delete it."""
     shard = aside.with_name(aside.name[len(_ASIDE_PREFIX) :])
     if shard.exists():
-        shutil.rmtree(aside)
+        _delete_aside(aside)
     else:
         os.replace(aside, shard)
+
+
+def _delete_aside(aside: Path) -> None:
+    # Renamed to a temporary shard's name first: a deletion cut short leaves a leftover, never a partial aside.
+    garbage = aside.with_name(f".tmp-{aside.name[len(_ASIDE_PREFIX) :]}-{uuid.uuid4().hex}")
+    os.replace(aside, garbage)
+    shutil.rmtree(garbage, ignore_errors=True)
 
 
 def _drop_replaced_files(directory: Path) -> int:
@@ -552,7 +560,7 @@ def _drop_replaced_files(directory: Path) -> int:
             os.replace(shard, aside)
             if kept.num_rows:
                 os.replace(replacement, shard)
-            shutil.rmtree(aside)  # only now: until the new shard has its name, the old one is its only copy
+            _delete_aside(aside)  # only now: until the new shard has its name, the old one is its rows' only copy
         except BaseException:  # Ctrl-C too; after a SIGKILL, the next run's `_remove_leftovers` does this
             if aside.exists():
                 _settle_aside(aside)
