@@ -255,6 +255,9 @@ def test_each_process_of_a_distributed_launch_takes_its_own_gpu_unless_told_a_de
 
 
 def test_two_torchrun_ranks_each_embed_about_half_and_the_union_holds_every_image_once(tmp_path, model_dir):
+    """Also while another run holds the folder: both processes wait for it (process 0 on the lock), then embed."""
+    from filelock import FileLock
+
     captions = [[f"Image {shard} {index}." for index in range(6)] for shard in range(2)]
     shards, samples = write_webdataset_shards(tmp_path / "shards", captions)
     script = tmp_path / "embed.py"
@@ -262,12 +265,26 @@ def test_two_torchrun_ranks_each_embed_about_half_and_the_union_holds_every_imag
     arguments = ["--model", str(model_dir), "--train_file", str(tmp_path / "shards" / "*.tar"), "--batch_size", "2"]
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    result = subprocess.run(
+    (tmp_path / "emb").mkdir()
+    other_run = FileLock(tmp_path / "emb" / ".embeddings-writer.lock")
+    other_run.acquire()
+    run = subprocess.Popen(
         [*command, *arguments, "--output", str(tmp_path / "emb")],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path,
     )  # fmt: skip
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    assert result.stdout.count('"num_images": 12') == 1  # one summary, from the main process
+    try:
+        before = []  # its log until it says it waits (all of it if it never does)
+        for line in run.stderr:
+            before.append(line)
+            if "Waiting for another run writing into the embeddings folder" in line:
+                break
+        assert not list((tmp_path / "emb").glob("shard-*")), "".join(before)[-3000:]
+    finally:
+        other_run.release()
+        stdout, stderr = run.communicate(timeout=300)
+    assert "Waiting for another run" in before[-1], "".join(before)[-3000:]
+    assert run.returncode == 0, stdout[-2000:] + stderr[-3000:]
+    assert stdout.count('"num_images": 12') == 1  # one summary, from the main process
     # Each rank wrote its own shards, with its share of the images (the keys' hash decides): about half each.
     keys = {
         rank: [key for shard in (tmp_path / "emb").glob(f"shard-rank{rank:05d}-of-00002-*")
