@@ -40,6 +40,7 @@ _RESAMPLE = {
 }
 
 ImageLike = PIL.Image.Image | np.ndarray | torch.Tensor
+_EXIF_ORIENTATION = 0x0112
 
 # How an image becomes a square: resize the short side and center-crop (CLIP, DINOv2), or resize both sides to the
 # square, whatever the aspect ratio (SigLIP, ViT), as open_clip names these modes.
@@ -55,6 +56,9 @@ _TOWER_PREPROCESSING = {
     "dinov2": ("shortest", "bicubic", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     "dinov2_with_registers": ("shortest", "bicubic", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
 }
+
+# The step switches of transformers' image processors that `from_transformers_pretrained` translates.
+_TRANSLATED_STEPS = frozenset({"do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb"})
 
 # The options a call can give (the processor passes them on by these names): the processor's own settings, and
 # transformers' standard switches for each preprocessing step.
@@ -103,7 +107,10 @@ def to_rgb_image(image: ImageLike) -> PIL.Image.Image:
         )
     if image.width == 0 or image.height == 0:
         raise ValueError(f"Got an image of size {image.width}x{image.height}; images must not be empty.")
-    image = PIL.ImageOps.exif_transpose(image)
+    if image.getexif().get(_EXIF_ORIENTATION, 1) != 1:
+        # Only then: exif_transpose copies even an upright image. It removes the tag from the image it returns, so an
+        # image that comes through here twice is turned once.
+        image = PIL.ImageOps.exif_transpose(image)
     if image.mode in ("I", "F") or image.mode.startswith("I;16"):
         # Integer and float images by the rules of arrays: PIL's own conversion to RGB clips at 255 (and makes an "F"
         # image in [0, 1] black).
@@ -219,6 +226,18 @@ def _square_sizes(
     return side, side if crop_size is None else _read_size(crop_size, "crop_size")[0]
 
 
+def _untranslatable_settings(settings: dict[str, Any]) -> list[str]:
+    """The settings of a transformers image processor that ClipCapImageProcessor cannot apply, as `name=value`."""
+    refused = {name: settings[name] for name in ("do_resize", "do_rescale", "do_convert_rgb")
+               if settings.get(name) is False}
+    if not math.isclose(settings.get("rescale_factor", 1 / 255), 1 / 255):
+        refused["rescale_factor"] = settings["rescale_factor"]
+    # Other steps (padding, channel flips, ...) that are switched on.
+    refused.update({name: value for name, value in settings.items()
+                    if name.startswith("do_") and name not in _TRANSLATED_STEPS and value})
+    return [f"{name}={value!r}" for name, value in refused.items()]
+
+
 def _tower_config(pretrained_model_name_or_path: str, **kwargs) -> PretrainedConfig:
     """The vision tower's config of a transformers checkpoint (of a whole CLIP or SigLIP, its vision part)."""
     return vision_tower_config(AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs))
@@ -242,7 +261,7 @@ class ClipCapImageProcessor(BaseImageProcessor):
             `"squash"`) mean the same.
         crop_size (`int`, *optional*):
             Side of the square center crop (224 for ViT-B/32, 288 for RN50x4), or `{"height": n, "width": n}`;
-            defaults to `size`. With `"squash"` there is no crop, and it must be `size`.
+            defaults to `size` (with `"squash"`: no crop).
         resample (`str`, *optional*, defaults to `"bicubic"`):
             One of "nearest", "box", "bilinear", "hamming", "bicubic", "lanczos", or its `PIL.Image.Resampling`
             value.
@@ -250,7 +269,7 @@ class ClipCapImageProcessor(BaseImageProcessor):
             Per-channel normalisation; CLIP's by default.
         resize_mode (`str`, *optional*, defaults to `"shortest"`):
             `"shortest"` (resize the short side to `size`, center-crop `crop_size`) or `"squash"` (resize to
-            `size` x `size`, whatever the aspect ratio).
+            `size` x `size`, whatever the aspect ratio, then center-crop `crop_size`).
     """
 
     model_input_names = ["pixel_values"]
@@ -278,8 +297,6 @@ class ClipCapImageProcessor(BaseImageProcessor):
         if resize_mode not in RESIZE_MODES:
             raise ValueError(f"`resize_mode` must be one of {RESIZE_MODES}, got {resize_mode!r}.")
         size, crop_size = _square_sizes(size, crop_size, resize_mode)
-        if resize_mode == "squash" and crop_size != size:
-            raise ValueError(f"resize_mode='squash' does not crop: `crop_size` ({crop_size}) must be `size` ({size}).")
         if crop_size > size:
             raise ValueError(f"`crop_size` ({crop_size}) must not exceed `size` ({size}).")
         self.size = size
@@ -309,6 +326,13 @@ class ClipCapImageProcessor(BaseImageProcessor):
             return cls(size=side, resample=resample, image_mean=mean, image_std=std, resize_mode=resize_mode)
         if settings.get("image_processor_type") == cls.__name__:  # saved by ClipCapImageProcessor itself
             return cls.from_dict(settings)
+        untranslatable = _untranslatable_settings(settings)
+        if untranslatable:  # refused rather than left out: the tower would see other pixels than it was trained on
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: ClipCapImageProcessor cannot reproduce this checkpoint's "
+                f"preprocessing with {', '.join(untranslatable)}; it always resizes, center-crops (or squashes), "
+                "converts to RGB and scales by 1/255."
+            )
         reference = None  # the tower's reference preprocessing, read only for what the settings leave open
 
         def tower_reference() -> tuple[str, str, Sequence[float], Sequence[float]]:
@@ -336,8 +360,13 @@ class ClipCapImageProcessor(BaseImageProcessor):
                 # A bare number, as older configs save it, is the short side for CLIP's and DINOv2's processors but
                 # the square's side for ViT's and SigLIP's (google/vit-base-patch16-224's): the tower says which.
                 resize_mode = resize_mode or tower_reference()[0]
-            if resize_mode == "squash" or settings.get("do_center_crop") is False:
-                crop_size = None  # no crop: the resized square (or short side) is the image
+            if settings.get("do_center_crop") is False:
+                if resize_mode == "shortest":
+                    raise ValueError(
+                        "do_center_crop=False with a short-side resize keeps each image's aspect ratio; "
+                        "ClipCapImageProcessor makes square images only."
+                    )
+                crop_size = None  # no crop: the squashed square is the image
             resample = _resample_name(settings["resample"]) if "resample" in settings else tower_reference()[1]
             return cls(
                 size=size, crop_size=crop_size, resample=resample, image_mean=mean, image_std=std,
@@ -424,7 +453,9 @@ class ClipCapImageProcessor(BaseImageProcessor):
             else:
                 width, height = int(size * width / height), size
             image = image.resize((width, height), _RESAMPLE[resample or self.resample])
-        if do_center_crop and self.resize_mode == "shortest":
+        # A squashed image is already the square of `size`: cropped only to a smaller `crop_size`.
+        if do_center_crop and (self.resize_mode == "shortest" or crop_size != size):
+            width, height = image.size
             top = int(round((height - crop_size) / 2.0))
             left = int(round((width - crop_size) / 2.0))
             image = image.crop((left, top, left + crop_size, top + crop_size))
@@ -455,12 +486,14 @@ class ClipCapImageProcessor(BaseImageProcessor):
             options["resample"] = _resample_name(options["resample"])
         if options.get("do_convert_rgb") is False:
             raise ValueError("`do_convert_rgb=False` is not supported: CLIP towers read 3-channel RGB images.")
+        uncropped_squash = self.resize_mode == "squash" and self.crop_size == self.size
+        # A squash without a crop stays one at another `size`.
+        default_crop_size = None if uncropped_squash else self.crop_size
         size, crop_size = _square_sizes(
-            options.get("size", self.size), options.get("crop_size", self.crop_size), self.resize_mode
+            options.get("size", self.size), options.get("crop_size", default_crop_size), self.resize_mode
         )
         options.update(size=size, crop_size=crop_size)
-        cropping = self.resize_mode == "shortest" and options.get("do_center_crop", True)
-        if options.get("do_resize", True) and cropping and crop_size > size:
+        if options.get("do_resize", True) and options.get("do_center_crop", True) and crop_size > size:
             raise ValueError(f"`crop_size` ({crop_size}) must not exceed `size` ({size}).")
         if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)) and not _is_batched_array(images):
             images = [images]

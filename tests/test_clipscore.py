@@ -12,6 +12,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import transformers
 from conftest import IMAGE_SIZE, random_images
 from torchvision import transforms
 from transformers import AutoProcessor, CLIPModel
@@ -121,6 +122,39 @@ def test_images_are_scored_upright_and_on_white_as_the_captioner_sees_them(clip)
     assert max(expected) > 0
     scores = scorer.clip_score([PIL.Image.fromarray(rgba, "RGBA")] * len(CAPTIONS), CAPTIONS)
     assert scores.tolist() == pytest.approx(expected, abs=1e-5)
+
+
+@torch.no_grad()
+def test_a_clip_processor_that_squashes_then_crops_gives_its_own_pixels(clip):
+    model, processor = clip
+    pil_processor = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    crop_size = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    squash_then_crop = pil_processor(size={"height": 40, "width": 40}, crop_size=crop_size)
+    images = random_images(2, seed=1, size=(60, 44))
+    pixel_values = squash_then_crop(images, return_tensors="pt")["pixel_values"]
+    features = model.get_image_features(pixel_values=pixel_values)
+    features = features if isinstance(features, torch.Tensor) else features.pooler_output  # transformers 5
+    expected = torch.nn.functional.normalize(features, dim=-1)
+    clip_processor = transformers.CLIPProcessor(image_processor=squash_then_crop, tokenizer=processor.tokenizer)
+    scorer = CLIPScorer(model, clip_processor)
+    torch.testing.assert_close(scorer.image_embeddings(images), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "setting, named",
+    [({"do_rescale": False}, "do_rescale=False"), ({"rescale_factor": 1 / 127.5}, "rescale_factor=0.00784313725490196"),
+     ({"do_resize": False}, "do_resize=False"), ({"do_convert_rgb": False}, "do_convert_rgb=False")],
+)
+def test_a_clip_processor_setting_the_scorer_cannot_apply_is_refused_naming_it(clip, setting, named):
+    model, processor = clip
+    image_processor = transformers.CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, **setting)
+    with pytest.raises(ValueError) as error:
+        CLIPScorer(model, transformers.CLIPProcessor(image_processor=image_processor, tokenizer=processor.tokenizer))
+    assert str(error.value) == (
+        "CLIPScorer cannot apply the CLIP processor's image settings: ClipCapImageProcessor cannot reproduce this "
+        f"checkpoint's preprocessing with {named}; it always resizes, center-crops (or squashes), converts to RGB and "
+        "scales by 1/255."
+    )
 
 
 def test_a_clip_vision_model_alone_is_refused_before_loading(tiny_clip_dir, tmp_path):

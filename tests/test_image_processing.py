@@ -102,3 +102,71 @@ def test_a_checkpoint_with_an_unknown_resampling_is_refused_naming_it(tmp_path):
         f"{tmp_path}: `resample` must be one of ['nearest', 'box', 'bilinear', 'hamming', 'bicubic', 'lanczos'] or a "
         "PIL.Image.Resampling value, got 9."
     )
+
+
+def test_an_upright_image_is_not_copied_and_an_exif_rotated_one_is_turned_once():
+    import io
+
+    import numpy as np
+
+    from clipcap_hf.image_processing_clipcap import to_rgb_image
+
+    upright = random_images(1)[0]
+    assert to_rgb_image(upright) is upright  # exif_transpose would copy it (16 decoded photos: +183 MB)
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = 255  # 40 wide, 20 tall, left half white
+    exif = PIL.Image.new("RGB", (1, 1)).getexif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to view"
+    encoded = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(encoded, "PNG", exif=exif.tobytes())
+    once = to_rgb_image(PIL.Image.open(encoded))
+    twice = to_rgb_image(once)
+    assert once.size == twice.size == (20, 40)
+    expected = np.zeros((40, 20, 3), np.uint8)
+    expected[:20] = 255  # the white half on top
+    assert np.array_equal(np.asarray(twice), expected)
+
+
+def test_a_squash_then_crop_checkpoint_gives_its_processors_pixels(tmp_path):
+    settings = {"size": {"height": 40, "width": 40}, "crop_size": {"height": 32, "width": 32}}
+    ClipImageProcessorPil(**settings).save_pretrained(tmp_path)
+    processor = ClipCapImageProcessor.from_transformers_pretrained(tmp_path)
+    assert (processor.resize_mode, processor.size, processor.crop_size) == ("squash", 40, 32)
+    images = random_images(2, seed=1, size=(60, 44))
+    pixels = processor(images)["pixel_values"]
+    assert pixels.shape == (2, 3, 32, 32)
+    torch.testing.assert_close(pixels, clip_pixels(images, **settings), atol=1e-5, rtol=0)
+    # Without the crop, the squashed square.
+    ClipImageProcessorPil(**settings, do_center_crop=False).save_pretrained(tmp_path)
+    processor = ClipCapImageProcessor.from_transformers_pretrained(tmp_path)
+    assert (processor.resize_mode, processor.size, processor.crop_size) == ("squash", 40, 40)
+    torch.testing.assert_close(
+        processor(images)["pixel_values"], clip_pixels(images, **settings, do_center_crop=False), atol=1e-5, rtol=0
+    )
+
+
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        ({"do_resize": False}, "do_resize=False"),
+        ({"do_rescale": False}, "do_rescale=False"),
+        ({"rescale_factor": 1 / 127.5}, "rescale_factor=0.00784313725490196"),
+        ({"do_convert_rgb": False}, "do_convert_rgb=False"),
+        ({"do_pad": True}, "do_pad=True"),
+    ],
+)
+def test_a_checkpoint_setting_it_cannot_apply_is_refused_naming_it(tmp_path, settings, named):
+    settings = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32}, **settings}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError) as error:
+        ClipCapImageProcessor.from_transformers_pretrained(tmp_path)
+    assert str(error.value) == (
+        f"{tmp_path}: ClipCapImageProcessor cannot reproduce this checkpoint's preprocessing with {named}; it always "
+        "resizes, center-crops (or squashes), converts to RGB and scales by 1/255."
+    )
+
+
+def test_a_short_side_checkpoint_without_a_crop_is_refused(tmp_path):
+    ClipImageProcessorPil(size={"shortest_edge": 32}, do_center_crop=False).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"do_center_crop=False with a short-side resize keeps each image's aspect"):
+        ClipCapImageProcessor.from_transformers_pretrained(tmp_path)
