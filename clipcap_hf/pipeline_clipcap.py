@@ -3,22 +3,44 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterable, Iterator, Sized
 from typing import Any
 
 from transformers import AutoModelForImageTextToText, GenerationConfig
 from transformers.image_utils import is_valid_image
 from transformers.pipelines import PIPELINE_REGISTRY, ImageTextToTextPipeline
+from transformers.processing_utils import TextKwargs
+
+# Options given to the call itself that are generation settings (num_return_sequences=3, num_beams=...): they go into
+# `generate_kwargs`, as `max_new_tokens` does, rather than to the processor. `max_length` stays the prompts'
+# tokenizer option.
+_GENERATION_OPTIONS = frozenset(
+    name for name in GenerationConfig().to_dict() if not name.startswith("_") and name != "transformers_version"
+) - set(TextKwargs.__annotations__) - {"max_new_tokens"}
 
 
 def _is_one_input(value: Any) -> bool:
-    """An image (PIL, array, path or URL) or an `{"images": ..., "text": ...}` dict."""
-    return isinstance(value, str) or is_valid_image(value) or (isinstance(value, dict) and "images" in value)
+    """An image (PIL, array, tensor, path or URL) or an `{"images": ..., "text": ...}` dict."""
+    is_image_dict = isinstance(value, dict) and "images" in value
+    return isinstance(value, (str, os.PathLike)) or is_valid_image(value) or is_image_dict
 
 
 def _as_item(image: Any, prompt: str) -> dict[str, Any]:
-    """The `{"images", "text"}` item image-text-to-text preprocesses; a dict keeps its own text if it has one."""
-    return {"text": prompt, **image} if isinstance(image, dict) else {"images": image, "text": prompt}
+    """The `{"images", "text"}` item image-text-to-text preprocesses; a dict keeps its own text if it has one. A path
+    object becomes a string, the only form of path transformers' image loading reads."""
+    if isinstance(image, dict):
+        if "images" not in image:  # e.g. {"image": ...}, or a dataset's rows rather than its image column
+            raise ValueError(
+                f"Got a dict with keys {sorted(image)} and no 'images': give an image (PIL image, array, tensor, path "
+                "or URL), an {'images': image, 'text': prompt} dict, or a list, generator or dataset of these."
+            )
+        return {"text": prompt, **image, "images": _path_as_string(image["images"])}
+    return {"images": _path_as_string(image), "text": prompt}
+
+
+def _path_as_string(image: Any) -> Any:
+    return os.fspath(image) if isinstance(image, os.PathLike) else image
 
 
 def _one_item_per_image(images: Iterable, text: str | list[str] | None) -> Iterator[dict[str, Any]]:
@@ -74,11 +96,17 @@ class ImageCaptioningPipeline(ImageTextToTextPipeline):
             self.tokenizer.padding_side = "left"
 
     def __call__(self, images=None, text=None, **kwargs):
-        if kwargs.get("generate_kwargs") is not None:  # transformers 4.57 writes max_new_tokens into the caller's dict
-            kwargs["generate_kwargs"] = dict(kwargs["generate_kwargs"])
+        # A copy: transformers 4.57 writes max_new_tokens into the caller's dict.
+        generate_kwargs = dict(kwargs.get("generate_kwargs") or {})
+        for name in _GENERATION_OPTIONS & set(kwargs):
+            if name in generate_kwargs:
+                raise ValueError(f"`{name}` was given both as an option and in `generate_kwargs`; give it once.")
+            generate_kwargs[name] = kwargs.pop(name)
+        if generate_kwargs or "generate_kwargs" in kwargs:
+            kwargs["generate_kwargs"] = generate_kwargs
         if images is None:  # text-only generation, as image-text-to-text does it
             return super().__call__(images=images, text=text, **kwargs)
-        if _is_one_input(images):
+        if _is_one_input(images) or isinstance(images, dict):
             return super().__call__(_as_item(images, "" if text is None else text), **kwargs)
         is_list = isinstance(images, (list, tuple))
         if is_list and not all(_is_one_input(image) for image in images):  # chats, and what it refuses

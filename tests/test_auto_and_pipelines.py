@@ -203,6 +203,42 @@ def test_image_captioning_pipeline_streams_generators_and_datasets(saved_model_d
         assert [output[0]["generated_text"] for output in outputs] == expected
 
 
+def test_image_captioning_pipeline_reads_path_objects_and_refuses_a_dict_without_images(saved_model_dir, tmp_path):
+    images = random_images(2, seed=5)
+    paths = [tmp_path / f"{index}.png" for index in range(2)]
+    for image, path in zip(images, paths):
+        image.save(path)
+    expected = captions_from_generate(saved_model_dir, images, max_new_tokens=6)
+    captioner = pipeline("image-captioning", model=str(saved_model_dir))
+    assert captioner(paths[0], max_new_tokens=6) == [{"input_text": "", "generated_text": expected[0]}]
+    assert captioner({"images": paths[1]}, max_new_tokens=6) == [{"input_text": "", "generated_text": expected[1]}]
+    outputs = captioner(paths, max_new_tokens=6, batch_size=2)
+    assert [output[0]["generated_text"] for output in outputs] == expected
+    message = (
+        "Got a dict with keys ['image'] and no 'images': give an image (PIL image, array, tensor, path or URL), an "
+        "{'images': image, 'text': prompt} dict, or a list, generator or dataset of these."
+    )
+    with pytest.raises(ValueError) as error:
+        captioner({"image": images[0]}, max_new_tokens=6)
+    assert str(error.value) == message
+    dataset = datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
+    with pytest.raises(ValueError) as error:  # its rows, not its image column (KeyDataset(dataset, "image"))
+        list(captioner(dataset, max_new_tokens=6))
+    assert str(error.value) == message
+
+
+def test_image_captioning_pipeline_takes_generation_options_as_its_own(saved_model_dir):
+    images = random_images(2, seed=7)
+    settings = {"num_beams": 3, "num_return_sequences": 2}
+    expected = captions_from_generate(saved_model_dir, images, max_new_tokens=5, **settings)
+    captioner = pipeline("image-captioning", model=str(saved_model_dir))
+    outputs = captioner(images, max_new_tokens=5, batch_size=2, **settings)
+    captions = [[output["generated_text"] for output in per_image] for per_image in outputs]
+    assert captions == [expected[0:2], expected[2:4]]
+    with pytest.raises(ValueError, match="`num_beams` was given both as an option and in `generate_kwargs`; give it"):
+        captioner(images, num_beams=2, generate_kwargs={"num_beams": 2})
+
+
 @pytest.mark.skipif(not TRANSFORMERS_5, reason="transformers 4.x has a real image-to-text pipeline")
 def test_image_text_to_text_without_text_says_so(saved_model_dir):
     captioner = pipeline("image-text-to-text", model=str(saved_model_dir))
