@@ -69,6 +69,8 @@ class ImageCaptioningPipeline(ImageTextToTextPipeline):
 
     One image gives a list of captions (`num_return_sequences` of them, one by default). A list of images, a generator
     or a dataset gives one such list per image, in `batch_size` batches: a list at once, the others as an iterator.
+    An image is a PIL image, an array, a tensor, a path (a string or a `pathlib.Path`) or a URL. Generation options
+    (`num_beams=3`, `num_return_sequences=2`, ...) are taken by the call itself as well as in `generate_kwargs`.
 
     Example:
 
