@@ -230,8 +230,9 @@ def _untranslatable_settings(settings: dict[str, Any]) -> list[str]:
     """The settings of a transformers image processor that ClipCapImageProcessor cannot apply, as `name=value`."""
     refused = {name: settings[name] for name in ("do_resize", "do_rescale", "do_convert_rgb")
                if settings.get(name) is False}
-    if not math.isclose(settings.get("rescale_factor", 1 / 255), 1 / 255):
-        refused["rescale_factor"] = settings["rescale_factor"]
+    rescale_factor = settings.get("rescale_factor")
+    if rescale_factor is not None and not math.isclose(rescale_factor, 1 / 255):
+        refused["rescale_factor"] = rescale_factor
     # Other steps (padding, channel flips, ...) that are switched on.
     refused.update({name: value for name, value in settings.items()
                     if name.startswith("do_") and name not in _TRANSLATED_STEPS and value})
