@@ -336,15 +336,13 @@ def _folder_lock(directory: Path, rank: int, world_size: int) -> Iterator[None]:
     """
     Hold an embeddings folder for this run while the body runs: two runs writing one folder at once (a sweep of
     `clipcap train` runs sharing `--embedding_cache_dir`) would remove each other's temporary shards, write the same
-    shard names and embed the same images twice. The second run waits until the first is done, then finds its
-    images stored and embeds only the others.
+    shard names and embed the same images twice. A second run, of any number of processes, waits for the first to
+    finish, then finds its images stored and embeds only the others.
 
-    Process 0 alone takes the lock, a `filelock` lock file (the OS's `flock` on Unix, which it releases however the
-    process ends, so a killed run holds nothing up): the processes of one run write into the folder together, each
-    its own shards, so they must not exclude each other, and its process 0 holds it for them all until they are done
-    (`embed_source` ends with a barrier). A run of any number of processes waits the same way. While process 0 waits,
-    every process of its run checks in with it every [`_LOCK_POLL_SECONDS`] (a gather), rather than waiting in one
-    collective that could outlast the distributed timeout.
+    Process 0 alone takes the lock (a `filelock` file: the OS's `flock` on Unix, released however the process ends),
+    for all processes of its run, which write their own shards side by side and end with a barrier before it lets
+    go. While it waits, they all check in with it every [`_LOCK_POLL_SECONDS`] (a gather): no process sits in one
+    collective long enough to reach the distributed timeout.
     """
     from filelock import FileLock, Timeout  # a dependency of huggingface_hub, so always installed
 
