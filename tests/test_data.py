@@ -400,7 +400,9 @@ def test_shards_are_written_whole_and_a_folder_that_cannot_be_written_is_named(
     message = rf"Cannot write to the embeddings folder {re.escape(str(folder))} \(PermissionError: .*Permission denied"
     with mock.patch.object(datasets.Dataset, "save_to_disk", dies_halfway), pytest.raises(OSError, match=message):
         embed_images(dataset, model, processor.image_processor, tmp_path / "cache")
-    assert sorted(path.name for path in folder.iterdir()) == ["embeddings_info.json", "shard-rank00000-of-00001-00000"]
+    assert sorted(path.name for path in folder.iterdir()) == [
+        ".embeddings-writer.lock", "embeddings_info.json", "shard-rank00000-of-00001-00000"
+    ]
     # Also when not even the folder's first file can be written: before any image is embedded.
     denied = PermissionError(13, "Permission denied")
     message = rf"Cannot write to the embeddings folder {re.escape(str(tmp_path))}.*Permission denied\); give a writable"
