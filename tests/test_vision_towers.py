@@ -307,9 +307,9 @@ def test_tower_without_a_preprocessor_config_gets_its_reference_preprocessing(tm
     torch.testing.assert_close(processor(image)["pixel_values"][0], (expected / 255 - 0.5) / 0.5)
 
 
-def test_squash_does_not_crop():
-    with pytest.raises(ValueError, match=r"resize_mode='squash' does not crop: `crop_size` \(24\) must be `size`"):
-        ClipCapImageProcessor(size=32, crop_size=24, resize_mode="squash")
+def test_squash_crops_only_to_a_smaller_crop_size():
+    with pytest.raises(ValueError, match=r"`crop_size` \(40\) must not exceed `size` \(32\)"):
+        ClipCapImageProcessor(size=32, crop_size=40, resize_mode="squash")
     with pytest.raises(ValueError, match=r"`resize_mode` must be one of \('shortest', 'squash'\), got 'longest'"):
         ClipCapImageProcessor(resize_mode="longest")
 
