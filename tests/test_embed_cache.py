@@ -5,6 +5,8 @@ non-finite embeddings refused with the earlier ones kept."""
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ from test_embed import expected_embeddings, is_memory_mapped, model_dir, stored 
 
 import clipcap_hf.data.embeddings as embeddings
 import clipcap_hf.data.sources as sources
+from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
 from clipcap_hf.commands import main
 from clipcap_hf.data import embed_source, image_cache_key, load_embeddings, load_embeddings_info, load_image_source
 
@@ -177,7 +180,36 @@ def test_a_shard_rewrite_interrupted_between_its_renames_keeps_every_row(tmp_pat
     assert sorted(stored(tmp_path / "emb")) == sorted(image_cache_key(str(folder / f"{i}.png")) for i in range(4))
 
 
-@pytest.mark.skipif(not hasattr(os, "fork"), reason="kills a forked copy of the test process")
+KILLED_AT_A_RENAME = r"""
+import os, signal, sys
+from pathlib import Path
+
+import clipcap_hf.data.embeddings as embeddings
+from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
+from clipcap_hf.data import embed_source, load_image_source
+
+model_dir, folder, output, killed_while = sys.argv[1:]
+rewritten = "shard-rank00000-of-00001-00000"
+real_replace = os.replace
+
+
+def replace_or_die(source, destination):
+    old, new = Path(source).name, Path(destination).name
+    renaming = old.startswith(".tmp-shard-") and new == rewritten  # the rewritten shard into place
+    deleting = old == ".aside-" + rewritten and new.startswith(".tmp-")  # the old shard on its way out
+    if renaming if killed_while == "renaming" else deleting:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_replace(source, destination)
+
+
+embeddings.os.replace = replace_or_die
+model = ClipCapForConditionalGeneration.from_pretrained(model_dir).eval()
+processor = ClipCapProcessor.from_pretrained(model_dir)
+embed_source(load_image_source(data_files=folder, caption_column="text"), model, processor.image_processor, output)
+sys.exit(1)  # not reached when killed where meant
+"""
+
+
 @pytest.mark.parametrize(
     "killed_while, num_replaced",
     [
@@ -186,30 +218,21 @@ def test_a_shard_rewrite_interrupted_between_its_renames_keeps_every_row(tmp_pat
     ],
 )
 def test_a_shard_rewrite_killed_midway_is_settled_by_the_next_run(
-    tmp_path, tokenizer, processor, killed_while, num_replaced
+    tmp_path, model_dir, killed_while, num_replaced  # noqa: F811 (model_dir: a fixture)
 ):
-    folder, model, emb = image_folder(tmp_path / "images", 4), tiny_model(tokenizer), tmp_path / "emb"
+    folder, emb = image_folder(tmp_path / "images", 4), tmp_path / "emb"
+    model = ClipCapForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = ClipCapProcessor.from_pretrained(model_dir)
     embed_files(folder, model, processor, emb)
     before, old_key = stored(emb), image_cache_key(str(folder / "1.png"))
     replace_file(folder / "1.png")
-    pid = os.fork()
-    if pid == 0:  # the child: SIGKILLed at that rename
-        try:
-            real_replace = os.replace
-
-            def killed(source, destination):
-                old, new = Path(source).name, Path(destination).name
-                renaming = old.startswith(".tmp-shard-") and new == REWRITTEN
-                deleting = old == f".aside-{REWRITTEN}" and new.startswith(".tmp-")
-                if renaming if killed_while.startswith("renaming") else deleting:
-                    os.kill(os.getpid(), signal.SIGKILL)
-                return real_replace(source, destination)
-
-            embeddings.os.replace = killed
-            embed_files(folder, model, processor, emb)
-        finally:
-            os._exit(1)  # not reached when killed where meant
-    assert os.waitpid(pid, 0)[1] == signal.SIGKILL
+    # A process of its own (not a fork of this one, whose OpenMP threads a forked child cannot use), SIGKILLed there
+    mode = "renaming" if killed_while.startswith("renaming") else "deleting"
+    arguments = [str(model_dir), str(folder), str(emb), mode]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILLED_AT_A_RENAME, *arguments], env=env, capture_output=True,
+                            check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
     assert (emb / f".aside-{REWRITTEN}").exists()  # killed where meant: the old shard moved aside
     assert (emb / REWRITTEN).exists() == (num_replaced == 0)
 
