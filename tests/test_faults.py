@@ -99,7 +99,7 @@ def run_killed(point, arguments):
     assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
 
 
-def train_arguments(model_dir, caption_folder, output_dir, cache_dir):
+def train_arguments(model_dir, caption_folder, output_dir, cache_dir, *extra):
     return [
         "train",
         "--model_name_or_path", str(model_dir),
@@ -117,6 +117,7 @@ def train_arguments(model_dir, caption_folder, output_dir, cache_dir):
         "--use_cpu",
         "--report_to", "none",
         "--disable_tqdm", "true",
+        *extra,
     ]  # fmt: skip
 
 

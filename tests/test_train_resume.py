@@ -8,32 +8,12 @@ from unittest import mock
 
 import pytest
 from safetensors.torch import load_file
+from test_faults import train_arguments
 from transformers import TrainingArguments
 
 from clipcap_hf.commands import main
 from clipcap_hf.training import ClipCapTrainer
 from clipcap_hf.training.run import RUN_ARGUMENTS_NAME
-
-
-def train_arguments(model_dir, caption_folder, output_dir, cache_dir, *extra):
-    return [
-        "train",
-        "--model_name_or_path", str(model_dir),
-        "--dataset_format", "imagefolder",
-        "--train_file", str(caption_folder),
-        "--output_dir", str(output_dir),
-        "--embedding_cache_dir", str(cache_dir),
-        "--do_train",
-        "--max_steps", "3",
-        "--per_device_train_batch_size", "2",
-        "--learning_rate", "1e-2",
-        "--save_strategy", "steps",
-        "--save_steps", "1",
-        "--use_cpu",
-        "--report_to", "none",
-        "--disable_tqdm", "true",
-        *extra,
-    ]  # fmt: skip
 
 
 @pytest.fixture
