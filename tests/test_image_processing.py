@@ -93,12 +93,17 @@ def test_box_and_hamming_from_a_checkpoint_give_its_pixels(tmp_path, resample):
     torch.testing.assert_close(processor(images)["pixel_values"], clip_pixels(images, **settings), atol=1e-5, rtol=0)
 
 
-def test_a_checkpoint_with_an_unknown_resampling_is_refused_naming_it(tmp_path):
-    settings = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32}, "resample": 9}
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(settings))
+def refusal_of_checkpoint(folder, settings):
+    """The error `from_transformers_pretrained` raises for a short-side CLIP processor config with `settings`."""
+    config = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32}, **settings}
+    (folder / "preprocessor_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError) as error:
-        ClipCapImageProcessor.from_transformers_pretrained(tmp_path)
-    assert str(error.value) == (
+        ClipCapImageProcessor.from_transformers_pretrained(folder)
+    return str(error.value)
+
+
+def test_a_checkpoint_with_an_unknown_resampling_is_refused_naming_it(tmp_path):
+    assert refusal_of_checkpoint(tmp_path, {"resample": 9}) == (
         f"{tmp_path}: `resample` must be one of ['nearest', 'box', 'bilinear', 'hamming', 'bicubic', 'lanczos'] or a "
         "PIL.Image.Resampling value, got 9."
     )
@@ -156,11 +161,7 @@ def test_a_squash_then_crop_checkpoint_gives_its_processors_pixels(tmp_path):
     ],
 )
 def test_a_checkpoint_setting_it_cannot_apply_is_refused_naming_it(tmp_path, settings, named):
-    settings = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 32}, **settings}
-    (tmp_path / "preprocessor_config.json").write_text(json.dumps(settings))
-    with pytest.raises(ValueError) as error:
-        ClipCapImageProcessor.from_transformers_pretrained(tmp_path)
-    assert str(error.value) == (
+    assert refusal_of_checkpoint(tmp_path, settings) == (
         f"{tmp_path}: ClipCapImageProcessor cannot reproduce this checkpoint's preprocessing with {named}; it always "
         "resizes, center-crops (or squashes), converts to RGB and scales by 1/255."
     )
