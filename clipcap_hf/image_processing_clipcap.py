@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -327,24 +327,44 @@ class ClipCapImageProcessor(BaseImageProcessor):
             return cls(size=side, resample=resample, image_mean=mean, image_std=std, resize_mode=resize_mode)
         if settings.get("image_processor_type") == cls.__name__:  # saved by ClipCapImageProcessor itself
             return cls.from_dict(settings)
+
+        def model_config() -> PretrainedConfig | None:
+            try:
+                return AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
+            except (OSError, ValueError):  # no model config (4.x: OSError, 5.x: ValueError): settings only
+                return None
+
+        try:
+            return cls.from_transformers_settings(settings, model_config)
+        except ValueError as error:  # name the checkpoint whose settings these are
+            raise ValueError(f"{pretrained_model_name_or_path}: {error}") from error
+
+    @classmethod
+    def from_transformers_settings(
+        cls, settings: dict[str, Any], model_config: Callable[[], PretrainedConfig | None]
+    ) -> ClipCapImageProcessor:
+        """
+        The preprocessing of a transformers image processor's settings (its saved JSON, as
+        `json.loads(image_processor.to_json_string())` gives them). `model_config` gives the tower's model config (or
+        None), read only for what the settings leave open: the tower's reference preprocessing. Settings it cannot
+        reproduce raise a ValueError naming them.
+        """
         untranslatable = _untranslatable_settings(settings)
         if untranslatable:  # refused rather than left out: the tower would see other pixels than it was trained on
             raise ValueError(
-                f"{pretrained_model_name_or_path}: ClipCapImageProcessor cannot reproduce this checkpoint's "
-                f"preprocessing with {', '.join(untranslatable)}; it always resizes, center-crops (or squashes), "
-                "converts to RGB and scales by 1/255."
+                f"ClipCapImageProcessor cannot reproduce this checkpoint's preprocessing with "
+                f"{', '.join(untranslatable)}; it always resizes, center-crops (or squashes), converts to RGB and "
+                "scales by 1/255."
             )
         reference = None  # the tower's reference preprocessing, read only for what the settings leave open
 
         def tower_reference() -> tuple[str, str, Sequence[float], Sequence[float]]:
             nonlocal reference
             if reference is None:
-                try:
-                    model_config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
-                except (OSError, ValueError):  # no model config (4.x: OSError, 5.x: ValueError): settings only
-                    reference = _TOWER_PREPROCESSING["clip_vision_model"]  # CLIP's conventions, as before other towers
-                else:
-                    reference = _TOWER_PREPROCESSING[vision_tower_config(model_config).model_type]
+                config = model_config()
+                # Without a model config, CLIP's conventions, as before other towers
+                tower_type = "clip_vision_model" if config is None else vision_tower_config(config).model_type
+                reference = _TOWER_PREPROCESSING[tower_type]
             return reference
 
         if settings.get("do_normalize") is False:
@@ -353,28 +373,24 @@ class ClipCapImageProcessor(BaseImageProcessor):
             mean = settings.get("image_mean") or tower_reference()[2]
             std = settings.get("image_std") or tower_reference()[3]
         crop_size = settings.get("crop_size")
-        try:
-            if "max_num_patches" in settings:  # SigLIP2 (NaFlex)
-                resize_mode, size = "squash", math.isqrt(settings["max_num_patches"]) * settings["patch_size"]
-            else:
-                size, resize_mode = _read_size(settings.get("size", 224), "size")
-                # A bare number, as older configs save it, is the short side for CLIP's and DINOv2's processors but
-                # the square's side for ViT's and SigLIP's (google/vit-base-patch16-224's): the tower says which.
-                resize_mode = resize_mode or tower_reference()[0]
-            if settings.get("do_center_crop") is False:
-                if resize_mode == "shortest":
-                    raise ValueError(
-                        "do_center_crop=False with a short-side resize keeps each image's aspect ratio; "
-                        "ClipCapImageProcessor makes square images only."
-                    )
-                crop_size = None  # no crop: the squashed square is the image
-            resample = _resample_name(settings["resample"]) if "resample" in settings else tower_reference()[1]
-            return cls(
-                size=size, crop_size=crop_size, resample=resample, image_mean=mean, image_std=std,
-                resize_mode=resize_mode,
-            )
-        except ValueError as error:  # name the checkpoint whose settings these are
-            raise ValueError(f"{pretrained_model_name_or_path}: {error}") from error
+        if "max_num_patches" in settings:  # SigLIP2 (NaFlex)
+            resize_mode, size = "squash", math.isqrt(settings["max_num_patches"]) * settings["patch_size"]
+        else:
+            size, resize_mode = _read_size(settings.get("size", 224), "size")
+            # A bare number, as older configs save it, is the short side for CLIP's and DINOv2's processors but
+            # the square's side for ViT's and SigLIP's (google/vit-base-patch16-224's): the tower says which.
+            resize_mode = resize_mode or tower_reference()[0]
+        if settings.get("do_center_crop") is False:
+            if resize_mode == "shortest":
+                raise ValueError(
+                    "do_center_crop=False with a short-side resize keeps each image's aspect ratio; "
+                    "ClipCapImageProcessor makes square images only."
+                )
+            crop_size = None  # no crop: the squashed square is the image
+        resample = _resample_name(settings["resample"]) if "resample" in settings else tower_reference()[1]
+        return cls(
+            size=size, crop_size=crop_size, resample=resample, image_mean=mean, image_std=std, resize_mode=resize_mode
+        )
 
     # The name it had when CLIP was the only transformers tower.
     from_clip_pretrained = from_transformers_pretrained

@@ -11,8 +11,8 @@ on transformers 5 fails on `get_image_features` returning an output object inste
 
 from __future__ import annotations
 
+import json
 import os
-import tempfile
 from collections.abc import Sequence
 
 import PIL.Image
@@ -37,17 +37,13 @@ def _clipcap_image_processor(image_processor, model_config) -> ClipCapImageProce
     """
     The CLIP processor's preprocessing as a [`ClipCapImageProcessor`], so that CLIP sees the pixels the captioner
     does: EXIF orientation applied, transparency on white, the same resize on every transformers line (transformers'
-    own processors differ there). Read through a temporary folder, because `from_transformers_pretrained` (the one
-    home of the settings' translation) reads a saved processor and model config; settings it cannot apply are refused.
+    own processors differ there). Settings it cannot apply are refused.
     """
-    with tempfile.TemporaryDirectory() as folder:
-        image_processor.save_pretrained(folder)
-        model_config.save_pretrained(folder)
-        try:
-            return ClipCapImageProcessor.from_transformers_pretrained(folder)
-        except ValueError as error:  # its message names the temporary folder: name the processor instead
-            message = str(error).replace(f"{folder}: ", "")
-            raise ValueError(f"CLIPScorer cannot apply the CLIP processor's image settings: {message}") from None
+    settings = json.loads(image_processor.to_json_string())  # what `save_pretrained` would write
+    try:
+        return ClipCapImageProcessor.from_transformers_settings(settings, lambda: model_config)
+    except ValueError as error:
+        raise ValueError(f"CLIPScorer cannot apply the CLIP processor's image settings: {error}") from None
 
 
 class CLIPScorer:
