@@ -514,6 +514,10 @@ def _delete_aside(aside: Path) -> None:
     shutil.rmtree(garbage, ignore_errors=True)
 
 
+# The end of a file's key, `|<size>|<mtime_ns>` (see `image_cache_key`); `sha256:` keys, of image bytes, have none.
+_FILE_KEY_TAIL = r"\|\d+\|\d+$"
+
+
 def _drop_replaced_files(directory: Path) -> int:
     """
     Keep at most one row per image file: a file replaced at its path (another size or modification time, so another
@@ -532,9 +536,8 @@ def _drop_replaced_files(directory: Path) -> int:
     digests, shard_numbers, rows = [np.empty(0, dtype=np.uint64)], [np.empty(0, dtype=np.int64)], [np.empty(0, int)]
     for number, shard in enumerate(shards):
         keys = _load_shard(shard).data.column(KEY_COLUMN)
-        is_file = pc.and_(pc.invert(pc.starts_with(keys, "sha256:")), pc.match_substring_regex(keys, r"\|\d+\|\d+$"))
-        file_rows = pc.indices_nonzero(is_file)
-        paths = pc.replace_substring_regex(keys.take(file_rows), r"\|\d+\|\d+$", "")
+        file_rows = pc.indices_nonzero(pc.match_substring_regex(keys, _FILE_KEY_TAIL))
+        paths = pc.replace_substring_regex(keys.take(file_rows), _FILE_KEY_TAIL, "")
         digests.append(key_digests(paths.to_pylist())[1])
         shard_numbers.append(np.full(len(file_rows), number))
         rows.append(file_rows.to_numpy())
