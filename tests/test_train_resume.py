@@ -1,8 +1,9 @@
-"""`clipcap train` rerun in an output_dir with checkpoints: it resumes only with the arguments of the run that saved
-the checkpoint (checkpoint-N/clipcap_run_args.json; output_dir's copy for a checkpoint without one), and a folder
-written before runs were recorded resumes unchecked."""
+"""`clipcap train` rerun in an output_dir with checkpoints: it resumes only with the arguments and the training data of
+the run that saved the checkpoint (checkpoint-N/clipcap_run_args.json; output_dir's copy for a checkpoint without one),
+and a folder written before runs (or their data) were recorded resumes unchecked."""
 
 import json
+import re
 import shutil
 from unittest import mock
 
@@ -13,7 +14,7 @@ from transformers import TrainingArguments
 
 from clipcap_hf.commands import main
 from clipcap_hf.training import ClipCapTrainer
-from clipcap_hf.training.run import RUN_ARGUMENTS_NAME
+from clipcap_hf.training.run import DATA_IDENTITY_KEY, RUN_ARGUMENTS_NAME
 
 
 @pytest.fixture
@@ -105,6 +106,10 @@ def test_a_rerun_with_the_same_arguments_resumes_and_ends_as_the_uninterrupted_r
     # The same run, spelled otherwise: relative paths from another working directory, another logging cadence, the
     # embeddings computed one image at a time.
     monkeypatch.chdir(caption_folder.parent)
+    # The same data copied anew, with new modification times (as cp, or rsync without -t, gives): the same data.
+    copy = shutil.copytree(caption_folder, tmp_path / "copy")
+    shutil.rmtree(caption_folder)
+    shutil.copytree(copy, caption_folder, copy_function=shutil.copyfile)
     relative = {str(caption_folder): caption_folder.name, str(out): out.name}
     rerun = [relative.get(argument, argument) for argument in arguments]
     assert main([*rerun, "--logging_steps", "1", "--embedding_batch_size", "1"]) == 0
@@ -134,6 +139,102 @@ def test_a_folder_without_the_record_resumes_with_a_warning_and_records_the_reru
     ]
     assert json.loads((out / RUN_ARGUMENTS_NAME).read_text())["learning_rate"] == 5e-2
     assert json.loads((out / "checkpoint-3" / RUN_ARGUMENTS_NAME).read_text())["learning_rate"] == 5e-2
+
+
+def files_of(folder):
+    return sorted(path for path in folder.rglob("*") if path.is_file())
+
+
+def described(files) -> str:
+    """A pattern of how the error describes the data of `files`, capturing the start of its SHA-256."""
+    return rf"{len(files)} file\(s\), {sum(path.stat().st_size for path in files)} bytes, sha256 ([0-9a-f]{{12}})"
+
+
+@pytest.mark.parametrize("change", ["caption edited", "image added"])
+def test_a_rerun_on_data_changed_at_the_same_path_is_refused_naming_the_argument_and_the_path(
+    killed_run, caption_folder, capsys, resumed_from, change
+):
+    out, arguments, _ = killed_run
+    before = files_of(caption_folder)
+    if change == "caption edited":  # to one of the same length: only the content tells
+        metadata = caption_folder / "metadata.jsonl"
+        metadata.write_text(metadata.read_text().replace('"A dog runs."', '"A cat runs."'))
+    else:
+        shutil.copy(caption_folder / "a.png", caption_folder / "e.png")
+    after = files_of(caption_folder)
+    capsys.readouterr()
+    assert main(arguments) == 2
+    message = [line for line in capsys.readouterr().err.splitlines() if line.startswith("clipcap train: error: ")]
+    assert len(message) == 1
+    checkpoint = out / "checkpoint-2"
+    match = re.fullmatch(
+        re.escape(
+            f"clipcap train: error: Cannot resume from {checkpoint}: its run was trained with other data (recorded in "
+            f"{checkpoint / RUN_ARGUMENTS_NAME}): --train_file {caption_folder} holds other data (then "
+        )
+        + described(before)
+        + "; now "
+        + described(after)
+        + re.escape(
+            "). Rerun with that run's data to resume it, or start a new run with another --output_dir (or in "
+            f"{out} once that run's checkpoints are deleted)."
+        ),
+        message[0],
+    )
+    assert match and match[1] != match[2]
+    assert resumed_from == []
+    identities = json.loads((out / RUN_ARGUMENTS_NAME).read_text())[DATA_IDENTITY_KEY]
+    assert identities["train_file"]["sha256"].startswith(match[1])
+    assert {name: identity for name, identity in identities.items() if name != "train_file"} == {
+        "dataset_name": None,
+        "image_root": None,
+        "embeddings": None,
+    }
+
+
+def test_a_record_without_data_identities_resumes_with_a_warning_that_the_data_were_not_checked(
+    killed_run, caplog, resumed_from
+):
+    out, arguments, _ = killed_run
+    for path in out.glob(f"**/{RUN_ARGUMENTS_NAME}"):  # as the previous clipcap_hf wrote them: paths only
+        recorded = json.loads(path.read_text())
+        del recorded[DATA_IDENTITY_KEY]
+        path.write_text(json.dumps(recorded))
+    assert main(arguments) == 0
+    assert resumed_from == [str(out / "checkpoint-2")]
+    warnings = [record.getMessage() for record in caplog.records if "training data" in record.getMessage()]
+    assert warnings == [
+        f"Resuming from {out}/checkpoint-2 without checking that its training data are unchanged: "
+        f"{out}/checkpoint-2/{RUN_ARGUMENTS_NAME} records their paths only (an older clipcap_hf wrote it)."
+    ]
+    assert DATA_IDENTITY_KEY in json.loads((out / "checkpoint-3" / RUN_ARGUMENTS_NAME).read_text())
+
+
+def test_a_run_on_an_embeddings_folder_resumes_until_more_images_are_embedded_into_it(
+    tmp_path, saved_model_dir, caption_folder, capsys, resumed_from
+):
+    embeddings, out = tmp_path / "embeddings", tmp_path / "out"
+    embed = ["embed", "--model", str(saved_model_dir), "--dataset_format", "imagefolder", "--output", str(embeddings)]
+    assert main([*embed, "--train_file", str(caption_folder)]) == 0
+    arguments = train_arguments(saved_model_dir, caption_folder, out, tmp_path / "cache", "--max_steps", "2")
+    for option in ("--dataset_format", "--train_file"):
+        del arguments[arguments.index(option) : arguments.index(option) + 2]
+    arguments += ["--embeddings", str(embeddings)]
+    assert main(arguments) == 0
+    # Killed after its first step; training only read the folder, so the rerun resumes.
+    shutil.rmtree(out / "checkpoint-2")
+    assert main(arguments) == 0
+    assert resumed_from == [None, str(out / "checkpoint-1")]
+    assert main([*embed, "--train_file", str(shutil.copytree(caption_folder, tmp_path / "more"))]) == 0
+    capsys.readouterr()
+    assert main(arguments) == 2
+    message = [line for line in capsys.readouterr().err.splitlines() if line.startswith("clipcap train: error: ")]
+    assert len(message) == 1
+    assert message[0].startswith(
+        f"clipcap train: error: Cannot resume from {out}/checkpoint-2: its run was trained with other data "
+        f"(recorded in {out}/checkpoint-2/{RUN_ARGUMENTS_NAME}): --embeddings {embeddings} holds other data (then "
+    )
+    assert resumed_from == [None, str(out / "checkpoint-1")]
 
 
 @pytest.mark.skipif(

@@ -135,6 +135,9 @@ PATH_ARGUMENTS = (
     "image_root",
     "embeddings",
 )
+# The recorded arguments that name the training data. Besides its path, the record holds each one's content identity
+# (`data_identity` in run.py), so that a resume refuses data changed at the same path rather than mix two datasets.
+DATA_PATH_ARGUMENTS = ("dataset_name", "train_file", "image_root", "embeddings")
 
 
 def _recipe_architecture(recipe: str | None) -> dict[str, Any]:

@@ -6,24 +6,27 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import glob
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import datasets
 import transformers
 from accelerate import PartialState
+from tqdm.auto import tqdm
 from transformers import TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import ADAPTER_CONFIG_NAME, find_adapter_config_file
 
 from ..data import ClipCapDataCollator, TrainingData, load_training_data
+from ..data.embeddings import EMBEDDINGS_INFO_NAME
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import read_json, save_pretrained
@@ -31,6 +34,7 @@ from ..utils.loading import check_pretrained_source, load_clipcap
 from .arguments import (
     ARGUMENTS_A_RESUME_MAY_CHANGE,
     CONFIG_OPTIONS,
+    DATA_PATH_ARGUMENTS,
     PART_OPTIONS,
     PATH_ARGUMENTS,
     RECIPES,
@@ -255,7 +259,8 @@ def run_arguments(
 ) -> dict[str, Any]:
     """
     The arguments that define a run, as JSON values, local paths absolute: every model and data argument but
-    `ARGUMENTS_A_RESUME_MAY_CHANGE`, and the `RECORDED_TRAINING_ARGUMENTS`.
+    `ARGUMENTS_A_RESUME_MAY_CHANGE`, and the `RECORDED_TRAINING_ARGUMENTS`; and under `DATA_IDENTITY_KEY` the
+    [`data_identity`] of each of the `DATA_PATH_ARGUMENTS`.
     """
     values = {
         field.name: getattr(args, field.name)
@@ -269,6 +274,7 @@ def run_arguments(
     for name in PATH_ARGUMENTS:
         if values[name] is not None:
             values[name] = ",".join(_absolute_local_path(part) for part in str(values[name]).split(","))
+    values[DATA_IDENTITY_KEY] = {name: data_identity(values[name], f"--{name}") for name in DATA_PATH_ARGUMENTS}
     # Enums (optim, lr_scheduler_type) as their strings, tuples as lists: what the record reads back as.
     return json.loads(json.dumps(values, default=str))
 
@@ -280,6 +286,87 @@ def _absolute_local_path(part: str) -> str:
     if "://" in path or not (os.path.exists(path) or glob.glob(path)):
         return part
     return os.path.abspath(path)
+
+
+# The record's entry (not an argument) for the content identities of the data arguments.
+DATA_IDENTITY_KEY = "data_identity"
+# A data file up to this size is hashed whole; a larger one by its size and its first and last MiB, so that no
+# gigabytes are read. Content, not modification times: a copy of the data (cp, rsync without -t) is the same data.
+_WHOLE_FILE_HASH_LIMIT = 4 * 2**20
+_SAMPLE_BYTES = 2**20
+# In a folder, the files that may hold captions are hashed so; the others (images, shards, arrays) are identified by
+# their name and size only, so that a folder of a million images is listed, not read.
+_HASHED_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet")
+# Files of a data folder that change when its data does not, left out: hidden ones (locks, caches), the cache and
+# temporary files `datasets` writes beside a saved dataset's own, its state (a fingerprint, random for some datasets
+# saved again) and an embeddings folder's info (the counts of its last pass; its tower is checked on its own).
+_NOT_DATA = re.compile(r"\.|cache-.*\.arrow$|tmp[a-z0-9_]{8}$|state\.json$|" + re.escape(EMBEDDINGS_INFO_NAME) + "$")
+_GLOB_MAGIC = re.compile(r"[*?[]")
+
+
+def data_identity(value: str | None, description: str = "data") -> dict[str, Any] | None:
+    """
+    A cheap identity of the content of a data argument's local files (comma-separated files, folders or glob
+    patterns): how many files, their bytes, and a SHA-256 of their names (relative to what the argument names), sizes
+    and contents (a file named by the argument, or one that may hold captions in a folder, see `_HASHED_SUFFIXES`;
+    see `_WHOLE_FILE_HASH_LIMIT` for large files). None when it names no local file: a Hub dataset or a URL is
+    recorded by its name alone.
+    """
+    if value is None:
+        return None
+    digest, files, total, local = hashlib.sha256(), 0, 0, False
+    with tqdm(desc=f"Identifying the data of {description}", unit=" files", delay=2, leave=False) as progress:
+        for position, part in enumerate(value.split(",")):
+            pattern = os.path.expanduser(part.strip())
+            matches = [pattern] if os.path.exists(pattern) else sorted(glob.glob(pattern))
+            local = local or bool(matches)
+            base = _names_base(pattern)
+            for match in matches:
+                for path, hashed in _data_files(match):
+                    size = os.path.getsize(path)
+                    content = _file_digest(path, size) if hashed else ""
+                    digest.update(f"{position}|{os.path.relpath(path, base)}|{size}|{content}\n".encode())
+                    files, total = files + 1, total + size
+                    progress.update()
+    return {"files": files, "bytes": total, "sha256": digest.hexdigest()} if local else None
+
+
+def _names_base(pattern: str) -> str:
+    """The folder a data argument's files are named relative to: the pattern's part before any wildcard, or a path's
+    own folder."""
+    parts = os.path.normpath(pattern).split(os.sep)
+    plain = 0
+    while plain < len(parts) and not _GLOB_MAGIC.search(parts[plain]):
+        plain += 1
+    if plain == len(parts):  # a path: its files are named relative to its folder
+        plain -= 1
+    return os.sep.join(parts[:plain]) or (os.sep if pattern.startswith(os.sep) else ".")
+
+
+def _data_files(path: str) -> Iterator[tuple[str, bool]]:
+    """The files a data path holds (a file: itself, a folder: its data files, in order), each with whether its
+    content is hashed."""
+    if not os.path.isdir(path):
+        yield path, True
+        return
+    for folder, subfolders, names in os.walk(path):
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        for name in sorted(names):
+            if not _NOT_DATA.match(name):
+                yield os.path.join(folder, name), name.endswith(_HASHED_SUFFIXES)
+
+
+def _file_digest(path: str, size: int) -> str:
+    """The SHA-256 of a file, or of a large one's first and last `_SAMPLE_BYTES` (its size is recorded beside)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        if size <= _WHOLE_FILE_HASH_LIMIT:
+            digest.update(file.read())
+        else:
+            digest.update(file.read(_SAMPLE_BYTES))
+            file.seek(size - _SAMPLE_BYTES)
+            digest.update(file.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 def check_run_arguments(
@@ -294,7 +381,9 @@ def check_run_arguments(
     holds the record of its own run (`ClipCapTrainer(run_arguments=...)`), so a folder holding checkpoints of two runs
     (one started with --overwrite_output_dir leaves the other's in place) is checked against the right one; a
     checkpoint saved before checkpoints held it is checked against the record in its folder, and one written before
-    runs were recorded resumes unchecked, with a warning. Returns this run's arguments, which [`record_run_arguments`]
+    runs were recorded resumes unchecked, with a warning. The training data are checked by their content identity
+    ([`data_identity`]) as well as their paths; a record without identities (an earlier version) checks the paths
+    only, with a warning. Returns this run's arguments, which [`record_run_arguments`]
     writes once the run starts training.
     """
     arguments = run_arguments(model_args, data_args, training_args)
@@ -331,10 +420,27 @@ def _check_resumed_arguments(
     changed = [
         f"--{name} {_shown(recorded[name])} (now {_shown(value)})"
         for name, value in arguments.items()
-        if name in recorded and recorded[name] != value  # a name only one side has: another version's argument
+        # A name only one side has: another version's argument.
+        if name != DATA_IDENTITY_KEY and name in recorded and recorded[name] != value
     ]
-    if not changed:
+    identities = recorded.get(DATA_IDENTITY_KEY)
+    changed_data = []
+    if isinstance(identities, dict):
+        changed_data = [
+            f"--{name} {arguments[name]} holds other data (then {_described(identities[name])}; now "
+            f"{_described(identity)})"
+            for name, identity in arguments[DATA_IDENTITY_KEY].items()
+            # Another path is named above.
+            if name in identities and recorded.get(name) == arguments[name] and identities[name] != identity
+        ]
+    if not changed and not changed_data:
+        if identities is None and any(arguments[DATA_IDENTITY_KEY].values()):
+            logger.warning(
+                f"Resuming from {checkpoint} without checking that its training data are unchanged: {record} records "
+                "their paths only (an older clipcap_hf wrote it)."
+            )
         return
+    what = " and ".join(kind for kind, changes in (("arguments", changed), ("data", changed_data)) if changes)
     if training_args.resume_from_checkpoint is not None:
         start_again = (
             f"from its weights with --model_name_or_path {checkpoint} in place of --resume_from_checkpoint (and a "
@@ -345,9 +451,17 @@ def _check_resumed_arguments(
         folder = os.path.dirname(os.path.normpath(checkpoint))
         start_again = f"with another --output_dir (or in {folder} once that run's checkpoints are deleted)"
     raise ValueError(
-        f"Cannot resume from {checkpoint}: its run was trained with other arguments (recorded in {record}): "
-        f"{'; '.join(changed)}. Rerun with that run's arguments to resume it, or start a new run {start_again}."
+        f"Cannot resume from {checkpoint}: its run was trained with other {what} (recorded in {record}): "
+        f"{'; '.join(changed + changed_data)}. Rerun with that run's {what} to resume it, or start a new run "
+        f"{start_again}."
     )
+
+
+def _described(identity: dict[str, Any] | None) -> str:
+    """A data identity as the error shows it."""
+    if identity is None:
+        return "no local file"
+    return f"{identity['files']} file(s), {identity['bytes']} bytes, sha256 {identity['sha256'][:12]}"
 
 
 def _shown(value: Any) -> str:
