@@ -588,3 +588,24 @@ def test_a_second_run_into_a_folder_being_written_is_refused_but_the_ranks_of_on
     assert run(output, 0, 2).written == ["captions-00000-of-00003.parquet", "captions-00002-of-00003.parquet"]
     assert outcomes[0].written == ["captions-00001-of-00003.parquet"]
     assert [key for key, _ in read_rows(output)] == [f"k{i}" for i in range(6)]
+
+
+def test_an_output_folder_on_a_filesystem_without_file_locks_is_refused_naming_it(
+    embeddings_captioner, tmp_path, monkeypatch
+):
+    import filelock
+
+    from clipcap_hf.inference import caption_dataset_to_parquet
+    from clipcap_hf.utils.file_utils import FileLocksUnsupportedError
+
+    def unsupported(self, *args, **kwargs):
+        raise NotImplementedError  # what filelock 3 raises on a filesystem without flock
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", unsupported)
+    output, dataset = tmp_path / "captions", embeddings_rows(2, embeddings_captioner.model.config.prefix_dim)
+    with pytest.raises(FileLocksUnsupportedError) as refused:
+        caption_dataset_to_parquet(embeddings_captioner, dataset, output, rank=0, world_size=1)
+    assert str(refused.value) == (
+        f"Cannot lock the output folder {output}: its filesystem does not support file locks (flock). Upgrade filelock "
+        "(`pip install -U filelock`: version 4 locks without flock) or use a folder on another filesystem.")
+    assert not list(output.glob("*.parquet")) and not (output / "caption_run.json").exists()

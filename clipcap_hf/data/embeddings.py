@@ -9,11 +9,13 @@ never runs the vision tower.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
 import re
 import shutil
+import time
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
@@ -29,7 +31,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
-from ..utils.file_utils import read_json, write_text_atomically
+from ..utils.file_utils import FileLocksUnsupportedError, acquire_file_lock, read_json, write_text_atomically
 from .loaders import PathLike, _image_keys, _rebuild, _splits
 from .sources import decode_image
 
@@ -108,13 +110,17 @@ def load_embeddings(directory: PathLike) -> datasets.Dataset:
 
     Its description (vision tower fingerprint, preprocessing, counts) is [`load_embeddings_info`]. A folder of an
     earlier version (the embedding cache before `clipcap embed`) is refused with the command that rebuilds it.
+
+    It may be read while a run writes into the folder: it then holds the shards complete so far. A shard that a run is
+    rewriting (to drop the rows of replaced image files) is read before or after its rewrite, never missed: the read
+    waits for the rewrite, and gives up with a `TimeoutError` naming the folder after [`_REWRITE_WAIT_SECONDS`].
     """
     directory = Path(directory)
     load_embeddings_info(directory)  # checks the folder
-    shards = _complete_shards(directory)
+    shards = _open_shards(directory)
     if not shards:
         raise ValueError(f"{directory} holds no embeddings yet; run `clipcap embed` (or let it finish) first.")
-    return datasets.concatenate_datasets([_load_shard(shard) for shard in shards])
+    return datasets.concatenate_datasets(shards)
 
 
 def load_embeddings_info(directory: PathLike) -> dict[str, Any]:
@@ -344,26 +350,22 @@ def _folder_lock(directory: Path, rank: int, world_size: int) -> Iterator[None]:
     go. While it waits, they all check in with it every [`_LOCK_POLL_SECONDS`] (a gather): no process sits in one
     collective long enough to reach the distributed timeout.
     """
-    from filelock import FileLock, Timeout  # a dependency of huggingface_hub, so always installed
+    from filelock import Timeout  # a dependency of huggingface_hub, so always installed
 
     lock, announced = None, False
     while True:
         acquired, problem = True, None
         if rank == 0:
             try:
-                if lock is None:
-                    directory.mkdir(parents=True, exist_ok=True)
-                    lock = FileLock(directory / _LOCK_NAME)
-                lock.acquire(timeout=_LOCK_POLL_SECONDS if announced else 0)
+                directory.mkdir(parents=True, exist_ok=True)
+                timeout = _LOCK_POLL_SECONDS if announced else 0
+                lock = acquire_file_lock(directory / _LOCK_NAME, "the embeddings folder", timeout)
             except Timeout:
                 acquired = False
+            except FileLocksUnsupportedError as error:
+                problem = str(error)
             except OSError as error:
                 problem = _unwritable(directory, error)
-            except NotImplementedError:  # filelock 3 on a filesystem without flock (filelock 4 falls back by itself)
-                problem = (
-                    f"Cannot lock the embeddings folder {directory}: its filesystem does not support file locks "
-                    "(flock). Upgrade filelock (`pip install -U filelock`) or give a folder on another filesystem."
-                )
         if world_size > 1:
             acquired, problem = _all_gather((acquired, problem))[0]
         if problem is not None:
@@ -514,6 +516,106 @@ def _delete_aside(aside: Path) -> None:
     shutil.rmtree(garbage, ignore_errors=True)
 
 
+# A shard is rewritten (see `_drop_replaced_files`) holding this lock file exclusively, and readers list and open the
+# shards holding it shared, so that none sees a shard moved aside or half replaced; the shards they opened are
+# memory-mapped, and a mapped file stays readable when a rewrite renames or removes it later. The first rewrite in a
+# folder creates it: readers never write into the folder (it may be read-only, or another user's).
+_REWRITE_LOCK_NAME = ".embeddings-rewrite.lock"
+# How long a reader waits for a shard's rewrite (seconds: it takes one shard's save) before it gives up with an error.
+_REWRITE_WAIT_SECONDS = 300
+_REWRITE_POLL_SECONDS = 0.1
+
+
+def _open_shards(directory: Path) -> list[datasets.Dataset]:
+    """
+    The folder's shards, memory-mapped, as they stand between two rewrites. A folder never rewritten (the common case)
+    has no lock file and is read without one; should its first rewrite begin meanwhile (the lock file appears before
+    any shard moves), it is read again under the lock.
+    """
+    lock_file = directory / _REWRITE_LOCK_NAME
+    if not lock_file.exists():
+        try:
+            shards = [_load_shard(path) for path in _readable_shards(directory)]
+        except ValueError:  # a shard gone as it was opened: moved aside by that first rewrite, or really damaged
+            if not lock_file.exists():
+                raise
+        else:
+            if not lock_file.exists():
+                return shards
+    with _shared_lock(lock_file, directory):
+        return [_load_shard(path) for path in _readable_shards(directory)]
+
+
+def _readable_shards(directory: Path) -> list[Path]:
+    """
+    The shards a reader opens: the complete ones and, in place of a missing one, the copy of it that a rewrite killed
+    midway left aside (the next writer puts it back: see [`_settle_aside`]).
+    """
+    shards = {path.name: path for path in _complete_shards(directory)}
+    for aside in directory.glob(f"{_ASIDE_PREFIX}shard-*"):
+        shards.setdefault(aside.name[len(_ASIDE_PREFIX) :], aside)
+    return [shards[name] for name in sorted(shards)]
+
+
+@contextmanager
+def _shared_lock(lock_file: Path, directory: Path) -> Iterator[None]:
+    """
+    Hold `lock_file` shared while the body runs, once no rewrite holds it, waiting up to [`_REWRITE_WAIT_SECONDS`].
+
+    By hand with `flock`: `filelock` has no shared locks (readers would wait for each other) and opens the file for
+    writing, which a reader of a read-only folder cannot. Where there is no lock to take (no `fcntl`, a lock file this
+    user may not open, a filesystem without `flock`, where filelock 3 refuses every writer) the body runs unlocked.
+    """
+    try:
+        import fcntl
+
+        descriptor = os.open(lock_file, os.O_RDONLY)
+    except (ImportError, OSError):
+        descriptor = None
+    deadline, announced = time.monotonic() + _REWRITE_WAIT_SECONDS, False
+    try:
+        while descriptor is not None:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                break
+            except OSError as error:
+                if error.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # not a rewrite: no flock
+                    os.close(descriptor)
+                    descriptor = None
+                    break
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"Gave up reading the embeddings folder {directory} after {_REWRITE_WAIT_SECONDS} s: a run "
+                    f"rewriting its shards holds {lock_file.name} (dropping rows of replaced image files). Read it "
+                    "again once that run is done; if none is running, stop the process stuck holding the lock."
+                )
+            if not announced:
+                logger.warning(f"Waiting for a run rewriting shards of the embeddings folder {directory}.")
+                announced = True
+            time.sleep(_REWRITE_POLL_SECONDS)
+        yield
+    finally:
+        if descriptor is not None:
+            os.close(descriptor)  # releases the lock
+
+
+@contextmanager
+def _rewriting(directory: Path) -> Iterator[None]:
+    """Hold the folder's rewrite lock exclusively, once the readers listing and opening its shards are done."""
+    from filelock import Timeout  # a dependency of huggingface_hub, so always installed
+
+    lock_file = directory / _REWRITE_LOCK_NAME
+    try:
+        lock = acquire_file_lock(lock_file, "the embeddings folder", timeout=0)
+    except Timeout:  # readers open shards for a moment each: no limit
+        logger.warning(f"Waiting for processes reading the embeddings folder {directory} to open its shards.")
+        lock = acquire_file_lock(lock_file, "the embeddings folder")
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 # The end of a file's key, `|<size>|<mtime_ns>` (see `image_cache_key`); `sha256:` keys, of image bytes, have none.
 _FILE_KEY_TAIL = r"\|\d+\|\d+$"
 
@@ -528,7 +630,8 @@ def _drop_replaced_files(directory: Path) -> int:
     A shard losing rows is saved again without them under a temporary name, the old one is moved aside (`.aside-`
     and its name), the new one takes its name, and only then is the old one removed: the folder stays memory-mapped
     shards, and a run interrupted in between keeps every row (the old shard is put back, at once or by the next run,
-    which drops the rows again). Run by process 0 holding the folder's lock. Returns how many rows were dropped.
+    which drops the rows again). Run by process 0 holding the folder's lock; each shard is rewritten holding the
+    rewrite lock too, so that readers see it before or after ([`_open_shards`]). Returns how many rows were dropped.
     """
     # Only file keys (`<path>|<size>|<mtime_ns>`, see `image_cache_key`) name a path; `sha256:` keys name the content.
     # Through 64-bit digests of the paths, as the rest of the pass: 24 bytes per stored image file.
@@ -558,14 +661,17 @@ def _drop_replaced_files(directory: Path) -> int:
         try:
             if kept.num_rows:
                 kept.save_to_disk(str(replacement))
-            os.replace(shard, aside)
-            if kept.num_rows:
-                os.replace(replacement, shard)
-            _delete_aside(aside)  # only now: until the new shard has its name, the old one is its rows' only copy
-        except BaseException:  # Ctrl-C too; after a SIGKILL, the next run's `_remove_leftovers` does this
-            if aside.exists():
-                _settle_aside(aside)
-            raise
+            with _rewriting(directory):
+                try:
+                    os.replace(shard, aside)
+                    if kept.num_rows:
+                        os.replace(replacement, shard)
+                    # Only now: until the new shard has its name, the old one is its rows' only copy.
+                    _delete_aside(aside)
+                except BaseException:  # Ctrl-C too; after a SIGKILL, the next run's `_remove_leftovers` does this
+                    if aside.exists():
+                        _settle_aside(aside)
+                    raise
         finally:
             shutil.rmtree(replacement, ignore_errors=True)
     num_dropped = sum(map(len, stale.values()))

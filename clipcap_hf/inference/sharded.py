@@ -28,6 +28,7 @@ from transformers.utils import logging
 
 from ..onednn import cpu_linear_kernels
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
+from ..utils.file_utils import acquire_file_lock
 from .captioner import ClipCapCaptioner
 
 logger = logging.get_logger(__name__)
@@ -208,23 +209,23 @@ def _folder_lock(output_dir: Path, rank: int, world_size: int) -> Iterator[None]
 
     The locks are `filelock`'s (the OS's `flock` on Unix, which it releases when the process ends however it ends):
     a killed run's lock file holds nothing up. Lock files stay in the folder, as in the Hub cache, since removing one
-    could race with a process opening it.
+    could race with a process opening it. A filesystem that cannot lock is refused, naming the folder (see
+    [`acquire_file_lock`]).
     """
-    from filelock import FileLock, Timeout  # a dependency of huggingface_hub, so always installed
+    from filelock import Timeout  # a dependency of huggingface_hub, so always installed
 
-    own = FileLock(output_dir / _lock_file_name(rank, world_size), timeout=0)
+    own_file = output_dir / _lock_file_name(rank, world_size)
     try:
-        own.acquire()
+        own = acquire_file_lock(own_file, "the output folder", timeout=0)
     except Timeout:
-        raise ValueError(_busy(output_dir, Path(own.lock_file))) from None
+        raise ValueError(_busy(output_dir, own_file)) from None
     try:
         for path in sorted(output_dir.glob(".caption-rank-*.lock")):
             match = _LOCK_FILE.fullmatch(path.name)
             # The same run's other processes (as many, with other ranks) are left out: they write other shards.
             if match and int(match[2]) != world_size:
-                try:
-                    with FileLock(path, timeout=0):
-                        pass  # free: a finished or killed run's
+                try:  # free: a finished or killed run's
+                    acquire_file_lock(path, "the output folder", timeout=0).release()
                 except Timeout:
                     raise ValueError(_busy(output_dir, path)) from None
         yield

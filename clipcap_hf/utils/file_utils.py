@@ -3,7 +3,8 @@ the results it writes.
 
 Each read failure names the file: a caption file in another encoding or a JSON typo otherwise surfaces as a bare
 `UnicodeDecodeError` or `JSONDecodeError` that does not say which of several input files is at fault. Results are
-written whole or not at all, so that a failed run never destroys the output of an earlier one.
+written whole or not at all, so that a failed run never destroys the output of an earlier one. The lock files that
+keep two runs out of one output folder are taken here too.
 """
 
 from __future__ import annotations
@@ -16,7 +17,10 @@ import unicodedata
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from filelock import BaseFileLock
 
 
 @contextlib.contextmanager
@@ -115,3 +119,34 @@ def save_pretrained(folder: str | os.PathLike[str], *parts: Any) -> None:
     for part in parts:
         part.save_pretrained(folder)
     give_files_the_umask_mode(folder)
+
+
+class FileLocksUnsupportedError(OSError):
+    """A folder's filesystem has no file locks (`flock`), and the installed `filelock` cannot lock without them."""
+
+
+def acquire_file_lock(lock_file: str | os.PathLike[str], folder_description: str, timeout: float = -1) -> BaseFileLock:
+    """
+    Take the `filelock` lock `lock_file` (created if missing) and return it held; the caller releases it.
+
+    Args:
+        lock_file: the lock file, in the folder it guards.
+        folder_description: what errors call the folder ("the embeddings folder"), before its path.
+        timeout: seconds to wait for another holder before `filelock.Timeout` (0: one try, -1: no limit).
+
+    Raises:
+        FileLocksUnsupportedError: the folder's filesystem has no `flock` and `filelock` 3 is installed (it raises a
+            bare `NotImplementedError` there; `filelock` 4 falls back to lock files by itself).
+    """
+    from filelock import FileLock  # a dependency of huggingface_hub, so always installed
+
+    lock = FileLock(lock_file)
+    try:
+        lock.acquire(timeout=timeout)
+    except NotImplementedError:
+        raise FileLocksUnsupportedError(
+            f"Cannot lock {folder_description} {Path(lock_file).parent}: its filesystem does not support file locks "
+            "(flock). Upgrade filelock (`pip install -U filelock`: version 4 locks without flock) or use a folder on "
+            "another filesystem."
+        ) from None
+    return lock
