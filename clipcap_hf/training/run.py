@@ -290,10 +290,11 @@ def _absolute_local_path(part: str) -> str:
 
 # The record's entry (not an argument) for the content identities of the data arguments.
 DATA_IDENTITY_KEY = "data_identity"
-# A data file up to this size is hashed whole; a larger one by its size and its first and last MiB, so that no
-# gigabytes are read. Content, not modification times: a copy of the data (cp, rsync without -t) is the same data.
-_WHOLE_FILE_HASH_LIMIT = 4 * 2**20
-_SAMPLE_BYTES = 2**20
+# A data file up to this size is hashed whole; a larger one by its size and its first and last 64 KiB, so that a
+# thousand shards cost a few hundred MB read at most. Content, not modification times: a copy of the data (cp, rsync
+# without -t) is the same data.
+_WHOLE_FILE_HASH_LIMIT = 2**20
+_SAMPLE_BYTES = 2**16
 # In a folder, the files that may hold captions are hashed so; the others (images, shards, arrays) are identified by
 # their name and size only, so that a folder of a million images is listed, not read.
 _HASHED_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet")
@@ -332,8 +333,10 @@ def data_identity(value: str | None, description: str = "data") -> dict[str, Any
 
 
 def _names_base(pattern: str) -> str:
-    """The folder a data argument's files are named relative to: the pattern's part before any wildcard, or a path's
-    own folder."""
+    """
+    The folder a data argument's files are named relative to: a glob pattern's part before its first wildcard, or a
+    path's own folder.
+    """
     parts = os.path.normpath(pattern).split(os.sep)
     plain = 0
     while plain < len(parts) and not _GLOB_MAGIC.search(parts[plain]):
@@ -344,8 +347,10 @@ def _names_base(pattern: str) -> str:
 
 
 def _data_files(path: str) -> Iterator[tuple[str, bool]]:
-    """The files a data path holds (a file: itself, a folder: its data files, in order), each with whether its
-    content is hashed."""
+    """
+    The files of a data path (a file: itself; a folder: its data files, in order), each with whether its content is
+    hashed.
+    """
     if not os.path.isdir(path):
         yield path, True
         return
