@@ -14,7 +14,7 @@ from transformers import TrainingArguments
 
 from clipcap_hf.commands import main
 from clipcap_hf.training import ClipCapTrainer
-from clipcap_hf.training.run import DATA_IDENTITY_KEY, RUN_ARGUMENTS_NAME
+from clipcap_hf.training.run import DATA_IDENTITY_KEY, RUN_ARGUMENTS_NAME, data_identity
 
 
 @pytest.fixture
@@ -235,6 +235,23 @@ def test_a_run_on_an_embeddings_folder_resumes_until_more_images_are_embedded_in
         f"(recorded in {out}/checkpoint-2/{RUN_ARGUMENTS_NAME}): --embeddings {embeddings} holds other data (then "
     )
     assert resumed_from == [None, str(out / "checkpoint-1")]
+
+
+def test_the_data_identity_of_shards_follows_their_content_not_their_folder_and_a_hub_name_has_none(tmp_path):
+    first = tmp_path / "first"
+    first.mkdir()
+    (first / "00.tar").write_bytes(bytes(3 * 2**20))  # above the size hashed whole: its first and last bytes count
+    (first / "01.tar").write_bytes(b"captions")
+    (first / "gone.tar").symlink_to(tmp_path / "nowhere.tar")  # a broken link: the loader names it
+    identity = data_identity(str(first / "*.tar"))
+    assert (identity["files"], identity["bytes"]) == (3, 3 * 2**20 + 8)
+    second = shutil.copytree(first, tmp_path / "second", symlinks=True, copy_function=shutil.copyfile)
+    assert data_identity(str(second / "*.tar")) == identity
+    with open(second / "00.tar", "r+b") as shard:  # the same size, another last byte
+        shard.seek(-1, 2)
+        shard.write(b"x")
+    assert data_identity(str(second / "*.tar"))["sha256"] != identity["sha256"]
+    assert data_identity("user/captions") is None
 
 
 @pytest.mark.skipif(

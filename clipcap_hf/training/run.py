@@ -324,8 +324,11 @@ def data_identity(value: str | None, description: str = "data") -> dict[str, Any
             base = _names_base(pattern)
             for match in matches:
                 for path, hashed in _data_files(match):
-                    size = os.path.getsize(path)
-                    content = _file_digest(path, size) if hashed else ""
+                    try:
+                        size = os.path.getsize(path)
+                        content = _file_digest(path, size) if hashed else ""
+                    except OSError:  # a broken link, an unreadable file: the loader names it (or skips it)
+                        size, content = 0, "unreadable"
                     digest.update(f"{position}|{os.path.relpath(path, base)}|{size}|{content}\n".encode())
                     files, total = files + 1, total + size
                     progress.update()
