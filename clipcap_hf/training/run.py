@@ -323,13 +323,13 @@ def data_identity(value: str | None, description: str = "data") -> dict[str, Any
             local = local or bool(matches)
             base = _names_base(pattern)
             for match in matches:
-                for path, hashed in _data_files(match):
+                for path, name, hashed in _data_files(match, base):
                     try:
                         size = os.path.getsize(path)
                         content = _file_digest(path, size) if hashed else ""
                     except OSError:  # a broken link, an unreadable file: the loader names it (or skips it)
                         size, content = 0, "unreadable"
-                    digest.update(f"{position}|{os.path.relpath(path, base)}|{size}|{content}\n".encode())
+                    digest.update(f"{position}|{name}|{size}|{content}\n".encode())
                     files, total = files + 1, total + size
                     progress.update()
     return {"files": files, "bytes": total, "sha256": digest.hexdigest()} if local else None
@@ -349,19 +349,20 @@ def _names_base(pattern: str) -> str:
     return os.sep.join(parts[:plain]) or (os.sep if pattern.startswith(os.sep) else ".")
 
 
-def _data_files(path: str) -> Iterator[tuple[str, bool]]:
+def _data_files(path: str, base: str) -> Iterator[tuple[str, str, bool]]:
     """
-    The files of a data path (a file: itself; a folder: its data files, in order), each with whether its content is
-    hashed.
+    The files of a data path (a file: itself; a folder: its data files, in order), each with its name relative to
+    `base` and whether its content is hashed.
     """
     if not os.path.isdir(path):
-        yield path, True
+        yield path, os.path.relpath(path, base), True
         return
     for folder, subfolders, names in os.walk(path):
         subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        relative = os.path.relpath(folder, base)  # once per folder: a folder may hold a million images
         for name in sorted(names):
             if not _NOT_DATA.match(name):
-                yield os.path.join(folder, name), name.endswith(_HASHED_SUFFIXES)
+                yield os.path.join(folder, name), os.path.join(relative, name), name.endswith(_HASHED_SUFFIXES)
 
 
 def _file_digest(path: str, size: int) -> str:
