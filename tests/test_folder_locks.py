@@ -48,7 +48,7 @@ def record_warnings(monkeypatch, prefix: str) -> threading.Event:
 
 
 def test_a_reader_waits_for_a_shard_rewrite_and_opens_the_shard_after_it(two_shards, monkeypatch):
-    emb, keys = two_shards
+    emb, _ = two_shards
     waiting = record_warnings(monkeypatch, "Waiting for a run rewriting shards of the embeddings folder")
     shard = emb / SECOND_SHARD
     rewrite = filelock.FileLock(emb / ".embeddings-rewrite.lock")  # what a rewrite holds, another run's here

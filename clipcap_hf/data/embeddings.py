@@ -113,7 +113,7 @@ def load_embeddings(directory: PathLike) -> datasets.Dataset:
 
     It may be read while a run writes into the folder: it then holds the shards complete so far. A shard that a run is
     rewriting (to drop the rows of replaced image files) is read before or after its rewrite, never missed: the read
-    waits for the rewrite, and gives up with a `TimeoutError` naming the folder after [`_REWRITE_WAIT_SECONDS`].
+    waits for the rewrite (one shard's), and gives up with a `TimeoutError` naming the folder after 5 minutes.
     """
     directory = Path(directory)
     load_embeddings_info(directory)  # checks the folder
