@@ -7,6 +7,7 @@ import re
 import shutil
 from unittest import mock
 
+import datasets
 import pytest
 from safetensors.torch import load_file
 from test_faults import train_arguments
@@ -235,6 +236,22 @@ def test_a_run_on_an_embeddings_folder_resumes_until_more_images_are_embedded_in
         f"(recorded in {out}/checkpoint-2/{RUN_ARGUMENTS_NAME}): --embeddings {embeddings} holds other data (then "
     )
     assert resumed_from == [None, str(out / "checkpoint-1")]
+
+
+def test_a_run_on_a_saved_dataset_resumes_though_datasets_wrote_its_cache_files_beside_it(
+    tmp_path, saved_model_dir, caption_folder, resumed_from
+):
+    saved, out = tmp_path / "saved", tmp_path / "out"
+    images = sorted(str(path) for path in caption_folder.rglob("*.png"))
+    rows = {"image": images, "caption": [f"Picture {number}." for number in range(len(images))]}
+    datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image()).save_to_disk(str(saved))
+    arguments = train_arguments(saved_model_dir, saved, out, tmp_path / "cache")
+    del arguments[arguments.index("--dataset_format") : arguments.index("--dataset_format") + 2]
+    assert main(arguments) == 0
+    assert list(saved.glob("cache-*.arrow"))  # written by the run's maps, not data
+    shutil.rmtree(out / "checkpoint-3")
+    assert main(arguments) == 0
+    assert resumed_from == [None, str(out / "checkpoint-2")]
 
 
 def test_the_data_identity_of_shards_follows_their_content_not_their_folder_and_a_hub_name_has_none(tmp_path):
