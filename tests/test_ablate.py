@@ -67,7 +67,7 @@ def test_a_two_run_grid_writes_its_table_and_figure_and_every_run_captions(grid)
         captions = processor.post_process_image_text_to_text(generated)
         assert all(captions)
         references = {index: [caption] for index, caption in enumerate(evaluation["caption"])}
-        scores = compute_caption_metrics(dict(enumerate(captions)), references, metrics=["cider"], tokenize=False)
+        scores = compute_caption_metrics(dict(enumerate(captions)), references, metrics=["cider"])
         assert float(row["CIDEr"]) == pytest.approx(scores["CIDEr"], abs=1e-6)
         assert 0 <= float(row["exact_match"]) <= 1
     assert [record["scores"]["CIDEr"] for record in records] == [float(row["CIDEr"]) for row in rows]
@@ -120,6 +120,14 @@ def test_the_command_reuses_the_grid_and_checks_its_options(grid, capsys, monkey
     assert "--base-steps sets the synthetic task's base run, which a dataset of your own" in capsys.readouterr().err
 
 
+def test_runs_are_scored_on_ptb_tokenized_captions_as_clipcap_evaluate_scores_them():
+    # Case and punctuation do not count, as in `clipcap evaluate`'s scores: the captions below are the same words.
+    scores = ablation.score_run(["a dog runs on the beach"], [["A dog runs on the beach."]],
+                                extra_scores=lambda predictions, references: {"calls": len(predictions)})
+    assert scores["Bleu_1"] == pytest.approx(1.0) and scores["ROUGE_L"] == pytest.approx(1.0)
+    assert scores["calls"] == 1
+
+
 def test_grid_options_are_checked():
     with pytest.raises(ValueError, match=r"`mapping_types` must be some of \('mlp', 'transformer'\), got \['lstm'\]"):
         AblationConfig(mapping_types=("lstm",))
@@ -133,6 +141,15 @@ def test_grid_options_are_checked():
         AblationConfig(prefix_lengths=(1, 2.5))
     with pytest.raises(ValueError, match=r"`prefix_lengths` must hold at least one prefix length"):
         AblationConfig(prefix_lengths=())
+    # A repeated value would train the same run twice and give the table and figures duplicate rows.
+    with pytest.raises(ValueError, match=r"`prefix_lengths` holds 2 more than once \(\[2, 2, 1\]\): give each value"):
+        AblationConfig(prefix_lengths=(2, 2, 1))
+    with pytest.raises(ValueError, match=r"`mapping_types` holds 'mlp' more than once"):
+        AblationConfig(mapping_types=("mlp", "transformer", "mlp"))
+    with pytest.raises(ValueError, match=r"`language_models` holds 'frozen' more than once"):
+        AblationConfig(language_models=("frozen", "frozen"))
+    with pytest.raises(ValueError, match=r"`vision_models` holds 'clip' more than once"):
+        AblationConfig(vision_models=("clip", "clip"), text_model="gpt2")
     with pytest.raises(ValueError, match=r"`max_steps` must be a positive integer, got 0"):
         AblationConfig(max_steps=0)
     with pytest.raises(ValueError, match=r"`learning_rate` must be positive, got -0.001"):

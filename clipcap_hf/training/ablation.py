@@ -47,7 +47,8 @@ from .trainer import ClipCapTrainer, caption_dataset, scratch_training_arguments
 logger = logging.getLogger(__name__)
 
 LANGUAGE_MODES = ("finetuned", "frozen")
-# The COCO caption metrics every run is scored with (no Java needed: captions are compared as given, lower-cased).
+# The COCO caption metrics every run is scored with: the ones that need no Java. The captions are tokenized as
+# `clipcap evaluate` tokenizes them (`score_run`), so the scores are comparable with its own.
 CAPTION_METRICS = ("bleu", "rouge", "cider")
 SCORES_FILE = "scores.json"
 # The scores a figure can show: the caption metrics', and the synthetic task's own.
@@ -111,6 +112,14 @@ class AblationConfig:
                 "Give both the pretrained vision towers and the language model (a dataset of your own), or neither "
                 "(the synthetic task, which trains its own)."
             )
+        for name in ("prefix_lengths", "mapping_types", "language_models", "vision_models"):
+            values = list(getattr(self, name))
+            repeated = next((value for index, value in enumerate(values) if value in values[:index]), None)
+            if repeated is not None:
+                raise ValueError(
+                    f"`{name}` holds {repeated!r} more than once ({values}): give each value once (a repeat would "
+                    "train the same run again and add a duplicate row to the table and figures)."
+                )
         names = [tower_name(vision) for vision in self.vision_models]
         if len(set(names)) < len(names):
             raise ValueError(
@@ -308,11 +317,7 @@ def train_and_score(
 
     predictions = caption_dataset(model, processor, evaluation, image_embeds=eval_embeds, batch_size=64)
     references = data.evaluation["references"]
-    scores = compute_caption_metrics(
-        dict(enumerate(predictions)), dict(enumerate(references)), metrics=CAPTION_METRICS, tokenize=False
-    )
-    if data.extra_scores is not None:
-        scores.update(data.extra_scores(predictions, references))
+    scores = score_run(predictions, references, data.extra_scores)
     record = {
         "run": asdict(run),
         "budget": budget(config),
@@ -326,6 +331,20 @@ def train_and_score(
     save_pretrained(run_dir, model, processor)
     write_text_atomically(run_dir / SCORES_FILE, json.dumps(record, indent=2))  # last: marks the run finished
     return record
+
+
+def score_run(
+    predictions: list[str], references: list[list[str]], extra_scores: Any = None
+) -> dict[str, float]:
+    """
+    A run's caption metrics ([`CAPTION_METRICS`]) and `extra_scores(predictions, references)`, if given. The captions
+    are PTB-tokenized (lower-cased, punctuation removed) as `clipcap evaluate` does; without Java, with its Python
+    approximation and a warning ([`tokenize_captions`]).
+    """
+    scores = compute_caption_metrics(dict(enumerate(predictions)), dict(enumerate(references)), CAPTION_METRICS)
+    if extra_scores is not None:
+        scores.update(extra_scores(predictions, references))
+    return scores
 
 
 def budget(config: AblationConfig) -> dict[str, Any]:
