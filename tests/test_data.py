@@ -1,12 +1,12 @@
 """Caption dataset loaders, embedding caption datasets into embeddings folders, and the data collator."""
 
+import io
 import json
 import os
 import re
 from unittest import mock
 
 import datasets
-
 import numpy as np
 import PIL.Image
 import pytest
@@ -32,6 +32,12 @@ from clipcap_hf.data import (
     load_image_folder,
     load_nocaps,
 )
+
+
+def png_bytes(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return buffer.getvalue()
 
 
 def write_images(folder, names, seed=0):
@@ -227,6 +233,12 @@ def image_folder_of(path):
         ),
         (
             "c.json",
+            {"images": [{"id": 1, "file_name": "x.jpg"}, {"id": 1, "file_name": "z.jpg"}], "annotations": []},
+            coco,
+            r"c.json: images\[1\] repeats the id 1 of images\[0\]; every entry of `images` needs its own id",
+        ),
+        (
+            "c.json",
             {"images": [{"id": 1, "file_name": 7}], "annotations": [{"image_id": 1, "caption": "A dog."}]},
             coco,
             r"c.json: image 1 has 'file_name' = 7; expected str",
@@ -268,6 +280,25 @@ def test_group_by_image_collects_references(image_folder):
     assert grouped["image_id"] == ["a.png", "b.png", "c.png", "sub/d.png"]
     assert grouped["references"][0] == ["A dog runs on the beach.", "Two cats sleep!"]
     assert grouped["references"][2] == ["A man rides a bicycle down the street."]
+
+
+def test_evaluation_groups_by_image_id_and_an_id_names_one_file(tmp_path):
+    # Evaluation scores each image id: two ids listing one file are two images, each with its own references.
+    data = {
+        "images": [{"id": 1, "file_name": "x.jpg"}, {"id": 2, "file_name": "x.jpg"}],
+        "annotations": [{"image_id": 1, "caption": "A dog."}, {"image_id": 2, "caption": "A cat."}],
+    }
+    (tmp_path / "c.json").write_text(json.dumps(data))
+    grouped = group_by_image(load_coco_captions(tmp_path / "c.json", tmp_path))
+    assert grouped["image_id"] == [1, 2]
+    assert grouped["references"] == [["A dog."], ["A cat."]]
+    assert grouped["image_path"] == [str(tmp_path / "x.jpg")] * 2
+
+    one_id_two_files = datasets.Dataset.from_dict(
+        {"image_id": [1, 1], "image_path": ["x.jpg", "z.jpg"], "caption": ["A dog.", "A cat."]}
+    )
+    with pytest.raises(ValueError, match=r"The image id 1 names two files, x.jpg and z.jpg; an id must name one"):
+        group_by_image(one_id_two_files)
 
 
 # ---------------------------------------------------------------- embedding caption datasets (embeddings folders)
@@ -537,6 +568,33 @@ def test_training_from_an_embeddings_folder_names_an_unwritable_cache_for_its_ca
         load_training_data(data_args, model, processor, train=True, evaluate=False)
     data = load_training_data(data_args, model, processor, train=True, evaluate=False)
     assert len(data.train) == 7  # one row per caption
+
+
+@pytest.mark.parametrize("use_embedding_cache", [True, False])
+def test_evaluation_images_are_one_per_image_id_even_with_identical_bytes(
+    tmp_path, tokenizer_and_processor, use_embedding_cache
+):
+    import pandas as pd
+
+    from clipcap_hf.data.prepare import load_training_data
+    from clipcap_hf.training.arguments import DataArguments
+
+    tokenizer, processor = tokenizer_and_processor
+    model = tiny_model(tokenizer)
+    same, other = [png_bytes(image) for image in random_images(2)]
+    rows = {"image": [same, same, other], "image_id": [1, 2, 3], "caption": ["A dog.", "A cat.", "A bus."]}
+    pd.DataFrame(rows).to_parquet(tmp_path / "val.parquet")
+    data_args = DataArguments(
+        validation_file=str(tmp_path / "val.parquet"),
+        use_embedding_cache=use_embedding_cache,
+        embedding_cache_dir=str(tmp_path / "cache"),
+    )
+    data = load_training_data(data_args, model, processor, train=False, evaluate=True)
+    # Ids 1 and 2 share one embedding row (the same bytes) but are two evaluated images.
+    assert data.eval_images["image_id"] == [1, 2, 3]
+    assert data.eval_images["references"] == [["A dog."], ["A cat."], ["A bus."]]
+    if use_embedding_cache:
+        assert data.eval_images["image_index"][0] == data.eval_images["image_index"][1]
 
 
 def test_training_names_this_towers_cache_of_an_earlier_version_with_the_fix(

@@ -116,6 +116,19 @@ def test_caption_formats_are_converted_to_one_row_per_image(caption_folder):
     assert source["image_key"] == [file_key(caption_folder / name) for name in CAPTIONED_IMAGES]
     assert source["image_id"] == list(CAPTIONED_IMAGES)
 
+    # One row per image id: two COCO ids listing one file are two rows (one key, so embedded once).
+    random_images(1)[0].save(caption_folder / "x.png")
+    data = {
+        "images": [{"id": 1, "file_name": "x.png"}, {"id": 2, "file_name": "x.png"}],
+        "annotations": [{"image_id": 1, "caption": "A dog."}, {"image_id": 2, "caption": "A cat."}],
+    }
+    (caption_folder / "c.json").write_text(json.dumps(data))
+    coco_file = str(caption_folder / "c.json")
+    coco = load_image_source(data_files=coco_file, dataset_format="coco", image_root=caption_folder)
+    assert coco["image_id"] == [1, 2]
+    assert coco["captions"] == [["A dog."], ["A cat."]]
+    assert coco["image_key"] == [file_key(caption_folder / "x.png")] * 2
+
 
 def test_a_missing_column_lists_the_columns_and_a_bad_caption_is_named(tmp_path, webdataset_shards):
     shards, _ = webdataset_shards

@@ -137,9 +137,15 @@ def load_coco_captions(
         extra_image_fields: fields of the `images` entries to keep as columns (e.g. nocaps' `"domain"`).
     """
     data = read_json(path)
-    images = {}
+    images, positions = {}, {}
     for index, image in enumerate(_field(data, "images", str(path), list)):
-        images[_field(image, "id", f"{path}: images[{index}]", (int, str))] = image
+        image_id = _field(image, "id", f"{path}: images[{index}]", (int, str))
+        if image_id in images:
+            raise ValueError(
+                f"{path}: images[{index}] repeats the id {image_id!r} of images[{positions[image_id]}]; every entry "
+                "of `images` needs its own id (remove the duplicate, or give it a new id and refer to that)."
+            )
+        images[image_id], positions[image_id] = image, index
     rows = _CaptionRows(image_root)
     for index, annotation in enumerate(_field(data, "annotations", str(path), list)):
         where = f"{path}: annotations[{index}]"
@@ -259,14 +265,22 @@ def load_caption_dataset(
 
 def group_by_image(dataset: datasets.Dataset) -> datasets.Dataset:
     """
-    One row per unique image (in order of first appearance) with all its captions in a `references` column; the
-    other columns come from the image's first row. Used to caption each image once during evaluation.
+    One row per image id (in order of first appearance) with all its captions in a `references` column; the other
+    columns come from the image's first row. Used to caption each image once during evaluation, which scores each
+    image id: two ids of one file (a dataset may list one picture twice) stay two images with their own references.
+    An id naming two files is a `ValueError`.
     """
     first_row: dict[Any, int] = {}
     references: dict[Any, list[str]] = {}
-    for row, (image_path, caption) in enumerate(zip(dataset["image_path"], dataset["caption"])):
-        first_row.setdefault(image_path, row)
-        references.setdefault(image_path, []).append(caption)
+    paths = dataset["image_path"]
+    for row, (image_id, caption) in enumerate(zip(dataset["image_id"], dataset["caption"])):
+        first = first_row.setdefault(image_id, row)
+        if paths[row] != paths[first]:
+            raise ValueError(
+                f"The image id {image_id!r} names two files, {paths[first]} and {paths[row]}; an id must name one "
+                "image: give each file its own id."
+            )
+        references.setdefault(image_id, []).append(caption)
     unique = dataset.select(list(first_row.values())).remove_columns("caption")
     return unique.add_column("references", list(references.values()))
 

@@ -413,13 +413,15 @@ def _explode_with_images(batch: dict[str, list], policy: str) -> dict[str, list]
 
 
 def _images_of(rows: datasets.Dataset) -> datasets.Dataset:
-    """One row per image of caption rows, with all its captions as `references` (evaluation sets are small)."""
-    image_column = "image_index" if "image_index" in rows.column_names else "image_id"
+    """
+    One row per image id of caption rows, with all its captions as `references` (evaluation sets are small). By id,
+    not by embedding row: two ids whose files hold the same bytes share an embedding but are two evaluated images.
+    """
     first_row: dict[Any, int] = {}
     references: dict[Any, list[str]] = {}
-    for row, (image, caption) in enumerate(zip(rows[image_column], rows["caption"])):
-        first_row.setdefault(image, row)
-        references.setdefault(image, []).append(caption)
+    for row, (image_id, caption) in enumerate(zip(rows["image_id"], rows["caption"])):
+        first_row.setdefault(image_id, row)
+        references.setdefault(image_id, []).append(caption)
     per_caption = [name for name in ("caption", "length") if name in rows.column_names]
     images = rows.select(list(first_row.values())).remove_columns(per_caption)
     return images.add_column("references", list(references.values()))

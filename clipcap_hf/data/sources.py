@@ -19,7 +19,7 @@ from typing import Any
 import datasets
 import PIL.Image
 
-from .loaders import DATASET_FORMATS, PathLike, load_caption_dataset
+from .loaders import DATASET_FORMATS, PathLike, group_by_image, load_caption_dataset
 
 # The `datasets` builder of each data file suffix.
 BUILDERS = {
@@ -178,7 +178,7 @@ def _from_data_files(data_files, split: str, streaming: bool):
 
 
 def _from_caption_format(dataset_format: str, path, image_root, split: str) -> datasets.Dataset:
-    """A caption format's rows (one per caption) grouped into one row per image with its `captions`."""
+    """A caption format's rows (one per caption) grouped into one row per image id with its `captions`."""
     if dataset_format not in DATASET_FORMATS:
         raise ValueError(f"Unknown dataset format {dataset_format!r}; expected one of {sorted(DATASET_FORMATS)}.")
     if path is None:
@@ -191,13 +191,7 @@ def _from_caption_format(dataset_format: str, path, image_root, split: str) -> d
                 f"{path} ({dataset_format}) has no images of split {split!r}; it has {sorted(loaded)}."
             )
         loaded = loaded[name]
-    first_row: dict[str, int] = {}
-    captions: dict[str, list[str]] = {}
-    for row, (image_path, caption) in enumerate(zip(loaded["image_path"], loaded["caption"])):
-        first_row.setdefault(image_path, row)
-        captions.setdefault(image_path, []).append(caption)
-    images = loaded.select(list(first_row.values())).remove_columns("caption")
-    images = images.add_column("captions", list(captions.values()))
+    images = group_by_image(loaded).rename_column("references", "captions")
     return images.add_column("image", images["image_path"]).cast_column("image", datasets.Image())
 
 
