@@ -1069,10 +1069,16 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 **kwargs,
             )
 
-    def _get_logits_processor(self, *args, **kwargs) -> LogitsProcessorList:
-        # The image token is always suppressed (`_set_generation_defaults`): by index, rather than through transformers'
-        # vocabulary-wide mask.
-        processors = super()._get_logits_processor(*args, **kwargs)
+    def _get_logits_processor(self, generation_config: GenerationConfig, *args, **kwargs) -> LogitsProcessorList:
+        # The image token is never generated, whatever `suppress_tokens` the caller gives: theirs replaces the saved
+        # list (`_set_generation_defaults`), so the token joins it here. Suppressed by index, rather than through
+        # transformers' vocabulary-wide mask.
+        image_token_id = self.config.image_token_id
+        suppressed = list(generation_config.suppress_tokens or [])
+        if image_token_id is not None and image_token_id not in suppressed:
+            generation_config = copy.copy(generation_config)
+            generation_config.suppress_tokens = [*suppressed, image_token_id]
+        processors = super()._get_logits_processor(generation_config, *args, **kwargs)
         for index, processor in enumerate(processors):
             if type(processor) is SuppressTokensLogitsProcessor:
                 tokens = processor.suppress_tokens

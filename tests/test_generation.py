@@ -117,6 +117,20 @@ def test_the_image_token_is_never_generated(mlp_model):
         captions = caption_tokens(mlp_model, mlp_model.generate(image_embeds=x, max_new_tokens=6, **options))
         assert image_token_id not in captions.flatten().tolist(), options
 
+    # A caller's own `suppress_tokens` replaces the saved list: the image token stays suppressed, and theirs too.
+    scored = {"max_new_tokens": 6, "output_scores": True, "return_dict_in_generate": True}
+    for options in (
+        {**scored, "suppress_tokens": [5]},
+        {**scored, "suppress_tokens": [5], "use_cache": False},
+        {"generation_config": GenerationConfig(**scored, suppress_tokens=[5])},
+        {**scored, "suppress_tokens": []},
+    ):
+        out = mlp_model.generate(image_embeds=x, **options)
+        assert image_token_id not in caption_tokens(mlp_model, out.sequences).flatten().tolist(), options
+        suppressed = [image_token_id, 5] if options.get("suppress_tokens") != [] else [image_token_id]
+        for step in out.scores:
+            assert torch.all(step[:, suppressed] == -float("inf")), options
+
 
 def test_prompt_is_continued(model, processor):
     x = embeds(model, 1)
