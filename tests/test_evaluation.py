@@ -212,6 +212,19 @@ def test_predictions_for_unknown_images_are_reported(coco_files, tmp_path, capsy
     assert "99" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("limit", [[], ["--limit", "9"]])
+def test_captions_of_images_outside_the_split_are_left_out_with_a_warning_naming_them(coco_files, tmp_path, limit):
+    # With or without --limit (which here keeps every image), the split's images are scored and the others named.
+    predictions = tmp_path / "predictions.json"
+    entries = [{"image_id": i, "caption": CAPTIONS[i][0]} for i in CAPTIONS]
+    predictions.write_text(json.dumps(entries + [{"image_id": 99, "caption": "A bird."}]))
+    with pytest.warns(UserWarning, match=r"predictions\.json has captions of images that are not in .*captions\.json, "
+                                         r"which are not scored: 1 of its 5 \(image ids: 99\)"):
+        assert main(rescore_argv(coco_files, predictions, tmp_path / "eval", "--metrics", "bleu", *limit)) == 0
+    written = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert written["num_images"] == 4 and written["scores"]["Bleu_1"] == pytest.approx(1.0)
+
+
 def test_a_scoring_failure_keeps_the_new_captions_and_no_stale_metrics(
     saved_model_dir, coco_files, tmp_path, monkeypatch, capsys
 ):

@@ -27,7 +27,7 @@ from ..evaluation.evaluate import (
     write_predictions,
 )
 from ..evaluation.gallery import GalleryRecord, write_gallery
-from ..evaluation.metrics import CLIP_METRIC_NAMES, METRIC_NAMES, load_coco_predictions
+from ..evaluation.metrics import CLIP_METRIC_NAMES, METRIC_NAMES, _format_ids, load_coco_predictions
 from ._utils import (
     DEFAULT_NUM_BEAMS,
     add_caption_options,
@@ -88,8 +88,8 @@ def _without_datasets_progress_bars() -> Iterator[None]:
 
 def _load_split(args: argparse.Namespace):
     """
-    The images to evaluate, one row per image (`group_by_image`), and the split they come from (`None` for a format
-    without splits).
+    The images to evaluate, one row per image (`group_by_image`), the split they come from (`None` for a format
+    without splits) and the image ids of the whole split (which --limit may cut short).
     """
     data = load_caption_dataset(args.data_format, args.data, args.image_root)
     split = None
@@ -102,9 +102,10 @@ def _load_split(args: argparse.Namespace):
         raise ValueError(f"--split: the {args.data_format} format has no splits; {args.data} is evaluated whole.")
     with _without_datasets_progress_bars():
         images = group_by_image(data)
+        split_image_ids = set(images["image_id"])
         if args.limit is not None:
             images = images.select(range(min(args.limit, len(images))))
-    return images, split
+    return images, split, split_image_ids
 
 
 def _check_arguments(args: argparse.Namespace) -> dict:
@@ -143,13 +144,31 @@ def _check_arguments(args: argparse.Namespace) -> dict:
     return generate_kwargs
 
 
-def _load_predictions(args: argparse.Namespace, images) -> dict[Any, str]:
-    """The --predictions file's captions of the images to evaluate, with a warning when it covers only some."""
+def _load_predictions(
+    args: argparse.Namespace, images, split: str | None, split_image_ids: Collection
+) -> dict[Any, str]:
+    """
+    The --predictions file's captions of the images to evaluate. Captions of images outside the split are left out
+    with a warning naming them (those of images --limit leaves out, silently); a warning (an error with
+    --model-card) when the captions cover only some of the images evaluated.
+    """
     predictions = load_coco_predictions(args.predictions)
+    where = args.data if split is None else f"the {split} split of {args.data}"
+    outside = [image_id for image_id in predictions if image_id not in split_image_ids]
+    if predictions and len(outside) == len(predictions):
+        raise ValueError(
+            f"{args.predictions}: none of its image ids ({_format_ids(outside, 5)}) is an image of {where}, whose "
+            f"image ids are {_format_ids(sorted(split_image_ids, key=str), 5)}; score it against the data it captions."
+        )
+    if outside:
+        warnings.warn(
+            f"{args.predictions} has captions of images that are not in {where}, which are not scored: "
+            f"{len(outside)} of its {len(predictions)} (image ids: {_format_ids(outside, 5)}).",
+            stacklevel=2,
+        )
     image_ids = set(images["image_id"])
-    if args.limit is not None:  # only the images that --limit kept
-        predictions = {image_id: caption for image_id, caption in predictions.items() if image_id in image_ids}
-    covered = len(image_ids & predictions.keys())
+    predictions = {image_id: caption for image_id, caption in predictions.items() if image_id in image_ids}
+    covered = len(predictions)
     if covered < len(image_ids) and args.model_card:
         raise ValueError(
             f"{args.predictions} has captions for {covered} of the {len(image_ids)} images of the split, and "
@@ -199,7 +218,7 @@ def _score_images(
 
 def run(args: argparse.Namespace) -> int:
     generate_kwargs = _check_arguments(args)
-    images, split = _load_split(args)
+    images, split, split_image_ids = _load_split(args)
     output_dir = Path(args.output_dir)
     unreadable = {}
     run_info = {"data": args.data, "data_format": args.data_format, "split": split, "limit": args.limit}
@@ -207,7 +226,7 @@ def run(args: argparse.Namespace) -> int:
         run_info["clip_model"] = args.clip_model
     if args.predictions:
         # Re-score a predictions file (COCO results format) without running the model.
-        predictions = _load_predictions(args, images)
+        predictions = _load_predictions(args, images, split, split_image_ids)
         run_info["predictions"] = args.predictions
     else:
         model, processor = load_model_and_processor(args.model, args.device)
