@@ -97,6 +97,17 @@ def test_an_image_folder_through_the_datasets_builder(tmp_path):
     assert source["image_key"] == [file_key(folder / "a.png"), file_key(folder / "sub/b.png")]
     assert source["captions"] == [["A dog.", "A cat."], ["A car."]]
 
+    # A single caption after a list: pyarrow refuses the column; the file, the lines and the fix are named.
+    lines.append({"file_name": "a.png", "text": "A bird."})
+    (folder / "metadata.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    message = (
+        re.escape(f"{folder / 'metadata.jsonl'}: line 3 gives 'text' as a string, but line 1 gives it as a list; ")
+        + r".*every caption as a list.*--dataset_format imagefolder"
+    )
+    for streaming in (False, True):
+        with pytest.raises(ValueError, match=message):
+            load_image_source(data_files=str(folder), caption_column="text", streaming=streaming)
+
 
 def test_json_lines_of_relative_image_paths(tmp_path):
     (tmp_path / "img").mkdir()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import itertools
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -162,7 +163,7 @@ def _from_data_files(data_files, split: str, streaming: bool):
                     raise ValueError(f"{folder} (save_to_disk) has no split {split!r}; it has {sorted(loaded)}.")
                 loaded = loaded[split]
             return loaded
-        return datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", streaming=streaming)
+        return _load_image_folder(folder, streaming)
     missing = [path for path in files if not os.path.exists(path)]
     if missing:
         raise FileNotFoundError(f"Data file {missing[0]} does not exist.")
@@ -175,6 +176,47 @@ def _from_data_files(data_files, split: str, streaming: bool):
         )
     (builder,) = builders
     return datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming)
+
+
+def _load_image_folder(folder: Path, streaming: bool):
+    """
+    An image folder through `datasets`' imagefolder builder. It parses `metadata.jsonl` with pyarrow, which refuses a
+    field that changes type between lines (a caption on one, a list on another) naming neither file nor line: these
+    are found here and named, with the fix.
+    """
+    import pyarrow
+
+    try:
+        return datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", streaming=streaming)
+    except pyarrow.ArrowInvalid as error:
+        mismatch = next(filter(None, map(_mixed_json_types, sorted(folder.rglob("metadata.jsonl")))), None)
+        if mismatch is None:
+            raise
+        raise ValueError(
+            f"{mismatch}; datasets' imagefolder reader needs each field in one form on every line: write them alike "
+            '(every caption as a list: "text": ["A dog."]), or read the folder with --dataset_format imagefolder, '
+            "which takes single captions and lists."
+        ) from error
+
+
+def _mixed_json_types(path: Path) -> str | None:
+    """The first line of a JSON Lines file giving a field another JSON type than an earlier line did, if any."""
+    kinds = {str: "a string", list: "a list", dict: "an object", bool: "true/false", int: "a number", float: "a number"}
+    first: dict[str, tuple[str, int]] = {}
+    with path.open(encoding="utf-8", errors="replace") as file:  # bad bytes are another error
+        for number, line in enumerate(file, start=1):
+            try:
+                record = json.loads(line) if line.strip() else {}
+            except json.JSONDecodeError:
+                return None  # not this problem; pyarrow's error stands
+            for key, value in record.items() if isinstance(record, dict) else ():
+                if value is None:
+                    continue
+                kind = kinds.get(type(value), type(value).__name__)
+                earlier, first_seen = first.setdefault(key, (kind, number))
+                if kind != earlier:
+                    return f"{path}: line {number} gives {key!r} as {kind}, but line {first_seen} gives it as {earlier}"
+    return None
 
 
 def _from_caption_format(dataset_format: str, path, image_root, split: str) -> datasets.Dataset:
