@@ -246,7 +246,8 @@ class ClipCapProcessor(ProcessorMixin):
         The image tokens and the prompt tokens (without special tokens), left-padded, ready for `generate`. A prompt's
         image token (`processor.image_token`, at most one) is expanded to `num_image_tokens` in its place, as LLaVA's
         processor does; a prompt without one gets them in front. `tokenizer_kwargs` (e.g. `truncation=True,
-        max_length=...`, which count the image tokens) go to the tokenizer and override those defaults.
+        max_length=...`, which count the image tokens) go to the tokenizer and override those defaults; truncation
+        cuts the prompt text only (on the tokenizer's `truncation_side`), never an image token.
         """
         image_tokens = self.image_token * self._num_image_tokens()
         expanded = []
@@ -259,7 +260,51 @@ class ClipCapProcessor(ProcessorMixin):
                 )
             expanded.append(prompt.replace(self.image_token, image_tokens) if placeholders else image_tokens + prompt)
         options = {**self.default_text_kwargs, **tokenizer_kwargs}
-        return self.tokenizer(expanded, return_tensors=return_tensors, **options)
+        if options.get("truncation") in (None, False, "do_not_truncate"):
+            return self.tokenizer(expanded, return_tensors=return_tensors, **options)
+        return self._tokenize_truncating_text(expanded, return_tensors, options)
+
+    def _tokenize_truncating_text(self, prompts: list[str], return_tensors: str | None, options: dict) -> BatchEncoding:
+        """
+        Tokenize prompts that hold their image tokens, cutting only text tokens to `max_length`: the tokenizer's own
+        truncation would cut image tokens too (all of them on the left), and the model needs every one.
+        """
+        num_image_tokens = self._num_image_tokens()
+        options = dict(options)
+        del options["truncation"]
+        max_length = options.get("max_length")
+        if max_length is None:
+            max_length = self.tokenizer.model_max_length
+        if max_length < num_image_tokens:
+            raise ValueError(
+                f"max_length={max_length} cannot hold the prompt's {num_image_tokens} image tokens, which it counts; "
+                f"give at least {num_image_tokens} plus the prompt tokens to keep."
+            )
+        padding_options = ("padding", "pad_to_multiple_of", "padding_side", "return_attention_mask")
+        padding = {name: options.pop(name) for name in padding_options if name in options}
+        if options.pop("max_length", None) is not None and padding.get("padding") == "max_length":
+            padding["max_length"] = max_length
+        encoded = self.tokenizer(prompts, **options)  # lists, neither cut nor padded
+        text_budget = max_length - num_image_tokens
+        from_left = self.tokenizer.truncation_side == "left"
+        for row, ids in enumerate(encoded["input_ids"]):
+            text_positions = [index for index, token in enumerate(ids) if token != self.image_token_id]
+            excess = len(text_positions) - text_budget
+            if excess <= 0:
+                continue
+            cut = set(text_positions[:excess] if from_left else text_positions[text_budget:])
+            for values in encoded.values():  # every per-token field (attention mask, offsets...) alike
+                if isinstance(values[row], list) and len(values[row]) == len(ids):
+                    values[row] = [value for index, value in enumerate(values[row]) if index not in cut]
+        # transformers 4.x advises fast tokenizers against `pad` after tokenizing; it is the only way here, as
+        # transformers' data collators find (they silence the advice the same way).
+        warned = getattr(self.tokenizer, "deprecation_warnings", {})
+        advised = warned.get("Asking-to-pad-a-fast-tokenizer", False)
+        warned["Asking-to-pad-a-fast-tokenizer"] = True
+        try:
+            return self.tokenizer.pad(encoded, return_tensors=return_tensors, **padding)
+        finally:
+            warned["Asking-to-pad-a-fast-tokenizer"] = advised
 
     def _num_image_tokens(self) -> int:
         if self.num_image_tokens is None:

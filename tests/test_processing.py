@@ -6,7 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import build_tokenizer
+from conftest import build_tokenizer, tiny_processor
 from torchvision import transforms
 from transformers import CLIPImageProcessor
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
@@ -234,6 +234,38 @@ def test_prompt_tokenizer_options_are_applied(processor, tokenizer, images):
     padded = processor(images=images, text=prompts, text_kwargs={"padding": "max_length", "max_length": 20})
     assert padded["input_ids"].shape == (3, 20)
     assert padded["input_ids"][2].tolist() == [tokenizer.pad_token_id] * (20 - len(full[2])) + full[2]  # left
+
+
+def test_prompt_truncation_cuts_text_only_never_image_tokens(tokenizer, images):
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    prompts = ["A dog runs on the beach", "Photo: <image> two cats sleep", "A"]
+    image = [image_token_id] * 4
+    full = [image + tokenizer(prompts[0], add_special_tokens=False)["input_ids"],
+            tokenizer(prompts[1].replace("<image>", "<image>" * 4), add_special_tokens=False)["input_ids"],
+            image + tokenizer(prompts[2], add_special_tokens=False)["input_ids"]]
+
+    def keep_text(ids, budget, from_left):
+        text = [index for index, token in enumerate(ids) if token != image_token_id]
+        kept = set(text[len(text) - budget :] if from_left else text[:budget])
+        return [token for index, token in enumerate(ids) if token == image_token_id or index in kept]
+
+    for side in ("right", "left"):
+        side_tokenizer = build_tokenizer()
+        side_tokenizer.truncation_side = side
+        processor = tiny_processor(side_tokenizer)
+        for max_length in (4, 5, 7):
+            batch = processor(images=images, text=prompts, truncation=True, max_length=max_length)
+            pad = [side_tokenizer.pad_token_id]
+            expected = [keep_text(ids, max_length - 4, side == "left") for ids in full]
+            width = max(len(ids) for ids in expected)
+            left_padded = [pad * (width - len(ids)) + ids for ids in expected]
+            assert batch["input_ids"].tolist() == left_padded, (side, max_length)
+            assert batch["attention_mask"].tolist() == [[0] * (width - len(ids)) + [1] * len(ids) for ids in expected]
+        padded = processor(images=images, text=prompts, truncation=True, max_length=7, padding="max_length")
+        assert padded["input_ids"].shape == (3, 7)
+        assert (padded["input_ids"] == image_token_id).sum(1).tolist() == [4, 4, 4]
+        with pytest.raises(ValueError, match=r"max_length=3 cannot hold the prompt's 4 image tokens"):
+            processor(images=images, text=prompts, truncation=True, max_length=3)
 
 
 def test_image_options_reach_the_image_processor_with_or_without_text(processor, images):
