@@ -320,3 +320,53 @@ def test_a_run_started_over_another_and_killed_does_not_resume_from_the_other_ru
         shutil.rmtree(out / f"checkpoint-{step}")
     assert main(run_b) == 0
     assert resumed_from == [None, None, str(out / "checkpoint-2")]
+
+
+# A run of one step (Trainer, resuming from its checkpoint mid-epoch, took a second step past --max_steps); one of
+# one epoch, two steps of four captions (Trainer resumed it from its end); one killed after its last checkpoint, before
+# its final model was written.
+FINISHED_RUNS = {
+    "max_steps": ["--max_steps", "1"],
+    "epochs": ["--max_steps", "-1", "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
+               "--save_steps", "2"],
+    "final_model_unwritten": ["--max_steps", "1"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("run", FINISHED_RUNS)
+def test_a_rerun_of_a_finished_run_trains_nothing_keeps_its_final_model_and_evaluates_it(
+    tmp_path, saved_model_dir, caption_folder, caplog, resumed_from, run
+):
+    out = tmp_path / "out"
+    evaluation = ["--do_eval", "--validation_file", str(caption_folder), "--generation_max_new_tokens", "4"]
+    arguments = train_arguments(saved_model_dir, caption_folder, out, tmp_path / "cache", *FINISHED_RUNS[run])
+    assert main([*arguments, *evaluation]) == 0
+    last = {"max_steps": 1, "epochs": 2, "final_model_unwritten": 1}[run]
+    evaluated = json.loads((out / "eval_results.json").read_text())
+    if run == "final_model_unwritten":
+        for name in ("model.safetensors", "trainer_state.json", "train_results.json", "eval_results.json"):
+            (out / name).unlink()
+    # Everything but the evaluation's results (their runtimes differ) is compared byte for byte after the rerun.
+    results = ("eval_results.json", "all_results.json")
+    written = {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name not in results}
+    caplog.clear()
+    assert main([*arguments, *evaluation]) == 0
+    assert resumed_from == [None]  # the first run's start only
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == [f"checkpoint-{last}"]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == last
+    final_model = out / "model.safetensors"
+    if run == "final_model_unwritten":  # written from the last checkpoint, with this run's training_args.bin
+        assert final_model.read_bytes() == (out / f"checkpoint-{last}/model.safetensors").read_bytes()
+        for path in (final_model, out / "training_args.bin"):  # transformers 4's holds the time (logging_dir)
+            written[path] = path.read_bytes()
+    assert {path: path.read_bytes() for path in written} == written
+    # Evaluated again, the final model: the first run's loss, the predictions named by the last step.
+    assert json.loads((out / "eval_results.json").read_text())["eval_loss"] == evaluated["eval_loss"]
+    assert [path.name for path in (out / "predictions").iterdir()] == [f"eval_step{last}.json"]
+    messages = [record.getMessage() for record in caplog.records if "The run is complete" in record.getMessage()]
+    assert messages == [
+        f"The run is complete: {out}/checkpoint-{last} holds its last step ({last}), so nothing is trained and its "
+        f"final model stays as it is. To train it longer, start a new run from the final model: --model_name_or_path "
+        f"{out} with another --output_dir (a resume with another --max_steps or --num_train_epochs is refused: they "
+        "set the learning-rate schedule)."
+    ]

@@ -20,7 +20,7 @@ import datasets
 import transformers
 from accelerate import PartialState
 from tqdm.auto import tqdm
-from transformers import TrainingArguments, set_seed
+from transformers import TrainerState, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import ADAPTER_CONFIG_NAME, find_adapter_config_file
@@ -252,6 +252,32 @@ def _warn_of_the_checkpoints_left(output_dir: str) -> None:
             "newest checkpoint, and stops if it is the other run's: delete the other run's checkpoints to be able to "
             "resume this one."
         )
+
+
+def finished_run_state(checkpoint: str | None, training_args: TrainingArguments) -> dict[str, Any] | None:
+    """
+    The trainer state of `checkpoint` if its run is over: its global step has reached the run's length (--max_steps,
+    else the state's own, which the recorded --num_train_epochs set), else None. Trainer resuming from it mid-epoch
+    would take one more step before it checks the length, so a rerun of a finished run trains nothing instead.
+    """
+    if not isinstance(checkpoint, str):
+        return None
+    try:
+        state = read_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+    except (OSError, ValueError):
+        return None  # Trainer (ClipCapTrainer) names a checkpoint that is missing or damaged
+    max_steps = training_args.max_steps if training_args.max_steps > 0 else state.get("max_steps")
+    if isinstance(max_steps, int) and max_steps > 0 and state.get("global_step", 0) >= max_steps:
+        return state
+    return None
+
+
+def _final_model_saved(output_dir: str, global_step: int) -> bool:
+    """Whether a run's end was written in `output_dir`: `train` writes its trainer_state.json last."""
+    try:
+        return read_json(os.path.join(output_dir, TRAINER_STATE_NAME)).get("global_step") == global_step
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def run_arguments(
@@ -532,19 +558,30 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         if last_checkpoint is not None:
             logger.info(f"Resuming from {last_checkpoint}; use another --output_dir to start afresh.")
     arguments = None
+    finished = None  # the state of the checkpoint that ends the run, when a rerun finds the run over
     if training_args.do_train:
         arguments = check_run_arguments(model_args, data_args, training_args, last_checkpoint)
+        checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+        finished = finished_run_state(checkpoint, training_args)
+        if finished is not None:
+            logger.warning(
+                f"The run is complete: {checkpoint} holds its last step ({finished['global_step']}), so nothing is "
+                "trained and its final model stays as it is. To train it longer, start a new run from the final "
+                f"model: --model_name_or_path {training_args.output_dir} with another --output_dir (a resume with "
+                "another --max_steps or --num_train_epochs is refused: they set the learning-rate schedule)."
+            )
+    training = training_args.do_train and finished is None
     set_seed(training_args.seed)
 
     model, processor = build_model(model_args)
-    if training_args.do_train and data_args.streaming and training_args.max_steps <= 0:
+    if training and data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps: a streamed source has no length to count epochs by.")
     _check_context_length(model.config, data_args, generation=evaluating)
     # One call: the sources, their images embedded once across the processes, one row per caption, the lengths.
-    data = load_training_data(data_args, model, processor, train=training_args.do_train, evaluate=evaluating)
+    data = load_training_data(data_args, model, processor, train=training, evaluate=evaluating)
     _check_context_length(model.config, data_args, data)
     metrics: dict[str, float] = {}
-    if training_args.do_train:
+    if training:
         metrics["train_truncated_captions"] = data.train_truncated_captions
 
     if model_args.freeze_language_model:
@@ -586,15 +623,23 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         run_arguments=arguments,  # recorded in each checkpoint, for a resume from it to check
     )
 
-    if training_args.do_train:
+    if finished is not None:
+        final_saved = _final_model_saved(training_args.output_dir, finished["global_step"])
+        if training_args.do_eval or not final_saved:
+            # The final weights, which the checkpoint holds (loaded as Trainer resumes, damaged files named), and its
+            # state (the step evaluation results are named by).
+            trainer._load_from_checkpoint(checkpoint)
+            _align_special_tokens(trainer)
+            trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
+        if not final_saved:  # stopped after its last checkpoint, before its final model was written
+            logger.warning(f"Writing the final model of the run, from {checkpoint}, in {training_args.output_dir}.")
+            _save_final_model(trainer, processor, model_args, training_args)
+            trainer.save_state()
+    if training:
         # Written once the run has started, so that a run refused before training leaves no output_dir behind.
         record_run_arguments(training_args, arguments)
         result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
-        trainer.save_model()
-        if trainer.is_world_process_zero():
-            processor.save_pretrained(training_args.output_dir)
-            if model_args.use_lora and model_args.save_merged_model:
-                merge_lora(training_args.output_dir, os.path.join(training_args.output_dir, "merged"))
+        _save_final_model(trainer, processor, model_args, training_args)
         metrics.update(result.metrics)
         if isinstance(data.train, datasets.Dataset):
             metrics["train_samples"] = len(data.train)
@@ -608,6 +653,29 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     return metrics
+
+
+def _align_special_tokens(trainer: ClipCapTrainer) -> None:
+    """
+    Give the model's config the tokenizer's special token ids, as `Trainer.train` does before training, so that a
+    finished run's model, loaded without training, evaluates and saves as the trained one did.
+    """
+    align = getattr(transformers.trainer_utils, "align_special_tokens", None)  # transformers 5; 4.x: a method
+    if align is not None:
+        align(trainer.model, trainer.processing_class)
+    else:
+        trainer._align_special_tokens()
+
+
+def _save_final_model(
+    trainer: ClipCapTrainer, processor: ClipCapProcessor, model_args: ModelArguments, training_args: TrainingArguments
+) -> None:
+    """Save the trained model and its processor in output_dir, and with --save_merged_model the LoRA merge beside."""
+    trainer.save_model()
+    if trainer.is_world_process_zero():
+        processor.save_pretrained(training_args.output_dir)
+        if model_args.use_lora and model_args.save_merged_model:
+            merge_lora(training_args.output_dir, os.path.join(training_args.output_dir, "merged"))
 
 
 def main(args: Sequence[str] | None = None, prog: str | None = None) -> dict[str, float]:
