@@ -66,6 +66,16 @@ def test_parquet_with_image_bytes_names_each_rows_file(tmp_path):
     assert source["captions"] == [["c0"], ["c1"], ["c2"]]
     assert source["__url__"] == [files[0], files[0], files[1]]
 
+    # A bad row of the second file is named with that file and its row there; a stream of several files numbers its
+    # rows in the order its readers take them, so it names the files and asks for a read without --streaming.
+    rows = {"jpg": [{"bytes": png_bytes(images[0]), "path": None}] * 2, "caption": ["c3", None]}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(files[1])
+    with pytest.raises(ValueError, match=re.escape(f"{files[1]}, row 1 (from 0): the image ")):
+        load_image_source(data_files=files, image_column="jpg", caption_column="caption")
+    message = re.escape(f"A streamed row of {files[0]} (and 1 more files) (read it without --streaming to have the row")
+    with pytest.raises(ValueError, match=message + r".*: the image sha256:\w+ has 'caption' = None"):
+        list(load_image_source(data_files=files, image_column="jpg", caption_column="caption", streaming=True))
+
 
 def test_a_dataset_saved_to_disk_and_a_hub_style_dataset_folder(tmp_path):
     images = random_images(2)
@@ -149,7 +159,8 @@ def test_a_missing_column_lists_the_columns_and_a_bad_caption_is_named(tmp_path,
     with pytest.raises(ValueError, match=r"has no column 'png'; its columns are: jpg, txt, __key__, __url__"):
         load_image_source(data_files=str(shards[0]), image_column="png")
     (tmp_path / "data.jsonl").write_text(json.dumps({"image": "x.png", "caption": ""}) + "\n")
-    with pytest.raises(ValueError, match=r"data.jsonl, row 0: the image .*x.png has 'caption' = ''; give each image a"):
+    empty_caption = r"data.jsonl, row 0 \(from 0\): the image .*x.png has 'caption' = ''; give each image a"
+    with pytest.raises(ValueError, match=empty_caption):
         load_image_source(data_files=str(tmp_path / "data.jsonl"), caption_column="caption")
     with pytest.raises(ValueError, match=r"Cannot tell how to read .*notes.txt"):
         (tmp_path / "notes.txt").write_text("hello")
@@ -185,13 +196,13 @@ def test_a_row_without_an_image_is_named(tmp_path, streaming):
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "data.parquet"))
     no_image = r"has no image \(it is null or missing\); drop that row or give it an image"
     parquet = str(tmp_path / "data.parquet")
-    with pytest.raises(ValueError, match=r"data.parquet, row 1 " + no_image):
+    with pytest.raises(ValueError, match=r"data.parquet, row 1 \(from 0\) " + no_image):
         list(load_image_source(data_files=parquet, caption_column="caption", streaming=streaming))
 
     random_images(1)[0].save(tmp_path / "x.png")
     lines = [{"image": "x.png", "caption": "A dog."}, {"image": None, "caption": "A cat."}]
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    with pytest.raises(ValueError, match=r"data.jsonl, row 1 " + no_image):
+    with pytest.raises(ValueError, match=r"data.jsonl, row 1 \(from 0\) " + no_image):
         list(load_image_source(data_files=str(tmp_path / "data.jsonl"), caption_column="caption", streaming=streaming))
 
     # A webdataset sample with a caption and no image file (after 6 whole ones: datasets infers the types from 5).

@@ -240,14 +240,16 @@ def _from_caption_format(dataset_format: str, path, image_root, split: str) -> d
 def _add_keys_and_captions(dataset, caption_column: str | None, source: str, shards: list[tuple[str, int]] | None):
     """
     Add `image_key` (and `captions`) computed from the undecoded images, without decoding any; and, for parquet files
-    (`shards`: each file and its row count), each row's file as `__url__`, as webdataset rows have it.
+    (`shards`: each file and its row count), each row's file as `__url__`, as webdataset rows have it. A stream of
+    several shards numbers its rows in the order its readers take them (shuffled shards, one count per worker), not
+    in its files: its bad rows are named without a row number.
     """
     columns = ["image"] + ([caption_column] if caption_column else [])
     columns += [name for name in (WEBDATASET_KEY, SHARD_COLUMN) if name in dataset.column_names]  # to name a bad row
     keys_and_captions = dict(
         function=_keys_and_captions,
         batched=True,
-        with_indices=True,
+        with_indices=not (isinstance(dataset, datasets.IterableDataset) and dataset.num_shards > 1),
         fn_kwargs={"caption_column": caption_column, "source": source, "shards": shards},
     )
     replaced = [caption_column] if caption_column else []
@@ -269,7 +271,7 @@ def _add_keys_and_captions(dataset, caption_column: str | None, source: str, sha
     return keyed.cast_column("image", datasets.Image())
 
 
-def _keys_and_captions(batch, indices, *, caption_column, source, shards):
+def _keys_and_captions(batch, indices=None, *, caption_column, source, shards):
     new: dict[str, list] = {"image_key": []}
     for position, image in enumerate(batch["image"]):
         try:
@@ -297,11 +299,13 @@ def _row_location(batch, indices, position: int, source: str, shards) -> str:
     """Where a row comes from, for an error: its shard and `__key__`, its parquet file and row, or its row."""
     if WEBDATASET_KEY in batch:
         return f"{batch[SHARD_COLUMN][position]}, sample {batch[WEBDATASET_KEY][position]!r}"
+    if indices is None:
+        return f"A streamed row of {source} (read it without --streaming to have the row's file and number named)"
     index = indices[position]
     if shards is not None:
         shard = _shard_of(index, shards)
-        return f"{shards[shard][0]}, row {index - sum(rows for _, rows in shards[:shard])}"
-    return f"{source}, row {index}"
+        return f"{shards[shard][0]}, row {index - sum(rows for _, rows in shards[:shard])} (from 0)"
+    return f"{source}, row {index} (from 0)"
 
 
 def _caption_list(value: Any, column: str, key: str, location) -> list[str]:
