@@ -431,6 +431,15 @@ class _SuppressTokensByIndex(SuppressTokensLogitsProcessor):
         return scores.index_fill(-1, self._kept_tokens, -math.inf)
 
 
+def _main_input(given: torch.Tensor | None, inputs: torch.Tensor | None, name: str) -> torch.Tensor | None:
+    """The model's main input for `generate`, given by its name or as transformers' `inputs`."""
+    if inputs is None:
+        return given
+    if given is not None:
+        raise ValueError(f"`inputs` is `{name}` for this model: pass one of them, not both.")
+    return inputs
+
+
 class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     r"""
     ClipCap: a frozen CLIP image encoder, a mapping network that turns its image embedding into `prefix_length`
@@ -1038,11 +1047,13 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         pixel_values: torch.FloatTensor | None = None,
         image_embeds: torch.FloatTensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        inputs: torch.LongTensor | None = None,
         **kwargs,
     ):
         r"""
         [`~generation.GenerationMixin.generate`] over this model's forward: every decoding strategy, cache and
         output option applies, and `sequences` count the same positions as the scores, attentions and cache.
+        `inputs` (transformers' name for the model's main input) is `input_ids`.
 
         Images alone need no `input_ids`: the image tokens are written here, as BLIP-2 does. The returned sequences
         start with the input tokens (image tokens and prompt); `processor.batch_decode(..., skip_special_tokens=True)`
@@ -1050,6 +1061,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         (Seq2SeqTrainer(predict_with_generate=True) passes its evaluation batches as they are).
         """
         kwargs.pop("labels", None)
+        input_ids = _main_input(input_ids, inputs, "input_ids")
         images = pixel_values if pixel_values is not None else image_embeds
         if input_ids is None and kwargs.get("inputs_embeds") is None and images is not None:
             input_ids = torch.full((images.shape[0], self.config.prefix_length), self.config.image_token_id,
@@ -1146,7 +1158,8 @@ class ClipCapForImageToText(ClipCapForConditionalGeneration):
 
     main_input_name = "pixel_values"
 
-    def generate(self, pixel_values=None, input_ids=None, **kwargs):
+    def generate(self, pixel_values=None, input_ids=None, inputs=None, **kwargs):
+        pixel_values = _main_input(pixel_values, inputs, "pixel_values")
         return super().generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
 
     def _prepare_model_inputs(self, inputs=None, bos_token_id=None, model_kwargs=None):

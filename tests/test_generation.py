@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from transformers import GenerationConfig
 from conftest import greedy_loop, tiny_model, tiny_processor
 
-from clipcap_hf.modeling_clipcap import DEFAULT_MAX_NEW_TOKENS
+from clipcap_hf.modeling_clipcap import DEFAULT_MAX_NEW_TOKENS, ClipCapForImageToText
 
 
 def embeds(model, count, seed=0):
@@ -241,3 +241,21 @@ def test_default_caption_length_and_explicit_lengths(tokenizer, tmp_path):
     loaded = type(model).from_pretrained(tmp_path)
     assert loaded.generation_config.max_new_tokens is None
     assert loaded.generate(image_embeds=x).shape == (2, 27)
+
+
+def test_inputs_is_the_main_input_as_in_transformers_generate(mlp_model, processor, images, tokenizer):
+    # `generate(inputs=...)` is transformers' name for the main input: `input_ids` here, `pixel_values` for the
+    # image-to-text class.
+    x = embeds(mlp_model, 1)
+    batch = processor(text="A dog")
+    prompt = batch["input_ids"][0, mlp_model.config.prefix_length :].tolist()
+    generated = mlp_model.generate(inputs=batch["input_ids"], image_embeds=x, max_new_tokens=6, min_new_tokens=6)
+    assert generated[0, mlp_model.config.prefix_length :].tolist() == greedy_loop(mlp_model, x, 6, prompt_ids=prompt)
+    with pytest.raises(ValueError, match="`inputs` is `input_ids` for this model: pass one of them, not both"):
+        mlp_model.generate(inputs=batch["input_ids"], input_ids=batch["input_ids"], image_embeds=x)
+
+    image_to_text = ClipCapForImageToText(mlp_model.config).eval()
+    image_to_text.load_state_dict(mlp_model.state_dict())
+    pixel_values = processor(images=images[:2])["pixel_values"]
+    assert torch.equal(image_to_text.generate(inputs=pixel_values, max_new_tokens=5),
+                       mlp_model.generate(pixel_values=pixel_values, max_new_tokens=5))
