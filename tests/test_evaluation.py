@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import distinct_captioning_model, mkldnn_disabled, packs_run, random_images, tiny_model
+from conftest import (
+    PREFIX_LENGTH,
+    distinct_captioning_model,
+    mkldnn_disabled,
+    packs_run,
+    random_images,
+    tiny_model,
+)
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor, onednn
 from clipcap_hf.commands import main
@@ -22,6 +29,7 @@ from clipcap_hf.evaluation import (
     write_evaluation,
 )
 from clipcap_hf.evaluation.metrics import compute_caption_metrics
+from clipcap_hf.modeling_clipcap import DEFAULT_MAX_NEW_TOKENS
 from clipcap_hf.onednn import onednn_linear_available
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="the COCO tokenizer needs Java")
@@ -93,6 +101,26 @@ def test_evaluate_writes_predictions_metrics_and_table(saved_model_dir, coco_fil
     assert table.splitlines()[0] == "| | BLEU-1 | BLEU-2 | BLEU-3 | BLEU-4 | ROUGE-L | CIDEr |"
     assert f"{100 * independent['CIDEr']:.2f}" in table.splitlines()[2]
     assert table in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("length_settings, recorded", [
+    ({"max_length": PREFIX_LENGTH + 3}, 3),  # it counts the image tokens, as ClipCap's `generate` reads it
+    ({"max_new_tokens": 4}, 4),
+    ({}, DEFAULT_MAX_NEW_TOKENS),  # no length chosen
+])
+def test_metrics_json_records_the_caption_length_the_generation_config_gives(
+    saved_model_dir, coco_files, tmp_path, length_settings, recorded
+):
+    config_path = saved_model_dir / "generation_config.json"
+    settings = json.loads(config_path.read_text())
+    settings = {name: value for name, value in settings.items() if name not in ("max_length", "max_new_tokens")}
+    config_path.write_text(json.dumps({**settings, **length_settings}))
+    annotations, image_root = coco_files
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--model", str(saved_model_dir), "--data", str(annotations), "--data-format", "coco",
+                 "--image-root", str(image_root), "--output-dir", str(out), "--limit", "1", "--num-beams", "1",
+                 "--metrics", "bleu"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["run"]["max_new_tokens"] == recorded
 
 
 def test_rescoring_written_predictions_gives_the_same_numbers_with_domains(saved_model_dir, coco_files, tmp_path):

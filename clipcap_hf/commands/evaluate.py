@@ -20,6 +20,7 @@ from ..evaluation.evaluate import (
     EvaluationResult,
     UnreadableImagesError,
     caption_images,
+    caption_length,
     fill_model_card,
     markdown_table,
     score_predictions,
@@ -230,7 +231,9 @@ def run(args: argparse.Namespace) -> int:
         run_info["predictions"] = args.predictions
     else:
         model, processor = load_model_and_processor(args.model, args.device)
-        max_new_tokens = generate_kwargs.get("max_new_tokens", model.generation_config.max_new_tokens)
+        max_new_tokens = generate_kwargs.get("max_new_tokens")
+        if max_new_tokens is None:  # the caption length the generation config gives, however it sets it
+            max_new_tokens = caption_length(model.generation_config, model.config.prefix_length)
         run_info.update(model=args.model, num_beams=args.num_beams, max_new_tokens=max_new_tokens)
         predictions, unreadable = caption_images(model, processor, images, args.batch_size, **generate_kwargs)
         # Written before scoring, so that a scoring failure (no Java, a bad reference) keeps the captions; this also

@@ -19,7 +19,7 @@ import numpy as np
 from transformers import GenerationConfig
 
 from ..configuration_clipcap import ClipCapConfig
-from ..modeling_clipcap import DEFAULT_MAX_NEW_TOKENS, caption_length_unset
+from ..evaluation.evaluate import caption_length
 from ..processing_clipcap import ClipCapProcessor
 from .export import GRAPHS, LOGITS_TO_KEEP, ONNX_SUBFOLDER, QUANTIZED_SUFFIX, past_names
 
@@ -190,19 +190,16 @@ class OnnxCaptioner:
                     "implement (greedy and beam search only); remove it from the exported folder's generation config."
                 )
         eos = config.eos_token_id
-        if caption_length_unset(config):  # as the PyTorch model loaded from this folder does
-            config_max_new_tokens = DEFAULT_MAX_NEW_TOKENS
-        elif config.max_new_tokens is not None:
-            config_max_new_tokens = config.max_new_tokens
-        else:  # only max_length: it counts the image tokens, as ClipCap's `generate` reads it
-            config_max_new_tokens = config.max_length - self.config.prefix_length
         for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(
                     f"{name}={value!r}: pass a positive integer, or leave it out (None) to use the generation config's."
                 )
         return {
-            "max_new_tokens": config_max_new_tokens if max_new_tokens is None else max_new_tokens,
+            # As the PyTorch model loaded from this folder reads the generation config.
+            "max_new_tokens": (
+                caption_length(config, self.config.prefix_length) if max_new_tokens is None else max_new_tokens
+            ),
             "num_beams": (config.num_beams or 1) if num_beams is None else num_beams,
             "eos": set(eos if isinstance(eos, list) else [] if eos is None else [eos]),
             # transformers pads with the first EOS token where no pad token is set.
