@@ -323,8 +323,8 @@ def test_a_run_started_over_another_and_killed_does_not_resume_from_the_other_ru
 
 
 # A run of one step (Trainer, resuming from its checkpoint mid-epoch, took a second step past --max_steps); one of
-# one epoch, two steps of four captions (Trainer resumed it from its end); one killed after its last checkpoint, before
-# its final model was written.
+# one epoch, two steps of four captions (Trainer resumed it from its end), evaluated; one killed after its last
+# checkpoint, before its final model was written, evaluated.
 FINISHED_RUNS = {
     "max_steps": ["--max_steps", "1"],
     "epochs": ["--max_steps", "-1", "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
@@ -339,12 +339,13 @@ def test_a_rerun_of_a_finished_run_trains_nothing_keeps_its_final_model_and_eval
 ):
     out = tmp_path / "out"
     evaluation = ["--do_eval", "--validation_file", str(caption_folder), "--generation_max_new_tokens", "4"]
+    evaluation = evaluation if run != "max_steps" else []
     arguments = train_arguments(saved_model_dir, caption_folder, out, tmp_path / "cache", *FINISHED_RUNS[run])
     assert main([*arguments, *evaluation]) == 0
     last = {"max_steps": 1, "epochs": 2, "final_model_unwritten": 1}[run]
-    evaluated = json.loads((out / "eval_results.json").read_text())
+    evaluated = json.loads((out / "eval_results.json").read_text()) if evaluation else None
     if run == "final_model_unwritten":
-        for name in ("model.safetensors", "trainer_state.json", "train_results.json", "eval_results.json"):
+        for name in ("model.safetensors", "trainer_state.json", "train_results.json"):
             (out / name).unlink()
     # Everything but the evaluation's results (their runtimes differ) is compared byte for byte after the rerun.
     results = ("eval_results.json", "all_results.json")
@@ -360,9 +361,9 @@ def test_a_rerun_of_a_finished_run_trains_nothing_keeps_its_final_model_and_eval
         for path in (final_model, out / "training_args.bin"):  # transformers 4's holds the time (logging_dir)
             written[path] = path.read_bytes()
     assert {path: path.read_bytes() for path in written} == written
-    # Evaluated again, the final model: the first run's loss, the predictions named by the last step.
-    assert json.loads((out / "eval_results.json").read_text())["eval_loss"] == evaluated["eval_loss"]
-    assert [path.name for path in (out / "predictions").iterdir()] == [f"eval_step{last}.json"]
+    if evaluation:  # evaluated again, the final model: the first run's loss, the predictions named by the last step
+        assert json.loads((out / "eval_results.json").read_text())["eval_loss"] == evaluated["eval_loss"]
+        assert [path.name for path in (out / "predictions").iterdir()] == [f"eval_step{last}.json"]
     messages = [record.getMessage() for record in caplog.records if "The run is complete" in record.getMessage()]
     assert messages == [
         f"The run is complete: {out}/checkpoint-{last} holds its last step ({last}), so nothing is trained and its "
@@ -370,3 +371,24 @@ def test_a_rerun_of_a_finished_run_trains_nothing_keeps_its_final_model_and_eval
         f"{out} with another --output_dir (a resume with another --max_steps or --num_train_epochs is refused: they "
         "set the learning-rate schedule)."
     ]
+
+
+def test_a_finished_run_rerun_with_a_larger_max_steps_is_refused_and_without_its_record_resumes_to_the_new_end(
+    tmp_path, saved_model_dir, caption_folder, capsys, resumed_from
+):
+    out = tmp_path / "out"
+    arguments = train_arguments(saved_model_dir, caption_folder, out, tmp_path / "cache", "--max_steps", "1")
+    assert main(arguments) == 0
+    capsys.readouterr()
+    # The length of the run sets its learning-rate schedule: recorded, and a resume may not change it.
+    assert main([*arguments, "--max_steps", "3"]) == 2
+    message = [line for line in capsys.readouterr().err.splitlines() if line.startswith("clipcap train: error: ")]
+    assert len(message) == 1 and ": --max_steps 1 (now 3). Rerun with that run's arguments" in message[0]
+    assert resumed_from == [None]
+    # A checkpoint an older clipcap_hf wrote resumes unchecked: Trainer goes on to the new length, and stops there.
+    for record in out.glob(f"**/{RUN_ARGUMENTS_NAME}"):
+        record.unlink()
+    assert main([*arguments, "--max_steps", "3"]) == 0
+    assert resumed_from == [None, str(out / "checkpoint-1")]
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3

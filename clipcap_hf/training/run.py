@@ -578,7 +578,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         raise ValueError("--streaming needs --max_steps: a streamed source has no length to count epochs by.")
     _check_context_length(model.config, data_args, generation=evaluating)
     # One call: the sources, their images embedded once across the processes, one row per caption, the lengths.
-    data = load_training_data(data_args, model, processor, train=training, evaluate=evaluating)
+    if training or evaluating:
+        data = load_training_data(data_args, model, processor, train=training, evaluate=evaluating)
+    else:  # the rerun of a finished run, which evaluates nothing
+        data = TrainingData(train=None, eval=None, eval_images=None, image_embeds=None)
     _check_context_length(model.config, data_args, data)
     metrics: dict[str, float] = {}
     if training:
