@@ -564,8 +564,9 @@ def _shared_lock(lock_file: Path, directory: Path) -> Iterator[None]:
 
     By hand with `flock`: `filelock`'s `FileLock` is exclusive (readers would wait for each other) and opens the file
     for writing, which a reader of a read-only folder cannot; its `ReadWriteLock` (filelock 4) keeps its state in an
-    SQLite file that readers write too, and filelock 3 has none. Where there is no lock to take (no `fcntl`, a lock file this
-    user may not open, a filesystem without `flock`, where filelock 3 refuses every writer) the body runs unlocked.
+    SQLite file that readers write too, and filelock 3 has none. Where there is no lock to take (no `fcntl`, a lock
+    file this user may not open, a filesystem without `flock`, where filelock 3 refuses every writer) the body runs
+    unlocked.
     """
     try:
         import fcntl
