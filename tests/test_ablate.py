@@ -120,6 +120,24 @@ def test_the_command_reuses_the_grid_and_checks_its_options(grid, capsys, monkey
     assert "--base-steps sets the synthetic task's base run, which a dataset of your own" in capsys.readouterr().err
 
 
+def test_a_quiet_grid_prints_no_training_logs_and_no_progress_bars(grid, tmp_path, capsys):
+    import shutil
+
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    shutil.copytree(grid[0] / "base", tmp_path / "base")  # the base run is done: only the grid's one run trains
+    capsys.readouterr()
+    (record,) = run_ablation(tmp_path, tiny_grid(prefix_lengths=(1,)), verbose=False)
+    printed = capsys.readouterr()
+    assert record["train_loss"] > 0  # it trained
+    # With its bars disabled, the Trainer would print each log dict ({'loss': ...}, {'train_runtime': ...}).
+    assert "loss" not in printed.out and "train_runtime" not in printed.out
+    assert "it/s" not in printed.err  # transformers' loading and saving bars, or the embedding bar
+    # The libraries' bars are on again afterwards.
+    assert transformers_logging.is_progress_bar_enabled() and not datasets.are_progress_bars_disabled()
+
+
 def test_runs_are_scored_on_ptb_tokenized_captions_as_clipcap_evaluate_scores_them():
     # Case and punctuation do not count, as in `clipcap evaluate`'s scores: the captions below are the same words.
     scores = ablation.score_run(["a dog runs on the beach"], [["A dog runs on the beach."]],

@@ -17,6 +17,7 @@ not trained again when the grid is rerun, so an interrupted grid continues where
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
@@ -24,7 +25,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,8 @@ import datasets
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
+from transformers import PrinterCallback
+from transformers.utils import logging as transformers_logging
 
 from ..configuration_clipcap import MAPPING_TYPES, check_positive_int
 from ..data import ClipCapDataCollator, group_by_image, load_caption_dataset
@@ -255,11 +258,13 @@ def with_image_index(rows: datasets.Dataset) -> tuple[datasets.Dataset, datasets
 
 
 @torch.no_grad()
-def embed_rows(model, image_processor, rows: datasets.Dataset, batch_size: int = 64) -> torch.Tensor:
+def embed_rows(
+    model, image_processor, rows: datasets.Dataset, batch_size: int = 64, verbose: bool = True
+) -> torch.Tensor:
     """The frozen vision tower's image embedding of each row's image, in row order."""
     device = next(model.parameters()).device
     chunks = []
-    for start in tqdm(range(0, len(rows), batch_size), desc="Embedding images", leave=False):
+    for start in tqdm(range(0, len(rows), batch_size), desc="Embedding images", leave=False, disable=not verbose):
         batch = [rows[index] for index in range(start, min(start + batch_size, len(rows)))]
         pixel_values = image_inputs(batch, image_processor)["pixel_values"].to(device)
         chunks.append(model.get_image_embeds(pixel_values).float().cpu())
@@ -294,8 +299,8 @@ def train_and_score(
     (train, train_images), (evaluation, eval_images) = with_image_index(data.train), with_image_index(data.evaluation)
     if run.vision_model not in embeddings:  # the tower is frozen: its embeddings serve every run with it
         embeddings[run.vision_model] = (
-            embed_rows(model, processor.image_processor, train_images),
-            embed_rows(model, processor.image_processor, eval_images),
+            embed_rows(model, processor.image_processor, train_images, verbose=verbose),
+            embed_rows(model, processor.image_processor, eval_images, verbose=verbose),
         )
     train_embeds, eval_embeds = embeddings[run.vision_model]
     # The Trainer writes only scratch files (no checkpoints are saved); the run's folder gets the final model.
@@ -313,6 +318,8 @@ def train_and_score(
             processor, image_embeds=train_embeds, max_caption_length=config.max_caption_length
         )
         trainer = ClipCapTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
+        if not verbose:  # without its progress bar, the Trainer prints every log dict instead
+            trainer.remove_callback(PrinterCallback)
         result = trainer.train()
 
     predictions = caption_dataset(model, processor, evaluation, image_embeds=eval_embeds, batch_size=64)
@@ -398,6 +405,23 @@ def check_finished_run(record: dict[str, Any], run_dir: Path, expected: dict[str
         )
 
 
+@contextlib.contextmanager
+def _without_library_progress_bars() -> Iterator[None]:
+    """Turn the progress bars of transformers (loading, saving weights) and datasets (`map`) off, and back on
+    afterwards where they were on."""
+    transformers_bars = transformers_logging.is_progress_bar_enabled()
+    datasets_bars = not datasets.are_progress_bars_disabled()
+    transformers_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        if transformers_bars:
+            transformers_logging.enable_progress_bar()
+        if datasets_bars:
+            datasets.enable_progress_bars()
+
+
 def run_ablation(
     output_dir: str | os.PathLike, config: AblationConfig | None = None, data: AblationData | None = None,
     verbose: bool = True,
@@ -414,30 +438,31 @@ def run_ablation(
     require_pycocoevalcap()  # before any training, not after it
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    if data is None:
-        if config.vision_models:
-            raise ValueError("A grid over your own vision towers needs your dataset too (`data`, --train-file).")
-        config, data = shapes_task(output_dir, config, verbose)
-    elif not config.vision_models:
+    if data is None and config.vision_models:
+        raise ValueError("A grid over your own vision towers needs your dataset too (`data`, --train-file).")
+    if data is not None and not config.vision_models:
         raise ValueError(
             "A dataset of your own needs the pretrained parts the grid starts from: give the config's `vision_models` "
             "and `text_model` (--vision-models, --text-model)."
         )
-    runs = grid_runs(config)
-    data_fingerprint = dataset_fingerprint(data)
-    records, embeddings = [], {}
-    for run in tqdm(runs, desc="Ablation runs", disable=not verbose):
-        run_dir = output_dir / "runs" / run.name
-        scores_path = run_dir / SCORES_FILE
-        if scores_path.is_file():
-            record = read_json(scores_path)
-            check_finished_run(record, run_dir, budget(config), "budget")
-            check_finished_run(record, run_dir, trained_from(run, config, data_fingerprint), "trained_from")
-            logger.info(f"{run.name}: finished before, skipped.")
-        else:
-            record = train_and_score(run, data, config, run_dir, embeddings, data_fingerprint, verbose)
-        records.append({"name": run.name, **record})
-    write_results(output_dir, records, config.plot_metrics)
+    # Quiet: the libraries' bars too, for this grid only.
+    with contextlib.nullcontext() if verbose else _without_library_progress_bars():
+        if data is None:
+            config, data = shapes_task(output_dir, config, verbose)
+        data_fingerprint = dataset_fingerprint(data)
+        records, embeddings = [], {}
+        for run in tqdm(grid_runs(config), desc="Ablation runs", disable=not verbose):
+            run_dir = output_dir / "runs" / run.name
+            scores_path = run_dir / SCORES_FILE
+            if scores_path.is_file():
+                record = read_json(scores_path)
+                check_finished_run(record, run_dir, budget(config), "budget")
+                check_finished_run(record, run_dir, trained_from(run, config, data_fingerprint), "trained_from")
+                logger.info(f"{run.name}: finished before, skipped.")
+            else:
+                record = train_and_score(run, data, config, run_dir, embeddings, data_fingerprint, verbose)
+            records.append({"name": run.name, **record})
+        write_results(output_dir, records, config.plot_metrics)
     return records
 
 
