@@ -918,7 +918,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             inputs_embeds (`torch.FloatTensor` of shape `(batch_size, sequence_length, hidden)`, *optional*):
                 Instead of `input_ids`; with an image, the image tokens' embeddings mark where the prefix goes.
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
-                Targets aligned with `input_ids`, -100 where no loss is wanted; image tokens are never targets. The
+                Targets aligned with `input_ids`, -100 where no loss is wanted; image tokens are never targets (with
+                Trainer's `num_items_in_batch`, which counts the labels, they must be -100 already, as the
+                processor writes them). The
                 loss is next-token cross-entropy. In training mode the LM head is applied only at the positions that
                 predict a label, and `logits` is `None`. Given alone (no `input_ids`, no `attention_mask`), the
                 inputs are read back from the processor's labels.
@@ -949,6 +951,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
+        # Trainer adds `num_items_in_batch` for the loss; the language model must not see it.
+        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         image_outputs = None
         if pixel_values is not None or image_embeds is not None:
             image_outputs = self.get_image_features(
@@ -961,12 +965,13 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
             inputs_embeds = self._write_prefix(inputs_embeds, image_mask, image_outputs.pooler_output)
             if labels is not None:  # image tokens are never targets
-                labels = labels.masked_fill(image_mask.to(labels.device), -100)
+                image_mask = image_mask.to(labels.device)
+                if num_items_in_batch is not None:
+                    self._check_image_tokens_not_counted(labels, image_mask)
+                labels = labels.masked_fill(image_mask, -100)
         else:
             self._check_no_image_tokens(input_ids, past_length)
 
-        # Trainer adds `num_items_in_batch` for the loss; the language model must not see it.
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         lm_inputs = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, **kwargs, "return_dict": True}
         for name, value in (("position_ids", position_ids), (CACHE_NAME, cache), ("use_cache", use_cache)):
             if value is not None:  # unset stays unset: the language model's own defaults apply
@@ -991,6 +996,22 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             labels = self._labels_for_kept_logits(labels, outputs.logits, logits_to_keep)
             loss = self._caption_loss(outputs.logits, labels, num_items_in_batch)
         return self._output(loss, outputs.logits, outputs, image_outputs)
+
+    @staticmethod
+    def _check_image_tokens_not_counted(labels: torch.LongTensor, image_mask: torch.BoolTensor) -> None:
+        """
+        Refuse labels that make image tokens targets when Trainer divides the loss by `num_items_in_batch`: it
+        counted them, summed over its accumulation steps and devices, so masking them here cannot set the count right
+        and the loss would come out too small.
+        """
+        if torch.compiler.is_compiling():  # a device sync
+            return
+        if bool((labels[image_mask] != -100).any()):
+            raise ValueError(
+                "`labels` make image tokens targets, and `num_items_in_batch` (Trainer's count of labels) counts them, "
+                "so the loss would be divided by too many items. Put -100 on the image tokens in `labels`, as the "
+                "processor's `labels` do."
+            )
 
     def _output(self, loss, logits, outputs, image_outputs) -> ClipCapCausalLMOutputWithPast:
         return ClipCapCausalLMOutputWithPast(

@@ -538,3 +538,38 @@ def test_a_given_language_models_gelu_new_is_replaced_and_its_own_subclasses_kep
     model = ClipCapForConditionalGeneration(config, language_model=language_model)
     assert model.language_model.transformer.h[0].mlp.act is own  # a subclass computes as it says
     assert all(type(block.mlp.act) is GELUTanh for block in model.language_model.transformer.h[1:])
+
+
+def test_trainer_num_items_in_batch_divides_the_summed_caption_loss(tokenizer, processor):
+    # Trainer sums the loss over micro-batches (accumulation, devices) and divides by `num_items_in_batch`, its count
+    # of labels other than -100; the result must be the mean over every caption target.
+    model = tiny_model(tokenizer, text_dropout=0.0)
+    micro_batches = [["A dog runs on the beach.", "Two cats sleep!"], ["A red circle above a blue square."]]
+    k = model.config.prefix_length
+    target_losses, summed = [], {False: 0.0, True: 0.0}
+    batches = [(processor(captions=captions), image_embeds_for(model, len(captions), seed=len(captions)))
+               for captions in micro_batches]
+    num_items = sum(int(batch["labels"].ne(-100).sum()) for batch, _ in batches)
+    lm = model.language_model
+    for batch, x in batches:
+        with torch.no_grad():  # the language model by hand: prefix vectors, then the caption's token embeddings
+            prefix = model.get_image_features(image_embeds=x).pooler_output
+            for row in range(len(x)):
+                caption = batch["input_ids"][row, k:][batch["attention_mask"][row, k:] == 1]
+                logits = lm(inputs_embeds=torch.cat([prefix[row], lm.get_input_embeddings()(caption)])[None]).logits
+                target_losses.append(F.cross_entropy(logits[0, k - 1 : -1], caption, reduction="none"))
+        for training in (False, True):  # the full-logits path and the training path that skips non-target positions
+            model.train(training)
+            summed[training] += model(image_embeds=x, **batch, num_items_in_batch=torch.tensor(num_items)).loss
+    model.eval()
+    for total in summed.values():
+        torch.testing.assert_close(total, torch.cat(target_losses).mean())
+
+    # Labels that make the image tokens targets were counted by Trainer: refused, not divided by too many items.
+    batch, x = batches[0]
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    with pytest.raises(ValueError, match=r"`labels` make image tokens targets, and `num_items_in_batch`"):
+        model(image_embeds=x, **{**batch, "labels": labels}, num_items_in_batch=labels.ne(-100).sum())
+    # Without Trainer's count, the model masks them itself: the mean over the caption targets.
+    torch.testing.assert_close(model(image_embeds=x, **{**batch, "labels": labels}).loss,
+                               torch.cat(target_losses[:2]).mean())
