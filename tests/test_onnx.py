@@ -360,15 +360,29 @@ def test_quantizing_logs_no_pre_processing_advice_and_leaves_logging_as_it_was(o
     ]
 
 
-def test_exporting_over_an_export_removes_its_graphs_that_this_export_does_not_write(onnx_export, tmp_path):
+def test_exporting_over_an_export_removes_its_graphs_that_this_export_does_not_write(
+    onnx_export, tmp_path, monkeypatch
+):
     _, saved, exported = onnx_export
     folder = tmp_path / "previous-export"
     shutil.copytree(exported, folder)
     (folder / "onnx" / "old_graph.onnx.data").write_bytes(b"stale weights")
     assert main(["export-onnx", str(saved), "--output", str(folder), "--overwrite", "--no-int8"]) == 0
     assert sorted(path.name for path in (folder / "onnx").iterdir()) == sorted(f"{name}.onnx" for name in GRAPHS)
-    with pytest.raises(FileNotFoundError, match=r"_quantized\.onnx"):
+    with pytest.raises(FileNotFoundError, match=r"_quantized\.onnx") as missing:
         OnnxCaptioner(folder, quantized=True)
+
+    # The command the error suggests is accepted on that folder, and asks for the int8 graphs.
+    import re
+
+    import clipcap_hf.onnx
+
+    suggested = re.search(r"`clipcap (export-onnx MODEL [^`]*)`", str(missing.value)).group(1).split()
+    assert suggested == ["export-onnx", "MODEL", "--output", str(folder), "--overwrite"]
+    calls = []
+    monkeypatch.setattr(clipcap_hf.onnx, "export_onnx", lambda *args, **kwargs: calls.append(kwargs) or {})
+    assert main([str(saved) if part == "MODEL" else part for part in suggested]) == 0
+    assert calls == [{"quantize": True, "per_channel": True}]
 
 
 @pytest.mark.parametrize(

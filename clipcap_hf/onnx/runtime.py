@@ -94,7 +94,8 @@ class OnnxCaptioner:
         if missing:
             raise FileNotFoundError(
                 f"{folder} is not a complete ONNX export: {', '.join(missing)} missing; export it again with "
-                f"`clipcap export-onnx MODEL --output {folder}`" + ("" if not quantized else " (without --no-int8)")
+                f"`clipcap export-onnx MODEL --output {folder} --overwrite`"
+                + ("" if not quantized else " (without --no-int8)")
             )
         self.config = ClipCapConfig.from_pretrained(folder)
         self.generation_config = GenerationConfig.from_pretrained(folder)
