@@ -1088,10 +1088,11 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             input_ids = torch.full((images.shape[0], self.config.prefix_length), self.config.image_token_id,
                                    device=images.device)
             attention_mask = torch.ones_like(input_ids)
-        inputs = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-        if inputs is not None:
-            self._length_as_new_tokens(inputs.shape[1], kwargs)
-            self._check_input_fits_positions(inputs.shape[1], generating=True)
+        prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if prompt is not None:
+            new_tokens, option = self._length_as_new_tokens(prompt.shape[1], kwargs)
+            self._check_input_fits_positions(prompt.shape[1], generating=True)
+            self._check_generation_fits_positions(prompt.shape[1], new_tokens, option)
         # On the CPU, fp32 linear layers run through oneDNN where it measured faster than PyTorch's default (onednn.py).
         with cpu_linear_kernels(self):
             return super().generate(
@@ -1118,13 +1119,32 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 processors[index] = _SuppressTokensByIndex(tokens.tolist(), tokens.device)
         return processors
 
+    def _learned_position_limit(self) -> int | None:
+        """
+        The size of the language model's learned position table (GPT-2's, OPT's), past which it fails with a bare
+        IndexError; None for rotary or ALiBi positions, which go on past `max_position_embeddings` as transformers lets
+        them. Found as an embedding table of that size beside the token embeddings; cached per language model.
+        """
+        cached = getattr(self, "_position_limit_of", None)
+        if cached is not None and cached[0] is self.language_model:
+            return cached[1]
+        context = getattr(self.config.text_config, "max_position_embeddings", None)
+        token_embeddings = self.get_input_embeddings()
+        learned = isinstance(context, int) and any(
+            isinstance(module, nn.Embedding) and module is not token_embeddings
+            and context <= module.num_embeddings <= context + 2  # OPT's table holds 2 offset rows
+            for module in self.language_model.modules()
+        )
+        self._position_limit_of = (self.language_model, context if learned else None)
+        return self._position_limit_of[1]
+
     def _check_input_fits_positions(self, length: int, generating: bool = False) -> None:
         """
-        Refuse `length` positions (cached and new) beyond the language model's position table, or an input to
-        `generate` that leaves no position to generate in: a learned table (GPT-2's) would fail with a bare IndexError.
+        Refuse `length` positions (cached and new) beyond the language model's learned position table, or an input to
+        `generate` that leaves no position to generate in: the table would fail with a bare IndexError.
         """
-        context = getattr(self.config.text_config, "max_position_embeddings", None)
-        if isinstance(context, int) and length + int(generating) > context:
+        context = self._learned_position_limit()
+        if context is not None and length + int(generating) > context:
             room = context - self.config.prefix_length - generating
             raise ValueError(
                 f"The input has {length} positions ({self.config.prefix_length} image tokens, the prompt or caption, "
@@ -1134,18 +1154,53 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 "cuts captions)."
             )
 
-    def _length_as_new_tokens(self, input_length: int, kwargs: dict) -> None:
+    def _check_generation_fits_positions(self, input_length: int, new_tokens: int, option: str) -> None:
+        """Refuse, before decoding, a caption length that would run past the learned position table midway."""
+        context = self._learned_position_limit()
+        if context is None or input_length + new_tokens <= context:
+            return
+        room = context - input_length
+        by_length = option.endswith("max_length")
+        value = input_length + new_tokens if by_length else new_tokens
+        fix = f"max_length <= {context}" if by_length else f"max_new_tokens <= {room}"
+        raise ValueError(
+            f"`{option}={value}` needs {input_length + new_tokens} positions (the input's {input_length}: image "
+            f"tokens and prompt, then the new tokens), but the language model has {context} (max_position_embeddings), "
+            f"room for {room} new tokens; give {fix}."
+        )
+
+    def _length_as_new_tokens(self, input_length: int, kwargs: dict) -> tuple[int, str]:
         """
-        A caller's `max_length` as a number of new tokens: transformers would let the saved caption length
-        (`max_new_tokens`, which a `max_length` cannot express for every prompt length) win over it.
+        The most tokens this call generates, and the option that set it. A caller's `max_length` becomes a number of
+        new tokens: transformers would let the saved caption length (`max_new_tokens`, which a `max_length` cannot
+        express for every prompt length) win over it.
         """
-        if "max_length" in kwargs and "max_new_tokens" not in kwargs:
-            kwargs["max_new_tokens"] = kwargs.pop("max_length") - input_length
         given = kwargs.get("generation_config")
-        if given is not None and given.max_new_tokens is None and "max_length" in given.to_diff_dict():
+        if kwargs.get("max_new_tokens") is not None:
+            return kwargs["max_new_tokens"], "max_new_tokens"
+        if kwargs.get("max_length") is not None:
+            kwargs["max_new_tokens"] = self._new_tokens_from_max_length(kwargs.pop("max_length"), input_length)
+            return kwargs["max_new_tokens"], "max_length"
+        if given is not None and given.max_new_tokens is not None:
+            return given.max_new_tokens, "generation_config.max_new_tokens"
+        if given is not None and "max_length" in given.to_diff_dict():
             given = copy.deepcopy(given)
-            given.max_new_tokens = given.max_length - input_length
+            given.max_new_tokens = self._new_tokens_from_max_length(given.max_length, input_length)
             kwargs["generation_config"] = given
+            return given.max_new_tokens, "generation_config.max_length"
+        saved = self.generation_config
+        if saved.max_new_tokens is not None:
+            return saved.max_new_tokens, "model.generation_config.max_new_tokens"
+        return saved.max_length - input_length, "model.generation_config.max_length"
+
+    @staticmethod
+    def _new_tokens_from_max_length(max_length: int, input_length: int) -> int:
+        if max_length <= input_length:
+            raise ValueError(
+                f"`max_length={max_length}` leaves no room to generate: it counts the input's {input_length} tokens "
+                f"(image tokens and prompt); give max_length > {input_length}, or max_new_tokens."
+            )
+        return max_length - input_length
 
     def prepare_inputs_for_generation(
         self, input_ids, pixel_values=None, image_embeds=None, inputs_embeds=None, **kwargs

@@ -3,10 +3,14 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import GenerationConfig
-from conftest import greedy_loop, tiny_model, tiny_processor
+from conftest import greedy_loop, tiny_config, tiny_model, tiny_processor
+from transformers import GenerationConfig, LlamaConfig
 
-from clipcap_hf.modeling_clipcap import DEFAULT_MAX_NEW_TOKENS, ClipCapForImageToText
+from clipcap_hf.modeling_clipcap import (
+    DEFAULT_MAX_NEW_TOKENS,
+    ClipCapForConditionalGeneration,
+    ClipCapForImageToText,
+)
 
 
 def embeds(model, count, seed=0):
@@ -259,3 +263,40 @@ def test_inputs_is_the_main_input_as_in_transformers_generate(mlp_model, process
     pixel_values = processor(images=images[:2])["pixel_values"]
     assert torch.equal(image_to_text.generate(inputs=pixel_values, max_new_tokens=5),
                        mlp_model.generate(pixel_values=pixel_values, max_new_tokens=5))
+
+
+def test_caption_lengths_beyond_a_learned_position_table_are_refused_before_decoding(mlp_model, processor):
+    # The tiny GPT-2 has 128 learned positions; the input takes 4 image tokens and the prompt.
+    x = embeds(mlp_model, 1)
+    mlp_model.generation_config.eos_token_id = None  # every caption runs to its full length
+    batch = processor(text="A dog")
+    input_length = batch["input_ids"].shape[1]
+    room = 128 - input_length
+    assert mlp_model.generate(image_embeds=x, **batch, max_new_tokens=room).shape == (1, 128)
+    with pytest.raises(ValueError, match=rf"`max_new_tokens={room + 1}` needs 129 positions .* the language model has "
+                                         rf"128 \(max_position_embeddings\), room for {room} new tokens; give "
+                                         rf"max_new_tokens <= {room}\."):
+        mlp_model.generate(image_embeds=x, **batch, max_new_tokens=room + 1)
+    with pytest.raises(ValueError, match=r"`max_length=300` needs 300 positions.*give max_length <= 128\."):
+        mlp_model.generate(image_embeds=x, **batch, max_length=300)
+    with pytest.raises(ValueError, match=r"`generation_config.max_new_tokens=200` needs"):
+        mlp_model.generate(image_embeds=x, **batch, generation_config=GenerationConfig(max_new_tokens=200))
+    # A max_length within the input is named as such, not as a negative max_new_tokens.
+    for options in ({"max_length": 3}, {"generation_config": GenerationConfig(max_length=3)}):
+        with pytest.raises(ValueError, match=rf"`max_length=3` leaves no room to generate: it counts the input's "
+                                             rf"{input_length} tokens"):
+            mlp_model.generate(image_embeds=x, **batch, **options)
+
+
+def test_rotary_language_models_generate_past_max_position_embeddings(tokenizer, processor):
+    # Rotary positions have no table to run off: transformers generates past max_position_embeddings, and so does this.
+    text_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8,
+                              bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    torch.manual_seed(0)
+    model = ClipCapForConditionalGeneration(tiny_config(tokenizer, text_config=text_config)).eval()
+    model.generation_config.eos_token_id = None
+    x = embeds(model, 1)
+    generated = model.generate(image_embeds=x, max_new_tokens=10)
+    assert generated.shape == (1, 4 + 10)
+    assert caption_tokens(model, generated)[0].tolist() == greedy_loop(model, x, 10)
