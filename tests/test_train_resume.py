@@ -324,12 +324,13 @@ def test_a_run_started_over_another_and_killed_does_not_resume_from_the_other_ru
 
 # A run of one step (Trainer, resuming from its checkpoint mid-epoch, took a second step past --max_steps); one of
 # one epoch, two steps of four captions (Trainer resumed it from its end), evaluated; one killed after its last
-# checkpoint, before its final model was written, evaluated.
+# checkpoint, before its final model was written, evaluated; a LoRA run (its adapters loaded), evaluated.
 FINISHED_RUNS = {
     "max_steps": ["--max_steps", "1"],
     "epochs": ["--max_steps", "-1", "--num_train_epochs", "1", "--per_device_train_batch_size", "4",
                "--save_steps", "2"],
     "final_model_unwritten": ["--max_steps", "1"],
+    "lora": ["--max_steps", "1", "--use_lora", "--save_merged_model"],
 }  # fmt: skip
 
 
@@ -342,7 +343,7 @@ def test_a_rerun_of_a_finished_run_trains_nothing_keeps_its_final_model_and_eval
     evaluation = evaluation if run != "max_steps" else []
     arguments = train_arguments(saved_model_dir, caption_folder, out, tmp_path / "cache", *FINISHED_RUNS[run])
     assert main([*arguments, *evaluation]) == 0
-    last = {"max_steps": 1, "epochs": 2, "final_model_unwritten": 1}[run]
+    last = {"max_steps": 1, "epochs": 2, "final_model_unwritten": 1, "lora": 1}[run]
     evaluated = json.loads((out / "eval_results.json").read_text()) if evaluation else None
     if run == "final_model_unwritten":
         for name in ("model.safetensors", "trainer_state.json", "train_results.json"):
