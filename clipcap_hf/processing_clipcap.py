@@ -180,6 +180,11 @@ class ClipCapProcessor(ProcessorMixin):
             raise ValueError("Pass `images`, `text` (prompts) or `captions`.")
         if text is not None and captions is not None:
             raise ValueError("Pass `text` (generation prompts) or `captions` (training targets), not both.")
+        if max_caption_length is not None and captions is None:
+            raise ValueError(
+                "`max_caption_length` applies to `captions` (training targets); prompts (`text`) take "
+                "`truncation=True, max_length=...`."
+            )
         return_tensors, images_kwargs, text_kwargs = self._split_options(kwargs)
         data = {}
         num_images = None

@@ -299,6 +299,9 @@ def test_options_no_part_takes_are_errors_that_name_them(processor, images):
             processor(images=images[:1], **options)
     with pytest.raises(ValueError, match=r"tokenizer options \['truncation'\].*captions take `max_caption_length`"):
         processor(images=images, captions=["a", "b", "c"], truncation=True)
+    for options in ({"text": "A dog"}, {}):  # prompts (or none) take the tokenizer's truncation instead
+        with pytest.raises(ValueError, match=r"`max_caption_length` applies to `captions`"):
+            processor(images=images, max_caption_length=3, **options)
     with pytest.raises(ValueError, match="do_convert_rgb=False"):
         processor.image_processor(images, do_convert_rgb=False)
 
