@@ -102,10 +102,11 @@ def test_a_folder_with_other_files_is_refused_before_training(tmp_path, capsys, 
     )
 
 
-def test_overwrite_replaces_an_earlier_model_and_the_trainer_leaves_nothing_behind(tmp_path):
+def test_overwrite_replaces_an_earlier_model_and_the_trainer_leaves_nothing_behind(tmp_path, capsys):
     out = tmp_path / "quickstart"
     out.mkdir()  # an empty folder is as good as a new one
     run_quickstart(out, dataclasses.replace(TINY_RUN, seed=1), verbose=False)
+    assert "'loss'" not in capsys.readouterr().out  # quiet: the Trainer prints no log dicts either
     with pytest.raises(ValueError, match="is not empty; choose another folder"):
         run_quickstart(out, TINY_RUN, verbose=False)
     assert json.loads((out / "quickstart_config.json").read_text())["seed"] == 1

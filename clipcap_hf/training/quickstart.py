@@ -27,7 +27,7 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 from tokenizers import ByteLevelBPETokenizer
-from transformers import CLIPVisionConfig, GPT2Config, GPT2TokenizerFast
+from transformers import CLIPVisionConfig, GPT2Config, GPT2TokenizerFast, PrinterCallback
 
 from ..configuration_clipcap import ClipCapConfig
 from ..data import ClipCapDataCollator
@@ -299,6 +299,8 @@ def run_quickstart(
         )
         collator = ClipCapDataCollator(processor)
         trainer = ClipCapTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
+        if not verbose:  # without its progress bar, the Trainer prints every log dict instead
+            trainer.remove_callback(PrinterCallback)
         result = trainer.train()
 
     scores: dict[str, Any] = {"train_seconds": round(result.metrics["train_runtime"], 1)}
