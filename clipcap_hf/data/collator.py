@@ -21,10 +21,10 @@ class ClipCapDataCollator:
     Turns caption rows into a training batch for [`ClipCapForConditionalGeneration`].
 
     Captions are tokenized by [`ClipCapProcessor.tokenize_captions`]: the tokenizer's EOS is appended (so a trained
-    model stops by itself), the batch is right-padded to its longest caption only, `labels` are -100 on padding
-    (the model adds -100 for the prefix), and captions longer than `max_caption_length` tokens are cut (see
-    [`add_caption_lengths`] to count them). A tokenizer without a padding token pads with EOS; padded positions are
-    masked either way.
+    model stops by itself), the batch is right-padded to its longest caption only, `labels` are -100 on padding and
+    on the image tokens (so that Trainer's count of labels counts caption tokens only), and captions longer than
+    `max_caption_length` tokens are cut (see [`add_caption_lengths`] to count them). A tokenizer without a padding
+    token pads with EOS; padded positions are masked either way.
 
     The image comes from, in this order: `image_index` into `image_embeds` (the embedding cache: no vision
     forward), a preprocessed `pixel_values` column, an `image` column (PIL images, e.g. a `datasets.Image` feature,
