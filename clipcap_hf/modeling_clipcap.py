@@ -65,6 +65,20 @@ def caption_length_unset(generation_config: GenerationConfig) -> bool:
         GenerationConfig().max_length,
     )
 
+
+def caption_length(generation_config: GenerationConfig, prefix_length: int) -> int:
+    """
+    The most caption tokens ClipCap's `generate` gives under `generation_config` (what `clipcap evaluate` records
+    and the ONNX captioner uses): its `max_new_tokens`; else its `max_length` less the `prefix_length` image
+    tokens it counts; `DEFAULT_MAX_NEW_TOKENS` when it chooses no length ([`caption_length_unset`]).
+    """
+    if caption_length_unset(generation_config):
+        return DEFAULT_MAX_NEW_TOKENS
+    if generation_config.max_new_tokens is not None:
+        return generation_config.max_new_tokens
+    return generation_config.max_length - prefix_length
+
+
 # transformers 5.2x renamed the key/value cache argument and output field `past_key_values` to `cache` (the old name
 # goes in 5.40); 4.57 knows only `past_key_values`. Every model of one transformers version uses the same name.
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"

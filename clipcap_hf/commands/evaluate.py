@@ -20,7 +20,6 @@ from ..evaluation.evaluate import (
     EvaluationResult,
     UnreadableImagesError,
     caption_images,
-    caption_length,
     fill_model_card,
     markdown_table,
     score_predictions,
@@ -29,6 +28,7 @@ from ..evaluation.evaluate import (
 )
 from ..evaluation.gallery import GalleryRecord, write_gallery
 from ..evaluation.metrics import CLIP_METRIC_NAMES, METRIC_NAMES, _format_ids, load_coco_predictions
+from ..modeling_clipcap import caption_length
 from ._utils import (
     DEFAULT_NUM_BEAMS,
     add_caption_options,

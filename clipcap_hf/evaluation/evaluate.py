@@ -14,10 +14,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard
 from tqdm.auto import tqdm
-from transformers import GenerationConfig
 
 from ..image_processing_clipcap import load_image
-from ..modeling_clipcap import DEFAULT_MAX_NEW_TOKENS, caption_length_unset
 from ..onednn import cpu_linear_kernels
 from ..utils.file_utils import escape_controls, write_text_atomically
 from .metrics import (
@@ -228,19 +226,6 @@ def score_predictions(
         tokenization=caption_tokenization(),
         skipped_metrics=[name for name in METRIC_NAMES if name in metrics and SCORE_KEYS[name][0] not in scores],
     )
-
-
-def caption_length(generation_config: GenerationConfig, prefix_length: int) -> int:
-    """
-    The most caption tokens ClipCap's `generate` gives under `generation_config` (and so what `clipcap evaluate`
-    records and the ONNX captioner uses): its `max_new_tokens`; else its `max_length` less the `prefix_length` image
-    tokens it counts; `DEFAULT_MAX_NEW_TOKENS` when it chooses no length ([`caption_length_unset`]).
-    """
-    if caption_length_unset(generation_config):
-        return DEFAULT_MAX_NEW_TOKENS
-    if generation_config.max_new_tokens is not None:
-        return generation_config.max_new_tokens
-    return generation_config.max_length - prefix_length
 
 
 def caption_images(

@@ -19,7 +19,7 @@ import numpy as np
 from transformers import GenerationConfig
 
 from ..configuration_clipcap import ClipCapConfig
-from ..evaluation.evaluate import caption_length
+from ..modeling_clipcap import caption_length
 from ..processing_clipcap import ClipCapProcessor
 from .export import GRAPHS, LOGITS_TO_KEEP, ONNX_SUBFOLDER, QUANTIZED_SUFFIX, past_names
 
