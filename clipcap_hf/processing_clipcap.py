@@ -25,13 +25,29 @@ TEXT_OPTIONS = frozenset(TextKwargs.__annotations__) - {"return_tensors"}
 _HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
 
+# A saved tokenizer's vocabulary: one of these files (fast tokenizers, BPE, WordPiece, sentencepiece).
+_TOKENIZER_VOCABULARY_FILES = ("tokenizer.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
 # The files of a saved processor, each as the alternatives that serve: its settings (a folder saved before
 # processor_config.json existed has preprocessor_config.json), the tokenizer's config and its vocabulary.
 _PROCESSOR_FILES = (
     ("processor_config.json", "preprocessor_config.json"),
     ("tokenizer_config.json",),
-    ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model"),
+    _TOKENIZER_VOCABULARY_FILES,
 )
+
+
+def check_tokenizer_files(name_or_path, option: str = "text_model_name_or_path", subfolder: str = "") -> None:
+    """
+    Refuse a local language model folder (given as `option`) that holds no tokenizer: `model.save_pretrained` alone
+    writes none, and transformers then builds a GPT-2 tokenizer with an empty vocabulary (5.x: every caption becomes
+    one token) or fails on a None path (4.x). Hub names are left to transformers.
+    """
+    folder = Path(name_or_path, subfolder).expanduser()
+    if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_VOCABULARY_FILES):
+        raise FileNotFoundError(
+            f"{option} {name_or_path} has no tokenizer (none of {', '.join(_TOKENIZER_VOCABULARY_FILES)}); save the "
+            f"language model's tokenizer there too (tokenizer.save_pretrained({str(name_or_path)!r}))."
+        )
 
 
 def _check_saved_processor_files(name_or_path, subfolder: str = "") -> None:
@@ -155,8 +171,15 @@ class ClipCapProcessor(ProcessorMixin):
         image_processor = ClipCapImageProcessor.from_vision_pretrained(
             vision_model_name_or_path, vision_backend, open_clip_pretrained
         )
+        check_tokenizer_files(text_model_name_or_path, subfolder=kwargs.get("subfolder") or "")
         # No code from the folder runs unless the caller asks (trust_remote_code=True in kwargs).
         tokenizer = AutoTokenizer.from_pretrained(text_model_name_or_path, **{"trust_remote_code": False, **kwargs})
+        if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
+            # A Hub model without tokenizer files: transformers 5 builds an empty tokenizer from the config's type.
+            raise ValueError(
+                f"text_model_name_or_path {text_model_name_or_path} gave a tokenizer with no vocabulary (only its "
+                f"special tokens): the model has no tokenizer files. Use a language model saved with its tokenizer."
+            )
         return cls(image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=num_image_tokens)
 
     def __call__(

@@ -6,6 +6,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+import transformers
 from conftest import build_tokenizer, tiny_processor
 from torchvision import transforms
 from transformers import CLIPImageProcessor
@@ -474,3 +475,31 @@ def test_a_caption_that_is_not_a_string_is_named_as_such(processor, images, capt
     assert str(error.value) == (
         f"Caption 1 must be a string, got {shown}; for several captions per image, repeat the image once per caption."
     )
+
+
+@pytest.mark.parametrize("saved", ["language model only", "CLIP vision tower"])
+def test_a_language_model_folder_without_its_tokenizer_is_refused_naming_it(tmp_path, tiny_clip_dir, saved):
+    # transformers 5 built an empty GPT-2 tokenizer (every caption one token, trained on silently); 4.57 raised a bare
+    # TypeError (GPT-2) or KeyError (a CLIP vision config).
+    from transformers import CLIPVisionConfig, GPT2Config
+
+    config = GPT2Config(n_layer=1, n_embd=8, n_head=2) if saved == "language model only" else CLIPVisionConfig()
+    config.save_pretrained(tmp_path / "lm")
+    with pytest.raises(FileNotFoundError) as error:
+        ClipCapProcessor.from_vision_text_pretrained(tiny_clip_dir, tmp_path / "lm")
+    assert str(error.value) == (
+        f"text_model_name_or_path {tmp_path / 'lm'} has no tokenizer (none of tokenizer.json, vocab.json, vocab.txt, "
+        "tokenizer.model, spiece.model); save the language model's tokenizer there too "
+        f"(tokenizer.save_pretrained('{tmp_path / 'lm'}'))."
+    )
+
+
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5, reason="4.x raises instead of an empty tokenizer")
+def test_a_tokenizer_loaded_with_no_vocabulary_is_refused(tmp_path, tiny_clip_dir):
+    # A vocabulary file of another tokenizer type: GPT-2's loads none of it, as for a Hub model without tokenizer files.
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=8, n_head=2).save_pretrained(tmp_path)
+    (tmp_path / "vocab.txt").write_text("a\nb\n")
+    with pytest.raises(ValueError, match=f"^text_model_name_or_path {tmp_path} gave a tokenizer with no vocabulary"):
+        ClipCapProcessor.from_vision_text_pretrained(tiny_clip_dir, tmp_path)

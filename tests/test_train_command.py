@@ -146,6 +146,23 @@ def test_offline_a_new_model_names_the_option_of_the_pretrained_part_that_is_mis
     assert "(HF_HUB_OFFLINE is set). Give --vision_model_name_or_path a local folder" in err
 
 
+def test_a_text_model_folder_without_its_tokenizer_is_refused_naming_the_option(
+    tmp_path, parts, caption_folder, capsys
+):
+    # transformers 5 trained on captions its empty tokenizer made one token each, and 4.57 raised a bare TypeError.
+    for name in os.listdir(tmp_path / "gpt"):
+        if "token" in name or name in ("vocab.json", "merges.txt"):
+            os.remove(tmp_path / "gpt" / name)
+    arguments = train_arguments(caption_folder, tmp_path / "out", tmp_path / "cache", *parts, "--prefix_length", "4")
+    assert main(["train", *arguments]) == 2
+    assert capsys.readouterr().err.endswith(
+        f"clipcap train: error: --text_model_name_or_path {tmp_path / 'gpt'} has no tokenizer (none of tokenizer.json, "
+        "vocab.json, vocab.txt, tokenizer.model, spiece.model); save the language model's tokenizer there too "
+        f"(tokenizer.save_pretrained('{tmp_path / 'gpt'}')).\n"
+    )
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_runs_warnings_go_to_stderr_and_leave_stdout_to_results(tmp_path, saved_model_dir, caption_folder):
     import subprocess
     import sys

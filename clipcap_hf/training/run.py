@@ -28,7 +28,7 @@ from transformers.utils import ADAPTER_CONFIG_NAME, find_adapter_config_file
 from ..data import ClipCapDataCollator, TrainingData, load_training_data
 from ..data.embeddings import EMBEDDINGS_INFO_NAME
 from ..modeling_clipcap import ClipCapForConditionalGeneration
-from ..processing_clipcap import ClipCapProcessor
+from ..processing_clipcap import ClipCapProcessor, check_tokenizer_files
 from ..utils.file_utils import read_json, save_pretrained
 from ..utils.loading import check_pretrained_source, load_clipcap
 from .arguments import (
@@ -80,6 +80,7 @@ def build_model(model_args: ModelArguments) -> tuple[ClipCapForConditionalGenera
         return model, processor
     for name in PART_OPTIONS:
         check_pretrained_source(getattr(model_args, name), f"--{name}")
+    check_tokenizer_files(model_args.text_model_name_or_path, "--text_model_name_or_path")
     config_kwargs = {
         "mapping_num_layers": model_args.mapping_num_layers,
         "normalize_prefix": model_args.normalize_prefix,
