@@ -22,6 +22,7 @@ from clipcap_hf.training import (
     DataArguments,
     ModelArguments,
     add_lora,
+    build_model,
     load_lora_model,
     main,
     merge_lora,
@@ -743,6 +744,22 @@ def test_lora_recipe_from_pretrained_parts_saves_base_adapters_and_merged_model(
         expected = adapted(image_embeds=x, input_ids=ids).logits
         assert not torch.allclose(base(image_embeds=x, input_ids=ids).logits, expected, atol=1e-3)
         torch.testing.assert_close(merged(image_embeds=x, input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
+
+    # The run folder moved (adapter_config.json still records its old base_model path): it loads its own base, as
+    # does a checkpoint folder of it, and a run continues from it.
+    moved = tmp_path / "moved"
+    out.rename(moved)
+    checkpoint = moved / "checkpoint-7"
+    checkpoint.mkdir()
+    for file in moved.iterdir():  # a checkpoint holds the adapters and the processor
+        if file.is_file():
+            shutil.copy(file, checkpoint / file.name)
+    continued, _ = build_model(ModelArguments(model_name_or_path=str(moved), use_lora=True))
+    merge_lora(checkpoint, tmp_path / "merged-again")
+    remerged = ClipCapForConditionalGeneration.from_pretrained(tmp_path / "merged-again").eval()
+    with torch.no_grad():
+        for reloaded in (load_lora_model(moved).eval(), load_lora_model(checkpoint).eval(), continued.eval(), remerged):
+            torch.testing.assert_close(reloaded(image_embeds=x, input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize(

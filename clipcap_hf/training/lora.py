@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 import transformers
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
@@ -16,6 +17,27 @@ from ..utils.file_utils import save_pretrained
 from ..utils.loading import check_clipcap_model
 from ..utils.quantization import is_quantized
 from .arguments import ModelArguments
+
+# Where a LoRA run that assembled a new model saves it, inside its output_dir: the adapters' base.
+BASE_MODEL_DIR = "base_model"
+
+
+def lora_base_model(adapter_dir: str | os.PathLike) -> str:
+    """
+    The base ClipCap of the LoRA adapters in `adapter_dir`: the run's own copy when it saved one (its
+    `base_model` folder, beside `adapter_dir` for one of its `checkpoint-N` folders), so that a run folder moved or
+    copied elsewhere still loads; else the model `adapter_config.json` records (an absolute path or a Hub name).
+    """
+    from peft import PeftConfig
+
+    folder = os.path.abspath(adapter_dir)
+    own_copies = [os.path.join(folder, BASE_MODEL_DIR)]
+    if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", os.path.basename(folder)):
+        own_copies.append(os.path.join(os.path.dirname(folder), BASE_MODEL_DIR))
+    for own_copy in own_copies:
+        if os.path.isfile(os.path.join(own_copy, "config.json")):
+            return own_copy
+    return PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
 
 
 def lora_target_modules(model: ClipCapForConditionalGeneration, names: Sequence[str] | None = None) -> str:
@@ -68,16 +90,16 @@ def load_lora_model(
     adapter_dir: str | os.PathLike, base_model_name_or_path: str | None = None, is_trainable: bool = False
 ):
     """
-    Reload a LoRA run: the base ClipCap (by default the one recorded in `adapter_config.json`) with the adapters
-    and the trained mapping network from `adapter_dir`. Returns a `PeftModel`, frozen unless `is_trainable` (then the
-    adapters and the mapping network train further); `.merge_and_unload()` gives a plain
-    [`ClipCapForConditionalGeneration`].
+    Reload a LoRA run: the base ClipCap (by default [`lora_base_model`]: the run's `base_model` folder, else the one
+    recorded in `adapter_config.json`) with the adapters and the trained mapping network from `adapter_dir`. Returns a
+    `PeftModel`, frozen unless `is_trainable` (then the adapters and the mapping network train further);
+    `.merge_and_unload()` gives a plain [`ClipCapForConditionalGeneration`].
     """
-    from peft import PeftConfig, PeftModel
+    from peft import PeftModel
 
     if base_model_name_or_path is None:
-        base_model_name_or_path = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
-        option = f"the base model of {adapter_dir} (adapter_config.json's base_model_name_or_path)"
+        base_model_name_or_path = lora_base_model(adapter_dir)
+        option = f"the base model of {adapter_dir} (its base_model folder, else adapter_config.json's record)"
     else:
         option = "base_model_name_or_path"
     check_clipcap_model(base_model_name_or_path, option)

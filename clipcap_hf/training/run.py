@@ -45,7 +45,7 @@ from .arguments import (
     _recipe_architecture,
     _recipe_run_defaults,
 )
-from .lora import add_lora, is_peft_model, load_lora_model, merge_lora
+from .lora import BASE_MODEL_DIR, add_lora, is_peft_model, load_lora_model, merge_lora
 from .trainer import RUN_ARGUMENTS_NAME, ClipCapTrainer, write_run_arguments
 
 logger = logging.getLogger(__name__)
@@ -598,11 +598,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     elif model_args.use_lora:
         if model.name_or_path in ("", None) or not os.path.isdir(model.name_or_path):
             # The adapters need a base model to load into later: save the freshly assembled one once.
-            base_dir = os.path.join(training_args.output_dir, "base_model")
+            base_dir = os.path.join(training_args.output_dir, BASE_MODEL_DIR)
             if training_args.should_save:
                 save_pretrained(base_dir, model, processor)
             model.name_or_path = base_dir
         # adapter_config.json records this path; a relative one would not resolve from another working directory.
+        # (load_lora_model finds the base_model folder inside the run's folder wherever that is moved.)
         model.name_or_path = os.path.abspath(model.name_or_path)
         model = add_lora(model, model_args)
 
