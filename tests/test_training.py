@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -245,6 +246,27 @@ def test_lora_options_without_use_lora_are_refused_and_with_it_get_their_default
     assert model_args.save_merged_model is False
     model_args = parse_args(["--recipe", "lora", "--output_dir", str(tmp_path)])[0]
     assert (model_args.lora_r, model_args.lora_alpha, model_args.save_merged_model) == (8, 16, True)
+
+
+@pytest.mark.parametrize(
+    "given, recipe_note",
+    [
+        (["--use_lora", "--freeze_language_model"], ""),
+        (["--recipe", "lora", "--freeze_language_model"], ""),
+        (["--recipe", "transformer_frozen", "--use_lora"], " (--recipe transformer_frozen sets"),
+        (["--model_name_or_path", "a-lora-run", "--use_lora", "--freeze_language_model"], ""),
+    ],
+)
+def test_lora_with_a_frozen_language_model_is_refused(tmp_path, given, recipe_note):
+    # A new run trained its adapters anyway; a continued LoRA run froze them and trained the mapper alone.
+    message = (
+        "^--use_lora with --freeze_language_model: LoRA already keeps the language model's own weights frozen and "
+        "trains adapters on it. To train the mapper only, leave out --use_lora; to train adapters, leave out "
+        f"--freeze_language_model.{re.escape(recipe_note)}"
+    )
+    with pytest.raises(ValueError, match=message + ("" if recipe_note else "$")):
+        parse_args([*given, "--output_dir", str(tmp_path)])
+    assert parse_args(["--recipe", "lora", "--mapping_type", "transformer", "--output_dir", str(tmp_path)])[0].use_lora
 
 
 def test_a_new_model_gets_the_default_architecture_and_a_checkpoint_keeps_its_own(tmp_path):

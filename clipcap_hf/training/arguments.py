@@ -227,6 +227,20 @@ class ModelArguments:
         given += ["--save_merged_model"] if self.save_merged_model else []
         if given and not self.use_lora:
             raise ValueError(f"{', '.join(given)} set up LoRA adapters: add --use_lora, or leave them out.")
+        if self.use_lora and self.freeze_language_model:
+            # Together they meant opposite things: a new run trained its adapters regardless, a continued LoRA run
+            # froze them and trained the mapper alone.
+            message = (
+                "--use_lora with --freeze_language_model: LoRA already keeps the language model's own weights frozen "
+                "and trains adapters on it. To train the mapper only, leave out --use_lora; to train adapters, leave "
+                "out --freeze_language_model."
+            )
+            if RECIPES.get(self.recipe, {}).get("freeze_language_model"):
+                message += (
+                    f" (--recipe {self.recipe} sets --freeze_language_model; for LoRA with a transformer mapper, "
+                    "give --recipe lora --mapping_type transformer instead.)"
+                )
+            raise ValueError(message)
         for name, default in LORA_DEFAULTS.items():
             if getattr(self, name) is None:
                 setattr(self, name, default)
