@@ -517,6 +517,52 @@ def test_a_run_file_of_an_earlier_version_without_the_source_layout_is_resumed(
         "num_rows": NUM_IMAGES, "num_shards": 3, "image_keys_sha256": hashlib.sha256(keys).hexdigest()}
 
 
+def test_a_resume_checks_the_model_itself_not_the_path_naming_it(
+    model_dir, parquet_source, tmp_path, capsys, caplog, monkeypatch
+):
+    import shutil
+
+    source, encoded = parquet_source
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    output = tmp_path / "captions"
+    assert main(caption_argv(model, source, output)) == 0
+    unfinished = output / "captions-00001-of-00003.parquet"
+    run_file = output / "caption_run.json"
+
+    # The same folder named otherwise: with a trailing slash, or relative to another working directory.
+    monkeypatch.chdir(tmp_path)
+    for spelling in (f"{model}{os.sep}", "model", os.path.join("..", tmp_path.name, "model")):
+        unfinished.unlink()
+        assert main(caption_argv(spelling, source, output)) == 0, capsys.readouterr().err
+        assert "wrote 1 shard(s) of 3 (2 captions); 2 already finished" in capsys.readouterr().err
+        assert json.loads(run_file.read_text())["paths"]["model"] == spelling  # shown as given
+    assert read_rows(output) == expected_rows(model_dir, encoded)
+
+    # A run file of an earlier version named the model by its path alone: resumed when that matches, with a warning.
+    older = json.loads(run_file.read_text())
+    older["model"] = older.pop("paths")["model"]
+    older["rerank_model"] = None
+    run_file.write_text(json.dumps(older))
+    unfinished.unlink()
+    assert main(caption_argv("./model", source, output)) == 2  # its path is still compared
+    assert "holds captions made with other settings (model differ" in capsys.readouterr().err
+    assert main(caption_argv(older["model"], source, output)) == 0
+    assert "which did not record the models themselves (only the paths naming them" in caplog.text
+    assert json.loads(run_file.read_text())["model"].startswith("sha256:")
+
+    # Other weights saved into the same folder: refused, though the path is the same.
+    retrained = ClipCapForConditionalGeneration.from_pretrained(model)
+    with torch.no_grad():
+        for parameter in retrained.parameters():
+            parameter.add_(0.01)
+    retrained.save_pretrained(model)
+    unfinished.unlink()
+    assert main(caption_argv(older["model"], source, output)) == 2
+    assert "holds captions made with other settings (model differ" in capsys.readouterr().err
+    assert not unfinished.exists()
+
+
 def test_a_source_of_as_many_rows_but_other_images_or_order_is_not_resumed(embeddings_captioner, tmp_path, caplog):
     from clipcap_hf.inference import caption_dataset_to_parquet
 

@@ -186,7 +186,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _caption_dataset(args: argparse.Namespace, decoding: dict) -> int:
     from ..inference import ClipCapCaptioner, caption_dataset_to_parquet
-    from ..inference.sharded import DEFAULT_SHARD_SIZE, distributed_rank
+    from ..inference.sharded import DEFAULT_SHARD_SIZE, SHOWN_ONLY, distributed_rank
+    from ..utils.loading import model_identity
 
     # The options not given: their defaults, recorded in caption_run.json as before they defaulted to None.
     args.split = DEFAULT_SPLIT if args.split is None else args.split
@@ -217,16 +218,19 @@ def _caption_dataset(args: argparse.Namespace, decoding: dict) -> int:
             raise ValueError(f"--embeddings {args.embeddings}: its `clipcap embed` pass has not finished; finish it "
                              "(rerun the same `clipcap embed` command) first.")
     captioner = ClipCapCaptioner(model, processor, dtype=args.dtype, **_captioner_kwargs(decoding))
+    # Each model by its identity, so that a resume names it by any path but cannot swap in other weights; the paths
+    # as given are recorded for people to read (SHOWN_ONLY).
     settings = {
-        "model": args.model,
+        "model": model_identity(args.model),
         "source": {name: getattr(args, name) for name in ("dataset_name", "dataset_config_name", "data_files",
                                                            "dataset_format", "image_root", "split", "image_column",
                                                            "streaming", "embeddings")},
         "shard_size": args.shard_size or DEFAULT_SHARD_SIZE,
         "dtype": str(model.dtype).removeprefix("torch."),
         "decoding": {name: value for name, value in decoding.items() if name != "reranker"},
-        "rerank_model": args.rerank_model,
+        "rerank_model": None if args.rerank_model is None else model_identity(args.rerank_model),
         "seed": args.seed,
+        SHOWN_ONLY: {"model": args.model, "rerank_model": args.rerank_model},
     }
     summary = caption_dataset_to_parquet(
         captioner,

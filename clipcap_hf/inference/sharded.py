@@ -34,6 +34,9 @@ from .captioner import ClipCapCaptioner
 logger = logging.get_logger(__name__)
 
 RUN_FILE = "caption_run.json"
+# The key of a run's settings holding how its models were named (`{"model": path, ...}`): shown in the run file, not
+# compared on a resume, since one model has many paths; the settings record each model's identity in its place.
+SHOWN_ONLY = "paths"
 DEFAULT_SHARD_SIZE = 10_000
 # Unreadable rows named in an error or warning; the rest are counted.
 _MAX_LISTED = 10
@@ -116,6 +119,7 @@ def _check_run_file(output_dir: Path, recorded: dict[str, Any]) -> None:
     Record the run's settings; refuse to add to a folder of captions made with other settings or from another
     source. A run file without any finished shard (a first run that failed early) is replaced; one of an earlier
     version, which recorded less, is resumed if what it recorded matches, with a warning naming what was not checked.
+    The settings' `paths` (how the models were named, see `SHOWN_ONLY`) are recorded for people, not compared.
     """
     path = output_dir / RUN_FILE
     recorded = json.loads(json.dumps(recorded))  # as it reads back from the file
@@ -124,38 +128,45 @@ def _check_run_file(output_dir: Path, recorded: dict[str, Any]) -> None:
         if earlier == recorded:
             return
         finished = sorted(output_dir.glob("captions-*.parquet"))
-        if finished:
+        if finished and _compared(earlier) != _compared(recorded):
             comparable, unchecked = _as_recorded_by(earlier, recorded)
-            if earlier != comparable:
+            if _compared(earlier) != _compared(comparable):
                 raise ValueError(_difference(output_dir, earlier, comparable))
             _check_shard_names(output_dir, finished, recorded["source_layout"]["num_shards"])
             logger.warning(
                 f"{output_dir / RUN_FILE} was written by an earlier version, which did not record {unchecked}: "
-                "resuming as if they have not changed (rows added to, removed from or moved in the source would "
-                "move rows between shards). This run's are recorded from now on."
+                "resuming as if they have not changed. This run's are recorded from now on."
             )
     from ..utils.file_utils import write_text_atomically
 
     write_text_atomically(path, json.dumps(recorded, indent=2) + "\n")
 
 
+def _compared(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resumed run must share: all but `SHOWN_ONLY`."""
+    return {key: value for key, value in settings.items() if key != SHOWN_ONLY}
+
+
 def _as_recorded_by(earlier: dict[str, Any], recorded: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """
     `recorded` less what the version that wrote `earlier` did not record yet (first the source's layout and a seeded
-    sampled run's batch size and device, then the digest of the image keys), and what that leaves unchecked.
+    sampled run's batch size and device, then the digest of the image keys; the models' identities, recorded as
+    their paths before), and what that leaves unchecked.
     """
-    comparable = dict(recorded)
+    comparable, unchecked = dict(recorded), []
     if "source_layout" not in earlier:
         del comparable["source_layout"]
-        unchecked = "the source's rows"
+        unchecked.append("the source's rows")
         if comparable.pop("sampling", None) is not None:
-            unchecked += " nor the batch size and device of seeded sampling"
-    else:
+            unchecked.append("the batch size and device of seeded sampling")
+    elif "image_keys_sha256" not in earlier["source_layout"]:
         layout = comparable["source_layout"] = dict(recorded["source_layout"])
-        if "image_keys_sha256" not in earlier["source_layout"]:
-            del layout["image_keys_sha256"]
-        unchecked = "the source's image keys"
-    return comparable, unchecked
+        del layout["image_keys_sha256"]
+        unchecked.append("the source's image keys")
+    if SHOWN_ONLY not in earlier and SHOWN_ONLY in comparable:  # it recorded each model as the path given
+        comparable.update(comparable.pop(SHOWN_ONLY))
+        unchecked.append("the models themselves (only the paths naming them, which match)")
+    return comparable, " nor ".join(unchecked) or "nothing"
 
 
 def _check_shard_names(output_dir: Path, finished: list[Path], num_shards: int) -> None:
@@ -186,6 +197,7 @@ def _difference(output_dir: Path, earlier: dict[str, Any], recorded: dict[str, A
             "the input shards would not line up with the finished ones, leaving rows out or captioning them twice. "
             "Write to a new output folder, or resume on the original source."
         )
+    earlier, recorded = _compared(earlier), _compared(recorded)
     changed = sorted(key for key in earlier.keys() | recorded.keys() if earlier.get(key) != recorded.get(key))
     why = ""
     if earlier.get("sampling") is not None and earlier.get("sampling") != recorded.get("sampling"):
@@ -282,7 +294,8 @@ def caption_dataset_to_parquet(
             shards stay); `"skip"` leaves them out, counted and named in a warning.
         settings: what produced the captions (model, decoding, source), kept in `caption_run.json` with the
             source's number of rows and shards (and, when sampling with a `seed`, the batch size and device): a rerun
-            with other settings, or on a source whose shards moved, is refused instead of mixing captions.
+            with other settings, or on a source whose shards moved, is refused instead of mixing captions. Its
+            `SHOWN_ONLY` entry ("paths") is recorded but not compared.
         rank, world_size: this process's share (default: from `torchrun`'s or `accelerate launch`'s environment).
         seed: seeds `torch` with `seed + i` before input shard i, so that sampled captions do not depend on which
             process captions a shard, or on whether the run was resumed (with the same batch size and device).

@@ -8,6 +8,7 @@ code. Every load here passes `trust_remote_code=False` and checks the model type
 
 from __future__ import annotations
 
+import hashlib
 import os
 import socket
 import urllib.request
@@ -146,6 +147,53 @@ def check_clip_model(name_or_path: str, option: str) -> None:
             f"{option}: {name_or_path} holds {kind} (config.json), not a whole CLIP model: scoring captions needs "
             "both towers. Give a transformers CLIPModel folder or Hub name, such as openai/clip-vit-base-patch32."
         )
+
+
+# The files of a model folder whose content is hashed whole by `model_identity` (small: configs, tokenizer files).
+_WHOLE_HASHED_SUFFIXES = (".json", ".txt", ".model")
+# The weight files, too large to hash whole: their size, header and first and last `_SAMPLE_BYTES` are hashed.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_SAMPLE_BYTES = 2**16
+
+
+def model_identity(name_or_path: str) -> str:
+    """
+    A cheap identity of the model a folder or Hub name holds, whatever path names it: for a folder, a SHA-256 of its
+    config, generation config, processor and tokenizer files whole, and of each weight file's size, header and first
+    and last 64 KiB (a retrained model saved over it gets another identity, in milliseconds, not after reading
+    gigabytes); for a Hub name, the commit of its cached snapshot (else the name alone, when none is cached).
+    """
+    folder = Path(name_or_path).expanduser()
+    if not folder.is_dir():
+        cached = try_to_load_from_cache(name_or_path, "config.json")
+        # The cache holds snapshots/<commit>/config.json.
+        return f"{name_or_path}@{Path(cached).parent.name}" if isinstance(cached, str) else name_or_path
+    digest = hashlib.sha256()
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        if path.suffix in _WHOLE_HASHED_SUFFIXES:
+            digest.update(f"{path.name}|".encode() + path.read_bytes() + b"\n")
+        elif path.suffix in _WEIGHT_SUFFIXES:
+            digest.update(f"{path.name}|{path.stat().st_size}|{_sampled_sha256(path)}\n".encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def _sampled_sha256(path: Path) -> str:
+    """The SHA-256 of a (weight) file's header and first and last `_SAMPLE_BYTES` bytes of data."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as file:
+        start = 0
+        if path.suffix == ".safetensors":  # an 8-byte length, then the JSON header (names, dtypes, shapes, offsets)
+            header_size = int.from_bytes(file.read(8), "little")
+            start = min(size, 8 + header_size)
+            file.seek(0)
+            digest.update(file.read(start))
+        digest.update(file.read(_SAMPLE_BYTES))
+        file.seek(max(start, size - _SAMPLE_BYTES))
+        digest.update(file.read(_SAMPLE_BYTES))
+    return digest.hexdigest()
 
 
 def to_device_and_dtype(model, device=None, dtype=None):
