@@ -289,6 +289,19 @@ def test_bad_options_are_refused_before_any_work(tmp_path, capsys, extra, messag
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("source", [["img.png"], ["--data-files", "d.parquet", "--output", "o"]])
+def test_a_bad_rerank_model_is_refused_by_its_option_before_the_source_and_model_load(
+    model_dir, tmp_path, capsys, source
+):
+    # Neither the images, the source nor --model exist: the --rerank-model check comes before any of them is read.
+    argv = ["caption", "--model", str(tmp_path / "nothing-loaded"), *source, "--do-sample", "--num-candidates", "2"]
+    assert main([*argv, "--rerank-model", str(tmp_path / "no-clip")]) == 2
+    assert f"error: --rerank-model: folder {tmp_path / 'no-clip'} does not exist.\n" in capsys.readouterr().err
+    assert main([*argv, "--rerank-model", str(model_dir)]) == 2
+    assert (f"error: --rerank-model: {model_dir} holds a model of type 'clipcap' (config.json), not a whole CLIP "
+            "model" in capsys.readouterr().err)
+
+
 def test_streaming_gives_one_output_shard_per_data_file(model_dir, parquet_source, tmp_path, capsys):
     _, encoded = parquet_source
     files = []

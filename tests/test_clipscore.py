@@ -165,9 +165,21 @@ def test_a_clip_vision_model_alone_is_refused_before_loading(tiny_clip_dir, tmp_
                                      image_size=32, patch_size=8, projection_dim=24)
     CLIPVisionModelWithProjection(vision_config).save_pretrained(tmp_path)
     AutoProcessor.from_pretrained(tiny_clip_dir).save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=f"^The CLIP model: {tmp_path} holds a model of type 'clip_vision_model' "
+    with pytest.raises(ValueError, match=f"^CLIPScorer's `model` argument: {tmp_path} holds a model of type "
+                                         "'clip_vision_model' "
                                          r"\(config.json\), not a whole CLIP model"):
         CLIPScorer(str(tmp_path))
+
+
+def test_a_clip_model_that_cannot_be_loaded_is_named_as_the_argument(tmp_path, monkeypatch):
+    with pytest.raises(FileNotFoundError, match=f"^CLIPScorer's `model` argument: folder {tmp_path / 'no'} does not "
+                                                "exist.$"):
+        CLIPScorer(tmp_path / "no")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match="^CLIPScorer's `model` argument someone/uncached-clip: no such folder, and this "
+                                      r"Hub model is not in the local cache \(HF_HUB_OFFLINE is set\)\. Give "
+                                      "CLIPScorer's `model` argument a local folder, or download"):
+        CLIPScorer("someone/uncached-clip")
 
 
 def test_a_clip_folder_under_the_home_folder_is_named_with_a_tilde(tiny_clip_dir, clip, tmp_path, monkeypatch):

@@ -17,6 +17,7 @@ from ..evaluation import UnreadableImagesError, iter_captions
 from ..evaluation.gallery import GalleryRecord, write_gallery
 from ..inference.captioner import check_decoding_options
 from ..utils.file_utils import escape_controls
+from ..utils.loading import check_clip_model
 from ._utils import (
     TORCH_DTYPES,
     add_caption_options,
@@ -179,7 +180,10 @@ def _captioner_kwargs(decoding: dict) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     decoding = _decoding_kwargs(args)
-    if _dataset_source(args):
+    dataset = _dataset_source(args)
+    if args.rerank_model is not None:  # before the source and the ClipCap model are loaded
+        check_clip_model(args.rerank_model, "--rerank-model")
+    if dataset:
         return _caption_dataset(args, decoding)
     return _caption_files(args, decoding)
 

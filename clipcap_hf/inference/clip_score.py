@@ -58,6 +58,7 @@ class CLIPScorer:
         device, dtype: where and in which precision CLIP runs (default: the model's own).
         prompt: the text put before every caption (the paper's "A photo depicts"; "" for none).
         text_batch_size: captions embedded at once.
+        option: how errors about a `model` name that cannot be loaded call it (a command passes its option's name).
 
     Example:
 
@@ -76,12 +77,13 @@ class CLIPScorer:
         dtype: torch.dtype | None = None,
         prompt: str = CLIPSCORE_PROMPT,
         text_batch_size: int = 256,
+        option: str = "CLIPScorer's `model` argument",
     ):
         if isinstance(model, (str, os.PathLike)):
             from transformers import AutoProcessor, CLIPModel
 
             model = str(model)  # a Path too
-            check_clip_model(model, "The CLIP model")
+            check_clip_model(model, option)
             model = local_folder(model)
             processor = processor or AutoProcessor.from_pretrained(model, trust_remote_code=False)
             model = CLIPModel.from_pretrained(model, trust_remote_code=False)
