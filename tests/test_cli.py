@@ -89,6 +89,7 @@ def test_unreadable_image_is_named_and_the_others_are_captioned(saved_model_dir,
         (["--num-beams", "0"], "argument --num-beams: must be at least 1, got 0"),
         (["--num-beams", "-2"], "argument --num-beams: must be at least 1, got -2"),
         (["--batch-size", "two"], "argument --batch-size: must be a whole number, got 'two'"),
+        (["--shard-size", "3"], "--shard-size splits a dataset or embeddings folder (with --output), not image files"),
     ],
 )
 def test_bad_options_are_rejected(saved_model_dir, image_folder, capsys, extra, message):
@@ -117,6 +118,28 @@ def test_json_lists_an_unreadable_image_with_its_error(saved_model_dir, image_fo
     expected = [{"image": str(path), "caption": caption} for path, caption in zip(paths, captions)]
     expected.insert(2, {"image": str(unreadable), "caption": None, "error": unreadable_error(unreadable)})
     assert json.loads(captured.out) == expected
+
+
+def test_on_bad_image_skip_leaves_an_unreadable_file_out_with_a_warning_and_status_0(
+    saved_model_dir, image_folder, capsys
+):
+    unreadable = image_folder / "img1x.png"
+    unreadable.write_bytes(b"definitely not a png")
+    argv = ["caption", str(image_folder), "--model", str(saved_model_dir), "--batch-size", "2", "--max-new-tokens",
+            "3", "--on-bad-image", "skip"]
+    paths = sorted(image_folder.glob("img[0-9].png"))
+    captions = expected_captions(saved_model_dir, paths, max_new_tokens=3)
+    warning = (f"Warning: 1 of 6 images could not be read:\n  {unreadable_error(unreadable)}\n"
+               "Left out of the captions (--on-bad-image skip).\n")
+
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.out.splitlines() == [f"{path}\t{caption}" for path, caption in zip(paths, captions)]
+    assert captured.err.endswith(warning)
+    assert main([*argv, "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == [{"image": str(p), "caption": caption} for p, caption in zip(paths, captions)]
+    assert captured.err.endswith(warning)
 
 
 def test_gallery_shows_an_unreadable_image_with_its_error(saved_model_dir, image_folder, tmp_path, capsys):

@@ -93,7 +93,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="Rows per input shard of a dataset that is not streamed (default: 10000).")
     sources.add_argument("--on-bad-image", choices=("error", "skip"), default="error",
                          help="An unreadable image stops the run, naming its shard and key (error, the default; "
-                              "finished shards stay), or is left out and counted (skip).")
+                              "finished shards stay), or is left out and counted (skip). With image files: each "
+                              "unreadable file is named at the end and the status is 2 (error), or it is left out of "
+                              "the captions, --json and --gallery, named in a warning, with status 0 (skip).")
 
 
 def _dataset_source(args: argparse.Namespace) -> bool:
@@ -108,6 +110,9 @@ def _dataset_source(args: argparse.Namespace) -> bool:
     if not dataset:
         _refuse_dataset_options(args)
     if args.images:
+        if args.shard_size is not None:
+            raise ValueError("--shard-size splits a dataset or embeddings folder (with --output), not image files: "
+                             "they are captioned as given. Leave it out.")
         if args.output is not None:
             raise ValueError("--output writes the captions of a dataset: give an image folder as --data-files FOLDER.")
         return False
@@ -276,20 +281,25 @@ def _caption_files(args: argparse.Namespace, decoding: dict) -> int:
                             print(f"{escape_controls(str(result.path))}\t{' '.join(caption.split())}", flush=True)
             results.extend(batch)
     finally:
+        # With --on-bad-image skip, an unreadable image is left out of the JSON and the gallery too.
+        shown = [result for result in results if result.error is None or args.on_bad_image == "error"]
         if args.json:  # also when the run fails: the captions made before are kept, as valid JSON
-            json.dump([_json_entry(result) for result in results], sys.stdout, indent=2,
+            json.dump([_json_entry(result) for result in shown], sys.stdout, indent=2,
                       ensure_ascii=not stdout_is_utf8())
             sys.stdout.write("\n")
-        if args.gallery and results:  # likewise the gallery; an unreadable image shows its name and the error
+        if args.gallery and shown:  # likewise the gallery; an unreadable image shows its name and the error
             records = [
                 GalleryRecord(result.path, result.caption or "",
                               scores=None if result.clip_score is None else {"CLIPScore": result.clip_score})
-                for result in results
+                for result in shown
             ]
             gallery = write_gallery(records, args.gallery, title=f"Captions by {args.model}")
             print(f"Gallery: {gallery}", file=sys.stderr)
     errors = [result.error for result in results if result.error is not None]
-    if errors:  # after the other images' captions, JSON and gallery
+    if errors and args.on_bad_image == "skip":
+        skipped = UnreadableImagesError(errors, len(results), "Left out of the captions (--on-bad-image skip).")
+        print(f"Warning: {skipped}", file=sys.stderr)
+    elif errors:  # after the other images' captions, JSON and gallery
         raise UnreadableImagesError(errors, len(results))
     return 0
 
