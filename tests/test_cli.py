@@ -229,6 +229,14 @@ def test_folders_give_every_image_pil_opens_and_skip_hidden_files_and_sub_folder
     assert expand_image_paths([str(folder / "*")]) == expected
 
 
+def test_one_file_named_several_ways_is_listed_once_as_first_named(image_folder, monkeypatch):
+    monkeypatch.chdir(image_folder.parent)
+    first = f"{image_folder.name}/../{image_folder.name}/img2.png"
+    names = [first, str(image_folder / "img2.png"), f"{image_folder.name}/img2.png", f"./{image_folder.name}"]
+    others = [image_folder.name + f"/img{index}.png" for index in (0, 1, 3, 4)]
+    assert [str(path) for path in expand_image_paths(names)] == [first, *others]
+
+
 def test_interpret_reports_an_unreadable_image_and_interprets_the_others(saved_model_dir, image_folder, capsys):
     broken = image_folder / "img1x.png"  # sorts between img1 and img2
     broken.write_bytes(b"definitely not a png")

@@ -43,7 +43,10 @@ def _is_image_file(path: Path) -> bool:
 
 
 def expand_image_paths(patterns: Sequence[str]) -> list[Path]:
-    """Files, folders (their images, sorted) and glob patterns, in the order given, without duplicates."""
+    """
+    Files, folders (their images, sorted) and glob patterns, in the order given, without duplicates: a file named
+    several ways (`a.png`, `dir/../a.png`, its absolute path, a link to it) is kept once, as first named.
+    """
     paths: list[Path] = []
     for pattern in patterns:
         path = Path(pattern)
@@ -59,7 +62,10 @@ def expand_image_paths(patterns: Sequence[str]) -> list[Path]:
             if not found:
                 raise FileNotFoundError(f"No image matches {pattern!r}.")
         paths.extend(found)
-    unique = list(dict.fromkeys(paths))
+    first_named: dict[Path, Path] = {}
+    for path in paths:
+        first_named.setdefault(path.resolve(), path)
+    unique = list(first_named.values())
     if not unique:
         raise FileNotFoundError(f"No images found in {', '.join(patterns)}.")
     return unique
