@@ -841,7 +841,8 @@ def test_lora_from_a_relative_model_folder_records_its_absolute_path(
 def test_overwrite_output_dir_starts_afresh_instead_of_resuming(tmp_path, model_dir, caption_folder):
     out = tmp_path / "out"
     (out / "checkpoint-3").mkdir(parents=True)
-    (out / "checkpoint-3/trainer_state.json").write_text('{"global_step": 3}')  # a complete checkpoint's last file
+    # A complete checkpoint's last file, of a run not yet at its end (--max_steps 2): a rerun resumes from it.
+    (out / "checkpoint-3/trainer_state.json").write_text('{"global_step": 1}')
     resumed_from = []
 
     class Stop(Exception):
