@@ -43,9 +43,12 @@ def check_tokenizer_files(name_or_path, option: str = "text_model_name_or_path",
     one token) or fails on a None path (4.x). Hub names are left to transformers.
     """
     folder = Path(name_or_path, subfolder).expanduser()
-    if folder.is_dir() and not any((folder / name).is_file() for name in _TOKENIZER_VOCABULARY_FILES):
+    # Its config counts too: a tokenizer with a vocabulary file of another kind (tiktoken, ...) is not refused here;
+    # one that loads with no vocabulary is, after loading.
+    tokenizer_files = ("tokenizer_config.json", *_TOKENIZER_VOCABULARY_FILES)
+    if folder.is_dir() and not any((folder / name).is_file() for name in tokenizer_files):
         raise FileNotFoundError(
-            f"{option} {name_or_path} has no tokenizer (none of {', '.join(_TOKENIZER_VOCABULARY_FILES)}); save the "
+            f"{option} {name_or_path} has no tokenizer (none of {', '.join(tokenizer_files)}); save the "
             f"language model's tokenizer there too (tokenizer.save_pretrained({str(name_or_path)!r}))."
         )
 

@@ -488,8 +488,8 @@ def test_a_language_model_folder_without_its_tokenizer_is_refused_naming_it(tmp_
     with pytest.raises(FileNotFoundError) as error:
         ClipCapProcessor.from_vision_text_pretrained(tiny_clip_dir, tmp_path / "lm")
     assert str(error.value) == (
-        f"text_model_name_or_path {tmp_path / 'lm'} has no tokenizer (none of tokenizer.json, vocab.json, vocab.txt, "
-        "tokenizer.model, spiece.model); save the language model's tokenizer there too "
+        f"text_model_name_or_path {tmp_path / 'lm'} has no tokenizer (none of tokenizer_config.json, tokenizer.json, "
+        "vocab.json, vocab.txt, tokenizer.model, spiece.model); save the language model's tokenizer there too "
         f"(tokenizer.save_pretrained('{tmp_path / 'lm'}'))."
     )
 

@@ -156,8 +156,9 @@ def test_a_text_model_folder_without_its_tokenizer_is_refused_naming_the_option(
     arguments = train_arguments(caption_folder, tmp_path / "out", tmp_path / "cache", *parts, "--prefix_length", "4")
     assert main(["train", *arguments]) == 2
     assert capsys.readouterr().err.endswith(
-        f"clipcap train: error: --text_model_name_or_path {tmp_path / 'gpt'} has no tokenizer (none of tokenizer.json, "
-        "vocab.json, vocab.txt, tokenizer.model, spiece.model); save the language model's tokenizer there too "
+        f"clipcap train: error: --text_model_name_or_path {tmp_path / 'gpt'} has no tokenizer (none of "
+        "tokenizer_config.json, tokenizer.json, vocab.json, vocab.txt, tokenizer.model, spiece.model); save the "
+        "language model's tokenizer there too "
         f"(tokenizer.save_pretrained('{tmp_path / 'gpt'}')).\n"
     )
     assert not (tmp_path / "out").exists()
