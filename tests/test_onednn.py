@@ -534,16 +534,18 @@ def test_a_pytorch_without_the_reorder_computes_from_plain_weights(monkeypatch):
     torch.testing.assert_close(result, F.linear(inputs, layer.weight, layer.bias).detach(), rtol=1e-5, atol=1e-5)
 
 
-def test_an_empty_suppress_list_lets_the_image_token_through_as_transformers_does(tokenizer):
+def test_an_empty_suppress_list_still_suppresses_the_image_token(tokenizer):
     model = tiny_model(tokenizer)
     image_embeds = torch.randn(2, model.config.prefix_dim, generator=torch.Generator().manual_seed(0))
     final_norm = model.language_model.transformer.ln_f  # every hidden state all ones, and the image token's row tens:
     final_norm.weight.data.zero_()
     final_norm.bias.data.fill_(1.0)
     model.get_output_embeddings().weight.data[model.config.image_token_id] = 10.0  # the image token wins unsuppressed
-    suppressed = model.generate(image_embeds=image_embeds, max_new_tokens=2)[:, model.config.prefix_length :]
-    assert not (suppressed == model.config.image_token_id).any()
-    generated = model.generate(image_embeds=image_embeds, suppress_tokens=[], max_new_tokens=2)
-    assert (generated[:, model.config.prefix_length :] == model.config.image_token_id).all()
+    for extra in ({}, {"suppress_tokens": []}):  # the caller's list replaces the saved one, the image token stays out
+        out = model.generate(
+            image_embeds=image_embeds, max_new_tokens=2, output_logits=True, return_dict_in_generate=True, **extra
+        )
+        assert all((logits.argmax(-1) == model.config.image_token_id).all() for logits in out.logits)  # unprocessed
+        assert not (out.sequences[:, model.config.prefix_length :] == model.config.image_token_id).any()
     scores = torch.randn(2, 7)
     assert torch.equal(modeling_clipcap._SuppressTokensByIndex([])(None, scores), scores)
