@@ -576,6 +576,35 @@ def test_a_resume_checks_the_model_itself_not_the_path_naming_it(
     assert not unfinished.exists()
 
 
+def test_model_identity_reads_a_large_weight_file_s_header_and_ends_not_all_of_it(tmp_path, monkeypatch):
+    from clipcap_hf.utils.loading import model_identity
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "clipcap"}')
+    header = b'{"w": {"dtype": "F32", "shape": [786432], "data_offsets": [0, 3145728]}}'
+    data = bytearray(len(header).to_bytes(8, "little") + header + bytes(3 * 2**20))
+    weights = folder / "model.safetensors"
+
+    def identity_with(offset: int | None = None) -> str:
+        changed = bytearray(data)
+        if offset is not None:
+            changed[offset] ^= 1
+        weights.write_bytes(changed)
+        return model_identity(str(folder))
+
+    original = identity_with()
+    monkeypatch.chdir(tmp_path)
+    assert model_identity("model/") == model_identity("./model") == original  # any path naming it
+    assert identity_with(len(data) // 2) == original  # the middle of a large file is not read
+    for offset in (20, 8 + len(header) + 5, len(data) - 1):  # its header, first and last bytes are
+        assert identity_with(offset) != original
+    identity_with()
+    (folder / "config.json").write_text('{"model_type": "clipcap", "prefix_length": 2}')
+    assert model_identity("model") != original
+    assert model_identity("someone/not-cached") == "someone/not-cached"  # a Hub name not in the cache: its name
+
+
 def test_a_source_of_as_many_rows_but_other_images_or_order_is_not_resumed(embeddings_captioner, tmp_path, caplog):
     from clipcap_hf.inference import caption_dataset_to_parquet
 

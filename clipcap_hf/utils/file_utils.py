@@ -10,6 +10,7 @@ keep two runs out of one output folder are taken here too.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import stat
@@ -67,6 +68,27 @@ def escape_controls(text: str) -> str:
     return "".join(
         char.encode("unicode_escape").decode("ascii") if unicodedata.category(char) == "Cc" else char for char in text
     )
+
+
+def sampled_sha256(
+    path: str | os.PathLike[str], whole_limit: int = 2**20, sample_bytes: int = 2**16, header_bytes: int = 0
+) -> str:
+    """
+    A cheap SHA-256 of a file's content: of the whole file up to `whole_limit` bytes; of a larger one's first
+    `header_bytes` (a header, hashed whole) and the first and last `sample_bytes` after them. Record the size beside
+    it: a change in the middle of a large file alone goes unseen, which is the price of not reading gigabytes.
+    """
+    digest = hashlib.sha256()
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        if size <= whole_limit:
+            digest.update(file.read())
+        else:
+            digest.update(file.read(header_bytes))
+            digest.update(file.read(sample_bytes))
+            file.seek(max(file.tell(), size - sample_bytes))
+            digest.update(file.read(sample_bytes))
+    return digest.hexdigest()
 
 
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:

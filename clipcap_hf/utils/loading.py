@@ -21,7 +21,7 @@ from transformers import PretrainedConfig
 
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
-from .file_utils import read_json
+from .file_utils import read_json, sampled_sha256
 
 # Seconds to wait for the Hub before saying it cannot be reached (huggingface_hub would retry for about a minute).
 HUB_CONNECT_TIMEOUT = 5.0
@@ -151,9 +151,10 @@ def check_clip_model(name_or_path: str, option: str) -> None:
 
 # The files of a model folder whose content is hashed whole by `model_identity` (small: configs, tokenizer files).
 _WHOLE_HASHED_SUFFIXES = (".json", ".txt", ".model")
-# The weight files, too large to hash whole: their size, header and first and last `_SAMPLE_BYTES` are hashed.
+# The weight files, too large to hash whole: their size, header and first and last 64 KiB are hashed.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
-_SAMPLE_BYTES = 2**16
+# The largest header the safetensors library reads: a damaged file's length field cannot make us read more.
+_MAX_SAFETENSORS_HEADER = 100_000_000
 
 
 def model_identity(name_or_path: str) -> str:
@@ -175,25 +176,18 @@ def model_identity(name_or_path: str) -> str:
         if path.suffix in _WHOLE_HASHED_SUFFIXES:
             digest.update(f"{path.name}|".encode() + path.read_bytes() + b"\n")
         elif path.suffix in _WEIGHT_SUFFIXES:
-            digest.update(f"{path.name}|{path.stat().st_size}|{_sampled_sha256(path)}\n".encode())
+            content = sampled_sha256(path, header_bytes=_safetensors_header_bytes(path))
+            digest.update(f"{path.name}|{path.stat().st_size}|{content}\n".encode())
     return "sha256:" + digest.hexdigest()
 
 
-def _sampled_sha256(path: Path) -> str:
-    """The SHA-256 of a (weight) file's header and first and last `_SAMPLE_BYTES` bytes of data."""
-    digest = hashlib.sha256()
-    size = path.stat().st_size
+def _safetensors_header_bytes(path: Path) -> int:
+    """The bytes of a safetensors file's header (an 8-byte length, then JSON naming each tensor's dtype, shape and
+    offsets); 0 for another weight format."""
+    if path.suffix != ".safetensors":
+        return 0
     with open(path, "rb") as file:
-        start = 0
-        if path.suffix == ".safetensors":  # an 8-byte length, then the JSON header (names, dtypes, shapes, offsets)
-            header_size = int.from_bytes(file.read(8), "little")
-            start = min(size, 8 + header_size)
-            file.seek(0)
-            digest.update(file.read(start))
-        digest.update(file.read(_SAMPLE_BYTES))
-        file.seek(max(start, size - _SAMPLE_BYTES))
-        digest.update(file.read(_SAMPLE_BYTES))
-    return digest.hexdigest()
+        return 8 + min(int.from_bytes(file.read(8), "little"), _MAX_SAFETENSORS_HEADER)
 
 
 def to_device_and_dtype(model, device=None, dtype=None):
