@@ -29,7 +29,7 @@ from ..data import ClipCapDataCollator, TrainingData, load_training_data
 from ..data.embeddings import EMBEDDINGS_INFO_NAME
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor, check_tokenizer_files
-from ..utils.file_utils import read_json, save_pretrained
+from ..utils.file_utils import read_json, sampled_sha256, save_pretrained
 from ..utils.loading import check_pretrained_source, load_clipcap
 from .arguments import (
     ARGUMENTS_A_RESUME_MAY_CHANGE,
@@ -317,11 +317,6 @@ def _absolute_local_path(part: str) -> str:
 
 # The record's entry (not an argument) for the content identities of the data arguments.
 DATA_IDENTITY_KEY = "data_identity"
-# A data file up to this size is hashed whole; a larger one by its size and its first and last 64 KiB, so that a
-# thousand shards cost a few hundred MB read at most. Content, not modification times: a copy of the data (cp, rsync
-# without -t) is the same data.
-_WHOLE_FILE_HASH_LIMIT = 2**20
-_SAMPLE_BYTES = 2**16
 # In a folder, the files that may hold captions are hashed so; the others (images, shards, arrays) are identified by
 # their name and size only, so that a folder of a million images is listed, not read.
 _HASHED_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet")
@@ -336,9 +331,10 @@ def data_identity(value: str | None, description: str = "data") -> dict[str, Any
     """
     A cheap identity of the content of a data argument's local files (comma-separated files, folders or glob
     patterns): how many files, their bytes, and a SHA-256 of their names (relative to what the argument names), sizes
-    and contents (a file named by the argument, or one that may hold captions in a folder, see `_HASHED_SUFFIXES`;
-    see `_WHOLE_FILE_HASH_LIMIT` for large files). None when it names no local file: a Hub dataset or a URL is
-    recorded by its name alone.
+    and contents (a file named by the argument, or one that may hold captions in a folder, see `_HASHED_SUFFIXES`),
+    by [`sampled_sha256`]: a file up to 1 MiB whole, a larger one by its first and last 64 KiB, so that a thousand
+    shards cost a few hundred MB read at most. Content, not modification times: a copy of the data (cp, rsync without
+    -t) is the same data. None when it names no local file: a Hub dataset or a URL is recorded by its name alone.
     """
     if value is None:
         return None
@@ -353,7 +349,7 @@ def data_identity(value: str | None, description: str = "data") -> dict[str, Any
                 for path, name, hashed in _data_files(match, base):
                     try:
                         size = os.path.getsize(path)
-                        content = _file_digest(path, size) if hashed else ""
+                        content = sampled_sha256(path) if hashed else ""
                     except OSError:  # a broken link, an unreadable file: the loader names it (or skips it)
                         size, content = 0, "unreadable"
                     digest.update(f"{position}|{name}|{size}|{content}\n".encode())
@@ -390,19 +386,6 @@ def _data_files(path: str, base: str) -> Iterator[tuple[str, str, bool]]:
         for name in sorted(names):
             if not _NOT_DATA.match(name):
                 yield os.path.join(folder, name), os.path.join(relative, name), name.endswith(_HASHED_SUFFIXES)
-
-
-def _file_digest(path: str, size: int) -> str:
-    """The SHA-256 of a file, or of a large one's first and last `_SAMPLE_BYTES` (its size is recorded beside)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        if size <= _WHOLE_FILE_HASH_LIMIT:
-            digest.update(file.read())
-        else:
-            digest.update(file.read(_SAMPLE_BYTES))
-            file.seek(size - _SAMPLE_BYTES)
-            digest.update(file.read(_SAMPLE_BYTES))
-    return digest.hexdigest()
 
 
 def check_run_arguments(
