@@ -204,7 +204,8 @@ def test_lora_adapters_whose_base_is_another_model_type_are_refused_naming_it(
     config = json.loads((saved_model_dir / "config.json").read_text())
     config["model_type"] = "gpt2"
     (saved_model_dir / "config.json").write_text(json.dumps(config))
-    base = rf"^the base model of {out} \(its base_model folder, else adapter_config.json's record\): {saved_model_dir}"
+    base = rf"^the base model of {out} \(adapter_config.json's record, else its own base_model folder\): "
+    base += str(saved_model_dir)
     with pytest.raises(ValueError, match=rf"{base} holds a model of type 'gpt2'"):
         load_lora_model(out)
 

@@ -784,6 +784,23 @@ def test_lora_recipe_from_pretrained_parts_saves_base_adapters_and_merged_model(
             torch.testing.assert_close(reloaded(image_embeds=x, input_ids=ids).logits, expected, atol=1e-5, rtol=1e-4)
 
 
+def test_lora_base_is_the_recorded_model_even_beside_a_base_model_folder_an_earlier_run_left(tmp_path):
+    from conftest import build_tokenizer
+    from peft import LoraConfig
+
+    from clipcap_hf.training.lora import lora_base_model
+
+    tokenizer = build_tokenizer()
+    out, pretrained = tmp_path / "out", tmp_path / "pretrained"
+    tiny_model(tokenizer, seed=1).save_pretrained(out / "base_model")  # an earlier fresh LoRA run in `out`
+    tiny_model(tokenizer, seed=2).save_pretrained(pretrained)
+    LoraConfig(base_model_name_or_path=str(pretrained), target_modules=["c_attn"]).save_pretrained(out)
+    assert lora_base_model(out) == str(pretrained)
+    # A record naming this run's own base_model folder, still there, is that folder.
+    LoraConfig(base_model_name_or_path=str(out / "base_model"), target_modules=["c_attn"]).save_pretrained(out)
+    assert lora_base_model(out) == str(out / "base_model")
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [

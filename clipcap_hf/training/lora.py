@@ -24,12 +24,17 @@ BASE_MODEL_DIR = "base_model"
 
 def lora_base_model(adapter_dir: str | os.PathLike) -> str:
     """
-    The base ClipCap of the LoRA adapters in `adapter_dir`: the run's own copy when it saved one (its
-    `base_model` folder, beside `adapter_dir` for one of its `checkpoint-N` folders), so that a run folder moved or
-    copied elsewhere still loads; else the model `adapter_config.json` records (an absolute path or a Hub name).
+    The base ClipCap of the LoRA adapters in `adapter_dir`: the model `adapter_config.json` records (an absolute
+    path or a Hub name), unless that record is a run's own `base_model` folder which no longer exists there (the run
+    folder was moved or copied elsewhere): then the run's own copy, `adapter_dir`'s `base_model` folder (or the one
+    beside it, for one of the run's `checkpoint-N` folders).
     """
     from peft import PeftConfig
 
+    recorded = PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    # A `base_model` folder left in the same output_dir by an earlier run must not win over an existing record.
+    if os.path.basename(os.path.normpath(recorded)) != BASE_MODEL_DIR or os.path.exists(recorded):
+        return recorded
     folder = os.path.abspath(adapter_dir)
     own_copies = [os.path.join(folder, BASE_MODEL_DIR)]
     if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", os.path.basename(folder)):
@@ -37,7 +42,7 @@ def lora_base_model(adapter_dir: str | os.PathLike) -> str:
     for own_copy in own_copies:
         if os.path.isfile(os.path.join(own_copy, "config.json")):
             return own_copy
-    return PeftConfig.from_pretrained(adapter_dir).base_model_name_or_path
+    return recorded
 
 
 def lora_target_modules(model: ClipCapForConditionalGeneration, names: Sequence[str] | None = None) -> str:
@@ -90,16 +95,16 @@ def load_lora_model(
     adapter_dir: str | os.PathLike, base_model_name_or_path: str | None = None, is_trainable: bool = False
 ):
     """
-    Reload a LoRA run: the base ClipCap (by default [`lora_base_model`]: the run's `base_model` folder, else the one
-    recorded in `adapter_config.json`) with the adapters and the trained mapping network from `adapter_dir`. Returns a
-    `PeftModel`, frozen unless `is_trainable` (then the adapters and the mapping network train further);
-    `.merge_and_unload()` gives a plain [`ClipCapForConditionalGeneration`].
+    Reload a LoRA run: the base ClipCap (by default [`lora_base_model`]: the one recorded in `adapter_config.json`,
+    or the run's own `base_model` folder once the run folder has moved) with the adapters and the trained mapping
+    network from `adapter_dir`. Returns a `PeftModel`, frozen unless `is_trainable` (then the adapters and the mapping
+    network train further); `.merge_and_unload()` gives a plain [`ClipCapForConditionalGeneration`].
     """
     from peft import PeftModel
 
     if base_model_name_or_path is None:
         base_model_name_or_path = lora_base_model(adapter_dir)
-        option = f"the base model of {adapter_dir} (its base_model folder, else adapter_config.json's record)"
+        option = f"the base model of {adapter_dir} (adapter_config.json's record, else its own base_model folder)"
     else:
         option = "base_model_name_or_path"
     check_clipcap_model(base_model_name_or_path, option)
