@@ -602,6 +602,13 @@ def test_model_identity_reads_a_large_weight_file_s_header_and_ends_not_all_of_i
     identity_with()
     (folder / "config.json").write_text('{"model_type": "clipcap", "prefix_length": 2}')
     assert model_identity("model") != original
+    # Results a run writes into its folder are no part of the model; remote code is.
+    changed_config = model_identity("model")
+    for results in ("eval_results.json", "all_results.json", "trainer_state.json", "training_args.bin", "README.md"):
+        (folder / results).write_text("{}")
+    assert model_identity("model") == changed_config
+    (folder / "modeling_custom.py").write_text("x = 1")
+    assert model_identity("model") != changed_config
     assert model_identity("someone/not-cached") == "someone/not-cached"  # a Hub name not in the cache: its name
 
 

@@ -8,6 +8,7 @@ code. Every load here passes `trust_remote_code=False` and checks the model type
 
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import os
 import socket
@@ -149,10 +150,30 @@ def check_clip_model(name_or_path: str, option: str) -> None:
         )
 
 
-# The files of a model folder whose content is hashed whole by `model_identity` (small: configs, tokenizer files).
-_WHOLE_HASHED_SUFFIXES = (".json", ".txt", ".model")
+# The files of a model folder that make the model, hashed by `model_identity`; anything else there (a run's
+# eval_results.json, trainer_state.json, training_args.bin, a README) leaves its identity unchanged.
+# Hashed whole (small): the configs, the tokenizer files, chat templates and remote code (which changes behaviour).
+_WHOLE_HASHED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "adapter_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.json",
+    "chat_template.jinja",
+    "*.model",
+    "*.py",
+    "*.index.json",  # the weight shards' index
+)
 # The weight files, too large to hash whole: their size, header and first and last 64 KiB are hashed.
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin")
 # The largest header the safetensors library reads: a damaged file's length field cannot make us read more.
 _MAX_SAFETENSORS_HEADER = 100_000_000
 
@@ -160,9 +181,10 @@ _MAX_SAFETENSORS_HEADER = 100_000_000
 def model_identity(name_or_path: str) -> str:
     """
     A cheap identity of the model a folder or Hub name holds, whatever path names it: for a folder, a SHA-256 of its
-    config, generation config, processor and tokenizer files whole, and of each weight file's size, header and first
-    and last 64 KiB (a retrained model saved over it gets another identity, in milliseconds, not after reading
-    gigabytes); for a Hub name, the commit of its cached snapshot (else the name alone, when none is cached).
+    config, generation config, processor, tokenizer and code files whole, and of each weight file's size, header and
+    first and last 64 KiB (a retrained model saved over it gets another identity, in milliseconds, not after reading
+    gigabytes; results a run writes beside the model are not hashed); for a Hub name, the commit of its cached
+    snapshot (else the name alone, when none is cached).
     """
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir():
@@ -173,9 +195,9 @@ def model_identity(name_or_path: str) -> str:
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.name.startswith("."):
             continue
-        if path.suffix in _WHOLE_HASHED_SUFFIXES:
+        if any(fnmatch.fnmatchcase(path.name, pattern) for pattern in _WHOLE_HASHED_FILES):
             digest.update(f"{path.name}|".encode() + path.read_bytes() + b"\n")
-        elif path.suffix in _WEIGHT_SUFFIXES:
+        elif any(fnmatch.fnmatchcase(path.name, pattern) for pattern in _WEIGHT_FILES):
             content = sampled_sha256(path, header_bytes=_safetensors_header_bytes(path))
             digest.update(f"{path.name}|{path.stat().st_size}|{content}\n".encode())
     return "sha256:" + digest.hexdigest()
