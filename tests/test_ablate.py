@@ -4,6 +4,7 @@ and caption; finished runs are not trained again."""
 import csv
 import dataclasses
 import json
+import logging
 from pathlib import Path
 
 import PIL.Image
@@ -263,9 +264,12 @@ def test_captions_of_one_image_file_share_its_embedding():
     assert images["image_path"] == ["a.png", "b.png", "c.png"]
 
 
-def test_a_finished_run_is_reused_only_from_the_same_pretrained_parts_and_data(tmp_path, monkeypatch):
+def test_a_finished_run_is_reused_only_from_the_same_pretrained_parts_and_data_and_scoring(
+    tmp_path, monkeypatch, caplog
+):
     import datasets
 
+    from clipcap_hf.evaluation.metrics import caption_tokenization
     from clipcap_hf.training.ablation import (
         AblationData,
         AblationRun,
@@ -300,8 +304,21 @@ def test_a_finished_run_is_reused_only_from_the_same_pretrained_parts_and_data(t
     with pytest.raises(ValueError, match=r"scores.json has no `trained_from` record .*remove that run"):
         run_ablation(tmp_path, old, data, verbose=False)
 
-    write_record(trained_from=trained_from(run, old, dataset_fingerprint(data)))
+    origin = trained_from(run, old, dataset_fingerprint(data))
+    write_record(trained_from=origin, scoring=caption_tokenization())
     assert [row["scores"] for row in run_ablation(tmp_path, old, data, verbose=False)] == [{"CIDEr": 0.5}]
+    # A run scored another way (an older clipcap_hf's untokenized captions, or the other PTB tokenizer) is trained
+    # again rather than mixed into one table with runs scored this way.
+    other_way = "ptb" if caption_tokenization() == "python-approximation" else "python-approximation"
+    for scoring in ({}, {"scoring": other_way}):
+        write_record(trained_from=origin, **scoring)
+        retrained = {**record, "scores": {"CIDEr": 0.7}, "scoring": caption_tokenization()}
+        with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger=ablation.logger.name):
+            patch.setattr(ablation, "train_and_score", lambda *args, **kwargs: retrained)
+            assert [row["scores"] for row in run_ablation(tmp_path, old, data, verbose=False)] == [{"CIDEr": 0.7}]
+        assert f"{run.name}: finished before, but scored on captions tokenized " in caplog.text
+        assert "training it again" in caplog.text
+        caplog.clear()
     other_rows = datasets.Dataset.from_dict({"caption": ["a blue circle"], "image_path": ["a.png"]})
     changes = [
         (grid_from("models/NEW/clip", "models/gpt2-small"), data, "models/NEW/clip"),  # same last name, other tower

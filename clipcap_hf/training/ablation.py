@@ -40,7 +40,7 @@ from transformers.utils import logging as transformers_logging
 from ..configuration_clipcap import MAPPING_TYPES, check_positive_int
 from ..data import ClipCapDataCollator, group_by_image, load_caption_dataset
 from ..data.collator import image_inputs
-from ..evaluation.metrics import compute_caption_metrics, require_pycocoevalcap
+from ..evaluation.metrics import caption_tokenization, compute_caption_metrics, require_pycocoevalcap
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import read_json, save_pretrained, write_text_atomically
@@ -333,6 +333,7 @@ def train_and_score(
         "train_seconds": round(result.metrics["train_runtime"], 1),
         "train_loss": round(result.metrics["train_loss"], 4),
         "scores": scores,
+        "scoring": caption_tokenization(),  # a finished run is reused only when scored the same way
         "samples": [[prediction, refs[0]] for prediction, refs in list(zip(predictions, references))[:5]],
     }
     save_pretrained(run_dir, model, processor)
@@ -454,12 +455,22 @@ def run_ablation(
         for run in tqdm(grid_runs(config), desc="Ablation runs", disable=not verbose):
             run_dir = output_dir / "runs" / run.name
             scores_path = run_dir / SCORES_FILE
-            if scores_path.is_file():
-                record = read_json(scores_path)
+            record = read_json(scores_path) if scores_path.is_file() else None
+            if record is not None:
                 check_finished_run(record, run_dir, budget(config), "budget")
                 check_finished_run(record, run_dir, trained_from(run, config, data_fingerprint), "trained_from")
-                logger.info(f"{run.name}: finished before, skipped.")
-            else:
+                if record.get("scoring") != caption_tokenization():
+                    # Its predictions are not saved (5 samples only), so it cannot be rescored: trained again, so
+                    # that one table never mixes two ways of scoring.
+                    logger.warning(
+                        f"{run.name}: finished before, but scored on captions tokenized "
+                        f"{record.get('scoring', 'not at all (by an older clipcap_hf)')}, not "
+                        f"{caption_tokenization()} as this grid scores them; training it again."
+                    )
+                    record = None
+                else:
+                    logger.info(f"{run.name}: finished before, skipped.")
+            if record is None:
                 record = train_and_score(run, data, config, run_dir, embeddings, data_fingerprint, verbose)
             records.append({"name": run.name, **record})
         write_results(output_dir, records, config.plot_metrics)
