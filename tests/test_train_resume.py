@@ -271,6 +271,29 @@ def test_the_data_identity_of_shards_follows_their_content_not_their_folder_and_
     assert data_identity("user/captions") is None
 
 
+def test_the_data_identity_leaves_out_the_run_s_own_output_and_cache_folders_inside_its_data_folder(tmp_path):
+    from clipcap_hf.training.arguments import DataArguments, ModelArguments
+    from clipcap_hf.training.run import run_arguments
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "metadata.jsonl").write_text('{"file_name": "a.png", "text": "a dog"}\n')
+
+    def identity() -> dict:
+        data_args = DataArguments(train_file=str(data), embedding_cache_dir=str(data / "cache"))
+        training_args = TrainingArguments(output_dir=str(data / "run"), report_to="none")
+        return run_arguments(ModelArguments(model_name_or_path="m"), data_args, training_args)[DATA_IDENTITY_KEY]
+
+    started = identity()
+    for written in ("run/checkpoint-1/trainer_state.json", "run/clipcap_run_args.json", "cache/shard.json"):
+        (data / written).parent.mkdir(parents=True, exist_ok=True)
+        (data / written).write_text("{}")
+    assert identity() == started
+    (data / "more" / "metadata.jsonl").parent.mkdir()
+    (data / "more" / "metadata.jsonl").write_text("{}")  # another subfolder is data
+    assert identity()["train_file"]["files"] == started["train_file"]["files"] + 1
+
+
 @pytest.mark.skipif(
     "overwrite_output_dir" not in TrainingArguments.__dataclass_fields__,
     reason="transformers 5 has no --overwrite_output_dir",

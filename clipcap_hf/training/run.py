@@ -301,7 +301,11 @@ def run_arguments(
     for name in PATH_ARGUMENTS:
         if values[name] is not None:
             values[name] = ",".join(_absolute_local_path(part) for part in str(values[name]).split(","))
-    values[DATA_IDENTITY_KEY] = {name: data_identity(values[name], f"--{name}") for name in DATA_PATH_ARGUMENTS}
+    # The run's own folders may lie inside a data folder: their checkpoints and caches are no part of the data.
+    own_folders = [folder for folder in (training_args.output_dir, data_args.embedding_cache_dir) if folder]
+    values[DATA_IDENTITY_KEY] = {
+        name: data_identity(values[name], f"--{name}", skip=own_folders) for name in DATA_PATH_ARGUMENTS
+    }
     # Enums (optim, lr_scheduler_type) as their strings, tuples as lists: what the record reads back as.
     return json.loads(json.dumps(values, default=str))
 
@@ -327,7 +331,9 @@ _NOT_DATA = re.compile(r"\.|cache-.*\.arrow$|tmp[a-z0-9_]{8}$|state\.json$|" + r
 _GLOB_MAGIC = re.compile(r"[*?[]")
 
 
-def data_identity(value: str | None, description: str = "data") -> dict[str, Any] | None:
+def data_identity(
+    value: str | None, description: str = "data", skip: Sequence[str | os.PathLike] = ()
+) -> dict[str, Any] | None:
     """
     A cheap identity of the content of a data argument's local files (comma-separated files, folders or glob
     patterns): how many files, their bytes, and a SHA-256 of their names (relative to what the argument names), sizes
@@ -335,9 +341,11 @@ def data_identity(value: str | None, description: str = "data") -> dict[str, Any
     by [`sampled_sha256`]: a file up to 1 MiB whole, a larger one by its first and last 64 KiB, so that a thousand
     shards cost a few hundred MB read at most. Content, not modification times: a copy of the data (cp, rsync without
     -t) is the same data. None when it names no local file: a Hub dataset or a URL is recorded by its name alone.
+    The folders in `skip` (a run's own output and cache folders, which may lie inside a data folder) are left out.
     """
     if value is None:
         return None
+    skip = {os.path.realpath(os.path.expanduser(folder)) for folder in skip}
     digest, files, total, local = hashlib.sha256(), 0, 0, False
     with tqdm(desc=f"Identifying the data of {description}", unit=" files", delay=2, leave=False) as progress:
         for position, part in enumerate(value.split(",")):
@@ -346,7 +354,7 @@ def data_identity(value: str | None, description: str = "data") -> dict[str, Any
             local = local or bool(matches)
             base = _names_base(pattern)
             for match in matches:
-                for path, name, hashed in _data_files(match, base):
+                for path, name, hashed in _data_files(match, base, skip):
                     try:
                         size = os.path.getsize(path)
                         content = sampled_sha256(path) if hashed else ""
@@ -372,16 +380,20 @@ def _names_base(pattern: str) -> str:
     return os.sep.join(parts[:plain]) or (os.sep if pattern.startswith(os.sep) else ".")
 
 
-def _data_files(path: str, base: str) -> Iterator[tuple[str, str, bool]]:
+def _data_files(path: str, base: str, skip: set[str] = frozenset()) -> Iterator[tuple[str, str, bool]]:
     """
-    The files of a data path (a file: itself; a folder: its data files, in order), each with its name relative to
-    `base` and whether its content is hashed.
+    The files of a data path (a file: itself; a folder: its data files, in order, but for the subfolders in `skip`,
+    as real paths), each with its name relative to `base` and whether its content is hashed.
     """
     if not os.path.isdir(path):
         yield path, os.path.relpath(path, base), True
         return
     for folder, subfolders, names in os.walk(path):
-        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        subfolders[:] = sorted(
+            name
+            for name in subfolders
+            if not name.startswith(".") and os.path.realpath(os.path.join(folder, name)) not in skip
+        )
         relative = os.path.relpath(folder, base)  # once per folder: a folder may hold a million images
         for name in sorted(names):
             if not _NOT_DATA.match(name):
