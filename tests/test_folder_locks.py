@@ -131,6 +131,32 @@ def test_a_reader_opens_the_shard_a_killed_rewrite_left_aside(two_shards):
     assert sorted(load_embeddings(emb)["image_key"]) == sorted(keys)
 
 
+def test_the_next_writer_puts_a_killed_rewrite_s_aside_shard_back_only_once_the_readers_opened_it(
+    two_shards, monkeypatch
+):
+    emb, keys = two_shards
+    aside = emb / f".aside-{SECOND_SHARD}"
+    os.replace(emb / SECOND_SHARD, aside)  # a rewrite killed before the new version took its name
+    waiting = record_warnings(monkeypatch, "Waiting for processes reading the embeddings folder")
+    reading = os.open(emb / ".embeddings-rewrite.lock", os.O_RDONLY | os.O_CREAT)
+    fcntl.flock(reading, fcntl.LOCK_SH)  # a reader listing and opening the shards
+    listed = embeddings._readable_shards(emb)
+    assert aside in listed
+    writer = threading.Thread(target=embeddings._remove_leftovers, args=(emb,))  # the next run starting
+    try:
+        writer.start()
+        while not waiting.is_set() and writer.is_alive():
+            waiting.wait(timeout=0.05)
+        assert waiting.is_set() and writer.is_alive()  # it waits for the reader before moving the aside shard back
+        opened = [embeddings._load_shard(path) for path in listed]
+    finally:
+        os.close(reading)
+        writer.join(timeout=120)
+    assert sorted(key for shard in opened for key in shard["image_key"]) == sorted(keys)
+    assert (emb / SECOND_SHARD).is_dir() and not aside.exists()
+    assert sorted(load_embeddings(emb)["image_key"]) == sorted(keys)
+
+
 def test_a_reader_in_the_writing_process_or_without_flock_reads_at_once_and_writes_nothing(two_shards, monkeypatch):
     emb, keys = two_shards
     (emb / ".embeddings-rewrite.lock").touch()  # a folder rewritten before: readers take its lock

@@ -479,10 +479,14 @@ def _remove_leftovers(directory: Path) -> None:
     Settle what killed runs left in an embeddings folder, in process 0 holding the folder's lock before its other
     processes write anything: temporary shards (`.tmp-shard-...`, written whole and renamed when complete), temporary
     info files and shared-folder markers are removed; a shard moved aside by [`_drop_replaced_files`] is put back
-    when the run died before the rewritten shard took its name, and removed otherwise.
+    when the run died before the rewritten shard took its name, and removed otherwise, holding the rewrite lock
+    (readers list and open such a copy in place of its shard).
     """
-    for aside in directory.glob(f"{_ASIDE_PREFIX}shard-*"):
-        _settle_aside(aside)
+    asides = list(directory.glob(f"{_ASIDE_PREFIX}shard-*"))
+    if asides:  # left by a rewrite, so the rewrite lock file exists; readers may be opening these copies
+        with _rewriting(directory):
+            for aside in asides:
+                _settle_aside(aside)
     leftovers = [
         *directory.glob(".tmp-shard-*"),
         *directory.glob(f".{EMBEDDINGS_INFO_NAME}.*.tmp"),
