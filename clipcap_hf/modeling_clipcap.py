@@ -1106,7 +1106,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         if prompt is not None:
             new_tokens, option = self._length_as_new_tokens(prompt.shape[1], kwargs)
             self._check_input_fits_positions(prompt.shape[1], generating=True)
-            self._check_generation_fits_positions(prompt.shape[1], new_tokens, option)
+            self._fit_generation_to_positions(prompt.shape[1], new_tokens, option, kwargs)
         # On the CPU, fp32 linear layers run through oneDNN where it measured faster than PyTorch's default (onednn.py).
         with cpu_linear_kernels(self):
             return super().generate(
@@ -1168,20 +1168,43 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 "cuts captions)."
             )
 
-    def _check_generation_fits_positions(self, input_length: int, new_tokens: int, option: str) -> None:
-        """Refuse, before decoding, a caption length that would run past the learned position table midway."""
+    def _fit_generation_to_positions(self, input_length: int, new_tokens: int, option: str, kwargs: dict) -> None:
+        """
+        Before decoding, a caption length that would run past the learned position table midway: refused when the
+        caller gave it (`max_new_tokens`, `max_length`), else (a generation config's, such as a pipeline's default)
+        cut to the positions left, with a warning.
+        """
         context = self._learned_position_limit()
         if context is None or input_length + new_tokens <= context:
             return
         room = context - input_length
-        by_length = option.endswith("max_length")
-        value = input_length + new_tokens if by_length else new_tokens
-        fix = f"max_length <= {context}" if by_length else f"max_new_tokens <= {room}"
-        raise ValueError(
-            f"`{option}={value}` needs {input_length + new_tokens} positions (the input's {input_length}: image "
-            f"tokens and prompt, then the new tokens), but the language model has {context} (max_position_embeddings), "
-            f"room for {room} new tokens; give {fix}."
+        if option in ("max_new_tokens", "max_length"):
+            by_length = option == "max_length"
+            value = input_length + new_tokens if by_length else new_tokens
+            fix = f"max_length <= {context}" if by_length else f"max_new_tokens <= {room}"
+            raise ValueError(
+                f"`{option}={value}` needs {input_length + new_tokens} positions (the input's {input_length}: image "
+                f"tokens and prompt, then the new tokens), but the language model has {context} "
+                f"(max_position_embeddings), room for {room} new tokens; give {fix}."
+            )
+        logger.warning(
+            f"{option} asks for {new_tokens} new tokens, but the language model has room for {room} after the "
+            f"input's {input_length} positions (max_position_embeddings={context}): generating at most {room}."
         )
+        self._set_new_tokens(kwargs, room)
+
+    @staticmethod
+    def _set_new_tokens(kwargs: dict, new_tokens: int) -> None:
+        """
+        Set this call's `max_new_tokens`: in a copy of its generation config when it gives one (transformers
+        deprecates a config together with generation arguments), else as an argument.
+        """
+        given = kwargs.get("generation_config")
+        if given is None:
+            kwargs["max_new_tokens"] = new_tokens
+        else:
+            kwargs["generation_config"] = given = copy.deepcopy(given)
+            given.max_new_tokens = new_tokens
 
     def _length_as_new_tokens(self, input_length: int, kwargs: dict) -> tuple[int, str]:
         """
@@ -1198,11 +1221,13 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         if given is not None and given.max_new_tokens is not None:
             return given.max_new_tokens, "generation_config.max_new_tokens"
         if given is not None and "max_length" in given.to_diff_dict():
-            given = copy.deepcopy(given)
-            given.max_new_tokens = self._new_tokens_from_max_length(given.max_length, input_length)
-            kwargs["generation_config"] = given
-            return given.max_new_tokens, "generation_config.max_length"
+            new_tokens = self._new_tokens_from_max_length(given.max_length, input_length)
+            self._set_new_tokens(kwargs, new_tokens)
+            return new_tokens, "generation_config.max_length"
         saved = self.generation_config
+        if caption_length_unset(saved):  # ClipCap's default, which `caption_length` reports too
+            self._set_new_tokens(kwargs, DEFAULT_MAX_NEW_TOKENS)
+            return DEFAULT_MAX_NEW_TOKENS, "the default caption length"
         if saved.max_new_tokens is not None:
             return saved.max_new_tokens, "model.generation_config.max_new_tokens"
         return saved.max_length - input_length, "model.generation_config.max_length"

@@ -315,11 +315,16 @@ class ClipCapProcessor(ProcessorMixin):
         padding = {name: options.pop(name) for name in padding_options if name in options}
         if options.pop("max_length", None) is not None and padding.get("padding") == "max_length":
             padding["max_length"] = max_length
+        if options.get("return_overflowing_tokens"):
+            raise ValueError(
+                "return_overflowing_tokens is not supported with prompt truncation, which cuts the prompt text only."
+            )
         encoded = self.tokenizer(prompts, **options)  # lists, neither cut nor padded
-        text_budget = max_length - num_image_tokens
+        kept = {self.image_token_id, *self.tokenizer.all_special_ids}  # image tokens, and BOS/EOS as transformers keeps
         from_left = self.tokenizer.truncation_side == "left"
         for row, ids in enumerate(encoded["input_ids"]):
-            text_positions = [index for index, token in enumerate(ids) if token != self.image_token_id]
+            text_positions = [index for index, token in enumerate(ids) if token not in kept]
+            text_budget = max(max_length - (len(ids) - len(text_positions)), 0)
             excess = len(text_positions) - text_budget
             if excess <= 0:
                 continue
@@ -327,6 +332,8 @@ class ClipCapProcessor(ProcessorMixin):
             for values in encoded.values():  # every per-token field (attention mask, offsets...) alike
                 if isinstance(values[row], list) and len(values[row]) == len(ids):
                     values[row] = [value for index, value in enumerate(values[row]) if index not in cut]
+            if "length" in encoded:  # return_length
+                encoded["length"][row] = len(encoded["input_ids"][row])
         # transformers 4.x advises fast tokenizers against `pad` after tokenizing; it is the only way here, as
         # transformers' data collators find (they silence the advice the same way).
         warned = getattr(self.tokenizer, "deprecation_warnings", {})

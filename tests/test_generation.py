@@ -1,4 +1,5 @@
 import json
+import logging
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from clipcap_hf.modeling_clipcap import (
     DEFAULT_MAX_NEW_TOKENS,
     ClipCapForConditionalGeneration,
     ClipCapForImageToText,
+    caption_length,
 )
 
 
@@ -224,6 +226,15 @@ def test_default_caption_length_and_explicit_lengths(tokenizer, tmp_path):
     assert model.generate(image_embeds=x).shape == (2, 24 + DEFAULT_MAX_NEW_TOKENS)
     assert model.generate(image_embeds=x, max_new_tokens=5).shape == (2, 24 + 5)
     assert model.generate(image_embeds=x, max_length=30).shape == (2, 30)
+    # A saved config that chooses no length: ClipCap's default, as `caption_length` reports (5.x: no TypeError on a
+    # None max_length; 4.x: not transformers' default max_length of 20).
+    model.generation_config.max_new_tokens = None
+    assert caption_length(model.generation_config, 24) == DEFAULT_MAX_NEW_TOKENS
+    assert model.generate(image_embeds=x).shape == (2, 24 + DEFAULT_MAX_NEW_TOKENS)
+    given = GenerationConfig(do_sample=False)  # a config of the call's own, without a length (set in a copy of it)
+    assert model.generate(image_embeds=x, generation_config=given).shape == (2, 24 + DEFAULT_MAX_NEW_TOKENS)
+    assert given.max_new_tokens is None
+    model.generation_config.max_new_tokens = DEFAULT_MAX_NEW_TOKENS
     # ... and the prompt
     prompts = tiny_processor(tokenizer, num_image_tokens=24)(text=["A dog", "Two cats"])
     prompt_tokens = [len(tokenizer(text)["input_ids"]) for text in ("A dog", "Two cats")]
@@ -265,7 +276,7 @@ def test_inputs_is_the_main_input_as_in_transformers_generate(mlp_model, process
                        mlp_model.generate(pixel_values=pixel_values, max_new_tokens=5))
 
 
-def test_caption_lengths_beyond_a_learned_position_table_are_refused_before_decoding(mlp_model, processor):
+def test_caption_lengths_beyond_a_learned_position_table_are_refused_before_decoding(mlp_model, processor, caplog):
     # The tiny GPT-2 has 128 learned positions; the input takes 4 image tokens and the prompt.
     x = embeds(mlp_model, 1)
     mlp_model.generation_config.eos_token_id = None  # every caption runs to its full length
@@ -279,8 +290,13 @@ def test_caption_lengths_beyond_a_learned_position_table_are_refused_before_deco
         mlp_model.generate(image_embeds=x, **batch, max_new_tokens=room + 1)
     with pytest.raises(ValueError, match=r"`max_length=300` needs 300 positions.*give max_length <= 128\."):
         mlp_model.generate(image_embeds=x, **batch, max_length=300)
-    with pytest.raises(ValueError, match=r"`generation_config.max_new_tokens=200` needs"):
-        mlp_model.generate(image_embeds=x, **batch, generation_config=GenerationConfig(max_new_tokens=200))
+    # A generation config's length (a pipeline's default: 256 on 4.57's image-to-text) is cut to the room, warning.
+    with caplog.at_level(logging.WARNING, logger="clipcap_hf.modeling_clipcap"):
+        capped = mlp_model.generate(image_embeds=x, **batch, generation_config=GenerationConfig(max_new_tokens=200))
+    assert torch.equal(capped, mlp_model.generate(image_embeds=x, **batch, max_new_tokens=room))
+    assert f"generation_config.max_new_tokens asks for 200 new tokens, but the language model has room for {room}" in (
+        caplog.text
+    )
     # A max_length within the input is named as such, not as a negative max_new_tokens.
     for options in ({"max_length": 3}, {"generation_config": GenerationConfig(max_length=3)}):
         with pytest.raises(ValueError, match=rf"`max_length=3` leaves no room to generate: it counts the input's "

@@ -267,6 +267,30 @@ def test_prompt_truncation_cuts_text_only_never_image_tokens(tokenizer, images):
         assert (padded["input_ids"] == image_token_id).sum(1).tolist() == [4, 4, 4]
         with pytest.raises(ValueError, match=r"max_length=3 cannot hold the prompt's 4 image tokens"):
             processor(images=images, text=prompts, truncation=True, max_length=3)
+        lengths = processor(images=images, text=prompts, truncation=True, max_length=5, return_length=True)["length"]
+        assert lengths.tolist() == [5, 5, 5]  # the truncated rows' lengths, as the tokenizer's own truncation gives
+        with pytest.raises(ValueError, match="return_overflowing_tokens is not supported with prompt truncation"):
+            processor(images=images, text=prompts, truncation=True, max_length=5, return_overflowing_tokens=True)
+
+
+def test_prompt_truncation_keeps_special_tokens_as_the_tokenizer_does(images):
+    tokenizer = build_tokenizer()
+    tokenizer.truncation_side = "left"
+    tokenizer.add_bos_token = True
+    if hasattr(tokenizer, "update_post_processor"):
+        tokenizer.update_post_processor()
+    text = "a photo of a big red dog"
+    special = tokenizer(text, add_special_tokens=True)["input_ids"]
+    if special == tokenizer(text, add_special_tokens=False)["input_ids"]:
+        pytest.skip("GPT-2's tokenizer adds BOS on transformers 5 only")
+    # The tokenizer's own left truncation cuts text and keeps its special tokens; so does the processor's.
+    expected = tokenizer(text, add_special_tokens=True, truncation=True, max_length=len(special) - 2)["input_ids"]
+    assert len(expected) == len(special) - 2 and expected[0] == special[0]
+    processor = tiny_processor(tokenizer)
+    batch = processor(images=images[:1], text=[text], add_special_tokens=True, truncation=True,
+                      max_length=4 + len(expected))["input_ids"][0].tolist()
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    assert [token for token in batch if token != image_token_id] == expected
 
 
 def test_image_options_reach_the_image_processor_with_or_without_text(processor, images):
