@@ -840,15 +840,18 @@ def test_checkpoints_hold_the_processor(tmp_path, model_dir, caption_folder):
         assert processor.image_processor.to_dict() == expected.image_processor.to_dict()
 
 
-def test_lora_from_a_relative_model_folder_records_its_absolute_path(
-    tmp_path, model_dir, caption_folder, monkeypatch
+def test_lora_from_a_relative_model_folder_records_its_absolute_path_and_warns_of_a_stale_base_model_folder(
+    tmp_path, model_dir, caption_folder, monkeypatch, caplog
 ):
     from peft import PeftConfig
 
     monkeypatch.chdir(tmp_path)
     extra = ("--recipe", "lora", "--save_merged_model", "false", "--lora_r", "2")
-    main(run_arguments(model_dir.name, caption_folder, "out", "cache", *extra))
+    (tmp_path / "out" / "base_model").mkdir(parents=True)  # left by an earlier fresh LoRA run into the folder
+    with caplog.at_level(logging.WARNING):
+        main(run_arguments(model_dir.name, caption_folder, "out", "cache", *extra))
     assert PeftConfig.from_pretrained(tmp_path / "out").base_model_name_or_path == str(model_dir)
+    assert f"out/base_model is left by an earlier run: these adapters' base is {model_dir} " in caplog.text
 
 
 @pytest.mark.skipif(

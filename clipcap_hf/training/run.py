@@ -600,6 +600,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         # adapter_config.json records this path; a relative one would not resolve from another working directory.
         # (load_lora_model finds the base_model folder inside the run's folder wherever that is moved.)
         model.name_or_path = os.path.abspath(model.name_or_path)
+        stale_base = os.path.join(training_args.output_dir, BASE_MODEL_DIR)
+        if os.path.isdir(stale_base) and os.path.realpath(stale_base) != os.path.realpath(model.name_or_path):
+            logger.warning(
+                f"{stale_base} is left by an earlier run: these adapters' base is {model.name_or_path} (recorded in "
+                "adapter_config.json), not that folder; remove it to avoid mistaking one for the other."
+            )
         model = add_lora(model, model_args)
 
     collator = ClipCapDataCollator(
