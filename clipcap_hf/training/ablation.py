@@ -34,7 +34,6 @@ import datasets
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
-from transformers import PrinterCallback
 from transformers.utils import logging as transformers_logging
 
 from ..configuration_clipcap import MAPPING_TYPES, check_positive_int
@@ -45,7 +44,7 @@ from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import read_json, save_pretrained, write_text_atomically
 from .quickstart import QuickstartConfig, make_shapes_dataset, run_quickstart, score_captions
-from .trainer import ClipCapTrainer, caption_dataset, scratch_training_arguments
+from .trainer import caption_dataset, scratch_trainer, scratch_training_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -317,10 +316,7 @@ def train_and_score(
         collator = ClipCapDataCollator(
             processor, image_embeds=train_embeds, max_caption_length=config.max_caption_length
         )
-        trainer = ClipCapTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
-        if not verbose:  # without its progress bar, the Trainer prints every log dict instead
-            trainer.remove_callback(PrinterCallback)
-        result = trainer.train()
+        result = scratch_trainer(model, args, train, collator).train()
 
     predictions = caption_dataset(model, processor, evaluation, image_embeds=eval_embeds, batch_size=64)
     references = data.evaluation["references"]
@@ -450,7 +446,7 @@ def run_ablation(
     with contextlib.nullcontext() if verbose else _without_library_progress_bars():
         if data is None:
             config, data = shapes_task(output_dir, config, verbose)
-        data_fingerprint = dataset_fingerprint(data)
+        data_fingerprint, scoring = dataset_fingerprint(data), caption_tokenization()
         records, embeddings = [], {}
         for run in tqdm(grid_runs(config), desc="Ablation runs", disable=not verbose):
             run_dir = output_dir / "runs" / run.name
@@ -459,13 +455,13 @@ def run_ablation(
             if record is not None:
                 check_finished_run(record, run_dir, budget(config), "budget")
                 check_finished_run(record, run_dir, trained_from(run, config, data_fingerprint), "trained_from")
-                if record.get("scoring") != caption_tokenization():
+                if record.get("scoring") != scoring:
                     # Its predictions are not saved (5 samples only), so it cannot be rescored: trained again, so
                     # that one table never mixes two ways of scoring.
                     logger.warning(
                         f"{run.name}: finished before, but scored on captions tokenized "
                         f"{record.get('scoring', 'not at all (by an older clipcap_hf)')}, not "
-                        f"{caption_tokenization()} as this grid scores them; training it again."
+                        f"{scoring} as this grid scores them; training it again."
                     )
                     record = None
                 else:

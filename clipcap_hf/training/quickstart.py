@@ -27,7 +27,7 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 from tokenizers import ByteLevelBPETokenizer
-from transformers import CLIPVisionConfig, GPT2Config, GPT2TokenizerFast, PrinterCallback
+from transformers import CLIPVisionConfig, GPT2Config, GPT2TokenizerFast
 
 from ..configuration_clipcap import ClipCapConfig
 from ..data import ClipCapDataCollator
@@ -36,7 +36,7 @@ from ..image_processing_clipcap import ClipCapImageProcessor
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import holds_clipcap_model, save_pretrained, write_text_atomically
-from .trainer import ClipCapTrainer, caption_dataset, scratch_training_arguments
+from .trainer import caption_dataset, scratch_trainer, scratch_training_arguments
 
 COLOURS = {
     "red": (215, 40, 40),
@@ -298,10 +298,7 @@ def run_quickstart(
             weight_decay=config.weight_decay,
         )
         collator = ClipCapDataCollator(processor)
-        trainer = ClipCapTrainer(model=model, args=args, train_dataset=train, data_collator=collator)
-        if not verbose:  # without its progress bar, the Trainer prints every log dict instead
-            trainer.remove_callback(PrinterCallback)
-        result = trainer.train()
+        result = scratch_trainer(model, args, train, collator).train()
 
     scores: dict[str, Any] = {"train_seconds": round(result.metrics["train_runtime"], 1)}
     for split, name in (("test", "unseen_combinations"), ("test_seen", "seen_combinations")):

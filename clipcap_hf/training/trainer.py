@@ -12,7 +12,7 @@ from typing import Any
 
 import datasets
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import PrinterCallback, Trainer, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -95,6 +95,17 @@ def scratch_training_arguments(
         disable_tqdm=not verbose,
         **overrides,
     )
+
+
+def scratch_trainer(model, args: TrainingArguments, train_dataset, data_collator) -> ClipCapTrainer:
+    """
+    The `ClipCapTrainer` of a short in-process run on `scratch_training_arguments`; a quiet one (`verbose=False`, so
+    no progress bar) prints no log dicts either: without its bar, `Trainer` prints each one instead.
+    """
+    trainer = ClipCapTrainer(model=model, args=args, train_dataset=train_dataset, data_collator=data_collator)
+    if args.disable_tqdm:
+        trainer.remove_callback(PrinterCallback)
+    return trainer
 
 
 @contextlib.contextmanager
