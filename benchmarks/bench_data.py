@@ -32,15 +32,19 @@ import numpy as np
 import PIL.Image
 
 REPO = Path(__file__).resolve().parents[1]
-# `clipcap ARGS...` in a child process; `embed` prints the seconds its embedding pass took on its last line.
+# `clipcap ARGS...` in a child process; `embed` writes the seconds its embedding pass took to $RECORD_DIR/<rank>. Not
+# printed: the ranks of a torchrun share one output pipe, where their lines can interleave (PYTHONUNBUFFERED splits a
+# print into the text and its newline).
 CLIPCAP = """
-import sys, time, json
+import json, os, sys, time
 import clipcap_hf.data
 real_embed_source = clipcap_hf.data.embed_source
 def timed_embed_source(*args, **kwargs):
     start = time.perf_counter()
     info = real_embed_source(*args, **kwargs)
-    print(json.dumps({"embedding_seconds": time.perf_counter() - start}), flush=True)
+    seconds = time.perf_counter() - start
+    with open(os.path.join(os.environ["RECORD_DIR"], os.environ.get("RANK", "0")), "w") as file:
+        json.dump({"embedding_seconds": seconds}, file)
     return info
 clipcap_hf.data.embed_source = timed_embed_source  # what `clipcap embed` calls
 from clipcap_hf.commands import main
@@ -118,9 +122,11 @@ def descendants(pid: int) -> list[int]:
     return children + [grandchild for child in children for grandchild in descendants(child)]
 
 
-def run(command: list[str], cwd: Path) -> tuple[float, str]:
-    """Run a command; return the peak RssAnon (MB) of its largest process and its output."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+def run(command: list[str], cwd: Path) -> tuple[float, list[dict]]:
+    """Run a command; return the peak RssAnon (MB) of its largest process and what each process recorded."""
+    records = Path(tempfile.mkdtemp(dir=cwd))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+           "RECORD_DIR": str(records)}  # fmt: skip
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peak = 0.0
     output: list[str] = []
@@ -134,16 +140,16 @@ def run(command: list[str], cwd: Path) -> tuple[float, str]:
                 pass
         time.sleep(0.02)
     reader.join()
-    text = "".join(output)
     if process.returncode != 0:
-        raise RuntimeError(f"{' '.join(command[:6])} ... failed:\n{text[-3000:]}")
-    return peak, text
+        raise RuntimeError(f"{' '.join(command[:6])} ... failed:\n{''.join(output)[-3000:]}")
+    return peak, [json.loads(path.read_text()) for path in sorted(records.iterdir())]
 
 
-def embedding_seconds(output: str) -> float:
-    """The slowest process's embedding pass (each prints its own)."""
-    lines = [json.loads(line) for line in output.splitlines() if line.startswith('{"embedding_seconds"')]
-    return max(line["embedding_seconds"] for line in lines)
+def embedding_seconds(records: list[dict], processes: int) -> float:
+    """The slowest of the `processes` processes' embedding passes (each records its own)."""
+    if len(records) != processes:
+        raise RuntimeError(f"{processes} processes embedded, but {len(records)} recorded their embedding seconds.")
+    return max(record["embedding_seconds"] for record in records)
 
 
 def main() -> None:
@@ -167,11 +173,11 @@ def main() -> None:
             files = ",".join(write_source(tmp / str(size), size))
             embed = ["embed", "--model", str(tmp / "model"), "--train_file", files, "--caption_column", "caption",
                      "--batch_size", str(args.batch_size)]  # fmt: skip
-            peak, output = run([*python, *embed, "--output", str(tmp / f"emb-{size}")], tmp)
-            result[f"embed_images_per_s_1proc_{size}"] = round(size / embedding_seconds(output), 1)
+            peak, records = run([*python, *embed, "--output", str(tmp / f"emb-{size}")], tmp)
+            result[f"embed_images_per_s_1proc_{size}"] = round(size / embedding_seconds(records, 1), 1)
             result[f"embed_peak_rss_anon_mb_{size}"] = round(peak, 1)
-            _, output = run([*torchrun, *embed, "--output", str(tmp / f"emb2-{size}")], tmp)
-            result[f"embed_images_per_s_2proc_{size}"] = round(size / embedding_seconds(output), 1)
+            _, records = run([*torchrun, *embed, "--output", str(tmp / f"emb2-{size}")], tmp)
+            result[f"embed_images_per_s_2proc_{size}"] = round(size / embedding_seconds(records, 2), 1)
             train = ["train", "--model_name_or_path", str(tmp / "model"), "--embeddings", str(tmp / f"emb-{size}"),
                      "--output_dir", str(tmp / f"out-{size}"), "--do_train", "--max_steps", str(args.train_steps),
                      "--per_device_train_batch_size", "32", "--save_strategy", "no", "--use_cpu", "--report_to",

@@ -15,10 +15,12 @@ lengths drawn from N(11.5, 2.5) tokens:
 Both use the same model classes and attention kernel (the reference with transformers' seven-operation `gelu_new`, ours
 with the fused tanh-GELU that ClipCap models compute it with), and the same caption token counts. Each run is a
 subprocess that loads the same modules, so `peak_rss_gb` (the process's peak resident memory) is its own.
-`matmul_fraction` is the run's counted FLOPs per second (torch's FlopCounterMode over forward and backward; the
-optimizer is not counted) divided by the machine's fp32 matmul rate (a 2048x2048 `torch.mm`) measured in the same
-process (`matmul_gflops`). `--profile` adds, for our runs, where one step's time goes by torch.profiler (`time_shares`:
-matrix products, attention kernels, the optimizer step, and the rest with its largest operators). Prints one JSON line.
+`padded_caption_tokens` is a batch's caption positions, padding and the EOS included, the image prefix not: the
+dataset's longest caption for the reference, the mean of each batch's longest for ours. `matmul_fraction` is the run's
+counted FLOPs per second (torch's FlopCounterMode over forward and backward; the optimizer is not counted) divided
+by the machine's fp32 matmul rate (a 2048x2048 `torch.mm`) measured in the same process (`matmul_gflops`). `--profile`
+adds, for our runs, where one step's time goes by torch.profiler (`time_shares`: matrix products, attention kernels,
+the optimizer step, and the rest with its largest operators). Prints one JSON line.
 
     python benchmarks/bench_train.py [--steps 3] [--threads N] [--profile]
 """
@@ -178,7 +180,7 @@ def run_reference(recipe: dict, steps: int) -> dict:
             return type("Output", (), {"loss": loss_of(data)})
 
     flops = count_flops(Wrapped(), batches[1:])
-    return {"step_seconds": times[1:], "flops_per_step": flops, "padded_length": max_length}
+    return {"step_seconds": times[1:], "flops_per_step": flops, "padded_caption_tokens": max_length}
 
 
 # ---------------------------------------------------------------- ours: Trainer + collator + the model's loss
@@ -264,7 +266,10 @@ def run_ours(recipe: dict, steps: int, profile: bool = False) -> dict:
     result = {
         "step_seconds": [t + collate_seconds for t in timer.times[1:]],
         "flops_per_step": flops,
-        "padded_length": float(np.mean([b["input_ids"].shape[1] for b in batches[1 : steps + 1]])),
+        # input_ids hold the prefix's image tokens, then the caption: count the caption, as the reference does.
+        "padded_caption_tokens": float(
+            np.mean([b["input_ids"].shape[1] - model.config.prefix_length for b in batches[1 : steps + 1]])
+        ),
     }
     result["peak_rss_gb"] = peak_rss_gb()
     if profile:  # the Trainer's own step again, on the same batches, after the timed run
@@ -331,7 +336,7 @@ def main() -> None:
             report[f"{variant}_{implementation}"] = {
                 "samples_per_second": round(BATCH_SIZE / seconds, 2),
                 "peak_rss_gb": round(run["peak_rss_gb"], 2),
-                "padded_length": round(run["padded_length"], 1),
+                "padded_caption_tokens": round(run["padded_caption_tokens"], 1),
                 "gflops_per_step": round(run["flops_per_step"] / 1e9, 1),
                 "matmul_fraction": round(run["flops_per_step"] / seconds / run["matmul_flops_per_second"], 3),
                 # The rate `matmul_fraction` divides by, measured in the run's own process, and each step's seconds:

@@ -13,8 +13,10 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import bench_data
 import bench_gpu
 import bench_peers
+import bench_train
 
 # Not on the GPU machine the GPU benchmark is written for.
 ABSENT_THERE = ("datasets", "evaluate", "open_clip", "gradio", "pycocoevalcap")
@@ -87,3 +89,35 @@ def test_bench_gpu_smoke_runs_without_the_packages_the_gpu_machine_lacks(tmp_pat
         assert report[f"clipcap_mlp_{mode}_static_compiled_captions_per_s"] > 0
         assert report[f"clipcap_mlp_{mode}_static_compiled_tokens_match"] == 1.0
     assert report["embed_cpu_decode_images_per_s"] > 0
+
+
+def test_bench_data_takes_each_ranks_embedding_seconds_from_its_file_not_from_the_shared_output(tmp_path):
+    bench_data.write_model(tmp_path / "model")
+    files = ",".join(bench_data.write_source(tmp_path, 4))
+    script = tmp_path / "clipcap_timed.py"
+    script.write_text(bench_data.CLIPCAP)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    embed = ["embed", "--model", str(tmp_path / "model"), "--train_file", files, "--caption_column", "caption",
+             "--batch_size", "2", "--output", str(tmp_path / "embeddings")]  # fmt: skip
+    # Then two ranks' lines run together in the output they share, as unbuffered ranks finishing at once write them.
+    interleaved = """printf '{"embedding_seconds": 1.0}{"embedding_seconds": 2.0}\\n'"""
+    _, records = bench_data.run(["sh", "-c", f'"$@" && {interleaved}', "sh", *torchrun, *embed], tmp_path)
+    assert len(records) == 2
+    assert 0 < bench_data.embedding_seconds(records, 2) == max(record["embedding_seconds"] for record in records)
+    with pytest.raises(RuntimeError, match="2 processes embedded, but 1 recorded"):
+        bench_data.embedding_seconds(records[:1], 2)
+
+
+def test_bench_train_counts_the_same_caption_tokens_for_both_runs_the_image_prefix_left_out(monkeypatch):
+    import transformers
+
+    gpt2_config = transformers.GPT2Config  # build_model's GPT-2 small, made tiny
+    monkeypatch.setattr(transformers, "GPT2Config", lambda: gpt2_config(n_layer=1, n_embd=32, n_head=2))
+    monkeypatch.setattr(bench_train, "BATCH_SIZE", 4)
+    for recipe in bench_train.RECIPES.values():
+        reference = bench_train.run_reference(recipe, steps=2)["padded_caption_tokens"]
+        ours = bench_train.run_ours(recipe, steps=2)["padded_caption_tokens"]
+        # Ours pads each batch to its longest caption, the reference to the dataset's longest (10,000 captions, the
+        # same length distribution): with the prefix's 10 or 40 image tokens counted, ours would be the longer.
+        assert reference == bench_train.caption_lengths(bench_train.DATASET_CAPTIONS).max()
+        assert 0 < ours <= reference

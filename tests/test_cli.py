@@ -354,18 +354,33 @@ def test_a_hub_name_that_is_not_cached_fails_at_once_offline_naming_the_option(i
     assert "HF_HUB_OFFLINE is set" in err and "Give --model a local folder" in err
 
 
-def test_a_hub_name_that_is_not_cached_fails_at_once_when_the_hub_cannot_be_reached(image_folder, monkeypatch, capsys):
+def record_connections_and_sleeps(monkeypatch) -> tuple[list, list]:
+    """Every address a socket connects to from now on, and every `time.sleep` (a retry's back-off, here skipped)."""
+    import socket
     import time
 
+    connections, sleeps = [], []
+    real_connect = socket.socket.connect
+
+    def connect(sock, address):
+        connections.append(address)
+        return real_connect(sock, address)
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    return connections, sleeps
+
+
+def test_a_hub_name_that_is_not_cached_fails_at_once_when_the_hub_cannot_be_reached(image_folder, monkeypatch, capsys):
     from huggingface_hub import constants
 
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: nothing listens
-    start = time.monotonic()
+    connections, sleeps = record_connections_and_sleeps(monkeypatch)
     assert main(["caption", str(image_folder / "img0.png"), "--model", "someone/clipcap-not-cached"]) == 2
-    assert time.monotonic() - start < 10
+    assert connections == [("127.0.0.1", 9)] and sleeps == []  # the Hub tried once: no retry, no back-off
     err = capsys.readouterr().err
     assert "--model someone/clipcap-not-cached: " in err and "http://127.0.0.1:9 cannot be reached" in err
 
@@ -432,8 +447,6 @@ def test_an_unreadable_file_with_a_newline_in_its_name_keeps_to_one_line_of_the_
 def test_convert_original_fails_at_once_when_a_part_is_on_an_unreachable_hub(
     tmp_path, tokenizer, tokenizer_dir, monkeypatch, capsys, option
 ):
-    import time
-
     from huggingface_hub import constants
     from test_convert import make_original, save_release
 
@@ -444,10 +457,10 @@ def test_convert_original_fails_at_once_when_a_part_is_on_an_unreachable_hub(
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
     parts = {"--tokenizer": str(tokenizer_dir), "--vision-model": "someone/clip-not-cached"}
     parts[option] = "someone/part-not-cached"
-    start = time.monotonic()
+    connections, sleeps = record_connections_and_sleeps(monkeypatch)
     argv = ["convert-original", str(checkpoint), "--output", str(tmp_path / "out"), "--vision-backend", "clip"]
     assert main([*argv, *(item for pair in parts.items() for item in pair)]) == 2
-    assert time.monotonic() - start < 10
+    assert connections == [("127.0.0.1", 9)] and sleeps == []  # the Hub tried once: no retry, no back-off
     part = option.lstrip("-").replace("-", " ")
     assert capsys.readouterr().err.startswith(
         f"clipcap convert-original: error: Could not load the {part} 'someone/part-not-cached': http://127.0.0.1:9 "
