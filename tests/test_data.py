@@ -799,3 +799,68 @@ def test_image_files_are_fully_decoded(tmp_path):
 def _folder_with(folder, name):
     (folder / "metadata.jsonl").write_text(json.dumps({"file_name": name, "text": "A grey square."}) + "\n")
     return folder
+
+
+def test_an_image_file_broken_since_the_last_run_is_not_trained_from_cached_caption_rows(
+    tmp_path, tokenizer_and_processor
+):
+    from clipcap_hf.data.prepare import load_training_data
+    from clipcap_hf.training.arguments import DataArguments
+
+    tokenizer, processor = tokenizer_and_processor
+    model = tiny_model(tokenizer)
+    write_images(tmp_path, ["0.png", "1.png", "2.png"])
+    lines = [json.dumps({"image": f"{i}.png", "caption": f"caption {i}"}) for i in range(3)]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines))
+    data_args = DataArguments(
+        train_file=str(tmp_path / "data.jsonl"), embedding_cache_dir=str(tmp_path / "cache"), on_bad_image="skip"
+    )
+    data = load_training_data(data_args, model, processor, train=True, evaluate=False)
+    assert sorted(data.train["caption"]) == ["caption 0", "caption 1", "caption 2"]
+    (tmp_path / "1.png").write_bytes(b"broken")  # skipped as unreadable by the next run
+    data = load_training_data(data_args, model, processor, train=True, evaluate=False)
+    assert sorted(data.train["caption"]) == ["caption 0", "caption 2"]
+
+
+def test_evaluation_images_are_not_written_into_the_embeddings_folder_trained_from(tmp_path, tokenizer_and_processor):
+    from clipcap_hf.data import embed_source, load_image_source
+    from clipcap_hf.data.prepare import load_training_data
+    from clipcap_hf.training.arguments import DataArguments
+
+    tokenizer, processor = tokenizer_and_processor
+    model = tiny_model(tokenizer)
+    write_images(tmp_path, [f"{i}.png" for i in range(4)])
+    for name, numbers in (("train", (0, 1)), ("val", (2, 3))):
+        lines = [json.dumps({"image": f"{i}.png", "caption": f"{name} caption {i}"}) for i in numbers]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines))
+    folder = tmp_path / "embeddings"
+    embed_source(load_image_source(data_files=str(tmp_path / "train.jsonl"), caption_column="caption"), model,
+                 processor.image_processor, folder)
+    # The cache root is the --embeddings folder itself: the evaluation images go to a subfolder of their own.
+    data_args = DataArguments(
+        embeddings=str(folder), embedding_cache_dir=str(folder), validation_file=str(tmp_path / "val.jsonl")
+    )
+    for _ in range(2):  # the second run trains on what the first left in the folder
+        data = load_training_data(data_args, model, processor, train=True, evaluate=True)
+        assert sorted(data.train["caption"]) == ["train caption 0", "train caption 1"]
+        assert sorted(data.eval["caption"]) == ["val caption 2", "val caption 3"]
+    assert len(load_embeddings(folder)) == 2
+    assert load_embeddings_info(folder)["num_images"] == 2
+
+
+@pytest.mark.parametrize("kind", ["imagefolder", "webdataset"])
+def test_a_dataset_name_gets_the_default_caption_column_of_its_kind(tmp_path, webdataset_shards, kind):
+    from clipcap_hf.data.prepare import load_source
+    from clipcap_hf.training.arguments import DataArguments
+
+    if kind == "imagefolder":
+        folder = tmp_path / "images"
+        write_images(folder, ["0.png", "1.png"])
+        lines = [json.dumps({"file_name": f"{i}.png", "text": f"cap {i}"}) for i in range(2)]
+        (folder / "metadata.jsonl").write_text("\n".join(lines))
+        expected = [["cap 0"], ["cap 1"]]  # `text`
+    else:
+        folder = webdataset_shards[0][0].parent
+        expected = [["A dog runs."], ["Two cats sleep!"], ["A red circle."], ["A man rides."], ["People walk."]]
+    source = load_source(DataArguments(dataset_name=str(folder), train_split="train"), "train")
+    assert sorted(source["captions"]) == sorted(expected)

@@ -256,3 +256,45 @@ def test_a_saved_dataset_dict_as_validation_file_reads_its_validation_split(tmp_
     data_args = DataArguments(train_file=str(tmp_path / "saved"), validation_file=str(tmp_path / "saved"))
     assert load_source(data_args, "train")["captions"] == [["a"], ["b"]]
     assert load_source(data_args, "validation")["captions"] == [["c"]]  # no --validation_split: "validation"
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_source_that_already_has_keys_and_captions_has_them_computed_again(tmp_path, streaming):
+    images = random_images(2)
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    rows = {"image": [{"bytes": png_bytes(image), "path": None} for image in images], "caption": ["a", "b"]}
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
+    # An output of load_image_source saved with stale keys and captions, read again with captions from `caption`.
+    load_image_source(data_files=str(tmp_path / "saved"), caption_column="caption").map(
+        lambda row: {"caption": row["captions"][0], "captions": ["stale"], "image_key": "stale"}
+    ).save_to_disk(str(tmp_path / "resaved"))
+    source = load_image_source(data_files=str(tmp_path / "resaved"), caption_column="caption", streaming=streaming)
+    assert sorted(source.features) == ["captions", "image", "image_key"]
+    rows = list(source)
+    assert [row["captions"] for row in rows] == [["a"], ["b"]]
+    assert [row["image_key"] for row in rows] == [sha256_key(png_bytes(image)) for image in images]
+
+
+@pytest.mark.parametrize("suffix", ["tar", "parquet"])
+def test_a_folder_of_shards_is_read_as_its_shards(tmp_path, webdataset_shards, suffix):
+    from clipcap_hf.data.prepare import load_source
+    from clipcap_hf.training.arguments import DataArguments
+
+    if suffix == "tar":
+        folder = webdataset_shards[0][0].parent
+        expected = [["A dog runs."], ["Two cats sleep!"], ["A red circle."], ["A man rides."], ["People walk."]]
+    else:
+        folder = tmp_path / "parquet"
+        folder.mkdir()
+        features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+        for number, caption in enumerate(["A dog.", "A cat."]):
+            rows = {"image": [{"bytes": png_bytes(random_images(1, seed=number)[0]), "path": None}]}
+            datasets.Dataset.from_dict({**rows, "caption": [caption]}, features=features).to_parquet(
+                str(folder / f"part{number}.parquet")
+            )
+        expected = [["A dog."], ["A cat."]]
+    # The default caption column of each kind (`txt` in webdataset shards) is found without --caption_column.
+    source = load_source(DataArguments(train_file=str(folder)), "train")
+    assert sorted(source["captions"]) == sorted(expected)
+    shards = sorted(str(path) for path in folder.glob(f"*.{suffix}"))
+    assert sorted(set(source["__url__"])) == shards

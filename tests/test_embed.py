@@ -147,14 +147,45 @@ def test_an_unreadable_parquet_row_is_named_by_file_row_and_key(tmp_path, tokeni
     assert lines[0].startswith("2 image(s) cannot be read")
     key = "sha256:" + __import__("hashlib").sha256(b"not an image").hexdigest()
     problem = "UnidentifiedImageError: cannot identify image file"
-    assert lines[1] == f"  shard {files[1]} (source row 1): {problem} (key {key})"
-    assert lines[2].startswith(f"  shard {files[1]} (source row 2): ")
+    # Rows of the second file: counted in that file, not in the whole source.
+    assert lines[1] == f"  shard {files[1]}, row 0 (from 0): {problem} (key {key})"
+    assert lines[2].startswith(f"  shard {files[1]}, row 1 (from 0): ")
 
-    # Streamed: datasets gives no file per parquet row, so the row of the source names it.
+    # Streamed: datasets gives no file per parquet row, so the source's files and the row of the stream name it.
     streamed = load_image_source(data_files=files, caption_column="caption", streaming=True)
     with pytest.raises(ValueError) as error:
-        embed_source(streamed, tiny_model(tokenizer), processor.image_processor, tmp_path / "streamed")
-    assert str(error.value).splitlines()[1] == f"  row 1: {problem} (key {key})"
+        embed_source(
+            streamed, tiny_model(tokenizer), processor.image_processor, tmp_path / "streamed", source_name="part*.pq"
+        )
+    assert str(error.value).splitlines()[1] == (
+        "  a streamed row of part*.pq (row 1 of the stream, from 0; embed it without --streaming to have the row's "
+        f"file and number named): {problem} (key {key})"
+    )
+
+
+def test_kept_columns_keep_their_source_types_in_every_shard(tmp_path, tokenizer, processor, monkeypatch):
+    import clipcap_hf.data.embeddings as embeddings
+
+    monkeypatch.setattr(embeddings, "EMBEDDING_SHARD_SIZE", 2)
+    features = datasets.Features(
+        {
+            "image": datasets.Image(),
+            "caption": datasets.Value("string"),
+            "tags": datasets.Sequence(datasets.Value("string")),
+            "meta": {"w": datasets.Value("int32")},
+        }
+    )
+    rows = {"image": random_images(4), "caption": list("abcd"), "tags": [[], [], ["x"], ["y", "z"]]}
+    rows["meta"] = [None, None, {"w": 1}, {"w": 2}]  # null, and empty lists, in the whole first shard
+    datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
+    source = load_image_source(data_files=str(tmp_path / "saved"))
+    embed_source(
+        source, tiny_model(tokenizer), processor.image_processor, tmp_path / "emb", keep_columns=["tags", "meta"]
+    )
+    table = load_embeddings(tmp_path / "emb")
+    assert load_embeddings_info(tmp_path / "emb")["num_shards"] == 2
+    assert table.features["tags"] == features["tags"] and table.features["meta"] == features["meta"]
+    assert table["tags"] == rows["tags"] and table["meta"] == rows["meta"]
 
 
 def test_another_tower_pooling_or_an_old_cache_folder_is_refused(tmp_path, tokenizer, processor, webdataset_shards):

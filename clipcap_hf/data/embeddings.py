@@ -25,6 +25,7 @@ from typing import Any
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
@@ -33,7 +34,7 @@ from transformers.utils import logging
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from ..utils.file_utils import FileLocksUnsupportedError, acquire_file_lock, read_json, write_text_atomically
 from .loaders import PathLike, _image_keys, _rebuild, _splits
-from .sources import decode_image
+from .sources import SHARD_COLUMN, WEBDATASET_KEY, decode_image
 
 logger = logging.get_logger(__name__)
 
@@ -228,7 +229,8 @@ def embed_source(
             _remove_leftovers(output_dir)
         _check_shared_folder(output_dir, rank, world_size)
         has_captions = CAPTIONS_COLUMN in source.features
-        writer = _ShardWriter(output_dir, rank, world_size, has_captions, keep_columns)
+        keep_features = datasets.Features({name: source.features[name] for name in keep_columns})
+        writer = _ShardWriter(output_dir, rank, world_size, has_captions, keep_features)
         previous: dict[str, Any] = {}  # the info of the run before, if any
         if (output_dir / EMBEDDINGS_INFO_NAME).exists() or (output_dir / LEGACY_CACHE_INFO_NAME).exists():
             previous = check_embeddings(output_dir, model, image_processor)
@@ -247,7 +249,7 @@ def embed_source(
         repeated_rows: list[int] = []  # streaming: the caption counts of rows that repeat an image already embedded
         if isinstance(source, datasets.IterableDataset):
             batches = _iterable_batches(
-                source, image_processor, done, rank, world_size, batch_size, keep_columns, repeated_rows
+                source, image_processor, done, rank, world_size, batch_size, keep_columns, repeated_rows, source_name
             )
         else:
             batches = _map_style_batches(
@@ -422,12 +424,20 @@ def _check_shared_folder(directory: Path, rank: int, world_size: int) -> None:
 
 
 class _ShardWriter:
-    """Collects one process's embeddings and writes them as shards of [`EMBEDDING_SHARD_SIZE`] images."""
+    """
+    Collects one process's embeddings and writes them as shards of [`EMBEDDING_SHARD_SIZE`] images, the kept source
+    columns with their source's types (`keep_features`): inferred from each shard's values, a column that is null or
+    empty in one shard would get another type there, and the shards could not be read as one table.
+    """
 
-    def __init__(self, directory: Path, rank: int, world_size: int, has_captions: bool, keep_columns: Sequence[str]):
+    def __init__(
+        self, directory: Path, rank: int, world_size: int, has_captions: bool, keep_features: datasets.Features
+    ):
         self.directory = directory
         self.prefix = f"shard-rank{rank:05d}-of-{world_size:05d}-"
-        self.columns = [KEY_COLUMN, EMBEDDING_COLUMN] + ([CAPTIONS_COLUMN] if has_captions else []) + list(keep_columns)
+        self.keep_features = keep_features
+        captions = [CAPTIONS_COLUMN] if has_captions else []
+        self.columns = [KEY_COLUMN, EMBEDDING_COLUMN, *captions, *keep_features]
         self.records: list[dict[str, Any]] = []
         self.embeddings: list[torch.Tensor] = []
         self.num_written = 0
@@ -450,12 +460,14 @@ class _ShardWriter:
         embeddings, self.embeddings = torch.stack(self.embeddings[:count]), self.embeddings[count:]
         columns = {name: [record[name] for record in records] for name in self.columns if name != EMBEDDING_COLUMN}
         columns[EMBEDDING_COLUMN] = embeddings.numpy()
-        features = {KEY_COLUMN: datasets.Value("string"), EMBEDDING_COLUMN: datasets.Sequence(
-            datasets.Value("float32"), length=embeddings.shape[1])}
-        if CAPTIONS_COLUMN in columns:
-            features[CAPTIONS_COLUMN] = datasets.Sequence(datasets.Value("string"))
-        shard = datasets.Dataset.from_dict(columns)
-        shard = shard.cast(datasets.Features({**shard.features, **features}))
+        features = {
+            KEY_COLUMN: datasets.Value("string"),
+            CAPTIONS_COLUMN: datasets.Sequence(datasets.Value("string")),
+            **self.keep_features,
+            EMBEDDING_COLUMN: datasets.Sequence(datasets.Value("float32"), length=embeddings.shape[1]),
+        }
+        features = datasets.Features({name: features[name] for name in columns})
+        shard = datasets.Dataset.from_dict(columns, features=features)
         name = f"{self.prefix}{self.next_number:05d}"
         self.next_number += 1
         temporary = self.directory / f".tmp-{name}-{uuid.uuid4().hex}"
@@ -537,9 +549,13 @@ def _open_shards(directory: Path) -> list[datasets.Dataset]:
     any shard moves), it is read again under the lock.
     """
     lock_file = directory / _REWRITE_LOCK_NAME
+
+    def open_all() -> list[datasets.Dataset]:
+        return [_load_shard(path) for path in _readable_shards(directory)]
+
     if not lock_file.exists():
         try:
-            shards = [_load_shard(path) for path in _readable_shards(directory)]
+            shards = open_all()
         except ValueError:  # a shard gone as it was opened: moved aside by that first rewrite, or really damaged
             if not lock_file.exists():
                 raise
@@ -547,7 +563,7 @@ def _open_shards(directory: Path) -> list[datasets.Dataset]:
             if not lock_file.exists():
                 return shards
     with _shared_lock(lock_file, directory):
-        return [_load_shard(path) for path in _readable_shards(directory)]
+        return open_all()
 
 
 def _readable_shards(directory: Path) -> list[Path]:
@@ -747,22 +763,45 @@ def _describe_tower(info: dict[str, Any]) -> str:
     return ", ".join(f"{name} {vision.get(name)}" for name in ("vision_backend", "vision_model_type", "vision_pooling"))
 
 
-def _where(row: dict[str, Any], index: int | None) -> str:
-    """A source row as an error names it: its shard (tar or parquet file) and sample, or its image file."""
+def _where(row: dict[str, Any], index: int | None, streamed_from: str | None = None) -> str:
+    """
+    A source row as an error names it: its shard (tar or parquet file) and sample (or its row in that file: `index`),
+    or its image file, or its row (in the stream that `streamed_from` describes, whose rows have no file).
+    """
     image = row["image"]
-    if row.get("__url__"):
-        sample = f", sample {row['__key__']}" if row.get("__key__") else ""
-        row_number = f" (source row {index})" if index is not None and not sample else ""
-        return f"shard {row['__url__']}{sample}{row_number}"
+    if row.get(SHARD_COLUMN):
+        sample = f", sample {row[WEBDATASET_KEY]}" if row.get(WEBDATASET_KEY) else ""
+        row_number = f", row {index} (from 0)" if index is not None and not sample else ""
+        return f"shard {row[SHARD_COLUMN]}{sample}{row_number}"
     if image.get("bytes") is None and image.get("path"):
         return str(image["path"])
+    if streamed_from is not None:
+        return (
+            f"a streamed row of {streamed_from} (row {index} of the stream, from 0; embed it without --streaming to "
+            "have the row's file and number named)"
+        )
     return f"row {index}" if index is not None else "a streamed row"
 
 
-def _read(row: dict[str, Any], index: int | None, image_processor=None) -> tuple[Any, str | None]:
+def _file_starts(source: datasets.Dataset) -> dict[str, int]:
+    """
+    The first row of each file of a map-style source whose rows name their file but no sample (`__url__` of parquet
+    files: its rows come file by file), so that a bad row is named by its row in its file; empty for other sources.
+    """
+    if SHARD_COLUMN not in source.column_names or WEBDATASET_KEY in source.column_names:
+        return {}
+    column = source.select_columns(SHARD_COLUMN).with_format("arrow")[:][SHARD_COLUMN]
+    encoded = pa.chunked_array(column).combine_chunks().dictionary_encode()
+    files, first_rows = np.unique(encoded.indices.to_numpy(zero_copy_only=False), return_index=True)
+    return {encoded.dictionary[int(file)].as_py(): int(row) for file, row in zip(files, first_rows)}
+
+
+def _read(
+    row: dict[str, Any], index: int | None, image_processor=None, streamed_from: str | None = None
+) -> tuple[Any, str | None]:
     """
     `(pixel_values, None)` for a readable image (`(None, None)` without an image processor: only checked),
-    `(None, "<where>: <problem> (key ...)")` otherwise.
+    `(None, "<where>: <problem> (key ...)")` otherwise (see [`_where`]).
     """
     try:
         image = decode_image(row["image"])
@@ -770,7 +809,7 @@ def _read(row: dict[str, Any], index: int | None, image_processor=None) -> tuple
             return None, None
         return image_processor(image, return_tensors="pt")["pixel_values"][0], None
     except Exception as error:  # any decoding or preprocessing failure is reported with the image named
-        return None, f"  {_unreadable_image(row, index, error)}"
+        return None, f"  {_unreadable_image(row, index, error, streamed_from)}"
 
 
 def _non_finite_error(records: list[dict[str, Any]], embeddings: torch.Tensor, dtype: torch.dtype) -> str:
@@ -787,12 +826,14 @@ def _non_finite_error(records: list[dict[str, Any]], embeddings: torch.Tensor, d
     )
 
 
-def _unreadable_image(row: dict[str, Any], index: int | None, error: Exception) -> str:
+def _unreadable_image(
+    row: dict[str, Any], index: int | None, error: Exception, streamed_from: str | None = None
+) -> str:
     """`<where>: <problem> (key ...)` for an image that cannot be read."""
     # PIL names the in-memory file of image bytes as "<_io.BytesIO object at 0x...>": the shard and key name it.
     message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
     problem = "file not found" if isinstance(error, FileNotFoundError) else f"{type(error).__name__}: {message}"
-    return f"{_where(row, index)}: {problem} (key {row[KEY_COLUMN]})"
+    return f"{_where(row, index, streamed_from)}: {problem} (key {row[KEY_COLUMN]})"
 
 
 class _SourceImages(torch.utils.data.Dataset):
@@ -800,6 +841,7 @@ class _SourceImages(torch.utils.data.Dataset):
 
     def __init__(self, source, first_rows: np.ndarray, repeats: dict[int, list[int]], image_processor, keep_columns):
         self.source = source.cast_column("image", datasets.Image(decode=False))
+        self.file_starts = _file_starts(source)
         self.captions = source.select_columns(CAPTIONS_COLUMN) if CAPTIONS_COLUMN in source.column_names else None
         self.first_rows, self.repeats = first_rows, repeats
         self.image_processor = image_processor
@@ -812,7 +854,7 @@ class _SourceImages(torch.utils.data.Dataset):
         first = int(self.first_rows[position])
         others = self.repeats.get(first, ())
         row = self.source[first]
-        pixels, problem = _read(row, first, self.image_processor)
+        pixels, problem = _read(row, first - self.file_starts.get(row.get(SHARD_COLUMN), 0), self.image_processor)
         record = {KEY_COLUMN: row[KEY_COLUMN], **{name: row[name] for name in self.keep_columns}}
         if self.captions is not None:
             record[CAPTIONS_COLUMN] = list(row[CAPTIONS_COLUMN])
@@ -854,11 +896,12 @@ def _map_style_batches(source, image_processor, done, rank, world_size, batch_si
 
 
 def _iterable_batches(
-    source, image_processor, done, rank, world_size, batch_size, keep_columns, repeated_rows: list[int]
+    source, image_processor, done, rank, world_size, batch_size, keep_columns, repeated_rows: list[int], source_name
 ) -> Iterator:
     """
     The same from an `IterableDataset`, read once; an image seen again later keeps its first row's captions (its
-    first batch may already be written), and each later row's caption count goes to `repeated_rows`.
+    first batch may already be written), and each later row's caption count goes to `repeated_rows`. A bad image
+    without a file of its own is named by its row in the stream of `source_name`.
     """
     seen: set[int] = set()
     items = []
@@ -871,7 +914,7 @@ def _iterable_batches(
             repeated_rows.append(len(row.get(CAPTIONS_COLUMN) or []))
             continue
         seen.add(digest)
-        pixels, problem = _read(row, index, image_processor)
+        pixels, problem = _read(row, index, image_processor, streamed_from=source_name or "the source")
         record = {name: row[name] for name in (KEY_COLUMN, CAPTIONS_COLUMN, *keep_columns) if name in row}
         items.append((pixels, record, problem))
         if len(items) == batch_size:
@@ -916,14 +959,14 @@ def _load_shard(shard: Path) -> datasets.Dataset:
 # Caption datasets held in memory (the rows of a loader): the same folders, the table as a tensor
 
 
-def embedding_cache_folder(cache_dir: PathLike, model, image_processor) -> Path:
+def embedding_cache_folder(cache_dir: PathLike, model, image_processor, root_as_is: bool = True) -> Path:
     """
     The embeddings folder of `model`'s vision tower and `image_processor` under a cache root: `<fingerprint[:16]>/`,
     so that another tower or preprocessing gets a folder of its own. A root that is itself an embeddings folder is
-    used as is ([`embed_source`] then refuses it if another tower wrote it).
+    used as is ([`embed_source`] then refuses it if another tower wrote it), unless `root_as_is=False`.
     """
     cache_dir = Path(cache_dir)
-    if (cache_dir / EMBEDDINGS_INFO_NAME).exists():
+    if root_as_is and (cache_dir / EMBEDDINGS_INFO_NAME).exists():
         return cache_dir
     return cache_dir / vision_fingerprint(model, image_processor)[:16]
 
@@ -1073,7 +1116,11 @@ class ImageEmbeddingCache:
         keep_columns = [name for name in columns if name not in (KEY_COLUMN, EMBEDDING_COLUMN, CAPTIONS_COLUMN)]
         with _folder_lock(self.directory, 0, 1):
             _remove_leftovers(self.directory)
-            writer = _ShardWriter(self.directory, 0, 1, CAPTIONS_COLUMN in columns, keep_columns)
+            shards = _complete_shards(self.directory)
+            # The kept columns' types of the folder's shards; all null in a folder without any.
+            stored = _load_shard(shards[0]).features if shards else {}
+            keep_features = {name: stored.get(name, datasets.Value("null")) for name in keep_columns}
+            writer = _ShardWriter(self.directory, 0, 1, CAPTIONS_COLUMN in columns, datasets.Features(keep_features))
             if not self.info_path.exists():
                 info = _folder_info(self.model, self.image_processor, writer.columns, source_name=None)
                 write_text_atomically(self.info_path, json.dumps(info, indent=2, default=str))

@@ -31,6 +31,7 @@ from .embeddings import (
     KEY_COLUMN,
     LEGACY_CACHE_INFO_NAME,
     _barrier,
+    _file_starts,
     _KeyIndex,
     _process_rank,
     _read,
@@ -40,7 +41,7 @@ from .embeddings import (
     embedding_cache_folder,
     load_embeddings,
 )
-from .sources import SHARD_COLUMN, decode_image, load_image_source
+from .sources import DEFAULT_CAPTION_COLUMNS, SHARD_COLUMN, decode_image, load_image_source
 
 logger = logging.get_logger(__name__)
 
@@ -134,8 +135,9 @@ def load_source(
     """
     The training (`split="train"`) or evaluation (`"validation"`) source that the arguments (`DataArguments`, or
     `EmbedArguments` for the training source) name, or None; see [`load_image_source`]. Without `--caption_column`
-    the source's usual caption column is used (`txt` in webdataset shards, `text` in image folders, else
-    `caption`); with `captions_required=False` (`clipcap embed`) only if the source has it.
+    the source's usual caption column is used: the first of [`DEFAULT_CAPTION_COLUMNS`] it has (`caption`, else
+    `txt` as in webdataset shards, else `text` as in image folders); with `captions_required=False` (`clipcap embed`)
+    only if the source has one.
     """
     if split == "train":
         files, data_format, image_root = data_args.train_file, data_args.dataset_format, data_args.image_root
@@ -163,7 +165,7 @@ def load_source(
         dataset_format=data_format,
         image_root=image_root,
     )
-    caption_column = data_args.caption_column or _default_caption_column(data_format, files)
+    caption_column = data_args.caption_column or DEFAULT_CAPTION_COLUMNS
     try:
         optional = not (captions_required or data_args.caption_column or data_format)
         return load(caption_column=caption_column, captions_optional=optional)
@@ -181,22 +183,6 @@ def _expand(files: str) -> list[str] | str:
             raise FileNotFoundError(f"No file matches {pattern!r}.")
         paths.extend(matches)
     return paths[0] if len(paths) == 1 else paths
-
-
-def _default_caption_column(data_format: str | None, files: str | None) -> str:
-    """Image folders call their captions `text`, webdataset shards `txt`; other sources name theirs."""
-    if files is not None and str(files).split(",")[0].strip().lower().endswith(".tar"):
-        return "txt"
-    if files is not None and os.path.isdir(str(files)) and not _is_saved_dataset(str(files)):
-        return "text"
-    return "caption"
-
-
-def _is_saved_dataset(folder: str) -> bool:
-    return any(
-        os.path.exists(os.path.join(folder, name))
-        for name in (datasets.config.DATASET_STATE_JSON_FILENAME, datasets.config.DATASETDICT_JSON_FILENAME)
-    )
 
 
 def _first_captions(source, count: int):
@@ -239,7 +225,10 @@ def _embedded_rows(train_source, eval_source, data_args, model, processor, train
                 "clipcap_hf, which is not read any more. Give the folder of the caches (its parent, or a new folder): "
                 "the embeddings are computed again there, and the old folder can then be deleted."
             )
-        cache = embedding_cache_folder(cache_root, model, processor.image_processor)
+        # Not into the --embeddings folder itself, should the cache root be it: training reads all of it, so the
+        # evaluation images written there would be trained on by the next run. Its own subfolder, as any cache root.
+        is_embeddings = bool(data_args.embeddings) and _same_folder(cache_root, data_args.embeddings)
+        cache = embedding_cache_folder(cache_root, model, processor.image_processor, root_as_is=not is_embeddings)
         if (cache / LEGACY_CACHE_INFO_NAME).exists():  # this tower's folder, written by an earlier version
             raise ValueError(
                 f"--embedding_cache_dir {cache_root}: {cache} is an embedding cache of an earlier version of "
@@ -365,10 +354,11 @@ def _pixel_rows(source, data_args, name: str):
 def _unreadable(source: datasets.Dataset, data_args, name: str) -> set[str]:
     """The keys of the images that do not open, after raising for them unless `--on_bad_image skip`."""
     problems: dict[str, str] = {}
+    file_starts = _file_starts(source)  # parquet rows are named by their row in their file
     for row_index, row in enumerate(source):
         if row[KEY_COLUMN] in problems:
             continue
-        _, problem = _read(row, row_index, image_processor=None)
+        _, problem = _read(row, row_index - file_starts.get(row.get(SHARD_COLUMN), 0), image_processor=None)
         if problem is not None:
             problems[row[KEY_COLUMN]] = problem
     report = "\n".join(list(problems.values())[:10])
@@ -439,6 +429,10 @@ def _main_process_first() -> Iterator[None]:
     yield
     if _process_rank() == 0:
         _barrier()
+
+
+def _same_folder(first: str | os.PathLike, second: str | os.PathLike) -> bool:
+    return os.path.realpath(first) == os.path.realpath(second)
 
 
 def _embedding_device() -> torch.device:

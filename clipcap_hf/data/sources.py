@@ -19,6 +19,7 @@ from typing import Any
 
 import datasets
 import PIL.Image
+from datasets.fingerprint import Hasher
 
 from .loaders import DATASET_FORMATS, PathLike, group_by_image, load_caption_dataset
 
@@ -33,6 +34,11 @@ BUILDERS = {
 }
 # Columns that datasets' webdataset builder adds to every row: the sample's key and its shard.
 WEBDATASET_KEY, SHARD_COLUMN = "__key__", "__url__"
+# The usual caption columns, in order of preference: most sources' `caption`, webdataset shards' `txt` (the captions'
+# file extension), image folders' `text`.
+DEFAULT_CAPTION_COLUMNS = ("caption", "txt", "text")
+# The suffixes of data files that a folder given as data files may hold (its shards), read with their builder.
+SHARD_SUFFIXES = (".tar", ".parquet")
 
 
 def load_image_source(
@@ -42,7 +48,7 @@ def load_image_source(
     data_files: PathLike | Sequence[PathLike] | None = None,
     split: str = "train",
     image_column: str | None = None,
-    caption_column: str | None = None,
+    caption_column: str | Sequence[str] | None = None,
     streaming: bool = False,
     dataset_format: str | None = None,
     image_root: PathLike | None = None,
@@ -72,7 +78,8 @@ def load_image_source(
             file path); default `image`, or the first image column of the source (`jpg`, `png`, ... in webdataset
             shards).
         caption_column: the column holding a caption string or a list of captions (`text`, `caption`, `txt`, ...);
-            `None` for images without captions.
+            several names (such as [`DEFAULT_CAPTION_COLUMNS`]): the first one the source has; `None` for images
+            without captions.
         streaming: return an `IterableDataset` read lazily, without preparing the whole source first.
         dataset_format: one of [`DATASET_FORMATS`] (`coco-karpathy`, `coco`, `conceptual-captions`, `nocaps`,
             `imagefolder`): `data_files` is then that format's file (or folder), read by its loader and grouped by
@@ -85,12 +92,14 @@ def load_image_source(
         columns the source has; a row without an image or caption is one naming its file (or shard and `__key__`)
         and row.
     """
+    source = dataset_name or dataset_format or _describe(data_files)
     if dataset_format is not None:
         dataset = _from_caption_format(dataset_format, data_files, image_root, split)
         image_column, caption_column = "image", "captions"
     elif dataset_name is not None:
         dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
     elif data_files is not None:
+        data_files = _folder_shards(data_files) or data_files
         dataset = _from_data_files(data_files, split, streaming)
     else:
         raise ValueError("Give a source: --dataset_name, or --train_file/--validation_file (data files or a folder).")
@@ -98,8 +107,10 @@ def load_image_source(
         dataset = dataset.to_iterable_dataset()
     if isinstance(dataset, datasets.IterableDataset) and dataset.features is None:
         dataset = dataset._resolve_features()  # reads the first rows only
-    source = dataset_name or dataset_format or _describe(data_files)
     image_column = image_column or _default_image_column(dataset, source)
+    if caption_column is not None and not isinstance(caption_column, str):
+        # The first candidate the source has, else the first, which the checks below name as missing.
+        caption_column = next((name for name in caption_column if name in dataset.features), caption_column[0])
     if captions_optional and caption_column not in (dataset.features or {}):
         caption_column = None  # decided before any key is computed: the keys are computed once
     _require_columns(dataset, [image_column] + ([caption_column] if caption_column else []), source)
@@ -148,6 +159,22 @@ def decode_image(image: dict[str, Any]) -> PIL.Image.Image:
     with PIL.Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]) as opened:
         opened.load()
         return opened.copy()
+
+
+def _folder_shards(data_files) -> list[str] | None:
+    """
+    The shards (`.tar` or `.parquet` files, see [`SHARD_SUFFIXES`]) directly in a folder given as the data files, which
+    are read as those files; None for anything else (files, an image folder: its `metadata.parquet` is no shard).
+    """
+    files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
+    if len(files) != 1 or not os.path.isdir(files[0]):
+        return None
+    shards = [
+        str(path)
+        for path in sorted(Path(files[0]).iterdir())
+        if path.is_file() and path.suffix.lower() in SHARD_SUFFIXES and path.stem != "metadata"
+    ]
+    return shards or None
 
 
 def _from_data_files(data_files, split: str, streaming: bool):
@@ -243,6 +270,9 @@ def _add_keys_and_captions(dataset, caption_column: str | None, source: str, sha
     (`shards`: each file and its row count), each row's file as `__url__`, as webdataset rows have it. A stream of
     several shards numbers its rows in the order its readers take them (shuffled shards, one count per worker), not
     in its files: its bad rows are named without a row number.
+
+    A source that already has `image_key` or `captions` (one this function wrote, saved and read again) has them
+    computed again in their place.
     """
     columns = ["image"] + ([caption_column] if caption_column else [])
     columns += [name for name in (WEBDATASET_KEY, SHARD_COLUMN) if name in dataset.column_names]  # to name a bad row
@@ -253,6 +283,7 @@ def _add_keys_and_captions(dataset, caption_column: str | None, source: str, sha
         fn_kwargs={"caption_column": caption_column, "source": source, "shards": shards},
     )
     replaced = [caption_column] if caption_column else []
+    replaced += [name for name in ("image_key", "captions") if name in dataset.column_names and name not in replaced]
     if isinstance(dataset, datasets.IterableDataset):
         features = datasets.Features({name: f for name, f in dataset.features.items() if name not in replaced})
         features["image_key"] = datasets.Value("string")
@@ -263,12 +294,23 @@ def _add_keys_and_captions(dataset, caption_column: str | None, source: str, sha
         return dataset.map(**keys_and_captions, remove_columns=replaced, features=features)
     # Only the new columns are written (the images are not copied), then joined to the source's memory-mapped ones.
     # The cache of this map knows only the source's own files: a key naming an image file (its size and mtime) is
-    # computed again each time, so a replaced image gets a new key.
+    # computed again each time, so a replaced image gets a new key, and the keys are part of the result's fingerprint
+    # (else what is cached from it, such as the caption rows of training, would be reused for the old image).
+    image_files = _has_image_files(dataset)
     new_columns = dataset.select_columns(columns).map(
-        **keys_and_captions, remove_columns=columns, load_from_cache_file=not _has_image_files(dataset)
+        **keys_and_captions, remove_columns=columns, load_from_cache_file=not image_files
     )
     keyed = datasets.concatenate_datasets([dataset.remove_columns(replaced), new_columns], axis=1)
-    return keyed.cast_column("image", datasets.Image())
+    fingerprint = Hasher.hash([keyed._fingerprint, _column_digest(new_columns, "image_key")]) if image_files else None
+    return keyed.cast_column("image", datasets.Image(), new_fingerprint=fingerprint)
+
+
+def _column_digest(dataset: datasets.Dataset, column: str) -> str:
+    """A hash of a string column's values, read chunk by chunk."""
+    digest = hashlib.sha256()
+    for chunk in dataset.data.column(column).chunks:
+        digest.update("\0".join(chunk.to_pylist()).encode() + b"\1")
+    return digest.hexdigest()
 
 
 def _keys_and_captions(batch, indices=None, *, caption_column, source, shards):
