@@ -175,6 +175,13 @@ def test_grid_options_are_checked():
         AblationConfig(learning_rate=-1e-3)
 
 
+def test_the_command_refuses_a_seed_numpy_cannot_take(tmp_path, capsys):
+    # Refused by name as the command line is read, as `clipcap quickstart --seed` is, not by numpy in the first run.
+    assert main(["ablate", "--output-dir", str(tmp_path), "--seed", "-1"]) == 2
+    assert "--seed: must be between 0 and 4294967295 (2**32 - 1), got -1" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 def test_matplotlib_is_imported_only_when_a_figure_is_drawn():
     # Checked in the source, not by importing in a fresh interpreter (which costs more than the whole grid here).
     import ast

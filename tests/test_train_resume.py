@@ -9,13 +9,16 @@ from unittest import mock
 
 import datasets
 import pytest
+from conftest import tiny_model
 from safetensors.torch import load_file
 from test_faults import train_arguments
 from transformers import TrainingArguments
 
+from clipcap_hf import ClipCapForConditionalGeneration
 from clipcap_hf.commands import main
-from clipcap_hf.training import ClipCapTrainer
-from clipcap_hf.training.run import DATA_IDENTITY_KEY, RUN_ARGUMENTS_NAME, data_identity
+from clipcap_hf.training import ClipCapTrainer, load_lora_model
+from clipcap_hf.training.run import DATA_IDENTITY_KEY, MODEL_IDENTITY_KEY, RUN_ARGUMENTS_NAME, data_identity
+from clipcap_hf.utils.loading import model_identity
 
 
 @pytest.fixture
@@ -125,6 +128,78 @@ def test_a_rerun_with_the_same_arguments_resumes_and_ends_as_the_uninterrupted_r
     assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     for step in (1, 2, 3):
         assert json.loads((out / f"checkpoint-{step}" / RUN_ARGUMENTS_NAME).read_text()) == recorded
+
+
+@pytest.mark.parametrize(
+    "changed, expected",
+    [
+        (["--embedding_batch_size", "4"], "--embedding_batch_size 1 (now 4; embeddings computed in other batches "
+         "round differently, which changes the weights)"),
+        (["--no_use_embedding_cache"], "--use_embedding_cache true (now false; embeddings computed from the pixels at "
+         "each step round differently from the cached ones, which changes the weights)"),
+    ],
+    ids=["embedding_batch_size", "no_use_embedding_cache"],
+)  # fmt: skip
+def test_a_resume_with_other_embedding_batches_or_without_the_cache_is_refused_saying_why(
+    killed_run, capsys, resumed_from, changed, expected
+):
+    # Resumed, it ended with other weights than the uninterrupted run (by 1e-6): the embeddings round otherwise.
+    out, arguments, _ = killed_run
+    capsys.readouterr()
+    assert main([*arguments, *changed]) == 2
+    message = [line for line in capsys.readouterr().err.splitlines() if line.startswith("clipcap train: error: ")]
+    assert len(message) == 1
+    assert message[0].startswith(
+        f"clipcap train: error: Cannot resume from {out}/checkpoint-2: its run was trained with other arguments "
+        f"(recorded in {out}/checkpoint-2/{RUN_ARGUMENTS_NAME}): {expected}. Rerun with that run's arguments"
+    )
+    assert resumed_from == []
+
+
+def test_a_lora_resume_on_a_base_model_saved_over_at_the_same_path_is_refused_naming_it(
+    tmp_path, saved_model_dir, caption_folder, tokenizer, capsys, resumed_from
+):
+    out = tmp_path / "out"
+    arguments = train_arguments(saved_model_dir, caption_folder, out, tmp_path / "cache", "--use_lora")
+    assert main(arguments) == 0
+    shutil.rmtree(out / "checkpoint-3")
+    (out / "adapter_model.safetensors").unlink()
+    before = model_identity(str(saved_model_dir))
+    assert json.loads((out / "checkpoint-2" / RUN_ARGUMENTS_NAME).read_text())[MODEL_IDENTITY_KEY] == {
+        "model_name_or_path": before,
+        "vision_model_name_or_path": None,
+        "text_model_name_or_path": None,
+    }
+    # Another model saved at the same path: the adapters and mapper would have trained on without a word.
+    tiny_model(tokenizer, seed=1).save_pretrained(saved_model_dir)
+    after = model_identity(str(saved_model_dir))
+    assert after != before
+    capsys.readouterr()
+    assert main(arguments) == 2
+    message = [line for line in capsys.readouterr().err.splitlines() if line.startswith("clipcap train: error: ")]
+    assert message == [
+        f"clipcap train: error: Cannot resume from {out}/checkpoint-2: its run was trained with other models "
+        f"(recorded in {out}/checkpoint-2/{RUN_ARGUMENTS_NAME}): --model_name_or_path {saved_model_dir} holds "
+        f"another model (then {before[:19]}; now {after[:19]}). Rerun with that run's models to resume it, or start "
+        f"a new run with another --output_dir (or in {out} once that run's checkpoints are deleted)."
+    ]
+    assert resumed_from == [None]  # the first run's start only
+
+
+def test_a_finished_lora_run_rerun_with_save_merged_model_writes_the_merged_model(
+    tmp_path, saved_model_dir, caption_folder, resumed_from
+):
+    out = tmp_path / "out"
+    arguments = train_arguments(saved_model_dir, caption_folder, out, tmp_path / "cache", "--use_lora")
+    assert main(arguments) == 0
+    assert not (out / "merged").exists()
+    assert main([*arguments, "--save_merged_model"]) == 0
+    assert resumed_from == [None]  # nothing trained again
+    merged = ClipCapForConditionalGeneration.from_pretrained(out / "merged").state_dict()
+    expected = load_lora_model(out).merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys()
+    for name, tensor in expected.items():
+        assert tensor.equal(merged[name]), name
 
 
 def test_a_folder_without_the_record_resumes_with_a_warning_and_records_the_rerun(killed_run, caplog, resumed_from):

@@ -249,6 +249,79 @@ def test_lora_options_without_use_lora_are_refused_and_with_it_get_their_default
 
 
 @pytest.mark.parametrize(
+    "given, message",
+    [
+        (["--lora_r", "0"], "--lora_r must be at least 1 (the adapters' rank), got 0."),
+        (["--lora_dropout", "1"], "--lora_dropout must be from 0 up to (not including) 1, got 1.0."),
+        (["--lora_dropout", "-0.1"], "--lora_dropout must be from 0 up to (not including) 1, got -0.1."),
+    ],
+)
+def test_lora_rank_and_dropout_out_of_range_are_refused_as_the_arguments_are_read(tmp_path, given, message):
+    # peft refused them only once the images were embedded, in its own words.
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        parse_args(["--use_lora", *given, "--output_dir", str(tmp_path)])
+
+
+def test_lora_target_modules_the_language_model_lacks_are_refused_before_data_and_leave_no_output_dir(
+    tmp_path, tokenizer, caption_folder
+):
+    parts = quiet_model(tokenizer)
+    parts.vision_model.save_pretrained(tmp_path / "clip")
+    parts.language_model.save_pretrained(tmp_path / "gpt")
+    tokenizer.save_pretrained(tmp_path / "gpt")
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = run_arguments("unused", caption_folder, out, cache, "--use_lora", "--lora_target_modules", "c_attn,qkv")
+    # peft adapted c_attn without a word about qkv (and, given qkv alone, refused in its own words after the data).
+    message = (
+        "--lora_target_modules c_attn,qkv: the language model has no layer called qkv. Give names of its linear "
+        "layers (adapted by default, but the output layer: c_attn,c_fc,c_proj), or leave the option out."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        main(["--vision_model_name_or_path", str(tmp_path / "clip"), "--text_model_name_or_path",
+              str(tmp_path / "gpt"), "--prefix_length", "4", *args[2:]])  # fmt: skip
+    assert not out.exists() and not cache.exists()  # no base_model folder, no embeddings
+
+
+def test_transformer_mapper_options_given_for_a_new_mlp_model_are_refused(tmp_path):
+    # A new MLP model dropped them without a word.
+    message = (
+        "--clip_length 7, --mapping_num_layers 3 shape a transformer mapper, but this new model gets a mlp mapper, "
+        "which has neither. Add --mapping_type transformer, or leave them out."
+    )
+    for given in (["--mapping_type", "mlp"], [], ["--recipe", "lora"]):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            parse_args([*given, "--clip_length", "7", "--mapping_num_layers", "3", "--output_dir", str(tmp_path)])
+    model_args = parse_args(["--mapping_type", "transformer", "--clip_length", "7", "--output_dir", str(tmp_path)])[0]
+    assert (model_args.clip_length, model_args.mapping_num_layers) == (7, 8)
+    # Those a recipe fills in apply to its own mapper only.
+    model_args = parse_args(["--recipe", "transformer_frozen", "--mapping_type", "mlp", "--output_dir", str(tmp_path)])
+    assert model_args[0].mapping_type == "mlp"
+
+
+def test_model_folders_named_with_a_tilde_load(tmp_path, tokenizer, processor, monkeypatch):
+    # transformers takes `~/...` for a Hub name: a plain checkpoint, a LoRA run and the parts of a new model failed.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = quiet_model(tokenizer)
+    model.save_pretrained(tmp_path / "clipcap")
+    processor.save_pretrained(tmp_path / "clipcap")
+    model.vision_model.save_pretrained(tmp_path / "clip")
+    model.language_model.save_pretrained(tmp_path / "gpt")
+    tokenizer.save_pretrained(tmp_path / "gpt")
+    base = ClipCapForConditionalGeneration.from_pretrained(tmp_path / "clipcap")
+    add_lora(base, ModelArguments(use_lora=True)).save_pretrained(tmp_path / "lora")
+    processor.save_pretrained(tmp_path / "lora")
+
+    loaded, _ = build_model(ModelArguments(model_name_or_path="~/clipcap"))
+    assert torch.equal(loaded.mapping_network.model[0].weight, model.mapping_network.model[0].weight)
+    loaded, _ = build_model(ModelArguments(model_name_or_path="~/lora", use_lora=True))
+    assert loaded.peft_config["default"].r == 8
+    loaded, _ = build_model(
+        ModelArguments(vision_model_name_or_path="~/clip", text_model_name_or_path="~/gpt", prefix_length=4)
+    )
+    assert torch.equal(loaded.language_model.lm_head.weight, model.language_model.lm_head.weight)
+
+
+@pytest.mark.parametrize(
     "given, recipe_note",
     [
         (["--use_lora", "--freeze_language_model"], ""),
@@ -1014,6 +1087,21 @@ def test_a_lora_run_continues_training_its_adapters(tmp_path, model_dir, caption
     before, after = (load_file(folder / "adapter_model.safetensors") for folder in (first, second))
     assert before.keys() == after.keys()  # the same adapters, not a second set wrapped around them
     assert all(not torch.equal(before[name], after[name]) for name in before)
+
+
+def test_an_eval_strategy_without_an_evaluation_source_is_refused_naming_it(tmp_path, model_dir, caption_folder):
+    # TrainingArguments turns --do_eval on for it, which the refusal named though the user never gave it.
+    args = run_arguments(model_dir, caption_folder, tmp_path / "out", tmp_path / "cache", "--eval_strategy", "steps")
+    del args[args.index("--validation_file") : args.index("--validation_file") + 2]
+    args.remove("--do_eval")
+    message = (
+        "--eval_strategy steps evaluates during training, but this run has no evaluation source: add "
+        "--validation_file (or a coco-karpathy --train_file), or --dataset_name with --validation_split, or leave "
+        "out --eval_strategy."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        main(args)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_captioning_a_dataset_packs_each_weight_once_with_the_captions_of_plain_kernels(tokenizer, monkeypatch):

@@ -17,6 +17,7 @@ from ..training.ablation import (
 )
 from ..training.quickstart import QuickstartConfig
 from ._utils import positive_float, positive_int
+from .quickstart import seed_value
 
 DEFAULTS = AblationConfig()
 
@@ -54,7 +55,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--base-steps", type=positive_int, default=None,
                         help="Synthetic task: steps of the quickstart run that trains its pretrained tower and "
                              f"language model (default: {DEFAULTS.shapes.max_steps}).")
-    budget.add_argument("--seed", type=int, default=DEFAULTS.seed, help=f"Seed (default: {DEFAULTS.seed}).")
+    budget.add_argument("--seed", type=seed_value, default=DEFAULTS.seed, help=f"Seed (default: {DEFAULTS.seed}).")
     parser.add_argument("--plot-metrics", nargs="+", default=list(DEFAULTS.plot_metrics), choices=PLOTTABLE_SCORES,
                         metavar="METRIC",
                         help="Scores drawn against the prefix length, one figure each: any of "

@@ -62,6 +62,8 @@ ARCHITECTURE_DEFAULTS: dict[str, Any] = {
 LORA_DEFAULTS: dict[str, Any] = {"lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05}
 # The two pretrained parts a new model is assembled from; the other architecture options are ClipCapConfig fields.
 PART_OPTIONS = ("vision_model_name_or_path", "text_model_name_or_path")
+# The architecture options only a transformer mapper has: an MLP mapper would drop them.
+TRANSFORMER_OPTIONS = ("clip_length", "mapping_num_layers")
 CONFIG_OPTIONS = tuple(name for name in ARCHITECTURE_DEFAULTS if name not in PART_OPTIONS)
 
 # A run records the arguments that decide what it trains and how (clipcap_run_args.json, in output_dir and in each
@@ -69,8 +71,9 @@ CONFIG_OPTIONS = tuple(name for name in ARCHITECTURE_DEFAULTS if name not in PAR
 # DataArguments field is recorded except these, which may differ when a run resumes:
 # - recipe: what it sets is recorded field by field (the same values given one by one make the same run);
 # - save_merged_model: what is written after the last step;
-# - preprocessing_num_workers, embedding_batch_size, use_embedding_cache, embedding_cache_dir: how fast and where the
-#   images are decoded and embedded, not what the model is trained on (--no_use_embedding_cache gives the same result);
+# - preprocessing_num_workers, embedding_cache_dir: how fast and where the images are decoded and embedded, not what
+#   the model is trained on (embedding_batch_size and use_embedding_cache are recorded: embeddings computed in other
+#   batches, or from the pixels at each step, round differently, and a resumed run must end as the uninterrupted one);
 # - on_bad_image: 'error' stops a run that meets a bad image, so the rows it trained on are the ones 'skip' keeps, and
 #   a run stopped so may go on with 'skip';
 # - validation_*, max_eval_samples, generation_*, eval_caption_metrics: evaluation only, which changes no weight.
@@ -78,8 +81,6 @@ ARGUMENTS_A_RESUME_MAY_CHANGE = (
     "recipe",
     "save_merged_model",
     "preprocessing_num_workers",
-    "embedding_batch_size",
-    "use_embedding_cache",
     "embedding_cache_dir",
     "on_bad_image",
     "validation_split",
@@ -138,6 +139,10 @@ PATH_ARGUMENTS = (
 # The recorded arguments that name the training data. Besides its path, the record holds each one's content identity
 # (`data_identity` in run.py), so that a resume refuses data changed at the same path rather than mix two datasets.
 DATA_PATH_ARGUMENTS = ("dataset_name", "train_file", "image_root", "embeddings")
+# The recorded arguments that name pretrained models. The record holds each one's `model_identity` too, so that a
+# resume refuses a model saved over the same path (a base model retrained in place) rather than go on training
+# adapters or a mapper fitted to another model.
+MODEL_PATH_ARGUMENTS = ("model_name_or_path", *PART_OPTIONS)
 
 
 def _recipe_architecture(recipe: str | None) -> dict[str, Any]:
@@ -220,9 +225,18 @@ class ModelArguments:
         if self.recipe is not None and self.recipe not in RECIPES:
             raise ValueError(f"--recipe must be one of {sorted(RECIPES)}, got {self.recipe!r}.")
         if self.model_name_or_path is None:
+            # Given explicitly, that is before the recipe's values and the defaults fill the others in.
+            transformer_only = [
+                f"--{name} {getattr(self, name)}" for name in TRANSFORMER_OPTIONS if getattr(self, name) is not None
+            ]
             for name, default in {**ARCHITECTURE_DEFAULTS, **_recipe_architecture(self.recipe)}.items():
                 if getattr(self, name) is None:
                     setattr(self, name, default)
+            if transformer_only and self.mapping_type != "transformer":
+                raise ValueError(
+                    f"{', '.join(transformer_only)} shape a transformer mapper, but this new model gets a "
+                    f"{self.mapping_type} mapper, which has neither. Add --mapping_type transformer, or leave them out."
+                )
         given = [f"--{name}" for name in (*LORA_DEFAULTS, "lora_target_modules") if getattr(self, name) is not None]
         given += ["--save_merged_model"] if self.save_merged_model else []
         if given and not self.use_lora:
@@ -244,6 +258,11 @@ class ModelArguments:
         for name, default in LORA_DEFAULTS.items():
             if getattr(self, name) is None:
                 setattr(self, name, default)
+        # Checked before any data is loaded, rather than by peft once the images are embedded.
+        if self.lora_r < 1:
+            raise ValueError(f"--lora_r must be at least 1 (the adapters' rank), got {self.lora_r}.")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora_dropout must be from 0 up to (not including) 1, got {self.lora_dropout}.")
 
 
 @dataclass
@@ -356,7 +375,9 @@ class DataArguments(SourceArguments):
         default=True,
         metadata={
             "help": "Train from CLIP embeddings computed once per image and cached. --no_use_embedding_cache runs the "
-            "vision tower on the pixels at every step instead: slower, same result (so does --streaming)."
+            "vision tower on the pixels at every step instead (so does --streaming): slower, and the same training "
+            "up to rounding (embeddings computed in other batches differ in their last bits), so a run resumes "
+            "only with the setting it started with."
         },
     )
     embedding_cache_dir: str | None = field(
@@ -366,7 +387,13 @@ class DataArguments(SourceArguments):
             "default: the datasets cache."
         },
     )
-    embedding_batch_size: int = field(default=64, metadata={"help": "Images per vision forward when caching."})
+    embedding_batch_size: int = field(
+        default=64,
+        metadata={
+            "help": "Images per vision forward when caching. Other batches round the embeddings differently, so a "
+            "run resumes only with the value it started with."
+        },
+    )
     generation_num_beams: int | None = field(
         # None: "not given" (greedy), so that a run that evaluates nothing can refuse it.
         default=None, metadata={"help": "Beams when captioning the evaluation images (default: 1, greedy)."}

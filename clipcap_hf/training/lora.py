@@ -52,14 +52,20 @@ def lora_target_modules(model: ClipCapForConditionalGeneration, names: Sequence[
     """
     # Built here rather than with peft's "all-linear", which would also adapt the frozen CLIP tower and the mapper
     # (which is trained in full, as a `modules_to_save`).
-    if not names:
-        output_layer = model.get_output_embeddings()
-        names = {
+    names = names or _linear_layer_names(model)
+    return rf"language_model\..*\.({'|'.join(sorted(map(re.escape, names)))})"
+
+
+def _linear_layer_names(model: ClipCapForConditionalGeneration) -> list[str]:
+    """The names (last parts) of the language model's linear layers, but its output layer: those adapted by default."""
+    output_layer = model.get_output_embeddings()
+    return sorted(
+        {
             name.rsplit(".", 1)[-1]
             for name, module in model.language_model.named_modules()
             if isinstance(module, (torch.nn.Linear, transformers.pytorch_utils.Conv1D)) and module is not output_layer
         }
-    return rf"language_model\..*\.({'|'.join(sorted(map(re.escape, names)))})"
+    )
 
 
 def add_lora(model: ClipCapForConditionalGeneration, model_args: ModelArguments):
@@ -73,6 +79,7 @@ def add_lora(model: ClipCapForConditionalGeneration, model_args: ModelArguments)
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    check_lora_target_modules(model, model_args)
     if is_quantized(model):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
@@ -89,6 +96,22 @@ def add_lora(model: ClipCapForConditionalGeneration, model_args: ModelArguments)
         modules_to_save=["mapping_network"],
     )
     return get_peft_model(model, lora_config)
+
+
+def check_lora_target_modules(model: ClipCapForConditionalGeneration, model_args: ModelArguments) -> None:
+    """
+    Refuse `--lora_target_modules` names that no layer of the language model has, naming them: peft would refuse only
+    when none matches, in its own words, and adapt the others without a word when some do.
+    """
+    names = [name.strip() for name in (model_args.lora_target_modules or "").split(",") if name.strip()]
+    layers = {name.rsplit(".", 1)[-1] for name, _ in model.language_model.named_modules()}
+    unknown = [name for name in names if name not in layers]
+    if unknown:
+        raise ValueError(
+            f"--lora_target_modules {model_args.lora_target_modules}: the language model has no layer called "
+            f"{', '.join(unknown)}. Give names of its linear layers (adapted by default, but the output layer: "
+            f"{','.join(_linear_layer_names(model))}), or leave the option out."
+        )
 
 
 def load_lora_model(

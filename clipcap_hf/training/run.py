@@ -30,11 +30,12 @@ from ..data.embeddings import EMBEDDINGS_INFO_NAME
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor, check_tokenizer_files
 from ..utils.file_utils import read_json, sampled_sha256, save_pretrained
-from ..utils.loading import check_pretrained_source, load_clipcap
+from ..utils.loading import check_pretrained_source, load_clipcap, local_folder, model_identity
 from .arguments import (
     ARGUMENTS_A_RESUME_MAY_CHANGE,
     CONFIG_OPTIONS,
     DATA_PATH_ARGUMENTS,
+    MODEL_PATH_ARGUMENTS,
     PART_OPTIONS,
     PATH_ARGUMENTS,
     RECIPES,
@@ -45,7 +46,14 @@ from .arguments import (
     _recipe_architecture,
     _recipe_run_defaults,
 )
-from .lora import BASE_MODEL_DIR, add_lora, is_peft_model, load_lora_model, merge_lora
+from .lora import (
+    BASE_MODEL_DIR,
+    add_lora,
+    check_lora_target_modules,
+    is_peft_model,
+    load_lora_model,
+    merge_lora,
+)
 from .trainer import RUN_ARGUMENTS_NAME, ClipCapTrainer, write_run_arguments
 
 logger = logging.getLogger(__name__)
@@ -60,7 +68,12 @@ def build_model(model_args: ModelArguments) -> tuple[ClipCapForConditionalGenera
     Load a ClipCap checkpoint, or assemble a new one from a pretrained CLIP and language model. A LoRA run's output
     (a folder with `adapter_config.json`) loads as a trainable `PeftModel` when `use_lora` is set.
     """
-    path = model_args.model_name_or_path
+    # transformers does not expand `~`: expanded once here, before any lookup takes a folder for a Hub name.
+    path = None if model_args.model_name_or_path is None else local_folder(model_args.model_name_or_path)
+    parts = {
+        name: None if getattr(model_args, name) is None else local_folder(getattr(model_args, name))
+        for name in PART_OPTIONS
+    }
     if path is not None:
         option = "--model_name_or_path"
         check_pretrained_source(path, option, filenames=("config.json", ADAPTER_CONFIG_NAME))
@@ -78,9 +91,10 @@ def build_model(model_args: ModelArguments) -> tuple[ClipCapForConditionalGenera
             model, processor = load_clipcap(path, option)
         _check_checkpoint_architecture(model_args, model.config)
         return model, processor
-    for name in PART_OPTIONS:
-        check_pretrained_source(getattr(model_args, name), f"--{name}")
-    check_tokenizer_files(model_args.text_model_name_or_path, "--text_model_name_or_path")
+    for name, part in parts.items():
+        check_pretrained_source(part, f"--{name}")
+    vision, text = parts["vision_model_name_or_path"], parts["text_model_name_or_path"]
+    check_tokenizer_files(text, "--text_model_name_or_path")
     config_kwargs = {
         "mapping_num_layers": model_args.mapping_num_layers,
         "normalize_prefix": model_args.normalize_prefix,
@@ -89,14 +103,14 @@ def build_model(model_args: ModelArguments) -> tuple[ClipCapForConditionalGenera
     if model_args.mapping_type == "transformer":
         config_kwargs["clip_length"] = model_args.clip_length
     processor = ClipCapProcessor.from_vision_text_pretrained(
-        model_args.vision_model_name_or_path,
-        model_args.text_model_name_or_path,
+        vision,
+        text,
         num_image_tokens=model_args.prefix_length,
         trust_remote_code=False,
     )
     model = ClipCapForConditionalGeneration.from_vision_text_pretrained(
-        model_args.vision_model_name_or_path,
-        model_args.text_model_name_or_path,
+        vision,
+        text,
         mapping_type=model_args.mapping_type,
         prefix_length=model_args.prefix_length,
         image_token_id=processor.image_token_id,  # the id the tokenizer gave it
@@ -286,8 +300,9 @@ def run_arguments(
 ) -> dict[str, Any]:
     """
     The arguments that define a run, as JSON values, local paths absolute: every model and data argument but
-    `ARGUMENTS_A_RESUME_MAY_CHANGE`, and the `RECORDED_TRAINING_ARGUMENTS`; and under `DATA_IDENTITY_KEY` the
-    [`data_identity`] of each of the `DATA_PATH_ARGUMENTS`.
+    `ARGUMENTS_A_RESUME_MAY_CHANGE`, and the `RECORDED_TRAINING_ARGUMENTS`; under `DATA_IDENTITY_KEY` the
+    [`data_identity`] of each of the `DATA_PATH_ARGUMENTS`, and under `MODEL_IDENTITY_KEY` the `model_identity` of
+    each of the `MODEL_PATH_ARGUMENTS` (so that a resume refuses another model saved at the same path).
     """
     values = {
         field.name: getattr(args, field.name)
@@ -306,6 +321,7 @@ def run_arguments(
     values[DATA_IDENTITY_KEY] = {
         name: data_identity(values[name], f"--{name}", skip=own_folders) for name in DATA_PATH_ARGUMENTS
     }
+    values[MODEL_IDENTITY_KEY] = {name: _model_identity(values[name]) for name in MODEL_PATH_ARGUMENTS}
     # Enums (optim, lr_scheduler_type) as their strings, tuples as lists: what the record reads back as.
     return json.loads(json.dumps(values, default=str))
 
@@ -319,8 +335,22 @@ def _absolute_local_path(part: str) -> str:
     return os.path.abspath(path)
 
 
-# The record's entry (not an argument) for the content identities of the data arguments.
+# The record's entries (not arguments) for the content identities of the data arguments and of the model arguments.
 DATA_IDENTITY_KEY = "data_identity"
+MODEL_IDENTITY_KEY = "model_identity"
+
+
+def _model_identity(name_or_path: str | None) -> str | None:
+    """The `model_identity` of a model argument; None when unset, or neither a folder nor a Hub name (`build_model`
+    then names the argument)."""
+    if name_or_path is None:
+        return None
+    try:
+        return model_identity(name_or_path)
+    except ValueError:  # huggingface_hub's HFValidationError: a missing local path, which is no Hub name either
+        return None
+
+
 # In a folder, the files that may hold captions are hashed so; the others (images, shards, arrays) are identified by
 # their name and size only, so that a folder of a million images is listed, not read.
 _HASHED_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet")
@@ -412,10 +442,10 @@ def check_run_arguments(
     holds the record of its own run (`ClipCapTrainer(run_arguments=...)`), so a folder holding checkpoints of two runs
     (one started with --overwrite_output_dir leaves the other's in place) is checked against the right one; a
     checkpoint saved before checkpoints held it is checked against the record in its folder, and one written before
-    runs were recorded resumes unchecked, with a warning. The training data are checked by their content identity
-    ([`data_identity`]) as well as their paths; a record without identities (an earlier version) checks the paths
-    only, with a warning. Returns this run's arguments, which [`record_run_arguments`]
-    writes once the run starts training.
+    runs were recorded resumes unchecked, with a warning. The training data and the pretrained models are checked by
+    their content identity ([`data_identity`], `model_identity`) as well as their paths; a record without identities
+    (an earlier version) checks the paths only, with a warning. Returns this run's arguments, which
+    [`record_run_arguments`] writes once the run starts training.
     """
     arguments = run_arguments(model_args, data_args, training_args)
     checkpoint = training_args.resume_from_checkpoint or last_checkpoint
@@ -449,29 +479,33 @@ def _check_resumed_arguments(
             "without checking the arguments."
         )
     changed = [
-        f"--{name} {_shown(recorded[name])} (now {_shown(value)})"
+        f"--{name} {_shown(recorded[name])} (now {_shown(value)}{_WHY_RECORDED.get(name, '')})"
         for name, value in arguments.items()
         # A name only one side has: another version's argument.
-        if name != DATA_IDENTITY_KEY and name in recorded and recorded[name] != value
+        if name not in _IDENTITIES and name in recorded and recorded[name] != value
     ]
-    identities = recorded.get(DATA_IDENTITY_KEY)
-    changed_data = []
-    if isinstance(identities, dict):
-        changed_data = [
-            f"--{name} {arguments[name]} holds other data (then {_described(identities[name])}; now "
-            f"{_described(identity)})"
-            for name, identity in arguments[DATA_IDENTITY_KEY].items()
+    changed_content, unchecked = {}, []
+    for key, (kind, unchecked_kind, held, described) in _IDENTITIES.items():
+        identities = recorded.get(key)
+        if not isinstance(identities, dict):
+            unchecked += [unchecked_kind] if any(arguments[key].values()) else []
+            continue
+        changed_content[kind] = [
+            f"--{name} {arguments[name]} holds {held} (then {described(identities[name])}; now "
+            f"{described(identity)})"
+            for name, identity in arguments[key].items()
             # Another path is named above.
             if name in identities and recorded.get(name) == arguments[name] and identities[name] != identity
         ]
-    if not changed and not changed_data:
-        if identities is None and any(arguments[DATA_IDENTITY_KEY].values()):
+    changes = {"arguments": changed, **changed_content}
+    if not any(changes.values()):
+        if unchecked:
             logger.warning(
-                f"Resuming from {checkpoint} without checking that its training data are unchanged: {record} records "
-                "their paths only (an older clipcap_hf wrote it)."
+                f"Resuming from {checkpoint} without checking that its {' and '.join(unchecked)} are unchanged: "
+                f"{record} records their paths only (an older clipcap_hf wrote it)."
             )
         return
-    what = " and ".join(kind for kind, changes in (("arguments", changed), ("data", changed_data)) if changes)
+    what = " and ".join(kind for kind, kind_changes in changes.items() if kind_changes)
     if training_args.resume_from_checkpoint is not None:
         start_again = (
             f"from its weights with --model_name_or_path {checkpoint} in place of --resume_from_checkpoint (and a "
@@ -483,9 +517,17 @@ def _check_resumed_arguments(
         start_again = f"with another --output_dir (or in {folder} once that run's checkpoints are deleted)"
     raise ValueError(
         f"Cannot resume from {checkpoint}: its run was trained with other {what} (recorded in {record}): "
-        f"{'; '.join(changed + changed_data)}. Rerun with that run's {what} to resume it, or start a new run "
-        f"{start_again}."
+        f"{'; '.join(change for kind_changes in changes.values() for change in kind_changes)}. Rerun with that "
+        f"run's {what} to resume it, or start a new run {start_again}."
     )
+
+
+# Why a resume may not change an argument that may seem to change the speed alone.
+_WHY_RECORDED = {
+    "embedding_batch_size": "; embeddings computed in other batches round differently, which changes the weights",
+    "use_embedding_cache": "; embeddings computed from the pixels at each step round differently from the cached "
+    "ones, which changes the weights",
+}
 
 
 def _described(identity: dict[str, Any] | None) -> str:
@@ -493,6 +535,21 @@ def _described(identity: dict[str, Any] | None) -> str:
     if identity is None:
         return "no local file"
     return f"{identity['files']} file(s), {identity['bytes']} bytes, sha256 {identity['sha256'][:12]}"
+
+
+def _described_model(identity: str | None) -> str:
+    """A model identity as the error shows it: a folder's hash (shortened) or a Hub name with its commit."""
+    if identity is None:
+        return "no model"
+    return identity[: len("sha256:") + 12] if identity.startswith("sha256:") else identity
+
+
+# The record's identities: each kind's name in the error and in the warning of a record without them, what a changed
+# one holds, and how one is shown.
+_IDENTITIES = {
+    DATA_IDENTITY_KEY: ("data", "training data", "other data", _described),
+    MODEL_IDENTITY_KEY: ("models", "models", "another model", _described_model),
+}
 
 
 def _shown(value: Any) -> str:
@@ -527,8 +584,16 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             "with cached embeddings), not caption tokens. Leave the option out."
         )
     eval_given = data_args.validation_file or data_args.validation_split or data_args.dataset_format == "coco-karpathy"
+    if training_args.eval_strategy != "no" and not eval_given:
+        # TrainingArguments turns --do_eval on for it: the data loader's error would name that instead.
+        strategy = getattr(training_args.eval_strategy, "value", training_args.eval_strategy)
+        raise ValueError(
+            f"--eval_strategy {strategy} evaluates during training, but this run has no evaluation source: add "
+            "--validation_file (or a coco-karpathy --train_file), or --dataset_name with --validation_split, or "
+            "leave out --eval_strategy."
+        )
     # Evaluation (at the end, or during training) captions the evaluation images.
-    evaluating = training_args.do_eval or (training_args.eval_strategy != "no" and bool(eval_given))
+    evaluating = training_args.do_eval or training_args.eval_strategy != "no"
     evaluation_options = {"--eval_caption_metrics": data_args.eval_caption_metrics,
                           "--generation_num_beams": data_args.generation_num_beams}
     unused = [option for option, value in evaluation_options.items() if value is not None]
@@ -570,6 +635,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     set_seed(training_args.seed)
 
     model, processor = build_model(model_args)
+    if model_args.use_lora and not is_peft_model(model):
+        check_lora_target_modules(model, model_args)  # before the data are loaded, and base_model saved
     if training and data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps: a streamed source has no length to count epochs by.")
     _check_context_length(model.config, data_args, generation=evaluating)
@@ -641,6 +708,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             logger.warning(f"Writing the final model of the run, from {checkpoint}, in {training_args.output_dir}.")
             _save_final_model(trainer, processor, model_args, training_args)
             trainer.save_state()
+        elif not os.path.isdir(_merged_model_dir(training_args)):  # --save_merged_model added to the rerun
+            _save_merged_model(trainer, model_args, training_args)
     if training:
         # Written once the run has started, so that a run refused before training leaves no output_dir behind.
         record_run_arguments(training_args, arguments)
@@ -680,8 +749,18 @@ def _save_final_model(
     trainer.save_model()
     if trainer.is_world_process_zero():
         processor.save_pretrained(training_args.output_dir)
-        if model_args.use_lora and model_args.save_merged_model:
-            merge_lora(training_args.output_dir, os.path.join(training_args.output_dir, "merged"))
+    _save_merged_model(trainer, model_args, training_args)
+
+
+def _merged_model_dir(training_args: TrainingArguments) -> str:
+    return os.path.join(training_args.output_dir, "merged")
+
+
+def _save_merged_model(trainer: ClipCapTrainer, model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """With --save_merged_model, merge the LoRA adapters saved in output_dir into output_dir/merged (main process)."""
+    if model_args.use_lora and model_args.save_merged_model and trainer.is_world_process_zero():
+        logger.info(f"Writing the adapters merged into their base model in {_merged_model_dir(training_args)}.")
+        merge_lora(training_args.output_dir, _merged_model_dir(training_args))
 
 
 def main(args: Sequence[str] | None = None, prog: str | None = None) -> dict[str, float]:
