@@ -262,7 +262,10 @@ def test_embeddings_folder_is_captioned_without_the_vision_tower(model_dir, parq
         (["--data-files", "x", "--output", "o", "--do-sample", "--num-candidates", "2", "--rerank-model", "c",
           "--num-return-sequences", "2"], "Give --num-candidates or --num-return-sequences, not both"),
         (["--data-files", "x", "--output", "o", "--num-return-sequences", "3", "--num-beams", "2"],
-         "--num-return-sequences 3 needs --do-sample, or --num-beams 3 or more: 2 beams give at most 2."),
+         "--num-return-sequences 3 needs --num-beams 3 or more, or --do-sample without --num-beams: 2 beams give at "
+         "most 2, with or without sampling."),
+        (["--data-files", "x", "--output", "o", "--do-sample", "--num-beams", "2", "--num-return-sequences", "4"],
+         "--num-return-sequences 4 needs --num-beams 4 or more: 2 beams give at most 2, with or without sampling."),
         (["--data-files", "x", "--output", "o", "--rerank-model", "c"],
          "--rerank-model chooses among candidate captions: give --num-candidates N (N > 1) with it."),
         (["--embeddings", "e", "--output", "o", "--do-sample", "--num-candidates", "2", "--rerank-model", "c"],
@@ -704,3 +707,106 @@ def test_an_output_folder_on_a_filesystem_without_file_locks_is_refused_naming_i
         f"Cannot lock the output folder {output}: its filesystem does not support file locks (flock). Upgrade filelock "
         "(`pip install -U filelock`: version 4 locks without flock) or use a folder on another filesystem.")
     assert not list(output.glob("*.parquet")) and not (output / "caption_run.json").exists()
+
+
+def test_integer_image_keys_are_recorded_and_resumed_as_the_writer_stores_them(embeddings_captioner, tmp_path):
+    from clipcap_hf.inference import caption_dataset_to_parquet
+
+    rows = embeddings_rows(3, embeddings_captioner.model.config.prefix_dim)
+    dataset = rows.remove_columns("image_key").add_column("image_key", [391895, 522418, 184613])  # COCO ids
+    output = tmp_path / "captions"
+
+    def run():
+        return caption_dataset_to_parquet(embeddings_captioner, dataset, output, shard_size=2, settings={"run": 1},
+                                          rank=0, world_size=1)
+
+    run()
+    (output / "captions-00001-of-00002.parquet").unlink()
+    assert run().written == ["captions-00001-of-00002.parquet"]
+    assert [key for key, _ in read_rows(output)] == ["391895", "522418", "184613"]
+
+
+@pytest.mark.parametrize("content, why", [("", "is not valid JSON: Expecting value"),
+                                          ("[1, 2]", "does not hold a JSON object of settings but a list")])
+def test_a_run_file_that_is_not_a_json_object_is_refused_naming_it(embeddings_captioner, tmp_path, content, why):
+    from clipcap_hf.inference import caption_dataset_to_parquet
+
+    output = tmp_path / "captions"
+    output.mkdir()
+    (output / "caption_run.json").write_text(content)
+    dataset = embeddings_rows(2, embeddings_captioner.model.config.prefix_dim)
+    with pytest.raises(ValueError) as refused:
+        caption_dataset_to_parquet(embeddings_captioner, dataset, output, settings={"run": 1}, rank=0, world_size=1)
+    message = str(refused.value)
+    assert message.startswith(f"{output / 'caption_run.json'} {why}")
+    assert message.endswith(f"Remove it to start over in {output}, or write to another folder.")
+    assert not list(output.glob("*.parquet")) and (output / "caption_run.json").read_text() == content
+
+
+def test_a_run_of_other_settings_split_alike_does_not_replace_the_run_file_of_one_writing_its_first_shards(
+    embeddings_captioner, tmp_path, monkeypatch
+):
+    from filelock import FileLock
+
+    from clipcap_hf.inference import caption_dataset_to_parquet
+
+    dataset = embeddings_rows(4, embeddings_captioner.model.config.prefix_dim)
+    output = tmp_path / "captions"
+
+    def run(rank: int, settings: dict):
+        return caption_dataset_to_parquet(embeddings_captioner, dataset, output, shard_size=2, settings=settings,
+                                          rank=rank, world_size=2)
+
+    # Run A, process 0 of 2, has recorded its settings and holds its lock, its first shard not finished.
+    output.mkdir()
+    lock_a = FileLock(output / ".caption-rank-00000-of-00002.lock")
+    lock_a.acquire(timeout=0)
+    (output / "caption_run.json").write_text(json.dumps({"run": "A"}))
+    with pytest.raises(ValueError, match=r"holds a caption_run\.json of other settings, and another process holds "
+                                         r"\.caption-rank-00000-of-00002\.lock"):
+        run(1, {"run": "B"})
+    assert json.loads((output / "caption_run.json").read_text()) == {"run": "A"}
+    lock_a.release()
+
+    # A run whose run file another run replaced while it captioned a shard does not write that shard.
+    caption_batch = embeddings_captioner.caption_batch
+
+    def replaced_meanwhile(batch):
+        (output / "caption_run.json").write_text(json.dumps({"run": "C"}))
+        return caption_batch(batch)
+
+    (output / "caption_run.json").unlink()
+    monkeypatch.setattr(embeddings_captioner, "caption_batch", replaced_meanwhile)
+    with pytest.raises(ValueError, match=r"caption_run\.json was replaced or removed by another run while this one "
+                                         r"captioned captions-00000-of-00002\.parquet, which is not written"):
+        run(0, {"run": "A"})
+    assert not list(output.glob("*.parquet"))
+
+
+def test_a_streaming_resume_on_a_changed_data_file_is_refused(embeddings_captioner, tmp_path):
+    from clipcap_hf.inference import caption_dataset_to_parquet
+
+    rows = embeddings_rows(6, embeddings_captioner.model.config.prefix_dim)
+    files = [tmp_path / "part-0.parquet", tmp_path / "part-1.parquet"]
+    rows.select(range(3)).to_parquet(files[0])
+    rows.select(range(3, 6)).to_parquet(files[1])
+    output = tmp_path / "captions"
+
+    def run():
+        streamed = datasets.load_dataset("parquet", data_files=list(map(str, files)), split="train", streaming=True)
+        return caption_dataset_to_parquet(embeddings_captioner, streamed, output, settings={"run": 1}, rank=0,
+                                          world_size=1)
+
+    run()
+    (output / "captions-00001-of-00002.parquet").unlink()  # as if killed during shard 1
+    assert run().written == ["captions-00001-of-00002.parquet"]  # the same files: resumed
+    (output / "captions-00001-of-00002.parquet").unlink()
+    rows.select([5, 4, 3, 2]).to_parquet(files[0])  # shard 0's file now holds other rows
+    with pytest.raises(ValueError) as refused:
+        run()
+    assert str(refused.value) == (
+        f"--output {output} holds captions of a source of an unknown number of rows in 2 shard(s), but this one has "
+        f"an unknown number of rows in 2 shard(s) and other data files ({files[0]} changed or moved): the input "
+        "shards would not line up with the finished ones, leaving rows out or captioning them twice. Write to a new "
+        "output folder, or resume on the original source.")
+    assert not (output / "captions-00001-of-00002.parquet").exists()

@@ -139,7 +139,8 @@ def test_images_the_processor_refuses_are_bad_rows_named_by_key(captioning, tmp_
         ClipCapCaptioner(model, processor, max_new_tokens=MAX_NEW_TOKENS)(batch)
     message = str(refused.value)
     assert message.startswith("3 image(s) of the batch cannot be read (key 'junk': Cannot decode the image bytes")
-    assert ("; key 'depth': Float image arrays must hold values in [0, 1], this one holds [0, 255]" in message
+    assert (f"; key 'depth': Cannot read image {depth}: Float image arrays must hold values in [0, 1], this one holds "
+            "[0, 255]" in message
             and "; key 'bright': Float image arrays must hold values in [0, 1], this one holds [2, 2]" in message)
     output = ClipCapCaptioner(model, processor, on_bad_image="skip", max_new_tokens=MAX_NEW_TOKENS)(batch)
     first, last = generate_captions(model, processor, good)
@@ -199,6 +200,11 @@ def test_reranking_embeddings_is_refused_before_generating(captioning, tiny_clip
         ({"num_return_sequences": 2, "num_beams": 1},
          "num_return_sequences=2 needs do_sample=True, or num_beams=2 or more: greedy decoding gives one."),
         ({"top_p": 0.9, "temperature": 0.5}, "top_p and temperature only apply when sampling: add do_sample=True"),
+        # Sampled beam search keeps one caption per beam too: refused here, not by `generate` at the first batch.
+        ({"do_sample": True, "num_beams": 2, "num_return_sequences": 4},
+         "num_return_sequences=4 needs num_beams=4 or more: 2 beams give at most 2, with or without sampling."),
+        ({"num_candidates": 3, "reranker": object(), "do_sample": True, "num_beams": 2},
+         "num_candidates=3 needs num_beams=3 or more: 2 beams give at most 2"),
         ({"on_bad_image": "ignore"}, r"on_bad_image \(`--on_bad_image`\) must be 'error' or 'skip', got 'ignore'"),
     ],
 )
@@ -214,7 +220,8 @@ def test_options_not_given_are_the_generation_configs(captioning, monkeypatch):
     monkeypatch.setattr(model.generation_config, "do_sample", False)
     monkeypatch.setattr(model.generation_config, "num_beams", 3)
     ClipCapCaptioner(model, processor, num_return_sequences=3)
-    message = "num_return_sequences=4 needs do_sample=True, or num_beams=4 or more: 3 beams give at most 3."
+    message = ("num_return_sequences=4 needs num_beams=4 or more, or do_sample=True without num_beams: 3 beams give "
+               "at most 3, with or without sampling.")
     with pytest.raises(ValueError, match=message):
         ClipCapCaptioner(model, processor, num_return_sequences=4)
     # A generation config passed to the captioner is the one `generate` uses, so the one the rules read.

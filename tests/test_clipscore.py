@@ -236,6 +236,14 @@ def test_compute_clip_metrics_alone_and_its_errors(clip, tmp_path):
         compute_clip_metrics({0: "a"}, paths, scorer, metrics=["refclipscore"])
 
 
+def test_a_file_the_processor_refuses_is_named(clip, tmp_path):
+    good, refused = tmp_path / "good.png", tmp_path / "float255.tif"
+    random_images(1)[0].save(good)
+    PIL.Image.fromarray(np.full((8, 8), 200.0, dtype=np.float32), mode="F").save(refused)  # floats not in [0, 1]
+    with pytest.raises(ValueError, match=rf"^Cannot read image {re.escape(str(refused))}: Float image arrays must"):
+        compute_clip_metrics({0: "a", 1: "b"}, {0: good, 1: refused}, CLIPScorer(*clip), metrics="clipscore")
+
+
 def test_an_empty_prediction_gets_its_clip_score_with_a_warning_that_says_so(clip, tmp_path):
     model, processor = clip
     image = random_images(1, seed=6)[0]

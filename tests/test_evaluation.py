@@ -319,6 +319,22 @@ def test_generate_captions_names_every_unreadable_file(mlp_model, processor, tmp
     assert str(error.value).startswith("2 of 4 images could not be read:\n  Cannot read image ")
 
 
+def test_a_file_the_processor_refuses_is_named_as_unreadable_and_the_others_are_captioned(
+    mlp_model, processor, tmp_path
+):
+    import numpy as np
+    import PIL.Image
+
+    good, refused = tmp_path / "good.png", tmp_path / "float255.tif"
+    random_images(1)[0].save(good)
+    # A float image of [0, 255] values: PIL opens it, the processor refuses it (floats must be in [0, 1]).
+    PIL.Image.fromarray(np.full((8, 8), 200.0, dtype=np.float32), mode="F").save(refused)
+    (results,) = iter_captions(mlp_model, processor, [good, refused], max_new_tokens=2)
+    assert results[0].caption == generate_captions(mlp_model, processor, [good], max_new_tokens=2)[0]
+    assert results[1].caption is None
+    assert results[1].error.startswith(f"Cannot read image {refused}: Float image arrays must hold values in [0, 1]")
+
+
 def test_generate_captions_gives_one_caption_per_image_whatever_the_generation_config(
     tokenizer, processor, tmp_path, monkeypatch
 ):

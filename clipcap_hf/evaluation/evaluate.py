@@ -15,7 +15,6 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard
 from tqdm.auto import tqdm
 
-from ..image_processing_clipcap import load_image
 from ..onednn import cpu_linear_kernels
 from ..utils.file_utils import escape_controls, write_text_atomically
 from .metrics import (
@@ -116,6 +115,7 @@ def iter_captions(
     that stops early should close it (`contextlib.closing`) to end the block at once.
     """
     from ..inference import ClipCapCaptioner
+    from ..inference.captioner import decode_image
 
     if batch_size < 1:
         raise ValueError(f"`batch_size` must be at least 1, got {batch_size}.")
@@ -130,8 +130,8 @@ def iter_captions(
             paths = list(image_paths[start : start + batch_size])
             images, errors = {}, {}
             for index, path in enumerate(paths):
-                try:
-                    images[index] = load_image(path)
+                try:  # converted as the processor would, so that a file it refuses is named here
+                    images[index] = decode_image(path)
                 except ValueError as error:  # its message names the file and the reason
                     errors[index] = str(error)
             result = captioner.caption(images=list(images.values()))

@@ -496,7 +496,7 @@ def compute_clip_metrics(
     Returns:
         The corpus scores (the mean over images) under `CLIPScore` and `RefCLIPScore`, and each image's own.
     """
-    from ..image_processing_clipcap import load_image
+    from ..inference.captioner import decode_image
     from ..inference.clip_score import CLIPScorer
 
     names = [metrics] if isinstance(metrics, str) else list(metrics)
@@ -518,7 +518,8 @@ def compute_clip_metrics(
     per_image: dict[ImageId, dict[str, float]] = {}
     for start in range(0, len(image_ids), batch_size):
         batch_ids = image_ids[start : start + batch_size]
-        images = [load_image(image_paths[image_id]) for image_id in batch_ids]
+        # Converted as the processor would, so that a file it refuses (a float TIFF of [0, 255] values) is named.
+        images = [decode_image(image_paths[image_id]) for image_id in batch_ids]
         captions = [predictions[image_id] for image_id in batch_ids]
         if with_references:
             clip_scores, ref_scores = scorer.ref_clip_score(images, captions, [references[i] for i in batch_ids])

@@ -44,8 +44,10 @@ def decode_image(value: Any) -> PIL.Image.Image:
     bytes, a `{"bytes", "path"}` dict (a datasets `Image(decode=False)` value, or how Ray Data reads such a column
     from parquet), or a numpy array or torch tensor of any layout and dtype the processor reads (HWC or CHW; uint8,
     uint16, bool, integers in [0, 255], floats in [0, 1]).
-    Raises a ValueError saying why, here rather than in the batch's preprocessing, so that it names one row.
+    Raises a ValueError saying why, here rather than in the batch's preprocessing, so that it names one row (and the
+    file, for a path).
     """
+    path = None
     if isinstance(value, Mapping):
         if value.get("bytes") is not None:
             value = value["bytes"]
@@ -65,15 +67,18 @@ def decode_image(value: Any) -> PIL.Image.Image:
         except (OSError, ValueError, PIL.Image.DecompressionBombError) as error:
             raise ValueError(f"Cannot decode the image bytes ({len(value)} bytes): {error}") from error
     elif isinstance(value, (str, os.PathLike)):
-        value = load_image(value)
+        path = value
+        value = load_image(value)  # names the file
     if not isinstance(value, (PIL.Image.Image, np.ndarray, torch.Tensor)):
         raise ValueError(f"Cannot read an image from a {type(value).__name__}.")
     # The processor's own conversion, so that an image it would refuse (a float TIFF of [0, 255] values, ...) is
     # refused here; a PIL image not loaded yet (truncated data) fails here with an OSError.
     try:
         return to_rgb_image(value)
-    except OSError as error:
-        raise ValueError(f"Cannot read the image: {error}") from error
+    except (OSError, ValueError) as error:
+        if path is None and isinstance(error, ValueError):
+            raise  # it says why; the caller names the row
+        raise ValueError(f"Cannot read {'the image' if path is None else f'image {path}'}: {error}") from error
 
 
 def _embedding_vector(value: Any, size: int) -> np.ndarray:
@@ -107,8 +112,9 @@ def check_decoding_options(
     """
     Refuse [`ClipCapCaptioner`] arguments that do not go together, saying which to change: sampling options without
     `do_sample=True`, more captions per image (`num_return_sequences`, `num_candidates`) than greedy decoding or the
-    beams give, `num_candidates` without a `reranker` or the other way round, and `num_candidates` with
-    `num_return_sequences`. `do_sample` and `num_beams` not given count as greedy decoding.
+    beams give (sampled beam search too keeps one caption per beam), `num_candidates` without a `reranker` or the
+    other way round, and `num_candidates` with `num_return_sequences`. `do_sample` and `num_beams` not given count as
+    greedy decoding.
 
     The one home of these rules: the captioner applies them, and `clipcap caption` applies them before it loads any
     model, with `spelling(name, value=None)` naming its options (`--num-beams 3` rather than `num_beams=3`; a value of
@@ -119,10 +125,14 @@ def check_decoding_options(
     num_sequences = generate_kwargs.get("num_return_sequences") or 1
 
     def check_enough_captions(name: str, count: int) -> None:
-        if count > 1 and not sampling and num_beams < count:
-            gives = f"{num_beams} beams give at most {num_beams}" if num_beams > 1 else "greedy decoding gives one"
-            raise ValueError(f"{spelling(name, count)} needs {spelling('do_sample', True)}, or "
-                             f"{spelling('num_beams', count)} or more: {gives}.")
+        if count <= num_beams or (sampling and num_beams == 1):
+            return
+        if num_beams > 1:  # beam search, sampled or not, keeps one caption per beam
+            without_beams = "" if sampling else f", or {spelling('do_sample', True)} without {spelling('num_beams')}"
+            raise ValueError(f"{spelling(name, count)} needs {spelling('num_beams', count)} or more{without_beams}: "
+                             f"{num_beams} beams give at most {num_beams}, with or without sampling.")
+        raise ValueError(f"{spelling(name, count)} needs {spelling('do_sample', True)}, or "
+                         f"{spelling('num_beams', count)} or more: greedy decoding gives one.")
 
     if not sampling:
         given = [spelling(name) for name in ("top_p", "temperature") if generate_kwargs.get(name) is not None]
@@ -160,7 +170,7 @@ class ClipCapCaptioner:
         caption_column: the column the captions go in.
         key_column: the column that names each row in error messages (absent: the row's position in the batch).
         num_candidates: generate this many captions per image and keep the one `reranker` scores highest; needs
-            sampling (`do_sample=True`) or beam search with at least as many beams.
+            sampling (`do_sample=True`) without beams, or beam search (sampled or not) with at least as many beams.
         reranker: a [`CLIPScorer`], or the folder or Hub name of the CLIP model to build one from.
         on_bad_image: what to do with a row whose image cannot be read or is one the processor refuses (a float
             image outside [0, 1], ...), or whose embedding is missing or of the wrong size: `"error"` raises naming

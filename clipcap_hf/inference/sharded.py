@@ -101,45 +101,126 @@ def _source_layout(dataset, num_shards: int) -> dict[str, Any]:
     What fixes which rows each input shard holds, recorded so that a resume on a changed source is refused: the
     number of rows and a digest of their image keys in order (of a loaded Dataset; a streaming one's are not known),
     and the number of shards. The digest catches what the count misses: an image replaced by another, or rows that
-    moved (an embeddings folder appends a replaced file's new row and drops its old one).
+    moved (an embeddings folder appends a replaced file's new row and drops its old one). A streaming source records
+    its data files' identities in their place (see [`_data_file_identities`]).
     """
     import datasets
 
     if not isinstance(dataset, datasets.Dataset):
-        return {"num_rows": None, "num_shards": num_shards, "image_keys_sha256": None}
+        return {
+            "num_rows": None,
+            "num_shards": num_shards,
+            "image_keys_sha256": None,
+            "data_files": _data_file_identities(dataset),
+        }
     digest = hashlib.sha256()
     if "image_key" in dataset.column_names:  # else every shard's first batch names the missing column
         keys = dataset.select_columns(["image_key"]).with_format("arrow")[:]["image_key"]  # only that column is read
-        digest.update("\0".join(keys.to_pylist()).encode())
+        digest.update("\0".join(map(str, keys.to_pylist())).encode())  # as the writer stores them: str(key)
     return {"num_rows": len(dataset), "num_shards": num_shards, "image_keys_sha256": digest.hexdigest()}
 
 
-def _check_run_file(output_dir: Path, recorded: dict[str, Any]) -> None:
+def _data_file_identities(dataset) -> list[dict[str, Any]] | None:
+    """
+    Each local data file a streaming dataset reads, with its size and a sampled digest of its content (as
+    `model_identity` identifies weight files), in the order of the input shards; None where they are not known (an
+    IterableDataset not read from local files, such as one made with `to_iterable_dataset` or streamed from the Hub).
+    The files are the `datasets` loader's arguments, found under the dataset's wrapping iterables.
+    """
+    from ..utils.file_utils import sampled_sha256
+
+    iterable = getattr(dataset, "_ex_iterable", None)
+    while getattr(iterable, "ex_iterable", None) is not None:
+        iterable = iterable.ex_iterable
+    paths = []
+    for value in (getattr(iterable, "kwargs", None) or {}).values():
+        if isinstance(value, (list, tuple)):
+            paths += [item for item in value if isinstance(item, str) and os.path.isfile(item)]
+    if not paths:
+        return None
+    return [{"path": path, "size": os.path.getsize(path), "sha256": sampled_sha256(path)} for path in paths]
+
+
+def _check_run_file(output_dir: Path, recorded: dict[str, Any], own_lock: Path | None = None) -> dict[str, Any]:
     """
     Record the run's settings; refuse to add to a folder of captions made with other settings or from another
-    source. A run file without any finished shard (a first run that failed early) is replaced; one of an earlier
-    version, which recorded less, is resumed if what it recorded matches, with a warning naming what was not checked.
-    The settings' `paths` (how the models were named, see `SHOWN_ONLY`) are recorded for people, not compared.
+    source. A run file without any finished shard (a first run that failed early) is replaced, unless a process
+    other than this one (`own_lock`) holds its lock: another run of as many processes, whose shards are not finished
+    yet. One of an earlier version, which recorded less, is resumed if what it recorded matches, with a warning
+    naming what was not checked. The settings' `paths` (how the models were named, see `SHOWN_ONLY`) are recorded for
+    people, not compared. Returns the settings as recorded, for [`_check_run_file_unchanged`].
     """
     path = output_dir / RUN_FILE
     recorded = json.loads(json.dumps(recorded))  # as it reads back from the file
     if path.exists():
-        earlier = json.loads(path.read_text(encoding="utf-8"))
+        earlier = _read_run_file(path)
         if earlier == recorded:
-            return
+            return recorded
         finished = sorted(output_dir.glob("captions-*.parquet"))
-        if finished and _compared(earlier) != _compared(recorded):
-            comparable, unchecked = _as_recorded_by(earlier, recorded)
-            if _compared(earlier) != _compared(comparable):
-                raise ValueError(_difference(output_dir, earlier, comparable))
-            _check_shard_names(output_dir, finished, recorded["source_layout"]["num_shards"])
-            logger.warning(
-                f"{output_dir / RUN_FILE} was written by an earlier version, which did not record {unchecked}: "
-                "resuming as if they have not changed. This run's are recorded from now on."
-            )
+        if _compared(earlier) != _compared(recorded):
+            if finished:
+                comparable, unchecked = _as_recorded_by(earlier, recorded)
+                if _compared(earlier) != _compared(comparable):
+                    raise ValueError(_difference(output_dir, earlier, comparable))
+                _check_shard_names(output_dir, finished, recorded["source_layout"]["num_shards"])
+                logger.warning(
+                    f"{output_dir / RUN_FILE} was written by an earlier version, which did not record {unchecked}: "
+                    "resuming as if they have not changed. This run's are recorded from now on."
+                )
+            else:
+                _check_no_other_process(output_dir, own_lock)
     from ..utils.file_utils import write_text_atomically
 
     write_text_atomically(path, json.dumps(recorded, indent=2) + "\n")
+    return recorded
+
+
+def _read_run_file(path: Path) -> dict[str, Any]:
+    """The settings in a run file, refusing one that is not a JSON object, naming it and the way out."""
+    from ..utils.file_utils import read_json
+
+    way_out = f"Remove it to start over in {path.parent}, or write to another folder."
+    try:
+        settings = read_json(path)
+    except ValueError as error:
+        raise ValueError(f"{error}. {way_out}") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} does not hold a JSON object of settings but a {type(settings).__name__}. {way_out}")
+    return settings
+
+
+def _check_no_other_process(output_dir: Path, own_lock: Path | None) -> None:
+    """
+    Refuse to replace the run file while a process other than this one holds its lock in `output_dir`: one of a run
+    of as many processes (`_folder_lock` lets those in), which may be another run than this one, with the settings the
+    run file holds, whose shards are not finished yet.
+    """
+    from filelock import Timeout
+
+    for lock in sorted(output_dir.glob(".caption-rank-*.lock")):
+        if lock == own_lock or not _LOCK_FILE.fullmatch(lock.name):
+            continue
+        try:
+            acquire_file_lock(lock, "the output folder", timeout=0).release()
+        except Timeout:
+            raise ValueError(
+                f"--output {output_dir} holds a {RUN_FILE} of other settings, and another process holds "
+                f"{lock.name}: it may be another run, writing its first shards with those settings. Let it finish, "
+                f"or stop it; or write to another folder. If it is a process of this run (which found an earlier "
+                f"run's {RUN_FILE} without finished shards), remove {output_dir / RUN_FILE} and rerun."
+            ) from None
+
+
+def _check_run_file_unchanged(output_dir: Path, recorded: dict[str, Any], shard: str) -> None:
+    """Before writing `shard`: refuse if another run has replaced (or removed) the run file since this one recorded
+    it, so that the folder never holds shards of settings other than its run file's."""
+    path = output_dir / RUN_FILE
+    if not path.exists() or _compared(_read_run_file(path)) != _compared(recorded):
+        raise ValueError(
+            f"{path} was replaced or removed by another run while this one captioned {shard}, which is not written: "
+            "the folder would mix captions of other settings. Let the other run finish, and write to another "
+            "folder; or stop it, remove the folder's captions and rerun."
+        )
 
 
 def _compared(settings: dict[str, Any]) -> dict[str, Any]:
@@ -150,8 +231,8 @@ def _compared(settings: dict[str, Any]) -> dict[str, Any]:
 def _as_recorded_by(earlier: dict[str, Any], recorded: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """
     `recorded` less what the version that wrote `earlier` did not record yet (first the source's layout and a seeded
-    sampled run's batch size and device, then the digest of the image keys; the models' identities, recorded as
-    their paths before), and what that leaves unchecked.
+    sampled run's batch size and device, then the digest of the image keys, then a streaming source's data files; the
+    models' identities, recorded as their paths before), and what that leaves unchecked.
     """
     comparable, unchecked = dict(recorded), []
     if "source_layout" not in earlier:
@@ -159,10 +240,12 @@ def _as_recorded_by(earlier: dict[str, Any], recorded: dict[str, Any]) -> tuple[
         unchecked.append("the source's rows")
         if comparable.pop("sampling", None) is not None:
             unchecked.append("the batch size and device of seeded sampling")
-    elif "image_keys_sha256" not in earlier["source_layout"]:
+    else:
         layout = comparable["source_layout"] = dict(recorded["source_layout"])
-        del layout["image_keys_sha256"]
-        unchecked.append("the source's image keys")
+        for key, what in (("image_keys_sha256", "the source's image keys"), ("data_files", "the data files")):
+            if key in layout and key not in earlier["source_layout"]:
+                del layout[key]
+                unchecked.append(what)
     if SHOWN_ONLY not in earlier and SHOWN_ONLY in comparable:  # it recorded each model as the path given
         comparable.update(comparable.pop(SHOWN_ONLY))
         unchecked.append("the models themselves (only the paths naming them, which match)")
@@ -190,7 +273,10 @@ def _difference(output_dir: Path, earlier: dict[str, Any], recorded: dict[str, A
             return f"{count} rows in {layout['num_shards']} shard(s)"
 
         now_rows = rows(now)
-        if rows(before) == now_rows:  # the same size: other image keys
+        if before.get("data_files") and before.get("data_files") != now.get("data_files"):
+            changed = [file["path"] for file in before["data_files"] if file not in (now.get("data_files") or [])]
+            now_rows += f" and other data files ({', '.join(changed[:_MAX_LISTED])} changed or moved)"
+        elif rows(before) == now_rows:  # the same size: other image keys
             now_rows += " but other images (replaced, or rows that moved)"
         return (
             f"--output {output_dir} holds captions of a source of {rows(before)}, but this one has {now_rows}: "
@@ -212,12 +298,13 @@ def _difference(output_dir: Path, earlier: dict[str, Any], recorded: dict[str, A
 
 
 @contextmanager
-def _folder_lock(output_dir: Path, rank: int, world_size: int) -> Iterator[None]:
+def _folder_lock(output_dir: Path, rank: int, world_size: int) -> Iterator[Path]:
     """
-    Hold this process's lock file in `output_dir` while the body runs, once no other run's process holds one: two
-    runs would write the same shards (through the same temporary file: one could rename the other's half-written
-    file as finished) and replace each other's run file. The processes of one `torchrun` run write other shards
-    (their number is the same and their ranks differ), so they go together (as would a run split alike).
+    Hold this process's lock file in `output_dir` (yielded) while the body runs, once no other run's process holds
+    one: two runs would write the same shards (through the same temporary file: one could rename the other's
+    half-written file as finished) and replace each other's run file. The processes of one `torchrun` run write other
+    shards (their number is the same and their ranks differ), so they go together (as would a run split alike: see
+    [`_check_no_other_process`] and [`_check_run_file_unchanged`] for how its run file is kept).
 
     The locks are `filelock`'s (the OS's `flock` on Unix, which it releases when the process ends however it ends):
     a killed run's lock file holds nothing up. Lock files stay in the folder, as in the Hub cache, since removing one
@@ -240,7 +327,7 @@ def _folder_lock(output_dir: Path, rank: int, world_size: int) -> Iterator[None]
                     acquire_file_lock(path, "the output folder", timeout=0).release()
                 except Timeout:
                     raise ValueError(_busy(output_dir, path)) from None
-        yield
+        yield own_file
     finally:
         own.release()
 
@@ -313,14 +400,15 @@ def caption_dataset_to_parquet(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     # Held from before the run file is read: a second run into the folder is refused before it touches it.
-    with _folder_lock(output_dir, rank, world_size):
+    with _folder_lock(output_dir, rank, world_size) as own_lock:
         dataset = _undecoded(dataset, captioner.image_column)
         num_shards, get_shard = _input_shards(dataset, shard_size)
+        recorded = None
         if settings is not None:
             recorded = {**settings, "source_layout": _source_layout(dataset, num_shards)}
             if captioner.do_sample and seed is not None:  # the random draws are spread over a batch's images
                 recorded["sampling"] = {"batch_size": batch_size, "device": captioner.model.device.type}
-            _check_run_file(output_dir, recorded)
+            recorded = _check_run_file(output_dir, recorded, own_lock)
         summary = CaptionRunSummary(num_shards)
         mine = [(index, shard_file_name(index, num_shards)) for index in range(rank, num_shards, world_size)]
         summary.skipped = [name for _, name in mine if (output_dir / name).exists()]
@@ -337,6 +425,8 @@ def caption_dataset_to_parquet(
                 if seed is not None:
                     torch.manual_seed(seed + index)
                 columns, bad = _caption_shard(captioner, shard, name, batch_size, on_bad_image, bar)
+                if recorded is not None:  # a run of as many processes may have replaced it meanwhile
+                    _check_run_file_unchanged(output_dir, recorded, name)
                 _write_parquet_atomically(columns, output_dir / name)
                 summary.written.append(name)
                 summary.num_captions += len(columns["image_key"])
