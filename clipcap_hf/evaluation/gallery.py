@@ -65,9 +65,11 @@ class GalleryRecord:
             isinstance(self.references, str) or not all(isinstance(reference, str) for reference in self.references)
         ):
             raise ValueError(f"`references` must be a list of strings, got {self.references!r}.")
-        if any(not isinstance(text, str) for text in (self.columns or {}).values()):
+        if any(not isinstance(title, str) or not isinstance(text, str) for title, text in (self.columns or {}).items()):
             raise ValueError(f"`columns` must map column titles to strings, got {self.columns!r}.")
         for score_name, value in (self.scores or {}).items():
+            if not isinstance(score_name, str):
+                raise ValueError(f"Score names must be strings, got {score_name!r} in {self.scores!r}.")
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise ValueError(f"Score {score_name!r} must be a number, got {value!r}.")
 
