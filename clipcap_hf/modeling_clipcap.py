@@ -79,6 +79,33 @@ def caption_length(generation_config: GenerationConfig, prefix_length: int) -> i
     return generation_config.max_length - prefix_length
 
 
+def fit_caption_to_positions(context: int | None, input_length: int, new_tokens: int, option: str) -> int:
+    """
+    The most new tokens to generate after `input_length` positions (image tokens and prompt) in a language model
+    with a learned position table of `context` positions (None: rotary or ALiBi positions, no limit), which would
+    fail midway with a bare index error. A length that runs past it is refused when the caller gave it (`option`
+    `"max_new_tokens"` or `"max_length"`), else (a generation config's, such as a pipeline's default) cut to the
+    positions left, with a warning. Shared by `generate()` and the ONNX captioner.
+    """
+    if context is None or input_length + new_tokens <= context:
+        return new_tokens
+    room = context - input_length
+    if option in ("max_new_tokens", "max_length"):
+        by_length = option == "max_length"
+        value = input_length + new_tokens if by_length else new_tokens
+        fix = f"max_length <= {context}" if by_length else f"max_new_tokens <= {room}"
+        raise ValueError(
+            f"`{option}={value}` needs {input_length + new_tokens} positions (the input's {input_length}: image "
+            f"tokens and prompt, then the new tokens), but the language model has {context} "
+            f"(max_position_embeddings), room for {room} new tokens; give {fix}."
+        )
+    logger.warning(
+        f"{option} asks for {new_tokens} new tokens, but the language model has room for {room} after the "
+        f"input's {input_length} positions (max_position_embeddings={context}): generating at most {room}."
+    )
+    return room
+
+
 # transformers 5.2x renamed the key/value cache argument and output field `past_key_values` to `cache` (the old name
 # goes in 5.40); 4.57 knows only `past_key_values`. Every model of one transformers version uses the same name.
 CACHE_NAME = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
@@ -1169,35 +1196,18 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             )
 
     def _fit_generation_to_positions(self, input_length: int, new_tokens: int, option: str, kwargs: dict) -> None:
-        """
-        Before decoding, a caption length that would run past the learned position table midway: refused when the
-        caller gave it (`max_new_tokens`, `max_length`), else (a generation config's, such as a pipeline's default)
-        cut to the positions left, with a warning.
-        """
-        context = self._learned_position_limit()
-        if context is None or input_length + new_tokens <= context:
-            return
-        room = context - input_length
-        if option in ("max_new_tokens", "max_length"):
-            by_length = option == "max_length"
-            value = input_length + new_tokens if by_length else new_tokens
-            fix = f"max_length <= {context}" if by_length else f"max_new_tokens <= {room}"
-            raise ValueError(
-                f"`{option}={value}` needs {input_length + new_tokens} positions (the input's {input_length}: image "
-                f"tokens and prompt, then the new tokens), but the language model has {context} "
-                f"(max_position_embeddings), room for {room} new tokens; give {fix}."
-            )
-        logger.warning(
-            f"{option} asks for {new_tokens} new tokens, but the language model has room for {room} after the "
-            f"input's {input_length} positions (max_position_embeddings={context}): generating at most {room}."
-        )
-        self._set_new_tokens(kwargs, room)
+        """The call's caption length fitted to the learned position table ([`fit_caption_to_positions`])."""
+        fitted = fit_caption_to_positions(self._learned_position_limit(), input_length, new_tokens, option)
+        if fitted != new_tokens:
+            self._set_new_tokens(kwargs, fitted)
 
     @staticmethod
     def _set_new_tokens(kwargs: dict, new_tokens: int) -> None:
         """
         Set this call's `max_new_tokens`: in a copy of its generation config when it gives one (transformers
-        deprecates a config together with generation arguments), else as an argument.
+        deprecates a config together with generation arguments), else as an argument. The copy's `max_length` goes
+        back to transformers' default: `max_new_tokens` now says the length, and transformers would warn that both
+        were set.
         """
         given = kwargs.get("generation_config")
         if given is None:
@@ -1205,6 +1215,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         else:
             kwargs["generation_config"] = given = copy.deepcopy(given)
             given.max_new_tokens = new_tokens
+            given.max_length = GenerationConfig().max_length
 
     def _length_as_new_tokens(self, input_length: int, kwargs: dict) -> tuple[int, str]:
         """
@@ -1267,15 +1278,31 @@ class ClipCapForImageToText(ClipCapForConditionalGeneration):
     """
     ClipCap for transformers 4.x's "image-to-text" pipeline (`AutoModelForVision2Seq`), which hands the model the
     image processor's output as its main input (`generate(pixel_values, ...)`), as for BLIP. Decoding is the same:
-    the image goes to the forward, and generation starts from the image tokens. (transformers 5 routes that task to
-    "image-text-to-text", which uses the processor.)
+    the image goes to the forward, and generation starts from the image tokens. A prompt (the pipeline's `prompt=`)
+    comes as the tokenizer's `input_ids`, without image tokens: they are written in front of it, as BLIP-2 does.
+    (transformers 5 routes that task to "image-text-to-text", which uses the processor.)
     """
 
     main_input_name = "pixel_values"
 
     def generate(self, pixel_values=None, input_ids=None, inputs=None, **kwargs):
         pixel_values = _main_input(pixel_values, inputs, "pixel_values")
+        images = pixel_values if pixel_values is not None else kwargs.get("image_embeds")
+        if images is not None and input_ids is not None and not bool((input_ids == self.config.image_token_id).any()):
+            input_ids, kwargs["attention_mask"] = self._prepend_image_tokens(input_ids, kwargs.get("attention_mask"))
         return super().generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
+
+    def _prepend_image_tokens(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        """The prompt rows with `prefix_length` image tokens in front, as the processor writes them."""
+        image_tokens = torch.full(
+            (input_ids.shape[0], self.config.prefix_length), self.config.image_token_id,
+            dtype=input_ids.dtype, device=input_ids.device,
+        )
+        if attention_mask is not None:
+            attention_mask = torch.cat((torch.ones_like(image_tokens, dtype=attention_mask.dtype), attention_mask), 1)
+        return torch.cat((image_tokens, input_ids), 1), attention_mask
 
     def _prepare_model_inputs(self, inputs=None, bos_token_id=None, model_kwargs=None):
         pixel_values, _, model_kwargs = super()._prepare_model_inputs(inputs, bos_token_id, model_kwargs)

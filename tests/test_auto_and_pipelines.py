@@ -129,6 +129,18 @@ def test_pipeline_defaults_equal_generate_defaults(saved_model_dir, task, quiet_
     assert [captioner(images=image, **kwargs)[0]["generated_text"].strip() for image in images] == expected
 
 
+@pytest.mark.skipif(TRANSFORMERS_5, reason="transformers 5's image-to-text is image-text-to-text, with the processor")
+def test_image_to_text_pipeline_prompt_equals_the_image_captioning_pipelines(saved_model_dir, quiet_transformers):
+    images = random_images(2, seed=9)
+    image_to_text = pipeline("image-to-text", model=str(saved_model_dir))
+    captioner = pipeline("image-captioning", model=str(saved_model_dir))
+    for image in images:
+        expected = captioner(image, text="A dog", max_new_tokens=4)[0]["generated_text"]
+        assert expected.startswith("A dog") and expected != "A dog"
+        output = image_to_text(image, prompt="A dog", generate_kwargs={"max_new_tokens": 4})
+        assert output == [{"generated_text": expected}]
+
+
 def generate_batch_sizes(captioner, monkeypatch):
     """The batch size of every generate call the pipeline makes from now on."""
     sizes, generate = [], captioner.model.generate

@@ -1,3 +1,4 @@
+import io
 import json
 import logging
 
@@ -195,6 +196,23 @@ def test_a_given_generation_config_keeps_the_model_defaults_it_leaves_unset(mlp_
     ).shape == (2, prefix_length + 3)
 
 
+def test_a_given_config_max_length_does_not_warn_that_max_new_tokens_was_also_set(mlp_model):
+    # The config's max_length becomes max_new_tokens in a copy; transformers (5) warned "Both `max_new_tokens` and
+    # `max_length` seem to have been set" when the copy kept the max_length too. (Its logger does not propagate.)
+    x = embeds(mlp_model, 2)
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        given = GenerationConfig(max_length=mlp_model.config.prefix_length + 5)
+        generated = mlp_model.generate(image_embeds=x, generation_config=given)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert generated.shape == (2, mlp_model.config.prefix_length + 5)
+    assert given.max_new_tokens is None  # the caller's config is left as it was
+    assert "max_new_tokens" not in stream.getvalue()
+
+
 def test_generate_reads_the_clipcap_generation_config_not_the_language_models(mlp_model):
     # A language model checkpoint's own generation config (an instruction-tuned LM's samples, and stops at its EOS)
     # must not decide how captions are decoded; ClipCap's does.
@@ -274,6 +292,20 @@ def test_inputs_is_the_main_input_as_in_transformers_generate(mlp_model, process
     pixel_values = processor(images=images[:2])["pixel_values"]
     assert torch.equal(image_to_text.generate(inputs=pixel_values, max_new_tokens=5),
                        mlp_model.generate(pixel_values=pixel_values, max_new_tokens=5))
+
+
+def test_image_to_text_class_writes_image_tokens_in_front_of_a_prompt_without_them(mlp_model, processor, images):
+    # transformers 4.57's image-to-text pipeline passes `prompt=` as the tokenizer's ids, without image tokens.
+    image_to_text = ClipCapForImageToText(mlp_model.config).eval()
+    image_to_text.load_state_dict(mlp_model.state_dict())
+    batch = processor(images=images[:2], text=["A dog", "A dog"])
+    prompt = processor.tokenizer(["A dog", "A dog"], add_special_tokens=False, return_tensors="pt")
+    expected = mlp_model.generate(**batch, max_new_tokens=5, min_new_tokens=5)
+    generated = image_to_text.generate(batch["pixel_values"], **prompt, max_new_tokens=5, min_new_tokens=5)
+    assert torch.equal(generated, expected)
+    # The prompt conditions the caption.
+    assert not torch.equal(generated[:, batch["input_ids"].shape[1]:],
+                           image_to_text.generate(batch["pixel_values"], max_new_tokens=5, min_new_tokens=5)[:, 4:])
 
 
 def test_caption_lengths_beyond_a_learned_position_table_are_refused_before_decoding(mlp_model, processor, caplog):

@@ -286,6 +286,70 @@ def test_incomplete_export_and_unsupported_settings_are_named(onnx_export, tmp_p
         captioner.generate(image_embeds=np.zeros((1, 24), np.float32))
 
 
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("begin_suppress_tokens", [5]), ("forced_bos_token_id", 5), ("forced_eos_token_id", 0),
+        ("sequence_bias", {(5,): -10.0}), ("exponential_decay_length_penalty", (2, 1.5)), ("renormalize_logits", True),
+        ("penalty_alpha", 0.6), ("stop_strings", ["dog"]), ("max_time", 5.0), ("num_return_sequences", 2),
+        ("do_sample", True), ("min_new_tokens", 3), ("guidance_scale", 2.0),
+    ],
+)
+def test_generation_settings_the_captioner_does_not_implement_are_refused_by_name(onnx_export, name, value):
+    captioner = OnnxCaptioner(onnx_export[2])
+    setattr(captioner.generation_config, name, value)
+    with pytest.raises(ValueError, match=rf"generation_config\.json sets {name}=.*does not implement"):
+        captioner.generate(image_embeds=np.zeros((1, 24), np.float32), max_new_tokens=3)
+
+
+def test_a_folder_saved_by_the_package_or_with_every_field_written_captions_as_generate(onnx_export, tmp_path):
+    from transformers import GenerationConfig
+
+    model, _, exported = onnx_export
+    image_embeds = torch.randn(2, model.config.prefix_dim, generator=torch.Generator().manual_seed(8))
+    expected = model.generate(image_embeds=image_embeds, max_new_tokens=6)[:, PREFIX_LENGTH:].tolist()
+    assert OnnxCaptioner(exported).generate(image_embeds=image_embeds.numpy(), max_new_tokens=6) == expected
+    # Every field written, with this transformers' defaults and with 4.x's (which transformers 5 leaves None), and
+    # sampling knobs that greedy search ignores.
+    folder = tmp_path / "export"
+    shutil.copytree(exported, folder, ignore=shutil.ignore_patterns("*_quantized.onnx"))
+    config = GenerationConfig.from_pretrained(exported)
+    config.to_json_file(folder / "generation_config.json", use_diff=False)
+    full = json.loads((folder / "generation_config.json").read_text())
+    transformers_4_defaults = {
+        "do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0,
+        "num_beam_groups": 1, "diversity_penalty": 0.0, "num_return_sequences": 1, "renormalize_logits": False,
+        "remove_invalid_values": False, "length_penalty": 1.0, "early_stopping": False, "use_cache": True,
+        "output_scores": False, "return_dict_in_generate": False, "num_assistant_tokens": 20,
+    }
+    sampling_knobs = {"temperature": 0.5, "top_k": 3, "top_p": 0.8, "typical_p": 0.9}
+    (folder / "generation_config.json").write_text(json.dumps({**full, **transformers_4_defaults, **sampling_knobs}))
+    assert OnnxCaptioner(folder).generate(image_embeds=image_embeds.numpy(), max_new_tokens=6) == expected
+
+
+def test_caption_lengths_beyond_the_learned_position_table_are_refused_or_cut_as_generate_does(onnx_export, caplog):
+    # The tiny GPT-2 has 128 learned positions, 4 of them the image tokens: an explicit length past them is refused
+    # before decoding (not a Gather index error in ONNX Runtime), a generation config's is cut with a warning.
+    model, _, exported = onnx_export
+    image_embeds = torch.randn(1, model.config.prefix_dim, generator=torch.Generator().manual_seed(9)).numpy()
+    for quantized in (False, True):  # (the int8 graphs carry the table's size too)
+        captioner = OnnxCaptioner(exported, quantized=quantized)
+        captioner.generation_config.eos_token_id = None  # every caption runs to its full length
+        with pytest.raises(ValueError, match=r"`max_new_tokens=125` needs 129 positions .* room for 124 new tokens"):
+            captioner.generate(image_embeds=image_embeds, max_new_tokens=125)
+        captioner.generation_config.max_new_tokens = 200
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="clipcap_hf.modeling_clipcap"):
+            tokens = captioner.generate(image_embeds=image_embeds)
+        assert len(tokens[0]) == 124
+        assert "caption length asks for 200 new tokens, but the language model has room for 124" in caplog.text
+        if not quantized:
+            expected = model.generate(
+                image_embeds=torch.from_numpy(image_embeds), max_new_tokens=124, eos_token_id=None
+            )
+            assert tokens == expected[:, PREFIX_LENGTH:].tolist()
+
+
 def test_cli_refuses_a_non_empty_output_folder(onnx_export, capsys):
     _, saved, exported = onnx_export
     assert main(["export-onnx", str(saved), "--output", str(exported)]) == 2

@@ -8,7 +8,7 @@ A folder `clipcap export-onnx` writes:
     onnx/embed_tokens.onnx          input_ids (batch, length)              -> inputs_embeds (batch, length, hidden)
     onnx/decoder_model_merged.onnx  inputs_embeds, attention_mask, position_ids, past_key_values.{i}.key/value,
                                     optionally num_logits_to_keep (default 0: every position)
-                                    -> logits, present.{i}.key/value
+                                    -> logits, present.{i}.key/value; metadata clipcap.learned_position_limit
     onnx/*_quantized.onnx           the same graphs with int8 weights (ONNX Runtime's dynamic quantization: a scale
                                     per output column of each matrix product's weight, one per embedding table)
 
@@ -41,6 +41,10 @@ ONNX_SUBFOLDER = "onnx"
 GRAPHS = ("vision_encoder", "mapping_network", "embed_tokens", "decoder_model_merged")
 QUANTIZED_SUFFIX = "_quantized"
 LOGITS_TO_KEEP = "num_logits_to_keep"  # the decoder's optional input, named as transformers.js names it
+# The decoder graph's metadata entry for the size of the language model's learned position table ("none" for rotary
+# or ALiBi positions), which the captioner keeps captions within; the graph cannot say it, and its config alone does
+# not tell a learned table from rotary positions.
+POSITION_LIMIT_KEY = "clipcap.learned_position_limit"
 # Exported with ONNX's own file limit in mind: a graph over 2 GB must keep its weights in a `.onnx.data` file beside
 # it, which neither the browser page nor a single-file download wants for smaller models.
 _SINGLE_FILE_LIMIT = 2_000_000_000
@@ -141,10 +145,12 @@ def _export(
     output_names: list[str],
     dynamic_shapes: tuple,
     input_defaults: dict[str, int] | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> None:
     """
     One graph with `torch.onnx.export(dynamo=True)`, its weights inside it unless they pass ONNX's 2 GB limit.
-    `input_defaults` gives integer scalar inputs a value used where a caller does not feed them.
+    `input_defaults` gives integer scalar inputs a value used where a caller does not feed them; `metadata` goes into
+    the model's metadata (ONNX Runtime's `session.get_modelmeta().custom_metadata_map`).
     """
     module.eval()
     with warnings.catch_warnings():
@@ -169,6 +175,7 @@ def _export(
         graph_input = next(value for value in program.model.graph.inputs if value.name == name)
         graph_input.const_value = onnx_ir.tensor(np.array(default, np.int64), name=name)
         program.model.graph.register_initializer(graph_input)
+    program.model.metadata_props.update(metadata or {})
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     program.save(str(path), external_data=weight_bytes > _SINGLE_FILE_LIMIT)
 
@@ -227,6 +234,7 @@ def export_graphs(
         # Every position's logits by default, as before the input existed: callers that do not know it (the browser
         # page, transformers.js, which feeds it only where the session lists it as an input) get what they expect.
         input_defaults={LOGITS_TO_KEEP: 0},
+        metadata={POSITION_LIMIT_KEY: str(model._learned_position_limit() or "none")},
     )
     return paths
 

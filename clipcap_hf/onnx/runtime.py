@@ -19,17 +19,41 @@ import numpy as np
 from transformers import GenerationConfig
 
 from ..configuration_clipcap import ClipCapConfig
-from ..modeling_clipcap import caption_length
+from ..modeling_clipcap import caption_length, fit_caption_to_positions
 from ..processing_clipcap import ClipCapProcessor
-from .export import GRAPHS, LOGITS_TO_KEEP, ONNX_SUBFOLDER, QUANTIZED_SUFFIX, past_names
+from .export import GRAPHS, LOGITS_TO_KEEP, ONNX_SUBFOLDER, POSITION_LIMIT_KEY, QUANTIZED_SUFFIX, past_names
 
 if TYPE_CHECKING:
     import onnxruntime
 
-# Generation settings this loop does not implement; a folder that sets one is refused rather than decoded otherwise.
-_UNSUPPORTED_SETTINGS = {
-    "do_sample": False, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "bad_words_ids": None,
-    "min_length": 0, "min_new_tokens": None, "num_beam_groups": 1,
+# The generation config fields this loop follows or that cannot change the tokens; a folder whose generation config
+# sets any other field away from transformers' default is refused rather than decoded otherwise than `generate()`.
+_IMPLEMENTED_SETTINGS = {
+    "max_length", "max_new_tokens", "num_beams", "eos_token_id", "pad_token_id", "suppress_tokens", "length_penalty",
+    "early_stopping",
+}
+_TOKEN_NEUTRAL_SETTINGS = {
+    # unused: no BOS is generated, and ClipCap is no encoder-decoder
+    "bos_token_id", "decoder_start_token_id",
+    # how transformers computes or returns, not what
+    "use_cache", "cache_implementation", "cache_config", "max_cache_len", "compile_config", "disable_compile",
+    "prefill_chunk_size", "low_memory", "continuous_batching_config", "output_attentions", "output_hidden_states",
+    "output_scores", "output_logits", "return_dict_in_generate", "return_legacy_cache",
+    # read only with an assistant model, which only a call to `generate()` can give
+    "num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold", "assistant_lookbehind",
+    "target_lookbehind", "max_matching_ngram_size", "is_assistant",
+    # the file's bookkeeping
+    "transformers_version", "_from_model_config", "_commit_hash", "_original_object_hash",
+}
+# Read only when sampling (`do_sample`, itself refused): transformers ignores them in greedy and beam search.
+_SAMPLING_SETTINGS = {"temperature", "top_k", "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "top_h"}
+_ALLOWED_SETTINGS = _IMPLEMENTED_SETTINGS | _TOKEN_NEUTRAL_SETTINGS | _SAMPLING_SETTINGS
+# Values that turn a setting off where transformers 5's default is None (4.x's defaults, which its files may hold).
+_OFF_VALUES = {
+    "do_sample": False, "repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0, "min_length": 0, "num_beam_groups": 1, "diversity_penalty": 0.0,
+    "num_return_sequences": 1, "renormalize_logits": False, "remove_invalid_values": False, "token_healing": False,
+    "guidance_scale": 1.0,
 }
 _NEG_INF = np.float32(-np.inf)
 
@@ -115,6 +139,9 @@ class OnnxCaptioner:
         # Exports older than the optional `num_logits_to_keep` input return every position's logits.
         optional_inputs = {initializer.name for initializer in decoder.get_overridable_initializers()}
         self._can_keep_logits = LOGITS_TO_KEEP in optional_inputs
+        # The learned position table's size (None: rotary or ALiBi positions, or an export older than the entry).
+        limit = decoder.get_modelmeta().custom_metadata_map.get(POSITION_LIMIT_KEY, "none")
+        self._position_limit = None if limit == "none" else int(limit)
 
     # ------------------------------------------------------------------------------------------------ the graphs
 
@@ -184,11 +211,16 @@ class OnnxCaptioner:
 
     def _settings(self, max_new_tokens: int | None, num_beams: int | None) -> dict:
         config = self.generation_config
-        for name, default in _UNSUPPORTED_SETTINGS.items():
-            if getattr(config, name, default) not in (default, None):
+        defaults = GenerationConfig().to_dict()
+        for name, value in config.to_dict().items():
+            # (A field this transformers does not know is ignored by its `generate()` too.)
+            if name in _ALLOWED_SETTINGS or name not in defaults:
+                continue
+            if not (value is None or value == defaults[name] or (name in _OFF_VALUES and value == _OFF_VALUES[name])):
                 raise ValueError(
-                    f"generation_config.json sets {name}={getattr(config, name)!r}, which the ONNX captioner does not "
-                    "implement (greedy and beam search only); remove it from the exported folder's generation config."
+                    f"generation_config.json sets {name}={value!r}, which the ONNX captioner does not implement "
+                    "(greedy and beam search with a length, stop and pad tokens, suppressed tokens, a length penalty); "
+                    "remove it from the exported folder's generation config, or caption with the PyTorch model."
                 )
         eos = config.eos_token_id
         for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams)):
@@ -196,11 +228,14 @@ class OnnxCaptioner:
                 raise ValueError(
                     f"{name}={value!r}: pass a positive integer, or leave it out (None) to use the generation config's."
                 )
+        # As the PyTorch model loaded from this folder reads the generation config, and fits it to the positions.
+        prefix_length = self.config.prefix_length
+        if max_new_tokens is None:
+            length, option = caption_length(config, prefix_length), "the generation config's caption length"
+        else:
+            length, option = max_new_tokens, "max_new_tokens"
         return {
-            # As the PyTorch model loaded from this folder reads the generation config.
-            "max_new_tokens": (
-                caption_length(config, self.config.prefix_length) if max_new_tokens is None else max_new_tokens
-            ),
+            "max_new_tokens": fit_caption_to_positions(self._position_limit, prefix_length, length, option),
             "num_beams": (config.num_beams or 1) if num_beams is None else num_beams,
             "eos": set(eos if isinstance(eos, list) else [] if eos is None else [eos]),
             # transformers pads with the first EOS token where no pad token is set.
