@@ -101,14 +101,19 @@ def _text_embedding_size(text_config: PretrainedConfig) -> int:
     return text_config.hidden_size
 
 
-def check_vision_backend(vision_backend: str, **open_clip_fields: Any) -> None:
+def check_vision_backend(vision_backend: str, vision_pooling: str | None = None, **open_clip_fields: Any) -> None:
     """
-    `vision_backend` is a known one, and the open_clip fields (`open_clip_pretrained`, ...) among `open_clip_fields`
-    are given only with the open_clip backend. Shared by the config and `load_pretrained_vision_model`, which both
-    take these from users.
+    `vision_backend` is a known one, `vision_pooling` is given only with transformers towers, and the open_clip
+    fields (`open_clip_pretrained`, ...) among `open_clip_fields` only with the open_clip backend. Shared by the config
+    and `load_pretrained_vision_model`, which both take these from users.
     """
     if vision_backend not in VISION_BACKENDS:
         raise ValueError(f"`vision_backend` must be one of {VISION_BACKENDS}, got {vision_backend!r}.")
+    if vision_backend == "open_clip" and vision_pooling is not None:
+        raise ValueError(
+            f"`vision_pooling` ({vision_pooling!r}) applies to transformers towers; an open_clip tower gives its "
+            "projected embedding. Leave it None with vision_backend='open_clip'."
+        )
     given = [name for name, value in open_clip_fields.items() if value is not None]
     if vision_backend == "clip" and given:
         raise ValueError(
@@ -233,6 +238,7 @@ class ClipCapConfig(PretrainedConfig):
     ):
         check_vision_backend(
             vision_backend,
+            vision_pooling,
             open_clip_model_name=open_clip_model_name,
             open_clip_pretrained=open_clip_pretrained,
             open_clip_model_cfg=open_clip_model_cfg,
@@ -250,11 +256,6 @@ class ClipCapConfig(PretrainedConfig):
             else:
                 raise ValueError(
                     "vision_backend='open_clip' needs `open_clip_model_name` (e.g. 'RN50x4') or `open_clip_model_cfg`."
-                )
-            if vision_pooling is not None:
-                raise ValueError(
-                    f"`vision_pooling` ({vision_pooling!r}) applies to transformers towers; an open_clip tower gives "
-                    "its projected embedding. Leave it None with vision_backend='open_clip'."
                 )
             embedding_dim = open_clip_model_cfg["embed_dim"]
         else:

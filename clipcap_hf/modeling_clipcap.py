@@ -387,7 +387,7 @@ def load_pretrained_vision_model(
         vision_pooling (`str`, *optional*):
             `"clip"` backend: how the tower gives one image embedding ([`ClipCapConfig`]); defaults to the tower's.
     """
-    check_vision_backend(vision_backend, open_clip_pretrained=open_clip_pretrained)
+    check_vision_backend(vision_backend, vision_pooling, open_clip_pretrained=open_clip_pretrained)
     if vision_backend == "clip":
         _check_local_path(vision_model_name_or_path, "vision model")
         try:

@@ -573,3 +573,18 @@ def test_trainer_num_items_in_batch_divides_the_summed_caption_loss(tokenizer, p
     # Without Trainer's count, the model masks them itself: the mean over the caption targets.
     torch.testing.assert_close(model(image_embeds=x, **{**batch, "labels": labels}).loss,
                                torch.cat(target_losses[:2]).mean())
+
+
+def test_vision_pooling_with_an_open_clip_tower_is_refused_by_from_vision_text_pretrained(tmp_path):
+    # As ClipCapConfig refuses it: an open_clip tower gives its projected embedding, whatever pooling is asked for.
+    from conftest import build_tokenizer, save_open_clip_local_dir
+    from transformers import GPT2LMHeadModel
+
+    name, _ = save_open_clip_local_dir(tmp_path / "open_clip", "vit")
+    tokenizer = build_tokenizer()
+    GPT2LMHeadModel(tiny_config(tokenizer).text_config).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match=r"`vision_pooling` \('cls'\) applies to transformers towers"):
+        ClipCapForConditionalGeneration.from_vision_text_pretrained(
+            name, str(tmp_path / "gpt2"), vision_backend="open_clip", vision_pooling="cls"
+        )

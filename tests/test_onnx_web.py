@@ -48,7 +48,9 @@ def caption_in_browser(browser, url, image_path, quantized=False):
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(f"{url}/web/index.html?model=../model/" + ("&quantized=1" if quantized else ""))
-    status = lambda: browser.find_element("id", "status").text
+    def status():
+        return browser.find_element("id", "status").text
+
     WebDriverWait(browser, WAIT_S).until(lambda _: status() != "loading", message="waiting for the model to load")
     assert status() == "ready", status()
     browser.find_element("id", "image").send_keys(str(image_path))
