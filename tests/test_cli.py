@@ -1,6 +1,7 @@
 import html
 import io
 import json
+import re
 import sys
 
 import pytest
@@ -9,7 +10,7 @@ from conftest import random_images
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
 from clipcap_hf.commands import main
-from clipcap_hf.commands._utils import expand_image_paths
+from clipcap_hf.commands._utils import expand_image_paths, resolve_device
 
 
 @pytest.fixture
@@ -303,13 +304,27 @@ def test_output_survives_a_stdout_encoding_that_cannot_show_the_file_names(saved
     "device, message",
     [("gpu", "--device: 'gpu' is not a device; use cpu, cuda, cuda:N or mps."),
      pytest.param("cuda", "--device cuda: no CUDA GPU is available here; use --device cpu.",
-                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU"))],
+                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")),
+     ("meta", "--device meta: the meta device holds no data, so it cannot run a model; use --device cpu."),
+     # torch knows these device types but has no backend for hpu, and no XPU here
+     ("hpu", "--device hpu: no hpu device is available here; use --device cpu."),
+     pytest.param("xpu:0", "--device xpu:0: no xpu device is available here; use --device cpu.",
+                  marks=pytest.mark.skipif(torch.xpu.is_available(), reason="needs a machine without an XPU"))],
 )
 def test_a_bad_device_is_reported_before_the_model_is_loaded(image_folder, tmp_path, capsys, device, message):
     # The --model folder does not exist: the device is checked first.
     for command in (["caption", str(image_folder)], ["interpret", str(image_folder)]):
         assert main([*command, "--model", str(tmp_path / "missing"), "--device", device]) == 2
         assert capsys.readouterr().err == f"clipcap {command[0]}: error: {message}\n"
+
+
+def test_a_device_type_is_taken_where_its_backend_says_it_is_available(monkeypatch):
+    monkeypatch.setattr(torch.xpu, "is_available", lambda: True)
+    monkeypatch.setattr(torch.xpu, "device_count", lambda: 2)
+    assert resolve_device("xpu") == torch.device("xpu")
+    assert resolve_device("xpu:1") == torch.device("xpu", 1)
+    with pytest.raises(ValueError, match=re.escape("--device xpu:2: there are only 2 xpu devices (xpu:0 to xpu:1).")):
+        resolve_device("xpu:2")
 
 
 class BrokenPipe(io.StringIO):

@@ -174,6 +174,18 @@ def test_decompression_bomb_is_explained_by_file_name(mlp_model, processor, tmp_
         caption_and_interpret(mlp_model, processor, path)
 
 
+def test_a_folder_is_named_as_given_when_it_has_no_file_name(mlp_model, processor, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # "." has no name to shorten it to: the message keeps it, and the dots elsewhere in the message.
+    with pytest.raises(ValueError, match=re.escape("Cannot read image .: [Errno 21] Is a directory: '.'")):
+        caption_and_interpret(mlp_model, processor, ".")
+    # An upload's temporary folder is left out wherever the message names it.
+    (tmp_path / "photo.png").mkdir()
+    with pytest.raises(ValueError) as caught:
+        caption_and_interpret(mlp_model, processor, tmp_path / "photo.png")
+    assert str(caught.value) == "Cannot read image photo.png: [Errno 21] Is a directory: 'photo.png'"
+
+
 def test_no_image_is_explained(mlp_model, processor):
     with pytest.raises(ValueError, match="Upload an image or pick an example first"):
         caption_and_interpret(mlp_model, processor, None)

@@ -307,6 +307,46 @@ def test_interpret_compare_refuses_the_same_model(saved_words_model, capsys):
     assert "--compare names the same model as --model" in capsys.readouterr().err
 
 
+def test_interpret_compare_refuses_the_same_folder_named_another_way(saved_words_model, monkeypatch, capsys):
+    folder, image_path, _ = saved_words_model
+    monkeypatch.chdir(folder.parent)
+    (folder.parent / "link").symlink_to(folder, target_is_directory=True)
+    for other in (f"./{folder.name}", str(folder), "link"):
+        assert main(["interpret", str(image_path), "--model", folder.name, "--compare", other]) == 2
+        assert f"--compare names the same model as --model ({folder.name})" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("failure", [KeyboardInterrupt, RuntimeError])
+def test_an_interrupted_interpret_run_keeps_the_earlier_gallery_and_prints_no_json(
+    saved_words_model, tmp_path, monkeypatch, capsys, failure
+):
+    import clipcap_hf.commands.interpret as interpret_command
+
+    folder, image_path, _ = saved_words_model
+    second = tmp_path / "second.png"
+    random_images(1, seed=4)[0].save(second)
+    gallery = tmp_path / "prefixes.html"
+    argv = ["interpret", str(image_path), str(second), "--model", str(folder), "--gallery", str(gallery)]
+    assert main(argv) == 0
+    complete = gallery.read_text()
+    assert '<p class="summary">2 images.' in complete
+    capsys.readouterr()
+
+    real_read, calls = interpret_command._read, []
+
+    def read_then_fail(*args, **kwargs):
+        calls.append(args)
+        if len(calls) == 2:  # Ctrl-C, or a crash, while the second image is read
+            raise failure("stopped")
+        return real_read(*args, **kwargs)
+
+    monkeypatch.setattr(interpret_command, "_read", read_then_fail)
+    with pytest.raises(failure):
+        main([*argv, "--json"])
+    assert gallery.read_text() == complete  # not replaced by a gallery of the first image alone
+    assert capsys.readouterr().out == ""  # no JSON list that looks complete but holds one image
+
+
 def test_interpret_gallery_of_one_model(saved_words_model, tmp_path):
     folder, image_path, _ = saved_words_model
     gallery = tmp_path / "prefixes.html"

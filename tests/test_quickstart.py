@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,6 +101,52 @@ def test_a_folder_with_other_files_is_refused_before_training(tmp_path, capsys, 
     assert capsys.readouterr().err == (
         f"clipcap quickstart: error: --output-dir: {out / 'notes.txt'} is a file; name a folder to save the model in.\n"
     )
+
+
+def test_an_output_dir_that_cannot_be_created_is_refused_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(
+        "clipcap_hf.training.quickstart.make_shapes_dataset", lambda *args: pytest.fail("training started")
+    )
+    note = tmp_path / "note.txt"
+    note.write_text("x")
+    assert cli_main(["quickstart", "--output-dir", str(note / "model" / "deeper")]) == 2
+    assert capsys.readouterr().err == (
+        f"clipcap quickstart: error: --output-dir: {note / 'model' / 'deeper'} cannot be created: {note} is a file; "
+        "name a folder to save the model in.\n"
+    )
+    # Root writes into any folder whatever its mode, so the folder's lack of write permission is what os.access says.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
+    for output_dir in (locked, locked / "model"):
+        assert cli_main(["quickstart", "--output-dir", str(output_dir)]) == 2
+        assert capsys.readouterr().err == (
+            f"clipcap quickstart: error: --output-dir: {output_dir} cannot be written: the folder {locked} is not "
+            "writable; name another folder.\n"
+        )
+
+
+def test_overwrite_removes_the_earlier_runs_records_before_saving_the_new_model(tmp_path, monkeypatch):
+    import clipcap_hf.training.quickstart as quickstart
+
+    out = tmp_path / "quickstart"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({"model_type": "clipcap"}))  # an earlier run's model, in short
+    (out / "quickstart_config.json").write_text(json.dumps({"seed": 1}))
+    (out / "held_out_scores.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+
+    def killed(path, text):
+        raise KeyboardInterrupt  # the run is stopped once the new model is saved, before its records are written
+
+    monkeypatch.setattr(quickstart, "write_text_atomically", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_quickstart(out, TINY_RUN, verbose=False, overwrite=True)
+    # The new weights are never paired with the earlier run's settings and scores; other files stay.
+    assert not (out / "quickstart_config.json").exists() and not (out / "held_out_scores.json").exists()
+    assert (out / "model.safetensors").is_file() and (out / "notes.txt").read_text() == "mine"
+    assert ClipCapForConditionalGeneration.from_pretrained(out).config.prefix_length == TINY_RUN.prefix_length
 
 
 def test_overwrite_replaces_an_earlier_model_and_the_trainer_leaves_nothing_behind(tmp_path, capsys):

@@ -73,8 +73,10 @@ def expand_image_paths(patterns: Sequence[str]) -> list[Path]:
 
 def resolve_device(device: str | None) -> torch.device:
     """
-    The `--device` to run on, checked before any model is loaded. Default: under `torchrun` or `accelerate launch`
-    (WORLD_SIZE > 1) each process's own GPU (LOCAL_RANK, modulo the GPUs here), else cuda when available, else cpu.
+    The `--device` to run on, checked before any model is loaded: cpu, cuda[:N], mps, or another type whose torch
+    backend says it is available (`torch.xpu.is_available()`); never meta. Default: under `torchrun` or `accelerate
+    launch` (WORLD_SIZE > 1) each process's own GPU (LOCAL_RANK, modulo the GPUs here), else cuda when available,
+    else cpu.
     """
     if device is None:
         if not torch.cuda.is_available():
@@ -86,14 +88,24 @@ def resolve_device(device: str | None) -> torch.device:
         resolved = torch.device(device)
     except RuntimeError:
         raise ValueError(f"--device: {device!r} is not a device; use cpu, cuda, cuda:N or mps.") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: no CUDA GPU is available here; use --device cpu.")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise ValueError(f"--device {device}: there are only {torch.cuda.device_count()} CUDA GPUs "
-                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
-    if resolved.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"--device {device}: MPS is not available here; use --device cpu.")
+    if resolved.type == "cpu":
+        return resolved
+    if resolved.type == "meta":  # shapes without data: the model would load, then fail on the first image
+        raise ValueError(f"--device {device}: the meta device holds no data, so it cannot run a model; "
+                         "use --device cpu.")
+    if resolved.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {device}: MPS is not available here; use --device cpu.")
+        return resolved
+    # cuda and the other accelerators (xpu, hpu, ...): taken where torch's module for them says one is here.
+    backend = getattr(torch, resolved.type, None)
+    what = "CUDA GPU" if resolved.type == "cuda" else f"{resolved.type} device"
+    if not (callable(getattr(backend, "is_available", None)) and backend.is_available()):
+        raise ValueError(f"--device {device}: no {what} is available here; use --device cpu.")
+    count = backend.device_count() if callable(getattr(backend, "device_count", None)) else None
+    if resolved.index is not None and count is not None and resolved.index >= count:
+        raise ValueError(f"--device {device}: there are only {count} {what}s "
+                         f"({resolved.type}:0 to {resolved.type}:{count - 1}).")
     return resolved
 
 

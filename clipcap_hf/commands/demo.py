@@ -62,11 +62,13 @@ def load_user_image(image_path: str | os.PathLike | None) -> PIL.Image.Image:
     """
     if image_path is None:
         raise ValueError("Upload an image or pick an example first.")
+    path = Path(image_path)
     try:
-        return to_rgb_image(load_image(Path(image_path)))
+        return to_rgb_image(load_image(path))
     except ValueError as error:
-        # Uploads are stored under a temporary folder; the user knows the file by its name only.
-        raise ValueError(str(error).replace(str(image_path), Path(image_path).name)) from None
+        # Uploads are stored under a temporary folder; the user knows the file by its name only. A path without a
+        # name (".") is kept as it is: replacing it would also cut every "." out of the message.
+        raise ValueError(str(error).replace(str(path), path.name) if path.name else str(error)) from None
 
 
 def caption_and_interpret(

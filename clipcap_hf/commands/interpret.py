@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,7 @@ class _Reading:
 
 def run(args: argparse.Namespace) -> int:
     paths = expand_image_paths(args.images)
-    if args.compare is not None and args.compare == args.model:
+    if args.compare is not None and _same_model(args.model, args.compare):
         raise ValueError(f"--compare names the same model as --model ({args.model}); name another one.")
     if args.gallery:
         check_gallery_path(args.gallery, taken=paths)
@@ -81,33 +82,40 @@ def run(args: argparse.Namespace) -> int:
     # The gallery's rows: paths, not images (it reads each image again for its thumbnail, as `clipcap caption`'s
     # does), so that a long run holds one decoded image at a time.
     results, errors, gallery_rows = [], [], []
-    try:
-        for path in paths:
-            try:
-                image = load_image(path)
-            except ValueError as error:  # like `clipcap caption`: named at the end, the other images still run
-                errors.append(str(error))
-                results.append({"image": str(path), ("models" if comparing else "prefix"): None, "error": str(error)})
-                if args.gallery:  # shown with its name and the error
-                    gallery_rows.append((path, []))
-                continue
-            image_readings = [_read(name, model, processor, image, args.top_k, caption=comparing or bool(args.gallery))
-                              for name, model, processor in models]
-            if args.gallery:
-                gallery_rows.append((path, image_readings))
-            results.append(_json_result(path, image_readings, comparing))
-            if not args.json:
-                text = _side_by_side(image_readings) if comparing else image_readings[0].interpretation.format()
-                print(f"{escape_controls(str(path))}\n{text}", flush=True)
-    finally:
-        if args.json:  # also when the run fails: the results before it are kept, as valid JSON
-            json.dump(results, sys.stdout, indent=2, ensure_ascii=not stdout_is_utf8())
-            sys.stdout.write("\n")
-        if args.gallery and gallery_rows:
-            _write_gallery(args.gallery, gallery_rows, names)
+    for path in paths:
+        try:
+            image = load_image(path)
+        except ValueError as error:  # like `clipcap caption`: named at the end, the other images still run
+            errors.append(str(error))
+            results.append({"image": str(path), ("models" if comparing else "prefix"): None, "error": str(error)})
+            if args.gallery:  # shown with its name and the error
+                gallery_rows.append((path, []))
+            continue
+        image_readings = [_read(name, model, processor, image, args.top_k, caption=comparing or bool(args.gallery))
+                          for name, model, processor in models]
+        if args.gallery:
+            gallery_rows.append((path, image_readings))
+        results.append(_json_result(path, image_readings, comparing))
+        if not args.json:
+            text = _side_by_side(image_readings) if comparing else image_readings[0].interpretation.format()
+            print(f"{escape_controls(str(path))}\n{text}", flush=True)
+    # Only a run that went through every image (unreadable ones included) writes them: one stopped by Ctrl-C or a
+    # crash would replace a complete earlier gallery with part of one, and print a JSON list that looks complete.
+    if args.json:
+        json.dump(results, sys.stdout, indent=2, ensure_ascii=not stdout_is_utf8())
+        sys.stdout.write("\n")
+    if args.gallery:
+        _write_gallery(args.gallery, gallery_rows, names)
     if errors:
         raise UnreadableImagesError(errors, len(paths))
     return 0
+
+
+def _same_model(name: str, other: str) -> bool:
+    """Whether two names load one model: the same folder however spelt (`q_a`, `./q_a`, a link), or one Hub name."""
+    if os.path.isdir(name) and os.path.isdir(other):
+        return os.path.samefile(name, other)
+    return name == other
 
 
 def _read(

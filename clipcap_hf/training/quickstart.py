@@ -225,11 +225,21 @@ def score_captions(predictions: list[str], references: list[str]) -> dict[str, f
 
 def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
     """
-    A folder with files in it is written into only with `overwrite`, and only if it holds a ClipCap model, so that no
-    one's other files are written over by accident.
+    Say before training, not after it, that the model cannot be saved in `output_dir`: it must be a folder that can
+    be written, or be creatable in one. A folder with files in it is written into only with `overwrite`, and only if
+    it holds a ClipCap model, so that no one's other files are written over by accident.
     """
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"--output-dir: {output_dir} is a file; name a folder to save the model in.")
+    nearest = next(folder for folder in (output_dir, *output_dir.parents) if folder.exists())
+    if not nearest.is_dir():
+        raise NotADirectoryError(
+            f"--output-dir: {output_dir} cannot be created: {nearest} is a file; name a folder to save the model in."
+        )
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"--output-dir: {output_dir} cannot be written: the folder {nearest} is not writable; name another folder."
+        )
     if not output_dir.exists() or not any(output_dir.iterdir()):
         return
     if not overwrite:
@@ -252,7 +262,9 @@ def run_quickstart(
     Build the dataset, train, caption the held-out test split, save the model and processor to `output_dir`.
 
     `output_dir` must be new or empty, or, with `overwrite`, hold a ClipCap model: the new model's files are written
-    over its files, and files the new run does not write stay. This is checked before training.
+    over its files (the earlier run's `quickstart_config.json` and `held_out_scores.json` are removed first), and
+    files the new run does not write stay. This, and that the folder can be written or created, is checked before
+    training.
 
     Returns:
         `unseen_combinations` and `seen_combinations`: the scores (see [`score_captions`]) and `num_images` of the
@@ -309,9 +321,14 @@ def run_quickstart(
         if split == "test":
             scores["samples"] = list(zip(predictions, references))[:: max(1, len(references) // 8)][:8]
 
+    records = {"quickstart_config.json": asdict(config), "held_out_scores.json": scores}
+    # An earlier run's records go before the new weights come, so that a run stopped between the two never leaves
+    # the new model beside the old run's settings and scores.
+    for name in records:
+        (output_dir / name).unlink(missing_ok=True)
     save_pretrained(output_dir, model, processor)
-    write_text_atomically(output_dir / "quickstart_config.json", json.dumps(asdict(config), indent=2))
-    write_text_atomically(output_dir / "held_out_scores.json", json.dumps(scores, indent=2))
+    for name, record in records.items():
+        write_text_atomically(output_dir / name, json.dumps(record, indent=2))
     if verbose:
         print_report(scores, output_dir)
     return scores
