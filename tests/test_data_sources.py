@@ -298,3 +298,41 @@ def test_a_folder_of_shards_is_read_as_its_shards(tmp_path, webdataset_shards, s
     assert sorted(source["captions"]) == sorted(expected)
     shards = sorted(str(path) for path in folder.glob(f"*.{suffix}"))
     assert sorted(set(source["__url__"])) == shards
+
+
+def write_split_shards(folder, captions_by_split: dict[str, list[str]]) -> None:
+    """One parquet shard per split in the Hub's layout (`<split>-00000-of-00001.parquet`), one image per caption."""
+    folder.mkdir()
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    for seed, (split, captions) in enumerate(captions_by_split.items()):
+        rows = {"image": [{"bytes": png_bytes(image), "path": None} for image in random_images(len(captions), seed)]}
+        datasets.Dataset.from_dict({**rows, "caption": captions}, features=features).to_parquet(
+            str(folder / f"{split}-00000-of-00001.parquet")
+        )
+
+
+def test_a_folder_of_split_shards_reads_the_asked_split_only(tmp_path):
+    from clipcap_hf.data.prepare import load_source
+    from clipcap_hf.training.arguments import DataArguments
+
+    write_split_shards(tmp_path / "data", {"train": ["A dog.", "A cat."], "test": ["A bird."]})
+    folder = str(tmp_path / "data")
+    data_args = DataArguments(train_file=folder, validation_file=folder, validation_split="test")
+    train = load_source(data_args, "train")
+    assert sorted(train["captions"]) == [["A cat."], ["A dog."]]
+    assert set(train["__url__"]) == {str(tmp_path / "data" / "train-00000-of-00001.parquet")}
+    assert load_source(data_args, "validation")["captions"] == [["A bird."]]
+
+
+def test_a_folder_of_split_shards_without_the_asked_split_is_refused(tmp_path):
+    from clipcap_hf.data.prepare import load_source
+    from clipcap_hf.training.arguments import DataArguments
+
+    write_split_shards(tmp_path / "data", {"train": ["A dog.", "A cat."], "test": ["A bird."]})
+    folder = str(tmp_path / "data")
+    # No --validation_split: the validation source asks for `validation`, which no shard is named for.
+    with pytest.raises(ValueError, match="--validation_file") as error:
+        load_source(DataArguments(train_file=folder, validation_file=folder), "validation")
+    message = str(error.value)
+    assert folder in message and "'validation'" in message
+    assert "train-00000-of-00001.parquet" in message and "test-00000-of-00001.parquet" in message

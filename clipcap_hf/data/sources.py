@@ -19,6 +19,7 @@ from typing import Any
 
 import datasets
 import PIL.Image
+from datasets.data_files import DEFAULT_PATTERNS_ALL, DataFilesDict, get_data_patterns
 from datasets.fingerprint import Hasher
 
 from .loaders import DATASET_FORMATS, PathLike, group_by_image, load_caption_dataset
@@ -71,8 +72,9 @@ def load_image_source(
         dataset_config_name: its configuration.
         data_files: data files (or one folder) instead: webdataset `.tar` shards, `.parquet`, `.jsonl`/`.json`/
             `.csv` (whose image column holds file paths, relative to `image_root` or else to the files' folder: files
-            in several folders need `image_root`), `.arrow`, a folder written by `save_to_disk`, or an image folder
-            (`metadata.jsonl`/`.csv` beside the images).
+            in several folders need `image_root`), `.arrow`, a folder of `.tar`/`.parquet` shards (those of `split`
+            when their names carry split names, as `train-00000-of-00001.parquet`), a folder written by
+            `save_to_disk`, or an image folder (`metadata.jsonl`/`.csv` beside the images).
         split: the split to read (`train`, `validation`, ...).
         image_column: the column holding the image (a `datasets.Image`, image bytes, a `{bytes, path}` struct or a
             file path); default `image`, or the first image column of the source (`jpg`, `png`, ... in webdataset
@@ -99,7 +101,7 @@ def load_image_source(
     elif dataset_name is not None:
         dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
     elif data_files is not None:
-        data_files = _folder_shards(data_files) or data_files
+        data_files = _folder_shards(data_files, split) or data_files
         dataset = _from_data_files(data_files, split, streaming)
     else:
         raise ValueError("Give a source: --dataset_name, or --train_file/--validation_file (data files or a folder).")
@@ -161,10 +163,12 @@ def decode_image(image: dict[str, Any]) -> PIL.Image.Image:
         return opened.copy()
 
 
-def _folder_shards(data_files) -> list[str] | None:
+def _folder_shards(data_files, split: str) -> list[str] | None:
     """
     The shards (`.tar` or `.parquet` files, see [`SHARD_SUFFIXES`]) directly in a folder given as the data files, which
-    are read as those files; None for anything else (files, an image folder: its `metadata.parquet` is no shard).
+    are read as those files; None for anything else (files, an image folder: its `metadata.parquet` is no shard). Shards
+    whose names carry split names as `datasets` reads them (`train-00000-of-00001.parquet`, `test_0.tar`, ...) are
+    those of `split` only; a folder without the split asked for is refused.
     """
     files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files)
     if len(files) != 1 or not os.path.isdir(files[0]):
@@ -174,7 +178,34 @@ def _folder_shards(data_files) -> list[str] | None:
         for path in sorted(Path(files[0]).iterdir())
         if path.is_file() and path.suffix.lower() in SHARD_SUFFIXES and path.stem != "metadata"
     ]
-    return shards or None
+    by_split = _shards_by_split(files[0], shards) if shards else {}
+    if not by_split:
+        return shards or None
+    if split not in by_split:
+        named = ", ".join(os.path.basename(shard) for shards_of_split in by_split.values() for shard in shards_of_split)
+        raise ValueError(
+            f"{files[0]} holds shards of the splits {', '.join(by_split)} ({named}), none of split {split!r}: ask for "
+            "one of those splits (--train_split/--validation_split), or give the data files themselves."
+        )
+    return by_split[split]
+
+
+def _shards_by_split(folder: PathLike, shards: list[str]) -> dict[str, list[str]]:
+    """
+    The shards of each split that their file names carry, found by `datasets`' own data file patterns (as
+    `load_dataset` finds the splits of a folder); empty when no shard's name carries a split.
+    """
+    patterns = get_data_patterns(str(folder))
+    if patterns == DEFAULT_PATTERNS_ALL:  # no file named for a split: all of it is `train`
+        return {}
+    # The patterns may match files below the folder too; only its own shards are read.
+    by_split = {}
+    for name, split_files in DataFilesDict.from_patterns(patterns, base_path=str(folder)).items():
+        split_files = set(map(os.path.abspath, split_files))
+        split_shards = [shard for shard in shards if os.path.abspath(shard) in split_files]
+        if split_shards:
+            by_split[str(name)] = split_shards
+    return by_split
 
 
 def _from_data_files(data_files, split: str, streaming: bool):
