@@ -17,6 +17,7 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from transformers.utils import IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, cached_file
 
 from .configuration_clipcap import vision_tower_config
 
@@ -56,6 +57,9 @@ _TOWER_PREPROCESSING = {
     "dinov2": ("shortest", "bicubic", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     "dinov2_with_registers": ("shortest", "bicubic", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
 }
+
+# What `cached_file` takes of `from_transformers_pretrained`'s keyword arguments (the rest are processor options).
+_DOWNLOAD_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 # The step switches of transformers' image processors that `from_transformers_pretrained` translates.
 _TRANSLATED_STEPS = frozenset({"do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb"})
@@ -239,6 +243,21 @@ def _untranslatable_settings(settings: dict[str, Any]) -> list[str]:
     return [f"{name}={value!r}" for name, value in refused.items()]
 
 
+def _image_processor_files(pretrained_model_name_or_path: str, kwargs: dict[str, Any]) -> list[str]:
+    """
+    The paths of the files of a checkpoint that may hold its image processor settings and are there:
+    `preprocessor_config.json`, and `processor_config.json` (where transformers 5 saves a whole processor's). Raises an
+    OSError where that cannot be told (a Hub checkpoint neither cached nor reachable).
+    """
+    download_kwargs = {key: kwargs[key] for key in _DOWNLOAD_KWARGS if key in kwargs}
+    paths = (
+        cached_file(pretrained_model_name_or_path, filename, _raise_exceptions_for_missing_entries=False,
+                    **download_kwargs)
+        for filename in (IMAGE_PROCESSOR_NAME, PROCESSOR_NAME)
+    )
+    return [path for path in paths if path is not None]
+
+
 def _tower_config(pretrained_model_name_or_path: str, **kwargs) -> PretrainedConfig:
     """The vision tower's config of a transformers checkpoint (of a whole CLIP or SigLIP, its vision part)."""
     return vision_tower_config(AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs))
@@ -318,7 +337,22 @@ class ClipCapImageProcessor(BaseImageProcessor):
         """
         try:
             settings = cls.get_image_processor_dict(pretrained_model_name_or_path, **kwargs)[0]
-        except OSError:
+        except OSError as error:  # transformers 4.57 and 5 raise it for an absent file as for a corrupt one
+            # Only a checkpoint that truly has no settings file gets the reference preprocessing: a file that is
+            # there but unreadable (e.g. cut short) would otherwise be ignored, and the tower fed other pixels.
+            try:
+                present = _image_processor_files(pretrained_model_name_or_path, kwargs)
+            except OSError as lookup_error:  # e.g. a Hub checkpoint offline and not cached: it may have one
+                raise OSError(
+                    f"Could not look up the preprocessing settings ({IMAGE_PROCESSOR_NAME}) of "
+                    f"{pretrained_model_name_or_path!r}: {str(lookup_error).strip()}"
+                ) from lookup_error
+            if present:
+                raise OSError(
+                    f"Could not read the preprocessing settings of {pretrained_model_name_or_path!r} from "
+                    f"{' or '.join(present)}: {str(error).strip()} Fix the file, or remove it for the tower's "
+                    "reference preprocessing."
+                ) from error
             settings = {}
         if not settings:
             tower = _tower_config(pretrained_model_name_or_path, **kwargs)

@@ -209,7 +209,11 @@ class ClipCapOpenClipVisionModel(nn.Module):
 
     def forward(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """The projected image embedding, shape `(batch_size, embed_dim)`."""
-        return self.visual(pixel_values)
+        embeds = self.visual(pixel_values)
+        # Towers with `output_tokens` (CoCa's) also return their token embeddings: `(pooled, tokens)`, as CoCa's
+        # `encode_image` reads them. Taken here rather than switched off in the config, so that towers open_clip built
+        # (pretrained ones) and configs saved before are read the same way.
+        return embeds[0] if isinstance(embeds, tuple) else embeds
 
 
 __all__ = ["ClipCapOpenClipVisionModel", "resolve_open_clip_model"]

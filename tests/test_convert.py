@@ -20,8 +20,12 @@ from transformers import (
     AutoProcessor,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
+    Dinov2Config,
+    Dinov2Model,
     GPT2Config,
     GPT2LMHeadModel,
+    SiglipVisionConfig,
+    SiglipVisionModel,
 )
 
 import clipcap_hf.conversion.convert_original as convert_original
@@ -497,6 +501,36 @@ def test_inconsistent_checkpoints_are_refused(tmp_path, tokenizer, local_parts, 
     assert_nothing_written(tmp_path / "out")
 
 
+@pytest.mark.parametrize(
+    "mapping_type, stray_key, message",
+    [
+        ("mlp", "gpt.transformer.h.40.ln_1.weight",
+         "GPT-2 layers ('gpt.transformer.h.N.*') are numbered up to 40, but layer 2 is missing"),
+        ("transformer", "clip_project.transformer.layers.40.norm1.weight",
+         "transformer mapper's layers ('clip_project.transformer.layers.N.*') are numbered up to 40, but layer 2 is "
+         "missing"),
+    ],
+)
+def test_a_stray_layer_index_is_refused_before_a_model_is_built(tmp_path, tokenizer, local_parts, monkeypatch,
+                                                                 mapping_type, stray_key, message):
+    # The depth is the number of layers, not the highest index + 1: one stray key must not build a 41-layer model
+    # (or one thousands of layers deep) before the keys are checked.
+    state = release_state(mapping_type, tokenizer)
+    state[stray_key] = torch.ones(N_EMBD)
+    checkpoint = tmp_path / "release.pt"
+    torch.save(state, checkpoint)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built for a checkpoint with a layer missing")
+
+    monkeypatch.setattr(convert_original, "ClipCapForConditionalGeneration", no_model)
+    monkeypatch.setattr(convert_original, "load_pretrained_vision_model", no_model)
+    with pytest.raises(ValueError) as error:
+        convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts[mapping_type])
+    assert str(error.value).startswith(f"{checkpoint}: The checkpoint's {message} (no '")
+    assert_nothing_written(tmp_path / "out")
+
+
 def flatten(key):
     def edit(state):
         state[key] = state[key].flatten()
@@ -706,6 +740,37 @@ def test_vision_tower_width_must_match_the_mapper(tmp_path, tokenizer, local_par
     with pytest.raises(ValueError, match="mapper reads 24-d CLIP embeddings but the vision tower .* produces 16-d"):
         convert_original_checkpoint(checkpoint, tmp_path / "out", vision_model=str(narrow),
                                     tokenizer=local_parts["mlp"]["tokenizer"])
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("tower", ["dinov2", "siglip"])
+def test_a_vision_tower_that_is_not_a_clip_is_refused_before_it_is_loaded(tmp_path, tokenizer, local_parts,
+                                                                          monkeypatch, capsys, tower):
+    # The releases' mappers read CLIP embeddings; another tower's mean nothing to them, whatever their width.
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    folder = tmp_path / tower
+    vision = {"hidden_size": PREFIX_DIM, "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 8}
+    if tower == "dinov2":
+        Dinov2Model(Dinov2Config(**vision)).save_pretrained(folder)
+    else:
+        SiglipVisionModel(SiglipVisionConfig(**vision)).save_pretrained(folder)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the tower's weights were loaded before it was refused")
+
+    monkeypatch.setattr(convert_original, "load_pretrained_vision_model", no_loading)
+    capsys.readouterr()  # transformers 5's progress bars while saving the tower
+    assert main(["convert-original", str(checkpoint), "--output", str(tmp_path / "out"), "--vision-model",
+                 str(folder), "--tokenizer", local_parts["mlp"]["tokenizer"]]) == 2
+    model_type = "dinov2" if tower == "dinov2" else "siglip_vision_model"
+    assert capsys.readouterr().err == (
+        f"clipcap convert-original: error: The vision tower {str(folder)!r} is a {model_type!r} model, not a CLIP: the "
+        "released mappers read the embeddings of the CLIP they were trained with (preset 'coco-mlp': "
+        "openai/clip-vit-base-patch32), and another tower's embeddings mean nothing to them. Give that CLIP with "
+        "`vision_model` (--vision-model); to caption with another tower, train a ClipCap model on it (clipcap "
+        "train).\n"
+    )
     assert_nothing_written(tmp_path / "out")
 
 

@@ -171,3 +171,22 @@ def test_a_short_side_checkpoint_without_a_crop_is_refused(tmp_path):
     ClipImageProcessorPil(size={"shortest_edge": 32}, do_center_crop=False).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"do_center_crop=False with a short-side resize keeps each image's aspect"):
         ClipCapImageProcessor.from_transformers_pretrained(tmp_path)
+
+
+def test_an_unreadable_settings_file_is_named_not_replaced_by_the_towers_defaults(tmp_path):
+    # A settings file cut short (an interrupted copy) must not silently become the tower's reference preprocessing:
+    # transformers raises the same OSError for it as for a checkpoint without one.
+    transformers.CLIPVisionConfig(image_size=32).save_pretrained(tmp_path)
+    settings = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}, "image_mean": [0.5] * 3}
+    ClipImageProcessorPil(**settings).save_pretrained(tmp_path)
+    path = tmp_path / "preprocessor_config.json"
+    text = path.read_text()
+    path.write_text(text[: len(text) // 2])
+    with pytest.raises(OSError) as error:
+        ClipCapImageProcessor.from_transformers_pretrained(str(tmp_path))
+    assert str(error.value).startswith(f"Could not read the preprocessing settings of {str(tmp_path)!r} from {path}: ")
+    assert "not a valid JSON file" in str(error.value)
+    # Without the file, the tower's reference preprocessing (CLIP's, at its image size).
+    path.unlink()
+    processor = ClipCapImageProcessor.from_transformers_pretrained(str(tmp_path))
+    assert (processor.size, processor.crop_size, processor.image_mean) == (32, 32, ClipCapImageProcessor().image_mean)

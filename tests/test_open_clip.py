@@ -221,6 +221,36 @@ def test_image_features_equal_open_clip_encode_image(tmp_path, kind, gpt2_dir, t
     )
 
 
+def test_a_coca_tower_gives_its_pooled_embedding(tmp_path):
+    # CoCa's image tower (attentional pooling, `output_tokens=True`) returns (pooled, tokens); ClipCap reads the pooled
+    # embedding, as CoCa's encode_image does, from the tower open_clip built and from one rebuilt from the config.
+    text_cfg = {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}
+    coca_cfg = {
+        "embed_dim": 24,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 8, "patch_size": 8,
+                       "attentional_pool": True, "attn_pooler_heads": 2, "attn_pooler_queries": 4,
+                       "output_tokens": True},
+        "text_cfg": {**text_cfg, "embed_cls": True, "output_tokens": True},
+        "multimodal_cfg": {**text_cfg, "width": 24},
+    }
+    torch.manual_seed(0)
+    coca = open_clip.CoCa(**coca_cfg).eval()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    config = ClipCapConfig(vision_backend="open_clip", open_clip_model_cfg=coca_cfg, text_config=tiny_gpt2_config(),
+                           prefix_length=3)
+    model = ClipCapForConditionalGeneration(
+        config, vision_model=ClipCapOpenClipVisionModel(config.open_clip_model_cfg, visual=coca.visual)
+    ).eval()
+    with torch.no_grad():
+        expected = coca.encode_image(pixel_values, normalize=False)
+        torch.testing.assert_close(model.get_image_embeds(pixel_values), expected)
+        assert model.get_prefix_embeds(pixel_values=pixel_values).shape == (2, 3, 32)
+    model.save_pretrained(tmp_path)
+    loaded = ClipCapForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.get_image_embeds(pixel_values), expected)
+
+
 def test_saved_folder_rebuilds_the_tower_without_open_clip_weights(tmp_path, monkeypatch):
     clip = tiny_open_clip("resnet", seed=5)
     config = open_clip_config("resnet", mapping_type="transformer", prefix_length=3, clip_length=2,

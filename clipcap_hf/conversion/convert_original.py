@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import HFValidationError
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config
 
 from ..configuration_clipcap import ClipCapConfig
 from ..image_processing_clipcap import ClipCapImageProcessor
@@ -55,6 +55,8 @@ OFFICIAL_CODE_URL = "https://github.com/rmokady/CLIP_prefix_caption"
 # What a conversion writes beside the model: the source and the list of the files it wrote, which is how `overwrite`
 # knows a folder it may replace.
 CONVERSION_RECORD = "clipcap_conversion.json"
+# The transformers model types of a CLIP (a whole one, or its vision tower): the only towers the releases can read.
+CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
 
 
 @dataclass(frozen=True)
@@ -177,11 +179,20 @@ def _require_matrix(state: Mapping[str, torch.Tensor], key: str, meaning: str) -
     return state[key]
 
 
-def _layer_count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
-    """Number of layers `prefix{i}.*`, i.e. the highest index + 1 (gaps show up later as missing keys)."""
+def _layer_count(state: Mapping[str, torch.Tensor], prefix: str, meaning: str) -> int:
+    """
+    Number of layers `prefix{i}.*`, whose indices must be exactly 0 to n - 1: a model is built with that many layers,
+    so one stray key (`prefix3000.*`) must be refused here, not after building a model 3000 layers deep.
+    """
     pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
     indices = {int(match.group(1)) for key in state if (match := pattern.match(key))}
-    return max(indices) + 1 if indices else 0
+    if indices and max(indices) >= len(indices):  # a gap: the first one is at most len(indices)
+        gap = next(index for index in range(len(indices) + 1) if index not in indices)
+        raise ValueError(
+            f"The checkpoint's {meaning} ('{prefix}N.*') are numbered up to {max(indices)}, but layer {gap} is missing "
+            f"(no '{prefix}{gap}.*' keys); is the file complete, and a released ClipCap checkpoint?"
+        )
+    return len(indices)
 
 
 def _vectors_of_width(weight: torch.Tensor, key: str, width: int, meaning: str) -> int:
@@ -207,7 +218,7 @@ def infer_original_layout(state: Mapping[str, torch.Tensor], lm_num_heads: int |
     wte = _require_matrix(state, "gpt.transformer.wte.weight", "GPT-2's token embeddings")
     wpe = _require_matrix(state, "gpt.transformer.wpe.weight", "GPT-2's position embeddings")
     vocab_size, n_embd = wte.shape
-    n_layer = _layer_count(state, "gpt.transformer.h.")
+    n_layer = _layer_count(state, "gpt.transformer.h.", "GPT-2 layers")
     if n_layer == 0:
         raise ValueError(
             "The checkpoint has no GPT-2 layers ('gpt.transformer.h.0.*'); it is not a ClipCap checkpoint."
@@ -250,7 +261,7 @@ def infer_original_layout(state: Mapping[str, torch.Tensor], lm_num_heads: int |
             n_embd,
             "the transformer mapper projects to clip_length x n_embd values",
         )
-        num_layers = _layer_count(state, "clip_project.transformer.layers.")
+        num_layers = _layer_count(state, "clip_project.transformer.layers.", "transformer mapper's layers")
         if num_layers == 0:
             raise ValueError(
                 "The checkpoint's transformer mapper has no layers ('clip_project.transformer.layers.0.*')."
@@ -511,6 +522,7 @@ def convert_original_checkpoint(
     with _naming_failed_part("vision model", vision_name, "`vision_model` (--vision-model)"):
         if backend == "clip":  # open_clip names are no Hub ids (open_clip downloads its own weights)
             _fail_if_unreachable(vision_name, ("config.json",))
+            _require_clip_tower(vision_name, preset, release)  # before its weights are downloaded
         vision_tower, config_fields = load_pretrained_vision_model(vision_name, backend, vision_tag)
         image_processor = ClipCapImageProcessor.from_vision_pretrained(vision_name, backend, vision_tag)
     processor = ClipCapProcessor(image_processor, text_tokenizer, num_image_tokens=layout.prefix_length)
@@ -620,9 +632,25 @@ def _naming_failed_part(part: str, name: str, option: str) -> Iterator[None]:
         ) from error
 
 
+def _require_clip_tower(vision_name: str, preset: str, release: OriginalRelease) -> None:
+    """
+    Refuse a transformers tower that is not a CLIP (SigLIP, ViT, DINOv2...). The released mappers were trained on CLIP's
+    projected image embeddings; another tower's embeddings mean nothing to them, even where the widths happen to
+    match, so such a conversion could only produce nonsense captions.
+    """
+    model_type = AutoConfig.from_pretrained(vision_name, trust_remote_code=False).model_type
+    if model_type not in CLIP_MODEL_TYPES:
+        raise ValueError(
+            f"The vision tower {vision_name!r} is a {model_type!r} model, not a CLIP: the released mappers read the "
+            f"embeddings of the CLIP they were trained with (preset {preset!r}: {release.vision_tower(preset)[1]}), "
+            "and another tower's embeddings mean nothing to them. Give that CLIP with `vision_model` "
+            "(--vision-model); to caption with another tower, train a ClipCap model on it (clipcap train)."
+        )
+
+
 @torch.no_grad()
 def _tower_image_embeds(tower: torch.nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
-    """The projected image embedding from a tower [`load_pretrained_vision_model`] returned, of either backend."""
+    """The projected image embedding from a CLIP tower [`load_pretrained_vision_model`] returned, of either backend."""
     output = tower(pixel_values=pixel_values)
     return output if isinstance(output, torch.Tensor) else output.image_embeds
 
