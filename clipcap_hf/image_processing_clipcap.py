@@ -182,6 +182,16 @@ def _to_uint8(array: np.ndarray) -> np.ndarray:
     )
 
 
+# Largest short-side resize, in crop areas, made before a center crop; beyond it only the crop's region is resampled
+# (a resize to 16 crop areas is an aspect ratio of 16:1, wider than panoramas).
+_LARGEST_RESIZE_PER_CROP = 16
+
+
+def _center_crop_corner(width: int, height: int, crop_size: int) -> tuple[int, int]:
+    """The left and top of a `crop_size` square centered in a `width` x `height` image, as torchvision rounds them."""
+    return int(round((width - crop_size) / 2.0)), int(round((height - crop_size) / 2.0))
+
+
 def _resample_name(resample: str | int) -> str:
     """A resampling filter by its name in `_RESAMPLE`, given as that name or as a PIL value
     (`PIL.Image.Resampling.BICUBIC`, or 3 as transformers' image processors save it)."""
@@ -500,15 +510,22 @@ class ClipCapImageProcessor(BaseImageProcessor):
         elif do_resize:
             # Same arithmetic as torchvision's Resize(int) on a PIL image, so the pixels match CLIP's own transform.
             if width <= height:
-                width, height = size, int(size * height / width)
+                new_width, new_height = size, int(size * height / width)
             else:
-                width, height = int(size * width / height), size
-            image = image.resize((width, height), _RESAMPLE[resample or self.resample])
+                new_width, new_height = int(size * width / height), size
+            box = None
+            if do_center_crop and new_width * new_height > _LARGEST_RESIZE_PER_CROP * crop_size**2:
+                # A thin strip (a PNG of 1 x 40,000 pixels takes a few bytes) would be resized to gigabytes before its
+                # center crop: only the source region under the crop is resampled, by the same filter at the same
+                # scale (PIL rounds its weights differently, so a pixel may differ by 1 of 255 from the full resize's).
+                left, top = _center_crop_corner(new_width, new_height, crop_size)
+                x_scale, y_scale = width / new_width, height / new_height
+                box = (left * x_scale, top * y_scale, (left + crop_size) * x_scale, (top + crop_size) * y_scale)
+                new_width = new_height = crop_size  # the crop below then keeps it whole
+            image = image.resize((new_width, new_height), _RESAMPLE[resample or self.resample], box=box)
         # A squashed image is already the square of `size`: cropped only to a smaller `crop_size`.
         if do_center_crop and (self.resize_mode == "shortest" or crop_size != size):
-            width, height = image.size
-            top = int(round((height - crop_size) / 2.0))
-            left = int(round((width - crop_size) / 2.0))
+            left, top = _center_crop_corner(*image.size, crop_size)
             image = image.crop((left, top, left + crop_size, top + crop_size))
         pixels = np.asarray(image, dtype=np.float32)
         if do_rescale:

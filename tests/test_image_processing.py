@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import PIL.Image
 import pytest
 import torch
@@ -190,3 +191,28 @@ def test_an_unreadable_settings_file_is_named_not_replaced_by_the_towers_default
     path.unlink()
     processor = ClipCapImageProcessor.from_transformers_pretrained(str(tmp_path))
     assert (processor.size, processor.crop_size, processor.image_mean) == (32, 32, ClipCapImageProcessor().image_mean)
+
+
+def test_a_thin_strip_is_resampled_only_under_its_crop_and_matches_the_full_resize(monkeypatch):
+    # A 1 x 40,000 PNG takes a few bytes; resized on its short side to 224 it would be 224 x 8,960,000 pixels (6 GB).
+    processor = ClipCapImageProcessor()
+    requested = []
+    real_resize = PIL.Image.Image.resize
+
+    def recording_resize(image, size, *args, **kwargs):
+        requested.append(size)
+        return real_resize(image, size, *args, **kwargs)
+
+    monkeypatch.setattr(PIL.Image.Image, "resize", recording_resize)
+    assert processor(PIL.Image.new("RGB", (1, 40_000), (10, 200, 30)), return_tensors="np")["pixel_values"].shape == (
+        1, 3, 224, 224,
+    )
+    assert requested == [(224, 224)]
+    # Against the full resize and center crop (torchvision's arithmetic), on a random strip of aspect ratio 75.
+    strip = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 256, (3000, 40, 3), dtype=np.uint8))
+    pixels = processor(strip, return_tensors="np")["pixel_values"][0]
+    full = real_resize(strip, (224, int(224 * 3000 / 40)), PIL.Image.BICUBIC)
+    top = int(round((full.height - 224) / 2.0))
+    expected = np.asarray(full.crop((0, top, 224, top + 224)), dtype=np.float32).transpose(2, 0, 1) / 255
+    as_read = pixels * np.asarray(processor.image_std)[:, None, None] + np.asarray(processor.image_mean)[:, None, None]
+    assert np.abs(as_read - expected).max() <= 1 / 255 + 1e-5
