@@ -130,28 +130,44 @@ def test_a_rerun_with_the_same_arguments_resumes_and_ends_as_the_uninterrupted_r
         assert json.loads((out / f"checkpoint-{step}" / RUN_ARGUMENTS_NAME).read_text()) == recorded
 
 
-@pytest.mark.parametrize(
-    "changed, expected",
-    [
-        (["--embedding_batch_size", "4"], "--embedding_batch_size 1 (now 4; embeddings computed in other batches "
-         "round differently, which changes the weights)"),
-        (["--no_use_embedding_cache"], "--use_embedding_cache true (now false; embeddings computed from the pixels at "
-         "each step round differently from the cached ones, which changes the weights)"),
-    ],
-    ids=["embedding_batch_size", "no_use_embedding_cache"],
-)  # fmt: skip
-def test_a_resume_with_other_embedding_batches_or_without_the_cache_is_refused_saying_why(
-    killed_run, capsys, resumed_from, changed, expected
+def test_a_resume_with_other_embedding_batches_reads_the_cached_embeddings_and_ends_as_the_uninterrupted_run(
+    killed_run, resumed_from
 ):
+    # It was refused as changing the weights: the embeddings were cached before the first step, and are read again.
+    out, arguments, uninterrupted = killed_run
+    assert main([*arguments, "--embedding_batch_size", "4"]) == 0
+    assert resumed_from == [f"{out}/checkpoint-2"]
+    resumed = load_file(out / "model.safetensors")
+    for name, tensor in uninterrupted.items():
+        assert tensor.equal(resumed[name]), name
+
+
+def test_use_embedding_cache_is_recorded_as_no_cache_under_streaming_which_embeds_the_pixels_either_way(tmp_path):
+    from clipcap_hf.training.arguments import DataArguments, ModelArguments
+    from clipcap_hf.training.run import run_arguments
+
+    def recorded(**data) -> bool:
+        data_args = DataArguments(dataset_name="user/captions", **data)
+        training_args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
+        return run_arguments(ModelArguments(model_name_or_path="m"), data_args, training_args)["use_embedding_cache"]
+
+    # A streamed run resumed with --no_use_embedding_cache was refused, though it trains on the same embeddings.
+    assert recorded(streaming=True) is recorded(streaming=True, use_embedding_cache=False) is False
+    assert recorded() is True and recorded(use_embedding_cache=False) is False
+
+
+def test_a_resume_without_the_cache_is_refused_saying_why(killed_run, capsys, resumed_from):
     # Resumed, it ended with other weights than the uninterrupted run (by 1e-6): the embeddings round otherwise.
     out, arguments, _ = killed_run
     capsys.readouterr()
-    assert main([*arguments, *changed]) == 2
+    assert main([*arguments, "--no_use_embedding_cache"]) == 2
     message = [line for line in capsys.readouterr().err.splitlines() if line.startswith("clipcap train: error: ")]
     assert len(message) == 1
     assert message[0].startswith(
         f"clipcap train: error: Cannot resume from {out}/checkpoint-2: its run was trained with other arguments "
-        f"(recorded in {out}/checkpoint-2/{RUN_ARGUMENTS_NAME}): {expected}. Rerun with that run's arguments"
+        f"(recorded in {out}/checkpoint-2/{RUN_ARGUMENTS_NAME}): --use_embedding_cache true (now false; embeddings "
+        "computed from the pixels at each step round differently from the cached ones, which changes the weights). "
+        "Rerun with that run's arguments"
     )
     assert resumed_from == []
 
@@ -367,6 +383,107 @@ def test_the_data_identity_leaves_out_the_run_s_own_output_and_cache_folders_ins
     (data / "more" / "metadata.jsonl").parent.mkdir()
     (data / "more" / "metadata.jsonl").write_text("{}")  # another subfolder is data
     assert identity()["train_file"]["files"] == started["train_file"]["files"] + 1
+
+
+def test_a_hub_model_is_identified_by_the_files_of_its_cached_snapshot_not_its_commit(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--org--gpt"
+
+    def publish(commit: str, **files: str) -> None:
+        snapshot = repo / "snapshots" / commit
+        snapshot.mkdir(parents=True)
+        for name, text in {"config.json": '{"model_type": "gpt2"}', "model.safetensors": "weights", **files}.items():
+            (snapshot / name).write_text(text)
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+
+    # Not downloaded yet: its name. The first run recorded that, and its rerun (now cached) "name@commit": refused.
+    assert model_identity("org/gpt") == "org/gpt"
+    publish("a" * 40)
+    downloaded = model_identity("org/gpt")
+    assert downloaded == model_identity(str(repo / "snapshots" / ("a" * 40))) and downloaded.startswith("sha256:")
+    publish("b" * 40, **{"README.md": "a new model card"})  # a commit that changes no model file: was refused
+    assert model_identity("org/gpt") == downloaded
+    publish("c" * 40, **{"config.json": '{"model_type": "gpt2", "n_layer": 3}'})
+    assert model_identity("org/gpt") != downloaded
+
+
+def _check_models(tmp_path, recorded_identity: str, identity: str) -> None:
+    """`_check_resumed_arguments` of a run on the Hub model org/gpt, recorded with `recorded_identity`."""
+    from clipcap_hf.training.run import _check_resumed_arguments
+
+    def arguments(model: str) -> dict:
+        return {"text_model_name_or_path": "org/gpt", DATA_IDENTITY_KEY: {}, MODEL_IDENTITY_KEY: {
+            "text_model_name_or_path": model}}  # fmt: skip
+
+    record = tmp_path / "out" / "checkpoint-2" / RUN_ARGUMENTS_NAME
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(arguments(recorded_identity)))
+    training_args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
+    _check_resumed_arguments(str(record.parent), str(record), arguments(identity), training_args)
+
+
+def test_a_record_naming_a_hub_model_by_name_or_commit_resumes_with_a_warning_and_a_changed_one_is_refused(
+    tmp_path, caplog
+):
+    files = "sha256:" + "1" * 64
+    for older in ("org/gpt", "org/gpt@" + "a" * 40):  # refused as another model
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="clipcap_hf.training.run"):
+            _check_models(tmp_path, older, files)
+        assert "without checking that --text_model_name_or_path org/gpt hold the models it was trained with" in (
+            caplog.text
+        )
+    # Its files changed on the Hub: the error asked to rerun with that run's model, which the Hub no longer serves.
+    with pytest.raises(ValueError) as refused:
+        _check_models(tmp_path, "sha256:" + "2" * 64, files)
+    assert "--text_model_name_or_path org/gpt holds another model" in str(refused.value)
+    assert "changed on the Hub since that run" in str(refused.value)
+    assert "Rerun with that run's" not in str(refused.value)
+
+
+def test_the_identity_of_lora_adapters_covers_the_base_they_load_into(tmp_path):
+    from clipcap_hf.training.run import _model_identity
+
+    base, adapters = tmp_path / "base", tmp_path / "adapters"
+    for folder in (base, adapters):
+        folder.mkdir()
+    (base / "config.json").write_text('{"model_type": "clipcap"}')
+    (base / "model.safetensors").write_text("weights")
+    adapter_config = {"peft_type": "LORA", "base_model_name_or_path": str(base)}
+    (adapters / "adapter_config.json").write_text(json.dumps(adapter_config))
+    (adapters / "adapter_model.safetensors").write_text("adapters")
+    started = _model_identity(str(adapters))
+    # A base retrained and saved over in place: a continued LoRA run resumed its adapters on it.
+    (base / "model.safetensors").write_text("retrained")
+    assert _model_identity(str(adapters)) != started
+
+
+def test_the_data_identity_leaves_out_the_cache_an_embeddings_folder_given_as_its_own_cache_root_holds(tmp_path):
+    from clipcap_hf.training.arguments import DataArguments, ModelArguments
+    from clipcap_hf.training.run import run_arguments
+
+    embeddings = tmp_path / "E"
+    (embeddings / "shard-00000").mkdir(parents=True)
+    (embeddings / "shard-00000" / "data-00000-of-00001.arrow").write_bytes(b"rows")
+
+    def identity() -> dict:
+        data_args = DataArguments(embeddings=str(embeddings), embedding_cache_dir=str(embeddings))
+        training_args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
+        return run_arguments(ModelArguments(model_name_or_path="m"), data_args, training_args)[DATA_IDENTITY_KEY]
+
+    started = identity()
+    # What the run writes there: the rows of its captions, the evaluation images' embeddings (under the tower's
+    # fingerprint). Its rerun was refused as trained on other data.
+    for written in ("caption_rows/cache-1.arrow", "aadb22beb43ed957/shard-00000/data-00000-of-00001.arrow"):
+        (embeddings / written).parent.mkdir(parents=True, exist_ok=True)
+        (embeddings / written).write_bytes(b"cached")
+    assert identity() == started
+    (embeddings / "shard-00001").mkdir()
+    (embeddings / "shard-00001" / "data-00000-of-00001.arrow").write_bytes(b"more rows")  # another shard is data
+    assert identity()["embeddings"]["files"] == started["embeddings"]["files"] + 1
 
 
 @pytest.mark.skipif(

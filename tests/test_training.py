@@ -273,13 +273,35 @@ def test_lora_target_modules_the_language_model_lacks_are_refused_before_data_an
     args = run_arguments("unused", caption_folder, out, cache, "--use_lora", "--lora_target_modules", "c_attn,qkv")
     # peft adapted c_attn without a word about qkv (and, given qkv alone, refused in its own words after the data).
     message = (
-        "--lora_target_modules c_attn,qkv: the language model has no layer called qkv. Give names of its linear "
-        "layers (adapted by default, but the output layer: c_attn,c_fc,c_proj), or leave the option out."
+        "--lora_target_modules c_attn,qkv: the language model has no module called qkv. Give names of its linear "
+        "layers (adapted by default, but the output layer: c_attn,c_fc,c_proj), as a last part or a dotted path "
+        "ending (attn.c_proj), or leave the option out."
     )
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         main(["--vision_model_name_or_path", str(tmp_path / "clip"), "--text_model_name_or_path",
               str(tmp_path / "gpt"), "--prefix_length", "4", *args[2:]])  # fmt: skip
     assert not out.exists() and not cache.exists()  # no base_model folder, no embeddings
+
+
+def test_lora_target_modules_are_matched_as_peft_matches_them_and_must_be_adaptable(tokenizer):
+    from clipcap_hf.training.lora import add_lora, check_lora_target_modules
+
+    model = quiet_model(tokenizer)
+
+    def lora_args(names):
+        return parse_args(["--use_lora", "--lora_target_modules", names, "--output_dir", "unused"])[0]
+
+    # A dotted path ending was refused; peft adapts the modules whose path ends with it.
+    adapted = add_lora(quiet_model(tokenizer), lora_args("attn.c_proj"))
+    lora_layers = {name.rsplit(".lora_A", 1)[0] for name, _ in adapted.named_modules() if name.endswith("lora_A")}
+    assert lora_layers and all(name.endswith(".attn.c_proj") for name in lora_layers)
+    # A layer norm (or a whole block) passed the check, and peft refused it once the images were embedded.
+    for names, refused in (("ln_1", "ln_1 (LayerNorm)"), ("c_attn,attn", "attn (GPT2Attention)")):
+        message = f"--lora_target_modules {names}: LoRA cannot adapt {refused}. Give names"
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+            check_lora_target_modules(model, lora_args(names))
+    with pytest.raises(ValueError, match=re.escape("no module called h.c_proj. Give")):
+        check_lora_target_modules(model, lora_args("h.c_proj"))  # a path ending must end at a dot
 
 
 def test_transformer_mapper_options_given_for_a_new_mlp_model_are_refused(tmp_path):

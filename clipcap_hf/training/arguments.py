@@ -71,9 +71,12 @@ CONFIG_OPTIONS = tuple(name for name in ARCHITECTURE_DEFAULTS if name not in PAR
 # DataArguments field is recorded except these, which may differ when a run resumes:
 # - recipe: what it sets is recorded field by field (the same values given one by one make the same run);
 # - save_merged_model: what is written after the last step;
-# - preprocessing_num_workers, embedding_cache_dir: how fast and where the images are decoded and embedded, not what
-#   the model is trained on (embedding_batch_size and use_embedding_cache are recorded: embeddings computed in other
-#   batches, or from the pixels at each step, round differently, and a resumed run must end as the uninterrupted one);
+# - preprocessing_num_workers, embedding_cache_dir, embedding_batch_size: how fast and where the images are decoded
+#   and embedded, not what the model is trained on. The embeddings are cached before the first step and a resume reads
+#   them back, whatever the batch size; only embeddings computed again (another --embedding_cache_dir, a deleted
+#   cache) may differ in their last bits, as they may on another device whatever the batch size.
+#   use_embedding_cache is recorded (but under --streaming, which embeds the pixels at each step either way):
+#   embeddings computed from the pixels at each step round differently from the cached ones;
 # - on_bad_image: 'error' stops a run that meets a bad image, so the rows it trained on are the ones 'skip' keeps, and
 #   a run stopped so may go on with 'skip';
 # - validation_*, max_eval_samples, generation_*, eval_caption_metrics: evaluation only, which changes no weight.
@@ -82,6 +85,7 @@ ARGUMENTS_A_RESUME_MAY_CHANGE = (
     "save_merged_model",
     "preprocessing_num_workers",
     "embedding_cache_dir",
+    "embedding_batch_size",
     "on_bad_image",
     "validation_split",
     "validation_file",
@@ -375,9 +379,9 @@ class DataArguments(SourceArguments):
         default=True,
         metadata={
             "help": "Train from CLIP embeddings computed once per image and cached. --no_use_embedding_cache runs the "
-            "vision tower on the pixels at every step instead (so does --streaming): slower, and the same training "
-            "up to rounding (embeddings computed in other batches differ in their last bits), so a run resumes "
-            "only with the setting it started with."
+            "vision tower on the pixels at every step instead (so does --streaming, whatever this says): slower, "
+            "and the same training up to rounding (embeddings computed in other batches differ in their last bits), "
+            "so a run resumes only with the setting it started with."
         },
     )
     embedding_cache_dir: str | None = field(
@@ -390,8 +394,9 @@ class DataArguments(SourceArguments):
     embedding_batch_size: int = field(
         default=64,
         metadata={
-            "help": "Images per vision forward when caching. Other batches round the embeddings differently, so a "
-            "run resumes only with the value it started with."
+            "help": "Images per vision forward when caching. A resume may change it: it reads the embeddings "
+            "cached before the first step (images embedded again, in another cache folder, may differ in their last "
+            "bits)."
         },
     )
     generation_num_beams: int | None = field(

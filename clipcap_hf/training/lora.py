@@ -53,7 +53,8 @@ def lora_target_modules(model: ClipCapForConditionalGeneration, names: Sequence[
     # Built here rather than with peft's "all-linear", which would also adapt the frozen CLIP tower and the mapper
     # (which is trained in full, as a `modules_to_save`).
     names = names or _linear_layer_names(model)
-    return rf"language_model\..*\.({'|'.join(sorted(map(re.escape, names)))})"
+    # A name matches a module path that is it or ends with "." + it (as peft matches a list of names).
+    return rf"language_model\.(?:.*\.)?({'|'.join(sorted(map(re.escape, names)))})"
 
 
 def _linear_layer_names(model: ClipCapForConditionalGeneration) -> list[str]:
@@ -98,19 +99,44 @@ def add_lora(model: ClipCapForConditionalGeneration, model_args: ModelArguments)
     return get_peft_model(model, lora_config)
 
 
+# The module types peft's LoRA adapts (peft 0.21's `dispatch_default`; bitsandbytes' quantized linear layers are
+# `torch.nn.Linear`s): peft refuses another matched module only once the data are loaded.
+_LORA_MODULE_TYPES = (
+    torch.nn.Linear,
+    torch.nn.Embedding,
+    torch.nn.Conv1d,
+    torch.nn.Conv2d,
+    torch.nn.Conv3d,
+    torch.nn.MultiheadAttention,
+    transformers.pytorch_utils.Conv1D,
+)
+
+
 def check_lora_target_modules(model: ClipCapForConditionalGeneration, model_args: ModelArguments) -> None:
     """
-    Refuse `--lora_target_modules` names that no layer of the language model has, naming them: peft would refuse only
-    when none matches, in its own words, and adapt the others without a word when some do.
+    Refuse `--lora_target_modules` names that match no module of the language model, or match one peft cannot adapt
+    (a layer norm, a whole block), naming them: peft would refuse only when none matches, in its own words, and adapt
+    the others without a word when some do. A name matches a module whose path is it or ends with "." + it (`c_attn`,
+    `attn.c_proj`), as peft matches names.
     """
     names = [name.strip() for name in (model_args.lora_target_modules or "").split(",") if name.strip()]
-    layers = {name.rsplit(".", 1)[-1] for name, _ in model.language_model.named_modules()}
-    unknown = [name for name in names if name not in layers]
-    if unknown:
+    modules = list(model.language_model.named_modules())
+    unknown, unsupported = [], []
+    for name in names:
+        matched = [module for path, module in modules if path == name or path.endswith("." + name)]
+        if not matched:
+            unknown.append(name)
+        elif not all(isinstance(module, _LORA_MODULE_TYPES) for module in matched):
+            kinds = sorted({type(module).__name__ for module in matched if not isinstance(module, _LORA_MODULE_TYPES)})
+            unsupported.append(f"{name} ({', '.join(kinds)})")
+    problems = [f"the language model has no module called {', '.join(unknown)}"] if unknown else []
+    if unsupported:
+        problems.append(f"LoRA cannot adapt {', '.join(unsupported)}")
+    if problems:
         raise ValueError(
-            f"--lora_target_modules {model_args.lora_target_modules}: the language model has no layer called "
-            f"{', '.join(unknown)}. Give names of its linear layers (adapted by default, but the output layer: "
-            f"{','.join(_linear_layer_names(model))}), or leave the option out."
+            f"--lora_target_modules {model_args.lora_target_modules}: {'; '.join(problems)}. Give names of its "
+            f"linear layers (adapted by default, but the output layer: {','.join(_linear_layer_names(model))}), "
+            "as a last part or a dotted path ending (attn.c_proj), or leave the option out."
         )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import datasets
 import transformers
 from accelerate import PartialState
+from huggingface_hub import try_to_load_from_cache
 from tqdm.auto import tqdm
 from transformers import TrainerState, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
@@ -52,6 +53,7 @@ from .lora import (
     check_lora_target_modules,
     is_peft_model,
     load_lora_model,
+    lora_base_model,
     merge_lora,
 )
 from .trainer import RUN_ARGUMENTS_NAME, ClipCapTrainer, write_run_arguments
@@ -313,17 +315,39 @@ def run_arguments(
     values.update(
         {name: getattr(training_args, name) for name in RECORDED_TRAINING_ARGUMENTS if hasattr(training_args, name)}
     )
+    # A streamed source is embedded from the pixels at each step whatever --use_embedding_cache says.
+    values["use_embedding_cache"] = data_args.use_embedding_cache and not data_args.streaming
     for name in PATH_ARGUMENTS:
         if values[name] is not None:
             values[name] = ",".join(_absolute_local_path(part) for part in str(values[name]).split(","))
-    # The run's own folders may lie inside a data folder: their checkpoints and caches are no part of the data.
-    own_folders = [folder for folder in (training_args.output_dir, data_args.embedding_cache_dir) if folder]
     values[DATA_IDENTITY_KEY] = {
-        name: data_identity(values[name], f"--{name}", skip=own_folders) for name in DATA_PATH_ARGUMENTS
+        name: data_identity(values[name], f"--{name}", skip=_own_folders(data_args, training_args))
+        for name in DATA_PATH_ARGUMENTS
     }
     values[MODEL_IDENTITY_KEY] = {name: _model_identity(values[name]) for name in MODEL_PATH_ARGUMENTS}
     # Enums (optim, lr_scheduler_type) as their strings, tuples as lists: what the record reads back as.
     return json.loads(json.dumps(values, default=str))
+
+
+# The subfolders a run writes in its embedding cache root: the caption rows of --embeddings, and an embeddings folder
+# per vision tower and preprocessing (named by the first 16 hex digits of its fingerprint, `embedding_cache_folder`).
+_CACHE_SUBFOLDER = re.compile(r"caption_rows|[0-9a-f]{16}")
+
+
+def _own_folders(data_args: DataArguments, training_args: TrainingArguments) -> list[str]:
+    """
+    The folders the run writes, which may lie inside a data folder but are no part of its data: the output_dir, the
+    embedding cache root, and the cache's own subfolders, for a root that is itself a data folder (an --embeddings
+    folder given as its own --embedding_cache_dir).
+    """
+    own = [training_args.output_dir]
+    root = data_args.embedding_cache_dir
+    if root:
+        root = os.path.expanduser(root)
+        own.append(root)
+        if os.path.isdir(root):
+            own += [os.path.join(root, name) for name in os.listdir(root) if _CACHE_SUBFOLDER.fullmatch(name)]
+    return own
 
 
 def _absolute_local_path(part: str) -> str:
@@ -341,12 +365,23 @@ MODEL_IDENTITY_KEY = "model_identity"
 
 
 def _model_identity(name_or_path: str | None) -> str | None:
-    """The `model_identity` of a model argument; None when unset, or neither a folder nor a Hub name (`build_model`
-    then names the argument)."""
+    """
+    The `model_identity` of a model argument, taken once `build_model` has loaded it (a Hub model's files are then in
+    the cache); for a LoRA run's adapters, of their base too, which they load into (a base retrained and saved over
+    in place is another model). None when unset, or neither a folder nor a Hub name (`build_model` then names it).
+    """
     if name_or_path is None:
         return None
     try:
-        return model_identity(name_or_path)
+        identity = model_identity(name_or_path)
+        path = local_folder(name_or_path)
+        # Looked up in the cache only for a Hub name: build_model has downloaded the adapters it loads.
+        adapters = os.path.join(path, ADAPTER_CONFIG_NAME) if os.path.isdir(path) else None
+        adapters = adapters or try_to_load_from_cache(path, ADAPTER_CONFIG_NAME)
+        if isinstance(adapters, str) and os.path.isfile(adapters):
+            base = model_identity(lora_base_model(path))
+            identity = "sha256:" + hashlib.sha256(f"{identity}|base {base}".encode()).hexdigest()
+        return identity
     except ValueError:  # huggingface_hub's HFValidationError: a missing local path, which is no Hub name either
         return None
 
@@ -444,7 +479,9 @@ def check_run_arguments(
     checkpoint saved before checkpoints held it is checked against the record in its folder, and one written before
     runs were recorded resumes unchecked, with a warning. The training data and the pretrained models are checked by
     their content identity ([`data_identity`], `model_identity`) as well as their paths; a record without identities
-    (an earlier version) checks the paths only, with a warning. Returns this run's arguments, which
+    (an earlier version) checks the paths only, with a warning, and so does one naming a Hub model by its name or
+    commit. Called once `build_model` has loaded the models, whose files the identities hash. Returns this run's
+    arguments, which
     [`record_run_arguments`] writes once the run starts training.
     """
     arguments = run_arguments(model_args, data_args, training_args)
@@ -484,18 +521,30 @@ def _check_resumed_arguments(
         # A name only one side has: another version's argument.
         if name not in _IDENTITIES and name in recorded and recorded[name] != value
     ]
-    changed_content, unchecked = {}, []
+    changed_content, unchecked, unchecked_models, hub_models = {}, [], [], []
     for key, (kind, unchecked_kind, held, described) in _IDENTITIES.items():
         identities = recorded.get(key)
         if not isinstance(identities, dict):
             unchecked += [unchecked_kind] if any(arguments[key].values()) else []
             continue
-        changed_content[kind] = [
-            f"--{name} {arguments[name]} holds {held} (then {described(identities[name])}; now "
-            f"{described(identity)})"
+        differing = [
+            name
             for name, identity in arguments[key].items()
             # Another path is named above.
             if name in identities and recorded.get(name) == arguments[name] and identities[name] != identity
+        ]
+        if key == MODEL_IDENTITY_KEY:
+            # A record of an earlier version names a Hub model by its name (and cached commit), not by its files, and
+            # a model not loaded from files is known by its name alone: neither tells whether the files changed.
+            now = arguments[key]
+            unknown = [name for name in differing if not (_is_hash(identities[name]) and _is_hash(now[name]))]
+            unchecked_models += [f"--{name} {arguments[name]}" for name in unknown]
+            differing = [name for name in differing if name not in unknown]
+            hub_models += [name for name in differing if not os.path.isdir(arguments[name])]
+        changed_content[kind] = [
+            f"--{name} {arguments[name]} holds {held} (then {described(identities[name])}; now "
+            f"{described(arguments[key][name])})"
+            for name in differing
         ]
     changes = {"arguments": changed, **changed_content}
     if not any(changes.values()):
@@ -503,6 +552,12 @@ def _check_resumed_arguments(
             logger.warning(
                 f"Resuming from {checkpoint} without checking that its {' and '.join(unchecked)} are unchanged: "
                 f"{record} records their paths only (an older clipcap_hf wrote it)."
+            )
+        if unchecked_models:
+            logger.warning(
+                f"Resuming from {checkpoint} without checking that {', '.join(unchecked_models)} hold the models it "
+                f"was trained with: {record} names them by their Hub name (and commit), not by their files (an older "
+                "clipcap_hf wrote it)."
             )
         return
     what = " and ".join(kind for kind, kind_changes in changes.items() if kind_changes)
@@ -515,16 +570,21 @@ def _check_resumed_arguments(
         # Not --overwrite_output_dir (transformers 4): it leaves that run's checkpoints in place for a rerun to meet.
         folder = os.path.dirname(os.path.normpath(checkpoint))
         start_again = f"with another --output_dir (or in {folder} once that run's checkpoints are deleted)"
+    if hub_models:  # the Hub holds only a model's newest files under its name: the run's cannot be given again
+        advice = (
+            f"{', '.join(f'--{name}' for name in hub_models)} changed on the Hub since that run, which cannot be "
+            f"resumed with the newer model: start a new run {start_again}."
+        )
+    else:
+        advice = f"Rerun with that run's {what} to resume it, or start a new run {start_again}."
     raise ValueError(
         f"Cannot resume from {checkpoint}: its run was trained with other {what} (recorded in {record}): "
-        f"{'; '.join(change for kind_changes in changes.values() for change in kind_changes)}. Rerun with that "
-        f"run's {what} to resume it, or start a new run {start_again}."
+        f"{'; '.join(change for kind_changes in changes.values() for change in kind_changes)}. {advice}"
     )
 
 
 # Why a resume may not change an argument that may seem to change the speed alone.
 _WHY_RECORDED = {
-    "embedding_batch_size": "; embeddings computed in other batches round differently, which changes the weights",
     "use_embedding_cache": "; embeddings computed from the pixels at each step round differently from the cached "
     "ones, which changes the weights",
 }
@@ -535,6 +595,11 @@ def _described(identity: dict[str, Any] | None) -> str:
     if identity is None:
         return "no local file"
     return f"{identity['files']} file(s), {identity['bytes']} bytes, sha256 {identity['sha256'][:12]}"
+
+
+def _is_hash(identity: str | None) -> bool:
+    """Whether a model identity is the hash of its files (not a Hub name, with or without a commit)."""
+    return isinstance(identity, str) and identity.startswith("sha256:")
 
 
 def _described_model(identity: str | None) -> str:
@@ -618,9 +683,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         last_checkpoint = last_complete_checkpoint(training_args.output_dir, remove_incomplete=remove_incomplete)
         if last_checkpoint is not None:
             logger.info(f"Resuming from {last_checkpoint}; use another --output_dir to start afresh.")
+    set_seed(training_args.seed)
+
+    model, processor = build_model(model_args)
     arguments = None
     finished = None  # the state of the checkpoint that ends the run, when a rerun finds the run over
     if training_args.do_train:
+        # Once the models are loaded: a Hub model is identified by the files downloaded for it.
         arguments = check_run_arguments(model_args, data_args, training_args, last_checkpoint)
         checkpoint = training_args.resume_from_checkpoint or last_checkpoint
         finished = finished_run_state(checkpoint, training_args)
@@ -632,9 +701,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                 "another --max_steps or --num_train_epochs is refused: they set the learning-rate schedule)."
             )
     training = training_args.do_train and finished is None
-    set_seed(training_args.seed)
-
-    model, processor = build_model(model_args)
     if model_args.use_lora and not is_peft_model(model):
         check_lora_target_modules(model, model_args)  # before the data are loaded, and base_model saved
     if training and data_args.streaming and training_args.max_steps <= 0:

@@ -180,17 +180,19 @@ _MAX_SAFETENSORS_HEADER = 100_000_000
 
 def model_identity(name_or_path: str) -> str:
     """
-    A cheap identity of the model a folder or Hub name holds, whatever path names it: for a folder, a SHA-256 of its
-    config, generation config, processor, tokenizer and code files whole, and of each weight file's size, header and
-    first and last 64 KiB (a retrained model saved over it gets another identity, in milliseconds, not after reading
-    gigabytes; results a run writes beside the model are not hashed); for a Hub name, the commit of its cached
-    snapshot (else the name alone, when none is cached).
+    A cheap identity of the model a folder or Hub name holds, whatever path names it and wherever it lies on disk: a
+    SHA-256 of its config, generation config, processor, tokenizer and code files whole, and of each weight file's
+    size, header and first and last 64 KiB (a retrained model saved over it gets another identity, in milliseconds, not
+    after reading gigabytes; results a run writes beside the model, or a README, are not hashed). A Hub name is
+    identified so by the files of its cached snapshot, once they are downloaded (a commit that changes its README alone
+    keeps its identity); by its name alone while none is cached.
     """
     folder = Path(name_or_path).expanduser()
     if not folder.is_dir():
         cached = try_to_load_from_cache(name_or_path, "config.json")
-        # The cache holds snapshots/<commit>/config.json.
-        return f"{name_or_path}@{Path(cached).parent.name}" if isinstance(cached, str) else name_or_path
+        if not isinstance(cached, str):
+            return name_or_path
+        folder = Path(cached).parent  # the cache holds snapshots/<commit>/config.json
     digest = hashlib.sha256()
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.name.startswith("."):
