@@ -336,3 +336,28 @@ def test_a_folder_of_split_shards_without_the_asked_split_is_refused(tmp_path):
     message = str(error.value)
     assert folder in message and "'validation'" in message
     assert "train-00000-of-00001.parquet" in message and "test-00000-of-00001.parquet" in message
+
+
+def test_a_source_with_several_default_caption_columns_warns_naming_the_one_read(caption_folder, caplog):
+    from clipcap_hf.data.prepare import load_source
+    from clipcap_hf.training.arguments import DataArguments
+
+    row = {"text": "From text.", "caption": "From caption."}
+    lines = [json.dumps({"file_name": name, **row}) for name in CAPTIONED_IMAGES]
+    (caption_folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    with caplog.at_level("WARNING"):
+        source, column = load_source(DataArguments(train_file=str(caption_folder)), "train", return_caption_column=True)
+    assert column == "caption" and {caption for captions in source["captions"] for caption in captions} == {
+        "From caption."
+    }
+    warnings = [record.getMessage() for record in caplog.records if record.levelname == "WARNING"]
+    assert warnings == [
+        f"{caption_folder} has several caption columns (caption, text): reading the captions from 'caption', the "
+        "first of caption, txt, text; name another with --caption_column."
+    ]
+    # Named, the column is read without a warning.
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        source = load_source(DataArguments(train_file=str(caption_folder), caption_column="text"), "train")
+    assert {caption for captions in source["captions"] for caption in captions} == {"From text."}
+    assert not [record for record in caplog.records if record.levelname == "WARNING"]

@@ -9,7 +9,7 @@ from unittest import mock
 
 import datasets
 import pytest
-from conftest import tiny_model
+from conftest import CAPTIONED_IMAGES, tiny_model
 from safetensors.torch import load_file
 from test_faults import train_arguments
 from transformers import TrainingArguments
@@ -17,7 +17,13 @@ from transformers import TrainingArguments
 from clipcap_hf import ClipCapForConditionalGeneration
 from clipcap_hf.commands import main
 from clipcap_hf.training import ClipCapTrainer, load_lora_model
-from clipcap_hf.training.run import DATA_IDENTITY_KEY, MODEL_IDENTITY_KEY, RUN_ARGUMENTS_NAME, data_identity
+from clipcap_hf.training.run import (
+    CAPTION_COLUMN_KEY,
+    DATA_IDENTITY_KEY,
+    MODEL_IDENTITY_KEY,
+    RUN_ARGUMENTS_NAME,
+    data_identity,
+)
 from clipcap_hf.utils.loading import model_identity
 
 
@@ -608,3 +614,69 @@ def test_a_finished_run_rerun_with_a_larger_max_steps_is_refused_and_without_its
     assert resumed_from == [None, str(out / "checkpoint-1")]
     assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2", "checkpoint-3"]
     assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 3
+
+
+@pytest.fixture
+def killed_run_of_two_caption_columns(tmp_path, saved_model_dir, caption_folder):
+    """
+    `killed_run` on an image folder read without --dataset_format whose metadata has both `text` and `caption`: its
+    captions are read from the first of the usual columns, `caption`.
+    """
+    row = {"text": "From text.", "caption": "From caption."}
+    lines = [json.dumps({"file_name": name, **row}) for name in CAPTIONED_IMAGES]
+    (caption_folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    arguments = train_arguments(saved_model_dir, caption_folder, out, tmp_path / "cache")
+    position = arguments.index("--dataset_format")
+    del arguments[position : position + 2]
+    assert main(arguments) == 0
+    assert json.loads((out / RUN_ARGUMENTS_NAME).read_text())[CAPTION_COLUMN_KEY] == "caption"
+    shutil.rmtree(out / "checkpoint-3")
+    (out / "model.safetensors").unlink()
+    return out, arguments
+
+
+def _rewrite_records(out, change) -> None:
+    for path in out.glob(f"**/{RUN_ARGUMENTS_NAME}"):
+        recorded = json.loads(path.read_text())
+        change(recorded)
+        path.write_text(json.dumps(recorded))
+
+
+def test_a_resume_reading_its_captions_from_another_column_is_refused_naming_caption_column(
+    killed_run_of_two_caption_columns, capsys, resumed_from
+):
+    out, arguments = killed_run_of_two_caption_columns
+    # As a run that read `text` (an earlier default): the same arguments now read `caption`.
+    _rewrite_records(out, lambda recorded: recorded.update({CAPTION_COLUMN_KEY: "text"}))
+    capsys.readouterr()
+    assert main(arguments) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"clipcap train: error: Cannot resume from {out}/checkpoint-2: its run read its training captions from the "
+        f"column text (recorded in {out}/checkpoint-2/{RUN_ARGUMENTS_NAME}), this run from caption. Rerun with "
+        f"--caption_column text to resume it, or start a new run with another --output_dir" in err
+    )
+    assert resumed_from == []
+    # Named, the recorded column resumes the run.
+    assert main([*arguments, "--caption_column", "text"]) == 2  # --caption_column is an argument the record has too
+    _rewrite_records(out, lambda recorded: recorded.update({"caption_column": "text"}))
+    assert main([*arguments, "--caption_column", "text"]) == 0
+    assert resumed_from == [str(out / "checkpoint-2")]
+
+
+def test_a_record_without_the_caption_column_resumes_with_a_warning_naming_the_column_read(
+    killed_run_of_two_caption_columns, caplog, resumed_from
+):
+    out, arguments = killed_run_of_two_caption_columns
+    _rewrite_records(out, lambda recorded: recorded.pop(CAPTION_COLUMN_KEY))  # as an older clipcap_hf wrote them
+    assert main(arguments) == 0
+    assert resumed_from == [str(out / "checkpoint-2")]
+    warnings = [record.getMessage() for record in caplog.records if "captions its run read" in record.getMessage()]
+    assert warnings == [
+        f"Resuming from {out}/checkpoint-2 without checking that it trains on the captions its run read: "
+        f"{out}/checkpoint-2/{RUN_ARGUMENTS_NAME} does not record their column (an older clipcap_hf wrote it), which "
+        "this run chose as 'caption', the first of caption, txt, text the source has; give --caption_column to read "
+        "another."
+    ]
+    assert json.loads((out / "checkpoint-3" / RUN_ARGUMENTS_NAME).read_text())[CAPTION_COLUMN_KEY] == "caption"

@@ -53,7 +53,8 @@ class TrainingData:
     into `image_embeds`, or the `image`), `eval_images` one row per evaluation image (`references`, `image_id`,
     `image_path`, and `image_index` or `image`) for caption evaluation, `image_embeds` the memory-mapped embedding
     table (a `datasets.Dataset` in torch format, indexed like a tensor), and `train_truncated_captions` how many
-    training captions `max_caption_length` cuts.
+    training captions `max_caption_length` cuts, and `train_caption_column` the column of the training source the
+    captions were read from (None without a training source, as with `--embeddings`).
     """
 
     train: datasets.Dataset | datasets.IterableDataset | None
@@ -61,6 +62,7 @@ class TrainingData:
     eval_images: datasets.Dataset | None
     image_embeds: datasets.Dataset | None
     train_truncated_captions: int = 0
+    train_caption_column: str | None = None
 
     @property
     def longest_caption(self) -> int:
@@ -80,7 +82,9 @@ def load_training_data(
     `--embedding_cache_dir`, named after the vision tower's fingerprint and reused by later runs; in a distributed run
     every process embeds its own share. `--embeddings DIR` trains from a folder written by `clipcap embed` instead.
     """
-    train_source = load_source(data_args, "train") if train and not data_args.embeddings else None
+    train_source, train_caption_column = None, None
+    if train and not data_args.embeddings:
+        train_source, train_caption_column = load_source(data_args, "train", return_caption_column=True)
     eval_source = load_source(data_args, "validation") if evaluate else None
     if train and train_source is None and not data_args.embeddings:
         raise ValueError("--do_train needs a training source: --train_file, --dataset_name or --embeddings.")
@@ -122,7 +126,7 @@ def load_training_data(
     if eval_rows is not None:
         eval_rows = add_caption_lengths(eval_rows, processor, data_args.max_caption_length)[0]
     eval_images = _images_of(eval_rows) if eval_rows is not None else None
-    return TrainingData(train_rows, eval_rows, eval_images, table, num_truncated)
+    return TrainingData(train_rows, eval_rows, eval_images, table, num_truncated, train_caption_column)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -130,14 +134,15 @@ def load_training_data(
 
 
 def load_source(
-    data_args, split: str = "train", captions_required: bool = True
-) -> datasets.Dataset | datasets.IterableDataset | None:
+    data_args, split: str = "train", captions_required: bool = True, return_caption_column: bool = False
+) -> datasets.Dataset | datasets.IterableDataset | tuple[Any, str | None] | None:
     """
     The training (`split="train"`) or evaluation (`"validation"`) source that the arguments (`DataArguments`, or
     `EmbedArguments` for the training source) name, or None; see [`load_image_source`]. Without `--caption_column`
     the source's usual caption column is used: the first of [`DEFAULT_CAPTION_COLUMNS`] it has (`caption`, else
-    `txt` as in webdataset shards, else `text` as in image folders); with `captions_required=False` (`clipcap embed`)
-    only if the source has one.
+    `txt` as in webdataset shards, else `text` as in image folders; a source with several is warned of); with
+    `captions_required=False` (`clipcap embed`) only if the source has one. With `return_caption_column`, a tuple of
+    the source and the column its captions were read from (`(None, None)` when there is no source).
     """
     if split == "train":
         files, data_format, image_root = data_args.train_file, data_args.dataset_format, data_args.image_root
@@ -151,7 +156,7 @@ def load_source(
             files = data_args.train_file  # the Karpathy file holds every split
     dataset_name = data_args.dataset_name if files is None else None
     if files is None and (dataset_name is None or name_split is None):
-        return None
+        return (None, None) if return_caption_column else None
     streaming = data_args.streaming and split == "train"  # evaluation sets are small, and read whole
     load = functools.partial(
         load_image_source,
@@ -164,6 +169,7 @@ def load_source(
         streaming=streaming,
         dataset_format=data_format,
         image_root=image_root,
+        return_caption_column=return_caption_column,
     )
     caption_column = data_args.caption_column or DEFAULT_CAPTION_COLUMNS
     try:

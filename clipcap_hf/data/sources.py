@@ -21,6 +21,7 @@ import datasets
 import PIL.Image
 from datasets.data_files import DEFAULT_PATTERNS_ALL, DataFilesDict, get_data_patterns
 from datasets.fingerprint import Hasher
+from transformers.utils import logging
 
 from .loaders import DATASET_FORMATS, PathLike, group_by_image, load_caption_dataset
 
@@ -41,6 +42,8 @@ DEFAULT_CAPTION_COLUMNS = ("caption", "txt", "text")
 # The suffixes of data files that a folder given as data files may hold (its shards), read with their builder.
 SHARD_SUFFIXES = (".tar", ".parquet")
 
+logger = logging.get_logger(__name__)
+
 
 def load_image_source(
     *,
@@ -54,7 +57,8 @@ def load_image_source(
     dataset_format: str | None = None,
     image_root: PathLike | None = None,
     captions_optional: bool = False,
-) -> datasets.Dataset | datasets.IterableDataset:
+    return_caption_column: bool = False,
+) -> datasets.Dataset | datasets.IterableDataset | tuple[datasets.Dataset | datasets.IterableDataset, str | None]:
     """
     Load images (and their captions) from any source `datasets` reads, one row per source row, with the columns
 
@@ -80,17 +84,20 @@ def load_image_source(
             file path); default `image`, or the first image column of the source (`jpg`, `png`, ... in webdataset
             shards).
         caption_column: the column holding a caption string or a list of captions (`text`, `caption`, `txt`, ...);
-            several names (such as [`DEFAULT_CAPTION_COLUMNS`]): the first one the source has; `None` for images
-            without captions.
+            several names (such as [`DEFAULT_CAPTION_COLUMNS`]): the first one the source has (with a warning naming
+            it when the source has several of them); `None` for images without captions.
         streaming: return an `IterableDataset` read lazily, without preparing the whole source first.
         dataset_format: one of [`DATASET_FORMATS`] (`coco-karpathy`, `coco`, `conceptual-captions`, `nocaps`,
             `imagefolder`): `data_files` is then that format's file (or folder), read by its loader and grouped by
             image; captions come in `captions` whatever `caption_column` says.
         image_root: the folder that image paths are relative to (caption formats, JSON/CSV files).
         captions_optional: a source without `caption_column` is read without captions instead of refused.
+        return_caption_column: also return the column the captions were read from (the one chosen of several names;
+            `captions` for a `dataset_format`; None without captions), for a caller to record or check it.
 
     Returns:
-        A `datasets.Dataset` (or `IterableDataset` with `streaming`). A missing column is a `ValueError` listing the
+        A `datasets.Dataset` (or `IterableDataset` with `streaming`); with `return_caption_column`, a tuple of it and
+        the caption column. A missing column is a `ValueError` listing the
         columns the source has; a row without an image or caption is one naming its file (or shard and `__key__`)
         and row.
     """
@@ -111,8 +118,7 @@ def load_image_source(
         dataset = dataset._resolve_features()  # reads the first rows only
     image_column = image_column or _default_image_column(dataset, source)
     if caption_column is not None and not isinstance(caption_column, str):
-        # The first candidate the source has, else the first, which the checks below name as missing.
-        caption_column = next((name for name in caption_column if name in dataset.features), caption_column[0])
+        caption_column = _first_caption_column(dataset.features, caption_column, source)
     if captions_optional and caption_column not in (dataset.features or {}):
         caption_column = None  # decided before any key is computed: the keys are computed once
     _require_columns(dataset, [image_column] + ([caption_column] if caption_column else []), source)
@@ -140,7 +146,8 @@ def load_image_source(
         if "image" in dataset.column_names:
             dataset = dataset.remove_columns("image")
         dataset = dataset.rename_column(image_column, "image")
-    return _add_keys_and_captions(dataset, caption_column, source, _parquet_shards(dataset, data_files))
+    dataset = _add_keys_and_captions(dataset, caption_column, source, _parquet_shards(dataset, data_files))
+    return (dataset, caption_column) if return_caption_column else dataset
 
 
 def image_key(image: dict[str, Any] | None) -> str:
@@ -206,6 +213,21 @@ def _shards_by_split(folder: PathLike, shards: list[str]) -> dict[str, list[str]
         if split_shards:
             by_split[str(name)] = split_shards
     return by_split
+
+
+def _first_caption_column(features: datasets.Features, candidates: Sequence[str], source: str) -> str:
+    """
+    The first of the candidate caption columns the source has, else the first, which the column checks name as
+    missing. A source with several of them is warned of, naming the one read: the others may be the captions meant
+    (an image folder's `text` was read over its `caption` by earlier versions).
+    """
+    present = [name for name in candidates if name in features]
+    if len(present) > 1:
+        logger.warning(
+            f"{source} has several caption columns ({', '.join(present)}): reading the captions from {present[0]!r}, "
+            f"the first of {', '.join(candidates)}; name another with --caption_column."
+        )
+    return present[0] if present else candidates[0]
 
 
 def _from_data_files(data_files, split: str, streaming: bool):

@@ -277,7 +277,13 @@ class SourceArguments:
         default=None, metadata={"help": "A dataset on the Hub (or a local dataset folder) for datasets.load_dataset."}
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Its configuration."})
-    train_split: str = field(default="train", metadata={"help": "The split of --dataset_name to train on."})
+    train_split: str = field(
+        default="train",
+        metadata={
+            "help": "The split of --dataset_name to train on; also the shards read from a --train_file folder of "
+            "split-named shards (train-00000-of-00001.parquet)."
+        },
+    )
     train_file: str | None = field(
         default=None,
         metadata={
@@ -302,8 +308,8 @@ class SourceArguments:
     caption_column: str | None = field(
         default=None,
         metadata={
-            "help": "The caption column: a caption or a list of captions per row (default: txt for webdataset "
-            "shards, text for image folders, else caption)."
+            "help": "The caption column: a caption or a list of captions per row (default: the first of caption, "
+            "txt, text the source has)."
         },
     )
     streaming: bool = field(
@@ -362,7 +368,11 @@ class DataArguments(SourceArguments):
         },
     )
     validation_split: str | None = field(
-        default=None, metadata={"help": "The split of --dataset_name to evaluate on (e.g. validation)."}
+        default=None,
+        metadata={
+            "help": "The split of --dataset_name to evaluate on (e.g. validation); also the shards read from a "
+            "--validation_file folder of split-named shards (default there: validation)."
+        },
     )
     validation_file: str | None = field(
         default=None,

@@ -28,6 +28,7 @@ from transformers.utils import ADAPTER_CONFIG_NAME, find_adapter_config_file
 
 from ..data import ClipCapDataCollator, TrainingData, load_training_data
 from ..data.embeddings import EMBEDDINGS_INFO_NAME
+from ..data.sources import DEFAULT_CAPTION_COLUMNS
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor, check_tokenizer_files
 from ..utils.file_utils import read_json, sampled_sha256, save_pretrained
@@ -362,6 +363,8 @@ def _absolute_local_path(part: str) -> str:
 # The record's entries (not arguments) for the content identities of the data arguments and of the model arguments.
 DATA_IDENTITY_KEY = "data_identity"
 MODEL_IDENTITY_KEY = "model_identity"
+# The record's entry (not an argument) for the column the training captions were read from ([`check_caption_column`]).
+CAPTION_COLUMN_KEY = "caption_column_read"
 
 
 def _model_identity(name_or_path: str | None) -> str | None:
@@ -481,23 +484,70 @@ def check_run_arguments(
     their content identity ([`data_identity`], `model_identity`) as well as their paths; a record without identities
     (an earlier version) checks the paths only, with a warning, and so does one naming a Hub model by its name or
     commit. Called once `build_model` has loaded the models, whose files the identities hash. Returns this run's
-    arguments, which
-    [`record_run_arguments`] writes once the run starts training.
+    arguments, which [`check_caption_column`] completes once the source is loaded and [`record_run_arguments`] writes
+    once the run starts training.
     """
     arguments = run_arguments(model_args, data_args, training_args)
     checkpoint = training_args.resume_from_checkpoint or last_checkpoint
     if isinstance(checkpoint, str) and os.path.isdir(checkpoint):  # a checkpoint that is not there: Trainer names it
-        folder = os.path.dirname(os.path.normpath(checkpoint))
-        records = [os.path.join(checkpoint, RUN_ARGUMENTS_NAME), os.path.join(folder, RUN_ARGUMENTS_NAME)]
-        record = next((path for path in records if os.path.exists(path)), None)
+        record = _run_record(checkpoint)
         if record is not None:
             _check_resumed_arguments(checkpoint, record, arguments, training_args)
         else:
             logger.warning(
                 f"Resuming from {checkpoint} without checking that this run's arguments are those it was trained "
-                f"with: neither it nor {folder} holds {RUN_ARGUMENTS_NAME} (an older clipcap_hf wrote the checkpoint)."
+                f"with: neither it nor {os.path.dirname(os.path.normpath(checkpoint))} holds {RUN_ARGUMENTS_NAME} (an "
+                "older clipcap_hf wrote the checkpoint)."
             )
     return arguments
+
+
+def _run_record(checkpoint: str | None) -> str | None:
+    """The record of the run that saved a checkpoint: the checkpoint's own, else its folder's; None if neither."""
+    if not (isinstance(checkpoint, str) and os.path.isdir(checkpoint)):
+        return None
+    folder = os.path.dirname(os.path.normpath(checkpoint))
+    records = [os.path.join(checkpoint, RUN_ARGUMENTS_NAME), os.path.join(folder, RUN_ARGUMENTS_NAME)]
+    return next((path for path in records if os.path.exists(path)), None)
+
+
+def check_caption_column(
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    last_checkpoint: str | None,
+    arguments: dict[str, Any],
+    caption_column: str | None,
+) -> None:
+    """
+    Record in a run's `arguments` (those [`check_run_arguments`] returned) the column its training captions are read
+    from, known once the source is loaded (`TrainingData.train_caption_column`), and refuse to resume from a
+    checkpoint whose run read them from another. Without --caption_column the column is the first of the source's
+    usual ones it has (`DEFAULT_CAPTION_COLUMNS`), so the same arguments may read other captions than an earlier
+    version chose. A record without the column (an earlier version) resumes with a warning when it was so chosen.
+    """
+    arguments[CAPTION_COLUMN_KEY] = caption_column
+    checkpoint = training_args.resume_from_checkpoint or last_checkpoint
+    record = _run_record(checkpoint)
+    if record is None:
+        return
+    recorded = read_json(record)  # one JSON object: check_run_arguments refused anything else
+    if CAPTION_COLUMN_KEY not in recorded:
+        if data_args.caption_column is None and data_args.dataset_format is None and caption_column is not None:
+            logger.warning(
+                f"Resuming from {checkpoint} without checking that it trains on the captions its run read: {record} "
+                f"does not record their column (an older clipcap_hf wrote it), which this run chose as "
+                f"{caption_column!r}, the first of {', '.join(DEFAULT_CAPTION_COLUMNS)} the source has; give "
+                "--caption_column to read another."
+            )
+        return
+    if recorded[CAPTION_COLUMN_KEY] != caption_column:
+        then = recorded[CAPTION_COLUMN_KEY]
+        rerun = f"Rerun with --caption_column {then} to resume it" if isinstance(then, str) else "It cannot be resumed"
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: its run read its training captions from the column {_shown(then)} "
+            f"(recorded in {record}), this run from {_shown(caption_column)}. {rerun}, or start a new run "
+            f"{_start_again(checkpoint, training_args)}."
+        )
 
 
 def record_run_arguments(training_args: TrainingArguments, arguments: dict[str, Any]) -> None:
@@ -561,15 +611,7 @@ def _check_resumed_arguments(
             )
         return
     what = " and ".join(kind for kind, kind_changes in changes.items() if kind_changes)
-    if training_args.resume_from_checkpoint is not None:
-        start_again = (
-            f"from its weights with --model_name_or_path {checkpoint} in place of --resume_from_checkpoint (and a "
-            "new --output_dir)"
-        )
-    else:
-        # Not --overwrite_output_dir (transformers 4): it leaves that run's checkpoints in place for a rerun to meet.
-        folder = os.path.dirname(os.path.normpath(checkpoint))
-        start_again = f"with another --output_dir (or in {folder} once that run's checkpoints are deleted)"
+    start_again = _start_again(checkpoint, training_args)
     if hub_models:  # the Hub holds only a model's newest files under its name: the run's cannot be given again
         advice = (
             f"{', '.join(f'--{name}' for name in hub_models)} changed on the Hub since that run, which cannot be "
@@ -581,6 +623,18 @@ def _check_resumed_arguments(
         f"Cannot resume from {checkpoint}: its run was trained with other {what} (recorded in {record}): "
         f"{'; '.join(change for kind_changes in changes.values() for change in kind_changes)}. {advice}"
     )
+
+
+def _start_again(checkpoint: str, training_args: TrainingArguments) -> str:
+    """How to start a new run instead of resuming from a checkpoint that a refused resume names."""
+    if training_args.resume_from_checkpoint is not None:
+        return (
+            f"from its weights with --model_name_or_path {checkpoint} in place of --resume_from_checkpoint (and a "
+            "new --output_dir)"
+        )
+    # Not --overwrite_output_dir (transformers 4): it leaves that run's checkpoints in place for a rerun to meet.
+    folder = os.path.dirname(os.path.normpath(checkpoint))
+    return f"with another --output_dir (or in {folder} once that run's checkpoints are deleted)"
 
 
 # Why a resume may not change an argument that may seem to change the speed alone.
@@ -712,6 +766,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     else:  # the rerun of a finished run, which evaluates nothing
         data = TrainingData(train=None, eval=None, eval_images=None, image_embeds=None)
     _check_context_length(model.config, data_args, data)
+    if training:
+        check_caption_column(data_args, training_args, last_checkpoint, arguments, data.train_caption_column)
     metrics: dict[str, float] = {}
     if training:
         metrics["train_truncated_captions"] = data.train_truncated_captions
