@@ -1279,7 +1279,8 @@ class ClipCapForImageToText(ClipCapForConditionalGeneration):
     ClipCap for transformers 4.x's "image-to-text" pipeline (`AutoModelForVision2Seq`), which hands the model the
     image processor's output as its main input (`generate(pixel_values, ...)`), as for BLIP. Decoding is the same:
     the image goes to the forward, and generation starts from the image tokens. A prompt (the pipeline's `prompt=`)
-    comes as the tokenizer's `input_ids`, without image tokens: they are written in front of it, as BLIP-2 does.
+    comes as the tokenizer's `input_ids`, without image tokens: they are written in front of it, as BLIP-2 does, in
+    place of the BOS token that a tokenizer may add there (the processor's prompts have none).
     (transformers 5 routes that task to "image-text-to-text", which uses the processor.)
     """
 
@@ -1289,8 +1290,29 @@ class ClipCapForImageToText(ClipCapForConditionalGeneration):
         pixel_values = _main_input(pixel_values, inputs, "pixel_values")
         images = pixel_values if pixel_values is not None else kwargs.get("image_embeds")
         if images is not None and input_ids is not None and not bool((input_ids == self.config.image_token_id).any()):
-            input_ids, kwargs["attention_mask"] = self._prepend_image_tokens(input_ids, kwargs.get("attention_mask"))
+            input_ids, attention_mask = self._without_tokenizer_bos(input_ids, kwargs.get("attention_mask"))
+            input_ids, kwargs["attention_mask"] = self._prepend_image_tokens(input_ids, attention_mask)
         return super().generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)
+
+    def _without_tokenizer_bos(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
+        """
+        The prompt rows less the BOS token that a tokenizer such as OPT's or Llama's adds in front: the pipeline
+        tokenizes the prompt with special tokens, the processor without, and the image tokens must be followed by the
+        prompt alone, as there. Each row's BOS becomes padding, and the columns that are padding in every row are
+        dropped from the front: the rows the processor writes, padded alike.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        bos_token_id = self.config.text_config.bos_token_id
+        if bos_token_id is None:
+            return input_ids, attention_mask
+        first = attention_mask.ne(0).int().argmax(1, keepdim=True)  # each row's first attended token
+        is_bos = input_ids.gather(1, first).eq(bos_token_id) & attention_mask.gather(1, first).ne(0)
+        attention_mask = attention_mask.scatter(1, first, attention_mask.gather(1, first).masked_fill(is_bos, 0))
+        kept = attention_mask.ne(0).any(0).cumsum(0) > 0  # from the first column any row attends to
+        return input_ids[:, kept], attention_mask[:, kept]
 
     def _prepend_image_tokens(
         self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None

@@ -4,7 +4,15 @@ import datasets
 import pytest
 import torch
 import transformers
-from conftest import IMAGE_SIZE, random_images, run_without_package, tiny_config
+from conftest import (
+    IMAGE_SIZE,
+    build_tokenizer,
+    random_images,
+    run_without_package,
+    tiny_config,
+    tiny_model,
+    tiny_processor,
+)
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
@@ -139,6 +147,36 @@ def test_image_to_text_pipeline_prompt_equals_the_image_captioning_pipelines(sav
         assert expected.startswith("A dog") and expected != "A dog"
         output = image_to_text(image, prompt="A dog", generate_kwargs={"max_new_tokens": 4})
         assert output == [{"generated_text": expected}]
+
+
+@pytest.mark.skipif(TRANSFORMERS_5, reason="transformers 5's image-to-text is image-text-to-text, with the processor")
+def test_image_to_text_pipeline_prompt_drops_the_bos_a_tokenizer_adds(tmp_path, quiet_transformers):
+    # 4.57's pipeline tokenizes `prompt=` with special tokens: a tokenizer that adds a BOS (OPT's, Llama's) put it
+    # between the image tokens and the prompt, which the processor leaves out.
+    from tokenizers.processors import TemplateProcessing
+
+    tokenizer = build_tokenizer()
+    bos = tokenizer.bos_token_id
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", bos)]
+    )
+    assert tokenizer("A dog")["input_ids"][0] == bos
+    tiny_model(tokenizer).save_pretrained(tmp_path)
+    tiny_processor(tokenizer).save_pretrained(tmp_path)
+    image = random_images(1, seed=9)[0]
+    first_inputs = []
+    for task, kwargs in (("image-to-text", {"prompt": "A dog", "generate_kwargs": {"max_new_tokens": 4}}),
+                         ("image-captioning", {"text": "A dog", "max_new_tokens": 4})):
+        captioner = pipeline(task, model=str(tmp_path))
+        seen = []
+        captioner.model.register_forward_pre_hook(lambda module, args, inputs: seen.append(inputs), with_kwargs=True)
+        text = captioner(image, **kwargs)[0]["generated_text"]
+        first_inputs.append((text, seen[0]["input_ids"], seen[0]["attention_mask"]))
+    (text, input_ids, attention_mask), (expected_text, expected_ids, expected_mask) = first_inputs
+    assert bos not in input_ids.tolist()[0]
+    assert input_ids.tolist() == expected_ids.tolist()
+    assert attention_mask.tolist() == expected_mask.tolist()
+    assert text == expected_text
 
 
 def generate_batch_sizes(captioner, monkeypatch):

@@ -810,3 +810,72 @@ def test_a_streaming_resume_on_a_changed_data_file_is_refused(embeddings_caption
         "shards would not line up with the finished ones, leaving rows out or captioning them twice. Write to a new "
         "output folder, or resume on the original source.")
     assert not (output / "captions-00001-of-00002.parquet").exists()
+
+
+def test_a_streaming_source_records_each_data_file_once_and_an_image_folder_s_images(tmp_path, monkeypatch):
+    from clipcap_hf.data.sources import load_image_source
+    from clipcap_hf.inference import sharded
+
+    files = [tmp_path / "part-0.jsonl", tmp_path / "part-1.jsonl"]  # the JSON loader names each file twice
+    for index, path in enumerate(files):
+        datasets.Dataset.from_dict({"image_key": [f"k{index}"]}).to_json(path)
+    streamed = datasets.load_dataset("json", data_files=list(map(str, files)), split="train", streaming=True)
+    assert [file["path"] for file in sharded._data_file_identities(streamed)] == list(map(str, files))
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, image in enumerate(random_images(3, seed=5)):
+        image.save(folder / f"{index}.png")
+
+    def identities():
+        return sharded._data_file_identities(load_image_source(data_files=[str(folder)], streaming=True))
+
+    recorded = identities()
+    assert sorted(file["path"] for file in recorded) == [str(folder / f"{index}.png") for index in range(3)]
+    random_images(1, seed=6)[0].save(folder / "1.png")  # replaced: the resume is refused
+    assert identities() != recorded
+
+    # Many files: one digest of their names, sizes and modification times; no image is read.
+    monkeypatch.setattr(sharded, "_MAX_FILES_IDENTIFIED_BY_CONTENT", 2)
+    monkeypatch.setattr("clipcap_hf.utils.file_utils.sampled_sha256", lambda path: pytest.fail(f"read {path}"))
+    recorded = identities()
+    assert set(recorded) == {"num_files", "paths_sizes_mtimes_sha256"} and recorded["num_files"] == 3
+    assert identities() == recorded
+    os.utime(folder / "2.png", ns=(0, os.stat(folder / "2.png").st_mtime_ns + 1))  # rewritten in place
+    changed = identities()
+    assert changed != recorded
+
+    def layout(data_files):
+        return {"source_layout": {"num_rows": None, "num_shards": 1, "image_keys_sha256": None,
+                                  "data_files": data_files}}
+
+    assert ("but this one has an unknown number of rows in 1 shard(s) and other data files (3 file(s) before, 3 now: "
+            "one was added, removed, renamed, resized or modified)") in sharded._difference(
+        tmp_path, layout(recorded), layout(changed))
+
+
+def test_a_rank_whose_lock_a_sibling_probes_for_an_instant_still_starts(tmp_path):
+    # A process of the same run checking for another run's process (`_check_no_other_process`) takes each lock of
+    # the run's size for an instant: a rank starting then was refused as if another run held its lock.
+    import threading
+
+    from clipcap_hf.inference.sharded import _folder_lock
+    from clipcap_hf.utils.file_utils import acquire_file_lock
+
+    taken, done = threading.Event(), threading.Event()
+
+    def probe():
+        lock = acquire_file_lock(tmp_path / ".caption-rank-00001-of-00002.lock", "the output folder", timeout=0)
+        taken.set()
+        done.wait(0.3)  # a probe lasts an instant; 0.3 s here, so that the test does not race
+        lock.release()
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    taken.wait()
+    try:
+        with _folder_lock(tmp_path, 1, 2) as own:
+            assert own.name == ".caption-rank-00001-of-00002.lock"
+    finally:
+        done.set()
+        prober.join()

@@ -308,6 +308,29 @@ def test_image_to_text_class_writes_image_tokens_in_front_of_a_prompt_without_th
                            image_to_text.generate(batch["pixel_values"], max_new_tokens=5, min_new_tokens=5)[:, 4:])
 
 
+def test_image_to_text_class_drops_the_bos_a_tokenizer_adds_in_front_of_a_prompt(mlp_model, processor, images):
+    # transformers 4.57's image-to-text pipeline tokenizes `prompt=` with special tokens: OPT's and Llama's
+    # tokenizers put a BOS in front, which the processor leaves out. Left-padded rows of other lengths move alike.
+    image_to_text = ClipCapForImageToText(mlp_model.config).eval()
+    image_to_text.load_state_dict(mlp_model.state_dict())
+    prompts = ["A dog", "A small red dog"]
+    batch = processor(images=images[:2], text=prompts)
+    bos, pad = mlp_model.config.text_config.bos_token_id, processor.tokenizer.pad_token_id or 0
+    rows = [[bos, *processor.tokenizer(prompt, add_special_tokens=False)["input_ids"]] for prompt in prompts]
+    width = max(map(len, rows))
+    input_ids = torch.tensor([[pad] * (width - len(row)) + row for row in rows])
+    attention_mask = torch.tensor([[0] * (width - len(row)) + [1] * len(row) for row in rows])
+    expected = mlp_model.generate(**batch, max_new_tokens=5, min_new_tokens=5, output_scores=True,
+                                  return_dict_in_generate=True)
+    generated = image_to_text.generate(batch["pixel_values"], input_ids=input_ids, attention_mask=attention_mask,
+                                       max_new_tokens=5, min_new_tokens=5, output_scores=True,
+                                       return_dict_in_generate=True)
+    # (The image tokens go before the padding here, after it there: the positions, counted from the mask, agree.)
+    assert torch.equal(generated.sequences[:, -5:], expected.sequences[:, -5:])
+    torch.testing.assert_close(torch.stack(generated.scores), torch.stack(expected.scores))
+    assert generated.sequences.shape == expected.sequences.shape  # the BOS is gone, not masked in place
+
+
 def test_caption_lengths_beyond_a_learned_position_table_are_refused_before_decoding(mlp_model, processor, caplog):
     # The tiny GPT-2 has 128 learned positions; the input takes 4 image tokens and the prompt.
     x = embeds(mlp_model, 1)

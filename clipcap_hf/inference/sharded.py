@@ -40,6 +40,13 @@ SHOWN_ONLY = "paths"
 DEFAULT_SHARD_SIZE = 10_000
 # Unreadable rows named in an error or warning; the rest are counted.
 _MAX_LISTED = 10
+# A streaming source of more data files than this (an image folder's images) is identified by one digest of their
+# names, sizes and modification times, not by each file's content: reading a million images on every run would be
+# slow, and the run file would list them all.
+_MAX_FILES_IDENTIFIED_BY_CONTENT = 256
+# Seconds a process waits for its own lock file: a process of the same run checking whether a run holds it
+# (`_check_no_other_process`) takes it for an instant, while another run holds it for its whole life.
+_OWN_LOCK_WAIT_S = 2.0
 
 
 def shard_file_name(index: int, num_shards: int) -> str:
@@ -120,12 +127,15 @@ def _source_layout(dataset, num_shards: int) -> dict[str, Any]:
     return {"num_rows": len(dataset), "num_shards": num_shards, "image_keys_sha256": digest.hexdigest()}
 
 
-def _data_file_identities(dataset) -> list[dict[str, Any]] | None:
+def _data_file_identities(dataset) -> list[dict[str, Any]] | dict[str, Any] | None:
     """
     Each local data file a streaming dataset reads, with its size and a sampled digest of its content (as
-    `model_identity` identifies weight files), in the order of the input shards; None where they are not known (an
+    `model_identity` identifies weight files), in the order of the input shards; for more than
+    `_MAX_FILES_IDENTIFIED_BY_CONTENT` files (an image folder's images), their number and one digest of their paths
+    (relative to their common folder), sizes and modification times instead. None where they are not known (an
     IterableDataset not read from local files, such as one made with `to_iterable_dataset` or streamed from the Hub).
-    The files are the `datasets` loader's arguments, found under the dataset's wrapping iterables.
+    The files are the `datasets` loader's arguments, found under the dataset's wrapping iterables: paths, or an image
+    folder's tuples holding the path.
     """
     from ..utils.file_utils import sampled_sha256
 
@@ -135,10 +145,18 @@ def _data_file_identities(dataset) -> list[dict[str, Any]] | None:
     paths = []
     for value in (getattr(iterable, "kwargs", None) or {}).values():
         if isinstance(value, (list, tuple)):
-            paths += [item for item in value if isinstance(item, str) and os.path.isfile(item)]
+            items = [part for item in value for part in (item if isinstance(item, tuple) else (item,))]
+            paths += [item for item in items if isinstance(item, str) and os.path.isfile(item)]
+    paths = list(dict.fromkeys(paths))  # JSON and Parquet loaders name each file twice, an image folder's tuples too
     if not paths:
         return None
-    return [{"path": path, "size": os.path.getsize(path), "sha256": sampled_sha256(path)} for path in paths]
+    if len(paths) <= _MAX_FILES_IDENTIFIED_BY_CONTENT:
+        return [{"path": path, "size": os.path.getsize(path), "sha256": sampled_sha256(path)} for path in paths]
+    folder, listing = os.path.commonpath(paths), hashlib.sha256()
+    for path in paths:
+        stat = os.stat(path)
+        listing.update(f"{os.path.relpath(path, folder)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return {"num_files": len(paths), "paths_sizes_mtimes_sha256": listing.hexdigest()}
 
 
 def _check_run_file(output_dir: Path, recorded: dict[str, Any], own_lock: Path | None = None) -> dict[str, Any]:
@@ -274,8 +292,7 @@ def _difference(output_dir: Path, earlier: dict[str, Any], recorded: dict[str, A
 
         now_rows = rows(now)
         if before.get("data_files") and before.get("data_files") != now.get("data_files"):
-            changed = [file["path"] for file in before["data_files"] if file not in (now.get("data_files") or [])]
-            now_rows += f" and other data files ({', '.join(changed[:_MAX_LISTED])} changed or moved)"
+            now_rows += f" and other data files ({_data_files_change(before['data_files'], now.get('data_files'))})"
         elif rows(before) == now_rows:  # the same size: other image keys
             now_rows += " but other images (replaced, or rows that moved)"
         return (
@@ -297,6 +314,21 @@ def _difference(output_dir: Path, earlier: dict[str, Any], recorded: dict[str, A
     )
 
 
+def _data_files_change(before: list | dict, now: list | dict | None) -> str:
+    """How a streaming source's data files (see [`_data_file_identities`]) changed, for [`_difference`]."""
+    if isinstance(before, list) and isinstance(now, list):
+        changed = [file["path"] for file in before if file not in now]
+        if changed:
+            return f"{', '.join(changed[:_MAX_LISTED])} changed or moved"
+
+    def count(files: list | dict | None) -> str:
+        if files is None:
+            return "unknown"
+        return str(len(files) if isinstance(files, list) else files["num_files"])
+
+    return f"{count(before)} file(s) before, {count(now)} now: one was added, removed, renamed, resized or modified"
+
+
 @contextmanager
 def _folder_lock(output_dir: Path, rank: int, world_size: int) -> Iterator[Path]:
     """
@@ -305,6 +337,9 @@ def _folder_lock(output_dir: Path, rank: int, world_size: int) -> Iterator[Path]
     half-written file as finished) and replace each other's run file. The processes of one `torchrun` run write other
     shards (their number is the same and their ranks differ), so they go together (as would a run split alike: see
     [`_check_no_other_process`] and [`_check_run_file_unchanged`] for how its run file is kept).
+
+    This process waits up to `_OWN_LOCK_WAIT_S` for its own lock, which a process of its own run may hold for an
+    instant ([`_check_no_other_process`]), before calling it another run's.
 
     The locks are `filelock`'s (the OS's `flock` on Unix, which it releases when the process ends however it ends):
     a killed run's lock file holds nothing up. Lock files stay in the folder, as in the Hub cache, since removing one
@@ -315,7 +350,7 @@ def _folder_lock(output_dir: Path, rank: int, world_size: int) -> Iterator[Path]
 
     own_file = output_dir / _lock_file_name(rank, world_size)
     try:
-        own = acquire_file_lock(own_file, "the output folder", timeout=0)
+        own = acquire_file_lock(own_file, "the output folder", timeout=_OWN_LOCK_WAIT_S)
     except Timeout:
         raise ValueError(_busy(output_dir, own_file)) from None
     try:
