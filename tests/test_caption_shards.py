@@ -879,3 +879,21 @@ def test_a_rank_whose_lock_a_sibling_probes_for_an_instant_still_starts(tmp_path
     finally:
         done.set()
         prober.join()
+
+
+def test_a_run_file_naming_a_hub_model_by_name_and_commit_resumes_on_that_name_only():
+    # An earlier version identified a Hub model as "name@commit" (or its name while none was cached); now by the
+    # files of its cached snapshot. The same name resumes, with what was not checked named; another name does not.
+    from clipcap_hf.inference.sharded import SHOWN_ONLY, _as_recorded_by, _compared
+
+    layout = {"num_rows": 3, "num_shards": 1, "image_keys_sha256": "k"}
+    now = {"model": "sha256:0123", "rerank_model": None, "source_layout": layout,
+           SHOWN_ONLY: {"model": "org/clipcap", "rerank_model": None}}  # fmt: skip
+    for recorded_then in ("org/clipcap@4f2a9c", "org/clipcap"):
+        earlier = {**now, "model": recorded_then}
+        comparable, unchecked = _as_recorded_by(earlier, now)
+        assert _compared(comparable) == _compared(earlier)
+        assert unchecked == "the files of org/clipcap (only its Hub name, which matches)"
+    for other in ("org/other@4f2a9c", "sha256:4567"):
+        earlier = {**now, "model": other}
+        assert _compared(_as_recorded_by(earlier, now)[0]) != _compared(earlier)

@@ -267,6 +267,16 @@ def _as_recorded_by(earlier: dict[str, Any], recorded: dict[str, Any]) -> tuple[
     if SHOWN_ONLY not in earlier and SHOWN_ONLY in comparable:  # it recorded each model as the path given
         comparable.update(comparable.pop(SHOWN_ONLY))
         unchecked.append("the models themselves (only the paths naming them, which match)")
+    for key, name in (comparable.get(SHOWN_ONLY) or {}).items():
+        # It identified a Hub model by its name and cached commit ("name@commit"), or by its name while none was
+        # cached; now by its files.
+        before = earlier.get(key)
+        if (
+            isinstance(before, str) and not before.startswith("sha256:") and before.split("@")[0] == name
+            and comparable.get(key) != before
+        ):
+            comparable[key] = before
+            unchecked.append(f"the files of {name} (only its Hub name, which matches)")
     return comparable, " nor ".join(unchecked) or "nothing"
 
 
