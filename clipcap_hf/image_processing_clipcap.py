@@ -3,6 +3,7 @@ user has."""
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -268,6 +269,22 @@ def _image_processor_files(pretrained_model_name_or_path: str, kwargs: dict[str,
     return [path for path in paths if path is not None]
 
 
+def _may_hold_image_processor_settings(path: str) -> bool:
+    """
+    Whether a settings file that transformers could not load may hold image processor settings, and so must not be
+    replaced by the tower's reference preprocessing: any that is not a JSON object (e.g. cut short), a
+    `preprocessor_config.json`, or a `processor_config.json` with an `image_processor` entry. One holding only the
+    processor's own attributes (`{"processor_class": "CLIPProcessor"}`) has none; transformers 5 raises for it as
+    for a corrupt file, 4.57 reads it as settings that leave everything open.
+    """
+    try:
+        with open(path, encoding="utf-8") as file:
+            content = json.load(file)
+    except ValueError:  # not JSON, or not UTF-8
+        return True
+    return not isinstance(content, dict) or os.path.basename(path) != PROCESSOR_NAME or "image_processor" in content
+
+
 def _tower_config(pretrained_model_name_or_path: str, **kwargs) -> PretrainedConfig:
     """The vision tower's config of a transformers checkpoint (of a whole CLIP or SigLIP, its vision part)."""
     return vision_tower_config(AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs))
@@ -348,10 +365,13 @@ class ClipCapImageProcessor(BaseImageProcessor):
         try:
             settings = cls.get_image_processor_dict(pretrained_model_name_or_path, **kwargs)[0]
         except OSError as error:  # transformers 4.57 and 5 raise it for an absent file as for a corrupt one
-            # Only a checkpoint that truly has no settings file gets the reference preprocessing: a file that is
-            # there but unreadable (e.g. cut short) would otherwise be ignored, and the tower fed other pixels.
+            # Only a checkpoint that truly has no image processor settings gets the reference preprocessing: a file
+            # that is there but unreadable (e.g. cut short) would otherwise be ignored, and the tower fed other pixels.
             try:
-                present = _image_processor_files(pretrained_model_name_or_path, kwargs)
+                present = [
+                    path for path in _image_processor_files(pretrained_model_name_or_path, kwargs)
+                    if _may_hold_image_processor_settings(path)
+                ]
             except OSError as lookup_error:  # e.g. a Hub checkpoint offline and not cached: it may have one
                 raise OSError(
                     f"Could not look up the preprocessing settings ({IMAGE_PROCESSOR_NAME}) of "

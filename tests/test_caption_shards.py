@@ -854,6 +854,47 @@ def test_a_streaming_source_records_each_data_file_once_and_an_image_folder_s_im
         tmp_path, layout(recorded), layout(changed))
 
 
+def test_a_streaming_run_file_listing_each_data_file_twice_or_an_image_folder_s_as_null_resumes(tmp_path, caplog):
+    # The version before this one listed each JSON and Parquet file twice, and no file of an image folder (null).
+    from clipcap_hf.data.sources import load_image_source
+    from clipcap_hf.inference import sharded
+
+    files = [tmp_path / "part-0.jsonl", tmp_path / "part-1.jsonl"]
+    for index, path in enumerate(files):
+        datasets.Dataset.from_dict({"image_key": [f"k{index}"]}).to_json(path)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, image in enumerate(random_images(2, seed=5)):
+        image.save(folder / f"{index}.png")
+
+    def settings(data_files):
+        return {"model": "sha256:" + "1" * 64, "source_layout": {
+            "num_rows": None, "num_shards": 2, "image_keys_sha256": None, "data_files": data_files}}
+
+    def resume(earlier_files, dataset):
+        output = tmp_path / "captions"
+        output.mkdir(exist_ok=True)
+        (output / sharded.RUN_FILE).write_text(json.dumps(settings(earlier_files)))
+        (output / "captions-00000-of-00002.parquet").write_bytes(b"")  # a finished shard
+        now = settings(sharded._data_file_identities(dataset))
+        caplog.clear()
+        assert sharded._check_run_file(output, now) == now
+        assert json.loads((output / sharded.RUN_FILE).read_text()) == now  # recorded as this version does from now on
+        return caplog.text
+
+    def streamed_json():
+        return datasets.load_dataset("json", data_files=list(map(str, files)), split="train", streaming=True)
+
+    listed = sharded._data_file_identities(streamed_json())
+    assert "which recorded the same settings in another form: resuming" in resume(listed * 2, streamed_json())
+    streamed_folder = load_image_source(data_files=[str(folder)], streaming=True)
+    assert "which did not record the data files: resuming as if they have not changed" in resume(None, streamed_folder)
+    # A file changed since is still refused.
+    datasets.Dataset.from_dict({"image_key": ["other"]}).to_json(files[1])
+    with pytest.raises(ValueError, match=rf"and other data files \({files[1]} changed or moved\)"):
+        resume(listed * 2, streamed_json())
+
+
 def test_a_rank_whose_lock_a_sibling_probes_for_an_instant_still_starts(tmp_path):
     # A process of the same run checking for another run's process (`_check_no_other_process`) takes each lock of
     # the run's size for an instant: a rank starting then was refused as if another run held its lock.

@@ -193,6 +193,22 @@ def test_an_unreadable_settings_file_is_named_not_replaced_by_the_towers_default
     assert (processor.size, processor.crop_size, processor.image_mean) == (32, 32, ClipCapImageProcessor().image_mean)
 
 
+def test_a_processor_config_without_image_processor_settings_gets_the_towers_defaults(tmp_path):
+    # A processor_config.json holding only the processor's own attributes says nothing about the preprocessing
+    # (transformers 5 raises the same OSError for it as for a corrupt file): the tower's reference preprocessing.
+    # (At the image size CLIPImageProcessor defaults to: 4.57 reads the file as settings leaving all at its defaults.)
+    transformers.CLIPVisionConfig(image_size=224).save_pretrained(tmp_path)
+    path = tmp_path / "processor_config.json"
+    path.write_text(json.dumps({"processor_class": "CLIPProcessor"}))
+    processor = ClipCapImageProcessor.from_transformers_pretrained(str(tmp_path))
+    assert processor.to_dict() == ClipCapImageProcessor().to_dict()
+    # One cut short may have held them: refused, naming it.
+    text = json.dumps({"processor_class": "CLIPProcessor", "image_processor": {"size": {"shortest_edge": 64}}})
+    path.write_text(text[: len(text) // 2])
+    with pytest.raises(OSError, match=rf"^Could not read the preprocessing settings of .* from {path}: "):
+        ClipCapImageProcessor.from_transformers_pretrained(str(tmp_path))
+
+
 def test_a_thin_strip_is_resampled_only_under_its_crop_and_matches_the_full_resize(monkeypatch):
     # A 1 x 40,000 PNG takes a few bytes; resized on its short side to 224 it would be 224 x 8,960,000 pixels (6 GB).
     processor = ClipCapImageProcessor()

@@ -182,8 +182,10 @@ def _check_run_file(output_dir: Path, recorded: dict[str, Any], own_lock: Path |
                     raise ValueError(_difference(output_dir, earlier, comparable))
                 _check_shard_names(output_dir, finished, recorded["source_layout"]["num_shards"])
                 logger.warning(
-                    f"{output_dir / RUN_FILE} was written by an earlier version, which did not record {unchecked}: "
-                    "resuming as if they have not changed. This run's are recorded from now on."
+                    f"{output_dir / RUN_FILE} was written by an earlier version, which "
+                    + (f"did not record {unchecked}: resuming as if they have not changed." if unchecked else
+                       "recorded the same settings in another form: resuming.")
+                    + " This run's are recorded from now on."
                 )
             else:
                 _check_no_other_process(output_dir, own_lock)
@@ -249,8 +251,9 @@ def _compared(settings: dict[str, Any]) -> dict[str, Any]:
 def _as_recorded_by(earlier: dict[str, Any], recorded: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """
     `recorded` less what the version that wrote `earlier` did not record yet (first the source's layout and a seeded
-    sampled run's batch size and device, then the digest of the image keys, then a streaming source's data files; the
-    models' identities, recorded as their paths before), and what that leaves unchecked.
+    sampled run's batch size and device, then the digest of the image keys, then a streaming source's data files,
+    listing each JSON and Parquet file twice and an image folder's as null; the models' identities, recorded as their
+    paths before), and what that leaves unchecked (empty if nothing).
     """
     comparable, unchecked = dict(recorded), []
     if "source_layout" not in earlier:
@@ -260,10 +263,18 @@ def _as_recorded_by(earlier: dict[str, Any], recorded: dict[str, Any]) -> tuple[
             unchecked.append("the batch size and device of seeded sampling")
     else:
         layout = comparable["source_layout"] = dict(recorded["source_layout"])
+        earlier_layout = earlier["source_layout"]
         for key, what in (("image_keys_sha256", "the source's image keys"), ("data_files", "the data files")):
-            if key in layout and key not in earlier["source_layout"]:
+            if key in layout and key not in earlier_layout:
                 del layout[key]
                 unchecked.append(what)
+        files = earlier_layout.get("data_files")
+        if "data_files" in earlier_layout and files is None and layout.get("data_files") is not None:
+            # It recorded none for an image folder (it looked for paths only, not the loader's tuples of them)
+            layout["data_files"] = None
+            unchecked.append("the data files")
+        elif isinstance(files, list) and _once_each(files) == layout.get("data_files"):
+            layout["data_files"] = files  # it listed each JSON and Parquet file twice
     if SHOWN_ONLY not in earlier and SHOWN_ONLY in comparable:  # it recorded each model as the path given
         comparable.update(comparable.pop(SHOWN_ONLY))
         unchecked.append("the models themselves (only the paths naming them, which match)")
@@ -277,7 +288,12 @@ def _as_recorded_by(earlier: dict[str, Any], recorded: dict[str, Any]) -> tuple[
         ):
             comparable[key] = before
             unchecked.append(f"the files of {name} (only its Hub name, which matches)")
-    return comparable, " nor ".join(unchecked) or "nothing"
+    return comparable, " nor ".join(unchecked)
+
+
+def _once_each(files: list[Any]) -> list[Any]:
+    """A recorded list of data files without its repeated entries, in order."""
+    return list({json.dumps(file, sort_keys=True): file for file in files}.values())
 
 
 def _check_shard_names(output_dir: Path, finished: list[Path], num_shards: int) -> None:
@@ -326,6 +342,8 @@ def _difference(output_dir: Path, earlier: dict[str, Any], recorded: dict[str, A
 
 def _data_files_change(before: list | dict, now: list | dict | None) -> str:
     """How a streaming source's data files (see [`_data_file_identities`]) changed, for [`_difference`]."""
+    if isinstance(before, list):
+        before = _once_each(before)  # an earlier version listed each JSON and Parquet file twice
     if isinstance(before, list) and isinstance(now, list):
         changed = [file["path"] for file in before if file not in now]
         if changed:
