@@ -938,3 +938,22 @@ def test_a_run_file_naming_a_hub_model_by_name_and_commit_resumes_on_that_name_o
     for other in ("org/other@4f2a9c", "sha256:4567"):
         earlier = {**now, "model": other}
         assert _compared(_as_recorded_by(earlier, now)[0]) != _compared(earlier)
+
+
+def test_a_run_file_s_hub_model_whose_snapshot_has_gained_files_since_resumes(tmp_path):
+    # A Hub model is identified by each of its cached snapshot's files: one fetched since (a tokenizer.json) is not a
+    # change, but a file both hold with other content is.
+    from clipcap_hf.inference.sharded import RUN_FILE, SHOWN_ONLY, _check_run_file
+
+    layout = {"num_rows": 3, "num_shards": 1, "image_keys_sha256": "k"}
+    then = {"hub": "org/clipcap", "files": {"config.json": "a", "model.safetensors": "b"}}
+    settings = {"model": then, "rerank_model": None, "source_layout": layout,
+                SHOWN_ONLY: {"model": "org/clipcap", "rerank_model": None}}  # fmt: skip
+    (tmp_path / RUN_FILE).write_text(json.dumps(settings))
+    (tmp_path / "captions-00000-of-00001.parquet").write_bytes(b"finished")
+    gained = {"hub": "org/clipcap", "files": {**then["files"], "tokenizer.json": "c"}}
+    _check_run_file(tmp_path, {**settings, "model": gained})
+    assert json.loads((tmp_path / RUN_FILE).read_text())["model"] == then
+    changed = {"hub": "org/clipcap", "files": {**then["files"], "model.safetensors": "d"}}
+    with pytest.raises(ValueError, match="other settings"):
+        _check_run_file(tmp_path, {**settings, "model": changed})

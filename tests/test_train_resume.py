@@ -24,7 +24,7 @@ from clipcap_hf.training.run import (
     RUN_ARGUMENTS_NAME,
     data_identity,
 )
-from clipcap_hf.utils.loading import model_identity
+from clipcap_hf.utils.loading import model_identity, same_model
 
 
 @pytest.fixture
@@ -409,14 +409,14 @@ def test_a_hub_model_is_identified_by_the_files_of_its_cached_snapshot_not_its_c
     assert model_identity("org/gpt") == "org/gpt"
     publish("a" * 40)
     downloaded = model_identity("org/gpt")
-    assert downloaded == model_identity(str(repo / "snapshots" / ("a" * 40))) and downloaded.startswith("sha256:")
+    assert same_model(downloaded, model_identity(str(repo / "snapshots" / ("a" * 40)))) is None  # a folder: one hash
     publish("b" * 40, **{"README.md": "a new model card"})  # a commit that changes no model file: was refused
     assert model_identity("org/gpt") == downloaded
     publish("c" * 40, **{"config.json": '{"model_type": "gpt2", "n_layer": 3}'})
-    assert model_identity("org/gpt") != downloaded
+    assert same_model(downloaded, model_identity("org/gpt")) is False
 
 
-def _check_models(tmp_path, recorded_identity: str, identity: str) -> None:
+def _check_models(tmp_path, recorded_identity: str | dict, identity: str | dict) -> None:
     """`_check_resumed_arguments` of a run on the Hub model org/gpt, recorded with `recorded_identity`."""
     from clipcap_hf.training.run import _check_resumed_arguments
 
@@ -434,7 +434,7 @@ def _check_models(tmp_path, recorded_identity: str, identity: str) -> None:
 def test_a_record_naming_a_hub_model_by_name_or_commit_resumes_with_a_warning_and_a_changed_one_is_refused(
     tmp_path, caplog
 ):
-    files = "sha256:" + "1" * 64
+    files = {"hub": "org/gpt", "files": {"config.json": "1" * 64}}
     for older in ("org/gpt", "org/gpt@" + "a" * 40):  # refused as another model
         caplog.clear()
         with caplog.at_level("WARNING", logger="clipcap_hf.training.run"):
@@ -444,8 +444,95 @@ def test_a_record_naming_a_hub_model_by_name_or_commit_resumes_with_a_warning_an
         )
     # Its files changed on the Hub: the error asked to rerun with that run's model, which the Hub no longer serves.
     with pytest.raises(ValueError) as refused:
-        _check_models(tmp_path, "sha256:" + "2" * 64, files)
+        _check_models(tmp_path, {"hub": "org/gpt", "files": {"config.json": "2" * 64}}, files)
     assert "--text_model_name_or_path org/gpt holds another model" in str(refused.value)
+    assert "changed on the Hub since that run" in str(refused.value)
+    assert "Rerun with that run's" not in str(refused.value)
+
+
+def test_a_hub_snapshot_that_gained_files_resumes_and_one_whose_shared_file_changed_is_refused(
+    tmp_path, monkeypatch, caplog
+):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--org--gpt"
+    snapshot = repo / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    (snapshot / "config.json").write_text('{"model_type": "gpt2"}')
+    (snapshot / "model.safetensors").write_text("weights")
+    started = model_identity("org/gpt")
+    # The same commit: files fetched into its snapshot later (a pipeline's tokenizer, a .bin fallback) were refused
+    # as the model "changed on the Hub".
+    (snapshot / "tokenizer.json").write_text("{}")
+    (snapshot / "pytorch_model.bin").write_text("weights")
+    grown = model_identity("org/gpt")
+    with caplog.at_level("WARNING", logger="clipcap_hf.training.run"):
+        _check_models(tmp_path, started, grown)
+        _check_models(tmp_path, grown, started)  # a cache cleaned of some of them
+    assert caplog.text == ""
+    (snapshot / "model.safetensors").write_text("retrained")  # a file both hold, changed
+    with pytest.raises(ValueError) as refused:
+        _check_models(tmp_path, grown, model_identity("org/gpt"))
+    assert "--text_model_name_or_path org/gpt holds another model" in str(refused.value)
+    assert "changed on the Hub since that run" in str(refused.value)
+
+
+def _lora_folders(tmp_path):
+    """A base model folder and LoRA adapters trained on it."""
+    base, adapters = tmp_path / "base", tmp_path / "adapters"
+    for folder in (base, adapters):
+        folder.mkdir()
+    (base / "config.json").write_text('{"model_type": "clipcap"}')
+    (base / "model.safetensors").write_text("weights")
+    adapter_config = {"peft_type": "LORA", "base_model_name_or_path": str(base)}
+    (adapters / "adapter_config.json").write_text(json.dumps(adapter_config))
+    (adapters / "adapter_model.safetensors").write_text("adapters")
+    return base, adapters
+
+
+def _check_adapters(tmp_path, adapters, recorded_identity, identity) -> None:
+    """`_check_resumed_arguments` of a continued LoRA run on `adapters`, recorded with `recorded_identity`."""
+    from clipcap_hf.training.run import _check_resumed_arguments
+
+    def arguments(model) -> dict:
+        return {"model_name_or_path": str(adapters), DATA_IDENTITY_KEY: {}, MODEL_IDENTITY_KEY: {
+            "model_name_or_path": model}}  # fmt: skip
+
+    record = tmp_path / "out" / "checkpoint-2" / RUN_ARGUMENTS_NAME
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(arguments(recorded_identity)))
+    training_args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
+    _check_resumed_arguments(str(record.parent), str(record), arguments(identity), training_args)
+
+
+def test_a_continued_lora_run_recorded_by_its_adapters_alone_resumes_with_a_warning_and_a_changed_base_is_refused(
+    tmp_path, caplog
+):
+    from clipcap_hf.training.run import _model_identity
+
+    base, adapters = _lora_folders(tmp_path)
+    identity = _model_identity(str(adapters))
+    # An earlier version recorded the adapters' folder alone: refused as another model, though nothing changed.
+    with caplog.at_level("WARNING", logger="clipcap_hf.training.run"):
+        _check_adapters(tmp_path, adapters, model_identity(str(adapters)), identity)
+    assert f"without checking the base model of --model_name_or_path {adapters}" in caplog.text
+    with pytest.raises(ValueError, match="holds another model"):  # other adapters, recorded so
+        _check_adapters(tmp_path, adapters, "sha256:" + "1" * 64, identity)
+    (base / "model.safetensors").write_text("retrained")  # the base saved over in place
+    with pytest.raises(ValueError) as refused:
+        _check_adapters(tmp_path, adapters, identity, _model_identity(str(adapters)))
+    assert f"--model_name_or_path {adapters} holds another model" in str(refused.value)
+    assert "Rerun with that run's models" in str(refused.value)
+    # Local adapters on a Hub base whose files changed: the run's base cannot be put back, so no rerun with it.
+    on_hub = [
+        {"adapters": "sha256:" + "1" * 64, "base": {"hub": "org/gpt", "files": {"config.json": digit * 64}}}
+        for digit in "23"
+    ]
+    with pytest.raises(ValueError) as refused:
+        _check_adapters(tmp_path, adapters, *on_hub)
     assert "changed on the Hub since that run" in str(refused.value)
     assert "Rerun with that run's" not in str(refused.value)
 

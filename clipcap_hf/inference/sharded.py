@@ -29,6 +29,7 @@ from transformers.utils import logging
 from ..onednn import cpu_linear_kernels
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from ..utils.file_utils import acquire_file_lock
+from ..utils.loading import same_model
 from .captioner import ClipCapCaptioner
 
 logger = logging.get_logger(__name__)
@@ -172,6 +173,9 @@ def _check_run_file(output_dir: Path, recorded: dict[str, Any], own_lock: Path |
     recorded = json.loads(json.dumps(recorded))  # as it reads back from the file
     if path.exists():
         earlier = _read_run_file(path)
+        # A model recorded in another form of the same identity (a Hub snapshot that has gained files since): as then.
+        recorded.update({key: earlier[key] for key in recorded.get(SHOWN_ONLY) or {}
+                         if key in earlier and same_model(earlier[key], recorded[key])})  # fmt: skip
         if earlier == recorded:
             return recorded
         finished = sorted(output_dir.glob("captions-*.parquet"))

@@ -32,7 +32,7 @@ from ..data.sources import DEFAULT_CAPTION_COLUMNS
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor, check_tokenizer_files
 from ..utils.file_utils import read_json, sampled_sha256, save_pretrained
-from ..utils.loading import check_pretrained_source, load_clipcap, local_folder, model_identity
+from ..utils.loading import check_pretrained_source, load_clipcap, local_folder, model_identity, same_model
 from .arguments import (
     ARGUMENTS_A_RESUME_MAY_CHANGE,
     CONFIG_OPTIONS,
@@ -367,11 +367,12 @@ MODEL_IDENTITY_KEY = "model_identity"
 CAPTION_COLUMN_KEY = "caption_column_read"
 
 
-def _model_identity(name_or_path: str | None) -> str | None:
+def _model_identity(name_or_path: str | None) -> str | dict[str, Any] | None:
     """
     The `model_identity` of a model argument, taken once `build_model` has loaded it (a Hub model's files are then in
-    the cache); for a LoRA run's adapters, of their base too, which they load into (a base retrained and saved over
-    in place is another model). None when unset, or neither a folder nor a Hub name (`build_model` then names it).
+    the cache); for a LoRA run's adapters, `{"adapters": ..., "base": ...}`, with the identity of the base they load
+    into (a base retrained and saved over in place is another model; `same_model` compares them). None when unset, or
+    neither a folder nor a Hub name (`build_model` then names it).
     """
     if name_or_path is None:
         return None
@@ -382,8 +383,7 @@ def _model_identity(name_or_path: str | None) -> str | None:
         adapters = os.path.join(path, ADAPTER_CONFIG_NAME) if os.path.isdir(path) else None
         adapters = adapters or try_to_load_from_cache(path, ADAPTER_CONFIG_NAME)
         if isinstance(adapters, str) and os.path.isfile(adapters):
-            base = model_identity(lora_base_model(path))
-            identity = "sha256:" + hashlib.sha256(f"{identity}|base {base}".encode()).hexdigest()
+            identity = {"adapters": identity, "base": model_identity(lora_base_model(path))}
         return identity
     except ValueError:  # huggingface_hub's HFValidationError: a missing local path, which is no Hub name either
         return None
@@ -571,7 +571,7 @@ def _check_resumed_arguments(
         # A name only one side has: another version's argument.
         if name not in _IDENTITIES and name in recorded and recorded[name] != value
     ]
-    changed_content, unchecked, unchecked_models, hub_models = {}, [], [], []
+    changed_content, unchecked, unchecked_models, unchecked_bases, hub_models = {}, [], [], [], []
     for key, (kind, unchecked_kind, held, described) in _IDENTITIES.items():
         identities = recorded.get(key)
         if not isinstance(identities, dict):
@@ -584,13 +584,16 @@ def _check_resumed_arguments(
             if name in identities and recorded.get(name) == arguments[name] and identities[name] != identity
         ]
         if key == MODEL_IDENTITY_KEY:
-            # A record of an earlier version names a Hub model by its name (and cached commit), not by its files, and
-            # a model not loaded from files is known by its name alone: neither tells whether the files changed.
             now = arguments[key]
-            unknown = [name for name in differing if not (_is_hash(identities[name]) and _is_hash(now[name]))]
-            unchecked_models += [f"--{name} {arguments[name]}" for name in unknown]
-            differing = [name for name in differing if name not in unknown]
-            hub_models += [name for name in differing if not os.path.isdir(arguments[name])]
+            verdicts = {name: same_model(identities[name], now[name]) for name in differing}
+            # A record of an earlier version names a Hub model by its name (and cached commit), not by its files, or
+            # LoRA adapters without their base; a model not loaded from files is known by its name alone: none tells
+            # whether the files changed.
+            for name in (name for name, same in verdicts.items() if same is None):
+                adapters_alone = isinstance(now[name], dict) and "adapters" in now[name]
+                (unchecked_bases if adapters_alone else unchecked_models).append(f"--{name} {arguments[name]}")
+            differing = [name for name, same in verdicts.items() if same is False]
+            hub_models += [name for name in differing if _changed_on_hub(identities[name], now[name])]
         changed_content[kind] = [
             f"--{name} {arguments[name]} holds {held} (then {described(identities[name])}; now "
             f"{described(arguments[key][name])})"
@@ -609,13 +612,18 @@ def _check_resumed_arguments(
                 f"was trained with: {record} names them by their Hub name (and commit), not by their files (an older "
                 "clipcap_hf wrote it)."
             )
+        if unchecked_bases:
+            logger.warning(
+                f"Resuming from {checkpoint} without checking the base model of {', '.join(unchecked_bases)} (the "
+                f"LoRA adapters are unchanged): {record} records the adapters alone (an older clipcap_hf wrote it)."
+            )
         return
     what = " and ".join(kind for kind, kind_changes in changes.items() if kind_changes)
     start_again = _start_again(checkpoint, training_args)
     if hub_models:  # the Hub holds only a model's newest files under its name: the run's cannot be given again
         advice = (
-            f"{', '.join(f'--{name}' for name in hub_models)} changed on the Hub since that run, which cannot be "
-            f"resumed with the newer model: start a new run {start_again}."
+            f"{', '.join(f'--{name}' for name in hub_models)} changed on the Hub since that run (its files, or its "
+            f"base model's), which cannot be resumed with the newer model: start a new run {start_again}."
         )
     else:
         advice = f"Rerun with that run's {what} to resume it, or start a new run {start_again}."
@@ -651,15 +659,29 @@ def _described(identity: dict[str, Any] | None) -> str:
     return f"{identity['files']} file(s), {identity['bytes']} bytes, sha256 {identity['sha256'][:12]}"
 
 
-def _is_hash(identity: str | None) -> bool:
-    """Whether a model identity is the hash of its files (not a Hub name, with or without a commit)."""
-    return isinstance(identity, str) and identity.startswith("sha256:")
+def _changed_on_hub(recorded: Any, now: Any) -> bool:
+    """Whether a model identity that `same_model` finds changed is a Hub snapshot's whose files changed (for adapters,
+    their own or their base's): the Hub serves the newest files, so the run's cannot be put back at that name."""
+    if isinstance(now, dict) and "adapters" in now:
+        if not (isinstance(recorded, dict) and "adapters" in recorded):  # recorded as the adapters alone
+            return _changed_on_hub(recorded, now["adapters"])
+        return any(
+            same_model(recorded[part], now[part]) is False and _changed_on_hub(recorded[part], now[part])
+            for part in ("adapters", "base")
+        )
+    return isinstance(now, dict) and "hub" in now
 
 
-def _described_model(identity: str | None) -> str:
-    """A model identity as the error shows it: a folder's hash (shortened) or a Hub name with its commit."""
+def _described_model(identity: Any) -> str:
+    """A model identity as the error shows it: a folder's hash (shortened), a Hub name (with its commit), a Hub
+    snapshot's file hashes (shortened), or LoRA adapters' with their base's."""
     if identity is None:
         return "no model"
+    if isinstance(identity, dict) and "adapters" in identity:
+        return f"adapters {_described_model(identity['adapters'])} on base {_described_model(identity['base'])}"
+    if isinstance(identity, dict):
+        files = ", ".join(f"{name} {digest[:12]}" for name, digest in identity["files"].items())
+        return f"{identity['hub']} files {files}"
     return identity[: len("sha256:") + 12] if identity.startswith("sha256:") else identity
 
 

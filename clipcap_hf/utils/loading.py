@@ -13,7 +13,9 @@ import hashlib
 import os
 import socket
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 from huggingface_hub import constants, try_to_load_from_cache
@@ -178,31 +180,84 @@ _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin")
 _MAX_SAFETENSORS_HEADER = 100_000_000
 
 
-def model_identity(name_or_path: str) -> str:
+def model_identity(name_or_path: str) -> str | dict[str, Any]:
     """
-    A cheap identity of the model a folder or Hub name holds, whatever path names it and wherever it lies on disk: a
-    SHA-256 of its config, generation config, processor, tokenizer and code files whole, and of each weight file's
-    size, header and first and last 64 KiB (a retrained model saved over it gets another identity, in milliseconds, not
-    after reading gigabytes; results a run writes beside the model, or a README, are not hashed). A Hub name is
-    identified so by the files of its cached snapshot, once they are downloaded (a commit that changes its README alone
-    keeps its identity); by its name alone while none is cached.
+    A cheap identity of the model a folder or Hub name holds, whatever path names it and wherever it lies on disk,
+    made of its config, generation config, processor, tokenizer and code files whole, and of each weight file's size,
+    header and first and last 64 KiB (a retrained model saved over it gets another identity, in milliseconds, not
+    after reading gigabytes; results a run writes beside the model, or a README, are not hashed). For a folder, a
+    SHA-256 of them all (`"sha256:..."`). For a Hub name, once its files are downloaded, `{"hub": name, "files":
+    {file name: SHA-256}}` of the files of its cached snapshot, each on its own: a snapshot holds the files fetched so
+    far, and one fetched later (a tokenizer, a fallback weight file) adds to the same model ([`same_model`]); a commit
+    that changes its README alone keeps its identity. By its name alone while none is cached. Compare identities with
+    [`same_model`], not `==`.
     """
     folder = Path(name_or_path).expanduser()
-    if not folder.is_dir():
-        cached = try_to_load_from_cache(name_or_path, "config.json")
-        if not isinstance(cached, str):
-            return name_or_path
-        folder = Path(cached).parent  # the cache holds snapshots/<commit>/config.json
-    digest = hashlib.sha256()
+    if folder.is_dir():
+        digest = hashlib.sha256()
+        for _, content in _model_files(folder):
+            digest.update(content)
+        return "sha256:" + digest.hexdigest()
+    cached = try_to_load_from_cache(name_or_path, "config.json")
+    if not isinstance(cached, str):
+        return name_or_path
+    # The cache holds snapshots/<commit>/config.json.
+    files = {name: hashlib.sha256(content).hexdigest() for name, content in _model_files(Path(cached).parent)}
+    return {"hub": name_or_path, "files": files}
+
+
+def _model_files(folder: Path) -> Iterator[tuple[str, bytes]]:
+    """The files of a model folder that make the model (see `model_identity`), each by its name and what is hashed of
+    it."""
     for path in sorted(folder.iterdir()):
         if not path.is_file() or path.name.startswith("."):
             continue
         if any(fnmatch.fnmatchcase(path.name, pattern) for pattern in _WHOLE_HASHED_FILES):
-            digest.update(f"{path.name}|".encode() + path.read_bytes() + b"\n")
+            yield path.name, f"{path.name}|".encode() + path.read_bytes() + b"\n"
         elif any(fnmatch.fnmatchcase(path.name, pattern) for pattern in _WEIGHT_FILES):
             content = sampled_sha256(path, header_bytes=_safetensors_header_bytes(path))
-            digest.update(f"{path.name}|{path.stat().st_size}|{content}\n".encode())
-    return "sha256:" + digest.hexdigest()
+            yield path.name, f"{path.name}|{path.stat().st_size}|{content}\n".encode()
+
+
+def same_model(recorded: Any, now: Any) -> bool | None:
+    """
+    Whether two model identities name the same model: True, False, or None where `recorded` (or `now`) is of a form
+    that cannot tell (an earlier version's). The identities are `model_identity`'s, or, for LoRA adapters, `{"adapters":
+    identity, "base": identity}` of the adapters and the base model they load into. Two Hub snapshots are the same
+    model when each file both hold is unchanged: a file only one holds was not fetched into the other. An identity
+    naming a Hub model by its name (`"name"`, `"name@commit"`: earlier versions) cannot tell about its files, nor a
+    snapshot's identity against a folder's hash; nor a record of adapters alone about their base.
+    """
+    if recorded == now:
+        return True
+    if _is_adapters(recorded) and _is_adapters(now):
+        verdicts = [same_model(recorded[part], now[part]) for part in ("adapters", "base")]
+        return False if False in verdicts else None if None in verdicts else True
+    if _is_adapters(now):  # an earlier version recorded the adapters alone: their base is unchecked
+        return False if same_model(recorded, now["adapters"]) is False else None
+    if _is_adapters(recorded):  # adapters then, a whole model now
+        return False
+    if _is_hub(recorded) and _is_hub(now):
+        shared = recorded["files"].keys() & now["files"].keys()
+        return all(recorded["files"][name] == now["files"][name] for name in shared)
+    if isinstance(recorded, str) and isinstance(now, str) and recorded.startswith("sha256:"):
+        return False if now.startswith("sha256:") else None
+    names = [
+        identity["hub"] if _is_hub(identity) else identity.split("@")[0]
+        for identity in (recorded, now)
+        if _is_hub(identity) or (isinstance(identity, str) and not identity.startswith("sha256:"))
+    ]
+    return False if len(set(names)) > 1 else None  # a Hub name (and commit) against what else names that model
+
+
+def _is_hub(identity: Any) -> bool:
+    """Whether a model identity is a Hub snapshot's (`model_identity`)."""
+    return isinstance(identity, dict) and "hub" in identity
+
+
+def _is_adapters(identity: Any) -> bool:
+    """Whether a model identity is LoRA adapters' with their base's (see `same_model`)."""
+    return isinstance(identity, dict) and "adapters" in identity
 
 
 def _safetensors_header_bytes(path: Path) -> int:
