@@ -416,19 +416,25 @@ def test_a_hub_model_is_identified_by_the_files_of_its_cached_snapshot_not_its_c
     assert same_model(downloaded, model_identity("org/gpt")) is False
 
 
-def _check_models(tmp_path, recorded_identity: str | dict, identity: str | dict) -> None:
-    """`_check_resumed_arguments` of a run on the Hub model org/gpt, recorded with `recorded_identity`."""
+def _check_model_identity(
+    tmp_path, option: str, name: str, recorded_identity: str | dict, identity: str | dict
+) -> None:
+    """`_check_resumed_arguments` of a run whose `option` names the model `name`, recorded with `recorded_identity`."""
     from clipcap_hf.training.run import _check_resumed_arguments
 
-    def arguments(model: str) -> dict:
-        return {"text_model_name_or_path": "org/gpt", DATA_IDENTITY_KEY: {}, MODEL_IDENTITY_KEY: {
-            "text_model_name_or_path": model}}  # fmt: skip
+    def arguments(model) -> dict:
+        return {option: name, DATA_IDENTITY_KEY: {}, MODEL_IDENTITY_KEY: {option: model}}
 
     record = tmp_path / "out" / "checkpoint-2" / RUN_ARGUMENTS_NAME
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(arguments(recorded_identity)))
     training_args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
     _check_resumed_arguments(str(record.parent), str(record), arguments(identity), training_args)
+
+
+def _check_models(tmp_path, recorded_identity: str | dict, identity: str | dict) -> None:
+    """A run on the Hub model org/gpt (`--text_model_name_or_path`), checked as `_check_model_identity` does."""
+    _check_model_identity(tmp_path, "text_model_name_or_path", "org/gpt", recorded_identity, identity)
 
 
 def test_a_record_naming_a_hub_model_by_name_or_commit_resumes_with_a_warning_and_a_changed_one_is_refused(
@@ -493,21 +499,6 @@ def _lora_folders(tmp_path):
     return base, adapters
 
 
-def _check_adapters(tmp_path, adapters, recorded_identity, identity) -> None:
-    """`_check_resumed_arguments` of a continued LoRA run on `adapters`, recorded with `recorded_identity`."""
-    from clipcap_hf.training.run import _check_resumed_arguments
-
-    def arguments(model) -> dict:
-        return {"model_name_or_path": str(adapters), DATA_IDENTITY_KEY: {}, MODEL_IDENTITY_KEY: {
-            "model_name_or_path": model}}  # fmt: skip
-
-    record = tmp_path / "out" / "checkpoint-2" / RUN_ARGUMENTS_NAME
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(arguments(recorded_identity)))
-    training_args = TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none")
-    _check_resumed_arguments(str(record.parent), str(record), arguments(identity), training_args)
-
-
 def test_a_continued_lora_run_recorded_by_its_adapters_alone_resumes_with_a_warning_and_a_changed_base_is_refused(
     tmp_path, caplog
 ):
@@ -517,13 +508,13 @@ def test_a_continued_lora_run_recorded_by_its_adapters_alone_resumes_with_a_warn
     identity = _model_identity(str(adapters))
     # An earlier version recorded the adapters' folder alone: refused as another model, though nothing changed.
     with caplog.at_level("WARNING", logger="clipcap_hf.training.run"):
-        _check_adapters(tmp_path, adapters, model_identity(str(adapters)), identity)
+        _check_model_identity(tmp_path, "model_name_or_path", str(adapters), model_identity(str(adapters)), identity)
     assert f"without checking the base model of --model_name_or_path {adapters}" in caplog.text
     with pytest.raises(ValueError, match="holds another model"):  # other adapters, recorded so
-        _check_adapters(tmp_path, adapters, "sha256:" + "1" * 64, identity)
+        _check_model_identity(tmp_path, "model_name_or_path", str(adapters), "sha256:" + "1" * 64, identity)
     (base / "model.safetensors").write_text("retrained")  # the base saved over in place
     with pytest.raises(ValueError) as refused:
-        _check_adapters(tmp_path, adapters, identity, _model_identity(str(adapters)))
+        _check_model_identity(tmp_path, "model_name_or_path", str(adapters), identity, _model_identity(str(adapters)))
     assert f"--model_name_or_path {adapters} holds another model" in str(refused.value)
     assert "Rerun with that run's models" in str(refused.value)
     # Local adapters on a Hub base whose files changed: the run's base cannot be put back, so no rerun with it.
@@ -532,7 +523,7 @@ def test_a_continued_lora_run_recorded_by_its_adapters_alone_resumes_with_a_warn
         for digit in "23"
     ]
     with pytest.raises(ValueError) as refused:
-        _check_adapters(tmp_path, adapters, *on_hub)
+        _check_model_identity(tmp_path, "model_name_or_path", str(adapters), *on_hub)
     assert "changed on the Hub since that run" in str(refused.value)
     assert "Rerun with that run's" not in str(refused.value)
 
