@@ -19,7 +19,6 @@ from typing import Any
 import datasets
 import transformers
 from accelerate import PartialState
-from huggingface_hub import try_to_load_from_cache
 from tqdm.auto import tqdm
 from transformers import TrainerState, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
@@ -32,7 +31,15 @@ from ..data.sources import DEFAULT_CAPTION_COLUMNS
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor, check_tokenizer_files
 from ..utils.file_utils import read_json, sampled_sha256, save_pretrained
-from ..utils.loading import check_pretrained_source, load_clipcap, local_folder, model_identity, same_model
+from ..utils.loading import (
+    check_pretrained_source,
+    is_adapters_identity,
+    is_hub_identity,
+    load_clipcap,
+    local_folder,
+    model_identity,
+    same_model,
+)
 from .arguments import (
     ARGUMENTS_A_RESUME_MAY_CHANGE,
     CONFIG_OPTIONS,
@@ -379,10 +386,7 @@ def _model_identity(name_or_path: str | None) -> str | dict[str, Any] | None:
     try:
         identity = model_identity(name_or_path)
         path = local_folder(name_or_path)
-        # Looked up in the cache only for a Hub name: build_model has downloaded the adapters it loads.
-        adapters = os.path.join(path, ADAPTER_CONFIG_NAME) if os.path.isdir(path) else None
-        adapters = adapters or try_to_load_from_cache(path, ADAPTER_CONFIG_NAME)
-        if isinstance(adapters, str) and os.path.isfile(adapters):
+        if _is_lora_output(path):  # as build_model found it, which has downloaded a Hub name's adapters
             identity = {"adapters": identity, "base": model_identity(lora_base_model(path))}
         return identity
     except ValueError:  # huggingface_hub's HFValidationError: a missing local path, which is no Hub name either
@@ -590,7 +594,7 @@ def _check_resumed_arguments(
             # LoRA adapters without their base; a model not loaded from files is known by its name alone: none tells
             # whether the files changed.
             for name in (name for name, same in verdicts.items() if same is None):
-                adapters_alone = isinstance(now[name], dict) and "adapters" in now[name]
+                adapters_alone = is_adapters_identity(now[name])
                 (unchecked_bases if adapters_alone else unchecked_models).append(f"--{name} {arguments[name]}")
             differing = [name for name, same in verdicts.items() if same is False]
             hub_models += [name for name in differing if _changed_on_hub(identities[name], now[name])]
@@ -662,14 +666,14 @@ def _described(identity: dict[str, Any] | None) -> str:
 def _changed_on_hub(recorded: Any, now: Any) -> bool:
     """Whether a model identity that `same_model` finds changed is a Hub snapshot's whose files changed (for adapters,
     their own or their base's): the Hub serves the newest files, so the run's cannot be put back at that name."""
-    if isinstance(now, dict) and "adapters" in now:
-        if not (isinstance(recorded, dict) and "adapters" in recorded):  # recorded as the adapters alone
+    if is_adapters_identity(now):
+        if not is_adapters_identity(recorded):  # recorded as the adapters alone
             return _changed_on_hub(recorded, now["adapters"])
         return any(
             same_model(recorded[part], now[part]) is False and _changed_on_hub(recorded[part], now[part])
             for part in ("adapters", "base")
         )
-    return isinstance(now, dict) and "hub" in now
+    return is_hub_identity(now)
 
 
 def _described_model(identity: Any) -> str:
@@ -677,7 +681,7 @@ def _described_model(identity: Any) -> str:
     snapshot's file hashes (shortened), or LoRA adapters' with their base's."""
     if identity is None:
         return "no model"
-    if isinstance(identity, dict) and "adapters" in identity:
+    if is_adapters_identity(identity):
         return f"adapters {_described_model(identity['adapters'])} on base {_described_model(identity['base'])}"
     if isinstance(identity, dict):
         files = ", ".join(f"{name} {digest[:12]}" for name, digest in identity["files"].items())

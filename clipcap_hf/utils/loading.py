@@ -230,32 +230,32 @@ def same_model(recorded: Any, now: Any) -> bool | None:
     """
     if recorded == now:
         return True
-    if _is_adapters(recorded) and _is_adapters(now):
+    if is_adapters_identity(recorded) and is_adapters_identity(now):
         verdicts = [same_model(recorded[part], now[part]) for part in ("adapters", "base")]
         return False if False in verdicts else None if None in verdicts else True
-    if _is_adapters(now):  # an earlier version recorded the adapters alone: their base is unchecked
+    if is_adapters_identity(now):  # an earlier version recorded the adapters alone: their base is unchecked
         return False if same_model(recorded, now["adapters"]) is False else None
-    if _is_adapters(recorded):  # adapters then, a whole model now
+    if is_adapters_identity(recorded):  # adapters then, a whole model now
         return False
-    if _is_hub(recorded) and _is_hub(now):
+    if is_hub_identity(recorded) and is_hub_identity(now):
         shared = recorded["files"].keys() & now["files"].keys()
         return all(recorded["files"][name] == now["files"][name] for name in shared)
     if isinstance(recorded, str) and isinstance(now, str) and recorded.startswith("sha256:"):
         return False if now.startswith("sha256:") else None
     names = [
-        identity["hub"] if _is_hub(identity) else identity.split("@")[0]
+        identity["hub"] if is_hub_identity(identity) else identity.split("@")[0]
         for identity in (recorded, now)
-        if _is_hub(identity) or (isinstance(identity, str) and not identity.startswith("sha256:"))
+        if is_hub_identity(identity) or (isinstance(identity, str) and not identity.startswith("sha256:"))
     ]
     return False if len(set(names)) > 1 else None  # a Hub name (and commit) against what else names that model
 
 
-def _is_hub(identity: Any) -> bool:
+def is_hub_identity(identity: Any) -> bool:
     """Whether a model identity is a Hub snapshot's (`model_identity`)."""
     return isinstance(identity, dict) and "hub" in identity
 
 
-def _is_adapters(identity: Any) -> bool:
+def is_adapters_identity(identity: Any) -> bool:
     """Whether a model identity is LoRA adapters' with their base's (see `same_model`)."""
     return isinstance(identity, dict) and "adapters" in identity
 
