@@ -1315,16 +1315,15 @@ class ClipCapForImageToText(ClipCapForConditionalGeneration):
         return input_ids[:, kept], attention_mask[:, kept]
 
     def _prepend_image_tokens(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor | None
-    ) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor
+    ) -> tuple[torch.LongTensor, torch.Tensor]:
         """The prompt rows with `prefix_length` image tokens in front, as the processor writes them."""
         image_tokens = torch.full(
             (input_ids.shape[0], self.config.prefix_length), self.config.image_token_id,
             dtype=input_ids.dtype, device=input_ids.device,
         )
-        if attention_mask is not None:
-            attention_mask = torch.cat((torch.ones_like(image_tokens, dtype=attention_mask.dtype), attention_mask), 1)
-        return torch.cat((image_tokens, input_ids), 1), attention_mask
+        image_mask = torch.ones_like(image_tokens, dtype=attention_mask.dtype)
+        return torch.cat((image_tokens, input_ids), 1), torch.cat((image_mask, attention_mask), 1)
 
     def _prepare_model_inputs(self, inputs=None, bos_token_id=None, model_kwargs=None):
         pixel_values, _, model_kwargs = super()._prepare_model_inputs(inputs, bos_token_id, model_kwargs)
