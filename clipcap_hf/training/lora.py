@@ -84,7 +84,7 @@ def add_lora(model: ClipCapForConditionalGeneration, model_args: ModelArguments)
     if is_quantized(model):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
-    names = [name.strip() for name in (model_args.lora_target_modules or "").split(",") if name.strip()]
+    names = _target_module_names(model_args)
     # GPT-2's Conv1D layers store their weight transposed (fan_in_fan_out); peft would set the flag itself, with a
     # warning for each layer, so it is set here.
     conv1d = transformers.pytorch_utils.Conv1D
@@ -97,6 +97,11 @@ def add_lora(model: ClipCapForConditionalGeneration, model_args: ModelArguments)
         modules_to_save=["mapping_network"],
     )
     return get_peft_model(model, lora_config)
+
+
+def _target_module_names(model_args: ModelArguments) -> list[str]:
+    """The names `--lora_target_modules` lists (comma-separated); empty when not given."""
+    return [name.strip() for name in (model_args.lora_target_modules or "").split(",") if name.strip()]
 
 
 # The module types peft's LoRA adapts (peft 0.21's `dispatch_default`; bitsandbytes' quantized linear layers are
@@ -119,7 +124,7 @@ def check_lora_target_modules(model: ClipCapForConditionalGeneration, model_args
     the others without a word when some do. A name matches a module whose path is it or ends with "." + it (`c_attn`,
     `attn.c_proj`), as peft matches names.
     """
-    names = [name.strip() for name in (model_args.lora_target_modules or "").split(",") if name.strip()]
+    names = _target_module_names(model_args)
     modules = list(model.language_model.named_modules())
     unknown, unsupported = [], []
     for name in names:
