@@ -113,8 +113,13 @@ def rss_anon_mb(pid: int) -> float:
 
 
 def descendants(pid: int) -> list[int]:
+    """The processes under `pid`; a process that ends while they are listed has none (its /proc entry is gone)."""
     children = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return []
+    for task in tasks:
         try:
             children += [int(child) for child in (task / "children").read_text().split()]
         except OSError:

@@ -121,3 +121,10 @@ def test_bench_train_counts_the_same_caption_tokens_for_both_runs_the_image_pref
         # same length distribution): with the prefix's 10 or 40 image tokens counted, ours would be the longer.
         assert reference == bench_train.caption_lengths(bench_train.DATASET_CAPTIONS).max()
         assert 0 < ours <= reference
+
+
+def test_bench_data_lists_no_descendants_of_a_process_that_has_ended():
+    # Its memory poll lists the run's processes while they end: a vanished /proc entry must not stop the benchmark.
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    assert bench_data.descendants(process.pid) == []
