@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 
@@ -52,7 +51,7 @@ from transformers import CompileConfig, GPT2Config
 from transformers.pytorch_utils import Conv1D
 
 from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration
-from clipcap_hf.onednn import CPU_LINEAR_ENV, cpu_linear_choice, cpu_linear_kernels, onednn_linear_available
+from clipcap_hf.onednn import cpu_linear_choices, cpu_linear_kernels, cpu_linear_mode, onednn_linear_available
 
 
 @torch.no_grad()
@@ -162,7 +161,7 @@ def step_breakdown_s(model, image_embeds: torch.Tensor, new_tokens: int, repeats
     Where a greedy decoding step after the first goes, in seconds, with the weights packed as over a captioning run:
     `step` (`new_tokens` tokens' time less one token's, per step); `linear_layers`, the language model's linear layers
     alone on one step's rows; `fixed_costs`, a step of `narrow_model(model)` less its own linear layers (Python,
-    dispatch and threads outside them). Both models run on the kernels `model`'s generate() picks. Timed in rounds,
+    dispatch and threads outside them). Each model's calls run on the kernels measured faster for them. Timed in rounds,
     one call of each per round, so that the parts are measured close in time (this shared machine's speed drifts by
     30% within minutes); the fewest seconds of each count.
     """
@@ -177,19 +176,10 @@ def step_breakdown_s(model, image_embeds: torch.Tensor, new_tokens: int, repeats
         "narrow_all": tokens(narrow, new_tokens), "narrow_first": tokens(narrow, 1),
         "narrow_linear_layers": linear_layers_run(narrow, rows),
     }
-    # Not the kernels measured fastest at width 64: the big model's, whose routing's Python counts in a step.
-    requested = os.environ.get(CPU_LINEAR_ENV)
-    os.environ[CPU_LINEAR_ENV] = cpu_linear_choice(model)
-    try:
-        with cpu_linear_kernels(model, prepack=True), cpu_linear_kernels(narrow, prepack=True):
-            fewest = {name: timed(run, warm_up=run)[0] for name, run in runs.items()}
-            for _ in range(repeats - 1):
-                fewest = {name: min(fewest[name], timed(run, warm_up=lambda: None)[0]) for name, run in runs.items()}
-    finally:
-        if requested is None:
-            del os.environ[CPU_LINEAR_ENV]
-        else:
-            os.environ[CPU_LINEAR_ENV] = requested
+    with cpu_linear_kernels(model, prepack=True), cpu_linear_kernels(narrow, prepack=True):
+        fewest = {name: timed(run, warm_up=run)[0] for name, run in runs.items()}
+        for _ in range(repeats - 1):
+            fewest = {name: min(fewest[name], timed(run, warm_up=lambda: None)[0]) for name, run in runs.items()}
     narrow_step_s = (fewest["narrow_all"] - fewest["narrow_first"]) / (new_tokens - 1)
     return {
         "step": (fewest["all"] - fewest["first"]) / (new_tokens - 1),
@@ -322,7 +312,14 @@ def main() -> None:
         report["beam_best_identical"] &= ours_beam.tolist() == reference_beam
     report.update(
         onednn=onednn_linear_available(),
-        cpu_linear_choice=cpu_linear_choice(model),  # the kernels generate() picks here
+        cpu_linear_mode=cpu_linear_mode(model),
+        # The kernel each kind of linear call ran on here (`auto`), the step breakdown's narrow model left out.
+        cpu_linear_choices=sorted(
+            f"{choice['in_features']}->{choice['out_features']} {choice['weight']}, {choice['rows_up_to']} rows"
+            f"{', packed' if choice['packed'] else ''}: {choice['kernel']} ({choice['mkl_ms']} ms MKL, "
+            f"{choice['onednn_ms']} ms oneDNN)"
+            for choice in cpu_linear_choices() if choice["in_features"] >= 512
+        ),
         torch_threads=torch.get_num_threads(),
         machine=platform.machine(),
         cpu=cpu_name(),

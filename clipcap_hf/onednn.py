@@ -2,12 +2,13 @@
 
 Written by hand because the ecosystem lacks it: in eager mode PyTorch computes fp32 linear layers with MKL's GEMM,
 and `torch.compile` (tried with `freezing`, which would prepack weights too) was no faster or failed. Which of MKL and
-oneDNN (which PyTorch also ships) is faster at the few rows a decoding step has depends on the processor: on an AMD
-EPYC oneDNN computed GPT-2 small's layers 2.5x faster than MKL at 16 rows (and a 2048-square product at 477 GFLOP/s
-against MKL's 218), while on an Intel Sapphire Rapids it made greedy generation about 20% slower. So
-`cpu_linear_kernels(model)`, which `generate()` runs in, picks the kernels by timing both on this machine at the
-model's widths (`onednn_is_faster`, once per process and shape), and routes through oneDNN only where it is clearly
-faster. The results are fp32 products summed in another order, so they equal MKL's within float rounding.
+oneDNN (which PyTorch also ships) is faster depends on the processor and on the call: on an AMD EPYC oneDNN computed
+GPT-2 small's layers 2.5x faster than MKL at 16 rows, yet on GPT-2's transposed `Conv1D` weights at 80 rows (a 5-beam
+step) it was 10% to 50% slower while still faster on the LM head; on an Intel Sapphire Rapids it made greedy
+generation about 20% slower. So `cpu_linear_kernels(model)`, which `generate()` runs in, measures rather than guesses:
+each kind of call (weight shape and layout, rows, packed or not) runs its first few calls alternately on both kernels,
+timed, and keeps the faster for the rest of the process (`_KernelRace`); oneDNN only where clearly faster. The results
+are fp32 products summed in another order, so they equal MKL's within float rounding.
 
 Prepacking (`onednn_linear(model, prepack=True)`): oneDNN reads a weight fastest in its own blocked layout, and reorders
 a plain weight into it at every product; from packed weights GPT-2 small's layers took 11.1 ms at 16 rows instead of
@@ -22,8 +23,6 @@ transformers and the standard library.
 from __future__ import annotations
 
 import contextlib
-import functools
-import math
 import os
 import platform
 import time
@@ -32,7 +31,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -123,18 +121,19 @@ def _onednn_linear(
 
 class _RoutedForward:
     """
-    A linear layer's forward within an `onednn_linear` block: through oneDNN (on its packed weight with `packs`), or
-    its class's forward where that does not apply. Closed when the block ends, it is the class's forward for good and
-    drops the packed weights: a forward that outlives the block (kept by a shallow copy of the layer, or by a hook
-    wrapped around it) neither routes nor computes from a stale packed weight. A deep copy or pickle of the layer made
-    within the block gets a closed one, bound to the copy. The layer is held weakly: no reference cycle keeps a copy's
-    weights alive.
+    A linear layer's forward within an `onednn_linear` or `cpu_linear_kernels` block: through oneDNN (on its packed
+    weight with `packs`), or with `measure` through whichever kernel measured faster for the call's kind
+    (`_KernelRace`), or its class's forward where oneDNN does not apply. Closed when the block ends, it is the class's
+    forward for good and drops the packed weights: a forward that outlives the block (kept by a shallow copy of the
+    layer, or by a hook wrapped around it) neither routes nor computes from a stale packed weight. A deep copy or
+    pickle of the layer made within the block gets a closed one, bound to the copy. The layer is held weakly: no
+    reference cycle keeps a copy's weights alive.
     """
 
-    __slots__ = ("_layer", "packs", "is_open")
+    __slots__ = ("_layer", "packs", "measure", "is_open")
 
-    def __init__(self, layer: nn.Linear | Conv1D, packs: dict | None, is_open: bool = True):
-        self._layer, self.packs, self.is_open = weakref.ref(layer), packs, is_open
+    def __init__(self, layer: nn.Linear | Conv1D, packs: dict | None, measure: bool = False, is_open: bool = True):
+        self._layer, self.packs, self.measure, self.is_open = weakref.ref(layer), packs, measure, is_open
 
     def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
         layer = self._layer()
@@ -148,6 +147,23 @@ class _RoutedForward:
             or not _onednn_computes(inputs, weight, layer.bias)
         ):
             return type(layer).forward(layer, inputs)
+        if not self.measure:
+            return self._onednn(layer, weight, inputs)
+        kind = _call_kind(inputs, weight, layer.bias, packed=self.packs is not None)
+        race = _KERNEL_RACES.get(kind)
+        if race is None:
+            race = _KERNEL_RACES[kind] = _KernelRace()
+        if race.onednn is not None:
+            return self._onednn(layer, weight, inputs) if race.onednn else type(layer).forward(layer, inputs)
+        onednn = race.next_is_onednn()
+        if onednn and self.packs is not None:
+            _packed_weight(layer, weight, self.packs)  # before the clock starts: a layer is packed once
+        start = time.perf_counter()
+        outputs = self._onednn(layer, weight, inputs) if onednn else type(layer).forward(layer, inputs)
+        race.record(onednn, time.perf_counter() - start)
+        return outputs
+
+    def _onednn(self, layer: nn.Linear | Conv1D, weight: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
         packed = None if self.packs is None else _packed_weight(layer, weight, self.packs)
         return _onednn_linear(inputs, weight, layer.bias, packed)
 
@@ -182,8 +198,8 @@ def onednn_linear(model: nn.Module, prepack: bool = False) -> Iterator[None]:
     """
     Within the block, the `nn.Linear` and GPT-2 `Conv1D` layers of `model` compute through oneDNN when gradients are
     off, autocast is not on, and their input and weight are fp32 CPU tensors; otherwise, and for every other layer,
-    they compute as usual. For inference only. Unconditional: `cpu_linear_kernels(model)` enters it only where oneDNN
-    measured faster.
+    they compute as usual. For inference only. Unconditional: `cpu_linear_kernels(model)` routes each kind of call
+    where oneDNN measured faster.
 
     With `prepack=True`, each layer's weight is packed into oneDNN's blocked layout on its first product in the block
     and the packed copy serves the block's later products (see the module's docstring): worth it over many decoding
@@ -203,12 +219,19 @@ def onednn_linear(model: nn.Module, prepack: bool = False) -> Iterator[None]:
         out = layer(torch.randn(16, 768))
     ```
     """
+    with _routed(model, prepack=prepack, measure=False):
+        yield
+
+
+@contextmanager
+def _routed(model: nn.Module, prepack: bool, measure: bool) -> Iterator[None]:
+    """`onednn_linear(model, prepack)`, or with `measure` each kind of call on the kernel measured faster for it."""
     if not onednn_linear_available():
         yield
         return
     # A PyTorch with the linear kernel but not the reorder computes from plain weights.
     packs = {} if prepack and _has_mkldnn_op("_reorder_linear_weight") else None
-    routed = {layer: _RoutedForward(layer, packs) for layer in model.modules() if _routable(layer)}
+    routed = {layer: _RoutedForward(layer, packs, measure) for layer in model.modules() if _routable(layer)}
     with _forwards_replaced(routed):
         yield
 
@@ -229,99 +252,92 @@ def _forwards_replaced(forwards: dict[nn.Module, _RoutedForward]) -> Iterator[No
 
 
 CPU_LINEAR_ENV = "CLIPCAP_CPU_LINEAR"
-CPU_LINEAR_CHOICES = ("auto", "onednn", "default")
+CPU_LINEAR_MODES = ("auto", "onednn", "default")
 # oneDNN is chosen only when MKL takes at least this many times as long: a clear margin over timing noise, since a
 # wrong choice of oneDNN makes generation slower than plain PyTorch, and a wrong choice of MKL is plain PyTorch.
 ONEDNN_MARGIN = 1.1
-# Timed repetitions of each kernel (after one untimed call of each): as many as fit in about this many seconds,
-# within the bounds below. The minimum over them is what counts: a busy shared core only ever adds time.
-_MEASURE_BUDGET_S = 0.04
-_MIN_REPEATS, _MAX_REPEATS = 3, 25
+# Timed calls of each kernel per kind of call, after an untimed first call of each (oneDNN builds its primitive then).
+# The fewest seconds of each count: a busy shared core only ever adds time.
+TIMED_CALLS = 3
 
 
-def _random_weight(out_features: int, in_features: int) -> torch.Tensor:
-    # A random block tiled over the weight: filling all of it with random numbers would take longer than timing it
-    # (about 0.25 s for GPT-2's LM head), and the kernels' speed does not depend on the values.
-    numel = out_features * in_features
-    block = torch.rand(min(numel, 1 << 16), generator=torch.Generator().manual_seed(0)) - 0.5
-    return block.repeat(math.ceil(numel / block.numel()))[:numel].view(out_features, in_features)
-
-
-@torch.no_grad()
-def _time_linear_kernels(in_features: int, out_features: int, rows: int) -> tuple[float, float]:
+class _KernelRace:
     """
-    The fastest of a few timed runs of `F.linear` (PyTorch's default kernel, MKL) and of oneDNN's kernel, in seconds,
-    on a `(rows, in_features)` input and a random `(out_features, in_features)` weight and bias. The two alternate,
-    each first in turn, so that a busy spell or a warm cache favours neither.
+    Which of MKL and oneDNN computes one kind of linear call (`_call_kind`) faster on this machine, found on the calls
+    themselves: the kind's first calls alternate between the two kernels, timed, and once each has run
+    `1 + TIMED_CALLS` times the kind keeps the faster for the rest of the process: oneDNN only when MKL took at least
+    `ONEDNN_MARGIN` times as long. Measuring costs no extra work, only a few calls on the slower kernel.
     """
-    weight = _random_weight(out_features, in_features)
-    # A generator of its own: drawing from torch's global one would change the user's seeded sampling after the
-    # first `generate` of a process.
-    generator = torch.Generator().manual_seed(0)
-    bias = torch.rand(out_features, generator=generator) - 0.5
-    inputs = torch.rand(rows, in_features, generator=generator) - 0.5
-    kernels = (lambda: F.linear(inputs, weight, bias), lambda: _onednn_linear(inputs, weight, bias))
-    start = time.perf_counter()
-    for kernel in kernels:  # untimed: oneDNN builds its primitive on a first call, and the weight comes into cache
-        kernel()
-    one_each_s = time.perf_counter() - start
-    repeats = min(max(int(_MEASURE_BUDGET_S / max(one_each_s, 1e-9)), _MIN_REPEATS), _MAX_REPEATS)
-    best = [math.inf, math.inf]
-    for repeat in range(repeats):
-        for index in (0, 1) if repeat % 2 == 0 else (1, 0):
-            start = time.perf_counter()
-            kernels[index]()
-            best[index] = min(best[index], time.perf_counter() - start)
-    return best[0], best[1]
+
+    __slots__ = ("seconds", "onednn")
+
+    def __init__(self) -> None:
+        self.seconds: tuple[list[float], list[float]] = ([], [])  # MKL's calls, oneDNN's
+        self.onednn: bool | None = None  # None while measuring
+
+    def next_is_onednn(self) -> bool:
+        mkl, onednn = self.seconds
+        return len(onednn) < len(mkl)
+
+    def record(self, onednn: bool, seconds: float) -> None:
+        self.seconds[onednn].append(seconds)
+        if min(len(calls) for calls in self.seconds) > TIMED_CALLS:
+            mkl_s, onednn_s = (min(calls[1:]) for calls in self.seconds)
+            self.onednn = mkl_s >= ONEDNN_MARGIN * onednn_s
 
 
-@functools.lru_cache(maxsize=None)
-def _cached_linear_kernel_times(in_features: int, out_features: int, rows: int, threads: int) -> tuple[float, float]:
-    del threads  # part of the cache key only: the times depend on it
-    return _time_linear_kernels(in_features, out_features, rows)
+# Every kind of call measured in this process (by `cpu_linear_kernels` blocks), and its race.
+_KERNEL_RACES: dict[tuple, _KernelRace] = {}
 
 
-def linear_kernel_times(in_features: int, out_features: int, rows: int = 16) -> tuple[float, float] | None:
+def _call_kind(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool) -> tuple:
     """
-    `(mkl_s, onednn_s)`: the fastest of a few runs of PyTorch's default fp32 linear kernel (MKL) and of oneDNN's, in
-    seconds, for a linear layer of this shape applied to `rows` rows, measured on this machine at PyTorch's current
-    thread count once per process (cached; under 0.3 s for GPT-2's LM head). None where `onednn_linear_available()`
-    is False, without measuring.
+    What the kernels' speed depends on: the weight's shape and layout (GPT-2's `Conv1D` weights are read transposed:
+    oneDNN was slower than MKL on them at 80 rows on an AMD EPYC, and faster on the row-major LM head), the bias,
+    packed weights or plain, the thread count, and the rows rounded up to a power of two (a greedy step of 16
+    images, a 5-beam step's 80 rows and a prefill's 800 are different kinds).
     """
-    if not onednn_linear_available():
-        return None
-    return _cached_linear_kernel_times(in_features, out_features, rows, torch.get_num_threads())
+    rows = inputs.numel() // inputs.shape[-1]
+    return (
+        *weight.shape, weight.is_contiguous(), bias is not None, packed, (rows - 1).bit_length(),
+        torch.get_num_threads(),
+    )
 
 
-def onednn_is_faster(in_features: int, out_features: int, rows: int = 16) -> bool:
+def cpu_linear_choices() -> list[dict[str, object]]:
     """
-    Whether oneDNN's kernel computes an fp32 linear layer of this shape on `rows` rows clearly faster (by
-    `ONEDNN_MARGIN`) than PyTorch's default on this machine, by `linear_kernel_times` (measured once, cached). False
-    where oneDNN's kernel is unavailable (not x86-64, a PyTorch without it, `torch.backends.mkldnn.enabled = False`).
+    The kernel chosen for each kind of linear call measured in this process so far, with the fewest milliseconds each
+    kernel took on it: what `cpu_linear_kernels` blocks route, for reports such as the benchmarks'.
     """
-    times = linear_kernel_times(in_features, out_features, rows)
-    return times is not None and times[0] >= ONEDNN_MARGIN * times[1]
+    choices = []
+    for (out_features, in_features, row_major, bias, packed, rows_bits, threads), race in _KERNEL_RACES.items():
+        if race.onednn is not None:
+            mkl_ms, onednn_ms = (round(min(calls[1:]) * 1e3, 3) for calls in race.seconds)
+            choices.append({
+                "in_features": in_features, "out_features": out_features,
+                "weight": "row-major" if row_major else "transposed", "bias": bias, "packed": packed,
+                "rows_up_to": 1 << rows_bits, "threads": threads,
+                "kernel": "onednn" if race.onednn else "default", "mkl_ms": mkl_ms, "onednn_ms": onednn_ms,
+            })
+    return choices
 
 
 def _requested_cpu_linear() -> str:
     requested = os.environ.get(CPU_LINEAR_ENV, "auto").strip().lower() or "auto"
-    if requested not in CPU_LINEAR_CHOICES:
-        raise ValueError(f"{CPU_LINEAR_ENV}={requested!r}: expected one of {', '.join(CPU_LINEAR_CHOICES)}.")
+    if requested not in CPU_LINEAR_MODES:
+        raise ValueError(f"{CPU_LINEAR_ENV}={requested!r}: expected one of {', '.join(CPU_LINEAR_MODES)}.")
     return requested
 
 
-def cpu_linear_choice(model: nn.Module, rows: int = 16) -> str:
+def cpu_linear_mode(model: nn.Module) -> str:
     """
-    The kernels `cpu_linear_kernels(model)` runs the model's fp32 linear layers with: `"onednn"` or `"default"`
-    (PyTorch's own, MKL). `"default"` unless the model is in fp32 on the CPU and oneDNN's kernel is available; then
-    the environment variable `CLIPCAP_CPU_LINEAR` decides:
+    How `cpu_linear_kernels(model)` runs the model's fp32 linear layers: `"default"` (PyTorch's own kernels, MKL;
+    nothing routed) unless the model is in fp32 on the CPU and oneDNN's kernel is available; then the environment
+    variable `CLIPCAP_CPU_LINEAR` decides:
 
-    - `auto` (or unset): measured on this machine (`linear_kernel_times`, once per process) at the widths of the
-      model's language model, read from its input embeddings (`vocab_size`, `hidden`): its MLP's widening layer
-      (`hidden` -> `4 * hidden`) and its LM head (`hidden` -> `vocab_size`) on `rows` rows, a decoding step of 16
-      sequences. `"onednn"` when the two take clearly less time (`ONEDNN_MARGIN`) summed through oneDNN than through
-      MKL.
-    - `onednn`: oneDNN, without measuring.
+    - `auto` (or unset): each kind of call (`_call_kind`: layer shape and layout, rows, packed or not) on the kernel
+      measured faster on its first calls in the process (`_KernelRace`); `cpu_linear_choices()` lists the choices.
+    - `onednn`: every layer through oneDNN, without measuring.
     - `default`: PyTorch's default, without measuring.
 
     Anything else raises a ValueError.
@@ -329,42 +345,31 @@ def cpu_linear_choice(model: nn.Module, rows: int = 16) -> str:
     requested = _requested_cpu_linear()
     if model.device.type != "cpu" or model.dtype != torch.float32 or not onednn_linear_available():
         return "default"
-    if requested != "auto":
-        return requested
-    embeddings = model.get_input_embeddings()
-    weight = getattr(embeddings, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        return "default"
-    vocab_size, hidden = weight.shape
-    times = [linear_kernel_times(hidden, out_features, rows) for out_features in (4 * hidden, vocab_size)]
-    if any(pair is None for pair in times):
-        return "default"
-    mkl_s, onednn_s = (sum(pair[index] for pair in times) for index in (0, 1))
-    return "onednn" if mkl_s >= ONEDNN_MARGIN * onednn_s else "default"
+    return requested
 
 
 def cpu_linear_kernels(model: nn.Module, prepack: bool = False) -> contextlib.AbstractContextManager[None]:
     """
-    A context manager for inference with `model` (a transformers model): `onednn_linear(model, prepack=prepack)` where
-    `cpu_linear_choice(model)` is `"onednn"` (an fp32 model on the CPU, on a machine where oneDNN measured clearly
-    faster at the model's widths, or `CLIPCAP_CPU_LINEAR=onednn`), else a context that changes nothing.
-    `ClipCapForConditionalGeneration.generate()` runs within it. The choice is made when it is called; the first call
-    in a process at a model's widths times the kernels (well under a second).
+    A context manager for inference with `model` (a transformers model) that runs its fp32 linear layers on the CPU
+    kernels `cpu_linear_mode(model)` says: by default each kind of call on whichever of MKL and oneDNN its first calls
+    measured faster, so that it is never clearly slower than plain PyTorch. A context that changes nothing for other
+    models, or without oneDNN. `ClipCapForConditionalGeneration.generate()` runs within it.
 
     Hold one block with `prepack=True` over many `generate()` calls with unchanged weights (a captioning run): each
-    weight is packed for oneDNN once, on its first use, and `generate()`'s own block leaves the layers to it.
+    weight computed through oneDNN is packed for it once, on its first use, and `generate()`'s own block leaves the
+    layers to it.
     """
-    if cpu_linear_choice(model) == "onednn":
-        return onednn_linear(model, prepack=prepack)
-    return contextlib.nullcontext()
+    mode = cpu_linear_mode(model)
+    if mode == "default":
+        return contextlib.nullcontext()
+    return _routed(model, prepack=prepack, measure=mode == "auto")
 
 
 __all__ = [
     "CPU_LINEAR_ENV",
-    "cpu_linear_choice",
+    "cpu_linear_choices",
     "cpu_linear_kernels",
-    "linear_kernel_times",
-    "onednn_is_faster",
+    "cpu_linear_mode",
     "onednn_linear",
     "onednn_linear_available",
 ]
