@@ -1144,6 +1144,15 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 **kwargs,
             )
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        # Beam search and `num_return_sequences` copy each image's inputs `expand_size` times: the vision tower runs
+        # here, once per image, and its embeddings are copied instead of the pixels (else 5 beams ran the tower, most
+        # of a greedy caption's time from pixels, 5 times per image).
+        pixel_values = model_kwargs.get("pixel_values")
+        if expand_size > 1 and pixel_values is not None and model_kwargs.get("image_embeds") is None:
+            model_kwargs["image_embeds"] = self.get_image_embeds(model_kwargs.pop("pixel_values"))
+        return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
+
     def _get_logits_processor(self, generation_config: GenerationConfig, *args, **kwargs) -> LogitsProcessorList:
         # The image token is never generated, whatever `suppress_tokens` the caller gives: theirs replaces the saved
         # list (`_set_generation_defaults`), so the token joins it here. Suppressed by index, rather than through
@@ -1326,8 +1335,10 @@ class ClipCapForImageToText(ClipCapForConditionalGeneration):
         return torch.cat((image_tokens, input_ids), 1), torch.cat((image_mask, attention_mask), 1)
 
     def _prepare_model_inputs(self, inputs=None, bos_token_id=None, model_kwargs=None):
-        pixel_values, _, model_kwargs = super()._prepare_model_inputs(inputs, bos_token_id, model_kwargs)
-        model_kwargs["pixel_values"] = pixel_values
+        # Decoding starts from the `input_ids` that `generate` wrote (image tokens and any prompt); the pixels, this
+        # class's main input (`inputs`, taken by `generate` already), stay a model keyword as for the parent class,
+        # and with `image_embeds` there are none.
+        model_kwargs = dict(model_kwargs)
         return model_kwargs.pop("input_ids"), "input_ids", model_kwargs
 
 

@@ -51,6 +51,29 @@ def test_greedy_from_pixel_values_equals_greedy_from_image_embeds(model, process
     assert torch.equal(model.generate(pixel_values=inputs["pixel_values"], max_new_tokens=8), from_pixels)
 
 
+@pytest.mark.parametrize("model_class", [ClipCapForConditionalGeneration, ClipCapForImageToText])
+@pytest.mark.parametrize("options", [{"num_beams": 3}, {"num_beams": 3, "num_return_sequences": 2},
+                                     {"do_sample": True, "num_return_sequences": 2}])
+def test_beams_and_returned_sequences_run_the_vision_tower_once_per_image(model, processor, images, model_class,
+                                                                          options):
+    captioner = model_class(model.config).eval()
+    captioner.load_state_dict(model.state_dict())
+    pixel_values = processor(images=images[:2])["pixel_values"]
+    tower_batches = []
+    hook = captioner.vision_model.register_forward_pre_hook(
+        lambda module, args, kwargs: tower_batches.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
+    )
+    try:
+        torch.manual_seed(0)
+        from_pixels = captioner.generate(pixel_values=pixel_values, max_new_tokens=6, **options)
+    finally:
+        hook.remove()
+    assert tower_batches == [2]  # not once per beam or returned sequence (6 rows)
+    torch.manual_seed(0)
+    from_embeds = captioner.generate(image_embeds=captioner.get_image_embeds(pixel_values), max_new_tokens=6, **options)
+    assert torch.equal(from_pixels, from_embeds)
+
+
 def test_cache_does_not_change_the_result(model):
     x = embeds(model, 2)
     assert torch.equal(
