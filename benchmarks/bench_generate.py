@@ -23,8 +23,11 @@ of oneDNN's. `*_bound_multiple` is a time over that floor. The `*_static_compile
 on the CPU too (it compiles on accelerators only), after a warm-up call that compiles; `--skip-paper` leaves out the
 paper's loop (about 90 s) for quick runs. The `*_prepacked_*` figures time `generate()` inside one
 `cpu_linear_kernels(model, prepack=True)` block, as a captioning run over many batches holds it (`clipcap
-caption`, evaluation): the weights are packed once for oneDNN, by the warm-up call. Our runs count the fewest
-seconds of `--repeats` timed calls (3), the paper's loop one call.
+caption`, evaluation): each weight that oneDNN computes is packed once, on its first use. Our runs count the fewest
+seconds of `--repeats` timed calls (3), the paper's loop one call. Each kind of linear call settles on its kernel
+after four calls on each (`clipcap_hf.onednn`): the decoder's within the warm-up call, the mapper's (one call per
+`generate()`) only after eight calls, so it is still measured during the timed calls; `cpu_linear_choices` lists every
+kind of the model with its kernel (null while measuring) and both kernels' fewest milliseconds.
 
 Where a prepacked greedy step goes (`step_breakdown_s`, its parts timed in interleaved rounds): `greedy_step_ms` is
 a decoding step after the first (all tokens' time less one token's, per step); `greedy_step_linear_layers_ms` the
@@ -137,6 +140,14 @@ def narrow_model(model):
         eos_token_id=None,
     )
     return ClipCapForConditionalGeneration(ClipCapConfig(text_config=text_config)).eval()
+
+
+def linear_shapes(model) -> set[tuple[int, int]]:
+    """`(in_features, out_features)` of each linear layer of `model` (GPT-2's `Conv1D` included)."""
+    return {
+        tuple(module.weight.shape) if isinstance(module, Conv1D) else (module.in_features, module.out_features)
+        for module in model.modules() if type(module) in (nn.Linear, Conv1D)
+    }
 
 
 def linear_layers_run(model, rows: int):
@@ -313,12 +324,14 @@ def main() -> None:
     report.update(
         onednn=onednn_linear_available(),
         cpu_linear_mode=cpu_linear_mode(model),
-        # The kernel each kind of linear call ran on here (`auto`), the step breakdown's narrow model left out.
+        # The kernel each kind of the model's linear calls ran on here (`auto`), the step breakdown's narrow model's
+        # kinds left out.
         cpu_linear_choices=sorted(
             f"{choice['in_features']}->{choice['out_features']} {choice['weight']}, {choice['rows_up_to']} rows"
-            f"{', packed' if choice['packed'] else ''}: {choice['kernel']} ({choice['mkl_ms']} ms MKL, "
-            f"{choice['onednn_ms']} ms oneDNN)"
-            for choice in cpu_linear_choices() if choice["in_features"] >= 512
+            f"{', packed' if choice['packed'] else ''}: {choice['kernel'] or 'measuring'} ({choice['mkl_ms']} ms "
+            f"MKL, {choice['onednn_ms']} ms oneDNN)"
+            for choice in cpu_linear_choices()
+            if (choice["in_features"], choice["out_features"]) in linear_shapes(model)
         ),
         torch_threads=torch.get_num_threads(),
         machine=platform.machine(),

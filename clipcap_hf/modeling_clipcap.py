@@ -1298,7 +1298,13 @@ class ClipCapForImageToText(ClipCapForConditionalGeneration):
     def generate(self, pixel_values=None, input_ids=None, inputs=None, **kwargs):
         pixel_values = _main_input(pixel_values, inputs, "pixel_values")
         images = pixel_values if pixel_values is not None else kwargs.get("image_embeds")
-        if images is not None and input_ids is not None and not bool((input_ids == self.config.image_token_id).any()):
+        if images is None or kwargs.get("inputs_embeds") is not None:
+            raise ValueError(
+                "ClipCapForImageToText (the class of transformers 4.x's image-to-text pipeline) captions images: pass "
+                "`pixel_values` or `image_embeds`, and any prompt as `input_ids`. For text alone or `inputs_embeds`, "
+                "use ClipCapForConditionalGeneration."
+            )
+        if input_ids is not None and not bool((input_ids == self.config.image_token_id).any()):
             input_ids, attention_mask = self._without_tokenizer_bos(input_ids, kwargs.get("attention_mask"))
             input_ids, kwargs["attention_mask"] = self._prepend_image_tokens(input_ids, attention_mask)
         return super().generate(input_ids=input_ids, pixel_values=pixel_values, **kwargs)

@@ -78,7 +78,7 @@ def _onednn_computes(inputs: object, weight: object, bias: object) -> bool:
     """Whether oneDNN's kernel computes `F.linear(inputs, weight, bias)` as is."""
     if not (_is_plain_cpu_float(inputs) and _is_plain_cpu_float(weight)) or weight.dim() != 2:
         return False
-    if inputs.dim() == 0 or inputs.numel() == 0 or inputs.shape[-1] != weight.shape[1]:
+    if inputs.dim() == 0 or inputs.numel() == 0 or weight.numel() == 0 or inputs.shape[-1] != weight.shape[1]:
         return False
     if bias is not None and not (
         _is_plain_cpu_float(bias) and bias.shape == weight.shape[:1] and bias.is_contiguous()  # read as a flat array
@@ -157,7 +157,10 @@ class _RoutedForward:
             return self._onednn(layer, weight, inputs) if race.onednn else type(layer).forward(layer, inputs)
         onednn = race.next_is_onednn()
         if onednn and self.packs is not None:
-            _packed_weight(layer, weight, self.packs)  # before the clock starts: a layer is packed once
+            previous = self.packs.get(layer, (None, None))[1]
+            if _packed_weight(layer, weight, self.packs) is not previous:
+                # Just packed, so read from cache: timing it would favour oneDNN over MKL's plain weights.
+                return self._onednn(layer, weight, inputs)
         start = time.perf_counter()
         outputs = self._onednn(layer, weight, inputs) if onednn else type(layer).forward(layer, inputs)
         race.record(onednn, time.perf_counter() - start)
@@ -266,7 +269,9 @@ class _KernelRace:
     Which of MKL and oneDNN computes one kind of linear call (`_call_kind`) faster on this machine, found on the calls
     themselves: the kind's first calls alternate between the two kernels, timed, and once each has run
     `1 + TIMED_CALLS` times the kind keeps the faster for the rest of the process: oneDNN only when MKL took at least
-    `ONEDNN_MARGIN` times as long. Measuring costs no extra work, only a few calls on the slower kernel.
+    `ONEDNN_MARGIN` times as long. Measuring costs no extra work, only a few calls on the slower kernel (and, in a
+    block with `prepack=True`, the packed copies of the layers its oneDNN turns ran, held until the block ends). A
+    oneDNN turn on a weight packed in that same call is not timed.
     """
 
     __slots__ = ("seconds", "onednn")
@@ -306,19 +311,21 @@ def _call_kind(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 
 def cpu_linear_choices() -> list[dict[str, object]]:
     """
-    The kernel chosen for each kind of linear call measured in this process so far, with the fewest milliseconds each
-    kernel took on it: what `cpu_linear_kernels` blocks route, for reports such as the benchmarks'.
+    Each kind of linear call measured in this process so far (by `cpu_linear_kernels` blocks), with its kernel
+    (`"onednn"`, `"default"`, or None while still measuring) and the fewest milliseconds each kernel took on it (None
+    before a timed call): what the blocks route, for reports such as the benchmarks'.
     """
     choices = []
-    for (out_features, in_features, row_major, bias, packed, rows_bits, threads), race in _KERNEL_RACES.items():
-        if race.onednn is not None:
-            mkl_ms, onednn_ms = (round(min(calls[1:]) * 1e3, 3) for calls in race.seconds)
-            choices.append({
-                "in_features": in_features, "out_features": out_features,
-                "weight": "row-major" if row_major else "transposed", "bias": bias, "packed": packed,
-                "rows_up_to": 1 << rows_bits, "threads": threads,
-                "kernel": "onednn" if race.onednn else "default", "mkl_ms": mkl_ms, "onednn_ms": onednn_ms,
-            })
+    # A copy: blocks in other threads may add kinds meanwhile.
+    for (out_features, in_features, row_major, bias, packed, rows_bits, threads), race in list(_KERNEL_RACES.items()):
+        mkl_ms, onednn_ms = (round(min(calls[1:]) * 1e3, 3) if len(calls) > 1 else None for calls in race.seconds)
+        choices.append({
+            "in_features": in_features, "out_features": out_features,
+            "weight": "row-major" if row_major else "transposed", "bias": bias, "packed": packed,
+            "rows_up_to": 1 << rows_bits, "threads": threads,
+            "kernel": None if race.onednn is None else "onednn" if race.onednn else "default",
+            "mkl_ms": mkl_ms, "onednn_ms": onednn_ms,
+        })
     return choices
 
 

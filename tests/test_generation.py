@@ -299,6 +299,17 @@ def test_default_caption_length_and_explicit_lengths(tokenizer, tmp_path):
     assert loaded.generate(image_embeds=x).shape == (2, 27)
 
 
+def test_the_image_to_text_class_refuses_generation_without_images_by_name(mlp_model, processor):
+    image_to_text = ClipCapForImageToText(mlp_model.config).eval()
+    batch = processor(text="A dog")
+    embeddings = mlp_model.get_input_embeddings()(batch["input_ids"])
+    for inputs in ({"input_ids": batch["input_ids"]}, {"inputs_embeds": embeddings}, {}):
+        with pytest.raises(ValueError, match="captions images: pass `pixel_values` or `image_embeds`"):
+            image_to_text.generate(**inputs, max_new_tokens=2)
+    with pytest.raises(ValueError, match="For text alone or `inputs_embeds`, use ClipCapForConditionalGeneration"):
+        image_to_text.generate(inputs_embeds=embeddings, image_embeds=embeds(mlp_model, 1), max_new_tokens=2)
+
+
 def test_inputs_is_the_main_input_as_in_transformers_generate(mlp_model, processor, images, tokenizer):
     # `generate(inputs=...)` is transformers' name for the main input: `input_ids` here, `pixel_values` for the
     # image-to-text class.

@@ -332,7 +332,7 @@ def test_generate_measures_each_kind_of_call_and_keeps_the_captions(tokenizer):
             assert torch.equal(model.generate(image_embeds=image_embeds, num_beams=num_beams, max_new_tokens=8),
                                expected)
     kinds = {(choice["in_features"], choice["out_features"], choice["weight"], choice["rows_up_to"])
-             for choice in cpu_linear_choices()}
+             for choice in cpu_linear_choices() if choice["kernel"] is not None}
     # The LM head (row-major) on a greedy step's 3 rows, GPT-2's attention input (`Conv1D`, transposed) on a greedy
     # step's 3 rows and on a 3-beam step's 9: decided apart.
     assert {(hidden, vocab_size, "row-major", 4), (hidden, 3 * hidden, "transposed", 4),
@@ -422,10 +422,33 @@ def test_packing_a_weight_is_not_timed_as_the_kernel(tokenizer, monkeypatch):
     monkeypatch.setattr(onednn, "_packed_weight", slow_packing)
     inputs = torch.randn(4, layer.weight.shape[0])
     with torch.no_grad(), cpu_linear_kernels(model, prepack=True):
-        _, ops = ops_run(lambda: [layer(inputs) for _ in range(2 * (1 + TIMED_CALLS))])
-    assert ops.count(PACK_OP) == 1
+        _, ops = ops_run(lambda: [layer(inputs) for _ in range(2 * (1 + TIMED_CALLS) + 1)])
     (race,) = onednn._KERNEL_RACES.values()
+    assert race.onednn is not None and ops.count(PACK_OP) == 1
+    # Neither the packing nor the product right after it (on a weight still in cache) counts as oneDNN's time.
+    assert ops.count(ONEDNN_OP) == len(race.seconds[1]) + 1
     assert race.seconds == ([0.0] * (1 + TIMED_CALLS), [0.0] * (1 + TIMED_CALLS))
+
+
+def test_a_layer_without_outputs_computes_as_usual(tokenizer):
+    model = tiny_model(tokenizer)
+    model.extra = nn.Linear(8, 0)  # oneDNN builds no kernel for it
+    inputs = torch.randn(3, 8)
+    for prepack in (False, True):
+        with torch.no_grad(), cpu_linear_kernels(model, prepack=prepack):
+            outputs, ops = ops_run(lambda: [model.extra(inputs) for _ in range(2 * (1 + TIMED_CALLS))])
+        assert all(output.shape == (3, 0) for output in outputs) and ONEDNN_OP not in ops
+    assert onednn._KERNEL_RACES == {}
+
+
+def test_cpu_linear_choices_lists_kinds_still_measuring():
+    race = onednn._KernelRace()
+    race.record(False, 5.0)  # an untimed first call
+    onednn._KERNEL_RACES[onednn._call_kind(torch.randn(3, 8), torch.randn(24, 8), None, packed=False)] = race
+    (choice,) = cpu_linear_choices()
+    assert choice["kernel"] is None and choice["mkl_ms"] is None and choice["onednn_ms"] is None
+    race.record(False, 0.002)
+    assert cpu_linear_choices()[0]["mkl_ms"] == 2.0
 
 
 def test_a_failed_generate_leaves_no_layer_routed(tokenizer, monkeypatch):
