@@ -159,7 +159,7 @@ class _RoutedForward:
         if onednn and self.packs is not None:
             previous = self.packs.get(layer, (None, None))[1]
             if _packed_weight(layer, weight, self.packs) is not previous:
-                # Just packed, so read from cache: timing it would favour oneDNN over MKL's plain weights.
+                # Just packed, so likely still in cache: timing it would favour oneDNN over MKL's cold weights.
                 return self._onednn(layer, weight, inputs)
         start = time.perf_counter()
         outputs = self._onednn(layer, weight, inputs) if onednn else type(layer).forward(layer, inputs)
