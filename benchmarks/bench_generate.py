@@ -25,9 +25,10 @@ paper's loop (about 90 s) for quick runs. The `*_prepacked_*` figures time `gene
 `cpu_linear_kernels(model, prepack=True)` block, as a captioning run over many batches holds it (`clipcap
 caption`, evaluation): each weight that oneDNN computes is packed once, on its first use. Our runs count the fewest
 seconds of `--repeats` timed calls (3), the paper's loop one call. Each kind of linear call settles on its kernel
-after four calls on each (`clipcap_hf.onednn`): the decoder's within the warm-up call, the mapper's (one call per
-`generate()`) only after eight calls, so it is still measured during the timed calls; `cpu_linear_choices` lists every
-kind of the model with its kernel (null while measuring) and both kernels' fewest milliseconds.
+after four calls on each (`clipcap_hf.onednn`): the decoder's kinds within the warm-up call, the mapper's (one call
+per `generate()` and batch shape) after eight, more than a figure's warm-up and timed calls, so they are still being
+measured while timed; `cpu_linear_choices` lists every kind of the model with its kernel ("measuring" until settled)
+and both kernels' fewest milliseconds ("-" before a timed call).
 
 Where a prepacked greedy step goes (`step_breakdown_s`, its parts timed in interleaved rounds): `greedy_step_ms` is
 a decoding step after the first (all tokens' time less one token's, per step); `greedy_step_linear_layers_ms` the
@@ -328,8 +329,8 @@ def main() -> None:
         # kinds left out.
         cpu_linear_choices=sorted(
             f"{choice['in_features']}->{choice['out_features']} {choice['weight']}, {choice['rows_up_to']} rows"
-            f"{', packed' if choice['packed'] else ''}: {choice['kernel'] or 'measuring'} ({choice['mkl_ms']} ms "
-            f"MKL, {choice['onednn_ms']} ms oneDNN)"
+            f"{', packed' if choice['packed'] else ''}: {choice['kernel'] or 'measuring'} "
+            f"({choice['mkl_ms'] or '-'} ms MKL, {choice['onednn_ms'] or '-'} ms oneDNN)"
             for choice in cpu_linear_choices()
             if (choice["in_features"], choice["out_features"]) in linear_shapes(model)
         ),

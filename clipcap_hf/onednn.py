@@ -156,11 +156,8 @@ class _RoutedForward:
         if race.onednn is not None:
             return self._onednn(layer, weight, inputs) if race.onednn else type(layer).forward(layer, inputs)
         onednn = race.next_is_onednn()
-        if onednn and self.packs is not None:
-            previous = self.packs.get(layer, (None, None))[1]
-            if _packed_weight(layer, weight, self.packs) is not previous:
-                # Just packed, so likely still in cache: timing it would favour oneDNN over MKL's cold weights.
-                return self._onednn(layer, weight, inputs)
+        # A oneDNN turn that packs the layer's weight counts the packing in its time: that is what oneDNN costs a
+        # block that packs for few calls, and in a longer one it can only favour MKL, which is plain PyTorch.
         start = time.perf_counter()
         outputs = self._onednn(layer, weight, inputs) if onednn else type(layer).forward(layer, inputs)
         race.record(onednn, time.perf_counter() - start)
@@ -270,8 +267,7 @@ class _KernelRace:
     themselves: the kind's first calls alternate between the two kernels, timed, and once each has run
     `1 + TIMED_CALLS` times the kind keeps the faster for the rest of the process: oneDNN only when MKL took at least
     `ONEDNN_MARGIN` times as long. Measuring costs no extra work, only a few calls on the slower kernel (and, in a
-    block with `prepack=True`, the packed copies of the layers its oneDNN turns ran, held until the block ends). A
-    oneDNN turn on a weight packed in that same call is not timed.
+    block with `prepack=True`, the packed copies of the layers its oneDNN turns ran, held until the block ends).
     """
 
     __slots__ = ("seconds", "onednn")
