@@ -322,6 +322,7 @@ def main() -> None:
         )
         report["greedy_tokens_identical"] &= ours_greedy.tolist() == reference_greedy
         report["beam_best_identical"] &= ours_beam.tolist() == reference_beam
+    shapes = linear_shapes(model)
     report.update(
         onednn=onednn_linear_available(),
         cpu_linear_mode=cpu_linear_mode(model),
@@ -332,7 +333,7 @@ def main() -> None:
             f"{', packed' if choice['packed'] else ''}: {choice['kernel'] or 'measuring'} "
             f"({choice['mkl_ms'] or '-'} ms MKL, {choice['onednn_ms'] or '-'} ms oneDNN)"
             for choice in cpu_linear_choices()
-            if (choice["in_features"], choice["out_features"]) in linear_shapes(model)
+            if (choice["in_features"], choice["out_features"]) in shapes
         ),
         torch_threads=torch.get_num_threads(),
         machine=platform.machine(),

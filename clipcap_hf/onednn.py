@@ -283,8 +283,13 @@ class _KernelRace:
     def record(self, onednn: bool, seconds: float) -> None:
         self.seconds[onednn].append(seconds)
         if min(len(calls) for calls in self.seconds) > TIMED_CALLS:
-            mkl_s, onednn_s = (min(calls[1:]) for calls in self.seconds)
+            mkl_s, onednn_s = self.fewest_seconds()
             self.onednn = mkl_s >= ONEDNN_MARGIN * onednn_s
+
+    def fewest_seconds(self) -> tuple[float | None, float | None]:
+        """MKL's and oneDNN's fewest seconds over their timed calls (a first call is untimed); None before one."""
+        mkl_s, onednn_s = (min(calls[1:]) if len(calls) > 1 else None for calls in self.seconds)
+        return mkl_s, onednn_s
 
 
 # Every kind of call measured in this process (by `cpu_linear_kernels` blocks), and its race.
@@ -314,7 +319,7 @@ def cpu_linear_choices() -> list[dict[str, object]]:
     choices = []
     # A copy: blocks in other threads may add kinds meanwhile.
     for (out_features, in_features, row_major, bias, packed, rows_bits, threads), race in list(_KERNEL_RACES.items()):
-        mkl_ms, onednn_ms = (round(min(calls[1:]) * 1e3, 3) if len(calls) > 1 else None for calls in race.seconds)
+        mkl_ms, onednn_ms = (None if seconds is None else round(seconds * 1e3, 3) for seconds in race.fewest_seconds())
         choices.append({
             "in_features": in_features, "out_features": out_features,
             "weight": "row-major" if row_major else "transposed", "bias": bias, "packed": packed,
