@@ -18,11 +18,13 @@ subprocess that loads the same modules, so `peak_rss_gb` (the process's peak res
 `padded_caption_tokens` is a batch's caption positions, padding and the EOS included, the image prefix not: the
 dataset's longest caption for the reference, the mean of each batch's longest for ours. `matmul_fraction` is the run's
 counted FLOPs per second (torch's FlopCounterMode over forward and backward; the optimizer is not counted) divided
-by the machine's fp32 matmul rate (a 2048x2048 `torch.mm`) measured in the same process (`matmul_gflops`). `--profile`
-adds, for our runs, where one step's time goes by torch.profiler (`time_shares`: matrix products, attention kernels,
-the optimizer step, and the rest with its largest operators). Prints one JSON line.
+by the machine's fp32 matmul rate (a 2048x2048 `torch.mm`) measured in the same process (`matmul_gflops`). Steps are
+timed after `--warmup-steps` untimed ones (the first steps of a run grow the heap that later steps reuse: see
+`clipcap_hf/training/memory.py`). `--profile` adds, for our runs, where one step's time goes by torch.profiler
+(`time_shares`: matrix products, attention kernels, the optimizer step, and the rest with its largest operators).
+Prints one JSON line.
 
-    python benchmarks/bench_train.py [--steps 3] [--threads N] [--profile]
+    python benchmarks/bench_train.py [--steps 3] [--warmup-steps 3] [--threads N] [--profile]
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ def time_shares(profiler) -> dict:
 # ---------------------------------------------------------------- reference: the paper's training loop
 
 
-def run_reference(recipe: dict, steps: int) -> dict:
+def run_reference(recipe: dict, steps: int, warmup_steps: int = 1) -> dict:
     model = build_model(recipe)
     use_seven_operation_gelu_new(model.language_model)  # GPT-2 as the paper's code ran it
     if recipe["freeze_language_model"]:
@@ -145,7 +147,7 @@ def run_reference(recipe: dict, steps: int) -> dict:
     optimizer = torch.optim.AdamW([p for p in trained.parameters() if p.requires_grad], lr=2e-5, foreach=False)
     max_length = int(caption_lengths(DATASET_CAPTIONS).max())
     generator = torch.Generator().manual_seed(1)
-    lengths = caption_lengths(BATCH_SIZE * (steps + 1), seed=2)
+    lengths = caption_lengths(BATCH_SIZE * (warmup_steps + steps), seed=2)
 
     def batch(index: int) -> dict:
         tokens = torch.zeros(BATCH_SIZE, max_length, dtype=torch.long)  # the paper pads with 0
@@ -166,7 +168,7 @@ def run_reference(recipe: dict, steps: int) -> dict:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), data["tokens"].flatten(), ignore_index=0)
 
     times = []
-    batches = [batch(index) for index in range(steps + 1)]
+    batches = [batch(index) for index in range(warmup_steps + steps)]
     for data in batches:
         start = time.perf_counter()
         model.zero_grad()
@@ -179,8 +181,8 @@ def run_reference(recipe: dict, steps: int) -> dict:
         def forward(self, **data):
             return type("Output", (), {"loss": loss_of(data)})
 
-    flops = count_flops(Wrapped(), batches[1:])
-    return {"step_seconds": times[1:], "flops_per_step": flops, "padded_caption_tokens": max_length}
+    flops = count_flops(Wrapped(), batches[warmup_steps:])
+    return {"step_seconds": times[warmup_steps:], "flops_per_step": flops, "padded_caption_tokens": max_length}
 
 
 # ---------------------------------------------------------------- ours: Trainer + collator + the model's loss
@@ -197,7 +199,7 @@ def word_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="w50256", unk_token="w0")
 
 
-def run_ours(recipe: dict, steps: int, profile: bool = False) -> dict:
+def run_ours(recipe: dict, steps: int, warmup_steps: int = 1, profile: bool = False) -> dict:
     import datasets
     from transformers import TrainerCallback, TrainingArguments
 
@@ -211,7 +213,7 @@ def run_ours(recipe: dict, steps: int, profile: bool = False) -> dict:
     )
     generator = torch.Generator().manual_seed(1)
     # Lengths count the EOS the collator appends, so captions have the same token counts as the reference's.
-    lengths = caption_lengths(BATCH_SIZE * (steps + 1), seed=2) - 1
+    lengths = caption_lengths(BATCH_SIZE * (warmup_steps + steps), seed=2) - 1
     captions = [
         " ".join(f"w{i}" for i in torch.randint(1, 50256, (max(n, 1),), generator=generator).tolist()) for n in lengths
     ]
@@ -239,7 +241,7 @@ def run_ours(recipe: dict, steps: int, profile: bool = False) -> dict:
     args = TrainingArguments(
         output_dir="/tmp/bench_train",
         per_device_train_batch_size=BATCH_SIZE,
-        max_steps=steps + 1,
+        max_steps=warmup_steps + steps,
         learning_rate=2e-5,
         max_grad_norm=0.0,
         save_strategy="no",
@@ -262,13 +264,14 @@ def run_ours(recipe: dict, steps: int, profile: bool = False) -> dict:
         call_seconds(lambda: trainer.data_collator([dataset[i] for i in range(BATCH_SIZE)])) for _ in range(3)
     )
     model.train()
-    flops = count_flops(model, batches[1 : steps + 1])
+    timed = batches[warmup_steps : warmup_steps + steps]
+    flops = count_flops(model, timed)
     result = {
-        "step_seconds": [t + collate_seconds for t in timer.times[1:]],
+        "step_seconds": [t + collate_seconds for t in timer.times[warmup_steps:]],
         "flops_per_step": flops,
         # input_ids hold the prefix's image tokens, then the caption: count the caption, as the reference does.
         "padded_caption_tokens": float(
-            np.mean([b["input_ids"].shape[1] - model.config.prefix_length for b in batches[1 : steps + 1]])
+            np.mean([b["input_ids"].shape[1] - model.config.prefix_length for b in timed])
         ),
     }
     result["peak_rss_gb"] = peak_rss_gb()
@@ -276,7 +279,7 @@ def run_ours(recipe: dict, steps: int, profile: bool = False) -> dict:
         from torch.profiler import profile as torch_profile
 
         with torch_profile() as profiler:
-            for batch in batches[1 : steps + 1]:
+            for batch in timed:
                 trainer.training_step(model, batch)
                 trainer.optimizer.step()
                 trainer.optimizer.zero_grad()
@@ -284,11 +287,14 @@ def run_ours(recipe: dict, steps: int, profile: bool = False) -> dict:
     return result
 
 
-def child(variant: str, implementation: str, steps: int, profile: bool) -> None:
+def child(variant: str, implementation: str, steps: int, warmup_steps: int, profile: bool) -> None:
     import clipcap_hf.training  # noqa: F401  (both runs load the same modules, so their memory baselines match)
 
     recipe = RECIPES[variant]
-    result = run_ours(recipe, steps, profile) if implementation == "ours" else run_reference(recipe, steps)
+    if implementation == "ours":
+        result = run_ours(recipe, steps, warmup_steps, profile)
+    else:
+        result = run_reference(recipe, steps, warmup_steps)
     result.setdefault("peak_rss_gb", peak_rss_gb())  # ours measures it before its profiled steps
     result["matmul_flops_per_second"] = matmul_rate()
     print("RESULT " + json.dumps(result))
@@ -296,7 +302,13 @@ def child(variant: str, implementation: str, steps: int, profile: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=3, help="Timed steps per run (after one warm-up step).")
+    parser.add_argument("--steps", type=int, default=3, help="Timed steps per run, after the warm-up steps.")
+    parser.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=3,
+        help="Untimed steps first: the first few steps of a run grow the heap that later steps reuse.",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice).")
     parser.add_argument("--profile", action="store_true", help="Add where our steps' time goes (torch.profiler).")
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "IMPLEMENTATION"), help=argparse.SUPPRESS)
@@ -304,13 +316,14 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
-        child(*args.child, args.steps, args.profile)
+        child(*args.child, args.steps, args.warmup_steps, args.profile)
         return
 
     report = {
         "batch_size": BATCH_SIZE,
         "caption_tokens": f"N({CAPTION_MEAN}, {CAPTION_SD})",
         "steps": args.steps,
+        "warmup_steps": args.warmup_steps,
         "threads": args.threads or torch.get_num_threads(),
         "cpu": cpu_name(),
         "torch": torch.__version__,
@@ -319,7 +332,8 @@ def main() -> None:
     for variant in RECIPES:
         runs = {}
         for implementation in ("reference", "ours"):
-            command = [sys.executable, __file__, "--steps", str(args.steps), "--child", variant, implementation]
+            command = [sys.executable, __file__, "--steps", str(args.steps), "--warmup-steps", str(args.warmup_steps)]
+            command += ["--child", variant, implementation]
             if args.threads:
                 command += ["--threads", str(args.threads)]
             if args.profile:

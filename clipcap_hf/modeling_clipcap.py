@@ -1020,7 +1020,10 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
 
         if labels is not None and self.training and self._lm_head_is_plain_projection():
             # Training needs LM-head scores only where a caption token is predicted: skip the image and padding
-            # positions, which would otherwise cost a vocabulary-wide matmul and softmax each.
+            # positions, which would otherwise cost a vocabulary-wide matmul and softmax each. Nor does it read a
+            # key/value cache back, which language models build by default (copying every layer's keys and values).
+            if cache is None:
+                lm_inputs.setdefault("use_cache", False)
             outputs = self.language_model.base_model(**lm_inputs)
             loss = self._caption_loss(
                 outputs.last_hidden_state, labels, num_items_in_batch, self.get_output_embeddings()

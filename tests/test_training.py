@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -17,7 +18,7 @@ from transformers import AutoConfig, AutoProcessor, LlamaConfig, TrainerCallback
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
 from clipcap_hf.data import ClipCapDataCollator, embed_images, group_by_image, load_image_folder
-from clipcap_hf.modeling_clipcap import PLAIN_LM_HEAD_MODEL_TYPES
+from clipcap_hf.modeling_clipcap import CACHE_NAME, PLAIN_LM_HEAD_MODEL_TYPES
 from clipcap_hf.training import (
     ClipCapTrainer,
     DataArguments,
@@ -29,6 +30,7 @@ from clipcap_hf.training import (
     merge_lora,
     parse_args,
 )
+from clipcap_hf.training.memory import reuses_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -1148,3 +1150,38 @@ def test_captioning_a_dataset_packs_each_weight_once_with_the_captions_of_plain_
     with mkldnn_disabled():
         assert caption_dataset(model, processor, rows, image_embeds, 2, max_new_tokens=3) == captions
     assert len(set(captions)) > 1
+
+
+def test_training_builds_no_key_value_cache_unless_asked(tokenizer, processor):
+    """A training step never reads the cache back; GPT-2 would otherwise copy every layer's keys and values into one."""
+    model = quiet_model(tokenizer)
+    batch = batch_for(processor, ["A dog runs on the beach.", "Two cats sleep!"])
+    model.train()
+    without = model(**batch)
+    assert getattr(without, CACHE_NAME) is None
+    with_cache = model(**batch, use_cache=True)
+    assert getattr(with_cache, CACHE_NAME).get_seq_length() == batch["input_ids"].shape[1]
+    torch.testing.assert_close(without.loss, with_cache.loss)
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="sets glibc's malloc switches"
+)
+def test_the_trainer_trains_on_the_cpu_reusing_freed_memory(tmp_path, tokenizer, processor, embedded):
+    dataset, table = embedded
+    seen = []
+
+    class Watch(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen.append(reuses_freed_memory())
+
+    trainer = ClipCapTrainer(
+        model=quiet_model(tokenizer),
+        args=training_args(tmp_path / "out", max_steps=2),
+        train_dataset=dataset,
+        data_collator=ClipCapDataCollator(processor, image_embeds=table),
+        callbacks=[Watch()],
+    )
+    trainer.train()
+    assert seen == [True, True]
+    assert not reuses_freed_memory()

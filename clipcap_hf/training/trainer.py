@@ -21,6 +21,7 @@ from ..evaluation.metrics import compute_caption_metrics
 from ..onednn import cpu_linear_kernels
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import give_files_the_umask_mode, read_json, write_text_atomically
+from .memory import reuse_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -165,6 +166,11 @@ class ClipCapTrainer(Trainer):
         self.generation_kwargs = generation_kwargs or {}
         self.caption_metrics = list(caption_metrics)
         self.run_arguments = run_arguments
+
+    def train(self, *args, **kwargs):
+        # On the CPU the large tensors a step frees are reused by the next one, not mapped in again (memory.py).
+        with reuse_freed_memory() if self.args.device.type == "cpu" else contextlib.nullcontext():
+            return super().train(*args, **kwargs)
 
     # Resuming: a damaged part of the checkpoint is named, with what to do, rather than a bare torch.load traceback.
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
