@@ -24,11 +24,12 @@ on the CPU too (it compiles on accelerators only), after a warm-up call that com
 paper's loop (about 90 s) for quick runs. The `*_prepacked_*` figures time `generate()` inside one
 `cpu_linear_kernels(model, prepack=True)` block, as a captioning run over many batches holds it (`clipcap
 caption`, evaluation): each weight that oneDNN computes is packed once, on its first use. Our runs count the fewest
-seconds of `--repeats` timed calls (3), the paper's loop one call. Each kind of linear call settles on its kernel
-after four calls on each (`clipcap_hf.onednn`): the decoder's kinds within the warm-up call, the mapper's (one call
-per `generate()` and batch shape) after eight, more than a figure's warm-up and timed calls, so they are still being
-measured while timed; `cpu_linear_choices` lists every kind of the model with its kernel ("measuring" until settled)
-and both kernels' fewest milliseconds ("-" before a timed call).
+seconds of `--repeats` timed calls (3), the paper's loop one call. Each kind of linear call settles on MKL after
+one timed call of each kernel where oneDNN is not clearly faster, and on oneDNN after four calls of each
+(`clipcap_hf.onednn`): the decoder's kinds within the warm-up call, the prefill's and the mapper's (one call per
+`generate()` and batch shape) after four to eight calls, so they may still be measured while timed;
+`cpu_linear_choices` lists every kind of the model with its kernel ("measuring" until settled) and both kernels'
+fewest milliseconds ("-" before a timed call).
 
 Where a prepacked greedy step goes (`step_breakdown_s`, its parts timed in interleaved rounds): `greedy_step_ms` is
 a decoding step after the first (all tokens' time less one token's, per step); `greedy_step_linear_layers_ms` the

@@ -254,8 +254,11 @@ def _forwards_replaced(forwards: dict[nn.Module, _RoutedForward]) -> Iterator[No
 CPU_LINEAR_ENV = "CLIPCAP_CPU_LINEAR"
 CPU_LINEAR_MODES = ("auto", "onednn", "default")
 # oneDNN is chosen only when MKL takes at least this many times as long: a clear margin over timing noise, since a
-# wrong choice of oneDNN makes generation slower than plain PyTorch, and a wrong choice of MKL is plain PyTorch.
-ONEDNN_MARGIN = 1.1
+# wrong choice of oneDNN makes generation slower than plain PyTorch, and a wrong choice of MKL is plain PyTorch. At 1.1,
+# kinds whose first calls measured oneDNN 11% to 21% faster on an Intel Xeon ran a whole 5-beam search 3% to 5% slower
+# than MKL alone; the gains worth having were larger (1.3x on the LM head and 2.5x on GPT-2's layers at 16 rows on an
+# AMD EPYC, 1.8x on the MLP mapper at 16 rows on that Intel Xeon).
+ONEDNN_MARGIN = 1.25
 # Timed calls of each kernel per kind of call, after an untimed first call of each (oneDNN builds its primitive then).
 # The fewest seconds of each count: a busy shared core only ever adds time.
 TIMED_CALLS = 3
@@ -264,10 +267,12 @@ TIMED_CALLS = 3
 class _KernelRace:
     """
     Which of MKL and oneDNN computes one kind of linear call (`_call_kind`) faster on this machine, found on the calls
-    themselves: the kind's first calls alternate between the two kernels, timed, and once each has run
-    `1 + TIMED_CALLS` times the kind keeps the faster for the rest of the process: oneDNN only when MKL took at least
-    `ONEDNN_MARGIN` times as long. Measuring costs no extra work, only a few calls on the slower kernel (and, in a
-    block with `prepack=True`, the packed copies of the layers its oneDNN turns ran, held until the block ends).
+    themselves: the kind's first calls alternate between the two kernels, timed (after an untimed first call each).
+    As soon as oneDNN's fewest seconds are not `ONEDNN_MARGIN` times fewer than MKL's, the kind keeps MKL for the rest
+    of the process; if they still are once each kernel has run `1 + TIMED_CALLS` times, it keeps oneDNN. Measuring
+    costs no extra work, only a few calls on the slower kernel: two where oneDNN loses, on kinds called once per
+    `generate()` (a prefill, the mapper) as well (and, in a block with `prepack=True`, the packed copies of the layers
+    its oneDNN turns ran, held until the block ends).
     """
 
     __slots__ = ("seconds", "onednn")
@@ -281,10 +286,16 @@ class _KernelRace:
         return len(onednn) < len(mkl)
 
     def record(self, onednn: bool, seconds: float) -> None:
+        if self.onednn is not None:
+            return
         self.seconds[onednn].append(seconds)
-        if min(len(calls) for calls in self.seconds) > TIMED_CALLS:
-            mkl_s, onednn_s = self.fewest_seconds()
-            self.onednn = mkl_s >= ONEDNN_MARGIN * onednn_s
+        mkl_s, onednn_s = self.fewest_seconds()
+        if mkl_s is not None and onednn_s is not None and mkl_s < ONEDNN_MARGIN * onednn_s:
+            # oneDNN is not clearly faster: MKL from here on, without running the slower kernel again. A busy spell
+            # can only make this choice wrongly, and MKL is plain PyTorch.
+            self.onednn = False
+        elif min(len(calls) for calls in self.seconds) > TIMED_CALLS:
+            self.onednn = True  # clearly faster on every count
 
     def fewest_seconds(self) -> tuple[float | None, float | None]:
         """MKL's and oneDNN's fewest seconds over their timed calls (a first call is untimed); None before one."""
