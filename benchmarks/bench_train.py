@@ -278,7 +278,9 @@ def run_ours(recipe: dict, steps: int, warmup_steps: int = 1, profile: bool = Fa
     if profile:  # the Trainer's own step again, on the same batches, after the timed run
         from torch.profiler import profile as torch_profile
 
-        with torch_profile() as profiler:
+        from clipcap_hf.training.memory import reuse_freed_memory
+
+        with torch_profile() as profiler, reuse_freed_memory():  # as the Trainer's steps ran
             for batch in timed:
                 trainer.training_step(model, batch)
                 trainer.optimizer.step()

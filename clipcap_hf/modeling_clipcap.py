@@ -154,8 +154,9 @@ class ClipCapCausalLMOutputWithPast(CausalLMOutputWithPast):
     embeddings in its `image_embeds`).
 
     `logits` is `None` when the model is in training mode and `labels` are given: the loss is then computed from the
-    scores at the caption positions only, and the full tensor is never materialized. Put the model in eval mode
-    (`model.eval()`) to get both the loss and the logits.
+    scores at the caption positions only, and the full tensor is never materialized; nor is a key/value cache built
+    unless `use_cache=True` is passed. Put the model in eval mode (`model.eval()`) to get both the loss and the
+    logits.
 
     Args:
         image_outputs ([`ClipCapImageOutput`], *optional*):
@@ -961,10 +962,10 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
                 Targets aligned with `input_ids`, -100 where no loss is wanted; image tokens are never targets (with
                 Trainer's `num_items_in_batch`, which counts the labels, they must be -100 already, as the
-                processor writes them). The
-                loss is next-token cross-entropy. In training mode the LM head is applied only at the positions that
-                predict a label, and `logits` is `None`. Given alone (no `input_ids`, no `attention_mask`), the
-                inputs are read back from the processor's labels.
+                processor writes them). The loss is next-token cross-entropy. In training mode the LM head is
+                applied only at the positions that predict a label, `logits` is `None`, and no cache is built unless
+                `use_cache=True`. Given alone (no `input_ids`, no `attention_mask`), the inputs are read back from the
+                processor's labels.
             attention_mask, position_ids, use_cache, **kwargs:
                 As for any causal LM, over the same positions as `input_ids`.
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):

@@ -1,44 +1,105 @@
-"""`reuse_freed_memory()`: large freed tensors are reused without page faults in the block, and only there."""
+"""`reuse_freed_memory()`: large blocks come from the heap and stay there when freed in the block, and only there."""
 
-import mmap
+import ctypes
 import platform
-import resource
 
 import pytest
 import torch
 
+from clipcap_hf.training import memory
 from clipcap_hf.training.memory import reuse_freed_memory, reuses_freed_memory
 
 pytestmark = pytest.mark.skipif(
     platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="sets glibc's malloc switches"
 )
-LARGE = 64 * 2**20  # above the 32 MB beyond which glibc maps every block afresh by default
+LARGE = 64 * 2**20  # above the 32 MB beyond which glibc maps every block on its own by default
 
 
-def page_faults_of_a_reallocation() -> int:
-    """Page faults of writing a freshly allocated large tensor, right after one of the same size was freed."""
-    torch.empty(LARGE // 4).fill_(1)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    torch.empty(LARGE // 4).fill_(1)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+class Mallinfo2(ctypes.Structure):  # glibc's `struct mallinfo2` (malloc.h), all size_t
+    _fields_ = [
+        (name, ctypes.c_size_t)
+        for name in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
-def test_freed_memory_is_reused_in_the_block_and_handed_back_after_it():
-    pages = LARGE // mmap.PAGESIZE
-    assert page_faults_of_a_reallocation() > 0.9 * pages  # glibc's default: mapped, faulted in, unmapped each time
+@pytest.fixture
+def mallinfo2():
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("glibc < 2.33 has no mallinfo2")
+    libc.mallinfo2.restype = Mallinfo2
+    return libc.mallinfo2
+
+
+@pytest.fixture(autouse=True)
+def malloc_left_to_its_defaults(monkeypatch):
+    for name in memory.MALLOC_ENVIRONMENT:
+        monkeypatch.delenv(name, raising=False)
+    memory._glibc.cache_clear()
+    yield
+    memory._glibc.cache_clear()
+
+
+def mapped_on_its_own(mallinfo2) -> bool:
+    """
+    Whether a large tensor gets a memory mapping of its own (and gives it back when freed), as by default. It is made
+    larger than all the free memory in the heap (which blocks in earlier tests leave there): glibc maps a block only
+    when the heap cannot serve it.
+    """
+    size = LARGE + mallinfo2().fordblks
+    before = mallinfo2().hblkhd
+    block = torch.empty(size // 4)
+    mapped = mallinfo2().hblkhd - before >= size // 4 * 4
+    del block
+    return mapped
+
+
+def test_large_blocks_come_from_the_heap_and_stay_there_in_the_block(mallinfo2):
+    assert mapped_on_its_own(mallinfo2)
     with reuse_freed_memory():
         assert reuses_freed_memory()
-        page_faults_of_a_reallocation()  # grows the heap once
-        assert page_faults_of_a_reallocation() < 0.05 * pages
+        free = mallinfo2().fordblks
+        assert not mapped_on_its_own(mallinfo2)
+        assert mallinfo2().fordblks - free >= LARGE  # freed, and kept in the heap for the next allocation
     assert not reuses_freed_memory()
-    assert page_faults_of_a_reallocation() > 0.9 * pages
+    assert mapped_on_its_own(mallinfo2)
 
 
-def test_blocks_nest_and_the_outermost_one_restores():
-    pages = LARGE // mmap.PAGESIZE
+def test_blocks_nest_and_the_outermost_one_restores(mallinfo2):
     with reuse_freed_memory():
         with reuse_freed_memory():
-            page_faults_of_a_reallocation()
+            pass
         assert reuses_freed_memory()  # the inner block's end leaves the outer one's switches set
-        assert page_faults_of_a_reallocation() < 0.05 * pages
+        assert not mapped_on_its_own(mallinfo2)
     assert not reuses_freed_memory()
+    assert mapped_on_its_own(mallinfo2)
+
+
+def test_a_process_forked_in_the_block_gets_the_defaults_back(mallinfo2):
+    with reuse_freed_memory():
+        memory._restore_in_forked_child()  # what the child of a fork runs (os.register_at_fork)
+        assert not reuses_freed_memory()
+        assert mapped_on_its_own(mallinfo2)
+    assert not reuses_freed_memory()
+    with reuse_freed_memory():  # the next block sets the switches again
+        assert reuses_freed_memory()
+        assert not mapped_on_its_own(mallinfo2)
+
+
+def test_malloc_tuned_by_the_environment_is_left_alone(monkeypatch, mallinfo2):
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.trim_threshold=4294967295")
+    memory._glibc.cache_clear()
+    with reuse_freed_memory():
+        assert not reuses_freed_memory()
+        assert mapped_on_its_own(mallinfo2)

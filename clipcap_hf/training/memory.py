@@ -8,23 +8,33 @@ zeroed: on a 2-core Intel Xeon that was 270,000 page faults and about a quarter 
 memory in the heap for reuse removes this; allocators such as jemalloc and tcmalloc do so too, but they must be
 preloaded before Python starts, and PyTorch has no caching allocator for the CPU. So `reuse_freed_memory()` sets
 glibc's own switches, through `mallopt`, for as long as training runs: no `mmap` for large blocks, no trimming of the
-heap. The process's resident memory then stays near its peak until the block ends (in `bench_train.py`, 4.64 GB
-instead of 4.31 GB at the peak for recipe (a), and below the paper's loop), where the freed memory is handed back.
+heap. The process's resident memory then stays near its peak until the block ends (over 40 steps of recipe (a) at batch
+40, a peak of 4.64 GB instead of 4.31 GB, below the paper's loop's 5.67 GB), where the freed memory is handed back.
+
+This serves the allocations of the main thread, where `Trainer.train` runs: glibc gives other threads heaps of their
+own, which hand back what they free whatever these switches say. Where the environment tunes glibc's malloc itself
+(`GLIBC_TUNABLES` or a `MALLOC_*_` variable), nothing is changed.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache
 
-# mallopt's parameters and glibc's defaults for them (malloc.h, malloc/malloc.c).
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-DEFAULT_TRIM_THRESHOLD, DEFAULT_MMAP_MAX = 128 * 1024, 65536
+# mallopt's parameters (malloc.h).
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+# After the block: glibc's default count of mmapped blocks, and the thresholds that glibc's own adjustment reaches in a
+# process that frees blocks above 32 MB (its maximum mmap threshold on 64-bit, and twice that for trimming), which
+# setting any of them stops (malloc/malloc.c).
+RESTORED = ((M_MMAP_MAX, 65536), (M_MMAP_THRESHOLD, 32 * 2**20), (M_TRIM_THRESHOLD, 64 * 2**20))
+# Environment variables through which users tune glibc's malloc themselves.
+MALLOC_ENVIRONMENT = ("GLIBC_TUNABLES", "MALLOC_MMAP_MAX_", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 
 _lock = threading.Lock()
 _depth = 0
@@ -32,10 +42,36 @@ _depth = 0
 
 @cache
 def _glibc() -> ctypes.CDLL | None:
-    """The C library when it is glibc (on Linux), whose `mallopt` switches this module sets; else None."""
+    """
+    The C library when it is glibc (on Linux) and the environment leaves its malloc to its defaults; else None (then
+    nothing is changed).
+    """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
-    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    if any(name in os.environ for name in MALLOC_ENVIRONMENT):
+        return None
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    libc.mallopt.argtypes, libc.mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    libc.malloc_trim.argtypes, libc.malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return libc
+
+
+def _restore(libc: ctypes.CDLL) -> None:
+    for parameter, value in RESTORED:
+        libc.mallopt(parameter, value)
+
+
+def _restore_in_forked_child() -> None:
+    # A process forked within a block (a DataLoader worker) would otherwise keep the switches for its whole life.
+    global _depth
+    if _depth > 0:
+        _depth = 0
+        libc = _glibc()
+        if libc is not None:
+            _restore(libc)
+
+
+os.register_at_fork(after_in_child=_restore_in_forked_child)
 
 
 def reuses_freed_memory() -> bool:
@@ -46,9 +82,10 @@ def reuses_freed_memory() -> bool:
 @contextmanager
 def reuse_freed_memory() -> Iterator[None]:
     """
-    Keep the memory that freed tensors leave in the process's heap, for later allocations to reuse, while the block
-    runs (glibc only; elsewhere nothing changes). Blocks nest, across threads too: the outermost one sets the switches
-    and, when it ends, puts glibc's defaults back and returns the free memory to the system (`malloc_trim`).
+    Keep the memory that freed tensors leave in the process's heap, for the main thread's later allocations to reuse,
+    while the block runs (glibc only, unless the environment tunes its malloc; elsewhere nothing changes). Blocks
+    nest, across threads too: the outermost one sets the switches and, when it ends, gives glibc back its usual
+    thresholds and returns the free memory to the system (`malloc_trim`).
     """
     global _depth
     libc = _glibc()
@@ -61,10 +98,8 @@ def reuse_freed_memory() -> Iterator[None]:
         yield
     finally:
         with _lock:
-            _depth -= 1
-            if libc is not None and _depth == 0:
-                # glibc's documented defaults. Its mmap threshold, which adjusted itself to the sizes freed, stays
-                # fixed from here on where it was when the block began.
-                libc.mallopt(M_MMAP_MAX, DEFAULT_MMAP_MAX)
-                libc.mallopt(M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD)
-                libc.malloc_trim(0)
+            if _depth > 0:  # 0 in a process forked within the block, which got the defaults back at the fork
+                _depth -= 1
+                if libc is not None and _depth == 0:
+                    _restore(libc)
+                    libc.malloc_trim(0)
