@@ -280,11 +280,19 @@ def run_ours(recipe: dict, steps: int, warmup_steps: int = 1, profile: bool = Fa
 
         from clipcap_hf.training.memory import reuse_freed_memory
 
-        with torch_profile() as profiler, reuse_freed_memory():  # as the Trainer's steps ran
-            for batch in timed:
-                trainer.training_step(model, batch)
-                trainer.optimizer.step()
-                trainer.optimizer.zero_grad()
+        def step(batch):
+            trainer.training_step(model, batch)
+            trainer.optimizer.step()
+            trainer.optimizer.zero_grad()
+
+        # As the Trainer's timed steps ran: in the block, after warm-up steps that grow the heap again (train() handed
+        # it back when it returned).
+        with reuse_freed_memory():
+            for batch in batches[:warmup_steps]:
+                step(batch)
+            with torch_profile() as profiler:
+                for batch in timed:
+                    step(batch)
         result["time_shares"] = time_shares(profiler)
     return result
 
