@@ -3,7 +3,6 @@
 import json
 import logging
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -30,7 +29,7 @@ from clipcap_hf.training import (
     merge_lora,
     parse_args,
 )
-from clipcap_hf.training.memory import reuses_freed_memory
+from clipcap_hf.training.memory import on_glibc, reuses_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -1164,9 +1163,7 @@ def test_training_builds_no_key_value_cache_unless_asked(tokenizer, processor):
     torch.testing.assert_close(without.loss, with_cache.loss)
 
 
-@pytest.mark.skipif(
-    sys.platform != "linux" or platform.libc_ver()[0] != "glibc", reason="sets glibc's malloc switches"
-)
+@pytest.mark.skipif(not on_glibc(), reason="sets glibc's malloc switches")
 def test_the_trainer_trains_on_the_cpu_reusing_freed_memory(tmp_path, tokenizer, processor, embedded):
     dataset, table = embedded
     seen = []

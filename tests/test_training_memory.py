@@ -1,7 +1,6 @@
 """`reuse_freed_memory()`: large blocks come from the heap and stay there when freed in the block, and only there."""
 
 import ctypes
-import platform
 
 import pytest
 import torch
@@ -9,9 +8,7 @@ import torch
 from clipcap_hf.training import memory
 from clipcap_hf.training.memory import reuse_freed_memory, reuses_freed_memory
 
-pytestmark = pytest.mark.skipif(
-    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="sets glibc's malloc switches"
-)
+pytestmark = pytest.mark.skipif(not memory.on_glibc(), reason="sets glibc's malloc switches")
 LARGE = 64 * 2**20  # above the 32 MB beyond which glibc maps every block on its own by default
 
 

@@ -40,13 +40,18 @@ _lock = threading.Lock()
 _depth = 0
 
 
+def on_glibc() -> bool:
+    """Whether this process runs on Linux with glibc, whose malloc switches this module sets."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 @cache
 def _glibc() -> ctypes.CDLL | None:
     """
     The C library when it is glibc (on Linux) and the environment leaves its malloc to its defaults; else None (then
     nothing is changed).
     """
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not on_glibc():
         return None
     if any(name in os.environ for name in MALLOC_ENVIRONMENT):
         return None
