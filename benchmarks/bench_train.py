@@ -20,7 +20,7 @@ dataset's longest caption for the reference, the mean of each batch's longest fo
 counted FLOPs per second (torch's FlopCounterMode over forward and backward; the optimizer is not counted) divided
 by the machine's fp32 matmul rate (a 2048x2048 `torch.mm`) measured in the same process (`matmul_gflops`). Steps are
 timed after `--warmup-steps` untimed ones (the first steps of a run grow the heap that later steps reuse: see
-`clipcap_hf/training/memory.py`). `--profile` adds, for our runs, where one step's time goes by torch.profiler
+`clipcap_hf/utils/memory.py`). `--profile` adds, for our runs, where one step's time goes by torch.profiler
 (`time_shares`: matrix products, attention kernels, the optimizer step, and the rest with its largest operators).
 Prints one JSON line.
 
@@ -278,7 +278,7 @@ def run_ours(recipe: dict, steps: int, warmup_steps: int = 1, profile: bool = Fa
     if profile:  # the Trainer's own step again, on the same batches, after the timed run
         from torch.profiler import profile as torch_profile
 
-        from clipcap_hf.training.memory import reuse_freed_memory
+        from clipcap_hf.utils.memory import reuse_freed_memory
 
         def step(batch):
             trainer.training_step(model, batch)

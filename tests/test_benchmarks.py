@@ -35,6 +35,8 @@ def test_bench_peers_small_reports_every_model_and_the_speedup_over_the_fastest_
         fastest = min(PEERS, key=times.get)
         assert report[f"fastest_peer_{mode}"] == fastest
         assert report[f"clipcap_mlp_speedup_{mode}"] == round(times[fastest] / times["clipcap_mlp"], 2)
+        run_s = report[f"clipcap_mlp_run_{mode}_s"]
+        assert run_s > 0 and report[f"clipcap_mlp_run_speedup_{mode}"] == round(times[fastest] / run_s, 2)
 
 
 @pytest.mark.parametrize("name", [*bench_peers.CLIPCAP_NAMES, *PEERS])

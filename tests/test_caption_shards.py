@@ -25,6 +25,7 @@ from conftest import (
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor, onednn
 from clipcap_hf.commands import main
 from clipcap_hf.onednn import onednn_linear_available
+from clipcap_hf.utils.memory import on_glibc, reuses_freed_memory
 
 NUM_IMAGES = 7
 MAX_NEW_TOKENS = "5"
@@ -366,9 +367,19 @@ def test_a_run_packs_each_weight_once_and_gives_the_captions_of_plain_kernels(
         caption_dataset_to_parquet(captioner, dataset, output, batch_size=2, shard_size=3, rank=0, world_size=1)
         return read_rows(output)
 
+    reusing = []
+    generate = captioner.model.generate
+
+    def watched_generate(*args, **kwargs):
+        reusing.append(reuses_freed_memory())
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(captioner.model, "generate", watched_generate)
     captions, packs = packs_run(lambda: run(tmp_path / "onednn"))
     assert packs == one_batch > 0  # once per run, not per batch or shard
     assert all("forward" not in vars(module) for module in model.modules())  # the block ended with the run
+    # Each batch reuses the memory the one before freed (glibc), until the run returns.
+    assert reusing == [on_glibc()] * 4 and not reuses_freed_memory()
     with mkldnn_disabled():
         plain_captions = run(tmp_path / "plain")
     assert captions == plain_captions

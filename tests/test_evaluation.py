@@ -31,6 +31,7 @@ from clipcap_hf.evaluation import (
 from clipcap_hf.evaluation.metrics import compute_caption_metrics
 from clipcap_hf.modeling_clipcap import DEFAULT_MAX_NEW_TOKENS
 from clipcap_hf.onednn import onednn_linear_available
+from clipcap_hf.utils.memory import on_glibc, reuses_freed_memory
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="the COCO tokenizer needs Java")
 
@@ -395,8 +396,10 @@ def test_a_caption_generator_holds_its_block_between_batches_and_ends_it_when_cl
     next(batches)
     routed = [module for module in mlp_model.modules() if "forward" in vars(module)]
     assert any(isinstance(module, torch.nn.Linear) for module in routed)  # held while the consumer works
+    assert reuses_freed_memory() == on_glibc()  # the next batch reuses the memory this one freed
     batches.close()  # a consumer stopping early
     assert all("forward" not in vars(module) for module in mlp_model.modules())
+    assert not reuses_freed_memory()
 
 
 def test_rescoring_into_its_own_folder_leaves_the_predictions_file_as_it_is(coco_files, tmp_path):

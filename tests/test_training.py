@@ -29,7 +29,7 @@ from clipcap_hf.training import (
     merge_lora,
     parse_args,
 )
-from clipcap_hf.training.memory import on_glibc, reuses_freed_memory
+from clipcap_hf.utils.memory import on_glibc, reuses_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -1143,9 +1143,18 @@ def test_captioning_a_dataset_packs_each_weight_once_with_the_captions_of_plain_
 
     first_row = rows.select([0])
     _, one_batch = packs_run(lambda: caption_dataset(model, processor, first_row, image_embeds, max_new_tokens=3))
+    reusing = []
+    generate = model.generate
+
+    def watched_generate(*args, **kwargs):
+        reusing.append(reuses_freed_memory())
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", watched_generate)
     captions, packs = packs_run(lambda: caption_dataset(model, processor, rows, image_embeds, 2, max_new_tokens=3))
     assert packs == one_batch > 0  # 3 batches, each weight packed once
     assert all("forward" not in vars(module) for module in model.modules())
+    assert reusing == [on_glibc()] * 3 and not reuses_freed_memory()  # each batch reuses what the one before freed
     with mkldnn_disabled():
         assert caption_dataset(model, processor, rows, image_embeds, 2, max_new_tokens=3) == captions
     assert len(set(captions)) > 1

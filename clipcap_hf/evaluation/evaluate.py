@@ -15,7 +15,6 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard
 from tqdm.auto import tqdm
 
-from ..onednn import cpu_linear_kernels
 from ..utils.file_utils import escape_controls, write_text_atomically
 from .metrics import (
     CLIP_METRIC_NAMES,
@@ -109,12 +108,12 @@ def iter_captions(
     with a `reranker`. One caption per image (not the generation config's `num_return_sequences`, which would
     decode captions that are dropped).
 
-    Until the generator is exhausted or closed, it holds one `cpu_linear_kernels(model, prepack=True)` block (see
-    `clipcap_hf.onednn`): on the CPU in fp32 where oneDNN computes the linear layers, each weight is packed once for
-    all the batches, and the model's layers stay routed (and the packed copies kept) between batches; a consumer
-    that stops early should close it (`contextlib.closing`) to end the block at once.
+    Until the generator is exhausted or closed, it holds one [`~clipcap_hf.inference.captioning_run`] block: on the
+    CPU, each weight that oneDNN computes is packed once for all the batches, the model's layers stay routed (and
+    the packed copies kept) between batches, and the memory one batch frees serves the next; a consumer that stops
+    early should close it (`contextlib.closing`) to end the block at once.
     """
-    from ..inference import ClipCapCaptioner
+    from ..inference import ClipCapCaptioner, captioning_run
     from ..inference.captioner import decode_image
 
     if batch_size < 1:
@@ -124,7 +123,7 @@ def iter_captions(
         tqdm(total=len(image_paths), unit="image", desc="Captioning", disable=len(image_paths) <= batch_size) as bar,
         # Over all the batches, not per batch: each weight is packed once. Entered after the captioner has moved the
         # model to its device and dtype, which decide the kernels.
-        cpu_linear_kernels(captioner.model, prepack=True),
+        captioning_run(captioner.model),
     ):
         for start in range(0, len(image_paths), batch_size):
             paths = list(image_paths[start : start + batch_size])

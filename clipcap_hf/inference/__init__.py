@@ -17,6 +17,7 @@ Example:
 from .captioner import (
     CaptionBatch,
     ClipCapCaptioner,
+    captioning_run,
     check_decoding_options,
     decode_image,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "CaptionRunSummary",
     "ClipCapCaptioner",
     "caption_dataset_to_parquet",
+    "captioning_run",
     "check_decoding_options",
     "decode_image",
     "distributed_rank",

@@ -7,9 +7,10 @@ samples (or beam-searches) several captions per image and keeps the one CLIP sco
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,8 +20,10 @@ import torch
 from transformers.utils import logging
 
 from ..image_processing_clipcap import load_image, to_rgb_image
+from ..onednn import cpu_linear_kernels
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from ..utils.loading import load_clipcap, to_device_and_dtype
+from ..utils.memory import reuse_freed_memory
 from .clip_score import CLIPScorer
 
 logger = logging.get_logger(__name__)
@@ -100,6 +103,30 @@ def _embedding_vector(value: Any, size: int) -> np.ndarray:
 def _argument_spelling(name: str, value: Any = None) -> str:
     """How [`check_decoding_options`] names an argument by default: `num_beams`, or `num_beams=3` with a value."""
     return name if value is None else f"{name}={value}"
+
+
+@contextlib.contextmanager
+def captioning_run(model: torch.nn.Module) -> Iterator[None]:
+    """
+    What a loop that captions many batches with `model` in one process holds around the loop, as
+    `caption_dataset_to_parquet`, `iter_captions` and the Trainer's caption evaluation do. On the CPU in fp32, each
+    weight that oneDNN computes is packed once for the whole loop (`clipcap_hf.onednn.cpu_linear_kernels(model,
+    prepack=True)`; the packed copies, as large as the weights, are freed when the block ends), and on the CPU the
+    memory a batch frees stays in the process's heap for the next batch instead of being handed back to the system
+    and faulted in again (`clipcap_hf.utils.memory.reuse_freed_memory()`, with glibc). Elsewhere it changes nothing.
+    Enter it once the model is on its device and in its dtype: they decide the kernels.
+
+    ```python
+    >>> with torch.no_grad(), captioning_run(captioner.model):
+    ...     for batch in batches:
+    ...         captions.extend(captioner(batch)["caption"])
+    ```
+    """
+    with (
+        cpu_linear_kernels(model, prepack=True),
+        reuse_freed_memory() if model.device.type == "cpu" else contextlib.nullcontext(),
+    ):
+        yield
 
 
 def check_decoding_options(
@@ -184,9 +211,9 @@ class ClipCapCaptioner:
     generated per image, and `clip_score` when reranking.
 
     Each call is one batch. A caller looping over many batches in one process can wrap the loop in
-    `clipcap_hf.onednn.cpu_linear_kernels(captioner.model, prepack=True)`, as `caption_dataset_to_parquet` does:
-    on the CPU in fp32, each weight is then packed for oneDNN once for the whole loop instead of the plain weights
-    being reordered at every product (the packed copies, as large as the weights, are freed when the block ends).
+    [`captioning_run`]`(captioner.model)`, as `caption_dataset_to_parquet` does: on the CPU, each weight is then
+    packed for oneDNN once for the whole loop instead of the plain weights being reordered at every product, and the
+    memory one batch frees serves the next.
 
     Example:
 

@@ -26,11 +26,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers.utils import logging
 
-from ..onednn import cpu_linear_kernels
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from ..utils.file_utils import acquire_file_lock
 from ..utils.loading import same_model
-from .captioner import ClipCapCaptioner
+from .captioner import ClipCapCaptioner, captioning_run
 
 logger = logging.get_logger(__name__)
 
@@ -457,9 +456,9 @@ def caption_dataset_to_parquet(
     Each process holds a lock file in `output_dir` while it runs: a run whose shards would overlap this one's (any
     run but the other processes of this one) is refused with a ValueError naming the lock.
 
-    The run holds one `cpu_linear_kernels(captioner.model, prepack=True)` block (see `clipcap_hf.onednn`): on the
-    CPU in fp32 where oneDNN computes the linear layers, each weight is packed once for the whole run, and the
-    packed copies (as large as the weights) are freed when it returns.
+    The run holds one [`captioning_run`] block: on the CPU, each weight that oneDNN computes is packed once for the
+    whole run (the packed copies, as large as the weights, are freed when it returns), and the memory one batch frees
+    serves the next.
     """
     check_bad_image_policy(on_bad_image)
     if rank is None or world_size is None:
@@ -486,7 +485,7 @@ def caption_dataset_to_parquet(
         # One block over the whole run: on the CPU, each weight is packed for oneDNN once, not once per batch.
         with (
             tqdm(total=total, unit="image", desc=description, dynamic_ncols=True) as bar,
-            cpu_linear_kernels(captioner.model, prepack=True),
+            captioning_run(captioner.model),
         ):
             for index, name, shard in shards:
                 if seed is not None:

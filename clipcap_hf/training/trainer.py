@@ -18,10 +18,10 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..data import image_inputs
 from ..evaluation.metrics import compute_caption_metrics
-from ..onednn import cpu_linear_kernels
+from ..inference.captioner import captioning_run
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import give_files_the_umask_mode, read_json, write_text_atomically
-from .memory import reuse_freed_memory
+from ..utils.memory import reuse_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +46,15 @@ def caption_dataset(
 ) -> list[str]:
     """
     Caption each row of `images`: rows with `image_index` into `image_embeds` (the embedding cache), or rows with an
-    `image` or `image_path`. Returns the decoded, stripped captions in row order. On the CPU the weights are packed
-    for oneDNN once for all the batches, where it is chosen (`cpu_linear_kernels`): they do not change until it
-    returns.
+    `image` or `image_path`. Returns the decoded, stripped captions in row order. The batches run in one
+    [`~clipcap_hf.inference.captioning_run`] block: on the CPU the weights are packed for oneDNN once for all the
+    batches, where it is chosen (they do not change until it returns), and the memory one batch frees serves the next.
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     captions: list[str] = []
-    with cpu_linear_kernels(model, prepack=True):
+    with captioning_run(model):
         for start in range(0, len(images), batch_size):
             rows = [images[index] for index in range(start, min(start + batch_size, len(images)))]
             inputs = image_inputs(rows, processor.image_processor, image_embeds)

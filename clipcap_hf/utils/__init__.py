@@ -1,1 +1,2 @@
-"""Helpers the library shares: reading and writing users' text files (`file_utils`)."""
+"""Helpers the library shares: reading and writing users' text files (`file_utils`), and keeping freed memory for
+reuse on the CPU (`memory`)."""

@@ -5,8 +5,8 @@ import ctypes
 import pytest
 import torch
 
-from clipcap_hf.training import memory
-from clipcap_hf.training.memory import reuse_freed_memory, reuses_freed_memory
+from clipcap_hf.utils import memory
+from clipcap_hf.utils.memory import reuse_freed_memory, reuses_freed_memory
 
 pytestmark = pytest.mark.skipif(not memory.on_glibc(), reason="sets glibc's malloc switches")
 LARGE = 64 * 2**20  # above the 32 MB beyond which glibc maps every block on its own by default

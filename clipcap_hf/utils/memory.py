@@ -1,19 +1,23 @@
-"""Training on the CPU without paying the kernel to hand back memory the next step asks for again.
+"""Training and captioning on the CPU without paying the kernel to hand back memory the next step asks for again.
 
-glibc's `malloc` serves every allocation above 32 MB with its own `mmap` and returns it with `munmap` when freed. A
-training step of GPT-2 small allocates several such tensors and frees them before the next step: the LM head's
-weight gradient and the input embedding's (154 MB each, and their sum), the caption positions' logits and their
+glibc's `malloc` serves large allocations with their own `mmap` (every one above 32 MB; above 128 KB until its
+threshold adapts) and returns them with `munmap` when freed, and hands back the free top of its heap beyond a
+threshold. A training step of GPT-2 small allocates several such tensors and frees them before the next step: the LM
+head's weight gradient and the input embedding's (154 MB each, and their sum), the caption positions' logits and their
 gradients (about 90 MB each at batch 40). Each step the kernel maps them again and page-faults every 4 KB of them in,
-zeroed: on a 2-core Intel Xeon that was 270,000 page faults and about a quarter of a recipe (a) step. Keeping freed
-memory in the heap for reuse removes this; allocators such as jemalloc and tcmalloc do so too, but they must be
-preloaded before Python starts, and PyTorch has no caching allocator for the CPU. So `reuse_freed_memory()` sets
-glibc's own switches, through `mallopt`, for as long as training runs: no `mmap` for large blocks, no trimming of the
-heap. The process's resident memory then stays near its peak until the block ends (over 40 steps of recipe (a) at batch
-40, a peak of 4.64 GB instead of 4.31 GB, below the paper's loop's 5.67 GB), where the freed memory is handed back.
+zeroed: on a 2-core Intel Xeon that was 270,000 page faults and about a quarter of a recipe (a) step. Captioning
+does the same on a smaller scale: a greedy batch of 16 images from pixels faulted 90,000 to 140,000 pages in (CLIP's
+activations, logits, the key/value cache) on an AMD EPYC. Keeping freed memory in the heap for reuse removes this;
+allocators such as jemalloc and tcmalloc do so too, but they must be preloaded before Python starts, and PyTorch has no
+caching allocator for the CPU. So `reuse_freed_memory()` sets glibc's own switches, through `mallopt`, for as long as
+training runs (`ClipCapTrainer.train`) or a captioning run over many batches
+(`clipcap_hf.inference.captioning_run`): no `mmap` for large blocks, no trimming of the heap. The process's resident
+memory then stays near its peak until the block ends (over 40 steps of recipe (a) at batch 40, a peak of 4.64 GB
+instead of 4.31 GB, below the paper's loop's 5.67 GB), where the freed memory is handed back.
 
-This serves the allocations of the main thread, where `Trainer.train` runs: glibc gives other threads heaps of their
-own, which hand back what they free whatever these switches say. Where the environment tunes glibc's malloc itself
-(`GLIBC_TUNABLES` or a `MALLOC_*_` variable), nothing is changed.
+This serves the allocations of the main thread, where `Trainer.train` and the captioning runs run: glibc gives other
+threads heaps of their own, which hand back what they free whatever these switches say. Where the environment tunes
+glibc's malloc itself (`GLIBC_TUNABLES` or a `MALLOC_*_` variable), nothing is changed.
 """
 
 from __future__ import annotations
