@@ -22,8 +22,9 @@ of oneDNN's. `*_bound_multiple` is a time over that floor. The `*_static_compile
 `generate(cache_implementation="static", compile_config=CompileConfig(...))` with transformers' switch that compiles
 on the CPU too (it compiles on accelerators only), after a warm-up call that compiles; `--skip-paper` leaves out the
 paper's loop (about 90 s) for quick runs. The `*_prepacked_*` figures time `generate()` inside one
-`cpu_linear_kernels(model, prepack=True)` block, as a captioning run over many batches holds it (`clipcap
-caption`, evaluation): each weight that oneDNN computes is packed once, on its first use. Our runs count the fewest
+`clipcap_hf.inference.captioning_run(model)` block, as a captioning run over many batches holds it (`clipcap
+caption`, evaluation): each weight that oneDNN computes is packed once, on its first use, and the memory one call
+frees serves the next (`clipcap_hf.utils.memory`). Our runs count the fewest
 seconds of `--repeats` timed calls (3), the paper's loop one call. Each kind of linear call settles on MKL after
 one timed call of each kernel where oneDNN is not clearly faster, and on oneDNN after four calls of each
 (`clipcap_hf.onednn`): the decoder's kinds within the warm-up call, the prefill's and the mapper's (one call per
@@ -50,13 +51,14 @@ import platform
 import time
 
 import torch
-from _common import cpu_name, matmul_rate, memory_bandwidth, onednn_matmul_rate, use_seven_operation_gelu_new
+from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration
+from clipcap_hf.inference import captioning_run
+from clipcap_hf.onednn import cpu_linear_choices, cpu_linear_mode, onednn_linear_available
 from torch import nn
 from transformers import CompileConfig, GPT2Config
 from transformers.pytorch_utils import Conv1D
 
-from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration
-from clipcap_hf.onednn import cpu_linear_choices, cpu_linear_kernels, cpu_linear_mode, onednn_linear_available
+from _common import cpu_name, matmul_rate, memory_bandwidth, onednn_matmul_rate, use_seven_operation_gelu_new
 
 
 @torch.no_grad()
@@ -189,7 +191,7 @@ def step_breakdown_s(model, image_embeds: torch.Tensor, new_tokens: int, repeats
         "narrow_all": tokens(narrow, new_tokens), "narrow_first": tokens(narrow, 1),
         "narrow_linear_layers": linear_layers_run(narrow, rows),
     }
-    with cpu_linear_kernels(model, prepack=True), cpu_linear_kernels(narrow, prepack=True):
+    with captioning_run(model), captioning_run(narrow):
         fewest = {name: timed(run, warm_up=run)[0] for name, run in runs.items()}
         for _ in range(repeats - 1):
             fewest = {name: min(fewest[name], timed(run, warm_up=lambda: None)[0]) for name, run in runs.items()}
@@ -258,7 +260,7 @@ def main() -> None:
     ours_greedy_s, ours_greedy = timed(ours_greedy_run, warm_up=ours_greedy_run, repeats=args.repeats)
     ours_beam_s, ours_beam = timed(ours_beam_run, warm_up=ours_beam_run, repeats=args.repeats)
     # Weights packed once for oneDNN and kept across calls, as a captioning run over many batches can hold them.
-    with cpu_linear_kernels(model, prepack=True):
+    with captioning_run(model):
         prepacked_greedy_s, prepacked_greedy = timed(ours_greedy_run, warm_up=ours_greedy_run, repeats=args.repeats)
         prepacked_beam_s, prepacked_beam = timed(ours_beam_run, warm_up=ours_beam_run, repeats=args.repeats)
     breakdown = step_breakdown_s(model, image_embeds, args.new_tokens, args.repeats)
