@@ -1,5 +1,6 @@
 """`reuse_freed_memory()`: large blocks come from the heap and stay there when freed in the block, and only there."""
 
+import contextlib
 import ctypes
 
 import pytest
@@ -100,3 +101,42 @@ def test_malloc_tuned_by_the_environment_is_left_alone(monkeypatch, mallinfo2):
     with reuse_freed_memory():
         assert not reuses_freed_memory()
         assert mapped_on_its_own(mallinfo2)
+
+
+class DeviceAwareLinear(torch.nn.Linear):
+    """A layer with the `device` and `dtype` that transformers models have, which a captioning run reads."""
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight.dtype
+
+
+def test_a_captioning_run_on_the_cpu_reuses_freed_memory_until_the_packed_copies_are_freed(monkeypatch):
+    from clipcap_hf.inference import captioner, captioning_run
+
+    kernels_ended_reusing = []
+    packing_block = captioner.cpu_linear_kernels
+
+    @contextlib.contextmanager
+    def watched_packing_block(model, prepack):
+        with packing_block(model, prepack=prepack):
+            yield
+        kernels_ended_reusing.append(reuses_freed_memory())
+
+    monkeypatch.setattr(captioner, "cpu_linear_kernels", watched_packing_block)
+    with torch.no_grad(), captioning_run(DeviceAwareLinear(4, 4)):
+        assert reuses_freed_memory()
+    # The packed copies are freed while freed memory is still kept: the heap is handed back after them.
+    assert kernels_ended_reusing == [True]
+    assert not reuses_freed_memory()
+
+
+def test_a_captioning_run_off_the_cpu_leaves_malloc_alone():
+    from clipcap_hf.inference import captioning_run
+
+    with captioning_run(DeviceAwareLinear(4, 4, device="meta")):
+        assert not reuses_freed_memory()

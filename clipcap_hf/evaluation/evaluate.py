@@ -110,8 +110,9 @@ def iter_captions(
 
     Until the generator is exhausted or closed, it holds one [`~clipcap_hf.inference.captioning_run`] block: on the
     CPU, each weight that oneDNN computes is packed once for all the batches, the model's layers stay routed (and
-    the packed copies kept) between batches, and the memory one batch frees serves the next; a consumer that stops
-    early should close it (`contextlib.closing`) to end the block at once.
+    the packed copies kept) between batches, and the memory one batch frees serves the next (glibc's switches, for
+    the whole process: the consumer's own work between batches keeps what it frees too); a consumer that stops early
+    should close it (`contextlib.closing`) to end the block at once.
     """
     from ..inference import ClipCapCaptioner, captioning_run
     from ..inference.captioner import decode_image

@@ -116,15 +116,20 @@ def captioning_run(model: torch.nn.Module) -> Iterator[None]:
     and faulted in again (`clipcap_hf.utils.memory.reuse_freed_memory()`, with glibc). Elsewhere it changes nothing.
     Enter it once the model is on its device and in its dtype: they decide the kernels.
 
+    The memory switches are glibc's, for the whole process: while the block runs, whatever the main thread frees stays
+    in the heap (the loop's own work too), so the process's memory stays near its peak until the block ends, and only
+    the main thread gains (see `clipcap_hf.utils.memory`).
+
     ```python
     >>> with torch.no_grad(), captioning_run(captioner.model):
     ...     for batch in batches:
     ...         captions.extend(captioner(batch)["caption"])
     ```
     """
+    # The memory block outside: it ends last, so the packed copies are freed before the heap is handed back.
     with (
-        cpu_linear_kernels(model, prepack=True),
         reuse_freed_memory() if model.device.type == "cpu" else contextlib.nullcontext(),
+        cpu_linear_kernels(model, prepack=True),
     ):
         yield
 
