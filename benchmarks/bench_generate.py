@@ -51,14 +51,14 @@ import platform
 import time
 
 import torch
-from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration
-from clipcap_hf.inference import captioning_run
-from clipcap_hf.onednn import cpu_linear_choices, cpu_linear_mode, onednn_linear_available
+from _common import cpu_name, matmul_rate, memory_bandwidth, onednn_matmul_rate, use_seven_operation_gelu_new
 from torch import nn
 from transformers import CompileConfig, GPT2Config
 from transformers.pytorch_utils import Conv1D
 
-from _common import cpu_name, matmul_rate, memory_bandwidth, onednn_matmul_rate, use_seven_operation_gelu_new
+from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration
+from clipcap_hf.inference import captioning_run
+from clipcap_hf.onednn import cpu_linear_choices, cpu_linear_mode, onednn_linear_available
 
 
 @torch.no_grad()
