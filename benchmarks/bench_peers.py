@@ -208,15 +208,16 @@ def main() -> None:
     report = {"benchmark": "peers", "images": args.images, "new_tokens": args.new_tokens, "beams": args.beams,
               "small": args.small}
     times = {"greedy": {}, "beam": {}}
+    modes = (("greedy", 1), ("beam", args.beams))
     for name, build in BUILDERS.items():
         captioner = build(small=args.small)
         pixel_values = captioner.pixels(args.images)
-        for mode, beams in (("greedy", 1), ("beam", args.beams)):
+        for mode, beams in modes:
             seconds, _ = time_captioning(captioner, pixel_values, args.new_tokens, beams)
             times[mode][name] = report[f"{name}_{mode}_s"] = round(seconds, 4)
         if name == "clipcap_mlp":
             with captioning_run(captioner.model):
-                for mode, beams in (("greedy", 1), ("beam", args.beams)):
+                for mode, beams in modes:
                     seconds, _ = time_captioning(captioner, pixel_values, args.new_tokens, beams)
                     report[f"clipcap_mlp_run_{mode}_s"] = round(seconds, 4)
         del captioner

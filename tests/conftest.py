@@ -413,6 +413,21 @@ def packs_run(function):
     return result, sum(event.name == PACK_OP for event in profiler.events())
 
 
+def reuse_seen_by_generate(monkeypatch, model) -> list[bool]:
+    """A list to which each later `model.generate` call appends whether freed memory was being reused then."""
+    from clipcap_hf.utils.memory import reuses_freed_memory
+
+    seen = []
+    generate = model.generate
+
+    def watched_generate(*args, **kwargs):
+        seen.append(reuses_freed_memory())
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(model, "generate", watched_generate)
+    return seen
+
+
 @contextmanager
 def mkldnn_disabled():
     """PyTorch's own kernels (MKL) within the block. Set directly: `torch.backends.mkldnn.flags()` warns about TF32 on

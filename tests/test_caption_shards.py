@@ -19,6 +19,7 @@ from conftest import (
     mkldnn_disabled,
     packs_run,
     random_images,
+    reuse_seen_by_generate,
     tiny_processor,
 )
 
@@ -367,14 +368,7 @@ def test_a_run_packs_each_weight_once_and_gives_the_captions_of_plain_kernels(
         caption_dataset_to_parquet(captioner, dataset, output, batch_size=2, shard_size=3, rank=0, world_size=1)
         return read_rows(output)
 
-    reusing = []
-    generate = captioner.model.generate
-
-    def watched_generate(*args, **kwargs):
-        reusing.append(reuses_freed_memory())
-        return generate(*args, **kwargs)
-
-    monkeypatch.setattr(captioner.model, "generate", watched_generate)
+    reusing = reuse_seen_by_generate(monkeypatch, captioner.model)
     captions, packs = packs_run(lambda: run(tmp_path / "onednn"))
     assert packs == one_batch > 0  # once per run, not per batch or shard
     assert all("forward" not in vars(module) for module in model.modules())  # the block ended with the run

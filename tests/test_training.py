@@ -12,7 +12,14 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import CAPTIONED_IMAGES, mkldnn_disabled, packs_run, tiny_model, tiny_processor
+from conftest import (
+    CAPTIONED_IMAGES,
+    mkldnn_disabled,
+    packs_run,
+    reuse_seen_by_generate,
+    tiny_model,
+    tiny_processor,
+)
 from transformers import AutoConfig, AutoProcessor, LlamaConfig, TrainerCallback, TrainingArguments
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
@@ -1143,14 +1150,7 @@ def test_captioning_a_dataset_packs_each_weight_once_with_the_captions_of_plain_
 
     first_row = rows.select([0])
     _, one_batch = packs_run(lambda: caption_dataset(model, processor, first_row, image_embeds, max_new_tokens=3))
-    reusing = []
-    generate = model.generate
-
-    def watched_generate(*args, **kwargs):
-        reusing.append(reuses_freed_memory())
-        return generate(*args, **kwargs)
-
-    monkeypatch.setattr(model, "generate", watched_generate)
+    reusing = reuse_seen_by_generate(monkeypatch, model)
     captions, packs = packs_run(lambda: caption_dataset(model, processor, rows, image_embeds, 2, max_new_tokens=3))
     assert packs == one_batch > 0  # 3 batches, each weight packed once
     assert all("forward" not in vars(module) for module in model.modules())
