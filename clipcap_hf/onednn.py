@@ -124,10 +124,10 @@ class _RoutedForward:
     A linear layer's forward within an `onednn_linear` or `cpu_linear_kernels` block: through oneDNN (on its packed
     weight with `packs`), or with `measure` through whichever kernel measured faster for the call's kind
     (`_KernelRace`), or its class's forward where oneDNN does not apply. Closed when the block ends, it is the class's
-    forward for good and drops the packed weights: a forward that outlives the block (kept by a shallow copy of the
-    layer, or by a hook wrapped around it) neither routes nor computes from a stale packed weight. A deep copy or
-    pickle of the layer made within the block gets a closed one, bound to the copy. The layer is held weakly: no
-    reference cycle keeps a copy's weights alive.
+    forward and drops the packed weights: a forward that outlives the block (kept by a shallow copy of the layer, or by
+    a hook wrapped around it) never computes from a stale packed weight. Each layer has one (`_routed_forward`),
+    which later blocks reopen. A deep copy or pickle of the layer made within the block gets a closed one, bound to
+    the copy. The layer is held weakly: no reference cycle keeps a copy's weights alive.
     """
 
     __slots__ = ("_layer", "packs", "measure", "is_open")
@@ -167,6 +167,9 @@ class _RoutedForward:
         packed = None if self.packs is None else _packed_weight(layer, weight, self.packs)
         return _onednn_linear(inputs, weight, layer.bias, packed)
 
+    def open(self, packs: dict | None, measure: bool) -> None:
+        self.packs, self.measure, self.is_open = packs, measure, True
+
     def close(self) -> None:
         self.is_open, self.packs = False, None
 
@@ -177,6 +180,22 @@ class _RoutedForward:
 
 def _closed_forward(layer: nn.Linear | Conv1D) -> _RoutedForward:
     return _RoutedForward(layer, None, is_open=False)
+
+
+# Each routed layer's forward, reopened by every block that routes the layer: `torch.compile` guards on the identity
+# of a layer's forward, so a new one per block (per `generate()` call) would trace a compiled decoding step again in
+# every call, until dynamo gives up and runs it eagerly. Weak keys: a layer's forward goes with it.
+_FORWARDS: weakref.WeakKeyDictionary[nn.Module, _RoutedForward] = weakref.WeakKeyDictionary()
+
+
+def _routed_forward(layer: nn.Linear | Conv1D, packs: dict | None, measure: bool) -> _RoutedForward:
+    """The layer's routed forward, opened for a block with its `packs` and `measure`."""
+    forward = _FORWARDS.get(layer)
+    if forward is None:
+        forward = _FORWARDS[layer] = _RoutedForward(layer, packs, measure)
+    else:
+        forward.open(packs, measure)
+    return forward
 
 
 def _forward_replaced(module: nn.Module) -> bool:
@@ -231,7 +250,7 @@ def _routed(model: nn.Module, prepack: bool, measure: bool) -> Iterator[None]:
         return
     # A PyTorch with the linear kernel but not the reorder computes from plain weights.
     packs = {} if prepack and _has_mkldnn_op("_reorder_linear_weight") else None
-    routed = {layer: _RoutedForward(layer, packs, measure) for layer in model.modules() if _routable(layer)}
+    routed = {layer: _routed_forward(layer, packs, measure) for layer in model.modules() if _routable(layer)}
     with _forwards_replaced(routed):
         yield
 

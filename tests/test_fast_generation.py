@@ -68,3 +68,22 @@ def test_the_onednn_routing_leaves_a_compiled_step_to_inductor(mlp_model, monkey
     x = embeds(mlp_model, 2)
     plain = mlp_model.generate(image_embeds=x, max_new_tokens=5, do_sample=False)
     assert torch.equal(compiled_generate(mlp_model, x, "inductor", max_new_tokens=5, do_sample=False), plain)
+
+
+def test_a_compiled_step_is_traced_once_over_generate_calls(mlp_model, monkeypatch):
+    # Each `generate()` routes the linear layers again (onednn.py); torch.compile guards on each layer's forward, so
+    # a new routed forward per call would trace the step anew every call, until dynamo gives up and runs it eagerly.
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv(CPU_LINEAR_ENV, "onednn")
+    x = embeds(mlp_model, 2)
+    first = compiled_generate(mlp_model, x, "eager", max_new_tokens=5, do_sample=False)
+    graphs = counters["stats"]["unique_graphs"]
+    compile_config = CompileConfig(fullgraph=True, backend="eager", mode=None)
+    compile_config._compile_all_devices = True
+    again = mlp_model.generate(
+        image_embeds=x, cache_implementation="static", compile_config=compile_config, max_new_tokens=5,
+        do_sample=False,
+    )
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert torch.equal(again, first)
