@@ -878,6 +878,12 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     ) -> torch.FloatTensor:
         """Put each image's prefix vectors at its row's image tokens, in order."""
         if not torch.compiler.is_compiling():
+            if prefix_embeds.ndim != 3 or prefix_embeds.shape[2] != inputs_embeds.shape[2]:
+                raise ValueError(
+                    f"The prefix vectors must have shape (images, {self.config.prefix_length}, "
+                    f"{inputs_embeds.shape[2]}) (config.prefix_length, the language model's width), got "
+                    f"{tuple(prefix_embeds.shape)}: compute them with this model's `get_prefix_embeds`."
+                )
             counts = image_mask.sum(dim=1)
             if prefix_embeds.shape[0] != image_mask.shape[0] or bool((counts != prefix_embeds.shape[1]).any()):
                 raise ValueError(
@@ -942,6 +948,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         past_key_values: Cache | None = None,
+        prefix_embeds: torch.FloatTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> ClipCapCausalLMOutputWithPast:
         r"""
@@ -971,6 +978,10 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             logits_to_keep (`int` or `torch.Tensor`, *optional*, defaults to 0):
                 Compute logits for the last `logits_to_keep` positions only (0: all). With `labels`, it must keep
                 every position that predicts a label.
+            prefix_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_length, hidden)`, *optional*):
+                The prefix vectors themselves (the mapping network's output, as `get_prefix_embeds` returns them),
+                instead of `pixel_values` or `image_embeds`: beam search computes them once per image and copies them
+                to the beams, as Idefics passes its `image_hidden_states`.
 
         Example:
 
@@ -997,6 +1008,11 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         image_outputs = None
         if pixel_values is not None or image_embeds is not None:
+            if prefix_embeds is not None:
+                raise ValueError(
+                    "Pass `prefix_embeds` (the prefix vectors, from `get_prefix_embeds`) instead of `pixel_values` or "
+                    "`image_embeds`, not with them."
+                )
             image_outputs = self.get_image_features(
                 pixel_values=pixel_values,
                 image_embeds=image_embeds,
@@ -1004,8 +1020,10 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 output_attentions=kwargs.get("output_attentions"),
                 return_dict=True,
             )
+            prefix_embeds = image_outputs.pooler_output
+        if prefix_embeds is not None:
             image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
-            inputs_embeds = self._write_prefix(inputs_embeds, image_mask, image_outputs.pooler_output)
+            inputs_embeds = self._write_prefix(inputs_embeds, image_mask, prefix_embeds)
             if labels is not None:  # image tokens are never targets
                 image_mask = image_mask.to(labels.device)
                 if num_items_in_batch is not None:
@@ -1128,7 +1146,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         """
         kwargs.pop("labels", None)
         input_ids = _main_input(input_ids, inputs, "input_ids")
-        images = pixel_values if pixel_values is not None else image_embeds
+        images = next((x for x in (pixel_values, image_embeds, kwargs.get("prefix_embeds")) if x is not None), None)
         if input_ids is None and kwargs.get("inputs_embeds") is None and images is not None:
             input_ids = torch.full((images.shape[0], self.config.prefix_length), self.config.image_token_id,
                                    device=images.device)
@@ -1149,12 +1167,16 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             )
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
-        # Beam search and `num_return_sequences` copy each image's inputs `expand_size` times: the vision tower runs
-        # here, once per image, and its embeddings are copied instead of the pixels (else 5 beams ran the tower, most
-        # of a greedy caption's time from pixels, 5 times per image).
-        pixel_values = model_kwargs.get("pixel_values")
-        if expand_size > 1 and pixel_values is not None and model_kwargs.get("image_embeds") is None:
-            model_kwargs["image_embeds"] = self.get_image_embeds(model_kwargs.pop("pixel_values"))
+        # Beam search and `num_return_sequences` copy each image's inputs `expand_size` times: the vision tower and the
+        # mapping network run here, once per image, and the prefix vectors are copied instead of the pixels or
+        # embeddings (else 5 beams ran the tower, most of a greedy caption's time from pixels, and the 8-layer
+        # transformer mapper 5 times per image).
+        images = {name: model_kwargs.get(name) for name in ("pixel_values", "image_embeds")}
+        has_images = any(images_input is not None for images_input in images.values())
+        if expand_size > 1 and has_images and model_kwargs.get("prefix_embeds") is None:
+            for name in images:
+                model_kwargs.pop(name, None)
+            model_kwargs["prefix_embeds"] = self.get_prefix_embeds(**images)
         return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
 
     def _get_logits_processor(self, generation_config: GenerationConfig, *args, **kwargs) -> LogitsProcessorList:
@@ -1266,7 +1288,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         return max_length - input_length
 
     def prepare_inputs_for_generation(
-        self, input_ids, pixel_values=None, image_embeds=None, inputs_embeds=None, **kwargs
+        self, input_ids, pixel_values=None, image_embeds=None, inputs_embeds=None, prefix_embeds=None, **kwargs
     ):
         # `inputs_embeds` is named: GenerationMixin reads this signature to accept `generate(inputs_embeds=...)`.
         model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
@@ -1283,7 +1305,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             cache_position = kwargs.get("cache_position")
             first_step = cache_position is None or int(cache_position[0]) == 0
         if first_step:
-            model_inputs.update(pixel_values=pixel_values, image_embeds=image_embeds)
+            model_inputs.update(pixel_values=pixel_values, image_embeds=image_embeds, prefix_embeds=prefix_embeds)
         return model_inputs
 
 

@@ -74,6 +74,32 @@ def test_beams_and_returned_sequences_run_the_vision_tower_once_per_image(model,
     assert torch.equal(from_pixels, from_embeds)
 
 
+@pytest.mark.parametrize("mapping_type", ["mlp", "transformer"])
+def test_beam_search_maps_each_image_once_and_scores_every_beam_from_its_own_image(tokenizer, mapping_type):
+    model = tiny_model(tokenizer, mapping_type)
+    x, beams = embeds(model, 2), 3
+    mapped_rows = []
+    hook = model.mapping_network.register_forward_hook(lambda module, args, output: mapped_rows.append(len(output)))
+    try:
+        # length_penalty=0: a sequence's score is the sum of its tokens' log-probabilities.
+        generated = model.generate(
+            image_embeds=x, max_new_tokens=6, num_beams=beams, num_return_sequences=beams, length_penalty=0.0,
+            return_dict_in_generate=True, output_scores=True,
+        )
+    finally:
+        hook.remove()
+    assert mapped_rows == [2]  # the mapper ran once per image, not once per beam (6 rows)
+    # Each returned sequence scored again by the forward from its own image's embedding, beams copied beforehand.
+    sequences, start = generated.sequences, model.config.prefix_length
+    with torch.no_grad():
+        logits = model(input_ids=sequences, image_embeds=x.repeat_interleave(beams, 0)).logits
+    token_logprobs = logits[:, start - 1 : -1].log_softmax(-1).gather(-1, sequences[:, start:, None]).squeeze(-1)
+    eos = model.generation_config.eos_token_id
+    ended = (sequences[:, start:] == eos).long().cumsum(1)
+    scored = (ended == 0) | ((ended == 1) & (sequences[:, start:] == eos))  # up to and with the first EOS
+    torch.testing.assert_close(generated.sequences_scores, (token_logprobs * scored).sum(1), rtol=1e-4, atol=1e-4)
+
+
 def test_cache_does_not_change_the_result(model):
     x = embeds(model, 2)
     assert torch.equal(

@@ -183,6 +183,21 @@ def test_prefix_goes_in_at_the_image_tokens(model, processor):
     from_embeddings = model(image_embeds=x, inputs_embeds=model.get_input_embeddings()(inputs["input_ids"]),
                             attention_mask=inputs["attention_mask"])
     torch.testing.assert_close(from_embeddings.logits, expected)
+    # The prefix vectors given themselves go in the same way, and `generate` writes their image tokens.
+    prefix = model.get_prefix_embeds(image_embeds=x)
+    torch.testing.assert_close(model(prefix_embeds=prefix, **inputs).logits, expected)
+    assert torch.equal(model.generate(prefix_embeds=prefix, max_new_tokens=5),
+                       model.generate(image_embeds=x, max_new_tokens=5))
+
+
+def test_prefix_vectors_with_an_image_or_of_the_wrong_width_are_refused(model, processor):
+    inputs = processor(text=["A dog", "Two red cats"])
+    x = image_embeds_for(model, 2)
+    prefix = model.get_prefix_embeds(image_embeds=x)
+    with pytest.raises(ValueError, match="Pass `prefix_embeds` .* instead of `pixel_values` or `image_embeds`"):
+        model(prefix_embeds=prefix, image_embeds=x, **inputs)
+    with pytest.raises(ValueError, match=r"must have shape \(images, 4, 32\) .* got \(2, 4, 16\)"):
+        model(prefix_embeds=prefix[..., :16], **inputs)
 
 
 def test_image_features_as_transformers_vision_language_models_return_them(model, processor, images):
