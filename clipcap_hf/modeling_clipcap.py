@@ -904,7 +904,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         if bool((input_ids == self.config.image_token_id).any()):
             raise ValueError(
                 "`input_ids` hold image tokens but no image was given: pass `pixel_values` (images through the "
-                "processor) or `image_embeds` (precomputed CLIP embeddings)."
+                "processor), `image_embeds` (precomputed CLIP embeddings) or `prefix_embeds` (the prefix vectors)."
             )
 
     def _inputs_from_labels(self, labels: torch.LongTensor) -> tuple[torch.LongTensor, torch.Tensor]:
@@ -957,8 +957,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 Tokens, with `config.prefix_length` image tokens (`config.image_token_id`) per image, where the prefix
                 vectors go: the processor writes them in front of the prompt or caption.
             pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*):
-                Images from [`ClipCapImageProcessor`]. Give this or `image_embeds`, or neither when continuing from a
-                cache.
+                Images from [`ClipCapImageProcessor`]. Give this, `image_embeds` or `prefix_embeds`, or none when
+                continuing from a cache.
             image_embeds (`torch.FloatTensor` of shape `(batch_size, prefix_dim)`, *optional*):
                 Precomputed CLIP image embeddings; skips the vision tower (the fast training path).
             cache ([`~cache_utils.Cache`], *optional*):
@@ -1169,10 +1169,10 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
         # Beam search and `num_return_sequences` copy each image's inputs `expand_size` times: the vision tower and the
         # mapping network run here, once per image, and the prefix vectors are copied instead of the pixels or
-        # embeddings (else 5 beams ran the tower, most of a greedy caption's time from pixels, and the 8-layer
-        # transformer mapper 5 times per image).
+        # embeddings (else each of 5 beams ran the tower, most of a greedy caption's time from pixels, and the
+        # transformer mapper).
         images = {name: model_kwargs.get(name) for name in ("pixel_values", "image_embeds")}
-        has_images = any(images_input is not None for images_input in images.values())
+        has_images = any(value is not None for value in images.values())
         if expand_size > 1 and has_images and model_kwargs.get("prefix_embeds") is None:
             for name in images:
                 model_kwargs.pop(name, None)

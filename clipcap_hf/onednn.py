@@ -124,10 +124,12 @@ class _RoutedForward:
     A linear layer's forward within an `onednn_linear` or `cpu_linear_kernels` block: through oneDNN (on its packed
     weight with `packs`), or with `measure` through whichever kernel measured faster for the call's kind
     (`_KernelRace`), or its class's forward where oneDNN does not apply. Closed when the block ends, it is the class's
-    forward and drops the packed weights: a forward that outlives the block (kept by a shallow copy of the layer, or by
-    a hook wrapped around it) never computes from a stale packed weight. Each layer has one (`_routed_forward`),
-    which later blocks reopen. A deep copy or pickle of the layer made within the block gets a closed one, bound to
-    the copy. The layer is held weakly: no reference cycle keeps a copy's weights alive.
+    forward and drops the packed weights, until a later block on the layer reopens it: each layer has one
+    (`_routed_forward`), so whatever kept it past a block (a shallow copy of the layer, a hook wrapped around it)
+    routes again in the next, and never computes from a stale packed weight (`_packed_weight` checks the weight). Two
+    threads that enter blocks on one layer at the same moment share it, and the first to end leaves the other's calls
+    to the class's forward: slower, not wrong. A deep copy or pickle of the layer made within the block gets a closed
+    one, bound to the copy. The layer is held weakly: no reference cycle keeps a copy's weights alive.
     """
 
     __slots__ = ("_layer", "packs", "measure", "is_open")

@@ -3,9 +3,9 @@
 import pytest
 import torch
 from conftest import tiny_model, tiny_processor
-from transformers import CompileConfig
+from transformers import CompileConfig, GenerationMixin
 
-from clipcap_hf.onednn import CPU_LINEAR_ENV
+from clipcap_hf.onednn import CPU_LINEAR_ENV, _RoutedForward, onednn_linear_available
 
 
 @pytest.fixture(params=["mlp", "transformer"])
@@ -70,11 +70,20 @@ def test_the_onednn_routing_leaves_a_compiled_step_to_inductor(mlp_model, monkey
     assert torch.equal(compiled_generate(mlp_model, x, "inductor", max_new_tokens=5, do_sample=False), plain)
 
 
+@pytest.mark.skipif(not onednn_linear_available(), reason="needs PyTorch with oneDNN on x86-64")
 def test_a_compiled_step_is_traced_once_over_generate_calls(mlp_model, monkeypatch):
     # Each `generate()` routes the linear layers again (onednn.py); torch.compile guards on each layer's forward, so
     # a new routed forward per call would trace the step anew every call, until dynamo gives up and runs it eagerly.
     from torch._dynamo.utils import counters
 
+    routed = []
+    original_generate = GenerationMixin.generate
+
+    def generate_seeing_the_routing(self, *args, **kwargs):
+        routed.append(any(isinstance(vars(layer).get("forward"), _RoutedForward) for layer in self.modules()))
+        return original_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", generate_seeing_the_routing)
     monkeypatch.setenv(CPU_LINEAR_ENV, "onednn")
     x = embeds(mlp_model, 2)
     first = compiled_generate(mlp_model, x, "eager", max_new_tokens=5, do_sample=False)
@@ -87,3 +96,4 @@ def test_a_compiled_step_is_traced_once_over_generate_calls(mlp_model, monkeypat
     )
     assert counters["stats"]["unique_graphs"] == graphs
     assert torch.equal(again, first)
+    assert routed == [True, True]  # both calls ran with their layers routed
