@@ -35,19 +35,24 @@ def test_static_cache_with_a_prompt_from_pixels(mlp_model, tokenizer, images):
     assert torch.equal(static, plain)
 
 
-def compiled_generate(model, image_embeds, backend, **kwargs):
-    """`generate` with a static cache and a compiled decoding step; asserts the step was traced whole."""
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
+def static_compiled_generate(model, image_embeds, backend, **kwargs):
+    """`generate` with a static cache and a decoding step compiled by `backend`, on the CPU too."""
     compile_config = CompileConfig(fullgraph=True, backend=backend, mode=None)
     # transformers compiles the step on accelerators only; its own switch (which its tests use) compiles it on the
     # CPU too, so that the compiled path's tokens are checked here.
     compile_config._compile_all_devices = True
-    generated = model.generate(
+    return model.generate(
         image_embeds=image_embeds, cache_implementation="static", compile_config=compile_config, **kwargs
     )
+
+
+def compiled_generate(model, image_embeds, backend, **kwargs):
+    """`static_compiled_generate` traced afresh; asserts the step was traced whole."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    generated = static_compiled_generate(model, image_embeds, backend, **kwargs)
     assert counters["stats"]["unique_graphs"] >= 1  # the decoding step did go through torch.compile
     assert not counters["graph_break"]
     return generated
@@ -88,12 +93,7 @@ def test_a_compiled_step_is_traced_once_over_generate_calls(mlp_model, monkeypat
     x = embeds(mlp_model, 2)
     first = compiled_generate(mlp_model, x, "eager", max_new_tokens=5, do_sample=False)
     graphs = counters["stats"]["unique_graphs"]
-    compile_config = CompileConfig(fullgraph=True, backend="eager", mode=None)
-    compile_config._compile_all_devices = True
-    again = mlp_model.generate(
-        image_embeds=x, cache_implementation="static", compile_config=compile_config, max_new_tokens=5,
-        do_sample=False,
-    )
+    again = static_compiled_generate(mlp_model, x, "eager", max_new_tokens=5, do_sample=False)
     assert counters["stats"]["unique_graphs"] == graphs
     assert torch.equal(again, first)
     assert routed == [True, True]  # both calls ran with their layers routed
