@@ -228,6 +228,23 @@ def test_parquet_written_without_datasets_and_a_column_that_is_not_images(tmp_pa
         load_image_source(data_files=str(tmp_path / "plain.parquet"), image_column="size")
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_bad_row_of_several_json_or_csv_files_is_named_by_its_file_and_row_there(tmp_path, suffix):
+    random_images(1)[0].save(tmp_path / "x.png")
+    parts = [[("x.png", "A dog."), ("x.png", "A cat.")], [("x.png", "A bird."), ("x.png", ""), ("x.png", "A cow.")]]
+    files = [str(tmp_path / f"part{number}{suffix}") for number in range(len(parts))]
+    for path, rows in zip(files, parts):
+        if suffix == ".jsonl":
+            text = "".join(json.dumps({"image": image, "caption": caption}) + "\n" for image, caption in rows)
+        else:
+            text = "image,caption\n" + "".join(f'{image},"{caption}"\n' for image, caption in rows)
+        (tmp_path / path).write_text(text)
+    # Row 3 of the two files together is row 1 of the second file.
+    message = re.escape(f"{files[1]}, row 1 (from 0): the image ") + r".*x\.png\|.* has 'caption' = (''|None)"
+    with pytest.raises(ValueError, match=message):
+        load_image_source(data_files=files, caption_column="caption")
+
+
 def test_relative_paths_of_json_files_in_several_folders_need_an_image_root(tmp_path):
     for sub, image in zip(["one", "two"], random_images(2)):
         (tmp_path / sub).mkdir()

@@ -146,7 +146,9 @@ def load_image_source(
         if "image" in dataset.column_names:
             dataset = dataset.remove_columns("image")
         dataset = dataset.rename_column(image_column, "image")
-    dataset = _add_keys_and_captions(dataset, caption_column, source, _parquet_shards(dataset, data_files))
+    shards = _parquet_shards(dataset, data_files)
+    file_rows = shards if shards is not None else _rows_per_file_on_error(dataset, data_files)
+    dataset = _add_keys_and_captions(dataset, caption_column, source, shards, file_rows)
     return (dataset, caption_column) if return_caption_column else dataset
 
 
@@ -317,12 +319,19 @@ def _from_caption_format(dataset_format: str, path, image_root, split: str) -> d
     return images.add_column("image", images["image_path"]).cast_column("image", datasets.Image())
 
 
-def _add_keys_and_captions(dataset, caption_column: str | None, source: str, shards: list[tuple[str, int]] | None):
+def _add_keys_and_captions(
+    dataset,
+    caption_column: str | None,
+    source: str,
+    shards: list[tuple[str, int]] | None,
+    file_rows: list[tuple[str, int]] | _RowsPerFile | None = None,
+):
     """
     Add `image_key` (and `captions`) computed from the undecoded images, without decoding any; and, for parquet files
-    (`shards`: each file and its row count), each row's file as `__url__`, as webdataset rows have it. A stream of
-    several shards numbers its rows in the order its readers take them (shuffled shards, one count per worker), not
-    in its files: its bad rows are named without a row number.
+    (`shards`: each file and its row count), each row's file as `__url__`, as webdataset rows have it. A bad row is
+    named by its file and its row there from `file_rows` (the parquet `shards`, or the counts of several JSON/CSV/Arrow
+    files, read when an error needs them). A stream of several shards numbers its rows in the order its readers take
+    them (shuffled shards, one count per worker), not in its files: its bad rows are named without a row number.
 
     A source that already has `image_key` or `captions` (one this function wrote, saved and read again) has them
     computed again in their place.
@@ -333,7 +342,7 @@ def _add_keys_and_captions(dataset, caption_column: str | None, source: str, sha
         function=_keys_and_captions,
         batched=True,
         with_indices=not (isinstance(dataset, datasets.IterableDataset) and dataset.num_shards > 1),
-        fn_kwargs={"caption_column": caption_column, "source": source, "shards": shards},
+        fn_kwargs={"caption_column": caption_column, "source": source, "shards": shards, "file_rows": file_rows},
     )
     replaced = [caption_column] if caption_column else []
     replaced += [name for name in ("image_key", "captions") if name in dataset.column_names and name not in replaced]
@@ -366,21 +375,23 @@ def _column_digest(dataset: datasets.Dataset, column: str) -> str:
     return digest.hexdigest()
 
 
-def _keys_and_captions(batch, indices=None, *, caption_column, source, shards):
+def _keys_and_captions(batch, indices=None, *, caption_column, source, shards, file_rows):
     new: dict[str, list] = {"image_key": []}
     for position, image in enumerate(batch["image"]):
         try:
             new["image_key"].append(image_key(image))
         except ValueError:
             raise ValueError(
-                f"{_row_location(batch, indices, position, source, shards)} has no image (it is null or missing); "
+                f"{_row_location(batch, indices, position, source, file_rows)} has no image (it is null or missing); "
                 "drop that row or give it an image, or name the image column with --image_column."
             ) from None
     if shards is not None:
         new[SHARD_COLUMN] = [shards[_shard_of(index, shards)][0] for index in indices]
     if caption_column is not None:
         new["captions"] = [
-            _caption_list(value, caption_column, key, lambda: _row_location(batch, indices, position, source, shards))
+            _caption_list(
+                value, caption_column, key, lambda: _row_location(batch, indices, position, source, file_rows)
+            )
             for position, (value, key) in enumerate(zip(batch[caption_column], new["image_key"]))
         ]
     return new
@@ -390,17 +401,51 @@ def _shard_of(index: int, shards: list[tuple[str, int]]) -> int:
     return bisect.bisect_right(list(itertools.accumulate(rows for _, rows in shards)), index)
 
 
-def _row_location(batch, indices, position: int, source: str, shards) -> str:
-    """Where a row comes from, for an error: its shard and `__key__`, its parquet file and row, or its row."""
+def _row_location(batch, indices, position: int, source: str, file_rows) -> str:
+    """Where a row comes from, for an error: its shard and `__key__`, its data file and row there, or its row."""
     if WEBDATASET_KEY in batch:
         return f"{batch[SHARD_COLUMN][position]}, sample {batch[WEBDATASET_KEY][position]!r}"
     if indices is None:
         return f"A streamed row of {source} (read it without --streaming to have the row's file and number named)"
     index = indices[position]
-    if shards is not None:
-        shard = _shard_of(index, shards)
-        return f"{shards[shard][0]}, row {index - sum(rows for _, rows in shards[:shard])} (from 0)"
+    if isinstance(file_rows, _RowsPerFile):
+        file_rows = file_rows.count()
+    if file_rows is not None:
+        file = _shard_of(index, file_rows)
+        return f"{file_rows[file][0]}, row {index - sum(rows for _, rows in file_rows[:file])} (from 0)"
     return f"{source}, row {index} (from 0)"
+
+
+class _RowsPerFile:
+    """
+    The files of a map-style source of several JSON, CSV or Arrow files, whose row counts are read only when a bad
+    row is to be named: unlike parquet's footers these files state no row count, and `datasets` keeps no record of
+    which file a row came from, so each file is read again on its own by the same builder.
+    """
+
+    def __init__(self, builder: str, files: list[str]):
+        self.builder, self.files = builder, files
+
+    def count(self) -> list[tuple[str, int]] | None:
+        """Each file with its row count, in row order; None if a file does not read on its own."""
+        try:
+            return [
+                (path, datasets.load_dataset(self.builder, data_files={"train": [path]}, split="train").num_rows)
+                for path in self.files
+            ]
+        except (datasets.exceptions.DatasetGenerationError, ValueError, OSError):
+            return None  # its columns' types, inferred from it alone, do not read: rows counted through all files
+
+
+def _rows_per_file_on_error(dataset, data_files) -> _RowsPerFile | None:
+    """A `_RowsPerFile` for a map-style source of several JSON, CSV or Arrow files; None for others."""
+    if data_files is None or isinstance(data_files, (str, os.PathLike)) or not isinstance(dataset, datasets.Dataset):
+        return None
+    files = [str(path) for path in data_files]
+    builders = {BUILDERS.get(Path(path).suffix.lower()) for path in files}
+    if len(files) < 2 or len(builders) != 1 or builders & {None, "parquet", "webdataset"}:
+        return None
+    return _RowsPerFile(builders.pop(), [os.path.abspath(path) for path in files])
 
 
 def _caption_list(value: Any, column: str, key: str, location) -> list[str]:
