@@ -288,3 +288,14 @@ def test_clip_score_is_torchmetrics_clip_score_over_40_where_torchmetrics_runs(c
         with torch.no_grad():
             theirs = functional.clip_score(pixels, f"A photo depicts {caption}", model_name_or_path=lambda: clip)
         assert float(score) == pytest.approx(float(theirs) / 40, abs=1e-4)
+
+
+def test_rerank_picks_the_most_similar_candidate_when_every_score_is_clipped_to_zero(clip, monkeypatch):
+    # CLIPScore clips cosines at 0; the choice among candidates that all point away from the image must not.
+    scorer = CLIPScorer(*clip)
+    texts = {"far": [-0.9, 0.4359], "near": [-0.2, 0.9798], "middle": [-0.5, 0.8660], "close": [0.6, 0.8]}
+    monkeypatch.setattr(scorer, "image_embeddings", lambda images: torch.tensor([[1.0, 0.0]] * len(images)))
+    monkeypatch.setattr(scorer, "text_embeddings", lambda captions: torch.tensor([texts[text] for text in captions]))
+    best, scores = scorer.rerank(random_images(2), [["far", "near", "middle"], ["far", "close"]])
+    assert best == [1, 1]
+    assert scores == pytest.approx([0.0, 2.5 * 0.6], abs=1e-6)

@@ -140,11 +140,14 @@ class CLIPScorer:
     ) -> torch.Tensor:
         """Each caption's CLIPScore against its image (one caption per image, or image embeddings from
         [`image_embeddings`]); a float32 tensor on the CPU."""
+        return (CLIPSCORE_WEIGHT * self._cosines(images, captions).clamp(min=0)).cpu()
+
+    def _cosines(self, images: Sequence[PIL.Image.Image] | torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
+        """Each caption's cosine similarity to its image (or image embedding), before CLIPScore clips it at 0."""
         image_embeddings = images if isinstance(images, torch.Tensor) else self.image_embeddings(images)
         if len(image_embeddings) != len(captions):
             raise ValueError(f"Got {len(image_embeddings)} images and {len(captions)} captions; give one per image.")
-        cosine = (image_embeddings * self.text_embeddings(captions)).sum(-1)
-        return (CLIPSCORE_WEIGHT * cosine.clamp(min=0)).cpu()
+        return (image_embeddings * self.text_embeddings(captions)).sum(-1)
 
     def ref_clip_score(
         self,
@@ -177,16 +180,19 @@ class CLIPScorer:
     def rerank(
         self, images: Sequence[PIL.Image.Image], candidates: Sequence[Sequence[str]]
     ) -> tuple[list[int], list[float]]:
-        """For each image, the index of its candidate caption with the highest CLIPScore, and that score (the first
-        candidate wins a tie)."""
+        """For each image, the index of its candidate caption with the highest CLIPScore, and that score: the
+        candidate most similar to the image, also where every candidate's score is clipped to 0 (the first candidate
+        wins a tie)."""
         if len(images) != len(candidates):
             raise ValueError(f"Got {len(images)} images and {len(candidates)} candidate lists.")
         image_embeddings = self.image_embeddings(images)
         counts = [len(texts) for texts in candidates]
         repeated = image_embeddings.repeat_interleave(torch.tensor(counts, device=image_embeddings.device), dim=0)
-        scores = self.clip_score(repeated, [text for texts in candidates for text in texts]).split(counts)
-        best = [int(image_scores.argmax()) for image_scores in scores]
-        return best, [float(image_scores[index]) for image_scores, index in zip(scores, best)]
+        cosines = self._cosines(repeated, [text for texts in candidates for text in texts]).cpu()
+        scores = CLIPSCORE_WEIGHT * cosines.clamp(min=0)  # as clip_score computes them
+        # Chosen by cosine: the clipped scores of candidates all dissimilar to the image would all tie at 0.
+        best = [int(image_cosines.argmax()) for image_cosines in cosines.split(counts)]
+        return best, [float(image_scores[index]) for image_scores, index in zip(scores.split(counts), best)]
 
 
 __all__ = ["CLIPSCORE_PROMPT", "CLIPSCORE_WEIGHT", "CLIPScorer"]
