@@ -5,6 +5,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -160,8 +161,8 @@ def test_a_bad_row_stops_the_run_naming_shard_and_key_or_is_skipped_and_counted(
     output = tmp_path / "stop"
     assert main(caption_argv(model_dir, source, output)) == 2
     err = capsys.readouterr().err
-    assert (f"captions-00001-of-00002.parquet, key '{bad_key}': Cannot decode the image bytes (12 bytes): no image "
-            "format PIL reads") in err
+    assert (f"captions-00001-of-00002.parquet, key '{bad_key}' (from {source}): Cannot decode the image bytes (12 "
+            "bytes): no image format PIL reads") in err
     assert "--on-bad-image skip" in err
     # The bad row is in the second shard (rows 2 and 3): the first one is finished and kept.
     assert [path.name for path in output.glob("*.parquet")] == ["captions-00000-of-00002.parquet"]
@@ -744,8 +745,32 @@ def test_a_run_file_that_is_not_a_json_object_is_refused_naming_it(embeddings_ca
         caption_dataset_to_parquet(embeddings_captioner, dataset, output, settings={"run": 1}, rank=0, world_size=1)
     message = str(refused.value)
     assert message.startswith(f"{output / 'caption_run.json'} {why}")
-    assert message.endswith(f"Remove it to start over in {output}, or write to another folder.")
+    assert message.endswith(
+        f"Remove it and the captions-*.parquet files to start over in {output}, or write to another folder."
+    )
     assert not list(output.glob("*.parquet")) and (output / "caption_run.json").read_text() == content
+
+
+def test_finished_shards_without_their_run_file_are_refused_not_added_to(embeddings_captioner, tmp_path):
+    # Resumed without a record, a rerun with another shard size would caption every image again beside them.
+    from clipcap_hf.inference import caption_dataset_to_parquet
+
+    output = tmp_path / "captions"
+    dataset = embeddings_rows(4, embeddings_captioner.model.config.prefix_dim)
+    caption_dataset_to_parquet(embeddings_captioner, dataset, output, shard_size=2, settings={"run": 1}, rank=0,
+                               world_size=1)
+    (output / "caption_run.json").unlink()
+    shards = sorted(path.name for path in output.glob("*.parquet"))
+    assert shards == ["captions-00000-of-00002.parquet", "captions-00001-of-00002.parquet"]
+    message = re.escape(
+        f"--output {output} holds 2 finished caption shard(s) (captions-00000-of-00002.parquet, ...) but no "
+        "caption_run.json: what they were captioned from and with is unknown"
+    )
+    with pytest.raises(ValueError, match=message + r".* Remove the folder's captions-\*\.parquet files to start"):
+        caption_dataset_to_parquet(embeddings_captioner, dataset, output, shard_size=1, settings={"run": 1}, rank=0,
+                                   world_size=1)
+    assert sorted(path.name for path in output.glob("*.parquet")) == shards
+    assert not (output / "caption_run.json").exists()
 
 
 def test_a_run_of_other_settings_split_alike_does_not_replace_the_run_file_of_one_writing_its_first_shards(
@@ -900,18 +925,21 @@ def test_a_streaming_run_file_listing_each_data_file_twice_or_an_image_folder_s_
         resume(listed * 2, streamed_json())
 
 
-def test_a_rank_whose_lock_a_sibling_probes_for_an_instant_still_starts(tmp_path):
-    # A process of the same run checking for another run's process (`_check_no_other_process`) takes each lock of
-    # the run's size for an instant: a rank starting then was refused as if another run held its lock.
+@pytest.mark.parametrize("probed", [".caption-rank-00001-of-00002.lock", ".caption-rank-00000-of-00004.lock"])
+def test_a_rank_whose_lock_a_sibling_probes_for_an_instant_still_starts(tmp_path, probed):
+    # A process of the same run checking for another run's process takes each lock for an instant: its own run's
+    # (`_check_no_other_process`), or those an earlier run of another size left (`_folder_lock`, in every process
+    # of the run as it starts). A rank starting then was refused as if another run held the lock.
     import threading
 
     from clipcap_hf.inference.sharded import _folder_lock
     from clipcap_hf.utils.file_utils import acquire_file_lock
 
+    (tmp_path / ".caption-rank-00000-of-00004.lock").touch()  # left by an earlier run of 4 processes
     taken, done = threading.Event(), threading.Event()
 
     def probe():
-        lock = acquire_file_lock(tmp_path / ".caption-rank-00001-of-00002.lock", "the output folder", timeout=0)
+        lock = acquire_file_lock(tmp_path / probed, "the output folder", timeout=0)
         taken.set()
         done.wait(0.3)  # a probe lasts an instant; 0.3 s here, so that the test does not race
         lock.release()

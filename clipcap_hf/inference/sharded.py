@@ -44,9 +44,9 @@ _MAX_LISTED = 10
 # names, sizes and modification times, not by each file's content: reading a million images on every run would be
 # slow, and the run file would list them all.
 _MAX_FILES_IDENTIFIED_BY_CONTENT = 256
-# Seconds a process waits for its own lock file: a process of the same run checking whether a run holds it
-# (`_check_no_other_process`) takes it for an instant, while another run holds it for its whole life.
-_OWN_LOCK_WAIT_S = 2.0
+# Seconds a process waits for a lock file before it calls it held: a process checking whether a run holds it (one
+# of its own run, as they start) takes it for an instant, while another run holds it for its whole life.
+_LOCK_WAIT_S = 2.0
 
 
 def shard_file_name(index: int, num_shards: int) -> str:
@@ -192,6 +192,13 @@ def _check_run_file(output_dir: Path, recorded: dict[str, Any], own_lock: Path |
                 )
             else:
                 _check_no_other_process(output_dir, own_lock)
+    elif finished := sorted(output_dir.glob("captions-*.parquet")):
+        raise ValueError(
+            f"--output {output_dir} holds {len(finished)} finished caption shard(s) ({finished[0].name}"
+            f"{', ...' if len(finished) > 1 else ''}) but no {RUN_FILE}: what they were captioned from and with is "
+            "unknown, so this run could caption their images again or add captions of other settings. Remove the "
+            "folder's captions-*.parquet files to start over there, or write to another folder."
+        )
     from ..utils.file_utils import write_text_atomically
 
     write_text_atomically(path, json.dumps(recorded, indent=2) + "\n")
@@ -202,7 +209,8 @@ def _read_run_file(path: Path) -> dict[str, Any]:
     """The settings in a run file, refusing one that is not a JSON object, naming it and the way out."""
     from ..utils.file_utils import read_json
 
-    way_out = f"Remove it to start over in {path.parent}, or write to another folder."
+    # Its shards go with it: shards without a run file are refused (`_check_run_file`).
+    way_out = f"Remove it and the captions-*.parquet files to start over in {path.parent}, or write to another folder."
     try:
         settings = read_json(path)
     except ValueError as error:
@@ -218,20 +226,29 @@ def _check_no_other_process(output_dir: Path, own_lock: Path | None) -> None:
     of as many processes (`_folder_lock` lets those in), which may be another run than this one, with the settings the
     run file holds, whose shards are not finished yet.
     """
-    from filelock import Timeout
-
     for lock in sorted(output_dir.glob(".caption-rank-*.lock")):
-        if lock == own_lock or not _LOCK_FILE.fullmatch(lock.name):
-            continue
-        try:
-            acquire_file_lock(lock, "the output folder", timeout=0).release()
-        except Timeout:
+        if lock != own_lock and _LOCK_FILE.fullmatch(lock.name) and _held(lock):
             raise ValueError(
                 f"--output {output_dir} holds a {RUN_FILE} of other settings, and another process holds "
                 f"{lock.name}: it may be another run, writing its first shards with those settings. Let it finish, "
                 f"or stop it; or write to another folder. If it is a process of this run (which found an earlier "
                 f"run's {RUN_FILE} without finished shards), remove {output_dir / RUN_FILE} and rerun."
-            ) from None
+            )
+
+
+def _held(lock: Path) -> bool:
+    """
+    Whether a process holds `lock` for longer than `_LOCK_WAIT_S`: a run's process holds its own for the run's whole
+    life, while the processes that check for one (`_folder_lock`, `_check_no_other_process`) take each for an
+    instant, and several processes of one run check the same files as they start.
+    """
+    from filelock import Timeout
+
+    try:
+        acquire_file_lock(lock, "the output folder", timeout=_LOCK_WAIT_S).release()
+    except Timeout:
+        return True
+    return False
 
 
 def _check_run_file_unchanged(output_dir: Path, recorded: dict[str, Any], shard: str) -> None:
@@ -369,8 +386,8 @@ def _folder_lock(output_dir: Path, rank: int, world_size: int) -> Iterator[Path]
     shards (their number is the same and their ranks differ), so they go together (as would a run split alike: see
     [`_check_no_other_process`] and [`_check_run_file_unchanged`] for how its run file is kept).
 
-    This process waits up to `_OWN_LOCK_WAIT_S` for its own lock, which a process of its own run may hold for an
-    instant ([`_check_no_other_process`]), before calling it another run's.
+    This process waits up to `_LOCK_WAIT_S` for each lock, which a process of its own run may hold for an instant
+    (checking the same files as it starts, or [`_check_no_other_process`]), before calling it another run's.
 
     The locks are `filelock`'s (the OS's `flock` on Unix, which it releases when the process ends however it ends):
     a killed run's lock file holds nothing up. Lock files stay in the folder, as in the Hub cache, since removing one
@@ -381,18 +398,16 @@ def _folder_lock(output_dir: Path, rank: int, world_size: int) -> Iterator[Path]
 
     own_file = output_dir / _lock_file_name(rank, world_size)
     try:
-        own = acquire_file_lock(own_file, "the output folder", timeout=_OWN_LOCK_WAIT_S)
+        own = acquire_file_lock(own_file, "the output folder", timeout=_LOCK_WAIT_S)
     except Timeout:
         raise ValueError(_busy(output_dir, own_file)) from None
     try:
         for path in sorted(output_dir.glob(".caption-rank-*.lock")):
             match = _LOCK_FILE.fullmatch(path.name)
-            # The same run's other processes (as many, with other ranks) are left out: they write other shards.
-            if match and int(match[2]) != world_size:
-                try:  # free: a finished or killed run's
-                    acquire_file_lock(path, "the output folder", timeout=0).release()
-                except Timeout:
-                    raise ValueError(_busy(output_dir, path)) from None
+            # The same run's other processes (as many, with other ranks) are left out: they write other shards. A
+            # lock of another size that is free is a finished or killed run's.
+            if match and int(match[2]) != world_size and _held(path):
+                raise ValueError(_busy(output_dir, path))
         yield own_file
     finally:
         own.release()
@@ -516,7 +531,7 @@ def _caption_shard(
         if "image_key" not in batch:
             raise ValueError(f"Shard {name}: the dataset has no image_key column; it has {sorted(batch)}.")
         output, errors = captioner.caption_batch(batch)
-        lines = [f"{name}, key {batch['image_key'][row]!r}: {error}" for row, error in errors.items()]
+        lines = [f"{_bad_row(name, batch, row)}: {error}" for row, error in errors.items()]
         if lines and on_bad_image == "error":
             listed = "\n".join(f"  {line}" for line in lines)
             raise ValueError(
@@ -530,6 +545,18 @@ def _caption_shard(
             columns[column] += [output[column][row] for row in kept]
         bar.update(len(batch["image_key"]))
     return columns, bad
+
+
+def _bad_row(name: str, batch: dict[str, list], row: int) -> str:
+    """A bad row as errors and warnings name it: its output shard and key, and the data file (and webdataset sample)
+    it came from where the source's rows name it (`__url__` of parquet files and tar shards)."""
+    from ..data.sources import SHARD_COLUMN, WEBDATASET_KEY  # the rows come from `datasets`, an optional dependency
+
+    source = ""
+    if batch.get(SHARD_COLUMN):
+        sample = f", sample {batch[WEBDATASET_KEY][row]!r}" if batch.get(WEBDATASET_KEY) else ""
+        source = f" (from {batch[SHARD_COLUMN][row]}{sample})"
+    return f"{name}, key {batch['image_key'][row]!r}{source}"
 
 
 __all__ = [
