@@ -43,6 +43,7 @@ from .configuration_clipcap import (
     check_mapping_num_heads,
     check_vision_backend,
     resolve_vision_pooling,
+    vision_embedding_size,
     vision_tower_config,
 )
 from .onednn import cpu_linear_kernels
@@ -358,6 +359,30 @@ def _vision_tower_class(vision_config: PretrainedConfig, vision_pooling: str) ->
     return AutoModel, {}
 
 
+def _check_given_vision_model(vision_model: nn.Module, config: ClipCapConfig) -> None:
+    """
+    Refuse a ready-made transformers tower that does not give the image embedding the config's mapping network reads
+    (`vision_pooling`, `prefix_dim`): it would fail at its first image, and the folder saved with it would not load.
+    """
+    tower_config = vision_tower_config(vision_model.config)
+    try:
+        resolve_vision_pooling(tower_config, config.vision_pooling)
+    except ValueError as error:
+        raise ValueError(f"The given vision_model does not fit the config: {error} {_BUILD_FROM_TOWER}") from None
+    size = vision_embedding_size(tower_config, config.vision_pooling)
+    if size != config.prefix_dim:
+        raise ValueError(
+            f"The given vision_model gives {size}-d image embeddings (vision_pooling={config.vision_pooling!r}), but "
+            f"the mapping network reads config.prefix_dim={config.prefix_dim}. {_BUILD_FROM_TOWER}"
+        )
+
+
+_BUILD_FROM_TOWER = (
+    "Build the config from this tower (ClipCapConfig(vision_config=vision_model.config, ...)), or load one with "
+    "ClipCapForConditionalGeneration.from_vision_text_pretrained."
+)
+
+
 def build_vision_tower(vision_config: PretrainedConfig, vision_pooling: str) -> PreTrainedModel:
     """A transformers vision tower with random weights, as the config describes it (the checkpoint fills them)."""
     model_class, options = _vision_tower_class(vision_config, vision_pooling)
@@ -514,6 +539,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             else:
                 vision_model = build_vision_tower(config.vision_config, config.vision_pooling)
         elif config.vision_backend == "clip":
+            _check_given_vision_model(vision_model, config)
             config.vision_config = vision_model.config
         if language_model is None:
             language_model = AutoModelForCausalLM.from_config(config.text_config)
@@ -874,9 +900,13 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         return (inputs_embeds == self.get_input_embeddings()(image_token)).all(-1)
 
     def _write_prefix(
-        self, inputs_embeds: torch.FloatTensor, image_mask: torch.BoolTensor, prefix_embeds: torch.FloatTensor
+        self,
+        inputs_embeds: torch.FloatTensor,
+        image_mask: torch.BoolTensor,
+        prefix_embeds: torch.FloatTensor,
+        found_by_embedding: bool = False,
     ) -> torch.FloatTensor:
-        """Put each image's prefix vectors at its row's image tokens, in order."""
+        """Put each image's prefix vectors at its row's image tokens (`found_by_embedding`: in `inputs_embeds`)."""
         if not torch.compiler.is_compiling():
             if prefix_embeds.ndim != 3 or prefix_embeds.shape[2] != inputs_embeds.shape[2]:
                 raise ValueError(
@@ -891,6 +921,11 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                     f"{counts.tolist()} image tokens (id {self.config.image_token_id}); each row needs exactly "
                     f"{prefix_embeds.shape[1]} (config.prefix_length). Prepare inputs with the model's processor, "
                     "which writes them in front of the text."
+                    + (
+                        " Without `input_ids`, the image tokens are found in `inputs_embeds` by the image token's "
+                        "embedding, which other tokens may share (a zero padding row): pass `input_ids` instead."
+                        if found_by_embedding else ""
+                    )
                 )
         prefix_embeds = prefix_embeds.to(inputs_embeds.device, inputs_embeds.dtype)
         return inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), prefix_embeds)
@@ -1023,7 +1058,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             prefix_embeds = image_outputs.pooler_output
         if prefix_embeds is not None:
             image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
-            inputs_embeds = self._write_prefix(inputs_embeds, image_mask, prefix_embeds)
+            inputs_embeds = self._write_prefix(inputs_embeds, image_mask, prefix_embeds, input_ids is None)
             if labels is not None:  # image tokens are never targets
                 image_mask = image_mask.to(labels.device)
                 if num_items_in_batch is not None:
@@ -1153,6 +1188,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             attention_mask = torch.ones_like(input_ids)
         prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if prompt is not None:
+            if images is not None:
+                self._check_no_chunked_prefill(prompt.shape[1], kwargs)
             new_tokens, option = self._length_as_new_tokens(prompt.shape[1], kwargs)
             self._check_input_fits_positions(prompt.shape[1], generating=True)
             self._fit_generation_to_positions(prompt.shape[1], new_tokens, option, kwargs)
@@ -1164,6 +1201,17 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 image_embeds=image_embeds,
                 attention_mask=attention_mask,
                 **kwargs,
+            )
+
+    def _check_no_chunked_prefill(self, prompt_length: int, kwargs: dict) -> None:
+        """Refuse `prefill_chunk_size` shorter than a prompt with an image: the prefix is written in one pass."""
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        chunk_size = kwargs.get("prefill_chunk_size", getattr(generation_config, "prefill_chunk_size", None))
+        if chunk_size and chunk_size < prompt_length:
+            raise ValueError(
+                f"prefill_chunk_size={chunk_size} would split the first pass over the {prompt_length}-token input "
+                "(image tokens and prompt), and ClipCap writes an image's prefix vectors in one pass: leave "
+                f"prefill_chunk_size unset, or give at least {prompt_length}, when generating from an image."
             )
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):

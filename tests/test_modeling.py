@@ -265,10 +265,30 @@ def test_wrong_embedding_width_names_both_sizes(mlp_model, processor):
 
 def test_image_tokens_must_match_the_images(mlp_model, processor):
     x = image_embeds_for(mlp_model, 2)
-    with pytest.raises(ValueError, match=r"Got 2 images for 3 text rows"):
+    with pytest.raises(ValueError, match=r"Got 2 images for 3 text rows") as refused:
         mlp_model(image_embeds=x, **processor(text=["", "", ""]))
+    assert "inputs_embeds" not in str(refused.value)  # the image tokens were read from input_ids
     with pytest.raises(ValueError, match=r"holding \[4, 0\] image tokens"):
         mlp_model(image_embeds=x, input_ids=torch.cat((processor(text="")["input_ids"], torch.ones(1, 4).long())))
+    # Found in inputs_embeds, the image tokens are the rows equal to the image token's embedding: a text token that
+    # shares it (a zero padding row, when the image token's row is a zero one) counts too, and the fix is named.
+    inputs = processor(text=["A dog", "A cat"])
+    inputs_embeds = mlp_model.get_input_embeddings()(inputs["input_ids"])
+    inputs_embeds[1, -1] = mlp_model.get_input_embeddings().weight[mlp_model.config.image_token_id]
+    with pytest.raises(ValueError, match=r"holding \[4, 5\] image tokens.* found in `inputs_embeds` by the image "
+                                         r"token's embedding, which other tokens may share .*: pass `input_ids`"):
+        mlp_model(image_embeds=x, inputs_embeds=inputs_embeds, attention_mask=inputs["attention_mask"])
+
+
+@pytest.mark.parametrize("image_input", ["pixel_values", "image_embeds"])
+def test_chunked_prefill_over_an_image_is_refused_naming_the_option(mlp_model, processor, image_input):
+    inputs = processor(images=random_images(2), text=["A dog runs on the beach", "Two"])
+    if image_input == "image_embeds":
+        inputs["image_embeds"] = mlp_model.get_image_embeds(inputs.pop("pixel_values"))
+    length = inputs["input_ids"].shape[1]
+    with pytest.raises(ValueError, match=rf"prefill_chunk_size=6 would split the first pass over the {length}-token "
+                                         rf"input .* give at least {length}, when generating from an image"):
+        mlp_model.generate(**inputs, max_new_tokens=3, prefill_chunk_size=6)
 
 
 def test_input_beyond_the_position_table_names_the_lengths_and_the_fix(mlp_model, processor):
@@ -453,6 +473,23 @@ def test_parts_given_to_the_constructor_bring_their_configs(tmp_path, tokenizer,
         ClipCapForConditionalGeneration(
             config, language_model=AutoModelForCausalLM.from_config(GPT2Config(n_layer=1, n_embd=18, n_head=2))
         )
+
+
+def test_a_given_vision_tower_that_gives_other_image_embeddings_than_the_mapper_reads_is_refused(tokenizer):
+    # Accepted, it failed at its first image (a shape error), and a SigLIP tower saved a folder that did not load.
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    config = tiny_config(tokenizer)  # a CLIP tower's 24-d projection
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=32,
+                 patch_size=8)
+    wider = CLIPVisionModelWithProjection(CLIPVisionConfig(**tower, projection_dim=48))
+    with pytest.raises(ValueError, match=r"gives 48-d image embeddings \(vision_pooling='projection'\), but the "
+                                         r"mapping network reads config.prefix_dim=24\. Build the config from this"):
+        ClipCapForConditionalGeneration(config, vision_model=wider)
+    with pytest.raises(ValueError, match=r"does not fit the config: `vision_pooling` must be one of \('pooled',\) "
+                                         r"for a 'siglip_vision_model' tower, got 'projection'\. Build the config"):
+        ClipCapForConditionalGeneration(config, vision_model=SiglipVisionModel(SiglipVisionConfig(**tower)))
+    assert config.vision_config.projection_dim == 24  # the config was left as it was
 
 
 def test_language_model_whose_embeddings_differ_from_its_config_is_refused(tokenizer):
