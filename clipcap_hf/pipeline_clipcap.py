@@ -106,8 +106,15 @@ class ImageCaptioningPipeline(ImageTextToTextPipeline):
             generate_kwargs[name] = kwargs.pop(name)
         if generate_kwargs or "generate_kwargs" in kwargs:
             kwargs["generate_kwargs"] = generate_kwargs
-        if images is None:  # text-only generation, as image-text-to-text does it
-            return super().__call__(images=images, text=text, **kwargs)
+        if images is None:
+            if text is None or isinstance(text, str) or all(isinstance(prompt, str) for prompt in text):
+                # Image-text-to-text would generate from the text alone; a caption needs its image tokens' image.
+                raise ValueError(
+                    "The image-captioning pipeline captions images, and got text alone: give `images` (a path, URL, "
+                    "PIL image, array or tensor, or a list, generator or dataset of them), with `text` as the start "
+                    "of each caption if you like."
+                )
+            return super().__call__(images=images, text=text, **kwargs)  # chats, which hold their images
         if _is_one_input(images) or isinstance(images, dict):
             return super().__call__(_as_item(images, "" if text is None else text), **kwargs)
         is_list = isinstance(images, (list, tuple))

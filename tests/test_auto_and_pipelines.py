@@ -275,6 +275,11 @@ def test_image_captioning_pipeline_reads_path_objects_and_refuses_a_dict_without
     with pytest.raises(ValueError) as error:  # its rows, not its image column (KeyDataset(dataset, "image"))
         list(captioner(dataset, max_new_tokens=6))
     assert str(error.value) == message
+    # Text alone reached the model as image tokens without an image, refused as "pass `pixel_values`".
+    for text in ("A dog", ["A dog", "A cat"]):
+        with pytest.raises(ValueError, match=r"^The image-captioning pipeline captions images, and got text alone: "
+                                             r"give `images` \(a path, URL"):
+            captioner(text=text, max_new_tokens=6)
 
 
 def test_image_captioning_pipeline_takes_generation_options_as_its_own(saved_model_dir):
