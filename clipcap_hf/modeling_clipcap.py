@@ -359,6 +359,12 @@ def _vision_tower_class(vision_config: PretrainedConfig, vision_pooling: str) ->
     return AutoModel, {}
 
 
+_BUILD_FROM_TOWER = (
+    "Build the config from this tower (ClipCapConfig(vision_config=vision_model.config, ...)), or load one with "
+    "ClipCapForConditionalGeneration.from_vision_text_pretrained."
+)
+
+
 def _check_given_vision_model(vision_model: nn.Module, config: ClipCapConfig) -> None:
     """
     Refuse a ready-made transformers tower that does not give the image embedding the config's mapping network reads
@@ -369,18 +375,23 @@ def _check_given_vision_model(vision_model: nn.Module, config: ClipCapConfig) ->
         resolve_vision_pooling(tower_config, config.vision_pooling)
     except ValueError as error:
         raise ValueError(f"The given vision_model does not fit the config: {error} {_BUILD_FROM_TOWER}") from None
+    model_class, options = _vision_tower_class(tower_config, config.vision_pooling)
+    if model_class is not AutoModel and not isinstance(vision_model, model_class):  # CLIP's tower without projection
+        raise ValueError(
+            f"The given vision_model is a {type(vision_model).__name__}, and vision_pooling="
+            f"{config.vision_pooling!r} reads a {model_class.__name__}'s image embeddings. {_BUILD_FROM_TOWER}"
+        )
+    if options.get("add_pooling_layer") and getattr(vision_model, "pooler", None) is None:
+        raise ValueError(
+            f"The given vision_model has no pooler, which vision_pooling={config.vision_pooling!r} reads: build it "
+            "with add_pooling_layer=True, or use vision_pooling='cls'."
+        )
     size = vision_embedding_size(tower_config, config.vision_pooling)
     if size != config.prefix_dim:
         raise ValueError(
             f"The given vision_model gives {size}-d image embeddings (vision_pooling={config.vision_pooling!r}), but "
             f"the mapping network reads config.prefix_dim={config.prefix_dim}. {_BUILD_FROM_TOWER}"
         )
-
-
-_BUILD_FROM_TOWER = (
-    "Build the config from this tower (ClipCapConfig(vision_config=vision_model.config, ...)), or load one with "
-    "ClipCapForConditionalGeneration.from_vision_text_pretrained."
-)
 
 
 def build_vision_tower(vision_config: PretrainedConfig, vision_pooling: str) -> PreTrainedModel:
@@ -1058,7 +1069,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             prefix_embeds = image_outputs.pooler_output
         if prefix_embeds is not None:
             image_mask = self.get_placeholder_mask(input_ids, inputs_embeds)
-            inputs_embeds = self._write_prefix(inputs_embeds, image_mask, prefix_embeds, input_ids is None)
+            inputs_embeds = self._write_prefix(
+                inputs_embeds, image_mask, prefix_embeds, found_by_embedding=input_ids is None
+            )
             if labels is not None:  # image tokens are never targets
                 image_mask = image_mask.to(labels.device)
                 if num_items_in_batch is not None:
@@ -1189,7 +1202,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
         if prompt is not None:
             if images is not None:
-                self._check_no_chunked_prefill(prompt.shape[1], kwargs)
+                self._check_no_chunked_prefill(kwargs)
             new_tokens, option = self._length_as_new_tokens(prompt.shape[1], kwargs)
             self._check_input_fits_positions(prompt.shape[1], generating=True)
             self._fit_generation_to_positions(prompt.shape[1], new_tokens, option, kwargs)
@@ -1203,15 +1216,18 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 **kwargs,
             )
 
-    def _check_no_chunked_prefill(self, prompt_length: int, kwargs: dict) -> None:
-        """Refuse `prefill_chunk_size` shorter than a prompt with an image: the prefix is written in one pass."""
+    def _check_no_chunked_prefill(self, kwargs: dict) -> None:
+        """
+        Refuse `prefill_chunk_size` with an image: the prefix vectors are written in one pass, and a chunk can hold
+        part of the image tokens (transformers 4.57 chunks all but the last input token, whatever the chunk size).
+        """
         generation_config = kwargs.get("generation_config") or self.generation_config
         chunk_size = kwargs.get("prefill_chunk_size", getattr(generation_config, "prefill_chunk_size", None))
-        if chunk_size and chunk_size < prompt_length:
+        if chunk_size:
             raise ValueError(
-                f"prefill_chunk_size={chunk_size} would split the first pass over the {prompt_length}-token input "
-                "(image tokens and prompt), and ClipCap writes an image's prefix vectors in one pass: leave "
-                f"prefill_chunk_size unset, or give at least {prompt_length}, when generating from an image."
+                f"prefill_chunk_size={chunk_size} splits the first pass over the input into chunks, and ClipCap "
+                "writes an image's prefix vectors in one pass: leave prefill_chunk_size unset when generating from "
+                "an image."
             )
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):

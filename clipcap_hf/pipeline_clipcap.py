@@ -107,10 +107,14 @@ class ImageCaptioningPipeline(ImageTextToTextPipeline):
         if generate_kwargs or "generate_kwargs" in kwargs:
             kwargs["generate_kwargs"] = generate_kwargs
         if images is None:
-            if text is None or isinstance(text, str) or all(isinstance(prompt, str) for prompt in text):
+            plain_text = isinstance(text, str) or (
+                isinstance(text, (list, tuple)) and all(isinstance(prompt, str) for prompt in text)
+            )
+            if text is None or plain_text:
                 # Image-text-to-text would generate from the text alone; a caption needs its image tokens' image.
+                got = "nothing" if text is None else "text alone"
                 raise ValueError(
-                    "The image-captioning pipeline captions images, and got text alone: give `images` (a path, URL, "
+                    f"The image-captioning pipeline captions images, and got {got}: give `images` (a path, URL, "
                     "PIL image, array or tensor, or a list, generator or dataset of them), with `text` as the start "
                     "of each caption if you like."
                 )

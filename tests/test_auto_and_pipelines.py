@@ -280,6 +280,8 @@ def test_image_captioning_pipeline_reads_path_objects_and_refuses_a_dict_without
         with pytest.raises(ValueError, match=r"^The image-captioning pipeline captions images, and got text alone: "
                                              r"give `images` \(a path, URL"):
             captioner(text=text, max_new_tokens=6)
+    with pytest.raises(ValueError, match=r"^The image-captioning pipeline captions images, and got nothing: give"):
+        captioner(max_new_tokens=6)
 
 
 def test_image_captioning_pipeline_takes_generation_options_as_its_own(saved_model_dir):

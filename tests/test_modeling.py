@@ -282,13 +282,17 @@ def test_image_tokens_must_match_the_images(mlp_model, processor):
 
 @pytest.mark.parametrize("image_input", ["pixel_values", "image_embeds"])
 def test_chunked_prefill_over_an_image_is_refused_naming_the_option(mlp_model, processor, image_input):
+    # The image's prefix goes in with one pass. A chunk as long as the input still split it on transformers 4.57,
+    # which chunks all but the input's last token (4 image tokens alone: a chunk of 3).
     inputs = processor(images=random_images(2), text=["A dog runs on the beach", "Two"])
+    images_alone = {"pixel_values": inputs["pixel_values"]}
     if image_input == "image_embeds":
         inputs["image_embeds"] = mlp_model.get_image_embeds(inputs.pop("pixel_values"))
-    length = inputs["input_ids"].shape[1]
-    with pytest.raises(ValueError, match=rf"prefill_chunk_size=6 would split the first pass over the {length}-token "
-                                         rf"input .* give at least {length}, when generating from an image"):
-        mlp_model.generate(**inputs, max_new_tokens=3, prefill_chunk_size=6)
+        images_alone = {"image_embeds": inputs["image_embeds"]}
+    for given, chunk_size in ((inputs, 6), (images_alone, 100)):
+        with pytest.raises(ValueError, match=rf"^prefill_chunk_size={chunk_size} splits the first pass over the "
+                                             r"input into chunks, .* leave prefill_chunk_size unset when generating"):
+            mlp_model.generate(**given, max_new_tokens=3, prefill_chunk_size=chunk_size)
 
 
 def test_input_beyond_the_position_table_names_the_lengths_and_the_fix(mlp_model, processor):
@@ -489,6 +493,19 @@ def test_a_given_vision_tower_that_gives_other_image_embeddings_than_the_mapper_
     with pytest.raises(ValueError, match=r"does not fit the config: `vision_pooling` must be one of \('pooled',\) "
                                          r"for a 'siglip_vision_model' tower, got 'projection'\. Build the config"):
         ClipCapForConditionalGeneration(config, vision_model=SiglipVisionModel(SiglipVisionConfig(**tower)))
+    # CLIP's tower without its projection, and a ViT without the pooler its pooling reads, have the right configs.
+    from transformers import CLIPVisionModel, ViTConfig, ViTModel
+
+    with pytest.raises(ValueError, match=r"is a CLIPVisionModel, and vision_pooling='projection' reads a "
+                                         r"CLIPVisionModelWithProjection's image embeddings"):
+        ClipCapForConditionalGeneration(config, vision_model=CLIPVisionModel(CLIPVisionConfig(**tower)))
+    vit_config = ViTConfig(**tower)
+    pooled = ClipCapConfig(vision_config=vit_config, vision_pooling="pooled", text_config=config.text_config,
+                           prefix_length=config.prefix_length, image_token_id=config.image_token_id)
+    with pytest.raises(ValueError, match=r"has no pooler, which vision_pooling='pooled' reads: build it with "
+                                         r"add_pooling_layer=True, or use vision_pooling='cls'"):
+        ClipCapForConditionalGeneration(pooled, vision_model=ViTModel(vit_config, add_pooling_layer=False))
+    assert ClipCapForConditionalGeneration(pooled, vision_model=ViTModel(vit_config)).config.prefix_dim == 32
     assert config.vision_config.projection_dim == 24  # the config was left as it was
 
 

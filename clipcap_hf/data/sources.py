@@ -146,8 +146,10 @@ def load_image_source(
         if "image" in dataset.column_names:
             dataset = dataset.remove_columns("image")
         dataset = dataset.rename_column(image_column, "image")
-    shards = _parquet_shards(dataset, data_files)
-    file_rows = shards if shards is not None else _rows_per_file_on_error(dataset, data_files)
+    shards = file_rows = None
+    if dataset_format is None and dataset_name is None:  # rows read from `data_files` themselves
+        shards = _parquet_shards(dataset, data_files)
+        file_rows = shards if shards is not None else _rows_per_file_on_error(dataset, data_files)
     dataset = _add_keys_and_captions(dataset, caption_column, source, shards, file_rows)
     return (dataset, caption_column) if return_caption_column else dataset
 
@@ -324,7 +326,7 @@ def _add_keys_and_captions(
     caption_column: str | None,
     source: str,
     shards: list[tuple[str, int]] | None,
-    file_rows: list[tuple[str, int]] | _RowsPerFile | None = None,
+    file_rows: list[tuple[str, int]] | _RowsPerFile | None,
 ):
     """
     Add `image_key` (and `captions`) computed from the undecoded images, without decoding any; and, for parquet files
@@ -401,7 +403,9 @@ def _shard_of(index: int, shards: list[tuple[str, int]]) -> int:
     return bisect.bisect_right(list(itertools.accumulate(rows for _, rows in shards)), index)
 
 
-def _row_location(batch, indices, position: int, source: str, file_rows) -> str:
+def _row_location(
+    batch, indices, position: int, source: str, file_rows: list[tuple[str, int]] | _RowsPerFile | None
+) -> str:
     """Where a row comes from, for an error: its shard and `__key__`, its data file and row there, or its row."""
     if WEBDATASET_KEY in batch:
         return f"{batch[SHARD_COLUMN][position]}, sample {batch[WEBDATASET_KEY][position]!r}"
@@ -427,7 +431,10 @@ class _RowsPerFile:
         self.builder, self.files = builder, files
 
     def count(self) -> list[tuple[str, int]] | None:
-        """Each file with its row count, in row order; None if a file does not read on its own."""
+        """
+        Each file with its row count, in row order; None if a file does not read on its own. Each file is prepared
+        again into `datasets`' cache, once: only an error pays for it.
+        """
         try:
             return [
                 (path, datasets.load_dataset(self.builder, data_files={"train": [path]}, split="train").num_rows)

@@ -140,7 +140,7 @@ class CLIPScorer:
     ) -> torch.Tensor:
         """Each caption's CLIPScore against its image (one caption per image, or image embeddings from
         [`image_embeddings`]); a float32 tensor on the CPU."""
-        return (CLIPSCORE_WEIGHT * self._cosines(images, captions).clamp(min=0)).cpu()
+        return _clip_scores(self._cosines(images, captions)).cpu()
 
     def _cosines(self, images: Sequence[PIL.Image.Image] | torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
         """Each caption's cosine similarity to its image (or image embedding), before CLIPScore clips it at 0."""
@@ -189,10 +189,15 @@ class CLIPScorer:
         counts = [len(texts) for texts in candidates]
         repeated = image_embeddings.repeat_interleave(torch.tensor(counts, device=image_embeddings.device), dim=0)
         cosines = self._cosines(repeated, [text for texts in candidates for text in texts]).cpu()
-        scores = CLIPSCORE_WEIGHT * cosines.clamp(min=0)  # as clip_score computes them
+        scores = _clip_scores(cosines)
         # Chosen by cosine: the clipped scores of candidates all dissimilar to the image would all tie at 0.
         best = [int(image_cosines.argmax()) for image_cosines in cosines.split(counts)]
         return best, [float(image_scores[index]) for image_scores, index in zip(scores.split(counts), best)]
+
+
+def _clip_scores(cosines: torch.Tensor) -> torch.Tensor:
+    """CLIPScore from image-caption cosine similarities: weighted, clipped at 0."""
+    return CLIPSCORE_WEIGHT * cosines.clamp(min=0)
 
 
 __all__ = ["CLIPSCORE_PROMPT", "CLIPSCORE_WEIGHT", "CLIPScorer"]

@@ -162,11 +162,11 @@ def _data_file_identities(dataset) -> list[dict[str, Any]] | dict[str, Any] | No
 def _check_run_file(output_dir: Path, recorded: dict[str, Any], own_lock: Path | None = None) -> dict[str, Any]:
     """
     Record the run's settings; refuse to add to a folder of captions made with other settings or from another
-    source. A run file without any finished shard (a first run that failed early) is replaced, unless a process
-    other than this one (`own_lock`) holds its lock: another run of as many processes, whose shards are not finished
-    yet. One of an earlier version, which recorded less, is resumed if what it recorded matches, with a warning
-    naming what was not checked. The settings' `paths` (how the models were named, see `SHOWN_ONLY`) are recorded for
-    people, not compared. Returns the settings as recorded, for [`_check_run_file_unchanged`].
+    source, or to finished shards without a run file (nothing says what made them). A run file without any finished
+    shard (a first run that failed early) is replaced, unless a process other than this one (`own_lock`) holds its
+    lock: another run of as many processes, whose shards are not finished yet. One of an earlier version, which
+    recorded less, is resumed if what it recorded matches, with a warning naming what was not checked. The settings'
+    `paths` (how the models were named, see `SHOWN_ONLY`) are recorded for people, not compared. Returns the settings as recorded, for [`_check_run_file_unchanged`].
     """
     path = output_dir / RUN_FILE
     recorded = json.loads(json.dumps(recorded))  # as it reads back from the file
@@ -550,7 +550,9 @@ def _caption_shard(
 def _bad_row(name: str, batch: dict[str, list], row: int) -> str:
     """A bad row as errors and warnings name it: its output shard and key, and the data file (and webdataset sample)
     it came from where the source's rows name it (`__url__` of parquet files and tar shards)."""
-    from ..data.sources import SHARD_COLUMN, WEBDATASET_KEY  # the rows come from `datasets`, an optional dependency
+    # Imported here: `data.sources` imports `datasets` (an optional dependency) as it loads, and rows naming a file
+    # come from `datasets` anyway.
+    from ..data.sources import SHARD_COLUMN, WEBDATASET_KEY
 
     source = ""
     if batch.get(SHARD_COLUMN):
