@@ -166,7 +166,8 @@ def _check_run_file(output_dir: Path, recorded: dict[str, Any], own_lock: Path |
     shard (a first run that failed early) is replaced, unless a process other than this one (`own_lock`) holds its
     lock: another run of as many processes, whose shards are not finished yet. One of an earlier version, which
     recorded less, is resumed if what it recorded matches, with a warning naming what was not checked. The settings'
-    `paths` (how the models were named, see `SHOWN_ONLY`) are recorded for people, not compared. Returns the settings as recorded, for [`_check_run_file_unchanged`].
+    `paths` (how the models were named, see `SHOWN_ONLY`) are recorded for people, not compared. Returns the
+    settings as recorded, for [`_check_run_file_unchanged`].
     """
     path = output_dir / RUN_FILE
     recorded = json.loads(json.dumps(recorded))  # as it reads back from the file
