@@ -1194,6 +1194,11 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         """
         kwargs.pop("labels", None)
         input_ids = _main_input(input_ids, inputs, "input_ids")
+        if input_ids is not None and input_ids.is_floating_point():  # `generate(pixel_values)`, as for BLIP
+            raise ValueError(
+                f"`input_ids` (generate's first argument) holds floats, shape {tuple(input_ids.shape)}: pass images by "
+                "name, `generate(pixel_values=...)`, or use ClipCapForImageToText, whose first argument they are."
+            )
         images = next((x for x in (pixel_values, image_embeds, kwargs.get("prefix_embeds")) if x is not None), None)
         if input_ids is None and kwargs.get("inputs_embeds") is None and images is not None:
             input_ids = torch.full((images.shape[0], self.config.prefix_length), self.config.image_token_id,

@@ -280,6 +280,14 @@ def test_image_tokens_must_match_the_images(mlp_model, processor):
         mlp_model(image_embeds=x, inputs_embeds=inputs_embeds, attention_mask=inputs["attention_mask"])
 
 
+def test_pixels_given_as_generate_s_first_argument_are_named(mlp_model, processor):
+    # They reached the token embedding as input_ids, which raised a bare dtype error there.
+    pixel_values = processor(images=random_images(1))["pixel_values"]
+    with pytest.raises(ValueError, match=r"^`input_ids` \(generate's first argument\) holds floats, shape "
+                                         r"\(1, 3, 32, 32\): pass images by name, `generate\(pixel_values=...\)`"):
+        mlp_model.generate(pixel_values, max_new_tokens=2)
+
+
 @pytest.mark.parametrize("image_input", ["pixel_values", "image_embeds"])
 def test_chunked_prefill_over_an_image_is_refused_naming_the_option(mlp_model, processor, image_input):
     # The image's prefix goes in with one pass. A chunk as long as the input still split it on transformers 4.57,
