@@ -251,15 +251,20 @@ def _from_data_files(data_files, split: str, streaming: bool):
     missing = [path for path in files if not os.path.exists(path)]
     if missing:
         raise FileNotFoundError(f"Data file {missing[0]} does not exist.")
-    suffixes = {Path(path).suffix.lower() for path in files}
-    builders = {BUILDERS.get(suffix) for suffix in suffixes}
-    if None in builders or len(builders) != 1:
+    builder = _builder_of(files)
+    if builder is None:
         raise ValueError(
             f"Cannot tell how to read {_describe(files)}: give files of one kind, with one of the suffixes "
             f"{', '.join(BUILDERS)}, a folder (image folder or save_to_disk), or a --dataset_format."
         )
-    (builder,) = builders
     return datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming)
+
+
+def _builder_of(files: list[str]) -> str | None:
+    """The `datasets` builder that reads every one of `files` (by suffix, `BUILDERS`); None if they need several, or
+    one has a suffix no builder reads."""
+    builders = {BUILDERS.get(Path(path).suffix.lower()) for path in files}
+    return builders.pop() if len(builders) == 1 else None
 
 
 def _load_image_folder(folder: Path, streaming: bool):
@@ -449,10 +454,10 @@ def _rows_per_file_on_error(dataset, data_files) -> _RowsPerFile | None:
     if data_files is None or isinstance(data_files, (str, os.PathLike)) or not isinstance(dataset, datasets.Dataset):
         return None
     files = [str(path) for path in data_files]
-    builders = {BUILDERS.get(Path(path).suffix.lower()) for path in files}
-    if len(files) < 2 or len(builders) != 1 or builders & {None, "parquet", "webdataset"}:
+    builder = _builder_of(files)
+    if len(files) < 2 or builder in (None, "parquet", "webdataset"):
         return None
-    return _RowsPerFile(builders.pop(), [os.path.abspath(path) for path in files])
+    return _RowsPerFile(builder, [os.path.abspath(path) for path in files])
 
 
 def _caption_list(value: Any, column: str, key: str, location) -> list[str]:
