@@ -174,6 +174,24 @@ def test_a_bad_row_stops_the_run_naming_shard_and_key_or_is_skipped_and_counted(
     assert read_rows(output) == expected_rows(model_dir, good)
 
 
+def test_a_row_without_an_image_stops_the_run_before_any_shard_or_is_left_out(model_dir, tmp_path, capsys):
+    encoded = [png_bytes(image) for image in random_images(3, seed=13)]
+    source = tmp_path / "images.parquet"
+    rows = [{"bytes": encoded[0], "path": None}, None, {"bytes": encoded[1], "path": None}]
+    rows.append({"bytes": encoded[2], "path": None})
+    datasets.Dataset.from_dict({"image": rows}, features=datasets.Features({"image": datasets.Image()})).to_parquet(
+        source
+    )
+    output = tmp_path / "stop"
+    assert main(caption_argv(model_dir, source, output)) == 2
+    assert f"{source}, row 1 (from 0) has no image (it is null or missing)" in capsys.readouterr().err
+    assert not output.exists() or not list(output.glob("*.parquet"))
+
+    output = tmp_path / "skip"
+    assert main(caption_argv(model_dir, source, output, "--on-bad-image", "skip")) == 0
+    assert read_rows(output) == expected_rows(model_dir, encoded)
+
+
 # Runs `clipcap caption ARGS...` and SIGKILLs itself half-way through writing the second output shard.
 KILLED_WHILE_WRITING = r"""
 import os, signal, sys

@@ -822,6 +822,26 @@ def test_an_image_file_broken_since_the_last_run_is_not_trained_from_cached_capt
     assert sorted(data.train["caption"]) == ["caption 0", "caption 2"]
 
 
+def test_a_training_row_without_an_image_is_named_or_left_out_with_on_bad_image_skip(
+    tmp_path, tokenizer_and_processor
+):
+    from clipcap_hf.data.prepare import load_training_data
+    from clipcap_hf.training.arguments import DataArguments
+
+    tokenizer, processor = tokenizer_and_processor
+    model = tiny_model(tokenizer)
+    write_images(tmp_path, ["0.png", "2.png"])
+    images = ["0.png", None, "2.png"]
+    lines = [json.dumps({"image": image, "caption": f"caption {i}"}) for i, image in enumerate(images)]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines))
+    options = dict(train_file=str(tmp_path / "data.jsonl"), embedding_cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"--train_file: .*data.jsonl, row 1 \(from 0\) has no image"):
+        load_training_data(DataArguments(**options), model, processor, train=True, evaluate=False)
+    data_args = DataArguments(**options, on_bad_image="skip")
+    data = load_training_data(data_args, model, processor, train=True, evaluate=False)
+    assert sorted(data.train["caption"]) == ["caption 0", "caption 2"]
+
+
 def test_evaluation_images_are_not_written_into_the_embeddings_folder_trained_from(tmp_path, tokenizer_and_processor):
     from clipcap_hf.data import embed_source, load_image_source
     from clipcap_hf.data.prepare import load_training_data

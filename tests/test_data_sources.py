@@ -189,27 +189,40 @@ def _write_tar(path, members: dict[str, bytes]) -> None:
 
 
 @pytest.mark.parametrize("streaming", [False, True])
-def test_a_row_without_an_image_is_named(tmp_path, streaming):
+def test_a_row_without_an_image_is_named_or_skipped_with_a_warning_naming_it(tmp_path, streaming, caplog):
     image = png_bytes(random_images(1)[0])
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
-    rows = {"image": [{"bytes": image, "path": None}, None], "caption": ["A dog.", "A cat."]}
+    # The row without an image has no caption either: a row left out is not checked further.
+    rows = {"image": [{"bytes": image, "path": None}, None, {"bytes": image, "path": None}]}
+    rows["caption"] = ["A dog.", None, "A bird."]
     datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "data.parquet"))
-    no_image = r"has no image \(it is null or missing\); drop that row or give it an image"
-    parquet = str(tmp_path / "data.parquet")
-    with pytest.raises(ValueError, match=r"data.parquet, row 1 \(from 0\) " + no_image):
-        list(load_image_source(data_files=parquet, caption_column="caption", streaming=streaming))
-
     random_images(1)[0].save(tmp_path / "x.png")
     lines = [{"image": "x.png", "caption": "A dog."}, {"image": None, "caption": "A cat."}]
+    lines.append({"image": "x.png", "caption": "A bird."})
     (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    with pytest.raises(ValueError, match=r"data.jsonl, row 1 \(from 0\) " + no_image):
-        list(load_image_source(data_files=str(tmp_path / "data.jsonl"), caption_column="caption", streaming=streaming))
-
     # A webdataset sample with a caption and no image file (after 6 whole ones: datasets infers the types from 5).
     members = {f"s{i}.{suffix}": data for i in range(6) for suffix, data in (("png", image), ("txt", b"A dog."))}
-    _write_tar(tmp_path / "00000.tar", {**members, "s9.txt": b"A cat."})
-    with pytest.raises(ValueError, match=r"00000.tar, sample 's9' " + no_image):
-        list(load_image_source(data_files=str(tmp_path / "00000.tar"), caption_column="txt", streaming=streaming))
+    _write_tar(tmp_path / "00000.tar", {**members, "s6.txt": b"A cat.", "s7.png": image, "s7.txt": b"A bird."})
+    sources = [
+        ("data.parquet", "caption", r"data.parquet, row 1 \(from 0\)", ["A dog.", "A bird."]),
+        ("data.jsonl", "caption", r"data.jsonl, row 1 \(from 0\)", ["A dog.", "A bird."]),
+        ("00000.tar", "txt", r"00000.tar, sample 's6'", ["A dog."] * 6 + ["A bird."]),
+    ]
+    no_image = r" has no image \(it is null or missing\); drop that row or give it an image, skip such rows"
+    for name, column, location, captions in sources:
+        path = str(tmp_path / name)
+        with pytest.raises(ValueError, match=location + no_image):
+            list(load_image_source(data_files=path, caption_column=column, streaming=streaming))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            kept = load_image_source(data_files=path, caption_column=column, streaming=streaming, on_bad_image="skip")
+            kept = list(kept)
+        assert [row["captions"] for row in kept] == [[caption] for caption in captions]
+        assert all(row["image_key"] == kept[0]["image_key"] for row in kept)  # the one image, each time
+        warnings = "\n".join(record.getMessage() for record in caplog.records if record.levelname == "WARNING")
+        assert re.search(location, warnings) and "skip" in warnings, warnings
+    with pytest.raises(ValueError, match=r"on_bad_image .* must be 'error' or 'skip', got 'drop'"):
+        load_image_source(data_files=str(tmp_path / "data.parquet"), on_bad_image="drop")
 
 
 def test_parquet_written_without_datasets_and_a_column_that_is_not_images(tmp_path):

@@ -217,6 +217,7 @@ def _caption_dataset(args: argparse.Namespace, decoding: dict) -> int:
             streaming=args.streaming,
             dataset_format=args.dataset_format,
             image_root=args.image_root,
+            on_bad_image=args.on_bad_image,
         )
     model, processor = load_model_and_processor(args.model, args.device)
     if args.embeddings is not None:

@@ -170,6 +170,7 @@ def load_source(
         dataset_format=data_format,
         image_root=image_root,
         return_caption_column=return_caption_column,
+        on_bad_image=data_args.on_bad_image,
     )
     caption_column = data_args.caption_column or DEFAULT_CAPTION_COLUMNS
     try:

@@ -19,10 +19,12 @@ from typing import Any
 
 import datasets
 import PIL.Image
+import pyarrow.compute as pc
 from datasets.data_files import DEFAULT_PATTERNS_ALL, DataFilesDict, get_data_patterns
 from datasets.fingerprint import Hasher
 from transformers.utils import logging
 
+from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from .loaders import DATASET_FORMATS, PathLike, group_by_image, load_caption_dataset
 
 # The `datasets` builder of each data file suffix.
@@ -36,6 +38,8 @@ BUILDERS = {
 }
 # Columns that datasets' webdataset builder adds to every row: the sample's key and its shard.
 WEBDATASET_KEY, SHARD_COLUMN = "__key__", "__url__"
+# The key of a row without an image while it is being left out (`on_bad_image="skip"`): no image's key is empty.
+NULL_IMAGE_KEY = ""
 # The usual caption columns, in order of preference: most sources' `caption`, webdataset shards' `txt` (the captions'
 # file extension), image folders' `text`.
 DEFAULT_CAPTION_COLUMNS = ("caption", "txt", "text")
@@ -58,6 +62,7 @@ def load_image_source(
     image_root: PathLike | None = None,
     captions_optional: bool = False,
     return_caption_column: bool = False,
+    on_bad_image: BadImagePolicy = "error",
 ) -> datasets.Dataset | datasets.IterableDataset | tuple[datasets.Dataset | datasets.IterableDataset, str | None]:
     """
     Load images (and their captions) from any source `datasets` reads, one row per source row, with the columns
@@ -94,13 +99,17 @@ def load_image_source(
         captions_optional: a source without `caption_column` is read without captions instead of refused.
         return_caption_column: also return the column the captions were read from (the one chosen of several names;
             `captions` for a `dataset_format`; None without captions), for a caller to record or check it.
+        on_bad_image: a row without an image (null) raises naming it (`"error"`), or is left out with a warning that
+            names it (`"skip"`, the policy that embedding, training and captioning apply to unreadable images; those
+            are found when the images are decoded, not here).
 
     Returns:
         A `datasets.Dataset` (or `IterableDataset` with `streaming`); with `return_caption_column`, a tuple of it and
         the caption column. A missing column is a `ValueError` listing the
-        columns the source has; a row without an image or caption is one naming its file (or shard and `__key__`)
-        and row.
+        columns the source has; a row without an image (unless skipped) or caption is one naming its file (or shard
+        and `__key__`) and row.
     """
+    check_bad_image_policy(on_bad_image)
     source = dataset_name or dataset_format or _describe(data_files)
     if dataset_format is not None:
         dataset = _from_caption_format(dataset_format, data_files, image_root, split)
@@ -150,19 +159,23 @@ def load_image_source(
     if dataset_format is None and dataset_name is None:  # rows read from `data_files` themselves
         shards = _parquet_shards(dataset, data_files)
         file_rows = shards if shards is not None else _rows_per_file_on_error(dataset, data_files)
-    dataset = _add_keys_and_captions(dataset, caption_column, source, shards, file_rows)
+    dataset = _add_keys_and_captions(dataset, caption_column, source, shards, file_rows, on_bad_image == "skip")
     return (dataset, caption_column) if return_caption_column else dataset
 
 
 def image_key(image: dict[str, Any] | None) -> str:
     """The stable key of an undecoded `datasets.Image` value (`{"bytes", "path"}`): see [`load_image_source`]."""
-    if image is None or (image.get("bytes") is None and image.get("path") is None):
+    if _is_null_image(image):
         raise ValueError("No image (the image is null).")
     if image.get("bytes") is not None:
         return "sha256:" + hashlib.sha256(image["bytes"]).hexdigest()
     from .embeddings import image_cache_key
 
     return image_cache_key(os.path.abspath(image["path"]))
+
+
+def _is_null_image(image: dict[str, Any] | None) -> bool:
+    return image is None or (image.get("bytes") is None and image.get("path") is None)
 
 
 def decode_image(image: dict[str, Any]) -> PIL.Image.Image:
@@ -332,35 +345,46 @@ def _add_keys_and_captions(
     source: str,
     shards: list[tuple[str, int]] | None,
     file_rows: list[tuple[str, int]] | _RowsPerFile | None,
+    skip_null_images: bool = False,
 ):
     """
     Add `image_key` (and `captions`) computed from the undecoded images, without decoding any; and, for parquet files
     (`shards`: each file and its row count), each row's file as `__url__`, as webdataset rows have it. A bad row is
     named by its file and its row there from `file_rows` (the parquet `shards`, or the counts of several JSON/CSV/Arrow
     files, read when an error needs them). A stream of several shards numbers its rows in the order its readers take
-    them (shuffled shards, one count per worker), not in its files: its bad rows are named without a row number.
+    them (shuffled shards, one count per worker), not in its files: its bad rows are named without a row number. With
+    `skip_null_images`, rows without an image are left out, with a warning naming them.
 
     A source that already has `image_key` or `captions` (one this function wrote, saved and read again) has them
     computed again in their place.
     """
     columns = ["image"] + ([caption_column] if caption_column else [])
     columns += [name for name in (WEBDATASET_KEY, SHARD_COLUMN) if name in dataset.column_names]  # to name a bad row
+    streamed = isinstance(dataset, datasets.IterableDataset)
     keys_and_captions = dict(
         function=_keys_and_captions,
         batched=True,
-        with_indices=not (isinstance(dataset, datasets.IterableDataset) and dataset.num_shards > 1),
-        fn_kwargs={"caption_column": caption_column, "source": source, "shards": shards, "file_rows": file_rows},
+        with_indices=not (streamed and dataset.num_shards > 1),
+        fn_kwargs={
+            "caption_column": caption_column,
+            "source": source,
+            "shards": shards,
+            "file_rows": file_rows,
+            # A stream is not read ahead: each row left out is warned of as it is read.
+            "null_images": ("warn and skip" if streamed else "skip") if skip_null_images else "error",
+        },
     )
     replaced = [caption_column] if caption_column else []
     replaced += [name for name in ("image_key", "captions") if name in dataset.column_names and name not in replaced]
-    if isinstance(dataset, datasets.IterableDataset):
+    if streamed:
         features = datasets.Features({name: f for name, f in dataset.features.items() if name not in replaced})
         features["image_key"] = datasets.Value("string")
         if caption_column:
             features["captions"] = datasets.Sequence(datasets.Value("string"))
         features["image"] = datasets.Image(decode=False)
         # Left undecoded: datasets does not decode the images of a mapped IterableDataset (see decode_image).
-        return dataset.map(**keys_and_captions, remove_columns=replaced, features=features)
+        keyed = dataset.map(**keys_and_captions, remove_columns=replaced, features=features)
+        return keyed.filter(bool, input_columns="image_key") if skip_null_images else keyed
     # Only the new columns are written (the images are not copied), then joined to the source's memory-mapped ones.
     # The cache of this map knows only the source's own files: a key naming an image file (its size and mtime) is
     # computed again each time, so a replaced image gets a new key, and the keys are part of the result's fingerprint
@@ -370,8 +394,27 @@ def _add_keys_and_captions(
         **keys_and_captions, remove_columns=columns, load_from_cache_file=not image_files
     )
     keyed = datasets.concatenate_datasets([dataset.remove_columns(replaced), new_columns], axis=1)
+    if skip_null_images:
+        keyed = _without_null_images(keyed, source, file_rows)
     fingerprint = Hasher.hash([keyed._fingerprint, _column_digest(new_columns, "image_key")]) if image_files else None
     return keyed.cast_column("image", datasets.Image(), new_fingerprint=fingerprint)
+
+
+def _without_null_images(
+    keyed: datasets.Dataset, source: str, file_rows: list[tuple[str, int]] | _RowsPerFile | None
+) -> datasets.Dataset:
+    """The rows of a keyed map-style source that have an image, with a warning naming (up to 10 of) the others."""
+    keys = keyed.select_columns("image_key").with_format("arrow")[:]["image_key"]
+    missing = pc.indices_nonzero(pc.equal(keys, NULL_IMAGE_KEY)).to_pylist()
+    if not missing:
+        return keyed
+    named = missing[:10]
+    naming = [name for name in (WEBDATASET_KEY, SHARD_COLUMN) if name in keyed.column_names]
+    batch = keyed.select(named).select_columns(naming)[:]
+    report = "\n".join(f"  {_row_location(batch, named, row, source, file_rows)}" for row in range(len(named)))
+    more = f"\n  ... and {len(missing) - len(named)} more" if len(missing) > len(named) else ""
+    logger.warning(f"Skipped {len(missing)} row(s) without an image (on_bad_image='skip'):\n{report}{more}")
+    return keyed.select(pc.indices_nonzero(pc.not_equal(keys, NULL_IMAGE_KEY)).to_numpy())
 
 
 def _column_digest(dataset: datasets.Dataset, column: str) -> str:
@@ -382,16 +425,22 @@ def _column_digest(dataset: datasets.Dataset, column: str) -> str:
     return digest.hexdigest()
 
 
-def _keys_and_captions(batch, indices=None, *, caption_column, source, shards, file_rows):
+def _keys_and_captions(batch, indices=None, *, caption_column, source, shards, file_rows, null_images):
     new: dict[str, list] = {"image_key": []}
     for position, image in enumerate(batch["image"]):
-        try:
+        if not _is_null_image(image):
             new["image_key"].append(image_key(image))
-        except ValueError:
+            continue
+        if null_images == "error":
             raise ValueError(
                 f"{_row_location(batch, indices, position, source, file_rows)} has no image (it is null or missing); "
-                "drop that row or give it an image, or name the image column with --image_column."
-            ) from None
+                "drop that row or give it an image, skip such rows (`--on_bad_image skip`; `clipcap caption "
+                "--on-bad-image skip`), or name the image column with --image_column."
+            )
+        if null_images == "warn and skip":
+            location = _row_location(batch, indices, position, source, file_rows)
+            logger.warning(f"{location} has no image (it is null or missing): skipped (on_bad_image='skip').")
+        new["image_key"].append(NULL_IMAGE_KEY)
     if shards is not None:
         new[SHARD_COLUMN] = [shards[_shard_of(index, shards)][0] for index in indices]
     if caption_column is not None:
@@ -399,6 +448,8 @@ def _keys_and_captions(batch, indices=None, *, caption_column, source, shards, f
             _caption_list(
                 value, caption_column, key, lambda: _row_location(batch, indices, position, source, file_rows)
             )
+            if key != NULL_IMAGE_KEY
+            else []  # a row left out
             for position, (value, key) in enumerate(zip(batch[caption_column], new["image_key"]))
         ]
     return new
