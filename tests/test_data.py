@@ -842,6 +842,44 @@ def test_a_training_row_without_an_image_is_named_or_left_out_with_on_bad_image_
     assert sorted(data.train["caption"]) == ["caption 0", "caption 2"]
 
 
+def test_webdataset_evaluation_images_are_named_by_shard_and_key_and_an_id_of_two_images_is_refused(
+    tmp_path, tokenizer_and_processor
+):
+    import tarfile
+
+    from clipcap_hf.data.prepare import load_training_data
+    from clipcap_hf.training.arguments import DataArguments
+
+    tokenizer, processor = tokenizer_and_processor
+    model = tiny_model(tokenizer)
+    images = iter(random_images(4))
+    shards = []
+    for shard in range(2):  # each shard numbers its samples from 0, as shards written one by one may
+        shards.append(str(tmp_path / f"val-{shard}.tar"))
+        with tarfile.open(shards[-1], "w") as tar:
+            for sample in range(2):
+                encoded = io.BytesIO()
+                next(images).save(encoded, "PNG")
+                for suffix, data in (("png", encoded.getvalue()), ("txt", f"shard {shard} image {sample}".encode())):
+                    member = tarfile.TarInfo(f"{sample:06d}.{suffix}")
+                    member.size = len(data)
+                    tar.addfile(member, io.BytesIO(data))
+    data_args = DataArguments(validation_file=",".join(shards), embedding_cache_dir=str(tmp_path / "cache"))
+    data = load_training_data(data_args, model, processor, train=False, evaluate=True)
+    named = {row["image_id"]: row["references"] for row in data.eval_images}
+    assert named == {
+        f"val-{shard}.tar/{sample:06d}": [f"shard {shard} image {sample}"] for shard in range(2) for sample in range(2)
+    }
+    assert len(set(data.eval_images["image_index"])) == 4
+
+    write_images(tmp_path, ["a.png", "b.png"])
+    lines = [{"image": name, "caption": f"caption {name}", "image_id": 7} for name in ("a.png", "b.png")]
+    (tmp_path / "val.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    data_args = DataArguments(validation_file=str(tmp_path / "val.jsonl"), embedding_cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"gives the image id 7 to two different images \(rows 0 and 1 of its"):
+        load_training_data(data_args, model, processor, train=False, evaluate=True)
+
+
 def test_evaluation_images_are_not_written_into_the_embeddings_folder_trained_from(tmp_path, tokenizer_and_processor):
     from clipcap_hf.data import embed_source, load_image_source
     from clipcap_hf.data.prepare import load_training_data

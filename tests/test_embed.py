@@ -238,7 +238,7 @@ sys.exit(main(["embed", *sys.argv[1:]]))
 """
 
 
-def test_a_killed_embedding_run_resumes_and_stores_every_image_once(tmp_path, model_dir, webdataset_shards):
+def test_a_killed_embedding_run_resumes_and_stores_every_image_once(tmp_path, model_dir, webdataset_shards, capsys):
     shards = ",".join(str(path) for path in webdataset_shards[0])
     arguments = ["--model", str(model_dir), "--train_file", shards, "--batch_size", "1"]
     assert main(["embed", *arguments, "--output", str(tmp_path / "whole")]) == 0
@@ -250,6 +250,15 @@ def test_a_killed_embedding_run_resumes_and_stores_every_image_once(tmp_path, mo
     assert len(list((tmp_path / "emb").glob("shard-*"))) == 2  # killed where meant
     assert len(list((tmp_path / "emb").glob(".tmp-shard-*"))) == 1  # the third, left under its temporary name
     assert "num_images" not in load_embeddings_info(tmp_path / "emb")  # the info says it is incomplete
+    # Nothing trains on or captions the part of the source embedded so far.
+    capsys.readouterr()
+    emb = ["--embeddings", str(tmp_path / "emb")]
+    train = train_arguments(tmp_path / "out", "--model_name_or_path", str(model_dir), *emb)
+    caption = ["caption", "--model", str(model_dir), *emb, "--output", str(tmp_path / "captions")]
+    for argv in (["train", *train, "--embedding_cache_dir", str(tmp_path / "cache")], caption):
+        assert main(argv) == 2
+        assert "are from a `clipcap embed` pass that has not finished" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "all_results.json").exists()
 
     assert main(["embed", *arguments, "--output", str(tmp_path / "emb")]) == 0
     assert not list((tmp_path / "emb").glob(".tmp-*"))  # the rerun removed the killed run's leftover

@@ -223,10 +223,8 @@ def _caption_dataset(args: argparse.Namespace, decoding: dict) -> int:
     if args.embeddings is not None:
         from ..data.embeddings import check_embeddings
 
-        info = check_embeddings(args.embeddings, model, processor.image_processor)  # this model's vision tower's
-        if info.get("num_images") is None:  # the folder would still grow, moving rows between input shards
-            raise ValueError(f"--embeddings {args.embeddings}: its `clipcap embed` pass has not finished; finish it "
-                             "(rerun the same `clipcap embed` command) first.")
+        # This model's vision tower's, and whole: a folder still growing would move rows between input shards.
+        check_embeddings(args.embeddings, model, processor.image_processor, finished=True)
     captioner = ClipCapCaptioner(model, processor, dtype=args.dtype, **_captioner_kwargs(decoding))
     # Each model by its identity, so that a resume names it by any path but cannot swap in other weights; the paths
     # as given are recorded for people to read (SHOWN_ONLY).

@@ -156,8 +156,11 @@ def load_embeddings_info(directory: PathLike) -> dict[str, Any]:
     return info
 
 
-def check_embeddings(directory: PathLike, model, image_processor) -> dict[str, Any]:
-    """The folder's info, after checking that `model`'s vision tower and `image_processor` computed it."""
+def check_embeddings(directory: PathLike, model, image_processor, finished: bool = False) -> dict[str, Any]:
+    """
+    The folder's info, after checking that `model`'s vision tower and `image_processor` computed it and, with
+    `finished`, that its `clipcap embed` pass has finished (a folder read as a whole dataset must hold all of it).
+    """
     info = load_embeddings_info(directory)
     fingerprint = vision_fingerprint(model, image_processor)
     if info["fingerprint"] != fingerprint:
@@ -165,6 +168,12 @@ def check_embeddings(directory: PathLike, model, image_processor) -> dict[str, A
             f"The embeddings in {directory} were computed with another vision tower or image preprocessing "
             f"({_describe_tower(info)}, fingerprint {info['fingerprint'][:16]}; this model's is {fingerprint[:16]}). "
             "Embed the source again with this model (`clipcap embed --model ... --output ANOTHER_FOLDER`)."
+        )
+    if finished and info.get("num_images") is None:  # the counts are written when a pass ends
+        raise ValueError(
+            f"The embeddings in {directory} are from a `clipcap embed` pass that has not finished (it was stopped, "
+            "or is still running), so they hold only part of the source: finish it (rerun the same `clipcap embed` "
+            "command, which embeds only the images still missing) first."
         )
     return info
 

@@ -41,7 +41,7 @@ from .embeddings import (
     embedding_cache_folder,
     load_embeddings,
 )
-from .sources import DEFAULT_CAPTION_COLUMNS, SHARD_COLUMN, decode_image, load_image_source
+from .sources import DEFAULT_CAPTION_COLUMNS, SHARD_COLUMN, WEBDATASET_KEY, decode_image, load_image_source
 
 logger = logging.get_logger(__name__)
 
@@ -217,7 +217,7 @@ def _embedded_rows(train_source, eval_source, data_args, model, processor, train
     tables, cache_index = [], None
     cache_root = data_args.embedding_cache_dir or os.path.join(datasets.config.HF_DATASETS_CACHE, "clipcap_embeddings")
     if data_args.embeddings:
-        check_embeddings(data_args.embeddings, model, processor.image_processor)
+        check_embeddings(data_args.embeddings, model, processor.image_processor, finished=True)
         tables.append(load_embeddings(data_args.embeddings))
         if CAPTIONS_COLUMN not in tables[0].column_names:
             raise ValueError(
@@ -268,6 +268,11 @@ def _embedded_rows(train_source, eval_source, data_args, model, processor, train
     return train_rows, eval_rows, table.select_columns(EMBEDDING_COLUMN).with_format("torch")
 
 
+# Part of the cached caption rows' fingerprint: rows cached by a version that named images otherwise (webdataset ids
+# without their shard, before 2) are not reused.
+CAPTION_ROWS_FORMAT = 2
+
+
 def _caption_rows(
     source: datasets.Dataset, index: _KeyIndex | None, for_evaluation: bool = False, cache_dir: Path | None = None
 ) -> datasets.Dataset:
@@ -282,7 +287,9 @@ def _caption_rows(
         columns += ["image"] + [name for name in _ID_COLUMNS if name in source.column_names]
     # Named by what it is made of: hashing the key index would read every key.
     table_fingerprint = index.table._fingerprint if index is not None else None
-    fingerprint = Hasher.hash([source._fingerprint, table_fingerprint, index and index.offset, for_evaluation])
+    fingerprint = Hasher.hash(
+        [CAPTION_ROWS_FORMAT, source._fingerprint, table_fingerprint, index and index.offset, for_evaluation]
+    )
     cache_file_name = None
     if cache_dir is not None:
         try:
@@ -305,7 +312,8 @@ def _caption_rows(
     )
 
 
-_ID_COLUMNS = ("image_id", "image_path", "__key__")
+# The columns that name an image in predictions (see `_image_id_and_path`).
+_ID_COLUMNS = ("image_id", "image_path", WEBDATASET_KEY, SHARD_COLUMN)
 
 
 def _explode(
@@ -329,8 +337,17 @@ def _explode(
 
 
 def _image_id_and_path(batch: dict[str, list], position: int, key: str) -> tuple[Any, str | None]:
-    """How predictions name an image: the source's `image_id` (or webdataset `__key__`, or the key) and its file."""
-    image_id = batch.get("image_id", batch.get("__key__", [key] * (position + 1)))[position]
+    """
+    How predictions name an image: the source's `image_id`, else a webdataset sample's shard and `__key__`
+    (`00001.tar/000123`: shards written one by one may each number their samples from 0), else the image key; and its
+    file.
+    """
+    if "image_id" in batch:
+        image_id = batch["image_id"][position]
+    elif WEBDATASET_KEY in batch:
+        image_id = f"{os.path.basename(batch[SHARD_COLUMN][position])}/{batch[WEBDATASET_KEY][position]}"
+    else:
+        image_id = key
     image = batch.get("image", [None] * (position + 1))[position] or {}
     path = batch["image_path"][position] if "image_path" in batch else image.get("path")
     return str(image_id) if not isinstance(image_id, int) else image_id, path
@@ -342,8 +359,8 @@ def _image_id_and_path(batch: dict[str, list], position: int, key: str) -> tuple
 
 def _pixel_rows(source, data_args, name: str):
     """One row per caption with its `image`, unreadable images raised or left out (`--on_bad_image`)."""
-    named = (*_ID_COLUMNS, SHARD_COLUMN)  # the shard names an unreadable image
-    columns = [KEY_COLUMN, CAPTIONS_COLUMN, "image"] + [c for c in named if c in (source.features or {})]
+    # The shard (in the id columns) also names an unreadable image.
+    columns = [KEY_COLUMN, CAPTIONS_COLUMN, "image"] + [c for c in _ID_COLUMNS if c in (source.features or {})]
     source = source.select_columns(columns)
     if isinstance(source, datasets.IterableDataset):
         # Read lazily: each image is decoded (and checked) when its captions come up.
@@ -416,8 +433,14 @@ def _images_of(rows: datasets.Dataset) -> datasets.Dataset:
     """
     first_row: dict[Any, int] = {}
     references: dict[Any, list[str]] = {}
+    embedding_rows = rows["image_index"] if "image_index" in rows.column_names else None
     for row, (image_id, caption) in enumerate(zip(rows["image_id"], rows["caption"])):
-        first_row.setdefault(image_id, row)
+        first = first_row.setdefault(image_id, row)
+        if embedding_rows is not None and embedding_rows[row] != embedding_rows[first]:
+            raise ValueError(
+                f"The evaluation source gives the image id {image_id!r} to two different images (rows {first} and "
+                f"{row} of its captions); predictions are named by image id, so each image needs an id of its own."
+            )
         references.setdefault(image_id, []).append(caption)
     per_caption = [name for name in ("caption", "length") if name in rows.column_names]
     images = rows.select(list(first_row.values())).remove_columns(per_caption)
