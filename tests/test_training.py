@@ -262,9 +262,11 @@ def test_lora_options_without_use_lora_are_refused_and_with_it_get_their_default
         (["--lora_r", "0"], "--lora_r must be at least 1 (the adapters' rank), got 0."),
         (["--lora_dropout", "1"], "--lora_dropout must be from 0 up to (not including) 1, got 1.0."),
         (["--lora_dropout", "-0.1"], "--lora_dropout must be from 0 up to (not including) 1, got -0.1."),
+        # A scale of 0 gives the adapters no gradient: the run trained nothing, with status 0.
+        (["--lora_alpha", "0"], "--lora_alpha must be above 0 (the adapters' scale is lora_alpha / lora_r), got 0."),
     ],
 )
-def test_lora_rank_and_dropout_out_of_range_are_refused_as_the_arguments_are_read(tmp_path, given, message):
+def test_lora_rank_alpha_and_dropout_out_of_range_are_refused_as_the_arguments_are_read(tmp_path, given, message):
     # peft refused them only once the images were embedded, in its own words.
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         parse_args(["--use_lora", *given, "--output_dir", str(tmp_path)])
@@ -402,6 +404,14 @@ def test_a_json_file_gets_the_recipe_and_common_defaults_and_its_own_values_win(
         parse_args([str(path)])
 
 
+def test_a_dot_args_file_beside_the_script_is_not_read_into_the_arguments_given(tmp_path, monkeypatch):
+    # transformers' parser reads `<sys.argv[0] without suffix>.args` too: it added options nobody gave.
+    (tmp_path / "mytrain.args").write_text("--weight_decay 0.5 --seed 1234")
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "mytrain.py")])
+    training_args = parse_args(["--output_dir", str(tmp_path / "out")])[2]
+    assert (training_args.weight_decay, training_args.seed) == (0.0, 42)
+
+
 @pytest.mark.parametrize(
     "content, message",
     [
@@ -432,6 +442,8 @@ def test_a_malformed_json_arguments_file_is_named(tmp_path, content, message):
          r"but this run evaluates nothing: add --do_eval \(with --validation_file or --validation_split\)"),
         (["--do_train", "--generation_num_beams", "2"],
          r"^--generation_num_beams set how the evaluation images .* evaluates nothing"),
+        # Loaded the model, then did nothing with status 0.
+        ([], r"^This run would do nothing: add --do_train \(to train\), --do_eval \(to evaluate\), or both\.$"),
     ],
 )
 def test_trainer_options_that_do_not_fit_clipcap_are_refused_naming_the_option(tmp_path, option, message):
@@ -1019,6 +1031,10 @@ def test_a_karpathy_validation_file_evaluates_its_val_images(tmp_path, model_dir
     message = r"--validation_file: .*karpathy.json \(coco-karpathy\) has no images of split 'validation'"
     with pytest.raises(ValueError, match=message):
         main(args)
+    # Karpathy's test split, by its name.
+    assert main([*args, "--validation_split", "test"])["eval_samples"] == 1
+    records = json.loads((tmp_path / "out/predictions/eval_step2.json").read_text())
+    assert [(record["image_id"], record["references"]) for record in records] == [(1, ["A man."])]
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace) -> int:
     from ._utils import resolve_device
 
     parser = ClipCapArgumentParser(EmbedArguments, prog="clipcap embed")
-    (embed_args,) = parser.parse_args_into_dataclasses(args=args.arguments)
+    (embed_args,) = parser.parse_args_into_dataclasses(args=args.arguments, look_for_args_file=False)
     device = resolve_device(embed_args.device)
     _join_process_group(device)
     is_main_process = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0

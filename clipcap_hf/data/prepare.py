@@ -163,8 +163,8 @@ def load_source(
         dataset_name=dataset_name,
         dataset_config_name=data_args.dataset_config_name,
         data_files=_expand(files) if files is not None else None,
-        # A Hub dataset's split by its name; a save_to_disk DatasetDict's by its name, else the default's.
-        split=(name_split or split) if files is None or data_format is None else split,
+        # A split by its name (a Hub dataset's, a save_to_disk DatasetDict's, a Karpathy file's), else the default's.
+        split=name_split or split,
         image_column=data_args.image_column,
         streaming=streaming,
         dataset_format=data_format,

@@ -265,6 +265,9 @@ class ModelArguments:
         # Checked before any data is loaded, rather than by peft once the images are embedded.
         if self.lora_r < 1:
             raise ValueError(f"--lora_r must be at least 1 (the adapters' rank), got {self.lora_r}.")
+        if self.lora_alpha <= 0:  # peft scales the adapters by lora_alpha / lora_r: 0 would never train them
+            raise ValueError(f"--lora_alpha must be above 0 (the adapters' scale is lora_alpha / lora_r), got "
+                             f"{self.lora_alpha}.")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora_dropout must be from 0 up to (not including) 1, got {self.lora_dropout}.")
 

@@ -185,7 +185,8 @@ def parse_args(
     recipe = recipe_parser.parse_known_args(parser.spelled_in_full(args))[0].recipe
     defaults = _recipe_run_defaults(recipe)
     default_args = [item for name, value in defaults.items() for item in (f"--{name}", str(value))]
-    return parser.parse_args_into_dataclasses(args=default_args + args)
+    # Only the arguments given: transformers would also read a `<script>.args` file found beside `sys.argv[0]`.
+    return parser.parse_args_into_dataclasses(args=default_args + args, look_for_args_file=False)
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -739,6 +740,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         )
     # Evaluation (at the end, or during training) captions the evaluation images.
     evaluating = training_args.do_eval or training_args.eval_strategy != "no"
+    if not (training_args.do_train or evaluating):
+        raise ValueError("This run would do nothing: add --do_train (to train), --do_eval (to evaluate), or both.")
     evaluation_options = {"--eval_caption_metrics": data_args.eval_caption_metrics,
                           "--generation_num_beams": data_args.generation_num_beams}
     unused = [option for option, value in evaluation_options.items() if value is not None]
