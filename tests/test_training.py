@@ -1109,9 +1109,40 @@ def test_captions_or_generation_beyond_the_language_model_context_are_refused_be
     with pytest.raises(ValueError, match=message):
         main(run_arguments(model_dir, caption_folder, out, cache, "--max_caption_length", "125"))
     assert not out.exists()
+    # A stream's captions are not measured first: the cap itself must fit (the run stopped part-way before).
+    message = (
+        r"--max_caption_length 125 with the 4 prefix vectors allows 129 positions, but the language model has 128 "
+        r"\(max_position_embeddings\), and a streamed source's captions are not measured before training: .* Set "
+        r"--max_caption_length to 124 or less."
+    )
+    streaming = ("--streaming", "--max_caption_length", "125", "--eval_strategy", "no")
+    with pytest.raises(ValueError, match=message):
+        main(run_arguments(model_dir, caption_folder, out, cache, *streaming))
+    assert not any(out.glob("checkpoint-*"))
     # At the limit the long caption trains, and is evaluated (the evaluation loss covers every caption).
     metrics = main(run_arguments(model_dir, caption_folder, out, cache, "--max_caption_length", "124"))
     assert metrics["train_truncated_captions"] == 1 and torch.isfinite(torch.tensor(metrics["eval_loss"]))
+
+
+def test_a_checkpoint_without_the_optimizer_state_is_not_resumed_unless_asked(tmp_path, model_dir, caption_folder):
+    import shutil
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = run_arguments(model_dir, caption_folder, out, cache, "--save_only_model", "--eval_strategy", "no")
+    args[args.index("--save_strategy") + 1] = "steps"
+    args += ["--save_steps", "1"]
+    main(args)
+    shutil.rmtree(out / "checkpoint-2")  # as if killed after its first checkpoint
+    message = (
+        r"checkpoint-1 holds the model without the optimizer's state \(it was saved with --save_only_model\), so "
+        r"resuming from it would restart the optimizer .* Resume from it anyway with --resume_from_checkpoint "
+    )
+    with pytest.raises(ValueError, match=message):
+        main(args)
+    assert not (out / "checkpoint-2").exists()
+    assert main([*args, "--resume_from_checkpoint", str(out / "checkpoint-1")])["train_samples"] > 0
+    assert (out / "checkpoint-2").is_dir()
+    main(args)  # the run is over: a rerun finds its last checkpoint and trains nothing, as any finished run
 
 
 def test_a_lora_run_continues_training_its_adapters(tmp_path, model_dir, caption_folder):

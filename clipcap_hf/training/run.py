@@ -223,6 +223,14 @@ def _check_context_length(
     prefix = config.prefix_length
     room = f"{context - prefix} or less" if context > prefix else "below 1: the prefix alone fills the context"
     longest = data.longest_caption if data is not None else 0
+    streamed = data is not None and isinstance(data.train, datasets.IterableDataset)
+    if streamed and prefix + data_args.max_caption_length > context:
+        raise ValueError(
+            f"--max_caption_length {data_args.max_caption_length} with the {prefix} prefix vectors allows "
+            f"{prefix + data_args.max_caption_length} positions, but the language model has {context} "
+            "(max_position_embeddings), and a streamed source's captions are not measured before training: a caption "
+            f"that long would stop the run part-way. Set --max_caption_length to {room}."
+        )
     if longest and prefix + longest > context:
         raise ValueError(
             f"The longest caption has {longest} tokens (EOS included, after --max_caption_length "
@@ -265,6 +273,12 @@ def last_complete_checkpoint(output_dir: str, remove_incomplete: bool = False) -
                 logger.warning(f"Removing {checkpoint}, which a run stopped while writing it.")
                 shutil.rmtree(checkpoint)
     return None
+
+
+def _holds_optimizer_state(checkpoint: str) -> bool:
+    """Whether Trainer saved the optimizer's state in `checkpoint`: its `optimizer.pt` (FSDP: `optimizer*`), or
+    DeepSpeed's `global_step*` folder."""
+    return any(name.startswith(("optimizer", "global_step")) for name in os.listdir(checkpoint))
 
 
 def _warn_of_the_checkpoints_left(output_dir: str) -> None:
@@ -784,6 +798,14 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                 "another --max_steps or --num_train_epochs is refused: they set the learning-rate schedule)."
             )
     training = training_args.do_train and finished is None
+    if training and last_checkpoint is not None and not _holds_optimizer_state(last_checkpoint):
+        # Trainer would resume from it with a new optimizer and warm-up, saying so at the info level only.
+        raise ValueError(
+            f"{last_checkpoint} holds the model without the optimizer's state (it was saved with --save_only_model), "
+            "so resuming from it would restart the optimizer and the learning-rate warm-up rather than continue the "
+            f"run. Resume from it anyway with --resume_from_checkpoint {last_checkpoint}, or start afresh with "
+            "another --output_dir."
+        )
     if model_args.use_lora and not is_peft_model(model):
         check_lora_target_modules(model, model_args)  # before the data are loaded, and base_model saved
     if training and data_args.streaming and training_args.max_steps <= 0:
