@@ -228,6 +228,28 @@ def test_a_row_without_an_image_is_named_or_skipped_with_a_warning_naming_it(tmp
         load_image_source(data_files=str(tmp_path / "data.parquet"), on_bad_image="drop")
 
 
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"empty.jsonl": ""}, r"empty.jsonl cannot be read as json data \(it holds no rows\); fix or remove it"),
+        ({"a.jsonl": '{"image": "x.png", "caption": "A dog."}\n', "bad.jsonl": '{"image": "x.png", "cap\n'},
+         r"bad.jsonl cannot be read as json data \(ArrowInvalid: JSON parse error.*\); fix or remove it"),
+        ({"header.csv": "image,caption\n"}, r"header.csv cannot be read as csv data \(it holds no rows\)"),
+        ({"a.jsonl": '{"image": "x.png", "caption": "A dog."}\n', "b.jsonl": '{"image": "x.png", "caption": "A '
+          'cat.", "extra": 1}\n'},
+         r"b.jsonl and .*a.jsonl give their columns differently \(image: .*, extra: Value\('int64'\) against image: "
+         r".*\); write every file with the same columns and types"),
+        ({"00000.tar": "not a tar file" * 50}, r"00000.tar cannot be read as webdataset data \(ReadError: .*\)"),
+    ],
+)
+def test_a_data_file_that_does_not_read_is_named_with_the_reason(tmp_path, files, message):
+    # datasets' errors named no file: "An error occurred while generating the dataset", a bare StopIteration.
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_image_source(data_files=[str(tmp_path / name) for name in files], caption_column="caption")
+
+
 def test_parquet_written_without_datasets_and_a_column_that_is_not_images(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import os
+import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -270,7 +271,46 @@ def _from_data_files(data_files, split: str, streaming: bool):
             f"Cannot tell how to read {_describe(files)}: give files of one kind, with one of the suffixes "
             f"{', '.join(BUILDERS)}, a folder (image folder or save_to_disk), or a --dataset_format."
         )
-    return datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming)
+    try:
+        return datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming)
+    except (datasets.exceptions.DatasetGenerationError, StopIteration, tarfile.TarError, ValueError) as error:
+        # datasets' own errors name no file ("An error occurred while generating the dataset"): read each file alone.
+        problem = _unreadable_data_file(builder, files)
+        if problem is None:
+            raise
+        raise ValueError(problem) from error
+
+
+def _unreadable_data_file(builder: str, files: list[str]) -> str | None:
+    """
+    What keeps `files` from reading together, naming the file: the first that does not read alone (or holds no rows),
+    or the first whose columns differ from the first file's; None if neither (the error is another).
+    """
+    features = []
+    for path in files:
+        try:
+            alone = datasets.load_dataset(builder, data_files={"train": [path]}, split="train")
+        except (datasets.exceptions.DatasetGenerationError, StopIteration, tarfile.TarError, ValueError) as error:
+            cause = error
+            while cause.__cause__ is not None:  # the reader's own words, beneath datasets' wrapping
+                cause = cause.__cause__
+            reason = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
+            if isinstance(cause, StopIteration) or "corresponds to no data" in str(cause):
+                reason = "it holds no rows"
+            return f"{path} cannot be read as {builder} data ({reason}); fix or remove it."
+        if alone.num_rows == 0:
+            return f"{path} cannot be read as {builder} data (it holds no rows); fix or remove it."
+        features.append(alone.features)
+        if alone.features != features[0]:
+            return (
+                f"{path} and {files[0]} give their columns differently ({_describe_features(alone.features)} against "
+                f"{_describe_features(features[0])}); write every file with the same columns and types."
+            )
+    return None
+
+
+def _describe_features(features: datasets.Features) -> str:
+    return ", ".join(f"{name}: {feature}" for name, feature in features.items())
 
 
 def _builder_of(files: list[str]) -> str | None:
