@@ -13,7 +13,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
-from ..utils.file_utils import save_pretrained
+from ..utils.file_utils import save_pretrained_atomically
 from ..utils.loading import check_clipcap_model
 from ..utils.quantization import is_quantized
 from .arguments import ModelArguments
@@ -169,9 +169,13 @@ def load_lora_model(
 def merge_lora(
     adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, base_model_name_or_path: str | None = None
 ) -> ClipCapForConditionalGeneration:
-    """Merge a LoRA run's adapters into its base model and save a plain checkpoint (with the processor)."""
+    """
+    Merge a LoRA run's adapters into its base model and save a plain checkpoint (with the processor) as `output_dir`,
+    written whole or not at all (a run's rerun merges again unless `output_dir` exists).
+    """
     model = load_lora_model(adapter_dir, base_model_name_or_path).merge_and_unload()
-    save_pretrained(output_dir, model, ClipCapProcessor.from_pretrained(adapter_dir, trust_remote_code=False))
+    processor = ClipCapProcessor.from_pretrained(adapter_dir, trust_remote_code=False)
+    save_pretrained_atomically(output_dir, model, processor)
     return model
 
 

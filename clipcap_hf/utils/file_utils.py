@@ -143,6 +143,30 @@ def save_pretrained(folder: str | os.PathLike[str], *parts: Any) -> None:
     give_files_the_umask_mode(folder)
 
 
+def save_pretrained_atomically(folder: str | os.PathLike[str], *parts: Any) -> None:
+    """
+    [`save_pretrained`] into a new folder beside `folder`, renamed to `folder` once every part is written (replacing
+    a folder there): a process stopped part-way leaves no half-written `folder` that a rerun would take as done.
+    """
+    import shutil
+
+    folder = Path(folder)
+    temporary = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(temporary, ignore_errors=True)  # a stopped earlier process of the same number
+    try:
+        save_pretrained(temporary, *parts)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    if folder.exists():  # a directory cannot be renamed onto a non-empty one: the old one goes aside first
+        replaced = folder.with_name(f".{folder.name}.replaced-{os.getpid()}")
+        os.replace(folder, replaced)
+        os.replace(temporary, folder)
+        shutil.rmtree(replaced)
+    else:
+        os.replace(temporary, folder)
+
+
 class FileLocksUnsupportedError(OSError):
     """A folder's filesystem has no file locks (`flock`), and the installed `filelock` cannot lock without them."""
 
