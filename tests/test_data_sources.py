@@ -250,6 +250,26 @@ def test_a_data_file_that_does_not_read_is_named_with_the_reason(tmp_path, files
         load_image_source(data_files=[str(tmp_path / name) for name in files], caption_column="caption")
 
 
+def test_image_urls_are_refused_and_a_data_file_named_twice_is_read_once(tmp_path, caplog):
+    from clipcap_hf.data.prepare import load_source
+    from clipcap_hf.training.arguments import DataArguments
+
+    (tmp_path / "urls.jsonl").write_text(json.dumps({"image": "https://example.com/cat.jpg", "caption": "A cat."}))
+    # It was joined to the file's folder and reported as a missing file at embedding time.
+    message = r"urls.jsonl: the image column 'image' holds an image URL \(https://example.com/cat.jpg\); download"
+    with pytest.raises(ValueError, match=message):
+        load_image_source(data_files=str(tmp_path / "urls.jsonl"), caption_column="caption")
+
+    random_images(1)[0].save(tmp_path / "x.png")
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"image": "x.png", "caption": f"caption {name}"}) + "\n")
+    files = f"{tmp_path}/[ab].jsonl,{tmp_path}/a.jsonl"  # a.jsonl matched twice
+    with caplog.at_level("WARNING"):
+        source = load_source(DataArguments(train_file=files, caption_column="caption"))
+    assert source["captions"] == [["caption a"], ["caption b"]]
+    assert "names 1 data file(s) more than once; each is read once" in caplog.text
+
+
 def test_parquet_written_without_datasets_and_a_column_that_is_not_images(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq

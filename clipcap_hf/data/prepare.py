@@ -189,7 +189,14 @@ def _expand(files: str) -> list[str] | str:
         if not matches:
             raise FileNotFoundError(f"No file matches {pattern!r}.")
         paths.extend(matches)
-    return paths[0] if len(paths) == 1 else paths
+    # A file matched twice (`shards/*.parquet,shards/part0.parquet`) would be read twice, its captions trained twice.
+    first: dict[str, str] = {}
+    for path in paths:
+        first.setdefault(os.path.abspath(path), path)
+    unique = list(first.values())
+    if len(unique) < len(paths):
+        logger.warning(f"{files!r} names {len(paths) - len(unique)} data file(s) more than once; each is read once.")
+    return unique[0] if len(unique) == 1 else unique
 
 
 def _first_captions(source, count: int):

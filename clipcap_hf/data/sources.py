@@ -586,6 +586,11 @@ def _parquet_shards(dataset, data_files) -> list[tuple[str, int]] | None:
 def _absolute_paths(paths, *, column: str, root: str | list[str], source: str):
     absolute = []
     for path in paths:
+        if path is not None and path.startswith(("http://", "https://")):  # joined to the folder, it named no file
+            raise ValueError(
+                f"{source}: the image column {column!r} holds an image URL ({path}); download the images first (for "
+                "example with img2dataset, into webdataset or parquet shards) and give those, or local file paths."
+            )
         if path is not None and not os.path.isabs(path):
             if isinstance(root, list):
                 raise ValueError(
