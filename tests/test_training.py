@@ -1154,6 +1154,25 @@ def test_a_checkpoint_without_the_optimizer_state_is_not_resumed_unless_asked(tm
     main(args)  # the run is over: a rerun finds its last checkpoint and trains nothing, as any finished run
 
 
+def test_a_resume_with_another_number_of_processes_is_warned_of(tmp_path, model_dir, caption_folder, caplog):
+    import shutil
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = run_arguments(model_dir, caption_folder, out, cache, "--eval_strategy", "no")
+    args[args.index("--save_strategy") + 1] = "steps"
+    args += ["--save_steps", "1"]
+    main(args)
+    shutil.rmtree(out / "checkpoint-2")
+    record = out / "checkpoint-1" / "clipcap_run_args.json"
+    recorded = json.loads(record.read_text())
+    assert recorded["world_size"] == 1
+    record.write_text(json.dumps({**recorded, "world_size": 2}))  # as if trained by two processes
+    with caplog.at_level("WARNING"):
+        main(args)
+    assert "trained by 2 process(es), with 1: each process trains its own share of every step's batch" in caplog.text
+    assert (out / "checkpoint-2").is_dir()  # resumed all the same
+
+
 def test_a_lora_run_continues_training_its_adapters(tmp_path, model_dir, caption_folder):
     from peft import PeftConfig
     from safetensors.torch import load_file

@@ -340,6 +340,8 @@ def run_arguments(
     )
     # A streamed source is embedded from the pixels at each step whatever --use_embedding_cache says.
     values["use_embedding_cache"] = data_args.use_embedding_cache and not data_args.streaming
+    # Not an argument, but it sets the batches: each process trains its own share of every step's batch.
+    values[WORLD_SIZE_KEY] = training_args.world_size
     for name in PATH_ARGUMENTS:
         if values[name] is not None:
             values[name] = ",".join(_absolute_local_path(part) for part in str(values[name]).split(","))
@@ -588,8 +590,17 @@ def _check_resumed_arguments(
         f"--{name} {_shown(recorded[name])} (now {_shown(value)}{_WHY_RECORDED.get(name, '')})"
         for name, value in arguments.items()
         # A name only one side has: another version's argument.
-        if name not in _IDENTITIES and name in recorded and recorded[name] != value
+        if name not in (*_IDENTITIES, WORLD_SIZE_KEY) and name in recorded and recorded[name] != value
     ]
+    processes = recorded.get(WORLD_SIZE_KEY)
+    if processes is not None and processes != arguments[WORLD_SIZE_KEY]:
+        # Warned of, not refused: a run moved to other hardware (a preempted job restarted on fewer GPUs) may go on.
+        logger.warning(
+            f"Resuming from {checkpoint}, trained by {processes} process(es), with {arguments[WORLD_SIZE_KEY]}: each "
+            "process trains its own share of every step's batch, so the batches (and their size, "
+            "per_device_train_batch_size x processes x gradient_accumulation_steps) differ from the run's, and the "
+            "resume does not continue it exactly."
+        )
     changed_content, unchecked, unchecked_models, unchecked_bases, hub_models = {}, [], [], [], []
     for key, (kind, unchecked_kind, held, described) in _IDENTITIES.items():
         identities = recorded.get(key)
@@ -665,6 +676,8 @@ def _start_again(checkpoint: str, training_args: TrainingArguments) -> str:
 
 
 # Why a resume may not change an argument that may seem to change the speed alone.
+# The record's entry for the number of training processes.
+WORLD_SIZE_KEY = "world_size"
 _WHY_RECORDED = {
     "use_embedding_cache": "; embeddings computed from the pixels at each step round differently from the cached "
     "ones, which changes the weights",
