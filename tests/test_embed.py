@@ -270,6 +270,36 @@ def test_a_killed_embedding_run_resumes_and_stores_every_image_once(tmp_path, mo
     assert load_embeddings_info(tmp_path / "emb")["num_images"] == 5
 
 
+def test_a_rerun_into_a_folder_embedded_from_other_captions_is_refused_but_a_replaced_file_is_embedded_again(
+    tmp_path, model_dir, capsys
+):
+    for number, image in enumerate(random_images(2, seed=3)):
+        image.save(tmp_path / f"{number}.png")
+
+    def write_source(prefix):
+        lines = [json.dumps({"image": f"{number}.png", "caption": f"{prefix} caption {number}"}) for number in range(2)]
+        (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
+
+    arguments = ["embed", "--model", str(model_dir), "--train_file", str(tmp_path / "data.jsonl"), "--output",
+                 str(tmp_path / "emb")]  # fmt: skip
+    write_source("old")
+    assert main(arguments) == 0
+    write_source("new")  # the captions edited: the rerun kept the old ones, and training read them
+    capsys.readouterr()
+    assert main(arguments) == 2
+    assert "was embedded from other rows (other captions, kept columns or images) than this source's" in (
+        capsys.readouterr().err
+    )
+    assert sorted(stored(tmp_path / "emb")[key][1][0] for key in stored(tmp_path / "emb")) == [
+        "old caption 0", "old caption 1"
+    ]
+    write_source("old")
+    random_images(1, seed=4)[0].save(tmp_path / "1.png")  # a file replaced at its path: embedded again, as before
+    assert main(arguments) == 0
+    keys = sorted(stored(tmp_path / "emb"))
+    assert keys == sorted(load_image_source(data_files=str(tmp_path / "data.jsonl"))["image_key"])
+
+
 @pytest.mark.parametrize(
     "environment, expected",
     [

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
             on_bad_image=embed_args.on_bad_image,
             keep_columns=keep_columns,
             source_name=embed_args.dataset_name or embed_args.train_file,
+            check_source=True,  # a folder to train from: its captions must be this source's
         )
     finally:
         if torch.distributed.is_initialized():

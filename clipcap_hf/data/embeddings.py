@@ -189,6 +189,7 @@ def embed_source(
     on_bad_image: BadImagePolicy = "error",
     keep_columns: Sequence[str] = (),
     source_name: str | None = None,
+    check_source: bool = False,
 ) -> dict[str, Any]:
     """
     Embed every unique image of a source (rows of [`load_image_source`]) once into an embeddings folder.
@@ -221,6 +222,11 @@ def embed_source(
             stored (`"error"`), or is left out with a warning that counts them (`"skip"`).
         keep_columns: source columns to store beside the embeddings (from the image's first row).
         source_name: how the info file describes the source.
+        check_source: for a folder that is trained from (`clipcap embed`): record a digest of the source's rows (keys,
+            captions, kept columns) in the info, and refuse a folder recorded from other rows. A folder stores each
+            image's captions from the pass that first embedded it, so after the captions were edited a rerun into the
+            same folder would keep the old ones. A streamed source is not read ahead, so its rows are not checked.
+            Without it (an embedding cache, which sources share) the folder's captions are not what training reads.
 
     Returns:
         The folder's info (see [`load_embeddings_info`]), with `num_images` and `num_shards`.
@@ -249,7 +255,17 @@ def embed_source(
                     f"The embeddings folder {output_dir} holds the columns {', '.join(stored_columns)}; this source "
                     f"would add {', '.join(writer.columns)}. Embed it into another folder (or with the same columns)."
                 )
+        digest = _source_digest(source, keep_columns) if check_source else None
+        recorded = previous.get("source_digest")
+        if digest is not None and recorded not in (None, digest) and _complete_shards(output_dir):
+            raise ValueError(
+                f"The embeddings folder {output_dir} was embedded from other rows (other captions, kept columns or "
+                "images) than this source's, and a folder keeps each image's captions from the pass that first "
+                "embedded it, so the stored ones would stay as they were. Embed this source into a new --output (or "
+                "delete the folder)."
+            )
         info = _folder_info(model, image_processor, writer.columns, source_name)
+        info["source_digest"] = digest or recorded
         if rank == 0:
             write_text_atomically(output_dir / EMBEDDINGS_INFO_NAME, json.dumps(info, indent=2, default=str))
         done = _stored_keys(output_dir, rank, world_size)
@@ -324,6 +340,21 @@ def embed_source(
         _barrier()
         return load_embeddings_info(output_dir)
 
+
+
+def _source_digest(source, keep_columns: Sequence[str]) -> str | None:
+    """A hash of a map-style source's image keys (a file's by its path), captions and `keep_columns`, row by row; None
+    for a stream."""
+    if not isinstance(source, datasets.Dataset):
+        return None
+    columns = [name for name in (KEY_COLUMN, CAPTIONS_COLUMN, *keep_columns) if name in source.column_names]
+    digest = hashlib.sha256()
+    for batch in source.select_columns(columns).with_format("arrow").iter(batch_size=10_000):
+        # An image file by its path alone: one replaced at its path is embedded again by design (its old row dropped).
+        paths = pc.replace_substring_regex(batch[KEY_COLUMN], _FILE_KEY_TAIL, "")
+        rows = batch.set_column(batch.column_names.index(KEY_COLUMN), KEY_COLUMN, paths).to_pydict()
+        digest.update(json.dumps(rows, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
 
 
 def _folder_info(model, image_processor, columns: list[str], source_name: str | None) -> dict[str, Any]:
