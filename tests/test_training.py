@@ -1187,6 +1187,16 @@ def test_a_lora_run_continues_training_its_adapters(tmp_path, model_dir, caption
     with pytest.raises(ValueError, match=message):
         main(run_arguments(first, caption_folder, second, cache))
 
+    # Options for new adapters that differ from these adapters' own were ignored (logged at the info level).
+    message = (
+        r"^--lora_r 4 \(the adapters': 2\), --lora_target_modules c_fc \(the adapters': .*\): --model_name_or_path "
+        r".*first holds LoRA adapters, which this run trains further as they are, so these options would be ignored"
+    )
+    with pytest.raises(ValueError, match=message):
+        main(run_arguments(first, caption_folder, second, cache, *lora, "--lora_r", "4", "--lora_target_modules",
+                           "c_fc", "--lora_dropout", "0.05"))  # fmt: skip
+    assert not second.exists()
+    # The adapters' own values (here --lora_r 2) may be given.
     main(run_arguments(first, caption_folder, second, cache, *lora, "--warmup_steps", "0"))
     assert PeftConfig.from_pretrained(second).base_model_name_or_path == str(model_dir)
     before, after = (load_file(folder / "adapter_model.safetensors") for folder in (first, second))

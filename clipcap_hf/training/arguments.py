@@ -241,7 +241,11 @@ class ModelArguments:
                     f"{', '.join(transformer_only)} shape a transformer mapper, but this new model gets a "
                     f"{self.mapping_type} mapper, which has neither. Add --mapping_type transformer, or leave them out."
                 )
-        given = [f"--{name}" for name in (*LORA_DEFAULTS, "lora_target_modules") if getattr(self, name) is not None]
+        # Before LORA_DEFAULTS fill them in: a continued LoRA run checks these against its adapters' own.
+        self.lora_options_given = tuple(
+            name for name in (*LORA_DEFAULTS, "lora_target_modules") if getattr(self, name) is not None
+        )
+        given = [f"--{name}" for name in self.lora_options_given]
         given += ["--save_merged_model"] if self.save_merged_model else []
         if given and not self.use_lora:
             raise ValueError(f"{', '.join(given)} set up LoRA adapters: add --use_lora, or leave them out.")

@@ -99,6 +99,32 @@ def add_lora(model: ClipCapForConditionalGeneration, model_args: ModelArguments)
     return get_peft_model(model, lora_config)
 
 
+def check_continued_lora_options(model, model_args: ModelArguments) -> None:
+    """
+    Refuse `--lora_*` options given for a run that trains the adapters of `model` (a `PeftModel`) further when they
+    differ from those adapters' own: new adapters would take them, these keep theirs, so the options would be ignored.
+    """
+    config = model.peft_config[model.active_adapter]
+    names = _target_module_names(model_args)
+    adapters = {
+        "lora_r": (config.r, model_args.lora_r),
+        "lora_alpha": (config.lora_alpha, model_args.lora_alpha),
+        "lora_dropout": (config.lora_dropout, model_args.lora_dropout),
+        "lora_target_modules": (config.target_modules, lora_target_modules(model.get_base_model(), names)),
+    }
+    differing = [
+        f"--{name} {getattr(model_args, name)} (the adapters': {adapters[name][0]})"
+        for name in model_args.lora_options_given
+        if adapters[name][0] != adapters[name][1]
+    ]
+    if differing:
+        raise ValueError(
+            f"{', '.join(differing)}: --model_name_or_path {model_args.model_name_or_path} holds LoRA adapters, which "
+            "this run trains further as they are, so these options would be ignored. Leave them out (or give the "
+            "adapters' values); for new adapters, start from the merged model (its merged/ folder, or merge_lora)."
+        )
+
+
 def _target_module_names(model_args: ModelArguments) -> list[str]:
     """The names `--lora_target_modules` lists (comma-separated); empty when not given."""
     return [name.strip() for name in (model_args.lora_target_modules or "").split(",") if name.strip()]

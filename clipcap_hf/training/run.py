@@ -58,6 +58,7 @@ from .arguments import (
 from .lora import (
     BASE_MODEL_DIR,
     add_lora,
+    check_continued_lora_options,
     check_lora_target_modules,
     is_peft_model,
     load_lora_model,
@@ -839,6 +840,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     if model_args.freeze_language_model:
         model.freeze_language_model()
     if model_args.use_lora and is_peft_model(model):
+        check_continued_lora_options(model, model_args)
         logger.info(
             f"Training the adapters of {model_args.model_name_or_path} further (their own rank and target modules; "
             "the --lora_* options apply to new adapters)."
