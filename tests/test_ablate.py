@@ -119,6 +119,11 @@ def test_the_command_reuses_the_grid_and_checks_its_options(grid, capsys, monkey
     assert main(["ablate", "--output-dir", str(output_dir), "--train-file", "captions.json", "--vision-models", "clip",
                  "--text-model", "gpt2", "--base-steps", "3"]) == 2
     assert "--base-steps sets the synthetic task's base run, which a dataset of your own" in capsys.readouterr().err
+    # Drawn empty once the whole grid had trained: the synthetic task's own scores.
+    assert main(["ablate", "--output-dir", str(output_dir), "--train-file", "captions.json", "--vision-models", "clip",
+                 "--text-model", "gpt2", "--plot-metrics", "CIDEr", "exact_match", "shape_accuracy"]) == 2
+    assert ("--plot-metrics exact_match shape_accuracy: scores of the synthetic task, which a dataset of your own "
+            "(--train-file) is not scored with") in capsys.readouterr().err
 
 
 def test_a_quiet_grid_prints_no_training_logs_and_no_progress_bars(grid, tmp_path, capsys):

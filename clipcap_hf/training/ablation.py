@@ -54,10 +54,8 @@ LANGUAGE_MODES = ("finetuned", "frozen")
 CAPTION_METRICS = ("bleu", "rouge", "cider")
 SCORES_FILE = "scores.json"
 # The scores a figure can show: the caption metrics', and the synthetic task's own.
-PLOTTABLE_SCORES = (
-    "Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr",
-    "exact_match", "colour_accuracy", "shape_accuracy", "position_accuracy",
-)
+SYNTHETIC_SCORES = ("exact_match", "colour_accuracy", "shape_accuracy", "position_accuracy")
+PLOTTABLE_SCORES = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "ROUGE_L", "CIDEr", *SYNTHETIC_SCORES)
 
 
 @dataclass
