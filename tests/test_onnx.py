@@ -277,6 +277,46 @@ def test_transformer_mapper_exports(tmp_path, tokenizer, processor, test_pixels)
     )
 
 
+def test_a_siglip2_tower_exports_and_its_graphs_match_pytorch(tmp_path, tokenizer, test_pixels):
+    from transformers import Siglip2VisionConfig
+
+    from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration
+
+    # Its tower asserts its patch grid with an operator (`aten._is_all_true`) the exporter had no function for.
+    vision_config = Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, patch_size=8, num_patches=16)  # fmt: skip
+    torch.manual_seed(0)
+    text_config = captioning_model(tokenizer).config.text_config
+    config = ClipCapConfig(vision_config=vision_config, text_config=text_config, prefix_length=PREFIX_LENGTH,
+                           image_token_id=captioning_model(tokenizer).config.image_token_id)  # fmt: skip
+    model = ClipCapForConditionalGeneration(config).eval()
+    export_onnx(model, tiny_processor(tokenizer), tmp_path, quantize=False)
+    captioner = OnnxCaptioner(tmp_path)
+    with torch.no_grad():
+        expected = model.get_prefix_embeds(pixel_values=test_pixels).numpy()
+    np.testing.assert_allclose(captioner.prefix_embeds(pixel_values=test_pixels.numpy()), expected, atol=TOLERANCE)
+    expected = model.generate(pixel_values=test_pixels, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+    assert captioner.generate(pixel_values=test_pixels.numpy(), max_new_tokens=MAX_NEW_TOKENS) == (
+        expected[:, PREFIX_LENGTH:].tolist()
+    )
+
+
+def test_a_graph_gets_a_weights_file_of_its_own_by_its_own_weights_size(tmp_path, tokenizer, monkeypatch):
+    import clipcap_hf.onnx.export
+
+    model = captioning_model(tokenizer)
+    image_graph_bytes = sum(p.numel() * 4 for part in (model.vision_model, model.mapping_network)
+                            for p in part.parameters())  # fmt: skip
+    assert sum(p.numel() * 4 for p in model.parameters()) > image_graph_bytes
+    # Every wrapper module holds the whole model: its size split the small image graphs of a large language model.
+    monkeypatch.setattr(clipcap_hf.onnx.export, "_SINGLE_FILE_LIMIT", image_graph_bytes + 1)
+    export_onnx(model, tiny_processor(tokenizer), tmp_path, quantize=False)
+    split = {name: (tmp_path / "onnx" / f"{name}.onnx.data").exists() for name in GRAPHS}
+    assert split == {"vision_encoder": False, "mapping_network": False, "embed_tokens": False,
+                     "decoder_model_merged": True}  # fmt: skip
+    assert OnnxCaptioner(tmp_path).generate(pixel_values=np.zeros((1, 3, 32, 32), np.float32), max_new_tokens=2)
+
+
 def test_incomplete_export_and_unsupported_settings_are_named(onnx_export, tmp_path):
     with pytest.raises(FileNotFoundError, match=r"decoder_model_merged_quantized\.onnx"):
         OnnxCaptioner(onnx_export[1], quantized=True)  # the PyTorch folder: no onnx/ graphs
@@ -470,7 +510,7 @@ def test_a_failed_export_names_the_missing_extra_and_leaves_no_folder_behind(
 
     import clipcap_hf.onnx.export
 
-    _, saved, _ = onnx_export
+    _, saved, exported = onnx_export
     output = tmp_path / "export"
     monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed
     assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8"]) == 2
@@ -485,9 +525,17 @@ def test_a_failed_export_names_the_missing_extra_and_leaves_no_folder_behind(
     monkeypatch.setattr(clipcap_hf.onnx.export, "export_graphs", fail_midway)
     assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8"]) == 2
     assert not output.exists()
-    output.mkdir()  # a folder the user made is left in place
+    output.mkdir()  # a folder the user made is left in place, empty
     assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8"]) == 2
-    assert output.is_dir()
+    assert output.is_dir() and not list(output.iterdir())
+    # An export that fails over an earlier one (--overwrite) leaves it whole: its old graphs were deleted first.
+    earlier = tmp_path / "earlier"
+    shutil.copytree(exported, earlier)
+    before = sorted(str(path.relative_to(earlier)) for path in earlier.rglob("*"))
+    assert main(["export-onnx", str(saved), "--output", str(earlier), "--overwrite"]) == 2
+    assert sorted(str(path.relative_to(earlier)) for path in earlier.rglob("*")) == before
+    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # no staging folder left
+    OnnxCaptioner(earlier)
 
 
 def test_a_generation_config_without_a_length_captions_as_many_tokens_as_the_model_loaded_from_it(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 
 from ..utils.loading import load_clipcap
@@ -29,13 +28,8 @@ def run(args: argparse.Namespace) -> int:
     if output.is_dir() and any(output.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--output: {output} is not empty; name a new folder, or pass --overwrite.")
     model, processor = load_clipcap(args.model, "MODEL")
-    created = not output.exists()
-    try:
-        paths = export_onnx(model, processor, output, quantize=args.int8, per_channel=args.int8_per_channel)
-    except BaseException:
-        if created:  # a partial export would be refused as "not empty" by the retry
-            shutil.rmtree(output, ignore_errors=True)
-        raise
+    # Written whole or not at all: a failed export leaves --output as it was, so a retry is not refused.
+    paths = export_onnx(model, processor, output, quantize=args.int8, per_channel=args.int8_per_channel)
     for path in paths.values():
         print(path)
     return 0

@@ -19,8 +19,6 @@ import hashlib
 import json
 import pickle
 import re
-import secrets
-import shutil
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +34,7 @@ from ..image_processing_clipcap import ClipCapImageProcessor
 from ..modeling_clipcap import ClipCapForConditionalGeneration, load_pretrained_vision_model
 from ..open_clip_vision import OPEN_CLIP_SCHEMAS
 from ..processing_clipcap import ClipCapProcessor
-from ..utils.file_utils import read_json, save_pretrained
+from ..utils.file_utils import read_json, save_pretrained, write_folder_atomically
 from ..utils.loading import hub_unreachable
 
 # Attention-mask buffers that GPT-2 saved in its state dict in old transformers versions; current ones have none.
@@ -730,35 +728,20 @@ def _write_atomically(
     verify: Callable[[Path], None],
 ) -> None:
     """
-    Write into a temporary folder next to `output_dir`, with the model card and `record` (to which the list of the
-    folder's files is added, for a later `overwrite`), `verify` it, then rename it into place. An existing
-    `output_dir` (an earlier conversion, or an empty folder) is renamed aside first and deleted last, so that a
-    failure leaves it in place; parent folders created here are removed again on failure.
+    Write the model, the processor, the model card and `record` (to which the list of the folder's files is added, for
+    a later `overwrite`), `verify` them, and only then put them in place as `output_dir` (`write_folder_atomically`:
+    an earlier conversion there, or an empty folder, stays until then, and stays if anything fails).
     """
-    created_parents = [parent for parent in output_dir.parents if not parent.exists()]  # deepest first
-    # A plain mkdir, so that the folder gets the umask's permissions (tempfile.mkdtemp would make it private).
-    staging = output_dir.parent / f".{output_dir.name}.{secrets.token_hex(8)}.partial"
-    aside = staging.with_suffix(".old")
-    try:
-        staging.mkdir(parents=True)
+
+    def write(staging: Path) -> None:
         save_pretrained(staging, model, processor)
         (staging / "README.md").write_text(card, encoding="utf-8")
         files = sorted(child.name for child in staging.iterdir())
         (staging / CONVERSION_RECORD).write_text(json.dumps({**record, "files": files}, indent=2) + "\n",
                                                  encoding="utf-8")
         verify(staging)
-        if output_dir.exists():  # checked by `_check_output_dir`: empty, or replaced with `overwrite`
-            output_dir.rename(aside)
-        staging.rename(output_dir)
-    except BaseException:
-        if aside.exists() and not output_dir.exists():
-            aside.rename(output_dir)
-        shutil.rmtree(staging, ignore_errors=True)
-        for parent in created_parents:
-            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
-                parent.rmdir()
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
+
+    write_folder_atomically(output_dir, write)  # `_check_output_dir` checked it: empty, or replaced with `overwrite`
 
 
 @torch.no_grad()

@@ -23,9 +23,12 @@ PyTorch maintains (the TorchScript-based one is deprecated).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
+import secrets
+import shutil
 import warnings
 from pathlib import Path
 
@@ -166,6 +169,7 @@ def _export(
             opset_version=OPSET,
             dynamo=True,
             verbose=False,
+            custom_translation_table=_translations(),
         )
     import onnx_ir  # (installed with onnxscript, which the exporter needs)
 
@@ -176,8 +180,25 @@ def _export(
         graph_input.const_value = onnx_ir.tensor(np.array(default, np.int64), name=name)
         program.model.graph.register_initializer(graph_input)
     program.model.metadata_props.update(metadata or {})
-    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    # The graph's own weights: a wrapper module holds the whole model, whose other parts this graph may not use.
+    weight_bytes = sum(value.const_value.nbytes for value in program.model.graph.initializers.values())
     program.save(str(path), external_data=weight_bytes > _SINGLE_FILE_LIMIT)
+
+
+@functools.cache
+def _translations() -> dict:
+    """
+    ONNX functions for the ATen operators that the exporter has none for: `_is_all_true`, which transformers'
+    SigLIP2 tower asserts its patch grid with (`torch_compilable_check`), computed as it is, its assertion then
+    dropped as every other in the exported graph.
+    """
+    from onnxscript import opset18 as op
+    from onnxscript.onnx_types import BOOL, INT32
+
+    def is_all_true(values):
+        return op.Cast(op.ReduceMin(op.Cast(values, to=INT32.dtype), keepdims=0), to=BOOL.dtype)
+
+    return {torch.ops.aten._is_all_true.default: is_all_true}
 
 
 @torch.no_grad()
@@ -299,16 +320,36 @@ def export_onnx(
     from ..utils.file_utils import save_pretrained
 
     output_dir = Path(output_dir)
+    # Written beside output_dir and moved in once whole: an export that fails or is stopped part-way (an exporter
+    # error, Ctrl-C, a full disk) leaves an earlier export there as it was.
+    staging = output_dir.parent / f".{output_dir.name}.{secrets.token_hex(8)}.partial"
+    try:
+        staging.mkdir(parents=True)
+        model.config.save_pretrained(staging)
+        model.generation_config.save_pretrained(staging)
+        save_pretrained(staging, processor)
+        paths = export_graphs(model, staging / ONNX_SUBFOLDER, processor.image_processor.crop_size)
+        if quantize:
+            quantized = quantize_graphs(paths, per_channel=per_channel)
+            paths.update({f"{name}{QUANTIZED_SUFFIX}": path for name, path in quantized.items()})
+        _move_into(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return {name: output_dir / ONNX_SUBFOLDER / path.name for name, path in paths.items()}
+
+
+def _move_into(staging: Path, output_dir: Path) -> None:
+    """
+    Move a finished export into `output_dir`, keeping its other files: the top-level files replace their namesakes,
+    the graphs' folder replaces the previous one whole, so that a previous export's graphs that this one does not
+    write (its int8 copies, say) do not outlive it (the captioner would run them with this model's config).
+    """
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.config.save_pretrained(output_dir)
-    model.generation_config.save_pretrained(output_dir)
-    save_pretrained(output_dir, processor)
-    # A previous export's graphs that this one does not write (its int8 copies, say) must not outlive it: the
-    # captioner would run them with this model's config.
-    for stale in [*output_dir.glob(f"{ONNX_SUBFOLDER}/*.onnx"), *output_dir.glob(f"{ONNX_SUBFOLDER}/*.onnx.data")]:
-        stale.unlink()
-    paths = export_graphs(model, output_dir / ONNX_SUBFOLDER, processor.image_processor.crop_size)
-    if quantize:
-        quantized = quantize_graphs(paths, per_channel=per_channel)
-        paths.update({f"{name}{QUANTIZED_SUFFIX}": path for name, path in quantized.items()})
-    return paths
+    for path in staging.iterdir():
+        if path.name != ONNX_SUBFOLDER:
+            os.replace(path, output_dir / path.name)
+    graphs = output_dir / ONNX_SUBFOLDER
+    aside = staging / f"{ONNX_SUBFOLDER}.previous"
+    if graphs.exists():
+        os.replace(graphs, aside)  # deleted with the staging folder
+    os.replace(staging / ONNX_SUBFOLDER, graphs)

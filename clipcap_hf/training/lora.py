@@ -13,7 +13,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
-from ..utils.file_utils import save_pretrained_atomically
+from ..utils.file_utils import save_pretrained, write_folder_atomically
 from ..utils.loading import check_clipcap_model
 from ..utils.quantization import is_quantized
 from .arguments import ModelArguments
@@ -201,7 +201,7 @@ def merge_lora(
     """
     model = load_lora_model(adapter_dir, base_model_name_or_path).merge_and_unload()
     processor = ClipCapProcessor.from_pretrained(adapter_dir, trust_remote_code=False)
-    save_pretrained_atomically(output_dir, model, processor)
+    write_folder_atomically(output_dir, lambda staging: save_pretrained(staging, model, processor))
     return model
 
 

@@ -13,10 +13,12 @@ import contextlib
 import hashlib
 import json
 import os
+import secrets
+import shutil
 import stat
 import unicodedata
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -143,28 +145,33 @@ def save_pretrained(folder: str | os.PathLike[str], *parts: Any) -> None:
     give_files_the_umask_mode(folder)
 
 
-def save_pretrained_atomically(folder: str | os.PathLike[str], *parts: Any) -> None:
+def write_folder_atomically(folder: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
     """
-    [`save_pretrained`] into a new folder beside `folder`, renamed to `folder` once every part is written (replacing
-    a folder there): a process stopped part-way leaves no half-written `folder` that a rerun would take as done.
+    `write(staging)` into a new folder beside `folder`, then rename it to `folder`: a folder there before (an earlier
+    output, or an empty folder) is renamed aside first and deleted last. A failure leaves `folder` as it was and
+    removes what was written, and the parent folders created here; a process killed part-way leaves its hidden
+    `.partial` folder behind, never a half-written `folder` that a rerun would take as done.
     """
-    import shutil
-
     folder = Path(folder)
-    temporary = folder.with_name(f".{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(temporary, ignore_errors=True)  # a stopped earlier process of the same number
+    created_parents = [parent for parent in folder.parents if not parent.exists()]  # deepest first
+    # A plain mkdir, so that the folder gets the umask's permissions (tempfile.mkdtemp would make it private).
+    staging = folder.parent / f".{folder.name}.{secrets.token_hex(8)}.partial"
+    aside = staging.with_suffix(".old")
     try:
-        save_pretrained(temporary, *parts)
+        staging.mkdir(parents=True)
+        write(staging)
+        if folder.exists():
+            folder.rename(aside)
+        staging.rename(folder)
     except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
+        if aside.exists() and not folder.exists():
+            aside.rename(folder)
+        shutil.rmtree(staging, ignore_errors=True)
+        for parent in created_parents:
+            with contextlib.suppress(OSError):  # not empty: something else wrote there meanwhile
+                parent.rmdir()
         raise
-    if folder.exists():  # a directory cannot be renamed onto a non-empty one: the old one goes aside first
-        replaced = folder.with_name(f".{folder.name}.replaced-{os.getpid()}")
-        os.replace(folder, replaced)
-        os.replace(temporary, folder)
-        shutil.rmtree(replaced)
-    else:
-        os.replace(temporary, folder)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 class FileLocksUnsupportedError(OSError):
