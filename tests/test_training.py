@@ -1173,6 +1173,29 @@ def test_a_resume_with_another_number_of_processes_is_warned_of(tmp_path, model_
     assert (out / "checkpoint-2").is_dir()  # resumed all the same
 
 
+def test_a_streamed_run_resumed_past_a_restart_of_its_stream_is_warned_of(tmp_path, model_dir, caption_folder, caplog):
+    import shutil
+
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = run_arguments(model_dir, caption_folder, out, cache, "--streaming", "--eval_strategy", "no")
+    args[args.index("--save_strategy") + 1] = "steps"
+    args[args.index("--max_steps") + 1] = "6"  # the folder's captions make 4 batches of 2: the stream starts again
+    args += ["--save_steps", "1"]
+    main(args)
+    epochs = {step: json.loads((out / f"checkpoint-{step}" / "trainer_state.json").read_text())["epoch"]
+              for step in (4, 5)}  # fmt: skip
+    assert epochs[4] < 1 <= epochs[5]
+    for step in (5, 6):
+        shutil.rmtree(out / f"checkpoint-{step}")
+    with caplog.at_level("WARNING"):
+        main(args)  # from checkpoint-4, within the first pass: exact, nothing to say
+    assert "saved after its stream ran out and started again" not in caplog.text
+    shutil.rmtree(out / "checkpoint-6")
+    with caplog.at_level("WARNING"):
+        main(args)  # from checkpoint-5
+    assert "checkpoint-5, saved after its stream ran out and started again (epoch 1." in caplog.text
+
+
 def test_a_lora_run_continues_training_its_adapters(tmp_path, model_dir, caption_folder):
     from peft import PeftConfig
     from safetensors.torch import load_file

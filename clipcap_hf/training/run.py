@@ -313,6 +313,25 @@ def finished_run_state(checkpoint: str | None, training_args: TrainingArguments)
     return None
 
 
+def _warn_of_a_restarted_stream(checkpoint: str | None) -> None:
+    """
+    Warn when a streamed run resumes from a checkpoint saved after its stream ran out and started again (epoch 1 or
+    more): Trainer resumes a stream by skipping as many batches of a fresh stream as the run has trained on, which
+    past a restart are not the batches that would have come next, so the resume does not continue the run exactly.
+    """
+    try:
+        epoch = read_json(os.path.join(checkpoint, TRAINER_STATE_NAME)).get("epoch") if checkpoint else None
+    except (OSError, ValueError, AttributeError):
+        return  # Trainer (ClipCapTrainer) names a checkpoint that is missing or damaged
+    if isinstance(epoch, (int, float)) and epoch >= 1:
+        logger.warning(
+            f"Resuming a streamed run from {checkpoint}, saved after its stream ran out and started again (epoch "
+            f"{epoch:.2f}): Trainer skips as many batches of a fresh stream as the run has trained on, which are not "
+            "the batches the run would have read next, so the resume does not continue it exactly. Streamed runs "
+            "resume exactly within their first pass over the data."
+        )
+
+
 def _final_model_saved(output_dir: str, global_step: int) -> bool:
     """Whether a run's end was written in `output_dir`: `train` writes its trainer_state.json last."""
     try:
@@ -812,6 +831,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                 "another --max_steps or --num_train_epochs is refused: they set the learning-rate schedule)."
             )
     training = training_args.do_train and finished is None
+    if training and data_args.streaming:
+        _warn_of_a_restarted_stream(training_args.resume_from_checkpoint or last_checkpoint)
     if training and last_checkpoint is not None and not _holds_optimizer_state(last_checkpoint):
         # Trainer would resume from it with a new optimizer and warm-up, saying so at the info level only.
         raise ValueError(
