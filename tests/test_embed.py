@@ -187,6 +187,17 @@ def test_kept_columns_keep_their_source_types_in_every_shard(tmp_path, tokenizer
     assert table.features["tags"] == features["tags"] and table.features["meta"] == features["meta"]
     assert table["tags"] == rows["tags"] and table["meta"] == rows["meta"]
 
+    # Another source whose kept column has another type: its shards would not load with these (an alignment error at
+    # training time that named neither the folder nor the column).
+    other = {"image": random_images(1, seed=9), "caption": ["e"], "tags": ["not a list"], "meta": [{"w": 3}]}
+    features = datasets.Features({**features, "tags": datasets.Value("string")})
+    datasets.Dataset.from_dict(other, features=features).save_to_disk(str(tmp_path / "other"))
+    message = r"emb stores --keep_columns tags as (List|Sequence)\(.*\); this source gives it as Value\((dtype=)?'str"
+    with pytest.raises(ValueError, match=message):
+        embed_source(load_image_source(data_files=str(tmp_path / "other")), tiny_model(tokenizer),
+                     processor.image_processor, tmp_path / "emb", keep_columns=["tags", "meta"])  # fmt: skip
+    assert len(load_embeddings(tmp_path / "emb")) == 4
+
 
 def test_another_tower_pooling_or_an_old_cache_folder_is_refused(tmp_path, tokenizer, processor, webdataset_shards):
     model = tiny_model(tokenizer)

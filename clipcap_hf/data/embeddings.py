@@ -250,10 +250,21 @@ def embed_source(
         if (output_dir / EMBEDDINGS_INFO_NAME).exists() or (output_dir / LEGACY_CACHE_INFO_NAME).exists():
             previous = check_embeddings(output_dir, model, image_processor)
             stored_columns = previous["columns"]
-            if stored_columns != writer.columns and _complete_shards(output_dir):
+            shards = _complete_shards(output_dir)
+            if stored_columns != writer.columns and shards:
                 raise ValueError(
                     f"The embeddings folder {output_dir} holds the columns {', '.join(stored_columns)}; this source "
                     f"would add {', '.join(writer.columns)}. Embed it into another folder (or with the same columns)."
+                )
+            # Shards whose kept columns differ in type do not concatenate: the folder would not load any more.
+            stored = _load_shard(shards[0]).features if shards else {}
+            retyped = [name for name in keep_columns if name in stored and stored[name] != keep_features[name]]
+            if retyped:
+                name = retyped[0]
+                raise ValueError(
+                    f"The embeddings folder {output_dir} stores --keep_columns {name} as {stored[name]}; this source "
+                    f"gives it as {keep_features[name]}, and shards of both would not load together. Embed it into "
+                    "another folder, or give the column the stored type."
                 )
         digest = _source_digest(source, keep_columns) if check_source else None
         recorded = previous.get("source_digest")
