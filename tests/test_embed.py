@@ -215,6 +215,16 @@ def test_another_tower_pooling_or_an_old_cache_folder_is_refused(tmp_path, token
     assert vision_fingerprint(model, processor.image_processor) == fingerprint
     model.config.vision_backend = "open_clip"
     assert vision_fingerprint(model, processor.image_processor) != fingerprint
+    model.config.vision_backend = "clip"
+
+    # The same weights computing otherwise (an activation edited in config.json): the fingerprint, which stays the
+    # same for folders fingerprinted before, does not see it; the stored config does.
+    model.vision_model.config.hidden_act = "gelu"
+    assert vision_fingerprint(model, processor.image_processor) == fingerprint
+    message = r"emb were computed with the same vision weights but other settings: hidden_act 'quick_gelu' \(this"
+    with pytest.raises(ValueError, match=message):
+        embed_source(source, model, processor.image_processor, tmp_path / "emb")
+    model.vision_model.config.hidden_act = "quick_gelu"
 
     # An embedding cache of the earlier layout (cache_info.json, shards of image_key/image_embeds).
     old = tmp_path / "old-cache" / "0123456789abcdef"

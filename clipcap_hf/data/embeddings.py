@@ -70,6 +70,10 @@ def vision_fingerprint(model, image_processor) -> str:
     return digest.hexdigest()
 
 
+# The vision config settings that change the embeddings without changing a weight (see `check_embeddings`).
+COMPUTATION_SETTINGS = ("hidden_act", "layer_norm_eps")
+
+
 def _vision_tower(config) -> dict[str, str | None]:
     """Which vision tower a ClipCap config describes, besides its weights."""
     return {
@@ -168,6 +172,22 @@ def check_embeddings(directory: PathLike, model, image_processor, finished: bool
             f"The embeddings in {directory} were computed with another vision tower or image preprocessing "
             f"({_describe_tower(info)}, fingerprint {info['fingerprint'][:16]}; this model's is {fingerprint[:16]}). "
             "Embed the source again with this model (`clipcap embed --model ... --output ANOTHER_FOLDER`)."
+        )
+    # Settings that change the tower's computation without changing a weight, which the fingerprint leaves out (they
+    # are compared here instead, so that folders fingerprinted before keep their fingerprint): the stored vision
+    # config's, where both configs have them.
+    stored = (info.get("vision") or {}).get("vision_config") or {}
+    current = getattr(getattr(model.vision_model, "config", None), "to_dict", dict)()
+    changed = [
+        f"{name} {stored[name]!r} (this model's: {current[name]!r})"
+        for name in COMPUTATION_SETTINGS
+        if name in stored and name in current and stored[name] != current[name]
+    ]
+    if changed:
+        raise ValueError(
+            f"The embeddings in {directory} were computed with the same vision weights but other settings: "
+            f"{', '.join(changed)}. Embed the images again with this model into another folder (`clipcap embed "
+            "--output ANOTHER_FOLDER`; for training's cache, another --embedding_cache_dir or the folder deleted)."
         )
     if finished and info.get("num_images") is None:  # the counts are written when a pass ends
         raise ValueError(
