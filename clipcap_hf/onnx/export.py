@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import transformers
 from torch import nn
 from transformers import DynamicCache
 
@@ -209,10 +210,16 @@ def export_graphs(
     Write the four fp32 graphs of `model` (put in fp32 and eval mode, in place) into `output_dir`, for images of
     `image_size` pixels square (the processor's crop size); returns their paths by name.
     """
+    config = model.config
+    if config.vision_config.model_type == "siglip2_vision_model" and int(transformers.__version__.split(".")[0]) < 5:
+        raise ValueError(
+            "A SigLIP2 vision tower exports with transformers 5 or later: the tower of transformers "
+            f"{transformers.__version__} resizes its position embeddings to sizes computed from its inputs, which "
+            'torch.export cannot trace. Upgrade transformers (pip install -U "transformers>=5") to export this model.'
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model = model.float().eval()
-    config = model.config
     batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence_length")
     paths = {name: output_dir / f"{name}.onnx" for name in GRAPHS}
 
