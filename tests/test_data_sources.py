@@ -211,7 +211,7 @@ def test_a_row_without_an_image_is_named_or_skipped_with_a_warning_naming_it(tmp
         ("data.jsonl", "caption", r"data.jsonl, row 1 \(from 0\)", ["A dog.", "A bird."]),
         ("00000.tar", "txt", r"00000.tar, sample 's6'", ["A dog."] * 6 + ["A bird."]),
     ]
-    no_image = r" has no image \(it is null or missing\); drop that row or give it an image, skip such rows"
+    no_image = r" has no image \(it is null or missing\); drop that row or give it an image.*, skip such rows"
     for name, column, location, captions in sources:
         path = str(tmp_path / name)
         with pytest.raises(ValueError, match=location + no_image):
@@ -224,6 +224,9 @@ def test_a_row_without_an_image_is_named_or_skipped_with_a_warning_naming_it(tmp
         assert all(row["image_key"] == kept[0]["image_key"] for row in kept)  # the one image, each time
         warnings = "\n".join(record.getMessage() for record in caplog.records if record.levelname == "WARNING")
         assert re.search(location, warnings) and "skip" in warnings, warnings
+    # A sample whose image has another extension (a .jpg among .png) arrives without one: its shards need one format.
+    with pytest.raises(ValueError, match=r"'s6' has no image .* give it an image \(all of the shards' images in one"):
+        list(load_image_source(data_files=str(tmp_path / "00000.tar"), caption_column="txt", streaming=streaming))
     with pytest.raises(ValueError, match=r"on_bad_image .* must be 'error' or 'skip', got 'drop'"):
         load_image_source(data_files=str(tmp_path / "data.parquet"), on_bad_image="drop")
 

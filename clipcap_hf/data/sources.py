@@ -477,10 +477,14 @@ def _keys_and_captions(batch, indices=None, *, caption_column, source, shards, f
             new["image_key"].append(image_key(image))
             continue
         if null_images == "error":
+            # datasets takes a webdataset's columns from its first shard: a sample whose image has another extension
+            # (a .png among .jpg shards) arrives without one.
+            formats = " (all of the shards' images in one format, as datasets reads the image columns of the first)"
             raise ValueError(
                 f"{_row_location(batch, indices, position, source, file_rows)} has no image (it is null or missing); "
-                "drop that row or give it an image, skip such rows (`--on_bad_image skip`; `clipcap caption "
-                "--on-bad-image skip`), or name the image column with --image_column."
+                "drop that row or give it an image"
+                f"{formats if WEBDATASET_KEY in batch else ''}, skip such rows (`--on_bad_image skip`; `clipcap "
+                "caption --on-bad-image skip`), or name the image column with --image_column."
             )
         if null_images == "warn and skip":
             location = _row_location(batch, indices, position, source, file_rows)
