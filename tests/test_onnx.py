@@ -261,6 +261,18 @@ def test_caption_agreement():
 
 
 @torch.no_grad()
+@torch.no_grad()
+def assert_export_matches_pytorch(folder, model, pixel_values):
+    """The exported prefix embeddings and greedy tokens equal the model's."""
+    captioner = OnnxCaptioner(folder)
+    expected = model.get_prefix_embeds(pixel_values=pixel_values).numpy()
+    np.testing.assert_allclose(captioner.prefix_embeds(pixel_values=pixel_values.numpy()), expected, atol=TOLERANCE)
+    expected = model.generate(pixel_values=pixel_values, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+    assert captioner.generate(pixel_values=pixel_values.numpy(), max_new_tokens=MAX_NEW_TOKENS) == (
+        expected[:, PREFIX_LENGTH:].tolist()
+    )
+
+
 def test_transformer_mapper_exports(tmp_path, tokenizer, processor, test_pixels):
     model = captioning_model(tokenizer, "transformer")
     with warnings.catch_warnings(record=True) as caught:
@@ -269,13 +281,7 @@ def test_transformer_mapper_exports(tmp_path, tokenizer, processor, test_pixels)
     # The batch axis is one `Dim` shared by several inputs, as meant: the exporter's notice about it is not shown.
     assert not [warning for warning in caught if "The axis name" in str(warning.message)]
     assert not list((tmp_path / "onnx").glob("*_quantized.onnx"))
-    captioner = OnnxCaptioner(tmp_path)
-    expected = model.get_prefix_embeds(pixel_values=test_pixels).numpy()
-    np.testing.assert_allclose(captioner.prefix_embeds(pixel_values=test_pixels.numpy()), expected, atol=TOLERANCE)
-    expected = model.generate(pixel_values=test_pixels, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
-    assert captioner.generate(pixel_values=test_pixels.numpy(), max_new_tokens=MAX_NEW_TOKENS) == (
-        expected[:, PREFIX_LENGTH:].tolist()
-    )
+    assert_export_matches_pytorch(tmp_path, model, test_pixels)
 
 
 def test_a_siglip2_tower_exports_and_its_graphs_match_pytorch(tmp_path, tokenizer, test_pixels):
@@ -297,14 +303,7 @@ def test_a_siglip2_tower_exports_and_its_graphs_match_pytorch(tmp_path, tokenize
         assert not (tmp_path / "onnx").exists()
         return
     export_onnx(model, tiny_processor(tokenizer), tmp_path, quantize=False)
-    captioner = OnnxCaptioner(tmp_path)
-    with torch.no_grad():
-        expected = model.get_prefix_embeds(pixel_values=test_pixels).numpy()
-    np.testing.assert_allclose(captioner.prefix_embeds(pixel_values=test_pixels.numpy()), expected, atol=TOLERANCE)
-    expected = model.generate(pixel_values=test_pixels, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
-    assert captioner.generate(pixel_values=test_pixels.numpy(), max_new_tokens=MAX_NEW_TOKENS) == (
-        expected[:, PREFIX_LENGTH:].tolist()
-    )
+    assert_export_matches_pytorch(tmp_path, model, test_pixels)
 
 
 def test_a_graph_gets_a_weights_file_of_its_own_by_its_own_weights_size(tmp_path, tokenizer, monkeypatch):
