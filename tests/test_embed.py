@@ -291,34 +291,50 @@ def test_a_killed_embedding_run_resumes_and_stores_every_image_once(tmp_path, mo
     assert load_embeddings_info(tmp_path / "emb")["num_images"] == 5
 
 
-def test_a_rerun_into_a_folder_embedded_from_other_captions_is_refused_but_a_replaced_file_is_embedded_again(
+def test_a_rerun_into_a_folder_that_stores_other_captions_or_images_is_refused_and_new_images_are_added(
     tmp_path, model_dir, capsys
 ):
-    for number, image in enumerate(random_images(2, seed=3)):
+    for number, image in enumerate(random_images(3, seed=3)):
         image.save(tmp_path / f"{number}.png")
+    (tmp_path / "2.png").write_bytes(b"not an image yet")
 
-    def write_source(prefix):
-        lines = [json.dumps({"image": f"{number}.png", "caption": f"{prefix} caption {number}"}) for number in range(2)]
+    def write_source(captions: dict[int, list[str]]):
+        lines = [json.dumps({"image": f"{number}.png", "caption": caption})
+                 for number, texts in captions.items() for caption in texts]  # fmt: skip
         (tmp_path / "data.jsonl").write_text("\n".join(lines) + "\n")
 
     arguments = ["embed", "--model", str(model_dir), "--train_file", str(tmp_path / "data.jsonl"), "--output",
                  str(tmp_path / "emb")]  # fmt: skip
-    write_source("old")
-    assert main(arguments) == 0
-    write_source("new")  # the captions edited: the rerun kept the old ones, and training read them
-    capsys.readouterr()
+    # Image 0 given by two rows: its captions are merged, as the pass stores them. Image 2 does not read yet.
+    write_source({0: ["a dog", "a pup"], 1: ["a cat"], 2: ["a cow"]})
     assert main(arguments) == 2
-    assert "was embedded from other rows (other captions, kept columns or images) than this source's" in (
+    random_images(1, seed=5)[0].save(tmp_path / "2.png")  # fixed: the rerun adds it
+    write_source({0: ["a dog", "a pup"], 1: ["a cat"], 2: ["a cow"], 3: ["a bird"]})
+    random_images(1, seed=6)[0].save(tmp_path / "3.png")  # and a new row: added too
+    assert main(arguments) == 0
+    assert sorted(captions for _, captions in stored(tmp_path / "emb").values()) == [
+        ["a bird"], ["a cat"], ["a cow"], ["a dog", "a pup"]
+    ]
+
+    # Captions edited since: the rerun kept the stored ones, which training then read.
+    for edited in ({0: ["a dog", "a puppy"], 1: ["a cat"], 2: ["a cow"], 3: ["a bird"]},
+                   {0: ["a dog", "a pup"], 1: ["a kitten"], 2: ["a cow"], 3: ["a bird"]}):  # fmt: skip
+        write_source(edited)
+        capsys.readouterr()
+        assert main(arguments) == 2
+        assert "stores 1 image(s) with other captions or kept values than this source's (the first: " in (
+            capsys.readouterr().err
+        )
+    write_source({0: ["a dog", "a pup"], 1: ["a cat"], 2: ["a cow"]})  # image 3 dropped: still trained on
+    assert main(arguments) == 2
+    assert f"stores 1 image(s) that this source no longer has (the first: {tmp_path / '3.png'})" in (
         capsys.readouterr().err
     )
-    assert sorted(stored(tmp_path / "emb")[key][1][0] for key in stored(tmp_path / "emb")) == [
-        "old caption 0", "old caption 1"
-    ]
-    write_source("old")
+    write_source({0: ["a dog", "a pup"], 1: ["a cat"], 2: ["a cow"], 3: ["a bird"]})
     random_images(1, seed=4)[0].save(tmp_path / "1.png")  # a file replaced at its path: embedded again, as before
     assert main(arguments) == 0
     keys = sorted(stored(tmp_path / "emb"))
-    assert keys == sorted(load_image_source(data_files=str(tmp_path / "data.jsonl"))["image_key"])
+    assert keys == sorted(set(load_image_source(data_files=str(tmp_path / "data.jsonl"))["image_key"]))
 
 
 @pytest.mark.parametrize(

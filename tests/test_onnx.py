@@ -261,7 +261,6 @@ def test_caption_agreement():
 
 
 @torch.no_grad()
-@torch.no_grad()
 def assert_export_matches_pytorch(folder, model, pixel_values):
     """The exported prefix embeddings and greedy tokens equal the model's."""
     captioner = OnnxCaptioner(folder)
@@ -273,6 +272,7 @@ def assert_export_matches_pytorch(folder, model, pixel_values):
     )
 
 
+@torch.no_grad()
 def test_transformer_mapper_exports(tmp_path, tokenizer, processor, test_pixels):
     model = captioning_model(tokenizer, "transformer")
     with warnings.catch_warnings(record=True) as caught:
@@ -539,7 +539,7 @@ def test_a_failed_export_names_the_missing_extra_and_leaves_no_folder_behind(
     before = sorted(str(path.relative_to(earlier)) for path in earlier.rglob("*"))
     assert main(["export-onnx", str(saved), "--output", str(earlier), "--overwrite"]) == 2
     assert sorted(str(path.relative_to(earlier)) for path in earlier.rglob("*")) == before
-    assert not [path for path in tmp_path.iterdir() if path.name.startswith(".")]  # no staging folder left
+    assert not list(earlier.glob(".export-*"))  # nor the staging folder (the listing above holds hidden files too)
     OnnxCaptioner(earlier)
 
 

@@ -573,16 +573,19 @@ def test_lora_trains_adapters_and_mapper_saves_reloads_and_merges(tmp_path, toke
     torch.testing.assert_close(reloaded_logits, trained_logits)
 
     merged_dir = tmp_path / "merged"
-    # Stopped part-way (here while writing the processor), a merge leaves no folder that a rerun would take as done;
-    # one left by an older version's stopped merge (the model without the processor) is replaced whole.
+    # Stopped part-way (here while writing the processor), a merge leaves no folder that a rerun would take as done.
     with mock.patch.object(ClipCapProcessor, "save_pretrained", side_effect=KeyboardInterrupt):
         with pytest.raises(KeyboardInterrupt):
             merge_lora(out, merged_dir)
     assert sorted(path.name for path in tmp_path.iterdir() if "merged" in path.name) == []
-    merged_dir.mkdir()
-    (merged_dir / "model.safetensors").write_bytes(b"half written")
     merge_lora(out, merged_dir)
     ClipCapProcessor.from_pretrained(merged_dir)
+    # It writes the folder whole: one that is not empty (the adapters', the run's, an earlier merge) is refused.
+    for folder in (out, out.parent, merged_dir):
+        with pytest.raises(ValueError, match=r"merge_lora: output_dir .* is not empty, and the merged model is"):
+            merge_lora(out, folder)
+    merge_lora(out, merged_dir, overwrite=True)  # an earlier merge, replaced on request
+    assert (out / "adapter_config.json").exists()
     merged = ClipCapForConditionalGeneration.from_pretrained(merged_dir).eval()
     assert not any("lora" in key or "modules_to_save" in key for key in merged.state_dict())
     with torch.no_grad():

@@ -9,6 +9,7 @@ never runs the vision tower.
 
 from __future__ import annotations
 
+import collections
 import errno
 import hashlib
 import json
@@ -242,11 +243,12 @@ def embed_source(
             stored (`"error"`), or is left out with a warning that counts them (`"skip"`).
         keep_columns: source columns to store beside the embeddings (from the image's first row).
         source_name: how the info file describes the source.
-        check_source: for a folder that is trained from (`clipcap embed`): record a digest of the source's rows (keys,
-            captions, kept columns) in the info, and refuse a folder recorded from other rows. A folder stores each
-            image's captions from the pass that first embedded it, so after the captions were edited a rerun into the
-            same folder would keep the old ones. A streamed source is not read ahead, so its rows are not checked.
-            Without it (an embedding cache, which sources share) the folder's captions are not what training reads.
+        check_source: for a folder that is trained from (`clipcap embed`): refuse a folder that stores images with
+            other captions or kept values than this source gives them, or images this source no longer has. A folder
+            keeps each image's captions from the pass that embedded it, so after the captions were edited a rerun into
+            the same folder would keep the old ones. New images (more shards, an image fixed since) are embedded as
+            usual; a streamed source is not read ahead, so it is not checked. Without it (an embedding cache, which
+            sources share) the folder's captions are not what training reads.
 
     Returns:
         The folder's info (see [`load_embeddings_info`]), with `num_images` and `num_shards`.
@@ -286,17 +288,14 @@ def embed_source(
                     f"gives it as {keep_features[name]}, and shards of both would not load together. Embed it into "
                     "another folder, or give the column the stored type."
                 )
-        digest = _source_digest(source, keep_columns) if check_source else None
-        recorded = previous.get("source_digest")
-        if digest is not None and recorded not in (None, digest) and _complete_shards(output_dir):
+        stale = _stale_rows(output_dir, source, keep_columns) if check_source and previous else None
+        if stale is not None:
             raise ValueError(
-                f"The embeddings folder {output_dir} was embedded from other rows (other captions, kept columns or "
-                "images) than this source's, and a folder keeps each image's captions from the pass that first "
-                "embedded it, so the stored ones would stay as they were. Embed this source into a new --output (or "
-                "delete the folder)."
+                f"The embeddings folder {output_dir} stores {stale}. A folder keeps each image's captions from the "
+                "pass that embedded it, and is trained from whole, so those rows would stay as they are: embed this "
+                "source into a new --output (or delete the folder)."
             )
         info = _folder_info(model, image_processor, writer.columns, source_name)
-        info["source_digest"] = digest or recorded
         if rank == 0:
             write_text_atomically(output_dir / EMBEDDINGS_INFO_NAME, json.dumps(info, indent=2, default=str))
         done = _stored_keys(output_dir, rank, world_size)
@@ -373,19 +372,52 @@ def embed_source(
 
 
 
-def _source_digest(source, keep_columns: Sequence[str]) -> str | None:
-    """A hash of a map-style source's image keys (a file's by its path), captions and `keep_columns`, row by row; None
-    for a stream."""
-    if not isinstance(source, datasets.Dataset):
+def _stale_rows(output_dir: Path, source, keep_columns: Sequence[str]) -> str | None:
+    """
+    What a folder stores that a map-style source (to be embedded into it) says otherwise, described; None if nothing.
+    An image is stale when the source's rows give it other captions or kept values than stored (merged as a pass
+    merges them: all its rows' captions in order, its first row's kept values), or no longer give it at all. Images
+    are matched by key, files by path: a file replaced at its path is embedded again, its old row then dropped.
+    Images not stored yet (new rows, an image fixed since an earlier pass) are what the pass adds. A stream is not read
+    ahead: None.
+    """
+    shards = _complete_shards(output_dir)
+    if not isinstance(source, datasets.Dataset) or not shards:
         return None
     columns = [name for name in (KEY_COLUMN, CAPTIONS_COLUMN, *keep_columns) if name in source.column_names]
-    digest = hashlib.sha256()
-    for batch in source.select_columns(columns).with_format("arrow").iter(batch_size=10_000):
-        # An image file by its path alone: one replaced at its path is embedded again by design (its old row dropped).
-        paths = pc.replace_substring_regex(batch[KEY_COLUMN], _FILE_KEY_TAIL, "")
-        rows = batch.set_column(batch.column_names.index(KEY_COLUMN), KEY_COLUMN, paths).to_pydict()
-        digest.update(json.dumps(rows, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
+
+    def rows(table, columns=columns):  # (identity, [captions, *kept values]) of each row
+        for batch in table.select_columns(columns).iter(batch_size=10_000):
+            for position, key in enumerate(batch[KEY_COLUMN]):
+                yield re.sub(_FILE_KEY_TAIL, "", key), [batch[name][position] for name in columns[1:]]
+
+    def digest(values: list) -> int:
+        return hash(json.dumps(values, default=str))
+
+    # By Python's string hashes, with lists kept only for the images given by several rows: a folder of millions of
+    # images is checked in a few hundred MB.
+    table = datasets.concatenate_datasets([_load_shard(shard) for shard in shards])
+    stored = {hash(identity): (identity, digest(values)) for identity, values in rows(table)}
+    rows_per_image = collections.Counter(hash(identity) for identity, _ in rows(source, [KEY_COLUMN]))
+    merged: dict[int, list] = {}
+    stale: list[str] = []
+    for identity, values in rows(source):
+        entry = hash(identity)
+        if entry not in stored:
+            continue  # not stored yet: the pass adds it
+        if rows_per_image[entry] == 1:
+            stale += [identity] if digest(values) != stored[entry][1] else []
+        elif entry not in merged:
+            merged[entry] = values
+        elif CAPTIONS_COLUMN in columns:
+            merged[entry][0] = merged[entry][0] + values[0]
+    stale += [stored[entry][0] for entry, values in merged.items() if digest(values) != stored[entry][1]]
+    if stale:
+        return f"{len(stale)} image(s) with other captions or kept values than this source's (the first: {stale[0]})"
+    gone = [identity for entry, (identity, _) in stored.items() if entry not in rows_per_image]
+    if gone:
+        return f"{len(gone)} image(s) that this source no longer has (the first: {gone[0]})"
+    return None
 
 
 def _folder_info(model, image_processor, columns: list[str], source_name: str | None) -> dict[str, Any]:

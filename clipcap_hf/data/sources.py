@@ -375,11 +375,6 @@ def _from_caption_format(dataset_format: str, path, image_root, split: str) -> d
                 f"{path} ({dataset_format}) has no images of split {split!r}; it has {sorted(loaded)}."
             )
         loaded = loaded[name]
-    elif split not in ("train", "validation"):  # the file is the split: another name was asked for, not ignored
-        raise ValueError(
-            f"{path} ({dataset_format}) holds one set of images, not splits, so split {split!r} "
-            "(--train_split/--validation_split) cannot be read from it; give the file of that split instead."
-        )
     images = group_by_image(loaded).rename_column("references", "captions")
     return images.add_column("image", images["image_path"]).cast_column("image", datasets.Image())
 
@@ -454,6 +449,8 @@ def _without_null_images(
     if not missing:
         return keyed
     named = missing[:10]
+    if isinstance(file_rows, _RowsPerFile):
+        file_rows = file_rows.count()  # once for all the rows named
     naming = [name for name in (WEBDATASET_KEY, SHARD_COLUMN) if name in keyed.column_names]
     batch = keyed.select(named).select_columns(naming)[:]
     report = "\n".join(f"  {_row_location(batch, named, row, source, file_rows)}" for row in range(len(named)))

@@ -327,9 +327,11 @@ def export_onnx(
     from ..utils.file_utils import save_pretrained
 
     output_dir = Path(output_dir)
-    # Written beside output_dir and moved in once whole: an export that fails or is stopped part-way (an exporter
-    # error, Ctrl-C, a full disk) leaves an earlier export there as it was.
-    staging = output_dir.parent / f".{output_dir.name}.{secrets.token_hex(8)}.partial"
+    # Written into a hidden folder inside output_dir (so on its filesystem, whether it is a mount point or a link)
+    # and moved in once whole: an export that fails or is stopped part-way (an exporter error, Ctrl-C, a full disk)
+    # leaves an earlier export there as it was, and a folder it created is removed again.
+    created = not output_dir.exists()
+    staging = output_dir / f".export-{secrets.token_hex(8)}.partial"
     try:
         staging.mkdir(parents=True)
         model.config.save_pretrained(staging)
@@ -340,8 +342,10 @@ def export_onnx(
             quantized = quantize_graphs(paths, per_channel=per_channel)
             paths.update({f"{name}{QUANTIZED_SUFFIX}": path for name, path in quantized.items()})
         _move_into(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(output_dir if created else staging, ignore_errors=True)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     return {name: output_dir / ONNX_SUBFOLDER / path.name for name, path in paths.items()}
 
 
@@ -351,7 +355,6 @@ def _move_into(staging: Path, output_dir: Path) -> None:
     the graphs' folder replaces the previous one whole, so that a previous export's graphs that this one does not
     write (its int8 copies, say) do not outlive it (the captioner would run them with this model's config).
     """
-    output_dir.mkdir(parents=True, exist_ok=True)
     for path in staging.iterdir():
         if path.name != ONNX_SUBFOLDER:
             os.replace(path, output_dir / path.name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import transformers
@@ -193,12 +194,22 @@ def load_lora_model(
 
 
 def merge_lora(
-    adapter_dir: str | os.PathLike, output_dir: str | os.PathLike, base_model_name_or_path: str | None = None
+    adapter_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    base_model_name_or_path: str | None = None,
+    overwrite: bool = False,
 ) -> ClipCapForConditionalGeneration:
     """
     Merge a LoRA run's adapters into its base model and save a plain checkpoint (with the processor) as `output_dir`,
-    written whole or not at all (a run's rerun merges again unless `output_dir` exists).
+    written whole or not at all (a run's rerun merges again unless `output_dir` exists). The merged model is the
+    whole folder: an `output_dir` that is not empty (the adapters' folder, a run's folder, an earlier merge) is
+    refused, unless `overwrite` (then it is replaced whole, once the merge is written).
     """
+    if not overwrite and Path(output_dir).is_dir() and any(Path(output_dir).iterdir()):
+        raise ValueError(
+            f"merge_lora: output_dir {output_dir} is not empty, and the merged model is written as the whole folder: "
+            "give a new or empty folder (or overwrite=True to replace an earlier merge)."
+        )
     model = load_lora_model(adapter_dir, base_model_name_or_path).merge_and_unload()
     processor = ClipCapProcessor.from_pretrained(adapter_dir, trust_remote_code=False)
     write_folder_atomically(output_dir, lambda staging: save_pretrained(staging, model, processor))

@@ -841,8 +841,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
             f"run. Resume from it anyway with --resume_from_checkpoint {last_checkpoint}, or start afresh with "
             "another --output_dir."
         )
+    # Before the data are loaded (and base_model saved): the LoRA options checked against the model, or against its
+    # own adapters when it has them.
     if model_args.use_lora and not is_peft_model(model):
-        check_lora_target_modules(model, model_args)  # before the data are loaded, and base_model saved
+        check_lora_target_modules(model, model_args)
+    elif model_args.use_lora:
+        check_continued_lora_options(model, model_args)
     if training and data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps: a streamed source has no length to count epochs by.")
     _check_context_length(model.config, data_args, generation=evaluating)
@@ -861,7 +865,6 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     if model_args.freeze_language_model:
         model.freeze_language_model()
     if model_args.use_lora and is_peft_model(model):
-        check_continued_lora_options(model, model_args)
         logger.info(
             f"Training the adapters of {model_args.model_name_or_path} further (their own rank and target modules; "
             "the --lora_* options apply to new adapters)."
@@ -969,7 +972,8 @@ def _save_merged_model(trainer: ClipCapTrainer, model_args: ModelArguments, trai
     """With --save_merged_model, merge the LoRA adapters saved in output_dir into output_dir/merged (main process)."""
     if model_args.use_lora and model_args.save_merged_model and trainer.is_world_process_zero():
         logger.info(f"Writing the adapters merged into their base model in {_merged_model_dir(training_args)}.")
-        merge_lora(training_args.output_dir, _merged_model_dir(training_args))
+        # The run's own folder: an earlier merge there (a run started afresh over it) is replaced.
+        merge_lora(training_args.output_dir, _merged_model_dir(training_args), overwrite=True)
 
 
 def main(args: Sequence[str] | None = None, prog: str | None = None) -> dict[str, float]:
