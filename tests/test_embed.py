@@ -291,7 +291,7 @@ def test_a_killed_embedding_run_resumes_and_stores_every_image_once(tmp_path, mo
     assert load_embeddings_info(tmp_path / "emb")["num_images"] == 5
 
 
-def test_a_rerun_into_a_folder_that_stores_other_captions_or_images_is_refused_and_new_images_are_added(
+def test_a_rerun_into_a_folder_that_stores_other_captions_is_refused_and_new_images_are_added(
     tmp_path, model_dir, capsys
 ):
     for number, image in enumerate(random_images(3, seed=3)):
@@ -325,11 +325,6 @@ def test_a_rerun_into_a_folder_that_stores_other_captions_or_images_is_refused_a
         assert "stores 1 image(s) with other captions or kept values than this source's (the first: " in (
             capsys.readouterr().err
         )
-    write_source({0: ["a dog", "a pup"], 1: ["a cat"], 2: ["a cow"]})  # image 3 dropped: still trained on
-    assert main(arguments) == 2
-    assert f"stores 1 image(s) that this source no longer has (the first: {tmp_path / '3.png'})" in (
-        capsys.readouterr().err
-    )
     write_source({0: ["a dog", "a pup"], 1: ["a cat"], 2: ["a cow"], 3: ["a bird"]})
     random_images(1, seed=4)[0].save(tmp_path / "1.png")  # a file replaced at its path: embedded again, as before
     assert main(arguments) == 0

@@ -244,11 +244,11 @@ def embed_source(
         keep_columns: source columns to store beside the embeddings (from the image's first row).
         source_name: how the info file describes the source.
         check_source: for a folder that is trained from (`clipcap embed`): refuse a folder that stores images with
-            other captions or kept values than this source gives them, or images this source no longer has. A folder
-            keeps each image's captions from the pass that embedded it, so after the captions were edited a rerun into
-            the same folder would keep the old ones. New images (more shards, an image fixed since) are embedded as
-            usual; a streamed source is not read ahead, so it is not checked. Without it (an embedding cache, which
-            sources share) the folder's captions are not what training reads.
+            other captions or kept values than this source gives them. A folder keeps each image's captions from the
+            pass that embedded it, so after the captions were edited a rerun into the same folder would keep the old
+            ones. New images (more shards, an image fixed since, another source) are embedded as usual; a streamed
+            source is not read ahead, so it is not checked. Without it (an embedding cache) the folder's captions are
+            not what training reads.
 
     Returns:
         The folder's info (see [`load_embeddings_info`]), with `num_images` and `num_shards`.
@@ -376,10 +376,10 @@ def _stale_rows(output_dir: Path, source, keep_columns: Sequence[str]) -> str | 
     """
     What a folder stores that a map-style source (to be embedded into it) says otherwise, described; None if nothing.
     An image is stale when the source's rows give it other captions or kept values than stored (merged as a pass
-    merges them: all its rows' captions in order, its first row's kept values), or no longer give it at all. Images
-    are matched by key, files by path: a file replaced at its path is embedded again, its old row then dropped.
-    Images not stored yet (new rows, an image fixed since an earlier pass) are what the pass adds. A stream is not read
-    ahead: None.
+    merges them: all its rows' captions in order, its first row's kept values). Images are matched by key, files by
+    path: a file replaced at its path is embedded again, its old row then dropped. Images not stored yet (new rows,
+    an image fixed since an earlier pass) are what the pass adds; stored images the source does not give stay (a
+    folder may gather several sources). A stream is not read ahead: None.
     """
     shards = _complete_shards(output_dir)
     if not isinstance(source, datasets.Dataset) or not shards:
@@ -414,9 +414,6 @@ def _stale_rows(output_dir: Path, source, keep_columns: Sequence[str]) -> str | 
     stale += [stored[entry][0] for entry, values in merged.items() if digest(values) != stored[entry][1]]
     if stale:
         return f"{len(stale)} image(s) with other captions or kept values than this source's (the first: {stale[0]})"
-    gone = [identity for entry, (identity, _) in stored.items() if entry not in rows_per_image]
-    if gone:
-        return f"{len(gone)} image(s) that this source no longer has (the first: {gone[0]})"
     return None
 
 
