@@ -695,9 +695,9 @@ def _start_again(checkpoint: str, training_args: TrainingArguments) -> str:
     return f"with another --output_dir (or in {folder} once that run's checkpoints are deleted)"
 
 
-# Why a resume may not change an argument that may seem to change the speed alone.
 # The record's entry for the number of training processes.
 WORLD_SIZE_KEY = "world_size"
+# Why a resume may not change an argument that may seem to change the speed alone.
 _WHY_RECORDED = {
     "use_embedding_cache": "; embeddings computed from the pixels at each step round differently from the cached "
     "ones, which changes the weights",
