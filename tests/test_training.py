@@ -988,8 +988,10 @@ def test_lora_from_a_relative_model_folder_records_its_absolute_path_and_warns_o
 def test_overwrite_output_dir_starts_afresh_instead_of_resuming(tmp_path, model_dir, caption_folder):
     out = tmp_path / "out"
     (out / "checkpoint-3").mkdir(parents=True)
-    # A complete checkpoint's last file, of a run not yet at its end (--max_steps 2): a rerun resumes from it.
+    # A complete checkpoint's last file, of a run not yet at its end (--max_steps 2): a rerun resumes from it. (Its
+    # optimizer's file only named: Trainer, which would read it, is replaced below.)
     (out / "checkpoint-3/trainer_state.json").write_text('{"global_step": 1}')
+    (out / "checkpoint-3/optimizer.pt").write_bytes(b"")
     resumed_from = []
 
     class Stop(Exception):
