@@ -9,7 +9,6 @@ never runs the vision tower.
 
 from __future__ import annotations
 
-import collections
 import errno
 import hashlib
 import json
@@ -269,6 +268,7 @@ def embed_source(
         keep_features = datasets.Features({name: source.features[name] for name in keep_columns})
         writer = _ShardWriter(output_dir, rank, world_size, has_captions, keep_features)
         previous: dict[str, Any] = {}  # the info of the run before, if any
+        shards: list[Path] = []  # and its complete shards
         if (output_dir / EMBEDDINGS_INFO_NAME).exists() or (output_dir / LEGACY_CACHE_INFO_NAME).exists():
             previous = check_embeddings(output_dir, model, image_processor)
             stored_columns = previous["columns"]
@@ -288,7 +288,7 @@ def embed_source(
                     f"gives it as {keep_features[name]}, and shards of both would not load together. Embed it into "
                     "another folder, or give the column the stored type."
                 )
-        stale = _stale_rows(output_dir, source, keep_columns) if check_source and previous else None
+        stale = _stale_rows(shards, source, keep_columns) if check_source else None
         if stale is not None:
             raise ValueError(
                 f"The embeddings folder {output_dir} stores {stale}. A folder keeps each image's captions from the "
@@ -372,21 +372,20 @@ def embed_source(
 
 
 
-def _stale_rows(output_dir: Path, source, keep_columns: Sequence[str]) -> str | None:
+def _stale_rows(shards: list[Path], source, keep_columns: Sequence[str]) -> str | None:
     """
-    What a folder stores that a map-style source (to be embedded into it) says otherwise, described; None if nothing.
-    An image is stale when the source's rows give it other captions or kept values than stored (merged as a pass
-    merges them: all its rows' captions in order, its first row's kept values). Images are matched by key, files by
-    path: a file replaced at its path is embedded again, its old row then dropped. Images not stored yet (new rows,
+    What a folder's `shards` store that a map-style source (to be embedded into it) says otherwise, described; None if
+    nothing. An image is stale when the source's rows give it other captions or kept values than stored (merged as a
+    pass merges them: all its rows' captions in order, its first row's kept values). Images are matched by key, files
+    by path: a file replaced at its path is embedded again, its old row then dropped. Images not stored yet (new rows,
     an image fixed since an earlier pass) are what the pass adds; stored images the source does not give stay (a
     folder may gather several sources). A stream is not read ahead: None.
     """
-    shards = _complete_shards(output_dir)
     if not isinstance(source, datasets.Dataset) or not shards:
         return None
     columns = [name for name in (KEY_COLUMN, CAPTIONS_COLUMN, *keep_columns) if name in source.column_names]
 
-    def rows(table, columns=columns):  # (identity, [captions, *kept values]) of each row
+    def rows(table):  # (identity, [captions, *kept values]) of each row
         for batch in table.select_columns(columns).iter(batch_size=10_000):
             for position, key in enumerate(batch[KEY_COLUMN]):
                 yield re.sub(_FILE_KEY_TAIL, "", key), [batch[name][position] for name in columns[1:]]
@@ -394,24 +393,26 @@ def _stale_rows(output_dir: Path, source, keep_columns: Sequence[str]) -> str | 
     def digest(values: list) -> int:
         return hash(json.dumps(values, default=str))
 
-    # By Python's string hashes, with lists kept only for the images given by several rows: a folder of millions of
-    # images is checked in a few hundred MB.
+    # By Python's string hashes, the source's images grouped as the pass groups them (`_first_rows`), and lists kept
+    # only for the images given by several rows: a folder of millions of images is checked in a few hundred MB.
     table = datasets.concatenate_datasets([_load_shard(shard) for shard in shards])
     stored = {hash(identity): (identity, digest(values)) for identity, values in rows(table)}
-    rows_per_image = collections.Counter(hash(identity) for identity, _ in rows(source, [KEY_COLUMN]))
-    merged: dict[int, list] = {}
+    every_row = np.arange(len(source))
+    first_row_of = _first_rows(every_row, _source_key_digests(source)[1])
+    repeated = set(first_row_of[first_row_of != every_row].tolist())  # the first rows of images given several times
+    merged: dict[int, tuple[str, list]] = {}
     stale: list[str] = []
-    for identity, values in rows(source):
-        entry = hash(identity)
-        if entry not in stored:
-            continue  # not stored yet: the pass adds it
-        if rows_per_image[entry] == 1:
-            stale += [identity] if digest(values) != stored[entry][1] else []
-        elif entry not in merged:
-            merged[entry] = values
-        elif CAPTIONS_COLUMN in columns:
-            merged[entry][0] = merged[entry][0] + values[0]
-    stale += [stored[entry][0] for entry, values in merged.items() if digest(values) != stored[entry][1]]
+    for row, (identity, values) in enumerate(rows(source)):
+        first = int(first_row_of[row])
+        if first in merged:  # a later row of an image given several times
+            if CAPTIONS_COLUMN in columns:
+                merged[first][1][0] += values[0]
+        elif first == row and hash(identity) in stored:  # else not stored yet: the pass adds it
+            if row in repeated:
+                merged[row] = (identity, values)
+            elif digest(values) != stored[hash(identity)][1]:
+                stale.append(identity)
+    stale += [identity for identity, values in merged.values() if digest(values) != stored[hash(identity)][1]]
     if stale:
         return f"{len(stale)} image(s) with other captions or kept values than this source's (the first: {stale[0]})"
     return None
@@ -971,19 +972,29 @@ def _collate(items) -> tuple[Any, list[dict[str, Any]], list[tuple[str, int]]]:
     return pixels, [record for _, record in good], problems
 
 
-def _map_style_batches(source, image_processor, done, rank, world_size, batch_size, num_workers, keep_columns):
-    """This process's images not yet stored, each once (with every row that gives it), in batches."""
+def _source_key_digests(source: datasets.Dataset, world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """[`key_digests`] of a map-style source's image keys, row by row (read in batches)."""
     owners, digests = [np.empty(0, dtype=np.int64)], [np.empty(0, dtype=np.uint64)]
     for batch in source.select_columns(KEY_COLUMN).iter(batch_size=10_000):
         batch_owners, batch_digests = key_digests(batch[KEY_COLUMN], world_size)
         owners.append(batch_owners)
         digests.append(batch_digests)
-    owners, digests = np.concatenate(owners), np.concatenate(digests)
+    return np.concatenate(owners), np.concatenate(digests)
+
+
+def _first_rows(rows: np.ndarray, digests: np.ndarray) -> np.ndarray:
+    """For each of the source rows `rows` (ascending), the first of them that gives the same image (key digest)."""
+    _, first, inverse = np.unique(digests[rows], return_index=True, return_inverse=True)
+    return rows[first[inverse.reshape(-1)]]
+
+
+def _map_style_batches(source, image_processor, done, rank, world_size, batch_size, num_workers, keep_columns):
+    """This process's images not yet stored, each once (with every row that gives it), in batches."""
+    owners, digests = _source_key_digests(source, world_size)
     todo = np.flatnonzero((owners == rank) & ~_is_in(digests, done))
     # The first row of each image, in source order; the rows that repeat an image give it their captions too.
-    _, first, inverse = np.unique(digests[todo], return_index=True, return_inverse=True)
-    first_rows = np.sort(todo[first])
-    first_row_of = todo[first[inverse.reshape(-1)]]
+    first_row_of = _first_rows(todo, digests)
+    first_rows = np.unique(first_row_of)
     repeats: dict[int, list[int]] = {}
     for row in np.flatnonzero(todo != first_row_of):
         repeats.setdefault(int(first_row_of[row]), []).append(int(todo[row]))

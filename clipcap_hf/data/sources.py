@@ -289,7 +289,7 @@ def _unreadable_data_file(builder: str, files: list[str]) -> str | None:
     features = []
     for path in files:
         try:
-            alone = datasets.load_dataset(builder, data_files={"train": [path]}, split="train")
+            alone = _read_alone(builder, path)
         except (datasets.exceptions.DatasetGenerationError, StopIteration, tarfile.TarError, ValueError) as error:
             cause = error
             while cause.__cause__ is not None:  # the reader's own words, beneath datasets' wrapping
@@ -307,6 +307,11 @@ def _unreadable_data_file(builder: str, files: list[str]) -> str | None:
                 f"{_describe_features(features[0])}); write every file with the same columns and types."
             )
     return None
+
+
+def _read_alone(builder: str, path: str) -> datasets.Dataset:
+    """One data file of a source read on its own by the source's builder (prepared into `datasets`' cache once)."""
+    return datasets.load_dataset(builder, data_files={"train": [path]}, split="train")
 
 
 def _describe_features(features: datasets.Features) -> str:
@@ -444,8 +449,8 @@ def _without_null_images(
     keyed: datasets.Dataset, source: str, file_rows: list[tuple[str, int]] | _RowsPerFile | None
 ) -> datasets.Dataset:
     """The rows of a keyed map-style source that have an image, with a warning naming (up to 10 of) the others."""
-    keys = keyed.select_columns("image_key").with_format("arrow")[:]["image_key"]
-    missing = pc.indices_nonzero(pc.equal(keys, NULL_IMAGE_KEY)).to_pylist()
+    null = pc.equal(keyed.select_columns("image_key").with_format("arrow")[:]["image_key"], NULL_IMAGE_KEY)
+    missing = pc.indices_nonzero(null).to_pylist()
     if not missing:
         return keyed
     named = missing[:10]
@@ -456,7 +461,7 @@ def _without_null_images(
     report = "\n".join(f"  {_row_location(batch, named, row, source, file_rows)}" for row in range(len(named)))
     more = f"\n  ... and {len(missing) - len(named)} more" if len(missing) > len(named) else ""
     logger.warning(f"Skipped {len(missing)} row(s) without an image (on_bad_image='skip'):\n{report}{more}")
-    return keyed.select(pc.indices_nonzero(pc.not_equal(keys, NULL_IMAGE_KEY)).to_numpy())
+    return keyed.select(pc.indices_nonzero(pc.invert(null)).to_numpy())
 
 
 def _column_digest(dataset: datasets.Dataset, column: str) -> str:
@@ -538,10 +543,7 @@ class _RowsPerFile:
         again into `datasets`' cache, once: only an error pays for it.
         """
         try:
-            return [
-                (path, datasets.load_dataset(self.builder, data_files={"train": [path]}, split="train").num_rows)
-                for path in self.files
-            ]
+            return [(path, _read_alone(self.builder, path).num_rows) for path in self.files]
         except (datasets.exceptions.DatasetGenerationError, ValueError, OSError):
             return None  # its columns' types, inferred from it alone, do not read: rows counted through all files
 
