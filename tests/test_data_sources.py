@@ -341,12 +341,14 @@ def test_a_source_that_already_has_keys_and_captions_has_them_computed_again(tmp
     datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
     # An output of load_image_source saved with stale keys and captions, read again with captions from `caption`.
     load_image_source(data_files=str(tmp_path / "saved"), caption_column="caption").map(
-        lambda row: {"caption": row["captions"][0], "captions": ["stale"], "image_key": "stale"}
+        lambda row: {"caption": row["captions"][0], "captions": ["stale"], "image_key": "stale", "__row__": 7}
     ).save_to_disk(str(tmp_path / "resaved"))
     source = load_image_source(data_files=str(tmp_path / "resaved"), caption_column="caption", streaming=streaming)
-    assert sorted(source.features) == ["captions", "image", "image_key"]
+    # Map-style rows are numbered for errors (`__row__`), again in their place; a stream's are not.
+    assert sorted(source.features) == sorted(["captions", "image", "image_key"] + ["__row__"] * (not streaming))
     rows = list(source)
     assert [row["captions"] for row in rows] == [["a"], ["b"]]
+    assert [row.get("__row__") for row in rows] == ([None, None] if streaming else [0, 1])
     assert [row["image_key"] for row in rows] == [sha256_key(png_bytes(image)) for image in images]
 
 

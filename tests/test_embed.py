@@ -163,6 +163,40 @@ def test_an_unreadable_parquet_row_is_named_by_file_row_and_key(tmp_path, tokeni
     )
 
 
+def test_a_parquet_row_after_skipped_rows_without_an_image_keeps_its_own_row_number(
+    tmp_path, tokenizer, processor, caplog
+):
+    # Rows 1 and 2 of the file have no image; row 3's bytes are no image. Left out, the null rows must not shift the
+    # unreadable row's number (it was named as row 1 once they were gone).
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    good = io.BytesIO()
+    random_images(1)[0].save(good, "PNG")
+    images = [{"bytes": good.getvalue(), "path": None}, None, None, {"bytes": b"not an image", "path": None}]
+    rows = {"image": images, "caption": ["A dog.", "A cat.", "A cow.", "A bird."]}
+    path = str(tmp_path / "part.parquet")
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(path)
+    model = tiny_model(tokenizer)
+    where = f"shard {path}, row 3 (from 0): UnidentifiedImageError"
+    with caplog.at_level("WARNING"):
+        source = load_image_source(data_files=path, caption_column="caption", on_bad_image="skip")
+        embed_source(source, model, processor.image_processor, tmp_path / "emb", on_bad_image="skip")
+    assert where in caplog.text, caplog.text
+    # Training from pixels names it the same way.
+    data_args = DataArguments(train_file=path, on_bad_image="skip", use_embedding_cache=False)
+    with caplog.at_level("WARNING"):
+        caplog.clear()
+        load_training_data(data_args, model, processor, evaluate=False)
+    assert where in caplog.text, caplog.text
+    # A dataset given by name (a Hub dataset; here a local folder) names its row in the dataset.
+    (tmp_path / "hub").mkdir()
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "hub" / "train.parquet"))
+    with caplog.at_level("WARNING"):
+        caplog.clear()
+        source = load_image_source(dataset_name=str(tmp_path / "hub"), caption_column="caption", on_bad_image="skip")
+        embed_source(source, model, processor.image_processor, tmp_path / "emb2", on_bad_image="skip")
+    assert "  row 3 (from 0): UnidentifiedImageError" in caplog.text, caplog.text
+
+
 def test_kept_columns_keep_their_source_types_in_every_shard(tmp_path, tokenizer, processor, monkeypatch):
     import clipcap_hf.data.embeddings as embeddings
 

@@ -25,7 +25,6 @@ from typing import Any
 
 import datasets
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 from tqdm.auto import tqdm
@@ -34,7 +33,7 @@ from transformers.utils import logging
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from ..utils.file_utils import FileLocksUnsupportedError, acquire_file_lock, read_json, write_text_atomically
 from .loaders import PathLike, _image_keys, _rebuild, _splits
-from .sources import SHARD_COLUMN, WEBDATASET_KEY, decode_image
+from .sources import SHARD_COLUMN, SOURCE_ROW_COLUMN, WEBDATASET_KEY, decode_image
 
 logger = logging.get_logger(__name__)
 
@@ -866,13 +865,15 @@ def _describe_tower(info: dict[str, Any]) -> str:
 
 def _where(row: dict[str, Any], index: int | None, streamed_from: str | None = None) -> str:
     """
-    A source row as an error names it: its shard (tar or parquet file) and sample (or its row in that file: `index`),
-    or its image file, or its row (in the stream that `streamed_from` describes, whose rows have no file).
+    A source row as an error names it: its shard (tar or parquet file) and sample (or its row in that file), or its
+    image file, or its row (`__row__` of a map-style source; `index` in the stream that `streamed_from` describes, whose
+    rows have no file).
     """
     image = row["image"]
+    number = row.get(SOURCE_ROW_COLUMN)
     if row.get(SHARD_COLUMN):
         sample = f", sample {row[WEBDATASET_KEY]}" if row.get(WEBDATASET_KEY) else ""
-        row_number = f", row {index} (from 0)" if index is not None and not sample else ""
+        row_number = f", row {number} (from 0)" if number is not None and not sample else ""
         return f"shard {row[SHARD_COLUMN]}{sample}{row_number}"
     if image.get("bytes") is None and image.get("path"):
         return str(image["path"])
@@ -881,20 +882,8 @@ def _where(row: dict[str, Any], index: int | None, streamed_from: str | None = N
             f"a streamed row of {streamed_from} (row {index} of the stream, from 0; embed it without --streaming to "
             "have the row's file and number named)"
         )
-    return f"row {index}" if index is not None else "a streamed row"
-
-
-def _file_starts(source: datasets.Dataset) -> dict[str, int]:
-    """
-    The first row of each file of a map-style source whose rows name their file but no sample (`__url__` of parquet
-    files: its rows come file by file), so that a bad row is named by its row in its file; empty for other sources.
-    """
-    if SHARD_COLUMN not in source.column_names or WEBDATASET_KEY in source.column_names:
-        return {}
-    column = source.select_columns(SHARD_COLUMN).with_format("arrow")[:][SHARD_COLUMN]
-    encoded = pa.chunked_array(column).combine_chunks().dictionary_encode()
-    files, first_rows = np.unique(encoded.indices.to_numpy(zero_copy_only=False), return_index=True)
-    return {encoded.dictionary[int(file)].as_py(): int(row) for file, row in zip(files, first_rows)}
+    number = number if number is not None else index
+    return f"row {number} (from 0)" if number is not None else "a streamed row"
 
 
 def _read(
@@ -942,7 +931,6 @@ class _SourceImages(torch.utils.data.Dataset):
 
     def __init__(self, source, first_rows: np.ndarray, repeats: dict[int, list[int]], image_processor, keep_columns):
         self.source = source.cast_column("image", datasets.Image(decode=False))
-        self.file_starts = _file_starts(source)
         self.captions = source.select_columns(CAPTIONS_COLUMN) if CAPTIONS_COLUMN in source.column_names else None
         self.first_rows, self.repeats = first_rows, repeats
         self.image_processor = image_processor
@@ -955,7 +943,7 @@ class _SourceImages(torch.utils.data.Dataset):
         first = int(self.first_rows[position])
         others = self.repeats.get(first, ())
         row = self.source[first]
-        pixels, problem = _read(row, first - self.file_starts.get(row.get(SHARD_COLUMN), 0), self.image_processor)
+        pixels, problem = _read(row, first, self.image_processor)
         record = {KEY_COLUMN: row[KEY_COLUMN], **{name: row[name] for name in self.keep_columns}}
         if self.captions is not None:
             record[CAPTIONS_COLUMN] = list(row[CAPTIONS_COLUMN])

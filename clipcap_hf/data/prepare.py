@@ -31,7 +31,6 @@ from .embeddings import (
     KEY_COLUMN,
     LEGACY_CACHE_INFO_NAME,
     _barrier,
-    _file_starts,
     _KeyIndex,
     _process_rank,
     _read,
@@ -41,7 +40,14 @@ from .embeddings import (
     embedding_cache_folder,
     load_embeddings,
 )
-from .sources import DEFAULT_CAPTION_COLUMNS, SHARD_COLUMN, WEBDATASET_KEY, decode_image, load_image_source
+from .sources import (
+    DEFAULT_CAPTION_COLUMNS,
+    SHARD_COLUMN,
+    SOURCE_ROW_COLUMN,
+    WEBDATASET_KEY,
+    decode_image,
+    load_image_source,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -366,8 +372,9 @@ def _image_id_and_path(batch: dict[str, list], position: int, key: str) -> tuple
 
 def _pixel_rows(source, data_args, name: str):
     """One row per caption with its `image`, unreadable images raised or left out (`--on_bad_image`)."""
-    # The shard (in the id columns) also names an unreadable image.
-    columns = [KEY_COLUMN, CAPTIONS_COLUMN, "image"] + [c for c in _ID_COLUMNS if c in (source.features or {})]
+    # The shard (in the id columns) and the row's number also name an unreadable image.
+    naming = (*_ID_COLUMNS, SOURCE_ROW_COLUMN)
+    columns = [KEY_COLUMN, CAPTIONS_COLUMN, "image"] + [c for c in naming if c in (source.features or {})]
     source = source.select_columns(columns)
     if isinstance(source, datasets.IterableDataset):
         # Read lazily: each image is decoded (and checked) when its captions come up.
@@ -385,11 +392,10 @@ def _pixel_rows(source, data_args, name: str):
 def _unreadable(source: datasets.Dataset, data_args, name: str) -> set[str]:
     """The keys of the images that do not open, after raising for them unless `--on_bad_image skip`."""
     problems: dict[str, str] = {}
-    file_starts = _file_starts(source)  # parquet rows are named by their row in their file
     for row_index, row in enumerate(source):
         if row[KEY_COLUMN] in problems:
             continue
-        _, problem = _read(row, row_index - file_starts.get(row.get(SHARD_COLUMN), 0), image_processor=None)
+        _, problem = _read(row, row_index, image_processor=None)
         if problem is not None:
             problems[row[KEY_COLUMN]] = problem
     report = "\n".join(list(problems.values())[:10])

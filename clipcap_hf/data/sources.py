@@ -39,6 +39,9 @@ BUILDERS = {
 }
 # Columns that datasets' webdataset builder adds to every row: the sample's key and its shard.
 WEBDATASET_KEY, SHARD_COLUMN = "__key__", "__url__"
+# A map-style row's number in its parquet file (beside `__url__`), else in the source: it names a bad row in errors, and
+# stays right when rows before it are left out (`on_bad_image="skip"`), as a position counted afterwards would not.
+SOURCE_ROW_COLUMN = "__row__"
 # The key of a row without an image while it is being left out (`on_bad_image="skip"`): no image's key is empty.
 NULL_IMAGE_KEY = ""
 # The usual caption columns, in order of preference: most sources' `caption`, webdataset shards' `txt` (the captions'
@@ -74,6 +77,9 @@ def load_image_source(
     - `image_key`: a stable key of the image: for a file its absolute path, size and modification time (see
       [`image_cache_key`]), for image bytes (parquet, webdataset, Hub datasets) `sha256:<hash of the bytes>`,
     - `captions` (when there is a caption column): the row's captions, a list of strings,
+
+    - `__row__` (not `streaming`, and not webdataset shards, whose samples have `__key__`): the row's number (from 0)
+      in its parquet file (named in `__url__`), or else in the source, which errors about the row name,
 
     and the source's other columns (webdataset shards keep `__key__` and `__url__`, the shard's file).
 
@@ -394,7 +400,8 @@ def _add_keys_and_captions(
 ):
     """
     Add `image_key` (and `captions`) computed from the undecoded images, without decoding any; and, for parquet files
-    (`shards`: each file and its row count), each row's file as `__url__`, as webdataset rows have it. A bad row is
+    (`shards`: each file and its row count), each row's file as `__url__`, as webdataset rows have it, and to map-style
+    sources each row's number there (or in the source) as `__row__`, which names it in later errors. A bad row is
     named by its file and its row there from `file_rows` (the parquet `shards`, or the counts of several JSON/CSV/Arrow
     files, read when an error needs them). A stream of several shards numbers its rows in the order its readers take
     them (shuffled shards, one count per worker), not in its files: its bad rows are named without a row number. With
@@ -415,12 +422,17 @@ def _add_keys_and_captions(
             "source": source,
             "shards": shards,
             "file_rows": file_rows,
+            "number_rows": not streamed and SHARD_COLUMN not in dataset.column_names,
             # A stream is not read ahead: each row left out is warned of as it is read.
             "null_images": ("warn and skip" if streamed else "skip") if skip_null_images else "error",
         },
     )
     replaced = [caption_column] if caption_column else []
-    replaced += [name for name in ("image_key", "captions") if name in dataset.column_names and name not in replaced]
+    replaced += [
+        name
+        for name in ("image_key", "captions", SOURCE_ROW_COLUMN)
+        if name in dataset.column_names and name not in replaced
+    ]
     if streamed:
         features = datasets.Features({name: f for name, f in dataset.features.items() if name not in replaced})
         features["image_key"] = datasets.Value("string")
@@ -472,7 +484,7 @@ def _column_digest(dataset: datasets.Dataset, column: str) -> str:
     return digest.hexdigest()
 
 
-def _keys_and_captions(batch, indices=None, *, caption_column, source, shards, file_rows, null_images):
+def _keys_and_captions(batch, indices=None, *, caption_column, source, shards, file_rows, number_rows, null_images):
     new: dict[str, list] = {"image_key": []}
     for position, image in enumerate(batch["image"]):
         if not _is_null_image(image):
@@ -493,7 +505,9 @@ def _keys_and_captions(batch, indices=None, *, caption_column, source, shards, f
             logger.warning(f"{location} has no image (it is null or missing): skipped (on_bad_image='skip').")
         new["image_key"].append(NULL_IMAGE_KEY)
     if shards is not None:
-        new[SHARD_COLUMN] = [shards[_shard_of(index, shards)][0] for index in indices]
+        new[SHARD_COLUMN], new[SOURCE_ROW_COLUMN] = map(list, zip(*(_file_and_row(index, shards) for index in indices)))
+    elif number_rows:
+        new[SOURCE_ROW_COLUMN] = list(indices)
     if caption_column is not None:
         new["captions"] = [
             _caption_list(
@@ -506,8 +520,11 @@ def _keys_and_captions(batch, indices=None, *, caption_column, source, shards, f
     return new
 
 
-def _shard_of(index: int, shards: list[tuple[str, int]]) -> int:
-    return bisect.bisect_right(list(itertools.accumulate(rows for _, rows in shards)), index)
+def _file_and_row(index: int, file_rows: list[tuple[str, int]]) -> tuple[str, int]:
+    """The file of a source's row `index` (`file_rows`: each file and its row count, in order), and its row there."""
+    ends = list(itertools.accumulate(rows for _, rows in file_rows))
+    file = bisect.bisect_right(ends, index)
+    return file_rows[file][0], index - (ends[file - 1] if file else 0)
 
 
 def _row_location(
@@ -522,8 +539,8 @@ def _row_location(
     if isinstance(file_rows, _RowsPerFile):
         file_rows = file_rows.count()
     if file_rows is not None:
-        file = _shard_of(index, file_rows)
-        return f"{file_rows[file][0]}, row {index - sum(rows for _, rows in file_rows[:file])} (from 0)"
+        file, row = _file_and_row(index, file_rows)
+        return f"{file}, row {row} (from 0)"
     return f"{source}, row {index} (from 0)"
 
 

@@ -549,16 +549,18 @@ def _caption_shard(
 
 
 def _bad_row(name: str, batch: dict[str, list], row: int) -> str:
-    """A bad row as errors and warnings name it: its output shard and key, and the data file (and webdataset sample)
-    it came from where the source's rows name it (`__url__` of parquet files and tar shards)."""
+    """A bad row as errors and warnings name it: its output shard and key, and where the source's rows say they come
+    from (`__url__`: a parquet file or tar shard; its webdataset sample, or the row's number there or in the source)."""
     # Imported here: `data.sources` imports `datasets` (an optional dependency) as it loads, and rows naming a file
     # come from `datasets` anyway.
-    from ..data.sources import SHARD_COLUMN, WEBDATASET_KEY
+    from ..data.sources import SHARD_COLUMN, SOURCE_ROW_COLUMN, WEBDATASET_KEY
 
-    source = ""
-    if batch.get(SHARD_COLUMN):
-        sample = f", sample {batch[WEBDATASET_KEY][row]!r}" if batch.get(WEBDATASET_KEY) else ""
-        source = f" (from {batch[SHARD_COLUMN][row]}{sample})"
+    origin = [batch[SHARD_COLUMN][row]] if batch.get(SHARD_COLUMN) else []
+    if batch.get(WEBDATASET_KEY):
+        origin.append(f"sample {batch[WEBDATASET_KEY][row]!r}")
+    elif batch.get(SOURCE_ROW_COLUMN):
+        origin.append(f"row {batch[SOURCE_ROW_COLUMN][row]} (from 0)")
+    source = f" (from {', '.join(origin)})" if origin else ""
     return f"{name}, key {batch['image_key'][row]!r}{source}"
 
 
