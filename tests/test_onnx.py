@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import shutil
 import warnings
 
@@ -541,6 +542,33 @@ def test_a_failed_export_names_the_missing_extra_and_leaves_no_folder_behind(
     assert sorted(str(path.relative_to(earlier)) for path in earlier.rglob("*")) == before
     assert not list(earlier.glob(".export-*"))  # nor the staging folder (the listing above holds hidden files too)
     OnnxCaptioner(earlier)
+
+
+def test_an_export_killed_part_way_is_cleared_by_the_next_one_and_a_running_one_is_kept(onnx_export, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    _, saved, _ = onnx_export
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, dead_pid = socket.gethostname(), int(ended.stdout)
+    output = tmp_path / "export"
+    killed = output / f".export-{host}-{dead_pid}-0123abcd.partial"
+    (killed / "onnx").mkdir(parents=True)
+    (killed / "onnx" / "decoder_model_merged.onnx").write_bytes(b"half a graph")
+    # Only a killed export's folder there: the folder counts as empty (no --overwrite needed), and it is removed.
+    assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8"]) == 0
+    assert not killed.exists()
+    assert sorted(path.name for path in output.glob(".*")) == []
+    OnnxCaptioner(output)
+
+    # A running export's folder (this process's), and another machine's (its process cannot be probed), are kept.
+    running = output / f".export-{host}-{os.getpid()}-0123abcd.partial"
+    elsewhere = output / f".export-{host}x-{dead_pid}-0123abcd.partial"
+    for folder in (running, elsewhere):
+        folder.mkdir()
+    assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8", "--overwrite"]) == 0
+    assert running.is_dir() and elsewhere.is_dir()
 
 
 def test_a_generation_config_without_a_length_captions_as_many_tokens_as_the_model_loaded_from_it(

@@ -21,11 +21,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..onnx import export_onnx
+    from ..onnx.export import abandoned_exports
 
     output = Path(args.output)
     if output.is_file():
         raise NotADirectoryError(f"--output: {output} is a file; name a folder to write the export to.")
-    if output.is_dir() and any(output.iterdir()) and not args.overwrite:
+    # What a killed export left there does not count: the export removes it.
+    abandoned = abandoned_exports(output)
+    if output.is_dir() and any(path not in abandoned for path in output.iterdir()) and not args.overwrite:
         raise FileExistsError(f"--output: {output} is not empty; name a new folder, or pass --overwrite.")
     model, processor = load_clipcap(args.model, "MODEL")
     # Written whole or not at all: a failed export leaves --output as it was, so a retry is not refused.

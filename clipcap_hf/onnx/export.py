@@ -27,12 +27,15 @@ import functools
 import inspect
 import logging
 import os
+import re
 import secrets
 import shutil
+import socket
 import warnings
 from pathlib import Path
 
 import numpy as np
+import psutil
 import torch
 import transformers
 from torch import nn
@@ -53,6 +56,9 @@ POSITION_LIMIT_KEY = "clipcap.learned_position_limit"
 # it, which neither the browser page nor a single-file download wants for smaller models.
 _SINGLE_FILE_LIMIT = 2_000_000_000
 OPSET = 18
+# An export is written into `<output>/.export-<host>-<pid>-<random>.partial` and moved in once whole; the host and
+# process name it so that a later export can tell one abandoned by a killed process (see `abandoned_exports`).
+_STAGING_NAME = re.compile(r"\.export-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]+\.partial")
 
 
 class PrefixEncoder(nn.Module):
@@ -329,9 +335,12 @@ def export_onnx(
     output_dir = Path(output_dir)
     # Written into a hidden folder inside output_dir (so on its filesystem, whether it is a mount point or a link)
     # and moved in once whole: an export that fails or is stopped part-way (an exporter error, Ctrl-C, a full disk)
-    # leaves an earlier export there as it was, and a folder it created is removed again.
+    # leaves an earlier export there as it was, and a folder it created is removed again. One whose process was
+    # killed (no cleanup ran) is removed by the next export into the folder.
     created = not output_dir.exists()
-    staging = output_dir / f".export-{secrets.token_hex(8)}.partial"
+    for abandoned in abandoned_exports(output_dir):
+        shutil.rmtree(abandoned, ignore_errors=True)
+    staging = output_dir / f".export-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.partial"
     try:
         staging.mkdir(parents=True)
         model.config.save_pretrained(staging)
@@ -347,6 +356,23 @@ def export_onnx(
         raise
     shutil.rmtree(staging, ignore_errors=True)
     return {name: output_dir / ONNX_SUBFOLDER / path.name for name, path in paths.items()}
+
+
+def abandoned_exports(output_dir: str | os.PathLike) -> list[Path]:
+    """
+    The staging folders in `output_dir` that exports on this machine left when their process was killed part-way:
+    their process has ended. Those of other machines sharing the folder, or of a process still running, are not
+    listed; nor any on Windows, where no process is probed.
+    """
+    if os.name == "nt" or not Path(output_dir).is_dir():
+        return []
+    host = socket.gethostname()
+    abandoned = []
+    for path in Path(output_dir).glob(".export-*.partial"):
+        match = _STAGING_NAME.fullmatch(path.name)
+        if match and match["host"] == host and not psutil.pid_exists(int(match["pid"])):
+            abandoned.append(path)
+    return abandoned
 
 
 def _move_into(staging: Path, output_dir: Path) -> None:
