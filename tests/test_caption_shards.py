@@ -161,8 +161,8 @@ def test_a_bad_row_stops_the_run_naming_shard_and_key_or_is_skipped_and_counted(
     output = tmp_path / "stop"
     assert main(caption_argv(model_dir, source, output)) == 2
     err = capsys.readouterr().err
-    assert (f"captions-00001-of-00002.parquet, key '{bad_key}' (from {source}, row 2 (from 0)): Cannot decode the image "
-            "bytes (12 bytes): no image format PIL reads") in err
+    assert (f"captions-00001-of-00002.parquet, key '{bad_key}' (from {source}, row 2 (from 0)): Cannot decode the "
+            "image bytes (12 bytes): no image format PIL reads") in err
     assert "--on-bad-image skip" in err
     # The bad row is in the second shard (rows 2 and 3): the first one is finished and kept.
     assert [path.name for path in output.glob("*.parquet")] == ["captions-00000-of-00002.parquet"]
