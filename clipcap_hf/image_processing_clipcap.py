@@ -286,7 +286,11 @@ def _may_hold_image_processor_settings(path: str) -> bool:
 
 
 def _tower_config(pretrained_model_name_or_path: str, **kwargs) -> PretrainedConfig:
-    """The vision tower's config of a transformers checkpoint (of a whole CLIP or SigLIP, its vision part)."""
+    """
+    The vision tower's config of a transformers checkpoint (of a whole CLIP or SigLIP, its vision part); a config that
+    names code of its own (`auto_map`) is refused rather than its code run, unless `trust_remote_code=True` is given.
+    """
+    kwargs = {"trust_remote_code": False, **kwargs}
     return vision_tower_config(AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs))
 
 
@@ -393,8 +397,9 @@ class ClipCapImageProcessor(BaseImageProcessor):
             return cls.from_dict(settings)
 
         def model_config() -> PretrainedConfig | None:
+            options = {"trust_remote_code": False, **kwargs}  # a config naming code of its own is refused, not run
             try:
-                return AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs)
+                return AutoConfig.from_pretrained(pretrained_model_name_or_path, **options)
             except (OSError, ValueError):  # no model config (4.x: OSError, 5.x: ValueError): settings only
                 return None
 

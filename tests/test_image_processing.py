@@ -232,3 +232,26 @@ def test_a_thin_strip_is_resampled_only_under_its_crop_and_matches_the_full_resi
     expected = np.asarray(full.crop((0, top, 224, top + 224)), dtype=np.float32).transpose(2, 0, 1) / 255
     as_read = pixels * np.asarray(processor.image_std)[:, None, None] + np.asarray(processor.image_mean)[:, None, None]
     assert np.abs(as_read - expected).max() <= 1 / 255 + 1e-5
+
+
+@pytest.mark.parametrize("settings", [False, True])
+def test_a_tower_folder_naming_code_of_its_own_is_refused_without_running_it(tmp_path, monkeypatch, settings):
+    # A config with an `auto_map` makes transformers ask whether to run the folder's code, and run it on "y", unless
+    # trust_remote_code=False is passed: the answer given here is "y".
+    marker = tmp_path / "code-ran"
+    (tmp_path / "config.json").write_text(
+        json.dumps({"model_type": "custom_vision", "auto_map": {"AutoConfig": "custom.CustomConfig"}})
+    )
+    (tmp_path / "custom.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import PretrainedConfig\n\n\nclass CustomConfig(PretrainedConfig):\n"
+        "    model_type = 'custom_vision'\n"
+    )
+    monkeypatch.setattr("builtins.input", lambda *args: "y")
+    if settings:  # the preprocessing settings there: the model config beside them is read as absent
+        (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "CLIPImageProcessor"}))
+        ClipCapImageProcessor.from_vision_pretrained(str(tmp_path))
+    else:
+        with pytest.raises(ValueError, match="trust_remote_code"):
+            ClipCapImageProcessor.from_vision_pretrained(str(tmp_path))
+    assert not marker.exists()
