@@ -311,6 +311,7 @@ def test_a_finished_run_is_reused_only_from_the_same_pretrained_parts_and_data_a
         raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(ablation, "train_and_score", must_not_train)
+    monkeypatch.setattr(ablation, "_check_prefix_lengths", lambda *args: None)  # its models are names, not there
     # A run written before its pretrained parts and data were recorded: refused, naming what is missing.
     write_record()
     with pytest.raises(ValueError, match=r"scores.json has no `trained_from` record .*remove that run"):
@@ -342,3 +343,71 @@ def test_a_finished_run_is_reused_only_from_the_same_pretrained_parts_and_data_a
         with pytest.raises(ValueError, match=rf"{run.name} was trained from other pretrained parts or data "
                                              rf"\(.*, this grid's: .*{named}.*\); use another output folder"):
             run_ablation(tmp_path, config, changed_data, verbose=False)
+
+
+def test_a_moved_grid_resumes_and_a_language_model_trained_again_is_refused(grid, tmp_path, monkeypatch):
+    import shutil
+
+    from transformers import GPT2LMHeadModel
+
+    output_dir, records = grid
+    moved = tmp_path / "moved"
+    shutil.copytree(output_dir, moved)
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(ablation, "train_and_score", must_not_train)
+    monkeypatch.setattr(ablation, "run_quickstart", must_not_train)
+    # Its runs are matched to their starting models by content, not by the paths the folder had.
+    assert run_ablation(moved, tiny_grid(), verbose=False) == records
+    # The base's language model saved again with other weights: its runs did not start from it.
+    language_model = GPT2LMHeadModel.from_pretrained(moved / "base" / "gpt2-shapes")
+    with torch.no_grad():
+        language_model.lm_head.weight.add_(0.01)
+    language_model.save_pretrained(moved / "base" / "gpt2-shapes")
+    with pytest.raises(ValueError, match=r"prefix001 was trained from other pretrained parts or data"):
+        run_ablation(moved, tiny_grid(), verbose=False)
+
+
+def test_a_base_export_stopped_part_way_is_written_again(grid, tmp_path, monkeypatch):
+    import shutil
+
+    output_dir, records = grid
+    copy = tmp_path / "copy"
+    shutil.copytree(output_dir, copy)
+    shutil.rmtree(copy / "base" / "gpt2-shapes")
+    saved = ablation.save_pretrained
+
+    def stopped_after_the_tokenizer_config(folder, *parts):
+        saved(folder, parts[0])
+        (Path(folder) / "tokenizer_config.json").write_text("{}")
+        raise KeyboardInterrupt  # as Ctrl-C, before the vocabulary files
+
+    monkeypatch.setattr(ablation, "run_quickstart", None)  # the base run itself is finished
+    with monkeypatch.context() as patch:
+        patch.setattr(ablation, "save_pretrained", stopped_after_the_tokenizer_config)
+        with pytest.raises(KeyboardInterrupt):
+            run_ablation(copy, tiny_grid(), verbose=False)
+    assert not (copy / "base" / "gpt2-shapes").exists()
+    monkeypatch.setattr(ablation, "train_and_score", None)
+    assert run_ablation(copy, tiny_grid(), verbose=False) == records  # the same model again: its runs reused
+
+
+def test_a_grid_that_cannot_finish_is_refused_before_any_training(grid, tmp_path, monkeypatch):
+    import shutil
+    import sys
+
+    output_dir, _ = grid
+    copy = tmp_path / "copy"
+    shutil.copytree(output_dir, copy)
+    monkeypatch.setattr(ablation, "train_and_score", None)  # nothing may train
+    positions = json.loads((copy / "base" / "gpt2-shapes" / "config.json").read_text())["n_positions"]
+    with pytest.raises(ValueError, match=rf"Prefix lengths \[{positions}\] \(--prefix-lengths\) leave no position for "
+                                         rf"text: .* has {positions} \(max_position_embeddings\)"):
+        run_ablation(copy, tiny_grid(prefix_lengths=(1, positions)), verbose=False)
+    # Figures without matplotlib: refused before the base run is trained, not after the grid.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(ablation, "run_quickstart", None)
+    with pytest.raises(ImportError, match=r"The ablation figures need matplotlib"):
+        run_ablation(tmp_path / "new", tiny_grid(), verbose=False)

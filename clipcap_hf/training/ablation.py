@@ -34,6 +34,7 @@ import datasets
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 from transformers.utils import logging as transformers_logging
 
 from ..configuration_clipcap import MAPPING_TYPES, check_positive_int
@@ -42,7 +43,8 @@ from ..data.collator import image_inputs
 from ..evaluation.metrics import caption_tokenization, compute_caption_metrics, require_pycocoevalcap
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
-from ..utils.file_utils import read_json, save_pretrained, write_text_atomically
+from ..utils.file_utils import read_json, save_pretrained, write_folder_atomically, write_text_atomically
+from ..utils.loading import model_identity, same_model
 from .quickstart import QuickstartConfig, make_shapes_dataset, run_quickstart, score_captions
 from .trainer import caption_dataset, scratch_trainer, scratch_training_arguments
 
@@ -191,11 +193,14 @@ def shapes_task(
             f"another output folder, or remove {base} and its runs to start again."
         )
     vision_dir, text_dir = base / "clip-shapes", base / "gpt2-shapes"
-    if not (vision_dir / "preprocessor_config.json").is_file() or not (text_dir / "tokenizer_config.json").is_file():
+    if not vision_dir.is_dir() or not text_dir.is_dir():
         model = ClipCapForConditionalGeneration.from_pretrained(base, trust_remote_code=False)
         processor = ClipCapProcessor.from_pretrained(base, trust_remote_code=False)
-        save_pretrained(vision_dir, model.vision_model, processor.image_processor)
-        save_pretrained(text_dir, model.language_model, processor.tokenizer)
+        # Each written whole or not at all: a run killed part-way leaves no half-written folder a rerun would take.
+        for folder, parts in ((vision_dir, (model.vision_model, processor.image_processor)),
+                              (text_dir, (model.language_model, processor.tokenizer))):
+            if not folder.is_dir():
+                write_folder_atomically(folder, lambda staging, parts=parts: save_pretrained(staging, *parts))
     shapes = config.shapes
     splits = make_shapes_dataset(
         shapes.train_images_per_combination, shapes.test_images_per_combination, shapes.image_size, shapes.seed
@@ -355,21 +360,17 @@ def budget(config: AblationConfig) -> dict[str, Any]:
     return {name: getattr(config, name) for name in names}
 
 
-def trained_from(run: AblationRun, config: AblationConfig, data_fingerprint: str) -> dict[str, str]:
+def trained_from(run: AblationRun, config: AblationConfig, data_fingerprint: str) -> dict[str, Any]:
     """
-    What a run starts from: its pretrained parts (local folders by their full path: the run's folder name keeps only
-    the tower's last path part) and a fingerprint of the dataset's rows; a finished run is reused only when they match.
+    What a run starts from: its pretrained parts, by their content ([`model_identity`]: a folder's whatever its path,
+    so a moved output folder resumes and a base retrained in place does not) and a fingerprint of the dataset's rows;
+    a finished run is reused only when they match.
     """
     return {
-        "vision_model": _full_name(run.vision_model),
-        "text_model": _full_name(config.text_model),
+        "vision_model": model_identity(run.vision_model),
+        "text_model": model_identity(config.text_model),
         "dataset": data_fingerprint,
     }
-
-
-def _full_name(model: str) -> str:
-    """A local folder's absolute path (however it was spelled), else the Hub name as given."""
-    return os.path.abspath(model) if os.path.exists(model) else model
 
 
 def dataset_fingerprint(data: AblationData) -> str:
@@ -392,10 +393,17 @@ def check_finished_run(record: dict[str, Any], run_dir: Path, expected: dict[str
             "told apart from a run with other settings; use another output folder, or remove that run to train it "
             "again."
         )
-    if record[what] != expected:
+    recorded = record[what]
+    if what == "trained_from":  # models compared by content; an identity that cannot tell counts as another model
+        same = isinstance(recorded, dict) and recorded.get("dataset") == expected["dataset"] and all(
+            same_model(recorded.get(part), expected[part]) for part in ("vision_model", "text_model")
+        )
+    else:
+        same = recorded == expected
+    if not same:
         description = "with another budget" if what == "budget" else "from other pretrained parts or data"
         raise ValueError(
-            f"{run_dir} was trained {description} ({record[what]}, this grid's: {expected}); use another output "
+            f"{run_dir} was trained {description} ({recorded}, this grid's: {expected}); use another output "
             "folder, or remove that run to train it again."
         )
 
@@ -431,6 +439,8 @@ def run_ablation(
     """
     config = config or AblationConfig()
     require_pycocoevalcap()  # before any training, not after it
+    if config.plot_metrics:
+        _matplotlib()
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if data is None and config.vision_models:
@@ -444,31 +454,60 @@ def run_ablation(
     with contextlib.nullcontext() if verbose else _without_library_progress_bars():
         if data is None:
             config, data = shapes_task(output_dir, config, verbose)
-        data_fingerprint, scoring = dataset_fingerprint(data), caption_tokenization()
+        data_fingerprint = dataset_fingerprint(data)
+        runs = grid_runs(config)
+        finished = [_finished_record(run, config, output_dir, data_fingerprint) for run in runs]
+        _check_prefix_lengths(config, [run for run, record in zip(runs, finished) if record is None])
         records, embeddings = [], {}
-        for run in tqdm(grid_runs(config), desc="Ablation runs", disable=not verbose):
-            run_dir = output_dir / "runs" / run.name
-            scores_path = run_dir / SCORES_FILE
-            record = read_json(scores_path) if scores_path.is_file() else None
-            if record is not None:
-                check_finished_run(record, run_dir, budget(config), "budget")
-                check_finished_run(record, run_dir, trained_from(run, config, data_fingerprint), "trained_from")
-                if record.get("scoring") != scoring:
-                    # Its predictions are not saved (5 samples only), so it cannot be rescored: trained again, so
-                    # that one table never mixes two ways of scoring.
-                    logger.warning(
-                        f"{run.name}: finished before, but scored on captions tokenized "
-                        f"{record.get('scoring', 'not at all (by an older clipcap_hf)')}, not "
-                        f"{scoring} as this grid scores them; training it again."
-                    )
-                    record = None
-                else:
-                    logger.info(f"{run.name}: finished before, skipped.")
+        for run, record in tqdm(list(zip(runs, finished)), desc="Ablation runs", disable=not verbose):
             if record is None:
+                run_dir = output_dir / "runs" / run.name
                 record = train_and_score(run, data, config, run_dir, embeddings, data_fingerprint, verbose)
             records.append({"name": run.name, **record})
         write_results(output_dir, records, config.plot_metrics)
     return records
+
+
+def _finished_record(
+    run: AblationRun, config: AblationConfig, output_dir: Path, data_fingerprint: str
+) -> dict[str, Any] | None:
+    """A run's record if it finished before and can be reused (refused if trained otherwise); None to train it."""
+    run_dir = output_dir / "runs" / run.name
+    scores_path = run_dir / SCORES_FILE
+    if not scores_path.is_file():
+        return None
+    record = read_json(scores_path)
+    check_finished_run(record, run_dir, budget(config), "budget")
+    check_finished_run(record, run_dir, trained_from(run, config, data_fingerprint), "trained_from")
+    scoring = caption_tokenization()
+    if record.get("scoring") != scoring:
+        # Its predictions are not saved (5 samples only), so it cannot be rescored: trained again, so that one table
+        # never mixes two ways of scoring.
+        logger.warning(
+            f"{run.name}: finished before, but scored on captions tokenized "
+            f"{record.get('scoring', 'not at all (by an older clipcap_hf)')}, not {scoring} as this grid scores them; "
+            "training it again."
+        )
+        return None
+    logger.info(f"{run.name}: finished before, skipped.")
+    return record
+
+
+def _check_prefix_lengths(config: AblationConfig, runs: list[AblationRun]) -> None:
+    """Refuse, before the first run trains, prefix lengths that leave the language model no position for text."""
+    if not runs:
+        return
+    text_config = AutoConfig.from_pretrained(config.text_model, trust_remote_code=False)
+    positions = getattr(text_config, "max_position_embeddings", None)
+    if not isinstance(positions, int):  # rotary or ALiBi positions: no table to run past
+        return
+    too_long = sorted({run.prefix_length for run in runs if run.prefix_length >= positions})
+    if too_long:
+        raise ValueError(
+            f"Prefix lengths {too_long} (--prefix-lengths) leave no position for text: the language model "
+            f"{config.text_model} has {positions} (max_position_embeddings). Give prefix lengths below {positions}; "
+            "nothing was trained."
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -516,12 +555,7 @@ def results_markdown(records: list[dict[str, Any]]) -> str:
 
 def plot_prefix_lengths(records: list[dict[str, Any]], metric: str, path: str | os.PathLike) -> Path:
     """Score against prefix length, one line per vision tower, mapper and language model mode (PNG)."""
-    try:
-        import matplotlib
-    except ImportError as error:
-        raise ImportError("The ablation figures need matplotlib: `pip install matplotlib`.") from error
-    matplotlib.use("Agg")  # files only, no display
-    import matplotlib.pyplot as plt
+    plt = _matplotlib()
 
     _, rows = _rows(records)
     several_towers = len({row["vision_model"] for row in rows}) > 1
@@ -548,6 +582,21 @@ def plot_prefix_lengths(records: list[dict[str, Any]], metric: str, path: str | 
     figure.savefig(path, format="png")
     plt.close(figure)
     return path
+
+
+def _matplotlib():
+    """`matplotlib.pyplot`, drawing to files only; an ImportError naming the install if matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError as error:
+        raise ImportError(
+            'The ablation figures need matplotlib: `pip install matplotlib` (or "clipcap_hf[ablate]"), or ask for no '
+            "figures (`plot_metrics=()`)."
+        ) from error
+    matplotlib.use("Agg")  # files only, no display
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def write_results(output_dir: Path, records: list[dict[str, Any]], plot_metrics: Sequence[str]) -> list[Path]:

@@ -198,7 +198,10 @@ def model_identity(name_or_path: str) -> str | dict[str, Any]:
         for _, content in _model_files(folder):
             digest.update(content)
         return "sha256:" + digest.hexdigest()
-    cached = try_to_load_from_cache(name_or_path, "config.json")
+    try:
+        cached = try_to_load_from_cache(name_or_path, "config.json")
+    except ValueError:  # not a Hub name either (huggingface_hub's HFValidationError): named as given
+        return name_or_path
     if not isinstance(cached, str):
         return name_or_path
     # The cache holds snapshots/<commit>/config.json.
