@@ -395,6 +395,8 @@ def test_cli_converts_with_options(tmp_path, tokenizer, local_parts, capsys):
     assert "the number of attention heads cannot be inferred; pass it" in capsys.readouterr().err
     assert main(arguments + ["--lm-num-heads", "0"]) == 2
     assert "argument --lm-num-heads: must be at least 1, got 0" in capsys.readouterr().err
+    assert main(arguments + ["--lm-num-heads", "3"]) == 2
+    assert "`lm_num_heads` (--lm-num-heads) 3 does not divide GPT-2's width 32" in capsys.readouterr().err
     assert main(arguments + ["--lm-num-heads", "4"]) == 0
     assert "Wrote" in capsys.readouterr().out
     model = AutoModel.from_pretrained(tmp_path / "out").eval()
@@ -571,6 +573,10 @@ def write_raw_pickle(path):
     path.write_bytes(pickle.dumps({"a": 1}))
 
 
+def write_meta_tensor(path):  # a model built on the meta device, saved before its weights were loaded
+    torch.save({"gpt.transformer.wte.weight": torch.empty(4, 8, device="meta")}, path)
+
+
 @pytest.mark.parametrize(
     "write, message",
     [
@@ -579,6 +585,7 @@ def write_raw_pickle(path):
         (write_list, "holds a list, not a state dict"),
         (write_non_tensor_entry, "entry 'epoch' is a int, not a tensor"),
         (write_raw_pickle, "is not a PyTorch checkpoint"),
+        (write_meta_tensor, r"entry 'gpt.transformer.wte.weight' holds no values \(a meta tensor"),
     ],
 )
 @pytest.mark.filterwarnings("ignore:Detected pickle protocol")
@@ -820,6 +827,21 @@ def test_overwrite_replaces_only_an_earlier_conversion(tmp_path, tokenizer, loca
     (converted / "release.pt").write_bytes(checkpoint.read_bytes())
     with pytest.raises(ValueError, match=r"Refusing to replace .*converted: it holds the checkpoint"):
         convert_original_checkpoint(converted / "release.pt", converted, overwrite=True, **local_parts["mlp"])
+    # An empty current folder too: the model would replace it whole, pulling it from under the shell.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    for output in [".", str(empty)]:
+        arguments = ["convert-original", str(checkpoint), "--output", output, "--vision-model",
+                     local_parts["mlp"]["vision_model"], "--tokenizer", local_parts["mlp"]["tokenizer"]]
+        assert main(arguments) == 2
+        assert "it is the current folder or one of its parents" in capsys.readouterr().err
+    assert empty.is_dir() and not list(empty.iterdir())
+    # Below a file: refused before the work, naming the file.
+    arguments = ["convert-original", str(checkpoint), "--output", str(other / "keep.jpg" / "out"), "--vision-model",
+                 local_parts["mlp"]["vision_model"], "--tokenizer", local_parts["mlp"]["tokenizer"]]
+    assert main(arguments) == 2
+    assert "keep.jpg is a file; name a folder" in capsys.readouterr().err
     monkeypatch.chdir(converted)
     for output in [".", "..", str(tmp_path)]:
         arguments = ["convert-original", str(checkpoint), "--output", output, "--overwrite", "--vision-model",

@@ -155,6 +155,11 @@ def load_original_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
             raise ValueError(
                 f"{path} is not a state dict: entry {key!r} is a {type(value).__name__}, not a tensor."
             )
+        if value.is_meta or value.layout != torch.strided:  # a model's state saved before its weights existed
+            raise ValueError(
+                f"{path}: entry {key!r} holds no values (a {'meta' if value.is_meta else str(value.layout)} tensor, "
+                "as a model built without its weights saves); convert a checkpoint saved from a trained model."
+            )
     return dict(state)
 
 
@@ -220,6 +225,11 @@ def infer_original_layout(state: Mapping[str, torch.Tensor], lm_num_heads: int |
     if n_layer == 0:
         raise ValueError(
             "The checkpoint has no GPT-2 layers ('gpt.transformer.h.0.*'); it is not a ClipCap checkpoint."
+        )
+    if lm_num_heads is not None and n_embd % lm_num_heads:
+        raise ValueError(
+            f"`lm_num_heads` (--lm-num-heads) {lm_num_heads} does not divide GPT-2's width {n_embd} (the "
+            "checkpoint's); give a divisor of it."
         )
     if lm_num_heads is None:
         if n_embd % GPT2_HEAD_DIM:
@@ -679,18 +689,25 @@ def _check_output_dir(output_dir: Path, checkpoint: Path, overwrite: bool) -> No
     conversion wrote it and nothing else was put there since: a folder that merely holds a ClipCap model may be a
     training run's, with checkpoints and notes that replacing it would delete.
     """
+    # Checked before the work: the folder is written whole beside itself at the end (`write_folder_atomically`).
+    existing = next(folder for folder in (output_dir, *output_dir.absolute().parents) if folder.exists())
+    if existing != output_dir and not existing.is_dir():
+        raise NotADirectoryError(f"{output_dir}: {existing} is a file; name a folder to write the converted model to.")
     if not output_dir.exists():
         return
     if not output_dir.is_dir():
         raise NotADirectoryError(f"{output_dir} is a file; name a folder to write the converted model to.")
+    resolved, cwd = output_dir.resolve(), Path.cwd()
+    if resolved == cwd or resolved in cwd.parents:  # replaced whole, it would be pulled from under the shell too
+        raise ValueError(
+            f"Refusing to write {output_dir}: it is the current folder or one of its parents, and the converted model "
+            "replaces the folder whole; name a new folder (e.g. --output clipcap-model)."
+        )
     entries = sorted(child.name for child in output_dir.iterdir())
     if not entries:  # e.g. made beforehand: as good as a new folder
         return
     if not overwrite:
         raise ValueError(f"{output_dir} already exists; remove it or pass overwrite=True (--overwrite).")
-    resolved, cwd = output_dir.resolve(), Path.cwd()
-    if resolved == cwd or resolved in cwd.parents:
-        raise ValueError(f"Refusing to replace {output_dir}: it is the current folder or one of its parents.")
     if resolved in checkpoint.resolve().parents:
         raise ValueError(f"Refusing to replace {output_dir}: it holds the checkpoint {checkpoint}.")
     written = _files_written_by_conversion(output_dir)
