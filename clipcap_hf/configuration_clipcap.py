@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from transformers import AutoConfig, CLIPVisionConfig, GPT2Config, PretrainedConfig
@@ -83,6 +84,12 @@ def vision_embedding_size(vision_config: PretrainedConfig, vision_pooling: str) 
     if vision_pooling == "cls_mean_patch":
         return 2 * vision_config.hidden_size
     return vision_config.hidden_size
+
+
+def local_folder(name_or_path: str) -> str:
+    """A local folder's path with `~` expanded (transformers does not expand it), else `name_or_path` (a Hub name)."""
+    folder = os.path.expanduser(name_or_path)
+    return folder if os.path.isdir(folder) else name_or_path
 
 
 def check_positive_int(name: str, value: Any) -> int:
@@ -289,12 +296,22 @@ class ClipCapConfig(PretrainedConfig):
         elif clip_length is not None:
             raise ValueError("`clip_length` is only used by mapping_type='transformer'; leave it None for 'mlp'.")
         prefix_dim = check_positive_int("prefix_dim", embedding_dim if prefix_dim is None else prefix_dim)
+        if prefix_dim != embedding_dim:  # the mapper reads the tower's embeddings: the first image would fail
+            raise ValueError(
+                f"`prefix_dim` ({prefix_dim}) differs from the width of the vision tower's image embeddings "
+                f"({embedding_dim}{f', vision_pooling={vision_pooling!r}' if vision_pooling else ''}), which the "
+                "mapping network reads; leave "
+                "prefix_dim unset (it defaults to that width), or give the vision config of the tower that made your "
+                "embeddings."
+            )
         if not isinstance(normalize_prefix, bool):
             raise ValueError(f"`normalize_prefix` must be True or False, got {normalize_prefix!r}.")
         if image_token_id is None and "transformers_version" not in kwargs:
             # A new config; one read from a folder saved before image tokens existed keeps None (see the docstring).
             image_token_id = text_config.vocab_size
-        elif image_token_id is not None and (isinstance(image_token_id, bool) or image_token_id < 0):
+        elif image_token_id is not None and (
+            isinstance(image_token_id, bool) or not isinstance(image_token_id, int) or image_token_id < 0
+        ):
             raise ValueError(f"`image_token_id` must be a token id (an integer >= 0), got {image_token_id!r}.")
         if image_token_id is not None:
             # Shared with EOS, generation could never end (the image token is suppressed); with padding, pads would

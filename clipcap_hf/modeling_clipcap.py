@@ -42,6 +42,7 @@ from .configuration_clipcap import (
     ClipCapConfig,
     check_mapping_num_heads,
     check_vision_backend,
+    local_folder,
     resolve_vision_pooling,
     vision_embedding_size,
     vision_tower_config,
@@ -427,6 +428,7 @@ def load_pretrained_vision_model(
     check_vision_backend(vision_backend, vision_pooling, open_clip_pretrained=open_clip_pretrained)
     if vision_backend == "clip":
         _check_local_path(vision_model_name_or_path, "vision model")
+        vision_model_name_or_path = local_folder(vision_model_name_or_path)
         try:
             vision_config = vision_tower_config(
                 AutoConfig.from_pretrained(vision_model_name_or_path, trust_remote_code=False)
@@ -661,6 +663,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             vision_model_name_or_path, vision_backend, open_clip_pretrained, config_kwargs.pop("vision_pooling", None)
         )
         _check_local_path(text_model_name_or_path, "language model")
+        text_model_name_or_path = local_folder(text_model_name_or_path)
         language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, trust_remote_code=False)
         # Building a composite config resets its sub-configs' attention implementation (transformers 4.x); the parts
         # are built already and keep theirs.

@@ -7,10 +7,14 @@ import os
 from collections.abc import Iterable, Iterator, Sized
 from typing import Any
 
+import numpy as np
+import torch
 from transformers import AutoModelForImageTextToText, GenerationConfig
 from transformers.image_utils import is_valid_image
 from transformers.pipelines import PIPELINE_REGISTRY, ImageTextToTextPipeline
 from transformers.processing_utils import TextKwargs
+
+from .image_processing_clipcap import to_rgb_image
 
 # Options given to the call itself that are generation settings (num_return_sequences=3, num_beams=...): they go into
 # `generate_kwargs`, as `max_new_tokens` does, rather than to the processor. `max_length` stays the prompts'
@@ -28,19 +32,23 @@ def _is_one_input(value: Any) -> bool:
 
 def _as_item(image: Any, prompt: str) -> dict[str, Any]:
     """The `{"images", "text"}` item image-text-to-text preprocesses; a dict keeps its own text if it has one. A path
-    object becomes a string, the only form of path transformers' image loading reads."""
+    object becomes a string and an array or tensor a PIL image: the forms transformers' image loading reads."""
     if isinstance(image, dict):
         if "images" not in image:  # e.g. {"image": ...}, or a dataset's rows rather than its image column
             raise ValueError(
                 f"Got a dict with keys {sorted(image)} and no 'images': give an image (PIL image, array, tensor, path "
                 "or URL), an {'images': image, 'text': prompt} dict, or a list, generator or dataset of these."
             )
-        return {"text": prompt, **image, "images": _path_as_string(image["images"])}
-    return {"images": _path_as_string(image), "text": prompt}
+        return {"text": prompt, **image, "images": _loadable(image["images"])}
+    return {"images": _loadable(image), "text": prompt}
 
 
-def _path_as_string(image: Any) -> Any:
-    return os.fspath(image) if isinstance(image, os.PathLike) else image
+def _loadable(image: Any) -> Any:
+    if isinstance(image, os.PathLike):
+        return os.fspath(image)
+    if isinstance(image, (np.ndarray, torch.Tensor)):  # transformers' `load_image` takes paths, URLs and PIL only
+        return to_rgb_image(image)
+    return image
 
 
 def _one_item_per_image(images: Iterable, text: str | list[str] | None) -> Iterator[dict[str, Any]]:

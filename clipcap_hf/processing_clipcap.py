@@ -11,7 +11,7 @@ from tokenizers import AddedToken
 from transformers import AutoTokenizer, BatchEncoding, BatchFeature
 from transformers.processing_utils import ProcessorMixin, TextKwargs
 
-from .configuration_clipcap import ClipCapConfig
+from .configuration_clipcap import ClipCapConfig, check_positive_int, local_folder
 from .image_processing_clipcap import IMAGE_OPTIONS, ClipCapImageProcessor
 
 # transformers 4.x copies only the direct relative imports of a remote-code module into its cache, but hashes the
@@ -19,8 +19,12 @@ from .image_processing_clipcap import IMAGE_OPTIONS, ClipCapImageProcessor
 # processor fails to load with trust_remote_code unless the model was loaded first.
 from .open_clip_vision import resolve_open_clip_model  # noqa: F401
 
-# The tokenizer's options for prompts, as transformers' processors name them.
-TEXT_OPTIONS = frozenset(TextKwargs.__annotations__) - {"return_tensors"}
+# The tokenizer's options for prompts, as transformers' processors name them; less a second text (`text_pair`), a
+# target text (`text_target`, which would give labels without the image tokens: training captions go in `captions`)
+# and `mm_token_type_ids`, which ClipCap's inputs do not have.
+TEXT_OPTIONS = frozenset(TextKwargs.__annotations__) - {
+    "return_tensors", "text_pair", "text_target", "text_pair_target", "return_mm_token_type_ids"
+}
 # What `from_pretrained` passes on to read the model's config beside a folder saved before image tokens existed.
 _HUB_OPTIONS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 
@@ -123,9 +127,13 @@ class ClipCapProcessor(ProcessorMixin):
             raise ValueError("ClipCapProcessor needs the language model's tokenizer.")
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        if image_token not in tokenizer.get_vocab():
+        added = tokenizer.added_tokens_decoder.get(tokenizer.get_vocab().get(image_token))
+        if added is None or not added.special:
+            # New, or held as ordinary text: made special (keeping its id), so that decoding skips the image tokens.
             tokenizer.add_tokens([AddedToken(image_token, special=True, normalized=False)], special_tokens=True)
         # None only while loading a folder saved before image tokens existed (see `from_pretrained`).
+        if num_image_tokens is not None:
+            check_positive_int("num_image_tokens", num_image_tokens)
         self.num_image_tokens = num_image_tokens
         self.image_token = image_token
         super().__init__(image_processor, tokenizer, **kwargs)
@@ -171,6 +179,9 @@ class ClipCapProcessor(ProcessorMixin):
         `prefix_length` as `num_image_tokens`. With `vision_backend="open_clip"`, the preprocessing open_clip uses for
         that model and `open_clip_pretrained` tag.
         """
+        vision_model_name_or_path, text_model_name_or_path = map(
+            local_folder, (vision_model_name_or_path, text_model_name_or_path)
+        )
         image_processor = ClipCapImageProcessor.from_vision_pretrained(
             vision_model_name_or_path, vision_backend, open_clip_pretrained
         )
@@ -281,8 +292,12 @@ class ClipCapProcessor(ProcessorMixin):
         cuts the prompt text only (on the tokenizer's `truncation_side`), never an image token.
         """
         image_tokens = self.image_token * self._num_image_tokens()
+        if not prompts:
+            raise ValueError("Got an empty list of prompts (`text`); give one prompt per image, or one for all.")
         expanded = []
         for index, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise ValueError(f"Prompt {index} must be a string, got {type(prompt).__name__} ({prompt!r}).")
             placeholders = prompt.count(self.image_token)
             if placeholders > 1:
                 raise ValueError(
@@ -365,6 +380,8 @@ class ClipCapProcessor(ProcessorMixin):
         # 0 would give empty captions (a NaN loss) and a negative length would silently drop the EOS.
         if max_length is not None and max_length < 1:
             raise ValueError(f"max_caption_length (max_length) must be at least 1 (EOS included), got {max_length}.")
+        if not captions:
+            raise ValueError("Got an empty list of captions; give one caption per image.")
         token_lists = []
         num_truncated = 0
         for index, caption in enumerate(captions):

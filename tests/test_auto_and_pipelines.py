@@ -1,6 +1,7 @@
 import json
 
 import datasets
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -282,6 +283,18 @@ def test_image_captioning_pipeline_reads_path_objects_and_refuses_a_dict_without
             captioner(text=text, max_new_tokens=6)
     with pytest.raises(ValueError, match=r"^The image-captioning pipeline captions images, and got nothing: give"):
         captioner(max_new_tokens=6)
+
+
+def test_image_captioning_pipeline_takes_arrays_and_tensors_as_its_docstring_says(saved_model_dir):
+    images = random_images(2, seed=8)
+    expected = captions_from_generate(saved_model_dir, images, max_new_tokens=6)
+    captioner = pipeline("image-captioning", model=str(saved_model_dir))
+    arrays = [np.asarray(image) for image in images]  # HWC uint8
+    tensor = torch.from_numpy(arrays[0]).permute(2, 0, 1)  # CHW uint8
+    assert captioner(arrays[0], max_new_tokens=6) == [{"input_text": "", "generated_text": expected[0]}]
+    assert captioner(tensor, max_new_tokens=6) == [{"input_text": "", "generated_text": expected[0]}]
+    outputs = captioner(arrays, max_new_tokens=6, batch_size=2)
+    assert [output[0]["generated_text"] for output in outputs] == expected
 
 
 def test_image_captioning_pipeline_takes_generation_options_as_its_own(saved_model_dir):

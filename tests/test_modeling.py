@@ -56,6 +56,11 @@ def test_config_defaults_are_the_paper_mlp_variant():
         ({"mapping_type": "transformer", "mapping_num_heads": 5}, "`mapping_num_heads` (5) must divide"),
         ({"mapping_num_layers": 2.5}, "`mapping_num_layers` must be a positive integer, got 2.5"),
         ({"prefix_dim": 0}, "`prefix_dim` must be a positive integer, got 0"),
+        # The default CLIP tower gives 512-d embeddings: a mapper reading 32 would fail on the first image.
+        ({"prefix_dim": 32}, "`prefix_dim` (32) differs from the width of the vision tower's image embeddings (512, "
+                             "vision_pooling='projection')"),
+        ({"image_token_id": 100.0}, "`image_token_id` must be a token id (an integer >= 0), got 100.0"),
+        ({"image_token_id": "100"}, "`image_token_id` must be a token id (an integer >= 0), got '100'"),
         ({"normalize_prefix": "yes"}, "`normalize_prefix` must be True or False"),
         ({"text_config": {"n_embd": 8}}, "needs a `model_type` key"),
         ({"image_token_id": 50256}, "`image_token_id` (50256) is also the language model's bos_token_id (50256) and "

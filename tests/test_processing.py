@@ -527,3 +527,60 @@ def test_a_tokenizer_loaded_with_no_vocabulary_is_refused(tmp_path, tiny_clip_di
     (tmp_path / "vocab.txt").write_text("a\nb\n")
     with pytest.raises(ValueError, match=f"^text_model_name_or_path {tmp_path} gave a tokenizer with no vocabulary"):
         ClipCapProcessor.from_vision_text_pretrained(tiny_clip_dir, tmp_path)
+
+
+def test_an_image_token_the_tokenizer_holds_as_text_is_made_special_and_skipped_when_decoding():
+    tokenizer = build_tokenizer(image_token=False)
+    tokenizer.add_tokens(["<image>"])  # an ordinary added token, as a tokenizer with such a word would have it
+    token_id = tokenizer.convert_tokens_to_ids("<image>")
+    processor = ClipCapProcessor(ClipCapImageProcessor(size=32), tokenizer, num_image_tokens=4)
+    assert processor.image_token_id == token_id  # its id kept
+    ids = processor(images=PIL.Image.new("RGB", (32, 32)), text="mal")["input_ids"]
+    assert ids[0].tolist()[:4] == [token_id] * 4
+    assert processor.batch_decode(ids, skip_special_tokens=True) == [tokenizer.decode(ids[0, 4:])]
+
+
+@pytest.mark.parametrize("value", [0, -3, True, 2.0])
+def test_num_image_tokens_must_be_a_positive_integer(tokenizer, value):
+    with pytest.raises(ValueError, match=rf"`num_image_tokens` must be a positive integer, got {value!r}"):
+        ClipCapProcessor(ClipCapImageProcessor(size=32), tokenizer, num_image_tokens=value)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (dict(text=[5]), r"Prompt 0 must be a string, got int \(5\)"),
+        (dict(text=["a", None]), r"Prompt 1 must be a string, got NoneType \(None\)"),
+        (dict(text=[]), r"Got an empty list of prompts \(`text`\)"),
+        (dict(captions=[]), r"Got an empty list of captions"),
+    ],
+)
+def test_bad_prompt_and_caption_lists_are_named(tokenizer, call, message):
+    with pytest.raises(ValueError, match=message):
+        tiny_processor(tokenizer)(**call)
+
+
+@pytest.mark.parametrize("option", ["text_target", "text_pair", "return_mm_token_type_ids"])
+def test_tokenizer_options_that_would_drop_the_image_tokens_are_refused(tokenizer, option):
+    # text_target gave labels of the target alone, shorter than input_ids and without the image tokens.
+    value = True if option.startswith("return") else "A dog"
+    with pytest.raises(TypeError, match=rf"ClipCapProcessor got an unknown option '{option}'"):
+        tiny_processor(tokenizer)(images=PIL.Image.new("RGB", (32, 32)), text="A", **{option: value})
+
+
+def test_folders_given_with_a_tilde_are_read_from_the_home_folder(tmp_path, tokenizer, monkeypatch):
+    from conftest import tiny_config
+    from transformers import CLIPVisionModelWithProjection, GPT2LMHeadModel
+
+    from clipcap_hf import ClipCapForConditionalGeneration
+
+    config = tiny_config(tokenizer)
+    CLIPVisionModelWithProjection(config.vision_config).save_pretrained(tmp_path / "vision")
+    ClipCapImageProcessor(size=32).save_pretrained(tmp_path / "vision")
+    GPT2LMHeadModel(config.text_config).save_pretrained(tmp_path / "text")
+    tokenizer.save_pretrained(tmp_path / "text")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    processor = ClipCapProcessor.from_vision_text_pretrained("~/vision", "~/text", num_image_tokens=2)
+    assert len(processor.tokenizer) == len(tokenizer) and processor.image_processor.crop_size == 32
+    model = ClipCapForConditionalGeneration.from_vision_text_pretrained("~/vision", "~/text", prefix_length=2)
+    assert model.config.prefix_dim == 24

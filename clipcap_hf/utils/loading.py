@@ -22,6 +22,7 @@ from huggingface_hub import constants, try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PretrainedConfig
 
+from ..configuration_clipcap import local_folder
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
 from .file_utils import read_json, sampled_sha256
@@ -98,12 +99,6 @@ def check_pretrained_source(name_or_path: str, option: str, filenames: tuple[str
             f"{option} {name_or_path}: no such folder, and this Hub model is not in the local cache ({reason}). "
             f"Give {option} a local folder, or download the model once while online."
         )
-
-
-def local_folder(name_or_path: str) -> str:
-    """A local folder's path with `~` expanded (transformers does not expand it), else `name_or_path` (a Hub name)."""
-    folder = Path(name_or_path).expanduser()
-    return str(folder) if folder.is_dir() else name_or_path
 
 
 def read_model_config(name_or_path: str, option: str) -> dict:
@@ -200,7 +195,7 @@ def model_identity(name_or_path: str) -> str | dict[str, Any]:
         return "sha256:" + digest.hexdigest()
     try:
         cached = try_to_load_from_cache(name_or_path, "config.json")
-    except ValueError:  # not a Hub name either (huggingface_hub's HFValidationError): named as given
+    except HFValidationError:  # not a Hub name either: named as given
         return name_or_path
     if not isinstance(cached, str):
         return name_or_path
