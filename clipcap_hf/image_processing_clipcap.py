@@ -20,7 +20,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from transformers.utils import IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, cached_file
 
-from .configuration_clipcap import vision_tower_config
+from .configuration_clipcap import check_vision_backend, vision_tower_config
 
 # Imported directly, not only through the configuration module: transformers 4.x copies only a remote-code module's
 # direct relative imports into its cache.
@@ -73,6 +73,14 @@ IMAGE_OPTIONS = frozenset(
         "do_resize", "do_center_crop", "do_rescale", "rescale_factor", "do_normalize", "do_convert_rgb",
     }
 )
+
+# The keyword arguments of `from_pretrained` that `from_dict` gives the constructor with the saved settings: the
+# processor's own, and transformers 5's image processor options (`ImagesKwargs`), so that the same are read or refused
+# on 4.57. Others (download options, a processor's options for its tokenizer, ...) are left to the caller.
+_FROM_DICT_OPTIONS = IMAGE_OPTIONS | {
+    "resize_mode", "do_pad", "pad_size", "default_to_square", "data_format", "input_data_format", "device",
+    "disable_grouping", "image_seq_length", "return_tensors",
+}
 
 
 def load_image(path: str | os.PathLike) -> PIL.Image.Image:
@@ -213,19 +221,44 @@ def _read_size(value: int | dict[str, int], name: str) -> tuple[int, str | None]
     """
     if isinstance(value, dict):
         if value.keys() == {"shortest_edge"}:
-            return int(value["shortest_edge"]), "shortest"
+            return _positive_side(int(value["shortest_edge"]), value, name), "shortest"
         if value.keys() == {"height", "width"}:
             if value["height"] != value["width"]:
                 raise ValueError(
                     f"`{name}` {value} is {value['height']}x{value['width']}; ClipCapImageProcessor makes square "
                     "images only."
                 )
-            return int(value["height"]), "squash"
+            return _positive_side(int(value["height"]), value, name), "squash"
     elif isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        return int(value), None
+        return _positive_side(int(value), value, name), None
     raise ValueError(
         f"`{name}` must be an int, {{'shortest_edge': n}} or {{'height': n, 'width': n}}, got {value!r}."
     )
+
+
+def _positive_side(side: int, value: int | dict[str, int], name: str) -> int:
+    if side < 1:  # else the first image would fail, blamed for it ("height and width must be > 0")
+        raise ValueError(f"`{name}` must be at least 1 pixel, got {value!r}.")
+    return side
+
+
+def _channel_values(value: float | Sequence[float], name: str) -> list[float]:
+    """
+    `image_mean` or `image_std` as three floats, one per RGB channel; one number is every channel's, as
+    `CLIPImageProcessor` takes it. A std must be > 0 (a zero one gave infinite pixels).
+    """
+    values = [value] * 3 if isinstance(value, numbers.Real) else value
+    try:
+        values = [float(channel) for channel in values]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) != 3 or not all(math.isfinite(channel) for channel in values):
+        raise ValueError(
+            f"`{name}` must be three finite numbers (one per RGB channel) or one for all three, got {value!r}."
+        )
+    if name == "image_std" and min(values) <= 0:
+        raise ValueError(f"`image_std` must be > 0 for every channel, got {value!r}.")
+    return values
 
 
 def _square_sizes(
@@ -354,8 +387,21 @@ class ClipCapImageProcessor(BaseImageProcessor):
         self.crop_size = crop_size
         self.resample = _resample_name(resample)
         self.resize_mode = resize_mode
-        self.image_mean = [float(value) for value in image_mean]
-        self.image_std = [float(value) for value in image_std]
+        self.image_mean = _channel_values(image_mean, "image_mean")
+        self.image_std = _channel_values(image_std, "image_std")
+
+    @classmethod
+    def from_dict(cls, image_processor_dict: dict[str, Any], **kwargs) -> ClipCapImageProcessor:
+        """
+        A processor from its saved settings, as `from_pretrained` loads it. Its options among `kwargs`
+        (`from_pretrained(folder, resample="bilinear")`) replace the saved ones and go through the constructor's checks
+        with them: transformers' own `from_dict` set them on the loaded processor unchecked (4.57 all but the sizes,
+        5.x those it does not know), so that they differed between versions. The other `kwargs` are left unused.
+        """
+        return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
+        options = {name: kwargs.pop(name) for name in list(kwargs) if name in _FROM_DICT_OPTIONS}
+        image_processor = cls(**{**image_processor_dict, **options})
+        return (image_processor, kwargs) if return_unused_kwargs else image_processor
 
     @classmethod
     def from_transformers_pretrained(cls, pretrained_model_name_or_path: str, **kwargs) -> ClipCapImageProcessor:
@@ -471,6 +517,8 @@ class ClipCapImageProcessor(BaseImageProcessor):
         """
         The preprocessing of a vision tower of either backend: [`from_transformers_pretrained`] or [`from_open_clip`].
         """
+        # As the config checks them: a typo of the backend would be read as a transformers checkpoint, and fail on it.
+        check_vision_backend(vision_backend, open_clip_pretrained=open_clip_pretrained)
         if vision_backend == "open_clip":
             return cls.from_open_clip(vision_model_name_or_path, open_clip_pretrained)
         return cls.from_transformers_pretrained(vision_model_name_or_path)
@@ -548,8 +596,8 @@ class ClipCapImageProcessor(BaseImageProcessor):
                 box = (left * x_scale, top * y_scale, (left + crop_size) * x_scale, (top + crop_size) * y_scale)
                 new_width = new_height = crop_size  # the crop below then keeps it whole
             image = image.resize((new_width, new_height), _RESAMPLE[resample or self.resample], box=box)
-        # A squashed image is already the square of `size`: cropped only to a smaller `crop_size`.
-        if do_center_crop and (self.resize_mode == "shortest" or crop_size != size):
+        # A squashed image is already the square of `size`: cropped only to a smaller `crop_size`, or if not resized.
+        if do_center_crop and (self.resize_mode == "shortest" or crop_size != size or not do_resize):
             left, top = _center_crop_corner(*image.size, crop_size)
             image = image.crop((left, top, left + crop_size, top + crop_size))
         pixels = np.asarray(image, dtype=np.float32)
@@ -569,7 +617,8 @@ class ClipCapImageProcessor(BaseImageProcessor):
         takes.
 
         Returns:
-            [`BatchFeature`] with `pixel_values` of shape `(batch_size, 3, crop_size, crop_size)`.
+            [`BatchFeature`] with `pixel_values` of shape `(batch_size, 3, crop_size, crop_size)` (`size` for a squash
+            without a crop; each image's own with `do_resize=False, do_center_crop=False`).
         """
         unknown = sorted(set(options) - IMAGE_OPTIONS)
         if unknown:  # refused rather than ignored
@@ -579,6 +628,15 @@ class ClipCapImageProcessor(BaseImageProcessor):
             options["resample"] = _resample_name(options["resample"])
         if options.get("do_convert_rgb") is False:
             raise ValueError("`do_convert_rgb=False` is not supported: CLIP towers read 3-channel RGB images.")
+        for name in ("image_mean", "image_std"):
+            if name in options:
+                options[name] = _channel_values(options[name], name)
+        do_resize, do_center_crop = options.get("do_resize", True), options.get("do_center_crop", True)
+        if do_resize and not do_center_crop and self.resize_mode == "shortest":
+            raise ValueError(
+                "do_center_crop=False with a short-side resize keeps each image's aspect ratio; "
+                "ClipCapImageProcessor makes square images only."
+            )
         uncropped_squash = self.resize_mode == "squash" and self.crop_size == self.size
         # A squash without a crop stays one at another `size`.
         default_crop_size = None if uncropped_squash else self.crop_size
@@ -586,7 +644,7 @@ class ClipCapImageProcessor(BaseImageProcessor):
             options.get("size", self.size), options.get("crop_size", default_crop_size), self.resize_mode
         )
         options.update(size=size, crop_size=crop_size)
-        if options.get("do_resize", True) and options.get("do_center_crop", True) and crop_size > size:
+        if do_resize and do_center_crop and crop_size > size:
             raise ValueError(f"`crop_size` ({crop_size}) must not exceed `size` ({size}).")
         if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)) and not _is_batched_array(images):
             images = [images]
@@ -601,6 +659,13 @@ class ClipCapImageProcessor(BaseImageProcessor):
                 raise TypeError(f"Image {index}: {error}") from error
             except ValueError as error:
                 raise ValueError(f"Image {index}: {error}") from error
+        different = next((index for index, array in enumerate(arrays) if array.shape != arrays[0].shape), None)
+        if different is not None:  # both steps switched off: rather than numpy's "must have the same shape"
+            sizes = [f"{arrays[index].shape[2]}x{arrays[index].shape[1]}" for index in (0, different)]
+            raise ValueError(
+                f"Images 0 and {different} are {sizes[0]} and {sizes[1]} (width x height): with do_resize=False and "
+                "do_center_crop=False each image keeps its own size, so a batch needs images of one size."
+            )
         pixel_values = np.stack(arrays)
         return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
 

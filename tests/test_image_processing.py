@@ -255,3 +255,112 @@ def test_a_tower_folder_naming_code_of_its_own_is_refused_without_running_it(tmp
         with pytest.raises(ValueError, match="trust_remote_code"):
             ClipCapImageProcessor.from_vision_pretrained(str(tmp_path))
     assert not marker.exists()
+
+
+def test_from_pretrained_options_go_through_the_constructor_the_same_on_every_version(tmp_path):
+    # transformers' own from_dict set options on the loaded processor unchecked: on 4.57 all but the sizes (resample=2
+    # was stored raw and failed on the first call, do_resize=False was ignored), on 5.x resize_mode.
+    ClipCapImageProcessor(size=32).save_pretrained(tmp_path)
+    image = random_images(1)[0]
+    for load in (ClipCapImageProcessor.from_pretrained, transformers.AutoImageProcessor.from_pretrained):
+        loaded = load(tmp_path, resample=2, image_mean=0.5, size=40)
+        assert (loaded.resample, loaded.image_mean, loaded.size, loaded.crop_size) == ("bilinear", [0.5] * 3, 40, 32)
+        assert loaded(image)["pixel_values"].shape == (1, 3, 32, 32)
+        with pytest.raises(ValueError) as error:
+            load(tmp_path, resize_mode="longest")
+        assert str(error.value) == "`resize_mode` must be one of ('shortest', 'squash'), got 'longest'."
+        with pytest.raises(ValueError, match=r"^`resample` must be one of .*, got 'cubic'\.$"):
+            load(tmp_path, resample="cubic")
+        with pytest.raises(TypeError, match=r"^ClipCapImageProcessor got unknown options \['do_resize'\]\. "):
+            load(tmp_path, do_resize=False)
+    # Keyword arguments that are no image option are left to the caller, as transformers leaves them.
+    loaded, unused = ClipCapImageProcessor.from_dict(
+        ClipCapImageProcessor(size=32).to_dict(), size=36, padding_side="left", return_unused_kwargs=True
+    )
+    assert (loaded.size, unused) == (36, {"padding_side": "left"})
+
+
+WIDE_AND_TALL = [PIL.Image.new("RGB", (64, 32), (200, 10, 10)), PIL.Image.new("RGB", (32, 64), (10, 200, 10))]
+
+
+def test_a_call_without_the_crop_after_a_short_side_resize_is_refused():
+    # Its images keep their aspect ratio: one came back 32x64, a batch of two aspect ratios failed in numpy.
+    for images in (WIDE_AND_TALL[0], WIDE_AND_TALL):
+        with pytest.raises(ValueError) as error:
+            ClipCapImageProcessor(size=32)(images, do_center_crop=False)
+        assert str(error.value) == (
+            "do_center_crop=False with a short-side resize keeps each image's aspect ratio; ClipCapImageProcessor "
+            "makes square images only."
+        )
+    squashed = ClipCapImageProcessor(size=32, resize_mode="squash")(WIDE_AND_TALL, do_center_crop=False)
+    assert squashed["pixel_values"].shape == (2, 3, 32, 32)
+
+
+def test_without_a_resize_images_are_center_cropped_and_only_both_steps_off_keep_their_own_size():
+    # A squash processor cropped nothing without its resize: each image came back at its own size.
+    shortest, squash = ClipCapImageProcessor(size=32), ClipCapImageProcessor(size=32, resize_mode="squash")
+    cropped = shortest(WIDE_AND_TALL, do_resize=False)["pixel_values"]
+    assert cropped.shape == (2, 3, 32, 32)
+    assert torch.equal(squash(WIDE_AND_TALL, do_resize=False)["pixel_values"], cropped)
+    # Both steps switched off, as transformers' processors allow: each image at its own size.
+    assert shortest(WIDE_AND_TALL[0], do_resize=False, do_center_crop=False)["pixel_values"].shape == (1, 3, 32, 64)
+    for processor in (shortest, squash):
+        with pytest.raises(ValueError) as error:
+            processor(WIDE_AND_TALL, do_resize=False, do_center_crop=False)
+        assert str(error.value) == (
+            "Images 0 and 1 are 64x32 and 32x64 (width x height): with do_resize=False and do_center_crop=False each "
+            "image keeps its own size, so a batch needs images of one size."
+        )
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"size": 0}, "`size` must be at least 1 pixel, got 0."),
+        ({"size": -4}, "`size` must be at least 1 pixel, got -4."),
+        ({"size": {"shortest_edge": 0}}, "`size` must be at least 1 pixel, got {'shortest_edge': 0}."),
+        ({"crop_size": 0}, "`crop_size` must be at least 1 pixel, got 0."),
+        ({"image_mean": [0.5, 0.5]}, "`image_mean` must be three finite numbers (one per RGB channel) or one for all "
+                                     "three, got [0.5, 0.5]."),
+        ({"image_mean": "0.5"}, "`image_mean` must be three finite numbers (one per RGB channel) or one for all "
+                                "three, got '0.5'."),
+        ({"image_std": [0.5, float("nan"), 0.5]}, "`image_std` must be three finite numbers (one per RGB channel) or "
+                                                  "one for all three, got [0.5, nan, 0.5]."),
+        ({"image_std": [0.0, 1.0, 1.0]}, "`image_std` must be > 0 for every channel, got [0.0, 1.0, 1.0]."),
+        ({"image_std": -0.5}, "`image_std` must be > 0 for every channel, got -0.5."),
+    ],
+)
+def test_settings_that_cannot_work_are_refused_naming_them_not_the_first_image(settings, message):
+    # They failed on the first image ("Image 0: height and width must be > 0", a numpy broadcast error), or a zero
+    # std gave infinite pixels.
+    with pytest.raises(ValueError) as error:
+        ClipCapImageProcessor(**{"size": 32, **settings})
+    assert str(error.value) == message
+    with pytest.raises(ValueError) as error:  # the same as options of a call
+        ClipCapImageProcessor(size=32)(random_images(1)[0], **settings)
+    assert str(error.value) == message
+
+
+def test_a_mean_and_std_of_one_number_apply_to_every_channel():
+    # As CLIPImageProcessor takes them; it was a TypeError ("'float' object is not iterable").
+    processor = ClipCapImageProcessor(size=32, image_mean=0.5, image_std=0.25)
+    assert (processor.image_mean, processor.image_std) == ([0.5] * 3, [0.25] * 3)
+    image = random_images(1)[0]
+    expected = ClipCapImageProcessor(size=32, image_mean=[0.5] * 3, image_std=[0.25] * 3)(image)["pixel_values"]
+    assert torch.equal(processor(image)["pixel_values"], expected)
+    assert torch.equal(ClipCapImageProcessor(size=32)(image, image_mean=0.5, image_std=0.25)["pixel_values"], expected)
+
+
+@pytest.mark.parametrize(
+    "backend, pretrained, message",
+    [
+        ("openclip", "openai", "`vision_backend` must be one of ('clip', 'open_clip'), got 'openclip'."),
+        ("clip", "openai", "vision_backend='clip' does not use `open_clip_pretrained`; set vision_backend='open_clip' "
+                           "or leave it None."),
+    ],
+)
+def test_from_vision_pretrained_refuses_what_the_config_refuses(backend, pretrained, message):
+    # The name was read as a transformers checkpoint instead, and failed with a Hub OSError about it.
+    with pytest.raises(ValueError) as error:
+        ClipCapImageProcessor.from_vision_pretrained("RN50x4", vision_backend=backend, open_clip_pretrained=pretrained)
+    assert str(error.value) == message
