@@ -256,6 +256,26 @@ def test_interpret_reports_an_unreadable_image_and_interprets_the_others(saved_m
     assert [line for line in printed if not line.startswith(" ")] == [argv[1], argv[3]]
 
 
+def test_interpret_names_a_file_the_processor_refuses_and_interprets_the_others(saved_model_dir, image_folder, capsys):
+    import numpy as np
+    import PIL.Image
+
+    # A float image of [0, 255] values: PIL opens it, the processor refuses it (floats must be in [0, 1]).
+    refused = image_folder / "img1x.tif"
+    PIL.Image.fromarray(np.full((8, 8), 200.0, dtype=np.float32), mode="F").save(refused)
+    argv = ["interpret", str(image_folder / "img0.png"), str(refused), str(image_folder / "img2.png"),
+            "--model", str(saved_model_dir), "--top-k", "1", "--json"]
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    error = (f"Cannot read image {refused}: Float image arrays must hold values in [0, 1], this one holds [200, 200]; "
+             "divide [0, 255] data by 255 or pass it as uint8.")
+    assert captured.err.endswith(f"clipcap interpret: error: 1 of 3 images could not be read:\n  {error}\n")
+    results = json.loads(captured.out)
+    assert [result["image"] for result in results] == argv[1:4]
+    assert results[1] == {"image": str(refused), "prefix": None, "error": error}
+    assert all(len(result["prefix"]) == 4 for result in (results[0], results[2]))
+
+
 @pytest.mark.parametrize("model", ["./clipcap-quikstart", "{tmp}/clipcap-quikstart", "../models/clipcap"])
 def test_a_model_folder_that_does_not_exist_is_named(image_folder, tmp_path, monkeypatch, capsys, model):
     monkeypatch.chdir(tmp_path)

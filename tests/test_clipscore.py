@@ -274,6 +274,52 @@ def test_clip_metric_options_are_checked_before_any_work(tmp_path, capsys, extra
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "clip_model, message",
+    [
+        ("{tmp}/no-clip", "--clip-model: folder {tmp}/no-clip does not exist."),
+        ("{tmp}/clipcap", "--clip-model: {tmp}/clipcap holds a model of type 'clipcap' (config.json), not a whole "
+                          "CLIP model: scoring captions needs both towers. Give a transformers CLIPModel folder or Hub "
+                          "name, such as openai/clip-vit-base-patch32."),
+    ],
+    ids=["missing", "clipcap-folder"],
+)
+def test_a_bad_clip_model_is_named_as_the_option_before_any_work(tmp_path, capsys, clip_model, message):
+    # The data files do not exist: the option is checked before they are read (and the split captioned).
+    (tmp_path / "clipcap").mkdir()
+    (tmp_path / "clipcap" / "config.json").write_text(json.dumps({"model_type": "clipcap"}))
+    argv = ["evaluate", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "r.json"), "--data-format", "coco",
+            "--output-dir", str(tmp_path / "out"), "--metrics", "bleu", "clipscore",
+            "--clip-model", clip_model.format(tmp=tmp_path)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == f"clipcap evaluate: error: {message.format(tmp=tmp_path)}\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_clip_scorer_of_evaluate_names_its_option(tiny_clip_dir, tmp_path, monkeypatch, capsys):
+    # Past the early check (a folder changed since), the scorer's own errors name --clip-model too.
+    import clipcap_hf.commands.evaluate
+
+    monkeypatch.setattr(clipcap_hf.commands.evaluate, "check_clip_model", lambda name, option: None)
+    clip_dir = tmp_path / "clip"
+    shutil.copytree(tiny_clip_dir, clip_dir)
+    config = json.loads((clip_dir / "config.json").read_text())
+    (clip_dir / "config.json").write_text(json.dumps({**config, "text_config": None}))
+    random_images(1)[0].save(tmp_path / "1.png")
+    (tmp_path / "refs.json").write_text(json.dumps({"images": [{"id": 1, "file_name": "1.png"}],
+                                                    "annotations": [{"image_id": 1, "caption": "a dog"}]}))
+    (tmp_path / "predictions.json").write_text(json.dumps([{"image_id": 1, "caption": "a cat"}]))
+    argv = ["evaluate", "--predictions", str(tmp_path / "predictions.json"), "--data", str(tmp_path / "refs.json"),
+            "--data-format", "coco", "--image-root", str(tmp_path), "--output-dir", str(tmp_path / "out"),
+            "--metrics", "clipscore", "--clip-model", str(clip_dir)]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"clipcap evaluate: error: --clip-model: {clip_dir} holds a CLIP model without a text_config (config.json), "
+        "not a whole CLIP model: scoring captions needs both towers. Give a transformers CLIPModel folder or Hub name, "
+        "such as openai/clip-vit-base-patch32.\n"
+    )
+
+
 def test_clip_score_is_torchmetrics_clip_score_over_40_where_torchmetrics_runs(clip):
     """torchmetrics' clip_score is max(100 * cos, 0) (of a batch's mean: one image at a time here); it calls
     `get_image_features` as a tensor, which transformers 5 no longer returns."""

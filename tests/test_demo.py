@@ -266,6 +266,23 @@ def test_caption_length_starts_at_the_model_generation_config(tokenizer, process
     assert captions != expected_captions(model, processor, path, max_new_tokens=30)
 
 
+def test_caption_length_starts_at_the_length_a_max_length_gives(tokenizer, processor, tmp_path):
+    pytest.importorskip("gradio", reason=GRADIO_MISSING)
+    model = tiny_model(tokenizer, "mlp")
+    model.generation_config.max_new_tokens = None
+    model.generation_config.max_length = PREFIX_LENGTH + 8  # counts the image tokens: 8 caption tokens
+    model.generation_config.eos_token_id = None  # every caption runs to its full length
+    sliders = [block for block in build_demo(model, processor).blocks.values() if block.elem_id == "max-length"]
+    assert [(slider.value, slider.maximum) for slider in sliders] == [(8, 100)]
+
+    path = tmp_path / "photo.png"
+    random_images(1, seed=4)[0].save(path)
+    captions, _ = caption_and_interpret(model, processor, path, max_new_tokens=sliders[0].value)
+    assert captions == expected_captions(model, processor, path)  # generate's own length
+    assert captions == expected_captions(model, processor, path, max_new_tokens=8)
+    assert captions != expected_captions(model, processor, path, max_new_tokens=30)
+
+
 def test_caption_length_ends_where_the_language_models_positions_do(tokenizer, processor, tmp_path):
     pytest.importorskip("gradio", reason=GRADIO_MISSING)
     config = tiny_config(tokenizer)

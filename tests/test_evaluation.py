@@ -22,6 +22,7 @@ from clipcap_hf.commands import main
 from clipcap_hf.evaluation import (
     EvaluationResult,
     UnreadableImagesError,
+    fill_model_card,
     generate_captions,
     iter_captions,
     metrics,
@@ -214,6 +215,74 @@ def test_model_card_without_markers_is_refused(coco_files, tmp_path, capsys):
     assert "has no results section to fill" in capsys.readouterr().err
 
 
+MARKERS = "<!-- clipcap-results-start -->\n<!-- clipcap-results-end -->\n"
+HEADER = "its YAML header (the lines between the --- lines at the top)"
+
+
+@pytest.mark.parametrize(
+    "card_text, message",
+    [
+        ("---\nfoo: [unclosed\n---\n" + MARKERS,
+         f": {HEADER} is not valid YAML: expected ',' or ']', but got '<stream end>' (line 1, column 15 of the "
+         "header). Correct the header."),
+        ("---\n- a\n- b\n---\n" + MARKERS,
+         f": {HEADER} is not model card metadata: repo card metadata block should be a dict. Correct the header."),
+        ("---\n1: a\n---\n" + MARKERS,
+         f": {HEADER} is not model card metadata: keywords must be strings. Correct the header."),
+        ("---\nmodel-index: 5\n---\n" + MARKERS,
+         f": {HEADER} is not model card metadata: Invalid `model_index` in metadata cannot be parsed: <class "
+         "'TypeError'> 'int' object is not iterable. Correct the header."),
+        (b"\xff\xfe card\n" + MARKERS.encode(),
+         " is not UTF-8 text ('utf-8' codec can't decode byte 0xff in position 0: invalid start byte); save it as "
+         "UTF-8."),
+        ("---\nlicense: mit\n---\n# A card\n",
+         " has no results section to fill: add the lines <!-- clipcap-results-start --> and "
+         "<!-- clipcap-results-end --> (in this order) where the evaluation table belongs."),
+        ("---\nlicense: mit\n---\n<!-- clipcap-results-end -->\n<!-- clipcap-results-start -->\n",
+         " has no results section to fill: add the lines <!-- clipcap-results-start --> and "
+         "<!-- clipcap-results-end --> (in this order) where the evaluation table belongs."),
+    ],
+    ids=["bad-yaml", "list-header", "number-key", "bad-model-index", "not-utf8", "no-markers", "markers-reversed"],
+)
+def test_a_model_card_that_cannot_be_filled_is_refused_before_any_work(
+    coco_files, tmp_path, monkeypatch, capsys, card_text, message
+):
+    import clipcap_hf.commands.evaluate
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("the model card must be checked before the data is loaded")
+
+    monkeypatch.setattr(clipcap_hf.commands.evaluate, "load_caption_dataset", no_data)
+    card = tmp_path / "card.md"
+    card.write_bytes(card_text if isinstance(card_text, bytes) else card_text.encode())
+    before = card.read_bytes()
+    predictions = write_first_references(tmp_path / "predictions.json")
+    assert main(rescore_argv(coco_files, predictions, tmp_path / "eval", "--model-card", str(card),
+                             *FAST_METRICS)) == 2
+    assert capsys.readouterr().err == f"clipcap evaluate: error: --model-card: {card}{message}\n"
+    assert card.read_bytes() == before and not (tmp_path / "eval").exists()
+
+
+def test_the_model_card_is_replaced_atomically(tmp_path, monkeypatch):
+    card = tmp_path / "model_card.md"
+    text = "---\nlicense: mit\n---\n# ClipCap\n" + MARKERS
+    card.write_text(text)
+    result = EvaluationResult(scores={"CIDEr": 0.5}, predictions={1: "a dog"}, references={1: ["a dog"]})
+
+    def fail_midway(path, text, encoding=None):  # as a full disk does
+        with open(path, "w", encoding=encoding) as file:
+            file.write(text[:3])
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, "write_text", fail_midway)
+        with pytest.raises(OSError, match="No space left on device"):
+            fill_model_card(card, result, "toy", "coco", None)
+    assert card.read_text() == text and os.listdir(tmp_path) == ["model_card.md"]  # whole, no temporary file left
+    fill_model_card(card, result, "toy", "coco", None)
+    assert "| overall | 50.00 |" in card.read_text() and os.listdir(tmp_path) == ["model_card.md"]
+
+
 def test_scores_of_part_of_the_split_are_not_written_into_a_model_card(coco_files, tmp_path, capsys):
     card = tmp_path / "card.md"
     text = "---\nlicense: mit\n---\n# m\n<!-- clipcap-results-start -->\n<!-- clipcap-results-end -->\n"
@@ -229,6 +298,22 @@ def test_scores_of_part_of_the_split_are_not_written_into_a_model_card(coco_file
         capsys.readouterr().err
     )
     assert card.read_text() == text and not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_image_ids_that_mix_integers_and_strings_are_refused_naming_the_first_that_differs(
+    coco_files, tmp_path, capsys
+):
+    annotations, _ = coco_files
+    data = json.loads(annotations.read_text())
+    data["images"][2]["id"] = "3"  # a string among integers, as its annotation refers to it
+    data["annotations"] = [{**a, "image_id": "3"} if a["image_id"] == 3 else a for a in data["annotations"]]
+    annotations.write_text(json.dumps(data))
+    predictions = write_first_references(tmp_path / "predictions.json")
+    assert main(rescore_argv(coco_files, predictions, tmp_path / "eval", *FAST_METRICS)) == 2
+    assert capsys.readouterr().err == (
+        f"clipcap evaluate: error: {annotations}: images[2] has the id '3' (a string), but images[0] has the id 1 (an "
+        "integer): the ids in `images` (and the `image_id` of each annotation) must be all integers or all strings.\n"
+    )
 
 
 def test_predictions_for_unknown_images_are_reported(coco_files, tmp_path, capsys):

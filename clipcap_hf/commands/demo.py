@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from ..image_processing_clipcap import load_image, to_rgb_image
 from ..inference.captioner import check_decoding_options
-from ..modeling_clipcap import DEFAULT_MAX_NEW_TOKENS
+from ..modeling_clipcap import caption_length
 from ._utils import (
     check_top_k_fits_vocabulary,
     expand_image_paths,
@@ -133,7 +133,8 @@ def _caption_length_range(model: ClipCapForConditionalGeneration) -> tuple[int, 
     ends: 100 tokens or that length if longer, but no more than the positions the language model has left after the
     prefix (a longer setting could only fail).
     """
-    length = model.generation_config.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+    # However the generation config sets it (`max_new_tokens`, or a `max_length` that counts the image tokens).
+    length = caption_length(model.generation_config, model.config.prefix_length)
     longest = max(100, length)
     context = getattr(model.config.text_config, "max_position_embeddings", None)
     if isinstance(context, int):

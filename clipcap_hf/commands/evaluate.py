@@ -21,6 +21,7 @@ from ..evaluation.evaluate import (
     UnreadableImagesError,
     caption_images,
     fill_model_card,
+    load_model_card,
     markdown_table,
     score_predictions,
     write_evaluation,
@@ -29,6 +30,7 @@ from ..evaluation.evaluate import (
 from ..evaluation.gallery import GalleryRecord, write_gallery
 from ..evaluation.metrics import CLIP_METRIC_NAMES, METRIC_NAMES, _format_ids, load_coco_predictions
 from ..modeling_clipcap import caption_length
+from ..utils.loading import check_clip_model
 from ._utils import (
     DEFAULT_NUM_BEAMS,
     add_caption_options,
@@ -130,6 +132,8 @@ def _check_arguments(args: argparse.Namespace) -> dict:
         raise ValueError(f"--metrics {' '.join(clip_metrics)} score the captions with CLIP: give --clip-model.")
     if args.clip_model is not None and not clip_metrics:
         raise ValueError("--clip-model is for --metrics clipscore and refclipscore: add them, or leave it out.")
+    if args.clip_model is not None:  # its config only, read as data: not after the whole split is captioned
+        check_clip_model(args.clip_model, "--clip-model")
     if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
         raise NotADirectoryError(f"--output-dir: {args.output_dir} is a file, not a folder.")
     if args.model_card and not Path(args.model_card).is_file():
@@ -138,6 +142,11 @@ def _check_arguments(args: argparse.Namespace) -> dict:
         raise ValueError(
             "--model-card records scores of the whole split, and --limit scores only part of it: leave out one of them."
         )
+    if args.model_card:  # read now, so that a card that cannot be filled is named before the captioning and scoring
+        try:
+            load_model_card(args.model_card)
+        except ValueError as error:
+            raise ValueError(f"--model-card: {error}") from error
     if args.gallery:
         outputs = [Path(args.output_dir) / name for name in (PREDICTIONS_FILE, *METRICS_FILES)]
         inputs = [path for path in (args.data, args.predictions, args.model_card) if path]
@@ -207,6 +216,10 @@ def _score_images(
     predictions: Mapping[Any, str], images, metrics: Sequence[str], clip_model: str | None = None
 ) -> EvaluationResult:
     """[`score_predictions`] against the references (and nocaps domains) of `group_by_image(dataset)`."""
+    if clip_model is not None:  # loaded here, so that its errors name the option, not CLIPScorer's argument
+        from ..inference.clip_score import CLIPScorer
+
+        clip_model = CLIPScorer(clip_model, option="--clip-model")
     image_ids = images["image_id"]
     domains = dict(zip(image_ids, images["domain"])) if "domain" in images.column_names else None
     image_paths = dict(zip(image_ids, images["image_path"]))

@@ -18,7 +18,7 @@ from typing import Any
 import PIL.Image
 
 from ..evaluation import UnreadableImagesError
-from ..image_processing_clipcap import load_image
+from ..inference.captioner import decode_image
 from ..interpretability import PrefixInterpretation
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
@@ -83,8 +83,8 @@ def run(args: argparse.Namespace) -> int:
     # does), so that a long run holds one decoded image at a time.
     results, errors, gallery_rows = [], [], []
     for path in paths:
-        try:
-            image = load_image(path)
+        try:  # converted as the processor would, so that a file it refuses (a float TIFF of [0, 255] values) is named
+            image = decode_image(path)
         except ValueError as error:  # like `clipcap caption`: named at the end, the other images still run
             errors.append(str(error))
             results.append({"image": str(path), ("models" if comparing else "prefix"): None, "error": str(error)})

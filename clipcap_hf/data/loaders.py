@@ -140,6 +140,15 @@ def load_coco_captions(
     images, positions = {}, {}
     for index, image in enumerate(_field(data, "images", str(path), list)):
         image_id = _field(image, "id", f"{path}: images[{index}]", (int, str))
+        first_id = next(iter(images), None)  # images[0]'s
+        if first_id is not None and isinstance(image_id, str) != isinstance(first_id, str):
+            # One column of ids: Arrow would refuse the mix without naming the file or the entry.
+            kinds = {True: "a string", False: "an integer"}
+            raise ValueError(
+                f"{path}: images[{index}] has the id {image_id!r} ({kinds[isinstance(image_id, str)]}), but images[0] "
+                f"has the id {first_id!r} ({kinds[isinstance(first_id, str)]}): the ids in `images` (and the "
+                "`image_id` of each annotation) must be all integers or all strings."
+            )
         if image_id in images:
             raise ValueError(
                 f"{path}: images[{index}] repeats the id {image_id!r} of images[{positions[image_id]}]; every entry "

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from huggingface_hub import EvalResult, ModelCard
 from tqdm.auto import tqdm
 
@@ -309,6 +310,35 @@ def write_evaluation(
     return paths
 
 
+def load_model_card(card_path: str | os.PathLike) -> ModelCard:
+    """
+    The model card [`fill_model_card`] fills, checked first: a ValueError naming the card and what to correct when
+    its YAML header does not parse or is not model card metadata, or the results markers are missing.
+    """
+    header = "its YAML header (the lines between the --- lines at the top)"
+    try:
+        card = ModelCard.load(card_path)
+    except yaml.YAMLError as error:
+        mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None)
+        if mark is None or not problem:
+            problem, where = " ".join(str(error).split()), ""
+        else:  # yaml's own message spans several lines, quoting the header
+            where = f" (line {mark.line + 1}, column {mark.column + 1} of the header)"
+        raise ValueError(f"{card_path}: {header} is not valid YAML: {problem}{where}. Correct the header.") from error
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{card_path} is not UTF-8 text ({error}); save it as UTF-8.") from error
+    except (TypeError, ValueError) as error:  # huggingface_hub's: a header that is not a mapping of names, a bad field
+        # Its advice (`ignore_metadata_errors=True`) is for its own API, and would lose the metadata here.
+        reason = str(error).split(" Pass `ignore_metadata_errors", 1)[0].rstrip(".")
+        raise ValueError(f"{card_path}: {header} is not model card metadata: {reason}. Correct the header.") from error
+    if RESULTS_START not in card.text or RESULTS_END not in card.text.split(RESULTS_START, 1)[1]:
+        raise ValueError(
+            f"{card_path} has no results section to fill: add the lines {RESULTS_START} and {RESULTS_END} (in this "
+            "order) where the evaluation table belongs."
+        )
+    return card
+
+
 def fill_model_card(
     card_path: str | os.PathLike,
     result: EvaluationResult,
@@ -322,12 +352,7 @@ def fill_model_card(
     `<!-- clipcap-results-end -->` markers, and its metrics into the YAML `model-index` (replacing earlier results
     for the same dataset and split, keeping the others). `dataset_split` is `None` for a dataset without splits.
     """
-    card = ModelCard.load(card_path)
-    if RESULTS_START not in card.text or RESULTS_END not in card.text:
-        raise ValueError(
-            f"{card_path} has no results section to fill: add the lines {RESULTS_START} and {RESULTS_END} "
-            "where the evaluation table belongs."
-        )
+    card = load_model_card(card_path)
     before, rest = card.text.split(RESULTS_START, 1)
     after = rest.split(RESULTS_END, 1)[1]
     split = f"{dataset_split}, " if dataset_split else ""
@@ -355,4 +380,6 @@ def fill_model_card(
     ]
     card.data.eval_results = kept + new_results
     card.data.model_name = card.data.model_name or model_name or Path(card_path).resolve().parent.name
-    card.save(card_path)
+    # Through a temporary file, as the other outputs: `card.save` rewrites the file in place, so a write failing part
+    # way (a full disk) would leave the user's only copy cut short. `str(card)` is what `card.save` writes.
+    write_text_atomically(card_path, str(card))
