@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import PIL.Image
@@ -30,6 +31,10 @@ def tiny_grid(**overrides) -> AblationConfig:
     settings = {"prefix_lengths": (1, 3), "mapping_types": ("mlp",), "language_models": ("finetuned",),
                 "max_steps": 3, "batch_size": 16, "plot_metrics": ("CIDEr",), "shapes": TINY_SHAPES, **overrides}
     return AblationConfig(**settings)
+
+
+def must_not_train(*args, **kwargs):
+    raise AssertionError("a finished run was trained again")
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +83,6 @@ def test_a_rerun_skips_finished_runs_and_refuses_another_budget(grid, monkeypatc
     output_dir, records = grid
     (output_dir / "results.csv").unlink()
 
-    def must_not_train(*args, **kwargs):
-        raise AssertionError("a finished run was trained again")
-
     monkeypatch.setattr(ablation, "train_and_score", must_not_train)
     monkeypatch.setattr(ablation, "run_quickstart", must_not_train)
     assert run_ablation(output_dir, tiny_grid(), verbose=False) == records
@@ -127,8 +129,6 @@ def test_the_command_reuses_the_grid_and_checks_its_options(grid, capsys, monkey
 
 
 def test_a_quiet_grid_prints_no_training_logs_and_no_progress_bars(grid, tmp_path, capsys):
-    import shutil
-
     import datasets
     from transformers.utils import logging as transformers_logging
 
@@ -307,9 +307,6 @@ def test_a_finished_run_is_reused_only_from_the_same_pretrained_parts_and_data_a
     def write_record(**extra):
         (run_dir / "scores.json").write_text(json.dumps({**record, **extra}))
 
-    def must_not_train(*args, **kwargs):
-        raise AssertionError("a finished run was trained again")
-
     monkeypatch.setattr(ablation, "train_and_score", must_not_train)
     monkeypatch.setattr(ablation, "_check_prefix_lengths", lambda *args: None)  # its models are names, not there
     # A run written before its pretrained parts and data were recorded: refused, naming what is missing.
@@ -346,16 +343,11 @@ def test_a_finished_run_is_reused_only_from_the_same_pretrained_parts_and_data_a
 
 
 def test_a_moved_grid_resumes_and_a_language_model_trained_again_is_refused(grid, tmp_path, monkeypatch):
-    import shutil
-
     from transformers import GPT2LMHeadModel
 
     output_dir, records = grid
     moved = tmp_path / "moved"
     shutil.copytree(output_dir, moved)
-
-    def must_not_train(*args, **kwargs):
-        raise AssertionError("a finished run was trained again")
 
     monkeypatch.setattr(ablation, "train_and_score", must_not_train)
     monkeypatch.setattr(ablation, "run_quickstart", must_not_train)
@@ -371,8 +363,6 @@ def test_a_moved_grid_resumes_and_a_language_model_trained_again_is_refused(grid
 
 
 def test_a_base_export_stopped_part_way_is_written_again(grid, tmp_path, monkeypatch):
-    import shutil
-
     output_dir, records = grid
     copy = tmp_path / "copy"
     shutil.copytree(output_dir, copy)
@@ -395,7 +385,6 @@ def test_a_base_export_stopped_part_way_is_written_again(grid, tmp_path, monkeyp
 
 
 def test_a_grid_that_cannot_finish_is_refused_before_any_training(grid, tmp_path, monkeypatch):
-    import shutil
     import sys
 
     output_dir, _ = grid
