@@ -697,6 +697,10 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 f"{name}: the weights do not fit config.json (a layer's shape differs: was prefix_dim, the mapper "
                 "or a sub-config edited?). Restore the config.json saved with these weights."
             ) from error
+        except ValueError as error:  # the config's own checks (a config.json edited by hand): named with the folder
+            if str(name) in str(error):
+                raise
+            raise ValueError(f"{name}: {error}") from error
         # Loading replaces the parameters (with requires_grad=True); the vision tower stays frozen by default.
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # a tuple with output_loading_info=True
         if model.config.image_token_id is None:

@@ -52,12 +52,14 @@ def damaged_folder(saved_model_dir, damage):
     if damage == "truncated weights":
         weights = saved_model_dir / "model.safetensors"
         weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    elif damage in ("no sub-configs", "mapper width"):
+    elif damage in ("no sub-configs", "mapper width", "language model width"):
         config = json.loads((saved_model_dir / "config.json").read_text())
         if damage == "no sub-configs":
             del config["text_config"], config["vision_config"]
-        else:
+        elif damage == "mapper width":
             config["prefix_dim"] *= 2
+        else:
+            config["text_config"]["n_embd"] *= 2
         (saved_model_dir / "config.json").write_text(json.dumps(config))
     else:  # a file of the processor, in each of its forms (transformers 4.57 also writes vocab.json and
         # preprocessor_config.json, which serve as well)
@@ -71,7 +73,9 @@ def damaged_folder(saved_model_dir, damage):
     [
         ("truncated weights", "the weights (model.safetensors) cannot be read"),
         ("no sub-configs", "config.json has no text_config and no vision_config"),
-        ("mapper width", "the weights do not fit config.json"),
+        # A mapper width that no longer fits the tower is refused by the config itself, before the weights load.
+        ("mapper width", "`prefix_dim` (48) differs from the width of the vision tower's image embeddings (24"),
+        ("language model width", "the weights do not fit config.json"),
         ("tokenizer_config.json", "has no tokenizer_config.json, so it holds no complete processor"),
         ("tokenizer.json or vocab.json",
          "has no tokenizer.json or vocab.json or vocab.txt or tokenizer.model or spiece.model"),
