@@ -392,17 +392,17 @@ def test_interpret_holds_one_decoded_image_at_a_time(saved_words_model, tmp_path
     for path, image in zip(paths, random_images(4, seed=5)):
         image.save(path)
     loaded, alive_at_each_load = [], []
-    real_load_image = interpret_command.load_image
+    real_decode_image = interpret_command.decode_image
 
-    def tracked_load_image(path):
+    def tracked_decode_image(path):
         gc.collect()
         # The image before this one is still bound to the loop's variable; none before it may be held.
         alive_at_each_load.append(sum(reference() is not None for reference in loaded[:-1]))
-        image = real_load_image(path)
+        image = real_decode_image(path)
         loaded.append(weakref.ref(image))
         return image
 
-    monkeypatch.setattr(interpret_command, "load_image", tracked_load_image)
+    monkeypatch.setattr(interpret_command, "decode_image", tracked_decode_image)
     written = []
     monkeypatch.setattr(gallery_module, "write_gallery", lambda records, path, **kwargs: written.append(records))
     gallery = ["--gallery", str(tmp_path / "prefixes.html")] if with_gallery else []
