@@ -119,6 +119,28 @@ def test_an_image_folder_through_the_datasets_builder(tmp_path):
             load_image_source(data_files=str(folder), caption_column="text", streaming=streaming)
 
 
+def test_images_an_image_folders_metadata_leaves_out_are_warned_of(tmp_path, caplog):
+    # datasets' imagefolder reader reads only the images its metadata lists: 1 row of 3 images, without a word.
+    folder = tmp_path / "folder"
+    for split in ("train", "test"):  # the test split's images are not the train split's to list
+        (folder / split).mkdir(parents=True)
+        for name, image in zip(["a.png", "b.png", "c.png"], random_images(3)):
+            image.save(folder / split / name)
+        (folder / split / "metadata.csv").write_text("file_name,text\nb.png,A dog.\n")
+    with caplog.at_level("WARNING"):
+        source = load_image_source(data_files=str(folder), caption_column="text")
+    assert source["captions"] == [["A dog."]]
+    assert (
+        f"{folder}: 2 of its 3 images are not listed in its metadata file, and datasets' imagefolder reader leaves them "
+        f"out (the first: {folder / 'train' / 'a.png'}); list them there to read them."
+    ) in caplog.text
+    caplog.clear()
+    (folder / "train" / "metadata.csv").write_text("file_name,text\na.png,A\nb.png,B\nc.png,C\n")
+    with caplog.at_level("WARNING"):
+        assert len(load_image_source(data_files=str(folder), caption_column="text")) == 3
+    assert "not listed" not in caplog.text
+
+
 def test_json_lines_of_relative_image_paths(tmp_path):
     (tmp_path / "img").mkdir()
     for name, image in zip(["x.png", "y.png"], random_images(2)):

@@ -335,12 +335,12 @@ def _load_image_folder(folder: Path, streaming: bool):
     """
     An image folder through `datasets`' imagefolder builder. It parses `metadata.jsonl` with pyarrow, which refuses a
     field that changes type between lines (a caption on one, a list on another) naming neither file nor line: these
-    are found here and named, with the fix.
+    are found here and named, with the fix. Images its metadata files do not list, which it leaves out, are warned of.
     """
     import pyarrow
 
     try:
-        return datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", streaming=streaming)
+        dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", streaming=streaming)
     except pyarrow.ArrowInvalid as error:
         mismatch = next(filter(None, map(_mixed_json_types, sorted(folder.rglob("metadata.jsonl")))), None)
         if mismatch is None:
@@ -350,6 +350,33 @@ def _load_image_folder(folder: Path, streaming: bool):
             '(every caption as a list: "text": ["A dog."]), or read the folder with --dataset_format imagefolder, '
             "which takes single captions and lists."
         ) from error
+    if not streaming:  # a stream is not read ahead to count its rows
+        _warn_of_unlisted_images(folder, dataset)
+    return dataset
+
+
+def _warn_of_unlisted_images(folder: Path, dataset: datasets.Dataset) -> None:
+    """
+    Warn of the image files that the folder's metadata files do not list: `datasets`' imagefolder reader leaves them
+    out without a word (a `metadata.csv` naming 1 of 4 images gave 1 row).
+    """
+    from datasets.data_files import DataFilesDict, get_data_patterns
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    # The split's files as the reader resolves them (a folder of train/ and test/ folders: those under train/).
+    split_files = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))["train"]
+    if not any(Path(path).stem == "metadata" for path in split_files):  # without metadata every image is a row
+        return
+    extensions = set(ImageFolder.EXTENSIONS)
+    files = {os.path.abspath(path) for path in split_files if Path(path).suffix.lower() in extensions}
+    column = dataset.cast_column("image", datasets.Image(decode=False)).select_columns("image")
+    read = column.with_format("arrow")[:]["image"].combine_chunks().field("path").to_pylist()
+    unlisted = files - {os.path.abspath(path) for path in read if path}
+    if unlisted:
+        logger.warning(
+            f"{folder}: {len(unlisted)} of its {len(files)} images are not listed in its metadata file, and datasets' "
+            f"imagefolder reader leaves them out (the first: {min(unlisted)}); list them there to read them."
+        )
 
 
 def _mixed_json_types(path: Path) -> str | None:
