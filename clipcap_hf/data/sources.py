@@ -77,9 +77,8 @@ def load_image_source(
     - `image_key`: a stable key of the image: for a file its absolute path, size and modification time (see
       [`image_cache_key`]), for image bytes (parquet, webdataset, Hub datasets) `sha256:<hash of the bytes>`,
     - `captions` (when there is a caption column): the row's captions, a list of strings,
-
-    - `__row__` (not `streaming`, and not webdataset shards, whose samples have `__key__`): the row's number (from 0)
-      in its parquet file (named in `__url__`), or else in the source, which errors about the row name,
+    - `__row__` (not with `streaming`, nor for webdataset shards, whose samples have `__key__`): the row's number
+      (from 0) in its parquet file (named in `__url__`), or else in the source, by which errors name the row,
 
     and the source's other columns (webdataset shards keep `__key__` and `__url__`, the shard's file).
 
@@ -532,7 +531,9 @@ def _keys_and_captions(batch, indices=None, *, caption_column, source, shards, f
             logger.warning(f"{location} has no image (it is null or missing): skipped (on_bad_image='skip').")
         new["image_key"].append(NULL_IMAGE_KEY)
     if shards is not None:
-        new[SHARD_COLUMN], new[SOURCE_ROW_COLUMN] = map(list, zip(*(_file_and_row(index, shards) for index in indices)))
+        ends = _file_ends(shards)  # once per batch: a source may have thousands of files
+        located = [_file_and_row(index, shards, ends) for index in indices]
+        new[SHARD_COLUMN], new[SOURCE_ROW_COLUMN] = [file for file, _ in located], [row for _, row in located]
     elif number_rows:
         new[SOURCE_ROW_COLUMN] = list(indices)
     if caption_column is not None:
@@ -547,9 +548,14 @@ def _keys_and_captions(batch, indices=None, *, caption_column, source, shards, f
     return new
 
 
-def _file_and_row(index: int, file_rows: list[tuple[str, int]]) -> tuple[str, int]:
-    """The file of a source's row `index` (`file_rows`: each file and its row count, in order), and its row there."""
-    ends = list(itertools.accumulate(rows for _, rows in file_rows))
+def _file_ends(file_rows: list[tuple[str, int]]) -> list[int]:
+    """Where each file's rows end in the source (`file_rows`: each file and its row count, in order)."""
+    return list(itertools.accumulate(rows for _, rows in file_rows))
+
+
+def _file_and_row(index: int, file_rows: list[tuple[str, int]], ends: list[int] | None = None) -> tuple[str, int]:
+    """The file of a source's row `index` and its row there (`ends`: `_file_ends(file_rows)`, if computed already)."""
+    ends = _file_ends(file_rows) if ends is None else ends
     file = bisect.bisect_right(ends, index)
     return file_rows[file][0], index - (ends[file - 1] if file else 0)
 
