@@ -131,8 +131,8 @@ def test_images_an_image_folders_metadata_leaves_out_are_warned_of(tmp_path, cap
         source = load_image_source(data_files=str(folder), caption_column="text")
     assert source["captions"] == [["A dog."]]
     assert (
-        f"{folder}: 2 of its 3 images are not listed in its metadata file, and datasets' imagefolder reader leaves them "
-        f"out (the first: {folder / 'train' / 'a.png'}); list them there to read them."
+        f"{folder}: 2 of its 3 images are not listed in its metadata file, and datasets' imagefolder reader leaves "
+        f"them out (the first: {folder / 'train' / 'a.png'}); list them there to read them."
     ) in caplog.text
     caplog.clear()
     (folder / "train" / "metadata.csv").write_text("file_name,text\na.png,A\nb.png,B\nc.png,C\n")
