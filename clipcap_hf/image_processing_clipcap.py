@@ -318,13 +318,12 @@ def _may_hold_image_processor_settings(path: str) -> bool:
     return not isinstance(content, dict) or os.path.basename(path) != PROCESSOR_NAME or "image_processor" in content
 
 
-def _tower_config(pretrained_model_name_or_path: str, **kwargs) -> PretrainedConfig:
+def _model_config(pretrained_model_name_or_path: str, **kwargs) -> PretrainedConfig:
     """
-    The vision tower's config of a transformers checkpoint (of a whole CLIP or SigLIP, its vision part); a config that
-    names code of its own (`auto_map`) is refused rather than its code run, unless `trust_remote_code=True` is given.
+    The config of a transformers checkpoint; one that names code of its own (`auto_map`) is refused rather than its
+    code run, unless `trust_remote_code=True` is given.
     """
-    kwargs = {"trust_remote_code": False, **kwargs}
-    return vision_tower_config(AutoConfig.from_pretrained(pretrained_model_name_or_path, **kwargs))
+    return AutoConfig.from_pretrained(pretrained_model_name_or_path, **{"trust_remote_code": False, **kwargs})
 
 
 class ClipCapImageProcessor(BaseImageProcessor):
@@ -435,7 +434,7 @@ class ClipCapImageProcessor(BaseImageProcessor):
                 ) from error
             settings = {}
         if not settings:
-            tower = _tower_config(pretrained_model_name_or_path, **kwargs)
+            tower = vision_tower_config(_model_config(pretrained_model_name_or_path, **kwargs))
             resize_mode, resample, mean, std = _TOWER_PREPROCESSING[tower.model_type]
             side = getattr(tower, "image_size", None) or math.isqrt(tower.num_patches) * tower.patch_size
             return cls(size=side, resample=resample, image_mean=mean, image_std=std, resize_mode=resize_mode)
@@ -443,9 +442,8 @@ class ClipCapImageProcessor(BaseImageProcessor):
             return cls.from_dict(settings)
 
         def model_config() -> PretrainedConfig | None:
-            options = {"trust_remote_code": False, **kwargs}  # a config naming code of its own is refused, not run
             try:
-                return AutoConfig.from_pretrained(pretrained_model_name_or_path, **options)
+                return _model_config(pretrained_model_name_or_path, **kwargs)
             except (OSError, ValueError):  # no model config (4.x: OSError, 5.x: ValueError): settings only
                 return None
 

@@ -25,8 +25,9 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from operator import eq
 from pathlib import Path
 from typing import Any
 
@@ -193,14 +194,15 @@ def shapes_task(
             f"another output folder, or remove {base} and its runs to start again."
         )
     vision_dir, text_dir = base / "clip-shapes", base / "gpt2-shapes"
-    if not vision_dir.is_dir() or not text_dir.is_dir():
+    missing = [folder for folder in (vision_dir, text_dir) if not folder.is_dir()]
+    if missing:
         model = ClipCapForConditionalGeneration.from_pretrained(base, trust_remote_code=False)
         processor = ClipCapProcessor.from_pretrained(base, trust_remote_code=False)
+        parts = {vision_dir: (model.vision_model, processor.image_processor),
+                 text_dir: (model.language_model, processor.tokenizer)}
         # Each written whole or not at all: a run killed part-way leaves no half-written folder a rerun would take.
-        for folder, parts in ((vision_dir, (model.vision_model, processor.image_processor)),
-                              (text_dir, (model.language_model, processor.tokenizer))):
-            if not folder.is_dir():
-                write_folder_atomically(folder, lambda staging, parts=parts: save_pretrained(staging, *parts))
+        for folder in missing:
+            write_folder_atomically(folder, lambda staging, folder=folder: save_pretrained(staging, *parts[folder]))
     shapes = config.shapes
     splits = make_shapes_dataset(
         shapes.train_images_per_combination, shapes.test_images_per_combination, shapes.image_size, shapes.seed
@@ -385,27 +387,33 @@ def dataset_fingerprint(data: AblationData) -> str:
     return hasher.hexdigest()
 
 
-def check_finished_run(record: dict[str, Any], run_dir: Path, expected: dict[str, Any], what: str) -> None:
-    """Refuse to reuse a finished run whose record of `what` (`budget`, `trained_from`) differs from this grid's."""
+def check_finished_run(
+    record: dict[str, Any], run_dir: Path, expected: dict[str, Any], what: str, same: Callable[[Any, Any], bool] = eq
+) -> None:
+    """
+    Refuse to reuse a finished run whose record of `what` (`budget`, `trained_from`) differs from this grid's: is not
+    `same(recorded, expected)`.
+    """
     if what not in record:
         raise ValueError(
             f"{run_dir / SCORES_FILE} has no `{what}` record (a run written by an older clipcap_hf), so it cannot be "
             "told apart from a run with other settings; use another output folder, or remove that run to train it "
             "again."
         )
-    recorded = record[what]
-    if what == "trained_from":  # models compared by content; an identity that cannot tell counts as another model
-        same = isinstance(recorded, dict) and recorded.get("dataset") == expected["dataset"] and all(
-            same_model(recorded.get(part), expected[part]) for part in ("vision_model", "text_model")
-        )
-    else:
-        same = recorded == expected
-    if not same:
+    if not same(record[what], expected):
         description = "with another budget" if what == "budget" else "from other pretrained parts or data"
         raise ValueError(
-            f"{run_dir} was trained {description} ({recorded}, this grid's: {expected}); use another output "
+            f"{run_dir} was trained {description} ({record[what]}, this grid's: {expected}); use another output "
             "folder, or remove that run to train it again."
         )
+
+
+def _same_origin(recorded: Any, expected: dict[str, Any]) -> bool:
+    """Whether a run's `trained_from` record is this grid's: the same data, and models the same by content (an
+    identity that cannot tell counts as another model)."""
+    return isinstance(recorded, dict) and recorded.get("dataset") == expected["dataset"] and all(
+        same_model(recorded.get(part), expected[part]) for part in ("vision_model", "text_model")
+    )
 
 
 @contextlib.contextmanager
@@ -478,7 +486,7 @@ def _finished_record(
         return None
     record = read_json(scores_path)
     check_finished_run(record, run_dir, budget(config), "budget")
-    check_finished_run(record, run_dir, trained_from(run, config, data_fingerprint), "trained_from")
+    check_finished_run(record, run_dir, trained_from(run, config, data_fingerprint), "trained_from", _same_origin)
     scoring = caption_tokenization()
     if record.get("scoring") != scoring:
         # Its predictions are not saved (5 samples only), so it cannot be rescored: trained again, so that one table
