@@ -243,6 +243,38 @@ def image_folder_of(path):
             coco,
             r"c.json: image 1 has 'file_name' = 7; expected str",
         ),
+        # Image ids: an integer or a string, one kind per file, each image its own (Arrow refused a mix unnamed; a
+        # repeated Karpathy id merged two images' references; floats, nulls and `true` were kept as ids)
+        *(
+            (
+                "k.json",
+                {"images": [{"filename": "a.jpg", "split": "test", "cocoid": value, "sentences": [{"raw": "A."}]}]},
+                karpathy,
+                rf"k.json: images\[0\] has 'cocoid' = {pattern}; expected int or str",
+            )
+            for value, pattern in ((1.5, r"1\.5"), (None, "None"), (True, "True"), ({"a": 1}, r"\{'a': 1\}"))
+        ),
+        (
+            "k.json",
+            {"images": [{"filename": "a.jpg", "split": "test", "imgid": 0, "sentences": [{"raw": "A."}]},
+                        {"filename": "b.jpg", "split": "test", "imgid": "b", "sentences": [{"raw": "B."}]}]},
+            karpathy,
+            r"k.json: images\[1\] has the id 'b' \(a string\), but images\[0\] has the id 0 \(an integer\): the "
+            r"images' `cocoid` \(or `imgid`\) must be all integers or all strings",
+        ),
+        (
+            "k.json",
+            {"images": [{"filename": "a.jpg", "split": "train", "cocoid": 7, "sentences": [{"raw": "A."}]},
+                        {"filename": "b.jpg", "split": "test", "cocoid": 7, "sentences": [{"raw": "B."}]}]},
+            karpathy,
+            r"k.json: images\[1\] repeats the id 7 of images\[0\]; every entry of `images` needs its own id",
+        ),
+        (
+            "c.json",
+            {"images": [{"id": True, "file_name": "a.jpg"}], "annotations": []},
+            coco,
+            r"c.json: images\[0\] has 'id' = True; expected int or str",
+        ),
         ("metadata.jsonl", '{"file_name": 3, "text": "A dog."}\n', image_folder_of, r"line 1 has 'file_name' = 3"),
         ("metadata.jsonl", '{"file_name": null, "text": "A dog."}\n', image_folder_of, r"'file_name' = None"),
     ],

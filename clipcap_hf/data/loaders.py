@@ -91,6 +91,37 @@ def _field(
     return value
 
 
+class _ImageIds:
+    """
+    The `images` entries of a JSON annotation file by image id, each id checked as it is added: an integer or a
+    string (not `true`), of the same kind as the first (Arrow keeps one type per column, and refuses a mix without
+    naming the file or entry), and not an earlier entry's (two images under one id would share their references).
+    """
+
+    def __init__(self, path: PathLike, ids: str):
+        self.path, self.ids = path, ids  # `ids`: what the file's ids are, as the mixed-kind error names them
+        self.records: dict[int | str, dict] = {}
+        self.positions: dict[int | str, int] = {}
+
+    def add(self, image_id: Any, index: int, key: str | None, record: dict) -> None:
+        where = f"{self.path}: images[{index}]"
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
+            raise ValueError(f"{where} has {key!r} = {reprlib.repr(image_id)}; expected int or str.")
+        first_id = next(iter(self.records), None)  # images[0]'s
+        if first_id is not None and isinstance(image_id, str) != isinstance(first_id, str):
+            kinds = {True: "a string", False: "an integer"}
+            raise ValueError(
+                f"{where} has the id {image_id!r} ({kinds[isinstance(image_id, str)]}), but images[0] has the id "
+                f"{first_id!r} ({kinds[isinstance(first_id, str)]}): {self.ids} must be all integers or all strings."
+            )
+        if image_id in self.records:
+            raise ValueError(
+                f"{where} repeats the id {image_id!r} of images[{self.positions[image_id]}]; every entry of `images` "
+                "needs its own id (remove the duplicate, or give it an id of its own)."
+            )
+        self.records[image_id], self.positions[image_id] = record, index
+
+
 def load_coco_karpathy(path: PathLike, image_root: PathLike) -> datasets.DatasetDict:
     """
     The Karpathy split of COCO (`dataset_coco.json`; Flickr8k/30k files of the same layout work too).
@@ -105,6 +136,7 @@ def load_coco_karpathy(path: PathLike, image_root: PathLike) -> datasets.Dataset
     """
     images = _field(read_json(path), "images", str(path), list)
     rows = {name: _CaptionRows(image_root) for name in ("train", "validation", "test")}
+    ids = _ImageIds(path, "the images' `cocoid` (or `imgid`)")
     for index, image in enumerate(images):
         where = f"{path}: images[{index}]"
         folder = _field(image, "filepath", where, str, default="")
@@ -112,7 +144,9 @@ def load_coco_karpathy(path: PathLike, image_root: PathLike) -> datasets.Dataset
         split = _field(image, "split", where, str)
         if split not in KARPATHY_SPLITS:
             raise ValueError(f"{where} ({file_name}) has split {split!r}; expected one of {sorted(KARPATHY_SPLITS)}.")
-        image_id = image.get("cocoid", image.get("imgid", index))
+        key = next((key for key in ("cocoid", "imgid") if key in image), None)
+        image_id = index if key is None else image[key]
+        ids.add(image_id, index, key, image)
         for number, sentence in enumerate(_field(image, "sentences", where, list)):
             record = f"{where} ({file_name}) sentences[{number}]"
             rows[KARPATHY_SPLITS[split]].add(image_id, file_name, _field(sentence, "raw", record), record)
@@ -137,31 +171,16 @@ def load_coco_captions(
         extra_image_fields: fields of the `images` entries to keep as columns (e.g. nocaps' `"domain"`).
     """
     data = read_json(path)
-    images, positions = {}, {}
+    images = _ImageIds(path, "the ids in `images` (and the `image_id` of each annotation)")
     for index, image in enumerate(_field(data, "images", str(path), list)):
-        image_id = _field(image, "id", f"{path}: images[{index}]", (int, str))
-        first_id = next(iter(images), None)  # images[0]'s
-        if first_id is not None and isinstance(image_id, str) != isinstance(first_id, str):
-            # One column of ids: Arrow would refuse the mix without naming the file or the entry.
-            kinds = {True: "a string", False: "an integer"}
-            raise ValueError(
-                f"{path}: images[{index}] has the id {image_id!r} ({kinds[isinstance(image_id, str)]}), but images[0] "
-                f"has the id {first_id!r} ({kinds[isinstance(first_id, str)]}): the ids in `images` (and the "
-                "`image_id` of each annotation) must be all integers or all strings."
-            )
-        if image_id in images:
-            raise ValueError(
-                f"{path}: images[{index}] repeats the id {image_id!r} of images[{positions[image_id]}]; every entry "
-                "of `images` needs its own id (remove the duplicate, or give it a new id and refer to that)."
-            )
-        images[image_id], positions[image_id] = image, index
+        images.add(_field(image, "id", f"{path}: images[{index}]"), index, "id", image)
     rows = _CaptionRows(image_root)
     for index, annotation in enumerate(_field(data, "annotations", str(path), list)):
         where = f"{path}: annotations[{index}]"
         image_id = _field(annotation, "image_id", where, (int, str))
-        if image_id not in images:
+        if image_id not in images.records:
             raise ValueError(f"{where} refers to image_id {image_id!r}, which is not listed in `images`.")
-        image = images[image_id]
+        image = images.records[image_id]
         file_name = _field(image, "file_name", f"{path}: image {image_id!r}", str)
         extra = {name: image.get(name) for name in extra_image_fields}
         rows.add(image_id, file_name, annotation.get("caption"), f"{where} (image {file_name})", **extra)
