@@ -18,13 +18,16 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from transformers.utils import IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, cached_file
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.utils import IMAGE_PROCESSOR_NAME, PROCESSOR_NAME, cached_file, logging
 
 from .configuration_clipcap import check_vision_backend, vision_tower_config
 
 # Imported directly, not only through the configuration module: transformers 4.x copies only a remote-code module's
 # direct relative imports into its cache.
 from .open_clip_vision import resolve_open_clip_model
+
+logger = logging.get_logger(__name__)
 
 # What transformers itself passes to the constructor when loading a saved processor; every other keyword is refused.
 _BOOKKEEPING_KWARGS = {
@@ -59,7 +62,7 @@ _TOWER_PREPROCESSING = {
     "dinov2_with_registers": ("shortest", "bicubic", IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
 }
 
-# What `cached_file` takes of `from_transformers_pretrained`'s keyword arguments (the rest are processor options).
+# What `cached_file` takes of `from_transformers_pretrained`'s keyword arguments.
 _DOWNLOAD_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
 # The step switches of transformers' image processors that `from_transformers_pretrained` translates.
@@ -326,6 +329,23 @@ def _model_config(pretrained_model_name_or_path: str, **kwargs) -> PretrainedCon
     return AutoConfig.from_pretrained(pretrained_model_name_or_path, **{"trust_remote_code": False, **kwargs})
 
 
+def _own_config_code(pretrained_model_name_or_path: str, kwargs: dict[str, Any]) -> str | None:
+    """
+    The config class a checkpoint's `config.json` names as code of its own (its `auto_map`'s `AutoConfig`, e.g.
+    `"custom.CustomConfig"`) for a model type transformers does not know: the config `_model_config` refuses rather
+    than run that code. None for any other config, or none that can be read. Reads the JSON only.
+    """
+    download_kwargs = {key: kwargs[key] for key in _DOWNLOAD_KWARGS if key in kwargs}
+    try:
+        config_dict = PretrainedConfig.get_config_dict(pretrained_model_name_or_path, **download_kwargs)[0]
+    except (OSError, ValueError):
+        return None
+    auto_map = config_dict.get("auto_map")
+    if not isinstance(auto_map, dict) or config_dict.get("model_type") in CONFIG_MAPPING:  # a known type: read so
+        return None
+    return auto_map.get("AutoConfig")
+
+
 class ClipCapImageProcessor(BaseImageProcessor):
     r"""
     CLIP's reference preprocessing, as OpenAI CLIP and open_clip apply it: bicubic resize of the short side,
@@ -396,10 +416,18 @@ class ClipCapImageProcessor(BaseImageProcessor):
         (`from_pretrained(folder, resample="bilinear")`) replace the saved ones and go through the constructor's checks
         with them: transformers' own `from_dict` set them on the loaded processor unchecked (4.57 all but the sizes,
         5.x those it does not know), so that they differed between versions. The other `kwargs` are left unused.
+
+        A squash saved without a crop (its `crop_size` is its `size`) stays one: a new `size` without a `crop_size`
+        gives its whole square, as the constructor makes it. A crop that was saved (any `crop_size` of a short-side
+        resize, a smaller one of a squash) is kept at a new `size`, as `CLIPImageProcessor.from_pretrained` keeps it.
         """
         return_unused_kwargs = kwargs.pop("return_unused_kwargs", False)
         options = {name: kwargs.pop(name) for name in list(kwargs) if name in _FROM_DICT_OPTIONS}
-        image_processor = cls(**{**image_processor_dict, **options})
+        saved = dict(image_processor_dict)
+        if saved.get("resize_mode") == "squash" and saved.get("crop_size", saved.get("size")) == saved.get("size"):
+            # No crop is saved as the crop of the whole square: kept, it would crop the square of another `size`.
+            saved.pop("crop_size", None)
+        image_processor = cls(**{**saved, **options})
         return (image_processor, kwargs) if return_unused_kwargs else image_processor
 
     @classmethod
@@ -410,7 +438,26 @@ class ClipCapImageProcessor(BaseImageProcessor):
         tower's reference preprocessing at the tower's image size. SigLIP2's NaFlex preprocessing, which keeps the
         aspect ratio within `max_num_patches`, becomes the square of that many patches (the same pixels for square
         images).
+
+        `kwargs` are download options (`cache_dir`, `revision`, `token`, ..., `trust_remote_code`) and preprocessing
+        options (`size=64`, `resample="bilinear"`, ...), which replace what the checkpoint gives, as `from_pretrained`
+        takes them; anything else is refused.
         """
+        options = {name: kwargs.pop(name) for name in list(kwargs) if name in _FROM_DICT_OPTIONS}
+        unknown = sorted(set(kwargs) - {*_DOWNLOAD_KWARGS, "trust_remote_code"})
+        if unknown:
+            raise TypeError(
+                f"from_transformers_pretrained got unknown options {unknown}: it takes download options "
+                f"({', '.join(_DOWNLOAD_KWARGS)}, trust_remote_code) and preprocessing options "
+                f"({', '.join(sorted(IMAGE_OPTIONS | {'resize_mode'}))})."
+            )
+        processor = cls._from_transformers_checkpoint(pretrained_model_name_or_path, **kwargs)
+        # The options go through the constructor's checks, as `from_pretrained(folder, size=64)` sends them.
+        return cls.from_dict(processor.to_dict(), **options) if options else processor
+
+    @classmethod
+    def _from_transformers_checkpoint(cls, pretrained_model_name_or_path: str, **kwargs) -> ClipCapImageProcessor:
+        """`from_transformers_pretrained` with download options only."""
         try:
             settings = cls.get_image_processor_dict(pretrained_model_name_or_path, **kwargs)[0]
         except OSError as error:  # transformers 4.57 and 5 raise it for an absent file as for a corrupt one
@@ -445,6 +492,18 @@ class ClipCapImageProcessor(BaseImageProcessor):
             try:
                 return _model_config(pretrained_model_name_or_path, **kwargs)
             except (OSError, ValueError):  # no model config (4.x: OSError, 5.x: ValueError): settings only
+                if kwargs.get("trust_remote_code"):
+                    return None
+                own_code = _own_config_code(pretrained_model_name_or_path, kwargs)
+                if own_code is not None:  # a config that is there but refused: said, for the tower may not be CLIP's
+                    logger.warning(
+                        f"The model config of {pretrained_model_name_or_path} names code of its own ({own_code}, in "
+                        "its auto_map), which is not run, so the config is not read: the preprocessing is the "
+                        "checkpoint's saved preprocessing settings, with CLIP's reference preprocessing for what they "
+                        "leave out (the resize mode of a bare-number size, the resampling, mean and std). If the "
+                        "tower preprocesses otherwise, add those settings there or build ClipCapImageProcessor(...) "
+                        "with them."
+                    )
                 return None
 
         try:

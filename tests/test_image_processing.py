@@ -1,6 +1,7 @@
 """ClipCapImageProcessor takes options in the forms transformers' image processors use, with the same pixels."""
 
 import json
+import logging
 
 import numpy as np
 import PIL.Image
@@ -82,6 +83,23 @@ def test_options_it_cannot_honour_are_refused_in_one_line(options, message):
     with pytest.raises(ValueError) as error:
         ClipCapImageProcessor(**{"size": 32, **options})
     assert str(error.value) == message
+
+
+def test_options_to_from_transformers_pretrained_replace_the_checkpoints_and_unknown_ones_are_refused(tmp_path):
+    # They were dropped silently: a checkpoint read at 32 pixels bicubic whatever size or resampling was asked.
+    saved = {"size": {"shortest_edge": 32}, "crop_size": {"height": 32, "width": 32}}
+    ClipImageProcessorPil(**saved).save_pretrained(tmp_path)
+    processor = ClipCapImageProcessor.from_transformers_pretrained(tmp_path, size=40, resample="bilinear")
+    assert (processor.size, processor.crop_size, processor.resample) == (40, 32, "bilinear")
+    images = images_with_even_crop_margins()
+    asked = {**saved, "size": {"shortest_edge": 40}, "resample": PIL.Image.Resampling.BILINEAR}
+    torch.testing.assert_close(processor(images)["pixel_values"], clip_pixels(images, **asked), atol=1e-5, rtol=0)
+
+    with pytest.raises(TypeError, match=r"from_transformers_pretrained got unknown options \['bogus'\]: it takes "
+                                        r"download options \(cache_dir, .*\) and preprocessing options"):
+        ClipCapImageProcessor.from_transformers_pretrained(tmp_path, bogus=1)
+    with pytest.raises(ValueError, match=r"`size` must be at least 1 pixel, got 0"):
+        ClipCapImageProcessor.from_transformers_pretrained(tmp_path, size=0)
 
 
 @pytest.mark.parametrize("resample", [PIL.Image.Resampling.BOX, PIL.Image.Resampling.HAMMING])
@@ -234,20 +252,28 @@ def test_a_thin_strip_is_resampled_only_under_its_crop_and_matches_the_full_resi
     assert np.abs(as_read - expected).max() <= 1 / 255 + 1e-5
 
 
-@pytest.mark.parametrize("settings", [False, True])
-def test_a_tower_folder_naming_code_of_its_own_is_refused_without_running_it(tmp_path, monkeypatch, settings):
-    # A config with an `auto_map` makes transformers ask whether to run the folder's code, and run it on "y", unless
-    # trust_remote_code=False is passed: the answer given here is "y".
-    marker = tmp_path / "code-ran"
-    (tmp_path / "config.json").write_text(
+def write_tower_naming_code_of_its_own(folder, monkeypatch):
+    """
+    A tower folder whose config names code of its own (`auto_map`) for a model type transformers does not know; that
+    code marks the returned path when it runs. Such a config makes transformers ask whether to run the folder's code,
+    and run it on "y", unless trust_remote_code=False is passed: the answer given here is "y".
+    """
+    marker = folder / "code-ran"
+    (folder / "config.json").write_text(
         json.dumps({"model_type": "custom_vision", "auto_map": {"AutoConfig": "custom.CustomConfig"}})
     )
-    (tmp_path / "custom.py").write_text(
+    (folder / "custom.py").write_text(
         f"open({str(marker)!r}, 'w').close()\n"
         "from transformers import PretrainedConfig\n\n\nclass CustomConfig(PretrainedConfig):\n"
         "    model_type = 'custom_vision'\n"
     )
     monkeypatch.setattr("builtins.input", lambda *args: "y")
+    return marker
+
+
+@pytest.mark.parametrize("settings", [False, True])
+def test_a_tower_folder_naming_code_of_its_own_is_refused_without_running_it(tmp_path, monkeypatch, settings):
+    marker = write_tower_naming_code_of_its_own(tmp_path, monkeypatch)
     if settings:  # the preprocessing settings there: the model config beside them is read as absent
         (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "CLIPImageProcessor"}))
         ClipCapImageProcessor.from_vision_pretrained(str(tmp_path))
@@ -255,6 +281,72 @@ def test_a_tower_folder_naming_code_of_its_own_is_refused_without_running_it(tmp
         with pytest.raises(ValueError, match="trust_remote_code"):
             ClipCapImageProcessor.from_vision_pretrained(str(tmp_path))
     assert not marker.exists()
+
+
+def test_settings_beside_a_config_naming_code_of_its_own_warn_that_clips_conventions_fill_them_in(
+    tmp_path, monkeypatch, caplog
+):
+    # The refused config was read as absent without a word: a SigLIP-like custom tower given a bare-number size got
+    # CLIP's short-side resize, resampling, mean and std.
+    marker = write_tower_naming_code_of_its_own(tmp_path, monkeypatch)
+    (tmp_path / "preprocessor_config.json").write_text(
+        json.dumps({"image_processor_type": "CLIPImageProcessor", "size": 48})
+    )
+    with caplog.at_level(logging.WARNING, logger="clipcap_hf.image_processing_clipcap"):
+        processor = ClipCapImageProcessor.from_vision_pretrained(str(tmp_path))
+    assert not marker.exists()
+    assert processor.to_dict() == ClipCapImageProcessor(size=48).to_dict()  # still non-fatal: CLIP's conventions
+    assert [record.getMessage() for record in caplog.records] == [
+        f"The model config of {tmp_path} names code of its own (custom.CustomConfig, in its auto_map), which is not "
+        "run, so the config is not read: the preprocessing is the checkpoint's saved preprocessing settings, with "
+        "CLIP's reference preprocessing for what they leave out (the resize mode of a bare-number size, the "
+        "resampling, mean and std). If the tower preprocesses otherwise, add those settings there or build "
+        "ClipCapImageProcessor(...) with them."
+    ]
+    # An auto_map beside a model type transformers knows is read without that code, and says nothing.
+    caplog.clear()
+    config = transformers.SiglipVisionConfig(image_size=32).to_dict()
+    (tmp_path / "config.json").write_text(json.dumps({**config, "auto_map": {"AutoConfig": "custom.CustomConfig"}}))
+    with caplog.at_level(logging.WARNING, logger="clipcap_hf.image_processing_clipcap"):
+        processor = ClipCapImageProcessor.from_vision_pretrained(str(tmp_path))
+    assert (processor.resize_mode, processor.image_mean) == ("squash", [0.5] * 3)  # the config was read
+    assert not caplog.records and not marker.exists()
+
+
+def settings_of(processor):
+    """A processor's settings, without the `auto_map` that a saved one keeps for remote code."""
+    return {name: value for name, value in processor.to_dict().items() if name != "auto_map"}
+
+
+def test_a_squash_saved_without_a_crop_loads_at_a_new_size_as_the_constructor_builds_it(tmp_path):
+    # The saved crop_size (the whole square) was kept: size=64 gave the center 32x32 of the 64 square.
+    images = random_images(2, seed=1, size=(60, 44))
+    settings = {"size": {"height": 32, "width": 32}, "do_center_crop": False}
+    ClipImageProcessorPil(**settings).save_pretrained(tmp_path / "clip")
+    ClipCapImageProcessor.from_transformers_pretrained(tmp_path / "clip").save_pretrained(tmp_path / "clipcap")
+    expected = ClipCapImageProcessor(size=64, resize_mode="squash")
+    for load in (ClipCapImageProcessor.from_pretrained, transformers.AutoImageProcessor.from_pretrained):
+        for size in (64, {"height": 64, "width": 64}):
+            loaded = load(tmp_path / "clipcap", size=size)
+            assert settings_of(loaded) == settings_of(expected)
+            pixels = loaded(images)["pixel_values"]
+            assert pixels.shape == (2, 3, 64, 64)
+        # The pixels of CLIP's own processor loaded with the same size: it keeps squashing without a crop.
+        overridden = ClipImageProcessorPil.from_pretrained(tmp_path / "clip", size={"height": 64, "width": 64})
+        torch.testing.assert_close(pixels, overridden(images, return_tensors="pt")["pixel_values"], atol=1e-5, rtol=0)
+        # A crop given with the size is taken.
+        assert load(tmp_path / "clipcap", size=64, crop_size=48).crop_size == 48
+    # A crop that was saved is kept at a new size, as CLIPImageProcessor keeps it (a short-side resize always crops);
+    # without one, each saved processor loads as it was saved.
+    for saved, crop_at_48 in (
+        (ClipCapImageProcessor(size=40, crop_size=32, resize_mode="squash"), 32),
+        (ClipCapImageProcessor(size=40, resize_mode="squash"), 48),
+        (ClipCapImageProcessor(size=40, crop_size=32), 32),
+        (ClipCapImageProcessor(size=40), 40),
+    ):
+        saved.save_pretrained(tmp_path / "saved")
+        assert settings_of(ClipCapImageProcessor.from_pretrained(tmp_path / "saved")) == settings_of(saved)
+        assert ClipCapImageProcessor.from_pretrained(tmp_path / "saved", size=48).crop_size == crop_at_48
 
 
 def test_from_pretrained_options_go_through_the_constructor_the_same_on_every_version(tmp_path):
