@@ -141,6 +141,26 @@ def test_images_an_image_folders_metadata_leaves_out_are_warned_of(tmp_path, cap
     assert "not listed" not in caplog.text
 
 
+def test_an_image_folder_reached_through_a_link_is_not_said_to_leave_its_images_out(tmp_path, caplog):
+    # datasets reads the images at their real paths: compared with the link's, every image was warned of as unlisted.
+    real = tmp_path / "real"
+    real.mkdir()
+    for name, image in zip(["a.png", "b.png", "c.png"], random_images(3)):
+        image.save(real / name)
+    (real / "metadata.csv").write_text("file_name,text\na.png,A\nb.png,B\nc.png,C\n")
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    with caplog.at_level("WARNING"):
+        assert load_image_source(data_files=str(tmp_path / "link"), caption_column="text")["captions"] == [
+            ["A"], ["B"], ["C"]
+        ]
+    assert "not listed" not in caplog.text
+    (real / "metadata.csv").write_text("file_name,text\na.png,A\nc.png,C\n")  # one left out: still said
+    with caplog.at_level("WARNING"):
+        assert len(load_image_source(data_files=str(tmp_path / "link"), caption_column="text")) == 2
+    assert f"{tmp_path / 'link'}: 1 of its 3 images are not listed in its metadata file" in caplog.text
+    assert f"(the first: {real / 'b.png'})" in caplog.text
+
+
 def test_json_lines_of_relative_image_paths(tmp_path):
     (tmp_path / "img").mkdir()
     for name, image in zip(["x.png", "y.png"], random_images(2)):
@@ -372,6 +392,21 @@ def test_a_source_that_already_has_keys_and_captions_has_them_computed_again(tmp
     assert [row["captions"] for row in rows] == [["a"], ["b"]]
     assert [row.get("__row__") for row in rows] == ([None, None] if streaming else [0, 1])
     assert [row["image_key"] for row in rows] == [sha256_key(png_bytes(image)) for image in images]
+
+
+def test_a_saved_parquet_source_keeps_each_rows_number_in_its_file(tmp_path):
+    # Saved with its files' names (`__url__`), a source's row numbers cannot be computed again from the saved copy:
+    # they were dropped as stale, and its bad rows then named only by their file.
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    rows = {"image": [{"bytes": png_bytes(image), "path": None} for image in random_images(3)], "caption": list("abc")}
+    files = [str(tmp_path / f"part{number}.parquet") for number in range(2)]
+    for file in files:
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(file)
+    source = load_image_source(data_files=files, caption_column="caption")
+    assert source["__row__"] == [0, 1, 2, 0, 1, 2] and source["__url__"] == [files[0]] * 3 + [files[1]] * 3
+    source.save_to_disk(str(tmp_path / "saved"))
+    again = load_image_source(data_files=str(tmp_path / "saved"), caption_column="captions")
+    assert again["__row__"] == [0, 1, 2, 0, 1, 2] and again["__url__"] == source["__url__"]
 
 
 @pytest.mark.parametrize("suffix", ["tar", "parquet"])

@@ -337,9 +337,16 @@ def _load_image_folder(folder: Path, streaming: bool):
     are found here and named, with the fix. Images its metadata files do not list, which it leaves out, are warned of.
     """
     import pyarrow
+    from datasets.utils.info_utils import is_small_dataset
 
     try:
-        dataset = datasets.load_dataset("imagefolder", data_dir=str(folder), split="train", streaming=streaming)
+        # `load_dataset`'s steps, with the builder kept: its data files are the split's files the reader resolved,
+        # which the unlisted images are found among (resolving them again walked the whole folder a second time).
+        builder = datasets.load_dataset_builder("imagefolder", data_dir=str(folder))
+        if streaming:
+            return builder.as_streaming_dataset(split="train")  # not read ahead to count its rows
+        builder.download_and_prepare()
+        dataset = builder.as_dataset(split="train", in_memory=is_small_dataset(builder.info.dataset_size))
     except pyarrow.ArrowInvalid as error:
         mismatch = next(filter(None, map(_mixed_json_types, sorted(folder.rglob("metadata.jsonl")))), None)
         if mismatch is None:
@@ -349,28 +356,27 @@ def _load_image_folder(folder: Path, streaming: bool):
             '(every caption as a list: "text": ["A dog."]), or read the folder with --dataset_format imagefolder, '
             "which takes single captions and lists."
         ) from error
-    if not streaming:  # a stream is not read ahead to count its rows
-        _warn_of_unlisted_images(folder, dataset)
+    _warn_of_unlisted_images(folder, dataset, builder.config.data_files["train"])
     return dataset
 
 
-def _warn_of_unlisted_images(folder: Path, dataset: datasets.Dataset) -> None:
+def _warn_of_unlisted_images(folder: Path, dataset: datasets.Dataset, split_files: Sequence[str]) -> None:
     """
-    Warn of the image files that the folder's metadata files do not list: `datasets`' imagefolder reader leaves them
-    out without a word (a `metadata.csv` naming 1 of 4 images gave 1 row).
+    Warn of the image files among the split's (`split_files`, as the reader resolved them: under train/ in a folder of
+    train/ and test/) that the folder's metadata files do not list: `datasets`' imagefolder reader leaves them out
+    without a word (a `metadata.csv` naming 1 of 4 images gave 1 row).
     """
-    from datasets.data_files import DataFilesDict, get_data_patterns
     from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
 
-    # The split's files as the reader resolves them (a folder of train/ and test/ folders: those under train/).
-    split_files = DataFilesDict.from_patterns(get_data_patterns(str(folder)), base_path=str(folder))["train"]
     if not any(Path(path).stem == "metadata" for path in split_files):  # without metadata every image is a row
         return
     extensions = set(ImageFolder.EXTENSIONS)
-    files = {os.path.abspath(path) for path in split_files if Path(path).suffix.lower() in extensions}
+    files = [path for path in split_files if Path(path).suffix.lower() in extensions]
     column = dataset.cast_column("image", datasets.Image(decode=False)).select_columns("image")
-    read = column.with_format("arrow")[:]["image"].combine_chunks().field("path").to_pylist()
-    unlisted = files - {os.path.abspath(path) for path in read if path}
+    read = [path for path in column.with_format("arrow")[:]["image"].combine_chunks().field("path").to_pylist() if path]
+    unlisted = {os.path.abspath(path) for path in files} - {os.path.abspath(path) for path in read}
+    if unlisted:  # the reader may give the files' real paths where the folder is reached through a link
+        unlisted = {os.path.realpath(path) for path in files} - {os.path.realpath(path) for path in read}
     if unlisted:
         logger.warning(
             f"{folder}: {len(unlisted)} of its {len(files)} images are not listed in its metadata file, and datasets' "
@@ -439,6 +445,7 @@ def _add_keys_and_captions(
     columns = ["image"] + ([caption_column] if caption_column else [])
     columns += [name for name in (WEBDATASET_KEY, SHARD_COLUMN) if name in dataset.column_names]  # to name a bad row
     streamed = isinstance(dataset, datasets.IterableDataset)
+    number_rows = not streamed and SHARD_COLUMN not in dataset.column_names
     keys_and_captions = dict(
         function=_keys_and_captions,
         batched=True,
@@ -448,17 +455,17 @@ def _add_keys_and_captions(
             "source": source,
             "shards": shards,
             "file_rows": file_rows,
-            "number_rows": not streamed and SHARD_COLUMN not in dataset.column_names,
+            "number_rows": number_rows,
             # A stream is not read ahead: each row left out is warned of as it is read.
             "null_images": ("warn and skip" if streamed else "skip") if skip_null_images else "error",
         },
     )
     replaced = [caption_column] if caption_column else []
-    replaced += [
-        name
-        for name in ("image_key", "captions", SOURCE_ROW_COLUMN)
-        if name in dataset.column_names and name not in replaced
-    ]
+    # A source saved with its files' names (`__url__`) keeps each row's number in its file, which the saved copy
+    # cannot tell; without them a row's number is computed again in the source read (a stream's rows have none).
+    keeps_row_numbers = SHARD_COLUMN in dataset.column_names
+    computed = ("image_key", "captions", *([] if keeps_row_numbers else [SOURCE_ROW_COLUMN]))
+    replaced += [name for name in computed if name in dataset.column_names and name not in replaced]
     if streamed:
         features = datasets.Features({name: f for name, f in dataset.features.items() if name not in replaced})
         features["image_key"] = datasets.Value("string")
