@@ -555,8 +555,8 @@ class ClipCapImageProcessor(BaseImageProcessor):
         if settings.get("do_center_crop") is False:
             if resize_mode == "shortest":
                 raise ValueError(
-                    "do_center_crop=False with a short-side resize keeps each image's aspect ratio; "
-                    "ClipCapImageProcessor makes square images only."
+                    "do_center_crop=False with a short-side resize keeps each image's aspect ratio, and the towers "
+                    "read square images: keep the crop, or resize with resize_mode='squash'."
                 )
             crop_size = None  # no crop: the squashed square is the image
         resample = _resample_name(settings["resample"]) if "resample" in settings else tower_reference()[1]
@@ -691,8 +691,8 @@ class ClipCapImageProcessor(BaseImageProcessor):
         do_resize, do_center_crop = options.get("do_resize", True), options.get("do_center_crop", True)
         if do_resize and not do_center_crop and self.resize_mode == "shortest":
             raise ValueError(
-                "do_center_crop=False with a short-side resize keeps each image's aspect ratio; "
-                "ClipCapImageProcessor makes square images only."
+                "do_center_crop=False with a short-side resize keeps each image's aspect ratio, and the towers read "
+                "square images: keep the crop, or resize with resize_mode='squash'."
             )
         uncropped_squash = self.resize_mode == "squash" and self.crop_size == self.size
         # A squash without a crop stays one at another `size`.

@@ -381,8 +381,8 @@ def test_a_call_without_the_crop_after_a_short_side_resize_is_refused():
         with pytest.raises(ValueError) as error:
             ClipCapImageProcessor(size=32)(images, do_center_crop=False)
         assert str(error.value) == (
-            "do_center_crop=False with a short-side resize keeps each image's aspect ratio; ClipCapImageProcessor "
-            "makes square images only."
+            "do_center_crop=False with a short-side resize keeps each image's aspect ratio, and the towers read square "
+            "images: keep the crop, or resize with resize_mode='squash'."
         )
     squashed = ClipCapImageProcessor(size=32, resize_mode="squash")(WIDE_AND_TALL, do_center_crop=False)
     assert squashed["pixel_values"].shape == (2, 3, 32, 32)
