@@ -174,6 +174,56 @@ def test_a_bad_row_stops_the_run_naming_shard_and_key_or_is_skipped_and_counted(
     assert read_rows(output) == expected_rows(model_dir, good)
 
 
+def write_image_bytes(path: Path, encoded: list[bytes]) -> Path:
+    """A parquet file of a datasets Image column holding these bytes."""
+    features = datasets.Features({"image": datasets.Image()})
+    datasets.Dataset.from_dict({"image": [{"bytes": data, "path": None} for data in encoded]}, features=features)\
+        .to_parquet(path)
+    return path
+
+
+def test_a_run_that_can_read_no_image_fails_and_keeps_no_shard_without_captions(model_dir, tmp_path, capsys):
+    bad = [f"not an image {index}".encode() for index in range(4)]
+    source = write_image_bytes(tmp_path / "images.parquet", bad)
+    output = tmp_path / "captions"
+    argv = caption_argv(model_dir, source, output, "--on-bad-image", "skip")  # shards of rows 0-1 and 2-3
+    first_key = "sha256:" + hashlib.sha256(bad[0]).hexdigest()
+    message = (
+        f"clipcap caption: error: None of the 4 image(s) read could be captioned: every one was unreadable and "
+        f"skipped (--on-bad-image skip), so {output} holds no caption. The first: captions-00000-of-00002.parquet, "
+        f"key '{first_key}' (from {source}, row 0 (from 0)): Cannot decode the image bytes (14 bytes): no image "
+        "format PIL reads\nCheck the source (its image column, and --image-root where it names image files) and "
+        "rerun: the folder's shards, which hold no caption, are removed, so that the rerun reads their rows "
+        "again.\n"
+    )
+    for _ in range(2):  # a rerun is refused alike: no empty shard passes for a finished one
+        assert main(argv) == 2
+        assert capsys.readouterr().err.endswith(message)
+        assert not list(output.glob("captions-*.parquet"))
+
+
+def test_a_resumed_run_whose_remaining_images_are_unreadable_keeps_the_earlier_captions_with_status_0(
+    model_dir, tmp_path, capsys
+):
+    encoded = [png_bytes(image) for image in random_images(3, seed=14)]
+    encoded += [f"not an image {index}".encode() for index in range(3)]
+    source = write_image_bytes(tmp_path / "images.parquet", encoded)
+    output = tmp_path / "captions"
+    argv = caption_argv(model_dir, source, output, "--on-bad-image", "skip")  # shards of rows 0-2 and 3-5 (bad)
+    assert main(argv) == 0
+    assert "wrote 2 shard(s) of 2 (3 captions, 3 unreadable image(s) skipped)" in capsys.readouterr().err
+
+    # Resumed: this run reads only the unreadable images, but the folder holds the first shard's captions.
+    (output / "captions-00001-of-00002.parquet").unlink()
+    assert main(argv) == 0
+    assert "wrote 1 shard(s) of 2 (0 captions, 3 unreadable image(s) skipped); 1 already finished" in (
+        capsys.readouterr().err)
+    # Everything finished: nothing is read, so nothing is unreadable.
+    assert main(argv) == 0
+    assert "wrote 0 shard(s) of 2 (0 captions); 2 already finished" in capsys.readouterr().err
+    assert read_rows(output) == expected_rows(model_dir, encoded[:3])
+
+
 def test_a_row_without_an_image_stops_the_run_before_any_shard_or_is_left_out(model_dir, tmp_path, capsys):
     encoded = [png_bytes(image) for image in random_images(3, seed=13)]
     source = tmp_path / "images.parquet"
@@ -514,6 +564,46 @@ def test_embeddings_holding_nan_or_inf_are_bad_rows_named_by_shard_and_key(embed
     generated = embeddings_captioner.model.generate(image_embeds=torch.tensor(good), max_new_tokens=2)
     captions = embeddings_captioner.processor.post_process_image_text_to_text(generated)
     assert read_rows(tmp_path / "skip") == list(zip(["k0", "k1", "k2", "k6", "k7", "k8"], captions))
+
+
+def test_a_process_that_can_read_none_of_its_rows_fails_only_when_the_whole_run_captioned_none(
+    embeddings_captioner, tmp_path, caplog
+):
+    from clipcap_hf.inference import caption_dataset_to_parquet
+
+    dim = embeddings_captioner.model.config.prefix_dim
+    rows = embeddings_rows(4, dim).to_dict()  # shards of rows 0-1 (process 0 of 2) and 2-3 (process 1)
+    rows["embedding"][2] = rows["embedding"][3] = [float("nan")] * dim
+
+    def run(dataset, output: Path, rank: int):
+        return caption_dataset_to_parquet(embeddings_captioner, dataset, output, shard_size=2, on_bad_image="skip",
+                                          rank=rank, world_size=2)
+
+    # Process 1 reads only unreadable rows, but process 0 captions its own: a run that captioned, with status 0,
+    # whichever finishes first.
+    readable_first, readable_last = tmp_path / "readable-first", tmp_path / "readable-last"
+    dataset = datasets.Dataset.from_dict(rows)
+    assert run(dataset, readable_first, 0).num_captions == 2
+    assert run(dataset, readable_first, 1).num_captions == 0
+    assert "could be captioned" not in caplog.text
+    assert run(dataset, readable_last, 1).num_captions == 0
+    assert "the other processes' shards are not all written" in caplog.text  # not known yet: a warning, not an error
+    assert run(dataset, readable_last, 0).num_captions == 2
+
+    # No process can read a row: the last to finish fails, removing the shards, which hold no caption.
+    rows["embedding"][0] = rows["embedding"][1] = [float("inf")] * dim
+    dataset = datasets.Dataset.from_dict(rows)
+    output = tmp_path / "unreadable"
+    caplog.clear()
+    assert run(dataset, output, 0).num_bad_rows == 2
+    assert ("None of the 2 image(s) this process read could be captioned: every one was unreadable and skipped "
+            "(--on-bad-image skip). The first: captions-00000-of-00002.parquet, key 'k0': The embedding holds NaN or "
+            "infinite values. Whether the run captioned any is not known here: the other processes' shards are not "
+            "all written yet.") in caplog.text
+    with pytest.raises(ValueError, match=r"^None of the 2 image\(s\) read could be captioned: .* The first: "
+                                         r"captions-00001-of-00002.parquet, key 'k2': The embedding holds NaN"):
+        run(dataset, output, 1)
+    assert list(output.glob("*.parquet")) == []
 
 
 def test_a_run_file_of_an_earlier_version_without_the_source_layout_is_resumed(

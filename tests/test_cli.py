@@ -143,6 +143,30 @@ def test_on_bad_image_skip_leaves_an_unreadable_file_out_with_a_warning_and_stat
     assert captured.err.endswith(warning)
 
 
+def test_on_bad_image_skip_fails_when_no_image_at_all_could_be_read(saved_model_dir, tmp_path, capsys):
+    # Skipping some unreadable images still captions the others; skipping every one captions nothing, which a
+    # pipeline must not take for success.
+    folder = tmp_path / "images"
+    folder.mkdir()
+    unreadable = [folder / "a.png", folder / "b.jpg"]
+    for path in unreadable:
+        path.write_bytes(b"definitely not an image")
+    gallery = tmp_path / "gallery.html"
+    argv = ["caption", str(folder), "--model", str(saved_model_dir), "--on-bad-image", "skip"]
+    message = ("clipcap caption: error: 2 of 2 images could not be read:\n"
+               f"  {unreadable_error(unreadable[0])}\n  {unreadable_error(unreadable[1])}\n"
+               "None could be captioned: --on-bad-image skip leaves out images that cannot be read, and here every one "
+               "was. Check that the files are images Pillow reads, and rerun.\n")
+
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.endswith(message)
+    assert main([*argv, "--json", "--gallery", str(gallery)]) == 2
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == [] and captured.err.endswith(message)
+    assert not gallery.exists()  # no page of no captions
+
+
 def test_gallery_shows_an_unreadable_image_with_its_error(saved_model_dir, image_folder, tmp_path, capsys):
     unreadable = image_folder / "img1x.png"
     unreadable.write_bytes(b"definitely not a png")

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shutil
+import stat
 from pathlib import Path
 
 import pytest
@@ -269,8 +270,8 @@ def test_the_model_card_is_replaced_atomically(tmp_path, monkeypatch):
     card.write_text(text)
     result = EvaluationResult(scores={"CIDEr": 0.5}, predictions={1: "a dog"}, references={1: ["a dog"]})
 
-    def fail_midway(path, text, encoding=None):  # as a full disk does
-        with open(path, "w", encoding=encoding) as file:
+    def fail_midway(path, text, encoding=None, newline=None):  # as a full disk does
+        with open(path, "w", encoding=encoding, newline=newline) as file:
             file.write(text[:3])
         raise OSError(28, "No space left on device")
 
@@ -281,6 +282,35 @@ def test_the_model_card_is_replaced_atomically(tmp_path, monkeypatch):
     assert card.read_text() == text and os.listdir(tmp_path) == ["model_card.md"]  # whole, no temporary file left
     fill_model_card(card, result, "toy", "coco", None)
     assert "| overall | 50.00 |" in card.read_text() and os.listdir(tmp_path) == ["model_card.md"]
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permission bits and symbolic links")
+def test_the_model_card_keeps_its_permissions_and_a_link_to_it_stays_a_link(tmp_path):
+    result = EvaluationResult(scores={"CIDEr": 0.5}, predictions={1: "a dog"}, references={1: ["a dog"]})
+    text = "---\nlicense: mit\n---\n# ClipCap\n" + MARKERS
+    # Neither the mode a new file gets under the usual umask (0644) nor a temporary file's (0600).
+    card = tmp_path / "model_card.md"
+    card.write_text(text)
+    card.chmod(0o640)
+    fill_model_card(card, result, "toy", "coco", None)
+    assert "| overall | 50.00 |" in card.read_text()
+    assert stat.S_IMODE(card.stat().st_mode) == 0o640
+
+    # A card that is a link (into a repository checked out elsewhere): the file it points to is filled.
+    target = tmp_path / "repo" / "README.md"
+    target.parent.mkdir()
+    target.write_text(text)
+    target.chmod(0o664)
+    link = tmp_path / "linked" / "model_card.md"
+    link.parent.mkdir()
+    link.symlink_to(Path("..") / "repo" / "README.md")
+    fill_model_card(link, result, "toy", "coco", None)
+    assert link.is_symlink() and os.readlink(link) == str(Path("..") / "repo" / "README.md")
+    assert "| overall | 50.00 |" in target.read_text()
+    assert stat.S_IMODE(target.stat().st_mode) == 0o664
+    assert sorted(os.listdir(target.parent)) == ["README.md"] and os.listdir(link.parent) == ["model_card.md"]
+    # The model is named after the card's real folder, as before.
+    assert yaml.safe_load(target.read_text().split("---")[1])["model-index"][0]["name"] == "repo"
 
 
 def test_scores_of_part_of_the_split_are_not_written_into_a_model_card(coco_files, tmp_path, capsys):
@@ -504,8 +534,8 @@ def test_outputs_are_replaced_atomically(tmp_path, monkeypatch):
     paths = write_evaluation(result, tmp_path)
     before = {path: path.read_bytes() for path in paths.values()}
 
-    def fail_midway(path, text, encoding=None):  # as a full disk does
-        with open(path, "w", encoding=encoding) as file:
+    def fail_midway(path, text, encoding=None, newline=None):  # as a full disk does
+        with open(path, "w", encoding=encoding, newline=newline) as file:
             file.write(text[:3])
         raise OSError(28, "No space left on device")
 
@@ -608,10 +638,11 @@ def test_empty_predictions_are_named_once_with_domains():
         (["--model-card", "{tmp}/card.htm", "--gallery", "{tmp}/card.htm"],
          r"--gallery: (.*)/card.htm is also a file this command reads or writes \(\1/card.htm\)"),
         # --predictions scores captions already made: the captioning options would be ignored.
-        (["--predictions", "{tmp}/p.json"], r"^clipcap evaluate: error: --model set how the images are captioned, "
-                                            r"but --predictions scores captions already made"),
+        (["--predictions", "{tmp}/p.json"], r"^clipcap evaluate: error: --model only applies when captioning, "
+                                            r"but --predictions scores captions already made: leave it out"),
         (["--predictions", "{tmp}/p.json", "--num-beams", "1", "--max-new-tokens", "5", "--device", "cpu"],
-         r"--model, --num-beams, --max-new-tokens, --device set how .* leave out --predictions to caption"),
+         r"--model, --num-beams, --max-new-tokens and --device only apply when captioning, .* leave them out, or "
+         r"leave out --predictions to caption"),
     ],
 )
 def test_arguments_are_checked_before_captioning(coco_files, tmp_path, monkeypatch, capsys, arguments, message):
@@ -627,6 +658,28 @@ def test_arguments_are_checked_before_captioning(coco_files, tmp_path, monkeypat
             str(image_root), "--output-dir", str(tmp_path / "eval"), *FAST_METRICS]
     assert main(argv + [argument.format(tmp=tmp_path) for argument in arguments]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(
+    "extra, refused",
+    [
+        (["--batch-size", "8"], "--batch-size"),
+        (["--batch_size", "8"], "--batch-size"),  # named as --help spells it
+        (["--batch-size", "32"], "--batch-size"),  # given, though it is the default: refused too
+        (["--num-beams", "1", "--batch-size", "4"], "--num-beams and --batch-size"),
+    ],
+)
+def test_a_predictions_file_refuses_the_captioning_options_given(coco_files, tmp_path, capsys, extra, refused):
+    # Each was ignored: the captions are already made. Those left out (at their defaults) are not refused: the
+    # other tests rescore predictions without them.
+    predictions = write_first_references(tmp_path / "predictions.json")
+    assert main(rescore_argv(coco_files, predictions, tmp_path / "eval", *extra, *FAST_METRICS)) == 2
+    verb, them = ("apply", "them") if " and " in refused else ("applies", "it")
+    assert capsys.readouterr().err == (
+        f"clipcap evaluate: error: {refused} only {verb} when captioning, but --predictions scores captions already "
+        f"made: leave {them} out, or leave out --predictions to caption the images with --model.\n"
+    )
+    assert not (tmp_path / "eval").exists()
 
 
 def test_limit_applies_to_a_predictions_file(coco_files, tmp_path, capsys):

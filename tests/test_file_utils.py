@@ -26,3 +26,25 @@ def test_open_text_names_the_file_when_reading_fails_midway(tmp_path):
     with pytest.raises(ValueError, match=r"captions\.tsv is not valid UTF-8"), open_text(path) as file:
         for _ in file:
             pass
+
+
+def test_a_file_written_atomically_keeps_its_mode_its_link_and_its_line_ends(tmp_path):
+    import os
+    import stat
+
+    from clipcap_hf.utils.file_utils import write_text_atomically
+
+    new = tmp_path / "new.txt"
+    write_text_atomically(new, "a\r\nb\n")  # line ends as given, on every platform
+    assert new.read_bytes() == b"a\r\nb\n"
+    kept = tmp_path / "kept.txt"
+    kept.write_text("old")
+    kept.chmod(0o640)  # neither a new file's mode under the usual umask nor a temporary file's
+    write_text_atomically(kept, "new")
+    assert kept.read_text() == "new" and stat.S_IMODE(kept.stat().st_mode) == 0o640
+    link = tmp_path / "link.txt"
+    link.symlink_to("kept.txt")
+    write_text_atomically(link, "through the link")
+    assert link.is_symlink() and os.readlink(link) == "kept.txt"
+    assert kept.read_text() == "through the link" and stat.S_IMODE(kept.stat().st_mode) == 0o640
+    assert sorted(os.listdir(tmp_path)) == ["kept.txt", "link.txt", "new.txt"]  # no temporary file left

@@ -95,7 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="An unreadable image stops the run, naming its shard and key (error, the default; "
                               "finished shards stay), or is left out and counted (skip). With image files: each "
                               "unreadable file is named at the end and the status is 2 (error), or it is left out of "
-                              "the captions, --json and --gallery, named in a warning, with status 0 (skip).")
+                              "the captions, --json and --gallery, named in a warning, with status 0 (skip). With "
+                              "skip, a run that can read none of its images, leaving no caption at all, fails (status "
+                              "2) naming them.")
 
 
 def _dataset_source(args: argparse.Namespace) -> bool:
@@ -295,6 +297,14 @@ def _caption_files(args: argparse.Namespace, decoding: dict) -> int:
             gallery = write_gallery(records, args.gallery, title=f"Captions by {args.model}")
             print(f"Gallery: {gallery}", file=sys.stderr)
     errors = [result.error for result in results if result.error is not None]
+    if errors and args.on_bad_image == "skip" and len(errors) == len(results):
+        # Every image left out: a run without a single caption must not pass for one that captioned.
+        raise UnreadableImagesError(
+            errors,
+            len(results),
+            "None could be captioned: --on-bad-image skip leaves out images that cannot be read, and here every one "
+            "was. Check that the files are images Pillow reads, and rerun.",
+        )
     if errors and args.on_bad_image == "skip":
         skipped = UnreadableImagesError(errors, len(results), "Left out of the captions (--on-bad-image skip).")
         print(f"Warning: {skipped}", file=sys.stderr)

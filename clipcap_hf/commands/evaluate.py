@@ -40,6 +40,11 @@ from ._utils import (
     positive_int,
 )
 
+BATCH_SIZE = 32
+# The options that only captioning reads; --predictions scores captions already made, so it refuses those given.
+# Each defaults to None ("not given"), even where it has a default (--num-beams, --batch-size), given after the check.
+CAPTIONING_OPTIONS = ("model", "num_beams", "max_new_tokens", "batch_size", "device")
+
 DATASET_TYPES = {
     "coco-karpathy": "coco",
     "coco": "coco",
@@ -68,8 +73,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--clip-model", default=None,
                         help="The CLIP model (a transformers CLIPModel folder or Hub name) for clipscore and "
                              "refclipscore; published CLIPScores use openai/clip-vit-base-patch32.")
-    add_caption_options(parser, batch_size=32)
-    parser.set_defaults(num_beams=None)  # "not given", so that --predictions can refuse it; then DEFAULT_NUM_BEAMS
+    add_caption_options(parser, batch_size=BATCH_SIZE)
+    # "Not given", so that --predictions can refuse them; then DEFAULT_NUM_BEAMS and BATCH_SIZE.
+    parser.set_defaults(num_beams=None, batch_size=None)
     parser.add_argument("--limit", type=positive_int, help="Evaluate only the first N images.")
     parser.add_argument("--device", help="Default: cuda when available, else cpu.")
     parser.add_argument("--model-card", help="A model card (model_card.md) to fill with the results.")
@@ -116,16 +122,11 @@ def _check_arguments(args: argparse.Namespace) -> dict:
     if not args.model and not args.predictions:
         raise ValueError("Give --model (to caption the images) or --predictions (to score a results file).")
     if args.predictions:
-        captioning = {"--model": args.model, "--num-beams": args.num_beams, "--max-new-tokens": args.max_new_tokens,
-                      "--device": args.device}
-        given = [option for option, value in captioning.items() if value is not None]
-        if given:
-            raise ValueError(
-                f"{', '.join(given)} set how the images are captioned, but --predictions scores captions already "
-                "made: leave those out, or leave out --predictions to caption with --model."
-            )
+        _refuse_captioning_options(args)
     if args.num_beams is None:
         args.num_beams = DEFAULT_NUM_BEAMS
+    if args.batch_size is None:
+        args.batch_size = BATCH_SIZE
     generate_kwargs = decoding_kwargs(args)
     clip_metrics = [name for name in args.metrics if name in CLIP_METRIC_NAMES]
     if clip_metrics and args.clip_model is None:
@@ -152,6 +153,19 @@ def _check_arguments(args: argparse.Namespace) -> dict:
         inputs = [path for path in (args.data, args.predictions, args.model_card) if path]
         check_gallery_path(args.gallery, output_dir=args.output_dir, taken=outputs + inputs)
     return generate_kwargs
+
+
+def _refuse_captioning_options(args: argparse.Namespace) -> None:
+    """Refuse the captioning options given with --predictions, which would ignore them."""
+    given = ["--" + name.replace("_", "-") for name in CAPTIONING_OPTIONS if getattr(args, name) is not None]
+    if not given:
+        return
+    options, verb, them = (given[0], "applies", "it") if len(given) == 1 else (
+        ", ".join(given[:-1]) + " and " + given[-1], "apply", "them")
+    raise ValueError(
+        f"{options} only {verb} when captioning, but --predictions scores captions already made: leave {them} out, "
+        "or leave out --predictions to caption the images with --model."
+    )
 
 
 def _load_predictions(

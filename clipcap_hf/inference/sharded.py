@@ -460,7 +460,9 @@ def caption_dataset_to_parquet(
         batch_size: images per `generate` call.
         shard_size: rows per input shard of a (non-streaming) Dataset.
         on_bad_image: `"error"` stops at the first batch holding unreadable rows, naming shard and key (the finished
-            shards stay); `"skip"` leaves them out, counted and named in a warning.
+            shards stay); `"skip"` leaves them out, counted and named in a warning. A run that reads rows and can
+            caption none of them, leaving the folder without a caption, raises a ValueError instead, and removes the
+            shards it wrote, which a rerun would otherwise take as finished (see [`_refuse_a_run_without_captions`]).
         settings: what produced the captions (model, decoding, source), kept in `caption_run.json` with the
             source's number of rows and shards (and, when sampling with a `seed`, the batch size and device): a rerun
             with other settings, or on a source whose shards moved, is refused instead of mixing captions. Its
@@ -498,6 +500,7 @@ def caption_dataset_to_parquet(
         sized = all(hasattr(shard, "__len__") for *_, shard in shards)
         total = sum(len(shard) for *_, shard in shards) if sized else None
         description = "Captioning" if world_size == 1 else f"Captioning (rank {rank})"
+        first_bad: str | None = None  # the first unreadable row skipped, as its warning names it
         # One block over the whole run: on the CPU, each weight is packed for oneDNN once, not once per batch.
         with (
             tqdm(total=total, unit="image", desc=description, dynamic_ncols=True) as bar,
@@ -514,10 +517,51 @@ def caption_dataset_to_parquet(
                 summary.num_captions += len(columns["image_key"])
                 summary.num_bad_rows += len(bad)
                 if bad:
+                    first_bad = first_bad or bad[0]
                     listed = "\n".join(f"  {line}" for line in bad[:_MAX_LISTED])
                     more = f"\n  ... and {len(bad) - _MAX_LISTED} more" if len(bad) > _MAX_LISTED else ""
                     logger.warning(f"Skipped {len(bad)} unreadable row(s) of {name}:\n{listed}{more}")
+        if summary.num_bad_rows and not summary.num_captions:  # checked while the folder's lock is held
+            _refuse_a_run_without_captions(output_dir, summary, first_bad)
         return summary
+
+
+def _refuse_a_run_without_captions(output_dir: Path, summary: CaptionRunSummary, first_bad: str) -> None:
+    """
+    Raise when this process read rows, every one unreadable and skipped, and the folder holds no caption: such a run
+    must not pass for one that captioned (a pipeline would go on with no captions). The folder's shards, which hold
+    none, are removed first, so that a rerun reads their rows again rather than take them as finished.
+
+    Captions in the folder's other finished shards (those of an earlier run, which this one resumed, or of this run's
+    other processes) make it a run that captioned, as when some rows of a shard are readable. While other processes'
+    shards are not all written yet, which this process cannot wait for, it warns instead.
+    """
+    import pyarrow.parquet as pq
+
+    rows: list[int | None] = []  # each shard's captions, from its footer (no row is read); None: not written
+    for index in range(summary.num_shards):
+        try:
+            rows.append(pq.read_metadata(output_dir / shard_file_name(index, summary.num_shards)).num_rows)
+        except FileNotFoundError:  # another process's, not written yet (or removed by one that found no caption)
+            rows.append(None)
+    if any(rows):
+        return
+    what = f"{summary.num_bad_rows} image(s)"
+    if None in rows:
+        logger.warning(
+            f"None of the {what} this process read could be captioned: every one was unreadable and skipped "
+            f"(--on-bad-image skip). The first: {first_bad}. Whether the run captioned any is not known here: the "
+            "other processes' shards are not all written yet."
+        )
+        return
+    for index in range(summary.num_shards):  # every process's: all written, none with a caption
+        (output_dir / shard_file_name(index, summary.num_shards)).unlink(missing_ok=True)
+    raise ValueError(
+        f"None of the {what} read could be captioned: every one was unreadable and skipped (--on-bad-image skip), "
+        f"so {output_dir} holds no caption. The first: {first_bad}\nCheck the source (its image column, and "
+        "--image-root where it names image files) and rerun: the folder's shards, which hold no caption, are "
+        "removed, so that the rerun reads their rows again."
+    )
 
 
 def _caption_shard(

@@ -95,13 +95,22 @@ def sampled_sha256(
 
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
     """
-    Write `text` (UTF-8) to `path` through a temporary file in the same folder and `os.replace`, so that a failure
-    leaves the earlier file or the new one, never part of one or an emptied one.
+    Write `text` (UTF-8, its line ends as they are) to `path` through a temporary file in the same folder and
+    `os.replace`, so that a failure leaves the earlier file or the new one, never part of one or an emptied one. A file
+    replaced keeps what a rewrite in place keeps: its permission bits (given to the temporary file before the rename,
+    so the file is never readable more widely than it was) and, where `path` is a symbolic link, the link: the file it
+    points to is replaced.
     """
-    path = Path(path)
+    path = Path(os.path.realpath(path))
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = None  # a new file: the umask's mode
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        temporary.write_text(text, encoding="utf-8")
+        temporary.write_text(text, encoding="utf-8", newline="")
+        if mode is not None:
+            os.chmod(temporary, mode)
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
