@@ -400,3 +400,102 @@ def test_a_grid_that_cannot_finish_is_refused_before_any_training(grid, tmp_path
     monkeypatch.setattr(ablation, "run_quickstart", None)
     with pytest.raises(ImportError, match=r"The ablation figures need matplotlib"):
         run_ablation(tmp_path / "new", tiny_grid(), verbose=False)
+
+
+def test_runs_an_older_clipcap_hf_recorded_by_path_resume_in_place_and_are_not_called_other_parts_elsewhere(
+    grid, tmp_path, monkeypatch, caplog
+):
+    import os
+
+    output_dir, records = grid
+    copy = tmp_path / "copy"
+    shutil.copytree(output_dir, copy)
+
+    def record_as_an_older_clipcap_hf(folder, **changes):
+        # Before runs were matched by content, `trained_from` named each part by its absolute path (or Hub name).
+        for scores_path in (folder / "runs").glob("*/scores.json"):
+            record = json.loads(scores_path.read_text())
+            record["trained_from"].update({"vision_model": os.path.abspath(folder / "base" / "clip-shapes"),
+                                           "text_model": os.path.abspath(folder / "base" / "gpt2-shapes"), **changes})
+            scores_path.write_text(json.dumps(record))
+
+    record_as_an_older_clipcap_hf(copy)
+    monkeypatch.setattr(ablation, "train_and_score", must_not_train)
+    monkeypatch.setattr(ablation, "run_quickstart", must_not_train)
+    # Where it was written, the grid resumes as that version resumed it: its parts are at the recorded paths.
+    with caplog.at_level(logging.WARNING, logger=ablation.logger.name):
+        resumed = run_ablation(copy, tiny_grid(), verbose=False)
+    assert [(record["name"], record["scores"]) for record in resumed] == [
+        (record["name"], record["scores"]) for record in records
+    ]
+    assert "clip-shapes-mlp-finetuned-prefix001: reused on an older clipcap_hf's record" in caplog.text
+
+    # Moved, its parts are at other paths: nothing tells whether they are the same models, which is said, not that
+    # the run was trained from other parts.
+    moved = tmp_path / "moved"
+    shutil.move(copy, moved)
+    with pytest.raises(ValueError, match=r"prefix001/scores.json records `trained_from` as an older clipcap_hf did, "
+                                         r"by the pretrained parts' paths or Hub names, not by their content \(.*copy"
+                                         r"/base/clip-shapes.*, this grid's: .*moved/base/clip-shapes.*\); as they "
+                                         r"differ, it cannot be verified .* Run the grid with the parts the record "
+                                         r"names"):
+        run_ablation(moved, tiny_grid(), verbose=False)
+    # Another dataset is still another origin, however the parts were recorded.
+    record_as_an_older_clipcap_hf(moved, dataset="0" * 64)
+    with pytest.raises(ValueError, match=r"prefix001 was trained from other pretrained parts or data"):
+        run_ablation(moved, tiny_grid(), verbose=False)
+
+
+def test_pretrained_parts_named_from_the_home_folder_are_checked_and_trained_from(
+    caption_folder, tokenizer, tmp_path, monkeypatch
+):
+    from conftest import tiny_config
+    from transformers import CLIPVisionModelWithProjection, GPT2LMHeadModel
+
+    from clipcap_hf import ClipCapImageProcessor
+    from clipcap_hf.training.ablation import caption_task
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    torch.manual_seed(0)
+    config = tiny_config(tokenizer)
+    CLIPVisionModelWithProjection(config.vision_config).save_pretrained(tmp_path / "clip")
+    ClipCapImageProcessor(size=32).save_pretrained(tmp_path / "clip")
+    GPT2LMHeadModel(config.text_config).save_pretrained(tmp_path / "text")
+    tokenizer.save_pretrained(tmp_path / "text")
+    data = caption_task("imagefolder", str(caption_folder), validation_file=str(caption_folder))
+
+    def grid(*prefix_lengths):
+        return AblationConfig(prefix_lengths=prefix_lengths, mapping_types=("mlp",), language_models=("frozen",),
+                              vision_models=["~/clip"], text_model="~/text", max_steps=1, batch_size=4,
+                              plot_metrics=())
+
+    # `~` is expanded as training expands it (transformers does not): the language model's positions are read.
+    positions = config.text_config.n_positions
+    with monkeypatch.context() as patch:
+        patch.setattr(ablation, "train_and_score", must_not_train)
+        with pytest.raises(ValueError, match=rf"Prefix lengths \[{positions}\] \(--prefix-lengths\) leave no position "
+                                             rf"for text: the language model ~/text has {positions}"):
+            run_ablation(tmp_path / "grid", grid(2, positions), data, verbose=False)
+    (record,) = run_ablation(tmp_path / "grid", grid(2), data, verbose=False)
+    assert record["name"] == "clip-mlp-frozen-prefix002"
+    monkeypatch.setattr(ablation, "train_and_score", must_not_train)
+    assert run_ablation(tmp_path / "grid", grid(2), data, verbose=False) == [record]
+
+
+def test_a_fresh_synthetic_grid_refuses_its_prefix_lengths_before_the_base_run_trains(grid, tmp_path, monkeypatch):
+    class BaseTrained(Exception):
+        pass
+
+    def train_the_base(*args, **kwargs):
+        raise BaseTrained
+
+    positions = json.loads((grid[0] / "base" / "gpt2-shapes" / "config.json").read_text())["n_positions"]
+    monkeypatch.setattr(ablation, "run_quickstart", train_the_base)
+    with pytest.raises(ValueError, match=rf"Prefix lengths \[{positions}\] \(--prefix-lengths\) leave no position for "
+                                         rf"text: the synthetic task's language model .* has {positions} "
+                                         r"\(max_position_embeddings\).*nothing was trained"):
+        run_ablation(tmp_path / "new", tiny_grid(prefix_lengths=(1, positions)), verbose=False)
+    assert not (tmp_path / "new" / "base").exists()
+    # Prefix lengths it can take go on to train the base.
+    with pytest.raises(BaseTrained):
+        run_ablation(tmp_path / "new", tiny_grid(prefix_lengths=(1, positions - 1)), verbose=False)

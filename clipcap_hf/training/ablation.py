@@ -27,6 +27,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from operator import eq
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ import datasets
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig
+from transformers import AutoConfig, PretrainedConfig
 from transformers.utils import logging as transformers_logging
 
 from ..configuration_clipcap import MAPPING_TYPES, check_positive_int
@@ -45,8 +46,15 @@ from ..evaluation.metrics import caption_tokenization, compute_caption_metrics, 
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import read_json, save_pretrained, write_folder_atomically, write_text_atomically
-from ..utils.loading import model_identity, same_model
-from .quickstart import QuickstartConfig, make_shapes_dataset, run_quickstart, score_captions
+from ..utils.loading import local_folder, model_identity, same_model
+from .quickstart import (
+    QuickstartConfig,
+    build_model,
+    build_tokenizer,
+    make_shapes_dataset,
+    run_quickstart,
+    score_captions,
+)
 from .trainer import caption_dataset, scratch_trainer, scratch_training_arguments
 
 logger = logging.getLogger(__name__)
@@ -187,6 +195,11 @@ def shapes_task(
     """
     base = Path(output_dir) / "base"
     if not (base / "held_out_scores.json").is_file():  # written last by the quickstart
+        # Its language model is the grid's: prefix lengths it cannot take are refused before it trains, not after.
+        _refuse_long_prefixes(
+            config.prefix_lengths, _quickstart_text_config(config.shapes),
+            f"the synthetic task's language model (which the quickstart trains into {base})",
+        )
         run_quickstart(base, config.shapes, verbose=verbose, overwrite=True)
     elif (trained_with := read_json(base / "quickstart_config.json")) != asdict(config.shapes):
         raise ValueError(
@@ -213,6 +226,12 @@ def shapes_task(
         train=splits["train"], evaluation=evaluation.remove_columns("caption"), extra_scores=_shapes_scores
     )
     return replace(config, vision_models=[str(vision_dir)], text_model=str(text_dir)), data
+
+
+def _quickstart_text_config(shapes: QuickstartConfig) -> PretrainedConfig:
+    """The config of the language model the quickstart builds for `shapes` (built untrained, in milliseconds at the
+    task's sizes: the quickstart alone defines that model)."""
+    return build_model(build_tokenizer(["a caption"]), shapes).config.text_config
 
 
 def _shapes_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
@@ -388,11 +407,13 @@ def dataset_fingerprint(data: AblationData) -> str:
 
 
 def check_finished_run(
-    record: dict[str, Any], run_dir: Path, expected: dict[str, Any], what: str, same: Callable[[Any, Any], bool] = eq
+    record: dict[str, Any], run_dir: Path, expected: dict[str, Any], what: str,
+    same: Callable[[Any, Any], bool | None] = eq, older: Any = None,
 ) -> None:
     """
     Refuse to reuse a finished run whose record of `what` (`budget`, `trained_from`) differs from this grid's: is not
-    `same(recorded, expected)`.
+    `same(recorded, expected)`. `same` gives None for a record an older clipcap_hf wrote that cannot be checked
+    against this grid's; `older` is what that version would record for this grid, shown beside it.
     """
     if what not in record:
         raise ValueError(
@@ -400,7 +421,16 @@ def check_finished_run(
             "told apart from a run with other settings; use another output folder, or remove that run to train it "
             "again."
         )
-    if not same(record[what], expected):
+    verdict = same(record[what], expected)
+    if verdict is None:
+        raise ValueError(
+            f"{run_dir / SCORES_FILE} records `{what}` as an older clipcap_hf did, by the pretrained parts' paths or "
+            f"Hub names, not by their content ({record[what]}, this grid's: {older}); as they differ, it cannot be "
+            "verified that the run was trained from this grid's parts. Run the grid with the parts the record names "
+            "(at the paths it was run with) to reuse the run, use another output folder, or remove that run to train "
+            "it again."
+        )
+    if not verdict:
         description = "with another budget" if what == "budget" else "from other pretrained parts or data"
         raise ValueError(
             f"{run_dir} was trained {description} ({record[what]}, this grid's: {expected}); use another output "
@@ -408,12 +438,40 @@ def check_finished_run(
         )
 
 
-def _same_origin(recorded: Any, expected: dict[str, Any]) -> bool:
-    """Whether a run's `trained_from` record is this grid's: the same data, and models the same by content (an
-    identity that cannot tell counts as another model)."""
-    return isinstance(recorded, dict) and recorded.get("dataset") == expected["dataset"] and all(
-        same_model(recorded.get(part), expected[part]) for part in ("vision_model", "text_model")
-    )
+def _older_trained_from(run: AblationRun, config: AblationConfig) -> dict[str, str]:
+    """The pretrained parts as an older clipcap_hf recorded them in `trained_from`, before it recorded their content: a
+    local folder's absolute path (`~` not expanded, as then), else the name as given."""
+    return {
+        part: os.path.abspath(model) if os.path.exists(model) else model
+        for part, model in (("vision_model", run.vision_model), ("text_model", config.text_model))
+    }
+
+
+def _is_path_or_name(identity: Any) -> bool:
+    """Whether a recorded pretrained part is a path or Hub name (as an older clipcap_hf recorded it), not a content
+    identity (`model_identity`; one named by its name alone holds no more than the name either)."""
+    return isinstance(identity, str) and not identity.startswith("sha256:")
+
+
+def _same_origin(recorded: Any, expected: dict[str, Any], older: dict[str, str]) -> bool | None:
+    """
+    Whether a run's `trained_from` record is this grid's: the same data, and models the same by content (an identity
+    that cannot tell counts as another model). A part recorded by an older clipcap_hf, by its path or name, is matched
+    as that version matched it, to `older` ([`_older_trained_from`]); None where it differs from it without naming
+    another model, which cannot be checked.
+    """
+    if not isinstance(recorded, dict) or recorded.get("dataset") != expected["dataset"]:
+        return False
+    verdicts = []
+    for part in ("vision_model", "text_model"):
+        identity = recorded.get(part)
+        if not _is_path_or_name(identity):
+            verdicts.append(same_model(identity, expected[part]) is True)
+        elif identity == older[part]:
+            verdicts.append(True)
+        else:  # another Hub name is another model; another path may hold the same one
+            verdicts.append(False if same_model(identity, expected[part]) is False else None)
+    return False if False in verdicts else None if None in verdicts else True
 
 
 @contextlib.contextmanager
@@ -486,7 +544,9 @@ def _finished_record(
         return None
     record = read_json(scores_path)
     check_finished_run(record, run_dir, budget(config), "budget")
-    check_finished_run(record, run_dir, trained_from(run, config, data_fingerprint), "trained_from", _same_origin)
+    older = _older_trained_from(run, config)
+    origin = trained_from(run, config, data_fingerprint)
+    check_finished_run(record, run_dir, origin, "trained_from", partial(_same_origin, older=older), older)
     scoring = caption_tokenization()
     if record.get("scoring") != scoring:
         # Its predictions are not saved (5 samples only), so it cannot be rescored: trained again, so that one table
@@ -497,6 +557,13 @@ def _finished_record(
             "training it again."
         )
         return None
+    recorded = record["trained_from"]
+    if any(_is_path_or_name(recorded[part]) and recorded[part] != origin[part] for part in older):
+        logger.warning(
+            f"{run.name}: reused on an older clipcap_hf's record of its pretrained parts, by path or Hub name "
+            f"({recorded}), which are this grid's; their content was not recorded, so a part trained again in place "
+            "since then would go unnoticed."
+        )
     logger.info(f"{run.name}: finished before, skipped.")
     return record
 
@@ -505,16 +572,21 @@ def _check_prefix_lengths(config: AblationConfig, runs: list[AblationRun]) -> No
     """Refuse, before the first run trains, prefix lengths that leave the language model no position for text."""
     if not runs:
         return
-    text_config = AutoConfig.from_pretrained(config.text_model, trust_remote_code=False)
+    # `~` expanded as training expands it; no code from the folder runs.
+    text_config = AutoConfig.from_pretrained(local_folder(config.text_model), trust_remote_code=False)
+    _refuse_long_prefixes([run.prefix_length for run in runs], text_config, f"the language model {config.text_model}")
+
+
+def _refuse_long_prefixes(prefix_lengths: Sequence[int], text_config: PretrainedConfig, described: str) -> None:
+    """Refuse prefix lengths that leave the language model of `text_config` (`described`) no position for text."""
     positions = getattr(text_config, "max_position_embeddings", None)
     if not isinstance(positions, int):  # rotary or ALiBi positions: no table to run past
         return
-    too_long = sorted({run.prefix_length for run in runs if run.prefix_length >= positions})
+    too_long = sorted({length for length in prefix_lengths if length >= positions})
     if too_long:
         raise ValueError(
-            f"Prefix lengths {too_long} (--prefix-lengths) leave no position for text: the language model "
-            f"{config.text_model} has {positions} (max_position_embeddings). Give prefix lengths below {positions}; "
-            "nothing was trained."
+            f"Prefix lengths {too_long} (--prefix-lengths) leave no position for text: {described} has {positions} "
+            f"(max_position_embeddings). Give prefix lengths below {positions}; nothing was trained."
         )
 
 
