@@ -556,9 +556,11 @@ def test_an_export_killed_part_way_is_cleared_by_the_next_one_and_a_running_one_
     killed = output / f".export-{host}-{dead_pid}-0123abcd.partial"
     (killed / "onnx").mkdir(parents=True)
     (killed / "onnx" / "decoder_model_merged.onnx").write_bytes(b"half a graph")
-    # Only a killed export's folder there: the folder counts as empty (no --overwrite needed), and it is removed.
+    killed_while_made = output / f".export-{host}-{dead_pid}-4567abcd.partial.new"  # before it took its lock
+    killed_while_made.mkdir()
+    # Only killed exports' folders there: the folder counts as empty (no --overwrite needed), and they are removed.
     assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8"]) == 0
-    assert not killed.exists()
+    assert not killed.exists() and not killed_while_made.exists()
     assert sorted(path.name for path in output.glob(".*")) == []
     OnnxCaptioner(output)
 
@@ -569,6 +571,77 @@ def test_an_export_killed_part_way_is_cleared_by_the_next_one_and_a_running_one_
         folder.mkdir()
     assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8", "--overwrite"]) == 0
     assert running.is_dir() and elsewhere.is_dir()
+
+
+# Another process's export, as a container sharing this machine's host name but not its processes runs it: it holds
+# its staging folder's lock (until the test closes its input), under a process ID that looks ended from here.
+HOLD_STAGING_LOCK = """
+import sys
+from filelock import FileLock
+lock = FileLock(sys.argv[1])  # kept: a lock released when garbage-collected
+lock.acquire()
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_staging_folder_whose_lock_is_held_is_kept_though_its_process_looks_ended_and_removed_once_free(
+    onnx_export, tmp_path, capsys
+):
+    import socket
+    import subprocess
+    import sys
+
+    from clipcap_hf.onnx.export import abandoned_exports
+
+    _, saved, _ = onnx_export
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    output = tmp_path / "export"
+    staging = output / f".export-{socket.gethostname()}-{int(ended.stdout)}-0123abcd.partial"
+    (staging / "onnx").mkdir(parents=True)
+    (staging / "onnx" / "decoder_model_merged.onnx").write_bytes(b"half a graph")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_STAGING_LOCK, str(staging / ".export.lock")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert abandoned_exports(output) == []
+        # A running export's folder is content: the CLI refuses the folder as not empty, and leaves it as it was.
+        assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8"]) == 2
+        assert "is not empty" in capsys.readouterr().err
+        assert (staging / "onnx" / "decoder_model_merged.onnx").read_bytes() == b"half a graph"
+    finally:
+        holder.communicate("", timeout=60)
+    # Its process gone, the lock is free: a killed export's folder, removed by the next export (no --overwrite).
+    assert abandoned_exports(output) == [staging]
+    assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8"]) == 0
+    assert not staging.exists() and sorted(path.name for path in output.glob(".*")) == []
+    OnnxCaptioner(output)
+
+
+def test_a_running_export_holds_its_staging_folder_s_lock_for_a_cleaner_that_cannot_see_its_process(
+    onnx_export, tmp_path, monkeypatch
+):
+    import psutil
+
+    import clipcap_hf.onnx.export
+    from clipcap_hf.onnx.export import abandoned_exports, export_graphs
+
+    _, saved, _ = onnx_export
+    output = tmp_path / "export"
+    seen = {}
+
+    def export_graphs_and_look(*args, **kwargs):
+        seen["staging"] = list(output.glob(".export-*"))
+        seen["abandoned"] = abandoned_exports(output)  # as a cleaner in another container would judge mid-export
+        return export_graphs(*args, **kwargs)
+
+    monkeypatch.setattr(psutil, "pid_exists", lambda pid: False)  # every process ID looks ended from there
+    monkeypatch.setattr(clipcap_hf.onnx.export, "export_graphs", export_graphs_and_look)
+    assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8"]) == 0
+    assert len(seen["staging"]) == 1 and seen["staging"][0].name.endswith(".partial")
+    assert seen["abandoned"] == []
+    assert sorted(path.name for path in output.glob(".*")) == []  # the lock file left with its staging folder
+    OnnxCaptioner(output)
 
 
 def test_a_generation_config_without_a_length_captions_as_many_tokens_as_the_model_loaded_from_it(

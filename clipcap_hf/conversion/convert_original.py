@@ -118,10 +118,13 @@ class OriginalLayout:
 # Reading the checkpoint
 
 
+_SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
+
+
 def load_original_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """
     Load a released checkpoint with `torch.load(weights_only=True)`: tensors only, so a file crafted to run code when
-    unpickled is refused instead of executed.
+    unpickled is refused instead of executed. Sparse tensors come back dense.
     """
     path = Path(checkpoint)
     if path.is_dir():
@@ -150,17 +153,27 @@ def load_original_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
             f"{path} holds a {type(state).__name__}, not a state dict (a dict of tensor names to tensors, as "
             "`torch.save(model.state_dict())` writes)."
         )
+    state = dict(state)
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(
                 f"{path} is not a state dict: entry {key!r} is a {type(value).__name__}, not a tensor."
             )
-        if value.is_meta or value.layout != torch.strided:  # a model's state saved before its weights existed
+        if value.is_meta:  # a model's state saved before its weights existed
             raise ValueError(
-                f"{path}: entry {key!r} holds no values (a {'meta' if value.is_meta else str(value.layout)} tensor, "
-                "as a model built without its weights saves); convert a checkpoint saved from a trained model."
+                f"{path}: entry {key!r} holds no values (a meta tensor, as a model built without its weights saves); "
+                "convert a checkpoint saved from a trained model."
             )
-    return dict(state)
+        if value.layout in _SPARSE_LAYOUTS:
+            # Its values without its zeros (as a pruned model may be saved): the weights, once dense. torch.load
+            # (weights_only) has checked its indices against its shape.
+            state[key] = value.to_dense()
+        elif value.layout != torch.strided:
+            raise ValueError(
+                f"{path}: entry {key!r} is a {value.layout} tensor, which the converter cannot read; save the "
+                "checkpoint's tensors as dense (strided) ones."
+            )
+    return state
 
 
 def _weights_only_reason(error: Exception) -> str:

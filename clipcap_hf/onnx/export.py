@@ -33,6 +33,7 @@ import shutil
 import socket
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import psutil
@@ -43,6 +44,10 @@ from transformers import DynamicCache
 
 from ..modeling_clipcap import CACHE_NAME, ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
+from ..utils.file_utils import FileLocksUnsupportedError, acquire_file_lock
+
+if TYPE_CHECKING:
+    from filelock import BaseFileLock
 
 ONNX_SUBFOLDER = "onnx"
 GRAPHS = ("vision_encoder", "mapping_network", "embed_tokens", "decoder_model_merged")
@@ -57,8 +62,11 @@ POSITION_LIMIT_KEY = "clipcap.learned_position_limit"
 _SINGLE_FILE_LIMIT = 2_000_000_000
 OPSET = 18
 # An export is written into `<output>/.export-<host>-<pid>-<random>.partial` and moved in once whole; the host and
-# process name it so that a later export can tell one abandoned by a killed process (see `abandoned_exports`).
-_STAGING_NAME = re.compile(r"\.export-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]+\.partial")
+# process name it, and the export holds the lock on its `_STAGING_LOCK` file for its whole life, so that a later
+# export can tell one abandoned by a killed process (see `abandoned_exports`).
+# (`.partial.new` while it is being made: see `_make_staging`).
+_STAGING_NAME = re.compile(r"\.export-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]+\.partial(\.new)?")
+_STAGING_LOCK = ".export.lock"
 
 
 class PrefixEncoder(nn.Module):
@@ -341,8 +349,9 @@ def export_onnx(
     for abandoned in abandoned_exports(output_dir):
         shutil.rmtree(abandoned, ignore_errors=True)
     staging = output_dir / f".export-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.partial"
+    lock = None
     try:
-        staging.mkdir(parents=True)
+        lock = _make_staging(staging)
         model.config.save_pretrained(staging)
         model.generation_config.save_pretrained(staging)
         save_pretrained(staging, processor)
@@ -352,27 +361,86 @@ def export_onnx(
             paths.update({f"{name}{QUANTIZED_SUFFIX}": path for name, path in quantized.items()})
         _move_into(staging, output_dir)
     except BaseException:
+        _release(lock)  # first: Windows cannot delete a file open in this process
         shutil.rmtree(output_dir if created else staging, ignore_errors=True)
         raise
+    _release(lock)
     shutil.rmtree(staging, ignore_errors=True)
     return {name: output_dir / ONNX_SUBFOLDER / path.name for name, path in paths.items()}
+
+
+def _make_staging(staging: Path) -> BaseFileLock | None:
+    """
+    Create the staging folder `staging` (and its parents) holding the lock on its `_STAGING_LOCK` file, and return
+    the lock, which the export keeps until it has moved its files out (None where the filesystem cannot lock).
+    """
+    # Made under another name and renamed once the lock is held, so that another export's cleaner never finds the
+    # folder without its lock file (which it would judge, as an older version's, by the PID alone). Not on Windows,
+    # which cannot rename a folder with a file open in it, and where no cleaner runs.
+    setup = staging if os.name == "nt" else staging.with_name(f"{staging.name}.new")
+    setup.mkdir(parents=True)
+    lock = None
+    try:
+        try:
+            lock = acquire_file_lock(setup / _STAGING_LOCK, "the ONNX export's staging folder", timeout=0)
+        except FileLocksUnsupportedError:
+            pass  # no process can lock there: cleaners judge its folders by the PID alone, as before
+        if setup != staging:
+            os.replace(setup, staging)
+    except BaseException:
+        _release(lock)
+        shutil.rmtree(setup, ignore_errors=True)
+        raise
+    return lock
+
+
+def _release(lock: BaseFileLock | None) -> None:
+    if lock is not None:
+        lock.release()
 
 
 def abandoned_exports(output_dir: str | os.PathLike) -> list[Path]:
     """
     The staging folders in `output_dir` that exports on this machine left when their process was killed part-way:
-    their process has ended. Those of other machines sharing the folder, or of a process still running, are not
-    listed; nor any on Windows, where no process is probed.
+    their process has ended, and no process holds the lock on their `_STAGING_LOCK` file (which an export holds for
+    its whole life, and the OS releases however its process ends). Those of other machines sharing the folder, or of
+    a process still running, are not listed; nor any on Windows, where no process is probed.
+
+    The lock is what keeps a running export safe from a container that shares this machine's host name but not its
+    processes (`docker run --net=host`, or a fixed `hostname:` in compose, with a shared volume): its process IDs are
+    not this one's, so its running export's looks ended. A folder without a lock file (an older version's, or one on
+    a filesystem that cannot lock) is judged by its process alone, as before.
     """
     if os.name == "nt" or not Path(output_dir).is_dir():
         return []
     host = socket.gethostname()
     abandoned = []
-    for path in Path(output_dir).glob(".export-*.partial"):
+    for path in Path(output_dir).glob(".export-*.partial*"):
         match = _STAGING_NAME.fullmatch(path.name)
-        if match and match["host"] == host and not psutil.pid_exists(int(match["pid"])):
+        if (
+            match
+            and match["host"] == host
+            and not psutil.pid_exists(int(match["pid"]))
+            and not _staging_lock_held(path / _STAGING_LOCK)
+        ):
             abandoned.append(path)
     return abandoned
+
+
+def _staging_lock_held(lock_file: Path) -> bool:
+    """Whether a process holds the lock on a staging folder's `lock_file`, or may: one that cannot be probed (its
+    folder just removed, or another account's) counts as held, so that its folder is kept."""
+    from filelock import Timeout  # a dependency of huggingface_hub, so always installed
+
+    if not lock_file.is_file():
+        return False  # an older version's folder (see `abandoned_exports`)
+    try:
+        acquire_file_lock(lock_file, "the ONNX export's staging folder", timeout=0).release()
+    except FileLocksUnsupportedError:
+        return False  # no process can lock there (see `_make_staging`)
+    except (Timeout, OSError):
+        return True
+    return False
 
 
 def _move_into(staging: Path, output_dir: Path) -> None:
@@ -382,7 +450,7 @@ def _move_into(staging: Path, output_dir: Path) -> None:
     write (its int8 copies, say) do not outlive it (the captioner would run them with this model's config).
     """
     for path in staging.iterdir():
-        if path.name != ONNX_SUBFOLDER:
+        if path.name not in (ONNX_SUBFOLDER, _STAGING_LOCK):  # the lock stays, held, until the export is done
             os.replace(path, output_dir / path.name)
     graphs = output_dir / ONNX_SUBFOLDER
     aside = staging / f"{ONNX_SUBFOLDER}.previous"
