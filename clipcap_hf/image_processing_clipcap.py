@@ -65,6 +65,10 @@ _TOWER_PREPROCESSING = {
 # What `cached_file` takes of `from_transformers_pretrained`'s keyword arguments.
 _DOWNLOAD_KWARGS = ("cache_dir", "force_download", "proxies", "token", "revision", "local_files_only", "subfolder")
 
+# The settings the constructor takes, which `from_transformers_pretrained` reads from a checkpoint (and takes as
+# options in their place).
+_SETTINGS = ("size", "crop_size", "resample", "image_mean", "image_std", "resize_mode")
+
 # The step switches of transformers' image processors that `from_transformers_pretrained` translates.
 _TRANSLATED_STEPS = frozenset({"do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb"})
 
@@ -439,17 +443,17 @@ class ClipCapImageProcessor(BaseImageProcessor):
         aspect ratio within `max_num_patches`, becomes the square of that many patches (the same pixels for square
         images).
 
-        `kwargs` are download options (`cache_dir`, `revision`, `token`, ..., `trust_remote_code`) and preprocessing
-        options (`size=64`, `resample="bilinear"`, ...), which replace what the checkpoint gives, as `from_pretrained`
-        takes them; anything else is refused.
+        `kwargs` are download options (`cache_dir`, `revision`, `token`, ..., `trust_remote_code`) and settings
+        (`size=64`, `resample="bilinear"`, ...: the constructor's), which replace what the checkpoint gives and go
+        through the constructor's checks; anything else is refused.
         """
-        options = {name: kwargs.pop(name) for name in list(kwargs) if name in _FROM_DICT_OPTIONS}
+        options = {name: kwargs.pop(name) for name in list(kwargs) if name in _SETTINGS}
         unknown = sorted(set(kwargs) - {*_DOWNLOAD_KWARGS, "trust_remote_code"})
         if unknown:
             raise TypeError(
                 f"from_transformers_pretrained got unknown options {unknown}: it takes download options "
-                f"({', '.join(_DOWNLOAD_KWARGS)}, trust_remote_code) and preprocessing options "
-                f"({', '.join(sorted(IMAGE_OPTIONS | {'resize_mode'}))})."
+                f"({', '.join(_DOWNLOAD_KWARGS)}, trust_remote_code) and the settings it reads from the checkpoint "
+                f"({', '.join(_SETTINGS)}); the step switches (do_resize, ...) apply per call."
             )
         processor = cls._from_transformers_checkpoint(pretrained_model_name_or_path, **kwargs)
         # The options go through the constructor's checks, as `from_pretrained(folder, size=64)` sends them.

@@ -244,7 +244,7 @@ def image_folder_of(path):
             r"c.json: image 1 has 'file_name' = 7; expected str",
         ),
         # Image ids: an integer or a string, one kind per file, each image its own (Arrow refused a mix unnamed; a
-        # repeated Karpathy id merged two images' references; floats, nulls and `true` were kept as ids)
+        # repeated Karpathy id merged two images' references; floats and `true` were kept as ids)
         *(
             (
                 "k.json",
@@ -252,7 +252,7 @@ def image_folder_of(path):
                 karpathy,
                 rf"k.json: images\[0\] has 'cocoid' = {pattern}; expected int or str",
             )
-            for value, pattern in ((1.5, r"1\.5"), (None, "None"), (True, "True"), ({"a": 1}, r"\{'a': 1\}"))
+            for value, pattern in ((1.5, r"1\.5"), (True, "True"), ({"a": 1}, r"\{'a': 1\}"))
         ),
         (
             "k.json",
@@ -269,6 +269,21 @@ def image_folder_of(path):
             karpathy,
             r"k.json: images\[1\] repeats the id 7 of images\[0\]; every entry of `images` needs its own id",
         ),
+        (  # an entry without an id is its position, and said to be
+            "k.json",
+            {"images": [{"filename": "a.jpg", "split": "test", "sentences": [{"raw": "A."}]},
+                        {"filename": "b.jpg", "split": "test", "imgid": 0, "sentences": [{"raw": "B."}]}]},
+            karpathy,
+            r"k.json: images\[1\] repeats the id 0 of images\[0\] \(its position there: it names no id\); every entry",
+        ),
+        (
+            "k.json",
+            {"images": [{"filename": "a.jpg", "split": "test", "cocoid": "x", "sentences": [{"raw": "A."}]},
+                        {"filename": "b.jpg", "split": "test", "sentences": [{"raw": "B."}]}]},
+            karpathy,
+            r"k.json: images\[1\] has the id 1 \(an integer; its position: it names no id\), but images\[0\] has the "
+            r"id 'x' \(a string\)",
+        ),
         (
             "c.json",
             {"images": [{"id": True, "file_name": "a.jpg"}], "annotations": []},
@@ -284,6 +299,12 @@ def test_bad_records_are_rejected_naming_the_file_record_and_field(tmp_path, fil
     path.write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(ValueError, match=error):
         loader(path)
+
+
+def test_a_karpathy_entry_with_a_null_cocoid_takes_its_imgid(tmp_path):
+    image = {"filename": "a.jpg", "split": "test", "cocoid": None, "imgid": 5, "sentences": [{"raw": "A dog."}]}
+    (tmp_path / "k.json").write_text(json.dumps({"images": [image]}))
+    assert load_coco_karpathy(tmp_path / "k.json", tmp_path)["test"]["image_id"] == [5]
 
 
 def test_text_files_may_start_with_a_bom_and_must_be_utf8(tmp_path):

@@ -160,6 +160,20 @@ def test_an_image_folder_reached_through_a_link_is_not_said_to_leave_its_images_
     assert f"{tmp_path / 'link'}: 1 of its 3 images are not listed in its metadata file" in caplog.text
     assert f"(the first: {real / 'b.png'})" in caplog.text
 
+    # Image files that link to one stored file (a DVC or git-annex store) stay apart: the unlisted one is said.
+    store = tmp_path / "store" / "x.png"
+    store.parent.mkdir()
+    random_images(1)[0].save(store)
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for name in ("a.png", "b.png"):
+        (linked / name).symlink_to(store)
+    (linked / "metadata.csv").write_text("file_name,text\na.png,A\n")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert len(load_image_source(data_files=str(linked), caption_column="text")) == 1
+    assert f"{linked}: 1 of its 2 images are not listed in its metadata file" in caplog.text
+
 
 def test_json_lines_of_relative_image_paths(tmp_path):
     (tmp_path / "img").mkdir()

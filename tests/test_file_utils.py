@@ -48,3 +48,34 @@ def test_a_file_written_atomically_keeps_its_mode_its_link_and_its_line_ends(tmp
     assert link.is_symlink() and os.readlink(link) == "kept.txt"
     assert kept.read_text() == "through the link" and stat.S_IMODE(kept.stat().st_mode) == 0o640
     assert sorted(os.listdir(tmp_path)) == ["kept.txt", "link.txt", "new.txt"]  # no temporary file left
+
+
+def test_a_file_written_atomically_has_its_mode_before_its_text_and_a_broken_link_is_named(tmp_path, monkeypatch):
+    import os
+    import pathlib
+    import stat
+
+    from clipcap_hf.utils.file_utils import write_text_atomically
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("old")
+    secret.chmod(0o600)
+    modes = []
+    write_text = pathlib.Path.write_text
+
+    def spying(path, *args, **kwargs):  # the temporary file's mode as its text goes in
+        modes.append(stat.S_IMODE(path.stat().st_mode))
+        return write_text(path, *args, **kwargs)
+
+    monkeypatch.setattr(pathlib.Path, "write_text", spying)
+    write_text_atomically(secret, "new secret")
+    assert modes == [0o600] and secret.read_text() == "new secret"
+
+    dangling = tmp_path / "metrics.json"
+    dangling.symlink_to(tmp_path / "gone" / "metrics.json")
+    with pytest.raises(FileNotFoundError) as error:
+        write_text_atomically(dangling, "{}")
+    assert str(error.value) == (
+        f"{dangling} is a link to {tmp_path / 'gone' / 'metrics.json'}, in a folder that does not exist: cannot write it."
+    )
+    assert sorted(os.listdir(tmp_path)) == ["metrics.json", "secret.txt"]

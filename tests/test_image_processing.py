@@ -96,10 +96,14 @@ def test_options_to_from_transformers_pretrained_replace_the_checkpoints_and_unk
     torch.testing.assert_close(processor(images)["pixel_values"], clip_pixels(images, **asked), atol=1e-5, rtol=0)
 
     with pytest.raises(TypeError, match=r"from_transformers_pretrained got unknown options \['bogus'\]: it takes "
-                                        r"download options \(cache_dir, .*\) and preprocessing options"):
+                                        r"download options \(cache_dir, .*\) and the settings it reads"):
         ClipCapImageProcessor.from_transformers_pretrained(tmp_path, bogus=1)
     with pytest.raises(ValueError, match=r"`size` must be at least 1 pixel, got 0"):
         ClipCapImageProcessor.from_transformers_pretrained(tmp_path, size=0)
+    # Step switches apply per call: refused here by this method, not by the constructor pointing back to it.
+    with pytest.raises(TypeError, match=r"unknown options \['do_center_crop'\].*the step switches \(do_resize, ...\) "
+                                        r"apply per call"):
+        ClipCapImageProcessor.from_transformers_pretrained(tmp_path, do_center_crop=False)
 
 
 @pytest.mark.parametrize("resample", [PIL.Image.Resampling.BOX, PIL.Image.Resampling.HAMMING])

@@ -118,13 +118,10 @@ class OriginalLayout:
 # Reading the checkpoint
 
 
-_SPARSE_LAYOUTS = (torch.sparse_coo, torch.sparse_csr, torch.sparse_csc, torch.sparse_bsr, torch.sparse_bsc)
-
-
 def load_original_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """
     Load a released checkpoint with `torch.load(weights_only=True)`: tensors only, so a file crafted to run code when
-    unpickled is refused instead of executed. Sparse tensors come back dense.
+    unpickled is refused instead of executed.
     """
     path = Path(checkpoint)
     if path.is_dir():
@@ -153,7 +150,6 @@ def load_original_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
             f"{path} holds a {type(state).__name__}, not a state dict (a dict of tensor names to tensors, as "
             "`torch.save(model.state_dict())` writes)."
         )
-    state = dict(state)
     for key, value in state.items():
         if not isinstance(key, str) or not isinstance(value, torch.Tensor):
             raise ValueError(
@@ -164,16 +160,14 @@ def load_original_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
                 f"{path}: entry {key!r} holds no values (a meta tensor, as a model built without its weights saves); "
                 "convert a checkpoint saved from a trained model."
             )
-        if value.layout in _SPARSE_LAYOUTS:
-            # Its values without its zeros (as a pruned model may be saved): the weights, once dense. torch.load
-            # (weights_only) has checked its indices against its shape.
-            state[key] = value.to_dense()
-        elif value.layout != torch.strided:
+        if value.layout != torch.strided:
+            # Not densified here: a sparse tensor's dense size is whatever shape it declares (a 2 KB file can ask
+            # for terabytes), and the released checkpoints hold dense tensors.
             raise ValueError(
-                f"{path}: entry {key!r} is a {value.layout} tensor, which the converter cannot read; save the "
-                "checkpoint's tensors as dense (strided) ones."
+                f"{path}: entry {key!r} is a {value.layout} tensor, which the converter does not read; save the "
+                "checkpoint's tensors dense (`tensor.to_dense()`)."
             )
-    return state
+    return dict(state)
 
 
 def _weights_only_reason(error: Exception) -> str:

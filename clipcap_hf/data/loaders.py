@@ -102,24 +102,36 @@ class _ImageIds:
         self.path, self.ids = path, ids  # `ids`: what the file's ids are, as the mixed-kind error names them
         self.records: dict[int | str, dict] = {}
         self.positions: dict[int | str, int] = {}
+        self.positional: set[int] = set()  # the entries whose id is their position
 
     def add(self, image_id: Any, index: int, key: str | None, record: dict) -> None:
+        """Add entry `index`, whose id is its `key` field (None: the entry names none, and its position is its id)."""
         where = f"{self.path}: images[{index}]"
         if isinstance(image_id, bool) or not isinstance(image_id, (int, str)):
             raise ValueError(f"{where} has {key!r} = {reprlib.repr(image_id)}; expected int or str.")
         first_id = next(iter(self.records), None)  # images[0]'s
         if first_id is not None and isinstance(image_id, str) != isinstance(first_id, str):
-            kinds = {True: "a string", False: "an integer"}
             raise ValueError(
-                f"{where} has the id {image_id!r} ({kinds[isinstance(image_id, str)]}), but images[0] has the id "
-                f"{first_id!r} ({kinds[isinstance(first_id, str)]}): {self.ids} must be all integers or all strings."
+                f"{where} has the id {self._described(image_id, key is None)}, but images[0] has the id "
+                f"{self._described(first_id, 0 in self.positional)}: {self.ids} must be all integers or all strings."
             )
         if image_id in self.records:
+            earlier = self.positions[image_id]
             raise ValueError(
-                f"{where} repeats the id {image_id!r} of images[{self.positions[image_id]}]; every entry of `images` "
-                "needs its own id (remove the duplicate, or give it an id of its own)."
+                f"{where} repeats the id {self._described(image_id, key is None, kind=False)} of images[{earlier}]"
+                f"{' (its position there: it names no id)' if earlier in self.positional else ''}; every entry of "
+                "`images` needs its own id (remove the duplicate, or give it an id of its own)."
             )
         self.records[image_id], self.positions[image_id] = record, index
+        if key is None:
+            self.positional.add(index)
+
+    @staticmethod
+    def _described(image_id: int | str, positional: bool, kind: bool = True) -> str:
+        """An entry's id as an error names it: with its kind, and said to be its position where it names none."""
+        notes = [{True: "a string", False: "an integer"}[isinstance(image_id, str)]] if kind else []
+        notes += ["its position: it names no id"] if positional else []
+        return f"{image_id!r}" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 def load_coco_karpathy(path: PathLike, image_root: PathLike) -> datasets.DatasetDict:
@@ -144,7 +156,7 @@ def load_coco_karpathy(path: PathLike, image_root: PathLike) -> datasets.Dataset
         split = _field(image, "split", where, str)
         if split not in KARPATHY_SPLITS:
             raise ValueError(f"{where} ({file_name}) has split {split!r}; expected one of {sorted(KARPATHY_SPLITS)}.")
-        key = next((key for key in ("cocoid", "imgid") if key in image), None)
+        key = next((key for key in ("cocoid", "imgid") if image.get(key) is not None), None)
         image_id = index if key is None else image[key]
         ids.add(image_id, index, key, image)
         for number, sentence in enumerate(_field(image, "sentences", where, list)):

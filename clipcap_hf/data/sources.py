@@ -375,13 +375,19 @@ def _warn_of_unlisted_images(folder: Path, dataset: datasets.Dataset, split_file
     column = dataset.cast_column("image", datasets.Image(decode=False)).select_columns("image")
     read = [path for path in column.with_format("arrow")[:]["image"].combine_chunks().field("path").to_pylist() if path]
     unlisted = {os.path.abspath(path) for path in files} - {os.path.abspath(path) for path in read}
-    if unlisted:  # the reader may give the files' real paths where the folder is reached through a link
-        unlisted = {os.path.realpath(path) for path in files} - {os.path.realpath(path) for path in read}
+    if unlisted:  # the reader gives a file in its folder's real path where the folder is reached through a link
+        unlisted = {_in_real_folder(path) for path in files} - {_in_real_folder(path) for path in read}
     if unlisted:
         logger.warning(
             f"{folder}: {len(unlisted)} of its {len(files)} images are not listed in its metadata file, and datasets' "
             f"imagefolder reader leaves them out (the first: {min(unlisted)}); list them there to read them."
         )
+
+
+def _in_real_folder(path: str) -> str:
+    """`path` with its folder's links resolved, not its own: two image files linking to one stored file stay two."""
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(folder), name)
 
 
 def _mixed_json_types(path: Path) -> str | None:

@@ -64,8 +64,7 @@ OPSET = 18
 # An export is written into `<output>/.export-<host>-<pid>-<random>.partial` and moved in once whole; the host and
 # process name it, and the export holds the lock on its `_STAGING_LOCK` file for its whole life, so that a later
 # export can tell one abandoned by a killed process (see `abandoned_exports`).
-# (`.partial.new` while it is being made: see `_make_staging`).
-_STAGING_NAME = re.compile(r"\.export-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]+\.partial(\.new)?")
+_STAGING_NAME = re.compile(r"\.export-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]+\.partial")
 _STAGING_LOCK = ".export.lock"
 
 
@@ -415,7 +414,7 @@ def abandoned_exports(output_dir: str | os.PathLike) -> list[Path]:
         return []
     host = socket.gethostname()
     abandoned = []
-    for path in Path(output_dir).glob(".export-*.partial*"):
+    for path in Path(output_dir).glob(".export-*.partial"):
         match = _STAGING_NAME.fullmatch(path.name)
         if (
             match

@@ -101,16 +101,19 @@ def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
     so the file is never readable more widely than it was) and, where `path` is a symbolic link, the link: the file it
     points to is replaced.
     """
-    path = Path(os.path.realpath(path))
+    given, path = Path(path), Path(os.path.realpath(path))
+    if not path.parent.is_dir() and given.is_symlink():  # else the error would name the hidden temporary file
+        raise FileNotFoundError(f"{given} is a link to {path}, in a folder that does not exist: cannot write it.")
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
         mode = None  # a new file: the umask's mode
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        temporary.write_text(text, encoding="utf-8", newline="")
-        if mode is not None:
+        if mode is not None:  # given before the text is in it
+            temporary.touch(mode=0o600, exist_ok=False)
             os.chmod(temporary, mode)
+        temporary.write_text(text, encoding="utf-8", newline="")
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
