@@ -75,7 +75,6 @@ def test_a_file_written_atomically_has_its_mode_before_its_text_and_a_broken_lin
     dangling.symlink_to(tmp_path / "gone" / "metrics.json")
     with pytest.raises(FileNotFoundError) as error:
         write_text_atomically(dangling, "{}")
-    assert str(error.value) == (
-        f"{dangling} is a link to {tmp_path / 'gone' / 'metrics.json'}, in a folder that does not exist: cannot write it."
-    )
+    target = tmp_path / "gone" / "metrics.json"
+    assert str(error.value) == f"{dangling} is a link to {target}, in a folder that does not exist: cannot write it."
     assert sorted(os.listdir(tmp_path)) == ["metrics.json", "secret.txt"]
