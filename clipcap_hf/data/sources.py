@@ -9,6 +9,7 @@ and, when it has captions, `captions`.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import itertools
 import json
@@ -376,18 +377,18 @@ def _warn_of_unlisted_images(folder: Path, dataset: datasets.Dataset, split_file
     read = [path for path in column.with_format("arrow")[:]["image"].combine_chunks().field("path").to_pylist() if path]
     unlisted = {os.path.abspath(path) for path in files} - {os.path.abspath(path) for path in read}
     if unlisted:  # the reader gives a file in its folder's real path where the folder is reached through a link
-        unlisted = {_in_real_folder(path) for path in files} - {_in_real_folder(path) for path in read}
+        real_folder = functools.cache(os.path.realpath)  # each folder resolved once, not once per image
+
+        def in_real_folder(path: str) -> str:  # the file's own link not resolved: two linking to one stay two
+            folder, name = os.path.split(os.path.abspath(path))
+            return os.path.join(real_folder(folder), name)
+
+        unlisted = {in_real_folder(path) for path in files} - {in_real_folder(path) for path in read}
     if unlisted:
         logger.warning(
             f"{folder}: {len(unlisted)} of its {len(files)} images are not listed in its metadata file, and datasets' "
             f"imagefolder reader leaves them out (the first: {min(unlisted)}); list them there to read them."
         )
-
-
-def _in_real_folder(path: str) -> str:
-    """`path` with its folder's links resolved, not its own: two image files linking to one stored file stay two."""
-    folder, name = os.path.split(os.path.abspath(path))
-    return os.path.join(os.path.realpath(folder), name)
 
 
 def _mixed_json_types(path: Path) -> str | None:
@@ -451,7 +452,9 @@ def _add_keys_and_captions(
     columns = ["image"] + ([caption_column] if caption_column else [])
     columns += [name for name in (WEBDATASET_KEY, SHARD_COLUMN) if name in dataset.column_names]  # to name a bad row
     streamed = isinstance(dataset, datasets.IterableDataset)
-    number_rows = not streamed and SHARD_COLUMN not in dataset.column_names
+    # A source saved with its files' names (`__url__`) keeps each row's number in its file, which the saved copy
+    # cannot tell; without them a row's number is computed again in the source read (a stream's rows have none).
+    keeps_row_numbers = SHARD_COLUMN in dataset.column_names
     keys_and_captions = dict(
         function=_keys_and_captions,
         batched=True,
@@ -461,15 +464,12 @@ def _add_keys_and_captions(
             "source": source,
             "shards": shards,
             "file_rows": file_rows,
-            "number_rows": number_rows,
+            "number_rows": not streamed and not keeps_row_numbers,
             # A stream is not read ahead: each row left out is warned of as it is read.
             "null_images": ("warn and skip" if streamed else "skip") if skip_null_images else "error",
         },
     )
     replaced = [caption_column] if caption_column else []
-    # A source saved with its files' names (`__url__`) keeps each row's number in its file, which the saved copy
-    # cannot tell; without them a row's number is computed again in the source read (a stream's rows have none).
-    keeps_row_numbers = SHARD_COLUMN in dataset.column_names
     computed = ("image_key", "captions", *([] if keeps_row_numbers else [SOURCE_ROW_COLUMN]))
     replaced += [name for name in computed if name in dataset.column_names and name not in replaced]
     if streamed:

@@ -36,7 +36,7 @@ import datasets
 import pyarrow as pa
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig
 from transformers.utils import logging as transformers_logging
 
 from ..configuration_clipcap import MAPPING_TYPES, check_positive_int
@@ -47,14 +47,7 @@ from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import read_json, save_pretrained, write_folder_atomically, write_text_atomically
 from ..utils.loading import local_folder, model_identity, same_model
-from .quickstart import (
-    QuickstartConfig,
-    build_model,
-    build_tokenizer,
-    make_shapes_dataset,
-    run_quickstart,
-    score_captions,
-)
+from .quickstart import TEXT_POSITIONS, QuickstartConfig, make_shapes_dataset, run_quickstart, score_captions
 from .trainer import caption_dataset, scratch_trainer, scratch_training_arguments
 
 logger = logging.getLogger(__name__)
@@ -197,7 +190,7 @@ def shapes_task(
     if not (base / "held_out_scores.json").is_file():  # written last by the quickstart
         # Its language model is the grid's: prefix lengths it cannot take are refused before it trains, not after.
         _refuse_long_prefixes(
-            config.prefix_lengths, _quickstart_text_config(config.shapes),
+            config.prefix_lengths, TEXT_POSITIONS,
             f"the synthetic task's language model (which the quickstart trains into {base})",
         )
         run_quickstart(base, config.shapes, verbose=verbose, overwrite=True)
@@ -226,12 +219,6 @@ def shapes_task(
         train=splits["train"], evaluation=evaluation.remove_columns("caption"), extra_scores=_shapes_scores
     )
     return replace(config, vision_models=[str(vision_dir)], text_model=str(text_dir)), data
-
-
-def _quickstart_text_config(shapes: QuickstartConfig) -> PretrainedConfig:
-    """The config of the language model the quickstart builds for `shapes` (built untrained, in milliseconds at the
-    task's sizes: the quickstart alone defines that model)."""
-    return build_model(build_tokenizer(["a caption"]), shapes).config.text_config
 
 
 def _shapes_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:
@@ -574,14 +561,14 @@ def _check_prefix_lengths(config: AblationConfig, runs: list[AblationRun]) -> No
         return
     # `~` expanded as training expands it; no code from the folder runs.
     text_config = AutoConfig.from_pretrained(local_folder(config.text_model), trust_remote_code=False)
-    _refuse_long_prefixes([run.prefix_length for run in runs], text_config, f"the language model {config.text_model}")
-
-
-def _refuse_long_prefixes(prefix_lengths: Sequence[int], text_config: PretrainedConfig, described: str) -> None:
-    """Refuse prefix lengths that leave the language model of `text_config` (`described`) no position for text."""
     positions = getattr(text_config, "max_position_embeddings", None)
-    if not isinstance(positions, int):  # rotary or ALiBi positions: no table to run past
-        return
+    if isinstance(positions, int):  # else rotary or ALiBi positions: no table to run past
+        prefix_lengths = [run.prefix_length for run in runs]
+        _refuse_long_prefixes(prefix_lengths, positions, f"the language model {config.text_model}")
+
+
+def _refuse_long_prefixes(prefix_lengths: Sequence[int], positions: int, described: str) -> None:
+    """Refuse prefix lengths that leave the language model (`described`, of `positions` positions) no room for text."""
     too_long = sorted({length for length in prefix_lengths if length >= positions})
     if too_long:
         raise ValueError(

@@ -145,6 +145,10 @@ def make_shapes_dataset(
     )
 
 
+# The language model's positions: image tokens, caption and EOS (`clipcap ablate` checks its prefix lengths against it).
+TEXT_POSITIONS = 64
+
+
 def build_tokenizer(captions: list[str]) -> GPT2TokenizerFast:
     """A byte-level BPE tokenizer (GPT-2's scheme) learnt from the captions; EOS ends every caption."""
     bpe = ByteLevelBPETokenizer()
@@ -174,7 +178,7 @@ def build_model(tokenizer: GPT2TokenizerFast, config: QuickstartConfig) -> ClipC
         n_layer=config.num_layers,
         n_embd=width,
         n_head=4,
-        n_positions=64,
+        n_positions=TEXT_POSITIONS,
         vocab_size=len(tokenizer),
         resid_pdrop=0.0,
         embd_pdrop=0.0,
