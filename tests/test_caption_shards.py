@@ -606,6 +606,34 @@ def test_a_process_that_can_read_none_of_its_rows_fails_only_when_the_whole_run_
     assert list(output.glob("*.parquet")) == []
 
 
+def test_a_run_that_can_read_no_image_beside_a_damaged_shard_is_refused_naming_it_and_removes_no_shard(
+    embeddings_captioner, tmp_path
+):
+    from clipcap_hf.inference import caption_dataset_to_parquet
+
+    dim = embeddings_captioner.model.config.prefix_dim
+    rows = embeddings_rows(4, dim).to_dict()  # shards of rows 0-1 and 2-3
+    rows["embedding"][0] = rows["embedding"][1] = [float("nan")] * dim
+    output = tmp_path / "captions"
+    output.mkdir()
+    # The second shard, as a run stopped by a full disk may leave it: taken as finished, and not parquet.
+    damaged = output / "captions-00001-of-00002.parquet"
+    damaged.write_bytes(b"PAR1 cut short")
+    with pytest.raises(ValueError) as refused:
+        caption_dataset_to_parquet(embeddings_captioner, datasets.Dataset.from_dict(rows), output, shard_size=2,
+                                   on_bad_image="skip", rank=0, world_size=1)
+    assert str(refused.value).startswith(
+        f"The caption shard {damaged} is incomplete or damaged (ArrowInvalid: Parquet magic bytes not found")
+    assert str(refused.value).endswith(
+        "this process could caption none of the 2 image(s) it read: every one was unreadable and skipped "
+        "(--on-bad-image skip). The first: captions-00000-of-00002.parquet, key 'k0': The embedding holds NaN or "
+        "infinite values. Remove that file and rerun: its rows are captioned again.")
+    # Nothing is removed: neither the damaged shard nor the first, whose lack of captions is no fault of the run's
+    # when the damaged shard's rows, captioned again, are readable.
+    assert damaged.read_bytes() == b"PAR1 cut short"
+    assert pq.read_metadata(output / "captions-00000-of-00002.parquet").num_rows == 0
+
+
 def test_a_run_file_of_an_earlier_version_without_the_source_layout_is_resumed(
     model_dir, parquet_source, tmp_path, capsys, caplog
 ):

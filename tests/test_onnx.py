@@ -571,6 +571,36 @@ def test_an_export_killed_part_way_is_cleared_by_the_next_one_and_a_running_one_
     assert running.is_dir() and elsewhere.is_dir()
 
 
+def test_a_staging_folder_left_by_an_export_killed_while_making_it_is_cleared_by_the_next_one(
+    onnx_export, tmp_path
+):
+    import socket
+    import subprocess
+    import sys
+
+    from clipcap_hf.onnx.export import abandoned_exports
+
+    _, saved, _ = onnx_export
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, dead_pid = socket.gethostname(), int(ended.stdout)
+    output = tmp_path / "export"
+    # Killed before the rename to `.partial`: right after making the folder, or once its lock was taken.
+    unlocked = output / f".export-{host}-{dead_pid}-0123abcd.partial.new"
+    locked = output / f".export-{host}-{dead_pid}-4567abcd.partial.new"
+    unlocked.mkdir(parents=True)
+    locked.mkdir()
+    (locked / ".export.lock").touch()
+    assert sorted(abandoned_exports(output)) == [unlocked, locked]
+    # They do not count as content (no --overwrite needed), and the export removes them.
+    assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8"]) == 0
+    assert sorted(path.name for path in output.glob(".*")) == []
+    OnnxCaptioner(output)
+
+    running = output / f".export-{host}-{os.getpid()}-0123abcd.partial.new"  # this process's: being made
+    running.mkdir()
+    assert abandoned_exports(output) == []
+
+
 # Another process's export, as a container sharing this machine's host name but not its processes runs it: it holds
 # its staging folder's lock (until the test closes its input), under a process ID that looks ended from here.
 HOLD_STAGING_LOCK = """

@@ -534,16 +534,25 @@ def _refuse_a_run_without_captions(output_dir: Path, summary: CaptionRunSummary,
 
     Captions in the folder's other finished shards (those of an earlier run, which this one resumed, or of this run's
     other processes) make it a run that captioned, as when some rows of a shard are readable. While other processes'
-    shards are not all written yet, which this process cannot wait for, it warns instead.
+    shards are not all written yet, which this process cannot wait for, it warns instead. A shard whose footer cannot
+    be read (a damaged file) raises a ValueError naming it, and no shard is removed.
     """
     import pyarrow.parquet as pq
 
     rows: list[int | None] = []  # each shard's captions, from its footer (no row is read); None: not written
     for index in range(summary.num_shards):
+        path = output_dir / shard_file_name(index, summary.num_shards)
         try:
-            rows.append(pq.read_metadata(output_dir / shard_file_name(index, summary.num_shards)).num_rows)
+            rows.append(pq.read_metadata(path).num_rows)
         except FileNotFoundError:  # another process's, not written yet (or removed by one that found no caption)
             rows.append(None)
+        except (OSError, ValueError) as error:  # pyarrow's ArrowInvalid is a ValueError; raised before any removal
+            raise ValueError(
+                f"The caption shard {path} is incomplete or damaged ({type(error).__name__}: {error}), so whether "
+                f"the run captioned any image is not known; this process could caption none of the "
+                f"{summary.num_bad_rows} image(s) it read: every one was unreadable and skipped (--on-bad-image skip). "
+                f"The first: {first_bad}. Remove that file and rerun: its rows are captioned again."
+            ) from error
     if any(rows):
         return
     what = f"{summary.num_bad_rows} image(s)"

@@ -61,10 +61,11 @@ POSITION_LIMIT_KEY = "clipcap.learned_position_limit"
 # it, which neither the browser page nor a single-file download wants for smaller models.
 _SINGLE_FILE_LIMIT = 2_000_000_000
 OPSET = 18
-# An export is written into `<output>/.export-<host>-<pid>-<random>.partial` and moved in once whole; the host and
-# process name it, and the export holds the lock on its `_STAGING_LOCK` file for its whole life, so that a later
-# export can tell one abandoned by a killed process (see `abandoned_exports`).
-_STAGING_NAME = re.compile(r"\.export-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]+\.partial")
+# An export is written into `<output>/.export-<host>-<pid>-<random>.partial` (made as `<that>.new`: see
+# `_make_staging`) and moved in once whole; the host and process name it, and the export holds the lock on its
+# `_STAGING_LOCK` file for its whole life, so that a later export can tell one abandoned by a killed process (see
+# `abandoned_exports`).
+_STAGING_NAME = re.compile(r"\.export-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]+\.partial(?:\.new)?")
 _STAGING_LOCK = ".export.lock"
 
 
@@ -374,7 +375,8 @@ def _make_staging(staging: Path) -> BaseFileLock | None:
     the lock, which the export keeps until it has moved its files out (None where the filesystem cannot lock).
     """
     # Made under another name and renamed once the lock is held, so that another export's cleaner never finds the
-    # folder without its lock file (which it would judge, as an older version's, by the PID alone). Not on Windows,
+    # `.partial` folder without its lock file (which it would judge, as an older version's, by the PID alone); the
+    # `.new` folder of a process killed before the rename is judged alike (see `abandoned_exports`). Not on Windows,
     # which cannot rename a folder with a file open in it, and where no cleaner runs.
     setup = staging if os.name == "nt" else staging.with_name(f"{staging.name}.new")
     setup.mkdir(parents=True)
@@ -400,21 +402,23 @@ def _release(lock: BaseFileLock | None) -> None:
 
 def abandoned_exports(output_dir: str | os.PathLike) -> list[Path]:
     """
-    The staging folders in `output_dir` that exports on this machine left when their process was killed part-way:
-    their process has ended, and no process holds the lock on their `_STAGING_LOCK` file (which an export holds for
-    its whole life, and the OS releases however its process ends). Those of other machines sharing the folder, or of
-    a process still running, are not listed; nor any on Windows, where no process is probed.
+    The staging folders in `output_dir` that exports on this machine left when their process was killed part-way
+    (`.partial`, or `.partial.new` when killed while making it): their process has ended, and no process holds the
+    lock on their `_STAGING_LOCK` file (which an export holds for its whole life, and the OS releases however its
+    process ends). Those of other machines sharing the folder, or of a process still running, are not listed; nor any
+    on Windows, where no process is probed.
 
     The lock is what keeps a running export safe from a container that shares this machine's host name but not its
     processes (`docker run --net=host`, or a fixed `hostname:` in compose, with a shared volume): its process IDs are
-    not this one's, so its running export's looks ended. A folder without a lock file (an older version's, or one on
-    a filesystem that cannot lock) is judged by its process alone, as before.
+    not this one's, so its running export's looks ended. A folder without a lock file (an older version's, one on a
+    filesystem that cannot lock, or a `.new` one whose process was killed before it took the lock, or has not taken
+    it yet) is judged by its process alone, as before.
     """
     if os.name == "nt" or not Path(output_dir).is_dir():
         return []
     host = socket.gethostname()
     abandoned = []
-    for path in Path(output_dir).glob(".export-*.partial"):
+    for path in Path(output_dir).glob(".export-*"):
         match = _STAGING_NAME.fullmatch(path.name)
         if (
             match
