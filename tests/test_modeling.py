@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import greedy_loop, random_images, tiny_config, tiny_model
+from torch.overrides import TorchFunctionMode
 from transformers import (
     AutoModelForCausalLM,
     BertConfig,
@@ -620,6 +621,51 @@ def test_a_given_language_models_gelu_new_is_replaced_and_its_own_subclasses_kep
     model = ClipCapForConditionalGeneration(config, language_model=language_model)
     assert model.language_model.transformer.h[0].mlp.act is own  # a subclass computes as it says
     assert all(type(block.mlp.act) is GELUTanh for block in model.language_model.transformer.h[1:])
+
+
+# ---------------------------------------------------------------- CLIP's quick_gelu in one tensor
+
+
+class _SigmoidCalls(TorchFunctionMode):
+    """Counts the sigmoids computed into a new tensor and in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = {"new": 0, "in_place": 0}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (torch.sigmoid, torch.Tensor.sigmoid):
+            self.calls["new"] += 1
+        elif func is torch.Tensor.sigmoid_:
+            self.calls["in_place"] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_clips_quick_gelu_is_computed_in_place_with_the_towers_results(tokenizer):
+    model = tiny_model(tokenizer).eval()
+    vision_config = model.config.vision_config
+    assert vision_config.hidden_act == "quick_gelu"
+    # CLIP's tower as transformers builds it from the same config and weights, with its three-tensor quick_gelu.
+    reference = CLIPVisionModelWithProjection(vision_config).eval()
+    reference.load_state_dict(model.vision_model.state_dict())
+    pixel_values = torch.randn(3, 3, vision_config.image_size, vision_config.image_size,
+                               generator=torch.Generator().manual_seed(0))
+    expected = reference(pixel_values=pixel_values).image_embeds
+    # Inference, and a frozen tower while the rest trains: the activation writes its sigmoid and product in place.
+    for gradients in (False, True):
+        with torch.set_grad_enabled(gradients), _SigmoidCalls() as sigmoids:
+            result = model.vision_model(pixel_values=pixel_values).image_embeds
+        assert torch.equal(result, expected)
+        assert sigmoids.calls == {"new": 0, "in_place": vision_config.num_hidden_layers}
+    # A tower being trained: transformers' activation, so that its backward pass has what it needs.
+    model.freeze_vision_model(False)
+    with _SigmoidCalls() as sigmoids:
+        result = model.vision_model(pixel_values=pixel_values).image_embeds
+    assert sigmoids.calls == {"new": vision_config.num_hidden_layers, "in_place": 0}
+    result.square().sum().backward()
+    expected.square().sum().backward()
+    for name, parameter in model.vision_model.named_parameters():
+        torch.testing.assert_close(parameter.grad, reference.get_parameter(name).grad)
 
 
 def test_trainer_num_items_in_batch_divides_the_summed_caption_loss(tokenizer, processor):
