@@ -590,6 +590,10 @@ def test_a_staging_folder_left_by_an_export_killed_while_making_it_is_cleared_by
     unlocked.mkdir(parents=True)
     locked.mkdir()
     (locked / ".export.lock").touch()
+    # Without its lock, a folder just made may be another container's export about to lock it: kept for a minute.
+    assert abandoned_exports(output) == [locked]
+    made = unlocked.stat().st_mtime - 61
+    os.utime(unlocked, (made, made))
     assert sorted(abandoned_exports(output)) == [unlocked, locked]
     # They do not count as content (no --overwrite needed), and the export removes them.
     assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8"]) == 0

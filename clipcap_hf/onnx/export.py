@@ -31,6 +31,7 @@ import re
 import secrets
 import shutil
 import socket
+import time
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -67,6 +68,10 @@ OPSET = 18
 # `abandoned_exports`).
 _STAGING_NAME = re.compile(r"\.export-(?P<host>.+)-(?P<pid>\d+)-[0-9a-f]+\.partial(?:\.new)?")
 _STAGING_LOCK = ".export.lock"
+# An export locks its `.new` staging folder the instant after making it: one still unlocked this long after was left
+# by a process killed in between, while a younger one may be another container's running export (see
+# `abandoned_exports`), about to lock it.
+_LOCKING_GRACE_S = 60.0
 
 
 class PrefixEncoder(nn.Module):
@@ -410,9 +415,9 @@ def abandoned_exports(output_dir: str | os.PathLike) -> list[Path]:
 
     The lock is what keeps a running export safe from a container that shares this machine's host name but not its
     processes (`docker run --net=host`, or a fixed `hostname:` in compose, with a shared volume): its process IDs are
-    not this one's, so its running export's looks ended. A folder without a lock file (an older version's, one on a
-    filesystem that cannot lock, or a `.new` one whose process was killed before it took the lock, or has not taken
-    it yet) is judged by its process alone, as before.
+    not this one's, so its running export's looks ended. A folder without a lock file (an older version's, or one on
+    a filesystem that cannot lock) is judged by its process alone, as before; a `.new` one, once it is
+    `_LOCKING_GRACE_S` old (its process was killed before it took the lock).
     """
     if os.name == "nt" or not Path(output_dir).is_dir():
         return []
@@ -424,18 +429,25 @@ def abandoned_exports(output_dir: str | os.PathLike) -> list[Path]:
             match
             and match["host"] == host
             and not psutil.pid_exists(int(match["pid"]))
-            and not _staging_lock_held(path / _STAGING_LOCK)
+            and not _staging_lock_held(path)
         ):
             abandoned.append(path)
     return abandoned
 
 
-def _staging_lock_held(lock_file: Path) -> bool:
-    """Whether a process holds the lock on a staging folder's `lock_file`, or may: one that cannot be probed (its
-    folder just removed, or another account's) counts as held, so that its folder is kept."""
+def _staging_lock_held(staging: Path) -> bool:
+    """Whether a process holds the lock on the `staging` folder's `_STAGING_LOCK` file, or may: one that cannot be
+    probed (its folder just removed, or another account's) counts as held, and so does a `.new` folder without its
+    lock file for `_LOCKING_GRACE_S` after it was made, so that the folder is kept."""
     from filelock import Timeout  # a dependency of huggingface_hub, so always installed
 
+    lock_file = staging / _STAGING_LOCK
     if not lock_file.is_file():
+        if staging.name.endswith(".new"):  # made, and not locked yet (its mtime: when it was made, still empty)
+            try:
+                return time.time() - staging.stat().st_mtime < _LOCKING_GRACE_S
+            except FileNotFoundError:
+                return True  # removed meanwhile: nothing to remove
         return False  # an older version's folder (see `abandoned_exports`)
     try:
         acquire_file_lock(lock_file, "the ONNX export's staging folder", timeout=0).release()
