@@ -29,9 +29,12 @@ import time
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers.pytorch_utils import Conv1D
 
 
@@ -96,12 +99,11 @@ PACK_ROWS = 16
 def _packed_weight(layer: nn.Linear | Conv1D, weight: torch.Tensor, packs: dict) -> torch.Tensor:
     """
     `weight` (the layer's, transposed for GPT-2's `Conv1D`) in oneDNN's blocked layout for `PACK_ROWS` rows, from
-    `packs` (the block's) or packed now: again when the layer's weight is another tensor or was changed in place.
+    `packs` (the block's) or packed now: again when the layer's weight is another tensor or was changed in place (its
+    version counter; fused optimizer steps, which leave it as it is, clear the block's `packs`: `_routed`).
     """
     parameter = layer.weight
-    # Inference tensors keep no version counter; they cannot be changed outside inference mode either.
-    version = None if parameter.is_inference() else parameter._version
-    state = (id(parameter), parameter.data_ptr(), version)
+    state = (id(parameter), parameter.data_ptr(), parameter._version)
     cached = packs.get(layer)
     if cached is None or cached[0] != state:
         cached = packs[layer] = (state, torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS))
@@ -117,6 +119,14 @@ def _onednn_linear(
         rows, weight if packed is None else packed, bias, "none", [], ""
     )
     return outputs.view(*inputs.shape[:-1], weight.shape[0])
+
+
+def _onednn_forward(
+    layer: nn.Linear | Conv1D, weight: torch.Tensor, inputs: torch.Tensor, packs: dict | None
+) -> torch.Tensor:
+    """The layer's forward through oneDNN: on its weight packed in `packs`, or on its plain weight without."""
+    packed = None if packs is None else _packed_weight(layer, weight, packs)
+    return _onednn_linear(inputs, weight, layer.bias, packed)
 
 
 class _RoutedForward:
@@ -137,8 +147,11 @@ class _RoutedForward:
     def __init__(self, layer: nn.Linear | Conv1D, packs: dict | None, measure: bool = False, is_open: bool = True):
         self._layer, self.packs, self.measure, self.is_open = weakref.ref(layer), packs, measure, is_open
 
-    def __call__(self, inputs: torch.Tensor) -> torch.Tensor:
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         layer = self._layer()
+        if kwargs or len(args) != 1:  # `layer(input=x)`: as the class computes it
+            return type(layer).forward(layer, *args, **kwargs)
+        inputs = args[0]
         weight = layer.weight.T if isinstance(layer, Conv1D) else layer.weight  # Conv1D stores (in, out)
         if (
             not self.is_open
@@ -146,28 +159,29 @@ class _RoutedForward:
             or _cpu_autocast_enabled()
             # Inside a graph `torch.compile` traces, its backend picks the kernels.
             or torch.compiler.is_compiling()
+            # Forward-mode AD (`torch.func.jvp`, dual tensors): oneDNN's kernel has no tangent formula.
+            or forward_ad._current_level >= 0
             or not _onednn_computes(inputs, weight, layer.bias)
         ):
             return type(layer).forward(layer, inputs)
+        # An inference tensor has no version counter, and can be changed in place in inference mode unseen: computed
+        # from its plain weight, never from a packed copy that could be stale.
+        packs = None if self.packs is None or layer.weight.is_inference() else self.packs
         if not self.measure:
-            return self._onednn(layer, weight, inputs)
-        kind = _call_kind(inputs, weight, layer.bias, packed=self.packs is not None)
+            return _onednn_forward(layer, weight, inputs, packs)
+        kind = _call_kind(inputs, weight, layer.bias, packed=packs is not None)
         race = _KERNEL_RACES.get(kind)
         if race is None:
             race = _KERNEL_RACES[kind] = _KernelRace()
         if race.onednn is not None:
-            return self._onednn(layer, weight, inputs) if race.onednn else type(layer).forward(layer, inputs)
+            return _onednn_forward(layer, weight, inputs, packs) if race.onednn else type(layer).forward(layer, inputs)
         onednn = race.next_is_onednn()
         # A oneDNN turn that packs the layer's weight counts the packing in its time: that is what oneDNN costs a
         # block that packs for few calls, and in a longer one it can only favour MKL, which is plain PyTorch.
         start = time.perf_counter()
-        outputs = self._onednn(layer, weight, inputs) if onednn else type(layer).forward(layer, inputs)
+        outputs = _onednn_forward(layer, weight, inputs, packs) if onednn else type(layer).forward(layer, inputs)
         race.record(onednn, time.perf_counter() - start)
         return outputs
-
-    def _onednn(self, layer: nn.Linear | Conv1D, weight: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
-        packed = None if self.packs is None else _packed_weight(layer, weight, self.packs)
-        return _onednn_linear(inputs, weight, layer.bias, packed)
 
     def open(self, packs: dict | None, measure: bool) -> None:
         self.packs, self.measure, self.is_open = packs, measure, True
@@ -224,9 +238,10 @@ def onednn_linear(model: nn.Module, prepack: bool = False) -> Iterator[None]:
 
     With `prepack=True`, each layer's weight is packed into oneDNN's blocked layout on its first product in the block
     and the packed copy serves the block's later products (see the module's docstring): worth it over many decoding
-    steps, such as a captioning run over many batches, and freed when the block ends. A weight replaced, or changed by
-    PyTorch's in-place operations, is packed again; one changed through `.data` (as peft's `merge_adapter` does) is
-    not seen, so merge or unmerge adapters outside the block.
+    steps, such as a captioning run over many batches, and freed when the block ends. A weight replaced, changed by
+    PyTorch's in-place operations or by an optimizer step, is packed again; one changed through `.data` (as peft's
+    `merge_adapter` does) is not seen, so merge or unmerge adapters outside the block. Inference tensors (weights made
+    in `torch.inference_mode`), whose in-place changes leave no trace, are never packed.
 
     Each routed layer's `forward` is replaced on the instance for the block's duration (as accelerate's hooks do),
     so nothing else pays for it: a `TorchFunctionMode` seeing every operator cost about 3 ms per decoding step of
@@ -253,8 +268,24 @@ def _routed(model: nn.Module, prepack: bool, measure: bool) -> Iterator[None]:
     # A PyTorch with the linear kernel but not the reorder computes from plain weights.
     packs = {} if prepack and _has_mkldnn_op("_reorder_linear_weight") else None
     routed = {layer: _routed_forward(layer, packs, measure) for layer in model.modules() if _routable(layer)}
-    with _forwards_replaced(routed):
+    with _forwards_replaced(routed), _packs_cleared_by_optimizer_steps(packs):
         yield
+
+
+@contextmanager
+def _packs_cleared_by_optimizer_steps(packs: dict | None) -> Iterator[None]:
+    """
+    Within the block, every optimizer step clears `packs`: PyTorch's fused optimizers (the Trainer's default AdamW)
+    change the weights in place without counting a version, which `_packed_weight` would not see.
+    """
+    if packs is None:
+        yield
+        return
+    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: packs.clear())
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextmanager

@@ -222,15 +222,54 @@ def test_a_weight_shared_by_a_linear_and_a_conv1d_layer_is_packed_for_each():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_a_model_built_in_inference_mode():
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_optimizer_step_within_a_prepacking_block_packs_the_weights_again(fused):
+    # Fused steps (the Trainer's default AdamW) change weights in place without counting a version.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), Conv1D(8, 24))
+    inputs = torch.randn(5, 16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused)
+    with onednn_linear(model, prepack=True):
+        with torch.no_grad():
+            model(inputs)  # packs both weights
+        model(inputs).square().sum().backward()  # with gradients: the usual kernels
+        optimizer.step()
+        with torch.no_grad():
+            result, ops = ops_run(lambda: model(inputs))
+            hidden = F.linear(inputs, model[0].weight, model[0].bias)  # the usual kernels: called directly
+            expected = torch.addmm(model[1].bias, hidden, model[1].weight)
+    assert ops.count(PACK_OP) == 2
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_built_in_inference_mode_computes_from_its_current_plain_weights():
+    # Inference tensors keep no version counter: a packed copy could not tell that `copy_` changed them.
     with torch.inference_mode():
-        layer = nn.Linear(16, 8)  # its parameters are inference tensors, with no version counter
+        layer = nn.Linear(16, 8)
         inputs = torch.randn(3, 16)
         with onednn_linear(layer, prepack=True):
+            layer(inputs)
+            layer.weight.copy_(torch.randn(8, 16))  # as load_state_dict does
             result, ops = ops_run(lambda: layer(inputs))
         expected = F.linear(inputs, layer.weight, layer.bias)
-    assert ONEDNN_OP in ops
+    assert ONEDNN_OP in ops and PACK_OP not in ops
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_keyword_calls_and_forward_mode_ad_compute_as_the_layer_class_does():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    inputs, tangent = torch.randn(3, 16), torch.randn(3, 16)
+    with torch.no_grad():
+        expected = layer(inputs)
+        expected_tangent = torch.func.jvp(layer, (inputs,), (tangent,))[1]
+        with onednn_linear(layer):
+            torch.testing.assert_close(layer(input=inputs), expected)  # nn.Linear.forward's own keyword
+            torch.testing.assert_close(torch.func.jvp(layer, (inputs,), (tangent,))[1], expected_tangent)
+            with torch.autograd.forward_ad.dual_level():
+                dual = torch.autograd.forward_ad.make_dual(inputs, tangent)
+                result = torch.autograd.forward_ad.unpack_dual(layer(dual)).tangent
+    torch.testing.assert_close(result, expected_tangent)
 
 
 def test_a_forward_replaced_within_the_block_is_kept_at_its_end():
