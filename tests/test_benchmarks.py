@@ -13,6 +13,7 @@ import torch
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
+import _common
 import bench_data
 import bench_gpu
 import bench_peers
@@ -123,6 +124,16 @@ def test_bench_train_counts_the_same_caption_tokens_for_both_runs_the_image_pref
         # same length distribution): with the prefix's 10 or 40 image tokens counted, ours would be the longer.
         assert reference == bench_train.caption_lengths(bench_train.DATASET_CAPTIONS).max()
         assert 0 < ours <= reference
+
+
+def test_the_paper_loops_gpt2_computes_gelu_new_in_transformers_seven_operations():
+    from transformers.activations import NewGELUActivation
+
+    model = bench_peers.build_clipcap("mlp", small=True).model
+    activations = [block.mlp.act for block in model.language_model.transformer.h]
+    assert not any(isinstance(act, NewGELUActivation) for act in activations)  # ClipCap's own activation
+    _common.use_seven_operation_gelu_new(model.language_model)
+    assert all(type(block.mlp.act) is NewGELUActivation for block in model.language_model.transformer.h)
 
 
 def test_bench_data_lists_no_descendants_of_a_process_that_has_ended():
