@@ -225,8 +225,9 @@ def test_kept_columns_keep_their_source_types_in_every_shard(tmp_path, tokenizer
     rows["meta"] = [None, None, {"w": 1}, {"w": 2}]  # null, and empty lists, in the whole first shard
     datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(tmp_path / "saved"))
     source = load_image_source(data_files=str(tmp_path / "saved"))
-    embed_source(
-        source, tiny_model(tokenizer), processor.image_processor, tmp_path / "emb", keep_columns=["tags", "meta"]
+    embed_source(  # shards hold whole batches
+        source, tiny_model(tokenizer), processor.image_processor, tmp_path / "emb", batch_size=2,
+        keep_columns=["tags", "meta"],
     )
     table = load_embeddings(tmp_path / "emb")
     assert load_embeddings_info(tmp_path / "emb")["num_shards"] == 2

@@ -2,6 +2,7 @@
 shards' rewrites lose no row when interrupted), killed runs' leftovers removed, runs sharing a folder taking turns,
 non-finite embeddings refused with the earlier ones kept."""
 
+import io
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import datasets
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 from conftest import count_vision_images, random_images, tiny_model
 from test_embed import expected_embeddings, is_memory_mapped, model_dir, stored  # noqa: F401 (model_dir: a fixture)
 
@@ -368,3 +370,55 @@ def test_non_finite_embeddings_stop_the_pass_naming_the_images_and_keep_the_earl
     assert seen == [2, 1] and info["num_images"] == 5
     table = load_embeddings(tmp_path / "emb").with_format("numpy")
     assert np.isfinite(table["embedding"]).all()
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_killed_and_rerun_pass_stores_the_values_of_an_uninterrupted_one(
+    tmp_path, tokenizer, processor, monkeypatch, streaming
+):
+    # An embedding's last bits depend on the batch it is computed in (on the CPU): here made to depend on it plainly,
+    # by the batch's size and the image's place in it. Batches of 3 do not divide shards of 4; row 1 is unreadable.
+    monkeypatch.setattr(embeddings, "EMBEDDING_SHARD_SIZE", 4)
+    good = [io.BytesIO() for _ in range(11)]
+    for image, file in zip(random_images(11), good):
+        image.save(file, "PNG")
+    images = [{"bytes": file.getvalue(), "path": None} for file in good]
+    images[1] = {"bytes": b"not an image", "path": None}
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    rows = {"image": images, "caption": [f"Image {index}." for index in range(11)]}
+    path = str(tmp_path / "part.parquet")
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(path)
+    model = tiny_model(tokenizer)
+    real_embeds = model.get_image_embeds
+
+    def batch_dependent(pixel_values):
+        place = torch.arange(len(pixel_values), dtype=torch.float32)[:, None]
+        return real_embeds(pixel_values) + 0.01 * len(pixel_values) + 0.001 * place
+
+    def embed(folder):
+        source = load_image_source(data_files=path, caption_column="caption", streaming=streaming)
+        return embed_source(source, model, processor.image_processor, folder, batch_size=3, on_bad_image="skip")
+
+    with mock.patch.object(model, "get_image_embeds", batch_dependent):
+        embed(tmp_path / "uninterrupted")
+        # Killed in its third batch: a killed process writes no last shard.
+        calls = []
+
+        def killed_in_third_batch(pixel_values):
+            calls.append(len(pixel_values))
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return batch_dependent(pixel_values)
+
+        with mock.patch.object(model, "get_image_embeds", killed_in_third_batch), \
+                mock.patch.object(embeddings._ShardWriter, "flush", lambda writer: None), \
+                pytest.raises(KeyboardInterrupt):
+            embed(tmp_path / "resumed")
+        assert len(load_embeddings(tmp_path / "resumed")) == 5  # the first shard: two whole batches, less row 1
+        info = embed(tmp_path / "resumed")
+    assert info["num_images"] == 10
+    expected, result = stored(tmp_path / "uninterrupted"), stored(tmp_path / "resumed")
+    assert expected.keys() == result.keys() and len(result) == 10
+    for key, (embedding, captions) in expected.items():
+        np.testing.assert_array_equal(result[key][0], embedding)
+        assert result[key][1] == captions

@@ -218,9 +218,10 @@ def embed_source(
     own share, the images whose key hashes to its rank, and writes its own shards, named
     `shard-rank<R>-of-<N>-<n>`; without one, one process embeds everything. All processes must see the one folder (on
     several machines: a shared filesystem); a process that does not is an error before any image is embedded. Shards
-    are written whole under a temporary name and then renamed, every [`EMBEDDING_SHARD_SIZE`] images, so a run that
-    is killed keeps all but its last shard: a rerun reads the keys already stored and embeds only the others, and
-    never stores an image twice; it also removes the temporary shards that the killed run left.
+    are written whole under a temporary name and then renamed, every [`EMBEDDING_SHARD_SIZE`] images (whole batches),
+    so a run that is killed keeps all but its last shard: a rerun reads the keys already stored and embeds only the
+    others, in the batches an uninterrupted run puts them in (an embedding's last bits depend on its batch), so the
+    folder holds the same values; it never stores an image twice, and removes the temporary shards the killed run left.
     Runs that share the folder (a sweep of `clipcap train` runs with one `--embedding_cache_dir`) take turns: a run
     that finds another one writing into it waits for it to finish, then embeds only the images still missing.
     An image file replaced at its path gets another key (see [`image_cache_key`]), so it is embedded again; the row
@@ -529,9 +530,11 @@ def _check_shared_folder(directory: Path, rank: int, world_size: int) -> None:
 
 class _ShardWriter:
     """
-    Collects one process's embeddings and writes them as shards of [`EMBEDDING_SHARD_SIZE`] images, the kept source
-    columns with their source's types (`keep_features`): inferred from each shard's values, a column that is null or
-    empty in one shard would get another type there, and the shards could not be read as one table.
+    Collects one process's embeddings and writes them as shards of [`EMBEDDING_SHARD_SIZE`] images or a little more,
+    whole batches each, the kept source columns with their source's types (`keep_features`): inferred from each
+    shard's values, a column that is null or empty in one shard would get another type there, and the shards could not
+    be read as one table. A run killed between shards has stored whole batches, which its rerun leaves out
+    ([`_unfinished_batches`]).
     """
 
     def __init__(
@@ -552,8 +555,8 @@ class _ShardWriter:
     def add(self, records: list[dict[str, Any]], embeddings: torch.Tensor) -> None:
         self.records.extend(records)
         self.embeddings.extend(embeddings)
-        while len(self.records) >= EMBEDDING_SHARD_SIZE:
-            self._write(EMBEDDING_SHARD_SIZE)
+        if len(self.records) >= EMBEDDING_SHARD_SIZE:
+            self._write(len(self.records))
 
     def flush(self) -> None:
         if self.records:
@@ -980,20 +983,39 @@ def _first_rows(rows: np.ndarray, digests: np.ndarray) -> np.ndarray:
     return rows[first[inverse.reshape(-1)]]
 
 
+def _unfinished_batches(stored: Sequence[bool], batch_size: int) -> list[list[int]]:
+    """
+    The batches an uninterrupted pass makes of images of which `stored` are stored already, each with only its images
+    not stored (positions), the empty ones left out. On the CPU an image's embedding differs in its last bits with the
+    batch it is computed in: a run killed and rerun (which stored whole batches: `_ShardWriter`) stores the values of
+    an uninterrupted one, where batching the images left anew would shift every later batch.
+    """
+    starts = range(0, len(stored), batch_size)
+    batches = [[position for position in range(start, min(start + batch_size, len(stored))) if not stored[position]]
+               for start in starts]
+    return [batch for batch in batches if batch]
+
+
 def _map_style_batches(source, image_processor, done, rank, world_size, batch_size, num_workers, keep_columns):
-    """This process's images not yet stored, each once (with every row that gives it), in batches."""
+    """This process's images not yet stored, each once (with every row that gives it), in the batches of
+    [`_unfinished_batches`]."""
     owners, digests = _source_key_digests(source, world_size)
-    todo = np.flatnonzero((owners == rank) & ~_is_in(digests, done))
+    mine = np.flatnonzero(owners == rank)
     # The first row of each image, in source order; the rows that repeat an image give it their captions too.
-    first_row_of = _first_rows(todo, digests)
+    first_row_of = _first_rows(mine, digests)
     first_rows = np.unique(first_row_of)
+    stored = _is_in(digests[first_rows], done)
     repeats: dict[int, list[int]] = {}
-    for row in np.flatnonzero(todo != first_row_of):
-        repeats.setdefault(int(first_row_of[row]), []).append(int(todo[row]))
+    for row in np.flatnonzero(mine != first_row_of):
+        repeats.setdefault(int(first_row_of[row]), []).append(int(mine[row]))
     images = _SourceImages(source, first_rows, repeats, image_processor, keep_columns)
     # A private generator leaves the global random state alone (see loaders._image_file_loader).
     loader = torch.utils.data.DataLoader(
-        images, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate, generator=torch.Generator()
+        images,
+        batch_sampler=_unfinished_batches(stored.tolist(), batch_size),
+        num_workers=num_workers,
+        collate_fn=_collate,
+        generator=torch.Generator(),
     )
     yield from loader
 
@@ -1007,22 +1029,24 @@ def _iterable_batches(
     without a file of its own is named by its row in the stream of `source_name`.
     """
     seen: set[int] = set()
-    items = []
+    items, batch_images = [], 0  # a batch's images not stored yet; all its images, stored ones counted
     for index, row in enumerate(source.cast_column("image", datasets.Image(decode=False))):
         owners, digests = key_digests([row[KEY_COLUMN]], world_size)
         digest = int(digests[0])
-        if owners[0] != rank or _is_in(digests, done)[0]:
-            continue
-        if digest in seen:
-            repeated_rows.append(len(row.get(CAPTIONS_COLUMN) or []))
+        if owners[0] != rank or digest in seen:
+            if owners[0] == rank and not _is_in(digests, done)[0]:
+                repeated_rows.append(len(row.get(CAPTIONS_COLUMN) or []))
             continue
         seen.add(digest)
-        pixels, problem = _read(row, index, image_processor, streamed_from=source_name or "the source")
-        record = {name: row[name] for name in (KEY_COLUMN, CAPTIONS_COLUMN, *keep_columns) if name in row}
-        items.append((pixels, record, problem))
-        if len(items) == batch_size:
-            yield _collate(items)
-            items = []
+        batch_images += 1  # batched as an uninterrupted pass batches them (see `_unfinished_batches`)
+        if not _is_in(digests, done)[0]:
+            pixels, problem = _read(row, index, image_processor, streamed_from=source_name or "the source")
+            record = {name: row[name] for name in (KEY_COLUMN, CAPTIONS_COLUMN, *keep_columns) if name in row}
+            items.append((pixels, record, problem))
+        if batch_images == batch_size:
+            if items:
+                yield _collate(items)
+            items, batch_images = [], 0
     if items:
         yield _collate(items)
 
