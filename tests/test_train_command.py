@@ -116,6 +116,38 @@ def test_a_damaged_checkpoint_is_named_with_the_fix_when_resuming(checkpointed_r
     assert (out / "checkpoint-3").is_dir()
 
 
+def test_resuming_from_what_is_no_checkpoint_names_it_and_a_checkpoint_to_give(
+    checkpointed_run, caption_folder, saved_model_dir, capsys
+):
+    out, resume = checkpointed_run
+    weightless = out.parent / "weightless"  # a checkpoint's trainer_state.json alone
+    weightless.mkdir()
+    shutil.copy(out / "checkpoint-2/trainer_state.json", weightless)
+    newest = f"Give --resume_from_checkpoint a checkpoint that a run saved, e.g. {out}/checkpoint-2, the newest in its"
+    anywhere = "Give --resume_from_checkpoint a checkpoint that a run saved, e.g. <output_dir>/checkpoint-N"
+    no_state = (
+        "it is not a Trainer checkpoint: it holds no trainer_state.json (Trainer writes it last into each checkpoint, "
+        "so a checkpoint a run stopped writing has none either)"
+    )
+    cases = {
+        out / "checkpoint-9": f"there is no such folder. {newest} folder.",
+        out / "model.safetensors": f"it is a file, not a checkpoint folder. {newest} folder.",
+        caption_folder: f"{no_state}. {anywhere}.",
+        saved_model_dir: f"{no_state}. {anywhere}; to train a saved model further, give it as --model_name_or_path.",
+        weightless: f"it is not a Trainer checkpoint: it holds trainer_state.json but no model weights. {anywhere}.",
+    }
+    before = {path: sorted(os.listdir(path)) for path in (caption_folder, saved_model_dir, weightless)}
+    for given, problem in cases.items():
+        capsys.readouterr()
+        assert main(["train", *resume, "--resume_from_checkpoint", str(given)]) == 2
+        err = capsys.readouterr().err
+        message = [line for line in err.splitlines() if line.startswith("clipcap train: error: ")]
+        assert len(message) == 1 and "Traceback" not in err
+        assert message[0] == f"clipcap train: error: Cannot resume from {given}: {problem}"
+    # Nothing given by mistake is called damaged, nor is anything of it removed.
+    assert {path: sorted(os.listdir(path)) for path in before} == before
+
+
 def test_an_incomplete_checkpoint_is_removed_and_the_run_resumes_from_the_one_before(checkpointed_run, caplog):
     out, resume = checkpointed_run
     state = out / "checkpoint-2/trainer_state.json"

@@ -10,12 +10,14 @@ import sys
 from pathlib import Path
 from unittest import mock
 
+import datasets
 import pytest
 import torch
 from conftest import (
     CAPTIONED_IMAGES,
     mkldnn_disabled,
     packs_run,
+    random_images,
     reuse_seen_by_generate,
     tiny_model,
     tiny_processor,
@@ -633,6 +635,62 @@ def test_caption_evaluation_needs_a_processor_and_some_images(tmp_path, tokenize
     with pytest.raises(ValueError, match="caption_eval_dataset has no rows; give at least one image, or None"):
         ClipCapTrainer(
             model=model, args=args, processing_class=processor, caption_eval_dataset=group_by_image(dataset).select([])
+        )
+
+
+def test_caption_evaluation_of_images_without_paths_writes_their_captions_without_paths(
+    tmp_path, tokenizer, processor
+):
+    # Rows with an `image` column (no `image_path`) are captioned from their pixels, and their records say no path.
+    images = datasets.Dataset.from_dict(
+        {"image_id": [7, 8], "image": random_images(2, seed=4), "references": [["a dog"], ["a cat", "cats"]]}
+    )
+    model = quiet_model(tokenizer)
+    trainer = ClipCapTrainer(
+        model=model,
+        args=training_args(tmp_path / "out"),
+        caption_eval_dataset=images,
+        processing_class=processor,
+        generation_kwargs={"max_new_tokens": 3},
+    )
+    metrics = trainer.evaluate_captions()
+
+    pixel_values = processor(images=images["image"])["pixel_values"]
+    expected = processor.post_process_image_text_to_text(model.generate(pixel_values=pixel_values, max_new_tokens=3))
+    assert metrics["eval_distinct_captions"] == len(set(expected))
+    records = json.loads((tmp_path / "out/predictions/eval_step0.json").read_text())
+    assert records == [
+        {"image_id": 7, "caption": expected[0], "references": ["a dog"]},
+        {"image_id": 8, "caption": expected[1], "references": ["a cat", "cats"]},
+    ]
+
+
+# The columns of `group_by_image` on embedded images, less those dropped.
+EVAL_IMAGE_COLUMNS = {"image_id": [1, 2], "image_index": [0, 1], "image_path": ["a.png", "b.png"],
+                      "references": [["a dog"], ["a cat"]]}
+
+
+@pytest.mark.parametrize(
+    "drop, with_embeds, message",
+    [
+        (["image_id"], True, r"^caption_eval_dataset lacks `image_id`; it needs one row per image \(see group_by_image"
+         r"\) with `image_id`, `references` \(its reference captions\) and `image_index` \(its row of "
+         r"caption_eval_embeds\)\. Its columns: \['image_index', 'image_path', 'references'\]\.$"),
+        (["references", "image_index"], True, r"lacks `references` and `image_index` \(its row of caption_eval_embeds"),
+        # Captioned from pixels: each row's image is its `pixel_values`, `image` or `image_path`.
+        (["image_path"], False, r"lacks an image column: `pixel_values`, `image` or `image_path`; it needs one row "
+         r"per image .* Its columns: \['image_id', 'image_index', 'references'\]\.$"),
+    ],
+)
+def test_caption_evaluation_needs_the_columns_it_reads(tmp_path, tokenizer, processor, drop, with_embeds, message):
+    images = datasets.Dataset.from_dict({name: rows for name, rows in EVAL_IMAGE_COLUMNS.items() if name not in drop})
+    with pytest.raises(ValueError, match=message):
+        ClipCapTrainer(
+            model=quiet_model(tokenizer),
+            args=training_args(tmp_path / "out"),
+            caption_eval_dataset=images,
+            caption_eval_embeds=torch.zeros(2, 24) if with_embeds else None,
+            processing_class=processor,
         )
 
 

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -109,9 +110,73 @@ def scratch_trainer(model, args: TrainingArguments, train_dataset, data_collator
     return trainer
 
 
+_CHECKPOINT_NAME = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+# How the model weights Trainer saves in a checkpoint are named: safetensors or torch files, sharded (with their index)
+# or not, FSDP's, peft's adapters.
+_WEIGHTS_PREFIXES = ("model.safetensors", "pytorch_model", "adapter_model")
+
+
+def _holds_model_weights(folder: Path) -> bool:
+    """Whether `folder` holds model weights as Trainer saves them (peft's adapters also one subfolder per adapter)."""
+    for entry in folder.iterdir():
+        if entry.name.startswith(_WEIGHTS_PREFIXES):
+            return True
+        if entry.is_dir() and any(name.startswith("adapter_model") for name in os.listdir(entry)):
+            return True
+    return False
+
+
+def _newest_checkpoint(folder: Path) -> Path | None:
+    """The `checkpoint-N` folder of `folder` with the largest N of those holding a trainer_state.json, else None."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return None
+    steps = {
+        int(match.group(1)): folder / name
+        for name in names
+        if (match := _CHECKPOINT_NAME.match(name)) and (folder / name / TRAINER_STATE_NAME).is_file()
+    }
+    return steps[max(steps)] if steps else None
+
+
+def _check_is_a_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
+    """
+    Refuse to resume from what is no Trainer checkpoint at all (a path that does not exist, a file, a folder without
+    the trainer_state.json that Trainer writes last into each checkpoint, or without model weights), naming it and a
+    checkpoint to give instead. Only the files of a checkpoint are reported as damaged, with the advice to delete it
+    ([`_naming_a_damaged_checkpoint`]): an image folder or a saved model given by mistake must not be.
+    """
+    folder = Path(checkpoint)
+    if not folder.exists():
+        problem = "there is no such folder"
+    elif not folder.is_dir():
+        problem = "it is a file, not a checkpoint folder"
+    elif not (folder / TRAINER_STATE_NAME).is_file():
+        problem = (
+            f"it is not a Trainer checkpoint: it holds no {TRAINER_STATE_NAME} (Trainer writes it last into each "
+            "checkpoint, so a checkpoint a run stopped writing has none either)"
+        )
+    elif not _holds_model_weights(folder):
+        problem = f"it is not a Trainer checkpoint: it holds {TRAINER_STATE_NAME} but no model weights"
+    else:
+        return
+    newest = (_newest_checkpoint(folder) if folder.is_dir() else None) or _newest_checkpoint(folder.parent)
+    example = f"{newest}, the newest in its folder" if newest else "<output_dir>/checkpoint-N"
+    saved_model = (folder / "config.json").is_file()  # a model saved by save_pretrained, given by mistake
+    further = "; to train a saved model further, give it as --model_name_or_path" if saved_model else ""
+    raise ValueError(
+        f"Cannot resume from {folder}: {problem}. Give --resume_from_checkpoint a checkpoint that a run saved, e.g. "
+        f"{example}{further}."
+    )
+
+
 @contextlib.contextmanager
 def _naming_a_damaged_checkpoint(checkpoint: str | None, files: str) -> Iterator[None]:
-    """Turn a failure to read part of a checkpoint (truncated, corrupt, not a torch file) into an error naming it."""
+    """
+    Turn a failure to read part of a checkpoint (truncated, corrupt, not a torch file) into an error naming it. Only
+    for a folder that [`_check_is_a_checkpoint`] accepted: its advice is to delete the checkpoint.
+    """
     try:
         yield
     except Exception as error:  # torch.load's failures are many: UnpicklingError, RuntimeError, EOFError, ...
@@ -121,6 +186,28 @@ def _naming_a_damaged_checkpoint(checkpoint: str | None, files: str) -> Iterator
             f"checkpoint is damaged, e.g. by a run stopped while writing it. Delete {folder} to resume from the "
             f"checkpoint before it, or give an earlier one with --resume_from_checkpoint {folder.parent}/checkpoint-N."
         ) from error
+
+
+def _check_caption_eval_columns(images: datasets.Dataset, image_embeds: torch.Tensor | None) -> None:
+    """
+    Refuse a `caption_eval_dataset` without the columns an evaluation reads, before it captions anything: `image_id`
+    and `references` (written beside each caption) and each row's image, as [`caption_dataset`] takes it.
+    """
+    columns = set(images.column_names)
+    missing = [f"`{name}`" for name in ("image_id", "references") if name not in columns]
+    if image_embeds is not None:
+        image = "`image_index` (its row of caption_eval_embeds)"
+        if "image_index" not in columns:
+            missing.append(image)
+    else:
+        image = "an image column: `pixel_values`, `image` or `image_path`"
+        if not columns & {"pixel_values", "image", "image_path"}:
+            missing.append(image)
+    if missing:
+        raise ValueError(
+            f"caption_eval_dataset lacks {' and '.join(missing)}; it needs one row per image (see group_by_image) with "
+            f"`image_id`, `references` (its reference captions) and {image}. Its columns: {sorted(columns)}."
+        )
 
 
 class ClipCapTrainer(Trainer):
@@ -134,7 +221,8 @@ class ClipCapTrainer(Trainer):
     `processing_class` (a [`ClipCapProcessor`]) decodes the captions (and preprocesses pixels).
 
     Args:
-        caption_eval_dataset: one row per image (see [`group_by_image`]) with `references`.
+        caption_eval_dataset: one row per image (see [`group_by_image`]) with `image_id`, `references` and its image:
+            `image_index` with `caption_eval_embeds`, else `pixel_values`, `image` or `image_path`.
         caption_eval_embeds: the embedding table its `image_index` points into; `None` to caption from pixels.
         generation_kwargs: passed to `generate`, e.g. `{"num_beams": 5, "max_new_tokens": 30}`.
         caption_metrics: names for [`compute_caption_metrics`], e.g. `["bleu", "cider"]`.
@@ -161,6 +249,7 @@ class ClipCapTrainer(Trainer):
                 )
             if len(caption_eval_dataset) == 0:
                 raise ValueError("caption_eval_dataset has no rows; give at least one image, or None.")
+            _check_caption_eval_columns(caption_eval_dataset, caption_eval_embeds)
         self.caption_eval_dataset = caption_eval_dataset
         self.caption_eval_embeds = caption_eval_embeds
         self.generation_kwargs = generation_kwargs or {}
@@ -173,7 +262,9 @@ class ClipCapTrainer(Trainer):
             return super().train(*args, **kwargs)
 
     # Resuming: a damaged part of the checkpoint is named, with what to do, rather than a bare torch.load traceback.
+    # Trainer.train (and run.py, for a finished run) loads the weights first, before the other files of the checkpoint.
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        _check_is_a_checkpoint(resume_from_checkpoint)
         with _naming_a_damaged_checkpoint(resume_from_checkpoint, "model weights or trainer_state.json"):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             read_json(Path(resume_from_checkpoint) / TRAINER_STATE_NAME)  # which Trainer.train reads next, unchecked
@@ -251,11 +342,9 @@ class ClipCapTrainer(Trainer):
         folder = Path(self.args.output_dir) / "predictions"
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{prefix}_step{self.state.global_step}.json"
-        records = [
-            {"image_id": image_id, "caption": caption, "references": references, "image_path": image_path}
-            for image_id, caption, references, image_path in zip(
-                images["image_id"], captions, images["references"], images["image_path"]
-            )
-        ]
+        fields = {"image_id": images["image_id"], "caption": captions, "references": images["references"]}
+        if "image_path" in images.column_names:  # images given as pixels or an `image` column have no path to write
+            fields["image_path"] = images["image_path"]
+        records = [dict(zip(fields, values)) for values in zip(*fields.values())]
         write_text_atomically(path, json.dumps(records, indent=1, ensure_ascii=False))
         logger.info(f"Wrote {len(records)} evaluation captions to {path}.")
