@@ -22,7 +22,8 @@ class TokenMatch:
     token_id: int
     """The token's id in the language model's vocabulary."""
     token: str | None
-    """The token decoded on its own (leading spaces kept), or `None` when no tokenizer was given."""
+    """The token decoded on its own, or `None` when no tokenizer was given. A token that starts a word keeps its
+    leading space, as GPT-2's byte-level tokens decode and SentencePiece's (its "▁") alike: `' do'`, not `'do'`."""
     similarity: float
     """Cosine similarity between the prefix vector and the token's input embedding, in [-1, 1]."""
 
@@ -118,15 +119,23 @@ def _byte_level_alphabet() -> dict[str, int]:
 _BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
 
 
+# SentencePiece's word-start marker (Llama, T5, ...), which `decode` strips from the first token of a text.
+_WORD_START = "\u2581"
+
+
 def _token_text(tokenizer, token_id: int) -> str:
     """
-    A token's own text. A byte-level token holding part of a multi-byte character, which decodes to U+FFFD alone,
-    shows its bytes instead: GPT-2's "Ã" (byte 0xC3, the first half of "é") as "<0xC3>".
+    A token's own text, a word-start token's leading space kept: GPT-2's byte-level "Ġdo" decodes to " do" alone, and
+    SentencePiece's "▁do", which `decode` gives as "do" (the start of a text), reads " do" too. A byte-level token
+    holding part of a multi-byte character, which decodes to U+FFFD alone, shows its bytes instead: GPT-2's "Ã" (byte
+    0xC3, the first half of "é") as "<0xC3>".
     """
     text = tokenizer.decode([token_id])
+    token = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(token, str) and token.startswith(_WORD_START) and not text.startswith(" "):
+        return " " + text
     if "\ufffd" not in text:
         return text
-    token = tokenizer.convert_ids_to_tokens(token_id)
     if not isinstance(token, str) or not token or any(char not in _BYTE_LEVEL_ALPHABET for char in token):
         return text  # not a byte-level token (sentencepiece's byte tokens already read "<0xC3>")
     raw = bytes(_BYTE_LEVEL_ALPHABET[char] for char in token)

@@ -90,6 +90,41 @@ def test_rerank_keeps_the_candidate_with_the_highest_score(clip):
         assert score == pytest.approx(max(expected), abs=1e-5)
 
 
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        # One reference string per image, where a list per image is due: otherwise read as one per character.
+        (lambda scorer, images: scorer.ref_clip_score(images, CAPTIONS[:2], ["a dog on sand", "cats sleeping"]),
+         TypeError, "`references[0]` must be a list of strings (the texts of image 0), got the str 'a dog on sand'; "
+                    "for a single one give ['a dog on sand']."),
+        (lambda scorer, images: scorer.ref_clip_score(images, CAPTIONS[:2], [["a dog"], ["cats", None]]),
+         TypeError, "`references[1]` must be a list of strings (the texts of image 1), got ['cats', None]."),
+        (lambda scorer, images: scorer.ref_clip_score(images, CAPTIONS[:2], [["a dog"], []]),
+         ValueError, "`references[1]` is empty: RefCLIPScore needs at least one reference per image."),
+        (lambda scorer, images: scorer.ref_clip_score(images, CAPTIONS[:2], "a dog"),
+         TypeError, "`references` must be a list with a list of strings for each image; got the str 'a dog'."),
+        (lambda scorer, images: scorer.ref_clip_score(images[:1], "a dog", [["a dog"]]),
+         TypeError, "`captions` must be a list of strings, one per image; got the str 'a dog'."),
+        (lambda scorer, images: scorer.clip_score(images[:1], "a dog"),
+         TypeError, "`captions` must be a list of strings, one per image; got the str 'a dog'."),
+        (lambda scorer, images: scorer.rerank(images, ["a dog runs", "two cats"]),
+         TypeError, "`candidates[0]` must be a list of strings (the texts of image 0), got the str 'a dog runs'; "
+                    "for a single one give ['a dog runs']."),
+        (lambda scorer, images: scorer.rerank(images, [["a dog"], []]),
+         ValueError, "`candidates[1]` is empty: rerank needs at least one candidate per image."),
+    ],
+)
+def test_texts_not_given_as_a_list_per_image_are_refused_naming_the_argument_and_image(clip, call, error, message):
+    with pytest.raises(error, match=f"^{re.escape(message)}$"):
+        call(CLIPScorer(*clip), random_images(2, seed=5))
+
+
+@pytest.mark.parametrize("text_batch_size", [0, -1, 2.5, True])
+def test_a_text_batch_size_that_is_no_positive_integer_is_refused(clip, text_batch_size):
+    with pytest.raises(ValueError, match=rf"^`text_batch_size` must be a positive integer, got {text_batch_size!r}\.$"):
+        CLIPScorer(*clip, text_batch_size=text_batch_size)
+
+
 def test_a_clip_folder_given_as_a_path_is_loaded(tiny_clip_dir, clip):
     model, processor = clip
     images = random_images(2, seed=7)

@@ -78,3 +78,23 @@ def test_a_file_written_atomically_has_its_mode_before_its_text_and_a_broken_lin
     target = tmp_path / "gone" / "metrics.json"
     assert str(error.value) == f"{dangling} is a link to {target}, in a folder that does not exist: cannot write it."
     assert sorted(os.listdir(tmp_path)) == ["metrics.json", "secret.txt"]
+
+
+def test_a_file_written_atomically_in_a_folder_that_is_not_there_is_named_with_its_folder(tmp_path, monkeypatch):
+    import os
+    import re
+
+    from clipcap_hf.utils.file_utils import write_text_atomically
+
+    # Named as given, a relative path too, with the folder missing: not the hidden temporary file.
+    monkeypatch.chdir(tmp_path)
+    for given, folder in ((tmp_path / "out" / "eval" / "metrics.json", tmp_path / "out" / "eval"),
+                          ("out/metrics.json", "out")):
+        message = (f"Cannot write {given}: the folder {folder} does not exist; create it, or give a path in a folder "
+                   "that does.")
+        with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
+            write_text_atomically(given, "{}")
+    (tmp_path / "results").write_text("a file")
+    with pytest.raises(NotADirectoryError, match=r"^Cannot write results/m\.json: results is a file, not a folder\.$"):
+        write_text_atomically("results/m.json", "{}")
+    assert os.listdir(tmp_path) == ["results"]

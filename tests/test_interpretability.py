@@ -83,6 +83,25 @@ def test_ranking_is_by_cosine_similarity_not_by_dot_product(tokenizer):
     assert interpretation.matches[0][-1].similarity == pytest.approx(-1.0, abs=1e-5)
 
 
+def test_sentencepiece_word_start_tokens_keep_their_leading_space():
+    # A Llama-style tokenizer (SentencePiece's "▁" marks a word's start), built here: `decode` strips the marker of a
+    # text's first token, so "▁the" alone would read "the", like the mid-word "the": it reads " the", as GPT-2's
+    # byte-level "Ġdo" reads " do".
+    from tokenizers import SentencePieceBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    pieces = SentencePieceBPETokenizer()
+    pieces.train_from_iterator(["the dog runs on the beach", "the cat sleeps"] * 50, vocab_size=60, min_frequency=1,
+                               special_tokens=["<unk>", "<s>", "</s>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=pieces._tokenizer, unk_token="<unk>", eos_token="</s>")
+    ids = tokenizer.convert_tokens_to_ids(["\u2581the", "the", "\u2581", "ps"])
+    embeddings = torch.eye(len(tokenizer))  # each token nearest to itself alone
+    (interpretation,) = interpret_prefix_embeds(embeddings[ids][None], embeddings, tokenizer, top_k=1)
+    assert [position[0].token_id for position in interpretation.matches] == ids
+    assert interpretation.tokens == [" the", "the", " ", "ps"]
+    assert interpretation.format_matches() == ["' the' 1.000", "'the' 1.000", "' ' 1.000", "'ps' 1.000"]
+
+
 def test_without_tokenizer_only_ids_are_given(prefix_of_words):
     model, ids = prefix_of_words
     (interpretation,) = model.interpret_prefix(image_embeds=torch.randn(1, model.config.prefix_dim), top_k=1)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import PIL.Image
 import torch
 
+from ..configuration_clipcap import check_positive_int
 from ..image_processing_clipcap import ClipCapImageProcessor
 from ..utils.loading import check_clip_model, local_folder, to_device_and_dtype
 
@@ -46,6 +47,31 @@ def _clipcap_image_processor(image_processor, model_config) -> ClipCapImageProce
         raise ValueError(f"CLIPScorer cannot apply the CLIP processor's image settings: {error}") from None
 
 
+def _check_captions(captions: Sequence[str]) -> None:
+    """Refuse a single string given as the captions: it would be read as one caption per character."""
+    if isinstance(captions, str):
+        raise TypeError(f"`captions` must be a list of strings, one per image; got the str {captions!r:.200}.")
+
+
+def _check_texts_per_image(name: str, texts_per_image: Sequence[Sequence[str]], needs: str) -> None:
+    """
+    Refuse `texts_per_image` (`references`, `candidates`) unless it holds a non-empty list of strings for each
+    image: a str in its place would be read as one text per character, and scored without a word.
+    """
+    if isinstance(texts_per_image, str):
+        raise TypeError(f"`{name}` must be a list with a list of strings for each image; got the str "
+                        f"{texts_per_image!r:.200}.")
+    for index, texts in enumerate(texts_per_image):
+        if isinstance(texts, str):
+            raise TypeError(f"`{name}[{index}]` must be a list of strings (the texts of image {index}), got the "
+                            f"str {texts!r:.200}; for a single one give [{texts!r:.200}].")
+        if not isinstance(texts, Sequence) or not all(isinstance(text, str) for text in texts):
+            raise TypeError(f"`{name}[{index}]` must be a list of strings (the texts of image {index}), got "
+                            f"{texts!r:.200}.")
+        if not texts:
+            raise ValueError(f"`{name}[{index}]` is empty: {needs}.")
+
+
 class CLIPScorer:
     """
     Score captions against images (and reference captions) with a CLIP model, batch by batch.
@@ -57,7 +83,7 @@ class CLIPScorer:
             are: upright, transparency on white, the same pixels on every transformers line.
         device, dtype: where and in which precision CLIP runs (default: the model's own).
         prompt: the text put before every caption (the paper's "A photo depicts"; "" for none).
-        text_batch_size: captions embedded at once.
+        text_batch_size: captions embedded at once (a positive integer).
         option: how errors about a `model` name that cannot be loaded call it (a command passes its option's name).
 
     Example:
@@ -79,6 +105,7 @@ class CLIPScorer:
         text_batch_size: int = 256,
         option: str = "CLIPScorer's `model` argument",
     ):
+        check_positive_int("text_batch_size", text_batch_size)  # before the model loads
         if isinstance(model, (str, os.PathLike)):
             from transformers import AutoProcessor, CLIPModel
 
@@ -140,6 +167,7 @@ class CLIPScorer:
     ) -> torch.Tensor:
         """Each caption's CLIPScore against its image (one caption per image, or image embeddings from
         [`image_embeddings`]); a float32 tensor on the CPU."""
+        _check_captions(captions)
         return _clip_scores(self._cosines(images, captions)).cpu()
 
     def _cosines(self, images: Sequence[PIL.Image.Image] | torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
@@ -156,7 +184,9 @@ class CLIPScorer:
         references: Sequence[Sequence[str]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Each caption's CLIPScore and RefCLIPScore (harmonic mean of CLIPScore and the caption's largest cosine
-        similarity to a reference of its image, clipped at 0)."""
+        similarity to a reference of its image, clipped at 0). `references` holds a list of strings for each image."""
+        _check_captions(captions)
+        _check_texts_per_image("references", references, "RefCLIPScore needs at least one reference per image")
         if len(references) != len(captions):
             raise ValueError(f"Got {len(captions)} captions and {len(references)} reference lists; give one per image.")
         clip_scores = self.clip_score(images, captions)
@@ -166,8 +196,6 @@ class CLIPScorer:
         best = []
         start = 0
         for index, image_references in enumerate(references):
-            if not image_references:
-                raise ValueError(f"Caption {index} has no reference captions; RefCLIPScore needs at least one.")
             cosines = reference_embeddings[start : start + len(image_references)] @ caption_embeddings[index]
             best.append(cosines.max().clamp(min=0))
             start += len(image_references)
@@ -182,7 +210,8 @@ class CLIPScorer:
     ) -> tuple[list[int], list[float]]:
         """For each image, the index of its candidate caption with the highest CLIPScore, and that score: the
         candidate most similar to the image, also where every candidate's score is clipped to 0 (the first candidate
-        wins a tie)."""
+        wins a tie). `candidates` holds a non-empty list of strings for each image."""
+        _check_texts_per_image("candidates", candidates, "rerank needs at least one candidate per image")
         if len(images) != len(candidates):
             raise ValueError(f"Got {len(images)} images and {len(candidates)} candidate lists.")
         image_embeddings = self.image_embeddings(images)

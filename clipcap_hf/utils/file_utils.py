@@ -102,8 +102,15 @@ def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
     points to is replaced.
     """
     given, path = Path(path), Path(os.path.realpath(path))
-    if not path.parent.is_dir() and given.is_symlink():  # else the error would name the hidden temporary file
-        raise FileNotFoundError(f"{given} is a link to {path}, in a folder that does not exist: cannot write it.")
+    if not path.parent.is_dir():  # else the error would name the hidden temporary file
+        if given.is_symlink():
+            raise FileNotFoundError(f"{given} is a link to {path}, in a folder that does not exist: cannot write it.")
+        if path.parent.exists():
+            raise NotADirectoryError(f"Cannot write {given}: {given.parent} is a file, not a folder.")
+        raise FileNotFoundError(
+            f"Cannot write {given}: the folder {given.parent} does not exist; create it, or give a path in a folder "
+            "that does."
+        )
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
