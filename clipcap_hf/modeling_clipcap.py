@@ -740,6 +740,16 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         return loaded
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+        # A model that utils/quantization.py converted for inference (its CONVERTED_FOR_INFERENCE, written out: this
+        # file is saved with the model and imports nothing of the package) would not load back: refused.
+        marks = (getattr(module, "_clipcap_converted_for_inference", None) for module in self.modules())
+        converted = next((how for how in marks if how), None)
+        if converted is not None:
+            raise ValueError(
+                f"Cannot save this model: {converted} (clipcap_hf.utils.quantization), and from_pretrained would not "
+                "load its saved weights back. Save the full-precision model, before converting it, and convert it "
+                "again after loading it."
+            )
         # `register_for_auto_class` records one Auto class (AutoModel) in the saved `auto_map`; the image-text-to-text
         # (and, on transformers 4.x, image-to-text) pipelines load through their own Auto classes, so name those too.
         module = type(self).__module__.rsplit(".", 1)[-1]

@@ -52,6 +52,31 @@ def test_int8_weight_only_quantizes_only_the_language_model_layers(tokenizer, pi
     assert generated.shape[0] == len(pixel_values) and (generated[:, PREFIX_LENGTH:] >= 0).all()
 
 
+# What save_pretrained says of a model converted for inference, after naming the conversion.
+NOT_SAVED = (r" \(clipcap_hf\.utils\.quantization\), and from_pretrained would not load its saved weights back\. Save "
+             r"the full-precision model, before converting it, and convert it again after loading it\.$")
+
+
+def test_a_model_with_linear_layers_for_conv1d_is_not_saved(tokenizer, tmp_path):
+    # Saved, its nn.Linear weights, stored (out, in), would be read back as Conv1D's (in, out): refused, unwritten.
+    model = conv1d_to_linear(captioning_model(tokenizer))
+    with pytest.raises(ValueError, match="^Cannot save this model: its Conv1D layers were turned into nn.Linear by "
+                                         "conv1d_to_linear" + NOT_SAVED):
+        model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+
+def test_an_int8_quantized_model_is_not_saved(tokenizer, tmp_path):
+    pytest.importorskip("torchao", reason="torchao is not installed (pip install torchao)")
+    from clipcap_hf.utils.quantization import quantize_int8_weight_only
+
+    model = quantize_int8_weight_only(captioning_model(tokenizer))
+    with pytest.raises(ValueError, match="^Cannot save this model: its language model was quantized by "
+                                         "quantize_int8_weight_only" + NOT_SAVED):
+        model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
+
+
 def test_bitsandbytes_config_quantizes_the_language_model_only():
     if int(transformers.__version__.split(".")[0]) < 5:  # 4.57's config reads the installed version
         pytest.importorskip("bitsandbytes", reason="transformers 4.57's BitsAndBytesConfig needs bitsandbytes")

@@ -18,6 +18,12 @@ from ..modeling_clipcap import ClipCapForConditionalGeneration
 # Module names (as transformers' quantizers match them: any part of the dotted name) that stay in full precision.
 NOT_QUANTIZED_MODULES = ["vision_model", "mapping_network", "lm_head"]
 
+# Set on each module `conv1d_to_linear` and `quantize_int8_weight_only` convert, saying how:
+# `ClipCapForConditionalGeneration.save_pretrained` refuses a model holding one, whose files would not load back as
+# the model (Linear weights under Conv1D names, transposed; torchao's int8 tensors, which safetensors cannot write).
+# The name is written out there too: the model code cannot import this module (see modeling_clipcap.save_pretrained).
+CONVERTED_FOR_INFERENCE = "_clipcap_converted_for_inference"
+
 
 def bitsandbytes_config(bits: int, compute_dtype: torch.dtype = torch.bfloat16):
     """
@@ -58,7 +64,9 @@ def load_quantized(
 def conv1d_to_linear(module: nn.Module) -> nn.Module:
     """
     Replace, in place, every `transformers` Conv1D (GPT-2's linear layers, weight stored (in, out)) under `module` with
-    the equal `nn.Linear`, which quantizers know. Returns `module`.
+    the equal `nn.Linear`, which quantizers know. Returns `module`. For inference only: `save_pretrained` refuses a
+    model so converted (`from_pretrained` would read its `nn.Linear` weights as Conv1D ones, transposed); save the
+    model before converting it.
     """
     for name, child in list(module.named_children()):
         if isinstance(child, transformers.pytorch_utils.Conv1D):
@@ -68,6 +76,7 @@ def conv1d_to_linear(module: nn.Module) -> nn.Module:
                 linear.weight.copy_(child.weight.t())
                 linear.bias.copy_(child.bias)
             linear.requires_grad_(child.weight.requires_grad)
+            setattr(linear, CONVERTED_FOR_INFERENCE, "its Conv1D layers were turned into nn.Linear by conv1d_to_linear")
             setattr(module, name, linear)
         else:
             conv1d_to_linear(child)
@@ -78,7 +87,8 @@ def quantize_int8_weight_only(model: ClipCapForConditionalGeneration) -> ClipCap
     """
     int8 weight-only quantization of the language model's linear layers (its LM head excepted), in place, with
     torchao: weights stored as int8 with a scale per output channel, activations kept in floating point. For CPU
-    inference; GPT-2's Conv1D layers are first turned into `nn.Linear` ([`conv1d_to_linear`]).
+    inference; GPT-2's Conv1D layers are first turned into `nn.Linear` ([`conv1d_to_linear`]). `save_pretrained`
+    refuses the quantized model: save the full-precision one, and quantize it again after loading it.
     """
     try:
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -92,6 +102,7 @@ def quantize_int8_weight_only(model: ClipCapForConditionalGeneration) -> ClipCap
         Int8WeightOnlyConfig(),
         filter_fn=lambda module, _: isinstance(module, nn.Linear) and module is not output_layer,
     )
+    setattr(language_model, CONVERTED_FOR_INFERENCE, "its language model was quantized by quantize_int8_weight_only")
     return model
 
 
