@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import datasets
 import pyarrow.parquet as pq
@@ -510,6 +511,36 @@ def test_a_run_that_failed_before_any_shard_does_not_bind_the_folder(embeddings_
     assert json.loads((output / "caption_run.json").read_text())["run"] == 2
     with pytest.raises(ValueError, match=r"holds captions made with other settings \(run differ"):
         caption_dataset_to_parquet(embeddings_captioner, dataset, output, settings={"run": 3}, rank=0, world_size=1)
+
+
+def test_a_shard_that_cannot_be_written_is_named_and_the_earlier_ones_kept(embeddings_captioner, tmp_path):
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from clipcap_hf.inference import caption_dataset_to_parquet
+
+    output = tmp_path / "captions"
+    dataset = embeddings_rows(7, embeddings_captioner.model.config.prefix_dim)
+    write_table, written = pq.write_table, []
+
+    def disk_full_at_second_shard(table, where, **kwargs):
+        written.append(where)
+        if len(written) == 2:  # pyarrow's own error names no file
+            Path(where).write_bytes(b"PAR1")
+            raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+        return write_table(table, where, **kwargs)
+
+    with mock.patch.object(pq, "write_table", disk_full_at_second_shard), pytest.raises(OSError) as error:
+        caption_dataset_to_parquet(embeddings_captioner, dataset, output, shard_size=3, rank=0, world_size=1)
+    shard = output / "captions-00001-of-00003.parquet"
+    assert str(error.value).startswith(f"Cannot write the caption shard {shard} (OSError: [Errno 28] ")
+    assert "Free space in" in str(error.value) and "rerun: it captions the rest" in str(error.value)
+    assert sorted(path.name for path in output.iterdir() if path.suffix == ".parquet" or ".partial" in path.name) == [
+        "captions-00000-of-00003.parquet"
+    ]
+    summary = caption_dataset_to_parquet(embeddings_captioner, dataset, output, shard_size=3, rank=0, world_size=1)
+    assert summary.skipped == ["captions-00000-of-00003.parquet"] and len(summary.written) == 2
 
 
 def test_a_seeded_sampled_resume_with_another_batch_size_is_refused(model_dir, tmp_path):

@@ -430,10 +430,17 @@ def _write_parquet_atomically(columns: dict[str, list], path: Path) -> None:
     types = {"image_key": pa.string(), "candidates": pa.list_(pa.string()), "clip_score": pa.float32()}
     schema = pa.schema([(name, types.get(name, pa.string())) for name in columns])  # typed even when empty
     temporary = path.with_name(f".{path.name}.partial")  # one name per shard: a killed run's leftover is replaced
-    pq.write_table(pa.table(columns, schema=schema), temporary)
-    with open(temporary, "rb") as file:
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
+    try:
+        pq.write_table(pa.table(columns, schema=schema), temporary)
+        with open(temporary, "rb") as file:
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except OSError as error:  # a full disk: pyarrow's message names no file
+        temporary.unlink(missing_ok=True)
+        raise OSError(
+            f"Cannot write the caption shard {path} ({type(error).__name__}: {error}); the shards written before it "
+            f"are kept. Free space in {path.parent} (or give another --output) and rerun: it captions the rest."
+        ) from error
 
 
 def caption_dataset_to_parquet(
