@@ -1033,13 +1033,16 @@ def _iterable_batches(
     for index, row in enumerate(source.cast_column("image", datasets.Image(decode=False))):
         owners, digests = key_digests([row[KEY_COLUMN]], world_size)
         digest = int(digests[0])
-        if owners[0] != rank or digest in seen:
-            if owners[0] == rank and not _is_in(digests, done)[0]:
+        if owners[0] != rank:
+            continue
+        stored = bool(_is_in(digests, done)[0])
+        if digest in seen:
+            if not stored:
                 repeated_rows.append(len(row.get(CAPTIONS_COLUMN) or []))
             continue
         seen.add(digest)
         batch_images += 1  # batched as an uninterrupted pass batches them (see `_unfinished_batches`)
-        if not _is_in(digests, done)[0]:
+        if not stored:
             pixels, problem = _read(row, index, image_processor, streamed_from=source_name or "the source")
             record = {name: row[name] for name in (KEY_COLUMN, CAPTIONS_COLUMN, *keep_columns) if name in row}
             items.append((pixels, record, problem))
