@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import threading
 import time
 import weakref
 from collections.abc import Iterator
@@ -272,20 +273,41 @@ def _routed(model: nn.Module, prepack: bool, measure: bool) -> Iterator[None]:
         yield
 
 
+# The packed copies of the prepacking blocks open in this process, which every optimizer step clears. One hook for
+# them all, registered with the first block and kept: registering and removing one per block would change PyTorch's
+# global hook dict while another thread's optimizer step iterates over it.
+_OPEN_PACKS: dict[int, dict] = {}  # by id: the dicts themselves compare by content
+_OPEN_PACKS_LOCK = threading.Lock()
+_optimizer_hook_registered = False
+
+
+def _clear_open_packs(optimizer, args, kwargs) -> None:
+    with _OPEN_PACKS_LOCK:
+        open_packs = list(_OPEN_PACKS.values())
+    for packs in open_packs:
+        packs.clear()
+
+
 @contextmanager
 def _packs_cleared_by_optimizer_steps(packs: dict | None) -> Iterator[None]:
     """
     Within the block, every optimizer step clears `packs`: PyTorch's fused optimizers (the Trainer's default AdamW)
     change the weights in place without counting a version, which `_packed_weight` would not see.
     """
+    global _optimizer_hook_registered
     if packs is None:
         yield
         return
-    handle = register_optimizer_step_post_hook(lambda optimizer, args, kwargs: packs.clear())
+    with _OPEN_PACKS_LOCK:
+        if not _optimizer_hook_registered:
+            register_optimizer_step_post_hook(_clear_open_packs)
+            _optimizer_hook_registered = True
+        _OPEN_PACKS[id(packs)] = packs
     try:
         yield
     finally:
-        handle.remove()
+        with _OPEN_PACKS_LOCK:
+            del _OPEN_PACKS[id(packs)]
 
 
 @contextmanager

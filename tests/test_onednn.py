@@ -242,6 +242,31 @@ def test_an_optimizer_step_within_a_prepacking_block_packs_the_weights_again(fus
     torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_one_optimizer_hook_serves_every_block_and_each_block_is_cleared_until_it_ends():
+    from torch.optim.optimizer import _global_optimizer_post_hooks
+
+    torch.manual_seed(0)
+    first, second = nn.Linear(16, 8), nn.Linear(16, 8)
+    inputs = torch.randn(3, 16)
+    optimizer = torch.optim.AdamW(first.parameters(), lr=0.1, fused=True)
+    with onednn_linear(first, prepack=True):  # the hook is registered once, by the process's first block
+        pass
+    hooks = len(_global_optimizer_post_hooks)
+    with onednn_linear(first, prepack=True):
+        with onednn_linear(second, prepack=True):  # both blocks' packs still empty: equal dicts, told apart
+            assert len(_global_optimizer_post_hooks) == hooks  # none per block: steps in other threads iterate them
+        with torch.no_grad():
+            first(inputs)
+        first(inputs).sum().backward()
+        optimizer.step()
+        with torch.no_grad():
+            result, ops = ops_run(lambda: first(inputs))
+            expected = F.linear(inputs, first.weight, first.bias)
+    assert len(_global_optimizer_post_hooks) == hooks
+    assert PACK_OP in ops
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_a_model_built_in_inference_mode_computes_from_its_current_plain_weights():
     # Inference tensors keep no version counter: a packed copy could not tell that `copy_` changed them.
     with torch.inference_mode():
