@@ -422,3 +422,30 @@ def test_a_killed_and_rerun_pass_stores_the_values_of_an_uninterrupted_one(
     for key, (embedding, captions) in expected.items():
         np.testing.assert_array_equal(result[key][0], embedding)
         assert result[key][1] == captions
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_images_scattered_among_stored_ones_are_embedded_in_whole_batches(
+    tmp_path, tokenizer, processor, streaming
+):
+    # A folder shared by two sources: the second's new images lie between images the first stored.
+    files = [io.BytesIO() for _ in range(8)]
+    for image, file in zip(random_images(8), files):
+        image.save(file, "PNG")
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    for name, indices in (("first", range(0, 8, 2)), ("all", range(8))):
+        rows = {"image": [{"bytes": files[index].getvalue(), "path": None} for index in indices],
+                "caption": [f"Image {index}." for index in indices]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / f"{name}.parquet")
+    model = tiny_model(tokenizer)
+
+    def embed(name):
+        source = load_image_source(data_files=str(tmp_path / f"{name}.parquet"), caption_column="caption",
+                                   streaming=streaming)
+        return embed_source(source, model, processor.image_processor, tmp_path / "emb", batch_size=3)
+
+    embed("first")
+    seen, patch = count_vision_images(model)
+    with patch:
+        info = embed("all")
+    assert seen == [3, 1] and info["num_images"] == 8  # not one batch per image between stored ones

@@ -985,15 +985,21 @@ def _first_rows(rows: np.ndarray, digests: np.ndarray) -> np.ndarray:
 
 def _unfinished_batches(stored: Sequence[bool], batch_size: int) -> list[list[int]]:
     """
-    The batches an uninterrupted pass makes of images of which `stored` are stored already, each with only its images
-    not stored (positions), the empty ones left out. On the CPU an image's embedding differs in its last bits with the
-    batch it is computed in: a run killed and rerun (which stored whole batches: `_ShardWriter`) stores the values of
-    an uninterrupted one, where batching the images left anew would shift every later batch.
+    Batches (positions) of the images of which `stored` are not stored yet. An uninterrupted pass's batches with no
+    image stored are kept as they are; the images left in the others are batched together. On the CPU an image's
+    embedding differs in its last bits with the batch it is computed in, and a killed pass stores whole batches
+    (`_ShardWriter`, but for unreadable images): rerun, it embeds the rest in the batches an uninterrupted pass would,
+    where batching everything left anew would shift them after a skipped unreadable image. Images scattered among
+    stored ones (a folder shared by several sources) still fill whole batches.
     """
-    starts = range(0, len(stored), batch_size)
-    batches = [[position for position in range(start, min(start + batch_size, len(stored))) if not stored[position]]
-               for start in starts]
-    return [batch for batch in batches if batch]
+    batches, scattered = [], []
+    for start in range(0, len(stored), batch_size):
+        positions = range(start, min(start + batch_size, len(stored)))
+        if not any(stored[position] for position in positions):
+            batches.append(list(positions))
+        else:
+            scattered += [position for position in positions if not stored[position]]
+    return batches + [scattered[start : start + batch_size] for start in range(0, len(scattered), batch_size)]
 
 
 def _map_style_batches(source, image_processor, done, rank, world_size, batch_size, num_workers, keep_columns):
@@ -1005,8 +1011,10 @@ def _map_style_batches(source, image_processor, done, rank, world_size, batch_si
     first_row_of = _first_rows(mine, digests)
     first_rows = np.unique(first_row_of)
     stored = _is_in(digests[first_rows], done)
-    repeats: dict[int, list[int]] = {}
-    for row in np.flatnonzero(mine != first_row_of):
+    repeats: dict[int, list[int]] = {}  # only for images to embed: a rerun with little left does not walk them all
+    repeated = np.flatnonzero(mine != first_row_of)
+    repeated = repeated[~stored[np.searchsorted(first_rows, first_row_of[repeated])]]
+    for row in repeated:
         repeats.setdefault(int(first_row_of[row]), []).append(int(mine[row]))
     images = _SourceImages(source, first_rows, repeats, image_processor, keep_columns)
     # A private generator leaves the global random state alone (see loaders._image_file_loader).
@@ -1029,7 +1037,9 @@ def _iterable_batches(
     without a file of its own is named by its row in the stream of `source_name`.
     """
     seen: set[int] = set()
-    items, batch_images = [], 0  # a batch's images not stored yet; all its images, stored ones counted
+    # As `_unfinished_batches` batches them: an uninterrupted pass's batches with no image stored, as they are; the
+    # images left in the others, together.
+    items, scattered, batch_images, any_stored = [], [], 0, False
     for index, row in enumerate(source.cast_column("image", datasets.Image(decode=False))):
         owners, digests = key_digests([row[KEY_COLUMN]], world_size)
         digest = int(digests[0])
@@ -1041,17 +1051,25 @@ def _iterable_batches(
                 repeated_rows.append(len(row.get(CAPTIONS_COLUMN) or []))
             continue
         seen.add(digest)
-        batch_images += 1  # batched as an uninterrupted pass batches them (see `_unfinished_batches`)
+        batch_images, any_stored = batch_images + 1, any_stored or stored
         if not stored:
             pixels, problem = _read(row, index, image_processor, streamed_from=source_name or "the source")
             record = {name: row[name] for name in (KEY_COLUMN, CAPTIONS_COLUMN, *keep_columns) if name in row}
             items.append((pixels, record, problem))
         if batch_images == batch_size:
-            if items:
+            if any_stored:
+                scattered += items
+            elif items:
                 yield _collate(items)
-            items, batch_images = [], 0
-    if items:
-        yield _collate(items)
+            items, batch_images, any_stored = [], 0, False
+        if len(scattered) >= batch_size:
+            yield _collate(scattered[:batch_size])
+            scattered = scattered[batch_size:]
+    if any_stored:
+        scattered, items = scattered + items, []
+    for batch in [scattered[start : start + batch_size] for start in range(0, len(scattered), batch_size)] + [items]:
+        if batch:
+            yield _collate(batch)
 
 
 def _process_rank() -> int:
