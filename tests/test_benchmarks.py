@@ -126,7 +126,7 @@ def test_bench_train_counts_the_same_caption_tokens_for_both_runs_the_image_pref
         assert 0 < ours <= reference
 
 
-def test_the_paper_loops_gpt2_computes_gelu_new_in_transformers_seven_operations():
+def test_use_seven_operation_gelu_new_puts_transformers_gelu_new_back_in_a_clipcap_model():
     from transformers.activations import NewGELUActivation
 
     model = bench_peers.build_clipcap("mlp", small=True).model
