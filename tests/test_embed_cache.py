@@ -129,10 +129,10 @@ def test_a_killed_runs_leftovers_are_removed_by_process_0_before_its_run_writes(
     ]
 
 
-def embed_files(folder, model, processor, output):
+def embed_files(folder, model, processor, output, batch_size=64):
     """Embed the image files of `folder` (captions from its metadata.jsonl) into `output`."""
     source = load_image_source(data_files=str(folder), caption_column="text")
-    return embed_source(source, model, processor.image_processor, output)
+    return embed_source(source, model, processor.image_processor, output, batch_size=batch_size)
 
 
 def image_folder(path, count):

@@ -29,7 +29,7 @@ def two_shards(tmp_path, tokenizer, processor, monkeypatch):
     folder = image_folder(tmp_path / "images", 4)
     with monkeypatch.context() as patch:
         patch.setattr(embeddings, "EMBEDDING_SHARD_SIZE", 2)
-        embed_files(folder, tiny_model(tokenizer), processor, tmp_path / "emb")
+        embed_files(folder, tiny_model(tokenizer), processor, tmp_path / "emb", batch_size=2)  # whole batches a shard
     keys = [image_cache_key(str(folder / f"{index}.png")) for index in range(4)]
     assert sorted(path.name for path in (tmp_path / "emb").glob("shard-*"))[1] == SECOND_SHARD
     return tmp_path / "emb", keys
