@@ -1,6 +1,7 @@
 """`clipcap caption --output`: datasets and embeddings folders into parquet shards, whole, resumable, split between
 processes, and the same captions as `model.generate`."""
 
+import errno
 import hashlib
 import io
 import json
@@ -513,9 +514,18 @@ def test_a_run_that_failed_before_any_shard_does_not_bind_the_folder(embeddings_
         caption_dataset_to_parquet(embeddings_captioner, dataset, output, settings={"run": 3}, rank=0, world_size=1)
 
 
-def test_a_shard_that_cannot_be_written_is_named_and_the_earlier_ones_kept(embeddings_captioner, tmp_path):
-    import errno
-
+@pytest.mark.parametrize(
+    "failure, fix",
+    [
+        # pyarrow's own errors name no file; a full disk, and a folder that may not be written.
+        (OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device"),
+         "Free space in {folder}"),
+        (PermissionError(errno.EACCES, "Failed to open local file. Detail: [errno 13] Permission denied"),
+         "Make {folder} writable"),
+    ],
+)
+def test_a_shard_that_cannot_be_written_is_named_and_the_earlier_ones_kept(embeddings_captioner, tmp_path, failure,
+                                                                            fix):
     import pyarrow.parquet as pq
 
     from clipcap_hf.inference import caption_dataset_to_parquet
@@ -524,23 +534,46 @@ def test_a_shard_that_cannot_be_written_is_named_and_the_earlier_ones_kept(embed
     dataset = embeddings_rows(7, embeddings_captioner.model.config.prefix_dim)
     write_table, written = pq.write_table, []
 
-    def disk_full_at_second_shard(table, where, **kwargs):
+    def fail_at_second_shard(table, where, **kwargs):
         written.append(where)
-        if len(written) == 2:  # pyarrow's own error names no file
+        if len(written) == 2:
             Path(where).write_bytes(b"PAR1")
-            raise OSError(errno.ENOSPC, "Error writing bytes to file. Detail: [errno 28] No space left on device")
+            raise failure
         return write_table(table, where, **kwargs)
 
-    with mock.patch.object(pq, "write_table", disk_full_at_second_shard), pytest.raises(OSError) as error:
+    with mock.patch.object(pq, "write_table", fail_at_second_shard), pytest.raises(OSError) as error:
         caption_dataset_to_parquet(embeddings_captioner, dataset, output, shard_size=3, rank=0, world_size=1)
     shard = output / "captions-00001-of-00003.parquet"
-    assert str(error.value).startswith(f"Cannot write the caption shard {shard} (OSError: [Errno 28] ")
-    assert "Free space in" in str(error.value) and "rerun: it captions the rest" in str(error.value)
+    # Of the same class and errno, for a caller to tell a full disk from a refusal; the fix for its cause alone.
+    assert type(error.value) is type(failure) and error.value.errno == failure.errno
+    assert error.value.__cause__ is failure
+    assert str(error.value) == (
+        f"[Errno {failure.errno}] Cannot write the caption shard {shard} ({type(failure).__name__}: {failure}); the "
+        f"shards written before it are kept. {fix.format(folder=output)} (or give another --output) and rerun: it "
+        "captions the rest."
+    )
     assert sorted(path.name for path in output.iterdir() if path.suffix == ".parquet" or ".partial" in path.name) == [
         "captions-00000-of-00003.parquet"
     ]
     summary = caption_dataset_to_parquet(embeddings_captioner, dataset, output, shard_size=3, rank=0, world_size=1)
     assert summary.skipped == ["captions-00000-of-00003.parquet"] and len(summary.written) == 2
+
+
+def test_a_shard_error_without_errno_or_of_a_class_built_otherwise_keeps_what_it_can():
+    from clipcap_hf.inference.sharded import _same_kind_of_error
+
+    class BuiltOtherwise(OSError):  # as some libraries' OSError subclasses: other constructor arguments
+        def __init__(self, path):
+            super().__init__(errno.EIO, "I/O error", path)
+
+    # No errno: no "[Errno None]" in the message.
+    without = _same_kind_of_error(FileNotFoundError("gone"), "Cannot write the caption shard s")
+    assert type(without) is FileNotFoundError and without.errno is None
+    assert str(without) == "Cannot write the caption shard s"
+    # Its class cannot be built from (errno, message): an OSError of the same errno.
+    other = _same_kind_of_error(BuiltOtherwise("p"), "Cannot write the caption shard s")
+    assert type(other) is OSError and other.errno == errno.EIO
+    assert str(other) == "[Errno 5] Cannot write the caption shard s"
 
 
 def test_a_seeded_sampled_resume_with_another_batch_size_is_refused(model_dir, tmp_path):

@@ -112,11 +112,33 @@ def test_rerank_keeps_the_candidate_with_the_highest_score(clip):
                     "for a single one give ['a dog runs']."),
         (lambda scorer, images: scorer.rerank(images, [["a dog"], []]),
          ValueError, "`candidates[1]` is empty: rerank needs at least one candidate per image."),
+        (lambda scorer, images: scorer.rerank(images, [np.array(["a dog"]), np.array([], dtype=str)]),
+         ValueError, "`candidates[1]` is empty: rerank needs at least one candidate per image."),
     ],
 )
 def test_texts_not_given_as_a_list_per_image_are_refused_naming_the_argument_and_image(clip, call, error, message):
     with pytest.raises(error, match=f"^{re.escape(message)}$"):
         call(CLIPScorer(*clip), random_images(2, seed=5))
+
+
+def test_texts_per_image_may_be_numpy_arrays_as_pandas_reads_a_parquet_list_column(clip):
+    import pyarrow as pa
+
+    scorer, images = CLIPScorer(*clip), random_images(2, seed=5)
+    candidates = [["a dog runs", "a dog"], ["two cats", "a cat sleeping", "a car"]]
+    column = pa.table({"candidates": candidates}).to_pandas()["candidates"]  # a Series of object arrays of str
+    assert all(isinstance(texts, np.ndarray) for texts in column)
+    assert scorer.rerank(images, column) == scorer.rerank(images, candidates)
+    unicode_arrays = [np.array(texts) for texts in candidates]  # of np.str_
+    assert scorer.rerank(images, unicode_arrays) == scorer.rerank(images, candidates)
+    for got, expected in zip(scorer.ref_clip_score(images, CAPTIONS[:2], column),
+                             scorer.ref_clip_score(images, CAPTIONS[:2], candidates)):
+        assert torch.equal(got, expected)
+    # Still refused: an array of other than strings, and one that is no list (0-d).
+    refused = re.escape("`candidates[1]` must be a list of strings (the texts of image 1), got ")
+    for texts in (np.array([1, 2]), np.array("a dog")):
+        with pytest.raises(TypeError, match=f"^{refused}"):
+            scorer.rerank(images, [["a dog"], texts])
 
 
 @pytest.mark.parametrize("text_batch_size", [0, -1, 2.5, True])

@@ -94,7 +94,11 @@ def test_a_file_written_atomically_in_a_folder_that_is_not_there_is_named_with_i
                    "that does.")
         with pytest.raises(FileNotFoundError, match=f"^{re.escape(message)}$"):
             write_text_atomically(given, "{}")
+    # A file where a folder of the path is due, also further up (no folder can be created in it): the file named.
     (tmp_path / "results").write_text("a file")
-    with pytest.raises(NotADirectoryError, match=r"^Cannot write results/m\.json: results is a file, not a folder\.$"):
-        write_text_atomically("results/m.json", "{}")
+    for given, file in (("results/m.json", "results"), ("results/sub/m.json", "results"),
+                        (tmp_path / "results" / "sub" / "eval" / "m.json", tmp_path / "results")):
+        message = f"Cannot write {given}: {file} is a file, not a folder."
+        with pytest.raises(NotADirectoryError, match=f"^{re.escape(message)}$"):
+            write_text_atomically(given, "{}")
     assert os.listdir(tmp_path) == ["results"]

@@ -129,8 +129,11 @@ def test_resuming_from_what_is_no_checkpoint_names_it_and_a_checkpoint_to_give(
         "it is not a Trainer checkpoint: it holds no trainer_state.json (Trainer writes it last into each checkpoint, "
         "so a checkpoint a run stopped writing has none either)"
     )
+    stopped = out / "checkpoint-3"  # as a run stopped while writing it leaves it: config and weights, no state
+    shutil.copytree(out / "checkpoint-2", stopped, ignore=shutil.ignore_patterns("trainer_state.json"))
     cases = {
         out / "checkpoint-9": f"there is no such folder. {newest} folder.",
+        stopped: f"{no_state}. {newest} folder.",  # a checkpoint holds config.json too: no saved model's advice
         out / "model.safetensors": f"it is a file, not a checkpoint folder. {newest} folder.",
         caption_folder: f"{no_state}. {anywhere}.",
         saved_model_dir: f"{no_state}. {anywhere}; to train a saved model further, give it as --model_name_or_path.",
@@ -146,6 +149,37 @@ def test_resuming_from_what_is_no_checkpoint_names_it_and_a_checkpoint_to_give(
         assert message[0] == f"clipcap train: error: Cannot resume from {given}: {problem}"
     # Nothing given by mistake is called damaged, nor is anything of it removed.
     assert {path: sorted(os.listdir(path)) for path in before} == before
+
+
+def test_a_checkpoint_whose_weights_are_missing_is_named_damaged_and_never_given_as_one_to_resume_from(
+    checkpointed_run, capsys
+):
+    out, resume = checkpointed_run
+    (out / "checkpoint-2/model.safetensors").unlink()
+
+    def error(*extra):
+        capsys.readouterr()
+        assert main(["train", *resume, *extra]) == 2
+        err = capsys.readouterr().err
+        message = [line for line in err.splitlines() if line.startswith("clipcap train: error: ")]
+        assert len(message) == 1 and "Traceback" not in err
+        return message[0]
+
+    # Resumed from (the last checkpoint of output_dir, or given): a checkpoint of the run, damaged, to be deleted.
+    for given in ([], ["--resume_from_checkpoint", str(out / "checkpoint-2")]):
+        message = error(*given)
+        assert f"Cannot resume from {out}/checkpoint-2: its model weights or trainer_state.json cannot" in message
+        assert f"Delete {out}/checkpoint-2 to resume from the checkpoint before it" in message
+        assert "not a Trainer checkpoint" not in message and "--model_name_or_path" not in message
+    # Nor is it the checkpoint a refusal suggests: the newest that would resume is.
+    assert error("--resume_from_checkpoint", str(out / "checkpoint-9")) == (
+        f"clipcap train: error: Cannot resume from {out}/checkpoint-9: there is no such folder. Give "
+        f"--resume_from_checkpoint a checkpoint that a run saved, e.g. {out}/checkpoint-1, the newest in its folder."
+    )
+    # The fix works: without the damaged checkpoint the run resumes from the one before.
+    shutil.rmtree(out / "checkpoint-2")
+    assert main(["train", *resume]) == 0
+    assert (out / "checkpoint-3").is_dir()
 
 
 def test_an_incomplete_checkpoint_is_removed_and_the_run_resumes_from_the_one_before(checkpointed_run, caplog):

@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Sequence
 
+import numpy as np
 import PIL.Image
 import torch
 
@@ -56,7 +57,9 @@ def _check_captions(captions: Sequence[str]) -> None:
 def _check_texts_per_image(name: str, texts_per_image: Sequence[Sequence[str]], needs: str) -> None:
     """
     Refuse `texts_per_image` (`references`, `candidates`) unless it holds a non-empty list of strings for each
-    image: a str in its place would be read as one text per character, and scored without a word.
+    image: a str in its place would be read as one text per character, and scored without a word. A list is any
+    sequence but a str: a tuple, or a NumPy array of strings, as pandas reads a list column of parquet (its np.str_
+    elements are str).
     """
     if isinstance(texts_per_image, str):
         raise TypeError(f"`{name}` must be a list with a list of strings for each image; got the str "
@@ -65,10 +68,12 @@ def _check_texts_per_image(name: str, texts_per_image: Sequence[Sequence[str]], 
         if isinstance(texts, str):
             raise TypeError(f"`{name}[{index}]` must be a list of strings (the texts of image {index}), got the "
                             f"str {texts!r:.200}; for a single one give [{texts!r:.200}].")
-        if not isinstance(texts, Sequence) or not all(isinstance(text, str) for text in texts):
+        # A NumPy array is no registered Sequence; a 0-d one cannot be iterated, a 2-d one holds arrays.
+        listed = isinstance(texts, Sequence) or (isinstance(texts, np.ndarray) and texts.ndim == 1)
+        if not listed or not all(isinstance(text, str) for text in texts):
             raise TypeError(f"`{name}[{index}]` must be a list of strings (the texts of image {index}), got "
                             f"{texts!r:.200}.")
-        if not texts:
+        if len(texts) == 0:  # not `not texts`: an array of several has no truth value
             raise ValueError(f"`{name}[{index}]` is empty: {needs}.")
 
 

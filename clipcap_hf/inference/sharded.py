@@ -11,13 +11,14 @@ folder is refused instead of writing the same shards over the first one's.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import re
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -423,6 +424,20 @@ def _busy(output_dir: Path, lock: Path) -> str:
     )
 
 
+# The errors of a disk (or a quota) full, for which the fix is to free space.
+_NO_SPACE = {errno.ENOSPC} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
+
+
+def _same_kind_of_error(error: OSError, message: str) -> OSError:
+    """`message` as an error of `error`'s class and errno, so that a caller still tells a full disk from a refusal."""
+    arguments = (message,) if error.errno is None else (error.errno, message)  # else str() shows "[Errno None]"
+    try:
+        raised = type(error)(*arguments)
+    except Exception:  # a subclass built from other arguments
+        raised = None
+    return raised if isinstance(raised, OSError) else OSError(*arguments)
+
+
 def _write_parquet_atomically(columns: dict[str, list], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -435,12 +450,20 @@ def _write_parquet_atomically(columns: dict[str, list], path: Path) -> None:
         with open(temporary, "rb") as file:
             os.fsync(file.fileno())
         os.replace(temporary, path)
-    except OSError as error:  # a full disk: pyarrow's message names no file
-        temporary.unlink(missing_ok=True)
-        raise OSError(
+    except OSError as error:  # e.g. a full disk: pyarrow's message names no file
+        with suppress(OSError):  # a folder that cannot be written may not let it be removed either: the error stands
+            temporary.unlink(missing_ok=True)
+        if error.errno in _NO_SPACE:
+            fix = f"Free space in {path.parent}"
+        elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            fix = f"Make {path.parent} writable"
+        else:
+            fix = "Fix what the error names"
+        message = (
             f"Cannot write the caption shard {path} ({type(error).__name__}: {error}); the shards written before it "
-            f"are kept. Free space in {path.parent} (or give another --output) and rerun: it captions the rest."
-        ) from error
+            f"are kept. {fix} (or give another --output) and rerun: it captions the rest."
+        )
+        raise _same_kind_of_error(error, message) from error
 
 
 def caption_dataset_to_parquet(

@@ -127,7 +127,10 @@ def _holds_model_weights(folder: Path) -> bool:
 
 
 def _newest_checkpoint(folder: Path) -> Path | None:
-    """The `checkpoint-N` folder of `folder` with the largest N of those holding a trainer_state.json, else None."""
+    """
+    The `checkpoint-N` folder of `folder` with the largest N of those that would resume (holding trainer_state.json
+    and model weights), else None. So it is never a folder [`_check_is_a_checkpoint`] refuses, nor a damaged one.
+    """
     try:
         names = os.listdir(folder)
     except OSError:
@@ -135,7 +138,9 @@ def _newest_checkpoint(folder: Path) -> Path | None:
     steps = {
         int(match.group(1)): folder / name
         for name in names
-        if (match := _CHECKPOINT_NAME.match(name)) and (folder / name / TRAINER_STATE_NAME).is_file()
+        if (match := _CHECKPOINT_NAME.match(name))
+        and (folder / name / TRAINER_STATE_NAME).is_file()
+        and _holds_model_weights(folder / name)
     }
     return steps[max(steps)] if steps else None
 
@@ -143,11 +148,13 @@ def _newest_checkpoint(folder: Path) -> Path | None:
 def _check_is_a_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
     """
     Refuse to resume from what is no Trainer checkpoint at all (a path that does not exist, a file, a folder without
-    the trainer_state.json that Trainer writes last into each checkpoint, or without model weights), naming it and a
-    checkpoint to give instead. Only the files of a checkpoint are reported as damaged, with the advice to delete it
-    ([`_naming_a_damaged_checkpoint`]): an image folder or a saved model given by mistake must not be.
+    the trainer_state.json that Trainer writes last into each checkpoint, or one not named checkpoint-N without model
+    weights), naming it and a checkpoint to give instead. Only the files of a checkpoint are reported as damaged, with
+    the advice to delete it ([`_naming_a_damaged_checkpoint`]): a checkpoint-N holding trainer_state.json goes on to
+    be loaded, so one whose weights are missing is; an image folder or a saved model given by mistake must not be.
     """
     folder = Path(checkpoint)
+    named_a_checkpoint = _CHECKPOINT_NAME.match(folder.name) is not None
     if not folder.exists():
         problem = "there is no such folder"
     elif not folder.is_dir():
@@ -157,13 +164,16 @@ def _check_is_a_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
             f"it is not a Trainer checkpoint: it holds no {TRAINER_STATE_NAME} (Trainer writes it last into each "
             "checkpoint, so a checkpoint a run stopped writing has none either)"
         )
-    elif not _holds_model_weights(folder):
+    elif not _holds_model_weights(folder) and not named_a_checkpoint:
         problem = f"it is not a Trainer checkpoint: it holds {TRAINER_STATE_NAME} but no model weights"
     else:
+        # A checkpoint-N holding trainer_state.json is a checkpoint a run saved: without its weights (deleted, or in a
+        # layout Trainer alone knows) its load fails as damaged, with the advice to delete it.
         return
     newest = (_newest_checkpoint(folder) if folder.is_dir() else None) or _newest_checkpoint(folder.parent)
     example = f"{newest}, the newest in its folder" if newest else "<output_dir>/checkpoint-N"
-    saved_model = (folder / "config.json").is_file()  # a model saved by save_pretrained, given by mistake
+    # A model saved by save_pretrained, given by mistake; every checkpoint holds config.json too, so not one of those.
+    saved_model = (folder / "config.json").is_file() and not named_a_checkpoint
     further = "; to train a saved model further, give it as --model_name_or_path" if saved_model else ""
     raise ValueError(
         f"Cannot resume from {folder}: {problem}. Give --resume_from_checkpoint a checkpoint that a run saved, e.g. "

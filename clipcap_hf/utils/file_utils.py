@@ -105,8 +105,10 @@ def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
     if not path.parent.is_dir():  # else the error would name the hidden temporary file
         if given.is_symlink():
             raise FileNotFoundError(f"{given} is a link to {path}, in a folder that does not exist: cannot write it.")
-        if path.parent.exists():
-            raise NotADirectoryError(f"Cannot write {given}: {given.parent} is a file, not a folder.")
+        # The nearest of its folders that is there: where that is a file, no folder can be created below it.
+        nearest = next((folder for folder in (given.parent, *given.parent.parents) if folder.exists()), None)
+        if nearest is not None and not nearest.is_dir():
+            raise NotADirectoryError(f"Cannot write {given}: {nearest} is a file, not a folder.")
         raise FileNotFoundError(
             f"Cannot write {given}: the folder {given.parent} does not exist; create it, or give a path in a folder "
             "that does."
