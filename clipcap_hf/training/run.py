@@ -22,7 +22,6 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers import TrainerState, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import ADAPTER_CONFIG_NAME, find_adapter_config_file
 
 from ..data import ClipCapDataCollator, TrainingData, load_training_data
@@ -65,7 +64,7 @@ from .lora import (
     lora_base_model,
     merge_lora,
 )
-from .trainer import RUN_ARGUMENTS_NAME, ClipCapTrainer, write_run_arguments
+from .trainer import RUN_ARGUMENTS_NAME, ClipCapTrainer, checkpoint_folders, write_run_arguments
 
 logger = logging.getLogger(__name__)
 
@@ -247,23 +246,13 @@ def _check_context_length(
         )
 
 
-def _checkpoints(output_dir: str) -> dict[int, str]:
-    """The `checkpoint-N` folders of `output_dir`, by step."""
-    steps = {}
-    for name in os.listdir(output_dir):
-        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
-        if match and os.path.isdir(os.path.join(output_dir, name)):
-            steps[int(match.group(1))] = os.path.join(output_dir, name)
-    return steps
-
-
 def last_complete_checkpoint(output_dir: str, remove_incomplete: bool = False) -> str | None:
     """
     The newest `checkpoint-N` folder of `output_dir` that a run finished writing: its trainer_state.json, which Trainer
     writes last, reads whole. Newer folders are what a run stopped while writing them left; with `remove_incomplete`
     (the main process) they are removed, so that Trainer's checkpoint rotation does not take them for checkpoints.
     """
-    steps = _checkpoints(output_dir)
+    steps = checkpoint_folders(output_dir)
     for step in sorted(steps, reverse=True):
         checkpoint = steps[step]
         try:
@@ -284,7 +273,7 @@ def _holds_optimizer_state(checkpoint: str) -> bool:
 
 def _warn_of_the_checkpoints_left(output_dir: str) -> None:
     """--overwrite_output_dir starts a new run, but Trainer deletes nothing: say what that means for a later resume."""
-    steps = _checkpoints(output_dir)
+    steps = checkpoint_folders(output_dir)
     if steps:
         names = ", ".join(os.path.basename(steps[step]) for step in sorted(steps))
         logger.warning(

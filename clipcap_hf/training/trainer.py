@@ -126,23 +126,30 @@ def _holds_model_weights(folder: Path) -> bool:
     return False
 
 
+def checkpoint_folders(output_dir: str | os.PathLike[str]) -> dict[int, str]:
+    """The `checkpoint-N` folders of `output_dir`, by step."""
+    steps = {}
+    for name in os.listdir(output_dir):
+        match = _CHECKPOINT_NAME.match(name)
+        if match and os.path.isdir(os.path.join(output_dir, name)):
+            steps[int(match.group(1))] = os.path.join(output_dir, name)
+    return steps
+
+
 def _newest_checkpoint(folder: Path) -> Path | None:
     """
     The `checkpoint-N` folder of `folder` with the largest N of those that would resume (holding trainer_state.json
     and model weights), else None. So it is never a folder [`_check_is_a_checkpoint`] refuses, nor a damaged one.
     """
     try:
-        names = os.listdir(folder)
+        steps = checkpoint_folders(folder)
     except OSError:
         return None
-    steps = {
-        int(match.group(1)): folder / name
-        for name in names
-        if (match := _CHECKPOINT_NAME.match(name))
-        and (folder / name / TRAINER_STATE_NAME).is_file()
-        and _holds_model_weights(folder / name)
-    }
-    return steps[max(steps)] if steps else None
+    complete = [
+        step for step, checkpoint in steps.items()
+        if Path(checkpoint, TRAINER_STATE_NAME).is_file() and _holds_model_weights(Path(checkpoint))
+    ]
+    return Path(steps[max(complete)]) if complete else None
 
 
 def _check_is_a_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
