@@ -97,18 +97,26 @@ def _onednn_computes(inputs: object, weight: object, bias: object) -> bool:
 PACK_ROWS = 16
 
 
-def _packed_weight(layer: nn.Linear | Conv1D, weight: torch.Tensor, packs: dict) -> torch.Tensor:
-    """
-    `weight` (the layer's, transposed for GPT-2's `Conv1D`) in oneDNN's blocked layout for `PACK_ROWS` rows, from
-    `packs` (the block's) or packed now: again when the layer's weight is another tensor or was changed in place (its
-    version counter; fused optimizer steps, which leave it as it is, clear the block's `packs`: `_routed`).
-    """
+def _weight_state(layer: nn.Linear | Conv1D) -> tuple[int, int, int]:
     parameter = layer.weight
-    state = (id(parameter), parameter.data_ptr(), parameter._version)
-    cached = packs.get(layer)
-    if cached is None or cached[0] != state:
-        cached = packs[layer] = (state, torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS))
-    return cached[1]
+    return id(parameter), parameter.data_ptr(), parameter._version
+
+
+def _current_pack(layer: nn.Linear | Conv1D, packs: dict | None) -> torch.Tensor | None:
+    """The layer's packed weight in `packs`, unless the layer's weight is another tensor or was changed in place since
+    (its version counter; fused optimizer steps, which leave it as it is, clear the block's `packs`: `_routed`)."""
+    cached = None if packs is None else packs.get(layer)
+    return cached[1] if cached is not None and cached[0] == _weight_state(layer) else None
+
+
+def _packed_weight(layer: nn.Linear | Conv1D, weight: torch.Tensor, packs: dict) -> torch.Tensor:
+    """`weight` (the layer's, transposed for GPT-2's `Conv1D`) in oneDNN's blocked layout for `PACK_ROWS` rows: the
+    current copy in `packs` (the block's), or packed now."""
+    packed = _current_pack(layer, packs)
+    if packed is None:
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+        packs[layer] = (_weight_state(layer), packed)
+    return packed
 
 
 def _onednn_linear(
@@ -177,11 +185,18 @@ class _RoutedForward:
         if race.onednn is not None:
             return _onednn_forward(layer, weight, inputs, packs) if race.onednn else type(layer).forward(layer, inputs)
         onednn = race.next_is_onednn()
-        # A oneDNN turn that packs the layer's weight counts the packing in its time: that is what oneDNN costs a
-        # block that packs for few calls, and in a longer one it can only favour MKL, which is plain PyTorch.
+        # A oneDNN turn on a layer not packed yet computes from the plain weight, as cold as MKL's, and packs it after,
+        # untimed: the packed copy serves the block's later calls on the layer, whatever their rows (a prefill's turns
+        # pack the weights its decoding steps read), so a turn that counted the packing settled kinds on MKL for a
+        # whole captioning run where oneDNN computed them faster (a prefill's 160 rows, 1.3x on an AMD EPYC).
         start = time.perf_counter()
-        outputs = _onednn_forward(layer, weight, inputs, packs) if onednn else type(layer).forward(layer, inputs)
+        if onednn:
+            outputs = _onednn_linear(inputs, weight, layer.bias, _current_pack(layer, packs))
+        else:
+            outputs = type(layer).forward(layer, inputs)
         race.record(onednn, time.perf_counter() - start)
+        if onednn and packs is not None:
+            _packed_weight(layer, weight, packs)
         return outputs
 
     def open(self, packs: dict | None, measure: bool) -> None:
