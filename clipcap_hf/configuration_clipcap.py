@@ -7,6 +7,11 @@ from typing import Any
 
 from transformers import AutoConfig, CLIPVisionConfig, GPT2Config, PretrainedConfig
 
+try:  # transformers 5 checks configs as huggingface_hub's strict dataclasses; 4.57's own checks raise ValueError
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # a huggingface_hub without strict dataclasses: no config raises it
+    StrictDataclassError = ValueError
+
 from .open_clip_vision import resolve_open_clip_model, vision_part_of_model_cfg
 
 MAPPING_TYPES = ("mlp", "transformer")
@@ -53,7 +58,19 @@ def vision_tower_config(config: dict | PretrainedConfig) -> PretrainedConfig:
         )
     if isinstance(config, PretrainedConfig):
         return config
-    return AutoConfig.for_model(model_type, **{key: value for key, value in config.items() if key != "model_type"})
+    return _sub_config("vision_config", {**config, "model_type": model_type})
+
+
+def _sub_config(name: str, fields: dict[str, Any]) -> PretrainedConfig:
+    """
+    The sub-config `name` built from `fields` (its `model_type` among them). Its own checks' errors are ValueErrors
+    naming it on every transformers version: the loading code names the folder of a config.json edited by hand.
+    """
+    try:
+        return AutoConfig.for_model(**fields)
+    except StrictDataclassError as error:
+        # The check's own words, on one line: hub's message is the validator's name, then the cause indented.
+        raise ValueError(f"`{name}`: {error.__cause__ or error}") from error
 
 
 def resolve_vision_pooling(vision_config: PretrainedConfig, vision_pooling: str | None = None) -> str:
@@ -275,7 +292,7 @@ class ClipCapConfig(PretrainedConfig):
         elif isinstance(text_config, dict):
             if "model_type" not in text_config:
                 raise ValueError("`text_config` given as a dict needs a `model_type` key, e.g. {'model_type': 'gpt2'}.")
-            text_config = AutoConfig.for_model(**text_config)
+            text_config = _sub_config("text_config", text_config)
         elif not isinstance(text_config, PretrainedConfig):
             raise ValueError(f"`text_config` must be a PretrainedConfig or a dict, got {type(text_config).__name__}.")
 
