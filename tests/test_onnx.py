@@ -420,7 +420,6 @@ def test_int8_per_tensor_on_request(onnx_export, tmp_path, monkeypatch):
     assert zero_points and all(list(i.dims) == [] for i in graph.graph.initializer if i.name in zero_points)
 
 
-
 def test_a_generation_config_with_only_max_length_counts_the_image_tokens_as_generate_does(onnx_export):
     model, _, exported = onnx_export
     image_embeds = torch.randn(2, model.config.prefix_dim, generator=torch.Generator().manual_seed(3))

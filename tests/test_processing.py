@@ -206,7 +206,6 @@ def test_caption_length_below_one_is_rejected(processor, max_length):
     assert processor.tokenize_captions(["A dog."], max_length=1)["input_ids"].shape == (1, 4 + 1)
 
 
-
 def test_empty_caption_is_rejected_with_its_index(processor):
     with pytest.raises(ValueError, match=r"Caption 1 is empty \(' '\)"):
         processor(captions=["A dog.", " "])

@@ -18,7 +18,7 @@ import shutil
 import time
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
@@ -83,7 +83,6 @@ def _vision_tower(config) -> dict[str, str | None]:
     }
 
 
-
 def image_cache_key(path: str) -> str:
     """
     The embedding cache's key of an image file: its absolute path, size and modification time (in nanoseconds), so
@@ -94,7 +93,6 @@ def image_cache_key(path: str) -> str:
     except OSError:  # a missing file fails to load and is reported; its key only needs to be stable
         return path
     return f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
-
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -375,7 +373,6 @@ def embed_source(
         return load_embeddings_info(output_dir)
 
 
-
 def _stale_rows(shards: list[Path], source, keep_columns: Sequence[str]) -> str | None:
     """
     What a folder's `shards` store that a map-style source (to be embedded into it) says otherwise, described; None if
@@ -534,7 +531,7 @@ class _ShardWriter:
     whole batches each, the kept source columns with their source's types (`keep_features`): inferred from each
     shard's values, a column that is null or empty in one shard would get another type there, and the shards could not
     be read as one table. A run killed between shards has stored whole batches, which its rerun leaves out
-    ([`_unfinished_batches`]).
+    ([`_batches_to_embed`]).
     """
 
     def __init__(
@@ -983,28 +980,41 @@ def _first_rows(rows: np.ndarray, digests: np.ndarray) -> np.ndarray:
     return rows[first[inverse.reshape(-1)]]
 
 
-def _unfinished_batches(stored: Sequence[bool], batch_size: int) -> list[list[int]]:
+def _batches_to_embed(images: Iterable[tuple[Any, bool]], batch_size: int) -> Iterator[list[Any]]:
     """
-    Batches (positions) of the images of which `stored` are not stored yet. An uninterrupted pass's batches with no
-    image stored are kept as they are; the images left in the others are batched together. On the CPU an image's
-    embedding differs in its last bits with the batch it is computed in, and a killed pass stores whole batches
-    (`_ShardWriter`, but for unreadable images): rerun, it embeds the rest in the batches an uninterrupted pass would,
-    where batching everything left anew would shift them after a skipped unreadable image. Images scattered among
-    stored ones (a folder shared by several sources) still fill whole batches.
+    The batches of the images not stored yet, from `(item, stored)` pairs, one per unique image in source order, read
+    as it goes (a stream's image is read only when its pair is asked for). An uninterrupted pass's batches with no
+    image stored are kept as they are; the images left in the others ("scattered" among stored ones, as in a folder
+    shared by several sources) are batched together, each batch yielded once full. On the CPU an image's embedding
+    differs in its last bits with the batch it is computed in, and a killed pass stores whole batches (`_ShardWriter`,
+    but for unreadable images): rerun, it embeds the rest in the batches an uninterrupted pass would, where batching
+    everything left anew would shift them after a skipped unreadable image; scattered images still fill whole batches.
     """
-    batches, scattered = [], []
-    for start in range(0, len(stored), batch_size):
-        positions = range(start, min(start + batch_size, len(stored)))
-        if not any(stored[position] for position in positions):
-            batches.append(list(positions))
-        else:
-            scattered += [position for position in positions if not stored[position]]
-    return batches + [scattered[start : start + batch_size] for start in range(0, len(scattered), batch_size)]
+    batch, scattered, batch_has_stored = [], [], False
+    for position, (item, stored) in enumerate(images, start=1):
+        batch_has_stored = batch_has_stored or stored
+        if not stored:
+            batch.append(item)
+        if position % batch_size == 0:  # an uninterrupted pass's batch ends here
+            if batch_has_stored:
+                scattered += batch
+            else:
+                yield batch
+            batch, batch_has_stored = [], False
+        if len(scattered) >= batch_size:
+            yield scattered[:batch_size]
+            scattered = scattered[batch_size:]
+    if batch_has_stored:
+        scattered, batch = scattered + batch, []
+    for start in range(0, len(scattered), batch_size):
+        yield scattered[start : start + batch_size]
+    if batch:
+        yield batch
 
 
 def _map_style_batches(source, image_processor, done, rank, world_size, batch_size, num_workers, keep_columns):
     """This process's images not yet stored, each once (with every row that gives it), in the batches of
-    [`_unfinished_batches`]."""
+    [`_batches_to_embed`]."""
     owners, digests = _source_key_digests(source, world_size)
     mine = np.flatnonzero(owners == rank)
     # The first row of each image, in source order; the rows that repeat an image give it their captions too.
@@ -1020,7 +1030,7 @@ def _map_style_batches(source, image_processor, done, rank, world_size, batch_si
     # A private generator leaves the global random state alone (see loaders._image_file_loader).
     loader = torch.utils.data.DataLoader(
         images,
-        batch_sampler=_unfinished_batches(stored.tolist(), batch_size),
+        batch_sampler=list(_batches_to_embed(enumerate(stored.tolist()), batch_size)),
         num_workers=num_workers,
         collate_fn=_collate,
         generator=torch.Generator(),
@@ -1036,40 +1046,29 @@ def _iterable_batches(
     first batch may already be written), and each later row's caption count goes to `repeated_rows`. A bad image
     without a file of its own is named by its row in the stream of `source_name`.
     """
-    seen: set[int] = set()
-    # As `_unfinished_batches` batches them: an uninterrupted pass's batches with no image stored, as they are; the
-    # images left in the others, together.
-    items, scattered, batch_images, any_stored = [], [], 0, False
-    for index, row in enumerate(source.cast_column("image", datasets.Image(decode=False))):
-        owners, digests = key_digests([row[KEY_COLUMN]], world_size)
-        digest = int(digests[0])
-        if owners[0] != rank:
-            continue
-        stored = bool(_is_in(digests, done)[0])
-        if digest in seen:
-            if not stored:
-                repeated_rows.append(len(row.get(CAPTIONS_COLUMN) or []))
-            continue
-        seen.add(digest)
-        batch_images, any_stored = batch_images + 1, any_stored or stored
-        if not stored:
-            pixels, problem = _read(row, index, image_processor, streamed_from=source_name or "the source")
-            record = {name: row[name] for name in (KEY_COLUMN, CAPTIONS_COLUMN, *keep_columns) if name in row}
-            items.append((pixels, record, problem))
-        if batch_images == batch_size:
-            if any_stored:
-                scattered += items
-            elif items:
-                yield _collate(items)
-            items, batch_images, any_stored = [], 0, False
-        if len(scattered) >= batch_size:
-            yield _collate(scattered[:batch_size])
-            scattered = scattered[batch_size:]
-    if any_stored:
-        scattered, items = scattered + items, []
-    for batch in [scattered[start : start + batch_size] for start in range(0, len(scattered), batch_size)] + [items]:
-        if batch:
-            yield _collate(batch)
+
+    def unique_images() -> Iterator[tuple[Any, bool]]:  # this process's images, each once, read if not stored
+        seen: set[int] = set()
+        for index, row in enumerate(source.cast_column("image", datasets.Image(decode=False))):
+            owners, digests = key_digests([row[KEY_COLUMN]], world_size)
+            digest = int(digests[0])
+            if owners[0] != rank:
+                continue
+            stored = bool(_is_in(digests, done)[0])
+            if digest in seen:
+                if not stored:
+                    repeated_rows.append(len(row.get(CAPTIONS_COLUMN) or []))
+                continue
+            seen.add(digest)
+            if stored:
+                yield None, True
+            else:
+                pixels, problem = _read(row, index, image_processor, streamed_from=source_name or "the source")
+                record = {name: row[name] for name in (KEY_COLUMN, CAPTIONS_COLUMN, *keep_columns) if name in row}
+                yield (pixels, record, problem), False
+
+    for batch in _batches_to_embed(unique_images(), batch_size):
+        yield _collate(batch)
 
 
 def _process_rank() -> int:
