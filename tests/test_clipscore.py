@@ -16,11 +16,13 @@ import transformers
 from conftest import IMAGE_SIZE, random_images
 from torchvision import transforms
 from transformers import AutoProcessor, CLIPModel
+from transformers.activations import QuickGELUActivation
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from clipcap_hf.commands import main
 from clipcap_hf.evaluation.metrics import compute_clip_metrics
 from clipcap_hf.inference import CLIPScorer
+from clipcap_hf.modeling_clipcap import QuickGELUInPlace
 
 CAPTIONS = ["a dog runs on the beach", "two cats sleep", "a red circle", "people walk in a park", "x"]
 REFERENCES = [["a dog on sand", "a brown dog"], ["cats sleeping"], ["a circle", "red", "a round shape"],
@@ -151,8 +153,14 @@ def test_a_clip_folder_given_as_a_path_is_loaded(tiny_clip_dir, clip):
     model, processor = clip
     images = random_images(2, seed=7)
     expected, _ = hessel_scores(model, processor, images, CAPTIONS[:2], [["r"]] * 2)
-    scores = CLIPScorer(Path(tiny_clip_dir)).clip_score(images, CAPTIONS[:2])
+    scorer = CLIPScorer(Path(tiny_clip_dir))
+    scores = scorer.clip_score(images, CAPTIONS[:2])
     assert scores.tolist() == pytest.approx(expected, abs=1e-5)
+    # Its own model computes quick_gelu into one new tensor, as ClipCap's tower; a model given in memory is left alone.
+    activations = [type(module) for module in scorer.model.modules() if isinstance(module, QuickGELUActivation)]
+    assert activations and set(activations) == {QuickGELUInPlace}
+    CLIPScorer(model, processor)
+    assert not any(isinstance(module, QuickGELUInPlace) for module in model.modules())
 
 
 def test_images_are_scored_upright_and_on_white_as_the_captioner_sees_them(clip):

@@ -21,6 +21,7 @@ import torch
 
 from ..configuration_clipcap import check_positive_int
 from ..image_processing_clipcap import ClipCapImageProcessor
+from ..modeling_clipcap import quick_gelu_in_place
 from ..utils.loading import check_clip_model, local_folder, to_device_and_dtype
 
 CLIPSCORE_WEIGHT = 2.5
@@ -119,6 +120,7 @@ class CLIPScorer:
             model = local_folder(model)
             processor = processor or AutoProcessor.from_pretrained(model, trust_remote_code=False)
             model = CLIPModel.from_pretrained(model, trust_remote_code=False)
+            quick_gelu_in_place(model)  # the scorer's own model, which no gradient flows through: as ClipCap's tower
         if processor is None:
             raise ValueError("Give the CLIP model's processor with an in-memory model (`processor=`).")
         if not (hasattr(model, "get_text_features") and hasattr(model, "get_image_features")):
