@@ -97,25 +97,25 @@ def _onednn_computes(inputs: object, weight: object, bias: object) -> bool:
 PACK_ROWS = 16
 
 
-def _weight_state(layer: nn.Linear | Conv1D) -> tuple[int, int, int]:
-    parameter = layer.weight
+def _weight_state(parameter: torch.Tensor) -> tuple[int, int, int]:
     return id(parameter), parameter.data_ptr(), parameter._version
 
 
-def _current_pack(layer: nn.Linear | Conv1D, packs: dict | None) -> torch.Tensor | None:
-    """The layer's packed weight in `packs`, unless the layer's weight is another tensor or was changed in place since
-    (its version counter; fused optimizer steps, which leave it as it is, clear the block's `packs`: `_routed`)."""
+def _current_pack(layer: nn.Linear | Conv1D, packs: dict | None, state: tuple | None) -> torch.Tensor | None:
+    """The layer's packed weight in `packs`, if packed from its weight as it is now (`state`, of the weight that the
+    call read: not another tensor, nor changed in place since by its version counter; fused optimizer steps, which
+    leave that as it is, clear the block's `packs`: `_routed`)."""
     cached = None if packs is None else packs.get(layer)
-    return cached[1] if cached is not None and cached[0] == _weight_state(layer) else None
+    return cached[1] if cached is not None and cached[0] == state else None
 
 
-def _packed_weight(layer: nn.Linear | Conv1D, weight: torch.Tensor, packs: dict) -> torch.Tensor:
-    """`weight` (the layer's, transposed for GPT-2's `Conv1D`) in oneDNN's blocked layout for `PACK_ROWS` rows: the
-    current copy in `packs` (the block's), or packed now."""
-    packed = _current_pack(layer, packs)
+def _packed_weight(layer: nn.Linear | Conv1D, weight: torch.Tensor, packs: dict, state: tuple) -> torch.Tensor:
+    """`weight` (the layer's as the call read it, transposed for GPT-2's `Conv1D`; `state` its [`_weight_state`]) in
+    oneDNN's blocked layout for `PACK_ROWS` rows: the current copy in `packs` (the block's), or packed now."""
+    packed = _current_pack(layer, packs, state)
     if packed is None:
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
-        packs[layer] = (_weight_state(layer), packed)
+        packs[layer] = (state, packed)
     return packed
 
 
@@ -131,10 +131,10 @@ def _onednn_linear(
 
 
 def _onednn_forward(
-    layer: nn.Linear | Conv1D, weight: torch.Tensor, inputs: torch.Tensor, packs: dict | None
+    layer: nn.Linear | Conv1D, weight: torch.Tensor, inputs: torch.Tensor, packs: dict | None, state: tuple | None
 ) -> torch.Tensor:
     """The layer's forward through oneDNN: on its weight packed in `packs`, or on its plain weight without."""
-    packed = None if packs is None else _packed_weight(layer, weight, packs)
+    packed = None if packs is None else _packed_weight(layer, weight, packs, state)
     return _onednn_linear(inputs, weight, layer.bias, packed)
 
 
@@ -161,7 +161,10 @@ class _RoutedForward:
         if kwargs or len(args) != 1:  # `layer(input=x)`: as the class computes it
             return type(layer).forward(layer, *args, **kwargs)
         inputs = args[0]
-        weight = layer.weight.T if isinstance(layer, Conv1D) else layer.weight  # Conv1D stores (in, out)
+        # Read once: a packed copy is made from, and recorded as, the very weight the call computes with, even if
+        # another thread replaces the layer's weight meanwhile.
+        parameter = layer.weight
+        weight = parameter.T if isinstance(layer, Conv1D) else parameter  # Conv1D stores (in, out)
         if (
             not self.is_open
             or torch.is_grad_enabled()
@@ -175,28 +178,34 @@ class _RoutedForward:
             return type(layer).forward(layer, inputs)
         # An inference tensor has no version counter, and can be changed in place in inference mode unseen: computed
         # from its plain weight, never from a packed copy that could be stale.
-        packs = None if self.packs is None or layer.weight.is_inference() else self.packs
+        packs = None if self.packs is None or parameter.is_inference() else self.packs
+        state = None if packs is None else _weight_state(parameter)
         if not self.measure:
-            return _onednn_forward(layer, weight, inputs, packs)
+            return _onednn_forward(layer, weight, inputs, packs, state)
         kind = _call_kind(inputs, weight, layer.bias, packed=packs is not None)
         race = _KERNEL_RACES.get(kind)
         if race is None:
             race = _KERNEL_RACES[kind] = _KernelRace()
         if race.onednn is not None:
-            return _onednn_forward(layer, weight, inputs, packs) if race.onednn else type(layer).forward(layer, inputs)
+            if race.onednn:
+                return _onednn_forward(layer, weight, inputs, packs, state)
+            return type(layer).forward(layer, inputs)
         onednn = race.next_is_onednn()
+        first_onednn_call = onednn and not race.seconds[True]
         # A oneDNN turn on a layer not packed yet computes from the plain weight, as cold as MKL's, and packs it after,
         # untimed: the packed copy serves the block's later calls on the layer, whatever their rows (a prefill's turns
         # pack the weights its decoding steps read), so a turn that counted the packing settled kinds on MKL for a
         # whole captioning run where oneDNN computed them faster (a prefill's 160 rows, 1.3x on an AMD EPYC).
+        packed = _current_pack(layer, packs, state) if onednn else None
         start = time.perf_counter()
-        if onednn:
-            outputs = _onednn_linear(inputs, weight, layer.bias, _current_pack(layer, packs))
-        else:
-            outputs = type(layer).forward(layer, inputs)
+        outputs = _onednn_linear(inputs, weight, layer.bias, packed) if onednn else type(layer).forward(layer, inputs)
         race.record(onednn, time.perf_counter() - start)
-        if onednn and packs is not None:
-            _packed_weight(layer, weight, packs)
+        if onednn and packs is not None and packed is None:
+            packed = _packed_weight(layer, weight, packs, state)
+            if first_onednn_call:
+                # oneDNN builds its kernel for a weight layout on the first product in it, and the kind's later turns
+                # read packed weights: the untimed first call builds that one too, so no timed turn pays for it.
+                _onednn_linear(inputs, weight, layer.bias, packed)
         return outputs
 
     def open(self, packs: dict | None, measure: bool) -> None:

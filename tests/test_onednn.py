@@ -491,10 +491,10 @@ def test_a_turn_that_packs_a_weight_leaves_the_packing_out_of_its_time(tokenizer
     pack = onednn._packed_weight
     products_on = []  # each oneDNN product's weight: packed or plain
 
-    def slow_packing(layer, weight, packs):
+    def slow_packing(layer, weight, packs, state):
         if layer not in packs:
             clock.now += 100.0
-        return pack(layer, weight, packs)
+        return pack(layer, weight, packs, state)
 
     def recording_linear(inputs, weight, bias, packed=None):
         products_on.append("plain" if packed is None else "packed")
@@ -507,12 +507,34 @@ def test_a_turn_that_packs_a_weight_leaves_the_packing_out_of_its_time(tokenizer
     with torch.no_grad(), cpu_linear_kernels(model, prepack=True):
         outputs = [layer(inputs) for _ in range(1 + TIMED_CALLS) for layer in (first, second)]
     (race,) = onednn._KERNEL_RACES.values()
-    # Calls alternate MKL, oneDNN: the second layer takes oneDNN's turns. Its first computes from the plain weight
-    # and packs it after; the packing's 100 s count in no turn, and the later turns read the packed copy.
+    # Calls alternate MKL, oneDNN: the second layer takes oneDNN's turns. Its first (untimed) computes from the plain
+    # weight, packs it and computes once from the packed copy (oneDNN builds a kernel per layout), and the timed turns
+    # read the packed copy: the packing's 100 s count in no turn.
     assert race.seconds == ([0.0] * (1 + TIMED_CALLS), [0.0] * (1 + TIMED_CALLS))
-    assert clock.now == 100.0 and products_on == ["plain"] + ["packed"] * TIMED_CALLS
+    assert clock.now == 100.0 and products_on == ["plain", "packed"] + ["packed"] * TIMED_CALLS
     with torch.no_grad():
         torch.testing.assert_close(outputs[-1], type(second).forward(second, inputs))
+
+
+def test_a_weight_replaced_during_a_oneDNN_turn_is_packed_again_not_taken_for_the_old(monkeypatch):
+    torch.manual_seed(0)
+    layer, inputs = nn.Linear(64, 32), torch.randn(16, 64)
+    replacement = nn.Parameter(torch.randn(32, 64))
+    linear = onednn._onednn_linear
+
+    def product_while_another_thread_replaces_the_weight(inputs, weight, bias, packed=None):
+        outputs = linear(inputs, weight, bias, packed)
+        layer.weight = replacement
+        return outputs
+
+    monkeypatch.setattr(onednn, "_onednn_linear", product_while_another_thread_replaces_the_weight)
+    monkeypatch.setattr(onednn, "time", SimpleNamespace(perf_counter=lambda: 0.0))  # ties: the race ends on oneDNN
+    with torch.no_grad(), onednn._routed(layer, prepack=True, measure=True):  # as `cpu_linear_kernels` routes a model
+        outputs = [layer(inputs) for _ in range(2 * (1 + TIMED_CALLS) + 2)]
+        (race,) = onednn._KERNEL_RACES.values()
+        assert race.onednn
+        # The first oneDNN turn packed the weight it computed with, recorded as that weight, not the replacement.
+        torch.testing.assert_close(outputs[-1], nn.functional.linear(inputs, replacement, layer.bias))
 
 
 def test_one_generate_per_prepacking_block_still_settles_every_kind(tokenizer):
