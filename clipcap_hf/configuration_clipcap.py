@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
+# transformers 5 checks configs as huggingface_hub's strict dataclasses (in every huggingface_hub that transformers
+# 4.57 and 5 take), whose errors are no ValueErrors; 4.57's own checks raise ValueError.
+from huggingface_hub.errors import StrictDataclassError
 from transformers import AutoConfig, CLIPVisionConfig, GPT2Config, PretrainedConfig
-
-try:  # transformers 5 checks configs as huggingface_hub's strict dataclasses; 4.57's own checks raise ValueError
-    from huggingface_hub.errors import StrictDataclassError
-except ImportError:  # a huggingface_hub without strict dataclasses: no config raises it
-    StrictDataclassError = ValueError
 
 from .open_clip_vision import resolve_open_clip_model, vision_part_of_model_cfg
 

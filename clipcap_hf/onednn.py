@@ -368,9 +368,10 @@ class _KernelRace:
     themselves: the kind's first calls alternate between the two kernels, timed (after an untimed first call each).
     As soon as oneDNN's fewest seconds are not `ONEDNN_MARGIN` times fewer than MKL's, the kind keeps MKL for the rest
     of the process; if they still are once each kernel has run `1 + TIMED_CALLS` times, it keeps oneDNN. Measuring
-    costs no extra work, only a few calls on the slower kernel: two where oneDNN loses, unless a busy spell slowed
-    MKL's, on kinds called once per `generate()` (a prefill, the mapper) too. In a block with `prepack=True`, the
-    packed copies of the layers its oneDNN turns ran are held until the block ends.
+    costs a few calls on the slower kernel: two where oneDNN loses, unless a busy spell slowed MKL's, on kinds called
+    once per `generate()` (a prefill, the mapper) too. In a block with `prepack=True` it also costs one product per
+    kind, untimed, on the packed weight its first oneDNN call packed, and the packed copies of the layers its oneDNN
+    turns ran are held until the block ends.
     """
 
     __slots__ = ("seconds", "onednn")
