@@ -86,6 +86,22 @@ def caption_argv(model_dir, source, output, *extra) -> list[str]:
             "--shard-size", "3", "--batch-size", "2", "--max-new-tokens", MAX_NEW_TOKENS, *extra]
 
 
+def two_parquet_files(folder: Path, encoded: list[bytes]) -> list[Path]:
+    """The images in two parquet files (4 and the rest): streamed, each gives one output shard."""
+    files = []
+    features = datasets.Features({"image": datasets.Image()})
+    for index, part in enumerate((encoded[:4], encoded[4:])):
+        files.append(folder / f"part-{index}.parquet")
+        datasets.Dataset.from_dict({"image": [{"bytes": data, "path": None} for data in part]}, features=features)\
+            .to_parquet(files[-1])
+    return files
+
+
+def streaming_argv(model_dir, files: list[Path], output: Path) -> list[str]:
+    return ["caption", "--model", str(model_dir), "--data-files", *map(str, files), "--streaming", "--output",
+            str(output), "--batch-size", "3", "--max-new-tokens", MAX_NEW_TOKENS]
+
+
 def test_parquet_source_gives_whole_shards_with_generate_captions_and_a_rerun_skips_them(
     model_dir, parquet_source, tmp_path, capsys
 ):
@@ -282,6 +298,22 @@ def test_killed_mid_shard_then_rerun_gives_every_row_once(model_dir, parquet_sou
     assert not list(output.glob(".*.partial"))
 
 
+def test_a_streaming_run_killed_mid_shard_then_rerun_gives_every_row_once(model_dir, parquet_source, tmp_path):
+    _, encoded = parquet_source
+    output = tmp_path / "captions"
+    argv = streaming_argv(model_dir, two_parquet_files(tmp_path, encoded), output)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_WRITING, *argv], env=env, capture_output=True,
+                            check=False)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert [path.name for path in output.glob("*.parquet")] == ["captions-00000-of-00002.parquet"]
+    assert list(output.glob(".*.partial"))
+
+    assert main(argv) == 0
+    assert read_rows(output) == expected_rows(model_dir, encoded)
+    assert not list(output.glob(".*.partial"))
+
+
 def test_two_processes_under_torchrun_split_the_shards(model_dir, parquet_source, tmp_path):
     source, encoded = parquet_source
     output = tmp_path / "captions"
@@ -380,16 +412,8 @@ def test_a_bad_rerank_model_is_refused_by_its_option_before_the_source_and_model
 
 def test_streaming_gives_one_output_shard_per_data_file(model_dir, parquet_source, tmp_path, capsys):
     _, encoded = parquet_source
-    files = []
-    features = datasets.Features({"image": datasets.Image()})
-    for index, part in enumerate((encoded[:4], encoded[4:])):
-        files.append(tmp_path / f"part-{index}.parquet")
-        datasets.Dataset.from_dict({"image": [{"bytes": data, "path": None} for data in part]}, features=features)\
-            .to_parquet(files[-1])
     output = tmp_path / "captions"
-    argv = ["caption", "--model", str(model_dir), "--data-files", *map(str, files), "--streaming", "--output",
-            str(output), "--batch-size", "3", "--max-new-tokens", MAX_NEW_TOKENS]
-    assert main(argv) == 0
+    assert main(streaming_argv(model_dir, two_parquet_files(tmp_path, encoded), output)) == 0
     assert sorted(path.name for path in output.glob("*.parquet")) == [
         "captions-00000-of-00002.parquet", "captions-00001-of-00002.parquet"]
     assert pq.read_table(output / "captions-00000-of-00002.parquet").num_rows == 4

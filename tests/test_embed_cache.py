@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 from unittest import mock
 
 import datasets
@@ -66,16 +67,20 @@ def test_a_replaced_image_file_is_embedded_again_and_its_old_row_dropped(tmp_pat
     first, replacement = random_images(3), random_images(1, seed=7)[0]
     for index, image in enumerate(first):
         image.save(folder / f"{index}.png")
-    metadata = [json.dumps({"file_name": f"{index}.png", "text": f"Image {index}."}) for index in range(3)]
+    (folder / "3.png").write_bytes(b"not an image")
+    metadata = [json.dumps({"file_name": f"{index}.png", "text": f"Image {index}."}) for index in range(4)]
     (folder / "metadata.jsonl").write_text("\n".join(metadata) + "\n")
     model = tiny_model(tokenizer)
 
     def embed():
         source = load_image_source(data_files=str(folder), caption_column="text")
-        return embed_source(source, model, processor.image_processor, tmp_path / "emb")
+        return embed_source(source, model, processor.image_processor, tmp_path / "emb", on_bad_image="skip")
 
     embed()
     before = stored(tmp_path / "emb")
+    (shard,) = embeddings._complete_shards(tmp_path / "emb")
+    unreadable_keys = shard / embeddings.UNREADABLE_KEYS_NAME
+    assert json.loads(unreadable_keys.read_text()) == [image_cache_key(str(folder / "3.png"))]
     replaced = folder / "1.png"
     old_key = image_cache_key(str(replaced))
     replacement.save(replaced)
@@ -89,6 +94,8 @@ def test_a_replaced_image_file_is_embedded_again_and_its_old_row_dropped(tmp_pat
     after = stored(tmp_path / "emb")
     assert (info["num_images"], info["num_replaced"], len(after)) == (3, 1, 3)
     assert old_key not in after and after[image_cache_key(str(replaced))][1] == ["Image 1."]
+    # The rewritten first shard still records its batch's unreadable image.
+    assert json.loads(unreadable_keys.read_text()) == [image_cache_key(str(folder / "3.png"))]
     new_embedding = expected_embeddings(model, processor, [PIL.Image.open(replaced)])[0]
     np.testing.assert_allclose(after[image_cache_key(str(replaced))][0], new_embedding.numpy(), atol=1e-5)
     for key in set(before) - {old_key}:  # the other images' rows are unchanged
@@ -372,28 +379,65 @@ def test_non_finite_embeddings_stop_the_pass_naming_the_images_and_keep_the_earl
     assert np.isfinite(table["embedding"]).all()
 
 
+def images_with_the_second_unreadable(count: int) -> list[dict[str, Any]]:
+    """`count` PNG images as a `datasets.Image` column's values, the second of them not an image."""
+    files = [io.BytesIO() for _ in range(count)]
+    for image, file in zip(random_images(count), files):
+        image.save(file, "PNG")
+    images = [{"bytes": file.getvalue(), "path": None} for file in files]
+    images[1] = {"bytes": b"not an image", "path": None}
+    return images
+
+
+def batch_dependent_embeds(model):
+    """
+    The model's `get_image_embeds`, made to depend plainly on the batch an image is computed in (its size and the
+    image's place in it): on the CPU an embedding's last bits do.
+    """
+    real_embeds = model.get_image_embeds
+
+    def embeds(pixel_values):
+        place = torch.arange(len(pixel_values), dtype=torch.float32)[:, None]
+        return real_embeds(pixel_values) + 0.01 * len(pixel_values) + 0.001 * place
+
+    return embeds
+
+
+def interrupted_at(call: int, embeds):
+    """`embeds` interrupted (`KeyboardInterrupt`) at its `call`-th call, and the list of the batch sizes it gets."""
+    calls = []
+
+    def interrupted(pixel_values):
+        calls.append(len(pixel_values))
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return embeds(pixel_values)
+
+    return interrupted, calls
+
+
+def assert_same_values(folder: Path, expected_folder: Path, num_images: int) -> None:
+    """Both folders store the same images with the same captions and embeddings, to the last bit."""
+    expected, result = stored(expected_folder), stored(folder)
+    assert expected.keys() == result.keys() and len(result) == num_images
+    for key, (embedding, captions) in expected.items():
+        np.testing.assert_array_equal(result[key][0], embedding)
+        assert result[key][1] == captions
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_a_killed_and_rerun_pass_stores_the_values_of_an_uninterrupted_one(
     tmp_path, tokenizer, processor, monkeypatch, streaming
 ):
-    # An embedding's last bits depend on the batch it is computed in (on the CPU): here made to depend on it plainly,
-    # by the batch's size and the image's place in it. Batches of 3 do not divide shards of 4; row 1 is unreadable.
+    # Batches of 3 do not divide shards of 4; row 1 is unreadable.
     monkeypatch.setattr(embeddings, "EMBEDDING_SHARD_SIZE", 4)
-    good = [io.BytesIO() for _ in range(11)]
-    for image, file in zip(random_images(11), good):
-        image.save(file, "PNG")
-    images = [{"bytes": file.getvalue(), "path": None} for file in good]
-    images[1] = {"bytes": b"not an image", "path": None}
+    images = images_with_the_second_unreadable(11)
     features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
     rows = {"image": images, "caption": [f"Image {index}." for index in range(11)]}
     path = str(tmp_path / "part.parquet")
     datasets.Dataset.from_dict(rows, features=features).to_parquet(path)
     model = tiny_model(tokenizer)
-    real_embeds = model.get_image_embeds
-
-    def batch_dependent(pixel_values):
-        place = torch.arange(len(pixel_values), dtype=torch.float32)[:, None]
-        return real_embeds(pixel_values) + 0.01 * len(pixel_values) + 0.001 * place
+    batch_dependent = batch_dependent_embeds(model)
 
     def embed(folder):
         source = load_image_source(data_files=path, caption_column="caption", streaming=streaming)
@@ -402,14 +446,7 @@ def test_a_killed_and_rerun_pass_stores_the_values_of_an_uninterrupted_one(
     with mock.patch.object(model, "get_image_embeds", batch_dependent):
         embed(tmp_path / "uninterrupted")
         # Killed in its third batch: a killed process writes no last shard.
-        calls = []
-
-        def killed_in_third_batch(pixel_values):
-            calls.append(len(pixel_values))
-            if len(calls) == 3:
-                raise KeyboardInterrupt
-            return batch_dependent(pixel_values)
-
+        killed_in_third_batch, _ = interrupted_at(3, batch_dependent)
         with mock.patch.object(model, "get_image_embeds", killed_in_third_batch), \
                 mock.patch.object(embeddings._ShardWriter, "flush", lambda writer: None), \
                 pytest.raises(KeyboardInterrupt):
@@ -417,11 +454,44 @@ def test_a_killed_and_rerun_pass_stores_the_values_of_an_uninterrupted_one(
         assert len(load_embeddings(tmp_path / "resumed")) == 5  # the first shard: two whole batches, less row 1
         info = embed(tmp_path / "resumed")
     assert info["num_images"] == 10
-    expected, result = stored(tmp_path / "uninterrupted"), stored(tmp_path / "resumed")
-    assert expected.keys() == result.keys() and len(result) == 10
-    for key, (embedding, captions) in expected.items():
-        np.testing.assert_array_equal(result[key][0], embedding)
-        assert result[key][1] == captions
+    assert_same_values(tmp_path / "resumed", tmp_path / "uninterrupted", num_images=10)
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_killed_pass_among_another_sources_images_resumes_to_the_same_values_past_an_unreadable_image(
+    tmp_path, tokenizer, processor, monkeypatch, streaming
+):
+    # A folder shared with a first source (the even images): each batch of the second source holds a stored image, so
+    # its odd images are embedded in batches of their own, and image 1 is unreadable. Killed after its first batch
+    # ([1, 3]) is stored, a rerun must not batch image 1 again among the others.
+    monkeypatch.setattr(embeddings, "EMBEDDING_SHARD_SIZE", 1)  # every batch a shard
+    images = images_with_the_second_unreadable(12)
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    for name, indices in (("first", range(0, 12, 2)), ("second", range(12))):
+        rows = {"image": [images[index] for index in indices], "caption": [f"Image {index}." for index in indices]}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / f"{name}.parquet")
+    model = tiny_model(tokenizer)
+    batch_dependent = batch_dependent_embeds(model)
+
+    def embed(name, folder):
+        source = load_image_source(data_files=str(tmp_path / f"{name}.parquet"), caption_column="caption",
+                                   streaming=streaming)
+        return embed_source(source, model, processor.image_processor, folder, batch_size=2, on_bad_image="skip")
+
+    killed_in_second_batch, calls = interrupted_at(2, batch_dependent)
+    with mock.patch.object(model, "get_image_embeds", batch_dependent):
+        for folder in ("uninterrupted", "resumed"):
+            embed("first", tmp_path / folder)
+        embed("second", tmp_path / "uninterrupted")
+        with mock.patch.object(model, "get_image_embeds", killed_in_second_batch), pytest.raises(KeyboardInterrupt):
+            embed("second", tmp_path / "resumed")
+        assert calls == [1, 2]  # image 3 alone (1 unreadable), then [5, 7], killed
+        assert len(load_embeddings(tmp_path / "resumed")) == 7
+        seen, patch = count_vision_images(model)
+        with patch:
+            info = embed("second", tmp_path / "resumed")
+    assert seen == [2, 2] and info["num_images"] == 11  # [5, 7] and [9, 11]; image 1 read again, alone
+    assert_same_values(tmp_path / "resumed", tmp_path / "uninterrupted", num_images=11)
 
 
 @pytest.mark.parametrize("streaming", [False, True])

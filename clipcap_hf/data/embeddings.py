@@ -9,6 +9,7 @@ never runs the vision tower.
 
 from __future__ import annotations
 
+import enum
 import errno
 import hashlib
 import json
@@ -21,7 +22,7 @@ import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import numpy as np
@@ -40,6 +41,8 @@ logger = logging.get_logger(__name__)
 
 # Images per shard written during an embedding pass: an interrupted pass keeps all but the last few thousand.
 EMBEDDING_SHARD_SIZE = 4096
+# In a shard's folder: the keys of the images its batches could not read (see `_batches_to_embed`), when there are any.
+UNREADABLE_KEYS_NAME = "unreadable_keys.json"
 
 
 def vision_fingerprint(model, image_processor) -> str:
@@ -319,7 +322,8 @@ def embed_source(
             # instead of 3.75 (median of 9), with no page faults instead of about 150,000.
             with torch.no_grad(), reuse_freed_memory() if device.type == "cpu" else nullcontext():
                 for pixel_values, records, batch_problems in batches:
-                    problems.extend(batch_problems)
+                    problems.extend((line, num_captions) for line, num_captions, _ in batch_problems)
+                    embeddings = None
                     if records:
                         pixel_values = pixel_values.to(device, model.vision_model.dtype)
                         embeddings = model.get_image_embeds(pixel_values).float().cpu()
@@ -327,7 +331,7 @@ def embed_source(
                         if not torch.isfinite(embeddings).all():
                             non_finite = _non_finite_error(records, embeddings, model.vision_model.dtype)
                             break
-                        writer.add(records, embeddings)
+                    writer.add(records, embeddings, [key for _, _, key in batch_problems])
                     progress.update(len(records) + len(batch_problems))
         finally:  # also on an error or Ctrl-C: what was embedded is kept
             progress.close()
@@ -531,7 +535,8 @@ class _ShardWriter:
     whole batches each, the kept source columns with their source's types (`keep_features`): inferred from each
     shard's values, a column that is null or empty in one shard would get another type there, and the shards could not
     be read as one table. A run killed between shards has stored whole batches, which its rerun leaves out
-    ([`_batches_to_embed`]).
+    ([`_batches_to_embed`]): each shard also records the keys of its batches' unreadable images
+    ([`UNREADABLE_KEYS_NAME`]).
     """
 
     def __init__(
@@ -544,24 +549,31 @@ class _ShardWriter:
         self.columns = [KEY_COLUMN, EMBEDDING_COLUMN, *captions, *keep_features]
         self.records: list[dict[str, Any]] = []
         self.embeddings: list[torch.Tensor] = []
+        self.unreadable_keys: list[str] = []
         self.num_written = 0
         # A rerun continues the numbering of this rank's shards.
         numbers = [int(path.name[len(self.prefix) :]) for path in directory.glob(f"{self.prefix}*")]
         self.next_number = max(numbers, default=-1) + 1
 
-    def add(self, records: list[dict[str, Any]], embeddings: torch.Tensor) -> None:
+    def add(
+        self, records: list[dict[str, Any]], embeddings: torch.Tensor | None, unreadable_keys: Sequence[str] = ()
+    ) -> None:
+        """A batch: its readable images' records and embeddings (`None` when it has none), its unreadable ones' keys."""
         self.records.extend(records)
-        self.embeddings.extend(embeddings)
+        self.embeddings.extend(embeddings if embeddings is not None else ())
+        self.unreadable_keys.extend(unreadable_keys)
         if len(self.records) >= EMBEDDING_SHARD_SIZE:
-            self._write(len(self.records))
+            self._write()
 
     def flush(self) -> None:
+        # Batches with no readable image left at the end are not recorded: a rerun reads them again in their places.
         if self.records:
-            self._write(len(self.records))
+            self._write()
 
-    def _write(self, count: int) -> None:
-        records, self.records = self.records[:count], self.records[count:]
-        embeddings, self.embeddings = torch.stack(self.embeddings[:count]), self.embeddings[count:]
+    def _write(self) -> None:
+        records, embeddings, unreadable_keys = self.records, torch.stack(self.embeddings), self.unreadable_keys
+        self.records, self.embeddings, self.unreadable_keys = [], [], []
+        count = len(records)
         columns = {name: [record[name] for record in records] for name in self.columns if name != EMBEDDING_COLUMN}
         columns[EMBEDDING_COLUMN] = embeddings.numpy()
         features = {
@@ -577,6 +589,8 @@ class _ShardWriter:
         temporary = self.directory / f".tmp-{name}-{uuid.uuid4().hex}"
         try:
             shard.save_to_disk(str(temporary))
+            if unreadable_keys:
+                (temporary / UNREADABLE_KEYS_NAME).write_text(json.dumps(unreadable_keys), encoding="utf-8")
             os.replace(temporary, self.directory / name)  # complete once renamed into place
             self.num_written += count
         except OSError as error:
@@ -787,6 +801,8 @@ def _drop_replaced_files(directory: Path) -> int:
         try:
             if kept.num_rows:
                 kept.save_to_disk(str(replacement))
+                if (shard / UNREADABLE_KEYS_NAME).exists():
+                    shutil.copyfile(shard / UNREADABLE_KEYS_NAME, replacement / UNREADABLE_KEYS_NAME)
             with _rewriting(directory):
                 try:
                     os.replace(shard, aside)
@@ -806,17 +822,44 @@ def _drop_replaced_files(directory: Path) -> int:
     return num_dropped
 
 
-def _stored_keys(directory: Path, rank: int, world_size: int) -> np.ndarray:
-    """
-    The digests (see [`key_digests`]) of this process's keys that earlier runs stored, sorted (a rerun may use another
-    number of processes).
-    """
-    stored = [np.empty(0, dtype=np.uint64)]
+class _Stored(enum.Enum):
+    """Where an image of the source stands in the embeddings folder."""
+
+    NO = "no"
+    YES = "yes"
+    UNREADABLE = "unreadable"  # unreadable to an earlier pass, in a batch it stored: read again
+
+
+class _StoredKeys(NamedTuple):
+    """The sorted digests (see [`key_digests`]) of one process's keys that earlier runs stored, and of those that their
+    stored batches could not read."""
+
+    stored: np.ndarray
+    unreadable: np.ndarray
+
+    def of(self, digests: np.ndarray) -> list[_Stored]:
+        """Where each image (by digest) stands."""
+        stored, unreadable = _is_in(digests, self.stored).tolist(), _is_in(digests, self.unreadable).tolist()
+        return [
+            _Stored.YES if is_stored else _Stored.UNREADABLE if was_unreadable else _Stored.NO
+            for is_stored, was_unreadable in zip(stored, unreadable)
+        ]
+
+
+def _stored_keys(directory: Path, rank: int, world_size: int) -> _StoredKeys:
+    """This process's [`_StoredKeys`] in the folder (a rerun may use another number of processes)."""
+    stored, unreadable = [np.empty(0, dtype=np.uint64)], [np.empty(0, dtype=np.uint64)]
+
+    def mine(keys: list[str]) -> np.ndarray:
+        owners, digests = key_digests(keys, world_size)
+        return digests[owners == rank]
+
     for shard in _complete_shards(directory):
         for batch in _load_shard(shard).select_columns(KEY_COLUMN).iter(batch_size=10_000):
-            owners, digests = key_digests(batch[KEY_COLUMN], world_size)
-            stored.append(digests[owners == rank])
-    return np.sort(np.concatenate(stored))
+            stored.append(mine(batch[KEY_COLUMN]))
+        if (shard / UNREADABLE_KEYS_NAME).exists():
+            unreadable.append(mine(read_json(shard / UNREADABLE_KEYS_NAME)))
+    return _StoredKeys(np.sort(np.concatenate(stored)), np.sort(np.concatenate(unreadable)))
 
 
 def key_digests(keys: Sequence[str], world_size: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -956,10 +999,14 @@ class _SourceImages(torch.utils.data.Dataset):
         return pixels, record, problem
 
 
-def _collate(items) -> tuple[Any, list[dict[str, Any]], list[tuple[str, int]]]:
-    """Pixels and records of the readable images; each unreadable one's problem and how many captions it had."""
+def _collate(items) -> tuple[Any, list[dict[str, Any]], list[tuple[str, int, str]]]:
+    """Pixels and records of the readable images; each unreadable one's problem, how many captions it had, its key."""
     good = [(pixels, record) for pixels, record, problem in items if problem is None]
-    problems = [(problem, len(record.get(CAPTIONS_COLUMN, []))) for _, record, problem in items if problem is not None]
+    problems = [
+        (problem, len(record.get(CAPTIONS_COLUMN, [])), record[KEY_COLUMN])
+        for _, record, problem in items
+        if problem is not None
+    ]
     pixels = torch.stack([pixels for pixels, _ in good]) if good else None
     return pixels, [record for _, record in good], problems
 
@@ -980,21 +1027,25 @@ def _first_rows(rows: np.ndarray, digests: np.ndarray) -> np.ndarray:
     return rows[first[inverse.reshape(-1)]]
 
 
-def _batches_to_embed(images: Iterable[tuple[Any, bool]], batch_size: int) -> Iterator[list[Any]]:
+def _batches_to_embed(images: Iterable[tuple[Any, _Stored]], batch_size: int) -> Iterator[list[Any]]:
     """
     The batches of the images not stored yet, from `(item, stored)` pairs, one per unique image in source order, read
     as it goes (a stream's image is read only when its pair is asked for). An uninterrupted pass's batches with no
     image stored are kept as they are; the images left in the others ("scattered" among stored ones, as in a folder
     shared by several sources) are batched together, each batch yielded once full. On the CPU an image's embedding
-    differs in its last bits with the batch it is computed in, and a killed pass stores whole batches (`_ShardWriter`,
-    but for unreadable images): rerun, it embeds the rest in the batches an uninterrupted pass would, where batching
-    everything left anew would shift them after a skipped unreadable image; scattered images still fill whole batches.
+    differs in its last bits with the batch it is computed in, and a killed pass stores whole batches
+    ([`_ShardWriter`]): rerun, it embeds the rest in the batches an uninterrupted pass would, where batching everything
+    left anew would shift them after a skipped unreadable image; scattered images still fill whole batches. The images
+    that an earlier pass could not read in a batch it stored are read again in batches of their own: among the
+    scattered ones they would shift those too.
     """
-    batch, scattered, batch_has_stored = [], [], False
+    batch, scattered, unreadable, batch_has_stored = [], [], [], False
     for position, (item, stored) in enumerate(images, start=1):
-        batch_has_stored = batch_has_stored or stored
-        if not stored:
+        batch_has_stored = batch_has_stored or stored is not _Stored.NO
+        if stored is _Stored.NO:
             batch.append(item)
+        elif stored is _Stored.UNREADABLE:
+            unreadable.append(item)
         if position % batch_size == 0:  # an uninterrupted pass's batch ends here
             if batch_has_stored:
                 scattered += batch
@@ -1004,12 +1055,17 @@ def _batches_to_embed(images: Iterable[tuple[Any, bool]], batch_size: int) -> It
         if len(scattered) >= batch_size:
             yield scattered[:batch_size]
             scattered = scattered[batch_size:]
+        if len(unreadable) == batch_size:
+            yield unreadable
+            unreadable = []
     if batch_has_stored:
         scattered, batch = scattered + batch, []
     for start in range(0, len(scattered), batch_size):
         yield scattered[start : start + batch_size]
     if batch:
         yield batch
+    if unreadable:
+        yield unreadable
 
 
 def _map_style_batches(source, image_processor, done, rank, world_size, batch_size, num_workers, keep_columns):
@@ -1020,17 +1076,17 @@ def _map_style_batches(source, image_processor, done, rank, world_size, batch_si
     # The first row of each image, in source order; the rows that repeat an image give it their captions too.
     first_row_of = _first_rows(mine, digests)
     first_rows = np.unique(first_row_of)
-    stored = _is_in(digests[first_rows], done)
+    stored = done.of(digests[first_rows])
     repeats: dict[int, list[int]] = {}  # only for images to embed: a rerun with little left does not walk them all
     repeated = np.flatnonzero(mine != first_row_of)
-    repeated = repeated[~stored[np.searchsorted(first_rows, first_row_of[repeated])]]
+    repeated = repeated[~_is_in(digests[first_row_of[repeated]], done.stored)]
     for row in repeated:
         repeats.setdefault(int(first_row_of[row]), []).append(int(mine[row]))
     images = _SourceImages(source, first_rows, repeats, image_processor, keep_columns)
     # A private generator leaves the global random state alone (see loaders._image_file_loader).
     loader = torch.utils.data.DataLoader(
         images,
-        batch_sampler=list(_batches_to_embed(enumerate(stored.tolist()), batch_size)),
+        batch_sampler=list(_batches_to_embed(enumerate(stored), batch_size)),
         num_workers=num_workers,
         collate_fn=_collate,
         generator=torch.Generator(),
@@ -1054,18 +1110,18 @@ def _iterable_batches(
             digest = int(digests[0])
             if owners[0] != rank:
                 continue
-            stored = bool(_is_in(digests, done)[0])
+            stored = done.of(digests)[0]
             if digest in seen:
-                if not stored:
+                if stored is not _Stored.YES:
                     repeated_rows.append(len(row.get(CAPTIONS_COLUMN) or []))
                 continue
             seen.add(digest)
-            if stored:
-                yield None, True
+            if stored is _Stored.YES:
+                yield None, stored
             else:
                 pixels, problem = _read(row, index, image_processor, streamed_from=source_name or "the source")
                 record = {name: row[name] for name in (KEY_COLUMN, CAPTIONS_COLUMN, *keep_columns) if name in row}
-                yield (pixels, record, problem), False
+                yield (pixels, record, problem), stored
 
     for batch in _batches_to_embed(unique_images(), batch_size):
         yield _collate(batch)
