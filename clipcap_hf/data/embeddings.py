@@ -1103,7 +1103,7 @@ def _iterable_batches(
     without a file of its own is named by its row in the stream of `source_name`.
     """
 
-    def unique_images() -> Iterator[tuple[Any, bool]]:  # this process's images, each once, read if not stored
+    def unique_images() -> Iterator[tuple[Any, _Stored]]:  # this process's images, each once, read if not stored
         seen: set[int] = set()
         for index, row in enumerate(source.cast_column("image", datasets.Image(decode=False))):
             owners, digests = key_digests([row[KEY_COLUMN]], world_size)
