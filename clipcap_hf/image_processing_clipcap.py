@@ -710,6 +710,8 @@ class ClipCapImageProcessor(BaseImageProcessor):
         if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)) and not _is_batched_array(images):
             images = [images]
         images = list(images)  # a batched array or tensor becomes a list of its images
+        if any(isinstance(image, (list, tuple)) for image in images):
+            images = _one_image_per_sample(images)
         if not images:
             raise ValueError("Got an empty list of images; pass at least one image.")
         arrays = []
@@ -733,6 +735,19 @@ class ClipCapImageProcessor(BaseImageProcessor):
 
 def _is_batched_array(images: Any) -> bool:
     return isinstance(images, (np.ndarray, torch.Tensor)) and images.ndim == 4
+
+
+def _one_image_per_sample(samples: list) -> list:
+    """The images of LLaVA-style per-sample lists (`[[image], [image], ...]`); ClipCap captions one image per prompt,
+    so each sample must hold exactly one."""
+    for index, sample in enumerate(samples):
+        count = len(sample) if isinstance(sample, (list, tuple)) else 1
+        if count != 1:
+            raise ValueError(
+                f"ClipCap takes one image per prompt, and sample {index} holds {count} images: give one image per "
+                "sample ([[image], [image], ...]) or a flat list of images."
+            )
+    return [sample[0] if isinstance(sample, (list, tuple)) else sample for sample in samples]
 
 
 __all__ = ["ClipCapImageProcessor"]

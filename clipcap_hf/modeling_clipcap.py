@@ -1236,6 +1236,11 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         """
         kwargs.pop("labels", None)
         input_ids = _main_input(input_ids, inputs, "input_ids")
+        if input_ids is not None and not isinstance(input_ids, torch.Tensor):  # e.g. processor(return_tensors="np")
+            raise TypeError(
+                f"`input_ids` must be a torch tensor, got {type(input_ids).__name__}: call the processor with "
+                'return_tensors="pt" (its default), or pass torch tensors.'
+            )
         if input_ids is not None and input_ids.is_floating_point():  # `generate(pixel_values)`, as for BLIP
             raise ValueError(
                 f"`input_ids` (generate's first argument) holds floats, shape {tuple(input_ids.shape)}: pass images by "

@@ -14,7 +14,7 @@ from transformers.image_utils import is_valid_image
 from transformers.pipelines import PIPELINE_REGISTRY, ImageTextToTextPipeline
 from transformers.processing_utils import TextKwargs
 
-from .image_processing_clipcap import to_rgb_image
+from .image_processing_clipcap import _is_batched_array, to_rgb_image
 
 # Options given to the call itself that are generation settings (num_return_sequences=3, num_beams=...): they go into
 # `generate_kwargs`, as `max_new_tokens` does, rather than to the processor. `max_length` stays the prompts'
@@ -77,7 +77,8 @@ class ImageCaptioningPipeline(ImageTextToTextPipeline):
 
     One image gives a list of captions (`num_return_sequences` of them, one by default). A list of images, a generator
     or a dataset gives one such list per image, in `batch_size` batches: a list at once, the others as an iterator.
-    An image is a PIL image, an array, a tensor, a path (a string or a `pathlib.Path`) or a URL. Generation options
+    An image is a PIL image, an array, a tensor, a path (a string or a `pathlib.Path`) or a URL; a 4-D array or tensor,
+    `(N, H, W, C)` or `(N, C, H, W)`, is a batch of N images, as for the processor. Generation options
     (`num_beams=3`, `num_return_sequences=2`, ...) are taken by the call itself as well as in `generate_kwargs`.
 
     Example:
@@ -127,6 +128,8 @@ class ImageCaptioningPipeline(ImageTextToTextPipeline):
                     "of each caption if you like."
                 )
             return super().__call__(images=images, text=text, **kwargs)  # chats, which hold their images
+        if _is_batched_array(images):  # N images, as the processor reads it, not one image of 4 dimensions
+            images = list(images)
         if _is_one_input(images) or isinstance(images, dict):
             return super().__call__(_as_item(images, "" if text is None else text), **kwargs)
         is_list = isinstance(images, (list, tuple))

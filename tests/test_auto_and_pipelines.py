@@ -8,6 +8,7 @@ import transformers
 from conftest import (
     IMAGE_SIZE,
     build_tokenizer,
+    distinct_captioning_model,
     random_images,
     run_without_package,
     tiny_config,
@@ -295,6 +296,24 @@ def test_image_captioning_pipeline_takes_arrays_and_tensors_as_its_docstring_say
     assert captioner(tensor, max_new_tokens=6) == [{"input_text": "", "generated_text": expected[0]}]
     outputs = captioner(arrays, max_new_tokens=6, batch_size=2)
     assert [output[0]["generated_text"] for output in outputs] == expected
+
+
+def test_image_captioning_pipeline_captions_a_batched_array_or_tensor_image_by_image(tmp_path, tokenizer, processor):
+    # A (N, H, W, C) array or (N, C, H, W) tensor is N images, as ClipCapProcessor reads it; it was read as one image
+    # and refused ("Cannot read an image array of shape (2, 40, 48, 3)").
+    distinct_captioning_model(tokenizer).save_pretrained(tmp_path)  # captions that differ from image to image
+    processor.save_pretrained(tmp_path)
+    images = random_images(2, seed=2)
+    expected = captions_from_generate(tmp_path, images, max_new_tokens=6)
+    assert expected[0] != expected[1]
+    captioner = pipeline("image-captioning", model=str(tmp_path))
+    batch = np.stack([np.asarray(image) for image in images])  # NHWC uint8
+    per_image = captioner(list(batch), max_new_tokens=6)
+    assert per_image == [[{"input_text": "", "generated_text": caption}] for caption in expected]
+    assert captioner(batch, max_new_tokens=6) == per_image
+    assert captioner(torch.from_numpy(batch).permute(0, 3, 1, 2), max_new_tokens=6, batch_size=2) == per_image
+    prompts = ["A", "The"]
+    assert captioner(batch, text=prompts, max_new_tokens=4) == captioner(list(batch), text=prompts, max_new_tokens=4)
 
 
 def test_image_captioning_pipeline_takes_generation_options_as_its_own(saved_model_dir):

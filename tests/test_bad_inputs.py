@@ -140,3 +140,18 @@ def test_a_bad_image_or_caption_in_a_webdataset_shard_is_named_by_its_shard_and_
     files = _write_shards(tmp_path, {"00001.tar": blank})
     with pytest.raises(ValueError, match=r"00001.tar, sample 's2': the image sha256:\w+ has 'txt' = '   '; give each"):
         list(load_image_source(data_files=files, caption_column="txt", streaming=streaming))
+
+
+def test_generate_given_numpy_inputs_names_input_ids_and_return_tensors_pt(tokenizer, processor):
+    # processor(..., return_tensors="np") output failed in generate with "'numpy.ndarray' object has no attribute
+    # 'is_floating_point'".
+    from conftest import random_images, tiny_model
+
+    model = tiny_model(tokenizer)
+    inputs = processor(images=random_images(1), return_tensors="np")
+    with pytest.raises(TypeError) as error:
+        model.generate(**inputs, max_new_tokens=2)
+    assert str(error.value) == (
+        '`input_ids` must be a torch tensor, got ndarray: call the processor with return_tensors="pt" (its default), '
+        "or pass torch tensors."
+    )

@@ -460,3 +460,21 @@ def test_from_vision_pretrained_refuses_what_the_config_refuses(backend, pretrai
     with pytest.raises(ValueError) as error:
         ClipCapImageProcessor.from_vision_pretrained("RN50x4", vision_backend=backend, open_clip_pretrained=pretrained)
     assert str(error.value) == message
+
+
+def test_per_sample_image_lists_of_one_image_each_read_as_the_flat_list(processor):
+    # LLaVA-style nesting ([[image], [image]]) was refused as "Expected a PIL image ..., got list".
+    images = random_images(2, seed=3)
+    flat = processor.image_processor(images)["pixel_values"]
+    assert torch.equal(processor.image_processor([[images[0]], (images[1],)])["pixel_values"], flat)
+    prompts = ["A dog", "Two"]
+    expected = processor(images=images, text=prompts)
+    nested = processor(images=[[images[0]], [images[1]]], text=prompts)
+    assert nested.keys() == expected.keys() and all(torch.equal(nested[key], expected[key]) for key in expected)
+    for samples, index, count in (([[images[0]], images[:2]], 1, 2), ([[], [images[1]]], 0, 0)):
+        with pytest.raises(ValueError) as error:
+            processor(images=samples, text=prompts)
+        assert str(error.value) == (
+            f"ClipCap takes one image per prompt, and sample {index} holds {count} images: give one image per sample "
+            "([[image], [image], ...]) or a flat list of images."
+        )
