@@ -547,4 +547,4 @@ def test_training_on_a_raw_source_embeds_it_first_and_streaming_trains_from_pixe
     streamed = train_main([*arguments, "--streaming", "--output_dir", str(tmp_path / "streamed")])
     assert "train_loss" in streamed and (tmp_path / "streamed/model.safetensors").exists()
     with pytest.raises(ValueError, match="--streaming needs --max_steps"):
-        train_main([*arguments, "--streaming", "--max_steps", "-1"])
+        train_main([*arguments, "--streaming", "--max_steps", "-1", "--output_dir", str(tmp_path / "endless")])

@@ -9,6 +9,7 @@ from unittest import mock
 
 import datasets
 import pytest
+import torch
 from conftest import CAPTIONED_IMAGES, tiny_model
 from safetensors.torch import load_file
 from test_faults import train_arguments
@@ -671,6 +672,62 @@ def test_a_rerun_of_a_finished_run_trains_nothing_keeps_its_final_model_and_eval
         f"{out} with another --output_dir (a resume with another --max_steps or --num_train_epochs is refused: they "
         "set the learning-rate schedule)."
     ]
+
+
+def test_a_finished_run_without_checkpoints_is_not_trained_again_and_a_rerun_with_other_arguments_is_refused(
+    tmp_path, saved_model_dir, caption_folder, capsys, caplog, resumed_from
+):
+    out = tmp_path / "out"
+    evaluation = ["--do_eval", "--validation_file", str(caption_folder), "--generation_max_new_tokens", "4"]
+    arguments = [*train_arguments(saved_model_dir, caption_folder, out, tmp_path / "cache", "--max_steps", "2",
+                                  "--save_strategy", "no"), *evaluation]  # fmt: skip
+    assert main(arguments) == 0
+    evaluated = json.loads((out / "eval_results.json").read_text())
+    results = ("eval_results.json", "all_results.json")  # their runtimes differ
+    written = {path: path.read_bytes() for path in out.rglob("*") if path.is_file() and path.name not in results}
+    assert not list(out.glob("checkpoint-*"))
+    # The same arguments: nothing trained (Trainer started afresh and wrote over the final model), the final model
+    # evaluated again.
+    caplog.clear()
+    assert main(arguments) == 0
+    assert resumed_from == [None]
+    assert {path: path.read_bytes() for path in written} == written
+    assert json.loads((out / "eval_results.json").read_text())["eval_loss"] == evaluated["eval_loss"]
+    messages = [record.getMessage() for record in caplog.records]
+    assert any(f"The run is complete: {out} holds its last step (2)" in message for message in messages)
+    # Other arguments: refused, naming them, before anything is written.
+    capsys.readouterr()
+    assert main([*arguments, "--learning_rate", "0.5", "--max_steps", "3"]) == 2
+    error = capsys.readouterr().err
+    assert f"clipcap train: error: Cannot resume from {out}: its run was trained with other arguments" in error
+    assert "--learning_rate 0.01 (now 0.5); --max_steps 2 (now 3). Rerun with that run's arguments" in error
+    assert error.rstrip().endswith("or start a new run with another --output_dir.")
+    assert resumed_from == [None] and {path: path.read_bytes() for path in written} == written
+
+
+def test_a_finished_run_that_loaded_its_best_checkpoint_is_evaluated_and_written_from_that_checkpoint(
+    tmp_path, saved_model_dir, caption_folder, resumed_from
+):
+    out = tmp_path / "out"
+    # The loss falls at every step: with --greater_is_better the best checkpoint is the first, not the last.
+    best = ["--eval_strategy", "steps", "--eval_steps", "1", "--validation_file", str(caption_folder), "--do_eval",
+            "--load_best_model_at_end", "--metric_for_best_model", "eval_loss", "--greater_is_better", "true",
+            "--generation_max_new_tokens", "4"]  # fmt: skip
+    arguments = train_arguments(saved_model_dir, caption_folder, out, tmp_path / "cache", *best)
+    assert main(arguments) == 0
+    first = load_file(out / "checkpoint-1/model.safetensors")
+    assert load_file(out / "model.safetensors").keys() == first.keys()
+    assert all(torch.equal(load_file(out / "model.safetensors")[name], first[name]) for name in first)
+    evaluated = json.loads((out / "eval_results.json").read_text())["eval_loss"]
+
+    assert main(arguments) == 0  # evaluates the final model: the best checkpoint's weights, not the last one's
+    assert json.loads((out / "eval_results.json").read_text())["eval_loss"] == evaluated
+    # Stopped after its last checkpoint, before its final model was written: written from the best checkpoint.
+    for name in ("model.safetensors", "trainer_state.json"):
+        (out / name).unlink()
+    assert main(arguments) == 0
+    assert (out / "model.safetensors").read_bytes() == (out / "checkpoint-1/model.safetensors").read_bytes()
+    assert resumed_from == [None]
 
 
 def test_a_finished_run_rerun_with_a_larger_max_steps_is_refused_and_without_its_record_resumes_to_the_new_end(

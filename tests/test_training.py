@@ -15,6 +15,7 @@ import pytest
 import torch
 from conftest import (
     CAPTIONED_IMAGES,
+    distinct_captioning_model,
     mkldnn_disabled,
     packs_run,
     random_images,
@@ -25,6 +26,7 @@ from conftest import (
 from transformers import AutoConfig, AutoProcessor, LlamaConfig, TrainerCallback, TrainingArguments
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
+from clipcap_hf.commands import main as cli_main
 from clipcap_hf.data import ClipCapDataCollator, embed_images, group_by_image, load_image_folder
 from clipcap_hf.modeling_clipcap import CACHE_NAME, PLAIN_LM_HEAD_MODEL_TYPES
 from clipcap_hf.training import (
@@ -38,6 +40,7 @@ from clipcap_hf.training import (
     merge_lora,
     parse_args,
 )
+from clipcap_hf.training.run import _check_dataset_name_is_read
 from clipcap_hf.utils.memory import on_glibc, reuses_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -256,6 +259,14 @@ def test_lora_options_without_use_lora_are_refused_and_with_it_get_their_default
     assert model_args.save_merged_model is False
     model_args = parse_args(["--recipe", "lora", "--output_dir", str(tmp_path)])[0]
     assert (model_args.lora_r, model_args.lora_alpha, model_args.save_merged_model) == (8, 16, True)
+    # The recipe, not the user, gave --save_merged_model: the error says so, and how to leave it out.
+    message = (r"^--save_merged_model set up LoRA adapters: add --use_lora, or leave them out \(--recipe lora sets "
+               r"--save_merged_model: add --save_merged_model false\)\.$")
+    with pytest.raises(ValueError, match=message):
+        parse_args(["--recipe", "lora", "--use_lora", "false", "--output_dir", str(tmp_path)])
+    model_args = parse_args(["--recipe", "lora", "--use_lora", "false", "--save_merged_model", "false",
+                             "--output_dir", str(tmp_path)])[0]  # fmt: skip
+    assert not model_args.use_lora and not model_args.save_merged_model
 
 
 @pytest.mark.parametrize(
@@ -440,10 +451,20 @@ def test_a_malformed_json_arguments_file_is_named(tmp_path, content, message):
         (["--do_predict"], r"--do_predict is not supported; caption and score a test set with `clipcap evaluate`"),
         # Accepted and never used before: nothing is evaluated.
         (["--do_train", "--eval_caption_metrics", "bleu", "--generation_num_beams", "3"],
-         r"^--eval_caption_metrics, --generation_num_beams set how the evaluation images are captioned and scored, "
-         r"but this run evaluates nothing: add --do_eval \(with --validation_file or --validation_split\)"),
+         r"^--eval_caption_metrics, --generation_num_beams set the evaluation data or how its images are captioned "
+         r"and scored, but this run evaluates nothing: add --do_eval \(with --validation_file or --validation_split\)"),
         (["--do_train", "--generation_num_beams", "2"],
-         r"^--generation_num_beams set how the evaluation images .* evaluates nothing"),
+         r"^--generation_num_beams set the evaluation .* evaluates nothing"),
+        (["--do_train", "--validation_file", "val.parquet", "--max_eval_samples", "5", "--generation_max_new_tokens",
+          "9"], r"^--validation_file, --max_eval_samples, --generation_max_new_tokens set the evaluation data "),
+        # A name no split reads: the files given train (and evaluate) instead.
+        (["--do_train", "--train_file", "train.parquet", "--dataset_name", "user/captions"],
+         r"^--dataset_name user/captions is read by no split of this run: .* Leave it out, or evaluate on one of its "
+         r"splits: --do_eval --validation_split NAME\.$"),
+        (["--do_train", "--do_eval", "--train_file", "t.parquet", "--validation_file", "v.parquet", "--dataset_name",
+          "user/captions", "--validation_split", "test"], r"^--dataset_name user/captions is read by no split"),
+        (["--do_train", "--train_file", "train.parquet", "--dataset_config_name", "large"],
+         r"^--dataset_config_name configures a --dataset_name, and none is given: leave it out\.$"),
         # Loaded the model, then did nothing with status 0.
         ([], r"^This run would do nothing: add --do_train \(to train\), --do_eval \(to evaluate\), or both\.$"),
     ],
@@ -451,6 +472,14 @@ def test_a_malformed_json_arguments_file_is_named(tmp_path, content, message):
 def test_trainer_options_that_do_not_fit_clipcap_are_refused_naming_the_option(tmp_path, option, message):
     with pytest.raises(ValueError, match=message):
         main(["--output_dir", str(tmp_path), *option])
+
+
+def test_a_dataset_name_beside_a_train_file_is_accepted_where_the_evaluation_reads_its_split():
+    data_args = DataArguments(train_file="train.parquet", dataset_name="user/captions", validation_split="test")
+    _check_dataset_name_is_read(data_args, training=True, evaluating=True)  # refused below: nothing evaluated
+    with pytest.raises(ValueError, match=r"^--dataset_name user/captions is read by no split of this run"):
+        _check_dataset_name_is_read(data_args, training=True, evaluating=False)
+    _check_dataset_name_is_read(DataArguments(dataset_name="user/captions"), training=True, evaluating=False)
 
 
 def test_frozen_language_model_gets_no_gradients_stays_in_eval_mode_and_is_not_optimized(
@@ -808,8 +837,6 @@ def run_arguments(model_dir, caption_folder, output_dir, cache_dir, *extra):
 def test_clipcap_train_trains_evaluates_saves_and_counts_truncated_captions(
     tmp_path, tokenizer, model_dir, caption_folder
 ):
-    from clipcap_hf.commands import main as cli_main
-
     out = tmp_path / "out"
     # Batches grouped by the `length` column (without it the sampler would look for `input_ids` and fail); transformers
     # 5 renamed the option.
@@ -838,6 +865,25 @@ def test_an_evaluation_only_run_neither_embeds_nor_checks_the_training_images(tm
     args.remove("--do_train")
     metrics = main(args)
     assert "eval_loss" in metrics and "train_loss" not in metrics
+
+
+def test_evaluation_in_a_run_captions_at_the_model_s_own_caption_length_as_clipcap_evaluate(
+    tmp_path, tokenizer, caption_folder
+):
+    model_dir = tmp_path / "model"
+    model = distinct_captioning_model(tokenizer)
+    model.generation_config.max_new_tokens = 6  # as a converted or quickstart model sets its own
+    model.save_pretrained(model_dir)
+    tiny_processor(tokenizer).save_pretrained(model_dir)
+    args = run_arguments(model_dir, caption_folder, tmp_path / "out", tmp_path / "cache")
+    del args[args.index("--generation_max_new_tokens") : args.index("--generation_max_new_tokens") + 2]
+    args.remove("--do_train")
+    main(args)
+    assert cli_main(["evaluate", "--model", str(model_dir), "--data", str(caption_folder), "--data-format",
+                     "imagefolder", "--output-dir", str(tmp_path / "evaluated")]) == 0  # fmt: skip
+    in_run = json.loads((tmp_path / "out/predictions/eval_step0.json").read_text())
+    evaluated = json.loads((tmp_path / "evaluated/predictions.json").read_text())
+    assert [row["caption"] for row in in_run] == [row["caption"] for row in evaluated]  # 30 tokens before, not 6
 
 
 def test_an_unreadable_image_stops_the_run_before_training(tmp_path, model_dir, caption_folder):

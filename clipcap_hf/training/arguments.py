@@ -248,7 +248,10 @@ class ModelArguments:
         given = [f"--{name}" for name in self.lora_options_given]
         given += ["--save_merged_model"] if self.save_merged_model else []
         if given and not self.use_lora:
-            raise ValueError(f"{', '.join(given)} set up LoRA adapters: add --use_lora, or leave them out.")
+            fix = "leave them out"
+            if self.save_merged_model and RECIPES.get(self.recipe, {}).get("save_merged_model"):
+                fix += f" (--recipe {self.recipe} sets --save_merged_model: add --save_merged_model false)"
+            raise ValueError(f"{', '.join(given)} set up LoRA adapters: add --use_lora, or {fix}.")
         if self.use_lora and self.freeze_language_model:
             # Together they meant opposite things: a new run trained its adapters regardless, a continued LoRA run
             # froze them and trained the mapper alone.
@@ -420,8 +423,13 @@ class DataArguments(SourceArguments):
         # None: "not given" (greedy), so that a run that evaluates nothing can refuse it.
         default=None, metadata={"help": "Beams when captioning the evaluation images (default: 1, greedy)."}
     )
-    generation_max_new_tokens: int = field(
-        default=DEFAULT_MAX_NEW_TOKENS, metadata={"help": "Longest generated caption."}
+    generation_max_new_tokens: int | None = field(
+        # None: the model's own caption length, as `clipcap evaluate` captions with.
+        default=None,
+        metadata={
+            "help": "Longest generated caption (default: the model's generation config's, as `clipcap evaluate` "
+            f"captions; {DEFAULT_MAX_NEW_TOKENS} when it sets none)."
+        },
     )
     eval_caption_metrics: str | None = field(
         default=None,

@@ -238,11 +238,33 @@ def _check_context_length(
             f"positions, but the language model has {context} (max_position_embeddings). Set --max_caption_length "
             f"to {room}."
         )
-    if generation and prefix + data_args.generation_max_new_tokens > context:
+    # Not given: the model's own caption length, which `generate` fits to the positions (as `clipcap evaluate`).
+    if generation and data_args.generation_max_new_tokens and prefix + data_args.generation_max_new_tokens > context:
         raise ValueError(
             f"--generation_max_new_tokens {data_args.generation_max_new_tokens} with the {prefix} prefix vectors "
             f"needs {prefix + data_args.generation_max_new_tokens} positions, but the language model has {context} "
             f"(max_position_embeddings). Set --generation_max_new_tokens to {room}."
+        )
+
+
+def _check_dataset_name_is_read(data_args: DataArguments, training: bool, evaluating: bool) -> None:
+    """Refuse --dataset_name (or --dataset_config_name) where no split of the run reads it: the files given instead
+    (`prepare.load_source`) would be trained or evaluated on, the name silently ignored."""
+    trains_from_it = training and data_args.train_file is None and data_args.embeddings is None
+    karpathy_file = data_args.dataset_format == "coco-karpathy" and data_args.train_file is not None
+    evaluates_on_it = (
+        evaluating
+        and data_args.validation_file is None
+        and not karpathy_file  # which holds the evaluation split too
+        and data_args.validation_split is not None
+    )
+    if data_args.dataset_name is None:
+        raise ValueError("--dataset_config_name configures a --dataset_name, and none is given: leave it out.")
+    if not (trains_from_it or evaluates_on_it):
+        raise ValueError(
+            f"--dataset_name {data_args.dataset_name} is read by no split of this run: training reads --train_file "
+            "or --embeddings when given, and evaluation reads the dataset only through --validation_split, without "
+            "--validation_file. Leave it out, or evaluate on one of its splits: --do_eval --validation_split NAME."
         )
 
 
@@ -321,12 +343,27 @@ def _warn_of_a_restarted_stream(checkpoint: str | None) -> None:
         )
 
 
-def _final_model_saved(output_dir: str, global_step: int) -> bool:
-    """Whether a run's end was written in `output_dir`: `train` writes its trainer_state.json last."""
+def _final_model_saved(output_dir: str, global_step: int | None = None) -> bool:
+    """Whether a run's end (at `global_step`, if given) was written in `output_dir`: `train` writes its
+    trainer_state.json last."""
     try:
-        return read_json(os.path.join(output_dir, TRAINER_STATE_NAME)).get("global_step") == global_step
-    except (OSError, ValueError, AttributeError):
+        state = read_json(os.path.join(output_dir, TRAINER_STATE_NAME))
+    except (OSError, ValueError):
         return False
+    return isinstance(state, dict) and (global_step is None or state.get("global_step") == global_step)
+
+
+def _final_weights(checkpoint: str, state: dict[str, Any], training_args: TrainingArguments) -> str:
+    """
+    Where the final model of a finished run is read from: with --load_best_model_at_end the best checkpoint its state
+    names (looked up beside `checkpoint`, wherever the run folder is now), else `checkpoint`, its last.
+    """
+    best = state.get("best_model_checkpoint")
+    if training_args.load_best_model_at_end and isinstance(best, str):
+        best = os.path.join(os.path.dirname(os.path.normpath(checkpoint)), os.path.basename(os.path.normpath(best)))
+        if os.path.isdir(best):
+            return best
+    return checkpoint
 
 
 def run_arguments(
@@ -679,6 +716,8 @@ def _start_again(checkpoint: str, training_args: TrainingArguments) -> str:
             f"from its weights with --model_name_or_path {checkpoint} in place of --resume_from_checkpoint (and a "
             "new --output_dir)"
         )
+    if os.path.normpath(checkpoint) == os.path.normpath(training_args.output_dir):  # a run without checkpoints
+        return "with another --output_dir"
     # Not --overwrite_output_dir (transformers 4): it leaves that run's checkpoints in place for a rerun to meet.
     folder = os.path.dirname(os.path.normpath(checkpoint))
     return f"with another --output_dir (or in {folder} once that run's checkpoints are deleted)"
@@ -778,14 +817,24 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     evaluating = training_args.do_eval or training_args.eval_strategy != "no"
     if not (training_args.do_train or evaluating):
         raise ValueError("This run would do nothing: add --do_train (to train), --do_eval (to evaluate), or both.")
-    evaluation_options = {"--eval_caption_metrics": data_args.eval_caption_metrics,
-                          "--generation_num_beams": data_args.generation_num_beams}
+    evaluation_options = {
+        "--validation_file": data_args.validation_file,
+        "--validation_split": data_args.validation_split,
+        "--validation_format": data_args.validation_format,
+        "--validation_image_root": data_args.validation_image_root,
+        "--max_eval_samples": data_args.max_eval_samples,
+        "--eval_caption_metrics": data_args.eval_caption_metrics,
+        "--generation_num_beams": data_args.generation_num_beams,
+        "--generation_max_new_tokens": data_args.generation_max_new_tokens,
+    }
     unused = [option for option, value in evaluation_options.items() if value is not None]
     if unused and not evaluating:
         raise ValueError(
-            f"{', '.join(unused)} set how the evaluation images are captioned and scored, but this run evaluates "
-            "nothing: add --do_eval (with --validation_file or --validation_split), or leave them out."
+            f"{', '.join(unused)} set the evaluation data or how its images are captioned and scored, but this run "
+            "evaluates nothing: add --do_eval (with --validation_file or --validation_split), or leave them out."
         )
+    if data_args.dataset_config_name is not None or data_args.dataset_name is not None:
+        _check_dataset_name_is_read(data_args, training_args.do_train, evaluating)
     setup_logging(training_args)
     logger.warning(
         f"Process rank: {training_args.process_index}, device: {training_args.device}, "
@@ -802,6 +851,10 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         last_checkpoint = last_complete_checkpoint(training_args.output_dir, remove_incomplete=remove_incomplete)
         if last_checkpoint is not None:
             logger.info(f"Resuming from {last_checkpoint}; use another --output_dir to start afresh.")
+        elif _final_model_saved(training_args.output_dir):
+            # A finished run that kept no checkpoint (--save_strategy no, or deleted since): its final model and state
+            # stand for its last checkpoint, so that its rerun is checked and trains nothing, as one with checkpoints.
+            last_checkpoint = training_args.output_dir
     set_seed(training_args.seed)
 
     model, processor = build_model(model_args)
@@ -820,6 +873,12 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
                 "another --max_steps or --num_train_epochs is refused: they set the learning-rate schedule)."
             )
     training = training_args.do_train and finished is None
+    if training and last_checkpoint == training_args.output_dir:  # a run without checkpoints, which these would extend
+        raise ValueError(
+            f"{training_args.output_dir} holds the final model of a finished run that kept no checkpoint, and these "
+            "arguments would train it further, which cannot resume its schedule. To train it longer, start a new run "
+            f"from it: --model_name_or_path {training_args.output_dir} with another --output_dir."
+        )
     if training and data_args.streaming:
         _warn_of_a_restarted_stream(training_args.resume_from_checkpoint or last_checkpoint)
     if training and last_checkpoint is not None and not _holds_optimizer_state(last_checkpoint):
@@ -891,7 +950,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         caption_eval_embeds=data.image_embeds,
         generation_kwargs={
             "num_beams": data_args.generation_num_beams or 1,  # None: not given, greedy
-            "max_new_tokens": data_args.generation_max_new_tokens,
+            # None: not given, the model's own caption length (as `clipcap evaluate`)
+            **({"max_new_tokens": data_args.generation_max_new_tokens} if data_args.generation_max_new_tokens else {}),
         },
         caption_metrics=data_args.caption_metrics,
         run_arguments=arguments,  # recorded in each checkpoint, for a resume from it to check
@@ -900,9 +960,9 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     if finished is not None:
         final_saved = _final_model_saved(training_args.output_dir, finished["global_step"])
         if training_args.do_eval or not final_saved:
-            # The final weights, which the checkpoint holds (loaded as Trainer resumes, damaged files named), and its
-            # state (the step evaluation results are named by).
-            trainer._load_from_checkpoint(checkpoint)
+            # The final weights, which a checkpoint holds (loaded as Trainer resumes, damaged files named), and the
+            # last checkpoint's state (the step evaluation results are named by).
+            trainer._load_from_checkpoint(_final_weights(checkpoint, finished, training_args))
             _align_special_tokens(trainer)
             trainer.state = TrainerState.load_from_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
         if not final_saved:  # stopped after its last checkpoint, before its final model was written
