@@ -5,6 +5,7 @@ import csv
 import dataclasses
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -35,6 +36,15 @@ def tiny_grid(**overrides) -> AblationConfig:
 
 def must_not_train(*args, **kwargs):
     raise AssertionError("a finished run was trained again")
+
+
+def too_few_positions(prefix_length, positions, longest, described=".*"):
+    """The refusal of a prefix length that with the longest training caption (`longest` tokens) needs more than the
+    language model's `positions`."""
+    return (rf"Prefix lengths \[{prefix_length}\] \(--prefix-lengths\) leave too few positions for the captions: "
+            rf"{described} has {positions} \(max_position_embeddings\), and the longest training caption takes "
+            rf"{longest} \(EOS included; the runs cut captions at 40 tokens\)\. Give prefix lengths of "
+            rf"{positions - longest} or less; nothing was trained\.$")
 
 
 @pytest.fixture(scope="module")
@@ -392,9 +402,11 @@ def test_a_grid_that_cannot_finish_is_refused_before_any_training(grid, tmp_path
     shutil.copytree(output_dir, copy)
     monkeypatch.setattr(ablation, "train_and_score", None)  # nothing may train
     positions = json.loads((copy / "base" / "gpt2-shapes" / "config.json").read_text())["n_positions"]
-    with pytest.raises(ValueError, match=rf"Prefix lengths \[{positions}\] \(--prefix-lengths\) leave no position for "
-                                         rf"text: .* has {positions} \(max_position_embeddings\)"):
-        run_ablation(copy, tiny_grid(prefix_lengths=(1, positions)), verbose=False)
+    longest = 8  # "a purple triangle in the bottom right" and EOS, a token each (docs/ablations.md)
+    # A prefix that leaves no position at all, or too few for the longest caption: the run would fail part-way.
+    for prefix_length in (positions, positions - longest + 1):
+        with pytest.raises(ValueError, match=too_few_positions(prefix_length, positions, longest)):
+            run_ablation(copy, tiny_grid(prefix_lengths=(1, prefix_length)), verbose=False)
     # Figures without matplotlib: refused before the base run is trained, not after the grid.
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setattr(ablation, "run_quickstart", None)
@@ -473,8 +485,9 @@ def test_pretrained_parts_named_from_the_home_folder_are_checked_and_trained_fro
     positions = config.text_config.n_positions
     with monkeypatch.context() as patch:
         patch.setattr(ablation, "train_and_score", must_not_train)
-        with pytest.raises(ValueError, match=rf"Prefix lengths \[{positions}\] \(--prefix-lengths\) leave no position "
-                                             rf"for text: the language model ~/text has {positions}"):
+        longest = max(len(tokenizer(caption)["input_ids"]) + 1 for caption in data.train["caption"])  # EOS too
+        refused = too_few_positions(positions, positions, longest, "the language model ~/text")
+        with pytest.raises(ValueError, match=refused):
             run_ablation(tmp_path / "grid", grid(2, positions), data, verbose=False)
     (record,) = run_ablation(tmp_path / "grid", grid(2), data, verbose=False)
     assert record["name"] == "clip-mlp-frozen-prefix002"
@@ -490,12 +503,55 @@ def test_a_fresh_synthetic_grid_refuses_its_prefix_lengths_before_the_base_run_t
         raise BaseTrained
 
     positions = json.loads((grid[0] / "base" / "gpt2-shapes" / "config.json").read_text())["n_positions"]
+    tokenizer = ClipCapProcessor.from_pretrained(grid[0] / "base").tokenizer  # the one the base run learnt
+    captions = make_shapes_dataset(1, 1)["train"]["caption"]
+    longest = max(len(tokenizer(caption)["input_ids"]) + 1 for caption in captions)  # EOS too
+    assert longest == 8  # docs/ablations.md
     monkeypatch.setattr(ablation, "run_quickstart", train_the_base)
-    with pytest.raises(ValueError, match=rf"Prefix lengths \[{positions}\] \(--prefix-lengths\) leave no position for "
-                                         rf"text: the synthetic task's language model .* has {positions} "
-                                         r"\(max_position_embeddings\).*nothing was trained"):
-        run_ablation(tmp_path / "new", tiny_grid(prefix_lengths=(1, positions)), verbose=False)
+    described = r"the synthetic task's language model \(which the quickstart trains into .*/new/base\)"
+    for prefix_length in (positions, positions - longest + 1):
+        with pytest.raises(ValueError, match=too_few_positions(prefix_length, positions, longest, described)):
+            run_ablation(tmp_path / "new", tiny_grid(prefix_lengths=(1, prefix_length)), verbose=False)
     assert not (tmp_path / "new" / "base").exists()
-    # Prefix lengths it can take go on to train the base.
+    # Prefix lengths it can take go on to train the base, as do longer ones with captions cut to fit.
     with pytest.raises(BaseTrained):
-        run_ablation(tmp_path / "new", tiny_grid(prefix_lengths=(1, positions - 1)), verbose=False)
+        run_ablation(tmp_path / "new", tiny_grid(prefix_lengths=(1, positions - longest)), verbose=False)
+    with pytest.raises(BaseTrained):
+        cut = tiny_grid(prefix_lengths=(1, positions - 4), max_caption_length=4)
+        run_ablation(tmp_path / "new", cut, verbose=False)
+
+
+def test_a_grid_on_a_dataset_of_your_own_refuses_a_prefix_its_captions_leave_no_room_for_before_any_run(
+    caption_folder, tokenizer, tmp_path, monkeypatch
+):
+    from conftest import tiny_config
+    from transformers import CLIPVisionModelWithProjection, GPT2LMHeadModel
+
+    from clipcap_hf import ClipCapImageProcessor
+    from clipcap_hf.training.ablation import caption_task
+
+    data = caption_task("imagefolder", str(caption_folder), validation_file=str(caption_folder))
+    longest = max(len(tokenizer(caption)["input_ids"]) + 1 for caption in data.train["caption"])  # EOS too
+    positions = longest + 3  # room for a prefix of 3
+    torch.manual_seed(0)
+    config = tiny_config(tokenizer)
+    config.text_config.n_positions = positions
+    CLIPVisionModelWithProjection(config.vision_config).save_pretrained(tmp_path / "clip")
+    ClipCapImageProcessor(size=32).save_pretrained(tmp_path / "clip")
+    GPT2LMHeadModel(config.text_config).save_pretrained(tmp_path / "text")
+    tokenizer.save_pretrained(tmp_path / "text")
+
+    def grid(*prefix_lengths):
+        return AblationConfig(prefix_lengths=prefix_lengths, mapping_types=("mlp",), language_models=("frozen",),
+                              vision_models=[str(tmp_path / "clip")], text_model=str(tmp_path / "text"), max_steps=1,
+                              batch_size=8, plot_metrics=())
+
+    with monkeypatch.context() as patch:
+        patch.setattr(ablation, "train_and_score", must_not_train)
+        refused = too_few_positions(4, positions, longest, re.escape(f"the language model {tmp_path}/text"))
+        with pytest.raises(ValueError, match=refused):
+            run_ablation(tmp_path / "grid", grid(1, 4), data, verbose=False)
+    assert not (tmp_path / "grid" / "runs").exists()
+    # The longest prefix that fits trains on every caption, the longest one included.
+    (record,) = run_ablation(tmp_path / "grid", grid(3), data, verbose=False)
+    assert record["name"] == "clip-mlp-frozen-prefix003"

@@ -650,6 +650,45 @@ def test_evaluation_images_are_one_per_image_id_even_with_identical_bytes(
         assert data.eval_images["image_index"][0] == data.eval_images["image_index"][1]
 
 
+@pytest.mark.parametrize("use_embedding_cache", [True, False])
+def test_max_eval_samples_keeps_n_captions_and_every_reference_of_their_images(
+    tmp_path, image_folder, tokenizer_and_processor, use_embedding_cache
+):
+    import pandas as pd
+
+    from clipcap_hf.data.prepare import load_training_data
+    from clipcap_hf.training.arguments import DataArguments
+
+    tokenizer, processor = tokenizer_and_processor
+    model = tiny_model(tokenizer)
+    # A row per caption, the captions of two images interleaved.
+    first, second = [png_bytes(image) for image in random_images(2)]
+    rows = {"image": [first, second, first, second], "image_id": [1, 2, 1, 2], "caption": ["a1", "b1", "a2", "b2"]}
+    pd.DataFrame(rows).to_parquet(tmp_path / "val.parquet")
+    sources = {
+        "parquet": ({}, str(tmp_path / "val.parquet"), ["a1", "b1", "a2"], [1, 2], [["a1", "a2"], ["b1", "b2"]]),
+        # Image folder: a.png and b.png have two captions each.
+        "imagefolder": (
+            {"dataset_format": "imagefolder"}, str(image_folder),
+            ["A dog runs on the beach.", "Two cats sleep!", "A red circle above a blue square."], ["a.png", "b.png"],
+            [["A dog runs on the beach.", "Two cats sleep!"], ["A red circle above a blue square.", "People walk."]],
+        ),
+    }  # fmt: skip
+    for options, validation_file, captions, image_ids, references in sources.values():
+        data_args = DataArguments(
+            validation_file=validation_file,
+            max_eval_samples=3,
+            use_embedding_cache=use_embedding_cache,
+            embedding_cache_dir=str(tmp_path / "cache"),
+            **options,
+        )
+        data = load_training_data(data_args, model, processor, train=False, evaluate=True)
+        # The loss is computed on the first 3 captions; the images they belong to keep all their references.
+        assert data.eval["caption"] == captions
+        assert data.eval_images["image_id"] == image_ids
+        assert data.eval_images["references"] == references
+
+
 def test_training_names_this_towers_cache_of_an_earlier_version_with_the_fix(
     tmp_path, image_folder, tokenizer_and_processor
 ):

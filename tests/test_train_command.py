@@ -276,6 +276,28 @@ def test_lora_adapters_whose_base_is_another_model_type_are_refused_naming_it(
         load_lora_model(out)
 
 
+def test_adapters_trained_further_from_a_moved_lora_run_record_the_base_they_were_loaded_on(
+    tmp_path, parts, caption_folder
+):
+    from peft import PeftConfig
+
+    from clipcap_hf.training import load_lora_model
+
+    first, moved, further = tmp_path / "first", tmp_path / "moved", tmp_path / "further"
+    lora = ("--use_lora", "--lora_r", "2", "--prefix_length", "4")
+    assert main(["train", *parts, *train_arguments(caption_folder, first, tmp_path / "cache", *lora)]) == 0
+    first.rename(moved)  # adapter_config.json still names first/base_model
+    assert PeftConfig.from_pretrained(moved).base_model_name_or_path == str(first.resolve() / "base_model")
+    base = str(moved.resolve() / "base_model")
+    assert load_lora_model(moved).peft_config["default"].base_model_name_or_path == base
+
+    arguments = train_arguments(caption_folder, further, tmp_path / "cache", "--use_lora", "--save_merged_model")
+    assert main(["train", "--model_name_or_path", str(moved), *arguments]) == 0
+    assert PeftConfig.from_pretrained(further).base_model_name_or_path == base
+    assert (further / "merged" / "model.safetensors").is_file()
+    load_lora_model(further)
+
+
 def test_train_and_embed_take_an_abbreviation_of_one_option_and_name_each_option_once_when_it_starts_several(
     tmp_path, capsys
 ):

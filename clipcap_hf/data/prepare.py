@@ -102,7 +102,7 @@ def load_training_data(
     if train_source is not None and data_args.max_train_samples is not None:
         train_source = _first_captions(train_source, data_args.max_train_samples)
     if eval_source is not None and data_args.max_eval_samples is not None:
-        eval_source = _first_captions(eval_source, data_args.max_eval_samples)
+        eval_source = _first_captions(eval_source, data_args.max_eval_samples, whole_images=True)
 
     if data_args.streaming or not data_args.use_embedding_cache:
         train_rows = _pixel_rows(train_source, data_args, "training") if train_source is not None else None
@@ -112,8 +112,6 @@ def load_training_data(
         train_rows, eval_rows, table = _embedded_rows(train_source, eval_source, data_args, model, processor, train)
     if train_rows is not None and data_args.max_train_samples is not None:
         train_rows = _first(train_rows, data_args.max_train_samples)
-    if eval_rows is not None and data_args.max_eval_samples is not None:
-        eval_rows = _first(eval_rows, data_args.max_eval_samples)
     for name, rows in (("training", train_rows), ("evaluation", eval_rows)):
         if isinstance(rows, datasets.Dataset) and len(rows) == 0:
             raise ValueError(
@@ -129,9 +127,15 @@ def load_training_data(
                 f"{num_truncated} of {len(train_rows)} training captions are longer than --max_caption_length "
                 f"({data_args.max_caption_length} tokens, EOS included) and will be cut."
             )
+    eval_images = None
     if eval_rows is not None:
+        eval_images = _images_of(eval_rows)
+        if data_args.max_eval_samples is not None:
+            # The loss is computed on the first N captions; their images are scored against all their references,
+            # those past the N-th caption included.
+            eval_rows = _first(eval_rows, data_args.max_eval_samples)
+            eval_images = eval_images.select(range(len(set(eval_rows["image_id"]))))  # the first images, in order
         eval_rows = add_caption_lengths(eval_rows, processor, data_args.max_caption_length)[0]
-    eval_images = _images_of(eval_rows) if eval_rows is not None else None
     return TrainingData(train_rows, eval_rows, eval_images, table, num_truncated, train_caption_column)
 
 
@@ -205,14 +209,21 @@ def _expand(files: str) -> list[str] | str:
     return unique[0] if len(unique) == 1 else unique
 
 
-def _first_captions(source, count: int):
-    """The first source rows that hold `count` captions (embedding the others would be wasted)."""
+def _first_captions(source, count: int, whole_images: bool = False):
+    """
+    The first source rows that hold `count` captions (embedding the others would be wasted); with `whole_images`, also
+    the later rows of the same images (a source with a row per caption), which hold the rest of their references.
+    """
     if isinstance(source, datasets.IterableDataset):
         return source.take(count)  # each row has at least one caption
     lengths = pc.list_value_length(_arrow_column(source, CAPTIONS_COLUMN))
     totals = pc.cumulative_sum(lengths).to_pylist()
-    rows = next((row + 1 for row, total in enumerate(totals) if total >= count), len(totals))
-    return source.select(range(rows))
+    rows = list(range(next((row + 1 for row, total in enumerate(totals) if total >= count), len(totals))))
+    if whole_images:
+        keys = _arrow_column(source, KEY_COLUMN).to_pylist()
+        kept = {keys[row] for row in rows}
+        rows += [row for row in range(len(rows), len(keys)) if keys[row] in kept]
+    return source.select(rows)
 
 
 def _first(rows, count: int):

@@ -40,14 +40,22 @@ from transformers import AutoConfig
 from transformers.utils import logging as transformers_logging
 
 from ..configuration_clipcap import MAPPING_TYPES, check_positive_int
-from ..data import ClipCapDataCollator, group_by_image, load_caption_dataset
+from ..data import ClipCapDataCollator, add_caption_lengths, group_by_image, load_caption_dataset
 from ..data.collator import image_inputs
 from ..evaluation.metrics import caption_tokenization, compute_caption_metrics, require_pycocoevalcap
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import read_json, save_pretrained, write_folder_atomically, write_text_atomically
 from ..utils.loading import local_folder, model_identity, same_model
-from .quickstart import TEXT_POSITIONS, QuickstartConfig, make_shapes_dataset, run_quickstart, score_captions
+from .quickstart import (
+    IMAGE_TOKEN,
+    TEXT_POSITIONS,
+    QuickstartConfig,
+    build_tokenizer,
+    make_shapes_dataset,
+    run_quickstart,
+    score_captions,
+)
 from .trainer import caption_dataset, scratch_trainer, scratch_training_arguments
 
 logger = logging.getLogger(__name__)
@@ -187,11 +195,19 @@ def shapes_task(
         `config` with those folders as its `vision_models` and `text_model`, and the task's dataset.
     """
     base = Path(output_dir) / "base"
+    shapes = config.shapes
+    splits = make_shapes_dataset(
+        shapes.train_images_per_combination, shapes.test_images_per_combination, shapes.image_size, shapes.seed
+    )
     if not (base / "held_out_scores.json").is_file():  # written last by the quickstart
-        # Its language model is the grid's: prefix lengths it cannot take are refused before it trains, not after.
+        # Its language model is the grid's: prefix lengths it cannot take are refused before it trains, not after
+        # (the captions measured with the tokenizer the quickstart learns from them; the lengths leave out the prefix).
+        tokenizer = build_tokenizer(splits["train"]["caption"])
+        processor = ClipCapProcessor(tokenizer=tokenizer, num_image_tokens=1, image_token=IMAGE_TOKEN)
         _refuse_long_prefixes(
             config.prefix_lengths, TEXT_POSITIONS,
             f"the synthetic task's language model (which the quickstart trains into {base})",
+            splits["train"], processor, config.max_caption_length,
         )
         run_quickstart(base, config.shapes, verbose=verbose, overwrite=True)
     elif (trained_with := read_json(base / "quickstart_config.json")) != asdict(config.shapes):
@@ -209,10 +225,6 @@ def shapes_task(
         # Each written whole or not at all: a run killed part-way leaves no half-written folder a rerun would take.
         for folder in missing:
             write_folder_atomically(folder, lambda staging, folder=folder: save_pretrained(staging, *parts[folder]))
-    shapes = config.shapes
-    splits = make_shapes_dataset(
-        shapes.train_images_per_combination, shapes.test_images_per_combination, shapes.image_size, shapes.seed
-    )
     evaluation = splits["test_seen"]
     evaluation = evaluation.add_column("references", [[caption] for caption in evaluation["caption"]])
     data = AblationData(
@@ -510,7 +522,7 @@ def run_ablation(
         data_fingerprint = dataset_fingerprint(data)
         runs = grid_runs(config)
         finished = [_finished_record(run, config, output_dir, data_fingerprint) for run in runs]
-        _check_prefix_lengths(config, [run for run, record in zip(runs, finished) if record is None])
+        _check_prefix_lengths(config, [run for run, record in zip(runs, finished) if record is None], data)
         records, embeddings = [], {}
         for run, record in tqdm(list(zip(runs, finished)), desc="Ablation runs", disable=not verbose):
             if record is None:
@@ -555,25 +567,43 @@ def _finished_record(
     return record
 
 
-def _check_prefix_lengths(config: AblationConfig, runs: list[AblationRun]) -> None:
-    """Refuse, before the first run trains, prefix lengths that leave the language model no position for text."""
+def _check_prefix_lengths(config: AblationConfig, runs: list[AblationRun], data: AblationData) -> None:
+    """Refuse, before the first run trains, prefix lengths that leave the language model too few positions for the
+    training captions."""
     if not runs:
         return
     # `~` expanded as training expands it; no code from the folder runs.
     text_config = AutoConfig.from_pretrained(local_folder(config.text_model), trust_remote_code=False)
     positions = getattr(text_config, "max_position_embeddings", None)
     if isinstance(positions, int):  # else rotary or ALiBi positions: no table to run past
-        prefix_lengths = [run.prefix_length for run in runs]
-        _refuse_long_prefixes(prefix_lengths, positions, f"the language model {config.text_model}")
+        # The tokenizer is the language model's, whichever tower the processor is built with.
+        processor = ClipCapProcessor.from_vision_text_pretrained(runs[0].vision_model, config.text_model)
+        _refuse_long_prefixes(
+            [run.prefix_length for run in runs], positions, f"the language model {config.text_model}",
+            data.train, processor, config.max_caption_length,
+        )
 
 
-def _refuse_long_prefixes(prefix_lengths: Sequence[int], positions: int, described: str) -> None:
-    """Refuse prefix lengths that leave the language model (`described`, of `positions` positions) no room for text."""
-    too_long = sorted({length for length in prefix_lengths if length >= positions})
+def _refuse_long_prefixes(
+    prefix_lengths: Sequence[int], positions: int, described: str, captions: datasets.Dataset,
+    processor: ClipCapProcessor, max_caption_length: int,
+) -> None:
+    """
+    Refuse prefix lengths that with the longest of the training `captions` (EOS included, cut to `max_caption_length`,
+    as the collator gives them) need more than the `positions` of the language model (`described`): `clipcap train`'s
+    rule (`run._check_context_length`). A run past them fails part-way, in the middle of the grid.
+    """
+    if max(prefix_lengths) + max_caption_length <= positions:
+        return  # no caption can reach past them: not measured
+    longest = max(add_caption_lengths(captions.select_columns("caption"), processor, max_caption_length)[0]["length"])
+    too_long = sorted({length for length in prefix_lengths if length + longest > positions})
     if too_long:
+        room = positions - longest
+        fix = f"Give prefix lengths of {room} or less" if room > 0 else "Cut the captions shorter (max_caption_length)"
         raise ValueError(
-            f"Prefix lengths {too_long} (--prefix-lengths) leave no position for text: {described} has {positions} "
-            f"(max_position_embeddings). Give prefix lengths below {positions}; nothing was trained."
+            f"Prefix lengths {too_long} (--prefix-lengths) leave too few positions for the captions: {described} has "
+            f"{positions} (max_position_embeddings), and the longest training caption takes {longest} (EOS included; "
+            f"the runs cut captions at {max_caption_length} tokens). {fix}; nothing was trained."
         )
 
 

@@ -179,7 +179,8 @@ def load_lora_model(
     Reload a LoRA run: the base ClipCap (by default [`lora_base_model`]: the one recorded in `adapter_config.json`,
     or the run's own `base_model` folder once the run folder has moved) with the adapters and the trained mapping
     network from `adapter_dir`. Returns a `PeftModel`, frozen unless `is_trainable` (then the adapters and the mapping
-    network train further); `.merge_and_unload()` gives a plain [`ClipCapForConditionalGeneration`].
+    network train further); `.merge_and_unload()` gives a plain [`ClipCapForConditionalGeneration`]. Its adapters
+    record the base they were loaded on (a folder as an absolute path), which adapters saved from it name.
     """
     from peft import PeftModel
 
@@ -190,7 +191,14 @@ def load_lora_model(
         option = "base_model_name_or_path"
     check_clipcap_model(base_model_name_or_path, option)
     base = ClipCapForConditionalGeneration.from_pretrained(base_model_name_or_path, trust_remote_code=False)
-    return PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
+    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=is_trainable)
+    # peft keeps adapter_config.json's record, which names a moved run's old base_model path (or another base than the
+    # one given): adapters trained further from these would be saved naming a base they cannot load on.
+    if os.path.isdir(base_model_name_or_path):
+        base_model_name_or_path = os.path.abspath(base_model_name_or_path)
+    for config in model.peft_config.values():
+        config.base_model_name_or_path = base_model_name_or_path
+    return model
 
 
 def merge_lora(
