@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import PREFIX_LENGTH, captioning_model, random_images, tiny_processor
+from conftest import PREFIX_LENGTH, captioning_model, random_images, tiny_model, tiny_processor
 
 from clipcap_hf.commands import main
+from clipcap_hf.modeling_clipcap import CACHE_NAME
 
 onnxruntime = pytest.importorskip("onnxruntime", reason='onnxruntime is not installed (pip install -e ".[onnx]")')
 pytest.importorskip("onnxscript", reason='onnxscript is not installed (pip install -e ".[onnx]")')
@@ -543,6 +544,33 @@ def test_a_failed_export_names_the_missing_extra_and_leaves_no_folder_behind(
     OnnxCaptioner(earlier)
 
 
+def test_a_failed_export_removes_the_parent_folders_it_created_and_keeps_what_others_wrote(
+    onnx_export, tmp_path, monkeypatch
+):
+    import clipcap_hf.onnx.export
+
+    _, saved, _ = onnx_export
+    output = tmp_path / "new" / "exports" / "clipcap-onnx"
+
+    def fail_midway(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(clipcap_hf.onnx.export, "export_graphs", fail_midway)
+    assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8"]) == 2
+    assert sorted(tmp_path.iterdir()) == []  # `new` and `exports` too
+
+    # A parent folder that another process wrote into meanwhile stays, with its files; the ones above it too.
+    def fail_after_another_process_wrote_beside(*args, **kwargs):
+        (output.parent / "other.txt").write_text("not the export's")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(clipcap_hf.onnx.export, "export_graphs", fail_after_another_process_wrote_beside)
+    assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8"]) == 2
+    assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == [
+        "new", "new/exports", "new/exports/other.txt"
+    ]
+
+
 def test_an_export_killed_part_way_is_cleared_by_the_next_one_and_a_running_one_is_kept(onnx_export, tmp_path):
     import socket
     import subprocess
@@ -705,3 +733,108 @@ def test_export_onnx_loads_a_model_folder_named_from_the_home_folder(onnx_export
     monkeypatch.setattr(clipcap_hf.onnx, "export_onnx", lambda model, *args, **kwargs: loaded.append(model) or {})
     assert main(["export-onnx", f"~/{saved.name}", "--output", str(saved.parent / "from-home")]) == 0
     torch.testing.assert_close(loaded[0].state_dict(), model.state_dict())
+
+
+@torch.no_grad()
+def test_an_open_clip_tower_exports_and_its_graphs_match_pytorch(tmp_path, tokenizer, test_pixels):
+    pytest.importorskip("open_clip", reason="open_clip is not installed (pip install open_clip_torch)")
+    from conftest import TINY_OPEN_CLIP_CFGS, tiny_open_clip
+
+    from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration, ClipCapOpenClipVisionModel
+
+    # No `vision_config` with this backend: the export once read its model type there.
+    captioning = captioning_model(tokenizer)
+    config = ClipCapConfig(vision_backend="open_clip", open_clip_model_cfg=TINY_OPEN_CLIP_CFGS["vit"],
+                           text_config=captioning.config.text_config, prefix_length=PREFIX_LENGTH,
+                           image_token_id=captioning.config.image_token_id)  # fmt: skip
+    tower = ClipCapOpenClipVisionModel(config.open_clip_model_cfg, visual=tiny_open_clip("vit").visual)
+    model = ClipCapForConditionalGeneration(config, vision_model=tower).eval()
+    # The captioning model's mapper and language model (the same sizes), whose captions differ from token to token.
+    model.mapping_network.load_state_dict(captioning.mapping_network.state_dict())
+    model.language_model.load_state_dict(captioning.language_model.state_dict())
+    export_onnx(model, tiny_processor(tokenizer), tmp_path, quantize=False)
+    assert_export_matches_pytorch(tmp_path, model, test_pixels)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize(
+    "layout",
+    [{}, {"multi_query": False}, {"new_decoder_architecture": True, "num_kv_heads": 2}],
+    ids=["multi-query (falcon-7b, the default)", "a key and value per head", "new decoder architecture"],
+)
+def test_cache_shape_is_the_shape_of_falcon_s_cache(tokenizer, layout):
+    from transformers import FalconConfig
+
+    text_config = FalconConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=len(tokenizer),
+                               **layout)  # fmt: skip
+    model = tiny_model(tokenizer, text_config=text_config)
+    cache = getattr(model.language_model(inputs_embeds=torch.randn(1, 3, 32), use_cache=True), CACHE_NAME)
+    assert cache_shape(model) == (cache.layers[0].keys.shape[1], cache.layers[0].keys.shape[3])
+
+
+def test_a_multi_query_falcon_exports_and_captions_as_generate(tmp_path, tokenizer):
+    from transformers import FalconConfig
+
+    # FalconConfig's default (falcon-7b's layout): one key/value head, which transformers 4.57's config does not say.
+    text_config = FalconConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, vocab_size=len(tokenizer),
+                               bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)  # fmt: skip
+    assert text_config.multi_query and not text_config.new_decoder_architecture
+    model = tiny_model(tokenizer, text_config=text_config)
+    export_onnx(model, tiny_processor(tokenizer), tmp_path, quantize=False)
+    image_embeds = torch.randn(4, model.config.prefix_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model.generate(image_embeds=image_embeds, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)
+    tokens = OnnxCaptioner(tmp_path).generate(image_embeds=image_embeds.numpy(), max_new_tokens=MAX_NEW_TOKENS)
+    assert tokens == expected[:, PREFIX_LENGTH:].tolist()
+
+
+@torch.no_grad()
+def test_the_image_token_is_suppressed_whatever_suppress_tokens_says_as_generate_does(onnx_export):
+    model, _, exported = onnx_export
+    image_token = model.config.image_token_id
+
+    def favour_the_image_token(logits):  # its logit (0: its head row is zeros) made 1 above the best other token's
+        logits[..., image_token] = -np.inf
+        logits[..., image_token] = logits.max(-1) + 1
+        return logits
+
+    captioner = OnnxCaptioner(exported)
+    # A list of one's own replaces the saved one (the image token); generate() still never emits the image token.
+    captioner.generation_config.suppress_tokens = [5]
+    session = captioner.sessions["decoder_model_merged"]
+
+    class Favouring:
+        def run(self, output_names, feeds):
+            logits, *present = session.run(output_names, feeds)
+            return [favour_the_image_token(logits), *present]
+
+    def favour_the_image_token_in_pytorch(module, args, logits):
+        return torch.from_numpy(favour_the_image_token(logits.numpy()))
+
+    captioner.sessions["decoder_model_merged"] = Favouring()
+    hook = model.get_output_embeddings().register_forward_hook(favour_the_image_token_in_pytorch)
+    image_embeds = torch.randn(3, model.config.prefix_dim, generator=torch.Generator().manual_seed(0))
+    try:
+        for num_beams in (1, 2):
+            expected = model.generate(image_embeds=image_embeds, do_sample=False, max_new_tokens=8,
+                                      num_beams=num_beams, suppress_tokens=[5])[:, PREFIX_LENGTH:].tolist()  # fmt: skip
+            tokens = captioner.generate(image_embeds=image_embeds.numpy(), max_new_tokens=8, num_beams=num_beams)
+            assert tokens == expected and not any(image_token in row for row in tokens)
+    finally:
+        hook.remove()
+
+
+@torch.no_grad()
+def test_suppressed_ids_outside_the_vocabulary_are_ignored_as_generate_does(onnx_export):
+    model, _, exported = onnx_export
+    image_embeds = torch.randn(2, model.config.prefix_dim, generator=torch.Generator().manual_seed(0))
+    expected = model.generate(image_embeds=image_embeds, do_sample=False, max_new_tokens=4)[:, PREFIX_LENGTH:]
+    # An id past the vocabulary, and a negative one that, counted from the vocabulary's end, names a token generated.
+    vocab = model.get_output_embeddings().weight.shape[0]
+    captioner = OnnxCaptioner(exported)
+    suppressed = [*captioner.generation_config.suppress_tokens, vocab + 10, int(expected[0, 0]) - vocab]
+    captioner.generation_config.suppress_tokens = suppressed
+    expected = model.generate(image_embeds=image_embeds, do_sample=False, max_new_tokens=4, suppress_tokens=suppressed)
+    assert captioner.generate(image_embeds=image_embeds.numpy(), max_new_tokens=4) == (
+        expected[:, PREFIX_LENGTH:].tolist()
+    )

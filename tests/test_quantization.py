@@ -1,5 +1,7 @@
 """Quantized language models: int8 weight-only on the CPU (torchao), bitsandbytes 8-/4-bit and QLoRA (CUDA only)."""
 
+import importlib.util
+
 import pytest
 import torch
 import transformers
@@ -86,6 +88,22 @@ def test_bitsandbytes_config_quantizes_the_language_model_only():
     assert bitsandbytes_config(8).load_in_8bit
     with pytest.raises(ValueError, match="bits must be 8 or 4"):
         bitsandbytes_config(2)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="bitsandbytes is installed")
+def test_without_bitsandbytes_the_config_and_loading_name_the_package_to_install(tokenizer, tmp_path):
+    from clipcap_hf.utils.quantization import load_quantized
+
+    message = r"^8- and 4-bit loading needs bitsandbytes: pip install bitsandbytes$"
+    if int(transformers.__version__.split(".")[0]) < 5:  # 4.57's 4-bit config reads the installed version
+        with pytest.raises(ImportError, match=message):
+            bitsandbytes_config(4)
+    else:
+        assert bitsandbytes_config(4).load_in_4bit
+    assert bitsandbytes_config(8).load_in_8bit  # read by loading alone
+    captioning_model(tokenizer).save_pretrained(tmp_path)
+    with pytest.raises(ImportError, match=message):
+        load_quantized(tmp_path, 4)
 
 
 @needs_cuda

@@ -72,6 +72,7 @@ _STAGING_LOCK = ".export.lock"
 # by a process killed in between, while a younger one may be another container's running export (see
 # `abandoned_exports`), about to lock it.
 _LOCKING_GRACE_S = 60.0
+_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
 class PrefixEncoder(nn.Module):
@@ -150,9 +151,25 @@ class MergedDecoder(nn.Module):
 def cache_shape(model: ClipCapForConditionalGeneration) -> tuple[int, int]:
     """(key/value heads, head width) of the language model's cache."""
     text_config = model.config.text_config
-    heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    if text_config.model_type == "falcon":
+        heads = _falcon_cache_heads(text_config)
+    else:
+        heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     return heads, head_dim
+
+
+def _falcon_cache_heads(text_config) -> int:
+    """
+    The key/value heads Falcon's attention caches, counted as it counts them: transformers 4.x's config has no
+    `num_key_value_heads`, and a config saved by one version may hold the other's.
+    """
+    if text_config.new_decoder_architecture:
+        # transformers 4.x broadcasts each group's key and value to its query heads before caching them.
+        return text_config.num_kv_heads if _TRANSFORMERS_MAJOR >= 5 else text_config.num_attention_heads
+    if text_config.multi_query:  # falcon-7b's layout, and FalconConfig's default
+        return 1
+    return text_config.num_attention_heads
 
 
 def past_names(num_layers: int, prefix: str = "past_key_values") -> list[str]:
@@ -230,7 +247,8 @@ def export_graphs(
     `image_size` pixels square (the processor's crop size); returns their paths by name.
     """
     config = model.config
-    if config.vision_config.model_type == "siglip2_vision_model" and int(transformers.__version__.split(".")[0]) < 5:
+    # (An open_clip tower has no `vision_config`.)
+    if getattr(config.vision_config, "model_type", None) == "siglip2_vision_model" and _TRANSFORMERS_MAJOR < 5:
         raise ValueError(
             "A SigLIP2 vision tower exports with transformers 5 or later: the tower of transformers "
             f"{transformers.__version__} resizes its position embeddings to sizes computed from its inputs, which "
@@ -348,9 +366,9 @@ def export_onnx(
     output_dir = Path(output_dir)
     # Written into a hidden folder inside output_dir (so on its filesystem, whether it is a mount point or a link)
     # and moved in once whole: an export that fails or is stopped part-way (an exporter error, Ctrl-C, a full disk)
-    # leaves an earlier export there as it was, and a folder it created is removed again. One whose process was
-    # killed (no cleanup ran) is removed by the next export into the folder.
-    created = not output_dir.exists()
+    # leaves an earlier export there as it was, and the folders it created (output_dir and the parents it lacked) are
+    # removed again. One whose process was killed (no cleanup ran) is removed by the next export into the folder.
+    created = [folder for folder in (output_dir, *output_dir.parents) if not folder.exists()]  # output_dir first
     for abandoned in abandoned_exports(output_dir):
         shutil.rmtree(abandoned, ignore_errors=True)
     staging = output_dir / f".export-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}.partial"
@@ -368,6 +386,11 @@ def export_onnx(
     except BaseException:
         _release(lock)  # first: Windows cannot delete a file open in this process
         shutil.rmtree(output_dir if created else staging, ignore_errors=True)
+        for parent in created[1:]:
+            try:
+                parent.rmdir()
+            except OSError:
+                break  # no longer empty: another process wrote there meanwhile, and its files stay
         raise
     _release(lock)
     shutil.rmtree(staging, ignore_errors=True)

@@ -242,7 +242,13 @@ class OnnxCaptioner:
             "pad": (
                 config.pad_token_id if config.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
             ),
-            "suppress": list(config.suppress_tokens or []),
+            # As `generate()`: the image token too, whatever the list says, and no ids outside the vocabulary (those
+            # past its end are dropped at each step, against the logits' width).
+            "suppress": np.array(
+                [token for token in {*(config.suppress_tokens or []), self.config.image_token_id}
+                 if token is not None and token >= 0],
+                np.int64,
+            ),
             # transformers 5 leaves unset fields None; these are its defaults.
             "length_penalty": 1.0 if config.length_penalty is None else config.length_penalty,
             "early_stopping": False if config.early_stopping is None else config.early_stopping,
@@ -253,7 +259,8 @@ class OnnxCaptioner:
         scores = logits[:, -1].astype(np.float32)
         if log_softmax:  # beam search processes log-probabilities, greedy search raw logits, as transformers does
             scores = _log_softmax(scores)
-        scores[:, settings["suppress"]] = _NEG_INF
+        suppress = settings["suppress"]
+        scores[:, suppress[suppress < scores.shape[-1]]] = _NEG_INF
         return scores
 
     def _greedy(self, prefix: np.ndarray, settings: dict) -> list[list[int]]:

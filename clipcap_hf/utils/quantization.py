@@ -7,6 +7,7 @@ models tie it to the token embeddings, which the prefix vectors live beside.
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 
 import torch
@@ -24,6 +25,8 @@ NOT_QUANTIZED_MODULES = ["vision_model", "mapping_network", "lm_head"]
 # The name is written out there too: the model code cannot import this module (see modeling_clipcap.save_pretrained).
 CONVERTED_FOR_INFERENCE = "_clipcap_converted_for_inference"
 
+_NEEDS_BITSANDBYTES = "8- and 4-bit loading needs bitsandbytes: pip install bitsandbytes"
+
 
 def bitsandbytes_config(bits: int, compute_dtype: torch.dtype = torch.bfloat16):
     """
@@ -35,13 +38,16 @@ def bitsandbytes_config(bits: int, compute_dtype: torch.dtype = torch.bfloat16):
     if bits == 8:
         return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=NOT_QUANTIZED_MODULES)
     if bits == 4:
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute_dtype,
-            llm_int8_skip_modules=NOT_QUANTIZED_MODULES,
-        )
+        try:
+            return BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute_dtype,
+                llm_int8_skip_modules=NOT_QUANTIZED_MODULES,
+            )
+        except importlib.metadata.PackageNotFoundError as error:  # transformers 4.x's reads bitsandbytes' version
+            raise ImportError(_NEEDS_BITSANDBYTES) from error
     raise ValueError(f"bits must be 8 or 4 (bitsandbytes' LLM.int8() or NF4), got {bits!r}.")
 
 
@@ -52,7 +58,7 @@ def load_quantized(
     try:
         import bitsandbytes  # noqa: F401
     except ImportError as error:
-        raise ImportError("8- and 4-bit loading needs bitsandbytes: pip install bitsandbytes") from error
+        raise ImportError(_NEEDS_BITSANDBYTES) from error
     if not torch.cuda.is_available():
         raise ValueError("8- and 4-bit loading with bitsandbytes needs a CUDA GPU; on the CPU use "
                          "quantize_int8_weight_only(model).")
