@@ -1214,3 +1214,44 @@ def test_a_run_file_s_hub_model_whose_snapshot_has_gained_files_since_resumes(tm
     changed = {"hub": "org/clipcap", "files": {**then["files"], "model.safetensors": "d"}}
     with pytest.raises(ValueError, match="other settings"):
         _check_run_file(tmp_path, {**settings, "model": changed})
+
+
+@pytest.mark.parametrize(
+    "source, reader",
+    [(["--data-files", "{source}"], "clipcap_hf.data.sources.load_image_source"),
+     (["--embeddings", "{tmp}/embeddings"], "clipcap_hf.data.embeddings.load_embeddings")],
+)
+def test_a_bad_model_or_device_is_reported_before_the_source_is_read(
+    model_dir, parquet_source, tmp_path, capsys, monkeypatch, source, reader
+):
+    def not_read(*args, **kwargs):
+        raise AssertionError("the source was read before --model and --device were checked")
+
+    monkeypatch.setattr(reader, not_read)
+    source = [value.format(source=parquet_source[0], tmp=tmp_path) for value in source]
+    argv = ["caption", *source, "--output", str(tmp_path / "captions")]
+    assert main([*argv, "--model", str(tmp_path / "no-model")]) == 2
+    assert capsys.readouterr().err == (
+        f"clipcap caption: error: --model: folder {tmp_path / 'no-model'} does not exist.\n")
+    assert main([*argv, "--model", str(model_dir), "--device", "gpu"]) == 2
+    assert capsys.readouterr().err == (
+        "clipcap caption: error: --device: 'gpu' is not a device; use cpu, cuda, cuda:N or mps.\n")
+    assert not (tmp_path / "captions").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [(["--seed", "7"], "--seed only applies when sampling: add --do-sample, or leave --seed out."),
+     (["--num-beams", "2", "--seed", "7"], "--seed only applies when sampling: add --do-sample, or leave --seed out."),
+     (["--dataset-config-name", "large"],
+      "--dataset-config-name picks a configuration of --dataset-name, not of --data-files: leave it out.")],
+)
+def test_options_without_effect_are_refused_before_any_work(model_dir, parquet_source, tmp_path, capsys, extra,
+                                                            message):
+    output = tmp_path / "captions"
+    assert main(caption_argv(model_dir, parquet_source[0], output, *extra)) == 2
+    assert capsys.readouterr().err == f"clipcap caption: error: {message}\n"
+    assert not output.exists()  # nor a caption_run.json recording them
+    if "--seed" in extra:  # image files alike
+        assert main(["caption", "img.png", "--model", str(tmp_path / "nothing-loaded"), *extra]) == 2
+        assert capsys.readouterr().err == f"clipcap caption: error: {message}\n"

@@ -20,6 +20,7 @@ from conftest import (
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor, onednn
 from clipcap_hf.commands import main
+from clipcap_hf.data import load_caption_dataset
 from clipcap_hf.evaluation import (
     EvaluationResult,
     UnreadableImagesError,
@@ -756,3 +757,48 @@ def test_predictions_of_some_nocaps_domains_score_those_domains(coco_files, tmp_
     assert written["domains"]["in-domain"] == pytest.approx(expected)
     with pytest.raises(ValueError, match=r"`domains` has no domain for the predicted image ids \[4\]"):
         score_predictions({1: "a dog", 4: "a park"}, CAPTIONS, {1: "in-domain"}, metrics=["bleu"])
+
+
+@pytest.mark.parametrize("domain", ["missing", None])
+def test_a_nocaps_image_without_a_domain_is_refused_naming_the_file_and_the_image(coco_files, tmp_path, domain):
+    annotations, image_root = coco_files
+    data = json.loads(annotations.read_text())
+    if domain == "missing":
+        del data["images"][2]["domain"]
+    else:
+        data["images"][2]["domain"] = domain
+    annotations.write_text(json.dumps(data))
+    found = "has no 'domain' field" if domain == "missing" else "has 'domain' = None"
+    with pytest.raises(ValueError) as refused:
+        load_caption_dataset("nocaps", annotations, image_root)
+    assert str(refused.value) == (
+        f"{annotations}: images[2] {found}; every image of this format needs its domain (a string): add it, or read "
+        "the file in the `coco` format, which keeps no domain.")
+    assert "domain" not in load_caption_dataset("coco", annotations, image_root).column_names
+    # Scored directly: a None domain is named, not sorted among the others.
+    with pytest.raises(ValueError, match=r"`domains` has no domain for the predicted image ids \[4\]"):
+        score_predictions({1: "a dog", 4: "a park"}, CAPTIONS, {1: "in-domain", 4: None}, metrics=["bleu"])
+
+
+def test_a_coco_annotation_with_a_boolean_image_id_is_refused_naming_it(coco_files):
+    annotations, image_root = coco_files
+    data = json.loads(annotations.read_text())
+    data["annotations"][1]["image_id"] = True  # an int to Python: image 1's
+    annotations.write_text(json.dumps(data))
+    with pytest.raises(ValueError) as refused:
+        load_caption_dataset("coco", annotations, image_root)
+    assert str(refused.value) == f"{annotations}: annotations[1] has 'image_id' = True; expected int or str."
+
+
+@pytest.mark.parametrize(
+    "text, line",
+    [('file_name,text\n1.png,"A dog\non grass."\n2.png,A cat.\n3.png,   \n', 5),  # a caption over lines 2 and 3
+     ("file_name,text\n1.png,A dog.\n\n\n2.png,A cat.\n3.png,   \n", 6)],  # blank lines 3 and 4
+)
+def test_metadata_csv_errors_name_the_line_of_the_row(coco_files, text, line):
+    folder = coco_files[1]
+    (folder / "metadata.csv").write_text(text)
+    with pytest.raises(ValueError) as refused:
+        load_caption_dataset("imagefolder", folder)
+    assert str(refused.value) == (
+        f"{folder / 'metadata.csv'}: line {line} (3.png) has an empty caption ('   '); every caption needs some text.")

@@ -17,7 +17,7 @@ from ..evaluation import UnreadableImagesError, iter_captions
 from ..evaluation.gallery import GalleryRecord, write_gallery
 from ..inference.captioner import check_decoding_options
 from ..utils.file_utils import escape_controls
-from ..utils.loading import check_clip_model
+from ..utils.loading import check_clip_model, check_clipcap_model
 from ._utils import (
     TORCH_DTYPES,
     add_caption_options,
@@ -27,6 +27,7 @@ from ._utils import (
     expand_image_paths,
     load_model_and_processor,
     positive_int,
+    resolve_device,
     stdout_is_utf8,
     torch_dtype,
 )
@@ -54,8 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="The CLIP model (a transformers CLIPModel folder or Hub name) that chooses among "
                              "--num-candidates captions.")
     parser.add_argument("--seed", type=int, default=None,
-                        help="Seed the sampling (--do-sample): the same seed gives the same captions; with --output "
-                             "each shard is seeded with SEED + its index, so a resumed run gives those of a whole one "
+                        help="With --do-sample: the same seed gives the same captions; with --output each "
+                             "shard is seeded with SEED + its index, so a resumed run gives those of a whole one "
                              "(with the same --batch-size and device, which the run records).")
     parser.add_argument("--device", default=None,
                         help="Default: cuda when available (each process's own GPU under torchrun), else cpu.")
@@ -125,6 +126,9 @@ def _dataset_source(args: argparse.Namespace) -> bool:
                          "into the parquet shards.")
     if os.path.isfile(args.output):
         raise NotADirectoryError(f"--output: {args.output} is a file, not a folder.")
+    if args.dataset_config_name is not None and args.dataset_name is None:  # the data files' builder takes none
+        raise ValueError("--dataset-config-name picks a configuration of --dataset-name, not of --data-files: leave "
+                         "it out.")
     if args.dataset_format is not None and args.data_files is None:
         raise ValueError("--dataset-format reads --data-files (the annotation file or folder): give it.")
     if args.embeddings is not None and args.rerank_model is not None:
@@ -174,6 +178,9 @@ def _decoding_kwargs(args: argparse.Namespace) -> dict:
     if args.num_return_sequences > 1:
         kwargs["num_return_sequences"] = args.num_return_sequences
     check_decoding_options(**kwargs, spelling=_option_spelling)
+    # Greedy and beam search draw no random numbers (nor does the reranker): a seed would change nothing.
+    if args.seed is not None and not args.do_sample:
+        raise ValueError("--seed only applies when sampling: add --do-sample, or leave --seed out.")
     return kwargs
 
 
@@ -191,6 +198,10 @@ def run(args: argparse.Namespace) -> int:
     if args.rerank_model is not None:  # before the source and the ClipCap model are loaded
         check_clip_model(args.rerank_model, "--rerank-model")
     if dataset:
+        # Before the source is read, which hashes every image: a bad --device or --model is named at once. The model
+        # loads after the source, as `_caption_files` loads it after finding the images.
+        resolve_device(args.device)
+        check_clipcap_model(args.model, "--model")
         return _caption_dataset(args, decoding)
     return _caption_files(args, decoding)
 

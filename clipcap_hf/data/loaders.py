@@ -185,16 +185,26 @@ def load_coco_captions(
     data = read_json(path)
     images = _ImageIds(path, "the ids in `images` (and the `image_id` of each annotation)")
     for index, image in enumerate(_field(data, "images", str(path), list)):
-        images.add(_field(image, "id", f"{path}: images[{index}]"), index, "id", image)
+        where = f"{path}: images[{index}]"
+        images.add(_field(image, "id", where), index, "id", image)
+        for name in extra_image_fields:  # nocaps' domain: a missing one would make a null domain of its own
+            if not isinstance(image.get(name), str):
+                found = f"has {name!r} = {reprlib.repr(image[name])}" if name in image else f"has no {name!r} field"
+                raise ValueError(
+                    f"{where} {found}; every image of this format needs its {name} (a string): add it, or read the "
+                    f"file in the `coco` format, which keeps no {name}."
+                )
     rows = _CaptionRows(image_root)
     for index, annotation in enumerate(_field(data, "annotations", str(path), list)):
         where = f"{path}: annotations[{index}]"
         image_id = _field(annotation, "image_id", where, (int, str))
+        if isinstance(image_id, bool):  # an int to Python, which would match image 1 (or 0) or fail in Arrow
+            raise ValueError(f"{where} has 'image_id' = {image_id!r}; expected int or str.")
         if image_id not in images.records:
             raise ValueError(f"{where} refers to image_id {image_id!r}, which is not listed in `images`.")
         image = images.records[image_id]
         file_name = _field(image, "file_name", f"{path}: image {image_id!r}", str)
-        extra = {name: image.get(name) for name in extra_image_fields}
+        extra = {name: image[name] for name in extra_image_fields}
         rows.add(image_id, file_name, annotation.get("caption"), f"{where} (image {file_name})", **extra)
     return rows.to_dataset(path)
 
@@ -253,7 +263,10 @@ def load_image_folder(folder: PathLike) -> datasets.Dataset:
                 raise ValueError(f"{where} is not valid JSON: {error}") from error
     elif csv_path.exists():
         with open_text(csv_path, newline="") as file:
-            entries = [(f"{csv_path}: line {n}", row) for n, row in enumerate(csv.DictReader(file), start=2)]
+            # The reader's line (where the row ends), not a count of rows: a quoted caption may span lines, and blank
+            # lines are skipped.
+            reader = csv.DictReader(file)
+            entries = [(f"{csv_path}: line {reader.line_num}", row) for row in reader]
         for where, row in entries:
             # DictReader puts the fields beyond the header under the key None: an unquoted comma in a caption.
             if None in row:

@@ -201,11 +201,12 @@ def score_predictions(
             per_image[image_id].update(image_scores)
     domain_scores = {}
     if domains is not None:
-        without_domain = [image_id for image_id in predictions if image_id not in domains]
+        # A None domain would be a domain of its own, or fail to sort among the others naming no image.
+        without_domain = [image_id for image_id in predictions if not isinstance(domains.get(image_id), str)]
         if without_domain:
             raise ValueError(
                 f"`domains` has no domain for the predicted image ids {without_domain[:10]}; give every predicted "
-                "image its domain, or no `domains`."
+                "image its domain (a string), or no `domains`."
             )
     # The domains of the predicted images: a predictions file may cover some domains only.
     for domain in sorted({domains[image_id] for image_id in predictions} if domains is not None else ()):

@@ -433,8 +433,9 @@ def compute_caption_metrics(
     Returns:
         The corpus scores, keyed as COCO names them (`Bleu_1` ... `Bleu_4`, `METEOR`, `ROUGE_L`, `CIDEr`,
         `SPICE`), for the metrics that ran. With `return_per_image=True`, a tuple of these and a dict mapping each
-        image id to its own scores under the same keys. BLEU is corpus-level (so not the mean of the per-image
-        BLEU); the other corpus scores are means over images.
+        image id to its own scores under the same keys. BLEU and METEOR are corpus-level (BLEU from the n-gram
+        counts of all captions, METEOR as its jar aggregates the whole corpus), so not the means of their per-image
+        scores; ROUGE_L, CIDEr and SPICE are means over images.
 
     Raises:
         ImportError: If pycocoevalcap is not installed.
