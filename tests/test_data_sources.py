@@ -509,3 +509,136 @@ def test_a_source_with_several_default_caption_columns_warns_naming_the_one_read
         source = load_source(DataArguments(train_file=str(caption_folder), caption_column="text"), "train")
     assert {caption for captions in source["captions"] for caption in captions} == {"From text."}
     assert not [record for record in caplog.records if record.levelname == "WARNING"]
+
+
+def test_an_image_folder_of_split_folders_reads_the_asked_split(tmp_path):
+    from clipcap_hf.data.prepare import load_source
+    from clipcap_hf.training.arguments import DataArguments
+
+    folder = tmp_path / "folder"
+    captions = {"train": ["A dog.", "A cat.", "A car."], "validation": ["A bird.", "A boat."]}
+    for seed, (split, texts) in enumerate(captions.items()):
+        (folder / split).mkdir(parents=True)
+        for number, image in enumerate(random_images(len(texts), seed)):
+            image.save(folder / split / f"{number}.png")
+        lines = [json.dumps({"file_name": f"{number}.png", "text": text}) for number, text in enumerate(texts)]
+        (folder / split / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    # The same folder as --train_file and --validation_file: each option reads its own split.
+    data_args = DataArguments(train_file=str(folder), validation_file=str(folder))
+    train, validation = load_source(data_args, "train"), load_source(data_args, "validation")
+    assert train["captions"] == [["A dog."], ["A cat."], ["A car."]]
+    assert validation["captions"] == [["A bird."], ["A boat."]]
+    assert validation["image_key"] == [file_key(folder / "validation" / f"{number}.png") for number in range(2)]
+    streamed = load_image_source(data_files=str(folder), split="validation", caption_column="text", streaming=True)
+    assert [row["captions"] for row in streamed] == [["A bird."], ["A boat."]]
+    with pytest.raises(ValueError) as error:
+        load_image_source(data_files=str(folder), split="test", caption_column="text")
+    assert str(error.value).startswith(
+        f"{folder} (an image folder) has no split 'test'; it has the splits train, validation: ask for one of those"
+    )
+    # A folder of validation/ only is read as its validation split; a folder without split folders whole, whatever
+    # split is asked for (as a folder of shards without split names).
+    (folder / "train" / "metadata.jsonl").unlink()
+    for number in range(3):
+        (folder / "train" / f"{number}.png").unlink()
+    (folder / "train").rmdir()
+    assert load_source(data_args, "validation")["captions"] == [["A bird."], ["A boat."]]
+    flat = folder / "validation"
+    assert load_image_source(data_files=str(flat), split="validation", caption_column="text")["captions"] == [
+        ["A bird."],
+        ["A boat."],
+    ]
+
+
+def test_listed_shards_of_several_splits_are_read_as_the_asked_split(tmp_path):
+    from clipcap_hf.data.prepare import load_source
+    from clipcap_hf.training.arguments import DataArguments
+
+    write_split_shards(tmp_path / "data", {"train": ["A dog.", "A cat.", "A car."], "validation": ["A bird."]})
+    shards = sorted(str(path) for path in (tmp_path / "data").glob("*.parquet"))  # as a shell expands data/*.parquet
+    validation = load_image_source(data_files=shards, split="validation", caption_column="caption")
+    assert validation["captions"] == [["A bird."]]
+    assert validation["__url__"] == [str(tmp_path / "data" / "validation-00000-of-00001.parquet")]
+    # train_split/validation_split reach the listed files as they reach a folder of them.
+    data_args = DataArguments(train_file=str(tmp_path / "data" / "*.parquet"), validation_file=",".join(shards))
+    assert sorted(load_source(data_args, "train")["captions"]) == [["A car."], ["A cat."], ["A dog."]]
+    assert load_source(data_args, "validation")["captions"] == [["A bird."]]
+    with pytest.raises(ValueError) as error:
+        load_image_source(data_files=shards, split="test", caption_column="caption")
+    assert str(error.value).startswith(
+        f"{shards[0]} (and 1 more files): the files are shards of the splits train, validation (train-00000-of-00001."
+        "parquet, validation-00000-of-00001.parquet), none of split 'test': ask for one of those splits"
+    )
+    # Files of one split are that split, whatever the option reading them asks for.
+    only_train = load_image_source(data_files=shards[:1], split="validation", caption_column="caption")
+    assert sorted(only_train["captions"]) == [["A car."], ["A cat."], ["A dog."]]
+
+
+def test_relative_paths_of_parquet_image_structs_are_relative_to_the_files_folder(tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    meant, other = random_images(2)
+    (tmp_path / "data").mkdir()
+    meant.save(tmp_path / "data" / "a.png")
+    other.save(tmp_path / "a.png")  # a file of the same name in the working folder is not the image meant
+    monkeypatch.chdir(tmp_path)
+    image = png_bytes(other)
+    rows = [{"bytes": None, "path": "a.png"}, {"bytes": image, "path": "b.png"}]
+    pq.write_table(pa.table({"image": rows, "caption": ["A dog.", "A cat."]}), str(tmp_path / "data" / "x.parquet"))
+    for streaming in (False, True):
+        source = list(load_image_source(data_files=str(tmp_path / "data" / "x.parquet"), streaming=streaming))
+        assert [row["image_key"] for row in source] == [file_key(tmp_path / "data" / "a.png"), sha256_key(image)]
+        decoded = [decode_image(row["image"]) if streaming else row["image"] for row in source]
+        assert np.array_equal(np.asarray(decoded[0]), np.asarray(meant))
+        assert np.array_equal(np.asarray(decoded[1]), np.asarray(other))
+    # An Image column that datasets wrote with relative paths: relative to --image_root.
+    features = datasets.Features({"image": datasets.Image()})
+    rows = {"image": [{"bytes": None, "path": "a.png"}]}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "hf.parquet"))
+    source = load_image_source(data_files=str(tmp_path / "hf.parquet"), image_root=str(tmp_path / "data"))
+    assert source["image_key"] == [file_key(tmp_path / "data" / "a.png")]
+    assert np.array_equal(np.asarray(source[0]["image"]), np.asarray(meant))
+
+
+def test_data_files_that_are_not_utf8_are_named(tmp_path):
+    random_images(1)[0].save(tmp_path / "a.png")
+    (tmp_path / "data.jsonl").write_bytes('{"image": "a.png", "caption": "Un caf\xe9."}\n'.encode("cp1252"))
+    with pytest.raises(ValueError) as error:
+        load_image_source(data_files=str(tmp_path / "data.jsonl"), caption_column="caption")
+    assert str(error.value) == (
+        f"{tmp_path / 'data.jsonl'} is not valid UTF-8 (invalid continuation byte); the file must be UTF-8 encoded "
+        "(the first bad byte is on line 1)."
+    )
+    for name, text in (
+        ("metadata.csv", "file_name,text\na.png,Un caf\xe9.\n"),
+        ("metadata.jsonl", '{"file_name": "a.png", "text": "Un caf\xe9."}\n'),
+    ):
+        folder = tmp_path / name.replace(".", "_")
+        folder.mkdir()
+        random_images(1)[0].save(folder / "a.png")
+        (folder / name).write_bytes(text.encode("cp1252"))
+        with pytest.raises(ValueError) as error:
+            load_image_source(data_files=str(folder), caption_column="text")
+        line = 2 if name == "metadata.csv" else 1
+        assert str(error.value) == (
+            f"{folder / name} is not valid UTF-8 (invalid continuation byte); the file must be UTF-8 encoded (the "
+            f"first bad byte is on line {line})."
+        )
+
+
+def test_a_caption_format_given_several_files_is_refused(tmp_path):
+    from clipcap_hf.data.prepare import load_source
+    from clipcap_hf.training.arguments import DataArguments
+
+    for name, ids in (("a", [1, 2]), ("b", [3])):
+        images = [{"id": i, "file_name": f"{i}.png"} for i in ids]
+        annotations = [{"image_id": i, "caption": f"Caption {i}."} for i in ids]
+        (tmp_path / f"{name}.json").write_text(json.dumps({"images": images, "annotations": annotations}))
+    files = f"{tmp_path / 'a.json'},{tmp_path / 'b.json'}"
+    with pytest.raises(ValueError) as error:
+        load_source(DataArguments(train_file=files, dataset_format="coco", image_root=str(tmp_path)), "train")
+    assert str(error.value) == (
+        f"--train_file: The 'coco' format reads one file, not 2 ({tmp_path / 'a.json'}, {tmp_path / 'b.json'}): give "
+        "one (merge their images and captions into one file first)."
+    )

@@ -21,6 +21,7 @@ from typing import Any
 
 import datasets
 import PIL.Image
+import pyarrow
 import pyarrow.compute as pc
 from datasets.data_files import DEFAULT_PATTERNS_ALL, DataFilesDict, get_data_patterns
 from datasets.fingerprint import Hasher
@@ -124,7 +125,8 @@ def load_image_source(
     elif dataset_name is not None:
         dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
     elif data_files is not None:
-        data_files = _folder_shards(data_files, split) or data_files
+        # The split's shards, of a folder or of listed files (a shell-expanded `data/*.parquet`) alike.
+        data_files = _folder_shards(data_files, split) or _listed_shards_of_split(data_files, split)
         dataset = _from_data_files(data_files, split, streaming)
     else:
         raise ValueError("Give a source: --dataset_name, or --train_file/--validation_file (data files or a folder).")
@@ -158,6 +160,17 @@ def load_image_source(
     # Undecoded from here on: keys hash the stored bytes (renaming a decoded column of an IterableDataset would
     # re-encode them), and nothing is decoded before it is used.
     dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
+    if _builder_of(_file_list(data_files)) in ("parquet", "arrow") and _has_relative_paths(dataset, image_column):
+        # Images stored as a path without bytes ({bytes: None, path: "a.png"}, as datasets writes an Image column of
+        # files): relative to --image_root or the files' folder, as path strings are, not to the working folder.
+        root = image_root if image_root is not None else _files_folder(data_files)
+        dataset = dataset.map(
+            _absolute_paths,
+            input_columns=image_column,
+            fn_kwargs={"column": image_column, "root": root, "source": source},
+            batched=True,
+            features=dataset.features,
+        )
     if image_column != "image":
         if "image" in dataset.column_names:
             dataset = dataset.remove_columns("image")
@@ -239,6 +252,51 @@ def _shards_by_split(folder: PathLike, shards: list[str]) -> dict[str, list[str]
     return by_split
 
 
+def _listed_shards_of_split(data_files, split: str):
+    """
+    Of listed `.tar`/`.parquet` files whose names carry several splits (a shell-expanded `data/*.parquet` holding
+    `train-00000-of-00001.parquet` and `validation-00000-of-00001.parquet`), those of `split`, as [`_folder_shards`]
+    reads a folder of them; a split they lack is refused. Files of one split only, or without split names, are read as
+    listed: they are the split (`--validation_file data/test-*.parquet`).
+    """
+    if isinstance(data_files, (str, os.PathLike)):
+        return data_files
+    files = [str(path) for path in data_files]
+    shards = [path for path in files if Path(path).suffix.lower() in SHARD_SUFFIXES and os.path.isfile(path)]
+    if len(files) < 2 or len(shards) < len(files):
+        return data_files
+    by_split: dict[str, list[str]] = {}
+    for folder in dict.fromkeys(os.path.dirname(os.path.abspath(path)) for path in shards):
+        in_folder = [path for path in shards if os.path.dirname(os.path.abspath(path)) == folder]
+        for name, split_shards in _shards_by_split(folder, in_folder).items():
+            by_split.setdefault(name, []).extend(split_shards)
+    if len(by_split) < 2:
+        return data_files
+    if split not in by_split:
+        named = ", ".join(os.path.basename(shard) for shards_of_split in by_split.values() for shard in shards_of_split)
+        raise ValueError(
+            f"{_describe(files)}: the files are shards of the splits {', '.join(by_split)} ({named}), none of split "
+            f"{split!r}: ask for one of those splits (--train_split/--validation_split, `clipcap caption --split`), or "
+            "give only the files to read."
+        )
+    chosen = set(by_split[split])
+    return [path for path in files if path in chosen]  # in the order listed
+
+
+def _not_utf8(paths: Sequence[PathLike]) -> str | None:
+    """The error naming the first of the text files `paths` that is not UTF-8 (and the line of its bad byte), if any."""
+    from ..utils.file_utils import open_text
+
+    for path in paths:
+        try:
+            with open_text(path) as file:
+                for _ in file:
+                    pass
+        except ValueError as error:
+            return str(error)
+    return None
+
+
 def _first_caption_column(features: datasets.Features, candidates: Sequence[str], source: str) -> str:
     """
     The first of the candidate caption columns the source has, else the first, which the column checks name as
@@ -267,7 +325,7 @@ def _from_data_files(data_files, split: str, streaming: bool):
                     raise ValueError(f"{folder} (save_to_disk) has no split {split!r}; it has {sorted(loaded)}.")
                 loaded = loaded[split]
             return loaded
-        return _load_image_folder(folder, streaming)
+        return _load_image_folder(folder, split, streaming)
     missing = [path for path in files if not os.path.exists(path)]
     if missing:
         raise FileNotFoundError(f"Data file {missing[0]} does not exist.")
@@ -278,13 +336,23 @@ def _from_data_files(data_files, split: str, streaming: bool):
             f"{', '.join(BUILDERS)}, a folder (image folder or save_to_disk), or a --dataset_format."
         )
     try:
-        return datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming)
+        dataset = datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming)
     except (datasets.exceptions.DatasetGenerationError, StopIteration, tarfile.TarError, ValueError) as error:
         # datasets' own errors name no file ("An error occurred while generating the dataset"): read each file alone.
         problem = _unreadable_data_file(builder, files)
         if problem is None:
             raise
         raise ValueError(problem) from error
+    if builder == "json" and isinstance(dataset, datasets.Dataset):
+        # pyarrow's JSON reader keeps text that is not UTF-8 as it is: it would fail later, naming no file.
+        try:
+            dataset.data.table.validate(full=True)
+        except pyarrow.ArrowInvalid as error:
+            problem = _not_utf8(files)
+            if problem is None:
+                raise
+            raise ValueError(problem) from error
+    return dataset
 
 
 def _unreadable_data_file(builder: str, files: list[str]) -> str | None:
@@ -331,23 +399,33 @@ def _builder_of(files: list[str]) -> str | None:
     return builders.pop() if len(builders) == 1 else None
 
 
-def _load_image_folder(folder: Path, streaming: bool):
+def _load_image_folder(folder: Path, split: str, streaming: bool):
     """
-    An image folder through `datasets`' imagefolder builder. It parses `metadata.jsonl` with pyarrow, which refuses a
-    field that changes type between lines (a caption on one, a list on another) naming neither file nor line: these
-    are found here and named, with the fix. Images its metadata files do not list, which it leaves out, are warned of.
+    An image folder through `datasets`' imagefolder builder: its `split` (a folder of train/ and validation/, ...), or
+    the whole folder when it has no split folders or files, as a folder of shards without split names is read. It
+    parses `metadata.jsonl` with pyarrow, which refuses a field that changes type between lines (a caption on one, a
+    list on another) naming neither file nor line, and a metadata file that is not UTF-8 fails naming none: these are
+    found here and named, with the fix. Images its metadata files do not list, which it leaves out, are warned of.
     """
-    import pyarrow
     from datasets.utils.info_utils import is_small_dataset
 
     try:
         # `load_dataset`'s steps, with the builder kept: its data files are the split's files the reader resolved,
         # which the unlisted images are found among (resolving them again walked the whole folder a second time).
         builder = datasets.load_dataset_builder("imagefolder", data_dir=str(folder))
+        splits = [str(name) for name in builder.config.data_files]
+        if split not in splits:
+            if splits == ["train"] and get_data_patterns(str(folder)) == DEFAULT_PATTERNS_ALL:
+                split = "train"  # no split names: all of it is `train`, whichever split is asked for
+            else:
+                raise ValueError(
+                    f"{folder} (an image folder) has no split {split!r}; it has the splits {', '.join(splits)}: ask "
+                    "for one of those (--train_split/--validation_split), or give that split's folder."
+                )
         if streaming:
-            return builder.as_streaming_dataset(split="train")  # not read ahead to count its rows
+            return builder.as_streaming_dataset(split=split)  # not read ahead to count its rows
         builder.download_and_prepare()
-        dataset = builder.as_dataset(split="train", in_memory=is_small_dataset(builder.info.dataset_size))
+        dataset = builder.as_dataset(split=split, in_memory=is_small_dataset(builder.info.dataset_size))
     except pyarrow.ArrowInvalid as error:
         mismatch = next(filter(None, map(_mixed_json_types, sorted(folder.rglob("metadata.jsonl")))), None)
         if mismatch is None:
@@ -357,7 +435,14 @@ def _load_image_folder(folder: Path, streaming: bool):
             '(every caption as a list: "text": ["A dog."]), or read the folder with --dataset_format imagefolder, '
             "which takes single captions and lists."
         ) from error
-    _warn_of_unlisted_images(folder, dataset, builder.config.data_files["train"])
+    except (UnicodeDecodeError, datasets.exceptions.DatasetGenerationError) as error:
+        # pandas (metadata.csv) raises a bare UnicodeDecodeError, pyarrow (metadata.jsonl) datasets' generic error.
+        metadata = sorted(path for path in folder.rglob("metadata.*") if path.suffix in (".csv", ".jsonl"))
+        problem = _not_utf8(metadata)
+        if problem is None:
+            raise
+        raise ValueError(problem) from error
+    _warn_of_unlisted_images(folder, dataset, builder.config.data_files[split])
     return dataset
 
 
@@ -417,6 +502,13 @@ def _from_caption_format(dataset_format: str, path, image_root, split: str) -> d
         raise ValueError(f"Unknown dataset format {dataset_format!r}; expected one of {sorted(DATASET_FORMATS)}.")
     if path is None:
         raise ValueError(f"The {dataset_format!r} format needs its file (--train_file/--validation_file).")
+    if not isinstance(path, (str, os.PathLike)):
+        if len(path) != 1:  # each format's loader reads one file, whose image ids are its own
+            raise ValueError(
+                f"The {dataset_format!r} format reads one file, not {len(path)} ({', '.join(map(str, path))}): give "
+                "one (merge their images and captions into one file first)."
+            )
+        path = path[0]
     loaded = load_caption_dataset(dataset_format, path, image_root)
     if isinstance(loaded, datasets.DatasetDict):  # the Karpathy file holds every split
         name = {"val": "validation", "eval": "validation"}.get(split, split)
@@ -632,6 +724,17 @@ def _caption_list(value: Any, column: str, key: str, location) -> list[str]:
     return [text.strip() for text in texts]
 
 
+def _has_relative_paths(dataset, column: str) -> bool:
+    """Whether an undecoded image column has an image given by a relative path (a stream is not read ahead to tell)."""
+    if isinstance(dataset, datasets.IterableDataset):
+        return True
+    for chunk in dataset.data.column(column).chunks:
+        paths = chunk.field("path").filter(chunk.field("bytes").is_null()).drop_null().to_pylist()
+        if not all(map(os.path.isabs, paths)):
+            return True
+    return False
+
+
 def _has_image_files(dataset: datasets.Dataset) -> bool:
     """Whether some image of the (undecoded) `image` column is a file path rather than stored bytes."""
     return any(chunk.field("bytes").null_count for chunk in dataset.data.column("image").chunks)
@@ -652,6 +755,11 @@ def _parquet_shards(dataset, data_files) -> list[tuple[str, int]] | None:
 def _absolute_paths(paths, *, column: str, root: str | list[str], source: str):
     absolute = []
     for path in paths:
+        if isinstance(path, dict):  # a {bytes, path} struct: its path names the image only without its bytes
+            if path["bytes"] is not None or path["path"] is None:
+                absolute.append(path)
+                continue
+            path = path["path"]
         if path is not None and path.startswith(("http://", "https://")):  # joined to the folder, it named no file
             raise ValueError(
                 f"{source}: the image column {column!r} holds an image URL ({path}); download the images first (for "
@@ -706,6 +814,12 @@ def _files_folder(data_files) -> str | list[str]:
     files = [data_files] if isinstance(data_files, (str, os.PathLike)) else list(data_files or ["."])
     folders = sorted({str(Path(path) if os.path.isdir(path) else Path(path).parent) for path in files})
     return folders[0] if len(folders) == 1 else folders
+
+
+def _file_list(data_files) -> list[str]:
+    if data_files is None:
+        return []
+    return [str(data_files)] if isinstance(data_files, (str, os.PathLike)) else [str(path) for path in data_files]
 
 
 def _describe(data_files) -> str:
