@@ -141,16 +141,10 @@ def load_image_source(
         caption_column = None  # decided before any key is computed: the keys are computed once
     _require_columns(dataset, [image_column] + ([caption_column] if caption_column else []), source)
     feature = dataset.features[image_column]
-    if _holds_paths(feature):
-        # Paths in a JSON/CSV file: relative to --image_root, else to the folder of the files.
-        root = image_root if image_root is not None else _files_folder(data_files)
-        dataset = dataset.map(
-            _absolute_paths,
-            input_columns=image_column,
-            fn_kwargs={"column": image_column, "root": root, "source": source},
-            batched=True,
-            features=datasets.Features({**dataset.features, image_column: datasets.Image(decode=False)}),
-        )
+    # Relative image paths: relative to --image_root, else to the folder of the files.
+    root = image_root if image_root is not None else _files_folder(data_files)
+    if _holds_paths(feature):  # paths in a JSON/CSV file
+        dataset = _rooted(dataset, image_column, root, source)
     elif not isinstance(feature, datasets.Image) and not _holds_image_bytes(feature):
         raise ValueError(
             f"{source}: the image column {image_column!r} holds {feature}, not images; give a column of image files' "
@@ -162,15 +156,8 @@ def load_image_source(
     dataset = dataset.cast_column(image_column, datasets.Image(decode=False))
     if _builder_of(_file_list(data_files)) in ("parquet", "arrow") and _has_relative_paths(dataset, image_column):
         # Images stored as a path without bytes ({bytes: None, path: "a.png"}, as datasets writes an Image column of
-        # files): relative to --image_root or the files' folder, as path strings are, not to the working folder.
-        root = image_root if image_root is not None else _files_folder(data_files)
-        dataset = dataset.map(
-            _absolute_paths,
-            input_columns=image_column,
-            fn_kwargs={"column": image_column, "root": root, "source": source},
-            batched=True,
-            features=dataset.features,
-        )
+        # files): as path strings are, not relative to the working folder.
+        dataset = _rooted(dataset, image_column, root, source)
     if image_column != "image":
         if "image" in dataset.column_names:
             dataset = dataset.remove_columns("image")
@@ -750,6 +737,17 @@ def _parquet_shards(dataset, data_files) -> list[tuple[str, int]] | None:
     import pyarrow.parquet
 
     return [(os.path.abspath(path), pyarrow.parquet.ParquetFile(path).metadata.num_rows) for path in files]
+
+
+def _rooted(dataset, column: str, root: str | list[str], source: str):
+    """`dataset` with the relative image paths of `column` joined to `root`, as an undecoded Image column."""
+    return dataset.map(
+        _absolute_paths,
+        input_columns=column,
+        fn_kwargs={"column": column, "root": root, "source": source},
+        batched=True,
+        features=datasets.Features({**dataset.features, column: datasets.Image(decode=False)}),
+    )
 
 
 def _absolute_paths(paths, *, column: str, root: str | list[str], source: str):
