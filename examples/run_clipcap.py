@@ -24,7 +24,8 @@ python examples/run_clipcap.py --recipe transformer_frozen --dataset_format coco
 
 # (c) LoRA on GPT-2, mapper trained; also writes the merged plain checkpoint to clipcap-lora/merged
 python examples/run_clipcap.py --recipe lora --dataset_format conceptual-captions \\
-    --train_file train.tsv --validation_file val.tsv --image_root cc_images/ --output_dir clipcap-lora --do_train
+    --train_file train.tsv --validation_file val.tsv --image_root cc_images/ --output_dir clipcap-lora \\
+    --do_train --do_eval
 
 # (d) any source datasets reads: webdataset shards (img2dataset), parquet, a Hub dataset, or embeddings computed
 # beforehand with `clipcap embed` (see docs/data.md)

@@ -6,6 +6,8 @@ import io
 import json
 import os
 import re
+import shutil
+from unittest import mock
 
 import datasets
 import numpy as np
@@ -556,8 +558,13 @@ def test_listed_shards_of_several_splits_are_read_as_the_asked_split(tmp_path):
 
     write_split_shards(tmp_path / "data", {"train": ["A dog.", "A cat.", "A car."], "validation": ["A bird."]})
     shards = sorted(str(path) for path in (tmp_path / "data").glob("*.parquet"))  # as a shell expands data/*.parquet
-    validation = load_image_source(data_files=shards, split="validation", caption_column="caption")
+    with mock.patch("clipcap_hf.data.sources.logger.warning") as warning:  # the files left out are named
+        validation = load_image_source(data_files=shards, split="validation", caption_column="caption")
     assert validation["captions"] == [["A bird."]]
+    warning.assert_called_once_with(
+        "Reading the 1 listed file(s) of split 'validation'; 1 of other splits are left out "
+        "(train-00000-of-00001.parquet). Ask for their split to read those."
+    )
     assert validation["__url__"] == [str(tmp_path / "data" / "validation-00000-of-00001.parquet")]
     # train_split/validation_split reach the listed files as they reach a folder of them.
     data_args = DataArguments(train_file=str(tmp_path / "data" / "*.parquet"), validation_file=",".join(shards))
@@ -572,6 +579,16 @@ def test_listed_shards_of_several_splits_are_read_as_the_asked_split(tmp_path):
     # Files of one split are that split, whatever the option reading them asks for.
     only_train = load_image_source(data_files=shards[:1], split="validation", caption_column="caption")
     assert sorted(only_train["captions"]) == [["A car."], ["A cat."], ["A dog."]]
+
+
+def test_listed_shards_whose_names_carry_no_split_are_read_as_listed_without_scanning_their_folder(tmp_path):
+    # img2dataset's folders hold three files a shard: scanning them for split names at every load cost seconds.
+    write_split_shards(tmp_path / "data", {"train": ["A dog.", "A cat."]})
+    first = (tmp_path / "data" / "train-00000-of-00001.parquet").rename(tmp_path / "data" / "00000.parquet")
+    shards = [str(first), shutil.copyfile(first, tmp_path / "data" / "00001.parquet")]
+    with mock.patch("clipcap_hf.data.sources.get_data_patterns", side_effect=AssertionError("scanned")):
+        source = load_image_source(data_files=shards, split="validation", caption_column="caption")
+    assert sorted(source["captions"]) == [["A cat."], ["A cat."], ["A dog."], ["A dog."]]
 
 
 def test_relative_paths_of_parquet_image_structs_are_relative_to_the_files_folder(tmp_path, monkeypatch):

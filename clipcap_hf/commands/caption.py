@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 
 import torch
 
@@ -178,9 +179,11 @@ def _decoding_kwargs(args: argparse.Namespace) -> dict:
     if args.num_return_sequences > 1:
         kwargs["num_return_sequences"] = args.num_return_sequences
     check_decoding_options(**kwargs, spelling=_option_spelling)
-    # Greedy and beam search draw no random numbers (nor does the reranker): a seed would change nothing.
+    # Greedy and beam search draw no random numbers (nor does the reranker): a seed changes nothing. Warned, not
+    # refused: an --output run that earlier versions recorded with it resumes with the same options.
     if args.seed is not None and not args.do_sample:
-        raise ValueError("--seed only applies when sampling: add --do-sample, or leave --seed out.")
+        warnings.warn("--seed has no effect without --do-sample: greedy and beam search draw no random numbers.",
+                      stacklevel=2)
     return kwargs
 
 

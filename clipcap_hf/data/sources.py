@@ -14,6 +14,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import tarfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,7 +24,7 @@ import datasets
 import PIL.Image
 import pyarrow
 import pyarrow.compute as pc
-from datasets.data_files import DEFAULT_PATTERNS_ALL, DataFilesDict, get_data_patterns
+from datasets.data_files import DEFAULT_PATTERNS_ALL, SPLIT_KEYWORDS, DataFilesDict, get_data_patterns
 from datasets.fingerprint import Hasher
 from transformers.utils import logging
 
@@ -250,7 +251,9 @@ def _listed_shards_of_split(data_files, split: str):
         return data_files
     files = [str(path) for path in data_files]
     shards = [path for path in files if Path(path).suffix.lower() in SHARD_SUFFIXES and os.path.isfile(path)]
-    if len(files) < 2 or len(shards) < len(files):
+    # Their folders are scanned only where a name may carry a split: img2dataset's hold three files a shard.
+    named_for_splits = any(_may_name_a_split(os.path.basename(path)) for path in shards)
+    if len(files) < 2 or len(shards) < len(files) or not named_for_splits:
         return data_files
     by_split: dict[str, list[str]] = {}
     for folder in dict.fromkeys(os.path.dirname(os.path.abspath(path)) for path in shards):
@@ -267,7 +270,25 @@ def _listed_shards_of_split(data_files, split: str):
             "give only the files to read."
         )
     chosen = set(by_split[split])
+    left_out = [os.path.basename(path) for path in files if path not in chosen]
+    logger.warning(
+        f"Reading the {len(chosen)} listed file(s) of split {split!r}; {len(left_out)} of other splits are left out "
+        f"({', '.join(left_out[:5])}{', ...' if len(left_out) > 5 else ''}). Ask for their split to read those."
+    )
     return [path for path in files if path in chosen]  # in the order listed
+
+
+# A file name or relative path `datasets` may read a split from: `<split>-00000-of-00001.parquet`, or a split keyword
+# between separators (`test_0.tar`, `coco-val.parquet`, `validation/0001.png`); see `datasets.data_files`.
+_SPLIT_IN_NAME = re.compile(
+    r"-\d{5}-of-\d{5}|(^|[-._ \d/])("
+    + "|".join(re.escape(str(keyword)) for keywords in SPLIT_KEYWORDS.values() for keyword in keywords)
+    + r")[-._ \d/]"
+)
+
+
+def _may_name_a_split(name: str) -> bool:
+    return _SPLIT_IN_NAME.search(name) is not None
 
 
 def _not_utf8(paths: Sequence[PathLike]) -> str | None:
@@ -402,7 +423,8 @@ def _load_image_folder(folder: Path, split: str, streaming: bool):
         builder = datasets.load_dataset_builder("imagefolder", data_dir=str(folder))
         splits = [str(name) for name in builder.config.data_files]
         if split not in splits:
-            if splits == ["train"] and get_data_patterns(str(folder)) == DEFAULT_PATTERNS_ALL:
+            train_files = builder.config.data_files.get("train", [])
+            if splits == ["train"] and not any(_may_name_a_split(os.path.relpath(f, folder)) for f in train_files):
                 split = "train"  # no split names: all of it is `train`, whichever split is asked for
             else:
                 raise ValueError(

@@ -202,8 +202,10 @@ def shapes_task(
     if not (base / "held_out_scores.json").is_file():  # written last by the quickstart
         # Its language model is the grid's: prefix lengths it cannot take are refused before it trains, not after
         # (the captions measured with the tokenizer the quickstart learns from them; the lengths leave out the prefix).
-        tokenizer = build_tokenizer(splits["train"]["caption"])
-        processor = ClipCapProcessor(tokenizer=tokenizer, num_image_tokens=1, image_token=IMAGE_TOKEN)
+        def processor():
+            tokenizer = build_tokenizer(splits["train"]["caption"])
+            return ClipCapProcessor(tokenizer=tokenizer, num_image_tokens=1, image_token=IMAGE_TOKEN)
+
         _refuse_long_prefixes(
             config.prefix_lengths, TEXT_POSITIONS,
             f"the synthetic task's language model (which the quickstart trains into {base})",
@@ -577,7 +579,9 @@ def _check_prefix_lengths(config: AblationConfig, runs: list[AblationRun], data:
     positions = getattr(text_config, "max_position_embeddings", None)
     if isinstance(positions, int):  # else rotary or ALiBi positions: no table to run past
         # The tokenizer is the language model's, whichever tower the processor is built with.
-        processor = ClipCapProcessor.from_vision_text_pretrained(runs[0].vision_model, config.text_model)
+        def processor():
+            return ClipCapProcessor.from_vision_text_pretrained(runs[0].vision_model, config.text_model)
+
         _refuse_long_prefixes(
             [run.prefix_length for run in runs], positions, f"the language model {config.text_model}",
             data.train, processor, config.max_caption_length,
@@ -586,16 +590,18 @@ def _check_prefix_lengths(config: AblationConfig, runs: list[AblationRun], data:
 
 def _refuse_long_prefixes(
     prefix_lengths: Sequence[int], positions: int, described: str, captions: datasets.Dataset,
-    processor: ClipCapProcessor, max_caption_length: int,
+    processor: Callable[[], ClipCapProcessor], max_caption_length: int,
 ) -> None:
     """
     Refuse prefix lengths that with the longest of the training `captions` (EOS included, cut to `max_caption_length`,
     as the collator gives them) need more than the `positions` of the language model (`described`): `clipcap train`'s
-    rule (`run._check_context_length`). A run past them fails part-way, in the middle of the grid.
+    rule (`run._check_context_length`). A run past them fails part-way, in the middle of the grid. `processor` builds
+    the processor that measures them, only when some caption could reach past them.
     """
     if max(prefix_lengths) + max_caption_length <= positions:
         return  # no caption can reach past them: not measured
-    longest = max(add_caption_lengths(captions.select_columns("caption"), processor, max_caption_length)[0]["length"])
+    captions = captions.select_columns("caption")
+    longest = max(add_caption_lengths(captions, processor(), max_caption_length)[0]["length"])
     too_long = sorted({length for length in prefix_lengths if length + longest > positions})
     if too_long:
         room = positions - longest
