@@ -29,6 +29,7 @@ from datasets.fingerprint import Hasher
 from transformers.utils import logging
 
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
+from ..utils.file_utils import open_text
 from .loaders import DATASET_FORMATS, PathLike, group_by_image, load_caption_dataset
 
 # The `datasets` builder of each data file suffix.
@@ -293,8 +294,6 @@ def _may_name_a_split(name: str) -> bool:
 
 def _not_utf8(paths: Sequence[PathLike]) -> str | None:
     """The error naming the first of the text files `paths` that is not UTF-8 (and the line of its bad byte), if any."""
-    from ..utils.file_utils import open_text
-
     for path in paths:
         try:
             with open_text(path) as file:
@@ -321,7 +320,7 @@ def _first_caption_column(features: datasets.Features, candidates: Sequence[str]
 
 
 def _from_data_files(data_files, split: str, streaming: bool):
-    files = [str(path) for path in ([data_files] if isinstance(data_files, (str, os.PathLike)) else data_files)]
+    files = _file_list(data_files)
     if len(files) == 1 and os.path.isdir(files[0]):
         folder = Path(files[0])
         if (folder / datasets.config.DATASET_STATE_JSON_FILENAME).exists() or (
@@ -753,7 +752,7 @@ def _parquet_shards(dataset, data_files) -> list[tuple[str, int]] | None:
     """The parquet files of a map-style source and their row counts (read from their footers), in row order."""
     if data_files is None or not isinstance(dataset, datasets.Dataset) or SHARD_COLUMN in dataset.column_names:
         return None
-    files = [str(path) for path in ([data_files] if isinstance(data_files, (str, os.PathLike)) else data_files)]
+    files = _file_list(data_files)
     if not all(path.lower().endswith(".parquet") for path in files):
         return None
     import pyarrow.parquet
@@ -837,6 +836,7 @@ def _files_folder(data_files) -> str | list[str]:
 
 
 def _file_list(data_files) -> list[str]:
+    """The data files (one path or several) as a list of strings; none for no data files."""
     if data_files is None:
         return []
     return [str(data_files)] if isinstance(data_files, (str, os.PathLike)) else [str(path) for path in data_files]
@@ -845,5 +845,5 @@ def _file_list(data_files) -> list[str]:
 def _describe(data_files) -> str:
     if data_files is None:
         return "the source"
-    files = [str(data_files)] if isinstance(data_files, (str, os.PathLike)) else [str(path) for path in data_files]
+    files = _file_list(data_files)
     return files[0] if len(files) == 1 else f"{files[0]} (and {len(files) - 1} more files)"
