@@ -26,9 +26,9 @@ paper's loop (about 90 s) for quick runs. The `*_prepacked_*` figures time `gene
 caption`, evaluation): each weight that oneDNN computes is packed once, on its first use, and the memory one call
 frees serves the next (`clipcap_hf.utils.memory`). Our runs count the fewest
 seconds of `--repeats` timed calls (3), the paper's loop one call. Each kind of linear call settles on MKL after
-one timed call of each kernel where oneDNN is not clearly faster, and on oneDNN after four calls of each
-(`clipcap_hf.onednn`): the decoder's kinds within the warm-up call, the prefill's and the mapper's (one call per
-`generate()` and batch shape) after four to eight calls, so they may still be measured while timed;
+one timed call of each kernel where oneDNN is no faster, and otherwise after four calls of each (`clipcap_hf.onednn`):
+the decoder's kinds within the warm-up call, the prefill's and the mapper's (one call per `generate()` and batch
+shape) after four to ten calls, so they may still be measured while timed;
 `cpu_linear_choices` lists every kind of the model with its kernel ("measuring" until settled) and both kernels'
 fewest milliseconds ("-" before a timed call).
 

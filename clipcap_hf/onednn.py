@@ -191,21 +191,25 @@ class _RoutedForward:
                 return _onednn_forward(layer, weight, inputs, packs, state)
             return type(layer).forward(layer, inputs)
         onednn = race.next_is_onednn()
-        first_onednn_call = onednn and not race.seconds[True]
-        # A oneDNN turn on a layer not packed yet computes from the plain weight, as cold as MKL's, and packs it after,
-        # untimed: the packed copy serves the block's later calls on the layer, whatever their rows (a prefill's turns
-        # pack the weights its decoding steps read), so a turn that counted the packing settled kinds on MKL for a
-        # whole captioning run where oneDNN computed them faster (a prefill's 160 rows, 1.3x on an AMD EPYC).
-        packed = _current_pack(layer, packs, state) if onednn else None
+        packed = _current_pack(layer, packs, state) if onednn and packs is not None else None
+        if onednn and packs is not None and packed is None and layer not in race.packed_layers:
+            # In a prepacking block the kind's later calls read packed weights, so oneDNN's turns are timed on packed
+            # weights too: a turn on a layer not packed yet computes from the plain weight, packs it and counts for
+            # nothing. Timed on plain weights, oneDNN measured 1.2x to 1.5x MKL's speed where packed it runs at 1.4x
+            # to 2.3x (a prefill's 160 rows and a greedy step's 16, on an AMD EPYC), and `ONEDNN_MARGIN` settled
+            # such kinds on MKL by chance. The packing stays out of every time: counted, it settled a prefill on MKL
+            # for a whole captioning run where oneDNN computed it 1.3x faster. Once per layer and race: where every
+            # block packs anew (one `generate()` per block), later turns are timed on the plain weight, so the race
+            # still ends.
+            outputs = _onednn_linear(inputs, weight, layer.bias)
+            _packed_weight(layer, weight, packs, state)
+            race.packed_layers.add(layer)
+            return outputs
         start = time.perf_counter()
         outputs = _onednn_linear(inputs, weight, layer.bias, packed) if onednn else type(layer).forward(layer, inputs)
         race.record(onednn, time.perf_counter() - start)
         if onednn and packs is not None and packed is None:
-            packed = _packed_weight(layer, weight, packs, state)
-            if first_onednn_call:
-                # oneDNN builds its kernel for a weight layout on the first product in it, and the kind's later turns
-                # read packed weights: the untimed first call builds that one too, so no timed turn pays for it.
-                _onednn_linear(inputs, weight, layer.bias, packed)
+            _packed_weight(layer, weight, packs, state)  # untimed, for the block's later calls
         return outputs
 
     def open(self, packs: dict | None, measure: bool) -> None:
@@ -366,19 +370,22 @@ class _KernelRace:
     """
     Which of MKL and oneDNN computes one kind of linear call (`_call_kind`) faster on this machine, found on the calls
     themselves: the kind's first calls alternate between the two kernels, timed (after an untimed first call each).
-    As soon as oneDNN's fewest seconds are not `ONEDNN_MARGIN` times fewer than MKL's, the kind keeps MKL for the rest
-    of the process; if they still are once each kernel has run `1 + TIMED_CALLS` times, it keeps oneDNN. Measuring
-    costs a few calls on the slower kernel: two where oneDNN loses, unless a busy spell slowed MKL's, on kinds called
-    once per `generate()` (a prefill, the mapper) too. In a block with `prepack=True` it also costs one product per
-    kind, untimed, on the packed weight its first oneDNN call packed, and the packed copies of the layers its oneDNN
-    turns ran are held until the block ends.
+    As soon as oneDNN's fewest seconds are no fewer than MKL's, the kind keeps MKL for the rest of the process;
+    otherwise, once each kernel has run `1 + TIMED_CALLS` times, it keeps oneDNN if MKL's fewest are at least
+    `ONEDNN_MARGIN` times oneDNN's, and MKL if not. Measuring costs a few calls on the slower kernel, on kinds called
+    once per `generate()` (a prefill, the mapper) too. In a block with `prepack=True` the turns time oneDNN on packed
+    weights (a turn on a layer not packed yet packs it and is not counted, once per layer; after that, such a turn is
+    timed on the plain weight), and the packed copies of the layers its oneDNN turns ran are held until the block
+    ends, whichever kernel the kind keeps.
     """
 
-    __slots__ = ("seconds", "onednn")
+    __slots__ = ("seconds", "onednn", "packed_layers")
 
     def __init__(self) -> None:
         self.seconds: tuple[list[float], list[float]] = ([], [])  # MKL's calls, oneDNN's
         self.onednn: bool | None = None  # None while measuring
+        # The layers an uncounted turn of this race packed (in any block): each has one such turn.
+        self.packed_layers: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
     def next_is_onednn(self) -> bool:
         mkl, onednn = self.seconds
@@ -389,12 +396,13 @@ class _KernelRace:
             return
         self.seconds[onednn].append(seconds)
         mkl_s, onednn_s = self.fewest_seconds()
-        if mkl_s is not None and onednn_s is not None and mkl_s < ONEDNN_MARGIN * onednn_s:
-            # oneDNN is not clearly faster: MKL from here on, without running the slower kernel again. A busy spell
-            # can only make this choice wrongly, and MKL is plain PyTorch.
+        if mkl_s is not None and onednn_s is not None and mkl_s <= onednn_s:
+            # oneDNN is not faster at all: MKL from here on, without running the slower kernel again.
             self.onednn = False
         elif min(len(calls) for calls in self.seconds) > TIMED_CALLS:
-            self.onednn = True  # clearly faster on every count
+            # Faster, but kept only if clearly: decided on the fewest of every timed call, since one call slowed by a
+            # busy spell decided kinds near the margin either way.
+            self.onednn = mkl_s >= ONEDNN_MARGIN * onednn_s
 
     def fewest_seconds(self) -> tuple[float | None, float | None]:
         """MKL's and oneDNN's fewest seconds over their timed calls (a first call is untimed); None before one."""
