@@ -618,14 +618,18 @@ def test_relative_paths_of_parquet_image_structs_are_relative_to_the_files_folde
     assert np.array_equal(np.asarray(source[0]["image"]), np.asarray(meant))
 
 
-def test_data_files_that_are_not_utf8_are_named(tmp_path):
+@pytest.mark.parametrize("streaming", [False, True])  # streamed, checked before the first row is read
+def test_data_files_that_are_not_utf8_are_named(tmp_path, streaming):
     random_images(1)[0].save(tmp_path / "a.png")
-    (tmp_path / "data.jsonl").write_bytes('{"image": "a.png", "caption": "Un caf\xe9."}\n'.encode("cp1252"))
+    (tmp_path / "good.jsonl").write_text('{"image": "a.png", "caption": "A caf\xe9."}\n', encoding="utf-8")
+    bad_lines = '{"image": "a.png", "caption": "A dog."}\n{"image": "a.png", "caption": "Un caf\xe9."}\n'
+    (tmp_path / "data.jsonl").write_bytes(bad_lines.encode("cp1252"))
+    files = [str(tmp_path / "good.jsonl"), str(tmp_path / "data.jsonl")]
     with pytest.raises(ValueError) as error:
-        load_image_source(data_files=str(tmp_path / "data.jsonl"), caption_column="caption")
+        list(load_image_source(data_files=files, caption_column="caption", streaming=streaming))
     assert str(error.value) == (
         f"{tmp_path / 'data.jsonl'} is not valid UTF-8 (invalid continuation byte); the file must be UTF-8 encoded "
-        "(the first bad byte is on line 1)."
+        "(the first bad byte is on line 2)."
     )
     for name, text in (
         ("metadata.csv", "file_name,text\na.png,Un caf\xe9.\n"),
@@ -636,7 +640,7 @@ def test_data_files_that_are_not_utf8_are_named(tmp_path):
         random_images(1)[0].save(folder / "a.png")
         (folder / name).write_bytes(text.encode("cp1252"))
         with pytest.raises(ValueError) as error:
-            load_image_source(data_files=str(folder), caption_column="text")
+            list(load_image_source(data_files=str(folder), caption_column="text", streaming=streaming))
         line = 2 if name == "metadata.csv" else 1
         assert str(error.value) == (
             f"{folder / name} is not valid UTF-8 (invalid continuation byte); the file must be UTF-8 encoded (the "
