@@ -206,16 +206,16 @@ def step_breakdown_s(model, image_embeds: torch.Tensor, new_tokens: int, repeats
 
 def until_settled(run, model, most_calls: int = 16) -> None:
     """
-    Call `run()` until every kind of linear call of `model` that it makes has settled on a kernel (at most
-    `most_calls` times): a captioning run over many batches spends only its first few measuring, and the prefill's
-    and the mapper's kinds, one call per `generate()`, take four to ten calls to settle.
+    Call `run()`, within a `captioning_run` block, until every packed kind of linear call of `model` has settled on a
+    kernel (at most `most_calls` times): a captioning run over many batches spends only its first few measuring, and
+    the prefill's and the mapper's kinds, one call per `generate()`, take four to ten calls to settle.
     """
     shapes = linear_shapes(model)
     for _ in range(most_calls):
         run()
         if all(
             choice["kernel"] is not None for choice in cpu_linear_choices()
-            if (choice["in_features"], choice["out_features"]) in shapes
+            if choice["packed"] and (choice["in_features"], choice["out_features"]) in shapes
         ):
             return
 

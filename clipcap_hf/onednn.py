@@ -202,7 +202,11 @@ class _RoutedForward:
             # block packs anew (one `generate()` per block), later turns are timed on the plain weight, so the race
             # still ends.
             outputs = _onednn_linear(inputs, weight, layer.bias)
-            _packed_weight(layer, weight, packs, state)
+            packed = _packed_weight(layer, weight, packs, state)
+            if not race.packed_layers:
+                # oneDNN builds its kernel for a weight layout on the first product in it (about 4x a product's time
+                # at 16 rows): built here, once per kind, so that no timed turn pays for it.
+                _onednn_linear(inputs, weight, layer.bias, packed)
             race.packed_layers.add(layer)
             return outputs
         start = time.perf_counter()

@@ -1,6 +1,7 @@
 import pytest
 
-from clipcap_hf.utils.file_utils import open_text, read_json
+from clipcap_hf.utils import file_utils
+from clipcap_hf.utils.file_utils import not_utf8_error, open_text, read_json
 
 
 def test_read_json_skips_a_byte_order_mark(tmp_path):
@@ -102,3 +103,27 @@ def test_a_file_written_atomically_in_a_folder_that_is_not_there_is_named_with_i
         with pytest.raises(NotADirectoryError, match=f"^{re.escape(message)}$"):
             write_text_atomically(given, "{}")
     assert os.listdir(tmp_path) == ["results"]
+
+
+def test_the_utf8_check_reads_in_chunks_and_names_the_line_of_the_first_bad_byte(tmp_path, monkeypatch):
+    monkeypatch.setattr(file_utils, "UTF8_CHECK_CHUNK_BYTES", 4)  # characters and lines cut across chunks
+    good = tmp_path / "good.txt"
+    good.write_bytes("\ufeffcaf\u00e9\r\n\u4e2d\U0001f600\n\n".encode("utf-8"))  # 2-, 3- and 4-byte characters
+    assert not_utf8_error(good) is None
+    cases = {
+        b"ab\ncd\nef\xe9gh\n": (3, "invalid continuation byte"),  # the bad byte in the third chunk
+        b"a\n\n\n\xe4\xb8": (4, "unexpected end of data"),  # a character cut off by the end of the file
+        b"\xff\n": (1, "invalid start byte"),
+        "\n\u4e2d\n".encode("utf-8")[:-2] + b"\n\n": (2, "invalid continuation byte"),
+    }
+    for data, (line, reason) in cases.items():
+        bad = tmp_path / "bad.txt"
+        bad.write_bytes(data)
+        expected = (
+            f"{bad} is not valid UTF-8 ({reason}); the file must be UTF-8 encoded (the first bad byte is on line "
+            f"{line})."
+        )
+        assert not_utf8_error(bad) == expected, data
+        with pytest.raises(ValueError) as error, open_text(bad) as file:  # open_text words its error the same way
+            file.read()
+        assert str(error.value) == expected

@@ -9,7 +9,6 @@ and, when it has captions, `captions`.
 from __future__ import annotations
 
 import bisect
-import codecs
 import functools
 import hashlib
 import itertools
@@ -30,7 +29,7 @@ from datasets.fingerprint import Hasher
 from transformers.utils import logging
 
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
-from ..utils.file_utils import open_text
+from ..utils.file_utils import not_utf8_error
 from .loaders import DATASET_FORMATS, PathLike, group_by_image, load_caption_dataset
 
 # The `datasets` builder of each data file suffix.
@@ -294,26 +293,8 @@ def _may_name_a_split(name: str) -> bool:
 
 
 def _not_utf8(paths: Sequence[PathLike]) -> str | None:
-    """
-    The error naming the first of the text files `paths` that is not UTF-8 (and the line of its bad byte), if any.
-    Decoded in large chunks, in C (about a second per gigabyte): cheap enough to check files before streaming them,
-    whose readers would meet a bad byte in the middle of a run and fail naming no file.
-    """
-    for path in paths:
-        decoder = codecs.getincrementaldecoder("utf-8")()
-        try:
-            with open(path, "rb") as file:
-                while chunk := file.read(1 << 24):
-                    decoder.decode(chunk)
-                decoder.decode(b"", final=True)
-        except UnicodeDecodeError:
-            try:  # `open_text` words the error, with the line of the bad byte
-                with open_text(path) as file:
-                    for _ in file:
-                        pass
-            except ValueError as error:
-                return str(error)
-    return None
+    """The error naming the first of the text files `paths` that is not UTF-8 (and the line of its bad byte), if any."""
+    return next(filter(None, map(not_utf8_error, paths)), None)
 
 
 def _first_caption_column(features: datasets.Features, candidates: Sequence[str], source: str) -> str:

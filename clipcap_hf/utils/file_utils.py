@@ -9,6 +9,7 @@ keep two runs out of one output folder are taken here too.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -33,16 +34,41 @@ def open_text(path: str | os.PathLike[str], newline: str | None = None) -> Itera
         with open(path, encoding="utf-8-sig", newline=newline) as file:
             yield file
     except UnicodeDecodeError as error:  # raised while reading, inside the caller's `with`
-        # The error's position counts from the chunk being decoded; the line comes from the whole file.
-        data = Path(path).read_bytes()
+        # The error's position counts from the chunk being decoded: the line comes from reading the file again.
+        problem = not_utf8_error(path) or f"{path} is not valid UTF-8 ({error.reason}); the file must be UTF-8 encoded."
+        raise ValueError(problem) from None
+
+
+# Bytes decoded at a time when a file is checked for UTF-8.
+UTF8_CHECK_CHUNK_BYTES = 1 << 24
+
+
+def not_utf8_error(path: str | os.PathLike[str]) -> str | None:
+    """
+    The error naming `path` and the line of its first byte that is not UTF-8, or None if the file is UTF-8. Read in
+    chunks of `UTF8_CHECK_CHUNK_BYTES` and decoded in C (about a second per gigabyte, in constant memory): cheap
+    enough to check large files before streaming them, whose readers would meet a bad byte midway and fail naming no
+    file.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    newlines = 0  # before the bad byte
+    with open(path, "rb") as file:
         try:
-            data.decode("utf-8")
-            line = ""
-        except UnicodeDecodeError as whole:
-            line = f" (the first bad byte is on line {data[: whole.start].count(10) + 1})"
-        raise ValueError(
-            f"{path} is not valid UTF-8 ({error.reason}); the file must be UTF-8 encoded{line}."
-        ) from None
+            while chunk := file.read(UTF8_CHECK_CHUNK_BYTES):
+                held = len(decoder.getstate()[0])  # a character's first bytes, held from the chunk before
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as error:  # `start` counts the held bytes first, which are never newlines
+                    newlines += chunk[: max(0, error.start - held)].count(b"\n")
+                    raise
+                newlines += chunk.count(b"\n")
+            decoder.decode(b"", final=True)  # a character cut off by the end of the file
+        except UnicodeDecodeError as error:
+            return (
+                f"{path} is not valid UTF-8 ({error.reason}); the file must be UTF-8 encoded (the first bad byte is on "
+                f"line {newlines + 1})."
+            )
+    return None
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
