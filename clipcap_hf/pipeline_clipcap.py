@@ -8,13 +8,14 @@ from collections.abc import Iterable, Iterator, Sized
 from typing import Any
 
 import numpy as np
+import PIL.Image
 import torch
 from transformers import AutoModelForImageTextToText, GenerationConfig
 from transformers.image_utils import is_valid_image
 from transformers.pipelines import PIPELINE_REGISTRY, ImageTextToTextPipeline
 from transformers.processing_utils import TextKwargs
 
-from .image_processing_clipcap import _is_batched_array, to_rgb_image
+from .image_processing_clipcap import _is_batched_array, load_image, to_rgb_image
 
 # Options given to the call itself that are generation settings (num_return_sequences=3, num_beams=...): they go into
 # `generate_kwargs`, as `max_new_tokens` does, rather than to the processor. `max_length` stays the prompts'
@@ -31,8 +32,8 @@ def _is_one_input(value: Any) -> bool:
 
 
 def _as_item(image: Any, prompt: str) -> dict[str, Any]:
-    """The `{"images", "text"}` item image-text-to-text preprocesses; a dict keeps its own text if it has one. A path
-    object becomes a string and an array or tensor a PIL image: the forms transformers' image loading reads."""
+    """The `{"images", "text"}` item image-text-to-text preprocesses, its image converted as the processor converts
+    images (`_loadable`); a dict keeps its own text if it has one."""
     if isinstance(image, dict):
         if "images" not in image:  # e.g. {"image": ...}, or a dataset's rows rather than its image column
             raise ValueError(
@@ -44,11 +45,27 @@ def _as_item(image: Any, prompt: str) -> dict[str, Any]:
 
 
 def _loadable(image: Any) -> Any:
-    if isinstance(image, os.PathLike):
-        return os.fspath(image)
-    if isinstance(image, (np.ndarray, torch.Tensor)):  # transformers' `load_image` takes paths, URLs and PIL only
+    """
+    An image as the processor would convert it (transparency on white, 16-bit scaled, EXIF orientation): a local file
+    opened here, a PIL image, array or tensor converted. transformers' image loading, which the pipeline applies
+    next, would convert them with a plain `convert("RGB")`, and arrays not at all. A URL is left to it.
+    """
+    if isinstance(image, os.PathLike) or (isinstance(image, str) and os.path.isfile(image)):
+        image = load_image(image)
+    if isinstance(image, (PIL.Image.Image, np.ndarray, torch.Tensor)):
         return to_rgb_image(image)
     return image
+
+
+def _check_no_stray_entry(images: list | tuple) -> None:
+    """Refuse a list of images with an entry that is none (`None`, a number, bytes), naming it: image-text-to-text
+    would take the list for chat messages and fail on the first image with an error that names neither."""
+    if any(_is_one_input(image) for image in images):
+        index, entry = next((index, entry) for index, entry in enumerate(images) if not _is_one_input(entry))
+        raise ValueError(
+            f"images[{index}] is {type(entry).__name__} {entry!r:.60}, not an image: give PIL images, arrays, tensors, "
+            "paths or URLs (or {'images': image, 'text': prompt} dicts), and leave out entries without an image."
+        )
 
 
 def _one_item_per_image(images: Iterable, text: str | list[str] | None) -> Iterator[dict[str, Any]]:
@@ -134,6 +151,7 @@ class ImageCaptioningPipeline(ImageTextToTextPipeline):
             return super().__call__(_as_item(images, "" if text is None else text), **kwargs)
         is_list = isinstance(images, (list, tuple))
         if is_list and not all(_is_one_input(image) for image in images):  # chats, and what it refuses
+            _check_no_stray_entry(images)
             return super().__call__(images=images, text=text, **kwargs)
         # A list, a generator or a dataset goes through image-text-to-text's generator path, an item per image.
         outputs = super().__call__(_one_item_per_image(images, text), **kwargs)

@@ -286,6 +286,38 @@ def test_image_captioning_pipeline_reads_path_objects_and_refuses_a_dict_without
         captioner(max_new_tokens=6)
 
 
+def test_image_captioning_pipeline_converts_images_as_the_processor_does(saved_model_dir, tmp_path, monkeypatch):
+    # transformers' image loading would flatten a transparent image's hidden colours and clip 16-bit values at 255.
+    import PIL.Image
+
+    pixels = np.zeros((40, 48, 4), np.uint8)
+    pixels[..., 0] = 255
+    pixels[:, 24:, 3] = 255  # the left half fully transparent: white, not red
+    transparent = PIL.Image.fromarray(pixels, "RGBA")
+    sixteen_bit = PIL.Image.fromarray((np.arange(40 * 48).reshape(40, 48) * 28).astype(np.uint16))
+    sixteen_bit.save(tmp_path / "16-bit.png")
+    processor = ClipCapProcessor.from_pretrained(saved_model_dir)
+    captioner = pipeline("image-captioning", model=str(saved_model_dir))
+    seen = []
+    generate = captioner.model.generate
+
+    def recording_generate(*args, **kwargs):
+        seen.append(kwargs["pixel_values"])
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(captioner.model, "generate", recording_generate)
+    for image in (transparent, tmp_path / "16-bit.png", str(tmp_path / "16-bit.png")):
+        seen.clear()
+        captioner(image, max_new_tokens=2)
+        opened = image if isinstance(image, PIL.Image.Image) else PIL.Image.open(image)
+        torch.testing.assert_close(seen[0], processor(images=[opened])["pixel_values"], rtol=0, atol=0)
+    # A list with an entry that is no image: named, rather than taken for chat messages.
+    for stray in (None, 3, b"not an image"):
+        with pytest.raises(ValueError) as error:
+            captioner([transparent, stray], max_new_tokens=2)
+        assert str(error.value).startswith(f"images[1] is {type(stray).__name__} {stray!r}, not an image: give PIL")
+
+
 def test_image_captioning_pipeline_takes_arrays_and_tensors_as_its_docstring_says(saved_model_dir):
     images = random_images(2, seed=8)
     expected = captions_from_generate(saved_model_dir, images, max_new_tokens=6)

@@ -521,6 +521,28 @@ def test_a_resume_on_a_source_whose_shards_moved_is_refused(embeddings_captioner
                                    streamed, settings={"run": 1}, rank=0, world_size=1)
 
 
+def test_a_run_without_settings_still_refuses_a_source_of_another_layout(embeddings_captioner, tmp_path):
+    from clipcap_hf.inference import caption_dataset_to_parquet
+
+    dim = embeddings_captioner.model.config.prefix_dim
+    output = tmp_path / "captions"
+
+    def run(dataset, shard_size):
+        return caption_dataset_to_parquet(embeddings_captioner, dataset, output, shard_size=shard_size, rank=0,
+                                          world_size=1)
+
+    run(embeddings_rows(6, dim), 3)
+    (output / "captions-00001-of-00002.parquet").unlink()  # as if killed before its second shard
+    with pytest.raises(ValueError, match=r"holds captions of a source of 6 rows in 2 shard\(s\), but this one has 6 "
+                                         r"rows in 3 shard\(s\)"):
+        run(embeddings_rows(6, dim), 2)  # another shard size would caption rows 3 to 5 twice
+    other = embeddings_rows(6, dim).map(lambda row: {"image_key": "x" + row["image_key"]})
+    with pytest.raises(ValueError, match=r"but this one has 6 rows in 2 shard\(s\) but other images"):
+        run(other, 3)  # another source of the same size would keep the first one's captions
+    assert run(embeddings_rows(6, dim), 3).written == ["captions-00001-of-00002.parquet"]
+    assert [key for key, _ in read_rows(output)] == [f"k{i}" for i in range(6)]
+
+
 def test_a_run_that_failed_before_any_shard_does_not_bind_the_folder(embeddings_captioner, tmp_path):
     from clipcap_hf.inference import caption_dataset_to_parquet
 
@@ -703,13 +725,18 @@ def test_a_run_that_can_read_no_image_beside_a_damaged_shard_is_refused_naming_i
     rows = embeddings_rows(4, dim).to_dict()  # shards of rows 0-1 and 2-3
     rows["embedding"][0] = rows["embedding"][1] = [float("nan")] * dim
     output = tmp_path / "captions"
-    output.mkdir()
+
+    def run():
+        return caption_dataset_to_parquet(embeddings_captioner, datasets.Dataset.from_dict(rows), output,
+                                          shard_size=2, on_bad_image="skip", rank=0, world_size=1)
+
+    run()  # the second shard's rows are readable
+    (output / "captions-00000-of-00002.parquet").unlink()
     # The second shard, as a run stopped by a full disk may leave it: taken as finished, and not parquet.
     damaged = output / "captions-00001-of-00002.parquet"
     damaged.write_bytes(b"PAR1 cut short")
     with pytest.raises(ValueError) as refused:
-        caption_dataset_to_parquet(embeddings_captioner, datasets.Dataset.from_dict(rows), output, shard_size=2,
-                                   on_bad_image="skip", rank=0, world_size=1)
+        run()
     assert str(refused.value).startswith(
         f"The caption shard {damaged} is incomplete or damaged (ArrowInvalid: Parquet magic bytes not found")
     assert str(refused.value).endswith(

@@ -176,6 +176,15 @@ def test_a_reranker_folder_given_as_a_path_reranks(captioning, tiny_clip_dir):
     assert output["clip_score"][0] == pytest.approx(float(scores.max()), abs=1e-5)
 
 
+def test_caption_given_one_image_instead_of_a_list_says_so(captioning):
+    captioner = ClipCapCaptioner(*captioning, max_new_tokens=2)
+    image = random_images(1)[0]
+    message = r"^`images` is a list of images: caption one image with `caption\(\[image\]\)`"
+    with pytest.raises(TypeError, match=message):
+        captioner.caption(image)
+    assert len(captioner.caption([image]).captions) == 1
+
+
 def test_reranking_embeddings_is_refused_before_generating(captioning, tiny_clip_dir, monkeypatch):
     model, processor = captioning
     captioner = ClipCapCaptioner(model, processor, reranker=str(tiny_clip_dir), num_candidates=2, num_beams=2)
@@ -200,6 +209,8 @@ def test_reranking_embeddings_is_refused_before_generating(captioning, tiny_clip
         ({"num_return_sequences": 2, "num_beams": 1},
          "num_return_sequences=2 needs do_sample=True, or num_beams=2 or more: greedy decoding gives one."),
         ({"top_p": 0.9, "temperature": 0.5}, "top_p and temperature only apply when sampling: add do_sample=True"),
+        ({"top_k": 5, "min_p": 0.1, "typical_p": 0.5},
+         "top_k and min_p and typical_p only apply when sampling: add do_sample=True"),
         # Sampled beam search keeps one caption per beam too: refused here, not by `generate` at the first batch.
         ({"do_sample": True, "num_beams": 2, "num_return_sequences": 4},
          "num_return_sequences=4 needs num_beams=4 or more: 2 beams give at most 2, with or without sampling."),

@@ -134,6 +134,10 @@ def captioning_run(model: torch.nn.Module) -> Iterator[None]:
         yield
 
 
+# `generate` options that change only how sampling draws: greedy and beam search ignore them, with a mere warning.
+SAMPLING_OPTIONS = ("top_p", "temperature", "top_k", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff")
+
+
 def check_decoding_options(
     num_candidates: int = 1,
     reranker: CLIPScorer | str | os.PathLike | None = None,
@@ -167,7 +171,7 @@ def check_decoding_options(
                          f"{spelling('num_beams', count)} or more: greedy decoding gives one.")
 
     if not sampling:
-        given = [spelling(name) for name in ("top_p", "temperature") if generate_kwargs.get(name) is not None]
+        given = [spelling(name) for name in SAMPLING_OPTIONS if generate_kwargs.get(name) is not None]
         if given:
             raise ValueError(f"{' and '.join(given)} only apply when sampling: add {spelling('do_sample', True)}.")
     if num_candidates < 1:
@@ -283,6 +287,8 @@ class ClipCapCaptioner:
         """Caption PIL images, or precomputed CLIP embeddings (shape `(batch, prefix_dim)`)."""
         if (images is None) == (image_embeds is None):
             raise ValueError("Give images or image_embeds (exactly one).")
+        if isinstance(images, PIL.Image.Image):
+            raise TypeError("`images` is a list of images: caption one image with `caption([image])`.")
         if images is None and self.reranker is not None:  # before generating captions that could not be chosen
             raise ValueError("Reranking with CLIP needs the images, not only their embeddings.")
         if len(images if images is not None else image_embeds) == 0:

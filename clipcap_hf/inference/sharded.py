@@ -494,9 +494,10 @@ def caption_dataset_to_parquet(
             caption none of them, leaving the folder without a caption, raises a ValueError instead, and removes the
             shards it wrote, which a rerun would otherwise take as finished (see [`_refuse_a_run_without_captions`]).
         settings: what produced the captions (model, decoding, source), kept in `caption_run.json` with the
-            source's number of rows and shards (and, when sampling with a `seed`, the batch size and device): a rerun
-            with other settings, or on a source whose shards moved, is refused instead of mixing captions. Its
-            `SHOWN_ONLY` entry ("paths") is recorded but not compared.
+            source's layout (its number of rows and shards, and a digest of its image keys or data files) and, when
+            sampling with a `seed`, the batch size and device: a rerun with other settings, or on a source whose
+            shards moved, is refused instead of mixing captions. Without settings the layout is still recorded and
+            checked, but not the model or decoding. Its `SHOWN_ONLY` entry ("paths") is recorded but not compared.
         rank, world_size: this process's share (default: from `torchrun`'s or `accelerate launch`'s environment).
         seed: seeds `torch` with `seed + i` before input shard i, so that sampled captions do not depend on which
             process captions a shard, or on whether the run was resumed (with the same batch size and device).
@@ -517,12 +518,12 @@ def caption_dataset_to_parquet(
     with _folder_lock(output_dir, rank, world_size) as own_lock:
         dataset = _undecoded(dataset, captioner.image_column)
         num_shards, get_shard = _input_shards(dataset, shard_size)
-        recorded = None
-        if settings is not None:
-            recorded = {**settings, "source_layout": _source_layout(dataset, num_shards)}
-            if captioner.do_sample and seed is not None:  # the random draws are spread over a batch's images
-                recorded["sampling"] = {"batch_size": batch_size, "device": captioner.model.device.type}
-            recorded = _check_run_file(output_dir, recorded, own_lock)
+        # The source's layout is recorded and checked with or without settings: a rerun on a changed source, or with
+        # another shard size, would leave rows out or caption them twice.
+        recorded = {**(settings or {}), "source_layout": _source_layout(dataset, num_shards)}
+        if captioner.do_sample and seed is not None:  # the random draws are spread over a batch's images
+            recorded["sampling"] = {"batch_size": batch_size, "device": captioner.model.device.type}
+        recorded = _check_run_file(output_dir, recorded, own_lock)
         summary = CaptionRunSummary(num_shards)
         mine = [(index, shard_file_name(index, num_shards)) for index in range(rank, num_shards, world_size)]
         summary.skipped = [name for _, name in mine if (output_dir / name).exists()]
@@ -540,8 +541,7 @@ def caption_dataset_to_parquet(
                 if seed is not None:
                     torch.manual_seed(seed + index)
                 columns, bad = _caption_shard(captioner, shard, name, batch_size, on_bad_image, bar)
-                if recorded is not None:  # a run of as many processes may have replaced it meanwhile
-                    _check_run_file_unchanged(output_dir, recorded, name)
+                _check_run_file_unchanged(output_dir, recorded, name)  # as many processes may have replaced it
                 _write_parquet_atomically(columns, output_dir / name)
                 summary.written.append(name)
                 summary.num_captions += len(columns["image_key"])
