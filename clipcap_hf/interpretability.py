@@ -130,7 +130,9 @@ def _token_text(tokenizer, token_id: int) -> str:
     holding part of a multi-byte character, which decodes to U+FFFD alone, shows its bytes instead: GPT-2's "Ã" (byte
     0xC3, the first half of "é") as "<0xC3>".
     """
-    text = tokenizer.decode([token_id])
+    # Without the clean-up that drops the space before punctuation (" ," would read ","), which 4.x tokenizers saved
+    # with `clean_up_tokenization_spaces=True` apply to byte-level tokens too.
+    text = tokenizer.decode([token_id], clean_up_tokenization_spaces=False)
     token = tokenizer.convert_ids_to_tokens(token_id)
     if isinstance(token, str) and token.startswith(_WORD_START) and not text.startswith(" "):
         return " " + text

@@ -104,6 +104,16 @@ def test_a_rerun_skips_finished_runs_and_refuses_another_budget(grid, monkeypatc
     with pytest.raises(ValueError, match=r"clip-shapes-mlp-finetuned-prefix001 was trained with another budget "
                                          r"\(.*'max_steps': 3.*, this grid's: .*'max_steps': 4.*\); use another"):
         run_ablation(output_dir, tiny_grid(max_steps=4), verbose=False)
+    # The transformer mapper's depth is no part of an MLP run's budget, as earlier versions recorded it.
+    assert run_ablation(output_dir, tiny_grid(mapping_num_layers=4), verbose=False) == records
+    scores_path = output_dir / "runs" / records[0]["name"] / "scores.json"
+    written = json.loads(scores_path.read_text())
+    scores_path.write_text(json.dumps({**written, "budget": {**written["budget"], "mapping_num_layers": 2}}))
+    try:
+        reused = run_ablation(output_dir, tiny_grid(mapping_num_layers=4), verbose=False)
+    finally:
+        scores_path.write_text(json.dumps(written))  # the grid is the module's
+    assert reused[0]["scores"] == records[0]["scores"]
 
 
 def test_the_command_reuses_the_grid_and_checks_its_options(grid, capsys, monkeypatch):
@@ -134,8 +144,8 @@ def test_the_command_reuses_the_grid_and_checks_its_options(grid, capsys, monkey
     # Drawn empty once the whole grid had trained: the synthetic task's own scores.
     assert main(["ablate", "--output-dir", str(output_dir), "--train-file", "captions.json", "--vision-models", "clip",
                  "--text-model", "gpt2", "--plot-metrics", "CIDEr", "exact_match", "shape_accuracy"]) == 2
-    assert ("--plot-metrics exact_match shape_accuracy: scores of the synthetic task, which a dataset of your own "
-            "(--train-file) is not scored with") in capsys.readouterr().err
+    assert ("`plot_metrics` (--plot-metrics) exact_match shape_accuracy: scores of the synthetic task, which a "
+            "dataset of your own is not scored with") in capsys.readouterr().err
 
 
 def test_a_quiet_grid_prints_no_training_logs_and_no_progress_bars(grid, tmp_path, capsys):
@@ -188,6 +198,14 @@ def test_grid_options_are_checked():
         AblationConfig(max_steps=0)
     with pytest.raises(ValueError, match=r"`learning_rate` must be positive, got -0.001"):
         AblationConfig(learning_rate=-1e-3)
+    # One value where a list is meant: named, rather than read letter by letter (['m', 'l', 'p']) or failing bare.
+    for name, value in (("mapping_types", "mlp"), ("language_models", "frozen"), ("plot_metrics", "CIDEr"),
+                        ("prefix_lengths", 4)):
+        with pytest.raises(ValueError, match=rf"^`{name}` must be a list, got {value!r}; give \[{value!r}\]\.$"):
+            AblationConfig(**{name: value})
+    # Scores of the synthetic task would be drawn empty for a dataset of your own, once the whole grid has trained.
+    with pytest.raises(ValueError, match=r"^`plot_metrics` \(--plot-metrics\) exact_match: scores of the synthetic"):
+        AblationConfig(vision_models=["clip"], text_model="gpt2", plot_metrics=("CIDEr", "exact_match"))
 
 
 def test_the_command_refuses_a_seed_numpy_cannot_take(tmp_path, capsys):
@@ -253,8 +271,11 @@ def test_a_grid_over_two_vision_towers_on_a_dataset_of_your_own(caption_folder, 
 def test_towers_whose_runs_would_share_a_folder_are_refused():
     with pytest.raises(ValueError, match=r"The vision towers \['a/clip', 'b/clip/'\] end in the same name"):
         AblationConfig(vision_models=["a/clip", "b/clip/"], text_model="gpt2")
-    with pytest.raises(ValueError, match=r"`vision_models` must be a list of towers, got the string 'a/clip'"):
+    with pytest.raises(ValueError, match=r"^`vision_models` must be a list, got 'a/clip'; give \['a/clip'\]\.$"):
         AblationConfig(vision_models="a/clip", text_model="gpt2")
+    # Paths name a tower as the strings the command gives.
+    config = AblationConfig(vision_models=[Path("models/clip")], text_model=Path("models/gpt2"), plot_metrics=())
+    assert (config.vision_models, config.text_model) == (["models/clip"], "models/gpt2")
 
 
 def test_the_grid_takes_its_pretrained_parts_from_its_config_alone(tmp_path):
@@ -311,7 +332,7 @@ def test_a_finished_run_is_reused_only_from_the_same_pretrained_parts_and_data_a
     run = AblationRun("models/old/clip", "mlp", "frozen", 2)
     run_dir = tmp_path / "runs" / run.name
     run_dir.mkdir(parents=True)
-    record = {"run": dataclasses.asdict(run), "budget": budget(old), "trainable_parameters": 1,
+    record = {"run": dataclasses.asdict(run), "budget": budget(old, run), "trainable_parameters": 1,
               "train_seconds": 1.0, "train_loss": 1.0, "scores": {"CIDEr": 0.5}, "samples": []}
 
     def write_record(**extra):

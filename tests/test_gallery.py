@@ -154,6 +154,9 @@ def test_unreadable_images_and_markup_in_text_are_shown_as_text(tmp_path, browse
         ("scores", {"CIDEr": "0.5"}, "Score 'CIDEr' must be a number, got '0.5'"),
         ("scores", {0: 0.5}, "Score names must be strings, got 0"),  # integer keys, as from a DataFrame's columns
         ("columns", {1: "a caption"}, "`columns` must map column titles to strings, got {1: 'a caption'}"),
+        ("image", None, "`image` must be an image file's path or a PIL image, got NoneType"),
+        ("image", b"\x89PNG", "`image` must be an image file's path or a PIL image, got bytes: open other forms"),
+        ("name", 123, "`name` must be a string, got 123"),
     ],
 )
 def test_bad_records_are_named_with_their_index(tmp_path, field, value, message):

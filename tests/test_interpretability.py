@@ -102,6 +102,27 @@ def test_sentencepiece_word_start_tokens_keep_their_leading_space():
     assert interpretation.format_matches() == ["' the' 1.000", "'the' 1.000", "' ' 1.000", "'ps' 1.000"]
 
 
+def test_word_start_punctuation_keeps_its_leading_space_whatever_the_tokenizers_clean_up():
+    # transformers 4.x applies `clean_up_tokenization_spaces`, which many saved tokenizers set, to byte-level tokens
+    # too: `decode` would read GPT-2's "Ġ," as ",".
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import GPT2TokenizerFast
+
+    pieces = ByteLevelBPETokenizer()
+    pieces.train_from_iterator(["a dog , a cat . it 's here ! do n't"] * 50, vocab_size=300, min_frequency=1,
+                               special_tokens=["<|endoftext|>"])
+    words = [" ,", " .", " !", " dog", ","]
+    for clean_up in (False, True):
+        tokenizer = GPT2TokenizerFast(tokenizer_object=pieces._tokenizer, eos_token="<|endoftext|>",
+                                      clean_up_tokenization_spaces=clean_up)
+        ids = [tokenizer.encode(word) for word in words]
+        assert all(len(token_ids) == 1 for token_ids in ids), ids
+        embeddings = torch.eye(len(tokenizer))  # each token nearest to itself alone
+        prefix = embeddings[[token_ids[0] for token_ids in ids]][None]
+        (interpretation,) = interpret_prefix_embeds(prefix, embeddings, tokenizer, top_k=1)
+        assert interpretation.tokens == words, clean_up
+
+
 def test_without_tokenizer_only_ids_are_given(prefix_of_words):
     model, ids = prefix_of_words
     (interpretation,) = model.interpret_prefix(image_embeds=torch.randn(1, model.config.prefix_dim), top_k=1)

@@ -11,7 +11,6 @@ from ..training.ablation import (
     LANGUAGE_MODES,
     MAPPING_TYPES,
     PLOTTABLE_SCORES,
-    SYNTHETIC_SCORES,
     AblationConfig,
     caption_task,
     run_ablation,
@@ -79,12 +78,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{', '.join(given)} describe a dataset of your own, which needs --train-file (with --vision-models and "
             "--text-model); leave them out for the synthetic task."
-        )
-    synthetic_only = [name for name in args.plot_metrics if name in SYNTHETIC_SCORES]
-    if own_data and synthetic_only:  # they would be drawn empty once the whole grid has trained
-        raise ValueError(
-            f"--plot-metrics {' '.join(synthetic_only)}: scores of the synthetic task, which a dataset of your own "
-            "(--train-file) is not scored with; plot caption metrics (Bleu_1 to Bleu_4, ROUGE_L, CIDEr)."
         )
     if own_data and args.base_steps is not None:
         raise ValueError(

@@ -59,8 +59,15 @@ class GalleryRecord:
     def __post_init__(self):
         # Caught here, or a string of references would show one per character and a None caption would fail deep
         # inside the HTML rendering.
+        if not isinstance(self.image, (str, os.PathLike, PIL.Image.Image)):
+            raise ValueError(
+                f"`image` must be an image file's path or a PIL image, got {type(self.image).__name__}: open other "
+                "forms (arrays, bytes) as a PIL image first."
+            )
         if not isinstance(self.caption, str):
             raise ValueError(f"`caption` must be a string, got {self.caption!r}.")
+        if self.name is not None and not isinstance(self.name, str):
+            raise ValueError(f"`name` must be a string, got {self.name!r}.")
         if self.references is not None and (
             isinstance(self.references, str) or not all(isinstance(reference, str) for reference in self.references)
         ):

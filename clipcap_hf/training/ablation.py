@@ -96,6 +96,13 @@ class AblationConfig:
     """Synthetic task only: its dataset's sizes, and the quickstart run that trains its pretrained parts."""
 
     def __post_init__(self):
+        for name in ("prefix_lengths", "mapping_types", "language_models", "vision_models", "plot_metrics"):
+            values = getattr(self, name)
+            if isinstance(values, (str, os.PathLike)) or not isinstance(values, Sequence):
+                raise ValueError(f"`{name}` must be a list, got {values!r}; give [{values!r}].")
+        # Towers given as paths (`Path("models/clip")`) are named by their strings, as the command gives them.
+        self.vision_models = [os.fspath(vision) for vision in self.vision_models]
+        self.text_model = None if self.text_model is None else os.fspath(self.text_model)
         for name, values, choices in (
             ("mapping_types", self.mapping_types, MAPPING_TYPES),
             ("language_models", self.language_models, LANGUAGE_MODES),
@@ -114,15 +121,16 @@ class AblationConfig:
             check_positive_int(name, getattr(self, name))
         if not self.learning_rate > 0:
             raise ValueError(f"`learning_rate` must be positive, got {self.learning_rate!r}.")
-        if isinstance(self.vision_models, str):
-            raise ValueError(
-                f"`vision_models` must be a list of towers, got the string {self.vision_models!r}; give "
-                f"[{self.vision_models!r}]."
-            )
         if bool(self.vision_models) != (self.text_model is not None):
             raise ValueError(
                 "Give both the pretrained vision towers and the language model (a dataset of your own), or neither "
                 "(the synthetic task, which trains its own)."
+            )
+        synthetic_only = [name for name in self.plot_metrics if name in SYNTHETIC_SCORES]
+        if self.vision_models and synthetic_only:  # they would be drawn empty once the whole grid has trained
+            raise ValueError(
+                f"`plot_metrics` (--plot-metrics) {' '.join(synthetic_only)}: scores of the synthetic task, which a "
+                "dataset of your own is not scored with; plot caption metrics (Bleu_1 to Bleu_4, ROUGE_L, CIDEr)."
             )
         for name in ("prefix_lengths", "mapping_types", "language_models", "vision_models"):
             values = list(getattr(self, name))
@@ -348,7 +356,7 @@ def train_and_score(
     scores = score_run(predictions, references, data.extra_scores)
     record = {
         "run": asdict(run),
-        "budget": budget(config),
+        "budget": budget(config, run),
         "trained_from": trained_from(run, config, data_fingerprint),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "train_seconds": round(result.metrics["train_runtime"], 1),
@@ -376,10 +384,22 @@ def score_run(
     return scores
 
 
-def budget(config: AblationConfig) -> dict[str, Any]:
-    """What every run of a grid shares; a finished run is reused only when it was trained the same way."""
-    names = ("max_steps", "batch_size", "learning_rate", "mapping_num_layers", "max_caption_length", "seed")
+def budget(config: AblationConfig, run: AblationRun) -> dict[str, Any]:
+    """
+    What a run's training takes from the grid's settings; a finished run is reused only when it was trained the same
+    way. The transformer mapper's depth is part of its runs' budget only: an MLP run is the same at any depth.
+    """
+    names = ("max_steps", "batch_size", "learning_rate", "max_caption_length", "seed")
+    if run.mapping_type == "transformer":
+        names += ("mapping_num_layers",)
     return {name: getattr(config, name) for name in names}
+
+
+def _same_budget(recorded: dict[str, Any], expected: dict[str, Any]) -> bool:
+    # Earlier versions recorded the transformer mapper's depth for MLP runs too.
+    return {name: value for name, value in recorded.items() if name in expected or name != "mapping_num_layers"} == (
+        expected
+    )
 
 
 def trained_from(run: AblationRun, config: AblationConfig, data_fingerprint: str) -> dict[str, Any]:
@@ -544,7 +564,7 @@ def _finished_record(
     if not scores_path.is_file():
         return None
     record = read_json(scores_path)
-    check_finished_run(record, run_dir, budget(config), "budget")
+    check_finished_run(record, run_dir, budget(config, run), "budget", _same_budget)
     older = _older_trained_from(run, config)
     origin = trained_from(run, config, data_fingerprint)
     check_finished_run(record, run_dir, origin, "trained_from", partial(_same_origin, older=older), older)
