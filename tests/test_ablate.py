@@ -273,6 +273,8 @@ def test_towers_whose_runs_would_share_a_folder_are_refused():
         AblationConfig(vision_models=["a/clip", "b/clip/"], text_model="gpt2")
     with pytest.raises(ValueError, match=r"^`vision_models` must be a list, got 'a/clip'; give \['a/clip'\]\.$"):
         AblationConfig(vision_models="a/clip", text_model="gpt2")
+    with pytest.raises(ValueError, match=r"^`vision_models` must name towers by Hub name or folder, got 3\.$"):
+        AblationConfig(vision_models=[3], text_model="gpt2")
     # Paths name a tower as the strings the command gives.
     config = AblationConfig(vision_models=[Path("models/clip")], text_model=Path("models/gpt2"), plot_metrics=())
     assert (config.vision_models, config.text_model) == (["models/clip"], "models/gpt2")

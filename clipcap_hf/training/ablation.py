@@ -99,7 +99,12 @@ class AblationConfig:
         for name in ("prefix_lengths", "mapping_types", "language_models", "vision_models", "plot_metrics"):
             values = getattr(self, name)
             if isinstance(values, (str, os.PathLike)) or not isinstance(values, Sequence):
-                raise ValueError(f"`{name}` must be a list, got {values!r}; give [{values!r}].")
+                one_value = isinstance(values, (str, os.PathLike, int, float))
+                fix = f"; give [{values!r}]." if one_value else "."
+                raise ValueError(f"`{name}` must be a list, got {values!r}{fix}")
+        tower = next((vision for vision in self.vision_models if not isinstance(vision, (str, os.PathLike))), None)
+        if tower is not None:
+            raise ValueError(f"`vision_models` must name towers by Hub name or folder, got {tower!r}.")
         # Towers given as paths (`Path("models/clip")`) are named by their strings, as the command gives them.
         self.vision_models = [os.fspath(vision) for vision in self.vision_models]
         self.text_model = None if self.text_model is None else os.fspath(self.text_model)
