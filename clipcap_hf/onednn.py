@@ -191,7 +191,7 @@ class _RoutedForward:
                 return _onednn_forward(layer, weight, inputs, packs, state)
             return type(layer).forward(layer, inputs)
         onednn = race.next_is_onednn()
-        packed = _current_pack(layer, packs, state) if onednn and packs is not None else None
+        packed = _current_pack(layer, packs, state) if onednn else None
         if onednn and packs is not None and packed is None and layer not in race.packed_layers:
             # In a prepacking block the kind's later calls read packed weights, so oneDNN's turns are timed on packed
             # weights too: a turn on a layer not packed yet computes from the plain weight, packs it and counts for
