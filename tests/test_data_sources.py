@@ -648,6 +648,25 @@ def test_data_files_that_are_not_utf8_are_named(tmp_path, streaming):
         )
 
 
+@pytest.mark.parametrize("streaming", [False, True])  # streamed, checked before the first sample is read
+def test_a_webdataset_member_that_does_not_decode_is_named(tmp_path, streaming):
+    image = png_bytes(random_images(1)[0])
+    _write_tar(tmp_path / "00000.tar", {"s0.png": image, "s0.txt": b"A dog.", "s1.png": image, "s1.txt": b"A cat."})
+    bad_members = {
+        "s3.txt": ("Un caf\xe9.".encode("cp1252"), "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xe9"),
+        "s3.json": (b'{"caption": ', "JSONDecodeError: Expecting value"),
+        "s3.cls": (b"seven", "ValueError: invalid literal for int"),
+    }
+    for name, (data, reason) in bad_members.items():
+        _write_tar(tmp_path / "00001.tar", {"s2.png": image, "s2.txt": b"A bird.", "s3.png": image, name: data})
+        files = [str(tmp_path / "00000.tar"), str(tmp_path / "00001.tar")]
+        with pytest.raises(ValueError) as error:
+            list(load_image_source(data_files=files, caption_column="txt", streaming=streaming))
+        message = str(error.value)
+        assert message.startswith(f"{tmp_path / '00001.tar'} cannot be read as webdataset data (its member {name}: ")
+        assert reason in message and message.endswith("); fix or remove it."), message
+
+
 def test_a_caption_format_given_several_files_is_refused(tmp_path):
     from clipcap_hf.data.prepare import load_source
     from clipcap_hf.training.arguments import DataArguments

@@ -337,6 +337,8 @@ def _from_data_files(data_files, split: str, streaming: bool):
         )
     if streaming and builder in ("json", "csv") and (problem := _not_utf8(files)):
         raise ValueError(problem)
+    if streaming and builder == "webdataset" and (problem := next(filter(None, map(_undecodable_shard, files)), None)):
+        raise ValueError(problem)  # else it fails midway with the decoder's bare error
     try:
         dataset = datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming)
     except (datasets.exceptions.DatasetGenerationError, StopIteration, tarfile.TarError, ValueError) as error:
@@ -373,6 +375,8 @@ def _unreadable_data_file(builder: str, files: list[str]) -> str | None:
             reason = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
             if isinstance(cause, StopIteration) or "corresponds to no data" in str(cause):
                 reason = "it holds no rows"
+            elif builder == "webdataset" and (problem := _undecodable_shard(path)):
+                return problem
             return f"{path} cannot be read as {builder} data ({reason}); fix or remove it."
         if alone.num_rows == 0:
             return f"{path} cannot be read as {builder} data (it holds no rows); fix or remove it."
@@ -382,6 +386,31 @@ def _unreadable_data_file(builder: str, files: list[str]) -> str | None:
                 f"{path} and {files[0]} give their columns differently ({_describe_features(alone.features)} against "
                 f"{_describe_features(features[0])}); write every file with the same columns and types."
             )
+    return None
+
+
+def _undecodable_shard(path: str) -> str | None:
+    """
+    What keeps a webdataset shard from reading, naming its first member that `datasets`' decoder for its suffix
+    rejects (a `.txt` caption that is not UTF-8, a `.json` that does not parse, a `.cls` that is no number); None if
+    every member decodes. The builder's own error names neither the member nor its sample. Members without a decoder
+    (the images) are skipped unread.
+    """
+    from datasets.packaged_modules.webdataset.webdataset import WebDataset
+
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                decode = WebDataset.DECODERS.get(member.name.rsplit(".", 1)[-1].lower())
+                if decode is None or not member.isfile():
+                    continue
+                try:
+                    decode(tar.extractfile(member).read())
+                except Exception as error:  # each decoder raises its own kind (UnicodeDecodeError, ValueError, ...)
+                    reason = f"its member {member.name}: {type(error).__name__}: {error}"
+                    return f"{path} cannot be read as webdataset data ({reason}); fix or remove it."
+    except tarfile.TarError:
+        return None
     return None
 
 
