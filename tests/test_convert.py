@@ -9,6 +9,7 @@ import shlex
 import stat
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,11 @@ from transformers import (
 )
 
 import clipcap_hf.conversion.convert_original as convert_original
-from clipcap_hf import ClipCapForConditionalGeneration, ClipCapMLPMapper, convert_original_checkpoint
+from clipcap_hf import (
+    ClipCapForConditionalGeneration,
+    ClipCapMLPMapper,
+    convert_original_checkpoint,
+)
 from clipcap_hf.commands import build_parser, main
 
 N_EMBD = 64  # one 64-wide head, so GPT-2's head count is inferred as for the real releases
@@ -577,11 +582,41 @@ def write_meta_tensor(path):  # a model built on the meta device, saved before i
     torch.save({"gpt.transformer.wte.weight": torch.empty(4, 8, device="meta")}, path)
 
 
+def write_empty_dict(path):
+    torch.save({}, path)
+
+
+def write_number_key(path):
+    torch.save({1: torch.zeros(2)}, path)
+
+
+def write_nested_state_dict(path):  # a training checkpoint: the weights under a key
+    torch.save({"state_dict": {"gpt.transformer.wte.weight": torch.zeros(2)}, "epoch": 3}, path)
+
+
+def write_quantized_tensor(path):
+    quantized = torch.quantize_per_tensor(torch.ones(2, 2), 0.1, 0, torch.qint8)
+    torch.save({"clip_project.model.0.weight": quantized}, path)
+
+
+def write_nan_tensor(path):
+    state = {"gpt.transformer.wte.weight": torch.zeros(4, 8), "clip_project.model.0.bias": torch.tensor([0, np.nan])}
+    torch.save(state, path)
+
+
 @pytest.mark.parametrize(
     "write, message",
     [
-        (write_text, "is not a PyTorch checkpoint"),
-        (write_empty, "is not a PyTorch checkpoint"),
+        (write_text, r"is not a PyTorch checkpoint \(torch.load: not a file that `torch.save` writes\)\.$"),
+        (write_empty, r"is not a PyTorch checkpoint \(torch.load: not a file that `torch.save` writes\)\.$"),
+        (write_empty_dict, r"release.pt holds an empty dict: no tensor to convert\.$"),
+        (write_number_key, r"release.pt is not a state dict: its key 1 is a int, not a name\.$"),
+        (write_nested_state_dict, r"entry 'state_dict' is a dict, not a tensor; if it holds the weights, save "
+         r"`checkpoint\['state_dict'\]` alone\.$"),
+        (write_quantized_tensor, r"entry 'clip_project.model.0.weight' is a quantized tensor \(torch.qint8\), which "
+         r"the converter does not read; convert the checkpoint of float weights \(`tensor.dequantize\(\)`\)\.$"),
+        (write_nan_tensor, r"entry 'clip_project.model.0.bias' holds NaN or infinite values; the checkpoint is "
+         r"damaged\.$"),
         (write_list, "holds a list, not a state dict"),
         (write_non_tensor_entry, "entry 'epoch' is a int, not a tensor"),
         (write_raw_pickle, "is not a PyTorch checkpoint"),
@@ -745,6 +780,52 @@ def test_a_failed_part_keeps_its_built_in_error_type(tmp_path, tokenizer, local_
         convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
 
 
+@pytest.mark.parametrize("part, option, files", [("tokenizer", "tokenizer", "tokenizer_config.json or tokenizer.json"),
+                                                  ("vision model", "vision_model", "config.json")])
+def test_a_local_part_that_is_no_such_folder_is_named_with_its_option(tmp_path, tokenizer, local_parts, part, option,
+                                                                      files):
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.json").write_text("{}")
+    for name, problem in [
+        (str(tmp_path / "missing"), f"{tmp_path / 'missing'} does not exist"),
+        (str(tmp_path / "file.json"), f"{tmp_path / 'file.json'} is a file; give the folder that holds it"),
+        (str(tmp_path / "empty"), f"{tmp_path / 'empty'} holds no {files}"),
+    ]:
+        with pytest.raises(OSError) as error:
+            convert_original_checkpoint(checkpoint, tmp_path / "out", **{**local_parts["mlp"], option: name})
+        assert str(error.value) == (
+            f"Could not load the {part} {name!r}: {problem}. Choose the {part} with `{option}` "
+            f"(--{option.replace('_', '-')})."
+        )
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_an_open_clip_name_with_the_clip_backend_is_refused(tmp_path, tokenizer, local_parts):
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    parts = {**local_parts["mlp"], "vision_model": f"local-dir:{tmp_path}"}
+    with pytest.raises(ValueError) as error:
+        convert_original_checkpoint(checkpoint, tmp_path / "out", vision_backend="clip", **parts)
+    assert str(error.value) == (
+        f"The vision model 'local-dir:{tmp_path}' names an open_clip model, which vision_backend='clip' "
+        "(--vision-backend clip) does not read; leave the backend out, or set it to 'open_clip'."
+    )
+
+
+@pytest.mark.parametrize("extra_rows", [8, -1])
+def test_a_tokenizer_of_another_size_than_the_vocabulary_is_refused(tmp_path, tokenizer, local_parts, extra_rows):
+    # A smaller tokenizer would have put the image token (id len(tokenizer)) on one of the checkpoint's token rows.
+    vocab_size = len(tokenizer) + extra_rows
+    checkpoint = save_release(OriginalClipCaptionModel("mlp", vocab_size), tmp_path / "release.pt")
+    with pytest.raises(ValueError) as error:
+        convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
+    assert str(error.value) == (
+        f"The tokenizer {local_parts['mlp']['tokenizer']!r} has {len(tokenizer)} tokens but the checkpoint's GPT-2 "
+        f"embeds {vocab_size}; use the tokenizer the checkpoint was trained with (GPT-2's)."
+    )
+    assert_nothing_written(tmp_path / "out")
+
+
 @pytest.mark.parametrize("option", ["tokenizer", "vision_model"])
 def test_a_missing_local_folder_is_named_with_its_option(tmp_path, tokenizer, local_parts, option):
     # transformers 5 reports it as an OSError, 4.57 as huggingface_hub's HFValidationError (a ValueError).
@@ -906,9 +987,22 @@ def test_mapping_num_heads_is_used_as_given(tmp_path, tokenizer, local_parts, ca
                  local_parts["transformer"]["vision_model"], "--tokenizer", local_parts["transformer"]["tokenizer"]]
     assert main(arguments + ["--mapping-num-heads", "0"]) == 2
     assert capsys.readouterr().err.endswith("error: argument --mapping-num-heads: must be at least 1, got 0\n")
-    # Not replaced by the default of 8 heads.
-    with pytest.raises(ValueError, match="`mapping_num_heads` must be a positive integer, got 0"):
-        convert_original_checkpoint(checkpoint, tmp_path / "out", mapping_num_heads=0, **local_parts["transformer"])
+    # Not replaced by the default of 8 heads; one that does not divide the width (64) is named before any loading.
+    for heads in (0, 3):
+        with pytest.raises(ValueError) as error:
+            convert_original_checkpoint(checkpoint, tmp_path / "out", mapping_num_heads=heads,
+                                        **local_parts["transformer"])
+        assert str(error.value) == (
+            "`mapping_num_heads` (--mapping-num-heads) must be a positive integer that divides the width of "
+            f"{checkpoint}'s mapper (64), got {heads}; the official code uses 8."
+        )
+    mlp_checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "mlp.pt")
+    with pytest.raises(ValueError) as error:  # an MLP mapper has no heads: not silently ignored
+        convert_original_checkpoint(mlp_checkpoint, tmp_path / "out", mapping_num_heads=4, **local_parts["mlp"])
+    assert str(error.value) == (
+        f"`mapping_num_heads` (--mapping-num-heads) sets a transformer mapper's heads, and {mlp_checkpoint} has an MLP "
+        "mapper; leave it out."
+    )
     assert_nothing_written(tmp_path / "out")
 
 

@@ -34,7 +34,7 @@ from ..image_processing_clipcap import ClipCapImageProcessor
 from ..modeling_clipcap import ClipCapForConditionalGeneration, load_pretrained_vision_model
 from ..open_clip_vision import OPEN_CLIP_SCHEMAS
 from ..processing_clipcap import ClipCapProcessor
-from ..utils.file_utils import read_json, save_pretrained, write_folder_atomically
+from ..utils.file_utils import check_output_folder, read_json, save_pretrained, write_folder_atomically
 from ..utils.loading import hub_unreachable
 
 # Attention-mask buffers that GPT-2 saved in its state dict in old transformers versions; current ones have none.
@@ -145,15 +145,20 @@ def load_original_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
         ) from error
     except Exception as error:  # torch reports corrupt or foreign files with several exception types
         raise ValueError(f"{path} is not a PyTorch checkpoint (torch.load: {_weights_only_reason(error)}).") from error
-    if not isinstance(state, Mapping) or not state:
+    if not isinstance(state, Mapping):
         raise ValueError(
             f"{path} holds a {type(state).__name__}, not a state dict (a dict of tensor names to tensors, as "
             "`torch.save(model.state_dict())` writes)."
         )
+    if not state:
+        raise ValueError(f"{path} holds an empty dict: no tensor to convert.")
     for key, value in state.items():
-        if not isinstance(key, str) or not isinstance(value, torch.Tensor):
+        if not isinstance(key, str):
+            raise ValueError(f"{path} is not a state dict: its key {key!r} is a {type(key).__name__}, not a name.")
+        if not isinstance(value, torch.Tensor):
+            hint = f"; if it holds the weights, save `checkpoint[{key!r}]` alone" if isinstance(value, Mapping) else ""
             raise ValueError(
-                f"{path} is not a state dict: entry {key!r} is a {type(value).__name__}, not a tensor."
+                f"{path} is not a state dict: entry {key!r} is a {type(value).__name__}, not a tensor{hint}."
             )
         if value.is_meta:  # a model's state saved before its weights existed
             raise ValueError(
@@ -167,6 +172,13 @@ def load_original_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
                 f"{path}: entry {key!r} is a {value.layout} tensor, which the converter does not read; save the "
                 "checkpoint's tensors dense (`tensor.to_dense()`)."
             )
+        if value.is_quantized:
+            raise ValueError(
+                f"{path}: entry {key!r} is a quantized tensor ({value.dtype}), which the converter does not read; "
+                "convert the checkpoint of float weights (`tensor.dequantize()`)."
+            )
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise ValueError(f"{path}: entry {key!r} holds NaN or infinite values; the checkpoint is damaged.")
     return dict(state)
 
 
@@ -174,7 +186,10 @@ def _weights_only_reason(error: Exception) -> str:
     """The informative line of a torch.load error (the weights-only unpickler wraps it in general advice)."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     reasons = [line for line in lines if line.startswith(("Unsupported", "Trying to load"))]
-    return (reasons or lines or [type(error).__name__])[0]
+    reason = (reasons or lines or [""])[0]
+    # Bytes of another format stop the unpickler at an unknown opcode (`Unsupported operand 110`, a bare `KeyError:
+    # 101`), and an empty file with a bare EOFError: nothing worth quoting.
+    return "not a file that `torch.save` writes" if re.fullmatch(r"(Unsupported operand )?\d*", reason) else reason
 
 
 def _require_matrix(state: Mapping[str, torch.Tensor], key: str, meaning: str) -> torch.Tensor:
@@ -331,12 +346,6 @@ def _to_original_name(name: str) -> str:
     raise ValueError(f"No original name for {name!r}.")
 
 
-def _to_our_name(name: str) -> str:
-    for ours, original in ORIGINAL_PREFIXES.items():
-        if name.startswith(original):
-            return ours + name[len(original) :]
-    raise ValueError(f"No ClipCap name for {name!r}.")
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # The original computation, straight from the checkpoint's tensors
@@ -480,7 +489,7 @@ def convert_original_checkpoint(
         normalize_prefix (`bool`, *optional*):
             Override the preset's prefix normalisation.
         mapping_num_heads (`int`, *optional*):
-            Override the transformer mapper's head count (8 in the official code).
+            Override the transformer mapper's head count (8 in the official code); transformer mappers only.
         lm_num_heads (`int`, *optional*):
             GPT-2's head count, for a non-standard LM width (defaults to `n_embd // 64`).
         overwrite (`bool`, *optional*, defaults to `False`):
@@ -528,15 +537,33 @@ def convert_original_checkpoint(
         if backend == "open_clip" and vision_tag is None and not vision_name.startswith(OPEN_CLIP_SCHEMAS):
             vision_tag = _preset_open_clip_tag(preset, release, vision_name)
     num_heads = release.mapping_num_heads if mapping_num_heads is None else mapping_num_heads
+    if mapping_num_heads is not None:  # checked before anything is loaded
+        if layout.mapping_type != "transformer":
+            raise ValueError(
+                f"`mapping_num_heads` (--mapping-num-heads) sets a transformer mapper's heads, and {checkpoint} has an "
+                "MLP mapper; leave it out."
+            )
+        width = layout.gpt2_config.n_embd
+        if not isinstance(mapping_num_heads, int) or mapping_num_heads < 1 or width % mapping_num_heads:
+            raise ValueError(
+                f"`mapping_num_heads` (--mapping-num-heads) must be a positive integer that divides the width of "
+                f"{checkpoint}'s mapper ({width}), got {mapping_num_heads!r}; the official code uses "
+                f"{release.mapping_num_heads}."
+            )
 
     # The tokenizer first: it is small, and checked against the checkpoint before the vision tower is downloaded.
     with _naming_failed_part("tokenizer", tokenizer, "`tokenizer` (--tokenizer)"):
-        _fail_if_unreachable(tokenizer, ("tokenizer_config.json", "tokenizer.json"))
+        _check_reachable_part(tokenizer, ("tokenizer_config.json", "tokenizer.json"))
         text_tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
     stop_token_ids = _original_stop_token_ids(text_tokenizer, tokenizer, layout.gpt2_config)
+    if backend == "clip" and vision_name.startswith(OPEN_CLIP_SCHEMAS):
+        raise ValueError(
+            f"The vision model {vision_name!r} names an open_clip model, which vision_backend='clip' "
+            "(--vision-backend clip) does not read; leave the backend out, or set it to 'open_clip'."
+        )
     with _naming_failed_part("vision model", vision_name, "`vision_model` (--vision-model)"):
         if backend == "clip":  # open_clip names are no Hub ids (open_clip downloads its own weights)
-            _fail_if_unreachable(vision_name, ("config.json",))
+            _check_reachable_part(vision_name, ("config.json",))
             _require_clip_tower(vision_name, preset, release)  # before its weights are downloaded
         vision_tower, config_fields = load_pretrained_vision_model(vision_name, backend, vision_tag)
         image_processor = ClipCapImageProcessor.from_vision_pretrained(vision_name, backend, vision_tag)
@@ -620,11 +647,27 @@ def _preset_open_clip_tag(preset: str, release: OriginalRelease, model_name: str
     return preset_tag
 
 
-def _fail_if_unreachable(name: str, filenames: tuple[str, ...]) -> None:
-    """A Hub name that is not cached fails at once when the Hub cannot be reached, not after a minute of retries."""
+def _check_reachable_part(name: str, filenames: tuple[str, ...]) -> None:
+    """
+    A part's folder exists and holds one of `filenames`, and a Hub name that is not cached fails at once when the Hub
+    cannot be reached, not after a minute of retries. transformers calls a missing folder an invalid repo id, and a
+    folder without a tokenizer a slow tokenizer it cannot convert.
+    """
+    path = Path(name).expanduser()
+    if path.is_file():
+        raise NotADirectoryError(f"{name} is a file; give the folder that holds it")
+    if path.is_dir() and not any((path / filename).is_file() for filename in filenames):
+        raise FileNotFoundError(f"{name} holds no {' or '.join(filenames)}")
+    if not path.exists() and _is_path(name):
+        raise FileNotFoundError(f"{name} does not exist")
     reason = hub_unreachable(name, filenames)
     if reason is not None:
         raise OSError(reason)
+
+
+def _is_path(name: str) -> bool:
+    """Whether a part's name can only be a local path (`./gpt2` is also a valid Hub id)."""
+    return name.startswith((".", "/", "~"))
 
 
 @contextlib.contextmanager
@@ -641,9 +684,10 @@ def _naming_failed_part(part: str, name: str, option: str) -> Iterator[None]:
         # library subclasses may not take a plain message.
         error_type = next((kind for kind in type(error).__mro__ if kind.__module__ == "builtins"), OSError)
         error_type = error_type if issubclass(error_type, OSError) else OSError
+        offline_advice = "" if _is_path(name) else "; without network access, give a local folder"
         raise error_type(
-            f"Could not load the {part} {name!r}: {str(error).strip().rstrip('.')}. Choose the {part} with {option}; "
-            "without network access, give a local folder."
+            f"Could not load the {part} {name!r}: {str(error).strip().rstrip('.')}. Choose the {part} with "
+            f"{option}{offline_advice}."
         ) from error
 
 
@@ -675,9 +719,10 @@ def _original_stop_token_ids(tokenizer, tokenizer_name: str, gpt2_config: GPT2Co
     The '.' token the original decoders stop at, then the end-of-text token, which we also stop at. Sets the GPT-2
     config's BOS/EOS to the tokenizer's, and checks that the tokenizer fits the checkpoint's vocabulary.
     """
-    if len(tokenizer) > gpt2_config.vocab_size:
+    if len(tokenizer) != gpt2_config.vocab_size:
+        # A smaller one would also put the image token (id `len(tokenizer)`) on one of the checkpoint's token rows.
         raise ValueError(
-            f"The tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but the checkpoint's GPT-2 embeds only "
+            f"The tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but the checkpoint's GPT-2 embeds "
             f"{gpt2_config.vocab_size}; use the tokenizer the checkpoint was trained with (GPT-2's)."
         )
     stop_ids = tokenizer(ORIGINAL_STOP_TOKEN, add_special_tokens=False)["input_ids"]
@@ -697,13 +742,9 @@ def _check_output_dir(output_dir: Path, checkpoint: Path, overwrite: bool) -> No
     training run's, with checkpoints and notes that replacing it would delete.
     """
     # Checked before the work: the folder is written whole beside itself at the end (`write_folder_atomically`).
-    existing = next(folder for folder in (output_dir, *output_dir.absolute().parents) if folder.exists())
-    if existing != output_dir and not existing.is_dir():
-        raise NotADirectoryError(f"{output_dir}: {existing} is a file; name a folder to write the converted model to.")
+    check_output_folder(output_dir, "`output_dir` (--output)", "write the converted model to")
     if not output_dir.exists():
         return
-    if not output_dir.is_dir():
-        raise NotADirectoryError(f"{output_dir} is a file; name a folder to write the converted model to.")
     resolved, cwd = output_dir.resolve(), Path.cwd()
     if resolved == cwd or resolved in cwd.parents:  # replaced whole, it would be pulled from under the shell too
         raise ValueError(
