@@ -631,7 +631,10 @@ def test_empty_predictions_are_named_once_with_domains():
         (["--max-new-tokens", "0"], "argument --max-new-tokens: must be at least 1, got 0"),
         (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
         (["--limit", "0"], "argument --limit: must be at least 1, got 0"),
-        (["--output-dir", "{tmp}/captions.json"], "--output-dir: .*captions.json is a file, not a folder"),
+        (["--output-dir", "{tmp}/captions.json"],
+         "--output-dir: .*captions.json is a file; name a folder to write the predictions and scores to"),
+        (["--output-dir", "{tmp}/captions.json/eval"], "--output-dir: .*captions.json/eval cannot be created: "
+                                                       ".*captions.json is a file; name a folder to write the"),
         (["--model-card", "{tmp}/missing.md"], "--model-card: .*missing.md does not exist"),
         (["--split", "val"], "--split: the coco format has no splits"),
         (["--gallery", "{tmp}"], "--gallery: .* is a folder; name the HTML file to write"),

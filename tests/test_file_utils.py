@@ -127,3 +127,59 @@ def test_the_utf8_check_reads_in_chunks_and_names_the_line_of_the_first_bad_byte
         with pytest.raises(ValueError) as error, open_text(bad) as file:  # open_text words its error the same way
             file.read()
         assert str(error.value) == expected
+
+
+def _write_model(files):
+    def write(staging):
+        for name, text in files.items():
+            (staging / name).write_text(text)
+
+    return write
+
+
+def _listing(folder):
+    return {path.name: path.read_text() for path in folder.iterdir()}
+
+
+def test_a_folder_written_atomically_through_a_link_is_written_where_it_points(tmp_path):
+    real, link = tmp_path / "real", tmp_path / "link"
+    file_utils.write_folder_atomically(real, _write_model({"config.json": "old", "notes.txt": "old"}))
+    link.symlink_to(real)
+    file_utils.write_folder_atomically(link, _write_model({"config.json": "new"}))
+    assert link.is_symlink() and link.resolve() == real
+    assert _listing(real) == {"config.json": "new"}
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["link", "real"]  # nothing hidden left beside
+
+
+def test_a_mount_point_is_written_into_not_renamed_and_put_back_when_the_move_fails(tmp_path, monkeypatch):
+    import os
+
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    monkeypatch.setattr(file_utils.os.path, "ismount", lambda path: os.fspath(path) == os.fspath(volume))
+    rename = type(volume).rename
+
+    def no_rename_of_the_volume(self, target):  # as the kernel refuses (EBUSY)
+        if self == volume:
+            raise OSError(16, "Device or resource busy", str(self))
+        return rename(self, target)
+
+    monkeypatch.setattr(type(volume), "rename", no_rename_of_the_volume)
+    file_utils.write_folder_atomically(volume, _write_model({"config.json": "first", "old.txt": "first"}))
+    assert _listing(volume) == {"config.json": "first", "old.txt": "first"}
+    file_utils.write_folder_atomically(volume, _write_model({"config.json": "second", "model.bin": "second"}))
+    assert _listing(volume) == {"config.json": "second", "model.bin": "second"}  # replaced whole, nothing hidden
+
+    replace, moves = os.replace, []
+
+    def stopped_on_the_second_new_entry(source, target):
+        if os.path.dirname(source).endswith(".partial"):
+            moves.append(target)
+            if len(moves) == 2:
+                raise KeyboardInterrupt
+        replace(source, target)
+
+    monkeypatch.setattr(file_utils.os, "replace", stopped_on_the_second_new_entry)
+    with pytest.raises(KeyboardInterrupt):
+        file_utils.write_folder_atomically(volume, _write_model({"config.json": "third", "a.txt": "third"}))
+    assert _listing(volume) == {"config.json": "second", "model.bin": "second"}

@@ -397,10 +397,21 @@ def test_caption_lengths_beyond_the_learned_position_table_are_refused_or_cut_as
             assert tokens == expected[:, PREFIX_LENGTH:].tolist()
 
 
-def test_cli_refuses_a_non_empty_output_folder(onnx_export, capsys):
+def test_cli_refuses_a_non_empty_output_folder_and_one_under_a_file_before_loading(
+    onnx_export, tmp_path, monkeypatch, capsys
+):
+    import clipcap_hf.commands.export_onnx
+
     _, saved, exported = onnx_export
     assert main(["export-onnx", str(saved), "--output", str(exported)]) == 2
     assert "is not empty" in capsys.readouterr().err
+    monkeypatch.setattr(clipcap_hf.commands.export_onnx, "load_clipcap", None)  # refused before the model loads
+    (tmp_path / "notes.txt").write_text("")
+    assert main(["export-onnx", str(saved), "--output", str(tmp_path / "notes.txt" / "onnx")]) == 2
+    assert capsys.readouterr().err == (
+        f"clipcap export-onnx: error: --output: {tmp_path / 'notes.txt' / 'onnx'} cannot be created: "
+        f"{tmp_path / 'notes.txt'} is a file; name a folder to write the export to.\n"
+    )
 
 
 def test_int8_per_tensor_on_request(onnx_export, tmp_path, monkeypatch):
@@ -569,6 +580,54 @@ def test_a_failed_export_removes_the_parent_folders_it_created_and_keeps_what_ot
     assert sorted(str(path.relative_to(tmp_path)) for path in tmp_path.rglob("*")) == [
         "new", "new/exports", "new/exports/other.txt"
     ]
+
+
+def test_a_failed_export_keeps_what_another_export_finished_in_the_folder_it_created(
+    onnx_export, tmp_path, monkeypatch
+):
+    import clipcap_hf.onnx.export
+
+    _, saved, exported = onnx_export
+    output = tmp_path / "export"
+
+    def fail_after_another_export_finished(*args, **kwargs):  # into the folder this one created
+        for path in exported.iterdir():
+            if path.is_file():
+                shutil.copy(path, output / path.name)
+        shutil.copytree(exported / "onnx", output / "onnx")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(clipcap_hf.onnx.export, "export_graphs", fail_after_another_export_finished)
+    assert main(["export-onnx", str(saved), "--output", str(output), "--no-int8"]) == 2
+    assert sorted(path.name for path in output.iterdir()) == sorted(path.name for path in exported.iterdir())
+    OnnxCaptioner(output)
+
+
+def test_an_export_stopped_while_moving_in_puts_the_earlier_export_back(onnx_export, tmp_path, monkeypatch):
+    import clipcap_hf.utils.file_utils
+
+    _, saved, exported = onnx_export
+    earlier = tmp_path / "earlier"
+    shutil.copytree(exported, earlier)
+    before = {str(path.relative_to(earlier)): path.read_bytes() for path in earlier.rglob("*") if path.is_file()}
+    replace, moved_in = os.replace, []
+
+    def stopped_after_a_few_moves(source, target):  # a stop once a few of the new entries are in place
+        new_entry = os.path.dirname(source).endswith(".partial")  # not the staging folder itself, not a put-back
+        if new_entry and os.path.dirname(target) == str(earlier):
+            moved_in.append(target)
+            if len(moved_in) == 4:
+                raise KeyboardInterrupt
+        replace(source, target)
+
+    monkeypatch.setattr(clipcap_hf.utils.file_utils.os, "replace", stopped_after_a_few_moves)
+    with pytest.raises(KeyboardInterrupt):
+        main(["export-onnx", str(saved), "--output", str(earlier), "--overwrite", "--no-int8"])
+    monkeypatch.undo()
+    assert len(moved_in) == 4
+    after = {str(path.relative_to(earlier)): path.read_bytes() for path in earlier.rglob("*") if path.is_file()}
+    assert after == before  # the staging folder gone too
+    OnnxCaptioner(earlier)
 
 
 def test_an_export_killed_part_way_is_cleared_by_the_next_one_and_a_running_one_is_kept(onnx_export, tmp_path):

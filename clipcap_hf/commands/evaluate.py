@@ -30,6 +30,7 @@ from ..evaluation.evaluate import (
 from ..evaluation.gallery import GalleryRecord, write_gallery
 from ..evaluation.metrics import CLIP_METRIC_NAMES, METRIC_NAMES, _format_ids, load_coco_predictions
 from ..modeling_clipcap import caption_length
+from ..utils.file_utils import check_output_folder
 from ..utils.loading import check_clip_model
 from ._utils import (
     DEFAULT_NUM_BEAMS,
@@ -135,8 +136,7 @@ def _check_arguments(args: argparse.Namespace) -> dict:
         raise ValueError("--clip-model is for --metrics clipscore and refclipscore: add them, or leave it out.")
     if args.clip_model is not None:  # its config only, read as data: not after the whole split is captioned
         check_clip_model(args.clip_model, "--clip-model")
-    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
-        raise NotADirectoryError(f"--output-dir: {args.output_dir} is a file, not a folder.")
+    check_output_folder(args.output_dir, "--output-dir", "write the predictions and scores to")
     if args.model_card and not Path(args.model_card).is_file():
         raise FileNotFoundError(f"--model-card: {args.model_card} does not exist.")
     if args.model_card and args.limit is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..utils.file_utils import check_output_folder
 from ..utils.loading import load_clipcap
 
 
@@ -24,8 +25,7 @@ def run(args: argparse.Namespace) -> int:
     from ..onnx.export import abandoned_exports
 
     output = Path(args.output)
-    if output.is_file():
-        raise NotADirectoryError(f"--output: {output} is a file; name a folder to write the export to.")
+    check_output_folder(output, "--output", "write the export to")
     # What a killed export left there does not count: the export removes it.
     abandoned = abandoned_exports(output)
     if output.is_dir() and any(path not in abandoned for path in output.iterdir()) and not args.overwrite:

@@ -45,7 +45,7 @@ from transformers import DynamicCache
 
 from ..modeling_clipcap import CACHE_NAME, ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
-from ..utils.file_utils import FileLocksUnsupportedError, acquire_file_lock
+from ..utils.file_utils import FileLocksUnsupportedError, acquire_file_lock, move_entries
 
 if TYPE_CHECKING:
     from filelock import BaseFileLock
@@ -385,10 +385,10 @@ def export_onnx(
         _move_into(staging, output_dir)
     except BaseException:
         _release(lock)  # first: Windows cannot delete a file open in this process
-        shutil.rmtree(output_dir if created else staging, ignore_errors=True)
-        for parent in created[1:]:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:
             try:
-                parent.rmdir()
+                folder.rmdir()
             except OSError:
                 break  # no longer empty: another process wrote there meanwhile, and its files stay
         raise
@@ -485,13 +485,9 @@ def _move_into(staging: Path, output_dir: Path) -> None:
     """
     Move a finished export into `output_dir`, keeping its other files: the top-level files replace their namesakes,
     the graphs' folder replaces the previous one whole, so that a previous export's graphs that this one does not
-    write (its int8 copies, say) do not outlive it (the captioner would run them with this model's config).
+    write (its int8 copies, say) do not outlive it (the captioner would run them with this model's config). What is
+    replaced goes into the staging folder, deleted with it; a move stopped part-way puts it back.
     """
-    for path in staging.iterdir():
-        if path.name not in (ONNX_SUBFOLDER, _STAGING_LOCK):  # the lock stays, held, until the export is done
-            os.replace(path, output_dir / path.name)
-    graphs = output_dir / ONNX_SUBFOLDER
-    aside = staging / f"{ONNX_SUBFOLDER}.previous"
-    if graphs.exists():
-        os.replace(graphs, aside)  # deleted with the staging folder
-    os.replace(staging / ONNX_SUBFOLDER, graphs)
+    # The lock stays, held, until the export is done.
+    names = [path.name for path in staging.iterdir() if path.name != _STAGING_LOCK]
+    move_entries(staging, output_dir, staging / "previous", names)

@@ -35,7 +35,7 @@ from ..evaluation.metrics import compute_caption_metrics
 from ..image_processing_clipcap import ClipCapImageProcessor
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
-from ..utils.file_utils import holds_clipcap_model, save_pretrained, write_text_atomically
+from ..utils.file_utils import check_output_folder, holds_clipcap_model, save_pretrained, write_text_atomically
 from .trainer import caption_dataset, scratch_trainer, scratch_training_arguments
 
 COLOURS = {
@@ -233,17 +233,7 @@ def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
     be written, or be creatable in one. A folder with files in it is written into only with `overwrite`, and only if
     it holds a ClipCap model, so that no one's other files are written over by accident.
     """
-    if output_dir.exists() and not output_dir.is_dir():
-        raise NotADirectoryError(f"--output-dir: {output_dir} is a file; name a folder to save the model in.")
-    nearest = next(folder for folder in (output_dir, *output_dir.parents) if folder.exists())
-    if not nearest.is_dir():
-        raise NotADirectoryError(
-            f"--output-dir: {output_dir} cannot be created: {nearest} is a file; name a folder to save the model in."
-        )
-    if not os.access(nearest, os.W_OK | os.X_OK):
-        raise PermissionError(
-            f"--output-dir: {output_dir} cannot be written: the folder {nearest} is not writable; name another folder."
-        )
+    check_output_folder(output_dir, "--output-dir", "save the model in")
     if not output_dir.exists() or not any(output_dir.iterdir()):
         return
     if not overwrite:

@@ -192,26 +192,58 @@ def save_pretrained(folder: str | os.PathLike[str], *parts: Any) -> None:
     give_files_the_umask_mode(folder)
 
 
+def check_output_folder(folder: str | os.PathLike[str], option: str, purpose: str) -> None:
+    """
+    Say before the work, not after it, that `folder` (given as `option`) cannot be written: it must be a folder, or
+    be creatable under a folder that can be written. `purpose` ends the advice: "name a folder to {purpose}".
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NotADirectoryError(f"{option}: {folder} is a file; name a folder to {purpose}.")
+    nearest = next(parent for parent in (folder, *folder.absolute().parents) if parent.exists())
+    if not nearest.is_dir():
+        raise NotADirectoryError(
+            f"{option}: {folder} cannot be created: {nearest} is a file; name a folder to {purpose}."
+        )
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise PermissionError(
+            f"{option}: {folder} cannot be written: the folder {nearest} is not writable; name another folder."
+        )
+
+
 def write_folder_atomically(folder: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
     """
     `write(staging)` into a new folder beside `folder`, then rename it to `folder`: a folder there before (an earlier
     output, or an empty folder) is renamed aside first and deleted last. A failure leaves `folder` as it was and
     removes what was written, and the parent folders created here; a process killed part-way leaves its hidden
     `.partial` folder behind, never a half-written `folder` that a rerun would take as done.
+
+    A `folder` that is a link is written where it points. One that is a mount point (a container's volume), which
+    cannot be renamed, is written into a hidden folder inside it, and its entries are then replaced by the new ones
+    ([`move_entries`]), put back if that fails.
     """
     folder = Path(folder)
+    if folder.is_symlink():
+        folder = folder.resolve()
     created_parents = [parent for parent in folder.parents if not parent.exists()]  # deepest first
     # A plain mkdir, so that the folder gets the umask's permissions (tempfile.mkdtemp would make it private).
-    staging = folder.parent / f".{folder.name}.{secrets.token_hex(8)}.partial"
+    mount_point = os.path.ismount(folder)
+    staging = (folder if mount_point else folder.parent) / f".{folder.name}.{secrets.token_hex(8)}.partial"
     aside = staging.with_suffix(".old")
     try:
         staging.mkdir(parents=True)
         write(staging)
-        if folder.exists():
-            folder.rename(aside)
-        staging.rename(folder)
+        if mount_point:
+            earlier = [entry.name for entry in folder.iterdir() if entry != staging]
+            move_entries(staging, folder, aside, [entry.name for entry in staging.iterdir()], clear=earlier)
+        else:
+            if folder.exists():
+                folder.rename(aside)
+            staging.rename(folder)
     except BaseException:
-        if aside.exists() and not folder.exists():
+        if mount_point:
+            shutil.rmtree(aside, ignore_errors=True)  # emptied again by `move_entries`
+        elif aside.exists() and not folder.exists():
             aside.rename(folder)
         shutil.rmtree(staging, ignore_errors=True)
         for parent in created_parents:
@@ -219,6 +251,33 @@ def write_folder_atomically(folder: str | os.PathLike[str], write: Callable[[Pat
                 parent.rmdir()
         raise
     shutil.rmtree(aside, ignore_errors=True)
+    if mount_point:
+        staging.rmdir()
+
+
+def move_entries(source: Path, folder: Path, aside: Path, names: list[str], clear: list[str] = ()) -> None:
+    """
+    Move the entries `names` of `source` into `folder` (on the same filesystem), each replacing its namesake there;
+    `clear` names more entries of `folder` to take out. What is replaced or taken out is moved into `aside` (created
+    here; the caller deletes it once done). A failure part-way, Ctrl-C included, puts `folder` back as it was.
+    """
+    aside.mkdir()
+    taken_out, moved = [], []
+    try:
+        for name in dict.fromkeys([*clear, *names]):  # each once, `clear`'s first
+            target = folder / name
+            if target.exists() or target.is_symlink():
+                os.replace(target, aside / name)
+                taken_out.append(name)
+        for name in names:
+            os.replace(source / name, folder / name)
+            moved.append(name)
+    except BaseException:
+        for name in moved:
+            os.replace(folder / name, source / name)
+        for name in taken_out:
+            os.replace(aside / name, folder / name)
+        raise
 
 
 class FileLocksUnsupportedError(OSError):
