@@ -101,6 +101,45 @@ def test_decoder_logits_match_pytorch_at_the_first_and_cached_steps(onnx_export,
     assert state.length == PREFIX_LENGTH + 3
 
 
+def test_num_logits_to_keep_past_the_positions_keeps_them_all_in_every_decoder(onnx_export, captioner, test_pixels):
+    # As transformers' `logits_to_keep`; the graph had wrapped the positions round ([2, 3, 0, 1, 2, 3] for 6 of 4).
+    prefix = captioner.prefix_embeds(pixel_values=test_pixels.numpy())
+    length = prefix.shape[1]
+    feeds = {"inputs_embeds": prefix, "attention_mask": np.ones(prefix.shape[:2], np.int64),
+             "position_ids": np.broadcast_to(np.arange(length), prefix.shape[:2]).copy(),
+             **captioner.empty_state(len(prefix)).past}
+    for quantized in (False, True):
+        decoder = OnnxCaptioner(onnx_export[2], quantized=quantized).sessions["decoder_model_merged"]
+        every = decoder.run(["logits"], {**feeds, "num_logits_to_keep": np.array(0, np.int64)})[0]
+        assert every.shape[1] == length
+        for keep in (length + 1, length + 2):
+            logits = decoder.run(["logits"], {**feeds, "num_logits_to_keep": np.array(keep, np.int64)})[0]
+            np.testing.assert_array_equal(logits, every)
+
+
+def test_inputs_of_the_wrong_shape_are_named_with_the_shape_meant(captioner, test_pixels):
+    side = test_pixels.shape[-1]
+    for bad in (test_pixels[0].numpy(), test_pixels[:, :, 1:].numpy()):
+        with pytest.raises(ValueError) as error:
+            captioner.generate(pixel_values=bad)
+        assert str(error.value) == (
+            f"`pixel_values` must have shape (batch_size, 3, {side}, {side}) for this export, got {bad.shape}; make "
+            "them with `captioner.processor`, or pass images to `caption()`."
+        )
+    for bad in (np.zeros(24, np.float32), np.zeros((2, 23), np.float32)):
+        with pytest.raises(ValueError) as error:
+            captioner.generate(image_embeds=bad, num_beams=2)
+        assert str(error.value) == (
+            f"`image_embeds` must have shape (batch_size, 24) for this export (config.prefix_dim), got {bad.shape}. "
+            "Compute them with the vision tower this model was trained with."
+        )
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_no_image_gives_no_caption(captioner, num_beams):
+    assert captioner.generate(image_embeds=np.zeros((0, 24), np.float32), num_beams=num_beams) == []
+
+
 def test_greedy_tokens_equal_generate(onnx_export, captioner, test_pixels):
     model = onnx_export[0]
     expected = model.generate(pixel_values=test_pixels, do_sample=False, max_new_tokens=MAX_NEW_TOKENS)

@@ -81,3 +81,26 @@ def test_browser_caption_equals_the_python_onnx_captioner(browser, site, onnx_ex
         row = expected_tokens[index]
         assert tokens == (row[: row.index(eos) + 1] if eos in row else row)
         assert caption == expected[index]
+
+
+def test_browser_cuts_a_generation_config_length_to_the_learned_positions(browser, onnx_export, onnxruntime_web,
+                                                                         tmp_path):
+    from clipcap_hf.onnx import OnnxCaptioner
+
+    # The tiny GPT-2 has 128 learned positions, 4 of them the image tokens: a generation config asking for 200 new
+    # tokens is cut to 124, as in Python (the page read no position limit and failed on a Gather index at 129).
+    model = tmp_path / "site" / "model"
+    shutil.copytree(onnx_export[2], model)
+    generation = json.loads((model / "generation_config.json").read_text())
+    generation.update(max_new_tokens=200, eos_token_id=None)
+    (model / "generation_config.json").write_text(json.dumps(generation))
+    os.symlink(WEB, tmp_path / "site" / "web")
+    image = random_images(1, seed=6, size=(IMAGE_SIZE, IMAGE_SIZE))[0]
+    image.save(tmp_path / "image.png")
+    captioner = OnnxCaptioner(model)
+    pixel_values = captioner.processor.image_processor([image], return_tensors="np")["pixel_values"]
+    expected = captioner.generate(pixel_values=pixel_values)[0]
+    assert len(expected) == 124
+    with serve_folder(tmp_path / "site") as url:
+        tokens, _ = caption_in_browser(browser, url, tmp_path / "image.png")
+    assert tokens == expected

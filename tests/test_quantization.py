@@ -52,6 +52,12 @@ def test_int8_weight_only_quantizes_only_the_language_model_layers(tokenizer, pi
     assert (logits - expected).abs().max() < 0.05 * expected.abs().max()
     generated = model.generate(pixel_values=pixel_values, do_sample=False, max_new_tokens=8)
     assert generated.shape[0] == len(pixel_values) and (generated[:, PREFIX_LENGTH:] >= 0).all()
+    with pytest.raises(ValueError) as error:  # a second call (a notebook cell run again): torchao failed bare
+        quantize_int8_weight_only(model)
+    assert str(error.value) == (
+        "This model's language model is already quantized (quantize_int8_weight_only): use it as it is."
+    )
+    assert torch.equal(model(input_ids=image_tokens, pixel_values=pixel_values).logits, logits)
 
 
 # What save_pretrained says of a model converted for inference, after naming the conversion.

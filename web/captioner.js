@@ -22,10 +22,72 @@ function unicodeToByte() {
   return table;
 }
 
+// An ONNX model's metadata_props (ModelProto field 14, entries of key 1 and value 2), read from the file's top-level
+// protobuf fields: onnxruntime-web does not expose a model's metadata. The graph (field 7) is skipped, not parsed.
+function onnxMetadata(bytes) {
+  let pos = 0;
+  const varint = () => {
+    let value = 0;
+    let scale = 1;
+    let byte;
+    do {
+      byte = bytes[pos++];
+      value += (byte & 0x7f) * scale;
+      scale *= 128;
+    } while (byte & 0x80);
+    return value;
+  };
+  const text = (length) => new TextDecoder().decode(bytes.subarray(pos, (pos += length)));
+  const metadata = {};
+  while (pos < bytes.length) {
+    const tag = varint();
+    const wireType = tag % 8;
+    if (wireType === 0) varint();
+    else if (wireType === 1) pos += 8;
+    else if (wireType === 5) pos += 4;
+    else if (wireType !== 2) throw new Error(`not an ONNX model (protobuf wire type ${wireType})`);
+    else if (Math.floor(tag / 8) !== 14) {
+      const length = varint(); // read first: `pos += varint()` would add to the position before the length
+      pos += length;
+    } else {
+      const end = varint() + pos;
+      const entry = {};
+      while (pos < end) {
+        const field = Math.floor(varint() / 8);
+        entry[field] = text(varint());
+      }
+      metadata[entry[1]] = entry[2];
+    }
+  }
+  return metadata;
+}
+
 // Python's round(), which rounds halves to even, as the image processor's crop offsets do.
 function roundHalfEven(x) {
   const rounded = Math.round(x);
   return Math.abs(x % 1) === 0.5 && rounded % 2 !== 0 ? rounded - 1 : rounded;
+}
+
+// The decoder's metadata entry for its learned position table's size ("none": rotary or ALiBi positions).
+const POSITION_LIMIT_KEY = "clipcap.learned_position_limit";
+// ClipCap's caption length when a generation config chooses none (modeling_clipcap.DEFAULT_MAX_NEW_TOKENS).
+const DEFAULT_MAX_NEW_TOKENS = 30;
+
+// `generate()`'s caption length, as Python's OnnxCaptioner reads the generation config: max_new_tokens, else
+// max_length less the image tokens (neither: DEFAULT_MAX_NEW_TOKENS; a saved config holds no default value), cut
+// with a warning to the positions a learned position table has left after the image tokens.
+function captionLength(generation, prefixLength, positionLimit) {
+  let length = generation.max_new_tokens;
+  if (length == null) {
+    length = generation.max_length == null ? DEFAULT_MAX_NEW_TOKENS : generation.max_length - prefixLength;
+  }
+  if (positionLimit !== null && prefixLength + length > positionLimit) {
+    const room = positionLimit - prefixLength;
+    console.warn(`The generation config asks for ${length} new tokens, but the language model has room for ${room} `
+      + `after the ${prefixLength} image tokens (max_position_embeddings=${positionLimit}): generating at most ${room}.`);
+    length = room;
+  }
+  return length;
 }
 
 export class ClipCapCaptioner {
@@ -44,20 +106,28 @@ export class ClipCapCaptioner {
     ort.env.wasm.numThreads = 1; // threads need a cross-origin-isolated page
     ort.env.wasm.wasmPaths = new URL("node_modules/onnxruntime-web/dist/", import.meta.url).href;
     const suffix = quantized ? "_quantized" : "";
-    const open = (name) => ort.InferenceSession.create(new URL(`onnx/${name}${suffix}.onnx`, base).href);
-    const graphs = ["vision_encoder", "embed_tokens", "decoder_model_merged"];
-    const [vision, embed, decoder] = await Promise.all(graphs.map(open));
+    const graphUrl = (name) => new URL(`onnx/${name}${suffix}.onnx`, base);
+    // The decoder's bytes are fetched here, to read its metadata (the position limit) as well.
+    const decoderResponse = await fetch(graphUrl("decoder_model_merged"));
+    if (!decoderResponse.ok) throw new Error(`${graphUrl("decoder_model_merged")}: HTTP ${decoderResponse.status}`);
+    const decoderBytes = new Uint8Array(await decoderResponse.arrayBuffer());
+    const limit = onnxMetadata(decoderBytes)[POSITION_LIMIT_KEY];
+    const [vision, embed, decoder] = await Promise.all([
+      ort.InferenceSession.create(graphUrl("vision_encoder").href),
+      ort.InferenceSession.create(graphUrl("embed_tokens").href),
+      ort.InferenceSession.create(decoderBytes),
+    ]);
+    const positionLimit = limit === undefined || limit === "none" ? null : Number(limit);
     return new ClipCapCaptioner(
-      ort, config, generation, imageConfig, tokenizer, tokenizerConfig, { vision, embed, decoder });
+      ort, config, generation, imageConfig, tokenizer, tokenizerConfig, { vision, embed, decoder }, positionLimit);
   }
 
-  constructor(ort, config, generation, imageConfig, tokenizer, tokenizerConfig, sessions) {
+  constructor(ort, config, generation, imageConfig, tokenizer, tokenizerConfig, sessions, positionLimit = null) {
     Object.assign(this, { ort, config, generation, imageConfig, sessions });
     const eos = generation.eos_token_id;
     this.eos = new Set(Array.isArray(eos) ? eos : eos == null ? [] : [eos]);
     this.cleanUpSpaces = tokenizerConfig.clean_up_tokenization_spaces === true;
-    // `generate()`'s length: max_new_tokens, else max_length less the image tokens (as ClipCap's generate reads it).
-    this.maxNewTokens = generation.max_new_tokens ?? generation.max_length - config.prefix_length;
+    this.maxNewTokens = captionLength(generation, config.prefix_length, positionLimit);
     this.tokens = new Map(Object.entries(tokenizer.model.vocab).map(([token, id]) => [id, token]));
     this.special = new Set(tokenizer.added_tokens.filter((t) => t.special).map((t) => t.id));
     // Added tokens are stored as their text, not in the byte-level alphabet.

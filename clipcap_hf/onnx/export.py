@@ -130,7 +130,9 @@ class MergedDecoder(nn.Module):
         cache = DynamicCache(pairs, config=self.language_model.config)
         # The kept positions as an index tensor: the exporter cannot slice with the integer form of a graph input.
         length = inputs_embeds.shape[1]
-        keep = torch.where(num_logits_to_keep > 0, num_logits_to_keep, length).item()
+        # 0 keeps every position, and so does a number past them, as transformers' `logits_to_keep` does.
+        keep_all = (num_logits_to_keep <= 0) | (num_logits_to_keep > length)
+        keep = torch.where(keep_all, length, num_logits_to_keep).item()
         torch._check(keep >= 1)
         torch._check(keep <= length)
         kept_positions = torch.arange(length - keep, length)

@@ -151,9 +151,24 @@ class OnnxCaptioner:
         """The prefix vectors `(batch, prefix_length, hidden)` of images, from pixels or precomputed CLIP embeddings."""
         if (pixel_values is None) == (image_embeds is None):
             raise ValueError("Pass exactly one of `pixel_values` or `image_embeds`.")
+        # Checked here: ONNX Runtime's own error for a wrong shape names the graph's input but no fix.
         if pixel_values is not None:
-            return self.sessions["vision_encoder"].run(None, {"pixel_values": np.asarray(pixel_values, np.float32)})[0]
-        return self.sessions["mapping_network"].run(None, {"image_embeds": np.asarray(image_embeds, np.float32)})[0]
+            pixel_values = np.asarray(pixel_values, np.float32)
+            side = self.processor.image_processor.crop_size
+            if pixel_values.ndim != 4 or pixel_values.shape[1:] != (3, side, side):
+                raise ValueError(
+                    f"`pixel_values` must have shape (batch_size, 3, {side}, {side}) for this export, got "
+                    f"{pixel_values.shape}; make them with `captioner.processor`, or pass images to `caption()`."
+                )
+            return self.sessions["vision_encoder"].run(None, {"pixel_values": pixel_values})[0]
+        image_embeds = np.asarray(image_embeds, np.float32)
+        if image_embeds.ndim != 2 or image_embeds.shape[1] != self.config.prefix_dim:
+            raise ValueError(
+                f"`image_embeds` must have shape (batch_size, {self.config.prefix_dim}) for this export "
+                f"(config.prefix_dim), got {image_embeds.shape}. Compute them with the vision tower this model was "
+                "trained with."
+            )
+        return self.sessions["mapping_network"].run(None, {"image_embeds": image_embeds})[0]
 
     def embed_tokens(self, input_ids: np.ndarray) -> np.ndarray:
         """The language model's input embeddings of token ids `(batch, length)`."""
@@ -199,6 +214,8 @@ class OnnxCaptioner:
         """
         settings = self._settings(max_new_tokens, num_beams)
         prefix = self.prefix_embeds(pixel_values, image_embeds)
+        if not len(prefix):
+            return []  # no image: as greedy decoding gives it (beam search's bookkeeping needs a row)
         if settings["num_beams"] == 1:
             return self._greedy(prefix, settings)
         return self._beam_search(prefix, settings)

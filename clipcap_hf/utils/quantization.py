@@ -101,6 +101,10 @@ def quantize_int8_weight_only(model: ClipCapForConditionalGeneration) -> ClipCap
     except ImportError as error:
         raise ImportError("int8 weight-only quantization needs torchao: pip install torchao") from error
     language_model = model.language_model
+    if hasattr(language_model, CONVERTED_FOR_INFERENCE):  # torchao would fail on its own int8 weights, naming none
+        raise ValueError(
+            "This model's language model is already quantized (quantize_int8_weight_only): use it as it is."
+        )
     conv1d_to_linear(language_model)
     output_layer = model.get_output_embeddings()
     quantize_(
