@@ -368,14 +368,20 @@ class ClipCapProcessor(ProcessorMixin):
         return self.num_image_tokens
 
     def tokenize_captions(
-        self, captions: Sequence[str], max_length: int | None = None, return_tensors: str | None = "pt"
+        self,
+        captions: Sequence[str],
+        max_length: int | None = None,
+        return_tensors: str | None = "pt",
+        first_index: int = 0,
     ) -> dict:
         """
         Training inputs for captions: the image tokens, the caption's tokens and EOS, right-padded to the longest
-        caption of the batch.
+        caption of the batch. The text of a special token in a caption (`<|endoftext|>`) is tokenized as text: only
+        the EOS added here ends a caption. The image token's text is refused.
 
         Returns `input_ids`, `attention_mask`, `labels` (a copy of `input_ids` with -100 on the image tokens and
-        padding) and `num_truncated`, the number of captions cut to `max_length` tokens (EOS included).
+        padding) and `num_truncated`, the number of captions cut to `max_length` tokens (EOS included). Errors number
+        the captions from `first_index` (the batch's first row in a dataset).
         """
         # 0 would give empty captions (a NaN loss) and a negative length would silently drop the EOS.
         if max_length is not None and max_length < 1:
@@ -384,7 +390,7 @@ class ClipCapProcessor(ProcessorMixin):
             raise ValueError("Got an empty list of captions; give one caption per image.")
         token_lists = []
         num_truncated = 0
-        for index, caption in enumerate(captions):
+        for index, caption in enumerate(captions, start=first_index):
             if not isinstance(caption, str):
                 raise ValueError(
                     f"Caption {index} must be a string, got {type(caption).__name__} ({caption!r}); for several "
@@ -397,7 +403,9 @@ class ClipCapProcessor(ProcessorMixin):
                     f"Caption {index} holds the image token {self.image_token!r} ({caption!r}); captions are text "
                     "only (the processor writes the image tokens): remove it from the caption."
                 )
-            tokens = self.tokenizer(caption, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            # Else the text "<|endoftext|>" would become an EOS label mid-caption, teaching the model to stop there.
+            tokens = self.tokenizer(caption, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            tokens.append(self.tokenizer.eos_token_id)
             if max_length is not None and len(tokens) > max_length:
                 tokens = tokens[:max_length]
                 num_truncated += 1

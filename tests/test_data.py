@@ -878,6 +878,25 @@ def test_collator_reads_images_from_pil_or_files(image_folder, tokenizer_and_pro
         collator([{"caption": "A dog."}])
 
 
+def test_collator_names_the_row_of_an_image_it_cannot_read(image_folder, tokenizer_and_processor):
+    _, processor = tokenizer_and_processor
+    good = {"caption": "A dog.", "image": {"bytes": (image_folder / "a.png").read_bytes(), "path": None}}
+    for bad, problem in [
+        ({"bytes": b"not an image", "path": None}, "UnidentifiedImageError: cannot identify image file"),
+        ({"bytes": None, "path": None}, "ValueError: the image holds neither bytes nor a path"),
+    ]:
+        with pytest.raises(ValueError) as error:
+            ClipCapDataCollator(processor)([good, {"caption": "A cat.", "image": bad}])
+        assert str(error.value) == f"Row 1 of the batch: its image cannot be decoded ({problem})."
+    with pytest.raises(ValueError) as error:  # was a bare KeyError
+        ClipCapDataCollator(processor, image_embeds=torch.zeros(2, 24))([{"image_index": 0, "caption": "A dog."},
+                                                                         good])
+    assert str(error.value) == (
+        "Row 1 of the batch has no `image_index` (columns ['caption', 'image']), which the collator's `image_embeds` "
+        "are looked up by: give every row one, or leave `image_embeds` out."
+    )
+
+
 def test_image_files_are_fully_decoded(tmp_path):
     """A truncated file fails when opened for embedding, not later."""
     path = tmp_path / "truncated.jpg"

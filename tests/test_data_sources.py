@@ -631,6 +631,15 @@ def test_data_files_that_are_not_utf8_are_named(tmp_path, streaming):
         f"{tmp_path / 'data.jsonl'} is not valid UTF-8 (invalid continuation byte); the file must be UTF-8 encoded "
         "(the first bad byte is on line 2)."
     )
+    (tmp_path / "good.csv").write_text("image,caption\na.png,A caf\xe9.\n", encoding="utf-8")
+    (tmp_path / "data.csv").write_bytes("image,caption\na.png,A dog.\na.png,Un caf\xe9.\n".encode("cp1252"))
+    with pytest.raises(ValueError) as error:  # pandas' bare UnicodeDecodeError named no line
+        list(load_image_source(data_files=[str(tmp_path / "good.csv"), str(tmp_path / "data.csv")],
+                               caption_column="caption", streaming=streaming))
+    assert str(error.value) == (
+        f"{tmp_path / 'data.csv'} is not valid UTF-8 (invalid continuation byte); the file must be UTF-8 encoded "
+        "(the first bad byte is on line 3)."
+    )
     for name, text in (
         ("metadata.csv", "file_name,text\na.png,Un caf\xe9.\n"),
         ("metadata.jsonl", '{"file_name": "a.png", "text": "Un caf\xe9."}\n'),

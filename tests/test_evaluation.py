@@ -697,6 +697,23 @@ def test_limit_applies_to_a_predictions_file(coco_files, tmp_path, capsys):
     assert "Flattening the indices" not in capsys.readouterr().err  # datasets' bars for its own bookkeeping
 
 
+def test_a_predictions_file_with_nothing_to_score_is_named(coco_files, tmp_path, capsys):
+    predictions = tmp_path / "predictions.json"
+    predictions.write_text("[]")
+    assert main(rescore_argv(coco_files, predictions, tmp_path / "eval", *FAST_METRICS)) == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: {predictions} holds no caption, so there is nothing to score; give captions of the images evaluated "
+        "(image ids 1, 2, 3, 4).\n"
+    )
+    write_first_references(predictions, image_ids=[3, 4])  # images that --limit 2 leaves out
+    assert main(rescore_argv(coco_files, predictions, tmp_path / "eval", "--limit", "2", *FAST_METRICS)) == 2
+    assert capsys.readouterr().err.endswith(
+        f"error: {predictions} holds no caption of the 2 images --limit keeps, so there is nothing to score; give "
+        "captions of the images evaluated (image ids 1, 2).\n"
+    )
+    assert not (tmp_path / "eval").exists()
+
+
 def test_evaluate_gallery_shows_scores_and_references(coco_files, tmp_path):
     annotations, image_root = coco_files
     predictions = tmp_path / "predictions.json"

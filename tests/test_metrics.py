@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("pycocoevalcap", reason="the COCO caption metrics need pycocoevalcap (the `eval` extra)")
@@ -431,6 +432,26 @@ def test_non_string_captions_are_rejected():
         compute_caption_metrics({3: ["a dog"]}, {3: ["a dog"]}, metrics=["bleu"])
     with pytest.raises(TypeError, match="references for image id 3 must be a list of strings"):
         compute_caption_metrics({3: "a dog"}, {3: "a dog"}, metrics=["bleu"])
+
+
+def test_captions_given_as_lists_are_refused_and_numpy_references_scored():
+    # A list of predictions was read as image ids ("1 of 1 predicted images have no reference captions (image ids:
+    # 'a dog')"), a list of references failed on `.get`, and a numpy array of references had no truth value.
+    for predictions, references, name in ((["a dog"], {0: ["a dog"]}, "predictions"),
+                                          ({0: "a dog"}, [["a dog"]], "references")):
+        with pytest.raises(TypeError) as error:
+            compute_caption_metrics(predictions, references, metrics=["bleu"], tokenize=False)
+        kind = "caption" if name == "predictions" else "captions"
+        assert str(error.value) == (
+            f"`{name}` must be a mapping from image id to {kind}, got a list; for lists of captions in order, use "
+            "CocoCaptionMetric().compute."
+        )
+    references = {0: ["a dog on the grass", "a dog runs"], 1: ["two cats", "cats sleeping"]}
+    predictions = {0: "a dog runs on the grass", 1: "two cats sleeping"}
+    as_arrays = {image_id: np.array(captions) for image_id, captions in references.items()}
+    assert compute_caption_metrics(predictions, as_arrays, metrics=["bleu", "cider"], tokenize=False) == (
+        compute_caption_metrics(predictions, references, metrics=["bleu", "cider"], tokenize=False)
+    )
 
 
 def test_unknown_metric_and_no_predictions():

@@ -214,6 +214,25 @@ def test_empty_caption_is_rejected_with_its_index(processor):
 def test_caption_holding_the_image_token_is_rejected_with_its_index(processor):
     with pytest.raises(ValueError, match=r"Caption 1 holds the image token '<image>' \('a <image> dog'\)"):
         processor(captions=["A dog.", "a <image> dog"])
+    # Counting a dataset's caption lengths, in batches: the dataset's row is named, not the row in its batch.
+    import datasets
+
+    from clipcap_hf.data import add_caption_lengths
+
+    rows = datasets.Dataset.from_dict({"caption": ["A dog."] * 5 + ["a <image> dog"]})
+    with pytest.raises(ValueError, match=r"^Caption 5 holds the image token '<image>' \('a <image> dog'\)"):
+        add_caption_lengths(rows, processor, batch_size=2)
+
+
+def test_a_special_tokens_text_in_a_caption_is_text_and_only_the_caption_end_is_eos(processor, tokenizer):
+    eos = tokenizer.eos_token_id
+    encoded = processor.tokenize_captions([f"A sign reading {tokenizer.eos_token} on a wall.", "A dog."])
+    labels = encoded["labels"][0]
+    assert (labels == eos).nonzero().flatten().tolist() == [len(labels) - 1]  # the EOS added at the end alone
+    as_text = tokenizer(tokenizer.eos_token, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+    assert len(as_text) > 1 and eos not in as_text
+    dog = tokenizer("A dog.", add_special_tokens=False)["input_ids"] + [eos]  # other captions as before
+    assert encoded["input_ids"][1, 4 : 4 + len(dog)].tolist() == dog
 
 
 def test_prompts_are_left_padded_and_counted_against_images(processor, images):

@@ -191,8 +191,15 @@ def _load_predictions(
             stacklevel=2,
         )
     image_ids = set(images["image_id"])
+    loaded = len(predictions)
     predictions = {image_id: caption for image_id, caption in predictions.items() if image_id in image_ids}
     covered = len(predictions)
+    if not covered:  # (a file whose captions are all of other images was refused above)
+        held = "no caption" if not loaded else f"no caption of the {len(image_ids)} images --limit keeps"
+        raise ValueError(
+            f"{args.predictions} holds {held}, so there is nothing to score; give captions of the images evaluated "
+            f"(image ids {_format_ids(sorted(image_ids, key=str), 5)})."
+        )
     if covered < len(image_ids) and args.model_card:
         raise ValueError(
             f"{args.predictions} has captions for {covered} of the {len(image_ids)} images of the split, and "

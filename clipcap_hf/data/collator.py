@@ -12,7 +12,7 @@ import torch
 
 from ..image_processing_clipcap import load_image
 from ..processing_clipcap import ClipCapProcessor
-from .sources import decode_image
+from .sources import decode_image, describe_image_error
 
 
 @dataclass
@@ -59,6 +59,12 @@ def image_inputs(
     is given, else `pixel_values` from a preprocessed `pixel_values` column, an `image` column or `image_path` files.
     """
     if image_embeds is not None:
+        missing = next((row for row, feature in enumerate(features) if "image_index" not in feature), None)
+        if missing is not None:
+            raise ValueError(
+                f"Row {missing} of the batch has no `image_index` (columns {sorted(features[missing])}), which the "
+                "collator's `image_embeds` are looked up by: give every row one, or leave `image_embeds` out."
+            )
         indices = [int(feature["image_index"]) for feature in features]
         if isinstance(image_embeds, datasets.Dataset):  # a memory-mapped embeddings folder (torch format)
             return {"image_embeds": image_embeds[indices]["embedding"]}
@@ -66,9 +72,14 @@ def image_inputs(
     if features[0].get("pixel_values") is not None:
         return {"pixel_values": torch.stack([torch.as_tensor(feature["pixel_values"]) for feature in features])}
     images = []
-    for feature in features:
+    for row, feature in enumerate(features):
         if isinstance(feature.get("image"), dict):  # an undecoded datasets.Image value
-            images.append(decode_image(feature["image"]))
+            try:
+                images.append(decode_image(feature["image"]))
+            except (OSError, ValueError) as error:
+                raise ValueError(
+                    f"Row {row} of the batch: its image cannot be decoded ({describe_image_error(error)})."
+                ) from error
         elif feature.get("image") is not None:
             images.append(feature["image"])
         elif feature.get("image_path") is not None:
@@ -95,6 +106,7 @@ def add_caption_lengths(
     dataset = dataset.map(
         _caption_lengths,
         input_columns="caption",
+        with_indices=True,
         batched=True,
         batch_size=batch_size,
         fn_kwargs={"processor": processor, "max_length": max_length},
@@ -104,8 +116,10 @@ def add_caption_lengths(
     return dataset.remove_columns("truncated"), num_truncated
 
 
-def _caption_lengths(captions: list[str], processor: ClipCapProcessor, max_length: int | None) -> dict[str, list]:
-    encoded = processor.tokenize_captions(captions, max_length=None, return_tensors=None)
+def _caption_lengths(
+    captions: list[str], indices: list[int], processor: ClipCapProcessor, max_length: int | None
+) -> dict[str, list]:
+    encoded = processor.tokenize_captions(captions, max_length=None, return_tensors=None, first_index=indices[0])
     full = [sum(mask) - processor.num_image_tokens for mask in encoded["attention_mask"]]
     cut = [min(length, max_length) if max_length is not None else length for length in full]
     return {"length": cut, "truncated": [length > kept for length, kept in zip(full, cut)]}

@@ -35,7 +35,7 @@ from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from ..utils.file_utils import FileLocksUnsupportedError, acquire_file_lock, read_json, write_text_atomically
 from ..utils.memory import reuse_freed_memory
 from .loaders import PathLike, _image_keys, _rebuild, _splits
-from .sources import SHARD_COLUMN, SOURCE_ROW_COLUMN, WEBDATASET_KEY, decode_image
+from .sources import SHARD_COLUMN, SOURCE_ROW_COLUMN, WEBDATASET_KEY, decode_image, describe_image_error
 
 logger = logging.get_logger(__name__)
 
@@ -967,9 +967,7 @@ def _unreadable_image(
     row: dict[str, Any], index: int | None, error: Exception, streamed_from: str | None = None
 ) -> str:
     """`<where>: <problem> (key ...)` for an image that cannot be read."""
-    # PIL names the in-memory file of image bytes as "<_io.BytesIO object at 0x...>": the shard and key name it.
-    message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
-    problem = "file not found" if isinstance(error, FileNotFoundError) else f"{type(error).__name__}: {message}"
+    problem = "file not found" if isinstance(error, FileNotFoundError) else describe_image_error(error)
     return f"{_where(row, index, streamed_from)}: {problem} (key {row[KEY_COLUMN]})"
 
 

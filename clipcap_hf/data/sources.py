@@ -191,9 +191,18 @@ def decode_image(image: dict[str, Any]) -> PIL.Image.Image:
     """Fully decode an undecoded `datasets.Image` value (a truncated image fails here, not in a training step)."""
     import io
 
+    if _is_null_image(image):
+        raise ValueError("the image holds neither bytes nor a path")
     with PIL.Image.open(io.BytesIO(image["bytes"]) if image.get("bytes") is not None else image["path"]) as opened:
         opened.load()
         return opened.copy()
+
+
+def describe_image_error(error: Exception) -> str:
+    """`<type>: <message>` of an image that failed to decode, without the in-memory file PIL names for image bytes
+    (`<_io.BytesIO object at 0x...>`, which says nothing)."""
+    message = re.sub(r" ?<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(error))
+    return f"{type(error).__name__}: {message}"
 
 
 def _folder_shards(data_files, split: str) -> list[str] | None:
@@ -343,7 +352,8 @@ def _from_data_files(data_files, split: str, streaming: bool):
         dataset = datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming)
     except (datasets.exceptions.DatasetGenerationError, StopIteration, tarfile.TarError, ValueError) as error:
         # datasets' own errors name no file ("An error occurred while generating the dataset"): read each file alone.
-        problem = _unreadable_data_file(builder, files)
+        # (pandas reads a CSV file that is not UTF-8 with a bare UnicodeDecodeError: named with its line instead.)
+        problem = (builder == "csv" and _not_utf8(files)) or _unreadable_data_file(builder, files)
         if problem is None:
             raise
         raise ValueError(problem) from error

@@ -348,9 +348,18 @@ def _check_inputs(
     The checks every metric's inputs get (`references=None`: CLIPScore alone, which has none to check).
     `empty_scored_as` ends the warning about empty predictions: how the caller's metrics score them.
     """
+    for name, value in (("predictions", predictions), ("references", references)):
+        if value is not None and not isinstance(value, Mapping):
+            raise TypeError(
+                f"`{name}` must be a mapping from image id to caption{'' if name == 'predictions' else 's'}, got a "
+                f"{type(value).__name__}; for lists of captions in order, use CocoCaptionMetric().compute."
+            )
     if not predictions:
         raise ValueError("There are no predictions to score.")
-    unreferenced = [image_id for image_id in predictions if references is not None and not references.get(image_id)]
+    unreferenced = [  # (`len`: a numpy array of captions has no truth value)
+        image_id for image_id in predictions
+        if references is not None and (references.get(image_id) is None or len(references[image_id]) == 0)
+    ]
     if unreferenced:
         raise ValueError(
             f"{len(unreferenced)} of {len(predictions)} predicted images have no reference captions "
