@@ -643,27 +643,29 @@ def test_a_failed_export_keeps_what_another_export_finished_in_the_folder_it_cre
 
 
 def test_an_export_stopped_while_moving_in_puts_the_earlier_export_back(onnx_export, tmp_path, monkeypatch):
-    import clipcap_hf.utils.file_utils
-
     _, saved, exported = onnx_export
     earlier = tmp_path / "earlier"
     shutil.copytree(exported, earlier)
     before = {str(path.relative_to(earlier)): path.read_bytes() for path in earlier.rglob("*") if path.is_file()}
+    other = tmp_path / "other-model"  # a model whose export differs in its generation config
+    shutil.copytree(saved, other)
+    generation = json.loads((other / "generation_config.json").read_text())
+    (other / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": 7}))
     replace, moved_in = os.replace, []
 
-    def stopped_after_a_few_moves(source, target):  # a stop once a few of the new entries are in place
+    def stopped_on_moving_the_graphs_in(source, target):  # once the new top-level files are in place (as it was)
         new_entry = os.path.dirname(source).endswith(".partial")  # not the staging folder itself, not a put-back
         if new_entry and os.path.dirname(target) == str(earlier):
-            moved_in.append(target)
-            if len(moved_in) == 4:
+            moved_in.append(os.path.basename(target))
+            if os.path.basename(target) == "onnx":
                 raise KeyboardInterrupt
         replace(source, target)
 
-    monkeypatch.setattr(clipcap_hf.utils.file_utils.os, "replace", stopped_after_a_few_moves)
+    monkeypatch.setattr(os, "replace", stopped_on_moving_the_graphs_in)
     with pytest.raises(KeyboardInterrupt):
-        main(["export-onnx", str(saved), "--output", str(earlier), "--overwrite", "--no-int8"])
+        main(["export-onnx", str(other), "--output", str(earlier), "--overwrite", "--no-int8"])
     monkeypatch.undo()
-    assert len(moved_in) == 4
+    assert "onnx" in moved_in
     after = {str(path.relative_to(earlier)): path.read_bytes() for path in earlier.rglob("*") if path.is_file()}
     assert after == before  # the staging folder gone too
     OnnxCaptioner(earlier)
