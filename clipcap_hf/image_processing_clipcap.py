@@ -90,10 +90,14 @@ _FROM_DICT_OPTIONS = IMAGE_OPTIONS | {
 }
 
 
-def load_image(path: str | os.PathLike) -> PIL.Image.Image:
-    """Open and fully decode an image file (a truncated file fails here, not later), naming the file on failure."""
+def load_image(path: str | os.PathLike, formats: Sequence[str] | None = None) -> PIL.Image.Image:
+    """
+    Open and fully decode an image file (a truncated file fails here, not later), naming the file on failure.
+    `formats` (PIL's names, e.g. `("JPEG", "PNG")`) limits the formats tried, as for files from strangers: PIL hands
+    some (EPS) to other programs.
+    """
     try:
-        with PIL.Image.open(path) as image:
+        with PIL.Image.open(path, formats=formats) as image:
             image.load()
             return image.copy()
     except (OSError, ValueError) as error:  # PIL.UnidentifiedImageError is an OSError

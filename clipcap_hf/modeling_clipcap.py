@@ -707,6 +707,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> "ClipCapForConditionalGeneration":
+        # No code of the folder runs unless asked for: transformers' default would ask at a terminal.
+        kwargs.setdefault("trust_remote_code", False)
         name = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         try:
             loaded = super().from_pretrained(*args, **kwargs)

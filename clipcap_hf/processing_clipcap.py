@@ -154,6 +154,9 @@ class ClipCapProcessor(ProcessorMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> ClipCapProcessor:
+        # No code of the folder (a tokenizer's `auto_map`) runs unless asked for: transformers' default would ask at a
+        # terminal.
+        kwargs.setdefault("trust_remote_code", False)
         _check_saved_processor_files(pretrained_model_name_or_path, kwargs.get("subfolder") or "")
         processor = super().from_pretrained(pretrained_model_name_or_path, **kwargs)
         if processor.num_image_tokens is None:

@@ -266,14 +266,13 @@ import os, signal, sys
 import pyarrow.parquet as pq
 real_write_table = pq.write_table
 calls = []
-def write_table(table, where, *args, **kwargs):
+def write_table(table, where, *args, **kwargs):  # `where`: the shard's temporary file, opened
     calls.append(where)
     real_write_table(table, where, *args, **kwargs)
-    if len(calls) == 2:
-        with open(where, "rb") as file:
-            data = file.read()
-        with open(where, "wb") as file:
-            file.write(data[: len(data) // 2])
+    if len(calls) == 2:  # killed with the second shard half written
+        where.flush()
+        where.truncate(where.tell() // 2)
+        where.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 pq.write_table = write_table
 from clipcap_hf.commands import main
@@ -580,10 +579,10 @@ def test_a_shard_that_cannot_be_written_is_named_and_the_earlier_ones_kept(embed
     dataset = embeddings_rows(7, embeddings_captioner.model.config.prefix_dim)
     write_table, written = pq.write_table, []
 
-    def fail_at_second_shard(table, where, **kwargs):
+    def fail_at_second_shard(table, where, **kwargs):  # `where`: the temporary file, opened
         written.append(where)
         if len(written) == 2:
-            Path(where).write_bytes(b"PAR1")
+            where.write(b"PAR1")
             raise failure
         return write_table(table, where, **kwargs)
 
@@ -603,6 +602,21 @@ def test_a_shard_that_cannot_be_written_is_named_and_the_earlier_ones_kept(embed
     ]
     summary = caption_dataset_to_parquet(embeddings_captioner, dataset, output, shard_size=3, rank=0, world_size=1)
     assert summary.skipped == ["captions-00000-of-00003.parquet"] and len(summary.written) == 2
+
+
+def test_a_link_planted_at_a_shard_s_temporary_name_is_replaced_not_written_through(embeddings_captioner, tmp_path):
+    from clipcap_hf.inference import caption_dataset_to_parquet
+
+    output = tmp_path / "captions"
+    output.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("someone's file")
+    (output / ".captions-00000-of-00001.parquet.partial").symlink_to(victim)
+    dataset = embeddings_rows(3, embeddings_captioner.model.config.prefix_dim)
+    caption_dataset_to_parquet(embeddings_captioner, dataset, output, shard_size=3, rank=0, world_size=1)
+    assert victim.read_text() == "someone's file"
+    shard = output / "captions-00000-of-00001.parquet"
+    assert not shard.is_symlink() and len(datasets.Dataset.from_parquet(str(shard))) == 3
 
 
 def test_a_shard_error_without_errno_or_of_a_class_built_otherwise_keeps_what_it_can():

@@ -308,9 +308,13 @@ def test_a_model_folder_that_does_not_exist_is_named(image_folder, tmp_path, mon
     assert capsys.readouterr().err == f"clipcap caption: error: --model: folder {model} does not exist.\n"
 
 
-def test_captions_with_newlines_or_tabs_stay_on_one_line(saved_model_dir, image_folder, tokenizer, capsys):
-    # Bias the tiny model towards "A\nA\n...", as GPT-2, which has newline tokens, can write.
-    newline, letter = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in ("\n", "A"))
+@pytest.mark.parametrize("control", ["\n", "\x1b"])  # a newline; ESC, which starts terminal escape sequences
+def test_captions_with_control_characters_stay_on_one_line_and_reach_no_terminal(
+    saved_model_dir, image_folder, tokenizer, capsys, control
+):
+    # Bias the tiny model towards "A\nA\n...", as GPT-2, which has newline tokens, can write (or a model can be
+    # made to write escape sequences, with no code: its generation config alone).
+    newline, letter = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in (control, "A"))
     config_path = saved_model_dir / "generation_config.json"
     config = json.loads(config_path.read_text())
     config.update(sequence_bias=[[letter, 50.0], [letter + newline, 100.0]], max_new_tokens=6)
@@ -318,10 +322,12 @@ def test_captions_with_newlines_or_tabs_stay_on_one_line(saved_model_dir, image_
     paths = [image_folder / "img0.png", image_folder / "img1.png"]
     assert main(["caption", *map(str, paths), "--model", str(saved_model_dir), "--json"]) == 0
     captions = [result["caption"] for result in json.loads(capsys.readouterr().out)]
-    assert all("\n" in caption for caption in captions)  # JSON keeps the caption as generated
+    assert all(control in caption for caption in captions)  # JSON keeps the caption as generated
     assert main(["caption", *map(str, paths), "--model", str(saved_model_dir)]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"{path}\t{' '.join(caption.split())}" for path, caption in zip(paths, captions)]
+    out = capsys.readouterr().out
+    assert "\x1b" not in out
+    collapsed = [" ".join(caption.split()).replace("\x1b", "\\x1b") for caption in captions]
+    assert out.splitlines() == [f"{path}\t{caption}" for path, caption in zip(paths, collapsed)]
 
 
 def test_output_survives_a_stdout_encoding_that_cannot_show_the_file_names(saved_model_dir, image_folder,

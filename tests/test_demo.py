@@ -115,6 +115,21 @@ def test_uploaded_image_is_captioned_as_generate_does(demo_app, browser, process
     assert captions == expected_captions(model, processor, path, num_beams=3, num_return_sequences=2, max_new_tokens=6)
 
 
+def test_an_upload_is_read_only_in_the_common_image_formats(tmp_path):
+    from clipcap_hf.commands.demo import load_user_image
+
+    random_images(1)[0].save(tmp_path / "photo.webp")
+    assert load_user_image(tmp_path / "photo.webp").size == (48, 40)
+    # PIL takes this for an EPS file and hands it to Ghostscript, a program a page served to strangers should not run.
+    eps = tmp_path / "upload.eps"
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    with pytest.raises(ValueError) as error:
+        load_user_image(eps)
+    assert str(error.value).startswith("Cannot read image upload.eps: cannot identify image file")
+    assert str(error.value).endswith("(the demo reads JPEG, PNG, WEBP, GIF, BMP, TIFF images)")
+    assert "Ghostscript" not in str(error.value)
+
+
 @pytest.mark.parametrize(
     "name, content, message",
     [

@@ -183,3 +183,24 @@ def test_a_mount_point_is_written_into_not_renamed_and_put_back_when_the_move_fa
     with pytest.raises(KeyboardInterrupt):
         file_utils.write_folder_atomically(volume, _write_model({"config.json": "third", "a.txt": "third"}))
     assert _listing(volume) == {"config.json": "second", "model.bin": "second"}
+
+
+def test_the_umask_mode_is_given_to_saved_files_not_to_what_a_link_points_at(tmp_path):
+    import os
+    import stat
+
+    secret = tmp_path / "token"
+    secret.write_text("hf_secret")
+    secret.chmod(0o600)
+    saved = tmp_path / "model"
+    saved.mkdir()
+    (saved / "model.safetensors").write_bytes(b"weights")
+    (saved / "model.safetensors").chmod(0o600)  # as safetensors writes it
+    (saved / "old.safetensors").symlink_to(secret)  # planted in a shared output folder
+    previous = os.umask(0o022)
+    try:
+        file_utils.give_files_the_umask_mode(saved)
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((saved / "model.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE(secret.stat().st_mode) == 0o600

@@ -356,6 +356,25 @@ def test_return_tensors_is_an_option(processor, images):
     assert isinstance(processor(images=images[:1], return_tensors="np")["pixel_values"], np.ndarray)
 
 
+def test_a_tokenizer_naming_code_of_its_own_is_refused_without_running_it(tmp_path, processor, monkeypatch):
+    # transformers asks whether to run a folder's code unless trust_remote_code is given, and runs it on "y".
+    processor.save_pretrained(tmp_path)
+    marker = tmp_path / "code-ran"
+    (tmp_path / "tokenization_custom.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from transformers import PreTrainedTokenizerFast\n\n\nclass CustomTokenizer(PreTrainedTokenizerFast):\n"
+        "    pass\n"
+    )
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    auto_map = {"AutoTokenizer": [None, "tokenization_custom.CustomTokenizer"]}
+    config.update(tokenizer_class="CustomTokenizer", auto_map=auto_map)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr("builtins.input", lambda *args: "y")
+    with pytest.raises(ValueError, match="trust_remote_code"):
+        ClipCapProcessor.from_pretrained(tmp_path)
+    assert not marker.exists()
+
+
 def test_saved_settings_are_restored_and_a_folder_without_image_tokens_reads_its_config(
     tmp_path, processor, tokenizer
 ):

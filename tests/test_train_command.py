@@ -192,6 +192,41 @@ def test_an_incomplete_checkpoint_is_removed_and_the_run_resumes_from_the_one_be
     assert json.loads(state.read_text())["global_step"] == 2
 
 
+def test_a_newer_folder_that_is_not_a_stopped_checkpoint_of_a_run_is_named_and_kept(tmp_path):
+    from clipcap_hf.training.run import last_complete_checkpoint
+
+    def checkpoint(name, state=None, run_arguments=True):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"weights")
+        if state is not None:
+            (folder / "trainer_state.json").write_text(state)
+        if run_arguments:
+            (folder / "clipcap_run_args.json").write_text("{}")
+        return folder
+
+    complete = checkpoint("checkpoint-1", '{"global_step": 1}')
+    stopped = checkpoint("checkpoint-2", '{"global_st')  # a run killed while writing its state: removed
+    assert last_complete_checkpoint(str(tmp_path), remove_incomplete=True) == str(complete)
+    assert not stopped.exists()
+    foreign = checkpoint("checkpoint-3", run_arguments=False)  # another tool's, or written by hand: kept
+    with pytest.raises(ValueError) as error:
+        last_complete_checkpoint(str(tmp_path), remove_incomplete=True)
+    assert str(error.value) == (
+        f"{foreign} is not a checkpoint of a clipcap train run stopped while writing it (its trainer_state.json is "
+        "missing, and it holds no clipcap_run_args.json); move it out of --output_dir, or give another --output_dir."
+    )
+    shutil.rmtree(foreign)
+    elsewhere = tmp_path.parent / f"{tmp_path.name}-elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "clipcap_run_args.json").write_text("{}")
+    (tmp_path / "checkpoint-4").symlink_to(elsewhere)  # a link is never followed to delete
+    with pytest.raises(ValueError, match=r"checkpoint-4 is not a checkpoint .* and it is a link\); move it out"):
+        last_complete_checkpoint(str(tmp_path), remove_incomplete=True)
+    assert sorted(path.name for path in elsewhere.iterdir()) == ["clipcap_run_args.json"]
+    assert complete.is_dir()
+
+
 def test_saved_weights_get_the_umask_mode(tmp_path, saved_model_dir, caption_folder):
     out = tmp_path / "out"
     every_step = ("--save_strategy", "steps", "--save_steps", "1")

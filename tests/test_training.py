@@ -611,10 +611,18 @@ def test_lora_trains_adapters_and_mapper_saves_reloads_and_merges(tmp_path, toke
     assert sorted(path.name for path in tmp_path.iterdir() if "merged" in path.name) == []
     merge_lora(out, merged_dir)
     ClipCapProcessor.from_pretrained(merged_dir)
-    # It writes the folder whole: one that is not empty (the adapters', the run's, an earlier merge) is refused.
-    for folder in (out, out.parent, merged_dir):
-        with pytest.raises(ValueError, match=r"merge_lora: output_dir .* is not empty, and the merged model is"):
-            merge_lora(out, folder)
+    # It writes the folder whole: one that is not empty (an earlier merge) is refused; the adapters' folder and the
+    # folders above it, even with overwrite=True, which would have deleted the adapters with them.
+    with pytest.raises(ValueError, match=r"merge_lora: output_dir .* is not empty, and the merged model is"):
+        merge_lora(out, merged_dir)
+    for folder in (out, out.parent):
+        with pytest.raises(ValueError) as error:
+            merge_lora(out, folder, overwrite=True)
+        assert str(error.value) == (
+            f"merge_lora: output_dir {folder} is or holds the adapters' folder ({out.resolve()}), and the merged "
+            "model replaces the folder whole: give a folder of its own (e.g. output_dir/merged)."
+        )
+    assert (out / "adapter_config.json").exists()
     merge_lora(out, merged_dir, overwrite=True)  # an earlier merge, replaced on request
     assert (out / "adapter_config.json").exists()
     merged = ClipCapForConditionalGeneration.from_pretrained(merged_dir).eval()

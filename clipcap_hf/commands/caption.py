@@ -290,10 +290,12 @@ def _caption_files(args: argparse.Namespace, decoding: dict) -> int:
                 for result in batch:
                     if result.error is None:
                         # One line per caption: a newline or tab in a caption or file name would break the
-                        # PATH<TAB>CAPTION lines; the caption's whitespace is collapsed, the name's escaped.
+                        # PATH<TAB>CAPTION lines; the caption's whitespace is collapsed, and other control
+                        # characters (a model's terminal escape sequences) escaped, as the name's are.
                         returned = result.candidates if args.num_return_sequences > 1 else [result.caption]
                         for caption in returned:
-                            print(f"{escape_controls(str(result.path))}\t{' '.join(caption.split())}", flush=True)
+                            caption = escape_controls(" ".join(caption.split()))
+                            print(f"{escape_controls(str(result.path))}\t{caption}", flush=True)
             results.extend(batch)
     finally:
         # With --on-bad-image skip, an unreadable image is left out of the JSON and the gallery too.

@@ -41,6 +41,10 @@ if TYPE_CHECKING:
     from ..processing_clipcap import ClipCapProcessor
 
 DECODING_STRATEGIES = ("greedy", "beam search")
+# The formats an upload is read in: PIL hands others to other programs (EPS to Ghostscript), which a page served to
+# strangers should not run on their files.
+UPLOAD_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+MAX_UPLOAD_SIZE = "50mb"
 
 
 def import_gradio():
@@ -64,11 +68,14 @@ def load_user_image(image_path: str | os.PathLike | None) -> PIL.Image.Image:
         raise ValueError("Upload an image or pick an example first.")
     path = Path(image_path)
     try:
-        return to_rgb_image(load_image(path))
+        return to_rgb_image(load_image(path, formats=UPLOAD_FORMATS))
     except ValueError as error:
         # Uploads are stored under a temporary folder; the user knows the file by its name only. A path without a
         # name (".") is kept as it is: replacing it would also cut every "." out of the message.
-        raise ValueError(str(error).replace(str(path), path.name) if path.name else str(error)) from None
+        message = str(error).replace(str(path), path.name) if path.name else str(error)
+        if type(error.__cause__).__name__ == "UnidentifiedImageError":  # not in a format it reads
+            message += f" (the demo reads {', '.join(UPLOAD_FORMATS)} images)"
+        raise ValueError(message) from None
 
 
 def caption_and_interpret(
@@ -241,5 +248,5 @@ def run(args: argparse.Namespace) -> int:
     model, processor = load_model_and_processor(args.model, args.device)
     check_top_k_fits_vocabulary(args.top_k, model, processor)  # or every click after the launch would fail
     demo = build_demo(model, processor, examples=examples, top_k=args.top_k, title=f"ClipCap: {args.model}")
-    demo.launch(server_name=args.host, server_port=args.port, share=False)
+    demo.launch(server_name=args.host, server_port=args.port, share=False, max_file_size=MAX_UPLOAD_SIZE)
     return 0

@@ -125,7 +125,10 @@ def load_image_source(
         dataset = _from_caption_format(dataset_format, data_files, image_root, split)
         image_column, caption_column = "image", "captions"
     elif dataset_name is not None:
-        dataset = datasets.load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
+        # No loading script runs (datasets 3.x runs one where HF_DATASETS_TRUST_REMOTE_CODE is set; 4.x has none).
+        dataset = datasets.load_dataset(
+            dataset_name, dataset_config_name, split=split, streaming=streaming, trust_remote_code=False
+        )
     elif data_files is not None:
         # The split's shards, of a folder or of listed files (a shell-expanded `data/*.parquet`) alike.
         data_files = _folder_shards(data_files, split) or _listed_shards_of_split(data_files, split)

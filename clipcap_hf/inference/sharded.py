@@ -446,8 +446,12 @@ def _write_parquet_atomically(columns: dict[str, list], path: Path) -> None:
     schema = pa.schema([(name, types.get(name, pa.string())) for name in columns])  # typed even when empty
     temporary = path.with_name(f".{path.name}.partial")  # one name per shard: a killed run's leftover is replaced
     try:
-        pq.write_table(pa.table(columns, schema=schema), temporary)
-        with open(temporary, "rb") as file:
+        # Removed, then created anew: a link planted at that name is removed, never written through.
+        temporary.unlink(missing_ok=True)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+        with open(os.open(temporary, flags, 0o666), "wb") as file:
+            pq.write_table(pa.table(columns, schema=schema), file)
+            file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except OSError as error:  # e.g. a full disk: pyarrow's message names no file

@@ -213,6 +213,14 @@ def merge_lora(
     whole folder: an `output_dir` that is not empty (the adapters' folder, a run's folder, an earlier merge) is
     refused, unless `overwrite` (then it is replaced whole, once the merge is written).
     """
+    output, cwd = Path(output_dir).resolve(), Path.cwd()
+    held = {"the adapters' folder": Path(adapter_dir).resolve(), "the current folder": cwd}
+    for what, folder in held.items():  # replaced whole, the folder would take them with it
+        if output == folder or output in folder.parents:
+            raise ValueError(
+                f"merge_lora: output_dir {output_dir} is or holds {what} ({folder}), and the merged model replaces "
+                "the folder whole: give a folder of its own (e.g. output_dir/merged)."
+            )
     if not overwrite and Path(output_dir).is_dir() and any(Path(output_dir).iterdir()):
         raise ValueError(
             f"merge_lora: output_dir {output_dir} is not empty, and the merged model is written as the whole folder: "

@@ -177,11 +177,14 @@ def give_files_the_umask_mode(folder: str | os.PathLike[str]) -> None:
     """
     Give the weights and code files a `save_pretrained` wrote in `folder` the mode `open()` gives under the umask, as
     every other file of a saved model has: other users and containers can then read them where the umask allows.
+    Links are left alone: `save_pretrained` writes none, and their targets may be anyone's files (a private token
+    that a link planted in a shared folder points at would be made readable).
     """
     file_mode = 0o666 & ~_umask()
     for pattern in _FILES_WITHOUT_UMASK_MODE:
         for path in Path(folder).glob(pattern):
-            if path.is_file() and stat.S_IMODE(path.stat().st_mode) != file_mode:
+            mode = path.lstat().st_mode
+            if stat.S_ISREG(mode) and stat.S_IMODE(mode) != file_mode:
                 path.chmod(file_mode)
 
 
