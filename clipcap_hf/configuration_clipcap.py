@@ -98,6 +98,8 @@ def vision_embedding_size(vision_config: PretrainedConfig, vision_pooling: str) 
         return vision_config.projection_dim
     if vision_pooling == "cls_mean_patch":
         return 2 * vision_config.hidden_size
+    if vision_pooling == "pooled" and vision_config.model_type == "vit":  # ViT's pooler may widen the embedding
+        return getattr(vision_config, "pooler_output_size", None) or vision_config.hidden_size
     return vision_config.hidden_size
 
 

@@ -3,6 +3,7 @@
 # No `from __future__ import annotations`: transformers reads the forward's annotations (`Unpack[TransformersKwargs]`).
 import copy
 import inspect
+import json
 import math
 import os
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 from transformers import (
+    MODEL_MAPPING,
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
@@ -33,10 +35,18 @@ except ImportError:  # 4.57 initialises only the modules whose weights are missi
     from torch.nn import init
 from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPooling,
+    CausalLMOutputWithPast,
+)
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
-from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
+from transformers.utils import (
+    ModelOutput,
+    TransformersKwargs,
+    can_return_tuple,
+    logging,
+)
 
 from .configuration_clipcap import (
     ClipCapConfig,
@@ -368,19 +378,43 @@ _BUILD_FROM_TOWER = (
 
 def _check_given_vision_model(vision_model: nn.Module, config: ClipCapConfig) -> None:
     """
-    Refuse a ready-made transformers tower that does not give the image embedding the config's mapping network reads
-    (`vision_pooling`, `prefix_dim`): it would fail at its first image, and the folder saved with it would not load.
+    Refuse a ready-made tower that does not give the image embedding the config's mapping network reads (the backend,
+    `vision_pooling`, `prefix_dim`): it would fail at its first image, and the folder saved with it would not load
+    (or load another tower).
     """
+    if config.vision_backend == "open_clip":
+        if not isinstance(vision_model, ClipCapOpenClipVisionModel):
+            raise ValueError(
+                f"The given vision_model is a {type(vision_model).__name__}, and the config's vision_backend is "
+                "'open_clip': give a ClipCapOpenClipVisionModel, or a config of the transformers tower given. "
+                f"{_BUILD_FROM_TOWER}"
+            )
+        if json.dumps(vision_model.model_cfg, sort_keys=True) != json.dumps(config.open_clip_model_cfg, sort_keys=True):
+            raise ValueError(
+                "The given open_clip vision_model was built from another model config than the config's "
+                "`open_clip_model_cfg`; the folder saved with it would not load. Give the tower's own "
+                "(ClipCapConfig(vision_backend='open_clip', open_clip_model_cfg=vision_model.model_cfg, ...))."
+            )
+        return
+    if isinstance(vision_model, ClipCapOpenClipVisionModel):
+        raise ValueError(
+            "The given vision_model is an open_clip tower, and the config's vision_backend is 'clip': give a config "
+            "with vision_backend='open_clip' and the tower's open_clip_model_cfg (vision_model.model_cfg)."
+        )
     tower_config = vision_tower_config(vision_model.config)
     try:
         resolve_vision_pooling(tower_config, config.vision_pooling)
     except ValueError as error:
         raise ValueError(f"The given vision_model does not fit the config: {error} {_BUILD_FROM_TOWER}") from None
     model_class, options = _vision_tower_class(tower_config, config.vision_pooling)
-    if model_class is not AutoModel and not isinstance(vision_model, model_class):  # CLIP's tower without projection
+    # The class loading the saved folder builds: a model with a head (ViTForImageClassification) or a whole SigLIP
+    # would otherwise be taken, fail at its first image, and come back as a tower without its weights.
+    tower_class = MODEL_MAPPING[type(tower_config)] if model_class is AutoModel else model_class
+    if not isinstance(vision_model, tower_class):
         raise ValueError(
             f"The given vision_model is a {type(vision_model).__name__}, and vision_pooling="
-            f"{config.vision_pooling!r} reads a {model_class.__name__}'s image embeddings. {_BUILD_FROM_TOWER}"
+            f"{config.vision_pooling!r} reads a {tower_class.__name__}'s image embeddings: give a "
+            f"{tower_class.__name__} (an image classifier's is its `.vit` or `.dinov2`). " + _BUILD_FROM_TOWER
         )
     if options.get("add_pooling_layer") and getattr(vision_model, "pooler", None) is None:
         raise ValueError(
@@ -408,9 +442,11 @@ def load_pretrained_vision_model(
     vision_backend: str = "clip",
     open_clip_pretrained: str | None = None,
     vision_pooling: str | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[nn.Module, dict[str, Any]]:
     r"""
-    A pretrained image tower, and the [`ClipCapConfig`] fields that describe it.
+    A pretrained image tower in `dtype` (not the checkpoint's own, which transformers 5 keeps by default), and the
+    [`ClipCapConfig`] fields that describe it.
 
     Args:
         vision_model_name_or_path (`str`):
@@ -438,7 +474,7 @@ def load_pretrained_vision_model(
             raise ValueError(f"{vision_model_name_or_path!r}: {error}") from error
         model_class, options = _vision_tower_class(vision_config, vision_pooling)
         vision_model, loading_info = model_class.from_pretrained(
-            vision_model_name_or_path, config=vision_config, output_loading_info=True, **options
+            vision_model_name_or_path, config=vision_config, output_loading_info=True, dtype=dtype, **options
         )
         # transformers builds the tower from any checkpoint and only reports the weights it lacked; a tower without its
         # pretrained weights would then be frozen at random.
@@ -454,7 +490,7 @@ def load_pretrained_vision_model(
     model_cfg = resolve_open_clip_model(vision_model_name_or_path, open_clip_pretrained)[0]
     vision_model = ClipCapOpenClipVisionModel.from_open_clip_pretrained(
         vision_model_name_or_path, open_clip_pretrained, model_cfg
-    )
+    ).to(dtype)
     vision_fields = {
         "vision_backend": "open_clip",
         "open_clip_model_name": vision_model_name_or_path,
@@ -575,9 +611,10 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 vision_model = ClipCapOpenClipVisionModel(config.open_clip_model_cfg)
             else:
                 vision_model = build_vision_tower(config.vision_config, config.vision_pooling)
-        elif config.vision_backend == "clip":
+        else:
             _check_given_vision_model(vision_model, config)
-            config.vision_config = vision_model.config
+            if config.vision_backend == "clip":
+                config.vision_config = vision_model.config
         if language_model is None:
             language_model = AutoModelForCausalLM.from_config(config.text_config)
         else:
@@ -642,11 +679,12 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         prefix_length: int = 10,
         vision_backend: str = "clip",
         open_clip_pretrained: str | None = None,
+        dtype: torch.dtype = torch.float32,
         **config_kwargs,
     ) -> "ClipCapForConditionalGeneration":
         r"""
         Build a new ClipCap, ready to train, from a pretrained vision tower and a pretrained causal language model;
-        only the mapping network starts from random weights.
+        only the mapping network starts from random weights. The whole model is in `dtype`.
 
         Args:
             vision_model_name_or_path (`str`):
@@ -661,6 +699,10 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 `"clip"` (transformers' CLIP) or `"open_clip"`.
             open_clip_pretrained (`str`, *optional*):
                 open_clip backend: the pretrained tag, e.g. `"openai"`.
+            dtype (`torch.dtype`, *optional*, defaults to `torch.float32`):
+                The dtype of the whole model. Each part is loaded in it, not in its checkpoint's own dtype (which
+                transformers 5 keeps by default: a bf16 tower beside an fp32 mapper saved a model that loaded back
+                all in bf16).
             mapping_type, prefix_length, **config_kwargs:
                 The remaining [`ClipCapConfig`] fields (`clip_length`, `mapping_num_layers`, `normalize_prefix`...).
                 `image_token_id` defaults to the first id after the language model's vocabulary, the id
@@ -685,11 +727,17 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         ```
         """
         vision_model, vision_fields = load_pretrained_vision_model(
-            vision_model_name_or_path, vision_backend, open_clip_pretrained, config_kwargs.pop("vision_pooling", None)
+            vision_model_name_or_path,
+            vision_backend,
+            open_clip_pretrained,
+            config_kwargs.pop("vision_pooling", None),
+            dtype=dtype,
         )
         _check_local_path(text_model_name_or_path, "language model")
         text_model_name_or_path = local_folder(text_model_name_or_path)
-        language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, trust_remote_code=False)
+        language_model = AutoModelForCausalLM.from_pretrained(
+            text_model_name_or_path, trust_remote_code=False, dtype=dtype
+        )
         # Building a composite config resets its sub-configs' attention implementation (transformers 4.x); the parts
         # are built already and keep theirs.
         attn_implementation = {"text_config": language_model.config._attn_implementation}
@@ -703,7 +751,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             attn_implementation=attn_implementation,
             **config_kwargs,
         )
-        return cls(config, vision_model=vision_model, language_model=language_model)
+        return cls(config, vision_model=vision_model, language_model=language_model).to(dtype)  # the mapper too
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> "ClipCapForConditionalGeneration":
@@ -824,6 +872,12 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         # SigLIP2 (NaFlex) reads a sequence of flattened patches, row by row, each patch's pixels channels-last, as its
         # image processor lays them out; every patch of the square image is real (no padding).
         patch = self.config.vision_config.patch_size
+        if pixel_values.dim() != 4 or pixel_values.shape[2] % patch or pixel_values.shape[3] % patch:
+            raise ValueError(  # checked here: the patching below would fail on a reshape, naming no input
+                f"`pixel_values` must have shape (batch_size, 3, height, width) with sides that are multiples of the "
+                f"SigLIP2 tower's patch size ({patch}), got {tuple(pixel_values.shape)}; make them with this model's "
+                "processor, at its size."
+            )
         batch, channels, height, width = pixel_values.shape
         patches = pixel_values.reshape(batch, channels, height // patch, patch, width // patch, patch)
         patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // patch) * (width // patch), -1)

@@ -169,7 +169,13 @@ class ClipCapOpenClipVisionModel(nn.Module):
             from open_clip.model import _build_vision_tower
 
             visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], model_cfg["quick_gelu"])
+        # Buffers that timm towers compute in their constructor and keep out of the state dict (EVA's rotary tables,
+        # Swin's relative position indices) are saved with the weights: transformers 5 builds a model on the meta
+        # device and leaves such buffers uninitialised when it loads one, which gave NaN embeddings.
+        for module in visual.modules():
+            module._non_persistent_buffers_set.clear()
         self.visual = visual
+        self.model_cfg = model_cfg  # what a ClipCap config must hold to be saved with this tower
 
     @classmethod
     def from_open_clip_pretrained(

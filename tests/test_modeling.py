@@ -521,6 +521,43 @@ def test_a_given_vision_tower_that_gives_other_image_embeddings_than_the_mapper_
         ClipCapForConditionalGeneration(pooled, vision_model=ViTModel(vit_config, add_pooling_layer=False))
     assert ClipCapForConditionalGeneration(pooled, vision_model=ViTModel(vit_config)).config.prefix_dim == 32
     assert config.vision_config.projection_dim == 24  # the config was left as it was
+    # A model with a head, or a whole SigLIP, around the tower the config describes: taken, they failed at their
+    # first image, and the saved folder loaded back a tower without its weights.
+    from transformers import SiglipConfig, SiglipModel, ViTForImageClassification
+
+    cls = ClipCapConfig(vision_config=vit_config, vision_pooling="cls", text_config=config.text_config,
+                        prefix_length=config.prefix_length, image_token_id=config.image_token_id)
+    siglip = SiglipModel(SiglipConfig(vision_config=tower, text_config={"hidden_size": 32, "intermediate_size": 64,
+                                                                        "num_hidden_layers": 1,
+                                                                        "num_attention_heads": 4}))
+    siglip_config = ClipCapConfig(vision_config=siglip.config.vision_config, text_config=config.text_config,
+                                  prefix_length=config.prefix_length, image_token_id=config.image_token_id)
+    classifier = ViTForImageClassification(vit_config)
+    for wrapped, kind, tower in ((classifier, cls, classifier.vit),
+                                 (siglip, siglip_config, SiglipVisionModel(siglip.config.vision_config))):
+        wanted = type(tower).__name__
+        with pytest.raises(ValueError, match=rf"is a {type(wrapped).__name__}, and vision_pooling='(cls|pooled)' "
+                                             rf"reads a {wanted}'s image embeddings: give a {wanted}"):
+            ClipCapForConditionalGeneration(kind, vision_model=wrapped)
+        ClipCapForConditionalGeneration(kind, vision_model=tower)  # the tower itself fits
+
+
+def test_a_vit_pooler_of_another_width_sets_the_prefix_width(tokenizer, tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    vit_config = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                           image_size=32, patch_size=8, pooler_output_size=48)
+    config = ClipCapConfig(vision_config=vit_config, vision_pooling="pooled", text_config=tiny_config(tokenizer)
+                           .text_config, prefix_length=4)
+    assert config.prefix_dim == 48  # was the hidden size: the first image failed on a shape mismatch
+    model = ClipCapForConditionalGeneration(config, vision_model=ViTModel(vit_config)).eval()
+    pixel_values = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert model.get_prefix_embeds(pixel_values=pixel_values).shape == (2, 4, 32)
+    model.save_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(ClipCapForConditionalGeneration.from_pretrained(tmp_path).get_image_embeds(
+            pixel_values), model.get_image_embeds(pixel_values))
 
 
 def test_language_model_whose_embeddings_differ_from_its_config_is_refused(tokenizer):

@@ -274,6 +274,52 @@ def test_saved_folder_rebuilds_the_tower_without_open_clip_weights(tmp_path, mon
     assert not any(parameter.requires_grad for parameter in loaded.vision_model.parameters())
 
 
+def test_a_timm_tower_s_computed_buffers_survive_a_round_trip(tmp_path):
+    # EVA02's rotary tables are buffers timm computes and keeps out of the state dict: transformers 5, which builds the
+    # loaded model on the meta device, left them uninitialised, and the embeddings came back NaN.
+    model_cfg = {"embed_dim": 32, "vision_cfg": {"timm_model_name": "eva02_tiny_patch14_224", "image_size": 224,
+                                                 "timm_model_pretrained": False, "timm_pool": "token",
+                                                 "timm_proj": "linear"}}
+    config = ClipCapConfig(vision_backend="open_clip", open_clip_model_cfg=model_cfg, text_config=tiny_gpt2_config(),
+                           prefix_length=3)
+    torch.manual_seed(0)
+    model = ClipCapForConditionalGeneration(config).eval()
+    rotary = {name: buffer for name, buffer in model.named_buffers() if "rope" in name}
+    assert rotary and all(name in model.state_dict() for name in rotary)
+    model.save_pretrained(tmp_path)
+    loaded = ClipCapForConditionalGeneration.from_pretrained(tmp_path).eval()
+    for name, buffer in loaded.named_buffers():
+        if name in rotary:
+            torch.testing.assert_close(buffer, rotary[name], rtol=0, atol=0)
+    pixel_values = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.get_image_embeds(pixel_values), model.get_image_embeds(pixel_values))
+
+
+def test_a_given_tower_of_another_backend_or_model_config_is_refused(tokenizer):
+    # Accepted, they failed at their first image (an AttributeError), or saved a folder that did not load.
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    vit_config = open_clip_config("vit")
+    resnet = ClipCapOpenClipVisionModel(open_clip_config("resnet").open_clip_model_cfg)
+    with pytest.raises(ValueError, match=r"^The given open_clip vision_model was built from another model config than "
+                                         r"the config's `open_clip_model_cfg`; the folder saved with it would not"):
+        ClipCapForConditionalGeneration(vit_config, vision_model=resnet)
+    clip_tower = CLIPVisionModelWithProjection(CLIPVisionConfig(hidden_size=32, intermediate_size=64,
+                                                                num_hidden_layers=1, num_attention_heads=4,
+                                                                image_size=32, patch_size=8, projection_dim=24))
+    with pytest.raises(ValueError, match=r"^The given vision_model is a CLIPVisionModelWithProjection, and the "
+                                         r"config's vision_backend is 'open_clip'"):
+        ClipCapForConditionalGeneration(vit_config, vision_model=clip_tower)
+    clip_config = ClipCapConfig(vision_config=clip_tower.config, text_config=tiny_gpt2_config(), prefix_length=3)
+    with pytest.raises(ValueError, match=r"^The given vision_model is an open_clip tower, and the config's "
+                                         r"vision_backend is 'clip'"):
+        ClipCapForConditionalGeneration(clip_config, vision_model=resnet)
+    model = ClipCapForConditionalGeneration(vit_config, vision_model=ClipCapOpenClipVisionModel(
+        vit_config.open_clip_model_cfg))  # its own config fits
+    assert model.get_image_embeds(torch.randn(1, 3, 32, 32)).shape == (1, 24)
+
+
 def test_frozen_open_clip_tower_keeps_its_batch_norm_statistics_in_training():
     clip = tiny_open_clip("resnet")
     config = open_clip_config("resnet")

@@ -209,6 +209,46 @@ def test_vit_without_a_pooler_loads_for_cls_and_names_the_fix_for_pooled(text_di
                                                                     vision_pooling="pooled")
 
 
+def test_a_tower_saved_in_bf16_gives_a_model_of_one_dtype_that_round_trips(text_dir, tmp_path):
+    # transformers 5 loads a checkpoint in its own dtype by default: a bf16 tower beside an fp32 mapper and language
+    # model was saved as a "bfloat16" model, and loaded back all in bf16.
+    torch.manual_seed(0)
+    model, _, _ = _clip()
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "clip")
+    pixel_values = torch.randn(1, 3, 32, 32)
+    for dtype in (torch.float32, torch.bfloat16):
+        built = ClipCapForConditionalGeneration.from_vision_text_pretrained(
+            str(tmp_path / "clip"), str(text_dir), prefix_length=4, dtype=dtype
+        ).eval()
+        assert {parameter.dtype for parameter in built.parameters()} == {dtype}
+        built.save_pretrained(tmp_path / f"built-{dtype}")
+        # (Loaded by default, fp32 on transformers 4.57, what config.json says on 5, unless asked for bf16.)
+        asked = {} if dtype == torch.float32 else {"dtype": dtype}
+        loaded = ClipCapForConditionalGeneration.from_pretrained(tmp_path / f"built-{dtype}", **asked).eval()
+        assert {parameter.dtype for parameter in loaded.parameters()} == {dtype}
+        with torch.no_grad():
+            prefix = built.get_prefix_embeds(pixel_values=pixel_values.to(dtype))
+            torch.testing.assert_close(loaded.get_prefix_embeds(pixel_values=pixel_values.to(dtype)), prefix)
+
+
+def test_siglip2_pixels_that_do_not_cut_into_patches_are_named(tokenizer):
+    # The model cuts SigLIP2's pixels into patches itself; a reshape failed there, naming no input.
+    from transformers import GPT2Config, Siglip2VisionConfig
+
+    config = ClipCapConfig(vision_config=Siglip2VisionConfig(**VISION, num_patches=16),
+                           text_config=GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tokenizer)),
+                           prefix_length=4)
+    model = ClipCapForConditionalGeneration(config).eval()
+    assert model.get_image_embeds(torch.randn(2, 3, 32, 32)).shape == (2, 32)
+    for shape in ((1, 3, 50, 50), (3, 32, 32)):
+        with pytest.raises(ValueError) as error:
+            model.get_image_embeds(torch.randn(shape))
+        assert str(error.value) == (
+            "`pixel_values` must have shape (batch_size, 3, height, width) with sides that are multiples of the "
+            f"SigLIP2 tower's patch size (8), got {shape}; make them with this model's processor, at its size."
+        )
+
+
 # The errors name the field, the value given and what to give instead; the rest of their wording is free.
 @pytest.mark.parametrize(
     "kwargs, message",
