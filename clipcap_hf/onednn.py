@@ -61,12 +61,6 @@ def _has_mkldnn_op(name: str) -> bool:
     return True
 
 
-def _cpu_autocast_enabled() -> bool:
-    try:
-        return torch.is_autocast_enabled("cpu")
-    except TypeError:  # torch < 2.4 takes no device type
-        return torch.is_autocast_cpu_enabled()
-
 
 def _is_plain_cpu_float(tensor: object) -> bool:
     # Plain tensors and parameters only: subclasses (DTensor, quantized weights, ...) keep their own kernels.
@@ -168,7 +162,7 @@ class _RoutedForward:
         if (
             not self.is_open
             or torch.is_grad_enabled()
-            or _cpu_autocast_enabled()
+            or torch.is_autocast_enabled("cpu")
             # Inside a graph `torch.compile` traces, its backend picks the kernels.
             or torch.compiler.is_compiling()
             # Forward-mode AD (`torch.func.jvp`, dual tensors): oneDNN's kernel has no tangent formula.
