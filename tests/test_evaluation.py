@@ -822,3 +822,16 @@ def test_metadata_csv_errors_name_the_line_of_the_row(coco_files, text, line):
         load_caption_dataset("imagefolder", folder)
     assert str(refused.value) == (
         f"{folder / 'metadata.csv'}: line {line} (3.png) has an empty caption ('   '); every caption needs some text.")
+
+
+def test_captioning_images_given_one_row_per_caption_names_a_repeated_image_id(coco_files):
+    from clipcap_hf.evaluation.evaluate import caption_images
+
+    annotations, image_root = coco_files
+    rows = load_caption_dataset("coco", annotations, image_root=image_root)  # a row per caption, not per image
+    with pytest.raises(ValueError) as error:
+        caption_images(None, None, rows)  # refused before any model is used
+    assert str(error.value) == (
+        "image_id 1 is on several rows of `images`, which must hold one row per image: give "
+        "group_by_image(dataset) (each image once, with its references)."
+    )

@@ -7,6 +7,7 @@ import itertools
 import json
 import os
 import warnings
+from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -239,7 +240,11 @@ def caption_images(
     """
     image_ids = images["image_id"]
     if len(set(image_ids)) != len(image_ids):
-        raise ValueError("The dataset gives one image_id to several image files; image ids must be unique.")
+        repeated = next(image_id for image_id, count in Counter(image_ids).items() if count > 1)
+        raise ValueError(
+            f"image_id {repeated!r} is on several rows of `images`, which must hold one row per image: give "
+            "group_by_image(dataset) (each image once, with its references)."
+        )
     batches = iter_captions(model, processor, images["image_path"], batch_size, **generate_kwargs)
     # Closed when done: `zip` stops at the last image id without running the generator to its end.
     with contextlib.closing(batches):
