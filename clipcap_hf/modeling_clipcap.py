@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors import SafetensorError
 from torch import nn
 from transformers import (
+    CONFIG_MAPPING,
     MODEL_MAPPING,
     AutoConfig,
     AutoModel,
@@ -409,12 +410,14 @@ def _check_given_vision_model(vision_model: nn.Module, config: ClipCapConfig) ->
     model_class, options = _vision_tower_class(tower_config, config.vision_pooling)
     # The class loading the saved folder builds: a model with a head (ViTForImageClassification) or a whole SigLIP
     # would otherwise be taken, fail at its first image, and come back as a tower without its weights.
-    tower_class = MODEL_MAPPING[type(tower_config)] if model_class is AutoModel else model_class
+    # (By model type: a config subclass of the user's own loads back as the type's config and tower.)
+    tower_class = MODEL_MAPPING[CONFIG_MAPPING[tower_config.model_type]] if model_class is AutoModel else model_class
     if not isinstance(vision_model, tower_class):
         raise ValueError(
             f"The given vision_model is a {type(vision_model).__name__}, and vision_pooling="
             f"{config.vision_pooling!r} reads a {tower_class.__name__}'s image embeddings: give a "
-            f"{tower_class.__name__} (an image classifier's is its `.vit` or `.dinov2`). " + _BUILD_FROM_TOWER
+            f"{tower_class.__name__} (an image classifier's is its `.vit` or `.dinov2`; compile or wrap the whole "
+            "model, not its tower). " + _BUILD_FROM_TOWER
         )
     if options.get("add_pooling_layer") and getattr(vision_model, "pooler", None) is None:
         raise ValueError(
@@ -758,8 +761,10 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         # No code of the folder runs unless asked for: transformers' default would ask at a terminal.
         kwargs.setdefault("trust_remote_code", False)
         name = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        asked_for_loading_info = kwargs.get("output_loading_info", False)
+        kwargs["output_loading_info"] = True  # its missing keys are read below
         try:
-            loaded = super().from_pretrained(*args, **kwargs)
+            model, loading_info = super().from_pretrained(*args, **kwargs)
         except SafetensorError as error:  # a weights file cut short (an interrupted download or copy) or corrupt
             raise OSError(
                 f"{name}: the weights (model.safetensors) cannot be read ({error}); the file is truncated or corrupt. "
@@ -776,8 +781,13 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             if str(name) in str(error):
                 raise
             raise ValueError(f"{name}: {error}") from error
+        # An open_clip tower's computed buffers a folder lacks (saved before they were saved, or with a tower given
+        # ready-made) would stay uninitialised on transformers 5: computed again.
+        if isinstance(model.vision_model, ClipCapOpenClipVisionModel):
+            missing = {key.removeprefix("vision_model.") for key in loading_info["missing_keys"]}
+            if uncomputed := sorted(missing & model.vision_model.computed_buffers):
+                model.vision_model.recompute_buffers(uncomputed)
         # Loading replaces the parameters (with requires_grad=True); the vision tower stays frozen by default.
-        model = loaded[0] if isinstance(loaded, tuple) else loaded  # a tuple with output_loading_info=True
         if model.config.image_token_id is None:
             # Saved before image tokens existed: the token takes the first free id, the one the processor's tokenizer
             # gives it when it adds the token (their vocabularies are the same size).
@@ -787,7 +797,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                         model.config.image_token_id)
         model.freeze_vision_model()
         model._set_generation_defaults()  # a saved generation config replaced the one __init__ completed
-        return loaded
+        return (model, loading_info) if asked_for_loading_info else model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
         # A model that utils/quantization.py converted for inference (its CONVERTED_FOR_INFERENCE, written out: this
@@ -1308,6 +1318,10 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                                    device=images.device)
             attention_mask = torch.ones_like(input_ids)
         prompt = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+        if hasattr(kwargs.get("tokenizer"), "tokenizer"):  # a processor given for `stop_strings`: its tokenizer
+            kwargs["tokenizer"] = kwargs["tokenizer"].tokenizer
+        if input_ids is not None:
+            self._guide_without_the_image(input_ids, kwargs)
         if prompt is not None:
             if images is not None:
                 self._check_no_chunked_prefill(kwargs)
@@ -1323,6 +1337,25 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 attention_mask=attention_mask,
                 **kwargs,
             )
+
+    def _guide_without_the_image(self, input_ids: torch.LongTensor, kwargs: dict) -> None:
+        """
+        Classifier-free guidance (`guidance_scale`) reads each row's last input token alone unless given
+        `negative_prompt_ids`: a row without a prompt ends with an image token, which the model refuses without its
+        image. The start token (BOS, else the first EOS) stands in for it, so that such a row's caption is guided
+        against a caption of no image.
+        """
+        generation_config = kwargs.get("generation_config") or self.generation_config
+        scale = kwargs.get("guidance_scale", generation_config.guidance_scale)
+        if scale is None or scale == 1 or kwargs.get("negative_prompt_ids") is not None:
+            return
+        start = generation_config.bos_token_id
+        if start is None:
+            eos = generation_config.eos_token_id
+            start = eos[0] if isinstance(eos, list) and eos else eos
+        if start is not None:
+            last = input_ids[:, -1:]
+            kwargs["negative_prompt_ids"] = last.masked_fill(last == self.config.image_token_id, start)
 
     def _check_no_chunked_prefill(self, kwargs: dict) -> None:
         """
@@ -1473,6 +1506,11 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 or not kwargs.get("use_cache", True)
                 or (cache is not None and cache.get_seq_length() == 0)
             )
+            if first_step and kwargs.get("use_cache", True) and cache is not None and cache.get_seq_length() > 0:
+                # A call continuing a cache that read the image already (marked first all the same): the image goes
+                # in only if this step holds image tokens.
+                step_ids = model_inputs.get("input_ids")
+                first_step = step_ids is not None and bool((step_ids == self.config.image_token_id).any())
         else:  # transformers 4.57 counts positions from 0 on every step without a cache
             cache_position = kwargs.get("cache_position")
             first_step = cache_position is None or int(cache_position[0]) == 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -163,19 +164,42 @@ class ClipCapOpenClipVisionModel(nn.Module):
 
     def __init__(self, model_cfg: dict[str, Any], visual: nn.Module | None = None):
         super().__init__()
-        if visual is None:
+        built_here = visual is None
+        if built_here:
             import_open_clip()
             # open_clip builds towers with this function in `CLIP.__init__`; calling it directly skips the text tower.
             from open_clip.model import _build_vision_tower
 
             visual = _build_vision_tower(model_cfg["embed_dim"], model_cfg["vision_cfg"], model_cfg["quick_gelu"])
-        # Buffers that timm towers compute in their constructor and keep out of the state dict (EVA's rotary tables,
-        # Swin's relative position indices) are saved with the weights: transformers 5 builds a model on the meta
-        # device and leaves such buffers uninitialised when it loads one, which gave NaN embeddings.
-        for module in visual.modules():
-            module._non_persistent_buffers_set.clear()
         self.visual = visual
-        self.model_cfg = model_cfg  # what a ClipCap config must hold to be saved with this tower
+        # What a ClipCap config must hold to be saved with this tower, as the config keeps it.
+        self.model_cfg = vision_part_of_model_cfg(model_cfg, "the open_clip tower's model config")
+        # Buffers that timm towers compute in their constructor and keep out of the state dict (EVA's and PE-Core's
+        # rotary tables, Swin's relative position indices), by name. transformers 5 builds a model on the meta device
+        # and leaves such buffers uninitialised when it loads one (NaN embeddings): a tower built here saves them
+        # with its weights, and a folder without them gets them computed again (`recompute_buffers`).
+        self.computed_buffers = frozenset(name for name, _ in self.named_buffers() if name not in self.state_dict())
+        if built_here:
+            self._save_computed_buffers()
+
+    def _save_computed_buffers(self) -> None:
+        """Put the computed buffers in the state dict: in this tower's own modules only, never a caller's."""
+        for module in self.visual.modules():
+            module._non_persistent_buffers_set.clear()
+
+    def recompute_buffers(self, names: Sequence[str]) -> None:
+        """
+        Compute the buffers `names` (of `computed_buffers`) again, as the tower's constructor does: from a new tower
+        built on the CPU from the same config (the cost of one random initialisation of the tower).
+        """
+        with torch.device("cpu"):
+            fresh = dict(ClipCapOpenClipVisionModel(self.model_cfg).named_buffers())
+        for name in names:
+            module_name, _, buffer_name = name.rpartition(".")
+            module = self.get_submodule(module_name)
+            current = getattr(module, buffer_name)
+            value = fresh[name].to(current.device)
+            module._buffers[buffer_name] = value.to(current.dtype) if value.is_floating_point() else value
 
     @classmethod
     def from_open_clip_pretrained(
@@ -207,7 +231,9 @@ class ClipCapOpenClipVisionModel(nn.Module):
                 "Without network access, give a folder holding open_clip_config.json and the weights "
                 "(open_clip_model.safetensors) as local-dir:PATH."
             ) from error
-        return cls(model_cfg, visual=clip_model.visual)
+        tower = cls(model_cfg, visual=clip_model.visual)
+        tower._save_computed_buffers()  # its CLIP is this method's own, and goes with it
+        return tower
 
     @property
     def dtype(self) -> torch.dtype:

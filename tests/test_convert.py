@@ -780,7 +780,10 @@ def test_a_failed_part_keeps_its_built_in_error_type(tmp_path, tokenizer, local_
         convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
 
 
-@pytest.mark.parametrize("part, option, files", [("tokenizer", "tokenizer", "tokenizer_config.json or tokenizer.json"),
+TOKENIZER_FILES = "tokenizer_config.json or tokenizer.json or vocab.json or tokenizer.model"
+
+
+@pytest.mark.parametrize("part, option, files", [("tokenizer", "tokenizer", TOKENIZER_FILES),
                                                   ("vision model", "vision_model", "config.json")])
 def test_a_local_part_that_is_no_such_folder_is_named_with_its_option(tmp_path, tokenizer, local_parts, part, option,
                                                                       files):
@@ -812,18 +815,36 @@ def test_an_open_clip_name_with_the_clip_backend_is_refused(tmp_path, tokenizer,
     )
 
 
-@pytest.mark.parametrize("extra_rows", [8, -1])
-def test_a_tokenizer_of_another_size_than_the_vocabulary_is_refused(tmp_path, tokenizer, local_parts, extra_rows):
-    # A smaller tokenizer would have put the image token (id len(tokenizer)) on one of the checkpoint's token rows.
-    vocab_size = len(tokenizer) + extra_rows
-    checkpoint = save_release(OriginalClipCaptionModel("mlp", vocab_size), tmp_path / "release.pt")
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused_and_a_padded_vocabulary_converted(
+    tmp_path, tokenizer, local_parts, caplog
+):
+    checkpoint = save_release(OriginalClipCaptionModel("mlp", len(tokenizer) - 1), tmp_path / "release.pt")
     with pytest.raises(ValueError) as error:
         convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
     assert str(error.value) == (
         f"The tokenizer {local_parts['mlp']['tokenizer']!r} has {len(tokenizer)} tokens but the checkpoint's GPT-2 "
-        f"embeds {vocab_size}; use the tokenizer the checkpoint was trained with (GPT-2's)."
+        f"embeds only {len(tokenizer) - 1}; use the tokenizer the checkpoint was trained with (GPT-2's)."
     )
     assert_nothing_written(tmp_path / "out")
+    # A vocabulary padded past the tokenizer's (to a multiple of 64, say): the image token takes a row no token uses.
+    checkpoint = save_release(OriginalClipCaptionModel("mlp", len(tokenizer) + 8), tmp_path / "padded.pt")
+    with caplog.at_level("WARNING", logger="clipcap_hf.conversion.convert_original"):
+        report = convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
+    assert report.config.image_token_id == len(tokenizer)
+    assert f"the image token takes row {len(tokenizer)}, which no token of this tokenizer uses" in caplog.text
+
+
+def test_a_tokenizer_folder_of_gpt2_s_older_layout_converts(tmp_path, tokenizer, local_parts):
+    # vocab.json and merges.txt beside a config.json, no tokenizer_config.json: AutoTokenizer reads it.
+    folder = tmp_path / "gpt2"
+    folder.mkdir()
+    tokenizer.backend_tokenizer.model.save(str(folder))
+    GPT2Config(n_layer=1, n_embd=N_EMBD, n_head=1, vocab_size=len(tokenizer)).save_pretrained(folder)
+    assert sorted(path.name for path in folder.iterdir()) == ["config.json", "merges.txt", "vocab.json"]
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    report = convert_original_checkpoint(checkpoint, tmp_path / "out", vision_model=local_parts["mlp"]["vision_model"],
+                                         tokenizer=str(folder))
+    assert report.config.image_token_id == len(tokenizer)
 
 
 @pytest.mark.parametrize("option", ["tokenizer", "vision_model"])

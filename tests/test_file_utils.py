@@ -204,3 +204,30 @@ def test_the_umask_mode_is_given_to_saved_files_not_to_what_a_link_points_at(tmp
         os.umask(previous)
     assert stat.S_IMODE((saved / "model.safetensors").stat().st_mode) == 0o644
     assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+
+
+def test_entries_that_cannot_be_put_back_are_named_and_kept(tmp_path, monkeypatch):
+    import os
+
+    volume = tmp_path / "volume"
+    volume.mkdir()
+    (volume / "model.safetensors").write_text("earlier")
+    monkeypatch.setattr(file_utils.os.path, "ismount", lambda path: os.fspath(path) == os.fspath(volume))
+    replace = os.replace
+
+    def stopped_then_unable_to_put_back(source, target):
+        if os.path.dirname(source).endswith(".partial") and os.path.basename(source) == "model.safetensors":
+            raise KeyboardInterrupt  # the new entry moving in
+        if os.path.dirname(source).endswith(".old"):
+            raise OSError(5, "Input/output error")  # the earlier one going back
+        replace(source, target)
+
+    monkeypatch.setattr(file_utils.os, "replace", stopped_then_unable_to_put_back)
+    with pytest.raises(OSError) as error:
+        file_utils.write_folder_atomically(volume, _write_model({"model.safetensors": "new"}))
+    aside = next(volume.glob(".*.old"))
+    assert str(error.value) == (
+        f"Could not put back the entries of {volume} after KeyboardInterrupt ([Errno 5] Input/output error): they "
+        f"are in {aside}; move them back by hand."
+    )
+    assert (aside / "model.safetensors").read_text() == "earlier"  # kept, not deleted with the staging folder

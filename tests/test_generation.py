@@ -9,6 +9,7 @@ from conftest import greedy_loop, tiny_config, tiny_model, tiny_processor
 from transformers import GenerationConfig, LlamaConfig
 
 from clipcap_hf.modeling_clipcap import (
+    CACHE_NAME,
     DEFAULT_MAX_NEW_TOKENS,
     ClipCapForConditionalGeneration,
     ClipCapForImageToText,
@@ -212,6 +213,53 @@ def test_left_padded_prompts_equal_prompts_alone(model, processor):
         # The scores too: a mask that let the padding in would change them before it changed the tokens.
         for batched_step, alone_step in zip(out.scores, alone.scores):
             torch.testing.assert_close(batched_step[row], alone_step[0], atol=1e-4, rtol=1e-4)
+
+
+def test_guidance_without_a_prompt_guides_against_a_caption_of_no_image(mlp_model, processor):
+    # transformers' classifier-free guidance reads each row's last input token alone: an image token without its image,
+    # which the model refused ("`input_ids` hold image tokens but no image was given").
+    x = embeds(mlp_model, 2)
+    start = mlp_model.generation_config.bos_token_id
+    bare = processor(text=["", ""])
+    guided = mlp_model.generate(image_embeds=x, **bare, guidance_scale=1.5, max_new_tokens=5, min_new_tokens=5)
+    against_start = mlp_model.generate(image_embeds=x, **bare, guidance_scale=1.5, max_new_tokens=5,
+                                       min_new_tokens=5, negative_prompt_ids=torch.tensor([[start], [start]]))
+    assert guided.tolist() == against_start.tolist()
+    assert guided.tolist() != mlp_model.generate(image_embeds=x, **bare, max_new_tokens=5, min_new_tokens=5).tolist()
+    # With a prompt in one row, that row is guided against its last prompt token, as transformers does.
+    mixed = processor(text=["", "A dog"])
+    last = mixed["input_ids"][:, -1:].masked_fill(mixed["input_ids"][:, -1:] == mlp_model.config.image_token_id, start)
+    assert mlp_model.generate(image_embeds=x, **mixed, guidance_scale=1.5, max_new_tokens=5).tolist() == (
+        mlp_model.generate(image_embeds=x, **mixed, guidance_scale=1.5, max_new_tokens=5,
+                           negative_prompt_ids=last).tolist()
+    )
+
+
+def test_a_call_continuing_a_returned_cache_with_the_image_again_continues_the_caption(mlp_model, processor):
+    # transformers 5 marks a continuing call's first step first: the image went in with no image tokens and was refused.
+    import copy
+
+    inputs = processor(text="A dog")
+    x = embeds(mlp_model, 1)
+    whole = mlp_model.generate(image_embeds=x, **inputs, max_new_tokens=8, min_new_tokens=8)
+    first = mlp_model.generate(image_embeds=x, **inputs, max_new_tokens=4, min_new_tokens=4,
+                               return_dict_in_generate=True)
+    cache = {CACHE_NAME: copy.deepcopy(getattr(first, CACHE_NAME))}
+    rest = mlp_model.generate(image_embeds=x, input_ids=first.sequences, attention_mask=torch.ones_like(
+        first.sequences), max_new_tokens=4, min_new_tokens=4, **cache)
+    assert rest.tolist() == whole.tolist()
+
+
+def test_stop_strings_take_the_processor_as_the_tokenizer(mlp_model, processor):
+    x = embeds(mlp_model, 1)
+    free = mlp_model.generate(image_embeds=x, **processor(text=""), max_new_tokens=8, min_new_tokens=8)
+    caption = processor.decode(caption_tokens(mlp_model, free)[0])
+    stop = caption[len(caption) // 2 :][:2]  # a string the free caption reaches midway
+    assert stop.strip()
+    stopped = mlp_model.generate(image_embeds=x, **processor(text=""), max_new_tokens=8, stop_strings=stop,
+                                 tokenizer=processor)  # was an AttributeError: no get_vocab
+    assert stopped.shape[1] < free.shape[1]
+    assert processor.decode(caption_tokens(mlp_model, stopped)[0]).endswith(stop)
 
 
 def test_generate_rejects_inputs_that_do_not_match_the_images(mlp_model, processor):

@@ -533,13 +533,20 @@ def test_a_given_vision_tower_that_gives_other_image_embeddings_than_the_mapper_
     siglip_config = ClipCapConfig(vision_config=siglip.config.vision_config, text_config=config.text_config,
                                   prefix_length=config.prefix_length, image_token_id=config.image_token_id)
     classifier = ViTForImageClassification(vit_config)
-    for wrapped, kind, tower in ((classifier, cls, classifier.vit),
-                                 (siglip, siglip_config, SiglipVisionModel(siglip.config.vision_config))):
-        wanted = type(tower).__name__
+    for wrapped, kind, fitting in ((classifier, cls, classifier.vit),
+                                   (siglip, siglip_config, SiglipVisionModel(siglip.config.vision_config))):
+        wanted = type(fitting).__name__
         with pytest.raises(ValueError, match=rf"is a {type(wrapped).__name__}, and vision_pooling='(cls|pooled)' "
                                              rf"reads a {wanted}'s image embeddings: give a {wanted}"):
             ClipCapForConditionalGeneration(kind, vision_model=wrapped)
-        ClipCapForConditionalGeneration(kind, vision_model=tower)  # the tower itself fits
+        ClipCapForConditionalGeneration(kind, vision_model=fitting)  # the tower itself fits
+    # A config class of the user's own, of a known model type, is looked up by its type (was a bare KeyError).
+    class OwnViTConfig(ViTConfig):
+        pass
+
+    own = ClipCapConfig(vision_config=OwnViTConfig(**tower), vision_pooling="cls", text_config=config.text_config,
+                        prefix_length=config.prefix_length, image_token_id=config.image_token_id)
+    ClipCapForConditionalGeneration(own, vision_model=ViTModel(OwnViTConfig(**tower)))
 
 
 def test_a_vit_pooler_of_another_width_sets_the_prefix_width(tokenizer, tmp_path):

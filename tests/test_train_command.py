@@ -210,6 +210,8 @@ def test_a_newer_folder_that_is_not_a_stopped_checkpoint_of_a_run_is_named_and_k
     assert last_complete_checkpoint(str(tmp_path), remove_incomplete=True) == str(complete)
     assert not stopped.exists()
     foreign = checkpoint("checkpoint-3", run_arguments=False)  # another tool's, or written by hand: kept
+    # The other processes pass it over: the main process judges it (they may see its removals part-way).
+    assert last_complete_checkpoint(str(tmp_path), remove_incomplete=False) == str(complete)
     with pytest.raises(ValueError) as error:
         last_complete_checkpoint(str(tmp_path), remove_incomplete=True)
     assert str(error.value) == (

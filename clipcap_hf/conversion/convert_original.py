@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import HFValidationError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, GPT2Config
+from transformers.utils import logging
 
 from ..configuration_clipcap import ClipCapConfig
 from ..image_processing_clipcap import ClipCapImageProcessor
@@ -36,6 +37,12 @@ from ..open_clip_vision import OPEN_CLIP_SCHEMAS
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import check_output_folder, read_json, save_pretrained, write_folder_atomically
 from ..utils.loading import hub_unreachable
+
+logger = logging.get_logger(__name__)
+
+# A folder holding any of these holds a tokenizer `AutoTokenizer` may read (GPT-2's older layout has no
+# tokenizer_config.json: vocab.json and merges.txt beside a config.json).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "vocab.json", "tokenizer.model")
 
 # Attention-mask buffers that GPT-2 saved in its state dict in old transformers versions; current ones have none.
 OBSOLETE_GPT2_KEY = re.compile(r"gpt\.transformer\.h\.\d+\.attn\.(bias|masked_bias)")
@@ -553,7 +560,7 @@ def convert_original_checkpoint(
 
     # The tokenizer first: it is small, and checked against the checkpoint before the vision tower is downloaded.
     with _naming_failed_part("tokenizer", tokenizer, "`tokenizer` (--tokenizer)"):
-        _check_reachable_part(tokenizer, ("tokenizer_config.json", "tokenizer.json"))
+        _check_reachable_part(tokenizer, TOKENIZER_FILES)
         text_tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
     stop_token_ids = _original_stop_token_ids(text_tokenizer, tokenizer, layout.gpt2_config)
     if backend == "clip" and vision_name.startswith(OPEN_CLIP_SCHEMAS):
@@ -719,11 +726,16 @@ def _original_stop_token_ids(tokenizer, tokenizer_name: str, gpt2_config: GPT2Co
     The '.' token the original decoders stop at, then the end-of-text token, which we also stop at. Sets the GPT-2
     config's BOS/EOS to the tokenizer's, and checks that the tokenizer fits the checkpoint's vocabulary.
     """
-    if len(tokenizer) != gpt2_config.vocab_size:
-        # A smaller one would also put the image token (id `len(tokenizer)`) on one of the checkpoint's token rows.
+    if len(tokenizer) > gpt2_config.vocab_size:
         raise ValueError(
-            f"The tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but the checkpoint's GPT-2 embeds "
+            f"The tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but the checkpoint's GPT-2 embeds only "
             f"{gpt2_config.vocab_size}; use the tokenizer the checkpoint was trained with (GPT-2's)."
+        )
+    if len(tokenizer) < gpt2_config.vocab_size:  # a vocabulary padded past the tokenizer's (to a multiple of 64, say)
+        logger.warning(
+            f"The checkpoint's GPT-2 embeds {gpt2_config.vocab_size} tokens and the tokenizer {tokenizer_name!r} has "
+            f"{len(tokenizer)}: the image token takes row {len(tokenizer)}, which no token of this tokenizer uses. If "
+            "the checkpoint was trained with a larger tokenizer, use that one."
         )
     stop_ids = tokenizer(ORIGINAL_STOP_TOKEN, add_special_tokens=False)["input_ids"]
     if len(stop_ids) != 1:
@@ -742,7 +754,7 @@ def _check_output_dir(output_dir: Path, checkpoint: Path, overwrite: bool) -> No
     training run's, with checkpoints and notes that replacing it would delete.
     """
     # Checked before the work: the folder is written whole beside itself at the end (`write_folder_atomically`).
-    check_output_folder(output_dir, "`output_dir` (--output)", "write the converted model to")
+    check_output_folder(output_dir, "`output_dir` (--output)", "write the converted model to", written_beside=True)
     if not output_dir.exists():
         return
     resolved, cwd = output_dir.resolve(), Path.cwd()

@@ -56,7 +56,12 @@ def vision_fingerprint(model, image_processor) -> str:
         image_processor: the preprocessing the embeddings are computed with.
     """
     digest = hashlib.sha256()
+    # An open_clip tower's buffers computed from its config (see `ClipCapOpenClipVisionModel.computed_buffers`) are
+    # left out: towers saved before they were saved lack them, and their embeddings folders keep their fingerprint.
+    computed = getattr(model.vision_model, "computed_buffers", frozenset())
     for name, tensor in sorted(model.vision_model.state_dict().items()):
+        if name in computed:
+            continue
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())

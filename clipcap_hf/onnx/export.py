@@ -58,6 +58,8 @@ LOGITS_TO_KEEP = "num_logits_to_keep"  # the decoder's optional input, named as 
 # or ALiBi positions), which the captioner keeps captions within; the graph cannot say it, and its config alone does
 # not tell a learned table from rotary positions.
 POSITION_LIMIT_KEY = "clipcap.learned_position_limit"
+# In an export's staging folder: the entries of the output folder it replaces, deleted with it once it is done.
+_REPLACED = "previous"
 # Exported with ONNX's own file limit in mind: a graph over 2 GB must keep its weights in a `.onnx.data` file beside
 # it, which neither the browser page nor a single-file download wants for smaller models.
 _SINGLE_FILE_LIMIT = 2_000_000_000
@@ -387,7 +389,8 @@ def export_onnx(
         _move_into(staging, output_dir)
     except BaseException:
         _release(lock)  # first: Windows cannot delete a file open in this process
-        shutil.rmtree(staging, ignore_errors=True)
+        if not _holds_entries(staging / _REPLACED):  # else an earlier export's files that could not be put back
+            shutil.rmtree(staging, ignore_errors=True)
         for folder in created:
             try:
                 folder.rmdir()
@@ -455,6 +458,7 @@ def abandoned_exports(output_dir: str | os.PathLike) -> list[Path]:
             and match["host"] == host
             and not psutil.pid_exists(int(match["pid"]))
             and not _staging_lock_held(path)
+            and not _holds_entries(path / _REPLACED)  # an earlier export's files a failed move could not put back
         ):
             abandoned.append(path)
     return abandoned
@@ -492,4 +496,8 @@ def _move_into(staging: Path, output_dir: Path) -> None:
     """
     # The lock stays, held, until the export is done.
     names = [path.name for path in staging.iterdir() if path.name != _STAGING_LOCK]
-    move_entries(staging, output_dir, staging / "previous", names)
+    move_entries(staging, output_dir, staging / _REPLACED, names)
+
+
+def _holds_entries(folder: Path) -> bool:
+    return folder.is_dir() and any(folder.iterdir())

@@ -271,11 +271,12 @@ def _check_dataset_name_is_read(data_args: DataArguments, training: bool, evalua
 def last_complete_checkpoint(output_dir: str, remove_incomplete: bool = False) -> str | None:
     """
     The newest `checkpoint-N` folder of `output_dir` that a run finished writing: its trainer_state.json, which Trainer
-    writes last, reads whole. Newer folders that a run of this package stopped while writing left (they hold its
-    `RUN_ARGUMENTS_NAME`, written first, and no or a cut trainer_state.json) are passed over; with `remove_incomplete`
-    (the main process) they are removed, so that Trainer's checkpoint rotation does not take them for checkpoints.
-    Any other newer folder (a link, another tool's, one whose state file cannot be read for another reason) raises
-    a ValueError naming it: nothing that may be someone's work is deleted.
+    writes last, reads whole. Newer folders are passed over. With `remove_incomplete` (the main process alone, whose
+    removals the other processes may see part-way) each is judged: one a run of this package stopped while writing
+    (it holds its `RUN_ARGUMENTS_NAME`, written first, and no or a cut trainer_state.json) is removed, so that
+    Trainer's checkpoint rotation does not take it for a checkpoint; any other (a link, another tool's) raises a
+    ValueError naming it, and nothing that may be someone's work is deleted. A state file that cannot be read for
+    another reason (permissions, a network filesystem's error) raises in every process.
     """
     steps = checkpoint_folders(output_dir)
     for step in sorted(steps, reverse=True):
@@ -284,6 +285,8 @@ def last_complete_checkpoint(output_dir: str, remove_incomplete: bool = False) -
             read_json(os.path.join(checkpoint, TRAINER_STATE_NAME))
             return checkpoint
         except (FileNotFoundError, ValueError) as error:  # none yet, or cut short: `json` raises a ValueError
+            if not remove_incomplete:
+                continue
             problem = f"its {TRAINER_STATE_NAME} is missing" if isinstance(error, FileNotFoundError) else str(error)
             if os.path.islink(checkpoint) or not os.path.isfile(os.path.join(checkpoint, RUN_ARGUMENTS_NAME)):
                 raise ValueError(
@@ -291,14 +294,13 @@ def last_complete_checkpoint(output_dir: str, remove_incomplete: bool = False) -
                     f"and it {'is a link' if os.path.islink(checkpoint) else f'holds no {RUN_ARGUMENTS_NAME}'}); "
                     "move it out of --output_dir, or give another --output_dir."
                 ) from error
-        except OSError as error:  # unreadable (permissions, a network filesystem's error): not a sign of a stop
+        except OSError as error:
             raise ValueError(
                 f"Cannot read {os.path.join(checkpoint, TRAINER_STATE_NAME)} ({error}), so whether {checkpoint} is a "
                 "complete checkpoint is not known; make it readable, or move the folder out of --output_dir."
             ) from error
-        if remove_incomplete:
-            logger.warning(f"Removing {checkpoint}, which a run stopped while writing it.")
-            shutil.rmtree(checkpoint)
+        logger.warning(f"Removing {checkpoint}, which a run stopped while writing it.")
+        shutil.rmtree(checkpoint)
     return None
 
 

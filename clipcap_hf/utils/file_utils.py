@@ -195,15 +195,21 @@ def save_pretrained(folder: str | os.PathLike[str], *parts: Any) -> None:
     give_files_the_umask_mode(folder)
 
 
-def check_output_folder(folder: str | os.PathLike[str], option: str, purpose: str) -> None:
+def check_output_folder(
+    folder: str | os.PathLike[str], option: str, purpose: str, written_beside: bool = False
+) -> None:
     """
     Say before the work, not after it, that `folder` (given as `option`) cannot be written: it must be a folder, or
     be creatable under a folder that can be written. `purpose` ends the advice: "name a folder to {purpose}".
+    `written_beside`: the folder is written whole beside itself and renamed into place ([`write_folder_atomically`]),
+    so an existing one (not a mount point) needs its parent writable, not itself.
     """
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{option}: {folder} is a file; name a folder to {purpose}.")
     nearest = next(parent for parent in (folder, *folder.absolute().parents) if parent.exists())
+    if written_beside and nearest == folder and not os.path.ismount(folder):
+        nearest = folder.absolute().parent
     if not nearest.is_dir():
         raise NotADirectoryError(
             f"{option}: {folder} cannot be created: {nearest} is a file; name a folder to {purpose}."
@@ -245,7 +251,8 @@ def write_folder_atomically(folder: str | os.PathLike[str], write: Callable[[Pat
             staging.rename(folder)
     except BaseException:
         if mount_point:
-            shutil.rmtree(aside, ignore_errors=True)  # emptied again by `move_entries`
+            with contextlib.suppress(OSError):  # emptied by `move_entries`; else it holds the earlier entries: kept
+                aside.rmdir()
         elif aside.exists() and not folder.exists():
             aside.rename(folder)
         shutil.rmtree(staging, ignore_errors=True)
@@ -262,25 +269,38 @@ def move_entries(source: Path, folder: Path, aside: Path, names: list[str], clea
     """
     Move the entries `names` of `source` into `folder` (on the same filesystem), each replacing its namesake there;
     `clear` names more entries of `folder` to take out. What is replaced or taken out is moved into `aside` (created
-    here; the caller deletes it once done). A failure part-way, Ctrl-C included, puts `folder` back as it was.
+    here; the caller deletes it once done, and must not while it holds anything after a failure). A failure part-way,
+    Ctrl-C included, puts `folder` back as it was; should putting back fail too, the error names `aside`, which then
+    holds the earlier entries.
     """
     aside.mkdir()
     taken_out, moved = [], []
     try:
         for name in dict.fromkeys([*clear, *names]):  # each once, `clear`'s first
-            target = folder / name
-            if target.exists() or target.is_symlink():
-                os.replace(target, aside / name)
-                taken_out.append(name)
+            if _exists(folder / name):
+                taken_out.append(name)  # noted first: a stop right after the move still puts it back
+                os.replace(folder / name, aside / name)
         for name in names:
-            os.replace(source / name, folder / name)
             moved.append(name)
-    except BaseException:
-        for name in moved:
-            os.replace(folder / name, source / name)
-        for name in taken_out:
-            os.replace(aside / name, folder / name)
+            os.replace(source / name, folder / name)
+    except BaseException as error:
+        try:
+            for name in reversed(moved):
+                if _exists(folder / name) and not _exists(source / name):
+                    os.replace(folder / name, source / name)
+            for name in reversed(taken_out):
+                if _exists(aside / name):
+                    os.replace(aside / name, folder / name)
+        except BaseException as failure:
+            raise OSError(
+                f"Could not put back the entries of {folder} after {type(error).__name__} ({failure}): they are in "
+                f"{aside}; move them back by hand."
+            ) from error
         raise
+
+
+def _exists(path: Path) -> bool:
+    return path.exists() or path.is_symlink()  # a link, even one to nothing, is an entry
 
 
 class FileLocksUnsupportedError(OSError):
