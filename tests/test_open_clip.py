@@ -294,6 +294,26 @@ def test_a_timm_tower_s_computed_buffers_survive_a_round_trip(tmp_path):
     pixel_values = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(loaded.get_image_embeds(pixel_values), model.get_image_embeds(pixel_values))
+    # A folder saved before they were saved (or with a tower given ready-made) lacks them: they are computed again.
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({name: tensor for name, tensor in weights.items() if "rope" not in name}, tmp_path / "model.safetensors",
+              metadata={"format": "pt"})
+    older = ClipCapForConditionalGeneration.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(older.get_image_embeds(pixel_values), model.get_image_embeds(pixel_values))
+    # Computed from the config, they are no part of the embeddings cache's fingerprint (which hashed the state dict
+    # before they joined it): caches computed before keep theirs. The weights still are.
+    from clipcap_hf.data.embeddings import vision_fingerprint
+
+    image_processor = ClipCapImageProcessor(size=224, crop_size=224)
+    before = vision_fingerprint(older, image_processor)
+    with torch.no_grad():
+        older.vision_model.visual.trunk.rope.bands.mul_(2)
+        assert vision_fingerprint(older, image_processor) == before
+        next(older.vision_model.parameters()).mul_(2)
+        assert vision_fingerprint(older, image_processor) != before
 
 
 def test_a_given_tower_of_another_backend_or_model_config_is_refused(tokenizer):
