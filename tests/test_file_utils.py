@@ -231,3 +231,23 @@ def test_entries_that_cannot_be_put_back_are_named_and_kept(tmp_path, monkeypatc
         f"are in {aside}; move them back by hand."
     )
     assert (aside / "model.safetensors").read_text() == "earlier"  # kept, not deleted with the staging folder
+
+
+def test_a_folder_written_beside_itself_needs_its_parent_writable_not_itself(tmp_path, monkeypatch):
+    import os
+
+    output = tmp_path / "out"
+    output.mkdir()
+    not_writable = set()
+    monkeypatch.setattr(file_utils.os, "access", lambda path, mode: os.fspath(path) not in not_writable)
+    not_writable.add(os.fspath(tmp_path))  # the new folder is written beside the old one, in its parent
+    with pytest.raises(PermissionError) as error:
+        file_utils.check_output_folder(output, "--output", "write to", written_beside=True)
+    assert str(error.value) == (
+        f"--output: {output} cannot be written: the folder {tmp_path} is not writable; name another folder."
+    )
+    file_utils.check_output_folder(output, "--output", "write to")  # written into: its own mode counts
+    not_writable = {os.fspath(output)}
+    file_utils.check_output_folder(output, "--output", "write to", written_beside=True)
+    with pytest.raises(PermissionError):
+        file_utils.check_output_folder(output, "--output", "write to")
