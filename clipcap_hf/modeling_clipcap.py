@@ -1355,7 +1355,14 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             start = eos[0] if isinstance(eos, list) and eos else eos
         if start is not None:
             last = input_ids[:, -1:]
-            kwargs["negative_prompt_ids"] = last.masked_fill(last == self.config.image_token_id, start)
+            # One row per row of the input as transformers expands it (beams, returned sequences), as it expands
+            # the rows it reads when it takes them itself.
+            rows_per_input = max(
+                kwargs.get("num_beams", generation_config.num_beams) or 1,
+                kwargs.get("num_return_sequences", generation_config.num_return_sequences) or 1,
+            )
+            unconditional = last.masked_fill(last == self.config.image_token_id, start)
+            kwargs["negative_prompt_ids"] = unconditional.repeat_interleave(rows_per_input, dim=0)
 
     def _check_no_chunked_prefill(self, kwargs: dict) -> None:
         """

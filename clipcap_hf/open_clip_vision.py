@@ -147,6 +147,12 @@ def _read_open_clip_json_config(model_name: str) -> tuple[dict[str, Any], dict[s
     return config["model_cfg"], config.get("preprocess_cfg", {})
 
 
+def _add_computed_buffers(module: ClipCapOpenClipVisionModel, state_dict: dict, prefix: str, local_metadata) -> None:
+    for name, buffer in module.named_buffers():
+        if name in module.computed_buffers:
+            state_dict.setdefault(prefix + name, buffer.detach())
+
+
 class ClipCapOpenClipVisionModel(nn.Module):
     r"""
     An open_clip image tower (`CLIP.visual`: a ViT, a ModifiedResNet or a timm model) that returns the projected
@@ -176,14 +182,17 @@ class ClipCapOpenClipVisionModel(nn.Module):
         self.model_cfg = vision_part_of_model_cfg(model_cfg, "the open_clip tower's model config")
         # Buffers that timm towers compute in their constructor and keep out of the state dict (EVA's and PE-Core's
         # rotary tables, Swin's relative position indices), by name. transformers 5 builds a model on the meta device
-        # and leaves such buffers uninitialised when it loads one (NaN embeddings): a tower built here saves them
-        # with its weights, and a folder without them gets them computed again (`recompute_buffers`).
+        # and leaves such buffers uninitialised when it loads one (NaN embeddings): they are saved with the weights,
+        # and a folder without them gets them computed again (`recompute_buffers`).
         self.computed_buffers = frozenset(name for name, _ in self.named_buffers() if name not in self.state_dict())
         if built_here:
             self._save_computed_buffers()
+        elif self.computed_buffers:  # a caller's modules stay as they are: added to this wrapper's state dict only
+            self.register_state_dict_post_hook(_add_computed_buffers)
 
     def _save_computed_buffers(self) -> None:
-        """Put the computed buffers in the state dict: in this tower's own modules only, never a caller's."""
+        """Put the computed buffers in the state dict, as persistent buffers: in this tower's own modules only (a
+        model loading a folder needs them so, or transformers 5 replaces them after loading them)."""
         for module in self.visual.modules():
             module._non_persistent_buffers_set.clear()
 

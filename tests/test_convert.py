@@ -845,6 +845,12 @@ def test_a_tokenizer_folder_of_gpt2_s_older_layout_converts(tmp_path, tokenizer,
     report = convert_original_checkpoint(checkpoint, tmp_path / "out", vision_model=local_parts["mlp"]["vision_model"],
                                          tokenizer=str(folder))
     assert report.config.image_token_id == len(tokenizer)
+    # Without its merges.txt, AutoTokenizer fails with a bare TypeError or ValueError: named with the option.
+    (folder / "merges.txt").unlink()
+    with pytest.raises(OSError, match=rf"^Could not load the tokenizer {re.escape(repr(str(folder)))}: .*\. Choose "
+                                      r"the tokenizer with `tokenizer` \(--tokenizer\)\.$"):
+        convert_original_checkpoint(checkpoint, tmp_path / "again", vision_model=local_parts["mlp"]["vision_model"],
+                                    tokenizer=str(folder))
 
 
 @pytest.mark.parametrize("option", ["tokenizer", "vision_model"])

@@ -251,3 +251,18 @@ def test_a_folder_written_beside_itself_needs_its_parent_writable_not_itself(tmp
     file_utils.check_output_folder(output, "--output", "write to", written_beside=True)
     with pytest.raises(PermissionError):
         file_utils.check_output_folder(output, "--output", "write to")
+
+
+def test_a_link_written_beside_itself_needs_the_folder_it_points_into_writable(tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "writable" / "out").mkdir(parents=True)
+    (tmp_path / "read-only").mkdir()
+    link = tmp_path / "read-only" / "out"
+    link.symlink_to(tmp_path / "writable" / "out")
+    not_writable = {os.fspath(tmp_path / "read-only")}
+    monkeypatch.setattr(file_utils.os, "access", lambda path, mode: os.fspath(path) not in not_writable)
+    file_utils.check_output_folder(link, "--output", "write to", written_beside=True)  # written beside its target
+    not_writable = {os.fspath(tmp_path / "writable")}
+    with pytest.raises(PermissionError, match=r"the folder .*writable is not writable"):
+        file_utils.check_output_folder(link, "--output", "write to", written_beside=True)

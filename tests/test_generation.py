@@ -233,6 +233,12 @@ def test_guidance_without_a_prompt_guides_against_a_caption_of_no_image(mlp_mode
         mlp_model.generate(image_embeds=x, **mixed, guidance_scale=1.5, max_new_tokens=5,
                            negative_prompt_ids=last).tolist()
     )
+    # Beams and returned sequences expand the input's rows: the unconditional rows are expanded alike.
+    beams = mlp_model.generate(image_embeds=x, **mixed, guidance_scale=1.5, max_new_tokens=5, num_beams=3,
+                               num_return_sequences=2)
+    assert beams.tolist() == mlp_model.generate(image_embeds=x, **mixed, guidance_scale=1.5, max_new_tokens=5,
+                                                num_beams=3, num_return_sequences=2,
+                                                negative_prompt_ids=last.repeat_interleave(3, dim=0)).tolist()
 
 
 def test_a_call_continuing_a_returned_cache_with_the_image_again_continues_the_caption(mlp_model, processor):

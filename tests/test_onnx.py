@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import re
 import shutil
 import warnings
 
@@ -533,8 +534,6 @@ def test_exporting_over_an_export_removes_its_graphs_that_this_export_does_not_w
         OnnxCaptioner(folder, quantized=True)
 
     # The command the error suggests is accepted on that folder, and asks for the int8 graphs.
-    import re
-
     import clipcap_hf.onnx
 
     suggested = re.search(r"`clipcap (export-onnx MODEL [^`]*)`", str(missing.value)).group(1).split()
@@ -669,6 +668,51 @@ def test_an_export_stopped_while_moving_in_puts_the_earlier_export_back(onnx_exp
     after = {str(path.relative_to(earlier)): path.read_bytes() for path in earlier.rglob("*") if path.is_file()}
     assert after == before  # the staging folder gone too
     OnnxCaptioner(earlier)
+
+
+def test_an_export_that_cannot_put_the_earlier_one_back_names_and_keeps_it(onnx_export, tmp_path, monkeypatch,
+                                                                            capsys):
+    from clipcap_hf.onnx.export import abandoned_exports
+
+    _, saved, exported = onnx_export
+    earlier = tmp_path / "earlier"
+    shutil.copytree(exported, earlier)
+    replace = os.replace
+
+    def stopped_then_unable_to_put_back(source, target):
+        if os.path.dirname(source).endswith(".partial") and os.path.basename(target) == "onnx":
+            raise KeyboardInterrupt  # the new graphs moving in
+        if os.path.basename(os.path.dirname(source)) == "previous":
+            raise OSError(5, "Input/output error")  # the earlier files going back
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", stopped_then_unable_to_put_back)
+    assert main(["export-onnx", str(saved), "--output", str(earlier), "--overwrite", "--no-int8"]) == 2
+    monkeypatch.undo()
+    assert re.search(r"Could not put back the entries of .*earlier after KeyboardInterrupt .*: they are in "
+                     r".*previous; move them back by hand", capsys.readouterr().err)
+    staging = next(earlier.glob(".export-*.partial"))
+    assert (staging / "previous" / "onnx").is_dir() and (staging / "EARLIER_FILES_NOT_PUT_BACK").exists()
+    assert abandoned_exports(earlier) == []  # no later export deletes them
+
+
+def test_earlier_files_a_failed_move_could_not_put_back_are_never_cleared(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from clipcap_hf.onnx.export import abandoned_exports
+
+    ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, dead_pid = socket.gethostname(), int(ended.stdout)
+    # Killed after its files moved in: the replaced earlier export waits in `previous` to be deleted with the folder.
+    done = tmp_path / f".export-{host}-{dead_pid}-0123abcd.partial"
+    (done / "previous" / "onnx").mkdir(parents=True)
+    # A failed move could not put the earlier export back: marked, and kept for the user.
+    kept = tmp_path / f".export-{host}-{dead_pid}-4567abcd.partial"
+    (kept / "previous" / "onnx").mkdir(parents=True)
+    (kept / "EARLIER_FILES_NOT_PUT_BACK").touch()
+    assert abandoned_exports(tmp_path) == [done]
 
 
 def test_an_export_killed_part_way_is_cleared_by_the_next_one_and_a_running_one_is_kept(onnx_export, tmp_path):

@@ -340,6 +340,28 @@ def test_a_given_tower_of_another_backend_or_model_config_is_refused(tokenizer):
     assert model.get_image_embeds(torch.randn(1, 3, 32, 32)).shape == (1, 24)
 
 
+def test_a_given_timm_tower_saves_its_computed_buffers_and_its_own_model_stays_as_it_was(tmp_path, caplog):
+    model_cfg = {"embed_dim": 32, "vision_cfg": {"timm_model_name": "eva02_tiny_patch14_224", "image_size": 224,
+                                                 "timm_model_pretrained": False, "timm_pool": "token",
+                                                 "timm_proj": "linear"}}
+    torch.manual_seed(0)
+    clip = open_clip.CLIP(**model_cfg, text_cfg={"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2,
+                                                 "layers": 1}).eval()
+    own_keys = sorted(clip.state_dict())
+    tower = ClipCapOpenClipVisionModel(model_cfg, visual=clip.visual)
+    assert sorted(clip.state_dict()) == own_keys  # the user's model is not changed (its state dict loads as before)
+    config = ClipCapConfig(vision_backend="open_clip", open_clip_model_cfg=model_cfg, text_config=tiny_gpt2_config(),
+                           prefix_length=3)
+    model = ClipCapForConditionalGeneration(config, vision_model=tower).eval()
+    model.save_pretrained(tmp_path)
+    with caplog.at_level("WARNING"):  # saved with the weights: nothing reported missing at load
+        loaded = ClipCapForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert "rope" not in caplog.text
+    pixel_values = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.get_image_embeds(pixel_values), clip.encode_image(pixel_values))
+
+
 def test_frozen_open_clip_tower_keeps_its_batch_norm_statistics_in_training():
     clip = tiny_open_clip("resnet")
     config = open_clip_config("resnet")

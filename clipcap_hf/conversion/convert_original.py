@@ -559,7 +559,9 @@ def convert_original_checkpoint(
             )
 
     # The tokenizer first: it is small, and checked against the checkpoint before the vision tower is downloaded.
-    with _naming_failed_part("tokenizer", tokenizer, "`tokenizer` (--tokenizer)"):
+    # (A folder with some of a tokenizer's files makes AutoTokenizer raise one of several kinds, naming nothing.)
+    tokenizer_errors = (ValueError, TypeError, KeyError)
+    with _naming_failed_part("tokenizer", tokenizer, "`tokenizer` (--tokenizer)", also=tokenizer_errors):
         _check_reachable_part(tokenizer, TOKENIZER_FILES)
         text_tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
     stop_token_ids = _original_stop_token_ids(text_tokenizer, tokenizer, layout.gpt2_config)
@@ -678,15 +680,16 @@ def _is_path(name: str) -> bool:
 
 
 @contextlib.contextmanager
-def _naming_failed_part(part: str, name: str, option: str) -> Iterator[None]:
+def _naming_failed_part(part: str, name: str, option: str, also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
     """
     Re-raise a failure to load a part (transformers' offline error, for one, names neither the part nor the option
-    that chooses it) with the part, its name and the option; the original message stays in the text.
+    that chooses it) with the part, its name and the option; the original message stays in the text. `also`: more
+    kinds of error to name so.
     """
     try:
         yield
     # transformers 4.57 lets huggingface_hub's ValueError for a name that is neither a folder nor a repo id through.
-    except (OSError, HFValidationError) as error:
+    except (OSError, HFValidationError, *also) as error:
         # The nearest built-in OSError class (FileNotFoundError, PermissionError...), for callers that catch it;
         # library subclasses may not take a plain message.
         error_type = next((kind for kind in type(error).__mro__ if kind.__module__ == "builtins"), OSError)

@@ -23,6 +23,7 @@ PyTorch maintains (the TorchScript-based one is deprecated).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import logging
@@ -58,8 +59,10 @@ LOGITS_TO_KEEP = "num_logits_to_keep"  # the decoder's optional input, named as 
 # or ALiBi positions), which the captioner keeps captions within; the graph cannot say it, and its config alone does
 # not tell a learned table from rotary positions.
 POSITION_LIMIT_KEY = "clipcap.learned_position_limit"
-# In an export's staging folder: the entries of the output folder it replaces, deleted with it once it is done.
+# In an export's staging folder: the entries of the output folder it replaces, deleted with it once it is done, and
+# the mark that a failed move could not put them back, so that no cleaner deletes them.
 _REPLACED = "previous"
+_KEPT = "EARLIER_FILES_NOT_PUT_BACK"
 # Exported with ONNX's own file limit in mind: a graph over 2 GB must keep its weights in a `.onnx.data` file beside
 # it, which neither the browser page nor a single-file download wants for smaller models.
 _SINGLE_FILE_LIMIT = 2_000_000_000
@@ -389,7 +392,10 @@ def export_onnx(
         _move_into(staging, output_dir)
     except BaseException:
         _release(lock)  # first: Windows cannot delete a file open in this process
-        if not _holds_entries(staging / _REPLACED):  # else an earlier export's files that could not be put back
+        if _holds_entries(staging / _REPLACED):  # an earlier export's files that could not be put back: kept
+            with contextlib.suppress(OSError):
+                (staging / _KEPT).touch()  # so that no later export removes them with the folder
+        else:
             shutil.rmtree(staging, ignore_errors=True)
         for folder in created:
             try:
@@ -458,7 +464,7 @@ def abandoned_exports(output_dir: str | os.PathLike) -> list[Path]:
             and match["host"] == host
             and not psutil.pid_exists(int(match["pid"]))
             and not _staging_lock_held(path)
-            and not _holds_entries(path / _REPLACED)  # an earlier export's files a failed move could not put back
+            and not (path / _KEPT).exists()  # an earlier export's files a failed move could not put back
         ):
             abandoned.append(path)
     return abandoned

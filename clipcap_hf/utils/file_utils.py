@@ -207,6 +207,8 @@ def check_output_folder(
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise NotADirectoryError(f"{option}: {folder} is a file; name a folder to {purpose}.")
+    if written_beside and folder.is_symlink():  # written where it points, as `write_folder_atomically` does
+        folder = folder.resolve()
     nearest = next(parent for parent in (folder, *folder.absolute().parents) if parent.exists())
     if written_beside and nearest == folder and not os.path.ismount(folder):
         nearest = folder.absolute().parent
