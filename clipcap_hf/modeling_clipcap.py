@@ -36,18 +36,10 @@ except ImportError:  # 4.57 initialises only the modules whose weights are missi
     from torch.nn import init
 from transformers.loss.loss_utils import fixed_cross_entropy
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import (
-    BaseModelOutputWithPooling,
-    CausalLMOutputWithPast,
-)
+from transformers.modeling_outputs import BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.processing_utils import Unpack
-from transformers.utils import (
-    ModelOutput,
-    TransformersKwargs,
-    can_return_tuple,
-    logging,
-)
+from transformers.utils import ModelOutput, TransformersKwargs, can_return_tuple, logging
 
 from .configuration_clipcap import (
     ClipCapConfig,
