@@ -23,6 +23,7 @@ transformers and the standard library.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import platform
 import threading
@@ -33,9 +34,13 @@ from contextlib import contextmanager
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd import forward_ad
+from torch.nn.modules import module as module_hooks
 from torch.optim.optimizer import register_optimizer_step_post_hook
+from transformers.activations import GELUTanh
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 from transformers.pytorch_utils import Conv1D
 
 
@@ -114,47 +119,89 @@ def _packed_weight(layer: nn.Linear | Conv1D, weight: torch.Tensor, packs: dict,
 
 
 def _onednn_linear(
-    inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: torch.Tensor | None = None
+    inputs: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    packed: torch.Tensor | None = None,
+    gelu: bool = False,
 ) -> torch.Tensor:
+    """`F.linear(inputs, weight, bias)` through oneDNN (from `packed`, its blocked copy, if given); with `gelu`, then
+    tanh-GELU, applied by oneDNN as it writes the product (a post-op)."""
     rows = inputs.reshape(-1, inputs.shape[-1])
     # The overload named: resolving it from the packet costs about 5 us of a decoding step's 49 calls each.
     outputs = torch.ops.mkldnn._linear_pointwise.default(
-        rows, weight if packed is None else packed, bias, "none", [], ""
+        rows, weight if packed is None else packed, bias, *(("gelu", [], "tanh") if gelu else ("none", [], ""))
     )
     return outputs.view(*inputs.shape[:-1], weight.shape[0])
 
 
+def _class_forward(layer: nn.Linear | Conv1D, inputs: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """The layer's forward as its class computes it (MKL on the CPU); with `gelu`, then tanh-GELU."""
+    outputs = type(layer).forward(layer, inputs)
+    return F.gelu(outputs, approximate="tanh") if gelu else outputs
+
+
 def _onednn_forward(
-    layer: nn.Linear | Conv1D, weight: torch.Tensor, inputs: torch.Tensor, packs: dict | None, state: tuple | None
+    layer: nn.Linear | Conv1D,
+    weight: torch.Tensor,
+    inputs: torch.Tensor,
+    packs: dict | None,
+    state: tuple | None,
+    gelu: bool,
 ) -> torch.Tensor:
     """The layer's forward through oneDNN: on its weight packed in `packs`, or on its plain weight without."""
     packed = None if packs is None else _packed_weight(layer, weight, packs, state)
-    return _onednn_linear(inputs, weight, layer.bias, packed)
+    return _onednn_linear(inputs, weight, layer.bias, packed, gelu)
 
 
-class _RoutedForward:
+class _BlockForward:
+    """
+    A module's forward while a block routes it, replaced on the instance. Closed when the block ends, it is the
+    class's forward, until a later block on the module reopens it: each module has one (`_opened_forward`), so
+    whatever kept it past a block (a shallow copy of the module, a hook wrapped around it) routes again in the next,
+    and never computes from a stale packed weight (`_packed_weight` checks the weight). Two threads that enter blocks
+    on one module at the same moment share it, and the first to end leaves the other's calls to the class's forward:
+    slower, not wrong. A deep copy or pickle of the module made within the block gets a closed one, bound to the copy.
+    The module is held weakly: no reference cycle keeps a copy's weights alive.
+    """
+
+    __slots__ = ("_module", "is_open")
+
+    def __init__(self, module: nn.Module):
+        self._module, self.is_open = weakref.ref(module), False
+
+    def open(self) -> None:
+        self.is_open = True
+
+    def close(self) -> None:
+        self.is_open = False
+
+    def __reduce__(self):
+        # `copy.deepcopy` and `pickle` alike: the copy's forward is closed, bound to the copied module.
+        return type(self), (self._module(),)
+
+
+class _RoutedForward(_BlockForward):
     """
     A linear layer's forward within an `onednn_linear` or `cpu_linear_kernels` block: through oneDNN (on its packed
     weight with `packs`), or with `measure` through whichever kernel measured faster for the call's kind
-    (`_KernelRace`), or its class's forward where oneDNN does not apply. Closed when the block ends, it is the class's
-    forward and drops the packed weights, until a later block on the layer reopens it: each layer has one
-    (`_routed_forward`), so whatever kept it past a block (a shallow copy of the layer, a hook wrapped around it)
-    routes again in the next, and never computes from a stale packed weight (`_packed_weight` checks the weight). Two
-    threads that enter blocks on one layer at the same moment share it, and the first to end leaves the other's calls
-    to the class's forward: slower, not wrong. A deep copy or pickle of the layer made within the block gets a closed
-    one, bound to the copy. The layer is held weakly: no reference cycle keeps a copy's weights alive.
+    (`_KernelRace`), or its class's forward where oneDNN does not apply. Closing it drops the packed weights.
     """
 
-    __slots__ = ("_layer", "packs", "measure", "is_open")
+    __slots__ = ("packs", "measure")
 
-    def __init__(self, layer: nn.Linear | Conv1D, packs: dict | None, measure: bool = False, is_open: bool = True):
-        self._layer, self.packs, self.measure, self.is_open = weakref.ref(layer), packs, measure, is_open
+    def __init__(self, layer: nn.Linear | Conv1D):
+        super().__init__(layer)
+        self.packs, self.measure = None, False
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
-        layer = self._layer()
+        layer = self._module()
         if kwargs or len(args) != 1:  # `layer(input=x)`: as the class computes it
             return type(layer).forward(layer, *args, **kwargs)
-        inputs = args[0]
+        return self.compute(layer, args[0])
+
+    def compute(self, layer: nn.Linear | Conv1D, inputs: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+        """The layer's forward on `inputs`; with `gelu`, followed by tanh-GELU (`_FusedMLPForward`)."""
         # Read once: a packed copy is made from, and recorded as, the very weight the call computes with, even if
         # another thread replaces the layer's weight meanwhile.
         parameter = layer.weight
@@ -169,21 +216,21 @@ class _RoutedForward:
             or forward_ad._current_level >= 0
             or not _onednn_computes(inputs, weight, layer.bias)
         ):
-            return type(layer).forward(layer, inputs)
+            return _class_forward(layer, inputs, gelu)
         # An inference tensor has no version counter, and can be changed in place in inference mode unseen: computed
         # from its plain weight, never from a packed copy that could be stale.
         packs = None if self.packs is None or parameter.is_inference() else self.packs
         state = None if packs is None else _weight_state(parameter)
         if not self.measure:
-            return _onednn_forward(layer, weight, inputs, packs, state)
-        kind = _call_kind(inputs, weight, layer.bias, packed=packs is not None)
+            return _onednn_forward(layer, weight, inputs, packs, state, gelu)
+        kind = _call_kind(inputs, weight, layer.bias, packed=packs is not None, gelu=gelu)
         race = _KERNEL_RACES.get(kind)
         if race is None:
             race = _KERNEL_RACES[kind] = _KernelRace()
         if race.onednn is not None:
             if race.onednn:
-                return _onednn_forward(layer, weight, inputs, packs, state)
-            return type(layer).forward(layer, inputs)
+                return _onednn_forward(layer, weight, inputs, packs, state, gelu)
+            return _class_forward(layer, inputs, gelu)
         onednn = race.next_is_onednn()
         packed = _current_pack(layer, packs, state) if onednn else None
         if onednn and packs is not None and packed is None and layer not in race.packed_layers:
@@ -195,57 +242,101 @@ class _RoutedForward:
             # for a whole captioning run where oneDNN computed it 1.3x faster. Once per layer and race: where every
             # block packs anew (one `generate()` per block), later turns are timed on the plain weight, so the race
             # still ends.
-            outputs = _onednn_linear(inputs, weight, layer.bias)
+            outputs = _onednn_linear(inputs, weight, layer.bias, gelu=gelu)
             packed = _packed_weight(layer, weight, packs, state)
             if not race.packed_layers:
                 # oneDNN builds its kernel for a weight layout on the first product in it (about 4x a product's time
                 # at 16 rows): built here, once per kind, so that no timed turn pays for it.
-                _onednn_linear(inputs, weight, layer.bias, packed)
+                _onednn_linear(inputs, weight, layer.bias, packed, gelu=gelu)
             race.packed_layers.add(layer)
             return outputs
         start = time.perf_counter()
-        outputs = _onednn_linear(inputs, weight, layer.bias, packed) if onednn else type(layer).forward(layer, inputs)
+        if onednn:
+            outputs = _onednn_linear(inputs, weight, layer.bias, packed, gelu=gelu)
+        else:
+            outputs = _class_forward(layer, inputs, gelu)
         race.record(onednn, time.perf_counter() - start)
         if onednn and packs is not None and packed is None:
             _packed_weight(layer, weight, packs, state)  # untimed, for the block's later calls
         return outputs
 
-    def open(self, packs: dict | None, measure: bool) -> None:
+    def open(self, packs: dict | None = None, measure: bool = False) -> None:
         self.packs, self.measure, self.is_open = packs, measure, True
 
     def close(self) -> None:
         self.is_open, self.packs = False, None
 
-    def __reduce__(self):
-        # `copy.deepcopy` and `pickle` alike: the copy's forward is closed, bound to the copied layer.
-        return _closed_forward, (self._layer(),)
+
+def _is_tanh_gelu(activation: nn.Module) -> bool:
+    """Whether `activation` is transformers' `GELUTanh` computing `F.gelu(x, approximate="tanh")` (ClipCap models'
+    GPT-2 activation, `_fuse_gelu_new`), not its Python formula, and its forward not replaced."""
+    function = getattr(activation, "act", None)
+    return (
+        type(activation) is GELUTanh
+        and "forward" not in vars(activation)
+        and isinstance(function, functools.partial)
+        and function.func is F.gelu
+        and not function.args
+        and function.keywords == {"approximate": "tanh"}
+    )
 
 
-def _closed_forward(layer: nn.Linear | Conv1D) -> _RoutedForward:
-    return _RoutedForward(layer, None, is_open=False)
+def _has_forward_hooks(*modules: nn.Module) -> bool:
+    """Whether calling these modules would run forward hooks (their own, or global ones)."""
+    return bool(module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks) or any(
+        module._forward_hooks or module._forward_pre_hooks for module in modules
+    )
 
 
-# Each routed layer's forward, reopened by every block that routes the layer: `torch.compile` guards on the identity
-# of a layer's forward, so a new one per block (per `generate()` call) would trace a compiled decoding step again in
-# every call, until dynamo gives up and runs it eagerly. Weak keys: a layer's forward goes with it.
-_FORWARDS: weakref.WeakKeyDictionary[nn.Module, _RoutedForward] = weakref.WeakKeyDictionary()
+class _FusedMLPForward(_BlockForward):
+    """
+    GPT-2's MLP (`c_fc`, tanh-GELU, `c_proj`) within a block that routes its `c_fc`: the GELU is applied by `c_fc`'s
+    kernel as it writes the product (oneDNN's post-op; after MKL's product where that kernel is kept), instead of in a
+    pass of its own over the activations. Such a pass took about 1.2 ms of a 38 ms greedy step of GPT-2 small at 16
+    rows, a tenth of the step's time outside its products, on an AMD EPYC; the results equal within float rounding.
+    Computed as the class computes it wherever fusing would skip something: hooks on `c_fc` or the activation (they
+    would not run, or see the activated outputs), another activation, gradients, a graph `torch.compile` traces.
+    """
+
+    __slots__ = ()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        mlp = self._module()
+        linear = vars(mlp.c_fc).get("forward")
+        if (
+            kwargs
+            or len(args) != 1
+            or not self.is_open
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or not (isinstance(linear, _RoutedForward) and linear.is_open)
+            or not _is_tanh_gelu(mlp.act)
+            or _has_forward_hooks(mlp.c_fc, mlp.act)
+        ):
+            return type(mlp).forward(mlp, *args, **kwargs)
+        return mlp.dropout(mlp.c_proj(linear.compute(mlp.c_fc, args[0], gelu=True)))
 
 
-def _routed_forward(layer: nn.Linear | Conv1D, packs: dict | None, measure: bool) -> _RoutedForward:
-    """The layer's routed forward, opened for a block with its `packs` and `measure`."""
-    forward = _FORWARDS.get(layer)
+# Each routed module's forward, reopened by every block that routes the module: `torch.compile` guards on the
+# identity of a module's forward, so a new one per block (per `generate()` call) would trace a compiled decoding step
+# again in every call, until dynamo gives up and runs it eagerly. Weak keys: a module's forward goes with it.
+_FORWARDS: weakref.WeakKeyDictionary[nn.Module, _BlockForward] = weakref.WeakKeyDictionary()
+
+
+def _opened_forward(module: nn.Module, forward_class: type[_BlockForward], **settings: Any) -> _BlockForward:
+    """The module's forward of `forward_class`, opened for a block with `settings`."""
+    forward = _FORWARDS.get(module)
     if forward is None:
-        forward = _FORWARDS[layer] = _RoutedForward(layer, packs, measure)
-    else:
-        forward.open(packs, measure)
+        forward = _FORWARDS[module] = forward_class(module)
+    forward.open(**settings)
     return forward
 
 
 def _forward_replaced(module: nn.Module) -> bool:
     """Whether `module.forward` is replaced on the instance (by accelerate's hooks, or an enclosing block)."""
     forward = module.__dict__.get("forward")
-    # A closed routed forward (left by an ended block, or in a copy made within one) is the class's forward.
-    return forward is not None and not (isinstance(forward, _RoutedForward) and not forward.is_open)
+    # A closed block's forward (left by an ended block, or in a copy made within one) is the class's forward.
+    return forward is not None and not (isinstance(forward, _BlockForward) and not forward.is_open)
 
 
 def _routable(module: nn.Module) -> bool:
@@ -294,7 +385,16 @@ def _routed(model: nn.Module, prepack: bool, measure: bool) -> Iterator[None]:
         return
     # A PyTorch with the linear kernel but not the reorder computes from plain weights.
     packs = {} if prepack and _has_mkldnn_op("_reorder_linear_weight") else None
-    routed = {layer: _routed_forward(layer, packs, measure) for layer in model.modules() if _routable(layer)}
+    routed: dict[nn.Module, _BlockForward] = {
+        layer: _opened_forward(layer, _RoutedForward, packs=packs, measure=measure)
+        for layer in model.modules() if _routable(layer)
+    }
+    # GPT-2's MLPs whose first layer is routed here compute their activation in that layer's kernel.
+    fused = [
+        module for module in model.modules()
+        if type(module) is GPT2MLP and module.c_fc in routed and not _forward_replaced(module)
+    ]
+    routed.update((mlp, _opened_forward(mlp, _FusedMLPForward)) for mlp in fused)
     with _forwards_replaced(routed), _packs_cleared_by_optimizer_steps(packs):
         yield
 
@@ -337,7 +437,7 @@ def _packs_cleared_by_optimizer_steps(packs: dict | None) -> Iterator[None]:
 
 
 @contextmanager
-def _forwards_replaced(forwards: dict[nn.Module, _RoutedForward]) -> Iterator[None]:
+def _forwards_replaced(forwards: dict[nn.Module, _BlockForward]) -> Iterator[None]:
     """Each module's `forward` replaced on the instance for the block; put back after, unless another was put there
     since (accelerate's hooks, or a block entered later), and closed either way."""
     for module, forward in forwards.items():
@@ -412,16 +512,18 @@ class _KernelRace:
 _KERNEL_RACES: dict[tuple, _KernelRace] = {}
 
 
-def _call_kind(inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool) -> tuple:
+def _call_kind(
+    inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, packed: bool, gelu: bool = False
+) -> tuple:
     """
     What the kernels' speed depends on: the weight's shape and layout (GPT-2's `Conv1D` weights are read transposed:
     oneDNN was slower than MKL on them at 80 rows on an AMD EPYC, and faster on the row-major LM head), the bias,
-    packed weights or plain, the thread count, and the rows rounded up to a power of two (a greedy step of 16
-    images, a 5-beam step's 80 rows and a prefill's 800 are different kinds).
+    packed weights or plain, a GELU after the product (`_FusedMLPForward`), the thread count, and the rows rounded up
+    to a power of two (a greedy step of 16 images, a 5-beam step's 80 rows and a prefill's 800 are different kinds).
     """
     rows = inputs.numel() // inputs.shape[-1]
     return (
-        *weight.shape, weight.is_contiguous(), bias is not None, packed, (rows - 1).bit_length(),
+        *weight.shape, weight.is_contiguous(), bias is not None, packed, gelu, (rows - 1).bit_length(),
         torch.get_num_threads(),
     )
 
@@ -430,16 +532,18 @@ def cpu_linear_choices() -> list[dict[str, object]]:
     """
     Each kind of linear call measured in this process so far (by `cpu_linear_kernels` blocks), with its kernel
     (`"onednn"`, `"default"`, or None while still measuring) and the fewest milliseconds each kernel took on it (None
-    before a timed call): what the blocks route, for reports such as the benchmarks'.
+    before a timed call): what the blocks route, for reports such as the benchmarks'. `"activation"` is `"gelu_tanh"`
+    for GPT-2's first MLP layers, whose timed calls include the activation, else None.
     """
     choices = []
     # A copy: blocks in other threads may add kinds meanwhile.
-    for (out_features, in_features, row_major, bias, packed, rows_bits, threads), race in list(_KERNEL_RACES.items()):
+    for kind, race in list(_KERNEL_RACES.items()):
+        out_features, in_features, row_major, bias, packed, gelu, rows_bits, threads = kind
         mkl_ms, onednn_ms = (None if seconds is None else round(seconds * 1e3, 3) for seconds in race.fewest_seconds())
         choices.append({
             "in_features": in_features, "out_features": out_features,
             "weight": "row-major" if row_major else "transposed", "bias": bias, "packed": packed,
-            "rows_up_to": 1 << rows_bits, "threads": threads,
+            "activation": "gelu_tanh" if gelu else None, "rows_up_to": 1 << rows_bits, "threads": threads,
             "kernel": None if race.onednn is None else "onednn" if race.onednn else "default",
             "mkl_ms": mkl_ms, "onednn_ms": onednn_ms,
         })

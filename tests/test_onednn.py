@@ -405,6 +405,75 @@ def test_generate_measures_each_kind_of_call_and_keeps_the_captions(tokenizer):
     assert all("forward" not in vars(module) for module in model.modules())
 
 
+def test_gpt2_mlps_apply_their_gelu_in_the_first_layers_product(tokenizer):
+    model = tiny_model(tokenizer)
+    mlp = model.language_model.transformer.h[0].mlp
+    inputs = torch.randn(4, 1, mlp.c_fc.weight.shape[0], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = mlp(inputs)
+        with onednn_linear(model):
+            result, ops = ops_run(lambda: mlp(inputs))
+    # oneDNN's post-op: no GELU pass of its own, and the two products on oneDNN.
+    assert "aten::gelu" not in ops and ops.count(ONEDNN_OP) == 2
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+    assert all("forward" not in vars(module) for module in model.modules())
+
+
+def test_gpt2_mlps_on_mkl_apply_their_gelu_after_the_product(tokenizer):
+    model = tiny_model(tokenizer)
+    mlp = model.language_model.transformer.h[0].mlp
+    inputs = torch.randn(4, 1, mlp.c_fc.weight.shape[0], generator=torch.Generator().manual_seed(0))
+    kind = onednn._call_kind(inputs, mlp.c_fc.weight.T, mlp.c_fc.bias, packed=False, gelu=True)
+    onednn._KERNEL_RACES[kind] = decided({False: [1.0] * (1 + TIMED_CALLS), True: [1.0] + [3.0] * TIMED_CALLS})
+    with torch.no_grad():
+        expected = mlp(inputs)
+        with cpu_linear_kernels(model):
+            result, ops = ops_run(lambda: mlp(inputs))
+    assert "aten::gelu" in ops
+    torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+    assert onednn._KERNEL_RACES[kind].onednn is False and len(onednn._KERNEL_RACES) > 1  # c_proj: its own kind
+
+
+def test_generate_measures_gpt2s_first_mlp_layers_with_their_gelu(tokenizer):
+    model = tiny_model(tokenizer)
+    hidden = model.get_input_embeddings().weight.shape[1]
+    model.generate(image_embeds=torch.randn(3, model.config.prefix_dim), max_new_tokens=4)
+    activations = {
+        (choice["in_features"], choice["out_features"]): choice["activation"] for choice in cpu_linear_choices()
+    }
+    assert activations[(hidden, 4 * hidden)] == "gelu_tanh" and activations[(4 * hidden, hidden)] is None
+
+
+def test_gpt2_mlps_compute_as_their_class_where_fusing_would_skip_something(tokenizer):
+    model = tiny_model(tokenizer)
+    mlp = model.language_model.transformer.h[0].mlp
+    inputs = torch.randn(4, 1, mlp.c_fc.weight.shape[0], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        pre_activations = mlp.c_fc(inputs)
+        expected = mlp(inputs)
+    seen = []
+    for module in (mlp.c_fc, mlp.act):  # a hook sees the outputs and inputs it would see outside the block
+        hook = module.register_forward_hook(lambda module, args, output: seen.append(args[0] if module is mlp.act
+                                                                                    else output))
+        with torch.no_grad(), onednn_linear(model):
+            result, ops = ops_run(lambda: mlp(inputs))
+        hook.remove()
+        assert "aten::gelu" in ops
+        torch.testing.assert_close(seen.pop(), pre_activations, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(result, expected, rtol=1e-5, atol=1e-5)
+    # Another activation, or GELUTanh's Python formula, is computed as the MLP says, not as tanh-GELU.
+    for activation in (nn.ReLU(), type(mlp.act)(use_gelu_tanh_python=True)):
+        mlp.act = activation
+        with torch.no_grad():
+            expected = mlp(inputs)
+            with onednn_linear(model):
+                torch.testing.assert_close(mlp(inputs), expected, rtol=1e-5, atol=1e-5)
+    # With gradients (training inside a block), as the class computes it, gradients included.
+    with onednn_linear(model):
+        mlp(inputs).sum().backward()
+    assert mlp.c_fc.weight.grad is not None
+
+
 def test_a_race_keeps_the_clearly_faster_kernel_after_its_timed_calls():
     race, order = onednn._KernelRace(), []
     for _ in range(2 * (1 + TIMED_CALLS)):
@@ -458,7 +527,7 @@ def test_a_measured_block_routes_each_kind_of_call_by_its_own_race(tokenizer):
     assert cpu_linear_choices() == [
         {
             "in_features": head.in_features, "out_features": head.out_features, "weight": "row-major", "bias": False,
-            "packed": False, "rows_up_to": rows_up_to, "threads": torch.get_num_threads(),
+            "packed": False, "activation": None, "rows_up_to": rows_up_to, "threads": torch.get_num_threads(),
             "kernel": "onednn" if race.onednn else "default",
             "mkl_ms": round(min(race.seconds[0][1:]) * 1e3, 3), "onednn_ms": round(min(race.seconds[1][1:]) * 1e3, 3),
         }
@@ -500,10 +569,10 @@ def test_a_prepacking_race_times_onednn_on_packed_weights_and_never_the_packing(
             clock.now += 100.0
         return pack(layer, weight, packs, state)
 
-    def onednn_product(inputs, weight, bias, packed=None):
+    def onednn_product(inputs, weight, bias, packed=None, gelu=False):
         clock.now += 1.0
         products_on.append("plain" if packed is None else "packed")
-        return linear(inputs, weight, bias, packed)
+        return linear(inputs, weight, bias, packed, gelu)
 
     def mkl_product(layer, inputs):
         clock.now += 2.0
@@ -534,8 +603,8 @@ def test_a_weight_replaced_during_a_oneDNN_turn_is_packed_again_not_taken_for_th
     linear, mkl_forward = onednn._onednn_linear, nn.Linear.forward
     clock = SimpleNamespace(now=0.0)  # oneDNN's products take 1 s, MKL's 2 s: the race ends on oneDNN
 
-    def product_while_another_thread_replaces_the_weight(inputs, weight, bias, packed=None):
-        outputs = linear(inputs, weight, bias, packed)
+    def product_while_another_thread_replaces_the_weight(inputs, weight, bias, packed=None, gelu=False):
+        outputs = linear(inputs, weight, bias, packed, gelu)
         layer.weight = replacement
         clock.now += 1.0
         return outputs
@@ -563,9 +632,9 @@ def test_one_generate_per_prepacking_block_still_settles_every_kind(tokenizer, m
     monkeypatch.setattr(onednn, "time", SimpleNamespace(perf_counter=lambda: clock.now))
     linear = onednn._onednn_linear
 
-    def onednn_product(*args):
+    def onednn_product(*args, **kwargs):
         clock.now += 1.0
-        return linear(*args)
+        return linear(*args, **kwargs)
 
     monkeypatch.setattr(onednn, "_onednn_linear", onednn_product)
     for layer_class in (nn.Linear, Conv1D):
