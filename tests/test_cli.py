@@ -526,10 +526,10 @@ def test_convert_original_fails_at_once_when_a_part_is_on_an_unreachable_hub(
     argv = ["convert-original", str(checkpoint), "--output", str(tmp_path / "out"), "--vision-backend", "clip"]
     assert main([*argv, *(item for pair in parts.items() for item in pair)]) == 2
     assert connections == [("127.0.0.1", 9)] and sleeps == []  # the Hub tried once: no retry, no back-off
-    part = option.lstrip("-").replace("-", " ")
+    spelled = f"`{option.lstrip('-').replace('-', '_')}` ({option})"
     assert capsys.readouterr().err.startswith(
-        f"clipcap convert-original: error: Could not load the {part} 'someone/part-not-cached': http://127.0.0.1:9 "
-        "cannot be reached: "
+        f"clipcap convert-original: error: {spelled} someone/part-not-cached: no such folder, and this Hub model is "
+        "not in the local cache (http://127.0.0.1:9 cannot be reached: "
     )
     assert not (tmp_path / "out").exists()
 

@@ -36,7 +36,7 @@ from ..modeling_clipcap import ClipCapForConditionalGeneration, load_pretrained_
 from ..open_clip_vision import OPEN_CLIP_SCHEMAS
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import check_output_folder, read_json, save_pretrained, write_folder_atomically
-from ..utils.loading import hub_unreachable
+from ..utils.loading import can_only_be_a_folder, check_pretrained_source
 
 logger = logging.get_logger(__name__)
 
@@ -561,8 +561,8 @@ def convert_original_checkpoint(
     # The tokenizer first: it is small, and checked against the checkpoint before the vision tower is downloaded.
     # (A folder with some of a tokenizer's files makes AutoTokenizer raise one of several kinds, naming nothing.)
     tokenizer_errors = (ValueError, TypeError, KeyError)
+    check_pretrained_source(tokenizer, "`tokenizer` (--tokenizer)", TOKENIZER_FILES)
     with _naming_failed_part("tokenizer", tokenizer, "`tokenizer` (--tokenizer)", also=tokenizer_errors):
-        _check_reachable_part(tokenizer, TOKENIZER_FILES)
         text_tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
     stop_token_ids = _original_stop_token_ids(text_tokenizer, tokenizer, layout.gpt2_config)
     if backend == "clip" and vision_name.startswith(OPEN_CLIP_SCHEMAS):
@@ -570,9 +570,10 @@ def convert_original_checkpoint(
             f"The vision model {vision_name!r} names an open_clip model, which vision_backend='clip' "
             "(--vision-backend clip) does not read; leave the backend out, or set it to 'open_clip'."
         )
+    if backend == "clip":  # open_clip names are no Hub ids (open_clip downloads its own weights)
+        check_pretrained_source(vision_name, "`vision_model` (--vision-model)")
     with _naming_failed_part("vision model", vision_name, "`vision_model` (--vision-model)"):
-        if backend == "clip":  # open_clip names are no Hub ids (open_clip downloads its own weights)
-            _check_reachable_part(vision_name, ("config.json",))
+        if backend == "clip":
             _require_clip_tower(vision_name, preset, release)  # before its weights are downloaded
         vision_tower, config_fields = load_pretrained_vision_model(vision_name, backend, vision_tag)
         image_processor = ClipCapImageProcessor.from_vision_pretrained(vision_name, backend, vision_tag)
@@ -656,29 +657,6 @@ def _preset_open_clip_tag(preset: str, release: OriginalRelease, model_name: str
     return preset_tag
 
 
-def _check_reachable_part(name: str, filenames: tuple[str, ...]) -> None:
-    """
-    A part's folder exists and holds one of `filenames`, and a Hub name that is not cached fails at once when the Hub
-    cannot be reached, not after a minute of retries. transformers calls a missing folder an invalid repo id, and a
-    folder without a tokenizer a slow tokenizer it cannot convert.
-    """
-    path = Path(name).expanduser()
-    if path.is_file():
-        raise NotADirectoryError(f"{name} is a file; give the folder that holds it")
-    if path.is_dir() and not any((path / filename).is_file() for filename in filenames):
-        raise FileNotFoundError(f"{name} holds no {' or '.join(filenames)}")
-    if not path.exists() and _is_path(name):
-        raise FileNotFoundError(f"{name} does not exist")
-    reason = hub_unreachable(name, filenames)
-    if reason is not None:
-        raise OSError(reason)
-
-
-def _is_path(name: str) -> bool:
-    """Whether a part's name can only be a local path (`./gpt2` is also a valid Hub id)."""
-    return name.startswith((".", "/", "~"))
-
-
 @contextlib.contextmanager
 def _naming_failed_part(part: str, name: str, option: str, also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
     """
@@ -694,7 +672,7 @@ def _naming_failed_part(part: str, name: str, option: str, also: tuple[type[Exce
         # library subclasses may not take a plain message.
         error_type = next((kind for kind in type(error).__mro__ if kind.__module__ == "builtins"), OSError)
         error_type = error_type if issubclass(error_type, OSError) else OSError
-        offline_advice = "" if _is_path(name) else "; without network access, give a local folder"
+        offline_advice = "" if can_only_be_a_folder(name) else "; without network access, give a local folder"
         raise error_type(
             f"Could not load the {part} {name!r}: {str(error).strip().rstrip('.')}. Choose the {part} with "
             f"{option}{offline_advice}."

@@ -54,7 +54,7 @@ def _hub_unreachable() -> str | None:
     return None
 
 
-def _looks_local(name_or_path: str) -> bool:
+def can_only_be_a_folder(name_or_path: str) -> bool:
     """Whether `name_or_path` can only be a folder: no valid Hub id, or a path (`./clipcap-quikstart` is a valid id)."""
     try:
         validate_repo_id(name_or_path)
@@ -63,34 +63,24 @@ def _looks_local(name_or_path: str) -> bool:
     return name_or_path.startswith((".", "/", "~"))
 
 
-def _uncached_hub_name(name_or_path: str, filenames: tuple[str, ...]) -> bool:
-    """Whether `name_or_path` is a Hub name none of whose `filenames` is in the local cache."""
-    if Path(name_or_path).expanduser().exists() or _looks_local(name_or_path):
-        return False
-    return not any(isinstance(try_to_load_from_cache(name_or_path, filename), str) for filename in filenames)
-
-
-def hub_unreachable(name_or_path: str, filenames: tuple[str, ...] = ("config.json",)) -> str | None:
-    """
-    Why the Hub model `name_or_path`, none of whose `filenames` is in the local cache, cannot be downloaded now: the
-    Hub cannot be reached. None for a folder, a cached model, offline mode (transformers then fails at once) or a
-    reachable Hub.
-    """
-    if _offline_variable() or not _uncached_hub_name(name_or_path, filenames):
-        return None
-    return _hub_unreachable()
-
-
 def check_pretrained_source(name_or_path: str, option: str, filenames: tuple[str, ...] = ("config.json",)) -> None:
     """
-    Check, before anything is loaded, that `name_or_path` (given as `option`) can be: an existing folder, or a Hub
-    name with one of `filenames` in the local cache, or that can be downloaded. A path that does not exist, or a Hub
-    name that is not cached while offline (`HF_HUB_OFFLINE`) or while the Hub cannot be reached, raises an `OSError`
-    naming the option, at once rather than after a minute of network retries.
+    Check, before anything is loaded, that `name_or_path` (given as `option`) can be: an existing folder holding one
+    of `filenames`, or a Hub name with one of them in the local cache, or that can be downloaded. Anything else raises
+    an `OSError` naming the option, at once rather than after a minute of network retries (or transformers' "Repo id
+    must be in the form" for a missing folder): a file, a folder without those files, a path that does not exist, a
+    Hub name that is not cached while offline (`HF_HUB_OFFLINE`) or while the Hub cannot be reached.
     """
-    if not Path(name_or_path).expanduser().exists() and _looks_local(name_or_path):
+    folder = Path(name_or_path).expanduser()
+    if folder.is_file():
+        raise NotADirectoryError(f"{option}: {name_or_path} is a file; give the folder that holds it.")
+    if folder.is_dir():
+        if not any((folder / filename).is_file() for filename in filenames):
+            raise FileNotFoundError(f"{option}: {name_or_path} holds no {' or '.join(filenames)}.")
+        return
+    if can_only_be_a_folder(name_or_path):
         raise FileNotFoundError(f"{option}: folder {name_or_path} does not exist.")
-    if not _uncached_hub_name(name_or_path, filenames):
+    if any(isinstance(try_to_load_from_cache(name_or_path, filename), str) for filename in filenames):
         return
     offline = _offline_variable()
     reason = f"{offline} is set" if offline else _hub_unreachable()
@@ -104,16 +94,12 @@ def check_pretrained_source(name_or_path: str, option: str, filenames: tuple[str
 def read_model_config(name_or_path: str, option: str) -> dict:
     """
     The `config.json` of a folder or Hub name (given as `option`), read as data after [`check_pretrained_source`]:
-    no code of the folder runs. A file, or a folder without `config.json`, raises naming the option.
+    no code of the folder runs.
     """
     check_pretrained_source(name_or_path, option)
     folder = Path(name_or_path).expanduser()
     if folder.is_dir():
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{option}: {name_or_path} has no config.json; it is not a saved model folder.")
         config = read_json(folder / "config.json")
-    elif folder.exists():
-        raise NotADirectoryError(f"{option}: {name_or_path} is a file; give the folder of a saved model.")
     else:
         config, _ = PretrainedConfig.get_config_dict(name_or_path)
     return config if isinstance(config, dict) else {}
