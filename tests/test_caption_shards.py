@@ -120,9 +120,10 @@ def test_parquet_source_gives_whole_shards_with_generate_captions_and_a_rerun_sk
     assert (output / names[0]).stat().st_mtime_ns == kept
     assert read_rows(output) == expected_rows(model_dir, encoded)
 
-    # Other settings into the same folder would mix captions: refused, naming what differs.
+    # Other settings into the same folder would mix captions: refused, naming what differs, as then and now.
     assert main(caption_argv(model_dir, source, output, "--num-beams", "2")) == 2
-    assert "holds captions made with other settings (decoding differ" in capsys.readouterr().err
+    assert (f"holds captions made with other settings (decoding.num_beams was 1, now 2; see "
+            f"{output / 'caption_run.json'})") in capsys.readouterr().err
 
 
 def read_table(output: Path) -> dict[str, list]:
@@ -555,7 +556,7 @@ def test_a_run_that_failed_before_any_shard_does_not_bind_the_folder(embeddings_
 
     caption_dataset_to_parquet(embeddings_captioner, dataset, output, settings={"run": 2}, rank=0, world_size=1)
     assert json.loads((output / "caption_run.json").read_text())["run"] == 2
-    with pytest.raises(ValueError, match=r"holds captions made with other settings \(run differ"):
+    with pytest.raises(ValueError, match=r"holds captions made with other settings \(run was 2, now 3; see "):
         caption_dataset_to_parquet(embeddings_captioner, dataset, output, settings={"run": 3}, rank=0, world_size=1)
 
 
@@ -652,8 +653,9 @@ def test_a_seeded_sampled_resume_with_another_batch_size_is_refused(model_dir, t
     whole = read_rows(output)
     (output / "captions-00001-of-00002.parquet").unlink()
     # The draws are spread over a batch's rows: batches of 1 would sample other captions for the same seed.
-    with pytest.raises(ValueError, match=r"\(sampling differ; .* Seeded sampled captions depend on the batch size and "
-                                         r"the device: resume with batch size 3 on a cpu device\."):
+    with pytest.raises(ValueError, match=r"\(sampling\.batch_size was 3, now 1; see .* Seeded sampled captions "
+                                         r"depend on the batch size and the device: resume with batch size 3 on a "
+                                         r"cpu device\."):
         run(1)
     run(3)
     assert read_rows(output) == whole
@@ -675,11 +677,12 @@ def test_embeddings_holding_nan_or_inf_are_bad_rows_named_by_shard_and_key(embed
 
     with pytest.raises(ValueError) as refused:
         run(tmp_path / "stop", "error")
-    assert str(refused.value).endswith(
-        "(--on-bad-image skip):\n"
+    assert str(refused.value).startswith(
+        "3 image(s) cannot be read:\n"
         "  captions-00001-of-00003.parquet, key 'k3': The embedding is missing (None)\n"
         "  captions-00001-of-00003.parquet, key 'k4': The embedding holds NaN or infinite values\n"
-        "  captions-00001-of-00003.parquet, key 'k5': The embedding holds NaN or infinite values")
+        "  captions-00001-of-00003.parquet, key 'k5': The embedding holds NaN or infinite values\n"
+        "The shards finished before are kept: rerun with --on-bad-image skip")
     assert [path.name for path in (tmp_path / "stop").glob("*.parquet")] == ["captions-00000-of-00003.parquet"]
 
     summary = run(tmp_path / "skip", "skip")
@@ -785,7 +788,7 @@ def test_a_run_file_of_an_earlier_version_without_the_source_layout_is_resumed(
     run_file = output / "caption_run.json"
     run_file.write_text(json.dumps({**older, "seed": 4}))
     assert main(argv) == 2  # the settings it did record are still checked
-    assert "holds captions made with other settings (seed differ" in capsys.readouterr().err
+    assert "holds captions made with other settings (seed was 4, now null; see" in capsys.readouterr().err
     # So are the finished shards' names: a source now split in 3 shards cannot resume shards of 4.
     stray = output / "captions-00000-of-00004.parquet"
     stray.write_bytes((output / "captions-00000-of-00003.parquet").read_bytes())
@@ -833,7 +836,8 @@ def test_a_resume_checks_the_model_itself_not_the_path_naming_it(
     run_file.write_text(json.dumps(older))
     unfinished.unlink()
     assert main(caption_argv("./model", source, output)) == 2  # its path is still compared
-    assert "holds captions made with other settings (model differ" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f'holds captions made with other settings (model was "{older["model"]}", now "./model"; see' in err
     assert main(caption_argv(older["model"], source, output)) == 0
     assert "which did not record the models themselves (only the paths naming them" in caplog.text
     assert json.loads(run_file.read_text())["model"].startswith("sha256:")
@@ -846,7 +850,8 @@ def test_a_resume_checks_the_model_itself_not_the_path_naming_it(
     retrained.save_pretrained(model)
     unfinished.unlink()
     assert main(caption_argv(older["model"], source, output)) == 2
-    assert "holds captions made with other settings (model differ" in capsys.readouterr().err
+    assert re.search(r'holds captions made with other settings \(model was "sha256:\w+", now "sha256:\w+"; see',
+                     capsys.readouterr().err)
     assert not unfinished.exists()
 
 
@@ -1296,3 +1301,173 @@ def test_a_seed_without_sampling_is_warned_of_and_changes_nothing(model_dir, par
     with pytest.warns(UserWarning, match=r"^--seed has no effect without --do-sample: greedy and beam search draw"):
         assert main(caption_argv(model_dir, source, output, "--seed", "7")) == 0
     assert read_rows(output) == expected_rows(model_dir, encoded)
+
+
+def test_the_unreadable_image_error_says_a_rerun_with_skip_keeps_the_finished_shards(model_dir, tmp_path, capsys):
+    good = [png_bytes(image) for image in random_images(6, seed=12)]
+    source = write_image_bytes(tmp_path / "images.parquet", [*good[:4], b"not an image", good[5]])
+    output = tmp_path / "captions"
+    assert main(caption_argv(model_dir, source, output)) == 2  # shards of rows 0-2 and 3-5 (the bad one)
+    err = capsys.readouterr().err
+    assert ("The shards finished before are kept: rerun with --on-bad-image skip to leave these images out and "
+            "caption the rest. To fix or remove them instead, write the captions of the changed source to a new "
+            "--output") in err
+    finished = output / "captions-00000-of-00002.parquet"
+    kept = finished.stat().st_mtime_ns
+
+    # As it says: a rerun with skip resumes, keeping the finished shard.
+    assert main(caption_argv(model_dir, source, output, "--on-bad-image", "skip")) == 0
+    assert ("wrote 1 shard(s) of 2 (2 captions, 1 unreadable image(s) skipped); 1 already finished"
+            in capsys.readouterr().err)
+    assert finished.stat().st_mtime_ns == kept
+    # The image fixed (or removed), the source is another one: refused there, captioned into a new folder.
+    (output / "captions-00001-of-00002.parquet").unlink()
+    for changed in (good, good[:4] + good[5:]):
+        write_image_bytes(source, changed)
+        assert main(caption_argv(model_dir, source, output)) == 2
+        assert f"--output {output} holds captions of a source of 6 rows" in capsys.readouterr().err
+    assert main(caption_argv(model_dir, source, tmp_path / "new")) == 0
+
+
+@pytest.mark.parametrize("option", ["--data-files", "--embeddings"])
+@pytest.mark.parametrize("inside", [False, True])
+def test_an_output_in_a_source_folder_is_refused_before_any_work(tmp_path, capsys, option, inside):
+    folder = tmp_path / "source"
+    folder.mkdir()
+    output = folder / "captions" if inside else folder
+    # Neither --model nor the source's files exist: the --output check comes before them.
+    argv = ["caption", "--model", str(tmp_path / "nothing-loaded"), option, str(folder), "--output", str(output)]
+    assert main(argv) == 2
+    where = "lies inside" if inside else "is"
+    assert capsys.readouterr().err == (
+        f"clipcap caption: error: --output {output} {where} the {option} folder {folder}: a rerun would read the "
+        f"caption shards written there as source data. Give an --output outside {folder}.\n"
+    )
+    assert not (folder / "captions").exists()
+
+
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
+    # Root writes into any folder whatever its mode, so the folder's lack of write permission is what os.access says.
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode, **kw: Path(path) != locked and real_access(path, mode, **kw))
+    for output in (locked, locked / "captions"):
+        # Neither --model nor the source exist: the --output check comes before them.
+        argv = ["caption", "--model", str(tmp_path / "nothing-loaded"), "--data-files", str(tmp_path / "x.parquet"),
+                "--output", str(output)]
+        assert main(argv) == 2
+        assert capsys.readouterr().err == (
+            f"clipcap caption: error: --output: {output} cannot be written: the folder {locked} is not writable; "
+            "name another folder.\n"
+        )
+
+
+def test_a_lock_file_that_cannot_be_written_is_named_as_the_output(tmp_path):
+    from clipcap_hf.inference import caption_dataset_to_parquet
+
+    denied = PermissionError(errno.EACCES, "Permission denied")
+    with mock.patch("clipcap_hf.inference.sharded.acquire_file_lock", side_effect=denied), pytest.raises(
+        PermissionError, match=re.escape(f"Cannot write to --output {tmp_path} ([Errno 13] Permission denied): make "
+                                         "it writable, or write to another folder.")
+    ):
+        caption_dataset_to_parquet(object(), object(), tmp_path)
+
+
+def test_a_resume_may_name_the_data_files_otherwise_and_a_refusal_names_the_setting_that_differs(
+    model_dir, parquet_source, tmp_path, capsys, caplog, monkeypatch
+):
+    source, encoded = parquet_source
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "images.parquet").write_bytes(source.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    output = tmp_path / "captions"
+    run_file = output / "caption_run.json"
+    unfinished = output / "captions-00001-of-00003.parquet"
+    assert main(caption_argv(model_dir, "data/images.parquet", output)) == 0
+    resolved = os.path.realpath(data / "images.parquet")
+    assert json.loads(run_file.read_text())["source"]["data_files"] == [resolved]
+    for spelling in ("./data/images.parquet", str(data / "images.parquet"), "data/../data/images.parquet"):
+        unfinished.unlink()
+        assert main(caption_argv(model_dir, spelling, output)) == 0, capsys.readouterr().err
+        assert "wrote 1 shard(s) of 3 (2 captions); 2 already finished" in capsys.readouterr().err
+    assert read_rows(output) == expected_rows(model_dir, encoded)
+
+    # A run file of an earlier version recorded the path as given: resumed by any spelling of that file.
+    older = json.loads(run_file.read_text())
+    older["source"]["data_files"] = ["data/images.parquet"]
+    run_file.write_text(json.dumps(older))
+    unfinished.unlink()
+    assert main(caption_argv(model_dir, "./data/images.parquet", output)) == 0
+    assert "recorded the same settings in another form: resuming" in caplog.text
+    assert json.loads(run_file.read_text())["source"]["data_files"] == [resolved]
+
+    # Another file of the same images is another source: refused, naming the setting with both values.
+    (data / "copy.parquet").write_bytes(source.read_bytes())
+    assert main(caption_argv(model_dir, "data/copy.parquet", output)) == 2
+    assert (f'other settings (source.data_files was ["{resolved}"], now ["{os.path.realpath(data / "copy.parquet")}"]'
+            f"; see {run_file})") in capsys.readouterr().err
+
+    # Streamed, each data file is recorded by its resolved path too.
+    files = two_parquet_files(data, encoded)
+    streamed = tmp_path / "streamed"
+    assert main(streaming_argv(model_dir, [Path("data") / file.name for file in files], streamed)) == 0
+    (streamed / "captions-00001-of-00002.parquet").unlink()
+    argv = streaming_argv(model_dir, [os.path.join(".", "data", ".", file.name) for file in files], streamed)
+    assert main(argv) == 0
+    assert "wrote 1 shard(s) of 2 (3 captions); 1 already finished" in capsys.readouterr().err
+    # An earlier version recorded them as the loader spelt them.
+    older = json.loads((streamed / "caption_run.json").read_text())
+    for file in older["source_layout"]["data_files"]:
+        file["path"] = os.path.join(os.path.dirname(file["path"]), ".", os.path.basename(file["path"]))
+    (streamed / "caption_run.json").write_text(json.dumps(older))
+    (streamed / "captions-00001-of-00002.parquet").unlink()
+    assert main(argv) == 0
+    assert "wrote 1 shard(s) of 2 (3 captions); 1 already finished" in capsys.readouterr().err
+
+
+def test_a_run_with_no_shard_left_loads_no_model_but_still_refuses_other_settings(
+    model_dir, parquet_source, tiny_clip_dir, tmp_path, capsys, monkeypatch
+):
+    from transformers import CLIPModel
+
+    source, _ = parquet_source
+    output = tmp_path / "captions"
+    argv = caption_argv(model_dir, source, output, "--do-sample", "--num-candidates", "2", "--rerank-model",
+                        str(tiny_clip_dir), "--seed", "0")
+    assert main(argv) == 0
+    capsys.readouterr()
+    loaded = []
+    for model_class in (ClipCapForConditionalGeneration, CLIPModel):
+        real = model_class.from_pretrained.__func__
+
+        def counted(cls, *args, _real=real, **kwargs):
+            loaded.append(cls.__name__)
+            return _real(cls, *args, **kwargs)
+
+        monkeypatch.setattr(model_class, "from_pretrained", classmethod(counted))
+
+    assert main(argv) == 0
+    assert "wrote 0 shard(s) of 3 (0 captions); 3 already finished" in capsys.readouterr().err
+    assert loaded == []
+    # Other settings are refused as before, the dtype too where --dtype names it.
+    assert main([*argv, "--top-p", "0.9"]) == 2
+    assert "other settings (decoding.top_p was not recorded, now 0.9; see" in capsys.readouterr().err
+    assert main([*argv, "--dtype", "bfloat16"]) == 2
+    assert 'other settings (dtype was "float32", now "bfloat16"; see' in capsys.readouterr().err
+    # Process 3 of 4 has none of the 3 shards: it reads nothing there.
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    assert main(caption_argv(model_dir, source, tmp_path / "elsewhere")) == 0
+    assert "Rank 3 of 4: wrote 0 shard(s) of 3 (0 captions); 0 already finished" in capsys.readouterr().err
+    assert not (tmp_path / "elsewhere").exists()
+    assert loaded == []
+
+    # A shard left: the models load.
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("WORLD_SIZE")
+    (output / "captions-00001-of-00003.parquet").unlink()
+    assert main(argv) == 0
+    assert "wrote 1 shard(s) of 3 (2 captions); 2 already finished" in capsys.readouterr().err
+    assert loaded == ["ClipCapForConditionalGeneration", "CLIPModel"]

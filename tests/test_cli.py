@@ -377,6 +377,18 @@ def test_a_device_type_is_taken_where_its_backend_says_it_is_available(monkeypat
         resolve_device("xpu:2")
 
 
+def test_cuda_given_or_by_default_is_each_torchrun_process_s_own_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resolve_device("cuda") == resolve_device(None) == torch.device("cuda")  # one process: the current GPU
+    # Process 3 of a node's 8 (LOCAL_RANK 3 of WORLD_SIZE 8): a bare cuda would be GPU 0 for every process.
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("cuda") == resolve_device(None) == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)  # a GPU named by number is taken as named
+
+
 class BrokenPipe(io.StringIO):
     """stdout whose reader has gone, as with `clipcap caption ... | head -1`."""
 

@@ -81,6 +81,23 @@ def test_clip_score_and_ref_clip_score_follow_the_paper(clip):
     assert ref_s.tolist() == pytest.approx(expected_ref, abs=1e-5)
 
 
+def test_ref_clip_score_runs_the_text_tower_once_over_each_caption_and_reference(clip, monkeypatch):
+    model, processor = clip
+    scorer = CLIPScorer(model, processor)
+    images = random_images(len(CAPTIONS), seed=5)
+    rows = []  # the texts of each call of the text tower
+    real = type(model).get_text_features
+
+    def counted(self, input_ids=None, **kwargs):
+        rows.append(len(input_ids))
+        return real(self, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(type(model), "get_text_features", counted)
+    clip_s, _ = scorer.ref_clip_score(images, CAPTIONS, REFERENCES)
+    assert sum(rows) == len(CAPTIONS) + sum(map(len, REFERENCES))
+    assert torch.equal(clip_s, scorer.clip_score(images, CAPTIONS))  # the same CLIPScore as scored alone
+
+
 def test_rerank_keeps_the_candidate_with_the_highest_score(clip):
     model, processor = clip
     images = random_images(2, seed=6)

@@ -1,7 +1,9 @@
+import dataclasses
 import html
 import json
 import re
 
+import PIL.Image
 import pytest
 import torch
 from conftest import random_images, run_without_package, tiny_model
@@ -450,3 +452,39 @@ def test_interpret_holds_one_decoded_image_at_a_time(saved_words_model, tmp_path
     assert alive_at_each_load == [0, 0, 0, 0]
     # The gallery is given the files, which it reads again for the thumbnails.
     assert [[record["image"] for record in records] for records in written] == ([paths] if with_gallery else [])
+
+
+def test_interpret_runs_each_model_s_vision_tower_and_mapper_once_per_image(tokenizer, processor, tmp_path,
+                                                                            monkeypatch, capsys):
+    from clipcap_hf import ClipCapForConditionalGeneration
+
+    monkeypatch.setenv("CLIPCAP_CPU_LINEAR", "default")  # the same kernels inside generate() as outside it
+    folders, images = [tmp_path / "first", tmp_path / "second"], [tmp_path / "a.png", tmp_path / "b.png"]
+    for seed, (folder, image) in enumerate(zip(folders, images)):
+        tiny_model(tokenizer, "mlp", seed=seed).save_pretrained(folder)  # prefixes that depend on the image
+        processor.save_pretrained(folder)
+        random_images(1, seed=seed + 5)[0].save(image)
+    # Each model's reading of each image as `interpret_prefix` and `generate` give them from the pixels.
+    expected = []
+    for image in images:
+        readings = []
+        for folder in folders:
+            model = ClipCapForConditionalGeneration.from_pretrained(folder).eval()
+            pixel_values = processor(images=[PIL.Image.open(image)])["pixel_values"]
+            (interpretation,) = model.interpret_prefix(pixel_values, tokenizer=processor, top_k=2)
+            prefix = [[dataclasses.asdict(match) for match in position] for position in interpretation.matches]
+            readings.append({"model": str(folder), "caption": _greedy_caption(folder, image), "prefix": prefix})
+        expected.append({"image": str(image), "models": readings})
+
+    calls = []
+    real = ClipCapForConditionalGeneration.get_image_features
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(ClipCapForConditionalGeneration, "get_image_features", counted)
+    argv = ["interpret", *map(str, images), "--model", str(folders[0]), "--compare", str(folders[1]), "--top-k", "2"]
+    assert main([*argv, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out) == expected
+    assert len(calls) == 4  # one per image and model: the caption reads the prefix the interpretation read

@@ -74,16 +74,11 @@ def expand_image_paths(patterns: Sequence[str]) -> list[Path]:
 def resolve_device(device: str | None) -> torch.device:
     """
     The `--device` to run on, checked before any model is loaded: cpu, cuda[:N], mps, or another type whose torch
-    backend says it is available (`torch.xpu.is_available()`); never meta. Default: under `torchrun` or `accelerate
-    launch` (WORLD_SIZE > 1) each process's own GPU (LOCAL_RANK, modulo the GPUs here), else cuda when available,
-    else cpu.
+    backend says it is available (`torch.xpu.is_available()`); never meta. Default: cuda when available, else cpu.
+    Under `torchrun` or `accelerate launch` (WORLD_SIZE > 1), `cuda` (given or by default) is each process's own GPU.
     """
     if device is None:
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-        return torch.device("cuda")
+        return _process_gpu() if torch.cuda.is_available() else torch.device("cpu")
     try:
         resolved = torch.device(device)
     except RuntimeError:
@@ -106,7 +101,17 @@ def resolve_device(device: str | None) -> torch.device:
     if resolved.index is not None and count is not None and resolved.index >= count:
         raise ValueError(f"--device {device}: there are only {count} {what}s "
                          f"({resolved.type}:0 to {resolved.type}:{count - 1}).")
-    return resolved
+    return _process_gpu() if resolved == torch.device("cuda") else resolved
+
+
+def _process_gpu() -> torch.device:
+    """
+    This process's GPU: under `torchrun` or `accelerate launch` (WORLD_SIZE > 1) its own (LOCAL_RANK, modulo the GPUs
+    here), since a bare `cuda` is the current GPU, 0 unless set, for every process alike; else `cuda`.
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cuda")
 
 
 def load_model_and_processor(model_name_or_path: str, device: str | None = None):

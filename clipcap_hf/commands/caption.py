@@ -11,13 +11,14 @@ import json
 import os
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
 from ..evaluation import UnreadableImagesError, iter_captions
 from ..evaluation.gallery import GalleryRecord, write_gallery
 from ..inference.captioner import check_decoding_options
-from ..utils.file_utils import escape_controls
+from ..utils.file_utils import check_output_folder, escape_controls
 from ..utils.loading import check_clip_model, check_clipcap_model
 from ._utils import (
     TORCH_DTYPES,
@@ -40,6 +41,10 @@ DEFAULT_SPLIT = "train"
 # The options that only a dataset source (--dataset-name, --data-files) reads. They default to None, so that one given
 # with image files or --embeddings is refused instead of ignored; `_caption_dataset` then gives them their defaults.
 DATASET_OPTIONS = ("dataset_config_name", "dataset_format", "image_root", "split", "image_column", "streaming")
+# The source's settings that caption_run.json records, and those of them that name local files or folders.
+_SOURCE_SETTINGS = ("dataset_name", "dataset_config_name", "data_files", "dataset_format", "image_root", "split",
+                   "image_column", "streaming", "embeddings")
+_SOURCE_PATHS = ("dataset_name", "data_files", "image_root", "embeddings")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -60,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "shard is seeded with SEED + its index, so a resumed run gives those of a whole one "
                              "(with the same --batch-size and device, which the run records).")
     parser.add_argument("--device", default=None,
-                        help="Default: cuda when available (each process's own GPU under torchrun), else cpu.")
+                        help="Default: cuda when available, else cpu. Under torchrun, cuda (given or by default) is "
+                             "each process's own GPU.")
     parser.add_argument("--dtype", type=torch_dtype, default=None, metavar="{" + ",".join(TORCH_DTYPES) + "}",
                         help="Run the model in this precision (default: as saved).")
     parser.add_argument("--json", action="store_true",
@@ -125,8 +131,8 @@ def _dataset_source(args: argparse.Namespace) -> bool:
     if args.json or args.gallery:
         raise ValueError("--json and --gallery print or show image files' captions; with --output the captions go "
                          "into the parquet shards.")
-    if os.path.isfile(args.output):
-        raise NotADirectoryError(f"--output: {args.output} is a file, not a folder.")
+    check_output_folder(args.output, "--output", "write the caption shards to")
+    _check_output_outside_source(args)
     if args.dataset_config_name is not None and args.dataset_name is None:  # the data files' builder takes none
         raise ValueError("--dataset-config-name picks a configuration of --dataset-name, not of --data-files: leave "
                          "it out.")
@@ -138,6 +144,24 @@ def _dataset_source(args: argparse.Namespace) -> bool:
     if args.shard_size is not None and args.streaming:
         raise ValueError("--shard-size splits a dataset read whole; with --streaming each data file is a shard.")
     return True
+
+
+def _check_output_outside_source(args: argparse.Namespace) -> None:
+    """
+    Refuse an --output that is, or lies inside, a folder the source reads (a --data-files folder, a local
+    --dataset-name or --embeddings folder): a resume would read the caption shards written there as source data.
+    """
+    output = Path(os.path.realpath(args.output))
+    folders = [("--data-files", path) for path in args.data_files or ()]
+    folders += [("--dataset-name", args.dataset_name), ("--embeddings", args.embeddings)]
+    for option, folder in folders:
+        if folder is None or not os.path.isdir(folder):  # a data file, or a Hub name
+            continue
+        resolved = Path(os.path.realpath(folder))
+        if output == resolved or resolved in output.parents:
+            where = "is" if output == resolved else "lies inside"
+            raise ValueError(f"--output {args.output} {where} the {option} folder {folder}: a rerun would read the "
+                             f"caption shards written there as source data. Give an --output outside {folder}.")
 
 
 def _refuse_dataset_options(args: argparse.Namespace) -> None:
@@ -211,7 +235,13 @@ def run(args: argparse.Namespace) -> int:
 
 def _caption_dataset(args: argparse.Namespace, decoding: dict) -> int:
     from ..inference import ClipCapCaptioner, caption_dataset_to_parquet
-    from ..inference.sharded import DEFAULT_SHARD_SIZE, SHOWN_ONLY, distributed_rank
+    from ..inference.sharded import (
+        DEFAULT_SHARD_SIZE,
+        SHOWN_ONLY,
+        distributed_rank,
+        finished_caption_run,
+        resolve_local_paths,
+    )
     from ..utils.loading import model_identity
 
     # The options not given: their defaults, recorded in caption_run.json as before they defaulted to None.
@@ -235,43 +265,54 @@ def _caption_dataset(args: argparse.Namespace, decoding: dict) -> int:
             image_root=args.image_root,
             on_bad_image=args.on_bad_image,
         )
-    model, processor = load_model_and_processor(args.model, args.device)
-    if args.embeddings is not None:
-        from ..data.embeddings import check_embeddings
-
-        # This model's vision tower's, and whole: a folder still growing would move rows between input shards.
-        check_embeddings(args.embeddings, model, processor.image_processor, finished=True)
-    captioner = ClipCapCaptioner(model, processor, dtype=args.dtype, **_captioner_kwargs(decoding))
     # Each model by its identity, so that a resume names it by any path but cannot swap in other weights; the paths
-    # as given are recorded for people to read (SHOWN_ONLY).
+    # as given are recorded for people to read (SHOWN_ONLY). The source's paths are resolved, for a resume that
+    # names them otherwise.
+    source = {name: getattr(args, name) for name in _SOURCE_SETTINGS}
     settings = {
         "model": model_identity(args.model),
-        "source": {name: getattr(args, name) for name in ("dataset_name", "dataset_config_name", "data_files",
-                                                           "dataset_format", "image_root", "split", "image_column",
-                                                           "streaming", "embeddings")},
+        "source": {**source, **{name: resolve_local_paths(source[name]) for name in _SOURCE_PATHS}},
         "shard_size": args.shard_size or DEFAULT_SHARD_SIZE,
-        "dtype": str(model.dtype).removeprefix("torch."),
+        # The precision the model runs in: without --dtype, the one it loads in, known once it is loaded.
+        "dtype": None if args.dtype is None else _dtype_name(args.dtype),
         "decoding": {name: value for name, value in decoding.items() if name != "reranker"},
         "rerank_model": None if args.rerank_model is None else model_identity(args.rerank_model),
         "seed": args.seed,
         SHOWN_ONLY: {"model": args.model, "rerank_model": args.rerank_model},
     }
-    summary = caption_dataset_to_parquet(
-        captioner,
+    run_options = {"batch_size": args.batch_size, "shard_size": settings["shard_size"], "seed": args.seed}
+    summary = finished_caption_run(
         dataset,
         args.output,
-        batch_size=args.batch_size,
-        shard_size=settings["shard_size"],
-        on_bad_image=args.on_bad_image,
         settings=settings,
-        seed=args.seed,
+        loaded_settings=("dtype",) if args.dtype is None else (),
+        do_sample=decoding["do_sample"],
+        device_type=resolve_device(args.device).type,
+        **run_options,
     )
+    if summary is None:  # shards left to caption: only now are the models loaded
+        model, processor = load_model_and_processor(args.model, args.device)
+        if args.embeddings is not None:
+            from ..data.embeddings import check_embeddings
+
+            # This model's vision tower's, and whole: a folder still growing would move rows between input shards.
+            check_embeddings(args.embeddings, model, processor.image_processor, finished=True)
+        captioner = ClipCapCaptioner(model, processor, dtype=args.dtype, **_captioner_kwargs(decoding))
+        settings["dtype"] = _dtype_name(model.dtype)
+        summary = caption_dataset_to_parquet(
+            captioner, dataset, args.output, on_bad_image=args.on_bad_image, settings=settings, **run_options
+        )
     rank, world_size = distributed_rank()
     who = f"Rank {rank} of {world_size}" if world_size > 1 else "Done"
     skipped = f", {summary.num_bad_rows} unreadable image(s) skipped" if summary.num_bad_rows else ""
     print(f"{who}: wrote {len(summary.written)} shard(s) of {summary.num_shards} ({summary.num_captions} captions"
           f"{skipped}); {len(summary.skipped)} already finished. Captions: {args.output}", file=sys.stderr)
     return 0
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    """A dtype as caption_run.json records it: "float32"."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _caption_files(args: argparse.Namespace, decoding: dict) -> int:

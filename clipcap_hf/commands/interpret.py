@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import PIL.Image
+import torch
 
 from ..evaluation import UnreadableImagesError
 from ..inference.captioner import decode_image
-from ..interpretability import PrefixInterpretation
+from ..interpretability import PrefixInterpretation, interpret_prefix_embeds
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import escape_controls
@@ -128,10 +129,16 @@ def _read(
 ) -> _Reading:
     """One model's prefix interpretation of one image, and its caption when `caption`."""
     inputs = processor(images=[image]).to(model.device)
-    interpretation = model.interpret_prefix(inputs["pixel_values"], tokenizer=processor, top_k=top_k)[0]
+    # The prefix is computed once and read both ways: from the pixels, `generate` would run the vision tower and the
+    # mapping network again.
+    with torch.no_grad():
+        prefix_embeds = model.get_prefix_embeds(pixel_values=inputs.pop("pixel_values"))
+    interpretation = interpret_prefix_embeds(
+        prefix_embeds, model.get_input_embeddings().weight, tokenizer=processor, top_k=top_k
+    )[0]
     text = None
     if caption:  # greedy, as `clipcap caption` by default
-        generated = model.generate(**inputs, num_beams=1, do_sample=False)
+        generated = model.generate(**inputs, prefix_embeds=prefix_embeds, num_beams=1, do_sample=False)
         text = processor.post_process_image_text_to_text(generated)[0]
     return _Reading(name, interpretation, text)
 

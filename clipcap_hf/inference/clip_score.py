@@ -175,14 +175,17 @@ class CLIPScorer:
         """Each caption's CLIPScore against its image (one caption per image, or image embeddings from
         [`image_embeddings`]); a float32 tensor on the CPU."""
         _check_captions(captions)
-        return _clip_scores(self._cosines(images, captions)).cpu()
+        return _clip_scores(self._cosines(images, self.text_embeddings(captions))).cpu()
 
-    def _cosines(self, images: Sequence[PIL.Image.Image] | torch.Tensor, captions: Sequence[str]) -> torch.Tensor:
-        """Each caption's cosine similarity to its image (or image embedding), before CLIPScore clips it at 0."""
+    def _cosines(
+        self, images: Sequence[PIL.Image.Image] | torch.Tensor, caption_embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        """Each caption's cosine similarity to its image (or image embedding), before CLIPScore clips it at 0; the
+        captions given as their [`text_embeddings`], which a caller may use again."""
+        if len(images) != len(caption_embeddings):
+            raise ValueError(f"Got {len(images)} images and {len(caption_embeddings)} captions; give one per image.")
         image_embeddings = images if isinstance(images, torch.Tensor) else self.image_embeddings(images)
-        if len(image_embeddings) != len(captions):
-            raise ValueError(f"Got {len(image_embeddings)} images and {len(captions)} captions; give one per image.")
-        return (image_embeddings * self.text_embeddings(captions)).sum(-1)
+        return (image_embeddings * caption_embeddings).sum(-1)
 
     def ref_clip_score(
         self,
@@ -196,8 +199,10 @@ class CLIPScorer:
         _check_texts_per_image("references", references, "RefCLIPScore needs at least one reference per image")
         if len(references) != len(captions):
             raise ValueError(f"Got {len(captions)} captions and {len(references)} reference lists; give one per image.")
-        clip_scores = self.clip_score(images, captions)
-        caption_embeddings = self.text_embeddings(captions).cpu()
+        # The captions' embeddings serve both scores: CLIP's text tower runs once over them.
+        caption_embeddings = self.text_embeddings(captions)
+        clip_scores = _clip_scores(self._cosines(images, caption_embeddings)).cpu()
+        caption_embeddings = caption_embeddings.cpu()
         flat = [reference for image_references in references for reference in image_references]
         reference_embeddings = self.text_embeddings(flat).cpu()
         best = []
@@ -224,7 +229,7 @@ class CLIPScorer:
         image_embeddings = self.image_embeddings(images)
         counts = [len(texts) for texts in candidates]
         repeated = image_embeddings.repeat_interleave(torch.tensor(counts, device=image_embeddings.device), dim=0)
-        cosines = self._cosines(repeated, [text for texts in candidates for text in texts]).cpu()
+        cosines = self._cosines(repeated, self.text_embeddings([text for texts in candidates for text in texts])).cpu()
         scores = _clip_scores(cosines)
         # Chosen by cosine: the clipped scores of candidates all dissimilar to the image would all tie at 0.
         best = [int(image_cosines.argmax()) for image_cosines in cosines.split(counts)]

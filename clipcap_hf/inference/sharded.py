@@ -82,6 +82,19 @@ class CaptionRunSummary:
     """Unreadable rows this process skipped."""
 
 
+def resolve_local_paths(value: Any) -> Any:
+    """
+    A path setting (a str, or a list of them: data files, a folder) with each path of an existing file or folder
+    resolved (`os.path.realpath`), so that a resume naming it another way (relative, `./`, absolute, through a link)
+    records the same source; other strings (Hub names, glob patterns) as they are.
+    """
+    if isinstance(value, list):
+        return [resolve_local_paths(item) for item in value]
+    if isinstance(value, str) and os.path.exists(value):
+        return os.path.realpath(value)
+    return value
+
+
 def _input_shards(dataset, shard_size: int) -> tuple[int, Any]:
     """The number of input shards and a function giving shard i."""
     import datasets
@@ -148,7 +161,9 @@ def _data_file_identities(dataset) -> list[dict[str, Any]] | dict[str, Any] | No
         if isinstance(value, (list, tuple)):
             items = [part for item in value for part in (item if isinstance(item, tuple) else (item,))]
             paths += [item for item in items if isinstance(item, str) and os.path.isfile(item)]
-    paths = list(dict.fromkeys(paths))  # JSON and Parquet loaders name each file twice, an image folder's tuples too
+    # Resolved: the loader keeps a data file's spelling (`dir/./a.parquet`), which a resume may change. Once each: JSON
+    # and Parquet loaders name each file twice, an image folder's tuples too.
+    paths = list(dict.fromkeys(map(os.path.realpath, paths)))
     if not paths:
         return None
     if len(paths) <= _MAX_FILES_IDENTIFIED_BY_CONTENT:
@@ -274,8 +289,9 @@ def _as_recorded_by(earlier: dict[str, Any], recorded: dict[str, Any]) -> tuple[
     """
     `recorded` less what the version that wrote `earlier` did not record yet (first the source's layout and a seeded
     sampled run's batch size and device, then the digest of the image keys, then a streaming source's data files,
-    listing each JSON and Parquet file twice and an image folder's as null; the models' identities, recorded as their
-    paths before), and what that leaves unchecked (empty if nothing).
+    listing each JSON and Parquet file twice, by their paths as the loader spelt them, and an image folder's as null;
+    the models' identities, recorded as their paths before; the source's paths as given, not resolved), and what that
+    leaves unchecked (empty if nothing).
     """
     comparable, unchecked = dict(recorded), []
     if "source_layout" not in earlier:
@@ -295,8 +311,16 @@ def _as_recorded_by(earlier: dict[str, Any], recorded: dict[str, Any]) -> tuple[
             # It recorded none for an image folder (it looked for paths only, not the loader's tuples of them)
             layout["data_files"] = None
             unchecked.append("the data files")
-        elif isinstance(files, list) and _once_each(files) == layout.get("data_files"):
-            layout["data_files"] = files  # it listed each JSON and Parquet file twice
+        elif isinstance(files, list) and _once_each(files, resolved=True) == layout.get("data_files"):
+            layout["data_files"] = files  # it listed each JSON and Parquet file twice, each as the loader spelt it
+    source, earlier_source = comparable.get("source"), earlier.get("source")
+    if isinstance(source, dict) and isinstance(earlier_source, dict):
+        # It recorded the source's paths as given: those naming the files this run names, resolved, are as then.
+        comparable["source"] = {
+            key: earlier_source[key] if key in earlier_source and resolve_local_paths(earlier_source[key]) == value
+            else value
+            for key, value in source.items()
+        }
     if SHOWN_ONLY not in earlier and SHOWN_ONLY in comparable:  # it recorded each model as the path given
         comparable.update(comparable.pop(SHOWN_ONLY))
         unchecked.append("the models themselves (only the paths naming them, which match)")
@@ -313,9 +337,15 @@ def _as_recorded_by(earlier: dict[str, Any], recorded: dict[str, Any]) -> tuple[
     return comparable, " nor ".join(unchecked)
 
 
-def _once_each(files: list[Any]) -> list[Any]:
-    """A recorded list of data files without its repeated entries, in order."""
-    return list({json.dumps(file, sort_keys=True): file for file in files}.values())
+def _once_each(files: list[Any], resolved: bool = False) -> list[Any]:
+    """A recorded list of data files without its repeated entries, in order; with `resolved`, each by its resolved
+    path (as [`_data_file_identities`] records them now)."""
+    unique = {}
+    for file in files:
+        if resolved and isinstance(file, dict) and isinstance(file.get("path"), str):
+            file = {**file, "path": os.path.realpath(file["path"])}
+        unique.setdefault(json.dumps(file, sort_keys=True), file)
+    return list(unique.values())
 
 
 def _check_shard_names(output_dir: Path, finished: list[Path], num_shards: int) -> None:
@@ -348,8 +378,7 @@ def _difference(output_dir: Path, earlier: dict[str, Any], recorded: dict[str, A
             "the input shards would not line up with the finished ones, leaving rows out or captioning them twice. "
             "Write to a new output folder, or resume on the original source."
         )
-    earlier, recorded = _compared(earlier), _compared(recorded)
-    changed = sorted(key for key in earlier.keys() | recorded.keys() if earlier.get(key) != recorded.get(key))
+    changes = _changes(_compared(earlier), _compared(recorded))
     why = ""
     if earlier.get("sampling") is not None and earlier.get("sampling") != recorded.get("sampling"):
         why = (
@@ -357,9 +386,34 @@ def _difference(output_dir: Path, earlier: dict[str, Any], recorded: dict[str, A
             f"{earlier['sampling']['batch_size']} on a {earlier['sampling']['device']} device."
         )
     return (
-        f"--output {output_dir} holds captions made with other settings ({', '.join(changed)} differ; see "
+        f"--output {output_dir} holds captions made with other settings ({'; '.join(changes)}; see "
         f"{output_dir / RUN_FILE}).{why} Write to another folder, or remove it to start over."
     )
+
+
+# Characters of a setting's value shown in an error; a longer one (a list of many data files) is cut.
+_MAX_SHOWN = 200
+
+
+def _changes(earlier: dict[str, Any], recorded: dict[str, Any], prefix: str = "") -> list[str]:
+    """Each setting that differs, named by its key (a nested one as `source.data_files`), with both values."""
+
+    def shown(settings: dict[str, Any], key: str) -> str:
+        if key not in settings:
+            return "not recorded"
+        text = json.dumps(settings[key])
+        return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
+
+    changes = []
+    for key in sorted(earlier.keys() | recorded.keys()):
+        before, now = earlier.get(key), recorded.get(key)
+        if key in earlier and key in recorded and before == now:
+            continue
+        if isinstance(before, dict) and isinstance(now, dict):
+            changes += _changes(before, now, f"{prefix}{key}.")
+        else:
+            changes.append(f"{prefix}{key} was {shown(earlier, key)}, now {shown(recorded, key)}")
+    return changes
 
 
 def _data_files_change(before: list | dict, now: list | dict | None) -> str:
@@ -403,6 +457,9 @@ def _folder_lock(output_dir: Path, rank: int, world_size: int) -> Iterator[Path]
         own = acquire_file_lock(own_file, "the output folder", timeout=_LOCK_WAIT_S)
     except Timeout:
         raise ValueError(_busy(output_dir, own_file)) from None
+    except PermissionError as error:  # the first file the run writes there
+        message = f"Cannot write to --output {output_dir} ({error}): make it writable, or write to another folder."
+        raise _same_kind_of_error(error, message) from error
     try:
         for path in sorted(output_dir.glob(".caption-rank-*.lock")):
             match = _LOCK_FILE.fullmatch(path.name)
@@ -522,14 +579,11 @@ def caption_dataset_to_parquet(
     with _folder_lock(output_dir, rank, world_size) as own_lock:
         dataset = _undecoded(dataset, captioner.image_column)
         num_shards, get_shard = _input_shards(dataset, shard_size)
-        # The source's layout is recorded and checked with or without settings: a rerun on a changed source, or with
-        # another shard size, would leave rows out or caption them twice.
-        recorded = {**(settings or {}), "source_layout": _source_layout(dataset, num_shards)}
-        if captioner.do_sample and seed is not None:  # the random draws are spread over a batch's images
-            recorded["sampling"] = {"batch_size": batch_size, "device": captioner.model.device.type}
+        sampled_on = captioner.model.device.type if captioner.do_sample else None
+        recorded = _run_record(dataset, num_shards, settings, seed, batch_size, sampled_on)
         recorded = _check_run_file(output_dir, recorded, own_lock)
         summary = CaptionRunSummary(num_shards)
-        mine = [(index, shard_file_name(index, num_shards)) for index in range(rank, num_shards, world_size)]
+        mine = _own_shards(num_shards, rank, world_size)
         summary.skipped = [name for _, name in mine if (output_dir / name).exists()]
         shards = [(index, name, get_shard(index)) for index, name in mine if name not in summary.skipped]
         sized = all(hasattr(shard, "__len__") for *_, shard in shards)
@@ -558,6 +612,79 @@ def caption_dataset_to_parquet(
         if summary.num_bad_rows and not summary.num_captions:  # checked while the folder's lock is held
             _refuse_a_run_without_captions(output_dir, summary, first_bad)
         return summary
+
+
+def finished_caption_run(
+    dataset,
+    output_dir: str | os.PathLike,
+    *,
+    batch_size: int = 32,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    settings: Mapping[str, Any] | None = None,
+    loaded_settings: tuple[str, ...] = (),
+    do_sample: bool = False,
+    device_type: str = "cpu",
+    rank: int | None = None,
+    world_size: int | None = None,
+    seed: int | None = None,
+) -> CaptionRunSummary | None:
+    """
+    What [`caption_dataset_to_parquet`] would do with no shard of this process left to caption in `output_dir` (all
+    of them finished, or none given to it), found before any model is loaded, so that such a run loads none: None when
+    some are left.
+
+    A process with finished shards checks the run file as [`caption_dataset_to_parquet`] does (the same arguments,
+    with the captioner's `do_sample` and device type in its place), so that a rerun with other settings is refused
+    even when it would caption nothing. `loaded_settings` names the keys of `settings` that are known only once the
+    model is loaded (the dtype it loads in by default): taken as the run file records them, since a run that captions
+    nothing cannot mix captions. A process given no shard reads nothing there.
+    """
+    if rank is None or world_size is None:
+        rank, world_size = distributed_rank()
+    output_dir = Path(output_dir)
+    num_shards, _ = _input_shards(dataset, shard_size)
+    mine = _own_shards(num_shards, rank, world_size)
+    summary = CaptionRunSummary(num_shards, skipped=[name for _, name in mine])
+    if not mine:
+        return summary
+    if not all((output_dir / name).exists() for name in summary.skipped):
+        return None
+    with _folder_lock(output_dir, rank, world_size) as own_lock:
+        recorded = _run_record(dataset, num_shards, settings, seed, batch_size, device_type if do_sample else None)
+        path = output_dir / RUN_FILE
+        earlier = _read_run_file(path) if path.exists() else {}  # none: refused, its shards finished
+        for key in loaded_settings:
+            if key in earlier:
+                recorded[key] = earlier[key]
+            else:
+                recorded.pop(key, None)
+        _check_run_file(output_dir, recorded, own_lock)
+    return summary
+
+
+def _own_shards(num_shards: int, rank: int, world_size: int) -> list[tuple[int, str]]:
+    """The input shards process `rank` of `world_size` captions, and their output files' names."""
+    return [(index, shard_file_name(index, num_shards)) for index in range(rank, num_shards, world_size)]
+
+
+def _run_record(
+    dataset,
+    num_shards: int,
+    settings: Mapping[str, Any] | None,
+    seed: int | None,
+    batch_size: int,
+    sampled_on: str | None,
+) -> dict[str, Any]:
+    """
+    The settings a run records in its run file: `settings`, the source's layout, and for a seeded run that samples
+    on a device of type `sampled_on` (None: it does not sample), the batch size and that device type.
+    """
+    # Recorded and checked with or without settings: a rerun on a changed source, or with another shard size, would
+    # leave rows out or caption them twice.
+    recorded = {**(settings or {}), "source_layout": _source_layout(dataset, num_shards)}
+    if sampled_on is not None and seed is not None:  # the random draws are spread over a batch's images
+        recorded["sampling"] = {"batch_size": batch_size, "device": sampled_on}
+    return recorded
 
 
 def _refuse_a_run_without_captions(output_dir: Path, summary: CaptionRunSummary, first_bad: str) -> None:
@@ -622,9 +749,13 @@ def _caption_shard(
         lines = [f"{_bad_row(name, batch, row)}: {error}" for row, error in errors.items()]
         if lines and on_bad_image == "error":
             listed = "\n".join(f"  {line}" for line in lines)
+            # Fixing or removing an image changes its key or moves rows between shards: the run file's record of
+            # the source then refuses a resume, so only a skip keeps the finished shards.
             raise ValueError(
-                f"{len(lines)} image(s) cannot be read; the shards finished before are kept. Fix or remove them, "
-                f"or skip them (--on-bad-image skip):\n{listed}"
+                f"{len(lines)} image(s) cannot be read:\n{listed}\nThe shards finished before are kept: rerun with "
+                "--on-bad-image skip to leave these images out and caption the rest. To fix or remove them instead, "
+                "write the captions of the changed source to a new --output: it no longer matches the one the "
+                "finished shards were captioned from, so it cannot resume here."
             )
         bad += lines
         kept = [row for row in range(len(batch["image_key"])) if row not in errors]
@@ -657,5 +788,7 @@ __all__ = [
     "CaptionRunSummary",
     "caption_dataset_to_parquet",
     "distributed_rank",
+    "finished_caption_run",
+    "resolve_local_paths",
     "shard_file_name",
 ]
