@@ -13,7 +13,7 @@ import datasets
 import numpy as np
 import PIL.Image
 import pytest
-from conftest import CAPTIONED_IMAGES, random_images
+from conftest import CAPTIONED_IMAGES, random_images, write_webdataset_shards
 
 from clipcap_hf.data import decode_image, load_image_source
 
@@ -297,7 +297,8 @@ def test_a_row_without_an_image_is_named_or_skipped_with_a_warning_naming_it(tmp
           'cat.", "extra": 1}\n'},
          r"b.jsonl and .*a.jsonl give their columns differently \(image: .*, extra: Value\('int64'\) against image: "
          r".*\); write every file with the same columns and types"),
-        ({"00000.tar": "not a tar file" * 50}, r"00000.tar cannot be read as webdataset data \(ReadError: .*\)"),
+        ({"00000.tar": "not a tar file" * 50},
+         r"00000.tar cannot be read as webdataset data \(a damaged or incomplete tar file: ReadError: "),
     ],
 )
 def test_a_data_file_that_does_not_read_is_named_with_the_reason(tmp_path, files, message):
@@ -306,6 +307,60 @@ def test_a_data_file_that_does_not_read_is_named_with_the_reason(tmp_path, files
         (tmp_path / name).write_text(text)
     with pytest.raises(ValueError, match=message):
         load_image_source(data_files=[str(tmp_path / name) for name in files], caption_column="caption")
+
+
+def _png(seed: int) -> bytes:
+    buffer = io.BytesIO()
+    random_images(1, seed=seed)[0].save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_damaged_parquet_file_or_a_tar_file_cut_short_is_named(tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    for number in range(2):
+        rows = {"image": [{"bytes": _png(3 * number + row), "path": None} for row in range(3)], "caption": ["a"] * 3}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / f"{number}.parquet"))
+    data = (tmp_path / "1.parquet").read_bytes()
+    (tmp_path / "1.parquet").write_bytes(data[: len(data) // 2] + data[-200:])  # its middle lost: pyarrow's OSError
+    files = [str(tmp_path / "0.parquet"), str(tmp_path / "1.parquet")]
+    with pytest.raises(ValueError, match=re.escape(f"{files[1]} cannot be read as parquet data (OSError: ")):
+        load_image_source(data_files=files, caption_column="caption")
+
+    shards, _ = write_webdataset_shards(tmp_path / "shards", [["a", "b", "c"], ["d", "e"]])
+    shards[1].write_bytes(shards[1].read_bytes()[: 512 * 3 + 100])  # a partial copy
+    message = re.escape(f"{shards[1]} cannot be read as webdataset data (a damaged or incomplete tar file: ReadError")
+    for streaming in (False, True):  # streamed, the shards are checked before any is read
+        with pytest.raises(ValueError, match=message + r".*copy it again"):
+            load_image_source(data_files=[str(path) for path in shards], caption_column="txt", streaming=streaming)
+
+
+def test_a_streamed_image_folder_has_an_input_shard_per_group_of_files_or_metadata_file(tmp_path, monkeypatch):
+    import clipcap_hf.data.sources as sources
+
+    monkeypatch.setattr(sources, "IMAGE_FOLDER_SHARD_SIZE", 2, raising=False)  # (raising: absent before the fix)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for number, image in enumerate(random_images(5, size=(8, 8))):
+        image.save(folder / f"{number}.png")
+    whole = load_image_source(data_files=str(folder))["image_key"]
+    streamed = load_image_source(data_files=str(folder), streaming=True)
+    assert streamed.num_shards == 3  # 2 + 2 + 1 files
+    shards = [list(streamed.shard(num_shards=3, index=index)) for index in range(3)]
+    assert [len(rows) for rows in shards] == [2, 2, 1]
+    assert [row["image_key"] for rows in shards for row in rows] == [row["image_key"] for row in streamed] == whole
+
+    # With metadata (whose rows it gives), one shard per metadata file, in path order.
+    folder = tmp_path / "captioned"
+    for part in ("b", "a"):
+        (folder / part).mkdir(parents=True)
+        for number, image in enumerate(random_images(2, size=(8, 8))):
+            image.save(folder / part / f"{number}.png")
+        lines = [json.dumps({"file_name": f"{number}.png", "text": f"{part}{number}"}) for number in range(2)]
+        (folder / part / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    streamed = load_image_source(data_files=str(folder), caption_column="text", streaming=True)
+    assert streamed.num_shards == 2
+    shards = [[row["captions"] for row in streamed.shard(num_shards=2, index=index)] for index in range(2)]
+    assert shards == [[["a0"], ["a1"]], [["b0"], ["b1"]]]
 
 
 def test_image_urls_are_refused_and_a_data_file_named_twice_is_read_once(tmp_path, caplog):

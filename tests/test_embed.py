@@ -4,6 +4,7 @@ ranks, refused for another vision tower, and `clipcap train --embeddings DIR` / 
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,9 +17,13 @@ import pytest
 import torch
 from conftest import count_vision_images, random_images, tiny_model, write_webdataset_shards
 
+from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration, ClipCapImageProcessor
 from clipcap_hf.commands import main
 from clipcap_hf.data import (
+    check_embeddings,
+    embed_images,
     embed_source,
+    embedding_cache_folder,
     load_embeddings,
     load_embeddings_info,
     load_image_source,
@@ -106,6 +111,12 @@ def test_each_unique_image_is_embedded_once_with_the_captions_of_all_its_rows(tm
     assert load_embeddings(tmp_path / "streamed")["captions"] == [["a"], ["b"], ["d"]]
     assert "1 streamed row(s) repeat an image already embedded" in caplog.text
     assert "so their 1 caption(s) are not stored" in caplog.text
+    # Its advice, followed: the same folder keeps the captions it stores (and refuses to change them), a new one merges.
+    assert "embed the source without --streaming into a new --output" in caplog.text
+    with pytest.raises(ValueError, match="streamed stores 1 image"):
+        embed_source(source, model, processor.image_processor, tmp_path / "streamed", check_source=True)
+    embed_source(source, model, processor.image_processor, tmp_path / "merged", check_source=True)
+    assert load_embeddings(tmp_path / "merged")["captions"] == [["a", "c"], ["b"], ["d"]]
 
 
 @pytest.mark.skipif(not memory.on_glibc(), reason="sets glibc's malloc switches")
@@ -246,6 +257,33 @@ def test_kept_columns_keep_their_source_types_in_every_shard(tmp_path, tokenizer
     assert len(load_embeddings(tmp_path / "emb")) == 4
 
 
+def test_a_kept_image_column_is_stored_as_its_source_bytes_and_a_rerun_is_not_refused(tmp_path, tokenizer, processor):
+    def jpeg(image) -> bytes:
+        buffer = io.BytesIO()
+        image.save(buffer, "JPEG", quality=75)
+        return buffer.getvalue()
+
+    masks = [jpeg(image) for image in random_images(3, seed=5, size=(8, 8))]
+    image, text = datasets.Image(), datasets.Value("string")
+    features = datasets.Features({"image": image, "mask": image, "caption": text})
+    rows = {"image": random_images(3), "mask": [{"bytes": m, "path": None} for m in masks], "caption": list("abc")}
+    datasets.Dataset.from_dict(rows, features=features).to_parquet(str(tmp_path / "data.parquet"))
+    model = tiny_model(tokenizer)
+
+    def embed():  # as `clipcap embed --keep_columns mask` calls it
+        source = load_image_source(data_files=str(tmp_path / "data.parquet"), caption_column="caption")
+        return embed_source(
+            source, model, processor.image_processor, tmp_path / "emb", keep_columns=["mask"], check_source=True
+        )
+
+    embed()
+    table = load_embeddings(tmp_path / "emb")
+    assert table.features["mask"] == datasets.Image()  # read back as images
+    kept = table.cast_column("mask", datasets.Image(decode=False))["mask"]
+    assert [value["bytes"] for value in kept] == masks  # the JPEG bytes themselves, not decoded and encoded again
+    assert embed()["num_images"] == 3  # the same command again: the stored masks are the source's
+
+
 def test_another_tower_pooling_or_an_old_cache_folder_is_refused(tmp_path, tokenizer, processor, webdataset_shards):
     model = tiny_model(tokenizer)
     source = load_image_source(data_files=[str(path) for path in webdataset_shards[0]], caption_column="txt")
@@ -268,7 +306,7 @@ def test_another_tower_pooling_or_an_old_cache_folder_is_refused(tmp_path, token
     # same for folders fingerprinted before, does not see it; the stored config does.
     model.vision_model.config.hidden_act = "gelu"
     assert vision_fingerprint(model, processor.image_processor) == fingerprint
-    message = r"emb were computed with the same vision weights but other settings: hidden_act 'quick_gelu' \(this"
+    message = r"emb were computed with the same vision weights but other settings: vision_config.hidden_act 'quick_"
     with pytest.raises(ValueError, match=message):
         embed_source(source, model, processor.image_processor, tmp_path / "emb")
     model.vision_model.config.hidden_act = "quick_gelu"
@@ -285,6 +323,64 @@ def test_another_tower_pooling_or_an_old_cache_folder_is_refused(tmp_path, token
     with pytest.raises(ValueError, match=r"--embedding_cache_dir .*0123456789abcdef is one embedding cache folder of "
                                          r"an earlier version .* Give the folder of the caches \(its parent"):
         load_training_data(data_args, model, processor, train=True, evaluate=False)
+
+
+def _tower_with(tokenizer, **settings):
+    """A tiny ClipCap model whose tower is a pooled ViT (`pooler_act`, ...) or, with `quick_gelu`, an open_clip ViT."""
+    from conftest import TINY_OPEN_CLIP_CFGS, tiny_config
+    from transformers import ViTConfig
+
+    if "quick_gelu" in settings:
+        tower = {"vision_backend": "open_clip", "open_clip_model_cfg": {**TINY_OPEN_CLIP_CFGS["vit"], **settings}}
+    else:
+        vision_config = ViTConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                  image_size=32, patch_size=8, **settings)  # fmt: skip
+        tower = {"vision_config": vision_config, "vision_pooling": "pooled"}
+    config = ClipCapConfig(**tower, text_config=tiny_config(tokenizer).text_config, prefix_length=3, mapping_type="mlp")
+    torch.manual_seed(0)
+    return ClipCapForConditionalGeneration(config).eval()
+
+
+@pytest.mark.parametrize(
+    "stored, other, harmless, expected",
+    [
+        ({"pooler_act": "tanh"}, {"pooler_act": "relu"}, {"pooler_act": "tanh", "attention_probs_dropout_prob": 0.3},
+         "vision_config.pooler_act 'tanh' (this model's: 'relu')"),
+        ({"quick_gelu": True}, {"quick_gelu": False}, None,
+         "open_clip_model_cfg.quick_gelu True (this model's: False)"),
+    ],
+)  # fmt: skip
+def test_the_same_weights_set_to_compute_otherwise_are_refused_naming_the_setting(
+    tmp_path, tokenizer, stored, other, harmless, expected
+):
+    image_processor = ClipCapImageProcessor(size=32, crop_size=32)
+    model, changed = _tower_with(tokenizer, **stored), _tower_with(tokenizer, **other)
+    changed.vision_model.load_state_dict(model.vision_model.state_dict())
+    pixel_values = image_processor(random_images(2), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():  # they embed otherwise, with one fingerprint, so one training cache folder
+        assert not torch.allclose(model.get_image_embeds(pixel_values), changed.get_image_embeds(pixel_values))
+    assert vision_fingerprint(model, image_processor) == vision_fingerprint(changed, image_processor)
+    folder = embedding_cache_folder(tmp_path / "cache", model, image_processor)
+    assert embedding_cache_folder(tmp_path / "cache", changed, image_processor) == folder
+    for index, image in enumerate(random_images(2)):
+        image.save(tmp_path / f"{index}.png")
+    rows = datasets.Dataset.from_dict({"image_path": [str(tmp_path / f"{index}.png") for index in range(2)],
+                                       "image_id": [0, 1]})  # fmt: skip
+    embed_images(rows, model, image_processor, tmp_path / "cache")
+    refusal = re.escape(f"emb were computed with the same vision weights but other settings: {expected}. Embed")
+    with pytest.raises(ValueError, match=refusal.replace("emb", "")):  # training's cache too, not reused
+        embed_images(rows, changed, image_processor, tmp_path / "cache")
+    with pytest.raises(ValueError, match=refusal.replace("emb", "")):
+        check_embeddings(folder, changed, image_processor)
+    if harmless is not None:  # a setting that cannot change an embedding is no reason to embed again
+        unchanged = _tower_with(tokenizer, **harmless)
+        unchanged.vision_model.load_state_dict(model.vision_model.state_dict())
+        check_embeddings(folder, unchanged, image_processor)
+    else:  # a folder written before the open_clip config was recorded is read as before
+        info = json.loads((folder / "embeddings_info.json").read_text())
+        del info["vision"]["open_clip_model_cfg"]
+        (folder / "embeddings_info.json").write_text(json.dumps(info))
+        check_embeddings(folder, changed, image_processor)
 
 
 # Runs `clipcap embed ARGS...` in a fresh interpreter, one image per shard, killed by SIGKILL while its third shard is

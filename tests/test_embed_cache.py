@@ -109,6 +109,33 @@ def test_a_replaced_image_file_is_embedded_again_and_its_old_row_dropped(tmp_pat
     assert seen == [] and (info["num_images"], info["num_replaced"]) == (3, 0)
 
 
+def test_a_file_replaced_with_its_caption_edited_is_embedded_again_not_refused(tmp_path, tokenizer, processor):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for index, image in enumerate(random_images(2)):
+        image.save(folder / f"{index}.png")
+    model = tiny_model(tokenizer)
+
+    def embed(captions: list[str]):  # as `clipcap embed` calls it
+        lines = [json.dumps({"file_name": f"{index}.png", "text": text}) for index, text in enumerate(captions)]
+        (folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+        source = load_image_source(data_files=str(folder), caption_column="text")
+        return embed_source(source, model, processor.image_processor, tmp_path / "emb", check_source=True)
+
+    embed(["Image 0.", "A blurry photo."])
+    replaced = folder / "1.png"
+    old_key = image_cache_key(str(replaced))
+    random_images(1, seed=9)[0].save(replaced)  # a new picture, and the new picture's caption
+    os.utime(replaced, ns=(10**18, 10**18))
+    info = embed(["Image 0.", "A sharp new photo."])
+    after = stored(tmp_path / "emb")
+    assert (info["num_images"], info["num_replaced"]) == (2, 1)
+    assert old_key not in after and after[image_cache_key(str(replaced))][1] == ["A sharp new photo."]
+    # The caption of a file left as it is still may not change under the folder.
+    with pytest.raises(ValueError, match=r"stores 1 image\(s\) with other captions .*the first: .*0\.png\|"):
+        embed(["Image zero.", "A sharp new photo."])
+
+
 def test_a_killed_runs_leftovers_are_removed_by_process_0_before_its_run_writes(
     tmp_path, tokenizer, processor, webdataset_shards, monkeypatch
 ):

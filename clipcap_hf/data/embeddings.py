@@ -78,8 +78,13 @@ def vision_fingerprint(model, image_processor) -> str:
     return digest.hexdigest()
 
 
-# The vision config settings that change the embeddings without changing a weight (see `check_embeddings`).
-COMPUTATION_SETTINGS = ("hidden_act", "layer_norm_eps")
+# Keys of a tower's config that cannot change an embedding, left out when `check_embeddings` compares the others: names,
+# versions and dtypes (the weights' dtypes are fingerprinted), other tasks' labels, initialisation, dropouts (off when
+# embedding), the outputs asked for and the attention kernel.
+_NOT_COMPUTATION_SETTING = re.compile(
+    r"^_|name_or_path|version|dtype|architectures|initializer|dropout|drop_path|label|^output_|return_dict|"
+    r"problem_type|chunk_size_feed_forward|encoder_stride|attn_implementation"
+)
 
 
 def _vision_tower(config) -> dict[str, str | None]:
@@ -137,9 +142,9 @@ def load_embeddings(directory: PathLike) -> datasets.Dataset:
 def load_embeddings_info(directory: PathLike) -> dict[str, Any]:
     """
     The info file of an embeddings folder: `version`, `fingerprint` (see [`vision_fingerprint`]), `vision` (the
-    tower: backend, pooling, model type, class, config), `image_processor` (its settings), `embedding_dim`,
-    `columns`, `source`, and when the pass is complete `num_images`, `num_shards`, `num_skipped` (unreadable images
-    left out) and `num_replaced` (rows of replaced image files that the pass dropped).
+    tower: backend, pooling, model type, class, config, open_clip model config), `image_processor` (its settings),
+    `embedding_dim`, `columns`, `source`, and when the pass is complete `num_images`, `num_shards`, `num_skipped`
+    (unreadable images left out) and `num_replaced` (rows of replaced image files that the pass dropped).
     """
     directory = Path(directory)
     info_path = directory / EMBEDDINGS_INFO_NAME
@@ -179,20 +184,17 @@ def check_embeddings(directory: PathLike, model, image_processor, finished: bool
             f"({_describe_tower(info)}, fingerprint {info['fingerprint'][:16]}; this model's is {fingerprint[:16]}). "
             "Embed the source again with this model (`clipcap embed --model ... --output ANOTHER_FOLDER`)."
         )
-    # Settings that change the tower's computation without changing a weight, which the fingerprint leaves out (they
-    # are compared here instead, so that folders fingerprinted before keep their fingerprint): the stored vision
-    # config's, where both configs have them.
-    stored = (info.get("vision") or {}).get("vision_config") or {}
-    current = getattr(getattr(model.vision_model, "config", None), "to_dict", dict)()
-    changed = [
-        f"{name} {stored[name]!r} (this model's: {current[name]!r})"
-        for name in COMPUTATION_SETTINGS
-        if name in stored and name in current and stored[name] != current[name]
-    ]
+    # Settings that change the tower's computation without changing a weight (an activation, a pooler's, open_clip's
+    # quick_gelu), which the fingerprint leaves out: they are compared here instead, so that folders fingerprinted
+    # before keep their fingerprint (and a training cache its folder name). Only what both record: a folder written
+    # before the open_clip config was recorded is read as before.
+    stored = {name: value for name, value in (info.get("vision") or {}).items() if name in _TOWER_SETTINGS}
+    current = json.loads(json.dumps(_tower_settings(model), default=str))  # as the info file stores them
+    changed = _changed_settings(stored, current)
     if changed:
         raise ValueError(
             f"The embeddings in {directory} were computed with the same vision weights but other settings: "
-            f"{', '.join(changed)}. Embed the images again with this model into another folder (`clipcap embed "
+            f"{'; '.join(changed)}. Embed the images again with this model into another folder (`clipcap embed "
             "--output ANOTHER_FOLDER`; for training's cache, another --embedding_cache_dir or the folder deleted)."
         )
     if finished and info.get("num_images") is None:  # the counts are written when a pass ends
@@ -344,8 +346,8 @@ def embed_source(
         if repeated_rows:
             logger.warning(
                 f"{len(repeated_rows)} streamed row(s) repeat an image already embedded; streaming keeps each image's "
-                f"first row's captions, so their {sum(repeated_rows)} caption(s) are not stored. Embed the source "
-                "map-style (without --streaming) to merge them."
+                f"first row's captions, so their {sum(repeated_rows)} caption(s) are not stored. To store them, "
+                "embed the source without --streaming into a new --output (this folder keeps the captions it stores)."
             )
         # Gathered from every process, each done writing: a process that stopped early stops them all, with its reason.
         gathered = _all_gather((problems, non_finite, writer.num_written))
@@ -386,8 +388,9 @@ def _stale_rows(shards: list[Path], source, keep_columns: Sequence[str]) -> str 
     """
     What a folder's `shards` store that a map-style source (to be embedded into it) says otherwise, described; None if
     nothing. An image is stale when the source's rows give it other captions or kept values than stored (merged as a
-    pass merges them: all its rows' captions in order, its first row's kept values). Images are matched by key, files
-    by path: a file replaced at its path is embedded again, its old row then dropped. Images not stored yet (new rows,
+    pass merges them: all its rows' captions in order, its first row's kept values). Images are matched by key, which
+    for a file holds its size and modification time: a file replaced at its path (its caption edited with it or not)
+    is a new image, embedded again, its old row then dropped. Images not stored yet (new rows,
     an image fixed since an earlier pass) are what the pass adds; stored images the source does not give stay (a
     folder may gather several sources). A stream is not read ahead: None.
     """
@@ -395,10 +398,10 @@ def _stale_rows(shards: list[Path], source, keep_columns: Sequence[str]) -> str 
         return None
     columns = [name for name in (KEY_COLUMN, CAPTIONS_COLUMN, *keep_columns) if name in source.column_names]
 
-    def rows(table):  # (identity, [captions, *kept values]) of each row
-        for batch in table.select_columns(columns).iter(batch_size=10_000):
+    def rows(table):  # (key, [captions, *kept values]) of each row; kept images as their stored bytes
+        for batch in _undecoded_images(table.select_columns(columns)).iter(batch_size=10_000):
             for position, key in enumerate(batch[KEY_COLUMN]):
-                yield re.sub(_FILE_KEY_TAIL, "", key), [batch[name][position] for name in columns[1:]]
+                yield key, [batch[name][position] for name in columns[1:]]
 
     def digest(values: list) -> int:
         return hash(json.dumps(values, default=str))
@@ -406,26 +409,54 @@ def _stale_rows(shards: list[Path], source, keep_columns: Sequence[str]) -> str 
     # By Python's string hashes, the source's images grouped as the pass groups them (`_first_rows`), and lists kept
     # only for the images given by several rows: a folder of millions of images is checked in a few hundred MB.
     table = datasets.concatenate_datasets([_load_shard(shard) for shard in shards])
-    stored = {hash(identity): (identity, digest(values)) for identity, values in rows(table)}
+    stored = {hash(key): (key, digest(values)) for key, values in rows(table)}
     every_row = np.arange(len(source))
     first_row_of = _first_rows(every_row, _source_key_digests(source)[1])
     repeated = set(first_row_of[first_row_of != every_row].tolist())  # the first rows of images given several times
     merged: dict[int, tuple[str, list]] = {}
     stale: list[str] = []
-    for row, (identity, values) in enumerate(rows(source)):
+    for row, (key, values) in enumerate(rows(source)):
         first = int(first_row_of[row])
         if first in merged:  # a later row of an image given several times
             if CAPTIONS_COLUMN in columns:
                 merged[first][1][0] += values[0]
-        elif first == row and hash(identity) in stored:  # else not stored yet: the pass adds it
+        elif first == row and hash(key) in stored:  # else not stored yet: the pass adds it
             if row in repeated:
-                merged[row] = (identity, values)
-            elif digest(values) != stored[hash(identity)][1]:
-                stale.append(identity)
-    stale += [identity for identity, values in merged.values() if digest(values) != stored[hash(identity)][1]]
+                merged[row] = (key, values)
+            elif digest(values) != stored[hash(key)][1]:
+                stale.append(key)
+    stale += [key for key, values in merged.values() if digest(values) != stored[hash(key)][1]]
     if stale:
         return f"{len(stale)} image(s) with other captions or kept values than this source's (the first: {stale[0]})"
     return None
+
+
+# The tower's settings that an info file records beside its fingerprint (see `_tower_settings`).
+_TOWER_SETTINGS = ("vision_config", "open_clip_model_cfg")
+
+
+def _tower_settings(model) -> dict[str, Any]:
+    """A transformers tower's config, and an open_clip tower's model config (None for other towers)."""
+    return {
+        "vision_config": getattr(getattr(model.vision_model, "config", None), "to_dict", dict)(),
+        "open_clip_model_cfg": getattr(model.config, "open_clip_model_cfg", None),
+    }
+
+
+def _changed_settings(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
+    """
+    The settings that `stored` and `current` both give, with other values (nested dicts compared key by key), each
+    as `<name> <stored value> (this model's: <value>)`; keys that cannot change an embedding are left out.
+    """
+    changed = []
+    for name in sorted(stored.keys() & current.keys()):
+        if _NOT_COMPUTATION_SETTING.search(name):
+            continue
+        if isinstance(stored[name], dict) and isinstance(current[name], dict):
+            changed += _changed_settings(stored[name], current[name], f"{prefix}{name}.")
+        elif stored[name] != current[name]:
+            changed.append(f"{prefix}{name} {stored[name]!r} (this model's: {current[name]!r})")
+    return changed
 
 
 def _folder_info(model, image_processor, columns: list[str], source_name: str | None) -> dict[str, Any]:
@@ -436,7 +467,7 @@ def _folder_info(model, image_processor, columns: list[str], source_name: str | 
         "vision": {
             **_vision_tower(model.config),
             "vision_model": type(model.vision_model).__name__,
-            "vision_config": getattr(getattr(model.vision_model, "config", None), "to_dict", dict)(),
+            **_tower_settings(model),
         },
         "image_processor": image_processor.to_dict(),
         "columns": columns,
@@ -980,7 +1011,7 @@ class _SourceImages(torch.utils.data.Dataset):
     """One process's unique images of a map-style source, decoded in DataLoader workers, with their rows' captions."""
 
     def __init__(self, source, first_rows: np.ndarray, repeats: dict[int, list[int]], image_processor, keep_columns):
-        self.source = source.cast_column("image", datasets.Image(decode=False))
+        self.source = _undecoded_images(source)
         self.captions = source.select_columns(CAPTIONS_COLUMN) if CAPTIONS_COLUMN in source.column_names else None
         self.first_rows, self.repeats = first_rows, repeats
         self.image_processor = image_processor
@@ -1000,6 +1031,18 @@ class _SourceImages(torch.utils.data.Dataset):
             for other in others:  # the same image in other rows: their captions too
                 record[CAPTIONS_COLUMN].extend(self.captions[other][CAPTIONS_COLUMN])
         return pixels, record, problem
+
+
+def _undecoded_images(dataset):
+    """
+    `dataset` with its image columns undecoded (`{"bytes", "path"}`): the image to embed is decoded where its error
+    can name it, and a kept image column (`keep_columns`) is stored as its source bytes, not re-encoded from a decoded
+    image (lossy for JPEG), and compared by them with what a folder stores.
+    """
+    for name, feature in (dataset.features or {}).items():
+        if isinstance(feature, datasets.Image) and feature.decode:
+            dataset = dataset.cast_column(name, datasets.Image(decode=False))
+    return dataset
 
 
 def _collate(items) -> tuple[Any, list[dict[str, Any]], list[tuple[str, int, str]]]:
@@ -1108,7 +1151,7 @@ def _iterable_batches(
 
     def unique_images() -> Iterator[tuple[Any, _Stored]]:  # this process's images, each once, read if not stored
         seen: set[int] = set()
-        for index, row in enumerate(source.cast_column("image", datasets.Image(decode=False))):
+        for index, row in enumerate(_undecoded_images(source)):
             owners, digests = key_digests([row[KEY_COLUMN]], world_size)
             digest = int(digests[0])
             if owners[0] != rank:

@@ -53,6 +53,11 @@ NULL_IMAGE_KEY = ""
 DEFAULT_CAPTION_COLUMNS = ("caption", "txt", "text")
 # The suffixes of data files that a folder given as data files may hold (its shards), read with their builder.
 SHARD_SUFFIXES = (".tar", ".parquet")
+# Image files per input shard of a streamed image folder (see `_stream_in_file_groups`).
+IMAGE_FOLDER_SHARD_SIZE = 1000
+# What a data file that does not read raises through `datasets`: its own errors, the tar reader's, and pyarrow's (an
+# `ArrowInvalid` is a ValueError; a damaged parquet file's `Couldn't deserialize thrift` an OSError).
+_DATA_FILE_ERRORS = (datasets.exceptions.DatasetGenerationError, StopIteration, tarfile.TarError, ValueError, OSError)
 
 logger = logging.get_logger(__name__)
 
@@ -353,7 +358,7 @@ def _from_data_files(data_files, split: str, streaming: bool):
         raise ValueError(problem)  # else it fails midway with the decoder's bare error
     try:
         dataset = datasets.load_dataset(builder, data_files={"train": files}, split="train", streaming=streaming)
-    except (datasets.exceptions.DatasetGenerationError, StopIteration, tarfile.TarError, ValueError) as error:
+    except _DATA_FILE_ERRORS as error:
         # datasets' own errors name no file ("An error occurred while generating the dataset"): read each file alone.
         # (pandas reads a CSV file that is not UTF-8 with a bare UnicodeDecodeError: named with its line instead.)
         problem = (builder == "csv" and _not_utf8(files)) or _unreadable_data_file(builder, files)
@@ -381,7 +386,7 @@ def _unreadable_data_file(builder: str, files: list[str]) -> str | None:
     for path in files:
         try:
             alone = _read_alone(builder, path)
-        except (datasets.exceptions.DatasetGenerationError, StopIteration, tarfile.TarError, ValueError) as error:
+        except _DATA_FILE_ERRORS as error:
             cause = error
             while cause.__cause__ is not None:  # the reader's own words, beneath datasets' wrapping
                 cause = cause.__cause__
@@ -407,7 +412,7 @@ def _undecodable_shard(path: str) -> str | None:
     What keeps a webdataset shard from reading, naming its first member that `datasets`' decoder for its suffix
     rejects (a `.txt` caption that is not UTF-8, a `.json` that does not parse, a `.cls` that is no number); None if
     every member decodes. The builder's own error names neither the member nor its sample. Members without a decoder
-    (the images) are skipped unread.
+    (the images) are skipped unread; a tar file cut short is found as its members are listed.
     """
     from datasets.packaged_modules.webdataset.webdataset import WebDataset
 
@@ -422,8 +427,11 @@ def _undecodable_shard(path: str) -> str | None:
                 except Exception as error:  # each decoder raises its own kind (UnicodeDecodeError, ValueError, ...)
                     reason = f"its member {member.name}: {type(error).__name__}: {error}"
                     return f"{path} cannot be read as webdataset data ({reason}); fix or remove it."
-    except tarfile.TarError:
-        return None
+    except tarfile.TarError as error:  # cut short (a partial copy) or damaged: the builder's error is as bare
+        return (
+            f"{path} cannot be read as webdataset data (a damaged or incomplete tar file: {type(error).__name__}: "
+            f"{error}); copy it again, or fix or remove it."
+        )
     return None
 
 
@@ -471,7 +479,7 @@ def _load_image_folder(folder: Path, split: str, streaming: bool):
             metadata = [path for path in builder.config.data_files[split] if _is_metadata_file(path)]
             if problem := _not_utf8(metadata):
                 raise ValueError(problem)
-            return builder.as_streaming_dataset(split=split)  # not read ahead to count its rows
+            return _stream_in_file_groups(builder, split)  # not read ahead to count its rows
         builder.download_and_prepare()
         dataset = builder.as_dataset(split=split, in_memory=is_small_dataset(builder.info.dataset_size))
     except pyarrow.ArrowInvalid as error:
@@ -491,6 +499,44 @@ def _load_image_folder(folder: Path, split: str, streaming: bool):
         raise ValueError(problem) from error
     _warn_of_unlisted_images(folder, dataset, builder.config.data_files[split])
     return dataset
+
+
+def _stream_in_file_groups(builder, split: str) -> datasets.IterableDataset:
+    """
+    An image folder streamed in input shards (`IterableDataset.num_shards`) of its files, as parquet or tar files are:
+    `datasets`' imagefolder builder gives it as one shard, so a reader of shards (`clipcap caption --streaming`, a
+    DataLoader's workers) could neither resume it part by part nor split it between processes. Without metadata
+    each run of [`IMAGE_FOLDER_SHARD_SIZE`] image files is a shard; with metadata (whose rows it gives) each
+    metadata file is one, in path order (a single `metadata.jsonl` stays one shard: it is not read ahead).
+    """
+    split_generators = builder._split_generators
+    builder._split_generators = functools.partial(_file_group_split_generators, split_generators)
+    builder._generate_examples = functools.partial(_examples_of_file_groups, builder._generate_examples)
+    return builder.as_streaming_dataset(split=split)
+
+
+def _file_group_split_generators(split_generators, dl_manager) -> list:
+    """The imagefolder builder's splits with their `gen_kwargs` lists sharded by `datasets` (one shard per item)."""
+    generators = split_generators(dl_manager)
+    for generator in generators:
+        kwargs = generator.gen_kwargs
+        if kwargs["add_metadata"]:
+            kwargs["metadata_files"] = sorted(kwargs["metadata_files"], key=str)  # a set, which datasets does not shard
+            continue
+        # Each entry is `(file, None, downloaded file)`; an archive's gives an iterator of its files, kept unsharded.
+        if all(isinstance(entry[2], str) for entry in kwargs["files"]):
+            paths = [entry[2] for entry in kwargs["files"]]
+            size = IMAGE_FOLDER_SHARD_SIZE
+            kwargs["files"] = [tuple(paths[start : start + size]) for start in range(0, len(paths), size)]
+            kwargs["metadata_files"] = ()  # an empty list, which datasets would count as a list of no shard
+    return generators
+
+
+def _examples_of_file_groups(generate_examples, files, **kwargs):
+    """The imagefolder builder's examples of a shard's groups of files (see [`_file_group_split_generators`])."""
+    if isinstance(files, list):  # groups of file paths, back to the builder's entries
+        files = tuple((path, None, path) for group in files for path in group)
+    yield from generate_examples(files=files, **kwargs)
 
 
 def _is_metadata_file(path: PathLike) -> bool:
