@@ -1,15 +1,18 @@
 """`clipcap train` end to end: which weights each recipe trains, resuming from damaged checkpoints, file modes and
 offline runs."""
 
+import importlib.util
 import json
 import os
 import shutil
 import stat
+from unittest import mock
 
 import pytest
 import torch
 from conftest import tiny_model
 from safetensors.torch import load_file
+from transformers import TrainingArguments
 
 from clipcap_hf.commands import main
 
@@ -359,3 +362,100 @@ def test_train_and_embed_take_an_abbreviation_of_one_option_and_name_each_option
         "clipcap train: error: ambiguous option: --dataset could match --dataset_name, --dataset_config_name, "
         "--dataset_format"
     )
+
+
+def refusal(capsys, arguments) -> str:
+    """The one error line of a `clipcap train` run that must be refused before its data are loaded (or anything of
+    its run written)."""
+    capsys.readouterr()
+    with mock.patch("clipcap_hf.training.run.load_training_data", side_effect=AssertionError("the data were loaded")):
+        assert main(["train", *arguments]) == 2
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("clipcap train: error: ")]
+    assert len(message) == 1 and "Traceback" not in err
+    return message[0].removeprefix("clipcap train: error: ")
+
+
+def test_an_output_dir_holding_no_run_or_read_by_the_run_is_refused_before_the_data_are_loaded(
+    tmp_path, saved_model_dir, parts, caption_folder, capsys
+):
+    # Each was written over: another saved model's files, the input model itself, the data's folder.
+    someone_elses = shutil.copytree(saved_model_dir, tmp_path / "someone_elses")
+    before = {path: path.read_bytes() for path in someone_elses.iterdir()}
+    model = ["--model_name_or_path", str(saved_model_dir)]
+
+    def arguments(output_dir, *extra):
+        return train_arguments(caption_folder, output_dir, tmp_path / "cache", *extra)
+
+    overwrite = hasattr(TrainingArguments, "overwrite_output_dir")  # transformers 4.x
+    message = refusal(capsys, arguments(someone_elses, *model))
+    assert message.startswith(f"--output_dir {someone_elses} holds files (")
+    assert message.endswith(
+        ", ...) but no run to resume or rerun (no checkpoint-N, clipcap_run_args.json or trainer_state.json): the "
+        "run's model, config and tokenizer files would overwrite those of the same names. Give --output_dir a new or "
+        "empty folder" + (" (or add --overwrite_output_dir)." if overwrite else ".")
+    )
+    read = {
+        ("is", "--model_name_or_path", saved_model_dir): arguments(saved_model_dir, *model),
+        ("lies inside", "--model_name_or_path", saved_model_dir): arguments(saved_model_dir / "run", *model),
+        ("lies inside", "--text_model_name_or_path", parts[3]): arguments(f"{parts[3]}/run", *parts),
+        ("lies inside", "--train_file", caption_folder): arguments(caption_folder / "run", *model),
+    }
+    for (where, option, path), given in read.items():
+        assert refusal(capsys, given) == (
+            f"--output_dir {given[given.index('--output_dir') + 1]} {where} {option} {path}, which the run reads: the "
+            "run would write its model and checkpoints among those files. Give --output_dir a new folder."
+        )
+    assert {path: path.read_bytes() for path in someone_elses.iterdir()} == before
+    assert not (saved_model_dir / "run").exists() and not (caption_folder / "run").exists()
+    if overwrite:  # writing into it is asked for
+        assert main(["train", *arguments(someone_elses, *model, "--overwrite_output_dir")]) == 0
+    # An empty folder, or one holding hidden files only, is a new run's.
+    (tmp_path / "empty" / ".hidden").mkdir(parents=True)
+    assert main(["train", *arguments(tmp_path / "empty", *model)]) == 0
+
+
+def test_an_output_dir_that_is_a_file_or_under_one_is_refused_before_the_data_are_loaded(
+    tmp_path, saved_model_dir, caption_folder, capsys
+):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x")
+    model = ["--model_name_or_path", str(saved_model_dir)]
+    purpose = "name a folder to write the run's model, checkpoints and results in."
+    assert refusal(capsys, train_arguments(caption_folder, notes, tmp_path / "cache", *model)) == (
+        f"--output_dir: {notes} is a file; {purpose}"
+    )
+    assert refusal(capsys, train_arguments(caption_folder, notes / "out", tmp_path / "cache", *model)) == (
+        f"--output_dir: {notes}/out cannot be created: {notes} is a file; {purpose}"
+    )
+
+
+def test_resuming_from_what_is_no_checkpoint_is_refused_before_the_data_are_loaded_and_leaves_nothing(
+    tmp_path, parts, caption_folder, capsys
+):
+    # Refused once the images were embedded, it left clipcap_run_args.json and a LoRA run's base_model behind.
+    out = tmp_path / "out"
+    given = train_arguments(
+        caption_folder, out, tmp_path / "cache", *parts, "--recipe", "lora", "--prefix_length", "4",
+        "--resume_from_checkpoint", str(out / "checkpoint-2"),
+    )  # fmt: skip
+    assert refusal(capsys, given).startswith(f"Cannot resume from {out}/checkpoint-2: there is no such folder.")
+    assert not out.exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_missing_reporting_integration_or_optimizer_package_is_named_before_the_data_are_loaded(
+    tmp_path, saved_model_dir, caption_folder, capsys
+):
+    arguments = train_arguments(
+        caption_folder, tmp_path / "out", tmp_path / "cache", "--model_name_or_path", str(saved_model_dir)
+    )
+    # Trainer made the callback only once the images were embedded, which raised a bare RuntimeError.
+    with mock.patch("transformers.integrations.integration_utils.is_wandb_available", return_value=False):
+        assert refusal(capsys, [*arguments, "--report_to", "wandb"]) == (
+            "--report_to wandb: WandbCallback requires wandb to be installed. Run `pip install wandb`. Or leave wandb "
+            "out of --report_to (none: report nowhere)."
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        message = refusal(capsys, [*arguments, "--optim", "adamw_bnb_8bit"])
+        assert message.startswith("--optim adamw_bnb_8bit: ") and "`bitsandbytes`" in message
+    assert not (tmp_path / "out").exists()

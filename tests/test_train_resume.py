@@ -240,6 +240,35 @@ def test_a_folder_without_the_record_resumes_with_a_warning_and_records_the_reru
     assert json.loads((out / "checkpoint-3" / RUN_ARGUMENTS_NAME).read_text())["learning_rate"] == 5e-2
 
 
+def test_an_unrecorded_checkpoint_of_a_run_that_trained_other_parameters_is_not_called_damaged(
+    killed_run, capsys, resumed_from
+):
+    out, arguments, _ = killed_run
+    for record in out.glob(f"**/{RUN_ARGUMENTS_NAME}"):  # as an older clipcap_hf left the folder: resumed unchecked
+        record.unlink()
+    capsys.readouterr()
+    assert main([*arguments, "--freeze_language_model"]) == 2
+    err = capsys.readouterr().err
+    message = [line for line in err.splitlines() if line.startswith("clipcap train: error: ")]
+    assert len(message) == 1 and "Traceback" not in err
+    # Its optimizer state, read whole, holds the groups of another set of trained parameters: it was called damaged,
+    # with the advice to delete it.
+    assert message[0].startswith(
+        f"clipcap train: error: Cannot resume from {out}/checkpoint-2: the contents of its optimizer or scheduler "
+        "state (optimizer.pt, scheduler.pt) do not fit this run (ValueError: "
+    )
+    assert message[0].endswith(
+        "The checkpoint belongs to another model, or to a run that trained other parameters (another "
+        "--freeze_language_model, --use_lora or LoRA option, or mapper). Resume it with the arguments of the run "
+        "that saved it, or start a new run in another --output_dir."
+    )
+    assert "damaged" not in message[0] and "Delete" not in message[0]
+    assert sorted(path.name for path in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    # The refused run left no record of its arguments: the run's own arguments still resume it.
+    assert not (out / RUN_ARGUMENTS_NAME).exists()
+    assert main(arguments) == 0 and resumed_from[-1] == str(out / "checkpoint-2")
+
+
 def files_of(folder):
     return sorted(path for path in folder.rglob("*") if path.is_file())
 

@@ -330,7 +330,7 @@ def test_lora_target_modules_are_matched_as_peft_matches_them_and_must_be_adapta
 def test_transformer_mapper_options_given_for_a_new_mlp_model_are_refused(tmp_path):
     # A new MLP model dropped them without a word.
     message = (
-        "--clip_length 7, --mapping_num_layers 3 shape a transformer mapper, but this new model gets a mlp mapper, "
+        "--clip_length 7, --mapping_num_layers 3 shape a transformer mapper, but this new model has a mlp mapper, "
         "which has neither. Add --mapping_type transformer, or leave them out."
     )
     for given in (["--mapping_type", "mlp"], [], ["--recipe", "lora"]):
@@ -341,6 +341,23 @@ def test_transformer_mapper_options_given_for_a_new_mlp_model_are_refused(tmp_pa
     # Those a recipe fills in apply to its own mapper only.
     model_args = parse_args(["--recipe", "transformer_frozen", "--mapping_type", "mlp", "--output_dir", str(tmp_path)])
     assert model_args[0].mapping_type == "mlp"
+
+
+@pytest.mark.parametrize(
+    "given", [["--mapping_num_layers", "2"], ["--mapping_num_layers", "3"], ["--clip_length", "4"]]
+)
+def test_transformer_mapper_options_given_for_an_mlp_checkpoint_are_refused_as_for_a_new_mlp_model(
+    tmp_path, saved_model_dir, given
+):
+    # An MLP checkpoint took the value its config holds unused (mapping_num_layers 2), and refused another as if it
+    # could be matched: "the checkpoint's: 2".
+    model_args = parse_args(["--model_name_or_path", str(saved_model_dir), *given, "--output_dir", str(tmp_path)])[0]
+    message = (
+        f"{' '.join(given)} shape a transformer mapper, but the checkpoint --model_name_or_path {saved_model_dir} has "
+        "a mlp mapper, which has neither. Leave them out."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        build_model(model_args)
 
 
 def test_model_folders_named_with_a_tilde_load(tmp_path, tokenizer, processor, monkeypatch):
@@ -415,6 +432,47 @@ def test_a_json_file_gets_the_recipe_and_common_defaults_and_its_own_values_win(
     path.write_text(json.dumps({"recipe": "nonsense", "output_dir": str(tmp_path)}))
     with pytest.raises(ValueError, match=r"--recipe must be one of \['lora', 'mlp_finetune', 'transformer_frozen'\]"):
         parse_args([str(path)])
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        # A string is truthy: "false" froze the language model.
+        ({"freeze_language_model": "false"},
+         "'freeze_language_model' must be true or false, got \"false\" (a string)."),
+        # Raised a bare TypeError from a comparison in a check.
+        ({"use_lora": True, "lora_r": "8"}, "'lora_r' must be an integer or null, got \"8\" (a string)."),
+        ({"max_steps": 2.5}, "'max_steps' must be an integer, got 2.5 (a number)."),
+        ({"learning_rate": True}, "'learning_rate' must be a number, got true (true or false)."),
+        ({"report_to": ["none", 1]}, "'report_to' must be null or a string or a list, got [\"none\", 1] (a list)."),
+    ],
+)
+def test_a_json_arguments_file_value_of_another_type_is_refused_naming_the_file_key_type_and_value(
+    tmp_path, values, message
+):
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"output_dir": str(tmp_path), **values}))
+    with pytest.raises(ValueError, match=f"^{re.escape(f'{path}: {message}')}$"):
+        parse_args([str(path)])
+    # Values of their own types: an integer for a float, an enum's string, a list of strings.
+    path.write_text(json.dumps({"output_dir": str(tmp_path), "learning_rate": 1, "lr_scheduler_type": "constant",
+                                "report_to": ["none"], "freeze_language_model": False, "lora_r": None}))
+    model_args, _, args = parse_args([str(path)])
+    assert (args.learning_rate, args.lr_scheduler_type, model_args.freeze_language_model) == (1, "constant", False)
+
+
+@pytest.mark.parametrize("given", [["--caption_column", "caption"], ["--image_column", "jpg", "--caption_column", "c"]])
+def test_image_and_caption_columns_with_a_dataset_format_are_refused_naming_both_options(tmp_path, given):
+    # The format's loader reads its own fields: the columns were silently ignored.
+    named = " and ".join(option for option in ("--image_column", "--caption_column") if option in given)
+    message = (
+        "--dataset_format imagefolder reads the images and captions from the format's own fields, not from columns "
+        f"that --image_column and --caption_column name, so {named} would be ignored: leave "
+        f"{'them' if ' and ' in named else 'it'} out, or leave out --dataset_format to read the columns of a data file."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        parse_args(["--dataset_format", "imagefolder", *given, "--output_dir", str(tmp_path)])
+    assert parse_args([*given, "--output_dir", str(tmp_path)])[1].caption_column == given[-1]
 
 
 def test_a_dot_args_file_beside_the_script_is_not_read_into_the_arguments_given(tmp_path, monkeypatch):

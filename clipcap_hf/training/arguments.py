@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import json
 import sys
+import types
+import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, Union
 
 from transformers import HfArgumentParser
 
@@ -149,6 +154,19 @@ DATA_PATH_ARGUMENTS = ("dataset_name", "train_file", "image_root", "embeddings")
 MODEL_PATH_ARGUMENTS = ("model_name_or_path", *PART_OPTIONS)
 
 
+def check_transformer_options(given: Sequence[str], mapping_type: str, model: str) -> None:
+    """
+    Refuse the `TRANSFORMER_OPTIONS` given (as "--name value") for a model whose mapper is not a transformer, which
+    would drop them; `model` names the model ("this new model", "the checkpoint --model_name_or_path DIR").
+    """
+    if given and mapping_type != "transformer":
+        fix = "Add --mapping_type transformer, or leave them out" if model == "this new model" else "Leave them out"
+        raise ValueError(
+            f"{', '.join(given)} shape a transformer mapper, but {model} has a {mapping_type} mapper, which has "
+            f"neither. {fix}."
+        )
+
+
 def _recipe_architecture(recipe: str | None) -> dict[str, Any]:
     return {name: value for name, value in RECIPES.get(recipe, {}).items() if name in ARCHITECTURE_DEFAULTS}
 
@@ -236,11 +254,7 @@ class ModelArguments:
             for name, default in {**ARCHITECTURE_DEFAULTS, **_recipe_architecture(self.recipe)}.items():
                 if getattr(self, name) is None:
                     setattr(self, name, default)
-            if transformer_only and self.mapping_type != "transformer":
-                raise ValueError(
-                    f"{', '.join(transformer_only)} shape a transformer mapper, but this new model gets a "
-                    f"{self.mapping_type} mapper, which has neither. Add --mapping_type transformer, or leave them out."
-                )
+            check_transformer_options(transformer_only, self.mapping_type, "this new model")
         # Before LORA_DEFAULTS fill them in: a continued LoRA run checks these against its adapters' own.
         self.lora_options_given = tuple(
             name for name in (*LORA_DEFAULTS, "lora_target_modules") if getattr(self, name) is not None
@@ -338,6 +352,15 @@ class SourceArguments:
     def __post_init__(self):
         if self.dataset_format is not None and self.dataset_format not in DATASET_FORMATS:
             raise ValueError(f"--dataset_format must be one of {sorted(DATASET_FORMATS)}, got {self.dataset_format!r}.")
+        columns = [f"--{name}" for name in ("image_column", "caption_column") if getattr(self, name) is not None]
+        if columns and self.dataset_format is not None:
+            # A format's loader reads its own fields (every source it reads: --validation_format defaults to it).
+            raise ValueError(
+                f"--dataset_format {self.dataset_format} reads the images and captions from the format's own fields, "
+                f"not from columns that --image_column and --caption_column name, so {' and '.join(columns)} would "
+                f"be ignored: leave {'them' if len(columns) > 1 else 'it'} out, or leave out --dataset_format to read "
+                "the columns of a data file."
+            )
         check_bad_image_policy(self.on_bad_image)
 
 
@@ -483,6 +506,22 @@ class ClipCapArgumentParser(HfArgumentParser):
         args = sys.argv[1:] if args is None else args
         return super().parse_known_args(self.spelled_in_full(args), namespace)
 
+    def check_json_types(self, values: dict[str, Any], source: str) -> None:
+        """
+        Refuse a value of `values` (the arguments of the JSON file `source`) whose JSON type is not its field's:
+        `parse_dict` sets fields as given, so "false" (a string) would switch a flag on and "8" would fail deep inside
+        a check. The command line converts its strings instead; a JSON file must give each value its own type.
+        """
+        for dtype in self.dataclass_types:
+            hints = typing.get_type_hints(dtype)
+            for field_ in dataclasses.fields(dtype):
+                if field_.init and field_.name in values and not _json_fits(values[field_.name], hints[field_.name]):
+                    value = values[field_.name]
+                    raise ValueError(
+                        f"{source}: {field_.name!r} must be {_json_type_described(hints[field_.name])}, got "
+                        f"{json.dumps(value)} ({_JSON_TYPE_NAMES.get(type(value), type(value).__name__)})."
+                    )
+
     def spelled_in_full(self, args: Sequence[str]) -> list[str]:
         """
         `args` with each abbreviated option (`--learn 0.1`, `--learn=0.1`) spelled in full; one that starts several
@@ -506,3 +545,59 @@ class ClipCapArgumentParser(HfArgumentParser):
                     arg = next(iter(started.values())) + equals + value
             spelled.append(arg)
         return spelled
+
+
+_JSON_TYPE_NAMES = {
+    str: "a string", bool: "true or false", int: "an integer", float: "a number", list: "a list", dict: "an object",
+    type(None): "null",
+}  # fmt: skip
+
+
+def _union_arguments(annotation) -> tuple | None:
+    """The types of a `Union` or `X | Y` annotation, else None."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return typing.get_args(annotation)
+    return None
+
+
+def _json_fits(value: Any, annotation) -> bool:
+    """
+    Whether a JSON value fits a dataclass field's type: an integer for `int`, a number for `float`, true or false for
+    `bool`, a string for `str` or an enum (its values are checked by the dataclass), a list or an object for list and
+    dict types; a type not named here is left to the dataclass.
+    """
+    choices = _union_arguments(annotation)
+    if choices is not None:
+        return any(_json_fits(value, choice) for choice in choices)
+    origin = typing.get_origin(annotation) or annotation
+    if origin is Literal:
+        return value in typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation in (int, float):  # bool is an int to Python, not to JSON
+        return isinstance(value, int if annotation is int else (int, float)) and not isinstance(value, bool)
+    if annotation is str or (isinstance(annotation, type) and issubclass(annotation, enum.Enum)):
+        return isinstance(value, str)
+    if origin in (list, tuple):
+        items = typing.get_args(annotation)[:1]
+        return isinstance(value, list) and (not items or all(_json_fits(item, items[0]) for item in value))
+    if origin is dict:
+        return isinstance(value, dict)
+    return True
+
+
+def _json_type_described(annotation) -> str:
+    """How an error names the JSON values a field's type takes: "an integer or null"."""
+    choices = _union_arguments(annotation)
+    if choices is not None:
+        return " or ".join(dict.fromkeys(_json_type_described(choice) for choice in choices))
+    origin = typing.get_origin(annotation) or annotation
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(choice) for choice in typing.get_args(annotation))
+    if isinstance(annotation, type) and issubclass(annotation, enum.Enum):
+        return "a string"
+    if origin is tuple:
+        return "a list"
+    return _JSON_TYPE_NAMES.get(origin, getattr(origin, "__name__", str(origin)))

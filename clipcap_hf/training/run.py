@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import glob
 import hashlib
@@ -21,6 +22,7 @@ import transformers
 from accelerate import PartialState
 from tqdm.auto import tqdm
 from transformers import TrainerState, TrainingArguments, set_seed
+from transformers.integrations import get_reporting_integration_callbacks
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.utils import ADAPTER_CONFIG_NAME, find_adapter_config_file
 
@@ -29,7 +31,7 @@ from ..data.embeddings import EMBEDDINGS_INFO_NAME
 from ..data.sources import DEFAULT_CAPTION_COLUMNS
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor, check_tokenizer_files
-from ..utils.file_utils import read_json, sampled_sha256, save_pretrained
+from ..utils.file_utils import check_output_folder, read_json, sampled_sha256, save_pretrained
 from ..utils.loading import (
     check_pretrained_source,
     is_adapters_identity,
@@ -48,11 +50,13 @@ from .arguments import (
     PATH_ARGUMENTS,
     RECIPES,
     RECORDED_TRAINING_ARGUMENTS,
+    TRANSFORMER_OPTIONS,
     ClipCapArgumentParser,
     DataArguments,
     ModelArguments,
     _recipe_architecture,
     _recipe_run_defaults,
+    check_transformer_options,
 )
 from .lora import (
     BASE_MODEL_DIR,
@@ -64,7 +68,13 @@ from .lora import (
     lora_base_model,
     merge_lora,
 )
-from .trainer import RUN_ARGUMENTS_NAME, ClipCapTrainer, checkpoint_folders, write_run_arguments
+from .trainer import (
+    RUN_ARGUMENTS_NAME,
+    ClipCapTrainer,
+    check_is_a_checkpoint,
+    checkpoint_folders,
+    write_run_arguments,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -140,9 +150,11 @@ def _check_checkpoint_architecture(model_args: ModelArguments, config) -> None:
         for name in PART_OPTIONS
         if getattr(model_args, name) is not None
     ]
+    # A mapper other than a transformer has none of its options: the config's values for them are unused.
+    unused = TRANSFORMER_OPTIONS if config.mapping_type != "transformer" else ()
     for name in CONFIG_OPTIONS:
         value = getattr(model_args, name)
-        if value is not None and value != getattr(config, name):
+        if value is not None and value != getattr(config, name) and name not in unused:
             problems.append(f"--{name} {value} (the checkpoint's: {getattr(config, name)})")
     recipe_type = _recipe_architecture(model_args.recipe).get("mapping_type")
     if recipe_type is not None and recipe_type != config.mapping_type and model_args.mapping_type is None:
@@ -156,6 +168,10 @@ def _check_checkpoint_architecture(model_args: ModelArguments, config) -> None:
             f"fixed, but {'; '.join(problems)}. Leave these options out to keep the checkpoint's architecture, or "
             "leave out --model_name_or_path to build a new model."
         )
+    given = [f"--{name} {getattr(model_args, name)}" for name in unused if getattr(model_args, name) is not None]
+    check_transformer_options(
+        given, config.mapping_type, f"the checkpoint --model_name_or_path {model_args.model_name_or_path}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -178,6 +194,7 @@ def parse_args(
             raise ValueError(
                 f"{args[0]} must hold one JSON object of argument names and values (\"recipe\", if given, a string)."
             )
+        parser.check_json_types(values, args[0])
         return parser.parse_dict({**_recipe_run_defaults(values.get("recipe")), **values})
     # Abbreviations are the main parser's (`--rec` is `--recipe` only when no other option starts so).
     recipe_parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
@@ -302,6 +319,75 @@ def last_complete_checkpoint(output_dir: str, remove_incomplete: bool = False) -
         logger.warning(f"Removing {checkpoint}, which a run stopped while writing it.")
         shutil.rmtree(checkpoint)
     return None
+
+
+def _check_output_dir(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
+    """
+    Refuse the --output_dir of a training run that would write its model, config and tokenizer files over others: one
+    that is, or lies inside, a folder the run reads (its model, its pretrained parts, its data), and a folder that
+    holds files but no run to resume or rerun (transformers 4.x: unless --overwrite_output_dir).
+    """
+    output_dir = os.path.realpath(os.path.expanduser(training_args.output_dir))
+    read = [(f"--{name}", getattr(model_args, name)) for name in MODEL_PATH_ARGUMENTS]
+    read += [("--embeddings", data_args.embeddings)]
+    read += [("--train_file", part.strip()) for part in (data_args.train_file or "").split(",")]
+    for option, path in read:
+        folder = os.path.realpath(os.path.expanduser(path)) if path else None
+        if folder is not None and os.path.isdir(folder) and os.path.commonpath([output_dir, folder]) == folder:
+            where = "is" if output_dir == folder else "lies inside"
+            raise ValueError(
+                f"--output_dir {training_args.output_dir} {where} {option} {path}, which the run reads: the run would "
+                "write its model and checkpoints among those files. Give --output_dir a new folder."
+            )
+    if getattr(training_args, "overwrite_output_dir", False) or not os.path.isdir(output_dir):
+        return
+    entries = sorted(name for name in os.listdir(output_dir) if not name.startswith("."))  # hidden: not overwritten
+    if entries and not _holds_a_run(training_args.output_dir, entries):
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        overwrite = " (or add --overwrite_output_dir)" if hasattr(training_args, "overwrite_output_dir") else ""
+        raise ValueError(
+            f"--output_dir {training_args.output_dir} holds files ({shown}) but no run to resume or rerun (no "
+            f"checkpoint-N, {RUN_ARGUMENTS_NAME} or {TRAINER_STATE_NAME}): the run's model, config and tokenizer "
+            f"files would overwrite those of the same names. Give --output_dir a new or empty folder{overwrite}."
+        )
+
+
+def _holds_a_run(output_dir: str, entries: Sequence[str]) -> bool:
+    """Whether `output_dir`, holding `entries`, holds a run of this command: what one writes before its first step (a
+    LoRA run's base_model, its record) or later (its checkpoints, and its trainer state once finished)."""
+    written = (RUN_ARGUMENTS_NAME, TRAINER_STATE_NAME, BASE_MODEL_DIR)
+    return any(name in written for name in entries) or bool(checkpoint_folders(output_dir))
+
+
+def _check_report_to(training_args: TrainingArguments) -> None:
+    """
+    Refuse an integration of --report_to that is not installed: `Trainer` makes its callbacks, whose making checks the
+    package, only when it is built, once the images are embedded. Each is made here as `Trainer` makes it.
+    """
+    report_to = training_args.report_to
+    for name in [report_to] if isinstance(report_to, str) else report_to or []:
+        for callback in get_reporting_integration_callbacks(name):
+            try:
+                callback()
+            except (ImportError, RuntimeError) as error:  # RuntimeError: "WandbCallback requires wandb to be ..."
+                raise ValueError(
+                    f"--report_to {name}: {error} Or leave {name} out of --report_to (none: report nowhere)."
+                ) from error
+
+
+def _check_optimizer(training_args: TrainingArguments, model) -> None:
+    """
+    Resolve --optim (and --optim_args) as `Trainer` does at the first step, so that a missing package or a bad value
+    is named before the images are embedded. Layerwise optimizers are left to `Trainer`: resolving one registers its
+    hooks on the model's parameters, which a second resolution would register again.
+    """
+    optim = getattr(training_args.optim, "value", training_args.optim)
+    if optim.endswith("_layerwise"):
+        return
+    try:
+        ClipCapTrainer.get_optimizer_cls_and_kwargs(training_args, model)
+    except (ImportError, ValueError) as error:
+        raise ValueError(f"--optim {optim}: {error}") from error
 
 
 def _holds_optimizer_state(checkpoint: str) -> bool:
@@ -852,6 +938,13 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         )
     if data_args.dataset_config_name is not None or data_args.dataset_name is not None:
         _check_dataset_name_is_read(data_args, training_args.do_train, evaluating)
+    # Before anything is loaded or embedded: each of these would otherwise stop the run only once the images are.
+    check_output_folder(training_args.output_dir, "--output_dir", "write the run's model, checkpoints and results in")
+    if training_args.do_train:
+        _check_output_dir(model_args, data_args, training_args)
+        if training_args.resume_from_checkpoint is not None:
+            check_is_a_checkpoint(training_args.resume_from_checkpoint)
+    _check_report_to(training_args)
     setup_logging(training_args)
     logger.warning(
         f"Process rank: {training_args.process_index}, device: {training_args.device}, "
@@ -914,6 +1007,8 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         check_continued_lora_options(model, model_args)
     if training and data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("--streaming needs --max_steps: a streamed source has no length to count epochs by.")
+    if training:
+        _check_optimizer(training_args, model)
     _check_context_length(model.config, data_args, generation=evaluating)
     # One call: the sources, their images embedded once across the processes, one row per caption, the lengths.
     if training or evaluating:
@@ -989,9 +1084,25 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         elif not os.path.isdir(_merged_model_dir(training_args)):  # --save_merged_model added to the rerun
             _save_merged_model(trainer, model_args, training_args)
     if training:
-        # Written once the run has started, so that a run refused before training leaves no output_dir behind.
-        record_run_arguments(training_args, arguments)
-        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint or last_checkpoint)
+        resumed_from = training_args.resume_from_checkpoint or last_checkpoint
+        # Written once the run has started, so that a run refused before training leaves no output_dir behind. A
+        # resume writes it only into a folder without one (an older clipcap_hf's, resumed unchecked), and takes it
+        # back if Trainer then refuses the checkpoint (its optimizer's state does not fit): a rerun with the arguments
+        # of the run that saved it would otherwise be compared with those of the refused one.
+        record = os.path.join(training_args.output_dir, RUN_ARGUMENTS_NAME)
+        first_record = resumed_from is not None and not os.path.exists(record)
+        if resumed_from is None or first_record:
+            record_run_arguments(training_args, arguments)
+        saved_before = checkpoint_folders(training_args.output_dir)
+        try:
+            result = trainer.train(resume_from_checkpoint=resumed_from)
+        except BaseException:
+            # Refused or stopped before saving a checkpoint of its own (each holds its run's record).
+            saved_none = checkpoint_folders(training_args.output_dir) == saved_before
+            if first_record and training_args.should_save and saved_none:
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(record)
+            raise
         _save_final_model(trainer, processor, model_args, training_args)
         metrics.update(result.metrics)
         if isinstance(data.train, datasets.Dataset):

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -139,7 +140,7 @@ def checkpoint_folders(output_dir: str | os.PathLike[str]) -> dict[int, str]:
 def _newest_checkpoint(folder: Path) -> Path | None:
     """
     The `checkpoint-N` folder of `folder` with the largest N of those that would resume (holding trainer_state.json
-    and model weights), else None. So it is never a folder [`_check_is_a_checkpoint`] refuses, nor a damaged one.
+    and model weights), else None. So it is never a folder [`check_is_a_checkpoint`] refuses, nor a damaged one.
     """
     try:
         steps = checkpoint_folders(folder)
@@ -152,7 +153,7 @@ def _newest_checkpoint(folder: Path) -> Path | None:
     return Path(steps[max(complete)]) if complete else None
 
 
-def _check_is_a_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
+def check_is_a_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
     """
     Refuse to resume from what is no Trainer checkpoint at all (a path that does not exist, a file, a folder without
     the trainer_state.json that Trainer writes last into each checkpoint, or one not named checkpoint-N without model
@@ -188,16 +189,38 @@ def _check_is_a_checkpoint(checkpoint: str | os.PathLike[str]) -> None:
     )
 
 
+def _raised_putting_state_in(error: BaseException) -> bool:
+    """
+    Whether `error` was raised by torch's `load_state_dict` (of the model, its adapters, the optimizer, the scheduler):
+    while state read whole from a checkpoint was put into this run's objects, which it did not fit, rather than while
+    the checkpoint's files were read.
+    """
+    torch_dir = os.path.dirname(torch.__file__) + os.sep
+    return any(
+        frame.name == "load_state_dict" and frame.filename.startswith(torch_dir)
+        for frame in traceback.extract_tb(error.__traceback__)
+    )
+
+
 @contextlib.contextmanager
 def _naming_a_damaged_checkpoint(checkpoint: str | None, files: str) -> Iterator[None]:
     """
     Turn a failure to read part of a checkpoint (truncated, corrupt, not a torch file) into an error naming it. Only
-    for a folder that [`_check_is_a_checkpoint`] accepted: its advice is to delete the checkpoint.
+    for a folder that [`check_is_a_checkpoint`] accepted: its advice is to delete the checkpoint. A checkpoint read
+    whole whose state does not fit the run's model or optimizer (other parameter shapes or groups) is another run's,
+    not damaged: the error says so, and does not advise deleting it.
     """
     try:
         yield
     except Exception as error:  # torch.load's failures are many: UnpicklingError, RuntimeError, EOFError, ...
         folder = Path(checkpoint)
+        if _raised_putting_state_in(error):
+            raise ValueError(
+                f"Cannot resume from {folder}: the contents of its {files} do not fit this run "
+                f"({type(error).__name__}: {error}). The checkpoint belongs to another model, or to a run that trained "
+                "other parameters (another --freeze_language_model, --use_lora or LoRA option, or mapper). Resume it "
+                "with the arguments of the run that saved it, or start a new run in another --output_dir."
+            ) from error
         raise ValueError(
             f"Cannot resume from {folder}: its {files} cannot be read ({type(error).__name__}: {error}); the "
             f"checkpoint is damaged, e.g. by a run stopped while writing it. Delete {folder} to resume from the "
@@ -281,7 +304,7 @@ class ClipCapTrainer(Trainer):
     # Resuming: a damaged part of the checkpoint is named, with what to do, rather than a bare torch.load traceback.
     # Trainer.train (and run.py, for a finished run) loads the weights first, before the other files of the checkpoint.
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        _check_is_a_checkpoint(resume_from_checkpoint)
+        check_is_a_checkpoint(resume_from_checkpoint)
         with _naming_a_damaged_checkpoint(resume_from_checkpoint, "model weights or trainer_state.json"):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             read_json(Path(resume_from_checkpoint) / TRAINER_STATE_NAME)  # which Trainer.train reads next, unchecked
