@@ -420,6 +420,20 @@ def test_streaming_gives_one_output_shard_per_data_file(model_dir, parquet_sourc
     assert read_rows(output) == expected_rows(model_dir, encoded)
 
 
+def test_a_streamed_data_file_that_does_not_read_stops_the_run_naming_it(model_dir, parquet_source, tmp_path, capsys):
+    _, encoded = parquet_source
+    files = two_parquet_files(tmp_path, encoded)
+    data = files[1].read_bytes()
+    files[1].write_bytes(data[: len(data) // 2] + data[-200:])  # its middle lost (a bad copy): its footer is damaged
+    output = tmp_path / "captions"
+    assert main(streaming_argv(model_dir, files, output)) == 2
+    # pyarrow's own error, met as the shard is read, names no file ("Could not open Parquet input source '<Buffer>'").
+    err = capsys.readouterr().err
+    named = re.escape(f"{files[1]} cannot be read as parquet data (OSError: Couldn't deserialize thrift")
+    assert re.search(named + r".*\); fix or remove it\.", err, re.DOTALL), err
+    assert [path.name for path in output.glob("*.parquet")] == ["captions-00000-of-00002.parquet"]  # the first, kept
+
+
 def test_the_writer_refuses_an_unknown_bad_image_policy_before_any_work(tmp_path):
     from clipcap_hf.inference import caption_dataset_to_parquet
 

@@ -399,6 +399,27 @@ def test_parquet_written_without_datasets_and_a_column_that_is_not_images(tmp_pa
         load_image_source(data_files=str(tmp_path / "plain.parquet"), image_column="size")
 
 
+@pytest.mark.parametrize("write", ["new_stream", "new_file"])
+def test_each_row_of_several_arrow_files_is_numbered_in_its_own_file(tmp_path, write):
+    # datasets keeps no file per row: an Arrow file's row count is read from its record batches (of either IPC
+    # format datasets reads), as a parquet file's from its footer, so a bad row is named by its file and row there.
+    import pyarrow
+
+    images = random_images(2)
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    files = [str(tmp_path / "part0.arrow"), str(tmp_path / "part1.arrow")]
+    for path, captions in zip(files, [["c0", "c1"], ["c2", "c3", None]]):
+        rows = {"image": [{"bytes": png_bytes(images[0]), "path": None}] * len(captions), "caption": captions}
+        table = datasets.Dataset.from_dict(rows, features=features).data.table
+        with pyarrow.OSFile(path, "wb") as sink, getattr(pyarrow.ipc, write)(sink, table.schema) as writer:
+            writer.write_table(table, max_chunksize=2)  # several record batches
+    with pytest.raises(ValueError, match=re.escape(f"{files[1]}, row 2 (from 0): the image sha256:")):
+        load_image_source(data_files=files, caption_column="caption")
+    source = load_image_source(data_files=files)  # without captions
+    assert source["__url__"] == [files[0]] * 2 + [files[1]] * 3
+    assert source["__row__"] == [0, 1, 0, 1, 2]
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
 def test_a_bad_row_of_several_json_or_csv_files_is_named_by_its_file_and_row_there(tmp_path, suffix):
     random_images(1)[0].save(tmp_path / "x.png")

@@ -186,6 +186,49 @@ def test_an_unreadable_parquet_row_is_named_by_file_row_and_key(tmp_path, tokeni
     )
 
 
+def test_an_unreadable_image_of_several_arrow_files_is_named_by_its_file_and_row_there(tmp_path, tokenizer, processor):
+    import pyarrow
+
+    good = io.BytesIO()
+    random_images(1)[0].save(good, "PNG")
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    files = [str(tmp_path / "part0.arrow"), str(tmp_path / "part1.arrow")]
+    for path, data in zip(files, [[good.getvalue()] * 2, [good.getvalue(), b"not an image"]]):
+        rows = {"image": [{"bytes": item, "path": None} for item in data], "caption": ["A dog."] * len(data)}
+        table = datasets.Dataset.from_dict(rows, features=features).data.table
+        with pyarrow.OSFile(path, "wb") as sink, pyarrow.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+    source = load_image_source(data_files=files, caption_column="caption")
+    with pytest.raises(ValueError) as error:
+        embed_source(source, tiny_model(tokenizer), processor.image_processor, tmp_path / "emb")
+    key = "sha256:" + __import__("hashlib").sha256(b"not an image").hexdigest()
+    # Row 3 of the source is row 1 of the second file.
+    assert str(error.value).splitlines()[1] == (
+        f"  shard {files[1]}, row 1 (from 0): UnidentifiedImageError: cannot identify image file (key {key})"
+    )
+
+
+def test_a_streamed_data_file_that_does_not_read_is_named_as_one_read_whole_is(tmp_path, tokenizer, processor):
+    # A stream meets a malformed line midway, where pyarrow's bare ArrowInvalid names no file.
+    import pyarrow
+
+    random_images(1)[0].save(tmp_path / "x.png")
+    files = [str(tmp_path / "part0.jsonl"), str(tmp_path / "part1.jsonl")]
+    (tmp_path / "part0.jsonl").write_text(json.dumps({"image": "x.png", "caption": "A dog."}) + "\n")
+    (tmp_path / "part1.jsonl").write_text(json.dumps({"image": "x.png", "caption": "A cat."}) + "\n{not json\n")
+    message = (
+        f"{files[1]} cannot be read as json data (ArrowInvalid: JSON parse error: Missing a name for object member. "
+        "in row 1); fix or remove it."
+    )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_image_source(data_files=files, caption_column="caption")
+    source = load_image_source(data_files=files, caption_column="caption", streaming=True)
+    with pytest.raises(ValueError) as error:
+        embed_source(source, tiny_model(tokenizer), processor.image_processor, tmp_path / "emb")
+    assert str(error.value) == message
+    assert isinstance(error.value.__cause__, pyarrow.ArrowInvalid)  # the reader's own error, kept
+
+
 def test_a_parquet_row_after_skipped_rows_without_an_image_keeps_its_own_row_number(
     tmp_path, tokenizer, processor, caplog
 ):

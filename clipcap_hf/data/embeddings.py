@@ -35,7 +35,7 @@ from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from ..utils.file_utils import FileLocksUnsupportedError, acquire_file_lock, read_json, write_text_atomically
 from ..utils.memory import reuse_freed_memory
 from .loaders import PathLike, _image_keys, _rebuild, _splits
-from .sources import SHARD_COLUMN, SOURCE_ROW_COLUMN, WEBDATASET_KEY, decode_image, describe_image_error
+from .sources import SHARD_COLUMN, SOURCE_ROW_COLUMN, WEBDATASET_KEY, decode_image, describe_image_error, read_stream
 
 logger = logging.get_logger(__name__)
 
@@ -1146,12 +1146,14 @@ def _iterable_batches(
     """
     The same from an `IterableDataset`, read once; an image seen again later keeps its first row's captions (its
     first batch may already be written), and each later row's caption count goes to `repeated_rows`. A bad image
-    without a file of its own is named by its row in the stream of `source_name`.
+    without a file of its own is named by its row in the stream of `source_name`; a data file that does not read, by
+    its path (see [`read_stream`]).
     """
 
     def unique_images() -> Iterator[tuple[Any, _Stored]]:  # this process's images, each once, read if not stored
         seen: set[int] = set()
-        for index, row in enumerate(_undecoded_images(source)):
+        undecoded = _undecoded_images(source)
+        for index, row in enumerate(read_stream(undecoded, undecoded)):
             owners, digests = key_digests([row[KEY_COLUMN]], world_size)
             digest = int(digests[0])
             if owners[0] != rank:

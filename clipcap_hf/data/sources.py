@@ -16,11 +16,12 @@ import json
 import os
 import re
 import tarfile
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
+import pandas
 import PIL.Image
 import pyarrow
 import pyarrow.compute as pc
@@ -58,6 +59,10 @@ IMAGE_FOLDER_SHARD_SIZE = 1000
 # What a data file that does not read raises through `datasets`: its own errors, the tar reader's, and pyarrow's (an
 # `ArrowInvalid` is a ValueError; a damaged parquet file's `Couldn't deserialize thrift` an OSError).
 _DATA_FILE_ERRORS = (datasets.exceptions.DatasetGenerationError, StopIteration, tarfile.TarError, ValueError, OSError)
+# What a stream's data file that does not read raises midway, bare: pyarrow's errors (a malformed JSON line's
+# `ArrowInvalid`, a damaged parquet or Arrow file's `OSError`), pandas' (a CSV line with too many fields) and the tar
+# reader's. Not the plain ValueErrors of its rows (a row without an image), which name their row themselves.
+_STREAM_READ_ERRORS = (pyarrow.ArrowException, OSError, tarfile.TarError, pandas.errors.ParserError)
 
 logger = logging.get_logger(__name__)
 
@@ -87,7 +92,7 @@ def load_image_source(
       [`image_cache_key`]), for image bytes (parquet, webdataset, Hub datasets) `sha256:<hash of the bytes>`,
     - `captions` (when there is a caption column): the row's captions, a list of strings,
     - `__row__` (not with `streaming`, nor for webdataset shards, whose samples have `__key__`): the row's number
-      (from 0) in its parquet file (named in `__url__`), or else in the source, by which errors name the row,
+      (from 0) in its parquet or Arrow file (named in `__url__`), or else in the source, by which errors name the row,
 
     and the source's other columns (webdataset shards keep `__key__` and `__url__`, the shard's file).
 
@@ -174,7 +179,7 @@ def load_image_source(
         dataset = dataset.rename_column(image_column, "image")
     shards = file_rows = None
     if dataset_format is None and dataset_name is None:  # rows read from `data_files` themselves
-        shards = _parquet_shards(dataset, data_files)
+        shards = _counted_shards(dataset, data_files)
         file_rows = shards if shards is not None else _rows_per_file_on_error(dataset, data_files)
     dataset = _add_keys_and_captions(dataset, caption_column, source, shards, file_rows, on_bad_image == "skip")
     return (dataset, caption_column) if return_caption_column else dataset
@@ -435,6 +440,42 @@ def _undecodable_shard(path: str) -> str | None:
     return None
 
 
+def read_stream(rows: Iterable, dataset) -> Iterator:
+    """
+    `rows` (rows or batches) as read from `dataset`, an `IterableDataset`: a data file that does not read raises midway
+    naming no file (pyarrow's bare `ArrowInvalid` of a malformed JSON line), so the stream's local data files are then
+    read again, each alone, to name it (see [`_unreadable_data_file`]) in a ValueError chained to the original. Other
+    errors, and those of streams whose files are not known or not of one builder, are raised as they are.
+    """
+    try:
+        yield from rows
+    except _STREAM_READ_ERRORS as error:
+        files = stream_data_files(dataset)
+        builder = _builder_of(files)
+        problem = builder and _unreadable_data_file(builder, files)  # only a failure reads the files again
+        if not problem:
+            raise
+        raise ValueError(problem) from error
+
+
+def stream_data_files(dataset) -> list[str]:
+    """
+    Each local data file an `IterableDataset` reads, once, as its loader spells it, in the order of its input shards;
+    none where they are not known (one not read from local files, such as one made with `to_iterable_dataset` or
+    streamed from the Hub). They are the `datasets` loader's arguments, found under the dataset's wrapping iterables:
+    paths, or an image folder's tuples holding the path.
+    """
+    iterable = getattr(dataset, "_ex_iterable", None)
+    while getattr(iterable, "ex_iterable", None) is not None:
+        iterable = iterable.ex_iterable
+    paths = []
+    for value in (getattr(iterable, "kwargs", None) or {}).values():
+        if isinstance(value, (list, tuple)):
+            items = [part for item in value for part in (item if isinstance(item, tuple) else (item,))]
+            paths += [item for item in items if isinstance(item, str) and os.path.isfile(item)]
+    return list(dict.fromkeys(paths))  # JSON and Parquet loaders name each file twice, an image folder's tuples too
+
+
 def _read_alone(builder: str, path: str) -> datasets.Dataset:
     """One data file of a source read on its own by the source's builder (prepared into `datasets`' cache once)."""
     return datasets.load_dataset(builder, data_files={"train": [path]}, split="train")
@@ -628,10 +669,10 @@ def _add_keys_and_captions(
     skip_null_images: bool = False,
 ):
     """
-    Add `image_key` (and `captions`) computed from the undecoded images, without decoding any; and, for parquet files
-    (`shards`: each file and its row count), each row's file as `__url__`, as webdataset rows have it, and to map-style
-    sources each row's number there (or in the source) as `__row__`, which names it in later errors. A bad row is
-    named by its file and its row there from `file_rows` (the parquet `shards`, or the counts of several JSON/CSV/Arrow
+    Add `image_key` (and `captions`) computed from the undecoded images, without decoding any; and, for parquet or
+    Arrow files (`shards`: each file and its row count), each row's file as `__url__`, as webdataset rows have it, and
+    to map-style sources each row's number there (or in the source) as `__row__`, which names it in later errors. A bad
+    row is named by its file and its row there from `file_rows` (the `shards`, or the counts of several JSON/CSV
     files, read when an error needs them). A stream of several shards numbers its rows in the order its readers take
     them (shuffled shards, one count per worker), not in its files: its bad rows are named without a row number. With
     `skip_null_images`, rows without an image are left out, with a warning naming them.
@@ -782,9 +823,9 @@ def _row_location(
 
 class _RowsPerFile:
     """
-    The files of a map-style source of several JSON, CSV or Arrow files, whose row counts are read only when a bad
-    row is to be named: unlike parquet's footers these files state no row count, and `datasets` keeps no record of
-    which file a row came from, so each file is read again on its own by the same builder.
+    The files of a map-style source of several JSON or CSV files, whose row counts are read only when a bad row is
+    to be named: unlike parquet's footers and Arrow's record batches these files state no row count, and `datasets`
+    keeps no record of which file a row came from, so each file is read again on its own by the same builder.
     """
 
     def __init__(self, builder: str, files: list[str]):
@@ -802,12 +843,12 @@ class _RowsPerFile:
 
 
 def _rows_per_file_on_error(dataset, data_files) -> _RowsPerFile | None:
-    """A `_RowsPerFile` for a map-style source of several JSON, CSV or Arrow files; None for others."""
+    """A `_RowsPerFile` for a map-style source of several JSON or CSV files; None for others."""
     if data_files is None or isinstance(data_files, (str, os.PathLike)) or not isinstance(dataset, datasets.Dataset):
         return None
     files = [str(path) for path in data_files]
     builder = _builder_of(files)
-    if len(files) < 2 or builder in (None, "parquet", "webdataset"):
+    if len(files) < 2 or builder not in ("json", "csv"):
         return None
     return _RowsPerFile(builder, [os.path.abspath(path) for path in files])
 
@@ -838,16 +879,33 @@ def _has_image_files(dataset: datasets.Dataset) -> bool:
     return any(chunk.field("bytes").null_count for chunk in dataset.data.column("image").chunks)
 
 
-def _parquet_shards(dataset, data_files) -> list[tuple[str, int]] | None:
-    """The parquet files of a map-style source and their row counts (read from their footers), in row order."""
+def _counted_shards(dataset, data_files) -> list[tuple[str, int]] | None:
+    """
+    The parquet or Arrow files of a map-style source and their row counts, in row order: read from parquet footers,
+    and from the headers of Arrow record batches (memory-mapped: their data is not read), so each row's file is known
+    at no cost, as JSON or CSV files do not tell theirs without being parsed again (see [`_RowsPerFile`]).
+    """
     if data_files is None or not isinstance(dataset, datasets.Dataset) or SHARD_COLUMN in dataset.column_names:
         return None
     files = _file_list(data_files)
-    if not all(path.lower().endswith(".parquet") for path in files):
-        return None
-    import pyarrow.parquet
+    builder = _builder_of(files)
+    if builder == "parquet":
+        import pyarrow.parquet
 
-    return [(os.path.abspath(path), pyarrow.parquet.ParquetFile(path).metadata.num_rows) for path in files]
+        return [(os.path.abspath(path), pyarrow.parquet.ParquetFile(path).metadata.num_rows) for path in files]
+    if builder == "arrow":
+        return [(os.path.abspath(path), _arrow_rows(path)) for path in files]
+    return None
+
+
+def _arrow_rows(path: str) -> int:
+    """The row count of an Arrow file, in the IPC stream format or the file format (both read by `datasets`)."""
+    with pyarrow.memory_map(path) as source:
+        try:
+            return sum(batch.num_rows for batch in pyarrow.ipc.open_stream(source))
+        except (OSError, pyarrow.ArrowInvalid):  # the file format, as datasets' arrow builder tries it
+            reader = pyarrow.ipc.open_file(source)
+            return sum(reader.get_batch(index).num_rows for index in range(reader.num_record_batches))
 
 
 def _rooted(dataset, column: str, root: str | list[str], source: str):

@@ -146,24 +146,14 @@ def _data_file_identities(dataset) -> list[dict[str, Any]] | dict[str, Any] | No
     Each local data file a streaming dataset reads, with its size and a sampled digest of its content (as
     `model_identity` identifies weight files), in the order of the input shards; for more than
     `_MAX_FILES_IDENTIFIED_BY_CONTENT` files (an image folder's images), their number and one digest of their paths
-    (relative to their common folder), sizes and modification times instead. None where they are not known (an
-    IterableDataset not read from local files, such as one made with `to_iterable_dataset` or streamed from the Hub).
-    The files are the `datasets` loader's arguments, found under the dataset's wrapping iterables: paths, or an image
-    folder's tuples holding the path.
+    (relative to their common folder), sizes and modification times instead. None where they are not known (see
+    [`~data.sources.stream_data_files`]).
     """
+    from ..data.sources import stream_data_files
     from ..utils.file_utils import sampled_sha256
 
-    iterable = getattr(dataset, "_ex_iterable", None)
-    while getattr(iterable, "ex_iterable", None) is not None:
-        iterable = iterable.ex_iterable
-    paths = []
-    for value in (getattr(iterable, "kwargs", None) or {}).values():
-        if isinstance(value, (list, tuple)):
-            items = [part for item in value for part in (item if isinstance(item, tuple) else (item,))]
-            paths += [item for item in items if isinstance(item, str) and os.path.isfile(item)]
-    # Resolved: the loader keeps a data file's spelling (`dir/./a.parquet`), which a resume may change. Once each: JSON
-    # and Parquet loaders name each file twice, an image folder's tuples too.
-    paths = list(dict.fromkeys(map(os.path.realpath, paths)))
+    # Resolved: the loader keeps a data file's spelling (`dir/./a.parquet`), which a resume may change; once each.
+    paths = list(dict.fromkeys(map(os.path.realpath, stream_data_files(dataset))))
     if not paths:
         return None
     if len(paths) <= _MAX_FILES_IDENTIFIED_BY_CONTENT:
@@ -738,11 +728,14 @@ def _caption_shard(
     captioner: ClipCapCaptioner, shard, name: str, batch_size: int, on_bad_image: BadImagePolicy, bar
 ) -> tuple[dict[str, list], list[str]]:
     """One input shard's output columns, and a line naming each unreadable row that was skipped."""
+    from ..data.sources import read_stream  # imported here, as in `_bad_row`
+
     names = ["image_key", captioner.caption_column]
     names += ["candidates"] * (captioner.num_sequences > 1) + ["clip_score"] * (captioner.reranker is not None)
     columns: dict[str, list] = {column: [] for column in names}
     bad = []
-    for batch in shard.iter(batch_size=batch_size):
+    # A streamed shard's data file that does not read is named (the reader's own error names none).
+    for batch in read_stream(shard.iter(batch_size=batch_size), shard):
         if "image_key" not in batch:
             raise ValueError(f"Shard {name}: the dataset has no image_key column; it has {sorted(batch)}.")
         output, errors = captioner.caption_batch(batch)
