@@ -389,30 +389,37 @@ def test_an_output_dir_holding_no_run_or_read_by_the_run_is_refused_before_the_d
 
     overwrite = hasattr(TrainingArguments, "overwrite_output_dir")  # transformers 4.x
     message = refusal(capsys, arguments(someone_elses, *model))
-    assert message.startswith(f"--output_dir {someone_elses} holds files (")
+    assert message.startswith(f"--output_dir {someone_elses} holds a saved model (config.json, ")
     assert message.endswith(
-        ", ...) but no run to resume or rerun (no checkpoint-N, clipcap_run_args.json or trainer_state.json): the "
-        "run's model, config and tokenizer files would overwrite those of the same names. Give --output_dir a new or "
-        "empty folder" + (" (or add --overwrite_output_dir)." if overwrite else ".")
+        ") but no run to resume or rerun (no checkpoint-N, clipcap_run_args.json or trainer_state.json): the run's "
+        "model, config and tokenizer files would overwrite it. Give --output_dir a new folder"
+        + (" (or add --overwrite_output_dir)." if overwrite else ".")
     )
     read = {
         ("is", "--model_name_or_path", saved_model_dir): arguments(saved_model_dir, *model),
         ("lies inside", "--model_name_or_path", saved_model_dir): arguments(saved_model_dir / "run", *model),
         ("lies inside", "--text_model_name_or_path", parts[3]): arguments(f"{parts[3]}/run", *parts),
         ("lies inside", "--train_file", caption_folder): arguments(caption_folder / "run", *model),
+        ("lies inside", "--dataset_name", caption_folder): [
+            "--dataset_name" if argument == "--train_file" else argument
+            for argument in arguments(caption_folder / "run", *model)
+        ],
     }
     for (where, option, path), given in read.items():
         assert refusal(capsys, given) == (
-            f"--output_dir {given[given.index('--output_dir') + 1]} {where} {option} {path}, which the run reads: the "
-            "run would write its model and checkpoints among those files. Give --output_dir a new folder."
+            f"--output_dir {given[given.index('--output_dir') + 1]} {where} the {option} folder {path}: the run would "
+            "write its model and checkpoints among the files it reads. Give --output_dir a folder outside it."
         )
     assert {path: path.read_bytes() for path in someone_elses.iterdir()} == before
     assert not (saved_model_dir / "run").exists() and not (caption_folder / "run").exists()
     if overwrite:  # writing into it is asked for
         assert main(["train", *arguments(someone_elses, *model, "--overwrite_output_dir")]) == 0
-    # An empty folder, or one holding hidden files only, is a new run's.
-    (tmp_path / "empty" / ".hidden").mkdir(parents=True)
-    assert main(["train", *arguments(tmp_path / "empty", *model)]) == 0
+    # An empty folder, or one holding other files (a log, an evaluation's results), is a new run's.
+    (tmp_path / "logged" / ".hidden").mkdir(parents=True)
+    (tmp_path / "logged" / "train.log").write_text("started\n")
+    (tmp_path / "logged" / "eval_results.json").write_text("{}")
+    assert main(["train", *arguments(tmp_path / "logged", *model)]) == 0
+    assert (tmp_path / "logged" / "train.log").read_text() == "started\n"
 
 
 def test_an_output_dir_that_is_a_file_or_under_one_is_refused_before_the_data_are_loaded(

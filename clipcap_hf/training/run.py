@@ -31,7 +31,13 @@ from ..data.embeddings import EMBEDDINGS_INFO_NAME
 from ..data.sources import DEFAULT_CAPTION_COLUMNS
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor, check_tokenizer_files
-from ..utils.file_utils import check_output_folder, read_json, sampled_sha256, save_pretrained
+from ..utils.file_utils import (
+    check_output_folder,
+    check_output_outside_inputs,
+    read_json,
+    sampled_sha256,
+    save_pretrained,
+)
 from ..utils.loading import (
     check_pretrained_source,
     is_adapters_identity,
@@ -324,32 +330,38 @@ def last_complete_checkpoint(output_dir: str, remove_incomplete: bool = False) -
 def _check_output_dir(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> None:
     """
     Refuse the --output_dir of a training run that would write its model, config and tokenizer files over others: one
-    that is, or lies inside, a folder the run reads (its model, its pretrained parts, its data), and a folder that
-    holds files but no run to resume or rerun (transformers 4.x: unless --overwrite_output_dir).
+    that is, or lies inside, a folder the run reads (its model, its pretrained parts, its data), and one that holds a
+    saved model but no run to resume or rerun (transformers 4.x: unless --overwrite_output_dir). Other files (a log,
+    an evaluation's results) are not in the way.
     """
-    output_dir = os.path.realpath(os.path.expanduser(training_args.output_dir))
     read = [(f"--{name}", getattr(model_args, name)) for name in MODEL_PATH_ARGUMENTS]
-    read += [("--embeddings", data_args.embeddings)]
-    read += [("--train_file", part.strip()) for part in (data_args.train_file or "").split(",")]
-    for option, path in read:
-        folder = os.path.realpath(os.path.expanduser(path)) if path else None
-        if folder is not None and os.path.isdir(folder) and os.path.commonpath([output_dir, folder]) == folder:
-            where = "is" if output_dir == folder else "lies inside"
-            raise ValueError(
-                f"--output_dir {training_args.output_dir} {where} {option} {path}, which the run reads: the run would "
-                "write its model and checkpoints among those files. Give --output_dir a new folder."
-            )
+    read += [(f"--{name}", getattr(data_args, name)) for name in ("embeddings", "dataset_name")]
+    for name in ("train_file", "validation_file"):
+        read += [(f"--{name}", part.strip()) for part in (getattr(data_args, name) or "").split(",")]
+    check_output_outside_inputs(
+        training_args.output_dir, "--output_dir", read, "the run would write its model and checkpoints among the files "
+        "it reads"
+    )
+    output_dir = training_args.output_dir
     if getattr(training_args, "overwrite_output_dir", False) or not os.path.isdir(output_dir):
         return
-    entries = sorted(name for name in os.listdir(output_dir) if not name.startswith("."))  # hidden: not overwritten
-    if entries and not _holds_a_run(training_args.output_dir, entries):
-        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    entries = sorted(os.listdir(output_dir))
+    saved = [name for name in entries if _is_saved_model_file(name)]
+    if saved and not _holds_a_run(output_dir, entries):
+        shown = ", ".join(saved[:5]) + (", ..." if len(saved) > 5 else "")
         overwrite = " (or add --overwrite_output_dir)" if hasattr(training_args, "overwrite_output_dir") else ""
         raise ValueError(
-            f"--output_dir {training_args.output_dir} holds files ({shown}) but no run to resume or rerun (no "
-            f"checkpoint-N, {RUN_ARGUMENTS_NAME} or {TRAINER_STATE_NAME}): the run's model, config and tokenizer "
-            f"files would overwrite those of the same names. Give --output_dir a new or empty folder{overwrite}."
+            f"--output_dir {output_dir} holds a saved model ({shown}) but no run to resume or rerun (no checkpoint-N, "
+            f"{RUN_ARGUMENTS_NAME} or {TRAINER_STATE_NAME}): the run's model, config and tokenizer files would "
+            f"overwrite it. Give --output_dir a new folder{overwrite}."
         )
+
+
+def _is_saved_model_file(name: str) -> bool:
+    """Whether a file named `name` is part of a saved model, processor or adapters (what a run's save writes)."""
+    return name in ("config.json", "generation_config.json", "adapter_config.json") or name.endswith(
+        (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+    ) or name.startswith(("tokenizer", "preprocessor_config", "processor_config"))
 
 
 def _holds_a_run(output_dir: str, entries: Sequence[str]) -> bool:

@@ -19,7 +19,7 @@ import shutil
 import stat
 import unicodedata
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -220,6 +220,30 @@ def check_output_folder(
         raise PermissionError(
             f"{option}: {folder} cannot be written: the folder {nearest} is not writable; name another folder."
         )
+
+
+def check_output_outside_inputs(
+    output: str | os.PathLike[str],
+    output_option: str,
+    inputs: Iterable[tuple[str, str | os.PathLike[str] | None]],
+    consequence: str,
+) -> None:
+    """
+    Refuse, before any work, an output folder (given as `output_option`) that is, or lies inside, a folder the command
+    reads: `inputs` are `(option, path)` pairs, of which those naming an existing folder count (files, Hub names and
+    unset options do not). `consequence` says what writing there would do.
+    """
+    resolved_output = Path(os.path.realpath(os.path.expanduser(output)))
+    for option, path in inputs:
+        if not path or not os.path.isdir(os.path.expanduser(path)):
+            continue
+        folder = Path(os.path.realpath(os.path.expanduser(path)))
+        if resolved_output == folder or folder in resolved_output.parents:
+            where = "is" if resolved_output == folder else "lies inside"
+            raise ValueError(
+                f"{output_option} {output} {where} the {option} folder {path}: {consequence}. Give {output_option} a "
+                "folder outside it."
+            )
 
 
 def write_folder_atomically(folder: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
