@@ -1167,6 +1167,28 @@ def test_a_streaming_source_records_each_data_file_once_and_an_image_folder_s_im
             "one was added, removed, renamed, resized or modified)") in sharded._difference(
         tmp_path, layout(recorded), layout(changed))
 
+    # Files named through links are recorded as named, as earlier versions recorded them (not where they point).
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    for index in range(3):
+        (linked / f"l{index}.png").symlink_to(folder / f"{index}.png")
+    by_links = sharded._data_file_identities(load_image_source(data_files=[str(linked)], streaming=True))
+    listing = hashlib.sha256()
+    for index in range(3):
+        size, mtime = os.stat(folder / f"{index}.png").st_size, os.stat(folder / f"{index}.png").st_mtime_ns
+        listing.update(f"l{index}.png\0{size}\0{mtime}\n".encode())
+    assert by_links == {"num_files": 3, "paths_sizes_mtimes_sha256": listing.hexdigest()}
+
+    # A streamed image folder that an earlier version read as one shard, now in several: the same files.
+    many = {"source_layout": {**layout(recorded)["source_layout"], "num_shards": 2}}
+    assert sharded._difference(tmp_path, layout(recorded), many) == (
+        f"--output {tmp_path} holds captions of a source of an unknown number of rows in 1 shard(s), but this one has "
+        "an unknown number of rows in 2 shard(s) of the same data files: the input shards would not line up with the "
+        "finished ones, leaving rows out or captioning them twice. An earlier clipcap_hf streamed an image folder as "
+        "one shard; this one streams it 1000 image files a shard. If that run finished, its captions are complete; "
+        "otherwise write to a new output folder."
+    )
+
 
 def test_a_streaming_run_file_listing_each_data_file_twice_or_an_image_folder_s_as_null_resumes(tmp_path, caplog):
     # The version before this one listed each JSON and Parquet file twice, and no file of an image folder (null).
@@ -1355,7 +1377,7 @@ def test_an_output_in_a_source_folder_is_refused_before_any_work(tmp_path, capsy
     where = "lies inside" if inside else "is"
     assert capsys.readouterr().err == (
         f"clipcap caption: error: --output {output} {where} the {option} folder {folder}: a rerun would read the "
-        f"caption shards written there as source data. Give an --output outside {folder}.\n"
+        "caption shards written there as source data. Give --output a folder outside it.\n"
     )
     assert not (folder / "captions").exists()
 

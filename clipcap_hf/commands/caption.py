@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import warnings
-from pathlib import Path
 
 import torch
 
 from ..evaluation import UnreadableImagesError, iter_captions
 from ..evaluation.gallery import GalleryRecord, write_gallery
 from ..inference.captioner import check_decoding_options
-from ..utils.file_utils import check_output_folder, escape_controls
+from ..utils.file_utils import check_output_folder, check_output_outside_inputs, escape_controls
 from ..utils.loading import check_clip_model, check_clipcap_model
 from ._utils import (
     TORCH_DTYPES,
@@ -147,21 +145,13 @@ def _dataset_source(args: argparse.Namespace) -> bool:
 
 
 def _check_output_outside_source(args: argparse.Namespace) -> None:
-    """
-    Refuse an --output that is, or lies inside, a folder the source reads (a --data-files folder, a local
-    --dataset-name or --embeddings folder): a resume would read the caption shards written there as source data.
-    """
-    output = Path(os.path.realpath(args.output))
+    """Refuse an --output that is, or lies inside, a folder the source reads (a --data-files folder, a local
+    --dataset-name or --embeddings folder): a resume would read the caption shards written there as source data."""
     folders = [("--data-files", path) for path in args.data_files or ()]
     folders += [("--dataset-name", args.dataset_name), ("--embeddings", args.embeddings)]
-    for option, folder in folders:
-        if folder is None or not os.path.isdir(folder):  # a data file, or a Hub name
-            continue
-        resolved = Path(os.path.realpath(folder))
-        if output == resolved or resolved in output.parents:
-            where = "is" if output == resolved else "lies inside"
-            raise ValueError(f"--output {args.output} {where} the {option} folder {folder}: a rerun would read the "
-                             f"caption shards written there as source data. Give an --output outside {folder}.")
+    check_output_outside_inputs(
+        args.output, "--output", folders, "a rerun would read the caption shards written there as source data"
+    )
 
 
 def _refuse_dataset_options(args: argparse.Namespace) -> None:

@@ -84,14 +84,15 @@ class CaptionRunSummary:
 
 def resolve_local_paths(value: Any) -> Any:
     """
-    A path setting (a str, or a list of them: data files, a folder) with each path of an existing file or folder
-    resolved (`os.path.realpath`), so that a resume naming it another way (relative, `./`, absolute, through a link)
-    records the same source; other strings (Hub names, glob patterns) as they are.
+    A path setting (a str, or a list of them: data files, a folder) with each path of an existing file or folder made
+    absolute and normal (`os.path.abspath`), so that a resume naming it another way (relative, `./`, `..`, absolute)
+    records the same source; other strings (Hub names, glob patterns) as they are. Links are kept as named: a run
+    recorded a large folder's files by their paths within it (`_data_file_identities`), through its links.
     """
     if isinstance(value, list):
         return [resolve_local_paths(item) for item in value]
     if isinstance(value, str) and os.path.exists(value):
-        return os.path.realpath(value)
+        return os.path.abspath(value)
     return value
 
 
@@ -152,8 +153,8 @@ def _data_file_identities(dataset) -> list[dict[str, Any]] | dict[str, Any] | No
     from ..data.sources import stream_data_files
     from ..utils.file_utils import sampled_sha256
 
-    # Resolved: the loader keeps a data file's spelling (`dir/./a.parquet`), which a resume may change; once each.
-    paths = list(dict.fromkeys(map(os.path.realpath, stream_data_files(dataset))))
+    # Normal: the loader keeps a data file's spelling (`dir/./a.parquet`), which a resume may change; once each.
+    paths = list(dict.fromkeys(map(os.path.abspath, stream_data_files(dataset))))
     if not paths:
         return None
     if len(paths) <= _MAX_FILES_IDENTIFIED_BY_CONTENT:
@@ -280,8 +281,8 @@ def _as_recorded_by(earlier: dict[str, Any], recorded: dict[str, Any]) -> tuple[
     `recorded` less what the version that wrote `earlier` did not record yet (first the source's layout and a seeded
     sampled run's batch size and device, then the digest of the image keys, then a streaming source's data files,
     listing each JSON and Parquet file twice, by their paths as the loader spelt them, and an image folder's as null;
-    the models' identities, recorded as their paths before; the source's paths as given, not resolved), and what that
-    leaves unchecked (empty if nothing).
+    the models' identities, recorded as their paths before; the source's paths as given, not made absolute), and what
+    that leaves unchecked (empty if nothing).
     """
     comparable, unchecked = dict(recorded), []
     if "source_layout" not in earlier:
@@ -301,11 +302,11 @@ def _as_recorded_by(earlier: dict[str, Any], recorded: dict[str, Any]) -> tuple[
             # It recorded none for an image folder (it looked for paths only, not the loader's tuples of them)
             layout["data_files"] = None
             unchecked.append("the data files")
-        elif isinstance(files, list) and _once_each(files, resolved=True) == layout.get("data_files"):
+        elif isinstance(files, list) and _once_each(files, absolute=True) == layout.get("data_files"):
             layout["data_files"] = files  # it listed each JSON and Parquet file twice, each as the loader spelt it
     source, earlier_source = comparable.get("source"), earlier.get("source")
     if isinstance(source, dict) and isinstance(earlier_source, dict):
-        # It recorded the source's paths as given: those naming the files this run names, resolved, are as then.
+        # It recorded the source's paths as given: those naming the files this run names, made absolute, are as then.
         comparable["source"] = {
             key: earlier_source[key] if key in earlier_source and resolve_local_paths(earlier_source[key]) == value
             else value
@@ -327,13 +328,13 @@ def _as_recorded_by(earlier: dict[str, Any], recorded: dict[str, Any]) -> tuple[
     return comparable, " nor ".join(unchecked)
 
 
-def _once_each(files: list[Any], resolved: bool = False) -> list[Any]:
-    """A recorded list of data files without its repeated entries, in order; with `resolved`, each by its resolved
-    path (as [`_data_file_identities`] records them now)."""
+def _once_each(files: list[Any], absolute: bool = False) -> list[Any]:
+    """A recorded list of data files without its repeated entries, in order; with `absolute`, each by its absolute,
+    normal path (as [`_data_file_identities`] records them now)."""
     unique = {}
     for file in files:
-        if resolved and isinstance(file, dict) and isinstance(file.get("path"), str):
-            file = {**file, "path": os.path.realpath(file["path"])}
+        if absolute and isinstance(file, dict) and isinstance(file.get("path"), str):
+            file = {**file, "path": os.path.abspath(file["path"])}
         unique.setdefault(json.dumps(file, sort_keys=True), file)
     return list(unique.values())
 
@@ -359,14 +360,24 @@ def _difference(output_dir: Path, earlier: dict[str, Any], recorded: dict[str, A
             return f"{count} rows in {layout['num_shards']} shard(s)"
 
         now_rows = rows(now)
+        advice = "Write to a new output folder, or resume on the original source."
         if before.get("data_files") and before.get("data_files") != now.get("data_files"):
             now_rows += f" and other data files ({_data_files_change(before['data_files'], now.get('data_files'))})"
         elif rows(before) == now_rows:  # the same size: other image keys
             now_rows += " but other images (replaced, or rows that moved)"
+        elif before.get("data_files") and before["num_shards"] == 1:  # the same files, now in several shards
+            from ..data.sources import IMAGE_FOLDER_SHARD_SIZE
+
+            now_rows += " of the same data files"
+            advice = (
+                "An earlier clipcap_hf streamed an image folder as one shard; this one streams it "
+                f"{IMAGE_FOLDER_SHARD_SIZE} image files a shard. If that run finished, its captions are complete; "
+                "otherwise write to a new output folder."
+            )
         return (
             f"--output {output_dir} holds captions of a source of {rows(before)}, but this one has {now_rows}: "
-            "the input shards would not line up with the finished ones, leaving rows out or captioning them twice. "
-            "Write to a new output folder, or resume on the original source."
+            f"the input shards would not line up with the finished ones, leaving rows out or captioning them twice. "
+            f"{advice}"
         )
     changes = _changes(_compared(earlier), _compared(recorded))
     why = ""
