@@ -208,7 +208,9 @@ def test_an_unreadable_image_of_several_arrow_files_is_named_by_its_file_and_row
     )
 
 
-def test_a_streamed_data_file_that_does_not_read_is_named_as_one_read_whole_is(tmp_path, tokenizer, processor):
+def test_a_streamed_data_file_that_does_not_read_is_named_as_one_read_whole_is(
+    tmp_path, tokenizer, processor, monkeypatch
+):
     # A stream meets a malformed line midway, where pyarrow's bare ArrowInvalid names no file.
     import pyarrow
 
@@ -222,11 +224,19 @@ def test_a_streamed_data_file_that_does_not_read_is_named_as_one_read_whole_is(t
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         load_image_source(data_files=files, caption_column="caption")
+    # Read again as a stream: nothing is prepared into datasets' cache (a stream's files are not to be copied).
+    cache = tmp_path / "datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(cache))
     source = load_image_source(data_files=files, caption_column="caption", streaming=True)
     with pytest.raises(ValueError) as error:
         embed_source(source, tiny_model(tokenizer), processor.image_processor, tmp_path / "emb")
     assert str(error.value) == message
     assert isinstance(error.value.__cause__, pyarrow.ArrowInvalid)  # the reader's own error, kept
+    assert not list(cache.rglob("*.arrow"))
+    # Met in the first rows, which the source reads when it is loaded (for its columns): named there.
+    files.reverse()
+    with pytest.raises(ValueError, match=re.escape(f"{files[0]} cannot be read as json data (ArrowInvalid: ")):
+        load_image_source(data_files=files, caption_column="caption", streaming=True)
 
 
 def test_a_parquet_row_after_skipped_rows_without_an_image_keeps_its_own_row_number(

@@ -18,7 +18,7 @@ import re
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import datasets
 import pandas
@@ -148,7 +148,10 @@ def load_image_source(
     if streaming and isinstance(dataset, datasets.Dataset):
         dataset = dataset.to_iterable_dataset()
     if isinstance(dataset, datasets.IterableDataset) and dataset.features is None:
-        dataset = dataset._resolve_features()  # reads the first rows only
+        try:
+            dataset = dataset._resolve_features()  # reads the first rows only
+        except _STREAM_READ_ERRORS as error:  # the first file's first rows do not read
+            _raise_naming_the_data_file(error, dataset)
     image_column = image_column or _default_image_column(dataset, source)
     if caption_column is not None and not isinstance(caption_column, str):
         caption_column = _first_caption_column(dataset.features, caption_column, source)
@@ -382,15 +385,16 @@ def _from_data_files(data_files, split: str, streaming: bool):
     return dataset
 
 
-def _unreadable_data_file(builder: str, files: list[str]) -> str | None:
+def _unreadable_data_file(builder: str, files: list[str], streaming: bool = False) -> str | None:
     """
     What keeps `files` from reading together, naming the file: the first that does not read alone (or holds no rows),
-    or the first whose columns differ from the first file's; None if neither (the error is another).
+    or the first whose columns differ from the first file's; None if neither (the error is another). `streaming`:
+    the files of a stream, read through as a stream (see [`_read_alone`]).
     """
     features = []
     for path in files:
         try:
-            alone = _read_alone(builder, path)
+            num_rows, columns = _read_alone(builder, path, streaming)
         except _DATA_FILE_ERRORS as error:
             cause = error
             while cause.__cause__ is not None:  # the reader's own words, beneath datasets' wrapping
@@ -401,12 +405,12 @@ def _unreadable_data_file(builder: str, files: list[str]) -> str | None:
             elif builder == "webdataset" and (problem := _undecodable_shard(path)):
                 return problem
             return f"{path} cannot be read as {builder} data ({reason}); fix or remove it."
-        if alone.num_rows == 0:
+        if num_rows == 0:
             return f"{path} cannot be read as {builder} data (it holds no rows); fix or remove it."
-        features.append(alone.features)
-        if alone.features != features[0]:
+        features.append(columns)
+        if columns != features[0]:
             return (
-                f"{path} and {files[0]} give their columns differently ({_describe_features(alone.features)} against "
+                f"{path} and {files[0]} give their columns differently ({_describe_features(columns)} against "
                 f"{_describe_features(features[0])}); write every file with the same columns and types."
             )
     return None
@@ -450,12 +454,18 @@ def read_stream(rows: Iterable, dataset) -> Iterator:
     try:
         yield from rows
     except _STREAM_READ_ERRORS as error:
-        files = stream_data_files(dataset)
-        builder = _builder_of(files)
-        problem = builder and _unreadable_data_file(builder, files)  # only a failure reads the files again
-        if not problem:
-            raise
-        raise ValueError(problem) from error
+        _raise_naming_the_data_file(error, dataset)
+
+
+def _raise_naming_the_data_file(error: Exception, dataset) -> NoReturn:
+    """Raise `error`, met reading the stream `dataset`, as a ValueError naming the data file that does not read (see
+    [`read_stream`]); as it is if none is found."""
+    files = stream_data_files(dataset)
+    builder = _builder_of(files)
+    problem = builder and _unreadable_data_file(builder, files, streaming=True)  # read again only on a failure
+    if not problem:
+        raise error
+    raise ValueError(problem) from error
 
 
 def stream_data_files(dataset) -> list[str]:
@@ -476,9 +486,18 @@ def stream_data_files(dataset) -> list[str]:
     return list(dict.fromkeys(paths))  # JSON and Parquet loaders name each file twice, an image folder's tuples too
 
 
-def _read_alone(builder: str, path: str) -> datasets.Dataset:
-    """One data file of a source read on its own by the source's builder (prepared into `datasets`' cache once)."""
-    return datasets.load_dataset(builder, data_files={"train": [path]}, split="train")
+def _read_alone(builder: str, path: str, streaming: bool = False) -> tuple[int, datasets.Features]:
+    """
+    One data file of a source read on its own by the source's builder: its row count and columns. Map-style it is
+    prepared into `datasets`' cache (once: the source's own load reads that next); streamed it is read through as
+    Arrow batches, nothing decoded and nothing written (a stream's files are not to be copied).
+    """
+    if not streaming:
+        alone = datasets.load_dataset(builder, data_files={"train": [path]}, split="train")
+        return alone.num_rows, alone.features
+    alone = datasets.load_dataset(builder, data_files={"train": [path]}, split="train", streaming=True)
+    alone = alone._resolve_features()  # reads the first rows
+    return sum(batch.num_rows for batch in alone.with_format("arrow").iter(batch_size=10_000)), alone.features
 
 
 def _describe_features(features: datasets.Features) -> str:
@@ -837,7 +856,7 @@ class _RowsPerFile:
         again into `datasets`' cache, once: only an error pays for it.
         """
         try:
-            return [(path, _read_alone(self.builder, path).num_rows) for path in self.files]
+            return [(path, _read_alone(self.builder, path)[0]) for path in self.files]
         except (datasets.exceptions.DatasetGenerationError, ValueError, OSError):
             return None  # its columns' types, inferred from it alone, do not read: rows counted through all files
 
