@@ -1424,7 +1424,11 @@ def test_a_resume_may_name_the_data_files_otherwise_and_a_refusal_names_the_sett
     assert main(caption_argv(model_dir, "data/images.parquet", output)) == 0
     resolved = os.path.realpath(data / "images.parquet")
     assert json.loads(run_file.read_text())["source"]["data_files"] == [resolved]
-    for spelling in ("./data/images.parquet", str(data / "images.parquet"), "data/../data/images.parquet"):
+    # Through a linked folder (a linked home or working folder): `$PWD`'s spelling, where relative paths get the
+    # physical one.
+    (tmp_path / "linked").symlink_to(data)
+    for spelling in ("./data/images.parquet", str(data / "images.parquet"), "data/../data/images.parquet",
+                     str(tmp_path / "linked" / "images.parquet")):
         unfinished.unlink()
         assert main(caption_argv(model_dir, spelling, output)) == 0, capsys.readouterr().err
         assert "wrote 1 shard(s) of 3 (2 captions); 2 already finished" in capsys.readouterr().err

@@ -84,16 +84,26 @@ class CaptionRunSummary:
 
 def resolve_local_paths(value: Any) -> Any:
     """
-    A path setting (a str, or a list of them: data files, a folder) with each path of an existing file or folder made
-    absolute and normal (`os.path.abspath`), so that a resume naming it another way (relative, `./`, `..`, absolute)
-    records the same source; other strings (Hub names, glob patterns) as they are. Links are kept as named: a run
-    recorded a large folder's files by their paths within it (`_data_file_identities`), through its links.
+    A path setting (a str, or a list of them: data files, a folder) with each path of an existing file or folder as
+    [`_path_as_recorded`] gives it, so that a resume naming it another way records the same source; other strings (Hub
+    names, glob patterns) as they are.
     """
     if isinstance(value, list):
         return [resolve_local_paths(item) for item in value]
     if isinstance(value, str) and os.path.exists(value):
-        return os.path.abspath(value)
+        return _path_as_recorded(value)
     return value
+
+
+def _path_as_recorded(path: str) -> str:
+    """
+    `path` absolute, with the folders it lies in resolved and its own name kept: the same for a resume that names it
+    relative, with `./` or `..`, or through a linked folder (a linked home or working folder, whose `$PWD` spelling
+    differs from the one relative paths get), while a file that is itself a link keeps its name (a large folder's
+    files are recorded by their names within it, as earlier versions recorded them: `_data_file_identities`).
+    """
+    folder, name = os.path.split(os.path.abspath(path))
+    return os.path.join(os.path.realpath(folder), name)
 
 
 def _input_shards(dataset, shard_size: int) -> tuple[int, Any]:
@@ -153,8 +163,8 @@ def _data_file_identities(dataset) -> list[dict[str, Any]] | dict[str, Any] | No
     from ..data.sources import stream_data_files
     from ..utils.file_utils import sampled_sha256
 
-    # Normal: the loader keeps a data file's spelling (`dir/./a.parquet`), which a resume may change; once each.
-    paths = list(dict.fromkeys(map(os.path.abspath, stream_data_files(dataset))))
+    # As recorded: the loader keeps a data file's spelling (`dir/./a.parquet`), which a resume may change; once each.
+    paths = list(dict.fromkeys(map(_path_as_recorded, stream_data_files(dataset))))
     if not paths:
         return None
     if len(paths) <= _MAX_FILES_IDENTIFIED_BY_CONTENT:
@@ -329,12 +339,12 @@ def _as_recorded_by(earlier: dict[str, Any], recorded: dict[str, Any]) -> tuple[
 
 
 def _once_each(files: list[Any], absolute: bool = False) -> list[Any]:
-    """A recorded list of data files without its repeated entries, in order; with `absolute`, each by its absolute,
-    normal path (as [`_data_file_identities`] records them now)."""
+    """A recorded list of data files without its repeated entries, in order; with `absolute`, each by its path as
+    [`_data_file_identities`] records them now ([`_path_as_recorded`])."""
     unique = {}
     for file in files:
         if absolute and isinstance(file, dict) and isinstance(file.get("path"), str):
-            file = {**file, "path": os.path.abspath(file["path"])}
+            file = {**file, "path": _path_as_recorded(file["path"])}
         unique.setdefault(json.dumps(file, sort_keys=True), file)
     return list(unique.values())
 
