@@ -331,8 +331,8 @@ def _check_output_dir(model_args: ModelArguments, data_args: DataArguments, trai
     """
     Refuse the --output_dir of a training run that would write its model, config and tokenizer files over others: one
     that is, or lies inside, a folder the run reads (its model, its pretrained parts, its data), and one that holds a
-    saved model but no run to resume or rerun (transformers 4.x: unless --overwrite_output_dir). Other files (a log,
-    an evaluation's results) are not in the way.
+    saved model but no run to resume or rerun (transformers 4.x: unless --overwrite_output_dir). Other files are not
+    in the way: a log stays, and an evaluation's results are written anew by the run's own.
     """
     read = [(f"--{name}", getattr(model_args, name)) for name in MODEL_PATH_ARGUMENTS]
     read += [(f"--{name}", getattr(data_args, name)) for name in ("embeddings", "dataset_name")]
