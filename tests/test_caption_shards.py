@@ -1057,6 +1057,60 @@ def test_finished_shards_without_their_run_file_are_refused_not_added_to(embeddi
     assert not (output / "caption_run.json").exists()
 
 
+def test_a_finished_run_is_judged_alike_before_the_model_loads_and_by_the_writer(embeddings_captioner, tmp_path):
+    # `clipcap caption` asks finished_caption_run (no model loaded) first: it must refuse what the writer refuses.
+    from clipcap_hf.inference import caption_dataset_to_parquet
+    from clipcap_hf.inference.sharded import CaptionRunSummary, finished_caption_run
+
+    output = tmp_path / "captions"
+    dataset = embeddings_rows(4, embeddings_captioner.model.config.prefix_dim)
+    shards = ["captions-00000-of-00002.parquet", "captions-00001-of-00002.parquet"]
+    options = {"shard_size": 2, "rank": 0, "world_size": 1}
+    caption_dataset_to_parquet(embeddings_captioner, dataset, output, settings={"run": 1, "dtype": "float32"},
+                               **options)
+    run_file = output / "caption_run.json"
+    recorded = run_file.read_text()
+
+    def both(settings, **loaded):
+        """Each entry point's answer: its summary, or the message of its refusal."""
+        answers = []
+        for call in (lambda: finished_caption_run(dataset, output, settings=settings, **loaded, **options),
+                     lambda: caption_dataset_to_parquet(embeddings_captioner, dataset, output, settings=settings,
+                                                        **options)):
+            try:
+                answers.append(call())
+            except ValueError as error:
+                answers.append(str(error))
+        return answers
+
+    finished = CaptionRunSummary(2, written=[], skipped=shards)
+    assert both({"run": 1, "dtype": "float32"}) == [finished, finished]
+    # The dtype is known once the model loads: taken as recorded before, checked by the writer.
+    assert both({"run": 1, "dtype": None}, loaded_settings=("dtype",))[0] == finished
+    refused = (f"--output {output} holds captions made with other settings (run was 1, now 2; see {run_file}). "
+               "Write to another folder, or remove it to start over.")
+    assert both({"run": 2, "dtype": "float32"}) == [refused, refused]
+    assert run_file.read_text() == recorded
+
+    run_file.write_text("[]")
+    refused = (f"{run_file} does not hold a JSON object of settings but a list. Remove it and the captions-*.parquet "
+               f"files to start over in {output}, or write to another folder.")
+    assert both({"run": 1, "dtype": "float32"}) == [refused, refused]
+
+    run_file.unlink()
+    refused = (f"--output {output} holds 2 finished caption shard(s) (captions-00000-of-00002.parquet, ...) but no "
+               "caption_run.json: what they were captioned from and with is unknown, so this run could caption their "
+               "images again or add captions of other settings. Remove the folder's captions-*.parquet files to "
+               "start over there, or write to another folder.")
+    assert both({"run": 1, "dtype": "float32"}) == [refused, refused]
+    assert sorted(path.name for path in output.glob("*.parquet")) == shards and not run_file.exists()
+
+    # A shard left: finished_caption_run says so (None) without reading or writing the run file.
+    (output / shards[1]).unlink()
+    assert finished_caption_run(dataset, output, settings={"run": 2}, **options) is None
+    assert not run_file.exists()
+
+
 def test_a_run_of_other_settings_split_alike_does_not_replace_the_run_file_of_one_writing_its_first_shards(
     embeddings_captioner, tmp_path, monkeypatch
 ):
@@ -1378,6 +1432,22 @@ def test_an_output_in_a_source_folder_is_refused_before_any_work(tmp_path, capsy
     assert capsys.readouterr().err == (
         f"clipcap caption: error: --output {output} {where} the {option} folder {folder}: a rerun would read the "
         "caption shards written there as source data. Give --output a folder outside it.\n"
+    )
+    assert not (folder / "captions").exists()
+
+
+def test_an_output_in_the_folder_a_data_files_pattern_searches_is_refused_before_any_work(tmp_path, capsys):
+    folder = tmp_path / "source"
+    folder.mkdir()
+    pattern = f"{folder}/*/*.parquet"  # it would read the shards of an --output one folder below
+    # Neither --model nor any file the pattern names exist: the --output check comes before them.
+    argv = ["caption", "--model", str(tmp_path / "nothing-loaded"), "--data-files", pattern, "--output",
+            str(folder / "captions")]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"clipcap caption: error: --output {folder / 'captions'} lies inside the folder {folder} that --data-files "
+        f"{pattern} searches: a rerun would read the caption shards written there as source data. Give --output a "
+        "folder outside it.\n"
     )
     assert not (folder / "captions").exists()
 

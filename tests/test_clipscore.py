@@ -140,6 +140,40 @@ def test_texts_not_given_as_a_list_per_image_are_refused_naming_the_argument_and
         call(CLIPScorer(*clip), random_images(2, seed=5))
 
 
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda scorer, images: scorer.clip_score(images, CAPTIONS[:3]),
+         "Got 2 images and 3 captions; give one per image."),
+        (lambda scorer, images: scorer.clip_score(torch.ones(2, 8), CAPTIONS[:1]),  # image embeddings given
+         "Got 2 images and 1 captions; give one per image."),
+        (lambda scorer, images: scorer.ref_clip_score(images, CAPTIONS[:3], REFERENCES[:3]),
+         "Got 2 images and 3 captions; give one per image."),
+        (lambda scorer, images: scorer.ref_clip_score(images, CAPTIONS[:2], REFERENCES[:3]),
+         "Got 2 images and 3 reference lists; give one per image."),
+        (lambda scorer, images: scorer.rerank(images, [CAPTIONS[:2]]),
+         "Got 2 images and 1 candidate lists; give one per image."),
+    ],
+    ids=["clip_score", "clip_score-embeddings", "ref_clip_score-captions", "ref_clip_score-references", "rerank"],
+)
+def test_texts_not_one_per_image_are_refused_before_either_tower_runs(clip, monkeypatch, call, message):
+    model, processor = clip
+    scorer = CLIPScorer(model, processor)
+    towers = []  # the towers run
+
+    def tower(name):
+        def run(self, *args, **kwargs):
+            towers.append(name)
+            raise AssertionError(f"CLIP's {name} tower ran")
+        return run
+
+    monkeypatch.setattr(type(model), "get_text_features", tower("text"))
+    monkeypatch.setattr(type(model), "get_image_features", tower("image"))
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        call(scorer, random_images(2, seed=5))
+    assert towers == []
+
+
 def test_texts_per_image_may_be_numpy_arrays_as_pandas_reads_a_parquet_list_column(clip):
     import pyarrow as pa
 

@@ -62,13 +62,12 @@ def test_a_file_written_atomically_has_its_mode_before_its_text_and_a_broken_lin
     secret.write_text("old")
     secret.chmod(0o600)
     modes = []
-    write_text = pathlib.Path.write_text
 
-    def spying(path, *args, **kwargs):  # the temporary file's mode as its text goes in
-        modes.append(stat.S_IMODE(path.stat().st_mode))
-        return write_text(path, *args, **kwargs)
+    def spying(path, *args, **kwargs):  # the temporary file's mode as it is opened for its text
+        modes.append(stat.S_IMODE(pathlib.Path(path).stat().st_mode))
+        return open(path, *args, **kwargs)
 
-    monkeypatch.setattr(pathlib.Path, "write_text", spying)
+    monkeypatch.setattr(file_utils, "open", spying, raising=False)
     write_text_atomically(secret, "new secret")
     assert modes == [0o600] and secret.read_text() == "new secret"
 
@@ -266,3 +265,102 @@ def test_a_link_written_beside_itself_needs_the_folder_it_points_into_writable(t
     not_writable = {os.fspath(tmp_path / "writable")}
     with pytest.raises(PermissionError, match=r"the folder .*writable is not writable"):
         file_utils.check_output_folder(link, "--output", "write to", written_beside=True)
+
+
+def test_an_output_in_the_folder_a_glob_pattern_searches_is_refused_naming_the_pattern(tmp_path, monkeypatch):
+    import re
+
+    data = tmp_path / "data"
+    (data / "sub[1]").mkdir(parents=True)
+
+    def check(output, pattern):
+        file_utils.check_output_outside_inputs(output, "--output", [("--data-files", pattern)], "it would be read")
+
+    # Refused: an output folder the pattern may read files from, or a folder below which it may.
+    for pattern, output, where in [
+        (f"{data}/*.parquet", data, "is"),
+        (f"{data}/**/train-?.parquet", data / "a" / "b", "lies inside"),
+        (f"{data}/**", data / "a", "lies inside"),
+        (f"{data}/shard-[0-9]/*.parquet", data / "shard-1", "lies inside"),
+        (f"{data}/*/*/*.parquet", data / "out", "lies inside"),
+    ]:
+        with pytest.raises(ValueError) as refused:
+            check(output, pattern)
+        assert str(refused.value) == (
+            f"--output {output} {where} the folder {data} that --data-files {pattern} searches: it would be read. "
+            "Give --output a folder outside it."
+        )
+    monkeypatch.chdir(data)
+    with pytest.raises(ValueError, match=re.escape("--output . is the folder . that --data-files *.parquet searches")):
+        check(".", "*.parquet")
+    # Folders the pattern cannot read (below or beside the ones it matches), outside the searched folder, a pattern of
+    # a folder not there (a Hub dataset's files) and a folder whose own name holds a wildcard (taken as that folder, as
+    # the loaders take it): no refusal.
+    check("out", "*.parquet")
+    check(data / "out", f"{data}/*.parquet")
+    check(data / "out", f"{data}/shard-[0-9]/*.parquet")
+    check(data / "out" / "a" / "b", f"{data}/*/*/*.parquet")
+    check(tmp_path / "out", f"{data}/*.parquet")
+    check(data / "out", f"{tmp_path}/missing/*.parquet")
+    check(data / "out", f"{data}/sub[1]")
+    with pytest.raises(ValueError, match=re.escape(f"lies inside the --data-files folder {data}/sub[1]: ")):
+        check(data / "sub[1]" / "out", f"{data}/sub[1]")
+    assert file_utils.glob_folder("/*.parquet") == "/" and file_utils.glob_folder("data/x.parquet") is None
+
+
+def test_a_file_written_atomically_has_its_folder_synced_after_the_rename(tmp_path, monkeypatch):
+    import errno
+    import os
+    import stat
+
+    from clipcap_hf.utils.file_utils import write_text_atomically
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    target = folder / "caption_run.json"
+    (tmp_path / "elsewhere" / "link.json").symlink_to(target)
+    real_fsync, real_open = os.fsync, os.open
+    synced = []  # each fsync: the folder's inode (or the bytes of the file synced) and the target's text then
+
+    def watched_fsync(descriptor):
+        status = os.fstat(descriptor)
+        what = status.st_ino if stat.S_ISDIR(status.st_mode) else f"file of {status.st_size} bytes"
+        synced.append((what, target.read_text() if target.exists() else None))
+        return real_fsync(descriptor)
+
+    monkeypatch.setattr(file_utils.os, "fsync", watched_fsync)
+    write_text_atomically(target, "{}")
+    # Through a link: the folder of the file it points to, where the rename happens.
+    write_text_atomically(tmp_path / "elsewhere" / "link.json", "[]]")
+    # The new text synced before the rename, the folder after it.
+    assert synced == [
+        ("file of 2 bytes", None), (folder.stat().st_ino, "{}"),
+        ("file of 3 bytes", "{}"), (folder.stat().st_ino, "[]]"),
+    ]
+
+    # Where nothing can be synced (EINVAL on some filesystems) or a folder cannot be opened (Windows), the file is
+    # written as ever; a failed write is raised, the earlier file kept.
+    def failed(descriptor):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(file_utils.os, "fsync", failed)
+    with pytest.raises(OSError, match="Input/output error"):
+        write_text_atomically(target, "0")
+    assert target.read_text() == "[]]" and sorted(os.listdir(folder)) == ["caption_run.json"]
+
+    def unsupported(descriptor):
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    def no_folders(path, flags, *args, **kwargs):
+        if os.path.isdir(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(file_utils.os, "fsync", unsupported)
+    write_text_atomically(target, "1")
+    assert target.read_text() == "1"
+    monkeypatch.setattr(file_utils.os, "fsync", real_fsync)
+    monkeypatch.setattr(file_utils.os, "open", no_folders)
+    write_text_atomically(target, "2")
+    assert target.read_text() == "2" and sorted(os.listdir(folder)) == ["caption_run.json"]

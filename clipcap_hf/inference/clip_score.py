@@ -55,6 +55,13 @@ def _check_captions(captions: Sequence[str]) -> None:
         raise TypeError(f"`captions` must be a list of strings, one per image; got the str {captions!r:.200}.")
 
 
+def _check_one_per_image(images: Sequence | torch.Tensor, texts: Sequence, what: str) -> None:
+    """Refuse `texts` (captions, or a list of texts per image) unless there is one per image: checked before CLIP's
+    towers run, so that a mismatched call costs nothing."""
+    if len(images) != len(texts):
+        raise ValueError(f"Got {len(images)} images and {len(texts)} {what}; give one per image.")
+
+
 def _check_texts_per_image(name: str, texts_per_image: Sequence[Sequence[str]], needs: str) -> None:
     """
     Refuse `texts_per_image` (`references`, `candidates`) unless it holds a non-empty list of strings for each
@@ -175,15 +182,15 @@ class CLIPScorer:
         """Each caption's CLIPScore against its image (one caption per image, or image embeddings from
         [`image_embeddings`]); a float32 tensor on the CPU."""
         _check_captions(captions)
+        _check_one_per_image(images, captions, "captions")
         return _clip_scores(self._cosines(images, self.text_embeddings(captions))).cpu()
 
     def _cosines(
         self, images: Sequence[PIL.Image.Image] | torch.Tensor, caption_embeddings: torch.Tensor
     ) -> torch.Tensor:
         """Each caption's cosine similarity to its image (or image embedding), before CLIPScore clips it at 0; the
-        captions given as their [`text_embeddings`], which a caller may use again."""
-        if len(images) != len(caption_embeddings):
-            raise ValueError(f"Got {len(images)} images and {len(caption_embeddings)} captions; give one per image.")
+        captions given as their [`text_embeddings`], which a caller may use again. The public methods have checked
+        that there is one caption per image."""
         image_embeddings = images if isinstance(images, torch.Tensor) else self.image_embeddings(images)
         return (image_embeddings * caption_embeddings).sum(-1)
 
@@ -197,8 +204,8 @@ class CLIPScorer:
         similarity to a reference of its image, clipped at 0). `references` holds a list of strings for each image."""
         _check_captions(captions)
         _check_texts_per_image("references", references, "RefCLIPScore needs at least one reference per image")
-        if len(references) != len(captions):
-            raise ValueError(f"Got {len(captions)} captions and {len(references)} reference lists; give one per image.")
+        _check_one_per_image(images, captions, "captions")
+        _check_one_per_image(images, references, "reference lists")
         # The captions' embeddings serve both scores: CLIP's text tower runs once over them.
         caption_embeddings = self.text_embeddings(captions)
         clip_scores = _clip_scores(self._cosines(images, caption_embeddings)).cpu()
@@ -224,8 +231,7 @@ class CLIPScorer:
         candidate most similar to the image, also where every candidate's score is clipped to 0 (the first candidate
         wins a tie). `candidates` holds a non-empty list of strings for each image."""
         _check_texts_per_image("candidates", candidates, "rerank needs at least one candidate per image")
-        if len(images) != len(candidates):
-            raise ValueError(f"Got {len(images)} images and {len(candidates)} candidate lists.")
+        _check_one_per_image(images, candidates, "candidate lists")
         image_embeddings = self.image_embeddings(images)
         counts = [len(texts) for texts in candidates]
         repeated = image_embeddings.repeat_interleave(torch.tensor(counts, device=image_embeddings.device), dim=0)

@@ -30,6 +30,7 @@ from transformers.utils import logging
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from ..utils.file_utils import acquire_file_lock
 from ..utils.loading import same_model
+from ..utils.settings_diff import ABSENT, changed_settings
 from .captioner import ClipCapCaptioner, captioning_run
 
 logger = logging.get_logger(__name__)
@@ -389,7 +390,7 @@ def _difference(output_dir: Path, earlier: dict[str, Any], recorded: dict[str, A
             f"the input shards would not line up with the finished ones, leaving rows out or captioning them twice. "
             f"{advice}"
         )
-    changes = _changes(_compared(earlier), _compared(recorded))
+    changes = changed_settings(_compared(earlier), _compared(recorded), _change)
     why = ""
     if earlier.get("sampling") is not None and earlier.get("sampling") != recorded.get("sampling"):
         why = (
@@ -406,25 +407,17 @@ def _difference(output_dir: Path, earlier: dict[str, Any], recorded: dict[str, A
 _MAX_SHOWN = 200
 
 
-def _changes(earlier: dict[str, Any], recorded: dict[str, Any], prefix: str = "") -> list[str]:
-    """Each setting that differs, named by its key (a nested one as `source.data_files`), with both values."""
+def _change(name: str, before: Any, now: Any) -> str:
+    """A setting that differs, as [`_difference`] names it: its key (a nested one as `source.data_files`) and both
+    values (see [`changed_settings`])."""
 
-    def shown(settings: dict[str, Any], key: str) -> str:
-        if key not in settings:
+    def shown(value: Any) -> str:
+        if value is ABSENT:
             return "not recorded"
-        text = json.dumps(settings[key])
+        text = json.dumps(value)
         return text if len(text) <= _MAX_SHOWN else text[: _MAX_SHOWN - 3] + "..."
 
-    changes = []
-    for key in sorted(earlier.keys() | recorded.keys()):
-        before, now = earlier.get(key), recorded.get(key)
-        if key in earlier and key in recorded and before == now:
-            continue
-        if isinstance(before, dict) and isinstance(now, dict):
-            changes += _changes(before, now, f"{prefix}{key}.")
-        else:
-            changes.append(f"{prefix}{key} was {shown(earlier, key)}, now {shown(recorded, key)}")
-    return changes
+    return f"{name} was {shown(before)}, now {shown(now)}"
 
 
 def _data_files_change(before: list | dict, now: list | dict | None) -> str:
@@ -590,13 +583,20 @@ def caption_dataset_to_parquet(
     with _folder_lock(output_dir, rank, world_size) as own_lock:
         dataset = _undecoded(dataset, captioner.image_column)
         num_shards, get_shard = _input_shards(dataset, shard_size)
-        sampled_on = captioner.model.device.type if captioner.do_sample else None
-        recorded = _run_record(dataset, num_shards, settings, seed, batch_size, sampled_on)
-        recorded = _check_run_file(output_dir, recorded, own_lock)
-        summary = CaptionRunSummary(num_shards)
-        mine = _own_shards(num_shards, rank, world_size)
-        summary.skipped = [name for _, name in mine if (output_dir / name).exists()]
-        shards = [(index, name, get_shard(index)) for index, name in mine if name not in summary.skipped]
+        plan = _plan_run(
+            dataset,
+            output_dir,
+            own_lock,
+            num_shards,
+            settings=settings,
+            seed=seed,
+            batch_size=batch_size,
+            sampled_on=captioner.model.device.type if captioner.do_sample else None,
+            rank=rank,
+            world_size=world_size,
+        )
+        summary = plan.summary
+        shards = [(index, name, get_shard(index)) for index, name in plan.left]
         sized = all(hasattr(shard, "__len__") for *_, shard in shards)
         total = sum(len(shard) for *_, shard in shards) if sized else None
         description = "Captioning" if world_size == 1 else f"Captioning (rank {rank})"
@@ -610,7 +610,7 @@ def caption_dataset_to_parquet(
                 if seed is not None:
                     torch.manual_seed(seed + index)
                 columns, bad = _caption_shard(captioner, shard, name, batch_size, on_bad_image, bar)
-                _check_run_file_unchanged(output_dir, recorded, name)  # as many processes may have replaced it
+                _check_run_file_unchanged(output_dir, plan.recorded, name)  # as many processes may have replaced it
                 _write_parquet_atomically(columns, output_dir / name)
                 summary.written.append(name)
                 summary.num_captions += len(columns["image_key"])
@@ -644,33 +644,85 @@ def finished_caption_run(
     of them finished, or none given to it), found before any model is loaded, so that such a run loads none: None when
     some are left.
 
-    A process with finished shards checks the run file as [`caption_dataset_to_parquet`] does (the same arguments,
-    with the captioner's `do_sample` and device type in its place), so that a rerun with other settings is refused
-    even when it would caption nothing. `loaded_settings` names the keys of `settings` that are known only once the
-    model is loaded (the dtype it loads in by default): taken as the run file records them, since a run that captions
-    nothing cannot mix captions. A process given no shard reads nothing there.
+    A process with finished shards plans the run as [`caption_dataset_to_parquet`] does ([`_plan_run`], with the
+    same arguments and the captioner's `do_sample` and device type in its place), so that a rerun with other settings
+    is refused even when it would caption nothing. `loaded_settings` names the keys of `settings` that are known only
+    once the model is loaded (the dtype it loads in by default): taken as the run file records them, since a run that
+    captions nothing cannot mix captions. A process given no shard reads nothing there.
     """
     if rank is None or world_size is None:
         rank, world_size = distributed_rank()
     output_dir = Path(output_dir)
     num_shards, _ = _input_shards(dataset, shard_size)
     mine = _own_shards(num_shards, rank, world_size)
-    summary = CaptionRunSummary(num_shards, skipped=[name for _, name in mine])
     if not mine:
-        return summary
-    if not all((output_dir / name).exists() for name in summary.skipped):
+        return CaptionRunSummary(num_shards)
+    # Looked at before taking a lock there: a run with shards left may find no folder yet, and must not make one.
+    if not all((output_dir / name).exists() for _, name in mine):
         return None
     with _folder_lock(output_dir, rank, world_size) as own_lock:
-        recorded = _run_record(dataset, num_shards, settings, seed, batch_size, device_type if do_sample else None)
+        plan = _plan_run(
+            dataset,
+            output_dir,
+            own_lock,
+            num_shards,
+            settings=settings,
+            seed=seed,
+            batch_size=batch_size,
+            sampled_on=device_type if do_sample else None,
+            rank=rank,
+            world_size=world_size,
+            loaded_settings=loaded_settings,
+        )
+    return None if plan.left else plan.summary
+
+
+@dataclass
+class _RunPlan:
+    """What a run into an output folder has to do, as [`_plan_run`] finds it."""
+
+    summary: CaptionRunSummary
+    """The run's number of shards, and this process's finished ones (`skipped`)."""
+    left: list[tuple[int, str]]
+    """This process's shards to caption: each input shard's index and output file's name."""
+    recorded: dict[str, Any]
+    """The settings as the run file records them, for [`_check_run_file_unchanged`]."""
+
+
+def _plan_run(
+    dataset,
+    output_dir: Path,
+    own_lock: Path,
+    num_shards: int,
+    *,
+    settings: Mapping[str, Any] | None,
+    seed: int | None,
+    batch_size: int,
+    sampled_on: str | None,
+    rank: int,
+    world_size: int,
+    loaded_settings: tuple[str, ...] = (),
+) -> _RunPlan:
+    """
+    Judge a run (or a rerun) of process `rank` of `world_size` into `output_dir`, whose lock `own_lock` it holds:
+    record its settings ([`_run_record`]) in the run file, refusing a rerun of other settings or on another source
+    ([`_check_run_file`]), and find which of its shards are finished and which are left. The one judge of
+    [`caption_dataset_to_parquet`] and [`finished_caption_run`], so that both refuse alike. `loaded_settings`: keys of
+    `settings` known only once the model is loaded, taken as the run file records them (see [`finished_caption_run`]).
+    """
+    recorded = _run_record(dataset, num_shards, settings, seed, batch_size, sampled_on)
+    if loaded_settings:
         path = output_dir / RUN_FILE
-        earlier = _read_run_file(path) if path.exists() else {}  # none: refused, its shards finished
+        earlier = _read_run_file(path) if path.exists() else {}  # none: refused below if shards are finished
         for key in loaded_settings:
             if key in earlier:
                 recorded[key] = earlier[key]
             else:
                 recorded.pop(key, None)
-        _check_run_file(output_dir, recorded, own_lock)
-    return summary
+    recorded = _check_run_file(output_dir, recorded, own_lock)
+    mine = _own_shards(num_shards, rank, world_size)
+    summary = CaptionRunSummary(num_shards, skipped=[name for _, name in mine if (output_dir / name).exists()])
+    return _RunPlan(summary, [(index, name) for index, name in mine if name not in summary.skipped], recorded)
 
 
 def _own_shards(num_shards: int, rank: int, world_size: int) -> list[tuple[int, str]]:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import codecs
 import contextlib
+import errno
+import fnmatch
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import stat
@@ -125,7 +128,8 @@ def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
     `os.replace`, so that a failure leaves the earlier file or the new one, never part of one or an emptied one. A file
     replaced keeps what a rewrite in place keeps: its permission bits (given to the temporary file before the rename,
     so the file is never readable more widely than it was) and, where `path` is a symbolic link, the link: the file it
-    points to is replaced.
+    points to is replaced. The text is synced to disk before the rename and the folder after it ([`_sync_folder`]), so
+    that after a crash the new file is there, whole (a resumed run trusts its run file).
     """
     given, path = Path(path), Path(os.path.realpath(path))
     if not path.parent.is_dir():  # else the error would name the hidden temporary file
@@ -148,10 +152,41 @@ def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
         if mode is not None:  # given before the text is in it
             temporary.touch(mode=0o600, exist_ok=False)
             os.chmod(temporary, mode)
-        temporary.write_text(text, encoding="utf-8", newline="")
+        with open(temporary, "w", encoding="utf-8", newline="") as file:
+            file.write(text)
+            file.flush()
+            _sync_if_supported(file.fileno())  # on disk before the rename makes it the file: none empty after a crash
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: str | os.PathLike[str]) -> None:
+    """
+    Flush `folder`'s entries to disk, so that a file renamed into it stays there after a crash (POSIX: a rename is
+    durable once its folder is synced). Nothing where a folder cannot be opened or synced (Windows, some network
+    filesystems): the rename stands, only not yet flushed.
+    """
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # EINVAL, EBADF where a folder cannot be synced
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def _sync_if_supported(descriptor: int) -> None:
+    """`os.fsync`, but for filesystems that cannot sync (EINVAL, ENOTSUP): a real write error is still raised."""
+    try:
+        os.fsync(descriptor)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
 
 
 def _umask() -> int:
@@ -230,20 +265,68 @@ def check_output_outside_inputs(
 ) -> None:
     """
     Refuse, before any work, an output folder (given as `output_option`) that is, or lies inside, a folder the command
-    reads: `inputs` are `(option, path)` pairs, of which those naming an existing folder count (files, Hub names and
-    unset options do not). `consequence` says what writing there would do.
+    reads: `inputs` are `(option, path)` pairs, of which those naming an existing folder count, and glob patterns
+    that may match a file in the output folder or below it ([`glob_may_read`]: `data/*.parquet` reads `data` but not
+    `data/out`), as the loaders read them (files, Hub names and unset options do not). `consequence` says what writing
+    there would do.
     """
     resolved_output = Path(os.path.realpath(os.path.expanduser(output)))
     for option, path in inputs:
-        if not path or not os.path.isdir(os.path.expanduser(path)):
+        if not path:
             continue
-        folder = Path(os.path.realpath(os.path.expanduser(path)))
+        named = os.path.expanduser(path)
+        # A folder whose name holds a wildcard is that folder, as the loaders take it (a path that exists first).
+        searched = None if os.path.exists(named) else glob_folder(named)
+        if not os.path.isdir(searched or named) or (searched and not glob_may_read(named, resolved_output)):
+            continue
+        folder = Path(os.path.realpath(searched or named))
         if resolved_output == folder or folder in resolved_output.parents:
             where = "is" if resolved_output == folder else "lies inside"
+            what = f"the {option} folder {path}"
+            if searched is not None:
+                what = f"the folder {searched} that {option} {path} searches"
             raise ValueError(
-                f"{output_option} {output} {where} the {option} folder {path}: {consequence}. Give {output_option} a "
-                "folder outside it."
+                f"{output_option} {output} {where} {what}: {consequence}. Give {output_option} a folder outside it."
             )
+
+
+# The characters that make a path a glob pattern (as `glob` has them).
+_GLOB_MAGIC = re.compile(r"[*?[]")
+
+
+def glob_folder(pattern: str) -> str | None:
+    """
+    The folder a glob pattern searches: its path before the first part that holds a wildcard (`data` for
+    `data/*.parquet` or `data/**/x.parquet`, `.` for `*.parquet`); None for a path without wildcards.
+    """
+    parts = os.path.normpath(pattern).split(os.sep)
+    first = next((index for index, part in enumerate(parts) if _GLOB_MAGIC.search(part)), None)
+    if first is None:
+        return None
+    return os.sep.join(parts[:first]) or (os.sep if pattern.startswith(os.sep) else ".")
+
+
+def glob_may_read(pattern: str, folder: Path) -> bool:
+    """
+    Whether a glob pattern (with wildcards, see [`glob_folder`]) may match a file in `folder` (a real path) or in a
+    folder below it: `data/*.parquet` reads `data` but not `data/out`, `data/*/x.parquet` reads `data/out`, and a
+    pattern with `**` reads every folder below the folders its parts before `**` match. The pattern's last part is
+    taken to match any file name, since the folder's files are not known yet.
+    """
+    searched = glob_folder(pattern)
+    searched_real = Path(os.path.realpath(searched))
+    if folder != searched_real and searched_real not in folder.parents:
+        return False
+    below = folder.relative_to(searched_real).parts
+    parts = Path(os.path.normpath(pattern)).parts[len(Path(searched).parts) :]
+    recursive = next((index for index, part in enumerate(parts) if "**" in part), None)
+    if recursive is not None:
+        folder_patterns = parts[:recursive]
+    else:
+        folder_patterns = parts[:-1]
+        if len(below) > len(folder_patterns):
+            return False
+    return all(fnmatch.fnmatchcase(name, part) for name, part in zip(below, folder_patterns))
 
 
 def write_folder_atomically(folder: str | os.PathLike[str], write: Callable[[Path], None]) -> None:
