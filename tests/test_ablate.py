@@ -5,6 +5,8 @@ import csv
 import dataclasses
 import json
 import logging
+import math
+import os
 import re
 import shutil
 from pathlib import Path
@@ -287,9 +289,10 @@ def test_the_grid_takes_its_pretrained_parts_from_its_config_alone(tmp_path):
     from clipcap_hf.training.ablation import AblationData
 
     rows = datasets.Dataset.from_dict({"caption": ["a red square"], "image_path": ["a.png"]})
+    evaluation = datasets.Dataset.from_dict({"references": [["a red square"]], "image_path": ["a.png"]})
     with pytest.raises(TypeError, match="vision_models"):
-        AblationData(train=rows, evaluation=rows, vision_models=["clip"], text_model="gpt2")
-    data = AblationData(train=rows, evaluation=rows)
+        AblationData(train=rows, evaluation=evaluation, vision_models=["clip"], text_model="gpt2")
+    data = AblationData(train=rows, evaluation=evaluation)
     with pytest.raises(ValueError, match=r"A dataset of your own needs the pretrained parts.*`vision_models` and "
                                          r"`text_model` \(--vision-models, --text-model\)"):
         run_ablation(tmp_path, AblationConfig(), data, verbose=False)
@@ -327,7 +330,9 @@ def test_a_finished_run_is_reused_only_from_the_same_pretrained_parts_and_data_a
         return AblationConfig(prefix_lengths=(2,), mapping_types=("mlp",), language_models=("frozen",),
                               vision_models=[tower], text_model=text_model, plot_metrics=())
 
-    rows = datasets.Dataset.from_dict({"caption": ["a red square"], "image_path": ["a.png"]})
+    image = str(tmp_path / "a.png")
+    PIL.Image.new("RGB", (8, 8)).save(image)
+    rows = datasets.Dataset.from_dict({"caption": ["a red square"], "image_path": [image]})
     data = AblationData(train=rows, evaluation=rows.rename_column("caption", "references").map(
         lambda row: {"references": [row["references"]]}))
     old = grid_from("models/old/clip", "models/gpt2-small")
@@ -362,7 +367,7 @@ def test_a_finished_run_is_reused_only_from_the_same_pretrained_parts_and_data_a
         assert f"{run.name}: finished before, but scored on captions tokenized " in caplog.text
         assert "training it again" in caplog.text
         caplog.clear()
-    other_rows = datasets.Dataset.from_dict({"caption": ["a blue circle"], "image_path": ["a.png"]})
+    other_rows = datasets.Dataset.from_dict({"caption": ["a blue circle"], "image_path": [image]})
     changes = [
         (grid_from("models/NEW/clip", "models/gpt2-small"), data, "models/NEW/clip"),  # same last name, other tower
         (grid_from("models/old/clip", "models/gpt2-LARGE"), data, "models/gpt2-LARGE"),
@@ -578,3 +583,203 @@ def test_a_grid_on_a_dataset_of_your_own_refuses_a_prefix_its_captions_leave_no_
     # The longest prefix that fits trains on every caption, the longest one included.
     (record,) = run_ablation(tmp_path / "grid", grid(3), data, verbose=False)
     assert record["name"] == "clip-mlp-frozen-prefix003"
+
+
+def rows_only_fingerprint(data) -> str:
+    """The dataset fingerprint an older clipcap_hf recorded: the training and evaluation rows' Arrow stream alone."""
+    import hashlib
+
+    import pyarrow as pa
+
+    hasher = hashlib.sha256()
+    for rows in (data.train, data.evaluation):
+        sink = pa.BufferOutputStream()
+        table = rows.with_format("arrow")[:]
+        with pa.ipc.new_stream(sink, table.schema) as writer:
+            writer.write_table(table)
+        hasher.update(sink.getvalue().to_pybytes())
+    return hasher.hexdigest()
+
+
+def test_a_finished_run_is_refused_once_its_image_files_are_replaced_or_read_from_another_folder(
+    tmp_path, monkeypatch, caplog
+):
+    import datasets
+
+    from clipcap_hf.evaluation.metrics import caption_tokenization
+    from clipcap_hf.training.ablation import AblationData, AblationRun, budget, dataset_fingerprint, trained_from
+
+    def write_images(folder, colour, mtime_ns):
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in ("a.png", "b.png"):
+            PIL.Image.new("RGB", (8, 8), colour).save(folder / name, compress_level=0)  # one size for any colour
+            os.utime(folder / name, ns=(mtime_ns, mtime_ns))
+
+    # Relative paths, as a relative --image-root gives them: they start from the working folder.
+    write_images(tmp_path / "here" / "imgs", "red", 10**18)
+    write_images(tmp_path / "there" / "imgs", "blue", 2 * 10**18)
+    (tmp_path / "nowhere").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    train = datasets.Dataset.from_dict({"caption": ["a red square", "a red disc"],
+                                        "image_path": ["imgs/a.png", "imgs/b.png"]})
+    evaluation = datasets.Dataset.from_dict({"image_id": [4], "references": [["a red disc"]],
+                                             "image_path": ["imgs/b.png"]})
+    data = AblationData(train=train, evaluation=evaluation)
+    config = AblationConfig(prefix_lengths=(2,), mapping_types=("mlp",), language_models=("frozen",),
+                            vision_models=["models/clip"], text_model="models/gpt2", plot_metrics=())
+    run = AblationRun("models/clip", "mlp", "frozen", 2)
+    run_dir = tmp_path / "grid" / "runs" / run.name
+    run_dir.mkdir(parents=True)
+    record = {"run": dataclasses.asdict(run), "budget": budget(config, run), "trainable_parameters": 1,
+              "train_seconds": 1.0, "train_loss": 1.0, "scores": {"CIDEr": 0.5}, "samples": [],
+              "scoring": caption_tokenization()}
+    origin = trained_from(run, config, dataset_fingerprint(data))
+    (run_dir / "scores.json").write_text(json.dumps({**record, "trained_from": origin}))
+    monkeypatch.setattr(ablation, "train_and_score", must_not_train)
+    monkeypatch.setattr(ablation, "_check_prefix_lengths", lambda *args: None)  # its models are names, not there
+    assert [row["scores"] for row in run_ablation(tmp_path / "grid", config, data, verbose=False)] == [{"CIDEr": 0.5}]
+
+    other_data = rf"{run.name} was trained from other pretrained parts or data \(.*, this grid's: .*\); use another"
+    # The same relative paths read from another working folder: other pictures.
+    monkeypatch.chdir(tmp_path / "there")
+    with pytest.raises(ValueError, match=other_data):
+        run_ablation(tmp_path / "grid", config, data, verbose=False)
+    # Every file replaced in place by another picture of the same size: the rows are the same, the images are not.
+    monkeypatch.chdir(tmp_path / "here")
+    size = os.path.getsize("imgs/a.png")
+    write_images(tmp_path / "here" / "imgs", "green", 3 * 10**18)
+    assert os.path.getsize("imgs/a.png") == size
+    with pytest.raises(ValueError, match=other_data):
+        run_ablation(tmp_path / "grid", config, data, verbose=False)
+    # Where the files are not, the first missing one is named, with the fix.
+    monkeypatch.chdir(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match=re.escape(
+        f"imgs/a.png: no such image file (row 0 of the train rows' `image_path`, {tmp_path}/nowhere/imgs/a.png). "
+        "Paths that do not start with / start from the working folder: give the dataset's image folder (--image-root) "
+        "as an absolute path, or run from the folder they start from."
+    )):
+        run_ablation(tmp_path / "grid", config, data, verbose=False)
+
+    # A run an older clipcap_hf recorded by the rows alone cannot be checked against the files: trained again, with a
+    # warning, and not refused as a run on other data.
+    monkeypatch.chdir(tmp_path / "here")
+    older_origin = trained_from(run, config, rows_only_fingerprint(data))
+    (run_dir / "scores.json").write_text(json.dumps({**record, "trained_from": older_origin}))
+    retrained = {**record, "scores": {"CIDEr": 0.7}}
+    with monkeypatch.context() as patch, caplog.at_level(logging.WARNING, logger=ablation.logger.name):
+        patch.setattr(ablation, "train_and_score", lambda *args, **kwargs: retrained)
+        assert [row["scores"] for row in run_ablation(tmp_path / "grid", config, data, verbose=False)] == [
+            {"CIDEr": 0.7}
+        ]
+    warning = (f"{run.name}: finished before, but its record identifies the dataset by its rows only (an older "
+               "clipcap_hf), not by its image files, which may have been replaced since; training it again.")
+    assert warning in caplog.text
+    # ...unless it started from other pretrained parts: refused as before, not trained over.
+    other_parts = {**older_origin, "text_model": "models/gpt2-large"}
+    (run_dir / "scores.json").write_text(json.dumps({**record, "trained_from": other_parts}))
+    with pytest.raises(ValueError, match=rf"{run.name} was trained from other pretrained parts or data"):
+        run_ablation(tmp_path / "grid", config, data, verbose=False)
+    # Rows that hold their images (the synthetic task's) keep the fingerprint they had: their runs are reused.
+    in_rows = datasets.Dataset.from_dict({"caption": ["a red square"], "image": [PIL.Image.new("RGB", (8, 8))]})
+    with_references = in_rows.rename_column("caption", "references").map(lambda row: {"references": ["a"]})
+    held = AblationData(train=in_rows, evaluation=with_references)
+    assert dataset_fingerprint(held) == rows_only_fingerprint(held)
+
+
+def test_a_bad_dataset_is_refused_when_given_naming_the_fix():
+    import datasets
+
+    from clipcap_hf.data import group_by_image
+    from clipcap_hf.training.ablation import AblationData
+
+    rows = datasets.Dataset.from_dict({"image_id": [4, 4, 5, 6], "image_path": ["a.png", "a.png", "b.png", "c.png"],
+                                       "caption": ["a red square", "a square", "a blue disc", "a cross"]})
+    grouped = group_by_image(rows)
+    AblationData(train=rows, evaluation=grouped)  # the right shape
+    with pytest.raises(ValueError, match=re.escape(
+        "The evaluation rows (`AblationData.evaluation`) have no `references` column (columns ['image_id', "
+        "'image_path', 'caption']): group the evaluation rows by image with `clipcap_hf.data.group_by_image`, which "
+        "gathers each image's captions into `references`."
+    )):
+        AblationData(train=rows, evaluation=rows)
+    with pytest.raises(ValueError, match=re.escape(
+        "The train rows (`AblationData.train`) have no `caption` column (columns ['image_id', 'image_path', 'text']): "
+        "give each row its caption."
+    )):
+        AblationData(train=rows.rename_column("caption", "text"), evaluation=grouped)
+    with pytest.raises(ValueError, match=re.escape(
+        "The train rows (`AblationData.train`) have no image: give them an `image` or `image_path` column (columns "
+        "['image_id', 'caption'])."
+    )):
+        AblationData(train=rows.remove_columns("image_path"), evaluation=grouped)
+    # Images without references are named by their image ids, not by their rows' positions.
+    no_references = grouped.map(lambda row: {"references": [] if row["image_id"] in (4, 6) else row["references"]})
+    with pytest.raises(ValueError, match=re.escape(
+        "2 of the 3 evaluation images (image ids [4, 6]) have no reference captions (`references` must be a non-empty "
+        "list of captions per image): leave those images out of the evaluation rows or give them captions."
+    )):
+        AblationData(train=rows, evaluation=no_references)
+    with pytest.raises(ValueError, match=re.escape("(rows [1]) have no reference captions")):
+        AblationData(train=rows, evaluation=no_references.remove_columns("image_id").select([1, 0]))
+    with pytest.raises(ValueError, match=re.escape(
+        "The evaluation rows hold the image id 5 more than once: give one row per image "
+        "(`clipcap_hf.data.group_by_image` gathers an image's captions into its `references`)."
+    )):
+        AblationData(train=rows, evaluation=grouped.select([0, 1, 1]))
+
+
+def test_runs_are_scored_by_image_id():
+    from clipcap_hf.training.ablation import score_run
+
+    with pytest.warns(UserWarning, match=re.escape("1 of 2 predictions are empty (image ids: 9)")):
+        scores = score_run(["a red square", ""], [["a red square"], ["a blue disc"]], image_ids=[4, 9])
+    # Its 3 words right, with the brevity penalty of 3 words for references of 6: exp(1 - 6 / 3).
+    assert scores["Bleu_1"] == pytest.approx(math.exp(-1))
+
+
+def test_a_run_whose_scoring_fails_keeps_its_trained_model(grid, tmp_path, monkeypatch):
+    output_dir, _ = grid
+    shutil.copytree(output_dir / "base", tmp_path / "base")
+
+    def failing_score(*args, **kwargs):
+        raise RuntimeError("scoring failed")
+
+    monkeypatch.setattr(ablation, "score_run", failing_score)
+    monkeypatch.setattr(ablation, "run_quickstart", must_not_train)
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        run_ablation(tmp_path, tiny_grid(prefix_lengths=(2,)), verbose=False)
+    run_dir = tmp_path / "runs" / "clip-shapes-mlp-finetuned-prefix002"
+    assert not (run_dir / "scores.json").exists()  # not finished: a rerun trains it again
+    model = ClipCapForConditionalGeneration.from_pretrained(run_dir, trust_remote_code=False)
+    assert model.config.prefix_length == 2
+    assert ClipCapProcessor.from_pretrained(run_dir, trust_remote_code=False).num_image_tokens == 2
+
+
+def test_a_rerun_removes_the_figures_of_metrics_no_longer_plotted_and_figures_are_written_whole(
+    grid, tmp_path, monkeypatch
+):
+    import matplotlib.figure
+
+    output_dir, records = grid
+    copy = tmp_path / "copy"
+    shutil.copytree(output_dir, copy)
+    monkeypatch.setattr(ablation, "train_and_score", must_not_train)
+    assert run_ablation(copy, tiny_grid(plot_metrics=("CIDEr", "Bleu_4")), verbose=False) == records
+    assert sorted(path.name for path in copy.glob("*.png")) == ["prefix_length_Bleu_4.png", "prefix_length_CIDEr.png"]
+    (copy / "prefix_length_mine.png").write_bytes(b"the user's")  # not a metric's: not the grid's to remove
+    run_ablation(copy, tiny_grid(plot_metrics=("CIDEr",)), verbose=False)
+    assert sorted(path.name for path in copy.glob("*.png")) == ["prefix_length_CIDEr.png", "prefix_length_mine.png"]
+    assert (copy / "prefix_length_mine.png").read_bytes() == b"the user's"
+
+    # A figure that fails part-way leaves the earlier one as it was, and no temporary file.
+    earlier = (copy / "prefix_length_CIDEr.png").read_bytes()
+
+    def failing_savefig(self, target, **kwargs):
+        target.write(b"\x89PNG half") if hasattr(target, "write") else Path(target).write_bytes(b"\x89PNG half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", failing_savefig)
+    with pytest.raises(OSError, match="disk full"):
+        run_ablation(copy, tiny_grid(plot_metrics=("CIDEr",)), verbose=False)
+    assert (copy / "prefix_length_CIDEr.png").read_bytes() == earlier
+    assert sorted(path.name for path in copy.iterdir() if path.name.startswith(".")) == []

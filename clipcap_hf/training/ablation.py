@@ -24,10 +24,12 @@ import io
 import json
 import logging
 import os
+import secrets
 import tempfile
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from functools import partial
+from functools import cache, partial
 from operator import eq
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,7 @@ from transformers.utils import logging as transformers_logging
 from ..configuration_clipcap import MAPPING_TYPES, check_positive_int
 from ..data import ClipCapDataCollator, add_caption_lengths, group_by_image, load_caption_dataset
 from ..data.collator import image_inputs
+from ..data.embeddings import image_cache_key
 from ..evaluation.metrics import caption_tokenization, compute_caption_metrics, require_pycocoevalcap
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
@@ -184,6 +187,48 @@ class AblationData:
     """Evaluation rows, one per image: `references` (a list of captions) and the image."""
     extra_scores: Any = field(default=None, repr=False)
     """`f(predictions, references) -> dict` of task-specific scores (the synthetic task's attribute accuracies)."""
+
+    def __post_init__(self):
+        # Checked here, not where the first run reads them: a run trains for minutes before it scores.
+        for split, rows, needed in (("train", self.train, "caption"), ("evaluation", self.evaluation, "references")):
+            if needed not in rows.column_names:
+                fix = (
+                    "group the evaluation rows by image with `clipcap_hf.data.group_by_image`, which gathers each "
+                    "image's captions into `references`"
+                    if split == "evaluation" and "caption" in rows.column_names
+                    else f"give each row its {'caption' if split == 'train' else 'reference captions (a list)'}"
+                )
+                raise ValueError(
+                    f"The {split} rows (`AblationData.{split}`) have no `{needed}` column (columns "
+                    f"{rows.column_names}): {fix}."
+                )
+            if "image" not in rows.column_names and "image_path" not in rows.column_names:
+                raise ValueError(
+                    f"The {split} rows (`AblationData.{split}`) have no image: give them an `image` or `image_path` "
+                    f"column (columns {rows.column_names})."
+                )
+        if "image_id" in self.evaluation.column_names:  # the images' scores are keyed by it
+            counts = Counter(self.evaluation["image_id"])
+            repeated = next((image_id for image_id, count in counts.items() if count > 1), None)
+            if repeated is not None:
+                raise ValueError(
+                    f"The evaluation rows hold the image id {repeated!r} more than once: give one row per image "
+                    "(`clipcap_hf.data.group_by_image` gathers an image's captions into its `references`)."
+                )
+        references = self.evaluation["references"]
+        bad = [row for row, captions in enumerate(references) if not isinstance(captions, list) or not captions]
+        if bad:
+            # Named by image id where the rows have one (as a scoring error would name them), else by row.
+            named = (
+                f"image ids {[self.evaluation[row]['image_id'] for row in bad[:10]]}"
+                if "image_id" in self.evaluation.column_names
+                else f"rows {bad[:10]}"
+            )
+            raise ValueError(
+                f"{len(bad)} of the {len(references)} evaluation images ({named}{', ...' if len(bad) > 10 else ''}) "
+                "have no reference captions (`references` must be a non-empty list of captions per image): leave "
+                "those images out of the evaluation rows or give them captions."
+            )
 
 
 def grid_runs(config: AblationConfig) -> list[AblationRun]:
@@ -355,10 +400,14 @@ def train_and_score(
             processor, image_embeds=train_embeds, max_caption_length=config.max_caption_length
         )
         result = scratch_trainer(model, args, train, collator).train()
+    # Saved before scoring, so that a failure there keeps the trained model (a run without `scores.json` is trained
+    # again by a rerun, over it).
+    save_pretrained(run_dir, model, processor)
 
     predictions = caption_dataset(model, processor, evaluation, image_embeds=eval_embeds, batch_size=64)
     references = data.evaluation["references"]
-    scores = score_run(predictions, references, data.extra_scores)
+    image_ids = data.evaluation["image_id"] if "image_id" in data.evaluation.column_names else None
+    scores = score_run(predictions, references, data.extra_scores, image_ids)
     record = {
         "run": asdict(run),
         "budget": budget(config, run),
@@ -370,20 +419,22 @@ def train_and_score(
         "scoring": caption_tokenization(),  # a finished run is reused only when scored the same way
         "samples": [[prediction, refs[0]] for prediction, refs in list(zip(predictions, references))[:5]],
     }
-    save_pretrained(run_dir, model, processor)
     write_text_atomically(run_dir / SCORES_FILE, json.dumps(record, indent=2))  # last: marks the run finished
     return record
 
 
 def score_run(
-    predictions: list[str], references: list[list[str]], extra_scores: Any = None
+    predictions: list[str], references: list[list[str]], extra_scores: Any = None,
+    image_ids: Sequence[Any] | None = None,
 ) -> dict[str, float]:
     """
     A run's caption metrics ([`CAPTION_METRICS`]) and `extra_scores(predictions, references)`, if given. The captions
     are PTB-tokenized (lower-cased, punctuation removed) as `clipcap evaluate` does; without Java, with its Python
-    approximation and a warning ([`tokenize_captions`]).
+    approximation and a warning ([`tokenize_captions`]). `image_ids` (one per image, distinct) name the images in the
+    metrics' errors and warnings; without them, their positions do.
     """
-    scores = compute_caption_metrics(dict(enumerate(predictions)), dict(enumerate(references)), CAPTION_METRICS)
+    keys = list(range(len(predictions))) if image_ids is None else list(image_ids)
+    scores = compute_caption_metrics(dict(zip(keys, predictions)), dict(zip(keys, references)), CAPTION_METRICS)
     if extra_scores is not None:
         scores.update(extra_scores(predictions, references))
     return scores
@@ -420,8 +471,13 @@ def trained_from(run: AblationRun, config: AblationConfig, data_fingerprint: str
     }
 
 
-def dataset_fingerprint(data: AblationData) -> str:
-    """A hash of the training and evaluation rows' contents (captions, references, image paths or image bytes)."""
+def dataset_fingerprint(data: AblationData, image_files: bool = True) -> str:
+    """
+    A hash of the training and evaluation rows' contents (captions, references, image paths or image bytes) and of
+    each image file the rows' `image_path`s name, by its identity ([`image_cache_key`]: absolute path, size and
+    modification time). Without `image_files`, the rows' alone: an older clipcap_hf's fingerprint, which took a file
+    replaced at its path, or a relative path read from another working folder, for the same image.
+    """
     hasher = hashlib.sha256()
     for rows in (data.train, data.evaluation):
         sink = pa.BufferOutputStream()
@@ -429,7 +485,35 @@ def dataset_fingerprint(data: AblationData) -> str:
         with pa.ipc.new_stream(sink, table.schema) as writer:
             writer.write_table(table)
         hasher.update(sink.getvalue().to_pybytes())
+    if image_files:  # none for rows that hold their images: their fingerprint is the rows', as before
+        for key in _image_file_keys(data):
+            hasher.update(f"{key}\n".encode())
     return hasher.hexdigest()
+
+
+def _image_file_keys(data: AblationData) -> list[str]:
+    """
+    The identity of each distinct image file of the rows (in order of first appearance), as the embedding cache keys
+    files: its absolute path, size and modification time, not its content, since hashing every image of a large
+    dataset (COCO's: about 19 GB) would read all of it at each rerun of a finished grid. A file that is not there is
+    refused, naming it.
+    """
+    keys: dict[str, str] = {}
+    for split, rows in (("train", data.train), ("evaluation", data.evaluation)):
+        if "image_path" not in rows.column_names:
+            continue
+        for row, path in enumerate(rows["image_path"]):
+            if path is None or path in keys:
+                continue
+            absolute = os.path.abspath(path)
+            if not os.path.isfile(absolute):
+                raise FileNotFoundError(
+                    f"{path}: no such image file (row {row} of the {split} rows' `image_path`, {absolute}). Paths "
+                    "that do not start with / start from the working folder: give the dataset's image folder "
+                    "(--image-root) as an absolute path, or run from the folder they start from."
+                )
+            keys[path] = image_cache_key(absolute)
+    return list(keys.values())
 
 
 def check_finished_run(
@@ -547,8 +631,11 @@ def run_ablation(
         if data is None:
             config, data = shapes_task(output_dir, config, verbose)
         data_fingerprint = dataset_fingerprint(data)
+        rows_fingerprint = cache(partial(dataset_fingerprint, data, image_files=False))
         runs = grid_runs(config)
-        finished = [_finished_record(run, config, output_dir, data_fingerprint) for run in runs]
+        finished = [
+            _finished_record(run, config, output_dir, data_fingerprint, rows_fingerprint) for run in runs
+        ]
         _check_prefix_lengths(config, [run for run, record in zip(runs, finished) if record is None], data)
         records, embeddings = [], {}
         for run, record in tqdm(list(zip(runs, finished)), desc="Ablation runs", disable=not verbose):
@@ -561,9 +648,13 @@ def run_ablation(
 
 
 def _finished_record(
-    run: AblationRun, config: AblationConfig, output_dir: Path, data_fingerprint: str
+    run: AblationRun, config: AblationConfig, output_dir: Path, data_fingerprint: str,
+    rows_fingerprint: Callable[[], str],
 ) -> dict[str, Any] | None:
-    """A run's record if it finished before and can be reused (refused if trained otherwise); None to train it."""
+    """
+    A run's record if it finished before and can be reused (refused if trained otherwise); None to train it.
+    `rows_fingerprint()` is the dataset's fingerprint as an older clipcap_hf took it, without the image files.
+    """
     run_dir = output_dir / "runs" / run.name
     scores_path = run_dir / SCORES_FILE
     if not scores_path.is_file():
@@ -572,7 +663,20 @@ def _finished_record(
     check_finished_run(record, run_dir, budget(config, run), "budget", _same_budget)
     older = _older_trained_from(run, config)
     origin = trained_from(run, config, data_fingerprint)
+    recorded = record.get("trained_from")
+    recorded_data = recorded.get("dataset") if isinstance(recorded, dict) else None
+    files_unrecorded = recorded_data != data_fingerprint and recorded_data == rows_fingerprint()
+    if files_unrecorded:  # its pretrained parts are checked still: a run from others is refused, not trained over
+        origin["dataset"] = recorded_data
     check_finished_run(record, run_dir, origin, "trained_from", partial(_same_origin, older=older), older)
+    if files_unrecorded:
+        # Its rows are this grid's, but whether its image files are cannot be told: trained again, as cheaper than
+        # a table that may hold a run on other pictures.
+        logger.warning(
+            f"{run.name}: finished before, but its record identifies the dataset by its rows only (an older "
+            "clipcap_hf), not by its image files, which may have been replaced since; training it again."
+        )
+        return None
     scoring = caption_tokenization()
     if record.get("scoring") != scoring:
         # Its predictions are not saved (5 samples only), so it cannot be rescored: trained again, so that one table
@@ -583,7 +687,6 @@ def _finished_record(
             "training it again."
         )
         return None
-    recorded = record["trained_from"]
     if any(_is_path_or_name(recorded[part]) and recorded[part] != origin[part] for part in older):
         logger.warning(
             f"{run.name}: reused on an older clipcap_hf's record of its pretrained parts, by path or Hub name "
@@ -707,8 +810,16 @@ def plot_prefix_lengths(records: list[dict[str, Any]], metric: str, path: str | 
     axes.legend()
     figure.tight_layout()
     path = Path(path)
-    figure.savefig(path, format="png")
-    plt.close(figure)
+    # Through a temporary file renamed over it: a failure leaves the earlier figure or the new one, never part of one.
+    # Created as any new file is (the umask's mode), not private as `tempfile`'s are.
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(temporary, "xb") as file:
+            figure.savefig(file, format="png")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+        plt.close(figure)
     return path
 
 
@@ -727,13 +838,24 @@ def _matplotlib():
     return plt
 
 
+def figure_path(output_dir: Path, metric: str) -> Path:
+    """Where the figure of `metric` against the prefix length goes."""
+    return output_dir / f"prefix_length_{metric}.png"
+
+
 def write_results(output_dir: Path, records: list[dict[str, Any]], plot_metrics: Sequence[str]) -> list[Path]:
-    """`results.csv`, `results.md` and one `prefix_length_METRIC.png` per metric; returns the written paths."""
+    """
+    `results.csv`, `results.md` and one `prefix_length_METRIC.png` per metric; returns the written paths. The figures
+    of the other metrics an earlier grid drew there are removed: they would show runs the table no longer holds.
+    """
     written = [output_dir / "results.csv", output_dir / "results.md"]
     write_text_atomically(written[0], results_csv(records))
     write_text_atomically(written[1], results_markdown(records))
     for metric in plot_metrics:
-        written.append(plot_prefix_lengths(records, metric, output_dir / f"prefix_length_{metric}.png"))
+        written.append(plot_prefix_lengths(records, metric, figure_path(output_dir, metric)))
+    for metric in PLOTTABLE_SCORES:  # only the figures this module names: other files are the user's
+        if metric not in plot_metrics:
+            figure_path(output_dir, metric).unlink(missing_ok=True)
     return written
 
 
