@@ -16,6 +16,7 @@ import pytest
 from conftest import CAPTIONED_IMAGES, random_images, write_webdataset_shards
 
 from clipcap_hf.data import decode_image, load_image_source
+from clipcap_hf.data.sources import read_stream
 
 
 def sha256_key(data: bytes) -> str:
@@ -291,7 +292,7 @@ def test_a_row_without_an_image_is_named_or_skipped_with_a_warning_naming_it(tmp
     [
         ({"empty.jsonl": ""}, r"empty.jsonl cannot be read as json data \(it holds no rows\); fix or remove it"),
         ({"a.jsonl": '{"image": "x.png", "caption": "A dog."}\n', "bad.jsonl": '{"image": "x.png", "cap\n'},
-         r"bad.jsonl cannot be read as json data \(ArrowInvalid: JSON parse error.*\); fix or remove it"),
+         r"bad.jsonl cannot be read as json data \(line 1: ArrowInvalid: JSON parse error.*\); fix or remove it"),
         ({"header.csv": "image,caption\n"}, r"header.csv cannot be read as csv data \(it holds no rows\)"),
         ({"a.jsonl": '{"image": "x.png", "caption": "A dog."}\n', "b.jsonl": '{"image": "x.png", "caption": "A '
           'cat.", "extra": 1}\n'},
@@ -307,6 +308,37 @@ def test_a_data_file_that_does_not_read_is_named_with_the_reason(tmp_path, files
         (tmp_path / name).write_text(text)
     with pytest.raises(ValueError, match=message):
         load_image_source(data_files=[str(tmp_path / name) for name in files], caption_column="caption")
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_a_malformed_json_line_deep_in_a_file_is_named_by_its_line_in_the_file(tmp_path, streaming):
+    # pyarrow reads JSON Lines in blocks of a few thousand lines here, and its error's "in row N" counted from the
+    # block's start: line 5001 was "row 65".
+    lines = [json.dumps({"image": f"{number}.png", "caption": "A caption of a hundred characters or so. " * 2})
+             for number in range(8000)]  # fmt: skip
+    lines[5000] = '{"image": "5000.png", "caption": "cut short'
+    (tmp_path / "big.jsonl").write_text("\n".join(lines) + "\n")
+    assert (tmp_path / "big.jsonl").stat().st_size > 3 * 256 * 1024  # several of pyarrow's blocks
+    with pytest.raises(ValueError) as raised:
+        source = load_image_source(data_files=str(tmp_path / "big.jsonl"), streaming=streaming)
+        list(read_stream(iter(source), source))
+    message = str(raised.value)
+    assert message.startswith(f"{tmp_path / 'big.jsonl'} cannot be read as json data (line 5001: ArrowInvalid: JSON ")
+    assert message.endswith("); fix or remove it.") and "in row" not in message
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_image_folders_malformed_metadata_line_is_named_with_its_file_and_the_fix(caption_folder, streaming):
+    lines = (caption_folder / "metadata.jsonl").read_text().splitlines()
+    lines[2] = lines[2][:-5]  # cut short: pyarrow's bare ArrowInvalid, naming a row of its block and no file
+    (caption_folder / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    path = caption_folder / "metadata.jsonl"
+    message = re.escape(f"{path} cannot be read as the image folder's metadata (line 3: ArrowInvalid: JSON parse ") + (
+        r"error[^)]*\); fix that line: each line is one JSON object, such as \{\"file_name\""
+    )
+    with pytest.raises(ValueError, match=message):
+        source = load_image_source(data_files=str(caption_folder), streaming=streaming)
+        list(read_stream(iter(source), source))
 
 
 def _png(seed: int) -> bytes:

@@ -219,8 +219,8 @@ def test_a_streamed_data_file_that_does_not_read_is_named_as_one_read_whole_is(
     (tmp_path / "part0.jsonl").write_text(json.dumps({"image": "x.png", "caption": "A dog."}) + "\n")
     (tmp_path / "part1.jsonl").write_text(json.dumps({"image": "x.png", "caption": "A cat."}) + "\n{not json\n")
     message = (
-        f"{files[1]} cannot be read as json data (ArrowInvalid: JSON parse error: Missing a name for object member. "
-        "in row 1); fix or remove it."
+        f"{files[1]} cannot be read as json data (line 2: ArrowInvalid: JSON parse error: Missing a name for object "
+        "member.); fix or remove it."
     )
     with pytest.raises(ValueError, match=re.escape(message)):
         load_image_source(data_files=files, caption_column="caption")
@@ -235,7 +235,7 @@ def test_a_streamed_data_file_that_does_not_read_is_named_as_one_read_whole_is(
     assert not list(cache.rglob("*.arrow"))
     # Met in the first rows, which the source reads when it is loaded (for its columns): named there.
     files.reverse()
-    with pytest.raises(ValueError, match=re.escape(f"{files[0]} cannot be read as json data (ArrowInvalid: ")):
+    with pytest.raises(ValueError, match=re.escape(f"{files[0]} cannot be read as json data (line 2: ArrowInvalid: ")):
         load_image_source(data_files=files, caption_column="caption", streaming=True)
 
 

@@ -34,6 +34,7 @@ from transformers.utils import logging
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
 from ..utils.file_utils import FileLocksUnsupportedError, acquire_file_lock, read_json, write_text_atomically
 from ..utils.memory import reuse_freed_memory
+from ..utils.settings_diff import changed_settings
 from .loaders import PathLike, _image_keys, _rebuild, _splits
 from .sources import SHARD_COLUMN, SOURCE_ROW_COLUMN, WEBDATASET_KEY, decode_image, describe_image_error, read_stream
 
@@ -51,17 +52,34 @@ def vision_fingerprint(model, image_processor) -> str:
     which tower it is (the ClipCap config's `vision_backend`, `vision_pooling` and the vision config's model type)
     and the image processor's settings. Any change gives another fingerprint, hence another cache.
 
+    The weights are hashed under their names and layout in the tower's checkpoints (see [`_checkpoint_state_dict`]),
+    so one tower has one fingerprint under transformers 4 and 5.
+
     Args:
         model: a [`ClipCapForConditionalGeneration`] (its `vision_model` and `config` are read).
         image_processor: the preprocessing the embeddings are computed with.
     """
+    return _fingerprint(model, image_processor, _checkpoint_state_dict(model))
+
+
+def _accepted_fingerprints(model, image_processor) -> Iterator[str]:
+    """
+    The fingerprints an embeddings folder of this tower and preprocessing may carry, lazily (each hashes the weights):
+    [`vision_fingerprint`], then, where transformers holds the weights under other names than its checkpoints (5.x:
+    ViT, SigLIP, DINOv2), the one that clipcap_hf gave them under those names before, which its folders written then
+    carry (a training cache's folder is named by its first 16 hex digits).
+    """
+    checkpoint = _checkpoint_state_dict(model)
+    yield _fingerprint(model, image_processor, checkpoint)
+    in_memory = _own_state_dict(model)
+    if in_memory.keys() != checkpoint.keys():
+        yield _fingerprint(model, image_processor, in_memory)
+
+
+def _fingerprint(model, image_processor, state_dict: dict[str, torch.Tensor]) -> str:
+    """[`vision_fingerprint`] of the tower's weights given as `state_dict`."""
     digest = hashlib.sha256()
-    # An open_clip tower's buffers computed from its config (see `ClipCapOpenClipVisionModel.computed_buffers`) are
-    # left out: towers saved before they were saved lack them, and their embeddings folders keep their fingerprint.
-    computed = getattr(model.vision_model, "computed_buffers", frozenset())
-    for name, tensor in sorted(model.vision_model.state_dict().items()):
-        if name in computed:
-            continue
+    for name, tensor in sorted(state_dict.items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         digest.update(tensor.view(-1).view(torch.uint8).numpy().tobytes())
@@ -76,6 +94,62 @@ def vision_fingerprint(model, image_processor) -> str:
     digest.update(type(image_processor).__name__.encode())
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def _own_state_dict(model) -> dict[str, torch.Tensor]:
+    """The vision tower's weights as it holds them, less an open_clip tower's buffers computed from its config."""
+    # Those buffers (see `ClipCapOpenClipVisionModel.computed_buffers`) are left out: towers saved before they were
+    # saved lack them, and their embeddings folders keep their fingerprint.
+    computed = getattr(model.vision_model, "computed_buffers", frozenset())
+    return {name: tensor for name, tensor in model.vision_model.state_dict().items() if name not in computed}
+
+
+# transformers 5 holds some towers' weights under other names than their checkpoints (which it converts on loading and
+# saving), and DINOv2's SwiGLU input projection as two halves; transformers 4 holds them as the checkpoints do. By the
+# vision config's model type: the renamings (applied in turn, none matching a checkpoint name) that give the checkpoint
+# names back. Names rather than the weights' order, which transformers 5 changed too (ViT's layer norms, DINOv2's
+# register tokens); and the names of transformers 4 keep the fingerprints of the folders written with it.
+_DINOV2_NAMES = (
+    (r"\.attention\.q_proj\.", ".attention.attention.query."),
+    (r"\.attention\.k_proj\.", ".attention.attention.key."),
+    (r"\.attention\.v_proj\.", ".attention.attention.value."),
+    (r"\.attention\.o_proj\.", ".attention.output.dense."),
+    (r"\.mlp\.down_proj\.", ".mlp.weights_out."),
+)
+_CHECKPOINT_NAMES: dict[str, tuple[tuple[str, str], ...]] = {
+    "vit": (
+        (r"^layers\.", "encoder.layer."),
+        *_DINOV2_NAMES[:4],
+        (r"\.mlp\.fc1\.", ".intermediate.dense."),
+        (r"\.mlp\.fc2\.", ".output.dense."),
+    ),
+    "dinov2": _DINOV2_NAMES,
+    "dinov2_with_registers": _DINOV2_NAMES,
+    "siglip_vision_model": ((r"^(?!vision_model\.)", "vision_model."),),
+    "siglip2_vision_model": ((r"^(?!vision_model\.)", "vision_model."),),
+}
+# transformers 5's halves of DINOv2's SwiGLU input projection, `weights_in` in its checkpoints (gate rows first).
+_SWIGLU_HALF = re.compile(r"(.*\.mlp\.)(gate|up)_proj\.(weight|bias)")
+
+
+def _checkpoint_state_dict(model) -> dict[str, torch.Tensor]:
+    """The vision tower's weights (see [`_own_state_dict`]) under the names and in the layout of its checkpoints."""
+    state_dict = _own_state_dict(model)
+    vision = _vision_tower(model.config)
+    if vision["vision_backend"] == "open_clip" or vision["vision_model_type"] not in _CHECKPOINT_NAMES:
+        return state_dict
+    converted = {}
+    for name, tensor in state_dict.items():
+        half = _SWIGLU_HALF.fullmatch(name)
+        if half and half[2] == "up":  # joined to its gate half
+            continue
+        if half:
+            prefix, kind = half[1], half[3]
+            name, tensor = f"{prefix}weights_in.{kind}", torch.cat([tensor, state_dict[f"{prefix}up_proj.{kind}"]])
+        for pattern, replacement in _CHECKPOINT_NAMES[vision["vision_model_type"]]:
+            name = re.sub(pattern, replacement, name)
+        converted[name] = tensor
+    return converted
 
 
 # Keys of a tower's config that cannot change an embedding, left out when `check_embeddings` compares the others: names,
@@ -177,8 +251,9 @@ def check_embeddings(directory: PathLike, model, image_processor, finished: bool
     `finished`, that its `clipcap embed` pass has finished (a folder read as a whole dataset must hold all of it).
     """
     info = load_embeddings_info(directory)
-    fingerprint = vision_fingerprint(model, image_processor)
-    if info["fingerprint"] != fingerprint:
+    fingerprints = _accepted_fingerprints(model, image_processor)
+    fingerprint = next(fingerprints)
+    if info["fingerprint"] != fingerprint and info["fingerprint"] not in fingerprints:
         raise ValueError(
             f"The embeddings in {directory} were computed with another vision tower or image preprocessing "
             f"({_describe_tower(info)}, fingerprint {info['fingerprint'][:16]}; this model's is {fingerprint[:16]}). "
@@ -190,7 +265,13 @@ def check_embeddings(directory: PathLike, model, image_processor, finished: bool
     # before the open_clip config was recorded is read as before.
     stored = {name: value for name, value in (info.get("vision") or {}).items() if name in _TOWER_SETTINGS}
     current = json.loads(json.dumps(_tower_settings(model), default=str))  # as the info file stores them
-    changed = _changed_settings(stored, current)
+    changed = changed_settings(
+        stored,
+        current,
+        lambda name, stored_value, value: f"{name} {stored_value!r} (this model's: {value!r})",
+        shared_only=True,
+        skip=_NOT_COMPUTATION_SETTING.search,
+    )
     if changed:
         raise ValueError(
             f"The embeddings in {directory} were computed with the same vision weights but other settings: "
@@ -441,22 +522,6 @@ def _tower_settings(model) -> dict[str, Any]:
         "vision_config": getattr(getattr(model.vision_model, "config", None), "to_dict", dict)(),
         "open_clip_model_cfg": getattr(model.config, "open_clip_model_cfg", None),
     }
-
-
-def _changed_settings(stored: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """
-    The settings that `stored` and `current` both give, with other values (nested dicts compared key by key), each
-    as `<name> <stored value> (this model's: <value>)`; keys that cannot change an embedding are left out.
-    """
-    changed = []
-    for name in sorted(stored.keys() & current.keys()):
-        if _NOT_COMPUTATION_SETTING.search(name):
-            continue
-        if isinstance(stored[name], dict) and isinstance(current[name], dict):
-            changed += _changed_settings(stored[name], current[name], f"{prefix}{name}.")
-        elif stored[name] != current[name]:
-            changed.append(f"{prefix}{name} {stored[name]!r} (this model's: {current[name]!r})")
-    return changed
 
 
 def _folder_info(model, image_processor, columns: list[str], source_name: str | None) -> dict[str, Any]:
@@ -1219,7 +1284,11 @@ def embedding_cache_folder(cache_dir: PathLike, model, image_processor, root_as_
     cache_dir = Path(cache_dir)
     if root_as_is and (cache_dir / EMBEDDINGS_INFO_NAME).exists():
         return cache_dir
-    return cache_dir / vision_fingerprint(model, image_processor)[:16]
+    fingerprints = _accepted_fingerprints(model, image_processor)
+    folder = cache_dir / next(fingerprints)[:16]
+    if not folder.exists():  # a folder named by the fingerprint an earlier version gave this tower is still its own
+        folder = next((cache_dir / other[:16] for other in fingerprints if (cache_dir / other[:16]).exists()), folder)
+    return folder
 
 
 def embed_images(

@@ -402,6 +402,8 @@ def _unreadable_data_file(builder: str, files: list[str], streaming: bool = Fals
             reason = f"{type(cause).__name__}: {cause}" if str(cause) else type(cause).__name__
             if isinstance(cause, StopIteration) or "corresponds to no data" in str(cause):
                 reason = "it holds no rows"
+            elif builder == "json" and _ARROW_JSON_ROW.search(reason):
+                reason = _naming_the_json_line(reason, path)
             elif builder == "webdataset" and (problem := _undecodable_shard(path)):
                 return problem
             return f"{path} cannot be read as {builder} data ({reason}); fix or remove it."
@@ -412,6 +414,50 @@ def _unreadable_data_file(builder: str, files: list[str], streaming: bool = Fals
             return (
                 f"{path} and {files[0]} give their columns differently ({_describe_features(columns)} against "
                 f"{_describe_features(features[0])}); write every file with the same columns and types."
+            )
+    return None
+
+
+# The row that pyarrow's JSON reader names in its parse errors, counted from the start of the block it was reading
+# (a few thousand lines in): not the file's line.
+_ARROW_JSON_ROW = re.compile(r"\s*in row \d+")
+
+
+def _naming_the_json_line(reason: str, path: PathLike) -> str:
+    """pyarrow's JSON parse error `reason` with its row (see [`_ARROW_JSON_ROW`]) replaced by the file's first line
+    that is not a JSON object (see [`_first_non_object_line`]); dropped if there is none."""
+    reason = _ARROW_JSON_ROW.sub("", reason)
+    number = _first_non_object_line(path)
+    return f"line {number}: {reason}" if number is not None else reason
+
+
+def _first_non_object_line(path: PathLike) -> int | None:
+    """The first line (from 1) of a JSON Lines file that is not blank and not a JSON object (or not UTF-8), if any.
+    Read only when pyarrow's reader has failed: its error names a row of the block it was reading, not the line."""
+    with open(path, "rb") as file:
+        for number, line in enumerate(file, start=1):
+            if not line.strip():
+                continue
+            try:
+                if not isinstance(json.loads(line), dict):
+                    return number
+            except ValueError:  # not JSON, or not UTF-8
+                return number
+    return None
+
+
+def _malformed_metadata(paths: Iterable[PathLike], error: Exception) -> str | None:
+    """
+    What keeps an image folder's `metadata.jsonl` files (among `paths`) from reading, with pyarrow's `error`: the
+    first line that is no JSON object, named with its file; None if every line is one. `datasets`' imagefolder reader
+    raises pyarrow's bare error, which names neither.
+    """
+    for path in paths:
+        if os.path.basename(path) == "metadata.jsonl" and (number := _first_non_object_line(path)) is not None:
+            reason = _ARROW_JSON_ROW.sub("", f"{type(error).__name__}: {error}")
+            return (
+                f"{path} cannot be read as the image folder's metadata (line {number}: {reason}); fix that line: each "
+                'line is one JSON object, such as {"file_name": "0001.png", "text": "A dog."}.'
             )
     return None
 
@@ -463,6 +509,8 @@ def _raise_naming_the_data_file(error: Exception, dataset) -> NoReturn:
     files = stream_data_files(dataset)
     builder = _builder_of(files)
     problem = builder and _unreadable_data_file(builder, files, streaming=True)  # read again only on a failure
+    if builder is None and isinstance(error, pyarrow.ArrowInvalid):  # an image folder's files: images and metadata
+        problem = _malformed_metadata(files, error)
     if not problem:
         raise error
     raise ValueError(problem) from error
@@ -543,7 +591,10 @@ def _load_image_folder(folder: Path, split: str, streaming: bool):
         builder.download_and_prepare()
         dataset = builder.as_dataset(split=split, in_memory=is_small_dataset(builder.info.dataset_size))
     except pyarrow.ArrowInvalid as error:
-        mismatch = next(filter(None, map(_mixed_json_types, sorted(folder.rglob("metadata.jsonl")))), None)
+        metadata = sorted(folder.rglob("metadata.jsonl"))
+        if problem := _malformed_metadata(metadata, error):
+            raise ValueError(problem) from error
+        mismatch = next(filter(None, map(_mixed_json_types, metadata)), None)
         if mismatch is None:
             raise
         raise ValueError(
