@@ -5,6 +5,8 @@ and a folder written before runs (or their data) were recorded resumes unchecked
 import json
 import re
 import shutil
+import subprocess
+import sys
 from unittest import mock
 
 import datasets
@@ -13,6 +15,7 @@ import torch
 from conftest import CAPTIONED_IMAGES, tiny_model
 from safetensors.torch import load_file
 from test_faults import train_arguments
+from test_folder_locks import HOLD_LOCK
 from transformers import TrainingArguments
 
 from clipcap_hf import ClipCapForConditionalGeneration
@@ -23,6 +26,7 @@ from clipcap_hf.training.run import (
     DATA_IDENTITY_KEY,
     MODEL_IDENTITY_KEY,
     RUN_ARGUMENTS_NAME,
+    RUN_LOCK_NAME,
     data_identity,
 )
 from clipcap_hf.utils.loading import model_identity, same_model
@@ -267,6 +271,43 @@ def test_an_unrecorded_checkpoint_of_a_run_that_trained_other_parameters_is_not_
     # The refused run left no record of its arguments: the run's own arguments still resume it.
     assert not (out / RUN_ARGUMENTS_NAME).exists()
     assert main(arguments) == 0 and resumed_from[-1] == str(out / "checkpoint-2")
+
+
+def test_a_second_run_into_the_output_dir_of_a_running_one_is_refused_before_loading_and_touches_nothing(
+    killed_run, caption_folder, capsys, resumed_from
+):
+    out, arguments, _ = killed_run
+    # The first run, writing its third checkpoint (its record comes first): a second run took it for one a stopped
+    # run left incomplete, removed it, and then trained into the folder beside the first.
+    writing = out / "checkpoint-3"
+    writing.mkdir()
+    shutil.copy(out / "checkpoint-2" / RUN_ARGUMENTS_NAME, writing / RUN_ARGUMENTS_NAME)
+    # Its main process, holding the folder's lock (a fresh Python: this process imported torch and must not fork).
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / RUN_LOCK_NAME)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        before = {path: path.read_bytes() for path in files_of(out)}
+        evaluation = [*arguments, "--validation_file", str(caption_folder), "--do_eval"]
+        evaluation.remove("--do_train")  # it writes the results and captions of a training run's evaluation
+        for refused in (arguments, evaluation):
+            capsys.readouterr()
+            with mock.patch("clipcap_hf.training.run.build_model", side_effect=AssertionError("a model was loaded")):
+                assert main(refused) == 2
+            assert capsys.readouterr().err.splitlines()[-1] == (
+                f"clipcap train: error: --output_dir {out} is being written by another run (its main process holds "
+                f"{RUN_LOCK_NAME}): two runs would save their checkpoints, run record and results over each other. "
+                "Let that run finish, or stop it (rerun, it resumes from its last checkpoint), or give another "
+                "--output_dir."
+            )
+            assert {path: path.read_bytes() for path in files_of(out)} == before
+    finally:
+        holder.communicate("", timeout=60)
+    # That run over (killed or not: the OS lets go of its lock), the next one goes on: here it resumes the run.
+    assert main(arguments) == 0
+    assert resumed_from == [str(out / "checkpoint-2")]
+    assert (out / "checkpoint-3" / "trainer_state.json").is_file() and (out / "model.safetensors").is_file()
+    assert main(arguments) == 0  # the lock let go at the end of the run, too
 
 
 def files_of(folder):

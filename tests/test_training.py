@@ -23,6 +23,7 @@ from conftest import (
     tiny_model,
     tiny_processor,
 )
+from test_folder_locks import HOLD_LOCK
 from transformers import AutoConfig, AutoProcessor, LlamaConfig, TrainerCallback, TrainingArguments
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
@@ -40,7 +41,7 @@ from clipcap_hf.training import (
     merge_lora,
     parse_args,
 )
-from clipcap_hf.training.run import _check_dataset_name_is_read
+from clipcap_hf.training.run import RUN_LOCK_NAME, _check_dataset_name_is_read
 from clipcap_hf.utils.memory import on_glibc, reuses_freed_memory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -1018,6 +1019,35 @@ def test_run_ends_its_process_group(tmp_path, model_dir, caption_folder):
     assert "process group alive after the run: False" in run_torchrun(tmp_path, 1, script, arguments)
 
 
+def test_torchrun_processes_all_refuse_an_output_dir_another_run_holds(tmp_path, model_dir, caption_folder):
+    # Process 0 alone takes the lock, and tells the others: they refuse with it rather than go on loading.
+    out = tmp_path / "out"
+    out.mkdir()
+    script = tmp_path / "run_or_report.py"
+    script.write_text(
+        "import os\n"
+        "from accelerate import PartialState\n"
+        "from clipcap_hf.training import main\n"
+        "try:\n"
+        "    main()\n"
+        "except ValueError as error:\n"
+        "    print(f'rank {os.environ[\"RANK\"]} refused:', error, flush=True)\n"
+        "    PartialState().destroy_process_group()\n"
+    )
+    arguments = run_arguments(model_dir, caption_folder, out, tmp_path / "cache", "--ddp_backend", "gloo")
+    # Another run's main process (a fresh Python: this process imported torch and must not fork).
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(out / RUN_LOCK_NAME)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline() == "held\n"
+        output = run_torchrun(tmp_path, 2, script, arguments)
+    finally:
+        holder.communicate("", timeout=60)
+    for rank in (0, 1):
+        assert f"rank {rank} refused: --output_dir {out} is being written by another run" in output
+    assert os.listdir(out) == [RUN_LOCK_NAME] and not (tmp_path / "cache").exists()
+
+
 def test_lora_recipe_from_pretrained_parts_saves_base_adapters_and_merged_model(tmp_path, tokenizer, caption_folder):
     from peft import PeftConfig
 
@@ -1346,6 +1376,32 @@ def test_a_resume_with_another_number_of_processes_is_warned_of(tmp_path, model_
         main(args)
     assert "trained by 2 process(es), with 1: each process trains its own share of every step's batch" in caplog.text
     assert (out / "checkpoint-2").is_dir()  # resumed all the same
+
+
+def test_a_streamed_training_file_that_stops_reading_midway_is_named(tmp_path, model_dir):
+    # Met by the Trainer's data loader once the first file's rows were trained on: pyarrow's bare ArrowInvalid, which
+    # names no file.
+    import pyarrow
+
+    for index, image in enumerate(random_images(3)):
+        image.save(tmp_path / f"{index}.png")
+    line = lambda index: json.dumps({"image": f"{index}.png", "caption": f"A dog number {index}."}) + "\n"  # noqa: E731
+    files = [tmp_path / "part0.jsonl", tmp_path / "part1.jsonl"]
+    files[0].write_text(line(0) + line(1))
+    files[1].write_text(line(2) + "{not json\n")
+    args = run_arguments(model_dir, tmp_path, tmp_path / "out", tmp_path / "cache", "--streaming", "--image_root",
+                         str(tmp_path), "--max_steps", "3")  # fmt: skip
+    args[args.index("--train_file") + 1] = ",".join(map(str, files))
+    for option in ("--dataset_format", "--validation_file", "--generation_max_new_tokens"):
+        del args[args.index(option) : args.index(option) + 2]
+    args.remove("--do_eval")
+    message = (
+        f"{files[1]} cannot be read as json data (line 2: ArrowInvalid: JSON parse error: Missing a name for object "
+        "member.); fix or remove it."
+    )
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$") as error:
+        main(args)
+    assert isinstance(error.value.__cause__, pyarrow.ArrowInvalid)  # the reader's own error, kept
 
 
 def test_a_streamed_run_resumed_past_a_restart_of_its_stream_is_warned_of(tmp_path, model_dir, caption_folder, caplog):

@@ -15,9 +15,11 @@ import re
 import shutil
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import datasets
+import torch
 import transformers
 from accelerate import PartialState
 from tqdm.auto import tqdm
@@ -28,12 +30,14 @@ from transformers.utils import ADAPTER_CONFIG_NAME, find_adapter_config_file
 
 from ..data import ClipCapDataCollator, TrainingData, load_training_data
 from ..data.embeddings import EMBEDDINGS_INFO_NAME
-from ..data.sources import DEFAULT_CAPTION_COLUMNS
+from ..data.sources import DEFAULT_CAPTION_COLUMNS, read_stream
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor, check_tokenizer_files
 from ..utils.file_utils import (
+    acquire_file_lock,
     check_output_folder,
     check_output_outside_inputs,
+    glob_folder,
     read_json,
     sampled_sha256,
     save_pretrained,
@@ -578,7 +582,6 @@ _HASHED_SUFFIXES = (".json", ".jsonl", ".csv", ".tsv", ".txt", ".parquet")
 # temporary files `datasets` writes beside a saved dataset's own, its state (a fingerprint, random for some datasets
 # saved again) and an embeddings folder's info (the counts of its last pass; its tower is checked on its own).
 _NOT_DATA = re.compile(r"\.|cache-.*\.arrow$|tmp[a-z0-9_]{8}$|state\.json$|" + re.escape(EMBEDDINGS_INFO_NAME) + "$")
-_GLOB_MAGIC = re.compile(r"[*?[]")
 
 
 def data_identity(
@@ -621,13 +624,7 @@ def _names_base(pattern: str) -> str:
     The folder a data argument's files are named relative to: a glob pattern's part before its first wildcard, or a
     path's own folder.
     """
-    parts = os.path.normpath(pattern).split(os.sep)
-    plain = 0
-    while plain < len(parts) and not _GLOB_MAGIC.search(parts[plain]):
-        plain += 1
-    if plain == len(parts):  # a path: its files are named relative to its folder
-        plain -= 1
-    return os.sep.join(parts[:plain]) or (os.sep if pattern.startswith(os.sep) else ".")
+    return glob_folder(pattern) or os.path.dirname(os.path.normpath(pattern)) or "."
 
 
 def _data_files(path: str, base: str, skip: set[str] = frozenset()) -> Iterator[tuple[str, str, bool]]:
@@ -895,6 +892,61 @@ def _shown(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+# The lock file a run's main process holds in --output_dir while the run lasts (see `_output_dir_lock`).
+RUN_LOCK_NAME = ".clipcap-train.lock"
+
+
+@contextlib.contextmanager
+def _output_dir_lock(training_args: TrainingArguments) -> Iterator[None]:
+    """
+    Hold --output_dir for this run while the body runs, or refuse the run if another holds it: two runs in one folder
+    would save the same checkpoints over each other, remove the checkpoint the other is writing (taken for one left
+    incomplete by a stopped run) and replace each other's run record and results. An evaluation-only run is held out
+    too: it writes the results and the captions (`predictions/eval_step{N}.json`) of a training run's evaluation.
+
+    The main process alone takes the lock (a `filelock` file, `RUN_LOCK_NAME`: the OS's `flock` on Unix, released
+    however the process ends, so a killed run's file holds nothing up), for all the processes of its run, and tells
+    them whether to go on: they refuse with it. The file stays in the folder, as the captioning and embedding runs'
+    lock files do (removing one could race with a process opening it), except from a folder the run created and
+    wrote nothing else in (a run refused on its way), which is removed with it.
+    """
+    from accelerate.utils import broadcast_object_list
+    from filelock import Timeout  # a dependency of huggingface_hub, so always installed
+
+    folder = Path(training_args.output_dir).absolute()
+    lock, created, refusal = None, [], None
+    if training_args.process_index == 0:
+        created = [path for path in (folder, *folder.parents) if not path.exists()]  # deepest first
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            lock = acquire_file_lock(folder / RUN_LOCK_NAME, "--output_dir", timeout=0)
+        except Timeout:
+            refusal = ValueError(
+                f"--output_dir {training_args.output_dir} is being written by another run (its main process holds "
+                f"{RUN_LOCK_NAME}): two runs would save their checkpoints, run record and results over each other. "
+                "Let that run finish, or stop it (rerun, it resumes from its last checkpoint), or give another "
+                "--output_dir."
+            )
+        except OSError as error:  # a filesystem without file locks (named), or a folder that cannot be written
+            refusal = error
+    if training_args.world_size > 1:
+        refusal = broadcast_object_list([refusal])[0]
+    if refusal is not None:
+        raise refusal
+    try:
+        yield
+    finally:
+        if lock is not None:
+            with contextlib.suppress(OSError):  # removed meanwhile, or not empty: another run wrote there since
+                if created and os.listdir(folder) == [RUN_LOCK_NAME]:
+                    # Unlinked while held: a run that opened it meanwhile finds it unlinked once it locks it, and
+                    # opens the path again (filelock 4 checks).
+                    os.remove(folder / RUN_LOCK_NAME)
+                    for path in created:
+                        path.rmdir()
+            lock.release()
+
+
 def train(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict[str, float]:
     """Run training and/or evaluation as the arguments say; returns the final metrics."""
     if training_args.do_predict:
@@ -962,6 +1014,15 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         f"Process rank: {training_args.process_index}, device: {training_args.device}, "
         f"world size: {training_args.world_size}, bf16: {training_args.bf16}, fp16: {training_args.fp16}"
     )
+    # Before the folder's checkpoints are looked at (an incomplete one is removed) and anything is loaded.
+    with _output_dir_lock(training_args):
+        return _run(model_args, data_args, training_args, evaluating)
+
+
+def _run(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments, evaluating: bool
+) -> dict[str, float]:
+    """[`train`] once its arguments are checked and it holds --output_dir: resume or start, load, train, evaluate."""
     last_checkpoint = None
     # transformers 4 has --overwrite_output_dir, which means: start afresh rather than resume.
     overwrite = getattr(training_args, "overwrite_output_dir", False)
@@ -1065,7 +1126,7 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
     trainer = ClipCapTrainer(
         model=model,
         args=training_args,
-        train_dataset=data.train,
+        train_dataset=_named_stream(data.train, training_args),
         eval_dataset=data.eval,
         data_collator=collator,
         # Saved with every checkpoint, so a checkpoint folder captions on its own; also decodes evaluation captions.
@@ -1129,6 +1190,45 @@ def train(model_args: ModelArguments, data_args: DataArguments, training_args: T
         trainer.save_metrics("eval", eval_metrics)
         metrics.update(eval_metrics)
     return metrics
+
+
+def _named_stream(rows: datasets.Dataset | datasets.IterableDataset | None, training_args: TrainingArguments):
+    """
+    The training rows as the Trainer gets them: a stream (`--streaming`) read through [`_NamedStream`] where one
+    process reads it for the run (one process, or accelerate's default of dispatching a stream's batches from the
+    main process); as it is where each process reads its own files (`dispatch_batches: false`), which accelerate
+    gives each process by sharding a `datasets` stream, and would not for a wrapped one.
+    """
+    dispatched = getattr(training_args.accelerator_config, "dispatch_batches", None) is not False
+    if isinstance(rows, datasets.IterableDataset) and (training_args.world_size == 1 or dispatched):
+        return _NamedStream(rows)
+    return rows
+
+
+class _NamedStream(torch.utils.data.IterableDataset):
+    """
+    A streamed training source (`--streaming`) as the Trainer's data loader reads it, through [`read_stream`]: a data
+    file that stops reading midway (a malformed JSON line, a damaged Parquet or tar file) is named, as for the other
+    readers of a stream, not met as pyarrow's bare error. Each pass goes through the source's own `__iter__`, which
+    shares its files between data loader workers; its epoch and its state (for `use_stateful_dataloader`) are the
+    source's.
+    """
+
+    def __init__(self, rows: datasets.IterableDataset) -> None:
+        self.rows = rows
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return read_stream(self.rows, self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Forwarded (the Trainer sets each epoch through the data loader): a shuffled source reshuffles by it."""
+        self.rows.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.rows.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rows.load_state_dict(state)
 
 
 def _align_special_tokens(trainer: ClipCapTrainer) -> None:
