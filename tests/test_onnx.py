@@ -348,20 +348,30 @@ def test_a_siglip2_tower_exports_and_its_graphs_match_pytorch(tmp_path, tokenize
     assert_export_matches_pytorch(tmp_path, model, test_pixels)
 
 
-def test_a_graph_gets_a_weights_file_of_its_own_by_its_own_weights_size(tmp_path, tokenizer, monkeypatch):
+def test_a_graph_gets_a_weights_file_of_its_own_by_its_own_weights_size(onnx_export, tmp_path, tokenizer,
+                                                                        monkeypatch):
     import clipcap_hf.onnx.export
 
-    model = captioning_model(tokenizer)
+    model = captioning_model(tokenizer)  # the fixture's model
     image_graph_bytes = sum(p.numel() * 4 for part in (model.vision_model, model.mapping_network)
                             for p in part.parameters())  # fmt: skip
     assert sum(p.numel() * 4 for p in model.parameters()) > image_graph_bytes
     # Every wrapper module holds the whole model: its size split the small image graphs of a large language model.
     monkeypatch.setattr(clipcap_hf.onnx.export, "_SINGLE_FILE_LIMIT", image_graph_bytes + 1)
-    export_onnx(model, tiny_processor(tokenizer), tmp_path, quantize=False)
+    export_onnx(model, tiny_processor(tokenizer), tmp_path)
     split = {name: (tmp_path / "onnx" / f"{name}.onnx.data").exists() for name in GRAPHS}
     assert split == {"vision_encoder": False, "mapping_network": False, "embed_tokens": False,
                      "decoder_model_merged": True}  # fmt: skip
     assert OnnxCaptioner(tmp_path).generate(pixel_values=np.zeros((1, 3, 32, 32), np.float32), max_new_tokens=2)
+    # The int8 copy of a split graph is split too (ONNX Runtime saves one file otherwise, which fails past 2 GB), and
+    # captions as the fixture's single-file int8 graphs do.
+    split = {name: (tmp_path / "onnx" / f"{name}_quantized.onnx.data").exists() for name in GRAPHS}
+    assert split == {"vision_encoder": False, "mapping_network": False, "embed_tokens": False,
+                     "decoder_model_merged": True}  # fmt: skip
+    image_embeds = torch.randn(4, model.config.prefix_dim, generator=torch.Generator().manual_seed(8)).numpy()
+    tokens = OnnxCaptioner(tmp_path, quantized=True).generate(image_embeds=image_embeds)
+    assert tokens == OnnxCaptioner(onnx_export[2], quantized=True).generate(image_embeds=image_embeds)
+    assert len(tokens) == 4 and all(tokens)
 
 
 def test_incomplete_export_and_unsupported_settings_are_named(onnx_export, tmp_path):
@@ -454,6 +464,115 @@ def test_cli_refuses_a_non_empty_output_folder_and_one_under_a_file_before_loadi
     )
 
 
+def test_export_onnx_refuses_a_folder_holding_files_unless_overwrite_which_replaces_the_graphs_folder_whole(
+    onnx_export, tokenizer, tmp_path, monkeypatch
+):
+    import clipcap_hf.onnx.export
+
+    model, _, exported = onnx_export
+    target = tmp_path / "project"
+    (target / "onnx").mkdir(parents=True)
+    (target / "config.json").write_text('{"my_tool": "settings"}')
+    (target / "onnx" / "my_other_model.onnx").write_bytes(b"another model")
+    (target / "notes.txt").write_text("mine")
+    before = {str(path.relative_to(target)): path.read_bytes() for path in target.rglob("*") if path.is_file()}
+    with pytest.raises(FileExistsError) as error:
+        export_onnx(model, tiny_processor(tokenizer), target, quantize=False)
+    assert str(error.value) == f"output_dir: {target} is not empty; name a new folder, or pass overwrite=True."
+    assert {str(path.relative_to(target)): path.read_bytes() for path in target.rglob("*")
+            if path.is_file()} == before  # fmt: skip
+    assert sorted(path.name for path in target.iterdir()) == ["config.json", "notes.txt", "onnx"]  # no staging
+
+    # With overwrite: the export's files replace their namesakes, its graphs the whole onnx/ folder (no graph of
+    # another model is left among them), and the user's other files stay. (The fixture's graphs, not exported again.)
+    def copy_the_exported_graphs(model, folder, image_size):
+        shutil.copytree(exported / "onnx", folder, ignore=shutil.ignore_patterns("*_quantized.onnx"))
+        return {name: folder / f"{name}.onnx" for name in GRAPHS}
+
+    monkeypatch.setattr(clipcap_hf.onnx.export, "export_graphs", copy_the_exported_graphs)
+    export_onnx(model, tiny_processor(tokenizer), target, quantize=False, overwrite=True)
+    assert sorted(path.name for path in (target / "onnx").iterdir()) == sorted(f"{name}.onnx" for name in GRAPHS)
+    assert json.loads((target / "config.json").read_text())["model_type"] == "clipcap"
+    assert (target / "notes.txt").read_text() == "mine"
+    OnnxCaptioner(target)
+
+
+def test_a_missing_onnxruntime_is_named_with_the_fp32_only_export_before_any_export_work(
+    onnx_export, tokenizer, tmp_path, monkeypatch, capsys
+):
+    import sys
+
+    import clipcap_hf.commands.export_onnx
+    import clipcap_hf.onnx.export
+
+    model, saved, _ = onnx_export
+    monkeypatch.setitem(sys.modules, "onnxruntime.quantization", None)  # as if onnxruntime were not installed
+    exported = []
+    monkeypatch.setattr(clipcap_hf.onnx.export, "export_graphs", lambda *args: exported.append(args))
+    monkeypatch.setattr(clipcap_hf.commands.export_onnx, "load_clipcap", None)  # refused before the model loads
+    assert main(["export-onnx", str(saved), "--output", str(tmp_path / "cli")]) == 2
+    assert capsys.readouterr().err == (
+        'clipcap export-onnx: error: int8 export needs onnxruntime: pip install "clipcap_hf[onnx]", or export the '
+        "fp32 graphs only (`clipcap export-onnx --no-int8`, `export_onnx(..., quantize=False)`).\n"
+    )
+    with pytest.raises(ImportError, match=r"export_onnx\(\.\.\., quantize=False\)"):
+        export_onnx(model, tiny_processor(tokenizer), tmp_path / "api")
+    assert exported == [] and not list(tmp_path.iterdir())
+
+
+def test_an_onnx_export_given_as_the_model_is_named_before_loading(onnx_export, tmp_path, monkeypatch, capsys):
+    import clipcap_hf.commands.export_onnx
+    import clipcap_hf.onnx
+
+    _, saved, exported = onnx_export
+    # A model folder holding an export of itself has its weights: it loads.
+    both = tmp_path / "model-and-export"
+    shutil.copytree(saved, both)
+    shutil.copytree(exported / "onnx", both / "onnx")
+    loaded = []
+    monkeypatch.setattr(clipcap_hf.onnx, "export_onnx", lambda model, *args, **kwargs: loaded.append(model) or {})
+    assert main(["export-onnx", str(both), "--output", str(tmp_path / "out")]) == 0
+    assert len(loaded) == 1
+    capsys.readouterr()  # (transformers' loading progress)
+
+    monkeypatch.setattr(clipcap_hf.commands.export_onnx, "load_clipcap", None)  # refused before the model loads
+    assert main(["export-onnx", str(exported), "--output", str(tmp_path / "out2")]) == 2
+    assert capsys.readouterr().err == (
+        f"clipcap export-onnx: error: MODEL: {exported} is an ONNX export (no weights); give the ClipCap model "
+        "folder it was exported from.\n"
+    )
+    assert not (tmp_path / "out2").exists()
+
+
+def test_a_bitsandbytes_model_or_one_off_the_cpu_is_refused_by_name_and_a_torchao_one_is_not(tokenizer, tmp_path):
+    from types import SimpleNamespace
+
+    from transformers import BitsAndBytesConfig
+
+    processor = tiny_processor(tokenizer)
+    model = captioning_model(tokenizer)
+    # As `from_pretrained(quantization_config=BitsAndBytesConfig(...))` marks the model it loads.
+    model.hf_quantizer = SimpleNamespace(quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    with pytest.raises(ValueError) as error:
+        export_onnx(model, processor, tmp_path / "bitsandbytes", quantize=False)
+    assert str(error.value) == (
+        "model: it was loaded quantized by bitsandbytes, whose 8- and 4-bit layers have no ONNX form; load it in "
+        "full precision (without `quantization_config`) to export it: the int8 graphs (quantize=True) are ONNX "
+        "Runtime's own quantization."
+    )
+    with pytest.raises(ValueError) as error:
+        export_onnx(captioning_model(tokenizer).to("meta"), processor, tmp_path / "meta", quantize=False)
+    assert str(error.value) == (
+        "model: its weights are on meta; the export runs on the CPU: move the model there first (model.to('cpu'))."
+    )
+    assert not list(tmp_path.iterdir())
+    pytest.importorskip("torchao", reason="torchao is not installed (pip install torchao)")
+    from clipcap_hf.onnx.export import check_exportable_model
+    from clipcap_hf.utils.quantization import quantize_int8_weight_only
+
+    check_exportable_model(quantize_int8_weight_only(captioning_model(tokenizer)))  # its graphs are fp32's
+
+
 def test_int8_per_tensor_on_request(onnx_export, tmp_path, monkeypatch):
     import onnx
 
@@ -463,7 +582,7 @@ def test_int8_per_tensor_on_request(onnx_export, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(clipcap_hf.onnx, "export_onnx", lambda *args, **kwargs: calls.append(kwargs) or {})
     assert main(["export-onnx", str(saved), "--output", str(tmp_path / "out"), "--int8-per-tensor"]) == 0
-    assert calls == [{"quantize": True, "per_channel": False}]
+    assert calls == [{"quantize": True, "per_channel": False, "overwrite": False}]
 
     fp32 = tmp_path / "decoder_model_merged.onnx"
     shutil.copy(exported / "onnx" / fp32.name, fp32)
@@ -541,7 +660,7 @@ def test_exporting_over_an_export_removes_its_graphs_that_this_export_does_not_w
     calls = []
     monkeypatch.setattr(clipcap_hf.onnx, "export_onnx", lambda *args, **kwargs: calls.append(kwargs) or {})
     assert main([str(saved) if part == "MODEL" else part for part in suggested]) == 0
-    assert calls == [{"quantize": True, "per_channel": True}]
+    assert calls == [{"quantize": True, "per_channel": True, "overwrite": True}]
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..utils.file_utils import check_output_folder
-from ..utils.loading import load_clipcap
+from ..configuration_clipcap import local_folder
+from ..utils.loading import _WEIGHT_FILES, load_clipcap
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,19 +20,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="Write into --output even when it holds files.")
 
 
+def check_not_an_export(name_or_path: str, option: str) -> None:
+    """
+    Refuse an ONNX export given as the model (`option`): its config.json is a ClipCap model's, but it holds no
+    weights, which transformers would report in its own words only.
+    """
+    from ..onnx.export import ONNX_SUBFOLDER
+
+    folder = Path(local_folder(name_or_path))
+    if (folder / ONNX_SUBFOLDER / "decoder_model_merged.onnx").is_file() and not any(
+        next(folder.glob(pattern), None) for pattern in _WEIGHT_FILES
+    ):
+        raise ValueError(
+            f"{option}: {name_or_path} is an ONNX export (no weights); give the ClipCap model folder it was exported "
+            "from."
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     from ..onnx import export_onnx
-    from ..onnx.export import abandoned_exports
+    from ..onnx.export import check_export_dependencies, check_export_folder
 
-    output = Path(args.output)
-    check_output_folder(output, "--output", "write the export to")
-    # What a killed export left there does not count: the export removes it.
-    abandoned = abandoned_exports(output)
-    if output.is_dir() and any(path not in abandoned for path in output.iterdir()) and not args.overwrite:
-        raise FileExistsError(f"--output: {output} is not empty; name a new folder, or pass --overwrite.")
+    # Before the model loads: a refusal then costs no loading time.
+    check_export_dependencies(args.int8)
+    check_export_folder(args.output, args.overwrite, "--output", "--overwrite")
+    check_not_an_export(args.model, "MODEL")
     model, processor = load_clipcap(args.model, "MODEL")
     # Written whole or not at all: a failed export leaves --output as it was, so a retry is not refused.
-    paths = export_onnx(model, processor, output, quantize=args.int8, per_channel=args.int8_per_channel)
+    paths = export_onnx(model, processor, args.output, quantize=args.int8, per_channel=args.int8_per_channel,
+                        overwrite=args.overwrite)
     for path in paths.values():
         print(path)
     return 0

@@ -46,7 +46,7 @@ from transformers import DynamicCache
 
 from ..modeling_clipcap import CACHE_NAME, ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
-from ..utils.file_utils import FileLocksUnsupportedError, acquire_file_lock, move_entries
+from ..utils.file_utils import FileLocksUnsupportedError, acquire_file_lock, check_output_folder, move_entries
 
 if TYPE_CHECKING:
     from filelock import BaseFileLock
@@ -316,10 +316,7 @@ def quantize_graphs(paths: dict[str, Path], per_channel: bool = True) -> dict[st
     int8 copies (`NAME_quantized.onnx`) of the graphs: ONNX Runtime's dynamic quantization of their weights, with a
     scale per output channel of each weight matrix (`per_channel`) or one per matrix; embedding tables get one each.
     """
-    try:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-    except ImportError as error:
-        raise ImportError('int8 export needs onnxruntime: pip install "clipcap_hf[onnx]"') from error
+    QuantType, quantize_dynamic = _quantization_api()
     quantized = {}
     # The graphs are quantized as exported, with the operators onnxruntime-web runs (tests/test_onnx_web.py): ONNX
     # Runtime's advice, logged for every graph, to run its pre-processing first is not the user's to act on.
@@ -331,12 +328,36 @@ def quantize_graphs(paths: dict[str, Path], per_channel: bool = True) -> dict[st
             # Unsigned 8-bit weights: with signed ones, ONNX Runtime's x86 kernels and onnxruntime-web's WebAssembly
             # ones gave different greedy tokens on the same graph (tests/test_onnx_web.py); with unsigned ones they
             # agree. Convolutions (CLIP's patch embedding) stay fp32: onnxruntime-web has no ConvInteger kernel.
+            # An fp32 graph too large for one file (see `_export`) gives an int8 one kept beside its weights too:
+            # ONNX Runtime saves the quantized graph as one file otherwise, which fails past 2 GB.
             quantize_dynamic(path, target, weight_type=QuantType.QUInt8,
-                             op_types_to_quantize=["MatMul", "Gemm", "Gather"], per_channel=per_channel)
+                             op_types_to_quantize=["MatMul", "Gemm", "Gather"], per_channel=per_channel,
+                             use_external_data_format=_uses_external_data(path))
             quantized[name] = target
     finally:
         logging.getLogger().removeFilter(advice)
     return quantized
+
+
+def _quantization_api() -> tuple:
+    """onnxruntime's `QuantType` and `quantize_dynamic`, or an error naming the install and the fp32-only export."""
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError as error:
+        raise ImportError(
+            'int8 export needs onnxruntime: pip install "clipcap_hf[onnx]", or export the fp32 graphs only '
+            "(`clipcap export-onnx --no-int8`, `export_onnx(..., quantize=False)`)."
+        ) from error
+    return QuantType, quantize_dynamic
+
+
+def _uses_external_data(path: Path) -> bool:
+    """Whether the ONNX graph at `path` keeps weights in a file beside it (read without loading them)."""
+    import onnx
+    from onnx.external_data_helper import uses_external_data
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return any(uses_external_data(tensor) for tensor in graph.initializer)
 
 
 class _DropLogMessages(logging.Filter):
@@ -350,24 +371,82 @@ class _DropLogMessages(logging.Filter):
         return not record.getMessage().startswith(self.prefix)
 
 
+def check_export_dependencies(quantize: bool = True) -> None:
+    """
+    Refuse, before any export work, an export whose packages are missing: onnx and onnxscript (PyTorch's exporter
+    needs both), and, when `quantize`, onnxruntime's quantization (the int8 copies are made after the whole fp32
+    export, which would be thrown away).
+    """
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise ImportError('ONNX export needs onnx and onnxscript: pip install "clipcap_hf[onnx]"') from error
+    if quantize:
+        _quantization_api()
+
+
+def check_export_folder(
+    output_dir: str | os.PathLike,
+    overwrite: bool = False,
+    option: str = "output_dir",
+    overwrite_option: str = "overwrite=True",
+) -> None:
+    """
+    Refuse, before any export work, an `output_dir` (given as `option`) that cannot be written, or that holds anything
+    when not `overwrite` (`overwrite_option` names how to allow it): an export replaces the top-level files of its
+    names and the whole `onnx/` folder. What killed exports left there does not count: the export removes it.
+    """
+    output_dir = Path(output_dir)
+    check_output_folder(output_dir, option, "write the export to")
+    if overwrite or not output_dir.is_dir():
+        return
+    abandoned = abandoned_exports(output_dir)
+    if any(path not in abandoned for path in output_dir.iterdir()):
+        raise FileExistsError(f"{option}: {output_dir} is not empty; name a new folder, or pass {overwrite_option}.")
+
+
+def check_exportable_model(model: ClipCapForConditionalGeneration) -> None:
+    """
+    Refuse a model the CPU export cannot trace, naming what to do: one loaded by bitsandbytes (its 8- and 4-bit
+    layers have no ONNX form) or with weights off the CPU (the example inputs are CPU tensors). A model quantized
+    by torchao (`quantize_int8_weight_only`) exports: its int8 weights become fp32 ones in the graphs.
+    """
+    quantization_config = getattr(getattr(model, "hf_quantizer", None), "quantization_config", None)
+    if getattr(quantization_config, "quant_method", None) == "bitsandbytes":  # (QuantizationMethod: a str enum)
+        raise ValueError(
+            "model: it was loaded quantized by bitsandbytes, whose 8- and 4-bit layers have no ONNX form; load it "
+            "in full precision (without `quantization_config`) to export it: the int8 graphs (quantize=True) are "
+            "ONNX Runtime's own quantization."
+        )
+    devices = sorted({str(tensor.device) for tensor in (*model.parameters(), *model.buffers())} - {"cpu"})
+    if devices:
+        raise ValueError(
+            f"model: its weights are on {', '.join(devices)}; the export runs on the CPU: move the model there "
+            "first (model.to('cpu'))."
+        )
+
+
 def export_onnx(
     model: ClipCapForConditionalGeneration,
     processor: ClipCapProcessor,
     output_dir: str | os.PathLike,
     quantize: bool = True,
     per_channel: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Path]:
     """
     Export `model` (with `processor` beside it) to `output_dir`: the config, generation config and processor files
     at its top, the graphs under `onnx/` (fp32, and int8 when `quantize`, with a weight scale per output channel, or
     per matrix without `per_channel`). Returns the graphs' paths by name (`vision_encoder`, ..., and
     `vision_encoder_quantized`, ...). The model is put in fp32 and eval mode, in place.
+
+    An `output_dir` that holds anything is refused unless `overwrite`; then the export's files replace their
+    namesakes there, and its `onnx/` folder the earlier one whole (graphs of other names included), other files stay.
     """
-    try:
-        import onnx  # noqa: F401  (torch.onnx's exporter needs both)
-        import onnxscript  # noqa: F401
-    except ImportError as error:
-        raise ImportError('ONNX export needs onnx and onnxscript: pip install "clipcap_hf[onnx]"') from error
+    check_export_dependencies(quantize)
+    check_exportable_model(model)
+    check_export_folder(output_dir, overwrite)
     from ..utils.file_utils import save_pretrained
 
     output_dir = Path(output_dir)
