@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from ..configuration_clipcap import local_folder
-from ..utils.loading import _WEIGHT_FILES, load_clipcap
+from ..utils.loading import WEIGHT_FILE_PATTERNS, load_clipcap
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def check_not_an_export(name_or_path: str, option: str) -> None:
 
     folder = Path(local_folder(name_or_path))
     if (folder / ONNX_SUBFOLDER / "decoder_model_merged.onnx").is_file() and not any(
-        next(folder.glob(pattern), None) for pattern in _WEIGHT_FILES
+        next(folder.glob(pattern), None) for pattern in WEIGHT_FILE_PATTERNS
     ):
         raise ValueError(
             f"{option}: {name_or_path} is an ONNX export (no weights); give the ClipCap model folder it was exported "

@@ -156,7 +156,7 @@ _WHOLE_HASHED_FILES = (
     "*.index.json",  # the weight shards' index
 )
 # The weight files, too large to hash whole: their size, header and first and last 64 KiB are hashed.
-_WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin")
+WEIGHT_FILE_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "adapter_model.bin")
 # The largest header the safetensors library reads: a damaged file's length field cannot make us read more.
 _MAX_SAFETENSORS_HEADER = 100_000_000
 
@@ -198,7 +198,7 @@ def _model_files(folder: Path) -> Iterator[tuple[str, bytes]]:
             continue
         if any(fnmatch.fnmatchcase(path.name, pattern) for pattern in _WHOLE_HASHED_FILES):
             yield path.name, f"{path.name}|".encode() + path.read_bytes() + b"\n"
-        elif any(fnmatch.fnmatchcase(path.name, pattern) for pattern in _WEIGHT_FILES):
+        elif any(fnmatch.fnmatchcase(path.name, pattern) for pattern in WEIGHT_FILE_PATTERNS):
             content = sampled_sha256(path, header_bytes=_safetensors_header_bytes(path))
             yield path.name, f"{path.name}|{path.stat().st_size}|{content}\n".encode()
 
