@@ -301,6 +301,12 @@ def test_an_output_in_the_folder_a_glob_pattern_searches_is_refused_naming_the_p
     check(data / "out", f"{data}/shard-[0-9]/*.parquet")
     check(data / "out" / "a" / "b", f"{data}/*/*/*.parquet")
     check(tmp_path / "out", f"{data}/*.parquet")
+    # Given the names of the files the command writes, a pattern matching none of them reads none of them.
+    written = ("captions-00000-of-00001.parquet", "caption_run.json")
+    file_utils.check_output_outside_inputs(data, "--output", [("--data-files", f"{data}/**/*.jpg")], "x", written)
+    for pattern in (f"{data}/**/*.parquet", f"{data}/*.json", f"{data}/**"):
+        with pytest.raises(ValueError, match="that --data-files .* searches: x"):
+            file_utils.check_output_outside_inputs(data, "--output", [("--data-files", pattern)], "x", written)
     check(data / "out", f"{tmp_path}/missing/*.parquet")
     check(data / "out", f"{data}/sub[1]")
     with pytest.raises(ValueError, match=re.escape(f"lies inside the --data-files folder {data}/sub[1]: ")):

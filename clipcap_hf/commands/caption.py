@@ -16,6 +16,7 @@ import torch
 from ..evaluation import UnreadableImagesError, iter_captions
 from ..evaluation.gallery import GalleryRecord, write_gallery
 from ..inference.captioner import check_decoding_options
+from ..inference.sharded import RUN_FILE, shard_file_name
 from ..utils.file_utils import check_output_folder, check_output_outside_inputs, escape_controls
 from ..utils.loading import check_clip_model, check_clipcap_model
 from ._utils import (
@@ -150,7 +151,11 @@ def _check_output_outside_source(args: argparse.Namespace) -> None:
     folders = [("--data-files", path) for path in args.data_files or ()]
     folders += [("--dataset-name", args.dataset_name), ("--embeddings", args.embeddings)]
     check_output_outside_inputs(
-        args.output, "--output", folders, "a rerun would read the caption shards written there as source data"
+        args.output,
+        "--output",
+        folders,
+        "a rerun would read the caption shards written there as source data",
+        written=(shard_file_name(0, 1), RUN_FILE),
     )
 
 

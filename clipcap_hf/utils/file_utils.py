@@ -22,7 +22,7 @@ import shutil
 import stat
 import unicodedata
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -262,13 +262,15 @@ def check_output_outside_inputs(
     output_option: str,
     inputs: Iterable[tuple[str, str | os.PathLike[str] | None]],
     consequence: str,
+    written: Sequence[str] | None = None,
 ) -> None:
     """
     Refuse, before any work, an output folder (given as `output_option`) that is, or lies inside, a folder the command
     reads: `inputs` are `(option, path)` pairs, of which those naming an existing folder count, and glob patterns
-    that may match a file in the output folder or below it ([`glob_may_read`]: `data/*.parquet` reads `data` but not
-    `data/out`), as the loaders read them (files, Hub names and unset options do not). `consequence` says what writing
-    there would do.
+    that may match a file the command writes in the output folder or below it ([`glob_may_read`]: `data/*.parquet`
+    reads `data` but not `data/out`), as the loaders read them (files, Hub names and unset options do not).
+    `consequence` says what writing there would do; `written`, where known, names the files the command writes (a
+    pattern of `*.jpg` reads none of a captioning run's), else any file counts.
     """
     resolved_output = Path(os.path.realpath(os.path.expanduser(output)))
     for option, path in inputs:
@@ -277,7 +279,7 @@ def check_output_outside_inputs(
         named = os.path.expanduser(path)
         # A folder whose name holds a wildcard is that folder, as the loaders take it (a path that exists first).
         searched = None if os.path.exists(named) else glob_folder(named)
-        if not os.path.isdir(searched or named) or (searched and not glob_may_read(named, resolved_output)):
+        if not os.path.isdir(searched or named) or (searched and not glob_may_read(named, resolved_output, written)):
             continue
         folder = Path(os.path.realpath(searched or named))
         if resolved_output == folder or folder in resolved_output.parents:
@@ -306,12 +308,12 @@ def glob_folder(pattern: str) -> str | None:
     return os.sep.join(parts[:first]) or (os.sep if pattern.startswith(os.sep) else ".")
 
 
-def glob_may_read(pattern: str, folder: Path) -> bool:
+def glob_may_read(pattern: str, folder: Path, names: Sequence[str] | None = None) -> bool:
     """
     Whether a glob pattern (with wildcards, see [`glob_folder`]) may match a file in `folder` (a real path) or in a
     folder below it: `data/*.parquet` reads `data` but not `data/out`, `data/*/x.parquet` reads `data/out`, and a
-    pattern with `**` reads every folder below the folders its parts before `**` match. The pattern's last part is
-    taken to match any file name, since the folder's files are not known yet.
+    pattern with `**` reads every folder below the folders its parts before `**` match. Only files of the given
+    `names` count where they are given (`data/**/*.jpg` reads no `captions.parquet`), any file otherwise.
     """
     searched = glob_folder(pattern)
     searched_real = Path(os.path.realpath(searched))
@@ -319,6 +321,8 @@ def glob_may_read(pattern: str, folder: Path) -> bool:
         return False
     below = folder.relative_to(searched_real).parts
     parts = Path(os.path.normpath(pattern)).parts[len(Path(searched).parts) :]
+    if names is not None and "**" not in parts[-1] and not any(fnmatch.fnmatchcase(n, parts[-1]) for n in names):
+        return False
     recursive = next((index for index, part in enumerate(parts) if "**" in part), None)
     if recursive is not None:
         folder_patterns = parts[:recursive]
