@@ -13,6 +13,7 @@ from transformers import (
     AutoModel,
     AutoModelForImageTextToText,
     AutoProcessor,
+    AutoVideoProcessor,
 )
 
 from .configuration_clipcap import ClipCapConfig
@@ -41,6 +42,12 @@ if int(transformers.__version__.split(".")[0]) >= 5:
     # warns on every load when there is none for it. Ours has one implementation, for either backend.
     backends = {"pil": ClipCapImageProcessor, "torchvision": ClipCapImageProcessor}
     AutoImageProcessor.register(ClipCapConfig, image_processor_classes=backends, exist_ok=True)
+    # ClipCap has no video processor. transformers 5's pipelines look for one all the same; in a folder saved under
+    # 4.x, they take the image processor's `auto_map` entry for one (`ClipCapVideoProcessor`, which exists nowhere)
+    # and, finding no local class, ask at the terminal whether to run the folder's code. Registered as transformers
+    # registers a video processor whose backend is missing (None): the folder is then known locally, no code of it
+    # runs, and the pipeline goes on without a video processor.
+    AutoVideoProcessor.register(ClipCapConfig, video_processor_classes={"torchvision": None}, exist_ok=True)
 else:
     AutoImageProcessor.register(ClipCapConfig, slow_image_processor_class=ClipCapImageProcessor, exist_ok=True)
 AutoProcessor.register(ClipCapConfig, ClipCapProcessor, exist_ok=True)

@@ -713,6 +713,12 @@ class ClipCapImageProcessor(BaseImageProcessor):
             raise ValueError(f"`crop_size` ({crop_size}) must not exceed `size` ({size}).")
         if isinstance(images, (PIL.Image.Image, np.ndarray, torch.Tensor)) and not _is_batched_array(images):
             images = [images]
+        elif isinstance(images, (str, bytes, os.PathLike, dict)) or not is_iterable(images):
+            # Else iterated: a number fails bare, and a path or dict gives its characters or keys as images.
+            raise TypeError(
+                f"`images` must be an image (PIL image, numpy array or torch tensor) or a list of images, got "
+                f"{type(images).__name__} ({images!r:.60}). Open image files with PIL.Image.open first."
+            )
         images = list(images)  # a batched array or tensor becomes a list of its images
         if any(isinstance(image, (list, tuple)) for image in images):
             images = _one_image_per_sample(images)
@@ -735,6 +741,15 @@ class ClipCapImageProcessor(BaseImageProcessor):
             )
         pixel_values = np.stack(arrays)
         return BatchFeature(data={"pixel_values": pixel_values}, tensor_type=return_tensors)
+
+
+def is_iterable(value: Any) -> bool:
+    """Whether `list(value)` reads it: any iterable, or a map-style dataset (`__getitem__` only)."""
+    try:
+        iter(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _is_batched_array(images: Any) -> bool:

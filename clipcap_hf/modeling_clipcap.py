@@ -862,24 +862,43 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         The vision tower's image embedding, shape `(batch, prefix_dim)`: CLIP's projected one (what OpenAI CLIP's
         `encode_image` returns), or the one `config.vision_pooling` names.
         """
-        if self.config.vision_backend == "open_clip":
-            return self.vision_model(pixel_values.to(self.vision_model.dtype))
-        return self._pool(self.vision_model(**self._vision_inputs(pixel_values)))
+        outputs = self.vision_model(**self._vision_inputs(pixel_values))
+        return outputs if self.config.vision_backend == "open_clip" else self._pool(outputs)
 
     def _vision_inputs(self, pixel_values: torch.FloatTensor) -> dict[str, torch.Tensor]:
-        """The tower's inputs for a batch of images `(batch, 3, height, width)`."""
-        pixel_values = pixel_values.to(self.vision_model.dtype)
-        if self.config.vision_config.model_type != "siglip2_vision_model":
-            return {"pixel_values": pixel_values}
-        # SigLIP2 (NaFlex) reads a sequence of flattened patches, row by row, each patch's pixels channels-last, as its
-        # image processor lays them out; every patch of the square image is real (no padding).
-        patch = self.config.vision_config.patch_size
-        if pixel_values.dim() != 4 or pixel_values.shape[2] % patch or pixel_values.shape[3] % patch:
-            raise ValueError(  # checked here: the patching below would fail on a reshape, naming no input
-                f"`pixel_values` must have shape (batch_size, 3, height, width) with sides that are multiples of the "
-                f"SigLIP2 tower's patch size ({patch}), got {tuple(pixel_values.shape)}; make them with this model's "
-                "processor, at its size."
+        """
+        The tower's inputs for a batch of images `(batch, channels, height, width)`. Pixel values enter the model
+        here (once per call of `generate`), so they are checked here: the towers would fail naming no input, and
+        integer pixels (an image's 0..255, not normalised) would be captioned, wrongly.
+        """
+        vision_config = self.config.vision_config if self.config.vision_backend == "clip" else None
+        channels = getattr(vision_config, "num_channels", 3)  # open_clip's towers read RGB
+        # SigLIP2 (NaFlex) reads a sequence of flattened patches, cut here from the square image.
+        siglip2 = getattr(vision_config, "model_type", None) == "siglip2_vision_model"
+        patch = vision_config.patch_size if siglip2 else 1
+        if not (
+            isinstance(pixel_values, torch.Tensor)
+            and pixel_values.is_floating_point()
+            and pixel_values.dim() == 4
+            and pixel_values.shape[1] == channels
+            and pixel_values.shape[2] % patch == pixel_values.shape[3] % patch == 0
+        ):
+            given = (
+                f"a {str(pixel_values.dtype).removeprefix('torch.')} tensor of shape {tuple(pixel_values.shape)}"
+                if isinstance(pixel_values, torch.Tensor)
+                else type(pixel_values).__name__
             )
+            sides = f" with sides that are multiples of the SigLIP2 tower's patch size ({patch})" if patch > 1 else ""
+            raise ValueError(
+                f"`pixel_values` must be a floating-point torch tensor of shape (batch_size, {channels}, height, "
+                f"width){sides}, normalised as the vision tower reads them; got {given}. Make them with this model's "
+                "processor (ClipCapProcessor / AutoProcessor): `processor(images=images)`."
+            )
+        pixel_values = pixel_values.to(self.vision_model.dtype)
+        if not siglip2:
+            return {"pixel_values": pixel_values}
+        # Row by row, each patch's pixels channels-last, as SigLIP2's image processor lays them out; every patch of
+        # the square image is real (no padding).
         batch, channels, height, width = pixel_values.shape
         patches = pixel_values.reshape(batch, channels, height // patch, patch, width // patch, patch)
         patches = patches.permute(0, 2, 4, 3, 5, 1).reshape(batch, (height // patch) * (width // patch), -1)

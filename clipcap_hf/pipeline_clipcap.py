@@ -15,7 +15,7 @@ from transformers.image_utils import is_valid_image
 from transformers.pipelines import PIPELINE_REGISTRY, ImageTextToTextPipeline
 from transformers.processing_utils import TextKwargs
 
-from .image_processing_clipcap import _is_batched_array, load_image, to_rgb_image
+from .image_processing_clipcap import _is_batched_array, is_iterable, load_image, to_rgb_image
 
 # Options given to the call itself that are generation settings (num_return_sequences=3, num_beams=...): they go into
 # `generate_kwargs`, as `max_new_tokens` does, rather than to the processor. `max_length` stays the prompts'
@@ -145,6 +145,19 @@ class ImageCaptioningPipeline(ImageTextToTextPipeline):
                     "of each caption if you like."
                 )
             return super().__call__(images=images, text=text, **kwargs)  # chats, which hold their images
+        if not isinstance(text, (str, type(None))):
+            if isinstance(text, (bytes, dict)) or not is_iterable(text):
+                raise TypeError(
+                    f"`text` must be a prompt (a string) for every image or a list of one per image, got "
+                    f"{type(text).__name__} ({text!r:.60})."
+                )
+            text = list(text)  # a dataset's column or a generator of prompts: one per image, as a list is
+        if isinstance(images, bytes) or not (_is_one_input(images) or is_iterable(images)):
+            raise TypeError(
+                f"`images` must be an image (a path, URL, PIL image, array or tensor), an {{'images': image, 'text': "
+                f"prompt}} dict, or a list, generator or dataset of these; got {type(images).__name__} "
+                f"({images!r:.60})."
+            )
         if _is_batched_array(images):  # N images, as the processor reads it, not one image of 4 dimensions
             images = list(images)
         if _is_one_input(images) or isinstance(images, dict):

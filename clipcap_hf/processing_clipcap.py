@@ -12,7 +12,7 @@ from transformers import AutoTokenizer, BatchEncoding, BatchFeature
 from transformers.processing_utils import ProcessorMixin, TextKwargs
 
 from .configuration_clipcap import ClipCapConfig, check_positive_int, local_folder
-from .image_processing_clipcap import IMAGE_OPTIONS, ClipCapImageProcessor
+from .image_processing_clipcap import IMAGE_OPTIONS, ClipCapImageProcessor, is_iterable
 
 # transformers 4.x copies only the direct relative imports of a remote-code module into its cache, but hashes the
 # whole import tree; the image processor imports open_clip_vision lazily, so without this line a saved folder's
@@ -71,6 +71,18 @@ def _check_saved_processor_files(name_or_path, subfolder: str = "") -> None:
                 f"{folder} has no {' or '.join(alternatives)}, so it holds no complete processor; copy the model "
                 "folder again, or save its processor there (processor.save_pretrained)."
             )
+
+
+def _texts(value: str | Sequence[str], name: str) -> list:
+    """A call's prompts or captions (`name`) as a list; each is checked to be a string where it is tokenized."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (bytes, dict)) or not is_iterable(value):  # a number fails bare, a dict gives keys
+        raise TypeError(
+            f"`{name}` must be a string or a list of strings (one per image), got {type(value).__name__} "
+            f"({value!r:.60})."
+        )
+    return list(value)
 
 
 class ClipCapProcessor(ProcessorMixin):
@@ -239,14 +251,14 @@ class ClipCapProcessor(ProcessorMixin):
                     f"Got tokenizer options {sorted(text_kwargs)}, which apply to `text` prompts; captions take "
                     "`max_caption_length`."
                 )
-            captions = [captions] if isinstance(captions, str) else list(captions)
+            captions = _texts(captions, "captions")
             if num_images is not None and len(captions) != num_images:
                 raise ValueError(f"Got {num_images} images but {len(captions)} captions; give one caption per image.")
             encoded = self.tokenize_captions(captions, max_length=max_caption_length, return_tensors=return_tensors)
             encoded.pop("num_truncated")  # a count, not a model input
             data.update(encoded)
         else:
-            prompts = [""] * (num_images or 1) if text is None else [text] if isinstance(text, str) else list(text)
+            prompts = [""] * (num_images or 1) if text is None else _texts(text, "text")
             if num_images is not None and len(prompts) == 1 and num_images > 1:
                 prompts = prompts * num_images
             if num_images is not None and len(prompts) != num_images:

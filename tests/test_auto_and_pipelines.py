@@ -96,6 +96,49 @@ def test_trust_remote_code_loads_without_the_package(saved_model_dir, tmp_path):
     assert output["piped"] == expected
 
 
+def as_saved_by_transformers_4(folder):
+    """The processor files of a saved folder laid out as transformers 4.57 writes them: the image processor's settings,
+    with its `auto_map`, in preprocessor_config.json (transformers 5 nests them in processor_config.json)."""
+    processor_config = json.loads((folder / "processor_config.json").read_text())
+    image_processor = processor_config.pop("image_processor", None)
+    if image_processor is not None:
+        (folder / "processor_config.json").write_text(json.dumps(processor_config))
+        image_processor["processor_class"] = "ClipCapProcessor"
+        (folder / "preprocessor_config.json").write_text(json.dumps(image_processor))
+    saved = json.loads((folder / "preprocessor_config.json").read_text())
+    assert saved["auto_map"]["AutoImageProcessor"] == "image_processing_clipcap.ClipCapImageProcessor"
+    return folder
+
+
+@pytest.mark.parametrize("task", ["image-captioning", "image-text-to-text"])
+def test_pipeline_of_a_folder_saved_under_transformers_4_neither_asks_nor_runs_its_code(
+    saved_model_dir, tmp_path, monkeypatch, task, quiet_transformers
+):
+    # transformers 5's pipelines look for a video processor too; from the image processor's `auto_map` of a 4.57
+    # folder they made up `image_processing_clipcap.ClipCapVideoProcessor`, found no local class and asked at the
+    # terminal whether to run the folder's code (stdin closed: an error, swallowed; "y": the folder's code ran).
+    folder = as_saved_by_transformers_4(saved_model_dir)
+    marker = tmp_path / "folder_code_ran"
+    for module in ("image_processing_clipcap.py", "processing_clipcap.py"):
+        (folder / module).write_text(f"import pathlib\npathlib.Path({str(marker)!r}).touch()\nraise RuntimeError\n")
+    questions = []
+
+    def closed_stdin(prompt=""):
+        questions.append(prompt)
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", closed_stdin)
+    images = random_images(2, seed=3)
+    expected = captions_from_generate(folder, images, max_new_tokens=6)
+    captioner = pipeline(task, model=str(folder))
+    kwargs = {"text": ""} if task == "image-text-to-text" else {}
+    captions = [captioner(images=image, max_new_tokens=6, **kwargs)[0]["generated_text"].strip() for image in images]
+    assert questions == []
+    assert not marker.exists()
+    assert type(captioner.processor) is ClipCapProcessor and getattr(captioner, "video_processor", None) is None
+    assert captions == expected
+
+
 @pytest.fixture
 def quiet_transformers():
     # transformers 5's "image-to-text has been replaced" warning has a formatting bug that turns into an
@@ -284,6 +327,39 @@ def test_image_captioning_pipeline_reads_path_objects_and_refuses_a_dict_without
             captioner(text=text, max_new_tokens=6)
     with pytest.raises(ValueError, match=r"^The image-captioning pipeline captions images, and got nothing: give"):
         captioner(max_new_tokens=6)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        # Iterated as a stream of images: "'int' object is not iterable".
+        (dict(images=5), "`images` must be an image (a path, URL, PIL image, array or tensor), an {'images': image, "
+                         "'text': prompt} dict, or a list, generator or dataset of these; got int (5)."),
+        (dict(images=b"\x89PNG"), "`images` must be an image (a path, URL, PIL image, array or tensor), an {'images': "
+                                  "image, 'text': prompt} dict, or a list, generator or dataset of these; got bytes "
+                                  "(b'\\x89PNG')."),
+        (dict(images=random_images(1)[0], text=5),
+         "`text` must be a prompt (a string) for every image or a list of one per image, got int (5)."),
+    ],
+    ids=["images=5", "images=bytes", "text=5"],
+)
+def test_image_captioning_pipeline_names_arguments_of_the_wrong_type(saved_model_dir, call, message):
+    captioner = pipeline("image-captioning", model=str(saved_model_dir))
+    with pytest.raises(TypeError) as error:
+        captioner(**call, max_new_tokens=2)
+    assert str(error.value) == message
+
+
+def test_image_captioning_pipeline_takes_a_datasets_column_of_prompts_as_a_list(saved_model_dir):
+    import datasets
+    import PIL.Image
+
+    captioner = pipeline("image-captioning", model=str(saved_model_dir))
+    images = [PIL.Image.fromarray(np.full((32, 32, 3), value, np.uint8)) for value in (0, 200)]
+    prompts = datasets.Dataset.from_dict({"prompt": ["a", "b"]})["prompt"]  # a Column in datasets 4+, not a list
+    given = captioner(images, text=prompts, max_new_tokens=2)
+    assert given == captioner(images, text=["a", "b"], max_new_tokens=2)
+    assert [output[0]["input_text"] for output in given] == ["a", "b"]
 
 
 def test_image_captioning_pipeline_converts_images_as_the_processor_does(saved_model_dir, tmp_path, monkeypatch):

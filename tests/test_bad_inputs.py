@@ -2,7 +2,9 @@
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
 from clipcap_hf.data import load_coco_karpathy, load_image_folder
 from clipcap_hf.utils.file_utils import read_json
@@ -155,3 +157,58 @@ def test_generate_given_numpy_inputs_names_input_ids_and_return_tensors_pt(token
         '`input_ids` must be a torch tensor, got ndarray: call the processor with return_tensors="pt" (its default), '
         "or pass torch tensors."
     )
+
+
+# ---------------------------------------------------------------- pixel values not made by the processor
+
+PIXEL_VALUES_MESSAGE = (
+    "`pixel_values` must be a floating-point torch tensor of shape (batch_size, 3, height, width), normalised as the "
+    "vision tower reads them; got {}. Make them with this model's processor (ClipCapProcessor / AutoProcessor): "
+    "`processor(images=images)`."
+)
+
+
+@pytest.mark.parametrize(
+    "pixel_values, given",
+    [
+        # One image's pixels, without the batch dimension: "not enough values to unpack (expected 4, got 3)".
+        (torch.zeros(3, 32, 32), "a float32 tensor of shape (3, 32, 32)"),
+        # One channel: a convolution's "expected input[2, 1, 32, 32] to have 3 channels".
+        (torch.zeros(2, 1, 32, 32), "a float32 tensor of shape (2, 1, 32, 32)"),
+        # processor(return_tensors="np") or an image array: "'numpy.ndarray' object has no attribute 'to'".
+        (np.zeros((2, 3, 32, 32), np.float32), "ndarray"),
+        # An image's 0..255 (torchvision's read_image): captioned as it was, cast to floats but never normalised.
+        (torch.full((1, 3, 32, 32), 200, dtype=torch.uint8), "a uint8 tensor of shape (1, 3, 32, 32)"),
+        (torch.zeros(2, 32, 32, 3, dtype=torch.uint8), "a uint8 tensor of shape (2, 32, 32, 3)"),
+    ],
+    ids=["3-D", "one channel", "numpy", "uint8", "uint8 channels-last"],
+)
+def test_pixel_values_not_made_by_the_processor_are_named_with_the_fix(tokenizer, processor, pixel_values, given):
+    from conftest import random_images, tiny_model
+
+    model = tiny_model(tokenizer)
+    input_ids = processor(images=random_images(1))["input_ids"]
+    calls = {
+        "generate": lambda: model.generate(pixel_values=pixel_values, max_new_tokens=2),
+        "forward": lambda: model(input_ids=input_ids, pixel_values=pixel_values),
+        "get_image_embeds": lambda: model.get_image_embeds(pixel_values),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError) as error:
+            call()
+        assert str(error.value) == PIXEL_VALUES_MESSAGE.format(given), name
+
+
+def test_integer_pixel_values_are_refused_by_an_open_clip_tower_too():
+    from conftest import TINY_OPEN_CLIP_CFGS
+    from transformers import GPT2Config
+
+    from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration
+
+    config = ClipCapConfig(vision_backend="open_clip", open_clip_model_cfg=TINY_OPEN_CLIP_CFGS["vit"], prefix_length=2,
+                           text_config=GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=300))
+    model = ClipCapForConditionalGeneration(config).eval()
+    assert model.get_image_embeds(torch.zeros(1, 3, 32, 32)).shape == (1, 24)
+    with pytest.raises(ValueError) as error:
+        model.get_prefix_embeds(pixel_values=torch.full((1, 3, 32, 32), 200, dtype=torch.uint8))
+    assert str(error.value) == PIXEL_VALUES_MESSAGE.format("a uint8 tensor of shape (1, 3, 32, 32)")

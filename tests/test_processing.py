@@ -597,6 +597,35 @@ def test_bad_prompt_and_caption_lists_are_named(tokenizer, call, message):
         tiny_processor(tokenizer)(**call)
 
 
+IMAGE = PIL.Image.new("RGB", (40, 32))
+IMAGES_ACCEPTED = (
+    "`images` must be an image (PIL image, numpy array or torch tensor) or a list of images, got {}. Open image files "
+    "with PIL.Image.open first."
+)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        # Iterated: "'int' object is not iterable", naming neither the argument nor what it takes.
+        (dict(images=5), IMAGES_ACCEPTED.format("int (5)")),
+        (dict(images=[IMAGE], text=5), "`text` must be a string or a list of strings (one per image), got int (5)."),
+        (dict(images=[IMAGE], captions=5),
+         "`captions` must be a string or a list of strings (one per image), got int (5)."),
+        # Their keys or characters were read as the images: "Image 0: Expected a PIL image, ..., got str".
+        (dict(images={"a": IMAGE}), IMAGES_ACCEPTED.format(f"dict ({ {'a': IMAGE}!r:.60})")),
+        (dict(images="photo.jpg"), IMAGES_ACCEPTED.format("str ('photo.jpg')")),
+        (dict(images=[IMAGE], text={"a": "A dog"}),
+         "`text` must be a string or a list of strings (one per image), got dict ({'a': 'A dog'})."),
+    ],
+    ids=["images=5", "text=5", "captions=5", "images=dict", "images=path", "text=dict"],
+)
+def test_arguments_of_the_wrong_type_are_named_with_what_they_take(processor, call, message):
+    with pytest.raises(TypeError) as error:
+        processor(**call)
+    assert str(error.value) == message
+
+
 @pytest.mark.parametrize("option", ["text_target", "text_pair", "return_mm_token_type_ids"])
 def test_tokenizer_options_that_would_drop_the_image_tokens_are_refused(tokenizer, option):
     # text_target gave labels of the target alone, shorter than input_ids and without the image tokens.

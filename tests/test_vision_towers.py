@@ -244,8 +244,10 @@ def test_siglip2_pixels_that_do_not_cut_into_patches_are_named(tokenizer):
         with pytest.raises(ValueError) as error:
             model.get_image_embeds(torch.randn(shape))
         assert str(error.value) == (
-            "`pixel_values` must have shape (batch_size, 3, height, width) with sides that are multiples of the "
-            f"SigLIP2 tower's patch size (8), got {shape}; make them with this model's processor, at its size."
+            "`pixel_values` must be a floating-point torch tensor of shape (batch_size, 3, height, width) with sides "
+            "that are multiples of the SigLIP2 tower's patch size (8), normalised as the vision tower reads them; got "
+            f"a float32 tensor of shape {shape}. Make them with this model's processor (ClipCapProcessor / "
+            "AutoProcessor): `processor(images=images)`."
         )
 
 
