@@ -583,17 +583,9 @@ def caption_dataset_to_parquet(
     with _folder_lock(output_dir, rank, world_size) as own_lock:
         dataset = _undecoded(dataset, captioner.image_column)
         num_shards, get_shard = _input_shards(dataset, shard_size)
+        sampled_on = captioner.model.device.type if captioner.do_sample else None
         plan = _plan_run(
-            dataset,
-            output_dir,
-            own_lock,
-            num_shards,
-            settings=settings,
-            seed=seed,
-            batch_size=batch_size,
-            sampled_on=captioner.model.device.type if captioner.do_sample else None,
-            rank=rank,
-            world_size=world_size,
+            dataset, output_dir, own_lock, num_shards, settings, seed, batch_size, sampled_on, rank, world_size
         )
         summary = plan.summary
         shards = [(index, name, get_shard(index)) for index, name in plan.left]
@@ -661,18 +653,10 @@ def finished_caption_run(
     if not all((output_dir / name).exists() for _, name in mine):
         return None
     with _folder_lock(output_dir, rank, world_size) as own_lock:
+        sampled_on = device_type if do_sample else None
         plan = _plan_run(
-            dataset,
-            output_dir,
-            own_lock,
-            num_shards,
-            settings=settings,
-            seed=seed,
-            batch_size=batch_size,
-            sampled_on=device_type if do_sample else None,
-            rank=rank,
-            world_size=world_size,
-            loaded_settings=loaded_settings,
+            dataset, output_dir, own_lock, num_shards, settings, seed, batch_size, sampled_on, rank, world_size,
+            loaded_settings,
         )
     return None if plan.left else plan.summary
 
@@ -694,7 +678,6 @@ def _plan_run(
     output_dir: Path,
     own_lock: Path,
     num_shards: int,
-    *,
     settings: Mapping[str, Any] | None,
     seed: int | None,
     batch_size: int,
