@@ -312,8 +312,10 @@ def glob_may_read(pattern: str, folder: Path, names: Sequence[str] | None = None
     """
     Whether a glob pattern (with wildcards, see [`glob_folder`]) may match a file in `folder` (a real path) or in a
     folder below it: `data/*.parquet` reads `data` but not `data/out`, `data/*/x.parquet` reads `data/out`, and a
-    pattern with `**` reads every folder below the folders its parts before `**` match. Only files of the given
-    `names` count where they are given (`data/**/*.jpg` reads no `captions.parquet`), any file otherwise.
+    pattern with `**` reads every folder below the folders its parts before `**` match. Only files like the given
+    `names` count where they are given (`data/**/*.jpg` reads no `captions.parquet`), any file otherwise; since the
+    numbers in the names written are not known yet, the pattern is compared with its numbers and character classes
+    taken as any text (`*-of-00004.parquet` may read `captions-00000-of-00001.parquet`'s like).
     """
     searched = glob_folder(pattern)
     searched_real = Path(os.path.realpath(searched))
@@ -321,8 +323,10 @@ def glob_may_read(pattern: str, folder: Path, names: Sequence[str] | None = None
         return False
     below = folder.relative_to(searched_real).parts
     parts = Path(os.path.normpath(pattern)).parts[len(Path(searched).parts) :]
-    if names is not None and "**" not in parts[-1] and not any(fnmatch.fnmatchcase(n, parts[-1]) for n in names):
-        return False
+    if names is not None and "**" not in parts[-1]:
+        file_pattern = re.sub(r"\[[^]]*\]|[0-9]+", "*", parts[-1])
+        if not any(fnmatch.fnmatchcase(name, file_pattern) for name in names):
+            return False
     recursive = next((index for index, part in enumerate(parts) if "**" in part), None)
     if recursive is not None:
         folder_patterns = parts[:recursive]
