@@ -6,6 +6,7 @@ import inspect
 import json
 import math
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -495,6 +496,15 @@ def load_pretrained_vision_model(
     return vision_model, vision_fields
 
 
+# transformers 5 holds a SigLIP or SigLIP2 tower's weights without the `vision_model.` of its checkpoints (and of
+# transformers 4's module), and adds it back on saving only where its loading removed it: a model built, or loaded from
+# a folder it saved, was saved under names that transformers 4 does not read (it left the tower random, with a
+# warning). Saved under the checkpoint names, which both versions load (transformers 5 still loads its own names). The
+# other towers are saved under their checkpoint names already (clipcap_hf.data.embeddings has the whole table).
+_PREFIXED_TOWERS = ("siglip_vision_model", "siglip2_vision_model")
+_UNPREFIXED_TOWER_KEY = re.compile(r"^vision_model\.(?!vision_model\.)")
+
+
 def _check_local_path(name_or_path: str, what: str) -> None:
     """A path-like name that does not exist: say so, rather than transformers' "Repo id must be in the form"."""
     if (os.path.isabs(name_or_path) or name_or_path.startswith((".", "~"))) and not os.path.exists(
@@ -791,7 +801,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         model._set_generation_defaults()  # a saved generation config replaced the one __init__ completed
         return (model, loading_info) if asked_for_loading_info else model
 
-    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, *args, state_dict: dict[str, torch.Tensor] | None = None, **kwargs
+    ) -> None:
         # A model that utils/quantization.py converted for inference (its CONVERTED_FOR_INFERENCE, written out: this
         # file is saved with the model and imports nothing of the package) would not load back: refused.
         marks = (getattr(module, "_clipcap_converted_for_inference", None) for module in self.modules())
@@ -809,7 +821,27 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         auto_map.setdefault("AutoModelForImageTextToText", f"{module}.ClipCapForConditionalGeneration")
         auto_map.setdefault("AutoModelForVision2Seq", f"{module}.ClipCapForImageToText")
         self.config.auto_map = auto_map
-        super().save_pretrained(save_directory, *args, **kwargs)
+        super().save_pretrained(save_directory, *args, state_dict=self._state_dict_to_save(state_dict), **kwargs)
+
+    def _state_dict_to_save(self, state_dict: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor] | None:
+        """
+        The weights to save (`state_dict`, else the model's), with a SigLIP tower's under its checkpoint names (see
+        `_PREFIXED_TOWERS`); None, for transformers to take the model's, where no name changes.
+        """
+        vision_config = self.config.vision_config if self.config.vision_backend == "clip" else None
+        # Adapters (peft) are saved under the names the model holds, and an offloaded tower's weights are found from
+        # them (transformers 5 reads them back from the offload folder by name).
+        if (
+            getattr(vision_config, "model_type", None) not in _PREFIXED_TOWERS
+            or getattr(self, "_hf_peft_config_loaded", False)
+            or any(tensor.device.type == "meta" for tensor in self.vision_model.state_dict().values())
+        ):
+            return state_dict
+        given = state_dict if state_dict is not None else self.state_dict()
+        renamed = {
+            _UNPREFIXED_TOWER_KEY.sub("vision_model.vision_model.", key): tensor for key, tensor in given.items()
+        }
+        return renamed if renamed.keys() != given.keys() else state_dict
 
     # ----------------------------------------------------------------------------------------------------------
     # Freezing
@@ -865,17 +897,21 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         outputs = self.vision_model(**self._vision_inputs(pixel_values))
         return outputs if self.config.vision_backend == "open_clip" else self._pool(outputs)
 
-    def _vision_inputs(self, pixel_values: torch.FloatTensor) -> dict[str, torch.Tensor]:
+    def _siglip2_patch_size(self) -> int | None:
+        """The patch size of a SigLIP2 (NaFlex) tower, which reads a sequence of flattened patches; None for others."""
+        vision_config = self.config.vision_config if self.config.vision_backend == "clip" else None
+        siglip2 = getattr(vision_config, "model_type", None) == "siglip2_vision_model"
+        return vision_config.patch_size if siglip2 else None
+
+    def _check_pixel_values(self, pixel_values: torch.FloatTensor) -> None:
         """
-        The tower's inputs for a batch of images `(batch, channels, height, width)`. Pixel values enter the model
-        here (once per call of `generate`), so they are checked here: the towers would fail naming no input, and
-        integer pixels (an image's 0..255, not normalised) would be captioned, wrongly.
+        Refuse what is not a batch of images `(batch, channels, height, width)` as the processor makes them, where
+        pixel values enter the model (`_vision_inputs`, and `generate` reading their batch size): the towers would fail
+        naming no input, and integer pixels (an image's 0..255, not normalised) would be captioned, wrongly.
         """
         vision_config = self.config.vision_config if self.config.vision_backend == "clip" else None
         channels = getattr(vision_config, "num_channels", 3)  # open_clip's towers read RGB
-        # SigLIP2 (NaFlex) reads a sequence of flattened patches, cut here from the square image.
-        siglip2 = getattr(vision_config, "model_type", None) == "siglip2_vision_model"
-        patch = vision_config.patch_size if siglip2 else 1
+        patch = self._siglip2_patch_size() or 1
         if not (
             isinstance(pixel_values, torch.Tensor)
             and pixel_values.is_floating_point()
@@ -894,8 +930,14 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 f"width){sides}, normalised as the vision tower reads them; got {given}. Make them with this model's "
                 "processor (ClipCapProcessor / AutoProcessor): `processor(images=images)`."
             )
+
+    def _vision_inputs(self, pixel_values: torch.FloatTensor) -> dict[str, torch.Tensor]:
+        """The tower's inputs for a batch of images `(batch, channels, height, width)`, checked here."""
+        self._check_pixel_values(pixel_values)
         pixel_values = pixel_values.to(self.vision_model.dtype)
-        if not siglip2:
+        # SigLIP2 (NaFlex) reads a sequence of flattened patches, cut here from the square image.
+        patch = self._siglip2_patch_size()
+        if patch is None:
             return {"pixel_values": pixel_values}
         # Row by row, each patch's pixels channels-last, as SigLIP2's image processor lays them out; every patch of
         # the square image is real (no padding).
@@ -1325,6 +1367,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
             )
         images = next((x for x in (pixel_values, image_embeds, kwargs.get("prefix_embeds")) if x is not None), None)
         if input_ids is None and kwargs.get("inputs_embeds") is None and images is not None:
+            if images is pixel_values:  # read before the forward checks them
+                self._check_pixel_values(pixel_values)
             input_ids = torch.full((images.shape[0], self.config.prefix_length), self.config.image_token_id,
                                    device=images.device)
             attention_mask = torch.ones_like(input_ids)

@@ -294,6 +294,18 @@ def test_pixels_given_as_generate_s_first_argument_are_named(mlp_model, processo
         mlp_model.generate(pixel_values, max_new_tokens=2)
 
 
+def test_pixels_given_as_a_list_to_generate_without_input_ids_are_named(mlp_model, processor):
+    # generate read their batch size to write the image tokens before the model checked them: a bare AttributeError.
+    pixel_values = processor(images=random_images(1))["pixel_values"]
+    with pytest.raises(ValueError) as error:
+        mlp_model.generate(pixel_values=[pixel_values[0]], max_new_tokens=2)
+    assert str(error.value) == (
+        "`pixel_values` must be a floating-point torch tensor of shape (batch_size, 3, height, width), normalised as "
+        "the vision tower reads them; got list. Make them with this model's processor (ClipCapProcessor / "
+        "AutoProcessor): `processor(images=images)`."
+    )
+
+
 @pytest.mark.parametrize("image_input", ["pixel_values", "image_embeds"])
 def test_chunked_prefill_over_an_image_is_refused_naming_the_option(mlp_model, processor, image_input):
     # The image's prefix goes in with one pass. A chunk as long as the input still split it on transformers 4.57,

@@ -231,6 +231,138 @@ def test_a_tower_saved_in_bf16_gives_a_model_of_one_dtype_that_round_trips(text_
             torch.testing.assert_close(loaded.get_prefix_embeds(pixel_values=pixel_values.to(dtype)), prefix)
 
 
+# A tower's weights as its checkpoints (and transformers 4.57's modules) name them, under the model's `vision_model.`:
+# the names a saved folder holds whichever transformers saved it. transformers 5 renamed the modules (SigLIP's lost
+# its inner `vision_model.`, ViT's and DINOv2's attention became `q_proj`...), and 4.57 reads only these names: it left
+# a SigLIP tower saved by 5.x random, with a warning. By tower: the prefix, then the names under it (one layer).
+_SIGLIP_NAMES = (
+    "vision_model.vision_model.",
+    [
+        "embeddings.patch_embedding.bias", "embeddings.patch_embedding.weight", "embeddings.position_embedding.weight",
+        "encoder.layers.0.layer_norm1.bias", "encoder.layers.0.layer_norm1.weight",
+        "encoder.layers.0.layer_norm2.bias", "encoder.layers.0.layer_norm2.weight",
+        "encoder.layers.0.mlp.fc1.bias", "encoder.layers.0.mlp.fc1.weight",
+        "encoder.layers.0.mlp.fc2.bias", "encoder.layers.0.mlp.fc2.weight",
+        "encoder.layers.0.self_attn.k_proj.bias", "encoder.layers.0.self_attn.k_proj.weight",
+        "encoder.layers.0.self_attn.out_proj.bias", "encoder.layers.0.self_attn.out_proj.weight",
+        "encoder.layers.0.self_attn.q_proj.bias", "encoder.layers.0.self_attn.q_proj.weight",
+        "encoder.layers.0.self_attn.v_proj.bias", "encoder.layers.0.self_attn.v_proj.weight",
+        "head.attention.in_proj_bias", "head.attention.in_proj_weight",
+        "head.attention.out_proj.bias", "head.attention.out_proj.weight",
+        "head.layernorm.bias", "head.layernorm.weight",
+        "head.mlp.fc1.bias", "head.mlp.fc1.weight", "head.mlp.fc2.bias", "head.mlp.fc2.weight", "head.probe",
+        "post_layernorm.bias", "post_layernorm.weight",
+    ],
+)
+_ATTENTION_NAMES = [
+    "encoder.layer.0.attention.attention.key.bias", "encoder.layer.0.attention.attention.key.weight",
+    "encoder.layer.0.attention.attention.query.bias", "encoder.layer.0.attention.attention.query.weight",
+    "encoder.layer.0.attention.attention.value.bias", "encoder.layer.0.attention.attention.value.weight",
+    "encoder.layer.0.attention.output.dense.bias", "encoder.layer.0.attention.output.dense.weight",
+]
+ONE_LAYER = {**VISION, "num_hidden_layers": 1}
+SAVED_NAMES = {
+    "siglip": (SiglipVisionConfig(**ONE_LAYER, image_size=32), "pooled", _SIGLIP_NAMES),
+    "siglip2": (transformers.Siglip2VisionConfig(**ONE_LAYER, num_patches=16), "pooled", _SIGLIP_NAMES),
+    "vit": (
+        ViTConfig(**ONE_LAYER, image_size=32),
+        "pooled",
+        (
+            "vision_model.",
+            [
+                "embeddings.cls_token", "embeddings.patch_embeddings.projection.bias",
+                "embeddings.patch_embeddings.projection.weight", "embeddings.position_embeddings",
+                *_ATTENTION_NAMES,
+                "encoder.layer.0.intermediate.dense.bias", "encoder.layer.0.intermediate.dense.weight",
+                "encoder.layer.0.layernorm_after.bias", "encoder.layer.0.layernorm_after.weight",
+                "encoder.layer.0.layernorm_before.bias", "encoder.layer.0.layernorm_before.weight",
+                "encoder.layer.0.output.dense.bias", "encoder.layer.0.output.dense.weight",
+                "layernorm.bias", "layernorm.weight", "pooler.dense.bias", "pooler.dense.weight",
+            ],
+        ),
+    ),
+    # transformers 5 holds the SwiGLU input projection as two halves, saved as the one `weights_in`.
+    "dinov2_with_registers_swiglu": (
+        Dinov2WithRegistersConfig(**ONE_LAYER, image_size=32, num_register_tokens=2, use_swiglu_ffn=True),
+        "cls",
+        (
+            "vision_model.",
+            [
+                "embeddings.cls_token", "embeddings.mask_token", "embeddings.patch_embeddings.projection.bias",
+                "embeddings.patch_embeddings.projection.weight", "embeddings.position_embeddings",
+                "embeddings.register_tokens",
+                *_ATTENTION_NAMES,
+                "encoder.layer.0.layer_scale1.lambda1", "encoder.layer.0.layer_scale2.lambda1",
+                "encoder.layer.0.mlp.weights_in.bias", "encoder.layer.0.mlp.weights_in.weight",
+                "encoder.layer.0.mlp.weights_out.bias", "encoder.layer.0.mlp.weights_out.weight",
+                "encoder.layer.0.norm1.bias", "encoder.layer.0.norm1.weight",
+                "encoder.layer.0.norm2.bias", "encoder.layer.0.norm2.weight",
+                "layernorm.bias", "layernorm.weight",
+            ],
+        ),
+    ),
+}
+
+
+def _model_with_random_tower(tokenizer, vision_config, vision_pooling):
+    """A tiny model whose vision weights are all random (none left at an initial 0 or 1 that a bad load would keep)."""
+    from transformers import GPT2Config
+
+    config = ClipCapConfig(vision_config=vision_config, vision_pooling=vision_pooling, prefix_length=2,
+                           text_config=GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=len(tokenizer)))
+    torch.manual_seed(0)
+    model = ClipCapForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for parameter in model.vision_model.parameters():
+            parameter.normal_()
+    return model
+
+
+def _saved_vision_names(folder) -> list[str]:
+    from safetensors import safe_open
+
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        return sorted(name for name in weights.keys() if name.startswith("vision_model."))
+
+
+def _assert_same_tower(loaded, model):
+    pixel_values = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(loaded.vision_model.state_dict(), model.vision_model.state_dict(), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.get_image_embeds(pixel_values), model.get_image_embeds(pixel_values))
+
+
+@pytest.mark.parametrize("tower", SAVED_NAMES)
+def test_a_tower_is_saved_under_its_checkpoint_names_by_either_transformers(tower, tokenizer, tmp_path):
+    vision_config, vision_pooling, (prefix, names) = SAVED_NAMES[tower]
+    model = _model_with_random_tower(tokenizer, vision_config, vision_pooling)
+    model.save_pretrained(tmp_path)
+    assert _saved_vision_names(tmp_path) == sorted(prefix + name for name in names)
+    _assert_same_tower(ClipCapForConditionalGeneration.from_pretrained(tmp_path), model)
+
+
+@pytest.mark.skipif(int(transformers.__version__.split(".")[0]) < 5, reason="transformers 5's names of a SigLIP tower")
+@pytest.mark.parametrize("tower", ["siglip", "siglip2"])
+def test_a_siglip_folder_transformers_5_saved_under_its_own_names_loads_and_is_saved_again_under_the_checkpoints(
+    tower, tokenizer, tmp_path
+):
+    # Before SigLIP's checkpoint names were restored on saving, transformers 5 saved the tower without its inner
+    # `vision_model.`: such folders must still load on 5.x, and saving one writes the names 4.57 reads.
+    from safetensors.torch import load_file, save_file
+
+    vision_config, vision_pooling, (prefix, names) = SAVED_NAMES[tower]
+    model = _model_with_random_tower(tokenizer, vision_config, vision_pooling)
+    model.save_pretrained(tmp_path / "saved")
+    weights = load_file(tmp_path / "saved" / "model.safetensors")
+    save_file({name.replace("vision_model.vision_model.", "vision_model."): tensor for name, tensor in weights.items()},
+              tmp_path / "saved" / "model.safetensors", metadata={"format": "pt"})
+    assert _saved_vision_names(tmp_path / "saved") == sorted("vision_model." + name for name in names)
+    loaded = ClipCapForConditionalGeneration.from_pretrained(tmp_path / "saved")
+    _assert_same_tower(loaded, model)
+    loaded.save_pretrained(tmp_path / "again")
+    assert _saved_vision_names(tmp_path / "again") == sorted(prefix + name for name in names)
+
+
 def test_siglip2_pixels_that_do_not_cut_into_patches_are_named(tokenizer):
     # The model cuts SigLIP2's pixels into patches itself; a reshape failed there, naming no input.
     from transformers import GPT2Config, Siglip2VisionConfig
