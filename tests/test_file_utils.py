@@ -62,12 +62,13 @@ def test_a_file_written_atomically_has_its_mode_before_its_text_and_a_broken_lin
     secret.write_text("old")
     secret.chmod(0o600)
     modes = []
+    write_text = pathlib.Path.write_text
 
-    def spying(path, *args, **kwargs):  # the temporary file's mode as it is opened for its text
-        modes.append(stat.S_IMODE(pathlib.Path(path).stat().st_mode))
-        return open(path, *args, **kwargs)
+    def spying(path, *args, **kwargs):  # the temporary file's mode as its text goes in
+        modes.append(stat.S_IMODE(path.stat().st_mode))
+        return write_text(path, *args, **kwargs)
 
-    monkeypatch.setattr(file_utils, "open", spying, raising=False)
+    monkeypatch.setattr(pathlib.Path, "write_text", spying)
     write_text_atomically(secret, "new secret")
     assert modes == [0o600] and secret.read_text() == "new secret"
 

@@ -152,10 +152,8 @@ def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
         if mode is not None:  # given before the text is in it
             temporary.touch(mode=0o600, exist_ok=False)
             os.chmod(temporary, mode)
-        with open(temporary, "w", encoding="utf-8", newline="") as file:
-            file.write(text)
-            file.flush()
-            _sync_if_supported(file.fileno())  # on disk before the rename makes it the file: none empty after a crash
+        temporary.write_text(text, encoding="utf-8", newline="")
+        _sync_file(temporary)  # on disk before the rename makes it the file: none empty after a crash
         os.replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
@@ -180,13 +178,17 @@ def _sync_folder(folder: str | os.PathLike[str]) -> None:
         os.close(descriptor)
 
 
-def _sync_if_supported(descriptor: int) -> None:
-    """`os.fsync`, but for filesystems that cannot sync (EINVAL, ENOTSUP): a real write error is still raised."""
+def _sync_file(path: Path) -> None:
+    """Flush a written file's data to disk; nothing on filesystems that cannot (EINVAL, ENOTSUP), but a write error
+    that surfaces here (a full disk, EIO) is raised."""
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     except OSError as error:
         if error.errno not in (errno.EINVAL, errno.ENOTSUP):
             raise
+    finally:
+        os.close(descriptor)
 
 
 def _umask() -> int:
