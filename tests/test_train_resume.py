@@ -2,7 +2,10 @@
 the run that saved the checkpoint (checkpoint-N/clipcap_run_args.json; output_dir's copy for a checkpoint without one),
 and a folder written before runs (or their data) were recorded resumes unchecked."""
 
+import contextlib
+import io
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -12,14 +15,15 @@ from unittest import mock
 import datasets
 import pytest
 import torch
-from conftest import CAPTIONED_IMAGES, tiny_model
+from conftest import CAPTIONED_IMAGES, random_images, tiny_config, tiny_model, tiny_processor
 from safetensors.torch import load_file
 from test_faults import train_arguments
 from test_folder_locks import HOLD_LOCK
-from transformers import TrainingArguments
+from transformers import Dinov2Config, SiglipVisionConfig, TrainerCallback, TrainingArguments, ViTConfig
 
-from clipcap_hf import ClipCapForConditionalGeneration
+from clipcap_hf import ClipCapConfig, ClipCapForConditionalGeneration
 from clipcap_hf.commands import main
+from clipcap_hf.data import ClipCapDataCollator
 from clipcap_hf.training import ClipCapTrainer, load_lora_model
 from clipcap_hf.training.run import (
     CAPTION_COLUMN_KEY,
@@ -885,3 +889,133 @@ def test_a_record_without_the_caption_column_resumes_with_a_warning_naming_the_c
         "another."
     ]
     assert json.loads((out / "checkpoint-3" / RUN_ARGUMENTS_NAME).read_text())[CAPTION_COLUMN_KEY] == "caption"
+
+
+# Towers that transformers 5 holds under other names than it saves them by (4.57 under the same): ViT's and DINOv2's
+# `attention.attention.key` are its `attention.k_proj`, SigLIP's `vision_model.vision_model.` its `vision_model.`,
+# DINOv2's SwiGLU `weights_in` its `gate_proj` and `up_proj` halves.
+TOWER = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
+         "patch_size": 8, "image_size": 32}
+RENAMED_TOWERS = {
+    "vit": (lambda: ViTConfig(**TOWER), "cls"),
+    "siglip": (lambda: SiglipVisionConfig(**TOWER), "pooled"),
+    "dinov2_swiglu": (lambda: Dinov2Config(**TOWER, use_swiglu_ffn=True), "cls"),
+}
+
+
+class TowerWeights(TrainerCallback):
+    """The vision tower's weights as the model holds them when training begins and when each checkpoint is saved."""
+
+    def __init__(self):
+        self.at_begin = None
+        self.saved = {}
+
+    @staticmethod
+    def of(model) -> dict[str, torch.Tensor]:
+        return {name: tensor.detach().clone() for name, tensor in model.vision_model.state_dict().items()}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.at_begin = self.of(model)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self.saved[state.global_step] = self.of(model)
+
+
+def _same(weights, others) -> bool:
+    return weights.keys() == others.keys() and all(weights[name].equal(others[name]) for name in weights)
+
+
+@contextlib.contextmanager
+def transformers_warnings():
+    """What transformers' loggers warn of meanwhile (they do not propagate to caplog)."""
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setLevel(logging.WARNING)
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        yield stream
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+
+
+def train_a_tower(tokenizer, family, output_dir, seed, resume=None):
+    """
+    Three steps from pixels, a checkpoint after each, of a tiny model with a `family` tower, trained with it: a resume
+    that left the tower as built (seeded with `seed`) would show. Returns the trainer and its `TowerWeights`.
+    """
+    vision_config, pooling = RENAMED_TOWERS[family]
+    text = tiny_config(tokenizer)
+    torch.manual_seed(seed)
+    model = ClipCapForConditionalGeneration(
+        ClipCapConfig(vision_config=vision_config(), vision_pooling=pooling, text_config=text.text_config,
+                      prefix_length=text.prefix_length, image_token_id=text.image_token_id)
+    )
+    model.freeze_vision_model(False)
+    processor = tiny_processor(tokenizer)
+    captions = [texts if isinstance(texts, str) else texts[0] for texts in CAPTIONED_IMAGES.values()]
+    pixels = processor.image_processor(random_images(len(captions)), return_tensors="pt")["pixel_values"]
+    dataset = datasets.Dataset.from_dict({"caption": captions, "pixel_values": pixels.numpy()}).with_format("torch")
+    tower = TowerWeights()
+    trainer = ClipCapTrainer(
+        model=model,
+        args=TrainingArguments(
+            output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+            save_strategy="steps", save_steps=1, report_to=[], remove_unused_columns=False, use_cpu=True,
+            disable_tqdm=True, seed=0,
+        ),
+        train_dataset=dataset,
+        data_collator=ClipCapDataCollator(processor),
+        callbacks=[tower],
+    )
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, tower
+
+
+@pytest.mark.parametrize("family", RENAMED_TOWERS)
+def test_a_resume_loads_a_trained_tower_saved_under_other_names_and_ends_as_the_uninterrupted_run(
+    tmp_path, tokenizer, family
+):
+    # transformers 5's Trainer loaded a checkpoint with torch's `load_state_dict`, without the renaming that
+    # `from_pretrained` does: the tower kept its weights of before the resume, with warnings of missing and unexpected
+    # keys (and, on 4.57 too, of GPT-2's output layer, tied to the input embeddings that were loaded).
+    _, whole = train_a_tower(tokenizer, family, tmp_path / "whole", seed=0)
+    assert not _same(whole.saved[2], whole.saved[3])  # the tower trains
+    out = shutil.copytree(tmp_path / "whole", tmp_path / "out", ignore=shutil.ignore_patterns("checkpoint-3"))
+    with transformers_warnings() as warnings:
+        _, resumed = train_a_tower(tokenizer, family, out, seed=1, resume=str(out / "checkpoint-2"))
+    assert _same(resumed.at_begin, whole.saved[2])  # not the tower it was built with (seed 1)
+    assert _same(resumed.saved[3], whole.saved[3])
+    final = load_file(out / "checkpoint-3" / "model.safetensors")
+    uninterrupted = load_file(tmp_path / "whole" / "checkpoint-3" / "model.safetensors")
+    assert final.keys() == uninterrupted.keys()
+    for name, tensor in uninterrupted.items():
+        assert tensor.equal(final[name]), name
+    assert "missing keys" not in warnings.getvalue() and "unexpected keys" not in warnings.getvalue()
+
+
+def test_loading_the_best_checkpoint_loads_its_tower_saved_under_other_names(tmp_path, tokenizer):
+    trainer, tower = train_a_tower(tokenizer, "vit", tmp_path / "out", seed=0)
+    assert not _same(tower.saved[1], TowerWeights.of(trainer.model))
+    trainer.state.best_model_checkpoint = str(tmp_path / "out" / "checkpoint-1")
+    with transformers_warnings() as warnings:
+        trainer._load_best_model()
+    assert _same(TowerWeights.of(trainer.model), tower.saved[1])
+    assert "missing keys" not in warnings.getvalue() and "unexpected keys" not in warnings.getvalue()
+
+
+def test_weights_load_as_trainer_loads_them_with_a_warning_where_their_names_cannot_be_converted(tokenizer, caplog):
+    from clipcap_hf.training import trainer as trainer_module
+
+    model = tiny_model(tokenizer)
+    weights = {name: tensor + 1 for name, tensor in model.state_dict().items()}
+    with mock.patch.object(trainer_module, "_in_memory_names", side_effect=TypeError("another signature")):
+        with caplog.at_level(logging.WARNING, logger=trainer_module.__name__), trainer_module._loading_checkpoint_names(
+            model
+        ):
+            model.load_state_dict(weights, strict=False)
+    assert all(model.state_dict()[name].equal(tensor) for name, tensor in weights.items())
+    assert "load_state_dict" not in vars(model)  # the model's own method again
+    assert caplog.messages == [
+        "Could not convert the checkpoint's weight names as from_pretrained does (TypeError: another signature); "
+        "loading them as Trainer does, which leaves a ViT, SigLIP or DINOv2 tower's weights as they were."
+    ]

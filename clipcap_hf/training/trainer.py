@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from typing import Any
 
 import datasets
 import torch
-from transformers import PrinterCallback, Trainer, TrainingArguments
+from transformers import PreTrainedModel, PrinterCallback, Trainer, TrainingArguments
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
@@ -228,6 +229,77 @@ def _naming_a_damaged_checkpoint(checkpoint: str | None, files: str) -> Iterator
         ) from error
 
 
+def _in_memory_names(model: PreTrainedModel, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """
+    `state_dict`, read from a checkpoint that `save_pretrained` wrote, under the names and in the layout `model` holds
+    its weights in. transformers 5 saves some towers' weights as their checkpoints hold them (ViT's and DINOv2's
+    `attention.attention.key`, SigLIP's `vision_model.vision_model.`, DINOv2's SwiGLU `weights_in` whole) and converts
+    them on loading with the model's conversion mapping: `from_pretrained` applies it, Trainer's `load_state_dict` does
+    not. Applied here as `from_pretrained` does; a key matching no weight of the model keeps its name (torch reports it
+    as unexpected). transformers 4, which holds the weights under their checkpoint names, gets `state_dict` back.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: no conversions
+        return state_dict
+    conversions = get_model_conversion_mapping(model)
+    renamings = [conversion for conversion in conversions if isinstance(conversion, WeightRenaming)]
+    converters = [conversion for conversion in conversions if isinstance(conversion, WeightConverter)]
+    converter_of = {pattern: converter for converter in converters for pattern in converter.source_patterns}
+    own = model.state_dict()
+    converted, pending = {}, {}
+    for key, tensor in state_dict.items():
+        name, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, own)
+        if name not in own:  # as `from_pretrained`: a key the model holds already is not renamed away
+            name, pattern = key, None
+        if pattern is None:
+            converted[name] = tensor
+        else:  # a tensor that becomes others (DINOv2's `weights_in`, split in two), once all its parts are read
+            pending.setdefault(name, copy.deepcopy(converter_of[pattern])).add_tensor(name, key, pattern, tensor)
+    for name, converter in pending.items():
+        for target, tensors in converter.convert(name, model=model, config=model.config).items():
+            converted[target] = tensors[0] if isinstance(tensors, list) else tensors
+    return converted
+
+
+@contextlib.contextmanager
+def _loading_checkpoint_names(model) -> Iterator[None]:
+    """
+    While Trainer loads the weights of a checkpoint into `model` with torch's `load_state_dict` (resuming, loading the
+    best checkpoint), they load under the names `model` holds them by ([`_in_memory_names`]), and a weight tied to one
+    loaded (GPT-2's output layer, saved once with the input embeddings) does not count as missing. Without this, a
+    resume on transformers 5 left a ViT, SigLIP or DINOv2 tower with the weights it had before (undoing the training of
+    an unfrozen tower) and warned of missing and unexpected keys, and every resume warned of GPT-2's output layer. A
+    wrapped model (FSDP, peft's adapters) is left to Trainer.
+    """
+    if not isinstance(model, PreTrainedModel):
+        yield
+        return
+    load_state_dict = model.load_state_dict
+
+    def load_converted(state_dict, strict=True, assign=False):
+        try:
+            state_dict = _in_memory_names(model, state_dict)
+        except (AttributeError, TypeError) as error:  # transformers' loading internals as another 5.x has them
+            logger.warning(
+                "Could not convert the checkpoint's weight names as from_pretrained does (%s: %s); loading them as "
+                "Trainer does, which leaves a ViT, SigLIP or DINOv2 tower's weights as they were.",
+                type(error).__name__,
+                error,
+            )
+        result = load_state_dict(state_dict, strict, assign)
+        weights = model.state_dict(keep_vars=True)
+        loaded = {id(weights[name]) for name in state_dict if name in weights}
+        return result._replace(missing_keys=[name for name in result.missing_keys if id(weights[name]) not in loaded])
+
+    model.load_state_dict = load_converted
+    try:
+        yield
+    finally:
+        del model.load_state_dict
+
+
 def _check_caption_eval_columns(images: datasets.Dataset, image_embeds: torch.Tensor | None) -> None:
     """
     Refuse a `caption_eval_dataset` without the columns an evaluation reads, before it captions anything: `image_id`
@@ -301,13 +373,21 @@ class ClipCapTrainer(Trainer):
         with reuse_freed_memory() if self.args.device.type == "cpu" else contextlib.nullcontext():
             return super().train(*args, **kwargs)
 
-    # Resuming: a damaged part of the checkpoint is named, with what to do, rather than a bare torch.load traceback.
-    # Trainer.train (and run.py, for a finished run) loads the weights first, before the other files of the checkpoint.
+    # Resuming: a damaged part of the checkpoint is named, with what to do, rather than a bare torch.load traceback, and
+    # the weights load under the model's own names (`_loading_checkpoint_names`). Trainer.train (and run.py, for a
+    # finished run) loads the weights first, before the other files of the checkpoint.
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         check_is_a_checkpoint(resume_from_checkpoint)
-        with _naming_a_damaged_checkpoint(resume_from_checkpoint, "model weights or trainer_state.json"):
+        with (
+            _naming_a_damaged_checkpoint(resume_from_checkpoint, "model weights or trainer_state.json"),
+            _loading_checkpoint_names(self.model if model is None else model),
+        ):
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             read_json(Path(resume_from_checkpoint) / TRAINER_STATE_NAME)  # which Trainer.train reads next, unchecked
+
+    def _load_best_model(self):
+        with _loading_checkpoint_names(self.model):
+            super()._load_best_model()
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         with _naming_a_damaged_checkpoint(checkpoint, "optimizer or scheduler state (optimizer.pt, scheduler.pt)"):
