@@ -828,7 +828,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         The weights to save (`state_dict`, else the model's), with a SigLIP tower's under its checkpoint names (see
         `_PREFIXED_TOWERS`); None, for transformers to take the model's, where no name changes.
         """
-        vision_config = self.config.vision_config if self.config.vision_backend == "clip" else None
+        vision_config = self._transformers_vision_config
         # Adapters (peft) are saved under the names the model holds, and an offloaded tower's weights are found from
         # them (transformers 5 reads them back from the offload folder by name).
         if (
@@ -897,9 +897,14 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         outputs = self.vision_model(**self._vision_inputs(pixel_values))
         return outputs if self.config.vision_backend == "open_clip" else self._pool(outputs)
 
+    @property
+    def _transformers_vision_config(self) -> PretrainedConfig | None:
+        """The config of a transformers vision tower; None for an open_clip tower (configured by name)."""
+        return self.config.vision_config if self.config.vision_backend == "clip" else None
+
     def _siglip2_patch_size(self) -> int | None:
         """The patch size of a SigLIP2 (NaFlex) tower, which reads a sequence of flattened patches; None for others."""
-        vision_config = self.config.vision_config if self.config.vision_backend == "clip" else None
+        vision_config = self._transformers_vision_config
         siglip2 = getattr(vision_config, "model_type", None) == "siglip2_vision_model"
         return vision_config.patch_size if siglip2 else None
 
@@ -909,7 +914,7 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         pixel values enter the model (`_vision_inputs`, and `generate` reading their batch size): the towers would fail
         naming no input, and integer pixels (an image's 0..255, not normalised) would be captioned, wrongly.
         """
-        vision_config = self.config.vision_config if self.config.vision_backend == "clip" else None
+        vision_config = self._transformers_vision_config
         channels = getattr(vision_config, "num_channels", 3)  # open_clip's towers read RGB
         patch = self._siglip2_patch_size() or 1
         if not (

@@ -271,13 +271,11 @@ def test_the_model_card_is_replaced_atomically(tmp_path, monkeypatch):
     card.write_text(text)
     result = EvaluationResult(scores={"CIDEr": 0.5}, predictions={1: "a dog"}, references={1: ["a dog"]})
 
-    def fail_midway(path, text, encoding=None, newline=None):  # as a full disk does
-        with open(path, "w", encoding=encoding, newline=newline) as file:
-            file.write(text[:3])
+    def disk_full(descriptor):  # where a full disk surfaces: the new text flushed to it
         raise OSError(28, "No space left on device")
 
     with monkeypatch.context() as patched:
-        patched.setattr(Path, "write_text", fail_midway)
+        patched.setattr(os, "fsync", disk_full)
         with pytest.raises(OSError, match="No space left on device"):
             fill_model_card(card, result, "toy", "coco", None)
     assert card.read_text() == text and os.listdir(tmp_path) == ["model_card.md"]  # whole, no temporary file left
@@ -535,12 +533,10 @@ def test_outputs_are_replaced_atomically(tmp_path, monkeypatch):
     paths = write_evaluation(result, tmp_path)
     before = {path: path.read_bytes() for path in paths.values()}
 
-    def fail_midway(path, text, encoding=None, newline=None):  # as a full disk does
-        with open(path, "w", encoding=encoding, newline=newline) as file:
-            file.write(text[:3])
+    def disk_full(descriptor):  # where a full disk surfaces: the new text flushed to it
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Path, "write_text", fail_midway)
+    monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space left on device"):
         write_evaluation(result, tmp_path, with_predictions=False)
     assert {path: path.read_bytes() for path in paths.values()} == before  # whole, and no temporary file left

@@ -51,25 +51,22 @@ def test_a_file_written_atomically_keeps_its_mode_its_link_and_its_line_ends(tmp
     assert sorted(os.listdir(tmp_path)) == ["kept.txt", "link.txt", "new.txt"]  # no temporary file left
 
 
-def test_a_file_written_atomically_has_its_mode_before_its_text_and_a_broken_link_is_named(tmp_path, monkeypatch):
+def test_a_file_written_atomically_has_its_mode_before_its_content_and_a_broken_link_is_named(tmp_path):
     import os
-    import pathlib
     import stat
 
-    from clipcap_hf.utils.file_utils import write_text_atomically
+    from clipcap_hf.utils.file_utils import write_atomically, write_text_atomically
 
     secret = tmp_path / "secret.txt"
     secret.write_text("old")
     secret.chmod(0o600)
     modes = []
-    write_text = pathlib.Path.write_text
 
-    def spying(path, *args, **kwargs):  # the temporary file's mode as its text goes in
-        modes.append(stat.S_IMODE(path.stat().st_mode))
-        return write_text(path, *args, **kwargs)
+    def write(file):  # the new file's mode as its content goes in
+        modes.append(stat.S_IMODE(os.fstat(file.fileno()).st_mode))
+        file.write(b"new secret")
 
-    monkeypatch.setattr(pathlib.Path, "write_text", spying)
-    write_text_atomically(secret, "new secret")
+    write_atomically(secret, write)
     assert modes == [0o600] and secret.read_text() == "new secret"
 
     dangling = tmp_path / "metrics.json"

@@ -18,7 +18,7 @@ import math
 import os
 import re
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging
 
 from ..utils.bad_images import BadImagePolicy, check_bad_image_policy
-from ..utils.file_utils import acquire_file_lock
+from ..utils.file_utils import acquire_file_lock, write_atomically, write_text_atomically
 from ..utils.loading import same_model
 from ..utils.settings_diff import ABSENT, changed_settings
 from .captioner import ClipCapCaptioner, captioning_run
@@ -218,8 +218,6 @@ def _check_run_file(output_dir: Path, recorded: dict[str, Any], own_lock: Path |
             "unknown, so this run could caption their images again or add captions of other settings. Remove the "
             "folder's captions-*.parquet files to start over there, or write to another folder."
         )
-    from ..utils.file_utils import write_text_atomically
-
     write_text_atomically(path, json.dumps(recorded, indent=2) + "\n")
     return recorded
 
@@ -505,19 +503,10 @@ def _write_parquet_atomically(columns: dict[str, list], path: Path) -> None:
 
     types = {"image_key": pa.string(), "candidates": pa.list_(pa.string()), "clip_score": pa.float32()}
     schema = pa.schema([(name, types.get(name, pa.string())) for name in columns])  # typed even when empty
-    temporary = path.with_name(f".{path.name}.partial")  # one name per shard: a killed run's leftover is replaced
-    try:
-        # Removed, then created anew: a link planted at that name is removed, never written through.
-        temporary.unlink(missing_ok=True)
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
-        with open(os.open(temporary, flags, 0o666), "wb") as file:
-            pq.write_table(pa.table(columns, schema=schema), file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
+    table = pa.table(columns, schema=schema)
+    try:  # one temporary name per shard: the leftover of a run killed while writing it is replaced by the rerun's
+        write_atomically(path, lambda file: pq.write_table(table, file), temporary_name=f".{path.name}.partial")
     except OSError as error:  # e.g. a full disk: pyarrow's message names no file
-        with suppress(OSError):  # a folder that cannot be written may not let it be removed either: the error stands
-            temporary.unlink(missing_ok=True)
         if error.errno in _NO_SPACE:
             fix = f"Free space in {path.parent}"
         elif error.errno in (errno.EACCES, errno.EPERM, errno.EROFS):

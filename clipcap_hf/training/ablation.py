@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import secrets
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -48,7 +47,13 @@ from ..data.embeddings import image_cache_key
 from ..evaluation.metrics import caption_tokenization, compute_caption_metrics, require_pycocoevalcap
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
-from ..utils.file_utils import read_json, save_pretrained, write_folder_atomically, write_text_atomically
+from ..utils.file_utils import (
+    read_json,
+    save_pretrained,
+    write_atomically,
+    write_folder_atomically,
+    write_text_atomically,
+)
 from ..utils.loading import local_folder, model_identity, same_model
 from .quickstart import (
     IMAGE_TOKEN,
@@ -810,15 +815,9 @@ def plot_prefix_lengths(records: list[dict[str, Any]], metric: str, path: str | 
     axes.legend()
     figure.tight_layout()
     path = Path(path)
-    # Through a temporary file renamed over it: a failure leaves the earlier figure or the new one, never part of one.
-    # Created as any new file is (the umask's mode), not private as `tempfile`'s are.
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     try:
-        with open(temporary, "xb") as file:
-            figure.savefig(file, format="png")
-        os.replace(temporary, path)
+        write_atomically(path, lambda file: figure.savefig(file, format="png"))
     finally:
-        temporary.unlink(missing_ok=True)
         plt.close(figure)
     return path
 

@@ -24,7 +24,7 @@ import unicodedata
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
 
 if TYPE_CHECKING:
     from filelock import BaseFileLock
@@ -123,13 +123,26 @@ def sampled_sha256(
 
 
 def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
+    """Write `text` (UTF-8, its line ends as they are) to `path` whole or not at all: [`write_atomically`]."""
+    write_atomically(path, lambda file: file.write(text.encode("utf-8")))
+
+
+def write_atomically(
+    path: str | os.PathLike[str], write: Callable[[BinaryIO], object], *, temporary_name: str | None = None
+) -> None:
     """
-    Write `text` (UTF-8, its line ends as they are) to `path` through a temporary file in the same folder and
-    `os.replace`, so that a failure leaves the earlier file or the new one, never part of one or an emptied one. A file
-    replaced keeps what a rewrite in place keeps: its permission bits (given to the temporary file before the rename,
-    so the file is never readable more widely than it was) and, where `path` is a symbolic link, the link: the file it
-    points to is replaced. The text is synced to disk before the rename and the folder after it ([`_sync_folder`]), so
-    that after a crash the new file is there, whole (a resumed run trusts its run file).
+    Write a file whole or not at all: `write` is handed a new file in the same folder, open for binary writing, and
+    that file is synced to disk and renamed over `path` once `write` returns. A failure (or a crash) leaves the
+    earlier file or the new one, never part of one or an emptied one, and removes the temporary file.
+
+    A file replaced keeps what a rewrite in place keeps: its permission bits (given to the new file before anything is
+    written to it, so the file is never readable more widely than it was) and, where `path` is a symbolic link, the
+    link: the file it points to is replaced. The folder is synced after the rename ([`_sync_folder`]), so that after a
+    crash the new file is there, whole (a resumed run trusts its run file).
+
+    The temporary file is hidden and named at random, unless `temporary_name` names it: for a file that one process
+    writes at a time, so that the leftover of a run killed while writing it is replaced by the next run's. Either way
+    it is created anew, never written through a link found at its name.
     """
     given, path = Path(path), Path(os.path.realpath(path))
     if not path.parent.is_dir():  # else the error would name the hidden temporary file
@@ -147,16 +160,21 @@ def write_text_atomically(path: str | os.PathLike[str], text: str) -> None:
         mode = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
         mode = None  # a new file: the umask's mode
-    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    temporary = path.with_name(temporary_name or f".{path.name}.{uuid.uuid4().hex}.tmp")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
     try:
-        if mode is not None:  # given before the text is in it
-            temporary.touch(mode=0o600, exist_ok=False)
-            os.chmod(temporary, mode)
-        temporary.write_text(text, encoding="utf-8", newline="")
-        _sync_file(temporary)  # on disk before the rename makes it the file: none empty after a crash
+        if temporary_name is not None:
+            temporary.unlink(missing_ok=True)  # a killed run's leftover, or a link planted at that name
+        with open(os.open(temporary, flags, 0o666 if mode is None else 0o600), "wb") as file:
+            if mode is not None:
+                os.chmod(temporary, mode)
+            write(file)
+            file.flush()
+            _fsync(file.fileno())  # on disk before the rename makes it the file: none empty after a crash
         os.replace(temporary, path)
     finally:
-        temporary.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a folder that cannot be written may not let it go: the first error stands
+            temporary.unlink(missing_ok=True)
     _sync_folder(path.parent)
 
 
@@ -178,17 +196,14 @@ def _sync_folder(folder: str | os.PathLike[str]) -> None:
         os.close(descriptor)
 
 
-def _sync_file(path: Path) -> None:
+def _fsync(descriptor: int) -> None:
     """Flush a written file's data to disk; nothing on filesystems that cannot (EINVAL, ENOTSUP), but a write error
     that surfaces here (a full disk, EIO) is raised."""
-    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     except OSError as error:
         if error.errno not in (errno.EINVAL, errno.ENOTSUP):
             raise
-    finally:
-        os.close(descriptor)
 
 
 def _umask() -> int:
