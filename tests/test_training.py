@@ -1530,3 +1530,36 @@ def test_the_trainer_trains_on_the_cpu_reusing_freed_memory(tmp_path, tokenizer,
     trainer.train()
     assert seen == [True, True]
     assert not reuses_freed_memory()
+
+
+def test_pushes_to_the_hub_leave_out_the_run_lock(tmp_path, model_dir, caption_folder, monkeypatch):
+    import concurrent.futures
+
+    import huggingface_hub
+    import transformers.trainer
+    from huggingface_hub.utils import filter_repo_objects
+
+    uploaded = []
+
+    def upload_folder(*args, folder_path, ignore_patterns=None, **kwargs):  # what the Hub would receive
+        files = [str(path.relative_to(folder_path)) for path in Path(folder_path).rglob("*") if path.is_file()]
+        uploaded.append(sorted(filter_repo_objects(files, ignore_patterns=ignore_patterns)))
+        done = concurrent.futures.Future()  # Trainer pushes checkpoints in the background, and waits for them
+        done.set_result(None)
+        return done
+
+    def create_repo(*args, **kwargs):
+        return huggingface_hub.RepoUrl("https://huggingface.co/someone/clipcap")
+
+    for owner in (huggingface_hub.HfApi, transformers.trainer):  # transformers 5 calls HfApi; 4.57 the functions
+        monkeypatch.setattr(owner, "upload_folder", upload_folder, raising=False)
+        monkeypatch.setattr(owner, "create_repo", create_repo, raising=False)
+    out = tmp_path / "out"
+    args = run_arguments(model_dir, caption_folder, out, tmp_path / "cache", "--push_to_hub", "--hub_model_id",
+                         "someone/clipcap", "--save_strategy", "steps", "--save_steps", "1")
+    main(args)
+
+    assert len(uploaded) == 3  # at each of the two saves, and the final model
+    for files in uploaded:
+        assert "config.json" in files and "model.safetensors" in files and RUN_LOCK_NAME not in files, files
+    assert (out / RUN_LOCK_NAME).exists()  # there, and held, while the pushes ran

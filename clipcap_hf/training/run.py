@@ -892,8 +892,9 @@ def _shown(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-# The lock file a run's main process holds in --output_dir while the run lasts (see `_output_dir_lock`).
-RUN_LOCK_NAME = ".clipcap-train.lock"
+# The lock file a run's main process holds in --output_dir while the run lasts (see `_output_dir_lock`); named `_*`,
+# which Trainer leaves out of what it pushes to the Hub (`--push_to_hub`).
+RUN_LOCK_NAME = "_clipcap-train.lock"
 
 
 @contextlib.contextmanager
