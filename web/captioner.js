@@ -90,9 +90,19 @@ function captionLength(generation, prefixLength, positionLimit) {
   return length;
 }
 
+// An exported folder's URL (relative to the page, or absolute), as the base its files resolve against: with the path's
+// trailing "/" added where it lacks one, since `new URL("config.json", ".../resolve/main")` drops the last segment
+// (".../resolve/config.json"). Added to the path, so before any query string.
+function folderBase(folderUrl) {
+  const base = new URL(folderUrl, location.href);
+  if (!base.pathname.endsWith("/")) base.pathname += "/";
+  return base;
+}
+
 export class ClipCapCaptioner {
+  // `folderUrl`: the exported folder, with or without a trailing "/".
   static async load(ort, folderUrl, quantized = false) {
-    const base = new URL(folderUrl, location.href);
+    const base = folderBase(folderUrl);
     const files = ["config.json", "generation_config.json", "tokenizer.json"];
     const [config, generation, tokenizer] = await Promise.all(files.map((f) => fetchJson(new URL(f, base))));
     const tokenizerConfig = await fetchJson(new URL("tokenizer_config.json", base)).catch(() => ({}));
@@ -189,7 +199,8 @@ export class ClipCapCaptioner {
     // The first step reads the prefix with an empty cache (past length 0), as the merged decoder expects.
     const emptyPast = () => new this.ort.Tensor("float32", new Float32Array(0), [1, this.kvHeads, 0, this.headDim]);
     let step = await this.decode(prefix, this.pastNames.map(emptyPast), 0);
-    const suppressed = new Set(this.generation.suppress_tokens ?? []);
+    // As `generate()`: the image token too, whatever the generation config's list says (one can lack it).
+    const suppressed = new Set([...(this.generation.suppress_tokens ?? []), this.config.image_token_id]);
     const tokens = [];
     for (let i = 0; i < this.maxNewTokens; i++) {
       const [, length, vocab] = step.logits.dims;
