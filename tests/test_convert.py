@@ -6,7 +6,12 @@ import os
 import pickle
 import re
 import shlex
+import signal
 import stat
+import subprocess
+import sys
+import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -368,6 +373,8 @@ def test_written_folder_is_complete(converted, tokenizer):
     # The record a later `overwrite` reads: every file the conversion wrote besides itself.
     record = json.loads((folder / "clipcap_conversion.json").read_text())
     assert record["files"] == sorted(names - {"clipcap_conversion.json"})
+    assert record["sha256"] == {name: hashlib.sha256((folder / name).read_bytes()).hexdigest()
+                                for name in record["files"]}
     assert (record["checkpoint"], record["checkpoint_sha256"], record["preset"]) == (
         "release.pt", sha256, report.preset)
 
@@ -632,6 +639,82 @@ def test_files_that_are_not_checkpoints_are_refused(tmp_path, write, message):
     assert_nothing_written(tmp_path / "out")
 
 
+def saved_with_its_record(state, key, path):
+    """`torch.save(state, path)`, the file's bytes, the zip record holding `state[key]`'s values and their offset."""
+    torch.save(state, path)
+    values = state[key].numpy().tobytes()
+    with zipfile.ZipFile(path) as archive:
+        record = next(info for info in archive.infolist() if archive.read(info) == values)
+    raw = bytearray(path.read_bytes())
+    return raw, record, raw.find(values)
+
+
+@pytest.mark.parametrize("damage", ["a value", "a record header"])
+def test_a_damaged_checkpoint_is_named_as_damaged_not_converted(tmp_path, tokenizer, local_parts, damage):
+    # torch.load does not check the zip's checksums: one float overwritten converted into a model with that weight.
+    state = release_state("mlp", tokenizer)
+    key = "clip_project.model.0.bias"
+    checkpoint = tmp_path / "release.pt"
+    raw, record, offset = saved_with_its_record(state, key, checkpoint)
+    if damage == "a value":
+        raw[offset + 8 : offset + 12] = np.float32(1.0).tobytes()
+    else:
+        raw[record.header_offset : record.header_offset + 4] = b"XXXX"
+    checkpoint.write_bytes(bytes(raw))
+    with pytest.raises(ValueError) as error:
+        convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
+    assert str(error.value) == (
+        f"{checkpoint} is damaged: its record {record.filename!r} does not match its CRC-32 checksum or its header, "
+        "so it is not the file `torch.save` wrote (an interrupted or corrupted download, or a failing disk). Download "
+        "it again (https://github.com/rmokady/CLIP_prefix_caption links the released files)."
+    )
+    assert_nothing_written(tmp_path / "out")
+
+
+def test_a_checkpoint_cut_short_is_named_as_damaged(tmp_path, tokenizer):
+    checkpoint = tmp_path / "release.pt"
+    torch.save(release_state("mlp", tokenizer), checkpoint)
+    checkpoint.write_bytes(checkpoint.read_bytes()[:-100])
+    with pytest.raises(ValueError) as error:
+        convert_original.load_original_state_dict(checkpoint)
+    assert str(error.value).startswith(
+        f"{checkpoint} is damaged: it is cut short (it lacks the directory of records that ends a zip archive), so it "
+        "is not the file `torch.save` wrote"
+    )
+
+
+def test_a_legacy_format_checkpoint_has_no_checksums_to_check(tmp_path, tokenizer):
+    state = release_state("mlp", tokenizer)
+    checkpoint = tmp_path / "release.pt"
+    torch.save(state, checkpoint, _use_new_zipfile_serialization=False)
+    loaded = convert_original.load_original_state_dict(checkpoint)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[key], state[key]) for key in state)
+
+
+@pytest.mark.parametrize(
+    "key, values",
+    [
+        ("clip_project.model.0.weight", torch.randint(0, 3, (160, PREFIX_DIM))),
+        ("clip_project.model.0.bias", torch.ones(160, dtype=torch.bool)),
+        ("clip_project.model.0.bias", torch.randn(160, dtype=torch.complex64)),
+        ("gpt.transformer.wte.weight", torch.randint(0, 3, (300, N_EMBD), dtype=torch.int32)),
+    ],
+)
+def test_weights_that_are_not_floating_point_are_refused_not_cast(tmp_path, tokenizer, local_parts, key, values):
+    # They were cast to float32 without a word; the uint8 `attn.bias` buffers the converter drops stay accepted.
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    state = torch.load(checkpoint, weights_only=True)
+    assert state[key].shape == values.shape and state["gpt.transformer.h.0.attn.bias"].dtype == torch.uint8
+    torch.save(state | {key: values}, checkpoint)
+    with pytest.raises(ValueError) as error:
+        convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
+    assert str(error.value) == (
+        f"{checkpoint}: entry {key!r} holds {values.dtype} values, not floating-point weights (the released "
+        "checkpoints hold float32 ones); convert the checkpoint as it was released, not one cast by another tool."
+    )
+    assert_nothing_written(tmp_path / "out")
+
+
 @pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
 @pytest.mark.filterwarnings("ignore:Validating sparse tensor invariants")
 @pytest.mark.parametrize("layout", [torch.Tensor.to_sparse, torch.Tensor.to_sparse_csr])
@@ -810,9 +893,7 @@ def test_an_open_clip_name_with_the_clip_backend_is_refused(tmp_path, tokenizer,
     )
 
 
-def test_a_tokenizer_larger_than_the_vocabulary_is_refused_and_a_padded_vocabulary_converted(
-    tmp_path, tokenizer, local_parts, caplog
-):
+def test_a_tokenizer_larger_than_the_vocabulary_is_refused(tmp_path, tokenizer, local_parts):
     checkpoint = save_release(OriginalClipCaptionModel("mlp", len(tokenizer) - 1), tmp_path / "release.pt")
     with pytest.raises(ValueError) as error:
         convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
@@ -821,12 +902,34 @@ def test_a_tokenizer_larger_than_the_vocabulary_is_refused_and_a_padded_vocabula
         f"embeds only {len(tokenizer) - 1}; use the tokenizer the checkpoint was trained with (GPT-2's)."
     )
     assert_nothing_written(tmp_path / "out")
-    # A vocabulary padded past the tokenizer's (to a multiple of 64, say): the image token takes a row no token uses.
-    checkpoint = save_release(OriginalClipCaptionModel("mlp", len(tokenizer) + 8), tmp_path / "padded.pt")
+
+
+# The tokenizer has 300 tokens: 308 and 400 rows are no multiple of a power of two above them (a multiple of 4 and
+# of 16), 2048 is a power of two past the largest padding multiple (1024).
+@pytest.mark.parametrize("vocab_size", [308, 400, 2048])
+def test_a_tokenizer_smaller_than_padding_explains_is_refused(tmp_path, tokenizer, local_parts, vocab_size):
+    # Converted before, with a warning: the image token took row 300 of a checkpoint trained with another tokenizer.
+    assert len(tokenizer) == 300
+    checkpoint = save_release(OriginalClipCaptionModel("mlp", vocab_size), tmp_path / "release.pt")
+    with pytest.raises(ValueError) as error:
+        convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
+    assert str(error.value) == (
+        f"The tokenizer {local_parts['mlp']['tokenizer']!r} has 300 tokens but the checkpoint's GPT-2 embeds "
+        f"{vocab_size}, more than padding its vocabulary (to a multiple of 64, say) would add: the checkpoint was "
+        "trained with another tokenizer. Use that one (GPT-2's, for the released checkpoints)."
+    )
+    assert_nothing_written(tmp_path / "out")
+
+
+@pytest.mark.parametrize("vocab_size", [320, 1024])  # 300 rounded up to a multiple of 64, and of 1024
+def test_a_vocabulary_padded_past_the_tokenizer_converts(tmp_path, tokenizer, local_parts, caplog, vocab_size):
+    checkpoint = save_release(OriginalClipCaptionModel("mlp", vocab_size), tmp_path / "padded.pt")
     with caplog.at_level("WARNING", logger="clipcap_hf.conversion.convert_original"):
         report = convert_original_checkpoint(checkpoint, tmp_path / "out", **local_parts["mlp"])
-    assert report.config.image_token_id == len(tokenizer)
-    assert f"the image token takes row {len(tokenizer)}, which no token of this tokenizer uses" in caplog.text
+    # The image token takes the first padding row, which no token uses.
+    assert report.config.image_token_id == 300
+    assert report.config.text_config.vocab_size == vocab_size
+    assert "the image token takes row 300, which no token of this tokenizer uses" in caplog.text
 
 
 def test_a_tokenizer_folder_of_gpt2_s_older_layout_converts(tmp_path, tokenizer, local_parts):
@@ -897,15 +1000,55 @@ def test_existing_output_needs_overwrite(tmp_path, tokenizer, local_parts):
     output = tmp_path / "out"
     convert_original_checkpoint(checkpoint, output, **local_parts["mlp"])
     card = (output / "README.md").read_text()
-    (output / "README.md").write_text("edited")
     (output / "generation_config.json").unlink()
     with pytest.raises(ValueError, match="already exists; remove it or pass overwrite=True"):
         convert_original_checkpoint(checkpoint, output, **local_parts["mlp"])
-    assert (output / "README.md").read_text() == "edited"
-    # The earlier conversion's files, edited or removed since, are replaced.
+    # The earlier conversion's files, removed since, are written again.
     convert_original_checkpoint(checkpoint, output, overwrite=True, **local_parts["mlp"])
     assert (output / "README.md").read_text() == card and (output / "generation_config.json").exists()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "release.pt"]
+
+
+def test_overwrite_keeps_the_files_edited_since_the_conversion(tmp_path, tokenizer, local_parts):
+    # The model card the docs say to edit before publishing was replaced by the stub without a word.
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    output = tmp_path / "out"
+    convert_original_checkpoint(checkpoint, output, **local_parts["mlp"])
+    card = (output / "README.md").read_text()
+    (output / "README.md").write_text("my card")
+    with pytest.raises(ValueError) as error:
+        convert_original_checkpoint(checkpoint, output, overwrite=True, **local_parts["mlp"])
+    assert str(error.value) == (
+        f"Refusing to replace {output}: 'README.md' changed since the earlier conversion wrote it, and replacing the "
+        "folder would lose the changes. Move it out of the folder to keep it (or delete it to discard the changes), "
+        "then convert again; or choose another folder."
+    )
+    (output / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"'README\.md', 'config\.json' changed since the earlier conversion wrote "
+                                         r"them, .* Move them out of the folder to keep them \(or delete them"):
+        convert_original_checkpoint(checkpoint, output, overwrite=True, **local_parts["mlp"])
+    assert (output / "README.md").read_text() == "my card" and (output / "config.json").read_text() == "{}"
+    # Moved out (or deleted), they are written again.
+    (output / "README.md").rename(tmp_path / "my_card.md")
+    (output / "config.json").unlink()
+    convert_original_checkpoint(checkpoint, output, overwrite=True, **local_parts["mlp"])
+    assert (output / "README.md").read_text() == card and (output / "model.safetensors").exists()
+    assert (tmp_path / "my_card.md").read_text() == "my card"
+
+
+def test_overwrite_replaces_a_folder_an_earlier_version_converted(tmp_path, tokenizer, local_parts):
+    # Its record lists the files without their sha256: they are replaced, edited or not, as that version did.
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    output = tmp_path / "out"
+    convert_original_checkpoint(checkpoint, output, **local_parts["mlp"])
+    card = (output / "README.md").read_text()
+    record = json.loads((output / "clipcap_conversion.json").read_text())
+    del record["sha256"]
+    (output / "clipcap_conversion.json").write_text(json.dumps(record))
+    (output / "README.md").write_text("edited")
+    convert_original_checkpoint(checkpoint, output, overwrite=True, **local_parts["mlp"])
+    assert (output / "README.md").read_text() == card
+    assert "sha256" in json.loads((output / "clipcap_conversion.json").read_text())
 
 
 @pytest.mark.parametrize("overwrite", [False, True])
@@ -1095,3 +1238,49 @@ def test_failure_while_writing_removes_what_it_created(tmp_path, tokenizer, loca
     # The partial folder and the parents made for it are gone; the parent that was there stays.
     assert sorted(path.name for path in tmp_path.iterdir()) == ["existing", "release.pt"]
     assert not list((tmp_path / "existing").iterdir())
+
+
+# Runs `clipcap convert-original ARGS...` in a fresh interpreter that stops once the converted folder is written and
+# waits there, in the check of the written folder, for the test to send SIGTERM.
+STOPPED_CONVERSION = r"""
+import sys, time
+from pathlib import Path
+import clipcap_hf.conversion.convert_original as convert_original
+
+def waiting_check(folder, *args):
+    Path(sys.argv[1]).write_text(str(folder))
+    time.sleep(120)
+
+convert_original._check_reload = waiting_check
+from clipcap_hf.commands import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_a_conversion_ended_by_sigterm_removes_what_it_wrote(tmp_path, tokenizer, local_parts):
+    # SIGTERM (kill, timeout, job schedulers) ended the process on the spot: its hidden `.partial` folder, the
+    # converted model, stayed behind.
+    checkpoint = save_release(make_original("mlp", tokenizer), tmp_path / "release.pt")
+    (tmp_path / "models").mkdir()
+    output = tmp_path / "models" / "new" / "out"
+    marker = tmp_path / "written"
+    arguments = ["convert-original", str(checkpoint), "--output", str(output), "--vision-model",
+                 local_parts["mlp"]["vision_model"], "--tokenizer", local_parts["mlp"]["tokenizer"]]
+    process = subprocess.Popen([sys.executable, "-c", STOPPED_CONVERSION, str(marker), *arguments],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    try:
+        deadline = time.monotonic() + 240
+        while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not marker.exists():
+            process.kill()
+            pytest.fail(f"the conversion did not reach its check: {process.communicate()[1][-3000:]}")
+        staging = Path(marker.read_text())
+        assert staging.name.endswith(".partial") and (staging / "model.safetensors").exists()
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    assert sorted(path.name for path in (tmp_path / "models").iterdir()) == []  # the parents it made too

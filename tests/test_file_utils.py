@@ -1,3 +1,6 @@
+import shutil
+import warnings
+
 import pytest
 
 from clipcap_hf.utils import file_utils
@@ -371,3 +374,30 @@ def test_a_file_written_atomically_has_its_folder_synced_after_the_rename(tmp_pa
     monkeypatch.setattr(file_utils.os, "open", no_folders)
     write_text_atomically(target, "2")
     assert target.read_text() == "2" and sorted(os.listdir(folder)) == ["caption_run.json"]
+
+
+def test_a_folder_written_atomically_names_the_leftovers_of_killed_writes_without_deleting_them(tmp_path):
+    # A killed write's hidden folder (hundreds of MB for a model) was neither removed nor mentioned by the next one.
+    partial, old = tmp_path / ".model.0123456789abcdef.partial", tmp_path / ".model.fedcba9876543210.old"
+    others = [tmp_path / ".model2.0123456789abcdef.partial", tmp_path / ".model.partial", tmp_path / "model.partial"]
+    for folder in (partial, old, *others):
+        folder.mkdir()
+        (folder / "model.safetensors").write_text("weights")
+    model = tmp_path / "model"
+    with pytest.warns(UserWarning) as caught:
+        file_utils.write_folder_atomically(model, _write_model({"config.json": "new"}))
+    assert [str(warning.message) for warning in caught] == [
+        f"Found {partial}, {old}: hidden folders that a write of {model} leaves behind when its process is killed "
+        "part-way (a `.partial` folder holds an unfinished new model, an `.old` one the model it was replacing). Not "
+        f"deleted, as another process may be writing {model} now; once none is, delete them (where {model} itself is "
+        "missing, rename its `.old` folder back to it first)."
+    ]
+    assert caught[0].filename == __file__  # the caller's line
+    assert _listing(model) == {"config.json": "new"}
+    assert all((folder / "model.safetensors").exists() for folder in (partial, old, *others))
+    shutil.rmtree(partial)
+    shutil.rmtree(old)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        file_utils.write_folder_atomically(model, _write_model({"config.json": "newer"}))
+    assert _listing(model) == {"config.json": "newer"}

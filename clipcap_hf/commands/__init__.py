@@ -8,10 +8,13 @@ training code. The library never imports this package.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 
 
 class _SubcommandParser(argparse.ArgumentParser):
@@ -110,6 +113,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@contextlib.contextmanager
+def _sigterm_as_exit() -> Iterator[None]:
+    """
+    Turn SIGTERM (what `kill`, `timeout`, container runtimes and job schedulers send) into `SystemExit(143)` while a
+    command runs, so that its cleanups run as they do for Ctrl-C: a conversion stopped so removes its half-written
+    folder, where the default action would end the process on the spot and leave it. Only from the main thread (the
+    one Python runs handlers in) and where SIGTERM has its default action: a handler of the program that called
+    `main` is its own. The default is back afterwards, and from the first SIGTERM on: a second one, while the
+    cleanups run, ends the process at once.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise SystemExit(128 + signum)  # the status of a process ended by the signal, as shells report it
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -119,7 +147,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # A file name or caption that stdout's encoding cannot show (cp1252 on Windows) is escaped, not fatal.
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
-        return args.handler(args)
+        with _sigterm_as_exit():
+            return args.handler(args)
     except BrokenPipeError:
         # The reader went away (`clipcap caption ... | head -1`): stop quietly, with the exit status of a program
         # ended by SIGPIPE (128 + 13), as `cat` would give. Python would report the pipe again when it flushes

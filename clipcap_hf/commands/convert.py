@@ -31,8 +31,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Transformer mapper heads (default 8).")
     parser.add_argument("--lm-num-heads", type=positive_int, default=None, help="GPT-2 heads (default: width / 64).")
     parser.add_argument("--overwrite", action="store_true",
-                        help="Replace an output folder that an earlier conversion wrote, if it holds nothing else "
-                             "(an empty folder is written without it).")
+                        help="Replace an output folder that an earlier conversion wrote, if it holds nothing else and "
+                             "none of its files was changed since (an empty folder is written without it).")
 
 
 def run(args: argparse.Namespace) -> int:

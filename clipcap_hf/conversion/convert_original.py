@@ -19,6 +19,8 @@ import hashlib
 import json
 import pickle
 import re
+import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,9 +59,12 @@ ORIGINAL_PREFIXES = {"mapping_network.": "clip_project.", "language_model.": "gp
 # GPT-2's tensors with a row per token, which the image token lengthens by one row.
 VOCABULARY_KEYS = frozenset({"gpt.transformer.wte.weight", "gpt.lm_head.weight"})
 OFFICIAL_CODE_URL = "https://github.com/rmokady/CLIP_prefix_caption"
-# What a conversion writes beside the model: the source and the list of the files it wrote, which is how `overwrite`
-# knows a folder it may replace.
+# What a conversion writes beside the model: the source, and the files it wrote with their sha256, which is how
+# `overwrite` knows a folder it may replace and the files edited since.
 CONVERSION_RECORD = "clipcap_conversion.json"
+# A checkpoint's vocabulary may be padded past its tokenizer's size (for faster matrix products): rounded up to a
+# multiple of a power of two, up to this one (GPT-2's 50257 to 50304, a multiple of 64, or to 51200, of 1024).
+MAX_VOCABULARY_PADDING_MULTIPLE = 1024
 # The transformers model types of a CLIP (a whole one, or its vision tower): the only towers the releases can read.
 CLIP_MODEL_TYPES = ("clip", "clip_vision_model")
 
@@ -128,7 +133,9 @@ class OriginalLayout:
 def load_original_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
     """
     Load a released checkpoint with `torch.load(weights_only=True)`: tensors only, so a file crafted to run code when
-    unpickled is refused instead of executed.
+    unpickled is refused instead of executed. A zip-format file is first checked against its checksums
+    ([`_check_zip_checksums`]); every tensor must hold floating-point values, but the obsolete GPT-2 buffers that the
+    converter drops (`OBSOLETE_GPT2_KEY`).
     """
     path = Path(checkpoint)
     if path.is_dir():
@@ -137,6 +144,7 @@ def load_original_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
         raise IsADirectoryError(f"Checkpoint {path} is a folder; give the released .pt file, e.g. {example}.")
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
+    _check_zip_checksums(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -184,9 +192,44 @@ def load_original_state_dict(checkpoint: str | Path) -> dict[str, torch.Tensor]:
                 f"{path}: entry {key!r} is a quantized tensor ({value.dtype}), which the converter does not read; "
                 "convert the checkpoint of float weights (`tensor.dequantize()`)."
             )
+        # Not cast: integers, booleans or complex numbers in a weight's place are no weights of a released model.
+        if not value.is_floating_point() and not OBSOLETE_GPT2_KEY.fullmatch(key):
+            raise ValueError(
+                f"{path}: entry {key!r} holds {value.dtype} values, not floating-point weights (the released "
+                "checkpoints hold float32 ones); convert the checkpoint as it was released, not one cast by another "
+                "tool."
+            )
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise ValueError(f"{path}: entry {key!r} holds NaN or infinite values; the checkpoint is damaged.")
     return dict(state)
+
+
+def _check_zip_checksums(path: Path) -> None:
+    """
+    Refuse a damaged zip-format checkpoint (what `torch.save` writes since PyTorch 1.6), which `torch.load` would load
+    without checking its CRC-32 checksums: a download damaged inside a tensor's values gives changed weights. Reads the
+    whole file once (about a second per gigabyte). A legacy-format file has no checksums, and a file of another format
+    is left to `torch.load` to name.
+    """
+    with open(path, "rb") as file:
+        if file.read(4) != b"PK\x03\x04":  # a zip archive's first record
+            return
+    if not zipfile.is_zipfile(path):
+        problem = "it is cut short (it lacks the directory of records that ends a zip archive)"
+    else:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                damaged = archive.testzip()
+        except (zipfile.BadZipFile, EOFError, zlib.error) as error:  # a damaged directory or record header
+            problem = f"its zip structure is broken ({error})"
+        else:
+            if damaged is None:
+                return
+            problem = f"its record {damaged!r} does not match its CRC-32 checksum or its header"
+    raise ValueError(
+        f"{path} is damaged: {problem}, so it is not the file `torch.save` wrote (an interrupted or corrupted "
+        f"download, or a failing disk). Download it again ({OFFICIAL_CODE_URL} links the released files)."
+    )
 
 
 def _weights_only_reason(error: Exception) -> str:
@@ -500,9 +543,10 @@ def convert_original_checkpoint(
         lm_num_heads (`int`, *optional*):
             GPT-2's head count, for a non-standard LM width (defaults to `n_embd // 64`).
         overwrite (`bool`, *optional*, defaults to `False`):
-            Replace an existing `output_dir` that an earlier conversion wrote and that holds nothing else (its
-            `clipcap_conversion.json` lists what it wrote); never the current folder, one of its parents or a folder
-            holding `checkpoint`. An empty `output_dir` is written without it.
+            Replace an existing `output_dir` that an earlier conversion wrote, that holds nothing else and none of
+            whose files was changed since (its `clipcap_conversion.json` lists what it wrote, with their sha256);
+            never the current folder, one of its parents or a folder holding `checkpoint`. An empty `output_dir` is
+            written without it.
         tolerance (`float`, *optional*, defaults to 1e-4):
             Largest |logit difference| allowed between the converted model and the original computation.
 
@@ -705,14 +749,21 @@ def _tower_image_embeds(tower: torch.nn.Module, pixel_values: torch.Tensor) -> t
 def _original_stop_token_ids(tokenizer, tokenizer_name: str, gpt2_config: GPT2Config) -> list[int]:
     """
     The '.' token the original decoders stop at, then the end-of-text token, which we also stop at. Sets the GPT-2
-    config's BOS/EOS to the tokenizer's, and checks that the tokenizer fits the checkpoint's vocabulary.
+    config's BOS/EOS to the tokenizer's, and checks that the tokenizer fits the checkpoint's vocabulary: as large, or
+    smaller by no more than padding explains ([`_padding_explains`]).
     """
     if len(tokenizer) > gpt2_config.vocab_size:
         raise ValueError(
             f"The tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but the checkpoint's GPT-2 embeds only "
             f"{gpt2_config.vocab_size}; use the tokenizer the checkpoint was trained with (GPT-2's)."
         )
-    if len(tokenizer) < gpt2_config.vocab_size:  # a vocabulary padded past the tokenizer's (to a multiple of 64, say)
+    if not _padding_explains(len(tokenizer), gpt2_config.vocab_size):
+        raise ValueError(
+            f"The tokenizer {tokenizer_name!r} has {len(tokenizer)} tokens but the checkpoint's GPT-2 embeds "
+            f"{gpt2_config.vocab_size}, more than padding its vocabulary (to a multiple of 64, say) would add: the "
+            "checkpoint was trained with another tokenizer. Use that one (GPT-2's, for the released checkpoints)."
+        )
+    if len(tokenizer) < gpt2_config.vocab_size:
         logger.warning(
             f"The checkpoint's GPT-2 embeds {gpt2_config.vocab_size} tokens and the tokenizer {tokenizer_name!r} has "
             f"{len(tokenizer)}: the image token takes row {len(tokenizer)}, which no token of this tokenizer uses. If "
@@ -728,11 +779,22 @@ def _original_stop_token_ids(tokenizer, tokenizer_name: str, gpt2_config: GPT2Co
     return stop_ids if tokenizer.eos_token_id is None else [stop_ids[0], tokenizer.eos_token_id]
 
 
+def _padding_explains(tokens: int, vocab_size: int) -> bool:
+    """
+    Whether a vocabulary of `vocab_size` rows can be that of a `tokens`-token tokenizer: the same size, or that size
+    rounded up to a multiple of a power of two of at most `MAX_VOCABULARY_PADDING_MULTIPLE`.
+    """
+    largest_power_of_two = vocab_size & -vocab_size  # that divides `vocab_size`
+    return 0 <= vocab_size - tokens < min(largest_power_of_two, MAX_VOCABULARY_PADDING_MULTIPLE)
+
+
 def _check_output_dir(output_dir: Path, checkpoint: Path, overwrite: bool) -> None:
     """
     A new or empty `output_dir` is written. An existing one is replaced only with `overwrite`, and only if an earlier
-    conversion wrote it and nothing else was put there since: a folder that merely holds a ClipCap model may be a
-    training run's, with checkpoints and notes that replacing it would delete.
+    conversion wrote it, nothing else was put there since and none of its files was changed (a model card edited
+    for publishing, say): a folder that merely holds a ClipCap model may be a training run's, with checkpoints and notes
+    that replacing it would delete. The files of a conversion whose record has no sha256 (by an earlier version) are
+    replaced as they are.
     """
     # Checked before the work: the folder is written whole beside itself at the end (`write_folder_atomically`).
     check_output_folder(output_dir, "`output_dir` (--output)", "write the converted model to", written_beside=True)
@@ -751,30 +813,51 @@ def _check_output_dir(output_dir: Path, checkpoint: Path, overwrite: bool) -> No
         raise ValueError(f"{output_dir} already exists; remove it or pass overwrite=True (--overwrite).")
     if resolved in checkpoint.resolve().parents:
         raise ValueError(f"Refusing to replace {output_dir}: it holds the checkpoint {checkpoint}.")
-    written = _files_written_by_conversion(output_dir)
-    if written is None:
+    record = _conversion_record(output_dir)
+    if record is None:
         raise ValueError(
             f"Refusing to replace {output_dir}: overwrite=True (--overwrite) only replaces a folder that an earlier "
             f"conversion wrote, and it has no {CONVERSION_RECORD} (the conversion's list of its files); it holds "
             f"{_names(entries)}. Remove it yourself or choose another folder."
         )
+    written, sha256 = record
     unexpected = [name for name in entries if name not in written]
     if unexpected:
         raise ValueError(
             f"Refusing to replace {output_dir}: it holds {_names(unexpected)}, which the earlier conversion did not "
             "write and replacing the folder would delete. Move them elsewhere or choose another folder."
         )
+    # A file removed since is not lost: the conversion writes it again.
+    changed = [name for name in entries if name in sha256 and _changed(output_dir / name, sha256[name])]
+    if changed:
+        them = "it" if len(changed) == 1 else "them"
+        raise ValueError(
+            f"Refusing to replace {output_dir}: {_names(changed)} changed since the earlier conversion wrote {them}, "
+            f"and replacing the folder would lose the changes. Move {them} out of the folder to keep {them} (or delete "
+            f"{them} to discard the changes), then convert again; or choose another folder."
+        )
 
 
-def _files_written_by_conversion(folder: Path) -> set[str] | None:
-    """The names that the conversion which wrote `folder` put there, from its record; None without a valid record."""
+def _conversion_record(folder: Path) -> tuple[set[str], dict[str, str]] | None:
+    """
+    The names that the conversion which wrote `folder` put there, and the sha256 of each of its files (none in the
+    record of an earlier version), from its record; None without a valid record.
+    """
     try:
-        files = read_json(folder / CONVERSION_RECORD)["files"]
-    except (OSError, ValueError, TypeError, KeyError):  # no record, not JSON, not the record's shape
+        record = read_json(folder / CONVERSION_RECORD)
+        files, sha256 = record["files"], record.get("sha256", {})
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):  # no record, not JSON, not the record's shape
         return None
     if not isinstance(files, list) or not all(isinstance(name, str) for name in files):
         return None
-    return {*files, CONVERSION_RECORD}
+    if not isinstance(sha256, dict) or not all(isinstance(digest, str) for digest in sha256.values()):
+        return None
+    return {*files, CONVERSION_RECORD}, sha256
+
+
+def _changed(path: Path, sha256: str) -> bool:
+    """Whether the entry `path`, a file a conversion wrote with this sha256, was changed since (it writes no links)."""
+    return path.is_symlink() or not path.is_file() or _sha256(path) != sha256
 
 
 def _write_atomically(
@@ -786,17 +869,20 @@ def _write_atomically(
     verify: Callable[[Path], None],
 ) -> None:
     """
-    Write the model, the processor, the model card and `record` (to which the list of the folder's files is added, for
-    a later `overwrite`), `verify` them, and only then put them in place as `output_dir` (`write_folder_atomically`:
-    an earlier conversion there, or an empty folder, stays until then, and stays if anything fails).
+    Write the model, the processor, the model card and `record` (to which the folder's files and their sha256 are
+    added, for a later `overwrite`), `verify` them, and only then put them in place as `output_dir`
+    (`write_folder_atomically`: an earlier conversion there, or an empty folder, stays until then, and stays if
+    anything fails).
     """
 
     def write(staging: Path) -> None:
         save_pretrained(staging, model, processor)
         (staging / "README.md").write_text(card, encoding="utf-8")
         files = sorted(child.name for child in staging.iterdir())
-        (staging / CONVERSION_RECORD).write_text(json.dumps({**record, "files": files}, indent=2) + "\n",
-                                                 encoding="utf-8")
+        sha256 = {name: _sha256(staging / name) for name in files}
+        (staging / CONVERSION_RECORD).write_text(
+            json.dumps({**record, "files": files, "sha256": sha256}, indent=2) + "\n", encoding="utf-8"
+        )
         verify(staging)
 
     write_folder_atomically(output_dir, write)  # `_check_output_dir` checked it: empty, or replaced with `overwrite`

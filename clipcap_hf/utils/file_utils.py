@@ -22,6 +22,7 @@ import shutil
 import stat
 import unicodedata
 import uuid
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, TextIO
@@ -359,7 +360,8 @@ def write_folder_atomically(folder: str | os.PathLike[str], write: Callable[[Pat
     `write(staging)` into a new folder beside `folder`, then rename it to `folder`: a folder there before (an earlier
     output, or an empty folder) is renamed aside first and deleted last. A failure leaves `folder` as it was and
     removes what was written, and the parent folders created here; a process killed part-way leaves its hidden
-    `.partial` folder behind, never a half-written `folder` that a rerun would take as done.
+    `.partial` folder behind (or the earlier folder renamed aside, `.old`), never a half-written `folder` that a rerun
+    would take as done. The next write of `folder` names such leftovers in a warning ([`_warn_of_leftovers`]).
 
     A `folder` that is a link is written where it points. One that is a mount point (a container's volume), which
     cannot be renamed, is written into a hidden folder inside it, and its entries are then replaced by the new ones
@@ -373,6 +375,7 @@ def write_folder_atomically(folder: str | os.PathLike[str], write: Callable[[Pat
     mount_point = os.path.ismount(folder)
     staging = (folder if mount_point else folder.parent) / f".{folder.name}.{secrets.token_hex(8)}.partial"
     aside = staging.with_suffix(".old")
+    _warn_of_leftovers(folder, staging.parent)
     try:
         staging.mkdir(parents=True)
         write(staging)
@@ -397,6 +400,28 @@ def write_folder_atomically(folder: str | os.PathLike[str], write: Callable[[Pat
     shutil.rmtree(aside, ignore_errors=True)
     if mount_point:
         staging.rmdir()
+
+
+def _warn_of_leftovers(folder: Path, parent: Path) -> None:
+    """
+    Warn of the hidden folders that earlier writes of `folder` left in `parent` when their process was killed (no
+    cleanup ran): `.partial` ones hold an unfinished new folder, `.old` ones the earlier folder renamed aside. They are
+    named, not deleted: their writer may be another process, still running.
+    """
+    if not parent.is_dir():
+        return
+    leftover = re.compile(rf"\.{re.escape(folder.name)}\.[0-9a-f]{{16}}\.(partial|old)")
+    found = sorted(path for path in parent.iterdir() if leftover.fullmatch(path.name))
+    if not found:
+        return
+    names = ", ".join(str(path) for path in found)
+    warnings.warn(
+        f"Found {names}: hidden folders that a write of {folder} leaves behind when its process is killed part-way (a "
+        f"`.partial` folder holds an unfinished new {folder.name}, an `.old` one the {folder.name} it was replacing). "
+        f"Not deleted, as another process may be writing {folder} now; once none is, delete them (where {folder} "
+        "itself is missing, rename its `.old` folder back to it first).",
+        stacklevel=3,
+    )
 
 
 def move_entries(source: Path, folder: Path, aside: Path, names: list[str], clear: list[str] = ()) -> None:
