@@ -9,6 +9,7 @@ It needs torch only, on purpose: `modeling_clipcap.py` imports it, so it is save
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -56,8 +57,26 @@ class PrefixInterpretation:
         return "\n".join(f"{position:>3}: {line}" for position, line in enumerate(self.format_matches()))
 
 
+def count_candidate_tokens(num_embeddings: int, tokenizer=None, excluded_token_ids: Iterable[int] = ()) -> int:
+    """
+    How many tokens [`interpret_prefix_embeds`] chooses among, the most `top_k` may be: the embedding rows that the
+    tokenizer (or processor), when given, has tokens for, less the excluded ones.
+    """
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor decodes with its tokenizer
+    vocab_size = num_embeddings if tokenizer is None else min(num_embeddings, len(tokenizer))
+    return vocab_size - len(_excluded_rows(excluded_token_ids, vocab_size))
+
+
+def _excluded_rows(excluded_token_ids: Iterable[int], vocab_size: int) -> list[int]:
+    """The excluded token ids that are rows of a vocabulary of `vocab_size` tokens, each once, in order."""
+    return sorted({token_id for token_id in excluded_token_ids if 0 <= token_id < vocab_size})
+
+
 def nearest_tokens(
-    prefix_embeds: torch.Tensor, token_embeddings: torch.Tensor, top_k: int = 5
+    prefix_embeds: torch.Tensor,
+    token_embeddings: torch.Tensor,
+    top_k: int = 5,
+    excluded_token_ids: Iterable[int] = (),
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """
     The `top_k` tokens whose embeddings are most cosine-similar to each prefix vector.
@@ -69,6 +88,9 @@ def nearest_tokens(
             The language model's input embedding matrix.
         top_k (`int`, *optional*, defaults to 5):
             How many tokens to keep per prefix vector.
+        excluded_token_ids (`Iterable[int]`, *optional*):
+            Tokens that are never candidates, e.g. ClipCap's image placeholder token (`config.image_token_id`), which
+            no text holds.
 
     Returns:
         `tuple(torch.Tensor, torch.Tensor)`: the similarities and the token ids, both of shape
@@ -86,20 +108,40 @@ def nearest_tokens(
             "`token_embeddings` must have shape (vocab_size, width), got "
             f"{tuple(token_embeddings.shape)}; pass the language model's input embedding matrix."
         )
-    if top_k < 1 or top_k > token_embeddings.shape[0]:
-        raise ValueError(
-            f"`top_k` must be between 1 and the vocabulary size ({token_embeddings.shape[0]}), got {top_k}."
-        )
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise TypeError(f"`top_k` must be an int, how many tokens to keep per prefix vector; got {top_k!r}.")
+    excluded = _excluded_rows(excluded_token_ids, token_embeddings.shape[0])
+    candidates = token_embeddings.shape[0] - len(excluded)
+    if top_k < 1 or top_k > candidates:
+        without = f", not counting the excluded tokens {excluded}" if excluded else ""
+        raise ValueError(f"`top_k` must be between 1 and the vocabulary size ({candidates}{without}), got {top_k}.")
     if prefix_embeds.shape[-1] != token_embeddings.shape[-1]:
         raise ValueError(
             f"Prefix vectors have width {prefix_embeds.shape[-1]} but token embeddings have width "
             f"{token_embeddings.shape[-1]}; they must come from the same model."
         )
+    _check_finite(prefix_embeds)
     # float32: half-precision cosine similarities lose the ordering between close tokens.
     prefix = F.normalize(prefix_embeds.detach().float(), dim=-1)
     vocabulary = F.normalize(token_embeddings.detach().to(prefix.device, torch.float32), dim=-1)
     similarities = prefix @ vocabulary.T
+    similarities[..., excluded] = float("-inf")  # never chosen: `top_k` is at most the other tokens' count
     return similarities.topk(top_k, dim=-1)
+
+
+def _check_finite(prefix_embeds: torch.Tensor) -> None:
+    """Refuse NaN or infinite prefix vectors, which have no direction: they would read as arbitrary tokens."""
+    bad = ~torch.isfinite(prefix_embeds.detach()).all(dim=-1)
+    if not bool(bad.any()):
+        return
+    images = bad.any(dim=-1).nonzero().flatten().tolist()
+    where = "; ".join(
+        f"image {image}: positions {bad[image].nonzero().flatten().tolist()}" for image in images[:3]
+    ) + ("; ..." if len(images) > 3 else "")
+    raise ValueError(
+        f"`prefix_embeds` holds NaN or infinite values ({where}), which match no token. The model likely overflowed, "
+        "as float16 does: run it in float32 or bfloat16, or check the image embeddings and the model's weights."
+    )
 
 
 def _byte_level_alphabet() -> dict[str, int]:
@@ -127,8 +169,8 @@ def _token_text(tokenizer, token_id: int) -> str:
     """
     A token's own text, a word-start token's leading space kept: GPT-2's byte-level "Ġdo" decodes to " do" alone, and
     SentencePiece's "▁do", which `decode` gives as "do" (the start of a text), reads " do" too. A byte-level token
-    holding part of a multi-byte character, which decodes to U+FFFD alone, shows its bytes instead: GPT-2's "Ã" (byte
-    0xC3, the first half of "é") as "<0xC3>".
+    holding part of a multi-byte character, which decodes to U+FFFD alone, shows those bytes instead, and its other
+    characters as they are: GPT-2's "Ã" (byte 0xC3, the first half of "é") as "<0xC3>", "Ãm" as "<0xC3>m".
     """
     # Without the clean-up that drops the space before punctuation (" ," would read ","), which 4.x tokenizers saved
     # with `clean_up_tokenization_spaces=True` apply to byte-level tokens too.
@@ -141,14 +183,20 @@ def _token_text(tokenizer, token_id: int) -> str:
     if not isinstance(token, str) or not token or any(char not in _BYTE_LEVEL_ALPHABET for char in token):
         return text  # not a byte-level token (sentencepiece's byte tokens already read "<0xC3>")
     raw = bytes(_BYTE_LEVEL_ALPHABET[char] for char in token)
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        return raw[: error.start].decode("utf-8") + "".join(f"<0x{byte:02X}>" for byte in raw[error.start :])
+    # Each byte outside a complete character becomes a lone surrogate (U+DC00 + byte), shown as its value; the
+    # characters after it read as themselves.
+    return "".join(
+        f"<0x{ord(char) - 0xDC00:02X}>" if "\udc80" <= char <= "\udcff" else char
+        for char in raw.decode("utf-8", errors="surrogateescape")
+    )
 
 
 def interpret_prefix_embeds(
-    prefix_embeds: torch.Tensor, token_embeddings: torch.Tensor, tokenizer=None, top_k: int = 5
+    prefix_embeds: torch.Tensor,
+    token_embeddings: torch.Tensor,
+    tokenizer=None,
+    top_k: int = 5,
+    excluded_token_ids: Iterable[int] = (),
 ) -> list[PrefixInterpretation]:
     """
     Read a batch of prefixes back as tokens: each prefix vector's `top_k` nearest tokens by cosine similarity.
@@ -163,14 +211,23 @@ def interpret_prefix_embeds(
             candidates to its vocabulary: embedding matrices padded beyond it hold rows that are never a token.
         top_k (`int`, *optional*, defaults to 5):
             How many tokens to keep per prefix vector.
+        excluded_token_ids (`Iterable[int]`, *optional*):
+            Tokens that are never candidates: pass ClipCap's image placeholder token (`config.image_token_id`), which
+            no text holds, as [`ClipCapForConditionalGeneration.interpret_prefix`] does.
 
     Returns:
         `list[PrefixInterpretation]`: one per image.
     """
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor decodes with its tokenizer
     if tokenizer is not None:
+        if not all(callable(getattr(tokenizer, name, None)) for name in ("decode", "convert_ids_to_tokens")):
+            raise TypeError(
+                "`tokenizer` must be the language model's tokenizer or the model's processor, objects with `decode` "
+                f"and `convert_ids_to_tokens`; got the {type(tokenizer).__name__} {tokenizer!r:.100}. Load it first, "
+                "e.g. `AutoProcessor.from_pretrained(model_folder)`."
+            )
         token_embeddings = token_embeddings[: len(tokenizer)]
-    similarities, token_ids = nearest_tokens(prefix_embeds, token_embeddings, top_k)
+    similarities, token_ids = nearest_tokens(prefix_embeds, token_embeddings, top_k, excluded_token_ids)
     similarities, token_ids = similarities.tolist(), token_ids.tolist()
     interpretations = []
     for image_similarities, image_token_ids in zip(similarities, token_ids):
@@ -183,4 +240,6 @@ def interpret_prefix_embeds(
     return interpretations
 
 
-__all__ = ["PrefixInterpretation", "TokenMatch", "interpret_prefix_embeds", "nearest_tokens"]
+__all__ = [
+    "PrefixInterpretation", "TokenMatch", "count_candidate_tokens", "interpret_prefix_embeds", "nearest_tokens"
+]

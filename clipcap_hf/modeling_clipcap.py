@@ -935,6 +935,16 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
                 f"width){sides}, normalised as the vision tower reads them; got {given}. Make them with this model's "
                 "processor (ClipCapProcessor / AutoProcessor): `processor(images=images)`."
             )
+        # transformers towers interpolate or patch other sizes, or name the size themselves; open_clip's fail naming
+        # no input.
+        size = self.vision_model.fixed_image_size if self.config.vision_backend == "open_clip" else None
+        if size is not None and tuple(pixel_values.shape[2:]) != size:
+            raise ValueError(
+                f"`pixel_values` must be images of {size[0]}x{size[1]} pixels (height x width), the size of this "
+                "model's open_clip vision tower (config.open_clip_model_cfg['vision_cfg']['image_size']); got "
+                f"{pixel_values.shape[2]}x{pixel_values.shape[3]}. Make them with this model's processor "
+                "(ClipCapProcessor / AutoProcessor), which resizes and crops to that size: `processor(images=images)`."
+            )
 
     def _vision_inputs(self, pixel_values: torch.FloatTensor) -> dict[str, torch.Tensor]:
         """The tower's inputs for a batch of images `(batch, channels, height, width)`, checked here."""
@@ -1053,7 +1063,8 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
 
         Returns:
             `list[PrefixInterpretation]` (from `clipcap_hf.interpretability`): one per image; its `tokens` are the
-            nearest token of each prefix vector and its `matches` hold the ids, tokens and similarities.
+            nearest token of each prefix vector and its `matches` hold the ids, tokens and similarities. The image
+            placeholder token (`config.image_token_id`), which no text holds, is never among them.
 
         Example:
 
@@ -1065,7 +1076,9 @@ class ClipCapForConditionalGeneration(ClipCapPreTrainedModel, GenerationMixin):
         from .interpretability import interpret_prefix_embeds
 
         prefix_embeds = self.get_prefix_embeds(pixel_values=pixel_values, image_embeds=image_embeds)
-        return interpret_prefix_embeds(prefix_embeds, self.get_input_embeddings().weight, tokenizer, top_k)
+        return interpret_prefix_embeds(
+            prefix_embeds, self.get_input_embeddings().weight, tokenizer, top_k, [self.config.image_token_id]
+        )
 
     def get_placeholder_mask(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.FloatTensor

@@ -248,6 +248,18 @@ class ClipCapOpenClipVisionModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
 
+    @property
+    def fixed_image_size(self) -> tuple[int, int] | None:
+        """
+        The `(height, width)` of the images the tower takes, the only size its position embeddings fit (open_clip's
+        ViT and ModifiedResNet towers); `None` for a timm tower, which its config does not fix to one size.
+        """
+        vision_cfg = self.model_cfg["vision_cfg"]
+        if vision_cfg.get("timm_model_name"):
+            return None
+        size = vision_cfg.get("image_size", 224)  # open_clip's default (`CLIPVisionCfg.image_size`)
+        return (size, size) if isinstance(size, int) else tuple(size)
+
     def forward(self, pixel_values: torch.FloatTensor) -> torch.FloatTensor:
         """The projected image embedding, shape `(batch_size, embed_dim)`."""
         embeds = self.visual(pixel_values)

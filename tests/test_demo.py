@@ -241,9 +241,9 @@ def test_demo_command_serves_examples_to_pick(saved_model_dir, tmp_path, browser
 def test_demo_command_checks_top_k_before_launching(saved_model_dir, processor, monkeypatch, capsys):
     gradio = pytest.importorskip("gradio", reason=GRADIO_MISSING)
     monkeypatch.setattr(gradio.Blocks, "launch", lambda demo, **kwargs: pytest.fail("the demo was launched"))
-    vocab_size = len(processor.tokenizer)
-    assert main(["demo", "--model", str(saved_model_dir), "--top-k", str(vocab_size + 1)]) == 2
-    message = f"--top-k must be at most the vocabulary size ({vocab_size}), got {vocab_size + 1}"
+    candidates = len(processor.tokenizer) - 1  # the image token is never one
+    assert main(["demo", "--model", str(saved_model_dir), "--top-k", str(candidates + 1)]) == 2
+    message = f"--top-k must be at most the vocabulary size less the image token ({candidates}), got {candidates + 1}"
     assert message in capsys.readouterr().err
 
 

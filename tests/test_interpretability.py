@@ -79,8 +79,9 @@ def test_ranking_is_by_cosine_similarity_not_by_dot_product(tokenizer):
         assert [match.token_id for match in position[:3]] == [a, b, d]
         assert [match.token for match in position[:3]] == [" do", "at", "!"]
         assert [match.similarity for match in position] == pytest.approx([1.0, 0.6, 0.5, 0.0], abs=1e-5)
+    # Every candidate: the whole vocabulary but the image token.
     (interpretation,) = model.interpret_prefix(image_embeds=torch.randn(1, model.config.prefix_dim),
-                                               top_k=len(tokenizer))
+                                               top_k=len(tokenizer) - 1)
     assert interpretation.matches[0][-1].token_id == c
     assert interpretation.matches[0][-1].similarity == pytest.approx(-1.0, abs=1e-5)
 
@@ -160,6 +161,7 @@ def test_nearest_tokens_match_a_brute_force_search(tokenizer, mapping_type):
         assert len(interpretation.matches) == model.config.prefix_length
         for position, matches in enumerate(interpretation.matches):
             scores = torch.cosine_similarity(prefix[image, position][None], embeddings, dim=-1).tolist()
+            scores[model.config.image_token_id] = float("-inf")  # never a candidate: no text holds it
             best = sorted(range(len(scores)), key=scores.__getitem__, reverse=True)[:2]
             assert [match.token_id for match in matches] == best
             assert [match.similarity for match in matches] == pytest.approx([scores[i] for i in best], abs=1e-5)
@@ -169,6 +171,127 @@ def test_nearest_tokens_match_a_brute_force_search(tokenizer, mapping_type):
 def test_top_k_out_of_range_is_rejected(mlp_model, top_k):
     with pytest.raises(ValueError, match="`top_k` must be between 1 and the vocabulary size"):
         mlp_model.interpret_prefix(image_embeds=torch.randn(1, mlp_model.config.prefix_dim), top_k=top_k)
+
+
+@pytest.mark.parametrize("top_k", [2.0, "3", None, True])
+def test_top_k_that_is_not_an_int_is_named(mlp_model, top_k):
+    # Before, bare TypeErrors from torch or a comparison, and True read as 1.
+    with pytest.raises(TypeError) as caught:
+        mlp_model.interpret_prefix(image_embeds=torch.randn(1, mlp_model.config.prefix_dim), top_k=top_k)
+    assert str(caught.value) == f"`top_k` must be an int, how many tokens to keep per prefix vector; got {top_k!r}."
+
+
+@pytest.mark.parametrize("top_k", [5, 3])
+def test_a_tokenizer_name_instead_of_a_tokenizer_is_named(mlp_model, top_k):
+    # Before: "`top_k` must be between 1 and the vocabulary size (4)" (the name's length), or an AttributeError.
+    with pytest.raises(TypeError) as caught:
+        mlp_model.interpret_prefix(image_embeds=torch.randn(1, mlp_model.config.prefix_dim), tokenizer="gpt2",
+                                   top_k=top_k)
+    assert str(caught.value) == (
+        "`tokenizer` must be the language model's tokenizer or the model's processor, objects with `decode` and "
+        "`convert_ids_to_tokens`; got the str 'gpt2'. Load it first, e.g. "
+        "`AutoProcessor.from_pretrained(model_folder)`."
+    )
+
+
+def test_non_finite_prefix_vectors_are_refused_naming_images_and_positions(tokenizer):
+    # NaN prefixes (a float16 overflow) were read as the first tokens of the vocabulary, with similarity nan.
+    prefix = torch.randn(5, 4, 8)
+    prefix[1, 0, 3] = prefix[1, 2, 0] = float("nan")
+    prefix[2, 3, 7] = float("inf")
+    prefix[3, 1, 1] = prefix[4, 0, 0] = float("-inf")
+    with pytest.raises(ValueError) as caught:
+        interpret_prefix_embeds(prefix, torch.randn(50, 8), tokenizer, top_k=2)
+    assert str(caught.value) == (
+        "`prefix_embeds` holds NaN or infinite values (image 1: positions [0, 2]; image 2: positions [3]; image 3: "
+        "positions [1]; ...), which match no token. The model likely overflowed, as float16 does: run it in float32 "
+        "or bfloat16, or check the image embeddings and the model's weights."
+    )
+    with pytest.raises(ValueError, match=r"^`prefix_embeds` holds NaN or infinite values \(image 0: positions \[1\]\)"):
+        interpret_prefix_embeds(torch.tensor([[[1.0, 0.0], [float("nan"), 1.0]]]), torch.eye(2), top_k=1)
+
+
+@pytest.fixture
+def image_token_nearest(tokenizer):
+    """
+    A tiny model whose every prefix vector is e0 and whose image token's embedding is 3 * e0 (cosine similarity 1,
+    as a trained GPT-2's tied embeddings may move it), ' do' at similarity 0.6 next, every other token orthogonal.
+    """
+    model = tiny_model(tokenizer, "mlp")
+    embeddings = model.get_input_embeddings().weight
+    e0, e1 = torch.eye(embeddings.shape[1])[:2]
+    with torch.no_grad():
+        embeddings[:, :2] = 0
+        embeddings[model.config.image_token_id] = 3 * e0
+        embeddings[token_id(tokenizer, " do")] = 0.6 * e0 + 0.8 * e1
+    set_constant_prefix(model, e0.expand(model.config.prefix_length, -1))
+    return model
+
+
+def test_the_image_token_is_never_a_candidate(image_token_nearest, tokenizer, processor):
+    model = image_token_nearest
+    image_token_id = model.config.image_token_id
+    assert image_token_id == len(tokenizer) - 1  # "<image>", a token of the tokenizer: the last embedding row
+    image_embeds = torch.randn(1, model.config.prefix_dim)
+    for decoder in (None, tokenizer, processor):
+        (interpretation,) = model.interpret_prefix(image_embeds=image_embeds, tokenizer=decoder, top_k=2)
+        for position in interpretation.matches:
+            assert position[0].token_id == token_id(tokenizer, " do")
+            assert position[0].similarity == pytest.approx(0.6, abs=1e-6)
+            assert position[1].similarity == pytest.approx(0.0, abs=1e-6)
+    # Every candidate: the vocabulary but the image token; one more is refused, counting without it.
+    (interpretation,) = model.interpret_prefix(image_embeds=image_embeds, tokenizer=tokenizer,
+                                               top_k=len(tokenizer) - 1)
+    assert sorted(match.token_id for match in interpretation.matches[0]) == list(range(len(tokenizer) - 1))
+    with pytest.raises(ValueError) as caught:
+        model.interpret_prefix(image_embeds=image_embeds, top_k=len(tokenizer))
+    assert str(caught.value) == (
+        f"`top_k` must be between 1 and the vocabulary size ({len(tokenizer) - 1}, not counting the excluded tokens "
+        f"[{image_token_id}]), got {len(tokenizer)}."
+    )
+    # interpret_prefix_embeds excludes only what it is told to: the image token is the nearest row.
+    with torch.no_grad():
+        prefix = model.get_prefix_embeds(image_embeds=image_embeds)
+    (interpretation,) = interpret_prefix_embeds(prefix, model.get_input_embeddings().weight, tokenizer, top_k=1)
+    assert interpretation.tokens == ["<image>"] * model.config.prefix_length
+
+
+def test_interpret_command_never_shows_the_image_token(image_token_nearest, processor, tmp_path, capsys):
+    image_token_nearest.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    random_images(1)[0].save(tmp_path / "image.png")
+    argv = ["interpret", str(tmp_path / "image.png"), "--model", str(tmp_path / "model")]
+    assert main([*argv, "--top-k", "1"]) == 0
+    lines = [f"  {position}: ' do' 0.600" for position in range(4)]
+    assert capsys.readouterr().out.splitlines() == [str(tmp_path / "image.png"), *lines]
+    # --top-k counts the candidates without it: the whole tokenizer is one too many.
+    vocab_size = len(processor.tokenizer)
+    assert main([*argv, "--top-k", str(vocab_size)]) == 2
+    message = f"--top-k must be at most the vocabulary size less the image token ({vocab_size - 1}), got {vocab_size}."
+    assert message in capsys.readouterr().err
+
+
+def test_byte_level_tokens_show_the_bytes_of_incomplete_characters_and_the_others_as_text():
+    # GPT-2's byte-level alphabet writes the bytes 0xAE-0xFF as the Latin-1 characters of the same value, and ASCII
+    # letters as themselves: "Ã" is 0xC3 (the first half of "é", 0xC3 0xA9), "õ" 0xF5 (never valid in UTF-8).
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    merged = {"Ã©": ("Ã", "©"), "Ã": None, "õm": ("õ", "m"), "Ãm": ("Ã", "m"), "mÃ": ("m", "Ã"), "Ãõm": ("Ã", "õm")}
+    vocab = {char: index for index, char in enumerate(sorted(alphabet))}
+    for token in merged:
+        vocab.setdefault(token, len(vocab))
+    pieces = Tokenizer(models.BPE(vocab, [pair for pair in merged.values() if pair]))
+    pieces.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    pieces.decoder = decoders.ByteLevel()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=pieces)
+    ids = tokenizer.convert_tokens_to_ids(list(merged))
+    embeddings = torch.eye(len(tokenizer))  # each token nearest to itself alone
+    (interpretation,) = interpret_prefix_embeds(embeddings[ids][None], embeddings, tokenizer, top_k=1)
+    assert [position[0].token_id for position in interpretation.matches] == ids
+    # Before: "<0xF5><0x6D>", "<0xC3><0x6D>" and "<0xC3><0xF5><0x6D>", the letter m shown as a byte.
+    assert interpretation.tokens == ["é", "<0xC3>", "<0xF5>m", "<0xC3>m", "m<0xC3>", "<0xC3><0xF5>m"]
 
 
 @pytest.mark.parametrize(
@@ -238,9 +361,9 @@ def test_interpret_command_names_a_decompression_bomb(saved_words_model, monkeyp
 
 def test_interpret_command_names_the_option_when_top_k_exceeds_the_vocabulary(saved_words_model, processor, capsys):
     folder, image_path, _ = saved_words_model
-    vocab_size = len(processor.tokenizer)
-    assert main(["interpret", str(image_path), "--model", str(folder), "--top-k", str(vocab_size + 1)]) == 2
-    message = f"--top-k must be at most the vocabulary size ({vocab_size}), got {vocab_size + 1}"
+    candidates = len(processor.tokenizer) - 1  # the image token is never one
+    assert main(["interpret", str(image_path), "--model", str(folder), "--top-k", str(candidates + 1)]) == 2
+    message = f"--top-k must be at most the vocabulary size less the image token ({candidates}), got {candidates + 1}"
     assert message in capsys.readouterr().err
 
 

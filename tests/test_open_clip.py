@@ -404,3 +404,43 @@ def test_trust_remote_code_loads_an_open_clip_model_without_the_package(tmp_path
         tmp_path,
     )
     assert output == expected
+
+
+@pytest.mark.parametrize(
+    "kind, image_size, given",
+    [("resnet", 64, (32, 32)), ("vit", 32, (64, 64)), ("vit", [32, 48], (48, 32))],
+)
+def test_pixel_values_of_another_size_than_the_tower_s_are_refused_naming_the_size(kind, image_size, given):
+    # open_clip's ViT and ModifiedResNet take their config's image size alone; other sizes failed inside the tower
+    # ("The size of tensor a (2) must match the size of tensor b (5)"), naming no input.
+    model_cfg = dict(TINY_OPEN_CLIP_CFGS[kind])
+    model_cfg["vision_cfg"] = {**model_cfg["vision_cfg"], "image_size": image_size}
+    config = ClipCapConfig(vision_backend="open_clip", open_clip_model_cfg=model_cfg, text_config=tiny_gpt2_config(),
+                           prefix_length=3)
+    model = ClipCapForConditionalGeneration(config).eval()
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    message = (
+        f"`pixel_values` must be images of {height}x{width} pixels (height x width), the size of this model's "
+        f"open_clip vision tower (config.open_clip_model_cfg['vision_cfg']['image_size']); got {given[0]}x{given[1]}. "
+        "Make them with this model's processor (ClipCapProcessor / AutoProcessor), which resizes and crops to that "
+        "size: `processor(images=images)`."
+    )
+    bad = torch.randn(1, 3, *given)
+    for run in (model.get_image_embeds, model.interpret_prefix, lambda pixels: model.generate(pixel_values=pixels)):
+        with pytest.raises(ValueError) as caught:
+            run(bad)
+        assert str(caught.value) == message
+    assert model.get_image_embeds(torch.randn(2, 3, height, width)).shape == (2, 24)
+
+
+def test_a_timm_tower_takes_other_sizes_than_its_config_s():
+    # A timm tower is not fixed to its config's image size (a ConvNeXt pools whatever it is given): not refused.
+    model_cfg = {"embed_dim": 24, "vision_cfg": {"timm_model_name": "test_convnext", "image_size": 64,
+                                                 "timm_model_pretrained": False, "timm_pool": "avg",
+                                                 "timm_proj": "linear"}}
+    config = ClipCapConfig(vision_backend="open_clip", open_clip_model_cfg=model_cfg, text_config=tiny_gpt2_config(),
+                           prefix_length=3)
+    model = ClipCapForConditionalGeneration(config).eval()
+    assert model.vision_model.fixed_image_size is None
+    with torch.no_grad():
+        assert model.get_image_embeds(torch.randn(2, 3, 48, 40)).shape == (2, 24)

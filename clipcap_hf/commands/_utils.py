@@ -12,6 +12,7 @@ from pathlib import Path
 import PIL.Image
 import torch
 
+from ..interpretability import count_candidate_tokens
 from ..utils.loading import load_clipcap
 
 PIL.Image.init()  # registers every format plugin, so that the extensions below are complete
@@ -123,10 +124,14 @@ def load_model_and_processor(model_name_or_path: str, device: str | None = None)
 
 def check_top_k_fits_vocabulary(top_k: int, model, processor) -> None:
     """Say that `--top-k` is too large before any image is read, naming the option rather than `top_k`."""
-    # `interpret_prefix` chooses among the tokenizer's tokens that have an embedding row.
-    vocab_size = min(len(processor.tokenizer), model.get_input_embeddings().num_embeddings)
-    if top_k > vocab_size:
-        raise ValueError(f"--top-k must be at most the vocabulary size ({vocab_size}), got {top_k}.")
+    # `interpret_prefix` chooses among the tokenizer's tokens that have an embedding row, the image token excepted.
+    candidates = count_candidate_tokens(
+        model.get_input_embeddings().num_embeddings, processor, [model.config.image_token_id]
+    )
+    if top_k > candidates:
+        raise ValueError(
+            f"--top-k must be at most the vocabulary size less the image token ({candidates}), got {top_k}."
+        )
 
 
 def check_gallery_path(gallery: str, output_dir: str | None = None, taken: Iterable[str | os.PathLike] = ()) -> None:

@@ -134,7 +134,7 @@ def _read(
     with torch.no_grad():
         prefix_embeds = model.get_prefix_embeds(pixel_values=inputs.pop("pixel_values"))
     interpretation = interpret_prefix_embeds(
-        prefix_embeds, model.get_input_embeddings().weight, tokenizer=processor, top_k=top_k
+        prefix_embeds, model.get_input_embeddings().weight, processor, top_k, [model.config.image_token_id]
     )[0]
     text = None
     if caption:  # greedy, as `clipcap caption` by default
