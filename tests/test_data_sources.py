@@ -287,6 +287,20 @@ def test_a_row_without_an_image_is_named_or_skipped_with_a_warning_naming_it(tmp
         load_image_source(data_files=str(tmp_path / "data.parquet"), on_bad_image="drop")
 
 
+@pytest.mark.parametrize("null_rows", [[0], [2], [0, 1]], ids=["first", "last", "first two"])
+def test_rows_without_an_image_at_the_start_or_end_are_skipped(tmp_path, null_rows):
+    # The rows kept are then one run, which `datasets` selects as a slice (it failed on unsigned row numbers).
+    image = png_bytes(random_images(1)[0])
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    captions = ["A dog.", "A cat.", "A bird."]
+    images = [None if row in null_rows else {"bytes": image, "path": None} for row in range(3)]
+    datasets.Dataset.from_dict({"image": images, "caption": captions}, features=features).to_parquet(
+        str(tmp_path / "data.parquet")
+    )
+    kept = load_image_source(data_files=str(tmp_path / "data.parquet"), caption_column="caption", on_bad_image="skip")
+    assert [row["captions"] for row in kept] == [[captions[row]] for row in range(3) if row not in null_rows]
+
+
 @pytest.mark.parametrize(
     "files, message",
     [

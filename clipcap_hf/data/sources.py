@@ -813,7 +813,8 @@ def _without_null_images(
     report = "\n".join(f"  {_row_location(batch, named, row, source, file_rows)}" for row in range(len(named)))
     more = f"\n  ... and {len(missing) - len(named)} more" if len(missing) > len(named) else ""
     logger.warning(f"Skipped {len(missing)} row(s) without an image (on_bad_image='skip'):\n{report}{more}")
-    return keyed.select(pc.indices_nonzero(pc.invert(null)).to_numpy())
+    # Signed: `datasets` selects a contiguous run of rows as a slice, and fails on unsigned row numbers.
+    return keyed.select(pc.indices_nonzero(pc.invert(null)).cast(pyarrow.int64()).to_numpy())
 
 
 def _column_digest(dataset: datasets.Dataset, column: str) -> str:
