@@ -1452,6 +1452,76 @@ def test_an_output_in_the_folder_a_data_files_pattern_searches_is_refused_before
     assert not (folder / "captions").exists()
 
 
+def test_quoted_glob_patterns_and_comma_separated_data_files_are_read_and_resumed_as_the_files_they_name(
+    model_dir, parquet_source, tmp_path, capsys
+):
+    _, encoded = parquet_source
+    data = tmp_path / "data"
+    data.mkdir()
+    files = two_parquet_files(data, encoded)
+    output = tmp_path / "captions"
+    # As the shell passes them quoted: the command expands them, as `clipcap train` does.
+    assert main(streaming_argv(model_dir, [data / "part-*.parquet"], output)) == 0
+    assert "wrote 2 shard(s) of 2 (7 captions); 0 already finished" in capsys.readouterr().err
+    assert read_rows(output) == expected_rows(model_dir, encoded)
+    run_file = json.loads((output / "caption_run.json").read_text())
+    assert run_file["source"]["data_files"] == [os.path.realpath(file) for file in files]
+
+    # The same pattern, the files comma-separated or listed (as the shell expands the pattern): the same run, resumed.
+    for spelling in ([data / "part-*.parquet"], [f"{files[0]},{files[1]}"], files):
+        (output / "captions-00001-of-00002.parquet").unlink()
+        assert main(streaming_argv(model_dir, spelling, output)) == 0
+        assert "wrote 1 shard(s) of 2 (3 captions); 1 already finished" in capsys.readouterr().err
+    assert read_rows(output) == expected_rows(model_dir, encoded)
+
+    # Comma-separated files and patterns, read whole into other shards.
+    assert main(caption_argv(model_dir, f"{files[0]},{data}/part-1.*", tmp_path / "whole")) == 0
+    assert read_rows(tmp_path / "whole") == expected_rows(model_dir, encoded)
+    assert "wrote 3 shard(s) of 3 (7 captions)" in capsys.readouterr().err
+
+    # A pattern that matches nothing is named, before any work.
+    assert main(streaming_argv(model_dir, [f"{files[0]},{data}/other-*.parquet"], tmp_path / "none")) == 2
+    assert capsys.readouterr().err == (
+        f"clipcap caption: error: --data-files: No file matches '{data}/other-*.parquet'.\n")
+    assert not (tmp_path / "none").exists()
+
+
+def test_a_data_file_whose_name_holds_a_comma_is_read_as_named(model_dir, parquet_source, tmp_path):
+    source, encoded = parquet_source
+    named = tmp_path / "images,copy.parquet"  # as the shell passes it, from a pattern or quoted
+    named.write_bytes(source.read_bytes())
+    output = tmp_path / "captions"
+    assert main(caption_argv(model_dir, named, output)) == 0
+    assert read_rows(output) == expected_rows(model_dir, encoded)
+    assert json.loads((output / "caption_run.json").read_text())["source"]["data_files"] == [str(named)]
+
+
+@pytest.mark.parametrize(
+    "data_files, output, refused",
+    [
+        # A file, then a pattern that would read the shards of an --output one folder below on a rerun.
+        ("{source}/part/a.parquet,{source}/*/*.parquet", "{source}/captions",
+         "lies inside the folder {source} that --data-files {source}/*/*.parquet searches"),
+        # A pattern matching a folder, which is read whole (an image folder with its subfolders).
+        ("{source}/*", "{source}/part/captions", "lies inside the --data-files folder {source}/part"),
+    ],
+)
+def test_an_output_in_a_folder_that_a_pattern_searches_or_matches_is_refused_before_any_work(
+    tmp_path, capsys, data_files, output, refused
+):
+    source = tmp_path / "source"
+    (source / "part").mkdir(parents=True)
+    (source / "part" / "a.parquet").touch()
+    data_files, output, refused = (text.format(source=source) for text in (data_files, output, refused))
+    argv = ["caption", "--model", str(tmp_path / "nothing-loaded"), "--data-files", data_files, "--output", output]
+    assert main(argv) == 2
+    assert capsys.readouterr().err == (
+        f"clipcap caption: error: --output {output} {refused}: a rerun would read the caption shards written there "
+        "as source data. Give --output a folder outside it.\n"
+    )
+    assert sorted(path.name for path in source.rglob("*")) == ["a.parquet", "part"]
+
+
 def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path, capsys, monkeypatch):
     # Root writes into any folder whatever its mode, so the folder's lack of write permission is what os.access says.
     locked = tmp_path / "locked"

@@ -1,3 +1,4 @@
+import contextlib
 import html
 import io
 import json
@@ -6,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from conftest import random_images
+from conftest import random_images, tiny_config
 
 from clipcap_hf import ClipCapForConditionalGeneration, ClipCapProcessor
 from clipcap_hf.commands import main
@@ -181,6 +182,44 @@ def test_gallery_shows_an_unreadable_image_with_its_error(saved_model_dir, image
     assert page.count('class="unreadable"') == 1
     assert f'<div class="unreadable"><strong>{html.escape(str(unreadable))}</strong>' in page
     assert html.escape(unreadable_error(unreadable)) in page
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt(), SystemExit(143)])
+def test_a_run_stopped_by_the_user_keeps_an_earlier_gallery_and_a_failed_one_writes_its_captions(
+    saved_model_dir, image_folder, tmp_path, monkeypatch, capsys, stop
+):
+    import clipcap_hf.commands.caption as caption_command
+
+    gallery = tmp_path / "gallery.html"
+    argv = ["caption", str(image_folder), "--model", str(saved_model_dir), "--gallery", str(gallery),
+            "--batch-size", "1", "--max-new-tokens", "3"]
+    assert main(argv) == 0
+    complete = gallery.read_bytes()
+    assert all(str(image_folder / f"img{index}.png").encode() in complete for index in range(5))
+    real = caption_command.iter_captions
+
+    def after_the_first_batch(error):
+        def captions(*args, **kwargs):
+            # Closed as the error leaves, as a Ctrl-C raised inside it would end it.
+            with contextlib.closing(real(*args, **kwargs)) as batches:
+                yield next(batches)
+                raise error  # while the second image is being captioned
+
+        return captions
+
+    # Ctrl-C (or SIGTERM, which `main` turns into SystemExit): the earlier page stays as it was.
+    monkeypatch.setattr(caption_command, "iter_captions", after_the_first_batch(stop))
+    with pytest.raises(type(stop)):
+        main(argv)
+    assert gallery.read_bytes() == complete
+    assert capsys.readouterr().out.splitlines()[-1].startswith(f"{image_folder / 'img0.png'}\t")
+
+    # A failure keeps the captions made before it, in the gallery too.
+    monkeypatch.setattr(caption_command, "iter_captions", after_the_first_batch(OSError("No space left on device")))
+    assert main(argv) == 2
+    assert capsys.readouterr().err.endswith("clipcap caption: error: No space left on device\n")
+    page = gallery.read_text()
+    assert str(image_folder / "img0.png") in page and str(image_folder / "img1.png") not in page
 
 
 @pytest.mark.parametrize(
@@ -600,3 +639,79 @@ def test_train_and_embed_take_options_with_underscores_or_dashes(tmp_path, dashe
         ["--model", "m", "--output", "o", spell("--train_file"), "a.json", spell("--image_column"), "jpg"]
     )
     assert (embed_args.train_file, embed_args.image_column) == ("a.json", "jpg")
+
+
+@pytest.fixture
+def config_only_model(tmp_path, tokenizer):
+    """A ClipCap folder holding only its config.json (a GPT-2 of 128 positions, 4 image tokens): no weights to load."""
+    folder = tmp_path / "config-only"
+    tiny_config(tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "command, source_error",
+    [
+        (["caption", "{tmp}/missing.png"], "No image matches '{tmp}/missing.png'."),
+        (["caption", "--data-files", "{tmp}/missing.parquet", "--output", "{tmp}/captions"],
+         "Data file {tmp}/missing.parquet does not exist."),
+        (["evaluate", "--data", "{tmp}/missing.json", "--image-root", "{tmp}", "--output-dir", "{tmp}/scores"],
+         "[Errno 2] No such file or directory: '{tmp}/missing.json'"),
+    ],
+)
+def test_a_max_new_tokens_past_the_positions_is_refused_by_its_option_before_the_source_and_the_model_load(
+    config_only_model, tmp_path, capsys, command, source_error
+):
+    # Neither the source nor the weights exist: the length is checked from the config before either is read.
+    argv = [part.format(tmp=tmp_path) for part in command] + ["--model", str(config_only_model)]
+    assert main([*argv, "--max-new-tokens", "125"]) == 2
+    assert capsys.readouterr().err == (
+        f"clipcap {command[0]}: error: --max-new-tokens 125 needs 129 positions (4 image tokens, then the caption), "
+        f"but the language model of --model {config_only_model} has 128 (max_position_embeddings): give "
+        "--max-new-tokens 124 or less.\n"
+    )
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config-only"]  # no caption_run.json, no output
+
+    # 124 fits: the run goes on to read its source (which is missing here).
+    assert main([*argv, "--max-new-tokens", "124"]) == 2
+    assert capsys.readouterr().err == f"clipcap {command[0]}: error: {source_error.format(tmp=tmp_path)}\n"
+
+
+def test_rotary_positions_take_any_max_new_tokens_as_generate_does(tokenizer, tmp_path, capsys):
+    from transformers import LlamaConfig
+
+    from clipcap_hf.utils.loading import check_caption_fits_positions
+
+    # Rotary positions have no table to run off: `generate` goes past max_position_embeddings, so the check lets it.
+    text_config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8)
+    tiny_config(tokenizer, text_config=text_config).save_pretrained(tmp_path / "llama")
+    check_caption_fits_positions(str(tmp_path / "llama"), 100, "--max-new-tokens")
+    # A folder of another model type is named as --model is, before its config is read as ClipCap's.
+    (tmp_path / "gpt2").mkdir()
+    text_config.save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(ValueError, match=r"^--model: .*gpt2 holds a model of type 'llama'"):
+        check_caption_fits_positions(str(tmp_path / "gpt2"), 100, "--max-new-tokens")
+
+
+def test_loading_a_model_announces_no_slow_image_processor_and_keeps_its_fast_tokenizer(saved_model_dir):
+    import logging
+
+    from transformers.utils import logging as transformers_logging
+
+    from clipcap_hf.utils.loading import load_clipcap
+
+    # transformers 4.x said once per process, of ClipCapImageProcessor, which has no fast variant, that it used "a
+    # slow image processor as `use_fast` is unset" and that outputs would change: forget that it was said.
+    transformers_logging.warning_once.cache_clear()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler)
+    try:
+        _, processor = load_clipcap(str(saved_model_dir))
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert [record.getMessage() for record in records if "image processor" in record.getMessage()] == []
+    assert processor.tokenizer.is_fast  # use_fast=False would have silenced it by loading the slow tokenizer

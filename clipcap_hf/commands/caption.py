@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 import warnings
+from collections.abc import Sequence
 
 import torch
 
@@ -18,7 +19,7 @@ from ..evaluation.gallery import GalleryRecord, write_gallery
 from ..inference.captioner import check_decoding_options
 from ..inference.sharded import RUN_FILE, shard_file_name
 from ..utils.file_utils import check_output_folder, check_output_outside_inputs, escape_controls
-from ..utils.loading import check_clip_model, check_clipcap_model
+from ..utils.loading import check_caption_fits_positions, check_clip_model, check_clipcap_model
 from ._utils import (
     TORCH_DTYPES,
     add_caption_options,
@@ -131,7 +132,21 @@ def _dataset_source(args: argparse.Namespace) -> bool:
         raise ValueError("--json and --gallery print or show image files' captions; with --output the captions go "
                          "into the parquet shards.")
     check_output_folder(args.output, "--output", "write the caption shards to")
-    _check_output_outside_source(args)
+    if args.data_files is None:
+        _check_output_outside_source(args)
+    else:
+        from ..data.prepare import data_file_patterns, expand_data_files
+
+        # Quoted glob patterns and comma-separated files, as `clipcap train` reads them; the files they name are what
+        # caption_run.json records, as when the shell expands the patterns. Checked as given first, for the folders
+        # a pattern may read on a rerun (even where it matches nothing yet), then as expanded, for the folders matched.
+        patterns = data_file_patterns(args.data_files)
+        _check_output_outside_source(args, patterns)
+        try:
+            args.data_files = expand_data_files(patterns)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"--data-files: {error}") from error
+        _check_output_outside_source(args, args.data_files)
     if args.dataset_config_name is not None and args.dataset_name is None:  # the data files' builder takes none
         raise ValueError("--dataset-config-name picks a configuration of --dataset-name, not of --data-files: leave "
                          "it out.")
@@ -145,10 +160,11 @@ def _dataset_source(args: argparse.Namespace) -> bool:
     return True
 
 
-def _check_output_outside_source(args: argparse.Namespace) -> None:
-    """Refuse an --output that is, or lies inside, a folder the source reads (a --data-files folder, a local
-    --dataset-name or --embeddings folder): a resume would read the caption shards written there as source data."""
-    folders = [("--data-files", path) for path in args.data_files or ()]
+def _check_output_outside_source(args: argparse.Namespace, data_files: Sequence[str] = ()) -> None:
+    """Refuse an --output that is, or lies inside, a folder the source reads (a folder of `data_files`, the
+    --data-files paths, or one that a glob pattern among them searches; a local --dataset-name or --embeddings
+    folder): a resume would read the caption shards written there as source data."""
+    folders = [("--data-files", path) for path in data_files]
     folders += [("--dataset-name", args.dataset_name), ("--embeddings", args.embeddings)]
     check_output_outside_inputs(
         args.output,
@@ -224,8 +240,9 @@ def run(args: argparse.Namespace) -> int:
         # loads after the source, as `_caption_files` loads it after finding the images.
         resolve_device(args.device)
         check_clipcap_model(args.model, "--model")
-        return _caption_dataset(args, decoding)
-    return _caption_files(args, decoding)
+    if args.max_new_tokens is not None:  # likewise, rather than at the first batch
+        check_caption_fits_positions(args.model, args.max_new_tokens, "--max-new-tokens")
+    return _caption_dataset(args, decoding) if dataset else _caption_files(args, decoding)
 
 
 def _caption_dataset(args: argparse.Namespace, decoding: dict) -> int:
@@ -320,6 +337,7 @@ def _caption_files(args: argparse.Namespace, decoding: dict) -> int:
 
     results = []
     captioner_kwargs = _captioner_kwargs(decoding)
+    stopped = False
     try:
         for batch in iter_captions(model, processor, paths, args.batch_size, dtype=args.dtype, **captioner_kwargs):
             if not args.json:  # print as we go, so that a failure later on loses none of the captions before it
@@ -333,6 +351,9 @@ def _caption_files(args: argparse.Namespace, decoding: dict) -> int:
                             caption = escape_controls(" ".join(caption.split()))
                             print(f"{escape_controls(str(result.path))}\t{caption}", flush=True)
             results.extend(batch)
+    except (KeyboardInterrupt, SystemExit):
+        stopped = True
+        raise
     finally:
         # With --on-bad-image skip, an unreadable image is left out of the JSON and the gallery too.
         shown = [result for result in results if result.error is None or args.on_bad_image == "error"]
@@ -340,7 +361,9 @@ def _caption_files(args: argparse.Namespace, decoding: dict) -> int:
             json.dump([_json_entry(result) for result in shown], sys.stdout, indent=2,
                       ensure_ascii=not stdout_is_utf8())
             sys.stdout.write("\n")
-        if args.gallery and shown:  # likewise the gallery; an unreadable image shows its name and the error
+        # Likewise the gallery, but not when the user stopped the run (Ctrl-C): an earlier, complete gallery is kept
+        # rather than replaced by part of one. An unreadable image shows its name and the error.
+        if args.gallery and shown and not stopped:
             records = [
                 GalleryRecord(result.path, result.caption or "",
                               scores=None if result.clip_score is None else {"CLIPScore": result.clip_score})

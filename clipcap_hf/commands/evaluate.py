@@ -31,7 +31,7 @@ from ..evaluation.gallery import GalleryRecord, write_gallery
 from ..evaluation.metrics import CLIP_METRIC_NAMES, METRIC_NAMES, _format_ids, load_coco_predictions
 from ..modeling_clipcap import caption_length
 from ..utils.file_utils import check_output_folder
-from ..utils.loading import check_clip_model
+from ..utils.loading import check_caption_fits_positions, check_clip_model
 from ._utils import (
     DEFAULT_NUM_BEAMS,
     add_caption_options,
@@ -124,6 +124,8 @@ def _check_arguments(args: argparse.Namespace) -> dict:
         raise ValueError("Give --model (to caption the images) or --predictions (to score a results file).")
     if args.predictions:
         _refuse_captioning_options(args)
+    if args.max_new_tokens is not None:  # from the model's config: not after the split is read and the model loaded
+        check_caption_fits_positions(args.model, args.max_new_tokens, "--max-new-tokens")
     if args.num_beams is None:
         args.num_beams = DEFAULT_NUM_BEAMS
     if args.batch_size is None:

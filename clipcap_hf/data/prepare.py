@@ -12,7 +12,7 @@ import contextlib
 import functools
 import glob
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -172,7 +172,7 @@ def load_source(
         load_image_source,
         dataset_name=dataset_name,
         dataset_config_name=data_args.dataset_config_name,
-        data_files=_expand(files) if files is not None else None,
+        data_files=_one_or_all(expand_data_files(files)) if files is not None else None,
         # A split by its name (a Hub dataset's, a save_to_disk DatasetDict's, a Karpathy file's), else the default's.
         split=name_split or split,
         image_column=data_args.image_column,
@@ -191,11 +191,30 @@ def load_source(
         raise type(error)(f"{option}: {error}") from error
 
 
-def _expand(files: str) -> list[str] | str:
-    """Comma-separated data files and glob patterns (`shards/*.tar`), in order; one folder stays one folder."""
+def data_file_patterns(files: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """
+    The files, folders and glob patterns that data file arguments name: a string (`--train_file`), or several
+    (`clipcap caption --data-files`), each split at its commas (`a.tar,b.tar`) unless it is an existing path; `~`
+    expanded.
+    """
+    given = [files] if isinstance(files, (str, os.PathLike)) else files
+    patterns = []
+    for argument in map(str, given):
+        whole = os.path.expanduser(argument)
+        parts = [whole] if os.path.exists(whole) else [os.path.expanduser(part.strip()) for part in argument.split(",")]
+        patterns += [part for part in parts if part]
+    return patterns
+
+
+def expand_data_files(files: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
+    """
+    The data files that data file arguments name ([`data_file_patterns`]), in order, each once: a glob pattern
+    (`shards/*.tar`) by its matches, sorted; a folder stays one folder. A path that exists is taken as it is, also
+    where its name holds a wildcard character, as the loaders take it.
+    """
     paths = []
-    for pattern in (part.strip() for part in str(files).split(",") if part.strip()):
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+    for pattern in data_file_patterns(files):
+        matches = [pattern] if os.path.exists(pattern) or not glob.has_magic(pattern) else sorted(glob.glob(pattern))
         if not matches:
             raise FileNotFoundError(f"No file matches {pattern!r}.")
         paths.extend(matches)
@@ -206,7 +225,12 @@ def _expand(files: str) -> list[str] | str:
     unique = list(first.values())
     if len(unique) < len(paths):
         logger.warning(f"{files!r} names {len(paths) - len(unique)} data file(s) more than once; each is read once.")
-    return unique[0] if len(unique) == 1 else unique
+    return unique
+
+
+def _one_or_all(paths: list[str]) -> list[str] | str:
+    """One data file or folder as a path, as the loaders take a lone one; several as a list."""
+    return paths[0] if len(paths) == 1 else paths
 
 
 def _first_captions(source, count: int, whole_images: bool = False):

@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import inspect
-import logging
 import os
 import re
 import secrets
@@ -47,6 +46,7 @@ from transformers import DynamicCache
 from ..modeling_clipcap import CACHE_NAME, ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
 from ..utils.file_utils import FileLocksUnsupportedError, acquire_file_lock, check_output_folder, move_entries
+from ..utils.logs import dropped_log_messages
 
 if TYPE_CHECKING:
     from filelock import BaseFileLock
@@ -320,9 +320,7 @@ def quantize_graphs(paths: dict[str, Path], per_channel: bool = True) -> dict[st
     quantized = {}
     # The graphs are quantized as exported, with the operators onnxruntime-web runs (tests/test_onnx_web.py): ONNX
     # Runtime's advice, logged for every graph, to run its pre-processing first is not the user's to act on.
-    advice = _DropLogMessages("Please consider to run pre-processing before quantization")
-    logging.getLogger().addFilter(advice)
-    try:
+    with dropped_log_messages("Please consider to run pre-processing before quantization"):
         for name, path in paths.items():
             target = path.with_name(f"{name}{QUANTIZED_SUFFIX}.onnx")
             # Unsigned 8-bit weights: with signed ones, ONNX Runtime's x86 kernels and onnxruntime-web's WebAssembly
@@ -334,8 +332,6 @@ def quantize_graphs(paths: dict[str, Path], per_channel: bool = True) -> dict[st
                              op_types_to_quantize=["MatMul", "Gemm", "Gather"], per_channel=per_channel,
                              use_external_data_format=_uses_external_data(path))
             quantized[name] = target
-    finally:
-        logging.getLogger().removeFilter(advice)
     return quantized
 
 
@@ -358,17 +354,6 @@ def _uses_external_data(path: Path) -> bool:
 
     graph = onnx.load(str(path), load_external_data=False).graph
     return any(uses_external_data(tensor) for tensor in graph.initializer)
-
-
-class _DropLogMessages(logging.Filter):
-    """Drops the log records whose message starts with `prefix`."""
-
-    def __init__(self, prefix: str):
-        super().__init__()
-        self.prefix = prefix
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith(self.prefix)
 
 
 def check_export_dependencies(quantize: bool = True) -> None:

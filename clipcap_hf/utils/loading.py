@@ -18,15 +18,23 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import torch
 from huggingface_hub import constants, try_to_load_from_cache
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PretrainedConfig
 
-from ..configuration_clipcap import local_folder
+from ..configuration_clipcap import ClipCapConfig, local_folder
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor
 from .file_utils import read_json, sampled_sha256
+from .logs import dropped_log_messages
 
+# transformers 4.x's AutoImageProcessor tells of every saved image processor without a fast variant (as
+# ClipCapImageProcessor, which has none) that it is "Using a slow image processor as `use_fast` is unset", and that
+# outputs will change once fast ones are the default: neither applies. `use_fast=False` would silence it, but the
+# processor passes it on to the tokenizer too, which would then load as a slow (Python) one. transformers 5 is silent.
+_SLOW_IMAGE_PROCESSOR_NOTICE = "Using a slow image processor as `use_fast` is unset"
+_IMAGE_PROCESSOR_LOGGER = "transformers.models.auto.image_processing_auto"
 # Seconds to wait for the Hub before saying it cannot be reached (huggingface_hub would retry for about a minute).
 HUB_CONNECT_TIMEOUT = 5.0
 _TRUE = {"1", "ON", "YES", "TRUE"}
@@ -115,6 +123,29 @@ def check_clipcap_model(name_or_path: str, option: str) -> None:
         raise ValueError(
             f"{option}: {name_or_path} holds a model of type {model_type!r} (config.json's model_type), not a "
             "ClipCap model; give a ClipCap folder or Hub name."
+        )
+
+
+def check_caption_fits_positions(
+    name_or_path: str, max_new_tokens: int, option: str, model_option: str = "--model"
+) -> None:
+    """
+    Refuse, before the model loads (and before a command reads its images), a caption length `max_new_tokens` (given
+    as `option`) that runs past the language model's learned position table after the image tokens: `generate` would
+    refuse it only at the first batch. The model (`model_option`) is built from its config on the meta device, so
+    that the table is found as `generate` finds it (none for rotary or ALiBi positions); no weight is read, and no
+    code of the folder runs.
+    """
+    check_clipcap_model(name_or_path, model_option)
+    config = ClipCapConfig.from_pretrained(local_folder(name_or_path))
+    with torch.device("meta"):
+        positions = ClipCapForConditionalGeneration(config)._learned_position_limit()
+    needed = config.prefix_length + max_new_tokens
+    if positions is not None and needed > positions:
+        raise ValueError(
+            f"{option} {max_new_tokens} needs {needed} positions ({config.prefix_length} image tokens, then the "
+            f"caption), but the language model of {model_option} {name_or_path} has {positions} "
+            f"(max_position_embeddings): give {option} {positions - config.prefix_length} or less."
         )
 
 
@@ -268,4 +299,7 @@ def load_clipcap(name_or_path: str, option: str = "--model"):
     check_clipcap_model(name_or_path, option)
     name_or_path = local_folder(name_or_path)
     model = ClipCapForConditionalGeneration.from_pretrained(name_or_path, trust_remote_code=False)
-    return model, ClipCapProcessor.from_pretrained(name_or_path, trust_remote_code=False)
+    with dropped_log_messages(_SLOW_IMAGE_PROCESSOR_NOTICE, _IMAGE_PROCESSOR_LOGGER):
+        processor = ClipCapProcessor.from_pretrained(name_or_path, trust_remote_code=False)
+    return model, processor
+
