@@ -32,8 +32,8 @@ python examples/run_clipcap.py --recipe lora --dataset_format conceptual-caption
 python examples/run_clipcap.py --recipe mlp_finetune --train_file "cc3m/*.tar" --output_dir clipcap-cc3m --do_train
 python examples/run_clipcap.py --recipe mlp_finetune --embeddings cc3m-embeddings --output_dir clipcap-cc3m --do_train
 
-# Several GPUs or machines: launch the same command with torchrun or accelerate (see the README's Training section,
-# "Several GPUs and machines")
+# Several GPUs or machines: launch the same command with torchrun or accelerate (see docs/training.md, "Several GPUs
+# and machines")
 torchrun --nproc_per_node 8 examples/run_clipcap.py --recipe mlp_finetune ...
 ```
 

@@ -56,6 +56,16 @@ def grid(tmp_path_factory):
     return output_dir, records
 
 
+def test_a_synthetic_grid_plots_the_task_s_own_scores(grid, tmp_path):
+    output_dir, records = grid
+    shutil.copytree(output_dir, tmp_path / "grid")
+    plotted = tiny_grid(plot_metrics=("exact_match", "shape_accuracy"))
+    assert run_ablation(tmp_path / "grid", plotted, verbose=False) == records  # its runs reused, plotted anew
+    assert sorted(path.name for path in (tmp_path / "grid").glob("*.png")) == [
+        "prefix_length_exact_match.png", "prefix_length_shape_accuracy.png"
+    ]
+
+
 def test_a_two_run_grid_writes_its_table_and_figure_and_every_run_captions(grid):
     output_dir, records = grid
     with open(output_dir / "results.csv", newline="") as file:

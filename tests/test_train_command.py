@@ -465,4 +465,9 @@ def test_a_missing_reporting_integration_or_optimizer_package_is_named_before_th
     if importlib.util.find_spec("bitsandbytes") is None:
         message = refusal(capsys, [*arguments, "--optim", "adamw_bnb_8bit"])
         assert message.startswith("--optim adamw_bnb_8bit: ") and "`bitsandbytes`" in message
+    # Trainer split --optim_args into key=value pairs with a bare "not enough values to unpack", named as --optim's.
+    assert refusal(capsys, [*arguments, "--optim", "adamw_torch", "--optim_args", "lr_decay=0.9,kahan"]) == (
+        "--optim_args lr_decay=0.9,kahan: 'kahan' is not a key=value pair; give comma-separated key=value pairs (e.g. "
+        "--optim_args use_kahan_summation=True,momentum_dtype=bfloat16)."
+    )
     assert not (tmp_path / "out").exists()

@@ -18,6 +18,7 @@ not trained again when the grid is rerun, so an interrupted grid continues where
 from __future__ import annotations
 
 import contextlib
+import copy
 import csv
 import hashlib
 import io
@@ -27,7 +28,7 @@ import os
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from functools import cache, partial
 from operator import eq
 from pathlib import Path
@@ -295,7 +296,11 @@ def shapes_task(
     data = AblationData(
         train=splits["train"], evaluation=evaluation.remove_columns("caption"), extra_scores=_shapes_scores
     )
-    return replace(config, vision_models=[str(vision_dir)], text_model=str(text_dir)), data
+    # Not `replace`, whose checks would take the task's own parts for those of a dataset of your own (and refuse to
+    # plot the task's scores).
+    task_config = copy.copy(config)
+    task_config.vision_models, task_config.text_model = [str(vision_dir)], str(text_dir)
+    return task_config, data
 
 
 def _shapes_scores(predictions: list[str], references: list[list[str]]) -> dict[str, float]:

@@ -398,12 +398,21 @@ def _check_optimizer(training_args: TrainingArguments, model) -> None:
     hooks on the model's parameters, which a second resolution would register again.
     """
     optim = getattr(training_args.optim, "value", training_args.optim)
+    optim_args = training_args.optim_args
+    if optim_args:  # read by Trainer as `key=value` pairs: another item would fail with a bare unpacking error
+        malformed = [item for item in optim_args.replace(" ", "").split(",") if item.count("=") != 1]
+        if malformed:
+            raise ValueError(
+                f"--optim_args {optim_args}: {malformed[0]!r} is not a key=value pair; give comma-separated key=value "
+                "pairs (e.g. --optim_args use_kahan_summation=True,momentum_dtype=bfloat16)."
+            )
     if optim.endswith("_layerwise"):
         return
     try:
         ClipCapTrainer.get_optimizer_cls_and_kwargs(training_args, model)
     except (ImportError, ValueError) as error:
-        raise ValueError(f"--optim {optim}: {error}") from error
+        given = f"--optim {optim}" + (f" --optim_args {optim_args}" if optim_args else "")
+        raise ValueError(f"{given}: {error}") from error
 
 
 def _holds_optimizer_state(checkpoint: str) -> bool:
