@@ -30,6 +30,7 @@ from transformers.utils import ADAPTER_CONFIG_NAME, find_adapter_config_file
 
 from ..data import ClipCapDataCollator, TrainingData, load_training_data
 from ..data.embeddings import EMBEDDINGS_INFO_NAME
+from ..data.prepare import data_file_patterns
 from ..data.sources import DEFAULT_CAPTION_COLUMNS, read_stream
 from ..modeling_clipcap import ClipCapForConditionalGeneration
 from ..processing_clipcap import ClipCapProcessor, check_tokenizer_files
@@ -341,7 +342,7 @@ def _check_output_dir(model_args: ModelArguments, data_args: DataArguments, trai
     read = [(f"--{name}", getattr(model_args, name)) for name in MODEL_PATH_ARGUMENTS]
     read += [(f"--{name}", getattr(data_args, name)) for name in ("embeddings", "dataset_name")]
     for name in ("train_file", "validation_file"):
-        read += [(f"--{name}", part.strip()) for part in (getattr(data_args, name) or "").split(",")]
+        read += [(f"--{name}", part) for part in data_file_patterns(getattr(data_args, name) or ())]
     check_output_outside_inputs(
         training_args.output_dir, "--output_dir", read, "the run would write its model and checkpoints among the files "
         "it reads"
@@ -610,8 +611,7 @@ def data_identity(
     skip = {os.path.realpath(os.path.expanduser(folder)) for folder in skip}
     digest, files, total, local = hashlib.sha256(), 0, 0, False
     with tqdm(desc=f"Identifying the data of {description}", unit=" files", delay=2, leave=False) as progress:
-        for position, part in enumerate(value.split(",")):
-            pattern = os.path.expanduser(part.strip())
+        for position, pattern in enumerate(data_file_patterns(value)):
             matches = [pattern] if os.path.exists(pattern) else sorted(glob.glob(pattern))
             local = local or bool(matches)
             base = _names_base(pattern)
