@@ -663,7 +663,9 @@ def convert_original_checkpoint(
     if not delta <= tolerance:  # also catches NaN
         raise ValueError(
             f"Verification failed: the converted model's logits differ from the original computation by up to "
-            f"{delta:.3g} (> {tolerance:g}); nothing was written."
+            f"{delta:.3g} (> {tolerance:g}); nothing was written. A checkpoint damaged in its download can hold "
+            "weights large enough for this (the legacy format has no checksums to tell): download it again. If it "
+            "fails again, the converter is at fault: please report it, naming the checkpoint."
         )
 
     eos_token_id = processor.tokenizer.eos_token_id
