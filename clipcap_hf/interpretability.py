@@ -9,6 +9,7 @@ It needs torch only, on purpose: `modeling_clipcap.py` imports it, so it is save
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -108,8 +109,9 @@ def nearest_tokens(
             "`token_embeddings` must have shape (vocab_size, width), got "
             f"{tuple(token_embeddings.shape)}; pass the language model's input embedding matrix."
         )
-    if isinstance(top_k, bool) or not isinstance(top_k, int):
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral):  # numpy's integers too
         raise TypeError(f"`top_k` must be an int, how many tokens to keep per prefix vector; got {top_k!r}.")
+    top_k = int(top_k)
     excluded = _excluded_rows(excluded_token_ids, token_embeddings.shape[0])
     candidates = token_embeddings.shape[0] - len(excluded)
     if top_k < 1 or top_k > candidates:

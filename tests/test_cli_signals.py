@@ -66,3 +66,12 @@ def test_a_command_run_from_another_thread_leaves_sigterm_alone(monkeypatch, def
     thread.start()
     thread.join()
     assert results == [0] and seen == [signal.SIG_DFL]
+
+
+def test_a_process_of_a_distributed_run_keeps_sigterm_s_default(monkeypatch, default_sigterm):
+    # One waiting for its peers in a collective would not run a handler: the launcher's SIGTERM must end it.
+    seen = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(convert_command, "run", lambda args: seen.append(signal.getsignal(signal.SIGTERM)) or 0)
+    assert main(ARGUMENTS) == 0
+    assert seen == [signal.SIG_DFL]

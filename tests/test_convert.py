@@ -671,6 +671,19 @@ def test_a_damaged_checkpoint_is_named_as_damaged_not_converted(tmp_path, tokeni
     assert_nothing_written(tmp_path / "out")
 
 
+def test_a_checkpoint_saved_without_checksums_loads(tmp_path, tokenizer):
+    # torch can write its zip records with no CRC-32 (all zero): nothing to check, and no damage to name.
+    state = release_state("mlp", tokenizer)
+    checkpoint = tmp_path / "release.pt"
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save(state, checkpoint)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    loaded = convert_original.load_original_state_dict(checkpoint)
+    assert loaded.keys() == state.keys() and all(torch.equal(loaded[key], state[key]) for key in state)
+
+
 def test_a_checkpoint_cut_short_is_named_as_damaged(tmp_path, tokenizer):
     checkpoint = tmp_path / "release.pt"
     torch.save(release_state("mlp", tokenizer), checkpoint)

@@ -181,6 +181,15 @@ def test_top_k_that_is_not_an_int_is_named(mlp_model, top_k):
     assert str(caught.value) == f"`top_k` must be an int, how many tokens to keep per prefix vector; got {top_k!r}."
 
 
+def test_top_k_may_be_a_numpy_integer(mlp_model):
+    import numpy as np
+
+    embeds = torch.randn(1, mlp_model.config.prefix_dim)
+    (given,) = mlp_model.interpret_prefix(image_embeds=embeds, top_k=np.int64(3))
+    (plain,) = mlp_model.interpret_prefix(image_embeds=embeds, top_k=3)
+    assert given == plain and len(given.matches[0]) == 3
+
+
 @pytest.mark.parametrize("top_k", [5, 3])
 def test_a_tokenizer_name_instead_of_a_tokenizer_is_named(mlp_model, top_k):
     # Before: "`top_k` must be between 1 and the vocabulary size (4)" (the name's length), or an AttributeError.

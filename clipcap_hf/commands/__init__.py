@@ -123,7 +123,14 @@ def _sigterm_as_exit() -> Iterator[None]:
     `main` is its own. The default is back afterwards, and from the first SIGTERM on: a second one, while the
     cleanups run, ends the process at once.
     """
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+    # Not in a process of a distributed run (torchrun, accelerate launch): one waiting in a collective operation for
+    # its peers would not return to Python to run the handler, and would outlive the launcher's SIGTERM.
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if (
+        distributed
+        or threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL
+    ):
         yield
         return
 

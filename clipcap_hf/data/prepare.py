@@ -212,9 +212,13 @@ def expand_data_files(files: str | os.PathLike | Sequence[str | os.PathLike]) ->
     (`shards/*.tar`) by its matches, sorted; a folder stays one folder. A path that exists is taken as it is, also
     where its name holds a wildcard character, as the loaders take it.
     """
+    patterns = data_file_patterns(files)
+    if not patterns:
+        raise FileNotFoundError(f"{files!r} names no data file; give files, folders or glob patterns.")
     paths = []
-    for pattern in data_file_patterns(files):
-        matches = [pattern] if os.path.exists(pattern) or not glob.has_magic(pattern) else sorted(glob.glob(pattern))
+    for pattern in patterns:
+        magic = glob.has_magic(pattern) and not os.path.exists(pattern)
+        matches = sorted(glob.glob(pattern, recursive=True)) if magic else [pattern]  # `**`: any depth, as datasets
         if not matches:
             raise FileNotFoundError(f"No file matches {pattern!r}.")
         paths.extend(matches)

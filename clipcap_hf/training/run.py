@@ -612,7 +612,7 @@ def data_identity(
     digest, files, total, local = hashlib.sha256(), 0, 0, False
     with tqdm(desc=f"Identifying the data of {description}", unit=" files", delay=2, leave=False) as progress:
         for position, pattern in enumerate(data_file_patterns(value)):
-            matches = [pattern] if os.path.exists(pattern) else sorted(glob.glob(pattern))
+            matches = [pattern] if os.path.exists(pattern) else sorted(glob.glob(pattern, recursive=True))
             local = local or bool(matches)
             base = _names_base(pattern)
             for match in matches:
